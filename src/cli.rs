@@ -1,0 +1,479 @@
+//! The command line: websockify-compatible arguments, turned into the same [`Config`] a TOML file
+//! produces.
+//!
+//! `wsbridge [options] [source_addr:]source_port [target_addr:target_port]`, options before or
+//! after the positionals (noVNC's launcher puts them after). websockify options that make no sense
+//! here are accepted by the parser only to be refused with a message saying what to do instead:
+//! an option that is silently ignored is a bug report waiting to happen.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat, Matcher, RouteConfig, Target,
+    TokenLookup, TokenSourceConfig,
+};
+
+/// A fast, hardened WebSocket-to-TCP bridge, websockify-compatible.
+///
+/// Examples:
+///   wsbridge 6080 localhost:5900                      bridge ws://HOST:6080/ to a VNC server
+///   wsbridge --web /usr/share/novnc 6080 localhost:5900
+///   wsbridge 6080 --token-plugin TokenFile --token-source /etc/wsbridge/tokens
+///   wsbridge --config wsbridge.toml                   everything a TOML file can say
+///   wsbridge check --config wsbridge.toml             validate and print the route table
+///   wsbridge demo                                     a chat room in the browser, no setup
+#[derive(Debug, Parser)]
+#[command(name = "wsbridge", version, verbatim_doc_comment, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to run; without one, bridge as the positionals and options say.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The bridge's options.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a configuration and print the effective route table, without binding anything.
+    Check {
+        /// The TOML file.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run a demo: a chat-room TCP backend, wsbridge in front of it, and a web page to chat from.
+    Demo {
+        /// Address to serve the page and WebSocket on.
+        #[arg(long, default_value = "127.0.0.1:6080", value_name = "ADDR")]
+        listen: String,
+    },
+}
+
+/// Options for bridging (the default command).
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// `[source_addr:]source_port` to listen on (e.g. 6080, 0.0.0.0:6080, [::]:6080).
+    #[arg(value_name = "SOURCE")]
+    pub source: Option<String>,
+    /// `target_addr:target_port` to bridge to (e.g. localhost:5900, [::1]:5900); not needed with a
+    /// token source or --unix-target.
+    #[arg(value_name = "TARGET")]
+    pub target: Option<String>,
+
+    /// Read everything from this TOML file (see config/ for annotated examples).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Serve static files from DIR to plain HTTP requests on the same port (noVNC's web client).
+    #[arg(long, value_name = "DIR")]
+    pub web: Option<PathBuf>,
+    /// List directories that have no index.html (off by default).
+    #[arg(long)]
+    pub web_listing: bool,
+    /// Accepted for websockify compatibility: directory listings are off unless --web-listing.
+    #[arg(long)]
+    pub file_only: bool,
+
+    /// Token plugin: TokenFile or ReadOnlyTokenFile (websockify names); tokens from --token-source.
+    #[arg(long, value_name = "PLUGIN")]
+    pub token_plugin: Option<String>,
+    /// Token file or directory of `TOKEN: HOST:PORT` lines.
+    #[arg(long, value_name = "FILE|DIR")]
+    pub token_source: Option<PathBuf>,
+    /// Same as `--token-plugin TokenFile --token-source FILE` (websockify's older option).
+    #[arg(long, value_name = "FILE|DIR")]
+    pub target_config: Option<PathBuf>,
+    /// Take the token from the Host header instead of the `token` query parameter.
+    #[arg(long)]
+    pub host_token: bool,
+    /// Bridge to this unix socket instead of a TCP target.
+    #[arg(long, value_name = "PATH")]
+    pub unix_target: Option<PathBuf>,
+
+    /// Send a ping every N seconds; a client that does not answer within N seconds is gone.
+    #[arg(long, value_name = "SECONDS")]
+    pub heartbeat: Option<f64>,
+    /// Close a session after N seconds with no bytes either way. (websockify's option of this name
+    /// exits the whole server; wsbridge never exits on its own.)
+    #[arg(long, value_name = "SECONDS")]
+    pub idle_timeout: Option<f64>,
+    /// Deadline for the backend connect, e.g. 5s, 500ms.
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// Deadline from accept to a finished WebSocket upgrade, e.g. 10s.
+    #[arg(long, value_name = "DURATION")]
+    pub handshake_timeout: Option<String>,
+    /// How backend bytes reach the client: binary (default), text or lines.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub framing: Option<FramingArg>,
+    /// Largest client message accepted (close 1009 above it), e.g. 1MiB.
+    #[arg(long, value_name = "SIZE")]
+    pub max_message_size: Option<String>,
+    /// Most concurrent connections; more get HTTP 503.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, wins.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format: text or json.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormatArg>,
+
+    /// websockify options wsbridge does not have; each is refused with what to use instead.
+    #[command(flatten)]
+    pub refused: Refused,
+}
+
+/// `--framing` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FramingArg {
+    /// Binary messages.
+    Binary,
+    /// UTF-8 text messages.
+    Text,
+    /// One text message per line.
+    Lines,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormatArg {
+    /// Human-readable.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// websockify options that are parsed so that they can be refused clearly.
+#[derive(Debug, Args, Default)]
+pub struct Refused {
+    #[arg(long, hide = true, value_name = "FILE")]
+    record: Option<String>,
+    #[arg(long, short = 'D', hide = true)]
+    daemon: bool,
+    #[arg(long, hide = true)]
+    run_once: bool,
+    #[arg(long, hide = true)]
+    timeout: Option<String>,
+    #[arg(long, hide = true)]
+    traffic: bool,
+    #[arg(long, hide = true)]
+    inetd: bool,
+    #[arg(long, hide = true)]
+    libserver: bool,
+    #[arg(long, hide = true)]
+    wrap_mode: Option<String>,
+    #[arg(long, hide = true)]
+    prefer_ipv6: bool,
+    #[arg(long, hide = true)]
+    web_auth: bool,
+    #[arg(long, hide = true)]
+    auth_plugin: Option<String>,
+    #[arg(long, hide = true)]
+    auth_source: Option<String>,
+    #[arg(long, hide = true)]
+    log_file: Option<String>,
+    #[arg(long, hide = true)]
+    syslog: Option<String>,
+    #[arg(long, hide = true)]
+    legacy_syslog: bool,
+    #[arg(long, hide = true)]
+    ssl_ciphers: Option<String>,
+    #[arg(long, hide = true)]
+    cert: Option<String>,
+    #[arg(long, hide = true)]
+    key: Option<String>,
+    #[arg(long, hide = true)]
+    ssl_only: bool,
+    #[arg(long, hide = true)]
+    ssl_target: bool,
+    #[arg(long, hide = true)]
+    ssl_version: Option<String>,
+    #[arg(long, hide = true)]
+    verify_client: bool,
+    #[arg(long, hide = true)]
+    cafile: Option<String>,
+}
+
+impl Refused {
+    /// The first refused option given, with what to use instead.
+    fn check(&self) -> Result<(), String> {
+        let tls = "TLS (wss://) is not in this build yet; terminate TLS in front of wsbridge (nginx, haproxy) for now";
+        let found: &[(bool, &str, &str)] = &[
+            (
+                self.record.is_some(),
+                "--record",
+                "record traffic with tcpdump or tshark on the backend port",
+            ),
+            (
+                self.daemon,
+                "--daemon",
+                "run wsbridge under systemd or another supervisor; it logs to stderr",
+            ),
+            (
+                self.run_once,
+                "--run-once",
+                "wsbridge serves until SIGTERM; use a supervisor to stop it",
+            ),
+            (
+                self.timeout.is_some(),
+                "--timeout",
+                "wsbridge serves until SIGTERM; use --idle-timeout for idle sessions",
+            ),
+            (self.traffic, "--traffic", "use -vv (or RUST_LOG=wsbridge=trace) to see every frame"),
+            (
+                self.inetd,
+                "--inetd",
+                "let wsbridge bind its own port (or use socket activation later)",
+            ),
+            (self.libserver, "--libserver", "wsbridge has one HTTP server; nothing to choose"),
+            (
+                self.wrap_mode.is_some(),
+                "--wrap-mode",
+                "wsbridge does not run programs; start the backend separately",
+            ),
+            (
+                self.prefer_ipv6,
+                "--prefer-ipv6",
+                "give an IPv6 listen address such as [::]:6080; targets try every resolved address",
+            ),
+            (
+                self.web_auth,
+                "--web-auth",
+                "authentication is not available yet; put an authenticating proxy in front",
+            ),
+            (
+                self.auth_plugin.is_some(),
+                "--auth-plugin",
+                "authentication is not available yet; put an authenticating proxy in front",
+            ),
+            (
+                self.auth_source.is_some(),
+                "--auth-source",
+                "authentication is not available yet; put an authenticating proxy in front",
+            ),
+            (
+                self.log_file.is_some(),
+                "--log-file",
+                "wsbridge logs to stderr; redirect it or let journald collect it",
+            ),
+            (
+                self.syslog.is_some(),
+                "--syslog",
+                "wsbridge logs to stderr; journald or your supervisor forwards it",
+            ),
+            (
+                self.legacy_syslog,
+                "--legacy-syslog",
+                "wsbridge logs to stderr; journald or your supervisor forwards it",
+            ),
+            (self.ssl_ciphers.is_some(), "--ssl-ciphers", tls),
+            (self.cert.is_some(), "--cert", tls),
+            (self.key.is_some(), "--key", tls),
+            (self.ssl_only, "--ssl-only", tls),
+            (self.ssl_target, "--ssl-target", tls),
+            (self.ssl_version.is_some(), "--ssl-version", tls),
+            (self.verify_client, "--verify-client", tls),
+            (self.cafile.is_some(), "--cafile", tls),
+        ];
+        match found.iter().find(|(given, _, _)| *given) {
+            Some((_, name, instead)) => Err(format!("{name} is not supported: {instead}")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl RunArgs {
+    /// The configuration these arguments describe: a `--config` file, or the websockify-style
+    /// positionals and options.
+    ///
+    /// # Errors
+    /// A message for the user (usage errors are exit code 64).
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let usage = |message: String| ConfigError::Invalid {
+            file: "command line".into(),
+            line: None,
+            field: "arguments".into(),
+            message,
+        };
+        self.refused.check().map_err(usage)?;
+        if let Some(path) = &self.config {
+            if self.source.is_some()
+                || self.target.is_some()
+                || self.web.is_some()
+                || self.token_source.is_some()
+                || self.unix_target.is_some()
+            {
+                return Err(usage(
+                    "--config takes everything from the file; drop the other listener and target arguments".into(),
+                ));
+            }
+            let mut config = Config::from_file(path)?;
+            if let Some(f) = self.log_format {
+                config.log_format = log_format(f);
+            }
+            return Ok(config);
+        }
+
+        let mut config = Config::new("command line");
+        let source = self.source.ok_or_else(|| {
+            usage("missing SOURCE: give [source_addr:]source_port, or --config FILE (try `wsbridge demo` for a quick look)".into())
+        })?;
+        let addr = source.parse::<ListenAddr>().map_err(usage)?.0;
+        config.listeners.push(ListenerConfig {
+            addr,
+            web: self.web.clone(),
+            web_listing: self.web_listing,
+        });
+        if let Some(web) = &self.web {
+            if !web.is_dir() {
+                return Err(usage(format!("--web {}: not a directory", web.display())));
+            }
+        }
+
+        if let Some(n) = self.max_connections {
+            config.limits.max_connections = n;
+        }
+        if let Some(s) = &self.max_message_size {
+            config.limits.max_message_size = parse_size(s).map_err(|e| usage(format!("--max-message-size: {e}")))?;
+        }
+        let secs = |name: &str, v: f64| {
+            std::time::Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| usage(format!("{name}: expected a positive number of seconds")))
+        };
+        if let Some(h) = self.heartbeat {
+            let d = secs("--heartbeat", h)?;
+            config.timeouts.ping_interval = Some(d);
+            config.timeouts.pong_timeout = d;
+        }
+        if let Some(i) = self.idle_timeout {
+            config.timeouts.idle = Some(secs("--idle-timeout", i)?);
+        }
+        if let Some(c) = &self.connect_timeout {
+            config.timeouts.connect = parse_duration(c).map_err(|e| usage(format!("--connect-timeout: {e}")))?;
+        }
+        if let Some(h) = &self.handshake_timeout {
+            config.timeouts.handshake = parse_duration(h).map_err(|e| usage(format!("--handshake-timeout: {e}")))?;
+        }
+        if let Some(f) = self.log_format {
+            config.log_format = log_format(f);
+        }
+        let mut options = config.default_route_options();
+        if let Some(f) = self.framing {
+            options.framing = match f {
+                FramingArg::Binary => Framing::Binary,
+                FramingArg::Text => Framing::Text,
+                FramingArg::Lines => Framing::Lines,
+            };
+        }
+
+        let token_source = match (self.token_plugin.as_deref(), self.token_source, self.target_config) {
+            (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
+            (None | Some("TokenFile" | "ReadOnlyTokenFile"), Some(s), None) | (None, None, Some(s)) => Some(s),
+            (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
+            (Some(other), _, _) => {
+                return Err(usage(format!(
+                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines)"
+                )))
+            }
+            (None, None, None) => None,
+        };
+        let targets = [self.target.is_some(), self.unix_target.is_some(), token_source.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if targets != 1 {
+            return Err(usage(if targets == 0 {
+                "missing TARGET: give target_addr:target_port, --unix-target PATH or --token-source FILE".into()
+            } else {
+                "give only one of TARGET, --unix-target and --token-source".into()
+            }));
+        }
+        if let Some(path) = token_source {
+            if let Err(e) = std::fs::metadata(&path) {
+                return Err(usage(format!("--token-source {}: {e}", path.display())));
+            }
+            let lookup = if self.host_token { TokenLookup::Host } else { TokenLookup::Query };
+            config.token_sources.push(TokenSourceConfig { path, lookup, options });
+        } else {
+            if self.host_token {
+                return Err(usage("--host-token needs --token-source".into()));
+            }
+            let target = match (self.target, self.unix_target) {
+                (Some(t), _) => t.parse::<Target>().map_err(usage)?,
+                (None, Some(p)) => Target::Unix(p),
+                (None, None) => unreachable!("counted above"),
+            };
+            config.routes.push(RouteConfig {
+                matcher: Matcher::AnyPath,
+                target,
+                options,
+            });
+        }
+        config.check()?;
+        Ok(config)
+    }
+}
+
+fn log_format(f: LogFormatArg) -> LogFormat {
+    match f {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(std::iter::once("wsbridge").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        cli.run.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn websockify_positionals() {
+        let c = config(&["6080", "localhost:5900"]).unwrap();
+        assert_eq!(c.listeners[0].addr, "0.0.0.0:6080".parse().unwrap());
+        assert_eq!(c.routes[0].matcher, Matcher::AnyPath);
+        assert_eq!(
+            c.routes[0].target,
+            Target::Tcp {
+                host: "localhost".into(),
+                port: 5900
+            }
+        );
+        let c = config(&["[::1]:6080", "[::1]:5900", "--heartbeat", "15", "-v"]).unwrap();
+        assert_eq!(c.listeners[0].addr, "[::1]:6080".parse().unwrap());
+        assert_eq!(c.timeouts.ping_interval, Some(std::time::Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn options_after_positionals() {
+        let c = config(&["127.0.0.1:6080", "--unix-target", "/tmp/vnc.sock", "--idle-timeout", "30"]).unwrap();
+        assert_eq!(c.routes[0].target, Target::Unix("/tmp/vnc.sock".into()));
+        assert_eq!(c.timeouts.idle, Some(std::time::Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn refused_options_say_what_instead() {
+        let e = config(&["6080", "h:1", "--record", "x"]).unwrap_err();
+        assert!(e.contains("--record is not supported") && e.contains("tcpdump"), "{e}");
+        let e = config(&["6080", "--token-plugin", "TokenRedis", "--token-source", "x"]).unwrap_err();
+        assert!(e.contains("TokenRedis is not supported"), "{e}");
+    }
+
+    #[test]
+    fn missing_target() {
+        let e = config(&["6080"]).unwrap_err();
+        assert!(e.contains("missing TARGET"), "{e}");
+        let e = config(&["6080", "h:1", "--unix-target", "/x"]).unwrap_err();
+        assert!(e.contains("only one of"), "{e}");
+    }
+}

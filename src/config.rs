@@ -1,0 +1,902 @@
+//! The configuration model: what a TOML file (or the websockify-style command line, see
+//! [`crate::cli`]) says, validated into ready-to-use values.
+//!
+//! Two levels, as in ripgrep: private `Raw*` structs mirror the file (`deny_unknown_fields`, so a
+//! typo is an error, not a silently ignored key), and [`Config`] holds validated values. Values that
+//! can be checked on their own (a target, a duration, a size) are checked while parsing, so the TOML
+//! parser reports them with the file's line and a caret under the field; checks that need more than
+//! one value (duplicate routes, a token file that cannot be read) carry the line through
+//! [`toml::Spanned`].
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole, validated configuration of one wsbridge process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from (a file path, or "command line"), for messages.
+    pub origin: String,
+    /// Sockets to accept WebSocket (and static HTTP) connections on.
+    pub listeners: Vec<ListenerConfig>,
+    /// Routes matched by path or inline token.
+    pub routes: Vec<RouteConfig>,
+    /// websockify-style token files or directories.
+    pub token_sources: Vec<TokenSourceConfig>,
+    /// Every deadline a peer can make us wait on.
+    pub timeouts: Timeouts,
+    /// Caps on connections and message sizes.
+    pub limits: Limits,
+    /// Log output format.
+    pub log_format: LogFormat,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// Directory of static files served to plain (non-upgrade) GET requests.
+    pub web: Option<PathBuf>,
+    /// Whether a directory without `index.html` is listed (off: 404).
+    pub web_listing: bool,
+}
+
+/// How a route is selected for a request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Matcher {
+    /// The request path equals this (query string excluded).
+    Path(String),
+    /// Any path: the websockify single-target mode.
+    AnyPath,
+    /// The `token` query parameter equals this.
+    Token(String),
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Matcher::Path(p) => write!(f, "path {p}"),
+            Matcher::AnyPath => f.write_str("any path"),
+            // Tokens are credentials: never print them whole.
+            Matcher::Token(t) => write!(f, "token {}", redact(t)),
+        }
+    }
+}
+
+/// Shows only enough of a secret to tell two apart.
+pub fn redact(secret: &str) -> String {
+    let head: String = secret.chars().take(2).collect();
+    format!("{head}…({} chars)", secret.chars().count())
+}
+
+/// A route from the configuration: a matcher, a target and how to carry the bytes.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// How requests select this route.
+    pub matcher: Matcher,
+    /// Where the bytes go.
+    pub target: Target,
+    /// Framing, subprotocols, limits.
+    pub options: RouteOptions,
+}
+
+/// Per-route behaviour of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteOptions {
+    /// How backend bytes become WebSocket messages.
+    pub framing: Framing,
+    /// Subprotocols this route accepts, in no particular order; the client's preference wins.
+    pub subprotocols: Vec<String>,
+    /// Largest client message accepted (close 1009 above it).
+    pub max_message_size: usize,
+    /// Most concurrent sessions on this route (503 above it); `None` is no cap of its own.
+    pub max_sessions: Option<usize>,
+}
+
+/// How backend bytes are framed towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// Binary messages, as read (the default; what noVNC expects).
+    #[default]
+    Binary,
+    /// Text messages of UTF-8; a code point is never split between two messages.
+    Text,
+    /// One text message per line (without its line ending); client messages get a `\n` appended.
+    Lines,
+}
+
+impl fmt::Display for Framing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Framing::Binary => "binary",
+            Framing::Text => "text",
+            Framing::Lines => "lines",
+        })
+    }
+}
+
+/// A backend address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A TCP `host:port`; the host is resolved at connect time and every address is tried.
+    Tcp {
+        /// Name or IP literal (without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A unix stream socket.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Target::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    /// Parses `host:port`, `[v6]:port`, `unix:/path` or websockify's `unix_socket:/path`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        for prefix in ["unix_socket:", "unix:"] {
+            if let Some(path) = s.strip_prefix(prefix) {
+                if path.is_empty() {
+                    return Err(format!("invalid target {s:?}: empty unix socket path"));
+                }
+                return Ok(Target::Unix(PathBuf::from(path)));
+            }
+        }
+        let (host, port) =
+            split_host_port(s).ok_or_else(|| format!("invalid target {s:?}: expected HOST:PORT, [IPv6]:PORT or unix:/path"))?;
+        if host.is_empty() {
+            return Err(format!("invalid target {s:?}: empty host"));
+        }
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("invalid target {s:?}: port must be 1-65535"))?;
+        Ok(Target::Tcp {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// Splits `host:port` or `[v6]:port`; the host comes back without brackets.
+pub fn split_host_port(s: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = after.strip_prefix(':')?;
+        return Some((host, port));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    if host.contains(':') {
+        // An IPv6 literal without brackets is ambiguous.
+        return None;
+    }
+    Some((host, port))
+}
+
+/// A websockify token file or directory of token files.
+#[derive(Debug, Clone)]
+pub struct TokenSourceConfig {
+    /// File, or directory whose every file is read.
+    pub path: PathBuf,
+    /// Where the token is taken from in the request.
+    pub lookup: TokenLookup,
+    /// Options for every route found in this source.
+    pub options: RouteOptions,
+}
+
+/// Where a request carries its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenLookup {
+    /// The `token` query parameter (noVNC: `/websockify?token=…`).
+    #[default]
+    Query,
+    /// The `Host` header without its port (websockify `--host-token`).
+    Host,
+}
+
+/// Every deadline. `None` means that wait is not bounded by a timer of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From accept to a finished upgrade (TLS handshake included).
+    pub handshake: Duration,
+    /// Backend connect, all resolved addresses together.
+    pub connect: Duration,
+    /// No bytes in either direction for this long ends a session (1001).
+    pub idle: Option<Duration>,
+    /// Longest life of a session, busy or not (1001).
+    pub max_lifetime: Option<Duration>,
+    /// Interval between pings to the client.
+    pub ping_interval: Option<Duration>,
+    /// A ping unanswered for this long means the client is gone.
+    pub pong_timeout: Duration,
+    /// How long to wait for the client's close frame after sending ours.
+    pub close: Duration,
+    /// On SIGTERM/SIGINT, how long sessions get to finish.
+    pub shutdown_grace: Duration,
+    /// Writing a static file or an error response.
+    pub http_write: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            connect: Duration::from_secs(5),
+            idle: None,
+            max_lifetime: None,
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(30),
+            close: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+            http_write: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Caps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Concurrent connections (sessions and HTTP requests together); above it: 503.
+    pub max_connections: usize,
+    /// Default largest client message, for routes that do not set their own.
+    pub max_message_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_message_size: 1 << 20,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// A configuration with one listener and no routes, for the command line and tests to fill.
+    pub fn new(origin: impl Into<String>) -> Self {
+        Config {
+            origin: origin.into(),
+            listeners: Vec::new(),
+            routes: Vec::new(),
+            token_sources: Vec::new(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Route options with this configuration's defaults.
+    pub fn default_route_options(&self) -> RouteOptions {
+        RouteOptions {
+            framing: Framing::Binary,
+            subprotocols: vec!["binary".to_owned()],
+            max_message_size: self.limits.max_message_size,
+            max_sessions: None,
+        }
+    }
+
+    /// Reads and validates a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, and where the problem is in it, the line and field.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Validates TOML text that came from `path` (relative paths inside resolve against its
+    /// directory).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and field.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let ctx = Ctx {
+            file: &file,
+            text,
+            base: &base,
+        };
+        raw.validate(&ctx)
+    }
+
+    /// Checks what the command line or a file produced, beyond what parsing checks.
+    ///
+    /// # Errors
+    /// A [`ConfigError::Invalid`] for the first problem found.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            file: self.origin.clone(),
+            line: None,
+            field: field.to_owned(),
+            message,
+        };
+        if self.listeners.is_empty() {
+            return Err(invalid("listen", "no listener: nothing to accept connections on".into()));
+        }
+        if self.routes.is_empty() && self.token_sources.is_empty() {
+            return Err(invalid(
+                "route",
+                "no route and no token source: no connection could go anywhere".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {message}")]
+    Io {
+        /// The file.
+        file: String,
+        /// What the OS said.
+        message: String,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong form (the message shows the line).
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// The parser's message, with line, column and a caret under the field.
+        message: String,
+    },
+    /// A value that parsed but cannot be used.
+    #[error("{file}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        /// The file (or "command line").
+        file: String,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// The field, as a dotted path (`route[2].path`).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+    base: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn invalid<T>(&self, span: std::ops::Range<usize>, field: String, message: impl Into<String>) -> Result<T, ConfigError> {
+        let line = self.text.get(..span.start).map(|t| t.matches('\n').count() + 1);
+        Err(ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line,
+            field,
+            message: message.into(),
+        })
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    tokens: Vec<Spanned<RawTokens>>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    addr: ListenAddr,
+    web: Option<PathBuf>,
+    #[serde(default)]
+    web_listing: bool,
+}
+
+/// The per-route options, shared by `[[route]]` and `[[tokens]]` (serde's `flatten` cannot be
+/// combined with `deny_unknown_fields`, so both tables list the fields and build this).
+struct RawRouteOptions {
+    framing: Option<Framing>,
+    subprotocols: Option<Vec<String>>,
+    max_message_size: Option<Size>,
+    max_sessions: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    target: Target,
+    framing: Option<Framing>,
+    subprotocols: Option<Vec<String>>,
+    max_message_size: Option<Size>,
+    max_sessions: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    source: PathBuf,
+    #[serde(default)]
+    lookup: TokenLookup,
+    framing: Option<Framing>,
+    subprotocols: Option<Vec<String>>,
+    max_message_size: Option<Size>,
+    max_sessions: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    handshake: Option<Dur>,
+    connect: Option<Dur>,
+    idle: Option<OptDur>,
+    max_lifetime: Option<OptDur>,
+    ping_interval: Option<OptDur>,
+    pong_timeout: Option<Dur>,
+    close: Option<Dur>,
+    shutdown_grace: Option<Dur>,
+    http_write: Option<Dur>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    max_message_size: Option<Size>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default)]
+    format: LogFormat,
+}
+
+impl RawConfig {
+    fn validate(self, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
+        let mut config = Config::new(ctx.file);
+        let d = Timeouts::default();
+        let t = self.timeouts;
+        config.timeouts = Timeouts {
+            handshake: t.handshake.map_or(d.handshake, |v| v.0),
+            connect: t.connect.map_or(d.connect, |v| v.0),
+            idle: t.idle.map_or(d.idle, |v| v.0),
+            max_lifetime: t.max_lifetime.map_or(d.max_lifetime, |v| v.0),
+            ping_interval: t.ping_interval.map_or(d.ping_interval, |v| v.0),
+            pong_timeout: t.pong_timeout.map_or(d.pong_timeout, |v| v.0),
+            close: t.close.map_or(d.close, |v| v.0),
+            shutdown_grace: t.shutdown_grace.map_or(d.shutdown_grace, |v| v.0),
+            http_write: t.http_write.map_or(d.http_write, |v| v.0),
+        };
+        if let Some(n) = self.limits.max_connections {
+            config.limits.max_connections = n;
+        }
+        if let Some(s) = self.limits.max_message_size {
+            config.limits.max_message_size = s.0;
+        }
+        config.log_format = self.log.format;
+
+        let mut seen_addrs = HashSet::new();
+        for (i, l) in self.listen.into_iter().enumerate() {
+            let span = l.span();
+            let l = l.into_inner();
+            if !seen_addrs.insert(l.addr.0) {
+                return ctx.invalid(span, format!("listen[{i}].addr"), format!("{} is listed twice", l.addr.0));
+            }
+            let web = l.web.map(|w| ctx.resolve(&w));
+            if let Some(w) = &web {
+                if !w.is_dir() {
+                    return ctx.invalid(span, format!("listen[{i}].web"), format!("{} is not a directory", w.display()));
+                }
+            }
+            config.listeners.push(ListenerConfig {
+                addr: l.addr.0,
+                web,
+                web_listing: l.web_listing,
+            });
+        }
+
+        let defaults = config.default_route_options();
+        let mut paths = HashSet::new();
+        let mut tokens = HashSet::new();
+        for (i, r) in self.route.into_iter().enumerate() {
+            let span = r.span();
+            let r = r.into_inner();
+            let matcher = match (r.path, r.token) {
+                (Some(p), None) => {
+                    let (pspan, p) = (p.span(), p.into_inner());
+                    let m = if p == "*" {
+                        Matcher::AnyPath
+                    } else if p.starts_with('/') && !p.contains('?') {
+                        Matcher::Path(p)
+                    } else {
+                        return ctx.invalid(
+                            pspan,
+                            format!("route[{i}].path"),
+                            format!("{p:?} must start with '/' and have no query (or be \"*\" for any path)"),
+                        );
+                    };
+                    if !paths.insert(m.clone()) {
+                        return ctx.invalid(pspan, format!("route[{i}].path"), format!("{m} has another route already"));
+                    }
+                    m
+                }
+                (None, Some(t)) => {
+                    let (tspan, t) = (t.span(), t.into_inner());
+                    if t.is_empty() {
+                        return ctx.invalid(tspan, format!("route[{i}].token"), "must not be empty");
+                    }
+                    if !tokens.insert(t.clone()) {
+                        return ctx.invalid(tspan, format!("route[{i}].token"), "this token has another route already");
+                    }
+                    Matcher::Token(t)
+                }
+                _ => return ctx.invalid(span, format!("route[{i}]"), "needs exactly one of `path` or `token`"),
+            };
+            let options = RawRouteOptions {
+                framing: r.framing,
+                subprotocols: r.subprotocols,
+                max_message_size: r.max_message_size,
+                max_sessions: r.max_sessions,
+            }
+            .apply(&defaults);
+            config.routes.push(RouteConfig {
+                matcher,
+                target: r.target,
+                options,
+            });
+        }
+
+        for (i, t) in self.tokens.into_iter().enumerate() {
+            let span = t.span();
+            let t = t.into_inner();
+            let path = ctx.resolve(&t.source);
+            if let Err(e) = std::fs::metadata(&path) {
+                return ctx.invalid(span, format!("tokens[{i}].source"), format!("{}: {e}", path.display()));
+            }
+            config.token_sources.push(TokenSourceConfig {
+                path,
+                lookup: t.lookup,
+                options: RawRouteOptions {
+                    framing: t.framing,
+                    subprotocols: t.subprotocols,
+                    max_message_size: t.max_message_size,
+                    max_sessions: t.max_sessions,
+                }
+                .apply(&defaults),
+            });
+        }
+
+        if config.listeners.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: ctx.file.to_owned(),
+                line: None,
+                field: "listen".into(),
+                message: "at least one [[listen]] table with an `addr` is needed".into(),
+            });
+        }
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl RawRouteOptions {
+    fn apply(self, defaults: &RouteOptions) -> RouteOptions {
+        RouteOptions {
+            framing: self.framing.unwrap_or(defaults.framing),
+            subprotocols: self.subprotocols.unwrap_or_else(|| defaults.subprotocols.clone()),
+            max_message_size: self.max_message_size.map_or(defaults.max_message_size, |s| s.0),
+            max_sessions: self.max_sessions.or(defaults.max_sessions),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// A listen address: `PORT`, `HOST:PORT` or `[V6]:PORT` with an IP literal host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(port) = s.parse::<u16>() {
+            return Ok(ListenAddr(SocketAddr::from(([0, 0, 0, 0], port))));
+        }
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr(addr));
+        }
+        match split_host_port(s) {
+            Some(("localhost", port)) => port
+                .parse::<u16>()
+                .map(|p| ListenAddr(SocketAddr::from(([127, 0, 0, 1], p))))
+                .map_err(|_| format!("invalid listen address {s:?}: bad port")),
+            Some(("", port)) => port
+                .parse::<u16>()
+                .map(|p| ListenAddr(SocketAddr::from(([0, 0, 0, 0], p))))
+                .map_err(|_| format!("invalid listen address {s:?}: bad port")),
+            _ => Err(format!("invalid listen address {s:?}: expected PORT, IP:PORT or [IPv6]:PORT")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum PortOrString {
+            Port(u16),
+            S(String),
+        }
+        match PortOrString::deserialize(d)? {
+            PortOrString::Port(p) => Ok(ListenAddr(SocketAddr::from(([0, 0, 0, 0], p)))),
+            PortOrString::S(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A duration written `"10s"`, `"500ms"`, `"5m"`, `"1h"` or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dur(Duration);
+
+/// A [`Dur`] that may also be `"off"` (or 0): no deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OptDur(Option<Duration>);
+
+/// Parses `"10s"`, `"500ms"`, `"5m"`, `"1h"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. \"10s\", \"500ms\", \"5m\""))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration {s:?}: out of range"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrString {
+    Int(u64),
+    Float(f64),
+    S(String),
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let dur = match NumOrString::deserialize(d)? {
+            NumOrString::Int(n) => Duration::from_secs(n),
+            NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(de::Error::custom)?,
+            NumOrString::S(s) => parse_duration(&s).map_err(de::Error::custom)?,
+        };
+        if dur.is_zero() {
+            return Err(de::Error::custom("must be greater than zero"));
+        }
+        Ok(Dur(dur))
+    }
+}
+
+impl<'de> Deserialize<'de> for OptDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let dur = match NumOrString::deserialize(d)? {
+            NumOrString::S(s) if s.trim() == "off" => return Ok(OptDur(None)),
+            NumOrString::Int(n) => Duration::from_secs(n),
+            NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(de::Error::custom)?,
+            NumOrString::S(s) => parse_duration(&s).map_err(de::Error::custom)?,
+        };
+        Ok(OptDur((!dur.is_zero()).then_some(dur)))
+    }
+}
+
+/// A byte size written as a number or `"64KiB"`, `"1MiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Size(usize);
+
+/// Parses `"65536"`, `"64KiB"`, `"1MiB"` (also `KB`/`MB`, taken as binary units).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 65536, \"64KiB\", \"1MiB\""))?;
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("invalid size {s:?}: unknown unit {other:?}")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = match NumOrString::deserialize(d)? {
+            NumOrString::Int(n) => usize::try_from(n).map_err(de::Error::custom)?,
+            NumOrString::Float(_) => return Err(de::Error::custom("a size is a whole number of bytes")),
+            NumOrString::S(s) => parse_size(&s).map_err(de::Error::custom)?,
+        };
+        if n < 125 {
+            // Smaller than a control frame's payload: nothing sensible fits.
+            return Err(de::Error::custom("must be at least 125 bytes"));
+        }
+        Ok(Size(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            "localhost:5900".parse(),
+            Ok(Target::Tcp {
+                host: "localhost".into(),
+                port: 5900
+            })
+        );
+        assert_eq!(
+            "[::1]:5900".parse(),
+            Ok(Target::Tcp {
+                host: "::1".into(),
+                port: 5900
+            })
+        );
+        assert_eq!("unix_socket:/tmp/s".parse(), Ok(Target::Unix("/tmp/s".into())));
+        assert!("::1:5900".parse::<Target>().is_err());
+        assert!("host:0".parse::<Target>().is_err());
+        assert!("host".parse::<Target>().is_err());
+        assert_eq!(
+            Target::Tcp {
+                host: "::1".into(),
+                port: 1
+            }
+            .to_string(),
+            "[::1]:1"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert!(parse_size("1x").is_err());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_field() {
+        let err =
+            parse("[[listen]]\naddr = \"127.0.0.1:1\"\n\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nframming = \"text\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("test.toml: "), "{msg}");
+        assert!(msg.contains("line 7"), "{msg}");
+        assert!(msg.contains("framming"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_line() {
+        let msg = parse("[[listen]]\naddr = 6080\n[[route]]\npath = \"/a\"\ntarget = \"nohost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("line 5") && msg.contains("target") && msg.contains("HOST:PORT"),
+            "{msg}"
+        );
+        let msg = parse("[[listen]]\naddr = 6080\n[timeouts]\nidle = \"5 fortnights\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("line 4") && msg.contains("idle"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_path_names_line() {
+        let msg = parse("[[listen]]\naddr = 1\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n[[route]]\npath = \"/a\"\ntarget = \"h:2\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(msg, "test.toml:7: route[1].path: path /a has another route already");
+    }
+
+    #[test]
+    fn route_needs_one_matcher() {
+        let msg = parse("[[listen]]\naddr = 1\n[[route]]\ntarget = \"h:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("route[0]") && msg.contains("exactly one of"), "{msg}");
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = parse(
+            "[[listen]]\naddr = \"[::1]:0\"\n[timeouts]\nidle = \"off\"\nping_interval = 20\n[[route]]\npath = \"/chat\"\ntarget = \"127.0.0.1:7\"\nframing = \"lines\"\nmax_message_size = \"4KiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].addr, "[::1]:0".parse().unwrap());
+        assert_eq!(c.timeouts.idle, None);
+        assert_eq!(c.timeouts.ping_interval, Some(Duration::from_secs(20)));
+        assert_eq!(c.routes[0].options.framing, Framing::Lines);
+        assert_eq!(c.routes[0].options.max_message_size, 4096);
+        assert_eq!(c.routes[0].options.subprotocols, vec!["binary".to_string()]);
+    }
+}

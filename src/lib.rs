@@ -1,0 +1,32 @@
+//! wsbridge: a WebSocket-to-TCP bridge.
+//!
+//! Browser JavaScript can open a WebSocket but not a TCP socket; wsbridge accepts WebSocket
+//! connections and relays each one to a backend TCP (or unix socket) service chosen by the route the
+//! request matches, from an allow-list in the configuration.
+//!
+//! Data flows one way through the modules:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`cli`] | websockify-compatible arguments → the same [`config::Config`] a TOML file produces |
+//! | [`config`] | the TOML model, defaults, validation with file/line/field errors |
+//! | [`server`] | accept loops, connection limit, per-connection task and span, phases and deadlines, drain |
+//! | [`handshake`] | one HTTP request: upgrade checks and answers (404/405/426/400/431/503), static files |
+//! | [`routes`] / [`tokens`] | the route table: path, token (inline or websockify token files), host |
+//! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
+//! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |
+//! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
+//!
+//! `main.rs` parses arguments, sets up logging and signals, binds, and calls [`server::Bridge::serve`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod handshake;
+pub mod relay;
+pub mod routes;
+pub mod server;
+pub mod tokens;

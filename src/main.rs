@@ -1,0 +1,173 @@
+//! The `wsbridge` binary: arguments, logging, signals, binding, exit codes (64: usage or
+//! configuration; 1: runtime failure).
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use wsbridge::cli::{Cli, Command};
+use wsbridge::config::{Config, LogFormat};
+use wsbridge::routes::RouteTable;
+use wsbridge::server::Bridge;
+
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbose = cli.run.verbose;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsbridge: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Some(Command::Check { config }) => runtime.block_on(check(&config)),
+        Some(Command::Demo { listen }) => {
+            init_logging(verbose, LogFormat::Text);
+            report(runtime.block_on(demo(&listen)))
+        }
+        None => {
+            let config_path = cli.run.config.clone();
+            let config = match cli.run.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("wsbridge: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            init_logging(verbose, config.log_format);
+            report(runtime.block_on(run(config, config_path)))
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsbridge: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// `wsbridge check`: validate, then print listeners, timeouts and the route table.
+async fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::from_file(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsbridge: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let table = match RouteTable::from_config(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wsbridge: {}: token source {e}", path.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    println!("{}: OK", path.display());
+    for l in &config.listeners {
+        let web = l.web.as_ref().map(|w| format!(" web={}", w.display())).unwrap_or_default();
+        println!("listen {}{web}", l.addr);
+    }
+    println!("timeouts {:?}", config.timeouts);
+    println!("limits {:?}", config.limits);
+    print!("{}", table.describe().await);
+    ExitCode::SUCCESS
+}
+
+async fn bind(config: &Config) -> anyhow::Result<Vec<(TcpListener, wsbridge::config::ListenerConfig)>> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let listener = TcpListener::bind(l.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", l.addr))?;
+        out.push((listener, l.clone()));
+    }
+    Ok(out)
+}
+
+async fn run(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let bridge = Bridge::new(&config).context("cannot start")?;
+    let listeners = bind(&config).await?;
+    for (l, cfg) in &listeners {
+        tracing::info!(addr = %l.local_addr()?, web = ?cfg.web, "listening");
+    }
+    spawn_signal_handlers(&bridge, path)?;
+    let drained = bridge.serve(listeners).await;
+    tracing::info!(clean = drained.clean, remaining = drained.remaining, "stopped");
+    Ok(())
+}
+
+/// SIGTERM/SIGINT: shut down. SIGHUP: re-read the configuration file; a bad one is reported and
+/// the running one stays.
+fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let token = bridge.shutdown_token();
+    let bridge = bridge.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => match &path {
+                    Some(p) => match Config::from_file(p).map_err(anyhow::Error::from).and_then(|c| bridge.reload(&c).map_err(Into::into)) {
+                        Ok(()) => tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)"),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
+                    },
+                    None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
+                },
+            }
+        }
+        tracing::info!("shutting down: no new connections; closing sessions");
+        token.cancel();
+    });
+    Ok(())
+}
+
+async fn demo(listen: &str) -> anyhow::Result<()> {
+    let addr = listen.parse::<wsbridge::config::ListenAddr>().map_err(anyhow::Error::msg)?.0;
+    let chat = TcpListener::bind("127.0.0.1:0").await.context("cannot start the chat server")?;
+    let chat_addr = chat.local_addr()?;
+    let web = wsbridge::demo::write_web_root().context("cannot write the demo page")?;
+    let config = wsbridge::demo::config(addr, &web, chat_addr);
+    let bridge = Bridge::new(&config)?;
+    wsbridge::demo::spawn_chat_server(chat, bridge.shutdown_token());
+    let listeners = bind(&config).await?;
+    let local = listeners[0].0.local_addr()?;
+    println!("wsbridge demo: open http://{local}/ in a browser (two tabs make a conversation).");
+    println!(
+        "The chat server is plain TCP on {chat_addr}: `nc {} {}` joins the same room.",
+        chat_addr.ip(),
+        chat_addr.port()
+    );
+    println!("Press Ctrl-C to stop.");
+    spawn_signal_handlers(&bridge, None)?;
+    bridge.serve(listeners).await;
+    let _ = std::fs::remove_dir_all(&web);
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! The route table: which backend a request may reach. A client names a route (a path, a token, a
+//! host), never an address; every target here came from the configuration or from a token source
+//! the operator controls.
+//!
+//! Lookup order: exact path, then the `token` query parameter (inline token routes, then token
+//! sources with `lookup = "query"`), then the Host header (`lookup = "host"`), then the any-path
+//! route. A request that names a token that is not known gets no fallback to the any-path route:
+//! it is a client error worth a 404, not a reason to send it somewhere else.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::Request;
+
+use crate::config::{redact, Config, Matcher, RouteOptions, Target, TokenLookup};
+use crate::tokens::TokenSource;
+
+/// A route in service.
+#[derive(Debug)]
+pub struct Route {
+    /// How it was matched, for logs (tokens redacted).
+    pub name: String,
+    /// Where its sessions go.
+    pub target: Target,
+    /// Framing, limits.
+    pub options: RouteOptions,
+    /// Live sessions, shared by every route built from the same configuration entry, for
+    /// `max_sessions`.
+    sessions: Arc<AtomicUsize>,
+}
+
+impl Route {
+    fn new(name: String, target: Target, options: RouteOptions, sessions: Arc<AtomicUsize>) -> Arc<Route> {
+        Arc::new(Route {
+            name,
+            target,
+            options,
+            sessions,
+        })
+    }
+
+    /// Takes a session slot, or `None` when the route is at its `max_sessions`.
+    pub fn try_enter(self: &Arc<Self>) -> Option<RouteSlot> {
+        let max = self.options.max_sessions.unwrap_or(usize::MAX);
+        self.sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| RouteSlot(self.sessions.clone()))
+    }
+}
+
+/// A session slot on a route; given back on drop.
+#[derive(Debug)]
+pub struct RouteSlot(Arc<AtomicUsize>);
+
+impl Drop for RouteSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why no route matched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Miss {
+    /// Nothing is configured for this path.
+    #[error("no route for path {0}")]
+    Path(String),
+    /// A token was given but no source knows it.
+    #[error("unknown token {0}")]
+    Token(String),
+}
+
+/// All routes of one configuration.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    paths: HashMap<String, Arc<Route>>,
+    any_path: Option<Arc<Route>>,
+    tokens: HashMap<String, Arc<Route>>,
+    sources: Vec<(TokenSource, Arc<AtomicUsize>)>,
+}
+
+impl RouteTable {
+    /// Builds the table, reading every token source.
+    ///
+    /// # Errors
+    /// A token source that cannot be read, as `file: error`.
+    pub fn from_config(config: &Config) -> Result<RouteTable, String> {
+        let mut table = RouteTable::default();
+        for r in &config.routes {
+            let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), Arc::default());
+            match &r.matcher {
+                Matcher::Path(p) => {
+                    table.paths.insert(p.clone(), route);
+                }
+                Matcher::AnyPath => table.any_path = Some(route),
+                Matcher::Token(t) => {
+                    table.tokens.insert(t.clone(), route);
+                }
+            }
+        }
+        for s in &config.token_sources {
+            let source = TokenSource::load(s.clone()).map_err(|e| format!("{}: {e}", s.path.display()))?;
+            table.sources.push((source, Arc::default()));
+        }
+        Ok(table)
+    }
+
+    /// Whether a route is configured for exactly this path.
+    pub fn has_exact_path(&self, path: &str) -> bool {
+        self.paths.contains_key(path)
+    }
+
+    /// Whether an any-path route exists (websockify's single-target mode).
+    pub fn has_any_path(&self) -> bool {
+        self.any_path.is_some()
+    }
+
+    /// The route for a request.
+    ///
+    /// # Errors
+    /// [`Miss`] says what did not match, for the 404 body and the log.
+    pub async fn lookup<B>(&self, request: &Request<B>) -> Result<Arc<Route>, Miss> {
+        let path = request.uri().path();
+        if let Some(r) = self.paths.get(path) {
+            return Ok(r.clone());
+        }
+        if let Some(token) = query_token(request.uri().query()) {
+            if let Some(r) = self.tokens.get(&token) {
+                return Ok(r.clone());
+            }
+            if let Some(r) = self.lookup_sources(TokenLookup::Query, &token).await {
+                return Ok(r);
+            }
+            return Err(Miss::Token(redact(&token)));
+        }
+        if let Some(host) = host_of(request) {
+            if let Some(r) = self.lookup_sources(TokenLookup::Host, host).await {
+                return Ok(r);
+            }
+        }
+        self.any_path.clone().ok_or_else(|| Miss::Path(path.chars().take(200).collect()))
+    }
+
+    async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Option<Arc<Route>> {
+        for (source, sessions) in self.sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
+            if let Some(target) = source.lookup(token).await {
+                let name = format!("token {} from {}", redact(token), source.config.path.display());
+                return Some(Route::new(name, target, source.config.options.clone(), sessions.clone()));
+            }
+        }
+        None
+    }
+
+    /// The effective route table as text, for `wsbridge check`. Tokens are shown redacted.
+    pub async fn describe(&self) -> String {
+        let mut out = String::new();
+        let mut paths: Vec<_> = self.paths.values().collect();
+        paths.sort_by(|a, b| a.name.cmp(&b.name));
+        let routes = paths.into_iter().chain(self.tokens.values()).chain(self.any_path.iter());
+        for r in routes {
+            let _ = writeln!(
+                out,
+                "{:<40} -> {:<28} framing={} subprotocols={:?} max_message_size={}",
+                r.name,
+                r.target.to_string(),
+                r.options.framing,
+                r.options.subprotocols,
+                r.options.max_message_size
+            );
+        }
+        for (s, _) in &self.sources {
+            let entries = s.entries().await;
+            let _ = writeln!(
+                out,
+                "token source {} (lookup={:?}, {} tokens, framing={})",
+                s.config.path.display(),
+                s.config.lookup,
+                entries.len(),
+                s.config.options.framing
+            );
+            let mut list: Vec<_> = entries.iter().collect();
+            list.sort_by(|a, b| a.0.cmp(b.0));
+            for (token, target) in list {
+                let _ = writeln!(out, "  token {:<34} -> {target}", redact(token));
+            }
+        }
+        out
+    }
+}
+
+/// The `token` query parameter, percent-decoded.
+pub fn query_token(query: Option<&str>) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The Host header without its port.
+fn host_of<B>(request: &Request<B>) -> Option<&str> {
+    let host = request.headers().get(http::header::HOST)?.to_str().ok()?;
+    Some(match crate::config::split_host_port(host) {
+        Some((h, _)) => h,
+        None => host.trim_start_matches('[').trim_end_matches(']'),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_from_query() {
+        assert_eq!(query_token(Some("a=1&token=x%2By&b=2")).as_deref(), Some("x+y"));
+        assert_eq!(query_token(Some("a=1")), None);
+        assert_eq!(query_token(None), None);
+    }
+}

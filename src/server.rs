@@ -1,0 +1,305 @@
+//! Accepting connections and running each one to its end.
+//!
+//! The caller binds (tests bind `127.0.0.1:0` and pass the listener in, so the bridge is ready by
+//! construction) and hands the listeners to [`Bridge::serve`]. Each accepted connection gets its
+//! own task and tracing span; nothing a connection does can end the accept loop. The connection's
+//! life, each phase under its own deadline:
+//!
+//! 1. handshake (`timeouts.handshake`): read the request head, answer HTTP, or write `101`;
+//! 2. backend connect (`timeouts.connect`): failure closes the WebSocket with 1014 and a reason;
+//! 3. relay ([`crate::relay`]): idle, lifetime, keepalive and shutdown deadlines;
+//! 4. close (`timeouts.close`): waiting for the client's close frame.
+//!
+//! Shutdown: cancelling the token stops the accept loops; sessions close with 1001 after flushing;
+//! [`Bridge::serve`] returns when every task is done or `timeouts.shutdown_grace` has passed.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backend::Backend;
+use crate::config::{Config, ListenerConfig, Timeouts};
+use crate::handshake::{self, Outcome, WebRoot};
+use crate::relay::{self, SessionParams};
+use crate::routes::RouteTable;
+
+/// tungstenite's read buffer per session. It is allocated up front for every session, so it stays
+/// small; bulk reads do not depend on it.
+const WS_READ_BUFFER: usize = 4 * 1024;
+
+/// Why the bridge could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A token source could not be read.
+    #[error("token source {0}")]
+    Tokens(String),
+}
+
+/// What can change on reload: everything but the listeners.
+#[derive(Debug)]
+struct Live {
+    routes: RouteTable,
+    timeouts: Timeouts,
+    max_connections: usize,
+}
+
+/// The bridge: configuration in force, shutdown signal and the set of running connections.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Swapped whole on reload; a connection keeps the snapshot it started with.
+    live: RwLock<Arc<Live>>,
+    /// Connection slots; sized at start (a reload that changes the cap takes effect on restart).
+    slots: Arc<Semaphore>,
+    /// Cancelled on shutdown; every task watches it.
+    shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    tracker: TaskTracker,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Every connection finished within the grace period.
+    pub clean: bool,
+    /// Connections still running when the grace period ended.
+    pub remaining: usize,
+}
+
+impl Bridge {
+    /// A bridge for `config`, with its token sources read.
+    ///
+    /// # Errors
+    /// An invalid configuration or an unreadable token source.
+    pub fn new(config: &Config) -> Result<Bridge, BridgeError> {
+        let live = Live::from_config(config)?;
+        let slots = Arc::new(Semaphore::new(live.max_connections));
+        Ok(Bridge {
+            inner: Arc::new(Inner {
+                live: RwLock::new(Arc::new(live)),
+                slots,
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// Replaces routes, tokens and timeouts for new connections; live sessions keep theirs.
+    ///
+    /// # Errors
+    /// The new configuration is unusable; the old one stays in force.
+    pub fn reload(&self, config: &Config) -> Result<(), BridgeError> {
+        let live = Live::from_config(config)?;
+        *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        Ok(())
+    }
+
+    /// The token that stops the bridge when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    fn live(&self) -> Arc<Live> {
+        self.inner.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Serves `listeners` until the shutdown token is cancelled, then drains.
+    pub async fn serve(&self, listeners: Vec<(TcpListener, ListenerConfig)>) -> Drained {
+        for (listener, cfg) in listeners {
+            let web = cfg.web.as_ref().map(|dir| {
+                Arc::new(WebRoot {
+                    resolver: hyper_staticfile::Resolver::new(dir),
+                    dir: dir.clone(),
+                    listing: cfg.web_listing,
+                })
+            });
+            let bridge = self.clone();
+            self.inner.tracker.spawn(async move { bridge.accept_loop(listener, web).await });
+        }
+        self.inner.shutdown.cancelled().await;
+        self.inner.tracker.close();
+        let grace = self.live().timeouts.shutdown_grace;
+        let clean = timeout(grace, self.inner.tracker.wait()).await.is_ok();
+        // The accept loops are tasks too, but they end at once.
+        let remaining = self.inner.tracker.len();
+        if !clean {
+            warn!(remaining, ?grace, "shutdown grace period over; ending the remaining connections");
+        }
+        Drained { clean, remaining }
+    }
+
+    async fn accept_loop(self, listener: TcpListener, web: Option<Arc<WebRoot>>) {
+        let local = listener.local_addr().ok();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.inner.shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(5);
+                    a
+                }
+                Err(e) => {
+                    // EMFILE and friends: wait for connections to end instead of spinning.
+                    warn!(error = %e, ?backoff, "accept failed");
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let span = tracing::info_span!("conn", client = %peer, listener = ?local, route = tracing::field::Empty, target = tracing::field::Empty);
+            let bridge = self.clone();
+            let web = web.clone();
+            self.inner
+                .tracker
+                .spawn(async move { bridge.connection(stream, peer, web).await }.instrument(span));
+        }
+    }
+
+    async fn connection(self, mut stream: TcpStream, peer: SocketAddr, web: Option<Arc<WebRoot>>) {
+        let live = self.live();
+        let t = &live.timeouts;
+        let Ok(_permit) = self.inner.slots.clone().try_acquire_owned() else {
+            let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, later";
+            let _ = timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::write_all(&mut stream, answer)).await;
+            debug!(status = 503, "refused: connection limit reached");
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let deadline = Instant::now() + t.handshake;
+        let shutdown = &self.inner.shutdown;
+        let handled = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout_at(deadline, handshake::handle(&mut stream, &live.routes, web.as_deref())) => r,
+        };
+        let upgrade = match handled {
+            Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
+            Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
+            Ok(Ok(Outcome::Answered { status, reason })) => {
+                return info!(status = status.as_u16(), %reason, "http request answered");
+            }
+            Ok(Ok(Outcome::Upgrade(u))) => u,
+        };
+        let span = tracing::Span::current();
+        span.record("route", upgrade.route.name.as_str());
+        span.record("target", tracing::field::display(&upgrade.route.target));
+        match tokio::time::timeout_at(deadline, handshake::write_switching(&mut stream, &upgrade)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
+            Err(_) => return debug!("handshake deadline passed writing 101"),
+        }
+        let _slot = upgrade.slot;
+        let params = SessionParams {
+            framing: upgrade.route.options.framing,
+            max_message_size: upgrade.route.options.max_message_size,
+            timeouts: t.clone(),
+        };
+        let ws =
+            WebSocketStream::from_partially_read(stream, upgrade.leftover, Role::Server, Some(ws_config(params.max_message_size))).await;
+        run_session(ws, &upgrade.route.target, &params, shutdown, peer).await;
+    }
+}
+
+/// Connects the backend and relays; logs the session's open and close lines.
+async fn run_session<S>(
+    mut ws: WebSocketStream<S>,
+    target: &crate::config::Target,
+    params: &SessionParams,
+    shutdown: &CancellationToken,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let backend = tokio::select! {
+        _ = shutdown.cancelled() => Err(None),
+        b = Backend::connect(target, params.timeouts.connect) => b.map_err(Some),
+    };
+    let backend = match backend {
+        Ok(b) => b,
+        Err(e) => {
+            let (code, reason) = match &e {
+                Some(e) => (CloseCode::from(1014), e.to_string()),
+                None => (CloseCode::Away, "server shutting down".to_owned()),
+            };
+            let frame = CloseFrame {
+                code,
+                reason: reason.clone().into(),
+            };
+            let _ = timeout(params.timeouts.close, async {
+                futures_util::SinkExt::send(&mut ws, Message::Close(Some(frame))).await?;
+                // Wait for the client's answer so the close frame is not lost to a reset.
+                while let Some(m) = futures_util::StreamExt::next(&mut ws).await {
+                    m?;
+                }
+                Ok::<_, tokio_tungstenite::tungstenite::Error>(())
+            })
+            .await;
+            let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
+            warn!(code = u16::from(code), %reason, error = source.as_deref().unwrap_or(""), duration_ms = started.elapsed().as_millis() as u64, "session failed: backend not connected");
+            return;
+        }
+    };
+    info!(%peer, framing = %params.framing, "session open");
+    let s = relay::run(ws, backend, params, shutdown).await;
+    info!(
+        code = s.code,
+        reason = %s.reason,
+        ended_by = s.ended_by,
+        bytes_up = s.bytes_up,
+        bytes_down = s.bytes_down,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session closed"
+    );
+}
+
+/// tungstenite's settings for one session, set deliberately: a small read buffer (allocated for
+/// every session), messages and frames capped by the route, writes going out at once, and a
+/// bounded write buffer (we await every send, so it never holds more than one message).
+fn ws_config(max_message: usize) -> WebSocketConfig {
+    let largest_out = max_message.max(256 * 1024) + 64;
+    WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(largest_out * 2)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+        .accept_unmasked_frames(false)
+}
+
+impl Live {
+    fn from_config(config: &Config) -> Result<Live, BridgeError> {
+        config.check()?;
+        let routes = RouteTable::from_config(config).map_err(BridgeError::Tokens)?;
+        Ok(Live {
+            routes,
+            timeouts: config.timeouts.clone(),
+            max_connections: config.limits.max_connections,
+        })
+    }
+}
