@@ -303,6 +303,9 @@ where
         let msg = match stream.next().await {
             Some(Ok(msg)) => msg,
             Some(Err(WsError::Io(e))) => return End::ClientGone(format!("client connection failed: {}", crate::backend::describe(&e))),
+            Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                return End::ClientGone("client closed the connection without a close frame".into())
+            }
             Some(Err(e)) => return End::ClientError(e),
             None => return End::ClientGone("client closed the connection without a close frame".into()),
         };

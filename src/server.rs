@@ -13,7 +13,6 @@
 //! Shutdown: cancelling the token stops the accept loops; sessions close with 1001 after flushing;
 //! [`Bridge::serve`] returns when every task is done or `timeouts.shutdown_grace` has passed.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -148,7 +147,7 @@ impl Bridge {
     }
 
     async fn accept_loop(self, listener: TcpListener, web: Option<Arc<WebRoot>>) {
-        let local = listener.local_addr().ok();
+        let local = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
@@ -172,16 +171,16 @@ impl Bridge {
                     continue;
                 }
             };
-            let span = tracing::info_span!("conn", client = %peer, listener = ?local, route = tracing::field::Empty, target = tracing::field::Empty);
+            let span = tracing::info_span!("conn", client = %peer, listener = %local, route = tracing::field::Empty, target = tracing::field::Empty);
             let bridge = self.clone();
             let web = web.clone();
             self.inner
                 .tracker
-                .spawn(async move { bridge.connection(stream, peer, web).await }.instrument(span));
+                .spawn(async move { bridge.connection(stream, web).await }.instrument(span));
         }
     }
 
-    async fn connection(self, mut stream: TcpStream, peer: SocketAddr, web: Option<Arc<WebRoot>>) {
+    async fn connection(self, mut stream: TcpStream, web: Option<Arc<WebRoot>>) {
         let live = self.live();
         let t = &live.timeouts;
         let Ok(_permit) = self.inner.slots.clone().try_acquire_owned() else {
@@ -221,18 +220,13 @@ impl Bridge {
         };
         let ws =
             WebSocketStream::from_partially_read(stream, upgrade.leftover, Role::Server, Some(ws_config(params.max_message_size))).await;
-        run_session(ws, &upgrade.route.target, &params, shutdown, peer).await;
+        run_session(ws, &upgrade.route.target, &params, shutdown).await;
     }
 }
 
 /// Connects the backend and relays; logs the session's open and close lines.
-async fn run_session<S>(
-    mut ws: WebSocketStream<S>,
-    target: &crate::config::Target,
-    params: &SessionParams,
-    shutdown: &CancellationToken,
-    peer: SocketAddr,
-) where
+async fn run_session<S>(mut ws: WebSocketStream<S>, target: &crate::config::Target, params: &SessionParams, shutdown: &CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
@@ -265,7 +259,7 @@ async fn run_session<S>(
             return;
         }
     };
-    info!(%peer, framing = %params.framing, "session open");
+    info!(framing = %params.framing, "session open");
     let s = relay::run(ws, backend, params, shutdown).await;
     info!(
         code = s.code,

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine or an old one: installs what is missing, then
+# checks formatting and lints and runs every test target.
+#
+#   scripts/test.sh
+#
+# Installs (only when missing, so a second run installs nothing):
+#   - Debian packages chromium (the browser test's browser, /usr/bin/chromium) and socat, with
+#     apt-get as root or through sudo;
+#   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
+#     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
+#     downloaded: the browser test drives Debian's Chromium.
+# Then: cargo fmt --check, cargo clippy -D warnings, cargo test --all-targets.
+#
+# Needs: cargo with rustfmt and clippy, Node.js >= 20 with npm.
+# WSBRIDGE_SKIP_BROWSER=1 skips the browser test (and installing what only it needs).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+section() { printf '\n==> %s\n' "$*"; }
+die() {
+    printf 'scripts/test.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+skip_browser=0
+[[ ${WSBRIDGE_SKIP_BROWSER:-} == 1 ]] && skip_browser=1
+
+section "tools"
+command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt not found: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy not found: rustup component add clippy"
+cargo --version
+if ((!skip_browser)); then
+    command -v node >/dev/null || die "node not found: the browser test needs Node.js >= 20 with npm (or set WSBRIDGE_SKIP_BROWSER=1)"
+    command -v npm >/dev/null || die "npm not found: the browser test needs Node.js >= 20 with npm (or set WSBRIDGE_SKIP_BROWSER=1)"
+    node_major=$(node -p 'process.versions.node.split(".")[0]')
+    ((node_major >= 20)) || die "node $(node --version) is too old: playwright-core needs Node.js >= 20"
+    echo "node $(node --version), npm $(npm --version 2>/dev/null)"
+fi
+
+section "system packages"
+missing=()
+if ((!skip_browser)) && [[ ! -x /usr/bin/chromium ]]; then
+    missing+=(chromium)
+fi
+command -v socat >/dev/null || missing+=(socat)
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    if ((EUID == 0)); then
+        as_root=(env DEBIAN_FRONTEND=noninteractive)
+    elif command -v sudo >/dev/null; then
+        # -n: never wait for a password that nobody will type (CI has no stdin).
+        as_root=(sudo -n env DEBIAN_FRONTEND=noninteractive)
+    else
+        die "not root and no sudo: install these Debian packages first: ${missing[*]}"
+    fi
+    command -v apt-get >/dev/null || die "no apt-get here: install these packages first: ${missing[*]}"
+    "${as_root[@]}" apt-get update -qq </dev/null
+    "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+else
+    echo "all present"
+fi
+if ((!skip_browser)); then
+    /usr/bin/chromium --version 2>/dev/null || die "/usr/bin/chromium does not run"
+fi
+
+section "tests/browser: npm packages"
+if ((skip_browser)); then
+    echo "skipped (WSBRIDGE_SKIP_BROWSER=1)"
+else
+    # node_modules is current when it was installed from exactly this package.json and lockfile.
+    stamp_file=tests/browser/node_modules/.wsbridge-installed-from
+    want=$(cat tests/browser/package.json tests/browser/package-lock.json | sha256sum | cut -d' ' -f1)
+    have=$(cat "$stamp_file" 2>/dev/null || true)
+    if [[ $want != "$have" || ! -f tests/browser/node_modules/playwright-core/package.json ]]; then
+        echo "npm ci (node_modules missing or stale)"
+        # playwright-core has no install script and downloads nothing; these make sure of it.
+        (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --ignore-scripts --loglevel=error </dev/null)
+        echo "$want" >"$stamp_file"
+    else
+        echo "up to date"
+    fi
+fi
+
+section "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+section "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+section "cargo test --all-targets"
+cargo test --all-targets

@@ -1,0 +1,358 @@
+//! Shared helpers for the integration tests: a bridge bound to port 0, real TCP backends bound
+//! before they are spawned, WebSocket clients (tungstenite's, and a raw one for frames a proper
+//! client would never send), and raw HTTP. Every wait is bounded by [`WAIT`].
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use wsbridge::config::{Config, ListenerConfig, Matcher, RouteConfig, Target};
+use wsbridge::server::{Bridge, Drained};
+
+/// The bound on every wait in a test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Awaits `f`, failing the test if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// A bridge serving on 127.0.0.1 with an ephemeral port.
+pub struct TestBridge {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Cancel to shut it down.
+    pub shutdown: CancellationToken,
+    /// Ends with the drain report.
+    pub handle: JoinHandle<Drained>,
+    /// For reload tests.
+    pub bridge: Bridge,
+}
+
+impl TestBridge {
+    /// Starts `config`, replacing its first listener's address with 127.0.0.1:0 (adding one if
+    /// there is none).
+    pub async fn start(mut config: Config) -> TestBridge {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        if config.listeners.is_empty() {
+            config.listeners.push(ListenerConfig {
+                addr,
+                web: None,
+                web_listing: false,
+            });
+        }
+        config.listeners[0].addr = addr;
+        let cfg = config.listeners[0].clone();
+        let bridge = Bridge::new(&config).expect("config");
+        let shutdown = bridge.shutdown_token();
+        let b = bridge.clone();
+        let handle = tokio::spawn(async move { b.serve(vec![(listener, cfg)]).await });
+        TestBridge {
+            addr,
+            shutdown,
+            handle,
+            bridge,
+        }
+    }
+
+    /// `ws://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    /// Shuts down and waits for the drain.
+    pub async fn stop(self) -> Drained {
+        self.shutdown.cancel();
+        within("bridge drain", self.handle).await.unwrap()
+    }
+}
+
+/// A configuration with one route from `matcher` to `target` (default options).
+pub fn config_with(matcher: Matcher, target: Target) -> Config {
+    let mut config = Config::new("test");
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig { matcher, target, options });
+    config
+}
+
+/// A configuration bridging any path to `backend`.
+pub fn any_path_to(backend: SocketAddr) -> Config {
+    config_with(Matcher::AnyPath, tcp(backend))
+}
+
+/// The target for a local TCP address.
+pub fn tcp(addr: SocketAddr) -> Target {
+    Target::Tcp {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    }
+}
+
+/// A TCP echo backend. Returns its address and a counter of accepted connections.
+pub async fn echo_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A backend that reads everything of one connection and reports it when it sees EOF.
+pub async fn sink_backend() -> (SocketAddr, mpsc::Receiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let _ = s.read_to_end(&mut all).await;
+                let _ = tx.send(all).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A backend that writes `data` to each connection, then closes it (EOF).
+pub async fn source_backend(data: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+                // Keep reading so the close is a clean FIN, not a reset.
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that hands each accepted stream to the test.
+pub async fn manual_backend() -> (SocketAddr, mpsc::Receiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            if tx.send(s).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// A port on which nothing listens (bound, then closed).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Connects a WebSocket client, optionally offering subprotocols; returns the client and the
+/// subprotocol the server chose.
+pub async fn ws_connect(url: &str, protocols: Option<&str>) -> (Ws, Option<String>) {
+    let mut req = url.into_client_request().unwrap();
+    if let Some(p) = protocols {
+        req.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    let (ws, resp) = within("websocket connect", tokio_tungstenite::connect_async(req))
+        .await
+        .expect("upgrade");
+    let chosen = resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap().to_owned());
+    (ws, chosen)
+}
+
+/// Reads messages until a close frame; returns the data messages and the close frame.
+pub async fn read_until_close(ws: &mut Ws) -> (Vec<Message>, Option<CloseFrame>) {
+    within("close frame", async {
+        let mut msgs = Vec::new();
+        while let Some(m) = ws.next().await {
+            match m.expect("read") {
+                Message::Close(f) => return (msgs, f),
+                m @ (Message::Binary(_) | Message::Text(_)) => msgs.push(m),
+                _ => {}
+            }
+        }
+        panic!("connection ended without a close frame");
+    })
+    .await
+}
+
+/// Sends a binary message.
+pub async fn send_bin(ws: &mut Ws, data: &[u8]) {
+    within("send", ws.send(Message::binary(data.to_vec()))).await.expect("send");
+}
+
+/// Reads one data message's bytes (skipping control frames).
+pub async fn recv_data(ws: &mut Ws) -> Vec<u8> {
+    within("message", async {
+        loop {
+            match ws.next().await.expect("stream ended").expect("read") {
+                Message::Binary(b) => return b.to_vec(),
+                Message::Text(t) => return t.as_bytes().to_vec(),
+                Message::Close(f) => panic!("closed: {f:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+}
+
+/// Sends a raw HTTP request and returns the whole response (the bridge closes after answering).
+pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
+    within("http response", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+}
+
+/// A GET upgrade request for `path` with the usual headers plus `extra` lines.
+pub fn upgrade_request(path: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+/// The status code of a raw response.
+pub fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+/// A raw WebSocket client: a TCP stream after a successful upgrade, for sending frames a real
+/// client would not.
+pub async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
+    within("raw upgrade", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&upgrade_request(path, "")).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        s
+    })
+    .await
+}
+
+/// One frame as a client sends it: masked unless `masked` is false; `first` is FIN/RSV/opcode.
+pub fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut f = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n < 65536 => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [0x12, 0x34, 0x56, 0x78];
+    if masked {
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
+/// Reads server frames from a raw client until a close frame; returns its code and reason.
+/// Pings are not answered (that is what some tests want).
+pub async fn raw_read_close(s: &mut TcpStream) -> (u16, String) {
+    within("raw close frame", async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.expect("frame header");
+            let opcode = h[0] & 0x0f;
+            let mut len = u64::from(h[1] & 0x7f);
+            if len == 126 {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).await.unwrap();
+                len = u64::from(u16::from_be_bytes(b));
+            } else if len == 127 {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).await.unwrap();
+                len = u64::from_be_bytes(b);
+            }
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).await.unwrap();
+            if opcode == 8 {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+            }
+        }
+    })
+    .await
+}
+
+/// Waits for a one-shot value with the test bound.
+pub async fn recv_once<T>(rx: oneshot::Receiver<T>, what: &str) -> T {
+    within(what, rx).await.expect("sender dropped")
+}
+
+/// Sends a raw request and returns only the response head (for requests that may be upgraded and
+/// then stay open).
+pub async fn http_head(addr: SocketAddr, request: &[u8]) -> String {
+    within("http response head", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    })
+    .await
+}

@@ -1,0 +1,140 @@
+//! The real binary: websockify-style invocation, SIGTERM drain, exit codes, `check`, and every
+//! example configuration in `config/`.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+
+/// Kills the child if the test fails before it exits.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// Starts the binary and waits for its "listening" log line; returns the child and the address.
+async fn spawn_bridge(args: &[&str]) -> (Running, std::net::SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = within("listening line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening addr=").nth(1) {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("wsbridge exited before listening");
+    })
+    .await;
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (Running(child), addr)
+}
+
+async fn kill(child: &Running, signal: &str) {
+    let pid = child.0.id().unwrap().to_string();
+    let status = Command::new("kill").args(["-s", signal, &pid]).status().await.unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn websockify_style_run_and_sigterm_drain() {
+    let (backend, _) = echo_backend().await;
+    let target = format!("127.0.0.1:{}", backend.port());
+    // Options after the positionals, as noVNC's launcher writes them.
+    let (mut child, addr) = spawn_bridge(&["127.0.0.1:0", &target, "--heartbeat", "30"]).await;
+    let (mut ws, chosen) = ws_connect(&format!("ws://{addr}/websockify"), Some("binary")).await;
+    assert_eq!(chosen.as_deref(), Some("binary"));
+    send_bin(&mut ws, b"through the binary").await;
+    assert_eq!(recv_data(&mut ws).await, b"through the binary");
+
+    kill(&child, "TERM").await;
+    let (_, close) = read_until_close(&mut ws).await;
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close.reason.as_str(), "server shutting down");
+    drop(ws);
+    let status = within("exit after SIGTERM", child.0.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+async fn run_to_end(args: &[&str]) -> (i32, String, String) {
+    let out = within("wsbridge to exit", Command::new(BIN).args(args).output()).await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn usage_errors_exit_64_with_a_clear_message() {
+    let (code, _, err) = run_to_end(&["6080", "localhost:5900", "--record", "/tmp/x"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("--record is not supported") && err.contains("tcpdump"), "{err}");
+    let (code, _, err) = run_to_end(&["6080"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("missing TARGET"), "{err}");
+    let (code, _, err) = run_to_end(&["6080", "nohost"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("HOST:PORT"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_config_file_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/x\"\ntarget = \"127.0.0.1:5900\"\nframing = \"morse\"\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    for args in [vec!["--config", f], vec!["check", "--config", f]] {
+        let (code, _, err) = run_to_end(&args).await;
+        assert_eq!(code, 64, "{err}");
+        assert!(
+            err.contains(f) && err.contains("line 7") && err.contains("framing") && err.contains("morse"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn port_in_use_is_a_runtime_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run_to_end(&[&addr, "127.0.0.1:5900"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}
+
+#[tokio::test]
+async fn every_example_config_checks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out, err) = run_to_end(&["check", "--config", path.to_str().unwrap()]).await;
+            assert_eq!(code, 0, "{}: {err}", path.display());
+            assert!(out.contains(": OK") && out.contains("->"), "{}: {out}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "expected the example configs in config/");
+}

@@ -1,0 +1,164 @@
+//! HTTP answers before any upgrade, subprotocols, static files.
+
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wsbridge::config::{ListenerConfig, Matcher};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn http_errors_are_answered_and_open_no_backend() {
+    let (backend, accepted) = echo_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/vnc".into()), tcp(backend))).await;
+    let a = bridge.addr;
+
+    let r = http_raw(a, &upgrade_request("/nope", "")).await;
+    assert_eq!(status_of(&r), 404, "{r}");
+    assert!(r.contains("no route for path /nope"), "{r}");
+
+    let r = http_raw(a, b"GET /vnc HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&r), 426, "{r}");
+    assert!(r.to_ascii_lowercase().contains("upgrade: websocket"), "{r}");
+
+    let r = http_raw(a, b"POST /vnc HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").await;
+    assert_eq!(status_of(&r), 405, "{r}");
+    let post_upgrade = String::from_utf8(upgrade_request("/vnc", "")).unwrap().replacen("GET", "POST", 1);
+    assert_eq!(status_of(&http_raw(a, post_upgrade.as_bytes()).await), 405);
+
+    let no_key = b"GET /vnc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    assert_eq!(status_of(&http_raw(a, no_key).await), 400);
+    let bad_key = String::from_utf8(upgrade_request("/vnc", ""))
+        .unwrap()
+        .replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
+    assert_eq!(status_of(&http_raw(a, bad_key.as_bytes()).await), 400);
+    let no_connection = String::from_utf8(upgrade_request("/vnc", ""))
+        .unwrap()
+        .replace("Connection: Upgrade\r\n", "");
+    assert_eq!(status_of(&http_raw(a, no_connection.as_bytes()).await), 400);
+
+    let v12 = String::from_utf8(upgrade_request("/vnc", ""))
+        .unwrap()
+        .replace("Version: 13", "Version: 12");
+    let r = http_raw(a, v12.as_bytes()).await;
+    assert_eq!(status_of(&r), 426, "{r}");
+    assert!(r.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{r}");
+
+    let huge = format!("GET /vnc HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(17 * 1024));
+    assert_eq!(status_of(&http_raw(a, huge.as_bytes()).await), 431);
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET /vnc HTTP/1.1\r\n{many}\r\n");
+    assert_eq!(status_of(&http_raw(a, many.as_bytes()).await), 431);
+
+    assert_eq!(status_of(&http_raw(a, b"NOT HTTP AT ALL\r\n\r\n").await), 400);
+
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "a rejected request opened a backend connection");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn subprotocols() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    // `binary` anywhere in the list, spacing tolerated: echoed.
+    let (_, chosen) = ws_connect(&bridge.url("/"), Some("base64 ,  binary")).await;
+    assert_eq!(chosen.as_deref(), Some("binary"));
+    // Nothing acceptable offered: no header, and the handshake still succeeds (websockify answers
+    // 400 here). A raw request, since tungstenite's client refuses such an answer; browsers take it.
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    s.write_all(&upgrade_request("/", "Sec-WebSocket-Protocol: chat, superchat\r\n"))
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    let n = within("101", s.read(&mut head)).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("sec-websocket-protocol"), "{head}");
+    s.write_all(&frame(0x82, b"still works", true)).await.unwrap();
+    let mut echo = [0u8; 13];
+    within("echo", s.read_exact(&mut echo)).await.unwrap();
+    assert_eq!(&echo[2..], b"still works");
+    // Nothing offered: no header.
+    let (_, chosen) = ws_connect(&bridge.url("/"), None).await;
+    assert_eq!(chosen, None);
+}
+
+#[tokio::test]
+async fn route_subprotocols_are_configurable() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.subprotocols = vec!["tty".into(), "binary".into()];
+    let bridge = TestBridge::start(config).await;
+    let (_, chosen) = ws_connect(&bridge.url("/"), Some("tty, binary")).await;
+    assert_eq!(chosen.as_deref(), Some("tty"), "the client's first acceptable choice wins");
+}
+
+#[tokio::test]
+async fn static_files_are_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "<h1>hi</h1>").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/app.js"), "let x = 1;").unwrap();
+    let outside = dir.path().parent().unwrap().join(format!("secret-{}", std::process::id()));
+    std::fs::write(&outside, "secret").unwrap();
+
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    let web = Some(dir.path().to_path_buf());
+    config.listeners.push(ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web,
+        web_listing: false,
+    });
+    let bridge = TestBridge::start(config).await;
+    let a = bridge.addr;
+
+    let r = http_raw(a, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&r), 200, "{r}");
+    assert!(r.ends_with("<h1>hi</h1>"), "{r}");
+    let r = http_raw(a, b"GET /sub/app.js HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.contains("javascript") && r.ends_with("let x = 1;"), "{r}");
+    let r = http_raw(a, b"HEAD /sub/app.js HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&r), 200);
+    assert!(r.ends_with("\r\n\r\n"), "HEAD has no body: {r}");
+
+    let name = outside.file_name().unwrap().to_str().unwrap();
+    for path in [
+        format!("/../{name}"),
+        format!("/sub/../../{name}"),
+        format!("/%2e%2e/{name}"),
+        format!("/..%2f{name}"),
+    ] {
+        let r = http_raw(a, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+        assert!(!r.contains("secret"), "{path} escaped the root: {r}");
+        assert_ne!(status_of(&r), 200, "{path}");
+    }
+    // No listing by default.
+    let r = http_raw(a, b"GET /sub/ HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&r), 404, "{r}");
+    // An upgrade on any path still reaches the backend.
+    let (mut ws, _) = ws_connect(&bridge.url("/websockify"), Some("binary")).await;
+    send_bin(&mut ws, b"x").await;
+    assert_eq!(recv_data(&mut ws).await, b"x");
+    std::fs::remove_file(outside).unwrap();
+}
+
+#[tokio::test]
+async fn directory_listing_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/a<b>.txt"), "x").unwrap();
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.listeners.push(ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: Some(dir.path().into()),
+        web_listing: true,
+    });
+    let bridge = TestBridge::start(config).await;
+    let r = http_raw(bridge.addr, b"GET /sub/ HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&r), 200, "{r}");
+    assert!(r.contains("a&lt;b&gt;.txt"), "names are escaped: {r}");
+    let r = http_raw(bridge.addr, b"GET /sub/../../ HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_ne!(status_of(&r), 200, "{r}");
+}

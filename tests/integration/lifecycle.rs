@@ -1,0 +1,175 @@
+//! Backend failures and every deadline: connect, handshake, idle, lifetime, keepalive, shutdown.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn refused_backend_gives_1014_with_reason() {
+    let bridge = TestBridge::start(any_path_to(closed_port().await)).await;
+    // A raw client: tungstenite's own client rewrites 1014 (registered after RFC 6455) to 1002,
+    // while browsers hand it to JavaScript as it is.
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!((code, reason.as_str()), (1014, "backend unreachable: connection refused"));
+}
+
+#[tokio::test]
+async fn unresolvable_backend_gives_1014() {
+    let mut config = any_path_to(closed_port().await);
+    config.routes[0].target = "no-such-host.invalid:5900".parse().unwrap();
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!(code, 1014);
+    assert_eq!(reason, "backend unreachable: cannot resolve host");
+}
+
+#[tokio::test]
+async fn connect_timeout_gives_1014() {
+    // A listener whose accept queue is full and never accepted: further SYNs go unanswered.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    // Fill the queue: connections complete until it is full, then one hangs.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+        assert!(fillers.len() < 64, "accept queue never filled");
+    }
+    let mut config = any_path_to(addr);
+    config.timeouts.connect = Duration::from_millis(300);
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1014, "backend unreachable: connect timed out after 300ms")
+    );
+    drop(listener);
+}
+
+#[tokio::test]
+async fn silent_client_is_dropped_at_the_handshake_deadline() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.handshake = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    // Half a request, then silence: the bridge closes the connection.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let n = within("drop at deadline", s.read_to_end(&mut buf)).await;
+    assert!(matches!(n, Ok(0)) || n.is_err(), "expected the connection to be closed");
+}
+
+#[tokio::test]
+async fn idle_session_closes_with_1001() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.idle = Some(Duration::from_millis(300));
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"activity").await;
+    assert_eq!(recv_data(&mut ws).await, b"activity");
+    let (_, close) = read_until_close(&mut ws).await;
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close.reason.as_str(), "idle timeout");
+}
+
+#[tokio::test]
+async fn one_way_stream_is_not_idle() {
+    // A backend that sends a byte every 50 ms for 1 s; idle timeout 300 ms must not fire.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.idle = Some(Duration::from_millis(300));
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    let mut ticker = tokio::time::interval(Duration::from_millis(50));
+    let mut received = 0;
+    for _ in 0..20 {
+        ticker.tick().await;
+        b.write_all(b".").await.unwrap();
+        received += recv_data(&mut ws).await.len();
+    }
+    assert_eq!(received, 20);
+    b.shutdown().await.unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(u16::from(close.unwrap().code), 1000);
+}
+
+#[tokio::test]
+async fn max_lifetime_closes_with_1001() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.max_lifetime = Some(Duration::from_millis(300));
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let (_, close) = read_until_close(&mut ws).await;
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close.reason.as_str(), "session lifetime exceeded");
+}
+
+#[tokio::test]
+async fn dead_peer_is_detected_by_ping() {
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(100));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    // A raw client that reads but never answers pings.
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!((code, reason.as_str()), (1001, "ping timeout"));
+    // The backend sees the session end.
+    let mut rest = Vec::new();
+    within("backend EOF", b.read_to_end(&mut rest)).await.unwrap();
+}
+
+#[tokio::test]
+async fn live_peer_answering_pings_stays() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(50));
+    config.timeouts.pong_timeout = Duration::from_millis(100);
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    // tungstenite's client answers pings while we read; stay for several ping intervals.
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..6u8 {
+        ticker.tick().await;
+        send_bin(&mut ws, &[i]).await;
+        assert_eq!(recv_data(&mut ws).await, vec![i]);
+    }
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001_and_drains() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"before").await;
+    assert_eq!(recv_data(&mut ws).await, b"before");
+    bridge.shutdown.cancel();
+    let (_, close) = read_until_close(&mut ws).await;
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close.reason.as_str(), "server shutting down");
+    let _ = ws.send(Message::Close(None)).await;
+    let drained = within("drain", bridge.handle).await.unwrap();
+    assert!(drained.clean, "{drained:?}");
+    // No longer accepting.
+    assert!(tokio::net::TcpStream::connect(bridge.addr).await.is_err());
+}

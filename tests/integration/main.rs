@@ -1,0 +1,11 @@
+//! Integration tests: real bridge, real TCP backends, real WebSocket clients, all on 127.0.0.1
+//! with ephemeral ports. One test binary (faster to build and link than one per file).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod binary;
+mod handshake;
+mod lifecycle;
+mod relay;
+mod routing;

@@ -1,0 +1,225 @@
+//! The pump: bytes both ways, framing modes, no loss at close, protocol errors.
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use wsbridge::config::Framing;
+
+use crate::common::*;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+#[tokio::test]
+async fn megabytes_both_ways_at_once_byte_exact() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let (mut tx, mut rx) = ws.split();
+    let data = pattern(8 << 20, 7);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        tx
+    });
+    let mut got = Vec::with_capacity(data.len());
+    within("8 MiB echoed", async {
+        while got.len() < data.len() {
+            match rx.next().await.unwrap().unwrap() {
+                Message::Binary(b) => got.extend_from_slice(&b),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(got == data, "echoed bytes differ");
+    let mut tx = within("writer", writer).await.unwrap();
+    tx.send(Message::Close(None)).await.unwrap();
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn backend_eof_delivers_everything_then_1000() {
+    let data = pattern(3 << 20, 1);
+    let backend = source_backend(data.clone()).await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let (msgs, close) = read_until_close(&mut ws).await;
+    let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data);
+    let close = close.expect("close frame");
+    assert_eq!(u16::from(close.code), 1000);
+    assert_eq!(close.reason.as_str(), "backend closed");
+}
+
+#[tokio::test]
+async fn client_close_delivers_everything_then_fin() {
+    let (backend, mut received) = sink_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let data = pattern(2 << 20, 3);
+    for chunk in data.chunks(50_000) {
+        send_bin(&mut ws, chunk).await;
+    }
+    ws.send(Message::Close(None)).await.unwrap();
+    // The backend sees all bytes, then EOF (its read_to_end returns).
+    let got = within("backend EOF", received.recv()).await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data);
+    // And the client gets its close answered.
+    let (_, close) = read_until_close(&mut ws).await;
+    assert!(close.is_none() || u16::from(close.unwrap().code) == 1005);
+}
+
+#[tokio::test]
+async fn text_frames_are_forwarded_and_pings_are_not() {
+    let (backend, mut received) = sink_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    ws.send(Message::Ping("ping-payload".into())).await.unwrap();
+    ws.send(Message::text("héllo ")).await.unwrap();
+    ws.send(Message::Pong("pong-payload".into())).await.unwrap();
+    ws.send(Message::binary(b"world".to_vec())).await.unwrap();
+    // The ping is answered with a pong carrying its payload.
+    let pong = within("pong", async {
+        loop {
+            if let Message::Pong(p) = ws.next().await.unwrap().unwrap() {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&pong[..], b"ping-payload");
+    ws.send(Message::Close(None)).await.unwrap();
+    let got = within("backend EOF", received.recv()).await.unwrap();
+    assert_eq!(String::from_utf8(got).unwrap(), "héllo world");
+}
+
+#[tokio::test]
+async fn lines_framing_both_ways() {
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.framing = Framing::Lines;
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    b.write_all(b"first line\r\nsecond").await.unwrap();
+    b.write_all(b" line\nthird").await.unwrap();
+    let m1 = within("msg", ws.next()).await.unwrap().unwrap();
+    assert_eq!(m1, Message::text("first line"));
+    let m2 = within("msg", ws.next()).await.unwrap().unwrap();
+    assert_eq!(m2, Message::text("second line"));
+    // Client messages get a newline unless they end with one.
+    ws.send(Message::text("hello")).await.unwrap();
+    ws.send(Message::text("there\n")).await.unwrap();
+    let mut buf = vec![0u8; 12];
+    within("backend read", b.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"hello\nthere\n");
+    // The unfinished line goes out at EOF, then the close.
+    b.shutdown().await.unwrap();
+    let (msgs, close) = read_until_close(&mut ws).await;
+    assert_eq!(msgs, vec![Message::text("third")]);
+    assert_eq!(u16::from(close.unwrap().code), 1000);
+}
+
+#[tokio::test]
+async fn text_framing_never_splits_code_points() {
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.framing = Framing::Text;
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    let text = "price: 5€, naïve";
+    let bytes = text.as_bytes();
+    let euro = text.find('€').unwrap() + 1; // inside the euro sign
+    b.write_all(&bytes[..euro]).await.unwrap();
+    let first = within("msg", ws.next()).await.unwrap().unwrap();
+    assert_eq!(first, Message::text("price: 5"));
+    b.write_all(&bytes[euro..]).await.unwrap();
+    b.shutdown().await.unwrap();
+    let (msgs, _) = read_until_close(&mut ws).await;
+    let rest: String = msgs.into_iter().map(|m| m.into_text().unwrap().to_string()).collect();
+    assert_eq!(format!("price: 5{rest}"), text);
+}
+
+#[tokio::test]
+async fn unmasked_frame_is_closed_with_1002() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    s.write_all(&frame(0x82, b"unmasked", false)).await.unwrap();
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!(code, 1002, "{reason}");
+}
+
+#[tokio::test]
+async fn rsv_bits_are_closed_with_1002() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    s.write_all(&frame(0x80 | 0x40 | 0x02, b"rsv1", true)).await.unwrap();
+    let (code, _) = raw_read_close(&mut s).await;
+    assert_eq!(code, 1002);
+}
+
+#[tokio::test]
+async fn oversized_control_frame_and_bad_close_code_are_1002() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    s.write_all(&frame(0x89, &[b'p'; 200], true)).await.unwrap();
+    assert_eq!(raw_read_close(&mut s).await.0, 1002);
+
+    let mut s = raw_ws(bridge.addr, "/").await;
+    s.write_all(&frame(0x88, &[0x03, 0xe7], true)).await.unwrap(); // code 999
+    assert_eq!(raw_read_close(&mut s).await.0, 1002);
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_is_closed_with_1007() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    s.write_all(&frame(0x81, b"ok \xff\xfe", true)).await.unwrap();
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!(code, 1007, "{reason}");
+}
+
+#[tokio::test]
+async fn too_big_message_is_closed_with_1009() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.max_message_size = 1000;
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    // Fits: echoed.
+    send_bin(&mut ws, &[1u8; 1000]).await;
+    assert_eq!(recv_data(&mut ws).await.len(), 1000);
+    // One byte over: 1009.
+    send_bin(&mut ws, &[1u8; 1001]).await;
+    let (_, close) = read_until_close(&mut ws).await;
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1009);
+    assert!(close.reason.contains("too big"), "{}", close.reason);
+}
+
+#[tokio::test]
+async fn early_frames_sent_with_the_request_are_not_lost() {
+    let (backend, mut received) = sink_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    // The request head and the first frames in one write: the bridge must keep what followed the head.
+    let mut bytes = upgrade_request("/", "");
+    bytes.extend(frame(0x82, b"early bird", true));
+    bytes.extend(frame(0x88, &[0x03, 0xe8], true));
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    s.write_all(&bytes).await.unwrap();
+    let got = within("backend EOF", received.recv()).await.unwrap();
+    assert_eq!(got, b"early bird");
+}

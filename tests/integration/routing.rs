@@ -1,0 +1,218 @@
+//! Which backend a request reaches: paths, tokens (inline and websockify token files), Host,
+//! unix sockets, IPv6, and the caps that refuse before an upgrade.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wsbridge::config::{Config, Matcher, RouteConfig, Target, TokenLookup, TokenSourceConfig};
+
+use crate::common::*;
+
+/// A backend that answers every connection with `name` and closes.
+async fn named_backend(name: &str) -> std::net::SocketAddr {
+    source_backend(name.as_bytes().to_vec()).await
+}
+
+async fn first_message(url: &str) -> String {
+    let (mut ws, _) = ws_connect(url, None).await;
+    String::from_utf8(recv_data(&mut ws).await).unwrap()
+}
+
+#[tokio::test]
+async fn exact_paths_route_to_their_targets() {
+    let (a, b) = (named_backend("A").await, named_backend("B").await);
+    let mut config = config_with(Matcher::Path("/a".into()), tcp(a));
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/b".into()),
+        target: tcp(b),
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    assert_eq!(first_message(&bridge.url("/a")).await, "A");
+    assert_eq!(first_message(&bridge.url("/b?x=1")).await, "B");
+    assert_eq!(status_of(&http_raw(bridge.addr, &upgrade_request("/a/", "")).await), 404);
+}
+
+#[tokio::test]
+async fn websockify_token_file_like_novnc() {
+    let (a, b) = (named_backend("A").await, named_backend("B").await);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.cfg");
+    std::fs::write(
+        &file,
+        format!(
+            "# vnc hosts\nalpha: 127.0.0.1:{}\nbeta:\t127.0.0.1:{}\nbroken line\n",
+            a.port(),
+            b.port()
+        ),
+    )
+    .unwrap();
+    let mut config = Config::new("test");
+    let options = config.default_route_options();
+    config.token_sources.push(TokenSourceConfig {
+        path: file.clone(),
+        lookup: TokenLookup::Query,
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+
+    // noVNC puts the token in its `path` setting: /websockify?token=…
+    assert_eq!(first_message(&bridge.url("/websockify?token=alpha")).await, "A");
+    assert_eq!(first_message(&bridge.url("/?token=beta")).await, "B");
+    let r = http_raw(bridge.addr, &upgrade_request("/websockify?token=gamma", "")).await;
+    assert_eq!(status_of(&r), 404, "{r}");
+    assert!(
+        r.contains("unknown token") && !r.contains("gamma"),
+        "the token is not echoed whole: {r}"
+    );
+    assert_eq!(status_of(&http_raw(bridge.addr, &upgrade_request("/websockify", "")).await), 404);
+
+    // Editing the file, as websockify users do, takes effect without a restart.
+    let c = named_backend("C").await;
+    std::fs::write(&file, format!("alpha: 127.0.0.1:{}\ngamma: 127.0.0.1:{}\n", a.port(), c.port())).unwrap();
+    within("new token picked up", async {
+        loop {
+            let r = http_head(bridge.addr, &upgrade_request("/websockify?token=gamma", "")).await;
+            if status_of(&r) == 101 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await; // polling a file-change effect
+        }
+    })
+    .await;
+    assert_eq!(first_message(&bridge.url("/websockify?token=gamma")).await, "C");
+}
+
+#[tokio::test]
+async fn token_directory_and_inline_tokens() {
+    let (a, b) = (named_backend("A").await, named_backend("B").await);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("one"), format!("t1: 127.0.0.1:{}\n", a.port())).unwrap();
+    std::fs::write(dir.path().join("two"), format!("t2: 127.0.0.1:{}\n", b.port())).unwrap();
+    let mut config = config_with(Matcher::Token("inline-secret".into()), tcp(b));
+    let options = config.default_route_options();
+    config.token_sources.push(TokenSourceConfig {
+        path: dir.path().into(),
+        lookup: TokenLookup::Query,
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    assert_eq!(first_message(&bridge.url("/?token=t1")).await, "A");
+    assert_eq!(first_message(&bridge.url("/?token=t2")).await, "B");
+    assert_eq!(first_message(&bridge.url("/any/path?token=inline-secret")).await, "B");
+}
+
+#[tokio::test]
+async fn host_token() {
+    let a = named_backend("A").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hosts");
+    std::fs::write(&file, format!("vnc1.example.com: 127.0.0.1:{}\n", a.port())).unwrap();
+    let mut config = Config::new("test");
+    let options = config.default_route_options();
+    config.token_sources.push(TokenSourceConfig {
+        path: file,
+        lookup: TokenLookup::Host,
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let req = String::from_utf8(upgrade_request("/", ""))
+        .unwrap()
+        .replace("Host: localhost", "Host: vnc1.example.com:6080");
+    let r = http_head(bridge.addr, req.as_bytes()).await;
+    assert_eq!(status_of(&r), 101, "{r}");
+    assert_eq!(status_of(&http_raw(bridge.addr, &upgrade_request("/", "")).await), 404);
+}
+
+#[tokio::test]
+async fn unix_socket_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backend.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).await.unwrap();
+                s.write_all(&buf[..n]).await.unwrap();
+            });
+        }
+    });
+    let bridge = TestBridge::start(config_with(Matcher::AnyPath, Target::Unix(path))).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"over a unix socket").await;
+    assert_eq!(recv_data(&mut ws).await, b"over a unix socket");
+}
+
+#[tokio::test]
+async fn ipv6_listener_and_target() {
+    let Ok(backend_listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    };
+    let backend = backend_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend_listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let config = config_with(Matcher::AnyPath, format!("[::1]:{}", backend.port()).parse().unwrap());
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = config;
+    config.listeners.push(wsbridge::config::ListenerConfig {
+        addr,
+        web: None,
+        web_listing: false,
+    });
+    let bridge = wsbridge::server::Bridge::new(&config).unwrap();
+    let b = bridge.clone();
+    let cfg = config.listeners[0].clone();
+    tokio::spawn(async move { b.serve(vec![(listener, cfg)]).await });
+    let (mut ws, _) = ws_connect(&format!("ws://[::1]:{}/", addr.port()), None).await;
+    send_bin(&mut ws, b"v6").await;
+    assert_eq!(recv_data(&mut ws).await, b"v6");
+    bridge.shutdown_token().cancel();
+}
+
+#[tokio::test]
+async fn route_session_cap_answers_503() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.max_sessions = Some(1);
+    let bridge = TestBridge::start(config).await;
+    let (mut first, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut first, b"1").await;
+    recv_data(&mut first).await;
+    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+    // The slot comes back when the session ends.
+    drop(first);
+    within("slot released", async {
+        loop {
+            let r = http_head(bridge.addr, &upgrade_request("/", "")).await;
+            if status_of(&r) == 101 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling for the slot's release
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connection_cap_answers_503() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.limits.max_connections = 1;
+    let bridge = TestBridge::start(config).await;
+    let (mut first, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut first, b"1").await;
+    recv_data(&mut first).await;
+    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+}
