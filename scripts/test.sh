@@ -58,7 +58,7 @@ if ((${#missing[@]})); then
     fi
     command -v apt-get >/dev/null || die "no apt-get here: install these packages first: ${missing[*]}"
     "${as_root[@]}" apt-get update -qq </dev/null
-    "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+    "${as_root[@]}" apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}" </dev/null
 else
     echo "all present"
 fi
