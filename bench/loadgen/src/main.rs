@@ -125,9 +125,7 @@ fn main() {
         eprintln!("loadgen: cannot raise RLIMIT_NOFILE: {e}");
     }
     let rt = if cli.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cli.threads)

@@ -147,24 +147,35 @@ pub async fn throughput(target: &Target, dir: Dir, msg_size: usize, timing: Timi
 }
 
 /// Open `n` sessions, `batch` at a time; each proves itself live with one
-/// echo of `msg_size` bytes. Returns the open sessions and the failures.
-pub async fn open_many(
-    target: &Target,
-    n: usize,
-    batch: usize,
-    msg_size: usize,
-) -> (Vec<Conn>, usize, Option<String>) {
+/// echo of `msg_size` bytes. Returns the open sessions, the number that
+/// failed, and the first error. Once more than `n / 20 + 10` have failed, the
+/// rest are not attempted (counted as failed), so a bridge that cannot hold
+/// them is not waited on for every connect timeout.
+pub async fn open_many(target: &Target, n: usize, batch: usize, msg_size: usize) -> (Vec<Conn>, usize, Option<String>) {
     let data = payload(msg_size);
+    let max_failures = n / 20 + 10;
+    let failures = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<Result<Conn>> = futures_util::stream::iter(0..n)
         .map(|_| {
             let data = data.clone();
+            let failures = &failures;
             async move {
-                let mut c = target.connect().await?;
-                let mut buf = vec![0u8; msg_size.clamp(64, 64 * 1024)];
-                tokio::time::timeout(crate::net::CONNECT_TIMEOUT, c.echo(&data, &mut buf))
-                    .await
-                    .map_err(|_| anyhow!("first echo timed out"))??;
-                Ok(c)
+                if failures.load(std::sync::atomic::Ordering::Relaxed) > max_failures {
+                    return Err(anyhow!("not attempted: too many failures"));
+                }
+                let r = async {
+                    let mut c = target.connect().await?;
+                    let mut buf = vec![0u8; msg_size.clamp(64, 64 * 1024)];
+                    tokio::time::timeout(crate::net::CONNECT_TIMEOUT, c.echo(&data, &mut buf))
+                        .await
+                        .map_err(|_| anyhow!("first echo timed out"))??;
+                    anyhow::Ok(c)
+                }
+                .await;
+                if r.is_err() {
+                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                r
             }
         })
         .buffer_unordered(batch.max(1))
@@ -186,13 +197,7 @@ pub async fn open_many(
 }
 
 /// Request/response: each session sends `msg_size` bytes and awaits the echo.
-pub async fn echo(
-    target: &Target,
-    sessions: usize,
-    msg_size: usize,
-    timing: Timing,
-    batch: usize,
-) -> Result<Value> {
+pub async fn echo(target: &Target, sessions: usize, msg_size: usize, timing: Timing, batch: usize) -> Result<Value> {
     let (conns, failed, err) = open_many(target, sessions, batch, msg_size).await;
     if failed > 0 {
         return Err(anyhow!(
@@ -256,12 +261,7 @@ pub async fn echo(
 }
 
 /// Session churn: `concurrency` workers each loop open, one echo, close.
-pub async fn sessions(
-    target: &Target,
-    concurrency: usize,
-    msg_size: usize,
-    timing: Timing,
-) -> Result<Value> {
+pub async fn sessions(target: &Target, concurrency: usize, msg_size: usize, timing: Timing) -> Result<Value> {
     let w = Window::new(timing);
     let announcer = w.announce();
     let data = payload(msg_size);
@@ -272,7 +272,7 @@ pub async fn sessions(
             tokio::spawn(async move {
                 let mut hist = new_hist();
                 let mut buf = vec![0u8; msg_size.clamp(64, 64 * 1024)];
-                let (mut errors, mut close_errors) = (0u64, 0u64);
+                let (mut errors, mut close_errors, mut close_replies) = (0u64, 0u64, 0u64);
                 let mut first_error = None;
                 while Instant::now() < w.end && errors < 1000 {
                     let s = Instant::now();
@@ -286,9 +286,13 @@ pub async fn sessions(
                     .and_then(|r| r);
                     match r {
                         Ok(c) => {
-                            if let Err(e) = c.close(CLOSE_LIMIT).await {
-                                close_errors += 1;
-                                first_error.get_or_insert_with(|| format!("close: {e:#}"));
+                            match c.close(CLOSE_LIMIT).await {
+                                Ok(true) => close_replies += 1,
+                                Ok(false) => {}
+                                Err(e) => {
+                                    close_errors += 1;
+                                    first_error.get_or_insert_with(|| format!("close: {e:#}"));
+                                }
                             }
                             if s >= w.start {
                                 hist.saturating_record(s.elapsed().as_nanos().max(1) as u64);
@@ -300,18 +304,19 @@ pub async fn sessions(
                         }
                     }
                 }
-                (hist, errors, close_errors, first_error)
+                (hist, errors, close_errors, close_replies, first_error)
             })
         })
         .collect();
     let mut hist = new_hist();
-    let (mut errors, mut close_errors) = (0, 0);
+    let (mut errors, mut close_errors, mut close_replies) = (0, 0, 0);
     let mut first_error = None;
     for t in tasks {
-        let (h, e, ce, fe) = t.await?;
+        let (h, e, ce, cr, fe) = t.await?;
         hist.add(&h)?;
         errors += e;
         close_errors += ce;
+        close_replies += cr;
         if first_error.is_none() {
             first_error = fe;
         }
@@ -320,19 +325,14 @@ pub async fn sessions(
     let n = hist.len();
     let base = json!({"type": "result", "mode": "sessions", "concurrency": concurrency,
         "sessions": n, "seconds": w.seconds, "rate": n as f64 / w.seconds,
-        "errors": errors, "close_errors": close_errors, "first_error": first_error});
+        "errors": errors, "close_errors": close_errors, "close_replies": close_replies,
+        "first_error": first_error});
     Ok(merge(base, hist_json(&hist)))
 }
 
 /// Open `n` idle sessions and keep them until a signal arrives and either
 /// stdin closes or, if given, `hold_seconds` pass.
-pub async fn hold(
-    target: &Target,
-    n: usize,
-    batch: usize,
-    msg_size: usize,
-    hold_seconds: Option<f64>,
-) -> Result<Value> {
+pub async fn hold(target: &Target, n: usize, batch: usize, msg_size: usize, hold_seconds: Option<f64>) -> Result<Value> {
     let t0 = Instant::now();
     let (conns, failed, first_error) = open_many(target, n, batch, msg_size).await;
     let open_s = t0.elapsed().as_secs_f64();

@@ -113,22 +113,12 @@ impl Target {
             return Ok(Conn::Raw(tcp));
         }
         let io: Box<dyn Io> = match &self.tls {
-            Some((connector, name)) => Box::new(
-                connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .context("TLS handshake")?,
-            ),
+            Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await.context("TLS handshake")?),
             None => Box::new(tcp),
         };
-        let mut request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                self.url.as_str(),
-            )?;
+        let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(self.url.as_str())?;
         if let Some(p) = &self.protocol {
-            request
-                .headers_mut()
-                .insert("Sec-WebSocket-Protocol", p.parse()?);
+            request.headers_mut().insert("Sec-WebSocket-Protocol", p.parse()?);
         }
         let config = WebSocketConfig::default()
             .max_message_size(Some(64 << 20))
@@ -197,42 +187,46 @@ impl Conn {
         self.recv_exact(payload.len(), buf).await
     }
 
-    /// Close cleanly (WebSocket close handshake, or FIN), bounded in time.
-    pub async fn close(self, limit: Duration) -> Result<()> {
+    /// Close the session, bounded in time: a WebSocket Close frame (if any),
+    /// then FIN, then wait until the peer has closed too (EOF, reset, or its
+    /// Close frame followed by EOF). Bridges differ here: some answer the
+    /// Close frame, some reset, some only react to the FIN; all of these count
+    /// as closed. Returns whether the peer sent a Close frame; an error only if
+    /// the peer did not close within `limit`.
+    pub async fn close(self, limit: Duration) -> Result<bool> {
         let fut = async move {
             match self {
                 Conn::Raw(mut s) => {
                     s.shutdown().await?;
                     let mut b = [0u8; 1024];
-                    while s.read(&mut b).await? > 0 {}
+                    while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                    anyhow::Ok(false)
                 }
                 Conn::Ws(mut ws) => {
-                    ws.close(None).await?;
-                    // Once the peer's Close frame is in, the handshake is done: a TCP
-                    // reset or a TLS EOF without close_notify after it is not an error.
                     let mut got_close = false;
-                    while let Some(m) = ws.next().await {
-                        match m {
-                            Ok(Message::Close(_)) => got_close = true,
-                            Ok(_) => {}
-                            Err(_) if got_close => break,
-                            Err(e) => return Err(e.into()),
+                    if ws.close(None).await.is_ok() {
+                        let _ = ws.get_mut().shutdown().await;
+                        while let Some(m) = ws.next().await {
+                            match m {
+                                Ok(Message::Close(_)) => got_close = true,
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
                         }
                     }
+                    Ok(got_close)
                 }
             }
-            anyhow::Ok(())
         };
         tokio::time::timeout(limit, fut)
             .await
-            .map_err(|_| anyhow!("close not answered within {limit:?}"))?
+            .map_err(|_| anyhow!("peer did not close within {limit:?}"))?
     }
 }
 
 fn client_tls_config(insecure: bool, ca: Option<&std::path::Path>) -> Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let config = if insecure {
         builder
             .dangerous()
@@ -272,12 +266,7 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -286,12 +275,7 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -303,11 +287,7 @@ impl ServerCertVerifier for AcceptAnyCert {
 /// `dir` as cert.pem and key.pem.
 pub fn gencert(dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     let certified = rcgen::generate_simple_self_signed(names)?;
     std::fs::write(dir.join("cert.pem"), certified.cert.pem())?;
     std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem())?;

@@ -15,10 +15,7 @@ use crate::backend::{self, Kind};
 use crate::modes::{self, Dir, Timing};
 use crate::net::{Target, TargetArgs};
 
-const TIMING: Timing = Timing {
-    warmup: 0.1,
-    seconds: 0.3,
-};
+const TIMING: Timing = Timing { warmup: 0.1, seconds: 0.3 };
 
 async fn listener() -> Result<(TcpListener, u16)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
@@ -101,9 +98,7 @@ pub async fn run() -> Result<()> {
 }
 
 async fn run_all(certdir: &std::path::Path) -> Result<()> {
-    let certs: Vec<_> =
-        rustls::pki_types::pem::PemObject::pem_file_iter(certdir.join("cert.pem"))?
-            .collect::<Result<_, _>>()?;
+    let certs: Vec<_> = rustls::pki_types::pem::PemObject::pem_file_iter(certdir.join("cert.pem"))?.collect::<Result<_, _>>()?;
     let key = rustls::pki_types::pem::PemObject::from_pem_file(certdir.join("key.pem"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
