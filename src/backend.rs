@@ -14,6 +14,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
 use crate::config::Target;
+use crate::tls::BackendTls;
+use rustls_pki_types::ServerName;
 
 /// A connected backend stream.
 #[derive(Debug)]
@@ -37,14 +39,22 @@ pub enum ConnectError {
     /// The connect deadline passed.
     #[error("backend unreachable: connect timed out after {0:?}")]
     Timeout(Duration),
+    /// The TLS handshake with the backend failed (its certificate did not verify, for one).
+    #[error("backend TLS failed: {0}")]
+    Tls(#[source] io::Error),
 }
 
 impl Backend {
-    /// Connects to `target`, trying every resolved address in order, all within `deadline`.
+    /// Connects to `target`, trying every resolved address in order, then the TLS handshake when
+    /// `tls` is given, all within `deadline`.
+    ///
+    /// A TLS backend is handed to the relay as one end of a socket pair, with a task copying
+    /// between the other end and the TLS stream: the relay keeps a single code path, and the extra
+    /// copy is only paid by routes that ask for TLS.
     ///
     /// # Errors
     /// [`ConnectError`] with the last failure.
-    pub async fn connect(target: &Target, deadline: Duration) -> Result<Backend, ConnectError> {
+    pub async fn connect(target: &Target, deadline: Duration, tls: Option<&BackendTls>) -> Result<Backend, ConnectError> {
         let attempt = async {
             match target {
                 Target::Unix(path) => UnixStream::connect(path).await.map(Backend::Unix).map_err(ConnectError::Connect),
@@ -58,7 +68,10 @@ impl Backend {
                             Ok(s) => {
                                 // Small messages (keystrokes, VNC input) must not wait for Nagle.
                                 s.set_nodelay(true).map_err(ConnectError::Connect)?;
-                                return Ok(Backend::Tcp(s));
+                                return match tls {
+                                    None => Ok(Backend::Tcp(s)),
+                                    Some(tls) => wrap_tls(s, host, tls).await,
+                                };
                             }
                             Err(e) => last = e,
                         }
@@ -148,6 +161,23 @@ impl Backend {
             Backend::Unix(s) => socket2::SockRef::from(s).shutdown(Shutdown::Write),
         }
     }
+}
+
+async fn wrap_tls(tcp: TcpStream, host: &str, tls: &BackendTls) -> Result<Backend, ConnectError> {
+    let name = match &tls.server_name {
+        Some(n) => n.clone(),
+        None => ServerName::try_from(host.to_owned()).map_err(|e| ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?,
+    };
+    let mut stream = tls.connector.connect(name, tcp).await.map_err(ConnectError::Tls)?;
+    let (ours, mut theirs) = UnixStream::pair().map_err(ConnectError::Connect)?;
+    tokio::spawn(async move {
+        // Ends when both directions have ended: EOF is passed on as a shutdown, and a relay that
+        // drops its end makes the writes towards it fail.
+        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut theirs).await {
+            tracing::debug!(error = %e, "backend TLS stream ended");
+        }
+    });
+    Ok(Backend::Unix(ours))
 }
 
 /// A short lower-case description of an I/O error for close reasons and logs

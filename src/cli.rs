@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
     parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat, Matcher, RouteConfig, Target,
-    TokenLookup, TokenSourceConfig,
+    TokenLookup, TokenSourceConfig, DEFAULT_TLS_WATCH,
 };
+use crate::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
 
 /// A fast, hardened WebSocket-to-TCP bridge, websockify-compatible.
 ///
@@ -49,6 +50,12 @@ pub enum Command {
         /// Address to serve the page and WebSocket on.
         #[arg(long, default_value = "127.0.0.1:6080", value_name = "ADDR")]
         listen: String,
+        /// Serve https:// and wss:// too, with this PEM certificate chain (key inside or --key).
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
+        /// PEM private key for --cert.
+        #[arg(long, value_name = "FILE", requires = "cert")]
+        key: Option<PathBuf>,
     },
 }
 
@@ -116,6 +123,43 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// PEM certificate chain for wss:// (the key may be in the same file).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Refuse plain ws:// connections (by default ws and wss share the port).
+    #[arg(long)]
+    pub ssl_only: bool,
+    /// Lowest TLS version: tlsv1_2 (default) or tlsv1_3.
+    #[arg(long, value_name = "VERSION")]
+    pub ssl_version: Option<String>,
+    /// Require a client certificate signed by --cafile (mTLS).
+    #[arg(long)]
+    pub verify_client: bool,
+    /// CA bundle for client certificates.
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
+    /// Connect to the target over TLS, verifying its certificate against the system roots.
+    #[arg(long)]
+    pub ssl_target: bool,
+    /// With --ssl-target: verify against this CA bundle instead.
+    #[arg(long, value_name = "FILE")]
+    pub ssl_target_ca: Option<PathBuf>,
+    /// With --ssl-target: the name to verify (default: the target host).
+    #[arg(long, value_name = "NAME")]
+    pub ssl_target_name: Option<String>,
+    /// With --ssl-target: accept any certificate (insecure; for testing only).
+    #[arg(long)]
+    pub ssl_target_no_verify: bool,
+    /// ClientCertCNAuth (websockify's name): only clients whose certificate CN is in --auth-source.
+    #[arg(long, value_name = "PLUGIN")]
+    pub auth_plugin: Option<String>,
+    /// For ClientCertCNAuth: allowed common names, separated by spaces or commas.
+    #[arg(long, value_name = "NAMES")]
+    pub auth_source: Option<String>,
+
     /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, wins.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -172,10 +216,6 @@ pub struct Refused {
     #[arg(long, hide = true)]
     web_auth: bool,
     #[arg(long, hide = true)]
-    auth_plugin: Option<String>,
-    #[arg(long, hide = true)]
-    auth_source: Option<String>,
-    #[arg(long, hide = true)]
     log_file: Option<String>,
     #[arg(long, hide = true)]
     syslog: Option<String>,
@@ -183,26 +223,11 @@ pub struct Refused {
     legacy_syslog: bool,
     #[arg(long, hide = true)]
     ssl_ciphers: Option<String>,
-    #[arg(long, hide = true)]
-    cert: Option<String>,
-    #[arg(long, hide = true)]
-    key: Option<String>,
-    #[arg(long, hide = true)]
-    ssl_only: bool,
-    #[arg(long, hide = true)]
-    ssl_target: bool,
-    #[arg(long, hide = true)]
-    ssl_version: Option<String>,
-    #[arg(long, hide = true)]
-    verify_client: bool,
-    #[arg(long, hide = true)]
-    cafile: Option<String>,
 }
 
 impl Refused {
     /// The first refused option given, with what to use instead.
     fn check(&self) -> Result<(), String> {
-        let tls = "TLS (wss://) is not in this build yet; terminate TLS in front of wsbridge (nginx, haproxy) for now";
         let found: &[(bool, &str, &str)] = &[
             (
                 self.record.is_some(),
@@ -244,17 +269,7 @@ impl Refused {
             (
                 self.web_auth,
                 "--web-auth",
-                "authentication is not available yet; put an authenticating proxy in front",
-            ),
-            (
-                self.auth_plugin.is_some(),
-                "--auth-plugin",
-                "authentication is not available yet; put an authenticating proxy in front",
-            ),
-            (
-                self.auth_source.is_some(),
-                "--auth-source",
-                "authentication is not available yet; put an authenticating proxy in front",
+                "static files are public; put an authenticating proxy in front, or use client certificates (--verify-client)",
             ),
             (
                 self.log_file.is_some(),
@@ -271,14 +286,11 @@ impl Refused {
                 "--legacy-syslog",
                 "wsbridge logs to stderr; journald or your supervisor forwards it",
             ),
-            (self.ssl_ciphers.is_some(), "--ssl-ciphers", tls),
-            (self.cert.is_some(), "--cert", tls),
-            (self.key.is_some(), "--key", tls),
-            (self.ssl_only, "--ssl-only", tls),
-            (self.ssl_target, "--ssl-target", tls),
-            (self.ssl_version.is_some(), "--ssl-version", tls),
-            (self.verify_client, "--verify-client", tls),
-            (self.cafile.is_some(), "--cafile", tls),
+            (
+                self.ssl_ciphers.is_some(),
+                "--ssl-ciphers",
+                "rustls offers only safe cipher suites; use --ssl-version tlsv1_3 to narrow further",
+            ),
         ];
         match found.iter().find(|(given, _, _)| *given) {
             Some((_, name, instead)) => Err(format!("{name} is not supported: {instead}")),
@@ -307,6 +319,8 @@ impl RunArgs {
                 || self.web.is_some()
                 || self.token_source.is_some()
                 || self.unix_target.is_some()
+                || self.cert.is_some()
+                || self.ssl_target
             {
                 return Err(usage(
                     "--config takes everything from the file; drop the other listener and target arguments".into(),
@@ -320,7 +334,7 @@ impl RunArgs {
         }
 
         let mut config = Config::new("command line");
-        let source = self.source.ok_or_else(|| {
+        let source = self.source.clone().ok_or_else(|| {
             usage("missing SOURCE: give [source_addr:]source_port, or --config FILE (try `wsbridge demo` for a quick look)".into())
         })?;
         let addr = source.parse::<ListenAddr>().map_err(usage)?.0;
@@ -328,7 +342,9 @@ impl RunArgs {
             addr,
             web: self.web.clone(),
             web_listing: self.web_listing,
+            tls: None,
         });
+        config.listeners[0].tls = self.tls_settings().map_err(usage)?;
         if let Some(web) = &self.web {
             if !web.is_dir() {
                 return Err(usage(format!("--web {}: not a directory", web.display())));
@@ -373,6 +389,25 @@ impl RunArgs {
             };
         }
 
+        options.backend_tls = self.backend_tls_settings().map_err(usage)?;
+        options.client_cn = match (self.auth_plugin.as_deref(), &self.auth_source) {
+            (None, None) => None,
+            (Some("ClientCertCNAuth"), Some(names)) => {
+                if config.listeners[0].tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none() {
+                    return Err(usage(
+                        "--auth-plugin ClientCertCNAuth needs client certificates: add --cert, --verify-client and --cafile".into(),
+                    ));
+                }
+                Some(names.split([' ', ',']).filter(|n| !n.is_empty()).map(str::to_owned).collect())
+            }
+            (Some("ClientCertCNAuth"), None) => return Err(usage("--auth-plugin ClientCertCNAuth needs --auth-source \"CN1 CN2\"".into())),
+            (None, Some(_)) => return Err(usage("--auth-source needs --auth-plugin".into())),
+            (Some(other), _) => {
+                return Err(usage(format!(
+                    "--auth-plugin {other} is not supported: ClientCertCNAuth is; for passwords put an authenticating proxy in front"
+                )))
+            }
+        };
         let token_source = match (self.token_plugin.as_deref(), self.token_source, self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
             (None | Some("TokenFile" | "ReadOnlyTokenFile"), Some(s), None) | (None, None, Some(s)) => Some(s),
@@ -418,6 +453,63 @@ impl RunArgs {
         }
         config.check()?;
         Ok(config)
+    }
+}
+
+impl RunArgs {
+    /// The listener's TLS from --cert/--key/--ssl-only/--ssl-version/--verify-client/--cafile.
+    fn tls_settings(&self) -> Result<Option<TlsSettings>, String> {
+        let Some(cert) = &self.cert else {
+            if self.key.is_some() || self.ssl_only || self.verify_client || self.cafile.is_some() || self.ssl_version.is_some() {
+                return Err("--key, --ssl-only, --ssl-version, --verify-client and --cafile need --cert FILE".into());
+            }
+            return Ok(None);
+        };
+        let min_version = match self.ssl_version.as_deref() {
+            None | Some("tlsv1_2") => MinVersion::Tls12,
+            Some("tlsv1_3") => MinVersion::Tls13,
+            Some(v @ ("tlsv1" | "tlsv1_1")) => {
+                return Err(format!(
+                    "--ssl-version {v} is not supported: TLS below 1.2 is insecure; use tlsv1_2"
+                ))
+            }
+            Some(other) => return Err(format!("--ssl-version {other}: expected tlsv1_2 or tlsv1_3")),
+        };
+        if self.cafile.is_some() && !self.verify_client {
+            return Err("--cafile is for client certificates: add --verify-client".into());
+        }
+        let client_ca = match (self.verify_client, &self.cafile) {
+            (true, None) => return Err("--verify-client needs --cafile FILE (the CA that signs client certificates)".into()),
+            (true, Some(ca)) => Some(ca.clone()),
+            (false, _) => None,
+        };
+        Ok(Some(TlsSettings {
+            default: CertFiles {
+                cert: cert.clone(),
+                key: self.key.clone(),
+            },
+            sni: Vec::new(),
+            only: self.ssl_only,
+            min_version,
+            client_ca,
+            client_auth: ClientAuth::Required,
+            watch: Some(DEFAULT_TLS_WATCH),
+        }))
+    }
+
+    /// The target's TLS from --ssl-target and its companions.
+    fn backend_tls_settings(&self) -> Result<Option<BackendTlsSettings>, String> {
+        if !self.ssl_target {
+            if self.ssl_target_ca.is_some() || self.ssl_target_name.is_some() || self.ssl_target_no_verify {
+                return Err("--ssl-target-ca, --ssl-target-name and --ssl-target-no-verify need --ssl-target".into());
+            }
+            return Ok(None);
+        }
+        Ok(Some(BackendTlsSettings {
+            server_name: self.ssl_target_name.clone(),
+            ca: self.ssl_target_ca.clone(),
+            insecure_skip_verify: self.ssl_target_no_verify,
+        }))
     }
 }
 

@@ -19,6 +19,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
+
 /// The whole, validated configuration of one wsbridge process.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -47,6 +49,8 @@ pub struct ListenerConfig {
     pub web: Option<PathBuf>,
     /// Whether a directory without `index.html` is listed (off: 404).
     pub web_listing: bool,
+    /// TLS (`wss://`) on this listener.
+    pub tls: Option<TlsSettings>,
 }
 
 /// How a route is selected for a request.
@@ -99,6 +103,10 @@ pub struct RouteOptions {
     pub max_message_size: usize,
     /// Most concurrent sessions on this route (503 above it); `None` is no cap of its own.
     pub max_sessions: Option<usize>,
+    /// Only clients whose TLS certificate's subject CN is in this list (403 otherwise).
+    pub client_cn: Option<Vec<String>>,
+    /// Connect to the backend over TLS.
+    pub backend_tls: Option<BackendTlsSettings>,
 }
 
 /// How backend bytes are framed towards the client.
@@ -305,6 +313,8 @@ impl Config {
             subprotocols: vec!["binary".to_owned()],
             max_message_size: self.limits.max_message_size,
             max_sessions: None,
+            client_cn: None,
+            backend_tls: None,
         }
     }
 
@@ -447,6 +457,40 @@ struct RawListener {
     web: Option<PathBuf>,
     #[serde(default)]
     web_listing: bool,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    only: bool,
+    #[serde(default)]
+    min_version: MinVersion,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<ClientAuth>,
+    watch: Option<OptDur>,
+    #[serde(default)]
+    sni: Vec<RawSni>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSni {
+    names: Vec<String>,
+    cert: PathBuf,
+    key: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTls {
+    server_name: Option<String>,
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
 }
 
 /// The per-route options, shared by `[[route]]` and `[[tokens]]` (serde's `flatten` cannot be
@@ -456,6 +500,8 @@ struct RawRouteOptions {
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
     max_sessions: Option<usize>,
+    client_cn: Option<Vec<String>>,
+    backend_tls: Option<BackendTlsSettings>,
 }
 
 #[derive(Deserialize)]
@@ -468,6 +514,8 @@ struct RawRoute {
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
     max_sessions: Option<usize>,
+    client_cn: Option<Vec<String>>,
+    backend_tls: Option<RawBackendTls>,
 }
 
 #[derive(Deserialize)]
@@ -480,6 +528,8 @@ struct RawTokens {
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
     max_sessions: Option<usize>,
+    client_cn: Option<Vec<String>>,
+    backend_tls: Option<RawBackendTls>,
 }
 
 #[derive(Deserialize, Default)]
@@ -547,10 +597,12 @@ impl RawConfig {
                     return ctx.invalid(span, format!("listen[{i}].web"), format!("{} is not a directory", w.display()));
                 }
             }
+            let tls = l.tls.map(|t| t.resolve(ctx));
             config.listeners.push(ListenerConfig {
                 addr: l.addr.0,
                 web,
                 web_listing: l.web_listing,
+                tls,
             });
         }
 
@@ -596,6 +648,8 @@ impl RawConfig {
                 subprotocols: r.subprotocols,
                 max_message_size: r.max_message_size,
                 max_sessions: r.max_sessions,
+                client_cn: r.client_cn,
+                backend_tls: r.backend_tls.map(|b| b.resolve(ctx)),
             }
             .apply(&defaults);
             config.routes.push(RouteConfig {
@@ -620,6 +674,8 @@ impl RawConfig {
                     subprotocols: t.subprotocols,
                     max_message_size: t.max_message_size,
                     max_sessions: t.max_sessions,
+                    client_cn: t.client_cn,
+                    backend_tls: t.backend_tls.map(|b| b.resolve(ctx)),
                 }
                 .apply(&defaults),
             });
@@ -638,6 +694,37 @@ impl RawConfig {
     }
 }
 
+impl RawTls {
+    fn resolve(self, ctx: &Ctx<'_>) -> TlsSettings {
+        let files = |cert: PathBuf, key: Option<PathBuf>| CertFiles {
+            cert: ctx.resolve(&cert),
+            key: key.map(|k| ctx.resolve(&k)),
+        };
+        TlsSettings {
+            default: files(self.cert, self.key),
+            sni: self.sni.into_iter().map(|s| (s.names, files(s.cert, s.key))).collect(),
+            only: self.only,
+            min_version: self.min_version,
+            client_ca: self.client_ca.map(|c| ctx.resolve(&c)),
+            client_auth: self.client_auth.unwrap_or_default(),
+            watch: self.watch.map_or(Some(DEFAULT_TLS_WATCH), |w| w.0),
+        }
+    }
+}
+
+impl RawBackendTls {
+    fn resolve(self, ctx: &Ctx<'_>) -> BackendTlsSettings {
+        BackendTlsSettings {
+            server_name: self.server_name,
+            ca: self.ca.map(|c| ctx.resolve(&c)),
+            insecure_skip_verify: self.insecure_skip_verify,
+        }
+    }
+}
+
+/// How often certificate files are checked for changes unless a listener says otherwise.
+pub const DEFAULT_TLS_WATCH: Duration = Duration::from_secs(10);
+
 impl RawRouteOptions {
     fn apply(self, defaults: &RouteOptions) -> RouteOptions {
         RouteOptions {
@@ -645,6 +732,8 @@ impl RawRouteOptions {
             subprotocols: self.subprotocols.unwrap_or_else(|| defaults.subprotocols.clone()),
             max_message_size: self.max_message_size.map_or(defaults.max_message_size, |s| s.0),
             max_sessions: self.max_sessions.or(defaults.max_sessions),
+            client_cn: self.client_cn.or_else(|| defaults.client_cn.clone()),
+            backend_tls: self.backend_tls.or_else(|| defaults.backend_tls.clone()),
         }
     }
 }
@@ -884,6 +973,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("route[0]") && msg.contains("exactly one of"), "{msg}");
+    }
+
+    #[test]
+    fn tls_tables() {
+        let c = Config::from_toml(
+            "[[listen]]\naddr = 443\n[listen.tls]\ncert = \"live/fullchain.pem\"\nkey = \"/abs/privkey.pem\"\nonly = true\nmin_version = \"1.3\"\nclient_ca = \"ca.pem\"\nclient_auth = \"optional\"\nwatch = \"off\"\n[[listen.tls.sni]]\nnames = [\"a.example\"]\ncert = \"a.pem\"\n[[route]]\npath = \"/\"\ntarget = \"vnc:5900\"\nclient_cn = [\"alice\"]\nbackend_tls = { server_name = \"vnc.internal\", ca = \"backend-ca.pem\" }\n",
+            Path::new("/etc/wsbridge/w.toml"),
+        )
+        .unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.default.cert, Path::new("/etc/wsbridge/live/fullchain.pem"));
+        assert_eq!(tls.default.key.as_deref(), Some(Path::new("/abs/privkey.pem")));
+        assert!(tls.only);
+        assert_eq!(tls.min_version, MinVersion::Tls13);
+        assert_eq!(tls.client_auth, ClientAuth::Optional);
+        assert_eq!(tls.watch, None);
+        assert_eq!(tls.sni[0].0, vec!["a.example".to_string()]);
+        let b = c.routes[0].options.backend_tls.as_ref().unwrap();
+        assert_eq!(b.ca.as_deref(), Some(Path::new("/etc/wsbridge/backend-ca.pem")));
+        assert!(!b.insecure_skip_verify, "verification stays on unless said otherwise");
+        assert_eq!(c.routes[0].options.client_cn, Some(vec!["alice".to_string()]));
+        let msg = parse("[[listen]]\naddr = 1\n[listen.tls]\ncert = \"c\"\nmin_version = \"1.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("line 5") && msg.contains("min_version"), "{msg}");
     }
 
     #[test]

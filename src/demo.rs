@@ -103,6 +103,7 @@ pub fn config(listen: SocketAddr, web: &Path, chat: SocketAddr) -> Config {
         addr: listen,
         web: Some(web.to_path_buf()),
         web_listing: false,
+        tls: None,
     });
     let mut options = config.default_route_options();
     options.framing = Framing::Lines;

@@ -5,6 +5,7 @@
 //! - a WebSocket upgrade on a known route gets `101` and becomes a session ([`Upgrade`]);
 //! - an upgrade with no route gets `404`, a bad method `405`, malformed upgrade headers `400`, a
 //!   `Sec-WebSocket-Version` other than 13 gets `426` naming 13, a head over [`MAX_HEAD`] gets `431`;
+//! - a client whose certificate's common name the route does not list gets `403`;
 //! - a plain request on a route gets `426`; with a `web` directory, plain GET/HEAD requests get static
 //!   files (resolved by `hyper-staticfile`, which refuses `..` and answers ranges and conditional
 //!   requests), otherwise `404`.
@@ -105,7 +106,7 @@ impl std::fmt::Debug for WebRoot {
 /// # Errors
 /// [`Rejection::BadRequest`] / [`Rejection::Io`] when the client sent no usable HTTP or the socket
 /// failed; statuses that were answered come back as [`Outcome::Answered`].
-pub async fn handle<S>(io: &mut S, routes: &RouteTable, web: Option<&WebRoot>) -> Result<Outcome, Rejection>
+pub async fn handle<S>(io: &mut S, routes: &RouteTable, web: Option<&WebRoot>, client_cn: Option<&str>) -> Result<Outcome, Rejection>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -114,7 +115,7 @@ where
         Err(Rejection::Status { status, reason }) => return answer(io, status, &reason, &[]).await,
         Err(e) => return Err(e),
     };
-    match decide(request, leftover, routes, web).await {
+    match decide(request, leftover, routes, web, client_cn).await {
         Decision::Upgrade(u) => Ok(Outcome::Upgrade(u)),
         Decision::Reject { status, reason, headers } => answer(io, status, &reason, &headers).await,
         Decision::Static(request, web) => serve_static(io, &request, web).await,
@@ -139,7 +140,13 @@ fn reject<'w>(status: StatusCode, reason: impl Into<String>) -> Decision<'w> {
     }
 }
 
-async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable, web: Option<&'w WebRoot>) -> Decision<'w> {
+async fn decide<'w>(
+    request: Request<()>,
+    leftover: Vec<u8>,
+    routes: &RouteTable,
+    web: Option<&'w WebRoot>,
+    client_cn: Option<&str>,
+) -> Decision<'w> {
     let headers = request.headers();
     if !header_has_token(headers, &header::UPGRADE, "websocket") {
         // A plain HTTP request.
@@ -185,6 +192,13 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
         Ok(route) => route,
         Err(miss) => return reject(StatusCode::NOT_FOUND, miss.to_string()),
     };
+    if !route.admits(client_cn) {
+        let reason = match client_cn {
+            None => format!("{} needs a client certificate", route.name),
+            Some(cn) => format!("client certificate {cn:?} is not allowed on {}", route.name),
+        };
+        return reject(StatusCode::FORBIDDEN, reason);
+    }
     if request.version() != Version::HTTP_11 {
         return reject(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1");
     }

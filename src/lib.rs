@@ -13,6 +13,7 @@
 //! | [`server`] | accept loops, connection limit, per-connection task and span, phases and deadlines, drain |
 //! | [`handshake`] | one HTTP request: upgrade checks and answers (404/405/426/400/431/503), static files |
 //! | [`routes`] / [`tokens`] | the route table: path, token (inline or websockify token files), host |
+//! | [`tls`] | PEM → rustls configs, SNI, certificate reload, client certificates, TLS to backends |
 //! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
 //! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
@@ -29,4 +30,5 @@ pub mod handshake;
 pub mod relay;
 pub mod routes;
 pub mod server;
+pub mod tls;
 pub mod tokens;

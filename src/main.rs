@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use wsbridge::cli::{Cli, Command};
 use wsbridge::config::{Config, LogFormat};
 use wsbridge::routes::RouteTable;
-use wsbridge::server::Bridge;
+use wsbridge::server::{Bridge, Listener};
 
 const EX_USAGE: u8 = 64;
 
@@ -27,9 +27,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check { config }) => runtime.block_on(check(&config)),
-        Some(Command::Demo { listen }) => {
+        Some(Command::Demo { listen, cert, key }) => {
             init_logging(verbose, LogFormat::Text);
-            report(runtime.block_on(demo(&listen)))
+            let tls = cert.map(|cert| wsbridge::tls::CertFiles { cert, key });
+            report(runtime.block_on(demo(&listen, tls)))
         }
         None => {
             let config_path = cli.run.config.clone();
@@ -49,6 +50,10 @@ fn main() -> ExitCode {
 fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<ConfigProblem>() || e.downcast_ref::<wsbridge::server::BridgeError>().is_some() => {
+            eprintln!("wsbridge: {}", e.root_cause());
+            ExitCode::from(EX_USAGE)
+        }
         Err(e) => {
             eprintln!("wsbridge: {e:#}");
             ExitCode::from(1)
@@ -85,14 +90,31 @@ async fn check(path: &std::path::Path) -> ExitCode {
     let table = match RouteTable::from_config(&config) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("wsbridge: {}: token source {e}", path.display());
+            eprintln!("wsbridge: {}: {e}", path.display());
             return ExitCode::from(EX_USAGE);
         }
     };
+    for l in &config.listeners {
+        if let Err(e) = Listener::prepare(l) {
+            eprintln!("wsbridge: {}: listener {}: {e}", path.display(), l.addr);
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     println!("{}: OK", path.display());
     for l in &config.listeners {
         let web = l.web.as_ref().map(|w| format!(" web={}", w.display())).unwrap_or_default();
-        println!("listen {}{web}", l.addr);
+        let tls = l
+            .tls
+            .as_ref()
+            .map(|t| {
+                format!(
+                    " tls={}{}",
+                    t.default.cert.display(),
+                    if t.only { " (TLS only)" } else { " (ws and wss)" }
+                )
+            })
+            .unwrap_or_default();
+        println!("listen {}{web}{tls}", l.addr);
     }
     println!("timeouts {:?}", config.timeouts);
     println!("limits {:?}", config.limits);
@@ -100,22 +122,36 @@ async fn check(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn bind(config: &Config) -> anyhow::Result<Vec<(TcpListener, wsbridge::config::ListenerConfig)>> {
-    let mut out = Vec::new();
+/// Reads every listener's files first (a bad certificate is a configuration error, reported
+/// before any port is taken), then binds.
+async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
+    let mut prepared = Vec::new();
     for l in &config.listeners {
-        let listener = TcpListener::bind(l.addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", l.addr))?;
-        out.push((listener, l.clone()));
+        prepared.push(Listener::prepare(l).map_err(|e| anyhow::Error::new(e).context(ConfigProblem))?);
     }
-    Ok(out)
+    let mut bound = Vec::new();
+    for l in prepared {
+        let addr = l.config.addr;
+        bound.push(l.bind().await.with_context(|| format!("cannot listen on {addr}"))?);
+    }
+    Ok(bound)
+}
+
+/// Marks an error as the configuration's fault (exit code 64).
+#[derive(Debug)]
+struct ConfigProblem;
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("configuration")
+    }
 }
 
 async fn run(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let bridge = Bridge::new(&config).context("cannot start")?;
+    let bridge = Bridge::new(&config)?;
     let listeners = bind(&config).await?;
-    for (l, cfg) in &listeners {
-        tracing::info!(addr = %l.local_addr()?, web = ?cfg.web, "listening");
+    for l in &listeners {
+        tracing::info!(addr = %l.local_addr()?, tls = l.config.tls.is_some(), web = ?l.config.web, "listening");
     }
     spawn_signal_handlers(&bridge, path)?;
     let drained = bridge.serve(listeners).await;
@@ -137,13 +173,18 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> a
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => match &path {
-                    Some(p) => match Config::from_file(p).map_err(anyhow::Error::from).and_then(|c| bridge.reload(&c).map_err(Into::into)) {
-                        Ok(()) => tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)"),
-                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
-                    },
-                    None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
-                },
+                _ = hup.recv() => {
+                    match &path {
+                        Some(p) => match Config::from_file(p).map_err(anyhow::Error::from).and_then(|c| bridge.reload(&c).map_err(Into::into)) {
+                            Ok(()) => tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)"),
+                            Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
+                        },
+                        None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
+                    }
+                    for e in bridge.reload_tls() {
+                        tracing::error!(error = %e, "certificate reload failed; the previous certificate stays in service");
+                    }
+                }
             }
         }
         tracing::info!("shutting down: no new connections; closing sessions");
@@ -152,17 +193,27 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> a
     Ok(())
 }
 
-async fn demo(listen: &str) -> anyhow::Result<()> {
+async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Result<()> {
     let addr = listen.parse::<wsbridge::config::ListenAddr>().map_err(anyhow::Error::msg)?.0;
     let chat = TcpListener::bind("127.0.0.1:0").await.context("cannot start the chat server")?;
     let chat_addr = chat.local_addr()?;
     let web = wsbridge::demo::write_web_root().context("cannot write the demo page")?;
-    let config = wsbridge::demo::config(addr, &web, chat_addr);
+    let mut config = wsbridge::demo::config(addr, &web, chat_addr);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    config.listeners[0].tls = tls.map(|default| wsbridge::tls::TlsSettings {
+        default,
+        sni: Vec::new(),
+        only: false,
+        min_version: wsbridge::tls::MinVersion::Tls12,
+        client_ca: None,
+        client_auth: wsbridge::tls::ClientAuth::Required,
+        watch: Some(wsbridge::config::DEFAULT_TLS_WATCH),
+    });
     let bridge = Bridge::new(&config)?;
     wsbridge::demo::spawn_chat_server(chat, bridge.shutdown_token());
     let listeners = bind(&config).await?;
-    let local = listeners[0].0.local_addr()?;
-    println!("wsbridge demo: open http://{local}/ in a browser (two tabs make a conversation).");
+    let local = listeners[0].local_addr()?;
+    println!("wsbridge demo: open {scheme}://{local}/ in a browser (two tabs make a conversation).");
     println!(
         "The chat server is plain TCP on {chat_addr}: `nc {} {}` joins the same room.",
         chat_addr.ip(),

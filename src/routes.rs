@@ -15,6 +15,7 @@ use std::sync::Arc;
 use http::Request;
 
 use crate::config::{redact, Config, Matcher, RouteOptions, Target, TokenLookup};
+use crate::tls::BackendTls;
 use crate::tokens::TokenSource;
 
 /// A route in service.
@@ -26,19 +27,30 @@ pub struct Route {
     pub target: Target,
     /// Framing, limits.
     pub options: RouteOptions,
+    /// TLS towards the backend, when the route asks for it.
+    pub backend_tls: Option<BackendTls>,
     /// Live sessions, shared by every route built from the same configuration entry, for
     /// `max_sessions`.
     sessions: Arc<AtomicUsize>,
 }
 
 impl Route {
-    fn new(name: String, target: Target, options: RouteOptions, sessions: Arc<AtomicUsize>) -> Arc<Route> {
+    fn new(name: String, target: Target, options: RouteOptions, backend_tls: Option<BackendTls>, sessions: Arc<AtomicUsize>) -> Arc<Route> {
         Arc::new(Route {
             name,
             target,
             options,
+            backend_tls,
             sessions,
         })
+    }
+
+    /// Whether a client with this certificate common name may use the route.
+    pub fn admits(&self, client_cn: Option<&str>) -> bool {
+        match &self.options.client_cn {
+            None => true,
+            Some(allowed) => client_cn.is_some_and(|cn| allowed.iter().any(|a| a == cn)),
+        }
     }
 
     /// Takes a session slot, or `None` when the route is at its `max_sessions`.
@@ -78,18 +90,23 @@ pub struct RouteTable {
     paths: HashMap<String, Arc<Route>>,
     any_path: Option<Arc<Route>>,
     tokens: HashMap<String, Arc<Route>>,
-    sources: Vec<(TokenSource, Arc<AtomicUsize>)>,
+    sources: Vec<(TokenSource, Option<BackendTls>, Arc<AtomicUsize>)>,
+}
+
+fn backend_tls(options: &RouteOptions) -> Result<Option<BackendTls>, crate::tls::TlsError> {
+    options.backend_tls.as_ref().map(BackendTls::new).transpose()
 }
 
 impl RouteTable {
     /// Builds the table, reading every token source.
     ///
     /// # Errors
-    /// A token source that cannot be read, as `file: error`.
+    /// A token source that cannot be read or a backend TLS setting that cannot be used.
     pub fn from_config(config: &Config) -> Result<RouteTable, String> {
         let mut table = RouteTable::default();
         for r in &config.routes {
-            let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), Arc::default());
+            let tls = backend_tls(&r.options).map_err(|e| format!("route {}: backend TLS: {e}", r.matcher))?;
+            let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), tls, Arc::default());
             match &r.matcher {
                 Matcher::Path(p) => {
                     table.paths.insert(p.clone(), route);
@@ -101,8 +118,9 @@ impl RouteTable {
             }
         }
         for s in &config.token_sources {
-            let source = TokenSource::load(s.clone()).map_err(|e| format!("{}: {e}", s.path.display()))?;
-            table.sources.push((source, Arc::default()));
+            let tls = backend_tls(&s.options).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
+            let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
+            table.sources.push((source, tls, Arc::default()));
         }
         Ok(table)
     }
@@ -144,10 +162,16 @@ impl RouteTable {
     }
 
     async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Option<Arc<Route>> {
-        for (source, sessions) in self.sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
+        for (source, tls, sessions) in self.sources.iter().filter(|(s, _, _)| s.config.lookup == lookup) {
             if let Some(target) = source.lookup(token).await {
                 let name = format!("token {} from {}", redact(token), source.config.path.display());
-                return Some(Route::new(name, target, source.config.options.clone(), sessions.clone()));
+                return Some(Route::new(
+                    name,
+                    target,
+                    source.config.options.clone(),
+                    tls.clone(),
+                    sessions.clone(),
+                ));
             }
         }
         None
@@ -170,7 +194,7 @@ impl RouteTable {
                 r.options.max_message_size
             );
         }
-        for (s, _) in &self.sources {
+        for (s, _, _) in &self.sources {
             let entries = s.entries().await;
             let _ = writeln!(
                 out,

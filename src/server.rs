@@ -13,10 +13,10 @@
 //! Shutdown: cancelling the token stops the accept loops; sessions close with 1001 after flushing;
 //! [`Bridge::serve`] returns when every task is done or `timeouts.shutdown_grace` has passed.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
@@ -32,7 +32,8 @@ use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::handshake::{self, Outcome, WebRoot};
 use crate::relay::{self, SessionParams};
-use crate::routes::RouteTable;
+use crate::routes::{Route, RouteTable};
+use crate::tls::{TlsError, TlsListener};
 
 /// tungstenite's read buffer per session. It is allocated up front for every session, so it stays
 /// small; bulk reads do not depend on it.
@@ -73,6 +74,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
+    /// The TLS listeners being served, for SIGHUP.
+    tls: Mutex<Vec<Arc<TlsListener>>>,
 }
 
 /// How a shutdown went.
@@ -98,6 +101,7 @@ impl Bridge {
                 slots,
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                tls: Mutex::default(),
             }),
         })
     }
@@ -121,24 +125,27 @@ impl Bridge {
         self.inner.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Re-reads every listener's certificate files (SIGHUP); each listener that fails keeps its
+    /// old certificate. Returns the failures.
+    pub fn reload_tls(&self) -> Vec<crate::tls::TlsError> {
+        let listeners = self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        listeners.iter().filter_map(|t| t.reload().err()).collect()
+    }
+
     /// Serves `listeners` until the shutdown token is cancelled, then drains.
-    pub async fn serve(&self, listeners: Vec<(TcpListener, ListenerConfig)>) -> Drained {
-        for (listener, cfg) in listeners {
-            let web = cfg.web.as_ref().map(|dir| {
-                Arc::new(WebRoot {
-                    resolver: hyper_staticfile::Resolver::new(dir),
-                    dir: dir.clone(),
-                    listing: cfg.web_listing,
-                })
-            });
+    pub async fn serve(&self, listeners: Vec<Listener>) -> Drained {
+        for listener in listeners {
+            if let Some(tls) = &listener.tls {
+                tls.spawn_watcher(self.inner.shutdown.clone());
+                self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).push(tls.clone());
+            }
             let bridge = self.clone();
-            self.inner.tracker.spawn(async move { bridge.accept_loop(listener, web).await });
+            self.inner.tracker.spawn(async move { bridge.accept_loop(listener).await });
         }
         self.inner.shutdown.cancelled().await;
         self.inner.tracker.close();
         let grace = self.live().timeouts.shutdown_grace;
         let clean = timeout(grace, self.inner.tracker.wait()).await.is_ok();
-        // The accept loops are tasks too, but they end at once.
         let remaining = self.inner.tracker.len();
         if !clean {
             warn!(remaining, ?grace, "shutdown grace period over; ending the remaining connections");
@@ -146,14 +153,18 @@ impl Bridge {
         Drained { clean, remaining }
     }
 
-    async fn accept_loop(self, listener: TcpListener, web: Option<Arc<WebRoot>>) {
-        let local = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+    async fn accept_loop(self, mut listener: Listener) {
+        let Some(socket) = listener.socket.take() else {
+            return warn!(addr = %listener.config.addr, "listener was never bound");
+        };
+        let local = socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+        let listener = Arc::new(listener);
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
                 biased;
                 _ = self.inner.shutdown.cancelled() => return,
-                a = listener.accept() => a,
+                a = socket.accept() => a,
             };
             let (stream, peer) = match accepted {
                 Ok(a) => {
@@ -171,35 +182,93 @@ impl Bridge {
                     continue;
                 }
             };
-            let span = tracing::info_span!("conn", client = %peer, listener = %local, route = tracing::field::Empty, target = tracing::field::Empty);
+            let span = tracing::info_span!(
+                "conn",
+                client = %peer,
+                listener = %local,
+                tls = tracing::field::Empty,
+                client_cn = tracing::field::Empty,
+                route = tracing::field::Empty,
+                target = tracing::field::Empty
+            );
             let bridge = self.clone();
-            let web = web.clone();
+            let listener = listener.clone();
             self.inner
                 .tracker
-                .spawn(async move { bridge.connection(stream, web).await }.instrument(span));
+                .spawn(async move { bridge.connection(stream, &listener).await }.instrument(span));
         }
     }
 
-    async fn connection(self, mut stream: TcpStream, web: Option<Arc<WebRoot>>) {
+    /// One accepted connection: the connection cap, then TLS when the first byte says so.
+    async fn connection(self, mut stream: TcpStream, listener: &Listener) {
         let live = self.live();
-        let t = &live.timeouts;
         let Ok(_permit) = self.inner.slots.clone().try_acquire_owned() else {
             let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, later";
-            let _ = timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::write_all(&mut stream, answer)).await;
+            let _ = timeout(Duration::from_secs(1), stream.write_all(answer)).await;
             debug!(status = 503, "refused: connection limit reached");
             return;
         };
         let _ = stream.set_nodelay(true);
-        let deadline = Instant::now() + t.handshake;
+        // One deadline covers TLS and the upgrade: a silent client cannot hold a slot.
+        let deadline = Instant::now() + live.timeouts.handshake;
+        let Some(tls) = &listener.tls else {
+            return self.http(stream, listener, &live, deadline, None).await;
+        };
+        let mut first = [0u8; 1];
+        match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            Ok(_) => return debug!("closed before sending anything"),
+            Err(_) => return debug!(timeout = ?live.timeouts.handshake, "handshake deadline passed; dropped"),
+        }
+        // 0x16: a TLS handshake record (the ClientHello).
+        if first[0] != 0x16 {
+            if tls.settings.only {
+                let answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 42\r\nConnection: close\r\n\r\nthis port takes TLS only: use wss:// (https)";
+                let _ = tokio::time::timeout_at(deadline, stream.write_all(answer)).await;
+                return info!(status = 400, "plain connection on a TLS-only listener refused");
+            }
+            return self.http(stream, listener, &live, deadline, None).await;
+        }
+        let accepted = tokio::select! {
+            _ = self.inner.shutdown.cancelled() => return,
+            r = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)) => r,
+        };
+        let stream = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return info!(error = %e, "TLS handshake failed"),
+            Err(_) => return debug!(timeout = ?live.timeouts.handshake, "handshake deadline passed during TLS"),
+        };
+        let client_cn = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::common_name);
+        let span = tracing::Span::current();
+        span.record("tls", true);
+        if let Some(cn) = &client_cn {
+            span.record("client_cn", cn.as_str());
+        }
+        self.http(stream, listener, &live, deadline, client_cn.as_deref()).await;
+    }
+
+    /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
+    async fn http<S>(&self, mut stream: S, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let t = &live.timeouts;
         let shutdown = &self.inner.shutdown;
         let handled = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, handshake::handle(&mut stream, &live.routes, web.as_deref())) => r,
+            r = tokio::time::timeout_at(deadline, handshake::handle(&mut stream, &live.routes, listener.web.as_deref(), client_cn)) => r,
         };
         let upgrade = match handled {
             Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
             Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
             Ok(Ok(Outcome::Answered { status, reason })) => {
+                // A clean end (TLS close_notify, then FIN) so the client reads the whole answer.
+                let _ = tokio::time::timeout(t.close, stream.shutdown()).await;
                 return info!(status = status.as_u16(), %reason, "http request answered");
             }
             Ok(Ok(Outcome::Upgrade(u))) => u,
@@ -213,26 +282,84 @@ impl Bridge {
             Err(_) => return debug!("handshake deadline passed writing 101"),
         }
         let _slot = upgrade.slot;
+        let route = &upgrade.route;
         let params = SessionParams {
-            framing: upgrade.route.options.framing,
-            max_message_size: upgrade.route.options.max_message_size,
+            framing: route.options.framing,
+            max_message_size: route.options.max_message_size,
             timeouts: t.clone(),
         };
         let ws =
             WebSocketStream::from_partially_read(stream, upgrade.leftover, Role::Server, Some(ws_config(params.max_message_size))).await;
-        run_session(ws, &upgrade.route.target, &params, shutdown).await;
+        run_session(ws, route, &params, shutdown).await;
+    }
+}
+
+/// A listening socket with what it serves: static files, TLS.
+#[derive(Debug)]
+pub struct Listener {
+    /// Its settings.
+    pub config: ListenerConfig,
+    socket: Option<TcpListener>,
+    web: Option<Arc<WebRoot>>,
+    tls: Option<Arc<TlsListener>>,
+}
+
+impl Listener {
+    /// Reads what the listener needs (certificates) without binding, so a bad file is reported
+    /// before any port is taken.
+    ///
+    /// # Errors
+    /// A certificate, key or CA file that cannot be used, named with its problem.
+    pub fn prepare(config: &ListenerConfig) -> Result<Listener, TlsError> {
+        let tls = config.tls.clone().map(TlsListener::load).transpose()?.map(Arc::new);
+        let web = config.web.as_ref().map(|dir| {
+            Arc::new(WebRoot {
+                resolver: hyper_staticfile::Resolver::new(dir),
+                dir: dir.clone(),
+                listing: config.web_listing,
+            })
+        });
+        Ok(Listener {
+            config: config.clone(),
+            socket: None,
+            web,
+            tls,
+        })
+    }
+
+    /// Binds the configured address.
+    ///
+    /// # Errors
+    /// The address cannot be bound (in use, not local, no permission).
+    pub async fn bind(mut self) -> std::io::Result<Listener> {
+        self.socket = Some(TcpListener::bind(self.config.addr).await?);
+        Ok(self)
+    }
+
+    /// Uses a socket the caller bound (tests bind port 0).
+    pub fn with_socket(mut self, socket: TcpListener) -> Listener {
+        self.socket = Some(socket);
+        self
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// Not bound yet, or the OS cannot tell.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.socket.as_ref().ok_or_else(|| std::io::Error::other("not bound"))?.local_addr()
     }
 }
 
 /// Connects the backend and relays; logs the session's open and close lines.
-async fn run_session<S>(mut ws: WebSocketStream<S>, target: &crate::config::Target, params: &SessionParams, shutdown: &CancellationToken)
+async fn run_session<S>(mut ws: WebSocketStream<S>, route: &Route, params: &SessionParams, shutdown: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
-        b = Backend::connect(target, params.timeouts.connect) => b.map_err(Some),
+        b = Backend::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref()) => b.map_err(Some),
     };
     let backend = match backend {
         Ok(b) => b,

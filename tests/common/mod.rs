@@ -3,6 +3,8 @@
 //! client would never send), and raw HTTP. Every wait is bounded by [`WAIT`].
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use wsbridge::config::{Config, ListenerConfig, Matcher, RouteConfig, Target};
-use wsbridge::server::{Bridge, Drained};
+use wsbridge::server::{Bridge, Drained, Listener};
 
 /// The bound on every wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -54,14 +56,17 @@ impl TestBridge {
                 addr,
                 web: None,
                 web_listing: false,
+                tls: None,
             });
         }
         config.listeners[0].addr = addr;
-        let cfg = config.listeners[0].clone();
+        let prepared = Listener::prepare(&config.listeners[0])
+            .expect("listener files")
+            .with_socket(listener);
         let bridge = Bridge::new(&config).expect("config");
         let shutdown = bridge.shutdown_token();
         let b = bridge.clone();
-        let handle = tokio::spawn(async move { b.serve(vec![(listener, cfg)]).await });
+        let handle = tokio::spawn(async move { b.serve(vec![prepared]).await });
         TestBridge {
             addr,
             shutdown,

@@ -138,3 +138,50 @@ async fn every_example_config_checks() {
     }
     assert!(checked >= 3, "expected the example configs in config/");
 }
+
+#[tokio::test]
+async fn websockify_tls_options() {
+    let pki = crate::common::pki::Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let target = format!("127.0.0.1:{}", backend.port());
+    let (c, k) = (cert.cert.to_str().unwrap(), cert.key.to_str().unwrap());
+    let (_child, addr) = spawn_bridge(&[
+        "127.0.0.1:0",
+        &target,
+        "--cert",
+        c,
+        "--key",
+        k,
+        "--ssl-only",
+        "--ssl-version",
+        "tlsv1_3",
+    ])
+    .await;
+    let config = crate::common::pki::client_config(&pki.ca_pem, None, &[&tokio_rustls::rustls::version::TLS13]);
+    let stream = crate::common::pki::tls_connect(addr, "localhost", config).await.unwrap();
+    let mut ws = crate::common::pki::wss_over(stream, "wss://localhost/").await;
+    futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::binary(b"wss".to_vec()))
+        .await
+        .unwrap();
+    let got = within("echo", futures_util::StreamExt::next(&mut ws)).await.unwrap().unwrap();
+    assert_eq!(got.into_data(), &b"wss"[..]);
+    // Plain is refused on a --ssl-only port.
+    assert_eq!(status_of(&http_raw(addr, &upgrade_request("/", "")).await), 400);
+}
+
+#[tokio::test]
+async fn tls_option_errors_exit_64() {
+    let (code, _, err) = run_to_end(&["127.0.0.1:0", "127.0.0.1:1", "--cert", "/nonexistent/cert.pem"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("/nonexistent/cert.pem: cannot read"), "{err}");
+    let (code, _, err) = run_to_end(&["6080", "127.0.0.1:1", "--key", "k.pem"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("need --cert"), "{err}");
+    let (code, _, err) = run_to_end(&["6080", "127.0.0.1:1", "--cert", "c.pem", "--ssl-version", "tlsv1_1"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("tlsv1_1 is not supported"), "{err}");
+    let (code, _, err) = run_to_end(&["6080", "127.0.0.1:1", "--cert", "c.pem", "--verify-client"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("--verify-client needs --cafile"), "{err}");
+}

@@ -109,6 +109,7 @@ async fn static_files_are_safe() {
         addr: "127.0.0.1:0".parse().unwrap(),
         web,
         web_listing: false,
+        tls: None,
     });
     let bridge = TestBridge::start(config).await;
     let a = bridge.addr;
@@ -154,6 +155,7 @@ async fn directory_listing_when_asked() {
         addr: "127.0.0.1:0".parse().unwrap(),
         web: Some(dir.path().into()),
         web_listing: true,
+        tls: None,
     });
     let bridge = TestBridge::start(config).await;
     let r = http_raw(bridge.addr, b"GET /sub/ HTTP/1.1\r\nHost: x\r\n\r\n").await;

@@ -9,3 +9,4 @@ mod handshake;
 mod lifecycle;
 mod relay;
 mod routing;
+mod tls;

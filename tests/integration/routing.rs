@@ -168,11 +168,14 @@ async fn ipv6_listener_and_target() {
         addr,
         web: None,
         web_listing: false,
+        tls: None,
     });
     let bridge = wsbridge::server::Bridge::new(&config).unwrap();
     let b = bridge.clone();
-    let cfg = config.listeners[0].clone();
-    tokio::spawn(async move { b.serve(vec![(listener, cfg)]).await });
+    let prepared = wsbridge::server::Listener::prepare(&config.listeners[0])
+        .unwrap()
+        .with_socket(listener);
+    tokio::spawn(async move { b.serve(vec![prepared]).await });
     let (mut ws, _) = ws_connect(&format!("ws://[::1]:{}/", addr.port()), None).await;
     send_bin(&mut ws, b"v6").await;
     assert_eq!(recv_data(&mut ws).await, b"v6");

@@ -1,0 +1,459 @@
+//! TLS: terminating `wss://` for clients, and TLS to backends that need it. rustls only, with the
+//! `ring` provider passed explicitly everywhere (no process-wide default is relied on).
+//!
+//! - Certificates are PEM (`rustls-pki-types`' `PemObject`): a chain and a key (PKCS#8, PKCS#1 RSA or
+//!   SEC1 EC; RSA, ECDSA or Ed25519), the key possibly in the certificate file. Startup errors name
+//!   the file and the problem, including a key that does not match its certificate.
+//! - Several certificates can be served by SNI; the first is the default.
+//! - [`TlsListener`] holds the server config in force behind a lock and swaps it whole on reload
+//!   (SIGHUP, or a change to any file it was loaded from, checked every `watch` interval: certbot
+//!   renews through a symlink swap, so the *target's* identity and mtime are compared). A file that
+//!   fails to load is reported and the old certificate stays in service; handshakes in progress and
+//!   live sessions keep the config they started with.
+//! - ws and wss share a port by sniffing the first byte (0x16, a TLS handshake record) unless the
+//!   listener is TLS-only (see [`crate::server`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_util::sync::CancellationToken;
+
+/// The crypto provider: one, chosen here.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Lowest TLS version accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum MinVersion {
+    /// TLS 1.2 and 1.3 (the default).
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// Whether clients must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// A client without a valid certificate is refused during the TLS handshake.
+    #[default]
+    Required,
+    /// A certificate is checked if presented; routes may still require one.
+    Optional,
+}
+
+/// One certificate and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key; `None`: the key is in the certificate file.
+    pub key: Option<PathBuf>,
+}
+
+/// A listener's TLS settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The default certificate.
+    pub default: CertFiles,
+    /// Certificates chosen by SNI name (exact, or `*.example.com`).
+    pub sni: Vec<(Vec<String>, CertFiles)>,
+    /// Refuse plain connections on this port.
+    pub only: bool,
+    /// Lowest version.
+    pub min_version: MinVersion,
+    /// CA bundle for client certificates (mTLS); `None`: no client certificates asked for.
+    pub client_ca: Option<PathBuf>,
+    /// Required or optional client certificates, with `client_ca`.
+    pub client_auth: ClientAuth,
+    /// How often the files are checked for changes; `None`: only on SIGHUP.
+    pub watch: Option<Duration>,
+}
+
+/// A TLS file that could not be used; the message names the file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate, key or CA file.
+    #[error("{}: {problem}", file.display())]
+    File {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// rustls refused the combination.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn file_error(file: &Path, problem: impl Into<String>) -> TlsError {
+    TlsError::File {
+        file: file.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+fn pem_problem(file: &Path, what: &str, e: rustls_pki_types::pem::Error) -> TlsError {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::Io(io) => file_error(file, format!("cannot read: {io}")),
+        E::NoItemsFound => file_error(file, format!("no {what} found (expected a PEM \"BEGIN\" block)")),
+        other => file_error(file, format!("invalid PEM: {other:?}")),
+    }
+}
+
+/// Reads a PEM certificate chain.
+///
+/// # Errors
+/// Unreadable file, invalid PEM, or no certificate in it.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_problem(path, "certificate", e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_problem(path, "certificate", e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate found (expected \"BEGIN CERTIFICATE\")"));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
+///
+/// # Errors
+/// Unreadable file, invalid PEM, or no key in it.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => file_error(
+            path,
+            "no private key found (expected \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")",
+        ),
+        other => pem_problem(path, "private key", other),
+    })
+}
+
+/// A certificate chain with its key, checked to belong together.
+///
+/// # Errors
+/// A [`TlsError`] naming the file at fault.
+pub fn load_certified_key(files: &CertFiles) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs(&files.cert)?;
+    let key_file = files.key.as_deref().unwrap_or(&files.cert);
+    let key = load_key(key_file)?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| file_error(key_file, format!("unusable private key: {e}")))?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(Arc::new(certified)),
+        Err(_) => Err(file_error(
+            key_file,
+            format!("private key does not match the certificate in {}", files.cert.display()),
+        )),
+    }
+}
+
+/// Reads a CA bundle into a root store.
+///
+/// # Errors
+/// Unreadable, invalid, or no usable certificate.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| file_error(path, format!("unusable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// Picks the certificate by SNI name, falling back to the default.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<CertifiedKey>,
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let found = hello.server_name().and_then(|name| {
+            let name = name.to_ascii_lowercase();
+            self.by_name.get(&name).or_else(|| {
+                name.split_once('.')
+                    .and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}")))
+            })
+        });
+        Some(found.unwrap_or(&self.default).clone())
+    }
+}
+
+/// Builds a rustls server config from settings, reading every file.
+///
+/// # Errors
+/// The first file or setting that cannot be used.
+pub fn server_config(s: &TlsSettings) -> Result<rustls::ServerConfig, TlsError> {
+    let default = load_certified_key(&s.default)?;
+    let mut by_name = HashMap::new();
+    for (names, files) in &s.sni {
+        let key = load_certified_key(files)?;
+        for n in names {
+            by_name.insert(n.to_ascii_lowercase(), key.clone());
+        }
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] = match s.min_version {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+    let builder = match &s.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider());
+            let verifier = match s.client_auth {
+                ClientAuth::Required => verifier.build(),
+                ClientAuth::Optional => verifier.allow_unauthenticated().build(),
+            }
+            .map_err(|e| file_error(ca, format!("cannot verify clients with it: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The identity of every file a listener's config was read from, to notice replacements.
+fn files_stamp(s: &TlsSettings) -> Vec<Option<(u64, SystemTime)>> {
+    let mut files: Vec<&Path> = vec![&s.default.cert];
+    files.extend(s.default.key.as_deref());
+    for (_, f) in &s.sni {
+        files.push(&f.cert);
+        files.extend(f.key.as_deref());
+    }
+    files.extend(s.client_ca.as_deref());
+    files
+        .into_iter()
+        .map(|f| {
+            // metadata() follows symlinks: a swapped link shows as a different file.
+            std::fs::metadata(f).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (
+                    m.ino() ^ m.dev().rotate_left(32) ^ m.len().rotate_left(16),
+                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                )
+            })
+        })
+        .collect()
+}
+
+/// A listener's TLS in service.
+#[derive(Debug)]
+pub struct TlsListener {
+    /// The settings the files were read with.
+    pub settings: TlsSettings,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+    stamp: Mutex<Vec<Option<(u64, SystemTime)>>>,
+}
+
+impl TlsListener {
+    /// Reads the files.
+    ///
+    /// # Errors
+    /// A [`TlsError`] naming the file and the problem.
+    pub fn load(settings: TlsSettings) -> Result<TlsListener, TlsError> {
+        let stamp = files_stamp(&settings);
+        let config = server_config(&settings)?;
+        Ok(TlsListener {
+            settings,
+            current: RwLock::new(Arc::new(config)),
+            stamp: Mutex::new(stamp),
+        })
+    }
+
+    /// An acceptor with the config in force now.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Re-reads the files and swaps the config in. On error the old config stays.
+    ///
+    /// # Errors
+    /// The new files cannot be used.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamp = files_stamp(&self.settings);
+        let config = server_config(&self.settings)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
+        Ok(())
+    }
+
+    /// Reloads when any file changed since the last load; reports a failed reload once per change.
+    fn reload_if_changed(&self) {
+        let now = files_stamp(&self.settings);
+        {
+            let mut seen = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now {
+                return;
+            }
+            // Remember this state even if loading fails, so a broken file is reported once.
+            *seen = now;
+        }
+        match server_config(&self.settings) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+                tracing::info!(cert = %self.settings.default.cert.display(), "TLS certificate files changed: reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS certificate files changed but cannot be used; the previous certificate stays in service")
+            }
+        }
+    }
+
+    /// Checks the files every `settings.watch` until `shutdown`.
+    pub fn spawn_watcher(self: &Arc<Self>, shutdown: CancellationToken) {
+        let Some(every) = self.settings.watch else { return };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        let me = me.clone();
+                        // File reads and key parsing are blocking work.
+                        let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The subject common name of a DER certificate.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    Some(cn)
+}
+
+/// TLS towards a backend, as a route asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BackendTlsSettings {
+    /// The name to verify (and send as SNI); default: the target's host.
+    pub server_name: Option<String>,
+    /// CA bundle to verify against; default: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// Accept any certificate. Only when a route says so in so many words.
+    pub insecure_skip_verify: bool,
+}
+
+/// A ready connector for a route's backend TLS.
+#[derive(Clone)]
+pub struct BackendTls {
+    /// The connector.
+    pub connector: tokio_rustls::TlsConnector,
+    /// The name from the settings, if one was given.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackendTls {
+    /// Builds the client config.
+    ///
+    /// # Errors
+    /// An unreadable CA file, a bad server name, or no system roots.
+    pub fn new(s: &BackendTlsSettings) -> Result<BackendTls, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        let config = if s.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
+                .with_no_client_auth()
+        } else {
+            let roots = match &s.ca {
+                Some(ca) => load_roots(ca)?,
+                None => {
+                    let found = rustls_native_certs::load_native_certs();
+                    let mut roots = RootCertStore::empty();
+                    roots.add_parsable_certificates(found.certs);
+                    if roots.is_empty() {
+                        return Err(file_error(
+                            Path::new("system certificate store"),
+                            "no CA certificates found; give the route a `ca` file",
+                        ));
+                    }
+                    roots
+                }
+            };
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
+        let server_name = match &s.server_name {
+            Some(n) => {
+                Some(ServerName::try_from(n.clone()).map_err(|e| file_error(Path::new("backend_tls.server_name"), format!("{n:?}: {e}")))?)
+            }
+            None => None,
+        };
+        Ok(BackendTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+}
+
+/// Accepts any server certificate (signatures are still checked, so the handshake is sound).
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

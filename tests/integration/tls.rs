@@ -1,0 +1,524 @@
+//! wss://: certificates and their errors, ws and wss on one port, TLS-only listeners, reload,
+//! client certificates, TLS to backends. Certificates are generated per test (rcgen).
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls;
+use tokio_tungstenite::tungstenite::Message;
+use wsbridge::config::{Config, ListenerConfig};
+use wsbridge::server::Listener;
+use wsbridge::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsError, TlsSettings};
+
+use crate::common::pki::*;
+use crate::common::*;
+
+const BOTH: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn settings(cert: &Issued) -> TlsSettings {
+    TlsSettings {
+        default: CertFiles {
+            cert: cert.cert.clone(),
+            key: Some(cert.key.clone()),
+        },
+        sni: Vec::new(),
+        only: false,
+        min_version: MinVersion::Tls12,
+        client_ca: None,
+        client_auth: ClientAuth::Required,
+        watch: None,
+    }
+}
+
+fn tls_config(backend: std::net::SocketAddr, tls: TlsSettings) -> Config {
+    let mut config = any_path_to(backend);
+    config.listeners.push(ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: None,
+        web_listing: false,
+        tls: Some(tls),
+    });
+    config
+}
+
+#[tokio::test]
+async fn wss_end_to_end_byte_exact_and_ws_on_the_same_port() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(tls_config(backend, settings(&cert))).await;
+
+    let stream = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, BOTH))
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), None, "no ALPN offered, none chosen");
+    let mut ws = wss_over(stream, &format!("wss://localhost:{}/", bridge.addr.port())).await;
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut got = Vec::new();
+    for chunk in data.chunks(100_000) {
+        ws.send(Message::binary(chunk.to_vec())).await.unwrap();
+    }
+    within("echo", async {
+        while got.len() < data.len() {
+            got.extend(futures_util::StreamExt::next(&mut ws).await.unwrap().unwrap().into_data());
+        }
+    })
+    .await;
+    assert!(got == data);
+
+    // Plain ws:// on the same port still works.
+    let (mut plain, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut plain, b"plain").await;
+    assert_eq!(recv_data(&mut plain).await, b"plain");
+}
+
+#[tokio::test]
+async fn alpn_http11_is_chosen() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ED25519);
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(tls_config(backend, settings(&cert))).await;
+    let mut config = (*client_config(&pki.ca_pem, None, BOTH)).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let stream = tls_connect(bridge.addr, "localhost", std::sync::Arc::new(config)).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
+#[tokio::test]
+async fn tls_only_refuses_plain_promptly() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, accepted) = echo_backend().await;
+    let mut tls = settings(&cert);
+    tls.only = true;
+    let bridge = TestBridge::start(tls_config(backend, tls)).await;
+    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&r), 400, "{r}");
+    assert!(r.contains("TLS only"), "{r}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // wss still works.
+    let stream = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, BOTH))
+        .await
+        .unwrap();
+    let mut ws = wss_over(stream, "wss://localhost/").await;
+    ws.send(Message::binary(b"x".to_vec())).await.unwrap();
+}
+
+#[tokio::test]
+async fn silent_client_on_a_tls_port_is_dropped_at_the_deadline() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let mut config = tls_config(backend, settings(&cert));
+    config.timeouts.handshake = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    // Nothing at all.
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let r = within("drop of a silent client", s.read_to_end(&mut buf)).await;
+    assert!(matches!(r, Ok(0)) || r.is_err());
+    // The first byte of a ClientHello, then nothing.
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let r = within("drop of a stalled TLS handshake", s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok() || r.is_err());
+}
+
+fn load_err(cert: &Path, key: Option<&Path>) -> String {
+    let config = ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: None,
+        web_listing: false,
+        tls: Some(TlsSettings {
+            default: CertFiles {
+                cert: cert.into(),
+                key: key.map(Into::into),
+            },
+            sni: vec![],
+            only: false,
+            min_version: MinVersion::Tls12,
+            client_ca: None,
+            client_auth: ClientAuth::Required,
+            watch: None,
+        }),
+    };
+    let err: TlsError = Listener::prepare(&config).unwrap_err();
+    err.to_string()
+}
+
+#[tokio::test]
+async fn certificate_errors_name_the_file_and_the_problem() {
+    let pki = Pki::new("test CA");
+    let a = pki.server("a", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let b = pki.server("b", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let d = pki.dir.path();
+    let missing = d.join("missing.pem");
+    let e = load_err(&missing, None);
+    assert!(e.starts_with(&format!("{}: cannot read", missing.display())), "{e}");
+    let empty = d.join("empty.pem");
+    std::fs::write(&empty, "nothing here\n").unwrap();
+    let e = load_err(&empty, Some(&a.key));
+    assert_eq!(
+        e,
+        format!("{}: no certificate found (expected \"BEGIN CERTIFICATE\")", empty.display())
+    );
+    let e = load_err(&a.cert, None);
+    assert!(e.starts_with(&format!("{}: no private key found", a.cert.display())), "{e}");
+    let e = load_err(&a.cert, Some(&b.key));
+    assert_eq!(
+        e,
+        format!(
+            "{}: private key does not match the certificate in {}",
+            b.key.display(),
+            a.cert.display()
+        )
+    );
+    let garbage = d.join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").unwrap();
+    let e = load_err(&garbage, Some(&a.key));
+    assert!(e.starts_with(&format!("{}: invalid PEM", garbage.display())), "{e}");
+}
+
+#[tokio::test]
+async fn key_formats_and_key_inside_the_cert_file() {
+    let pki = Pki::new("test CA");
+    let (backend, _) = echo_backend().await;
+    let mut cases = Vec::new();
+    // PKCS#8 ECDSA and Ed25519, the key in the certificate file (websockify's --cert alone).
+    for (name, alg) in [("ecdsa", &rcgen::PKCS_ECDSA_P256_SHA256), ("ed25519", &rcgen::PKCS_ED25519)] {
+        let c = pki.server(name, &["localhost"], alg);
+        let combined = pki.dir.path().join(format!("{name}-combined.pem"));
+        std::fs::write(&combined, format!("{}{}", c.cert_pem, c.key_pem)).unwrap();
+        cases.push((name.to_string(), CertFiles { cert: combined, key: None }));
+    }
+    // PKCS#1 RSA and SEC1 EC keys, as openssl writes them.
+    for (name, genkey) in [
+        ("rsa-pkcs1", "openssl genrsa -traditional -out {k} 2048"),
+        ("ec-sec1", "openssl ecparam -name prime256v1 -genkey -noout -out {k}"),
+    ] {
+        let key = pki.dir.path().join(format!("{name}.key"));
+        let cert = pki.dir.path().join(format!("{name}.crt"));
+        let sh = |cmd: String| {
+            let out = std::process::Command::new("sh").arg("-c").arg(&cmd).output().expect("sh");
+            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        sh(genkey.replace("{k}", key.to_str().unwrap()));
+        sh(format!("openssl req -new -x509 -key {} -out {} -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE", key.display(), cert.display()));
+        let first_line = std::fs::read_to_string(&key).unwrap().lines().next().unwrap().to_owned();
+        assert!(
+            first_line.contains("RSA PRIVATE KEY") || first_line.contains("EC PRIVATE KEY"),
+            "{first_line}"
+        );
+        cases.push((name.to_string(), CertFiles { cert, key: Some(key) }));
+    }
+    for (name, files) in cases {
+        let mut tls = settings(&pki.server("unused", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256));
+        tls.default = files.clone();
+        let bridge = TestBridge::start(tls_config(backend, tls)).await;
+        let ca = if name.starts_with("rsa") || name.starts_with("ec-") {
+            std::fs::read_to_string(&files.cert).unwrap()
+        } else {
+            pki.ca_pem.clone()
+        };
+        let stream = tls_connect(bridge.addr, "localhost", client_config(&ca, None, BOTH))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut ws = wss_over(stream, "wss://localhost/").await;
+        ws.send(Message::binary(name.as_bytes().to_vec())).await.unwrap();
+        let got = within("echo", futures_util::StreamExt::next(&mut ws)).await.unwrap().unwrap();
+        assert_eq!(got.into_data(), name.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn certificate_swap_is_picked_up_and_open_sessions_keep_working() {
+    let pki = Pki::new("test CA");
+    let first = pki.server("first", &["localhost", "first.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let second = pki.server("second", &["localhost", "second.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    // certbot's layout: live/ holds symlinks that are swapped to new files.
+    let live = pki.dir.path().join("live");
+    std::fs::create_dir(&live).unwrap();
+    std::os::unix::fs::symlink(&first.cert, live.join("fullchain.pem")).unwrap();
+    std::os::unix::fs::symlink(&first.key, live.join("privkey.pem")).unwrap();
+    let (backend, _) = echo_backend().await;
+    let mut tls = settings(&first);
+    tls.default = CertFiles {
+        cert: live.join("fullchain.pem"),
+        key: Some(live.join("privkey.pem")),
+    };
+    tls.watch = Some(Duration::from_millis(50));
+    let bridge = TestBridge::start(tls_config(backend, tls)).await;
+    let client = client_config(&pki.ca_pem, None, BOTH);
+
+    let stream = tls_connect(bridge.addr, "localhost", client.clone()).await.unwrap();
+    assert_eq!(server_cn(&stream), "localhost");
+    assert_eq!(
+        stream.get_ref().1.peer_certificates().unwrap()[0].as_ref(),
+        der_of(&first.cert_pem).as_slice()
+    );
+    let mut open = wss_over(stream, "wss://localhost/").await;
+
+    // Swap both links atomically (rename over), as certbot does.
+    for (name, target) in [("fullchain.pem", &second.cert), ("privkey.pem", &second.key)] {
+        let tmp = live.join(format!("{name}.new"));
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        std::fs::rename(&tmp, live.join(name)).unwrap();
+    }
+    let second_der = der_of(&second.cert_pem);
+    within("the new certificate in service", async {
+        loop {
+            let s = tls_connect(bridge.addr, "localhost", client.clone()).await.unwrap();
+            if s.get_ref().1.peer_certificates().unwrap()[0].as_ref() == second_der.as_slice() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling for the watcher's reload
+        }
+    })
+    .await;
+    // The session opened before the swap is untouched.
+    open.send(Message::binary(b"still here".to_vec())).await.unwrap();
+    let got = within("echo", futures_util::StreamExt::next(&mut open)).await.unwrap().unwrap();
+    assert_eq!(got.into_data(), &b"still here"[..]);
+
+    // A broken replacement is refused and the working certificate stays in service.
+    std::fs::write(&second.cert, "not a certificate").unwrap();
+    let errors = bridge.bridge.reload_tls();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].to_string().contains("no certificate found"), "{}", errors[0]);
+    let s = tls_connect(bridge.addr, "localhost", client.clone()).await.unwrap();
+    assert_eq!(s.get_ref().1.peer_certificates().unwrap()[0].as_ref(), second_der.as_slice());
+}
+
+/// The DER bytes of a PEM certificate.
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn sni_selects_the_certificate() {
+    let pki = Pki::new("test CA");
+    let default = pki.server("default", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let a = pki.server("a", &["a.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let b = pki.server("b", &["b.test", "*.b.test"], &rcgen::PKCS_ED25519);
+    let (backend, _) = echo_backend().await;
+    let mut tls = settings(&default);
+    tls.sni = vec![
+        (
+            vec!["a.test".into()],
+            CertFiles {
+                cert: a.cert.clone(),
+                key: Some(a.key.clone()),
+            },
+        ),
+        (
+            vec!["b.test".into(), "*.b.test".into()],
+            CertFiles {
+                cert: b.cert.clone(),
+                key: Some(b.key.clone()),
+            },
+        ),
+    ];
+    let bridge = TestBridge::start(tls_config(backend, tls)).await;
+    let client = client_config(&pki.ca_pem, None, BOTH);
+    for (name, cn) in [
+        ("localhost", "localhost"),
+        ("a.test", "a.test"),
+        ("b.test", "b.test"),
+        ("x.b.test", "b.test"),
+    ] {
+        let s = tls_connect(bridge.addr, name, client.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(server_cn(&s), cn);
+    }
+}
+
+#[tokio::test]
+async fn minimum_version_tls13() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let mut tls = settings(&cert);
+    tls.min_version = MinVersion::Tls13;
+    let bridge = TestBridge::start(tls_config(backend, tls)).await;
+    let tls12 = client_config(&pki.ca_pem, None, &[&rustls::version::TLS12]);
+    assert!(tls_connect(bridge.addr, "localhost", tls12).await.is_err());
+    let s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, BOTH))
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+}
+
+#[tokio::test]
+async fn client_certificates_required_and_cn_allow_list() {
+    let pki = Pki::new("test CA");
+    let other = Pki::new("other CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let alice = pki.client("alice", "alice");
+    let bob = pki.client("bob", "bob");
+    let mallory = other.client("mallory", "alice");
+    let (backend, _) = echo_backend().await;
+    let mut tls = settings(&cert);
+    tls.client_ca = Some(pki.ca_file());
+    let mut config = tls_config(backend, tls);
+    config.routes[0].options.client_cn = Some(vec!["alice".into()]);
+    let bridge = TestBridge::start(config).await;
+
+    // Alice: certificate from the CA, CN on the list.
+    let s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, Some(&alice), BOTH))
+        .await
+        .unwrap();
+    let mut ws = wss_over(s, "wss://localhost/").await;
+    ws.send(Message::binary(b"hi".to_vec())).await.unwrap();
+    assert_eq!(
+        within("echo", futures_util::StreamExt::next(&mut ws))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data(),
+        &b"hi"[..]
+    );
+
+    // Bob: valid certificate, CN not on the route's list: 403 before the upgrade.
+    let mut s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, Some(&bob), BOTH))
+        .await
+        .unwrap();
+    s.write_all(&upgrade_request("/", "")).await.unwrap();
+    let mut r = String::new();
+    within("403", s.read_to_string(&mut r)).await.unwrap();
+    assert_eq!(status_of(&r), 403, "{r}");
+    assert!(r.contains("\"bob\" is not allowed"), "{r}");
+
+    // No certificate, or one from another CA: the TLS handshake fails.
+    for client in [
+        client_config(&pki.ca_pem, None, BOTH),
+        client_config(&pki.ca_pem, Some(&mallory), BOTH),
+    ] {
+        let refused = async {
+            let mut s = tls_connect(bridge.addr, "localhost", client).await?;
+            // TLS 1.3 reports a refused client certificate on the first read.
+            s.write_all(&upgrade_request("/", "")).await?;
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf).await?;
+            Ok::<usize, std::io::Error>(n)
+        };
+        assert!(matches!(within("refusal", refused).await, Err(_) | Ok(0)));
+    }
+}
+
+#[tokio::test]
+async fn optional_client_certificates() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let mut tls = settings(&cert);
+    tls.client_ca = Some(pki.ca_file());
+    tls.client_auth = ClientAuth::Optional;
+    let bridge = TestBridge::start(tls_config(backend, tls)).await;
+    let s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, BOTH))
+        .await
+        .unwrap();
+    let mut ws = wss_over(s, "wss://localhost/").await;
+    ws.send(Message::binary(b"anonymous".to_vec())).await.unwrap();
+    assert_eq!(
+        within("echo", futures_util::StreamExt::next(&mut ws))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data(),
+        &b"anonymous"[..]
+    );
+}
+
+/// A TLS echo backend with `cert`.
+async fn tls_echo_backend(cert: &Issued) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(s) = acceptor.accept(s).await {
+                    let (mut r, mut w) = tokio::io::split(s);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn backend_tls_is_verified() {
+    let pki = Pki::new("backend CA");
+    let wrong = Pki::new("wrong CA");
+    let cert = pki.server("backend", &["vnc.internal"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let backend = tls_echo_backend(&cert).await;
+
+    // Verified against the right CA, with the name the certificate carries.
+    let mut config = any_path_to(backend);
+    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
+        server_name: Some("vnc.internal".into()),
+        ca: Some(pki.ca_file()),
+        insecure_skip_verify: false,
+    });
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"over TLS to the backend").await;
+    assert_eq!(recv_data(&mut ws).await, b"over TLS to the backend");
+    // Backend EOF still arrives as 1000 after the data.
+    ws.send(Message::Close(None)).await.unwrap();
+
+    // The wrong CA: refused, and the client is told why.
+    let mut config = any_path_to(backend);
+    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
+        server_name: Some("vnc.internal".into()),
+        ca: Some(wrong.ca_file()),
+        insecure_skip_verify: false,
+    });
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!(code, 1014);
+    assert!(reason.starts_with("backend TLS failed: invalid peer certificate"), "{reason}");
+
+    // A name the certificate does not carry: refused too.
+    let mut config = any_path_to(backend);
+    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
+        server_name: None,
+        ca: Some(pki.ca_file()),
+        insecure_skip_verify: false,
+    });
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!(code, 1014, "{reason}");
+
+    // Only when the route says so in so many words is verification off.
+    let mut config = any_path_to(backend);
+    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
+        server_name: None,
+        ca: None,
+        insecure_skip_verify: true,
+    });
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"unverified").await;
+    assert_eq!(recv_data(&mut ws).await, b"unverified");
+}
