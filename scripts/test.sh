@@ -5,8 +5,9 @@
 #   scripts/test.sh
 #
 # Installs (only when missing, so a second run installs nothing):
-#   - Debian packages chromium (the browser test's browser, /usr/bin/chromium) and socat, with
-#     apt-get as root or through sudo;
+#   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), openssl (the wss://
+#     browser test makes its self-signed certificate with it) and socat, with apt-get as root or
+#     through sudo;
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
 #     downloaded: the browser test drives Debian's Chromium.
@@ -45,6 +46,9 @@ missing=()
 if ((!skip_browser)) && [[ ! -x /usr/bin/chromium ]]; then
     missing+=(chromium)
 fi
+if ((!skip_browser)) && ! command -v openssl >/dev/null; then
+    missing+=(openssl)
+fi
 command -v socat >/dev/null || missing+=(socat)
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
@@ -64,6 +68,7 @@ else
 fi
 if ((!skip_browser)); then
     /usr/bin/chromium --version 2>/dev/null || die "/usr/bin/chromium does not run"
+    openssl version || die "openssl does not run"
 fi
 
 section "tests/browser: npm packages"

@@ -1,19 +1,27 @@
 //! End to end in a real browser: `wsbridge demo` (a TCP chat server with wsbridge in front of it
 //! and the chat page), and Debian's Chromium driven by `tests/browser/chat.mjs` (playwright-core),
 //! which types a line on the page and waits for the chat server's broadcast of it to come back:
-//! browser -> wsbridge -> TCP chat server -> wsbridge -> browser.
+//! browser -> wsbridge -> TCP chat server -> wsbridge -> browser. Twice: over http:// and ws://,
+//! and over https:// and wss:// with a self-signed certificate made with the `openssl` CLI for
+//! the occasion (Chromium trusts it through `--ignore-certificate-errors-spki-list`).
 //!
-//! Needs Node.js, `tests/browser/node_modules` and /usr/bin/chromium: `scripts/test.sh` installs
-//! them. Without them this test fails, saying so, unless `WSBRIDGE_SKIP_BROWSER=1` is set, which
-//! skips it (always: the variable means "no browser test here").
+//! Needs Node.js, `tests/browser/node_modules`, /usr/bin/chromium and `openssl`: `scripts/test.sh`
+//! installs them. Without them these tests fail, saying so, unless `WSBRIDGE_SKIP_BROWSER=1` is
+//! set, which skips them (always: the variable means "no browser test here").
+//!
+//! Screenshots of the page go to `$WSBRIDGE_SCREENSHOT` (default `browser-chat.png` in Cargo's
+//! target tmpdir); the wss:// test's to the same name with `-wss` before the extension.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 /// How long the demo may take to print its first line.
@@ -22,11 +30,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the demo may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long each `openssl` command may take (it takes milliseconds).
+const OPENSSL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for a pipe's reader to see its end once the writer has exited.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lines a child wrote, collected in the background, for failure messages.
 type Lines = Arc<Mutex<Vec<String>>>;
 
-fn collect<R: AsyncRead + Unpin + Send + 'static>(reader: R, into: Lines) -> tokio::task::JoinHandle<()> {
+fn collect<R: AsyncRead + Unpin + Send + 'static>(reader: R, into: Lines) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut lines = BufReader::new(reader).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -53,13 +65,16 @@ fn send_signal(signal: &str, target: &str) -> bool {
 }
 
 /// A running child that is killed if the test ends without stopping it (a failed assertion, a
-/// timeout): with `group`, its whole process group (node and the Chromium it started).
+/// timeout): with `group`, its whole process group (node and the Chromium it started, or a shell
+/// pipeline).
 struct Guard {
     name: &'static str,
     child: Option<Child>,
     pid: u32,
     group: bool,
+    /// What it wrote on stderr.
     output: Lines,
+    stderr_reader: Option<JoinHandle<()>>,
 }
 
 impl Guard {
@@ -71,7 +86,7 @@ impl Guard {
         let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let pid = child.id().expect("a child just spawned has a pid");
         let output: Lines = Arc::default();
-        collect(child.stderr.take().unwrap(), output.clone());
+        let stderr_reader = collect(child.stderr.take().unwrap(), output.clone());
         let stdout = child.stdout.take().unwrap();
         (
             Guard {
@@ -80,6 +95,7 @@ impl Guard {
                 pid,
                 group,
                 output,
+                stderr_reader: Some(stderr_reader),
             },
             stdout,
         )
@@ -93,7 +109,8 @@ impl Guard {
         }
     }
 
-    /// Waits for the child to exit, at most `limit`; the guard then has nothing left to kill.
+    /// Waits for the child to exit, at most `limit`; the guard then has nothing left to kill, and
+    /// `output` has all it wrote on stderr.
     async fn wait(&mut self, limit: Duration) -> Result<ExitStatus, String> {
         let target = self.target();
         let child = self.child.as_mut().expect("waited for twice");
@@ -103,6 +120,9 @@ impl Guard {
                 if self.group {
                     // Anything the child left behind in its group goes too.
                     send_signal("KILL", &target);
+                }
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = timeout(DRAIN_TIMEOUT, reader).await;
                 }
                 Ok(status)
             }
@@ -135,8 +155,81 @@ impl Drop for Guard {
     }
 }
 
-/// Why the browser test cannot run here, if it cannot.
-fn missing_prerequisites(root: &Path, chromium: &Path) -> Vec<String> {
+/// A command that ran to its end.
+struct Finished {
+    status: ExitStatus,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+/// Runs `command` in a process group of its own until it exits, at most `limit` (then it and its
+/// group are stopped and this panics), collecting what it writes.
+async fn run_to_end(name: &'static str, command: Command, limit: Duration) -> Finished {
+    let (mut guard, stdout) = Guard::spawn(name, command, true);
+    let out: Lines = Arc::default();
+    let reader = collect(stdout, out.clone());
+    let status = match guard.wait(limit).await {
+        Ok(status) => status,
+        Err(e) => panic!("{e}\nits stdout:\n{}\nits stderr:\n{}", tail(&out, 20), tail(&guard.output, 20)),
+    };
+    let _ = timeout(DRAIN_TIMEOUT, reader).await;
+    Finished {
+        status,
+        stdout: out,
+        stderr: guard.output.clone(),
+    }
+}
+
+/// A fresh directory of this test process's own, removed with everything in it when dropped
+/// (also when the test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> TempDir {
+        use std::os::unix::fs::DirBuilderExt;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::temp_dir();
+        // A name left behind by a killed run of an earlier process with the same pid is skipped.
+        for _ in 0..100 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("wsbridge-{label}-{}-{n}", std::process::id()));
+            // 0700: the private key goes in here.
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return TempDir(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create {}: {e}", path.display()),
+            }
+        }
+        panic!("cannot create a fresh wsbridge-{label}-* directory in {}", base.display());
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where the browser tests find their tools.
+struct Browser {
+    root: PathBuf,
+    chromium: PathBuf,
+}
+
+/// The browser tests' tools, or `None` if `WSBRIDGE_SKIP_BROWSER=1` says to skip them; panics,
+/// saying what is missing, if they cannot run here.
+fn browser_or_skip(test: &str) -> Option<Browser> {
+    if std::env::var("WSBRIDGE_SKIP_BROWSER").as_deref() == Ok("1") {
+        println!("{test} skipped: WSBRIDGE_SKIP_BROWSER=1");
+        eprintln!("{test} skipped: WSBRIDGE_SKIP_BROWSER=1");
+        return None;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let chromium = PathBuf::from(std::env::var_os("CHROMIUM").unwrap_or_else(|| "/usr/bin/chromium".into()));
     let mut missing = Vec::new();
     if !root.join("tests/browser/node_modules/playwright-core/package.json").is_file() {
         missing.push("tests/browser/node_modules (npm ci in tests/browser)".to_string());
@@ -144,108 +237,235 @@ fn missing_prerequisites(root: &Path, chromium: &Path) -> Vec<String> {
     if !chromium.is_file() {
         missing.push(format!("{} (Debian's chromium package)", chromium.display()));
     }
-    let node = std::process::Command::new("node")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !matches!(node, Ok(s) if s.success()) {
+    if !runs("node", "--version") {
         missing.push("node (Node.js on PATH)".to_string());
     }
-    missing
-}
-
-#[tokio::test]
-async fn demo_chat_round_trip_in_chromium() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let chromium = PathBuf::from(std::env::var_os("CHROMIUM").unwrap_or_else(|| "/usr/bin/chromium".into()));
-
-    if std::env::var("WSBRIDGE_SKIP_BROWSER").as_deref() == Ok("1") {
-        println!("browser test skipped: WSBRIDGE_SKIP_BROWSER=1");
-        eprintln!("browser test skipped: WSBRIDGE_SKIP_BROWSER=1");
-        return;
-    }
-    let missing = missing_prerequisites(&root, &chromium);
     assert!(
         missing.is_empty(),
         "the browser test cannot run: missing {}.\nRun `scripts/test.sh` once (it installs them), or set WSBRIDGE_SKIP_BROWSER=1 to skip this test.",
         missing.join(", ")
     );
+    Some(Browser { root, chromium })
+}
 
-    // The demo: its first line on stdout names the page's URL.
-    let mut demo_cmd = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
-    demo_cmd.args(["demo", "--listen", "127.0.0.1:0"]).env("RUST_LOG", "info");
-    let (mut demo, demo_stdout) = Guard::spawn("wsbridge demo", demo_cmd, false);
-    let mut demo_lines = BufReader::new(demo_stdout).lines();
-    let first = match timeout(START_TIMEOUT, demo_lines.next_line()).await {
+/// Whether `program arg` runs and succeeds.
+fn runs(program: &str, arg: &str) -> bool {
+    let status = std::process::Command::new(program)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    matches!(status, Ok(s) if s.success())
+}
+
+/// The screenshot's path for a test: `$WSBRIDGE_SCREENSHOT`, or `browser-chat.png` in Cargo's
+/// target tmpdir, with `suffix` before the extension. Any old one is removed.
+fn screenshot_path(suffix: &str) -> PathBuf {
+    let base = std::env::var_os("WSBRIDGE_SCREENSHOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-chat.png"));
+    let path = if suffix.is_empty() {
+        base
+    } else {
+        let mut name = base.file_stem().unwrap_or_else(|| OsStr::new("browser-chat")).to_os_string();
+        name.push(suffix);
+        if let Some(ext) = base.extension() {
+            name.push(".");
+            name.push(ext);
+        }
+        base.with_file_name(name)
+    };
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// A running `wsbridge demo`.
+struct Demo {
+    guard: Guard,
+    /// The page's URL, from its first line.
+    url: String,
+}
+
+/// Starts `wsbridge demo --listen 127.0.0.1:0 EXTRA...` and reads the page's URL, which must
+/// start with `scheme://`, from its first line on stdout.
+async fn start_demo(extra: &[&OsStr], scheme: &str) -> Demo {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
+    command
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "info");
+    let (guard, stdout) = Guard::spawn("wsbridge demo", command, false);
+    let mut lines = BufReader::new(stdout).lines();
+    let first = match timeout(START_TIMEOUT, lines.next_line()).await {
         Ok(Ok(Some(line))) => line,
-        Ok(Ok(None)) => panic!("wsbridge demo closed its stdout before printing its URL"),
+        Ok(Ok(None)) => panic!(
+            "wsbridge demo closed its stdout before printing its URL\nits log:\n{}",
+            tail(&guard.output, 40)
+        ),
         Ok(Err(e)) => panic!("cannot read wsbridge demo's stdout: {e}"),
         Err(_) => panic!("wsbridge demo printed nothing within {START_TIMEOUT:?}"),
     };
+    let prefix = format!("{scheme}://");
     let url = first
         .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no http:// URL in wsbridge demo's first line: {first:?}"))
+        .find(|w| w.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} URL in wsbridge demo's first line: {first:?}"))
         .to_string();
     // Keep draining its stdout, so that it never blocks on a full pipe.
-    let demo_out: Lines = Arc::default();
-    tokio::spawn({
-        let demo_out = demo_out.clone();
-        async move {
-            while let Ok(Some(line)) = demo_lines.next_line().await {
-                demo_out.lock().unwrap().push(line);
-            }
-        }
-    });
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Demo { guard, url }
+}
 
-    // The browser.
-    let screenshot = std::env::var_os("WSBRIDGE_SCREENSHOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-chat.png"));
-    let _ = std::fs::remove_file(&screenshot);
-    let mut node_cmd = Command::new("node");
-    node_cmd
-        .current_dir(&root)
-        .arg("tests/browser/chat.mjs")
-        .arg(&url)
-        .env("WSBRIDGE_SCREENSHOT", &screenshot)
-        .env("CHROMIUM", &chromium);
-    let (mut node, node_stdout) = Guard::spawn("node tests/browser/chat.mjs", node_cmd, true);
-    let node_out: Lines = Arc::default();
-    let reader = collect(node_stdout, node_out.clone());
-    let status = match node.wait(BROWSER_TIMEOUT).await {
-        Ok(status) => status,
-        Err(e) => panic!("{e}\nits stdout:\n{}\nits stderr:\n{}", tail(&node_out, 20), tail(&node.output, 20)),
-    };
-    let _ = timeout(Duration::from_secs(5), reader).await;
-    let stdout = tail(&node_out, 20);
-    let stderr = tail(&node.output, 40);
+/// Runs chat.mjs against the demo's page (trusting the certificate whose SPKI hash is `spki`),
+/// checks that it reports a round trip and saved a PNG at `screenshot`, and returns its report.
+async fn chat_in_browser(browser: &Browser, demo: &Demo, spki: Option<&str>, screenshot: &Path) -> String {
+    let mut command = Command::new("node");
+    command.current_dir(&browser.root).arg("tests/browser/chat.mjs");
+    if let Some(hash) = spki {
+        command.args(["--ignore-spki", hash]);
+    }
+    command
+        .arg(&demo.url)
+        .env("WSBRIDGE_SCREENSHOT", screenshot)
+        .env("CHROMIUM", &browser.chromium);
+    let node = run_to_end("node tests/browser/chat.mjs", command, BROWSER_TIMEOUT).await;
     assert!(
-        status.success(),
-        "chat.mjs failed ({status}) against {url}\nits stdout:\n{stdout}\nits stderr:\n{stderr}\nwsbridge demo's log:\n{}",
-        tail(&demo.output, 40)
+        node.status.success(),
+        "chat.mjs failed ({}) against {}\nits stdout:\n{}\nits stderr:\n{}\nwsbridge demo's log:\n{}",
+        node.status,
+        demo.url,
+        tail(&node.stdout, 20),
+        tail(&node.stderr, 40),
+        tail(&demo.guard.output, 40)
     );
-    let result = node_out.lock().unwrap().last().cloned().unwrap_or_default();
+    let report = node.stdout.lock().unwrap().last().cloned().unwrap_or_default();
     assert!(
-        result.starts_with(r#"{"ok":true"#) && result.contains(r#""received":"guest-"#),
-        "chat.mjs exited 0 but did not report a round trip: {result:?}"
+        report.starts_with(r#"{"ok":true"#) && report.contains(r#""received":"guest-"#),
+        "chat.mjs exited 0 but did not report a round trip: {report:?}"
     );
-    println!("chat.mjs: {result}");
-    let png = std::fs::read(&screenshot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", screenshot.display()));
+    println!("chat.mjs: {report}");
+    let png = std::fs::read(screenshot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", screenshot.display()));
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", screenshot.display());
     println!("screenshot: {}", screenshot.display());
+    report
+}
 
-    // A clean stop on SIGTERM.
+/// The raw (still escaped) value of the string field `"name":"..."` in a line of JSON.
+fn json_string_field<'a>(json: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("\"{name}\":\"");
+    let start = json.find(&key)? + key.len();
+    let rest = &json[start..];
+    let mut escaped = false;
+    for (i, c) in rest.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => return Some(&rest[..i]),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Checks that the page's status line, as chat.mjs reports it, says it connected to `scheme://`.
+fn assert_connected(report: &str, scheme: &str) {
+    let status = json_string_field(report, "status").unwrap_or_else(|| panic!("no status in chat.mjs's report: {report:?}"));
     assert!(
-        send_signal("TERM", &demo.pid.to_string()),
-        "cannot send SIGTERM to wsbridge demo (pid {})",
-        demo.pid
+        status.starts_with(&format!("connected to {scheme}://")),
+        "the page's status line is {status:?}, not `connected to {scheme}://...`"
     );
-    let status = demo.wait(STOP_TIMEOUT).await.unwrap_or_else(|e| panic!("{e} after SIGTERM"));
+}
+
+/// SIGTERMs the demo and checks that it exits cleanly, in time.
+async fn stop_demo(mut demo: Demo) {
+    let pid = demo.guard.pid;
+    assert!(
+        send_signal("TERM", &pid.to_string()),
+        "cannot send SIGTERM to wsbridge demo (pid {pid})"
+    );
+    let status = demo.guard.wait(STOP_TIMEOUT).await.unwrap_or_else(|e| panic!("{e} after SIGTERM"));
     assert!(
         status.success(),
         "wsbridge demo exited with {status} after SIGTERM\nits log:\n{}",
-        tail(&demo.output, 40)
+        tail(&demo.guard.output, 40)
     );
+}
+
+/// Runs an `openssl` command (`program` with `args`) in `dir`, bounded, and returns its stdout.
+async fn openssl(name: &'static str, dir: &Path, program: &str, args: &[&str]) -> String {
+    let mut command = Command::new(program);
+    command.current_dir(dir).args(args);
+    let done = run_to_end(name, command, OPENSSL_TIMEOUT).await;
+    assert!(
+        done.status.success(),
+        "{name} failed ({}): is openssl installed? (scripts/test.sh installs it)\nits stderr:\n{}",
+        done.status,
+        tail(&done.stderr, 20)
+    );
+    let stdout = done.stdout.lock().unwrap().join("\n");
+    stdout
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1 in `dir` (cert.pem, key.pem), and the
+/// base64 SHA-256 of its SubjectPublicKeyInfo, which Chromium's
+/// `--ignore-certificate-errors-spki-list` takes.
+async fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf, String) {
+    #[rustfmt::skip]
+    let req = [
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        "-addext", "basicConstraints=critical,CA:FALSE",
+    ];
+    openssl("openssl req", dir, "openssl", &req).await;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    assert!(
+        cert.is_file() && key.is_file(),
+        "openssl req made no cert.pem and key.pem in {}",
+        dir.display()
+    );
+
+    let pipeline = "openssl x509 -pubkey -noout -in cert.pem | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64";
+    let hash = openssl("the SPKI hash pipeline", dir, "sh", &["-c", pipeline])
+        .await
+        .trim()
+        .to_string();
+    // sh has no pipefail: a failing stage shows as a hash of nothing, or as no hash at all.
+    const SHA256_OF_NOTHING: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+    assert!(
+        hash.len() == 44 && hash.ends_with('=') && hash.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
+        "`{pipeline}` printed {hash:?}, not a base64 SHA-256"
+    );
+    assert_ne!(hash, SHA256_OF_NOTHING, "a stage of `{pipeline}` failed: it hashed nothing");
+    (cert, key, hash)
+}
+
+#[tokio::test]
+async fn demo_chat_round_trip_in_chromium() {
+    let Some(browser) = browser_or_skip("demo_chat_round_trip_in_chromium") else {
+        return;
+    };
+    let demo = start_demo(&[], "http").await;
+    let report = chat_in_browser(&browser, &demo, None, &screenshot_path("")).await;
+    assert_connected(&report, "ws");
+    stop_demo(demo).await;
+}
+
+#[tokio::test]
+async fn demo_chat_round_trip_in_chromium_over_wss() {
+    let Some(browser) = browser_or_skip("demo_chat_round_trip_in_chromium_over_wss") else {
+        return;
+    };
+    assert!(
+        runs("openssl", "version"),
+        "the wss:// browser test cannot run: missing openssl.\nRun `scripts/test.sh` once (it installs it), or set WSBRIDGE_SKIP_BROWSER=1 to skip this test."
+    );
+    let dir = TempDir::new("browser-wss");
+    let (cert, key, spki) = self_signed_certificate(dir.path()).await;
+    let args = [OsStr::new("--cert"), cert.as_os_str(), OsStr::new("--key"), key.as_os_str()];
+    let demo = start_demo(&args, "https").await;
+    let report = chat_in_browser(&browser, &demo, Some(&spki), &screenshot_path("-wss")).await;
+    assert_connected(&report, "wss");
+    stop_demo(demo).await;
 }
