@@ -85,13 +85,17 @@ impl Backend {
 
     /// Waits until a read may succeed (data, EOF or an error).
     ///
+    /// Through `poll_read_ready`, which keeps the waker in the socket's registration: the future
+    /// holds no waiter node of its own, so a waiting session stays small.
+    ///
     /// # Errors
     /// The socket failed.
     pub async fn readable(&self) -> io::Result<()> {
-        match self {
-            Backend::Tcp(s) => s.readable().await,
-            Backend::Unix(s) => s.readable().await,
-        }
+        std::future::poll_fn(|cx| match self {
+            Backend::Tcp(s) => s.poll_read_ready(cx),
+            Backend::Unix(s) => s.poll_read_ready(cx),
+        })
+        .await
     }
 
     /// Reads what is waiting into `buf` without blocking.
@@ -132,15 +136,14 @@ impl Backend {
 
     async fn write_some(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         loop {
+            std::future::poll_fn(|cx| match self {
+                Backend::Tcp(s) => s.poll_write_ready(cx),
+                Backend::Unix(s) => s.poll_write_ready(cx),
+            })
+            .await?;
             let r = match self {
-                Backend::Tcp(s) => {
-                    s.writable().await?;
-                    s.try_write_vectored(bufs)
-                }
-                Backend::Unix(s) => {
-                    s.writable().await?;
-                    s.try_write_vectored(bufs)
-                }
+                Backend::Tcp(s) => s.try_write_vectored(bufs),
+                Backend::Unix(s) => s.try_write_vectored(bufs),
             };
             match r {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -14,7 +14,7 @@
 //! everything it sent before is written before the backend gets its FIN.
 
 use std::io;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -111,11 +111,13 @@ impl Activity {
 
 /// Runs a session to its end and says how it ended. Never panics on peer input; every wait has a
 /// deadline from `params.timeouts` or ends with the peer's socket.
-pub async fn run<S>(ws: WebSocketStream<S>, backend: Backend, params: &SessionParams, shutdown: &CancellationToken) -> Summary
+pub async fn run<S>(ws: Box<WebSocketStream<S>>, backend: Backend, params: &SessionParams, shutdown: &CancellationToken) -> Summary
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut sink, mut stream) = ws.split();
+    // The stream arrives boxed (a few hundred bytes not copied into every future on the way) and
+    // moves into the split's shared half here.
+    let (mut sink, mut stream) = (*ws).split();
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -128,12 +130,6 @@ where
         let c2b = pin!(client_to_backend(&mut stream, &backend, params.framing, &mut up, &activity));
         let b2c = pin!(backend_to_client(&mut sink, &backend, params, &mut down, &activity));
         let (mut c2b, mut b2c) = (c2b, b2c);
-        let lifetime = async {
-            match t.max_lifetime {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => End::Shutdown,
@@ -141,14 +137,13 @@ where
             end = &mut b2c => match end {
                 // Our close frame is out; let the client's data in flight reach the backend until
                 // its close frame answers ours.
-                End::BackendEof => match timeout(t.close, &mut c2b).await {
+                End::BackendEof => match Box::pin(timeout(t.close, &mut c2b)).await {
                     Ok(End::ClientClosed(_)) | Err(_) => End::BackendEof,
                     Ok(other) => other,
                 },
                 other => other,
             },
-            _ = idle(&activity, t.idle) => End::Idle,
-            _ = lifetime => End::Lifetime,
+            end = deadlines(&activity, t.idle, t.max_lifetime) => end,
         }
     };
 
@@ -162,35 +157,59 @@ where
     let result = match end {
         End::ClientClosed(frame) => {
             // tungstenite queued the echo of the client's close frame; flush it.
-            let _ = timeout(t.close, sink.close()).await;
+            let _ = Box::pin(timeout(t.close, sink.close())).await;
             let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
             summary(code, reason, "client")
         }
         End::ClientGone(why) => summary(1006, why, "client"),
         End::ClientError(e) => {
             let (code, reason) = classify(&e);
-            close_and_drain(&mut sink, &mut stream, None, code, &reason, t.close).await;
+            Box::pin(close_and_drain(&mut sink, &mut stream, None, code, &reason, t.close)).await;
             summary(u16::from(code), reason, "client")
         }
         End::BackendEof => summary(1000, "backend closed".into(), "backend"),
         End::BackendError(what, e) => {
             let reason = format!("backend {what} failed: {}", crate::backend::describe(&e));
-            close_and_drain(&mut sink, &mut stream, None, CloseCode::Error, &reason, t.close).await;
+            Box::pin(close_and_drain(&mut sink, &mut stream, None, CloseCode::Error, &reason, t.close)).await;
             summary(1011, reason, "backend")
         }
         End::Idle => {
             let reason = "idle timeout".to_owned();
-            close_and_drain(&mut sink, &mut stream, Some(&backend), CloseCode::Away, &reason, t.close).await;
+            Box::pin(close_and_drain(
+                &mut sink,
+                &mut stream,
+                Some(&backend),
+                CloseCode::Away,
+                &reason,
+                t.close,
+            ))
+            .await;
             summary(1001, reason, "bridge")
         }
         End::Lifetime => {
             let reason = "session lifetime exceeded".to_owned();
-            close_and_drain(&mut sink, &mut stream, Some(&backend), CloseCode::Away, &reason, t.close).await;
+            Box::pin(close_and_drain(
+                &mut sink,
+                &mut stream,
+                Some(&backend),
+                CloseCode::Away,
+                &reason,
+                t.close,
+            ))
+            .await;
             summary(1001, reason, "bridge")
         }
         End::Shutdown => {
             let reason = "server shutting down".to_owned();
-            close_and_drain(&mut sink, &mut stream, Some(&backend), CloseCode::Away, &reason, t.close).await;
+            Box::pin(close_and_drain(
+                &mut sink,
+                &mut stream,
+                Some(&backend),
+                CloseCode::Away,
+                &reason,
+                t.close,
+            ))
+            .await;
             summary(1001, reason, "bridge")
         }
         End::PongTimeout => {
@@ -200,15 +219,23 @@ where
                 code: CloseCode::Away,
                 reason: reason.clone().into(),
             };
-            let _ = timeout(Duration::from_millis(100).min(t.close), sink.send(Message::Close(Some(frame)))).await;
+            let _ = Box::pin(timeout(
+                Duration::from_millis(100).min(t.close),
+                sink.send(Message::Close(Some(frame))),
+            ))
+            .await;
             summary(1001, reason, "bridge")
         }
     };
     // Everything the client sent has been written: now the backend may see EOF.
     let _ = backend.shutdown_write();
-    if let Ok(mut ws) = sink.reunite(stream) {
-        let _ = timeout(t.close, ws.get_mut().shutdown()).await;
-    }
+    // Boxed so the reunited stream is not part of every session's state.
+    let _ = Box::pin(async move {
+        if let Ok(mut ws) = sink.reunite(stream) {
+            let _ = timeout(t.close, ws.get_mut().shutdown()).await;
+        }
+    })
+    .await;
     result
 }
 
@@ -276,15 +303,30 @@ fn truncate(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
-/// Resolves when nothing has moved for `idle`; never when `idle` is `None`.
-async fn idle(activity: &Activity, idle: Option<Duration>) {
-    let Some(idle) = idle else { return std::future::pending().await };
+/// Resolves with [`End::Idle`] when nothing has moved for `idle`, or [`End::Lifetime`] when the
+/// session has lived `lifetime`; never when neither is set. One timer serves both, and it is
+/// allocated only when one is set, so a session without them carries none.
+async fn deadlines(activity: &Activity, idle: Option<Duration>, lifetime: Option<Duration>) -> End {
+    if idle.is_none() && lifetime.is_none() {
+        return std::future::pending().await;
+    }
+    let end_of_life = lifetime.map(|l| activity.start + l);
+    let mut timer = Box::pin(tokio::time::sleep_until(activity.start));
     loop {
-        let deadline = activity.at(activity.last_ms.load(Ordering::Relaxed)) + idle;
-        if Instant::now() >= deadline {
-            return;
+        let now = Instant::now();
+        if end_of_life.is_some_and(|at| now >= at) {
+            return End::Lifetime;
         }
-        sleep_until(deadline).await;
+        let idle_at = idle.map(|i| activity.at(activity.last_ms.load(Ordering::Relaxed)) + i);
+        if idle_at.is_some_and(|at| now >= at) {
+            return End::Idle;
+        }
+        let next = match (idle_at, end_of_life) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(now),
+        };
+        timer.as_mut().reset(next);
+        timer.as_mut().await;
     }
 }
 
@@ -352,11 +394,16 @@ where
     // Keepalive state: when the next ping is due, and when the outstanding one was sent.
     let mut next_ping = ping.map(|p| Instant::now() + p);
     let mut ping_sent_ms: Option<u64> = None;
+    // Allocated only when keepalive is on.
+    let mut keepalive: Option<Pin<Box<tokio::time::Sleep>>> = next_ping.map(|at| Box::pin(sleep_until(at)));
     loop {
-        let keepalive_at = match (ping_sent_ms, next_ping) {
-            (Some(sent), _) => Some(activity.at(sent) + pong_timeout),
-            (None, at) => at,
-        };
+        if let Some(timer) = &mut keepalive {
+            let at = match (ping_sent_ms, next_ping) {
+                (Some(sent), _) => activity.at(sent) + pong_timeout,
+                (None, at) => at.unwrap_or_else(Instant::now),
+            };
+            timer.as_mut().reset(at);
+        }
         tokio::select! {
             ready = backend.readable() => {
                 if let Err(e) = ready {
@@ -390,7 +437,7 @@ where
                 }
                 activity.touch();
             }
-            _ = sleep_until(keepalive_at.unwrap_or_else(Instant::now)), if keepalive_at.is_some() => {
+            _ = tick(&mut keepalive), if keepalive.is_some() => {
                 if let Some(sent) = ping_sent_ms {
                     if activity.pong_ms.load(Ordering::Relaxed) < sent {
                         return End::PongTimeout;
@@ -412,6 +459,14 @@ where
                 ping_sent_ms = None;
             }
         }
+    }
+}
+
+/// Waits for an optional timer; never resolves without one.
+async fn tick(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -576,5 +631,108 @@ mod tests {
         let long = "é".repeat(100);
         let t = truncate(&long);
         assert!(t.len() <= MAX_REASON && long.starts_with(&t));
+    }
+}
+
+/// Reads at most this much from the client per system call, into a per-thread scratch buffer.
+const READ_AHEAD: usize = 256 * 1024;
+/// Reads into a caller's buffer at least this large go straight to the socket.
+const DIRECT_READ: usize = 16 * 1024;
+
+std::thread_local! {
+    /// One scratch buffer per runtime thread, shared by every session on it: sessions hold read
+    /// memory only while data is actually waiting for them.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; READ_AHEAD].into_boxed_slice());
+}
+
+/// The client stream, read in large gulps.
+///
+/// tungstenite reads through a small buffer of its own (allocated for every session, so it stays
+/// a few KiB). Without this adapter each of its reads would be a system call; with it, one call
+/// takes up to [`READ_AHEAD`] bytes into a per-thread scratch buffer and what tungstenite did not
+/// take yet waits in `ahead`, which is freed as soon as it is drained. Writes pass straight through.
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Bytes read but not yet handed on; empty (no allocation) when the session is idle.
+    ahead: BytesMut,
+}
+
+impl<S> ReadAhead<S> {
+    /// Wraps a client stream.
+    pub fn new(inner: S) -> Self {
+        ReadAhead {
+            inner,
+            ahead: BytesMut::new(),
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if !this.ahead.is_empty() {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(&this.ahead.split_to(n));
+            if this.ahead.is_empty() {
+                this.ahead = BytesMut::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() >= DIRECT_READ {
+            return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        SCRATCH.with(|scratch| {
+            // Not re-entrant in practice (the inner stream never calls back into us); if it ever
+            // were, reading directly is still correct.
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+            };
+            let mut big = tokio::io::ReadBuf::new(&mut scratch[..]);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut big) {
+                Poll::Ready(Ok(())) => {
+                    let got = big.filled();
+                    let n = got.len().min(buf.remaining());
+                    buf.put_slice(&got[..n]);
+                    if got.len() > n {
+                        this.ahead = BytesMut::from(&got[n..]);
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            }
+        })
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

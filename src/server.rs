@@ -31,13 +31,13 @@ use tracing::{debug, info, warn, Instrument};
 use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::handshake::{self, Outcome, WebRoot};
-use crate::relay::{self, SessionParams};
+use crate::relay::{self, ReadAhead, SessionParams};
 use crate::routes::{Route, RouteTable};
 use crate::tls::{TlsError, TlsListener};
 
 /// tungstenite's read buffer per session. It is allocated up front for every session, so it stays
 /// small; bulk reads do not depend on it.
-const WS_READ_BUFFER: usize = 4 * 1024;
+const WS_READ_BUFFER: usize = 1024;
 
 /// Why the bridge could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -193,9 +193,11 @@ impl Bridge {
             );
             let bridge = self.clone();
             let listener = listener.clone();
-            self.inner
-                .tracker
-                .spawn(async move { bridge.connection(stream, &listener).await }.instrument(span));
+            let fut = async move { bridge.connection(stream, &listener).await }.instrument(span);
+            if std::env::var_os("WSB_SIZE").is_some() {
+                eprintln!("future size {}", std::mem::size_of_val(&fut));
+            }
+            self.inner.tracker.spawn(fut);
         }
     }
 
@@ -212,8 +214,16 @@ impl Bridge {
         // One deadline covers TLS and the upgrade: a silent client cannot hold a slot.
         let deadline = Instant::now() + live.timeouts.handshake;
         let Some(tls) = &listener.tls else {
-            return self.http(stream, listener, &live, deadline, None).await;
+            return Box::pin(self.http(stream, listener, &live, deadline, None)).await;
         };
+        // The TLS path lives in its own boxed future: its states (a whole TLS connection among
+        // them) would otherwise widen every plain session's task.
+        Box::pin(self.maybe_tls(stream, tls, listener, &live, deadline)).await;
+    }
+
+    /// Sniffs the first byte: a TLS ClientHello gets the TLS handshake, anything else plain HTTP
+    /// (or a prompt refusal on a TLS-only listener).
+    async fn maybe_tls(&self, mut stream: TcpStream, tls: &TlsListener, listener: &Listener, live: &Live, deadline: Instant) {
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
@@ -227,14 +237,15 @@ impl Bridge {
                 let _ = tokio::time::timeout_at(deadline, stream.write_all(answer)).await;
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
-            return self.http(stream, listener, &live, deadline, None).await;
+            return Box::pin(self.http(stream, listener, live, deadline, None)).await;
         }
         let accepted = tokio::select! {
             _ = self.inner.shutdown.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)) => r,
+            r = tokio::time::timeout_at(deadline, Box::pin(tls.acceptor().accept(stream))) => r,
         };
+        // Boxed: a TLS connection's state is large, and every later future would carry it inline.
         let stream = match accepted {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => return info!(error = %e, "TLS handshake failed"),
             Err(_) => return debug!(timeout = ?live.timeouts.handshake, "handshake deadline passed during TLS"),
         };
@@ -249,7 +260,7 @@ impl Bridge {
         if let Some(cn) = &client_cn {
             span.record("client_cn", cn.as_str());
         }
-        self.http(stream, listener, &live, deadline, client_cn.as_deref()).await;
+        Box::pin(self.http(stream, listener, live, deadline, client_cn.as_deref())).await;
     }
 
     /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
@@ -261,7 +272,7 @@ impl Bridge {
         let shutdown = &self.inner.shutdown;
         let handled = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, handshake::handle(&mut stream, &live.routes, listener.web.as_deref(), client_cn)) => r,
+            r = tokio::time::timeout_at(deadline, Box::pin(handshake::handle(&mut stream, &live.routes, listener.web.as_deref(), client_cn))) => r,
         };
         let upgrade = match handled {
             Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
@@ -281,16 +292,21 @@ impl Bridge {
             Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
             Err(_) => return debug!("handshake deadline passed writing 101"),
         }
-        let _slot = upgrade.slot;
-        let route = &upgrade.route;
+        // Keep what the session needs; the request head is freed here, not at the session's end.
+        let handshake::Upgrade {
+            route,
+            leftover,
+            slot: _slot,
+            ..
+        } = *upgrade;
         let params = SessionParams {
             framing: route.options.framing,
             max_message_size: route.options.max_message_size,
             timeouts: t.clone(),
         };
-        let ws =
-            WebSocketStream::from_partially_read(stream, upgrade.leftover, Role::Server, Some(ws_config(params.max_message_size))).await;
-        run_session(ws, route, &params, shutdown).await;
+        let io = ReadAhead::new(stream);
+        let ws = Box::new(WebSocketStream::from_partially_read(io, leftover, Role::Server, Some(ws_config(params.max_message_size))).await);
+        run_session(ws, &route, &params, shutdown).await;
     }
 }
 
@@ -352,14 +368,15 @@ impl Listener {
 }
 
 /// Connects the backend and relays; logs the session's open and close lines.
-async fn run_session<S>(mut ws: WebSocketStream<S>, route: &Route, params: &SessionParams, shutdown: &CancellationToken)
+async fn run_session<S>(mut ws: Box<WebSocketStream<S>>, route: &Route, params: &SessionParams, shutdown: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
-        b = Backend::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref()) => b.map_err(Some),
+        // Boxed: the connect phase's state is freed before the relay starts.
+        b = Box::pin(Backend::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref())) => b.map_err(Some),
     };
     let backend = match backend {
         Ok(b) => b,
