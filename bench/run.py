@@ -6,9 +6,9 @@ over several rounds (round 1: all rows x all bridges, then round 2, ...), and
 reports medians plus ratios, because the machine is shared and noisy: only
 numbers taken in the same run are compared.
 
-    python3 bench/run.py            # full run (~12 min), rewrites BENCHMARKS.md table
-    python3 bench/run.py --quick    # 1 round, short windows, fewer sessions
-    python3 bench/run.py --smoke    # seconds; checks the harness, writes nothing
+    python3 bench/run.py            # full run (~11 min + builds), rewrites BENCHMARKS.md table
+    python3 bench/run.py --quick    # 1 round, 1 s windows, 500/3,000 held sessions
+    python3 bench/run.py --smoke    # ~40 s; checks the harness, writes no report
     python3 bench/run.py --bridges socat,wsbridge --rows echo-1,bulk-up
 
 Python 3.11 standard library only. Installs the peers it needs (websocat and
@@ -55,6 +55,7 @@ END = "<!-- bench:results:end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 PEERS = ("websocat", "websockify", "wstcp")  # the "best peer" is chosen among these
+TLS_PEERS = ("websockify-tls",)  # ... and for wss:// bridges, among these
 RELAY = "socat"  # the TCP-relay ceiling
 
 
@@ -275,6 +276,7 @@ class Bridge:
     # (listen_port, backend_port) -> argv; None = no bridge process (direct)
     argv: Callable[[int, int], list[str]] | None
     forks: bool = False  # one process per connection: memory = PSS sum of the tree
+    no_hold: bool = False  # memory rows not run
     note: str = ""
 
 
@@ -327,6 +329,14 @@ def make_bridges(paths: dict, cert_dir: Path | None, wsbridge_tls: bool) -> list
         Bridge("wsbridge", "ws",
                lambda p, t: [str(WSBRIDGE), f"127.0.0.1:{p}", f"127.0.0.1:{t}"]),
     ]
+    if cert_dir:
+        b.append(Bridge("websockify-tls", "wss",
+                        lambda p, t: [paths["websockify"], "--cert", str(cert_dir / "cert.pem"),
+                                      "--key", str(cert_dir / "key.pem"), "--ssl-only",
+                                      f"127.0.0.1:{p}", f"127.0.0.1:{t}"],
+                        forks=True, no_hold=True,
+                        note="wss:// peer; memory rows not run (websockify cannot hold 1,000 "
+                             "sessions, see the plain row)"))
     if wsbridge_tls and cert_dir:
         b.append(Bridge("wsbridge-tls", "wss",
                         lambda p, t: [str(WSBRIDGE), "--cert", str(cert_dir / "cert.pem"),
@@ -419,6 +429,9 @@ class Bench:
         self.logdir = logdir
         self.cert_dir = cert_dir
         self.backends: dict[tuple[str, bool], int] = {}
+        # A memory row that failed is not retried in later rounds (the failures seen are
+        # deterministic limits, and each costs connect timeouts).
+        self.failed_holds: dict[tuple[str, str], int] = {}
 
     def backend(self, kind: str, pinned: bool) -> int:
         key = (kind, pinned)
@@ -453,6 +466,13 @@ class Bench:
         if row.kind == "hold" and bridge.argv is None:
             rec.update(skipped="no bridge process to measure")
             return rec
+        if row.kind == "hold" and bridge.no_hold:
+            rec.update(skipped="not run: " + bridge.note.split("; ", 1)[-1])
+            return rec
+        if row.kind == "hold" and (bridge.name, row.name) in self.failed_holds:
+            rec.update(skipped=f"not retried: failed in round {self.failed_holds[bridge.name, row.name]}",
+                       retry_skipped=True)
+            return rec
         skip = self.skip_reason(bridge, row)
         if skip:
             rec.update(skipped=skip)
@@ -481,6 +501,8 @@ class Bench:
         finally:
             if bridge_proc is not None:
                 stop(bridge_proc)
+        if row.kind == "hold" and not rec.get("ok"):
+            self.failed_holds.setdefault((bridge.name, row.name), rnd)
         if not rec.get("ok") and bridge_proc is not None:
             hint = log_hint(self.logdir / f"{bridge.name}-{row.name}-r{rnd}.log")
             if hint:
@@ -654,6 +676,7 @@ UNITS = {"throughput": ("MB/s", "MB per CPU-s"), "echo": ("round trips/s", "CPU 
 
 def summarise(rows: list[Row], bridges: list[Bridge], records: list[dict]) -> dict:
     summary: dict = {}
+    scheme_of = {b.name: b.scheme for b in bridges}
     for row in rows:
         for b in bridges:
             recs = [r for r in records if r["row"] == row.name and r["bridge"] == b.name]
@@ -668,22 +691,29 @@ def summarise(rows: list[Row], bridges: list[Bridge], records: list[dict]) -> di
                         s[k] = statistics.median(vals)
                 s["values"] = [m["value"] for m in ms]
             else:
-                bad = next((r for r in recs if not r.get("ok")), recs[0])
+                bad = next((r for r in recs if not r.get("ok") and not r.get("retry_skipped")),
+                           recs[0])
                 s["failed"] = bad.get("skipped") or bad.get("error") or "failed"
                 if bad.get("bridge_log"):
                     s["failed"] += f" ({bad['bridge_log']})"
                 s["skipped"] = "skipped" in bad
+                s["rounds"] = sum(1 for r in recs if not r.get("retry_skipped"))
             summary.setdefault(row.name, {})[b.name] = s
     # ratios
     for row in rows:
         res = summary.get(row.name, {})
         hib = HIGHER_IS_BETTER[row.kind]
-        peers = [res[p]["value"] for p in PEERS if p in res and "value" in res[p]]
-        best = (max(peers) if hib else min(peers)) if peers else None
         relay = res.get(RELAY, {}).get("value")
+
+        def best_of(names):
+            vals = [res[p]["value"] for p in names if p in res and "value" in res[p]]
+            return (max(vals) if hib else min(vals)) if vals else None
+        best_ws, best_tls = best_of(PEERS), best_of(TLS_PEERS)
         for name, s in res.items():
             if "value" not in s:
                 continue
+            tls = scheme_of.get(name) == "wss"
+            best = best_tls if tls else best_ws
             if best:
                 s["vs_best_peer"] = s["value"] / best
             if relay:
@@ -704,6 +734,16 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{max(digits - 1, 0)}f}" if mag >= 1 else f"{x:.{digits}f}"
 
 
+def spread(values: list[float]) -> str:
+    """Half the range over rounds, as a percentage of the median (' ±4%')."""
+    if len(values) < 2:
+        return ""
+    med = statistics.median(values)
+    if not med:
+        return ""
+    return f" ±{(max(values) - min(values)) / 2 / abs(med) * 100:.0f}%"
+
+
 def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
     out = ["| Row | Bridge | Result | p50 / p99 / p99.9 µs | Bridge CPU | vs best peer | vs socat |",
            "|---|---|---:|---:|---:|---:|---:|"]
@@ -718,7 +758,8 @@ def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
             s = res.get(b.name)
             if s is None:
                 continue
-            label = f"**{row.name}**<br>{unit}, {better} is better" if first else ""
+            count = f"{row.args['sessions']:,} sessions, " if row.kind == "hold" else ""
+            label = f"**{row.name}**<br>{count}{unit}, {better} is better" if first else ""
             first = False
             if "value" not in s:
                 why = s["failed"].replace("|", "/").replace("\n", " ")
@@ -730,7 +771,7 @@ def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
                 lat = f"{fmt(s['p50_us'])} / {fmt(s['p99_us'])} / {fmt(s['p999_us'])}"
             cpu = f"{fmt(s['cpu'])} {cpu_unit}" if "cpu" in s else ""
             flag = "" if s["ok_rounds"] == s["rounds"] else f" ({s['ok_rounds']}/{s['rounds']} rounds ok)"
-            val = fmt(s["value"]) + flag
+            val = fmt(s["value"]) + spread(s.get("values", [])) + flag
             if row.kind == "hold" and b.forks:
                 val += " (PSS)"
             r1 = f"{s['vs_best_peer']:.2f}×" if "vs_best_peer" in s else ""
@@ -774,8 +815,12 @@ def versions(paths: dict) -> dict:
     if WSBRIDGE.exists():
         v["wsbridge"] = first_line([str(WSBRIDGE), "--version"]).split()[-1]
         try:
-            v["wsbridge_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short",
-                                                   "HEAD"], capture_output=True, text=True).stdout.strip()
+            git = ["git", "-C", str(ROOT)]
+            head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip()
+            dirty = subprocess.run(git + ["status", "--porcelain", "--", "src", "Cargo.toml",
+                                          "Cargo.lock"], capture_output=True, text=True).stdout
+            v["wsbridge_commit"] = head + (" + uncommitted changes" if dirty.strip() else "")
         except OSError:
             pass
     return v
@@ -801,19 +846,23 @@ def report_block(cfg, info: dict, vers: dict, rows, bridges, summary, started: s
         f"Run: {started} UTC, {elapsed / 60:.1f} min, {cfg.rounds} round(s) interleaved, "
         f"{cfg.seconds} s windows after {cfg.warmup} s warm-up; medians over rounds.",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['mem_gib']} GiB, "
-        f"Linux {info['kernel']}.",
+        f"Linux {info['kernel']}; 1-min load average {cfg.load[0]:.1f} at start, "
+        f"{cfg.load[1]:.1f} at end (the machine is shared: compare within a run only).",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
         f"Command: `{cfg.command}`; raw data: `{raw_name}`.",
         "",
         table(rows, bridges, summary),
         "",
-        "Ratios: the bridge's result divided by the best of websocat/websockify/wstcp "
-        "(\"best peer\") and by socat (\"TCP relay ceiling\") in the same row; read them with the "
-        "row's direction (higher or lower is better). Bridge CPU is utime+stime of the bridge's "
-        "process tree over the measured window (bulk: MB moved per CPU-second; echo / sessions: "
-        "CPU µs per operation). Memory rows: RSS above the bridge's fresh-start baseline divided "
-        "by sessions held; for forking bridges (socat, websockify) the sum of PSS over the "
-        "process tree instead, since summed RSS counts every shared page once per process.",
+        "Result: median over rounds; ±: half the range over rounds, relative to the median. "
+        "Ratios: the result divided by the best of websocat / websockify / wstcp (\"best peer\"; "
+        "for wss:// rows the best TLS peer, websockify --cert) and by socat (\"TCP relay "
+        "ceiling\", no WebSocket at all) in the same row; read them with the row's direction "
+        "(higher or lower is better). Bridge CPU: utime+stime of the bridge's process tree over "
+        "the measured window (bulk: MB moved per CPU-second; echo / sessions: CPU µs per "
+        "operation). Memory rows: RSS above the bridge's fresh-start baseline divided by "
+        "sessions held; for forking bridges (socat, websockify) the sum of PSS over the "
+        "process tree instead, since summed RSS counts every shared page once per process. "
+        "A memory row that failed is not retried in later rounds.",
     ]
     return "\n".join(lines)
 
@@ -826,7 +875,7 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="seconds-long check of the harness itself; writes no report")
     ap.add_argument("--bridges", help="comma list (default: all) of direct,socat,websocat,"
-                    "websockify,wstcp,wsbridge,wsbridge-tls")
+                    "websockify,websockify-tls,wstcp,wsbridge,wsbridge-tls")
     ap.add_argument("--rows", help="comma list (default: all) of bulk-up,bulk-down,echo-1,"
                     "echo-50,echo-1-pinned,sessions,idle-1k,idle-9k,burst")
     ap.add_argument("--rounds", type=int)
@@ -837,12 +886,15 @@ def parse_args(argv=None):
     ap.add_argument("--no-report", action="store_true", help="do not rewrite BENCHMARKS.md")
     ap.add_argument("--report", action="store_true",
                     help="rewrite BENCHMARKS.md even with --quick or a selection")
+    ap.add_argument("--from-json", type=Path, metavar="FILE",
+                    help="measure nothing: re-render the table of a raw results file from "
+                         "bench/results/ into BENCHMARKS.md (e.g. after a formatting change)")
     cfg = ap.parse_args(argv)
     if cfg.smoke:
         d = dict(rounds=1, seconds=0.3, warmup=0.1, idle_small=20, idle_large=40, burst=20)
         cfg.no_report = True
     elif cfg.quick:
-        d = dict(rounds=1, seconds=1.0, warmup=0.3, idle_small=1000, idle_large=9000, burst=1000)
+        d = dict(rounds=1, seconds=1.0, warmup=0.3, idle_small=500, idle_large=3000, burst=500)
     else:
         d = dict(rounds=3, seconds=2.0, warmup=0.5, idle_small=1000, idle_large=9000, burst=1000)
     for k, v in d.items():
@@ -858,20 +910,49 @@ def parse_args(argv=None):
     return cfg
 
 
+def rerender(cfg) -> int:
+    raw = json.loads(cfg.from_json.read_text())
+    c = raw["config"]
+    for k in ("rounds", "seconds", "warmup", "idle_small", "idle_large", "burst", "command"):
+        setattr(cfg, k, c[k])
+    cfg.load = tuple(raw["loadavg_start_end"])
+    records = raw["records"]
+    present = {r["bridge"] for r in records}
+    bridges = [b for b in make_bridges({}, Path("."), True) if b.name in present]
+    rows = [r for r in make_rows(cfg) if any(x["row"] == r.name for x in records)]
+    summary = summarise(rows, bridges, records)
+    try:
+        name = str(cfg.from_json.resolve().relative_to(ROOT))
+    except ValueError:
+        name = str(cfg.from_json)
+    text = report_block(cfg, raw["machine"], raw["versions"], rows, bridges, summary,
+                        raw["started_utc"], raw["elapsed_s"], name)
+    if raw.get("notes"):
+        text += "\n\n" + "\n".join(f"- {n}" for n in raw["notes"])
+    print(text)
+    if not cfg.no_report:
+        write_report(text)
+        log(f"wrote {REPORT}")
+    return 0
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    if cfg.from_json:
+        return rerender(cfg)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every bridge
 
-    all_bridge_names = ["direct", "socat", "websocat", "websockify", "wstcp", "wsbridge",
-                        "wsbridge-tls"]
+    all_bridge_names = ["direct", "socat", "websocat", "websockify", "websockify-tls", "wstcp",
+                        "wsbridge", "wsbridge-tls"]
     want = cfg.bridges.split(",") if cfg.bridges else all_bridge_names
     unknown = set(want) - set(all_bridge_names)
     if unknown:
         sys.exit(f"unknown bridge(s): {', '.join(sorted(unknown))}")
-    paths = ensure_peers(set(want), not cfg.no_install)
+    paths = ensure_peers(set(want) | ({"websockify"} if "websockify-tls" in want else set()),
+                         not cfg.no_install)
     if not cfg.no_build:
         build_loadgen()
     if not LOADGEN.exists():
@@ -897,7 +978,8 @@ def main(argv=None) -> int:
 
     bridges = [b for b in make_bridges(paths, cert_dir, tls) if b.name in want]
     for b in list(bridges):
-        if b.name in paths and not paths[b.name]:
+        exe = "websockify" if b.name == "websockify-tls" else b.name
+        if exe in paths and not paths[exe]:
             notes.append(f"{b.name} not measured: not installed")
             bridges.remove(b)
         if b.name.startswith("wsbridge") and not wsbridge_ok:
@@ -911,6 +993,7 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r.name in names]
 
     bench = Bench(cfg, paths, logdir, cert_dir)
+    load_start = os.getloadavg()[0]
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.monotonic()
     records: list[dict] = []
@@ -928,6 +1011,7 @@ def main(argv=None) -> int:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - t0
+    cfg.load = (load_start, os.getloadavg()[0])
 
     summary = summarise(rows, bridges, records)
     info = machine_info()
@@ -935,7 +1019,7 @@ def main(argv=None) -> int:
     raw = {"started_utc": started, "elapsed_s": elapsed, "config": {
         k: getattr(cfg, k) for k in ("rounds", "seconds", "warmup", "idle_small", "idle_large",
                                      "burst", "command")},
-        "machine": info, "versions": vers, "notes": notes, "records": records,
+        "machine": info, "loadavg_start_end": cfg.load, "versions": vers, "notes": notes, "records": records,
         "summary": summary}
     if cfg.smoke:
         out_dir = BENCH / "tmp"
