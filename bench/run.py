@@ -8,7 +8,7 @@ numbers taken in the same run are compared.
 
     python3 bench/run.py            # full run (~11 min + builds), rewrites BENCHMARKS.md table
     python3 bench/run.py --quick    # 1 round, 1 s windows, 500/3,000 held sessions
-    python3 bench/run.py --smoke    # ~40 s; checks the harness, writes no report
+    python3 bench/run.py --smoke    # ~1 min; checks the harness, writes no report
     python3 bench/run.py --bridges socat,wsbridge --rows echo-1,bulk-up
 
 Python 3.11 standard library only. Installs the peers it needs (websocat and
