@@ -1,15 +1,12 @@
 //! The backend side of a session: connecting to a [`Target`] under the connect deadline, and the
 //! few operations the relay needs on the stream.
 //!
-//! The relay uses the stream through `&self` (readiness, then a non-blocking read or write), so
-//! both directions share one socket without a lock or a split, and a read buffer is taken only when
-//! the socket is readable.
+//! The relay borrows the stream's two directions separately ([`Backend::halves`]); the read side
+//! waits for readiness before it takes a buffer, so an idle session holds none.
 
 use std::io;
-use std::net::Shutdown;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
@@ -82,88 +79,6 @@ impl Backend {
         };
         timeout(deadline, attempt).await.unwrap_or(Err(ConnectError::Timeout(deadline)))
     }
-
-    /// Waits until a read may succeed (data, EOF or an error).
-    ///
-    /// Through `poll_read_ready`, which keeps the waker in the socket's registration: the future
-    /// holds no waiter node of its own, so a waiting session stays small.
-    ///
-    /// # Errors
-    /// The socket failed.
-    pub async fn readable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| match self {
-            Backend::Tcp(s) => s.poll_read_ready(cx),
-            Backend::Unix(s) => s.poll_read_ready(cx),
-        })
-        .await
-    }
-
-    /// Reads what is waiting into `buf` without blocking.
-    ///
-    /// # Errors
-    /// `WouldBlock` when readiness was spurious; any other error is fatal for the session.
-    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            Backend::Tcp(s) => s.try_read_buf(buf),
-            Backend::Unix(s) => s.try_read_buf(buf),
-        }
-    }
-
-    /// Writes all of `data`.
-    ///
-    /// # Errors
-    /// The socket failed.
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let n = self.write_some(&[io::IoSlice::new(data)]).await?;
-            data = &data[n..];
-        }
-        Ok(())
-    }
-
-    /// Writes all of `a` then all of `b`, in one system call when the socket takes them.
-    ///
-    /// # Errors
-    /// The socket failed.
-    pub async fn write_all_parts(&self, a: &[u8], b: &[u8]) -> io::Result<()> {
-        let n = self.write_some(&[io::IoSlice::new(a), io::IoSlice::new(b)]).await?;
-        if n >= a.len() {
-            return self.write_all(&b[n - a.len()..]).await;
-        }
-        self.write_all(&a[n..]).await?;
-        self.write_all(b).await
-    }
-
-    async fn write_some(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        loop {
-            std::future::poll_fn(|cx| match self {
-                Backend::Tcp(s) => s.poll_write_ready(cx),
-                Backend::Unix(s) => s.poll_write_ready(cx),
-            })
-            .await?;
-            let r = match self {
-                Backend::Tcp(s) => s.try_write_vectored(bufs),
-                Backend::Unix(s) => s.try_write_vectored(bufs),
-            };
-            match r {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Sends EOF (FIN) to the backend; it may still send to us.
-    ///
-    /// # Errors
-    /// The socket failed (already closed by the peer is not worth reporting).
-    pub fn shutdown_write(&self) -> io::Result<()> {
-        match self {
-            Backend::Tcp(s) => socket2::SockRef::from(s).shutdown(Shutdown::Write),
-            Backend::Unix(s) => socket2::SockRef::from(s).shutdown(Shutdown::Write),
-        }
-    }
 }
 
 async fn wrap_tls(tcp: TcpStream, host: &str, tls: &BackendTls) -> Result<Backend, ConnectError> {
@@ -181,6 +96,124 @@ async fn wrap_tls(tcp: TcpStream, host: &str, tls: &BackendTls) -> Result<Backen
         }
     });
     Ok(Backend::Unix(ours))
+}
+
+/// The read side of a backend, for the backend → client direction.
+#[derive(Debug)]
+pub enum BackendReader<'a> {
+    /// TCP.
+    Tcp(tokio::net::tcp::ReadHalf<'a>),
+    /// Unix socket.
+    Unix(tokio::net::unix::ReadHalf<'a>),
+}
+
+/// The write side of a backend, for the client → backend direction.
+#[derive(Debug)]
+pub enum BackendWriter<'a> {
+    /// TCP.
+    Tcp(tokio::net::tcp::WriteHalf<'a>),
+    /// Unix socket.
+    Unix(tokio::net::unix::WriteHalf<'a>),
+}
+
+impl Backend {
+    /// Borrows the two directions separately (no lock: each half is used by one direction).
+    pub fn halves(&mut self) -> (BackendReader<'_>, BackendWriter<'_>) {
+        match self {
+            Backend::Tcp(s) => {
+                let (r, w) = s.split();
+                (BackendReader::Tcp(r), BackendWriter::Tcp(w))
+            }
+            Backend::Unix(s) => {
+                let (r, w) = s.split();
+                (BackendReader::Unix(r), BackendWriter::Unix(w))
+            }
+        }
+    }
+}
+
+impl BackendReader<'_> {
+    /// Waits until a read may succeed (data, EOF or an error), holding no buffer meanwhile. The
+    /// waker lives in the socket's registration, so the future has no waiter node of its own.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| match self {
+            BackendReader::Tcp(r) => r.as_ref().poll_read_ready(cx),
+            BackendReader::Unix(r) => r.as_ref().poll_read_ready(cx),
+        })
+        .await
+    }
+}
+
+/// Reads go through tokio's `poll_read`, which knows that a read shorter than the buffer drained
+/// the socket: no extra `EAGAIN` read per message.
+impl tokio::io::AsyncRead for BackendReader<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendReader::Tcp(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+            BackendReader::Unix(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for BackendWriter<'_> {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
+            BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_flush(cx),
+            BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_flush(cx),
+        }
+    }
+    /// Sends EOF (FIN) to the backend; it may still send to us.
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+impl BackendWriter<'_> {
+    /// Writes all of `a` then all of `b`, in one system call when the socket takes them.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub async fn write_all_parts(&mut self, a: &[u8], b: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let n = self.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n >= a.len() {
+            return self.write_all(&b[n - a.len()..]).await;
+        }
+        self.write_all(&a[n..]).await?;
+        self.write_all(b).await
+    }
 }
 
 /// A short lower-case description of an I/O error for close reasons and logs

@@ -160,6 +160,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAMES")]
     pub auth_source: Option<String>,
 
+    /// Runtime threads, each with its own socket per listener (default: one per CPU core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
     /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, wins.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

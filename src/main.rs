@@ -18,7 +18,11 @@ const EX_USAGE: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbose = cli.run.verbose;
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let threads = cli
+        .run
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wsbridge: cannot start the runtime: {e}");
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(verbose, config.log_format);
-            report(runtime.block_on(run(config, config_path)))
+            report(runtime.block_on(run(config, config_path, threads)))
         }
     }
 }
@@ -147,16 +151,72 @@ impl std::fmt::Display for ConfigProblem {
     }
 }
 
-async fn run(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+/// A single-threaded runtime: each runtime thread runs sessions start to end with no cross-thread
+/// wake-ups; more cores get more such threads (see [`run`]).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// Serves `config` on `threads` runtime threads. Each thread has its own single-threaded runtime
+/// and its own socket per listener, bound with `SO_REUSEPORT` so the kernel spreads connections
+/// over them; the bridge state (routes, limits, shutdown, drain) is shared.
+async fn run(config: Config, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
     let bridge = Bridge::new(&config)?;
-    let listeners = bind(&config).await?;
-    for l in &listeners {
-        tracing::info!(addr = %l.local_addr()?, tls = l.config.tls.is_some(), web = ?l.config.web, "listening");
+    let mut prepared = Vec::new();
+    for l in &config.listeners {
+        prepared.push(Listener::prepare(l).map_err(|e| anyhow::Error::new(e).context(ConfigProblem))?);
+    }
+    // Bind every socket before serving any, so a port in use fails the start, not one thread.
+    let threads = threads.max(1);
+    let mut per_thread: Vec<Vec<(Listener, std::net::TcpListener)>> = (0..threads).map(|_| Vec::new()).collect();
+    for l in &prepared {
+        let mut addr = l.config.addr;
+        for sockets in per_thread.iter_mut() {
+            let socket = Listener::bind_std(addr, threads > 1).with_context(|| format!("cannot listen on {}", l.config.addr))?;
+            // Port 0: the first socket picks the port, the others share it.
+            addr = socket.local_addr()?;
+            sockets.push((l.sibling(), socket));
+        }
+        tracing::info!(addr = %addr, tls = l.config.tls.is_some(), web = ?l.config.web, threads, "listening");
     }
     spawn_signal_handlers(&bridge, path)?;
-    let drained = bridge.serve(listeners).await;
+    let mut workers = Vec::new();
+    let mut own = Vec::new();
+    for (i, sockets) in per_thread.into_iter().enumerate() {
+        if i == 0 {
+            own = sockets;
+            continue;
+        }
+        let bridge = bridge.clone();
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("wsbridge-{i}"))
+                .spawn(move || -> anyhow::Result<()> {
+                    runtime()?.block_on(async move {
+                        let listeners = attach(sockets)?;
+                        bridge.serve(listeners).await;
+                        Ok(())
+                    })
+                })?,
+        );
+    }
+    let drained = bridge.serve(attach(own)?).await;
+    for w in workers {
+        match w.join() {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("a runtime thread panicked"),
+        }
+    }
     tracing::info!(clean = drained.clean, remaining = drained.remaining, "stopped");
     Ok(())
+}
+
+/// Hands std sockets to the current runtime.
+fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> anyhow::Result<Vec<Listener>> {
+    sockets
+        .into_iter()
+        .map(|(l, s)| Ok(l.with_socket(TcpListener::from_std(s)?)))
+        .collect()
 }
 
 /// SIGTERM/SIGINT: shut down. SIGHUP: re-read the configuration file; a bad one is reported and

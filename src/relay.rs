@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendReader, BackendWriter};
 use crate::config::{Framing, Timeouts};
 
 /// Smallest and largest backend read.
@@ -111,13 +111,14 @@ impl Activity {
 
 /// Runs a session to its end and says how it ended. Never panics on peer input; every wait has a
 /// deadline from `params.timeouts` or ends with the peer's socket.
-pub async fn run<S>(ws: Box<WebSocketStream<S>>, backend: Backend, params: &SessionParams, shutdown: &CancellationToken) -> Summary
+pub async fn run<S>(ws: Box<WebSocketStream<S>>, mut backend: Backend, params: &SessionParams, shutdown: &CancellationToken) -> Summary
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // The stream arrives boxed (a few hundred bytes not copied into every future on the way) and
     // moves into the split's shared half here.
     let (mut sink, mut stream) = (*ws).split();
+    let (mut reader, mut writer) = backend.halves();
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -127,8 +128,8 @@ where
     let t = &params.timeouts;
 
     let end = {
-        let c2b = pin!(client_to_backend(&mut stream, &backend, params.framing, &mut up, &activity));
-        let b2c = pin!(backend_to_client(&mut sink, &backend, params, &mut down, &activity));
+        let c2b = pin!(client_to_backend(&mut stream, &mut writer, params.framing, &mut up, &activity));
+        let b2c = pin!(backend_to_client(&mut sink, &mut reader, params, &mut down, &activity));
         let (mut c2b, mut b2c) = (c2b, b2c);
         tokio::select! {
             biased;
@@ -178,7 +179,7 @@ where
             Box::pin(close_and_drain(
                 &mut sink,
                 &mut stream,
-                Some(&backend),
+                Some(&mut writer),
                 CloseCode::Away,
                 &reason,
                 t.close,
@@ -191,7 +192,7 @@ where
             Box::pin(close_and_drain(
                 &mut sink,
                 &mut stream,
-                Some(&backend),
+                Some(&mut writer),
                 CloseCode::Away,
                 &reason,
                 t.close,
@@ -204,7 +205,7 @@ where
             Box::pin(close_and_drain(
                 &mut sink,
                 &mut stream,
-                Some(&backend),
+                Some(&mut writer),
                 CloseCode::Away,
                 &reason,
                 t.close,
@@ -228,7 +229,7 @@ where
         }
     };
     // Everything the client sent has been written: now the backend may see EOF.
-    let _ = backend.shutdown_write();
+    let _ = Box::pin(timeout(t.close, writer.shutdown())).await;
     // Boxed so the reunited stream is not part of every session's state.
     let _ = Box::pin(async move {
         if let Ok(mut ws) = sink.reunite(stream) {
@@ -244,7 +245,7 @@ where
 async fn close_and_drain<S>(
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     stream: &mut SplitStream<WebSocketStream<S>>,
-    backend: Option<&Backend>,
+    mut backend: Option<&mut BackendWriter<'_>>,
     code: CloseCode,
     reason: &str,
     wait: Duration,
@@ -264,12 +265,13 @@ async fn close_and_drain<S>(
     }
     let _ = tokio::time::timeout_at(deadline, async {
         while let Some(Ok(msg)) = stream.next().await {
-            if let (Some(b), Message::Binary(data)) = (backend, &msg) {
+            let data: &[u8] = match &msg {
+                Message::Binary(b) => b,
+                Message::Text(t) => t.as_bytes(),
+                _ => continue,
+            };
+            if let Some(b) = backend.as_mut() {
                 if b.write_all(data).await.is_err() {
-                    break;
-                }
-            } else if let (Some(b), Message::Text(data)) = (backend, &msg) {
-                if b.write_all(data.as_bytes()).await.is_err() {
                     break;
                 }
             }
@@ -333,7 +335,7 @@ async fn deadlines(activity: &Activity, idle: Option<Duration>, lifetime: Option
 /// Client → backend: every data message's payload, in order, written fully before the next read.
 async fn client_to_backend<S>(
     stream: &mut SplitStream<WebSocketStream<S>>,
-    backend: &Backend,
+    backend: &mut BackendWriter<'_>,
     framing: Framing,
     bytes: &mut u64,
     activity: &Activity,
@@ -379,7 +381,7 @@ where
 /// Backend → client: read what is waiting, frame it, send it; keepalive pings in between.
 async fn backend_to_client<S>(
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    backend: &Backend,
+    backend: &mut BackendReader<'_>,
     params: &SessionParams,
     bytes: &mut u64,
     activity: &Activity,
@@ -409,10 +411,10 @@ where
                 if let Err(e) = ready {
                     return End::BackendError("read", e);
                 }
+                // Readable now: the buffer exists only from here until the message is sent.
                 let mut buf = BytesMut::with_capacity(read_size);
-                let n = match backend.try_read_buf(&mut buf) {
+                let n = match backend.read_buf(&mut buf).await {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return End::BackendError("read", e),
                 };
                 // Size the next read by this one: grow while reads fill the buffer, shrink when

@@ -136,8 +136,12 @@ impl Bridge {
     pub async fn serve(&self, listeners: Vec<Listener>) -> Drained {
         for listener in listeners {
             if let Some(tls) = &listener.tls {
-                tls.spawn_watcher(self.inner.shutdown.clone());
-                self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).push(tls.clone());
+                // Several runtime threads serve siblings of one listener: one watcher each.
+                let mut known = self.inner.tls.lock().unwrap_or_else(|p| p.into_inner());
+                if !known.iter().any(|k| Arc::ptr_eq(k, tls)) {
+                    tls.spawn_watcher(self.inner.shutdown.clone());
+                    known.push(tls.clone());
+                }
             }
             let bridge = self.clone();
             self.inner.tracker.spawn(async move { bridge.accept_loop(listener).await });
@@ -350,6 +354,41 @@ impl Listener {
     pub async fn bind(mut self) -> std::io::Result<Listener> {
         self.socket = Some(TcpListener::bind(self.config.addr).await?);
         Ok(self)
+    }
+
+    /// A listener serving the same things, not bound yet (for another runtime thread).
+    pub fn sibling(&self) -> Listener {
+        Listener {
+            config: self.config.clone(),
+            socket: None,
+            web: self.web.clone(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// Binds `addr` as a non-blocking std socket, with `SO_REUSEPORT` when several runtime threads
+    /// each accept on their own socket of the same port (the kernel spreads connections among
+    /// them).
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub fn bind_std(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
     }
 
     /// Uses a socket the caller bound (tests bind port 0).
