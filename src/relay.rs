@@ -163,55 +163,35 @@ where
             summary(code, reason, "client")
         }
         End::ClientGone(why) => summary(1006, why, "client"),
+        End::BackendEof => summary(1000, "backend closed".into(), "backend"),
+        // Endings where we send the close frame, then wait for the client's answer. Whether the
+        // client's data still in flight goes on to the backend depends on the backend being fine.
         End::ClientError(e) => {
             let (code, reason) = classify(&e);
             Box::pin(close_and_drain(&mut sink, &mut stream, None, code, &reason, t.close)).await;
             summary(u16::from(code), reason, "client")
         }
-        End::BackendEof => summary(1000, "backend closed".into(), "backend"),
         End::BackendError(what, e) => {
             let reason = format!("backend {what} failed: {}", crate::backend::describe(&e));
             Box::pin(close_and_drain(&mut sink, &mut stream, None, CloseCode::Error, &reason, t.close)).await;
             summary(1011, reason, "backend")
         }
-        End::Idle => {
-            let reason = "idle timeout".to_owned();
+        end @ (End::Idle | End::Lifetime | End::Shutdown) => {
+            let reason = match end {
+                End::Idle => "idle timeout",
+                End::Lifetime => "session lifetime exceeded",
+                _ => "server shutting down",
+            };
             Box::pin(close_and_drain(
                 &mut sink,
                 &mut stream,
                 Some(&mut writer),
                 CloseCode::Away,
-                &reason,
+                reason,
                 t.close,
             ))
             .await;
-            summary(1001, reason, "bridge")
-        }
-        End::Lifetime => {
-            let reason = "session lifetime exceeded".to_owned();
-            Box::pin(close_and_drain(
-                &mut sink,
-                &mut stream,
-                Some(&mut writer),
-                CloseCode::Away,
-                &reason,
-                t.close,
-            ))
-            .await;
-            summary(1001, reason, "bridge")
-        }
-        End::Shutdown => {
-            let reason = "server shutting down".to_owned();
-            Box::pin(close_and_drain(
-                &mut sink,
-                &mut stream,
-                Some(&mut writer),
-                CloseCode::Away,
-                &reason,
-                t.close,
-            ))
-            .await;
-            summary(1001, reason, "bridge")
+            summary(1001, reason.to_owned(), "bridge")
         }
         End::PongTimeout => {
             // The peer is gone: one attempt to say so, briefly, and no waiting for an answer.
