@@ -11,7 +11,8 @@
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
 #     downloaded: the browser test drives Debian's Chromium.
-# Then: cargo fmt --check, cargo clippy -D warnings, cargo test --all-targets.
+# Then: cargo fmt --check, cargo clippy -D warnings, the load generator's smoke run, and
+# cargo test --all-targets.
 #
 # Needs: cargo with rustfmt and clippy, Node.js >= 20 with npm.
 # WSBRIDGE_SKIP_BROWSER=1 skips the browser test (and installing what only it needs).
@@ -94,6 +95,10 @@ cargo fmt --all -- --check
 
 section "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+
+section "bench/loadgen smoke (the benchmark's load generator must not rot)"
+# Built into the main target dir so it reuses the dependencies the tests compile anyway.
+cargo run --quiet --manifest-path bench/loadgen/Cargo.toml --target-dir target -- smoke
 
 section "cargo test --all-targets"
 cargo test --all-targets
