@@ -222,13 +222,7 @@ async fn key_formats_and_key_inside_the_cert_file() {
         } else {
             pki.ca_pem.clone()
         };
-        let stream = tls_connect(bridge.addr, "localhost", client_config(&ca, None, BOTH))
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let mut ws = wss_over(stream, "wss://localhost/").await;
-        ws.send(Message::binary(name.as_bytes().to_vec())).await.unwrap();
-        let got = within("echo", futures_util::StreamExt::next(&mut ws)).await.unwrap().unwrap();
-        assert_eq!(got.into_data(), name.as_bytes());
+        wss_echo(bridge.addr, client_config(&ca, None, BOTH), name.as_bytes()).await;
     }
 }
 
@@ -368,19 +362,7 @@ async fn client_certificates_required_and_cn_allow_list() {
     let bridge = TestBridge::start(config).await;
 
     // Alice: certificate from the CA, CN on the list.
-    let s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, Some(&alice), BOTH))
-        .await
-        .unwrap();
-    let mut ws = wss_over(s, "wss://localhost/").await;
-    ws.send(Message::binary(b"hi".to_vec())).await.unwrap();
-    assert_eq!(
-        within("echo", futures_util::StreamExt::next(&mut ws))
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data(),
-        &b"hi"[..]
-    );
+    wss_echo(bridge.addr, client_config(&pki.ca_pem, Some(&alice), BOTH), b"hi").await;
 
     // Bob: valid certificate, CN not on the route's list: 403 before the upgrade.
     let mut s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, Some(&bob), BOTH))
@@ -418,19 +400,16 @@ async fn optional_client_certificates() {
     tls.client_ca = Some(pki.ca_file());
     tls.client_auth = ClientAuth::Optional;
     let bridge = TestBridge::start(tls_config(backend, tls)).await;
-    let s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, BOTH))
-        .await
-        .unwrap();
-    let mut ws = wss_over(s, "wss://localhost/").await;
-    ws.send(Message::binary(b"anonymous".to_vec())).await.unwrap();
-    assert_eq!(
-        within("echo", futures_util::StreamExt::next(&mut ws))
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data(),
-        &b"anonymous"[..]
-    );
+    wss_echo(bridge.addr, client_config(&pki.ca_pem, None, BOTH), b"anonymous").await;
+}
+
+/// Opens wss:// to `addr` (name "localhost") with `client`, and checks that `payload` comes back.
+async fn wss_echo(addr: std::net::SocketAddr, client: std::sync::Arc<rustls::ClientConfig>, payload: &[u8]) {
+    let stream = tls_connect(addr, "localhost", client).await.unwrap();
+    let mut ws = wss_over(stream, "wss://localhost/").await;
+    ws.send(Message::binary(payload.to_vec())).await.unwrap();
+    let got = within("echo", futures_util::StreamExt::next(&mut ws)).await.unwrap().unwrap();
+    assert_eq!(got.into_data(), payload);
 }
 
 /// A TLS echo backend with `cert`.
