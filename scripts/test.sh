@@ -47,9 +47,8 @@ missing=()
 if ((!skip_browser)) && [[ ! -x /usr/bin/chromium ]]; then
     missing+=(chromium)
 fi
-if ((!skip_browser)) && ! command -v openssl >/dev/null; then
-    missing+=(openssl)
-fi
+# openssl: the TLS tests write PKCS#1 and SEC1 keys with it, and the browser test its certificate.
+command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
@@ -69,8 +68,8 @@ else
 fi
 if ((!skip_browser)); then
     /usr/bin/chromium --version 2>/dev/null || die "/usr/bin/chromium does not run"
-    openssl version || die "openssl does not run"
 fi
+openssl version || die "openssl does not run"
 
 section "tests/browser: npm packages"
 if ((skip_browser)); then
