@@ -128,23 +128,47 @@ where
     let t = &params.timeouts;
 
     let end = {
-        let c2b = pin!(client_to_backend(&mut stream, &mut writer, params.framing, &mut up, &activity));
-        let b2c = pin!(backend_to_client(&mut sink, &mut reader, params, &mut down, &activity));
-        let (mut c2b, mut b2c) = (c2b, b2c);
-        tokio::select! {
+        let mut c2b = pin!(client_to_backend(&mut stream, &mut writer, params.framing, &mut up, &activity));
+        // Boxed so it can be dropped (freeing `sink`) while `c2b` goes on.
+        let mut b2c = Box::pin(backend_to_client(&mut sink, &mut reader, params, &mut down, &activity));
+        let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => End::Shutdown,
             end = &mut c2b => end,
-            end = &mut b2c => match end {
-                // Our close frame is out; let the client's data in flight reach the backend until
-                // its close frame answers ours.
-                End::BackendEof => match Box::pin(timeout(t.close, &mut c2b)).await {
+            end = &mut b2c => end,
+            end = deadlines(&activity, t.idle, t.max_lifetime) => end,
+        };
+        // Endings that did not come from `c2b` leave it running, possibly in the middle of a
+        // write to the backend: it is never dropped there (that would cut a hole in the byte
+        // stream). Our close frame goes out, then the same `c2b` carries the client's data in
+        // flight to the backend until the client's close frame answers ours.
+        let ours = match &first {
+            End::BackendEof => None, // b2c sent 1000 itself
+            End::Idle => Some("idle timeout"),
+            End::Lifetime => Some("session lifetime exceeded"),
+            End::Shutdown => Some("server shutting down"),
+            _ => None,
+        };
+        match (first, ours) {
+            (End::BackendEof, _) => {
+                drop(b2c);
+                match Box::pin(timeout(t.close, &mut c2b)).await {
                     Ok(End::ClientClosed(_)) | Err(_) => End::BackendEof,
                     Ok(other) => other,
-                },
-                other => other,
-            },
-            end = deadlines(&activity, t.idle, t.max_lifetime) => end,
+                }
+            }
+            (end, Some(reason)) => {
+                drop(b2c);
+                let frame = CloseFrame {
+                    code: CloseCode::Away,
+                    reason: reason.into(),
+                };
+                if let Ok(Ok(())) = Box::pin(timeout(t.close, sink.send(Message::Close(Some(frame))))).await {
+                    let _ = Box::pin(timeout(t.close, &mut c2b)).await;
+                }
+                end
+            }
+            (end, None) => end,
         }
     };
 
@@ -168,31 +192,17 @@ where
         // client's data still in flight goes on to the backend depends on the backend being fine.
         End::ClientError(e) => {
             let (code, reason) = classify(&e);
-            Box::pin(close_and_drain(&mut sink, &mut stream, None, code, &reason, t.close)).await;
+            Box::pin(close_and_drain(&mut sink, &mut stream, code, &reason, t.close)).await;
             summary(u16::from(code), reason, "client")
         }
         End::BackendError(what, e) => {
             let reason = format!("backend {what} failed: {}", crate::backend::describe(&e));
-            Box::pin(close_and_drain(&mut sink, &mut stream, None, CloseCode::Error, &reason, t.close)).await;
+            Box::pin(close_and_drain(&mut sink, &mut stream, CloseCode::Error, &reason, t.close)).await;
             summary(1011, reason, "backend")
         }
-        end @ (End::Idle | End::Lifetime | End::Shutdown) => {
-            let reason = match end {
-                End::Idle => "idle timeout",
-                End::Lifetime => "session lifetime exceeded",
-                _ => "server shutting down",
-            };
-            Box::pin(close_and_drain(
-                &mut sink,
-                &mut stream,
-                Some(&mut writer),
-                CloseCode::Away,
-                reason,
-                t.close,
-            ))
-            .await;
-            summary(1001, reason.to_owned(), "bridge")
-        }
+        End::Idle => summary(1001, "idle timeout".into(), "bridge"),
+        End::Lifetime => summary(1001, "session lifetime exceeded".into(), "bridge"),
+        End::Shutdown => summary(1001, "server shutting down".into(), "bridge"),
         End::PongTimeout => {
             // The peer is gone: one attempt to say so, briefly, and no waiting for an answer.
             let reason = "ping timeout".to_owned();
@@ -220,12 +230,11 @@ where
     result
 }
 
-/// Sends our close frame, then forwards what the client still sends (to `backend`, when it is
-/// healthy) until the client's close frame answers ours or `wait` runs out.
+/// Sends our close frame after an error, then waits (discarding what arrives) until the client's
+/// close frame answers ours or `wait` runs out, so the close frame is not lost to a reset.
 async fn close_and_drain<S>(
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     stream: &mut SplitStream<WebSocketStream<S>>,
-    mut backend: Option<&mut BackendWriter<'_>>,
     code: CloseCode,
     reason: &str,
     wait: Duration,
@@ -243,21 +252,7 @@ async fn close_and_drain<S>(
     {
         return;
     }
-    let _ = tokio::time::timeout_at(deadline, async {
-        while let Some(Ok(msg)) = stream.next().await {
-            let data: &[u8] = match &msg {
-                Message::Binary(b) => b,
-                Message::Text(t) => t.as_bytes(),
-                _ => continue,
-            };
-            if let Some(b) = backend.as_mut() {
-                if b.write_all(data).await.is_err() {
-                    break;
-                }
-            }
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout_at(deadline, async { while let Some(Ok(_)) = stream.next().await {} }).await;
 }
 
 /// The close code and reason for an error from the client side.
@@ -274,7 +269,8 @@ fn classify(e: &WsError) -> (CloseCode, String) {
     }
 }
 
-fn truncate(reason: &str) -> String {
+/// A close reason cut to fit a close frame (123 bytes), at a character boundary.
+pub(crate) fn truncate(reason: &str) -> String {
     if reason.len() <= MAX_REASON {
         return reason.to_owned();
     }
@@ -524,7 +520,7 @@ impl Framer {
                 }
                 self.pending.extend_from_slice(rest);
                 // A line longer than the limit goes out in pieces rather than growing without bound.
-                while self.pending.len() >= self.max_line {
+                while self.pending.len() > self.max_line {
                     let tail = self.pending.split_off(complete_utf8_len(&self.pending[..self.max_line]).max(1));
                     let piece = std::mem::replace(&mut self.pending, tail);
                     out.push(Message::Text(lossy(piece).into()));

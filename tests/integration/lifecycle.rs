@@ -174,3 +174,58 @@ async fn shutdown_closes_sessions_with_1001_and_drains() {
     // No longer accepting.
     assert!(tokio::net::TcpStream::connect(bridge.addr).await.is_err());
 }
+
+#[tokio::test]
+async fn shutdown_mid_transfer_leaves_no_hole_in_the_backend_stream() {
+    // The backend stops reading, so the bridge is stuck in the middle of a write to it when the
+    // shutdown comes. Everything the client sent before its close frame must still arrive, in
+    // order, with nothing skipped.
+    let (backend, mut streams) = manual_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        let mut ok = 0usize;
+        for chunk in sent.chunks(64 * 1024) {
+            if tx.send(Message::binary(chunk.to_vec())).await.is_err() {
+                break;
+            }
+            ok += chunk.len();
+        }
+        ok
+    });
+    // Let some data through, then stop reading.
+    let mut first = vec![0u8; 1 << 20];
+    within("first MiB", b.read_exact(&mut first)).await.unwrap();
+    bridge.shutdown.cancel();
+    // The client hears 1001 (tungstenite answers the close frame while we read).
+    let close = within("close frame", async {
+        loop {
+            match futures_util::StreamExt::next(&mut rx).await {
+                Some(Ok(Message::Close(f))) => return f,
+                Some(Ok(_)) => {}
+                other => panic!("stream ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(u16::from(close.unwrap().code), 1001);
+    let mut rest = Vec::new();
+    within("backend EOF", b.read_to_end(&mut rest)).await.unwrap();
+    let mut got = first;
+    got.extend(rest);
+    let sent_ok = within("client writer", writer).await.unwrap();
+    assert!(
+        got.len() >= sent_ok,
+        "the backend got {} bytes, the client sent {sent_ok} before closing",
+        got.len()
+    );
+    assert!(
+        got == data[..got.len()],
+        "the backend's bytes are not a prefix of what the client sent: a hole"
+    );
+    drop(rx);
+}
