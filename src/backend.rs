@@ -36,8 +36,9 @@ pub enum ConnectError {
     /// The connect deadline passed.
     #[error("backend unreachable: connect timed out after {0:?}")]
     Timeout(Duration),
-    /// The TLS handshake with the backend failed (its certificate did not verify, for one).
-    #[error("backend TLS failed: {0}")]
+    /// The TLS handshake with the backend failed (its certificate did not verify, for one). The
+    /// client reads only a short summary; the details (names in the certificate) go to the log.
+    #[error("backend TLS failed: {}", tls_summary(.0))]
     Tls(#[source] io::Error),
 }
 
@@ -213,6 +214,18 @@ impl BackendWriter<'_> {
         }
         self.write_all(&a[n..]).await?;
         self.write_all(b).await
+    }
+}
+
+/// A short, name-free summary of a backend TLS failure for the close reason.
+fn tls_summary(e: &io::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("invalid peer certificate") || text.contains("certificate") {
+        "certificate not accepted"
+    } else if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::ConnectionReset {
+        "connection closed during the handshake"
+    } else {
+        "handshake failed"
     }
 }
 

@@ -318,16 +318,34 @@ impl RunArgs {
         };
         self.refused.check().map_err(usage)?;
         if let Some(path) = &self.config {
-            if self.source.is_some()
+            let listener_or_route_options = self.source.is_some()
                 || self.target.is_some()
                 || self.web.is_some()
+                || self.web_listing
+                || self.token_plugin.is_some()
                 || self.token_source.is_some()
+                || self.target_config.is_some()
+                || self.host_token
                 || self.unix_target.is_some()
+                || self.heartbeat.is_some()
+                || self.idle_timeout.is_some()
+                || self.connect_timeout.is_some()
+                || self.handshake_timeout.is_some()
+                || self.framing.is_some()
+                || self.max_message_size.is_some()
+                || self.max_connections.is_some()
                 || self.cert.is_some()
+                || self.key.is_some()
+                || self.ssl_only
+                || self.ssl_version.is_some()
+                || self.verify_client
+                || self.cafile.is_some()
                 || self.ssl_target
-            {
+                || self.auth_plugin.is_some();
+            if listener_or_route_options {
                 return Err(usage(
-                    "--config takes everything from the file; drop the other listener and target arguments".into(),
+                    "--config takes everything from the file; only -v, --log-format and --threads go beside it (put the rest in the file)"
+                        .into(),
                 ));
             }
             let mut config = Config::from_file(path)?;
@@ -359,7 +377,11 @@ impl RunArgs {
             config.limits.max_connections = n;
         }
         if let Some(s) = &self.max_message_size {
-            config.limits.max_message_size = parse_size(s).map_err(|e| usage(format!("--max-message-size: {e}")))?;
+            let size = parse_size(s).map_err(|e| usage(format!("--max-message-size: {e}")))?;
+            if size < 125 {
+                return Err(usage("--max-message-size: must be at least 125 bytes".into()));
+            }
+            config.limits.max_message_size = size;
         }
         let secs = |name: &str, v: f64| {
             std::time::Duration::try_from_secs_f64(v)

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -76,7 +76,8 @@ async fn member(stream: TcpStream, name: String, room: broadcast::Sender<String>
 /// One line (lossy UTF-8, at most [`MAX_LINE`] bytes kept), or `None` at EOF or error.
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Option<String> {
     buf.clear();
-    let n = r.read_until(b'\n', buf).await.ok()?;
+    // Bounded: a longer line is cut, and its rest is read as the next one.
+    let n = (&mut *r).take(MAX_LINE as u64).read_until(b'\n', buf).await.ok()?;
     if n == 0 {
         return None;
     }
@@ -90,8 +91,14 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<
 /// # Errors
 /// The directory cannot be created or written.
 pub fn write_web_root() -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("wsbridge-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    use std::os::unix::fs::DirBuilderExt;
+    // A fresh directory only we can write: create (not reuse) it, mode 0700, with a name that is
+    // not just the pid, so nobody can plant a page in it beforehand.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("wsbridge-demo-{}-{nanos:08x}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     std::fs::write(dir.join("index.html"), INDEX_HTML)?;
     Ok(dir)
 }

@@ -241,6 +241,7 @@ async fn decide<'w>(
 
 /// The first subprotocol the client offers (its order is its preference) that the route accepts.
 /// Offers are comma-separated, possibly over several headers, with any spacing.
+/// `binary` is always accepted: noVNC and websockify clients offer it, and routes name others.
 pub fn choose_subprotocol(headers: &HeaderMap, accepted: &[String]) -> Option<String> {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -248,7 +249,7 @@ pub fn choose_subprotocol(headers: &HeaderMap, accepted: &[String]) -> Option<St
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .find(|offer| accepted.iter().any(|a| a == offer))
+        .find(|offer| *offer == "binary" || accepted.iter().any(|a| a == offer))
         .map(str::to_owned)
 }
 

@@ -171,6 +171,12 @@ async fn run(config: Config, path: Option<std::path::PathBuf>, threads: usize) -
     let mut per_thread: Vec<Vec<(Listener, std::net::TcpListener)>> = (0..threads).map(|_| Vec::new()).collect();
     for l in &prepared {
         let mut addr = l.config.addr;
+        if threads > 1 {
+            // SO_REUSEPORT would let us share a port another process holds (a second wsbridge,
+            // say) without a word: bind once without it first, so a port in use is an error.
+            let probe = Listener::bind_std(addr, false).with_context(|| format!("cannot listen on {}", l.config.addr))?;
+            addr = probe.local_addr()?;
+        }
         for sockets in per_thread.iter_mut() {
             let socket = Listener::bind_std(addr, threads > 1).with_context(|| format!("cannot listen on {}", l.config.addr))?;
             // Port 0: the first socket picks the port, the others share it.

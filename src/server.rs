@@ -197,11 +197,9 @@ impl Bridge {
             );
             let bridge = self.clone();
             let listener = listener.clone();
-            let fut = async move { bridge.connection(stream, &listener).await }.instrument(span);
-            if std::env::var_os("WSB_SIZE").is_some() {
-                eprintln!("future size {}", std::mem::size_of_val(&fut));
-            }
-            self.inner.tracker.spawn(fut);
+            self.inner
+                .tracker
+                .spawn(async move { bridge.connection(stream, &listener).await }.instrument(span));
         }
     }
 
@@ -236,7 +234,9 @@ impl Bridge {
         }
         // 0x16: a TLS handshake record (the ClientHello).
         if first[0] != 0x16 {
-            if tls.settings.only {
+            // A listener that requires client certificates must not let plain clients around them.
+            let certs_required = tls.settings.client_ca.is_some() && tls.settings.client_auth == crate::tls::ClientAuth::Required;
+            if tls.settings.only || certs_required {
                 let answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 42\r\nConnection: close\r\n\r\nthis port takes TLS only: use wss:// (https)";
                 let _ = tokio::time::timeout_at(deadline, stream.write_all(answer)).await;
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
@@ -426,7 +426,7 @@ where
             };
             let frame = CloseFrame {
                 code,
-                reason: reason.clone().into(),
+                reason: relay::truncate(&reason).into(),
             };
             let _ = timeout(params.timeouts.close, async {
                 futures_util::SinkExt::send(&mut ws, Message::Close(Some(frame))).await?;

@@ -87,10 +87,13 @@ async fn subprotocols() {
 async fn route_subprotocols_are_configurable() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
-    config.routes[0].options.subprotocols = vec!["tty".into(), "binary".into()];
+    config.routes[0].options.subprotocols = vec!["tty".into()];
     let bridge = TestBridge::start(config).await;
     let (_, chosen) = ws_connect(&bridge.url("/"), Some("tty, binary")).await;
     assert_eq!(chosen.as_deref(), Some("tty"), "the client's first acceptable choice wins");
+    // `binary` stays accepted whatever else a route names.
+    let (_, chosen) = ws_connect(&bridge.url("/"), Some("binary")).await;
+    assert_eq!(chosen.as_deref(), Some("binary"));
 }
 
 #[tokio::test]
