@@ -588,6 +588,14 @@ mod tests {
     }
 
     #[test]
+    fn config_file_takes_no_route_options_beside_it() {
+        let e = config(&["--config", "w.toml", "--idle-timeout", "5"]).unwrap_err();
+        assert!(e.contains("only -v, --log-format and --threads"), "{e}");
+        let e = config(&["6080", "h:1", "--max-message-size", "100"]).unwrap_err();
+        assert!(e.contains("at least 125 bytes"), "{e}");
+    }
+
+    #[test]
     fn missing_target() {
         let e = config(&["6080"]).unwrap_err();
         assert!(e.contains("missing TARGET"), "{e}");
