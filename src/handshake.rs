@@ -100,17 +100,33 @@ impl std::fmt::Debug for WebRoot {
     }
 }
 
-/// Reads the request head from `io` and decides what it is; error answers and static files are
-/// written to `io` before returning. The caller applies the deadline.
+/// Reads the request head from `io`: the part a slow or silent client controls, which the caller
+/// bounds with the handshake deadline.
 ///
 /// # Errors
-/// [`Rejection::BadRequest`] / [`Rejection::Io`] when the client sent no usable HTTP or the socket
-/// failed; statuses that were answered come back as [`Outcome::Answered`].
-pub async fn handle<S>(io: &mut S, routes: &RouteTable, web: Option<&WebRoot>, client_cn: Option<&str>) -> Result<Outcome, Rejection>
+/// [`Rejection::Status`] for a head that must be answered with an error (400, 431), which
+/// [`respond`] writes; [`Rejection::BadRequest`] / [`Rejection::Io`] when there is nobody to answer.
+pub async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Rejection> {
+    read_head(io).await
+}
+
+/// Decides what a request is; error answers and static files are written to `io` before
+/// returning (the caller bounds this with the write deadline).
+///
+/// # Errors
+/// [`Rejection::BadRequest`] / [`Rejection::Io`] when the socket failed; statuses that were
+/// answered come back as [`Outcome::Answered`].
+pub async fn respond<S>(
+    io: &mut S,
+    head: Result<Head, Rejection>,
+    routes: &RouteTable,
+    web: Option<&WebRoot>,
+    client_cn: Option<&str>,
+) -> Result<Outcome, Rejection>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (request, leftover) = match read_head(io).await {
+    let (request, leftover) = match head {
         Ok(v) => v,
         Err(Rejection::Status { status, reason }) => return answer(io, status, &reason, &[]).await,
         Err(e) => return Err(e),
@@ -271,7 +287,7 @@ fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool
 }
 
 /// A parsed request head and the bytes that followed it.
-type Head = (Request<()>, Vec<u8>);
+pub type Head = (Request<()>, Vec<u8>);
 
 /// Reads until the end of the request head; returns it and the bytes after it.
 async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Rejection> {

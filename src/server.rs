@@ -209,6 +209,7 @@ impl Bridge {
         let Ok(_permit) = self.inner.slots.clone().try_acquire_owned() else {
             let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, later";
             let _ = timeout(Duration::from_secs(1), stream.write_all(answer)).await;
+            linger(&mut stream, Duration::from_millis(250)).await;
             debug!(status = 503, "refused: connection limit reached");
             return;
         };
@@ -239,6 +240,7 @@ impl Bridge {
             if tls.settings.only || certs_required {
                 let answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 42\r\nConnection: close\r\n\r\nthis port takes TLS only: use wss:// (https)";
                 let _ = tokio::time::timeout_at(deadline, stream.write_all(answer)).await;
+                linger(&mut stream, live.timeouts.close).await;
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
             return Box::pin(self.http(stream, listener, live, deadline, None)).await;
@@ -274,16 +276,28 @@ impl Bridge {
     {
         let t = &live.timeouts;
         let shutdown = &self.inner.shutdown;
-        let handled = tokio::select! {
+        // Reading the request is under the handshake deadline; answering it (an error, a static
+        // file, or the 101) under the write deadline, so a large file on a slow link is not cut.
+        let head = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, Box::pin(handshake::handle(&mut stream, &live.routes, listener.web.as_deref(), client_cn))) => r,
+            r = tokio::time::timeout_at(deadline, handshake::read_request(&mut stream)) => match r {
+                Ok(head) => head,
+                Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
+            },
         };
-        let upgrade = match handled {
-            Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
+        let write_deadline = Instant::now() + t.http_write;
+        let responded = Box::pin(handshake::respond(
+            &mut stream,
+            head,
+            &live.routes,
+            listener.web.as_deref(),
+            client_cn,
+        ));
+        let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
+            Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
             Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
             Ok(Ok(Outcome::Answered { status, reason })) => {
-                // A clean end (TLS close_notify, then FIN) so the client reads the whole answer.
-                let _ = tokio::time::timeout(t.close, stream.shutdown()).await;
+                linger(&mut stream, t.close).await;
                 return info!(status = status.as_u16(), %reason, "http request answered");
             }
             Ok(Ok(Outcome::Upgrade(u))) => u,
@@ -291,10 +305,10 @@ impl Bridge {
         let span = tracing::Span::current();
         span.record("route", upgrade.route.name.as_str());
         span.record("target", tracing::field::display(&upgrade.route.target));
-        match tokio::time::timeout_at(deadline, handshake::write_switching(&mut stream, &upgrade)).await {
+        match tokio::time::timeout_at(write_deadline, handshake::write_switching(&mut stream, &upgrade)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
-            Err(_) => return debug!("handshake deadline passed writing 101"),
+            Err(_) => return debug!("write deadline passed writing 101"),
         }
         // Keep what the session needs; the request head is freed here, not at the session's end.
         let handshake::Upgrade {
@@ -404,6 +418,26 @@ impl Listener {
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.socket.as_ref().ok_or_else(|| std::io::Error::other("not bound"))?.local_addr()
     }
+}
+
+/// Ends an answered connection cleanly: FIN (close_notify over TLS), then up to 64 KiB of what the
+/// client still sends is read and dropped for at most `wait`, so that closing a socket with unread
+/// request bytes does not reset the connection and destroy the answer before the client reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration) {
+    use tokio::io::AsyncReadExt;
+    let _ = timeout(wait, async {
+        stream.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// Connects the backend and relays; logs the session's open and close lines.

@@ -167,3 +167,31 @@ async fn directory_listing_when_asked() {
     let r = http_raw(bridge.addr, b"GET /sub/../../ HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_ne!(status_of(&r), 200, "{r}");
 }
+
+#[tokio::test]
+async fn a_static_file_outlives_the_handshake_deadline() {
+    // Reading the request is bounded by the handshake deadline; writing the answer by the write
+    // deadline: a large file to a client that starts reading late is not cut.
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.path().join("big.bin"), &big).unwrap();
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.handshake = std::time::Duration::from_millis(100);
+    config.listeners.push(ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: Some(dir.path().into()),
+        web_listing: false,
+        tls: None,
+    });
+    let bridge = TestBridge::start(config).await;
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    // The slow client of the scenario: it starts reading well after the handshake deadline.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut all = Vec::new();
+    within("the whole file", s.read_to_end(&mut all)).await.unwrap();
+    let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(all.len() - body_at, big.len());
+    assert!(all[body_at..] == big[..]);
+}
