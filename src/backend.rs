@@ -55,14 +55,30 @@ impl Backend {
     pub async fn connect(target: &Target, deadline: Duration, tls: Option<&BackendTls>) -> Result<Backend, ConnectError> {
         let attempt = async {
             match target {
+                // A TLS route whose token source names a unix socket: refuse rather than send
+                // in plaintext what the route says must be encrypted.
+                Target::Unix(_) if tls.is_some() => Err(ConnectError::Tls(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "TLS is for TCP targets, not unix sockets",
+                ))),
                 Target::Unix(path) => UnixStream::connect(path).await.map(Backend::Unix).map_err(ConnectError::Connect),
                 Target::Tcp { host, port } => {
-                    let addrs = tokio::net::lookup_host((host.as_str(), *port))
+                    let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), *port))
                         .await
-                        .map_err(ConnectError::Resolve)?;
-                    let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolved to no address");
-                    for addr in addrs {
-                        match TcpStream::connect(addr).await {
+                        .map_err(ConnectError::Resolve)?
+                        .collect();
+                    let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "host resolved to no address");
+                    let end = tokio::time::Instant::now() + deadline;
+                    for (i, addr) in addrs.iter().enumerate() {
+                        // Each address gets an equal share of the time left, so one that never
+                        // answers (a blackholed IPv6 route, say) cannot starve the others.
+                        let share = end.saturating_duration_since(tokio::time::Instant::now()) / (addrs.len() - i) as u32;
+                        let attempt = match timeout(share, TcpStream::connect(addr)).await {
+                            Ok(r) => r,
+                            Err(_) if i + 1 == addrs.len() => return Err(ConnectError::Timeout(deadline)),
+                            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+                        };
+                        match attempt {
                             Ok(s) => {
                                 // Small messages (keystrokes, VNC input) must not wait for Nagle.
                                 s.set_nodelay(true).map_err(ConnectError::Connect)?;

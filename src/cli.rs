@@ -468,6 +468,7 @@ impl RunArgs {
             }
             let target = match (self.target, self.unix_target) {
                 (Some(t), _) => t.parse::<Target>().map_err(usage)?,
+                (None, Some(_)) if self.ssl_target => return Err(usage("--ssl-target is for TCP targets, not --unix-target".into())),
                 (None, Some(p)) => Target::Unix(p),
                 (None, None) => unreachable!("counted above"),
             };

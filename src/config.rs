@@ -652,6 +652,9 @@ impl RawConfig {
                 backend_tls: r.backend_tls.map(|b| b.resolve(ctx)),
             }
             .apply(&defaults);
+            if options.backend_tls.is_some() && matches!(r.target, Target::Unix(_)) {
+                return ctx.invalid(span, format!("route[{i}].backend_tls"), "TLS is for TCP targets, not unix sockets");
+            }
             config.routes.push(RouteConfig {
                 matcher,
                 target: r.target,
@@ -965,6 +968,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(msg, "test.toml:7: route[1].path: path /a has another route already");
+    }
+
+    #[test]
+    fn backend_tls_needs_a_tcp_target() {
+        let msg = parse("[[listen]]\naddr = 1\n[[route]]\npath = \"/\"\ntarget = \"unix:/s\"\nbackend_tls = { ca = \"ca.pem\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(msg, "test.toml:3: route[0].backend_tls: TLS is for TCP targets, not unix sockets");
     }
 
     #[test]

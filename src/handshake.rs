@@ -312,8 +312,13 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Rejection> 
                 "connection closed in the middle of the request head".into()
             }));
         }
-        if let Some(parsed) = parse_head(&buf)? {
-            return Ok(parsed);
+        // Parse only when the new bytes may end the head (a blank line): a client that sends a
+        // byte at a time must not make us re-parse up to 16 KiB per byte.
+        let window = &buf[start.saturating_sub(3)..];
+        if window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n") {
+            if let Some(parsed) = parse_head(&buf)? {
+                return Ok(parsed);
+            }
         }
     }
 }

@@ -95,6 +95,9 @@ struct Activity {
     last_ms: AtomicU64,
     /// When the last pong arrived (ms since start), for the keepalive.
     pong_ms: AtomicU64,
+    /// Whether client → backend is waiting on a backend write: pongs then sit unread in the
+    /// client socket, and a missing pong says nothing about the client.
+    backend_blocked: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -123,6 +126,7 @@ where
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
         pong_ms: AtomicU64::new(0),
+        backend_blocked: std::sync::atomic::AtomicBool::new(false),
     };
     let (mut up, mut down) = (0u64, 0u64);
     let t = &params.timeouts;
@@ -341,11 +345,13 @@ where
             Message::Close(frame) => return End::ClientClosed(frame.clone()),
         };
         let newline = framing == Framing::Lines && !data.ends_with(b"\n");
+        activity.backend_blocked.store(true, Ordering::Relaxed);
         let written = if newline {
             backend.write_all_parts(data, b"\n").await
         } else {
             backend.write_all(data).await
         };
+        activity.backend_blocked.store(false, Ordering::Relaxed);
         if let Err(e) = written {
             return End::BackendError("write", e);
         }
@@ -417,6 +423,12 @@ where
             }
             _ = tick(&mut keepalive), if keepalive.is_some() => {
                 if let Some(sent) = ping_sent_ms {
+                    // While we are not reading the client (its messages wait for a slow backend),
+                    // its pong cannot be seen: that is backpressure, not a dead client.
+                    if activity.backend_blocked.load(Ordering::Relaxed) {
+                        ping_sent_ms = Some(activity.now_ms());
+                        continue;
+                    }
                     if activity.pong_ms.load(Ordering::Relaxed) < sent {
                         return End::PongTimeout;
                     }

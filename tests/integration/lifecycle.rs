@@ -229,3 +229,44 @@ async fn shutdown_mid_transfer_leaves_no_hole_in_the_backend_stream() {
     );
     drop(rx);
 }
+
+#[tokio::test]
+async fn a_slow_backend_is_not_mistaken_for_a_dead_client() {
+    // While the bridge waits on a backend that does not read, it does not read the client either,
+    // so the client's pongs sit unread: that must not end the session as "ping timeout".
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(50));
+    config.timeouts.pong_timeout = Duration::from_millis(100);
+    let bridge = TestBridge::start(config).await;
+    let (ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    // The client reads all the time (so tungstenite answers every ping) and reports data.
+    let reader = tokio::spawn(async move {
+        while let Some(m) = futures_util::StreamExt::next(&mut rx).await {
+            match m {
+                Ok(Message::Binary(d)) => return Ok(d.to_vec()),
+                Ok(Message::Close(f)) => return Err(format!("closed: {f:?}")),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("ended".to_string())
+    });
+    let total = 16usize << 20;
+    let writer = tokio::spawn(async move {
+        for _ in 0..total / (64 * 1024) {
+            tx.send(Message::binary(vec![7u8; 64 * 1024])).await.unwrap();
+        }
+        tx
+    });
+    // The backend does not read for many pong timeouts (the scenario, not a synchronisation).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut got = vec![0u8; total];
+    within("all the client's data", b.read_exact(&mut got)).await.unwrap();
+    b.write_all(b"still here").await.unwrap();
+    let reply = within("reply", reader).await.unwrap();
+    assert_eq!(reply.as_deref(), Ok(&b"still here"[..]));
+    drop(within("writer", writer).await.unwrap());
+}
