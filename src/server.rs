@@ -427,7 +427,8 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duratio
     use tokio::io::AsyncReadExt;
     let _ = timeout(wait, async {
         stream.shutdown().await?;
-        let mut buf = [0u8; 4096];
+        // On the heap: a 4 KiB array here would sit in every connection's future, used or not.
+        let mut buf = vec![0u8; 4096];
         let mut total = 0;
         while total < 64 * 1024 {
             match stream.read(&mut buf).await? {
@@ -512,5 +513,48 @@ impl Live {
             timeouts: config.timeouts.clone(),
             max_connections: config.limits.max_connections,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's task is allocated for every connection and lives as long as the session:
+    /// its size is the per-session memory floor. A buffer or a big state inlined by accident (a
+    /// 4 KiB array in a helper did it once) shows here long before a benchmark runs.
+    #[tokio::test]
+    async fn connection_futures_stay_small() {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut config = Config::new("test");
+        config.listeners.push(ListenerConfig {
+            addr,
+            web: None,
+            web_listing: false,
+            tls: None,
+        });
+        let options = config.default_route_options();
+        config.routes.push(crate::config::RouteConfig {
+            matcher: crate::config::Matcher::AnyPath,
+            target: "127.0.0.1:1".parse().unwrap(),
+            options,
+        });
+        let bridge = Bridge::new(&config).unwrap();
+        let listener = Listener::prepare(&config.listeners[0]).unwrap();
+        let connection = bridge.clone().connection(TcpStream::connect(addr).await.unwrap(), &listener);
+        assert!(
+            std::mem::size_of_val(&connection) <= 1024,
+            "connection future: {} bytes",
+            std::mem::size_of_val(&connection)
+        );
+        drop(connection);
+        let live = bridge.live();
+        let http = bridge.http(TcpStream::connect(addr).await.unwrap(), &listener, &live, Instant::now(), None);
+        assert!(
+            std::mem::size_of_val(&http) <= 3 * 1024,
+            "http future: {} bytes",
+            std::mem::size_of_val(&http)
+        );
     }
 }
