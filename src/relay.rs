@@ -40,14 +40,15 @@ const MAX_READ: usize = 256 * 1024;
 const MAX_REASON: usize = 123;
 
 /// What a session is allowed to do.
-#[derive(Debug, Clone)]
-pub struct SessionParams {
+#[derive(Debug, Clone, Copy)]
+pub struct SessionParams<'a> {
     /// Backend → client framing.
     pub framing: Framing,
     /// Largest line kept in `lines` framing before it is sent as it is.
     pub max_message_size: usize,
-    /// Deadlines.
-    pub timeouts: Timeouts,
+    /// Deadlines (borrowed from the configuration the connection started with: a copy would sit
+    /// in every session's state).
+    pub timeouts: &'a Timeouts,
 }
 
 /// How a session ended, for the session log line.
@@ -114,7 +115,7 @@ impl Activity {
 
 /// Runs a session to its end and says how it ended. Never panics on peer input; every wait has a
 /// deadline from `params.timeouts` or ends with the peer's socket.
-pub async fn run<S>(ws: Box<WebSocketStream<S>>, mut backend: Backend, params: &SessionParams, shutdown: &CancellationToken) -> Summary
+pub async fn run<S>(ws: Box<WebSocketStream<S>>, mut backend: Backend, params: &SessionParams<'_>, shutdown: &CancellationToken) -> Summary
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -129,7 +130,7 @@ where
         backend_blocked: std::sync::atomic::AtomicBool::new(false),
     };
     let (mut up, mut down) = (0u64, 0u64);
-    let t = &params.timeouts;
+    let t = params.timeouts;
 
     let end = {
         let mut c2b = pin!(client_to_backend(&mut stream, &mut writer, params.framing, &mut up, &activity));
@@ -364,7 +365,7 @@ where
 async fn backend_to_client<S>(
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     backend: &mut BackendReader<'_>,
-    params: &SessionParams,
+    params: &SessionParams<'_>,
     bytes: &mut u64,
     activity: &Activity,
 ) -> End

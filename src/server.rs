@@ -209,7 +209,8 @@ impl Bridge {
         let Ok(_permit) = self.inner.slots.clone().try_acquire_owned() else {
             let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, later";
             let _ = timeout(Duration::from_secs(1), stream.write_all(answer)).await;
-            linger(&mut stream, Duration::from_millis(250)).await;
+            // Boxed: this rare path's state would otherwise widen every connection's task.
+            Box::pin(linger(&mut stream, Duration::from_millis(250))).await;
             debug!(status = 503, "refused: connection limit reached");
             return;
         };
@@ -320,7 +321,7 @@ impl Bridge {
         let params = SessionParams {
             framing: route.options.framing,
             max_message_size: route.options.max_message_size,
-            timeouts: t.clone(),
+            timeouts: t,
         };
         let io = ReadAhead::new(stream);
         let ws = Box::new(WebSocketStream::from_partially_read(io, leftover, Role::Server, Some(ws_config(params.max_message_size))).await);
@@ -442,7 +443,7 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duratio
 }
 
 /// Connects the backend and relays; logs the session's open and close lines.
-async fn run_session<S>(mut ws: Box<WebSocketStream<S>>, route: &Route, params: &SessionParams, shutdown: &CancellationToken)
+async fn run_session<S>(mut ws: Box<WebSocketStream<S>>, route: &Route, params: &SessionParams<'_>, shutdown: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
