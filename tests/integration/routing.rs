@@ -13,6 +13,17 @@ async fn named_backend(name: &str) -> std::net::SocketAddr {
     source_backend(name.as_bytes().to_vec()).await
 }
 
+/// Retries an upgrade to `path` until it gets 101: for effects that come into force a little later
+/// (a token file re-read, a session slot given back), polled every 50 ms within the test bound.
+async fn until_upgraded(addr: std::net::SocketAddr, path: &str, what: &str) {
+    within(what, async {
+        while status_of(&http_head(addr, &upgrade_request(path, "")).await) != 101 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 async fn first_message(url: &str) -> String {
     let (mut ws, _) = ws_connect(url, None).await;
     String::from_utf8(recv_data(&mut ws).await).unwrap()
@@ -71,16 +82,7 @@ async fn websockify_token_file_like_novnc() {
     // Editing the file, as websockify users do, takes effect without a restart.
     let c = named_backend("C").await;
     std::fs::write(&file, format!("alpha: 127.0.0.1:{}\ngamma: 127.0.0.1:{}\n", a.port(), c.port())).unwrap();
-    within("new token picked up", async {
-        loop {
-            let r = http_head(bridge.addr, &upgrade_request("/websockify?token=gamma", "")).await;
-            if status_of(&r) == 101 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await; // polling a file-change effect
-        }
-    })
-    .await;
+    until_upgraded(bridge.addr, "/websockify?token=gamma", "the new token picked up").await;
     assert_eq!(first_message(&bridge.url("/websockify?token=gamma")).await, "C");
 }
 
@@ -195,16 +197,7 @@ async fn route_session_cap_answers_503() {
     assert_eq!(status_of(&r), 503, "{r}");
     // The slot comes back when the session ends.
     drop(first);
-    within("slot released", async {
-        loop {
-            let r = http_head(bridge.addr, &upgrade_request("/", "")).await;
-            if status_of(&r) == 101 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await; // polling for the slot's release
-        }
-    })
-    .await;
+    until_upgraded(bridge.addr, "/", "the slot released").await;
 }
 
 #[tokio::test]
