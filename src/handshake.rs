@@ -100,16 +100,6 @@ impl std::fmt::Debug for WebRoot {
     }
 }
 
-/// Reads the request head from `io`: the part a slow or silent client controls, which the caller
-/// bounds with the handshake deadline.
-///
-/// # Errors
-/// [`Rejection::Status`] for a head that must be answered with an error (400, 431), which
-/// [`respond`] writes; [`Rejection::BadRequest`] / [`Rejection::Io`] when there is nobody to answer.
-pub async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Rejection> {
-    read_head(io).await
-}
-
 /// Decides what a request is; error answers and static files are written to `io` before
 /// returning (the caller bounds this with the write deadline).
 ///
@@ -289,8 +279,13 @@ fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool
 /// A parsed request head and the bytes that followed it.
 pub type Head = (Request<()>, Vec<u8>);
 
-/// Reads until the end of the request head; returns it and the bytes after it.
-async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Rejection> {
+/// Reads the request head from `io` (the part a slow or silent client controls, which the caller
+/// bounds with the handshake deadline); returns it and the bytes after it.
+///
+/// # Errors
+/// [`Rejection::Status`] for a head that must be answered with an error (400, 431), which
+/// [`respond`] writes; [`Rejection::BadRequest`] / [`Rejection::Io`] when there is nobody to answer.
+pub async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Rejection> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         if buf.len() >= MAX_HEAD {
@@ -385,8 +380,9 @@ pub async fn write_switching<S: AsyncWrite + Unpin>(io: &mut S, upgrade: &Upgrad
     io.flush().await
 }
 
-/// Writes a short plain-text answer and returns it as the outcome.
-async fn answer<S: AsyncWrite + Unpin>(
+/// Writes a short plain-text answer (Content-Length computed, `Connection: close`) and returns it
+/// as the outcome. The server uses it too, for answers given before a request is read.
+pub(crate) async fn answer<S: AsyncWrite + Unpin>(
     io: &mut S,
     status: StatusCode,
     reason: &str,

@@ -207,8 +207,9 @@ impl Bridge {
     async fn connection(self, mut stream: TcpStream, listener: &Listener) {
         let live = self.live();
         let Ok(_permit) = self.inner.slots.clone().try_acquire_owned() else {
-            let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections, later";
-            let _ = timeout(Duration::from_secs(1), stream.write_all(answer)).await;
+            let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
+            let refusal = handshake::answer(&mut stream, http::StatusCode::SERVICE_UNAVAILABLE, "too many connections", &retry);
+            let _ = timeout(Duration::from_secs(1), refusal).await;
             // Boxed: this rare path's state would otherwise widen every connection's task.
             Box::pin(linger(&mut stream, Duration::from_millis(250))).await;
             debug!(status = 503, "refused: connection limit reached");
@@ -239,8 +240,8 @@ impl Bridge {
             // A listener that requires client certificates must not let plain clients around them.
             let certs_required = tls.settings.client_ca.is_some() && tls.settings.client_auth == crate::tls::ClientAuth::Required;
             if tls.settings.only || certs_required {
-                let answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 42\r\nConnection: close\r\n\r\nthis port takes TLS only: use wss:// (https)";
-                let _ = tokio::time::timeout_at(deadline, stream.write_all(answer)).await;
+                let reason = "this port takes TLS only: use wss:// (https)";
+                let _ = tokio::time::timeout_at(deadline, handshake::answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
                 linger(&mut stream, live.timeouts.close).await;
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }

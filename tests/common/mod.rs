@@ -361,3 +361,20 @@ pub async fn http_head(addr: SocketAddr, request: &[u8]) -> String {
     })
     .await
 }
+
+/// The body of a raw response, checked against its Content-Length.
+pub fn body_of(response: &str) -> &str {
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head end in {response:?}"));
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
+    assert_eq!(body.len(), length, "Content-Length does not match the body: {response:?}");
+    body
+}

@@ -150,46 +150,22 @@ async fn text_framing_never_splits_code_points() {
 }
 
 #[tokio::test]
-async fn unmasked_frame_is_closed_with_1002() {
+async fn protocol_violations_get_1002_and_bad_utf8_1007() {
     let (backend, _) = echo_backend().await;
     let bridge = TestBridge::start(any_path_to(backend)).await;
-    let mut s = raw_ws(bridge.addr, "/").await;
-    s.write_all(&frame(0x82, b"unmasked", false)).await.unwrap();
-    let (code, reason) = raw_read_close(&mut s).await;
-    assert_eq!(code, 1002, "{reason}");
-}
-
-#[tokio::test]
-async fn rsv_bits_are_closed_with_1002() {
-    let (backend, _) = echo_backend().await;
-    let bridge = TestBridge::start(any_path_to(backend)).await;
-    let mut s = raw_ws(bridge.addr, "/").await;
-    s.write_all(&frame(0x80 | 0x40 | 0x02, b"rsv1", true)).await.unwrap();
-    let (code, _) = raw_read_close(&mut s).await;
-    assert_eq!(code, 1002);
-}
-
-#[tokio::test]
-async fn oversized_control_frame_and_bad_close_code_are_1002() {
-    let (backend, _) = echo_backend().await;
-    let bridge = TestBridge::start(any_path_to(backend)).await;
-    let mut s = raw_ws(bridge.addr, "/").await;
-    s.write_all(&frame(0x89, &[b'p'; 200], true)).await.unwrap();
-    assert_eq!(raw_read_close(&mut s).await.0, 1002);
-
-    let mut s = raw_ws(bridge.addr, "/").await;
-    s.write_all(&frame(0x88, &[0x03, 0xe7], true)).await.unwrap(); // code 999
-    assert_eq!(raw_read_close(&mut s).await.0, 1002);
-}
-
-#[tokio::test]
-async fn invalid_utf8_text_is_closed_with_1007() {
-    let (backend, _) = echo_backend().await;
-    let bridge = TestBridge::start(any_path_to(backend)).await;
-    let mut s = raw_ws(bridge.addr, "/").await;
-    s.write_all(&frame(0x81, b"ok \xff\xfe", true)).await.unwrap();
-    let (code, reason) = raw_read_close(&mut s).await;
-    assert_eq!(code, 1007, "{reason}");
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("unmasked frame", frame(0x82, b"unmasked", false), 1002),
+        ("RSV1 without an extension", frame(0x80 | 0x40 | 0x02, b"rsv1", true), 1002),
+        ("ping over 125 bytes", frame(0x89, &[b'p'; 200], true), 1002),
+        ("close code 999", frame(0x88, &[0x03, 0xe7], true), 1002),
+        ("invalid UTF-8 in a text message", frame(0x81, b"ok \xff\xfe", true), 1007),
+    ];
+    for (what, bytes, expected) in cases {
+        let mut s = raw_ws(bridge.addr, "/").await;
+        s.write_all(&bytes).await.unwrap();
+        let (code, reason) = raw_read_close(&mut s).await;
+        assert_eq!(code, expected, "{what}: {reason}");
+    }
 }
 
 #[tokio::test]

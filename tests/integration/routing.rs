@@ -184,17 +184,26 @@ async fn ipv6_listener_and_target() {
     bridge.shutdown_token().cancel();
 }
 
+/// Opens one session (proved live by an echo) and checks that a second upgrade gets 503 with a
+/// complete answer; returns the first session.
+async fn second_session_refused(bridge: &TestBridge) -> Ws {
+    let (mut first, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut first, b"1").await;
+    recv_data(&mut first).await;
+    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+    assert!(r.to_ascii_lowercase().contains("retry-after:"), "{r}");
+    body_of(&r);
+    first
+}
+
 #[tokio::test]
 async fn route_session_cap_answers_503() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
     config.routes[0].options.max_sessions = Some(1);
     let bridge = TestBridge::start(config).await;
-    let (mut first, _) = ws_connect(&bridge.url("/"), None).await;
-    send_bin(&mut first, b"1").await;
-    recv_data(&mut first).await;
-    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
-    assert_eq!(status_of(&r), 503, "{r}");
+    let first = second_session_refused(&bridge).await;
     // The slot comes back when the session ends.
     drop(first);
     until_upgraded(bridge.addr, "/", "the slot released").await;
@@ -206,9 +215,5 @@ async fn connection_cap_answers_503() {
     let mut config = any_path_to(backend);
     config.limits.max_connections = 1;
     let bridge = TestBridge::start(config).await;
-    let (mut first, _) = ws_connect(&bridge.url("/"), None).await;
-    send_bin(&mut first, b"1").await;
-    recv_data(&mut first).await;
-    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
-    assert_eq!(status_of(&r), 503, "{r}");
+    let _first = second_session_refused(&bridge).await;
 }

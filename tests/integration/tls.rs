@@ -96,7 +96,7 @@ async fn tls_only_refuses_plain_promptly() {
     let bridge = TestBridge::start(tls_config(backend, tls)).await;
     let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
     assert_eq!(status_of(&r), 400, "{r}");
-    assert!(r.contains("TLS only"), "{r}");
+    assert!(body_of(&r).contains("TLS only"), "{r}");
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     // wss still works.
     let stream = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, BOTH))
