@@ -16,6 +16,7 @@
 //! | [`tls`] | PEM → rustls configs, SNI, certificate reload, client certificates, TLS to backends |
 //! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
 //! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |
+//! | [`frame`] | WebSocket frames: the client's parsed and unmasked in place, our headers |
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
 //!
 //! `main.rs` parses arguments, sets up logging and signals, binds, and calls [`server::Bridge::serve`].
@@ -26,6 +27,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod frame;
 pub mod handshake;
 pub mod relay;
 pub mod routes;

@@ -1,50 +1,69 @@
 //! The pump: one WebSocket session bound to one backend stream.
 //!
-//! Two direction futures run together in the session's task, each with one buffer in flight:
-//! - client → backend ([`client_to_backend`]): read a message, await its write to the backend,
-//!   read the next. A backend that stops reading stops us reading the client.
-//! - backend → client ([`backend_to_client`]): wait until the backend is readable, take a buffer
-//!   sized to recent reads (4 KiB to 256 KiB, so an idle session holds none), send it as a message,
-//!   await the send, repeat. A client that stops reading stops us reading the backend. It also sends
-//!   the keepalive pings.
+//! A session is one state machine ([`Pump`]) polled by the session's task. Both directions advance
+//! in the same poll, with no lock between them and no allocation per message:
+//! - client → backend: what the client sent is read (up to 256 KiB at a time) into a scratch
+//!   buffer shared by every session on the thread, parsed and unmasked in place
+//!   ([`crate::frame::Decoder`]), and the payload is written straight to the backend;
+//! - backend → client: what the backend sent is read into the same scratch buffer, framed
+//!   (binary, text or lines) and written to the client, header and payload in one vectored write.
 //!
-//! Around them, [`run`] races the idle deadline (no bytes either way), the session lifetime and
-//! shutdown, and owns every ending: which close code the client gets, and that bytes are not lost:
-//! on backend EOF everything read is sent before the close frame; on the client's close frame
-//! everything it sent before is written before the backend gets its FIN.
+//! Only what a peer does not take at once is copied into a buffer of the session's own, and the
+//! other side is not read again until that buffer is written out and freed: one buffer in flight
+//! per direction, and an idle session holds none.
+//!
+//! One timer serves the idle deadline, the session lifetime, keepalive and the close handshake.
+//! Every ending goes through [`Pump::end`], which picks the close frame and what happens to the
+//! client's data still in flight: on backend EOF everything read is sent before the close frame;
+//! on the client's close frame everything it sent before is written before the backend gets its
+//! FIN; when we close (idle, lifetime, shutdown, backend EOF) the client's data in flight goes on
+//! to the backend until the client's close frame answers ours.
 
-use std::io;
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{sleep_until, timeout, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendReader, BackendWriter};
+use crate::backend::{describe, Backend, BackendReader, BackendWriter};
 use crate::config::{Framing, Timeouts};
+use crate::frame::{self, Decoder, Event, FrameError, OutHeader};
 
-/// Smallest and largest backend read.
-const MIN_READ: usize = 4 * 1024;
-const MAX_READ: usize = 256 * 1024;
 /// Close reasons are limited to 123 bytes by RFC 6455.
 const MAX_REASON: usize = 123;
+/// The most read from either peer in one system call.
+const SCRATCH: usize = 256 * 1024;
+/// Answering a dead peer's missing pong: one short attempt to send the close frame.
+const DEAD_PEER_CLOSE: Duration = Duration::from_millis(100);
+
+std::thread_local! {
+    /// One scratch buffer per runtime thread, shared by every session on it: a session holds read
+    /// memory only while a peer is slow to take what was read for it.
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// Runs `f` on this thread's scratch buffer.
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        // Not re-entered in practice (the streams never call back into us); if it were, a
+        // smaller buffer of its own is still correct.
+        Err(_) => f(&mut vec![0u8; 16 * 1024]),
+    })
+}
 
 /// What a session is allowed to do.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionParams<'a> {
     /// Backend → client framing.
     pub framing: Framing,
-    /// Largest line kept in `lines` framing before it is sent as it is.
+    /// Largest message accepted from the client, and largest line kept in `lines` framing
+    /// before it is sent as it is.
     pub max_message_size: usize,
     /// Deadlines (borrowed from the configuration the connection started with: a copy would sit
     /// in every session's state).
@@ -67,16 +86,16 @@ pub struct Summary {
     pub bytes_down: u64,
 }
 
-/// Why the pump stopped.
+/// Why a session ends.
 #[derive(Debug)]
 enum End {
     /// The client sent a close frame (its code and reason).
-    ClientClosed(Option<CloseFrame>),
+    ClientClosed(Option<u16>, String),
     /// The client's connection ended without a close frame.
     ClientGone(String),
     /// The client broke the protocol, sent bad UTF-8 or too big a message.
-    ClientError(WsError),
-    /// The backend sent EOF; everything was delivered and the close frame sent.
+    ClientError(FrameError),
+    /// The backend sent EOF.
     BackendEof,
     /// Reading from or writing to the backend failed.
     BackendError(&'static str, io::Error),
@@ -90,188 +109,622 @@ enum End {
     PongTimeout,
 }
 
-/// The last moment bytes moved, in milliseconds since the session began.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-    /// When the last pong arrived (ms since start), for the keepalive.
-    pong_ms: AtomicU64,
-    /// Whether client → backend is waiting on a backend write: pongs then sit unread in the
-    /// client socket, and a missing pong says nothing about the client.
-    backend_blocked: std::sync::atomic::AtomicBool,
+/// What becomes of the client's frames once the session is ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    /// Data goes on to the backend (the session is open, or we closed and nothing is wrong).
+    Forward,
+    /// Frames are read and data dropped until the client's close frame (the backend failed).
+    Discard,
+    /// The client is not read any more.
+    Stop,
 }
 
-impl Activity {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-    fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-    fn at(&self, ms: u64) -> Instant {
-        self.start + Duration::from_millis(ms)
-    }
-}
-
-/// Runs a session to its end and says how it ended. Never panics on peer input; every wait has a
-/// deadline from `params.timeouts` or ends with the peer's socket.
-pub async fn run<S>(ws: Box<WebSocketStream<S>>, mut backend: Backend, params: &SessionParams<'_>, shutdown: &CancellationToken) -> Summary
+/// Runs a session to its end and says how it ended. `early` holds client bytes that arrived with
+/// the request head. Never panics on peer input; every wait has a deadline from
+/// `params.timeouts` or ends with the peer's socket.
+pub async fn run<S>(client: S, early: Vec<u8>, mut backend: Backend, params: &SessionParams<'_>, shutdown: &CancellationToken) -> Summary
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // The stream arrives boxed (a few hundred bytes not copied into every future on the way) and
-    // moves into the split's shared half here.
-    let (mut sink, mut stream) = (*ws).split();
-    let (mut reader, mut writer) = backend.halves();
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-        pong_ms: AtomicU64::new(0),
-        backend_blocked: std::sync::atomic::AtomicBool::new(false),
-    };
-    let (mut up, mut down) = (0u64, 0u64);
-    let t = params.timeouts;
-
-    let end = {
-        let mut c2b = pin!(client_to_backend(&mut stream, &mut writer, params.framing, &mut up, &activity));
-        // Boxed so it can be dropped (freeing `sink`) while `c2b` goes on.
-        let mut b2c = Box::pin(backend_to_client(&mut sink, &mut reader, params, &mut down, &activity));
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => End::Shutdown,
-            end = &mut c2b => end,
-            end = &mut b2c => end,
-            end = deadlines(&activity, t.idle, t.max_lifetime) => end,
-        };
-        // Endings that did not come from `c2b` leave it running, possibly in the middle of a
-        // write to the backend: it is never dropped there (that would cut a hole in the byte
-        // stream). Our close frame goes out, then the same `c2b` carries the client's data in
-        // flight to the backend until the client's close frame answers ours.
-        let ours = match &first {
-            End::BackendEof => None, // b2c sent 1000 itself
-            End::Idle => Some("idle timeout"),
-            End::Lifetime => Some("session lifetime exceeded"),
-            End::Shutdown => Some("server shutting down"),
-            _ => None,
-        };
-        match (first, ours) {
-            (End::BackendEof, _) => {
-                drop(b2c);
-                match Box::pin(timeout(t.close, &mut c2b)).await {
-                    Ok(End::ClientClosed(_)) | Err(_) => End::BackendEof,
-                    Ok(other) => other,
-                }
-            }
-            (end, Some(reason)) => {
-                drop(b2c);
-                let frame = CloseFrame {
-                    code: CloseCode::Away,
-                    reason: reason.into(),
-                };
-                if let Ok(Ok(())) = Box::pin(timeout(t.close, sink.send(Message::Close(Some(frame))))).await {
-                    let _ = Box::pin(timeout(t.close, &mut c2b)).await;
-                }
-                end
-            }
-            (end, None) => end,
+    let (reader, writer) = backend.halves();
+    let mut pump = Pump::new(client, early, reader, writer, params);
+    let mut cancelled = pin!(shutdown.cancelled());
+    let mut told = false;
+    poll_fn(|cx| {
+        if !told && cancelled.as_mut().poll(cx).is_ready() {
+            told = true;
+            pump.end(End::Shutdown);
         }
-    };
-
-    let summary = |code: u16, reason: String, ended_by| Summary {
-        code,
-        reason,
-        ended_by,
-        bytes_up: up,
-        bytes_down: down,
-    };
-    let result = match end {
-        End::ClientClosed(frame) => {
-            // tungstenite queued the echo of the client's close frame; flush it.
-            let _ = Box::pin(timeout(t.close, sink.close())).await;
-            let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
-            summary(code, reason, "client")
-        }
-        End::ClientGone(why) => summary(1006, why, "client"),
-        End::BackendEof => summary(1000, "backend closed".into(), "backend"),
-        // Endings where we send the close frame, then wait for the client's answer. Whether the
-        // client's data still in flight goes on to the backend depends on the backend being fine.
-        End::ClientError(e) => {
-            let (code, reason) = classify(&e);
-            Box::pin(close_and_drain(&mut sink, &mut stream, code, &reason, t.close)).await;
-            summary(u16::from(code), reason, "client")
-        }
-        End::BackendError(what, e) => {
-            let reason = format!("backend {what} failed: {}", crate::backend::describe(&e));
-            Box::pin(close_and_drain(&mut sink, &mut stream, CloseCode::Error, &reason, t.close)).await;
-            summary(1011, reason, "backend")
-        }
-        End::Idle => summary(1001, "idle timeout".into(), "bridge"),
-        End::Lifetime => summary(1001, "session lifetime exceeded".into(), "bridge"),
-        End::Shutdown => summary(1001, "server shutting down".into(), "bridge"),
-        End::PongTimeout => {
-            // The peer is gone: one attempt to say so, briefly, and no waiting for an answer.
-            let reason = "ping timeout".to_owned();
-            let frame = CloseFrame {
-                code: CloseCode::Away,
-                reason: reason.clone().into(),
-            };
-            let _ = Box::pin(timeout(
-                Duration::from_millis(100).min(t.close),
-                sink.send(Message::Close(Some(frame))),
-            ))
-            .await;
-            summary(1001, reason, "bridge")
-        }
-    };
+        pump.poll(cx)
+    })
+    .await;
+    let summary = pump.summary();
+    let close = params.timeouts.close;
     // Everything the client sent has been written: now the backend may see EOF.
-    let _ = Box::pin(timeout(t.close, writer.shutdown())).await;
-    // Boxed so the reunited stream is not part of every session's state.
-    let _ = Box::pin(async move {
-        if let Ok(mut ws) = sink.reunite(stream) {
-            let _ = timeout(t.close, ws.get_mut().shutdown()).await;
+    let _ = timeout(close, pump.writer.shutdown()).await;
+    match pump.end {
+        // After a protocol error the client's answer cannot be parsed: FIN, then its bytes are
+        // read and dropped until it closes, so the close frame is not lost to a reset.
+        Some(End::ClientError(_)) => crate::server::linger(&mut pump.client.io, close).await,
+        Some(End::PongTimeout) => {
+            let _ = timeout(DEAD_PEER_CLOSE, pump.client.io.shutdown()).await;
+        }
+        _ => {
+            let _ = timeout(close, pump.client.io.shutdown()).await;
+        }
+    }
+    summary
+}
+
+/// Closes a session that never got a backend: sends our close frame, then reads (and drops) what
+/// the client sends until its close frame answers ours, all within `wait`.
+pub async fn refuse<S>(mut client: S, early: Vec<u8>, code: u16, reason: &str, wait: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = timeout(wait, async {
+        let payload = frame::close_payload(Some(code), reason);
+        client.write_all(OutHeader::new(frame::CLOSE, payload.len()).as_bytes()).await?;
+        client.write_all(&payload).await?;
+        client.flush().await?;
+        let mut decoder = Decoder::new(usize::MAX);
+        let mut filled = early.len();
+        let mut buf = early;
+        buf.resize(filled.max(4096), 0);
+        loop {
+            let mut pos = 0;
+            while pos < filled {
+                match decoder.next(&mut buf[pos..filled]) {
+                    Ok((_, Some(Event::Close(..)))) | Err(_) => return client.shutdown().await,
+                    Ok((n, _)) => pos += n,
+                }
+            }
+            filled = client.read(&mut buf).await?;
+            if filled == 0 {
+                return Ok(());
+            }
         }
     })
     .await;
-    result
 }
 
-/// Sends our close frame after an error, then waits (discarding what arrives) until the client's
-/// close frame answers ours or `wait` runs out, so the close frame is not lost to a reset.
-async fn close_and_drain<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    stream: &mut SplitStream<WebSocketStream<S>>,
-    code: CloseCode,
-    reason: &str,
-    wait: Duration,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = CloseFrame {
-        code,
-        reason: truncate(reason).into(),
-    };
-    let deadline = Instant::now() + wait;
-    if tokio::time::timeout_at(deadline, sink.send(Message::Close(Some(frame))))
-        .await
-        .is_err()
-    {
-        return;
+/// The client connection and what waits to be written to it.
+struct ToClient<S> {
+    io: S,
+    /// Frames not yet written (only what the client did not take at once), and how much of them
+    /// has been written since.
+    out: Vec<u8>,
+    at: usize,
+    /// Written to a stream that may hold bytes until flushed (TLS).
+    unflushed: bool,
+    /// A write failed; the session ends with it.
+    failed: Option<io::Error>,
+}
+
+impl<S: AsyncWrite + Unpin> ToClient<S> {
+    fn idle(&self) -> bool {
+        self.at == self.out.len() && !self.unflushed
     }
-    let _ = tokio::time::timeout_at(deadline, async { while let Some(Ok(_)) = stream.next().await {} }).await;
-}
 
-/// The close code and reason for an error from the client side.
-fn classify(e: &WsError) -> (CloseCode, String) {
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            (CloseCode::Size, format!("message too big: {size} > {max_size} bytes"))
+    /// Sends one frame: straight to the socket when nothing is waiting, the rest into `out`.
+    fn send(&mut self, cx: &mut Context<'_>, opcode: u8, payload: &[u8]) {
+        if self.failed.is_some() {
+            return;
         }
-        WsError::Capacity(c) => (CloseCode::Size, c.to_string()),
-        WsError::Utf8(_) => (CloseCode::Invalid, "invalid UTF-8 in text message".into()),
-        WsError::Protocol(ProtocolError::InvalidCloseSequence) => (CloseCode::Protocol, "invalid close sequence".into()),
-        WsError::Protocol(p) => (CloseCode::Protocol, format!("protocol error: {p}")),
-        other => (CloseCode::Protocol, other.to_string()),
+        let head = OutHeader::new(opcode, payload.len());
+        let head = head.as_bytes();
+        if self.at < self.out.len() {
+            self.out.extend_from_slice(head);
+            self.out.extend_from_slice(payload);
+            return;
+        }
+        let total = head.len() + payload.len();
+        let n = match Pin::new(&mut self.io).poll_write_vectored(cx, &[IoSlice::new(head), IoSlice::new(payload)]) {
+            Poll::Ready(Ok(0)) => {
+                self.failed = Some(io::ErrorKind::WriteZero.into());
+                return;
+            }
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => {
+                self.failed = Some(e);
+                return;
+            }
+            Poll::Pending => 0,
+        };
+        self.unflushed |= n > 0;
+        if n < total {
+            self.out.clear();
+            self.at = 0;
+            self.out.reserve_exact(total - n);
+            if n < head.len() {
+                self.out.extend_from_slice(&head[n..]);
+                self.out.extend_from_slice(payload);
+            } else {
+                self.out.extend_from_slice(&payload[n - head.len()..]);
+            }
+        }
     }
+
+    /// Writes what waits in `out`, then flushes. Ready when everything is out (or failed).
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.at < self.out.len() && self.failed.is_none() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.out[self.at..]) {
+                Poll::Ready(Ok(0)) => self.failed = Some(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.at += n;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => self.failed = Some(e),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.at == self.out.len() && !self.out.is_empty() {
+            // Drained: give the memory back.
+            self.out = Vec::new();
+            self.at = 0;
+        }
+        if self.unflushed && self.failed.is_none() {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => self.failed = Some(e),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+/// One session's state. See the module documentation.
+struct Pump<'b, 't, S> {
+    client: ToClient<S>,
+    reader: BackendReader<'b>,
+    writer: BackendWriter<'b>,
+    timeouts: &'t Timeouts,
+    lines: bool,
+    decoder: Decoder,
+    framer: Framer,
+
+    // Client → backend.
+    /// Client bytes read but not parsed yet (only while the backend is slow to take earlier ones).
+    raw: Vec<u8>,
+    /// Payload the backend has not taken yet, and how much of it it took since.
+    up: Vec<u8>,
+    up_at: usize,
+    /// `lines`: whether the client's message so far ends with a newline.
+    up_newline: bool,
+    upstream: Upstream,
+
+    // Backend → client.
+    /// A ping's payload to answer (only the latest ping needs an answer).
+    pong: Option<Vec<u8>>,
+    /// A keepalive ping to send.
+    ping: bool,
+    /// Our close frame (code, reason), to send after the message in progress.
+    close: Option<(Option<u16>, String)>,
+    /// Our close frame has been handed to the client connection: nothing more goes to the client.
+    close_sent: bool,
+    backend_eof: bool,
+
+    // Ending.
+    end: Option<End>,
+    client_closed: bool,
+    /// Whether, after our close frame, we wait for the client's.
+    wait_for_answer: bool,
+    /// Nothing more to do: the client is gone or the close deadline passed.
+    over: bool,
+
+    // Time.
+    timer: Option<Pin<Box<Sleep>>>,
+    start: Instant,
+    last_active: Instant,
+    next_ping: Option<Instant>,
+    ping_sent: Option<Instant>,
+    close_by: Option<Instant>,
+
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
+    fn new(io: S, early: Vec<u8>, reader: BackendReader<'b>, writer: BackendWriter<'b>, params: &SessionParams<'t>) -> Self {
+        let now = Instant::now();
+        Pump {
+            client: ToClient {
+                io,
+                out: Vec::new(),
+                at: 0,
+                unflushed: false,
+                failed: None,
+            },
+            reader,
+            writer,
+            timeouts: params.timeouts,
+            lines: params.framing == Framing::Lines,
+            decoder: Decoder::new(params.max_message_size),
+            framer: Framer::new(params.framing, params.max_message_size),
+            raw: early,
+            up: Vec::new(),
+            up_at: 0,
+            up_newline: false,
+            upstream: Upstream::Forward,
+            pong: None,
+            ping: false,
+            close: None,
+            close_sent: false,
+            backend_eof: false,
+            end: None,
+            client_closed: false,
+            wait_for_answer: true,
+            over: false,
+            timer: None,
+            start: now,
+            last_active: now,
+            next_ping: params.timeouts.ping_interval.map(|p| now + p),
+            ping_sent: None,
+            close_by: None,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+
+    /// Advances both directions and the timer until nothing can move; ready when the session is
+    /// over.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(e) = self.client.failed.take() {
+                self.end(client_gone(&e));
+            }
+            if self.over || (self.close_sent && self.client.idle() && (self.client_closed || !self.wait_for_answer)) {
+                return Poll::Ready(());
+            }
+            let mut moved = self.poll_timer(cx);
+            moved |= self.poll_down(cx);
+            moved |= self.poll_up(cx);
+            if !moved && self.client.failed.is_none() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Decides how the session ends; the first ending is the one reported. Every ending sets the
+    /// close deadline, so the session is over by then whatever the peers do.
+    fn end(&mut self, why: End) {
+        let closing = self.close.is_some() || self.close_sent;
+        let now = Instant::now();
+        let mut wait = self.timeouts.close;
+        match &why {
+            End::ClientClosed(code, _) => {
+                self.client_closed = true;
+                self.upstream = Upstream::Stop;
+                if !closing {
+                    // Echo the code (RFC 6455 §5.5.1) once the message in progress is sent.
+                    self.close = Some((*code, String::new()));
+                }
+            }
+            End::ClientGone(_) => self.over = true,
+            End::ClientError(e) => {
+                self.upstream = Upstream::Stop;
+                self.wait_for_answer = false;
+                if !closing {
+                    self.close = Some((Some(e.code()), e.to_string()));
+                }
+            }
+            End::BackendError(what, e) => {
+                if self.upstream == Upstream::Forward {
+                    self.upstream = Upstream::Discard;
+                }
+                self.up = Vec::new();
+                self.up_at = 0;
+                if !closing {
+                    self.close = Some((Some(1011), format!("backend {what} failed: {}", describe(e))));
+                }
+            }
+            End::BackendEof => {
+                if !closing {
+                    self.close = Some((Some(1000), "backend closed".into()));
+                }
+            }
+            End::Idle | End::Lifetime | End::Shutdown | End::PongTimeout => {
+                if !closing {
+                    self.close = Some((Some(1001), bridge_reason(&why).into()));
+                }
+                if matches!(why, End::PongTimeout) {
+                    // The peer is gone: one short attempt to say so, and no waiting for an answer.
+                    self.upstream = Upstream::Stop;
+                    self.wait_for_answer = false;
+                    wait = wait.min(DEAD_PEER_CLOSE);
+                }
+            }
+        }
+        let by = now + wait;
+        self.close_by = Some(self.close_by.map_or(by, |b| b.min(by)));
+        if self.end.is_none() {
+            self.end = Some(why);
+        }
+    }
+
+    /// Backend → client: what waits for the client, control frames, then the backend's bytes.
+    /// Returns whether anything moved.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.client.idle() {
+            let before = (self.client.at, self.client.unflushed);
+            let ready = self.client.poll_out(cx).is_ready();
+            return ready || before != (self.client.at, self.client.unflushed);
+        }
+        if self.close_sent {
+            return false;
+        }
+        if let Some(payload) = self.pong.take() {
+            self.client.send(cx, frame::PONG, &payload);
+            return true;
+        }
+        if let Some((code, reason)) = self.close.take() {
+            self.client.send(cx, frame::CLOSE, &frame::close_payload(code, &reason));
+            self.close_sent = true;
+            return true;
+        }
+        if self.ping {
+            self.ping = false;
+            self.client.send(cx, frame::PING, &[]);
+            self.ping_sent = Some(Instant::now());
+            return true;
+        }
+        if self.backend_eof || self.end.is_some() {
+            return false;
+        }
+        let Pump {
+            reader, client, framer, ..
+        } = self;
+        let read = with_scratch(|scratch| {
+            let mut buf = ReadBuf::new(scratch);
+            match Pin::new(reader).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let data = buf.filled();
+                    let mut send = |opcode: u8, payload: &[u8]| client.send(cx, opcode, payload);
+                    if data.is_empty() {
+                        framer.finish(&mut send);
+                    } else {
+                        framer.push(data, &mut send);
+                    }
+                    Poll::Ready(Ok(data.len()))
+                }
+            }
+        });
+        match read {
+            Poll::Pending => false,
+            Poll::Ready(Err(e)) => {
+                self.end(End::BackendError("read", e));
+                true
+            }
+            Poll::Ready(Ok(0)) => {
+                self.backend_eof = true;
+                self.end(End::BackendEof);
+                true
+            }
+            Poll::Ready(Ok(n)) => {
+                self.bytes_down += n as u64;
+                self.touch();
+                true
+            }
+        }
+    }
+
+    /// Client → backend: what waits for the backend, what is left of the last read, then the
+    /// client's next bytes. Returns whether anything moved.
+    fn poll_up(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.upstream == Upstream::Stop {
+            return false;
+        }
+        if self.up_at < self.up.len() {
+            return match Pin::new(&mut self.writer).poll_write(cx, &self.up[self.up_at..]) {
+                Poll::Pending => false,
+                Poll::Ready(Ok(0)) => {
+                    self.end(End::BackendError("write", io::ErrorKind::WriteZero.into()));
+                    true
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.up_at += n;
+                    if self.up_at == self.up.len() {
+                        self.up = Vec::new();
+                        self.up_at = 0;
+                    }
+                    self.touch();
+                    true
+                }
+                Poll::Ready(Err(e)) => {
+                    self.end(End::BackendError("write", e));
+                    true
+                }
+            };
+        }
+        if !self.raw.is_empty() {
+            let mut raw = std::mem::take(&mut self.raw);
+            self.parse(cx, &mut raw);
+            return true;
+        }
+        with_scratch(|scratch| {
+            let mut buf = ReadBuf::new(&mut *scratch);
+            match Pin::new(&mut self.client.io).poll_read(cx, &mut buf) {
+                Poll::Pending => false,
+                Poll::Ready(Err(e)) => {
+                    self.end(client_gone(&e));
+                    true
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    if n == 0 {
+                        self.end(End::ClientGone("client closed the connection without a close frame".into()));
+                    } else {
+                        self.parse(cx, &mut scratch[..n]);
+                    }
+                    true
+                }
+            }
+        })
+    }
+
+    /// Handles what the client sent: data straight to the backend; what the backend does not take
+    /// at once, and everything after it, is kept for later.
+    fn parse(&mut self, cx: &mut Context<'_>, input: &mut [u8]) {
+        let mut pos = 0;
+        while pos < input.len() && self.upstream != Upstream::Stop {
+            let (n, event) = match self.decoder.next(&mut input[pos..]) {
+                Ok(x) => x,
+                Err(e) => return self.end(End::ClientError(e)),
+            };
+            pos += n;
+            match event {
+                None => {}
+                Some(Event::Data { bytes, end }) => {
+                    if self.upstream == Upstream::Discard {
+                        continue;
+                    }
+                    let newline: &[u8] = if self.lines && end && !(self.up_newline && bytes.is_empty() || bytes.ends_with(b"\n")) {
+                        b"\n"
+                    } else {
+                        b""
+                    };
+                    if self.lines {
+                        self.up_newline = !end && (bytes.ends_with(b"\n") || bytes.is_empty() && self.up_newline);
+                    }
+                    let total = bytes.len() + newline.len();
+                    if total == 0 {
+                        continue;
+                    }
+                    self.bytes_up += bytes.len() as u64;
+                    self.touch();
+                    let writer = Pin::new(&mut self.writer);
+                    let written = if newline.is_empty() {
+                        writer.poll_write(cx, bytes)
+                    } else {
+                        writer.poll_write_vectored(cx, &[IoSlice::new(bytes), IoSlice::new(newline)])
+                    };
+                    let n = match written {
+                        Poll::Ready(Ok(0)) => return self.end(End::BackendError("write", io::ErrorKind::WriteZero.into())),
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => return self.end(End::BackendError("write", e)),
+                        Poll::Pending => 0,
+                    };
+                    if n < total {
+                        // The backend is slow: keep the rest, read the client no more until it
+                        // is written.
+                        let mut rest = Vec::with_capacity(total - n);
+                        if n < bytes.len() {
+                            rest.extend_from_slice(&bytes[n..]);
+                            rest.extend_from_slice(newline);
+                        } else {
+                            rest.extend_from_slice(&newline[n - bytes.len()..]);
+                        }
+                        self.up = rest;
+                        self.up_at = 0;
+                        self.raw = input[pos..].to_vec();
+                        return;
+                    }
+                }
+                Some(Event::Ping(payload)) => self.pong = Some(payload),
+                Some(Event::Pong) => self.ping_sent = None,
+                Some(Event::Close(code, reason)) => return self.end(End::ClientClosed(code, reason)),
+            }
+        }
+    }
+
+    fn touch(&mut self) {
+        if self.timeouts.idle.is_some() {
+            self.last_active = Instant::now();
+        }
+    }
+
+    /// The next moment something is due: the close deadline once closing, else the earliest of
+    /// idle, lifetime and keepalive.
+    fn deadline(&self) -> Option<Instant> {
+        if self.close_by.is_some() {
+            return self.close_by;
+        }
+        let t = self.timeouts;
+        let idle = t.idle.map(|i| self.last_active + i);
+        let lifetime = t.max_lifetime.map(|l| self.start + l);
+        let keepalive = match self.ping_sent {
+            Some(sent) => Some(sent + t.pong_timeout),
+            None if self.ping => None,
+            None => self.next_ping,
+        };
+        [idle, lifetime, keepalive].into_iter().flatten().min()
+    }
+
+    /// Polls the one timer (allocated only when a deadline exists). The timer is moved earlier at
+    /// once but later only when it fires, so activity does not touch the timer wheel.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(at) = self.deadline() else { return false };
+        let timer = self.timer.get_or_insert_with(|| Box::pin(sleep_until(at)));
+        if at < timer.deadline() {
+            timer.as_mut().reset(at);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let now = Instant::now();
+        if at > now {
+            timer.as_mut().reset(at);
+            return true;
+        }
+        let t = self.timeouts;
+        if self.close_by.is_some() {
+            self.over = true;
+        } else if t.max_lifetime.is_some_and(|l| now >= self.start + l) {
+            self.end(End::Lifetime);
+        } else if t.idle.is_some_and(|i| now >= self.last_active + i) {
+            self.end(End::Idle);
+        } else if let Some(sent) = self.ping_sent {
+            if now >= sent + t.pong_timeout {
+                if self.up.is_empty() {
+                    self.end(End::PongTimeout);
+                } else {
+                    // We are not reading the client (its data waits for a slow backend), so its
+                    // pong cannot be seen: that is backpressure, not a dead client.
+                    self.ping_sent = Some(now);
+                }
+            }
+        } else if self.next_ping.is_some_and(|p| now >= p) {
+            self.ping = true;
+            self.next_ping = t.ping_interval.map(|p| now + p);
+        }
+        true
+    }
+
+    fn summary(&self) -> Summary {
+        let (code, reason, ended_by) = match &self.end {
+            Some(End::ClientClosed(code, reason)) => (code.unwrap_or(1005), reason.clone(), "client"),
+            Some(End::ClientGone(why)) => (1006, why.clone(), "client"),
+            Some(End::ClientError(e)) => (e.code(), e.to_string(), "client"),
+            Some(End::BackendEof) => (1000, "backend closed".into(), "backend"),
+            Some(End::BackendError(what, e)) => (1011, format!("backend {what} failed: {}", describe(e)), "backend"),
+            Some(why) => (1001, bridge_reason(why).into(), "bridge"),
+            None => (1006, "ended".into(), "bridge"),
+        };
+        Summary {
+            code,
+            reason,
+            ended_by,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+        }
+    }
+}
+
+fn bridge_reason(why: &End) -> &'static str {
+    match why {
+        End::Idle => "idle timeout",
+        End::Lifetime => "session lifetime exceeded",
+        End::PongTimeout => "ping timeout",
+        _ => "server shutting down",
+    }
+}
+
+fn client_gone(e: &io::Error) -> End {
+    End::ClientGone(format!("client connection failed: {}", describe(e)))
 }
 
 /// A close reason cut to fit a close frame (123 bytes), at a character boundary.
@@ -286,209 +739,8 @@ pub(crate) fn truncate(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
-/// Resolves with [`End::Idle`] when nothing has moved for `idle`, or [`End::Lifetime`] when the
-/// session has lived `lifetime`; never when neither is set. One timer serves both, and it is
-/// allocated only when one is set, so a session without them carries none.
-async fn deadlines(activity: &Activity, idle: Option<Duration>, lifetime: Option<Duration>) -> End {
-    if idle.is_none() && lifetime.is_none() {
-        return std::future::pending().await;
-    }
-    let end_of_life = lifetime.map(|l| activity.start + l);
-    let mut timer = Box::pin(tokio::time::sleep_until(activity.start));
-    loop {
-        let now = Instant::now();
-        if end_of_life.is_some_and(|at| now >= at) {
-            return End::Lifetime;
-        }
-        let idle_at = idle.map(|i| activity.at(activity.last_ms.load(Ordering::Relaxed)) + i);
-        if idle_at.is_some_and(|at| now >= at) {
-            return End::Idle;
-        }
-        let next = match (idle_at, end_of_life) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or(now),
-        };
-        timer.as_mut().reset(next);
-        timer.as_mut().await;
-    }
-}
-
-/// Client → backend: every data message's payload, in order, written fully before the next read.
-async fn client_to_backend<S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
-    backend: &mut BackendWriter<'_>,
-    framing: Framing,
-    bytes: &mut u64,
-    activity: &Activity,
-) -> End
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    loop {
-        let msg = match stream.next().await {
-            Some(Ok(msg)) => msg,
-            Some(Err(WsError::Io(e))) => return End::ClientGone(format!("client connection failed: {}", crate::backend::describe(&e))),
-            Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                return End::ClientGone("client closed the connection without a close frame".into())
-            }
-            Some(Err(e)) => return End::ClientError(e),
-            None => return End::ClientGone("client closed the connection without a close frame".into()),
-        };
-        let data: &[u8] = match &msg {
-            Message::Binary(b) => b,
-            Message::Text(t) => t.as_bytes(),
-            Message::Pong(_) => {
-                activity.pong_ms.store(activity.now_ms(), Ordering::Relaxed);
-                continue;
-            }
-            // tungstenite answers pings itself; neither reaches the backend.
-            Message::Ping(_) | Message::Frame(_) => continue,
-            Message::Close(frame) => return End::ClientClosed(frame.clone()),
-        };
-        let newline = framing == Framing::Lines && !data.ends_with(b"\n");
-        activity.backend_blocked.store(true, Ordering::Relaxed);
-        let written = if newline {
-            backend.write_all_parts(data, b"\n").await
-        } else {
-            backend.write_all(data).await
-        };
-        activity.backend_blocked.store(false, Ordering::Relaxed);
-        if let Err(e) = written {
-            return End::BackendError("write", e);
-        }
-        *bytes += data.len() as u64;
-        activity.touch();
-    }
-}
-
-/// Backend → client: read what is waiting, frame it, send it; keepalive pings in between.
-async fn backend_to_client<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    backend: &mut BackendReader<'_>,
-    params: &SessionParams<'_>,
-    bytes: &mut u64,
-    activity: &Activity,
-) -> End
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut framer = Framer::new(params.framing, params.max_message_size);
-    let mut read_size = 16 * 1024;
-    let ping = params.timeouts.ping_interval;
-    let pong_timeout = params.timeouts.pong_timeout;
-    // Keepalive state: when the next ping is due, and when the outstanding one was sent.
-    let mut next_ping = ping.map(|p| Instant::now() + p);
-    let mut ping_sent_ms: Option<u64> = None;
-    // Allocated only when keepalive is on.
-    let mut keepalive: Option<Pin<Box<tokio::time::Sleep>>> = next_ping.map(|at| Box::pin(sleep_until(at)));
-    loop {
-        if let Some(timer) = &mut keepalive {
-            let at = match (ping_sent_ms, next_ping) {
-                (Some(sent), _) => activity.at(sent) + pong_timeout,
-                (None, at) => at.unwrap_or_else(Instant::now),
-            };
-            timer.as_mut().reset(at);
-        }
-        tokio::select! {
-            ready = backend.readable() => {
-                if let Err(e) = ready {
-                    return End::BackendError("read", e);
-                }
-                // Readable now: the buffer exists only from here until the message is sent.
-                let mut buf = BytesMut::with_capacity(read_size);
-                let n = match backend.read_buf(&mut buf).await {
-                    Ok(n) => n,
-                    Err(e) => return End::BackendError("read", e),
-                };
-                // Size the next read by this one: grow while reads fill the buffer, shrink when
-                // they use little of it.
-                if n == read_size {
-                    read_size = (read_size * 2).min(MAX_READ);
-                } else if n < read_size / 4 {
-                    read_size = (read_size / 2).max(MIN_READ);
-                }
-                let eof = n == 0;
-                let messages = if eof { framer.finish() } else { framer.push(buf.split().freeze()) };
-                if let Err(e) = send_all(sink, messages).await {
-                    return e;
-                }
-                *bytes += n as u64;
-                if eof {
-                    let frame = CloseFrame { code: CloseCode::Normal, reason: "backend closed".into() };
-                    return match sink.send(Message::Close(Some(frame))).await {
-                        Ok(()) => End::BackendEof,
-                        Err(e) => sink_error(e),
-                    };
-                }
-                activity.touch();
-            }
-            _ = tick(&mut keepalive), if keepalive.is_some() => {
-                if let Some(sent) = ping_sent_ms {
-                    // While we are not reading the client (its messages wait for a slow backend),
-                    // its pong cannot be seen: that is backpressure, not a dead client.
-                    if activity.backend_blocked.load(Ordering::Relaxed) {
-                        ping_sent_ms = Some(activity.now_ms());
-                        continue;
-                    }
-                    if activity.pong_ms.load(Ordering::Relaxed) < sent {
-                        return End::PongTimeout;
-                    }
-                    ping_sent_ms = None;
-                    continue;
-                }
-                let sent = activity.now_ms();
-                if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
-                    return sink_error(e);
-                }
-                ping_sent_ms = Some(sent);
-                next_ping = ping.map(|p| Instant::now() + p);
-            }
-        }
-        // A pong that arrived since the ping was sent settles it.
-        if let Some(sent) = ping_sent_ms {
-            if activity.pong_ms.load(Ordering::Relaxed) >= sent {
-                ping_sent_ms = None;
-            }
-        }
-    }
-}
-
-/// Waits for an optional timer; never resolves without one.
-async fn tick(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match timer {
-        Some(t) => t.as_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn send_all<S>(sink: &mut SplitSink<WebSocketStream<S>, Message>, messages: Vec<Message>) -> Result<(), End>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match messages.len() {
-        0 => Ok(()),
-        1 => sink
-            .send(messages.into_iter().next().expect("one message"))
-            .await
-            .map_err(sink_error),
-        _ => {
-            for m in messages {
-                sink.feed(m).await.map_err(sink_error)?;
-            }
-            sink.flush().await.map_err(sink_error)
-        }
-    }
-}
-
-fn sink_error(e: WsError) -> End {
-    match e {
-        WsError::Io(e) => End::ClientGone(format!("client connection failed: {}", crate::backend::describe(&e))),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientGone("client connection closed".into()),
-        other => End::ClientError(other),
-    }
-}
-
-/// Turns backend bytes into messages for one framing mode.
+/// Turns backend bytes into messages for one framing mode, handing each to `send` as an opcode
+/// and a payload (borrowed from the read where it can be).
 struct Framer {
     framing: Framing,
     max_line: usize,
@@ -506,56 +758,68 @@ impl Framer {
     }
 
     /// Messages for one read.
-    fn push(&mut self, data: Bytes) -> Vec<Message> {
+    fn push(&mut self, data: &[u8], send: &mut impl FnMut(u8, &[u8])) {
         match self.framing {
-            Framing::Binary => vec![Message::Binary(data)],
+            Framing::Binary => send(frame::BINARY, data),
             Framing::Text => {
-                let mut all = std::mem::take(&mut self.pending);
-                all.extend_from_slice(&data);
-                let cut = complete_utf8_len(&all);
-                self.pending = all.split_off(cut);
-                if all.is_empty() {
-                    return Vec::new();
+                let joined;
+                let all: &[u8] = if self.pending.is_empty() {
+                    data
+                } else {
+                    let mut v = std::mem::take(&mut self.pending);
+                    v.extend_from_slice(data);
+                    joined = v;
+                    &joined
+                };
+                let cut = complete_utf8_len(all);
+                if cut > 0 {
+                    send_text(&all[..cut], send);
                 }
-                vec![Message::Text(lossy(all).into())]
+                self.pending = all[cut..].to_vec();
             }
             Framing::Lines => {
-                let mut out = Vec::new();
-                let mut rest: &[u8] = &data;
+                let mut rest = data;
                 while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-                    self.pending.extend_from_slice(&rest[..i]);
+                    let line = &rest[..i];
                     rest = &rest[i + 1..];
-                    let mut line = std::mem::take(&mut self.pending);
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
+                    if self.pending.is_empty() {
+                        send_text(line.strip_suffix(b"\r").unwrap_or(line), send);
+                    } else {
+                        self.pending.extend_from_slice(line);
+                        let line = std::mem::take(&mut self.pending);
+                        send_text(line.strip_suffix(b"\r").unwrap_or(&line), send);
                     }
-                    out.push(Message::Text(lossy(line).into()));
                 }
                 self.pending.extend_from_slice(rest);
                 // A line longer than the limit goes out in pieces rather than growing without bound.
                 while self.pending.len() > self.max_line {
                     let tail = self.pending.split_off(complete_utf8_len(&self.pending[..self.max_line]).max(1));
                     let piece = std::mem::replace(&mut self.pending, tail);
-                    out.push(Message::Text(lossy(piece).into()));
+                    send_text(&piece, send);
                 }
-                out
+                if self.pending.is_empty() {
+                    self.pending = Vec::new();
+                }
             }
         }
     }
 
     /// Messages for what is left at EOF.
-    fn finish(&mut self) -> Vec<Message> {
-        if self.framing == Framing::Binary || self.pending.is_empty() {
-            return Vec::new();
+    fn finish(&mut self, send: &mut impl FnMut(u8, &[u8])) {
+        if self.framing != Framing::Binary && !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            send_text(&rest, send);
         }
-        vec![Message::Text(lossy(std::mem::take(&mut self.pending)).into())]
     }
 }
 
-/// Text from bytes; invalid sequences become U+FFFD (telnet-style backends send bytes like 0xFF
-/// that are not UTF-8, and a text route should still carry the rest).
-fn lossy(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+/// Sends `bytes` as a text message; invalid sequences become U+FFFD (telnet-style backends send
+/// bytes like 0xFF that are not UTF-8, and a text route should still carry the rest).
+fn send_text(bytes: &[u8], send: &mut impl FnMut(u8, &[u8])) {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => send(frame::TEXT, bytes),
+        Err(_) => send(frame::TEXT, String::from_utf8_lossy(bytes).as_bytes()),
+    }
 }
 
 /// The length of `b` without a trailing incomplete UTF-8 sequence (which may still be completed by
@@ -582,8 +846,17 @@ fn complete_utf8_len(b: &[u8]) -> usize {
 mod tests {
     use super::*;
 
-    fn texts(ms: Vec<Message>) -> Vec<String> {
-        ms.into_iter().map(|m| m.into_text().unwrap().to_string()).collect()
+    fn texts(f: &mut Framer, data: Option<&[u8]>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut send = |op: u8, p: &[u8]| {
+            assert_eq!(op, frame::TEXT);
+            out.push(String::from_utf8(p.to_vec()).unwrap());
+        };
+        match data {
+            Some(d) => f.push(d, &mut send),
+            None => f.finish(&mut send),
+        }
+        out
     }
 
     #[test]
@@ -592,29 +865,29 @@ mod tests {
         let s = "héllo €";
         let b = s.as_bytes();
         let cut = b.len() - 2; // inside '€'
-        let mut out = texts(f.push(Bytes::copy_from_slice(&b[..cut])));
-        out.extend(texts(f.push(Bytes::copy_from_slice(&b[cut..]))));
+        let mut out = texts(&mut f, Some(&b[..cut]));
+        out.extend(texts(&mut f, Some(&b[cut..])));
         assert_eq!(out.concat(), s);
         assert_eq!(out[0], "héllo ");
-        assert!(f.finish().is_empty());
+        assert!(texts(&mut f, None).is_empty());
     }
 
     #[test]
     fn text_replaces_invalid_bytes() {
         let mut f = Framer::new(Framing::Text, 1024);
-        assert_eq!(texts(f.push(Bytes::from_static(b"a\xffb"))), vec!["a\u{fffd}b"]);
+        assert_eq!(texts(&mut f, Some(b"a\xffb")), vec!["a\u{fffd}b"]);
         // An incomplete sequence left at EOF is replaced, not dropped.
-        assert!(f.push(Bytes::from_static(b"\xe2\x82")).is_empty());
-        assert_eq!(texts(f.finish()), vec!["\u{fffd}"]);
+        assert!(texts(&mut f, Some(b"\xe2\x82")).is_empty());
+        assert_eq!(texts(&mut f, None), vec!["\u{fffd}"]);
     }
 
     #[test]
     fn lines_split_and_bound() {
         let mut f = Framer::new(Framing::Lines, 8);
-        assert_eq!(texts(f.push(Bytes::from_static(b"one\r\ntwo\nthr"))), vec!["one", "two"]);
-        assert_eq!(texts(f.push(Bytes::from_static(b"ee\n"))), vec!["three"]);
-        assert_eq!(texts(f.push(Bytes::from_static(b"0123456789ab"))), vec!["01234567"]);
-        assert_eq!(texts(f.finish()), vec!["89ab"]);
+        assert_eq!(texts(&mut f, Some(b"one\r\ntwo\nthr")), vec!["one", "two"]);
+        assert_eq!(texts(&mut f, Some(b"ee\n\n")), vec!["three", ""]);
+        assert_eq!(texts(&mut f, Some(b"0123456789ab")), vec!["01234567"]);
+        assert_eq!(texts(&mut f, None), vec!["89ab"]);
     }
 
     #[test]
@@ -622,108 +895,5 @@ mod tests {
         let long = "é".repeat(100);
         let t = truncate(&long);
         assert!(t.len() <= MAX_REASON && long.starts_with(&t));
-    }
-}
-
-/// Reads at most this much from the client per system call, into a per-thread scratch buffer.
-const READ_AHEAD: usize = 256 * 1024;
-/// Reads into a caller's buffer at least this large go straight to the socket.
-const DIRECT_READ: usize = 16 * 1024;
-
-std::thread_local! {
-    /// One scratch buffer per runtime thread, shared by every session on it: sessions hold read
-    /// memory only while data is actually waiting for them.
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; READ_AHEAD].into_boxed_slice());
-}
-
-/// The client stream, read in large gulps.
-///
-/// tungstenite reads through a small buffer of its own (allocated for every session, so it stays
-/// a few KiB). Without this adapter each of its reads would be a system call; with it, one call
-/// takes up to [`READ_AHEAD`] bytes into a per-thread scratch buffer and what tungstenite did not
-/// take yet waits in `ahead`, which is freed as soon as it is drained. Writes pass straight through.
-#[derive(Debug)]
-pub struct ReadAhead<S> {
-    inner: S,
-    /// Bytes read but not yet handed on; empty (no allocation) when the session is idle.
-    ahead: BytesMut,
-}
-
-impl<S> ReadAhead<S> {
-    /// Wraps a client stream.
-    pub fn new(inner: S) -> Self {
-        ReadAhead {
-            inner,
-            ahead: BytesMut::new(),
-        }
-    }
-
-    /// The wrapped stream.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        if !this.ahead.is_empty() {
-            let n = this.ahead.len().min(buf.remaining());
-            buf.put_slice(&this.ahead.split_to(n));
-            if this.ahead.is_empty() {
-                this.ahead = BytesMut::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if buf.remaining() >= DIRECT_READ {
-            return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
-        SCRATCH.with(|scratch| {
-            // Not re-entrant in practice (the inner stream never calls back into us); if it ever
-            // were, reading directly is still correct.
-            let Ok(mut scratch) = scratch.try_borrow_mut() else {
-                return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-            };
-            let mut big = tokio::io::ReadBuf::new(&mut scratch[..]);
-            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut big) {
-                Poll::Ready(Ok(())) => {
-                    let got = big.filled();
-                    let n = got.len().min(buf.remaining());
-                    buf.put_slice(&got[..n]);
-                    if got.len() > n {
-                        this.ahead = BytesMut::from(&got[n..]);
-                    }
-                    Poll::Ready(Ok(()))
-                }
-                other => other,
-            }
-        })
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
-    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -20,10 +20,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -31,13 +27,9 @@ use tracing::{debug, info, warn, Instrument};
 use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::handshake::{self, Outcome, WebRoot};
-use crate::relay::{self, ReadAhead, SessionParams};
+use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
 use crate::tls::{TlsError, TlsListener};
-
-/// tungstenite's read buffer per session. It is allocated up front for every session, so it stays
-/// small; bulk reads do not depend on it.
-const WS_READ_BUFFER: usize = 1024;
 
 /// Why the bridge could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -324,9 +316,7 @@ impl Bridge {
             max_message_size: route.options.max_message_size,
             timeouts: t,
         };
-        let io = ReadAhead::new(stream);
-        let ws = Box::new(WebSocketStream::from_partially_read(io, leftover, Role::Server, Some(ws_config(params.max_message_size))).await);
-        run_session(ws, &route, &params, shutdown).await;
+        run_session(stream, leftover, &route, &params, shutdown).await;
     }
 }
 
@@ -425,7 +415,7 @@ impl Listener {
 /// Ends an answered connection cleanly: FIN (close_notify over TLS), then up to 64 KiB of what the
 /// client still sends is read and dropped for at most `wait`, so that closing a socket with unread
 /// request bytes does not reset the connection and destroy the answer before the client reads it.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration) {
+pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration) {
     use tokio::io::AsyncReadExt;
     let _ = timeout(wait, async {
         stream.shutdown().await?;
@@ -443,8 +433,9 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duratio
     .await;
 }
 
-/// Connects the backend and relays; logs the session's open and close lines.
-async fn run_session<S>(mut ws: Box<WebSocketStream<S>>, route: &Route, params: &SessionParams<'_>, shutdown: &CancellationToken)
+/// Connects the backend and relays; logs the session's open and close lines. `early` holds
+/// client bytes that arrived with the request head.
+async fn run_session<S>(client: S, early: Vec<u8>, route: &Route, params: &SessionParams<'_>, shutdown: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -458,29 +449,17 @@ where
         Ok(b) => b,
         Err(e) => {
             let (code, reason) = match &e {
-                Some(e) => (CloseCode::from(1014), e.to_string()),
-                None => (CloseCode::Away, "server shutting down".to_owned()),
+                Some(e) => (1014, e.to_string()),
+                None => (1001, "server shutting down".to_owned()),
             };
-            let frame = CloseFrame {
-                code,
-                reason: relay::truncate(&reason).into(),
-            };
-            let _ = timeout(params.timeouts.close, async {
-                futures_util::SinkExt::send(&mut ws, Message::Close(Some(frame))).await?;
-                // Wait for the client's answer so the close frame is not lost to a reset.
-                while let Some(m) = futures_util::StreamExt::next(&mut ws).await {
-                    m?;
-                }
-                Ok::<_, tokio_tungstenite::tungstenite::Error>(())
-            })
-            .await;
+            Box::pin(relay::refuse(client, early, code, &reason, params.timeouts.close)).await;
             let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
-            warn!(code = u16::from(code), %reason, error = source.as_deref().unwrap_or(""), duration_ms = started.elapsed().as_millis() as u64, "session failed: backend not connected");
+            warn!(code, %reason, error = source.as_deref().unwrap_or(""), duration_ms = started.elapsed().as_millis() as u64, "session failed: backend not connected");
             return;
         }
     };
     info!(framing = %params.framing, "session open");
-    let s = relay::run(ws, backend, params, shutdown).await;
+    let s = relay::run(client, early, backend, params, shutdown).await;
     info!(
         code = s.code,
         reason = %s.reason,
@@ -490,20 +469,6 @@ where
         duration_ms = started.elapsed().as_millis() as u64,
         "session closed"
     );
-}
-
-/// tungstenite's settings for one session, set deliberately: a small read buffer (allocated for
-/// every session), messages and frames capped by the route, writes going out at once, and a
-/// bounded write buffer (we await every send, so it never holds more than one message).
-fn ws_config(max_message: usize) -> WebSocketConfig {
-    let largest_out = max_message.max(256 * 1024) + 64;
-    WebSocketConfig::default()
-        .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
-        .max_write_buffer_size(largest_out * 2)
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message))
-        .accept_unmasked_frames(false)
 }
 
 impl Live {

@@ -309,33 +309,39 @@ pub fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     f
 }
 
+/// Reads one server frame from a raw client: its opcode and payload (server frames are unmasked).
+pub async fn raw_read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    within("raw frame", async {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).await.expect("frame header");
+        assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+        let mut len = u64::from(h[1] & 0x7f);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).await.unwrap();
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).await.unwrap();
+            len = u64::from_be_bytes(b);
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).await.unwrap();
+        (h[0] & 0x0f, payload)
+    })
+    .await
+}
+
 /// Reads server frames from a raw client until a close frame; returns its code and reason.
 /// Pings are not answered (that is what some tests want).
 pub async fn raw_read_close(s: &mut TcpStream) -> (u16, String) {
-    within("raw close frame", async {
-        loop {
-            let mut h = [0u8; 2];
-            s.read_exact(&mut h).await.expect("frame header");
-            let opcode = h[0] & 0x0f;
-            let mut len = u64::from(h[1] & 0x7f);
-            if len == 126 {
-                let mut b = [0u8; 2];
-                s.read_exact(&mut b).await.unwrap();
-                len = u64::from(u16::from_be_bytes(b));
-            } else if len == 127 {
-                let mut b = [0u8; 8];
-                s.read_exact(&mut b).await.unwrap();
-                len = u64::from_be_bytes(b);
-            }
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).await.unwrap();
-            if opcode == 8 {
-                let code = u16::from_be_bytes([payload[0], payload[1]]);
-                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
-            }
+    loop {
+        let (opcode, payload) = raw_read_frame(s).await;
+        if opcode == 8 {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
         }
-    })
-    .await
+    }
 }
 
 /// Waits for a one-shot value with the test bound.

@@ -199,3 +199,39 @@ async fn early_frames_sent_with_the_request_are_not_lost() {
     let got = within("backend EOF", received.recv()).await.unwrap();
     assert_eq!(got, b"early bird");
 }
+
+#[tokio::test]
+async fn fragments_and_control_frames_split_byte_by_byte() {
+    let (backend, mut received) = sink_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    s.set_nodelay(true).unwrap();
+    let mut bytes = Vec::new();
+    bytes.extend(frame(0x02, b"abc", true)); // binary, not final
+    bytes.extend(frame(0x89, b"between", true)); // a ping between fragments
+    bytes.extend(frame(0x00, b"def", true));
+    bytes.extend(frame(0x80, b"ghi", true));
+    bytes.extend(frame(0x01, "h\u{e9}".as_bytes(), true)); // text split inside a code point...
+    bytes.extend(frame(0x80, "llo \u{20ac}".as_bytes(), true));
+    bytes.extend(frame(0x88, &[0x03, 0xe8], true));
+    for b in &bytes {
+        s.write_all(std::slice::from_ref(b)).await.unwrap();
+    }
+    assert_eq!(raw_read_frame(&mut s).await, (0xA, b"between".to_vec()), "the ping's pong");
+    assert_eq!(raw_read_close(&mut s).await.0, 1000, "the close echoed");
+    let got = within("backend EOF", received.recv()).await.unwrap();
+    assert_eq!(got, "abcdefghih\u{e9}llo \u{20ac}".as_bytes());
+}
+
+#[tokio::test]
+async fn a_message_is_passed_on_before_it_ends() {
+    // The bridge carries bytes: the first fragment of a message reaches the backend (and its echo
+    // comes back) while the rest of the message has not been sent.
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    s.write_all(&frame(0x02, b"first half ", true)).await.unwrap();
+    assert_eq!(raw_read_frame(&mut s).await, (0x2, b"first half ".to_vec()));
+    s.write_all(&frame(0x80, b"second half", true)).await.unwrap();
+    assert_eq!(raw_read_frame(&mut s).await, (0x2, b"second half".to_vec()));
+}
