@@ -458,9 +458,11 @@ where
             return;
         }
     };
-    info!(framing = %params.framing, "session open");
+    // One record per session, when it ends (it says everything); the opening only at debug level.
+    debug!(framing = %params.framing, "session open");
     let s = relay::run(client, early, backend, params, shutdown).await;
     info!(
+        framing = %params.framing,
         code = s.code,
         reason = %s.reason,
         ended_by = s.ended_by,
