@@ -14,8 +14,6 @@
 //! control frames, continuations out of place, bad close payloads (1002); invalid UTF-8 in a text
 //! message or a close reason (1007); messages over the route's limit (1009).
 
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
 /// Continuation frame.
 pub const CONTINUATION: u8 = 0x0;
 /// Text frame.
@@ -223,6 +221,9 @@ impl Decoder {
         if h.rsv != 0 {
             return Err(FrameError::Protocol("reserved bits set"));
         }
+        if h.len >> 63 != 0 {
+            return Err(FrameError::Protocol("frame length with the top bit set"));
+        }
         let Some(mask) = h.mask else {
             return Err(FrameError::Protocol("unmasked frame from the client"));
         };
@@ -297,7 +298,6 @@ fn parse_header(b: &[u8]) -> Option<(Header, usize)> {
         rsv: first & 0x70,
         opcode: first & 0x0F,
         mask,
-        // The top bit of a 64-bit length must be 0; such a length is over any limit anyway.
         len,
     };
     Some((header, at))
@@ -310,7 +310,9 @@ fn close_event(body: &[u8]) -> Result<Event<'static>, FrameError> {
         [_] => Err(FrameError::Protocol("close frame with a one-byte payload")),
         [a, b, reason @ ..] => {
             let code = u16::from_be_bytes([*a, *b]);
-            if !CloseCode::from(code).is_allowed() {
+            // The codes an endpoint may send (RFC 6455 §7.4 and the IANA registry: 1012-1014
+            // are registered; 1004-1006 and 1015 must never appear in a frame).
+            if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
                 return Err(FrameError::Protocol("invalid close code"));
             }
             let reason = std::str::from_utf8(reason).map_err(|_| FrameError::Utf8)?;
@@ -496,14 +498,14 @@ mod tests {
         stream.extend(client_frame(0x01, "hé".as_bytes()));
         stream.extend(client_frame(0x80, "llo €".as_bytes()));
         stream.extend(client_frame(0x8A, b""));
-        stream.extend(client_frame(0x88, b"\x03\xe8bye"));
+        stream.extend(client_frame(0x88, b"\x03\xf6bye")); // 1014, which wsbridge itself sends
         let want = vec![
             Owned::Data(b"hello".to_vec(), true),
             Owned::Ping(b"in between".to_vec()),
             Owned::Data(big.clone(), true),
             Owned::Data("héllo €".as_bytes().to_vec(), true),
             Owned::Pong,
-            Owned::Close(Some(1000), "bye".into()),
+            Owned::Close(Some(1014), "bye".into()),
         ];
         for step in [1, 2, 3, 7, 13, 100, 4096, stream.len()] {
             assert_eq!(decode(&stream, step, 1 << 20).unwrap(), want, "step {step}");
@@ -521,8 +523,10 @@ mod tests {
             (client_frame(0x89, &[0u8; 126]), 1002), // oversized control frame
             (client_frame(0x80, b"x"), 1002),        // continuation without a message
             ([client_frame(0x02, b"a"), client_frame(0x82, b"b")].concat(), 1002),
-            (client_frame(0x88, b"\x03"), 1002),         // one-byte close payload
-            (client_frame(0x88, b"\x03\xed"), 1002),     // close code 1005
+            (client_frame(0x88, b"\x03"), 1002),     // one-byte close payload
+            (client_frame(0x88, b"\x03\xed"), 1002), // close code 1005
+            (client_frame(0x88, b"\x03\xf7"), 1002), // close code 1015
+            ([0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4].to_vec(), 1002), // length top bit
             (client_frame(0x88, b"\x03\xe8\xff"), 1007), // close reason not UTF-8
             (client_frame(0x81, b"ok \xff"), 1007),
             (client_frame(0x81, b"cut \xe2\x82"), 1007), // message ends inside a code point

@@ -286,8 +286,10 @@ struct Pump<'b, 't, S> {
     framer: Framer,
 
     // Client → backend.
-    /// Client bytes read but not parsed yet (only while the backend is slow to take earlier ones).
+    /// Client bytes read but not parsed yet (only while the backend is slow to take earlier ones),
+    /// and how far they have been parsed.
     raw: Vec<u8>,
+    raw_at: usize,
     /// Payload the backend has not taken yet, and how much of it it took since.
     up: Vec<u8>,
     up_at: usize,
@@ -344,6 +346,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             decoder: Decoder::new(params.max_message_size),
             framer: Framer::new(params.framing, params.max_message_size),
             raw: early,
+            raw_at: 0,
             up: Vec::new(),
             up_at: 0,
             up_newline: false,
@@ -448,9 +451,13 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     /// Returns whether anything moved.
     fn poll_down(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.client.idle() {
-            let before = (self.client.at, self.client.unflushed);
+            let before = (self.client.at, self.client.out.len(), self.client.unflushed);
             let ready = self.client.poll_out(cx).is_ready();
-            return ready || before != (self.client.at, self.client.unflushed);
+            let moved = before != (self.client.at, self.client.out.len(), self.client.unflushed);
+            if moved {
+                self.client_progress();
+            }
+            return ready || moved;
         }
         if self.close_sent {
             return false;
@@ -462,11 +469,16 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         if let Some((code, reason)) = self.close.take() {
             self.client.send(cx, frame::CLOSE, &frame::close_payload(code, &reason));
             self.close_sent = true;
+            if self.wait_for_answer {
+                // The client's answer gets the whole close timeout from here.
+                self.close_by = Some(Instant::now() + self.timeouts.close);
+            }
             return true;
         }
         if self.ping {
             self.ping = false;
             self.client.send(cx, frame::PING, &[]);
+            // The pong deadline runs from when the client can see the ping.
             self.ping_sent = Some(Instant::now());
             return true;
         }
@@ -540,9 +552,17 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 }
             };
         }
-        if !self.raw.is_empty() {
+        if self.raw_at < self.raw.len() {
             let mut raw = std::mem::take(&mut self.raw);
-            self.parse(cx, &mut raw);
+            let at = self.raw_at;
+            match self.parse(cx, &mut raw[at..]) {
+                // Blocked again: keep the rest where it is.
+                Some(stopped) if at + stopped < raw.len() => {
+                    self.raw = raw;
+                    self.raw_at = at + stopped;
+                }
+                _ => self.raw_at = 0,
+            }
             return true;
         }
         with_scratch(|scratch| {
@@ -557,8 +577,10 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     let n = buf.filled().len();
                     if n == 0 {
                         self.end(End::ClientGone("client closed the connection without a close frame".into()));
-                    } else {
-                        self.parse(cx, &mut scratch[..n]);
+                    } else if let Some(stopped) = self.parse(cx, &mut scratch[..n]) {
+                        // The scratch buffer is the thread's: the rest moves to the session.
+                        self.raw = scratch[stopped..n].to_vec();
+                        self.raw_at = 0;
                     }
                     true
                 }
@@ -566,14 +588,18 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         })
     }
 
-    /// Handles what the client sent: data straight to the backend; what the backend does not take
-    /// at once, and everything after it, is kept for later.
-    fn parse(&mut self, cx: &mut Context<'_>, input: &mut [u8]) {
+    /// Handles what the client sent: data straight to the backend. When the backend does not take
+    /// a piece at once, its rest is kept in `up` and parsing stops: returns where, so the caller
+    /// keeps the unparsed rest of `input`.
+    fn parse(&mut self, cx: &mut Context<'_>, input: &mut [u8]) -> Option<usize> {
         let mut pos = 0;
         while pos < input.len() && self.upstream != Upstream::Stop {
             let (n, event) = match self.decoder.next(&mut input[pos..]) {
                 Ok(x) => x,
-                Err(e) => return self.end(End::ClientError(e)),
+                Err(e) => {
+                    self.end(End::ClientError(e));
+                    return None;
+                }
             };
             pos += n;
             match event {
@@ -603,10 +629,18 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                         writer.poll_write_vectored(cx, &[IoSlice::new(bytes), IoSlice::new(newline)])
                     };
                     let n = match written {
-                        Poll::Ready(Ok(0)) => return self.end(End::BackendError("write", io::ErrorKind::WriteZero.into())),
-                        Poll::Ready(Ok(n)) => n,
-                        Poll::Ready(Err(e)) => return self.end(End::BackendError("write", e)),
+                        Poll::Ready(Ok(n)) if n > 0 => n,
                         Poll::Pending => 0,
+                        failed => {
+                            let e = match failed {
+                                Poll::Ready(Err(e)) => e,
+                                _ => io::ErrorKind::WriteZero.into(),
+                            };
+                            // The rest of the read is still parsed (data dropped), so the
+                            // client's close frame in it is seen.
+                            self.end(End::BackendError("write", e));
+                            continue;
+                        }
                     };
                     if n < total {
                         // The backend is slow: keep the rest, read the client no more until it
@@ -620,20 +654,39 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                         }
                         self.up = rest;
                         self.up_at = 0;
-                        self.raw = input[pos..].to_vec();
-                        return;
+                        return Some(pos);
                     }
                 }
                 Some(Event::Ping(payload)) => self.pong = Some(payload),
                 Some(Event::Pong) => self.ping_sent = None,
-                Some(Event::Close(code, reason)) => return self.end(End::ClientClosed(code, reason)),
+                Some(Event::Close(code, reason)) => {
+                    self.end(End::ClientClosed(code, reason));
+                    return None;
+                }
             }
         }
+        None
     }
 
     fn touch(&mut self) {
         if self.timeouts.idle.is_some() {
             self.last_active = Instant::now();
+        }
+    }
+
+    /// The client took some of what waited for it: it is alive. Bytes moving count against the
+    /// idle timeout; a ping still waiting behind them gets its pong deadline afresh; and the
+    /// flush before our close frame is cut only when the client stops taking anything.
+    fn client_progress(&mut self) {
+        let now = Instant::now();
+        if self.timeouts.idle.is_some() {
+            self.last_active = now;
+        }
+        if self.ping {
+            self.ping_sent = Some(now);
+        }
+        if self.close.is_some() && !matches!(self.end, Some(End::PongTimeout)) {
+            self.close_by = Some(now + self.timeouts.close);
         }
     }
 
@@ -646,9 +699,10 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         let t = self.timeouts;
         let idle = t.idle.map(|i| self.last_active + i);
         let lifetime = t.max_lifetime.map(|l| self.start + l);
+        // A ping waiting to be sent has its pong deadline running already (`ping_sent`): a client
+        // that takes nothing more of what we write cannot hold the session open.
         let keepalive = match self.ping_sent {
             Some(sent) => Some(sent + t.pong_timeout),
-            None if self.ping => None,
             None => self.next_ping,
         };
         [idle, lifetime, keepalive].into_iter().flatten().min()
@@ -679,7 +733,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.end(End::Idle);
         } else if let Some(sent) = self.ping_sent {
             if now >= sent + t.pong_timeout {
-                if self.up.is_empty() {
+                if self.up.is_empty() && self.raw_at == self.raw.len() {
                     self.end(End::PongTimeout);
                 } else {
                     // We are not reading the client (its data waits for a slow backend), so its
@@ -689,6 +743,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             }
         } else if self.next_ping.is_some_and(|p| now >= p) {
             self.ping = true;
+            self.ping_sent = Some(now);
             self.next_ping = t.ping_interval.map(|p| now + p);
         }
         true
@@ -792,11 +847,13 @@ impl Framer {
                 }
                 self.pending.extend_from_slice(rest);
                 // A line longer than the limit goes out in pieces rather than growing without bound.
-                while self.pending.len() > self.max_line {
-                    let tail = self.pending.split_off(complete_utf8_len(&self.pending[..self.max_line]).max(1));
-                    let piece = std::mem::replace(&mut self.pending, tail);
-                    send_text(&piece, send);
+                let mut start = 0;
+                while self.pending.len() - start > self.max_line {
+                    let end = start + complete_utf8_len(&self.pending[start..start + self.max_line]).max(1);
+                    send_text(&self.pending[start..end], send);
+                    start = end;
                 }
+                self.pending.drain(..start);
                 if self.pending.is_empty() {
                     self.pending = Vec::new();
                 }

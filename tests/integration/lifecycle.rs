@@ -139,6 +139,27 @@ async fn dead_peer_is_detected_by_ping() {
 }
 
 #[tokio::test]
+async fn client_that_stops_reading_is_detected_by_ping() {
+    // The ping cannot even be sent (the client's window is full): the pong deadline still runs.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(100));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let _client = raw_ws(bridge.addr, "/").await; // never reads
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (mut r, mut w) = b.into_split();
+    // Far more than the socket buffers on the way hold; the write fails when the session ends.
+    let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
+    let mut rest = Vec::new();
+    within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
+    assert!(
+        within("flood to stop", flood).await.unwrap().is_err(),
+        "the session ended before the flood was sent"
+    );
+}
+
+#[tokio::test]
 async fn live_peer_answering_pings_stays() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);

@@ -1,5 +1,7 @@
 //! The pump: bytes both ways, framing modes, no loss at close, protocol errors.
 
+use std::time::Duration;
+
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -234,4 +236,26 @@ async fn a_message_is_passed_on_before_it_ends() {
     assert_eq!(raw_read_frame(&mut s).await, (0x2, b"first half ".to_vec()));
     s.write_all(&frame(0x80, b"second half", true)).await.unwrap();
     assert_eq!(raw_read_frame(&mut s).await, (0x2, b"second half".to_vec()));
+}
+
+#[tokio::test]
+async fn close_frame_after_a_backend_failure_is_still_seen() {
+    // The backend is gone; the client's next read holds data (which fails to reach the backend)
+    // and then its close frame: the bridge must parse past the failure and see it. The close
+    // timeout is far beyond the test's bound, so only the close frame can end the session in time.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.close = Duration::from_secs(600);
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    drop(within("backend accept", streams.recv()).await.unwrap());
+    assert_eq!(raw_read_close(&mut s).await.0, 1000, "backend closed");
+    let mut burst = Vec::new();
+    for i in 0..50u8 {
+        burst.extend(frame(0x82, &[i; 10], true));
+    }
+    burst.extend(frame(0x88, &1000u16.to_be_bytes(), true));
+    s.write_all(&burst).await.unwrap();
+    let mut rest = Vec::new();
+    within("bridge to close the connection", s.read_to_end(&mut rest)).await.unwrap();
 }
