@@ -551,6 +551,44 @@ mod tests {
         }
     }
 
+    /// Random streams (valid frames of every kind mixed with garbage) decode to the same events
+    /// or the same error whatever the read sizes, and never panic.
+    #[test]
+    fn random_streams_decode_alike_at_any_split() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..1000 {
+            let mut stream = Vec::new();
+            for _ in 0..rand(6) + 1 {
+                match rand(10) {
+                    0 => stream.extend((0..rand(20)).map(|_| rand(256) as u8)),
+                    _ => {
+                        let first = [0x81, 0x82, 0x01, 0x02, 0x00, 0x80, 0x89, 0x8A, 0x88][rand(9) as usize];
+                        let len = [0, 1, 2, 5, 125, 126, 300, 70_000][rand(8) as usize];
+                        let payload: Vec<u8> = (0..len)
+                            .map(|_| if rand(4) == 0 { rand(256) as u8 } else { b'a' + rand(26) as u8 })
+                            .collect();
+                        stream.extend(client_frame(first, &payload));
+                    }
+                }
+            }
+            let max = [10, 1000, 1 << 20][rand(3) as usize];
+            let whole = decode(&stream, stream.len().max(1), max);
+            let step = rand(200) as usize + 1;
+            let split = decode(&stream, step, max);
+            match (&whole, &split) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "step {step}"),
+                (Err(a), Err(b)) => assert_eq!(a.code(), b.code(), "step {step}"),
+                _ => panic!("step {step}: {whole:?} vs {split:?}"),
+            }
+        }
+    }
+
     #[test]
     fn headers_encode_every_length_form() {
         assert_eq!(OutHeader::new(BINARY, 5).as_bytes(), &[0x82, 5]);
