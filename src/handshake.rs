@@ -121,9 +121,11 @@ where
         Err(Rejection::Status { status, reason }) => return answer(io, status, &reason, &[]).await,
         Err(e) => return Err(e),
     };
+    // A HEAD request gets the headers a GET would, and no body (RFC 9110 §9.3.2).
+    let body = request.method() != Method::HEAD;
     match decide(request, leftover, routes, web, client_cn).await {
         Decision::Upgrade(u) => Ok(Outcome::Upgrade(u)),
-        Decision::Reject { status, reason, headers } => answer(io, status, &reason, &headers).await,
+        Decision::Reject { status, reason, headers } => write_answer(io, status, &reason, &headers, body).await,
         Decision::Static(request, web) => serve_static(io, &request, web).await,
     }
 }
@@ -388,6 +390,17 @@ pub(crate) async fn answer<S: AsyncWrite + Unpin>(
     reason: &str,
     extra: &[(HeaderName, HeaderValue)],
 ) -> Result<Outcome, Rejection> {
+    write_answer(io, status, reason, extra, true).await
+}
+
+/// [`answer`], with the body left out when `with_body` is false (an answer to HEAD).
+async fn write_answer<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    status: StatusCode,
+    reason: &str,
+    extra: &[(HeaderName, HeaderValue)],
+    with_body: bool,
+) -> Result<Outcome, Rejection> {
     let body = format!("{} {}: {reason}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
     let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
     for (name, value) in extra {
@@ -398,7 +411,9 @@ pub(crate) async fn answer<S: AsyncWrite + Unpin>(
         "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    head.push_str(&body);
+    if with_body {
+        head.push_str(&body);
+    }
     io.write_all(head.as_bytes()).await?;
     io.flush().await?;
     Ok(Outcome::Answered {
@@ -422,7 +437,7 @@ async fn serve_static<S: AsyncWrite + Unpin>(io: &mut S, request: &Request<()>, 
         .map_err(|e| Rejection::Io(std::io::Error::other(e)))?;
     let (parts, mut body) = response.into_parts();
     if parts.status == StatusCode::NOT_FOUND {
-        return answer(io, StatusCode::NOT_FOUND, "not found", &[]).await;
+        return write_answer(io, StatusCode::NOT_FOUND, "not found", &[], request.method() != Method::HEAD).await;
     }
     let mut head = format!(
         "HTTP/1.1 {} {}\r\n",

@@ -20,6 +20,14 @@ async fn http_errors_are_answered_and_open_no_backend() {
     let r = http_raw(a, b"GET /vnc HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status_of(&r), 426, "{r}");
     assert!(r.to_ascii_lowercase().contains("upgrade: websocket"), "{r}");
+    // HEAD: the same answer without its body.
+    let r = http_raw(a, b"HEAD /vnc HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&r), 426, "{r}");
+    assert!(r.to_ascii_lowercase().contains("content-length: "), "{r}");
+    assert!(r.ends_with("\r\n\r\n"), "a body after the head: {r}");
+    let r = http_raw(a, b"HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status_of(&r), 404, "{r}");
+    assert!(r.ends_with("\r\n\r\n"), "a body after the head: {r}");
 
     let r = http_raw(a, b"POST /vnc HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").await;
     assert_eq!(status_of(&r), 405, "{r}");
