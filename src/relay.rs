@@ -165,8 +165,9 @@ where
 {
     let _ = timeout(wait, async {
         let payload = frame::close_payload(Some(code), reason);
-        client.write_all(OutHeader::new(frame::CLOSE, payload.len()).as_bytes()).await?;
-        client.write_all(&payload).await?;
+        let mut close = OutHeader::new(frame::CLOSE, payload.len()).as_bytes().to_vec();
+        close.extend_from_slice(&payload);
+        client.write_all(&close).await?;
         client.flush().await?;
         let mut decoder = Decoder::new(usize::MAX);
         let mut filled = early.len();
@@ -322,6 +323,9 @@ struct Pump<'b, 't, S> {
     last_active: Instant,
     next_ping: Option<Instant>,
     ping_sent: Option<Instant>,
+    /// The pong deadline passed: the client is dead unless its pong is among the bytes it has
+    /// sent so far, so the verdict waits until a read of the client finds nothing more.
+    pong_overdue: bool,
     close_by: Option<Instant>,
 
     bytes_up: u64,
@@ -365,6 +369,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             last_active: now,
             next_ping: params.timeouts.ping_interval.map(|p| now + p),
             ping_sent: None,
+            pong_overdue: false,
             close_by: None,
             bytes_up: 0,
             bytes_down: 0,
@@ -568,6 +573,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         with_scratch(|scratch| {
             let mut buf = ReadBuf::new(&mut *scratch);
             match Pin::new(&mut self.client.io).poll_read(cx, &mut buf) {
+                Poll::Pending if self.pong_overdue => {
+                    // Everything the client sent has been read, and no pong in it.
+                    self.end(End::PongTimeout);
+                    true
+                }
                 Poll::Pending => false,
                 Poll::Ready(Err(e)) => {
                     self.end(client_gone(&e));
@@ -658,7 +668,10 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     }
                 }
                 Some(Event::Ping(payload)) => self.pong = Some(payload),
-                Some(Event::Pong) => self.ping_sent = None,
+                Some(Event::Pong) => {
+                    self.ping_sent = None;
+                    self.pong_overdue = false;
+                }
                 Some(Event::Close(code, reason)) => {
                     self.end(End::ClientClosed(code, reason));
                     return None;
@@ -702,6 +715,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         // A ping waiting to be sent has its pong deadline running already (`ping_sent`): a client
         // that takes nothing more of what we write cannot hold the session open.
         let keepalive = match self.ping_sent {
+            _ if self.pong_overdue => None,
             Some(sent) => Some(sent + t.pong_timeout),
             None => self.next_ping,
         };
@@ -734,7 +748,9 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         } else if let Some(sent) = self.ping_sent {
             if now >= sent + t.pong_timeout {
                 if self.up.is_empty() && self.raw_at == self.raw.len() {
-                    self.end(End::PongTimeout);
+                    // Decided by the next read of the client (`poll_up`): its pong may still be
+                    // in the socket, behind data it sent before.
+                    self.pong_overdue = true;
                 } else {
                     // We are not reading the client (its data waits for a slow backend), so its
                     // pong cannot be seen: that is backpressure, not a dead client.
