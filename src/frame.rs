@@ -373,10 +373,22 @@ impl OutHeader {
     }
 }
 
+/// Close reasons are limited to 123 bytes (RFC 6455 §5.5: 125 with the code).
+pub const MAX_REASON: usize = 123;
+
+/// A close reason cut to fit a close frame, at a character boundary.
+pub fn truncate(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
 /// A close frame's payload: the code (none for an empty payload) and a reason cut to fit.
 pub fn close_payload(code: Option<u16>, reason: &str) -> Vec<u8> {
     let Some(code) = code else { return Vec::new() };
-    let reason = crate::relay::truncate(reason);
+    let reason = truncate(reason);
     let mut p = Vec::with_capacity(2 + reason.len());
     p.extend_from_slice(&code.to_be_bytes());
     p.extend_from_slice(reason.as_bytes());
@@ -587,6 +599,15 @@ mod tests {
                 _ => panic!("step {step}: {whole:?} vs {split:?}"),
             }
         }
+    }
+
+    #[test]
+    fn reasons_fit_a_close_frame() {
+        let long = "é".repeat(100);
+        let t = truncate(&long);
+        assert!(t.len() <= MAX_REASON && long.starts_with(t) && t.len() >= MAX_REASON - 1);
+        assert_eq!(close_payload(Some(1011), &long).len(), 2 + t.len());
+        assert_eq!(truncate("short"), "short");
     }
 
     #[test]

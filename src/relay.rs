@@ -34,8 +34,6 @@ use crate::backend::{describe, Backend, BackendReader, BackendWriter};
 use crate::config::{Framing, Timeouts};
 use crate::frame::{self, Decoder, Event, FrameError, OutHeader};
 
-/// Close reasons are limited to 123 bytes by RFC 6455.
-const MAX_REASON: usize = 123;
 /// The most read from either peer in one system call.
 const SCRATCH: usize = 256 * 1024;
 /// Answering a dead peer's missing pong: one short attempt to send the close frame.
@@ -107,6 +105,24 @@ enum End {
     Shutdown,
     /// A ping went unanswered.
     PongTimeout,
+}
+
+impl End {
+    /// The close code, reason and side this ending is reported with; also the close frame we send
+    /// for it, except after the client's own close frame (echoed) or when it is gone.
+    fn outcome(&self) -> (u16, String, &'static str) {
+        match self {
+            End::ClientClosed(code, reason) => (code.unwrap_or(1005), reason.clone(), "client"),
+            End::ClientGone(why) => (1006, why.clone(), "client"),
+            End::ClientError(e) => (e.code(), e.to_string(), "client"),
+            End::BackendEof => (1000, "backend closed".into(), "backend"),
+            End::BackendError(what, e) => (1011, format!("backend {what} failed: {}", describe(e)), "backend"),
+            End::Idle => (1001, "idle timeout".into(), "bridge"),
+            End::Lifetime => (1001, "session lifetime exceeded".into(), "bridge"),
+            End::Shutdown => (1001, "server shutting down".into(), "bridge"),
+            End::PongTimeout => (1001, "ping timeout".into(), "bridge"),
+        }
+    }
 }
 
 /// What becomes of the client's frames once the session is ending.
@@ -282,7 +298,6 @@ struct Pump<'b, 't, S> {
     reader: BackendReader<'b>,
     writer: BackendWriter<'b>,
     timeouts: &'t Timeouts,
-    lines: bool,
     decoder: Decoder,
     framer: Framer,
 
@@ -307,7 +322,6 @@ struct Pump<'b, 't, S> {
     close: Option<(Option<u16>, String)>,
     /// Our close frame has been handed to the client connection: nothing more goes to the client.
     close_sent: bool,
-    backend_eof: bool,
 
     // Ending.
     end: Option<End>,
@@ -346,7 +360,6 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             reader,
             writer,
             timeouts: params.timeouts,
-            lines: params.framing == Framing::Lines,
             decoder: Decoder::new(params.max_message_size),
             framer: Framer::new(params.framing, params.max_message_size),
             raw: early,
@@ -359,7 +372,6 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             ping: false,
             close: None,
             close_sent: false,
-            backend_eof: false,
             end: None,
             client_closed: false,
             wait_for_answer: true,
@@ -411,39 +423,28 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 }
             }
             End::ClientGone(_) => self.over = true,
-            End::ClientError(e) => {
+            End::ClientError(_) => {
                 self.upstream = Upstream::Stop;
                 self.wait_for_answer = false;
-                if !closing {
-                    self.close = Some((Some(e.code()), e.to_string()));
-                }
             }
-            End::BackendError(what, e) => {
+            End::BackendError(..) => {
                 if self.upstream == Upstream::Forward {
                     self.upstream = Upstream::Discard;
                 }
                 self.up = Vec::new();
                 self.up_at = 0;
-                if !closing {
-                    self.close = Some((Some(1011), format!("backend {what} failed: {}", describe(e))));
-                }
             }
-            End::BackendEof => {
-                if !closing {
-                    self.close = Some((Some(1000), "backend closed".into()));
-                }
+            End::PongTimeout => {
+                // The peer is gone: one short attempt to say so, and no waiting for an answer.
+                self.upstream = Upstream::Stop;
+                self.wait_for_answer = false;
+                wait = wait.min(DEAD_PEER_CLOSE);
             }
-            End::Idle | End::Lifetime | End::Shutdown | End::PongTimeout => {
-                if !closing {
-                    self.close = Some((Some(1001), bridge_reason(&why).into()));
-                }
-                if matches!(why, End::PongTimeout) {
-                    // The peer is gone: one short attempt to say so, and no waiting for an answer.
-                    self.upstream = Upstream::Stop;
-                    self.wait_for_answer = false;
-                    wait = wait.min(DEAD_PEER_CLOSE);
-                }
-            }
+            End::BackendEof | End::Idle | End::Lifetime | End::Shutdown => {}
+        }
+        if !closing && !matches!(why, End::ClientClosed(..) | End::ClientGone(_)) {
+            let (code, reason, _) = why.outcome();
+            self.close = Some((Some(code), reason));
         }
         let by = now + wait;
         self.close_by = Some(self.close_by.map_or(by, |b| b.min(by)));
@@ -487,7 +488,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.ping_sent = Some(Instant::now());
             return true;
         }
-        if self.backend_eof || self.end.is_some() {
+        if self.end.is_some() {
             return false;
         }
         let Pump {
@@ -517,7 +518,6 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 true
             }
             Poll::Ready(Ok(0)) => {
-                self.backend_eof = true;
                 self.end(End::BackendEof);
                 true
             }
@@ -618,12 +618,13 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     if self.upstream == Upstream::Discard {
                         continue;
                     }
-                    let newline: &[u8] = if self.lines && end && !(self.up_newline && bytes.is_empty() || bytes.ends_with(b"\n")) {
+                    let lines = self.framer.framing == Framing::Lines;
+                    let newline: &[u8] = if lines && end && !(self.up_newline && bytes.is_empty() || bytes.ends_with(b"\n")) {
                         b"\n"
                     } else {
                         b""
                     };
-                    if self.lines {
+                    if lines {
                         self.up_newline = !end && (bytes.ends_with(b"\n") || bytes.is_empty() && self.up_newline);
                     }
                     let total = bytes.len() + newline.len();
@@ -766,15 +767,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     }
 
     fn summary(&self) -> Summary {
-        let (code, reason, ended_by) = match &self.end {
-            Some(End::ClientClosed(code, reason)) => (code.unwrap_or(1005), reason.clone(), "client"),
-            Some(End::ClientGone(why)) => (1006, why.clone(), "client"),
-            Some(End::ClientError(e)) => (e.code(), e.to_string(), "client"),
-            Some(End::BackendEof) => (1000, "backend closed".into(), "backend"),
-            Some(End::BackendError(what, e)) => (1011, format!("backend {what} failed: {}", describe(e)), "backend"),
-            Some(why) => (1001, bridge_reason(why).into(), "bridge"),
-            None => (1006, "ended".into(), "bridge"),
-        };
+        let (code, reason, ended_by) = self.end.as_ref().map_or((1006, "ended".into(), "bridge"), End::outcome);
         Summary {
             code,
             reason,
@@ -785,29 +778,8 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     }
 }
 
-fn bridge_reason(why: &End) -> &'static str {
-    match why {
-        End::Idle => "idle timeout",
-        End::Lifetime => "session lifetime exceeded",
-        End::PongTimeout => "ping timeout",
-        _ => "server shutting down",
-    }
-}
-
 fn client_gone(e: &io::Error) -> End {
     End::ClientGone(format!("client connection failed: {}", describe(e)))
-}
-
-/// A close reason cut to fit a close frame (123 bytes), at a character boundary.
-pub(crate) fn truncate(reason: &str) -> String {
-    if reason.len() <= MAX_REASON {
-        return reason.to_owned();
-    }
-    let mut end = MAX_REASON;
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_owned()
 }
 
 /// Turns backend bytes into messages for one framing mode, handing each to `send` as an opcode
@@ -961,12 +933,5 @@ mod tests {
         assert_eq!(texts(&mut f, Some(b"ee\n\n")), vec!["three", ""]);
         assert_eq!(texts(&mut f, Some(b"0123456789ab")), vec!["01234567"]);
         assert_eq!(texts(&mut f, None), vec!["89ab"]);
-    }
-
-    #[test]
-    fn reasons_fit_a_close_frame() {
-        let long = "é".repeat(100);
-        let t = truncate(&long);
-        assert!(t.len() <= MAX_REASON && long.starts_with(&t));
     }
 }
