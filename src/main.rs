@@ -126,21 +126,6 @@ async fn check(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Reads every listener's files first (a bad certificate is a configuration error, reported
-/// before any port is taken), then binds.
-async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
-    let mut prepared = Vec::new();
-    for l in &config.listeners {
-        prepared.push(Listener::prepare(l).map_err(|e| anyhow::Error::new(e).context(ConfigProblem))?);
-    }
-    let mut bound = Vec::new();
-    for l in prepared {
-        let addr = l.config.addr;
-        bound.push(l.bind().await.with_context(|| format!("cannot listen on {addr}"))?);
-    }
-    Ok(bound)
-}
-
 /// Marks an error as the configuration's fault (exit code 64).
 #[derive(Debug)]
 struct ConfigProblem;
@@ -157,18 +142,29 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
-/// Serves `config` on `threads` runtime threads. Each thread has its own single-threaded runtime
-/// and its own socket per listener, bound with `SO_REUSEPORT` so the kernel spreads connections
-/// over them; the bridge state (routes, limits, shutdown, drain) is shared.
+/// Serves `config` on `threads` runtime threads (see [`bind_threads`] and [`serve_threads`]).
 async fn run(config: Config, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
     let bridge = Bridge::new(&config)?;
+    let (sockets, _) = bind_threads(&config, threads)?;
+    serve_threads(&bridge, sockets, path).await
+}
+
+/// Every listener's sockets, per runtime thread.
+type ThreadSockets = Vec<Vec<(Listener, std::net::TcpListener)>>;
+
+/// Reads every listener's files (a bad certificate is a configuration error, reported before any
+/// port is taken), then binds one socket per listener for each of `threads` runtime threads, with
+/// `SO_REUSEPORT` when there are several so the kernel spreads connections over them. Returns the
+/// sockets and each listener's bound address.
+fn bind_threads(config: &Config, threads: usize) -> anyhow::Result<(ThreadSockets, Vec<std::net::SocketAddr>)> {
     let mut prepared = Vec::new();
     for l in &config.listeners {
         prepared.push(Listener::prepare(l).map_err(|e| anyhow::Error::new(e).context(ConfigProblem))?);
     }
     // Bind every socket before serving any, so a port in use fails the start, not one thread.
     let threads = threads.max(1);
-    let mut per_thread: Vec<Vec<(Listener, std::net::TcpListener)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut per_thread: ThreadSockets = (0..threads).map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
     for l in &prepared {
         let mut addr = l.config.addr;
         if threads > 1 {
@@ -184,8 +180,16 @@ async fn run(config: Config, path: Option<std::path::PathBuf>, threads: usize) -
             sockets.push((l.sibling(), socket));
         }
         tracing::info!(addr = %addr, tls = l.config.tls.is_some(), web = ?l.config.web, threads, "listening");
+        addrs.push(addr);
     }
-    spawn_signal_handlers(&bridge, path)?;
+    Ok((per_thread, addrs))
+}
+
+/// Serves the bound sockets: the first thread's on this runtime, each other thread's on a
+/// single-threaded runtime of its own; the bridge state (routes, limits, shutdown, drain) is
+/// shared. Returns when every thread has drained.
+async fn serve_threads(bridge: &Bridge, per_thread: ThreadSockets, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    spawn_signal_handlers(bridge, path)?;
     let mut workers = Vec::new();
     let mut own = Vec::new();
     for (i, sockets) in per_thread.into_iter().enumerate() {
@@ -277,8 +281,8 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
     });
     let bridge = Bridge::new(&config)?;
     wsbridge::demo::spawn_chat_server(chat, bridge.shutdown_token());
-    let listeners = bind(&config).await?;
-    let local = listeners[0].local_addr()?;
+    let (sockets, addrs) = bind_threads(&config, 1)?;
+    let local = addrs[0];
     println!("wsbridge demo: open {scheme}://{local}/ in a browser (two tabs make a conversation).");
     println!(
         "The chat server is plain TCP on {chat_addr}: `nc {} {}` joins the same room.",
@@ -286,8 +290,7 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
         chat_addr.port()
     );
     println!("Press Ctrl-C to stop.");
-    spawn_signal_handlers(&bridge, None)?;
-    bridge.serve(listeners).await;
+    let served = serve_threads(&bridge, sockets, None).await;
     let _ = std::fs::remove_dir_all(&web);
-    Ok(())
+    served
 }
