@@ -852,9 +852,20 @@ impl<'de> Deserialize<'de> for OptDur {
     }
 }
 
-/// A byte size written as a number or `"64KiB"`, `"1MiB"`.
+/// A message size limit written as a number or `"64KiB"`, `"1MiB"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Size(usize);
+
+/// Checks a message size limit: smaller than a control frame's payload, nothing sensible fits.
+///
+/// # Errors
+/// The limit is below [`crate::frame::MAX_CONTROL`] bytes.
+pub fn check_message_size(n: usize) -> Result<usize, String> {
+    if n < crate::frame::MAX_CONTROL {
+        return Err(format!("must be at least {} bytes", crate::frame::MAX_CONTROL));
+    }
+    Ok(n)
+}
 
 /// Parses `"65536"`, `"64KiB"`, `"1MiB"` (also `KB`/`MB`, taken as binary units).
 pub fn parse_size(s: &str) -> Result<usize, String> {
@@ -881,11 +892,7 @@ impl<'de> Deserialize<'de> for Size {
             NumOrString::Float(_) => return Err(de::Error::custom("a size is a whole number of bytes")),
             NumOrString::S(s) => parse_size(&s).map_err(de::Error::custom)?,
         };
-        if n < 125 {
-            // Smaller than a control frame's payload: nothing sensible fits.
-            return Err(de::Error::custom("must be at least 125 bytes"));
-        }
-        Ok(Size(n))
+        check_message_size(n).map(Size).map_err(de::Error::custom)
     }
 }
 
