@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat, Matcher, RouteConfig, Target,
-    TokenLookup, TokenSourceConfig, DEFAULT_TLS_WATCH,
+    check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat, Matcher,
+    RouteConfig, Target, TokenLookup, TokenSourceConfig, DEFAULT_TLS_WATCH,
 };
 use crate::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
 
@@ -318,30 +318,76 @@ impl RunArgs {
         };
         self.refused.check().map_err(usage)?;
         if let Some(path) = &self.config {
-            let listener_or_route_options = self.source.is_some()
-                || self.target.is_some()
-                || self.web.is_some()
-                || self.web_listing
-                || self.token_plugin.is_some()
-                || self.token_source.is_some()
-                || self.target_config.is_some()
-                || self.host_token
-                || self.unix_target.is_some()
-                || self.heartbeat.is_some()
-                || self.idle_timeout.is_some()
-                || self.connect_timeout.is_some()
-                || self.handshake_timeout.is_some()
-                || self.framing.is_some()
-                || self.max_message_size.is_some()
-                || self.max_connections.is_some()
-                || self.cert.is_some()
-                || self.key.is_some()
-                || self.ssl_only
-                || self.ssl_version.is_some()
-                || self.verify_client
-                || self.cafile.is_some()
-                || self.ssl_target
-                || self.auth_plugin.is_some();
+            // Every field named, none left to `..`: a new option does not compile until it is
+            // put on one side or the other.
+            let RunArgs {
+                source,
+                target,
+                config: _,
+                web,
+                web_listing,
+                file_only,
+                token_plugin,
+                token_source,
+                target_config,
+                host_token,
+                unix_target,
+                heartbeat,
+                idle_timeout,
+                connect_timeout,
+                handshake_timeout,
+                framing,
+                max_message_size,
+                max_connections,
+                cert,
+                key,
+                ssl_only,
+                ssl_version,
+                verify_client,
+                cafile,
+                ssl_target,
+                ssl_target_ca,
+                ssl_target_name,
+                ssl_target_no_verify,
+                auth_plugin,
+                auth_source,
+                threads: _,
+                verbose: _,
+                log_format: _,
+                refused: _,
+            } = &self;
+            let listener_or_route_options = [
+                source.is_some(),
+                target.is_some(),
+                web.is_some(),
+                *web_listing,
+                *file_only,
+                token_plugin.is_some(),
+                token_source.is_some(),
+                target_config.is_some(),
+                *host_token,
+                unix_target.is_some(),
+                heartbeat.is_some(),
+                idle_timeout.is_some(),
+                connect_timeout.is_some(),
+                handshake_timeout.is_some(),
+                framing.is_some(),
+                max_message_size.is_some(),
+                max_connections.is_some(),
+                cert.is_some(),
+                key.is_some(),
+                *ssl_only,
+                ssl_version.is_some(),
+                *verify_client,
+                cafile.is_some(),
+                *ssl_target,
+                ssl_target_ca.is_some(),
+                ssl_target_name.is_some(),
+                *ssl_target_no_verify,
+                auth_plugin.is_some(),
+                auth_source.is_some(),
+            ]
+            .contains(&true);
             if listener_or_route_options {
                 return Err(usage(
                     "--config takes everything from the file; only -v, --log-format and --threads go beside it (put the rest in the file)"
@@ -377,11 +423,9 @@ impl RunArgs {
             config.limits.max_connections = n;
         }
         if let Some(s) = &self.max_message_size {
-            let size = parse_size(s).map_err(|e| usage(format!("--max-message-size: {e}")))?;
-            if size < 125 {
-                return Err(usage("--max-message-size: must be at least 125 bytes".into()));
-            }
-            config.limits.max_message_size = size;
+            config.limits.max_message_size = parse_size(s)
+                .and_then(check_message_size)
+                .map_err(|e| usage(format!("--max-message-size: {e}")))?;
         }
         let secs = |name: &str, v: f64| {
             std::time::Duration::try_from_secs_f64(v)
@@ -590,10 +634,79 @@ mod tests {
 
     #[test]
     fn config_file_takes_no_route_options_beside_it() {
-        let e = config(&["--config", "w.toml", "--idle-timeout", "5"]).unwrap_err();
-        assert!(e.contains("only -v, --log-format and --threads"), "{e}");
+        for extra in [
+            &["--idle-timeout", "5"][..],
+            &["--ssl-target-name", "x"],
+            &["--ssl-target-ca", "ca.pem"],
+            &["--ssl-target-no-verify"],
+            &["--auth-source", "alice"],
+            &["--file-only"],
+        ] {
+            let e = config(&[&["--config", "w.toml"][..], extra].concat()).unwrap_err();
+            assert!(e.contains("only -v, --log-format and --threads"), "{extra:?}: {e}");
+        }
         let e = config(&["6080", "h:1", "--max-message-size", "100"]).unwrap_err();
         assert!(e.contains("at least 125 bytes"), "{e}");
+    }
+
+    #[test]
+    fn client_cn_allow_list_from_websockify_auth_options() {
+        let tls = ["--cert", "c.pem", "--verify-client", "--cafile", "ca.pem"];
+        let with = |extra: &[&str]| config(&[&["6080", "h:1"][..], &tls, extra].concat());
+        let c = with(&["--auth-plugin", "ClientCertCNAuth", "--auth-source", "alice, bob  carol,"]).unwrap();
+        assert_eq!(
+            c.routes[0].options.client_cn.as_deref(),
+            Some(&["alice".to_owned(), "bob".into(), "carol".into()][..])
+        );
+        assert_eq!(config(&["6080", "h:1"]).unwrap().routes[0].options.client_cn, None);
+        let refusals = [
+            (
+                &["--auth-plugin", "ClientCertCNAuth", "--auth-source", "a"][..],
+                false,
+                "needs client certificates",
+            ),
+            (&["--auth-plugin", "ClientCertCNAuth"], true, "needs --auth-source"),
+            (&["--auth-source", "a"], true, "needs --auth-plugin"),
+            (
+                &["--auth-plugin", "BasicHTTPAuth", "--auth-source", "a"],
+                true,
+                "BasicHTTPAuth is not supported",
+            ),
+        ];
+        for (args, certs, want) in refusals {
+            let e = if certs {
+                with(args)
+            } else {
+                config(&[&["6080", "h:1"][..], args].concat())
+            }
+            .unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn ssl_target_options_map_to_backend_tls() {
+        let c = config(&[
+            "6080",
+            "h:1",
+            "--ssl-target",
+            "--ssl-target-ca",
+            "ca.pem",
+            "--ssl-target-name",
+            "db.internal",
+        ])
+        .unwrap();
+        let tls = c.routes[0].options.backend_tls.clone().unwrap();
+        assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert_eq!(tls.server_name.as_deref(), Some("db.internal"));
+        assert!(!tls.insecure_skip_verify);
+        let c = config(&["6080", "h:1", "--ssl-target", "--ssl-target-no-verify"]).unwrap();
+        assert!(c.routes[0].options.backend_tls.as_ref().unwrap().insecure_skip_verify);
+        assert_eq!(config(&["6080", "h:1"]).unwrap().routes[0].options.backend_tls, None);
+        let e = config(&["6080", "h:1", "--ssl-target-name", "x"]).unwrap_err();
+        assert!(e.contains("need --ssl-target"), "{e}");
+        let e = config(&["6080", "--unix-target", "/run/x.sock", "--ssl-target"]).unwrap_err();
+        assert!(e.contains("not --unix-target"), "{e}");
     }
 
     #[test]
