@@ -1,8 +1,8 @@
 //! The backend side of a session: connecting to a [`Target`] under the connect deadline, and the
 //! few operations the relay needs on the stream.
 //!
-//! The relay borrows the stream's two directions separately ([`Backend::halves`]); the read side
-//! waits for readiness before it takes a buffer, so an idle session holds none.
+//! The relay borrows the stream's two directions separately ([`Backend::halves`]) and drives
+//! them with `poll_read` / `poll_write` from its own state machine.
 
 use std::io;
 use std::time::Duration;
@@ -149,21 +149,6 @@ impl Backend {
     }
 }
 
-impl BackendReader<'_> {
-    /// Waits until a read may succeed (data, EOF or an error), holding no buffer meanwhile. The
-    /// waker lives in the socket's registration, so the future has no waiter node of its own.
-    ///
-    /// # Errors
-    /// The socket failed.
-    pub async fn readable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| match self {
-            BackendReader::Tcp(r) => r.as_ref().poll_read_ready(cx),
-            BackendReader::Unix(r) => r.as_ref().poll_read_ready(cx),
-        })
-        .await
-    }
-}
-
 /// Reads go through tokio's `poll_read`, which knows that a read shorter than the buffer drained
 /// the socket: no extra `EAGAIN` read per message.
 impl tokio::io::AsyncRead for BackendReader<'_> {
@@ -211,25 +196,6 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_shutdown(cx),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_shutdown(cx),
         }
-    }
-}
-
-impl BackendWriter<'_> {
-    /// Writes all of `a` then all of `b`, in one system call when the socket takes them.
-    ///
-    /// # Errors
-    /// The socket failed.
-    pub async fn write_all_parts(&mut self, a: &[u8], b: &[u8]) -> io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        let n = self.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        if n >= a.len() {
-            return self.write_all(&b[n - a.len()..]).await;
-        }
-        self.write_all(&a[n..]).await?;
-        self.write_all(b).await
     }
 }
 
