@@ -244,16 +244,9 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> a
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    match &path {
-                        Some(p) => match Config::from_file(p).map_err(anyhow::Error::from).and_then(|c| bridge.reload(&c).map_err(Into::into)) {
-                            Ok(()) => tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)"),
-                            Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
-                        },
-                        None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
-                    }
-                    for e in bridge.reload_tls() {
-                        tracing::error!(error = %e, "certificate reload failed; the previous certificate stays in service");
-                    }
+                    // Files are read and parsed off the runtime thread, which serves sessions.
+                    let (bridge, path) = (bridge.clone(), path.clone());
+                    let _ = tokio::task::spawn_blocking(move || reload(&bridge, path.as_deref())).await;
                 }
             }
         }
@@ -261,6 +254,23 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> a
         token.cancel();
     });
     Ok(())
+}
+
+/// SIGHUP: re-reads the configuration file (if there is one) and the certificates.
+fn reload(bridge: &Bridge, path: Option<&std::path::Path>) {
+    match path {
+        Some(p) => match Config::from_file(p)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| bridge.reload(&c).map_err(Into::into))
+        {
+            Ok(()) => tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
+        },
+        None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
+    }
+    for e in bridge.reload_tls() {
+        tracing::error!(error = %e, "certificate reload failed; the previous certificate stays in service");
+    }
 }
 
 async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Result<()> {
