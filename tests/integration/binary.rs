@@ -118,9 +118,13 @@ async fn bad_config_file_names_file_line_and_field() {
 async fn port_in_use_is_a_runtime_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (code, _, err) = run_to_end(&[&addr, "127.0.0.1:5900"]).await;
-    assert_eq!(code, 1);
-    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    // With one runtime thread and with several (where SO_REUSEPORT would otherwise share the
+    // port with its holder without a word).
+    for threads in ["1", "2"] {
+        let (code, _, err) = run_to_end(&[&addr, "127.0.0.1:5900", "--threads", threads]).await;
+        assert_eq!(code, 1, "--threads {threads}: {err}");
+        assert!(err.contains(&format!("cannot listen on {addr}")), "--threads {threads}: {err}");
+    }
 }
 
 #[tokio::test]
