@@ -213,6 +213,8 @@ struct ToClient<S> {
     /// has been written since.
     out: Vec<u8>,
     at: usize,
+    /// Whether `out` holds data frames (not only control frames): taking them is activity.
+    data_waiting: bool,
     /// Written to a stream that may hold bytes until flushed (TLS).
     unflushed: bool,
     /// A write failed; the session ends with it.
@@ -231,9 +233,11 @@ impl<S: AsyncWrite + Unpin> ToClient<S> {
         }
         let head = OutHeader::new(opcode, payload.len());
         let head = head.as_bytes();
+        let data = opcode == frame::BINARY || opcode == frame::TEXT;
         if self.at < self.out.len() {
             self.out.extend_from_slice(head);
             self.out.extend_from_slice(payload);
+            self.data_waiting |= data;
             return;
         }
         let total = head.len() + payload.len();
@@ -251,6 +255,7 @@ impl<S: AsyncWrite + Unpin> ToClient<S> {
         };
         self.unflushed |= n > 0;
         if n < total {
+            self.data_waiting = data;
             self.out.clear();
             self.at = 0;
             self.out.reserve_exact(total - n);
@@ -280,6 +285,7 @@ impl<S: AsyncWrite + Unpin> ToClient<S> {
             // Drained: give the memory back.
             self.out = Vec::new();
             self.at = 0;
+            self.data_waiting = false;
         }
         if self.unflushed && self.failed.is_none() {
             match Pin::new(&mut self.io).poll_flush(cx) {
@@ -354,6 +360,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 io,
                 out: Vec::new(),
                 at: 0,
+                data_waiting: false,
                 unflushed: false,
                 failed: None,
             },
@@ -458,10 +465,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     fn poll_down(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.client.idle() {
             let before = (self.client.at, self.client.out.len(), self.client.unflushed);
+            let data = self.client.data_waiting;
             let ready = self.client.poll_out(cx).is_ready();
             let moved = before != (self.client.at, self.client.out.len(), self.client.unflushed);
             if moved {
-                self.client_progress();
+                self.client_progress(data);
             }
             return ready || moved;
         }
@@ -688,12 +696,13 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         }
     }
 
-    /// The client took some of what waited for it: it is alive. Bytes moving count against the
-    /// idle timeout; a ping still waiting behind them gets its pong deadline afresh; and the
-    /// flush before our close frame is cut only when the client stops taking anything.
-    fn client_progress(&mut self) {
+    /// The client took some of what waited for it: it is alive. Data moving (`data`: data frames
+    /// were waiting, not only our pings or close) counts against the idle timeout; a ping still
+    /// waiting behind them gets its pong deadline afresh; and the flush before our close frame is
+    /// cut only when the client stops taking anything.
+    fn client_progress(&mut self, data: bool) {
         let now = Instant::now();
-        if self.timeouts.idle.is_some() {
+        if data && self.timeouts.idle.is_some() {
             self.last_active = now;
         }
         if self.ping {

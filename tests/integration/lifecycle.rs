@@ -87,6 +87,32 @@ async fn idle_session_closes_with_1001() {
 }
 
 #[tokio::test]
+async fn keepalive_pings_do_not_keep_an_idle_session_open() {
+    // Pings and pongs prove the client is there, not that the session is used.
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.idle = Some(Duration::from_millis(400));
+    config.timeouts.ping_interval = Some(Duration::from_millis(50));
+    config.timeouts.pong_timeout = Duration::from_secs(5);
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    // Reading answers the pings; nothing else is sent.
+    let (pings, close) = within("idle close", async {
+        let mut pings = 0;
+        loop {
+            match futures_util::StreamExt::next(&mut ws).await.expect("close frame").expect("read") {
+                Message::Ping(_) => pings += 1,
+                Message::Close(f) => return (pings, f.expect("close code")),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, "idle timeout"));
+    assert!(pings >= 3, "expected the keepalive to run meanwhile: {pings} pings");
+}
+
+#[tokio::test]
 async fn one_way_stream_is_not_idle() {
     // A backend that sends a byte every 50 ms for 1 s; idle timeout 300 ms must not fire.
     let (backend, mut streams) = manual_backend().await;
@@ -164,13 +190,14 @@ async fn live_peer_answering_pings_stays() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
     config.timeouts.ping_interval = Some(Duration::from_millis(50));
-    // Well above the gap between our reads: tungstenite's client answers pings only while reading.
-    config.timeouts.pong_timeout = Duration::from_secs(2);
+    // Above the gap between our reads (tungstenite's client answers pings only while reading),
+    // and well inside the test's length: pongs that were not taken into account would end it.
+    config.timeouts.pong_timeout = Duration::from_millis(500);
     let bridge = TestBridge::start(config).await;
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
-    // Stay for several ping intervals.
+    // Stay for many ping intervals and more than twice the pong timeout.
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
-    for i in 0..6u8 {
+    for i in 0..12u8 {
         ticker.tick().await;
         send_bin(&mut ws, &[i]).await;
         assert_eq!(recv_data(&mut ws).await, vec![i]);
