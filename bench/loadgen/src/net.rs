@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -49,9 +47,6 @@ pub struct TargetArgs {
     /// with the same client code)
     #[arg(long)]
     pub raw_tcp: bool,
-    /// For wss://: accept any server certificate
-    #[arg(long)]
-    pub tls_insecure: bool,
     /// For wss://: trust this PEM CA / self-signed certificate
     #[arg(long)]
     pub ca: Option<PathBuf>,
@@ -81,7 +76,7 @@ impl Target {
             bail!("--url needs a port");
         }
         let tls = if tls {
-            let config = client_tls_config(args.tls_insecure, args.ca.as_deref())?;
+            let config = client_tls_config(args.ca.as_deref())?;
             let name = ServerName::try_from(host.clone()).context("TLS server name")?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {
@@ -224,63 +219,17 @@ impl Conn {
     }
 }
 
-fn client_tls_config(insecure: bool, ca: Option<&std::path::Path>) -> Result<ClientConfig> {
+/// The wss:// client configuration: the server's certificate must chain to `ca` (run.py passes
+/// the certificate from `gencert`), so the TLS work measured is a real verification.
+fn client_tls_config(ca: Option<&std::path::Path>) -> Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    let config = if insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-            .with_no_client_auth()
-    } else {
-        let ca = ca.ok_or_else(|| anyhow!("wss:// needs --ca FILE or --tls-insecure"))?;
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca).context("reading --ca")? {
-            roots.add(cert?)?;
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    Ok(config)
-}
-
-/// `--tls-insecure`: accept any certificate, but still check handshake
-/// signatures so the TLS work done is the normal amount.
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+    let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+    let ca = ca.ok_or_else(|| anyhow!("wss:// needs --ca FILE (e.g. the cert.pem of `loadgen gencert`)"))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).context("reading --ca")? {
+        roots.add(cert?)?;
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// Write a self-signed certificate for localhost / 127.0.0.1 / ::1 into

@@ -69,7 +69,6 @@ fn target(url: String, raw: bool, ca: Option<std::path::PathBuf>) -> Result<Targ
     Target::new(&TargetArgs {
         url,
         raw_tcp: raw,
-        tls_insecure: false,
         ca,
         protocol: None,
     })
