@@ -269,9 +269,14 @@ pub fn status_of(response: &str) -> u16 {
 /// A raw WebSocket client: a TCP stream after a successful upgrade, for sending frames a real
 /// client would not.
 pub async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
+    raw_ws_request(addr, &upgrade_request(path, "")).await
+}
+
+/// [`raw_ws`] with a request of the caller's (another Host, say).
+pub async fn raw_ws_request(addr: SocketAddr, request: &[u8]) -> TcpStream {
     within("raw upgrade", async {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&upgrade_request(path, "")).await.unwrap();
+        s.write_all(request).await.unwrap();
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {

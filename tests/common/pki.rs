@@ -109,9 +109,12 @@ pub fn client_config(ca_pem: &str, client: Option<&Issued>, versions: &[&'static
 
 /// A TLS connection to `addr` verifying `name`.
 pub async fn tls_connect(addr: std::net::SocketAddr, name: &str, config: Arc<ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let connector = tokio_rustls::TlsConnector::from(config);
-    connector.connect(ServerName::try_from(name.to_owned()).unwrap(), tcp).await
+    super::within("TLS handshake", async {
+        let tcp = TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        connector.connect(ServerName::try_from(name.to_owned()).unwrap(), tcp).await
+    })
+    .await
 }
 
 /// The common name of the certificate the server presented.

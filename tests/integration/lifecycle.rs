@@ -157,6 +157,7 @@ async fn dead_peer_is_detected_by_ping() {
     // A raw client that reads but never answers pings.
     let mut s = raw_ws(bridge.addr, "/").await;
     let mut b = within("backend accept", streams.recv()).await.unwrap();
+    assert_eq!(raw_read_frame(&mut s).await, (0x9, Vec::new()), "a ping first");
     let (code, reason) = raw_read_close(&mut s).await;
     assert_eq!((code, reason.as_str()), (1001, "ping timeout"));
     // The backend sees the session end.
@@ -317,4 +318,22 @@ async fn a_slow_backend_is_not_mistaken_for_a_dead_client() {
     let reply = within("reply", reader).await.unwrap();
     assert_eq!(reply.as_deref(), Ok(&b"still here"[..]));
     drop(within("writer", writer).await.unwrap());
+}
+
+#[tokio::test]
+async fn client_that_never_answers_our_close_is_cut_at_the_close_deadline() {
+    // The bridge closes (idle); the client reads the close frame but never answers it. The close
+    // timeout, not the client, ends the session: the backend sees EOF and the client's
+    // connection is closed.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.idle = Some(Duration::from_millis(200));
+    config.timeouts.close = Duration::from_millis(300);
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    assert_eq!(raw_read_close(&mut s).await, (1001, "idle timeout".to_owned()));
+    let mut rest = Vec::new();
+    within("backend EOF", b.read_to_end(&mut rest)).await.unwrap();
+    let _ = within("client connection closed", s.read_to_end(&mut rest)).await;
 }

@@ -74,9 +74,9 @@ async fn client_close_delivers_everything_then_fin() {
     let got = within("backend EOF", received.recv()).await.unwrap();
     assert_eq!(got.len(), data.len());
     assert!(got == data);
-    // And the client gets its close answered.
+    // And the client gets its close answered: an empty close frame echoed as one.
     let (_, close) = read_until_close(&mut ws).await;
-    assert!(close.is_none() || u16::from(close.unwrap().code) == 1005);
+    assert_eq!(close, None);
 }
 
 #[tokio::test]
@@ -215,12 +215,12 @@ async fn fragments_and_control_frames_split_byte_by_byte() {
     bytes.extend(frame(0x80, b"ghi", true));
     bytes.extend(frame(0x01, "h\u{e9}".as_bytes(), true)); // text split inside a code point...
     bytes.extend(frame(0x80, "llo \u{20ac}".as_bytes(), true));
-    bytes.extend(frame(0x88, &[0x03, 0xe8], true));
+    bytes.extend(frame(0x88, &4000u16.to_be_bytes(), true));
     for b in &bytes {
         s.write_all(std::slice::from_ref(b)).await.unwrap();
     }
     assert_eq!(raw_read_frame(&mut s).await, (0xA, b"between".to_vec()), "the ping's pong");
-    assert_eq!(raw_read_close(&mut s).await.0, 1000, "the close echoed");
+    assert_eq!(raw_read_close(&mut s).await.0, 4000, "the client's close code echoed");
     let got = within("backend EOF", received.recv()).await.unwrap();
     assert_eq!(got, "abcdefghih\u{e9}llo \u{20ac}".as_bytes());
 }
@@ -258,4 +258,43 @@ async fn close_frame_after_a_backend_failure_is_still_seen() {
     s.write_all(&burst).await.unwrap();
     let mut rest = Vec::new();
     within("bridge to close the connection", s.read_to_end(&mut rest)).await.unwrap();
+}
+
+#[tokio::test]
+async fn lines_framing_ends_each_client_message_with_one_newline() {
+    // A message's newline goes after its last fragment, once; one that ends with a newline
+    // (in a fragment of its own or not) gets none added; an empty message is an empty line.
+    let (backend, mut received) = sink_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.framing = Framing::Lines;
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let mut bytes = Vec::new();
+    bytes.extend(frame(0x01, b"ab", true));
+    bytes.extend(frame(0x80, b"c", true));
+    bytes.extend(frame(0x01, b"de\n", true));
+    bytes.extend(frame(0x80, b"", true));
+    bytes.extend(frame(0x02, b"f", true));
+    bytes.extend(frame(0x00, b"\n", true));
+    bytes.extend(frame(0x80, b"", true));
+    bytes.extend(frame(0x81, b"", true));
+    bytes.extend(frame(0x88, &1000u16.to_be_bytes(), true));
+    s.write_all(&bytes).await.unwrap();
+    let got = within("backend EOF", received.recv()).await.unwrap();
+    assert_eq!(String::from_utf8(got).unwrap(), "abc\nde\nf\n\n");
+}
+
+#[tokio::test]
+async fn backend_reset_gives_1011_with_reason() {
+    let (backend, mut streams) = manual_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    // Closing with SO_LINGER 0 sends a reset, not a FIN.
+    b.set_zero_linger().unwrap();
+    drop(b);
+    let (_, close) = read_until_close(&mut ws).await;
+    let close = close.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1011, "{}", close.reason);
+    assert!(close.reason.starts_with("backend read failed"), "{}", close.reason);
 }

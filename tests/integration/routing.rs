@@ -122,8 +122,9 @@ async fn host_token() {
     let req = String::from_utf8(upgrade_request("/", ""))
         .unwrap()
         .replace("Host: localhost", "Host: vnc1.example.com:6080");
-    let r = http_head(bridge.addr, req.as_bytes()).await;
-    assert_eq!(status_of(&r), 101, "{r}");
+    // Upgraded, and to the backend the host names.
+    let mut s = raw_ws_request(bridge.addr, req.as_bytes()).await;
+    assert_eq!(raw_read_frame(&mut s).await, (0x2, b"A".to_vec()));
     assert_eq!(status_of(&http_raw(bridge.addr, &upgrade_request("/", "")).await), 404);
 }
 
