@@ -14,6 +14,9 @@ use crate::config::Target;
 use crate::tls::BackendTls;
 use rustls_pki_types::ServerName;
 
+/// A TLS connection to a backend (boxed: a TLS session's state is large).
+type TlsBackend = Box<tokio_rustls::client::TlsStream<TcpStream>>;
+
 /// A connected backend stream.
 #[derive(Debug)]
 pub enum Backend {
@@ -21,6 +24,8 @@ pub enum Backend {
     Tcp(TcpStream),
     /// A unix stream socket.
     Unix(UnixStream),
+    /// TLS over TCP.
+    Tls(TlsBackend),
 }
 
 /// Why a backend could not be reached. The `Display` text is what the client reads in the close
@@ -45,10 +50,6 @@ pub enum ConnectError {
 impl Backend {
     /// Connects to `target`, trying every resolved address in order, then the TLS handshake when
     /// `tls` is given, all within `deadline`.
-    ///
-    /// A TLS backend is handed to the relay as one end of a socket pair, with a task copying
-    /// between the other end and the TLS stream: the relay keeps a single code path, and the extra
-    /// copy is only paid by routes that ask for TLS.
     ///
     /// # Errors
     /// [`ConnectError`] with the last failure.
@@ -103,16 +104,8 @@ async fn wrap_tls(tcp: TcpStream, host: &str, tls: &BackendTls) -> Result<Backen
         Some(n) => n.clone(),
         None => ServerName::try_from(host.to_owned()).map_err(|e| ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?,
     };
-    let mut stream = tls.connector.connect(name, tcp).await.map_err(ConnectError::Tls)?;
-    let (ours, mut theirs) = UnixStream::pair().map_err(ConnectError::Connect)?;
-    tokio::spawn(async move {
-        // Ends when both directions have ended: EOF is passed on as a shutdown, and a relay that
-        // drops its end makes the writes towards it fail.
-        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut theirs).await {
-            tracing::debug!(error = %e, "backend TLS stream ended");
-        }
-    });
-    Ok(Backend::Unix(ours))
+    let stream = tls.connector.connect(name, tcp).await.map_err(ConnectError::Tls)?;
+    Ok(Backend::Tls(Box::new(stream)))
 }
 
 /// The read side of a backend, for the backend → client direction.
@@ -122,6 +115,8 @@ pub enum BackendReader<'a> {
     Tcp(tokio::net::tcp::ReadHalf<'a>),
     /// Unix socket.
     Unix(tokio::net::unix::ReadHalf<'a>),
+    /// TLS (both halves are polled by the one session task, so the split's lock is uncontended).
+    Tls(tokio::io::ReadHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// The write side of a backend, for the client → backend direction.
@@ -131,6 +126,8 @@ pub enum BackendWriter<'a> {
     Tcp(tokio::net::tcp::WriteHalf<'a>),
     /// Unix socket.
     Unix(tokio::net::unix::WriteHalf<'a>),
+    /// TLS.
+    Tls(tokio::io::WriteHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Backend {
@@ -144,6 +141,10 @@ impl Backend {
             Backend::Unix(s) => {
                 let (r, w) = s.split();
                 (BackendReader::Unix(r), BackendWriter::Unix(w))
+            }
+            Backend::Tls(s) => {
+                let (r, w) = tokio::io::split(&mut **s);
+                (BackendReader::Tls(r), BackendWriter::Tls(w))
             }
         }
     }
@@ -160,7 +161,21 @@ impl tokio::io::AsyncRead for BackendReader<'_> {
         match self.get_mut() {
             BackendReader::Tcp(r) => std::pin::Pin::new(r).poll_read(cx, buf),
             BackendReader::Unix(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+            // A backend that closes without TLS close_notify (common, and every byte it sent was
+            // delivered) ends like a TCP backend's EOF; a reset or a broken record stays an error.
+            BackendReader::Tls(r) => match std::pin::Pin::new(r).poll_read(cx, buf) {
+                std::task::Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => std::task::Poll::Ready(Ok(())),
+                other => other,
+            },
         }
+    }
+}
+
+impl BackendWriter<'_> {
+    /// Whether written bytes may wait in the stream until it is flushed (TLS records when the
+    /// socket was full); TCP and unix sockets hand everything to the kernel at once.
+    pub fn buffers(&self) -> bool {
+        matches!(self, BackendWriter::Tls(_))
     }
 }
 
@@ -169,6 +184,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
         match self.get_mut() {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_write(cx, buf),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -179,6 +195,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
         match self.get_mut() {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
+            BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
@@ -188,6 +205,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
         match self.get_mut() {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_flush(cx),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_flush(cx),
+            BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_flush(cx),
         }
     }
     /// Sends EOF (FIN) to the backend; it may still send to us.
@@ -195,6 +213,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
         match self.get_mut() {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_shutdown(cx),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_shutdown(cx),
         }
     }
 }

@@ -315,6 +315,8 @@ struct Pump<'b, 't, S> {
     /// Payload the backend has not taken yet, and how much of it it took since.
     up: Vec<u8>,
     up_at: usize,
+    /// Written to a backend stream that may hold bytes until flushed (TLS).
+    up_unflushed: bool,
     /// `lines`: whether the client's message so far ends with a newline.
     up_newline: bool,
     upstream: Upstream,
@@ -373,6 +375,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             raw_at: 0,
             up: Vec::new(),
             up_at: 0,
+            up_unflushed: false,
             up_newline: false,
             upstream: Upstream::Forward,
             pong: None,
@@ -552,11 +555,25 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 }
                 Poll::Ready(Ok(n)) => {
                     self.up_at += n;
+                    self.up_unflushed = self.writer.buffers();
                     if self.up_at == self.up.len() {
                         self.up = Vec::new();
                         self.up_at = 0;
                     }
                     self.touch();
+                    true
+                }
+                Poll::Ready(Err(e)) => {
+                    self.end(End::BackendError("write", e));
+                    true
+                }
+            };
+        }
+        if self.up_unflushed {
+            return match Pin::new(&mut self.writer).poll_flush(cx) {
+                Poll::Pending => false,
+                Poll::Ready(Ok(())) => {
+                    self.up_unflushed = false;
                     true
                 }
                 Poll::Ready(Err(e)) => {
@@ -648,7 +665,10 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                         writer.poll_write_vectored(cx, &[IoSlice::new(bytes), IoSlice::new(newline)])
                     };
                     let n = match written {
-                        Poll::Ready(Ok(n)) if n > 0 => n,
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            self.up_unflushed = self.writer.buffers();
+                            n
+                        }
                         Poll::Pending => 0,
                         failed => {
                             let e = match failed {

@@ -413,7 +413,11 @@ async fn wss_echo(addr: std::net::SocketAddr, client: std::sync::Arc<rustls::Cli
     assert_eq!(got.into_data(), payload);
 }
 
-/// A TLS echo backend with `cert`.
+const RESET: &[u8] = b"reset now";
+const TRUNCATE: &[u8] = b"close without close_notify";
+
+/// A TLS echo backend with `cert`. A read of exactly `RESET` makes it reset the connection
+/// (no close_notify, no FIN) instead.
 async fn tls_echo_backend(cert: &Issued) -> std::net::SocketAddr {
     use rustls::pki_types::pem::PemObject;
     let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
@@ -433,15 +437,55 @@ async fn tls_echo_backend(cert: &Issued) -> std::net::SocketAddr {
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                if let Ok(s) = acceptor.accept(s).await {
-                    let (mut r, mut w) = tokio::io::split(s);
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
+                let Ok(mut s) = acceptor.accept(s).await else { return };
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if &buf[..n] == RESET {
+                        let _ = s.get_ref().0.set_zero_linger();
+                        return;
+                    }
+                    if &buf[..n] == TRUNCATE {
+                        return; // dropped: a FIN without close_notify
+                    }
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
+                let _ = s.shutdown().await;
             });
         }
     });
     addr
+}
+
+#[tokio::test]
+async fn tls_backend_endings_give_the_codes_tcp_ones_do() {
+    // A reset is a failure (1011); closing without TLS close_notify, as many servers do, is a
+    // plain end (1000) once everything it sent was delivered.
+    let pki = Pki::new("backend CA");
+    let cert = pki.server("vnc.internal", &["vnc.internal"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let backend = tls_echo_backend(&cert).await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
+        server_name: Some("vnc.internal".into()),
+        ca: Some(pki.ca_file()),
+        insecure_skip_verify: false,
+    });
+    let bridge = TestBridge::start(config).await;
+    for (ending, code, reason) in [(RESET, 1011, "backend read failed"), (TRUNCATE, 1000, "backend closed")] {
+        let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+        send_bin(&mut ws, b"echo first").await;
+        assert_eq!(recv_data(&mut ws).await, b"echo first");
+        send_bin(&mut ws, ending).await;
+        let (_, close) = read_until_close(&mut ws).await;
+        let close = close.expect("a close frame");
+        assert_eq!(u16::from(close.code), code, "{}", close.reason);
+        assert!(close.reason.starts_with(reason), "{}", close.reason);
+    }
 }
 
 #[tokio::test]
