@@ -220,13 +220,12 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
 
 /// A short, name-free summary of a backend TLS failure for the close reason.
 fn tls_summary(e: &io::Error) -> &'static str {
-    let text = e.to_string();
-    if text.contains("invalid peer certificate") || text.contains("certificate") {
-        "certificate not accepted"
-    } else if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::ConnectionReset {
-        "connection closed during the handshake"
-    } else {
-        "handshake failed"
+    // tokio-rustls carries rustls' own error inside the io::Error.
+    let rustls_error = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => "certificate not accepted",
+        _ if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => "connection closed during the handshake",
+        _ => "handshake failed",
     }
 }
 
