@@ -314,6 +314,14 @@ pub fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     f
 }
 
+/// Reads until the close frame (data messages are dropped): its code and reason. Fails the test
+/// when the connection ends without one, or with an empty one.
+pub async fn read_close(ws: &mut Ws) -> (u16, String) {
+    let (_, close) = read_until_close(ws).await;
+    let close = close.expect("a close frame with a code");
+    (u16::from(close.code), close.reason.to_string())
+}
+
 /// Reads one server frame from a raw client: its opcode and payload (server frames are unmasked).
 pub async fn raw_read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     within("raw frame", async {

@@ -63,10 +63,7 @@ async fn websockify_style_run_and_sigterm_drain() {
     assert_eq!(recv_data(&mut ws).await, b"through the binary");
 
     kill(&child, "TERM").await;
-    let (_, close) = read_until_close(&mut ws).await;
-    let close = close.unwrap();
-    assert_eq!(u16::from(close.code), 1001);
-    assert_eq!(close.reason.as_str(), "server shutting down");
+    assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
     drop(ws);
     let status = within("exit after SIGTERM", child.0.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");

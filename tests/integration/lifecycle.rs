@@ -80,10 +80,7 @@ async fn idle_session_closes_with_1001() {
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
     send_bin(&mut ws, b"activity").await;
     assert_eq!(recv_data(&mut ws).await, b"activity");
-    let (_, close) = read_until_close(&mut ws).await;
-    let close = close.unwrap();
-    assert_eq!(u16::from(close.code), 1001);
-    assert_eq!(close.reason.as_str(), "idle timeout");
+    assert_eq!(read_close(&mut ws).await, (1001, "idle timeout".to_owned()));
 }
 
 #[tokio::test]
@@ -130,8 +127,7 @@ async fn one_way_stream_is_not_idle() {
     }
     assert_eq!(received, 20);
     b.shutdown().await.unwrap();
-    let (_, close) = read_until_close(&mut ws).await;
-    assert_eq!(u16::from(close.unwrap().code), 1000);
+    assert_eq!(read_close(&mut ws).await.0, 1000);
 }
 
 #[tokio::test]
@@ -141,10 +137,7 @@ async fn max_lifetime_closes_with_1001() {
     config.timeouts.max_lifetime = Some(Duration::from_millis(300));
     let bridge = TestBridge::start(config).await;
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
-    let (_, close) = read_until_close(&mut ws).await;
-    let close = close.unwrap();
-    assert_eq!(u16::from(close.code), 1001);
-    assert_eq!(close.reason.as_str(), "session lifetime exceeded");
+    assert_eq!(read_close(&mut ws).await, (1001, "session lifetime exceeded".to_owned()));
 }
 
 #[tokio::test]
@@ -213,10 +206,7 @@ async fn shutdown_closes_sessions_with_1001_and_drains() {
     send_bin(&mut ws, b"before").await;
     assert_eq!(recv_data(&mut ws).await, b"before");
     bridge.shutdown.cancel();
-    let (_, close) = read_until_close(&mut ws).await;
-    let close = close.unwrap();
-    assert_eq!(u16::from(close.code), 1001);
-    assert_eq!(close.reason.as_str(), "server shutting down");
+    assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
     let _ = ws.send(Message::Close(None)).await;
     let drained = within("drain", bridge.handle).await.unwrap();
     assert!(drained.clean, "{drained:?}");
