@@ -41,16 +41,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         for direction, kind in (("up", "sink"), ("down", "source")):
-            backend = run.spawn([str(run.LOADGEN), "backend", kind], stdout=subprocess.PIPE)
-            port_line = backend.stdout.readline().strip()
-            if not port_line.isdigit():
-                sys.exit(f"backend {kind} printed {port_line!r}")
+            backend, backend_port = run.start_backend(kind)
             port = run.free_port()
             data = out / f"perf-{direction}.data"
             log = open(out / f"wsbridge-{direction}.log", "w")
-            bridge = run.spawn([perf, "record", "-q", "-e", "cpu-clock", "-F", "2999", "-g",
+            bridge = run.spawn([perf, "record", "-q", "-e", "cpu-clock", "-F", "2999",
                                 "-o", str(data), "--", str(run.WSBRIDGE), f"127.0.0.1:{port}",
-                                f"127.0.0.1:{port_line}"], stdout=log, stderr=log)
+                                f"127.0.0.1:{backend_port}"], stdout=log, stderr=log)
             run.wait_listening(port, bridge)
             res = subprocess.run([str(run.LOADGEN), "throughput", "--url",
                                   f"ws://127.0.0.1:{port}/", "--dir", direction,

@@ -417,6 +417,24 @@ def wsbridge_supports_tls() -> bool:
 # Running one case
 # --------------------------------------------------------------------------
 
+def start_backend(kind: str, pinned: bool = False, stderr=None) -> tuple[subprocess.Popen, int]:
+    """Start `loadgen backend KIND` (on CPU 0 when pinned); returns it and its port, read from
+    its first line within 20 s."""
+    cmd = (["taskset", "-c", "0"] if pinned else []) + [str(LOADGEN), "backend", kind]
+    p = spawn(cmd, stdout=subprocess.PIPE, stderr=stderr)
+    lines = Lines(p.stdout)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            line = lines.q.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"backend {kind}: no port line within 20 s") from None
+        if line is None:
+            raise RuntimeError(f"backend {kind} exited")
+        if line.strip().isdigit():
+            return p, int(line.strip())
+
+
 class Bench:
     def __init__(self, cfg, paths: dict, logdir: Path, cert_dir: Path | None):
         self.cfg = cfg
@@ -431,21 +449,8 @@ class Bench:
     def backend(self, kind: str, pinned: bool) -> int:
         key = (kind, pinned)
         if key not in self.backends:
-            cmd = ([] if not pinned else ["taskset", "-c", "0"]) + [str(LOADGEN), "backend", kind]
-            p = spawn(cmd, stdout=subprocess.PIPE,
-                      stderr=open(self.logdir / f"backend-{kind}{'-pinned' * pinned}.log", "w"))
-            lines = Lines(p.stdout)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    line = lines.q.get(timeout=max(0.01, deadline - time.monotonic()))
-                except queue.Empty:
-                    raise RuntimeError(f"backend {kind}: no port line within 20 s") from None
-                if line is None:
-                    raise RuntimeError(f"backend {kind} exited")
-                if line.strip().isdigit():
-                    break
-            self.backends[key] = int(line.strip())
+            log_file = open(self.logdir / f"backend-{kind}{'-pinned' * pinned}.log", "w")
+            _, self.backends[key] = start_backend(kind, pinned, log_file)
         return self.backends[key]
 
     def client_args(self, bridge: Bridge, port: int) -> list[str]:
