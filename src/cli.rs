@@ -12,9 +12,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
     check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat, Matcher,
-    RouteConfig, Target, TokenLookup, TokenSourceConfig, DEFAULT_TLS_WATCH,
+    RouteConfig, Target, TokenLookup, TokenSourceConfig,
 };
-use crate::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
+use crate::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 
 /// A fast, hardened WebSocket-to-TCP bridge, websockify-compatible.
 ///
@@ -555,16 +555,13 @@ impl RunArgs {
             (false, _) => None,
         };
         Ok(Some(TlsSettings {
-            default: CertFiles {
-                cert: cert.clone(),
-                key: self.key.clone(),
-            },
-            sni: Vec::new(),
             only: self.ssl_only,
             min_version,
             client_ca,
-            client_auth: ClientAuth::Required,
-            watch: Some(DEFAULT_TLS_WATCH),
+            ..TlsSettings::new(CertFiles {
+                cert: cert.clone(),
+                key: self.key.clone(),
+            })
         }))
     }
 

@@ -280,15 +280,7 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
     let web = wsbridge::demo::write_web_root().context("cannot write the demo page")?;
     let mut config = wsbridge::demo::config(addr, &web, chat_addr);
     let scheme = if tls.is_some() { "https" } else { "http" };
-    config.listeners[0].tls = tls.map(|default| wsbridge::tls::TlsSettings {
-        default,
-        sni: Vec::new(),
-        only: false,
-        min_version: wsbridge::tls::MinVersion::Tls12,
-        client_ca: None,
-        client_auth: wsbridge::tls::ClientAuth::Required,
-        watch: Some(wsbridge::config::DEFAULT_TLS_WATCH),
-    });
+    config.listeners[0].tls = tls.map(wsbridge::tls::TlsSettings::new);
     let bridge = Bridge::new(&config)?;
     wsbridge::demo::spawn_chat_server(chat, bridge.shutdown_token());
     let (sockets, addrs) = bind_threads(&config, 1)?;

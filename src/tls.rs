@@ -83,6 +83,23 @@ pub struct TlsSettings {
     pub watch: Option<Duration>,
 }
 
+impl TlsSettings {
+    /// One certificate, the defaults for the rest: plain and TLS both accepted, TLS 1.2 and up,
+    /// no client certificates, files checked for changes every
+    /// [`DEFAULT_TLS_WATCH`](crate::config::DEFAULT_TLS_WATCH).
+    pub fn new(default: CertFiles) -> TlsSettings {
+        TlsSettings {
+            default,
+            sni: Vec::new(),
+            only: false,
+            min_version: MinVersion::Tls12,
+            client_ca: None,
+            client_auth: ClientAuth::Required,
+            watch: Some(crate::config::DEFAULT_TLS_WATCH),
+        }
+    }
+}
+
 /// A TLS file that could not be used; the message names the file and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

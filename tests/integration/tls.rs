@@ -19,16 +19,11 @@ const BOTH: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &r
 
 fn settings(cert: &Issued) -> TlsSettings {
     TlsSettings {
-        default: CertFiles {
+        watch: None,
+        ..TlsSettings::new(CertFiles {
             cert: cert.cert.clone(),
             key: Some(cert.key.clone()),
-        },
-        sni: Vec::new(),
-        only: false,
-        min_version: MinVersion::Tls12,
-        client_ca: None,
-        client_auth: ClientAuth::Required,
-        watch: None,
+        })
     }
 }
 
@@ -129,16 +124,11 @@ fn load_err(cert: &Path, key: Option<&Path>) -> String {
         web: None,
         web_listing: false,
         tls: Some(TlsSettings {
-            default: CertFiles {
+            watch: None,
+            ..TlsSettings::new(CertFiles {
                 cert: cert.into(),
                 key: key.map(Into::into),
-            },
-            sni: vec![],
-            only: false,
-            min_version: MinVersion::Tls12,
-            client_ca: None,
-            client_auth: ClientAuth::Required,
-            watch: None,
+            })
         }),
     };
     let err: TlsError = Listener::prepare(&config).unwrap_err();
