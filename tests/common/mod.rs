@@ -22,6 +22,14 @@ use tokio_util::sync::CancellationToken;
 use wsbridge::config::{Config, ListenerConfig, Matcher, RouteConfig, Target};
 use wsbridge::server::{Bridge, Drained, Listener};
 
+/// `len` bytes of test data that do not repeat with a short period (so a dropped, duplicated or
+/// reordered chunk shows in a comparison); `seed` makes streams differ.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
 /// The bound on every wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 

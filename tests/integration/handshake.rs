@@ -181,7 +181,7 @@ async fn a_static_file_outlives_the_handshake_deadline() {
     // Reading the request is bounded by the handshake deadline; writing the answer by the write
     // deadline: a large file to a client that starts reading late is not cut.
     let dir = tempfile::tempdir().unwrap();
-    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 253) as u8).collect();
+    let big = pattern(16 << 20, 9);
     std::fs::write(dir.path().join("big.bin"), &big).unwrap();
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);

@@ -224,7 +224,7 @@ async fn shutdown_mid_transfer_leaves_no_hole_in_the_backend_stream() {
     let (ws, _) = ws_connect(&bridge.url("/"), None).await;
     let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
     let mut b = within("backend accept", streams.recv()).await.unwrap();
-    let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    let data = pattern(16 << 20, 5);
     let sent = data.clone();
     let writer = tokio::spawn(async move {
         let mut ok = 0usize;

@@ -9,12 +9,6 @@ use wsbridge::config::Framing;
 
 use crate::common::*;
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
-        .collect()
-}
-
 #[tokio::test]
 async fn megabytes_both_ways_at_once_byte_exact() {
     let (backend, _) = echo_backend().await;

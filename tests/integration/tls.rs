@@ -50,7 +50,7 @@ async fn wss_end_to_end_byte_exact_and_ws_on_the_same_port() {
         .unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), None, "no ALPN offered, none chosen");
     let mut ws = wss_over(stream, &format!("wss://localhost:{}/", bridge.addr.port())).await;
-    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let data = pattern(1_000_000, 2);
     let mut got = Vec::new();
     within("echo", async {
         // Sent whole before reading: 1 MB fits in what the sockets on the way buffer.
