@@ -93,8 +93,19 @@ pub struct RouteTable {
     sources: Vec<(TokenSource, Option<BackendTls>, Arc<AtomicUsize>)>,
 }
 
-fn backend_tls(options: &RouteOptions) -> Result<Option<BackendTls>, crate::tls::TlsError> {
-    options.backend_tls.as_ref().map(BackendTls::new).transpose()
+/// The connector for a route's backend TLS settings; routes with equal settings share one, so
+/// the system's CA store (or a CA file) is read once per distinct setting, not once per route.
+fn backend_tls(
+    options: &RouteOptions,
+    made: &mut Vec<(crate::tls::BackendTlsSettings, BackendTls)>,
+) -> Result<Option<BackendTls>, crate::tls::TlsError> {
+    let Some(settings) = &options.backend_tls else { return Ok(None) };
+    if let Some((_, tls)) = made.iter().find(|(s, _)| s == settings) {
+        return Ok(Some(tls.clone()));
+    }
+    let tls = BackendTls::new(settings)?;
+    made.push((settings.clone(), tls.clone()));
+    Ok(Some(tls))
 }
 
 impl RouteTable {
@@ -104,8 +115,9 @@ impl RouteTable {
     /// A token source that cannot be read or a backend TLS setting that cannot be used.
     pub fn from_config(config: &Config) -> Result<RouteTable, String> {
         let mut table = RouteTable::default();
+        let mut made = Vec::new();
         for r in &config.routes {
-            let tls = backend_tls(&r.options).map_err(|e| format!("route {}: backend TLS: {e}", r.matcher))?;
+            let tls = backend_tls(&r.options, &mut made).map_err(|e| format!("route {}: backend TLS: {e}", r.matcher))?;
             let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), tls, Arc::default());
             match &r.matcher {
                 Matcher::Path(p) => {
@@ -118,7 +130,7 @@ impl RouteTable {
             }
         }
         for s in &config.token_sources {
-            let tls = backend_tls(&s.options).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
+            let tls = backend_tls(&s.options, &mut made).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
             let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
             table.sources.push((source, tls, Arc::default()));
         }
@@ -239,5 +251,32 @@ mod tests {
         assert_eq!(query_token(Some("a=1&token=x%2By&b=2")).as_deref(), Some("x+y"));
         assert_eq!(query_token(Some("a=1")), None);
         assert_eq!(query_token(None), None);
+    }
+
+    #[test]
+    fn routes_with_equal_backend_tls_share_one_connector() {
+        let mut config = Config::new("test");
+        let mut options = config.default_route_options();
+        options.backend_tls = Some(crate::tls::BackendTlsSettings {
+            insecure_skip_verify: true,
+            ..Default::default()
+        });
+        for path in ["/a", "/b"] {
+            config.routes.push(crate::config::RouteConfig {
+                matcher: Matcher::Path(path.into()),
+                target: "127.0.0.1:1".parse().unwrap(),
+                options: options.clone(),
+            });
+        }
+        options.backend_tls.as_mut().unwrap().server_name = Some("other.example".into());
+        config.routes.push(crate::config::RouteConfig {
+            matcher: Matcher::Path("/c".into()),
+            target: "127.0.0.1:1".parse().unwrap(),
+            options,
+        });
+        let table = RouteTable::from_config(&config).unwrap();
+        let connector = |p: &str| table.paths[p].backend_tls.as_ref().unwrap().connector.config().clone();
+        assert!(Arc::ptr_eq(&connector("/a"), &connector("/b")));
+        assert!(!Arc::ptr_eq(&connector("/a"), &connector("/c")));
     }
 }
