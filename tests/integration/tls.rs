@@ -1,7 +1,7 @@
 //! wss://: certificates and their errors, ws and wss on one port, TLS-only listeners, reload,
 //! client certificates, TLS to backends. Certificates are generated per test (rcgen).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::SinkExt;
@@ -452,6 +452,17 @@ async fn tls_echo_backend(cert: &Issued) -> std::net::SocketAddr {
     addr
 }
 
+/// A bridge whose one route goes to `backend` over TLS with these settings.
+async fn bridge_to_tls_backend(backend: std::net::SocketAddr, name: Option<&str>, ca: Option<PathBuf>, insecure: bool) -> TestBridge {
+    let mut config = any_path_to(backend);
+    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
+        server_name: name.map(str::to_owned),
+        ca,
+        insecure_skip_verify: insecure,
+    });
+    TestBridge::start(config).await
+}
+
 #[tokio::test]
 async fn tls_backend_endings_give_the_codes_tcp_ones_do() {
     // A reset is a failure (1011); closing without TLS close_notify, as many servers do, is a
@@ -459,13 +470,7 @@ async fn tls_backend_endings_give_the_codes_tcp_ones_do() {
     let pki = Pki::new("backend CA");
     let cert = pki.server("vnc.internal", &["vnc.internal"], &rcgen::PKCS_ECDSA_P256_SHA256);
     let backend = tls_echo_backend(&cert).await;
-    let mut config = any_path_to(backend);
-    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
-        server_name: Some("vnc.internal".into()),
-        ca: Some(pki.ca_file()),
-        insecure_skip_verify: false,
-    });
-    let bridge = TestBridge::start(config).await;
+    let bridge = bridge_to_tls_backend(backend, Some("vnc.internal"), Some(pki.ca_file()), false).await;
     for (ending, want_code, want_reason) in [(RESET, 1011, "backend read failed"), (TRUNCATE, 1000, "backend closed")] {
         let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
         send_bin(&mut ws, b"echo first").await;
@@ -485,13 +490,7 @@ async fn backend_tls_is_verified() {
     let backend = tls_echo_backend(&cert).await;
 
     // Verified against the right CA, with the name the certificate carries.
-    let mut config = any_path_to(backend);
-    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
-        server_name: Some("vnc.internal".into()),
-        ca: Some(pki.ca_file()),
-        insecure_skip_verify: false,
-    });
-    let bridge = TestBridge::start(config).await;
+    let bridge = bridge_to_tls_backend(backend, Some("vnc.internal"), Some(pki.ca_file()), false).await;
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
     send_bin(&mut ws, b"over TLS to the backend").await;
     assert_eq!(recv_data(&mut ws).await, b"over TLS to the backend");
@@ -500,38 +499,20 @@ async fn backend_tls_is_verified() {
     assert_eq!(read_until_close(&mut ws).await.1, None);
 
     // The wrong CA: refused, and the client is told why.
-    let mut config = any_path_to(backend);
-    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
-        server_name: Some("vnc.internal".into()),
-        ca: Some(wrong.ca_file()),
-        insecure_skip_verify: false,
-    });
-    let bridge = TestBridge::start(config).await;
+    let bridge = bridge_to_tls_backend(backend, Some("vnc.internal"), Some(wrong.ca_file()), false).await;
     let mut s = raw_ws(bridge.addr, "/").await;
     let (code, reason) = raw_read_close(&mut s).await;
     assert_eq!(code, 1014);
     assert_eq!(reason, "backend TLS failed: certificate not accepted");
 
     // A name the certificate does not carry: refused too.
-    let mut config = any_path_to(backend);
-    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
-        server_name: None,
-        ca: Some(pki.ca_file()),
-        insecure_skip_verify: false,
-    });
-    let bridge = TestBridge::start(config).await;
+    let bridge = bridge_to_tls_backend(backend, None, Some(pki.ca_file()), false).await;
     let mut s = raw_ws(bridge.addr, "/").await;
     let (code, reason) = raw_read_close(&mut s).await;
     assert_eq!((code, reason.as_str()), (1014, "backend TLS failed: certificate not accepted"));
 
     // Only when the route says so in so many words is verification off.
-    let mut config = any_path_to(backend);
-    config.routes[0].options.backend_tls = Some(BackendTlsSettings {
-        server_name: None,
-        ca: None,
-        insecure_skip_verify: true,
-    });
-    let bridge = TestBridge::start(config).await;
+    let bridge = bridge_to_tls_backend(backend, None, None, true).await;
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
     send_bin(&mut ws, b"unverified").await;
     assert_eq!(recv_data(&mut ws).await, b"unverified");
