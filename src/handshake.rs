@@ -23,7 +23,8 @@ use http::{Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::routes::{Route, RouteSlot, RouteTable};
+use crate::routes::{Route, RouteTable};
+use crate::slots::Slot;
 
 /// The largest request head accepted (request line and headers); above it: 431.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -63,7 +64,7 @@ pub struct Upgrade {
     /// The `Sec-WebSocket-Accept` value to answer with.
     pub accept_key: String,
     /// The session's place under the route's `max_sessions`, held for the session's life.
-    pub slot: RouteSlot,
+    pub slot: Slot,
 }
 
 /// What the connection turned out to be.

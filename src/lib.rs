@@ -11,6 +11,7 @@
 //! | [`cli`] | websockify-compatible arguments → the same [`config::Config`] a TOML file produces |
 //! | [`config`] | the TOML model, defaults, validation with file/line/field errors |
 //! | [`server`] | accept loops, connection limit, per-connection task and span, phases and deadlines, drain |
+//! | [`slots`] | counted caps (connections, a route's sessions) that keep counting across a reload |
 //! | [`handshake`] | one HTTP request: upgrade checks and answers (404/405/426/400/431/503), static files |
 //! | [`routes`] / [`tokens`] | the route table: path, token (inline or websockify token files), host |
 //! | [`tls`] | PEM → rustls configs, SNI, certificate reload, client certificates, TLS to backends |
@@ -32,5 +33,6 @@ pub mod handshake;
 pub mod relay;
 pub mod routes;
 pub mod server;
+pub mod slots;
 pub mod tls;
 pub mod tokens;

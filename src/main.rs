@@ -91,7 +91,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let table = match RouteTable::from_config(&config) {
+    let table = match RouteTable::from_config(&config, None) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("wsbridge: {}: {e}", path.display());

@@ -9,12 +9,12 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::Request;
 
 use crate::config::{redact, Config, Matcher, RouteOptions, Target, TokenLookup};
+use crate::slots::{Slot, Slots};
 use crate::tls::BackendTls;
 use crate::tokens::TokenSource;
 
@@ -29,13 +29,13 @@ pub struct Route {
     pub options: RouteOptions,
     /// TLS towards the backend, when the route asks for it.
     pub backend_tls: Option<BackendTls>,
-    /// Live sessions, shared by every route built from the same configuration entry, for
-    /// `max_sessions`.
-    sessions: Arc<AtomicUsize>,
+    /// Live sessions, for `max_sessions`: shared by every route built from the same
+    /// configuration entry, and by its successor after a reload.
+    sessions: Slots,
 }
 
 impl Route {
-    fn new(name: String, target: Target, options: RouteOptions, backend_tls: Option<BackendTls>, sessions: Arc<AtomicUsize>) -> Arc<Route> {
+    fn new(name: String, target: Target, options: RouteOptions, backend_tls: Option<BackendTls>, sessions: Slots) -> Arc<Route> {
         Arc::new(Route {
             name,
             target,
@@ -54,22 +54,8 @@ impl Route {
     }
 
     /// Takes a session slot, or `None` when the route is at its `max_sessions`.
-    pub fn try_enter(self: &Arc<Self>) -> Option<RouteSlot> {
-        let max = self.options.max_sessions.unwrap_or(usize::MAX);
-        self.sessions
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .ok()
-            .map(|_| RouteSlot(self.sessions.clone()))
-    }
-}
-
-/// A session slot on a route; given back on drop.
-#[derive(Debug)]
-pub struct RouteSlot(Arc<AtomicUsize>);
-
-impl Drop for RouteSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+    pub fn try_enter(&self) -> Option<Slot> {
+        self.sessions.try_take(self.options.max_sessions.unwrap_or(usize::MAX))
     }
 }
 
@@ -90,7 +76,7 @@ pub struct RouteTable {
     paths: HashMap<String, Arc<Route>>,
     any_path: Option<Arc<Route>>,
     tokens: HashMap<String, Arc<Route>>,
-    sources: Vec<(TokenSource, Option<BackendTls>, Arc<AtomicUsize>)>,
+    sources: Vec<(TokenSource, Option<BackendTls>, Slots)>,
 }
 
 /// The connector for a route's backend TLS settings; routes with equal settings share one, so
@@ -109,16 +95,22 @@ fn backend_tls(
 }
 
 impl RouteTable {
-    /// Builds the table, reading every token source.
+    /// Builds the table, reading every token source. On a reload, `previous` is the table in
+    /// service: a route or token source that is still configured (same path, token or file) keeps
+    /// counting its live sessions against `max_sessions`.
     ///
     /// # Errors
     /// A token source that cannot be read or a backend TLS setting that cannot be used.
-    pub fn from_config(config: &Config) -> Result<RouteTable, String> {
+    pub fn from_config(config: &Config, previous: Option<&RouteTable>) -> Result<RouteTable, String> {
         let mut table = RouteTable::default();
         let mut made = Vec::new();
         for r in &config.routes {
             let tls = backend_tls(&r.options, &mut made).map_err(|e| format!("route {}: backend TLS: {e}", r.matcher))?;
-            let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), tls, Arc::default());
+            let sessions = previous
+                .and_then(|p| p.route_for(&r.matcher))
+                .map(|r| r.sessions.clone())
+                .unwrap_or_default();
+            let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), tls, sessions);
             match &r.matcher {
                 Matcher::Path(p) => {
                     table.paths.insert(p.clone(), route);
@@ -132,9 +124,22 @@ impl RouteTable {
         for s in &config.token_sources {
             let tls = backend_tls(&s.options, &mut made).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
             let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
-            table.sources.push((source, tls, Arc::default()));
+            let sessions = previous
+                .and_then(|p| p.sources.iter().find(|(old, _, _)| old.config.path == s.path))
+                .map(|(_, _, sessions)| sessions.clone())
+                .unwrap_or_default();
+            table.sources.push((source, tls, sessions));
         }
         Ok(table)
+    }
+
+    /// The route configured with exactly this matcher.
+    fn route_for(&self, matcher: &Matcher) -> Option<&Arc<Route>> {
+        match matcher {
+            Matcher::Path(p) => self.paths.get(p),
+            Matcher::AnyPath => self.any_path.as_ref(),
+            Matcher::Token(t) => self.tokens.get(t),
+        }
     }
 
     /// Whether a route is configured for exactly this path.
@@ -274,9 +279,30 @@ mod tests {
             target: "127.0.0.1:1".parse().unwrap(),
             options,
         });
-        let table = RouteTable::from_config(&config).unwrap();
+        let table = RouteTable::from_config(&config, None).unwrap();
         let connector = |p: &str| table.paths[p].backend_tls.as_ref().unwrap().connector.config().clone();
         assert!(Arc::ptr_eq(&connector("/a"), &connector("/b")));
         assert!(!Arc::ptr_eq(&connector("/a"), &connector("/c")));
+    }
+    #[test]
+    fn a_rebuilt_table_keeps_counting_the_sessions_of_routes_still_configured() {
+        let mut config = Config::new("test");
+        let mut options = config.default_route_options();
+        options.max_sessions = Some(1);
+        for matcher in [Matcher::Path("/kept".into()), Matcher::Path("/dropped".into())] {
+            config.routes.push(crate::config::RouteConfig {
+                matcher,
+                target: "127.0.0.1:1".parse().unwrap(),
+                options: options.clone(),
+            });
+        }
+        let old = RouteTable::from_config(&config, None).unwrap();
+        let _kept = old.paths["/kept"].try_enter().unwrap();
+        let _dropped = old.paths["/dropped"].try_enter().unwrap();
+        // The reloaded file renames /dropped to /new: a new route, with its own count.
+        config.routes[1].matcher = Matcher::Path("/new".into());
+        let new = RouteTable::from_config(&config, Some(&old)).unwrap();
+        assert!(new.paths["/kept"].try_enter().is_none(), "the live session still counts");
+        assert!(new.paths["/new"].try_enter().is_some());
     }
 }

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +28,7 @@ use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::handshake::{self, Outcome, WebRoot};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
+use crate::slots::Slots;
 use crate::tls::{TlsError, TlsListener};
 
 /// Why the bridge could not start or reload.
@@ -42,7 +42,8 @@ pub enum BridgeError {
     Tokens(String),
 }
 
-/// What can change on reload: everything but the listeners.
+/// What can change on reload: everything but the listeners. Caps count across reloads: the
+/// counts live in [`Inner::connections`] and in the routes' [`Slots`], carried from table to table.
 #[derive(Debug)]
 struct Live {
     routes: RouteTable,
@@ -60,8 +61,8 @@ pub struct Bridge {
 struct Inner {
     /// Swapped whole on reload; a connection keeps the snapshot it started with.
     live: RwLock<Arc<Live>>,
-    /// Connection slots; sized at start (a reload that changes the cap takes effect on restart).
-    slots: Arc<Semaphore>,
+    /// Open connections, counted against `max_connections` of the configuration in force.
+    connections: Slots,
     /// Cancelled on shutdown; every task watches it.
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -85,12 +86,11 @@ impl Bridge {
     /// # Errors
     /// An invalid configuration or an unreadable token source.
     pub fn new(config: &Config) -> Result<Bridge, BridgeError> {
-        let live = Live::from_config(config)?;
-        let slots = Arc::new(Semaphore::new(live.max_connections));
+        let live = Live::from_config(config, None)?;
         Ok(Bridge {
             inner: Arc::new(Inner {
                 live: RwLock::new(Arc::new(live)),
-                slots,
+                connections: Slots::default(),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 tls: Mutex::default(),
@@ -98,12 +98,16 @@ impl Bridge {
         })
     }
 
-    /// Replaces routes, tokens and timeouts for new connections; live sessions keep theirs.
+    /// Replaces routes, tokens, timeouts and caps for new connections; live sessions keep theirs
+    /// and still count against the new caps (a route keeps its count if its path, token or token
+    /// file is still configured).
     ///
     /// # Errors
     /// The new configuration is unusable; the old one stays in force.
     pub fn reload(&self, config: &Config) -> Result<(), BridgeError> {
-        let live = Live::from_config(config)?;
+        // Built while the old table serves; swapped whole. Sessions that start between the build
+        // and the swap count on the shared slots either way.
+        let live = Live::from_config(config, Some(&self.live()))?;
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         Ok(())
     }
@@ -198,7 +202,7 @@ impl Bridge {
     /// One accepted connection: the connection cap, then TLS when the first byte says so.
     async fn connection(self, mut stream: TcpStream, listener: &Listener) {
         let live = self.live();
-        let Ok(_permit) = self.inner.slots.clone().try_acquire_owned() else {
+        let Some(_slot) = self.inner.connections.try_take(live.max_connections) else {
             let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
             let refusal = handshake::answer(&mut stream, http::StatusCode::SERVICE_UNAVAILABLE, "too many connections", &retry);
             let _ = timeout(Duration::from_secs(1), refusal).await;
@@ -474,9 +478,9 @@ where
 }
 
 impl Live {
-    fn from_config(config: &Config) -> Result<Live, BridgeError> {
+    fn from_config(config: &Config, previous: Option<&Live>) -> Result<Live, BridgeError> {
         config.check()?;
-        let routes = RouteTable::from_config(config).map_err(BridgeError::Tokens)?;
+        let routes = RouteTable::from_config(config, previous.map(|p| &p.routes)).map_err(BridgeError::Tokens)?;
         Ok(Live {
             routes,
             timeouts: config.timeouts.clone(),

@@ -51,6 +51,8 @@ pub struct TestBridge {
     pub handle: JoinHandle<Drained>,
     /// For reload tests.
     pub bridge: Bridge,
+    /// The configuration it started with (listener address filled in), to edit and reload.
+    pub config: Config,
 }
 
 impl TestBridge {
@@ -80,6 +82,7 @@ impl TestBridge {
             shutdown,
             handle,
             bridge,
+            config,
         }
     }
 

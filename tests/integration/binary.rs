@@ -19,8 +19,13 @@ impl Drop for Running {
     }
 }
 
-/// Starts the binary and waits for its "listening" log line; returns the child and the address.
-async fn spawn_bridge(args: &[&str]) -> (Running, std::net::SocketAddr) {
+/// The binary's log lines after "listening", for tests that wait on one; lines nobody waits for
+/// are dropped once 256 are queued.
+type Logs = tokio::sync::mpsc::Receiver<String>;
+
+/// Starts the binary and waits for its "listening" log line; returns the child, the address and
+/// the log lines that follow.
+async fn spawn_bridge(args: &[&str]) -> (Running, std::net::SocketAddr, Logs) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "info")
@@ -41,8 +46,27 @@ async fn spawn_bridge(args: &[&str]) -> (Running, std::net::SocketAddr) {
     })
     .await;
     // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (Running(child), addr)
+    let (tx, logs) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.try_send(line);
+        }
+    });
+    (Running(child), addr, logs)
+}
+
+/// Waits for the next log line that contains `what`; returns it.
+async fn log_line(logs: &mut Logs, what: &str) -> String {
+    within(&format!("a log line with {what:?}"), async {
+        loop {
+            match logs.recv().await {
+                Some(line) if line.contains(what) => return line,
+                Some(_) => {}
+                None => panic!("wsbridge exited before logging {what:?}"),
+            }
+        }
+    })
+    .await
 }
 
 async fn kill(child: &Running, signal: &str) {
@@ -56,7 +80,7 @@ async fn websockify_style_run_and_sigterm_drain() {
     let (backend, _) = echo_backend().await;
     let target = format!("127.0.0.1:{}", backend.port());
     // Options after the positionals, as noVNC's launcher writes them.
-    let (mut child, addr) = spawn_bridge(&["127.0.0.1:0", &target, "--heartbeat", "30"]).await;
+    let (mut child, addr, _) = spawn_bridge(&["127.0.0.1:0", &target, "--heartbeat", "30"]).await;
     let (mut ws, chosen) = ws_connect(&format!("ws://{addr}/websockify"), Some("binary")).await;
     assert_eq!(chosen.as_deref(), Some("binary"));
     send_bin(&mut ws, b"through the binary").await;
@@ -76,6 +100,44 @@ async fn run_to_end(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_keeps_the_old_one_when_the_new_is_broken() {
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let config = |path: &str, framing: &str| {
+        format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[route]]\npath = \"{path}\"\ntarget = \"{backend}\"\nframing = \"{framing}\"\n")
+    };
+    std::fs::write(&file, config("/old", "binary")).unwrap();
+    let (child, addr, mut logs) = spawn_bridge(&["--config", file.to_str().unwrap(), "--threads", "2"]).await;
+    let (mut live, _) = ws_connect(&format!("ws://{addr}/old"), None).await;
+    send_bin(&mut live, b"before").await;
+    assert_eq!(recv_data(&mut live).await, b"before");
+
+    // The route moves: new connections see the new table, the live session carries on.
+    std::fs::write(&file, config("/new", "binary")).unwrap();
+    kill(&child, "HUP").await;
+    log_line(&mut logs, "configuration reloaded").await;
+    assert_eq!(status_of(&http_raw(addr, &upgrade_request("/old", "")).await), 404);
+    let (mut fresh, _) = ws_connect(&format!("ws://{addr}/new"), None).await;
+    send_bin(&mut fresh, b"new").await;
+    assert_eq!(recv_data(&mut fresh).await, b"new");
+    send_bin(&mut live, b"after").await;
+    assert_eq!(recv_data(&mut live).await, b"after");
+
+    // A broken file is reported with its name, line and field, and the running table stays.
+    std::fs::write(&file, config("/newer", "morse")).unwrap();
+    kill(&child, "HUP").await;
+    let error = log_line(&mut logs, "reload failed").await;
+    let f = file.to_str().unwrap();
+    assert!(error.contains(f) && error.contains("line 7"), "{error}");
+    log_line(&mut logs, "unknown variant `morse`").await; // the parser's snippet follows
+    assert_eq!(status_of(&http_head(addr, &upgrade_request("/new", "")).await), 101);
+    assert_eq!(status_of(&http_raw(addr, &upgrade_request("/newer", "")).await), 404);
+    send_bin(&mut live, b"still").await;
+    assert_eq!(recv_data(&mut live).await, b"still");
 }
 
 #[tokio::test]
@@ -147,7 +209,7 @@ async fn websockify_tls_options() {
     let (backend, _) = echo_backend().await;
     let target = format!("127.0.0.1:{}", backend.port());
     let (c, k) = (cert.cert.to_str().unwrap(), cert.key.to_str().unwrap());
-    let (_child, addr) = spawn_bridge(&[
+    let (_child, addr, _) = spawn_bridge(&[
         "127.0.0.1:0",
         &target,
         "--cert",

@@ -218,3 +218,39 @@ async fn connection_cap_answers_503() {
     let bridge = TestBridge::start(config).await;
     let _first = second_session_refused(&bridge).await;
 }
+
+#[tokio::test]
+async fn caps_count_live_sessions_across_a_reload() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.max_sessions = Some(1);
+    let bridge = TestBridge::start(config).await;
+    let mut config = bridge.config.clone();
+    let first = second_session_refused(&bridge).await;
+
+    // Same route after a reload: the open session still holds its slot.
+    bridge.bridge.reload(&config).unwrap();
+    let _first = second_session_refused_behind(&bridge, first).await;
+
+    // A reload can raise a cap, and lower the connection cap below what is open.
+    config.routes[0].options.max_sessions = Some(2);
+    bridge.bridge.reload(&config).unwrap();
+    let (mut second, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut second, b"2").await;
+    assert_eq!(recv_data(&mut second).await, b"2");
+    config.limits.max_connections = 2;
+    bridge.bridge.reload(&config).unwrap();
+    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+    assert!(body_of(&r).contains("too many connections"), "{r}");
+}
+
+/// `first` (still open) keeps the route's only slot: another upgrade gets 503.
+async fn second_session_refused_behind(bridge: &TestBridge, mut first: Ws) -> Ws {
+    let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+    assert!(body_of(&r).contains("session limit"), "{r}");
+    send_bin(&mut first, b"still here").await;
+    assert_eq!(recv_data(&mut first).await, b"still here");
+    first
+}

@@ -1,0 +1,57 @@
+//! Counted caps: the connection limit and each route's `max_sessions`.
+//!
+//! The count lives apart from the cap, so a reload that changes a cap (or rebuilds the route
+//! table) keeps counting the sessions that are already open: a cap lowered from 50 to 10 with 30
+//! sessions live refuses new ones until fewer than 10 remain.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// How many slots are taken; clones share the count.
+#[derive(Debug, Clone, Default)]
+pub struct Slots(Arc<AtomicUsize>);
+
+impl Slots {
+    /// Takes a slot if fewer than `max` are taken.
+    pub fn try_take(&self, max: usize) -> Option<Slot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(self.0.clone()))
+    }
+
+    /// Slots taken now.
+    pub fn taken(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A taken slot; given back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_count_against_the_cap_given_at_each_take() {
+        let slots = Slots::default();
+        let a = slots.try_take(2).unwrap();
+        let b = slots.clone().try_take(2).unwrap();
+        assert!(slots.try_take(2).is_none());
+        // A lower cap (after a reload) counts the slots already taken.
+        drop(a);
+        assert!(slots.try_take(1).is_none());
+        assert_eq!(slots.taken(), 1);
+        drop(b);
+        let _c = slots.try_take(1).unwrap();
+        assert_eq!(slots.taken(), 1);
+    }
+}
