@@ -5,10 +5,11 @@
 //! them with `poll_read` / `poll_write` from its own state machine.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::{TcpStream, UnixStream};
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
 use crate::config::Target;
 use crate::tls::BackendTls;
@@ -68,35 +69,36 @@ impl Backend {
                         .await
                         .map_err(ConnectError::Resolve)?
                         .collect();
-                    let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "host resolved to no address");
-                    let end = tokio::time::Instant::now() + deadline;
-                    for (i, addr) in addrs.iter().enumerate() {
-                        // Each address gets an equal share of the time left, so one that never
-                        // answers (a blackholed IPv6 route, say) cannot starve the others.
-                        let share = end.saturating_duration_since(tokio::time::Instant::now()) / (addrs.len() - i) as u32;
-                        let attempt = match timeout(share, TcpStream::connect(addr)).await {
-                            Ok(r) => r,
-                            Err(_) if i + 1 == addrs.len() => return Err(ConnectError::Timeout(deadline)),
-                            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-                        };
-                        match attempt {
-                            Ok(s) => {
-                                // Small messages (keystrokes, VNC input) must not wait for Nagle.
-                                s.set_nodelay(true).map_err(ConnectError::Connect)?;
-                                return match tls {
-                                    None => Ok(Backend::Tcp(s)),
-                                    Some(tls) => wrap_tls(s, host, tls).await,
-                                };
-                            }
-                            Err(e) => last = e,
-                        }
+                    let s = connect_any(&addrs, deadline).await?;
+                    // Small messages (keystrokes, VNC input) must not wait for Nagle.
+                    s.set_nodelay(true).map_err(ConnectError::Connect)?;
+                    match tls {
+                        None => Ok(Backend::Tcp(s)),
+                        Some(tls) => wrap_tls(s, host, tls).await,
                     }
-                    Err(ConnectError::Connect(last))
                 }
             }
         };
         timeout(deadline, attempt).await.unwrap_or(Err(ConnectError::Timeout(deadline)))
     }
+}
+
+/// Connects to the first of `addrs` that accepts, in order, within `deadline`. Each address gets
+/// an equal share of the time left, so one that never answers (a blackholed IPv6 route, say)
+/// cannot starve the others.
+async fn connect_any(addrs: &[SocketAddr], deadline: Duration) -> Result<TcpStream, ConnectError> {
+    let mut last = io::Error::new(io::ErrorKind::AddrNotAvailable, "host resolved to no address");
+    let end = Instant::now() + deadline;
+    for (i, addr) in addrs.iter().enumerate() {
+        let share = end.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
+        match timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = e,
+            Err(_) if i + 1 == addrs.len() => return Err(ConnectError::Timeout(deadline)),
+            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+        }
+    }
+    Err(ConnectError::Connect(last))
 }
 
 async fn wrap_tls(tcp: TcpStream, host: &str, tls: &BackendTls) -> Result<Backend, ConnectError> {
@@ -245,5 +247,40 @@ pub fn describe(e: &io::Error) -> String {
         K::NetworkUnreachable => "network unreachable".into(),
         K::AddrNotAvailable => "address not available".into(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener whose accept queue is full: a further connect hangs (its SYN is dropped).
+    async fn blackhole() -> (tokio::net::TcpListener, Vec<TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        while let Ok(Ok(s)) = timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            fillers.push(s);
+            assert!(fillers.len() < 64, "accept queue never filled");
+        }
+        (listener, fillers)
+    }
+
+    #[tokio::test]
+    async fn an_address_that_never_answers_leaves_time_for_the_next() {
+        let (hole, _fillers) = blackhole().await;
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addrs = [hole.local_addr().unwrap(), good.local_addr().unwrap()];
+        // Half of the deadline goes to the blackhole, the rest to the listener that answers.
+        let s = connect_any(&addrs, Duration::from_millis(600)).await.unwrap();
+        assert_eq!(s.peer_addr().unwrap(), addrs[1]);
+        // The last address (here the only one) gets all the time left, and its timeout says so.
+        let err = connect_any(&addrs[..1], Duration::from_millis(200)).await.unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Timeout(d) if d == Duration::from_millis(200)),
+            "{err:?}"
+        );
     }
 }

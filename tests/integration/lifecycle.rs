@@ -327,3 +327,97 @@ async fn client_that_never_answers_our_close_is_cut_at_the_close_deadline() {
     within("backend EOF", b.read_to_end(&mut rest)).await.unwrap();
     let _ = within("client connection closed", s.read_to_end(&mut rest)).await;
 }
+
+#[tokio::test]
+async fn max_lifetime_ends_a_busy_session_too() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.max_lifetime = Some(Duration::from_millis(300));
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    // Echo without a pause: traffic does not extend the lifetime (the idle timeout's job).
+    let close = within("the lifetime to end the session", async {
+        let mut echoed = 0u32;
+        loop {
+            if ws.send(Message::binary(echoed.to_be_bytes().to_vec())).await.is_err() {
+                break read_close(&mut ws).await;
+            }
+            match futures_util::StreamExt::next(&mut ws).await {
+                Some(Ok(Message::Binary(d))) => {
+                    assert_eq!(d[..], echoed.to_be_bytes());
+                    echoed += 1;
+                }
+                Some(Ok(Message::Close(f))) => {
+                    let f = f.expect("a close code");
+                    break (u16::from(f.code), f.reason.to_string());
+                }
+                other => panic!("{other:?} after {echoed} echoes"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(close, (1001, "session lifetime exceeded".to_owned()));
+}
+
+#[tokio::test]
+async fn shutdown_grace_ends_with_sessions_still_open() {
+    // The client never answers our close frame; the close deadline (5 s) is longer than the
+    // grace period, so the drain reports the session it had to give up on.
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.shutdown_grace = Duration::from_millis(300);
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    bridge.shutdown.cancel();
+    assert_eq!(raw_read_close(&mut s).await, (1001, "server shutting down".to_owned()));
+    let drained = within("drain", bridge.handle).await.unwrap();
+    assert_eq!((drained.clean, drained.remaining), (false, 1), "{drained:?}");
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_reading_stops_the_bridge_reading_the_client() {
+    // 1,024 numbered messages of 64 KiB (64 MiB): more than every socket buffer on the way can
+    // hold (about 46 MiB at most with this kernel's largest autotuned buffers; about 9 MiB is
+    // typical), so a client that can send them all to a backend that reads nothing has found a
+    // bridge buffering without bound.
+    const N: usize = 1024;
+    const SIZE: usize = 64 * 1024;
+    let message = |i: usize| {
+        let mut m = vec![i as u8; SIZE];
+        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        m
+    };
+    let mut wire = Vec::with_capacity(N * (SIZE + 14));
+    for i in 0..N {
+        wire.extend(frame(0x82, &message(i), true));
+    }
+    let (backend, mut streams) = manual_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+
+    // Write until the bridge stops taking: no progress for 2 s while the backend reads nothing.
+    let mut written = 0;
+    while tokio::time::timeout(Duration::from_secs(2), s.writable()).await.is_ok() {
+        match s.try_write(&wire[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("client write: {e}"),
+        }
+        assert!(written < wire.len(), "the bridge read all 64 MiB while its backend read nothing");
+    }
+    assert!(written > 0);
+
+    // The backend reads again: everything arrives, in order, and the client can send the rest.
+    let reader = tokio::spawn(async move {
+        let mut got = vec![0u8; SIZE];
+        for i in 0..N {
+            b.read_exact(&mut got).await.unwrap();
+            assert!(got == message(i), "message {i} is not what the client sent");
+        }
+    });
+    within("the rest of the client's data", s.write_all(&wire[written..]))
+        .await
+        .unwrap();
+    within("the backend to read all of it", reader).await.unwrap();
+}
