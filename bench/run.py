@@ -600,6 +600,9 @@ class Bench:
             out["result"] = result
             if not result or result.get("type") != "result":
                 out["error"] = f"loadgen hold did not end with a result: {result}"
+            elif result["alive_after_hold"] < result["sessions"]:
+                out["error"] = (f"only {result['alive_after_hold']} of {result['sessions']} "
+                                "sessions answered an echo after the hold")
         except TimeoutError:
             out["error"] = "loadgen hold did not finish in time"
         finally:
@@ -668,6 +671,8 @@ def metric(row: Row, rec: dict) -> dict | None:
             m[k] = r[k]
     else:
         m["value"] = rec["kib_per_session"]
+        if "alive_after_hold" in r:
+            m["alive"] = r["alive_after_hold"]
     return m
 
 
@@ -747,7 +752,7 @@ def spread(values: list[float]) -> str:
 
 
 def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
-    out = ["| Row | Bridge | Result | p50 / p99 / p99.9 µs | Bridge CPU | vs best peer | vs socat |",
+    out = ["| Row | Bridge | Result | p50 / p99 / p99.9 µs, or sessions alive after the hold | Bridge CPU | vs best peer | vs socat |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         res = summary.get(row.name)
@@ -769,6 +774,8 @@ def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
                 out.append(f"| {label} | {b.name} | {word} | {why[:300]} | | | |")
                 continue
             lat = ""
+            if "alive" in s:
+                lat = f"{s['alive']:,.0f} alive after the hold"
             if "p50_us" in s:
                 lat = f"{fmt(s['p50_us'])} / {fmt(s['p99_us'])} / {fmt(s['p999_us'])}"
             cpu = f"{fmt(s['cpu'])} {cpu_unit}" if "cpu" in s else ""

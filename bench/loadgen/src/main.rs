@@ -81,7 +81,8 @@ enum Cmd {
         batch: usize,
     },
     /// Open N sessions (one echo each), print a "ready" event, hold them idle
-    /// until stdin closes or SIGTERM/SIGINT (or --hold-seconds), then close
+    /// until stdin closes or SIGTERM/SIGINT (or --hold-seconds), then echo
+    /// once more on each (reported as alive_after_hold) and close
     Hold {
         #[command(flatten)]
         target: TargetArgs,

@@ -339,17 +339,26 @@ pub async fn hold(target: &Target, n: usize, batch: usize, msg_size: usize, hold
     emit(&json!({"event": "ready", "sessions": conns.len(), "failed": failed,
                  "first_error": first_error, "open_seconds": open_s}));
     wait_for_release(hold_seconds).await?;
-    // Still alive after the hold? Count sessions the bridge dropped.
+    // Still alive after the hold? Each session echoes once more, then closes.
     let held = conns.len();
-    let closed_ok = futures_util::stream::iter(conns)
-        .map(|c| c.close(CLOSE_LIMIT))
+    let probe = payload(64);
+    let ends: Vec<(bool, bool)> = futures_util::stream::iter(conns)
+        .map(|mut c| {
+            let probe = probe.clone();
+            async move {
+                let mut buf = [0u8; 64];
+                let alive = matches!(tokio::time::timeout(CLOSE_LIMIT, c.echo(&probe, &mut buf)).await, Ok(Ok(())));
+                (alive, c.close(CLOSE_LIMIT).await.is_ok())
+            }
+        })
         .buffer_unordered(batch.max(1))
-        .filter(|r| std::future::ready(r.is_ok()))
-        .count()
+        .collect()
         .await;
+    let alive = ends.iter().filter(|e| e.0).count();
+    let closed_ok = ends.iter().filter(|e| e.1).count();
     Ok(json!({"type": "result", "mode": "hold", "requested": n, "sessions": held,
               "failed": failed, "first_error": first_error, "open_seconds": open_s,
-              "closed_cleanly": closed_ok, "msg_size": msg_size}))
+              "alive_after_hold": alive, "closed_cleanly": closed_ok, "msg_size": msg_size}))
 }
 
 async fn wait_for_release(hold_seconds: Option<f64>) -> Result<()> {

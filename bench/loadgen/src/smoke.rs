@@ -137,6 +137,9 @@ async fn run_all(certdir: &std::path::Path) -> Result<()> {
         check(&format!("{scheme} sessions"), &v, "rate")?;
         let v = modes::hold(&t(echo)?, 20, 10, 65536, Some(0.05)).await?;
         check(&format!("{scheme} hold"), &v, "sessions")?;
+        if v["alive_after_hold"] != v["sessions"] || v["closed_cleanly"] != v["sessions"] {
+            bail!("smoke {scheme} hold: not every session echoed and closed after the hold: {v}");
+        }
     }
     Ok(())
 }
