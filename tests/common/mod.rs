@@ -58,8 +58,12 @@ pub struct TestBridge {
 impl TestBridge {
     /// Starts `config`, replacing its first listener's address with 127.0.0.1:0 (adding one if
     /// there is none).
-    pub async fn start(mut config: Config) -> TestBridge {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    pub async fn start(config: Config) -> TestBridge {
+        TestBridge::start_on(config, TcpListener::bind("127.0.0.1:0").await.expect("bind")).await
+    }
+
+    /// [`TestBridge::start`] on a listener of the caller's (IPv6, say).
+    pub async fn start_on(mut config: Config, listener: TcpListener) -> TestBridge {
         let addr = listener.local_addr().unwrap();
         if config.listeners.is_empty() {
             config.listeners.push(ListenerConfig {
@@ -285,6 +289,11 @@ pub async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
 
 /// [`raw_ws`] with a request of the caller's (another Host, say).
 pub async fn raw_ws_request(addr: SocketAddr, request: &[u8]) -> TcpStream {
+    raw_upgrade(addr, request).await.0
+}
+
+/// [`raw_ws_request`] that also returns the 101 answer's head, for checks on its headers.
+pub async fn raw_upgrade(addr: SocketAddr, request: &[u8]) -> (TcpStream, String) {
     within("raw upgrade", async {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(request).await.unwrap();
@@ -294,8 +303,9 @@ pub async fn raw_ws_request(addr: SocketAddr, request: &[u8]) -> TcpStream {
             s.read_exact(&mut byte).await.unwrap();
             head.push(byte[0]);
         }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        s
+        let head = String::from_utf8_lossy(&head).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        (s, head)
     })
     .await
 }

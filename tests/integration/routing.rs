@@ -165,24 +165,13 @@ async fn ipv6_listener_and_target() {
     });
     let config = config_with(Matcher::AnyPath, format!("[::1]:{}", backend.port()).parse().unwrap());
     let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut config = config;
-    config.listeners.push(wsbridge::config::ListenerConfig {
-        addr,
-        web: None,
-        web_listing: false,
-        tls: None,
-    });
-    let bridge = wsbridge::server::Bridge::new(&config).unwrap();
-    let b = bridge.clone();
-    let prepared = wsbridge::server::Listener::prepare(&config.listeners[0])
-        .unwrap()
-        .with_socket(listener);
-    tokio::spawn(async move { b.serve(vec![prepared]).await });
-    let (mut ws, _) = ws_connect(&format!("ws://[::1]:{}/", addr.port()), None).await;
+    let bridge = TestBridge::start_on(config, listener).await;
+    assert_eq!(bridge.url("/"), format!("ws://[::1]:{}/", bridge.addr.port()));
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
     send_bin(&mut ws, b"v6").await;
     assert_eq!(recv_data(&mut ws).await, b"v6");
-    bridge.shutdown_token().cancel();
+    drop(ws);
+    assert!(bridge.stop().await.clean);
 }
 
 /// Opens one session (proved live by an echo) and checks that a second upgrade gets 503 with a
