@@ -252,8 +252,11 @@ pub fn server_config(s: &TlsSettings) -> Result<rustls::ServerConfig, TlsError> 
     Ok(config)
 }
 
+/// A file's identity and version: device, inode, size, modification time.
+type FileStamp = (u64, u64, u64, SystemTime);
+
 /// The identity of every file a listener's config was read from, to notice replacements.
-fn files_stamp(s: &TlsSettings) -> Vec<Option<(u64, SystemTime)>> {
+fn files_stamp(s: &TlsSettings) -> Vec<Option<FileStamp>> {
     let mut files: Vec<&Path> = vec![&s.default.cert];
     files.extend(s.default.key.as_deref());
     for (_, f) in &s.sni {
@@ -267,10 +270,7 @@ fn files_stamp(s: &TlsSettings) -> Vec<Option<(u64, SystemTime)>> {
             // metadata() follows symlinks: a swapped link shows as a different file.
             std::fs::metadata(f).ok().map(|m| {
                 use std::os::unix::fs::MetadataExt;
-                (
-                    m.ino() ^ m.dev().rotate_left(32) ^ m.len().rotate_left(16),
-                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                )
+                (m.dev(), m.ino(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))
             })
         })
         .collect()
@@ -282,7 +282,7 @@ pub struct TlsListener {
     /// The settings the files were read with.
     pub settings: TlsSettings,
     current: RwLock<Arc<rustls::ServerConfig>>,
-    stamp: Mutex<Vec<Option<(u64, SystemTime)>>>,
+    stamp: Mutex<Vec<Option<FileStamp>>>,
 }
 
 impl TlsListener {
