@@ -144,9 +144,59 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Serves `config` on `threads` runtime threads (see [`bind_threads`] and [`serve_threads`]).
 async fn run(config: Config, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
+    let limit = raise_open_file_limit();
+    check_open_file_limit(limit, config.limits.max_connections);
     let bridge = Bridge::new(&config)?;
     let (sockets, _) = bind_threads(&config, threads)?;
     serve_threads(&bridge, sockets, path).await
+}
+
+/// Descriptors kept aside from sessions: listeners, each runtime's epoll and wake-up
+/// descriptors, token and certificate files being read, stdio.
+const FD_RESERVE: u64 = 64;
+
+/// Raises the soft limit on open files to the hard limit and returns the limit in force. Shells
+/// and systemd start most services with a soft limit of 1,024, which would stop wsbridge near 500
+/// sessions (a session holds two descriptors) however high the hard limit is.
+fn raise_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    let current = before.current.unwrap_or(u64::MAX);
+    // The kernel refuses a soft limit above fs.nr_open, even under an unlimited hard limit.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let wanted = before.maximum.unwrap_or(u64::MAX).min(nr_open);
+    if current >= wanted {
+        return current;
+    }
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: before.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = current, to = wanted, "open-file limit raised to the hard limit");
+            wanted
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, limit = current, "cannot raise the open-file limit");
+            current
+        }
+    }
+}
+
+/// Warns when `limit` open files cannot hold `max_connections` sessions: the sessions past it
+/// would fail on descriptors (accepts stall, backend connects fail) instead of getting a 503.
+fn check_open_file_limit(limit: u64, max_connections: usize) {
+    let sessions = limit.saturating_sub(FD_RESERVE) / 2;
+    if sessions < max_connections as u64 {
+        tracing::warn!(
+            "the open-file limit ({limit}) holds about {sessions} sessions, fewer than max_connections \
+             ({max_connections}): raise it (ulimit -n, LimitNOFILE= in a systemd unit) or lower max_connections"
+        );
+    }
 }
 
 /// Every listener's sockets, per runtime thread.
@@ -261,9 +311,13 @@ fn reload(bridge: &Bridge, path: Option<&std::path::Path>) {
     match path {
         Some(p) => match Config::from_file(p)
             .map_err(anyhow::Error::from)
-            .and_then(|c| bridge.reload(&c).map_err(Into::into))
+            .and_then(|c| bridge.reload(&c).map_err(Into::into).map(|()| c))
         {
-            Ok(()) => tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)"),
+            Ok(c) => {
+                tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)");
+                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+                check_open_file_limit(limit.unwrap_or(u64::MAX), c.limits.max_connections);
+            }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
         },
         None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
@@ -281,6 +335,7 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
     let mut config = wsbridge::demo::config(addr, &web, chat_addr);
     let scheme = if tls.is_some() { "https" } else { "http" };
     config.listeners[0].tls = tls.map(wsbridge::tls::TlsSettings::new);
+    raise_open_file_limit();
     let bridge = Bridge::new(&config)?;
     wsbridge::demo::spawn_chat_server(chat, bridge.shutdown_token());
     let (sockets, addrs) = bind_threads(&config, 1)?;

@@ -19,14 +19,23 @@ impl Drop for Running {
     }
 }
 
-/// The binary's log lines after "listening", for tests that wait on one; lines nobody waits for
-/// are dropped once 256 are queued.
+/// The binary's log lines, for tests that wait on one; lines nobody reads are dropped once 256
+/// are queued.
 type Logs = tokio::sync::mpsc::Receiver<String>;
 
 /// Starts the binary and waits for its "listening" log line; returns the child, the address and
-/// the log lines that follow.
+/// its log lines (those before "listening" included).
 async fn spawn_bridge(args: &[&str]) -> (Running, std::net::SocketAddr, Logs) {
-    let mut child = Command::new(BIN)
+    spawn_bridge_under(&[], args).await
+}
+
+/// [`spawn_bridge`] run through `wrapper` (e.g. `prlimit --nofile=…`).
+async fn spawn_bridge_under(wrapper: &[&str], args: &[&str]) -> (Running, std::net::SocketAddr, Logs) {
+    let (program, args) = match wrapper {
+        [] => (BIN, args.to_vec()),
+        [program, rest @ ..] => (*program, [rest, &[BIN], args].concat()),
+    };
+    let mut child = Command::new(program)
         .args(args)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
@@ -36,8 +45,10 @@ async fn spawn_bridge(args: &[&str]) -> (Running, std::net::SocketAddr, Logs) {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
+    let (tx, logs) = tokio::sync::mpsc::channel(256);
     let addr = within("listening line", async {
         while let Some(line) = lines.next_line().await.unwrap() {
+            let _ = tx.try_send(line.clone());
             if let Some(rest) = line.split("listening addr=").nth(1) {
                 return rest.split_whitespace().next().unwrap().parse().unwrap();
             }
@@ -46,7 +57,6 @@ async fn spawn_bridge(args: &[&str]) -> (Running, std::net::SocketAddr, Logs) {
     })
     .await;
     // Keep draining stderr so the child never blocks on a full pipe.
-    let (tx, logs) = tokio::sync::mpsc::channel(256);
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             let _ = tx.try_send(line);
@@ -138,6 +148,38 @@ async fn sighup_reloads_the_config_file_and_keeps_the_old_one_when_the_new_is_br
     assert_eq!(status_of(&http_raw(addr, &upgrade_request("/newer", "")).await), 404);
     send_bin(&mut live, b"still").await;
     assert_eq!(recv_data(&mut live).await, b"still");
+}
+
+#[tokio::test]
+async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    // 64 descriptors would hold fewer than 30 sessions; the hard limit allows 4,096.
+    let (_child, addr, mut logs) = spawn_bridge_under(
+        &["prlimit", "--nofile=64:4096"],
+        &["127.0.0.1:0", &target, "--max-connections", "100", "--threads", "1"],
+    )
+    .await;
+    while let Ok(line) = logs.try_recv() {
+        assert!(!line.contains("open-file limit"), "{line}");
+    }
+    let mut sessions = Vec::new();
+    for i in 0..40u8 {
+        let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+        send_bin(&mut ws, &[i]).await;
+        assert_eq!(recv_data(&mut ws).await, [i]);
+        sessions.push(ws);
+    }
+}
+
+#[tokio::test]
+async fn an_open_file_limit_below_max_connections_is_reported() {
+    let (_child, _, mut logs) = spawn_bridge_under(&["prlimit", "--nofile=256:256"], &["127.0.0.1:0", "127.0.0.1:5900"]).await;
+    let warning = log_line(&mut logs, "open-file limit").await;
+    assert!(
+        warning.contains("WARN") && warning.contains("(256) holds about 96 sessions") && warning.contains("max_connections (10000)"),
+        "{warning}"
+    );
 }
 
 #[tokio::test]
