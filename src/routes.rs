@@ -284,6 +284,7 @@ mod tests {
         assert!(Arc::ptr_eq(&connector("/a"), &connector("/b")));
         assert!(!Arc::ptr_eq(&connector("/a"), &connector("/c")));
     }
+
     #[test]
     fn a_rebuilt_table_keeps_counting_the_sessions_of_routes_still_configured() {
         let mut config = Config::new("test");
