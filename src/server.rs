@@ -55,6 +55,10 @@ struct Live {
 #[derive(Debug, Clone)]
 pub struct Bridge {
     inner: Arc<Inner>,
+    /// The shutdown signal as the connections of one [`Bridge::serve`] call (one runtime thread)
+    /// watch it: a child of [`Inner::shutdown`]. A session polls it at every wake-up, and a
+    /// token's state sits behind a mutex: one per thread keeps the threads off each other's lock.
+    shutdown: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -87,14 +91,16 @@ impl Bridge {
     /// An invalid configuration or an unreadable token source.
     pub fn new(config: &Config) -> Result<Bridge, BridgeError> {
         let live = Live::from_config(config, None)?;
+        let shutdown = CancellationToken::new();
         Ok(Bridge {
             inner: Arc::new(Inner {
                 live: RwLock::new(Arc::new(live)),
                 connections: Slots::default(),
-                shutdown: CancellationToken::new(),
+                shutdown: shutdown.clone(),
                 tracker: TaskTracker::new(),
                 tls: Mutex::default(),
             }),
+            shutdown,
         })
     }
 
@@ -130,6 +136,10 @@ impl Bridge {
 
     /// Serves `listeners` until the shutdown token is cancelled, then drains.
     pub async fn serve(&self, listeners: Vec<Listener>) -> Drained {
+        let this = Bridge {
+            inner: self.inner.clone(),
+            shutdown: self.inner.shutdown.child_token(),
+        };
         for listener in listeners {
             if let Some(tls) = &listener.tls {
                 // Several runtime threads serve siblings of one listener: one watcher each.
@@ -139,7 +149,7 @@ impl Bridge {
                     known.push(tls.clone());
                 }
             }
-            let bridge = self.clone();
+            let bridge = this.clone();
             self.inner.tracker.spawn(async move { bridge.accept_loop(listener).await });
         }
         self.inner.shutdown.cancelled().await;
@@ -163,7 +173,7 @@ impl Bridge {
         loop {
             let accepted = tokio::select! {
                 biased;
-                _ = self.inner.shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
                 a = socket.accept() => a,
             };
             let (stream, peer) = match accepted {
@@ -175,7 +185,7 @@ impl Bridge {
                     // EMFILE and friends: wait for connections to end instead of spinning.
                     warn!(error = %e, ?backoff, "accept failed");
                     tokio::select! {
-                        _ = self.inner.shutdown.cancelled() => return,
+                        _ = self.shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -244,7 +254,7 @@ impl Bridge {
             return Box::pin(self.http(stream, listener, live, deadline, None)).await;
         }
         let accepted = tokio::select! {
-            _ = self.inner.shutdown.cancelled() => return,
+            _ = self.shutdown.cancelled() => return,
             r = tokio::time::timeout_at(deadline, Box::pin(tls.acceptor().accept(stream))) => r,
         };
         // Boxed: a TLS connection's state is large, and every later future would carry it inline.
@@ -273,7 +283,7 @@ impl Bridge {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let t = &live.timeouts;
-        let shutdown = &self.inner.shutdown;
+        let shutdown = &self.shutdown;
         // Reading the request is under the handshake deadline; answering it (an error, a static
         // file, or the 101) under the write deadline, so a large file on a slow link is not cut.
         let head = tokio::select! {
