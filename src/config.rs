@@ -669,6 +669,17 @@ impl RawConfig {
             if let Err(e) = std::fs::metadata(&path) {
                 return ctx.invalid(span, format!("tokens[{i}].source"), format!("{}: {e}", path.display()));
             }
+            if config.token_sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
+                return ctx.invalid(
+                    span,
+                    format!("tokens[{i}].source"),
+                    format!(
+                        "{} is already a token source with lookup = \"{}\"",
+                        path.display(),
+                        format!("{:?}", t.lookup).to_lowercase()
+                    ),
+                );
+            }
             config.token_sources.push(TokenSourceConfig {
                 path,
                 lookup: t.lookup,
@@ -967,6 +978,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("line 4") && msg.contains("idle"), "{msg}");
+    }
+
+    #[test]
+    fn one_token_file_twice_needs_two_lookups() {
+        let dir = std::env::temp_dir();
+        let file = dir.join(format!("wsbridge-tokens-{}", std::process::id()));
+        std::fs::write(&file, "a: 127.0.0.1:1\n").unwrap();
+        let text = |second: &str| {
+            format!(
+                "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = {f:?}\n[[tokens]]\nsource = {f:?}\nlookup = \"{second}\"\n",
+                f = file.display().to_string()
+            )
+        };
+        let both = parse(&text("host")).unwrap();
+        assert_eq!(both.token_sources.len(), 2);
+        let msg = parse(&text("query")).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "test.toml:5: tokens[1].source: {} is already a token source with lookup = \"query\"",
+                file.display()
+            )
+        );
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

@@ -96,8 +96,8 @@ fn backend_tls(
 
 impl RouteTable {
     /// Builds the table, reading every token source. On a reload, `previous` is the table in
-    /// service: a route or token source that is still configured (same path, token or file) keeps
-    /// counting its live sessions against `max_sessions`.
+    /// service: a route or token source that is still configured (same path or token; same file
+    /// and lookup) keeps counting its live sessions against `max_sessions`.
     ///
     /// # Errors
     /// A token source that cannot be read or a backend TLS setting that cannot be used.
@@ -125,7 +125,11 @@ impl RouteTable {
             let tls = backend_tls(&s.options, &mut made).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
             let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
             let sessions = previous
-                .and_then(|p| p.sources.iter().find(|(old, _, _)| old.config.path == s.path))
+                .and_then(|p| {
+                    p.sources
+                        .iter()
+                        .find(|(old, _, _)| old.config.path == s.path && old.config.lookup == s.lookup)
+                })
                 .map(|(_, _, sessions)| sessions.clone())
                 .unwrap_or_default();
             table.sources.push((source, tls, sessions));
@@ -305,5 +309,30 @@ mod tests {
         let new = RouteTable::from_config(&config, Some(&old)).unwrap();
         assert!(new.paths["/kept"].try_enter().is_none(), "the live session still counts");
         assert!(new.paths["/new"].try_enter().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_token_source_keeps_its_count_across_a_rebuild() {
+        let file = std::env::temp_dir().join(format!("wsbridge-route-tokens-{}", std::process::id()));
+        std::fs::write(&file, "a: 127.0.0.1:1\n").unwrap();
+        let mut config = Config::new("test");
+        let mut options = config.default_route_options();
+        options.max_sessions = Some(1);
+        for lookup in [TokenLookup::Query, TokenLookup::Host] {
+            config.token_sources.push(crate::config::TokenSourceConfig {
+                path: file.clone(),
+                lookup,
+                options: options.clone(),
+            });
+        }
+        let by_query = Request::builder().uri("/?token=a").body(()).unwrap();
+        let by_host = Request::builder().uri("/").header("host", "a:6080").body(()).unwrap();
+        let old = RouteTable::from_config(&config, None).unwrap();
+        let _held = old.lookup(&by_query).await.unwrap().try_enter().unwrap();
+        let new = RouteTable::from_config(&config, Some(&old)).unwrap();
+        // The query source is still at its cap; the host source, same file, has its own count.
+        assert!(new.lookup(&by_query).await.unwrap().try_enter().is_none());
+        assert!(new.lookup(&by_host).await.unwrap().try_enter().is_some());
+        let _ = std::fs::remove_file(&file);
     }
 }
