@@ -145,15 +145,18 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Serves `config` on `threads` runtime threads (see [`bind_threads`] and [`serve_threads`]).
 async fn run(config: Config, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
     let limit = raise_open_file_limit();
-    check_open_file_limit(limit, config.limits.max_connections);
+    check_open_file_limit(limit, &config, threads);
     let bridge = Bridge::new(&config)?;
+    // Before "listening": a supervisor may send SIGHUP or SIGTERM as soon as it reads that line,
+    // and a signal without a handler would end the process.
+    spawn_signal_handlers(&bridge, path, threads)?;
     let (sockets, _) = bind_threads(&config, threads)?;
-    serve_threads(&bridge, sockets, path).await
+    serve_threads(&bridge, sockets).await
 }
 
-/// Descriptors kept aside from sessions: listeners, each runtime's epoll and wake-up
-/// descriptors, token and certificate files being read, stdio.
-const FD_RESERVE: u64 = 64;
+/// Descriptors kept aside from sessions besides each thread's own: stdio, token and certificate
+/// files being read, the signal pipe, files served by `--web`.
+const FD_RESERVE: u64 = 32;
 
 /// Raises the soft limit on open files to the hard limit and returns the limit in force. Shells
 /// and systemd start most services with a soft limit of 1,024, which would stop wsbridge near 500
@@ -189,8 +192,11 @@ fn raise_open_file_limit() -> u64 {
 
 /// Warns when `limit` open files cannot hold `max_connections` sessions: the sessions past it
 /// would fail on descriptors (accepts stall, backend connects fail) instead of getting a 503.
-fn check_open_file_limit(limit: u64, max_connections: usize) {
-    let sessions = limit.saturating_sub(FD_RESERVE) / 2;
+/// Each runtime thread holds a socket per listener, its epoll and its wake-up descriptor.
+fn check_open_file_limit(limit: u64, config: &Config, threads: usize) {
+    let max_connections = config.limits.max_connections;
+    let reserve = FD_RESERVE + threads as u64 * (config.listeners.len() as u64 + 2);
+    let sessions = limit.saturating_sub(reserve) / 2;
     if sessions < max_connections as u64 {
         tracing::warn!(
             "the open-file limit ({limit}) holds about {sessions} sessions, fewer than max_connections \
@@ -238,8 +244,7 @@ fn bind_threads(config: &Config, threads: usize) -> anyhow::Result<(ThreadSocket
 /// Serves the bound sockets: the first thread's on this runtime, each other thread's on a
 /// single-threaded runtime of its own; the bridge state (routes, limits, shutdown, drain) is
 /// shared. Returns when every thread has drained.
-async fn serve_threads(bridge: &Bridge, per_thread: ThreadSockets, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    spawn_signal_handlers(bridge, path)?;
+async fn serve_threads(bridge: &Bridge, per_thread: ThreadSockets) -> anyhow::Result<()> {
     let mut workers = Vec::new();
     let mut own = Vec::new();
     for (i, sockets) in per_thread.into_iter().enumerate() {
@@ -281,7 +286,9 @@ fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> anyhow::Result<Vec
 
 /// SIGTERM/SIGINT: shut down. SIGHUP: re-read the configuration file; a bad one is reported and
 /// the running one stays.
-fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+/// SIGTERM/SIGINT: shut down (drain); SIGHUP: [`reload`]. `threads` is the number of runtime
+/// threads, for the open-file check after a reload.
+fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -296,7 +303,7 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> a
                 _ = hup.recv() => {
                     // Files are read and parsed off the runtime thread, which serves sessions.
                     let (bridge, path) = (bridge.clone(), path.clone());
-                    let _ = tokio::task::spawn_blocking(move || reload(&bridge, path.as_deref())).await;
+                    let _ = tokio::task::spawn_blocking(move || reload(&bridge, path.as_deref(), threads)).await;
                 }
             }
         }
@@ -307,16 +314,16 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>) -> a
 }
 
 /// SIGHUP: re-reads the configuration file (if there is one) and the certificates.
-fn reload(bridge: &Bridge, path: Option<&std::path::Path>) {
+fn reload(bridge: &Bridge, path: Option<&std::path::Path>, threads: usize) {
     match path {
         Some(p) => match Config::from_file(p)
             .map_err(anyhow::Error::from)
             .and_then(|c| bridge.reload(&c).map_err(Into::into).map(|()| c))
         {
             Ok(c) => {
-                tracing::info!(config = %p.display(), "configuration reloaded (listener changes need a restart)");
+                tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
                 let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-                check_open_file_limit(limit.unwrap_or(u64::MAX), c.limits.max_connections);
+                check_open_file_limit(limit.unwrap_or(u64::MAX), &c, threads);
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
         },
@@ -338,6 +345,7 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
     raise_open_file_limit();
     let bridge = Bridge::new(&config)?;
     wsbridge::demo::spawn_chat_server(chat, bridge.shutdown_token());
+    spawn_signal_handlers(&bridge, None, 1)?;
     let (sockets, addrs) = bind_threads(&config, 1)?;
     let local = addrs[0];
     println!("wsbridge demo: open {scheme}://{local}/ in a browser (two tabs make a conversation).");
@@ -347,7 +355,7 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
         chat_addr.port()
     );
     println!("Press Ctrl-C to stop.");
-    let served = serve_threads(&bridge, sockets, None).await;
+    let served = serve_threads(&bridge, sockets).await;
     let _ = std::fs::remove_dir_all(&web);
     served
 }

@@ -47,13 +47,15 @@ async fn spawn_bridge_under(wrapper: &[&str], args: &[&str]) -> (Running, std::n
     let mut lines = BufReader::new(stderr).lines();
     let (tx, logs) = tokio::sync::mpsc::channel(256);
     let addr = within("listening line", async {
+        let mut before = Vec::new();
         while let Some(line) = lines.next_line().await.unwrap() {
             let _ = tx.try_send(line.clone());
             if let Some(rest) = line.split("listening addr=").nth(1) {
                 return rest.split_whitespace().next().unwrap().parse().unwrap();
             }
+            before.push(line);
         }
-        panic!("wsbridge exited before listening");
+        panic!("wsbridge exited before listening:\n{}", before.join("\n"));
     })
     .await;
     // Keep draining stderr so the child never blocks on a full pipe.
@@ -154,9 +156,15 @@ async fn sighup_reloads_the_config_file_and_keeps_the_old_one_when_the_new_is_br
 async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
     let (backend, _) = echo_backend().await;
     let target = backend.to_string();
-    // 64 descriptors would hold fewer than 30 sessions; the hard limit allows 4,096.
+    // A soft limit of 64 descriptors would hold fewer than 30 sessions; the hard limit (the test
+    // process's, unchanged) is the room wsbridge raises it into.
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    if hard.is_some_and(|h| h < 256) {
+        eprintln!("hard open-file limit {hard:?} leaves no room above 64: skipping");
+        return;
+    }
     let (_child, addr, mut logs) = spawn_bridge_under(
-        &["prlimit", "--nofile=64:4096"],
+        &["prlimit", "--nofile=64:"],
         &["127.0.0.1:0", &target, "--max-connections", "100", "--threads", "1"],
     )
     .await;
@@ -174,10 +182,13 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
 
 #[tokio::test]
 async fn an_open_file_limit_below_max_connections_is_reported() {
-    let (_child, _, mut logs) = spawn_bridge_under(&["prlimit", "--nofile=256:256"], &["127.0.0.1:0", "127.0.0.1:5900"]).await;
+    let args = ["127.0.0.1:0", "127.0.0.1:5900", "--threads", "1"];
+    let (_child, _, mut logs) = spawn_bridge_under(&["prlimit", "--nofile=256:256"], &args).await;
     let warning = log_line(&mut logs, "open-file limit").await;
+    // 256, less 35 kept aside (32, and a listener socket, epoll and wake-up for the one thread),
+    // is room for 110 two-descriptor sessions.
     assert!(
-        warning.contains("WARN") && warning.contains("(256) holds about 96 sessions") && warning.contains("max_connections (10000)"),
+        warning.contains("WARN") && warning.contains("(256) holds about 110 sessions") && warning.contains("max_connections (10000)"),
         "{warning}"
     );
 }
