@@ -294,8 +294,13 @@ pub async fn raw_ws_request(addr: SocketAddr, request: &[u8]) -> TcpStream {
 
 /// [`raw_ws_request`] that also returns the 101 answer's head, for checks on its headers.
 pub async fn raw_upgrade(addr: SocketAddr, request: &[u8]) -> (TcpStream, String) {
+    let s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    raw_upgrade_on(s, request).await
+}
+
+/// [`raw_upgrade`] over a connection the caller made (with socket options of its own, say).
+pub async fn raw_upgrade_on(mut s: TcpStream, request: &[u8]) -> (TcpStream, String) {
     within("raw upgrade", async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(request).await.unwrap();
         let mut head = Vec::new();
         let mut byte = [0u8; 1];

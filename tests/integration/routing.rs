@@ -227,7 +227,7 @@ async fn caps_count_live_sessions_across_a_reload() {
     let (mut second, _) = ws_connect(&bridge.url("/"), None).await;
     send_bin(&mut second, b"2").await;
     assert_eq!(recv_data(&mut second).await, b"2");
-    config.limits.max_connections = 2;
+    config.limits.max_connections = 1;
     bridge.bridge.reload(&config).unwrap();
     let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
     assert_eq!(status_of(&r), 503, "{r}");
