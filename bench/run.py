@@ -590,7 +590,8 @@ class Bench:
             out["mem_held"] = memory(bridge_proc.pid)
             p.stdin.close()  # release the sessions
             result = None
-            deadline = time.monotonic() + 60
+            # Each session echoes once more and closes, 200 at a time, each within 2 + 2 s.
+            deadline = time.monotonic() + 60 + 4 * a["sessions"] / 200
             while True:
                 msg = lines.next_json(deadline)
                 if msg is None:
@@ -600,6 +601,8 @@ class Bench:
             out["result"] = result
             if not result or result.get("type") != "result":
                 out["error"] = f"loadgen hold did not end with a result: {result}"
+            elif "alive_after_hold" not in result:
+                out["error"] = "loadgen did not report alive_after_hold (an old build?)"
             elif result["alive_after_hold"] < result["sessions"]:
                 out["error"] = (f"only {result['alive_after_hold']} of {result['sessions']} "
                                 "sessions answered an echo after the hold")
