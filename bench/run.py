@@ -709,25 +709,44 @@ def summarise(rows: list[Row], bridges: list[Bridge], records: list[dict]) -> di
                 s["skipped"] = "skipped" in bad
                 s["rounds"] = sum(1 for r in recs if not r.get("retry_skipped"))
             summary.setdefault(row.name, {})[b.name] = s
-    # ratios
+    # Ratios within each round (a bridge against the best peer and the relay measured in the same
+    # round, minutes apart at most), then the median over rounds: a shared machine's load drifts
+    # between rounds, so this is steadier than a ratio of medians.
     for row in rows:
         res = summary.get(row.name, {})
         hib = HIGHER_IS_BETTER[row.kind]
-        relay = res.get(RELAY, {}).get("value")
+        by_round: dict = {}
+        for r in records:
+            m = metric(row, r) if r["row"] == row.name else None
+            if m:
+                by_round.setdefault(r["round"], {})[r["bridge"]] = m
 
-        def best_of(names):
-            vals = [res[p]["value"] for p in names if p in res and "value" in res[p]]
-            return (max(vals) if hib else min(vals)) if vals else None
-        best_ws, best_tls = best_of(PEERS), best_of(TLS_PEERS)
+        def ratios(name, others, key="value"):
+            out = []
+            for ms in by_round.values():
+                refs = [ms[o][key] for o in others if o in ms and ms[o].get(key)]
+                if name in ms and key in ms[name] and refs:
+                    out.append(ms[name][key] / pick(refs, key))
+            return statistics.median(out) if out else None
+
+        def pick(refs, key):
+            # The best reference: highest result where higher is better, lowest otherwise; for
+            # CPU per operation (echo, sessions) the lowest, for MB per CPU-s the highest.
+            if key == "cpu":
+                return max(refs) if row.kind == "throughput" else min(refs)
+            return max(refs) if hib else min(refs)
+
         for name, s in res.items():
             if "value" not in s:
                 continue
-            tls = scheme_of.get(name) == "wss"
-            best = best_tls if tls else best_ws
-            if best:
-                s["vs_best_peer"] = s["value"] / best
-            if relay:
-                s["vs_relay"] = s["value"] / relay
+            peers = TLS_PEERS if scheme_of.get(name) == "wss" else PEERS
+            for label, others in (("vs_best_peer", peers), ("vs_relay", (RELAY,))):
+                v = ratios(name, others)
+                if v is not None:
+                    s[label] = v
+                c = ratios(name, others, "cpu")
+                if c is not None:
+                    s[label + "_cpu"] = c
     return summary
 
 
@@ -752,6 +771,14 @@ def spread(values: list[float]) -> str:
     if not med:
         return ""
     return f" ±{(max(values) - min(values)) / 2 / abs(med) * 100:.0f}%"
+
+
+def ratio_cell(s: dict, key: str) -> str:
+    """'1.31×', with the bridge CPU's ratio beside it where there is one: '1.31× (CPU 0.68×)'."""
+    if key not in s:
+        return ""
+    cpu = f" (CPU {s[key + '_cpu']:.2f}×)" if key + "_cpu" in s else ""
+    return f"{s[key]:.2f}×{cpu}"
 
 
 def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
@@ -786,8 +813,7 @@ def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
             val = fmt(s["value"]) + spread(s.get("values", [])) + flag
             if row.kind == "hold" and b.forks:
                 val += " (PSS)"
-            r1 = f"{s['vs_best_peer']:.2f}×" if "vs_best_peer" in s else ""
-            r2 = f"{s['vs_relay']:.2f}×" if "vs_relay" in s else ""
+            r1, r2 = (ratio_cell(s, k) for k in ("vs_best_peer", "vs_relay"))
             out.append(f"| {label} | {b.name} | {val} | {lat} | {cpu} | {r1} | {r2} |")
     return "\n".join(out)
 
@@ -866,10 +892,12 @@ def report_block(cfg, info: dict, vers: dict, rows, bridges, summary, started: s
         table(rows, bridges, summary),
         "",
         "Result: median over rounds; ±: half the range over rounds, relative to the median. "
-        "Ratios: the result divided by the best of websocat / websockify / wstcp (\"best peer\"; "
-        "for wss:// rows the best TLS peer, websockify --cert) and by socat (\"TCP relay "
-        "ceiling\", no WebSocket at all) in the same row; read them with the row's direction "
-        "(higher or lower is better). Bridge CPU: utime+stime of the bridge's process tree over "
+        "Ratios: in each round, the result divided by the best of websocat / websockify / wstcp "
+        "(\"best peer\"; for wss:// rows the best TLS peer, websockify --cert) and by socat "
+        "(\"TCP relay ceiling\", no WebSocket at all) measured in that round, then the median "
+        "over rounds; in brackets the same for the bridge CPU column (against the peer with the "
+        "best CPU figure). Read them with the row's direction (higher or lower is better; for "
+        "CPU per operation lower is better). Bridge CPU: utime+stime of the bridge's process tree over "
         "the measured window (bulk: MB moved per CPU-second; echo / sessions: CPU µs per "
         "operation). Memory rows: RSS above the bridge's fresh-start baseline divided by "
         "sessions held; for forking bridges (socat, websockify) the sum of PSS over the "
