@@ -143,9 +143,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Serves `config` on `threads` runtime threads (see [`bind_threads`] and [`serve_threads`]).
-async fn run(config: Config, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
+async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
     let limit = raise_open_file_limit();
-    check_open_file_limit(limit, &config, threads);
+    fit_open_file_limit(limit, &mut config, threads);
     let bridge = Bridge::new(&config)?;
     // Before "listening": a supervisor may send SIGHUP or SIGTERM as soon as it reads that line,
     // and a signal without a handler would end the process.
@@ -190,18 +190,20 @@ fn raise_open_file_limit() -> u64 {
     }
 }
 
-/// Warns when `limit` open files cannot hold `max_connections` sessions: the sessions past it
-/// would fail on descriptors (accepts stall, backend connects fail) instead of getting a 503.
-/// Each runtime thread holds a socket per listener, its epoll and its wake-up descriptor.
-fn check_open_file_limit(limit: u64, config: &Config, threads: usize) {
+/// Lowers `max_connections` to what `limit` open files can hold, with a warning: past that, new
+/// connections would fail on descriptors (accepts stall in a back-off, backend connects fail with
+/// 1014) instead of getting a prompt 503. A session holds two descriptors; each runtime thread
+/// holds a socket per listener, its epoll and its wake-up descriptor.
+fn fit_open_file_limit(limit: u64, config: &mut Config, threads: usize) {
     let max_connections = config.limits.max_connections;
     let reserve = FD_RESERVE + threads as u64 * (config.listeners.len() as u64 + 2);
-    let sessions = limit.saturating_sub(reserve) / 2;
-    if sessions < max_connections as u64 {
+    let sessions = usize::try_from(limit.saturating_sub(reserve) / 2).unwrap_or(usize::MAX);
+    if sessions < max_connections {
         tracing::warn!(
-            "the open-file limit ({limit}) holds about {sessions} sessions, fewer than max_connections \
-             ({max_connections}): raise it (ulimit -n, LimitNOFILE= in a systemd unit) or lower max_connections"
+            "max_connections lowered from {max_connections} to {sessions}: the open-file limit ({limit}) holds \
+             no more sessions; raise it (ulimit -n, LimitNOFILE= in a systemd unit) to allow more"
         );
+        config.limits.max_connections = sessions;
     }
 }
 
@@ -316,14 +318,13 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, thre
 /// SIGHUP: re-reads the configuration file (if there is one) and the certificates.
 fn reload(bridge: &Bridge, path: Option<&std::path::Path>, threads: usize) {
     match path {
-        Some(p) => match Config::from_file(p)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| bridge.reload(&c).map_err(Into::into).map(|()| c))
-        {
-            Ok(c) => {
+        Some(p) => match Config::from_file(p).map_err(anyhow::Error::from).and_then(|mut c| {
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
+            bridge.reload(&c).map_err(Into::into)
+        }) {
+            Ok(()) => {
                 tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
-                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-                check_open_file_limit(limit.unwrap_or(u64::MAX), &c, threads);
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration stays"),
         },

@@ -181,16 +181,29 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
 }
 
 #[tokio::test]
-async fn an_open_file_limit_below_max_connections_is_reported() {
-    let args = ["127.0.0.1:0", "127.0.0.1:5900", "--threads", "1"];
-    let (_child, _, mut logs) = spawn_bridge_under(&["prlimit", "--nofile=256:256"], &args).await;
-    let warning = log_line(&mut logs, "open-file limit").await;
+async fn an_open_file_limit_below_max_connections_lowers_the_cap() {
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    let args = ["127.0.0.1:0", &target, "--threads", "1"];
+    let (_child, addr, mut logs) = spawn_bridge_under(&["prlimit", "--nofile=256:256"], &args).await;
+    let warning = log_line(&mut logs, "max_connections lowered").await;
     // 256, less 35 kept aside (32, and a listener socket, epoll and wake-up for the one thread),
     // is room for 110 two-descriptor sessions.
     assert!(
-        warning.contains("WARN") && warning.contains("(256) holds about 110 sessions") && warning.contains("max_connections (10000)"),
+        warning.contains("WARN") && warning.contains("from 10000 to 110") && warning.contains("open-file limit (256)"),
         "{warning}"
     );
+    // 110 sessions work; the next connection gets a prompt 503, not a stalled accept.
+    let mut sessions = Vec::new();
+    for i in 0..110u8 {
+        let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+        send_bin(&mut ws, &[i]).await;
+        assert_eq!(recv_data(&mut ws).await, [i]);
+        sessions.push(ws);
+    }
+    let r = http_raw(addr, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+    assert!(body_of(&r).contains("too many connections"), "{r}");
 }
 
 #[tokio::test]
