@@ -402,6 +402,17 @@ async fn write_answer<S: AsyncWrite + Unpin>(
     extra: &[(HeaderName, HeaderValue)],
     with_body: bool,
 ) -> Result<Outcome, Rejection> {
+    let head = answer_text(status, reason, extra, with_body);
+    io.write_all(head.as_bytes()).await?;
+    io.flush().await?;
+    Ok(Outcome::Answered {
+        status,
+        reason: reason.to_owned(),
+    })
+}
+
+/// The text of [`answer`]: status line, headers and (unless `with_body` is false) the body.
+pub(crate) fn answer_text(status: StatusCode, reason: &str, extra: &[(HeaderName, HeaderValue)], with_body: bool) -> String {
     let body = format!("{} {}: {reason}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
     let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
     for (name, value) in extra {
@@ -415,12 +426,7 @@ async fn write_answer<S: AsyncWrite + Unpin>(
     if with_body {
         head.push_str(&body);
     }
-    io.write_all(head.as_bytes()).await?;
-    io.flush().await?;
-    Ok(Outcome::Answered {
-        status,
-        reason: reason.to_owned(),
-    })
+    head
 }
 
 /// Serves one static file (or a listing, or the resolver's 301/404/403) and closes.

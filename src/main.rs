@@ -155,8 +155,8 @@ async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usiz
 }
 
 /// Descriptors kept aside from sessions besides each thread's own: stdio, token and certificate
-/// files being read, the signal pipe, files served by `--web`.
-const FD_RESERVE: u64 = 32;
+/// files being read, the signal pipe, and one for each refusal past the cap that may linger.
+const FD_RESERVE: u64 = 32 + wsbridge::server::LINGERING_REFUSALS as u64;
 
 /// Raises the soft limit on open files to the hard limit and returns the limit in force. Shells
 /// and systemd start most services with a soft limit of 1,024, which would stop wsbridge near 500

@@ -67,6 +67,8 @@ struct Inner {
     live: RwLock<Arc<Live>>,
     /// Open connections, counted against `max_connections` of the configuration in force.
     connections: Slots,
+    /// Refusals past the cap that are lingering now, up to [`LINGERING_REFUSALS`].
+    refusals: Slots,
     /// Cancelled on shutdown; every task watches it.
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -96,6 +98,7 @@ impl Bridge {
             inner: Arc::new(Inner {
                 live: RwLock::new(Arc::new(live)),
                 connections: Slots::default(),
+                refusals: Slots::default(),
                 shutdown: shutdown.clone(),
                 tracker: TaskTracker::new(),
                 tls: Mutex::default(),
@@ -210,16 +213,11 @@ impl Bridge {
     }
 
     /// One accepted connection: the connection cap, then TLS when the first byte says so.
-    async fn connection(self, mut stream: TcpStream, listener: &Listener) {
+    async fn connection(self, stream: TcpStream, listener: &Listener) {
         let live = self.live();
         let Some(_slot) = self.inner.connections.try_take(live.max_connections) else {
-            let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
-            let refusal = handshake::answer(&mut stream, http::StatusCode::SERVICE_UNAVAILABLE, "too many connections", &retry);
-            let _ = timeout(Duration::from_secs(1), refusal).await;
             // Boxed: this rare path's state would otherwise widen every connection's task.
-            Box::pin(linger(&mut stream, Duration::from_millis(250))).await;
-            debug!(status = 503, "refused: connection limit reached");
-            return;
+            return Box::pin(self.refuse_over_cap(stream)).await;
         };
         let _ = stream.set_nodelay(true);
         // One deadline covers TLS and the upgrade: a silent client cannot hold a slot.
@@ -230,6 +228,22 @@ impl Bridge {
         // The TLS path lives in its own boxed future: its states (a whole TLS connection among
         // them) would otherwise widen every plain session's task.
         Box::pin(self.maybe_tls(stream, tls, listener, &live, deadline)).await;
+    }
+
+    /// Answers a connection past the cap with 503. While few refusals are in flight each one
+    /// lingers (see [`linger`]); past [`LINGERING_REFUSALS`], a flood must not hold a descriptor
+    /// per refused client for a second, so the answer goes out at once ([`refuse_at_once`]).
+    async fn refuse_over_cap(&self, mut stream: TcpStream) {
+        let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
+        let (status, reason) = (http::StatusCode::SERVICE_UNAVAILABLE, "too many connections");
+        match self.inner.refusals.try_take(LINGERING_REFUSALS) {
+            Some(_lingering) => {
+                let _ = timeout(Duration::from_secs(1), handshake::answer(&mut stream, status, reason, &retry)).await;
+                linger(&mut stream, Duration::from_millis(250)).await;
+            }
+            None => refuse_at_once(&stream, handshake::answer_text(status, reason, &retry, true).as_bytes()),
+        }
+        debug!(status = 503, "refused: connection limit reached");
     }
 
     /// Sniffs the first byte: a TLS ClientHello gets the TLS handshake, anything else plain HTTP
@@ -426,6 +440,25 @@ impl Listener {
     }
 }
 
+/// Refusals past the connection cap that may linger at once; the rest are answered without
+/// waiting. The open-file budget keeps a descriptor aside for each.
+pub const LINGERING_REFUSALS: usize = 64;
+
+/// Answers without waiting on the client: what it has already sent is read first (closing a
+/// socket with unread bytes resets the connection, and a reset can destroy the answer before the
+/// client reads it), the answer is written if the socket takes it now, then FIN; the caller
+/// closes the socket.
+fn refuse_at_once(stream: &TcpStream, answer: &[u8]) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(stream.try_read(&mut buf), Ok(1..)) {
+            break;
+        }
+    }
+    let _ = stream.try_write(answer);
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+}
+
 /// Ends an answered connection cleanly: FIN (close_notify over TLS), then up to 64 KiB of what the
 /// client still sends is read and dropped for at most `wait`, so that closing a socket with unread
 /// request bytes does not reset the connection and destroy the answer before the client reads it.
@@ -502,6 +535,23 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refusal_at_once_delivers_its_answer_without_a_reset() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.readable().await.unwrap(); // the request is there, unread
+        refuse_at_once(&server, b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        drop(server);
+        // Read to a clean EOF: unread request bytes at close would have been a reset.
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        assert!(client.take_error().unwrap().is_none(), "the connection was reset");
+    }
 
     /// A connection's task is allocated for every connection and lives as long as the session:
     /// its size is the per-session memory floor. A buffer or a big state inlined by accident (a

@@ -243,3 +243,29 @@ async fn second_session_refused_behind(bridge: &TestBridge, mut first: Ws) -> Ws
     assert_eq!(recv_data(&mut first).await, b"still here");
     first
 }
+
+#[tokio::test]
+async fn a_flood_past_the_connection_cap_gets_its_answers() {
+    // 100 refusals at once: the first 64 linger, the rest are answered without waiting; every
+    // client must still read a whole 503.
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.limits.max_connections = 1;
+    let bridge = TestBridge::start(config).await;
+    let (mut first, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut first, b"1").await;
+    recv_data(&mut first).await;
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+        s.write_all(&upgrade_request("/", "")).await.unwrap();
+        clients.push(s);
+    }
+    for (i, mut s) in clients.into_iter().enumerate() {
+        let mut r = Vec::new();
+        within("a refusal", s.read_to_end(&mut r)).await.unwrap();
+        let r = String::from_utf8_lossy(&r);
+        assert_eq!(status_of(&r), 503, "client {i}: {r}");
+        assert!(body_of(&r).contains("too many connections"), "client {i}: {r}");
+    }
+}
