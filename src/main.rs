@@ -286,10 +286,8 @@ fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> anyhow::Result<Vec
         .collect()
 }
 
-/// SIGTERM/SIGINT: shut down. SIGHUP: re-read the configuration file; a bad one is reported and
-/// the running one stays.
-/// SIGTERM/SIGINT: shut down (drain); SIGHUP: [`reload`]. `threads` is the number of runtime
-/// threads, for the open-file check after a reload.
+/// SIGTERM/SIGINT: shut down (drain). SIGHUP: [`reload`]; a bad file is reported and the running
+/// configuration stays. `threads` is the number of runtime threads, for the open-file fit.
 fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
