@@ -142,10 +142,12 @@ def tree(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(root: int) -> float:
-    """utime+stime (+ reaped children's) of a process tree, in seconds."""
+def cpu_seconds(root: int, forks: bool) -> float:
+    """utime+stime (+ reaped children's) of a process, with its live descendants when it `forks`
+    (walking /proc for them takes milliseconds, which would skew a one-process bridge's window
+    edges), in seconds."""
     ticks = 0
-    for pid in tree(root):
+    for pid in tree(root) if forks else [root]:
         f = _stat_fields(pid)
         if f:
             ticks += sum(int(x) for x in f[11:15])  # utime stime cutime cstime
@@ -377,8 +379,11 @@ def ensure_peers(wanted: set[str], install: bool) -> dict:
         exe = TOOLS / "bin" / name
         if not exe.exists() and install:
             base = ["cargo", "install", name, "--root", str(TOOLS)]
-            if run_cmd(base + ["--locked"], env=cargo_env(None), check=False) != 0:
-                # wstcp 0.2.1's lock file pins time 0.3.25, which current rustc rejects
+            # wstcp 0.2.1's lock file pins time 0.3.25, which current rustc rejects: it gets a
+            # fresh dependency resolution straight away; websocat builds from its lock file.
+            if name == "wstcp":
+                run_cmd(base, env=cargo_env(None))
+            elif run_cmd(base + ["--locked"], env=cargo_env(None), check=False) != 0:
                 log(f"{name}: --locked build failed, retrying with fresh dependency resolution")
                 run_cmd(base, env=cargo_env(None))
         paths[name] = str(exe) if exe.exists() else ""
@@ -492,7 +497,7 @@ class Bench:
             if row.kind == "hold":
                 rec.update(self.hold(bridge, bridge_proc, target, row))
             else:
-                rec.update(self.timed(bridge_proc, target, row, pin))
+                rec.update(self.timed(bridge_proc, bridge.forks, target, row, pin))
             if bridge_proc is not None and bridge_proc.poll() is not None:
                 raise RuntimeError(f"bridge exited (code {bridge_proc.returncode}) during the run")
             rec["ok"] = rec.get("error") is None
@@ -529,7 +534,7 @@ class Bench:
                   stderr=subprocess.PIPE)
         return p, Lines(p.stdout)
 
-    def timed(self, bridge_proc, target, row: Row, pin: list[str]) -> dict:
+    def timed(self, bridge_proc, forks: bool, target, row: Row, pin: list[str]) -> dict:
         c = self.cfg
         a = row.args
         timing = ["--seconds", str(c.seconds), "--warmup", str(c.warmup)]
@@ -550,7 +555,7 @@ class Bench:
                     break
                 ev = msg.get("event")
                 if ev in ("start", "end") and bridge_proc is not None:
-                    cpu[ev] = cpu_seconds(bridge_proc.pid)
+                    cpu[ev] = cpu_seconds(bridge_proc.pid, forks)
                 if msg.get("type") in ("result", "error"):
                     result = msg
         except TimeoutError:
