@@ -232,13 +232,20 @@ pub async fn read_until_close(ws: &mut Ws) -> (Vec<Message>, Option<CloseFrame>)
     .await
 }
 
-/// Sends a binary message.
-pub async fn send_bin(ws: &mut Ws, data: &[u8]) {
+/// Sends a binary message, on any WebSocket client (ws://, wss://, a split sink).
+pub async fn send_bin<W>(ws: &mut W, data: &[u8])
+where
+    W: futures_util::Sink<Message> + Unpin,
+    W::Error: std::fmt::Debug,
+{
     within("send", ws.send(Message::binary(data.to_vec()))).await.expect("send");
 }
 
-/// Reads one data message's bytes (skipping control frames).
-pub async fn recv_data(ws: &mut Ws) -> Vec<u8> {
+/// Reads one data message's bytes (skipping control frames), from any WebSocket client.
+pub async fn recv_data<R>(ws: &mut R) -> Vec<u8>
+where
+    R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     within("message", async {
         loop {
             match ws.next().await.expect("stream ended").expect("read") {

@@ -295,11 +295,8 @@ async fn websockify_tls_options() {
     let config = crate::common::pki::client_config(&pki.ca_pem, None, &[&tokio_rustls::rustls::version::TLS13]);
     let stream = crate::common::pki::tls_connect(addr, "localhost", config).await.unwrap();
     let mut ws = crate::common::pki::wss_over(stream, "wss://localhost/").await;
-    futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::binary(b"wss".to_vec()))
-        .await
-        .unwrap();
-    let got = within("echo", futures_util::StreamExt::next(&mut ws)).await.unwrap().unwrap();
-    assert_eq!(got.into_data(), &b"wss"[..]);
+    send_bin(&mut ws, b"wss").await;
+    assert_eq!(recv_data(&mut ws).await, b"wss");
     // Plain is refused on a --ssl-only port.
     assert_eq!(status_of(&http_raw(addr, &upgrade_request("/", "")).await), 400);
 }

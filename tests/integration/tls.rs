@@ -259,9 +259,8 @@ async fn certificate_swap_is_picked_up_and_open_sessions_keep_working() {
     })
     .await;
     // The session opened before the swap is untouched.
-    open.send(Message::binary(b"still here".to_vec())).await.unwrap();
-    let got = within("echo", futures_util::StreamExt::next(&mut open)).await.unwrap().unwrap();
-    assert_eq!(got.into_data(), &b"still here"[..]);
+    send_bin(&mut open, b"still here").await;
+    assert_eq!(recv_data(&mut open).await, b"still here");
 
     // A broken replacement is refused and the working certificate stays in service.
     std::fs::write(&second.cert, "not a certificate").unwrap();
@@ -398,9 +397,8 @@ async fn optional_client_certificates() {
 async fn wss_echo(addr: std::net::SocketAddr, client: std::sync::Arc<rustls::ClientConfig>, payload: &[u8]) {
     let stream = tls_connect(addr, "localhost", client).await.unwrap();
     let mut ws = wss_over(stream, "wss://localhost/").await;
-    ws.send(Message::binary(payload.to_vec())).await.unwrap();
-    let got = within("echo", futures_util::StreamExt::next(&mut ws)).await.unwrap().unwrap();
-    assert_eq!(got.into_data(), payload);
+    send_bin(&mut ws, payload).await;
+    assert_eq!(recv_data(&mut ws).await, payload);
 }
 
 const RESET: &[u8] = b"reset now";
