@@ -215,8 +215,14 @@ pub struct Refused {
     libserver: bool,
     #[arg(long, hide = true)]
     wrap_mode: Option<String>,
-    #[arg(long, hide = true)]
+    #[arg(long, short = '6', hide = true)]
     prefer_ipv6: bool,
+    #[arg(long, hide = true, value_name = "PASSWORD")]
+    key_password: Option<String>,
+    #[arg(long, hide = true, value_name = "PATH")]
+    unix_listen: Option<String>,
+    #[arg(long, hide = true, value_name = "MODE")]
+    unix_listen_mode: Option<String>,
     #[arg(long, hide = true)]
     web_auth: bool,
     #[arg(long, hide = true)]
@@ -269,6 +275,16 @@ impl Refused {
                 self.prefer_ipv6,
                 "--prefer-ipv6",
                 "give an IPv6 listen address such as [::]:6080; targets try every resolved address",
+            ),
+            (
+                self.key_password.is_some(),
+                "--key-password",
+                "give an unencrypted key file readable only by wsbridge's user (openssl pkey -in enc.pem -out key.pem)",
+            ),
+            (
+                self.unix_listen.is_some() || self.unix_listen_mode.is_some(),
+                "--unix-listen",
+                "wsbridge listens on TCP; put a reverse proxy on the unix socket, or listen on 127.0.0.1",
             ),
             (
                 self.web_auth,

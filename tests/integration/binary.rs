@@ -222,6 +222,26 @@ async fn usage_errors_exit_64_with_a_clear_message() {
     let (code, _, err) = run_to_end(&["6080", "nohost"]).await;
     assert_eq!(code, 64);
     assert!(err.contains("HOST:PORT"), "{err}");
+    // What the argument parser itself rejects is a usage error too (clap alone would exit 2).
+    let (code, _, err) = run_to_end(&["6080", "localhost:5900", "--no-such-option"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--no-such-option"), "{err}");
+    let (code, _, err) = run_to_end(&["6080", "localhost:5900", "--threads", "many"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("many"), "{err}");
+    // Every websockify option is refused by name, with what to do instead.
+    for (args, instead) in [
+        (&["--key-password", "x"][..], "unencrypted key"),
+        (&["--unix-listen", "/run/x.sock"][..], "reverse proxy"),
+        (&["-6"][..], "IPv6 listen address"),
+    ] {
+        let (code, _, err) = run_to_end(&[&["6080", "localhost:5900"][..], args].concat()).await;
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains("is not supported") && err.contains(instead), "{args:?}: {err}");
+    }
+    let (code, out, _) = run_to_end(&["--help"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("--config"), "{out}");
 }
 
 #[tokio::test]
