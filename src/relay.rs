@@ -559,6 +559,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     if self.up_at == self.up.len() {
                         self.up = Vec::new();
                         self.up_at = 0;
+                        self.heard_from_client();
                     }
                     self.touch();
                     true
@@ -612,7 +613,10 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     let n = buf.filled().len();
                     if n == 0 {
                         self.end(End::ClientGone("client closed the connection without a close frame".into()));
-                    } else if let Some(stopped) = self.parse(cx, &mut scratch[..n]) {
+                        return true;
+                    }
+                    self.heard_from_client();
+                    if let Some(stopped) = self.parse(cx, &mut scratch[..n]) {
                         // The scratch buffer is the thread's: the rest moves to the session.
                         self.raw = scratch[stopped..n].to_vec();
                         self.raw_at = 0;
@@ -708,6 +712,18 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             }
         }
         None
+    }
+
+    /// The client is alive: bytes arrived from it, or the backend took what waited for it so the
+    /// client is read again (a pong it sent while we were not reading sits behind its data, or in
+    /// its own send queue behind a full socket). The pong deadline starts afresh: it runs out only
+    /// for a client that, while it could be heard, sent nothing at all. A client uploading one
+    /// large message cannot slip a pong into it.
+    fn heard_from_client(&mut self) {
+        if self.ping_sent.is_some() && !self.ping {
+            self.ping_sent = Some(Instant::now());
+            self.pong_overdue = false;
+        }
     }
 
     fn touch(&mut self) {

@@ -276,7 +276,7 @@ async fn a_slow_backend_is_not_mistaken_for_a_dead_client() {
     let (backend, mut streams) = manual_backend().await;
     let mut config = any_path_to(backend);
     config.timeouts.ping_interval = Some(Duration::from_millis(50));
-    config.timeouts.pong_timeout = Duration::from_millis(100);
+    config.timeouts.pong_timeout = Duration::from_millis(200);
     let bridge = TestBridge::start(config).await;
     let (ws, _) = ws_connect(&bridge.url("/"), None).await;
     let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
@@ -301,9 +301,14 @@ async fn a_slow_backend_is_not_mistaken_for_a_dead_client() {
         tx
     });
     // The backend does not read for many pong timeouts (the scenario, not a synchronisation).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Meanwhile the client's pongs are stuck behind its data, or in its own send queue behind a
+    // full socket; once the backend reads, each gets a whole pong timeout to arrive.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut got = vec![0u8; total];
-    within("all the client's data", b.read_exact(&mut got)).await.unwrap();
+    if let Err(e) = within("all the client's data", b.read_exact(&mut got)).await {
+        let client = within("the client's view", reader).await.unwrap();
+        panic!("the backend lost the session ({e}); the client saw {client:?}");
+    }
     b.write_all(b"still here").await.unwrap();
     let reply = within("reply", reader).await.unwrap();
     assert_eq!(reply.as_deref(), Ok(&b"still here"[..]));
@@ -378,25 +383,9 @@ async fn shutdown_grace_ends_with_sessions_still_open() {
 #[tokio::test]
 async fn a_backend_that_stops_reading_stops_the_bridge_reading_the_client() {
     // A client that can send more than every buffer on the way holds, to a backend that reads
-    // nothing, has found a bridge buffering without bound. The buffers the test owns are pinned
-    // (client send, backend receive: 256 KiB asked, the kernel doubles it); the bridge's two
-    // sockets autotune up to the kernel's maxima (here 32 MiB receive, 4 MiB send; about 9 MiB
-    // is what gets through in practice). The stream is sized above their sum.
+    // nothing, has found a bridge buffering without bound (see `beyond_socket_buffers`).
     const SIZE: usize = 64 * 1024;
-    const PINNED: u32 = 256 * 1024;
-    let sysctl_max = |name: &str| -> usize {
-        let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap_or_default();
-        text.split_whitespace().last().and_then(|v| v.parse().ok()).unwrap_or(6 << 20)
-    };
-    let bound = sysctl_max("tcp_rmem") + sysctl_max("tcp_wmem") + 4 * PINNED as usize + (1 << 20);
-    let n = (bound + (8 << 20)) / SIZE;
-    if n * SIZE > 256 << 20 {
-        eprintln!(
-            "socket buffers up to {} MiB here: a stream above that is too slow for a test; skipping",
-            bound >> 20
-        );
-        return;
-    }
+    let Some(n) = beyond_socket_buffers(SIZE) else { return };
     let message = |i: usize| {
         let mut m = vec![i as u8; SIZE];
         m[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -406,16 +395,7 @@ async fn a_backend_that_stops_reading_stops_the_bridge_reading_the_client() {
     for i in 0..n {
         wire.extend(frame(0x82, &message(i), true));
     }
-    let backend = tokio::net::TcpSocket::new_v4().unwrap();
-    backend.set_recv_buffer_size(PINNED).unwrap(); // accepted sockets inherit it
-    backend.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let backend = backend.listen(16).unwrap();
-    let bridge = TestBridge::start(any_path_to(backend.local_addr().unwrap())).await;
-    let client = tokio::net::TcpSocket::new_v4().unwrap();
-    client.set_send_buffer_size(PINNED).unwrap();
-    let client = client.connect(bridge.addr).await.unwrap();
-    let (mut s, _) = raw_upgrade_on(client, &upgrade_request("/", "")).await;
-    let (mut b, _) = within("backend accept", backend.accept()).await.unwrap();
+    let (_bridge, mut s, mut b) = pinned_session(|_| {}).await;
 
     // Write until the bridge stops taking: no progress for 2 s while the backend reads nothing.
     let mut written = 0;
@@ -445,4 +425,99 @@ async fn a_backend_that_stops_reading_stops_the_bridge_reading_the_client() {
         .await
         .unwrap();
     within("the backend to read all of it", reader).await.unwrap();
+}
+
+/// Buffer size the tests pin on the sockets they own (the kernel doubles it).
+const PINNED: u32 = 256 * 1024;
+
+/// How many messages of `size` bytes outgrow every socket buffer between a client and a backend
+/// that reads nothing: the two the test owns are pinned (client send, backend receive), the
+/// bridge's two sockets autotune up to the kernel's maxima (here 32 MiB receive, 4 MiB send; about
+/// 9 MiB is what gets through in practice). `None` (the test is skipped) when that would be over
+/// 256 MiB.
+fn beyond_socket_buffers(size: usize) -> Option<usize> {
+    let sysctl_max = |name: &str| -> usize {
+        let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap_or_default();
+        text.split_whitespace().last().and_then(|v| v.parse().ok()).unwrap_or(6 << 20)
+    };
+    let bound = sysctl_max("tcp_rmem") + sysctl_max("tcp_wmem") + 4 * PINNED as usize + (1 << 20);
+    let n = (bound + (8 << 20)) / size;
+    if n * size > 256 << 20 {
+        eprintln!(
+            "socket buffers up to {} MiB here: a stream above that is too slow for a test; skipping",
+            bound >> 20
+        );
+        return None;
+    }
+    Some(n)
+}
+
+/// A bridge (configured by `tune`) with one raw session through it, the client's send buffer and
+/// the backend's receive buffer pinned small: the bridge, the client and the backend's stream.
+async fn pinned_session(tune: impl FnOnce(&mut wsbridge::config::Config)) -> (TestBridge, tokio::net::TcpStream, tokio::net::TcpStream) {
+    let backend = tokio::net::TcpSocket::new_v4().unwrap();
+    backend.set_recv_buffer_size(PINNED).unwrap(); // accepted sockets inherit it
+    backend.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let backend = backend.listen(16).unwrap();
+    let mut config = any_path_to(backend.local_addr().unwrap());
+    tune(&mut config);
+    let bridge = TestBridge::start(config).await;
+    let client = tokio::net::TcpSocket::new_v4().unwrap();
+    client.set_send_buffer_size(PINNED).unwrap();
+    let client = client.connect(bridge.addr).await.unwrap();
+    let (s, _) = raw_upgrade_on(client, &upgrade_request("/", "")).await;
+    let (b, _) = within("backend accept", backend.accept()).await.unwrap();
+    (bridge, s, b)
+}
+
+#[tokio::test]
+async fn a_pong_stuck_behind_the_clients_own_data_does_not_end_the_session() {
+    // The ping reaches the client, then the client's data fills every buffer towards a backend
+    // that does not read: its pong would queue behind that data, so it answers only once all of
+    // it is through, 150 ms after the backend has read the last byte. The pong deadline passes
+    // many times meanwhile, with the bridge first not reading the client, then reading its data:
+    // a client that is sending is alive, and the session must live.
+    const SIZE: usize = 64 * 1024;
+    let Some(n) = beyond_socket_buffers(SIZE) else { return };
+    let (_bridge, mut s, mut b) = pinned_session(|c| {
+        c.timeouts.ping_interval = Some(Duration::from_millis(50));
+        c.timeouts.pong_timeout = Duration::from_millis(500);
+    })
+    .await;
+    assert_eq!(raw_read_frame(&mut s).await, (0x9, Vec::new()), "a ping first");
+    let (mut r, mut w) = s.into_split();
+    let data = frame(0x82, &vec![7u8; SIZE], true);
+    let writer = tokio::spawn(async move {
+        for _ in 0..n {
+            w.write_all(&data).await.unwrap();
+        }
+        w
+    });
+    // The scenario: more than a pong timeout of backpressure (not a synchronisation).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut sink = vec![0u8; SIZE];
+    within("the backend to read everything", async {
+        for _ in 0..n {
+            b.read_exact(&mut sink).await.unwrap();
+        }
+    })
+    .await;
+    let mut w = within("the writer", writer).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await; // a slow client, well within 500 ms
+    w.write_all(&frame(0x8a, b"", true)).await.unwrap();
+    b.write_all(b"alive").await.unwrap();
+    let got = within("the backend's bytes", async {
+        loop {
+            let mut head = [0u8; 2];
+            r.read_exact(&mut head).await.unwrap();
+            let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+            r.read_exact(&mut payload).await.unwrap();
+            match head[0] & 0x0f {
+                0x9 => {} // later pings
+                _ => return (head[0] & 0x0f, payload),
+            }
+        }
+    })
+    .await;
+    assert_eq!(got, (0x2, b"alive".to_vec()), "the session ended instead (opcode 8: close)");
 }
