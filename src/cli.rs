@@ -217,11 +217,11 @@ pub struct Refused {
     wrap_mode: Option<String>,
     #[arg(long, short = '6', hide = true)]
     prefer_ipv6: bool,
-    #[arg(long, hide = true, value_name = "PASSWORD")]
+    #[arg(long, hide = true, value_name = "PASSWORD", num_args = 0..=1, default_missing_value = "")]
     key_password: Option<String>,
-    #[arg(long, hide = true, value_name = "PATH")]
+    #[arg(long, hide = true, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
     unix_listen: Option<String>,
-    #[arg(long, hide = true, value_name = "MODE")]
+    #[arg(long, hide = true, value_name = "MODE", num_args = 0..=1, default_missing_value = "")]
     unix_listen_mode: Option<String>,
     #[arg(long, hide = true)]
     web_auth: bool,
@@ -282,8 +282,13 @@ impl Refused {
                 "give an unencrypted key file readable only by wsbridge's user (openssl pkey -in enc.pem -out key.pem)",
             ),
             (
-                self.unix_listen.is_some() || self.unix_listen_mode.is_some(),
+                self.unix_listen.is_some(),
                 "--unix-listen",
+                "wsbridge listens on TCP; put a reverse proxy on the unix socket, or listen on 127.0.0.1",
+            ),
+            (
+                self.unix_listen_mode.is_some(),
+                "--unix-listen-mode",
                 "wsbridge listens on TCP; put a reverse proxy on the unix socket, or listen on 127.0.0.1",
             ),
             (

@@ -718,9 +718,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     /// client is read again (a pong it sent while we were not reading sits behind its data, or in
     /// its own send queue behind a full socket). The pong deadline starts afresh: it runs out only
     /// for a client that, while it could be heard, sent nothing at all. A client uploading one
-    /// large message cannot slip a pong into it.
+    /// large message cannot slip a pong into it. This holds only while the client takes what we
+    /// send (our ping is out, nothing waits for it): one that sends but stops reading is stuck
+    /// all the same, and its backend with it.
     fn heard_from_client(&mut self) {
-        if self.ping_sent.is_some() && !self.ping {
+        if self.ping_sent.is_some() && !self.ping && self.client.idle() {
             self.ping_sent = Some(Instant::now());
             self.pong_overdue = false;
         }
@@ -793,7 +795,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.end(End::Idle);
         } else if let Some(sent) = self.ping_sent {
             if now >= sent + t.pong_timeout {
-                if self.up.is_empty() && self.raw_at == self.raw.len() {
+                if self.ping {
+                    // The client has not taken a byte of what waits for it (our ping among it)
+                    // for a whole pong timeout: it stopped reading, whatever it still sends.
+                    self.end(End::PongTimeout);
+                } else if self.up.is_empty() && self.raw_at == self.raw.len() {
                     // Decided by the next read of the client (`poll_up`): its pong may still be
                     // in the socket, behind data it sent before.
                     self.pong_overdue = true;

@@ -232,7 +232,9 @@ async fn usage_errors_exit_64_with_a_clear_message() {
     // Every websockify option is refused by name, with what to do instead.
     for (args, instead) in [
         (&["--key-password", "x"][..], "unencrypted key"),
+        (&["--key-password"][..], "unencrypted key"),
         (&["--unix-listen", "/run/x.sock"][..], "reverse proxy"),
+        (&["--unix-listen-mode", "0600"][..], "reverse proxy"),
         (&["-6"][..], "IPv6 listen address"),
     ] {
         let (code, _, err) = run_to_end(&[&["6080", "localhost:5900"][..], args].concat()).await;
@@ -242,6 +244,9 @@ async fn usage_errors_exit_64_with_a_clear_message() {
     let (code, out, _) = run_to_end(&["--help"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("--config"), "{out}");
+    let (code, out, _) = run_to_end(&["--version"]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("wsbridge "), "{out}");
 }
 
 #[tokio::test]

@@ -180,6 +180,62 @@ async fn client_that_stops_reading_is_detected_by_ping() {
 }
 
 #[tokio::test]
+async fn client_that_sends_but_stops_reading_is_detected_by_ping() {
+    // Its uploads do not keep it alive: what the backend sends piles up for it (our ping
+    // behind), and the backend would wait on us for ever.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(100));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let mut client = raw_ws(bridge.addr, "/").await;
+    // It takes our first ping (so that ping is out, not waiting), then never reads again.
+    assert_eq!(raw_read_frame(&mut client).await, (0x9, Vec::new()), "a ping first");
+    let (_keep, mut up) = client.into_split();
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (mut r, mut w) = b.into_split();
+    let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
+    // A small message every 50 ms, far more often than the pong timeout (the scenario).
+    let uploads = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            if up.write_all(&frame(0x82, b"still typing", true)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    within("backend EOF", r.read_to_end(&mut got)).await.unwrap();
+    assert!(within("flood to stop", flood).await.unwrap().is_err());
+    uploads.abort();
+}
+
+#[tokio::test]
+async fn client_that_uploads_to_an_echo_but_never_reads_is_detected_by_ping() {
+    // The echo's replies pile up for the client, so the echo stops reading too, and the client's
+    // data waits for it: backpressure both ways. Our ping never gets out; that ends it.
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(100));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let client = raw_ws(bridge.addr, "/").await;
+    let (_never_read, mut up) = client.into_split();
+    let data = frame(0x82, &vec![7u8; 64 * 1024], true);
+    let uploads = within("the bridge to end the session", async {
+        let mut sent = 0usize;
+        while up.write_all(&data).await.is_ok() {
+            sent += 1;
+            assert!(sent < 16 * 1024, "1 GiB went through a client that reads nothing");
+        }
+        sent
+    })
+    .await;
+    assert!(uploads > 0);
+}
+
+#[tokio::test]
 async fn live_peer_answering_pings_stays() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
