@@ -735,16 +735,18 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     }
 
     /// The client took some of what waited for it: it is alive. Data moving (`data`: data frames
-    /// were waiting, not only our pings or close) counts against the idle timeout; a ping still
-    /// waiting behind them gets its pong deadline afresh; and the flush before our close frame is
-    /// cut only when the client stops taking anything.
+    /// were waiting, not only our pings or close) counts against the idle timeout; an outstanding
+    /// ping (waiting behind them, or out with its pong perhaps behind the client's own uploads)
+    /// gets its pong deadline afresh; and the flush before our close frame is cut only when the
+    /// client stops taking anything.
     fn client_progress(&mut self, data: bool) {
         let now = Instant::now();
         if data && self.timeouts.idle.is_some() {
             self.last_active = now;
         }
-        if self.ping {
+        if self.ping_sent.is_some() {
             self.ping_sent = Some(now);
+            self.pong_overdue = false;
         }
         if self.close.is_some() && !matches!(self.end, Some(End::PongTimeout)) {
             self.close_by = Some(now + self.timeouts.close);
@@ -795,17 +797,18 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.end(End::Idle);
         } else if let Some(sent) = self.ping_sent {
             if now >= sent + t.pong_timeout {
-                if self.ping {
-                    // The client has not taken a byte of what waits for it (our ping among it)
-                    // for a whole pong timeout: it stopped reading, whatever it still sends.
+                if self.ping || !self.client.idle() {
+                    // Something waits for the client (our ping among it, or after it), and it has
+                    // taken none of it for a whole pong timeout: it stopped reading, whatever it
+                    // still sends.
                     self.end(End::PongTimeout);
                 } else if self.up.is_empty() && self.raw_at == self.raw.len() {
                     // Decided by the next read of the client (`poll_up`): its pong may still be
                     // in the socket, behind data it sent before.
                     self.pong_overdue = true;
                 } else {
-                    // We are not reading the client (its data waits for a slow backend), so its
-                    // pong cannot be seen: that is backpressure, not a dead client.
+                    // It takes all we send, but we are not reading it (its data waits for a slow
+                    // backend), so its pong cannot be seen: backpressure, not a dead client.
                     self.ping_sent = Some(now);
                 }
             }

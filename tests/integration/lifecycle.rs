@@ -214,13 +214,16 @@ async fn client_that_sends_but_stops_reading_is_detected_by_ping() {
 #[tokio::test]
 async fn client_that_uploads_to_an_echo_but_never_reads_is_detected_by_ping() {
     // The echo's replies pile up for the client, so the echo stops reading too, and the client's
-    // data waits for it: backpressure both ways. Our ping never gets out; that ends it.
+    // data waits for it: backpressure both ways. The client takes nothing of what waits for it
+    // for a whole pong timeout; that ends it.
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
     config.timeouts.ping_interval = Some(Duration::from_millis(100));
     config.timeouts.pong_timeout = Duration::from_millis(200);
     let bridge = TestBridge::start(config).await;
-    let client = raw_ws(bridge.addr, "/").await;
+    let mut client = raw_ws(bridge.addr, "/").await;
+    // It takes our first ping (so the ping is out and nothing waits), then never reads again.
+    assert_eq!(raw_read_frame(&mut client).await, (0x9, Vec::new()), "a ping first");
     let (_never_read, mut up) = client.into_split();
     let data = frame(0x82, &vec![7u8; 64 * 1024], true);
     let uploads = within("the bridge to end the session", async {
