@@ -103,8 +103,8 @@ pub struct RunArgs {
     /// Send a ping every N seconds; a client that does not answer within N seconds is gone.
     #[arg(long, value_name = "SECONDS")]
     pub heartbeat: Option<f64>,
-    /// Close a session after N seconds with no bytes either way. (websockify's option of this name
-    /// exits the whole server; wsbridge never exits on its own.)
+    /// Close a session after N seconds with no data either way (pings do not count).
+    /// (websockify's option of this name exits the whole server; wsbridge never exits on its own.)
     #[arg(long, value_name = "SECONDS")]
     pub idle_timeout: Option<f64>,
     /// Deadline for the backend connect, e.g. 5s, 500ms.

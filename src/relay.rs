@@ -97,7 +97,7 @@ enum End {
     BackendEof,
     /// Reading from or writing to the backend failed.
     BackendError(&'static str, io::Error),
-    /// No bytes either way for the idle timeout.
+    /// No data either way for the idle timeout (pings and pongs do not count).
     Idle,
     /// The session lifetime ran out.
     Lifetime,
@@ -217,6 +217,9 @@ struct ToClient<S> {
     data_waiting: bool,
     /// Written to a stream that may hold bytes until flushed (TLS).
     unflushed: bool,
+    /// The last write or flush found the socket full: the client has been slow to take what we
+    /// send, so a later write that gets through shows its receiving side moving.
+    stalled: bool,
     /// A write failed; the session ends with it.
     failed: Option<io::Error>,
 }
@@ -255,6 +258,7 @@ impl<S: AsyncWrite + Unpin> ToClient<S> {
         };
         self.unflushed |= n > 0;
         if n < total {
+            self.stalled = true;
             self.data_waiting = data;
             self.out.clear();
             self.at = 0;
@@ -278,7 +282,10 @@ impl<S: AsyncWrite + Unpin> ToClient<S> {
                     self.unflushed = true;
                 }
                 Poll::Ready(Err(e)) => self.failed = Some(e),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.stalled = true;
+                    return Poll::Pending;
+                }
             }
         }
         if self.at == self.out.len() && !self.out.is_empty() {
@@ -291,9 +298,13 @@ impl<S: AsyncWrite + Unpin> ToClient<S> {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.unflushed = false,
                 Poll::Ready(Err(e)) => self.failed = Some(e),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.stalled = true;
+                    return Poll::Pending;
+                }
             }
         }
+        self.stalled = false;
         Poll::Ready(())
     }
 }
@@ -346,7 +357,8 @@ struct Pump<'b, 't, S> {
     next_ping: Option<Instant>,
     ping_sent: Option<Instant>,
     /// The pong deadline passed: the client is dead unless its pong is among the bytes it has
-    /// sent so far, so the verdict waits until a read of the client finds nothing more.
+    /// sent so far, so the verdict waits until a read of the client finds nothing more (or, if
+    /// no such read comes, one more pong timeout).
     pong_overdue: bool,
     close_by: Option<Instant>,
 
@@ -364,6 +376,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 at: 0,
                 data_waiting: false,
                 unflushed: false,
+                stalled: false,
                 failed: None,
             },
             reader,
@@ -468,11 +481,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     fn poll_down(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.client.idle() {
             let before = (self.client.at, self.client.out.len(), self.client.unflushed);
-            let data = self.client.data_waiting;
+            let (data, stalled) = (self.client.data_waiting, self.client.stalled);
             let ready = self.client.poll_out(cx).is_ready();
             let moved = before != (self.client.at, self.client.out.len(), self.client.unflushed);
             if moved {
-                self.client_progress(data);
+                self.client_progress(data, stalled);
             }
             return ready || moved;
         }
@@ -701,10 +714,13 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     }
                 }
                 Some(Event::Ping(payload)) => self.pong = Some(payload),
-                Some(Event::Pong) => {
+                // Only a ping that went out can be answered: a pong while ours still waits behind
+                // what the client does not take (unsolicited, RFC 6455 §5.5.3) proves nothing.
+                Some(Event::Pong) if !self.ping => {
                     self.ping_sent = None;
                     self.pong_overdue = false;
                 }
+                Some(Event::Pong) => {}
                 Some(Event::Close(code, reason)) => {
                     self.end(End::ClientClosed(code, reason));
                     return None;
@@ -734,17 +750,19 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         }
     }
 
-    /// The client took some of what waited for it: it is alive. Data moving (`data`: data frames
-    /// were waiting, not only our pings or close) counts against the idle timeout; an outstanding
-    /// ping (waiting behind them, or out with its pong perhaps behind the client's own uploads)
-    /// gets its pong deadline afresh; and the flush before our close frame is cut only when the
-    /// client stops taking anything.
-    fn client_progress(&mut self, data: bool) {
+    /// Some of what waited for the client was written. Data moving (`data`: data frames were
+    /// waiting, not only our pings or close) counts against the idle timeout, and the flush before
+    /// our close frame is cut only when the client stops taking anything. When the socket had
+    /// been full (`after_stall`), the client's receiving side moved: it is alive, and an
+    /// outstanding ping (waiting behind that data, or out with its pong perhaps behind the
+    /// client's own uploads) gets its pong deadline afresh. A write that the kernel simply took
+    /// proves nothing: it takes bytes for a vanished client too, until its buffer is full.
+    fn client_progress(&mut self, data: bool, after_stall: bool) {
         let now = Instant::now();
         if data && self.timeouts.idle.is_some() {
             self.last_active = now;
         }
-        if self.ping_sent.is_some() {
+        if after_stall && self.ping_sent.is_some() {
             self.ping_sent = Some(now);
             self.pong_overdue = false;
         }
@@ -765,7 +783,6 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         // A ping waiting to be sent has its pong deadline running already (`ping_sent`): a client
         // that takes nothing more of what we write cannot hold the session open.
         let keepalive = match self.ping_sent {
-            _ if self.pong_overdue => None,
             Some(sent) => Some(sent + t.pong_timeout),
             None => self.next_ping,
         };
@@ -802,13 +819,18 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     // taken none of it for a whole pong timeout: it stopped reading, whatever it
                     // still sends.
                     self.end(End::PongTimeout);
-                } else if self.up.is_empty() && self.raw_at == self.raw.len() {
-                    // Decided by the next read of the client (`poll_up`): its pong may still be
-                    // in the socket, behind data it sent before.
-                    self.pong_overdue = true;
-                } else {
+                } else if !self.up.is_empty() || self.up_unflushed || self.raw_at < self.raw.len() {
                     // It takes all we send, but we are not reading it (its data waits for a slow
                     // backend), so its pong cannot be seen: backpressure, not a dead client.
+                    self.ping_sent = Some(now);
+                } else if self.pong_overdue {
+                    // Readable for a further pong timeout, and no pong.
+                    self.end(End::PongTimeout);
+                } else {
+                    // Decided by the next read of the client (`poll_up`) that finds nothing: its
+                    // pong may still be in the socket, behind data it sent before. Should that
+                    // read not come, the next deadline decides.
+                    self.pong_overdue = true;
                     self.ping_sent = Some(now);
                 }
             }

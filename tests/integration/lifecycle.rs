@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -156,6 +156,141 @@ async fn dead_peer_is_detected_by_ping() {
     // The backend sees the session end.
     let mut rest = Vec::new();
     within("backend EOF", b.read_to_end(&mut rest)).await.unwrap();
+}
+
+#[tokio::test]
+async fn dead_peer_is_detected_by_ping_while_the_backend_keeps_sending() {
+    // A few bytes now and then (a terminal's clock, a log tail) go into the kernel's buffers for
+    // a client that reads nothing any more, for minutes before they are full: that the kernel
+    // takes them is no sign of life.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(100));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    assert_eq!(raw_read_frame(&mut s).await, (0x9, Vec::new()), "a ping first");
+    // From here on the client neither reads nor answers.
+    let (mut r, mut w) = b.into_split();
+    let trickle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if w.write_all(&[b'.'; 64]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut rest = Vec::new();
+    within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
+    trickle.abort();
+    drop(s);
+}
+
+#[tokio::test]
+async fn a_silent_client_answering_pings_outlives_the_pong_timeout() {
+    // The client sends nothing at all, only answers pings (as browsers do by themselves): its
+    // pongs alone keep the session.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(50));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    // tungstenite answers each ping as it reads on.
+    let reader = tokio::spawn(async move {
+        let mut pings = 0u32;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                other => return (pings, other),
+            }
+        }
+    });
+    // The scenario: five pong timeouts of silence (not a synchronisation).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.write_all(b"x").await.unwrap();
+    let (pings, got) = within("the backend's byte", reader).await.unwrap();
+    assert!(
+        matches!(&got, Some(Ok(Message::Binary(d))) if d.as_ref() == b"x"),
+        "{got:?} after {pings} pings"
+    );
+    assert!(pings >= 5, "only {pings} pings in 1 s at a 50 ms interval");
+}
+
+#[tokio::test]
+async fn unsolicited_pongs_do_not_keep_a_client_that_stops_reading() {
+    // RFC 6455 allows pongs nobody asked for; while our ping waits behind what the client does
+    // not take, they cannot answer it.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(100));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let client = raw_ws(bridge.addr, "/").await;
+    let (_never_read, mut up) = client.into_split();
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (mut r, mut w) = b.into_split();
+    let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
+    let pongs = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            if up.write_all(&frame(0x8a, b"", true)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut rest = Vec::new();
+    within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
+    assert!(within("flood to stop", flood).await.unwrap().is_err());
+    pongs.abort();
+}
+
+#[tokio::test]
+async fn a_slow_reader_of_a_long_download_is_not_ended_by_keepalive() {
+    // The client reads slowly but all the time, and answers each ping when it gets to it: after
+    // everything the socket buffers held before it, which takes longer than the pong timeout.
+    // Its reading is its sign of life.
+    const SIZE: usize = 64 * 1024;
+    let Some(n) = beyond_socket_buffers(SIZE) else { return };
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.ping_interval = Some(Duration::from_millis(50));
+    config.timeouts.pong_timeout = Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (_r, mut w) = b.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; SIZE];
+        for _ in 0..n {
+            w.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(w)
+    });
+    within("the whole download", async {
+        let (mut got, mut since_pause) = (0usize, 0usize);
+        while got < n * SIZE {
+            match raw_read_frame(&mut s).await {
+                (0x2, payload) => {
+                    got += payload.len();
+                    since_pause += payload.len();
+                }
+                (0x9, payload) => s.write_all(&frame(0x8a, &payload, true)).await.unwrap(),
+                (op, payload) => panic!("opcode {op} {payload:?} after {got} of {} bytes", n * SIZE),
+            }
+            if since_pause >= SIZE {
+                // The scenario: a reader at about 10 MB/s (not a synchronisation).
+                since_pause = 0;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    })
+    .await;
+    within("the backend's writes", writer).await.unwrap().unwrap();
 }
 
 #[tokio::test]
