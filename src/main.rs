@@ -83,13 +83,71 @@ fn init_logging(verbose: u8, format: LogFormat) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(terminal);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text if terminal => builder.init(),
+        LogFormat::Text => builder.fmt_fields(PlainFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// The fields of a text log line written to a file or a journal (no colours): the same
+/// `name=value` text as tracing-subscriber's default, written straight. The default styles every
+/// field name through nu-ansi-term even with colours off, which was an eighth of the user-space
+/// instructions of a short session (its one log line has eleven fields).
+struct PlainFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for PlainFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = PlainVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    fn write(&mut self, field: &tracing::field::Field, value: std::fmt::Arguments<'_>) {
+        // `log.*`: where a `log` record came from, which the line already says.
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return;
+        }
+        let sep = if std::mem::take(&mut self.first) { "" } else { " " };
+        self.result = match field.name() {
+            "message" => write!(self.writer, "{sep}{value}"),
+            name => write!(self.writer, "{sep}{name}={value}"),
+        };
+    }
+}
+
+impl tracing::field::Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, format_args!("{value}"));
+        } else {
+            self.write(field, format_args!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.write(field, format_args!("{value:?}"));
     }
 }
 

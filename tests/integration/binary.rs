@@ -341,3 +341,30 @@ async fn tls_option_errors_exit_64() {
     assert_eq!(code, 64);
     assert!(err.contains("--verify-client needs --cafile"), "{err}");
 }
+
+#[tokio::test]
+async fn the_session_log_line_names_the_session_and_how_it_ended() {
+    // Logs to a pipe (no colours): the plain field writer, same layout as on a terminal.
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let (backend, _) = echo_backend().await;
+    let target = format!("127.0.0.1:{}", backend.port());
+    let (_child, addr, mut logs) = spawn_bridge(&["127.0.0.1:0", &target]).await;
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    send_bin(&mut ws, b"hello").await;
+    assert_eq!(recv_data(&mut ws).await, b"hello");
+    let bye = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    };
+    within("close", ws.close(Some(bye))).await.unwrap();
+    let line = log_line(&mut logs, "session closed").await;
+    let expected = [
+        " INFO conn{client=127.0.0.1:".to_owned(),
+        format!(" listener={addr} route=\"any path\" target={target}}}: wsbridge::server: session closed "),
+        "framing=binary code=1000 reason=bye ended_by=\"client\" bytes_up=5 bytes_down=5 duration_ms=".to_owned(),
+    ];
+    for part in &expected {
+        assert!(line.contains(part.as_str()), "{part:?} not in\n{line}");
+    }
+    assert!(!line.contains('\x1b'), "colours in a log that is not a terminal: {line:?}");
+}
