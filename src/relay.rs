@@ -421,10 +421,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             if self.over || (self.close_sent && self.client.idle() && (self.client_closed || !self.wait_for_answer)) {
                 return Poll::Ready(());
             }
-            let mut moved = self.poll_timer(cx);
-            moved |= self.poll_down(cx);
-            moved |= self.poll_up(cx);
-            if !moved && self.client.failed.is_none() {
+            let moved = self.poll_down(cx) | self.poll_up(cx);
+            // The timer last, once nothing moves: a session that ends now (the client's close
+            // frame answered at once, say) never arms a deadline it no longer needs, which would
+            // cost a wake-up of the runtime's driver when it is earlier than every other timer.
+            if !moved && self.client.failed.is_none() && !self.poll_timer(cx) {
                 return Poll::Pending;
             }
         }

@@ -219,7 +219,12 @@ impl Bridge {
             // Boxed: this rare path's state would otherwise widen every connection's task.
             return Box::pin(self.refuse_over_cap(stream)).await;
         };
-        let _ = stream.set_nodelay(true);
+        // Small messages (keystrokes, VNC input) must not wait for Nagle. On Linux an accepted
+        // socket inherits TCP_NODELAY from the listening socket, which has it: no system call
+        // per connection.
+        if !cfg!(target_os = "linux") {
+            let _ = stream.set_nodelay(true);
+        }
         // One deadline covers TLS and the upgrade: a silent client cannot hold a slot.
         let deadline = Instant::now() + live.timeouts.handshake;
         let Some(tls) = &listener.tls else {
@@ -386,7 +391,9 @@ impl Listener {
     /// # Errors
     /// The address cannot be bound (in use, not local, no permission).
     pub async fn bind(mut self) -> std::io::Result<Listener> {
-        self.socket = Some(TcpListener::bind(self.config.addr).await?);
+        let socket = TcpListener::bind(self.config.addr).await?;
+        socket2::SockRef::from(&socket).set_tcp_nodelay(true)?;
+        self.socket = Some(socket);
         Ok(self)
     }
 
@@ -419,6 +426,8 @@ impl Listener {
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
+        // Accepted connections inherit it on Linux (see `Bridge::connection`).
+        socket.set_tcp_nodelay(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
         socket.set_nonblocking(true)?;
@@ -427,6 +436,7 @@ impl Listener {
 
     /// Uses a socket the caller bound (tests bind port 0).
     pub fn with_socket(mut self, socket: TcpListener) -> Listener {
+        let _ = socket2::SockRef::from(&socket).set_tcp_nodelay(true);
         self.socket = Some(socket);
         self
     }
@@ -555,6 +565,33 @@ mod tests {
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
         assert!(client.take_error().unwrap().is_none(), "the connection was reset");
+    }
+
+    /// Every way a listener is bound hands its accepted connections TCP_NODELAY (on Linux by
+    /// inheritance, which is what lets `connection` skip the system call).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let std = Listener::bind_std("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let config = ListenerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            web: None,
+            web_listing: false,
+            tls: None,
+        };
+        let listeners = [
+            Listener::prepare(&config).unwrap().with_socket(TcpListener::from_std(std).unwrap()),
+            Listener::prepare(&config).unwrap().bind().await.unwrap(),
+            Listener::prepare(&config)
+                .unwrap()
+                .with_socket(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        ];
+        for listener in listeners {
+            let socket = listener.socket.as_ref().unwrap();
+            let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
+            let (accepted, _) = socket.accept().await.unwrap();
+            assert!(accepted.nodelay().unwrap(), "{:?}", listener.local_addr());
+        }
     }
 
     /// A connection's task is allocated for every connection and lives as long as the session:
