@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat, Matcher,
-    RouteConfig, Target, TokenLookup, TokenSourceConfig,
+    at_most_a_year, check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat,
+    Matcher, RouteConfig, Target, TokenLookup, TokenSourceConfig,
 };
 use crate::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 
@@ -449,10 +449,11 @@ impl RunArgs {
                 .map_err(|e| usage(format!("--max-message-size: {e}")))?;
         }
         let secs = |name: &str, v: f64| {
-            std::time::Duration::try_from_secs_f64(v)
+            let d = std::time::Duration::try_from_secs_f64(v)
                 .ok()
                 .filter(|d| !d.is_zero())
-                .ok_or_else(|| usage(format!("{name}: expected a positive number of seconds")))
+                .ok_or_else(|| usage(format!("{name}: expected a positive number of seconds")))?;
+            at_most_a_year(d).map_err(|e| usage(format!("{name}: {e}")))
         };
         if let Some(h) = self.heartbeat {
             let d = secs("--heartbeat", h)?;
@@ -633,6 +634,8 @@ mod tests {
         let c = config(&["[::1]:6080", "[::1]:5900", "--heartbeat", "15", "-v"]).unwrap();
         assert_eq!(c.listeners[0].addr, "[::1]:6080".parse().unwrap());
         assert_eq!(c.timeouts.ping_interval, Some(std::time::Duration::from_secs(15)));
+        let e = config(&["6080", "h:1", "--heartbeat", "1e12"]).unwrap_err();
+        assert!(e.contains("--heartbeat") && e.contains("more than a year"), "{e}");
     }
 
     #[test]

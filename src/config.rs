@@ -826,7 +826,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         other => return Err(format!("invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)")),
     };
-    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("invalid duration {s:?}: out of range"))
+    Duration::try_from_secs_f64(n * scale)
+        .map_err(|_| format!("invalid duration {s:?}: out of range"))
+        .and_then(at_most_a_year)
+}
+
+/// The longest duration accepted: deadlines are added to the clock, and nothing a session does
+/// needs more (a deadline that may be off takes "off").
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Checks a duration against [`MAX_DURATION`].
+///
+/// # Errors
+/// The duration is longer, said in seconds.
+pub fn at_most_a_year(d: Duration) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{} s is more than a year, the longest duration accepted (\"off\" where a deadline may be off)",
+            d.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Deserialize)]
@@ -844,6 +864,7 @@ impl<'de> Deserialize<'de> for Dur {
             NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(de::Error::custom)?,
             NumOrString::S(s) => parse_duration(&s).map_err(de::Error::custom)?,
         };
+        let dur = at_most_a_year(dur).map_err(de::Error::custom)?;
         if dur.is_zero() {
             return Err(de::Error::custom("must be greater than zero"));
         }
@@ -859,6 +880,7 @@ impl<'de> Deserialize<'de> for OptDur {
             NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(de::Error::custom)?,
             NumOrString::S(s) => parse_duration(&s).map_err(de::Error::custom)?,
         };
+        let dur = at_most_a_year(dur).map_err(de::Error::custom)?;
         Ok(OptDur((!dur.is_zero()).then_some(dur)))
     }
 }
@@ -978,6 +1000,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("line 4") && msg.contains("idle"), "{msg}");
+        // Deadlines are added to the clock: an absurd one is refused here, not an overflow later.
+        for value in ["1e19", "\"200000h\"", "99999999999"] {
+            let msg = parse(&format!("[[listen]]\naddr = 6080\n[timeouts]\npong_timeout = {value}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("line 4") && msg.contains("more than a year"), "{value}: {msg}");
+        }
+        let year = "[[listen]]\naddr = 6080\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n[timeouts]\nmax_lifetime = \"8760h\"\n";
+        assert_eq!(parse(year).unwrap().timeouts.max_lifetime, Some(Duration::from_secs(8760 * 3600)));
     }
 
     #[test]
