@@ -4,7 +4,8 @@
 //! in the same poll, with no lock between them and no allocation per message:
 //! - client → backend: what the client sent is read (up to 256 KiB at a time) into a scratch
 //!   buffer shared by every session on the thread, parsed and unmasked in place
-//!   ([`crate::frame::Decoder`]), and the payload is written straight to the backend;
+//!   ([`crate::frame::Decoder`]), and the payloads of all the frames in it are written straight
+//!   to the backend in one vectored write;
 //! - backend → client: what the backend sent is read into the same scratch buffer, framed
 //!   (binary, text or lines) and written to the client, header and payload in one vectored write.
 //!
@@ -38,6 +39,16 @@ use crate::frame::{self, Decoder, Event, FrameError, OutHeader};
 const SCRATCH: usize = 256 * 1024;
 /// Answering a dead peer's missing pong: one short attempt to send the close frame.
 const DEAD_PEER_CLOSE: Duration = Duration::from_millis(100);
+/// The most pieces of client payload gathered into one write to the backend.
+const BATCH: usize = 16;
+
+/// A piece of a gathered write to the backend: payload bytes at a range of the input, or the
+/// newline `lines` framing adds at a message's end.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Input(usize, usize),
+    Newline,
+}
 
 std::thread_local! {
     /// One scratch buffer per runtime thread, shared by every session on it: a session holds read
@@ -331,6 +342,9 @@ struct Pump<'b, 't, S> {
     /// `lines`: whether the client's message so far ends with a newline.
     up_newline: bool,
     upstream: Upstream,
+    /// The client's close frame (or protocol error), seen while data before it still waits in
+    /// `up`: the session ends so once `up` is written.
+    after_up: Option<End>,
 
     // Backend → client.
     /// A ping's payload to answer (only the latest ping needs an answer).
@@ -391,6 +405,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             up_unflushed: false,
             up_newline: false,
             upstream: Upstream::Forward,
+            after_up: None,
             pong: None,
             ping: false,
             close: None,
@@ -557,6 +572,13 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     /// Client → backend: what waits for the backend, what is left of the last read, then the
     /// client's next bytes. Returns whether anything moved.
     fn poll_up(&mut self, cx: &mut Context<'_>) -> bool {
+        // The data before the client's close frame is written (or dropped: the backend failed).
+        if self.up_at == self.up.len() {
+            if let Some(why) = self.after_up.take() {
+                self.end(why);
+                return true;
+            }
+        }
         if self.upstream == Upstream::Stop {
             return false;
         }
@@ -641,16 +663,21 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         })
     }
 
-    /// Handles what the client sent: data straight to the backend. When the backend does not take
-    /// a piece at once, its rest is kept in `up` and parsing stops: returns where, so the caller
-    /// keeps the unparsed rest of `input`.
+    /// Handles what the client sent: its data goes to the backend, the payloads of every frame in
+    /// `input` gathered into one vectored write (a 256 KiB read of 64 KiB messages is one system
+    /// call, not five). When the backend does not take all of it, the rest is kept in `up` and
+    /// parsing stops: returns where, so the caller keeps the unparsed rest of `input`. The
+    /// client's close frame (or a protocol error) after data the backend has not taken yet waits
+    /// in `after_up` until that data is written.
     fn parse(&mut self, cx: &mut Context<'_>, input: &mut [u8]) -> Option<usize> {
         let mut pos = 0;
+        let mut batch = [Piece::Newline; BATCH];
+        let mut pieces = 0;
         while pos < input.len() && self.upstream != Upstream::Stop {
             let (n, event) = match self.decoder.next(&mut input[pos..]) {
                 Ok(x) => x,
                 Err(e) => {
-                    self.end(End::ClientError(e));
+                    self.end_after_data(cx, input, &batch[..pieces], End::ClientError(e));
                     return None;
                 }
             };
@@ -662,56 +689,31 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                         continue;
                     }
                     let lines = self.framer.framing == Framing::Lines;
-                    let newline: &[u8] = if lines && end && !(self.up_newline && bytes.is_empty() || bytes.ends_with(b"\n")) {
-                        b"\n"
-                    } else {
-                        b""
-                    };
+                    let newline = lines && end && !(self.up_newline && bytes.is_empty() || bytes.ends_with(b"\n"));
                     if lines {
                         self.up_newline = !end && (bytes.ends_with(b"\n") || bytes.is_empty() && self.up_newline);
                     }
-                    let total = bytes.len() + newline.len();
-                    if total == 0 {
+                    // The payload is the end of what the decoder used.
+                    let len = bytes.len();
+                    if len == 0 && !newline {
                         continue;
                     }
-                    self.bytes_up += bytes.len() as u64;
+                    self.bytes_up += len as u64;
                     self.touch();
-                    let writer = Pin::new(&mut self.writer);
-                    let written = if newline.is_empty() {
-                        writer.poll_write(cx, bytes)
-                    } else {
-                        writer.poll_write_vectored(cx, &[IoSlice::new(bytes), IoSlice::new(newline)])
-                    };
-                    let n = match written {
-                        Poll::Ready(Ok(n)) if n > 0 => {
-                            self.up_unflushed = self.writer.buffers();
-                            n
+                    if len > 0 {
+                        batch[pieces] = Piece::Input(pos - len, pos);
+                        pieces += 1;
+                    }
+                    if newline {
+                        batch[pieces] = Piece::Newline;
+                        pieces += 1;
+                    }
+                    if pieces + 2 > BATCH {
+                        let all = self.write_batch(cx, input, &batch[..pieces]);
+                        pieces = 0;
+                        if !all {
+                            return Some(pos);
                         }
-                        Poll::Pending => 0,
-                        failed => {
-                            let e = match failed {
-                                Poll::Ready(Err(e)) => e,
-                                _ => io::ErrorKind::WriteZero.into(),
-                            };
-                            // The rest of the read is still parsed (data dropped), so the
-                            // client's close frame in it is seen.
-                            self.end(End::BackendError("write", e));
-                            continue;
-                        }
-                    };
-                    if n < total {
-                        // The backend is slow: keep the rest, read the client no more until it
-                        // is written.
-                        let mut rest = Vec::with_capacity(total - n);
-                        if n < bytes.len() {
-                            rest.extend_from_slice(&bytes[n..]);
-                            rest.extend_from_slice(newline);
-                        } else {
-                            rest.extend_from_slice(&newline[n - bytes.len()..]);
-                        }
-                        self.up = rest;
-                        self.up_at = 0;
-                        return Some(pos);
                     }
                 }
                 Some(Event::Ping(payload)) => self.pong = Some(payload),
@@ -723,12 +725,79 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 }
                 Some(Event::Pong) => {}
                 Some(Event::Close(code, reason)) => {
-                    self.end(End::ClientClosed(code, reason));
+                    self.end_after_data(cx, input, &batch[..pieces], End::ClientClosed(code, reason));
                     return None;
                 }
             }
         }
+        if pieces > 0 && !self.write_batch(cx, input, &batch[..pieces]) {
+            return Some(pos);
+        }
         None
+    }
+
+    /// Ends the session with `why` once the data gathered before it is written: now, or when
+    /// `up` is (everything the client sent before its close frame reaches the backend).
+    fn end_after_data(&mut self, cx: &mut Context<'_>, input: &[u8], batch: &[Piece], why: End) {
+        if batch.is_empty() || self.write_batch(cx, input, batch) {
+            self.end(why);
+        } else {
+            self.after_up = Some(why);
+        }
+    }
+
+    /// Writes the gathered pieces to the backend in one call. Returns whether all of it went: if
+    /// not, the rest is copied to `up` (the backend is slow, or the write failed and the session
+    /// is ending, data dropped).
+    fn write_batch(&mut self, cx: &mut Context<'_>, input: &[u8], batch: &[Piece]) -> bool {
+        let piece = |p: &Piece| -> &[u8] {
+            match *p {
+                Piece::Input(from, to) => &input[from..to],
+                Piece::Newline => b"\n",
+            }
+        };
+        let mut slices = [IoSlice::new(&[]); BATCH];
+        let mut total = 0;
+        for (slice, p) in slices.iter_mut().zip(batch) {
+            *slice = IoSlice::new(piece(p));
+            total += slice.len();
+        }
+        let writer = Pin::new(&mut self.writer);
+        let written = match batch {
+            [one] => writer.poll_write(cx, piece(one)),
+            _ => writer.poll_write_vectored(cx, &slices[..batch.len()]),
+        };
+        let mut n = match written {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.up_unflushed = self.writer.buffers();
+                n
+            }
+            Poll::Pending => 0,
+            failed => {
+                let e = match failed {
+                    Poll::Ready(Err(e)) => e,
+                    _ => io::ErrorKind::WriteZero.into(),
+                };
+                // The rest of the read is still parsed (data dropped), so the client's close
+                // frame in it is seen.
+                self.end(End::BackendError("write", e));
+                return true;
+            }
+        };
+        if n == total {
+            return true;
+        }
+        // The backend is slow: keep the rest, read the client no more until it is written.
+        let mut rest = Vec::with_capacity(total - n);
+        for p in batch {
+            let bytes = piece(p);
+            let skip = n.min(bytes.len());
+            n -= skip;
+            rest.extend_from_slice(&bytes[skip..]);
+        }
+        self.up = rest;
+        self.up_at = 0;
+        false
     }
 
     /// The client is alive: bytes arrived from it, or the backend took what waited for it so the
@@ -1010,5 +1079,90 @@ mod tests {
         assert_eq!(texts(&mut f, Some(b"ee\n\n")), vec!["three", ""]);
         assert_eq!(texts(&mut f, Some(b"0123456789ab")), vec!["01234567"]);
         assert_eq!(texts(&mut f, None), vec!["89ab"]);
+    }
+
+    /// A client frame (masked), as a browser sends it.
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    /// Messages and then the client's close frame (or a protocol error) in one read, to a backend
+    /// that takes a few KiB at a time: the gathered writes are partial (the rest waits in `up`,
+    /// the unparsed rest of the read in `raw`), and the ending waits (`after_up`) until every
+    /// byte before it is written; only then does the session end. Large messages, small ones
+    /// (more than one gathered write per read), and small ones in `lines` framing (a newline
+    /// added to each).
+    #[tokio::test]
+    async fn an_ending_in_the_same_read_waits_for_the_data_before_it() {
+        use tokio::io::AsyncWriteExt;
+        let data: Vec<u8> = (0..200 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+        let endings = [
+            (client_frame(0x88, &1000u16.to_be_bytes()), 1000),
+            // An unmasked frame: a protocol error.
+            (vec![0x82, 0x01, 0x00], 1002),
+        ];
+        let cases = [(Framing::Binary, 60 * 1024), (Framing::Binary, 80), (Framing::Lines, 80)];
+        for ((ending, code), (framing, size)) in endings.iter().flat_map(|e| cases.iter().map(move |c| (e, *c))) {
+            let expected: Vec<u8> = match framing {
+                Framing::Lines => data.chunks(size).flat_map(|m| m.iter().chain(b"\n")).copied().collect(),
+                _ => data.clone(),
+            };
+            let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+            socket2::SockRef::from(&ours).set_send_buffer_size(4096).unwrap();
+            socket2::SockRef::from(&theirs).set_recv_buffer_size(4096).unwrap();
+            let (client, mut peer) = tokio::io::duplex(1 << 20);
+            let mut wire = Vec::new();
+            for message in data.chunks(size) {
+                wire.extend(client_frame(0x82, message));
+            }
+            wire.extend(ending);
+            assert!(wire.len() < SCRATCH, "one read must hold it all");
+            peer.write_all(&wire).await.unwrap();
+            let session = tokio::spawn(async move {
+                let timeouts = Timeouts {
+                    close: Duration::from_millis(100),
+                    ..Timeouts::default()
+                };
+                let params = SessionParams {
+                    framing,
+                    max_message_size: 1 << 20,
+                    timeouts: &timeouts,
+                };
+                run(client, Vec::new(), Backend::Unix(ours), &params, &CancellationToken::new()).await
+            });
+            let mut got = Vec::new();
+            let read = theirs.read_to_end(&mut got);
+            tokio::time::timeout(Duration::from_secs(10), read).await.unwrap().unwrap();
+            assert!(
+                got == expected,
+                "{framing} {size}: the backend got {} of {} bytes, or not in order",
+                got.len(),
+                expected.len()
+            );
+            let summary = tokio::time::timeout(Duration::from_secs(10), session).await.unwrap().unwrap();
+            assert_eq!(
+                (summary.code, summary.ended_by, summary.bytes_up),
+                (*code, "client", data.len() as u64)
+            );
+            // Our close frame, with that code.
+            let mut head = [0u8; 4];
+            peer.read_exact(&mut head).await.unwrap();
+            assert_eq!(head, [0x88, head[1], (code >> 8) as u8, *code as u8]);
+        }
     }
 }

@@ -665,6 +665,52 @@ async fn pinned_session(tune: impl FnOnce(&mut wsbridge::config::Config)) -> (Te
 }
 
 #[tokio::test]
+async fn what_the_client_sent_before_its_close_reaches_a_slow_backend_first() {
+    // Data, then a close frame (or a protocol error), sent in one go through full buffers to the
+    // backend: the data before the ending reaches the backend whole and in order before its EOF,
+    // and the client then gets its close answered (1000), or 1002. (The same with the ending in
+    // the very read whose data the backend cannot take at once: `relay::tests`.)
+    const SIZE: usize = 64 * 1024;
+    let Some(n) = beyond_socket_buffers(SIZE) else { return };
+    let message = |i: usize| {
+        let mut m = vec![i as u8; SIZE];
+        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        m
+    };
+    let endings = [
+        (frame(0x88, &1000u16.to_be_bytes(), true), 1000),
+        (frame(0x82, b"unmasked", false), 1002),
+    ];
+    for (ending, code) in endings {
+        let (_bridge, s, mut b) = pinned_session(|_| {}).await;
+        let mut wire = Vec::with_capacity(n * (SIZE + 14) + ending.len());
+        for i in 0..n {
+            wire.extend(frame(0x82, &message(i), true));
+        }
+        wire.extend(&ending);
+        let (r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            w.write_all(&wire).await.unwrap();
+            w
+        });
+        within("everything before the ending, then EOF", async {
+            let mut got = vec![0u8; SIZE];
+            for i in 0..n {
+                b.read_exact(&mut got).await.unwrap();
+                assert!(got == message(i), "message {i} is not what the client sent");
+            }
+            let mut rest = Vec::new();
+            b.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "{} bytes after the last message", rest.len());
+        })
+        .await;
+        let w = within("the client's writes", writer).await.unwrap();
+        let mut s = r.reunite(w).unwrap();
+        assert_eq!(raw_read_close(&mut s).await.0, code);
+    }
+}
+
+#[tokio::test]
 async fn a_pong_stuck_behind_the_clients_own_data_does_not_end_the_session() {
     // The ping reaches the client, then the client's data fills every buffer towards a backend
     // that does not read: its pong would queue behind that data, so it answers only once all of
