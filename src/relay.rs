@@ -343,8 +343,10 @@ struct Pump<'b, 't, S> {
     up_newline: bool,
     upstream: Upstream,
     /// The client's close frame (or protocol error), seen while data before it still waits in
-    /// `up`: the session ends so once `up` is written.
+    /// `up`: the session ends so once `up` is written, or by `drain_by` if the backend takes
+    /// none of it (then it is dropped).
     after_up: Option<End>,
+    drain_by: Option<Instant>,
 
     // Backend → client.
     /// A ping's payload to answer (only the latest ping needs an answer).
@@ -406,6 +408,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             up_newline: false,
             upstream: Upstream::Forward,
             after_up: None,
+            drain_by: None,
             pong: None,
             ping: false,
             close: None,
@@ -743,6 +746,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.end(why);
         } else {
             self.after_up = Some(why);
+            self.drain_by = Some(Instant::now() + self.timeouts.close);
         }
     }
 
@@ -856,28 +860,42 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             Some(sent) => Some(sent + t.pong_timeout),
             None => self.next_ping,
         };
-        [idle, lifetime, keepalive].into_iter().flatten().min()
+        let drain = self.drain_by.filter(|_| self.after_up.is_some());
+        [idle, lifetime, keepalive, drain].into_iter().flatten().min()
     }
 
-    /// Polls the one timer (allocated only when a deadline exists). The timer is moved earlier at
-    /// once but later only when it fires, so activity does not touch the timer wheel.
+    /// Ends what is due by the clock, and otherwise arms the one timer (allocated only when a
+    /// deadline exists) to wake the task when something is. The timer is moved earlier at once but
+    /// later only when it fires, so activity does not touch the timer wheel.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(at) = self.deadline() else { return false };
         let timer = self.timer.get_or_insert_with(|| Box::pin(sleep_until(at)));
-        if at < timer.deadline() {
-            timer.as_mut().reset(at);
-        }
-        if timer.as_mut().poll(cx).is_pending() {
-            return false;
-        }
         let now = Instant::now();
         if at > now {
-            timer.as_mut().reset(at);
-            return true;
+            // Not due: the timer only has to wake the task then.
+            if at < timer.deadline() {
+                timer.as_mut().reset(at);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                // It fired for a deadline that has moved on since.
+                timer.as_mut().reset(at);
+                let _ = timer.as_mut().poll(cx);
+            }
+            return false;
         }
+        // Due, by the clock: the timer's own poll can be held back by the task's cooperative
+        // budget, which a session whose both directions keep moving spends in every pass.
         let t = self.timeouts;
         if self.close_by.is_some() {
             self.over = true;
+        } else if self.after_up.is_some() && self.drain_by.is_some_and(|d| now >= d) {
+            // The backend took nothing of what the client sent before its close frame for a whole
+            // close timeout: that is dropped, and the client gets its answer.
+            self.up = Vec::new();
+            self.up_at = 0;
+            if let Some(why) = self.after_up.take() {
+                self.end(why);
+            }
         } else if t.max_lifetime.is_some_and(|l| now >= self.start + l) {
             self.end(End::Lifetime);
         } else if t.idle.is_some_and(|i| now >= self.last_active + i) {
@@ -1164,5 +1182,89 @@ mod tests {
             peer.read_exact(&mut head).await.unwrap();
             assert_eq!(head, [0x88, head[1], (code >> 8) as u8, *code as u8]);
         }
+    }
+
+    /// A client that always has one more (unsolicited, empty) pong to send and takes everything
+    /// at once, using tokio's cooperative budget as a socket does: the session never finds both
+    /// directions blocked, and every pass ends with the budget spent.
+    struct Chatty;
+
+    impl AsyncRead for Chatty {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+            buf.put_slice(&[0x8a, 0x80, 1, 2, 3, 4]);
+            coop.made_progress();
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Chatty {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+            coop.made_progress();
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn deadlines_fire_in_a_session_that_never_waits() {
+        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        let timeouts = Timeouts {
+            max_lifetime: Some(Duration::from_millis(50)),
+            close: Duration::from_millis(50),
+            ..Timeouts::default()
+        };
+        let params = SessionParams {
+            framing: Framing::Binary,
+            max_message_size: 1 << 20,
+            timeouts: &timeouts,
+        };
+        let shutdown = CancellationToken::new();
+        let session = run(Chatty, Vec::new(), Backend::Unix(ours), &params, &shutdown);
+        let summary = tokio::time::timeout(Duration::from_secs(10), session)
+            .await
+            .expect("the session's deadlines never fired");
+        assert_eq!((summary.code, summary.reason.as_str()), (1001, "session lifetime exceeded"));
+    }
+
+    /// The client's close frame behind data a backend never takes: the session still ends, by
+    /// the close timeout, with the client's close answered.
+    #[tokio::test]
+    async fn a_close_behind_data_the_backend_never_takes_ends_by_the_close_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        socket2::SockRef::from(&ours).set_send_buffer_size(4096).unwrap();
+        socket2::SockRef::from(&theirs).set_recv_buffer_size(4096).unwrap();
+        let (client, mut peer) = tokio::io::duplex(1 << 20);
+        let mut wire = client_frame(0x82, &[7u8; 100 * 1024]);
+        wire.extend(client_frame(0x88, &1000u16.to_be_bytes()));
+        peer.write_all(&wire).await.unwrap();
+        let timeouts = Timeouts {
+            close: Duration::from_millis(100),
+            ..Timeouts::default()
+        };
+        let params = SessionParams {
+            framing: Framing::Binary,
+            max_message_size: 1 << 20,
+            timeouts: &timeouts,
+        };
+        let shutdown = CancellationToken::new();
+        let session = run(client, Vec::new(), Backend::Unix(ours), &params, &shutdown);
+        let summary = tokio::time::timeout(Duration::from_secs(10), session)
+            .await
+            .expect("the session waited for the backend for ever");
+        assert_eq!((summary.code, summary.ended_by), (1000, "client"));
+        let mut head = [0u8; 4];
+        peer.read_exact(&mut head).await.unwrap();
+        assert_eq!(head, [0x88, 2, 0x03, 0xe8]);
+        drop(theirs);
     }
 }

@@ -575,6 +575,42 @@ async fn shutdown_grace_ends_with_sessions_still_open() {
 }
 
 #[tokio::test]
+async fn max_lifetime_ends_a_session_that_never_waits() {
+    // A backend that always has more and a client that takes everything at once: the bridge
+    // never finds both directions blocked, and tokio's cooperative budget runs out in every pass.
+    // Its deadlines must still fire.
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.max_lifetime = Some(Duration::from_millis(300));
+    config.timeouts.close = Duration::from_millis(200); // the client never answers our close
+    let bridge = TestBridge::start(config).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (_r, mut w) = b.into_split();
+    let flood = tokio::spawn(async move {
+        let chunk = vec![7u8; 1 << 20];
+        while w.write_all(&chunk).await.is_ok() {}
+    });
+    // Read flat out until the bridge closes the connection; the stream ends with our close frame.
+    let tail = within("the lifetime to end the session", async {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut tail = Vec::new();
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return tail;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            let keep = tail.len().saturating_sub(64);
+            tail.drain(..keep);
+        }
+    })
+    .await;
+    assert!(tail.ends_with(b"session lifetime exceeded"), "{tail:?}");
+    flood.abort();
+}
+
+#[tokio::test]
 async fn a_backend_that_stops_reading_stops_the_bridge_reading_the_client() {
     // A client that can send more than every buffer on the way holds, to a backend that reads
     // nothing, has found a bridge buffering without bound (see `beyond_socket_buffers`).
