@@ -129,11 +129,33 @@ impl PlainVisitor<'_> {
         if self.result.is_err() || field.name().starts_with("log.") {
             return;
         }
+        use std::fmt::Write;
         let sep = if std::mem::take(&mut self.first) { "" } else { " " };
+        let message = field.name() == "message";
+        let mut out = Escaping(&mut self.writer, message);
         self.result = match field.name() {
-            "message" => write!(self.writer, "{sep}{value}"),
-            name => write!(self.writer, "{sep}{name}={value}"),
+            "message" => write!(out, "{sep}{value}"),
+            name => write!(out, "{sep}{name}={value}"),
         };
+    }
+}
+
+/// Writes through to a log line with control characters escaped (`\n`, `\u{1b}`): a field's
+/// value cannot start a line of its own or drive the terminal that shows the log. In the message
+/// (our own text, where a configuration error's snippet spans lines) line breaks and tabs stay,
+/// as with tracing-subscriber's default, which escapes the rest there too.
+struct Escaping<'a, 'w>(&'a mut tracing_subscriber::fmt::format::Writer<'w>, bool);
+
+impl std::fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let keep = |c: char| self.1 && matches!(c, '\n' | '\r' | '\t');
+        let mut rest = s;
+        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| c.is_control() && !keep(c)) {
+            self.0.write_str(&rest[..i])?;
+            write!(self.0, "{}", c.escape_debug())?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
     }
 }
 
@@ -426,4 +448,22 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
     let served = serve_threads(&bridge, sockets).await;
     let _ = std::fs::remove_dir_all(&web);
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write;
+
+    #[test]
+    fn log_text_from_the_network_cannot_break_the_line() {
+        let mut line = String::new();
+        let mut writer = tracing_subscriber::fmt::format::Writer::new(&mut line);
+        write!(super::Escaping(&mut writer, false), "closed: bye\nINFO forged \u{1b}[31mred\ttab é").unwrap();
+        assert_eq!(line, "closed: bye\\nINFO forged \\u{1b}[31mred\\ttab é");
+        // A message keeps its line breaks (a configuration error's snippet), not the rest.
+        let mut line = String::new();
+        let mut writer = tracing_subscriber::fmt::format::Writer::new(&mut line);
+        write!(super::Escaping(&mut writer, true), "bad value\n  | x = 1\n\u{1b}[2J").unwrap();
+        assert_eq!(line, "bad value\n  | x = 1\n\\u{1b}[2J");
+    }
 }

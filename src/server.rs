@@ -353,6 +353,16 @@ impl Bridge {
     }
 }
 
+/// TCP_NODELAY on a listening socket is what its accepted sockets rely on on Linux (a failure
+/// to set it is an error there); elsewhere each connection sets its own and a refusal is ignored.
+fn inherited_nodelay(set: std::io::Result<()>) -> std::io::Result<()> {
+    if cfg!(target_os = "linux") {
+        set
+    } else {
+        Ok(())
+    }
+}
+
 /// A listening socket with what it serves: static files, TLS.
 #[derive(Debug)]
 pub struct Listener {
@@ -392,7 +402,7 @@ impl Listener {
     /// The address cannot be bound (in use, not local, no permission).
     pub async fn bind(mut self) -> std::io::Result<Listener> {
         let socket = TcpListener::bind(self.config.addr).await?;
-        socket2::SockRef::from(&socket).set_tcp_nodelay(true)?;
+        inherited_nodelay(socket2::SockRef::from(&socket).set_tcp_nodelay(true))?;
         self.socket = Some(socket);
         Ok(self)
     }
@@ -427,7 +437,7 @@ impl Listener {
             socket.set_only_v6(true)?;
         }
         // Accepted connections inherit it on Linux (see `Bridge::connection`).
-        socket.set_tcp_nodelay(true)?;
+        inherited_nodelay(socket.set_tcp_nodelay(true))?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
         socket.set_nonblocking(true)?;
@@ -525,7 +535,7 @@ where
     info!(
         framing = %params.framing,
         code = s.code,
-        reason = %s.reason,
+        reason = ?s.reason,
         ended_by = s.ended_by,
         bytes_up = s.bytes_up,
         bytes_down = s.bytes_down,
