@@ -857,14 +857,21 @@ enum NumOrString {
     S(String),
 }
 
+impl NumOrString {
+    /// The duration written: seconds as a number, or a string as [`parse_duration`] reads it;
+    /// at most [`MAX_DURATION`].
+    fn duration(self) -> Result<Duration, String> {
+        match self {
+            NumOrString::Int(n) => at_most_a_year(Duration::from_secs(n)),
+            NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(|e| e.to_string()).and_then(at_most_a_year),
+            NumOrString::S(s) => parse_duration(&s),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let dur = match NumOrString::deserialize(d)? {
-            NumOrString::Int(n) => Duration::from_secs(n),
-            NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(de::Error::custom)?,
-            NumOrString::S(s) => parse_duration(&s).map_err(de::Error::custom)?,
-        };
-        let dur = at_most_a_year(dur).map_err(de::Error::custom)?;
+        let dur = NumOrString::deserialize(d)?.duration().map_err(de::Error::custom)?;
         if dur.is_zero() {
             return Err(de::Error::custom("must be greater than zero"));
         }
@@ -876,11 +883,8 @@ impl<'de> Deserialize<'de> for OptDur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let dur = match NumOrString::deserialize(d)? {
             NumOrString::S(s) if s.trim() == "off" => return Ok(OptDur(None)),
-            NumOrString::Int(n) => Duration::from_secs(n),
-            NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(de::Error::custom)?,
-            NumOrString::S(s) => parse_duration(&s).map_err(de::Error::custom)?,
+            written => written.duration().map_err(de::Error::custom)?,
         };
-        let dur = at_most_a_year(dur).map_err(de::Error::custom)?;
         Ok(OptDur((!dur.is_zero()).then_some(dur)))
     }
 }

@@ -343,10 +343,9 @@ struct Pump<'b, 't, S> {
     up_newline: bool,
     upstream: Upstream,
     /// The client's close frame (or protocol error), seen while data before it still waits in
-    /// `up`: the session ends so once `up` is written, or by `drain_by` if the backend takes
-    /// none of it (then it is dropped).
-    after_up: Option<End>,
-    drain_by: Option<Instant>,
+    /// `up`: the session ends so once `up` is written, or at the instant given (a close timeout
+    /// later) if the backend takes none of it, which is then dropped.
+    after_up: Option<(End, Instant)>,
 
     // Backend → client.
     /// A ping's payload to answer (only the latest ping needs an answer).
@@ -408,7 +407,6 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             up_newline: false,
             upstream: Upstream::Forward,
             after_up: None,
-            drain_by: None,
             pong: None,
             ping: false,
             close: None,
@@ -577,7 +575,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     fn poll_up(&mut self, cx: &mut Context<'_>) -> bool {
         // The data before the client's close frame is written (or dropped: the backend failed).
         if self.up_at == self.up.len() {
-            if let Some(why) = self.after_up.take() {
+            if let Some((why, _)) = self.after_up.take() {
                 self.end(why);
                 return true;
             }
@@ -745,8 +743,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         if batch.is_empty() || self.write_batch(cx, input, batch) {
             self.end(why);
         } else {
-            self.after_up = Some(why);
-            self.drain_by = Some(Instant::now() + self.timeouts.close);
+            self.after_up = Some((why, Instant::now() + self.timeouts.close));
         }
     }
 
@@ -766,6 +763,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             *slice = IoSlice::new(piece(p));
             total += slice.len();
         }
+        // One piece (an echo's message, say) goes by `send`, cheaper in the kernel than `writev`.
         let writer = Pin::new(&mut self.writer);
         let written = match batch {
             [one] => writer.poll_write(cx, piece(one)),
@@ -860,7 +858,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             Some(sent) => Some(sent + t.pong_timeout),
             None => self.next_ping,
         };
-        let drain = self.drain_by.filter(|_| self.after_up.is_some());
+        let drain = self.after_up.as_ref().map(|(_, by)| *by);
         [idle, lifetime, keepalive, drain].into_iter().flatten().min()
     }
 
@@ -888,12 +886,12 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         let t = self.timeouts;
         if self.close_by.is_some() {
             self.over = true;
-        } else if self.after_up.is_some() && self.drain_by.is_some_and(|d| now >= d) {
+        } else if self.after_up.as_ref().is_some_and(|(_, by)| now >= *by) {
             // The backend took nothing of what the client sent before its close frame for a whole
             // close timeout: that is dropped, and the client gets its answer.
             self.up = Vec::new();
             self.up_at = 0;
-            if let Some(why) = self.after_up.take() {
+            if let Some((why, _)) = self.after_up.take() {
                 self.end(why);
             }
         } else if t.max_lifetime.is_some_and(|l| now >= self.start + l) {
@@ -1119,6 +1117,31 @@ mod tests {
         f
     }
 
+    /// A backend that takes a few KiB at a time: our end and the backend's of a unix socket pair
+    /// with the smallest buffers.
+    fn slow_backend() -> (tokio::net::UnixStream, tokio::net::UnixStream) {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        socket2::SockRef::from(&ours).set_send_buffer_size(4096).unwrap();
+        socket2::SockRef::from(&theirs).set_recv_buffer_size(4096).unwrap();
+        (ours, theirs)
+    }
+
+    /// Runs a session of `client` to `backend` to its end, failing the test with `hang` if that
+    /// takes 10 s.
+    async fn session<S>(client: S, backend: tokio::net::UnixStream, framing: Framing, timeouts: Timeouts, hang: &str) -> Summary
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let params = SessionParams {
+            framing,
+            max_message_size: 1 << 20,
+            timeouts: &timeouts,
+        };
+        let shutdown = CancellationToken::new();
+        let run = run(client, Vec::new(), Backend::Unix(backend), &params, &shutdown);
+        tokio::time::timeout(Duration::from_secs(10), run).await.expect(hang)
+    }
+
     /// Messages and then the client's close frame (or a protocol error) in one read, to a backend
     /// that takes a few KiB at a time: the gathered writes are partial (the rest waits in `up`,
     /// the unparsed rest of the read in `raw`), and the ending waits (`after_up`) until every
@@ -1140,9 +1163,7 @@ mod tests {
                 Framing::Lines => data.chunks(size).flat_map(|m| m.iter().chain(b"\n")).copied().collect(),
                 _ => data.clone(),
             };
-            let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
-            socket2::SockRef::from(&ours).set_send_buffer_size(4096).unwrap();
-            socket2::SockRef::from(&theirs).set_recv_buffer_size(4096).unwrap();
+            let (ours, mut theirs) = slow_backend();
             let (client, mut peer) = tokio::io::duplex(1 << 20);
             let mut wire = Vec::new();
             for message in data.chunks(size) {
@@ -1151,18 +1172,11 @@ mod tests {
             wire.extend(ending);
             assert!(wire.len() < SCRATCH, "one read must hold it all");
             peer.write_all(&wire).await.unwrap();
-            let session = tokio::spawn(async move {
-                let timeouts = Timeouts {
-                    close: Duration::from_millis(100),
-                    ..Timeouts::default()
-                };
-                let params = SessionParams {
-                    framing,
-                    max_message_size: 1 << 20,
-                    timeouts: &timeouts,
-                };
-                run(client, Vec::new(), Backend::Unix(ours), &params, &CancellationToken::new()).await
-            });
+            let timeouts = Timeouts {
+                close: Duration::from_millis(100),
+                ..Timeouts::default()
+            };
+            let session = tokio::spawn(session(client, ours, framing, timeouts, "the session never ended"));
             let mut got = Vec::new();
             let read = theirs.read_to_end(&mut got);
             tokio::time::timeout(Duration::from_secs(10), read).await.unwrap().unwrap();
@@ -1172,7 +1186,7 @@ mod tests {
                 got.len(),
                 expected.len()
             );
-            let summary = tokio::time::timeout(Duration::from_secs(10), session).await.unwrap().unwrap();
+            let summary = session.await.unwrap();
             assert_eq!(
                 (summary.code, summary.ended_by, summary.bytes_up),
                 (*code, "client", data.len() as u64)
@@ -1222,16 +1236,7 @@ mod tests {
             close: Duration::from_millis(50),
             ..Timeouts::default()
         };
-        let params = SessionParams {
-            framing: Framing::Binary,
-            max_message_size: 1 << 20,
-            timeouts: &timeouts,
-        };
-        let shutdown = CancellationToken::new();
-        let session = run(Chatty, Vec::new(), Backend::Unix(ours), &params, &shutdown);
-        let summary = tokio::time::timeout(Duration::from_secs(10), session)
-            .await
-            .expect("the session's deadlines never fired");
+        let summary = session(Chatty, ours, Framing::Binary, timeouts, "the session's deadlines never fired").await;
         assert_eq!((summary.code, summary.reason.as_str()), (1001, "session lifetime exceeded"));
     }
 
@@ -1240,9 +1245,7 @@ mod tests {
     #[tokio::test]
     async fn a_close_behind_data_the_backend_never_takes_ends_by_the_close_timeout() {
         use tokio::io::AsyncWriteExt;
-        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
-        socket2::SockRef::from(&ours).set_send_buffer_size(4096).unwrap();
-        socket2::SockRef::from(&theirs).set_recv_buffer_size(4096).unwrap();
+        let (ours, theirs) = slow_backend();
         let (client, mut peer) = tokio::io::duplex(1 << 20);
         let mut wire = client_frame(0x82, &[7u8; 100 * 1024]);
         wire.extend(client_frame(0x88, &1000u16.to_be_bytes()));
@@ -1251,16 +1254,14 @@ mod tests {
             close: Duration::from_millis(100),
             ..Timeouts::default()
         };
-        let params = SessionParams {
-            framing: Framing::Binary,
-            max_message_size: 1 << 20,
-            timeouts: &timeouts,
-        };
-        let shutdown = CancellationToken::new();
-        let session = run(client, Vec::new(), Backend::Unix(ours), &params, &shutdown);
-        let summary = tokio::time::timeout(Duration::from_secs(10), session)
-            .await
-            .expect("the session waited for the backend for ever");
+        let summary = session(
+            client,
+            ours,
+            Framing::Binary,
+            timeouts,
+            "the session waited for the backend for ever",
+        )
+        .await;
         assert_eq!((summary.code, summary.ended_by), (1000, "client"));
         let mut head = [0u8; 4];
         peer.read_exact(&mut head).await.unwrap();

@@ -142,14 +142,8 @@ async fn max_lifetime_closes_with_1001() {
 
 #[tokio::test]
 async fn dead_peer_is_detected_by_ping() {
-    let (backend, mut streams) = manual_backend().await;
-    let mut config = any_path_to(backend);
-    config.timeouts.ping_interval = Some(Duration::from_millis(100));
-    config.timeouts.pong_timeout = Duration::from_millis(200);
-    let bridge = TestBridge::start(config).await;
     // A raw client that reads but never answers pings.
-    let mut s = raw_ws(bridge.addr, "/").await;
-    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    let (_bridge, mut s, mut b) = raw_session(keepalive(100, 200)).await;
     assert_eq!(raw_read_frame(&mut s).await, (0x9, Vec::new()), "a ping first");
     let (code, reason) = raw_read_close(&mut s).await;
     assert_eq!((code, reason.as_str()), (1001, "ping timeout"));
@@ -163,29 +157,14 @@ async fn dead_peer_is_detected_by_ping_while_the_backend_keeps_sending() {
     // A few bytes now and then (a terminal's clock, a log tail) go into the kernel's buffers for
     // a client that reads nothing any more, for minutes before they are full: that the kernel
     // takes them is no sign of life.
-    let (backend, mut streams) = manual_backend().await;
-    let mut config = any_path_to(backend);
-    config.timeouts.ping_interval = Some(Duration::from_millis(100));
-    config.timeouts.pong_timeout = Duration::from_millis(200);
-    let bridge = TestBridge::start(config).await;
-    let mut s = raw_ws(bridge.addr, "/").await;
-    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (_bridge, mut s, b) = raw_session(keepalive(100, 200)).await;
     assert_eq!(raw_read_frame(&mut s).await, (0x9, Vec::new()), "a ping first");
     // From here on the client neither reads nor answers.
-    let (mut r, mut w) = b.into_split();
-    let trickle = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            tick.tick().await;
-            if w.write_all(&[b'.'; 64]).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (mut r, w) = b.into_split();
+    let trickle = every(Duration::from_millis(20), w, vec![b'.'; 64]);
     let mut rest = Vec::new();
     within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
     trickle.abort();
-    drop(s);
 }
 
 #[tokio::test]
@@ -224,25 +203,11 @@ async fn a_silent_client_answering_pings_outlives_the_pong_timeout() {
 async fn unsolicited_pongs_do_not_keep_a_client_that_stops_reading() {
     // RFC 6455 allows pongs nobody asked for; while our ping waits behind what the client does
     // not take, they cannot answer it.
-    let (backend, mut streams) = manual_backend().await;
-    let mut config = any_path_to(backend);
-    config.timeouts.ping_interval = Some(Duration::from_millis(100));
-    config.timeouts.pong_timeout = Duration::from_millis(200);
-    let bridge = TestBridge::start(config).await;
-    let client = raw_ws(bridge.addr, "/").await;
-    let (_never_read, mut up) = client.into_split();
-    let b = within("backend accept", streams.recv()).await.unwrap();
-    let (mut r, mut w) = b.into_split();
-    let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
-    let pongs = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tick.tick().await;
-            if up.write_all(&frame(0x8a, b"", true)).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (_bridge, client, b) = raw_session(keepalive(100, 200)).await;
+    let (_never_read, up) = client.into_split();
+    let (mut r, w) = b.into_split();
+    let flood = flood(w);
+    let pongs = every(Duration::from_millis(50), up, frame(0x8a, b"", true));
     let mut rest = Vec::new();
     within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
     assert!(within("flood to stop", flood).await.unwrap().is_err());
@@ -256,13 +221,7 @@ async fn a_slow_reader_of_a_long_download_is_not_ended_by_keepalive() {
     // Its reading is its sign of life.
     const SIZE: usize = 64 * 1024;
     let Some(n) = beyond_socket_buffers(SIZE) else { return };
-    let (backend, mut streams) = manual_backend().await;
-    let mut config = any_path_to(backend);
-    config.timeouts.ping_interval = Some(Duration::from_millis(50));
-    config.timeouts.pong_timeout = Duration::from_millis(200);
-    let bridge = TestBridge::start(config).await;
-    let mut s = raw_ws(bridge.addr, "/").await;
-    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (_bridge, mut s, b) = raw_session(keepalive(50, 200)).await;
     let (_r, mut w) = b.into_split();
     let writer = tokio::spawn(async move {
         let chunk = vec![7u8; SIZE];
@@ -296,16 +255,9 @@ async fn a_slow_reader_of_a_long_download_is_not_ended_by_keepalive() {
 #[tokio::test]
 async fn client_that_stops_reading_is_detected_by_ping() {
     // The ping cannot even be sent (the client's window is full): the pong deadline still runs.
-    let (backend, mut streams) = manual_backend().await;
-    let mut config = any_path_to(backend);
-    config.timeouts.ping_interval = Some(Duration::from_millis(100));
-    config.timeouts.pong_timeout = Duration::from_millis(200);
-    let bridge = TestBridge::start(config).await;
-    let _client = raw_ws(bridge.addr, "/").await; // never reads
-    let b = within("backend accept", streams.recv()).await.unwrap();
-    let (mut r, mut w) = b.into_split();
-    // Far more than the socket buffers on the way hold; the write fails when the session ends.
-    let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
+    let (_bridge, _never_reads, b) = raw_session(keepalive(100, 200)).await;
+    let (mut r, w) = b.into_split();
+    let flood = flood(w);
     let mut rest = Vec::new();
     within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
     assert!(
@@ -318,28 +270,14 @@ async fn client_that_stops_reading_is_detected_by_ping() {
 async fn client_that_sends_but_stops_reading_is_detected_by_ping() {
     // Its uploads do not keep it alive: what the backend sends piles up for it (our ping
     // behind), and the backend would wait on us for ever.
-    let (backend, mut streams) = manual_backend().await;
-    let mut config = any_path_to(backend);
-    config.timeouts.ping_interval = Some(Duration::from_millis(100));
-    config.timeouts.pong_timeout = Duration::from_millis(200);
-    let bridge = TestBridge::start(config).await;
-    let mut client = raw_ws(bridge.addr, "/").await;
+    let (_bridge, mut client, b) = raw_session(keepalive(100, 200)).await;
     // It takes our first ping (so that ping is out, not waiting), then never reads again.
     assert_eq!(raw_read_frame(&mut client).await, (0x9, Vec::new()), "a ping first");
-    let (_keep, mut up) = client.into_split();
-    let b = within("backend accept", streams.recv()).await.unwrap();
-    let (mut r, mut w) = b.into_split();
-    let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
+    let (_keep, up) = client.into_split();
+    let (mut r, w) = b.into_split();
+    let flood = flood(w);
     // A small message every 50 ms, far more often than the pong timeout (the scenario).
-    let uploads = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tick.tick().await;
-            if up.write_all(&frame(0x82, b"still typing", true)).await.is_err() {
-                return;
-            }
-        }
-    });
+    let uploads = every(Duration::from_millis(50), up, frame(0x82, b"still typing", true));
     let mut got = Vec::new();
     within("backend EOF", r.read_to_end(&mut got)).await.unwrap();
     assert!(within("flood to stop", flood).await.unwrap().is_err());
@@ -579,13 +517,11 @@ async fn max_lifetime_ends_a_session_that_never_waits() {
     // A backend that always has more and a client that takes everything at once: the bridge
     // never finds both directions blocked, and tokio's cooperative budget runs out in every pass.
     // Its deadlines must still fire.
-    let (backend, mut streams) = manual_backend().await;
-    let mut config = any_path_to(backend);
-    config.timeouts.max_lifetime = Some(Duration::from_millis(300));
-    config.timeouts.close = Duration::from_millis(200); // the client never answers our close
-    let bridge = TestBridge::start(config).await;
-    let mut s = raw_ws(bridge.addr, "/").await;
-    let b = within("backend accept", streams.recv()).await.unwrap();
+    let (_bridge, mut s, b) = raw_session(|c| {
+        c.timeouts.max_lifetime = Some(Duration::from_millis(300));
+        c.timeouts.close = Duration::from_millis(200); // the client never answers our close
+    })
+    .await;
     let (_r, mut w) = b.into_split();
     let flood = tokio::spawn(async move {
         let chunk = vec![7u8; 1 << 20];
@@ -616,11 +552,7 @@ async fn a_backend_that_stops_reading_stops_the_bridge_reading_the_client() {
     // nothing, has found a bridge buffering without bound (see `beyond_socket_buffers`).
     const SIZE: usize = 64 * 1024;
     let Some(n) = beyond_socket_buffers(SIZE) else { return };
-    let message = |i: usize| {
-        let mut m = vec![i as u8; SIZE];
-        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        m
-    };
+    let message = |i: usize| numbered(i, SIZE);
     let mut wire = Vec::with_capacity(n * (SIZE + 14));
     for i in 0..n {
         wire.extend(frame(0x82, &message(i), true));
@@ -655,6 +587,58 @@ async fn a_backend_that_stops_reading_stops_the_bridge_reading_the_client() {
         .await
         .unwrap();
     within("the backend to read all of it", reader).await.unwrap();
+}
+
+/// A bridge (configured by `tune`) with one raw session through it to a backend the test holds:
+/// the bridge, the client and the backend's stream.
+async fn raw_session(tune: impl FnOnce(&mut wsbridge::config::Config)) -> (TestBridge, tokio::net::TcpStream, tokio::net::TcpStream) {
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    tune(&mut config);
+    let bridge = TestBridge::start(config).await;
+    let client = raw_ws(bridge.addr, "/").await;
+    let b = within("backend accept", streams.recv()).await.unwrap();
+    (bridge, client, b)
+}
+
+/// Keepalive: a ping every `ping_ms`, `pong_ms` for its answer.
+fn keepalive(ping_ms: u64, pong_ms: u64) -> impl FnOnce(&mut wsbridge::config::Config) {
+    move |c| {
+        c.timeouts.ping_interval = Some(Duration::from_millis(ping_ms));
+        c.timeouts.pong_timeout = Duration::from_millis(pong_ms);
+    }
+}
+
+/// Writes `bytes` to `w` every `period` until a write fails.
+fn every<W>(period: Duration, mut w: W, bytes: Vec<u8>) -> tokio::task::JoinHandle<()>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if w.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Writes 64 MiB to `w`, far more than the socket buffers on the way hold: an error means the
+/// session ended before all of it was taken.
+fn flood<W>(mut w: W) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await })
+}
+
+/// Message `i` of a stream whose order a test checks: `size` bytes, its number in the first 8.
+fn numbered(i: usize, size: usize) -> Vec<u8> {
+    let mut m = vec![i as u8; size];
+    m[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    m
 }
 
 /// Buffer size the tests pin on the sockets they own (the kernel doubles it).
@@ -708,11 +692,7 @@ async fn what_the_client_sent_before_its_close_reaches_a_slow_backend_first() {
     // the very read whose data the backend cannot take at once: `relay::tests`.)
     const SIZE: usize = 64 * 1024;
     let Some(n) = beyond_socket_buffers(SIZE) else { return };
-    let message = |i: usize| {
-        let mut m = vec![i as u8; SIZE];
-        m[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        m
-    };
+    let message = |i: usize| numbered(i, SIZE);
     let endings = [
         (frame(0x88, &1000u16.to_be_bytes(), true), 1000),
         (frame(0x82, b"unmasked", false), 1002),
