@@ -160,7 +160,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAMES")]
     pub auth_source: Option<String>,
 
-    /// Runtime threads, each with its own socket per listener (default: one per CPU core).
+    /// Runtime threads, each with its own socket per listener (default: one per CPU core; one on
+    /// a machine of one or two cores, which the bridge shares with its backend).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 

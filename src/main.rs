@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let threads = cli
         .run
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(|| default_threads(std::thread::available_parallelism().map_or(1, |n| n.get())));
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -231,6 +231,21 @@ impl std::fmt::Display for ConfigProblem {
 /// wake-ups; more cores get more such threads (see [`run`]).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// Runtime threads when `--threads` is not given, for `cpus` CPUs this process may run on: one per
+/// CPU, except on one or two CPUs, where one. A bridge on so small a machine shares it with its
+/// backend (`wsbridge 6080 localhost:5900`), and on loopback the kernel delivers each segment on
+/// the sender's thread: two runtime threads, the backend and the clients then contend for two
+/// cores. On a 2-core machine one thread measured better than two on every row but TLS session
+/// churn, which is handshake arithmetic and gains ~10% from the second thread (BENCHMARKS.md,
+/// "Runtime threads"); `--threads 2` gives that back.
+fn default_threads(cpus: usize) -> usize {
+    if cpus <= 2 {
+        1
+    } else {
+        cpus
+    }
 }
 
 /// Serves `config` on `threads` runtime threads (see [`bind_threads`] and [`serve_threads`]).
@@ -453,6 +468,12 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use std::fmt::Write;
+
+    #[test]
+    fn one_runtime_thread_on_small_machines_one_per_cpu_on_larger() {
+        let threads: Vec<usize> = [1, 2, 3, 4, 64].into_iter().map(super::default_threads).collect();
+        assert_eq!(threads, [1, 1, 3, 4, 64]);
+    }
 
     #[test]
     fn log_text_from_the_network_cannot_break_the_line() {
