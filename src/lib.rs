@@ -19,8 +19,9 @@
 //! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |
 //! | [`frame`] | WebSocket frames: the client's parsed and unmasked in place, our headers |
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
+//! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
 //!
-//! `main.rs` parses arguments, sets up logging and signals, binds, and calls [`server::Bridge::serve`].
+//! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, binds, and calls [`server::Bridge::serve`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -30,6 +31,7 @@ pub mod config;
 pub mod demo;
 pub mod frame;
 pub mod handshake;
+pub mod logging;
 pub mod relay;
 pub mod routes;
 pub mod server;
