@@ -739,9 +739,12 @@ def summarise(rows: list[Row], bridges: list[Bridge], records: list[dict]) -> di
 
         def pick(refs, key):
             # The best reference: highest result where higher is better, lowest otherwise; for
-            # CPU per operation (echo, sessions) the lowest, for MB per CPU-s the highest.
+            # CPU per operation (echo, sessions) the lowest, for MB per CPU-s the highest; for
+            # latency the lowest.
             if key == "cpu":
                 return max(refs) if row.kind == "throughput" else min(refs)
+            if key == "p99_us":
+                return min(refs)
             return max(refs) if hib else min(refs)
 
         for name, s in res.items():
@@ -752,9 +755,10 @@ def summarise(rows: list[Row], bridges: list[Bridge], records: list[dict]) -> di
                 v = ratios(name, others)
                 if v is not None:
                     s[label] = v
-                c = ratios(name, others, "cpu")
-                if c is not None:
-                    s[label + "_cpu"] = c
+                for key, suffix in (("cpu", "_cpu"), ("p99_us", "_p99")):
+                    v = ratios(name, others, key)
+                    if v is not None:
+                        s[label + suffix] = v
     return summary
 
 
@@ -782,11 +786,13 @@ def spread(values: list[float]) -> str:
 
 
 def ratio_cell(s: dict, key: str) -> str:
-    """'1.31×', with the bridge CPU's ratio beside it where there is one: '1.31× (CPU 0.68×)'."""
+    """'1.31×', with the ratios of the bridge's CPU and of p99 beside it where there are such:
+    '1.31× (CPU 0.68×, p99 0.91×)'."""
     if key not in s:
         return ""
-    cpu = f" (CPU {s[key + '_cpu']:.2f}×)" if key + "_cpu" in s else ""
-    return f"{s[key]:.2f}×{cpu}"
+    extra = [f"{name} {s[key + suffix]:.2f}×" for name, suffix in (("CPU", "_cpu"), ("p99", "_p99"))
+             if key + suffix in s]
+    return f"{s[key]:.2f}×" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def table(rows: list[Row], bridges: list[Bridge], summary: dict) -> str:
@@ -904,8 +910,8 @@ def report_block(cfg, info: dict, vers: dict, rows, bridges, summary, started: s
         "(\"best peer\"; for wss:// rows the best TLS peer, websockify --cert) and by socat "
         "(\"TCP relay ceiling\", no WebSocket at all) measured in that round, then the median "
         "over rounds; in brackets the same for the bridge CPU column (against the peer with the "
-        "best CPU figure). Read them with the row's direction (higher or lower is better; for "
-        "CPU per operation lower is better). Bridge CPU: utime+stime of the bridge's process tree over "
+        "best CPU figure) and for p99 latency (against the lowest p99). Read them with the row's direction (higher or lower is better; for "
+        "CPU per operation and latency lower is better). Bridge CPU: utime+stime of the bridge's process tree over "
         "the measured window (bulk: MB moved per CPU-second; echo / sessions: CPU µs per "
         "operation). Memory rows: RSS above the bridge's fresh-start baseline divided by "
         "sessions held; for forking bridges (socat, websockify) the sum of PSS over the "
