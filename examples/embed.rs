@@ -1,5 +1,5 @@
 //! Embedding wsbridge in your own tokio program: build a `Config` in code, bind, serve, and stop
-//! on Ctrl-C. The binary does the same with more ceremony (signals, reload, one runtime per core).
+//! on Ctrl-C. The binary does the same with more ceremony (signals, reload, one runtime per core, or one on 1-2 CPUs).
 //!
 //! ```sh
 //! cargo run --example embed -- 127.0.0.1:6080 127.0.0.1:5900

@@ -160,8 +160,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAMES")]
     pub auth_source: Option<String>,
 
-    /// Runtime threads, each with its own socket per listener (default: one per CPU core; one on
-    /// a machine of one or two cores, which the bridge shares with its backend).
+    /// Runtime threads, each with its own socket per listener (default: one per CPU available to
+    /// the process; one when at most two are, since the bridge then shares them with its backend).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 

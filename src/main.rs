@@ -135,13 +135,16 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
-/// Runtime threads when `--threads` is not given, for `cpus` CPUs this process may run on: one per
-/// CPU, except on one or two CPUs, where one. A bridge on so small a machine shares it with its
+/// Runtime threads when `--threads` is not given, for `cpus` CPUs this process may run on (as
+/// `available_parallelism` counts them: cores, affinity mask and cgroup quota): one per CPU,
+/// except on one or two, where one. A bridge with so few CPUs usually shares them with its
 /// backend (`wsbridge 6080 localhost:5900`), and on loopback the kernel delivers each segment on
 /// the sender's thread: two runtime threads, the backend and the clients then contend for two
 /// cores. On a 2-core machine one thread measured better than two on every row but TLS session
-/// churn, which is handshake arithmetic and gains ~10% from the second thread (BENCHMARKS.md,
-/// "Runtime threads"); `--threads 2` gives that back.
+/// churn, which is handshake arithmetic and gains 3-11% from the second thread (BENCHMARKS.md,
+/// "Runtime threads"); `--threads 2` gives that back. Three or more CPUs keep one thread each:
+/// not measured here (the project's machine has two), and what scales where the bridge has the
+/// cores to itself.
 fn default_threads(cpus: usize) -> usize {
     if cpus <= 2 {
         1
