@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, run._on_signal)
     if not run.LOADGEN.exists():
         sys.exit(f"{run.LOADGEN} missing: run `python3 bench/run.py --smoke` first")
-    started = time.strftime("%Y-%m-%dT%H%M", time.gmtime())
+    started = time.strftime("%Y-%m-%dT%H%M%S", time.gmtime())
     results: dict[str, list[dict]] = {name: [] for name, _ in cfg.pairs}
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="wsbridge-ab-") as tmp:
@@ -193,10 +193,11 @@ def main(argv=None) -> int:
         run.stop(backend)
     run.RESULTS.mkdir(parents=True, exist_ok=True)
     raw = run.RESULTS / f"ab-{started}.json"
-    raw.write_text(json.dumps({"started_utc": started, "command": shlex.join(["python3", "bench/ab.py", *sys.argv[1:]]),
-                               "row": cfg.row, "seconds": cfg.seconds, "rounds": cfg.rounds,
-                               "variants": dict(cfg.pairs), "machine": run.machine_info(),
-                               "results": results, "failures": failures}, indent=1) + "\n")
+    with raw.open("x") as f:  # never over an earlier run's file
+        f.write(json.dumps({"started_utc": started, "command": shlex.join(["python3", "bench/ab.py", *sys.argv[1:]]),
+                                "row": cfg.row, "seconds": cfg.seconds, "rounds": cfg.rounds,
+                                "variants": dict(cfg.pairs), "machine": run.machine_info(),
+                                "results": results, "failures": failures}, indent=1) + "\n")
     print(f"\n{cfg.row}, medians over rounds of {cfg.seconds} s (raw: {raw.relative_to(run.ROOT)}):")
     print("| variant | rounds | " + " | ".join(KEYS) + " |")
     print("|---|---:|" + "---:|" * len(KEYS))
