@@ -26,7 +26,6 @@ import shlex
 import signal
 import statistics
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,21 +91,13 @@ def measure(cmd: str, row: str, seconds: float, backend_port: int, cert_dir: Pat
                 url = ["--url", f"wss://127.0.0.1:{port}/", "--ca", subs["cert"]]
             else:
                 url = ["--url", f"ws://127.0.0.1:{port}/"]
-            client = run.spawn([str(run.LOADGEN), *ROWS[row], *url, "--seconds", str(seconds),
-                                "--warmup", "0.5"], stdout=subprocess.PIPE)
-            lines = run.Lines(client.stdout)
-            deadline = time.monotonic() + seconds + 60
-            at, result = {}, None
-            try:
-                while (msg := lines.next_json(deadline)) is not None:
-                    if msg.get("event") in ("start", "end"):
-                        at[msg["event"]] = (user_sys_ticks(bridge.pid), involuntary_switches(bridge.pid))
-                    if msg.get("type") in ("result", "error"):
-                        result = msg
-            except TimeoutError:
-                raise RuntimeError("loadgen did not finish within its window + 60 s") from None
-            finally:
-                run.stop(client)
+            at = {}
+
+            def at_edge(ev: str) -> None:
+                at[ev] = (user_sys_ticks(bridge.pid), involuntary_switches(bridge.pid))
+
+            out = run.run_loadgen([*ROWS[row], *url, "--seconds", str(seconds), "--warmup", "0.5"],
+                                  [], seconds + 60.5, at_edge)
             if bridge.poll() is not None:
                 raise RuntimeError(f"the bridge exited (code {bridge.returncode}) during the run")
         except Exception as e:
@@ -115,11 +106,9 @@ def measure(cmd: str, row: str, seconds: float, backend_port: int, cert_dir: Pat
             raise RuntimeError(f"{e}" + (f"; bridge stderr: {tail}" if tail else "")) from None
         finally:
             run.stop(bridge)
-    if not result or result.get("type") == "error":
-        raise RuntimeError(f"loadgen: {result}")
-    if result.get("errors") or result.get("close_errors"):
-        raise RuntimeError(f"{result.get('errors', 0)} session errors, {result.get('close_errors', 0)} "
-                           f"close errors: {result.get('first_error')}")
+    if "error" in out:
+        raise RuntimeError(f"loadgen: {out['error']}")
+    result = out["result"]
     ops = result["round_trips" if ROWS[row][0] == "echo" else "sessions"]
     if not ops or "start" not in at or "end" not in at:
         raise RuntimeError(f"nothing measured: {ops} operations, window edges {sorted(at)}")

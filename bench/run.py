@@ -262,6 +262,39 @@ class Lines:
                 return json.loads(line)
 
 
+def run_loadgen(args: list[str], pin: list[str], timeout: float,
+                at_edge: Callable[[str], None]) -> dict:
+    """Runs a timed loadgen mode (`loadgen ARGS`, under `pin`) to its end, at most `timeout`
+    seconds, calling `at_edge("start")` and `at_edge("end")` at the edges of its measured window.
+    Returns {"result": loadgen's result}, with "error" beside it when sessions or close
+    handshakes failed, or {"error": why} when there is no result."""
+    p = spawn(pin + [str(LOADGEN)] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = Lines(p.stdout)
+    deadline = time.monotonic() + timeout
+    result = None
+    try:
+        while (msg := lines.next_json(deadline)) is not None:
+            if msg.get("event") in ("start", "end"):
+                at_edge(msg["event"])
+            if msg.get("type") in ("result", "error"):
+                result = msg
+    except TimeoutError:
+        return {"error": "loadgen did not finish in time"}
+    finally:
+        stop(p)
+        err = p.stderr.read().strip() if p.stderr else ""
+        if p.stderr:
+            p.stderr.close()
+    if result is None or result.get("type") == "error":
+        return {"error": (result or {}).get("error") or err or "no result from loadgen"}
+    out = {"result": result}
+    if result.get("errors") or result.get("close_errors"):
+        out["error"] = (f"{result.get('errors', 0)} session errors, "
+                        f"{result.get('close_errors', 0)} close errors: "
+                        f"{result.get('first_error')}")
+    return out
+
+
 # --------------------------------------------------------------------------
 # Bridges and rows
 # --------------------------------------------------------------------------
@@ -547,36 +580,15 @@ class Bench:
             args = ["echo", *target, "--sessions", str(a["sessions"]), "--msg-size", "64"]
         else:
             args = ["sessions", *target, "--concurrency", str(a["concurrency"]), "--msg-size", "64"]
-        p, lines = self.loadgen(args + timing, pin)
-        deadline = time.monotonic() + c.warmup + c.seconds + 60
         cpu = {}
-        result = None
-        try:
-            while True:
-                msg = lines.next_json(deadline)
-                if msg is None:
-                    break
-                ev = msg.get("event")
-                if ev in ("start", "end") and bridge_proc is not None:
-                    cpu[ev] = cpu_seconds(bridge_proc.pid, forks)
-                if msg.get("type") in ("result", "error"):
-                    result = msg
-        except TimeoutError:
-            return {"error": "loadgen did not finish in time"}
-        finally:
-            stop(p)
-            err = p.stderr.read().strip() if p.stderr else ""
-            if p.stderr:
-                p.stderr.close()
-        if result is None or result.get("type") == "error":
-            return {"error": (result or {}).get("error") or err or "no result from loadgen"}
-        out = {"result": result}
-        if "start" in cpu and "end" in cpu:
+
+        def at_edge(ev: str) -> None:
+            if bridge_proc is not None:
+                cpu[ev] = cpu_seconds(bridge_proc.pid, forks)
+
+        out = run_loadgen(args + timing, pin, c.warmup + c.seconds + 60, at_edge)
+        if "result" in out and "start" in cpu and "end" in cpu:
             out["bridge_cpu_s"] = cpu["end"] - cpu["start"]
-        if result.get("errors") or result.get("close_errors"):
-            out["error"] = (f"{result.get('errors', 0)} session errors, "
-                            f"{result.get('close_errors', 0)} close errors: "
-                            f"{result.get('first_error')}")
         return out
 
     def hold(self, bridge: Bridge, bridge_proc, target, row: Row) -> dict:
