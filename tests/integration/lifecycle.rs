@@ -205,12 +205,8 @@ async fn unsolicited_pongs_do_not_keep_a_client_that_stops_reading() {
     // not take, they cannot answer it.
     let (_bridge, client, b) = raw_session(keepalive(100, 200)).await;
     let (_never_read, up) = client.into_split();
-    let (mut r, w) = b.into_split();
-    let flood = flood(w);
     let pongs = every(Duration::from_millis(50), up, frame(0x8a, b"", true));
-    let mut rest = Vec::new();
-    within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
-    assert!(within("flood to stop", flood).await.unwrap().is_err());
+    flood_until_the_session_ends(b).await;
     pongs.abort();
 }
 
@@ -256,14 +252,7 @@ async fn a_slow_reader_of_a_long_download_is_not_ended_by_keepalive() {
 async fn client_that_stops_reading_is_detected_by_ping() {
     // The ping cannot even be sent (the client's window is full): the pong deadline still runs.
     let (_bridge, _never_reads, b) = raw_session(keepalive(100, 200)).await;
-    let (mut r, w) = b.into_split();
-    let flood = flood(w);
-    let mut rest = Vec::new();
-    within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
-    assert!(
-        within("flood to stop", flood).await.unwrap().is_err(),
-        "the session ended before the flood was sent"
-    );
+    flood_until_the_session_ends(b).await;
 }
 
 #[tokio::test]
@@ -274,13 +263,9 @@ async fn client_that_sends_but_stops_reading_is_detected_by_ping() {
     // It takes our first ping (so that ping is out, not waiting), then never reads again.
     assert_eq!(raw_read_frame(&mut client).await, (0x9, Vec::new()), "a ping first");
     let (_keep, up) = client.into_split();
-    let (mut r, w) = b.into_split();
-    let flood = flood(w);
     // A small message every 50 ms, far more often than the pong timeout (the scenario).
     let uploads = every(Duration::from_millis(50), up, frame(0x82, b"still typing", true));
-    let mut got = Vec::new();
-    within("backend EOF", r.read_to_end(&mut got)).await.unwrap();
-    assert!(within("flood to stop", flood).await.unwrap().is_err());
+    flood_until_the_session_ends(b).await;
     uploads.abort();
 }
 
@@ -625,13 +610,18 @@ where
     })
 }
 
-/// Writes 64 MiB to `w`, far more than the socket buffers on the way hold: an error means the
-/// session ended before all of it was taken.
-fn flood<W>(mut w: W) -> tokio::task::JoinHandle<std::io::Result<()>>
-where
-    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await })
+/// The backend (`b`, its stream) floods a client that does not read with 64 MiB, far more than
+/// the socket buffers on the way hold: the session must end (the backend sees EOF) before the
+/// client has taken all of it.
+async fn flood_until_the_session_ends(b: tokio::net::TcpStream) {
+    let (mut r, mut w) = b.into_split();
+    let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
+    let mut rest = Vec::new();
+    within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
+    assert!(
+        within("flood to stop", flood).await.unwrap().is_err(),
+        "the client was sent all of the flood: the session outlived it"
+    );
 }
 
 /// Message `i` of a stream whose order a test checks: `size` bytes, its number in the first 8.
