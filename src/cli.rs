@@ -10,11 +10,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 use crate::config::{
     at_most_a_year, check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat,
     Matcher, RouteConfig, Target, TokenLookup, TokenSourceConfig,
 };
-use crate::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 
 /// A fast, hardened WebSocket-to-TCP bridge, websockify-compatible.
 ///

@@ -7,6 +7,9 @@
 //! parser reports them with the file's line and a caret under the field; checks that need more than
 //! one value (duplicate routes, a token file that cannot be read) carry the line through
 //! [`toml::Spanned`].
+//!
+//! The TLS settings a listener or route states are configuration too: they live in [`tls`], and
+//! [`crate::tls`] builds rustls configs from them (imports point one way, `tls` → `config`).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -19,7 +22,9 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
+pub mod tls;
+
+use self::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
 
 /// The whole, validated configuration of one wsbridge process.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -27,77 +27,13 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_util::sync::CancellationToken;
 
+// The settings are configuration and live there; re-exported so `wsbridge::tls::TlsSettings` and
+// friends keep working for embedders and tests.
+pub use crate::config::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
+
 /// The crypto provider: one, chosen here.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Lowest TLS version accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-pub enum MinVersion {
-    /// TLS 1.2 and 1.3 (the default).
-    #[default]
-    #[serde(rename = "1.2")]
-    Tls12,
-    /// TLS 1.3 only.
-    #[serde(rename = "1.3")]
-    Tls13,
-}
-
-/// Whether clients must present a certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientAuth {
-    /// A client without a valid certificate is refused during the TLS handshake.
-    #[default]
-    Required,
-    /// A certificate is checked if presented; routes may still require one.
-    Optional,
-}
-
-/// One certificate and its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertFiles {
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key; `None`: the key is in the certificate file.
-    pub key: Option<PathBuf>,
-}
-
-/// A listener's TLS settings, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsSettings {
-    /// The default certificate.
-    pub default: CertFiles,
-    /// Certificates chosen by SNI name (exact, or `*.example.com`).
-    pub sni: Vec<(Vec<String>, CertFiles)>,
-    /// Refuse plain connections on this port.
-    pub only: bool,
-    /// Lowest version.
-    pub min_version: MinVersion,
-    /// CA bundle for client certificates (mTLS); `None`: no client certificates asked for.
-    pub client_ca: Option<PathBuf>,
-    /// Required or optional client certificates, with `client_ca`.
-    pub client_auth: ClientAuth,
-    /// How often the files are checked for changes; `None`: only on SIGHUP.
-    pub watch: Option<Duration>,
-}
-
-impl TlsSettings {
-    /// One certificate, the defaults for the rest: plain and TLS both accepted, TLS 1.2 and up,
-    /// no client certificates, files checked for changes every
-    /// [`DEFAULT_TLS_WATCH`](crate::config::DEFAULT_TLS_WATCH).
-    pub fn new(default: CertFiles) -> TlsSettings {
-        TlsSettings {
-            default,
-            sni: Vec::new(),
-            only: false,
-            min_version: MinVersion::Tls12,
-            client_ca: None,
-            client_auth: ClientAuth::Required,
-            watch: Some(crate::config::DEFAULT_TLS_WATCH),
-        }
-    }
 }
 
 /// A TLS file that could not be used; the message names the file and the problem.
@@ -365,17 +301,6 @@ pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
     Some(cn)
-}
-
-/// TLS towards a backend, as a route asks for it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct BackendTlsSettings {
-    /// The name to verify (and send as SNI); default: the target's host.
-    pub server_name: Option<String>,
-    /// CA bundle to verify against; default: the system's roots.
-    pub ca: Option<PathBuf>,
-    /// Accept any certificate. Only when a route says so in so many words.
-    pub insecure_skip_verify: bool,
 }
 
 /// A ready connector for a route's backend TLS.
