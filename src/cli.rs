@@ -6,14 +6,14 @@
 //! here are accepted by the parser only to be refused with a message saying what to do instead:
 //! an option that is silently ignored is a bug report waiting to happen.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 use crate::config::{
-    at_most_a_year, check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat,
-    Matcher, RouteConfig, Target, TokenLookup, TokenSourceConfig,
+    at_most_a_year, check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, Limits, ListenAddr, ListenerConfig,
+    LogFormat, Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenLookup, TokenSourceConfig,
 };
 
 /// A fast, hardened WebSocket-to-TCP bridge, websockify-compatible.
@@ -332,123 +332,146 @@ impl RunArgs {
     /// # Errors
     /// A message for the user (usage errors are exit code 64).
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let usage = |message: String| ConfigError::Invalid {
-            file: "command line".into(),
-            line: None,
-            field: "arguments".into(),
-            message,
-        };
         self.refused.check().map_err(usage)?;
         if let Some(path) = &self.config {
-            // Every field named, none left to `..`: a new option does not compile until it is
-            // put on one side or the other.
-            let RunArgs {
-                source,
-                target,
-                config: _,
-                web,
-                web_listing,
-                file_only,
-                token_plugin,
-                token_source,
-                target_config,
-                host_token,
-                unix_target,
-                heartbeat,
-                idle_timeout,
-                connect_timeout,
-                handshake_timeout,
-                framing,
-                max_message_size,
-                max_connections,
-                cert,
-                key,
-                ssl_only,
-                ssl_version,
-                verify_client,
-                cafile,
-                ssl_target,
-                ssl_target_ca,
-                ssl_target_name,
-                ssl_target_no_verify,
-                auth_plugin,
-                auth_source,
-                threads: _,
-                verbose: _,
-                log_format: _,
-                refused: _,
-            } = &self;
-            let listener_or_route_options = [
-                source.is_some(),
-                target.is_some(),
-                web.is_some(),
-                *web_listing,
-                *file_only,
-                token_plugin.is_some(),
-                token_source.is_some(),
-                target_config.is_some(),
-                *host_token,
-                unix_target.is_some(),
-                heartbeat.is_some(),
-                idle_timeout.is_some(),
-                connect_timeout.is_some(),
-                handshake_timeout.is_some(),
-                framing.is_some(),
-                max_message_size.is_some(),
-                max_connections.is_some(),
-                cert.is_some(),
-                key.is_some(),
-                *ssl_only,
-                ssl_version.is_some(),
-                *verify_client,
-                cafile.is_some(),
-                *ssl_target,
-                ssl_target_ca.is_some(),
-                ssl_target_name.is_some(),
-                *ssl_target_no_verify,
-                auth_plugin.is_some(),
-                auth_source.is_some(),
-            ]
-            .contains(&true);
-            if listener_or_route_options {
-                return Err(usage(
-                    "--config takes everything from the file; only -v, --log-format and --threads go beside it (put the rest in the file)"
-                        .into(),
-                ));
-            }
-            let mut config = Config::from_file(path)?;
-            if let Some(f) = self.log_format {
-                config.log_format = log_format(f);
-            }
-            return Ok(config);
+            return self.config_file(path);
         }
-
         let mut config = Config::new("command line");
+        config.listeners.push(self.listener()?);
+        self.apply_limits(&mut config.limits)?;
+        self.apply_timeouts(&mut config.timeouts)?;
+        if let Some(f) = self.log_format {
+            config.log_format = log_format(f);
+        }
+        let mut options = config.default_route_options();
+        self.apply_route_options(&mut options, &config.listeners[0])?;
+        self.add_target(&mut config, options)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// `--config FILE`: everything comes from the file; beside it only the options that are not
+    /// in a file (-v, --log-format, --threads) are accepted.
+    fn config_file(&self, path: &Path) -> Result<Config, ConfigError> {
+        // Every field named, none left to `..`: a new option does not compile until it is
+        // put on one side or the other.
+        let RunArgs {
+            source,
+            target,
+            config: _,
+            web,
+            web_listing,
+            file_only,
+            token_plugin,
+            token_source,
+            target_config,
+            host_token,
+            unix_target,
+            heartbeat,
+            idle_timeout,
+            connect_timeout,
+            handshake_timeout,
+            framing,
+            max_message_size,
+            max_connections,
+            cert,
+            key,
+            ssl_only,
+            ssl_version,
+            verify_client,
+            cafile,
+            ssl_target,
+            ssl_target_ca,
+            ssl_target_name,
+            ssl_target_no_verify,
+            auth_plugin,
+            auth_source,
+            threads: _,
+            verbose: _,
+            log_format: _,
+            refused: _,
+        } = self;
+        let listener_or_route_options = [
+            source.is_some(),
+            target.is_some(),
+            web.is_some(),
+            *web_listing,
+            *file_only,
+            token_plugin.is_some(),
+            token_source.is_some(),
+            target_config.is_some(),
+            *host_token,
+            unix_target.is_some(),
+            heartbeat.is_some(),
+            idle_timeout.is_some(),
+            connect_timeout.is_some(),
+            handshake_timeout.is_some(),
+            framing.is_some(),
+            max_message_size.is_some(),
+            max_connections.is_some(),
+            cert.is_some(),
+            key.is_some(),
+            *ssl_only,
+            ssl_version.is_some(),
+            *verify_client,
+            cafile.is_some(),
+            *ssl_target,
+            ssl_target_ca.is_some(),
+            ssl_target_name.is_some(),
+            *ssl_target_no_verify,
+            auth_plugin.is_some(),
+            auth_source.is_some(),
+        ]
+        .contains(&true);
+        if listener_or_route_options {
+            return Err(usage(
+                "--config takes everything from the file; only -v, --log-format and --threads go beside it (put the rest in the file)"
+                    .into(),
+            ));
+        }
+        let mut config = Config::from_file(path)?;
+        if let Some(f) = self.log_format {
+            config.log_format = log_format(f);
+        }
+        Ok(config)
+    }
+
+    /// The one listener: SOURCE, its TLS and its static files.
+    fn listener(&self) -> Result<ListenerConfig, ConfigError> {
         let source = self.source.clone().ok_or_else(|| {
             usage("missing SOURCE: give [source_addr:]source_port, or --config FILE (try `wsbridge demo` for a quick look)".into())
         })?;
         let addr = source.parse::<ListenAddr>().map_err(usage)?.0;
-        config.listeners.push(ListenerConfig {
-            addr,
-            web: self.web.clone(),
-            web_listing: self.web_listing,
-            tls: None,
-        });
-        config.listeners[0].tls = self.tls_settings().map_err(usage)?;
+        let tls = self.tls_settings().map_err(usage)?;
         if let Some(web) = &self.web {
             if !web.is_dir() {
                 return Err(usage(format!("--web {}: not a directory", web.display())));
             }
         }
+        Ok(ListenerConfig {
+            addr,
+            web: self.web.clone(),
+            web_listing: self.web_listing,
+            tls,
+        })
+    }
 
+    /// --max-connections and --max-message-size.
+    fn apply_limits(&self, limits: &mut Limits) -> Result<(), ConfigError> {
         if let Some(n) = self.max_connections {
-            config.limits.max_connections = n;
+            limits.max_connections = n;
         }
         if let Some(s) = &self.max_message_size {
-            config.limits.max_message_size = parse_size(s)
+            limits.max_message_size = parse_size(s)
                 .and_then(check_message_size)
                 .map_err(|e| usage(format!("--max-message-size: {e}")))?;
         }
+        Ok(())
+    }
+
+    /// --heartbeat, --idle-timeout (websockify's seconds) and --connect-timeout,
+    /// --handshake-timeout (durations as the TOML file writes them).
+    fn apply_timeouts(&self, timeouts: &mut Timeouts) -> Result<(), ConfigError> {
         let secs = |name: &str, v: f64| {
             let d = std::time::Duration::try_from_secs_f64(v)
                 .ok()
@@ -458,22 +481,23 @@ impl RunArgs {
         };
         if let Some(h) = self.heartbeat {
             let d = secs("--heartbeat", h)?;
-            config.timeouts.ping_interval = Some(d);
-            config.timeouts.pong_timeout = d;
+            timeouts.ping_interval = Some(d);
+            timeouts.pong_timeout = d;
         }
         if let Some(i) = self.idle_timeout {
-            config.timeouts.idle = Some(secs("--idle-timeout", i)?);
+            timeouts.idle = Some(secs("--idle-timeout", i)?);
         }
         if let Some(c) = &self.connect_timeout {
-            config.timeouts.connect = parse_duration(c).map_err(|e| usage(format!("--connect-timeout: {e}")))?;
+            timeouts.connect = parse_duration(c).map_err(|e| usage(format!("--connect-timeout: {e}")))?;
         }
         if let Some(h) = &self.handshake_timeout {
-            config.timeouts.handshake = parse_duration(h).map_err(|e| usage(format!("--handshake-timeout: {e}")))?;
+            timeouts.handshake = parse_duration(h).map_err(|e| usage(format!("--handshake-timeout: {e}")))?;
         }
-        if let Some(f) = self.log_format {
-            config.log_format = log_format(f);
-        }
-        let mut options = config.default_route_options();
+        Ok(())
+    }
+
+    /// The route's framing, backend TLS and client-certificate allow-list.
+    fn apply_route_options(&self, options: &mut RouteOptions, listener: &ListenerConfig) -> Result<(), ConfigError> {
         if let Some(f) = self.framing {
             options.framing = match f {
                 FramingArg::Binary => Framing::Binary,
@@ -481,12 +505,17 @@ impl RunArgs {
                 FramingArg::Lines => Framing::Lines,
             };
         }
-
         options.backend_tls = self.backend_tls_settings().map_err(usage)?;
-        options.client_cn = match (self.auth_plugin.as_deref(), &self.auth_source) {
+        options.client_cn = self.client_cn(listener)?;
+        Ok(())
+    }
+
+    /// websockify's ClientCertCNAuth: the common names allowed, when asked for.
+    fn client_cn(&self, listener: &ListenerConfig) -> Result<Option<Vec<String>>, ConfigError> {
+        Ok(match (self.auth_plugin.as_deref(), &self.auth_source) {
             (None, None) => None,
             (Some("ClientCertCNAuth"), Some(names)) => {
-                if config.listeners[0].tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none() {
+                if listener.tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none() {
                     return Err(usage(
                         "--auth-plugin ClientCertCNAuth needs client certificates: add --cert, --verify-client and --cafile".into(),
                     ));
@@ -500,10 +529,14 @@ impl RunArgs {
                     "--auth-plugin {other} is not supported: ClientCertCNAuth is; for passwords put an authenticating proxy in front"
                 )))
             }
-        };
-        let token_source = match (self.token_plugin.as_deref(), self.token_source, self.target_config) {
+        })
+    }
+
+    /// The token file or directory from --token-plugin/--token-source or --target-config.
+    fn token_source(&self) -> Result<Option<PathBuf>, ConfigError> {
+        Ok(match (self.token_plugin.as_deref(), &self.token_source, &self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
-            (None | Some("TokenFile" | "ReadOnlyTokenFile"), Some(s), None) | (None, None, Some(s)) => Some(s),
+            (None | Some("TokenFile" | "ReadOnlyTokenFile"), Some(s), None) | (None, None, Some(s)) => Some(s.clone()),
             (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
             (Some(other), _, _) => {
                 return Err(usage(format!(
@@ -511,7 +544,12 @@ impl RunArgs {
                 )))
             }
             (None, None, None) => None,
-        };
+        })
+    }
+
+    /// Where sessions go: exactly one of TARGET, --unix-target and a token source, with `options`.
+    fn add_target(self, config: &mut Config, options: RouteOptions) -> Result<(), ConfigError> {
+        let token_source = self.token_source()?;
         let targets = [self.target.is_some(), self.unix_target.is_some(), token_source.is_some()]
             .iter()
             .filter(|b| **b)
@@ -545,8 +583,7 @@ impl RunArgs {
                 options,
             });
         }
-        config.check()?;
-        Ok(config)
+        Ok(())
     }
 }
 
@@ -601,6 +638,16 @@ impl RunArgs {
             ca: self.ssl_target_ca.clone(),
             insecure_skip_verify: self.ssl_target_no_verify,
         }))
+    }
+}
+
+/// A usage error: the command line is wrong (exit code 64).
+fn usage(message: String) -> ConfigError {
+    ConfigError::Invalid {
+        file: "command line".into(),
+        line: None,
+        field: "arguments".into(),
+        message,
     }
 }
 
