@@ -568,138 +568,13 @@ struct RawLog {
 impl RawConfig {
     fn validate(self, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         let mut config = Config::new(ctx.file);
-        let d = Timeouts::default();
-        let t = self.timeouts;
-        config.timeouts = Timeouts {
-            handshake: t.handshake.map_or(d.handshake, |v| v.0),
-            connect: t.connect.map_or(d.connect, |v| v.0),
-            idle: t.idle.map_or(d.idle, |v| v.0),
-            max_lifetime: t.max_lifetime.map_or(d.max_lifetime, |v| v.0),
-            ping_interval: t.ping_interval.map_or(d.ping_interval, |v| v.0),
-            pong_timeout: t.pong_timeout.map_or(d.pong_timeout, |v| v.0),
-            close: t.close.map_or(d.close, |v| v.0),
-            shutdown_grace: t.shutdown_grace.map_or(d.shutdown_grace, |v| v.0),
-            http_write: t.http_write.map_or(d.http_write, |v| v.0),
-        };
-        if let Some(n) = self.limits.max_connections {
-            config.limits.max_connections = n;
-        }
-        if let Some(s) = self.limits.max_message_size {
-            config.limits.max_message_size = s.0;
-        }
+        config.timeouts = self.timeouts.resolve();
+        self.limits.apply(&mut config.limits);
         config.log_format = self.log.format;
-
-        let mut seen_addrs = HashSet::new();
-        for (i, l) in self.listen.into_iter().enumerate() {
-            let span = l.span();
-            let l = l.into_inner();
-            if !seen_addrs.insert(l.addr.0) {
-                return ctx.invalid(span, format!("listen[{i}].addr"), format!("{} is listed twice", l.addr.0));
-            }
-            let web = l.web.map(|w| ctx.resolve(&w));
-            if let Some(w) = &web {
-                if !w.is_dir() {
-                    return ctx.invalid(span, format!("listen[{i}].web"), format!("{} is not a directory", w.display()));
-                }
-            }
-            let tls = l.tls.map(|t| t.resolve(ctx));
-            config.listeners.push(ListenerConfig {
-                addr: l.addr.0,
-                web,
-                web_listing: l.web_listing,
-                tls,
-            });
-        }
-
+        config.listeners = listeners(self.listen, ctx)?;
         let defaults = config.default_route_options();
-        let mut paths = HashSet::new();
-        let mut tokens = HashSet::new();
-        for (i, r) in self.route.into_iter().enumerate() {
-            let span = r.span();
-            let r = r.into_inner();
-            let matcher = match (r.path, r.token) {
-                (Some(p), None) => {
-                    let (pspan, p) = (p.span(), p.into_inner());
-                    let m = if p == "*" {
-                        Matcher::AnyPath
-                    } else if p.starts_with('/') && !p.contains('?') {
-                        Matcher::Path(p)
-                    } else {
-                        return ctx.invalid(
-                            pspan,
-                            format!("route[{i}].path"),
-                            format!("{p:?} must start with '/' and have no query (or be \"*\" for any path)"),
-                        );
-                    };
-                    if !paths.insert(m.clone()) {
-                        return ctx.invalid(pspan, format!("route[{i}].path"), format!("{m} has another route already"));
-                    }
-                    m
-                }
-                (None, Some(t)) => {
-                    let (tspan, t) = (t.span(), t.into_inner());
-                    if t.is_empty() {
-                        return ctx.invalid(tspan, format!("route[{i}].token"), "must not be empty");
-                    }
-                    if !tokens.insert(t.clone()) {
-                        return ctx.invalid(tspan, format!("route[{i}].token"), "this token has another route already");
-                    }
-                    Matcher::Token(t)
-                }
-                _ => return ctx.invalid(span, format!("route[{i}]"), "needs exactly one of `path` or `token`"),
-            };
-            let options = RawRouteOptions {
-                framing: r.framing,
-                subprotocols: r.subprotocols,
-                max_message_size: r.max_message_size,
-                max_sessions: r.max_sessions,
-                client_cn: r.client_cn,
-                backend_tls: r.backend_tls.map(|b| b.resolve(ctx)),
-            }
-            .apply(&defaults);
-            if options.backend_tls.is_some() && matches!(r.target, Target::Unix(_)) {
-                return ctx.invalid(span, format!("route[{i}].backend_tls"), "TLS is for TCP targets, not unix sockets");
-            }
-            config.routes.push(RouteConfig {
-                matcher,
-                target: r.target,
-                options,
-            });
-        }
-
-        for (i, t) in self.tokens.into_iter().enumerate() {
-            let span = t.span();
-            let t = t.into_inner();
-            let path = ctx.resolve(&t.source);
-            if let Err(e) = std::fs::metadata(&path) {
-                return ctx.invalid(span, format!("tokens[{i}].source"), format!("{}: {e}", path.display()));
-            }
-            if config.token_sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
-                return ctx.invalid(
-                    span,
-                    format!("tokens[{i}].source"),
-                    format!(
-                        "{} is already a token source with lookup = \"{}\"",
-                        path.display(),
-                        format!("{:?}", t.lookup).to_lowercase()
-                    ),
-                );
-            }
-            config.token_sources.push(TokenSourceConfig {
-                path,
-                lookup: t.lookup,
-                options: RawRouteOptions {
-                    framing: t.framing,
-                    subprotocols: t.subprotocols,
-                    max_message_size: t.max_message_size,
-                    max_sessions: t.max_sessions,
-                    client_cn: t.client_cn,
-                    backend_tls: t.backend_tls.map(|b| b.resolve(ctx)),
-                }
-                .apply(&defaults),
-            });
-        }
-
+        config.routes = routes(self.route, &defaults, ctx)?;
+        config.token_sources = token_sources(self.tokens, &defaults, ctx)?;
         if config.listeners.is_empty() {
             return Err(ConfigError::Invalid {
                 file: ctx.file.to_owned(),
@@ -711,6 +586,168 @@ impl RawConfig {
         config.check()?;
         Ok(config)
     }
+}
+
+impl RawTimeouts {
+    /// The `[timeouts]` table over the defaults.
+    fn resolve(self) -> Timeouts {
+        let d = Timeouts::default();
+        let t = self;
+        Timeouts {
+            handshake: t.handshake.map_or(d.handshake, |v| v.0),
+            connect: t.connect.map_or(d.connect, |v| v.0),
+            idle: t.idle.map_or(d.idle, |v| v.0),
+            max_lifetime: t.max_lifetime.map_or(d.max_lifetime, |v| v.0),
+            ping_interval: t.ping_interval.map_or(d.ping_interval, |v| v.0),
+            pong_timeout: t.pong_timeout.map_or(d.pong_timeout, |v| v.0),
+            close: t.close.map_or(d.close, |v| v.0),
+            shutdown_grace: t.shutdown_grace.map_or(d.shutdown_grace, |v| v.0),
+            http_write: t.http_write.map_or(d.http_write, |v| v.0),
+        }
+    }
+}
+
+impl RawLimits {
+    /// The `[limits]` table over the defaults in `limits`.
+    fn apply(self, limits: &mut Limits) {
+        if let Some(n) = self.max_connections {
+            limits.max_connections = n;
+        }
+        if let Some(s) = self.max_message_size {
+            limits.max_message_size = s.0;
+        }
+    }
+}
+
+/// The `[[listen]]` tables: each address once, `web` a directory, TLS paths resolved.
+fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<ListenerConfig>, ConfigError> {
+    let mut listeners = Vec::new();
+    let mut seen_addrs = HashSet::new();
+    for (i, l) in listen.into_iter().enumerate() {
+        let span = l.span();
+        let l = l.into_inner();
+        if !seen_addrs.insert(l.addr.0) {
+            return ctx.invalid(span, format!("listen[{i}].addr"), format!("{} is listed twice", l.addr.0));
+        }
+        let web = l.web.map(|w| ctx.resolve(&w));
+        if let Some(w) = &web {
+            if !w.is_dir() {
+                return ctx.invalid(span, format!("listen[{i}].web"), format!("{} is not a directory", w.display()));
+            }
+        }
+        let tls = l.tls.map(|t| t.resolve(ctx));
+        listeners.push(ListenerConfig {
+            addr: l.addr.0,
+            web,
+            web_listing: l.web_listing,
+            tls,
+        });
+    }
+    Ok(listeners)
+}
+
+/// The `[[route]]` tables: one matcher each, no path or token twice, TLS only to TCP targets.
+fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut routes = Vec::new();
+    let mut paths = HashSet::new();
+    let mut tokens = HashSet::new();
+    for (i, r) in route.into_iter().enumerate() {
+        let span = r.span();
+        let r = r.into_inner();
+        let matcher = match (r.path, r.token) {
+            (Some(p), None) => path_matcher(i, p, &mut paths, ctx)?,
+            (None, Some(t)) => token_matcher(i, t, &mut tokens, ctx)?,
+            _ => return ctx.invalid(span, format!("route[{i}]"), "needs exactly one of `path` or `token`"),
+        };
+        let options = RawRouteOptions {
+            framing: r.framing,
+            subprotocols: r.subprotocols,
+            max_message_size: r.max_message_size,
+            max_sessions: r.max_sessions,
+            client_cn: r.client_cn,
+            backend_tls: r.backend_tls.map(|b| b.resolve(ctx)),
+        }
+        .apply(defaults);
+        if options.backend_tls.is_some() && matches!(r.target, Target::Unix(_)) {
+            return ctx.invalid(span, format!("route[{i}].backend_tls"), "TLS is for TCP targets, not unix sockets");
+        }
+        routes.push(RouteConfig {
+            matcher,
+            target: r.target,
+            options,
+        });
+    }
+    Ok(routes)
+}
+
+/// `route[i].path`: `"*"` (any path) or an absolute path without a query, not taken already.
+fn path_matcher(i: usize, p: Spanned<String>, paths: &mut HashSet<Matcher>, ctx: &Ctx<'_>) -> Result<Matcher, ConfigError> {
+    let (pspan, p) = (p.span(), p.into_inner());
+    let m = if p == "*" {
+        Matcher::AnyPath
+    } else if p.starts_with('/') && !p.contains('?') {
+        Matcher::Path(p)
+    } else {
+        return ctx.invalid(
+            pspan,
+            format!("route[{i}].path"),
+            format!("{p:?} must start with '/' and have no query (or be \"*\" for any path)"),
+        );
+    };
+    if !paths.insert(m.clone()) {
+        return ctx.invalid(pspan, format!("route[{i}].path"), format!("{m} has another route already"));
+    }
+    Ok(m)
+}
+
+/// `route[i].token`: not empty, not taken already.
+fn token_matcher(i: usize, t: Spanned<String>, tokens: &mut HashSet<String>, ctx: &Ctx<'_>) -> Result<Matcher, ConfigError> {
+    let (tspan, t) = (t.span(), t.into_inner());
+    if t.is_empty() {
+        return ctx.invalid(tspan, format!("route[{i}].token"), "must not be empty");
+    }
+    if !tokens.insert(t.clone()) {
+        return ctx.invalid(tspan, format!("route[{i}].token"), "this token has another route already");
+    }
+    Ok(Matcher::Token(t))
+}
+
+/// The `[[tokens]]` tables: each source readable, and not listed twice with the same lookup.
+fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ctx<'_>) -> Result<Vec<TokenSourceConfig>, ConfigError> {
+    let mut sources: Vec<TokenSourceConfig> = Vec::new();
+    for (i, t) in raw.into_iter().enumerate() {
+        let span = t.span();
+        let t = t.into_inner();
+        let path = ctx.resolve(&t.source);
+        if let Err(e) = std::fs::metadata(&path) {
+            return ctx.invalid(span, format!("tokens[{i}].source"), format!("{}: {e}", path.display()));
+        }
+        if sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
+            return ctx.invalid(
+                span,
+                format!("tokens[{i}].source"),
+                format!(
+                    "{} is already a token source with lookup = \"{}\"",
+                    path.display(),
+                    format!("{:?}", t.lookup).to_lowercase()
+                ),
+            );
+        }
+        sources.push(TokenSourceConfig {
+            path,
+            lookup: t.lookup,
+            options: RawRouteOptions {
+                framing: t.framing,
+                subprotocols: t.subprotocols,
+                max_message_size: t.max_message_size,
+                max_sessions: t.max_sessions,
+                client_cn: t.client_cn,
+                backend_tls: t.backend_tls.map(|b| b.resolve(ctx)),
+            }
+            .apply(defaults),
+        });
+    }
+    Ok(sources)
 }
 
 impl RawTls {
