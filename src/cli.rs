@@ -7,6 +7,7 @@
 //! an option that is silently ignored is a bug report waiting to happen.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -101,16 +102,18 @@ pub struct RunArgs {
     pub unix_target: Option<PathBuf>,
 
     /// Send a ping every N seconds; a client that does not answer within N seconds is gone.
+    /// 0: no pings (websockify's meaning of 0).
     #[arg(long, value_name = "SECONDS")]
     pub heartbeat: Option<f64>,
     /// Close a session after N seconds with no data either way (pings do not count).
-    /// (websockify's option of this name exits the whole server; wsbridge never exits on its own.)
+    /// 0: no idle deadline, as in websockify (whose option of this name exits the whole server;
+    /// wsbridge never exits on its own).
     #[arg(long, value_name = "SECONDS")]
     pub idle_timeout: Option<f64>,
-    /// Deadline for the backend connect, e.g. 5s, 500ms.
+    /// Deadline for the backend connect, e.g. 5s, 500ms (more than zero).
     #[arg(long, value_name = "DURATION")]
     pub connect_timeout: Option<String>,
-    /// Deadline from accept to a finished WebSocket upgrade, e.g. 10s.
+    /// Deadline from accept to a finished WebSocket upgrade, e.g. 10s (more than zero).
     #[arg(long, value_name = "DURATION")]
     pub handshake_timeout: Option<String>,
     /// How backend bytes reach the client: binary (default), text or lines.
@@ -119,7 +122,7 @@ pub struct RunArgs {
     /// Largest client message accepted (close 1009 above it), e.g. 1MiB.
     #[arg(long, value_name = "SIZE")]
     pub max_message_size: Option<String>,
-    /// Most concurrent connections; more get HTTP 503.
+    /// Most concurrent connections (at least 1); more get HTTP 503.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
@@ -333,6 +336,9 @@ impl RunArgs {
     /// A message for the user (usage errors are exit code 64).
     pub fn into_config(self) -> Result<Config, ConfigError> {
         self.refused.check().map_err(usage)?;
+        if self.threads == Some(0) {
+            return Err(usage("--threads: must be at least 1".into()));
+        }
         if let Some(path) = &self.config {
             return self.config_file(path);
         }
@@ -459,6 +465,11 @@ impl RunArgs {
     /// --max-connections and --max-message-size.
     fn apply_limits(&self, limits: &mut Limits) -> Result<(), ConfigError> {
         if let Some(n) = self.max_connections {
+            if n == 0 {
+                return Err(usage(
+                    "--max-connections: must be at least 1 (0 would refuse every connection)".into(),
+                ));
+            }
             limits.max_connections = n;
         }
         if let Some(s) = &self.max_message_size {
@@ -472,26 +483,23 @@ impl RunArgs {
     /// --heartbeat, --idle-timeout (websockify's seconds) and --connect-timeout,
     /// --handshake-timeout (durations as the TOML file writes them).
     fn apply_timeouts(&self, timeouts: &mut Timeouts) -> Result<(), ConfigError> {
-        let secs = |name: &str, v: f64| {
-            let d = std::time::Duration::try_from_secs_f64(v)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| usage(format!("{name}: expected a positive number of seconds")))?;
-            at_most_a_year(d).map_err(|e| usage(format!("{name}: {e}")))
-        };
         if let Some(h) = self.heartbeat {
-            let d = secs("--heartbeat", h)?;
-            timeouts.ping_interval = Some(d);
-            timeouts.pong_timeout = d;
+            match seconds_or_off("--heartbeat", h)? {
+                Some(d) => {
+                    timeouts.ping_interval = Some(d);
+                    timeouts.pong_timeout = d;
+                }
+                None => timeouts.ping_interval = None,
+            }
         }
         if let Some(i) = self.idle_timeout {
-            timeouts.idle = Some(secs("--idle-timeout", i)?);
+            timeouts.idle = seconds_or_off("--idle-timeout", i)?;
         }
         if let Some(c) = &self.connect_timeout {
-            timeouts.connect = parse_duration(c).map_err(|e| usage(format!("--connect-timeout: {e}")))?;
+            timeouts.connect = positive_duration("--connect-timeout", c)?;
         }
         if let Some(h) = &self.handshake_timeout {
-            timeouts.handshake = parse_duration(h).map_err(|e| usage(format!("--handshake-timeout: {e}")))?;
+            timeouts.handshake = positive_duration("--handshake-timeout", h)?;
         }
         Ok(())
     }
@@ -641,6 +649,29 @@ impl RunArgs {
     }
 }
 
+/// websockify's seconds (--heartbeat, --idle-timeout), where 0 means off as it does there, so that
+/// flags copied from a websockify setup keep working.
+fn seconds_or_off(name: &str, v: f64) -> Result<Option<Duration>, ConfigError> {
+    if v == 0.0 {
+        return Ok(None);
+    }
+    let d = Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| usage(format!("{name}: expected a positive number of seconds, or 0 for off")))?;
+    at_most_a_year(d).map(Some).map_err(|e| usage(format!("{name}: {e}")))
+}
+
+/// A deadline that cannot be off (--connect-timeout, --handshake-timeout): zero would fail every
+/// connection, so it is refused, as the TOML file refuses it.
+fn positive_duration(name: &str, s: &str) -> Result<Duration, ConfigError> {
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(usage(format!("{name}: must be greater than zero"))),
+        Ok(d) => Ok(d),
+        Err(e) => Err(usage(format!("{name}: {e}"))),
+    }
+}
+
 /// A usage error: the command line is wrong (exit code 64).
 fn usage(message: String) -> ConfigError {
     ConfigError::Invalid {
@@ -776,6 +807,67 @@ mod tests {
         assert!(e.contains("need --ssl-target"), "{e}");
         let e = config(&["6080", "--unix-target", "/run/x.sock", "--ssl-target"]).unwrap_err();
         assert!(e.contains("not --unix-target"), "{e}");
+    }
+
+    #[test]
+    fn zero_is_off_where_websockify_means_off() {
+        let c = config(&["6080", "h:1", "--heartbeat", "0", "--idle-timeout", "0"]).unwrap();
+        assert_eq!(c.timeouts.ping_interval, None, "--heartbeat 0 switches pings off");
+        assert_eq!(c.timeouts.idle, None, "--idle-timeout 0 is no idle deadline");
+        // Off wins over an earlier default of pings on.
+        let mut args = RunArgs {
+            heartbeat: Some(0.0),
+            ..RunArgs::default()
+        };
+        let mut timeouts = Timeouts {
+            ping_interval: Some(Duration::from_secs(20)),
+            ..Timeouts::default()
+        };
+        args.apply_timeouts(&mut timeouts).unwrap();
+        assert_eq!(timeouts.ping_interval, None);
+        args.heartbeat = Some(7.0);
+        args.apply_timeouts(&mut timeouts).unwrap();
+        assert_eq!(
+            (timeouts.ping_interval, timeouts.pong_timeout),
+            (Some(Duration::from_secs(7)), Duration::from_secs(7))
+        );
+        for (flag, value) in [("--heartbeat", "-1"), ("--idle-timeout", "NaN"), ("--heartbeat", "1e-12")] {
+            let e = config(&["6080", "h:1", &format!("{flag}={value}")]).unwrap_err();
+            assert!(e.contains(flag) && e.contains("0 for off"), "{flag} {value}: {e}");
+        }
+    }
+
+    #[test]
+    fn zero_is_refused_where_it_would_break_the_bridge() {
+        for (args, want) in [
+            (&["--handshake-timeout", "0"][..], "--handshake-timeout: must be greater than zero"),
+            (
+                &["--handshake-timeout", "0ms"][..],
+                "--handshake-timeout: must be greater than zero",
+            ),
+            (&["--connect-timeout", "0s"][..], "--connect-timeout: must be greater than zero"),
+            (&["--max-connections", "0"][..], "--max-connections: must be at least 1"),
+            (&["--threads", "0"][..], "--threads: must be at least 1"),
+            (&["--max-message-size", "0"][..], "--max-message-size: must be at least 125 bytes"),
+            (&["--max-message-size", "100"][..], "--max-message-size: must be at least 125 bytes"),
+        ] {
+            let e = config(&[&["6080", "h:1"][..], args].concat()).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        let e = config(&["--config", "w.toml", "--threads", "0"]).unwrap_err();
+        assert!(e.contains("--threads: must be at least 1"), "{e}");
+        let c = config(&[
+            "6080",
+            "h:1",
+            "--max-connections",
+            "1",
+            "--handshake-timeout",
+            "1ms",
+            "--threads",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!((c.limits.max_connections, c.timeouts.handshake), (1, Duration::from_millis(1)));
     }
 
     #[test]

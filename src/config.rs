@@ -554,7 +554,7 @@ struct RawTimeouts {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
-    max_connections: Option<usize>,
+    max_connections: Option<AtLeastOne>,
     max_message_size: Option<Size>,
 }
 
@@ -611,7 +611,7 @@ impl RawLimits {
     /// The `[limits]` table over the defaults in `limits`.
     fn apply(self, limits: &mut Limits) {
         if let Some(n) = self.max_connections {
-            limits.max_connections = n;
+            limits.max_connections = n.0;
         }
         if let Some(s) = self.max_message_size {
             limits.max_message_size = s.0;
@@ -931,6 +931,19 @@ impl<'de> Deserialize<'de> for OptDur {
     }
 }
 
+/// A count that zero would turn into "refuse everything" (`max_connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AtLeastOne(usize);
+
+impl<'de> Deserialize<'de> for AtLeastOne {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match usize::deserialize(d)? {
+            0 => Err(de::Error::custom("must be at least 1 (0 would refuse every connection)")),
+            n => Ok(AtLeastOne(n)),
+        }
+    }
+}
+
 /// A message size limit written as a number or `"64KiB"`, `"1MiB"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Size(usize);
@@ -1055,6 +1068,17 @@ mod tests {
         }
         let year = "[[listen]]\naddr = 6080\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n[timeouts]\nmax_lifetime = \"8760h\"\n";
         assert_eq!(parse(year).unwrap().timeouts.max_lifetime, Some(Duration::from_secs(8760 * 3600)));
+    }
+
+    #[test]
+    fn zero_max_connections_is_refused_with_its_line() {
+        let msg = parse("[[listen]]\naddr = 6080\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n[limits]\nmax_connections = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("line 7") && msg.contains("max_connections") && msg.contains("at least 1"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! The command line through the real binary: which zeros are refused (exit 64) and which mean
+//! "off" as they do in websockify, and what `wsbridge check` prints.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+
+/// Runs the binary to its end: exit code, stdout, stderr.
+async fn run_to_end(args: &[&str]) -> (i32, String, String) {
+    let out = within("wsbridge to exit", Command::new(BIN).args(args).output()).await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn example(name: &str) -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn zeros_that_would_break_the_bridge_exit_64() {
+    let full = example("full.toml");
+    for (args, want) in [
+        (&["--handshake-timeout", "0"][..], "--handshake-timeout: must be greater than zero"),
+        (&["--connect-timeout", "0"][..], "--connect-timeout: must be greater than zero"),
+        (&["--max-connections", "0"][..], "--max-connections: must be at least 1"),
+        (&["--threads", "0"][..], "--threads: must be at least 1"),
+        (&["--max-message-size", "1"][..], "--max-message-size: must be at least 125 bytes"),
+    ] {
+        let (code, _, err) = run_to_end(&[&["127.0.0.1:0", "127.0.0.1:5900"][..], args].concat()).await;
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let (code, _, err) = run_to_end(&["--config", &full, "--threads", "0"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--threads: must be at least 1"), "{err}");
+}
+
+#[tokio::test]
+async fn websockify_zeros_mean_off_and_the_bridge_serves() {
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    let mut child = Command::new(BIN)
+        .args(["127.0.0.1:0", &target, "--heartbeat", "0", "--idle-timeout", "0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = within("the listening line", async {
+        let mut before = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening addr=").nth(1) {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            before.push(line);
+        }
+        panic!("wsbridge exited instead of serving:\n{}", before.join("\n"));
+    })
+    .await;
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/websockify"), Some("binary")).await;
+    send_bin(&mut ws, b"zero is off").await;
+    assert_eq!(recv_data(&mut ws).await, b"zero is off");
+    child.start_kill().unwrap();
+    within("exit after kill", child.wait()).await.unwrap();
+}
