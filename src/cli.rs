@@ -40,7 +40,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate a configuration and print the effective route table, without binding anything.
+    /// Validate a configuration and print the effective settings and route table (as the file
+    /// writes them; tokens as a keyed hash), without binding anything.
     Check {
         /// The TOML file.
         #[arg(long, short = 'c', value_name = "FILE")]

@@ -12,7 +12,7 @@
 //! [`crate::tls`] builds rustls configs from them (imports point one way, `tls` → `config`).
 
 use std::collections::HashSet;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -80,10 +80,35 @@ impl fmt::Display for Matcher {
     }
 }
 
-/// Shows only enough of a secret to tell two apart.
+/// A secret (a token) as logs and `wsbridge check` show it: `#` and 12 hex digits of an
+/// HMAC-SHA256 of it under a key drawn at random once per process, so two tokens stay apart
+/// (`desk1` and `desk2` differ), one token is recognisable across one process's log lines, and
+/// nothing of the token shows: no prefix, no length, and without the key not even a short token
+/// can be found by trying candidates against the tag. ring is the TLS provider's crate already.
 pub fn redact(secret: &str) -> String {
-    let head: String = secret.chars().take(2).collect();
-    format!("{head}…({} chars)", secret.chars().count())
+    static KEY: std::sync::OnceLock<ring::hmac::Key> = std::sync::OnceLock::new();
+    redact_with(KEY.get_or_init(redaction_key), secret)
+}
+
+fn redact_with(key: &ring::hmac::Key, secret: &str) -> String {
+    let tag = ring::hmac::sign(key, secret.as_bytes());
+    let mut out = String::from("#");
+    for b in &tag.as_ref()[..6] {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The process's redaction key: from the system's random source, or, should that fail, from the
+/// random keys std draws for its hash maps (still unknown outside this process).
+fn redaction_key() -> ring::hmac::Key {
+    use std::hash::BuildHasher;
+    ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new()).unwrap_or_else(|_| {
+        let bytes: Vec<u8> = (0..4u8)
+            .flat_map(|i| std::collections::hash_map::RandomState::new().hash_one(i).to_le_bytes())
+            .collect();
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes)
+    })
 }
 
 /// A route from the configuration: a matcher, a target and how to carry the bytes.
@@ -227,6 +252,15 @@ pub enum TokenLookup {
     Query,
     /// The `Host` header without its port (websockify `--host-token`).
     Host,
+}
+
+impl fmt::Display for TokenLookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TokenLookup::Query => "query",
+            TokenLookup::Host => "host",
+        })
+    }
 }
 
 /// Every deadline. `None` means that wait is not bounded by a timer of its own.
@@ -377,6 +411,150 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The effective listeners, timeouts and limits, for `wsbridge check`, in the configuration's own
+/// words: each `key = value` as the TOML file would write it (`idle = "off"`, `connect = "5s"`,
+/// `max_message_size = "1MiB"`), so a line can be read, and pasted back, without knowing Rust.
+impl Config {
+    /// One line per listener, then one for `[timeouts]` and one for `[limits]`.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for l in &self.listeners {
+            let _ = writeln!(out, "listen    {}", l.describe());
+        }
+        let _ = writeln!(out, "timeouts  {}", self.timeouts.describe());
+        let _ = writeln!(out, "limits    {}", self.limits.describe());
+        out
+    }
+}
+
+impl ListenerConfig {
+    /// `addr = "…"`, then `web`, `web_listing` and `tls.*` where set.
+    pub fn describe(&self) -> String {
+        let mut out = format!("addr = {}", toml_str(&self.addr.to_string()));
+        if let Some(web) = &self.web {
+            let _ = write!(out, ", web = {}", toml_str(&web.display().to_string()));
+            if self.web_listing {
+                out.push_str(", web_listing = true");
+            }
+        }
+        if let Some(tls) = &self.tls {
+            let _ = write!(
+                out,
+                ", tls.cert = {}, tls.only = {}, tls.min_version = \"{}\"",
+                toml_str(&tls.default.cert.display().to_string()),
+                tls.only,
+                match tls.min_version {
+                    MinVersion::Tls12 => "1.2",
+                    MinVersion::Tls13 => "1.3",
+                }
+            );
+            if let Some(ca) = &tls.client_ca {
+                let auth = match tls.client_auth {
+                    ClientAuth::Required => "required",
+                    ClientAuth::Optional => "optional",
+                };
+                let _ = write!(
+                    out,
+                    ", tls.client_ca = {}, tls.client_auth = \"{auth}\"",
+                    toml_str(&ca.display().to_string())
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Timeouts {
+    /// Every deadline, `"off"` where there is none.
+    pub fn describe(&self) -> String {
+        let t = self;
+        [
+            ("handshake", Some(t.handshake)),
+            ("connect", Some(t.connect)),
+            ("idle", t.idle),
+            ("max_lifetime", t.max_lifetime),
+            ("ping_interval", t.ping_interval),
+            ("pong_timeout", Some(t.pong_timeout)),
+            ("close", Some(t.close)),
+            ("shutdown_grace", Some(t.shutdown_grace)),
+            ("http_write", Some(t.http_write)),
+        ]
+        .iter()
+        .map(|(key, d)| format!("{key} = \"{}\"", d.map_or("off".to_owned(), format_duration)))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
+}
+
+impl Limits {
+    /// `max_connections` and the default `max_message_size`.
+    pub fn describe(&self) -> String {
+        format!(
+            "max_connections = {}, max_message_size = \"{}\"",
+            self.max_connections,
+            format_size(self.max_message_size)
+        )
+    }
+}
+
+impl RouteOptions {
+    /// `framing`, `subprotocols`, `max_message_size`, and `max_sessions` and `client_cn` where set.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "framing = \"{}\", subprotocols = {}, max_message_size = \"{}\"",
+            self.framing,
+            toml_strs(&self.subprotocols),
+            format_size(self.max_message_size)
+        );
+        if let Some(n) = self.max_sessions {
+            let _ = write!(out, ", max_sessions = {n}");
+        }
+        if let Some(names) = &self.client_cn {
+            let _ = write!(out, ", client_cn = {}", toml_strs(names));
+        }
+        out
+    }
+}
+
+/// A TOML string literal (quoted, escaped as TOML escapes).
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// A TOML array of strings.
+fn toml_strs(list: &[String]) -> String {
+    let items: Vec<String> = list.iter().map(|s| toml_str(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// A duration as the configuration writes it, in the largest unit that keeps it whole (`"1h"`,
+/// `"5m"`, `"30s"`, `"500ms"`); [`parse_duration`] reads it back to the same value.
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return format!("{}s", d.as_secs_f64());
+    }
+    if d.subsec_millis() != 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    match d.as_secs() {
+        0 => "0s".to_owned(),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// A size as the configuration writes it, in the largest binary unit that keeps it whole
+/// (`"1MiB"`, `"64KiB"`, `"1000"`); [`parse_size`] reads it back to the same value.
+pub fn format_size(n: usize) -> String {
+    for (unit, scale) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n != 0 && n % scale == 0 {
+            return format!("{}{unit}", n / scale);
+        }
+    }
+    n.to_string()
 }
 
 /// A configuration that could not be used.
@@ -1078,6 +1256,70 @@ mod tests {
         assert!(
             msg.contains("line 7") && msg.contains("max_connections") && msg.contains("at least 1"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn redaction_tells_tokens_apart_and_shows_nothing_of_them() {
+        let (a, b) = (redact("desk1"), redact("desk2"));
+        assert_ne!(a, b);
+        assert_eq!(a, redact("desk1"), "one token, one tag, within a process");
+        // Nothing but the tag: no first characters, no length.
+        for tag in [&a, &b] {
+            assert!(tag.len() == 13 && tag.starts_with('#'), "{tag}");
+            assert!(tag[1..].chars().all(|c| c.is_ascii_hexdigit()), "{tag}");
+        }
+        assert_eq!(Matcher::Token("desk1".into()).to_string(), format!("token {a}"));
+        // Keyed: the tag depends on the key, so it cannot be computed (or brute-forced) without it.
+        let key = |k: &[u8]| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
+        assert_ne!(redact_with(&key(b"one"), "desk1"), redact_with(&key(b"two"), "desk1"));
+    }
+
+    #[test]
+    fn durations_and_sizes_print_as_the_file_writes_them() {
+        for (d, text) in [
+            (Duration::from_secs(3600), "1h"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(30), "30s"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_micros(100), "0.0001s"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text} reads back");
+        }
+        for (n, text) in [
+            (1 << 20, "1MiB"),
+            (64 << 10, "64KiB"),
+            (1 << 30, "1GiB"),
+            (1000, "1000"),
+            (1536 << 10, "1536KiB"),
+        ] {
+            assert_eq!(format_size(n), text);
+            assert_eq!(parse_size(text), Ok(n), "{text} reads back");
+        }
+    }
+
+    #[test]
+    fn describe_uses_the_configurations_words() {
+        let c = parse(
+            "[[listen]]\naddr = \"127.0.0.1:1\"\n[timeouts]\nping_interval = 20\nidle = \"off\"\nconnect = \"500ms\"\n[limits]\nmax_message_size = \"64KiB\"\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nframing = \"lines\"\nclient_cn = [\"alice\"]\n",
+        )
+        .unwrap();
+        let text = c.describe();
+        for words in [
+            "listen    addr = \"127.0.0.1:1\"\n",
+            "ping_interval = \"20s\"",
+            "idle = \"off\"",
+            "connect = \"500ms\"",
+            "max_message_size = \"64KiB\"",
+        ] {
+            assert!(text.contains(words), "{words:?} not in {text}");
+        }
+        assert!(!text.contains("Some(") && !text.contains("None") && !text.contains("{ "), "{text}");
+        assert_eq!(
+            c.routes[0].options.describe(),
+            "framing = \"lines\", subprotocols = [\"binary\"], max_message_size = \"64KiB\", client_cn = [\"alice\"]"
         );
     }
 

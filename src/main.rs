@@ -98,23 +98,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     println!("{}: OK", path.display());
-    for l in &config.listeners {
-        let web = l.web.as_ref().map(|w| format!(" web={}", w.display())).unwrap_or_default();
-        let tls = l
-            .tls
-            .as_ref()
-            .map(|t| {
-                format!(
-                    " tls={}{}",
-                    t.default.cert.display(),
-                    if t.only { " (TLS only)" } else { " (ws and wss)" }
-                )
-            })
-            .unwrap_or_default();
-        println!("listen {}{web}{tls}", l.addr);
-    }
-    println!("timeouts {:?}", config.timeouts);
-    println!("limits {:?}", config.limits);
+    print!("{}", config.describe());
     print!("{}", table.describe().await);
     ExitCode::SUCCESS
 }
@@ -248,7 +232,8 @@ fn bind_threads(config: &Config, threads: usize) -> anyhow::Result<(ThreadSocket
             addr = socket.local_addr()?;
             sockets.push((l.sibling(), socket));
         }
-        tracing::info!(addr = %addr, tls = l.config.tls.is_some(), web = ?l.config.web, threads, "listening");
+        let web = l.config.web.as_ref().map(|w| tracing::field::display(w.display()));
+        tracing::info!(addr = %addr, tls = l.config.tls.is_some(), web, threads, "listening");
         addrs.push(addr);
     }
     Ok((per_thread, addrs))

@@ -198,37 +198,31 @@ impl RouteTable {
         None
     }
 
-    /// The effective route table as text, for `wsbridge check`. Tokens are shown redacted.
+    /// The effective route table as text, for `wsbridge check`, options in the configuration's
+    /// own words (see [`RouteOptions::describe`]). Tokens are shown redacted.
     pub async fn describe(&self) -> String {
         let mut out = String::new();
         let mut paths: Vec<_> = self.paths.values().collect();
         paths.sort_by(|a, b| a.name.cmp(&b.name));
         let routes = paths.into_iter().chain(self.tokens.values()).chain(self.any_path.iter());
         for r in routes {
-            let _ = writeln!(
-                out,
-                "{:<40} -> {:<28} framing={} subprotocols={:?} max_message_size={}",
-                r.name,
-                r.target.to_string(),
-                r.options.framing,
-                r.options.subprotocols,
-                r.options.max_message_size
-            );
+            let _ = writeln!(out, "{:<40} -> {:<28} {}", r.name, r.target.to_string(), r.options.describe());
         }
         for (s, _, _) in &self.sources {
             let entries = s.entries().await;
             let _ = writeln!(
                 out,
-                "token source {} (lookup={:?}, {} tokens, framing={})",
+                "token source {} ({} tokens): lookup = \"{}\", {}",
                 s.config.path.display(),
-                s.config.lookup,
                 entries.len(),
-                s.config.options.framing
+                s.config.lookup,
+                s.config.options.describe()
             );
-            let mut list: Vec<_> = entries.iter().collect();
-            list.sort_by(|a, b| a.0.cmp(b.0));
-            for (token, target) in list {
-                let _ = writeln!(out, "  token {:<34} -> {target}", redact(token));
+            // Ordered by target and tag: an order by token would say something about the tokens.
+            let mut list: Vec<_> = entries.iter().map(|(token, target)| (target.to_string(), redact(token))).collect();
+            list.sort();
+            for (target, tag) in list {
+                let _ = writeln!(out, "  token {tag:<34} -> {target}");
             }
         }
         out

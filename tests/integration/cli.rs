@@ -79,3 +79,63 @@ async fn websockify_zeros_mean_off_and_the_bridge_serves() {
     child.start_kill().unwrap();
     within("exit after kill", child.wait()).await.unwrap();
 }
+
+#[tokio::test]
+async fn check_prints_the_configurations_words_and_tells_tokens_apart() {
+    let full = example("full.toml");
+    let (code, out, err) = run_to_end(&["check", "--config", &full]).await;
+    assert_eq!(code, 0, "{err}");
+    for debug in ["Some(", "None", "{ ", "Query", "Binary", "Lines", "1048576"] {
+        assert!(!out.contains(debug), "Rust debug notation {debug:?} in:\n{out}");
+    }
+    for words in [
+        "connect = \"5s\"",
+        "max_lifetime = \"off\"",
+        "max_connections = 10000",
+        "lookup = \"query\"",
+        "framing = \"lines\"",
+        "subprotocols = [\"binary\"]",
+        "max_sessions = 50",
+        "addr = \"[::1]:6081\"",
+    ] {
+        assert!(out.contains(words), "{words:?} missing in:\n{out}");
+    }
+    // tokens.cfg holds desk1 and desk2: same length, same first characters.
+    for secret in ["desk", "kiosk:", "s3cret"] {
+        assert!(!out.contains(secret), "{secret:?} shown in:\n{out}");
+    }
+    let tags: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("token #"))
+        .map(|rest| rest.split_whitespace().next().unwrap())
+        .collect();
+    let distinct: std::collections::HashSet<_> = tags.iter().collect();
+    assert_eq!(tags.len(), 4, "the inline token and tokens.cfg's three:\n{out}");
+    assert_eq!(distinct.len(), tags.len(), "two tokens redacted alike:\n{out}");
+}
+
+#[tokio::test]
+async fn the_listening_line_names_the_web_root_plainly() {
+    let web = tempfile::tempdir().unwrap();
+    let dir = web.path().display().to_string();
+    let mut child = Command::new(BIN)
+        .args(["127.0.0.1:0", "127.0.0.1:5900", "--web", &dir])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = within("the listening line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("listening") {
+                return line;
+            }
+        }
+        panic!("wsbridge exited before listening");
+    })
+    .await;
+    child.start_kill().unwrap();
+    assert!(line.contains(&format!("web={dir}")) && !line.contains("Some("), "{line}");
+}
