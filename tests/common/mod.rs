@@ -115,7 +115,8 @@ impl Progress {
     }
 
     /// Waits until the writer (`task`) has made no progress for `stall`: what it writes to is held
-    /// up. Fails the test if the task ends first (nothing held it up), or after [`WAIT`].
+    /// up. Fails the test if the task ends first (nothing held it up, or its writes failed), or
+    /// after [`WAIT`].
     pub async fn held_up_for<T: std::fmt::Debug>(&self, stall: Duration, task: &mut JoinHandle<T>) {
         within(&format!("the writer to be held up for {stall:?}"), async {
             loop {
@@ -124,7 +125,7 @@ impl Progress {
                     return;
                 }
                 if let Ok(done) = tokio::time::timeout(stall - since, &mut *task).await {
-                    panic!("the writer finished ({done:?}): nothing held it up");
+                    panic!("the writer ended before it was held up for {stall:?}: {done:?}");
                 }
             }
         })
