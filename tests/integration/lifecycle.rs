@@ -175,11 +175,13 @@ async fn dead_peer_is_detected_by_ping_while_the_backend_keeps_sending() {
     // takes them is no sign of life.
     let (_bridge, mut s, b) = raw_session(keepalive(100, 200)).await;
     assert_eq!(raw_read_frame(&mut s).await, (0x9, Vec::new()), "a ping first");
+    let pinged = std::time::Instant::now();
     // From here on the client neither reads nor answers.
     let (mut r, w) = b.into_split();
     let trickle = every(Duration::from_millis(20), w, vec![b'.'; 64]);
     let mut rest = Vec::new();
     within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
+    assert_window("the end of the session", pinged.elapsed(), Duration::from_millis(200));
     trickle.abort();
 }
 
@@ -227,10 +229,11 @@ async fn a_silent_client_answering_pings_outlives_the_pong_timeout() {
 async fn unsolicited_pongs_do_not_keep_a_client_that_stops_reading() {
     // RFC 6455 allows pongs nobody asked for; while our ping waits behind what the client does
     // not take, they cannot answer it.
+    let start = std::time::Instant::now();
     let (_bridge, client, b) = raw_session(keepalive(100, 200)).await;
     let (_never_read, up) = client.into_split();
     let pongs = every(Duration::from_millis(50), up, frame(0x8a, b"", true));
-    flood_until_the_session_ends(b).await;
+    flood_until_the_session_ends(b, start).await;
     pongs.abort();
 }
 
@@ -277,21 +280,23 @@ async fn a_slow_reader_of_a_long_download_is_not_ended_by_keepalive() {
 #[tokio::test]
 async fn client_that_stops_reading_is_detected_by_ping() {
     // The ping cannot even be sent (the client's window is full): the pong deadline still runs.
+    let start = std::time::Instant::now();
     let (_bridge, _never_reads, b) = raw_session(keepalive(100, 200)).await;
-    flood_until_the_session_ends(b).await;
+    flood_until_the_session_ends(b, start).await;
 }
 
 #[tokio::test]
 async fn client_that_sends_but_stops_reading_is_detected_by_ping() {
     // Its uploads do not keep it alive: what the backend sends piles up for it (our ping
     // behind), and the backend would wait on us for ever.
+    let start = std::time::Instant::now();
     let (_bridge, mut client, b) = raw_session(keepalive(100, 200)).await;
     // It takes our first ping (so that ping is out, not waiting), then never reads again.
     assert_eq!(raw_read_frame(&mut client).await, (0x9, Vec::new()), "a ping first");
     let (_keep, up) = client.into_split();
     // A small message every 50 ms, far more often than the pong timeout (the scenario).
     let uploads = every(Duration::from_millis(50), up, frame(0x82, b"still typing", true));
-    flood_until_the_session_ends(b).await;
+    flood_until_the_session_ends(b, start).await;
     uploads.abort();
 }
 
@@ -305,6 +310,7 @@ async fn client_that_uploads_to_an_echo_but_never_reads_is_detected_by_ping() {
     config.timeouts.ping_interval = Some(Duration::from_millis(100));
     config.timeouts.pong_timeout = Duration::from_millis(200);
     let bridge = TestBridge::start(config).await;
+    let start = std::time::Instant::now();
     let mut client = raw_ws(bridge.addr, "/").await;
     // It takes our first ping (so the ping is out and nothing waits), then never reads again.
     assert_eq!(raw_read_frame(&mut client).await, (0x9, Vec::new()), "a ping first");
@@ -320,6 +326,8 @@ async fn client_that_uploads_to_an_echo_but_never_reads_is_detected_by_ping() {
     })
     .await;
     assert!(uploads > 0);
+    // The first ping is due after 100 ms and unanswered 200 ms later.
+    assert_window("the end of the session", start.elapsed(), Duration::from_millis(300));
 }
 
 #[tokio::test]
@@ -661,12 +669,14 @@ where
 
 /// The backend (`b`, its stream) floods a client that does not read with 64 MiB, far more than
 /// the socket buffers on the way hold: the session must end (the backend sees EOF) before the
-/// client has taken all of it.
-async fn flood_until_the_session_ends(b: tokio::net::TcpStream) {
+/// client has taken all of it, in the window of `keepalive(100, 200)` from `start` (taken before
+/// the session opened): its first ping is due after 100 ms and unanswered 200 ms later.
+async fn flood_until_the_session_ends(b: tokio::net::TcpStream, start: std::time::Instant) {
     let (mut r, mut w) = b.into_split();
     let flood = tokio::spawn(async move { w.write_all(&vec![7u8; 64 << 20]).await });
     let mut rest = Vec::new();
     within("backend EOF", r.read_to_end(&mut rest)).await.unwrap();
+    assert_window("the end of the session", start.elapsed(), Duration::from_millis(300));
     assert!(
         within("flood to stop", flood).await.unwrap().is_err(),
         "the client was sent all of the flood: the session outlived it"
