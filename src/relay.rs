@@ -1236,8 +1236,16 @@ mod tests {
             close: Duration::from_millis(50),
             ..Timeouts::default()
         };
+        let start = std::time::Instant::now();
         let summary = session(Chatty, ours, Framing::Binary, timeouts, "the session's deadlines never fired").await;
         assert_eq!((summary.code, summary.reason.as_str()), (1001, "session lifetime exceeded"));
+        // The lifetime, then the close deadline (Chatty never answers our close): not before their
+        // sum, and not long after (2 s: shared, noisy machines).
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(100) && elapsed < Duration::from_millis(2100),
+            "ended after {elapsed:?}, outside 100 ms .. 2.1 s"
+        );
     }
 
     /// The client's close frame behind data a backend never takes: the session still ends, by
@@ -1254,6 +1262,7 @@ mod tests {
             close: Duration::from_millis(100),
             ..Timeouts::default()
         };
+        let start = std::time::Instant::now();
         let summary = session(
             client,
             ours,
@@ -1263,6 +1272,13 @@ mod tests {
         )
         .await;
         assert_eq!((summary.code, summary.ended_by), (1000, "client"));
+        // Ended by the close deadline, which starts once the close frame is read: not before it,
+        // and not long after (2 s: shared, noisy machines).
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(100) && elapsed < Duration::from_millis(2100),
+            "ended after {elapsed:?}, outside 100 ms .. 2.1 s"
+        );
         let mut head = [0u8; 4];
         peer.read_exact(&mut head).await.unwrap();
         assert_eq!(head, [0x88, 2, 0x03, 0xe8]);

@@ -41,6 +41,98 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
+/// Marks a test that cannot run here as skipped, with `reason`: the caller returns right after.
+///
+/// libtest has no runtime skip, so the test still counts as passed; what makes the skip visible
+/// is one line `skipped: <test>: <reason>` on stderr, written past libtest's output capture so it
+/// shows in every run, and counted by `scripts/test.sh` into its final summary. Keep the prefix
+/// exactly `skipped: `.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    // One write of the whole line, so lines of tests running in parallel do not interleave.
+    let line = format!("skipped: {test}: {reason}\n");
+    std::io::stderr().write_all(line.as_bytes()).expect("stderr");
+}
+
+/// How much earlier than a deadline the tests accept its effect: the test's clock starts before
+/// the bridge's (a connect, a request), or after the bridge's event is on its way to the test
+/// (a frame in flight, a task not yet scheduled on a loaded machine). A deadline honoured by the
+/// bridge never shows up earlier than that.
+pub const EARLY: Duration = Duration::from_millis(50);
+
+/// How much later than a deadline the tests accept its effect: generous, since the machines the
+/// tests run on are shared and noisy. A deadline ignored, or taken for another (the close
+/// deadline for the shutdown grace, say), is far outside it.
+pub const LATE: Duration = Duration::from_secs(2);
+
+/// Asserts that `what` happened `elapsed` after the test started to watch, inside the window of
+/// `deadline`: not before `deadline - EARLY` (it must not cut short), before `deadline + LATE` (it
+/// must not be ignored).
+#[track_caller]
+pub fn assert_window(what: &str, elapsed: Duration, deadline: Duration) {
+    assert!(
+        elapsed + EARLY >= deadline,
+        "{what} after {elapsed:?}: before the {deadline:?} deadline"
+    );
+    assert!(
+        elapsed < deadline + LATE,
+        "{what} after {elapsed:?}: long after the {deadline:?} deadline"
+    );
+}
+
+/// Waits for the peer to close `s` (EOF or a reset; what it sends before is dropped) and returns
+/// when that happened. Fails the test on any other read error, or after [`WAIT`].
+pub async fn closed_by_peer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::time::Instant {
+    within("the peer to close the connection", async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return std::time::Instant::now(),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return std::time::Instant::now(),
+                Err(e) => panic!("reading until the peer closes: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+/// When a writer last made progress: shared by a task that writes (it calls [`Progress::mark`]
+/// after every write that took bytes) and the test, which waits for the writer to be held up.
+#[derive(Clone)]
+pub struct Progress(std::sync::Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress(std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now())))
+    }
+}
+
+impl Progress {
+    /// The writer made progress now.
+    pub fn mark(&self) {
+        *self.0.lock().unwrap() = std::time::Instant::now();
+    }
+
+    /// Waits until the writer (`task`) has made no progress for `stall`: what it writes to is held
+    /// up. Fails the test if the task ends first (nothing held it up, or its writes failed), or
+    /// after [`WAIT`].
+    pub async fn held_up_for<T: std::fmt::Debug>(&self, stall: Duration, task: &mut JoinHandle<T>) {
+        within(&format!("the writer to be held up for {stall:?}"), async {
+            loop {
+                let since = self.0.lock().unwrap().elapsed();
+                if since >= stall {
+                    return;
+                }
+                if let Ok(done) = tokio::time::timeout(stall - since, &mut *task).await {
+                    panic!("the writer ended before it was held up for {stall:?}: {done:?}");
+                }
+            }
+        })
+        .await
+    }
+}
+
 /// A bridge serving on 127.0.0.1 with an ephemeral port.
 pub struct TestBridge {
     /// Where it listens.
@@ -194,10 +286,22 @@ pub async fn manual_backend() -> (SocketAddr, mpsc::Receiver<TcpStream>) {
     (addr, rx)
 }
 
-/// A port on which nothing listens (bound, then closed).
+/// A port on 127.0.0.1 that refuses connections (ECONNREFUSED) for as long as the test binary
+/// runs. A port bound and then closed could be taken by another process meanwhile; this one stays
+/// bound by a socket that never listens (Linux answers a SYN to it with a reset) and is kept in a
+/// process-wide list, so no one else can take it. Checked here: a connect to it is refused.
 pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    HELD.lock().unwrap().push(socket);
+    let refused = within("a connect to the closed port", TcpStream::connect(addr)).await;
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "a bound socket that does not listen should refuse connections: {refused:?}"
+    );
+    addr
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -81,6 +81,22 @@ async fn log_line(logs: &mut Logs, what: &str) -> String {
     .await
 }
 
+/// Whether util-linux's `prlimit` runs here (the open-file tests start the binary through it);
+/// reports `test` skipped when it does not.
+async fn prlimit_works(test: &str) -> bool {
+    match Command::new("prlimit").args(["--nofile=256:", "true"]).status().await {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            skip(test, &format!("`prlimit --nofile=256: true` failed here: {s}"));
+            false
+        }
+        Err(e) => {
+            skip(test, &format!("cannot run prlimit (util-linux): {e}"));
+            false
+        }
+    }
+}
+
 async fn kill(child: &Running, signal: &str) {
     let pid = child.0.id().unwrap().to_string();
     let status = Command::new("kill").args(["-s", signal, &pid]).status().await.unwrap();
@@ -163,7 +179,11 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
     // process's, unchanged) is the room wsbridge raises it into.
     let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
     if hard.is_some_and(|h| h < 256) {
-        eprintln!("hard open-file limit {hard:?} leaves no room above 64: skipping");
+        let reason = format!("hard open-file limit {hard:?} leaves no room above 64");
+        skip("a_low_soft_open_file_limit_is_raised_to_the_hard_one", &reason);
+        return;
+    }
+    if !prlimit_works("a_low_soft_open_file_limit_is_raised_to_the_hard_one").await {
         return;
     }
     let (_child, addr, mut logs) = spawn_bridge_under(
@@ -187,7 +207,11 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
 async fn an_open_file_limit_below_max_connections_lowers_the_cap() {
     let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
     if hard.is_some_and(|h| h < 256) {
-        eprintln!("hard open-file limit {hard:?} is below the 256 this test sets: skipping");
+        let reason = format!("hard open-file limit {hard:?} is below the 256 this test sets");
+        skip("an_open_file_limit_below_max_connections_lowers_the_cap", &reason);
+        return;
+    }
+    if !prlimit_works("an_open_file_limit_below_max_connections_lowers_the_cap").await {
         return;
     }
     let (backend, _) = echo_backend().await;

@@ -189,8 +189,12 @@ async fn a_static_file_outlives_the_handshake_deadline() {
     let bridge = TestBridge::start(config).await;
     let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
     s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    // The slow client of the scenario: it starts reading well after the handshake deadline.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The slow client of the scenario starts reading only after the handshake deadline has passed
+    // for its connection. The bridge's own clock says when: a second connection, accepted after
+    // this one, that sends half a request and is dropped at its handshake deadline.
+    let mut probe = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    probe.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    closed_by_peer(&mut probe).await;
     let mut all = Vec::new();
     within("the whole file", s.read_to_end(&mut all)).await.unwrap();
     let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;

@@ -8,7 +8,7 @@ use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message;
-use wsbridge::config::{Config, ListenerConfig};
+use wsbridge::config::{Config, ListenerConfig, Matcher, RouteConfig};
 use wsbridge::server::Listener;
 use wsbridge::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsError, TlsSettings};
 
@@ -106,16 +106,16 @@ async fn silent_client_on_a_tls_port_is_dropped_at_the_deadline() {
     let mut config = tls_config(backend, settings(&cert));
     config.timeouts.handshake = Duration::from_millis(200);
     let bridge = TestBridge::start(config).await;
-    // Nothing at all.
-    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-    let mut buf = Vec::new();
-    let r = within("drop of a silent client", s.read_to_end(&mut buf)).await;
-    assert!(matches!(r, Ok(0)) || r.is_err());
-    // The first byte of a ClientHello, then nothing.
-    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
-    // Dropped (EOF or reset) rather than left hanging: `within` is the check.
-    let _ = within("drop of a stalled TLS handshake", s.read_to_end(&mut buf)).await;
+    // Nothing at all, or the first bytes of a ClientHello and then nothing: dropped (EOF or a
+    // reset) at the deadline, which runs from the accept (after our clock starts); neither at
+    // once nor left hanging.
+    for (what, sent) in [("a silent client", &[][..]), ("a stalled TLS handshake", &[0x16, 0x03, 0x01][..])] {
+        let start = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        let closed = closed_by_peer(&mut s).await;
+        assert_window(&format!("the drop of {what}"), closed - start, Duration::from_millis(200));
+    }
 }
 
 fn load_err(cert: &Path, key: Option<&Path>) -> String {
@@ -369,28 +369,86 @@ async fn client_certificates_required_and_cn_allow_list() {
         client_config(&pki.ca_pem, None, BOTH),
         client_config(&pki.ca_pem, Some(&mallory), BOTH),
     ] {
-        let refused = async {
-            let mut s = tls_connect(bridge.addr, "localhost", client).await?;
-            // TLS 1.3 reports a refused client certificate on the first read.
-            s.write_all(&upgrade_request("/", "")).await?;
-            let mut buf = [0u8; 16];
-            let n = s.read(&mut buf).await?;
-            Ok::<usize, std::io::Error>(n)
-        };
-        assert!(matches!(within("refusal", refused).await, Err(_) | Ok(0)));
+        assert!(tls_refused(bridge.addr, client).await);
     }
 }
 
 #[tokio::test]
 async fn optional_client_certificates() {
     let pki = Pki::new("test CA");
+    let other = Pki::new("other CA");
     let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let alice = pki.client("alice", "alice");
+    let bob = pki.client("bob", "bob");
+    // Alice's name, from a CA the bridge does not trust.
+    let mallory = other.client("mallory", "alice");
     let (backend, _) = echo_backend().await;
     let mut tls = settings(&cert);
     tls.client_ca = Some(pki.ca_file());
     tls.client_auth = ClientAuth::Optional;
-    let bridge = TestBridge::start(tls_config(backend, tls)).await;
-    wss_echo(bridge.addr, client_config(&pki.ca_pem, None, BOTH), b"anonymous").await;
+    let mut config = tls_config(backend, tls);
+    // Beside the open any-path route, one for Alice only.
+    let mut options = config.default_route_options();
+    options.client_cn = Some(vec!["alice".into()]);
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/alice".into()),
+        target: tcp(backend),
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let anonymous = client_config(&pki.ca_pem, None, BOTH);
+
+    // The open route: anyone, with or without a certificate.
+    wss_echo(bridge.addr, anonymous.clone(), b"anonymous").await;
+    wss_echo(bridge.addr, client_config(&pki.ca_pem, Some(&bob), BOTH), b"bob").await;
+
+    // Alice's route: her certificate is let through (101, then the echo)...
+    let stream = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, Some(&alice), BOTH))
+        .await
+        .unwrap();
+    let mut ws = wss_over(stream, "wss://localhost/alice").await;
+    send_bin(&mut ws, b"alice").await;
+    assert_eq!(recv_data(&mut ws).await, b"alice");
+    // ...another name, or none, gets 403 before the upgrade, and the backend is not reached.
+    for (who, client) in [
+        ("bob", client_config(&pki.ca_pem, Some(&bob), BOTH)),
+        ("anonymous", anonymous.clone()),
+    ] {
+        let r = wss_raw(bridge.addr, client, &upgrade_request("/alice", "")).await;
+        assert_eq!(status_of(&r), 403, "{who}: {r}");
+    }
+
+    // A certificate presented is verified even where none is required: one from another CA ends
+    // the TLS handshake.
+    assert!(
+        tls_refused(bridge.addr, client_config(&pki.ca_pem, Some(&mallory), BOTH)).await,
+        "a client certificate from an untrusted CA was accepted"
+    );
+    // The bridge still serves after these refusals.
+    wss_echo(bridge.addr, anonymous, b"still serving").await;
+}
+
+/// Sends `request` over wss:// to `addr` (name "localhost") with `client`, and returns the whole
+/// answer (for refusals, after which the bridge closes).
+async fn wss_raw(addr: std::net::SocketAddr, client: std::sync::Arc<rustls::ClientConfig>, request: &[u8]) -> String {
+    let mut s = tls_connect(addr, "localhost", client).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut r = String::new();
+    within("the answer", s.read_to_string(&mut r)).await.unwrap();
+    r
+}
+
+/// Whether the bridge refuses the TLS handshake of `client`: the handshake fails, or (TLS 1.3,
+/// where the client's certificate is checked after the client considers the handshake done) the
+/// first read fails or finds the connection closed instead of an answer.
+async fn tls_refused(addr: std::net::SocketAddr, client: std::sync::Arc<rustls::ClientConfig>) -> bool {
+    let attempt = async {
+        let mut s = tls_connect(addr, "localhost", client).await?;
+        s.write_all(&upgrade_request("/", "")).await?;
+        let mut buf = [0u8; 16];
+        s.read(&mut buf).await
+    };
+    matches!(within("the refusal", attempt).await, Err(_) | Ok(0))
 }
 
 /// Opens wss:// to `addr` (name "localhost") with `client`, and checks that `payload` comes back.
