@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    at_most_a_year, check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat,
-    Matcher, RouteConfig, Target, TokenLookup, TokenSourceConfig,
+    at_most_a_year, parse_duration, parse_message_size, Config, ConfigError, Framing, ListenAddr, ListenerConfig, LogFormat, Matcher,
+    RouteConfig, Target, TokenLookup, TokenSourceConfig,
 };
 use crate::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 
@@ -116,7 +116,7 @@ pub struct RunArgs {
     /// How backend bytes reach the client: binary (default), text or lines.
     #[arg(long, value_enum, value_name = "MODE")]
     pub framing: Option<FramingArg>,
-    /// Largest client message accepted (close 1009 above it), e.g. 1MiB.
+    /// Largest client message accepted (close 1009 above it), e.g. 1MiB; default: no limit ("off").
     #[arg(long, value_name = "SIZE")]
     pub max_message_size: Option<String>,
     /// Most concurrent connections; more get HTTP 503.
@@ -445,9 +445,7 @@ impl RunArgs {
             config.limits.max_connections = n;
         }
         if let Some(s) = &self.max_message_size {
-            config.limits.max_message_size = parse_size(s)
-                .and_then(check_message_size)
-                .map_err(|e| usage(format!("--max-message-size: {e}")))?;
+            config.limits.max_message_size = parse_message_size(s).map_err(|e| usage(format!("--max-message-size: {e}")))?;
         }
         let secs = |name: &str, v: f64| {
             let d = std::time::Duration::try_from_secs_f64(v)

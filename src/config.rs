@@ -99,8 +99,11 @@ pub struct RouteOptions {
     pub framing: Framing,
     /// Subprotocols this route accepts, in no particular order; the client's preference wins.
     pub subprotocols: Vec<String>,
-    /// Largest client message accepted (close 1009 above it).
-    pub max_message_size: usize,
+    /// Largest client message accepted (close 1009 above it); `None`: no limit. The relay streams
+    /// messages through without holding them, so a limit is a policy, not a memory bound. In
+    /// `lines` framing it is also the longest backend line kept before it is sent in pieces
+    /// ([`DEFAULT_MAX_LINE`] when `None`).
+    pub max_message_size: Option<usize>,
     /// Most concurrent sessions on this route (503 above it); `None` is no cap of its own.
     pub max_sessions: Option<usize>,
     /// Only clients whose TLS certificate's subject CN is in this list (403 otherwise).
@@ -268,18 +271,23 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Concurrent connections (sessions and HTTP requests together); above it: 503.
     pub max_connections: usize,
-    /// Default largest client message, for routes that do not set their own.
-    pub max_message_size: usize,
+    /// Default largest client message, for routes that do not set their own; `None` (the
+    /// default): no limit, as websockify has none and nothing buffers a message.
+    pub max_message_size: Option<usize>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 10_000,
-            max_message_size: 1 << 20,
+            max_message_size: None,
         }
     }
 }
+
+/// The longest unfinished backend line `lines` framing keeps (then sends it in pieces) on a route
+/// with no `max_message_size`: there the bytes are really held, so this bound stays by default.
+pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -889,9 +897,9 @@ impl<'de> Deserialize<'de> for OptDur {
     }
 }
 
-/// A message size limit written as a number or `"64KiB"`, `"1MiB"`.
+/// A message size limit written as a number or `"64KiB"`, `"1MiB"`, or `"off"` (no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Size(usize);
+struct Size(Option<usize>);
 
 /// Checks a message size limit: smaller than a control frame's payload, nothing sensible fits.
 ///
@@ -922,14 +930,25 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     n.checked_mul(scale).ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
+/// Parses a message size limit as [`parse_size`] does, or `"off"`: no limit (`None`).
+///
+/// # Errors
+/// Not a size, or below [`check_message_size`]'s floor.
+pub fn parse_message_size(s: &str) -> Result<Option<usize>, String> {
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    parse_size(s).and_then(check_message_size).map(Some)
+}
+
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = match NumOrString::deserialize(d)? {
             NumOrString::Int(n) => usize::try_from(n).map_err(de::Error::custom)?,
             NumOrString::Float(_) => return Err(de::Error::custom("a size is a whole number of bytes")),
-            NumOrString::S(s) => parse_size(&s).map_err(de::Error::custom)?,
+            NumOrString::S(s) => return parse_message_size(&s).map(Size).map_err(de::Error::custom),
         };
-        check_message_size(n).map(Size).map_err(de::Error::custom)
+        check_message_size(n).map(|n| Size(Some(n))).map_err(de::Error::custom)
     }
 }
 
@@ -1098,7 +1117,7 @@ mod tests {
         assert_eq!(c.timeouts.idle, None);
         assert_eq!(c.timeouts.ping_interval, Some(Duration::from_secs(20)));
         assert_eq!(c.routes[0].options.framing, Framing::Lines);
-        assert_eq!(c.routes[0].options.max_message_size, 4096);
+        assert_eq!(c.routes[0].options.max_message_size, Some(4096));
         assert_eq!(c.routes[0].options.subprotocols, vec!["binary".to_string()]);
     }
 }

@@ -32,7 +32,7 @@ use tokio::time::{sleep_until, timeout, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{describe, Backend, BackendReader, BackendWriter};
-use crate::config::{Framing, Timeouts};
+use crate::config::{Framing, Timeouts, DEFAULT_MAX_LINE};
 use crate::frame::{self, Decoder, Event, FrameError, OutHeader};
 
 /// The most read from either peer in one system call.
@@ -71,9 +71,10 @@ fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 pub struct SessionParams<'a> {
     /// Backend → client framing.
     pub framing: Framing,
-    /// Largest message accepted from the client, and largest line kept in `lines` framing
-    /// before it is sent as it is.
-    pub max_message_size: usize,
+    /// Largest message accepted from the client (`None`: no limit; messages are streamed, never
+    /// held whole), and largest line kept in `lines` framing before it is sent as it is
+    /// ([`DEFAULT_MAX_LINE`] when `None`: there the bytes are held).
+    pub max_message_size: Option<usize>,
     /// Deadlines (borrowed from the configuration the connection started with: a copy would sit
     /// in every session's state).
     pub timeouts: &'a Timeouts,
@@ -397,8 +398,8 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             reader,
             writer,
             timeouts: params.timeouts,
-            decoder: Decoder::new(params.max_message_size),
-            framer: Framer::new(params.framing, params.max_message_size),
+            decoder: Decoder::new(params.max_message_size.unwrap_or(usize::MAX)),
+            framer: Framer::new(params.framing, params.max_message_size.unwrap_or(DEFAULT_MAX_LINE)),
             raw: early,
             raw_at: 0,
             up: Vec::new(),
@@ -1134,7 +1135,7 @@ mod tests {
     {
         let params = SessionParams {
             framing,
-            max_message_size: 1 << 20,
+            max_message_size: None,
             timeouts: &timeouts,
         };
         let shutdown = CancellationToken::new();

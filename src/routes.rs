@@ -212,7 +212,7 @@ impl RouteTable {
                 r.target.to_string(),
                 r.options.framing,
                 r.options.subprotocols,
-                r.options.max_message_size
+                r.options.max_message_size.map_or_else(|| "off".to_owned(), |n| n.to_string())
             );
         }
         for (s, _, _) in &self.sources {

@@ -5,6 +5,7 @@
 mod common;
 
 mod binary;
+mod defaults;
 mod handshake;
 mod lifecycle;
 mod relay;
