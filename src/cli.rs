@@ -100,7 +100,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub unix_target: Option<PathBuf>,
 
-    /// Send a ping every N seconds; a client that does not answer within N seconds is gone.
+    /// Send a ping every N seconds; a client that does not answer within N seconds is gone (default: 20).
     #[arg(long, value_name = "SECONDS")]
     pub heartbeat: Option<f64>,
     /// Close a session after N seconds with no data either way (pings do not count).

@@ -238,7 +238,7 @@ pub struct Timeouts {
     pub idle: Option<Duration>,
     /// Longest life of a session, busy or not (1001).
     pub max_lifetime: Option<Duration>,
-    /// Interval between pings to the client.
+    /// Interval between pings to the client; `None`: no pings (no dead-peer detection above TCP).
     pub ping_interval: Option<Duration>,
     /// A ping unanswered for this long means the client is gone.
     pub pong_timeout: Duration,
@@ -257,8 +257,12 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             idle: None,
             max_lifetime: None,
-            ping_interval: None,
-            pong_timeout: Duration::from_secs(30),
+            // On by default: a client that vanishes (laptop lid, lost network) would otherwise
+            // hold its backend (often a one-viewer VNC server) for ever. 20 s keeps a ping inside
+            // the 60 s idle cut of nginx and common load balancers, and 20 + 20 s finds a dead
+            // client within 40 s.
+            ping_interval: Some(Duration::from_secs(20)),
+            pong_timeout: Duration::from_secs(20),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             http_write: Duration::from_secs(30),
@@ -1119,5 +1123,26 @@ mod tests {
         assert_eq!(c.routes[0].options.framing, Framing::Lines);
         assert_eq!(c.routes[0].options.max_message_size, Some(4096));
         assert_eq!(c.routes[0].options.subprotocols, vec!["binary".to_string()]);
+    }
+
+    /// Issue 11: with nothing said, a session is pinged every 20 s with a 20 s pong deadline and
+    /// has no message size limit; `"off"` switches each off explicitly.
+    #[test]
+    fn default_keepalive_and_no_message_limit() {
+        let c = parse("[[listen]]\naddr = 0\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\n").unwrap();
+        assert_eq!(c.timeouts.ping_interval, Some(Duration::from_secs(20)));
+        assert_eq!(c.timeouts.pong_timeout, Duration::from_secs(20));
+        assert_eq!((c.limits.max_message_size, c.routes[0].options.max_message_size), (None, None));
+        let c = parse(
+            "[[listen]]\naddr = 0\n[timeouts]\nping_interval = \"off\"\n[limits]\nmax_message_size = \"1MiB\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\nmax_message_size = \"off\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.ping_interval, None);
+        assert_eq!(
+            (c.limits.max_message_size, c.routes[0].options.max_message_size),
+            (Some(1 << 20), None)
+        );
+        assert_eq!(parse_message_size("64KiB"), Ok(Some(64 << 10)));
+        assert!(parse_message_size("12").is_err());
     }
 }

@@ -1,14 +1,16 @@
 //! The defaults a new user gets (issue 11), run through the real binary started websockify-style
 //! (`wsbridge 127.0.0.1:0 HOST:PORT`, nothing else): no message size limit where the relay
-//! streams.
+//! streams, and keepalive that releases a vanished client's backend.
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
@@ -154,4 +156,62 @@ async fn large_messages_stream_through_with_bounded_bridge_memory() {
         SIZE >> 20
     );
     bridge.logs.close();
+}
+
+/// Issue 11, item 2: with default settings a client that goes silent after the handshake (reads
+/// nothing, answers no ping, its TCP connection stays up) has its backend released by the pong
+/// deadline: ping at 20 s, no pong by 40 s. Not before 40 s (minus a little for timer
+/// granularity), not after 45 s. A client idle as long that answers pings (tungstenite does as
+/// it reads) keeps its session past that point, both ways.
+#[tokio::test]
+async fn a_vanished_client_releases_its_backend_within_45_s_by_default() {
+    let (backend, mut streams) = manual_backend().await;
+    let target = backend.to_string();
+    let bridge = spawn(&["127.0.0.1:0", &target]).await;
+    let url = format!("ws://{}/", bridge.addr);
+
+    let (healthy, _) = ws_connect(&url, None).await;
+    let mut healthy_backend = within("backend accept", streams.recv()).await.unwrap();
+    let (mut healthy_tx, mut healthy_rx) = healthy.split();
+    let reader = tokio::spawn(async move {
+        let mut pings = 0u32;
+        loop {
+            match healthy_rx.next().await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                other => return (pings, other),
+            }
+        }
+    });
+
+    let start = Instant::now();
+    let (silent, _) = ws_connect(&url, None).await;
+    let mut silent_backend = within("backend accept", streams.recv()).await.unwrap();
+    // Held and never polled: the kernel acknowledges what arrives, nothing answers it.
+    let _silent = silent;
+
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(50), silent_backend.read_to_end(&mut rest)).await;
+    let elapsed = start.elapsed();
+    assert!(ended.is_ok(), "the silent client's backend was still held after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(39_500) && elapsed <= Duration::from_secs(45),
+        "the silent client's backend was released after {elapsed:?}, outside 40..45 s"
+    );
+
+    // The healthy client, idle as long, is still connected both ways.
+    healthy_backend.write_all(b"still here").await.unwrap();
+    let (pings, got) = within("the healthy client's message", reader).await.unwrap();
+    assert!(
+        matches!(&got, Some(Ok(Message::Binary(d))) if d.as_ref() == b"still here"),
+        "{got:?} after {pings} pings"
+    );
+    assert!(pings >= 1, "the healthy client was never pinged");
+    futures_util::SinkExt::send(&mut healthy_tx, Message::binary(b"and back".to_vec()))
+        .await
+        .unwrap();
+    let mut got = [0u8; 8];
+    within("the healthy client's upload", healthy_backend.read_exact(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(&got, b"and back");
 }
