@@ -246,6 +246,12 @@ impl<S: AsyncWrite + Unpin> ToClient<S> {
         if self.failed.is_some() {
             return;
         }
+        tracing::trace!(
+            dir = "bridge->client",
+            opcode = frame::opcode_name(opcode),
+            len = payload.len(),
+            "frame"
+        );
         let head = OutHeader::new(opcode, payload.len());
         let head = head.as_bytes();
         let data = opcode == frame::BINARY || opcode == frame::TEXT;
@@ -564,6 +570,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 true
             }
             Poll::Ready(Ok(n)) => {
+                tracing::trace!(dir = "backend->bridge", len = n, "read");
                 self.bytes_down += n as u64;
                 self.touch();
                 true
@@ -592,6 +599,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     true
                 }
                 Poll::Ready(Ok(n)) => {
+                    tracing::trace!(dir = "bridge->backend", len = n, of = self.up.len() - self.up_at, "write");
                     self.up_at += n;
                     self.up_unflushed = self.writer.buffers();
                     if self.up_at == self.up.len() {
@@ -772,6 +780,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         };
         let mut n = match written {
             Poll::Ready(Ok(n)) if n > 0 => {
+                tracing::trace!(dir = "bridge->backend", len = n, of = total, "write");
                 self.up_unflushed = self.writer.buffers();
                 n
             }

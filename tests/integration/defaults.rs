@@ -1,6 +1,7 @@
 //! The defaults a new user gets (issue 11), run through the real binary started websockify-style
 //! (`wsbridge 127.0.0.1:0 HOST:PORT`, nothing else): no message size limit where the relay
-//! streams, and keepalive that releases a vanished client's backend.
+//! streams, keepalive that releases a vanished client's backend, and frame-level trace lines
+//! with `-vv`.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -214,4 +215,50 @@ async fn a_vanished_client_releases_its_backend_within_45_s_by_default() {
         .await
         .unwrap();
     assert_eq!(&got, b"and back");
+}
+
+/// Issue 11, item 9: `-vv` shows every frame, both ways (direction, opcode, length), and the
+/// backend's reads and writes, never a payload.
+#[tokio::test]
+async fn trace_level_shows_frames_without_payload() {
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    let mut bridge = spawn(&["-vv", "127.0.0.1:0", &target]).await;
+    let marker = b"SECRET-PAYLOAD-4f1d9c";
+    let (mut ws, _) = ws_connect(&format!("ws://{}/", bridge.addr), None).await;
+    send_bin(&mut ws, marker).await;
+    assert_eq!(recv_data(&mut ws).await, marker);
+    futures_util::SinkExt::close(&mut ws).await.unwrap();
+    let len = format!("len={}", marker.len());
+    let wanted = [
+        ["client->bridge", "opcode=\"binary\"", "fin=true", &len],
+        ["bridge->backend", "write", &len, ""],
+        ["backend->bridge", "read", &len, ""],
+        ["bridge->client", "opcode=\"binary\"", &len, ""],
+        ["client->bridge", "opcode=\"close\"", "len=0", ""],
+        ["bridge->client", "opcode=\"close\"", "len=0", ""],
+    ];
+    let mut seen = Vec::new();
+    within("the session's trace lines and its close", async {
+        while let Some(line) = bridge.logs.recv().await {
+            let done = line.contains("session closed");
+            seen.push(line);
+            if done {
+                return;
+            }
+        }
+        panic!("wsbridge exited");
+    })
+    .await;
+    let secret = String::from_utf8_lossy(marker);
+    for line in &seen {
+        assert!(!line.contains(&*secret), "a log line holds the payload: {line}");
+    }
+    for want in wanted {
+        assert!(
+            seen.iter().any(|l| l.contains("TRACE") && want.iter().all(|w| l.contains(w))),
+            "no trace line with {want:?} in:\n{}",
+            seen.join("\n")
+        );
+    }
 }
