@@ -73,6 +73,11 @@ impl Backend {
                     let s = connect_any(&addrs, end).await?;
                     // Small messages (keystrokes, VNC input) must not wait for Nagle.
                     s.set_nodelay(true).map_err(ConnectError::Connect)?;
+                    // The bridge sends the backend nothing of its own: without keepalive a backend
+                    // host that powers off during a quiet spell would hold the session for ever.
+                    socket2::SockRef::from(&s)
+                        .set_tcp_keepalive(&tcp_keepalive())
+                        .map_err(ConnectError::Connect)?;
                     match tls {
                         None => Ok(Backend::Tcp(s)),
                         Some(tls) => wrap_tls(s, host, tls).await,
@@ -82,6 +87,27 @@ impl Backend {
         };
         timeout(deadline, attempt).await.unwrap_or(Err(ConnectError::Timeout(deadline)))
     }
+}
+
+/// Quiet time before the first keepalive probe, on client and backend sockets.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the connection is dropped.
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// TCP keepalive for both sockets of a session: a peer that is gone while nothing is in flight
+/// (powered off, cut off by a firewall, no FIN or reset ever comes) is found within
+/// `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL` = 60 s, and the probes every 30 s keep
+/// NAT and firewall mappings of quiet sessions alive (cloud NATs and load balancers drop idle
+/// flows after 350 s, 4 min or less). On a client answering the default pings (every 20 s) the
+/// connection is never quiet for 30 s, so no probe goes out: they cost nothing there and
+/// never end a session before the pong deadline would.
+pub fn tcp_keepalive() -> socket2::TcpKeepalive {
+    let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "windows", target_os = "macos"))]
+    let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_PROBES);
+    keepalive
 }
 
 /// Connects to the first of `addrs` that accepts, in order, by `end` (the connect deadline,
@@ -259,6 +285,29 @@ pub fn describe(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend connection has keepalive with our settings (Issue 11: a backend host that
+    /// vanishes during a quiet spell must not hold the session for ever).
+    #[tokio::test]
+    async fn backend_connections_have_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Target::Tcp {
+            host: "127.0.0.1".into(),
+            port: addr.port(),
+        };
+        let Backend::Tcp(s) = Backend::connect(&target, Duration::from_secs(5), None).await.unwrap() else {
+            panic!("a TCP target gives a TCP backend");
+        };
+        let s = socket2::SockRef::from(&s);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            (s.tcp_keepalive_interval().unwrap(), s.tcp_keepalive_retries().unwrap()),
+            (KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)
+        );
+    }
 
     /// A listener whose accept queue is full: a further connect hangs (its SYN is dropped).
     async fn blackhole() -> (tokio::net::TcpListener, Vec<TcpStream>) {

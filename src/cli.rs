@@ -13,8 +13,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 use crate::config::{
-    at_most_a_year, check_message_size, parse_duration, parse_size, Config, ConfigError, Framing, Limits, ListenAddr, ListenerConfig,
-    LogFormat, Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenLookup, TokenSourceConfig,
+    at_most_a_year, parse_duration, parse_message_size, Config, ConfigError, Framing, Limits, ListenAddr, ListenerConfig, LogFormat,
+    Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenLookup, TokenSourceConfig,
 };
 
 /// A fast, hardened WebSocket-to-TCP bridge, websockify-compatible.
@@ -102,8 +102,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub unix_target: Option<PathBuf>,
 
-    /// Send a ping every N seconds; a client that does not answer within N seconds is gone.
-    /// 0: no pings (websockify's meaning of 0).
+    /// Send a ping every N seconds; a client that does not answer within N seconds is gone
+    /// (default: 20). 0: no pings (websockify's meaning of 0).
     #[arg(long, value_name = "SECONDS")]
     pub heartbeat: Option<f64>,
     /// Close a session after N seconds with no data either way (pings do not count).
@@ -120,7 +120,7 @@ pub struct RunArgs {
     /// How backend bytes reach the client: binary (default), text or lines.
     #[arg(long, value_enum, value_name = "MODE")]
     pub framing: Option<FramingArg>,
-    /// Largest client message accepted (close 1009 above it), e.g. 1MiB.
+    /// Largest client message accepted (close 1009 above it), e.g. 1MiB; default: no limit ("off").
     #[arg(long, value_name = "SIZE")]
     pub max_message_size: Option<String>,
     /// Most concurrent connections (at least 1); more get HTTP 503.
@@ -474,9 +474,7 @@ impl RunArgs {
             limits.max_connections = n;
         }
         if let Some(s) = &self.max_message_size {
-            limits.max_message_size = parse_size(s)
-                .and_then(check_message_size)
-                .map_err(|e| usage(format!("--max-message-size: {e}")))?;
+            limits.max_message_size = parse_message_size(s).map_err(|e| usage(format!("--max-message-size: {e}")))?;
         }
         Ok(())
     }

@@ -129,8 +129,11 @@ pub struct RouteOptions {
     pub framing: Framing,
     /// Subprotocols this route accepts, in no particular order; the client's preference wins.
     pub subprotocols: Vec<String>,
-    /// Largest client message accepted (close 1009 above it).
-    pub max_message_size: usize,
+    /// Largest client message accepted (close 1009 above it); `None`: no limit. The relay streams
+    /// messages through without holding them, so a limit is a policy, not a memory bound. In
+    /// `lines` framing it is also the longest backend line kept before it is sent in pieces
+    /// ([`DEFAULT_MAX_LINE`] when `None`).
+    pub max_message_size: Option<usize>,
     /// Most concurrent sessions on this route (503 above it); `None` is no cap of its own.
     pub max_sessions: Option<usize>,
     /// Only clients whose TLS certificate's subject CN is in this list (403 otherwise).
@@ -274,7 +277,7 @@ pub struct Timeouts {
     pub idle: Option<Duration>,
     /// Longest life of a session, busy or not (1001).
     pub max_lifetime: Option<Duration>,
-    /// Interval between pings to the client.
+    /// Interval between pings to the client; `None`: no pings (no dead-peer detection above TCP).
     pub ping_interval: Option<Duration>,
     /// A ping unanswered for this long means the client is gone.
     pub pong_timeout: Duration,
@@ -293,8 +296,12 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             idle: None,
             max_lifetime: None,
-            ping_interval: None,
-            pong_timeout: Duration::from_secs(30),
+            // On by default: a client that vanishes (laptop lid, lost network) would otherwise
+            // hold its backend (often a one-viewer VNC server) for ever. 20 s keeps a ping inside
+            // the 60 s idle cut of nginx and common load balancers, and 20 + 20 s finds a dead
+            // client within 40 s.
+            ping_interval: Some(Duration::from_secs(20)),
+            pong_timeout: Duration::from_secs(20),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             http_write: Duration::from_secs(30),
@@ -307,18 +314,23 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Concurrent connections (sessions and HTTP requests together); above it: 503.
     pub max_connections: usize,
-    /// Default largest client message, for routes that do not set their own.
-    pub max_message_size: usize,
+    /// Default largest client message, for routes that do not set their own; `None` (the
+    /// default): no limit, as websockify has none and nothing buffers a message.
+    pub max_message_size: Option<usize>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 10_000,
-            max_message_size: 1 << 20,
+            max_message_size: None,
         }
     }
 }
+
+/// The longest unfinished backend line `lines` framing keeps (then sends it in pieces) on a route
+/// with no `max_message_size`: there the bytes are really held, so this bound stays by default.
+pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -494,7 +506,7 @@ impl Limits {
         format!(
             "max_connections = {}, max_message_size = \"{}\"",
             self.max_connections,
-            format_size(self.max_message_size)
+            format_limit(self.max_message_size)
         )
     }
 }
@@ -506,7 +518,7 @@ impl RouteOptions {
             "framing = \"{}\", subprotocols = {}, max_message_size = \"{}\"",
             self.framing,
             toml_strs(&self.subprotocols),
-            format_size(self.max_message_size)
+            format_limit(self.max_message_size)
         );
         if let Some(n) = self.max_sessions {
             let _ = write!(out, ", max_sessions = {n}");
@@ -544,6 +556,11 @@ pub fn format_duration(d: Duration) -> String {
         s if s % 60 == 0 => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
+}
+
+/// A size limit as the file writes it: `"off"` for none, else as [`format_size`].
+pub fn format_limit(n: Option<usize>) -> String {
+    n.map_or_else(|| "off".to_owned(), format_size)
 }
 
 /// A size as the configuration writes it, in the largest binary unit that keeps it whole
@@ -1122,9 +1139,9 @@ impl<'de> Deserialize<'de> for AtLeastOne {
     }
 }
 
-/// A message size limit written as a number or `"64KiB"`, `"1MiB"`.
+/// A message size limit written as a number or `"64KiB"`, `"1MiB"`, or `"off"` (no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Size(usize);
+struct Size(Option<usize>);
 
 /// Checks a message size limit: smaller than a control frame's payload, nothing sensible fits.
 ///
@@ -1155,14 +1172,25 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     n.checked_mul(scale).ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
+/// Parses a message size limit as [`parse_size`] does, or `"off"`: no limit (`None`).
+///
+/// # Errors
+/// Not a size, or below [`check_message_size`]'s floor.
+pub fn parse_message_size(s: &str) -> Result<Option<usize>, String> {
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    parse_size(s).and_then(check_message_size).map(Some)
+}
+
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = match NumOrString::deserialize(d)? {
             NumOrString::Int(n) => usize::try_from(n).map_err(de::Error::custom)?,
             NumOrString::Float(_) => return Err(de::Error::custom("a size is a whole number of bytes")),
-            NumOrString::S(s) => parse_size(&s).map_err(de::Error::custom)?,
+            NumOrString::S(s) => return parse_message_size(&s).map(Size).map_err(de::Error::custom),
         };
-        check_message_size(n).map(Size).map_err(de::Error::custom)
+        check_message_size(n).map(|n| Size(Some(n))).map_err(de::Error::custom)
     }
 }
 
@@ -1406,7 +1434,28 @@ mod tests {
         assert_eq!(c.timeouts.idle, None);
         assert_eq!(c.timeouts.ping_interval, Some(Duration::from_secs(20)));
         assert_eq!(c.routes[0].options.framing, Framing::Lines);
-        assert_eq!(c.routes[0].options.max_message_size, 4096);
+        assert_eq!(c.routes[0].options.max_message_size, Some(4096));
         assert_eq!(c.routes[0].options.subprotocols, vec!["binary".to_string()]);
+    }
+
+    /// Issue 11: with nothing said, a session is pinged every 20 s with a 20 s pong deadline and
+    /// has no message size limit; `"off"` switches each off explicitly.
+    #[test]
+    fn default_keepalive_and_no_message_limit() {
+        let c = parse("[[listen]]\naddr = 0\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\n").unwrap();
+        assert_eq!(c.timeouts.ping_interval, Some(Duration::from_secs(20)));
+        assert_eq!(c.timeouts.pong_timeout, Duration::from_secs(20));
+        assert_eq!((c.limits.max_message_size, c.routes[0].options.max_message_size), (None, None));
+        let c = parse(
+            "[[listen]]\naddr = 0\n[timeouts]\nping_interval = \"off\"\n[limits]\nmax_message_size = \"1MiB\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\nmax_message_size = \"off\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.ping_interval, None);
+        assert_eq!(
+            (c.limits.max_message_size, c.routes[0].options.max_message_size),
+            (Some(1 << 20), None)
+        );
+        assert_eq!(parse_message_size("64KiB"), Ok(Some(64 << 10)));
+        assert!(parse_message_size("12").is_err());
     }
 }

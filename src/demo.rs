@@ -114,7 +114,7 @@ pub fn config(listen: SocketAddr, web: &Path, chat: SocketAddr) -> Config {
     });
     let mut options = config.default_route_options();
     options.framing = Framing::Lines;
-    options.max_message_size = MAX_LINE;
+    options.max_message_size = Some(MAX_LINE);
     config.routes.push(RouteConfig {
         matcher: Matcher::Path("/chat".into()),
         target: Target::Tcp {

@@ -27,6 +27,19 @@ pub const PING: u8 = 0x9;
 /// Pong frame.
 pub const PONG: u8 = 0xA;
 
+/// An opcode's name, for trace lines.
+pub fn opcode_name(opcode: u8) -> &'static str {
+    match opcode {
+        CONTINUATION => "continuation",
+        TEXT => "text",
+        BINARY => "binary",
+        CLOSE => "close",
+        PING => "ping",
+        PONG => "pong",
+        _ => "reserved",
+    }
+}
+
 /// Largest control frame payload (RFC 6455 §5.5).
 pub const MAX_CONTROL: usize = 125;
 
@@ -257,6 +270,14 @@ impl Decoder {
             }
             _ => return Err(FrameError::Protocol("unknown opcode")),
         }
+        // `-vv`: every frame, never its payload. Disabled, this is one load and compare.
+        tracing::trace!(
+            dir = "client->bridge",
+            opcode = opcode_name(h.opcode),
+            fin = h.fin,
+            len = h.len,
+            "frame"
+        );
         self.frame = Some(Current {
             opcode: h.opcode,
             fin: h.fin,

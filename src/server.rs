@@ -219,11 +219,19 @@ impl Bridge {
             // Boxed: this rare path's state would otherwise widen every connection's task.
             return Box::pin(self.refuse_over_cap(stream)).await;
         };
-        // Small messages (keystrokes, VNC input) must not wait for Nagle. On Linux an accepted
-        // socket inherits TCP_NODELAY from the listening socket, which has it: no system call
-        // per connection.
+        // Small messages (keystrokes, VNC input) must not wait for Nagle, and a vanished client
+        // must not hold its backend (`client_options`). On Linux an accepted socket inherits
+        // these from the listening socket: no system call per connection.
         if !cfg!(target_os = "linux") {
-            let _ = stream.set_nodelay(true);
+            let _ = client_options(socket2::SockRef::from(&stream));
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(ping) = live.timeouts.ping_interval {
+            // Pings slower than the default: the user timeout must not cut before their deadline.
+            let dead = ping.saturating_add(live.timeouts.pong_timeout);
+            if dead > CLIENT_USER_TIMEOUT {
+                let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(dead));
+            }
         }
         // One deadline covers TLS and the upgrade: a silent client cannot hold a slot.
         let deadline = Instant::now() + live.timeouts.handshake;
@@ -353,9 +361,30 @@ impl Bridge {
     }
 }
 
-/// TCP_NODELAY on a listening socket is what its accepted sockets rely on on Linux (a failure
-/// to set it is an error there); elsewhere each connection sets its own and a refusal is ignored.
-fn inherited_nodelay(set: std::io::Result<()>) -> std::io::Result<()> {
+/// TCP_USER_TIMEOUT on client sockets (Linux): how long data we sent may go unacknowledged
+/// before the kernel drops the connection. The backstop for what pings cannot see: a client
+/// whose upload waits behind a slow backend is not read, so its pong cannot be read either and
+/// the relay counts that as backpressure; if that client vanishes, our ping to it is never
+/// acknowledged, and without this the kernel would retransmit for about 15 minutes
+/// (`tcp_retries2`). At least the default ping interval plus pong timeout (40 s), so it never
+/// cuts a healthy session before the pong deadline would; a configuration with longer ones
+/// raises it per connection (see `Bridge::connection`). A live client acknowledges within a
+/// round trip, and one with a full receive window answers the kernel's window probes.
+pub const CLIENT_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The options every accepted client socket gets: TCP_NODELAY, keepalive
+/// ([`crate::backend::tcp_keepalive`]) and, on Linux, [`CLIENT_USER_TIMEOUT`]. Set on a
+/// listening socket, Linux hands them to every socket it accepts (a failure to set one is an
+/// error there: connections rely on it); elsewhere each connection sets its own and a refusal is
+/// ignored.
+fn client_options(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+    let set = (|| {
+        socket.set_tcp_nodelay(true)?;
+        socket.set_tcp_keepalive(&crate::backend::tcp_keepalive())?;
+        #[cfg(target_os = "linux")]
+        socket.set_tcp_user_timeout(Some(CLIENT_USER_TIMEOUT))?;
+        Ok(())
+    })();
     if cfg!(target_os = "linux") {
         set
     } else {
@@ -402,7 +431,7 @@ impl Listener {
     /// The address cannot be bound (in use, not local, no permission).
     pub async fn bind(mut self) -> std::io::Result<Listener> {
         let socket = TcpListener::bind(self.config.addr).await?;
-        inherited_nodelay(socket2::SockRef::from(&socket).set_tcp_nodelay(true))?;
+        client_options(socket2::SockRef::from(&socket))?;
         self.socket = Some(socket);
         Ok(self)
     }
@@ -436,8 +465,8 @@ impl Listener {
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
-        // Accepted connections inherit it on Linux (see `Bridge::connection`).
-        inherited_nodelay(socket.set_tcp_nodelay(true))?;
+        // Accepted connections inherit them on Linux (see `Bridge::connection`).
+        client_options(socket2::SockRef::from(&socket))?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
         socket.set_nonblocking(true)?;
@@ -446,7 +475,7 @@ impl Listener {
 
     /// Uses a socket the caller bound (tests bind port 0).
     pub fn with_socket(mut self, socket: TcpListener) -> Listener {
-        let _ = socket2::SockRef::from(&socket).set_tcp_nodelay(true);
+        let _ = client_options(socket2::SockRef::from(&socket));
         self.socket = Some(socket);
         self
     }
@@ -577,8 +606,9 @@ mod tests {
         assert!(client.take_error().unwrap().is_none(), "the connection was reset");
     }
 
-    /// Every way a listener is bound hands its accepted connections TCP_NODELAY (on Linux by
-    /// inheritance, which is what lets `connection` skip the system call).
+    /// Every way a listener is bound hands its accepted connections TCP_NODELAY, keepalive and
+    /// TCP_USER_TIMEOUT (on Linux by inheritance, which is what lets `connection` skip the
+    /// system calls).
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_connections_have_nodelay() {
@@ -600,7 +630,22 @@ mod tests {
             let socket = listener.socket.as_ref().unwrap();
             let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
             let (accepted, _) = socket.accept().await.unwrap();
-            assert!(accepted.nodelay().unwrap(), "{:?}", listener.local_addr());
+            let at = listener.local_addr();
+            assert!(accepted.nodelay().unwrap(), "{at:?}");
+            let accepted = socket2::SockRef::from(&accepted);
+            assert!(accepted.keepalive().unwrap(), "keepalive {at:?}");
+            assert_eq!(accepted.tcp_keepalive_time().unwrap(), crate::backend::KEEPALIVE_IDLE, "{at:?}");
+            assert_eq!(
+                accepted.tcp_keepalive_interval().unwrap(),
+                crate::backend::KEEPALIVE_INTERVAL,
+                "{at:?}"
+            );
+            assert_eq!(
+                accepted.tcp_keepalive_retries().unwrap(),
+                crate::backend::KEEPALIVE_PROBES,
+                "{at:?}"
+            );
+            assert_eq!(accepted.tcp_user_timeout().unwrap(), Some(CLIENT_USER_TIMEOUT), "{at:?}");
         }
     }
 

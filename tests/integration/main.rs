@@ -6,6 +6,7 @@ mod common;
 
 mod binary;
 mod cli;
+mod defaults;
 mod handshake;
 mod lifecycle;
 mod relay;

@@ -168,7 +168,7 @@ async fn protocol_violations_get_1002_and_bad_utf8_1007() {
 async fn too_big_message_is_closed_with_1009() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
-    config.routes[0].options.max_message_size = 1000;
+    config.routes[0].options.max_message_size = Some(1000);
     let bridge = TestBridge::start(config).await;
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
     // Fits: echoed.
