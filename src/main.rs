@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Some(Command::Check { config }) => runtime.block_on(check(&config)),
         Some(Command::Demo { listen, cert, key }) => {
             wsbridge::logging::init(verbose, LogFormat::Text);
@@ -56,7 +56,12 @@ fn main() -> ExitCode {
             wsbridge::logging::init(verbose, config.log_format);
             report(runtime.block_on(run(config, config_path, threads)))
         }
-    }
+    };
+    // Dropping the runtime would wait for its blocking-pool threads, and one may be stuck in work
+    // nobody awaits any more (a static file that is a FIFO, a DNS lookup of a session that has
+    // ended): the server has stopped, so exit now.
+    runtime.shutdown_background();
+    code
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {

@@ -62,7 +62,9 @@ impl StartError {
 }
 
 /// A single-threaded runtime: each runtime thread runs sessions start to end with no cross-thread
-/// wake-ups; more cores get more such threads (see [`bind`]).
+/// wake-ups; more cores get more such threads (see [`bind`]). When it has served, end it with
+/// `shutdown_background`, not a drop: a drop waits for every blocking-pool thread, and one may be
+/// stuck in work nobody awaits any more (a static file that is a FIFO, a DNS lookup).
 ///
 /// # Errors
 /// The OS refuses what the runtime needs (an epoll descriptor, say).
@@ -221,11 +223,16 @@ impl Bound {
                 std::thread::Builder::new()
                     .name(format!("wsbridge-{i}"))
                     .spawn(move || -> Result<(), StartError> {
-                        runtime()?.block_on(async move {
+                        let runtime = runtime()?;
+                        let served = runtime.block_on(async move {
                             let listeners = attach(sockets)?;
                             bridge.serve(listeners).await;
                             Ok(())
-                        })
+                        });
+                        // Not a drop, which would wait for blocking-pool threads that may be stuck
+                        // in work nobody awaits (a static file that is a FIFO, say).
+                        runtime.shutdown_background();
+                        served
                     })?,
             );
         }

@@ -7,6 +7,7 @@ mod common;
 mod binary;
 mod handshake;
 mod lifecycle;
+mod process;
 mod relay;
 mod routing;
 mod tls;

@@ -1,0 +1,124 @@
+//! The binary as a process: start-up errors, log records of a failed reload, how fast it exits,
+//! and the demo's chat server. Each test runs the real `wsbridge` and reads its stderr.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+
+/// A running `wsbridge`, killed if the test ends before it exits, and its stderr lines, each
+/// with the moment it was read.
+struct Process {
+    child: Child,
+    lines: mpsc::Receiver<(String, Instant)>,
+    /// Every line read so far, for failure messages.
+    seen: Vec<String>,
+}
+
+impl Process {
+    fn spawn(args: &[&str]) -> Process {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn wsbridge");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, lines) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                if tx.send((line, Instant::now())).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Process {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `what`; returns it and when it was read.
+    async fn line(&mut self, what: &str) -> (String, Instant) {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some((line, at)) = self.lines.recv().await {
+                self.seen.push(line.clone());
+                if line.contains(what) {
+                    return Some((line, at));
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(found)) => found,
+            Ok(None) => panic!("wsbridge exited before writing {what:?}:\n{}", self.seen.join("\n")),
+            Err(_) => panic!("no line with {what:?} within {WAIT:?}:\n{}", self.seen.join("\n")),
+        }
+    }
+
+    /// The address of the first "listening" line.
+    async fn listening(&mut self) -> std::net::SocketAddr {
+        let (line, _) = self.line("listening addr=").await;
+        let addr = line.split("listening addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+        addr.parse().unwrap()
+    }
+
+    async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("still running").to_string();
+        let status = Command::new("kill").args(["-s", signal, &pid]).status().await.unwrap();
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+}
+
+/// After "stopped" with nothing open, the process is gone at once: nothing left in the runtime
+/// (a blocking-pool thread stuck in a file read, a DNS lookup nobody awaits any more) holds the
+/// exit. The web root's FIFO makes such a thread deterministic: serving it blocks in `open()`
+/// until a writer comes, which none does; the request itself ends at its write deadline.
+#[tokio::test]
+async fn exits_promptly_after_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+    let config = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\nweb = {:?}\n\n[[route]]\npath = \"/ws\"\ntarget = \"127.0.0.1:9\"\n\n\
+             [timeouts]\nhttp_write = \"1s\"\n",
+            dir.path().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    // Two runtime threads: the request may land on the second, whose runtime ends in its thread.
+    for (stuck, threads) in [(false, "1"), (true, "1"), (true, "2")] {
+        let mut p = Process::spawn(&["--config", config.to_str().unwrap(), "--threads", threads]);
+        let addr = p.listening().await;
+        if stuck {
+            // Read to EOF: the bridge drops the request at its write deadline, the thread stays.
+            let answer = http_raw(addr, b"GET /pipe HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(answer, "", "the FIFO was answered");
+        }
+        p.signal("TERM").await;
+        let (_, stopped) = p.line("stopped clean=true remaining=0").await;
+        let status = tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await;
+        let took = stopped.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "stuck={stuck} threads={threads}: still running {took:?} after the stopped line ({status:?})"
+        );
+        let status = status.unwrap().unwrap();
+        assert!(status.success(), "stuck={stuck} threads={threads}: {status:?}");
+    }
+}
