@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         Some(Command::Demo { listen, cert, key }) => {
             wsbridge::logging::init(verbose, LogFormat::Text);
             let tls = cert.map(|cert| wsbridge::tls::CertFiles { cert, key });
-            report(runtime.block_on(demo(&listen, tls)))
+            report(runtime.block_on(demo(&listen, tls)), None)
         }
         None => {
             let config_path = cli.run.config.clone();
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
                 }
             };
             wsbridge::logging::init(verbose, config.log_format);
-            report(runtime.block_on(run(config, config_path, threads)))
+            report(runtime.block_on(run(config, config_path.clone(), threads)), config_path.as_deref())
         }
     };
     // Dropping the runtime would wait for its blocking-pool threads, and one may be stuck in work
@@ -64,17 +64,22 @@ fn main() -> ExitCode {
     code
 }
 
-fn report(r: anyhow::Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<StartError>().is_some_and(StartError::is_config) || e.is::<BridgeError>() => {
-            eprintln!("wsbridge: {}", e.root_cause());
-            ExitCode::from(EX_USAGE)
+/// The exit code for how a run ended, with its error printed once. A listener's unusable file
+/// names the configuration file it came from (`path`), as `wsbridge check` does.
+fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
+    let Err(e) = r else { return ExitCode::SUCCESS };
+    if let Some(start) = e.downcast_ref::<StartError>().filter(|s| s.is_config()) {
+        match path {
+            Some(path) => eprintln!("wsbridge: {}: {start}", path.display()),
+            None => eprintln!("wsbridge: {start}"),
         }
-        Err(e) => {
-            eprintln!("wsbridge: {e:#}");
-            ExitCode::from(1)
-        }
+        ExitCode::from(EX_USAGE)
+    } else if e.is::<BridgeError>() {
+        eprintln!("wsbridge: {}", e.root_cause());
+        ExitCode::from(EX_USAGE)
+    } else {
+        eprintln!("wsbridge: {e:#}");
+        ExitCode::from(1)
     }
 }
 

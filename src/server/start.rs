@@ -270,7 +270,14 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
             Ok(()) => {
                 tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
             }
-            Err(e) => tracing::error!(error = %chain(&e), "reload failed; the running configuration stays"),
+            Err(e) => {
+                // A configuration error carries a TOML snippet over several lines: one record per
+                // line keeps it readable (a field would show `\n`s) and every record one line.
+                tracing::error!(config = %p.display(), "reload failed; the running configuration stays:");
+                for line in chain(&e).lines() {
+                    tracing::error!("reload failed: {line}");
+                }
+            }
         },
         None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
     }

@@ -122,3 +122,63 @@ async fn exits_promptly_after_stopping() {
         assert!(status.success(), "stuck={stuck} threads={threads}: {status:?}");
     }
 }
+
+/// A certificate file a TOML `[listen.tls]` names that does not exist: the error names the
+/// configuration file, the listener and the certificate, as `wsbridge check` does; exit 64.
+#[tokio::test]
+async fn a_missing_certificate_names_the_config_file_and_the_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wsbridge.toml");
+    let cert = dir.path().join("missing/fullchain.pem");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[listen.tls]\ncert = {:?}\nkey = {:?}\n\n\
+             [[route]]\npath = \"/ws\"\ntarget = \"127.0.0.1:9\"\n",
+            cert.to_str().unwrap(),
+            dir.path().join("missing/privkey.pem").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let cert = cert.to_str().unwrap();
+    for args in [&["--config", config][..], &["check", "--config", config][..]] {
+        let out = within("wsbridge to exit", Command::new(BIN).args(args).output()).await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        let first = err.lines().find(|l| l.contains(cert)).unwrap_or_else(|| panic!("{args:?}: {err}"));
+        assert!(
+            first.starts_with(&format!("wsbridge: {config}: listener 127.0.0.1:0: {cert}: cannot read")),
+            "{args:?}: {first}"
+        );
+    }
+}
+
+/// A reload that fails on a broken file logs the parser's multi-line message readably: one
+/// record per line, no `\n` escapes, the snippet's lines intact and in order.
+#[tokio::test]
+async fn a_failed_reload_logs_one_readable_record_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let config = |framing: &str| {
+        format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/ws\"\ntarget = \"127.0.0.1:9\"\nframing = \"{framing}\"\n")
+    };
+    std::fs::write(&file, config("binary")).unwrap();
+    let mut p = Process::spawn(&["--config", file.to_str().unwrap()]);
+    p.listening().await;
+    std::fs::write(&file, config("morse")).unwrap();
+    p.signal("HUP").await;
+    let (first, _) = p.line("reload failed").await;
+    assert!(first.contains("ERROR") && first.contains(file.to_str().unwrap()), "{first}");
+    let mut records = Vec::new();
+    while !records.last().is_some_and(|l: &String| l.contains("unknown variant")) {
+        records.push(p.line("reload failed: ").await.0);
+    }
+    let text: Vec<&str> = records.iter().map(|l| l.split("reload failed: ").nth(1).unwrap()).collect();
+    assert!(records.iter().all(|l| l.contains("ERROR") && !l.contains("\\n")), "{records:#?}");
+    assert!(text[0].contains("line 7"), "{text:#?}");
+    // The snippet as the parser wrote it, its caret under the value.
+    let value = text.iter().position(|l| *l == "7 | framing = \"morse\"").expect("the snippet line");
+    assert_eq!(text[value + 1].trim_end(), "  |           ^^^^^^^", "{text:#?}");
+    assert!(text.last().unwrap().contains("unknown variant `morse`"), "{text:#?}");
+}
