@@ -74,15 +74,20 @@ async fn member(stream: TcpStream, name: String, room: broadcast::Sender<String>
 }
 
 /// One line (lossy UTF-8, at most [`MAX_LINE`] bytes kept), or `None` at EOF or error.
+///
+/// Cancel-safe, as the member's `select!` needs: the bytes of a line read before a cancellation
+/// stay in `buf` (which holds only the line being read), and the next call goes on from them.
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Option<String> {
-    buf.clear();
-    // Bounded: a longer line is cut, and its rest is read as the next one.
-    let n = (&mut *r).take(MAX_LINE as u64).read_until(b'\n', buf).await.ok()?;
-    if n == 0 {
+    // Bounded: a longer line is cut, and its rest is read as the next one. The room left is
+    // counted from what `buf` already holds, so the bound survives a cancellation too.
+    let room = MAX_LINE.saturating_sub(buf.len());
+    let n = (&mut *r).take(room as u64).read_until(b'\n', buf).await.ok()?;
+    if n == 0 && buf.is_empty() {
         return None;
     }
-    buf.truncate(MAX_LINE);
-    Some(String::from_utf8_lossy(buf).into_owned())
+    let line = String::from_utf8_lossy(buf).into_owned();
+    buf.clear();
+    Some(line)
 }
 
 /// Writes the demo page into a fresh directory under the system temp dir, for the static-file

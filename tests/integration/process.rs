@@ -182,3 +182,95 @@ async fn a_failed_reload_logs_one_readable_record_per_line() {
     assert_eq!(text[value + 1].trim_end(), "  |           ^^^^^^^", "{text:#?}");
     assert!(text.last().unwrap().contains("unknown variant `morse`"), "{text:#?}");
 }
+
+/// Lines from a chat connection, one at a time, each within [`WAIT`].
+struct ChatClient {
+    read: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl ChatClient {
+    async fn connect(addr: std::net::SocketAddr) -> ChatClient {
+        let (read, write) = tokio::net::TcpStream::connect(addr).await.unwrap().into_split();
+        ChatClient {
+            read: BufReader::new(read).lines(),
+            write,
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        within("a chat line", self.read.next_line())
+            .await
+            .unwrap()
+            .expect("chat server closed")
+    }
+
+    /// Reads lines up to the one equal to `want`.
+    async fn until(&mut self, want: &str) {
+        within(&format!("chat line {want:?}"), async {
+            while let Some(line) = self.read.next_line().await.unwrap() {
+                if line == want {
+                    return;
+                }
+            }
+            panic!("chat server closed before {want:?}");
+        })
+        .await
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.write.write_all(bytes).await.unwrap();
+    }
+}
+
+/// The bytes waiting in the receive queue of the server end of `client` (from /proc/net/tcp):
+/// zero once the server has read what the client sent. `None` if the socket is not listed.
+fn server_rx_queue(client: &ChatClient) -> Option<u64> {
+    let (local, peer) = (client.write.local_addr().unwrap(), client.write.peer_addr().unwrap());
+    let hex = |a: std::net::SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port()),
+        std::net::IpAddr::V6(_) => unreachable!("the chat server is on 127.0.0.1"),
+    };
+    // The server end: its local address is the client's peer and the other way round.
+    let (ours, theirs) = (hex(peer), hex(local));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|row| {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        (f.get(1) == Some(&ours.as_str()) && f.get(2) == Some(&theirs.as_str()))
+            .then(|| u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok())
+            .flatten()
+    })
+}
+
+/// Item 10: a line that arrives in pieces, with another member's message broadcast while its
+/// first piece sits in the chat server, reaches the room whole. The first piece is known to be
+/// in the server (not in a socket) when the server end's receive queue is empty again.
+#[tokio::test]
+async fn a_chat_line_in_pieces_survives_a_broadcast_in_between() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let chat = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    wsbridge::demo::spawn_chat_server(listener, shutdown.clone());
+    let mut a = ChatClient::connect(chat).await;
+    a.until("* guest-1 joined").await;
+    let mut b = ChatClient::connect(chat).await;
+    b.until("* guest-2 joined").await;
+    a.until("* guest-2 joined").await;
+
+    a.send(b"hel").await;
+    // On loopback the piece is in the server end's queue when the write returns; the queue
+    // empties when the chat server reads it.
+    within("the chat server to read the first piece", async {
+        while server_rx_queue(&a).expect("the server end in /proc/net/tcp") != 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    b.send(b"hi\n").await;
+    assert_eq!(a.line().await, "guest-2: hi");
+    a.send(b"lo\n").await;
+    assert_eq!(b.line().await, "guest-2: hi");
+    assert_eq!(b.line().await, "guest-1: hello");
+    shutdown.cancel();
+}
