@@ -2,8 +2,8 @@
 //! port (every line from one client goes to all), wsbridge in front of it with `lines` framing on
 //! `/chat`, and a page served by wsbridge to chat from the browser.
 //!
-//! The chat server is an ordinary TCP service: `nc 127.0.0.1 PORT` joins the same room, which is
-//! the point of the demo.
+//! The chat server is an ordinary TCP service: any TCP client joins the same room (the demo
+//! prints a [`join_command`] that needs only bash), which is the point of the demo.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -90,6 +90,17 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<
     Some(line)
 }
 
+/// What the demo prints for joining the chat from a terminal: bash's `/dev/tcp` (stock Debian
+/// and most Linux systems have bash; `nc` and `telnet` are often not installed). It prints what
+/// the room says and sends what is typed; Ctrl-D or Ctrl-C leaves.
+pub fn join_command(chat: SocketAddr) -> String {
+    format!(
+        "bash -c 'exec 3<>/dev/tcp/{}/{}; cat <&3 & cat >&3; kill $!'",
+        chat.ip(),
+        chat.port()
+    )
+}
+
 /// Writes the demo page into a fresh directory under the system temp dir, for the static-file
 /// server to serve. The caller removes it.
 ///
@@ -129,4 +140,16 @@ pub fn config(listen: SocketAddr, web: &Path, chat: SocketAddr) -> Config {
         options,
     });
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_join_command_needs_only_bash() {
+        let command = join_command("127.0.0.1:40131".parse().unwrap());
+        assert_eq!(command, "bash -c 'exec 3<>/dev/tcp/127.0.0.1/40131; cat <&3 & cat >&3; kill $!'");
+        assert!(!command.contains("nc "), "{command}");
+    }
 }

@@ -181,11 +181,8 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
     let bound = start::bind(&config, 1)?;
     let local = bound.addrs()[0];
     println!("wsbridge demo: open {scheme}://{local}/ in a browser (two tabs make a conversation).");
-    println!(
-        "The chat server is plain TCP on {chat_addr}: `nc {} {}` joins the same room.",
-        chat_addr.ip(),
-        chat_addr.port()
-    );
+    println!("The chat server is plain TCP on {chat_addr}; join the same room from a terminal with:");
+    println!("    {}", wsbridge::demo::join_command(chat_addr));
     println!("Press Ctrl-C to stop.");
     let served = bound.serve(&bridge).await;
     let _ = std::fs::remove_dir_all(&web);

@@ -274,3 +274,90 @@ async fn a_chat_line_in_pieces_survives_a_broadcast_in_between() {
     assert_eq!(b.line().await, "guest-1: hello");
     shutdown.cancel();
 }
+
+/// Item 18: the command the demo prints for a terminal joins the room, on a machine with bash
+/// and nothing else (no nc).
+#[tokio::test]
+async fn the_demo_prints_a_terminal_command_that_joins_the_chat() {
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let command = within("the demo's join command", async {
+        while let Some(line) = out.next_line().await.unwrap() {
+            if let Some(command) = line.trim_start().strip_prefix("bash -c ") {
+                return format!("bash -c {command}");
+            }
+        }
+        panic!("the demo printed no bash command");
+    })
+    .await;
+    assert!(command.starts_with("bash -c 'exec 3<>/dev/tcp/127.0.0.1/"), "{command}");
+    // As a user would paste it into a shell.
+    let mut shell = Command::new("sh")
+        .args(["-c", &command])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut heard = BufReader::new(shell.stdout.take().unwrap()).lines();
+    let welcome = within("the welcome", heard.next_line()).await.unwrap().unwrap();
+    assert!(welcome.starts_with("* welcome, you are guest-"), "{welcome}");
+    let me = welcome.rsplit(' ').next().unwrap().to_owned();
+    let mut said = shell.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut said, b"hello from bash\n").await.unwrap();
+    let want = format!("{me}: hello from bash");
+    within("the line back from the room", async {
+        while heard.next_line().await.unwrap().expect("the terminal command ended") != want {}
+    })
+    .await;
+    // Ctrl-D leaves.
+    drop(said);
+    let status = within("the terminal command to exit", shell.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Item 18: `examples/embed.rs` does what it says: every path on its listener goes to the target,
+/// and Ctrl-C stops it. Cargo builds examples for `cargo test --all-targets` (scripts/test.sh)
+/// but not for `--test integration` alone: then this test is skipped, saying so.
+#[tokio::test]
+async fn the_embed_example_routes_every_path() {
+    let example = std::path::Path::new(BIN).with_file_name("examples").join("embed");
+    if !example.exists() {
+        return skip(
+            "the_embed_example_routes_every_path",
+            &format!("{} is not built (cargo test --all-targets builds it)", example.display()),
+        );
+    }
+    let (backend, _) = echo_backend().await;
+    let mut embed = Command::new(&example)
+        .args(["127.0.0.1:0", &backend.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(embed.stdout.take().unwrap()).lines();
+    let first = within("the example's first line", out.next_line()).await.unwrap().unwrap();
+    let addr = first
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("{first}"));
+    for path in ["/", "/ws", "/websockify", "/any/other/path"] {
+        let (mut ws, _) = ws_connect(&format!("ws://{addr}{path}"), None).await;
+        send_bin(&mut ws, path.as_bytes()).await;
+        assert_eq!(recv_data(&mut ws).await, path.as_bytes(), "{path}");
+    }
+    let pid = embed.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-s", "INT", &pid]).status().await.unwrap().success());
+    let last = within("the example's last line", out.next_line()).await.unwrap();
+    assert_eq!(last.as_deref(), Some("stopped (clean: true)"));
+    assert!(within("the example to exit", embed.wait()).await.unwrap().success());
+}
