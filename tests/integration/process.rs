@@ -361,3 +361,75 @@ async fn the_embed_example_routes_every_path() {
     assert_eq!(last.as_deref(), Some("stopped (clean: true)"));
     assert!(within("the example to exit", embed.wait()).await.unwrap().success());
 }
+
+/// Item 17: scripts/test.sh ends on one line over every target, `N passed, N failed, N skipped`,
+/// from scripts/test-summary.sh: the targets' `test result:` lines summed, tests that printed
+/// the skip line (tests/common's convention, once however often printed) and #[ignore]d ones
+/// counted as skipped, not passed. Fed a log of the shape `cargo test -- --show-output` writes.
+#[tokio::test]
+async fn the_test_summary_counts_every_target_and_the_skipped() {
+    let log = "\
+     Running unittests src/lib.rs (target/debug/deps/wsbridge-0123)
+
+running 3 tests
+test a ... ok
+test b ... ignored
+test c ... ok
+
+successes:
+
+successes:
+    a
+    c
+
+test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s
+
+     Running tests/integration/main.rs (target/debug/deps/integration-4567)
+
+running 6 tests
+test routing::ipv6 ... ok
+test process::embed ... ok
+test relay::x ... FAILED
+
+successes:
+
+---- routing::ipv6 stdout ----
+ipv6_listener_and_target skipped: no IPv6 loopback here
+
+---- process::embed stdout ----
+the_embed_example_routes_every_path skipped: examples/embed is not built
+* 3 lines skipped
+
+failures:
+
+---- relay::x stdout ----
+thread 'relay::x' panicked at tests/integration/relay.rs:1:1
+
+test result: FAILED. 5 passed; 1 failed; 0 ignored; 0 measured; 81 filtered out; finished in 2.05s
+
+     Running tests/browser.rs (target/debug/deps/browser-89ab)
+
+---- demo_chat_round_trip_in_chromium stdout ----
+demo_chat_round_trip_in_chromium skipped: WSBRIDGE_SKIP_BROWSER=1
+demo_chat_round_trip_in_chromium skipped: WSBRIDGE_SKIP_BROWSER=1
+
+test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s
+
+     Running unittests examples/embed.rs (target/debug/examples/embed-cdef)
+
+running 0 tests
+
+test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s
+";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cargo-test.log");
+    std::fs::write(&file, log).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-summary.sh");
+    let out = within("test-summary.sh", Command::new("bash").arg(script).arg(&file).output())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    // 9 reported passed, of which 3 skipped themselves; 1 ignored.
+    assert_eq!(stdout, "6 passed, 1 failed, 4 skipped\n");
+}
