@@ -433,3 +433,43 @@ test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; fini
     // 9 reported passed, of which 3 skipped themselves; 1 ignored.
     assert_eq!(stdout, "6 passed, 1 failed, 4 skipped\n");
 }
+
+/// Item 19: what the README's quick start says of listen addresses holds: a bare port listens on
+/// every interface, an address on that one only.
+#[tokio::test]
+async fn a_bare_port_listens_on_every_interface_and_an_address_on_that_one() {
+    let mut p = Process::spawn(&["0", "127.0.0.1:9"]);
+    let addr = p.listening().await;
+    assert_eq!(addr.ip(), std::net::Ipv4Addr::UNSPECIFIED, "{addr}");
+    let mut p = Process::spawn(&["127.0.0.1:0", "127.0.0.1:9"]);
+    let addr = p.listening().await;
+    assert_eq!(addr.ip(), std::net::Ipv4Addr::LOCALHOST, "{addr}");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains("listens on every interface") && readme.contains("wsbridge 127.0.0.1:6080"));
+    assert!(
+        readme.contains("cargo install --path ."),
+        "the README says how to put wsbridge on the PATH"
+    );
+}
+
+/// Item 19: the licenses Cargo.toml names are in the repository, as the README says.
+#[test]
+fn the_licenses_cargo_toml_names_are_in_the_repository() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("license = \"MIT OR Apache-2.0\""), "Cargo.toml's license changed");
+    for (file, heading) in [
+        ("LICENSE-MIT", "MIT License"),
+        (
+            "LICENSE-APACHE",
+            "Apache License\n                           Version 2.0, January 2004",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.contains(heading), "{file} is not the standard text");
+    }
+    let mit = std::fs::read_to_string(root.join("LICENSE-MIT")).unwrap();
+    assert!(mit.contains("Copyright (c) the wsbridge developers"), "{mit}");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("(LICENSE-APACHE)") && readme.contains("(LICENSE-MIT)"));
+}
