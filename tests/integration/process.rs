@@ -321,6 +321,10 @@ async fn the_demo_prints_a_terminal_command_that_joins_the_chat() {
     drop(said);
     let status = within("the terminal command to exit", shell.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");
+    // SIGTERM, not the kill on drop: the demo removes its web root as it exits.
+    let pid = demo.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-s", "TERM", &pid]).status().await.unwrap().success());
+    assert!(within("the demo to exit", demo.wait()).await.unwrap().success());
 }
 
 /// Item 18: `examples/embed.rs` does what it says: every path on its listener goes to the target,
