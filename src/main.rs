@@ -3,12 +3,11 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser as _;
-use tokio::net::TcpListener;
 
 use wsbridge::cli::{Cli, Command};
 use wsbridge::config::{Config, LogFormat};
+use wsbridge::demo::{Demo, DemoError};
 use wsbridge::routes::RouteTable;
 use wsbridge::server::start::{self, StartError};
 use wsbridge::server::{Bridge, BridgeError, Listener};
@@ -166,26 +165,25 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, thre
     Ok(())
 }
 
+/// `wsbridge demo`: [`Demo`] with signals, and what to open printed once it can be used.
 async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Result<()> {
     let addr = listen.parse::<wsbridge::config::ListenAddr>().map_err(anyhow::Error::msg)?.0;
-    let chat = TcpListener::bind("127.0.0.1:0").await.context("cannot start the chat server")?;
-    let chat_addr = chat.local_addr()?;
-    let web = wsbridge::demo::write_web_root().context("cannot write the demo page")?;
-    let mut config = wsbridge::demo::config(addr, &web, chat_addr);
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    config.listeners[0].tls = tls.map(wsbridge::tls::TlsSettings::new);
-    start::raise_open_file_limit();
-    let bridge = Bridge::new(&config)?;
-    wsbridge::demo::spawn_chat_server(chat, bridge.shutdown_token());
-    spawn_signal_handlers(&bridge, None, 1)?;
-    let bound = start::bind(&config, 1)?;
-    let local = bound.addrs()[0];
-    println!("wsbridge demo: open {scheme}://{local}/ in a browser (two tabs make a conversation).");
-    println!("The chat server is plain TCP on {chat_addr}; join the same room from a terminal with:");
-    println!("    {}", wsbridge::demo::join_command(chat_addr));
+    // Unwrapped, so that `report` finds a configuration error (exit 64) as on a normal run.
+    let demo = Demo::start(addr, tls.map(wsbridge::tls::TlsSettings::new))
+        .await
+        .map_err(|e| match e {
+            DemoError::Bridge(e) => anyhow::Error::new(e),
+            DemoError::Start(e) => anyhow::Error::new(e),
+            e => anyhow::Error::new(e),
+        })?;
+    // Before the lines a user (or a test) waits for: a signal without a handler would end the
+    // process without the drain.
+    spawn_signal_handlers(demo.bridge(), None, 1)?;
+    println!("wsbridge demo: open {} in a browser (two tabs make a conversation).", demo.url());
+    let chat = demo.chat_addr();
+    println!("The chat server is plain TCP on {chat}; join the same room from a terminal with:");
+    println!("    {}", wsbridge::demo::join_command(chat));
     println!("Press Ctrl-C to stop.");
-    let served = bound.serve(&bridge).await;
-    let _ = std::fs::remove_dir_all(&web);
-    served?;
+    demo.serve().await?;
     Ok(())
 }

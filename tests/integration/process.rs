@@ -477,3 +477,31 @@ fn the_licenses_cargo_toml_names_are_in_the_repository() {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     assert!(readme.contains("(LICENSE-APACHE)") && readme.contains("(LICENSE-MIT)"));
 }
+
+/// The demo's page directory goes when the demo does, also when it cannot start (here: a
+/// certificate that does not exist, exit 64).
+#[tokio::test]
+async fn a_demo_that_cannot_start_leaves_no_page_behind() {
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--cert", "/nonexistent/cert.pem"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = demo.id().unwrap();
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut demo.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    let status = within("the demo to exit", demo.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(err.contains("/nonexistent/cert.pem: cannot read"), "{err}");
+    let prefix = format!("wsbridge-demo-{pid}-");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
