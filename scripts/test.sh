@@ -12,7 +12,9 @@
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
 #     downloaded: the browser test drives Debian's Chromium.
 # Then: cargo fmt --check, cargo clippy -D warnings, the load generator's smoke run, and
-# cargo test --all-targets.
+# cargo test --all-targets, ending on one line over every test target:
+#   N passed, N failed, N skipped
+# (skipped: #[ignore]d, and tests that print `TEST skipped: REASON`, see tests/common/mod.rs).
 #
 # Needs: cargo with rustfmt and clippy, Node.js >= 20 with npm.
 # WSBRIDGE_SKIP_BROWSER=1 skips the browser test (and installing what only it needs).
@@ -100,4 +102,13 @@ section "bench/loadgen smoke (the benchmark's load generator must not rot)"
 cargo run --quiet --manifest-path bench/loadgen/Cargo.toml --target-dir target -- smoke
 
 section "cargo test --all-targets"
-cargo test --all-targets
+# Every target runs (--no-fail-fast), and each test's output is shown (--show-output) so that
+# the skip lines below can be counted; the summary line comes last whatever the outcome, and the
+# script still exits with cargo's status.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets --no-fail-fast -- --show-output 2>&1 | tee "$log" || status=$?
+# One line over every target: N passed, N failed, N skipped (see scripts/test-summary.sh).
+scripts/test-summary.sh "$log"
+exit "$status"

@@ -2,8 +2,11 @@
 //! port (every line from one client goes to all), wsbridge in front of it with `lines` framing on
 //! `/chat`, and a page served by wsbridge to chat from the browser.
 //!
-//! The chat server is an ordinary TCP service: `nc 127.0.0.1 PORT` joins the same room, which is
-//! the point of the demo.
+//! The chat server is an ordinary TCP service: any TCP client joins the same room (the demo
+//! prints a [`join_command`] that needs only bash), which is the point of the demo.
+//!
+//! [`Demo::start`] sets it all up through [`crate::server::start`], as the binary serves a
+//! configuration; `main.rs` adds signals and the lines it prints.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +18,100 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Framing, ListenerConfig, Matcher, RouteConfig, Target};
+use crate::server::start::{self, Bound, StartError};
+use crate::server::{Bridge, BridgeError, Drained};
+use crate::tls::TlsSettings;
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The chat server's port on loopback.
+    #[error("cannot start the chat server")]
+    Chat(#[source] std::io::Error),
+    /// The page's directory.
+    #[error("cannot write the demo page")]
+    Page(#[source] std::io::Error),
+    /// The demo's configuration is unusable (a bad listen address or certificate, say).
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    /// Binding the listener.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// `wsbridge demo`, started: the chat server runs, the page is written, the listener is bound.
+/// [`Demo::serve`] serves it until the bridge's shutdown token is cancelled.
+#[derive(Debug)]
+pub struct Demo {
+    bridge: Bridge,
+    bound: Bound,
+    chat: SocketAddr,
+    tls: bool,
+    /// Removed when the demo ends, however it ends.
+    _web: WebRoot,
+}
+
+/// The page's directory, removed on drop.
+#[derive(Debug)]
+struct WebRoot(PathBuf);
+
+impl Drop for WebRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Demo {
+    /// Starts the chat server on a loopback port, writes the page, and binds `listen` (one
+    /// runtime thread: a demo). With `tls`, the page and the chat are served over TLS.
+    ///
+    /// # Errors
+    /// The chat server's port or the page's directory cannot be had; the certificate cannot be
+    /// used; `listen` cannot be bound.
+    pub async fn start(listen: SocketAddr, tls: Option<TlsSettings>) -> Result<Demo, DemoError> {
+        let chat = TcpListener::bind("127.0.0.1:0").await.map_err(DemoError::Chat)?;
+        let chat_addr = chat.local_addr().map_err(DemoError::Chat)?;
+        let web = WebRoot(write_web_root().map_err(DemoError::Page)?);
+        let mut config = config(listen, &web.0, chat_addr);
+        let with_tls = tls.is_some();
+        config.listeners[0].tls = tls;
+        start::raise_open_file_limit();
+        let bridge = Bridge::new(&config)?;
+        let bound = start::bind(&config, 1)?;
+        spawn_chat_server(chat, bridge.shutdown_token());
+        Ok(Demo {
+            bridge,
+            bound,
+            chat: chat_addr,
+            tls: with_tls,
+            _web: web,
+        })
+    }
+
+    /// The bridge, for signal handlers: cancelling its shutdown token stops the demo.
+    pub fn bridge(&self) -> &Bridge {
+        &self.bridge
+    }
+
+    /// The page's address, for a browser.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/", self.bound.addrs()[0])
+    }
+
+    /// The chat server's address (plain TCP on loopback).
+    pub fn chat_addr(&self) -> SocketAddr {
+        self.chat
+    }
+
+    /// Serves until the bridge's shutdown token is cancelled, then drains and removes the page.
+    ///
+    /// # Errors
+    /// See [`Bound::serve`].
+    pub async fn serve(self) -> Result<Drained, StartError> {
+        self.bound.serve(&self.bridge).await
+    }
+}
 
 /// The demo page, built into the binary.
 pub const INDEX_HTML: &str = include_str!("../assets/demo/index.html");
@@ -74,15 +171,31 @@ async fn member(stream: TcpStream, name: String, room: broadcast::Sender<String>
 }
 
 /// One line (lossy UTF-8, at most [`MAX_LINE`] bytes kept), or `None` at EOF or error.
+///
+/// Cancel-safe, as the member's `select!` needs: the bytes of a line read before a cancellation
+/// stay in `buf` (which holds only the line being read), and the next call goes on from them.
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Option<String> {
-    buf.clear();
-    // Bounded: a longer line is cut, and its rest is read as the next one.
-    let n = (&mut *r).take(MAX_LINE as u64).read_until(b'\n', buf).await.ok()?;
-    if n == 0 {
+    // Bounded: a longer line is cut, and its rest is read as the next one. The room left is
+    // counted from what `buf` already holds, so the bound survives a cancellation too.
+    let room = MAX_LINE.saturating_sub(buf.len());
+    let n = (&mut *r).take(room as u64).read_until(b'\n', buf).await.ok()?;
+    if n == 0 && buf.is_empty() {
         return None;
     }
-    buf.truncate(MAX_LINE);
-    Some(String::from_utf8_lossy(buf).into_owned())
+    let line = String::from_utf8_lossy(buf).into_owned();
+    buf.clear();
+    Some(line)
+}
+
+/// What the demo prints for joining the chat from a terminal: bash's `/dev/tcp` (stock Debian
+/// and most Linux systems have bash; `nc` and `telnet` are often not installed). It prints what
+/// the room says and sends what is typed; Ctrl-D or Ctrl-C leaves.
+pub fn join_command(chat: SocketAddr) -> String {
+    format!(
+        "bash -c 'exec 3<>/dev/tcp/{}/{}; cat <&3 & cat >&3; kill $!'",
+        chat.ip(),
+        chat.port()
+    )
 }
 
 /// Writes the demo page into a fresh directory under the system temp dir, for the static-file
@@ -124,4 +237,16 @@ pub fn config(listen: SocketAddr, web: &Path, chat: SocketAddr) -> Config {
         options,
     });
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_join_command_needs_only_bash() {
+        let command = join_command("127.0.0.1:40131".parse().unwrap());
+        assert_eq!(command, "bash -c 'exec 3<>/dev/tcp/127.0.0.1/40131; cat <&3 & cat >&3; kill $!'");
+        assert!(!command.contains("nc "), "{command}");
+    }
 }

@@ -11,6 +11,7 @@
 //! | [`cli`] | websockify-compatible arguments → the same [`config::Config`] a TOML file produces |
 //! | [`config`] | the TOML model, defaults, validation with file/line/field errors |
 //! | [`server`] | accept loops, connection limit, per-connection task and span, phases and deadlines, drain |
+//! | [`server::start`] | starting a server as the binary does: open-file limit, runtime threads, binding, reload |
 //! | [`slots`] | counted caps (connections, a route's sessions) that keep counting across a reload |
 //! | [`handshake`] | one HTTP request: upgrade checks and answers (404/405/426/400/431/503), static files |
 //! | [`routes`] / [`tokens`] | the route table: path, token (inline or websockify token files), host |
@@ -21,7 +22,8 @@
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
 //! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
 //!
-//! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, binds, and calls [`server::Bridge::serve`].
+//! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
+//! server through [`server::start`], as an embedder would (`examples/embed.rs`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,6 +1,12 @@
 //! Shared helpers for the integration tests: a bridge bound to port 0, real TCP backends bound
 //! before they are spawned, WebSocket clients (tungstenite's, and a raw one for frames a proper
 //! client would never send), and raw HTTP. Every wait is bounded by [`WAIT`].
+//!
+//! A test that cannot run here (no IPv6 loopback, a built example missing, a low open-file limit)
+//! says so and returns: it calls [`skip`], which prints one line `TEST skipped: REASON` on stderr
+//! (past libtest's capture, so it shows in every run). That line is the convention
+//! `scripts/test.sh` counts on: it reports such tests as skipped, not passed. A test outside this module
+//! (tests/browser.rs) prints the same line itself.
 #![allow(dead_code)]
 
 pub mod pki;
@@ -44,13 +50,13 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 /// Marks a test that cannot run here as skipped, with `reason`: the caller returns right after.
 ///
 /// libtest has no runtime skip, so the test still counts as passed; what makes the skip visible
-/// is one line `skipped: <test>: <reason>` on stderr, written past libtest's output capture so it
-/// shows in every run, and counted by `scripts/test.sh` into its final summary. Keep the prefix
-/// exactly `skipped: `.
+/// is one line `TEST skipped: REASON` on stderr, written past libtest's output capture so it
+/// shows in every run, and counted by `scripts/test.sh` into its final summary (see the module
+/// comment). Keep the form exactly.
 pub fn skip(test: &str, reason: &str) {
     use std::io::Write;
     // One write of the whole line, so lines of tests running in parallel do not interleave.
-    let line = format!("skipped: {test}: {reason}\n");
+    let line = format!("{test} skipped: {reason}\n");
     std::io::stderr().write_all(line.as_bytes()).expect("stderr");
 }
 

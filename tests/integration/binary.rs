@@ -159,12 +159,9 @@ async fn sighup_reloads_the_config_file_and_keeps_the_old_one_when_the_new_is_br
     std::fs::write(&file, config("/newer", "morse")).unwrap();
     kill(&child, "HUP").await;
     let error = log_line(&mut logs, "reload failed").await;
-    let f = file.to_str().unwrap();
-    // One record, one line: the parser's multi-line snippet has its line breaks escaped.
-    assert!(
-        error.contains(f) && error.contains("line 7") && error.contains("unknown variant `morse`"),
-        "{error}"
-    );
+    // One record per line of the parser's message (process.rs checks them).
+    assert!(error.contains(file.to_str().unwrap()), "{error}");
+    log_line(&mut logs, "unknown variant `morse`").await;
     assert_eq!(status_of(&http_head(addr, &upgrade_request("/new", "")).await), 101);
     assert_eq!(status_of(&http_raw(addr, &upgrade_request("/newer", "")).await), 404);
     send_bin(&mut live, b"still").await;

@@ -9,6 +9,7 @@ mod cli;
 mod defaults;
 mod handshake;
 mod lifecycle;
+mod process;
 mod relay;
 mod routing;
 mod tls;

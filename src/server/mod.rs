@@ -12,6 +12,10 @@
 //!
 //! Shutdown: cancelling the token stops the accept loops; sessions close with 1001 after flushing;
 //! [`Bridge::serve`] returns when every task is done or `timeouts.shutdown_grace` has passed.
+//!
+//! [`start`] starts a server as the binary does: open-file limit, runtime threads, binding.
+
+pub mod start;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;

@@ -1,0 +1,309 @@
+//! Starting a server the way the `wsbridge` binary does, for the binary and for embedders alike:
+//! the open-file limit, runtime threads, one socket per listener for each thread, serving until
+//! the bridge's shutdown token is cancelled, and reloading on request.
+//!
+//! ```no_run
+//! # async fn f(mut config: wsbridge::config::Config) -> Result<(), Box<dyn std::error::Error>> {
+//! use wsbridge::server::{start, Bridge};
+//! let threads = start::available_threads();
+//! let limit = start::raise_open_file_limit();
+//! start::fit_open_file_limit(limit, &mut config, threads);
+//! let bridge = Bridge::new(&config)?;
+//! let bound = start::bind(&config, threads)?; // every port taken, or an error
+//! println!("listening on {:?}", bound.addrs());
+//! let drained = bound.serve(&bridge).await?; // until bridge.shutdown_token() is cancelled
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokio::net::TcpListener;
+
+use super::{Bridge, BridgeError, Drained, Listener, LINGERING_REFUSALS};
+use crate::config::Config;
+use crate::tls::TlsError;
+
+/// Why a server could not start or stopped with an error. [`StartError::is_config`] tells the
+/// configuration's fault (the binary exits 64) from the machine's (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener's files (certificate, key, CA) cannot be used.
+    #[error("listener {addr}: {source}")]
+    Listener {
+        /// The listener's configured address.
+        addr: SocketAddr,
+        /// What is wrong with its files.
+        #[source]
+        source: TlsError,
+    },
+    /// A port cannot be bound (in use, not local, no permission).
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The listener's configured address.
+        addr: SocketAddr,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime or a socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A runtime thread panicked.
+    #[error("a runtime thread panicked")]
+    Panicked,
+}
+
+impl StartError {
+    /// The configuration's fault (a file to fix), not the machine's.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Listener { .. })
+    }
+}
+
+/// A single-threaded runtime: each runtime thread runs sessions start to end with no cross-thread
+/// wake-ups; more cores get more such threads (see [`bind`]). When it has served, end it with
+/// `shutdown_background`, not a drop: a drop waits for every blocking-pool thread, and one may be
+/// stuck in work nobody awaits any more (a static file that is a FIFO, a DNS lookup).
+///
+/// # Errors
+/// The OS refuses what the runtime needs (an epoll descriptor, say).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// [`default_threads`] for the CPUs this process may run on.
+pub fn available_threads() -> usize {
+    default_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runtime threads when `--threads` is not given, for `cpus` CPUs this process may run on (as
+/// `available_parallelism` counts them: cores, affinity mask and cgroup quota): one per CPU,
+/// except on one or two, where one. A bridge with so few CPUs usually shares them with its
+/// backend (`wsbridge 6080 localhost:5900`), and on loopback the kernel delivers each segment on
+/// the sender's thread: two runtime threads, the backend and the clients then contend for two
+/// cores. On a 2-core machine one thread measured better than two on every row but TLS session
+/// churn, which is handshake arithmetic and gains 3-11% from the second thread (BENCHMARKS.md,
+/// "Runtime threads"); `--threads 2` gives that back. Three or more CPUs keep one thread each:
+/// not measured here (the project's machine has two), and what scales where the bridge has the
+/// cores to itself.
+pub fn default_threads(cpus: usize) -> usize {
+    if cpus <= 2 {
+        1
+    } else {
+        cpus
+    }
+}
+
+/// Descriptors kept aside from sessions besides each thread's own: stdio, token and certificate
+/// files being read, the signal pipe, and one for each refusal past the cap that may linger.
+const FD_RESERVE: u64 = 32 + LINGERING_REFUSALS as u64;
+
+/// Raises the soft limit on open files to the hard limit and returns the limit in force. Shells
+/// and systemd start most services with a soft limit of 1,024, which would stop wsbridge near 500
+/// sessions (a session holds two descriptors) however high the hard limit is.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    let current = before.current.unwrap_or(u64::MAX);
+    // The kernel refuses a soft limit above fs.nr_open, even under an unlimited hard limit.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let wanted = before.maximum.unwrap_or(u64::MAX).min(nr_open);
+    if current >= wanted {
+        return current;
+    }
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: before.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = current, to = wanted, "open-file limit raised to the hard limit");
+            wanted
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, limit = current, "cannot raise the open-file limit");
+            current
+        }
+    }
+}
+
+/// Lowers `max_connections` to what `limit` open files can hold, with a warning: past that, new
+/// connections would fail on descriptors (accepts stall in a back-off, backend connects fail with
+/// 1014) instead of getting a prompt 503. A session holds two descriptors; each runtime thread
+/// holds a socket per listener, its epoll and its wake-up descriptor.
+pub fn fit_open_file_limit(limit: u64, config: &mut Config, threads: usize) {
+    let max_connections = config.limits.max_connections;
+    let reserve = FD_RESERVE + threads as u64 * (config.listeners.len() as u64 + 2);
+    let sessions = usize::try_from(limit.saturating_sub(reserve) / 2).unwrap_or(usize::MAX);
+    if sessions < max_connections {
+        tracing::warn!(
+            "max_connections lowered from {max_connections} to {sessions}: the open-file limit ({limit}) holds \
+             no more sessions; raise it (ulimit -n, LimitNOFILE= in a systemd unit) to allow more"
+        );
+        config.limits.max_connections = sessions;
+    }
+}
+
+/// Every listener of a configuration bound for each runtime thread, ready to [`Bound::serve`].
+#[derive(Debug)]
+pub struct Bound {
+    /// Every listener's sockets, per runtime thread.
+    per_thread: Vec<Vec<(Listener, std::net::TcpListener)>>,
+    /// Each listener's bound address, in the configuration's order.
+    addrs: Vec<SocketAddr>,
+}
+
+/// Reads every listener's files (a bad certificate is a configuration error, reported before any
+/// port is taken), then binds one socket per listener for each of `threads` runtime threads, with
+/// `SO_REUSEPORT` when there are several so the kernel spreads connections over them.
+///
+/// # Errors
+/// A listener's files cannot be used ([`StartError::Listener`]), or a port cannot be bound
+/// ([`StartError::Bind`]); nothing stays bound then.
+pub fn bind(config: &Config, threads: usize) -> Result<Bound, StartError> {
+    let mut prepared = Vec::new();
+    for l in &config.listeners {
+        prepared.push(Listener::prepare(l).map_err(|source| StartError::Listener { addr: l.addr, source })?);
+    }
+    // Bind every socket before serving any, so a port in use fails the start, not one thread.
+    let threads = threads.max(1);
+    let mut per_thread: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for l in &prepared {
+        let bind_error = |source| StartError::Bind {
+            addr: l.config.addr,
+            source,
+        };
+        let mut addr = l.config.addr;
+        if threads > 1 {
+            // SO_REUSEPORT would let us share a port another process holds (a second wsbridge,
+            // say) without a word: bind once without it first, so a port in use is an error.
+            let probe = Listener::bind_std(addr, false).map_err(bind_error)?;
+            addr = probe.local_addr()?;
+        }
+        for sockets in per_thread.iter_mut() {
+            let socket = Listener::bind_std(addr, threads > 1).map_err(bind_error)?;
+            // Port 0: the first socket picks the port, the others share it.
+            addr = socket.local_addr()?;
+            sockets.push((l.sibling(), socket));
+        }
+        let web = l.config.web.as_ref().map(|w| tracing::field::display(w.display()));
+        tracing::info!(addr = %addr, tls = l.config.tls.is_some(), web, threads, "listening");
+        addrs.push(addr);
+    }
+    Ok(Bound { per_thread, addrs })
+}
+
+impl Bound {
+    /// Each listener's bound address, in the configuration's order (port 0 resolved).
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Serves the bound sockets until `bridge`'s shutdown token is cancelled, then drains: the
+    /// first thread's sockets on the calling runtime, each other thread's on a single-threaded
+    /// runtime of its own ([`runtime`]); the bridge state (routes, limits, shutdown, drain) is
+    /// shared. Returns when every thread has drained.
+    ///
+    /// # Errors
+    /// A runtime thread could not start, or panicked.
+    pub async fn serve(self, bridge: &Bridge) -> Result<Drained, StartError> {
+        let mut workers = Vec::new();
+        let mut own = Vec::new();
+        for (i, sockets) in self.per_thread.into_iter().enumerate() {
+            if i == 0 {
+                own = sockets;
+                continue;
+            }
+            let bridge = bridge.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("wsbridge-{i}"))
+                    .spawn(move || -> Result<(), StartError> {
+                        let runtime = runtime()?;
+                        let served = runtime.block_on(async move {
+                            let listeners = attach(sockets)?;
+                            bridge.serve(listeners).await;
+                            Ok(())
+                        });
+                        // Not a drop, which would wait for blocking-pool threads that may be stuck
+                        // in work nobody awaits (a static file that is a FIFO, say).
+                        runtime.shutdown_background();
+                        served
+                    })?,
+            );
+        }
+        let drained = bridge.serve(attach(own)?).await;
+        for w in workers {
+            match w.join() {
+                Ok(r) => r?,
+                Err(_) => return Err(StartError::Panicked),
+            }
+        }
+        tracing::info!(clean = drained.clean, remaining = drained.remaining, "stopped");
+        Ok(drained)
+    }
+}
+
+/// Hands std sockets to the current runtime.
+fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> std::io::Result<Vec<Listener>> {
+    sockets
+        .into_iter()
+        .map(|(l, s)| Ok(l.with_socket(TcpListener::from_std(s)?)))
+        .collect()
+}
+
+/// Reloads (SIGHUP): re-reads the configuration file, if there is one, fitted to the open-file
+/// limit for `threads` runtime threads, then every listener's certificates. A bad file is logged
+/// and the running configuration stays. Blocking: files are read and parsed here, so call it off
+/// the runtime threads (`spawn_blocking`).
+pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
+    match path {
+        Some(p) => match Config::from_file(p).map_err(BridgeError::from).and_then(|mut c| {
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
+            bridge.reload(&c)
+        }) {
+            Ok(()) => {
+                tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
+            }
+            Err(e) => {
+                // A configuration error carries a TOML snippet over several lines: one record per
+                // line keeps it readable (a field would show `\n`s) and every record one line.
+                tracing::error!(config = %p.display(), "reload failed; the running configuration stays:");
+                for line in chain(&e).lines() {
+                    tracing::error!("reload failed: {line}");
+                }
+            }
+        },
+        None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
+    }
+    for e in bridge.reload_tls() {
+        tracing::error!(error = %e, "certificate reload failed; the previous certificate stays in service");
+    }
+}
+
+/// An error and its sources, joined by ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_runtime_thread_on_small_machines_one_per_cpu_on_larger() {
+        let threads: Vec<usize> = [1, 2, 3, 4, 64].into_iter().map(super::default_threads).collect();
+        assert_eq!(threads, [1, 1, 3, 4, 64]);
+    }
+}
