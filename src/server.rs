@@ -16,7 +16,7 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
-use crate::handshake::{self, Outcome, WebRoot};
+use crate::http::request::{answer, answer_text, linger};
+use crate::http::{Outcome, Upgrade, WebRoot};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
 use crate::slots::Slots;
@@ -243,10 +244,10 @@ impl Bridge {
         let (status, reason) = (http::StatusCode::SERVICE_UNAVAILABLE, "too many connections");
         match self.inner.refusals.try_take(LINGERING_REFUSALS) {
             Some(_lingering) => {
-                let _ = timeout(Duration::from_secs(1), handshake::answer(&mut stream, status, reason, &retry)).await;
+                let _ = timeout(Duration::from_secs(1), answer(&mut stream, status, reason, &retry)).await;
                 linger(&mut stream, Duration::from_millis(250)).await;
             }
-            None => refuse_at_once(&stream, handshake::answer_text(status, reason, &retry, true).as_bytes()),
+            None => refuse_at_once(&stream, answer_text(status, reason, &retry, true).as_bytes()),
         }
         debug!(status = 503, "refused: connection limit reached");
     }
@@ -266,7 +267,7 @@ impl Bridge {
             let certs_required = tls.settings.client_ca.is_some() && tls.settings.client_auth == crate::tls::ClientAuth::Required;
             if tls.settings.only || certs_required {
                 let reason = "this port takes TLS only: use wss:// (https)";
-                let _ = tokio::time::timeout_at(deadline, handshake::answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
+                let _ = tokio::time::timeout_at(deadline, answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
                 linger(&mut stream, live.timeouts.close).await;
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
@@ -307,13 +308,13 @@ impl Bridge {
         // file, or the 101) under the write deadline, so a large file on a slow link is not cut.
         let head = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, handshake::read_request(&mut stream)) => match r {
+            r = tokio::time::timeout_at(deadline, crate::http::read_request(&mut stream)) => match r {
                 Ok(head) => head,
                 Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
             },
         };
         let write_deadline = Instant::now() + t.http_write;
-        let responded = Box::pin(handshake::respond(
+        let responded = Box::pin(crate::http::respond(
             &mut stream,
             head,
             &live.routes,
@@ -332,13 +333,13 @@ impl Bridge {
         let span = tracing::Span::current();
         span.record("route", upgrade.route.name.as_str());
         span.record("target", tracing::field::display(&upgrade.route.target));
-        match tokio::time::timeout_at(write_deadline, handshake::write_switching(&mut stream, &upgrade)).await {
+        match tokio::time::timeout_at(write_deadline, crate::http::write_switching(&mut stream, &upgrade)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
             Err(_) => return debug!("write deadline passed writing 101"),
         }
         // Keep what the session needs; the request head is freed here, not at the session's end.
-        let handshake::Upgrade {
+        let Upgrade {
             route,
             leftover,
             slot: _slot,
@@ -481,27 +482,6 @@ fn refuse_at_once(stream: &TcpStream, answer: &[u8]) {
     }
     let _ = (&*socket).write(answer);
     let _ = socket.shutdown(std::net::Shutdown::Write);
-}
-
-/// Ends an answered connection cleanly: FIN (close_notify over TLS), then up to 64 KiB of what the
-/// client still sends is read and dropped for at most `wait`, so that closing a socket with unread
-/// request bytes does not reset the connection and destroy the answer before the client reads it.
-pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration) {
-    use tokio::io::AsyncReadExt;
-    let _ = timeout(wait, async {
-        stream.shutdown().await?;
-        // On the heap: a 4 KiB array here would sit in every connection's future, used or not.
-        let mut buf = vec![0u8; 4096];
-        let mut total = 0;
-        while total < 64 * 1024 {
-            match stream.read(&mut buf).await? {
-                0 => break,
-                n => total += n,
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
 }
 
 /// Connects the backend and relays; logs the session's open and close lines. `early` holds

@@ -1,0 +1,30 @@
+//! The HTTP side of a connection: read one request head (bounded in size and time), decide what it
+//! is, and answer it.
+//!
+//! Every outcome is decided here, before any backend is touched:
+//! - a WebSocket upgrade on a known route gets `101` and becomes a session ([`Upgrade`]);
+//! - an upgrade with no route gets `404`, a bad method `405`, malformed upgrade headers `400`, a
+//!   `Sec-WebSocket-Version` other than 13 gets `426` naming 13, a head over [`MAX_HEAD`] gets `431`;
+//! - a client whose certificate's common name the route does not list gets `403`;
+//! - a plain request on a route gets `426`; with a `web` directory, plain GET/HEAD requests get static
+//!   files (resolved by `hyper-staticfile`, which refuses `..` and answers ranges and conditional
+//!   requests), otherwise `404`.
+//!
+//! The files, each below its users (no two import each other):
+//!
+//! | file | owns |
+//! |---|---|
+//! | [`request`] | reading a request head (httparse), writing a short answer, lingering after it |
+//! | [`web`] | static files and directory listings under a listener's `web` directory |
+//! | [`upgrade`] | the decision: upgrade checks, route lookup, subprotocol, the `101` |
+//!
+//! Parsing is `httparse`'s; the answers are written here because a bridge needs only a handful of
+//! fixed responses and must control exactly when the connection becomes a WebSocket.
+
+pub mod request;
+pub mod upgrade;
+pub mod web;
+
+pub use request::{read_request, Head, Rejection, MAX_HEAD, MAX_HEADERS};
+pub use upgrade::{choose_subprotocol, respond, write_switching, Outcome, Upgrade};
+pub use web::WebRoot;
