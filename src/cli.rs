@@ -93,7 +93,8 @@ pub struct RunArgs {
     /// Same as `--token-plugin TokenFile --token-source FILE` (websockify's older option).
     #[arg(long, value_name = "FILE|DIR")]
     pub target_config: Option<PathBuf>,
-    /// Take the token from the Host header instead of the `token` query parameter.
+    /// Take the token from the Host header instead of the `token` query parameter (without its
+    /// port; host names match without regard to case).
     #[arg(long)]
     pub host_token: bool,
     /// Bridge to this unix socket instead of a TCP target.
@@ -234,6 +235,9 @@ pub struct Refused {
     legacy_syslog: bool,
     #[arg(long, hide = true)]
     ssl_ciphers: Option<String>,
+    /// websockify's wrap mode: `wsbridge 6080 -- vncserver :1`.
+    #[arg(last = true, hide = true, value_name = "COMMAND")]
+    wrap: Vec<String>,
 }
 
 impl Refused {
@@ -311,6 +315,11 @@ impl Refused {
                 self.legacy_syslog,
                 "--legacy-syslog",
                 "wsbridge logs to stderr; journald or your supervisor forwards it",
+            ),
+            (
+                !self.wrap.is_empty(),
+                "-- COMMAND (websockify's wrap mode)",
+                "wsbridge does not run programs: start the backend separately (a systemd unit, say) and give its address as TARGET",
             ),
             (
                 self.ssl_ciphers.is_some(),

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{Target, TokenSourceConfig};
+use crate::config::{Target, TokenLookup, TokenSourceConfig};
 
 /// How often a token source looks at its files' metadata, at most.
 pub const RECHECK: Duration = Duration::from_secs(1);
@@ -73,6 +73,26 @@ pub fn parse_token_text(text: &str, file: &Path, into: &mut HashMap<String, Targ
             }
             Err(e) => complain(e),
         }
+    }
+}
+
+/// A host name as a `lookup = "host"` token: host names compare without case and a trailing
+/// dot (`Desk1.Example.` is `desk1.example`), and an IP literal in its canonical form (`[0::1]`
+/// is `::1`), so the file's spelling and the Host header's need not agree.
+pub fn host_key(host: &str) -> String {
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return ip.to_string();
+    }
+    let name = bare.strip_suffix('.').unwrap_or(bare);
+    name.to_ascii_lowercase()
+}
+
+/// The map as lookups see it: for a Host source, keyed by [`host_key`].
+fn keyed(map: HashMap<String, Target>, lookup: TokenLookup) -> HashMap<String, Target> {
+    match lookup {
+        TokenLookup::Query => map,
+        TokenLookup::Host => map.into_iter().map(|(k, v)| (host_key(&k), v)).collect(),
     }
 }
 
@@ -147,7 +167,7 @@ impl TokenSource {
             tracing::warn!(%b, "token line skipped");
         }
         let state = State {
-            map: Arc::new(map),
+            map: Arc::new(keyed(map, config.lookup)),
             stamp,
             checked: Instant::now(),
         };
@@ -179,7 +199,7 @@ impl TokenSource {
                         tracing::warn!(%b, "token line skipped");
                     }
                     tracing::info!(source = %self.config.path.display(), tokens = map.len(), "token source re-read");
-                    state.map = Arc::new(map);
+                    state.map = Arc::new(keyed(map, self.config.lookup));
                     state.stamp = now;
                 }
                 Ok(Ok(None)) => {}

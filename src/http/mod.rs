@@ -3,9 +3,12 @@
 //!
 //! Every outcome is decided here, before any backend is touched:
 //! - a WebSocket upgrade on a known route gets `101` and becomes a session ([`Upgrade`]);
+//! - a missing `Host` (HTTP/1.1) or two of them get `400`, whatever the request;
 //! - an upgrade with no route gets `404`, a bad method `405`, malformed upgrade headers `400`, a
 //!   `Sec-WebSocket-Version` other than 13 gets `426` naming 13, a head over [`MAX_HEAD`] gets `431`;
-//! - a client whose certificate's common name the route does not list gets `403`;
+//!   every check that needs only the head runs before the route lookup;
+//! - a client whose certificate's common name the route does not list gets `403`, a route at its
+//!   `max_sessions` `503`: the bodies say what the client may know, the log line says which route;
 //! - a plain request on a route gets `426`; with a `web` directory, plain GET/HEAD requests get static
 //!   files (resolved by `hyper-staticfile`, which refuses `..` and answers ranges and conditional
 //!   requests), otherwise `404`.

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::request::{answer, write_answer, Head, Rejection};
 use super::web::{self, WebRoot};
-use crate::routes::{Route, RouteTable};
+use crate::routes::{Miss, Route, RouteTable};
 use crate::slots::Slot;
 
 /// A request that will become a WebSocket session.
@@ -71,8 +71,13 @@ where
     let body = request.method() != Method::HEAD;
     match decide(request, leftover, routes, web, client_cn).await {
         Decision::Upgrade(u) => Ok(Outcome::Upgrade(u)),
-        Decision::Reject { status, reason, headers } => {
-            write_answer(io, status, &reason, &headers, body).await?;
+        Decision::Reject {
+            status,
+            reason,
+            body: said,
+            headers,
+        } => {
+            write_answer(io, status, said.unwrap_or(&reason), &headers, body).await?;
             Ok(Outcome::Answered { status, reason })
         }
         Decision::Static(request, web) => {
@@ -89,7 +94,11 @@ enum Decision<'w> {
     Upgrade(Box<Upgrade>),
     Reject {
         status: StatusCode,
+        /// For the log; also the body unless `body` says otherwise.
         reason: String,
+        /// What the client is told when `reason` holds what only the operator may see (a route's
+        /// name, which can carry a token file's path; a certificate's name).
+        body: Option<&'static str>,
         headers: Vec<(HeaderName, HeaderValue)>,
     },
     Static(Request<()>, &'w WebRoot),
@@ -99,6 +108,17 @@ fn reject<'w>(status: StatusCode, reason: impl Into<String>) -> Decision<'w> {
     Decision::Reject {
         status,
         reason: reason.into(),
+        body: None,
+        headers: Vec::new(),
+    }
+}
+
+/// A refusal whose details go to the log only; the client reads `body`.
+fn refuse<'w>(status: StatusCode, body: &'static str, reason: String) -> Decision<'w> {
+    Decision::Reject {
+        status,
+        reason,
+        body: Some(body),
         headers: Vec::new(),
     }
 }
@@ -111,6 +131,13 @@ async fn decide<'w>(
     client_cn: Option<&str>,
 ) -> Decision<'w> {
     let headers = request.headers();
+    // RFC 9112 §3.2: an HTTP/1.1 request without a Host, or any request with two, gets 400 (two
+    // Hosts are how a request is made to mean one thing to a proxy and another here).
+    match (headers.get_all(header::HOST).iter().count(), request.version()) {
+        (0, Version::HTTP_11) => return reject(StatusCode::BAD_REQUEST, "missing Host header"),
+        (2.., _) => return reject(StatusCode::BAD_REQUEST, "more than one Host header"),
+        _ => {}
+    }
     if !header_has_token(headers, &header::UPGRADE, "websocket") {
         // A plain HTTP request.
         let is_get = matches!(*request.method(), Method::GET | Method::HEAD);
@@ -122,6 +149,7 @@ async fn decide<'w>(
                 false => Decision::Reject {
                     status: StatusCode::METHOD_NOT_ALLOWED,
                     reason: format!("method {} not allowed", request.method()),
+                    body: None,
                     headers: vec![(header::ALLOW, HeaderValue::from_static("GET, HEAD"))],
                 },
             };
@@ -130,11 +158,13 @@ async fn decide<'w>(
             true if !is_get => Decision::Reject {
                 status: StatusCode::METHOD_NOT_ALLOWED,
                 reason: format!("method {} not allowed", request.method()),
+                body: None,
                 headers: vec![(header::ALLOW, HeaderValue::from_static("GET"))],
             },
             true => Decision::Reject {
                 status: StatusCode::UPGRADE_REQUIRED,
                 reason: "this is a WebSocket endpoint: upgrade required".into(),
+                body: None,
                 headers: vec![
                     (header::UPGRADE, HeaderValue::from_static("websocket")),
                     (header::CONNECTION, HeaderValue::from_static("Upgrade")),
@@ -144,23 +174,15 @@ async fn decide<'w>(
         };
     }
 
+    // The checks that need only the head come before the route lookup: a malformed request
+    // must not make a token source look at its files.
     if request.method() != Method::GET {
         return Decision::Reject {
             status: StatusCode::METHOD_NOT_ALLOWED,
             reason: format!("a WebSocket upgrade must be a GET, not {}", request.method()),
+            body: None,
             headers: vec![(header::ALLOW, HeaderValue::from_static("GET"))],
         };
-    }
-    let route = match routes.lookup(&request).await {
-        Ok(route) => route,
-        Err(miss) => return reject(StatusCode::NOT_FOUND, miss.to_string()),
-    };
-    if !route.admits(client_cn) {
-        let reason = match client_cn {
-            None => format!("{} needs a client certificate", route.name),
-            Some(cn) => format!("client certificate {cn:?} is not allowed on {}", route.name),
-        };
-        return reject(StatusCode::FORBIDDEN, reason);
     }
     if request.version() != Version::HTTP_11 {
         return reject(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1");
@@ -168,25 +190,42 @@ async fn decide<'w>(
     if !header_has_token(headers, &header::CONNECTION, "upgrade") {
         return reject(StatusCode::BAD_REQUEST, "missing `Connection: Upgrade`");
     }
-    let version_ok = headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_some_and(|v| v.as_bytes().trim_ascii() == b"13");
-    if !version_ok {
-        return Decision::Reject {
-            status: StatusCode::UPGRADE_REQUIRED,
-            reason: "unsupported Sec-WebSocket-Version (only 13 is)".into(),
-            headers: vec![(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))],
-        };
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
+        (Some(_), Some(_)) => return reject(StatusCode::BAD_REQUEST, "more than one Sec-WebSocket-Version header"),
+        _ => {
+            return Decision::Reject {
+                status: StatusCode::UPGRADE_REQUIRED,
+                reason: "unsupported Sec-WebSocket-Version (only 13 is)".into(),
+                body: None,
+                headers: vec![(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))],
+            }
+        }
     }
     let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
     let key = match (keys.next(), keys.next()) {
         (Some(k), None) if is_valid_key(k.as_bytes()) => k.as_bytes().trim_ascii().to_vec(),
         _ => return reject(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"),
     };
+    // From here on the details (a route's name, a token, a path) are for the log, not the client.
+    let route = match routes.lookup(&request).await {
+        Ok(route) => route,
+        Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
+        Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
+    };
+    if !route.admits(client_cn) {
+        let reason = match client_cn {
+            None => format!("{} needs a client certificate", route.name),
+            Some(cn) => format!("client certificate {cn:?} is not allowed on {}", route.name),
+        };
+        return refuse(StatusCode::FORBIDDEN, "forbidden", reason);
+    }
     let Some(slot) = route.try_enter() else {
         return Decision::Reject {
             status: StatusCode::SERVICE_UNAVAILABLE,
             reason: format!("{} is at its session limit", route.name),
+            body: Some("too many sessions"),
             headers: vec![(header::RETRY_AFTER, HeaderValue::from_static("5"))],
         };
     };

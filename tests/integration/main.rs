@@ -6,6 +6,7 @@ mod common;
 
 mod binary;
 mod handshake;
+mod headers;
 mod lifecycle;
 mod relay;
 mod routing;
