@@ -176,3 +176,36 @@ async fn websockify_wrap_mode_is_refused_by_name() {
     assert!(stderr.contains("wrap mode"), "{stderr}");
     assert!(stderr.contains("start the backend"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_token_revoked_in_the_file_does_not_live_on_in_its_backups() {
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = backend.port();
+    std::fs::write(dir.path().join("tokens"), format!("live: 127.0.0.1:{p}\n")).unwrap();
+    // What editors and package managers leave beside a file that once held `revoked`.
+    for copy in [
+        "tokens~",
+        "#tokens#",
+        "tokens.bak",
+        ".tokens.swp",
+        "tokens.dpkg-old",
+        "tokens.dpkg-dist",
+        "tokens.rpmnew",
+    ] {
+        std::fs::write(dir.path().join(copy), format!("live: 127.0.0.1:{p}\nrevoked: 127.0.0.1:{p}\n")).unwrap();
+    }
+    let mut config = Config::new("test");
+    let options = config.default_route_options();
+    config.token_sources.push(TokenSourceConfig {
+        path: dir.path().into(),
+        lookup: TokenLookup::Query,
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let r = http_raw(bridge.addr, &upgrade_request("/?token=revoked", "")).await;
+    assert_eq!(status_of(&r), 404, "{r}");
+    let (mut ws, _) = ws_connect(&bridge.url("/?token=live"), None).await;
+    send_bin(&mut ws, b"live").await;
+    assert_eq!(recv_data(&mut ws).await, b"live");
+}
