@@ -80,6 +80,12 @@ pub struct RunArgs {
     /// List directories that have no index.html (off by default).
     #[arg(long)]
     pub web_listing: bool,
+    /// Serve files that symlinks in --web point to outside it (off: 404).
+    #[arg(long)]
+    pub web_follow_symlinks: bool,
+    /// Serve and list hidden files in --web, such as .git/ and .env (off: 404).
+    #[arg(long)]
+    pub web_dotfiles: bool,
     /// Accepted for websockify compatibility: directory listings are off unless --web-listing.
     #[arg(long)]
     pub file_only: bool,
@@ -357,6 +363,8 @@ impl RunArgs {
                 config: _,
                 web,
                 web_listing,
+                web_follow_symlinks,
+                web_dotfiles,
                 file_only,
                 token_plugin,
                 token_source,
@@ -392,6 +400,8 @@ impl RunArgs {
                 target.is_some(),
                 web.is_some(),
                 *web_listing,
+                *web_follow_symlinks,
+                *web_dotfiles,
                 *file_only,
                 token_plugin.is_some(),
                 token_source.is_some(),
@@ -441,6 +451,8 @@ impl RunArgs {
             addr,
             web: self.web.clone(),
             web_listing: self.web_listing,
+            web_follow_symlinks: self.web_follow_symlinks,
+            web_dotfiles: self.web_dotfiles,
             tls: None,
         });
         config.listeners[0].tls = self.tls_settings().map_err(usage)?;

@@ -49,6 +49,10 @@ pub struct ListenerConfig {
     pub web: Option<PathBuf>,
     /// Whether a directory without `index.html` is listed (off: 404).
     pub web_listing: bool,
+    /// Serve files that symlinks point to outside `web` (off: 404).
+    pub web_follow_symlinks: bool,
+    /// Serve and list hidden files such as `.git/` and `.env` (off: 404).
+    pub web_dotfiles: bool,
     /// TLS (`wss://`) on this listener.
     pub tls: Option<TlsSettings>,
 }
@@ -457,6 +461,10 @@ struct RawListener {
     web: Option<PathBuf>,
     #[serde(default)]
     web_listing: bool,
+    #[serde(default)]
+    web_follow_symlinks: bool,
+    #[serde(default)]
+    web_dotfiles: bool,
     tls: Option<RawTls>,
 }
 
@@ -602,6 +610,8 @@ impl RawConfig {
                 addr: l.addr.0,
                 web,
                 web_listing: l.web_listing,
+                web_follow_symlinks: l.web_follow_symlinks,
+                web_dotfiles: l.web_dotfiles,
                 tls,
             });
         }

@@ -383,11 +383,12 @@ impl Listener {
     pub fn prepare(config: &ListenerConfig) -> Result<Listener, TlsError> {
         let tls = config.tls.clone().map(TlsListener::load).transpose()?.map(Arc::new);
         let web = config.web.as_ref().map(|dir| {
-            Arc::new(WebRoot {
-                resolver: hyper_staticfile::Resolver::new(dir),
-                dir: dir.clone(),
-                listing: config.web_listing,
-            })
+            Arc::new(WebRoot::new(
+                dir,
+                config.web_listing,
+                config.web_follow_symlinks,
+                config.web_dotfiles,
+            ))
         });
         Ok(Listener {
             config: config.clone(),
@@ -567,6 +568,8 @@ mod tests {
             addr: "127.0.0.1:0".parse().unwrap(),
             web: None,
             web_listing: false,
+            web_follow_symlinks: false,
+            web_dotfiles: false,
             tls: None,
         };
         let listeners = [
@@ -596,6 +599,8 @@ mod tests {
             addr,
             web: None,
             web_listing: false,
+            web_follow_symlinks: false,
+            web_dotfiles: false,
             tls: None,
         });
         let options = config.default_route_options();

@@ -10,8 +10,8 @@
 //! - a client whose certificate's common name the route does not list gets `403`, a route at its
 //!   `max_sessions` `503`: the bodies say what the client may know, the log line says which route;
 //! - a plain request on a route gets `426`; with a `web` directory, plain GET/HEAD requests get static
-//!   files (resolved by `hyper-staticfile`, which refuses `..` and answers ranges and conditional
-//!   requests), otherwise `404`.
+//!   files (see [`web`]: `..` in any spelling, hidden files and symlinks out of the directory get
+//!   `404`), otherwise `404`.
 //!
 //! The files, each below its users (no two import each other):
 //!

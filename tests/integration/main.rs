@@ -11,3 +11,4 @@ mod lifecycle;
 mod relay;
 mod routing;
 mod tls;
+mod web;

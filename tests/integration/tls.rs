@@ -33,6 +33,8 @@ fn tls_config(backend: std::net::SocketAddr, tls: TlsSettings) -> Config {
         addr: "127.0.0.1:0".parse().unwrap(),
         web: None,
         web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
         tls: Some(tls),
     });
     config
@@ -123,6 +125,8 @@ fn load_err(cert: &Path, key: Option<&Path>) -> String {
         addr: "127.0.0.1:0".parse().unwrap(),
         web: None,
         web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
         tls: Some(TlsSettings {
             watch: None,
             ..TlsSettings::new(CertFiles {
