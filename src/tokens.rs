@@ -228,9 +228,10 @@ const BACKUP_SUFFIXES: &[&str] = &[
 ];
 
 /// Whether a file in a token directory is left unread: dotfiles (vim's `.tokens.swp`, emacs's
-/// `.#tokens`), emacs's `#tokens#`, and the copies named in [`BACKUP_SUFFIXES`] or by ucf
-/// (`tokens.ucf-dist`, `.ucf-old`, `.ucf-new`). A copy of an old version must not keep a revoked
-/// token alive.
+/// `.#tokens`), emacs's `#tokens#`, the copies editors and package managers mark with a suffix
+/// (`~`, `.bak`, `.old`, `.orig`, `.tmp`, `.save`, `.swp`, `.dpkg-old`, `.dpkg-dist`, `.dpkg-new`,
+/// `.rpmnew`, `.rpmsave`, …; any case) and ucf's (`.ucf-dist`, `.ucf-old`, `.ucf-new`). A copy of
+/// an old version must not keep a revoked token alive.
 pub fn is_skipped(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     name.starts_with('.')
