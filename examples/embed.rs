@@ -22,6 +22,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         addr: listen.parse()?,
         web: None,
         web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
         tls: None,
     });
     let options = config.default_route_options();

@@ -82,6 +82,12 @@ pub struct RunArgs {
     /// List directories that have no index.html (off by default).
     #[arg(long)]
     pub web_listing: bool,
+    /// Serve files that symlinks in --web point to outside it (off: 404).
+    #[arg(long)]
+    pub web_follow_symlinks: bool,
+    /// Serve and list hidden files in --web, such as .git/ and .env (off: 404).
+    #[arg(long)]
+    pub web_dotfiles: bool,
     /// Accepted for websockify compatibility: directory listings are off unless --web-listing.
     #[arg(long)]
     pub file_only: bool,
@@ -95,7 +101,8 @@ pub struct RunArgs {
     /// Same as `--token-plugin TokenFile --token-source FILE` (websockify's older option).
     #[arg(long, value_name = "FILE|DIR")]
     pub target_config: Option<PathBuf>,
-    /// Take the token from the Host header instead of the `token` query parameter.
+    /// Take the token from the Host header instead of the `token` query parameter (without its
+    /// port; host names match without regard to case).
     #[arg(long)]
     pub host_token: bool,
     /// Bridge to this unix socket instead of a TCP target.
@@ -238,6 +245,9 @@ pub struct Refused {
     legacy_syslog: bool,
     #[arg(long, hide = true)]
     ssl_ciphers: Option<String>,
+    /// websockify's wrap mode: `wsbridge 6080 -- vncserver :1`.
+    #[arg(last = true, hide = true, value_name = "COMMAND")]
+    wrap: Vec<String>,
 }
 
 impl Refused {
@@ -317,6 +327,11 @@ impl Refused {
                 "wsbridge logs to stderr; journald or your supervisor forwards it",
             ),
             (
+                !self.wrap.is_empty(),
+                "-- COMMAND (websockify's wrap mode)",
+                "wsbridge does not run programs: start the backend separately (a systemd unit, say) and give its address as TARGET",
+            ),
+            (
                 self.ssl_ciphers.is_some(),
                 "--ssl-ciphers",
                 "rustls offers only safe cipher suites; use --ssl-version tlsv1_3 to narrow further",
@@ -368,6 +383,8 @@ impl RunArgs {
             config: _,
             web,
             web_listing,
+            web_follow_symlinks,
+            web_dotfiles,
             file_only,
             token_plugin,
             token_source,
@@ -403,6 +420,8 @@ impl RunArgs {
             target.is_some(),
             web.is_some(),
             *web_listing,
+            *web_follow_symlinks,
+            *web_dotfiles,
             *file_only,
             token_plugin.is_some(),
             token_source.is_some(),
@@ -459,6 +478,8 @@ impl RunArgs {
             addr,
             web: self.web.clone(),
             web_listing: self.web_listing,
+            web_follow_symlinks: self.web_follow_symlinks,
+            web_dotfiles: self.web_dotfiles,
             tls,
         })
     }

@@ -54,6 +54,10 @@ pub struct ListenerConfig {
     pub web: Option<PathBuf>,
     /// Whether a directory without `index.html` is listed (off: 404).
     pub web_listing: bool,
+    /// Serve files that symlinks point to outside `web` (off: 404).
+    pub web_follow_symlinks: bool,
+    /// Serve and list hidden files such as `.git/` and `.env` (off: 404).
+    pub web_dotfiles: bool,
     /// TLS (`wss://`) on this listener.
     pub tls: Option<TlsSettings>,
 }
@@ -450,6 +454,12 @@ impl ListenerConfig {
             if self.web_listing {
                 out.push_str(", web_listing = true");
             }
+            if self.web_follow_symlinks {
+                out.push_str(", web_follow_symlinks = true");
+            }
+            if self.web_dotfiles {
+                out.push_str(", web_dotfiles = true");
+            }
         }
         if let Some(tls) = &self.tls {
             let _ = write!(
@@ -657,6 +667,10 @@ struct RawListener {
     web: Option<PathBuf>,
     #[serde(default)]
     web_listing: bool,
+    #[serde(default)]
+    web_follow_symlinks: bool,
+    #[serde(default)]
+    web_dotfiles: bool,
     tls: Option<RawTls>,
 }
 
@@ -835,6 +849,8 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             addr: l.addr.0,
             web,
             web_listing: l.web_listing,
+            web_follow_symlinks: l.web_follow_symlinks,
+            web_dotfiles: l.web_dotfiles,
             tls,
         });
     }

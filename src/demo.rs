@@ -223,6 +223,8 @@ pub fn config(listen: SocketAddr, web: &Path, chat: SocketAddr) -> Config {
         addr: listen,
         web: Some(web.to_path_buf()),
         web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
         tls: None,
     });
     let mut options = config.default_route_options();

@@ -13,7 +13,7 @@
 //! | [`server`] | accept loops, connection limit, per-connection task and span, phases and deadlines, drain |
 //! | [`server::start`] | starting a server as the binary does: open-file limit, runtime threads, binding, reload |
 //! | [`slots`] | counted caps (connections, a route's sessions) that keep counting across a reload |
-//! | [`handshake`] | one HTTP request: upgrade checks and answers (404/405/426/400/431/503), static files |
+//! | [`http`] | one HTTP request: reading it and answering ([`http::request`]), the upgrade decision ([`http::upgrade`]), static files ([`http::web`]) |
 //! | [`routes`] / [`tokens`] | the route table: path, token (inline or websockify token files), host |
 //! | [`tls`] | PEM → rustls configs, SNI, certificate reload, client certificates, TLS to backends |
 //! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
@@ -32,7 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod frame;
-pub mod handshake;
+pub mod http;
 pub mod logging;
 pub mod relay;
 pub mod routes;

@@ -189,7 +189,7 @@ where
     match pump.end {
         // After a protocol error the client's answer cannot be parsed: FIN, then its bytes are
         // read and dropped until it closes, so the close frame is not lost to a reset.
-        Some(End::ClientError(_)) => crate::server::linger(&mut pump.client.io, close).await,
+        Some(End::ClientError(_)) => crate::http::request::linger(&mut pump.client.io, close).await,
         Some(End::PongTimeout) => {
             let _ = timeout(DEAD_PEER_CLOSE, pump.client.io.shutdown()).await;
         }

@@ -5,7 +5,9 @@
 //! Lookup order: exact path, then the `token` query parameter (inline token routes, then token
 //! sources with `lookup = "query"`), then the Host header (`lookup = "host"`), then the any-path
 //! route. A request that names a token that is not known gets no fallback to the any-path route:
-//! it is a client error worth a 404, not a reason to send it somewhere else.
+//! it is a client error worth a 404, not a reason to send it somewhere else. Where nothing takes
+//! tokens from the query (no inline token route, no query token source), the query is ignored,
+//! as websockify ignores it in single-target mode. Host tokens match without case or port.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -16,7 +18,7 @@ use http::Request;
 use crate::config::{redact, Config, Matcher, RouteOptions, Target, TokenLookup};
 use crate::slots::{Slot, Slots};
 use crate::tls::BackendTls;
-use crate::tokens::TokenSource;
+use crate::tokens::{host_key, TokenSource};
 
 /// A route in service.
 #[derive(Debug)]
@@ -165,7 +167,10 @@ impl RouteTable {
         if let Some(r) = self.paths.get(path) {
             return Ok(r.clone());
         }
-        if let Some(token) = query_token(request.uri().query()) {
+        // Only where something takes tokens from the query: websockify in single-target mode
+        // ignores the query, and noVNC's `/websockify?token=…` must reach that one target.
+        let query = if self.takes_query_tokens() { request.uri().query() } else { None };
+        if let Some(token) = query_token(query) {
             if let Some(r) = self.tokens.get(&token) {
                 return Ok(r.clone());
             }
@@ -175,11 +180,17 @@ impl RouteTable {
             return Err(Miss::Token(redact(&token)));
         }
         if let Some(host) = host_of(request) {
-            if let Some(r) = self.lookup_sources(TokenLookup::Host, host).await {
+            if let Some(r) = self.lookup_sources(TokenLookup::Host, &host).await {
                 return Ok(r);
             }
         }
         self.any_path.clone().ok_or_else(|| Miss::Path(path.chars().take(200).collect()))
+    }
+
+    /// Whether a token in the query can select a route: an inline token route, or a token
+    /// source with `lookup = "query"`.
+    fn takes_query_tokens(&self) -> bool {
+        !self.tokens.is_empty() || self.sources.iter().any(|(s, _, _)| s.config.lookup == TokenLookup::Query)
     }
 
     async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Option<Arc<Route>> {
@@ -236,13 +247,28 @@ pub fn query_token(query: Option<&str>) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// The Host header without its port.
-fn host_of<B>(request: &Request<B>) -> Option<&str> {
-    let host = request.headers().get(http::header::HOST)?.to_str().ok()?;
-    Some(match crate::config::split_host_port(host) {
-        Some((h, _)) => h,
-        None => host.trim_start_matches('[').trim_end_matches(']'),
-    })
+/// The Host header's host, without its port, as host tokens are kept ([`host_key`]: case
+/// folded, an IP literal in its canonical form). `None` when there is no Host or it is not
+/// `host[:port]` / `[v6][:port]`.
+fn host_of<B>(request: &Request<B>) -> Option<String> {
+    let value = request.headers().get(http::header::HOST)?.to_str().ok()?.trim();
+    let is_port = |p: &str| p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    let host = match value.strip_prefix('[') {
+        Some(rest) => {
+            let (v6, after) = rest.split_once(']')?;
+            if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+                return None;
+            }
+            v6
+        }
+        None => match value.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') && is_port(port) => host,
+            // An unbracketed IPv6 literal, or a port that is not one.
+            Some(_) => return None,
+            None => value,
+        },
+    };
+    (!host.is_empty()).then(|| host_key(host))
 }
 
 #[cfg(test)]
@@ -254,6 +280,43 @@ mod tests {
         assert_eq!(query_token(Some("a=1&token=x%2By&b=2")).as_deref(), Some("x+y"));
         assert_eq!(query_token(Some("a=1")), None);
         assert_eq!(query_token(None), None);
+    }
+
+    #[test]
+    fn host_names_match_without_case_or_port() {
+        let host = |h: &str| host_of(&Request::builder().header("host", h).body(()).unwrap());
+        assert_eq!(host("Desk1.Example:6080").as_deref(), Some("desk1.example"));
+        assert_eq!(host("DESK1.example.").as_deref(), Some("desk1.example"));
+        assert_eq!(host("desk1.example:").as_deref(), Some("desk1.example"));
+        assert_eq!(host("[::1]:6080").as_deref(), Some("::1"));
+        assert_eq!(host("[0:0::0:1]").as_deref(), Some("::1"));
+        assert_eq!(host("[FE80::A]:1").as_deref(), Some("fe80::a"));
+        assert_eq!(host("10.0.0.1:6080").as_deref(), Some("10.0.0.1"));
+        for bad in ["::1", "a:b:c", "[::1]x", "host:port", "[::1]:123456", ""] {
+            assert_eq!(host(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_query_is_ignored_where_nothing_takes_tokens_from_it() {
+        let mut config = Config::new("test");
+        let options = config.default_route_options();
+        config.routes.push(crate::config::RouteConfig {
+            matcher: Matcher::AnyPath,
+            target: "127.0.0.1:1".parse().unwrap(),
+            options: options.clone(),
+        });
+        let request = Request::builder().uri("/websockify?token=abc").body(()).unwrap();
+        let single = RouteTable::from_config(&config, None).unwrap();
+        assert_eq!(single.lookup(&request).await.unwrap().name, "any path");
+        // With a token route beside it, a token that is not known is a 404, not the fallback.
+        config.routes.push(crate::config::RouteConfig {
+            matcher: Matcher::Token("known".into()),
+            target: "127.0.0.1:2".parse().unwrap(),
+            options,
+        });
+        let with_tokens = RouteTable::from_config(&config, None).unwrap();
+        assert!(matches!(with_tokens.lookup(&request).await, Err(Miss::Token(_))));
     }
 
     #[test]

@@ -1,24 +1,46 @@
 //! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines.
 //!
 //! websockify reads its token file on every connection, so operators are used to adding a token by
-//! editing the file. wsbridge keeps that promise without reading files per connection: a source
-//! checks its files' sizes and modification times at most once per [`RECHECK`], and re-reads only
-//! when they changed. Reading happens on the blocking pool, never on a runtime thread.
+//! editing the file, and to revoking one the same way. wsbridge keeps that promise without reading
+//! files per connection: a source looks at its files' names, sizes and modification times, and
+//! re-reads them only when those changed.
+//!
+//! Lookups read an immutable snapshot (an `Arc` swapped whole behind a std `RwLock`, held only to
+//! clone the `Arc`); no lock is held across a file read or an `.await`, and reading happens on
+//! the blocking pool, one re-read in flight per source at a time. A snapshot younger than
+//! [`REFRESH_AHEAD`] is used as it is; an older one starts a re-read in the background and is
+//! still used while it is younger than [`RECHECK`], so under steady traffic no lookup waits. A
+//! lookup that finds the snapshot older than [`RECHECK`] (the first after a quiet spell) waits
+//! for the re-read, at most [`REREAD_WAIT`]: answering from an older snapshot would let a revoked
+//! token in, or refuse one added a moment ago, which websockify's per-connection read never does.
+//! Files on a mount that hangs hold a lookup for [`REREAD_WAIT`] at most; it then answers from
+//! the last snapshot.
+//!
+//! In a token directory, files an editor or a package manager leaves beside the real one
+//! (`tokens~`, `#tokens#`, `tokens.bak`, `.tokens.swp`, `tokens.dpkg-old`, `tokens.rpmnew`, …, see
+//! [`is_skipped`]) are not read: a token revoked in `tokens` must not live on in its backup. A
+//! token defined twice is a warning naming both places; the later definition (files in name
+//! order, lines in order) is the one used.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::{Target, TokenSourceConfig};
+use crate::config::{redact, Target, TokenLookup, TokenSourceConfig};
 
-/// How often a token source looks at its files' metadata, at most.
+/// A snapshot older than this starts a re-check of the files in the background.
+pub const REFRESH_AHEAD: Duration = Duration::from_millis(500);
+/// A snapshot older than this is not used without waiting for the re-check: edits to the files
+/// take effect within this time.
 pub const RECHECK: Duration = Duration::from_secs(1);
+/// The longest a lookup waits for a re-read before it answers from the last snapshot.
+pub const REREAD_WAIT: Duration = Duration::from_secs(1);
 
 /// One line of a token file that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,17 +59,82 @@ impl std::fmt::Display for BadLine {
     }
 }
 
+/// A place in a token file: the file and its 1-based line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// The file.
+    pub file: Arc<Path>,
+    /// 1-based line number.
+    pub line: usize,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A token defined twice: the earlier definition is overridden by the later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    /// The token (for the log, redacted).
+    pub token: String,
+    /// Where it was defined first (no longer used).
+    pub first: Place,
+    /// Where it was defined again (the definition in use).
+    pub used: Place,
+}
+
+impl std::fmt::Display for Duplicate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "token {} is defined at {} and again at {}; {} is used",
+            redact(&self.token),
+            self.first,
+            self.used,
+            self.used
+        )
+    }
+}
+
+/// What reading a source found: the tokens, and what is wrong in the files.
+#[derive(Debug, Default)]
+pub struct TokenFiles {
+    /// Token → target.
+    pub map: HashMap<String, Target>,
+    /// Lines that could not be used (skipped, the rest still count).
+    pub bad: Vec<BadLine>,
+    /// Tokens defined more than once.
+    pub duplicates: Vec<Duplicate>,
+    /// Where each token in `map` was defined.
+    places: HashMap<String, Place>,
+}
+
+impl TokenFiles {
+    fn warn(&self, source: &Path) {
+        for b in &self.bad {
+            tracing::warn!(%b, "token line skipped");
+        }
+        for d in &self.duplicates {
+            tracing::warn!(source = %source.display(), "{d}");
+        }
+    }
+}
+
 /// Parses websockify token-file text: `TOKEN: HOST:PORT` or `TOKEN: unix_socket:/path`, one per
-/// line, separated by a colon and whitespace; `#` starts a comment line. Bad lines are returned
-/// beside the good entries, so one typo does not take every other token down.
-pub fn parse_token_text(text: &str, file: &Path, into: &mut HashMap<String, Target>, bad: &mut Vec<BadLine>) {
+/// line, separated by a colon and whitespace; `#` starts a comment line. Bad lines are recorded
+/// beside the good entries, so one typo does not take every other token down. For a Host source,
+/// tokens are kept as [`host_key`] spells them.
+pub fn parse_token_text(text: &str, file: &Path, lookup: TokenLookup, into: &mut TokenFiles) {
+    let file: Arc<Path> = Arc::from(file);
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let mut complain = |message: String| {
-            bad.push(BadLine {
+            into.bad.push(BadLine {
                 file: file.to_path_buf(),
                 line: i + 1,
                 message,
@@ -67,27 +154,90 @@ pub fn parse_token_text(text: &str, file: &Path, into: &mut HashMap<String, Targ
             complain("empty token".into());
             continue;
         }
-        match target.parse::<Target>() {
-            Ok(t) => {
-                into.insert(token.to_owned(), t);
+        let target = match target.parse::<Target>() {
+            Ok(t) => t,
+            Err(e) => {
+                complain(e);
+                continue;
             }
-            Err(e) => complain(e),
+        };
+        let token = match lookup {
+            TokenLookup::Query => token.to_owned(),
+            TokenLookup::Host => host_key(token),
+        };
+        let place = Place {
+            file: file.clone(),
+            line: i + 1,
+        };
+        if let Some(first) = into.places.insert(token.clone(), place.clone()) {
+            into.duplicates.push(Duplicate {
+                token: token.clone(),
+                first,
+                used: place,
+            });
         }
+        into.map.insert(token, target);
     }
 }
 
-/// Reads a token file, or every regular file in a token directory (not recursively).
+/// A host name as a `lookup = "host"` token: host names compare without case and a trailing
+/// dot (`Desk1.Example.` is `desk1.example`), and an IP literal in its canonical form (`[0::1]`
+/// is `::1`), so the file's spelling and the Host header's need not agree.
+pub fn host_key(host: &str) -> String {
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return ip.to_string();
+    }
+    let name = bare.strip_suffix('.').unwrap_or(bare);
+    name.to_ascii_lowercase()
+}
+
+/// Reads a token file, or every regular file in a token directory (not recursively, and not the
+/// files [`is_skipped`] names).
 ///
 /// # Errors
-/// The file or directory cannot be read; bad lines are not errors, they come back in the list.
-pub fn read_tokens(path: &Path) -> std::io::Result<(HashMap<String, Target>, Vec<BadLine>)> {
-    let mut map = HashMap::new();
-    let mut bad = Vec::new();
+/// The file or directory cannot be read; bad lines are not errors, they come back in the result.
+pub fn read_tokens(path: &Path, lookup: TokenLookup) -> std::io::Result<TokenFiles> {
+    let mut read = TokenFiles::default();
     for file in files_of(path)? {
         let text = std::fs::read_to_string(&file)?;
-        parse_token_text(&text, &file, &mut map, &mut bad);
+        parse_token_text(&text, &file, lookup, &mut read);
     }
-    Ok((map, bad))
+    Ok(read)
+}
+
+/// Name endings of the copies editors and package managers leave beside a file.
+const BACKUP_SUFFIXES: &[&str] = &[
+    "~",
+    ".bak",
+    ".old",
+    ".orig",
+    ".tmp",
+    ".save",
+    ".swp",
+    ".swo",
+    ".swx",
+    ".dpkg-old",
+    ".dpkg-dist",
+    ".dpkg-new",
+    ".dpkg-tmp",
+    ".dpkg-bak",
+    ".rpmnew",
+    ".rpmsave",
+    ".rpmorig",
+];
+
+/// Whether a file in a token directory is left unread: dotfiles (vim's `.tokens.swp`, emacs's
+/// `.#tokens`), emacs's `#tokens#`, the copies editors and package managers mark with a suffix
+/// (`~`, `.bak`, `.old`, `.orig`, `.tmp`, `.save`, `.swp`, `.dpkg-old`, `.dpkg-dist`, `.dpkg-new`,
+/// `.rpmnew`, `.rpmsave`, …; any case) and ucf's (`.ucf-dist`, `.ucf-old`, `.ucf-new`). A copy of
+/// an old version must not keep a revoked token alive.
+pub fn is_skipped(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    name.starts_with('.')
+        || (name.len() > 1 && name.starts_with('#') && name.ends_with('#'))
+        || BACKUP_SUFFIXES.iter().any(|s| lower.ends_with(s))
+        || lower.contains(".ucf-")
 }
 
 fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -98,9 +248,11 @@ fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(path)? {
         let entry = entry?;
         let p = entry.path();
-        // Skip editor swap files and dotfiles, as an operator would expect.
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        if !hidden && std::fs::metadata(&p).map(|m| m.is_file()).unwrap_or(false) {
+        if is_skipped(&entry.file_name().to_string_lossy()) {
+            tracing::debug!(file = %p.display(), "token file skipped: a hidden file or a backup copy");
+            continue;
+        }
+        if std::fs::metadata(&p).map(|m| m.is_file()).unwrap_or(false) {
             files.push(p);
         }
     }
@@ -120,81 +272,153 @@ fn stamp(path: &Path) -> std::io::Result<u64> {
     Ok(h.finish())
 }
 
-/// A token source in service: the parsed map and when it was last checked.
+/// A token source in service.
 #[derive(Debug)]
 pub struct TokenSource {
     /// What the configuration said.
     pub config: TokenSourceConfig,
-    state: Mutex<State>,
+    shared: Arc<Shared>,
+}
+
+/// What lookups and the re-read share.
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    lookup: TokenLookup,
+    /// The tokens in use, replaced whole by a re-read.
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// A re-read is in flight (one at a time).
+    rereading: AtomicBool,
+    /// Bumped when a re-read ends, for the lookups that wait on it.
+    reread: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug)]
-struct State {
+struct Snapshot {
     map: Arc<HashMap<String, Target>>,
     stamp: u64,
+    /// When the check that produced this snapshot started: the files were as the map says at
+    /// least until then.
     checked: Instant,
 }
 
 impl TokenSource {
-    /// Loads a source now.
+    /// Loads a source now (the caller is starting or reloading, not serving a request).
     ///
     /// # Errors
-    /// The file or directory cannot be read. Bad lines are logged and skipped.
+    /// The file or directory cannot be read. Bad lines and duplicate tokens are logged.
     pub fn load(config: TokenSourceConfig) -> std::io::Result<TokenSource> {
+        let checked = Instant::now();
         let stamp = stamp(&config.path)?;
-        let (map, bad) = read_tokens(&config.path)?;
-        for b in &bad {
-            tracing::warn!(%b, "token line skipped");
-        }
-        let state = State {
-            map: Arc::new(map),
+        let read = read_tokens(&config.path, config.lookup)?;
+        read.warn(&config.path);
+        let snapshot = Snapshot {
+            map: Arc::new(read.map),
             stamp,
-            checked: Instant::now(),
+            checked,
         };
-        Ok(TokenSource {
-            config,
-            state: Mutex::new(state),
-        })
+        let shared = Arc::new(Shared {
+            path: config.path.clone(),
+            lookup: config.lookup,
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            rereading: AtomicBool::new(false),
+            reread: tokio::sync::watch::Sender::new(0),
+        });
+        Ok(TokenSource { config, shared })
     }
 
-    /// The target for `token`, re-reading the files first if they changed since the last look
-    /// (at most once per [`RECHECK`]). A source that became unreadable keeps its last contents.
+    /// The target for `token`, from a snapshot of the files at most [`RECHECK`] old (see the
+    /// module's documentation for when a lookup waits). A source that became unreadable keeps
+    /// its last contents.
     pub async fn lookup(&self, token: &str) -> Option<Target> {
-        let mut state = self.state.lock().await;
-        if state.checked.elapsed() >= RECHECK {
-            state.checked = Instant::now();
-            let path = self.config.path.clone();
-            let old = state.stamp;
-            let fresh = tokio::task::spawn_blocking(move || -> std::io::Result<Option<_>> {
-                let now = stamp(&path)?;
-                if now == old {
-                    return Ok(None);
-                }
-                Ok(Some((now, read_tokens(&path)?)))
-            })
-            .await;
-            match fresh {
-                Ok(Ok(Some((now, (map, bad))))) => {
-                    for b in &bad {
-                        tracing::warn!(%b, "token line skipped");
-                    }
-                    tracing::info!(source = %self.config.path.display(), tokens = map.len(), "token source re-read");
-                    state.map = Arc::new(map);
-                    state.stamp = now;
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(source = %self.config.path.display(), error = %e, "token source unreadable; keeping its last contents")
-                }
-                Err(e) => tracing::warn!(error = %e, "token source re-read failed"),
-            }
+        let shared = &self.shared;
+        let snapshot = shared.current();
+        let age = snapshot.checked.elapsed();
+        if age < REFRESH_AHEAD {
+            return snapshot.map.get(token).cloned();
         }
-        state.map.get(token).cloned()
+        // Subscribed before the second look: a re-read that ends after it wakes us.
+        let mut ended = shared.reread.subscribe();
+        let snapshot = shared.current();
+        let age = snapshot.checked.elapsed();
+        if age >= REFRESH_AHEAD {
+            Shared::start_reread(shared);
+        }
+        if age < RECHECK {
+            return snapshot.map.get(token).cloned();
+        }
+        if tokio::time::timeout(REREAD_WAIT, ended.changed()).await.is_err() {
+            tracing::warn!(source = %shared.path.display(), wait = ?REREAD_WAIT, "token source re-read is slow; answering from its last contents");
+        }
+        shared.current().map.get(token).cloned()
     }
 
     /// The current entries, for `wsbridge check`.
     pub async fn entries(&self) -> Arc<HashMap<String, Target>> {
-        self.state.lock().await.map.clone()
+        self.shared.current().map.clone()
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Starts a re-read on the blocking pool unless one is in flight.
+    fn start_reread(this: &Arc<Shared>) {
+        if this.rereading.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Created here, not in the closure: if the closure never runs (the runtime is shutting
+        // down), dropping it still clears the flag and wakes the waiters.
+        let done = RereadDone(this.clone());
+        let started = Instant::now();
+        tokio::task::spawn_blocking(move || done.0.reread(started));
+    }
+
+    /// Checks the files and replaces the snapshot (its `checked` time at least).
+    fn reread(&self, started: Instant) {
+        let old = self.current();
+        let fresh = stamp(&self.path).and_then(|now| match now == old.stamp {
+            true => Ok(None),
+            false => Ok(Some((now, read_tokens(&self.path, self.lookup)?))),
+        });
+        let next = match fresh {
+            Ok(None) => Snapshot {
+                map: old.map.clone(),
+                stamp: old.stamp,
+                checked: started,
+            },
+            Ok(Some((stamp, read))) => {
+                read.warn(&self.path);
+                tracing::info!(source = %self.path.display(), tokens = read.map.len(), "token source re-read");
+                Snapshot {
+                    map: Arc::new(read.map),
+                    stamp,
+                    checked: started,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.path.display(), error = %e, "token source unreadable; keeping its last contents");
+                Snapshot {
+                    map: old.map.clone(),
+                    stamp: old.stamp,
+                    checked: started,
+                }
+            }
+        };
+        *self.snapshot.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+    }
+}
+
+/// Ends a re-read however it ends (done, panicked, never run): clears the in-flight flag, then
+/// wakes the lookups waiting on it.
+struct RereadDone(Arc<Shared>);
+
+impl Drop for RereadDone {
+    fn drop(&mut self) {
+        self.0.rereading.store(false, Ordering::Release);
+        self.0.reread.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -202,12 +426,17 @@ impl TokenSource {
 mod tests {
     use super::*;
 
+    fn parse(text: &str, lookup: TokenLookup) -> TokenFiles {
+        let mut read = TokenFiles::default();
+        parse_token_text(text, Path::new("t.cfg"), lookup, &mut read);
+        read
+    }
+
     #[test]
     fn websockify_format() {
         let text = "# comment\n\ntok1: 127.0.0.1:5900\ntok2:\t[::1]:5901\ntok3: unix_socket:/run/vnc.sock\nbroken line\ntok4: nohostport\n";
-        let mut map = HashMap::new();
-        let mut bad = Vec::new();
-        parse_token_text(text, Path::new("t.cfg"), &mut map, &mut bad);
+        let read = parse(text, TokenLookup::Query);
+        let map = &read.map;
         assert_eq!(map.len(), 3);
         assert_eq!(
             map["tok1"],
@@ -224,9 +453,192 @@ mod tests {
             }
         );
         assert_eq!(map["tok3"], Target::Unix("/run/vnc.sock".into()));
+        let bad = &read.bad;
         assert_eq!(bad.len(), 2);
         assert_eq!(bad[0].line, 6);
         assert_eq!(bad[1].line, 7);
         assert!(bad[1].to_string().starts_with("t.cfg:7: invalid target"), "{}", bad[1]);
+        assert!(read.duplicates.is_empty());
+    }
+
+    #[test]
+    fn host_tokens_are_kept_as_host_key_spells_them() {
+        let read = parse("Desk1.Example.: 127.0.0.1:1\n[0:0::1]: 127.0.0.1:2\n", TokenLookup::Host);
+        assert!(
+            read.map.contains_key("desk1.example") && read.map.contains_key("::1"),
+            "{:?}",
+            read.map
+        );
+        // Query tokens are case-sensitive secrets: kept as written.
+        assert!(parse("AbC: 127.0.0.1:1\n", TokenLookup::Query).map.contains_key("AbC"));
+        // Two spellings of one host are one token defined twice.
+        assert_eq!(parse("a.example: h:1\nA.EXAMPLE: h:2\n", TokenLookup::Host).duplicates.len(), 1);
+    }
+
+    #[test]
+    fn backups_and_hidden_files_in_a_directory_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokens"), "live: 127.0.0.1:1\n").unwrap();
+        let copies = [
+            "tokens~",
+            "#tokens#",
+            "tokens.bak",
+            "tokens.BAK",
+            ".tokens.swp",
+            "tokens.swp",
+            "tokens.dpkg-old",
+            "tokens.dpkg-dist",
+            "tokens.dpkg-new",
+            "tokens.rpmnew",
+            "tokens.rpmsave",
+            "tokens.orig",
+            "tokens.tmp",
+            "tokens.ucf-dist",
+            "tokens.ucf-old",
+            ".hidden",
+        ];
+        for name in copies {
+            assert!(is_skipped(name), "{name}");
+            std::fs::write(dir.path().join(name), "revoked: 127.0.0.1:2\n").unwrap();
+        }
+        for name in ["tokens", "desk-1.cfg", "a#b", "#", "tokens.conf"] {
+            assert!(!is_skipped(name), "{name}");
+        }
+        let read = read_tokens(dir.path(), TokenLookup::Query).unwrap();
+        assert_eq!(read.map.keys().collect::<Vec<_>>(), ["live"]);
+        // A file named on its own is read whatever its name: the operator chose it.
+        let bak = dir.path().join("tokens.bak");
+        assert!(read_tokens(&bak, TokenLookup::Query).unwrap().map.contains_key("revoked"));
+    }
+
+    #[test]
+    fn a_token_defined_twice_names_both_places_and_the_later_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "x: 127.0.0.1:1\ndup: 127.0.0.1:2\n").unwrap();
+        std::fs::write(dir.path().join("b"), "# b\ndup: 127.0.0.1:3\n").unwrap();
+        let read = read_tokens(dir.path(), TokenLookup::Query).unwrap();
+        assert_eq!(read.map["dup"], "127.0.0.1:3".parse().unwrap());
+        assert_eq!(read.duplicates.len(), 1);
+        let d = &read.duplicates[0];
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        assert_eq!((&*d.first.file, d.first.line), (a.as_path(), 2));
+        assert_eq!((&*d.used.file, d.used.line), (b.as_path(), 2));
+        let said = d.to_string();
+        assert!(
+            said.contains(&format!("{}:2", a.display())) && said.contains(&format!("{}:2 is used", b.display())),
+            "{said}"
+        );
+        assert!(!said.contains("dup"), "the token is redacted: {said}");
+    }
+
+    /// Opens the FIFO for writing and closes it when dropped (on a thread of its own: the open
+    /// waits for a reader), so a failing test does not leave a re-read blocked forever, and with
+    /// it the runtime's shutdown.
+    struct Unblock(PathBuf);
+
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            let fifo = self.0.clone();
+            std::thread::spawn(move || std::fs::write(fifo, ""));
+        }
+    }
+
+    /// A source whose file is a FIFO with no writer: reading it blocks until the test writes.
+    /// Returns the source (loaded from a regular file first) and the FIFO's path.
+    fn source_blocked_on_a_fifo(dir: &Path) -> Option<(TokenSource, PathBuf)> {
+        let file = dir.join("tokens");
+        std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
+        let source = TokenSource::load(TokenSourceConfig {
+            path: file.clone(),
+            lookup: TokenLookup::Query,
+            options: crate::config::Config::new("test").default_route_options(),
+        })
+        .unwrap();
+        std::fs::remove_file(&file).unwrap();
+        match std::process::Command::new("mkfifo").arg(&file).status() {
+            Ok(s) if s.success() => Some((source, file)),
+            other => {
+                eprintln!("SKIPPED: cannot make a FIFO with mkfifo ({other:?}); the blocked re-read is not tested here");
+                None
+            }
+        }
+    }
+
+    /// Makes the snapshot `age` old, as if its check had started that long ago.
+    fn age_snapshot(source: &TokenSource, age: Duration) {
+        let mut s = source.shared.snapshot.write().unwrap();
+        let old = &**s;
+        *s = Arc::new(Snapshot {
+            map: old.map.clone(),
+            stamp: old.stamp,
+            checked: Instant::now() - age,
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_do_not_wait_behind_a_re_read_and_wait_for_a_stale_snapshot_at_most_reread_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((source, fifo)) = source_blocked_on_a_fifo(dir.path()) else {
+            return;
+        };
+        let _unblock = Unblock(fifo.clone());
+        let within = |limit: Duration, what: &'static str| {
+            let source = &source;
+            async move {
+                let t = std::time::Instant::now();
+                let got = source.lookup("old").await;
+                (got, t.elapsed(), limit, what)
+            }
+        };
+        // Due for a re-check: the lookup starts one (it blocks on the FIFO) and answers at once.
+        age_snapshot(&source, REFRESH_AHEAD + Duration::from_millis(100));
+        let (got, took, limit, what) = within(Duration::from_millis(200), "a snapshot due for a check").await;
+        assert!(got.is_some() && took < limit, "{what}: {took:?}");
+        assert!(source.shared.rereading.load(Ordering::Acquire), "a re-read is in flight");
+        // More lookups while it is blocked: none waits, none starts another.
+        for _ in 0..100 {
+            let (got, took, limit, what) = within(Duration::from_millis(200), "during the re-read").await;
+            assert!(got.is_some() && took < limit, "{what}: {took:?}");
+        }
+        // Older than RECHECK: the lookup waits for the re-read, but not past REREAD_WAIT.
+        age_snapshot(&source, RECHECK + Duration::from_millis(100));
+        let (got, took, _, _) = within(REREAD_WAIT, "stale").await;
+        assert!(got.is_some(), "answered from the last contents");
+        assert!(
+            took >= REREAD_WAIT && took < REREAD_WAIT + Duration::from_millis(500),
+            "waited {took:?} for a re-read that does not end"
+        );
+        // The re-read ends when the file can be read: the new contents are in use.
+        let mut ended = source.shared.reread.subscribe();
+        let writer = tokio::task::spawn_blocking(move || std::fs::write(&fifo, "new: 127.0.0.1:2\n"));
+        tokio::time::timeout(Duration::from_secs(10), ended.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        writer.await.unwrap().unwrap();
+        assert!(!source.shared.rereading.load(Ordering::Acquire));
+        // Looked at directly: a lookup now would find the snapshot stale (its check started
+        // before the long wait) and read the FIFO again.
+        let entries = source.entries().await;
+        assert_eq!(entries.get("new"), Some(&"127.0.0.1:2".parse().unwrap()));
+        assert_eq!(entries.get("old"), None, "the old token is gone");
+    }
+
+    #[tokio::test]
+    async fn an_edit_is_seen_by_the_first_lookup_after_a_quiet_spell() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
+        let source = TokenSource::load(TokenSourceConfig {
+            path: file.clone(),
+            lookup: TokenLookup::Query,
+            options: crate::config::Config::new("test").default_route_options(),
+        })
+        .unwrap();
+        std::fs::write(&file, "added: 127.0.0.1:2\n").unwrap();
+        age_snapshot(&source, RECHECK + Duration::from_millis(1));
+        // Added, and revoked, for the very first lookup.
+        assert!(source.lookup("added").await.is_some());
+        assert!(source.lookup("old").await.is_none());
     }
 }

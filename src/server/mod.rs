@@ -20,7 +20,7 @@ pub mod start;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
-use crate::handshake::{self, Outcome, WebRoot};
+use crate::http::request::{answer, answer_text, linger};
+use crate::http::{Outcome, Upgrade, WebRoot};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
 use crate::slots::Slots;
@@ -255,10 +256,10 @@ impl Bridge {
         let (status, reason) = (http::StatusCode::SERVICE_UNAVAILABLE, "too many connections");
         match self.inner.refusals.try_take(LINGERING_REFUSALS) {
             Some(_lingering) => {
-                let _ = timeout(Duration::from_secs(1), handshake::answer(&mut stream, status, reason, &retry)).await;
+                let _ = timeout(Duration::from_secs(1), answer(&mut stream, status, reason, &retry)).await;
                 linger(&mut stream, Duration::from_millis(250)).await;
             }
-            None => refuse_at_once(&stream, handshake::answer_text(status, reason, &retry, true).as_bytes()),
+            None => refuse_at_once(&stream, answer_text(status, reason, &retry, true).as_bytes()),
         }
         debug!(status = 503, "refused: connection limit reached");
     }
@@ -278,7 +279,7 @@ impl Bridge {
             let certs_required = tls.settings.client_ca.is_some() && tls.settings.client_auth == crate::tls::ClientAuth::Required;
             if tls.settings.only || certs_required {
                 let reason = "this port takes TLS only: use wss:// (https)";
-                let _ = tokio::time::timeout_at(deadline, handshake::answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
+                let _ = tokio::time::timeout_at(deadline, answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
                 linger(&mut stream, live.timeouts.close).await;
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
@@ -319,13 +320,13 @@ impl Bridge {
         // file, or the 101) under the write deadline, so a large file on a slow link is not cut.
         let head = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, handshake::read_request(&mut stream)) => match r {
+            r = tokio::time::timeout_at(deadline, crate::http::read_request(&mut stream)) => match r {
                 Ok(head) => head,
                 Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
             },
         };
         let write_deadline = Instant::now() + t.http_write;
-        let responded = Box::pin(handshake::respond(
+        let responded = Box::pin(crate::http::respond(
             &mut stream,
             head,
             &live.routes,
@@ -344,13 +345,13 @@ impl Bridge {
         let span = tracing::Span::current();
         span.record("route", upgrade.route.name.as_str());
         span.record("target", tracing::field::display(&upgrade.route.target));
-        match tokio::time::timeout_at(write_deadline, handshake::write_switching(&mut stream, &upgrade)).await {
+        match tokio::time::timeout_at(write_deadline, crate::http::write_switching(&mut stream, &upgrade)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
             Err(_) => return debug!("write deadline passed writing 101"),
         }
         // Keep what the session needs; the request head is freed here, not at the session's end.
-        let handshake::Upgrade {
+        let Upgrade {
             route,
             leftover,
             slot: _slot,
@@ -415,11 +416,12 @@ impl Listener {
     pub fn prepare(config: &ListenerConfig) -> Result<Listener, TlsError> {
         let tls = config.tls.clone().map(TlsListener::load).transpose()?.map(Arc::new);
         let web = config.web.as_ref().map(|dir| {
-            Arc::new(WebRoot {
-                resolver: hyper_staticfile::Resolver::new(dir),
-                dir: dir.clone(),
-                listing: config.web_listing,
-            })
+            Arc::new(WebRoot::new(
+                dir,
+                config.web_listing,
+                config.web_follow_symlinks,
+                config.web_dotfiles,
+            ))
         });
         Ok(Listener {
             config: config.clone(),
@@ -516,27 +518,6 @@ fn refuse_at_once(stream: &TcpStream, answer: &[u8]) {
     let _ = socket.shutdown(std::net::Shutdown::Write);
 }
 
-/// Ends an answered connection cleanly: FIN (close_notify over TLS), then up to 64 KiB of what the
-/// client still sends is read and dropped for at most `wait`, so that closing a socket with unread
-/// request bytes does not reset the connection and destroy the answer before the client reads it.
-pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration) {
-    use tokio::io::AsyncReadExt;
-    let _ = timeout(wait, async {
-        stream.shutdown().await?;
-        // On the heap: a 4 KiB array here would sit in every connection's future, used or not.
-        let mut buf = vec![0u8; 4096];
-        let mut total = 0;
-        while total < 64 * 1024 {
-            match stream.read(&mut buf).await? {
-                0 => break,
-                n => total += n,
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-}
-
 /// Connects the backend and relays; logs the session's open and close lines. `early` holds
 /// client bytes that arrived with the request head.
 async fn run_session<S>(client: S, early: Vec<u8>, route: &Route, params: &SessionParams<'_>, shutdown: &CancellationToken)
@@ -621,6 +602,8 @@ mod tests {
             addr: "127.0.0.1:0".parse().unwrap(),
             web: None,
             web_listing: false,
+            web_follow_symlinks: false,
+            web_dotfiles: false,
             tls: None,
         };
         let listeners = [
@@ -665,6 +648,8 @@ mod tests {
             addr,
             web: None,
             web_listing: false,
+            web_follow_symlinks: false,
+            web_dotfiles: false,
             tls: None,
         });
         let options = config.default_route_options();

@@ -168,6 +168,8 @@ impl TestBridge {
                 addr,
                 web: None,
                 web_listing: false,
+                web_follow_symlinks: false,
+                web_dotfiles: false,
                 tls: None,
             });
         }

@@ -244,7 +244,7 @@ async fn caps_count_live_sessions_across_a_reload() {
 async fn second_session_refused_behind(bridge: &TestBridge, mut first: Ws) -> Ws {
     let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
     assert_eq!(status_of(&r), 503, "{r}");
-    assert!(body_of(&r).contains("session limit"), "{r}");
+    assert!(body_of(&r).contains("too many sessions"), "{r}");
     send_bin(&mut first, b"still here").await;
     assert_eq!(recv_data(&mut first).await, b"still here");
     first

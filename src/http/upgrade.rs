@@ -1,0 +1,313 @@
+//! The upgrade decision: what a request head is (an upgrade on a route, a static file, an error),
+//! the checks an upgrade must pass, the subprotocol, and the `101` answer.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Version};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::request::{answer, write_answer, Head, Rejection};
+use super::web::{self, WebRoot};
+use crate::routes::{Miss, Route, RouteTable};
+use crate::slots::Slot;
+
+/// A request that will become a WebSocket session.
+#[derive(Debug)]
+pub struct Upgrade {
+    /// The route it matched.
+    pub route: Arc<Route>,
+    /// The request head, for logging and policy.
+    pub request: Request<()>,
+    /// The subprotocol echoed to the client, if any.
+    pub subprotocol: Option<String>,
+    /// Bytes the client sent after the head (its first frames), to hand to the WebSocket layer.
+    pub leftover: Vec<u8>,
+    /// The `Sec-WebSocket-Accept` value to answer with.
+    pub accept_key: String,
+    /// The session's place under the route's `max_sessions`, held for the session's life.
+    pub slot: Slot,
+}
+
+/// What the connection turned out to be.
+#[derive(Debug)]
+pub enum Outcome {
+    /// An upgrade to run (the 101 has not been written yet: see [`write_switching`]).
+    Upgrade(Box<Upgrade>),
+    /// An HTTP exchange that is complete (static file or error answered).
+    Answered {
+        /// Status sent.
+        status: StatusCode,
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// Decides what a request is; error answers and static files are written to `io` before
+/// returning (the caller bounds this with the write deadline).
+///
+/// # Errors
+/// [`Rejection::BadRequest`] / [`Rejection::Io`] when the socket failed; statuses that were
+/// answered come back as [`Outcome::Answered`].
+pub async fn respond<S>(
+    io: &mut S,
+    head: Result<Head, Rejection>,
+    routes: &RouteTable,
+    web: Option<&WebRoot>,
+    client_cn: Option<&str>,
+) -> Result<Outcome, Rejection>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (request, leftover) = match head {
+        Ok(v) => v,
+        Err(Rejection::Status { status, reason }) => {
+            answer(io, status, &reason, &[]).await?;
+            return Ok(Outcome::Answered { status, reason });
+        }
+        Err(e) => return Err(e),
+    };
+    // A HEAD request gets the headers a GET would, and no body (RFC 9110 §9.3.2).
+    let body = request.method() != Method::HEAD;
+    match decide(request, leftover, routes, web, client_cn).await {
+        Decision::Upgrade(u) => Ok(Outcome::Upgrade(u)),
+        Decision::Reject {
+            status,
+            reason,
+            body: said,
+            headers,
+        } => {
+            write_answer(io, status, said.unwrap_or(&reason), &headers, body).await?;
+            Ok(Outcome::Answered { status, reason })
+        }
+        Decision::Static(request, web) => {
+            let (status, what) = web::serve(io, &request, web).await?;
+            Ok(Outcome::Answered {
+                status,
+                reason: what.into(),
+            })
+        }
+    }
+}
+
+enum Decision<'w> {
+    Upgrade(Box<Upgrade>),
+    Reject {
+        status: StatusCode,
+        /// For the log; also the body unless `body` says otherwise.
+        reason: String,
+        /// What the client is told when `reason` holds what only the operator may see (a route's
+        /// name, which can carry a token file's path; a certificate's name).
+        body: Option<&'static str>,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    Static(Request<()>, &'w WebRoot),
+}
+
+fn reject<'w>(status: StatusCode, reason: impl Into<String>) -> Decision<'w> {
+    Decision::Reject {
+        status,
+        reason: reason.into(),
+        body: None,
+        headers: Vec::new(),
+    }
+}
+
+/// A refusal whose details go to the log only; the client reads `body`.
+fn refuse<'w>(status: StatusCode, body: &'static str, reason: String) -> Decision<'w> {
+    Decision::Reject {
+        status,
+        reason,
+        body: Some(body),
+        headers: Vec::new(),
+    }
+}
+
+async fn decide<'w>(
+    request: Request<()>,
+    leftover: Vec<u8>,
+    routes: &RouteTable,
+    web: Option<&'w WebRoot>,
+    client_cn: Option<&str>,
+) -> Decision<'w> {
+    let headers = request.headers();
+    // RFC 9112 §3.2: an HTTP/1.1 request without a Host, or any request with two, gets 400 (two
+    // Hosts are how a request is made to mean one thing to a proxy and another here).
+    match (headers.get_all(header::HOST).iter().count(), request.version()) {
+        (0, Version::HTTP_11) => return reject(StatusCode::BAD_REQUEST, "missing Host header"),
+        (2.., _) => return reject(StatusCode::BAD_REQUEST, "more than one Host header"),
+        _ => {}
+    }
+    if !header_has_token(headers, &header::UPGRADE, "websocket") {
+        // A plain HTTP request.
+        let is_get = matches!(*request.method(), Method::GET | Method::HEAD);
+        let path = request.uri().path();
+        let exact = routes.has_exact_path(path);
+        if let (Some(web), false) = (web, exact) {
+            return match is_get {
+                true => Decision::Static(request, web),
+                false => Decision::Reject {
+                    status: StatusCode::METHOD_NOT_ALLOWED,
+                    reason: format!("method {} not allowed", request.method()),
+                    body: None,
+                    headers: vec![(header::ALLOW, HeaderValue::from_static("GET, HEAD"))],
+                },
+            };
+        }
+        return match exact || routes.has_any_path() {
+            true if !is_get => Decision::Reject {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                reason: format!("method {} not allowed", request.method()),
+                body: None,
+                headers: vec![(header::ALLOW, HeaderValue::from_static("GET"))],
+            },
+            true => Decision::Reject {
+                status: StatusCode::UPGRADE_REQUIRED,
+                reason: "this is a WebSocket endpoint: upgrade required".into(),
+                body: None,
+                headers: vec![
+                    (header::UPGRADE, HeaderValue::from_static("websocket")),
+                    (header::CONNECTION, HeaderValue::from_static("Upgrade")),
+                ],
+            },
+            false => reject(StatusCode::NOT_FOUND, "not found"),
+        };
+    }
+
+    // The checks that need only the head come before the route lookup: a malformed request
+    // must not make a token source look at its files.
+    if request.method() != Method::GET {
+        return Decision::Reject {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: format!("a WebSocket upgrade must be a GET, not {}", request.method()),
+            body: None,
+            headers: vec![(header::ALLOW, HeaderValue::from_static("GET"))],
+        };
+    }
+    if request.version() != Version::HTTP_11 {
+        return reject(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1");
+    }
+    if !header_has_token(headers, &header::CONNECTION, "upgrade") {
+        return reject(StatusCode::BAD_REQUEST, "missing `Connection: Upgrade`");
+    }
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
+        (Some(_), Some(_)) => return reject(StatusCode::BAD_REQUEST, "more than one Sec-WebSocket-Version header"),
+        _ => {
+            return Decision::Reject {
+                status: StatusCode::UPGRADE_REQUIRED,
+                reason: "unsupported Sec-WebSocket-Version (only 13 is)".into(),
+                body: None,
+                headers: vec![(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))],
+            }
+        }
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) if is_valid_key(k.as_bytes()) => k.as_bytes().trim_ascii().to_vec(),
+        _ => return reject(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"),
+    };
+    // From here on the details (a route's name, a token, a path) are for the log, not the client.
+    let route = match routes.lookup(&request).await {
+        Ok(route) => route,
+        Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
+        Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
+    };
+    if !route.admits(client_cn) {
+        let reason = match client_cn {
+            None => format!("{} needs a client certificate", route.name),
+            Some(cn) => format!("client certificate {cn:?} is not allowed on {}", route.name),
+        };
+        return refuse(StatusCode::FORBIDDEN, "forbidden", reason);
+    }
+    let Some(slot) = route.try_enter() else {
+        return Decision::Reject {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: format!("{} is at its session limit", route.name),
+            body: Some("too many sessions"),
+            headers: vec![(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+        };
+    };
+    let subprotocol = choose_subprotocol(headers, &route.options.subprotocols);
+    let accept_key = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+    Decision::Upgrade(Box::new(Upgrade {
+        route,
+        request,
+        subprotocol,
+        leftover,
+        accept_key,
+        slot,
+    }))
+}
+
+/// The first subprotocol the client offers (its order is its preference) that the route accepts.
+/// Offers are comma-separated, possibly over several headers, with any spacing.
+/// `binary` is always accepted: noVNC and websockify clients offer it, and routes name others.
+pub fn choose_subprotocol(headers: &HeaderMap, accepted: &[String]) -> Option<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|offer| *offer == "binary" || accepted.iter().any(|a| a == offer))
+        .map(str::to_owned)
+}
+
+/// A key is the base64 of 16 bytes: 22 characters and `==`.
+fn is_valid_key(k: &[u8]) -> bool {
+    let k = k.trim_ascii();
+    k.len() == 24 && k.ends_with(b"==") && k[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+/// Whether a comma-separated header contains `token` (case-insensitive), as `Connection:
+/// keep-alive, Upgrade` does.
+fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Writes `101 Switching Protocols` for an accepted upgrade.
+///
+/// # Errors
+/// The write failed.
+pub async fn write_switching<S: AsyncWrite + Unpin>(io: &mut S, upgrade: &Upgrade) -> std::io::Result<()> {
+    let mut head = String::with_capacity(160);
+    head.push_str("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+    head.push_str(&upgrade.accept_key);
+    if let Some(p) = &upgrade.subprotocol {
+        head.push_str("\r\nSec-WebSocket-Protocol: ");
+        head.push_str(p);
+    }
+    head.push_str("\r\n\r\n");
+    io.write_all(head.as_bytes()).await?;
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subprotocol_choice() {
+        let mut h = HeaderMap::new();
+        h.append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("base64 ,  binary"));
+        let accepted = vec!["binary".to_string()];
+        assert_eq!(choose_subprotocol(&h, &accepted).as_deref(), Some("binary"));
+        let mut h = HeaderMap::new();
+        h.append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("chat"));
+        assert_eq!(choose_subprotocol(&h, &accepted), None);
+    }
+
+    #[test]
+    fn keys() {
+        assert!(is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_valid_key(b"short=="));
+        assert!(!is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ!!"));
+    }
+}

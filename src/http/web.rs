@@ -1,0 +1,349 @@
+//! Static files for a web client (`--web DIR`, noVNC's pages): one file, or a directory listing
+//! when the listener asks for listings, answered and closed.
+//!
+//! Files are resolved by `hyper-staticfile`, which answers ranges and conditional requests. What
+//! may be served is decided here, before and under it:
+//! - the request path is checked segment by segment, percent-decoded: a `.` or `..` segment
+//!   (`/a/../b`, `/%2e%2e/`), an encoded `/` or `\` (`..%2fsecret`), a NUL or a path that is not
+//!   UTF-8 is refused with 404, not normalised (browsers never send them);
+//! - hidden files and directories (`.git/`, `.env`) are refused with 404 and left out of listings,
+//!   unless the listener allows them (`web_dotfiles`);
+//! - a file or directory is opened by its real path (symlinks resolved), and refused with 404
+//!   when that path is outside the web root or hidden, unless the listener follows symlinks
+//!   (`web_follow_symlinks`). A symlink that stays inside the root works.
+//!
+//! Listing links are URL-encoded (a file named `a b#c` links to `a%20b%23c`) and HTML-escaped.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_staticfile::vfs::{FileOpener, FileWithMetadata, TokioFileOpener};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::request::{write_answer, Rejection};
+
+/// Static-file settings of a listener.
+#[derive(Clone)]
+pub struct WebRoot {
+    /// Files are served from here, through [`Guarded`].
+    resolver: hyper_staticfile::Resolver<Guarded>,
+    /// The directory (for listings).
+    dir: PathBuf,
+    /// List directories that have no `index.html`.
+    listing: bool,
+    /// Who may be reached: symlinks out of the root, hidden files.
+    reach: Reach,
+}
+
+/// What beyond plain files under the root may be served.
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    /// Serve what a symlink points to even outside the root.
+    follow_symlinks: bool,
+    /// Serve and list names that start with a dot.
+    dotfiles: bool,
+}
+
+impl WebRoot {
+    /// Static files from `dir`; `listing` lists directories without an `index.html`;
+    /// `follow_symlinks` serves what symlinks point to outside `dir`; `dotfiles` serves hidden
+    /// files. The last two are off in a safe setup.
+    pub fn new(dir: &Path, listing: bool, follow_symlinks: bool, dotfiles: bool) -> WebRoot {
+        let reach = Reach { follow_symlinks, dotfiles };
+        WebRoot {
+            resolver: hyper_staticfile::Resolver::with_opener(Guarded {
+                root: dir.to_path_buf(),
+                inner: Arc::new(TokioFileOpener::new(dir)),
+                reach,
+            }),
+            dir: dir.to_path_buf(),
+            listing,
+            reach,
+        }
+    }
+}
+
+impl std::fmt::Debug for WebRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebRoot")
+            .field("dir", &self.dir)
+            .field("listing", &self.listing)
+            .field("follow_symlinks", &self.reach.follow_symlinks)
+            .field("dotfiles", &self.reach.dotfiles)
+            .finish()
+    }
+}
+
+/// Opens files for `hyper-staticfile` by their real path, after checking it is inside the root
+/// and not hidden (as [`Reach`] allows). Every open goes through here, the directory index
+/// (`index.html`) included, so no path into the root's files is left unchecked.
+struct Guarded {
+    root: PathBuf,
+    inner: Arc<TokioFileOpener>,
+    reach: Reach,
+}
+
+type Opened = io::Result<FileWithMetadata<tokio::fs::File>>;
+
+impl FileOpener for Guarded {
+    type File = tokio::fs::File;
+    type Future = Pin<Box<dyn Future<Output = Opened> + Send>>;
+
+    fn open(&self, path: &Path) -> Self::Future {
+        let inner = self.inner.clone();
+        if self.reach.follow_symlinks {
+            return Box::pin(inner.open(path));
+        }
+        let (root, path, reach) = (self.root.clone(), path.to_path_buf(), self.reach);
+        Box::pin(async move {
+            let real = tokio::task::spawn_blocking(move || inside_root(&root, &path, reach))
+                .await
+                .map_err(io::Error::other)??;
+            inner.open(&real).await
+        })
+    }
+}
+
+/// `path` (relative to `root`) resolved through its symlinks, as a path relative to the root's
+/// real path. A path that leads out of the root, or to a hidden name when those are not served,
+/// is "not found": the client learns nothing of what is there.
+fn inside_root(root: &Path, path: &Path, reach: Reach) -> io::Result<PathBuf> {
+    let real_root = std::fs::canonicalize(root)?;
+    let real = std::fs::canonicalize(root.join(path))?;
+    let refused = |why: &str| {
+        tracing::debug!(path = %path.display(), why, "static file refused");
+        io::Error::from(io::ErrorKind::NotFound)
+    };
+    let Ok(inside) = real.strip_prefix(&real_root) else {
+        return Err(refused("a symlink leads out of the web root"));
+    };
+    if !reach.dotfiles && inside.iter().any(|c| c.as_encoded_bytes().starts_with(b".")) {
+        return Err(refused("a symlink leads to a hidden file"));
+    }
+    Ok(inside.to_path_buf())
+}
+
+/// The request path's segments, percent-decoded, or why it is refused: `.` and `..` segments, an
+/// encoded `/` or `\`, a NUL, text that is not UTF-8, and (unless allowed) hidden names.
+fn segments(path: &str, reach: Reach) -> Result<Vec<String>, &'static str> {
+    let mut out = Vec::new();
+    for raw in path.split('/').filter(|s| !s.is_empty()) {
+        let s = percent_decode_str(raw).decode_utf8().map_err(|_| "the path is not UTF-8")?;
+        if s == "." || s == ".." {
+            return Err("a `.` or `..` segment in the path");
+        }
+        if s.contains(['/', '\\', '\0']) {
+            return Err("an encoded `/`, `\\` or NUL in the path");
+        }
+        if !reach.dotfiles && s.starts_with('.') {
+            return Err("a hidden file in the path");
+        }
+        out.push(s.into_owned());
+    }
+    Ok(out)
+}
+
+/// Serves one static file (or a listing, or the resolver's 301/404/403) and closes. Returns the
+/// status sent and what it was, for the log.
+///
+/// # Errors
+/// Reading the file or writing to the client failed.
+pub(crate) async fn serve<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    request: &Request<()>,
+    web: &WebRoot,
+) -> Result<(StatusCode, &'static str), Rejection> {
+    let with_body = request.method() != Method::HEAD;
+    let parts = match segments(request.uri().path(), web.reach) {
+        Ok(parts) => parts,
+        Err(why) => {
+            write_answer(io, StatusCode::NOT_FOUND, "not found", &[], with_body).await?;
+            return Ok((StatusCode::NOT_FOUND, why));
+        }
+    };
+    let resolved = web.resolver.resolve_request(request).await?;
+    if web.listing && matches!(resolved, hyper_staticfile::ResolveResult::NotFound) && request.uri().path().ends_with('/') {
+        if let Some(html) = listing(web, &parts).await {
+            let extra = [(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"))];
+            write_response(io, request, StatusCode::OK, &extra, Bytes::from(html)).await?;
+            return Ok((StatusCode::OK, "directory listing"));
+        }
+    }
+    let response = hyper_staticfile::ResponseBuilder::new()
+        .request(request)
+        .build(resolved)
+        .map_err(|e| Rejection::Io(std::io::Error::other(e)))?;
+    let (parts, mut body) = response.into_parts();
+    if parts.status == StatusCode::NOT_FOUND {
+        write_answer(io, StatusCode::NOT_FOUND, "not found", &[], with_body).await?;
+        return Ok((StatusCode::NOT_FOUND, "not found"));
+    }
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        let _ = write!(head, "{}: {}\r\n", name, value.to_str().unwrap_or(""));
+    }
+    if !parts.headers.contains_key(header::CONTENT_LENGTH) && !parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        head.push_str("Content-Length: 0\r\n");
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    io.write_all(head.as_bytes()).await?;
+    if with_body {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                io.write_all(&data).await?;
+            }
+        }
+    }
+    io.flush().await?;
+    Ok((parts.status, "static file"))
+}
+
+async fn write_response<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    request: &Request<()>,
+    status: StatusCode,
+    extra: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> Result<(), Rejection> {
+    let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    for (name, value) in extra {
+        let _ = write!(head, "{}: {}\r\n", name, value.to_str().unwrap_or(""));
+    }
+    let _ = write!(head, "Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    io.write_all(head.as_bytes()).await?;
+    if request.method() != Method::HEAD {
+        io.write_all(&body).await?;
+    }
+    io.flush().await?;
+    Ok(())
+}
+
+/// An HTML listing of the directory at the request path's `parts` (checked by [`segments`]), or
+/// `None` if it is not a directory that may be served. Entries that would not be served (hidden,
+/// or symlinks out of the root, as the listener allows) are left out.
+async fn listing(web: &WebRoot, parts: &[String]) -> Option<String> {
+    let dir: PathBuf = parts.iter().collect();
+    if !web.reach.follow_symlinks {
+        let (root, rel, reach) = (web.dir.clone(), dir.clone(), web.reach);
+        tokio::task::spawn_blocking(move || inside_root(&root, &rel, reach))
+            .await
+            .ok()?
+            .ok()?;
+    }
+    let full = web.dir.join(&dir);
+    let mut entries = tokio::fs::read_dir(&full).await.ok()?;
+    let mut names = Vec::new();
+    while let Ok(Some(e)) = entries.next_entry().await {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !web.reach.dotfiles && name.starts_with('.') {
+            continue;
+        }
+        if !web.reach.follow_symlinks {
+            let (root, rel, reach) = (web.dir.clone(), dir.join(&name), web.reach);
+            if !matches!(
+                tokio::task::spawn_blocking(move || inside_root(&root, &rel, reach)).await,
+                Ok(Ok(_))
+            ) {
+                continue;
+            }
+        }
+        // Through symlinks: a link to a directory lists as one.
+        let is_dir = tokio::fs::metadata(e.path()).await.map(|m| m.is_dir()).unwrap_or(false);
+        names.push((name, is_dir));
+    }
+    names.sort();
+    let title = html_escape(&format!("/{}", parts.iter().map(|p| format!("{p}/")).collect::<String>()));
+    let mut html = format!("<!doctype html><meta charset=utf-8><title>Index of {title}</title><h1>Index of {title}</h1><ul>");
+    for (name, is_dir) in names {
+        let slash = if is_dir { "/" } else { "" };
+        let href = utf8_percent_encode(&name, SEGMENT);
+        let _ = write!(
+            html,
+            "<li><a href=\"./{}{slash}\">{}{slash}</a></li>",
+            html_escape(&href.to_string()),
+            html_escape(&name)
+        );
+    }
+    html.push_str("</ul>");
+    Some(html)
+}
+
+/// What a listing link percent-encodes in a name: everything but RFC 3986's unreserved
+/// characters, so no name can read as a scheme (`javascript:`), a query, a fragment or a path.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAFE: Reach = Reach {
+        follow_symlinks: false,
+        dotfiles: false,
+    };
+
+    #[test]
+    fn traversal_and_hidden_names_are_refused_not_normalised() {
+        assert_eq!(segments("/sub/a%20b.js", SAFE).unwrap(), ["sub", "a b.js"]);
+        assert_eq!(segments("//sub//", SAFE).unwrap(), ["sub"]);
+        for bad in [
+            "/../etc/passwd",
+            "/sub/../x",
+            "/%2e%2e/x",
+            "/%2E%2E/x",
+            "/.%2e/x",
+            "/./x",
+            "/..%2fx",
+            "/sub%2f..%2f..%2fx",
+            "/a%5c..%5cx",
+            "/a%00b",
+            "/%ff",
+            "/.git/config",
+            "/.env",
+            "/sub/.htpasswd",
+        ] {
+            assert!(segments(bad, SAFE).is_err(), "{bad}");
+        }
+        let dotfiles = Reach { dotfiles: true, ..SAFE };
+        assert_eq!(segments("/.well-known/x", dotfiles).unwrap(), [".well-known", "x"]);
+        assert!(segments("/../x", dotfiles).is_err());
+    }
+
+    #[tokio::test]
+    async fn listing_links_are_url_encoded_and_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a b#c?d.txt", "javascript:alert(1)", "x\"y<z>&.txt", ".hidden"] {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("sub dir")).unwrap();
+        let web = WebRoot::new(dir.path(), true, false, false);
+        let html = listing(&web, &[]).await.unwrap();
+        assert!(html.contains(r#"<a href="./a%20b%23c%3Fd.txt">a b#c?d.txt</a>"#), "{html}");
+        assert!(html.contains(r#"href="./javascript%3Aalert%281%29""#), "{html}");
+        assert!(
+            html.contains(r#"href="./x%22y%3Cz%3E%26.txt">x&quot;y&lt;z&gt;&amp;.txt<"#),
+            "{html}"
+        );
+        assert!(html.contains(r#"<a href="./sub%20dir/">sub dir/</a>"#), "{html}");
+        assert!(!html.contains("hidden"), "{html}");
+    }
+}

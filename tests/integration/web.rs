@@ -1,0 +1,151 @@
+//! Static files under `--web`: no way out of the root (`..` in any spelling, symlinks leading
+//! out), no hidden files, listing links that are URL-encoded; and the options that allow
+//! symlinks and hidden files for those who want them.
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use wsbridge::config::{Config, ListenerConfig};
+
+use crate::common::*;
+
+/// A web root `base/www` with plain files, hidden ones and symlinks in and out, and a secret
+/// beside it in `base/outside`.
+fn web_tree(base: &Path) -> PathBuf {
+    let www = base.join("www");
+    let outside = base.join("outside");
+    std::fs::create_dir_all(www.join("sub")).unwrap();
+    std::fs::create_dir_all(www.join(".git")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), "SECRET_OUTSIDE").unwrap();
+    std::fs::write(www.join("index.html"), "<h1>hi</h1>").unwrap();
+    std::fs::write(www.join("sub/app.js"), "let x = 1;").unwrap();
+    std::fs::write(www.join("sub/.hidden.js"), "SECRET_HIDDEN").unwrap();
+    std::fs::write(www.join(".env"), "SECRET_ENV").unwrap();
+    std::fs::write(www.join(".git/config"), "SECRET_GIT").unwrap();
+    symlink("sub/app.js", www.join("inside-link.js")).unwrap();
+    symlink("sub", www.join("inside-dir")).unwrap();
+    symlink("../outside/secret.txt", www.join("outside-link.txt")).unwrap();
+    symlink(&outside, www.join("outside-dir")).unwrap();
+    symlink(".env", www.join("env-link.txt")).unwrap();
+    www
+}
+
+async fn web_bridge(www: &Path, listing: bool, follow_symlinks: bool, dotfiles: bool) -> TestBridge {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.listeners.push(ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: Some(www.to_path_buf()),
+        web_listing: listing,
+        web_follow_symlinks: follow_symlinks,
+        web_dotfiles: dotfiles,
+        tls: None,
+    });
+    TestBridge::start(config).await
+}
+
+async fn get(bridge: &TestBridge, path: &str) -> String {
+    http_raw(bridge.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await
+}
+
+#[tokio::test]
+async fn nothing_outside_the_root_or_hidden_is_served() {
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, false, false, false).await;
+    for path in [
+        "/../outside/secret.txt",
+        "/sub/../../outside/secret.txt",
+        "/%2e%2e/outside/secret.txt",
+        "/%2E%2E/outside/secret.txt",
+        "/..%2foutside%2fsecret.txt",
+        "/%2e%2e%2foutside%2fsecret.txt",
+        "/sub%2f..%2f..%2foutside/secret.txt",
+        "/outside-link.txt",
+        "/outside-dir/secret.txt",
+        "/outside-dir/",
+        "/.env",
+        "/%2eenv",
+        "/.git/config",
+        "/.git/",
+        "/sub/.hidden.js",
+        "/env-link.txt",
+    ] {
+        let r = get(&bridge, path).await;
+        assert_eq!(status_of(&r), 404, "{path}: {r}");
+        assert!(!r.contains("SECRET"), "{path} served a secret: {r}");
+    }
+    // `..` is refused, not normalised, even where it would stay inside the root.
+    assert_eq!(status_of(&get(&bridge, "/sub/../index.html").await), 404);
+    // Plain files, and symlinks that stay inside the root, are served.
+    for (path, body) in [
+        ("/", "<h1>hi</h1>"),
+        ("/sub/app.js", "let x = 1;"),
+        ("/inside-link.js", "let x = 1;"),
+        ("/inside-dir/app.js", "let x = 1;"),
+    ] {
+        let r = get(&bridge, path).await;
+        assert_eq!(status_of(&r), 200, "{path}: {r}");
+        assert!(r.ends_with(body), "{path}: {r}");
+    }
+}
+
+#[tokio::test]
+async fn listings_leave_out_what_is_not_served_and_encode_their_links() {
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    std::fs::remove_file(www.join("index.html")).unwrap();
+    std::fs::write(www.join("sub/a b#c?.txt"), "x").unwrap();
+    let bridge = web_bridge(&www, true, false, false).await;
+    let r = get(&bridge, "/").await;
+    assert_eq!(status_of(&r), 200, "{r}");
+    for hidden in [".env", ".git", "outside-link", "outside-dir", "env-link"] {
+        assert!(!r.contains(hidden), "the listing shows {hidden}: {r}");
+    }
+    assert!(r.contains(r#"<a href="./inside-dir/">inside-dir/</a>"#), "{r}");
+    let r = get(&bridge, "/sub/").await;
+    assert!(r.contains(r#"<a href="./a%20b%23c%3F.txt">a b#c?.txt</a>"#), "{r}");
+    assert!(!r.contains(".hidden"), "{r}");
+    // The link works.
+    assert_eq!(status_of(&get(&bridge, "/sub/a%20b%23c%3F.txt").await), 200);
+    // Directories that are not served are not listed either.
+    for path in ["/outside-dir/", "/.git/", "/%2e%2e/"] {
+        let r = get(&bridge, path).await;
+        assert_eq!(status_of(&r), 404, "{path}: {r}");
+        assert!(!r.contains("secret"), "{path}: {r}");
+    }
+}
+
+#[tokio::test]
+async fn symlinks_and_hidden_files_are_served_when_the_listener_allows_them() {
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, false, true, true).await;
+    for (path, body) in [
+        ("/outside-link.txt", "SECRET_OUTSIDE"),
+        ("/outside-dir/secret.txt", "SECRET_OUTSIDE"),
+        ("/.env", "SECRET_ENV"),
+        ("/env-link.txt", "SECRET_ENV"),
+    ] {
+        let r = get(&bridge, path).await;
+        assert_eq!(status_of(&r), 200, "{path}: {r}");
+        assert!(r.ends_with(body), "{path}: {r}");
+    }
+    // Still no `..`.
+    assert_eq!(status_of(&get(&bridge, "/%2e%2e/outside/secret.txt").await), 404);
+}
+
+#[test]
+fn the_options_have_toml_names() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    let file = dir.path().join("w.toml");
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:6080\"\nweb = \"www\"\nweb_follow_symlinks = true\nweb_dotfiles = true\n\n[[route]]\npath = \"*\"\ntarget = \"localhost:5900\"\n",
+    )
+    .unwrap();
+    let config = Config::from_file(&file).unwrap();
+    assert!(config.listeners[0].web_follow_symlinks && config.listeners[0].web_dotfiles);
+}
