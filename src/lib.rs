@@ -34,6 +34,8 @@ pub mod demo;
 pub mod frame;
 pub mod http;
 pub mod logging;
+pub mod policy;
+pub mod proxy;
 pub mod relay;
 pub mod routes;
 pub mod server;

@@ -1,0 +1,425 @@
+//! JWT verification (HS256, RS256, ES256, EdDSA and their siblings), with keys from a PEM file,
+//! a JWKS file or a shared-secret file, re-read when the file changes as certificates are.
+//!
+//! A token is checked against keys of the family its `alg` names (and the `kid` it names, for a
+//! JWKS), never with an algorithm the configuration or the key does not allow (no `none`, no
+//! HMAC with a public key). `exp` (unless a route says it may be absent), `nbf`, `iss` and `aud`
+//! are checked with a configurable clock skew.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+
+use super::auth::{unauthorized, Authenticated};
+use super::Refusal;
+
+/// Where a verifier's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A PEM public key (RSA, EC P-256/P-384 or Ed25519) or certificate.
+    Pem(PathBuf),
+    /// A JSON Web Key Set.
+    Jwks(PathBuf),
+    /// A shared secret for HS256/384/512: the file's bytes, surrounding white space trimmed.
+    Secret(PathBuf),
+}
+
+impl KeySource {
+    fn path(&self) -> &Path {
+        match self {
+            KeySource::Pem(p) | KeySource::Jwks(p) | KeySource::Secret(p) => p,
+        }
+    }
+}
+
+/// A route's JWT settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSettings {
+    /// The verification keys.
+    pub keys: KeySource,
+    /// Algorithms accepted; empty: the keys' usual one (HS256, RS256, ES256, EdDSA).
+    pub algorithms: Vec<Algorithm>,
+    /// Accepted issuers (`iss`); empty: not checked.
+    pub issuers: Vec<String>,
+    /// Accepted audiences (`aud`); empty: a token naming an audience is refused.
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Whether a token must have `exp` (websockify's JWTTokenApi tokens may not).
+    pub require_exp: bool,
+}
+
+/// How often key files are looked at for changes, at most.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// A JWT verifier in service.
+#[derive(Debug)]
+pub struct JwtVerifier(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    settings: JwtSettings,
+    keys: RwLock<Arc<Keys>>,
+    /// The key file's stamp and when it was last looked at.
+    seen: Mutex<(Stamp, Instant)>,
+    /// A re-read is under way (on the blocking pool); checks go on with the keys in force.
+    reloading: AtomicBool,
+}
+
+type Stamp = Option<(u64, SystemTime)>;
+
+/// Verification keys, each with its `kid` when a JWKS gave one.
+type Keys = Vec<(Option<String>, DecodingKey)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+/// The claims wsbridge reads.
+#[derive(Debug, serde::Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    host: Option<String>,
+    port: Option<serde_json::Value>,
+}
+
+impl JwtVerifier {
+    /// Reads the keys.
+    ///
+    /// # Errors
+    /// The key file cannot be read or holds no usable key, or the algorithms do not fit it.
+    pub fn new(settings: JwtSettings) -> Result<JwtVerifier, String> {
+        let keys = load(&settings)?;
+        let seen = (stamp(settings.keys.path()), Instant::now());
+        Ok(JwtVerifier(Arc::new(Inner {
+            settings,
+            keys: RwLock::new(Arc::new(keys)),
+            seen: Mutex::new(seen),
+            reloading: AtomicBool::new(false),
+        })))
+    }
+
+    /// For `wsbridge check`.
+    pub fn describe(&self) -> String {
+        let s = &self.0.settings;
+        let algs: Vec<String> = s.algorithms.iter().map(|a| format!("{a:?}")).collect();
+        format!(
+            "jwt (keys {}, algorithms {}, issuers {:?}, audiences {:?}, leeway {}s{})",
+            s.keys.path().display(),
+            if algs.is_empty() { "by key".into() } else { algs.join(",") },
+            s.issuers,
+            s.audiences,
+            s.leeway.as_secs(),
+            if s.require_exp { "" } else { ", exp optional" }
+        )
+    }
+
+    /// Checks a token.
+    ///
+    /// # Errors
+    /// 401, with the reason in the detail (never the token).
+    pub fn check(&self, token: Option<&str>) -> Result<Authenticated, Refusal> {
+        self.maybe_reload();
+        let this = &self.0;
+        let Some(token) = token else {
+            return Err(unauthorized("no JWT"));
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(|e| unauthorized(format!("JWT not valid: {e}")))?;
+        let alg = header.alg;
+        if !this.allows(alg) {
+            return Err(unauthorized(format!("JWT algorithm {alg:?} not allowed")));
+        }
+        let keys = this.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut validation = Validation::new(alg);
+        validation.leeway = this.settings.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.required_spec_claims.clear();
+        if this.settings.require_exp {
+            validation.required_spec_claims.insert("exp".into());
+        }
+        if !this.settings.issuers.is_empty() {
+            validation.set_issuer(&this.settings.issuers);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        if this.settings.audiences.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&this.settings.audiences);
+            validation.required_spec_claims.insert("aud".into());
+        }
+        let mut last = String::from("no key for its algorithm or kid");
+        for (kid, key) in keys.iter() {
+            if key.family() != alg.family() || (header.kid.is_some() && kid.is_some() && header.kid != *kid) {
+                continue;
+            }
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => {
+                    let c = data.claims;
+                    let port = c.port.as_ref().and_then(|p| match p {
+                        serde_json::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+                        serde_json::Value::String(s) => s.parse().ok(),
+                        _ => None,
+                    });
+                    return Ok(Authenticated {
+                        subject: c.sub,
+                        target: c.host.zip(port),
+                    });
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(unauthorized(format!("JWT not valid: {last}")))
+    }
+
+    /// At most every [`RECHECK`], looks at the key file on the blocking pool and swaps in the
+    /// new keys if it changed; a file that no longer parses leaves the keys in force (logged).
+    /// Checks never wait for it.
+    fn maybe_reload(&self) {
+        {
+            let mut seen = self.0.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.1.elapsed() < RECHECK || self.0.reloading.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            seen.1 = Instant::now();
+        }
+        let inner = self.0.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || inner.reload_now())),
+            Err(_) => inner.reload_now(),
+        }
+    }
+
+    /// Re-reads the keys now if the file changed.
+    pub fn reload_now(&self) {
+        self.0.reload_now();
+    }
+}
+
+impl Inner {
+    fn allows(&self, alg: Algorithm) -> bool {
+        if self.settings.algorithms.is_empty() {
+            matches!(alg, Algorithm::HS256 | Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA)
+        } else {
+            self.settings.algorithms.contains(&alg)
+        }
+    }
+
+    /// Re-reads the keys if the file changed.
+    fn reload_now(&self) {
+        let work = {
+            let settings = self.settings.clone();
+            let before = self.seen.lock().unwrap_or_else(|p| p.into_inner()).0;
+            move || {
+                let now = stamp(settings.keys.path());
+                if now == before {
+                    return (now, None);
+                }
+                (now, Some(load(&settings)))
+            }
+        };
+        let apply = |(now, loaded): (Stamp, Option<Result<Vec<_>, String>>)| {
+            match loaded {
+                None => {}
+                Some(Ok(keys)) => {
+                    tracing::info!(keys = %self.settings.keys.path().display(), "JWT keys re-read");
+                    *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+                    self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "JWT key reload failed; the keys in force stay");
+                    self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
+                }
+            }
+            self.reloading.store(false, Ordering::Release);
+        };
+        apply(work());
+    }
+}
+
+/// Reads the keys a source names and checks the algorithms fit them.
+fn load(settings: &JwtSettings) -> Result<Keys, String> {
+    let path = settings.keys.path();
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let keys = match &settings.keys {
+        KeySource::Secret(_) => {
+            let secret = bytes.trim_ascii();
+            if secret.len() < 32 {
+                return Err(format!("{}: an HMAC secret needs at least 32 bytes", path.display()));
+            }
+            vec![(
+                None,
+                DecodingKey::from_secret(secret).map_err(|e| format!("{}: {e}", path.display()))?,
+            )]
+        }
+        KeySource::Pem(_) => {
+            let key = DecodingKey::from_rsa_pem(&bytes)
+                .or_else(|_| DecodingKey::from_ec_pem(&bytes))
+                .or_else(|_| DecodingKey::from_ed_pem(&bytes))
+                .map_err(|_| format!("{}: not a PEM RSA, EC or Ed25519 public key", path.display()))?;
+            vec![(None, key)]
+        }
+        KeySource::Jwks(_) => {
+            let set: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a JWK set: {e}", path.display()))?;
+            let mut keys = Vec::new();
+            for jwk in &set.keys {
+                match DecodingKey::from_jwk(jwk) {
+                    Ok(k) => keys.push((jwk.common.key_id.clone(), k)),
+                    Err(e) => tracing::warn!(file = %path.display(), kid = ?jwk.common.key_id, error = %e, "JWK skipped"),
+                }
+            }
+            if keys.is_empty() {
+                return Err(format!("{}: no usable key in the set", path.display()));
+            }
+            keys
+        }
+    };
+    for alg in &settings.algorithms {
+        if !keys.iter().any(|(_, k)| k.family() == alg.family()) {
+            return Err(format!("{}: no key for algorithm {alg:?}", path.display()));
+        }
+    }
+    if matches!(settings.keys, KeySource::Secret(_)) && settings.algorithms.iter().any(|a| a.family() != AlgorithmFamily::Hmac) {
+        return Err("a shared secret verifies only HS256/HS384/HS512".into());
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn settings(keys: KeySource) -> JwtSettings {
+        JwtSettings {
+            keys,
+            algorithms: Vec::new(),
+            issuers: vec!["https://issuer.example".into()],
+            audiences: vec!["wsbridge".into()],
+            leeway: Duration::from_secs(5),
+            require_exp: true,
+        }
+    }
+
+    fn claims(extra: serde_json::Value) -> serde_json::Value {
+        let mut c = serde_json::json!({
+            "sub": "alice", "iss": "https://issuer.example", "aud": "wsbridge", "exp": now() + 60,
+        });
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c
+    }
+
+    #[test]
+    fn hs256_with_the_claims_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "0123456789abcdef0123456789abcdef";
+        std::fs::write(dir.path().join("s"), format!("{secret}\n")).unwrap();
+        let v = JwtVerifier::new(settings(KeySource::Secret(dir.path().join("s")))).unwrap();
+        let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+        let sign = |c: serde_json::Value| encode(&Header::default(), &c, &key).unwrap();
+        let ok = v
+            .check(Some(&sign(claims(serde_json::json!({"host": "10.0.0.5", "port": "5901"})))))
+            .unwrap();
+        assert_eq!(ok.subject.as_deref(), Some("alice"));
+        assert_eq!(ok.target, Some(("10.0.0.5".into(), 5901)));
+        for (bad, why) in [
+            (claims(serde_json::json!({"exp": now() - 60})), "expired"),
+            (claims(serde_json::json!({"nbf": now() + 60})), "not yet valid"),
+            (claims(serde_json::json!({"iss": "https://evil.example"})), "issuer"),
+            (claims(serde_json::json!({"aud": "other"})), "audience"),
+        ] {
+            let r = v.check(Some(&sign(bad))).unwrap_err();
+            assert_eq!(r.status, http::StatusCode::UNAUTHORIZED, "{why}");
+        }
+        let mut no_exp = claims(serde_json::json!({}));
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert!(v.check(Some(&sign(no_exp))).is_err(), "exp is required by default");
+        let wrong_key = encode(
+            &Header::default(),
+            &claims(serde_json::json!({})),
+            &EncodingKey::from_secret(b"another secret of 32 bytes......").unwrap(),
+        )
+        .unwrap();
+        assert!(v.check(Some(&wrong_key)).is_err());
+        assert!(v.check(Some("not.a.jwt")).is_err());
+        assert!(v.check(None).is_err());
+        // alg=none is never accepted.
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&claims(serde_json::json!({})).to_string())
+        );
+        assert!(v.check(Some(&none)).is_err());
+    }
+
+    fn b64(s: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn es256_from_pem_and_a_jwks_with_kids() {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(dir.path().join("pub.pem"), kp.public_key_pem()).unwrap();
+        let v = JwtVerifier::new(settings(KeySource::Pem(dir.path().join("pub.pem")))).unwrap();
+        let key = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+        let token = encode(&Header::new(Algorithm::ES256), &claims(serde_json::json!({})), &key).unwrap();
+        assert!(v.check(Some(&token)).is_ok());
+        // An HS256 token "signed" with the public key's bytes: the classic confusion, refused.
+        let confused = encode(
+            &Header::default(),
+            &claims(serde_json::json!({})),
+            &EncodingKey::from_secret(kp.public_key_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(v.check(Some(&confused)).is_err());
+        let pem = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+        let mut jwk = serde_json::to_value(&pem).unwrap();
+        jwk["kid"] = "k1".into();
+        std::fs::write(dir.path().join("jwks.json"), serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+        let v = JwtVerifier::new(settings(KeySource::Jwks(dir.path().join("jwks.json")))).unwrap();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        assert!(v
+            .check(Some(&encode(&header, &claims(serde_json::json!({})), &key).unwrap()))
+            .is_ok());
+        header.kid = Some("k2".into());
+        assert!(v
+            .check(Some(&encode(&header, &claims(serde_json::json!({})), &key).unwrap()))
+            .is_err());
+    }
+
+    #[test]
+    fn a_changed_key_file_is_read_again_and_a_broken_one_keeps_the_old_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s");
+        let (a, b) = ("a".repeat(32), "b".repeat(40));
+        std::fs::write(&file, &a).unwrap();
+        let v = JwtVerifier::new(settings(KeySource::Secret(file.clone()))).unwrap();
+        let sign = |s: &str| {
+            encode(
+                &Header::default(),
+                &claims(serde_json::json!({})),
+                &EncodingKey::from_secret(s.as_bytes()).unwrap(),
+            )
+            .unwrap()
+        };
+        assert!(v.check(Some(&sign(&a))).is_ok());
+        std::fs::write(&file, &b).unwrap();
+        v.reload_now();
+        assert!(v.check(Some(&sign(&b))).is_ok());
+        assert!(v.check(Some(&sign(&a))).is_err());
+        std::fs::write(&file, "short").unwrap();
+        v.reload_now();
+        assert!(v.check(Some(&sign(&b))).is_ok(), "a broken file keeps the keys in force");
+    }
+}

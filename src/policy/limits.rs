@@ -1,0 +1,318 @@
+//! Sessions and new sessions per client address, counted in a table of fixed size.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+
+use super::Refusal;
+
+/// Limits per client address.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AddressLimits {
+    /// Sessions open at once from one address.
+    pub max_sessions: Option<u32>,
+    /// New sessions per second from one address, refilled continuously...
+    pub rate: Option<f64>,
+    /// ...with room for this many at once.
+    pub burst: u32,
+}
+
+impl AddressLimits {
+    /// Whether nothing is limited.
+    pub fn is_unlimited(&self) -> bool {
+        self.max_sessions.is_none() && self.rate.is_none()
+    }
+}
+
+/// One address's counters.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    ip: IpAddr,
+    sessions: u32,
+    /// Tokens in the bucket when last refilled.
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// Counters per client address in a fixed table: O(1) per handshake, and memory that does not
+/// grow with the number of addresses. An address has two candidate slots (keyed hashes, so a
+/// client cannot aim at another's slots); it takes a slot that holds it, or one whose counters
+/// have gone back to nothing (no session, a full bucket). When both hold other live addresses,
+/// which takes a flood of more addresses than the table has slots, it shares the first: the
+/// limits then count the two together, so the table fails closed, never open.
+#[derive(Debug)]
+pub struct PerAddress {
+    limits: AddressLimits,
+    slots: Mutex<Vec<Option<Entry>>>,
+    hasher: RandomState,
+}
+
+/// A session's place in [`PerAddress`]; given back on drop.
+#[derive(Debug)]
+pub struct AddressSlot {
+    table: Arc<PerAddress>,
+    index: usize,
+}
+
+/// Whole seconds until a bucket holding `tokens` has one again at `rate` per second (at least 1).
+fn retry_after(tokens: f64, rate: f64) -> u64 {
+    Duration::from_secs_f64(((1.0 - tokens) / rate).max(0.0))
+        .as_secs_f64()
+        .ceil()
+        .max(1.0) as u64
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut slots = self.table.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = slots.get_mut(self.index).and_then(Option::as_mut) {
+            e.sessions = e.sessions.saturating_sub(1);
+        }
+    }
+}
+
+impl PerAddress {
+    /// A table of `capacity` slots (rounded up to a power of two, at least 1,024).
+    pub fn new(limits: AddressLimits, capacity: usize) -> Arc<PerAddress> {
+        let n = capacity.clamp(1024, 1 << 22).next_power_of_two();
+        Arc::new(PerAddress {
+            limits,
+            slots: Mutex::new(vec![None; n]),
+            hasher: RandomState::new(),
+        })
+    }
+
+    /// The limits counted.
+    pub fn limits(&self) -> AddressLimits {
+        self.limits
+    }
+
+    /// Counts a new session from `ip` now, or says why not.
+    ///
+    /// # Errors
+    /// A 429 [`Refusal`] with `Retry-After`.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<AddressSlot, Refusal> {
+        self.enter_at(ip, Instant::now())
+    }
+
+    fn enter_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<AddressSlot, Refusal> {
+        let limits = self.limits;
+        let index = self.with_entry(ip, now, |entry, burst| {
+            if let Some(max) = limits.max_sessions {
+                if entry.sessions >= max {
+                    return Err(Refusal {
+                        status: StatusCode::TOO_MANY_REQUESTS,
+                        public: "too many sessions from your address",
+                        detail: format!("client {} has {} sessions open (max {max} per address)", entry.ip, entry.sessions),
+                        retry_after: Some(5),
+                    });
+                }
+            }
+            if let Some(rate) = limits.rate {
+                if entry.tokens < 1.0 {
+                    return Err(Refusal {
+                        status: StatusCode::TOO_MANY_REQUESTS,
+                        public: "too many new sessions from your address",
+                        detail: format!("client {} is over its rate of new sessions ({rate}/s, burst {burst})", entry.ip),
+                        retry_after: Some(retry_after(entry.tokens, rate)),
+                    });
+                }
+                entry.tokens -= 1.0;
+            }
+            entry.sessions += 1;
+            Ok(())
+        });
+        let (index, entered) = index;
+        entered.map(|()| AddressSlot {
+            table: self.clone(),
+            index,
+        })
+    }
+
+    /// Whether `ip` may try to authenticate now: its bucket of failures is not empty. Used with
+    /// [`PerAddress::failed`] on a table whose `rate` is the failures forgiven per second.
+    ///
+    /// # Errors
+    /// A 429 [`Refusal`] with `Retry-After`.
+    pub fn may_try(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let rate = self.limits.rate.unwrap_or(1.0);
+        self.with_entry(ip, Instant::now(), |entry, _| {
+            if entry.tokens < 1.0 {
+                return Err(Refusal {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    public: "too many failed attempts",
+                    detail: format!("client {} failed to authenticate too often; slowed down", entry.ip),
+                    retry_after: Some(retry_after(entry.tokens, rate)),
+                });
+            }
+            Ok(())
+        })
+        .1
+    }
+
+    /// Counts a failed attempt from `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        self.with_entry(ip, Instant::now(), |entry, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
+    }
+
+    /// Runs `f` on `ip`'s counters, refilled to `now`, and returns the slot's index with `f`'s
+    /// result. `f` also gets the bucket's size.
+    fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> (usize, R) {
+        let ip = ip.to_canonical();
+        let burst = f64::from(self.limits.burst.max(1));
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mask = slots.len() - 1;
+        let h = self.hasher.hash_one(ip);
+        let candidates = [h as usize & mask, (h >> 32) as usize & mask];
+        let refill = |e: &mut Entry| {
+            if let Some(rate) = self.limits.rate {
+                let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
+                e.tokens = (e.tokens + elapsed * rate).min(burst);
+            }
+            e.refilled = now;
+        };
+        let mut chosen = None;
+        for &i in &candidates {
+            match &mut slots[i] {
+                Some(e) if e.ip == ip => {
+                    chosen = Some(i);
+                    break;
+                }
+                Some(e) => {
+                    refill(e);
+                    if chosen.is_none() && e.sessions == 0 && e.tokens >= burst {
+                        chosen = Some(i);
+                    }
+                }
+                None => {
+                    if chosen.is_none() {
+                        chosen = Some(i);
+                    }
+                }
+            }
+        }
+        let index = chosen.unwrap_or(candidates[0]);
+        let entry = match &mut slots[index] {
+            Some(e) if e.ip == ip || e.sessions > 0 || e.tokens < burst => e,
+            slot => slot.insert(Entry {
+                ip,
+                sessions: 0,
+                tokens: burst,
+                refilled: now,
+            }),
+        };
+        refill(entry);
+        (index, f(entry, burst))
+    }
+
+    /// Sessions counted for `ip` now (for tests and the admin view).
+    pub fn sessions_of(&self, ip: IpAddr) -> u32 {
+        let ip = ip.to_canonical();
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.iter().flatten().filter(|e| e.ip == ip).map(|e| e.sessions).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_per_address_are_capped_and_given_back() {
+        let t = PerAddress::new(
+            AddressLimits {
+                max_sessions: Some(2),
+                ..Default::default()
+            },
+            0,
+        );
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = t.enter(a).unwrap();
+        let _s2 = t.enter(a).unwrap();
+        let r = t.enter(a).unwrap_err();
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(r.retry_after.is_some());
+        let _other = t.enter(b).unwrap();
+        drop(s1);
+        assert_eq!(t.sessions_of(a), 1);
+        let _s3 = t.enter(a).unwrap();
+    }
+
+    #[test]
+    fn new_sessions_per_address_follow_a_token_bucket() {
+        let t = PerAddress::new(
+            AddressLimits {
+                rate: Some(2.0),
+                burst: 3,
+                ..Default::default()
+            },
+            0,
+        );
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            drop(t.enter_at(a, t0).unwrap());
+        }
+        let r = t.enter_at(a, t0).unwrap_err();
+        assert_eq!(r.retry_after, Some(1));
+        // Half a second later one token (2/s) has come back, and only one.
+        let later = t0 + Duration::from_millis(500);
+        drop(t.enter_at(a, later).unwrap());
+        assert!(t.enter_at(a, later).is_err());
+    }
+
+    #[test]
+    fn failures_are_forgiven_at_their_rate() {
+        let t = PerAddress::new(
+            AddressLimits {
+                rate: Some(0.1),
+                burst: 3,
+                ..Default::default()
+            },
+            0,
+        );
+        let a: IpAddr = "192.0.2.9".parse().unwrap();
+        for _ in 0..3 {
+            t.may_try(a).unwrap();
+            t.failed(a);
+        }
+        let r = t.may_try(a).unwrap_err();
+        assert_eq!((r.status, r.retry_after), (StatusCode::TOO_MANY_REQUESTS, Some(10)));
+        assert!(t.may_try("192.0.2.10".parse().unwrap()).is_ok(), "other addresses are not slowed");
+    }
+
+    #[test]
+    fn a_flood_of_addresses_keeps_the_table_bounded_and_fails_closed() {
+        let t = PerAddress::new(
+            AddressLimits {
+                max_sessions: Some(1),
+                ..Default::default()
+            },
+            1024,
+        );
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for i in 0..5000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            match t.enter(ip) {
+                Ok(s) => held.push(s),
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(t.slots.lock().unwrap().len(), 1024, "the table never grows");
+        // Each held slot counts one session: never more than the slots.
+        assert!(
+            held.len() <= 1024 && refused >= 5000 - 1024,
+            "held {} refused {refused}",
+            held.len()
+        );
+        drop(held);
+        // Once the sessions are gone, new addresses find room again.
+        assert!(t.enter("192.0.2.200".parse().unwrap()).is_ok());
+    }
+}
