@@ -24,6 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        access: Default::default(),
         tls: None,
     });
     let options = config.default_route_options();

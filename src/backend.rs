@@ -54,7 +54,12 @@ impl Backend {
     ///
     /// # Errors
     /// [`ConnectError`] with the last failure.
-    pub async fn connect(target: &Target, deadline: Duration, tls: Option<&BackendTls>) -> Result<Backend, ConnectError> {
+    pub async fn connect(
+        target: &Target,
+        deadline: Duration,
+        tls: Option<&BackendTls>,
+        proxy_header: Option<&[u8]>,
+    ) -> Result<Backend, ConnectError> {
         let end = Instant::now() + deadline;
         let attempt = async {
             match target {
@@ -70,7 +75,7 @@ impl Backend {
                         .await
                         .map_err(ConnectError::Resolve)?
                         .collect();
-                    let s = connect_any(&addrs, end).await?;
+                    let mut s = connect_any(&addrs, end).await?;
                     // Small messages (keystrokes, VNC input) must not wait for Nagle.
                     s.set_nodelay(true).map_err(ConnectError::Connect)?;
                     // The bridge sends the backend nothing of its own: without keepalive a backend
@@ -78,6 +83,13 @@ impl Backend {
                     socket2::SockRef::from(&s)
                         .set_tcp_keepalive(&tcp_keepalive())
                         .map_err(ConnectError::Connect)?;
+                    if let Some(header) = proxy_header {
+                        // Before anything else, TLS included: the backend reads who the client is
+                        // from the connection's first bytes (PROXY protocol).
+                        tokio::io::AsyncWriteExt::write_all(&mut s, header)
+                            .await
+                            .map_err(ConnectError::Connect)?;
+                    }
                     match tls {
                         None => Ok(Backend::Tcp(s)),
                         Some(tls) => wrap_tls(s, host, tls).await,
@@ -296,7 +308,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: addr.port(),
         };
-        let Backend::Tcp(s) = Backend::connect(&target, Duration::from_secs(5), None).await.unwrap() else {
+        let Backend::Tcp(s) = Backend::connect(&target, Duration::from_secs(5), None, None).await.unwrap() else {
             panic!("a TCP target gives a TCP backend");
         };
         let s = socket2::SockRef::from(&s);

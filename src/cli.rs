@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::policy::AuthSettings;
 use crate::config::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 use crate::config::{
     at_most_a_year, parse_duration, parse_message_size, Config, ConfigError, Framing, Limits, ListenAddr, ListenerConfig, LogFormat,
     Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenLookup, TokenSourceConfig,
 };
+use crate::policy::OriginRule;
 
 /// A fast, hardened WebSocket-to-TCP bridge, websockify-compatible.
 ///
@@ -164,12 +166,19 @@ pub struct RunArgs {
     /// With --ssl-target: accept any certificate (insecure; for testing only).
     #[arg(long)]
     pub ssl_target_no_verify: bool,
-    /// ClientCertCNAuth (websockify's name): only clients whose certificate CN is in --auth-source.
+    /// websockify's auth plugins: ClientCertCNAuth (only clients whose certificate CN is in
+    /// --auth-source), BasicHTTPAuth (--auth-source USER:PASSWORD) or ExpectOrigin (--auth-source
+    /// "ORIGIN ORIGIN…", the same as --origin).
     #[arg(long, value_name = "PLUGIN")]
     pub auth_plugin: Option<String>,
-    /// For ClientCertCNAuth: allowed common names, separated by spaces or commas.
-    #[arg(long, value_name = "NAMES")]
+    /// For --auth-plugin: CN names, USER:PASSWORD or origins, separated by spaces (or commas).
+    #[arg(long, value_name = "SOURCE")]
     pub auth_source: Option<String>,
+    /// Only web pages from this origin may open sessions (https://app.example.com,
+    /// https://*.example.com, same-origin); repeatable. Without it any page can, as with
+    /// websockify (a warning says so at start-up).
+    #[arg(long, value_name = "ORIGIN")]
+    pub origin: Vec<String>,
 
     /// Runtime threads, each with its own socket per listener (default: one per CPU available to
     /// the process; one when at most two are, since the bridge then shares them with its backend).
@@ -359,6 +368,9 @@ impl RunArgs {
             return self.config_file(path);
         }
         let mut config = Config::new("command line");
+        // websockify admits every origin; so does its command line here (with a warning at
+        // start-up, see `Config::warnings`), unless --origin narrows it.
+        config.default_origins = vec![OriginRule::Any];
         config.listeners.push(self.listener()?);
         self.apply_limits(&mut config.limits)?;
         self.apply_timeouts(&mut config.timeouts)?;
@@ -410,6 +422,7 @@ impl RunArgs {
             ssl_target_no_verify,
             auth_plugin,
             auth_source,
+            origin,
             threads: _,
             verbose: _,
             log_format: _,
@@ -447,6 +460,7 @@ impl RunArgs {
             *ssl_target_no_verify,
             auth_plugin.is_some(),
             auth_source.is_some(),
+            !origin.is_empty(),
         ]
         .contains(&true);
         if listener_or_route_options {
@@ -480,6 +494,7 @@ impl RunArgs {
             web_listing: self.web_listing,
             web_follow_symlinks: self.web_follow_symlinks,
             web_dotfiles: self.web_dotfiles,
+            access: Default::default(),
             tls,
         })
     }
@@ -535,13 +550,35 @@ impl RunArgs {
         }
         options.backend_tls = self.backend_tls_settings().map_err(usage)?;
         options.client_cn = self.client_cn(listener)?;
+        let mut origins = self
+            .origin
+            .iter()
+            .map(|o| o.parse::<OriginRule>().map_err(|e| usage(format!("--origin: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        match (self.auth_plugin.as_deref(), &self.auth_source) {
+            (Some("ExpectOrigin"), Some(list)) => {
+                for o in list.split([' ', ',']).filter(|o| !o.is_empty()) {
+                    origins.push(o.parse().map_err(|e| usage(format!("--auth-source: {e}")))?);
+                }
+            }
+            (Some("ExpectOrigin"), None) => return Err(usage("--auth-plugin ExpectOrigin needs --auth-source \"ORIGIN …\"".into())),
+            (Some("BasicHTTPAuth"), Some(user_pass)) => {
+                crate::policy::auth::BasicUsers::single(user_pass).map_err(|e| usage(format!("--auth-source: {e}")))?;
+                options.policy.auth = Some(AuthSettings::BasicUser(user_pass.clone()));
+            }
+            (Some("BasicHTTPAuth"), None) => return Err(usage("--auth-plugin BasicHTTPAuth needs --auth-source USER:PASSWORD".into())),
+            _ => {}
+        }
+        if !origins.is_empty() {
+            options.policy.origins = Some(origins);
+        }
         Ok(())
     }
 
     /// websockify's ClientCertCNAuth: the common names allowed, when asked for.
     fn client_cn(&self, listener: &ListenerConfig) -> Result<Option<Vec<String>>, ConfigError> {
         Ok(match (self.auth_plugin.as_deref(), &self.auth_source) {
-            (None, None) => None,
+            (None, None) | (Some("ExpectOrigin" | "BasicHTTPAuth"), _) => None,
             (Some("ClientCertCNAuth"), Some(names)) => {
                 if listener.tls.as_ref().and_then(|t| t.client_ca.as_ref()).is_none() {
                     return Err(usage(
@@ -554,7 +591,8 @@ impl RunArgs {
             (None, Some(_)) => return Err(usage("--auth-source needs --auth-plugin".into())),
             (Some(other), _) => {
                 return Err(usage(format!(
-                    "--auth-plugin {other} is not supported: ClientCertCNAuth is; for passwords put an authenticating proxy in front"
+                    "--auth-plugin {other} is not supported: ClientCertCNAuth, BasicHTTPAuth and ExpectOrigin are; bearer tokens, \
+                     htpasswd files and JWTs are set per route in a configuration file (auth = {{ … }})"
                 )))
             }
         })
@@ -788,9 +826,14 @@ mod tests {
             (&["--auth-plugin", "ClientCertCNAuth"], true, "needs --auth-source"),
             (&["--auth-source", "a"], true, "needs --auth-plugin"),
             (
-                &["--auth-plugin", "BasicHTTPAuth", "--auth-source", "a"],
+                &["--auth-plugin", "JWTAuth", "--auth-source", "a"],
                 true,
-                "BasicHTTPAuth is not supported",
+                "JWTAuth is not supported",
+            ),
+            (
+                &["--auth-plugin", "BasicHTTPAuth", "--auth-source", "nocolon"],
+                true,
+                "USER:PASSWORD",
             ),
         ];
         for (args, certs, want) in refusals {

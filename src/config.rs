@@ -22,9 +22,12 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod policy;
 pub mod tls;
 
+use self::policy::{ListenerAccess, RawPolicy, RoutePolicy};
 use self::tls::{BackendTlsSettings, CertFiles, ClientAuth, MinVersion, TlsSettings};
+use crate::policy::{AddressLimits, OriginRule};
 
 /// The whole, validated configuration of one wsbridge process.
 #[derive(Debug, Clone)]
@@ -43,6 +46,9 @@ pub struct Config {
     pub limits: Limits,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Origins admitted on routes and listeners that set none: same-origin for a configuration
+    /// file (and the demo); any origin on the websockify-style command line, as websockify does.
+    pub default_origins: Vec<OriginRule>,
 }
 
 /// One listening socket.
@@ -58,6 +64,8 @@ pub struct ListenerConfig {
     pub web_follow_symlinks: bool,
     /// Serve and list hidden files such as `.git/` and `.env` (off: 404).
     pub web_dotfiles: bool,
+    /// Default origins, PROXY protocol, trusted proxies.
+    pub access: ListenerAccess,
     /// TLS (`wss://`) on this listener.
     pub tls: Option<TlsSettings>,
 }
@@ -127,7 +135,7 @@ pub struct RouteConfig {
 }
 
 /// Per-route behaviour of a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteOptions {
     /// How backend bytes become WebSocket messages.
     pub framing: Framing,
@@ -144,6 +152,8 @@ pub struct RouteOptions {
     pub client_cn: Option<Vec<String>>,
     /// Connect to the backend over TLS.
     pub backend_tls: Option<BackendTlsSettings>,
+    /// Who may open a session: origins, networks, authentication, caps per client address.
+    pub policy: RoutePolicy,
 }
 
 /// How backend bytes are framed towards the client.
@@ -314,13 +324,15 @@ impl Default for Timeouts {
 }
 
 /// Caps.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// Concurrent connections (sessions and HTTP requests together); above it: 503.
     pub max_connections: usize,
     /// Default largest client message, for routes that do not set their own; `None` (the
     /// default): no limit, as websockify has none and nothing buffers a message.
     pub max_message_size: Option<usize>,
+    /// Sessions and new sessions per client address, over every route (429 above them).
+    pub per_ip: AddressLimits,
 }
 
 impl Default for Limits {
@@ -328,6 +340,7 @@ impl Default for Limits {
         Limits {
             max_connections: 10_000,
             max_message_size: None,
+            per_ip: AddressLimits::default(),
         }
     }
 }
@@ -358,6 +371,7 @@ impl Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log_format: LogFormat::Text,
+            default_origins: vec![OriginRule::SameOrigin],
         }
     }
 
@@ -370,6 +384,7 @@ impl Config {
             max_sessions: None,
             client_cn: None,
             backend_tls: None,
+            policy: RoutePolicy::default(),
         }
     }
 
@@ -429,6 +444,31 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What an operator should hear once at start-up about a configuration that works but may
+    /// not do what they think: today, routes that any web page can use.
+    pub fn warnings(&self) -> Vec<String> {
+        let open_by_default = self.default_origins.contains(&OriginRule::Any)
+            && self.listeners.iter().any(|l| l.access.origins.is_none())
+            && self
+                .routes
+                .iter()
+                .map(|r| &r.options)
+                .chain(self.token_sources.iter().map(|s| &s.options))
+                .any(|o| o.policy.origins.is_none());
+        let mut out = Vec::new();
+        if open_by_default {
+            out.push(
+                "any web page can open sessions through this bridge (a page on another site, in the browser of anyone who can \
+                 reach it), as with websockify: restrict it with --origin https://your.site (repeatable), or use a \
+                 configuration file, where routes admit their own origin only unless they list others"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+}
+
 /// The effective listeners, timeouts and limits, for `wsbridge check`, in the configuration's own
 /// words: each `key = value` as the TOML file would write it (`idle = "off"`, `connect = "5s"`,
 /// `max_message_size = "1MiB"`), so a line can be read, and pasted back, without knowing Rust.
@@ -460,6 +500,18 @@ impl ListenerConfig {
             if self.web_dotfiles {
                 out.push_str(", web_dotfiles = true");
             }
+        }
+        let a = &self.access;
+        if let Some(o) = &a.origins {
+            let list: Vec<String> = o.iter().map(|r| toml_str(&r.to_string())).collect();
+            let _ = write!(out, ", origins = [{}]", list.join(", "));
+        }
+        if a.proxy_protocol {
+            out.push_str(", proxy_protocol = true");
+        }
+        if !a.trusted_proxies.is_empty() {
+            let list: Vec<String> = a.trusted_proxies.iter().map(|n| toml_str(&n.to_string())).collect();
+            let _ = write!(out, ", trusted_proxies = [{}]", list.join(", "));
         }
         if let Some(tls) = &self.tls {
             let _ = write!(
@@ -513,11 +565,15 @@ impl Timeouts {
 impl Limits {
     /// `max_connections` and the default `max_message_size`.
     pub fn describe(&self) -> String {
-        format!(
+        let mut out = format!(
             "max_connections = {}, max_message_size = \"{}\"",
             self.max_connections,
             format_limit(self.max_message_size)
-        )
+        );
+        for part in policy::describe_per_ip(&self.per_ip) {
+            let _ = write!(out, ", {part}");
+        }
+        out
     }
 }
 
@@ -535,6 +591,10 @@ impl RouteOptions {
         }
         if let Some(names) = &self.client_cn {
             let _ = write!(out, ", client_cn = {}", toml_strs(names));
+        }
+        let policy = self.policy.describe();
+        if !policy.is_empty() {
+            let _ = write!(out, ", {policy}");
         }
         out
     }
@@ -634,6 +694,12 @@ impl Ctx<'_> {
         })
     }
 
+    /// The 1-based line where a table header such as `[limits]` stands, for errors about checks
+    /// across its fields.
+    fn line_of(&self, header: &str) -> Option<usize> {
+        self.text.lines().position(|l| l.trim() == header).map(|i| i + 1)
+    }
+
     fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
@@ -672,6 +738,11 @@ struct RawListener {
     #[serde(default)]
     web_dotfiles: bool,
     tls: Option<RawTls>,
+    origins: Option<Vec<policy::RuleDe>>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<policy::NetDe>,
 }
 
 #[derive(Deserialize)]
@@ -716,6 +787,7 @@ struct RawRouteOptions {
     max_sessions: Option<usize>,
     client_cn: Option<Vec<String>>,
     backend_tls: Option<BackendTlsSettings>,
+    policy: RoutePolicy,
 }
 
 #[derive(Deserialize)]
@@ -730,6 +802,15 @@ struct RawRoute {
     max_sessions: Option<usize>,
     client_cn: Option<Vec<String>>,
     backend_tls: Option<RawBackendTls>,
+    origins: Option<Vec<policy::RuleDe>>,
+    require_origin: Option<bool>,
+    allow: Option<Vec<policy::NetDe>>,
+    deny: Option<Vec<policy::NetDe>>,
+    max_sessions_per_ip: Option<u32>,
+    new_sessions_per_ip: Option<policy::RateDe>,
+    new_sessions_burst: Option<u32>,
+    auth: Option<policy::RawAuth>,
+    proxy_protocol: Option<crate::proxy::Version>,
 }
 
 #[derive(Deserialize)]
@@ -744,6 +825,15 @@ struct RawTokens {
     max_sessions: Option<usize>,
     client_cn: Option<Vec<String>>,
     backend_tls: Option<RawBackendTls>,
+    origins: Option<Vec<policy::RuleDe>>,
+    require_origin: Option<bool>,
+    allow: Option<Vec<policy::NetDe>>,
+    deny: Option<Vec<policy::NetDe>>,
+    max_sessions_per_ip: Option<u32>,
+    new_sessions_per_ip: Option<policy::RateDe>,
+    new_sessions_burst: Option<u32>,
+    auth: Option<policy::RawAuth>,
+    proxy_protocol: Option<crate::proxy::Version>,
 }
 
 #[derive(Deserialize, Default)]
@@ -765,6 +855,9 @@ struct RawTimeouts {
 struct RawLimits {
     max_connections: Option<AtLeastOne>,
     max_message_size: Option<Size>,
+    max_sessions_per_ip: Option<u32>,
+    new_sessions_per_ip: Option<policy::RateDe>,
+    new_sessions_burst: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -778,7 +871,7 @@ impl RawConfig {
     fn validate(self, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         let mut config = Config::new(ctx.file);
         config.timeouts = self.timeouts.resolve();
-        self.limits.apply(&mut config.limits);
+        self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
         config.listeners = listeners(self.listen, ctx)?;
         let defaults = config.default_route_options();
@@ -818,13 +911,23 @@ impl RawTimeouts {
 
 impl RawLimits {
     /// The `[limits]` table over the defaults in `limits`.
-    fn apply(self, limits: &mut Limits) {
+    fn apply(self, limits: &mut Limits, ctx: &Ctx<'_>) -> Result<(), ConfigError> {
         if let Some(n) = self.max_connections {
             limits.max_connections = n.0;
         }
         if let Some(s) = self.max_message_size {
             limits.max_message_size = s.0;
         }
+        limits.per_ip =
+            policy::per_ip(self.max_sessions_per_ip, self.new_sessions_per_ip, self.new_sessions_burst).map_err(|(field, message)| {
+                ConfigError::Invalid {
+                    file: ctx.file.to_owned(),
+                    line: ctx.line_of("[limits]"),
+                    field: format!("limits.{field}"),
+                    message,
+                }
+            })?;
+        Ok(())
     }
 }
 
@@ -845,6 +948,13 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             }
         }
         let tls = l.tls.map(|t| t.resolve(ctx));
+        if l.proxy_protocol && !l.trusted_proxies.is_empty() {
+            return ctx.invalid(
+                span,
+                format!("listen[{i}].trusted_proxies"),
+                "a PROXY protocol listener takes the client from the PROXY header; trusted_proxies is for X-Forwarded-For",
+            );
+        }
         listeners.push(ListenerConfig {
             addr: l.addr.0,
             web,
@@ -852,6 +962,11 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             web_follow_symlinks: l.web_follow_symlinks,
             web_dotfiles: l.web_dotfiles,
             tls,
+            access: ListenerAccess {
+                origins: l.origins.map(|o| o.into_iter().map(|r| r.0).collect()),
+                proxy_protocol: l.proxy_protocol,
+                trusted_proxies: l.trusted_proxies.into_iter().map(|n| n.0).collect(),
+            },
         });
     }
     Ok(listeners)
@@ -870,6 +985,19 @@ fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>)
             (None, Some(t)) => token_matcher(i, t, &mut tokens, ctx)?,
             _ => return ctx.invalid(span, format!("route[{i}]"), "needs exactly one of `path` or `token`"),
         };
+        let policy = RawPolicy {
+            origins: r.origins,
+            require_origin: r.require_origin,
+            allow: r.allow,
+            deny: r.deny,
+            max_sessions_per_ip: r.max_sessions_per_ip,
+            new_sessions_per_ip: r.new_sessions_per_ip,
+            new_sessions_burst: r.new_sessions_burst,
+            auth: r.auth,
+            proxy_protocol: r.proxy_protocol,
+        }
+        .resolve(&|p| ctx.resolve(p))
+        .or_else(|(field, message)| ctx.invalid(span.clone(), format!("route[{i}].{field}"), message))?;
         let options = RawRouteOptions {
             framing: r.framing,
             subprotocols: r.subprotocols,
@@ -877,8 +1005,16 @@ fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>)
             max_sessions: r.max_sessions,
             client_cn: r.client_cn,
             backend_tls: r.backend_tls.map(|b| b.resolve(ctx)),
+            policy,
         }
         .apply(defaults);
+        if options.policy.proxy_protocol.is_some() && matches!(r.target, Target::Unix(_)) {
+            return ctx.invalid(
+                span,
+                format!("route[{i}].proxy_protocol"),
+                "a PROXY header is for TCP targets, not unix sockets",
+            );
+        }
         if options.backend_tls.is_some() && matches!(r.target, Target::Unix(_)) {
             return ctx.invalid(span, format!("route[{i}].backend_tls"), "TLS is for TCP targets, not unix sockets");
         }
@@ -944,6 +1080,19 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                 ),
             );
         }
+        let policy = RawPolicy {
+            origins: t.origins,
+            require_origin: t.require_origin,
+            allow: t.allow,
+            deny: t.deny,
+            max_sessions_per_ip: t.max_sessions_per_ip,
+            new_sessions_per_ip: t.new_sessions_per_ip,
+            new_sessions_burst: t.new_sessions_burst,
+            auth: t.auth,
+            proxy_protocol: t.proxy_protocol,
+        }
+        .resolve(&|p| ctx.resolve(p))
+        .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].{field}"), message))?;
         sources.push(TokenSourceConfig {
             path,
             lookup: t.lookup,
@@ -954,6 +1103,7 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                 max_sessions: t.max_sessions,
                 client_cn: t.client_cn,
                 backend_tls: t.backend_tls.map(|b| b.resolve(ctx)),
+                policy,
             }
             .apply(defaults),
         });
@@ -1001,6 +1151,7 @@ impl RawRouteOptions {
             max_sessions: self.max_sessions.or(defaults.max_sessions),
             client_cn: self.client_cn.or_else(|| defaults.client_cn.clone()),
             backend_tls: self.backend_tls.or_else(|| defaults.backend_tls.clone()),
+            policy: self.policy,
         }
     }
 }

@@ -225,6 +225,7 @@ pub fn config(listen: SocketAddr, web: &Path, chat: SocketAddr) -> Config {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        access: Default::default(),
         tls: None,
     });
     let mut options = config.default_route_options();

@@ -53,6 +53,9 @@ fn main() -> ExitCode {
                 }
             };
             wsbridge::logging::init(verbose, config.log_format);
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             report(runtime.block_on(run(config, config_path.clone(), threads)), config_path.as_deref())
         }
     };

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use http::Request;
 
 use crate::config::{redact, Config, Matcher, RouteOptions, Target, TokenLookup};
+use crate::policy::auth::Authenticator;
+use crate::policy::{AddressLimits, PerAddress};
 use crate::slots::{Slot, Slots};
 use crate::tls::BackendTls;
 use crate::tokens::{host_key, TokenSource};
@@ -31,20 +33,84 @@ pub struct Route {
     pub options: RouteOptions,
     /// TLS towards the backend, when the route asks for it.
     pub backend_tls: Option<BackendTls>,
+    /// How its clients authenticate, when they must.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Its sessions and new sessions per client address, when capped.
+    pub per_ip: Option<Arc<PerAddress>>,
     /// Live sessions, for `max_sessions`: shared by every route built from the same
     /// configuration entry, and by its successor after a reload.
     sessions: Slots,
 }
 
+/// What the routes built from one configuration entry (a `[[route]]`, or every token of a
+/// `[[tokens]]` source) share: connectors, authenticators, and the counts a reload carries over.
+#[derive(Debug, Clone, Default)]
+struct Shared {
+    backend_tls: Option<BackendTls>,
+    auth: Option<Arc<Authenticator>>,
+    per_ip: Option<Arc<PerAddress>>,
+    sessions: Slots,
+}
+
+impl Shared {
+    /// The shared parts for `options`, reading their files; `previous` is what the same entry
+    /// had before a reload: its session count carries over, and so do its counts per client
+    /// address while their limits are the same.
+    fn new(
+        options: &RouteOptions,
+        previous: Option<&Shared>,
+        made: &mut Vec<(crate::tls::BackendTlsSettings, BackendTls)>,
+        capacity: usize,
+    ) -> Result<Shared, String> {
+        let backend_tls = backend_tls(options, made).map_err(|e| format!("backend TLS: {e}"))?;
+        let auth = options
+            .policy
+            .auth
+            .as_ref()
+            .map(|a| Authenticator::from_settings(a).map(Arc::new))
+            .transpose()
+            .map_err(|e| format!("auth: {e}"))?;
+        Ok(Shared {
+            backend_tls,
+            auth,
+            per_ip: per_ip_table(options.policy.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity),
+            sessions: previous.map(|p| p.sessions.clone()).unwrap_or_default(),
+        })
+    }
+}
+
+/// A table of counts per client address for `limits` (none when unlimited): `previous` when it
+/// counts the same limits, so a reload keeps the counts of sessions open across it.
+pub fn per_ip_table(limits: AddressLimits, previous: Option<&Arc<PerAddress>>, capacity: usize) -> Option<Arc<PerAddress>> {
+    if limits.is_unlimited() {
+        return None;
+    }
+    match previous {
+        Some(p) if p.limits() == limits => Some(p.clone()),
+        _ => Some(PerAddress::new(limits, capacity)),
+    }
+}
+
 impl Route {
-    fn new(name: String, target: Target, options: RouteOptions, backend_tls: Option<BackendTls>, sessions: Slots) -> Arc<Route> {
+    fn new(name: String, target: Target, options: RouteOptions, shared: &Shared) -> Arc<Route> {
         Arc::new(Route {
             name,
             target,
             options,
-            backend_tls,
-            sessions,
+            backend_tls: shared.backend_tls.clone(),
+            auth: shared.auth.clone(),
+            per_ip: shared.per_ip.clone(),
+            sessions: shared.sessions.clone(),
         })
+    }
+
+    fn shared(&self) -> Shared {
+        Shared {
+            backend_tls: self.backend_tls.clone(),
+            auth: self.auth.clone(),
+            per_ip: self.per_ip.clone(),
+            sessions: self.sessions.clone(),
+        }
     }
 
     /// Whether a client with this certificate common name may use the route.
@@ -78,7 +144,7 @@ pub struct RouteTable {
     paths: HashMap<String, Arc<Route>>,
     any_path: Option<Arc<Route>>,
     tokens: HashMap<String, Arc<Route>>,
-    sources: Vec<(TokenSource, Option<BackendTls>, Slots)>,
+    sources: Vec<(TokenSource, Shared)>,
 }
 
 /// The connector for a route's backend TLS settings; routes with equal settings share one, so
@@ -106,13 +172,12 @@ impl RouteTable {
     pub fn from_config(config: &Config, previous: Option<&RouteTable>) -> Result<RouteTable, String> {
         let mut table = RouteTable::default();
         let mut made = Vec::new();
+        // Room for every connection's address twice over, so distinct addresses rarely share.
+        let capacity = config.limits.max_connections.saturating_mul(2);
         for r in &config.routes {
-            let tls = backend_tls(&r.options, &mut made).map_err(|e| format!("route {}: backend TLS: {e}", r.matcher))?;
-            let sessions = previous
-                .and_then(|p| p.route_for(&r.matcher))
-                .map(|r| r.sessions.clone())
-                .unwrap_or_default();
-            let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), tls, sessions);
+            let before = previous.and_then(|p| p.route_for(&r.matcher)).map(|r| r.shared());
+            let shared = Shared::new(&r.options, before.as_ref(), &mut made, capacity).map_err(|e| format!("route {}: {e}", r.matcher))?;
+            let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), &shared);
             match &r.matcher {
                 Matcher::Path(p) => {
                     table.paths.insert(p.clone(), route);
@@ -124,17 +189,16 @@ impl RouteTable {
             }
         }
         for s in &config.token_sources {
-            let tls = backend_tls(&s.options, &mut made).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
+            let before = previous.and_then(|p| {
+                p.sources
+                    .iter()
+                    .find(|(old, _)| old.config.path == s.path && old.config.lookup == s.lookup)
+                    .map(|(_, shared)| shared)
+            });
+            let shared =
+                Shared::new(&s.options, before, &mut made, capacity).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
             let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
-            let sessions = previous
-                .and_then(|p| {
-                    p.sources
-                        .iter()
-                        .find(|(old, _, _)| old.config.path == s.path && old.config.lookup == s.lookup)
-                })
-                .map(|(_, _, sessions)| sessions.clone())
-                .unwrap_or_default();
-            table.sources.push((source, tls, sessions));
+            table.sources.push((source, shared));
         }
         Ok(table)
     }
@@ -190,20 +254,14 @@ impl RouteTable {
     /// Whether a token in the query can select a route: an inline token route, or a token
     /// source with `lookup = "query"`.
     fn takes_query_tokens(&self) -> bool {
-        !self.tokens.is_empty() || self.sources.iter().any(|(s, _, _)| s.config.lookup == TokenLookup::Query)
+        !self.tokens.is_empty() || self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 
     async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Option<Arc<Route>> {
-        for (source, tls, sessions) in self.sources.iter().filter(|(s, _, _)| s.config.lookup == lookup) {
+        for (source, shared) in self.sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
             if let Some(target) = source.lookup(token).await {
                 let name = format!("token {} from {}", redact(token), source.config.path.display());
-                return Some(Route::new(
-                    name,
-                    target,
-                    source.config.options.clone(),
-                    tls.clone(),
-                    sessions.clone(),
-                ));
+                return Some(Route::new(name, target, source.config.options.clone(), shared));
             }
         }
         None
@@ -219,7 +277,7 @@ impl RouteTable {
         for r in routes {
             let _ = writeln!(out, "{:<40} -> {:<28} {}", r.name, r.target.to_string(), r.options.describe());
         }
-        for (s, _, _) in &self.sources {
+        for (s, _) in &self.sources {
             let entries = s.entries().await;
             let _ = writeln!(
                 out,

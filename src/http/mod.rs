@@ -29,5 +29,5 @@ pub mod upgrade;
 pub mod web;
 
 pub use request::{read_request, Head, Rejection, MAX_HEAD, MAX_HEADERS};
-pub use upgrade::{choose_subprotocol, respond, write_switching, Outcome, Upgrade};
+pub use upgrade::{choose_subprotocol, respond, write_switching, Context, Outcome, Upgrade};
 pub use web::WebRoot;

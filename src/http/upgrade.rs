@@ -1,6 +1,7 @@
 //! The upgrade decision: what a request head is (an upgrade on a route, a static file, an error),
 //! the checks an upgrade must pass, the subprotocol, and the `101` answer.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -9,8 +10,27 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::request::{answer, write_answer, Head, Rejection};
 use super::web::{self, WebRoot};
+use crate::policy::auth::{Authenticated, Credentials, BEARER_SUBPROTOCOL};
+use crate::policy::{AddressSlot, OriginPolicy, OriginRule, PerAddress, Refusal};
 use crate::routes::{Miss, Route, RouteTable};
 use crate::slots::Slot;
+
+/// What the upgrade decision knows of the connection, and the bridge-wide policy it applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The real client address (behind a PROXY header or trusted proxies, when so configured).
+    pub client: IpAddr,
+    /// The common name of the client's TLS certificate, if it sent one.
+    pub client_cn: Option<&'a str>,
+    /// Whether the connection is TLS (the `Host`'s default port for a same-origin check).
+    pub secure: bool,
+    /// Origins admitted where a route sets none: the listener's, else the configuration's.
+    pub origins: &'a [OriginRule],
+    /// Sessions and new sessions per client address over every route, when capped.
+    pub per_ip: Option<&'a Arc<PerAddress>>,
+    /// Failed authentications per client address: the brake on guessing.
+    pub failures: &'a Arc<PerAddress>,
+}
 
 /// A request that will become a WebSocket session.
 #[derive(Debug)]
@@ -27,6 +47,10 @@ pub struct Upgrade {
     pub accept_key: String,
     /// The session's place under the route's `max_sessions`, held for the session's life.
     pub slot: Slot,
+    /// Its places under the caps per client address (bridge-wide and the route's), held too.
+    pub per_ip: [Option<AddressSlot>; 2],
+    /// Who the client authenticated as, when the route asks.
+    pub authenticated: Option<Authenticated>,
 }
 
 /// What the connection turned out to be.
@@ -54,7 +78,7 @@ pub async fn respond<S>(
     head: Result<Head, Rejection>,
     routes: &RouteTable,
     web: Option<&WebRoot>,
-    client_cn: Option<&str>,
+    ctx: &Context<'_>,
 ) -> Result<Outcome, Rejection>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -69,7 +93,7 @@ where
     };
     // A HEAD request gets the headers a GET would, and no body (RFC 9110 §9.3.2).
     let body = request.method() != Method::HEAD;
-    match decide(request, leftover, routes, web, client_cn).await {
+    match decide(request, leftover, routes, web, ctx).await {
         Decision::Upgrade(u) => Ok(Outcome::Upgrade(u)),
         Decision::Reject {
             status,
@@ -123,13 +147,32 @@ fn refuse<'w>(status: StatusCode, body: &'static str, reason: String) -> Decisio
     }
 }
 
+/// A policy's refusal as an answer: its public text for the client, its detail (with the
+/// route's name) for the log, and the header it calls for.
+fn refused<'w>(route: &Route, r: Refusal, challenge: Option<&'static str>) -> Decision<'w> {
+    let mut headers = Vec::new();
+    if let Some(secs) = r.retry_after {
+        headers.push((header::RETRY_AFTER, HeaderValue::from(secs)));
+    }
+    if let (Some(c), StatusCode::UNAUTHORIZED) = (challenge, r.status) {
+        headers.push((header::WWW_AUTHENTICATE, HeaderValue::from_static(c)));
+    }
+    Decision::Reject {
+        status: r.status,
+        reason: format!("{}: {}", route.name, r.detail),
+        body: Some(r.public),
+        headers,
+    }
+}
+
 async fn decide<'w>(
     request: Request<()>,
     leftover: Vec<u8>,
     routes: &RouteTable,
     web: Option<&'w WebRoot>,
-    client_cn: Option<&str>,
+    ctx: &Context<'_>,
 ) -> Decision<'w> {
+    let client_cn = ctx.client_cn;
     let headers = request.headers();
     // RFC 9112 §3.2: an HTTP/1.1 request without a Host, or any request with two, gets 400 (two
     // Hosts are how a request is made to mean one thing to a proxy and another here).
@@ -221,6 +264,54 @@ async fn decide<'w>(
         };
         return refuse(StatusCode::FORBIDDEN, "forbidden", reason);
     }
+    let policy = &route.options.policy;
+    if let Err(r) = policy.networks.check(ctx.client) {
+        return refused(&route, r, None);
+    }
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let origin = match (origins.next(), origins.next()) {
+        (_, Some(_)) => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "origin not allowed",
+                format!("{}: more than one Origin header", route.name),
+            )
+        }
+        (None, _) => None,
+        (Some(o), None) => Some(o.to_str().unwrap_or("(not text)")),
+    };
+    let origin_policy = OriginPolicy {
+        rules: policy.origins.clone().unwrap_or_else(|| ctx.origins.to_vec()),
+        require_origin: policy.require_origin,
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    if let Err(r) = origin_policy.check(origin, host, ctx.secure) {
+        return refused(&route, r, None);
+    }
+    let authenticated = match &route.auth {
+        None => None,
+        Some(auth) => {
+            if let Err(r) = ctx.failures.may_try(ctx.client) {
+                return refused(&route, r, None);
+            }
+            match auth.check(&Credentials::of(headers, request.uri().query())).await {
+                Ok(who) => Some(who),
+                Err(r) => {
+                    ctx.failures.failed(ctx.client);
+                    return refused(&route, r, Some(auth.challenge()));
+                }
+            }
+        }
+    };
+    let mut per_ip = [None, None];
+    for (i, table) in [ctx.per_ip, route.per_ip.as_ref()].into_iter().enumerate() {
+        if let Some(table) = table {
+            match table.enter(ctx.client) {
+                Ok(s) => per_ip[i] = Some(s),
+                Err(r) => return refused(&route, r, None),
+            }
+        }
+    }
     let Some(slot) = route.try_enter() else {
         return Decision::Reject {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -238,6 +329,8 @@ async fn decide<'w>(
         leftover,
         accept_key,
         slot,
+        per_ip,
+        authenticated,
     }))
 }
 
@@ -251,6 +344,9 @@ pub fn choose_subprotocol(headers: &HeaderMap, accepted: &[String]) -> Option<St
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
+        // A bearer token carried as a subprotocol is never echoed: it is a credential, and the
+        // page offers it beside the protocol it speaks.
+        .filter(|offer| !offer.starts_with(BEARER_SUBPROTOCOL))
         .find(|offer| *offer == "binary" || accepted.iter().any(|a| a == offer))
         .map(str::to_owned)
 }

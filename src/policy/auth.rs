@@ -118,6 +118,21 @@ pub enum Authenticator {
 }
 
 impl Authenticator {
+    /// The authenticator a route's settings describe, with its files read.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds nothing usable, named with its problem.
+    pub fn from_settings(settings: &crate::config::policy::AuthSettings) -> Result<Authenticator, String> {
+        use crate::config::policy::AuthSettings;
+        Ok(match settings {
+            AuthSettings::Bearer(tokens) => Authenticator::Bearer(BearerTokens::new(tokens)?),
+            AuthSettings::BearerFile(path) => Authenticator::Bearer(BearerTokens::from_file(path)?),
+            AuthSettings::Htpasswd(path) => Authenticator::Basic(BasicUsers::htpasswd(path)?),
+            AuthSettings::BasicUser(user_pass) => Authenticator::Basic(BasicUsers::single(user_pass)?),
+            AuthSettings::Jwt(jwt) => Authenticator::Jwt(super::jwt::JwtVerifier::new(jwt.clone())?),
+        })
+    }
+
     /// Checks a request's credentials. Blocking work (bcrypt) runs on the blocking pool.
     ///
     /// # Errors

@@ -17,6 +17,7 @@
 
 pub mod start;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -30,7 +31,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::http::request::{answer, answer_text, linger};
-use crate::http::{Outcome, Upgrade, WebRoot};
+use crate::http::{Context, Outcome, Upgrade, WebRoot};
+use crate::policy::{AddressLimits, OriginRule, PerAddress};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
 use crate::slots::Slots;
@@ -54,6 +56,12 @@ struct Live {
     routes: RouteTable,
     timeouts: Timeouts,
     max_connections: usize,
+    /// Sessions and new sessions per client address over every route, when capped.
+    per_ip: Option<Arc<PerAddress>>,
+    /// Origins admitted where neither a route nor its listener says.
+    default_origins: Vec<OriginRule>,
+    /// Some route sends its backend a PROXY header, which names the address the client reached.
+    proxy_headers: bool,
 }
 
 /// The bridge: configuration in force, shutdown signal and the set of running connections.
@@ -80,6 +88,28 @@ struct Inner {
     tracker: TaskTracker,
     /// The TLS listeners being served, for SIGHUP.
     tls: Mutex<Vec<Arc<TlsListener>>>,
+    /// Failed authentications per client address, across reloads: the brake on guessing.
+    failures: Arc<PerAddress>,
+}
+
+/// Failed authentications an address may make at once, and how fast they are forgiven: ten,
+/// then one every six seconds (slow enough that guessing a token or password is hopeless, fast
+/// enough that a person who mistyped is not locked out for long).
+const AUTH_FAILURES: AddressLimits = AddressLimits {
+    max_sessions: None,
+    rate: Some(1.0 / 6.0),
+    burst: 10,
+};
+
+/// Who a connection comes from: the client's address (from a PROXY header on a listener that
+/// takes one, else the TCP peer's; `X-Forwarded-For` refines it later on a listener that trusts
+/// proxies) and, when a route sends its backend a PROXY header, the address it reached.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    client: SocketAddr,
+    local: Option<SocketAddr>,
+    /// The connection is TLS (a same-origin check's default port is then 443).
+    secure: bool,
 }
 
 /// How a shutdown went.
@@ -107,6 +137,7 @@ impl Bridge {
                 shutdown: shutdown.clone(),
                 tracker: TaskTracker::new(),
                 tls: Mutex::default(),
+                failures: PerAddress::new(AUTH_FAILURES, 4096),
             }),
             shutdown,
         })
@@ -200,25 +231,45 @@ impl Bridge {
                     continue;
                 }
             };
-            let span = tracing::info_span!(
-                "conn",
-                client = %peer,
-                listener = %local,
-                tls = tracing::field::Empty,
-                client_cn = tracing::field::Empty,
-                route = tracing::field::Empty,
-                target = tracing::field::Empty
-            );
+            // Behind a load balancer the TCP peer is the balancer: `client` is recorded once the
+            // PROXY header or a trusted X-Forwarded-For names the real one, and `via` keeps the
+            // peer. (Two spans of the same fields: a field recorded later is printed last.)
+            let access = &listener.config.access;
+            let span = if access.proxy_protocol || !access.trusted_proxies.is_empty() {
+                tracing::info_span!(
+                    "conn",
+                    client = tracing::field::Empty,
+                    via = %peer,
+                    listener = %local,
+                    tls = tracing::field::Empty,
+                    client_cn = tracing::field::Empty,
+                    route = tracing::field::Empty,
+                    user = tracing::field::Empty,
+                    target = tracing::field::Empty
+                )
+            } else {
+                tracing::info_span!(
+                    "conn",
+                    client = %peer,
+                    via = tracing::field::Empty,
+                    listener = %local,
+                    tls = tracing::field::Empty,
+                    client_cn = tracing::field::Empty,
+                    route = tracing::field::Empty,
+                    user = tracing::field::Empty,
+                    target = tracing::field::Empty
+                )
+            };
             let bridge = self.clone();
             let listener = listener.clone();
             self.inner
                 .tracker
-                .spawn(async move { bridge.connection(stream, &listener).await }.instrument(span));
+                .spawn(async move { bridge.connection(stream, peer, &listener).await }.instrument(span));
         }
     }
 
     /// One accepted connection: the connection cap, then TLS when the first byte says so.
-    async fn connection(self, stream: TcpStream, listener: &Listener) {
+    async fn connection(self, mut stream: TcpStream, peer: SocketAddr, listener: &Listener) {
         let live = self.live();
         let Some(_slot) = self.inner.connections.try_take(live.max_connections) else {
             // Boxed: this rare path's state would otherwise widen every connection's task.
@@ -238,14 +289,30 @@ impl Bridge {
                 let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(dead));
             }
         }
-        // One deadline covers TLS and the upgrade: a silent client cannot hold a slot.
+        // One deadline covers the PROXY header, TLS and the upgrade: a silent client cannot hold
+        // a slot.
         let deadline = Instant::now() + live.timeouts.handshake;
+        let mut peer = Peer {
+            client: peer,
+            local: if live.proxy_headers { stream.local_addr().ok() } else { None },
+            secure: false,
+        };
+        if listener.config.access.proxy_protocol {
+            match tokio::time::timeout_at(deadline, crate::proxy::read_header(&mut stream)).await {
+                Ok(Ok(client)) => peer.client = client.unwrap_or(peer.client),
+                Ok(Err(e)) => return warn!(error = %e, "connection refused: bad PROXY protocol header"),
+                Err(_) => {
+                    return warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline")
+                }
+            }
+            tracing::Span::current().record("client", tracing::field::display(peer.client));
+        }
         let Some(tls) = &listener.tls else {
-            return Box::pin(self.http(stream, listener, &live, deadline, None)).await;
+            return Box::pin(self.http(stream, peer, listener, &live, deadline, None)).await;
         };
         // The TLS path lives in its own boxed future: its states (a whole TLS connection among
         // them) would otherwise widen every plain session's task.
-        Box::pin(self.maybe_tls(stream, tls, listener, &live, deadline)).await;
+        Box::pin(self.maybe_tls(stream, peer, tls, listener, &live, deadline)).await;
     }
 
     /// Answers a connection past the cap with 503. While few refusals are in flight each one
@@ -266,7 +333,7 @@ impl Bridge {
 
     /// Sniffs the first byte: a TLS ClientHello gets the TLS handshake, anything else plain HTTP
     /// (or a prompt refusal on a TLS-only listener).
-    async fn maybe_tls(&self, mut stream: TcpStream, tls: &TlsListener, listener: &Listener, live: &Live, deadline: Instant) {
+    async fn maybe_tls(&self, mut stream: TcpStream, peer: Peer, tls: &TlsListener, listener: &Listener, live: &Live, deadline: Instant) {
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
@@ -283,7 +350,7 @@ impl Bridge {
                 linger(&mut stream, live.timeouts.close).await;
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
-            return Box::pin(self.http(stream, listener, live, deadline, None)).await;
+            return Box::pin(self.http(stream, peer, listener, live, deadline, None)).await;
         }
         let accepted = tokio::select! {
             _ = self.shutdown.cancelled() => return,
@@ -306,11 +373,12 @@ impl Bridge {
         if let Some(cn) = &client_cn {
             span.record("client_cn", cn.as_str());
         }
-        Box::pin(self.http(stream, listener, live, deadline, client_cn.as_deref())).await;
+        let peer = Peer { secure: true, ..peer };
+        Box::pin(self.http(stream, peer, listener, live, deadline, client_cn.as_deref())).await;
     }
 
     /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
-    async fn http<S>(&self, mut stream: S, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
+    async fn http<S>(&self, mut stream: S, mut peer: Peer, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -325,14 +393,27 @@ impl Bridge {
                 Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
             },
         };
-        let write_deadline = Instant::now() + t.http_write;
-        let responded = Box::pin(crate::http::respond(
-            &mut stream,
-            head,
-            &live.routes,
-            listener.web.as_deref(),
+        let access = &listener.config.access;
+        if !access.trusted_proxies.is_empty() {
+            if let Ok((request, _)) = &head {
+                let ip = crate::policy::client_address(peer.client.ip(), request.headers(), &access.trusted_proxies);
+                if ip != peer.client.ip() {
+                    // The port the client used is the proxy's to know.
+                    peer.client = SocketAddr::new(ip, 0);
+                }
+            }
+            tracing::Span::current().record("client", tracing::field::display(peer.client.ip()));
+        }
+        let ctx = Context {
+            client: peer.client.ip(),
             client_cn,
-        ));
+            secure: peer.secure,
+            origins: access.origins.as_deref().unwrap_or(&live.default_origins),
+            per_ip: live.per_ip.as_ref(),
+            failures: &self.inner.failures,
+        };
+        let write_deadline = Instant::now() + t.http_write;
+        let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, listener.web.as_deref(), &ctx));
         let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
             Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
             Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
@@ -355,14 +436,23 @@ impl Bridge {
             route,
             leftover,
             slot: _slot,
+            per_ip: _per_ip,
+            authenticated,
             ..
         } = *upgrade;
+        if let Some(who) = authenticated.and_then(|a| a.subject) {
+            span.record("user", who.as_str());
+        }
         let params = SessionParams {
             framing: route.options.framing,
             max_message_size: route.options.max_message_size,
             timeouts: t,
         };
-        run_session(stream, leftover, &route, &params, shutdown).await;
+        let proxy_header = match (route.options.policy.proxy_protocol, peer.local) {
+            (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),
+            _ => None,
+        };
+        run_session(stream, leftover, &route, &params, proxy_header.as_deref(), shutdown).await;
     }
 }
 
@@ -520,15 +610,21 @@ fn refuse_at_once(stream: &TcpStream, answer: &[u8]) {
 
 /// Connects the backend and relays; logs the session's open and close lines. `early` holds
 /// client bytes that arrived with the request head.
-async fn run_session<S>(client: S, early: Vec<u8>, route: &Route, params: &SessionParams<'_>, shutdown: &CancellationToken)
-where
+async fn run_session<S>(
+    client: S,
+    early: Vec<u8>,
+    route: &Route,
+    params: &SessionParams<'_>,
+    proxy_header: Option<&[u8]>,
+    shutdown: &CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
         // Boxed: the connect phase's state is freed before the relay starts.
-        b = Box::pin(Backend::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref())) => b.map_err(Some),
+        b = Box::pin(Backend::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref(), proxy_header)) => b.map_err(Some),
     };
     let backend = match backend {
         Ok(b) => b,
@@ -562,10 +658,20 @@ impl Live {
     fn from_config(config: &Config, previous: Option<&Live>) -> Result<Live, BridgeError> {
         config.check()?;
         let routes = RouteTable::from_config(config, previous.map(|p| &p.routes)).map_err(BridgeError::Tokens)?;
+        let capacity = config.limits.max_connections.saturating_mul(2);
+        let proxy_headers = config
+            .routes
+            .iter()
+            .map(|r| &r.options)
+            .chain(config.token_sources.iter().map(|s| &s.options))
+            .any(|o| o.policy.proxy_protocol.is_some());
         Ok(Live {
             routes,
             timeouts: config.timeouts.clone(),
             max_connections: config.limits.max_connections,
+            per_ip: crate::routes::per_ip_table(config.limits.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity),
+            default_origins: config.default_origins.clone(),
+            proxy_headers,
         })
     }
 }
@@ -604,6 +710,7 @@ mod tests {
             web_listing: false,
             web_follow_symlinks: false,
             web_dotfiles: false,
+            access: Default::default(),
             tls: None,
         };
         let listeners = [
@@ -650,6 +757,7 @@ mod tests {
             web_listing: false,
             web_follow_symlinks: false,
             web_dotfiles: false,
+            access: Default::default(),
             tls: None,
         });
         let options = config.default_route_options();
@@ -660,7 +768,7 @@ mod tests {
         });
         let bridge = Bridge::new(&config).unwrap();
         let listener = Listener::prepare(&config.listeners[0]).unwrap();
-        let connection = bridge.clone().connection(TcpStream::connect(addr).await.unwrap(), &listener);
+        let connection = bridge.clone().connection(TcpStream::connect(addr).await.unwrap(), addr, &listener);
         assert!(
             std::mem::size_of_val(&connection) <= 1024,
             "connection future: {} bytes",
@@ -668,7 +776,19 @@ mod tests {
         );
         drop(connection);
         let live = bridge.live();
-        let http = bridge.http(TcpStream::connect(addr).await.unwrap(), &listener, &live, Instant::now(), None);
+        let peer = Peer {
+            client: addr,
+            local: None,
+            secure: false,
+        };
+        let http = bridge.http(
+            TcpStream::connect(addr).await.unwrap(),
+            peer,
+            &listener,
+            &live,
+            Instant::now(),
+            None,
+        );
         assert!(
             std::mem::size_of_val(&http) <= 3 * 1024,
             "http future: {} bytes",

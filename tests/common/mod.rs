@@ -9,6 +9,7 @@
 //! (tests/browser.rs) prints the same line itself.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod pki;
 
 use std::future::Future;
@@ -170,6 +171,7 @@ impl TestBridge {
                 web_listing: false,
                 web_follow_symlinks: false,
                 web_dotfiles: false,
+                access: Default::default(),
                 tls: None,
             });
         }

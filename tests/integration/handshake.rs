@@ -116,6 +116,7 @@ async fn static_files_are_safe() {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        access: Default::default(),
         tls: None,
     });
     let bridge = TestBridge::start(config).await;
@@ -164,6 +165,7 @@ async fn directory_listing_when_asked() {
         web_listing: true,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        access: Default::default(),
         tls: None,
     });
     let bridge = TestBridge::start(config).await;
@@ -190,6 +192,7 @@ async fn a_static_file_outlives_the_handshake_deadline() {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        access: Default::default(),
         tls: None,
     });
     let bridge = TestBridge::start(config).await;

@@ -10,6 +10,7 @@ mod defaults;
 mod handshake;
 mod headers;
 mod lifecycle;
+mod policy;
 mod process;
 mod relay;
 mod routing;

@@ -35,6 +35,7 @@ fn tls_config(backend: std::net::SocketAddr, tls: TlsSettings) -> Config {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        access: Default::default(),
         tls: Some(tls),
     });
     config
@@ -127,6 +128,7 @@ fn load_err(cert: &Path, key: Option<&Path>) -> String {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        access: Default::default(),
         tls: Some(TlsSettings {
             watch: None,
             ..TlsSettings::new(CertFiles {

@@ -40,6 +40,7 @@ async fn web_bridge(www: &Path, listing: bool, follow_symlinks: bool, dotfiles: 
         web_listing: listing,
         web_follow_symlinks: follow_symlinks,
         web_dotfiles: dotfiles,
+        access: Default::default(),
         tls: None,
     });
     TestBridge::start(config).await

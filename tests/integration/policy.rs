@@ -1,0 +1,405 @@
+//! Access policy (issue 12) with real clients: origins, client networks, authentication (bearer,
+//! Basic, JWT), caps and rates per client address, the real client address behind trusted
+//! proxies and PROXY protocol (inbound and to the backend). Every refusal is checked for its
+//! status, its headers, a body that tells nothing of the configuration, and that no backend
+//! connection was made.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wsbridge::config::Config;
+
+use crate::common::*;
+
+/// A bridge from the TOML `text` (a `[[listen]]` is added on 127.0.0.1:0 when missing), with
+/// `BACKEND` in it replaced by an echo backend's address; returns the bridge and the echo's
+/// connection counter.
+async fn bridge(text: &str, dir: &Path) -> (TestBridge, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (backend, accepted) = echo_backend().await;
+    let mut text = text.replace("BACKEND", &backend.to_string());
+    if !text.contains("[[listen]]") {
+        text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n{text}");
+    }
+    let config = Config::from_toml(&text, &dir.join("test.toml")).unwrap_or_else(|e| panic!("{e}"));
+    (TestBridge::start(config).await, accepted)
+}
+
+/// Sends an upgrade for `path` with `extra` header lines; returns the whole answer (a refusal)
+/// or its head (a 101, after which the connection is dropped).
+async fn ask(addr: SocketAddr, path: &str, extra: &str) -> String {
+    within("an answer", async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&upgrade_request(path, extra)).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 || (out.starts_with(b"HTTP/1.1 101") && out.windows(4).any(|w| w == b"\r\n\r\n")) {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+}
+
+/// Asserts a refusal: its status, that its body is `body`, and that it carries `header` (a
+/// line start, lowercase) when given.
+fn refused(answer: &str, status: u16, body: &str, header: Option<&str>) {
+    assert_eq!(status_of(answer), status, "{answer}");
+    assert_eq!(
+        body_of(answer).trim(),
+        format!("{status} {}: {body}", reason_phrase(status)),
+        "{answer}"
+    );
+    if let Some(h) = header {
+        assert!(answer.to_ascii_lowercase().contains(&format!("\r\n{h}")), "no {h} in {answer}");
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status).unwrap().canonical_reason().unwrap()
+}
+
+#[tokio::test]
+async fn origins_exact_wildcard_and_same_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, accepted) = bridge(
+        "[[route]]\npath = \"/listed\"\ntarget = \"BACKEND\"\norigins = [\"https://app.example.com\", \"https://*.corp.example\"]\n\
+         [[route]]\npath = \"/default\"\ntarget = \"BACKEND\"\n\
+         [[route]]\npath = \"/strict\"\ntarget = \"BACKEND\"\norigins = [\"any\"]\nrequire_origin = true\n",
+        dir.path(),
+    )
+    .await;
+    for (path, extra) in [
+        ("/listed", "Origin: https://evil.example\r\n"),
+        ("/listed", "Origin: http://app.example.com\r\n"),
+        ("/listed", "Origin: https://corp.example\r\n"),
+        ("/listed", "Origin: null\r\n"),
+        ("/listed", "Origin: https://app.example.com\r\nOrigin: https://evil.example\r\n"),
+        ("/default", "Origin: https://evil.example\r\n"),
+        ("/default", "Origin: http://localhost:8080\r\n"),
+        ("/strict", ""),
+    ] {
+        let answer = ask(b.addr, path, extra).await;
+        let body = if extra.is_empty() {
+            "origin required"
+        } else {
+            "origin not allowed"
+        };
+        refused(&answer, 403, body, None);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "a refused request reached the backend");
+    for (path, origin) in [
+        ("/listed", "https://app.example.com"),
+        ("/listed", "https://desk.corp.example"),
+        // A file's route without `origins` admits its own origin: the Host's.
+        ("/default", "http://localhost"),
+        ("/strict", "https://anything.example"),
+    ] {
+        let answer = ask(b.addr, path, &format!("Origin: {origin}\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 101"), "{path} {origin}: {answer}");
+    }
+    // No Origin: a non-browser client, admitted unless the route requires one.
+    assert!(ask(b.addr, "/listed", "").await.starts_with("HTTP/1.1 101"));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn client_networks_allow_and_deny() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, accepted) = bridge(
+        "[[route]]\npath = \"/lan\"\ntarget = \"BACKEND\"\nallow = [\"10.0.0.0/8\", \"::1\"]\n\
+         [[route]]\npath = \"/not-me\"\ntarget = \"BACKEND\"\ndeny = [\"127.0.0.0/8\"]\n\
+         [[route]]\npath = \"/me\"\ntarget = \"BACKEND\"\nallow = [\"127.0.0.1\"]\n",
+        dir.path(),
+    )
+    .await;
+    refused(&ask(b.addr, "/lan", "").await, 403, "forbidden", None);
+    refused(&ask(b.addr, "/not-me", "").await, 403, "forbidden", None);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    assert!(ask(b.addr, "/me", "").await.starts_with("HTTP/1.1 101"));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_tokens_from_header_query_or_subprotocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, accepted) = bridge(
+        "[[route]]\npath = \"/t\"\ntarget = \"BACKEND\"\nauth = { bearer = [\"s3cret-token\"] }\n",
+        dir.path(),
+    )
+    .await;
+    for extra in ["", "Authorization: Bearer wrong\r\n", "Sec-WebSocket-Protocol: bearer.s3cret\r\n"] {
+        let answer = ask(b.addr, "/t", extra).await;
+        refused(&answer, 401, "authentication required", Some("www-authenticate: bearer"));
+        assert!(!answer.contains("s3cret"), "{answer}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    for (path, extra) in [
+        ("/t", "Authorization: Bearer s3cret-token\r\n"),
+        ("/t?access_token=s3cret-token", ""),
+        ("/t", "Sec-WebSocket-Protocol: binary, bearer.s3cret-token\r\n"),
+    ] {
+        let answer = ask(b.addr, path, extra).await;
+        assert!(answer.starts_with("HTTP/1.1 101"), "{extra}: {answer}");
+        // The credential is never echoed as the chosen subprotocol.
+        assert!(!answer.contains("bearer."), "{answer}");
+    }
+    // A real client through the subprotocol, as a page would (offering `binary` beside it).
+    let (mut ws, chosen) = ws_connect(&b.url("/t"), Some("binary, bearer.s3cret-token")).await;
+    assert_eq!(chosen.as_deref(), Some("binary"));
+    send_bin(&mut ws, b"hello").await;
+    assert_eq!(recv_data(&mut ws).await, b"hello");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn basic_against_an_htpasswd_file_and_failures_slowed_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("open sesame", 4).unwrap();
+    std::fs::write(dir.path().join("users"), format!("alice:{hash}\n")).unwrap();
+    let (b, accepted) = bridge(
+        "[[route]]\npath = \"/b\"\ntarget = \"BACKEND\"\nauth = { htpasswd = \"users\" }\n",
+        dir.path(),
+    )
+    .await;
+    use base64::Engine as _;
+    let basic = |user_pass: &str| {
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(user_pass)
+        )
+    };
+    let (mut s, _) = raw_upgrade(b.addr, &upgrade_request("/b", &basic("alice:open sesame"))).await;
+    s.write_all(&frame(0x82, b"hi", true)).await.unwrap();
+    assert_eq!(raw_read_frame(&mut s).await, (0x2, b"hi".to_vec()));
+    let before = accepted.load(Ordering::SeqCst);
+    assert_eq!(before, 1);
+    // Ten failures are answered 401; then the address is slowed down: 429 with Retry-After,
+    // even for the right password, until failures are forgiven.
+    for _ in 0..10 {
+        refused(
+            &ask(b.addr, "/b", &basic("alice:guess")).await,
+            401,
+            "authentication required",
+            Some("www-authenticate: basic"),
+        );
+    }
+    let slowed = ask(b.addr, "/b", &basic("alice:open sesame")).await;
+    refused(&slowed, 429, "too many failed attempts", Some("retry-after: "));
+    assert_eq!(accepted.load(Ordering::SeqCst), before);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn jwt_hs256_with_claims_checked() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "a-shared-secret-of-at-least-32-bytes!";
+    std::fs::write(dir.path().join("jwt.key"), secret).unwrap();
+    let (b, _) = bridge(
+        "[[route]]\npath = \"/j\"\ntarget = \"BACKEND\"\nauth = { jwt = { secret_file = \"jwt.key\", audience = [\"vnc\"] } }\n",
+        dir.path(),
+    )
+    .await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let sign =
+        |claims: serde_json::Value| encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()).unwrap()).unwrap();
+    let good = sign(serde_json::json!({"sub": "alice", "aud": "vnc", "exp": now + 60}));
+    assert!(ask(b.addr, &format!("/j?access_token={good}"), "")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    for bad in [
+        sign(serde_json::json!({"sub": "alice", "aud": "vnc", "exp": now - 120})),
+        sign(serde_json::json!({"sub": "alice", "aud": "other", "exp": now + 60})),
+        "not-a-jwt".to_owned(),
+    ] {
+        refused(
+            &ask(b.addr, "/j", &format!("Authorization: Bearer {bad}\r\n")).await,
+            401,
+            "authentication required",
+            Some("www-authenticate: bearer"),
+        );
+    }
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_and_new_sessions_per_client_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = bridge(
+        "[[route]]\npath = \"/two\"\ntarget = \"BACKEND\"\nmax_sessions_per_ip = 2\n\
+         [[route]]\npath = \"/slow\"\ntarget = \"BACKEND\"\nnew_sessions_per_ip = 0.1\nnew_sessions_burst = 2\n",
+        dir.path(),
+    )
+    .await;
+    let (first, _) = ws_connect(&b.url("/two"), None).await;
+    let (_second, _) = ws_connect(&b.url("/two"), None).await;
+    refused(
+        &ask(b.addr, "/two", "").await,
+        429,
+        "too many sessions from your address",
+        Some("retry-after: "),
+    );
+    // A session that ends gives its place back.
+    drop(first);
+    within("the place given back", async {
+        loop {
+            if ask(b.addr, "/two", "").await.starts_with("HTTP/1.1 101") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(ask(b.addr, "/slow", "").await.starts_with("HTTP/1.1 101"));
+    assert!(ask(b.addr, "/slow", "").await.starts_with("HTTP/1.1 101"));
+    let answer = ask(b.addr, "/slow", "").await;
+    refused(&answer, 429, "too many new sessions from your address", Some("retry-after: "));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_count_only_on_a_listener_that_trusts_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = "[[route]]\npath = \"/r\"\ntarget = \"BACKEND\"\ndeny = [\"203.0.113.0/24\"]\n";
+    let (trusting, _) = bridge(
+        &format!("[[listen]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{routes}"),
+        dir.path(),
+    )
+    .await;
+    refused(
+        &ask(trusting.addr, "/r", "X-Forwarded-For: 203.0.113.9\r\n").await,
+        403,
+        "forbidden",
+        None,
+    );
+    refused(
+        &ask(trusting.addr, "/r", "Forwarded: for=203.0.113.9;proto=https\r\n").await,
+        403,
+        "forbidden",
+        None,
+    );
+    assert!(ask(trusting.addr, "/r", "X-Forwarded-For: 198.51.100.1\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    // A client cannot hide behind an address it prepends itself.
+    refused(
+        &ask(trusting.addr, "/r", "X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\n").await,
+        403,
+        "forbidden",
+        None,
+    );
+    trusting.stop().await;
+    // Where the peer is not a trusted proxy, the header is the client's own word: ignored.
+    let (plain, _) = bridge(routes, dir.path()).await;
+    assert!(ask(plain.addr, "/r", "X-Forwarded-For: 203.0.113.9\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    plain.stop().await;
+}
+
+#[tokio::test]
+async fn proxy_protocol_in_from_the_balancer_and_out_to_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, mut accepted) = manual_backend().await;
+    let text = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n\
+         [[route]]\npath = \"/p\"\ntarget = \"{backend}\"\nproxy_protocol = \"v2\"\ndeny = [\"203.0.113.0/24\"]\n"
+    );
+    let config = Config::from_toml(&text, &dir.path().join("t.toml")).unwrap();
+    let b = TestBridge::start(config).await;
+    let client: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    for version in [wsbridge::proxy::Version::V1, wsbridge::proxy::Version::V2] {
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        s.write_all(&wsbridge::proxy::header(version, client, b.addr)).await.unwrap();
+        let (mut s, _) = raw_upgrade_on(s, &upgrade_request("/p", "")).await;
+        // The backend hears who the client really is, before any byte of the session.
+        let mut conn = recv_once_mpsc(&mut accepted).await;
+        let seen = within("the backend's PROXY header", wsbridge::proxy::read_header(&mut conn))
+            .await
+            .unwrap();
+        assert_eq!(seen, Some(client), "{version}");
+        s.write_all(&frame(0x82, b"ping", true)).await.unwrap();
+        let mut got = [0u8; 4];
+        within("data after the header", conn.read_exact(&mut got)).await.unwrap();
+        assert_eq!(&got, b"ping");
+    }
+    // The address in the header is the one policy sees.
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(&wsbridge::proxy::header(
+        wsbridge::proxy::Version::V2,
+        "203.0.113.5:1".parse().unwrap(),
+        b.addr,
+    ))
+    .await
+    .unwrap();
+    s.write_all(&upgrade_request("/p", "")).await.unwrap();
+    let mut answer = String::new();
+    within("403", s.read_to_string(&mut answer)).await.unwrap();
+    refused(&answer, 403, "forbidden", None);
+    // A connection without the header is closed without an HTTP answer.
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(&upgrade_request("/p", "")).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = within("close", s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    b.stop().await;
+}
+
+async fn recv_once_mpsc(rx: &mut tokio::sync::mpsc::Receiver<TcpStream>) -> TcpStream {
+    within("a backend connection", rx.recv()).await.expect("backend listener ended")
+}
+
+#[tokio::test]
+async fn the_command_line_admits_any_origin_and_says_so_until_origin_narrows_it() {
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    let mut open = binary::Binary::spawn(&["127.0.0.1:0", &target]).await;
+    open.line("any web page can open sessions").await;
+    assert!(ask(open.addr, "/", "Origin: https://evil.example\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    let mut narrowed = binary::Binary::spawn(&["127.0.0.1:0", &target, "--origin", "https://app.example"]).await;
+    refused(
+        &ask(narrowed.addr, "/", "Origin: https://evil.example\r\n").await,
+        403,
+        "origin not allowed",
+        None,
+    );
+    assert!(ask(narrowed.addr, "/", "Origin: https://app.example\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    // The refusal's log line names the origin and the route.
+    let line = narrowed.line("http request answered").await;
+    assert!(
+        line.contains("evil.example") && line.contains("any path") && line.contains("status=403"),
+        "{line}"
+    );
+    assert!(!narrowed.lines().iter().any(|l| l.contains("any web page can open sessions")));
+    // websockify's ExpectOrigin maps onto the same list.
+    let expect = binary::Binary::spawn(&[
+        "127.0.0.1:0",
+        &target,
+        "--auth-plugin",
+        "ExpectOrigin",
+        "--auth-source",
+        "https://a.example https://b.example",
+    ])
+    .await;
+    assert!(ask(expect.addr, "/", "Origin: https://b.example\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    refused(
+        &ask(expect.addr, "/", "Origin: https://c.example\r\n").await,
+        403,
+        "origin not allowed",
+        None,
+    );
+}
