@@ -6,8 +6,8 @@
 #
 # Installs (only when missing, so a second run installs nothing):
 #   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), openssl (the wss://
-#     browser test makes its self-signed certificate with it) and socat, with apt-get as root or
-#     through sudo;
+#     browser test makes its self-signed certificate with it), socat and haproxy (the real load
+#     balancer in front, for the PROXY protocol tests), with apt-get as root or through sudo;
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
 #     downloaded: the browser test drives Debian's Chromium.
@@ -52,6 +52,8 @@ fi
 # openssl: the TLS tests write PKCS#1 and SEC1 keys with it, and the browser test its certificate.
 command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
+# haproxy: the access-policy tests put the real HAProxy in front (PROXY protocol v2).
+[[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
     if ((EUID == 0)); then
