@@ -481,6 +481,12 @@ impl Config {
         }
         let _ = writeln!(out, "timeouts  {}", self.timeouts.describe());
         let _ = writeln!(out, "limits    {}", self.limits.describe());
+        let origins: Vec<String> = self.default_origins.iter().map(|r| toml_str(&r.to_string())).collect();
+        let _ = writeln!(
+            out,
+            "policy    origins = [{}] where neither a route nor its listener sets them",
+            origins.join(", ")
+        );
         out
     }
 }

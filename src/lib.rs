@@ -21,6 +21,8 @@
 //! | [`frame`] | WebSocket frames: the client's parsed and unmasked in place, our headers |
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
 //! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
+//! | [`policy`] | who may open a session: origins, client networks, authentication, caps per client address, the real client address |
+//! | [`proxy`] | PROXY protocol v1/v2: read from a load balancer, sent to a backend |
 //!
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
 //! server through [`server::start`], as an embedder would (`examples/embed.rs`).

@@ -478,3 +478,40 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.is_file());
     found.ok_or(())
 }
+
+/// `wsbridge check` shows every route's policy in the file's words, secrets left out.
+#[tokio::test]
+async fn check_shows_each_routes_policy_without_its_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("w.toml");
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+         [limits]\nmax_sessions_per_ip = 20\n\
+         [[route]]\npath = \"/vnc\"\ntarget = \"127.0.0.1:5900\"\norigins = [\"https://*.example.com\"]\n\
+         allow = [\"192.0.2.0/24\"]\ndeny = [\"192.0.2.9\"]\nauth = { bearer = [\"do-not-print-me\"] }\n\
+         new_sessions_per_ip = 2\nproxy_protocol = \"v2\"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(binary::BIN)
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "trusted_proxies = [\"10.0.0.0/8\"]",
+        "max_sessions_per_ip = 20",
+        "origins = [\"https://*.example.com\"]",
+        "allow = [\"192.0.2.0/24\"]",
+        "deny = [\"192.0.2.9/32\"]",
+        "auth = { bearer = <1 tokens> }",
+        "new_sessions_per_ip = 2, new_sessions_burst = 2",
+        "proxy_protocol = \"v2\"",
+        "policy    origins = [\"same-origin\"]",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    assert!(!text.contains("do-not-print-me"), "{text}");
+}
