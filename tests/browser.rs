@@ -469,3 +469,38 @@ async fn demo_chat_round_trip_in_chromium_over_wss() {
     assert_connected(&report, "wss");
     stop_demo(demo).await;
 }
+
+/// Cross-site WebSocket hijacking in Chromium: the demo's own page opens its WebSocket, a page
+/// from another origin is refused (the demo's routes admit their own origin only), and the
+/// demo's log says so with a 403.
+#[tokio::test]
+async fn demo_refuses_a_page_from_another_origin_in_chromium() {
+    let Some(browser) = browser_or_skip("demo_refuses_a_page_from_another_origin_in_chromium") else {
+        return;
+    };
+    let demo = start_demo(&[], "http").await;
+    let mut command = Command::new("node");
+    command
+        .current_dir(&browser.root)
+        .arg("tests/browser/origin.mjs")
+        .arg(&demo.url)
+        .env("CHROMIUM", &browser.chromium);
+    let node = run_to_end("node tests/browser/origin.mjs", command, BROWSER_TIMEOUT).await;
+    assert!(
+        node.status.success(),
+        "origin.mjs failed ({})\nits stdout:\n{}\nits stderr:\n{}\nwsbridge demo's log:\n{}",
+        node.status,
+        tail(&node.stdout, 20),
+        tail(&node.stderr, 40),
+        tail(&demo.guard.output, 40)
+    );
+    let report = node.stdout.lock().unwrap().last().cloned().unwrap_or_default();
+    assert!(report.starts_with(r#"{"ok":true"#), "{report}");
+    println!("origin.mjs: {report}");
+    let log = tail(&demo.guard.output, 200);
+    assert!(
+        log.lines().any(|l| l.contains("status=403") && l.contains("is not allowed")),
+        "no 403 for the other origin in the demo's log:\n{log}"
+    );
+    stop_demo(demo).await;
+}
