@@ -97,9 +97,15 @@ pub struct RunArgs {
     /// Token plugin: TokenFile or ReadOnlyTokenFile (websockify names); tokens from --token-source.
     #[arg(long, value_name = "PLUGIN")]
     pub token_plugin: Option<String>,
-    /// Token file or directory of `TOKEN: HOST:PORT` lines.
+    /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with JWTTokenApi, the
+    /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret).
     #[arg(long, value_name = "FILE|DIR")]
     pub token_source: Option<PathBuf>,
+    /// With --token-plugin JWTTokenApi: a target a JWT's host and port claims may name, as
+    /// ADDRESS-RANGE:PORTS or NAME:PORTS (10.0.0.0/8:5900-5999, vnc.internal:5901); repeatable,
+    /// and required: nothing else is reachable.
+    #[arg(long, value_name = "RULE")]
+    pub jwt_allow_target: Vec<String>,
     /// Same as `--token-plugin TokenFile --token-source FILE` (websockify's older option).
     #[arg(long, value_name = "FILE|DIR")]
     pub target_config: Option<PathBuf>,
@@ -400,6 +406,7 @@ impl RunArgs {
             file_only,
             token_plugin,
             token_source,
+            jwt_allow_target,
             target_config,
             host_token,
             unix_target,
@@ -438,6 +445,7 @@ impl RunArgs {
             *file_only,
             token_plugin.is_some(),
             token_source.is_some(),
+            !jwt_allow_target.is_empty(),
             target_config.is_some(),
             *host_token,
             unix_target.is_some(),
@@ -602,11 +610,12 @@ impl RunArgs {
     fn token_source(&self) -> Result<Option<PathBuf>, ConfigError> {
         Ok(match (self.token_plugin.as_deref(), &self.token_source, &self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
-            (None | Some("TokenFile" | "ReadOnlyTokenFile"), Some(s), None) | (None, None, Some(s)) => Some(s.clone()),
+            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "JWTTokenApi"), Some(s), None) | (None, None, Some(s)) => Some(s.clone()),
+            (Some("JWTTokenApi"), None, None) => return Err(usage("--token-plugin JWTTokenApi needs --token-source KEYFILE".into())),
             (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
             (Some(other), _, _) => {
                 return Err(usage(format!(
-                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines)"
+                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), or JWTTokenApi"
                 )))
             }
             (None, None, None) => None,
@@ -627,12 +636,23 @@ impl RunArgs {
                 "give only one of TARGET, --unix-target and --token-source".into()
             }));
         }
+        let jwt = self.jwt_token_source(token_source.as_deref())?;
         if let Some(path) = token_source {
             if let Err(e) = std::fs::metadata(&path) {
                 return Err(usage(format!("--token-source {}: {e}", path.display())));
             }
             let lookup = if self.host_token { TokenLookup::Host } else { TokenLookup::Query };
-            config.token_sources.push(TokenSourceConfig { path, lookup, options });
+            if jwt.is_some() && self.host_token {
+                return Err(usage(
+                    "--host-token does not go with JWTTokenApi: its tokens come from ?token=".into(),
+                ));
+            }
+            config.token_sources.push(TokenSourceConfig {
+                path,
+                jwt,
+                lookup,
+                options,
+            });
         } else {
             if self.host_token {
                 return Err(usage("--host-token needs --token-source".into()));
@@ -654,6 +674,47 @@ impl RunArgs {
 }
 
 impl RunArgs {
+    /// websockify's JWTTokenApi: tokens are JWTs checked with the key in `key` (a PEM public key,
+    /// else a file holding an HMAC secret), naming a target on --jwt-allow-target. As in
+    /// websockify, `exp` is checked when present and not required.
+    fn jwt_token_source(&self, key: Option<&Path>) -> Result<Option<crate::config::policy::JwtTokenSource>, ConfigError> {
+        if self.token_plugin.as_deref() != Some("JWTTokenApi") {
+            if !self.jwt_allow_target.is_empty() {
+                return Err(usage("--jwt-allow-target goes with --token-plugin JWTTokenApi".into()));
+            }
+            return Ok(None);
+        }
+        let Some(key) = key else { return Ok(None) };
+        if self.jwt_allow_target.is_empty() {
+            return Err(usage(
+                "--token-plugin JWTTokenApi needs --jwt-allow-target RULE (e.g. 10.0.0.0/8:5900-5999): a token may name only targets listed there"
+                    .into(),
+            ));
+        }
+        let allow_targets = self
+            .jwt_allow_target
+            .iter()
+            .map(|r| r.parse().map_err(|e| usage(format!("--jwt-allow-target: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let text = std::fs::read(key).map_err(|e| usage(format!("--token-source {}: {e}", key.display())))?;
+        let keys = if text.windows(10).any(|w| w == b"-----BEGIN") {
+            crate::policy::jwt::KeySource::Pem(key.to_path_buf())
+        } else {
+            crate::policy::jwt::KeySource::Secret(key.to_path_buf())
+        };
+        Ok(Some(crate::config::policy::JwtTokenSource {
+            jwt: crate::policy::jwt::JwtSettings {
+                keys,
+                algorithms: Vec::new(),
+                issuers: Vec::new(),
+                audiences: Vec::new(),
+                leeway: crate::config::policy::DEFAULT_JWT_LEEWAY,
+                require_exp: false,
+            },
+            allow_targets,
+        }))
+    }
+
     /// The listener's TLS from --cert/--key/--ssl-only/--ssl-version/--verify-client/--cafile.
     fn tls_settings(&self) -> Result<Option<TlsSettings>, String> {
         let Some(cert) = &self.cert else {

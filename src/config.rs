@@ -252,8 +252,10 @@ pub fn split_host_port(s: &str) -> Option<(&str, &str)> {
 /// A websockify token file or directory of token files.
 #[derive(Debug, Clone)]
 pub struct TokenSourceConfig {
-    /// File, or directory whose every file is read.
+    /// File, or directory whose every file is read; for a JWT source, its key file.
     pub path: PathBuf,
+    /// Tokens are JWTs naming their target (websockify's JWTTokenApi) rather than lines of files.
+    pub jwt: Option<policy::JwtTokenSource>,
     /// Where the token is taken from in the request.
     pub lookup: TokenLookup,
     /// Options for every route found in this source.
@@ -822,7 +824,9 @@ struct RawRoute {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTokens {
-    source: PathBuf,
+    source: Option<PathBuf>,
+    jwt: Option<policy::RawJwt>,
+    allow_targets: Option<Vec<policy::TargetRuleDe>>,
     #[serde(default)]
     lookup: TokenLookup,
     framing: Option<Framing>,
@@ -1071,9 +1075,42 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
     for (i, t) in raw.into_iter().enumerate() {
         let span = t.span();
         let t = t.into_inner();
-        let path = ctx.resolve(&t.source);
+        let (path, jwt) = match (t.source, t.jwt, t.allow_targets) {
+            (Some(source), None, None) => (ctx.resolve(&source), None),
+            (None, Some(jwt), Some(allow)) if !allow.is_empty() => {
+                let jwt = jwt
+                    .resolve(&|p| ctx.resolve(p))
+                    .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].{field}"), message))?;
+                if t.lookup != TokenLookup::Query {
+                    return ctx.invalid(span, format!("tokens[{i}].lookup"), "JWT tokens come from the query (?token=)");
+                }
+                let key = match &jwt.keys {
+                    crate::policy::jwt::KeySource::Pem(p)
+                    | crate::policy::jwt::KeySource::Jwks(p)
+                    | crate::policy::jwt::KeySource::Secret(p) => p.clone(),
+                };
+                let allow_targets = allow.into_iter().map(|r| r.0).collect();
+                (key, Some(policy::JwtTokenSource { jwt, allow_targets }))
+            }
+            (None, Some(_), _) => {
+                return ctx.invalid(
+                    span,
+                    format!("tokens[{i}].allow_targets"),
+                    "a JWT token source needs allow_targets: the addresses and ports its tokens may name",
+                )
+            }
+            (None, None, _) => return ctx.invalid(span, format!("tokens[{i}]"), "needs `source` (token files) or `jwt` (JWT tokens)"),
+            (Some(_), _, _) => {
+                return ctx.invalid(
+                    span,
+                    format!("tokens[{i}]"),
+                    "`source` (token files) and `jwt`/`allow_targets` do not go together",
+                )
+            }
+        };
         if let Err(e) = std::fs::metadata(&path) {
-            return ctx.invalid(span, format!("tokens[{i}].source"), format!("{}: {e}", path.display()));
+            let field = if jwt.is_some() { "jwt" } else { "source" };
+            return ctx.invalid(span, format!("tokens[{i}].{field}"), format!("{}: {e}", path.display()));
         }
         if sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
             return ctx.invalid(
@@ -1101,6 +1138,7 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
         .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].{field}"), message))?;
         sources.push(TokenSourceConfig {
             path,
+            jwt,
             lookup: t.lookup,
             options: RawRouteOptions {
                 framing: t.framing,

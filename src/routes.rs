@@ -17,6 +17,8 @@ use http::Request;
 
 use crate::config::{redact, Config, Matcher, RouteOptions, Target, TokenLookup};
 use crate::policy::auth::Authenticator;
+use crate::policy::jwt::JwtVerifier;
+use crate::policy::targets::{self, TargetRule};
 use crate::policy::{AddressLimits, PerAddress};
 use crate::slots::{Slot, Slots};
 use crate::tls::BackendTls;
@@ -136,6 +138,9 @@ pub enum Miss {
     /// A token was given but no source knows it.
     #[error("unknown token {0}")]
     Token(String),
+    /// A token names a target that is not on its source's allow-list (a JWT's claims).
+    #[error("{0}")]
+    Denied(String),
 }
 
 /// All routes of one configuration.
@@ -145,6 +150,16 @@ pub struct RouteTable {
     any_path: Option<Arc<Route>>,
     tokens: HashMap<String, Arc<Route>>,
     sources: Vec<(TokenSource, Shared)>,
+    /// Sources whose tokens are JWTs naming their target (websockify's JWTTokenApi).
+    jwt_sources: Vec<(JwtTokens, Shared)>,
+}
+
+/// A JWT token source in service: the verifier, and what its tokens may name.
+#[derive(Debug)]
+struct JwtTokens {
+    config: crate::config::TokenSourceConfig,
+    verifier: JwtVerifier,
+    allow: Vec<TargetRule>,
 }
 
 /// The connector for a route's backend TLS settings; routes with equal settings share one, so
@@ -197,6 +212,16 @@ impl RouteTable {
             });
             let shared =
                 Shared::new(&s.options, before, &mut made, capacity).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
+            if let Some(jwt) = &s.jwt {
+                let verifier = JwtVerifier::new(jwt.jwt.clone()).map_err(|e| format!("JWT token source: {e}"))?;
+                let tokens = JwtTokens {
+                    config: s.clone(),
+                    verifier,
+                    allow: jwt.allow_targets.clone(),
+                };
+                table.jwt_sources.push((tokens, shared));
+                continue;
+            }
             let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
             table.sources.push((source, shared));
         }
@@ -241,6 +266,9 @@ impl RouteTable {
             if let Some(r) = self.lookup_sources(TokenLookup::Query, &token).await {
                 return Ok(r);
             }
+            if let Some(r) = self.lookup_jwt(&token)? {
+                return Ok(r);
+            }
             return Err(Miss::Token(redact(&token)));
         }
         if let Some(host) = host_of(request) {
@@ -254,7 +282,31 @@ impl RouteTable {
     /// Whether a token in the query can select a route: an inline token route, or a token
     /// source with `lookup = "query"`.
     fn takes_query_tokens(&self) -> bool {
-        !self.tokens.is_empty() || self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
+        !self.tokens.is_empty() || !self.jwt_sources.is_empty() || self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
+    }
+
+    /// The route a JWT token names, if one of the JWT sources verifies it: its `host` and
+    /// `port` claims, which must be on that source's allow-list.
+    ///
+    /// # Errors
+    /// [`Miss::Denied`] for a valid token naming a target off the list (or none).
+    fn lookup_jwt(&self, token: &str) -> Result<Option<Arc<Route>>, Miss> {
+        for (source, shared) in &self.jwt_sources {
+            let Ok(claims) = source.verifier.check(Some(token)) else { continue };
+            let name = format!("JWT token {}", redact(token));
+            let Some((host, port)) = claims.target else {
+                return Err(Miss::Denied(format!("{name} names no host and port")));
+            };
+            if !targets::allowed(&source.allow, &host, port) {
+                return Err(Miss::Denied(format!("{name} names {host}:{port}, which is not in allow_targets")));
+            }
+            let target = Target::Tcp {
+                host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                port,
+            };
+            return Ok(Some(Route::new(name, target, source.config.options.clone(), shared)));
+        }
+        Ok(None)
     }
 
     async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Option<Arc<Route>> {
@@ -276,6 +328,16 @@ impl RouteTable {
         let routes = paths.into_iter().chain(self.tokens.values()).chain(self.any_path.iter());
         for r in routes {
             let _ = writeln!(out, "{:<40} -> {:<28} {}", r.name, r.target.to_string(), r.options.describe());
+        }
+        for (s, _) in &self.jwt_sources {
+            let rules: Vec<String> = s.allow.iter().map(|r| format!("{:?}", r.to_string())).collect();
+            let _ = writeln!(
+                out,
+                "JWT token source ({}): allow_targets = [{}], {}",
+                s.verifier.describe(),
+                rules.join(", "),
+                s.config.options.describe()
+            );
         }
         for (s, _) in &self.sources {
             let entries = s.entries().await;
@@ -435,6 +497,7 @@ mod tests {
         options.max_sessions = Some(1);
         for lookup in [TokenLookup::Query, TokenLookup::Host] {
             config.token_sources.push(crate::config::TokenSourceConfig {
+                jwt: None,
                 path: file.clone(),
                 lookup,
                 options: options.clone(),

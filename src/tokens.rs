@@ -549,6 +549,7 @@ mod tests {
         let file = dir.join("tokens");
         std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
         let source = TokenSource::load(TokenSourceConfig {
+            jwt: None,
             path: file.clone(),
             lookup: TokenLookup::Query,
             options: crate::config::Config::new("test").default_route_options(),
@@ -630,6 +631,7 @@ mod tests {
         let file = dir.path().join("tokens");
         std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
         let source = TokenSource::load(TokenSourceConfig {
+            jwt: None,
             path: file.clone(),
             lookup: TokenLookup::Query,
             options: crate::config::Config::new("test").default_route_options(),

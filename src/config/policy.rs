@@ -15,6 +15,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::policy::jwt::{JwtSettings, KeySource};
+use crate::policy::targets::TargetRule;
 use crate::policy::{AddressLimits, Networks, OriginRule};
 
 /// A route's access policy.
@@ -306,19 +307,47 @@ impl RawAuth {
             return Ok(AuthSettings::Htpasswd(resolve(&p)));
         }
         let Some(j) = self.jwt else { unreachable!("counted above") };
+        j.resolve(resolve).map(AuthSettings::Jwt).map_err(|(f, m)| (format!("auth.{f}"), m))
+    }
+}
+
+impl RawJwt {
+    /// The JWT settings; errors are (field under `jwt`, message).
+    pub(super) fn resolve(self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<JwtSettings, (String, String)> {
+        let j = self;
         let keys = match (j.public_key, j.jwks, j.secret_file) {
             (Some(p), None, None) => KeySource::Pem(resolve(&p)),
             (None, Some(p), None) => KeySource::Jwks(resolve(&p)),
             (None, None, Some(p)) => KeySource::Secret(resolve(&p)),
-            _ => return Err(("auth.jwt".into(), "needs exactly one of public_key, jwks or secret_file".into())),
+            _ => return Err(("jwt".into(), "needs exactly one of public_key, jwks or secret_file".into())),
         };
-        Ok(AuthSettings::Jwt(JwtSettings {
+        Ok(JwtSettings {
             keys,
             algorithms: j.algorithms.unwrap_or_default().into_iter().map(|a| a.0).collect(),
             issuers: j.issuer.unwrap_or_default(),
             audiences: j.audience.unwrap_or_default(),
             leeway: j.leeway.map_or(DEFAULT_JWT_LEEWAY, |d| d.0),
             require_exp: j.require_exp.unwrap_or(true),
-        }))
+        })
+    }
+}
+
+/// A token source whose tokens are JWTs naming their target (`host`, `port` claims), as
+/// websockify's JWTTokenApi: verified with `jwt`, and the target must be on `allow_targets`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtTokenSource {
+    /// How the tokens are verified.
+    pub jwt: JwtSettings,
+    /// The only targets a token may name.
+    pub allow_targets: Vec<TargetRule>,
+}
+
+/// A target rule in a file: checked while parsing.
+#[derive(Debug, Clone)]
+pub(super) struct TargetRuleDe(pub TargetRule);
+
+impl<'de> Deserialize<'de> for TargetRuleDe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map(TargetRuleDe).map_err(de::Error::custom)
     }
 }

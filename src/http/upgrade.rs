@@ -256,6 +256,7 @@ async fn decide<'w>(
         Ok(route) => route,
         Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
         Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
+        Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
     };
     if !route.admits(client_cn) {
         let reason = match client_cn {

@@ -155,7 +155,8 @@ async fn no_input_a_client_controls_reaches_a_target_off_the_allow_list() {
         "[[listen]]\naddr = \"127.0.0.1:0\"\n\
          [[route]]\npath = \"/ok\"\ntarget = \"{allowed}\"\n\
          [[route]]\npath = \"/jwt\"\ntarget = \"{allowed}\"\nauth = {{ jwt = {{ secret_file = \"jwt.key\" }} }}\n\
-         [[tokens]]\nsource = \"tokens\"\n"
+         [[tokens]]\nsource = \"tokens\"\n\
+         [[tokens]]\njwt = {{ secret_file = \"jwt.key\" }}\nallow_targets = [\"{allowed}\"]\n"
     );
     let config = wsbridge::config::Config::from_toml(&text, &dir.path().join("w.toml")).unwrap();
     let b = TestBridge::start(config).await;
@@ -166,6 +167,15 @@ async fn no_input_a_client_controls_reaches_a_target_off_the_allow_list() {
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
     )
     .unwrap();
+    let jwt_for = |host: &str, port: u16| {
+        let claims = serde_json::json!({"host": host, "port": port, "exp": jsonwebtoken::get_current_timestamp() + 60});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
     let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
     let up = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
     let attempts: Vec<String> = vec![
@@ -203,8 +213,19 @@ async fn no_input_a_client_controls_reaches_a_target_off_the_allow_list() {
             "PROXY TCP4 127.0.0.1 127.0.0.1 1 {}\r\nGET /ok HTTP/1.1\r\nHost: x\r\n{up}{key}\r\n",
             f.port()
         ),
-        // JWT claims naming a host and port: authentication only, never a destination.
+        // JWT claims naming a host and port: authentication only on an auth route, and a JWT
+        // token source takes only what its allow-list has (in any spelling of the address).
         format!("GET /jwt?access_token={jwt} HTTP/1.1\r\nHost: x\r\n{up}{key}\r\n"),
+        format!("GET /?token={jwt} HTTP/1.1\r\nHost: x\r\n{up}{key}\r\n"),
+        format!(
+            "GET /?token={} HTTP/1.1\r\nHost: x\r\n{up}{key}\r\n",
+            jwt_for("::ffff:127.0.0.1", f.port())
+        ),
+        format!("GET /?token={} HTTP/1.1\r\nHost: x\r\n{up}{key}\r\n", jwt_for("127.1", f.port())),
+        format!(
+            "GET /?token={} HTTP/1.1\r\nHost: x\r\n{up}{key}\r\n",
+            jwt_for("localhost", f.port())
+        ),
     ];
     for request in &attempts {
         let answer = within("an answer", async {

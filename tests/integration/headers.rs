@@ -27,6 +27,7 @@ async fn refusals_tell_the_client_nothing_of_the_configuration() {
     let mut options = config.default_route_options();
     options.max_sessions = Some(1);
     config.token_sources.push(TokenSourceConfig {
+        jwt: None,
         path: file.clone(),
         lookup: TokenLookup::Query,
         options: options.clone(),
@@ -81,6 +82,7 @@ async fn host_must_be_there_once_and_header_checks_come_before_the_lookup() {
     let mut config = Config::new("test");
     let options = config.default_route_options();
     config.token_sources.push(TokenSourceConfig {
+        jwt: None,
         path: file,
         lookup: TokenLookup::Query,
         options,
@@ -126,6 +128,7 @@ async fn host_tokens_match_without_case_or_port() {
     let mut config = Config::new("test");
     let options = config.default_route_options();
     config.token_sources.push(TokenSourceConfig {
+        jwt: None,
         path: file,
         lookup: TokenLookup::Host,
         options,
@@ -198,6 +201,7 @@ async fn a_token_revoked_in_the_file_does_not_live_on_in_its_backups() {
     let mut config = Config::new("test");
     let options = config.default_route_options();
     config.token_sources.push(TokenSourceConfig {
+        jwt: None,
         path: dir.path().into(),
         lookup: TokenLookup::Query,
         options,

@@ -515,3 +515,90 @@ async fn check_shows_each_routes_policy_without_its_secrets() {
     }
     assert!(!text.contains("do-not-print-me"), "{text}");
 }
+
+/// websockify's JWTTokenApi: `?token=` is a JWT whose `host` and `port` claims name the target,
+/// but only a target on the source's allow-list; a valid token naming anything else is 403 and
+/// reaches nothing.
+#[tokio::test]
+async fn jwt_tokens_name_their_target_only_within_the_allow_list() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "a-shared-secret-of-at-least-32-bytes!";
+    std::fs::write(dir.path().join("jwt.key"), secret).unwrap();
+    let (allowed, _) = echo_backend().await;
+    let (off_list, mut reached) = manual_backend().await;
+    let text = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\
+         [[tokens]]\njwt = {{ secret_file = \"jwt.key\", require_exp = false }}\nallow_targets = [\"127.0.0.1:{}\"]\n",
+        allowed.port()
+    );
+    let config = Config::from_toml(&text, &dir.path().join("w.toml")).unwrap();
+    let b = TestBridge::start(config).await;
+    let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+    let token = |claims: serde_json::Value| encode(&Header::default(), &claims, &key).unwrap();
+    let good = token(serde_json::json!({"host": "127.0.0.1", "port": allowed.port()}));
+    let (mut ws, _) = ws_connect(&b.url(&format!("/websockify?token={good}")), None).await;
+    send_bin(&mut ws, b"via jwt").await;
+    assert_eq!(recv_data(&mut ws).await, b"via jwt");
+    for claims in [
+        serde_json::json!({"host": "127.0.0.1", "port": off_list.port()}),
+        serde_json::json!({"host": "localhost", "port": allowed.port()}),
+        serde_json::json!({"sub": "no target"}),
+    ] {
+        refused(
+            &ask(b.addr, &format!("/?token={}", token(claims)), "").await,
+            403,
+            "forbidden",
+            None,
+        );
+    }
+    let forged = encode(
+        &Header::default(),
+        &serde_json::json!({"host": "127.0.0.1", "port": off_list.port()}),
+        &EncodingKey::from_secret(b"another secret of at least 32 bytes").unwrap(),
+    )
+    .unwrap();
+    refused(&ask(b.addr, &format!("/?token={forged}"), "").await, 404, "unknown token", None);
+    assert!(reached.try_recv().is_err(), "a token reached a target off the allow-list");
+    b.stop().await;
+}
+
+/// The same from websockify's command line: `--token-plugin JWTTokenApi --token-source KEY`,
+/// with the allow-list it needs.
+#[tokio::test]
+async fn jwt_token_api_on_the_command_line() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "a-shared-secret-of-at-least-32-bytes!";
+    let key_file = dir.path().join("jwt.key");
+    std::fs::write(&key_file, secret).unwrap();
+    let (allowed, _) = echo_backend().await;
+    let key = key_file.to_str().unwrap();
+    let refused_start = tokio::process::Command::new(binary::BIN)
+        .args(["127.0.0.1:0", "--token-plugin", "JWTTokenApi", "--token-source", key])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused_start.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&refused_start.stderr).contains("--jwt-allow-target"));
+    let rule = format!("127.0.0.0/8:{}", allowed.port());
+    let b = binary::Binary::spawn(&[
+        "127.0.0.1:0",
+        "--token-plugin",
+        "JWTTokenApi",
+        "--token-source",
+        key,
+        "--jwt-allow-target",
+        &rule,
+    ])
+    .await;
+    let token = encode(
+        &Header::default(),
+        &serde_json::json!({"host": "127.0.0.1", "port": allowed.port()}),
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let (mut ws, _) = ws_connect(&format!("ws://{}/websockify?token={token}", b.addr), None).await;
+    send_bin(&mut ws, b"cli jwt").await;
+    assert_eq!(recv_data(&mut ws).await, b"cli jwt");
+}

@@ -62,6 +62,7 @@ async fn websockify_token_file_like_novnc() {
     let mut config = Config::new("test");
     let options = config.default_route_options();
     config.token_sources.push(TokenSourceConfig {
+        jwt: None,
         path: file.clone(),
         lookup: TokenLookup::Query,
         options,
@@ -95,6 +96,7 @@ async fn token_directory_and_inline_tokens() {
     let mut config = config_with(Matcher::Token("inline-secret".into()), tcp(b));
     let options = config.default_route_options();
     config.token_sources.push(TokenSourceConfig {
+        jwt: None,
         path: dir.path().into(),
         lookup: TokenLookup::Query,
         options,
@@ -114,6 +116,7 @@ async fn host_token() {
     let mut config = Config::new("test");
     let options = config.default_route_options();
     config.token_sources.push(TokenSourceConfig {
+        jwt: None,
         path: file,
         lookup: TokenLookup::Host,
         options,
