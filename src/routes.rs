@@ -187,8 +187,8 @@ impl RouteTable {
     pub fn from_config(config: &Config, previous: Option<&RouteTable>) -> Result<RouteTable, String> {
         let mut table = RouteTable::default();
         let mut made = Vec::new();
-        // Room for every connection's address twice over, so distinct addresses rarely share.
-        let capacity = config.limits.max_connections.saturating_mul(2);
+        // Room for every connection's address four times over, so distinct addresses rarely share.
+        let capacity = config.limits.max_connections.saturating_mul(4);
         for r in &config.routes {
             let before = previous.and_then(|p| p.route_for(&r.matcher)).map(|r| r.shared());
             let shared = Shared::new(&r.options, before.as_ref(), &mut made, capacity).map_err(|e| format!("route {}: {e}", r.matcher))?;

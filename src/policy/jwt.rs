@@ -399,6 +399,44 @@ mod tests {
     }
 
     #[test]
+    fn eddsa_and_rs256_from_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        std::fs::write(dir.path().join("ed.pem"), kp.public_key_pem()).unwrap();
+        let v = JwtVerifier::new(settings(KeySource::Pem(dir.path().join("ed.pem")))).unwrap();
+        let key = EncodingKey::from_ed_pem(kp.serialize_pem().as_bytes()).unwrap();
+        let token = encode(&Header::new(Algorithm::EdDSA), &claims(serde_json::json!({})), &key).unwrap();
+        assert!(v.check(Some(&token)).is_ok());
+        // RSA keys come from the openssl command (rcgen makes no RSA keys with ring).
+        let rsa = dir.path().join("rsa.pem");
+        let made = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+            .arg(&rsa)
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            // Counted as skipped by scripts/test.sh, like the integration tests' skips.
+            return eprintln!("policy::jwt::tests::eddsa_and_rs256_from_pem skipped: no openssl to make an RSA key");
+        }
+        let public = dir.path().join("rsa.pub.pem");
+        let extracted = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&rsa)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .unwrap();
+        assert!(extracted.success());
+        let v = JwtVerifier::new(settings(KeySource::Pem(public))).unwrap();
+        let key = EncodingKey::from_rsa_pem(&std::fs::read(&rsa).unwrap()).unwrap();
+        let token = encode(&Header::new(Algorithm::RS256), &claims(serde_json::json!({})), &key).unwrap();
+        assert!(v.check(Some(&token)).is_ok());
+        // RS256 only by default for an RSA key: PS256 (not listed) is refused.
+        let ps = encode(&Header::new(Algorithm::PS256), &claims(serde_json::json!({})), &key).unwrap();
+        assert!(v.check(Some(&ps)).is_err());
+    }
+
+    #[test]
     fn a_changed_key_file_is_read_again_and_a_broken_one_keeps_the_old_keys() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("s");

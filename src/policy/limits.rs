@@ -39,11 +39,11 @@ struct Entry {
 }
 
 /// Counters per client address in a fixed table: O(1) per handshake, and memory that does not
-/// grow with the number of addresses. An address has two candidate slots (keyed hashes, so a
-/// client cannot aim at another's slots); it takes a slot that holds it, or one whose counters
-/// have gone back to nothing (no session, a full bucket). When both hold other live addresses,
-/// which takes a flood of more addresses than the table has slots, it shares the first: the
-/// limits then count the two together, so the table fails closed, never open.
+/// grow with the number of addresses. An address has [`PROBES`] candidate slots (a keyed hash,
+/// so a client cannot aim at another's slots); it takes a slot that holds it, or the first whose
+/// counters have gone back to nothing (no session, a full bucket). When all hold other live
+/// addresses, which takes a flood of more addresses than the table has room for, it shares the
+/// first: the limits then count them together, so the table fails closed, never open.
 #[derive(Debug)]
 pub struct PerAddress {
     limits: AddressLimits,
@@ -74,6 +74,11 @@ impl Drop for AddressSlot {
         }
     }
 }
+
+/// Slots an address may take. At a table filled to a third by live addresses (the default size
+/// is four times `max_connections`, and most connections' addresses differ), all eight are taken
+/// by others for one new address in 7,000; only then are counts shared.
+const PROBES: usize = 8;
 
 impl PerAddress {
     /// A table of `capacity` slots (rounded up to a power of two, at least 1,024).
@@ -167,7 +172,10 @@ impl PerAddress {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let mask = slots.len() - 1;
         let h = self.hasher.hash_one(ip);
-        let candidates = [h as usize & mask, (h >> 32) as usize & mask];
+        // Double hashing: PROBES slots, a stride apart (odd, so every slot of the power-of-two
+        // table can be reached).
+        let (start, stride) = (h as usize, ((h >> 32) as usize) | 1);
+        let candidates: [usize; PROBES] = std::array::from_fn(|i| start.wrapping_add(i.wrapping_mul(stride)) & mask);
         let refill = |e: &mut Entry| {
             if let Some(rate) = self.limits.rate {
                 let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();

@@ -658,7 +658,7 @@ impl Live {
     fn from_config(config: &Config, previous: Option<&Live>) -> Result<Live, BridgeError> {
         config.check()?;
         let routes = RouteTable::from_config(config, previous.map(|p| &p.routes)).map_err(BridgeError::Tokens)?;
-        let capacity = config.limits.max_connections.saturating_mul(2);
+        let capacity = config.limits.max_connections.saturating_mul(4);
         let proxy_headers = config
             .routes
             .iter()

@@ -247,3 +247,54 @@ async fn no_input_a_client_controls_reaches_a_target_off_the_allow_list() {
     assert_eq!(reached.load(Ordering::SeqCst), 0, "a request reached the target off the allow-list");
     b.stop().await;
 }
+
+/// A flood from many addresses (300 loopback addresses, three new sessions each, at once) against
+/// caps per address: each address gets exactly its two sessions and a 429 for the third,
+/// whatever the others do. The rate is printed (BENCHMARKS.md reports it), not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_many_addresses_meets_the_caps_of_each() {
+    const ADDRS: u32 = 300;
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_sessions_per_ip = 2\nnew_sessions_per_ip = 0.5\nnew_sessions_burst = 2\n\
+         [[route]]\npath = \"*\"\ntarget = \"{backend}\"\n"
+    );
+    let config = wsbridge::config::Config::from_toml(&text, &dir.path().join("w.toml")).unwrap();
+    let b = TestBridge::start(config).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..ADDRS {
+        let addr = b.addr;
+        // 127.1.x.y: every one a client address of its own on the loopback.
+        let ip = std::net::Ipv4Addr::from(0x7f01_0000 + i + 1);
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut statuses = Vec::new();
+            for _ in 0..3 {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind((ip, 0).into()).unwrap();
+                let mut s = socket.connect(addr).await.unwrap();
+                s.write_all(&upgrade_request("/", "")).await.unwrap();
+                let mut head = vec![0u8; 1024];
+                let n = s.read(&mut head).await.unwrap();
+                statuses.push(status_of(&String::from_utf8_lossy(&head[..n])));
+                held.push(s);
+            }
+            statuses
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        let statuses = within("every address's three attempts", t).await.unwrap();
+        assert_eq!(statuses, [101, 101, 429], "one address's answers");
+        admitted += 2;
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "flood: {} handshakes from {ADDRS} addresses in {elapsed:?} ({:.0}/s), {admitted} admitted, {ADDRS} refused with 429",
+        ADDRS * 3,
+        f64::from(ADDRS * 3) / elapsed.as_secs_f64()
+    );
+    b.stop().await;
+}
