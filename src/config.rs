@@ -520,6 +520,9 @@ impl ListenerConfig {
         if !a.trusted_proxies.is_empty() {
             let list: Vec<String> = a.trusted_proxies.iter().map(|n| toml_str(&n.to_string())).collect();
             let _ = write!(out, ", trusted_proxies = [{}]", list.join(", "));
+            if !a.proxy_protocol {
+                let _ = write!(out, ", forwarded_header = \"{}\"", a.forwarded_header);
+            }
         }
         if let Some(tls) = &self.tls {
             let _ = write!(
@@ -751,6 +754,8 @@ struct RawListener {
     proxy_protocol: bool,
     #[serde(default)]
     trusted_proxies: Vec<policy::NetDe>,
+    #[serde(default)]
+    forwarded_header: crate::policy::ForwardedHeader,
 }
 
 #[derive(Deserialize)]
@@ -958,13 +963,6 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             }
         }
         let tls = l.tls.map(|t| t.resolve(ctx));
-        if l.proxy_protocol && !l.trusted_proxies.is_empty() {
-            return ctx.invalid(
-                span,
-                format!("listen[{i}].trusted_proxies"),
-                "a PROXY protocol listener takes the client from the PROXY header; trusted_proxies is for X-Forwarded-For",
-            );
-        }
         listeners.push(ListenerConfig {
             addr: l.addr.0,
             web,
@@ -976,6 +974,7 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
                 origins: l.origins.map(|o| o.into_iter().map(|r| r.0).collect()),
                 proxy_protocol: l.proxy_protocol,
                 trusted_proxies: l.trusted_proxies.into_iter().map(|n| n.0).collect(),
+                forwarded_header: l.forwarded_header,
             },
         });
     }

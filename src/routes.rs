@@ -69,7 +69,7 @@ impl Shared {
             .policy
             .auth
             .as_ref()
-            .map(|a| Authenticator::from_settings(a).map(Arc::new))
+            .map(|a| a.authenticator().map(Arc::new))
             .transpose()
             .map_err(|e| format!("auth: {e}"))?;
         Ok(Shared {
@@ -281,7 +281,7 @@ impl RouteTable {
 
     /// Whether a token in the query can select a route: an inline token route, or a token
     /// source with `lookup = "query"`.
-    fn takes_query_tokens(&self) -> bool {
+    pub fn takes_query_tokens(&self) -> bool {
         !self.tokens.is_empty() || !self.jwt_sources.is_empty() || self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 

@@ -44,9 +44,11 @@ pub struct ListenerAccess {
     /// Every connection starts with a PROXY protocol header (v1 or v2) from a load balancer;
     /// one without is refused.
     pub proxy_protocol: bool,
-    /// Connections from these ranges may name the real client in `X-Forwarded-For` or
-    /// `Forwarded`.
+    /// Connections from these ranges may name the real client in `forwarded_header`; on a
+    /// PROXY protocol listener, only these may send the PROXY header.
     pub trusted_proxies: Vec<IpNet>,
+    /// Which header names the client: the one the proxies in front append to.
+    pub forwarded_header: crate::policy::ForwardedHeader,
 }
 
 /// How a route authenticates.
@@ -72,6 +74,21 @@ impl fmt::Debug for AuthSettings {
 }
 
 impl AuthSettings {
+    /// The authenticator these settings describe, with its files read.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds nothing usable, named with its problem.
+    pub fn authenticator(&self) -> Result<crate::policy::auth::Authenticator, String> {
+        use crate::policy::auth::{Authenticator, BasicUsers, BearerTokens};
+        Ok(match self {
+            AuthSettings::Bearer(tokens) => Authenticator::Bearer(BearerTokens::new(tokens)?),
+            AuthSettings::BearerFile(path) => Authenticator::Bearer(BearerTokens::from_file(path)?),
+            AuthSettings::Htpasswd(path) => Authenticator::Basic(BasicUsers::htpasswd(path)?),
+            AuthSettings::BasicUser(user_pass) => Authenticator::Basic(BasicUsers::single(user_pass)?),
+            AuthSettings::Jwt(jwt) => Authenticator::Jwt(crate::policy::jwt::JwtVerifier::new(jwt.clone())?),
+        })
+    }
+
     /// For `wsbridge check` and logs: the kind and file, never a secret.
     pub fn describe(&self) -> String {
         match self {

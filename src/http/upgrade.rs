@@ -150,6 +150,11 @@ fn refuse<'w>(status: StatusCode, body: &'static str, reason: String) -> Decisio
 /// A policy's refusal as an answer: its public text for the client, its detail (with the
 /// route's name) for the log, and the header it calls for.
 fn refused<'w>(route: &Route, r: Refusal, challenge: Option<&'static str>) -> Decision<'w> {
+    answer_refusal(&route.name, r, challenge)
+}
+
+/// [`refused`] where `what` names the stage (a route's name, or "token lookup").
+fn answer_refusal<'w>(what: &str, r: Refusal, challenge: Option<&'static str>) -> Decision<'w> {
     let mut headers = Vec::new();
     if let Some(secs) = r.retry_after {
         headers.push((header::RETRY_AFTER, HeaderValue::from(secs)));
@@ -159,7 +164,7 @@ fn refused<'w>(route: &Route, r: Refusal, challenge: Option<&'static str>) -> De
     }
     Decision::Reject {
         status: r.status,
-        reason: format!("{}: {}", route.name, r.detail),
+        reason: format!("{what}: {}", r.detail),
         body: Some(r.public),
         headers,
     }
@@ -252,8 +257,21 @@ async fn decide<'w>(
         _ => return reject(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"),
     };
     // From here on the details (a route's name, a token, a path) are for the log, not the client.
+    // A token in the query is a credential too: guessing one is charged to the address like a
+    // wrong password, and a right one costs nothing.
+    let names_token = routes.takes_query_tokens() && crate::routes::query_token(request.uri().query()).is_some();
+    if names_token {
+        if let Err(r) = ctx.failures.try_charge(ctx.client) {
+            return answer_refusal("token lookup", r, None);
+        }
+    }
     let route = match routes.lookup(&request).await {
-        Ok(route) => route,
+        Ok(route) => {
+            if names_token {
+                ctx.failures.refund(ctx.client);
+            }
+            route
+        }
         Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
         Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
         Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
@@ -292,15 +310,24 @@ async fn decide<'w>(
     let authenticated = match &route.auth {
         None => None,
         Some(auth) => {
-            if let Err(r) = ctx.failures.may_try(ctx.client) {
+            // Where `?token=` picks the route it is not also a password.
+            let creds = Credentials::of(headers, request.uri().query(), !routes.takes_query_tokens());
+            if creds.is_empty() {
+                // A browser's first request, or a client that has none: asked for them, not
+                // charged (the real user must not find the budget spent).
+                return refused(&route, crate::policy::auth::unauthorized("no credentials"), Some(auth.challenge()));
+            }
+            // Charged before the check and refunded when right: parallel guesses cannot all
+            // start before the first failure counts.
+            if let Err(r) = ctx.failures.try_charge(ctx.client) {
                 return refused(&route, r, None);
             }
-            match auth.check(&Credentials::of(headers, request.uri().query())).await {
-                Ok(who) => Some(who),
-                Err(r) => {
-                    ctx.failures.failed(ctx.client);
-                    return refused(&route, r, Some(auth.challenge()));
+            match auth.check(&creds).await {
+                Ok(who) => {
+                    ctx.failures.refund(ctx.client);
+                    Some(who)
                 }
+                Err(r) => return refused(&route, r, Some(auth.challenge())),
             }
         }
     };

@@ -64,8 +64,9 @@ impl std::fmt::Debug for Credentials {
 pub const BEARER_SUBPROTOCOL: &str = "bearer.";
 
 impl Credentials {
-    /// Finds the credentials in a request's headers and query.
-    pub fn of(headers: &HeaderMap, query: Option<&str>) -> Credentials {
+    /// Finds the credentials in a request's headers and query; the query's `token` parameter
+    /// counts only when `token_in_query` (where it does not pick a route), `access_token` always.
+    pub fn of(headers: &HeaderMap, query: Option<&str>, token_in_query: bool) -> Credentials {
         let mut found = Credentials::default();
         for value in headers.get_all(header::AUTHORIZATION).iter().filter_map(|v| v.to_str().ok()) {
             let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
@@ -88,13 +89,25 @@ impl Credentials {
         if found.bearer.is_none() {
             if let Some(q) = query {
                 let pairs: Vec<_> = form_urlencoded::parse(q.as_bytes()).collect();
-                found.bearer = ["access_token", "token"]
+                let names: &[&str] = if token_in_query {
+                    &["access_token", "token"]
+                } else {
+                    &["access_token"]
+                };
+                found.bearer = names
                     .iter()
                     .find_map(|name| pairs.iter().find(|(k, _)| k == name))
                     .map(|(_, v)| v.clone().into_owned());
             }
         }
         found
+    }
+}
+
+impl Credentials {
+    /// Whether the request carries none.
+    pub fn is_empty(&self) -> bool {
+        self.bearer.is_none() && self.basic.is_none()
     }
 }
 
@@ -118,21 +131,6 @@ pub enum Authenticator {
 }
 
 impl Authenticator {
-    /// The authenticator a route's settings describe, with its files read.
-    ///
-    /// # Errors
-    /// A file that cannot be read or holds nothing usable, named with its problem.
-    pub fn from_settings(settings: &crate::config::policy::AuthSettings) -> Result<Authenticator, String> {
-        use crate::config::policy::AuthSettings;
-        Ok(match settings {
-            AuthSettings::Bearer(tokens) => Authenticator::Bearer(BearerTokens::new(tokens)?),
-            AuthSettings::BearerFile(path) => Authenticator::Bearer(BearerTokens::from_file(path)?),
-            AuthSettings::Htpasswd(path) => Authenticator::Basic(BasicUsers::htpasswd(path)?),
-            AuthSettings::BasicUser(user_pass) => Authenticator::Basic(BasicUsers::single(user_pass)?),
-            AuthSettings::Jwt(jwt) => Authenticator::Jwt(super::jwt::JwtVerifier::new(jwt.clone())?),
-        })
-    }
-
     /// Checks a request's credentials. Blocking work (bcrypt) runs on the blocking pool.
     ///
     /// # Errors
@@ -261,6 +259,9 @@ enum Password {
     Plain(Digest),
 }
 
+/// bcrypt checks that may run at once, over the whole process.
+static BCRYPT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// How long a passed bcrypt check is remembered.
 const VERIFIED_FOR: Duration = Duration::from_secs(60);
 /// The most remembered checks.
@@ -325,6 +326,7 @@ impl BasicUsers {
         let ok = match self.users.get(user) {
             None => {
                 // The same work as for a known user, so timing does not tell which users exist.
+                let _permit = BCRYPT.acquire().await;
                 let _ = tokio::task::spawn_blocking(|| bcrypt::verify("x", dummy_hash())).await;
                 false
             }
@@ -339,6 +341,9 @@ impl BasicUsers {
                     true
                 } else {
                     let (hash, pass) = (hash.clone(), pass.clone());
+                    // A few hashes at a time: each is tens of milliseconds of CPU, and a burst of
+                    // logins must not take every core from the sessions.
+                    let _permit = BCRYPT.acquire().await;
                     let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pass, &hash).unwrap_or(false))
                         .await
                         .unwrap_or(false);
@@ -388,13 +393,13 @@ mod tests {
 
     #[test]
     fn credentials_come_from_header_subprotocol_or_query() {
-        let c = Credentials::of(&headers(&[("authorization", "Bearer abc")]), None);
+        let c = Credentials::of(&headers(&[("authorization", "Bearer abc")]), None, true);
         assert_eq!(c.bearer.as_deref(), Some("abc"));
-        let c = Credentials::of(&headers(&[("sec-websocket-protocol", "binary, bearer.xyz")]), None);
+        let c = Credentials::of(&headers(&[("sec-websocket-protocol", "binary, bearer.xyz")]), None, true);
         assert_eq!(c.bearer.as_deref(), Some("xyz"));
-        let c = Credentials::of(&HeaderMap::new(), Some("a=1&access_token=q%2B1"));
+        let c = Credentials::of(&HeaderMap::new(), Some("a=1&access_token=q%2B1"), true);
         assert_eq!(c.bearer.as_deref(), Some("q+1"));
-        let c = Credentials::of(&headers(&[("authorization", "Basic YWxpY2U6czNjcjN0OmV4dHJh")]), None);
+        let c = Credentials::of(&headers(&[("authorization", "Basic YWxpY2U6czNjcjN0OmV4dHJh")]), None, true);
         assert_eq!(c.basic, Some(("alice".into(), "s3cr3t:extra".into())));
         assert!(format!("{c:?}").contains("alice") && !format!("{c:?}").contains("s3cr3t"));
     }

@@ -145,9 +145,9 @@ impl JwtVerifier {
             validation.set_issuer(&this.settings.issuers);
             validation.required_spec_claims.insert("iss".into());
         }
-        if this.settings.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
+        // With no audience configured, `aud` stays checked: a token minted for another service
+        // (it names an audience) is refused.
+        if !this.settings.audiences.is_empty() {
             validation.set_audience(&this.settings.audiences);
             validation.required_spec_claims.insert("aud".into());
         }
@@ -396,6 +396,24 @@ mod tests {
         assert!(v
             .check(Some(&encode(&header, &claims(serde_json::json!({})), &key).unwrap()))
             .is_err());
+    }
+
+    #[test]
+    fn with_no_audience_configured_a_token_for_another_audience_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "0123456789abcdef0123456789abcdef";
+        std::fs::write(dir.path().join("s"), secret).unwrap();
+        let v = JwtVerifier::new(JwtSettings {
+            audiences: Vec::new(),
+            ..settings(KeySource::Secret(dir.path().join("s")))
+        })
+        .unwrap();
+        let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+        let sign = |c: serde_json::Value| encode(&Header::default(), &c, &key).unwrap();
+        let mut no_aud = claims(serde_json::json!({}));
+        no_aud.as_object_mut().unwrap().remove("aud");
+        assert!(v.check(Some(&sign(no_aud))).is_ok());
+        assert!(v.check(Some(&sign(claims(serde_json::json!({"aud": "billing"}))))).is_err());
     }
 
     #[test]

@@ -31,7 +31,8 @@ impl AddressLimits {
 /// One address's counters.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    ip: IpAddr,
+    /// The address (an IPv6 address's /64, see `key_of`).
+    key: IpAddr,
     sessions: u32,
     /// Tokens in the bucket when last refilled.
     tokens: f64,
@@ -42,13 +43,15 @@ struct Entry {
 /// grow with the number of addresses. An address has [`PROBES`] candidate slots (a keyed hash,
 /// so a client cannot aim at another's slots); it takes a slot that holds it, or the first whose
 /// counters have gone back to nothing (no session, a full bucket). When all hold other live
-/// addresses, which takes a flood of more addresses than the table has room for, it shares the
-/// first: the limits then count them together, so the table fails closed, never open.
+/// addresses, which takes a flood of more addresses than the table has room for, the newcomer
+/// goes uncounted (see `with_entry`). IPv6 addresses count by their /64.
 #[derive(Debug)]
 pub struct PerAddress {
     limits: AddressLimits,
     slots: Mutex<Vec<Option<Entry>>>,
     hasher: RandomState,
+    /// When the table last said it was full.
+    overflow_logged: Mutex<Option<Instant>>,
 }
 
 /// A session's place in [`PerAddress`]; given back on drop.
@@ -60,15 +63,14 @@ pub struct AddressSlot {
 
 /// Whole seconds until a bucket holding `tokens` has one again at `rate` per second (at least 1).
 fn retry_after(tokens: f64, rate: f64) -> u64 {
-    Duration::from_secs_f64(((1.0 - tokens) / rate).max(0.0))
-        .as_secs_f64()
-        .ceil()
-        .max(1.0) as u64
+    // Clamped: a tiny configured rate must not overflow (a day is the most said).
+    ((1.0 - tokens) / rate).clamp(1.0, 86_400.0).ceil() as u64
 }
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
         let mut slots = self.table.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // An uncounted session (`index` past the table) has nothing to give back.
         if let Some(e) = slots.get_mut(self.index).and_then(Option::as_mut) {
             e.sessions = e.sessions.saturating_sub(1);
         }
@@ -88,6 +90,7 @@ impl PerAddress {
             limits,
             slots: Mutex::new(vec![None; n]),
             hasher: RandomState::new(),
+            overflow_logged: Mutex::new(None),
         })
     }
 
@@ -106,13 +109,13 @@ impl PerAddress {
 
     fn enter_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<AddressSlot, Refusal> {
         let limits = self.limits;
-        let index = self.with_entry(ip, now, |entry, burst| {
+        let counted = self.with_entry(ip, now, |entry, burst| {
             if let Some(max) = limits.max_sessions {
                 if entry.sessions >= max {
                     return Err(Refusal {
                         status: StatusCode::TOO_MANY_REQUESTS,
                         public: "too many sessions from your address",
-                        detail: format!("client {} has {} sessions open (max {max} per address)", entry.ip, entry.sessions),
+                        detail: format!("client {} has {} sessions open (max {max} per address)", entry.key, entry.sessions),
                         retry_after: Some(5),
                     });
                 }
@@ -122,7 +125,7 @@ impl PerAddress {
                     return Err(Refusal {
                         status: StatusCode::TOO_MANY_REQUESTS,
                         public: "too many new sessions from your address",
-                        detail: format!("client {} is over its rate of new sessions ({rate}/s, burst {burst})", entry.ip),
+                        detail: format!("client {} is over its rate of new sessions ({rate}/s, burst {burst})", entry.key),
                         retry_after: Some(retry_after(entry.tokens, rate)),
                     });
                 }
@@ -131,32 +134,59 @@ impl PerAddress {
             entry.sessions += 1;
             Ok(())
         });
-        let (index, entered) = index;
-        entered.map(|()| AddressSlot {
-            table: self.clone(),
-            index,
-        })
+        match counted {
+            Some((index, entered)) => entered.map(|()| AddressSlot {
+                table: self.clone(),
+                index,
+            }),
+            // The table is full of live addresses: admitted uncounted (see `with_entry`).
+            None => Ok(AddressSlot {
+                table: self.clone(),
+                index: usize::MAX,
+            }),
+        }
     }
 
-    /// Whether `ip` may try to authenticate now: its bucket of failures is not empty. Used with
-    /// [`PerAddress::failed`] on a table whose `rate` is the failures forgiven per second.
+    /// Takes one attempt from `ip`'s budget of authentication attempts before its credentials
+    /// are checked, so that parallel guesses cannot all start before the first failure counts;
+    /// [`PerAddress::refund`] gives it back when they were right. Used on a table whose `rate`
+    /// is the failures forgiven per second and whose `burst` the failures allowed at once.
     ///
     /// # Errors
-    /// A 429 [`Refusal`] with `Retry-After`.
-    pub fn may_try(&self, ip: IpAddr) -> Result<(), Refusal> {
+    /// A 429 [`Refusal`] with `Retry-After` when the budget is spent.
+    pub fn try_charge(&self, ip: IpAddr) -> Result<(), Refusal> {
         let rate = self.limits.rate.unwrap_or(1.0);
         self.with_entry(ip, Instant::now(), |entry, _| {
             if entry.tokens < 1.0 {
                 return Err(Refusal {
                     status: StatusCode::TOO_MANY_REQUESTS,
                     public: "too many failed attempts",
-                    detail: format!("client {} failed to authenticate too often; slowed down", entry.ip),
+                    detail: format!("client {} failed too often; slowed down", entry.key),
                     retry_after: Some(retry_after(entry.tokens, rate)),
                 });
             }
+            entry.tokens -= 1.0;
             Ok(())
         })
-        .1
+        .map_or(Ok(()), |(_, r)| r)
+    }
+
+    /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
+    pub fn refund(&self, ip: IpAddr) {
+        let burst = f64::from(self.limits.burst.max(1));
+        self.with_entry(ip, Instant::now(), |entry, _| entry.tokens = (entry.tokens + 1.0).min(burst));
+    }
+
+    /// Whether `ip` may try to authenticate now (its budget is not spent), without taking from
+    /// it: for checks that cannot be raced, which take no time between this and
+    /// [`PerAddress::failed`].
+    ///
+    /// # Errors
+    /// A 429 [`Refusal`] with `Retry-After`.
+    pub fn may_try(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.try_charge(ip)?;
+        self.refund(ip);
+        Ok(())
     }
 
     /// Counts a failed attempt from `ip`.
@@ -164,14 +194,19 @@ impl PerAddress {
         self.with_entry(ip, Instant::now(), |entry, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
     }
 
-    /// Runs `f` on `ip`'s counters, refilled to `now`, and returns the slot's index with `f`'s
-    /// result. `f` also gets the bucket's size.
-    fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> (usize, R) {
-        let ip = ip.to_canonical();
+    /// Runs `f` on the counters of `ip`'s key (the address; an IPv6 address's /64, since one
+    /// host commonly holds a whole /64), refilled to `now`, and returns the slot's index with
+    /// `f`'s result. `f` also gets the bucket's size. `None` when every slot the key may take
+    /// holds another live key: that takes more live addresses than the table has room for (a
+    /// flood from a huge address space); the newcomer is then not counted, rather than counted
+    /// with a stranger (which would let the flood lock out innocent clients), and the bridge's
+    /// own caps (`max_connections`) still hold. Logged, at most once a minute.
+    fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
+        let key = key_of(ip);
         let burst = f64::from(self.limits.burst.max(1));
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let mask = slots.len() - 1;
-        let h = self.hasher.hash_one(ip);
+        let h = self.hasher.hash_one(key);
         // Double hashing: PROBES slots, a stride apart (odd, so every slot of the power-of-two
         // table can be reached).
         let (start, stride) = (h as usize, ((h >> 32) as usize) | 1);
@@ -183,45 +218,76 @@ impl PerAddress {
             }
             e.refilled = now;
         };
-        let mut chosen = None;
+        let mut found = None;
+        let mut free = None;
         for &i in &candidates {
             match &mut slots[i] {
-                Some(e) if e.ip == ip => {
-                    chosen = Some(i);
+                Some(e) if e.key == key => {
+                    found = Some(i);
                     break;
                 }
                 Some(e) => {
                     refill(e);
-                    if chosen.is_none() && e.sessions == 0 && e.tokens >= burst {
-                        chosen = Some(i);
+                    if free.is_none() && e.sessions == 0 && e.tokens >= burst {
+                        free = Some(i);
                     }
                 }
                 None => {
-                    if chosen.is_none() {
-                        chosen = Some(i);
+                    if free.is_none() {
+                        free = Some(i);
                     }
                 }
             }
         }
-        let index = chosen.unwrap_or(candidates[0]);
-        let entry = match &mut slots[index] {
-            Some(e) if e.ip == ip || e.sessions > 0 || e.tokens < burst => e,
-            slot => slot.insert(Entry {
-                ip,
-                sessions: 0,
-                tokens: burst,
-                refilled: now,
-            }),
+        let index = match (found, free) {
+            (Some(i), _) => i,
+            (None, Some(i)) => {
+                slots[i] = Some(Entry {
+                    key,
+                    sessions: 0,
+                    tokens: burst,
+                    refilled: now,
+                });
+                i
+            }
+            (None, None) => {
+                drop(slots);
+                self.overflowed(now);
+                return None;
+            }
         };
+        let entry = slots[index].as_mut()?;
         refill(entry);
-        (index, f(entry, burst))
+        Some((index, f(entry, burst)))
+    }
+
+    /// Logs that the table is full, at most once a minute.
+    fn overflowed(&self, now: Instant) {
+        let mut last = self.overflow_logged.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60)) {
+            *last = Some(now);
+            tracing::warn!(
+                slots = self.slots.lock().map_or(0, |s| s.len()),
+                "the table of counts per client address is full of live addresses: new addresses go uncounted \
+                 (a flood from very many addresses; max_connections still caps the whole)"
+            );
+        }
     }
 
     /// Sessions counted for `ip` now (for tests and the admin view).
     pub fn sessions_of(&self, ip: IpAddr) -> u32 {
-        let ip = ip.to_canonical();
+        let key = key_of(ip);
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.iter().flatten().filter(|e| e.ip == ip).map(|e| e.sessions).sum()
+        slots.iter().flatten().filter(|e| e.key == key).map(|e| e.sessions).sum()
+    }
+}
+
+/// What an address is counted as: an IPv4 address (IPv4-mapped IPv6 included) itself, an IPv6
+/// address its /64.
+fn key_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
     }
 }
 
@@ -295,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_addresses_keeps_the_table_bounded_and_fails_closed() {
+    fn a_flood_of_addresses_keeps_the_table_bounded_and_locks_no_one_out() {
         let t = PerAddress::new(
             AddressLimits {
                 max_sessions: Some(1),
@@ -304,23 +370,54 @@ mod tests {
             1024,
         );
         let mut held = Vec::new();
-        let mut refused = 0;
         for i in 0..5000u32 {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            match t.enter(ip) {
-                Ok(s) => held.push(s),
-                Err(_) => refused += 1,
-            }
+            // Past the table's room the newcomers go uncounted: admitted, not refused for a
+            // stranger's count.
+            held.push((ip, t.enter(ip).expect("a new address is never refused for another's count")));
         }
         assert_eq!(t.slots.lock().unwrap().len(), 1024, "the table never grows");
-        // Each held slot counts one session: never more than the slots.
-        assert!(
-            held.len() <= 1024 && refused >= 5000 - 1024,
-            "held {} refused {refused}",
-            held.len()
-        );
+        let counted: Vec<_> = held.iter().filter(|(_, s)| s.index != usize::MAX).map(|(ip, _)| *ip).collect();
+        assert!(counted.len() > 900, "only {} of 1024 slots used", counted.len());
+        // A counted address is still held to its cap.
+        assert!(t.enter(counted[0]).is_err());
         drop(held);
-        // Once the sessions are gone, new addresses find room again.
         assert!(t.enter("192.0.2.200".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let t = PerAddress::new(
+            AddressLimits {
+                max_sessions: Some(1),
+                ..Default::default()
+            },
+            0,
+        );
+        let _a = t.enter("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(t.enter("2001:db8:1:2:ffff::9".parse().unwrap()).is_err(), "same /64");
+        assert!(t.enter("2001:db8:1:3::1".parse().unwrap()).is_ok(), "another /64");
+    }
+
+    #[test]
+    fn a_charge_is_taken_before_the_check_and_refunded_on_success() {
+        let t = PerAddress::new(
+            AddressLimits {
+                rate: Some(1e-9),
+                burst: 2,
+                ..Default::default()
+            },
+            0,
+        );
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        // Two checks in flight at once spend the budget; a third waits for one to end.
+        t.try_charge(a).unwrap();
+        t.try_charge(a).unwrap();
+        let r = t.try_charge(a).unwrap_err();
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        // A tiny rate's Retry-After is capped at a day (no overflow).
+        assert_eq!(r.retry_after, Some(86_400));
+        t.refund(a);
+        t.try_charge(a).unwrap();
     }
 }

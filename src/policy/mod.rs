@@ -25,7 +25,7 @@ use std::net::IpAddr;
 use http::StatusCode;
 use ipnet::IpNet;
 
-pub use forwarded::client_address;
+pub use forwarded::{client_address, ForwardedHeader};
 pub use limits::{AddressLimits, AddressSlot, PerAddress};
 pub use origin::{split_authority, Origin, OriginPolicy, OriginRule};
 

@@ -234,16 +234,39 @@ impl OriginPolicy {
             OriginRule::Subdomains { scheme, suffix, port } => {
                 *scheme == o.scheme && *port == o.port && o.host.len() > suffix.len() && o.host.ends_with(suffix.as_str())
             }
-            OriginRule::SameOrigin => host
-                .and_then(split_authority)
-                .is_some_and(|(h, p)| h.eq_ignore_ascii_case(&o.host) && p.unwrap_or(if secure { 443 } else { 80 }) == o.port),
+            OriginRule::SameOrigin => host.and_then(split_authority).is_some_and(|(h, p)| {
+                h.eq_ignore_ascii_case(&o.host) && p.unwrap_or(if secure { 443 } else { 80 }) == o.port && rebinding_proof(h, secure)
+            }),
         });
         if admitted {
-            Ok(())
-        } else {
-            Err(refused())
+            return Ok(());
         }
+        let named_itself = self.rules.contains(&OriginRule::SameOrigin)
+            && host
+                .and_then(split_authority)
+                .is_some_and(|(h, _)| h.eq_ignore_ascii_case(&o.host) && !rebinding_proof(h, secure));
+        if named_itself {
+            return Err(Refusal::forbidden(
+                "origin not allowed",
+                format!(
+                    "origin {:?}: same-origin over plain ws:// admits only IP addresses and localhost, as a name may be DNS \
+                     rebinding; list the origin in `origins` (or --origin), or serve wss://",
+                    clip(origin)
+                ),
+            ));
+        }
+        Err(refused())
     }
+}
+
+/// Whether a `Host` that equals the `Origin` proves the page came from this bridge. Over TLS it
+/// does: the browser checked the bridge's certificate for that name. Over plain ws:// a name
+/// does not: a page on evil.example whose name an attacker re-points at the bridge's address
+/// (DNS rebinding) sends `Origin: http://evil.example` and `Host: evil.example`, equal. An IP
+/// literal or `localhost` cannot be re-pointed; other plain names must be listed as origins.
+fn rebinding_proof(host: &str, secure: bool) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    secure || host.parse::<std::net::IpAddr>().is_ok() || host == "localhost" || host.ends_with(".localhost")
 }
 
 /// At most 200 characters of a peer's text, for a log line.
@@ -298,18 +321,18 @@ mod tests {
     #[test]
     fn same_origin_compares_host_and_port() {
         let p = OriginPolicy::same_origin();
-        assert!(p
-            .check(Some("http://bridge.example:6080"), Some("bridge.example:6080"), false)
-            .is_ok());
+        assert!(p.check(Some("http://127.0.0.1:6080"), Some("127.0.0.1:6080"), false).is_ok());
+        assert!(p.check(Some("http://localhost:6080"), Some("localhost:6080"), false).is_ok());
         assert!(p.check(Some("https://Bridge.Example"), Some("bridge.example"), true).is_ok());
         assert!(p.check(Some("http://[::1]:6080"), Some("[::1]:6080"), false).is_ok());
-        assert!(p
-            .check(Some("http://bridge.example:6081"), Some("bridge.example:6080"), false)
-            .is_err());
+        assert!(p.check(Some("http://127.0.0.1:6081"), Some("127.0.0.1:6080"), false).is_err());
         assert!(p.check(Some("https://evil.test"), Some("bridge.example"), true).is_err());
-        assert!(p.check(Some("http://bridge.example"), None, false).is_err());
+        assert!(p.check(Some("http://127.0.0.1"), None, false).is_err());
         // The Host's port defaults by the connection's scheme.
         assert!(p.check(Some("https://bridge.example"), Some("bridge.example"), false).is_err());
+        // Over plain ws:// a name proves nothing (DNS rebinding: evil.example re-pointed at the
+        // bridge sends Origin and Host both evil.example): only IP literals and localhost.
+        assert!(p.check(Some("http://evil.example:6080"), Some("evil.example:6080"), false).is_err());
     }
 
     #[test]

@@ -298,6 +298,11 @@ impl Bridge {
             secure: false,
         };
         if listener.config.access.proxy_protocol {
+            let trusted = &listener.config.access.trusted_proxies;
+            if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&peer.client.ip().to_canonical())) {
+                // Only the load balancers may say who the client is.
+                return warn!("connection refused: PROXY protocol header from a peer not in trusted_proxies");
+            }
             match tokio::time::timeout_at(deadline, crate::proxy::read_header(&mut stream)).await {
                 Ok(Ok(client)) => peer.client = client.unwrap_or(peer.client),
                 Ok(Err(e)) => return warn!(error = %e, "connection refused: bad PROXY protocol header"),
@@ -394,9 +399,14 @@ impl Bridge {
             },
         };
         let access = &listener.config.access;
-        if !access.trusted_proxies.is_empty() {
+        if !access.trusted_proxies.is_empty() && !access.proxy_protocol {
             if let Ok((request, _)) = &head {
-                let ip = crate::policy::client_address(peer.client.ip(), request.headers(), &access.trusted_proxies);
+                let ip = crate::policy::client_address(
+                    peer.client.ip(),
+                    request.headers(),
+                    &access.trusted_proxies,
+                    access.forwarded_header,
+                );
                 if ip != peer.client.ip() {
                     // The port the client used is the proxy's to know.
                     peer.client = SocketAddr::new(ip, 0);

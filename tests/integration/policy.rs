@@ -280,12 +280,11 @@ async fn forwarded_headers_count_only_on_a_listener_that_trusts_the_proxy() {
         "forbidden",
         None,
     );
-    refused(
-        &ask(trusting.addr, "/r", "Forwarded: for=203.0.113.9;proto=https\r\n").await,
-        403,
-        "forbidden",
-        None,
-    );
+    // Only the header the proxies append to counts (X-Forwarded-For by default): a client's own
+    // Forwarded passes through them untouched and names nobody.
+    assert!(ask(trusting.addr, "/r", "Forwarded: for=203.0.113.9;proto=https\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
     assert!(ask(trusting.addr, "/r", "X-Forwarded-For: 198.51.100.1\r\n")
         .await
         .starts_with("HTTP/1.1 101"));
@@ -297,6 +296,21 @@ async fn forwarded_headers_count_only_on_a_listener_that_trusts_the_proxy() {
         None,
     );
     trusting.stop().await;
+    let (rfc, _) = bridge(
+        &format!("[[listen]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\nforwarded_header = \"forwarded\"\n{routes}"),
+        dir.path(),
+    )
+    .await;
+    refused(
+        &ask(rfc.addr, "/r", "Forwarded: for=203.0.113.9;proto=https\r\n").await,
+        403,
+        "forbidden",
+        None,
+    );
+    assert!(ask(rfc.addr, "/r", "X-Forwarded-For: 203.0.113.9\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    rfc.stop().await;
     // Where the peer is not a trusted proxy, the header is the client's own word: ignored.
     let (plain, _) = bridge(routes, dir.path()).await;
     assert!(ask(plain.addr, "/r", "X-Forwarded-For: 203.0.113.9\r\n")
@@ -601,4 +615,91 @@ async fn jwt_token_api_on_the_command_line() {
     let (mut ws, _) = ws_connect(&format!("ws://{}/websockify?token={token}", b.addr), None).await;
     send_bin(&mut ws, b"cli jwt").await;
     assert_eq!(recv_data(&mut ws).await, b"cli jwt");
+}
+
+/// The attacks a review found, each closed: guesses in parallel, a budget spent by clients that
+/// sent no credentials, tokens guessed in the query, a PROXY header from a peer that is not the
+/// balancer, and DNS rebinding against same-origin.
+#[tokio::test]
+async fn guesses_in_parallel_tokens_guessed_and_rebinding_are_stopped() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("right", 4).unwrap();
+    std::fs::write(dir.path().join("users"), format!("alice:{hash}\n")).unwrap();
+    std::fs::write(dir.path().join("tokens"), "known: 127.0.0.1:9\n").unwrap();
+    let (b, _) = bridge(
+        "[[route]]\npath = \"/b\"\ntarget = \"BACKEND\"\nauth = { htpasswd = \"users\" }\n\
+         [[route]]\npath = \"/same\"\ntarget = \"BACKEND\"\n[[tokens]]\nsource = \"tokens\"\n",
+        dir.path(),
+    )
+    .await;
+    let basic = |p: &str| {
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("alice:{p}"))
+        )
+    };
+    // A client without credentials is asked for them, not charged: fifteen of those, then the
+    // right password still works.
+    for _ in 0..15 {
+        refused(
+            &ask(b.addr, "/b", "").await,
+            401,
+            "authentication required",
+            Some("www-authenticate: basic"),
+        );
+    }
+    assert!(ask(b.addr, "/b", &basic("right")).await.starts_with("HTTP/1.1 101"));
+    // Twenty wrong guesses at once: the budget (ten) is taken before each check, so no more
+    // than ten are checked, whatever the timing.
+    let wrong = basic("wrong");
+    let guesses: Vec<_> = (0..20).map(|_| ask(b.addr, "/b", &wrong)).collect();
+    let answers = futures_util::future::join_all(guesses).await;
+    let checked = answers.iter().filter(|a| status_of(a) == 401).count();
+    let slowed = answers.iter().filter(|a| status_of(a) == 429).count();
+    assert_eq!((checked, slowed), (10, 10), "{answers:?}");
+    b.stop().await;
+
+    // Tokens guessed in the query are charged like passwords.
+    let (b, _) = bridge(
+        "[[tokens]]\nsource = \"tokens\"\n[[route]]\npath = \"/same\"\ntarget = \"BACKEND\"\n",
+        dir.path(),
+    )
+    .await;
+    for i in 0..10 {
+        refused(&ask(b.addr, &format!("/?token=guess{i}"), "").await, 404, "unknown token", None);
+    }
+    refused(
+        &ask(b.addr, "/?token=guess10", "").await,
+        429,
+        "too many failed attempts",
+        Some("retry-after: "),
+    );
+    // Same-origin over plain ws://: a name in Host proves nothing (DNS rebinding), an address does.
+    let port = b.addr.port();
+    let rebinding = format!("Origin: http://evil.example:{port}\r\n");
+    let request = format!(
+        "GET /same HTTP/1.1\r\nHost: evil.example:{port}\r\n{rebinding}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    refused(&http_raw(b.addr, request.as_bytes()).await, 403, "origin not allowed", None);
+    b.stop().await;
+
+    // A PROXY header from a peer outside trusted_proxies is not believed: the connection is closed.
+    let text = "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"192.0.2.0/24\"]\n\
+                [[route]]\npath = \"/p\"\ntarget = \"127.0.0.1:9\"\n";
+    let b = TestBridge::start(Config::from_toml(text, &dir.path().join("p.toml")).unwrap()).await;
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    let _ = s
+        .write_all(&wsbridge::proxy::header(
+            wsbridge::proxy::Version::V2,
+            "198.51.100.1:1".parse().unwrap(),
+            b.addr,
+        ))
+        .await;
+    let _ = s.write_all(&upgrade_request("/p", "")).await;
+    let mut rest = Vec::new();
+    let _ = within("close", s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    b.stop().await;
 }
