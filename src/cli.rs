@@ -602,6 +602,9 @@ impl RunArgs {
             let target = match (self.target, self.unix_target) {
                 (Some(t), _) => t.parse::<Target>().map_err(usage)?,
                 (None, Some(_)) if self.ssl_target => return Err(usage("--ssl-target is for TCP targets, not --unix-target".into())),
+                (None, Some(_)) if cfg!(windows) => {
+                    return Err(usage(format!("--unix-target: {}", crate::platform::UNIX_SOCKETS_UNAVAILABLE)))
+                }
                 (None, Some(p)) => Target::Unix(p),
                 (None, None) => unreachable!("counted above"),
             };

@@ -21,6 +21,8 @@
 //! | [`frame`] | WebSocket frames: the client's parsed and unmasked in place, our headers |
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
 //! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
+//! | [`signals`] | shutdown and reload requests from the OS: Unix signals, Windows console events |
+//! | [`platform`] | what differs between Unix and Windows (unix sockets, port sharing, file identity) |
 //!
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
 //! server through [`server::start`], as an embedder would (`examples/embed.rs`).
@@ -34,9 +36,11 @@ pub mod demo;
 pub mod frame;
 pub mod http;
 pub mod logging;
+pub mod platform;
 pub mod relay;
 pub mod routes;
 pub mod server;
+pub mod signals;
 pub mod slots;
 pub mod tls;
 pub mod tokens;
