@@ -22,6 +22,7 @@
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
 //! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
 //! | [`signals`] | shutdown and reload requests from the OS: Unix signals, Windows console events |
+//! | `service` | Windows only: running as a Windows service, installing and removing it |
 //! | [`platform`] | what differs between Unix and Windows (unix sockets, port sharing, file identity) |
 //!
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
@@ -40,6 +41,8 @@ pub mod platform;
 pub mod relay;
 pub mod routes;
 pub mod server;
+#[cfg(windows)]
+pub mod service;
 pub mod signals;
 pub mod slots;
 pub mod tls;
