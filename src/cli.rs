@@ -105,7 +105,7 @@ pub struct RunArgs {
     /// port; host names match without regard to case).
     #[arg(long)]
     pub host_token: bool,
-    /// Bridge to this unix socket instead of a TCP target.
+    /// Bridge to this unix socket instead of a TCP target (not on Windows).
     #[arg(long, value_name = "PATH")]
     pub unix_target: Option<PathBuf>,
 
@@ -173,6 +173,7 @@ pub struct RunArgs {
 
     /// Runtime threads, each with its own socket per listener (default: one per CPU available to
     /// the process; one when at most two are, since the bridge then shares them with its backend).
+    /// Always one on Windows, which cannot share a port between sockets.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
