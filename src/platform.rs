@@ -38,8 +38,10 @@ pub fn runtime_threads(wanted: usize) -> usize {
 /// binds at once despite connections in TIME_WAIT) and, when `share` is set, `SO_REUSEPORT` (one
 /// socket per runtime thread on one port, the kernel spreads connections over them). On Windows
 /// neither: there `SO_REUSEADDR` would let any other process bind the same port and take
-/// connections, and a port in TIME_WAIT does not block a new listener anyway; the default is the
-/// exclusive use of the port.
+/// connections, and a port in TIME_WAIT does not block a new listener anyway. Windows' default
+/// then lets only a process of the same user that sets `SO_REUSEADDR` share the port;
+/// `SO_EXCLUSIVEADDRUSE` would close that too, but socket2 does not offer it and a raw
+/// `setsockopt` would need `unsafe`.
 ///
 /// # Errors
 /// The OS refuses an option.
