@@ -12,7 +12,8 @@
 //!   `NT AUTHORITY\LocalService`, restarted 5 s, 10 s, then every 60 s after a failure, the count
 //!   reset after a day without one, a stop with an error included where the SCM supports that:
 //!   Wine's does not); [`uninstall`] stops and deletes it. `sc.exe` does the same (README,
-//!   "Windows").
+//!   "Windows"). Wine's SCM stores the restart actions but does not act on them: the restart is
+//!   untested on this project's machine.
 //!
 //! Built on `windows-service` (Mullvad's), whose `define_windows_service!` provides the entry
 //! point the SCM calls.
