@@ -10,14 +10,20 @@
 #     balancer in front, for the PROXY protocol tests), with apt-get as root or through sudo;
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
-#     downloaded: the browser test drives Debian's Chromium.
-# Then: cargo fmt --check, cargo clippy -D warnings, the load generator's smoke run, and
-# cargo test --all-targets, ending on one line over every test target:
+#     downloaded: the browser test drives Debian's Chromium;
+#   - for the Windows build (scripts/windows/install-tools.sh): the Rust target
+#     x86_64-pc-windows-gnu (rustup), Debian's gcc-mingw-w64-x86-64, wine and wine64.
+# Then: cargo fmt --check, cargo clippy -D warnings (for Linux and for Windows), the load
+# generator's smoke run, the Windows cross-build (which the Wine tests in
+# tests/integration/windows.rs run; built here so that it does not compete with timing tests),
+# and cargo test --all-targets, ending on one line over every test target:
 #   N passed, N failed, N skipped
 # (skipped: #[ignore]d, and tests that print `TEST skipped: REASON`, see tests/common/mod.rs).
 #
 # Needs: cargo with rustfmt and clippy, Node.js >= 20 with npm.
 # WSBRIDGE_SKIP_BROWSER=1 skips the browser test (and installing what only it needs).
+# WSBRIDGE_SKIP_WINDOWS=1 skips the Windows cross-build and its checks (the Wine tests then say
+# they are skipped, unless a build and Wine are already there).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +36,8 @@ die() {
 
 skip_browser=0
 [[ ${WSBRIDGE_SKIP_BROWSER:-} == 1 ]] && skip_browser=1
+skip_windows=0
+[[ ${WSBRIDGE_SKIP_WINDOWS:-} == 1 ]] && skip_windows=1
 
 section "tools"
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
@@ -75,6 +83,13 @@ if ((!skip_browser)); then
 fi
 openssl version || die "openssl does not run"
 
+section "windows cross-build tools"
+if ((skip_windows)); then
+    echo "skipped (WSBRIDGE_SKIP_WINDOWS=1)"
+else
+    scripts/windows/install-tools.sh --wine
+fi
+
 section "tests/browser: npm packages"
 if ((skip_browser)); then
     echo "skipped (WSBRIDGE_SKIP_BROWSER=1)"
@@ -98,6 +113,16 @@ cargo fmt --all -- --check
 
 section "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+
+if ((!skip_windows)); then
+    section "cargo clippy --target x86_64-pc-windows-gnu --all-targets -- -D warnings"
+    cargo clippy --target x86_64-pc-windows-gnu --all-targets -- -D warnings
+
+    section "windows cross-build for the Wine tests"
+    # Into the directory tests/integration/windows.rs builds in (beside the test target dir, not
+    # in it), with the DLL Wine 8 needs beside the .exe.
+    scripts/cross-windows.sh --wine --target-dir "${CARGO_TARGET_DIR:-target}/windows" --example windows_service
+fi
 
 section "bench/loadgen smoke (the benchmark's load generator must not rot)"
 # Built into the main target dir so it reuses the dependencies the tests compile anyway.

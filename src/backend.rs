@@ -8,10 +8,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use crate::config::Target;
+use crate::platform::UnixStream;
 use crate::tls::BackendTls;
 use rustls_pki_types::ServerName;
 
@@ -117,8 +118,12 @@ pub const KEEPALIVE_PROBES: u32 = 3;
 /// never end a session before the pong deadline would.
 pub fn tcp_keepalive() -> socket2::TcpKeepalive {
     let keepalive = socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
-    #[cfg(any(target_os = "linux", target_os = "android", target_os = "windows", target_os = "macos"))]
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
     let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_PROBES);
+    // Windows: no probe count (TCP_KEEPCNT needs Windows 10 1703 and Wine 8 lacks it: setting it
+    // failed every backend connect there); Windows sends its fixed 10 probes.
+    #[cfg(windows)]
+    let keepalive = keepalive.with_interval(KEEPALIVE_INTERVAL);
     keepalive
 }
 
@@ -160,7 +165,7 @@ pub enum BackendReader<'a> {
     /// TCP.
     Tcp(tokio::net::tcp::ReadHalf<'a>),
     /// Unix socket.
-    Unix(tokio::net::unix::ReadHalf<'a>),
+    Unix(crate::platform::UnixReadHalf<'a>),
     /// TLS (both halves are polled by the one session task, so the split's lock is uncontended).
     Tls(tokio::io::ReadHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -171,7 +176,7 @@ pub enum BackendWriter<'a> {
     /// TCP.
     Tcp(tokio::net::tcp::WriteHalf<'a>),
     /// Unix socket.
-    Unix(tokio::net::unix::WriteHalf<'a>),
+    Unix(crate::platform::UnixWriteHalf<'a>),
     /// TLS.
     Tls(tokio::io::WriteHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -313,6 +318,7 @@ mod tests {
         };
         let s = socket2::SockRef::from(&s);
         assert!(s.keepalive().unwrap());
+        #[cfg(unix)]
         assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         #[cfg(target_os = "linux")]
         assert_eq!(

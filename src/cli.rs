@@ -113,7 +113,7 @@ pub struct RunArgs {
     /// port; host names match without regard to case).
     #[arg(long)]
     pub host_token: bool,
-    /// Bridge to this unix socket instead of a TCP target.
+    /// Bridge to this unix socket instead of a TCP target (not on Windows).
     #[arg(long, value_name = "PATH")]
     pub unix_target: Option<PathBuf>,
 
@@ -188,6 +188,7 @@ pub struct RunArgs {
 
     /// Runtime threads, each with its own socket per listener (default: one per CPU available to
     /// the process; one when at most two are, since the bridge then shares them with its backend).
+    /// Always one on Windows, which cannot share a port between sockets.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
@@ -660,6 +661,9 @@ impl RunArgs {
             let target = match (self.target, self.unix_target) {
                 (Some(t), _) => t.parse::<Target>().map_err(usage)?,
                 (None, Some(_)) if self.ssl_target => return Err(usage("--ssl-target is for TCP targets, not --unix-target".into())),
+                (None, Some(_)) if cfg!(windows) => {
+                    return Err(usage(format!("--unix-target: {}", crate::platform::UNIX_SOCKETS_UNAVAILABLE)))
+                }
                 (None, Some(p)) => Target::Unix(p),
                 (None, None) => unreachable!("counted above"),
             };

@@ -214,6 +214,9 @@ impl FromStr for Target {
                 if path.is_empty() {
                     return Err(format!("invalid target {s:?}: empty unix socket path"));
                 }
+                if cfg!(windows) {
+                    return Err(format!("invalid target {s:?}: {}", crate::platform::UNIX_SOCKETS_UNAVAILABLE));
+                }
                 return Ok(Target::Unix(PathBuf::from(path)));
             }
         }

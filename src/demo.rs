@@ -204,14 +204,13 @@ pub fn join_command(chat: SocketAddr) -> String {
 /// # Errors
 /// The directory cannot be created or written.
 pub fn write_web_root() -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
     // A fresh directory only we can write: create (not reuse) it, mode 0700, with a name that is
     // not just the pid, so nobody can plant a page in it beforehand.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let dir = std::env::temp_dir().join(format!("wsbridge-demo-{}-{nanos:08x}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    crate::platform::create_private_dir(&dir)?;
     std::fs::write(dir.join("index.html"), INDEX_HTML)?;
     Ok(dir)
 }

@@ -23,6 +23,9 @@
 //! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
 //! | [`policy`] | who may open a session: origins, client networks, authentication, caps per client address, the real client address |
 //! | [`proxy`] | PROXY protocol v1/v2: read from a load balancer, sent to a backend |
+//! | [`signals`] | shutdown and reload requests from the OS: Unix signals, Windows console events |
+//! | `service` | Windows only: running as a Windows service, installing and removing it |
+//! | [`platform`] | what differs between Unix and Windows (unix sockets, port sharing, file identity) |
 //!
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
 //! server through [`server::start`], as an embedder would (`examples/embed.rs`).
@@ -36,11 +39,15 @@ pub mod demo;
 pub mod frame;
 pub mod http;
 pub mod logging;
+pub mod platform;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
 pub mod routes;
 pub mod server;
+#[cfg(windows)]
+pub mod service;
+pub mod signals;
 pub mod slots;
 pub mod tls;
 pub mod tokens;

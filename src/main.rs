@@ -11,6 +11,7 @@ use wsbridge::demo::{Demo, DemoError};
 use wsbridge::routes::RouteTable;
 use wsbridge::server::start::{self, StartError};
 use wsbridge::server::{Bridge, BridgeError, Listener};
+use wsbridge::signals::Signal;
 
 const EX_USAGE: u8 = 64;
 
@@ -125,21 +126,18 @@ async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usiz
     Ok(())
 }
 
-/// SIGTERM/SIGINT: shut down (drain). SIGHUP: [`start::reload`]; a bad file is reported and the running
-/// configuration stays. `threads` is the number of runtime threads, for the open-file fit.
+/// SIGTERM/SIGINT (Windows: Ctrl-C, Ctrl-Break, console closed, system shutdown): shut down
+/// (drain). SIGHUP: [`start::reload`]; a bad file is reported and the running configuration
+/// stays. `threads` is the number of runtime threads, for the open-file fit.
 fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let mut signals = wsbridge::signals::Signals::new()?;
     let token = bridge.shutdown_token();
     let bridge = bridge.clone();
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => {
+            match signals.recv().await {
+                Signal::Shutdown => break,
+                Signal::Reload => {
                     // Files are read and parsed off the runtime thread, which serves sessions.
                     let (bridge, path) = (bridge.clone(), path.clone());
                     let _ = tokio::task::spawn_blocking(move || start::reload(&bridge, path.as_deref(), threads)).await;

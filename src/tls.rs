@@ -205,8 +205,8 @@ fn files_stamp(s: &TlsSettings) -> Vec<Option<FileStamp>> {
         .map(|f| {
             // metadata() follows symlinks: a swapped link shows as a different file.
             std::fs::metadata(f).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                (m.dev(), m.ino(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))
+                let (dev, ino) = crate::platform::file_identity(&m);
+                (dev, ino, m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))
             })
         })
         .collect()

@@ -11,6 +11,8 @@
 //!
 //! Screenshots of the page go to `$WSBRIDGE_SCREENSHOT` (default `browser-chat.png` in Cargo's
 //! target tmpdir); the wss:// test's to the same name with `-wss` before the extension.
+// Drives Debian's Chromium with a Unix process group: a Linux-only test target.
+#![cfg(unix)]
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -564,10 +564,7 @@ impl Listener {
             socket2::Type::STREAM,
             Some(socket2::Protocol::TCP),
         )?;
-        socket.set_reuse_address(true)?;
-        if reuse_port {
-            socket.set_reuse_port(true)?;
-        }
+        crate::platform::prepare_listening_socket(&socket, reuse_port)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }

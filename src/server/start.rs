@@ -74,6 +74,9 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// [`default_threads`] for the CPUs this process may run on.
 pub fn available_threads() -> usize {
+    if !crate::platform::PORT_SHARING {
+        return 1;
+    }
     default_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
@@ -102,6 +105,7 @@ const FD_RESERVE: u64 = 32 + LINGERING_REFUSALS as u64;
 /// Raises the soft limit on open files to the hard limit and returns the limit in force. Shells
 /// and systemd start most services with a soft limit of 1,024, which would stop wsbridge near 500
 /// sessions (a session holds two descriptors) however high the hard limit is.
+#[cfg(unix)]
 pub fn raise_open_file_limit() -> u64 {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let before = getrlimit(Resource::Nofile);
@@ -129,6 +133,12 @@ pub fn raise_open_file_limit() -> u64 {
             current
         }
     }
+}
+
+/// No limit to raise on this platform (Windows): [`u64::MAX`].
+#[cfg(not(unix))]
+pub fn raise_open_file_limit() -> u64 {
+    u64::MAX
 }
 
 /// Lowers `max_connections` to what `limit` open files can hold, with a warning: past that, new
@@ -170,7 +180,7 @@ pub fn bind(config: &Config, threads: usize) -> Result<Bound, StartError> {
         prepared.push(Listener::prepare(l).map_err(|source| StartError::Listener { addr: l.addr, source })?);
     }
     // Bind every socket before serving any, so a port in use fails the start, not one thread.
-    let threads = threads.max(1);
+    let threads = crate::platform::runtime_threads(threads);
     let mut per_thread: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
     for l in &prepared {
@@ -264,7 +274,7 @@ fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> std::io::Result<Ve
 pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
     match path {
         Some(p) => match Config::from_file(p).map_err(BridgeError::from).and_then(|mut c| {
-            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            let limit = crate::platform::open_file_limit();
             fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
             bridge.reload(&c)
         }) {

@@ -1,5 +1,8 @@
 //! Integration tests: real bridge, real TCP backends, real WebSocket clients, all on 127.0.0.1
 //! with ephemeral ports. One test binary (faster to build and link than one per file).
+//! They run on Linux (unix sockets, rlimits, symlinks); the Windows build is tested from here,
+//! under Wine (`windows`).
+#![cfg(unix)]
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -17,3 +20,4 @@ mod relay;
 mod routing;
 mod tls;
 mod web;
+mod windows;

@@ -1,0 +1,166 @@
+//! What differs between Unix and Windows, in one place, so the rest of the crate reads the same on
+//! both: unix sockets (a stand-in type on Windows that can never be connected), sharing a port
+//! between runtime threads, a file's identity for change detection, the open-file limit and a
+//! private directory. Everything Unix-only is refused on Windows with a message that says so
+//! ([`UNIX_SOCKETS_UNAVAILABLE`]); nothing else is lost.
+
+use std::path::Path;
+
+/// What a configuration, a command line or a token file that names a unix socket is told on Windows.
+pub const UNIX_SOCKETS_UNAVAILABLE: &str = "unix socket targets are not available on Windows";
+
+#[cfg(unix)]
+pub use tokio::net::unix::{ReadHalf as UnixReadHalf, WriteHalf as UnixWriteHalf};
+#[cfg(unix)]
+pub use tokio::net::UnixStream;
+
+#[cfg(windows)]
+pub use windows::{UnixReadHalf, UnixStream, UnixWriteHalf};
+
+/// Whether several sockets of this process can accept on one port (`SO_REUSEPORT`), which is how
+/// each runtime thread gets its own. Windows has no such option: its `SO_REUSEADDR` would let
+/// another process take the port as well, so there one runtime thread serves every listener.
+pub const PORT_SHARING: bool = cfg!(unix);
+
+/// The runtime threads [`crate::server::start::bind`] can use for `wanted`: all of them where
+/// ports can be shared ([`PORT_SHARING`]), else one, with a warning when more were asked for.
+pub fn runtime_threads(wanted: usize) -> usize {
+    if PORT_SHARING {
+        return wanted.max(1);
+    }
+    if wanted > 1 {
+        tracing::warn!(wanted, "one runtime thread on this platform: sockets cannot share a port here");
+    }
+    1
+}
+
+/// Sets the options a listening socket needs before `bind`. On Unix `SO_REUSEADDR` (a restart
+/// binds at once despite connections in TIME_WAIT) and, when `share` is set, `SO_REUSEPORT` (one
+/// socket per runtime thread on one port, the kernel spreads connections over them). On Windows
+/// neither: there `SO_REUSEADDR` would let any other process bind the same port and take
+/// connections, and a port in TIME_WAIT does not block a new listener anyway. Windows' default
+/// then lets only a process of the same user that sets `SO_REUSEADDR` share the port;
+/// `SO_EXCLUSIVEADDRUSE` would close that too, but socket2 does not offer it and a raw
+/// `setsockopt` would need `unsafe`.
+///
+/// # Errors
+/// The OS refuses an option.
+pub fn prepare_listening_socket(socket: &socket2::Socket, share: bool) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        socket.set_reuse_address(true)?;
+        if share {
+            socket.set_reuse_port(true)?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (socket, share);
+    Ok(())
+}
+
+/// A file's identity, to notice a replaced file (a renamed-over certificate, a swapped symlink)
+/// even when its size and modification time look the same: device and inode on Unix; on Windows
+/// (where the volume and file index need an unstable API) the creation time, which a file
+/// written anew and renamed into place brings with it.
+pub fn file_identity(m: &std::fs::Metadata) -> (u64, u64) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::MetadataExt;
+        (m.creation_time(), 0)
+    }
+}
+
+/// The soft limit on open files in force, if the platform has one (Windows has no such limit
+/// on sockets).
+pub fn open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Creates the directory `dir` (not reusing one that exists) that only this user can write: mode
+/// 0700 on Unix; on Windows it inherits the ACL of its parent, the user's own temp directory.
+///
+/// # Errors
+/// It exists already, or cannot be created.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(dir)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::DirBuilder::new().create(dir)
+    }
+}
+
+/// The unix-socket types on Windows: uninhabited, so code that matches on a unix backend compiles
+/// and its arms are provably never reached; connecting fails with [`UNIX_SOCKETS_UNAVAILABLE`]
+/// (configurations and command lines are refused earlier; this is for a token file's line).
+#[cfg(windows)]
+mod windows {
+    use std::convert::Infallible;
+    use std::io;
+    use std::marker::PhantomData;
+    use std::path::Path;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::UNIX_SOCKETS_UNAVAILABLE;
+
+    /// A unix stream socket, which Windows builds never have.
+    #[derive(Debug)]
+    pub enum UnixStream {}
+
+    impl UnixStream {
+        /// Always fails: there are no unix sockets here.
+        ///
+        /// # Errors
+        /// Always, [`io::ErrorKind::Unsupported`].
+        pub async fn connect(_path: impl AsRef<Path>) -> io::Result<UnixStream> {
+            Err(io::Error::new(io::ErrorKind::Unsupported, UNIX_SOCKETS_UNAVAILABLE))
+        }
+
+        /// The two directions (never called: there is no value to call it on).
+        pub fn split(&mut self) -> (UnixReadHalf<'_>, UnixWriteHalf<'_>) {
+            match *self {}
+        }
+    }
+
+    /// The read side of a [`UnixStream`] (uninhabited).
+    #[derive(Debug)]
+    pub struct UnixReadHalf<'a>(Infallible, PhantomData<&'a ()>);
+
+    /// The write side of a [`UnixStream`] (uninhabited).
+    #[derive(Debug)]
+    pub struct UnixWriteHalf<'a>(Infallible, PhantomData<&'a ()>);
+
+    impl tokio::io::AsyncRead for UnixReadHalf<'_> {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+            match self.0 {}
+        }
+    }
+
+    impl tokio::io::AsyncWrite for UnixWriteHalf<'_> {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+            match self.0 {}
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.0 {}
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.0 {}
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The Windows build, run here under Wine: `wsbridge.exe` cross-built for x86_64-pc-windows-gnu
+//! in forward mode in front of a Linux TCP backend on 127.0.0.1, with a WebSocket client from the
+//! test crossing it; Ctrl-C (Wine turns a SIGINT to the process into the console's CTRL_C_EVENT)
+//! draining sessions as SIGTERM does on Linux; unix socket targets refused; Windows paths in a
+//! configuration.
+//!
+//! The first test to need it builds the .exe (`cargo build --target x86_64-pc-windows-gnu`, into
+//! `<target dir>/windows`, where `scripts/test.sh` builds it beforehand so that the build does
+//! not compete with timing tests), and `scripts/windows/wine-prng.sh` builds the
+//! `bcryptprimitives.dll` Wine 8 lacks beside it. Where `wine`, MinGW-w64 or the rustup target is
+//! missing, each test says so and is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, OnceCell};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::*;
+
+const TARGET: &str = "x86_64-pc-windows-gnu";
+
+/// The bound on building the .exe when `scripts/test.sh` has not (a fresh debug cross-build took
+/// 72 s on the project's 2-core machine).
+const BUILD_WAIT: Duration = Duration::from_secs(600);
+
+/// The bound on Wine starting the .exe: the first start in a fresh prefix sets the prefix up.
+const WINE_WAIT: Duration = Duration::from_secs(120);
+
+/// The cross-built `wsbridge.exe` with the DLL Wine needs beside it, and the Wine prefix to run
+/// it in.
+struct WindowsBuild {
+    exe: PathBuf,
+    /// `examples/windows_service.rs`: forward mode as a Windows service.
+    service_exe: PathBuf,
+    prefix: PathBuf,
+}
+
+enum Prepared {
+    Ready(WindowsBuild),
+    /// What is missing here.
+    Skip(String),
+    /// The build failed: a real failure of the code.
+    Failed(String),
+}
+
+static PREPARED: OnceCell<Prepared> = OnceCell::const_new();
+
+/// The .exe, built once per test run; `None` when the test is to be skipped (said on stderr).
+async fn windows_build(test: &str) -> Option<&'static WindowsBuild> {
+    match PREPARED.get_or_init(prepare).await {
+        Prepared::Ready(build) => Some(build),
+        Prepared::Skip(reason) => {
+            skip(test, reason);
+            None
+        }
+        Prepared::Failed(e) => panic!("{e}"),
+    }
+}
+
+/// Whether `program args` runs and succeeds.
+async fn runs(program: &str, args: &[&str]) -> bool {
+    let status = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    matches!(tokio::time::timeout(WAIT, status).await, Ok(Ok(s)) if s.success())
+}
+
+async fn prepare() -> Prepared {
+    if !runs("wine", &["--version"]).await {
+        return Prepared::Skip("wine is not installed (Debian: apt-get install wine wine64; scripts/test.sh does)".into());
+    }
+    if !runs("x86_64-w64-mingw32-gcc", &["--version"]).await {
+        return Prepared::Skip("MinGW-w64 is not installed (Debian: apt-get install gcc-mingw-w64-x86-64)".into());
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let libdir = Command::new(&rustc)
+        .args(["--print", "target-libdir", "--target", TARGET])
+        .output()
+        .await;
+    let installed = libdir.ok().is_some_and(|o| {
+        let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        o.status.success() && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+    });
+    if !installed {
+        return Prepared::Skip(format!("the Rust target {TARGET} is not installed (rustup target add {TARGET})"));
+    }
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Beside the test's own target directory, never in it: the `cargo test` that runs this holds
+    // that one's lock.
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("windows");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let build = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--target",
+            TARGET,
+            "--bin",
+            "wsbridge",
+            "--example",
+            "windows_service",
+        ])
+        .arg("--manifest-path")
+        .arg(manifest_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(BUILD_WAIT, build).await {
+        Err(_) => return Prepared::Failed(format!("cargo build --target {TARGET} took longer than {BUILD_WAIT:?}")),
+        Ok(Err(e)) => return Prepared::Failed(format!("cargo build --target {TARGET}: {e}")),
+        Ok(Ok(o)) if !o.status.success() => {
+            return Prepared::Failed(format!(
+                "cargo build --target {TARGET} failed:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            ))
+        }
+        Ok(Ok(_)) => {}
+    }
+    let out = target_dir.join(TARGET).join("debug");
+    for dir in [out.clone(), out.join("examples")] {
+        let dll = Command::new(manifest_dir.join("scripts/windows/wine-prng.sh"))
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        match dll {
+            Ok(o) if o.status.success() => {}
+            other => return Prepared::Failed(format!("scripts/windows/wine-prng.sh {}: {other:?}", dir.display())),
+        }
+    }
+    let build = WindowsBuild {
+        exe: out.join("wsbridge.exe"),
+        service_exe: out.join("examples").join("windows_service.exe"),
+        prefix: target_dir.join("wineprefix"),
+    };
+    // One start before the tests' own, which run in parallel: it sets the prefix up, once.
+    let version = wine(&build, &["--version"]).stderr(Stdio::null()).output();
+    match tokio::time::timeout(WINE_WAIT, version).await {
+        Ok(Ok(o)) if o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("wsbridge ") => {}
+        other => return Prepared::Failed(format!("wine wsbridge.exe --version: {other:?}")),
+    }
+    Prepared::Ready(build)
+}
+
+/// `wine wsbridge.exe ARGS` in the build's prefix, quiet about Wine itself, killed when dropped.
+fn wine(build: &WindowsBuild, args: &[&str]) -> Command {
+    wine_run(build, build.exe.as_os_str(), args)
+}
+
+/// `wine PROGRAM ARGS` (a path, or a program of Wine's own such as `sc`) in the build's prefix.
+fn wine_run(build: &WindowsBuild, program: &std::ffi::OsStr, args: &[&str]) -> Command {
+    let mut command = Command::new("wine");
+    command
+        .arg(program)
+        .args(args)
+        .env("WINEPREFIX", &build.prefix)
+        .env("WINEDEBUG", "-all")
+        // No Mono or Gecko: nothing here needs them, and Wine would offer to download them.
+        .env("WINEDLLOVERRIDES", "mscoree,mshtml=")
+        .env("RUST_LOG", std::env::var("WSBRIDGE_WINE_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// A Windows path for a Linux one: Wine's drive Z: is the Linux root.
+fn z_path(p: &Path) -> String {
+    format!("Z:{}", p.display()).replace('/', "\\")
+}
+
+/// `wsbridge.exe` running under Wine, and its stderr lines.
+struct WinProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl WinProcess {
+    fn spawn(build: &WindowsBuild, args: &[&str]) -> WinProcess {
+        let mut child = wine(build, args).stdout(Stdio::null()).spawn().expect("spawn wine");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, lines) = mpsc::channel(1024);
+        // Not to EOF: Wine's own server may keep the pipe open after the .exe has exited.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                // Shown with a failing test's output.
+                eprintln!("wsbridge.exe: {line}");
+                if tx.send(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        WinProcess {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (up to `wait`) for a stderr line containing `what`.
+    async fn line(&mut self, what: &str, wait: Duration) -> String {
+        let found = tokio::time::timeout(wait, async {
+            while let Some(line) = self.lines.recv().await {
+                self.seen.push(line.clone());
+                if line.contains(what) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("wsbridge.exe exited before writing {what:?}:\n{}", self.seen.join("\n")),
+            Err(_) => panic!("no line with {what:?} within {wait:?}:\n{}", self.seen.join("\n")),
+        }
+    }
+
+    async fn listening(&mut self) -> std::net::SocketAddr {
+        let line = self.line("listening addr=", WINE_WAIT).await;
+        let addr = line.split("listening addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+        addr.parse().unwrap()
+    }
+
+    /// Ctrl-C: Wine delivers a SIGINT to the process running the .exe as CTRL_C_EVENT to its
+    /// console control handlers (the `wine` process we spawned execs into that process).
+    async fn ctrl_c(&self) {
+        let pid = self.child.id().expect("still running").to_string();
+        let status = Command::new("kill").args(["-s", "INT", &pid]).status().await.unwrap();
+        assert!(status.success(), "kill -s INT {pid}");
+    }
+}
+
+/// A WebSocket session through `wsbridge.exe` to a Linux echo service: 1 MiB of binary messages
+/// and a text message cross it both ways byte for byte while both directions run at once, then
+/// the client's close is answered and the backend sees its EOF.
+#[tokio::test]
+async fn forward_mode_under_wine_carries_a_session_byte_exact_both_ways() {
+    let test = "windows::forward_mode_under_wine_carries_a_session_byte_exact_both_ways";
+    let Some(build) = windows_build(test).await else { return };
+    let (backend, mut streams) = manual_backend().await;
+    let target = backend.to_string();
+    let mut p = WinProcess::spawn(build, &["127.0.0.1:0", &target]);
+    let addr = p.listening().await;
+    let (ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    // The backend echoes, and keeps what it saw and whether it saw EOF.
+    let echo = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = b.read(&mut buf).await.unwrap();
+            if n == 0 {
+                b.shutdown().await.unwrap();
+                return seen;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            b.write_all(&buf[..n]).await.unwrap();
+        }
+    });
+    let (mut tx, mut rx) = ws.split();
+    let mut data = pattern(1 << 20, 14);
+    let text = "text frames are bytes too: \u{e9}\u{1F600}\n";
+    data.extend_from_slice(text.as_bytes());
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent[..1 << 20].chunks(60 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        tx.send(Message::text(text)).await.unwrap();
+        tx
+    });
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        got.extend(recv_data(&mut rx).await);
+    }
+    assert!(got == data, "the bytes that came back differ from those sent ({} bytes)", got.len());
+    let mut tx = within("client writer", writer).await.unwrap();
+    within(
+        "client close",
+        tx.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        }))),
+    )
+    .await
+    .unwrap();
+    let answer = match within("close answer", rx.next()).await {
+        Some(Ok(Message::Close(f))) => f,
+        other => panic!("expected the answer to our close, got {other:?}"),
+    };
+    assert_eq!(answer.map(|f| u16::from(f.code)), Some(1000));
+    let seen = within("backend EOF", echo).await.unwrap();
+    assert!(seen == data, "the backend saw other bytes than were sent ({} bytes)", seen.len());
+}
+
+/// Ctrl-C under Wine drains as SIGTERM does on Linux: the session closes with 1001 "server shutting
+/// down", everything the client sent before it reaches the backend with no hole, the backend gets
+/// its EOF, and the process logs a clean stop and exits 0.
+#[tokio::test]
+async fn ctrl_c_under_wine_closes_sessions_with_1001_after_their_data() {
+    let test = "windows::ctrl_c_under_wine_closes_sessions_with_1001_after_their_data";
+    let Some(build) = windows_build(test).await else { return };
+    let (backend, mut streams) = manual_backend().await;
+    let target = backend.to_string();
+    let mut p = WinProcess::spawn(build, &["127.0.0.1:0", &target]);
+    let addr = p.listening().await;
+    let (ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    let (mut tx, mut rx) = ws.split();
+    let mut b = within("backend accept", streams.recv()).await.unwrap();
+    let data = pattern(8 << 20, 9);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        let mut ok = 0usize;
+        for chunk in sent.chunks(64 * 1024) {
+            if tx.send(Message::binary(chunk.to_vec())).await.is_err() {
+                break;
+            }
+            ok += chunk.len();
+        }
+        ok
+    });
+    // Some data through, then Ctrl-C while the rest is on its way.
+    let mut first = vec![0u8; 1 << 20];
+    within("first MiB", b.read_exact(&mut first)).await.unwrap();
+    p.ctrl_c().await;
+    let close = within("close frame", async {
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Close(f))) => return f,
+                Some(Ok(_)) => {}
+                other => panic!("stream ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame with a code");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, "server shutting down"));
+    let mut rest = Vec::new();
+    within("backend EOF", b.read_to_end(&mut rest)).await.unwrap();
+    let mut got = first;
+    got.extend(rest);
+    let sent_ok = within("client writer", writer).await.unwrap();
+    assert!(
+        got.len() >= sent_ok,
+        "the backend got {} bytes, the client sent {sent_ok}",
+        got.len()
+    );
+    assert!(
+        got == data[..got.len()],
+        "the backend's bytes are not a prefix of what the client sent: a hole"
+    );
+    drop(rx);
+    p.line("stopped clean=true remaining=0", WAIT).await;
+    let status = within("exit", p.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// A configuration naming a unix socket target, and `--unix-target`, are refused on Windows with
+/// that reason (exit 64), the configuration's error with its file, line and field.
+#[tokio::test]
+async fn unix_socket_targets_are_refused_on_windows() {
+    let test = "windows::unix_socket_targets_are_refused_on_windows";
+    let Some(build) = windows_build(test).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("unix.toml");
+    std::fs::write(
+        &config,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[route]]\npath = \"/vnc\"\ntarget = \"unix:/run/vnc.sock\"\n",
+    )
+    .unwrap();
+    let config = z_path(&config);
+    let run = wine(build, &["check", "--config", &config]).output();
+    let out = tokio::time::timeout(WINE_WAIT, run).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("unix socket targets are not available on Windows"), "{stderr}");
+    assert!(stderr.contains("unix.toml") && stderr.contains("line 6"), "{stderr}");
+    let run = wine(build, &["6080", "--unix-target", "/run/vnc.sock"]).output();
+    let out = tokio::time::timeout(WINE_WAIT, run).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--unix-target: unix socket targets are not available on Windows"),
+        "{stderr}"
+    );
+}
+
+/// Windows paths in a configuration: an absolute `Z:\…` certificate and a key relative to the
+/// configuration's directory, written with backslashes, are both found (`check` reads them).
+#[tokio::test]
+async fn windows_paths_in_a_configuration_resolve() {
+    let test = "windows::windows_paths_in_a_configuration_resolve";
+    let Some(build) = windows_build(test).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::create_dir(dir.path().join("abs")).unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::write(dir.path().join("abs/c.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("certs/k.pem"), key.serialize_pem()).unwrap();
+    let config = dir.path().join("w.toml");
+    let cert_path = z_path(&dir.path().join("abs/c.pem"));
+    std::fs::write(
+        &config,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[listen.tls]\ncert = '{cert_path}'\nkey = 'certs\\k.pem'\n\n\
+             [[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n"
+        ),
+    )
+    .unwrap();
+    let run = wine(build, &["check", "--config", &z_path(&config)]).output();
+    let out = tokio::time::timeout(WINE_WAIT, run).await.unwrap().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(": OK"), "{stdout}");
+    // The broken twin: a key that is not there is reported with the path it resolved to.
+    std::fs::remove_file(dir.path().join("certs/k.pem")).unwrap();
+    let run = wine(build, &["check", "--config", &z_path(&config)]).output();
+    let out = tokio::time::timeout(WINE_WAIT, run).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("certs\\k.pem"), "{stderr}");
+}
+
+/// The service glue (`src/service.rs`) under Wine's Service Control Manager, through
+/// `examples/windows_service.rs`: installed with `service::install`, started with `sc start`, a
+/// session through it byte-exact both ways, `sc stop` draining it (1001 after the data, a clean
+/// stop), then `service::uninstall`.
+#[tokio::test]
+async fn the_service_glue_runs_under_wines_service_control_manager() {
+    let test = "windows::the_service_glue_runs_under_wines_service_control_manager";
+    let Some(build) = windows_build(test).await else { return };
+    // Wine ends its services with the last ordinary process of the prefix: one runs meanwhile.
+    let mut keeper = WinProcess::spawn(build, &["127.0.0.1:0", "127.0.0.1:9"]);
+    keeper.listening().await;
+    let (backend, _) = echo_backend().await;
+    let reports = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let report = reports.local_addr().unwrap().to_string();
+    let name = format!("wsbridge-test-{}", std::process::id());
+
+    /// Uninstalls the service if the test ends early, so that no service is left in the prefix.
+    struct Installed<'a>(&'a WindowsBuild, &'a str, bool);
+    impl Drop for Installed<'_> {
+        fn drop(&mut self) {
+            if self.2 {
+                let _ = std::process::Command::new("wine")
+                    .arg(&self.0.service_exe)
+                    .args(["uninstall", self.1])
+                    .env("WINEPREFIX", &self.0.prefix)
+                    .env("WINEDEBUG", "-all")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    let service = |args: &[&str]| wine_run(build, build.service_exe.as_os_str(), args).output();
+    let sc = |args: &[&str]| wine_run(build, "sc".as_ref(), args).output();
+    let ok = |what: &str, out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{what}: {:?}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    let target = backend.to_string();
+    ok(
+        "install",
+        within("install", service(&["install", &name, &report, &target])).await.unwrap(),
+    );
+    let mut installed = Installed(build, &name, true);
+    ok("sc start", within("sc start", sc(&["start", &name])).await.unwrap());
+    let (reported, _) = tokio::time::timeout(WINE_WAIT, reports.accept())
+        .await
+        .expect("the service's report")
+        .unwrap();
+    let mut reported = BufReader::new(reported).lines();
+    let url = within("the service's address", reported.next_line()).await.unwrap().unwrap();
+    assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
+
+    let (mut ws, _) = ws_connect(&url, None).await;
+    let data = pattern(200_000, 3);
+    send_bin(&mut ws, &data).await;
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        got.extend(recv_data(&mut ws).await);
+    }
+    assert!(got == data, "the echo differs from what was sent");
+
+    ok("sc stop", within("sc stop", sc(&["stop", &name])).await.unwrap());
+    assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
+    let _ = ws.flush().await;
+    let stopped = within("the service's last word", reported.next_line()).await.unwrap();
+    assert_eq!(stopped.as_deref(), Some("stopped (clean: true)"));
+
+    ok("uninstall", within("uninstall", service(&["uninstall", &name])).await.unwrap());
+    installed.2 = false;
+    drop(installed);
+    drop(keeper);
+}
