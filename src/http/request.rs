@@ -47,6 +47,10 @@ pub async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Reje
     // One allocation that holds a typical head (a browser's is under 1 KiB), filled in place:
     // `read_buf` reads into the spare capacity, with no zeroing and no copy as it grows.
     let mut buf = Vec::with_capacity(4096);
+    // Where the request line starts: the parser skips empty lines before it (RFC 9112 §2.2),
+    // so a blank line among them ends nothing, and parsing there would say "incomplete"
+    // and then miss an error that arrives later, making the answer depend on read sizes.
+    let mut request_start = None;
     loop {
         if buf.len() >= MAX_HEAD {
             return Err(Rejection::Status {
@@ -68,7 +72,11 @@ pub async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Reje
         }
         // Parse only when the new bytes may end the head (a blank line): a client that sends a
         // byte at a time must not make us re-parse up to 16 KiB per byte.
-        let window = &buf[start.saturating_sub(3)..];
+        if request_start.is_none() {
+            request_start = buf[start..].iter().position(|b| !matches!(b, b'\r' | b'\n')).map(|i| start + i);
+        }
+        let Some(request_start) = request_start else { continue };
+        let window = &buf[start.saturating_sub(3).max(request_start)..];
         if window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n") {
             if let Some(parsed) = parse_head(&buf)? {
                 return Ok(parsed);
