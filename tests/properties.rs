@@ -21,7 +21,7 @@ use ipnet::{IpNet, Ipv4Net};
 use proptest::prelude::*;
 use wsbridge::http::request::MAX_HEAD;
 use wsbridge::policy::auth::Credentials;
-use wsbridge::policy::{client_address, AddressLimits, Networks, OriginPolicy, OriginRule, PerAddress};
+use wsbridge::policy::{client_address, AddressLimits, ForwardedHeader, Networks, OriginPolicy, OriginRule, PerAddress};
 use wsbridge::routes::RouteTable;
 
 /// A compiled regex strategy (a `&str` strategy compiles its regex for every value).
@@ -883,7 +883,8 @@ proptest! {
         if let Some(f) = &forwarded {
             headers.append(http::header::FORWARDED, f.parse().unwrap());
         }
-        let got = client_address(peer, &headers, &trusted);
+        let which = if forwarded.is_some() && xff.is_empty() { ForwardedHeader::Forwarded } else { ForwardedHeader::XForwardedFor };
+        let got = client_address(peer, &headers, &trusted, which);
         if !trusted_peer {
             prop_assert_eq!(got, peer);
         } else {
@@ -923,8 +924,11 @@ proptest! {
         query.extend(token.iter().map(|t| format!("token={t}")));
         query.extend(access_token.iter().map(|t| format!("access_token={t}")));
         let query = query.join("&");
-        let want = header.map(|(_, t)| t).or(subprotocol).or(access_token).or(token);
-        prop_assert_eq!(Credentials::of(&headers, Some(&query)).bearer, want);
+        // `token` counts only where it does not pick a route.
+        let want = header.clone().map(|(_, t)| t).or(subprotocol.clone()).or(access_token.clone()).or(token);
+        prop_assert_eq!(Credentials::of(&headers, Some(&query), true).bearer, want);
+        let want = header.map(|(_, t)| t).or(subprotocol).or(access_token);
+        prop_assert_eq!(Credentials::of(&headers, Some(&query), false).bearer, want);
     }
 
     /// Sessions per address: one address alone in the table is admitted exactly while it has
