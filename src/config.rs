@@ -43,6 +43,8 @@ pub struct Config {
     pub limits: Limits,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Agent mode: declared agents and the endpoints they dial.
+    pub agents: crate::agent::AgentsConfig,
 }
 
 /// One listening socket.
@@ -181,6 +183,13 @@ pub enum Target {
     },
     /// A unix stream socket.
     Unix(PathBuf),
+    /// A service of a connected agent (agent mode, [`crate::agent`]).
+    Agent {
+        /// The agent's declared name.
+        agent: String,
+        /// The service name in the agent's own list.
+        service: String,
+    },
 }
 
 impl fmt::Display for Target {
@@ -189,6 +198,7 @@ impl fmt::Display for Target {
             Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Target::Tcp { host, port } => write!(f, "{host}:{port}"),
             Target::Unix(path) => write!(f, "unix:{}", path.display()),
+            Target::Agent { agent, service } => write!(f, "agent {agent} service {service}"),
         }
     }
 }
@@ -358,6 +368,7 @@ impl Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log_format: LogFormat::Text,
+            agents: crate::agent::AgentsConfig::default(),
         }
     }
 
@@ -658,6 +669,10 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    agent: Vec<Spanned<crate::agent::RawAgentDecl>>,
+    #[serde(default)]
+    agent_endpoint: Vec<Spanned<crate::agent::RawEndpoint>>,
 }
 
 #[derive(Deserialize)]
@@ -781,6 +796,26 @@ impl RawConfig {
         self.limits.apply(&mut config.limits);
         config.log_format = self.log.format;
         config.listeners = listeners(self.listen, ctx)?;
+        config.agents = match crate::agent::validate(self.agent, self.agent_endpoint) {
+            Ok(a) => a,
+            Err((span, field, message)) => return ctx.invalid(span, field, message),
+        };
+        for (i, r) in self.route.iter().enumerate() {
+            if let Err(message) = crate::agent::check_target(&config.agents, &r.get_ref().target) {
+                return ctx.invalid(r.span(), format!("route[{i}].target"), message);
+            }
+            if let Some(p) = r
+                .get_ref()
+                .path
+                .as_ref()
+                .filter(|p| config.agents.endpoints.iter().any(|e| e.path == *p.get_ref()))
+            {
+                return ctx.invalid(p.span(), format!("route[{i}].path"), "this path is an [[agent_endpoint]]");
+            }
+            if matches!(r.get_ref().target, Target::Agent { .. }) && r.get_ref().backend_tls.is_some() {
+                return ctx.invalid(r.span(), format!("route[{i}].backend_tls"), "TLS is for TCP targets, not agents");
+            }
+        }
         let defaults = config.default_route_options();
         config.routes = routes(self.route, &defaults, ctx)?;
         config.token_sources = token_sources(self.tokens, &defaults, ctx)?;
@@ -1006,9 +1041,15 @@ impl RawRouteOptions {
 }
 
 impl<'de> Deserialize<'de> for Target {
+    /// A string (`"host:port"`, `"unix:/path"`) or, in agent mode, `{ agent = "…", service = "…" }`.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => s.parse().map_err(de::Error::custom),
+            toml::Value::Table(t) => crate::agent::target_from_table(t).map_err(de::Error::custom),
+            _ => Err(de::Error::custom(
+                "expected \"HOST:PORT\", \"unix:/path\" or { agent = \"NAME\", service = \"NAME\" }",
+            )),
+        }
     }
 }
 

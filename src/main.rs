@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+use wsbridge::agent::client::{AgentArgs, AgentConfig};
 use wsbridge::cli::{Cli, Command};
 use wsbridge::config::{Config, LogFormat};
 use wsbridge::demo::{Demo, DemoError};
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Some(Command::Check { config }) => runtime.block_on(check(&config)),
+        Some(Command::Agent(args)) => runtime.block_on(agent(&args, verbose)),
         Some(Command::Demo { listen, cert, key }) => {
             wsbridge::logging::init(verbose, LogFormat::Text);
             let tls = cert.map(|cert| wsbridge::tls::CertFiles { cert, key });
@@ -84,6 +86,28 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
 
 /// `wsbridge check`: validate, then print listeners, timeouts and the route table.
 async fn check(path: &std::path::Path) -> ExitCode {
+    if wsbridge::agent::client::is_agent_file(path) {
+        return match AgentConfig::from_file(path) {
+            Ok(c) => {
+                println!(
+                    "{}: OK (agent {} for {}://{}{})",
+                    path.display(),
+                    c.name,
+                    if c.server.tls { "wss" } else { "ws" },
+                    c.server.authority(),
+                    c.server.path
+                );
+                for (name, target) in &c.services {
+                    println!("service {name:<20} -> {target}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsbridge: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        };
+    }
     let config = match Config::from_file(path) {
         Ok(c) => c,
         Err(e) => {
@@ -170,4 +194,52 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Re
     println!("Press Ctrl-C to stop.");
     demo.serve().await?;
     Ok(())
+}
+
+/// `wsbridge agent`: runs until SIGTERM or SIGINT, then lets live sessions finish (64 on a bad
+/// configuration).
+async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
+    if args.new_secret {
+        return match wsbridge::agent::client::new_secret_text() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsbridge: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let config = match AgentConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsbridge: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    wsbridge::logging::init(verbose, LogFormat::Text);
+    let handle = match wsbridge::agent::client::spawn(config) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("wsbridge: agent: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        eprintln!("wsbridge: cannot install signal handlers");
+        return ExitCode::from(1);
+    };
+    let shutdown = handle.shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("agent: shutting down: closing the control link; live sessions finish");
+        shutdown.cancel();
+    });
+    let _ = handle.task.await;
+    ExitCode::SUCCESS
 }

@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::http::request::{answer, answer_text, linger};
 use crate::http::{Outcome, Upgrade, WebRoot};
@@ -54,6 +53,8 @@ struct Live {
     routes: RouteTable,
     timeouts: Timeouts,
     max_connections: usize,
+    /// Agent mode: connected agents; the same registry from table to table.
+    agents: Arc<crate::agent::Registry>,
 }
 
 /// The bridge: configuration in force, shutdown signal and the set of running connections.
@@ -211,9 +212,8 @@ impl Bridge {
             );
             let bridge = self.clone();
             let listener = listener.clone();
-            self.inner
-                .tracker
-                .spawn(async move { bridge.connection(stream, &listener).await }.instrument(span));
+            let connection = crate::agent::endpoint::with_client(peer, async move { bridge.connection(stream, &listener).await });
+            self.inner.tracker.spawn(connection.instrument(span));
         }
     }
 
@@ -312,7 +312,7 @@ impl Bridge {
     /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
     async fn http<S>(&self, mut stream: S, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let t = &live.timeouts;
         let shutdown = &self.shutdown;
@@ -325,6 +325,11 @@ impl Bridge {
                 Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
             },
         };
+        if let Some(endpoint) = head.as_ref().ok().and_then(|(r, _)| live.agents.endpoint(r.uri().path())) {
+            let Ok((request, leftover)) = head else { return };
+            let serve = crate::agent::endpoint::serve(stream, request, leftover, &live.agents, &endpoint, t, shutdown);
+            return Box::pin(serve).await;
+        }
         let write_deadline = Instant::now() + t.http_write;
         let responded = Box::pin(crate::http::respond(
             &mut stream,
@@ -362,7 +367,7 @@ impl Bridge {
             max_message_size: route.options.max_message_size,
             timeouts: t,
         };
-        run_session(stream, leftover, &route, &params, shutdown).await;
+        run_session(stream, leftover, &route, &params, shutdown, &live.agents).await;
     }
 }
 
@@ -520,15 +525,21 @@ fn refuse_at_once(stream: &TcpStream, answer: &[u8]) {
 
 /// Connects the backend and relays; logs the session's open and close lines. `early` holds
 /// client bytes that arrived with the request head.
-async fn run_session<S>(client: S, early: Vec<u8>, route: &Route, params: &SessionParams<'_>, shutdown: &CancellationToken)
-where
+async fn run_session<S>(
+    client: S,
+    early: Vec<u8>,
+    route: &Route,
+    params: &SessionParams<'_>,
+    shutdown: &CancellationToken,
+    agents: &crate::agent::Registry,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let started = Instant::now();
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
         // Boxed: the connect phase's state is freed before the relay starts.
-        b = Box::pin(Backend::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref())) => b.map_err(Some),
+        b = Box::pin(crate::agent::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref(), agents)) => b.map_err(Some),
     };
     let backend = match backend {
         Ok(b) => b,
@@ -562,10 +573,18 @@ impl Live {
     fn from_config(config: &Config, previous: Option<&Live>) -> Result<Live, BridgeError> {
         config.check()?;
         let routes = RouteTable::from_config(config, previous.map(|p| &p.routes)).map_err(BridgeError::Tokens)?;
+        let agents = match previous {
+            Some(p) => {
+                p.agents.set_config(&config.agents);
+                p.agents.clone()
+            }
+            None => Arc::new(crate::agent::Registry::new(&config.agents)),
+        };
         Ok(Live {
             routes,
             timeouts: config.timeouts.clone(),
             max_connections: config.limits.max_connections,
+            agents,
         })
     }
 }

@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod agent;
 mod binary;
 mod cli;
 mod defaults;

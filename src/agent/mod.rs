@@ -1,0 +1,243 @@
+//! Agent mode: both ends of the reverse direction, for a socket app on a computer the server
+//! cannot connect to (behind NAT or a firewall).
+//!
+//! ```text
+//! browser --ws/wss--> wsbridge server --(links the agent dialled)--> wsbridge agent --tcp/unix--> app
+//! ```
+//!
+//! The agent dials out to the server's agent endpoint (its own route kind, `[[agent_endpoint]]`):
+//! one control link (a WebSocket, JSON messages, pings both ways) and, ahead of need, a warm pool
+//! of data links (`Upgrade: wsbridge-agent-link`, raw bytes after the `101`). A browser session
+//! on a route whose target is `{ agent = "…", service = "…" }` takes an idle link, writes
+//! `open <service>`, and on `ok` the link is the session's backend stream: the forward relay runs
+//! unchanged, with the kernel's flow control per session.
+//!
+//! | file | owns |
+//! |---|---|
+//! | [`link`] | what both sides share: headers, secret hashes, the `open`/`ok`/`err` lines, [`link::AgentLink`] |
+//! | [`registry`] | server side: connected agents, their idle links, `want`/`drain`, per-agent loss |
+//! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
+//! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
+
+pub mod client;
+pub mod endpoint;
+pub mod link;
+pub mod registry;
+
+use std::time::Duration;
+
+use crate::backend::{Backend, ConnectError};
+use crate::config::Target;
+use crate::tls::BackendTls;
+
+pub use registry::Registry;
+
+/// Idle data links the server asks each agent to keep open, unless the endpoint says otherwise.
+pub const DEFAULT_POOL: usize = 4;
+
+/// Agents and agent endpoints declared in a server's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentsConfig {
+    /// `[[agent]]`: who may connect, and the SHA-256 of each one's secret.
+    pub declared: Vec<AgentDecl>,
+    /// `[[agent_endpoint]]`: the paths agents dial.
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// One `[[agent]]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentDecl {
+    /// Its name (`X-Wsbridge-Agent`, and routes' `target = { agent = … }`).
+    pub name: String,
+    /// SHA-256 of its secret: reading the configuration does not reveal the secret.
+    pub secret_sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for AgentDecl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentDecl").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// One `[[agent_endpoint]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// The exact path agents dial (`/agent`); no browser route may use it.
+    pub path: String,
+    /// Idle data links kept per agent.
+    pub pool: usize,
+}
+
+/// `[[agent]]` as the file writes it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAgentDecl {
+    pub(crate) name: String,
+    pub(crate) secret_sha256: String,
+}
+
+/// `[[agent_endpoint]]` as the file writes it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEndpoint {
+    pub(crate) path: String,
+    pub(crate) pool: Option<usize>,
+}
+
+/// An invalid value: its span in the file, its field, what is wrong.
+pub(crate) type Invalid = (std::ops::Range<usize>, String, String);
+
+/// Validates `[[agent]]` and `[[agent_endpoint]]` tables.
+pub(crate) fn validate(
+    agents: Vec<toml::Spanned<RawAgentDecl>>,
+    endpoints: Vec<toml::Spanned<RawEndpoint>>,
+) -> Result<AgentsConfig, Invalid> {
+    let mut out = AgentsConfig::default();
+    for (i, a) in agents.into_iter().enumerate() {
+        let span = a.span();
+        let a = a.into_inner();
+        if !link::valid_name(&a.name) {
+            return Err((
+                span,
+                format!("agent[{i}].name"),
+                format!("{:?}: use 1-64 of A-Z a-z 0-9 . _ -", a.name),
+            ));
+        }
+        if out.declared.iter().any(|d| d.name == a.name) {
+            return Err((span, format!("agent[{i}].name"), format!("agent {} is declared twice", a.name)));
+        }
+        let Some(secret_sha256) = link::parse_sha256(&a.secret_sha256) else {
+            return Err((
+                span,
+                format!("agent[{i}].secret_sha256"),
+                "must be the SHA-256 of the secret as 64 hex digits (`wsbridge agent --new-secret` prints one)".into(),
+            ));
+        };
+        out.declared.push(AgentDecl {
+            name: a.name,
+            secret_sha256,
+        });
+    }
+    for (i, e) in endpoints.into_iter().enumerate() {
+        let span = e.span();
+        let e = e.into_inner();
+        if !e.path.starts_with('/') || e.path.contains('?') {
+            return Err((
+                span,
+                format!("agent_endpoint[{i}].path"),
+                format!("{:?} must start with '/' and have no query", e.path),
+            ));
+        }
+        if out.endpoints.iter().any(|o| o.path == e.path) {
+            return Err((span, format!("agent_endpoint[{i}].path"), format!("{} is listed twice", e.path)));
+        }
+        let pool = e.pool.unwrap_or(DEFAULT_POOL);
+        if !(1..=256).contains(&pool) {
+            return Err((span, format!("agent_endpoint[{i}].pool"), "must be 1-256".into()));
+        }
+        out.endpoints.push(EndpointConfig { path: e.path, pool });
+    }
+    Ok(out)
+}
+
+/// Checks a route's agent target against the declarations: an undeclared agent is an error.
+pub(crate) fn check_target(agents: &AgentsConfig, target: &Target) -> Result<(), String> {
+    let Target::Agent { agent, service } = target else { return Ok(()) };
+    if !agents.declared.iter().any(|d| &d.name == agent) {
+        return Err(format!("agent {agent:?} is not declared in an [[agent]] table"));
+    }
+    if agents.endpoints.is_empty() {
+        return Err("an agent target needs an [[agent_endpoint]] for agents to dial".into());
+    }
+    if !link::valid_name(service) {
+        return Err(format!("service {service:?}: use 1-64 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
+}
+
+/// Connects a session's backend: over an agent's link for an agent target, directly otherwise.
+///
+/// # Errors
+/// [`ConnectError`]; for an agent target [`ConnectError::Agent`] with the text a page shows.
+pub async fn connect(target: &Target, deadline: Duration, tls: Option<&BackendTls>, registry: &Registry) -> Result<Backend, ConnectError> {
+    match target {
+        Target::Agent { agent, service } => registry.open(agent, service, deadline).await,
+        _ => Backend::connect(target, deadline, tls).await,
+    }
+}
+
+/// `{ agent = "…", service = "…" }` as a route's target.
+pub(crate) fn target_from_table(t: toml::Table) -> Result<Target, String> {
+    let field = |k: &str| match t.get(k) {
+        Some(toml::Value::String(s)) if link::valid_name(s) => Ok(s.clone()),
+        Some(_) => Err(format!("target.{k}: a name of 1-64 of A-Z a-z 0-9 . _ -")),
+        None => Err(format!(
+            "target: `{k}` is missing (an agent target is {{ agent = \"NAME\", service = \"NAME\" }})"
+        )),
+    };
+    if let Some(k) = t.keys().find(|k| !matches!(k.as_str(), "agent" | "service")) {
+        return Err(format!("target: unknown key `{k}` (an agent target has `agent` and `service`)"));
+    }
+    Ok(Target::Agent {
+        agent: field("agent")?,
+        service: field("service")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+    use std::path::Path;
+
+    const HASH: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        let text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[agent_endpoint]]\npath = \"/agent\"\n\n{extra}");
+        Config::from_toml(&text, Path::new("agents.toml"))
+    }
+
+    #[test]
+    fn agents_endpoints_and_agent_targets_parse() {
+        let c = parse(&format!(
+            "[[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{HASH}\"\n\n[[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.agents.declared[0].name, "shop-17");
+        assert_eq!(c.agents.endpoints[0].path, "/agent");
+        assert_eq!(c.agents.endpoints[0].pool, super::DEFAULT_POOL);
+        assert_eq!(
+            c.routes[0].target,
+            crate::config::Target::Agent {
+                agent: "shop-17".into(),
+                service: "pos".into()
+            }
+        );
+        assert_eq!(c.routes[0].target.to_string(), "agent shop-17 service pos");
+        assert!(!format!("{:?}", c.agents).contains("ba78"), "the hash stays out of Debug");
+    }
+
+    #[test]
+    fn agent_mistakes_name_file_line_and_field() {
+        let undeclared = parse("[[route]]\npath = \"/pos\"\ntarget = { agent = \"shop-9\", service = \"pos\" }\n").unwrap_err();
+        assert_eq!(
+            undeclared.to_string(),
+            "agents.toml:7: route[0].target: agent \"shop-9\" is not declared in an [[agent]] table"
+        );
+        let bad_hash =
+            parse("[[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"secret\"\n\n[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\n")
+                .unwrap_err();
+        assert!(
+            bad_hash
+                .to_string()
+                .starts_with("agents.toml:7: agent[0].secret_sha256: must be the SHA-256"),
+            "{bad_hash}"
+        );
+        let unknown_key = parse("[[route]]\npath = \"/pos\"\ntarget = { agent = \"a\", host = \"x\" }\n").unwrap_err();
+        assert!(unknown_key.to_string().contains("unknown key `host`"), "{unknown_key}");
+        let tls = parse(&format!(
+            "[[agent]]\nname = \"a\"\nsecret_sha256 = \"{HASH}\"\n\n[[route]]\npath = \"/pos\"\ntarget = {{ agent = \"a\", service = \"pos\" }}\nbackend_tls = {{}}\n"
+        ))
+        .unwrap_err();
+        assert!(tls.to_string().contains("route[0].backend_tls"), "{tls}");
+    }
+}

@@ -1,0 +1,490 @@
+//! Agent mode end to end: the real server ([`TestBridge`]), a real agent (the library's, in
+//! process, dialling the server over real sockets), real TCP services on 127.0.0.1, and real
+//! WebSocket clients. The proxy and the "network" between agent and server are real TCP relays
+//! of our own (a CONNECT proxy; a relay that can be cut like a dropped network).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use wsbridge::agent::client::{self, AgentConfig, AgentHandle, Backoff, Proxy, State};
+use wsbridge::agent::link::{parse_sha256, secret_sha256};
+use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
+use wsbridge::config::{Config, Matcher, RouteConfig, Target};
+
+use crate::common::*;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-shop-17";
+
+/// A server with `agents` declared (all with [`SECRET`]), the endpoint `/agent`, and a route
+/// `/{service}` to each `(agent, service)`.
+fn server_config(agents: &[&str], routes: &[(&str, &str)]) -> Config {
+    let mut config = Config::new("test");
+    config.agents = AgentsConfig {
+        declared: agents
+            .iter()
+            .map(|a| AgentDecl {
+                name: (*a).to_owned(),
+                secret_sha256: parse_sha256(&secret_sha256(SECRET)).unwrap(),
+            })
+            .collect(),
+        endpoints: vec![EndpointConfig {
+            path: "/agent".into(),
+            pool: 4,
+        }],
+    };
+    for (agent, service) in routes {
+        let options = config.default_route_options();
+        config.routes.push(RouteConfig {
+            matcher: Matcher::Path(format!("/{service}")),
+            target: Target::Agent {
+                agent: (*agent).to_owned(),
+                service: (*service).to_owned(),
+            },
+            options,
+        });
+    }
+    config
+}
+
+/// An agent dialling `server` (ws://…/agent) with fast retries, serving `services`.
+fn agent_config(server: SocketAddr, name: &str, secret: &str, services: &[(&str, Target)]) -> AgentConfig {
+    let mut c = AgentConfig::new(format!("ws://{server}/agent").parse().unwrap(), name.into(), secret.into());
+    c.services = services.iter().map(|(n, t)| ((*n).to_owned(), t.clone())).collect();
+    c.backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(400),
+        auth_max: Duration::from_secs(2),
+    };
+    c.connect_timeout = Duration::from_secs(3);
+    c
+}
+
+async fn connected(handle: &mut AgentHandle) {
+    within("the agent to connect", handle.wait_for(|s| *s == State::Connected)).await;
+}
+
+async fn start_agent(config: AgentConfig) -> AgentHandle {
+    let mut h = client::spawn(config).unwrap();
+    connected(&mut h).await;
+    h
+}
+
+#[tokio::test]
+async fn bytes_cross_the_agent_exactly_both_ways_and_the_close_is_clean() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let (ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (mut tx, mut rx) = ws.split();
+    let data = pattern(3 << 20, 7);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        tx
+    });
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        got.extend(recv_data(&mut rx).await);
+    }
+    assert!(got == data, "the echo differs from what was sent");
+    let mut tx = within("writer", writer).await.unwrap();
+    let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 1000.into(),
+        reason: "bye".into(),
+    };
+    tx.send(Message::Close(Some(bye))).await.unwrap();
+    let mut ws = tx.reunite(rx).unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1000), "our close frame echoed");
+}
+
+#[tokio::test]
+async fn the_browser_close_reaches_the_app_after_every_byte() {
+    let (sink, mut received) = sink_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(sink))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let data = pattern(1 << 20, 3);
+    for chunk in data.chunks(32 * 1024) {
+        send_bin(&mut ws, chunk).await;
+    }
+    ws.send(Message::Close(None)).await.unwrap();
+    let all = within("the app's EOF", received.recv()).await.unwrap();
+    assert!(all == data, "the app got {} of {} bytes, or different ones", all.len(), data.len());
+}
+
+#[tokio::test]
+async fn when_the_app_closes_everything_it_wrote_reaches_the_browser_then_1000() {
+    let data = pattern(2 << 20, 9);
+    let source = source_backend(data.clone()).await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(source))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (msgs, close) = read_until_close(&mut ws).await;
+    let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert!(got == data, "got {} of {} bytes, or different ones", got.len(), data.len());
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1000, "{close:?}");
+}
+
+#[tokio::test]
+async fn an_offline_agent_is_named_in_a_1014() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    // A raw client: tungstenite's rewrites 1014 (registered after RFC 6455) to 1002.
+    let mut s = raw_ws(bridge.addr, "/pos").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 is offline".into()));
+}
+
+#[tokio::test]
+async fn a_refused_service_is_named_in_a_1014() {
+    let refused = closed_port().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(refused))])).await;
+    let mut s = raw_ws(bridge.addr, "/pos").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "pos: connection refused".into()));
+}
+
+/// A service the agent does not list is never connected to, whatever the server asks.
+#[tokio::test]
+async fn the_agent_opens_only_its_own_services() {
+    let (echo, accepted) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos"), ("shop-17", "label")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let mut s = raw_ws(bridge.addr, "/label").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 has no service label".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+}
+
+/// One session whose app stops reading, and one whose browser stops reading, on the same agent:
+/// a third session keeps flowing meanwhile.
+#[tokio::test]
+async fn a_stalled_session_does_not_stall_the_others_on_the_same_agent() {
+    let (echo, _) = echo_backend().await;
+    let (stuck, mut stuck_apps) = manual_backend().await;
+    let flood = source_backend(pattern(64 << 20, 1)).await;
+    let bridge = TestBridge::start(server_config(
+        &["shop-17"],
+        &[("shop-17", "echo"), ("shop-17", "stuck"), ("shop-17", "flood")],
+    ))
+    .await;
+    let services = [("echo", tcp(echo)), ("stuck", tcp(stuck)), ("flood", tcp(flood))];
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &services)).await;
+
+    // The app that never reads: the browser's upload is held up.
+    let (stuck_ws, _) = ws_connect(&bridge.url("/stuck"), None).await;
+    let _app = within("the stuck app's connection", stuck_apps.recv()).await.unwrap();
+    let progress = Progress::default();
+    let p = progress.clone();
+    let mut uploader = tokio::spawn(async move {
+        let mut ws = stuck_ws;
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            ws.send(Message::binary(chunk.clone())).await?;
+            p.mark();
+        }
+        #[allow(unreachable_code)]
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(ws)
+    });
+    progress.held_up_for(Duration::from_millis(500), &mut uploader).await;
+    // The browser that never reads, on a flood from its app.
+    let (_flooded, _) = ws_connect(&bridge.url("/flood"), None).await;
+
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let start = Instant::now();
+    for i in 0..200u32 {
+        let msg = pattern(1024, i as u8);
+        send_bin(&mut ws, &msg).await;
+        let mut got = Vec::new();
+        while got.len() < msg.len() {
+            got.extend(recv_data(&mut ws).await);
+        }
+        assert_eq!(got, msg);
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "200 round trips beside two stalled sessions took {took:?}"
+    );
+    assert!(!uploader.is_finished(), "the stuck upload is still held up, not failed");
+    uploader.abort();
+}
+
+/// A TCP relay standing for the network between agent and server: `cut` stops every byte both
+/// ways without closing anything, as a dropped network or a dead NAT mapping does.
+struct Network {
+    addr: SocketAddr,
+    cut: CancellationToken,
+}
+
+async fn network_to(server: SocketAddr) -> Network {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cut = CancellationToken::new();
+    let c = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let Ok(mut b) = TcpStream::connect(server).await else { return };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    _ = c.cancelled() => {
+                        // Hold both sockets open, silent, for the rest of the test.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    Network { addr, cut }
+}
+
+#[tokio::test]
+async fn sessions_end_within_the_keepalive_deadline_when_the_agent_is_lost() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.ping_interval = Some(Duration::from_millis(500));
+    config.timeouts.pong_timeout = Duration::from_millis(1000);
+    let bridge = TestBridge::start(config).await;
+    let network = network_to(bridge.addr).await;
+    let _agent = start_agent(agent_config(network.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let mut sessions = Vec::new();
+    for i in 0..3u8 {
+        let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+        send_bin(&mut ws, &[i; 10]).await;
+        assert_eq!(recv_data(&mut ws).await, vec![i; 10]);
+        sessions.push(ws);
+    }
+    network.cut.cancel();
+    let cut = Instant::now();
+    for mut ws in sessions {
+        let (code, reason) = read_close(&mut ws).await;
+        assert_eq!((code, reason.as_str()), (1011, "backend read failed: agent shop-17 lost"));
+    }
+    // Found by the missed pong: after the pong timeout, at most a ping interval later.
+    let took = cut.elapsed();
+    assert!(
+        took + EARLY >= Duration::from_millis(1000) && took < Duration::from_millis(1500) + LATE,
+        "sessions ended {took:?} after the cut; the deadline is 0.5 s + 1 s"
+    );
+}
+
+#[tokio::test]
+async fn the_agent_reconnects_after_the_server_restarts() {
+    let (echo, _) = echo_backend().await;
+    let config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    let bridge = TestBridge::start(config.clone()).await;
+    let addr = bridge.addr;
+    let mut agent = start_agent(agent_config(addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    bridge.stop().await;
+    within("the agent to notice", agent.wait_for(|s| matches!(s, State::Retrying { .. }))).await;
+    let listener = within("the port again", async {
+        loop {
+            if let Ok(l) = TcpListener::bind(addr).await {
+                return l;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let bridge = TestBridge::start_on(config, listener).await;
+    connected(&mut agent).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"again").await;
+    assert_eq!(recv_data(&mut ws).await, b"again");
+}
+
+#[tokio::test]
+async fn a_second_agent_with_the_same_name_wins_and_the_first_is_told() {
+    let first_app = source_backend(b"first".to_vec()).await;
+    let second_app = source_backend(b"second".to_vec()).await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut first = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(first_app))])).await;
+    let _second = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(second_app))])).await;
+    within(
+        "the first agent to be replaced",
+        first.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("another agent connected"))),
+    )
+    .await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (msgs, _) = read_until_close(&mut ws).await;
+    let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert_eq!(got, b"second");
+}
+
+#[tokio::test]
+async fn a_wrong_secret_backs_off_without_spinning() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let (echo, _) = echo_backend().await;
+    let mut config = agent_config(bridge.addr, "shop-17", "not-the-secret", &[("pos", tcp(echo))]);
+    config.backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(400),
+        auth_max: Duration::from_secs(60),
+    };
+    let mut agent = client::spawn(config).unwrap();
+    within(
+        "the refusal",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("refused this agent's name or secret"))),
+    )
+    .await;
+    let window = Duration::from_secs(3);
+    let before = agent.attempts.load(Ordering::SeqCst);
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    let start = Instant::now();
+    while start.elapsed() < window {
+        ticks.tick().await;
+    }
+    let attempts = agent.attempts.load(Ordering::SeqCst) - before;
+    // Doubling from 0.1 s with jitter in [cap/4, cap]: at most ~7 in 3 s; a spin makes thousands.
+    assert!((1..=8).contains(&attempts), "{attempts} attempts in {window:?}");
+    agent.shutdown.cancel();
+    within("the agent to stop", agent.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_endpoint_answers_one_generic_401_and_slows_repeated_failures() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let link = |name: &str, secret: &str| {
+        format!(
+            "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: {name}\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        )
+    };
+    let unknown = http_raw(bridge.addr, link("shop-99", SECRET).as_bytes()).await;
+    let wrong = http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
+    assert_eq!(status_of(&unknown), 401);
+    assert!(body_of(&unknown).contains("unauthorized"), "{unknown}");
+    assert_eq!(body_of(&unknown), body_of(&wrong), "one answer for both");
+    assert_eq!(status_of(&wrong), 401);
+    // A browser's WebSocket on the endpoint is not an agent handshake; nor is a plain GET.
+    let browser = http_raw(bridge.addr, &upgrade_request("/agent", "")).await;
+    assert_eq!(status_of(&browser), 400);
+    // And an agent's link on a browser route is not an upgrade there.
+    let on_route = http_raw(bridge.addr, link("shop-17", SECRET).replace("/agent", "/pos").as_bytes()).await;
+    assert_ne!(status_of(&on_route), 101);
+    for _ in 0..3 {
+        http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
+    }
+    let slowed = http_raw(bridge.addr, link("shop-17", SECRET).as_bytes()).await;
+    assert_eq!(status_of(&slowed), 429, "{slowed}");
+}
+
+/// A CONNECT proxy: reads the request head, connects where it says, answers 200 and splices.
+/// Counts the tunnels and remembers the last Proxy-Authorization.
+async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::Mutex<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tunnels = Arc::new(AtomicUsize::new(0));
+    let auth = Arc::new(std::sync::Mutex::new(String::new()));
+    let (t, a) = (tunnels.clone(), auth.clone());
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (t, a) = (t.clone(), a.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let Ok(b) = client.read_u8().await else { return };
+                    head.push(b);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let Some(target) = head.strip_prefix("CONNECT ").and_then(|r| r.split(' ').next()) else {
+                    return;
+                };
+                if let Some(line) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("proxy-authorization:")) {
+                    *a.lock().unwrap() = line.to_owned();
+                }
+                let Ok(mut server) = TcpStream::connect(target).await else { return };
+                t.fetch_add(1, Ordering::SeqCst);
+                client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (addr, tunnels, auth)
+}
+
+#[tokio::test]
+async fn the_agent_reaches_the_server_through_a_connect_proxy() {
+    let (echo, _) = echo_backend().await;
+    let (proxy, tunnels, auth) = connect_proxy().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.proxy = Some(format!("http://agent:pw@{proxy}").parse::<Proxy>().unwrap());
+    let _agent = start_agent(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"via the proxy").await;
+    assert_eq!(recv_data(&mut ws).await, b"via the proxy");
+    // The control link and at least the session's data link went through it.
+    assert!(tunnels.load(Ordering::SeqCst) >= 2);
+    assert_eq!(*auth.lock().unwrap(), "Proxy-Authorization: Basic YWdlbnQ6cHc=");
+}
+
+#[tokio::test]
+async fn the_agent_verifies_the_server_certificate() {
+    let (echo, _) = echo_backend().await;
+    let pki = pki::Pki::new("agent test CA");
+    let server = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.listeners.push(wsbridge::config::ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: None,
+        web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
+        tls: Some(wsbridge::config::tls::TlsSettings::new(wsbridge::config::tls::CertFiles {
+            cert: server.cert.clone(),
+            key: Some(server.key.clone()),
+        })),
+    });
+    let bridge = TestBridge::start(config).await;
+    let url = format!("wss://localhost:{}/agent", bridge.addr.port());
+    // Without the CA, the system's roots do not know this server: refused, retried.
+    let mut untrusted = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    untrusted.server = url.parse().unwrap();
+    let mut h = client::spawn(untrusted).unwrap();
+    within(
+        "the certificate refusal",
+        h.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("certificate") || reason.contains("Certificate"))),
+    )
+    .await;
+    h.shutdown.cancel();
+    // With the CA file: connected over TLS, and sessions cross.
+    let mut trusted = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    trusted.server = url.parse().unwrap();
+    trusted.ca_file = Some(pki.ca_file());
+    let _agent = start_agent(trusted).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"over tls").await;
+    assert_eq!(recv_data(&mut ws).await, b"over tls");
+}
+
+/// config/agent-server.toml and config/agent.toml are a working pair: loaded as shipped (the
+/// secret read from agent.secret beside them), with only the addresses swapped for test ones.
+#[tokio::test]
+async fn the_example_configs_are_a_working_pair() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let server = Config::from_file(&dir.join("agent-server.toml")).unwrap();
+    assert_eq!(server.listeners[0].addr, "127.0.0.1:6080".parse().unwrap());
+    let mut agent = AgentConfig::from_file(&dir.join("agent.toml")).unwrap();
+    assert_eq!(agent.server, "ws://127.0.0.1:6080/agent".parse().unwrap());
+    assert_eq!(agent.name, "shop-17");
+    assert_eq!(agent.services["pos"], "127.0.0.1:9100".parse().unwrap());
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server).await;
+    agent.server.port = bridge.addr.port();
+    agent.services.insert("pos".into(), tcp(echo));
+    agent.proxy = None;
+    let _agent = start_agent(agent).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"paired").await;
+    assert_eq!(recv_data(&mut ws).await, b"paired");
+}
