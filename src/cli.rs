@@ -59,6 +59,10 @@ pub enum Command {
         /// PEM private key for --cert.
         #[arg(long, value_name = "FILE", requires = "cert")]
         key: Option<PathBuf>,
+        /// Agent mode: the page's sessions cross an agent (in this process) that dialled in,
+        /// as a `wsbridge agent` on a user's computer would carry them to a desktop app.
+        #[arg(long)]
+        agent: bool,
     },
     /// Run an agent: on a computer the server cannot connect to, dial out to a wsbridge server's
     /// agent endpoint and carry its sessions to local services (agent mode, see README).

@@ -40,10 +40,10 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Some(Command::Check { config }) => runtime.block_on(check(&config)),
         Some(Command::Agent(args)) => runtime.block_on(agent(&args, verbose)),
-        Some(Command::Demo { listen, cert, key }) => {
+        Some(Command::Demo { listen, cert, key, agent }) => {
             wsbridge::logging::init(verbose, LogFormat::Text);
             let tls = cert.map(|cert| wsbridge::tls::CertFiles { cert, key });
-            report(runtime.block_on(demo(&listen, tls)), None)
+            report(runtime.block_on(demo(&listen, tls, agent)), None)
         }
         None => {
             let config_path = cli.run.config.clone();
@@ -174,20 +174,29 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, thre
 }
 
 /// `wsbridge demo`: [`Demo`] with signals, and what to open printed once it can be used.
-async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Result<()> {
+async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>, agent: bool) -> anyhow::Result<()> {
     let addr = listen.parse::<wsbridge::config::ListenAddr>().map_err(anyhow::Error::msg)?.0;
     // Unwrapped, so that `report` finds a configuration error (exit 64) as on a normal run.
-    let demo = Demo::start(addr, tls.map(wsbridge::tls::TlsSettings::new))
-        .await
-        .map_err(|e| match e {
-            DemoError::Bridge(e) => anyhow::Error::new(e),
-            DemoError::Start(e) => anyhow::Error::new(e),
-            e => anyhow::Error::new(e),
-        })?;
+    let tls = tls.map(wsbridge::tls::TlsSettings::new);
+    let started = match agent {
+        true => Demo::start_with_agent(addr, tls).await,
+        false => Demo::start(addr, tls).await,
+    };
+    let demo = started.map_err(|e| match e {
+        DemoError::Bridge(e) => anyhow::Error::new(e),
+        DemoError::Start(e) => anyhow::Error::new(e),
+        e => anyhow::Error::new(e),
+    })?;
     // Before the lines a user (or a test) waits for: a signal without a handler would end the
     // process without the drain.
     spawn_signal_handlers(demo.bridge(), None, 1)?;
     println!("wsbridge demo: open {} in a browser (two tabs make a conversation).", demo.url());
+    if demo.agent_mode() {
+        println!(
+            "Agent mode: the page's sessions cross the agent {} (dialled in on /agent) to the chat server.",
+            wsbridge::demo::DEMO_AGENT
+        );
+    }
     let chat = demo.chat_addr();
     println!("The chat server is plain TCP on {chat}; join the same room from a terminal with:");
     println!("    {}", wsbridge::demo::join_command(chat));

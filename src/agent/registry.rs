@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::link::{self, AgentLink, LinkIo};
 use super::{AgentsConfig, EndpointConfig};
@@ -280,7 +280,7 @@ impl Registry {
             match answer {
                 Err(_) => return Err(timed_out()),
                 Ok(Ok(Some(line))) if line == "ok" => {
-                    info!(agent = name, service, "agent link opened");
+                    debug!(agent = name, service, "agent link opened");
                     return Ok(Backend::Agent(Box::new(AgentLink::new(io, lost, name.to_owned()))));
                 }
                 Ok(Ok(Some(line))) => {

@@ -488,3 +488,41 @@ async fn the_example_configs_are_a_working_pair() {
     send_bin(&mut ws, b"paired").await;
     assert_eq!(recv_data(&mut ws).await, b"paired");
 }
+
+/// `wsbridge demo --agent`, through the library: the page's `/chat` sessions cross the demo's
+/// agent to the chat server.
+#[tokio::test]
+async fn the_demo_in_agent_mode_carries_the_chat_across_its_agent() {
+    let demo = wsbridge::demo::Demo::start_with_agent("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    assert!(demo.agent_mode());
+    let url = demo.url().replace("http://", "ws://") + "chat";
+    let shutdown = demo.bridge().shutdown_token();
+    let serving = tokio::spawn(demo.serve());
+    let (mut ws, _) = within("the demo's chat", async {
+        // The agent dials in as the demo starts; until then the route answers 1014 offline.
+        loop {
+            let (mut ws, _) = ws_connect(&url, None).await;
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.starts_with("* welcome") => return (ws, t),
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    ws.send(Message::text("hello over the agent")).await.unwrap();
+    within("the line back from the room", async {
+        loop {
+            if let Some(Ok(Message::Text(t))) = ws.next().await {
+                if t.ends_with(": hello over the agent") {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    drop(ws);
+    shutdown.cancel();
+    within("the demo to stop", serving).await.unwrap().unwrap();
+}
