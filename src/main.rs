@@ -131,6 +131,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
     println!("{}: OK", path.display());
     print!("{}", config.describe());
     print!("{}", table.describe().await);
+    print!("{}", config.agents.describe());
     ExitCode::SUCCESS
 }
 

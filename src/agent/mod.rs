@@ -44,6 +44,21 @@ pub struct AgentsConfig {
     pub endpoints: Vec<EndpointConfig>,
 }
 
+impl AgentsConfig {
+    /// For `wsbridge check`: one line per endpoint and per declared agent (never its hash).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for e in &self.endpoints {
+            let _ = writeln!(out, "agent endpoint path = {:?}, pool = {}", e.path, e.pool);
+        }
+        for a in &self.declared {
+            let _ = writeln!(out, "agent {:<34} secret_sha256 set", a.name);
+        }
+        out
+    }
+}
+
 /// One `[[agent]]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AgentDecl {

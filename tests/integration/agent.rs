@@ -285,7 +285,9 @@ async fn the_agent_reconnects_after_the_server_restarts() {
     let bridge = TestBridge::start(config.clone()).await;
     let addr = bridge.addr;
     let mut agent = start_agent(agent_config(addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
-    bridge.stop().await;
+    // The server's drain tells the agent to go; the control link does not hold the shutdown.
+    let drained = bridge.stop().await;
+    assert!(drained.clean, "{drained:?}");
     within("the agent to notice", agent.wait_for(|s| matches!(s, State::Retrying { .. }))).await;
     let listener = within("the port again", async {
         loop {
@@ -525,4 +527,138 @@ async fn the_demo_in_agent_mode_carries_the_chat_across_its_agent() {
     drop(ws);
     shutdown.cancel();
     within("the demo to stop", serving).await.unwrap().unwrap();
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+
+/// The `wsbridge agent` binary, with its stderr lines sent to the test.
+fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("agent")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line).await;
+        }
+    });
+    (child, rx)
+}
+
+async fn log_line(lines: &mut tokio::sync::mpsc::Receiver<String>, what: &str) -> String {
+    within(&format!("the agent to log {what:?}"), async {
+        loop {
+            let line = lines.recv().await.expect("the agent's stderr ended");
+            if line.contains(what) {
+                return line;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let server = format!("ws://{}/agent", bridge.addr);
+    let service = format!("pos={echo}");
+    let (mut child, mut lines) = agent_binary(&[
+        "--server",
+        &server,
+        "--name",
+        "shop-17",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--service",
+        &service,
+    ]);
+    log_line(&mut lines, "agent: connected").await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"before").await;
+    assert_eq!(recv_data(&mut ws).await, b"before");
+    let pid = child.id().unwrap().to_string();
+    assert!(tokio::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    log_line(&mut lines, "agent: shutting down").await;
+    // The live session goes on after SIGTERM...
+    send_bin(&mut ws, b"after").await;
+    assert_eq!(recv_data(&mut ws).await, b"after");
+    assert!(child.try_wait().unwrap().is_none(), "the agent exited with a session open");
+    // ...and once it ends, the agent exits at once, not at the end of its 10 s grace.
+    ws.close(None).await.unwrap();
+    let closed = Instant::now();
+    let status = within("the agent to exit", child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(3),
+        "exited {:?} after its last session",
+        closed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn new_secret_prints_a_secret_and_its_server_line() {
+    let out = tokio::process::Command::new(BIN)
+        .args(["agent", "--new-secret"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let secret = text.lines().next().unwrap();
+    assert_eq!(secret.len(), 64, "{text}");
+    assert!(text.contains(&format!("secret_sha256 = \"{}\"", secret_sha256(secret))), "{text}");
+}
+
+#[tokio::test]
+async fn check_names_the_file_line_and_field_of_an_agent_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.secret"), "s\n").unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "[agent]\nserver = \"ws://127.0.0.1:6080/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n\n[agent.services]\npos = \"127.0.0.1\"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("agent.toml") && err.contains("line 7") && err.contains("expected HOST:PORT"),
+        "{err}"
+    );
+    std::fs::write(&file, "[agent]\nserver = \"ftp://x/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n[agent.services]\npos = \"127.0.0.1:1\"\n").unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["agent", "--config", file.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("agent.toml:2: agent.server:"), "{err}");
 }
