@@ -873,24 +873,49 @@ async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &Cancel
     let started = Instant::now();
     let (app_read, mut app_write) = app.halves();
     let (link_read, mut link_write) = tokio::io::split(io);
-    // Each direction: copy to EOF, then pass the EOF on (half-close); an error ends both.
+    // Each direction: copy to EOF, then pass the EOF on (half-close); an error ends both. One
+    // buffer per direction (copy_buf reads into the BufReader's and writes from it).
     let up = async {
-        let n = tokio::io::copy(&mut BufReader::with_capacity(16 * 1024, link_read), &mut app_write).await?;
+        let n = tokio::io::copy_buf(&mut BufReader::with_capacity(COPY_BUFFER, link_read), &mut app_write).await?;
         app_write.shutdown().await?;
         Ok::<u64, std::io::Error>(n)
     };
     let down = async {
-        let n = tokio::io::copy(&mut BufReader::with_capacity(16 * 1024, app_read), &mut link_write).await?;
+        let n = tokio::io::copy_buf(&mut BufReader::with_capacity(COPY_BUFFER, app_read), &mut link_write).await?;
         link_write.shutdown().await?;
         Ok::<u64, std::io::Error>(n)
     };
-    match tokio::try_join!(up, down) {
+    tokio::pin!(up, down);
+    let ended = tokio::select! {
+        // The link's EOF: the browser's session is over and the server reads nothing more after
+        // it, so an app that neither answers nor closes is not waited on beyond the close time.
+        r = &mut up => match r {
+            Ok(n) => match timeout(AFTER_BROWSER_CLOSE, &mut down).await {
+                Ok(d) => d.map(|d| (n, d)),
+                Err(_) => Ok((n, 0)),
+            },
+            Err(e) => Err(e),
+        },
+        // The app's EOF: what it wrote is on its way; the browser may still send until it closes.
+        r = &mut down => match r {
+            Ok(d) => (&mut up).await.map(|n| (n, d)),
+            Err(e) => Err(e),
+        },
+    };
+    match ended {
         Ok((up, down)) => {
             info!(%service, bytes_up = up, bytes_down = down, duration_ms = started.elapsed().as_millis() as u64, "agent: session closed")
         }
         Err(e) => info!(%service, error = %e, duration_ms = started.elapsed().as_millis() as u64, "agent: session ended"),
     }
 }
+
+/// Each direction's buffer in an agent's session.
+const COPY_BUFFER: usize = 32 * 1024;
+
+/// How long an app may go on after the browser's side of a session ended (the server's close
+/// deadline, by default).
+const AFTER_BROWSER_CLOSE: Duration = Duration::from_secs(5);
 
 /// Writes a data link's answer line (`ok`, `err …`).
 async fn answer(io: &mut Box<dyn LinkIo>, text: &str, config: &AgentConfig) {

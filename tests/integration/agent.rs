@@ -266,8 +266,13 @@ async fn sessions_end_within_the_keepalive_deadline_when_the_agent_is_lost() {
     }
     network.cut.cancel();
     let cut = Instant::now();
-    for mut ws in sessions {
-        let (code, reason) = read_close(&mut ws).await;
+    // Every session read at once: a client that is not read cannot answer the bridge's pings.
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { read_close(&mut ws).await }))
+        .collect();
+    for reader in readers {
+        let (code, reason) = reader.await.unwrap();
         assert_eq!((code, reason.as_str()), (1011, "backend read failed: agent shop-17 lost"));
     }
     // Found by the missed pong: after the pong timeout, at most a ping interval later.
