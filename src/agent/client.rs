@@ -581,28 +581,41 @@ async fn run(
             changed
         });
     };
+    // The reason of the last failure: a retry that fails the same way is logged at debug only,
+    // so an outage of hours is a few lines, not one per attempt.
+    let mut last_failure: Option<String> = None;
     loop {
         attempts.fetch_add(1, Ordering::Relaxed);
         set(State::Connecting);
-        info!(server = %config.server.authority(), agent = %config.name, "agent: connecting");
+        match last_failure {
+            None => info!(server = %config.server.authority(), agent = %config.name, "agent: connecting"),
+            Some(_) => debug!(server = %config.server.authority(), "agent: connecting again"),
+        }
         let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions).await;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
             Ended::Drain => {
                 failures = 0;
+                last_failure = None;
                 ("the server is draining: reconnecting".to_owned(), false)
             }
             Ended::Refused(r) => (r, true),
             Ended::Failed { reason, was_connected } => {
                 if was_connected {
                     failures = 0;
+                    last_failure = None;
                 }
                 (reason, false)
             }
         };
         failures = failures.saturating_add(1);
         let after = config.backoff.delay(failures, auth);
-        warn!(%reason, retry_in = ?after, "agent: connection lost; retrying");
+        if last_failure.as_deref() == Some(reason.as_str()) {
+            debug!(%reason, retry_in = ?after, "agent: still not connected; retrying");
+        } else {
+            warn!(%reason, retry_in = ?after, "agent: not connected; retrying");
+        }
+        last_failure = Some(reason.clone());
         set(State::Retrying { reason, after });
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -699,7 +712,7 @@ async fn control(
                         Ok(ControlMessage::Want { links }) => {
                             if !connected {
                                 connected = true;
-                                info!(agent = %config.name, "agent: connected");
+                                info!(agent = %config.name, services = config.services.len(), "agent: connected");
                                 set(State::Connected);
                             }
                             // Bounded: the server asks for its pool's worth; a confused one

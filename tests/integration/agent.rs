@@ -667,3 +667,41 @@ async fn check_names_the_file_line_and_field_of_an_agent_mistake() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("agent.toml:2: agent.server:"), "{err}");
 }
+
+/// A server that stays away: the agent retries, and says so once, not once per attempt.
+#[tokio::test]
+async fn a_repeated_failure_is_logged_once() {
+    let closed = closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let server = format!("ws://{closed}/agent");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["agent", "--server", &server, "--name", "shop-17", "--service", "pos=127.0.0.1:1"])
+        .arg("--secret-file")
+        .arg(&secret)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let (mut warned, mut again) = (0, 0);
+    // Backoff from 1 s: a few attempts in this window.
+    let window = tokio::time::sleep(Duration::from_millis(3500));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => break,
+            line = lines.next_line() => {
+                let line = line.unwrap().expect("the agent exited");
+                warned += usize::from(line.contains("agent: not connected; retrying"));
+                again += usize::from(line.contains("connecting again"));
+            }
+        }
+    }
+    child.kill().await.unwrap();
+    assert!(again >= 1, "no retry in the window");
+    assert_eq!(warned, 1, "the same failure was warned about {warned} times");
+}
