@@ -434,8 +434,9 @@ def agent_ready(port: int, timeout: float = 20.0) -> None:
                     rest += s.recv(4096)
                 except socket.timeout:
                     pass
-                # An open session sends nothing to an idle client; a refused one, its close frame.
-                if head.startswith(b"HTTP/1.1 101") and not rest:
+                # A refused session's first frame is its close frame (opcode 8); an open one
+                # sends nothing yet, or the backend's first bytes.
+                if head.startswith(b"HTTP/1.1 101") and (not rest or rest[0] & 0x0F != 8):
                     return
         except OSError:
             pass
