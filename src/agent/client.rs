@@ -838,6 +838,9 @@ async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &Cancel
         );
         io.write_all(head.as_bytes()).await?;
         io.flush().await?;
+        // Buffered: the head and the `open` line cost a read each, not one per byte. Nothing
+        // follows `open` until our `ok`, so the buffer is empty once the line is read.
+        let mut io = BufReader::with_capacity(1024, io);
         let (status, _) = link::read_response_head(&mut io).await?;
         match status {
             101 => Ok(io),
@@ -845,15 +848,19 @@ async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &Cancel
         }
     })
     .await;
-    let mut io = match opened {
+    let mut buffered = match opened {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return debug!(error = %e, "agent: data link not opened"),
         Err(_) => return debug!("agent: data link not opened in time"),
     };
     let line = tokio::select! {
         _ = idle.cancelled() => return,
-        l = link::read_line(&mut io) => l,
+        l = link::read_line(&mut buffered) => l,
     };
+    if !buffered.buffer().is_empty() {
+        return warn!("agent: the server sent bytes after `open` before our answer; link closed");
+    }
+    let mut io = buffered.into_inner();
     let service = match line {
         Ok(Some(l)) => match l.strip_prefix("open ") {
             Some(s) => s.to_owned(),

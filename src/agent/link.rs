@@ -126,6 +126,34 @@ pub async fn read_line<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Option<St
     }
 }
 
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes in whole reads, for the server's
+/// side of `open`: the agent's app may speak first, so its bytes can arrive with `ok` in one
+/// read; they come back as the second value, for [`AgentLink`] to hand out first. `Ok(None)` on
+/// EOF before any byte.
+///
+/// # Errors
+/// The stream failed, ended mid-line, or the line is too long or not UTF-8.
+pub async fn read_line_with_rest<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Option<(String, Vec<u8>)>> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        if let Some(end) = got.iter().position(|b| *b == b'\n') {
+            let rest = got.split_off(end + 1);
+            got.truncate(end);
+            let text = String::from_utf8(got).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))?;
+            return Ok(Some((text.trim_end_matches('\r').to_owned(), rest)));
+        }
+        if got.len() > MAX_LINE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+        }
+        match io.read(&mut chunk).await? {
+            0 if got.is_empty() => return Ok(None),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Reads an HTTP response head (to the blank line, at most 8 KiB, nothing past it) and returns
 /// its status code and text.
 ///
@@ -158,6 +186,8 @@ pub fn clean_reason(s: &str) -> String {
 /// so the session closes with 1011 instead of waiting on a link whose other end is gone.
 pub struct AgentLink {
     io: Box<dyn LinkIo>,
+    /// The app's first bytes, read with the agent's `ok`: handed out before the link is read.
+    early: Vec<u8>,
     lost: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The agent's name, for the error.
     name: String,
@@ -170,10 +200,12 @@ impl std::fmt::Debug for AgentLink {
 }
 
 impl AgentLink {
-    /// Wraps a link whose `open` was answered `ok`; `lost` is the agent connection's token.
-    pub fn new(io: Box<dyn LinkIo>, lost: CancellationToken, name: String) -> AgentLink {
+    /// Wraps a link whose `open` was answered `ok` (`early`: bytes read after it); `lost` is the
+    /// agent connection's token.
+    pub fn new(io: Box<dyn LinkIo>, early: Vec<u8>, lost: CancellationToken, name: String) -> AgentLink {
         AgentLink {
             io,
+            early,
             lost: Box::pin(lost.cancelled_owned()),
             name,
         }
@@ -196,6 +228,12 @@ impl AsyncRead for AgentLink {
         let this = self.get_mut();
         if let Err(e) = this.check_lost(cx) {
             return Poll::Ready(Err(e));
+        }
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early[..n]);
+            this.early.drain(..n);
+            return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
     }
@@ -249,5 +287,20 @@ mod tests {
         a.write_all(&[b'x'; MAX_LINE + 1]).await.unwrap();
         assert!(read_line(&mut b).await.is_err());
         drop(a);
+    }
+
+    #[tokio::test]
+    async fn the_apps_first_bytes_read_with_ok_are_handed_out_first() {
+        let (mut agent, server) = tokio::io::duplex(4096);
+        agent.write_all(b"ok\nWELCOME").await.unwrap();
+        let mut server: Box<dyn LinkIo> = Box::new(server);
+        let (line, rest) = read_line_with_rest(&mut server).await.unwrap().unwrap();
+        assert_eq!(line, "ok");
+        let mut link = AgentLink::new(server, rest, CancellationToken::new(), "a".into());
+        agent.write_all(b" AND MORE").await.unwrap();
+        drop(agent);
+        let mut all = Vec::new();
+        link.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"WELCOME AND MORE");
     }
 }

@@ -274,16 +274,16 @@ impl Registry {
             let answer = timeout_at(end, async {
                 io.write_all(format!("open {service}\n").as_bytes()).await?;
                 io.flush().await?;
-                link::read_line(&mut io).await
+                link::read_line_with_rest(&mut io).await
             })
             .await;
             match answer {
                 Err(_) => return Err(timed_out()),
-                Ok(Ok(Some(line))) if line == "ok" => {
+                Ok(Ok(Some((line, early)))) if line == "ok" => {
                     debug!(agent = name, service, "agent link opened");
-                    return Ok(Backend::Agent(Box::new(AgentLink::new(io, lost, name.to_owned()))));
+                    return Ok(Backend::Agent(Box::new(AgentLink::new(io, early, lost, name.to_owned()))));
                 }
-                Ok(Ok(Some(line))) => {
+                Ok(Ok(Some((line, _)))) => {
                     let reason = line
                         .strip_prefix("err ")
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
