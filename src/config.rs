@@ -800,21 +800,12 @@ impl RawConfig {
             Ok(a) => a,
             Err((span, field, message)) => return ctx.invalid(span, field, message),
         };
-        for (i, r) in self.route.iter().enumerate() {
-            if let Err(message) = crate::agent::check_target(&config.agents, &r.get_ref().target) {
-                return ctx.invalid(r.span(), format!("route[{i}].target"), message);
-            }
-            if let Some(p) = r
-                .get_ref()
-                .path
-                .as_ref()
-                .filter(|p| config.agents.endpoints.iter().any(|e| e.path == *p.get_ref()))
-            {
-                return ctx.invalid(p.span(), format!("route[{i}].path"), "this path is an [[agent_endpoint]]");
-            }
-            if matches!(r.get_ref().target, Target::Agent { .. }) && r.get_ref().backend_tls.is_some() {
-                return ctx.invalid(r.span(), format!("route[{i}].backend_tls"), "TLS is for TCP targets, not agents");
-            }
+        let agent_routes = self.route.iter().map(|r| {
+            let path = r.get_ref().path.as_ref().map(|p| (p.span(), p.get_ref().as_str()));
+            (r.span(), path, &r.get_ref().target, r.get_ref().backend_tls.is_some())
+        });
+        if let Err((span, field, message)) = crate::agent::check_routes(&config.agents, agent_routes) {
+            return ctx.invalid(span, field, message);
         }
         let defaults = config.default_route_options();
         config.routes = routes(self.route, &defaults, ctx)?;

@@ -155,8 +155,27 @@ pub(crate) fn validate(
     Ok(out)
 }
 
+/// A `[[route]]` as [`check_routes`] sees it: its span, its path (with its span), its target,
+/// whether it has `backend_tls`.
+pub(crate) type RouteView<'a> = (std::ops::Range<usize>, Option<(std::ops::Range<usize>, &'a str)>, &'a Target, bool);
+
+/// Checks the routes against agent mode: an agent target names a declared agent and has no
+/// `backend_tls`; no route takes an agent endpoint's path.
+pub(crate) fn check_routes<'a>(agents: &AgentsConfig, routes: impl Iterator<Item = RouteView<'a>>) -> Result<(), Invalid> {
+    for (i, (span, path, target, backend_tls)) in routes.enumerate() {
+        check_target(agents, target).map_err(|m| (span.clone(), format!("route[{i}].target"), m))?;
+        if let Some((pspan, p)) = path.filter(|(_, p)| agents.endpoints.iter().any(|e| e.path == *p)) {
+            return Err((pspan, format!("route[{i}].path"), format!("{p} is an [[agent_endpoint]]")));
+        }
+        if matches!(target, Target::Agent { .. }) && backend_tls {
+            return Err((span, format!("route[{i}].backend_tls"), "TLS is for TCP targets, not agents".into()));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a route's agent target against the declarations: an undeclared agent is an error.
-pub(crate) fn check_target(agents: &AgentsConfig, target: &Target) -> Result<(), String> {
+fn check_target(agents: &AgentsConfig, target: &Target) -> Result<(), String> {
     let Target::Agent { agent, service } = target else { return Ok(()) };
     if !agents.declared.iter().any(|d| &d.name == agent) {
         return Err(format!("agent {agent:?} is not declared in an [[agent]] table"));
@@ -254,5 +273,7 @@ mod tests {
         ))
         .unwrap_err();
         assert!(tls.to_string().contains("route[0].backend_tls"), "{tls}");
+        let taken = parse("[[route]]\npath = \"/agent\"\ntarget = \"127.0.0.1:1\"\n").unwrap_err();
+        assert_eq!(taken.to_string(), "agents.toml:8: route[0].path: /agent is an [[agent_endpoint]]");
     }
 }
