@@ -705,3 +705,23 @@ async fn a_repeated_failure_is_logged_once() {
     assert!(again >= 1, "no retry in the window");
     assert_eq!(warned, 1, "the same failure was warned about {warned} times");
 }
+
+#[tokio::test]
+async fn an_agent_serves_a_unix_socket_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("label.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "label")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("label", Target::Unix(path))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/label"), None).await;
+    send_bin(&mut ws, b"^XA^FDhello^XZ").await;
+    assert_eq!(recv_data(&mut ws).await, b"^XA^FDhello^XZ");
+}
