@@ -79,6 +79,10 @@ pub struct RouteTable {
     any_path: Option<Arc<Route>>,
     tokens: HashMap<String, Arc<Route>>,
     sources: Vec<(TokenSource, Option<BackendTls>, Slots)>,
+    /// Agent mode's fleet routes (`/PREFIX/{agent}/{service}`), by prefix.
+    agent_templates: Vec<(String, Arc<Route>)>,
+    /// The declared agents: a fleet route reaches no other.
+    agents: std::collections::HashSet<String>,
 }
 
 /// The connector for a route's backend TLS settings; routes with equal settings share one, so
@@ -114,15 +118,19 @@ impl RouteTable {
                 .unwrap_or_default();
             let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), tls, sessions);
             match &r.matcher {
-                Matcher::Path(p) => {
-                    table.paths.insert(p.clone(), route);
-                }
+                Matcher::Path(p) => match crate::agent::template_prefix(p, &r.target) {
+                    Some(prefix) => table.agent_templates.push((prefix.to_owned(), route)),
+                    None => {
+                        table.paths.insert(p.clone(), route);
+                    }
+                },
                 Matcher::AnyPath => table.any_path = Some(route),
                 Matcher::Token(t) => {
                     table.tokens.insert(t.clone(), route);
                 }
             }
         }
+        table.agents = config.agents.declared.iter().map(|d| d.name.clone()).collect();
         for s in &config.token_sources {
             let tls = backend_tls(&s.options, &mut made).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
             let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
@@ -166,6 +174,18 @@ impl RouteTable {
         let path = request.uri().path();
         if let Some(r) = self.paths.get(path) {
             return Ok(r.clone());
+        }
+        for (prefix, template) in &self.agent_templates {
+            match crate::agent::fill_template(prefix, path) {
+                Some((agent, service)) if self.agents.contains(&agent) => {
+                    let target = Target::Agent { agent, service };
+                    let t = template;
+                    return Ok(Route::new(t.name.clone(), target, t.options.clone(), None, t.sessions.clone()));
+                }
+                // An undeclared agent is an unknown path, whatever the page put in it.
+                Some(_) => return Err(Miss::Path(path.chars().take(200).collect())),
+                None => {}
+            }
         }
         // Only where something takes tokens from the query: websockify in single-target mode
         // ignores the query, and noVNC's `/websockify?token=…` must reach that one target.
@@ -215,7 +235,12 @@ impl RouteTable {
         let mut out = String::new();
         let mut paths: Vec<_> = self.paths.values().collect();
         paths.sort_by(|a, b| a.name.cmp(&b.name));
-        let routes = paths.into_iter().chain(self.tokens.values()).chain(self.any_path.iter());
+        let templates = self.agent_templates.iter().map(|(_, r)| r);
+        let routes = paths
+            .into_iter()
+            .chain(templates)
+            .chain(self.tokens.values())
+            .chain(self.any_path.iter());
         for r in routes {
             let _ = writeln!(out, "{:<40} -> {:<28} {}", r.name, r.target.to_string(), r.options.describe());
         }

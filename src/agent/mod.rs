@@ -163,7 +163,28 @@ pub(crate) type RouteView<'a> = (std::ops::Range<usize>, Option<(std::ops::Range
 /// `backend_tls`; no route takes an agent endpoint's path.
 pub(crate) fn check_routes<'a>(agents: &AgentsConfig, routes: impl Iterator<Item = RouteView<'a>>) -> Result<(), Invalid> {
     for (i, (span, path, target, backend_tls)) in routes.enumerate() {
-        check_target(agents, target).map_err(|m| (span.clone(), format!("route[{i}].target"), m))?;
+        if let Target::Agent { agent, service } = target {
+            let placeholders = [agent, service].iter().filter(|s| s.starts_with('{')).count();
+            let template = path.as_ref().and_then(|(_, p)| template_prefix(p, target));
+            if placeholders > 0 && template.is_none() {
+                return Err((
+                    span,
+                    format!("route[{i}].target"),
+                    "a fleet route is path = \"/PREFIX/{agent}/{service}\" with target = { agent = \"{agent}\", service = \"{service}\" }"
+                        .into(),
+                ));
+            }
+            if template.is_some() && agents.endpoints.is_empty() {
+                return Err((
+                    span,
+                    format!("route[{i}].target"),
+                    "an agent target needs an [[agent_endpoint]] for agents to dial".into(),
+                ));
+            }
+        }
+        if path.as_ref().and_then(|(_, p)| template_prefix(p, target)).is_none() {
+            check_target(agents, target).map_err(|m| (span.clone(), format!("route[{i}].target"), m))?;
+        }
         if let Some((pspan, p)) = path.filter(|(_, p)| agents.endpoints.iter().any(|e| e.path == *p)) {
             return Err((pspan, format!("route[{i}].path"), format!("{p} is an [[agent_endpoint]]")));
         }
@@ -200,10 +221,33 @@ pub async fn connect(target: &Target, deadline: Duration, tls: Option<&BackendTl
     }
 }
 
+/// In a fleet route's target, the agent named by the request's path.
+pub const AGENT_PLACEHOLDER: &str = "{agent}";
+/// In a fleet route's target, the service named by the request's path.
+pub const SERVICE_PLACEHOLDER: &str = "{service}";
+
+/// For a fleet route (path `…/{agent}/{service}`, target `{ agent = "{agent}", service =
+/// "{service}" }`), the path's prefix before the two segments, ending with `/`.
+pub fn template_prefix<'a>(path: &'a str, target: &Target) -> Option<&'a str> {
+    let Target::Agent { agent, service } = target else { return None };
+    if agent != AGENT_PLACEHOLDER || service != SERVICE_PLACEHOLDER {
+        return None;
+    }
+    path.strip_suffix("{agent}/{service}").filter(|p| p.ends_with('/'))
+}
+
+/// The agent and service a request path names under a fleet route's `prefix`: two valid names
+/// and nothing more.
+pub fn fill_template(prefix: &str, path: &str) -> Option<(String, String)> {
+    let (agent, service) = path.strip_prefix(prefix)?.split_once('/')?;
+    (link::valid_name(agent) && link::valid_name(service)).then(|| (agent.to_owned(), service.to_owned()))
+}
+
 /// `{ agent = "…", service = "…" }` as a route's target.
 pub(crate) fn target_from_table(t: toml::Table) -> Result<Target, String> {
     let field = |k: &str| match t.get(k) {
         Some(toml::Value::String(s)) if link::valid_name(s) => Ok(s.clone()),
+        Some(toml::Value::String(s)) if s == AGENT_PLACEHOLDER || s == SERVICE_PLACEHOLDER => Ok(s.clone()),
         Some(_) => Err(format!("target.{k}: a name of 1-64 of A-Z a-z 0-9 . _ -")),
         None => Err(format!(
             "target: `{k}` is missing (an agent target is {{ agent = \"NAME\", service = \"NAME\" }})"
@@ -248,6 +292,29 @@ mod tests {
         );
         assert_eq!(c.routes[0].target.to_string(), "agent shop-17 service pos");
         assert!(!format!("{:?}", c.agents).contains("ba78"), "the hash stays out of Debug");
+    }
+
+    #[test]
+    fn fleet_routes_take_the_agent_and_service_from_the_path() {
+        let c =
+            parse("[[route]]\npath = \"/agents/{agent}/{service}\"\ntarget = { agent = \"{agent}\", service = \"{service}\" }\n").unwrap();
+        let prefix = super::template_prefix("/agents/{agent}/{service}", &c.routes[0].target);
+        assert_eq!(prefix, Some("/agents/"));
+        assert_eq!(
+            super::fill_template("/agents/", "/agents/shop-17/pos"),
+            Some(("shop-17".into(), "pos".into()))
+        );
+        for bad in [
+            "/agents/shop-17",
+            "/agents/shop-17/pos/x",
+            "/agents//pos",
+            "/agents/a b/pos",
+            "/other/a/b",
+        ] {
+            assert_eq!(super::fill_template("/agents/", bad), None, "{bad}");
+        }
+        let half = parse("[[route]]\npath = \"/agents/{agent}\"\ntarget = { agent = \"{agent}\", service = \"pos\" }\n").unwrap_err();
+        assert!(half.to_string().contains("a fleet route is path ="), "{half}");
     }
 
     #[test]

@@ -725,3 +725,43 @@ async fn an_agent_serves_a_unix_socket_service() {
     send_bin(&mut ws, b"^XA^FDhello^XZ").await;
     assert_eq!(recv_data(&mut ws).await, b"^XA^FDhello^XZ");
 }
+
+/// One route for a fleet: `/agents/{agent}/{service}` reaches any declared agent's services,
+/// and nothing else.
+#[tokio::test]
+async fn a_fleet_route_reaches_declared_agents_by_path_and_nothing_else() {
+    let app17 = source_backend(b"shop-17's pos".to_vec()).await;
+    let app18 = source_backend(b"shop-18's pos".to_vec()).await;
+    let mut config = server_config(&["shop-17", "shop-18"], &[]);
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
+        target: Target::Agent {
+            agent: "{agent}".into(),
+            service: "{service}".into(),
+        },
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let _a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app17))])).await;
+    let _a18 = start_agent(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(app18))])).await;
+    for shop in ["shop-17", "shop-18"] {
+        let (mut ws, _) = ws_connect(&bridge.url(&format!("/agents/{shop}/pos")), None).await;
+        let (msgs, _) = read_until_close(&mut ws).await;
+        let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+        assert_eq!(got, format!("{shop}'s pos").as_bytes());
+    }
+    // An undeclared agent is an unknown path: 404 before any upgrade.
+    for path in [
+        "/agents/shop-99/pos",
+        "/agents/shop-17",
+        "/agents/shop-17/pos/more",
+        "/agents/%2e%2e/pos",
+    ] {
+        let answer = http_raw(bridge.addr, &upgrade_request(path, "")).await;
+        assert_eq!(status_of(&answer), 404, "{path}: {answer}");
+    }
+    // A declared agent, a service it does not list: the page reads why.
+    let mut s = raw_ws(bridge.addr, "/agents/shop-18/label").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-18 has no service label".into()));
+}
