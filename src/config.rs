@@ -673,6 +673,8 @@ struct RawConfig {
     agent: Vec<Spanned<crate::agent::RawAgentDecl>>,
     #[serde(default)]
     agent_endpoint: Vec<Spanned<crate::agent::RawEndpoint>>,
+    #[serde(default)]
+    agents: Vec<Spanned<crate::agent::RawFleet>>,
 }
 
 #[derive(Deserialize)]
@@ -796,7 +798,7 @@ impl RawConfig {
         self.limits.apply(&mut config.limits);
         config.log_format = self.log.format;
         config.listeners = listeners(self.listen, ctx)?;
-        config.agents = match crate::agent::validate(self.agent, self.agent_endpoint) {
+        config.agents = match crate::agent::validate(self.agent, self.agent_endpoint, self.agents, &|p| ctx.resolve(p)) {
             Ok(a) => a,
             Err((span, field, message)) => return ctx.invalid(span, field, message),
         };

@@ -81,8 +81,8 @@ pub struct RouteTable {
     sources: Vec<(TokenSource, Option<BackendTls>, Slots)>,
     /// Agent mode's fleet routes (`/PREFIX/{agent}/{service}`), by prefix.
     agent_templates: Vec<(String, Arc<Route>)>,
-    /// The declared agents: a fleet route reaches no other.
-    agents: std::collections::HashSet<String>,
+    /// The declared agents (inline and in fleet files): a fleet route reaches no other.
+    agents: crate::agent::Declared,
 }
 
 /// The connector for a route's backend TLS settings; routes with equal settings share one, so
@@ -130,7 +130,7 @@ impl RouteTable {
                 }
             }
         }
-        table.agents = config.agents.declared.iter().map(|d| d.name.clone()).collect();
+        table.agents = crate::agent::Declared::from_config(&config.agents);
         for s in &config.token_sources {
             let tls = backend_tls(&s.options, &mut made).map_err(|e| format!("token source {}: backend TLS: {e}", s.path.display()))?;
             let source = TokenSource::load(s.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
@@ -176,15 +176,14 @@ impl RouteTable {
             return Ok(r.clone());
         }
         for (prefix, template) in &self.agent_templates {
-            match crate::agent::fill_template(prefix, path) {
-                Some((agent, service)) if self.agents.contains(&agent) => {
-                    let target = Target::Agent { agent, service };
-                    let t = template;
-                    return Ok(Route::new(t.name.clone(), target, t.options.clone(), None, t.sessions.clone()));
-                }
+            if let Some((agent, service)) = crate::agent::fill_template(prefix, path) {
                 // An undeclared agent is an unknown path, whatever the page put in it.
-                Some(_) => return Err(Miss::Path(path.chars().take(200).collect())),
-                None => {}
+                if self.agents.secret_sha256(&agent).await.is_none() {
+                    return Err(Miss::Path(path.chars().take(200).collect()));
+                }
+                let target = Target::Agent { agent, service };
+                let t = template;
+                return Ok(Route::new(t.name.clone(), target, t.options.clone(), None, t.sessions.clone()));
             }
         }
         // Only where something takes tokens from the query: websockify in single-target mode

@@ -106,7 +106,7 @@ pub async fn serve<S: LinkIo + 'static>(
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, s)| s.trim());
-    if let Err(why) = registry.authenticate(name, secret) {
+    if let Err(why) = registry.authenticate(name, secret).await {
         registry.failed(addr.ip());
         // Peer-controlled: printable ASCII only, bounded.
         let shown: String = name.unwrap_or("").chars().filter(char::is_ascii_graphic).take(64).collect();

@@ -16,11 +16,13 @@
 //! |---|---|
 //! | [`link`] | what both sides share: headers, secret hashes, the `open`/`ok`/`err` lines, [`link::AgentLink`] |
 //! | [`registry`] | server side: connected agents, their idle links, `want`/`drain`, per-agent loss |
+//! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
 //! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
 
 pub mod client;
 pub mod endpoint;
+pub mod fleet;
 pub mod link;
 pub mod registry;
 
@@ -42,6 +44,8 @@ pub struct AgentsConfig {
     pub declared: Vec<AgentDecl>,
     /// `[[agent_endpoint]]`: the paths agents dial.
     pub endpoints: Vec<EndpointConfig>,
+    /// `[[agents]]`: files or directories of `NAME: SHA256HEX` lines, re-read on change.
+    pub sources: Vec<std::path::PathBuf>,
 }
 
 impl AgentsConfig {
@@ -55,7 +59,62 @@ impl AgentsConfig {
         for a in &self.declared {
             let _ = writeln!(out, "agent {:<34} secret_sha256 set", a.name);
         }
+        for s in &self.sources {
+            let _ = writeln!(out, "agents source {}", s.display());
+        }
         out
+    }
+}
+
+/// The agents a configuration declares, inline and in fleet files, as lookups see them.
+#[derive(Debug, Default)]
+pub struct Declared {
+    inline: std::collections::HashMap<String, [u8; 32]>,
+    fleet: Vec<std::sync::Arc<fleet::FleetSource>>,
+}
+
+impl Declared {
+    /// Reads the fleet files now (a file that has become unreadable since validation is logged
+    /// and left out).
+    pub fn from_config(agents: &AgentsConfig) -> Declared {
+        let fleet = agents
+            .sources
+            .iter()
+            .filter_map(|p| match fleet::FleetSource::load(p) {
+                Ok(s) => Some(std::sync::Arc::new(s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "agents source not read");
+                    None
+                }
+            })
+            .collect();
+        Declared {
+            inline: agents.declared.iter().map(|d| (d.name.clone(), d.secret_sha256)).collect(),
+            fleet,
+        }
+    }
+
+    /// The SHA-256 of `name`'s secret, if `name` is declared.
+    pub async fn secret_sha256(&self, name: &str) -> Option<[u8; 32]> {
+        if let Some(d) = self.inline.get(name) {
+            return Some(*d);
+        }
+        for source in &self.fleet {
+            if let Some(d) = source.get(name).await {
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    /// Whether there are fleet files (whose agents come and go with them).
+    pub fn has_fleet(&self) -> bool {
+        !self.fleet.is_empty()
+    }
+
+    /// Whether `name` is declared inline (no file is read).
+    pub fn is_inline(&self, name: &str) -> bool {
+        self.inline.contains_key(name)
     }
 }
 
@@ -91,6 +150,13 @@ pub(crate) struct RawAgentDecl {
     pub(crate) secret_sha256: String,
 }
 
+/// `[[agents]]` as the file writes it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFleet {
+    pub(crate) source: std::path::PathBuf,
+}
+
 /// `[[agent_endpoint]]` as the file writes it.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,8 +172,16 @@ pub(crate) type Invalid = (std::ops::Range<usize>, String, String);
 pub(crate) fn validate(
     agents: Vec<toml::Spanned<RawAgentDecl>>,
     endpoints: Vec<toml::Spanned<RawEndpoint>>,
+    fleets: Vec<toml::Spanned<RawFleet>>,
+    resolve: &dyn Fn(&std::path::Path) -> std::path::PathBuf,
 ) -> Result<AgentsConfig, Invalid> {
     let mut out = AgentsConfig::default();
+    for (i, f) in fleets.into_iter().enumerate() {
+        let span = f.span();
+        let path = resolve(&f.into_inner().source);
+        fleet::FleetSource::load(&path).map_err(|e| (span, format!("agents[{i}].source"), e))?;
+        out.sources.push(path);
+    }
     for (i, a) in agents.into_iter().enumerate() {
         let span = a.span();
         let a = a.into_inner();
@@ -198,7 +272,8 @@ pub(crate) fn check_routes<'a>(agents: &AgentsConfig, routes: impl Iterator<Item
 /// Checks a route's agent target against the declarations: an undeclared agent is an error.
 fn check_target(agents: &AgentsConfig, target: &Target) -> Result<(), String> {
     let Target::Agent { agent, service } = target else { return Ok(()) };
-    if !agents.declared.iter().any(|d| &d.name == agent) {
+    // An agent from a fleet file may come and go with the file: the route stands either way.
+    if agents.sources.is_empty() && !agents.declared.iter().any(|d| &d.name == agent) {
         return Err(format!("agent {agent:?} is not declared in an [[agent]] table"));
     }
     if agents.endpoints.is_empty() {
@@ -315,6 +390,22 @@ mod tests {
         }
         let half = parse("[[route]]\npath = \"/agents/{agent}\"\ntarget = { agent = \"{agent}\", service = \"pos\" }\n").unwrap_err();
         assert!(half.to_string().contains("a fleet route is path ="), "{half}");
+    }
+
+    #[test]
+    fn a_fleet_source_resolves_against_the_file_and_its_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fleet"), format!("shop-17: {HASH}\n")).unwrap();
+        let file = dir.path().join("server.toml");
+        let text = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n[[agents]]\nsource = \"fleet\"\n[[route]]\npath = \"/pos\"\ntarget = { agent = \"shop-17\", service = \"pos\" }\n";
+        let c = Config::from_toml(text, &file).unwrap();
+        assert_eq!(c.agents.sources, vec![dir.path().join("fleet")]);
+        std::fs::write(dir.path().join("fleet"), "shop-17 ba78\n").unwrap();
+        let e = Config::from_toml(text, &file).unwrap_err().to_string();
+        assert!(
+            e.contains("server.toml:5: agents[0].source:") && e.ends_with("fleet:1: expected NAME: SHA256HEX"),
+            "{e}"
+        );
     }
 
     #[test]

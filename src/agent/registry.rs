@@ -37,6 +37,8 @@ pub enum Control {
 #[derive(Debug, Default)]
 pub struct Registry {
     declared: RwLock<Arc<AgentsConfig>>,
+    /// Who may log in: the declarations and fleet files in force.
+    names: RwLock<Arc<super::Declared>>,
     agents: Mutex<HashMap<String, Agent>>,
     brake: Brake,
     next_id: AtomicU64,
@@ -110,9 +112,12 @@ impl Registry {
     /// is gone are dropped from the registry (their control links notice at their next tick).
     pub fn set_config(&self, agents: &AgentsConfig) {
         *self.declared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(agents.clone());
+        let names = Arc::new(super::Declared::from_config(agents));
+        *self.names.write().unwrap_or_else(|p| p.into_inner()) = names.clone();
         let mut connected = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         connected.retain(|name, a| {
-            let keep = agents.declared.iter().any(|d| &d.name == name);
+            // An agent from a fleet file is checked again when it next logs in.
+            let keep = names.has_fleet() || names.is_inline(name);
             if !keep {
                 a.replaced.cancel();
             }
@@ -133,13 +138,13 @@ impl Registry {
     ///
     /// # Errors
     /// Why not, for the log.
-    pub fn authenticate(&self, name: Option<&str>, secret: Option<&str>) -> Result<(), AuthFailure> {
+    pub async fn authenticate(&self, name: Option<&str>, secret: Option<&str>) -> Result<(), AuthFailure> {
         let (Some(name), Some(secret)) = (name, secret) else {
             return Err(AuthFailure::Missing);
         };
-        let config = self.config();
-        let decl = config.declared.iter().find(|d| d.name == name).ok_or(AuthFailure::UnknownAgent)?;
-        match link::secret_matches(secret, &decl.secret_sha256) {
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let digest = names.secret_sha256(name).await.ok_or(AuthFailure::UnknownAgent)?;
+        match link::secret_matches(secret, &digest) {
             true => Ok(()),
             false => Err(AuthFailure::WrongSecret),
         }

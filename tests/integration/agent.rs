@@ -38,6 +38,7 @@ fn server_config(agents: &[&str], routes: &[(&str, &str)]) -> Config {
             path: "/agent".into(),
             pool: 4,
         }],
+        sources: Vec::new(),
     };
     for (agent, service) in routes {
         let options = config.default_route_options();
@@ -764,4 +765,44 @@ async fn a_fleet_route_reaches_declared_agents_by_path_and_nothing_else() {
     // A declared agent, a service it does not list: the page reads why.
     let mut s = raw_ws(bridge.addr, "/agents/shop-18/label").await;
     assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-18 has no service label".into()));
+}
+
+/// A fleet file: agents log in with the secrets it lists, and one added to it later is let in
+/// (the file is re-read when it changes), with no reload.
+#[tokio::test]
+async fn agents_from_a_fleet_file_log_in_and_new_ones_are_seen() {
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet");
+    std::fs::write(&fleet, format!("shop-17: {}\n", secret_sha256(SECRET))).unwrap();
+    let mut config = server_config(&[], &[]);
+    config.agents.sources.push(fleet.clone());
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
+        target: Target::Agent {
+            agent: "{agent}".into(),
+            service: "{service}".into(),
+        },
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let _a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/agents/shop-17/pos"), None).await;
+    send_bin(&mut ws, b"from the fleet").await;
+    assert_eq!(recv_data(&mut ws).await, b"from the fleet");
+    // Not in the file yet: refused, retrying; then added: let in at its next attempt.
+    let mut a18 = client::spawn(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(echo))])).unwrap();
+    within(
+        "shop-18's refusal",
+        a18.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("refused"))),
+    )
+    .await;
+    let answer = http_raw(bridge.addr, &upgrade_request("/agents/shop-18/pos", "")).await;
+    assert_eq!(status_of(&answer), 404, "not declared yet: {answer}");
+    std::fs::write(&fleet, format!("shop-17: {h}\nshop-18: {h}\n", h = secret_sha256(SECRET))).unwrap();
+    connected(&mut a18).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/agents/shop-18/pos"), None).await;
+    send_bin(&mut ws, b"new shop").await;
+    assert_eq!(recv_data(&mut ws).await, b"new shop");
 }
