@@ -556,7 +556,7 @@ fn tls_for(config: &AgentConfig) -> Result<Option<BackendTls>, crate::tls::TlsEr
 enum Ended {
     Shutdown,
     Drain,
-    /// The server refused the login (401, 429) or another agent took the name: long backoff.
+    /// The server refused the login (401) or another agent took the name: long backoff.
     Refused(String),
     /// Anything else: network, server restart, ping timeout.
     Failed {
@@ -776,9 +776,9 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
             let status = response.status();
             match status.as_u16() {
                 401 | 403 => Err(Ended::Refused(format!("the server refused this agent's name or secret ({status})"))),
-                429 => Err(Ended::Refused(format!(
-                    "the server is slowing down this address's logins ({status})"
-                ))),
+                // Not necessarily this agent's doing (another agent behind the same address,
+                // a proxy's): the network backoff, not the refused secret's.
+                429 => Err(failed(format!("the server is slowing down this address's logins ({status})"))),
                 _ => Err(failed(format!("the server answered {status}"))),
             }
         }
