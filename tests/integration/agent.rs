@@ -806,3 +806,41 @@ async fn agents_from_a_fleet_file_log_in_and_new_ones_are_seen() {
     send_bin(&mut ws, b"new shop").await;
     assert_eq!(recv_data(&mut ws).await, b"new shop");
 }
+
+/// Agents behind one address share the login brake: one slowed down by another's failures
+/// retries with the network backoff (here 0.4 s at most), not the refused secret's (which would
+/// double to 0.8 s, 1.6 s ... before the brake lets it in, about 2 s later).
+#[tokio::test]
+async fn an_agent_slowed_down_by_the_brake_is_not_treated_as_refused() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let wrong = "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer wrong\r\n\r\n";
+    for _ in 0..5 {
+        assert_eq!(status_of(&http_raw(bridge.addr, wrong.as_bytes()).await), 401);
+    }
+    let (echo, _) = echo_backend().await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.backoff = Backoff {
+        initial: Duration::from_millis(400),
+        max: Duration::from_millis(400),
+        auth_max: Duration::from_secs(300),
+    };
+    let mut agent = client::spawn(config).unwrap();
+    let mut slowed = 0;
+    within("the agent to get past the brake", async {
+        loop {
+            let state = agent.state.borrow_and_update().clone();
+            match state {
+                State::Connected => return,
+                State::Retrying { reason, after } => {
+                    assert!(reason.contains("slowing down"), "{reason}");
+                    assert!(after <= Duration::from_millis(400), "retrying after {after:?}");
+                    slowed += 1;
+                }
+                _ => {}
+            }
+            agent.state.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(slowed >= 2, "slowed down {slowed} times");
+}
