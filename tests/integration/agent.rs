@@ -844,3 +844,23 @@ async fn an_agent_slowed_down_by_the_brake_is_not_treated_as_refused() {
     .await;
     assert!(slowed >= 2, "slowed down {slowed} times");
 }
+
+/// A server shutting down tells its agents to reconnect elsewhere (drain), and they do at once:
+/// the backoff starts over, as after a connection that worked.
+#[tokio::test]
+async fn a_draining_server_tells_its_agents_to_reconnect() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    // Slow enough that the drain's state is still there when the test looks.
+    config.backoff.initial = Duration::from_secs(2);
+    config.backoff.max = Duration::from_secs(2);
+    let mut agent = start_agent(config).await;
+    let drained = bridge.stop().await;
+    assert!(drained.clean, "{drained:?}");
+    within(
+        "the agent to be told",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("draining"))),
+    )
+    .await;
+}
