@@ -220,20 +220,29 @@ async fn a_stalled_session_does_not_stall_the_others_on_the_same_agent() {
 }
 
 /// A TCP relay standing for the network between agent and server: `cut` stops every byte both
-/// ways without closing anything, as a dropped network or a dead NAT mapping does.
+/// ways on the connections it carries, without closing anything, as a dropped network or a dead
+/// NAT mapping does; connections made after the cut pass (the network is back).
 struct Network {
     addr: SocketAddr,
-    cut: CancellationToken,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+}
+
+impl Network {
+    fn cut(&self) {
+        let mut current = self.generation.lock().unwrap();
+        current.cancel();
+        *current = CancellationToken::new();
+    }
 }
 
 async fn network_to(server: SocketAddr) -> Network {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cut = CancellationToken::new();
-    let c = cut.clone();
+    let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+    let g = generation.clone();
     tokio::spawn(async move {
         while let Ok((mut a, _)) = listener.accept().await {
-            let c = c.clone();
+            let c = g.lock().unwrap().clone();
             tokio::spawn(async move {
                 let Ok(mut b) = TcpStream::connect(server).await else { return };
                 tokio::select! {
@@ -246,7 +255,7 @@ async fn network_to(server: SocketAddr) -> Network {
             });
         }
     });
-    Network { addr, cut }
+    Network { addr, generation }
 }
 
 #[tokio::test]
@@ -265,7 +274,7 @@ async fn sessions_end_within_the_keepalive_deadline_when_the_agent_is_lost() {
         assert_eq!(recv_data(&mut ws).await, vec![i; 10]);
         sessions.push(ws);
     }
-    network.cut.cancel();
+    network.cut();
     let cut = Instant::now();
     // Every session read at once: a client that is not read cannot answer the bridge's pings.
     let readers: Vec<_> = sessions
@@ -863,4 +872,27 @@ async fn a_draining_server_tells_its_agents_to_reconnect() {
         agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("draining"))),
     )
     .await;
+}
+
+/// A network drop: the agent finds its control link dead by the missed pong, reconnects once
+/// the network is back, and sessions cross it again.
+#[tokio::test]
+async fn the_agent_survives_a_network_drop() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let network = network_to(bridge.addr).await;
+    let mut config = agent_config(network.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.ping_interval = Duration::from_millis(300);
+    config.pong_timeout = Duration::from_millis(600);
+    let mut agent = start_agent(config).await;
+    network.cut();
+    within(
+        "the agent to find its link dead",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("no pong"))),
+    )
+    .await;
+    connected(&mut agent).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"back again").await;
+    assert_eq!(recv_data(&mut ws).await, b"back again");
 }
