@@ -20,6 +20,7 @@ every bridge/backend itself and stops all of them on exit.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
@@ -308,6 +309,9 @@ class Bridge:
     forks: bool = False  # one process per connection: memory = PSS sum of the tree
     no_hold: bool = False  # memory rows not run
     note: str = ""
+    # Called with the listen port once it accepts, until the bridge can carry a session (agent
+    # mode: the agent has dialled in); raises when it never can.
+    ready: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -370,6 +374,10 @@ def make_bridges(paths: dict, cert_dir: Path | None, wsbridge_tls: bool) -> list
                         forks=True, no_hold=True,
                         note="wss:// peer; memory rows not run (websockify cannot hold 1,000 "
                              "sessions, see the plain row)"))
+    b.append(Bridge("wsbridge-agent", "ws", agent_argv, forks=True, no_hold=True, ready=agent_ready,
+                    note="agent mode: a wsbridge server and a `wsbridge agent` (both here, over "
+                         "loopback) carry each session over a data link the agent dialled; CPU "
+                         "and memory are both processes'; memory rows not run"))
     if wsbridge_tls and cert_dir:
         b.append(Bridge("wsbridge-tls", "wss",
                         lambda p, t: [str(WSBRIDGE), "--cert", str(cert_dir / "cert.pem"),
@@ -377,6 +385,63 @@ def make_bridges(paths: dict, cert_dir: Path | None, wsbridge_tls: bool) -> list
                                       f"127.0.0.1:{p}", f"127.0.0.1:{t}"],
                         note="wss://, self-signed cert from `loadgen gencert`"))
     return b
+
+
+AGENT_SECRET = os.urandom(32).hex()
+
+
+def agent_argv(port: int, target: int) -> list[str]:
+    """Agent mode as a user would run it: the server with an [[agent_endpoint]], one agent and
+    a route for any path to its service `app`; the agent dialling it and serving the backend.
+    One shell is the process group's leader, so `stop` ends both."""
+    import hashlib
+    work = Path(tempfile.mkdtemp(prefix="wsbridge-bench-agent-"))
+    atexit.register(shutil.rmtree, work, True)
+    (work / "agent.secret").write_text(AGENT_SECRET + "\n")
+    digest = hashlib.sha256(AGENT_SECRET.encode()).hexdigest()
+    (work / "server.toml").write_text(
+        f'[[listen]]\naddr = "127.0.0.1:{port}"\n\n[[agent_endpoint]]\npath = "/agent"\n\n'
+        f'[[agent]]\nname = "bench"\nsecret_sha256 = "{digest}"\n\n'
+        f'[[route]]\npath = "*"\ntarget = {{ agent = "bench", service = "app" }}\n')
+    script = ('"$0" --config "$1/server.toml" & s=$!; '
+              '"$0" agent --server "ws://127.0.0.1:$2/agent" --name bench '
+              '--secret-file "$1/agent.secret" --service "app=127.0.0.1:$3" --proxy off & a=$!; '
+              'trap \'kill -TERM $s $a; wait\' TERM INT; wait')
+    return ["sh", "-c", script, str(WSBRIDGE), str(work), str(port), str(target)]
+
+
+def agent_ready(port: int, timeout: float = 20.0) -> None:
+    """Waits until a WebSocket session on `port` stays open (the agent has connected): before
+    that the server closes it at once with 1014 "agent bench is offline"."""
+    import base64
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                key = base64.b64encode(os.urandom(16)).decode()
+                s.sendall((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                rest = head.split(b"\r\n\r\n", 1)[-1]
+                s.settimeout(0.3)
+                try:
+                    rest += s.recv(4096)
+                except socket.timeout:
+                    pass
+                # A refused session's first frame is its close frame (opcode 8); an open one
+                # sends nothing yet, or the backend's first bytes.
+                if head.startswith(b"HTTP/1.1 101") and (not rest or rest[0] & 0x0F != 8):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"agent mode: no session could open on port {port} within {timeout:.0f} s")
 
 
 # --------------------------------------------------------------------------
@@ -529,6 +594,8 @@ class Bench:
                 logf = open(self.logdir / f"{bridge.name}-{row.name}-r{rnd}.log", "w")
                 bridge_proc = spawn(pin + bridge.argv(port, bp), stdout=logf, stderr=logf)
                 wait_listening(port, bridge_proc)
+                if bridge.ready:
+                    bridge.ready(port)
             target = self.client_args(bridge, port)
             if row.kind == "hold":
                 rec.update(self.hold(bridge, bridge_proc, target, row))
@@ -941,7 +1008,7 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="seconds-long check of the harness itself; writes no report")
     ap.add_argument("--bridges", help="comma list (default: all) of direct,socat,websocat,"
-                    "websockify,websockify-tls,wstcp,wsbridge,wsbridge-tls")
+                    "websockify,websockify-tls,wstcp,wsbridge,wsbridge-tls,wsbridge-agent")
     ap.add_argument("--rows", help="comma list (default: all) of bulk-up,bulk-down,echo-1,"
                     "echo-50,echo-1-pinned,sessions,idle-1k,idle-9k,burst")
     ap.add_argument("--rounds", type=int)
@@ -1012,7 +1079,7 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every bridge
 
     all_bridge_names = ["direct", "socat", "websocat", "websockify", "websockify-tls", "wstcp",
-                        "wsbridge", "wsbridge-tls"]
+                        "wsbridge", "wsbridge-tls", "wsbridge-agent"]
     want = cfg.bridges.split(",") if cfg.bridges else all_bridge_names
     unknown = set(want) - set(all_bridge_names)
     if unknown:
@@ -1025,7 +1092,7 @@ def main(argv=None) -> int:
         sys.exit(f"{LOADGEN} missing (run without --no-build)")
     notes: list[str] = []
     wsbridge_ok = False
-    if {"wsbridge", "wsbridge-tls"} & set(want):
+    if {"wsbridge", "wsbridge-tls", "wsbridge-agent"} & set(want):
         err = build_wsbridge() if not cfg.no_build else (None if WSBRIDGE.exists() else "not built")
         if err:
             notes.append(f"wsbridge not measured: {err}")

@@ -28,6 +28,8 @@ pub enum Backend {
     Unix(UnixStream),
     /// TLS over TCP.
     Tls(TlsBackend),
+    /// An agent's data link whose `open` was answered `ok` (agent mode).
+    Agent(Box<crate::agent::link::AgentLink>),
 }
 
 /// Why a backend could not be reached. The `Display` text is what the client reads in the close
@@ -47,6 +49,9 @@ pub enum ConnectError {
     /// client reads only a short summary; the details (names in the certificate) go to the log.
     #[error("backend TLS failed: {}", tls_summary(.0))]
     Tls(#[source] io::Error),
+    /// Agent mode: the agent is offline, has no such service, or its app refused.
+    #[error("{0}")]
+    Agent(String),
 }
 
 impl Backend {
@@ -70,6 +75,7 @@ impl Backend {
                     io::ErrorKind::Unsupported,
                     "TLS is for TCP targets, not unix sockets",
                 ))),
+                Target::Agent { agent, .. } => Err(ConnectError::Agent(format!("agent {agent}: not reachable from here"))),
                 Target::Unix(path) => UnixStream::connect(path).await.map(Backend::Unix).map_err(ConnectError::Connect),
                 Target::Tcp { host, port } => {
                     let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), *port))
@@ -168,6 +174,8 @@ pub enum BackendReader<'a> {
     Unix(crate::platform::UnixReadHalf<'a>),
     /// TLS (both halves are polled by the one session task, so the split's lock is uncontended).
     Tls(tokio::io::ReadHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An agent's data link.
+    Agent(tokio::io::ReadHalf<&'a mut crate::agent::link::AgentLink>),
 }
 
 /// The write side of a backend, for the client → backend direction.
@@ -179,6 +187,8 @@ pub enum BackendWriter<'a> {
     Unix(crate::platform::UnixWriteHalf<'a>),
     /// TLS.
     Tls(tokio::io::WriteHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An agent's data link.
+    Agent(tokio::io::WriteHalf<&'a mut crate::agent::link::AgentLink>),
 }
 
 impl Backend {
@@ -196,6 +206,10 @@ impl Backend {
             Backend::Tls(s) => {
                 let (r, w) = tokio::io::split(&mut **s);
                 (BackendReader::Tls(r), BackendWriter::Tls(w))
+            }
+            Backend::Agent(s) => {
+                let (r, w) = tokio::io::split(&mut **s);
+                (BackendReader::Agent(r), BackendWriter::Agent(w))
             }
         }
     }
@@ -218,6 +232,7 @@ impl tokio::io::AsyncRead for BackendReader<'_> {
                 std::task::Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => std::task::Poll::Ready(Ok(())),
                 other => other,
             },
+            BackendReader::Agent(r) => std::pin::Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -226,7 +241,7 @@ impl BackendWriter<'_> {
     /// Whether written bytes may wait in the stream until it is flushed (TLS records when the
     /// socket was full); TCP and unix sockets hand everything to the kernel at once.
     pub fn buffers(&self) -> bool {
-        matches!(self, BackendWriter::Tls(_))
+        matches!(self, BackendWriter::Tls(_) | BackendWriter::Agent(_))
     }
 }
 
@@ -236,6 +251,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_write(cx, buf),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_write(cx, buf),
             BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            BackendWriter::Agent(w) => std::pin::Pin::new(w).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -247,6 +263,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
             BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
+            BackendWriter::Agent(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
@@ -257,6 +274,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_flush(cx),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_flush(cx),
             BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_flush(cx),
+            BackendWriter::Agent(w) => std::pin::Pin::new(w).poll_flush(cx),
         }
     }
     /// Sends EOF (FIN) to the backend; it may still send to us.
@@ -265,6 +283,7 @@ impl tokio::io::AsyncWrite for BackendWriter<'_> {
             BackendWriter::Tcp(w) => std::pin::Pin::new(w).poll_shutdown(cx),
             BackendWriter::Unix(w) => std::pin::Pin::new(w).poll_shutdown(cx),
             BackendWriter::Tls(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            BackendWriter::Agent(w) => std::pin::Pin::new(w).poll_shutdown(cx),
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::policy::OriginRule;
 ///   wsbridge --config wsbridge.toml                   everything a TOML file can say
 ///   wsbridge check --config wsbridge.toml             validate and print the route table
 ///   wsbridge demo                                     a chat room in the browser, no setup
+///   wsbridge agent --config agent.toml                agent mode: serve local apps to a server
 #[derive(Debug, Parser)]
 #[command(name = "wsbridge", version, verbatim_doc_comment, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -60,7 +61,21 @@ pub enum Command {
         /// PEM private key for --cert.
         #[arg(long, value_name = "FILE", requires = "cert")]
         key: Option<PathBuf>,
+        /// Agent mode: the page's sessions cross an agent (in this process) that dialled in,
+        /// as a `wsbridge agent` on a user's computer would carry them to a desktop app.
+        #[arg(long)]
+        agent: bool,
     },
+    /// Run an agent: on a computer the server cannot connect to, dial out to a wsbridge server's
+    /// agent endpoint and carry its sessions to local services (agent mode, see README).
+    ///
+    /// Example:
+    ///   wsbridge agent --server wss://bridge.example.com/agent --name shop-17 \
+    ///       --secret-file /etc/wsbridge/agent.secret --service pos=127.0.0.1:9100
+    ///   wsbridge agent --config agent.toml
+    ///   wsbridge agent --new-secret
+    #[command(verbatim_doc_comment)]
+    Agent(crate::agent::client::AgentArgs),
 }
 
 /// Options for bridging (the default command).

@@ -49,6 +49,8 @@ pub struct Config {
     /// Origins admitted on routes and listeners that set none: same-origin for a configuration
     /// file (and the demo); any origin on the websockify-style command line, as websockify does.
     pub default_origins: Vec<OriginRule>,
+    /// Agent mode: declared agents and the endpoints they dial.
+    pub agents: crate::agent::AgentsConfig,
 }
 
 /// One listening socket.
@@ -191,6 +193,13 @@ pub enum Target {
     },
     /// A unix stream socket.
     Unix(PathBuf),
+    /// A service of a connected agent (agent mode, [`crate::agent`]).
+    Agent {
+        /// The agent's declared name.
+        agent: String,
+        /// The service name in the agent's own list.
+        service: String,
+    },
 }
 
 impl fmt::Display for Target {
@@ -199,6 +208,7 @@ impl fmt::Display for Target {
             Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
             Target::Tcp { host, port } => write!(f, "{host}:{port}"),
             Target::Unix(path) => write!(f, "unix:{}", path.display()),
+            Target::Agent { agent, service } => write!(f, "agent {agent} service {service}"),
         }
     }
 }
@@ -377,6 +387,7 @@ impl Config {
             limits: Limits::default(),
             log_format: LogFormat::Text,
             default_origins: vec![OriginRule::SameOrigin],
+            agents: crate::agent::AgentsConfig::default(),
         }
     }
 
@@ -738,6 +749,12 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    agent: Vec<Spanned<crate::agent::RawAgentDecl>>,
+    #[serde(default)]
+    agent_endpoint: Vec<Spanned<crate::agent::RawEndpoint>>,
+    #[serde(default)]
+    agents: Vec<Spanned<crate::agent::RawFleet>>,
 }
 
 #[derive(Deserialize)]
@@ -892,6 +909,17 @@ impl RawConfig {
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
         config.listeners = listeners(self.listen, ctx)?;
+        config.agents = match crate::agent::validate(self.agent, self.agent_endpoint, self.agents, &|p| ctx.resolve(p)) {
+            Ok(a) => a,
+            Err((span, field, message)) => return ctx.invalid(span, field, message),
+        };
+        let agent_routes = self.route.iter().map(|r| {
+            let path = r.get_ref().path.as_ref().map(|p| (p.span(), p.get_ref().as_str()));
+            (r.span(), path, &r.get_ref().target, r.get_ref().backend_tls.is_some())
+        });
+        if let Err((span, field, message)) = crate::agent::check_routes(&config.agents, agent_routes) {
+            return ctx.invalid(span, field, message);
+        }
         let defaults = config.default_route_options();
         config.routes = routes(self.route, &defaults, ctx)?;
         config.token_sources = token_sources(self.tokens, &defaults, ctx)?;
@@ -1203,9 +1231,15 @@ impl RawRouteOptions {
 }
 
 impl<'de> Deserialize<'de> for Target {
+    /// A string (`"host:port"`, `"unix:/path"`) or, in agent mode, `{ agent = "…", service = "…" }`.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => s.parse().map_err(de::Error::custom),
+            toml::Value::Table(t) => crate::agent::target_from_table(t).map_err(de::Error::custom),
+            _ => Err(de::Error::custom(
+                "expected \"HOST:PORT\", \"unix:/path\" or { agent = \"NAME\", service = \"NAME\" }",
+            )),
+        }
     }
 }
 

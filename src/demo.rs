@@ -5,6 +5,11 @@
 //! The chat server is an ordinary TCP service: any TCP client joins the same room (the demo
 //! prints a [`join_command`] that needs only bash), which is the point of the demo.
 //!
+//! With `--agent` ([`Demo::start_with_agent`]) the chat server is reached the agent-mode way: the
+//! bridge's `/chat` route targets the service `chat` of an agent, and an agent in the same process
+//! dials the bridge's `/agent` endpoint and carries the page's sessions to the chat server, as a
+//! `wsbridge agent` on a user's computer would carry them to a desktop app.
+//!
 //! [`Demo::start`] sets it all up through [`crate::server::start`], as the binary serves a
 //! configuration; `main.rs` adds signals and the lines it prints.
 
@@ -47,6 +52,8 @@ pub struct Demo {
     bound: Bound,
     chat: SocketAddr,
     tls: bool,
+    /// The in-process agent of `--agent`, stopped when the demo ends.
+    agent: Option<crate::agent::client::AgentHandle>,
     /// Removed when the demo ends, however it ends.
     _web: WebRoot,
 }
@@ -69,21 +76,62 @@ impl Demo {
     /// The chat server's port or the page's directory cannot be had; the certificate cannot be
     /// used; `listen` cannot be bound.
     pub async fn start(listen: SocketAddr, tls: Option<TlsSettings>) -> Result<Demo, DemoError> {
+        Demo::start_inner(listen, tls, false).await
+    }
+
+    /// [`Demo::start`] in agent mode: the page's sessions cross an agent (see the module doc).
+    ///
+    /// # Errors
+    /// As [`Demo::start`]; also the system's random source failing (the agent's secret).
+    pub async fn start_with_agent(listen: SocketAddr, tls: Option<TlsSettings>) -> Result<Demo, DemoError> {
+        Demo::start_inner(listen, tls, true).await
+    }
+
+    async fn start_inner(listen: SocketAddr, tls: Option<TlsSettings>, agent: bool) -> Result<Demo, DemoError> {
         let chat = TcpListener::bind("127.0.0.1:0").await.map_err(DemoError::Chat)?;
         let chat_addr = chat.local_addr().map_err(DemoError::Chat)?;
         let web = WebRoot(write_web_root().map_err(DemoError::Page)?);
         let mut config = config(listen, &web.0, chat_addr);
+        let secret = match agent {
+            true => {
+                let secret = crate::agent::link::new_secret().map_err(DemoError::Chat)?;
+                agent_mode(&mut config, &secret);
+                Some(secret)
+            }
+            false => None,
+        };
         let with_tls = tls.is_some();
         config.listeners[0].tls = tls;
         start::raise_open_file_limit();
         let bridge = Bridge::new(&config)?;
         let bound = start::bind(&config, 1)?;
         spawn_chat_server(chat, bridge.shutdown_token());
+        let agent = match secret {
+            None => None,
+            Some(secret) => {
+                // Plain ws:// over loopback to the bound port: the agent is in this process
+                // (a TLS listener takes plain connections too unless it is TLS-only).
+                let port = bound.addrs()[0].port();
+                let server = format!("ws://127.0.0.1:{port}/agent")
+                    .parse()
+                    .map_err(|e: String| DemoError::Chat(std::io::Error::other(e)))?;
+                let mut c = crate::agent::client::AgentConfig::new(server, DEMO_AGENT.into(), secret);
+                c.services.insert(
+                    "chat".into(),
+                    Target::Tcp {
+                        host: chat_addr.ip().to_string(),
+                        port: chat_addr.port(),
+                    },
+                );
+                Some(crate::agent::client::spawn(c).map_err(|e| DemoError::Chat(std::io::Error::other(e)))?)
+            }
+        };
         Ok(Demo {
             bridge,
             bound,
             chat: chat_addr,
             tls: with_tls,
+            agent,
             _web: web,
         })
     }
@@ -109,7 +157,43 @@ impl Demo {
     /// # Errors
     /// See [`Bound::serve`].
     pub async fn serve(self) -> Result<Drained, StartError> {
-        self.bound.serve(&self.bridge).await
+        let drained = self.bound.serve(&self.bridge).await;
+        if let Some(agent) = self.agent {
+            agent.shutdown.cancel();
+            let _ = agent.task.await;
+        }
+        drained
+    }
+
+    /// Whether the page's sessions cross an agent (`--agent`).
+    pub fn agent_mode(&self) -> bool {
+        self.agent.is_some()
+    }
+}
+
+/// The name of `--agent`'s agent.
+pub const DEMO_AGENT: &str = "demo-agent";
+
+/// Turns the demo's `/chat` route into an agent route: the agent [`DEMO_AGENT`] with `secret`,
+/// dialling `/agent`, serving `chat`.
+fn agent_mode(config: &mut Config, secret: &str) {
+    use crate::agent::{link, AgentDecl, EndpointConfig};
+    let Some(secret_sha256) = link::parse_sha256(&link::secret_sha256(secret)) else {
+        return;
+    };
+    config.agents.declared.push(AgentDecl {
+        name: DEMO_AGENT.into(),
+        secret_sha256,
+    });
+    config.agents.endpoints.push(EndpointConfig {
+        path: "/agent".into(),
+        pool: crate::agent::DEFAULT_POOL,
+    });
+    for r in &mut config.routes {
+        r.target = Target::Agent {
+            agent: DEMO_AGENT.into(),
+            service: "chat".into(),
+        };
     }
 }
 

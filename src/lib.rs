@@ -19,6 +19,7 @@
 //! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
 //! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |
 //! | [`frame`] | WebSocket frames: the client's parsed and unmasked in place, our headers |
+//! | [`agent`] | agent mode: the `wsbridge agent` process, the server's agent endpoint and registry |
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
 //! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
 //! | [`policy`] | who may open a session: origins, client networks, authentication, caps per client address, the real client address |
@@ -32,6 +33,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod backend;
 pub mod cli;
 pub mod config;

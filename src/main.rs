@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
+use wsbridge::agent::client::{AgentArgs, AgentConfig};
 use wsbridge::cli::{Cli, Command};
 use wsbridge::config::{Config, LogFormat};
 use wsbridge::demo::{Demo, DemoError};
@@ -39,10 +40,11 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Some(Command::Check { config }) => runtime.block_on(check(&config)),
-        Some(Command::Demo { listen, cert, key }) => {
+        Some(Command::Agent(args)) => runtime.block_on(agent(&args, verbose)),
+        Some(Command::Demo { listen, cert, key, agent }) => {
             wsbridge::logging::init(verbose, LogFormat::Text);
             let tls = cert.map(|cert| wsbridge::tls::CertFiles { cert, key });
-            report(runtime.block_on(demo(&listen, tls)), None)
+            report(runtime.block_on(demo(&listen, tls, agent)), None)
         }
         None => {
             let config_path = cli.run.config.clone();
@@ -88,6 +90,28 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
 
 /// `wsbridge check`: validate, then print listeners, timeouts and the route table.
 async fn check(path: &std::path::Path) -> ExitCode {
+    if wsbridge::agent::client::is_agent_file(path) {
+        return match AgentConfig::from_file(path) {
+            Ok(c) => {
+                println!(
+                    "{}: OK (agent {} for {}://{}{})",
+                    path.display(),
+                    c.name,
+                    if c.server.tls { "wss" } else { "ws" },
+                    c.server.authority(),
+                    c.server.path
+                );
+                for (name, target) in &c.services {
+                    println!("service {name:<20} -> {target}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsbridge: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        };
+    }
     let config = match Config::from_file(path) {
         Ok(c) => c,
         Err(e) => {
@@ -111,6 +135,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
     println!("{}: OK", path.display());
     print!("{}", config.describe());
     print!("{}", table.describe().await);
+    print!("{}", config.agents.describe());
     ExitCode::SUCCESS
 }
 
@@ -151,24 +176,78 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, thre
 }
 
 /// `wsbridge demo`: [`Demo`] with signals, and what to open printed once it can be used.
-async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>) -> anyhow::Result<()> {
+async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>, agent: bool) -> anyhow::Result<()> {
     let addr = listen.parse::<wsbridge::config::ListenAddr>().map_err(anyhow::Error::msg)?.0;
     // Unwrapped, so that `report` finds a configuration error (exit 64) as on a normal run.
-    let demo = Demo::start(addr, tls.map(wsbridge::tls::TlsSettings::new))
-        .await
-        .map_err(|e| match e {
-            DemoError::Bridge(e) => anyhow::Error::new(e),
-            DemoError::Start(e) => anyhow::Error::new(e),
-            e => anyhow::Error::new(e),
-        })?;
+    let tls = tls.map(wsbridge::tls::TlsSettings::new);
+    let started = match agent {
+        true => Demo::start_with_agent(addr, tls).await,
+        false => Demo::start(addr, tls).await,
+    };
+    let demo = started.map_err(|e| match e {
+        DemoError::Bridge(e) => anyhow::Error::new(e),
+        DemoError::Start(e) => anyhow::Error::new(e),
+        e => anyhow::Error::new(e),
+    })?;
     // Before the lines a user (or a test) waits for: a signal without a handler would end the
     // process without the drain.
     spawn_signal_handlers(demo.bridge(), None, 1)?;
     println!("wsbridge demo: open {} in a browser (two tabs make a conversation).", demo.url());
+    if demo.agent_mode() {
+        println!(
+            "Agent mode: the page's sessions cross the agent {} (dialled in on /agent) to the chat server.",
+            wsbridge::demo::DEMO_AGENT
+        );
+    }
     let chat = demo.chat_addr();
     println!("The chat server is plain TCP on {chat}; join the same room from a terminal with:");
     println!("    {}", wsbridge::demo::join_command(chat));
     println!("Press Ctrl-C to stop.");
     demo.serve().await?;
     Ok(())
+}
+
+/// `wsbridge agent`: runs until SIGTERM or SIGINT, then lets live sessions finish (64 on a bad
+/// configuration).
+async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
+    if args.new_secret {
+        return match wsbridge::agent::client::new_secret_text() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsbridge: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let config = match AgentConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsbridge: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    wsbridge::logging::init(verbose, LogFormat::Text);
+    let handle = match wsbridge::agent::client::spawn(config) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("wsbridge: agent: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let Ok(mut signals) = wsbridge::signals::Signals::new() else {
+        eprintln!("wsbridge: cannot install signal handlers");
+        return ExitCode::from(1);
+    };
+    let shutdown = handle.shutdown.clone();
+    tokio::spawn(async move {
+        // SIGHUP (Unix) has nothing to reload in an agent: only a shutdown ends the wait.
+        while signals.recv().await != wsbridge::signals::Signal::Shutdown {}
+        tracing::info!("agent: shutting down: closing the control link; live sessions finish");
+        shutdown.cancel();
+    });
+    let _ = handle.task.await;
+    ExitCode::SUCCESS
 }

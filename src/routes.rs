@@ -152,6 +152,10 @@ pub struct RouteTable {
     sources: Vec<(TokenSource, Shared)>,
     /// Sources whose tokens are JWTs naming their target (websockify's JWTTokenApi).
     jwt_sources: Vec<(JwtTokens, Shared)>,
+    /// Agent mode's fleet routes (`/PREFIX/{agent}/{service}`), by prefix.
+    agent_templates: Vec<(String, Arc<Route>)>,
+    /// The declared agents (inline and in fleet files): a fleet route reaches no other.
+    agents: crate::agent::Declared,
 }
 
 /// A JWT token source in service: the verifier, and what its tokens may name.
@@ -194,15 +198,19 @@ impl RouteTable {
             let shared = Shared::new(&r.options, before.as_ref(), &mut made, capacity).map_err(|e| format!("route {}: {e}", r.matcher))?;
             let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), &shared);
             match &r.matcher {
-                Matcher::Path(p) => {
-                    table.paths.insert(p.clone(), route);
-                }
+                Matcher::Path(p) => match crate::agent::template_prefix(p, &r.target) {
+                    Some(prefix) => table.agent_templates.push((prefix.to_owned(), route)),
+                    None => {
+                        table.paths.insert(p.clone(), route);
+                    }
+                },
                 Matcher::AnyPath => table.any_path = Some(route),
                 Matcher::Token(t) => {
                     table.tokens.insert(t.clone(), route);
                 }
             }
         }
+        table.agents = crate::agent::Declared::from_config(&config.agents);
         for s in &config.token_sources {
             let before = previous.and_then(|p| {
                 p.sources
@@ -255,6 +263,17 @@ impl RouteTable {
         let path = request.uri().path();
         if let Some(r) = self.paths.get(path) {
             return Ok(r.clone());
+        }
+        for (prefix, template) in &self.agent_templates {
+            if let Some((agent, service)) = crate::agent::fill_template(prefix, path) {
+                // An undeclared agent is an unknown path, whatever the page put in it.
+                if self.agents.secret_sha256(&agent).await.is_none() {
+                    return Err(Miss::Path(path.chars().take(200).collect()));
+                }
+                let target = Target::Agent { agent, service };
+                let t = template;
+                return Ok(Route::new(t.name.clone(), target, t.options.clone(), &t.shared()));
+            }
         }
         // Only where something takes tokens from the query: websockify in single-target mode
         // ignores the query, and noVNC's `/websockify?token=…` must reach that one target.
@@ -325,7 +344,12 @@ impl RouteTable {
         let mut out = String::new();
         let mut paths: Vec<_> = self.paths.values().collect();
         paths.sort_by(|a, b| a.name.cmp(&b.name));
-        let routes = paths.into_iter().chain(self.tokens.values()).chain(self.any_path.iter());
+        let templates = self.agent_templates.iter().map(|(_, r)| r);
+        let routes = paths
+            .into_iter()
+            .chain(templates)
+            .chain(self.tokens.values())
+            .chain(self.any_path.iter());
         for r in routes {
             let _ = writeln!(out, "{:<40} -> {:<28} {}", r.name, r.target.to_string(), r.options.describe());
         }

@@ -506,3 +506,24 @@ async fn demo_refuses_a_page_from_another_origin_in_chromium() {
     );
     stop_demo(demo).await;
 }
+
+/// `wsbridge demo --agent`: the page's sessions cross an agent (in the demo's process, dialled
+/// in on /agent) to the chat server, and back.
+#[tokio::test]
+async fn demo_chat_round_trip_in_chromium_through_an_agent() {
+    let Some(browser) = browser_or_skip("demo_chat_round_trip_in_chromium_through_an_agent") else {
+        return;
+    };
+    let demo = start_demo(&[OsStr::new("--agent")], "http").await;
+    let report = chat_in_browser(&browser, &demo, None, &screenshot_path("-agent")).await;
+    assert_connected(&report, "ws");
+    let log = demo.guard.output.clone();
+    stop_demo(demo).await;
+    // The only way from /chat to the chat server is the agent's: its sessions are logged with it.
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("agent connected"), "the agent never connected:\n{log}");
+    assert!(
+        log.contains("target=agent demo-agent service chat") && log.contains("session closed"),
+        "no session crossed the agent:\n{log}"
+    );
+}

@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::http::request::{answer, answer_text, linger};
 use crate::http::{Context, Outcome, Upgrade, WebRoot};
@@ -62,6 +61,8 @@ struct Live {
     default_origins: Vec<OriginRule>,
     /// Some route sends its backend a PROXY header, which names the address the client reached.
     proxy_headers: bool,
+    /// Agent mode: connected agents; the same registry from table to table.
+    agents: Arc<crate::agent::Registry>,
 }
 
 /// The bridge: configuration in force, shutdown signal and the set of running connections.
@@ -262,9 +263,8 @@ impl Bridge {
             };
             let bridge = self.clone();
             let listener = listener.clone();
-            self.inner
-                .tracker
-                .spawn(async move { bridge.connection(stream, peer, &listener).await }.instrument(span));
+            let connection = crate::agent::endpoint::with_client(peer, async move { bridge.connection(stream, peer, &listener).await });
+            self.inner.tracker.spawn(connection.instrument(span));
         }
     }
 
@@ -385,7 +385,7 @@ impl Bridge {
     /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
     async fn http<S>(&self, mut stream: S, mut peer: Peer, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let t = &live.timeouts;
         let shutdown = &self.shutdown;
@@ -413,6 +413,11 @@ impl Bridge {
                 }
             }
             tracing::Span::current().record("client", tracing::field::display(peer.client.ip()));
+        }
+        if let Some(endpoint) = head.as_ref().ok().and_then(|(r, _)| live.agents.endpoint(r.uri().path())) {
+            let Ok((request, leftover)) = head else { return };
+            let serve = crate::agent::endpoint::serve(stream, request, leftover, &live.agents, &endpoint, t, shutdown);
+            return Box::pin(serve).await;
         }
         let ctx = Context {
             client: peer.client.ip(),
@@ -462,7 +467,7 @@ impl Bridge {
             (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),
             _ => None,
         };
-        run_session(stream, leftover, &route, &params, proxy_header.as_deref(), shutdown).await;
+        run_session(stream, leftover, &route, &params, proxy_header.as_deref(), shutdown, &live.agents).await;
     }
 }
 
@@ -624,6 +629,7 @@ async fn run_session<S>(
     params: &SessionParams<'_>,
     proxy_header: Option<&[u8]>,
     shutdown: &CancellationToken,
+    agents: &crate::agent::Registry,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -631,7 +637,7 @@ async fn run_session<S>(
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
         // Boxed: the connect phase's state is freed before the relay starts.
-        b = Box::pin(Backend::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref(), proxy_header)) => b.map_err(Some),
+        b = Box::pin(crate::agent::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref(), proxy_header, agents)) => b.map_err(Some),
     };
     let backend = match backend {
         Ok(b) => b,
@@ -672,6 +678,13 @@ impl Live {
             .map(|r| &r.options)
             .chain(config.token_sources.iter().map(|s| &s.options))
             .any(|o| o.policy.proxy_protocol.is_some());
+        let agents = match previous {
+            Some(p) => {
+                p.agents.set_config(&config.agents);
+                p.agents.clone()
+            }
+            None => Arc::new(crate::agent::Registry::new(&config.agents)),
+        };
         Ok(Live {
             routes,
             timeouts: config.timeouts.clone(),
@@ -679,6 +692,7 @@ impl Live {
             per_ip: crate::routes::per_ip_table(config.limits.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity),
             default_origins: config.default_origins.clone(),
             proxy_headers,
+            agents,
         })
     }
 }

@@ -8,6 +8,7 @@
 mod common;
 
 mod abuse;
+mod agent;
 mod binary;
 mod cli;
 mod defaults;

@@ -1,0 +1,999 @@
+//! `wsbridge agent`: the process on the user's computer. It dials out to the server's agent
+//! endpoint (through an HTTP proxy with CONNECT when it must), keeps a control link up (pings
+//! both ways, reconnect with capped exponential backoff and full jitter), dials the data links
+//! the server asks for, and on `open <service>` connects to that service, and only to services
+//! in its own list: the server names a service, never an address.
+//!
+//! Its configuration comes from flags or an `[agent]` table in a TOML file (errors name the file,
+//! line and field, as the server's do).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::link::{self, ControlMessage, LinkIo};
+use crate::backend::{Backend, ConnectError};
+use crate::config::{parse_duration, ConfigError, Target};
+use crate::tls::BackendTls;
+
+/// `wsbridge agent`'s flags.
+#[derive(Debug, clap::Args, Default)]
+pub struct AgentArgs {
+    /// Read the `[agent]` table of this TOML file (flags given too override it).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The server's agent endpoint, e.g. wss://bridge.example.com/agent.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// This agent's name, as declared on the server (`[[agent]] name = …`).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// File holding this agent's secret (its SHA-256 is in the server's configuration).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// A service the server may open: NAME=HOST:PORT or NAME=unix:/path (repeatable). Only
+    /// these are ever connected to.
+    #[arg(long = "service", value_name = "NAME=ADDR")]
+    pub services: Vec<String>,
+    /// Verify the server's certificate against this CA file instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// HTTP proxy to reach the server through (CONNECT), e.g. http://user:pass@proxy:3128;
+    /// "off" for none. Default: HTTPS_PROXY (wss) or HTTP_PROXY (ws), honouring NO_PROXY.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+    /// Print a fresh secret and the `secret_sha256` line for the server's `[[agent]]`, then exit.
+    #[arg(long)]
+    pub new_secret: bool,
+}
+
+/// The agent's validated configuration.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The server's agent endpoint.
+    pub server: ServerUrl,
+    /// This agent's name.
+    pub name: String,
+    /// Its secret (never printed: see the `Debug` impl).
+    pub secret: String,
+    /// The services the server may open, by name.
+    pub services: BTreeMap<String, Target>,
+    /// CA file for the server's certificate; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any server certificate: for tests only, never from the command line.
+    pub insecure_skip_verify: bool,
+    /// HTTP proxy (CONNECT), if any.
+    pub proxy: Option<Proxy>,
+    /// Dialling the server (TCP, proxy, TLS, upgrade) and connecting a service.
+    pub connect_timeout: Duration,
+    /// Pings on the control link.
+    pub ping_interval: Duration,
+    /// A ping unanswered this long means the server is gone.
+    pub pong_timeout: Duration,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// On SIGTERM, how long live sessions get to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("server", &self.server)
+            .field("name", &self.name)
+            .field("services", &self.services)
+            .field("proxy", &self.proxy.as_ref().map(|p| format!("{}:{}", p.host, p.port)))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reconnect delays: exponential from `initial`, full jitter, capped at `max` (at `auth_max`
+/// after the server refused the secret or another agent took the name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay's cap.
+    pub initial: Duration,
+    /// The cap after network failures.
+    pub max: Duration,
+    /// The cap after a refused login.
+    pub auth_max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+            auth_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `failures + 1`: uniform in [cap/4, cap] where cap grows from
+    /// `initial` by doubling up to `max` (or `auth_max`); the floor keeps a run of small draws
+    /// from turning into a spin.
+    pub fn delay(&self, failures: u32, auth: bool) -> Duration {
+        let limit = if auth { self.auth_max } else { self.max };
+        let cap = self.initial.saturating_mul(1u32 << failures.saturating_sub(1).min(20)).min(limit);
+        let mut r = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+        let frac = f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX);
+        cap.mul_f64(0.25 + 0.75 * frac)
+    }
+}
+
+/// The server's agent endpoint URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// `wss://` (TLS) or `ws://`.
+    pub tls: bool,
+    /// Host name or IP literal (no brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Path (and query).
+    pub path: String,
+}
+
+impl std::str::FromStr for ServerUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        let tls = match uri.scheme_str() {
+            Some("wss" | "https") => true,
+            Some("ws" | "http") => false,
+            _ => return Err(format!("{s:?}: the server URL starts with wss:// (or ws://)")),
+        };
+        let host = uri.host().ok_or_else(|| format!("{s:?}: no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned());
+        Ok(ServerUrl { tls, host, port, path })
+    }
+}
+
+impl ServerUrl {
+    /// `host:port` as a request target and Host header write it.
+    pub fn authority(&self) -> String {
+        match self.host.contains(':') {
+            true => format!("[{}]:{}", self.host, self.port),
+            false => format!("{}:{}", self.host, self.port),
+        }
+    }
+}
+
+/// An HTTP proxy reached with CONNECT.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// Its host.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// `Proxy-Authorization` value (Basic, from the URL's userinfo).
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Proxy({}:{})", self.host, self.port)
+    }
+}
+
+impl std::str::FromStr for Proxy {
+    type Err = String;
+    /// `http://[user:pass@]host:port` (or without the scheme).
+    fn from_str(s: &str) -> Result<Self, String> {
+        use base64::Engine as _;
+        let rest = s.trim().strip_prefix("http://").unwrap_or(s.trim());
+        if rest.contains("://") {
+            return Err(format!("proxy {s:?}: only http:// proxies (CONNECT) are supported"));
+        }
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let (host, port) = match crate::config::split_host_port(hostport) {
+            Some((h, p)) => (h, p.parse().map_err(|_| format!("proxy {s:?}: bad port"))?),
+            None => (hostport, 80),
+        };
+        if host.is_empty() {
+            return Err(format!("proxy {s:?}: no host"));
+        }
+        let authorization = userinfo.map(|u| {
+            let decoded = percent_encoding::percent_decode_str(u).decode_utf8_lossy();
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(decoded.as_bytes()))
+        });
+        Ok(Proxy {
+            host: host.to_owned(),
+            port,
+            authorization,
+        })
+    }
+}
+
+/// The proxy from the environment for `server`: HTTPS_PROXY (wss) or HTTP_PROXY (ws), lower
+/// case too, unless NO_PROXY names the host (exactly, as a domain suffix, or `*`).
+pub fn proxy_from_env(server: &ServerUrl) -> Result<Option<Proxy>, String> {
+    let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()));
+    let no_proxy = var(&["NO_PROXY", "no_proxy"]).unwrap_or_default();
+    let host = server.host.to_ascii_lowercase();
+    let exempt = no_proxy.split(',').map(|e| e.trim().to_ascii_lowercase()).any(|e| {
+        let e = e.trim_start_matches('.');
+        !e.is_empty() && (e == "*" || host == e || host.ends_with(&format!(".{e}")))
+    });
+    if exempt {
+        return Ok(None);
+    }
+    let value = match server.tls {
+        true => var(&["HTTPS_PROXY", "https_proxy"]),
+        false => var(&["HTTP_PROXY", "http_proxy"]),
+    };
+    value.map(|v| v.parse()).transpose()
+}
+
+/// `[agent]` as the file writes it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    agent: toml::Spanned<RawAgent>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    server: toml::Spanned<String>,
+    name: toml::Spanned<String>,
+    secret_file: toml::Spanned<PathBuf>,
+    services: toml::Spanned<BTreeMap<String, toml::Spanned<Target>>>,
+    ca_file: Option<PathBuf>,
+    proxy: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+    connect_timeout: Option<toml::Spanned<String>>,
+    ping_interval: Option<toml::Spanned<String>>,
+    pong_timeout: Option<toml::Spanned<String>>,
+    retry_max: Option<toml::Spanned<String>>,
+}
+
+/// Whether a TOML file is an agent's (it has an `[agent]` table, not `[[agent]]` declarations).
+pub fn is_agent_file(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| matches!(t.get("agent"), Some(toml::Value::Table(_))))
+}
+
+struct FileCtx<'a> {
+    file: String,
+    text: &'a str,
+}
+
+impl FileCtx<'_> {
+    fn invalid(&self, span: std::ops::Range<usize>, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            line: self.text.get(..span.start).map(|t| t.matches('\n').count() + 1),
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads an `[agent]` table; relative paths resolve against the file's directory.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and field.
+    pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        let raw: RawFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: file.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let ctx = FileCtx { file, text: &text };
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let a = raw.agent.into_inner();
+        let server = a
+            .server
+            .get_ref()
+            .parse()
+            .map_err(|e: String| ctx.invalid(a.server.span(), "agent.server", e))?;
+        let name = a.name.get_ref().clone();
+        if !link::valid_name(&name) {
+            return Err(ctx.invalid(a.name.span(), "agent.name", "use 1-64 of A-Z a-z 0-9 . _ -"));
+        }
+        let secret_path = resolve(a.secret_file.get_ref());
+        let secret = read_secret(&secret_path).map_err(|e| ctx.invalid(a.secret_file.span(), "agent.secret_file", e))?;
+        let mut services = BTreeMap::new();
+        let span = a.services.span();
+        for (k, v) in a.services.into_inner() {
+            let field = format!("agent.services.{k}");
+            if !link::valid_name(&k) {
+                return Err(ctx.invalid(v.span(), &field, "a service name is 1-64 of A-Z a-z 0-9 . _ -"));
+            }
+            let vspan = v.span();
+            let target = v.into_inner();
+            if matches!(target, Target::Agent { .. }) {
+                return Err(ctx.invalid(vspan, &field, "a service is HOST:PORT or unix:/path"));
+            }
+            services.insert(k, target);
+        }
+        if services.is_empty() {
+            return Err(ctx.invalid(span, "agent.services", "list at least one service (NAME = \"HOST:PORT\")"));
+        }
+        let proxy = match &a.proxy {
+            Some(p) if p.get_ref() == "off" => None,
+            Some(p) => Some(p.get_ref().parse().map_err(|e: String| ctx.invalid(p.span(), "agent.proxy", e))?),
+            None => proxy_from_env(&server).map_err(|e| ConfigError::Invalid {
+                file: ctx.file.clone(),
+                line: None,
+                field: "HTTPS_PROXY".into(),
+                message: e,
+            })?,
+        };
+        let dur = |d: &Option<toml::Spanned<String>>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
+            match d {
+                None => Ok(default),
+                Some(s) => parse_duration(s.get_ref())
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| ctx.invalid(s.span(), field, "a duration such as \"10s\" (not 0)")),
+            }
+        };
+        let defaults = AgentConfig::new(server.clone(), name.clone(), String::new());
+        let mut backoff = Backoff::default();
+        backoff.max = dur(&a.retry_max, "agent.retry_max", backoff.max)?;
+        Ok(AgentConfig {
+            server,
+            name,
+            secret,
+            services,
+            ca_file: a.ca_file.map(|c| resolve(&c)),
+            insecure_skip_verify: a.insecure_skip_verify,
+            proxy,
+            connect_timeout: dur(&a.connect_timeout, "agent.connect_timeout", defaults.connect_timeout)?,
+            ping_interval: dur(&a.ping_interval, "agent.ping_interval", defaults.ping_interval)?,
+            pong_timeout: dur(&a.pong_timeout, "agent.pong_timeout", defaults.pong_timeout)?,
+            backoff,
+            shutdown_grace: defaults.shutdown_grace,
+        })
+    }
+
+    /// A configuration with the defaults and no services yet (for flags, tests and embedders).
+    pub fn new(server: ServerUrl, name: String, secret: String) -> AgentConfig {
+        AgentConfig {
+            server,
+            name,
+            secret,
+            services: BTreeMap::new(),
+            ca_file: None,
+            insecure_skip_verify: false,
+            proxy: None,
+            connect_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(20),
+            backoff: Backoff::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// The configuration `wsbridge agent` runs with: the file's, with flags over it.
+    ///
+    /// # Errors
+    /// A missing or invalid value, named.
+    pub fn from_args(args: &AgentArgs) -> Result<AgentConfig, ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            file: "command line".into(),
+            line: None,
+            field: field.to_owned(),
+            message,
+        };
+        let mut config = match &args.config {
+            Some(path) => AgentConfig::from_file(path)?,
+            None => {
+                let server = args
+                    .server
+                    .as_deref()
+                    .ok_or_else(|| invalid("--server", "is needed (or --config)".into()))?;
+                let server = server.parse().map_err(|e| invalid("--server", e))?;
+                let name = args
+                    .name
+                    .clone()
+                    .ok_or_else(|| invalid("--name", "is needed (or --config)".into()))?;
+                let file = args
+                    .secret_file
+                    .as_deref()
+                    .ok_or_else(|| invalid("--secret-file", "is needed (or --config)".into()))?;
+                let secret = read_secret(file).map_err(|e| invalid("--secret-file", e))?;
+                let mut c = AgentConfig::new(server, name, secret);
+                c.proxy = proxy_from_env(&c.server).map_err(|e| invalid("HTTPS_PROXY", e))?;
+                c
+            }
+        };
+        if let Some(server) = &args.server {
+            config.server = server.parse().map_err(|e| invalid("--server", e))?;
+        }
+        if let Some(name) = &args.name {
+            config.name = name.clone();
+        }
+        if !link::valid_name(&config.name) {
+            return Err(invalid("--name", "use 1-64 of A-Z a-z 0-9 . _ -".into()));
+        }
+        if args.config.is_some() {
+            if let Some(file) = &args.secret_file {
+                config.secret = read_secret(file).map_err(|e| invalid("--secret-file", e))?;
+            }
+        }
+        for s in &args.services {
+            let (name, addr) = s
+                .split_once('=')
+                .ok_or_else(|| invalid("--service", format!("{s:?}: expected NAME=HOST:PORT or NAME=unix:/path")))?;
+            if !link::valid_name(name) {
+                return Err(invalid(
+                    "--service",
+                    format!("{name:?}: a service name is 1-64 of A-Z a-z 0-9 . _ -"),
+                ));
+            }
+            let target: Target = addr.parse().map_err(|e| invalid("--service", e))?;
+            config.services.insert(name.to_owned(), target);
+        }
+        if config.services.is_empty() {
+            return Err(invalid("--service", "at least one is needed: NAME=HOST:PORT".into()));
+        }
+        if let Some(ca) = &args.ca_file {
+            config.ca_file = Some(ca.clone());
+        }
+        match args.proxy.as_deref() {
+            Some("off") => config.proxy = None,
+            Some(p) => config.proxy = Some(p.parse().map_err(|e| invalid("--proxy", e))?),
+            None => {}
+        }
+        Ok(config)
+    }
+}
+
+/// Reads a secret file: its first line, trimmed; refuses an empty one.
+fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(format!("{}: the secret file is empty", path.display()));
+    }
+    Ok(secret)
+}
+
+/// What the agent is doing, for its log and for tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Dialling the server.
+    Connecting,
+    /// The server accepted it and asked for links.
+    Connected,
+    /// Waiting to dial again.
+    Retrying {
+        /// Why the last attempt or connection ended.
+        reason: String,
+        /// After how long.
+        after: Duration,
+    },
+    /// Shut down.
+    Stopped,
+}
+
+/// A running agent, as [`spawn`] returns it.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// Its state, updated at each change.
+    pub state: watch::Receiver<State>,
+    /// Attempts to connect so far.
+    pub attempts: Arc<AtomicU64>,
+    /// Cancel to stop it (as SIGTERM does).
+    pub shutdown: CancellationToken,
+    /// Ends when it has stopped and its sessions have finished (or the grace ran out).
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Waits until the state is `want`.
+    pub async fn wait_for(&mut self, want: impl Fn(&State) -> bool) {
+        let _ = self.state.wait_for(|s| want(s)).await;
+    }
+}
+
+/// Starts an agent on the current runtime.
+///
+/// # Errors
+/// The CA file cannot be used.
+pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
+    let tls = tls_for(&config)?;
+    let (tx, rx) = watch::channel(State::Connecting);
+    let attempts = Arc::new(AtomicU64::new(0));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(Arc::new(config), tls, shutdown.clone(), tx, attempts.clone()));
+    Ok(AgentHandle {
+        state: rx,
+        attempts,
+        shutdown,
+        task,
+    })
+}
+
+/// The TLS connector for a `wss://` server: the CA file's roots or the system's.
+fn tls_for(config: &AgentConfig) -> Result<Option<BackendTls>, crate::tls::TlsError> {
+    if !config.server.tls {
+        return Ok(None);
+    }
+    BackendTls::new(&crate::config::tls::BackendTlsSettings {
+        server_name: None,
+        ca: config.ca_file.clone(),
+        insecure_skip_verify: config.insecure_skip_verify,
+    })
+    .map(Some)
+}
+
+/// Why a connection attempt or a connected control link ended.
+enum Ended {
+    Shutdown,
+    Drain,
+    /// The server refused the login (401) or another agent took the name: long backoff.
+    Refused(String),
+    /// Anything else: network, server restart, ping timeout.
+    Failed {
+        reason: String,
+        was_connected: bool,
+    },
+}
+
+async fn run(
+    config: Arc<AgentConfig>,
+    tls: Option<BackendTls>,
+    shutdown: CancellationToken,
+    state: watch::Sender<State>,
+    attempts: Arc<AtomicU64>,
+) {
+    let sessions = TaskTracker::new();
+    let mut failures = 0u32;
+    let set = |s: State| {
+        state.send_if_modified(|old| {
+            let changed = *old != s;
+            *old = s;
+            changed
+        });
+    };
+    // The reason of the last failure: a retry that fails the same way is logged at debug only,
+    // so an outage of hours is a few lines, not one per attempt.
+    let mut last_failure: Option<String> = None;
+    loop {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        set(State::Connecting);
+        match last_failure {
+            None => info!(server = %config.server.authority(), agent = %config.name, "agent: connecting"),
+            Some(_) => debug!(server = %config.server.authority(), "agent: connecting again"),
+        }
+        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions).await;
+        let (reason, auth) = match ended {
+            Ended::Shutdown => break,
+            Ended::Drain => {
+                failures = 0;
+                last_failure = None;
+                ("the server is draining: reconnecting".to_owned(), false)
+            }
+            Ended::Refused(r) => (r, true),
+            Ended::Failed { reason, was_connected } => {
+                if was_connected {
+                    failures = 0;
+                    last_failure = None;
+                }
+                (reason, false)
+            }
+        };
+        failures = failures.saturating_add(1);
+        let after = config.backoff.delay(failures, auth);
+        if last_failure.as_deref() == Some(reason.as_str()) {
+            debug!(%reason, retry_in = ?after, "agent: still not connected; retrying");
+        } else {
+            warn!(%reason, retry_in = ?after, "agent: not connected; retrying");
+        }
+        last_failure = Some(reason.clone());
+        set(State::Retrying { reason, after });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(after) => {}
+        }
+    }
+    sessions.close();
+    if timeout(config.shutdown_grace, sessions.wait()).await.is_err() {
+        warn!(
+            remaining = sessions.len(),
+            "agent: shutdown grace over; ending the remaining sessions"
+        );
+    }
+    info!("agent: stopped");
+    set(State::Stopped);
+}
+
+/// One control connection, from dialling to its end.
+async fn control(
+    config: &Arc<AgentConfig>,
+    tls: Option<&BackendTls>,
+    shutdown: &CancellationToken,
+    set: &impl Fn(State),
+    sessions: &TaskTracker,
+) -> Ended {
+    let failed = |reason: String| Ended::Failed {
+        reason,
+        was_connected: false,
+    };
+    let dialled = tokio::select! {
+        _ = shutdown.cancelled() => return Ended::Shutdown,
+        r = timeout(config.connect_timeout, open_control(config, tls)) => r,
+    };
+    let mut ws = match dialled {
+        Err(_) => return failed(format!("no answer within {:?}", config.connect_timeout)),
+        Ok(Err(Ended::Refused(r))) => return Ended::Refused(r),
+        Ok(Err(e)) => return e,
+        Ok(Ok(ws)) => ws,
+    };
+    let hello = ControlMessage::Hello {
+        name: config.name.clone(),
+        services: config.services.keys().cloned().collect(),
+        version: 1,
+    };
+    let Ok(text) = serde_json::to_string(&hello) else {
+        return failed("hello not encoded".into());
+    };
+    if let Err(e) = timeout(config.pong_timeout, ws.send(Message::text(text)))
+        .await
+        .unwrap_or(Err(tungstenite::Error::ConnectionClosed))
+    {
+        return failed(format!("hello not sent: {e}"));
+    }
+    // Idle links wait for `open` until the control link ends; sessions already open go on.
+    let idle = shutdown.child_token();
+    let _idle_guard = idle.clone().drop_guard();
+    let mut connected = false;
+    let mut tick = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    let mut pong_due: Option<Instant> = None;
+    loop {
+        let pong_wait = async {
+            match pong_due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let lost = |reason: String| Ended::Failed {
+            reason,
+            was_connected: connected,
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let frame = tungstenite::protocol::CloseFrame {
+                    code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+                    reason: "agent shutting down".into(),
+                };
+                let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                return Ended::Shutdown;
+            }
+            _ = pong_wait => return lost(format!("no pong within {:?}", config.pong_timeout)),
+            _ = tick.tick() => {
+                pong_due.get_or_insert(Instant::now() + config.pong_timeout);
+                match timeout(config.pong_timeout, ws.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return lost(e.to_string()),
+                    Err(_) => return lost("ping not written in time".into()),
+                }
+            }
+            m = ws.next() => {
+                pong_due = None;
+                match m {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
+                        Ok(ControlMessage::Want { links }) => {
+                            if !connected {
+                                connected = true;
+                                info!(agent = %config.name, services = config.services.len(), "agent: connected");
+                                set(State::Connected);
+                            }
+                            // Bounded: the server asks for its pool's worth; a confused one
+                            // cannot make the agent dial without end.
+                            for _ in 0..links.min(64) {
+                                if sessions.len() >= 4096 {
+                                    break;
+                                }
+                                let (config, tls, idle) = (config.clone(), tls.cloned(), idle.clone());
+                                sessions.spawn(async move { data_link(&config, tls.as_ref(), &idle).await });
+                            }
+                        }
+                        Ok(ControlMessage::Drain { reason }) => {
+                            info!(%reason, "agent: the server is draining");
+                            let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
+                            return Ended::Drain;
+                        }
+                        _ => debug!("agent: unexpected control message ignored"),
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                        if reason.contains("replaced") {
+                            return Ended::Refused(format!("another agent connected with the name {}", config.name));
+                        }
+                        return lost(format!("the server closed the control link: {reason}"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return lost(e.to_string()),
+                    None => return lost("the server closed the connection".into()),
+                }
+            }
+        }
+    }
+}
+
+type ControlWs = tokio_tungstenite::WebSocketStream<Box<dyn LinkIo>>;
+
+/// Dials and upgrades the control link.
+async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<ControlWs, Ended> {
+    let failed = |reason: String| Ended::Failed {
+        reason,
+        was_connected: false,
+    };
+    let io = dial(config, tls)
+        .await
+        .map_err(|e| failed(format!("cannot reach the server: {e}")))?;
+    let s = &config.server;
+    let url = format!("{}://{}{}", if s.tls { "wss" } else { "ws" }, s.authority(), s.path);
+    let mut request = url.into_client_request().map_err(|e| failed(e.to_string()))?;
+    let headers = request.headers_mut();
+    let value = |v: &str| http::HeaderValue::from_str(v).map_err(|_| failed("a header value is not valid".into()));
+    headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value(link::CONTROL_PROTOCOL)?);
+    headers.insert(http::header::AUTHORIZATION, value(&format!("Bearer {}", config.secret))?);
+    headers.insert(link::NAME_HEADER, value(&config.name)?);
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(64 * 1024))
+        .max_frame_size(Some(64 * 1024));
+    match tokio_tungstenite::client_async_with_config(request, io, Some(ws_config)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status();
+            match status.as_u16() {
+                401 | 403 => Err(Ended::Refused(format!("the server refused this agent's name or secret ({status})"))),
+                // Not necessarily this agent's doing (another agent behind the same address,
+                // a proxy's): the network backoff, not the refused secret's.
+                429 => Err(failed(format!("the server is slowing down this address's logins ({status})"))),
+                _ => Err(failed(format!("the server answered {status}"))),
+            }
+        }
+        Err(e) => Err(failed(format!("handshake failed: {e}"))),
+    }
+}
+
+/// TCP to the server (or to the proxy, then CONNECT), then TLS for `wss://`.
+async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result<Box<dyn LinkIo>> {
+    let s = &config.server;
+    let tcp = match &config.proxy {
+        None => TcpStream::connect((s.host.as_str(), s.port)).await?,
+        Some(p) => {
+            let mut tcp = TcpStream::connect((p.host.as_str(), p.port)).await?;
+            let target = s.authority();
+            let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+            if let Some(auth) = &p.authorization {
+                head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+            }
+            head.push_str("\r\n");
+            tcp.write_all(head.as_bytes()).await?;
+            let (status, _) = link::read_response_head(&mut tcp).await?;
+            if !(200..300).contains(&status) {
+                return Err(std::io::Error::other(format!("the proxy answered {status} to CONNECT")));
+            }
+            tcp
+        }
+    };
+    tcp.set_nodelay(true)?;
+    socket2::SockRef::from(&tcp).set_tcp_keepalive(&crate::backend::tcp_keepalive())?;
+    match tls {
+        None => Ok(Box::new(tcp)),
+        Some(tls) => {
+            let name = match &tls.server_name {
+                Some(n) => n.clone(),
+                None => rustls_pki_types::ServerName::try_from(s.host.clone()).map_err(std::io::Error::other)?,
+            };
+            Ok(Box::new(tls.connector.connect(name, tcp).await?))
+        }
+    }
+}
+
+/// One data link: dial, upgrade, wait for `open`, connect the service, relay until both ends
+/// are done.
+async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &CancellationToken) {
+    let opened = timeout(config.connect_timeout, async {
+        let mut io = dial(config, tls).await?;
+        let s = &config.server;
+        let head = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+            s.path,
+            s.authority(),
+            link::LINK_TOKEN,
+            link::NAME_HEADER,
+            config.name,
+            config.secret
+        );
+        io.write_all(head.as_bytes()).await?;
+        io.flush().await?;
+        // Buffered: the head and the `open` line cost a read each, not one per byte. Nothing
+        // follows `open` until our `ok`, so the buffer is empty once the line is read.
+        let mut io = BufReader::with_capacity(1024, io);
+        let (status, _) = link::read_response_head(&mut io).await?;
+        match status {
+            101 => Ok(io),
+            _ => Err(std::io::Error::other(format!("the server answered {status}"))),
+        }
+    })
+    .await;
+    let mut buffered = match opened {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => return debug!(error = %e, "agent: data link not opened"),
+        Err(_) => return debug!("agent: data link not opened in time"),
+    };
+    let line = tokio::select! {
+        _ = idle.cancelled() => return,
+        l = link::read_line(&mut buffered) => l,
+    };
+    if !buffered.buffer().is_empty() {
+        return warn!("agent: the server sent bytes after `open` before our answer; link closed");
+    }
+    let mut io = buffered.into_inner();
+    let service = match line {
+        Ok(Some(l)) => match l.strip_prefix("open ") {
+            Some(s) => s.to_owned(),
+            None => return warn!("agent: a data link started with something other than `open`; closed"),
+        },
+        Ok(None) => return debug!("agent: idle data link closed by the server"),
+        Err(e) => return debug!(error = %e, "agent: idle data link failed"),
+    };
+    // The allow-list: only a service in this agent's own list, whatever the server asks.
+    let Some(target) = config.services.get(&service).filter(|_| link::valid_name(&service)) else {
+        let shown: String = service.chars().filter(char::is_ascii_graphic).take(64).collect();
+        warn!(service = %shown, "agent: the server asked for a service this agent does not have");
+        return answer(&mut io, &format!("err {shown}: no such service on agent {}\n", config.name), config).await;
+    };
+    let mut app = match Backend::connect(target, config.connect_timeout, None, None).await {
+        Ok(app) => app,
+        Err(e) => {
+            let why = match &e {
+                ConnectError::Connect(e) => crate::backend::describe(e),
+                ConnectError::Timeout(_) => "timed out".into(),
+                ConnectError::Resolve(_) => "cannot resolve host".into(),
+                other => other.to_string(),
+            };
+            warn!(%service, error = %why, "agent: service not reachable");
+            return answer(&mut io, &format!("err {service}: {why}\n"), config).await;
+        }
+    };
+    answer(&mut io, "ok\n", config).await;
+    debug!(%service, "agent: session open");
+    let started = Instant::now();
+    let (app_read, mut app_write) = app.halves();
+    let (link_read, mut link_write) = tokio::io::split(io);
+    // Each direction: copy to EOF, then pass the EOF on (half-close); an error ends both. One
+    // buffer per direction (copy_buf reads into the BufReader's and writes from it).
+    let up = async {
+        let n = tokio::io::copy_buf(&mut BufReader::with_capacity(COPY_BUFFER, link_read), &mut app_write).await?;
+        app_write.shutdown().await?;
+        Ok::<u64, std::io::Error>(n)
+    };
+    let down = async {
+        let n = tokio::io::copy_buf(&mut BufReader::with_capacity(COPY_BUFFER, app_read), &mut link_write).await?;
+        link_write.shutdown().await?;
+        Ok::<u64, std::io::Error>(n)
+    };
+    tokio::pin!(up, down);
+    let ended = tokio::select! {
+        // The link's EOF: the browser's session is over and the server reads nothing more after
+        // it, so an app that neither answers nor closes is not waited on beyond the close time.
+        r = &mut up => match r {
+            Ok(n) => match timeout(AFTER_BROWSER_CLOSE, &mut down).await {
+                Ok(d) => d.map(|d| (n, d)),
+                Err(_) => Ok((n, 0)),
+            },
+            Err(e) => Err(e),
+        },
+        // The app's EOF: what it wrote is on its way; the browser may still send until it closes.
+        r = &mut down => match r {
+            Ok(d) => (&mut up).await.map(|n| (n, d)),
+            Err(e) => Err(e),
+        },
+    };
+    match ended {
+        Ok((up, down)) => {
+            info!(%service, bytes_up = up, bytes_down = down, duration_ms = started.elapsed().as_millis() as u64, "agent: session closed")
+        }
+        Err(e) => info!(%service, error = %e, duration_ms = started.elapsed().as_millis() as u64, "agent: session ended"),
+    }
+}
+
+/// Each direction's buffer in an agent's session.
+const COPY_BUFFER: usize = 32 * 1024;
+
+/// How long an app may go on after the browser's side of a session ended (the server's close
+/// deadline, by default).
+const AFTER_BROWSER_CLOSE: Duration = Duration::from_secs(5);
+
+/// Writes a data link's answer line (`ok`, `err …`).
+async fn answer(io: &mut Box<dyn LinkIo>, text: &str, config: &AgentConfig) {
+    let _ = timeout(config.pong_timeout, async {
+        io.write_all(text.as_bytes()).await?;
+        io.flush().await
+    })
+    .await;
+}
+
+/// `wsbridge agent --new-secret`: a fresh secret and the server's line for it.
+///
+/// # Errors
+/// The system's random source failed.
+pub fn new_secret_text() -> std::io::Result<String> {
+    let secret = link::new_secret()?;
+    Ok(format!(
+        "{secret}\n# save the line above as the agent's secret file; on the server, in its [[agent]]:\nsecret_sha256 = \"{}\"\n",
+        link::secret_sha256(&secret)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_proxies_parse() {
+        let u: ServerUrl = "wss://bridge.example.com/agent".parse().unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "bridge.example.com", 443, "/agent")
+        );
+        let u: ServerUrl = "ws://[::1]:6080/agent".parse().unwrap();
+        assert_eq!(u.authority(), "[::1]:6080");
+        assert!("ftp://x/agent".parse::<ServerUrl>().is_err());
+        let p: Proxy = "http://user:p%40ss@proxy:3128".parse().unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy", 3128));
+        assert_eq!(p.authorization.as_deref(), Some("Basic dXNlcjpwQHNz"));
+        assert!("socks5://proxy:1080".parse::<Proxy>().is_err());
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_never_reaches_zero() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            auth_max: Duration::from_secs(10),
+        };
+        for _ in 0..50 {
+            let first = b.delay(1, false);
+            assert!(
+                first >= Duration::from_millis(25) && first <= Duration::from_millis(100),
+                "{first:?}"
+            );
+            assert!(b.delay(30, false) <= Duration::from_secs(1));
+            assert!(b.delay(30, false) >= Duration::from_millis(250));
+            assert!(b.delay(30, true) >= Duration::from_millis(2500));
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The server's agent endpoint: the handshake of a link an agent dialled (which kind, who, the
+//! secret), the failure brake, and the control link's loop (hello, `want`, pings with a pong
+//! deadline, `drain` on shutdown, newest-wins replacement).
+//!
+//! Only requests on an `[[agent_endpoint]]` path come here, so a browser can never reach the
+//! endpoint as a data route and an agent handshake is never accepted on a browser route. Every
+//! refusal is one of: 400 (not an agent handshake), 429 (too many failures from this address),
+//! 401 (one generic answer for an unknown name, a wrong or missing secret; the reason is logged,
+//! never the secret), 409 (a data link from an agent with no control link here).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use http::{Request, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::link::{self, ControlMessage, LinkIo};
+use super::registry::{Control, Registry};
+use super::EndpointConfig;
+use crate::config::Timeouts;
+use crate::http::request::answer;
+
+tokio::task_local! {
+    /// The client address of the connection being served (set by the accept loop), for the
+    /// failure brake and the logs.
+    static CLIENT: SocketAddr;
+}
+
+/// Runs `f` with `client` as the connection's address (see [`serve`]).
+pub async fn with_client<F: std::future::Future>(client: SocketAddr, f: F) -> F::Output {
+    CLIENT.scope(client, f).await
+}
+
+fn client() -> SocketAddr {
+    CLIENT.try_with(|c| *c).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// The largest control message: they are a few dozen bytes.
+const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+enum Kind {
+    Control(String),
+    Link,
+}
+
+/// Serves one request on an agent endpoint, to its end (a control link lives as long as the
+/// agent's connection; a data link is handed to the registry's pool).
+pub async fn serve<S: LinkIo + 'static>(
+    mut stream: S,
+    request: Request<()>,
+    leftover: Vec<u8>,
+    registry: &Registry,
+    endpoint: &EndpointConfig,
+    timeouts: &Timeouts,
+    shutdown: &CancellationToken,
+) {
+    let addr = client();
+    let write_end = Instant::now() + timeouts.http_write;
+    let headers = request.headers();
+    let kind = if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
+        Kind::Link
+    } else if has_token(headers, &header::UPGRADE, "websocket")
+        && has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, link::CONTROL_PROTOCOL)
+    {
+        match headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().trim_ascii()) {
+            Some(key) if key.len() == 24 => Kind::Control(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key)),
+            _ => {
+                refuse(
+                    &mut stream,
+                    write_end,
+                    StatusCode::BAD_REQUEST,
+                    "missing or malformed Sec-WebSocket-Key",
+                )
+                .await;
+                return info!(status = 400, "agent endpoint: malformed control link request");
+            }
+        }
+    } else {
+        refuse(&mut stream, write_end, StatusCode::BAD_REQUEST, "this is an agent endpoint").await;
+        return info!(status = 400, "agent endpoint: not an agent handshake");
+    };
+    if let Err(wait) = registry.may_try(addr.ip()) {
+        let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
+        let _ = timeout_at(
+            write_end,
+            answer(&mut stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
+        )
+        .await;
+        return warn!(
+            status = 429,
+            "agent endpoint: too many failed logins from this address; slowed down"
+        );
+    }
+    let name = headers.get(link::NAME_HEADER).and_then(|v| v.to_str().ok()).map(str::trim);
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, s)| s.trim());
+    if let Err(why) = registry.authenticate(name, secret).await {
+        registry.failed(addr.ip());
+        // Peer-controlled: printable ASCII only, bounded.
+        let shown: String = name.unwrap_or("").chars().filter(char::is_ascii_graphic).take(64).collect();
+        refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        return warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
+    }
+    let name = name.unwrap_or_default().to_owned();
+    match kind {
+        Kind::Link => {
+            if !registry.is_connected(&name) || !leftover.is_empty() {
+                refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
+                return debug!(agent = %name, status = 409, "agent data link without a control link");
+            }
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {}\r\nConnection: Upgrade\r\n\r\n",
+                link::LINK_TOKEN
+            );
+            let written = timeout_at(write_end, async {
+                stream.write_all(head.as_bytes()).await?;
+                stream.flush().await
+            })
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                return debug!(agent = %name, "agent data link closed during its 101");
+            }
+            if registry.add_link(&name, Box::new(stream)).is_err() {
+                debug!(agent = %name, "agent data link not needed; closed");
+            }
+        }
+        Kind::Control(accept) => {
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+                link::CONTROL_PROTOCOL
+            );
+            let written = timeout_at(write_end, async {
+                stream.write_all(head.as_bytes()).await?;
+                stream.flush().await
+            })
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                return debug!(agent = %name, "agent control link closed during its 101");
+            }
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(MAX_CONTROL_MESSAGE))
+                .max_frame_size(Some(MAX_CONTROL_MESSAGE));
+            let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
+            control(ws, name, addr, registry, endpoint, timeouts, shutdown).await;
+        }
+    }
+}
+
+async fn refuse<S: LinkIo>(stream: &mut S, end: Instant, status: StatusCode, body: &'static str) {
+    let _ = timeout_at(end, answer(stream, status, body, &[])).await;
+}
+
+/// Whether a comma-separated header holds `token` (case-insensitive).
+fn has_token(headers: &http::HeaderMap, name: &header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// How a control link ended.
+enum End {
+    /// The agent closed it (SIGTERM): its sessions finish on their own.
+    Closed,
+    /// The server is shutting down: the agent was told to reconnect elsewhere.
+    Drained,
+    /// A newer connection of the same name took over.
+    Replaced,
+    /// No pong in time, a broken connection: every session through it ends.
+    Lost(String),
+}
+
+async fn control<S: LinkIo>(
+    mut ws: WebSocketStream<S>,
+    name: String,
+    addr: SocketAddr,
+    registry: &Registry,
+    endpoint: &EndpointConfig,
+    timeouts: &Timeouts,
+    shutdown: &CancellationToken,
+) {
+    // The hello is part of the handshake: under its deadline.
+    let hello = timeout(timeouts.handshake, ws.next()).await;
+    let services = match hello {
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ControlMessage>(&text) {
+            Ok(ControlMessage::Hello { name: said, services, .. }) if said == name => services,
+            _ => return warn!(agent = %name, "agent control link: the first message is not its hello; closed"),
+        },
+        _ => return debug!(agent = %name, "agent control link: no hello; closed"),
+    };
+    let services: Vec<String> = services.into_iter().filter(|s| link::valid_name(s)).take(1024).collect();
+    let mut attached = registry.attach(&name, services.clone(), addr, endpoint.pool);
+    info!(agent = %name, services = ?services, "agent connected");
+    let send_timeout = timeouts.pong_timeout;
+    let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));
+    let mut tick = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let mut pong_due: Option<Instant> = None;
+    let first = ControlMessage::Want { links: endpoint.pool };
+    let mut end = match send(&mut ws, &first, send_timeout).await {
+        Ok(()) => None,
+        Err(e) => Some(End::Lost(e)),
+    };
+    while end.is_none() {
+        let pong_wait = async {
+            match pong_due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        end = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let drain = ControlMessage::Drain { reason: "server shutting down".into() };
+                let _ = send(&mut ws, &drain, send_timeout).await;
+                Some(End::Drained)
+            }
+            _ = attached.replaced.cancelled() => Some(End::Replaced),
+            _ = pong_wait => Some(End::Lost(format!("no pong within {:?}", timeouts.pong_timeout))),
+            Some(Control::Want(links)) = attached.control.recv() => {
+                send(&mut ws, &ControlMessage::Want { links }, send_timeout).await.err().map(End::Lost)
+            }
+            _ = tick.tick() => {
+                registry.top_up(&name, attached.id);
+                pong_due.get_or_insert(Instant::now() + timeouts.pong_timeout);
+                match timeout(send_timeout, ws.send(Message::Ping(Default::default()))).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(End::Lost(e.to_string())),
+                    Err(_) => Some(End::Lost("ping not written in time".into())),
+                }
+            }
+            m = ws.next() => match m {
+                Some(Ok(Message::Close(_))) => Some(End::Closed),
+                Some(Ok(_)) => {
+                    pong_due = None;
+                    None
+                }
+                Some(Err(e)) => Some(End::Lost(e.to_string())),
+                None => Some(End::Lost("connection closed without a close frame".into())),
+            },
+        };
+    }
+    let close = |reason: &'static str| CloseFrame {
+        code: CloseCode::Away,
+        reason: reason.into(),
+    };
+    match end {
+        Some(End::Closed) => {
+            registry.detach(&name, attached.id, false);
+            info!(agent = %name, "agent disconnected");
+        }
+        Some(End::Drained) => {
+            registry.detach(&name, attached.id, false);
+            let _ = timeout(timeouts.close, ws.close(Some(close("server shutting down")))).await;
+            info!(agent = %name, "agent told to reconnect elsewhere (drain)");
+        }
+        Some(End::Replaced) => {
+            let _ = timeout(
+                timeouts.close,
+                ws.close(Some(close("replaced by a newer connection of this agent"))),
+            )
+            .await;
+            info!(agent = %name, "agent control link replaced");
+        }
+        Some(End::Lost(why)) => {
+            registry.detach(&name, attached.id, true);
+            warn!(agent = %name, reason = %why, "agent lost: its sessions end");
+        }
+        None => {}
+    }
+}
+
+async fn send<S: LinkIo>(ws: &mut WebSocketStream<S>, m: &ControlMessage, within: Duration) -> Result<(), String> {
+    let text = serde_json::to_string(m).map_err(|e| e.to_string())?;
+    match timeout(within, ws.send(Message::text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("control message not written in time".into()),
+    }
+}

@@ -1,0 +1,158 @@
+//! Agents from files, for fleets of hundreds or thousands: `[[agents]] source = "fleet.d/"`, a
+//! file or a directory of files of `NAME: SHA256HEX` lines (`#` comments, blank lines), re-read
+//! when they change, as token files are: the files' names, sizes and modification times are
+//! looked at no more than once per [`RECHECK`], on the blocking pool, and a re-read waits at most
+//! [`REREAD_WAIT`] before the last snapshot answers. In a directory, hidden files and the
+//! backups editors and package managers leave ([`crate::tokens::is_skipped`]) are not read.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::{timeout, Instant};
+use tracing::warn;
+
+use super::link;
+
+/// A snapshot older than this is checked against the files before it answers.
+pub const RECHECK: Duration = Duration::from_secs(1);
+/// The longest a login waits for a re-read before the last snapshot answers.
+pub const REREAD_WAIT: Duration = Duration::from_secs(1);
+
+/// One `[[agents]]` source in service.
+#[derive(Debug)]
+pub struct FleetSource {
+    path: PathBuf,
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    checked: Instant,
+    stamp: u64,
+    agents: Arc<HashMap<String, [u8; 32]>>,
+}
+
+impl FleetSource {
+    /// Reads the source now.
+    ///
+    /// # Errors
+    /// A file that cannot be read, or a bad line (`file:line: what`).
+    pub fn load(path: &Path) -> Result<FleetSource, String> {
+        let (stamp, agents) = read(path)?;
+        Ok(FleetSource {
+            path: path.to_path_buf(),
+            state: tokio::sync::Mutex::new(State {
+                checked: Instant::now(),
+                stamp,
+                agents: Arc::new(agents),
+            }),
+        })
+    }
+
+    /// The SHA-256 of `name`'s secret, if the files declare it (as they are now, within
+    /// [`RECHECK`]).
+    pub async fn get(&self, name: &str) -> Option<[u8; 32]> {
+        // One re-read at a time; logins meanwhile wait for it (at most REREAD_WAIT).
+        let mut state = self.state.lock().await;
+        if state.checked.elapsed() >= RECHECK {
+            let (path, old) = (self.path.clone(), state.stamp);
+            let reread = tokio::task::spawn_blocking(move || match stamp(&path) {
+                Ok(s) if s == old => Ok(None),
+                _ => read(&path).map(Some),
+            });
+            match timeout(REREAD_WAIT, reread).await {
+                Ok(Ok(Ok(Some((stamp, agents))))) => {
+                    state.stamp = stamp;
+                    state.agents = Arc::new(agents);
+                }
+                Ok(Ok(Ok(None))) => {}
+                Ok(Ok(Err(e))) => warn!(source = %self.path.display(), error = %e, "agents source not re-read; the last one read stays"),
+                _ => warn!(source = %self.path.display(), "agents source not re-read in time; the last one read answers"),
+            }
+            state.checked = Instant::now();
+        }
+        state.agents.get(name).copied()
+    }
+}
+
+fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !std::fs::metadata(path)?.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let p = entry.path();
+        if crate::tokens::is_skipped(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        if std::fs::metadata(&p).map(|m| m.is_file()).unwrap_or(false) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A fingerprint of the files' names, sizes and modification times.
+fn stamp(path: &Path) -> std::io::Result<u64> {
+    let mut h = DefaultHasher::new();
+    for f in files_of(path)? {
+        let m = std::fs::metadata(&f)?;
+        f.hash(&mut h);
+        m.len().hash(&mut h);
+        m.modified().unwrap_or(SystemTime::UNIX_EPOCH).hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
+fn read(path: &Path) -> Result<(u64, HashMap<String, [u8; 32]>), String> {
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let before = stamp(path).map_err(at)?;
+    let mut agents = HashMap::new();
+    for file in files_of(path).map_err(at)? {
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |what: &str| format!("{}:{}: {what}", file.display(), i + 1);
+            let (name, hash) = line.split_once(':').ok_or_else(|| bad("expected NAME: SHA256HEX"))?;
+            let name = name.trim();
+            if !link::valid_name(name) {
+                return Err(bad("an agent name is 1-64 of A-Z a-z 0-9 . _ -"));
+            }
+            let digest = link::parse_sha256(hash).ok_or_else(|| bad("the secret's SHA-256 is 64 hex digits"))?;
+            agents.insert(name.to_owned(), digest);
+        }
+    }
+    Ok((before, agents))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[tokio::test]
+    async fn a_fleet_directory_is_read_and_re_read_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shops"), format!("# the shops\nshop-17: {HASH}\n")).unwrap();
+        std::fs::write(dir.path().join("shops~"), format!("shop-99: {HASH}\n")).unwrap();
+        let source = FleetSource::load(dir.path()).unwrap();
+        assert!(source.get("shop-17").await.is_some());
+        assert!(source.get("shop-99").await.is_none(), "a backup file is not read");
+        std::fs::write(dir.path().join("labs"), format!("lab-1: {HASH}\n")).unwrap();
+        // Pretend the snapshot is old rather than wait for it to be.
+        source.state.lock().await.checked = Instant::now() - RECHECK;
+        assert!(source.get("lab-1").await.is_some(), "a new file is read");
+        std::fs::write(dir.path().join("bad"), "lab-2 no colon\n").unwrap();
+        let e = FleetSource::load(dir.path()).unwrap_err();
+        assert!(e.ends_with("bad:1: expected NAME: SHA256HEX"), "{e}");
+    }
+}

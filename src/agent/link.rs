@@ -1,0 +1,306 @@
+//! The link protocol both ends of agent mode share: the handshake headers, the secret's hash, and
+//! the `open` / `ok` / `err` lines a data link starts with (read with a bound on their length
+//! and without reading a byte past the newline, since raw session bytes follow at once).
+//!
+//! A data link is one TCP (or TLS) connection the agent dialled to the server's agent endpoint
+//! with `Upgrade: wsbridge-agent-link`; after the `101` it carries raw bytes, so the kernel's flow
+//! control gives each session its own backpressure and the server's relay uses the link as the
+//! session's backend stream ([`AgentLink`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// The `Sec-WebSocket-Protocol` of the control link.
+pub const CONTROL_PROTOCOL: &str = "wsbridge-agent.v1";
+/// The `Upgrade` token of a data link (after the `101`: raw bytes, no WebSocket framing).
+pub const LINK_TOKEN: &str = "wsbridge-agent-link";
+/// The header naming the agent on every link (the secret goes in `Authorization: Bearer`).
+pub const NAME_HEADER: &str = "x-wsbridge-agent";
+/// The longest `open` / `ok` / `err` line.
+pub const MAX_LINE: usize = 256;
+
+/// A control link message (JSON text), either way.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ControlMessage {
+    /// Agent → server, first: who it is and what it serves.
+    Hello {
+        /// The agent's name (the same as in its `X-Wsbridge-Agent` header).
+        name: String,
+        /// Its service names (the addresses stay on the agent).
+        services: Vec<String>,
+        /// Protocol version (1).
+        version: u32,
+    },
+    /// Server → agent: dial this many more idle data links.
+    Want {
+        /// How many.
+        links: usize,
+    },
+    /// Server → agent: reconnect (elsewhere) and open no new link here.
+    Drain {
+        /// Why, for the agent's log.
+        reason: String,
+    },
+}
+
+/// Any stream a link runs over: TCP or TLS, on either side.
+pub trait LinkIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> LinkIo for T {}
+
+/// The SHA-256 of a secret, as the server's configuration stores it (64 lower-case hex digits).
+pub fn secret_sha256(secret: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+}
+
+/// A fresh secret: 32 bytes from the system's random source, as 64 hex digits.
+///
+/// # Errors
+/// The system's random source failed.
+pub fn new_secret() -> io::Result<String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| io::Error::other("the system's random source failed"))?;
+    Ok(hex(&bytes))
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Parses 64 hex digits into a SHA-256 digest.
+pub fn parse_sha256(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim().as_bytes();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Whether `secret` hashes to `digest`, in time that does not depend on where they differ.
+pub fn secret_matches(secret: &str, digest: &[u8; 32]) -> bool {
+    let got = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    got.as_ref().iter().zip(digest).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// A service name as both sides accept it: 1-64 of `[A-Za-z0-9._-]` (it travels in a line).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes, one byte at a time so that
+/// nothing after it is consumed. `Ok(None)` on EOF before any byte.
+///
+/// # Errors
+/// The stream failed, ended mid-line, or the line is too long or not UTF-8.
+pub async fn read_line<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Option<String>> {
+    let mut line = Vec::new();
+    loop {
+        let b = match io.read_u8().await {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && line.is_empty() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if b == b'\n' {
+            let text = String::from_utf8(line).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))?;
+            return Ok(Some(text.trim_end_matches('\r').to_owned()));
+        }
+        if line.len() >= MAX_LINE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+        }
+        line.push(b);
+    }
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes in whole reads, for the server's
+/// side of `open`: the agent's app may speak first, so its bytes can arrive with `ok` in one
+/// read; they come back as the second value, for [`AgentLink`] to hand out first. `Ok(None)` on
+/// EOF before any byte.
+///
+/// # Errors
+/// The stream failed, ended mid-line, or the line is too long or not UTF-8.
+pub async fn read_line_with_rest<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Option<(String, Vec<u8>)>> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        if let Some(end) = got.iter().position(|b| *b == b'\n') {
+            let rest = got.split_off(end + 1);
+            got.truncate(end);
+            let text = String::from_utf8(got).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))?;
+            return Ok(Some((text.trim_end_matches('\r').to_owned(), rest)));
+        }
+        if got.len() > MAX_LINE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+        }
+        match io.read(&mut chunk).await? {
+            0 if got.is_empty() => return Ok(None),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Reads an HTTP response head (to the blank line, at most 8 KiB, nothing past it) and returns
+/// its status code and text.
+///
+/// # Errors
+/// The stream failed or ended, or the head is malformed or too long.
+pub async fn read_response_head<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(u16, String)> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= 8192 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too long"));
+        }
+        head.push(io.read_u8().await?);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed response status line"))?;
+    Ok((status, text))
+}
+
+/// A reason an agent sent in `err …`, made safe to show: printable ASCII, at most 120 bytes.
+pub fn clean_reason(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(120).collect()
+}
+
+/// A data link taken for a session, as the server's relay uses it: the link's bytes, ended with
+/// an error naming the agent once the agent is lost (its control link missed its pong deadline),
+/// so the session closes with 1011 instead of waiting on a link whose other end is gone.
+pub struct AgentLink {
+    io: Box<dyn LinkIo>,
+    /// The app's first bytes, read with the agent's `ok`: handed out before the link is read.
+    early: Vec<u8>,
+    lost: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The agent's name, for the error.
+    name: String,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink").field("agent", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl AgentLink {
+    /// Wraps a link whose `open` was answered `ok` (`early`: bytes read after it); `lost` is the
+    /// agent connection's token.
+    pub fn new(io: Box<dyn LinkIo>, early: Vec<u8>, lost: CancellationToken, name: String) -> AgentLink {
+        AgentLink {
+            io,
+            early,
+            lost: Box::pin(lost.cancelled_owned()),
+            name,
+        }
+    }
+
+    fn check_lost(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.lost.as_mut().poll(cx) {
+            // `Other`: the relay's close reason shows the message ("backend read failed: agent
+            // shop-17 lost"), where a kind of its own would show only the kind.
+            Poll::Ready(()) => Err(io::Error::other(format!("agent {} lost", self.name))),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for AgentLink {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check_lost(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early[..n]);
+            this.early.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentLink {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check_lost(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn secrets_hash_and_compare() {
+        let secret = new_secret().unwrap();
+        assert_eq!(secret.len(), 64);
+        let digest = parse_sha256(&secret_sha256(&secret)).unwrap();
+        assert!(secret_matches(&secret, &digest));
+        assert!(!secret_matches("other", &digest));
+        assert!(parse_sha256("xyz").is_none());
+        assert_eq!(
+            secret_sha256("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_is_read_without_the_bytes_after_it() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(b"ok\nAPP BYTES").await.unwrap();
+        drop(a);
+        assert_eq!(read_line(&mut b).await.unwrap().as_deref(), Some("ok"));
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"APP BYTES");
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&[b'x'; MAX_LINE + 1]).await.unwrap();
+        assert!(read_line(&mut b).await.is_err());
+        drop(a);
+    }
+
+    #[tokio::test]
+    async fn the_apps_first_bytes_read_with_ok_are_handed_out_first() {
+        let (mut agent, server) = tokio::io::duplex(4096);
+        agent.write_all(b"ok\nWELCOME").await.unwrap();
+        let mut server: Box<dyn LinkIo> = Box::new(server);
+        let (line, rest) = read_line_with_rest(&mut server).await.unwrap().unwrap();
+        assert_eq!(line, "ok");
+        let mut link = AgentLink::new(server, rest, CancellationToken::new(), "a".into());
+        agent.write_all(b" AND MORE").await.unwrap();
+        drop(agent);
+        let mut all = Vec::new();
+        link.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"WELCOME AND MORE");
+    }
+}

@@ -1,0 +1,443 @@
+//! Agent mode: both ends of the reverse direction, for a socket app on a computer the server
+//! cannot connect to (behind NAT or a firewall).
+//!
+//! ```text
+//! browser --ws/wss--> wsbridge server --(links the agent dialled)--> wsbridge agent --tcp/unix--> app
+//! ```
+//!
+//! The agent dials out to the server's agent endpoint (its own route kind, `[[agent_endpoint]]`):
+//! one control link (a WebSocket, JSON messages, pings both ways) and, ahead of need, a warm pool
+//! of data links (`Upgrade: wsbridge-agent-link`, raw bytes after the `101`). A browser session
+//! on a route whose target is `{ agent = "…", service = "…" }` takes an idle link, writes
+//! `open <service>`, and on `ok` the link is the session's backend stream: the forward relay runs
+//! unchanged, with the kernel's flow control per session.
+//!
+//! | file | owns |
+//! |---|---|
+//! | [`link`] | what both sides share: headers, secret hashes, the `open`/`ok`/`err` lines, [`link::AgentLink`] |
+//! | [`registry`] | server side: connected agents, their idle links, `want`/`drain`, per-agent loss |
+//! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
+//! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
+//! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
+
+pub mod client;
+pub mod endpoint;
+pub mod fleet;
+pub mod link;
+pub mod registry;
+
+use std::time::Duration;
+
+use crate::backend::{Backend, ConnectError};
+use crate::config::Target;
+use crate::tls::BackendTls;
+
+pub use registry::Registry;
+
+/// Idle data links the server asks each agent to keep open, unless the endpoint says otherwise.
+pub const DEFAULT_POOL: usize = 4;
+
+/// Agents and agent endpoints declared in a server's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentsConfig {
+    /// `[[agent]]`: who may connect, and the SHA-256 of each one's secret.
+    pub declared: Vec<AgentDecl>,
+    /// `[[agent_endpoint]]`: the paths agents dial.
+    pub endpoints: Vec<EndpointConfig>,
+    /// `[[agents]]`: files or directories of `NAME: SHA256HEX` lines, re-read on change.
+    pub sources: Vec<std::path::PathBuf>,
+}
+
+impl AgentsConfig {
+    /// For `wsbridge check`: one line per endpoint and per declared agent (never its hash).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for e in &self.endpoints {
+            let _ = writeln!(out, "agent endpoint path = {:?}, pool = {}", e.path, e.pool);
+        }
+        for a in &self.declared {
+            let _ = writeln!(out, "agent {:<34} secret_sha256 set", a.name);
+        }
+        for s in &self.sources {
+            let _ = writeln!(out, "agents source {}", s.display());
+        }
+        out
+    }
+}
+
+/// The agents a configuration declares, inline and in fleet files, as lookups see them.
+#[derive(Debug, Default)]
+pub struct Declared {
+    inline: std::collections::HashMap<String, [u8; 32]>,
+    fleet: Vec<std::sync::Arc<fleet::FleetSource>>,
+}
+
+impl Declared {
+    /// Reads the fleet files now (a file that has become unreadable since validation is logged
+    /// and left out).
+    pub fn from_config(agents: &AgentsConfig) -> Declared {
+        let fleet = agents
+            .sources
+            .iter()
+            .filter_map(|p| match fleet::FleetSource::load(p) {
+                Ok(s) => Some(std::sync::Arc::new(s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "agents source not read");
+                    None
+                }
+            })
+            .collect();
+        Declared {
+            inline: agents.declared.iter().map(|d| (d.name.clone(), d.secret_sha256)).collect(),
+            fleet,
+        }
+    }
+
+    /// The SHA-256 of `name`'s secret, if `name` is declared.
+    pub async fn secret_sha256(&self, name: &str) -> Option<[u8; 32]> {
+        if let Some(d) = self.inline.get(name) {
+            return Some(*d);
+        }
+        for source in &self.fleet {
+            if let Some(d) = source.get(name).await {
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    /// Whether there are fleet files (whose agents come and go with them).
+    pub fn has_fleet(&self) -> bool {
+        !self.fleet.is_empty()
+    }
+
+    /// Whether `name` is declared inline (no file is read).
+    pub fn is_inline(&self, name: &str) -> bool {
+        self.inline.contains_key(name)
+    }
+}
+
+/// One `[[agent]]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AgentDecl {
+    /// Its name (`X-Wsbridge-Agent`, and routes' `target = { agent = … }`).
+    pub name: String,
+    /// SHA-256 of its secret: reading the configuration does not reveal the secret.
+    pub secret_sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for AgentDecl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentDecl").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// One `[[agent_endpoint]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// The exact path agents dial (`/agent`); no browser route may use it.
+    pub path: String,
+    /// Idle data links kept per agent.
+    pub pool: usize,
+}
+
+/// `[[agent]]` as the file writes it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAgentDecl {
+    pub(crate) name: String,
+    pub(crate) secret_sha256: String,
+}
+
+/// `[[agents]]` as the file writes it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFleet {
+    pub(crate) source: std::path::PathBuf,
+}
+
+/// `[[agent_endpoint]]` as the file writes it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEndpoint {
+    pub(crate) path: String,
+    pub(crate) pool: Option<usize>,
+}
+
+/// An invalid value: its span in the file, its field, what is wrong.
+pub(crate) type Invalid = (std::ops::Range<usize>, String, String);
+
+/// Validates `[[agent]]` and `[[agent_endpoint]]` tables.
+pub(crate) fn validate(
+    agents: Vec<toml::Spanned<RawAgentDecl>>,
+    endpoints: Vec<toml::Spanned<RawEndpoint>>,
+    fleets: Vec<toml::Spanned<RawFleet>>,
+    resolve: &dyn Fn(&std::path::Path) -> std::path::PathBuf,
+) -> Result<AgentsConfig, Invalid> {
+    let mut out = AgentsConfig::default();
+    for (i, f) in fleets.into_iter().enumerate() {
+        let span = f.span();
+        let path = resolve(&f.into_inner().source);
+        fleet::FleetSource::load(&path).map_err(|e| (span, format!("agents[{i}].source"), e))?;
+        out.sources.push(path);
+    }
+    for (i, a) in agents.into_iter().enumerate() {
+        let span = a.span();
+        let a = a.into_inner();
+        if !link::valid_name(&a.name) {
+            return Err((
+                span,
+                format!("agent[{i}].name"),
+                format!("{:?}: use 1-64 of A-Z a-z 0-9 . _ -", a.name),
+            ));
+        }
+        if out.declared.iter().any(|d| d.name == a.name) {
+            return Err((span, format!("agent[{i}].name"), format!("agent {} is declared twice", a.name)));
+        }
+        let Some(secret_sha256) = link::parse_sha256(&a.secret_sha256) else {
+            return Err((
+                span,
+                format!("agent[{i}].secret_sha256"),
+                "must be the SHA-256 of the secret as 64 hex digits (`wsbridge agent --new-secret` prints one)".into(),
+            ));
+        };
+        out.declared.push(AgentDecl {
+            name: a.name,
+            secret_sha256,
+        });
+    }
+    for (i, e) in endpoints.into_iter().enumerate() {
+        let span = e.span();
+        let e = e.into_inner();
+        if !e.path.starts_with('/') || e.path.contains('?') {
+            return Err((
+                span,
+                format!("agent_endpoint[{i}].path"),
+                format!("{:?} must start with '/' and have no query", e.path),
+            ));
+        }
+        if out.endpoints.iter().any(|o| o.path == e.path) {
+            return Err((span, format!("agent_endpoint[{i}].path"), format!("{} is listed twice", e.path)));
+        }
+        let pool = e.pool.unwrap_or(DEFAULT_POOL);
+        if !(1..=256).contains(&pool) {
+            return Err((span, format!("agent_endpoint[{i}].pool"), "must be 1-256".into()));
+        }
+        out.endpoints.push(EndpointConfig { path: e.path, pool });
+    }
+    Ok(out)
+}
+
+/// A `[[route]]` as [`check_routes`] sees it: its span, its path (with its span), its target,
+/// whether it has `backend_tls`.
+pub(crate) type RouteView<'a> = (std::ops::Range<usize>, Option<(std::ops::Range<usize>, &'a str)>, &'a Target, bool);
+
+/// Checks the routes against agent mode: an agent target names a declared agent and has no
+/// `backend_tls`; no route takes an agent endpoint's path.
+pub(crate) fn check_routes<'a>(agents: &AgentsConfig, routes: impl Iterator<Item = RouteView<'a>>) -> Result<(), Invalid> {
+    for (i, (span, path, target, backend_tls)) in routes.enumerate() {
+        if let Target::Agent { agent, service } = target {
+            let placeholders = [agent, service].iter().filter(|s| s.starts_with('{')).count();
+            let template = path.as_ref().and_then(|(_, p)| template_prefix(p, target));
+            if placeholders > 0 && template.is_none() {
+                return Err((
+                    span,
+                    format!("route[{i}].target"),
+                    "a fleet route is path = \"/PREFIX/{agent}/{service}\" with target = { agent = \"{agent}\", service = \"{service}\" }"
+                        .into(),
+                ));
+            }
+            if template.is_some() && agents.endpoints.is_empty() {
+                return Err((
+                    span,
+                    format!("route[{i}].target"),
+                    "an agent target needs an [[agent_endpoint]] for agents to dial".into(),
+                ));
+            }
+        }
+        if path.as_ref().and_then(|(_, p)| template_prefix(p, target)).is_none() {
+            check_target(agents, target).map_err(|m| (span.clone(), format!("route[{i}].target"), m))?;
+        }
+        if let Some((pspan, p)) = path.filter(|(_, p)| agents.endpoints.iter().any(|e| e.path == *p)) {
+            return Err((pspan, format!("route[{i}].path"), format!("{p} is an [[agent_endpoint]]")));
+        }
+        if matches!(target, Target::Agent { .. }) && backend_tls {
+            return Err((span, format!("route[{i}].backend_tls"), "TLS is for TCP targets, not agents".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a route's agent target against the declarations: an undeclared agent is an error.
+fn check_target(agents: &AgentsConfig, target: &Target) -> Result<(), String> {
+    let Target::Agent { agent, service } = target else { return Ok(()) };
+    // An agent from a fleet file may come and go with the file: the route stands either way.
+    if agents.sources.is_empty() && !agents.declared.iter().any(|d| &d.name == agent) {
+        return Err(format!("agent {agent:?} is not declared in an [[agent]] table"));
+    }
+    if agents.endpoints.is_empty() {
+        return Err("an agent target needs an [[agent_endpoint]] for agents to dial".into());
+    }
+    if !link::valid_name(service) {
+        return Err(format!("service {service:?}: use 1-64 of A-Z a-z 0-9 . _ -"));
+    }
+    Ok(())
+}
+
+/// Connects a session's backend: over an agent's link for an agent target, directly otherwise.
+///
+/// # Errors
+/// [`ConnectError`]; for an agent target [`ConnectError::Agent`] with the text a page shows.
+pub async fn connect(
+    target: &Target,
+    deadline: Duration,
+    tls: Option<&BackendTls>,
+    proxy_header: Option<&[u8]>,
+    registry: &Registry,
+) -> Result<Backend, ConnectError> {
+    match target {
+        Target::Agent { agent, service } => registry.open(agent, service, deadline).await,
+        _ => Backend::connect(target, deadline, tls, proxy_header).await,
+    }
+}
+
+/// In a fleet route's target, the agent named by the request's path.
+pub const AGENT_PLACEHOLDER: &str = "{agent}";
+/// In a fleet route's target, the service named by the request's path.
+pub const SERVICE_PLACEHOLDER: &str = "{service}";
+
+/// For a fleet route (path `…/{agent}/{service}`, target `{ agent = "{agent}", service =
+/// "{service}" }`), the path's prefix before the two segments, ending with `/`.
+pub fn template_prefix<'a>(path: &'a str, target: &Target) -> Option<&'a str> {
+    let Target::Agent { agent, service } = target else { return None };
+    if agent != AGENT_PLACEHOLDER || service != SERVICE_PLACEHOLDER {
+        return None;
+    }
+    path.strip_suffix("{agent}/{service}").filter(|p| p.ends_with('/'))
+}
+
+/// The agent and service a request path names under a fleet route's `prefix`: two valid names
+/// and nothing more.
+pub fn fill_template(prefix: &str, path: &str) -> Option<(String, String)> {
+    let (agent, service) = path.strip_prefix(prefix)?.split_once('/')?;
+    (link::valid_name(agent) && link::valid_name(service)).then(|| (agent.to_owned(), service.to_owned()))
+}
+
+/// `{ agent = "…", service = "…" }` as a route's target.
+pub(crate) fn target_from_table(t: toml::Table) -> Result<Target, String> {
+    let field = |k: &str| match t.get(k) {
+        Some(toml::Value::String(s)) if link::valid_name(s) => Ok(s.clone()),
+        Some(toml::Value::String(s)) if s == AGENT_PLACEHOLDER || s == SERVICE_PLACEHOLDER => Ok(s.clone()),
+        Some(_) => Err(format!("target.{k}: a name of 1-64 of A-Z a-z 0-9 . _ -")),
+        None => Err(format!(
+            "target: `{k}` is missing (an agent target is {{ agent = \"NAME\", service = \"NAME\" }})"
+        )),
+    };
+    if let Some(k) = t.keys().find(|k| !matches!(k.as_str(), "agent" | "service")) {
+        return Err(format!("target: unknown key `{k}` (an agent target has `agent` and `service`)"));
+    }
+    Ok(Target::Agent {
+        agent: field("agent")?,
+        service: field("service")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ConfigError};
+    use std::path::Path;
+
+    const HASH: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        let text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[agent_endpoint]]\npath = \"/agent\"\n\n{extra}");
+        Config::from_toml(&text, Path::new("agents.toml"))
+    }
+
+    #[test]
+    fn agents_endpoints_and_agent_targets_parse() {
+        let c = parse(&format!(
+            "[[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{HASH}\"\n\n[[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.agents.declared[0].name, "shop-17");
+        assert_eq!(c.agents.endpoints[0].path, "/agent");
+        assert_eq!(c.agents.endpoints[0].pool, super::DEFAULT_POOL);
+        assert_eq!(
+            c.routes[0].target,
+            crate::config::Target::Agent {
+                agent: "shop-17".into(),
+                service: "pos".into()
+            }
+        );
+        assert_eq!(c.routes[0].target.to_string(), "agent shop-17 service pos");
+        assert!(!format!("{:?}", c.agents).contains("ba78"), "the hash stays out of Debug");
+    }
+
+    #[test]
+    fn fleet_routes_take_the_agent_and_service_from_the_path() {
+        let c =
+            parse("[[route]]\npath = \"/agents/{agent}/{service}\"\ntarget = { agent = \"{agent}\", service = \"{service}\" }\n").unwrap();
+        let prefix = super::template_prefix("/agents/{agent}/{service}", &c.routes[0].target);
+        assert_eq!(prefix, Some("/agents/"));
+        assert_eq!(
+            super::fill_template("/agents/", "/agents/shop-17/pos"),
+            Some(("shop-17".into(), "pos".into()))
+        );
+        for bad in [
+            "/agents/shop-17",
+            "/agents/shop-17/pos/x",
+            "/agents//pos",
+            "/agents/a b/pos",
+            "/other/a/b",
+        ] {
+            assert_eq!(super::fill_template("/agents/", bad), None, "{bad}");
+        }
+        let half = parse("[[route]]\npath = \"/agents/{agent}\"\ntarget = { agent = \"{agent}\", service = \"pos\" }\n").unwrap_err();
+        assert!(half.to_string().contains("a fleet route is path ="), "{half}");
+    }
+
+    #[test]
+    fn a_fleet_source_resolves_against_the_file_and_its_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fleet"), format!("shop-17: {HASH}\n")).unwrap();
+        let file = dir.path().join("server.toml");
+        let text = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n[[agents]]\nsource = \"fleet\"\n[[route]]\npath = \"/pos\"\ntarget = { agent = \"shop-17\", service = \"pos\" }\n";
+        let c = Config::from_toml(text, &file).unwrap();
+        assert_eq!(c.agents.sources, vec![dir.path().join("fleet")]);
+        std::fs::write(dir.path().join("fleet"), "shop-17 ba78\n").unwrap();
+        let e = Config::from_toml(text, &file).unwrap_err().to_string();
+        assert!(
+            e.contains("server.toml:5: agents[0].source:") && e.ends_with("fleet:1: expected NAME: SHA256HEX"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn agent_mistakes_name_file_line_and_field() {
+        let undeclared = parse("[[route]]\npath = \"/pos\"\ntarget = { agent = \"shop-9\", service = \"pos\" }\n").unwrap_err();
+        assert_eq!(
+            undeclared.to_string(),
+            "agents.toml:7: route[0].target: agent \"shop-9\" is not declared in an [[agent]] table"
+        );
+        let bad_hash =
+            parse("[[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"secret\"\n\n[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\n")
+                .unwrap_err();
+        assert!(
+            bad_hash
+                .to_string()
+                .starts_with("agents.toml:7: agent[0].secret_sha256: must be the SHA-256"),
+            "{bad_hash}"
+        );
+        let unknown_key = parse("[[route]]\npath = \"/pos\"\ntarget = { agent = \"a\", host = \"x\" }\n").unwrap_err();
+        assert!(unknown_key.to_string().contains("unknown key `host`"), "{unknown_key}");
+        let tls = parse(&format!(
+            "[[agent]]\nname = \"a\"\nsecret_sha256 = \"{HASH}\"\n\n[[route]]\npath = \"/pos\"\ntarget = {{ agent = \"a\", service = \"pos\" }}\nbackend_tls = {{}}\n"
+        ))
+        .unwrap_err();
+        assert!(tls.to_string().contains("route[0].backend_tls"), "{tls}");
+        let taken = parse("[[route]]\npath = \"/agent\"\ntarget = \"127.0.0.1:1\"\n").unwrap_err();
+        assert_eq!(taken.to_string(), "agents.toml:8: route[0].path: /agent is an [[agent_endpoint]]");
+    }
+}

@@ -1,0 +1,383 @@
+//! The server's side of agent mode: which agents are connected, each one's pool of idle data
+//! links, the `want` requests that keep the pool full, the per-connection token that ends every
+//! session through an agent once it is lost, and the brake on repeated failed logins.
+//!
+//! Duplicate names: the newest connection wins (an agent whose network changed reconnects before
+//! the server notices the old connection died). The old control link is closed with a reason and
+//! its idle links dropped; its live sessions are left to finish.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::link::{self, AgentLink, LinkIo};
+use super::{AgentsConfig, EndpointConfig};
+use crate::backend::{Backend, ConnectError};
+
+/// How long an idle data link is kept before the server closes it (and the agent dials anew):
+/// below the idle cut of common NATs and balancers, so a link taken from the pool is alive.
+pub const IDLE_LINK_MAX: Duration = Duration::from_secs(600);
+
+/// A message for an agent's control link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Dial this many more idle data links.
+    Want(usize),
+}
+
+/// Connected agents and the declarations they are checked against; kept across reloads.
+#[derive(Debug, Default)]
+pub struct Registry {
+    declared: RwLock<Arc<AgentsConfig>>,
+    /// Who may log in: the declarations and fleet files in force.
+    names: RwLock<Arc<super::Declared>>,
+    agents: Mutex<HashMap<String, Agent>>,
+    brake: Brake,
+    next_id: AtomicU64,
+}
+
+struct Agent {
+    id: u64,
+    addr: SocketAddr,
+    services: Vec<String>,
+    pool: usize,
+    lost: CancellationToken,
+    replaced: CancellationToken,
+    idle: VecDeque<(Box<dyn LinkIo>, Instant)>,
+    control: mpsc::Sender<Control>,
+    arrived: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .field("idle", &self.idle.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a control link holds while it is the agent's connection.
+#[derive(Debug)]
+pub struct Attached {
+    /// This connection's number (a newer one of the same name gets another).
+    pub id: u64,
+    /// Cancelled when this connection is lost: every session through it ends with 1011.
+    pub lost: CancellationToken,
+    /// Cancelled when a newer connection of the same name took over.
+    pub replaced: CancellationToken,
+    /// Requests to forward to the agent.
+    pub control: mpsc::Receiver<Control>,
+}
+
+/// Why an agent login was refused (for the log; the agent reads one generic answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No name or no bearer secret in the request.
+    Missing,
+    /// The name is not declared.
+    UnknownAgent,
+    /// The secret does not hash to the declared one.
+    WrongSecret,
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthFailure::Missing => "no agent name or no secret given",
+            AuthFailure::UnknownAgent => "unknown agent name",
+            AuthFailure::WrongSecret => "wrong secret",
+        })
+    }
+}
+
+impl Registry {
+    /// A registry for `agents` (the configuration in force).
+    pub fn new(agents: &AgentsConfig) -> Registry {
+        let r = Registry::default();
+        r.set_config(agents);
+        r
+    }
+
+    /// Takes the declarations of a reloaded configuration. Connected agents whose declaration
+    /// is gone are dropped from the registry (their control links notice at their next tick).
+    pub fn set_config(&self, agents: &AgentsConfig) {
+        *self.declared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(agents.clone());
+        let names = Arc::new(super::Declared::from_config(agents));
+        *self.names.write().unwrap_or_else(|p| p.into_inner()) = names.clone();
+        let mut connected = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        connected.retain(|name, a| {
+            // An agent from a fleet file is checked again when it next logs in.
+            let keep = names.has_fleet() || names.is_inline(name);
+            if !keep {
+                a.replaced.cancel();
+            }
+            keep
+        });
+    }
+
+    fn config(&self) -> Arc<AgentsConfig> {
+        self.declared.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The agent endpoint at exactly this path, if any.
+    pub fn endpoint(&self, path: &str) -> Option<EndpointConfig> {
+        self.config().endpoints.iter().find(|e| e.path == path).cloned()
+    }
+
+    /// Checks an agent's name and secret.
+    ///
+    /// # Errors
+    /// Why not, for the log.
+    pub async fn authenticate(&self, name: Option<&str>, secret: Option<&str>) -> Result<(), AuthFailure> {
+        let (Some(name), Some(secret)) = (name, secret) else {
+            return Err(AuthFailure::Missing);
+        };
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let digest = names.secret_sha256(name).await.ok_or(AuthFailure::UnknownAgent)?;
+        match link::secret_matches(secret, &digest) {
+            true => Ok(()),
+            false => Err(AuthFailure::WrongSecret),
+        }
+    }
+
+    /// Whether `ip` may try to log in now; `Err` holds seconds to wait.
+    pub fn may_try(&self, ip: IpAddr) -> Result<(), u64> {
+        self.brake.may_try(ip)
+    }
+
+    /// Counts a failed login from `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        self.brake.failed(ip);
+    }
+
+    /// Makes this control link the agent's connection; an older one of the same name is told
+    /// it was replaced (newest wins).
+    pub fn attach(&self, name: &str, services: Vec<String>, addr: SocketAddr, pool: usize) -> Attached {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        let lost = CancellationToken::new();
+        let replaced = CancellationToken::new();
+        let agent = Agent {
+            id,
+            addr,
+            services,
+            pool,
+            lost: lost.clone(),
+            replaced: replaced.clone(),
+            idle: VecDeque::new(),
+            control: tx,
+            arrived: Arc::new(Notify::new()),
+        };
+        let old = self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), agent);
+        if let Some(old) = old {
+            warn!(agent = name, old_client = %old.addr, new_client = %addr, "agent connected again: the newer connection replaces the older one");
+            old.replaced.cancel();
+            // Its idle links drop with it; its live sessions go on.
+        }
+        Attached {
+            id,
+            lost,
+            replaced,
+            control: rx,
+        }
+    }
+
+    /// Ends connection `id` of `name` (if it is still the agent's): its idle links are closed;
+    /// when `lost`, every session through it ends too.
+    pub fn detach(&self, name: &str, id: u64, lost: bool) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if agents.get(name).is_some_and(|a| a.id == id) {
+            if let Some(a) = agents.remove(name) {
+                if lost {
+                    a.lost.cancel();
+                }
+            }
+        }
+    }
+
+    /// Adds an idle data link the agent dialled.
+    ///
+    /// # Errors
+    /// The link back when the agent has no control link here, or its pool is over-full.
+    pub fn add_link(&self, name: &str, io: Box<dyn LinkIo>) -> Result<(), Box<dyn LinkIo>> {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = agents.get_mut(name) else { return Err(io) };
+        if a.idle.len() >= a.pool * 2 {
+            return Err(io);
+        }
+        a.idle.push_back((io, Instant::now()));
+        a.arrived.notify_one();
+        Ok(())
+    }
+
+    /// Drops idle links older than [`IDLE_LINK_MAX`] and asks for the pool to be topped up.
+    pub fn top_up(&self, name: &str, id: u64) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = agents.get_mut(name).filter(|a| a.id == id) else {
+            return;
+        };
+        a.idle.retain(|(_, since)| since.elapsed() < IDLE_LINK_MAX);
+        if a.idle.len() < a.pool {
+            let _ = a.control.try_send(Control::Want(a.pool - a.idle.len()));
+        }
+    }
+
+    /// Whether `name` is connected now.
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).contains_key(name)
+    }
+
+    /// Takes an idle link of `name`, or says what to wait on for one.
+    fn take(&self, name: &str, service: &str) -> Result<Taken, ConnectError> {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = agents.get_mut(name) else {
+            return Err(ConnectError::Agent(format!("agent {name} is offline")));
+        };
+        if !a.services.iter().any(|s| s == service) {
+            return Err(ConnectError::Agent(format!("agent {name} has no service {service}")));
+        }
+        // Whatever is taken, one more is dialled: the pool stays warm for the next session.
+        let _ = a.control.try_send(Control::Want(1));
+        while let Some((io, since)) = a.idle.pop_front() {
+            if since.elapsed() < IDLE_LINK_MAX {
+                return Ok(Taken::Link(io, a.lost.clone()));
+            }
+        }
+        Ok(Taken::Wait(a.arrived.clone()))
+    }
+
+    /// Opens `service` on agent `name` for a session: an idle link, `open`, and its answer,
+    /// all within `deadline`.
+    ///
+    /// # Errors
+    /// [`ConnectError::Agent`] with the text the page reads.
+    pub async fn open(&self, name: &str, service: &str, deadline: Duration) -> Result<Backend, ConnectError> {
+        let end = Instant::now() + deadline;
+        let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
+        // A link the agent or a NAT closed while idle fails at once: try the next.
+        for _ in 0..8 {
+            let (mut io, lost) = loop {
+                match self.take(name, service)? {
+                    Taken::Link(io, lost) => break (io, lost),
+                    Taken::Wait(arrived) => {
+                        if timeout_at(end, arrived.notified()).await.is_err() {
+                            return Err(timed_out());
+                        }
+                    }
+                }
+            };
+            let answer = timeout_at(end, async {
+                io.write_all(format!("open {service}\n").as_bytes()).await?;
+                io.flush().await?;
+                link::read_line_with_rest(&mut io).await
+            })
+            .await;
+            match answer {
+                Err(_) => return Err(timed_out()),
+                Ok(Ok(Some((line, early)))) if line == "ok" => {
+                    debug!(agent = name, service, "agent link opened");
+                    return Ok(Backend::Agent(Box::new(AgentLink::new(io, early, lost, name.to_owned()))));
+                }
+                Ok(Ok(Some((line, _)))) => {
+                    let reason = line
+                        .strip_prefix("err ")
+                        .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
+                    return Err(ConnectError::Agent(reason));
+                }
+                Ok(Ok(None) | Err(_)) => continue,
+            }
+        }
+        Err(ConnectError::Agent(format!("agent {name} is offline")))
+    }
+}
+
+enum Taken {
+    Link(Box<dyn LinkIo>, CancellationToken),
+    Wait(Arc<Notify>),
+}
+
+/// Slows down repeated failed logins from one address: a bucket of [`BRAKE_BURST`] tries that
+/// refills one per [`BRAKE_REFILL`]; a fixed number of addresses is remembered, so a flood from
+/// many addresses cannot grow it.
+#[derive(Debug, Default)]
+struct Brake {
+    entries: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+/// Failed logins an address may make in a row before it must wait.
+pub const BRAKE_BURST: f64 = 5.0;
+/// One more try per this long.
+pub const BRAKE_REFILL: Duration = Duration::from_secs(2);
+const BRAKE_ADDRESSES: usize = 4096;
+
+impl Brake {
+    fn refilled(tokens: f64, since: Instant) -> f64 {
+        (tokens + since.elapsed().as_secs_f64() / BRAKE_REFILL.as_secs_f64()).min(BRAKE_BURST)
+    }
+
+    fn may_try(&self, ip: IpAddr) -> Result<(), u64> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get(&ip) {
+            Some(&(tokens, since)) if Self::refilled(tokens, since) < 1.0 => {
+                let wait = (1.0 - Self::refilled(tokens, since)) * BRAKE_REFILL.as_secs_f64();
+                Err(wait.ceil().max(1.0) as u64)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= BRAKE_ADDRESSES && !entries.contains_key(&ip) {
+            entries.retain(|_, (tokens, since)| Self::refilled(*tokens, *since) < BRAKE_BURST);
+            if entries.len() >= BRAKE_ADDRESSES {
+                // Fails closed for nobody: forgetting is the bound.
+                entries.clear();
+            }
+        }
+        let (tokens, since) = entries.get(&ip).copied().unwrap_or((BRAKE_BURST, Instant::now()));
+        entries.insert(ip, ((Self::refilled(tokens, since) - 1.0).max(0.0), Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_brake_slows_an_address_after_a_burst_of_failures() {
+        let brake = Brake::default();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..BRAKE_BURST as usize {
+            assert!(brake.may_try(ip).is_ok());
+            brake.failed(ip);
+        }
+        assert!(brake.may_try(ip).is_err());
+        assert!(
+            brake.may_try("192.0.2.2".parse().unwrap()).is_ok(),
+            "other addresses are not slowed"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_offline_agent_and_an_unknown_service_are_named() {
+        let registry = Registry::default();
+        let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(e.to_string(), "agent shop-17 is offline");
+        let _attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4);
+        let e = registry.open("shop-17", "label", Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(e.to_string(), "agent shop-17 has no service label");
+        let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
+        assert_eq!(e.to_string(), "agent shop-17: pos: timed out");
+    }
+}

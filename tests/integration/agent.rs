@@ -1,0 +1,899 @@
+//! Agent mode end to end: the real server ([`TestBridge`]), a real agent (the library's, in
+//! process, dialling the server over real sockets), real TCP services on 127.0.0.1, and real
+//! WebSocket clients. The proxy and the "network" between agent and server are real TCP relays
+//! of our own (a CONNECT proxy; a relay that can be cut like a dropped network).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use wsbridge::agent::client::{self, AgentConfig, AgentHandle, Backoff, Proxy, State};
+use wsbridge::agent::link::{parse_sha256, secret_sha256};
+use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
+use wsbridge::config::{Config, Matcher, RouteConfig, Target};
+
+use crate::common::*;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-shop-17";
+
+/// A server with `agents` declared (all with [`SECRET`]), the endpoint `/agent`, and a route
+/// `/{service}` to each `(agent, service)`.
+fn server_config(agents: &[&str], routes: &[(&str, &str)]) -> Config {
+    let mut config = Config::new("test");
+    config.agents = AgentsConfig {
+        declared: agents
+            .iter()
+            .map(|a| AgentDecl {
+                name: (*a).to_owned(),
+                secret_sha256: parse_sha256(&secret_sha256(SECRET)).unwrap(),
+            })
+            .collect(),
+        endpoints: vec![EndpointConfig {
+            path: "/agent".into(),
+            pool: 4,
+        }],
+        sources: Vec::new(),
+    };
+    for (agent, service) in routes {
+        let options = config.default_route_options();
+        config.routes.push(RouteConfig {
+            matcher: Matcher::Path(format!("/{service}")),
+            target: Target::Agent {
+                agent: (*agent).to_owned(),
+                service: (*service).to_owned(),
+            },
+            options,
+        });
+    }
+    config
+}
+
+/// An agent dialling `server` (ws://…/agent) with fast retries, serving `services`.
+fn agent_config(server: SocketAddr, name: &str, secret: &str, services: &[(&str, Target)]) -> AgentConfig {
+    let mut c = AgentConfig::new(format!("ws://{server}/agent").parse().unwrap(), name.into(), secret.into());
+    c.services = services.iter().map(|(n, t)| ((*n).to_owned(), t.clone())).collect();
+    c.backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(400),
+        auth_max: Duration::from_secs(2),
+    };
+    c.connect_timeout = Duration::from_secs(3);
+    c
+}
+
+async fn connected(handle: &mut AgentHandle) {
+    within("the agent to connect", handle.wait_for(|s| *s == State::Connected)).await;
+}
+
+async fn start_agent(config: AgentConfig) -> AgentHandle {
+    let mut h = client::spawn(config).unwrap();
+    connected(&mut h).await;
+    h
+}
+
+#[tokio::test]
+async fn bytes_cross_the_agent_exactly_both_ways_and_the_close_is_clean() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let (ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (mut tx, mut rx) = ws.split();
+    let data = pattern(3 << 20, 7);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        tx
+    });
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        got.extend(recv_data(&mut rx).await);
+    }
+    assert!(got == data, "the echo differs from what was sent");
+    let mut tx = within("writer", writer).await.unwrap();
+    let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 1000.into(),
+        reason: "bye".into(),
+    };
+    tx.send(Message::Close(Some(bye))).await.unwrap();
+    let mut ws = tx.reunite(rx).unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1000), "our close frame echoed");
+}
+
+#[tokio::test]
+async fn the_browser_close_reaches_the_app_after_every_byte() {
+    let (sink, mut received) = sink_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(sink))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let data = pattern(1 << 20, 3);
+    for chunk in data.chunks(32 * 1024) {
+        send_bin(&mut ws, chunk).await;
+    }
+    ws.send(Message::Close(None)).await.unwrap();
+    let all = within("the app's EOF", received.recv()).await.unwrap();
+    assert!(all == data, "the app got {} of {} bytes, or different ones", all.len(), data.len());
+}
+
+#[tokio::test]
+async fn when_the_app_closes_everything_it_wrote_reaches_the_browser_then_1000() {
+    let data = pattern(2 << 20, 9);
+    let source = source_backend(data.clone()).await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(source))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (msgs, close) = read_until_close(&mut ws).await;
+    let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert!(got == data, "got {} of {} bytes, or different ones", got.len(), data.len());
+    let close = close.unwrap();
+    assert_eq!(u16::from(close.code), 1000, "{close:?}");
+}
+
+#[tokio::test]
+async fn an_offline_agent_is_named_in_a_1014() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    // A raw client: tungstenite's rewrites 1014 (registered after RFC 6455) to 1002.
+    let mut s = raw_ws(bridge.addr, "/pos").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 is offline".into()));
+}
+
+#[tokio::test]
+async fn a_refused_service_is_named_in_a_1014() {
+    let refused = closed_port().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(refused))])).await;
+    let mut s = raw_ws(bridge.addr, "/pos").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "pos: connection refused".into()));
+}
+
+/// A service the agent does not list is never connected to, whatever the server asks.
+#[tokio::test]
+async fn the_agent_opens_only_its_own_services() {
+    let (echo, accepted) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos"), ("shop-17", "label")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let mut s = raw_ws(bridge.addr, "/label").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 has no service label".into()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+}
+
+/// One session whose app stops reading, and one whose browser stops reading, on the same agent:
+/// a third session keeps flowing meanwhile.
+#[tokio::test]
+async fn a_stalled_session_does_not_stall_the_others_on_the_same_agent() {
+    let (echo, _) = echo_backend().await;
+    let (stuck, mut stuck_apps) = manual_backend().await;
+    let flood = source_backend(pattern(64 << 20, 1)).await;
+    let bridge = TestBridge::start(server_config(
+        &["shop-17"],
+        &[("shop-17", "echo"), ("shop-17", "stuck"), ("shop-17", "flood")],
+    ))
+    .await;
+    let services = [("echo", tcp(echo)), ("stuck", tcp(stuck)), ("flood", tcp(flood))];
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &services)).await;
+
+    // The app that never reads: the browser's upload is held up.
+    let (stuck_ws, _) = ws_connect(&bridge.url("/stuck"), None).await;
+    let _app = within("the stuck app's connection", stuck_apps.recv()).await.unwrap();
+    let progress = Progress::default();
+    let p = progress.clone();
+    let mut uploader = tokio::spawn(async move {
+        let mut ws = stuck_ws;
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            ws.send(Message::binary(chunk.clone())).await?;
+            p.mark();
+        }
+        #[allow(unreachable_code)]
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(ws)
+    });
+    progress.held_up_for(Duration::from_millis(500), &mut uploader).await;
+    // The browser that never reads, on a flood from its app.
+    let (_flooded, _) = ws_connect(&bridge.url("/flood"), None).await;
+
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let start = Instant::now();
+    for i in 0..200u32 {
+        let msg = pattern(1024, i as u8);
+        send_bin(&mut ws, &msg).await;
+        let mut got = Vec::new();
+        while got.len() < msg.len() {
+            got.extend(recv_data(&mut ws).await);
+        }
+        assert_eq!(got, msg);
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "200 round trips beside two stalled sessions took {took:?}"
+    );
+    assert!(!uploader.is_finished(), "the stuck upload is still held up, not failed");
+    uploader.abort();
+}
+
+/// A TCP relay standing for the network between agent and server: `cut` stops every byte both
+/// ways on the connections it carries, without closing anything, as a dropped network or a dead
+/// NAT mapping does; connections made after the cut pass (the network is back).
+struct Network {
+    addr: SocketAddr,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+}
+
+impl Network {
+    fn cut(&self) {
+        let mut current = self.generation.lock().unwrap();
+        current.cancel();
+        *current = CancellationToken::new();
+    }
+}
+
+async fn network_to(server: SocketAddr) -> Network {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+    let g = generation.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = listener.accept().await {
+            let c = g.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let Ok(mut b) = TcpStream::connect(server).await else { return };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    _ = c.cancelled() => {
+                        // Hold both sockets open, silent, for the rest of the test.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    Network { addr, generation }
+}
+
+#[tokio::test]
+async fn sessions_end_within_the_keepalive_deadline_when_the_agent_is_lost() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.ping_interval = Some(Duration::from_millis(500));
+    config.timeouts.pong_timeout = Duration::from_millis(1000);
+    let bridge = TestBridge::start(config).await;
+    let network = network_to(bridge.addr).await;
+    let _agent = start_agent(agent_config(network.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let mut sessions = Vec::new();
+    for i in 0..3u8 {
+        let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+        send_bin(&mut ws, &[i; 10]).await;
+        assert_eq!(recv_data(&mut ws).await, vec![i; 10]);
+        sessions.push(ws);
+    }
+    network.cut();
+    let cut = Instant::now();
+    // Every session read at once: a client that is not read cannot answer the bridge's pings.
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { read_close(&mut ws).await }))
+        .collect();
+    for reader in readers {
+        let (code, reason) = reader.await.unwrap();
+        assert_eq!((code, reason.as_str()), (1011, "backend read failed: agent shop-17 lost"));
+    }
+    // Found by the missed pong: after the pong timeout, at most a ping interval later.
+    let took = cut.elapsed();
+    assert!(
+        took + EARLY >= Duration::from_millis(1000) && took < Duration::from_millis(1500) + LATE,
+        "sessions ended {took:?} after the cut; the deadline is 0.5 s + 1 s"
+    );
+}
+
+#[tokio::test]
+async fn the_agent_reconnects_after_the_server_restarts() {
+    let (echo, _) = echo_backend().await;
+    let config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    let bridge = TestBridge::start(config.clone()).await;
+    let addr = bridge.addr;
+    let mut agent = start_agent(agent_config(addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    // The server's drain tells the agent to go; the control link does not hold the shutdown.
+    let drained = bridge.stop().await;
+    assert!(drained.clean, "{drained:?}");
+    within("the agent to notice", agent.wait_for(|s| matches!(s, State::Retrying { .. }))).await;
+    let listener = within("the port again", async {
+        loop {
+            if let Ok(l) = TcpListener::bind(addr).await {
+                return l;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let bridge = TestBridge::start_on(config, listener).await;
+    connected(&mut agent).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"again").await;
+    assert_eq!(recv_data(&mut ws).await, b"again");
+}
+
+#[tokio::test]
+async fn a_second_agent_with_the_same_name_wins_and_the_first_is_told() {
+    let first_app = source_backend(b"first".to_vec()).await;
+    let second_app = source_backend(b"second".to_vec()).await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut first = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(first_app))])).await;
+    let _second = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(second_app))])).await;
+    within(
+        "the first agent to be replaced",
+        first.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("another agent connected"))),
+    )
+    .await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (msgs, _) = read_until_close(&mut ws).await;
+    let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert_eq!(got, b"second");
+}
+
+#[tokio::test]
+async fn a_wrong_secret_backs_off_without_spinning() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let (echo, _) = echo_backend().await;
+    let mut config = agent_config(bridge.addr, "shop-17", "not-the-secret", &[("pos", tcp(echo))]);
+    config.backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(400),
+        auth_max: Duration::from_secs(60),
+    };
+    let mut agent = client::spawn(config).unwrap();
+    within(
+        "the refusal",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("refused this agent's name or secret"))),
+    )
+    .await;
+    let window = Duration::from_secs(3);
+    let before = agent.attempts.load(Ordering::SeqCst);
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    let start = Instant::now();
+    while start.elapsed() < window {
+        ticks.tick().await;
+    }
+    let attempts = agent.attempts.load(Ordering::SeqCst) - before;
+    // Doubling from 0.1 s with jitter in [cap/4, cap]: at most ~7 in 3 s; a spin makes thousands.
+    assert!((1..=8).contains(&attempts), "{attempts} attempts in {window:?}");
+    agent.shutdown.cancel();
+    within("the agent to stop", agent.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_endpoint_answers_one_generic_401_and_slows_repeated_failures() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let link = |name: &str, secret: &str| {
+        format!(
+            "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: {name}\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        )
+    };
+    let unknown = http_raw(bridge.addr, link("shop-99", SECRET).as_bytes()).await;
+    let wrong = http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
+    assert_eq!(status_of(&unknown), 401);
+    assert!(body_of(&unknown).contains("unauthorized"), "{unknown}");
+    assert_eq!(body_of(&unknown), body_of(&wrong), "one answer for both");
+    assert_eq!(status_of(&wrong), 401);
+    // A browser's WebSocket on the endpoint is not an agent handshake; nor is a plain GET.
+    let browser = http_raw(bridge.addr, &upgrade_request("/agent", "")).await;
+    assert_eq!(status_of(&browser), 400);
+    // And an agent's link on a browser route is not an upgrade there.
+    let on_route = http_raw(bridge.addr, link("shop-17", SECRET).replace("/agent", "/pos").as_bytes()).await;
+    assert_ne!(status_of(&on_route), 101);
+    for _ in 0..3 {
+        http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
+    }
+    let slowed = http_raw(bridge.addr, link("shop-17", SECRET).as_bytes()).await;
+    assert_eq!(status_of(&slowed), 429, "{slowed}");
+}
+
+/// A CONNECT proxy: reads the request head, connects where it says, answers 200 and splices.
+/// Counts the tunnels and remembers the last Proxy-Authorization.
+async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::Mutex<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tunnels = Arc::new(AtomicUsize::new(0));
+    let auth = Arc::new(std::sync::Mutex::new(String::new()));
+    let (t, a) = (tunnels.clone(), auth.clone());
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (t, a) = (t.clone(), a.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let Ok(b) = client.read_u8().await else { return };
+                    head.push(b);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let Some(target) = head.strip_prefix("CONNECT ").and_then(|r| r.split(' ').next()) else {
+                    return;
+                };
+                if let Some(line) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("proxy-authorization:")) {
+                    *a.lock().unwrap() = line.to_owned();
+                }
+                let Ok(mut server) = TcpStream::connect(target).await else { return };
+                t.fetch_add(1, Ordering::SeqCst);
+                client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (addr, tunnels, auth)
+}
+
+#[tokio::test]
+async fn the_agent_reaches_the_server_through_a_connect_proxy() {
+    let (echo, _) = echo_backend().await;
+    let (proxy, tunnels, auth) = connect_proxy().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.proxy = Some(format!("http://agent:pw@{proxy}").parse::<Proxy>().unwrap());
+    let _agent = start_agent(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"via the proxy").await;
+    assert_eq!(recv_data(&mut ws).await, b"via the proxy");
+    // The control link and at least the session's data link went through it.
+    assert!(tunnels.load(Ordering::SeqCst) >= 2);
+    assert_eq!(*auth.lock().unwrap(), "Proxy-Authorization: Basic YWdlbnQ6cHc=");
+}
+
+#[tokio::test]
+async fn the_agent_verifies_the_server_certificate() {
+    let (echo, _) = echo_backend().await;
+    let pki = pki::Pki::new("agent test CA");
+    let server = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.listeners.push(wsbridge::config::ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: None,
+        web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
+        access: Default::default(),
+        tls: Some(wsbridge::config::tls::TlsSettings::new(wsbridge::config::tls::CertFiles {
+            cert: server.cert.clone(),
+            key: Some(server.key.clone()),
+        })),
+    });
+    let bridge = TestBridge::start(config).await;
+    let url = format!("wss://localhost:{}/agent", bridge.addr.port());
+    // Without the CA, the system's roots do not know this server: refused, retried.
+    let mut untrusted = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    untrusted.server = url.parse().unwrap();
+    let mut h = client::spawn(untrusted).unwrap();
+    within(
+        "the certificate refusal",
+        h.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("certificate") || reason.contains("Certificate"))),
+    )
+    .await;
+    h.shutdown.cancel();
+    // With the CA file: connected over TLS, and sessions cross.
+    let mut trusted = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    trusted.server = url.parse().unwrap();
+    trusted.ca_file = Some(pki.ca_file());
+    let _agent = start_agent(trusted).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"over tls").await;
+    assert_eq!(recv_data(&mut ws).await, b"over tls");
+}
+
+/// config/agent-server.toml and config/agent.toml are a working pair: loaded as shipped (the
+/// secret read from agent.secret beside them), with only the addresses swapped for test ones.
+#[tokio::test]
+async fn the_example_configs_are_a_working_pair() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let server = Config::from_file(&dir.join("agent-server.toml")).unwrap();
+    assert_eq!(server.listeners[0].addr, "127.0.0.1:6080".parse().unwrap());
+    let mut agent = AgentConfig::from_file(&dir.join("agent.toml")).unwrap();
+    assert_eq!(agent.server, "ws://127.0.0.1:6080/agent".parse().unwrap());
+    assert_eq!(agent.name, "shop-17");
+    assert_eq!(agent.services["pos"], "127.0.0.1:9100".parse().unwrap());
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server).await;
+    agent.server.port = bridge.addr.port();
+    agent.services.insert("pos".into(), tcp(echo));
+    agent.proxy = None;
+    let _agent = start_agent(agent).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"paired").await;
+    assert_eq!(recv_data(&mut ws).await, b"paired");
+}
+
+/// `wsbridge demo --agent`, through the library: the page's `/chat` sessions cross the demo's
+/// agent to the chat server.
+#[tokio::test]
+async fn the_demo_in_agent_mode_carries_the_chat_across_its_agent() {
+    let demo = wsbridge::demo::Demo::start_with_agent("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    assert!(demo.agent_mode());
+    let url = demo.url().replace("http://", "ws://") + "chat";
+    let shutdown = demo.bridge().shutdown_token();
+    let serving = tokio::spawn(demo.serve());
+    let (mut ws, _) = within("the demo's chat", async {
+        // The agent dials in as the demo starts; until then the route answers 1014 offline.
+        loop {
+            let (mut ws, _) = ws_connect(&url, None).await;
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.starts_with("* welcome") => return (ws, t),
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    ws.send(Message::text("hello over the agent")).await.unwrap();
+    within("the line back from the room", async {
+        loop {
+            if let Some(Ok(Message::Text(t))) = ws.next().await {
+                if t.ends_with(": hello over the agent") {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    drop(ws);
+    shutdown.cancel();
+    within("the demo to stop", serving).await.unwrap().unwrap();
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+
+/// The `wsbridge agent` binary, with its stderr lines sent to the test.
+fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("agent")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line).await;
+        }
+    });
+    (child, rx)
+}
+
+async fn log_line(lines: &mut tokio::sync::mpsc::Receiver<String>, what: &str) -> String {
+    within(&format!("the agent to log {what:?}"), async {
+        loop {
+            let line = lines.recv().await.expect("the agent's stderr ended");
+            if line.contains(what) {
+                return line;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let server = format!("ws://{}/agent", bridge.addr);
+    let service = format!("pos={echo}");
+    let (mut child, mut lines) = agent_binary(&[
+        "--server",
+        &server,
+        "--name",
+        "shop-17",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--service",
+        &service,
+    ]);
+    log_line(&mut lines, "agent: connected").await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"before").await;
+    assert_eq!(recv_data(&mut ws).await, b"before");
+    let pid = child.id().unwrap().to_string();
+    assert!(tokio::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    log_line(&mut lines, "agent: shutting down").await;
+    // The live session goes on after SIGTERM...
+    send_bin(&mut ws, b"after").await;
+    assert_eq!(recv_data(&mut ws).await, b"after");
+    assert!(child.try_wait().unwrap().is_none(), "the agent exited with a session open");
+    // ...and once it ends, the agent exits at once, not at the end of its 10 s grace.
+    ws.close(None).await.unwrap();
+    let closed = Instant::now();
+    let status = within("the agent to exit", child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(3),
+        "exited {:?} after its last session",
+        closed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn new_secret_prints_a_secret_and_its_server_line() {
+    let out = tokio::process::Command::new(BIN)
+        .args(["agent", "--new-secret"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let secret = text.lines().next().unwrap();
+    assert_eq!(secret.len(), 64, "{text}");
+    assert!(text.contains(&format!("secret_sha256 = \"{}\"", secret_sha256(secret))), "{text}");
+}
+
+#[tokio::test]
+async fn check_names_the_file_line_and_field_of_an_agent_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.secret"), "s\n").unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "[agent]\nserver = \"ws://127.0.0.1:6080/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n\n[agent.services]\npos = \"127.0.0.1\"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["check", "--config", file.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("agent.toml") && err.contains("line 7") && err.contains("expected HOST:PORT"),
+        "{err}"
+    );
+    std::fs::write(&file, "[agent]\nserver = \"ftp://x/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n[agent.services]\npos = \"127.0.0.1:1\"\n").unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["agent", "--config", file.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("agent.toml:2: agent.server:"), "{err}");
+}
+
+/// A server that stays away: the agent retries, and says so once, not once per attempt.
+#[tokio::test]
+async fn a_repeated_failure_is_logged_once() {
+    let closed = closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let server = format!("ws://{closed}/agent");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["agent", "--server", &server, "--name", "shop-17", "--service", "pos=127.0.0.1:1"])
+        .arg("--secret-file")
+        .arg(&secret)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let (mut warned, mut again) = (0, 0);
+    // Backoff from 1 s: a few attempts in this window.
+    let window = tokio::time::sleep(Duration::from_millis(3500));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => break,
+            line = lines.next_line() => {
+                let line = line.unwrap().expect("the agent exited");
+                warned += usize::from(line.contains("agent: not connected; retrying"));
+                again += usize::from(line.contains("connecting again"));
+            }
+        }
+    }
+    child.kill().await.unwrap();
+    assert!(again >= 1, "no retry in the window");
+    assert_eq!(warned, 1, "the same failure was warned about {warned} times");
+}
+
+#[tokio::test]
+async fn an_agent_serves_a_unix_socket_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("label.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "label")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("label", Target::Unix(path))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/label"), None).await;
+    send_bin(&mut ws, b"^XA^FDhello^XZ").await;
+    assert_eq!(recv_data(&mut ws).await, b"^XA^FDhello^XZ");
+}
+
+/// One route for a fleet: `/agents/{agent}/{service}` reaches any declared agent's services,
+/// and nothing else.
+#[tokio::test]
+async fn a_fleet_route_reaches_declared_agents_by_path_and_nothing_else() {
+    let app17 = source_backend(b"shop-17's pos".to_vec()).await;
+    let app18 = source_backend(b"shop-18's pos".to_vec()).await;
+    let mut config = server_config(&["shop-17", "shop-18"], &[]);
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
+        target: Target::Agent {
+            agent: "{agent}".into(),
+            service: "{service}".into(),
+        },
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let _a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app17))])).await;
+    let _a18 = start_agent(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(app18))])).await;
+    for shop in ["shop-17", "shop-18"] {
+        let (mut ws, _) = ws_connect(&bridge.url(&format!("/agents/{shop}/pos")), None).await;
+        let (msgs, _) = read_until_close(&mut ws).await;
+        let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+        assert_eq!(got, format!("{shop}'s pos").as_bytes());
+    }
+    // An undeclared agent is an unknown path: 404 before any upgrade.
+    for path in [
+        "/agents/shop-99/pos",
+        "/agents/shop-17",
+        "/agents/shop-17/pos/more",
+        "/agents/%2e%2e/pos",
+    ] {
+        let answer = http_raw(bridge.addr, &upgrade_request(path, "")).await;
+        assert_eq!(status_of(&answer), 404, "{path}: {answer}");
+    }
+    // A declared agent, a service it does not list: the page reads why.
+    let mut s = raw_ws(bridge.addr, "/agents/shop-18/label").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-18 has no service label".into()));
+}
+
+/// A fleet file: agents log in with the secrets it lists, and one added to it later is let in
+/// (the file is re-read when it changes), with no reload.
+#[tokio::test]
+async fn agents_from_a_fleet_file_log_in_and_new_ones_are_seen() {
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet");
+    std::fs::write(&fleet, format!("shop-17: {}\n", secret_sha256(SECRET))).unwrap();
+    let mut config = server_config(&[], &[]);
+    config.agents.sources.push(fleet.clone());
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
+        target: Target::Agent {
+            agent: "{agent}".into(),
+            service: "{service}".into(),
+        },
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let _a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/agents/shop-17/pos"), None).await;
+    send_bin(&mut ws, b"from the fleet").await;
+    assert_eq!(recv_data(&mut ws).await, b"from the fleet");
+    // Not in the file yet: refused, retrying; then added: let in at its next attempt.
+    let mut a18 = client::spawn(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(echo))])).unwrap();
+    within(
+        "shop-18's refusal",
+        a18.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("refused"))),
+    )
+    .await;
+    let answer = http_raw(bridge.addr, &upgrade_request("/agents/shop-18/pos", "")).await;
+    assert_eq!(status_of(&answer), 404, "not declared yet: {answer}");
+    std::fs::write(&fleet, format!("shop-17: {h}\nshop-18: {h}\n", h = secret_sha256(SECRET))).unwrap();
+    connected(&mut a18).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/agents/shop-18/pos"), None).await;
+    send_bin(&mut ws, b"new shop").await;
+    assert_eq!(recv_data(&mut ws).await, b"new shop");
+}
+
+/// Agents behind one address share the login brake: one slowed down by another's failures
+/// retries with the network backoff (here 0.4 s at most), not the refused secret's (which would
+/// double to 0.8 s, 1.6 s ... before the brake lets it in, about 2 s later).
+#[tokio::test]
+async fn an_agent_slowed_down_by_the_brake_is_not_treated_as_refused() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let wrong = "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer wrong\r\n\r\n";
+    for _ in 0..5 {
+        assert_eq!(status_of(&http_raw(bridge.addr, wrong.as_bytes()).await), 401);
+    }
+    let (echo, _) = echo_backend().await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.backoff = Backoff {
+        initial: Duration::from_millis(400),
+        max: Duration::from_millis(400),
+        auth_max: Duration::from_secs(300),
+    };
+    let mut agent = client::spawn(config).unwrap();
+    let mut slowed = 0;
+    within("the agent to get past the brake", async {
+        loop {
+            let state = agent.state.borrow_and_update().clone();
+            match state {
+                State::Connected => return,
+                State::Retrying { reason, after } => {
+                    assert!(reason.contains("slowing down"), "{reason}");
+                    assert!(after <= Duration::from_millis(400), "retrying after {after:?}");
+                    slowed += 1;
+                }
+                _ => {}
+            }
+            agent.state.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(slowed >= 2, "slowed down {slowed} times");
+}
+
+/// A server shutting down tells its agents to reconnect elsewhere (drain), and they do at once:
+/// the backoff starts over, as after a connection that worked.
+#[tokio::test]
+async fn a_draining_server_tells_its_agents_to_reconnect() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    // Slow enough that the drain's state is still there when the test looks.
+    config.backoff.initial = Duration::from_secs(2);
+    config.backoff.max = Duration::from_secs(2);
+    let mut agent = start_agent(config).await;
+    let drained = bridge.stop().await;
+    assert!(drained.clean, "{drained:?}");
+    within(
+        "the agent to be told",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("draining"))),
+    )
+    .await;
+}
+
+/// A network drop: the agent finds its control link dead by the missed pong, reconnects once
+/// the network is back, and sessions cross it again.
+#[tokio::test]
+async fn the_agent_survives_a_network_drop() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let network = network_to(bridge.addr).await;
+    let mut config = agent_config(network.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.ping_interval = Duration::from_millis(300);
+    config.pong_timeout = Duration::from_millis(600);
+    let mut agent = start_agent(config).await;
+    network.cut();
+    within(
+        "the agent to find its link dead",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("no pong"))),
+    )
+    .await;
+    connected(&mut agent).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"back again").await;
+    assert_eq!(recv_data(&mut ws).await, b"back again");
+}
