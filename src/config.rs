@@ -348,6 +348,10 @@ pub struct Limits {
     pub max_message_size: Option<usize>,
     /// Sessions and new sessions per client address, over every route (429 above them).
     pub per_ip: AddressLimits,
+    /// Connections at once from one client address (a PROXY header's, else the TCP peer's),
+    /// counted from accept, so that one address cannot hold every connection slot with slow
+    /// request heads; `None` (the default): no cap of its own.
+    pub max_connections_per_ip: Option<usize>,
 }
 
 impl Default for Limits {
@@ -356,6 +360,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_message_size: None,
             per_ip: AddressLimits::default(),
+            max_connections_per_ip: None,
         }
     }
 }
@@ -595,6 +600,9 @@ impl Limits {
             self.max_connections,
             format_limit(self.max_message_size)
         );
+        if let Some(n) = self.max_connections_per_ip {
+            let _ = write!(out, ", max_connections_per_ip = {n}");
+        }
         for part in policy::describe_per_ip(&self.per_ip) {
             let _ = write!(out, ", {part}");
         }
@@ -889,6 +897,7 @@ struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_connections: Option<AtLeastOne>,
+    max_connections_per_ip: Option<AtLeastOne>,
     max_message_size: Option<Size>,
     max_sessions_per_ip: Option<u32>,
     new_sessions_per_ip: Option<policy::RateDe>,
@@ -961,6 +970,7 @@ impl RawLimits {
         if let Some(n) = self.max_connections {
             limits.max_connections = n.0;
         }
+        limits.max_connections_per_ip = self.max_connections_per_ip.map(|n| n.0);
         if let Some(s) = self.max_message_size {
             limits.max_message_size = s.0;
         }

@@ -59,6 +59,24 @@ pub enum ProxyError {
 /// # Errors
 /// [`ProxyError`] when the connection does not start with a valid header.
 pub async fn read_header<S: AsyncRead + Unpin>(io: &mut S) -> Result<Option<SocketAddr>, ProxyError> {
+    Ok(read_addresses(io).await?.map(|a| a.client))
+}
+
+/// What a PROXY header says: who connected, to which address of the load balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    /// The client.
+    pub client: SocketAddr,
+    /// The address the client connected to (the balancer's), which a PROXY header wsbridge sends
+    /// a backend passes on.
+    pub destination: SocketAddr,
+}
+
+/// [`read_header`], with the destination too.
+///
+/// # Errors
+/// As [`read_header`].
+pub async fn read_addresses<S: AsyncRead + Unpin>(io: &mut S) -> Result<Option<Addresses>, ProxyError> {
     let mut buf = vec![0u8; 16];
     io.read_exact(&mut buf[..12]).await?;
     if buf[..12] == V2_SIGNATURE[..] {
@@ -74,8 +92,14 @@ pub async fn read_header<S: AsyncRead + Unpin>(io: &mut S) -> Result<Option<Sock
         let header = ppp::v2::Header::try_from(&buf[..]).map_err(|e| ProxyError::Malformed(e.to_string()))?;
         return Ok(match (header.command, header.addresses) {
             (ppp::v2::Command::Local, _) => None,
-            (_, ppp::v2::Addresses::IPv4(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
-            (_, ppp::v2::Addresses::IPv6(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
+            (_, ppp::v2::Addresses::IPv4(a)) => Some(Addresses {
+                client: SocketAddr::from((a.source_address, a.source_port)),
+                destination: SocketAddr::from((a.destination_address, a.destination_port)),
+            }),
+            (_, ppp::v2::Addresses::IPv6(a)) => Some(Addresses {
+                client: SocketAddr::from((a.source_address, a.source_port)),
+                destination: SocketAddr::from((a.destination_address, a.destination_port)),
+            }),
             (_, _) => None,
         });
     }
@@ -93,8 +117,14 @@ pub async fn read_header<S: AsyncRead + Unpin>(io: &mut S) -> Result<Option<Sock
     }
     let header = ppp::v1::Header::try_from(&buf[..]).map_err(|e| ProxyError::Malformed(e.to_string()))?;
     Ok(match header.addresses {
-        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp4(a) => Some(Addresses {
+            client: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
+        ppp::v1::Addresses::Tcp6(a) => Some(Addresses {
+            client: SocketAddr::from((a.source_address, a.source_port)),
+            destination: SocketAddr::from((a.destination_address, a.destination_port)),
+        }),
         ppp::v1::Addresses::Unknown => None,
     })
 }
@@ -150,6 +180,9 @@ mod tests {
             assert_eq!(r.unwrap(), Some(client), "{version}");
             assert_eq!(rest, b"GET / HTTP/1.1\r\n", "{version}");
         }
+        let mut bytes = &header(Version::V2, client, local)[..];
+        let both = read_addresses(&mut bytes).await.unwrap().unwrap();
+        assert_eq!((both.client, both.destination), (client, local));
         let v6: SocketAddr = "[2001:db8::7]:1234".parse().unwrap();
         let (r, _) = read(&header(Version::V2, v6, local)).await;
         assert_eq!(r.unwrap(), Some(v6), "mixed families are sent as IPv6");

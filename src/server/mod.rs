@@ -57,6 +57,8 @@ struct Live {
     max_connections: usize,
     /// Sessions and new sessions per client address over every route, when capped.
     per_ip: Option<Arc<PerAddress>>,
+    /// Connections per client address, counted from accept, when capped.
+    connections_per_ip: Option<Arc<PerAddress>>,
     /// Origins admitted where neither a route nor its listener says.
     default_origins: Vec<OriginRule>,
     /// Some route sends its backend a PROXY header, which names the address the client reached.
@@ -303,8 +305,15 @@ impl Bridge {
                 // Only the load balancers may say who the client is.
                 return warn!("connection refused: PROXY protocol header from a peer not in trusted_proxies");
             }
-            match tokio::time::timeout_at(deadline, crate::proxy::read_header(&mut stream)).await {
-                Ok(Ok(client)) => peer.client = client.unwrap_or(peer.client),
+            match tokio::time::timeout_at(deadline, crate::proxy::read_addresses(&mut stream)).await {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(a))) => {
+                    peer.client = a.client;
+                    // What the client reached is the balancer's address, not ours.
+                    if peer.local.is_some() {
+                        peer.local = Some(a.destination);
+                    }
+                }
                 Ok(Err(e)) => return warn!(error = %e, "connection refused: bad PROXY protocol header"),
                 Err(_) => {
                     return warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline")
@@ -312,6 +321,13 @@ impl Bridge {
             }
             tracing::Span::current().record("client", tracing::field::display(peer.client));
         }
+        // One address may not hold every connection slot (slow heads, reconnecting at each
+        // deadline): counted from here, once the PROXY header has named it.
+        let _per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+            Some(Err(r)) => return Box::pin(self.refuse_per_ip(stream, r)).await,
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
         let Some(tls) = &listener.tls else {
             return Box::pin(self.http(stream, peer, listener, &live, deadline, None)).await;
         };
@@ -334,6 +350,14 @@ impl Bridge {
             None => refuse_at_once(&stream, answer_text(status, reason, &retry, true).as_bytes()),
         }
         debug!(status = 503, "refused: connection limit reached");
+    }
+
+    /// Answers a connection over `max_connections_per_ip` with 429 at once (as a refusal past
+    /// the cap is, in a flood), so that the refusal holds no descriptor.
+    async fn refuse_per_ip(&self, stream: TcpStream, r: crate::policy::Refusal) {
+        let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
+        refuse_at_once(&stream, answer_text(r.status, r.public, &retry, true).as_bytes());
+        debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
     }
 
     /// Sniffs the first byte: a TLS ClientHello gets the TLS handshake, anything else plain HTTP
@@ -690,6 +714,14 @@ impl Live {
             timeouts: config.timeouts.clone(),
             max_connections: config.limits.max_connections,
             per_ip: crate::routes::per_ip_table(config.limits.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity),
+            connections_per_ip: crate::routes::per_ip_table(
+                AddressLimits {
+                    max_sessions: config.limits.max_connections_per_ip.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+                    ..AddressLimits::default()
+                },
+                previous.and_then(|p| p.connections_per_ip.as_ref()),
+                capacity,
+            ),
             default_origins: config.default_origins.clone(),
             proxy_headers,
             agents,

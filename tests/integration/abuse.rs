@@ -298,3 +298,39 @@ async fn a_flood_from_many_addresses_meets_the_caps_of_each() {
     );
     b.stop().await;
 }
+
+/// `max_connections_per_ip`: one address holding connections open with slow heads cannot take
+/// every slot; the next connection from it gets 429 at once, another address is served.
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection_slot() {
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[limits]\nmax_connections_per_ip = 2\n[[route]]\npath = \"*\"\ntarget = \"{backend}\"\n"
+    );
+    let config = wsbridge::config::Config::from_toml(&text, &dir.path().join("w.toml")).unwrap();
+    let b = TestBridge::start(config).await;
+    let from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((std::net::Ipv4Addr::new(127, 0, 0, last), 0).into()).unwrap();
+        socket.connect(b.addr).await.unwrap()
+    };
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = from(1).await;
+        s.write_all(b"GET / HT").await.unwrap();
+        slow.push(s);
+    }
+    // The third from the same address: answered at once, without waiting for its request.
+    let mut third = from(1).await;
+    let mut answer = String::new();
+    within("the 429", third.read_to_string(&mut answer)).await.unwrap();
+    assert_eq!(status_of(&answer), 429, "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("\r\nretry-after: "), "{answer}");
+    // Another address is served meanwhile.
+    let (mut other, _) = raw_upgrade_on(from(2).await, &upgrade_request("/", "")).await;
+    other.write_all(&frame(0x82, b"ok", true)).await.unwrap();
+    assert_eq!(raw_read_frame(&mut other).await, (0x2, b"ok".to_vec()));
+    drop((slow, other));
+    b.stop().await;
+}

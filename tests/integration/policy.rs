@@ -332,14 +332,18 @@ async fn proxy_protocol_in_from_the_balancer_and_out_to_the_backend() {
     let client: SocketAddr = "198.51.100.7:40000".parse().unwrap();
     for version in [wsbridge::proxy::Version::V1, wsbridge::proxy::Version::V2] {
         let mut s = TcpStream::connect(b.addr).await.unwrap();
-        s.write_all(&wsbridge::proxy::header(version, client, b.addr)).await.unwrap();
+        // The balancer's address the client reached (not the bridge's).
+        let front: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        s.write_all(&wsbridge::proxy::header(version, client, front)).await.unwrap();
         let (mut s, _) = raw_upgrade_on(s, &upgrade_request("/p", "")).await;
-        // The backend hears who the client really is, before any byte of the session.
+        // The backend hears who the client really is, and where it connected, before any byte
+        // of the session.
         let mut conn = recv_once_mpsc(&mut accepted).await;
-        let seen = within("the backend's PROXY header", wsbridge::proxy::read_header(&mut conn))
+        let seen = within("the backend's PROXY header", wsbridge::proxy::read_addresses(&mut conn))
             .await
+            .unwrap()
             .unwrap();
-        assert_eq!(seen, Some(client), "{version}");
+        assert_eq!((seen.client, seen.destination), (client, front), "{version}");
         s.write_all(&frame(0x82, b"ping", true)).await.unwrap();
         let mut got = [0u8; 4];
         within("data after the header", conn.read_exact(&mut got)).await.unwrap();
