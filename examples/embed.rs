@@ -18,15 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // One listener, one route: every path on `listen` goes to `target`.
     let mut config = Config::new("example");
-    config.listeners.push(ListenerConfig {
-        addr: listen.parse()?,
-        web: None,
-        web_listing: false,
-        web_follow_symlinks: false,
-        web_dotfiles: false,
-        access: Default::default(),
-        tls: None,
-    });
+    config.listeners.push(ListenerConfig::new(listen.parse()?));
     let options = config.default_route_options();
     config.routes.push(RouteConfig {
         matcher: Matcher::AnyPath,

@@ -68,15 +68,9 @@ fn serve(report: &str, target: &str, stop: tokio_util::sync::CancellationToken) 
     let runtime = start::runtime().map_err(|e| e.to_string())?;
     let served = runtime.block_on(async {
         let mut config = Config::new("windows_service example");
-        config.listeners.push(ListenerConfig {
-            addr: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
-            web: None,
-            web_listing: false,
-            web_follow_symlinks: false,
-            web_dotfiles: false,
-            access: Default::default(),
-            tls: None,
-        });
+        config
+            .listeners
+            .push(ListenerConfig::new("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?));
         let options = config.default_route_options();
         config.routes.push(RouteConfig {
             matcher: Matcher::AnyPath,

@@ -513,6 +513,22 @@ impl Config {
 }
 
 impl ListenerConfig {
+    /// A listener on `addr` with every other setting at its default (no static files, no TLS,
+    /// no access settings), for code and tests that fill in what they need.
+    pub fn new(addr: SocketAddr) -> ListenerConfig {
+        ListenerConfig {
+            addr,
+            web: None,
+            web_listing: false,
+            web_follow_symlinks: false,
+            web_dotfiles: false,
+            access: ListenerAccess::default(),
+            tls: None,
+        }
+    }
+}
+
+impl ListenerConfig {
     /// `addr = "…"`, then `web`, `web_listing` and `tls.*` where set.
     pub fn describe(&self) -> String {
         let mut out = format!("addr = {}", toml_str(&self.addr.to_string()));

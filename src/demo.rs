@@ -303,13 +303,8 @@ pub fn write_web_root() -> std::io::Result<PathBuf> {
 pub fn config(listen: SocketAddr, web: &Path, chat: SocketAddr) -> Config {
     let mut config = Config::new("demo");
     config.listeners.push(ListenerConfig {
-        addr: listen,
         web: Some(web.to_path_buf()),
-        web_listing: false,
-        web_follow_symlinks: false,
-        web_dotfiles: false,
-        access: Default::default(),
-        tls: None,
+        ..ListenerConfig::new(listen)
     });
     let mut options = config.default_route_options();
     options.framing = Framing::Lines;

@@ -757,15 +757,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_have_nodelay() {
         let std = Listener::bind_std("127.0.0.1:0".parse().unwrap(), false).unwrap();
-        let config = ListenerConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            web: None,
-            web_listing: false,
-            web_follow_symlinks: false,
-            web_dotfiles: false,
-            access: Default::default(),
-            tls: None,
-        };
+        let config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
         let listeners = [
             Listener::prepare(&config).unwrap().with_socket(TcpListener::from_std(std).unwrap()),
             Listener::prepare(&config).unwrap().bind().await.unwrap(),
@@ -804,15 +796,7 @@ mod tests {
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let mut config = Config::new("test");
-        config.listeners.push(ListenerConfig {
-            addr,
-            web: None,
-            web_listing: false,
-            web_follow_symlinks: false,
-            web_dotfiles: false,
-            access: Default::default(),
-            tls: None,
-        });
+        config.listeners.push(ListenerConfig::new(addr));
         let options = config.default_route_options();
         config.routes.push(crate::config::RouteConfig {
             matcher: crate::config::Matcher::AnyPath,

@@ -165,15 +165,7 @@ impl TestBridge {
     pub async fn start_on(mut config: Config, listener: TcpListener) -> TestBridge {
         let addr = listener.local_addr().unwrap();
         if config.listeners.is_empty() {
-            config.listeners.push(ListenerConfig {
-                addr,
-                web: None,
-                web_listing: false,
-                web_follow_symlinks: false,
-                web_dotfiles: false,
-                access: Default::default(),
-                tls: None,
-            });
+            config.listeners.push(ListenerConfig::new(addr));
         }
         config.listeners[0].addr = addr;
         let prepared = Listener::prepare(&config.listeners[0])

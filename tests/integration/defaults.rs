@@ -118,8 +118,10 @@ async fn large_messages_stream_through_with_bounded_bridge_memory() {
     let mut bridge = spawn(&["127.0.0.1:0", &target]).await;
     let pid = bridge.child.id().unwrap();
     let Some(before) = peak_rss(pid) else {
-        eprintln!("SKIPPED large_messages_stream_through_with_bounded_bridge_memory: no /proc/PID/status here");
-        return;
+        return skip(
+            "defaults::large_messages_stream_through_with_bounded_bridge_memory",
+            "no /proc/PID/status here",
+        );
     };
 
     let binary = pattern(SIZE, 11);

@@ -111,13 +111,8 @@ async fn static_files_are_safe() {
     let mut config = any_path_to(backend);
     let web = Some(dir.path().to_path_buf());
     config.listeners.push(ListenerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
         web,
-        web_listing: false,
-        web_follow_symlinks: false,
-        web_dotfiles: false,
-        access: Default::default(),
-        tls: None,
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
     let bridge = TestBridge::start(config).await;
     let a = bridge.addr;
@@ -160,13 +155,9 @@ async fn directory_listing_when_asked() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
     config.listeners.push(ListenerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
         web: Some(dir.path().into()),
         web_listing: true,
-        web_follow_symlinks: false,
-        web_dotfiles: false,
-        access: Default::default(),
-        tls: None,
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
     let bridge = TestBridge::start(config).await;
     let r = http_raw(bridge.addr, b"GET /sub/ HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -187,13 +178,8 @@ async fn a_static_file_outlives_the_handshake_deadline() {
     let mut config = any_path_to(backend);
     config.timeouts.handshake = std::time::Duration::from_millis(100);
     config.listeners.push(ListenerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
         web: Some(dir.path().into()),
-        web_listing: false,
-        web_follow_symlinks: false,
-        web_dotfiles: false,
-        access: Default::default(),
-        tls: None,
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
     let bridge = TestBridge::start(config).await;
     let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();

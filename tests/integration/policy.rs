@@ -707,3 +707,66 @@ async fn guesses_in_parallel_tokens_guessed_and_rebinding_are_stopped() {
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     b.stop().await;
 }
+
+/// Every kind of refusal, through the real binary: the status the client gets, a log line that
+/// names the route and the reason, no backend connection, and no secret in any log line.
+#[tokio::test]
+async fn each_refusal_is_logged_with_its_route_and_reason_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, accepted) = echo_backend().await;
+    let file = dir.path().join("w.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\
+             [[route]]\npath = \"/net\"\ntarget = \"{backend}\"\ndeny = [\"127.0.0.0/8\"]\n\
+             [[route]]\npath = \"/origin\"\ntarget = \"{backend}\"\norigins = [\"https://app.example\"]\n\
+             [[route]]\npath = \"/auth\"\ntarget = \"{backend}\"\nauth = {{ bearer = [\"the-real-secret\"] }}\n\
+             [[route]]\npath = \"/rate\"\ntarget = \"{backend}\"\nnew_sessions_per_ip = 0.01\nnew_sessions_burst = 1\n"
+        ),
+    )
+    .unwrap();
+    let mut b = binary::Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    refused(&ask(b.addr, "/net", "").await, 403, "forbidden", None);
+    let line = b.line("path /net").await;
+    assert!(line.contains("status=403") && line.contains("denied network"), "{line}");
+    refused(
+        &ask(b.addr, "/origin", "Origin: https://evil.example\r\n").await,
+        403,
+        "origin not allowed",
+        None,
+    );
+    let line = b.line("path /origin").await;
+    assert!(line.contains("status=403") && line.contains("evil.example"), "{line}");
+    refused(
+        &ask(b.addr, "/auth", "Authorization: Bearer a-wrong-guess\r\n").await,
+        401,
+        "authentication required",
+        Some("www-authenticate: bearer"),
+    );
+    let line = b.line("path /auth").await;
+    assert!(line.contains("status=401") && line.contains("not valid"), "{line}");
+    // The first new session on /rate is admitted (and dropped), the second is over the rate.
+    assert!(ask(b.addr, "/rate", "").await.starts_with("HTTP/1.1 101"));
+    refused(
+        &ask(b.addr, "/rate", "").await,
+        429,
+        "too many new sessions from your address",
+        Some("retry-after: "),
+    );
+    let line = b.line("rate of new sessions").await;
+    assert!(line.contains("status=429") && line.contains("path /rate"), "{line}");
+    // Only the one admitted session reached the backend (counted once its connect is done).
+    within("the admitted session's backend connection", async {
+        while accepted.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let logs = b.lines().join("\n");
+    assert!(
+        !logs.contains("the-real-secret") && !logs.contains("a-wrong-guess"),
+        "a secret in the log:\n{logs}"
+    );
+}

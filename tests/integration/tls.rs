@@ -30,13 +30,8 @@ fn settings(cert: &Issued) -> TlsSettings {
 fn tls_config(backend: std::net::SocketAddr, tls: TlsSettings) -> Config {
     let mut config = any_path_to(backend);
     config.listeners.push(ListenerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        web: None,
-        web_listing: false,
-        web_follow_symlinks: false,
-        web_dotfiles: false,
-        access: Default::default(),
         tls: Some(tls),
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
     config
 }

@@ -35,13 +35,11 @@ async fn web_bridge(www: &Path, listing: bool, follow_symlinks: bool, dotfiles: 
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
     config.listeners.push(ListenerConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
         web: Some(www.to_path_buf()),
         web_listing: listing,
         web_follow_symlinks: follow_symlinks,
         web_dotfiles: dotfiles,
-        access: Default::default(),
-        tls: None,
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
     TestBridge::start(config).await
 }
