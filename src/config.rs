@@ -22,6 +22,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod admin;
 pub mod policy;
 pub mod tls;
 
@@ -49,6 +50,8 @@ pub struct Config {
     /// Origins admitted on routes and listeners that set none: same-origin for a configuration
     /// file (and the demo); any origin on the websockify-style command line, as websockify does.
     pub default_origins: Vec<OriginRule>,
+    /// The admin listener (health, readiness, metrics, sessions); off when `None`.
+    pub admin: Option<admin::AdminConfig>,
 }
 
 /// One listening socket.
@@ -374,6 +377,7 @@ impl Config {
             limits: Limits::default(),
             log_format: LogFormat::Text,
             default_origins: vec![OriginRule::SameOrigin],
+            admin: None,
         }
     }
 
@@ -732,6 +736,7 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
+    admin: Option<admin::RawAdmin>,
 }
 
 #[derive(Deserialize)]
@@ -887,6 +892,7 @@ impl RawConfig {
         let defaults = config.default_route_options();
         config.routes = routes(self.route, &defaults, ctx)?;
         config.token_sources = token_sources(self.tokens, &defaults, ctx)?;
+        config.admin = self.admin.map(|a| a.resolve(ctx)).transpose()?;
         if config.listeners.is_empty() {
             return Err(ConfigError::Invalid {
                 file: ctx.file.to_owned(),

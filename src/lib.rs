@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod backend;
 pub mod cli;
 pub mod config;
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod frame;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod relay;

@@ -263,11 +263,16 @@ fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> std::io::Result<Ve
 /// the runtime threads (`spawn_blocking`).
 pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
     match path {
-        Some(p) => match Config::from_file(p).map_err(BridgeError::from).and_then(|mut c| {
-            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-            fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
-            bridge.reload(&c)
-        }) {
+        Some(p) => match Config::from_file(p)
+            .map_err(BridgeError::from)
+            .and_then(|mut c| {
+                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+                fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
+                bridge.reload(&c)
+            })
+            .inspect(|()| bridge.metrics().reloaded("config", true))
+            .inspect_err(|_| bridge.metrics().reloaded("config", false))
+        {
             Ok(()) => {
                 tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
             }

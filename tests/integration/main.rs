@@ -5,6 +5,7 @@
 mod common;
 
 mod abuse;
+mod admin;
 mod binary;
 mod cli;
 mod defaults;

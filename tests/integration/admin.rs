@@ -1,0 +1,299 @@
+//! The admin listener against a real bridge: metrics scraped and parsed with a Prometheus
+//! text-format parser and checked against what the test did, readiness during a drain, the live
+//! sessions and ending one, and the bearer token.
+
+use std::net::SocketAddr;
+
+use futures_util::SinkExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use wsbridge::admin::Admin;
+use wsbridge::config::admin::AdminConfig;
+use wsbridge::config::Matcher;
+
+use crate::common::*;
+
+/// The admin endpoints of `bridge` on 127.0.0.1:0; they stop when the returned token drops.
+async fn start_admin(bridge: &TestBridge, token: Option<&str>) -> (SocketAddr, tokio_util::sync::DropGuard) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = AdminConfig {
+        addr,
+        token: token.map(str::to_owned),
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(Admin::new(&bridge.bridge, &config).serve(listener, stop.clone()));
+    (addr, stop.drop_guard())
+}
+
+/// `METHOD path` on the admin listener, with a bearer token if given: status and body.
+async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\n\r\n");
+    let response = http_raw(addr, request.as_bytes()).await;
+    (status_of(&response), body_of(&response).to_owned())
+}
+
+/// The live sessions as `/sessions` lists them.
+async fn sessions(addr: SocketAddr, token: Option<&str>) -> Vec<serde_json::Value> {
+    let (status, body) = admin(addr, "GET", "/sessions", token).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Asks `/sessions` until `done` holds of the list (each answer is an event: a session opened,
+/// ended, or moved bytes), within the test bound.
+async fn sessions_until(addr: SocketAddr, what: &str, done: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    within(what, async {
+        loop {
+            let list = sessions(addr, None).await;
+            if done(&list) {
+                return list;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// Waits until the bridge's accept loops run (`/readyz` says 200).
+async fn ready(addr: SocketAddr) {
+    within("readiness", async {
+        while admin(addr, "GET", "/readyz", None).await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// `/metrics`, parsed by prometheus-parse (a text-format parser that is not the encoder's).
+async fn scrape(addr: SocketAddr, token: Option<&str>) -> prometheus_parse::Scrape {
+    let (status, body) = admin(addr, "GET", "/metrics", token).await;
+    assert_eq!(status, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("the text format parses")
+}
+
+/// The value of the sample `metric` whose labels include `labels` (0 when there is none: a
+/// label set never seen is not exported).
+fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{metric}: not a single value: {other:?}"),
+        })
+        .collect();
+    assert!(matching.len() <= 1, "{metric} {labels:?}: {} samples", matching.len());
+    matching.first().copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_match_what_the_sessions_and_refusals_did() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/echo".into()), tcp(backend))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let route = [("route", "path /echo")];
+
+    // Two sessions, each 3000 bytes up and echoed back down, closed by the client.
+    let sizes = [1000usize, 2000];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+        let data = pattern(size, i as u8);
+        send_bin(&mut ws, &data).await;
+        let mut got = Vec::new();
+        while got.len() < size {
+            got.extend(recv_data(&mut ws).await);
+        }
+        assert_eq!(got, data);
+        let normal = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        within("the client's close", ws.close(Some(normal))).await.unwrap();
+        read_until_close(&mut ws).await;
+    }
+    // Refusals: two upgrades to no route (404), a plain GET on the route (426), an upgrade with
+    // the wrong version (426 too, same reason) and one with no Host (400).
+    for request in [
+        upgrade_request("/nowhere", ""),
+        upgrade_request("/elsewhere", ""),
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+        b"GET /echo HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(),
+    ] {
+        http_raw(bridge.addr, &request).await;
+    }
+    sessions_until(admin_addr, "both sessions to end", |l| l.is_empty()).await;
+
+    let m = scrape(admin_addr, None).await;
+    let total = sizes.iter().sum::<usize>() as f64;
+    assert_eq!(value(&m, "wsbridge_sessions_open", &route), 0.0);
+    let ended = [("route", "path /echo"), ("code", "1000"), ("ended_by", "client")];
+    assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 2.0);
+    let up = [("route", "path /echo"), ("direction", "up")];
+    let down = [("route", "path /echo"), ("direction", "down")];
+    assert_eq!(value(&m, "wsbridge_session_bytes_total", &up), total);
+    assert_eq!(value(&m, "wsbridge_session_bytes_total", &down), total);
+    let refused = |status: &str, reason: &str| value(&m, "wsbridge_handshakes_refused_total", &[("status", status), ("reason", reason)]);
+    assert_eq!(refused("404", "not_found"), 2.0);
+    assert_eq!(refused("426", "not_websocket"), 1.0);
+    assert_eq!(refused("400", "bad_request"), 1.0);
+    let ok = [("route", "path /echo"), ("outcome", "ok")];
+    assert_eq!(value(&m, "wsbridge_backend_connects_total", &ok), 2.0);
+    let histogram = m
+        .samples
+        .iter()
+        .find(|s| s.metric == "wsbridge_backend_connect_seconds")
+        .expect("the connect histogram");
+    match &histogram.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let inf = buckets.iter().find(|b| b.less_than == f64::INFINITY).expect("+Inf bucket");
+            assert_eq!(inf.count, 2.0, "{buckets:?}");
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    // No client address and no token is a label anywhere.
+    let client_ip = "127.0.0.1";
+    for s in &m.samples {
+        assert!(!format!("{:?}", s.labels).contains(client_ip), "{s:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_session_whose_backend_is_down_is_counted() {
+    let bridge = TestBridge::start(config_with(Matcher::Path("/down".into()), tcp(closed_port().await))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    // A raw client: tungstenite's rewrites 1014 to 1002.
+    let mut ws = raw_ws(bridge.addr, "/down").await;
+    assert_eq!(raw_read_close(&mut ws).await.0, 1014);
+    sessions_until(admin_addr, "the session to end", |l| l.is_empty()).await;
+    let m = scrape(admin_addr, None).await;
+    let failed = [("route", "path /down"), ("outcome", "failed")];
+    assert_eq!(value(&m, "wsbridge_backend_connects_total", &failed), 1.0);
+    let ended = [("route", "path /down"), ("code", "1014"), ("ended_by", "bridge")];
+    assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
+}
+
+#[tokio::test]
+async fn readyz_turns_503_when_the_drain_starts_before_the_session_closes() {
+    let (backend, mut accepted) = manual_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/last".into()), tcp(backend))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    assert_eq!(admin(admin_addr, "GET", "/healthz", None).await.0, 200);
+
+    let (mut ws, _) = ws_connect(&bridge.url("/last"), None).await;
+    let mut server_side = recv_once_stream(&mut accepted).await;
+    // The backend's last words reach the bridge (its live count says so) while the client has
+    // not read them: they are in flight when the drain starts.
+    let words = pattern(10_000, 7);
+    server_side.write_all(&words).await.unwrap();
+    sessions_until(admin_addr, "the bridge to relay the backend's bytes", |l| {
+        l.len() == 1 && l[0]["bytes_down"] == words.len()
+    })
+    .await;
+
+    bridge.shutdown.cancel();
+    let (status, body) = admin(admin_addr, "GET", "/readyz", None).await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    // Not ready, and the session is still there: readiness turned first.
+    assert_eq!(
+        sessions(admin_addr, None).await.len(),
+        1,
+        "the session closed before /readyz turned"
+    );
+    assert_eq!(admin(admin_addr, "GET", "/healthz", None).await.0, 200, "the process still serves");
+
+    let (messages, close) = read_until_close(&mut ws).await;
+    let got: Vec<u8> = messages.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert_eq!(got, words, "the data in flight is flushed before the close");
+    let close = close.expect("a close frame");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, "server shutting down"));
+    let _ = ws.flush().await;
+    assert!(within("drain", bridge.handle).await.unwrap().clean);
+}
+
+/// The backend side of the next session.
+async fn recv_once_stream(accepted: &mut tokio::sync::mpsc::Receiver<tokio::net::TcpStream>) -> tokio::net::TcpStream {
+    within("the backend connection", accepted.recv()).await.expect("backend accepted")
+}
+
+#[tokio::test]
+async fn sessions_lists_the_open_session_and_delete_ends_it_with_1001() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/echo".into()), tcp(backend))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    send_bin(&mut ws, b"twelve bytes").await;
+    assert_eq!(recv_data(&mut ws).await, b"twelve bytes");
+
+    let list = sessions_until(admin_addr, "the session's bytes", |l| {
+        l.len() == 1 && l[0]["bytes_up"] == 12 && l[0]["bytes_down"] == 12
+    })
+    .await;
+    let s = &list[0];
+    assert_eq!(s["route"], "path /echo");
+    assert_eq!(s["target"], backend.to_string());
+    assert!(s["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{s}");
+    assert!(s["age_seconds"].as_f64().unwrap() >= 0.0, "{s}");
+    let id = s["id"].as_u64().unwrap();
+
+    assert_eq!(admin(admin_addr, "DELETE", "/sessions/999999", None).await.0, 404);
+    let (status, body) = admin(admin_addr, "DELETE", &format!("/sessions/{id}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(read_close(&mut ws).await, (1001, "closed by the operator".to_owned()));
+    let _ = ws.send(Message::Close(None)).await;
+    sessions_until(admin_addr, "the session to end", |l| l.is_empty()).await;
+    let m = scrape(admin_addr, None).await;
+    let ended = [("route", "path /echo"), ("code", "1001"), ("ended_by", "operator")];
+    assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
+
+    // POST /sessions/ID/close does the same.
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let list = sessions_until(admin_addr, "the second session", |l| l.len() == 1).await;
+    let id = list[0]["id"].as_u64().unwrap();
+    assert_eq!(admin(admin_addr, "POST", &format!("/sessions/{id}/close"), None).await.0, 200);
+    assert_eq!(read_close(&mut ws).await, (1001, "closed by the operator".to_owned()));
+}
+
+#[tokio::test]
+async fn the_admin_token_is_required_when_set() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let token = "Ahd8-secret";
+    let (admin_addr, _stop) = start_admin(&bridge, Some(token)).await;
+    for path in ["/metrics", "/sessions"] {
+        assert_eq!(admin(admin_addr, "GET", path, None).await.0, 401, "{path} without a token");
+        assert_eq!(
+            admin(admin_addr, "GET", path, Some("wrong")).await.0,
+            401,
+            "{path} with a wrong token"
+        );
+        assert_eq!(admin(admin_addr, "GET", path, Some(token)).await.0, 200, "{path} with the token");
+    }
+    assert_eq!(admin(admin_addr, "DELETE", "/sessions/1", None).await.0, 401);
+    // Balancers probe these without credentials; they tell nothing.
+    assert_eq!(admin(admin_addr, "GET", "/healthz", None).await.0, 200);
+    assert!(matches!(admin(admin_addr, "GET", "/readyz", None).await.0, 200 | 503));
+    // The metrics never show the token.
+    let (_, body) = admin(admin_addr, "GET", "/metrics", Some(token)).await;
+    assert!(!body.contains(token));
+}
+
+#[tokio::test]
+async fn unknown_admin_paths_and_methods_get_their_status() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    assert_eq!(admin(admin_addr, "GET", "/nothing", None).await.0, 404);
+    assert_eq!(admin(admin_addr, "POST", "/healthz", None).await.0, 405);
+    assert_eq!(admin(admin_addr, "DELETE", "/sessions/abc", None).await.0, 404);
+    let response = http_raw(admin_addr, b"NOT HTTP\r\n\r\n").await;
+    assert_eq!(status_of(&response), 400, "{response}");
+}
