@@ -67,7 +67,7 @@ impl Admin {
     pub async fn spawn(bridge: &Bridge, config: &AdminConfig, stop: CancellationToken) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(config.addr).await?;
         let addr = listener.local_addr()?;
-        info!(%addr, token = config.token.is_some(), "admin listening");
+        info!(%addr, token = config.token.is_some(), "admin endpoints serving");
         tokio::spawn(Admin::new(bridge, config).serve(listener, stop));
         Ok(addr)
     }

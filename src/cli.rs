@@ -843,6 +843,17 @@ mod tests {
     }
 
     #[test]
+    fn admin_address_on_the_command_line() {
+        let c = config(&["6080", "h:1", "--admin", "9100"]).unwrap();
+        assert_eq!(c.admin.unwrap().addr, "127.0.0.1:9100".parse().unwrap());
+        assert!(config(&["6080", "h:1"]).unwrap().admin.is_none(), "off by default");
+        let e = config(&["6080", "h:1", "--admin", "0.0.0.0:9100"]).unwrap_err();
+        assert!(e.contains("--admin: 0.0.0.0:9100 is not a loopback address"), "{e}");
+        let e = config(&["6080", "h:1", "--admin", "nowhere"]).unwrap_err();
+        assert!(e.contains("invalid admin address"), "{e}");
+    }
+
+    #[test]
     fn websockify_positionals() {
         let c = config(&["6080", "localhost:5900"]).unwrap();
         assert_eq!(c.listeners[0].addr, "0.0.0.0:6080".parse().unwrap());

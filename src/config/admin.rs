@@ -102,3 +102,64 @@ impl RawAdmin {
         Ok(admin)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError};
+
+    fn parse(admin: &str) -> Result<Config, ConfigError> {
+        let text = format!("[[listen]]\naddr = \"127.0.0.1:1\"\n\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n\n[admin]\n{admin}");
+        Config::from_toml(&text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn off_by_default_and_loopback_for_a_bare_port() {
+        let none = Config::from_toml(
+            "[[listen]]\naddr = \"127.0.0.1:1\"\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n",
+            Path::new("t.toml"),
+        );
+        assert!(none.unwrap().admin.is_none());
+        let admin = parse("addr = \"9100\"\n").unwrap().admin.unwrap();
+        assert_eq!(admin.addr, "127.0.0.1:9100".parse().unwrap());
+        assert!(admin.token.is_none());
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token_and_the_error_names_file_line_and_field() {
+        let e = parse("addr = \"0.0.0.0:9100\"\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("test.toml:9: admin.addr: 0.0.0.0:9100 is not a loopback address"),
+            "{e}"
+        );
+        assert!(e.contains("token"), "{e}");
+        let admin = parse("addr = \"0.0.0.0:9100\"\ntoken = \"s3cret\"\n").unwrap().admin.unwrap();
+        assert_eq!(admin.token.as_deref(), Some("s3cret"));
+        assert!(!format!("{admin:?}").contains("s3cret"), "the token stays out of Debug");
+    }
+
+    #[test]
+    fn token_file_is_read_trimmed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin-token");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let admin = parse(&format!("addr = \"[::]:9100\"\ntoken_file = {:?}\n", file.display().to_string()))
+            .unwrap()
+            .admin
+            .unwrap();
+        assert_eq!(admin.token.as_deref(), Some("from-a-file"));
+        let e = parse("addr = \"9100\"\ntoken_file = \"/nonexistent/admin-token\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:10: admin.token_file: /nonexistent/admin-token"), "{e}");
+        let e = parse("addr = \"9100\"\ntoken = \"a\"\ntoken_file = \"b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.token_file: give `token` or `token_file`, not both"), "{e}");
+        let e = parse("addr = \"9100\"\nsecret = \"a\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `secret`"), "{e}");
+        let e = parse("addr = \"somewhere\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("test.toml:9: admin.addr: invalid admin address"), "{e}");
+    }
+}

@@ -9,7 +9,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use wsbridge::admin::Admin;
 use wsbridge::config::admin::AdminConfig;
@@ -248,7 +247,11 @@ async fn sessions_lists_the_open_session_and_delete_ends_it_with_1001() {
     let (status, body) = admin(admin_addr, "DELETE", &format!("/sessions/{id}"), None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(read_close(&mut ws).await, (1001, "closed by the operator".to_owned()));
-    let _ = ws.send(Message::Close(None)).await;
+    // tungstenite has queued its answer to the bridge's close; this sends it.
+    match ws.flush().await {
+        Ok(()) | Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed) => {}
+        Err(e) => panic!("answering the close: {e}"),
+    }
     sessions_until(admin_addr, "the session to end", |l| l.is_empty()).await;
     let m = scrape(admin_addr, None).await;
     let ended = [("route", "path /echo"), ("code", "1001"), ("ended_by", "operator")];
@@ -296,4 +299,98 @@ async fn unknown_admin_paths_and_methods_get_their_status() {
     assert_eq!(admin(admin_addr, "DELETE", "/sessions/abc", None).await.0, 404);
     let response = http_raw(admin_addr, b"NOT HTTP\r\n\r\n").await;
     assert_eq!(status_of(&response), 400, "{response}");
+}
+
+#[tokio::test]
+async fn tls_handshakes_and_the_certificate_expiry_are_exported() {
+    use crate::common::pki::*;
+    use tokio_rustls::rustls;
+    let pki = Pki::new("admin test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.listeners.push(wsbridge::config::ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: None,
+        web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
+        access: Default::default(),
+        tls: Some(wsbridge::tls::TlsSettings {
+            watch: None,
+            ..wsbridge::tls::TlsSettings::new(wsbridge::tls::CertFiles {
+                cert: cert.cert.clone(),
+                key: Some(cert.key.clone()),
+            })
+        }),
+    });
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    let stream = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, versions))
+        .await
+        .unwrap();
+    let mut ws = wss_over(stream, &format!("wss://localhost:{}/", bridge.addr.port())).await;
+    send_bin(&mut ws, b"over TLS").await;
+    assert_eq!(recv_data(&mut ws).await, b"over TLS");
+    // A client that trusts another CA gives up in the handshake: a failure on the bridge's side.
+    let other = Pki::new("another CA");
+    assert!(tls_connect(bridge.addr, "localhost", client_config(&other.ca_pem, None, versions))
+        .await
+        .is_err());
+
+    let m = within("the failed handshake to be counted", async {
+        loop {
+            let m = scrape(admin_addr, None).await;
+            if value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "failed")]) >= 1.0 {
+                return m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "ok")]), 1.0);
+    assert_eq!(value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "failed")]), 1.0);
+
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert.cert_pem.as_bytes());
+    let der: rustls_pki_types::CertificateDer<'_> = der.unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    let expected = parsed.validity().not_after.timestamp() as f64 - now;
+    let label = cert.cert.display().to_string();
+    let got = value(&m, "wsbridge_certificate_expiry_seconds", &[("cert", label.as_str())]);
+    assert!((got - expected).abs() < 120.0, "expiry {got} s, the certificate says {expected} s");
+}
+
+#[tokio::test]
+async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
+    use crate::common::binary::{Binary, BIN};
+    let backend = closed_port().await.to_string();
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend, "--admin", "127.0.0.1:0"]).await;
+    let line = b.line("admin endpoints serving addr=").await;
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    assert_eq!(admin(addr, "GET", "/healthz", None).await.0, 200);
+    within("readiness", async {
+        while admin(addr, "GET", "/readyz", None).await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let (status, body) = admin(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE wsbridge_backend_connect_seconds histogram"), "{body}");
+
+    let help = std::process::Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--admin <ADDR>"), "{help}");
 }
