@@ -23,6 +23,8 @@
 //! | [`logging`] | the log filter and line format (text or JSON); escaping of peer-controlled text |
 //! | [`policy`] | who may open a session: origins, client networks, authentication, caps per client address, the real client address |
 //! | [`proxy`] | PROXY protocol v1/v2: read from a load balancer, sent to a backend |
+//! | [`admin`] | the admin listener: health, readiness, Prometheus metrics, live sessions |
+//! | [`metrics`] | the counters and gauges (per session, never per message) and the live-session table |
 //!
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
 //! server through [`server::start`], as an embedder would (`examples/embed.rs`).
