@@ -396,3 +396,64 @@ async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--admin <ADDR>"), "{help}");
 }
+
+#[tokio::test]
+async fn refusals_past_the_connection_cap_are_counted() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.limits.max_connections = 1;
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"holding the only slot").await;
+    recv_data(&mut ws).await;
+    for _ in 0..2 {
+        let response = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+        assert_eq!(status_of(&response), 503, "{response}");
+    }
+    let m = scrape(admin_addr, None).await;
+    let over = [("status", "503"), ("reason", "connection_limit")];
+    assert_eq!(value(&m, "wsbridge_handshakes_refused_total", &over), 2.0);
+    assert_eq!(value(&m, "wsbridge_sessions_open", &[("route", "any path")]), 1.0);
+}
+
+#[tokio::test]
+async fn a_failed_and_a_good_reload_are_counted_with_their_time() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let failed = [("kind", "config"), ("outcome", "failed")];
+    let ok = [("kind", "config"), ("outcome", "ok")];
+    // The reload counters are the process's (token files are re-read without a bridge): compare
+    // before and after, as other tests may reload meanwhile.
+    let before = scrape(admin_addr, None).await;
+    let reload = |text: &'static str| {
+        let (bridge, file) = (bridge.bridge.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&file, text).unwrap();
+            wsbridge::server::start::reload(&bridge, Some(&file), 1);
+        })
+    };
+    within("a bad reload", reload("[[listen]]\naddr = \"127.0.0.1:1\"\nnot toml\n"))
+        .await
+        .unwrap();
+    within(
+        "a good reload",
+        reload("[[listen]]\naddr = \"127.0.0.1:1\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:1\"\n"),
+    )
+    .await
+    .unwrap();
+    let after = scrape(admin_addr, None).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for labels in [&failed, &ok] {
+        let counted = value(&after, "wsbridge_reloads_total", labels) - value(&before, "wsbridge_reloads_total", labels);
+        assert!(counted >= 1.0, "{labels:?}: {counted}");
+        let at = value(&after, "wsbridge_reload_last_timestamp_seconds", labels);
+        assert!((now - at).abs() < 60.0, "{labels:?}: last at {at}, now {now}");
+    }
+}
