@@ -90,9 +90,16 @@ impl Admin {
                     }
                 },
             };
+            // Taken before the task exists: a flood costs no task and no wait, only a closed socket.
+            let Some(slot) = self.slots.try_take(MAX_CONNECTIONS) else {
+                let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                debug!(%peer, "admin connection refused: too many at once");
+                continue;
+            };
             let this = self.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = this.connection(stream, peer) => {}
@@ -102,14 +109,6 @@ impl Admin {
     }
 
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let Some(_slot) = self.slots.try_take(MAX_CONNECTIONS) else {
-            let _ = timeout(
-                DEADLINE,
-                respond(&mut stream, StatusCode::SERVICE_UNAVAILABLE, TEXT, "too many admin connections\n"),
-            )
-            .await;
-            return debug!(%peer, "admin connection refused: too many at once");
-        };
         let head = match timeout(DEADLINE, read_request(&mut stream)).await {
             Ok(Ok((head, _))) => head,
             Ok(Err(e)) => {

@@ -263,20 +263,17 @@ fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> std::io::Result<Ve
 /// the runtime threads (`spawn_blocking`).
 pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
     match path {
-        Some(p) => match Config::from_file(p)
-            .map_err(BridgeError::from)
-            .and_then(|mut c| {
-                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-                fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
-                bridge.reload(&c)
-            })
-            .inspect(|()| bridge.metrics().reloaded("config", true))
-            .inspect_err(|_| bridge.metrics().reloaded("config", false))
-        {
+        Some(p) => match Config::from_file(p).map_err(BridgeError::from).and_then(|mut c| {
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
+            bridge.reload(&c)
+        }) {
             Ok(()) => {
+                bridge.metrics().reloaded("config", true);
                 tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
             }
             Err(e) => {
+                bridge.metrics().reloaded("config", false);
                 // A configuration error carries a TOML snippet over several lines: one record per
                 // line keeps it readable (a field would show `\n`s) and every record one line.
                 tracing::error!(config = %p.display(), "reload failed; the running configuration stays:");

@@ -457,3 +457,28 @@ async fn a_failed_and_a_good_reload_are_counted_with_their_time() {
         assert!((now - at).abs() < 60.0, "{labels:?}: last at {at}, now {now}");
     }
 }
+
+#[tokio::test]
+async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..wsbridge::admin::MAX_CONNECTIONS {
+        silent.push(within("connect", tokio::net::TcpStream::connect(admin_addr)).await.unwrap());
+    }
+    // Accepted after the silent ones (the listener's queue is in order): no slot is left.
+    let response = http_raw(admin_addr, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(status_of(&response), 503, "{response}");
+    let closed = closed_by_peer(&mut silent[0]).await;
+    assert_window("a silent admin connection closed", closed - started, wsbridge::admin::DEADLINE);
+    drop(silent);
+    // The slots are back.
+    within("a slot again", async {
+        while status_of(&http_raw(admin_addr, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n").await) != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
