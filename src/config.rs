@@ -493,6 +493,10 @@ impl Config {
             "policy    origins = [{}] where neither a route nor its listener sets them",
             origins.join(", ")
         );
+        if let Some(a) = &self.admin {
+            let token = if a.token.is_some() { "set" } else { "none" };
+            let _ = writeln!(out, "admin     addr = {} (token: {token})", toml_str(&a.addr.to_string()));
+        }
         out
     }
 }
