@@ -398,6 +398,38 @@ async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
 }
 
 #[tokio::test]
+async fn after_sigterm_the_binarys_readyz_says_503_while_a_session_drains() {
+    use crate::common::binary::Binary;
+    let (backend, mut accepted) = manual_backend().await;
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
+    let line = b.line("admin endpoints serving addr=").await;
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let (mut ws, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    let mut server_side = recv_once_stream(&mut accepted).await;
+    server_side.write_all(b"still here").await.unwrap();
+    assert_eq!(recv_data(&mut ws).await, b"still here");
+    assert_eq!(admin(addr, "GET", "/readyz", None).await.0, 200);
+
+    let status = tokio::process::Command::new("kill")
+        .args(["-s", "TERM", &b.pid().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    b.line("shutting down").await;
+    // The session waits for our answer to its close frame: the process is draining, not gone.
+    let (status, body) = admin(addr, "GET", "/readyz", None).await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    assert_eq!(sessions(addr, None).await.len(), 1);
+    assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
+}
+
+#[tokio::test]
 async fn refusals_past_the_connection_cap_are_counted() {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
