@@ -514,3 +514,59 @@ async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn token_routes_are_labelled_by_their_source_and_re_reads_are_counted() {
+    use wsbridge::config::{Config, TokenLookup, TokenSourceConfig};
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.cfg");
+    std::fs::write(&file, format!("secret-alpha: {backend}\n")).unwrap();
+    let mut config = Config::new("test");
+    let options = config.default_route_options();
+    config.token_sources.push(TokenSourceConfig {
+        jwt: None,
+        path: file.clone(),
+        lookup: TokenLookup::Query,
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let before = scrape(admin_addr, None).await;
+    let tokens_ok = [("kind", "tokens"), ("outcome", "ok")];
+
+    let (mut ws, _) = ws_connect(&bridge.url("/?token=secret-alpha"), None).await;
+    send_bin(&mut ws, b"via a token").await;
+    assert_eq!(recv_data(&mut ws).await, b"via a token");
+    drop(ws);
+    // Editing the file: the source re-reads it when a lookup finds it changed.
+    std::fs::write(&file, format!("secret-alpha: {backend}\nsecret-beta: {backend}\n")).unwrap();
+    within("the new token to be picked up", async {
+        while status_of(&http_head(bridge.addr, &upgrade_request("/?token=secret-beta", "")).await) != 101 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    sessions_until(admin_addr, "the sessions to end", |l| l.is_empty()).await;
+
+    let m = scrape(admin_addr, None).await;
+    let route = format!("tokens from {}", file.display());
+    let ended = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "wsbridge_sessions_ended_total" && s.labels.get("route") == Some(route.as_str()))
+        .count();
+    assert!(ended >= 1, "no session of {route:?} in {:?}", m.samples);
+    let up = value(
+        &m,
+        "wsbridge_session_bytes_total",
+        &[("route", route.as_str()), ("direction", "up")],
+    );
+    assert!(up >= 11.0, "{up}");
+    let reread = value(&m, "wsbridge_reloads_total", &tokens_ok) - value(&before, "wsbridge_reloads_total", &tokens_ok);
+    assert!(reread >= 1.0, "token re-reads counted: {reread}");
+    for s in &m.samples {
+        let labels = format!("{:?}", s.labels);
+        assert!(!labels.contains("secret-") && !labels.contains('#'), "a token in a label: {s:?}");
+    }
+}
