@@ -207,6 +207,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
+    /// Serve the admin endpoints on ADDR (PORT means 127.0.0.1:PORT): /healthz, /readyz (503 once
+    /// a drain starts), /metrics (Prometheus) and /sessions (list; DELETE /sessions/ID ends one).
+    /// Off by default; loopback only unless a configuration file's [admin] table sets a token.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
     /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, wins.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -382,6 +388,24 @@ impl RunArgs {
     /// # Errors
     /// A message for the user (usage errors are exit code 64).
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        let admin = self
+            .admin
+            .as_deref()
+            .map(crate::config::admin::parse_addr)
+            .transpose()
+            .map_err(usage)?;
+        let mut config = self.into_config_without_admin()?;
+        if let Some(addr) = admin {
+            // Beside --config, the address wins and the file's token stays.
+            let token = config.admin.take().and_then(|a| a.token);
+            let admin = crate::config::admin::AdminConfig { addr, token };
+            admin.check().map_err(|m| usage(format!("--admin: {m}")))?;
+            config.admin = Some(admin);
+        }
+        Ok(config)
+    }
+
+    fn into_config_without_admin(self) -> Result<Config, ConfigError> {
         self.refused.check().map_err(usage)?;
         if self.threads == Some(0) {
             return Err(usage("--threads: must be at least 1".into()));
@@ -447,6 +471,7 @@ impl RunArgs {
             auth_source,
             origin,
             threads: _,
+            admin: _,
             verbose: _,
             log_format: _,
             refused: _,
@@ -489,7 +514,7 @@ impl RunArgs {
         .contains(&true);
         if listener_or_route_options {
             return Err(usage(
-                "--config takes everything from the file; only -v, --log-format and --threads go beside it (put the rest in the file)"
+                "--config takes everything from the file; only -v, --log-format, --threads and --admin go beside it (put the rest in the file)"
                     .into(),
             ));
         }
@@ -837,6 +862,17 @@ mod tests {
     }
 
     #[test]
+    fn admin_address_on_the_command_line() {
+        let c = config(&["6080", "h:1", "--admin", "9100"]).unwrap();
+        assert_eq!(c.admin.unwrap().addr, "127.0.0.1:9100".parse().unwrap());
+        assert!(config(&["6080", "h:1"]).unwrap().admin.is_none(), "off by default");
+        let e = config(&["6080", "h:1", "--admin", "0.0.0.0:9100"]).unwrap_err();
+        assert!(e.contains("--admin: 0.0.0.0:9100 is not a loopback address"), "{e}");
+        let e = config(&["6080", "h:1", "--admin", "nowhere"]).unwrap_err();
+        assert!(e.contains("invalid admin address"), "{e}");
+    }
+
+    #[test]
     fn websockify_positionals() {
         let c = config(&["6080", "localhost:5900"]).unwrap();
         assert_eq!(c.listeners[0].addr, "0.0.0.0:6080".parse().unwrap());
@@ -881,7 +917,7 @@ mod tests {
             &["--file-only"],
         ] {
             let e = config(&[&["--config", "w.toml"][..], extra].concat()).unwrap_err();
-            assert!(e.contains("only -v, --log-format and --threads"), "{extra:?}: {e}");
+            assert!(e.contains("only -v, --log-format, --threads and --admin"), "{extra:?}: {e}");
         }
         let e = config(&["6080", "h:1", "--max-message-size", "100"]).unwrap_err();
         assert!(e.contains("at least 125 bytes"), "{e}");

@@ -22,6 +22,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod admin;
 pub mod policy;
 pub mod tls;
 
@@ -51,6 +52,8 @@ pub struct Config {
     pub default_origins: Vec<OriginRule>,
     /// Agent mode: declared agents and the endpoints they dial.
     pub agents: crate::agent::AgentsConfig,
+    /// The admin listener (health, readiness, metrics, sessions); off when `None`.
+    pub admin: Option<admin::AdminConfig>,
 }
 
 /// One listening socket.
@@ -393,6 +396,7 @@ impl Config {
             log_format: LogFormat::Text,
             default_origins: vec![OriginRule::SameOrigin],
             agents: crate::agent::AgentsConfig::default(),
+            admin: None,
         }
     }
 
@@ -508,6 +512,10 @@ impl Config {
             "policy    origins = [{}] where neither a route nor its listener sets them",
             origins.join(", ")
         );
+        if let Some(a) = &self.admin {
+            let token = if a.token.is_some() { "set" } else { "none" };
+            let _ = writeln!(out, "admin     addr = {} (token: {token})", toml_str(&a.addr.to_string()));
+        }
         out
     }
 }
@@ -779,6 +787,7 @@ struct RawConfig {
     agent_endpoint: Vec<Spanned<crate::agent::RawEndpoint>>,
     #[serde(default)]
     agents: Vec<Spanned<crate::agent::RawFleet>>,
+    admin: Option<admin::RawAdmin>,
 }
 
 #[derive(Deserialize)]
@@ -948,6 +957,7 @@ impl RawConfig {
         let defaults = config.default_route_options();
         config.routes = routes(self.route, &defaults, ctx)?;
         config.token_sources = token_sources(self.tokens, &defaults, ctx)?;
+        config.admin = self.admin.map(|a| a.resolve(ctx)).transpose()?;
         if config.listeners.is_empty() {
             return Err(ConfigError::Invalid {
                 file: ctx.file.to_owned(),

@@ -27,12 +27,15 @@
 //! | [`signals`] | shutdown and reload requests from the OS: Unix signals, Windows console events |
 //! | `service` | Windows only: running as a Windows service, installing and removing it |
 //! | [`platform`] | what differs between Unix and Windows (unix sockets, port sharing, file identity) |
+//! | [`admin`] | the admin listener: health, readiness, Prometheus metrics, live sessions |
+//! | [`metrics`] | the counters and gauges (per session, never per message) and the live-session table |
 //!
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
 //! server through [`server::start`], as an embedder would (`examples/embed.rs`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod agent;
 pub mod backend;
 pub mod cli;
@@ -41,6 +44,7 @@ pub mod demo;
 pub mod frame;
 pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod platform;
 pub mod policy;
 pub mod proxy;

@@ -147,7 +147,16 @@ async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usiz
     // Before "listening": a supervisor may send SIGHUP or SIGTERM as soon as it reads that line,
     // and a signal without a handler would end the process.
     spawn_signal_handlers(&bridge, path, threads)?;
-    start::bind(&config, threads)?.serve(&bridge).await?;
+    let bound = start::bind(&config, threads)?;
+    // Stopped only after the drain: /readyz answers 503 all through it.
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let _admin = admin_stop.clone().drop_guard();
+    if let Some(admin) = &config.admin {
+        wsbridge::admin::Admin::spawn(&bridge, admin, admin_stop)
+            .await
+            .map_err(|source| StartError::Bind { addr: admin.addr, source })?;
+    }
+    bound.serve(&bridge).await?;
     Ok(())
 }
 

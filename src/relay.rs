@@ -35,6 +35,7 @@ use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::{pin, Pin};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{describe, Backend, BackendReader, BackendWriter};
 use crate::config::{Framing, Timeouts, DEFAULT_MAX_LINE};
 use crate::frame::{self, Decoder, Event, FrameError, OutHeader};
+use crate::metrics::Session;
 
 /// The most read from either peer in one system call.
 const SCRATCH: usize = 256 * 1024;
@@ -103,7 +105,7 @@ pub struct Summary {
     pub code: u16,
     /// Why, in a few words.
     pub reason: String,
-    /// Which side ended it: "client", "backend" or "bridge".
+    /// Which side ended it: "client", "backend", "bridge" or "operator" (admin `/sessions`).
     pub ended_by: &'static str,
     /// Payload bytes client → backend.
     pub bytes_up: u64,
@@ -130,6 +132,8 @@ enum End {
     Lifetime,
     /// The server is shutting down.
     Shutdown,
+    /// An operator ended the session (admin `/sessions`).
+    Operator,
     /// A ping went unanswered.
     PongTimeout,
 }
@@ -147,6 +151,7 @@ impl End {
             End::Idle => (1001, "idle timeout".into(), "bridge"),
             End::Lifetime => (1001, "session lifetime exceeded".into(), "bridge"),
             End::Shutdown => (1001, "server shutting down".into(), "bridge"),
+            End::Operator => (1001, "closed by the operator".into(), "operator"),
             End::PongTimeout => (1001, "ping timeout".into(), "bridge"),
         }
     }
@@ -166,7 +171,24 @@ enum Upstream {
 /// Runs a session to its end and says how it ended. `early` holds client bytes that arrived with
 /// the request head. Never panics on peer input; every wait has a deadline from
 /// `params.timeouts` or ends with the peer's socket.
-pub async fn run<S>(client: S, early: Vec<u8>, mut backend: Backend, params: &SessionParams<'_>, shutdown: &CancellationToken) -> Summary
+pub async fn run<S>(client: S, early: Vec<u8>, backend: Backend, params: &SessionParams<'_>, shutdown: &CancellationToken) -> Summary
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    run_live(client, early, backend, params, shutdown, None).await
+}
+
+/// [`run`] for a session listed in the admin's table: its byte counts are published there as the
+/// session goes, and `shutdown` cancelled after [`Session::end_by_operator`] closes it as the
+/// operator's doing.
+pub async fn run_live<S>(
+    client: S,
+    early: Vec<u8>,
+    mut backend: Backend,
+    params: &SessionParams<'_>,
+    shutdown: &CancellationToken,
+    live: Option<&Session>,
+) -> Summary
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -177,9 +199,16 @@ where
     poll_fn(|cx| {
         if !told && cancelled.as_mut().poll(cx).is_ready() {
             told = true;
-            pump.end(End::Shutdown);
+            let by_operator = live.is_some_and(|s| s.by_operator.load(Ordering::Acquire));
+            pump.end(if by_operator { End::Operator } else { End::Shutdown });
         }
-        pump.poll(cx)
+        let poll = pump.poll(cx);
+        if let Some(s) = live {
+            // Plain stores (no read-modify-write): the only per-wake-up cost of /sessions.
+            s.bytes_up.store(pump.bytes_up, Ordering::Relaxed);
+            s.bytes_down.store(pump.bytes_down, Ordering::Relaxed);
+        }
+        poll
     })
     .await;
     let summary = pump.summary();
@@ -502,7 +531,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 self.wait_for_answer = false;
                 wait = wait.min(DEAD_PEER_CLOSE);
             }
-            End::BackendEof | End::Idle | End::Lifetime | End::Shutdown => {}
+            End::BackendEof | End::Idle | End::Lifetime | End::Shutdown | End::Operator => {}
         }
         if !closing && !matches!(why, End::ClientClosed(..) | End::ClientGone(_)) {
             let (code, reason, _) = why.outcome();

@@ -93,6 +93,10 @@ struct Inner {
     tls: Mutex<Vec<Arc<TlsListener>>>,
     /// Failed authentications per client address, across reloads: the brake on guessing.
     failures: Arc<PerAddress>,
+    /// Counters, gauges and the live-session table (the admin listener reads them).
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Every listener's accept loop runs: half of readiness (the other half: not draining).
+    serving: std::sync::atomic::AtomicBool,
 }
 
 /// Failed authentications an address may make at once, and how fast they are forgiven: ten,
@@ -141,6 +145,8 @@ impl Bridge {
                 tracker: TaskTracker::new(),
                 tls: Mutex::default(),
                 failures: PerAddress::new(AUTH_FAILURES, 4096),
+                metrics: Arc::default(),
+                serving: Default::default(),
             }),
             shutdown,
         })
@@ -160,6 +166,22 @@ impl Bridge {
         Ok(())
     }
 
+    /// The bridge's metrics and live sessions.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Ready for new sessions: listeners accepting and no drain started. Turns false the moment
+    /// the shutdown token is cancelled, before any session is closed.
+    pub fn is_ready(&self) -> bool {
+        self.inner.serving.load(std::sync::atomic::Ordering::Acquire) && !self.inner.shutdown.is_cancelled()
+    }
+
+    /// The TLS listeners being served (for certificate expiry).
+    pub fn tls_listeners(&self) -> Vec<Arc<TlsListener>> {
+        self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The token that stops the bridge when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.inner.shutdown.clone()
@@ -173,7 +195,11 @@ impl Bridge {
     /// old certificate. Returns the failures.
     pub fn reload_tls(&self) -> Vec<crate::tls::TlsError> {
         let listeners = self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        listeners.iter().filter_map(|t| t.reload().err()).collect()
+        let failed: Vec<_> = listeners.iter().filter_map(|t| t.reload().err()).collect();
+        if !listeners.is_empty() {
+            self.inner.metrics.reloaded("certificates", failed.is_empty());
+        }
+        failed
     }
 
     /// Serves `listeners` until the shutdown token is cancelled, then drains.
@@ -194,6 +220,7 @@ impl Bridge {
             let bridge = this.clone();
             self.inner.tracker.spawn(async move { bridge.accept_loop(listener).await });
         }
+        self.inner.serving.store(true, std::sync::atomic::Ordering::Release);
         self.inner.shutdown.cancelled().await;
         self.inner.tracker.close();
         let grace = self.live().timeouts.shutdown_grace;
@@ -248,7 +275,8 @@ impl Bridge {
                     client_cn = tracing::field::Empty,
                     route = tracing::field::Empty,
                     user = tracing::field::Empty,
-                    target = tracing::field::Empty
+                    target = tracing::field::Empty,
+                    session = tracing::field::Empty
                 )
             } else {
                 tracing::info_span!(
@@ -260,7 +288,8 @@ impl Bridge {
                     client_cn = tracing::field::Empty,
                     route = tracing::field::Empty,
                     user = tracing::field::Empty,
-                    target = tracing::field::Empty
+                    target = tracing::field::Empty,
+                    session = tracing::field::Empty
                 )
             };
             let bridge = self.clone();
@@ -349,6 +378,7 @@ impl Bridge {
             }
             None => refuse_at_once(&stream, answer_text(status, reason, &retry, true).as_bytes()),
         }
+        self.inner.metrics.refused(crate::metrics::Refusal::ConnectionLimit);
         debug!(status = 503, "refused: connection limit reached");
     }
 
@@ -377,6 +407,7 @@ impl Bridge {
                 let reason = "this port takes TLS only: use wss:// (https)";
                 let _ = tokio::time::timeout_at(deadline, answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
                 linger(&mut stream, live.timeouts.close).await;
+                self.inner.metrics.refused(crate::metrics::Refusal::TlsOnly);
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
             return Box::pin(self.http(stream, peer, listener, live, deadline, None)).await;
@@ -386,6 +417,7 @@ impl Bridge {
             r = tokio::time::timeout_at(deadline, Box::pin(tls.acceptor().accept(stream))) => r,
         };
         // Boxed: a TLS connection's state is large, and every later future would carry it inline.
+        self.inner.metrics.tls_handshake(matches!(accepted, Ok(Ok(_))));
         let stream = match accepted {
             Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => return info!(error = %e, "TLS handshake failed"),
@@ -457,6 +489,9 @@ impl Bridge {
             Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
             Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
             Ok(Ok(Outcome::Answered { status, reason })) => {
+                if status.as_u16() >= 400 {
+                    self.inner.metrics.refused(crate::metrics::Refusal::Http(status.as_u16()));
+                }
                 linger(&mut stream, t.close).await;
                 return info!(status = status.as_u16(), %reason, "http request answered");
             }
@@ -491,7 +526,24 @@ impl Bridge {
             (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),
             _ => None,
         };
-        run_session(stream, leftover, &route, &params, proxy_header.as_deref(), shutdown, &live.agents).await;
+        let live_config = live;
+        let target = route.target.to_string();
+        let session = self
+            .inner
+            .metrics
+            .sessions
+            .add(peer.client, &route.name, target, shutdown.child_token());
+        let live = (&*self.inner.metrics, &*session.session);
+        run_session(
+            stream,
+            leftover,
+            &route,
+            &params,
+            proxy_header.as_deref(),
+            live,
+            &live_config.agents,
+        )
+        .await;
     }
 }
 
@@ -652,17 +704,26 @@ async fn run_session<S>(
     route: &Route,
     params: &SessionParams<'_>,
     proxy_header: Option<&[u8]>,
-    shutdown: &CancellationToken,
+    (metrics, session): (&crate::metrics::Metrics, &crate::metrics::Session),
     agents: &crate::agent::Registry,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let shutdown = &session.close;
+    tracing::Span::current().record("session", session.id);
+    let route_metrics = metrics.route(&route.name);
     let started = Instant::now();
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
         // Boxed: the connect phase's state is freed before the relay starts.
         b = Box::pin(crate::agent::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref(), proxy_header, agents)) => b.map_err(Some),
     };
+    let outcome = match &backend {
+        Ok(_) => "ok",
+        Err(Some(_)) => "failed",
+        Err(None) => "shutdown",
+    };
+    metrics.backend_connect(&route_metrics, outcome, started.elapsed());
     let backend = match backend {
         Ok(b) => b,
         Err(e) => {
@@ -671,6 +732,7 @@ async fn run_session<S>(
                 None => (1001, "server shutting down".to_owned()),
             };
             Box::pin(relay::refuse(client, early, code, &reason, params.timeouts.close)).await;
+            metrics.session_ended(&route_metrics, code, "bridge", 0, 0);
             let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
             warn!(code, %reason, error = source.as_deref().unwrap_or(""), duration_ms = started.elapsed().as_millis() as u64, "session failed: backend not connected");
             return;
@@ -678,7 +740,10 @@ async fn run_session<S>(
     };
     // One record per session, when it ends (it says everything); the opening only at debug level.
     debug!(framing = %params.framing, "session open");
-    let s = relay::run(client, early, backend, params, shutdown).await;
+    let open = route_metrics.open();
+    let s = relay::run_live(client, early, backend, params, shutdown, Some(session)).await;
+    drop(open);
+    metrics.session_ended(&route_metrics, s.code, s.ended_by, s.bytes_up, s.bytes_down);
     info!(
         framing = %params.framing,
         code = s.code,

@@ -279,9 +279,11 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
             bridge.reload(&c)
         }) {
             Ok(()) => {
+                bridge.metrics().reloaded("config", true);
                 tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
             }
             Err(e) => {
+                bridge.metrics().reloaded("config", false);
                 // A configuration error carries a TOML snippet over several lines: one record per
                 // line keeps it readable (a field would show `\n`s) and every record one line.
                 tracing::error!(config = %p.display(), "reload failed; the running configuration stays:");

@@ -8,6 +8,7 @@
 mod common;
 
 mod abuse;
+mod admin;
 mod agent;
 mod binary;
 mod cli;

@@ -1,0 +1,267 @@
+//! The admin listener: health, readiness, Prometheus metrics and the live sessions, on an address
+//! of its own (off by default; loopback unless `[admin]` sets a token).
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 when every listener accepts and no drain has started; 503 from the moment the shutdown token is cancelled, before any session is closed, so a balancer stops sending new sessions first |
+//! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format |
+//! | `GET /sessions` | JSON: id, client, route, target, age, bytes each way of every live session |
+//! | `DELETE /sessions/ID` or `POST /sessions/ID/close` | ends that session with 1001 "closed by the operator" |
+//!
+//! `/metrics` and `/sessions` need `Authorization: Bearer TOKEN` when a token is configured (401
+//! otherwise); the health endpoints never do: balancers probe them and they tell nothing.
+//!
+//! HTTP is the bridge's own small path ([`crate::http::request`], httparse): one request per
+//! connection, the same 16 KiB head cap, `Connection: close`. Four fixed endpoints do not need a
+//! second HTTP stack (hyper's server and hyper-util) beside the one the listeners already use.
+//! Bounded like every listener: [`MAX_CONNECTIONS`] at once (more get a prompt 503), and the
+//! request and the answer each under [`DEADLINE`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Method, StatusCode};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::admin::AdminConfig;
+use crate::http::request::read_request;
+use crate::server::Bridge;
+use crate::slots::Slots;
+
+/// Admin connections served at once; an operator's scraper and a person with curl need few.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long a client may take to send its request, and we to write the answer.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+
+/// The admin endpoints of one bridge.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    bridge: Bridge,
+    token: Option<Arc<str>>,
+    slots: Slots,
+}
+
+impl Admin {
+    /// Endpoints for `bridge`, asking for `config`'s token.
+    pub fn new(bridge: &Bridge, config: &AdminConfig) -> Admin {
+        Admin {
+            bridge: bridge.clone(),
+            token: config.token.as_deref().map(Arc::from),
+            slots: Slots::default(),
+        }
+    }
+
+    /// Binds `config.addr` and serves there until `stop` is cancelled (a task on the current
+    /// runtime); returns the bound address.
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn spawn(bridge: &Bridge, config: &AdminConfig, stop: CancellationToken) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(config.addr).await?;
+        let addr = listener.local_addr()?;
+        info!(%addr, token = config.token.is_some(), "admin endpoints serving");
+        tokio::spawn(Admin::new(bridge, config).serve(listener, stop));
+        Ok(addr)
+    }
+
+    /// Serves `listener` until `stop` is cancelled. The bridge's own shutdown does not stop it:
+    /// `/readyz` must answer 503 through the drain.
+    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "admin accept failed");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        }
+                    }
+                },
+            };
+            // Taken before the task exists: a flood costs no task and no wait, only a closed socket.
+            let Some(slot) = self.slots.try_take(MAX_CONNECTIONS) else {
+                let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                debug!(%peer, "admin connection refused: too many at once");
+                continue;
+            };
+            let this = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = this.connection(stream, peer) => {}
+                }
+            });
+        }
+    }
+
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        let head = match timeout(DEADLINE, read_request(&mut stream)).await {
+            Ok(Ok((head, _))) => head,
+            Ok(Err(e)) => {
+                let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, &format!("{e}\n"))).await;
+                return debug!(%peer, error = %e, "admin request unreadable");
+            }
+            Err(_) => return debug!(%peer, "admin request not sent within the deadline"),
+        };
+        let (status, content_type, mut body) = self.answer(&head, peer).await;
+        if head.method() == Method::HEAD {
+            body.clear();
+        }
+        if let Err(e) = timeout(DEADLINE, respond(&mut stream, status, content_type, &body))
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write deadline")))
+        {
+            debug!(%peer, error = %e, "admin answer not written");
+        }
+        let _ = timeout(DEADLINE, stream.shutdown()).await;
+    }
+
+    /// The answer to one request: status, content type and body.
+    async fn answer(&self, request: &http::Request<()>, peer: SocketAddr) -> (StatusCode, &'static str, String) {
+        let path = request.uri().path();
+        let method = request.method();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let get = method == Method::GET || method == Method::HEAD;
+        match segments.as_slice() {
+            ["healthz"] if get => (StatusCode::OK, TEXT, "ok\n".into()),
+            ["readyz"] if get => {
+                if self.bridge.is_ready() {
+                    (StatusCode::OK, TEXT, "ready\n".into())
+                } else if self.bridge.shutdown_token().is_cancelled() {
+                    (StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, TEXT, "listeners not up yet\n".into())
+                }
+            }
+            ["healthz"] | ["readyz"] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
+            _ if !self.authorized(request) => (
+                StatusCode::UNAUTHORIZED,
+                TEXT,
+                "this endpoint needs Authorization: Bearer <the [admin] token>\n".into(),
+            ),
+            ["metrics"] if get => {
+                self.refresh_certificates().await;
+                (StatusCode::OK, METRICS, self.bridge.metrics().encode())
+            }
+            ["sessions"] if get => (StatusCode::OK, JSON, self.sessions_json()),
+            ["sessions", id] if method == Method::DELETE => self.end_session(id, peer),
+            ["sessions", id, "close"] if method == Method::POST => self.end_session(id, peer),
+            ["metrics"] | ["sessions", ..] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
+            _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+        }
+    }
+
+    fn authorized(&self, request: &http::Request<()>) -> bool {
+        let Some(token) = &self.token else { return true };
+        let given = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())))
+    }
+
+    fn sessions_json(&self) -> String {
+        let sessions: Vec<_> = self
+            .bridge
+            .metrics()
+            .sessions
+            .list()
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "client": s.client.to_string(),
+                    "route": s.route,
+                    "target": s.target,
+                    "age_seconds": s.started.elapsed().as_secs_f64(),
+                    "bytes_up": s.bytes_up.load(std::sync::atomic::Ordering::Relaxed),
+                    "bytes_down": s.bytes_down.load(std::sync::atomic::Ordering::Relaxed),
+                })
+            })
+            .collect();
+        let mut body = serde_json::Value::Array(sessions).to_string();
+        body.push('\n');
+        body
+    }
+
+    fn end_session(&self, id: &str, peer: SocketAddr) -> (StatusCode, &'static str, String) {
+        let Some(session) = id.parse::<u64>().ok().and_then(|id| self.bridge.metrics().sessions.get(id)) else {
+            return (StatusCode::NOT_FOUND, TEXT, format!("no live session {id:?}\n"));
+        };
+        info!(
+            session = session.id,
+            route = %session.route,
+            client = %session.client,
+            operator = %peer,
+            "session ended by the operator"
+        );
+        session.end_by_operator();
+        (
+            StatusCode::OK,
+            JSON,
+            format!("{}\n", serde_json::json!({"id": session.id, "closing": true})),
+        )
+    }
+
+    /// Sets the seconds left on each listener's certificate, read from its file now: the file is
+    /// what a reload would put in service, and a scrape every few seconds reads a small file.
+    async fn refresh_certificates(&self) {
+        let listeners = self.bridge.tls_listeners();
+        if listeners.is_empty() {
+            return;
+        }
+        let metrics = self.bridge.metrics().clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            for l in &listeners {
+                let files = std::iter::once(&l.settings.default).chain(l.settings.sni.iter().map(|(_, f)| f));
+                for f in files {
+                    if let Some(not_after) = not_after(&f.cert) {
+                        metrics.certificate_expiry(&f.cert.display().to_string(), (not_after - now) as f64);
+                    }
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The notAfter (Unix seconds) of the first certificate in a PEM file.
+fn not_after(path: &std::path::Path) -> Option<i64> {
+    let certs = crate::tls::load_certs(path).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+/// What prometheus-client writes (OpenMetrics text, which Prometheus scrapes natively).
+const METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, content_type: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    io.write_all(head.as_bytes()).await?;
+    io.write_all(body.as_bytes()).await?;
+    io.flush().await
+}

@@ -1,0 +1,165 @@
+//! The `[admin]` table (and `--admin ADDR`): where the admin listener binds and the bearer token
+//! it asks for. Loopback unless the operator says otherwise, and never off loopback without a
+//! token: `/sessions` shows who is connected where and can end sessions.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Ctx};
+
+/// The admin listener's settings.
+#[derive(Clone)]
+pub struct AdminConfig {
+    /// Address to bind (a bare port means 127.0.0.1).
+    pub addr: SocketAddr,
+    /// Bearer token `/metrics` and `/sessions` require (`/healthz` and `/readyz` never do:
+    /// balancers probe them, and they tell nothing).
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token is a credential: say only whether there is one.
+        f.debug_struct("AdminConfig")
+            .field("addr", &self.addr)
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+impl AdminConfig {
+    /// Checks the address against the token: off loopback, a token is required.
+    ///
+    /// # Errors
+    /// The message for the `addr` field.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.addr.ip().is_loopback() && self.token.is_none() {
+            return Err(format!(
+                "{} is not a loopback address: the admin listener lists sessions and can end them, so off loopback it \
+                 needs a `token` (or `token_file`); or bind 127.0.0.1",
+                self.addr
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses an admin address: `PORT` (on 127.0.0.1), `IP:PORT` or `[IPv6]:PORT`.
+///
+/// # Errors
+/// A message naming the expected forms.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("invalid admin address {s:?}: expected PORT, IP:PORT or [IPv6]:PORT"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    addr: Spanned<String>,
+    token: Option<Spanned<String>>,
+    token_file: Option<Spanned<PathBuf>>,
+}
+
+impl RawAdmin {
+    pub(super) fn resolve(self, ctx: &Ctx<'_>) -> Result<AdminConfig, ConfigError> {
+        let addr_span = self.addr.span();
+        let addr = parse_addr(self.addr.get_ref()).or_else(|m| ctx.invalid(addr_span.clone(), "admin.addr".into(), m))?;
+        let token = match (self.token, self.token_file) {
+            (Some(_), Some(f)) => return ctx.invalid(f.span(), "admin.token_file".into(), "give `token` or `token_file`, not both"),
+            (Some(t), None) => {
+                let span = t.span();
+                let t = t.into_inner();
+                if t.trim().is_empty() {
+                    return ctx.invalid(span, "admin.token".into(), "empty token");
+                }
+                Some(t)
+            }
+            (None, Some(f)) => {
+                let span = f.span();
+                let path = ctx.resolve(f.get_ref());
+                let t = match std::fs::read_to_string(&path) {
+                    Ok(t) => t.trim().to_owned(),
+                    Err(e) => return ctx.invalid(span, "admin.token_file".into(), format!("{}: {e}", path.display())),
+                };
+                if t.is_empty() {
+                    return ctx.invalid(span, "admin.token_file".into(), format!("{} is empty", path.display()));
+                }
+                Some(t)
+            }
+            (None, None) => None,
+        };
+        let admin = AdminConfig { addr, token };
+        admin.check().or_else(|m| ctx.invalid(addr_span, "admin.addr".into(), m))?;
+        Ok(admin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError};
+
+    fn parse(admin: &str) -> Result<Config, ConfigError> {
+        let text = format!("[[listen]]\naddr = \"127.0.0.1:1\"\n\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n\n[admin]\n{admin}");
+        Config::from_toml(&text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn off_by_default_and_loopback_for_a_bare_port() {
+        let none = Config::from_toml(
+            "[[listen]]\naddr = \"127.0.0.1:1\"\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n",
+            Path::new("t.toml"),
+        );
+        assert!(none.unwrap().admin.is_none());
+        let admin = parse("addr = \"9100\"\n").unwrap().admin.unwrap();
+        assert_eq!(admin.addr, "127.0.0.1:9100".parse().unwrap());
+        assert!(admin.token.is_none());
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token_and_the_error_names_file_line_and_field() {
+        let e = parse("addr = \"0.0.0.0:9100\"\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("test.toml:9: admin.addr: 0.0.0.0:9100 is not a loopback address"),
+            "{e}"
+        );
+        assert!(e.contains("token"), "{e}");
+        let admin = parse("addr = \"0.0.0.0:9100\"\ntoken = \"s3cret\"\n").unwrap().admin.unwrap();
+        assert_eq!(admin.token.as_deref(), Some("s3cret"));
+        assert!(!format!("{admin:?}").contains("s3cret"), "the token stays out of Debug");
+    }
+
+    #[test]
+    fn token_file_is_read_trimmed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin-token");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let admin = parse(&format!("addr = \"[::]:9100\"\ntoken_file = {:?}\n", file.display().to_string()))
+            .unwrap()
+            .admin
+            .unwrap();
+        assert_eq!(admin.token.as_deref(), Some("from-a-file"));
+        let e = parse("addr = \"9100\"\ntoken_file = \"/nonexistent/admin-token\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:10: admin.token_file: /nonexistent/admin-token"), "{e}");
+        let e = parse("addr = \"9100\"\ntoken = \"a\"\ntoken_file = \"b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.token_file: give `token` or `token_file`, not both"), "{e}");
+        let e = parse("addr = \"9100\"\nsecret = \"a\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `secret`"), "{e}");
+        let e = parse("addr = \"somewhere\"\n").unwrap_err().to_string();
+        assert!(e.starts_with("test.toml:9: admin.addr: invalid admin address"), "{e}");
+    }
+}

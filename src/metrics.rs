@@ -1,0 +1,530 @@
+//! The bridge's counters and gauges (a [`prometheus_client`] registry, one per [`crate::server::Bridge`])
+//! and the live-session table that `/sessions` lists and an operator can end a session through.
+//!
+//! The data path pays per session, never per message. Per session: its route's handles (one read
+//! lock on a small map), an entry in the live-session table (a lock to insert, one to remove, and
+//! the entry's allocation), the connect counter and histogram (the histogram's own short lock),
+//! the open gauge up and down, and at the end its bytes and close code: atomic adds on counters
+//! the route keeps (taken from the families once). Per wake-up of the relay: two relaxed stores
+//! of its byte counts into the session's entry (plain stores, no read-modify-write), so
+//! `/sessions` shows live figures. Per message: nothing.
+//!
+//! Label sets are bounded by the configuration, never by peers: routes by their configured names,
+//! close codes folded into the known ones and `other`, refusals into a fixed set of reasons. No
+//! token and no client address is ever a label.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// A route's name as a label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+/// Bytes of a route in one direction (`up`: client → backend).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabel {
+    route: String,
+    direction: &'static str,
+}
+
+/// How a session ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabel {
+    route: String,
+    code: &'static str,
+    ended_by: &'static str,
+}
+
+/// A refused handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabel {
+    status: u16,
+    reason: &'static str,
+}
+
+/// A backend connect.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectLabel {
+    route: String,
+    outcome: &'static str,
+}
+
+/// One label with a fixed value set (`outcome`, `kind`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// A reload of one kind with its outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabel {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+/// A certificate file of a listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabel {
+    cert: String,
+}
+
+/// Close codes that are labels as they are; every other code a client may send (4000-4999 are
+/// free for applications) is counted as `other`, so a peer cannot grow the label set.
+const KNOWN_CODES: [(u16, &str); 12] = [
+    (1000, "1000"),
+    (1001, "1001"),
+    (1002, "1002"),
+    (1003, "1003"),
+    (1005, "1005"),
+    (1006, "1006"),
+    (1007, "1007"),
+    (1008, "1008"),
+    (1009, "1009"),
+    (1010, "1010"),
+    (1011, "1011"),
+    (1014, "1014"),
+];
+
+/// A route's label: its name when it is configured as such (`path /vnc`, `any path`); a route
+/// made from a token names its source instead (`tokens from /etc/wsbridge/tokens`, `JWT tokens`,
+/// `inline tokens`): the tag of a token is per token (a JWT per user and hour) and per process.
+fn route_label(name: &str) -> std::borrow::Cow<'_, str> {
+    if let Some((_, source)) = name.split_once(" from ").filter(|_| name.starts_with("token #")) {
+        format!("tokens from {source}").into()
+    } else if name.starts_with("JWT token #") {
+        "JWT tokens".into()
+    } else if name.starts_with("token #") {
+        "inline tokens".into()
+    } else {
+        name.into()
+    }
+}
+
+fn code_label(code: u16) -> &'static str {
+    KNOWN_CODES.iter().find(|(c, _)| *c == code).map_or("other", |(_, l)| l)
+}
+
+/// Why a handshake was refused: a fixed set, one per way the bridge refuses before the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Past the connection cap (503 before reading anything).
+    ConnectionLimit,
+    /// A plain connection on a TLS-only listener.
+    TlsOnly,
+    /// An HTTP answer with an error status, classified by the status.
+    Http(u16),
+}
+
+impl Refusal {
+    fn label(self) -> (u16, &'static str) {
+        match self {
+            Refusal::ConnectionLimit => (503, "connection_limit"),
+            Refusal::TlsOnly => (400, "tls_only"),
+            Refusal::Http(status) => (
+                status,
+                match status {
+                    400 => "bad_request",
+                    401 => "unauthenticated",
+                    403 => "forbidden",
+                    404 => "not_found",
+                    405 => "method",
+                    426 => "not_websocket",
+                    429 => "rate_limited",
+                    431 => "head_too_large",
+                    503 => "route_full",
+                    _ => "other",
+                },
+            ),
+        }
+    }
+}
+
+/// Reloads and their times, per process: token files are re-read by their sources in the
+/// background, and those know no bridge (a process runs one bridge; tests share these).
+type ReloadFamilies = (Family<ReloadLabel, Counter>, Family<ReloadLabel, Gauge<f64, AtomicU64>>);
+
+static TOKEN_RELOADS: LazyLock<ReloadFamilies> = LazyLock::new(Default::default);
+
+/// A token source's re-read after its file changed ended (`ok`) or failed (the old tokens stay).
+pub fn tokens_reloaded(ok: bool) {
+    reloaded(&TOKEN_RELOADS.0, &TOKEN_RELOADS.1, "tokens", ok);
+}
+
+fn reloaded(count: &Family<ReloadLabel, Counter>, time: &Family<ReloadLabel, Gauge<f64, AtomicU64>>, kind: &'static str, ok: bool) {
+    let label = ReloadLabel {
+        kind,
+        outcome: if ok { "ok" } else { "failed" },
+    };
+    count.get_or_create(&label).inc();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    time.get_or_create(&label).set(now);
+}
+
+/// The counters of one route, taken once per session.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    route: String,
+    open: Gauge,
+    bytes_up: Counter,
+    bytes_down: Counter,
+    /// `backend_connects_total` by outcome, in [`CONNECT_OUTCOMES`]' order.
+    connects: [Counter; 3],
+    /// `sessions_ended_total` by code (in [`KNOWN_CODES`]' order, then `other`) and by who,
+    /// taken from the family on first use: after that an end is an atomic add, no lock.
+    ended: Arc<[OnceLock<Counter>]>,
+}
+
+/// The outcomes of a backend connect.
+const CONNECT_OUTCOMES: [&str; 3] = ["ok", "failed", "shutdown"];
+
+/// Who may end a session, as the relay says it (`crate::relay::Summary::ended_by`).
+const ENDED_BY: [&str; 4] = ["client", "backend", "bridge", "operator"];
+
+/// Every metric of one bridge.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    routes: RwLock<HashMap<String, Arc<RouteMetrics>>>,
+    open: Family<RouteLabel, Gauge>,
+    bytes: Family<BytesLabel, Counter>,
+    ended: Family<EndLabel, Counter>,
+    refused: Family<RefusedLabel, Counter>,
+    connects: Family<ConnectLabel, Counter>,
+    connect_seconds: Histogram,
+    tls: Family<OutcomeLabel, Counter>,
+    cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
+    reloads: Family<ReloadLabel, Counter>,
+    reload_time: Family<ReloadLabel, Gauge<f64, AtomicU64>>,
+    /// The live sessions, for `/sessions`.
+    pub sessions: Sessions,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// An empty registry with every metric described.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("wsbridge");
+        let open = Family::<RouteLabel, Gauge>::default();
+        registry.register("sessions_open", "Sessions open now, per route", open.clone());
+        let bytes = Family::<BytesLabel, Counter>::default();
+        registry.register(
+            "session_bytes",
+            "Payload bytes of ended sessions per route and direction (up: client to backend)",
+            bytes.clone(),
+        );
+        let ended = Family::<EndLabel, Counter>::default();
+        registry.register(
+            "sessions_ended",
+            "Sessions ended, by route, close code and who ended them (client, backend, bridge, operator)",
+            ended.clone(),
+        );
+        let refused = Family::<RefusedLabel, Counter>::default();
+        registry.register(
+            "handshakes_refused",
+            "Connections refused before the upgrade, by HTTP status and reason",
+            refused.clone(),
+        );
+        let connects = Family::<ConnectLabel, Counter>::default();
+        registry.register(
+            "backend_connects",
+            "Backend connects by route and outcome (ok, failed, shutdown)",
+            connects.clone(),
+        );
+        // 1 ms to 10 s: a loopback connect is well under a millisecond, a dead host takes the
+        // connect deadline (5 s by default).
+        let connect_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]);
+        registry.register("backend_connect_seconds", "Time to connect a backend", connect_seconds.clone());
+        let tls = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the listeners, by outcome (ok, failed)",
+            tls.clone(),
+        );
+        let cert_expiry = Family::<CertLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until each listener certificate's notAfter (negative: expired), read at scrape time",
+            cert_expiry.clone(),
+        );
+        // The process's (see `TOKEN_RELOADS`), registered in every bridge's registry.
+        let reloads = TOKEN_RELOADS.0.clone();
+        registry.register(
+            "reloads",
+            "Reloads by kind (config, certificates, tokens) and outcome (ok, failed)",
+            reloads.clone(),
+        );
+        let reload_time = TOKEN_RELOADS.1.clone();
+        registry.register(
+            "reload_last_timestamp_seconds",
+            "Unix time of the last reload of each kind and outcome",
+            reload_time.clone(),
+        );
+        Metrics {
+            registry,
+            routes: RwLock::default(),
+            open,
+            bytes,
+            ended,
+            refused,
+            connects,
+            connect_seconds,
+            tls,
+            cert_expiry,
+            reloads,
+            reload_time,
+            sessions: Sessions::default(),
+        }
+    }
+
+    /// The handles of the route named `name` (created on its first session).
+    pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
+        let route = route_label(name);
+        let route = route.as_ref();
+        if let Some(r) = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(route) {
+            return r.clone();
+        }
+        // One statement each: a family's guard lives to the end of its statement, and a second
+        // `get_or_create` of the same family inside it would wait for that guard forever.
+        let open = self.open.get_or_create(&RouteLabel { route: route.to_owned() }).clone();
+        let up = BytesLabel {
+            route: route.to_owned(),
+            direction: "up",
+        };
+        let bytes_up = self.bytes.get_or_create(&up).clone();
+        let down = BytesLabel {
+            route: route.to_owned(),
+            direction: "down",
+        };
+        let bytes_down = self.bytes.get_or_create(&down).clone();
+        let connects = CONNECT_OUTCOMES.map(|outcome| {
+            let label = ConnectLabel {
+                route: route.to_owned(),
+                outcome,
+            };
+            self.connects.get_or_create(&label).clone()
+        });
+        let r = Arc::new(RouteMetrics {
+            route: route.to_owned(),
+            open,
+            bytes_up,
+            bytes_down,
+            connects,
+            ended: (0..(KNOWN_CODES.len() + 1) * ENDED_BY.len()).map(|_| OnceLock::new()).collect(),
+        });
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(route.to_owned())
+            .or_insert(r)
+            .clone()
+    }
+
+    /// A session of `route` ended with `code`, ended by `ended_by`, having moved these bytes.
+    pub fn session_ended(&self, route: &RouteMetrics, code: u16, ended_by: &'static str, up: u64, down: u64) {
+        route.bytes_up.inc_by(up);
+        route.bytes_down.inc_by(down);
+        let code_index = KNOWN_CODES.iter().position(|(c, _)| *c == code).unwrap_or(KNOWN_CODES.len());
+        let by_index = ENDED_BY.iter().position(|b| *b == ended_by);
+        let label = || EndLabel {
+            route: route.route.clone(),
+            code: code_label(code),
+            ended_by,
+        };
+        match by_index {
+            Some(by) => route.ended[code_index * ENDED_BY.len() + by]
+                .get_or_init(|| self.ended.get_or_create(&label()).clone())
+                .inc(),
+            // Not one of the known sides: counted, through the family's lock.
+            None => self.ended.get_or_create(&label()).inc(),
+        };
+    }
+
+    /// A connection was refused before the upgrade.
+    pub fn refused(&self, why: Refusal) {
+        let (status, reason) = why.label();
+        self.refused.get_or_create(&RefusedLabel { status, reason }).inc();
+    }
+
+    /// A backend connect of `route` ended after `took`: `ok`, `failed` or `shutdown`.
+    pub fn backend_connect(&self, route: &RouteMetrics, outcome: &'static str, took: std::time::Duration) {
+        match CONNECT_OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => route.connects[i].inc(),
+            None => self
+                .connects
+                .get_or_create(&ConnectLabel {
+                    route: route.route.clone(),
+                    outcome,
+                })
+                .inc(),
+        };
+        if outcome != "shutdown" {
+            // The one lock per session on the way: the histogram's (uncontended, a few ns).
+            self.connect_seconds.observe(took.as_secs_f64());
+        }
+    }
+
+    /// A TLS handshake on a listener succeeded or failed.
+    pub fn tls_handshake(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.tls.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// A reload of `kind` (`config`, `certificates`) ended.
+    pub fn reloaded(&self, kind: &'static str, ok: bool) {
+        reloaded(&self.reloads, &self.reload_time, kind, ok);
+    }
+
+    /// Sets the seconds left on a listener certificate (`cert` is its configured file).
+    pub fn certificate_expiry(&self, cert: &str, seconds: f64) {
+        self.cert_expiry.get_or_create(&CertLabel { cert: cert.to_owned() }).set(seconds);
+    }
+
+    /// The registry in the text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl RouteMetrics {
+    /// A session of this route opened; the gauge goes down when the guard drops.
+    pub fn open(self: &Arc<Self>) -> OpenGuard {
+        self.open.inc();
+        OpenGuard(self.clone())
+    }
+}
+
+/// Holds a route's open-sessions gauge up while a session lives.
+#[derive(Debug)]
+pub struct OpenGuard(Arc<RouteMetrics>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.dec();
+    }
+}
+
+/// One live session, as `/sessions` shows it.
+#[derive(Debug)]
+pub struct Session {
+    /// Its number, unique in this process's bridge.
+    pub id: u64,
+    /// The client's address (a PROXY header's or a trusted proxy's when there is one).
+    pub client: SocketAddr,
+    /// The route's name.
+    pub route: String,
+    /// The backend it is connected to.
+    pub target: String,
+    /// When it opened.
+    pub started: Instant,
+    /// Payload bytes client → backend so far (the relay stores them as it goes).
+    pub bytes_up: AtomicU64,
+    /// Payload bytes backend → client so far.
+    pub bytes_down: AtomicU64,
+    /// Set before `close` is cancelled when an operator ends the session, so it closes with
+    /// "closed by the operator" rather than as a shutdown.
+    pub by_operator: AtomicBool,
+    /// Cancelled to end the session (a child of the bridge's shutdown token).
+    pub close: CancellationToken,
+}
+
+impl Session {
+    /// Ends the session as the operator's request: 1001 "closed by the operator".
+    pub fn end_by_operator(&self) {
+        self.by_operator.store(true, Ordering::Release);
+        self.close.cancel();
+    }
+}
+
+/// The live sessions by id.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Session>>>,
+}
+
+impl Sessions {
+    /// Registers a session; it leaves the table when the returned guard drops.
+    pub fn add(&self, client: SocketAddr, route: &str, target: String, close: CancellationToken) -> SessionGuard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let session = Arc::new(Session {
+            id,
+            client,
+            route: route.to_owned(),
+            target,
+            started: Instant::now(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            by_operator: AtomicBool::new(false),
+            close,
+        });
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, session.clone());
+        SessionGuard { table: self, session }
+    }
+
+    /// The session with this id, if it is live.
+    pub fn get(&self, id: u64) -> Option<Arc<Session>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Every live session, oldest first.
+    pub fn list(&self) -> Vec<Arc<Session>> {
+        let mut all: Vec<_> = self.live.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        all.sort_by_key(|s| s.id);
+        all
+    }
+}
+
+/// Keeps a session in the table while it lives.
+#[derive(Debug)]
+pub struct SessionGuard<'a> {
+    table: &'a Sessions,
+    /// The entry.
+    pub session: Arc<Session>,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.table.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.session.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_from_peers_do_not_grow_the_label_set() {
+        assert_eq!(code_label(1001), "1001");
+        assert_eq!(code_label(4321), "other");
+        assert_eq!(code_label(0), "other");
+    }
+
+    #[test]
+    fn routes_from_tokens_are_labelled_by_their_source() {
+        assert_eq!(route_label("path /vnc"), "path /vnc");
+        assert_eq!(route_label("token #0123456789ab from /etc/t"), "tokens from /etc/t");
+        assert_eq!(route_label("JWT token #0123456789ab"), "JWT tokens");
+        assert_eq!(route_label("token #0123456789ab"), "inline tokens");
+    }
+}

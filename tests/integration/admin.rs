@@ -1,0 +1,572 @@
+//! The admin listener against a real bridge: metrics scraped and parsed with a Prometheus
+//! text-format parser and checked against what the test did, readiness during a drain, the live
+//! sessions and ending one, and the bearer token.
+
+use std::net::SocketAddr;
+
+use futures_util::SinkExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_util::sync::CancellationToken;
+use wsbridge::admin::Admin;
+use wsbridge::config::admin::AdminConfig;
+use wsbridge::config::Matcher;
+
+use crate::common::*;
+
+/// The admin endpoints of `bridge` on 127.0.0.1:0; they stop when the returned token drops.
+async fn start_admin(bridge: &TestBridge, token: Option<&str>) -> (SocketAddr, tokio_util::sync::DropGuard) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = AdminConfig {
+        addr,
+        token: token.map(str::to_owned),
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(Admin::new(&bridge.bridge, &config).serve(listener, stop.clone()));
+    (addr, stop.drop_guard())
+}
+
+/// `METHOD path` on the admin listener, with a bearer token if given: status and body.
+async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\n\r\n");
+    let response = http_raw(addr, request.as_bytes()).await;
+    (status_of(&response), body_of(&response).to_owned())
+}
+
+/// The live sessions as `/sessions` lists them.
+async fn sessions(addr: SocketAddr, token: Option<&str>) -> Vec<serde_json::Value> {
+    let (status, body) = admin(addr, "GET", "/sessions", token).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Asks `/sessions` until `done` holds of the list (each answer is an event: a session opened,
+/// ended, or moved bytes), within the test bound.
+async fn sessions_until(addr: SocketAddr, what: &str, done: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    within(what, async {
+        loop {
+            let list = sessions(addr, None).await;
+            if done(&list) {
+                return list;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// Waits until the bridge's accept loops run (`/readyz` says 200).
+async fn ready(addr: SocketAddr) {
+    within("readiness", async {
+        while admin(addr, "GET", "/readyz", None).await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// `/metrics`, parsed by prometheus-parse (a text-format parser that is not the encoder's).
+async fn scrape(addr: SocketAddr, token: Option<&str>) -> prometheus_parse::Scrape {
+    let (status, body) = admin(addr, "GET", "/metrics", token).await;
+    assert_eq!(status, 200, "{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("the text format parses")
+}
+
+/// The value of the sample `metric` whose labels include `labels` (0 when there is none: a
+/// label set never seen is not exported).
+fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{metric}: not a single value: {other:?}"),
+        })
+        .collect();
+    assert!(matching.len() <= 1, "{metric} {labels:?}: {} samples", matching.len());
+    matching.first().copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_match_what_the_sessions_and_refusals_did() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/echo".into()), tcp(backend))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let route = [("route", "path /echo")];
+
+    // Two sessions, each 3000 bytes up and echoed back down, closed by the client.
+    let sizes = [1000usize, 2000];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+        let data = pattern(size, i as u8);
+        send_bin(&mut ws, &data).await;
+        let mut got = Vec::new();
+        while got.len() < size {
+            got.extend(recv_data(&mut ws).await);
+        }
+        assert_eq!(got, data);
+        let normal = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        within("the client's close", ws.close(Some(normal))).await.unwrap();
+        read_until_close(&mut ws).await;
+    }
+    // Refusals: two upgrades to no route (404), a plain GET on the route (426), an upgrade with
+    // the wrong version (426 too, same reason) and one with no Host (400).
+    for request in [
+        upgrade_request("/nowhere", ""),
+        upgrade_request("/elsewhere", ""),
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+        b"GET /echo HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(),
+    ] {
+        http_raw(bridge.addr, &request).await;
+    }
+    sessions_until(admin_addr, "both sessions to end", |l| l.is_empty()).await;
+
+    let m = scrape(admin_addr, None).await;
+    let total = sizes.iter().sum::<usize>() as f64;
+    assert_eq!(value(&m, "wsbridge_sessions_open", &route), 0.0);
+    let ended = [("route", "path /echo"), ("code", "1000"), ("ended_by", "client")];
+    assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 2.0);
+    let up = [("route", "path /echo"), ("direction", "up")];
+    let down = [("route", "path /echo"), ("direction", "down")];
+    assert_eq!(value(&m, "wsbridge_session_bytes_total", &up), total);
+    assert_eq!(value(&m, "wsbridge_session_bytes_total", &down), total);
+    let refused = |status: &str, reason: &str| value(&m, "wsbridge_handshakes_refused_total", &[("status", status), ("reason", reason)]);
+    assert_eq!(refused("404", "not_found"), 2.0);
+    assert_eq!(refused("426", "not_websocket"), 1.0);
+    assert_eq!(refused("400", "bad_request"), 1.0);
+    let ok = [("route", "path /echo"), ("outcome", "ok")];
+    assert_eq!(value(&m, "wsbridge_backend_connects_total", &ok), 2.0);
+    let histogram = m
+        .samples
+        .iter()
+        .find(|s| s.metric == "wsbridge_backend_connect_seconds")
+        .expect("the connect histogram");
+    match &histogram.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let inf = buckets.iter().find(|b| b.less_than == f64::INFINITY).expect("+Inf bucket");
+            assert_eq!(inf.count, 2.0, "{buckets:?}");
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    // No client address and no token is a label anywhere.
+    let client_ip = "127.0.0.1";
+    for s in &m.samples {
+        assert!(!format!("{:?}", s.labels).contains(client_ip), "{s:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_session_whose_backend_is_down_is_counted() {
+    let bridge = TestBridge::start(config_with(Matcher::Path("/down".into()), tcp(closed_port().await))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    // A raw client: tungstenite's rewrites 1014 to 1002.
+    let mut ws = raw_ws(bridge.addr, "/down").await;
+    assert_eq!(raw_read_close(&mut ws).await.0, 1014);
+    // Our close answers the bridge's, so it need not wait for the close deadline.
+    ws.write_all(&frame(0x88, &1000u16.to_be_bytes(), true)).await.unwrap();
+    sessions_until(admin_addr, "the session to end", |l| l.is_empty()).await;
+    let m = scrape(admin_addr, None).await;
+    let failed = [("route", "path /down"), ("outcome", "failed")];
+    assert_eq!(value(&m, "wsbridge_backend_connects_total", &failed), 1.0);
+    let ended = [("route", "path /down"), ("code", "1014"), ("ended_by", "bridge")];
+    assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
+}
+
+#[tokio::test]
+async fn readyz_turns_503_when_the_drain_starts_before_the_session_closes() {
+    let (backend, mut accepted) = manual_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/last".into()), tcp(backend))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    assert_eq!(admin(admin_addr, "GET", "/healthz", None).await.0, 200);
+
+    let (mut ws, _) = ws_connect(&bridge.url("/last"), None).await;
+    let mut server_side = recv_once_stream(&mut accepted).await;
+    // The backend's last words reach the bridge (its live count says so) while the client has
+    // not read them: they are in flight when the drain starts.
+    let words = pattern(10_000, 7);
+    server_side.write_all(&words).await.unwrap();
+    sessions_until(admin_addr, "the bridge to relay the backend's bytes", |l| {
+        l.len() == 1 && l[0]["bytes_down"] == words.len()
+    })
+    .await;
+
+    bridge.shutdown.cancel();
+    let (status, body) = admin(admin_addr, "GET", "/readyz", None).await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    // Not ready, and the session is still there: readiness turned first.
+    assert_eq!(
+        sessions(admin_addr, None).await.len(),
+        1,
+        "the session closed before /readyz turned"
+    );
+    assert_eq!(admin(admin_addr, "GET", "/healthz", None).await.0, 200, "the process still serves");
+
+    let (messages, close) = read_until_close(&mut ws).await;
+    let got: Vec<u8> = messages.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert_eq!(got, words, "the data in flight is flushed before the close");
+    let close = close.expect("a close frame");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, "server shutting down"));
+    let _ = ws.flush().await;
+    assert!(within("drain", bridge.handle).await.unwrap().clean);
+}
+
+/// The backend side of the next session.
+async fn recv_once_stream(accepted: &mut tokio::sync::mpsc::Receiver<tokio::net::TcpStream>) -> tokio::net::TcpStream {
+    within("the backend connection", accepted.recv()).await.expect("backend accepted")
+}
+
+#[tokio::test]
+async fn sessions_lists_the_open_session_and_delete_ends_it_with_1001() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/echo".into()), tcp(backend))).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    send_bin(&mut ws, b"twelve bytes").await;
+    assert_eq!(recv_data(&mut ws).await, b"twelve bytes");
+
+    let list = sessions_until(admin_addr, "the session's bytes", |l| {
+        l.len() == 1 && l[0]["bytes_up"] == 12 && l[0]["bytes_down"] == 12
+    })
+    .await;
+    let s = &list[0];
+    assert_eq!(s["route"], "path /echo");
+    assert_eq!(s["target"], backend.to_string());
+    assert!(s["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{s}");
+    assert!(s["age_seconds"].as_f64().unwrap() >= 0.0, "{s}");
+    let id = s["id"].as_u64().unwrap();
+
+    assert_eq!(admin(admin_addr, "DELETE", "/sessions/999999", None).await.0, 404);
+    let (status, body) = admin(admin_addr, "DELETE", &format!("/sessions/{id}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(read_close(&mut ws).await, (1001, "closed by the operator".to_owned()));
+    // tungstenite has queued its answer to the bridge's close; this sends it.
+    match ws.flush().await {
+        Ok(()) | Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed) => {}
+        Err(e) => panic!("answering the close: {e}"),
+    }
+    sessions_until(admin_addr, "the session to end", |l| l.is_empty()).await;
+    let m = scrape(admin_addr, None).await;
+    let ended = [("route", "path /echo"), ("code", "1001"), ("ended_by", "operator")];
+    assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
+
+    // POST /sessions/ID/close does the same.
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let list = sessions_until(admin_addr, "the second session", |l| l.len() == 1).await;
+    let id = list[0]["id"].as_u64().unwrap();
+    assert_eq!(admin(admin_addr, "POST", &format!("/sessions/{id}/close"), None).await.0, 200);
+    assert_eq!(read_close(&mut ws).await, (1001, "closed by the operator".to_owned()));
+}
+
+#[tokio::test]
+async fn the_admin_token_is_required_when_set() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let token = "Ahd8-secret";
+    let (admin_addr, _stop) = start_admin(&bridge, Some(token)).await;
+    for path in ["/metrics", "/sessions"] {
+        assert_eq!(admin(admin_addr, "GET", path, None).await.0, 401, "{path} without a token");
+        assert_eq!(
+            admin(admin_addr, "GET", path, Some("wrong")).await.0,
+            401,
+            "{path} with a wrong token"
+        );
+        assert_eq!(admin(admin_addr, "GET", path, Some(token)).await.0, 200, "{path} with the token");
+    }
+    assert_eq!(admin(admin_addr, "DELETE", "/sessions/1", None).await.0, 401);
+    // Balancers probe these without credentials; they tell nothing.
+    assert_eq!(admin(admin_addr, "GET", "/healthz", None).await.0, 200);
+    assert!(matches!(admin(admin_addr, "GET", "/readyz", None).await.0, 200 | 503));
+    // The metrics never show the token.
+    let (_, body) = admin(admin_addr, "GET", "/metrics", Some(token)).await;
+    assert!(!body.contains(token));
+}
+
+#[tokio::test]
+async fn unknown_admin_paths_and_methods_get_their_status() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    assert_eq!(admin(admin_addr, "GET", "/nothing", None).await.0, 404);
+    assert_eq!(admin(admin_addr, "POST", "/healthz", None).await.0, 405);
+    assert_eq!(admin(admin_addr, "DELETE", "/sessions/abc", None).await.0, 404);
+    let response = http_raw(admin_addr, b"NOT HTTP\r\n\r\n").await;
+    assert_eq!(status_of(&response), 400, "{response}");
+}
+
+#[tokio::test]
+async fn tls_handshakes_and_the_certificate_expiry_are_exported() {
+    use crate::common::pki::*;
+    use tokio_rustls::rustls;
+    let pki = Pki::new("admin test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.listeners.push(wsbridge::config::ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        web: None,
+        web_listing: false,
+        web_follow_symlinks: false,
+        web_dotfiles: false,
+        access: Default::default(),
+        tls: Some(wsbridge::tls::TlsSettings {
+            watch: None,
+            ..wsbridge::tls::TlsSettings::new(wsbridge::tls::CertFiles {
+                cert: cert.cert.clone(),
+                key: Some(cert.key.clone()),
+            })
+        }),
+    });
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+    let stream = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, None, versions))
+        .await
+        .unwrap();
+    let mut ws = wss_over(stream, &format!("wss://localhost:{}/", bridge.addr.port())).await;
+    send_bin(&mut ws, b"over TLS").await;
+    assert_eq!(recv_data(&mut ws).await, b"over TLS");
+    // A client that trusts another CA gives up in the handshake: a failure on the bridge's side.
+    let other = Pki::new("another CA");
+    assert!(tls_connect(bridge.addr, "localhost", client_config(&other.ca_pem, None, versions))
+        .await
+        .is_err());
+
+    let m = within("the failed handshake to be counted", async {
+        loop {
+            let m = scrape(admin_addr, None).await;
+            if value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "failed")]) >= 1.0 {
+                return m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "ok")]), 1.0);
+    assert_eq!(value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "failed")]), 1.0);
+
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert.cert_pem.as_bytes());
+    let der: rustls_pki_types::CertificateDer<'_> = der.unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    let expected = parsed.validity().not_after.timestamp() as f64 - now;
+    let label = cert.cert.display().to_string();
+    let got = value(&m, "wsbridge_certificate_expiry_seconds", &[("cert", label.as_str())]);
+    assert!((got - expected).abs() < 120.0, "expiry {got} s, the certificate says {expected} s");
+}
+
+#[tokio::test]
+async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
+    use crate::common::binary::{Binary, BIN};
+    let backend = closed_port().await.to_string();
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend, "--admin", "127.0.0.1:0"]).await;
+    let line = b.line("admin endpoints serving addr=").await;
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    assert_eq!(admin(addr, "GET", "/healthz", None).await.0, 200);
+    within("readiness", async {
+        while admin(addr, "GET", "/readyz", None).await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let (status, body) = admin(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# TYPE wsbridge_backend_connect_seconds histogram"), "{body}");
+
+    let help = std::process::Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--admin <ADDR>"), "{help}");
+}
+
+#[tokio::test]
+async fn after_sigterm_the_binarys_readyz_says_503_while_a_session_drains() {
+    use crate::common::binary::Binary;
+    let (backend, mut accepted) = manual_backend().await;
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
+    let line = b.line("admin endpoints serving addr=").await;
+    let addr: SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let (mut ws, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    let mut server_side = recv_once_stream(&mut accepted).await;
+    server_side.write_all(b"still here").await.unwrap();
+    assert_eq!(recv_data(&mut ws).await, b"still here");
+    assert_eq!(admin(addr, "GET", "/readyz", None).await.0, 200);
+
+    let status = tokio::process::Command::new("kill")
+        .args(["-s", "TERM", &b.pid().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    b.line("shutting down").await;
+    // The session waits for our answer to its close frame: the process is draining, not gone.
+    let (status, body) = admin(addr, "GET", "/readyz", None).await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    assert_eq!(sessions(addr, None).await.len(), 1);
+    assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
+}
+
+#[tokio::test]
+async fn refusals_past_the_connection_cap_are_counted() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.limits.max_connections = 1;
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"holding the only slot").await;
+    recv_data(&mut ws).await;
+    for _ in 0..2 {
+        let response = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+        assert_eq!(status_of(&response), 503, "{response}");
+    }
+    let m = scrape(admin_addr, None).await;
+    let over = [("status", "503"), ("reason", "connection_limit")];
+    assert_eq!(value(&m, "wsbridge_handshakes_refused_total", &over), 2.0);
+    assert_eq!(value(&m, "wsbridge_sessions_open", &[("route", "any path")]), 1.0);
+}
+
+#[tokio::test]
+async fn a_failed_and_a_good_reload_are_counted_with_their_time() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let failed = [("kind", "config"), ("outcome", "failed")];
+    let ok = [("kind", "config"), ("outcome", "ok")];
+    // The reload counters are the process's (token files are re-read without a bridge): compare
+    // before and after, as other tests may reload meanwhile.
+    let before = scrape(admin_addr, None).await;
+    let reload = |text: &'static str| {
+        let (bridge, file) = (bridge.bridge.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&file, text).unwrap();
+            wsbridge::server::start::reload(&bridge, Some(&file), 1);
+        })
+    };
+    within("a bad reload", reload("[[listen]]\naddr = \"127.0.0.1:1\"\nnot toml\n"))
+        .await
+        .unwrap();
+    within(
+        "a good reload",
+        reload("[[listen]]\naddr = \"127.0.0.1:1\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:1\"\n"),
+    )
+    .await
+    .unwrap();
+    let after = scrape(admin_addr, None).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for labels in [&failed, &ok] {
+        let counted = value(&after, "wsbridge_reloads_total", labels) - value(&before, "wsbridge_reloads_total", labels);
+        assert!(counted >= 1.0, "{labels:?}: {counted}");
+        let at = value(&after, "wsbridge_reload_last_timestamp_seconds", labels);
+        assert!((now - at).abs() < 60.0, "{labels:?}: last at {at}, now {now}");
+    }
+}
+
+#[tokio::test]
+async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..wsbridge::admin::MAX_CONNECTIONS {
+        silent.push(within("connect", tokio::net::TcpStream::connect(admin_addr)).await.unwrap());
+    }
+    // Accepted after the silent ones (the listener's queue is in order): no slot is left.
+    let response = http_raw(admin_addr, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(status_of(&response), 503, "{response}");
+    let closed = closed_by_peer(&mut silent[0]).await;
+    assert_window("a silent admin connection closed", closed - started, wsbridge::admin::DEADLINE);
+    drop(silent);
+    // The slots are back.
+    within("a slot again", async {
+        while status_of(&http_raw(admin_addr, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n").await) != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_routes_are_labelled_by_their_source_and_re_reads_are_counted() {
+    use wsbridge::config::{Config, TokenLookup, TokenSourceConfig};
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.cfg");
+    std::fs::write(&file, format!("secret-alpha: {backend}\n")).unwrap();
+    let mut config = Config::new("test");
+    let options = config.default_route_options();
+    config.token_sources.push(TokenSourceConfig {
+        jwt: None,
+        path: file.clone(),
+        lookup: TokenLookup::Query,
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let before = scrape(admin_addr, None).await;
+    let tokens_ok = [("kind", "tokens"), ("outcome", "ok")];
+
+    let (mut ws, _) = ws_connect(&bridge.url("/?token=secret-alpha"), None).await;
+    send_bin(&mut ws, b"via a token").await;
+    assert_eq!(recv_data(&mut ws).await, b"via a token");
+    drop(ws);
+    // Editing the file: the source re-reads it when a lookup finds it changed.
+    std::fs::write(&file, format!("secret-alpha: {backend}\nsecret-beta: {backend}\n")).unwrap();
+    within("the new token to be picked up", async {
+        while status_of(&http_head(bridge.addr, &upgrade_request("/?token=secret-beta", "")).await) != 101 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    sessions_until(admin_addr, "the sessions to end", |l| l.is_empty()).await;
+
+    let m = scrape(admin_addr, None).await;
+    let route = format!("tokens from {}", file.display());
+    let ended = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "wsbridge_sessions_ended_total" && s.labels.get("route") == Some(route.as_str()))
+        .count();
+    assert!(ended >= 1, "no session of {route:?} in {:?}", m.samples);
+    let up = value(
+        &m,
+        "wsbridge_session_bytes_total",
+        &[("route", route.as_str()), ("direction", "up")],
+    );
+    assert!(up >= 11.0, "{up}");
+    let reread = value(&m, "wsbridge_reloads_total", &tokens_ok) - value(&before, "wsbridge_reloads_total", &tokens_ok);
+    assert!(reread >= 1.0, "token re-reads counted: {reread}");
+    for s in &m.samples {
+        let labels = format!("{:?}", s.labels);
+        assert!(!labels.contains("secret-") && !labels.contains('#'), "a token in a label: {s:?}");
+    }
+}
