@@ -2,7 +2,8 @@
 //! in forward mode in front of a Linux TCP backend on 127.0.0.1, with a WebSocket client from the
 //! test crossing it; Ctrl-C (Wine turns a SIGINT to the process into the console's CTRL_C_EVENT)
 //! draining sessions as SIGTERM does on Linux; unix socket targets refused; Windows paths in a
-//! configuration.
+//! configuration; the service glue under Wine's Service Control Manager; and `wsbridge.exe agent`
+//! dialling a Linux server (this process's), in a console and installed as a service.
 //!
 //! The first test to need it builds the .exe (`cargo build --target x86_64-pc-windows-gnu`, into
 //! `<target dir>/windows`, where `scripts/test.sh` builds it beforehand so that the build does
