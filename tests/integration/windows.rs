@@ -561,13 +561,18 @@ async fn agent_server() -> TestBridge {
 /// a file named relative to the configuration (resolved the Windows way), the service `pos` on
 /// `pos` (a Linux TCP service on 127.0.0.1).
 fn agent_toml(dir: &Path, server: std::net::SocketAddr, pos: std::net::SocketAddr) -> PathBuf {
+    agent_toml_with(dir, server, pos, "secrets\\agent.secret")
+}
+
+/// [`agent_toml`] with the secret file's path as written in the file (`secret_path`, relative).
+fn agent_toml_with(dir: &Path, server: std::net::SocketAddr, pos: std::net::SocketAddr, secret_path: &str) -> PathBuf {
     std::fs::create_dir_all(dir.join("secrets")).unwrap();
     std::fs::write(dir.join("secrets/agent.secret"), format!("{AGENT_SECRET}\n")).unwrap();
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "[agent]\nserver = \"ws://{server}/agent\"\nname = \"shop-17\"\nsecret_file = 'secrets\\agent.secret'\n\
+            "[agent]\nserver = \"ws://{server}/agent\"\nname = \"shop-17\"\nsecret_file = '{secret_path}'\n\
              retry_max = \"1s\"\n\n[agent.services]\npos = \"{pos}\"\n"
         ),
     )
@@ -741,4 +746,46 @@ async fn the_agents_service_flags_are_refused_off_windows() {
             "{flag}: {stderr}"
         );
     }
+}
+
+/// `wsbridge agent --log-file FILE` (a console agent here on Linux; the service's log on Windows
+/// is the same code): its log lines go to the file, not to stderr, through a session and its stop.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_agents_log_file_gets_its_log_lines() {
+    let (echo, _) = echo_backend().await;
+    let bridge = agent_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_toml_with(dir.path(), bridge.addr, echo, "secrets/agent.secret");
+    let log = dir.path().join("agent.log");
+    let mut child = Command::new(crate::common::binary::BIN)
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-file")
+        .arg(&log)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    file_line(&log, "agent: connected", WAIT).await;
+    session_through_the_agent(&bridge.url("/pos")).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-s", "TERM", &pid]).status().await.unwrap().success());
+    file_line(&log, "agent: stopped", WAIT).await;
+    let mut stderr = String::new();
+    within("stderr", child.stderr.take().unwrap().read_to_string(&mut stderr))
+        .await
+        .unwrap();
+    let status = within("exit", child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(stderr.is_empty(), "log lines on stderr as well: {stderr}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("agent: session closed service=pos bytes_up=1048602 bytes_down=1048602"),
+        "{text}"
+    );
 }
