@@ -1,5 +1,5 @@
-//! wsbridge's forward mode as a Windows service, on the library's `service` module: what
-//! `wsbridge agent --service` / `--install-service` / `--uninstall-service` will do for the agent.
+//! wsbridge's forward mode as a Windows service, on the library's `service` module, as
+//! `wsbridge agent --install-service` / `--uninstall-service` / `--service-mode` do for the agent.
 //! Windows only (elsewhere it says so and exits 64). tests/integration/windows.rs runs it under
 //! Wine's Service Control Manager.
 //!

@@ -34,6 +34,100 @@ pub fn init(verbose: u8, format: LogFormat) {
     }
 }
 
+/// Sets the process's log output to text lines in the file `path` (a Windows service has no
+/// stderr), kept bounded: see [`LogFile`]. The filter is [`init`]'s.
+///
+/// # Errors
+/// The file cannot be opened for appending.
+///
+/// # Panics
+/// As [`init`].
+pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let file = LogFile::open(path, LogFile::LIMIT)?;
+    tracing_subscriber::fmt()
+        .with_timer(UtcMicros)
+        .with_env_filter(filter)
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .fmt_fields(PlainFields)
+        .init();
+    Ok(())
+}
+
+/// A log file that stays bounded without a log rotator (Windows has none for a service's file):
+/// once it has `limit` bytes it is renamed to `FILE.old`, replacing the one before, and a new
+/// one is started, so the two never hold much more than twice `limit`.
+pub struct LogFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    size: u64,
+    limit: u64,
+}
+
+impl LogFile {
+    /// The size at which the file is set aside.
+    pub const LIMIT: u64 = 10 << 20;
+
+    /// Opens `path` for appending (created if missing).
+    ///
+    /// # Errors
+    /// It cannot be opened.
+    pub fn open(path: &std::path::Path, limit: u64) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            limit,
+        })
+    }
+
+    /// `FILE.old`.
+    pub fn old_path(path: &std::path::Path) -> std::path::PathBuf {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".old");
+        old.into()
+    }
+
+    /// Sets the full file aside and starts a new one; on failure keeps writing to the old one
+    /// (a log line is not worth stopping the agent for).
+    fn rotate(&mut self) {
+        let old = LogFile::old_path(&self.path);
+        // Windows cannot rename over an existing file, nor a file that is open without
+        // FILE_SHARE_DELETE: remove the previous `.old`, reopen after the rename.
+        let _ = std::fs::remove_file(&old);
+        let renamed = std::fs::rename(&self.path, &old);
+        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            if renamed.is_ok() {
+                self.size = 0;
+            }
+            self.file = file;
+        }
+    }
+}
+
+impl std::io::Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.size > 0 && self.size + buf.len() as u64 > self.limit {
+            self.rotate();
+        }
+        let n = self.file.write(buf)?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Timestamps as tracing-subscriber's default writes them, RFC 3339 in UTC to the microsecond
 /// (`2026-12-06T05:38:04.770753Z`), with the part up to the second formatted once a second per
 /// thread: the default's calendar arithmetic and formatting were about 4 % of the user-space
@@ -259,6 +353,29 @@ mod tests {
             }
         }
         panic!("our timestamps' date and time never matched tracing-subscriber's");
+    }
+
+    #[test]
+    fn a_log_file_is_set_aside_at_its_limit_and_stays_bounded() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.log");
+        let mut log = LogFile::open(&path, 100).unwrap();
+        for i in 0..30 {
+            log.write_all(format!("line {i:02} of the log.\n").as_bytes()).unwrap();
+        }
+        drop(log);
+        let now = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(LogFile::old_path(&path)).unwrap();
+        assert!(now.len() <= 100 && old.len() <= 100, "{} and {} bytes", now.len(), old.len());
+        assert!(now.ends_with("line 29 of the log.\n"), "{now}");
+        // Nothing lost across the last rotation: the old file ends where the new one begins.
+        let first: u32 = now[5..7].parse().unwrap();
+        assert!(old.ends_with(&format!("line {:02} of the log.\n", first - 1)), "{old}\n--\n{now}");
+        // Reopened, it counts what is already there.
+        let mut log = LogFile::open(&path, 100).unwrap();
+        log.write_all(&[b'x'; 90]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), [b'x'; 90]);
     }
 
     #[test]

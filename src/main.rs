@@ -30,6 +30,11 @@ fn main() -> ExitCode {
         }
     };
     let verbose = cli.run.verbose;
+    if let Some(Command::Agent(args)) = &cli.command {
+        if args.install_service || args.uninstall_service || args.run_as_service {
+            return agent_service::main(args, verbose);
+        }
+    }
     let threads = cli.run.threads.unwrap_or_else(start::available_threads);
     let runtime = match start::runtime() {
         Ok(rt) => rt,
@@ -238,7 +243,14 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    wsbridge::logging::init(verbose, LogFormat::Text);
+    if let Some(path) = &args.log_file {
+        if let Err(e) = wsbridge::logging::init_file(verbose, path) {
+            eprintln!("wsbridge: --log-file {}: {e}", path.display());
+            return ExitCode::from(EX_USAGE);
+        }
+    } else {
+        wsbridge::logging::init(verbose, LogFormat::Text);
+    }
     let handle = match wsbridge::agent::client::spawn(config) {
         Ok(h) => h,
         Err(e) => {
@@ -259,4 +271,168 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     });
     let _ = handle.task.await;
     ExitCode::SUCCESS
+}
+
+/// `wsbridge agent --install-service`, `--uninstall-service` and the hidden `--service-mode` the
+/// installed service runs with: Windows only; elsewhere refused (exit 64).
+mod agent_service {
+    use std::process::ExitCode;
+
+    use wsbridge::agent::client::AgentArgs;
+
+    use super::EX_USAGE;
+
+    #[cfg(not(windows))]
+    pub fn main(args: &AgentArgs, _verbose: u8) -> ExitCode {
+        let flag = match (args.install_service, args.uninstall_service) {
+            (true, _) => "--install-service",
+            (_, true) => "--uninstall-service",
+            _ => "--service-mode",
+        };
+        eprintln!("wsbridge: agent {flag}: Windows services exist only on Windows; here run `wsbridge agent --config FILE` under systemd or another supervisor");
+        ExitCode::from(EX_USAGE)
+    }
+
+    /// The service's key name (`sc start wsbridge-agent`).
+    #[cfg(windows)]
+    const NAME: &str = "wsbridge-agent";
+
+    #[cfg(windows)]
+    pub fn main(args: &AgentArgs, verbose: u8) -> ExitCode {
+        use wsbridge::service;
+        if args.uninstall_service {
+            return match service::uninstall(NAME) {
+                Ok(()) => {
+                    eprintln!("wsbridge: the service {NAME} is stopped and removed");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("wsbridge: agent --uninstall-service: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        let (config_path, log_file) = match paths(args) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("wsbridge: agent: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        // A configuration that would not run is refused now, not at the service's first start.
+        let config = match wsbridge::agent::client::AgentConfig::from_args(args) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("wsbridge: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        if args.install_service {
+            return install(&config_path, &log_file, &config.name);
+        }
+        if let Err(e) = wsbridge::logging::init_file(verbose, &log_file) {
+            eprintln!("wsbridge: {}: {e}", log_file.display());
+            return ExitCode::from(1);
+        }
+        let body = Box::new(move |stop: tokio_util::sync::CancellationToken| run(config, stop));
+        match service::run(NAME, body) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wsbridge: agent --service-mode: {e}");
+                tracing::error!(error = %e, "the service ended");
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    /// The absolute configuration file (the service does not start in the directory it was
+    /// installed from) and log file (`--log-file`, or wsbridge-agent.log beside the
+    /// configuration). The service takes every setting from the file: other flags are refused.
+    #[cfg(windows)]
+    fn paths(args: &AgentArgs) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+        let given = [
+            (args.server.is_some(), "--server"),
+            (args.name.is_some(), "--name"),
+            (args.secret_file.is_some(), "--secret-file"),
+            (!args.services.is_empty(), "--service"),
+            (args.ca_file.is_some(), "--ca-file"),
+            (args.proxy.is_some(), "--proxy"),
+        ];
+        if let Some((_, flag)) = given.iter().find(|(set, _)| *set) {
+            return Err(format!(
+                "{flag}: a service takes its settings from --config FILE only; put it there"
+            ));
+        }
+        let config = args
+            .config
+            .as_deref()
+            .ok_or("--config FILE is needed: a service reads its settings from a file")?;
+        let absolute = |p: &std::path::Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+        let config = absolute(config)?;
+        let log_file = match &args.log_file {
+            Some(p) => absolute(p)?,
+            None => config.with_file_name("wsbridge-agent.log"),
+        };
+        Ok((config, log_file))
+    }
+
+    #[cfg(windows)]
+    fn install(config: &std::path::Path, log_file: &std::path::Path, agent: &str) -> ExitCode {
+        let executable = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => {
+                eprintln!("wsbridge: cannot find this program: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let spec = wsbridge::service::ServiceSpec {
+            name: NAME.into(),
+            display_name: format!("wsbridge agent ({agent})"),
+            description: "Carries a wsbridge server's sessions to the services on this computer".into(),
+            executable,
+            arguments: vec![
+                "agent".into(),
+                "--service-mode".into(),
+                "--config".into(),
+                config.into(),
+                "--log-file".into(),
+                log_file.into(),
+            ],
+            automatic: true,
+        };
+        match wsbridge::service::install(&spec) {
+            Ok(()) => {
+                eprintln!(
+                    "wsbridge: installed the service {NAME} (started with Windows, restarted on failure; `sc start {NAME}` starts it now); it logs to {}",
+                    log_file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsbridge: agent --install-service: {e}");
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    /// The service's body: the agent until the SCM's stop, then its drain (live sessions finish
+    /// within the agent's shutdown grace).
+    #[cfg(windows)]
+    fn run(config: wsbridge::agent::client::AgentConfig, stop: tokio_util::sync::CancellationToken) -> Result<(), String> {
+        let runtime = wsbridge::server::start::runtime().map_err(|e| format!("cannot start the runtime: {e}"))?;
+        let outcome = runtime.block_on(async {
+            let handle = wsbridge::agent::client::spawn(config).map_err(|e| format!("agent: {e}"))?;
+            let shutdown = handle.shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                tracing::info!("agent: service stop: closing the control link; live sessions finish");
+                shutdown.cancel();
+            });
+            handle.task.await.map_err(|e| format!("agent: {e}"))?;
+            tracing::info!("agent: stopped");
+            Ok(())
+        });
+        runtime.shutdown_background();
+        outcome
+    }
 }

@@ -59,6 +59,22 @@ pub struct AgentArgs {
     /// Print a fresh secret and the `secret_sha256` line for the server's `[[agent]]`, then exit.
     #[arg(long)]
     pub new_secret: bool,
+    /// Windows: install this agent as the service "wsbridge-agent" (started with Windows,
+    /// restarted on failure), run with --config FILE (needed; give every setting there). Needs
+    /// administrator rights.
+    #[arg(long, conflicts_with_all = ["uninstall_service", "run_as_service", "new_secret"])]
+    pub install_service: bool,
+    /// Windows: stop and remove the service "wsbridge-agent".
+    #[arg(long, conflicts_with_all = ["run_as_service", "new_secret"])]
+    pub uninstall_service: bool,
+    /// What the Service Control Manager starts (set by --install-service).
+    #[arg(long = "service-mode", hide = true)]
+    pub run_as_service: bool,
+    /// Log to this file instead of stderr (a service has no stderr; its default is
+    /// wsbridge-agent.log beside the --config file). At 10 MiB it is renamed to FILE.old,
+    /// replacing the one before, and a new one is started.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 }
 
 /// The agent's validated configuration.

@@ -2,7 +2,8 @@
 //! in forward mode in front of a Linux TCP backend on 127.0.0.1, with a WebSocket client from the
 //! test crossing it; Ctrl-C (Wine turns a SIGINT to the process into the console's CTRL_C_EVENT)
 //! draining sessions as SIGTERM does on Linux; unix socket targets refused; Windows paths in a
-//! configuration.
+//! configuration; the service glue under Wine's Service Control Manager; and `wsbridge.exe agent`
+//! dialling a Linux server (this process's), in a console and installed as a service.
 //!
 //! The first test to need it builds the .exe (`cargo build --target x86_64-pc-windows-gnu`, into
 //! `<target dir>/windows`, where `scripts/test.sh` builds it beforehand so that the build does
@@ -521,4 +522,270 @@ async fn the_service_glue_runs_under_wines_service_control_manager() {
     installed.2 = false;
     drop(installed);
     drop(keeper);
+}
+
+/// The agent's secret in the Wine tests.
+const AGENT_SECRET: &str = "0123456789abcdef0123456789abcdef-wine-agent";
+
+/// A Linux server (in this process) with the agent endpoint `/agent`, the agent `shop-17` and the
+/// route `/pos` to its service `pos`.
+async fn agent_server() -> TestBridge {
+    use wsbridge::agent::link::{parse_sha256, secret_sha256};
+    use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
+    use wsbridge::config::{Config, Matcher, RouteConfig, Target};
+    let mut config = Config::new("wine agent test");
+    config.agents = AgentsConfig {
+        declared: vec![AgentDecl {
+            name: "shop-17".into(),
+            secret_sha256: parse_sha256(&secret_sha256(AGENT_SECRET)).unwrap(),
+        }],
+        endpoints: vec![EndpointConfig {
+            path: "/agent".into(),
+            pool: 2,
+        }],
+        sources: Vec::new(),
+    };
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/pos".into()),
+        target: Target::Agent {
+            agent: "shop-17".into(),
+            service: "pos".into(),
+        },
+        options,
+    });
+    TestBridge::start(config).await
+}
+
+/// An agent configuration for `wsbridge.exe agent` in `dir`: the server's `/agent`, its secret in
+/// a file named relative to the configuration (resolved the Windows way), the service `pos` on
+/// `pos` (a Linux TCP service on 127.0.0.1).
+fn agent_toml(dir: &Path, server: std::net::SocketAddr, pos: std::net::SocketAddr) -> PathBuf {
+    agent_toml_with(dir, server, pos, "secrets\\agent.secret")
+}
+
+/// [`agent_toml`] with the secret file's path as written in the file (`secret_path`, relative).
+fn agent_toml_with(dir: &Path, server: std::net::SocketAddr, pos: std::net::SocketAddr, secret_path: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    std::fs::write(dir.join("secrets/agent.secret"), format!("{AGENT_SECRET}\n")).unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nserver = \"ws://{server}/agent\"\nname = \"shop-17\"\nsecret_file = '{secret_path}'\n\
+             retry_max = \"1s\"\n\n[agent.services]\npos = \"{pos}\"\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A browser-side session on the server's `/pos`, across the agent to the echo service: 1 MiB
+/// of binary messages and a text message cross byte for byte while both directions run, then
+/// our close is answered with 1000.
+async fn session_through_the_agent(url: &str) {
+    let (ws, _) = ws_connect(url, None).await;
+    let (mut tx, mut rx) = ws.split();
+    let mut data = pattern(1 << 20, 17);
+    let text = "through the agent: \u{e9}\u{1F600}\n";
+    data.extend_from_slice(text.as_bytes());
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent[..1 << 20].chunks(60 * 1024) {
+            tx.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        tx.send(Message::text(text)).await.unwrap();
+        tx
+    });
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        got.extend(recv_data(&mut rx).await);
+    }
+    assert!(got == data, "the bytes that came back differ from those sent ({} bytes)", got.len());
+    let mut tx = within("client writer", writer).await.unwrap();
+    let bye = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    };
+    within("client close", tx.send(Message::Close(Some(bye)))).await.unwrap();
+    let answer = loop {
+        match within("close answer", rx.next()).await {
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => {}
+            other => panic!("expected the answer to our close, got {other:?}"),
+        }
+    };
+    assert_eq!(answer.map(|f| u16::from(f.code)), Some(1000));
+}
+
+/// `wsbridge.exe agent` under Wine dials a Linux wsbridge server, carries a browser's session to
+/// a Linux echo service byte-exact both ways with a clean close, and Ctrl-C ends it cleanly
+/// (its stop logged, exit 0).
+#[tokio::test]
+async fn the_agent_under_wine_carries_a_session_and_stops_on_ctrl_c() {
+    let test = "windows::the_agent_under_wine_carries_a_session_and_stops_on_ctrl_c";
+    let Some(build) = windows_build(test).await else { return };
+    let (echo, _) = echo_backend().await;
+    let bridge = agent_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_toml(dir.path(), bridge.addr, echo);
+    let mut p = WinProcess::spawn(build, &["agent", "--config", &z_path(&config)]);
+    p.line("agent: connected", WINE_WAIT).await;
+    session_through_the_agent(&bridge.url("/pos")).await;
+    p.ctrl_c().await;
+    p.line("agent: stopped", WAIT).await;
+    let status = within("exit", p.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Waits (up to `wait`) until the file at `path` contains `what`: a service's log is its only
+/// output. Read again at each short interval, bounded by `wait`.
+async fn file_line(path: &Path, what: &str, wait: Duration) -> String {
+    let found = tokio::time::timeout(wait, async {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                if let Some(line) = text.lines().find(|l| l.contains(what)) {
+                    return line.to_owned();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "no line with {what:?} in {} within {wait:?}:\n{}",
+            path.display(),
+            std::fs::read_to_string(path).unwrap_or_default()
+        )
+    })
+}
+
+/// `wsbridge.exe agent --install-service` under Wine's Service Control Manager: installed with
+/// its configuration and log file, started with `sc start`, its log in the file it was given,
+/// a session through it byte-exact both ways, `sc stop` ending it cleanly, then
+/// `--uninstall-service`.
+#[tokio::test]
+async fn the_agent_runs_as_a_service_under_wine() {
+    let test = "windows::the_agent_runs_as_a_service_under_wine";
+    let Some(build) = windows_build(test).await else { return };
+    // Wine ends its services with the last ordinary process of the prefix: one runs meanwhile.
+    let mut keeper = WinProcess::spawn(build, &["127.0.0.1:0", "127.0.0.1:9"]);
+    keeper.listening().await;
+    let (echo, _) = echo_backend().await;
+    let bridge = agent_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_toml(dir.path(), bridge.addr, echo);
+    let log = dir.path().join("logs").join("agent.log");
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
+
+    /// Uninstalls the service if the test ends early: an automatic service left in the prefix
+    /// would start with every later Wine session of it.
+    struct Installed<'a>(&'a WindowsBuild, bool);
+    impl Drop for Installed<'_> {
+        fn drop(&mut self) {
+            if self.1 {
+                let _ = std::process::Command::new("wine")
+                    .arg(&self.0.exe)
+                    .args(["agent", "--uninstall-service"])
+                    .env("WINEPREFIX", &self.0.prefix)
+                    .env("WINEDEBUG", "-all")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    let sc = |args: &[&str]| wine_run(build, "sc".as_ref(), args).output();
+    let ok = |what: &str, out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{what}: {:?}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (config_z, log_z) = (z_path(&config), z_path(&log));
+    let install = wine(build, &["agent", "--install-service", "--config", &config_z, "--log-file", &log_z]).output();
+    let said = ok("install", tokio::time::timeout(WINE_WAIT, install).await.unwrap().unwrap());
+    let mut installed = Installed(build, true);
+    assert!(said.contains("installed the service wsbridge-agent"), "{said}");
+    ok("sc start", within("sc start", sc(&["start", "wsbridge-agent"])).await.unwrap());
+    file_line(&log, "agent: connected", WINE_WAIT).await;
+    session_through_the_agent(&bridge.url("/pos")).await;
+    ok("sc stop", within("sc stop", sc(&["stop", "wsbridge-agent"])).await.unwrap());
+    file_line(&log, "agent: stopped", WAIT).await;
+    let uninstall = wine(build, &["agent", "--uninstall-service"]).output();
+    ok("uninstall", tokio::time::timeout(WINE_WAIT, uninstall).await.unwrap().unwrap());
+    installed.1 = false;
+    // Gone: starting it again is refused.
+    let again = within("sc start after uninstall", sc(&["start", "wsbridge-agent"])).await.unwrap();
+    assert!(!again.status.success(), "the service still starts after --uninstall-service");
+    drop(installed);
+    drop(keeper);
+}
+
+/// Off Windows, the agent's service flags are refused with what to do instead (exit 64).
+#[cfg(unix)]
+#[tokio::test]
+async fn the_agents_service_flags_are_refused_off_windows() {
+    for flag in ["--install-service", "--uninstall-service", "--service-mode"] {
+        let run = Command::new(crate::common::binary::BIN)
+            .args(["agent", flag, "--config", "config/agent.toml"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null())
+            .output();
+        let out = within(flag, run).await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("agent {flag}: Windows services exist only on Windows")),
+            "{flag}: {stderr}"
+        );
+    }
+}
+
+/// `wsbridge agent --log-file FILE` (a console agent here on Linux; the service's log on Windows
+/// is the same code): its log lines go to the file, not to stderr, through a session and its stop.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_agents_log_file_gets_its_log_lines() {
+    let (echo, _) = echo_backend().await;
+    let bridge = agent_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_toml_with(dir.path(), bridge.addr, echo, "secrets/agent.secret");
+    let log = dir.path().join("agent.log");
+    let mut child = Command::new(crate::common::binary::BIN)
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-file")
+        .arg(&log)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    file_line(&log, "agent: connected", WAIT).await;
+    session_through_the_agent(&bridge.url("/pos")).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-s", "TERM", &pid]).status().await.unwrap().success());
+    file_line(&log, "agent: stopped", WAIT).await;
+    let mut stderr = String::new();
+    within("stderr", child.stderr.take().unwrap().read_to_string(&mut stderr))
+        .await
+        .unwrap();
+    let status = within("exit", child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(stderr.is_empty(), "log lines on stderr as well: {stderr}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("agent: session closed service=pos bytes_up=1048602 bytes_down=1048602"),
+        "{text}"
+    );
 }
