@@ -240,7 +240,12 @@ pub fn is_skipped(name: &str) -> bool {
         || lower.contains(".ucf-")
 }
 
-fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The file `path`, or the files of the directory `path` (not recursively, hidden files and
+/// backup copies left out), in name order. Token sources and agent fleets read theirs so.
+///
+/// # Errors
+/// `path` or the directory cannot be read.
+pub(crate) fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !std::fs::metadata(path)?.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -260,8 +265,12 @@ fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// A fingerprint of the files' names, sizes and modification times.
-fn stamp(path: &Path) -> std::io::Result<u64> {
+/// A fingerprint of [`files_of`]'s names, sizes and modification times: a change in any means
+/// the files must be read again.
+///
+/// # Errors
+/// A file cannot be looked at.
+pub(crate) fn stamp(path: &Path) -> std::io::Result<u64> {
     let mut h = DefaultHasher::new();
     for f in files_of(path)? {
         let m = std::fs::metadata(&f)?;

@@ -6,10 +6,9 @@
 //! backups editors and package managers leave ([`crate::tokens::is_skipped`]) are not read.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::time::{timeout, Instant};
 use tracing::warn;
@@ -78,36 +77,7 @@ impl FleetSource {
     }
 }
 
-fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    if !std::fs::metadata(path)?.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(path)? {
-        let entry = entry?;
-        let p = entry.path();
-        if crate::tokens::is_skipped(&entry.file_name().to_string_lossy()) {
-            continue;
-        }
-        if std::fs::metadata(&p).map(|m| m.is_file()).unwrap_or(false) {
-            files.push(p);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// A fingerprint of the files' names, sizes and modification times.
-fn stamp(path: &Path) -> std::io::Result<u64> {
-    let mut h = DefaultHasher::new();
-    for f in files_of(path)? {
-        let m = std::fs::metadata(&f)?;
-        f.hash(&mut h);
-        m.len().hash(&mut h);
-        m.modified().unwrap_or(SystemTime::UNIX_EPOCH).hash(&mut h);
-    }
-    Ok(h.finish())
-}
+use crate::tokens::{files_of, stamp};
 
 fn read(path: &Path) -> Result<(u64, HashMap<String, [u8; 32]>), String> {
     let at = |e: std::io::Error| format!("{}: {e}", path.display());
