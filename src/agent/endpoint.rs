@@ -107,12 +107,13 @@ pub async fn serve<S: LinkIo + 'static>(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, s)| s.trim());
     if let Err(why) = registry.authenticate(name, secret).await {
-        registry.failed(addr.ip());
+        // The try was charged by may_try; a failed one stays spent.
         // Peer-controlled: printable ASCII only, bounded.
         let shown: String = name.unwrap_or("").chars().filter(char::is_ascii_graphic).take(64).collect();
         refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
         return warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
     }
+    registry.succeeded(addr.ip());
     let name = name.unwrap_or_default().to_owned();
     match kind {
         Kind::Link => {

@@ -150,14 +150,15 @@ impl Registry {
         }
     }
 
-    /// Whether `ip` may try to log in now; `Err` holds seconds to wait.
+    /// Takes a try from `ip`'s budget of logins before its secret is checked (so that parallel
+    /// tries cannot all start before the first failure counts); `Err` holds seconds to wait.
     pub fn may_try(&self, ip: IpAddr) -> Result<(), u64> {
-        self.brake.may_try(ip)
+        self.brake.0.try_charge(ip).map_err(|r| r.retry_after.unwrap_or(1))
     }
 
-    /// Counts a failed login from `ip`.
-    pub fn failed(&self, ip: IpAddr) {
-        self.brake.failed(ip);
+    /// Gives back the try of a login that succeeded.
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.brake.0.refund(ip);
     }
 
     /// Makes this control link the agent's connection; an older one of the same name is told
@@ -306,47 +307,27 @@ enum Taken {
     Wait(Arc<Notify>),
 }
 
-/// Slows down repeated failed logins from one address: a bucket of [`BRAKE_BURST`] tries that
-/// refills one per [`BRAKE_REFILL`]; a fixed number of addresses is remembered, so a flood from
-/// many addresses cannot grow it.
-#[derive(Debug, Default)]
-struct Brake {
-    entries: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-}
-
 /// Failed logins an address may make in a row before it must wait.
-pub const BRAKE_BURST: f64 = 5.0;
+pub const BRAKE_BURST: u32 = 5;
 /// One more try per this long.
 pub const BRAKE_REFILL: Duration = Duration::from_secs(2);
-const BRAKE_ADDRESSES: usize = 4096;
 
-impl Brake {
-    fn refilled(tokens: f64, since: Instant) -> f64 {
-        (tokens + since.elapsed().as_secs_f64() / BRAKE_REFILL.as_secs_f64()).min(BRAKE_BURST)
-    }
+/// The brake on repeated failed logins: a bucket of [`BRAKE_BURST`] tries per address that
+/// refills one per [`BRAKE_REFILL`], in the same fixed table (O(1), bounded memory) the access
+/// policy uses.
+#[derive(Debug)]
+struct Brake(Arc<crate::policy::PerAddress>);
 
-    fn may_try(&self, ip: IpAddr) -> Result<(), u64> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        match entries.get(&ip) {
-            Some(&(tokens, since)) if Self::refilled(tokens, since) < 1.0 => {
-                let wait = (1.0 - Self::refilled(tokens, since)) * BRAKE_REFILL.as_secs_f64();
-                Err(wait.ceil().max(1.0) as u64)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn failed(&self, ip: IpAddr) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= BRAKE_ADDRESSES && !entries.contains_key(&ip) {
-            entries.retain(|_, (tokens, since)| Self::refilled(*tokens, *since) < BRAKE_BURST);
-            if entries.len() >= BRAKE_ADDRESSES {
-                // Fails closed for nobody: forgetting is the bound.
-                entries.clear();
-            }
-        }
-        let (tokens, since) = entries.get(&ip).copied().unwrap_or((BRAKE_BURST, Instant::now()));
-        entries.insert(ip, ((Self::refilled(tokens, since) - 1.0).max(0.0), Instant::now()));
+impl Default for Brake {
+    fn default() -> Brake {
+        Brake(crate::policy::PerAddress::new(
+            crate::policy::AddressLimits {
+                max_sessions: None,
+                rate: Some(1.0 / BRAKE_REFILL.as_secs_f64()),
+                burst: BRAKE_BURST,
+            },
+            4096,
+        ))
     }
 }
 
@@ -356,17 +337,23 @@ mod tests {
 
     #[test]
     fn the_brake_slows_an_address_after_a_burst_of_failures() {
-        let brake = Brake::default();
+        let registry = Registry::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        for _ in 0..BRAKE_BURST as usize {
-            assert!(brake.may_try(ip).is_ok());
-            brake.failed(ip);
+        // Each try is charged before the check; a failed one is not refunded.
+        for _ in 0..BRAKE_BURST {
+            assert!(registry.may_try(ip).is_ok());
         }
-        assert!(brake.may_try(ip).is_err());
+        assert!(registry.may_try(ip).is_err());
         assert!(
-            brake.may_try("192.0.2.2".parse().unwrap()).is_ok(),
+            registry.may_try("192.0.2.2".parse().unwrap()).is_ok(),
             "other addresses are not slowed"
         );
+        // A login that succeeded gives its try back.
+        let other: IpAddr = "192.0.2.3".parse().unwrap();
+        for _ in 0..BRAKE_BURST * 2 {
+            assert!(registry.may_try(other).is_ok());
+            registry.succeeded(other);
+        }
     }
 
     #[tokio::test]
