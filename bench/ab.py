@@ -3,8 +3,8 @@
 system CPU and involuntary context switches per operation.
 
     python3 bench/ab.py --row echo-50 --rounds 6 \\
-        'one=target/release/wsbridge --threads 1 {listen} {target}' \\
-        'two=target/release/wsbridge --threads 2 {listen} {target}'
+        'one=target/profiling/wsbridge --threads 1 {listen} {target}' \\
+        'two=target/profiling/wsbridge --threads 2 {listen} {target}'
 
 Each variant is NAME=COMMAND. COMMAND is split like a shell line, then in each word {listen} and
 {target} stand for 127.0.0.1:PORT of the bridge and of the backend, and {cert} / {key} for a
