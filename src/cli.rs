@@ -76,6 +76,32 @@ pub enum Command {
     ///   wsbridge agent --new-secret
     #[command(verbatim_doc_comment)]
     Agent(crate::agent::client::AgentArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) for packaging:
+    /// `wsbridge completions bash > /usr/share/bash-completion/completions/wsbridge`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) for packaging: `wsbridge man > wsbridge.1`.
+    Man,
+}
+
+/// The completion script for `shell`, from the same clap definitions as `--help`.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "wsbridge", &mut out);
+    out
+}
+
+/// The manual page (roff), from the same clap definitions as `--help`.
+///
+/// # Errors
+/// Writing the page failed (it is written to memory, so only on a clap_mangen bug).
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+    Ok(out)
 }
 
 /// Options for bridging (the default command).

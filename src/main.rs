@@ -45,6 +45,14 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Some(Command::Check { config }) => runtime.block_on(check(&config)),
+        Some(Command::Completions { shell }) => print_bytes(&wsbridge::cli::completions(shell)),
+        Some(Command::Man) => match wsbridge::cli::man_page() {
+            Ok(page) => print_bytes(&page),
+            Err(e) => {
+                eprintln!("wsbridge: cannot write the manual page: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some(Command::Agent(args)) => runtime.block_on(agent(&args, verbose)),
         Some(Command::Demo { listen, cert, key, agent }) => {
             wsbridge::logging::init(verbose, LogFormat::Text);
@@ -90,6 +98,18 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
     } else {
         eprintln!("wsbridge: {e:#}");
         ExitCode::from(1)
+    }
+}
+
+/// Writes generated text (completions, the manual page) to stdout.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsbridge: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

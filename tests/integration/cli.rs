@@ -140,3 +140,32 @@ async fn the_listening_line_names_the_web_root_plainly() {
     child.start_kill().unwrap();
     assert!(line.contains(&format!("web={dir}")) && !line.contains("Some("), "{line}");
 }
+
+/// Completions and the manual page come from the same clap definitions as `--help`: every
+/// option is in them (a new option cannot be left out of the packaged docs).
+#[tokio::test]
+async fn completions_and_the_manual_page_name_every_option() {
+    let run = |args: &'static [&'static str]| async move {
+        let out = tokio::process::Command::new(BIN).args(args).output().await.unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]).await;
+    let man = run(&["man"]).await;
+    assert!(bash.contains("complete -F") && bash.contains("wsbridge"), "{bash}");
+    assert!(man.starts_with(".ie") || man.contains(".TH wsbridge"), "{man}");
+    for option in ["--origin", "--jwt-allow-target", "--heartbeat", "--admin", "--web-dotfiles"] {
+        assert!(bash.contains(option), "{option} not in the bash completions");
+        // roff escapes '-' as '\-'.
+        assert!(man.contains(&option.replace('-', "\\-")), "{option} not in the manual page");
+    }
+    const OTHERS: [&[&str]; 4] = [
+        &["completions", "zsh"],
+        &["completions", "fish"],
+        &["completions", "powershell"],
+        &["completions", "elvish"],
+    ];
+    for args in OTHERS {
+        assert!(run(args).await.contains("wsbridge"), "{args:?}");
+    }
+}
