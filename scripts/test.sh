@@ -128,6 +128,9 @@ section "bench/loadgen smoke (the benchmark's load generator must not rot)"
 # Built into the main target dir so it reuses the dependencies the tests compile anyway.
 cargo run --quiet --manifest-path bench/loadgen/Cargo.toml --target-dir target -- smoke
 
+section "cargo build --examples (the integration tests run the embedding example)"
+cargo build --examples --quiet
+
 section "cargo test --all-targets"
 # Every target runs (--no-fail-fast), and each test's output is shown (--show-output) so that
 # the skip lines below can be counted; the summary line comes last whatever the outcome, and the
