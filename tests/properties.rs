@@ -763,15 +763,20 @@ const RULES: [&str; 6] = [
 
 /// Whether `rule` (one of [`RULES`]) admits a well-formed origin, by the issue's words:
 /// exact origins, wildcard subdomains (not the bare domain), same-origin (host and port equal
-/// the Host's, its port defaulting by the connection), `null` only when written.
+/// the Host's, its port defaulting by the connection; over plain ws:// only for an IP or
+/// localhost Host), `null` only when written.
 fn rule_admits(rule: &str, o: &GenOrigin, host: Option<(&str, Option<u16>)>, secure: bool) -> bool {
     let port = o.port.or(default_port(&o.scheme));
     match rule {
         "https://app.example.com" => o.scheme == "https" && o.host == "app.example.com" && port == Some(443),
         "http://app.example.com:8080" => o.scheme == "http" && o.host == "app.example.com" && port == Some(8080),
         "https://*.corp.example" => o.scheme == "https" && o.host.ends_with(".corp.example") && port == Some(443),
+        // Over plain ws:// only an IP literal or localhost proves the page is ours (a name may be
+        // DNS rebinding); over TLS the certificate does.
         "same-origin" => host.is_some_and(|(h, p)| {
-            h.trim_matches(['[', ']']).eq_ignore_ascii_case(&o.host) && Some(p.unwrap_or(if secure { 443 } else { 80 })) == port
+            let h = h.trim_matches(['[', ']']);
+            let proof = secure || h.parse::<IpAddr>().is_ok() || h.eq_ignore_ascii_case("localhost");
+            proof && h.eq_ignore_ascii_case(&o.host) && Some(p.unwrap_or(if secure { 443 } else { 80 })) == port
         }),
         _ => false,
     }
