@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::request::{answer, write_answer, Head, Rejection};
 use super::web::{self, WebRoot};
 use crate::policy::auth::{Authenticated, Credentials, BEARER_SUBPROTOCOL};
-use crate::policy::{AddressSlot, OriginPolicy, OriginRule, PerAddress, Refusal};
+use crate::policy::{check_origin, AddressSlot, OriginRule, PerAddress, Refusal};
 use crate::routes::{Miss, Route, RouteTable};
 use crate::slots::Slot;
 
@@ -299,12 +299,9 @@ async fn decide<'w>(
         (None, _) => None,
         (Some(o), None) => Some(o.to_str().unwrap_or("(not text)")),
     };
-    let origin_policy = OriginPolicy {
-        rules: policy.origins.clone().unwrap_or_else(|| ctx.origins.to_vec()),
-        require_origin: policy.require_origin,
-    };
+    let rules = policy.origins.as_deref().unwrap_or(ctx.origins);
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    if let Err(r) = origin_policy.check(origin, host, ctx.secure) {
+    if let Err(r) = check_origin(rules, policy.require_origin, origin, host, ctx.secure) {
         return refused(&route, r, None);
     }
     let authenticated = match &route.auth {

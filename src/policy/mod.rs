@@ -27,7 +27,7 @@ use ipnet::IpNet;
 
 pub use forwarded::{client_address, ForwardedHeader};
 pub use limits::{AddressLimits, AddressSlot, PerAddress};
-pub use origin::{split_authority, Origin, OriginPolicy, OriginRule};
+pub use origin::{check_origin, split_authority, Origin, OriginPolicy, OriginRule};
 
 /// Why a request may not open a session.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -198,65 +198,81 @@ impl OriginPolicy {
         self.rules.contains(&OriginRule::Any)
     }
 
-    /// Checks a request's `Origin` header (`None`: absent) against the rules. `host` is the
-    /// request's `Host` header and `secure` whether it came over TLS (for the Host's default
-    /// port in a same-origin check).
+    /// Checks a request's `Origin` header (`None`: absent) against the rules: see
+    /// [`check_origin`].
     ///
     /// # Errors
     /// A 403 [`Refusal`] naming the origin in its detail.
     pub fn check(&self, origin: Option<&str>, host: Option<&str>, secure: bool) -> Result<(), Refusal> {
-        let Some(origin) = origin else {
-            if self.require_origin {
-                return Err(Refusal::forbidden(
-                    "origin required",
-                    "no Origin header, and the route requires one".into(),
-                ));
-            }
-            return Ok(());
-        };
-        if self.is_any() {
-            return Ok(());
-        }
-        let refused = || Refusal::forbidden("origin not allowed", format!("origin {:?} is not allowed", clip(origin)));
-        if origin.trim() == "null" {
-            return match self.rules.contains(&OriginRule::Null) {
-                true => Ok(()),
-                false => Err(refused()),
-            };
-        }
-        let Ok(o) = origin.parse::<Origin>() else {
-            return Err(refused());
-        };
-        let admitted = self.rules.iter().any(|rule| match rule {
-            OriginRule::Any => true,
-            OriginRule::Null => false,
-            OriginRule::Exact(e) => *e == o,
-            OriginRule::Subdomains { scheme, suffix, port } => {
-                *scheme == o.scheme && *port == o.port && o.host.len() > suffix.len() && o.host.ends_with(suffix.as_str())
-            }
-            OriginRule::SameOrigin => host.and_then(split_authority).is_some_and(|(h, p)| {
-                h.eq_ignore_ascii_case(&o.host) && p.unwrap_or(if secure { 443 } else { 80 }) == o.port && rebinding_proof(h, secure)
-            }),
-        });
-        if admitted {
-            return Ok(());
-        }
-        let named_itself = self.rules.contains(&OriginRule::SameOrigin)
-            && host
-                .and_then(split_authority)
-                .is_some_and(|(h, _)| h.eq_ignore_ascii_case(&o.host) && !rebinding_proof(h, secure));
-        if named_itself {
+        check_origin(&self.rules, self.require_origin, origin, host, secure)
+    }
+}
+
+/// Checks a request's `Origin` header (`None`: absent) against `rules` (borrowed: a route's own,
+/// or its listener's, checked per handshake without a copy). `host` is the
+/// request's `Host` header and `secure` whether it came over TLS (for the Host's default
+/// port in a same-origin check).
+///
+/// # Errors
+/// A 403 [`Refusal`] naming the origin in its detail.
+pub fn check_origin(
+    rules: &[OriginRule],
+    require_origin: bool,
+    origin: Option<&str>,
+    host: Option<&str>,
+    secure: bool,
+) -> Result<(), Refusal> {
+    let Some(origin) = origin else {
+        if require_origin {
             return Err(Refusal::forbidden(
-                "origin not allowed",
-                format!(
-                    "origin {:?}: same-origin over plain ws:// admits only IP addresses and localhost, as a name may be DNS \
-                     rebinding; list the origin in `origins` (or --origin), or serve wss://",
-                    clip(origin)
-                ),
+                "origin required",
+                "no Origin header, and the route requires one".into(),
             ));
         }
-        Err(refused())
+        return Ok(());
+    };
+    if rules.contains(&OriginRule::Any) {
+        return Ok(());
     }
+    let refused = || Refusal::forbidden("origin not allowed", format!("origin {:?} is not allowed", clip(origin)));
+    if origin.trim() == "null" {
+        return match rules.contains(&OriginRule::Null) {
+            true => Ok(()),
+            false => Err(refused()),
+        };
+    }
+    let Ok(o) = origin.parse::<Origin>() else {
+        return Err(refused());
+    };
+    let admitted = rules.iter().any(|rule| match rule {
+        OriginRule::Any => true,
+        OriginRule::Null => false,
+        OriginRule::Exact(e) => *e == o,
+        OriginRule::Subdomains { scheme, suffix, port } => {
+            *scheme == o.scheme && *port == o.port && o.host.len() > suffix.len() && o.host.ends_with(suffix.as_str())
+        }
+        OriginRule::SameOrigin => host.and_then(split_authority).is_some_and(|(h, p)| {
+            h.eq_ignore_ascii_case(&o.host) && p.unwrap_or(if secure { 443 } else { 80 }) == o.port && rebinding_proof(h, secure)
+        }),
+    });
+    if admitted {
+        return Ok(());
+    }
+    let named_itself = rules.contains(&OriginRule::SameOrigin)
+        && host
+            .and_then(split_authority)
+            .is_some_and(|(h, _)| h.eq_ignore_ascii_case(&o.host) && !rebinding_proof(h, secure));
+    if named_itself {
+        return Err(Refusal::forbidden(
+            "origin not allowed",
+            format!(
+                "origin {:?}: same-origin over plain ws:// admits only IP addresses and localhost, as a name may be DNS \
+                 rebinding; list the origin in `origins` (or --origin), or serve wss://",
+                clip(origin)
+            ),
+        ));
+    }
+    Err(refused())
 }
 
 /// Whether a `Host` that equals the `Origin` proves the page came from this bridge. Over TLS it
