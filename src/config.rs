@@ -1048,6 +1048,38 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
     Ok(listeners)
 }
 
+/// The route options of a `[[route]]` or `[[tokens]]` table `$t` (number `$i` at `$span`), over
+/// `$defaults`: both tables list the same fields (serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`), so this one macro moves them into [`RawRouteOptions`]. A policy
+/// error returns from the calling function, naming `$table[$i].field`.
+macro_rules! route_options {
+    ($t:ident, $table:literal, $i:expr, $span:expr, $ctx:expr, $defaults:expr) => {{
+        let policy = RawPolicy {
+            origins: $t.origins,
+            require_origin: $t.require_origin,
+            allow: $t.allow,
+            deny: $t.deny,
+            max_sessions_per_ip: $t.max_sessions_per_ip,
+            new_sessions_per_ip: $t.new_sessions_per_ip,
+            new_sessions_burst: $t.new_sessions_burst,
+            auth: $t.auth,
+            proxy_protocol: $t.proxy_protocol,
+        }
+        .resolve(&|p| $ctx.resolve(p))
+        .or_else(|(field, message)| $ctx.invalid($span.clone(), format!(concat!($table, "[{}].{}"), $i, field), message))?;
+        RawRouteOptions {
+            framing: $t.framing,
+            subprotocols: $t.subprotocols,
+            max_message_size: $t.max_message_size,
+            max_sessions: $t.max_sessions,
+            client_cn: $t.client_cn,
+            backend_tls: $t.backend_tls.map(|b| b.resolve($ctx)),
+            policy,
+        }
+        .apply($defaults)
+    }};
+}
+
 /// The `[[route]]` tables: one matcher each, no path or token twice, TLS only to TCP targets.
 fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>) -> Result<Vec<RouteConfig>, ConfigError> {
     let mut routes = Vec::new();
@@ -1061,29 +1093,7 @@ fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>)
             (None, Some(t)) => token_matcher(i, t, &mut tokens, ctx)?,
             _ => return ctx.invalid(span, format!("route[{i}]"), "needs exactly one of `path` or `token`"),
         };
-        let policy = RawPolicy {
-            origins: r.origins,
-            require_origin: r.require_origin,
-            allow: r.allow,
-            deny: r.deny,
-            max_sessions_per_ip: r.max_sessions_per_ip,
-            new_sessions_per_ip: r.new_sessions_per_ip,
-            new_sessions_burst: r.new_sessions_burst,
-            auth: r.auth,
-            proxy_protocol: r.proxy_protocol,
-        }
-        .resolve(&|p| ctx.resolve(p))
-        .or_else(|(field, message)| ctx.invalid(span.clone(), format!("route[{i}].{field}"), message))?;
-        let options = RawRouteOptions {
-            framing: r.framing,
-            subprotocols: r.subprotocols,
-            max_message_size: r.max_message_size,
-            max_sessions: r.max_sessions,
-            client_cn: r.client_cn,
-            backend_tls: r.backend_tls.map(|b| b.resolve(ctx)),
-            policy,
-        }
-        .apply(defaults);
+        let options = route_options!(r, "route", i, span, ctx, defaults);
         if options.policy.proxy_protocol.is_some() && matches!(r.target, Target::Unix(_)) {
             return ctx.invalid(
                 span,
@@ -1189,33 +1199,12 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                 ),
             );
         }
-        let policy = RawPolicy {
-            origins: t.origins,
-            require_origin: t.require_origin,
-            allow: t.allow,
-            deny: t.deny,
-            max_sessions_per_ip: t.max_sessions_per_ip,
-            new_sessions_per_ip: t.new_sessions_per_ip,
-            new_sessions_burst: t.new_sessions_burst,
-            auth: t.auth,
-            proxy_protocol: t.proxy_protocol,
-        }
-        .resolve(&|p| ctx.resolve(p))
-        .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].{field}"), message))?;
+        let options = route_options!(t, "tokens", i, span, ctx, defaults);
         sources.push(TokenSourceConfig {
             path,
             jwt,
             lookup: t.lookup,
-            options: RawRouteOptions {
-                framing: t.framing,
-                subprotocols: t.subprotocols,
-                max_message_size: t.max_message_size,
-                max_sessions: t.max_sessions,
-                client_cn: t.client_cn,
-                backend_tls: t.backend_tls.map(|b| b.resolve(ctx)),
-                policy,
-            }
-            .apply(defaults),
+            options,
         });
     }
     Ok(sources)
@@ -1655,6 +1644,23 @@ mod tests {
                 file.display()
             )
         );
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn a_policy_mistake_names_its_table_line_and_field() {
+        let msg = parse("[[listen]]\naddr = 1\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nnew_sessions_burst = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(msg, "test.toml:3: route[0].new_sessions_burst: goes with new_sessions_per_ip");
+        let file = std::env::temp_dir().join(format!("wsbridge-policy-tokens-{}", std::process::id()));
+        std::fs::write(&file, "a: 127.0.0.1:1\n").unwrap();
+        let text = format!(
+            "[[listen]]\naddr = 1\n[[tokens]]\nsource = {:?}\nauth = {{ bearer = [] }}\n",
+            file.display().to_string()
+        );
+        let msg = parse(&text).unwrap_err().to_string();
+        assert_eq!(msg, "test.toml:3: tokens[0].auth.bearer: needs one or more tokens, none empty");
         let _ = std::fs::remove_file(&file);
     }
 
