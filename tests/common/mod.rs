@@ -204,6 +204,18 @@ pub fn config_with(matcher: Matcher, target: Target) -> Config {
     config
 }
 
+/// Adds a websockify token file (or directory) at `path` to `config`, its tokens taken by
+/// `lookup`, with the configuration's default route options.
+pub fn add_token_source(config: &mut Config, path: std::path::PathBuf, lookup: wsbridge::config::TokenLookup) {
+    let options = config.default_route_options();
+    config.token_sources.push(wsbridge::config::TokenSourceConfig {
+        path,
+        jwt: None,
+        lookup,
+        options,
+    });
+}
+
 /// A configuration bridging any path to `backend`.
 pub fn any_path_to(backend: SocketAddr) -> Config {
     config_with(Matcher::AnyPath, tcp(backend))

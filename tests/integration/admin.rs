@@ -517,19 +517,13 @@ async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() 
 
 #[tokio::test]
 async fn token_routes_are_labelled_by_their_source_and_re_reads_are_counted() {
-    use wsbridge::config::{Config, TokenLookup, TokenSourceConfig};
+    use wsbridge::config::{Config, TokenLookup};
     let (backend, _) = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tokens.cfg");
     std::fs::write(&file, format!("secret-alpha: {backend}\n")).unwrap();
     let mut config = Config::new("test");
-    let options = config.default_route_options();
-    config.token_sources.push(TokenSourceConfig {
-        jwt: None,
-        path: file.clone(),
-        lookup: TokenLookup::Query,
-        options,
-    });
+    add_token_source(&mut config, file.clone(), TokenLookup::Query);
     let bridge = TestBridge::start(config).await;
     let (admin_addr, _stop) = start_admin(&bridge, None).await;
     let before = scrape(admin_addr, None).await;

@@ -80,13 +80,7 @@ async fn host_must_be_there_once_and_header_checks_come_before_the_lookup() {
     let file = dir.path().join("tokens");
     std::fs::write(&file, format!("t1: 127.0.0.1:{}\n", backend.port())).unwrap();
     let mut config = Config::new("test");
-    let options = config.default_route_options();
-    config.token_sources.push(TokenSourceConfig {
-        jwt: None,
-        path: file,
-        lookup: TokenLookup::Query,
-        options,
-    });
+    add_token_source(&mut config, file, TokenLookup::Query);
     let bridge = TestBridge::start(config).await;
     let a = bridge.addr;
 
@@ -126,13 +120,7 @@ async fn host_tokens_match_without_case_or_port() {
     )
     .unwrap();
     let mut config = Config::new("test");
-    let options = config.default_route_options();
-    config.token_sources.push(TokenSourceConfig {
-        jwt: None,
-        path: file,
-        lookup: TokenLookup::Host,
-        options,
-    });
+    add_token_source(&mut config, file, TokenLookup::Host);
     let bridge = TestBridge::start(config).await;
     for host in [
         "Desk1.Example:6080",
@@ -199,13 +187,7 @@ async fn a_token_revoked_in_the_file_does_not_live_on_in_its_backups() {
         std::fs::write(dir.path().join(copy), format!("live: 127.0.0.1:{p}\nrevoked: 127.0.0.1:{p}\n")).unwrap();
     }
     let mut config = Config::new("test");
-    let options = config.default_route_options();
-    config.token_sources.push(TokenSourceConfig {
-        jwt: None,
-        path: dir.path().into(),
-        lookup: TokenLookup::Query,
-        options,
-    });
+    add_token_source(&mut config, dir.path().into(), TokenLookup::Query);
     let bridge = TestBridge::start(config).await;
     let r = http_raw(bridge.addr, &upgrade_request("/?token=revoked", "")).await;
     assert_eq!(status_of(&r), 404, "{r}");

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wsbridge::config::{Config, Matcher, RouteConfig, Target, TokenLookup, TokenSourceConfig};
+use wsbridge::config::{Config, Matcher, RouteConfig, Target, TokenLookup};
 
 use crate::common::*;
 
@@ -60,13 +60,7 @@ async fn websockify_token_file_like_novnc() {
     )
     .unwrap();
     let mut config = Config::new("test");
-    let options = config.default_route_options();
-    config.token_sources.push(TokenSourceConfig {
-        jwt: None,
-        path: file.clone(),
-        lookup: TokenLookup::Query,
-        options,
-    });
+    add_token_source(&mut config, file.clone(), TokenLookup::Query);
     let bridge = TestBridge::start(config).await;
 
     // noVNC puts the token in its `path` setting: /websockify?token=…
@@ -94,13 +88,7 @@ async fn token_directory_and_inline_tokens() {
     std::fs::write(dir.path().join("one"), format!("t1: 127.0.0.1:{}\n", a.port())).unwrap();
     std::fs::write(dir.path().join("two"), format!("t2: 127.0.0.1:{}\n", b.port())).unwrap();
     let mut config = config_with(Matcher::Token("inline-secret".into()), tcp(b));
-    let options = config.default_route_options();
-    config.token_sources.push(TokenSourceConfig {
-        jwt: None,
-        path: dir.path().into(),
-        lookup: TokenLookup::Query,
-        options,
-    });
+    add_token_source(&mut config, dir.path().into(), TokenLookup::Query);
     let bridge = TestBridge::start(config).await;
     assert_eq!(first_message(&bridge.url("/?token=t1")).await, "A");
     assert_eq!(first_message(&bridge.url("/?token=t2")).await, "B");
@@ -114,13 +102,7 @@ async fn host_token() {
     let file = dir.path().join("hosts");
     std::fs::write(&file, format!("vnc1.example.com: 127.0.0.1:{}\n", a.port())).unwrap();
     let mut config = Config::new("test");
-    let options = config.default_route_options();
-    config.token_sources.push(TokenSourceConfig {
-        jwt: None,
-        path: file,
-        lookup: TokenLookup::Host,
-        options,
-    });
+    add_token_source(&mut config, file, TokenLookup::Host);
     let bridge = TestBridge::start(config).await;
     let req = String::from_utf8(upgrade_request("/", ""))
         .unwrap()
