@@ -64,17 +64,7 @@ command -v socat >/dev/null || missing+=(socat)
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
-    if ((EUID == 0)); then
-        as_root=(env DEBIAN_FRONTEND=noninteractive)
-    elif command -v sudo >/dev/null; then
-        # -n: never wait for a password that nobody will type (CI has no stdin).
-        as_root=(sudo -n env DEBIAN_FRONTEND=noninteractive)
-    else
-        die "not root and no sudo: install these Debian packages first: ${missing[*]}"
-    fi
-    command -v apt-get >/dev/null || die "no apt-get here: install these packages first: ${missing[*]}"
-    "${as_root[@]}" apt-get update -qq </dev/null
-    "${as_root[@]}" apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}" </dev/null
+    scripts/apt-install.sh "${missing[@]}"
 else
     echo "all present"
 fi
