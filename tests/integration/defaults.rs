@@ -3,64 +3,16 @@
 //! streams, keepalive that releases a vanished client's backend, and frame-level trace lines
 //! with `-vv`.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::common::binary::Binary;
 use crate::common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
-
-/// The binary, killed if the test fails before it exits, and its log lines.
-struct Bridge {
-    child: Child,
-    addr: std::net::SocketAddr,
-    logs: tokio::sync::mpsc::Receiver<String>,
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-/// Starts `wsbridge ARGS` with `RUST_LOG` unset (so `-v` decides the level) and waits for its
-/// "listening" line.
-async fn spawn(args: &[&str]) -> Bridge {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = within("listening line", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listening addr=").nth(1) {
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-        panic!("wsbridge exited before listening");
-    })
-    .await;
-    // Keep draining stderr so the child never blocks on a full pipe (trace logging is chatty):
-    // lines nobody reads are dropped once 4096 are queued.
-    let (tx, logs) = tokio::sync::mpsc::channel(4096);
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = tx.try_send(line);
-        }
-    });
-    Bridge { child, addr, logs }
-}
 
 /// The peak resident memory of a process (`VmHWM` in /proc/PID/status), in bytes; `None` where
 /// there is no /proc.
@@ -115,8 +67,8 @@ async fn large_messages_stream_through_with_bounded_bridge_memory() {
     const BOUND: u64 = 8 << 20;
     let (backend, mut streams) = manual_backend().await;
     let target = backend.to_string();
-    let mut bridge = spawn(&["127.0.0.1:0", &target]).await;
-    let pid = bridge.child.id().unwrap();
+    let bridge = Binary::spawn(&["127.0.0.1:0", &target]).await;
+    let pid = bridge.pid();
     let Some(before) = peak_rss(pid) else {
         return skip(
             "defaults::large_messages_stream_through_with_bounded_bridge_memory",
@@ -158,7 +110,6 @@ async fn large_messages_stream_through_with_bounded_bridge_memory() {
         before >> 10,
         SIZE >> 20
     );
-    bridge.logs.close();
 }
 
 /// Issue 11, item 2: with default settings a client that goes silent after the handshake (reads
@@ -170,7 +121,7 @@ async fn large_messages_stream_through_with_bounded_bridge_memory() {
 async fn a_vanished_client_releases_its_backend_within_45_s_by_default() {
     let (backend, mut streams) = manual_backend().await;
     let target = backend.to_string();
-    let bridge = spawn(&["127.0.0.1:0", &target]).await;
+    let bridge = Binary::spawn(&["127.0.0.1:0", &target]).await;
     let url = format!("ws://{}/", bridge.addr);
 
     let (healthy, _) = ws_connect(&url, None).await;
@@ -225,7 +176,7 @@ async fn a_vanished_client_releases_its_backend_within_45_s_by_default() {
 async fn trace_level_shows_frames_without_payload() {
     let (backend, _) = echo_backend().await;
     let target = backend.to_string();
-    let mut bridge = spawn(&["-vv", "127.0.0.1:0", &target]).await;
+    let mut bridge = Binary::spawn(&["-vv", "127.0.0.1:0", &target]).await;
     let marker = b"SECRET-PAYLOAD-4f1d9c";
     let (mut ws, _) = ws_connect(&format!("ws://{}/", bridge.addr), None).await;
     send_bin(&mut ws, marker).await;
@@ -240,18 +191,8 @@ async fn trace_level_shows_frames_without_payload() {
         ["client->bridge", "opcode=\"close\"", "len=0", ""],
         ["bridge->client", "opcode=\"close\"", "len=0", ""],
     ];
-    let mut seen = Vec::new();
-    within("the session's trace lines and its close", async {
-        while let Some(line) = bridge.logs.recv().await {
-            let done = line.contains("session closed");
-            seen.push(line);
-            if done {
-                return;
-            }
-        }
-        panic!("wsbridge exited");
-    })
-    .await;
+    bridge.line("session closed").await;
+    let seen = bridge.lines();
     let secret = String::from_utf8_lossy(marker);
     for line in &seen {
         assert!(!line.contains(&*secret), "a log line holds the payload: {line}");
