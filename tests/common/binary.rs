@@ -100,6 +100,19 @@ impl Binary {
     }
 }
 
+/// Runs `wsbridge ARGS` to its exit (bounded by [`super::WAIT`]): its exit code (-1 if a signal
+/// ended it), stdout and stderr.
+pub async fn run_to_end(args: &[&str]) -> (i32, String, String) {
+    let out = within("wsbridge to exit", Command::new(BIN).args(args).output())
+        .await
+        .expect("run wsbridge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Resident memory of a process now (`VmRSS` in /proc/PID/status), in bytes; `None` where there
 /// is no /proc.
 pub fn rss(pid: u32) -> Option<u64> {

@@ -545,7 +545,7 @@ async fn the_demo_in_agent_mode_carries_the_chat_across_its_agent() {
     within("the demo to stop", serving).await.unwrap().unwrap();
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+use crate::common::binary::BIN;
 
 /// The `wsbridge agent` binary, with its stderr lines sent to the test.
 fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>) {

@@ -8,7 +8,7 @@ use tokio::process::{Child, Command};
 
 use crate::common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+use crate::common::binary::{run_to_end, BIN};
 
 /// Kills the child if the test fails before it exits.
 struct Running(Child);
@@ -119,15 +119,6 @@ async fn websockify_style_run_and_sigterm_drain() {
     drop(ws);
     let status = within("exit after SIGTERM", child.0.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");
-}
-
-async fn run_to_end(args: &[&str]) -> (i32, String, String) {
-    let out = within("wsbridge to exit", Command::new(BIN).args(args).output()).await.unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

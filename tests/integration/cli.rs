@@ -8,17 +8,7 @@ use tokio::process::Command;
 
 use crate::common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
-
-/// Runs the binary to its end: exit code, stdout, stderr.
-async fn run_to_end(args: &[&str]) -> (i32, String, String) {
-    let out = within("wsbridge to exit", Command::new(BIN).args(args).output()).await.unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::common::binary::{run_to_end, BIN};
 
 fn example(name: &str) -> String {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

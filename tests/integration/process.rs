@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
+use crate::common::binary::BIN;
 
 /// A running `wsbridge`, killed if the test ends before it exits, and its stderr lines, each
 /// with the moment it was read.
