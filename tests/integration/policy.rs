@@ -770,3 +770,43 @@ async fn each_refusal_is_logged_with_its_route_and_reason_and_no_secret() {
         "a secret in the log:\n{logs}"
     );
 }
+
+/// A listener's `origins` is the default of the routes it serves that set none; a route's own
+/// list wins over it.
+#[tokio::test]
+async fn a_listeners_origins_are_its_routes_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = bridge(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\norigins = [\"https://app.example\"]\n\
+         [[route]]\npath = \"/inherits\"\ntarget = \"BACKEND\"\n\
+         [[route]]\npath = \"/own\"\ntarget = \"BACKEND\"\norigins = [\"https://other.example\"]\n",
+        dir.path(),
+    )
+    .await;
+    assert!(ask(b.addr, "/inherits", "Origin: https://app.example\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    refused(
+        &ask(b.addr, "/inherits", "Origin: https://other.example\r\n").await,
+        403,
+        "origin not allowed",
+        None,
+    );
+    // Not the file's same-origin default either: the listener's list replaces it.
+    refused(
+        &ask(b.addr, "/inherits", "Origin: http://localhost\r\n").await,
+        403,
+        "origin not allowed",
+        None,
+    );
+    assert!(ask(b.addr, "/own", "Origin: https://other.example\r\n")
+        .await
+        .starts_with("HTTP/1.1 101"));
+    refused(
+        &ask(b.addr, "/own", "Origin: https://app.example\r\n").await,
+        403,
+        "origin not allowed",
+        None,
+    );
+    b.stop().await;
+}
