@@ -31,6 +31,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::http::request::{answer, answer_text, linger};
 use crate::http::{Context, Outcome, Upgrade, WebRoot};
+use crate::metrics::{ProxyRefusal, Refusal};
 use crate::policy::{AddressLimits, OriginRule, PerAddress};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
@@ -332,6 +333,7 @@ impl Bridge {
             let trusted = &listener.config.access.trusted_proxies;
             if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&peer.client.ip().to_canonical())) {
                 // Only the load balancers may say who the client is.
+                self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Untrusted));
                 return warn!("connection refused: PROXY protocol header from a peer not in trusted_proxies");
             }
             match tokio::time::timeout_at(deadline, crate::proxy::read_addresses(&mut stream)).await {
@@ -343,9 +345,13 @@ impl Bridge {
                         peer.local = Some(a.destination);
                     }
                 }
-                Ok(Err(e)) => return warn!(error = %e, "connection refused: bad PROXY protocol header"),
+                Ok(Err(e)) => {
+                    self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Malformed));
+                    return warn!(error = %e, "connection refused: bad PROXY protocol header");
+                }
                 Err(_) => {
-                    return warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline")
+                    self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Timeout));
+                    return warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline");
                 }
             }
             tracing::Span::current().record("client", tracing::field::display(peer.client));
@@ -378,7 +384,7 @@ impl Bridge {
             }
             None => refuse_at_once(&stream, answer_text(status, reason, &retry, true).as_bytes()),
         }
-        self.inner.metrics.refused(crate::metrics::Refusal::ConnectionLimit);
+        self.inner.metrics.refused(Refusal::ConnectionLimit);
         debug!(status = 503, "refused: connection limit reached");
     }
 
@@ -407,7 +413,7 @@ impl Bridge {
                 let reason = "this port takes TLS only: use wss:// (https)";
                 let _ = tokio::time::timeout_at(deadline, answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
                 linger(&mut stream, live.timeouts.close).await;
-                self.inner.metrics.refused(crate::metrics::Refusal::TlsOnly);
+                self.inner.metrics.refused(Refusal::TlsOnly);
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
             return Box::pin(self.http(stream, peer, listener, live, deadline, None)).await;
@@ -490,7 +496,7 @@ impl Bridge {
             Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
             Ok(Ok(Outcome::Answered { status, reason })) => {
                 if status.as_u16() >= 400 {
-                    self.inner.metrics.refused(crate::metrics::Refusal::Http(status.as_u16()));
+                    self.inner.metrics.refused(Refusal::Http(status.as_u16()));
                 }
                 linger(&mut stream, t.close).await;
                 return info!(status = status.as_u16(), %reason, "http request answered");

@@ -564,3 +564,54 @@ async fn token_routes_are_labelled_by_their_source_and_re_reads_are_counted() {
         assert!(!labels.contains("secret-") && !labels.contains('#'), "a token in a label: {s:?}");
     }
 }
+
+/// A PROXY protocol listener closes, without an answer, a connection from a sender it does not
+/// trust and one whose header is not PROXY; both are counted, with status 0 and their reason.
+#[tokio::test]
+async fn refused_proxy_headers_are_counted() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    let mut listener = wsbridge::config::ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    listener.access.proxy_protocol = true;
+    listener.access.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    config.listeners.push(listener);
+    let trusting = TestBridge::start(config.clone()).await;
+    config.listeners[0].access.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    let distrusting = TestBridge::start(config).await;
+    let (trusting_admin, _stop) = start_admin(&trusting, None).await;
+    let (distrusting_admin, _stop2) = start_admin(&distrusting, None).await;
+
+    let mut s = tokio::net::TcpStream::connect(trusting.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    closed_by_peer(&mut s).await;
+    let mut s = tokio::net::TcpStream::connect(distrusting.addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 80\r\n").await.unwrap();
+    closed_by_peer(&mut s).await;
+
+    let m = scrape(trusting_admin, None).await;
+    assert_eq!(
+        value(
+            &m,
+            "wsbridge_handshakes_refused_total",
+            &[("status", "0"), ("reason", "proxy_malformed")]
+        ),
+        1.0
+    );
+    let m = scrape(distrusting_admin, None).await;
+    assert_eq!(
+        value(
+            &m,
+            "wsbridge_handshakes_refused_total",
+            &[("status", "0"), ("reason", "proxy_untrusted")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "wsbridge_handshakes_refused_total",
+            &[("status", "0"), ("reason", "proxy_malformed")]
+        ),
+        0.0
+    );
+}
