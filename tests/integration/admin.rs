@@ -29,21 +29,6 @@ async fn start_admin(bridge: &TestBridge, token: Option<&str>) -> (SocketAddr, t
     (addr, stop.drop_guard())
 }
 
-/// `METHOD path` on the admin listener, with a bearer token if given: status and body.
-async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\n\r\n");
-    let response = http_raw(addr, request.as_bytes()).await;
-    (status_of(&response), body_of(&response).to_owned())
-}
-
-/// The live sessions as `/sessions` lists them.
-async fn sessions(addr: SocketAddr, token: Option<&str>) -> Vec<serde_json::Value> {
-    let (status, body) = admin(addr, "GET", "/sessions", token).await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
 /// Asks `/sessions` until `done` holds of the list (each answer is an event: a session opened,
 /// ended, or moved bytes), within the test bound.
 async fn sessions_until(addr: SocketAddr, what: &str, done: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
@@ -373,14 +358,8 @@ async fn tls_handshakes_and_the_certificate_expiry_are_exported() {
 async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
     use crate::common::binary::{Binary, BIN};
     let backend = closed_port().await.to_string();
-    let mut b = Binary::spawn(&["127.0.0.1:0", &backend, "--admin", "127.0.0.1:0"]).await;
-    let line = b.line("admin endpoints serving addr=").await;
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|a| a.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let b = Binary::spawn(&["127.0.0.1:0", &backend, "--admin", "127.0.0.1:0"]).await;
+    let addr = b.admin_addr().await;
     assert_eq!(admin(addr, "GET", "/healthz", None).await.0, 200);
     within("readiness", async {
         while admin(addr, "GET", "/readyz", None).await.0 != 200 {
@@ -402,25 +381,14 @@ async fn after_sigterm_the_binarys_readyz_says_503_while_a_session_drains() {
     use crate::common::binary::Binary;
     let (backend, mut accepted) = manual_backend().await;
     let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
-    let line = b.line("admin endpoints serving addr=").await;
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|a| a.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = b.admin_addr().await;
     let (mut ws, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
     let mut server_side = recv_once_stream(&mut accepted).await;
     server_side.write_all(b"still here").await.unwrap();
     assert_eq!(recv_data(&mut ws).await, b"still here");
     assert_eq!(admin(addr, "GET", "/readyz", None).await.0, 200);
 
-    let status = tokio::process::Command::new("kill")
-        .args(["-s", "TERM", &b.pid().to_string()])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    b.signal("TERM").await;
     b.line("shutting down").await;
     // The session waits for our answer to its close frame: the process is draining, not gone.
     let (status, body) = admin(addr, "GET", "/readyz", None).await;
