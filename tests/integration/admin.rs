@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use futures_util::SinkExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
@@ -202,6 +202,94 @@ async fn readyz_turns_503_when_the_drain_starts_before_the_session_closes() {
     let close = close.expect("a close frame");
     assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, "server shutting down"));
     let _ = ws.flush().await;
+    assert!(within("drain", bridge.handle).await.unwrap().clean);
+}
+
+/// With a drain delay, `/readyz` says 503 at once while the bridge keeps serving: a session that
+/// a balancer sends before its health check has seen the 503 is still taken, open sessions carry
+/// on, and only at the end of the delay do the listeners close and the sessions end with 1001.
+#[tokio::test]
+async fn a_drain_delay_keeps_serving_after_readyz_turned_503_then_closes_at_its_end() {
+    let delay = std::time::Duration::from_millis(600);
+    let (backend, _) = echo_backend().await;
+    let mut config = config_with(Matcher::Path("/echo".into()), tcp(backend));
+    config.timeouts.drain_delay = Some(delay);
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let (mut before, _) = ws_connect(&bridge.url("/echo"), None).await;
+    send_bin(&mut before, b"one").await;
+    assert_eq!(recv_data(&mut before).await, b"one");
+
+    let started = std::time::Instant::now();
+    let drain = tokio::spawn({
+        let bridge = bridge.bridge.clone();
+        async move { bridge.drain(std::future::pending()).await }
+    });
+    within("/readyz to say 503", async {
+        while admin(admin_addr, "GET", "/readyz", None).await != (503, "draining\n".to_owned()) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // Inside the delay: a new session is taken, and both carry data.
+    let (mut during, _) = ws_connect(&bridge.url("/echo"), None).await;
+    send_bin(&mut during, b"two").await;
+    assert_eq!(recv_data(&mut during).await, b"two");
+    send_bin(&mut before, b"three").await;
+    assert_eq!(recv_data(&mut before).await, b"three");
+    assert!(
+        started.elapsed() < delay,
+        "the checks took the whole delay: {:?}",
+        started.elapsed()
+    );
+
+    for ws in [&mut before, &mut during] {
+        assert_eq!(read_close(ws).await, (1001, "server shutting down".to_owned()));
+        // Our close frame answers the bridge's: the drain need not wait for the close deadline.
+        let _ = ws.flush().await;
+    }
+    assert_window("the sessions' 1001", started.elapsed(), delay);
+    within("drain() to return", drain).await.unwrap();
+    // The listener is closed now.
+    let refused = TcpStream::connect(bridge.addr).await;
+    assert!(refused.is_err(), "the listener still accepts after the drain delay");
+    assert!(within("drain", bridge.handle).await.unwrap().clean);
+}
+
+/// What ends the delay early (a second SIGTERM, in the binary) closes at once.
+#[tokio::test]
+async fn a_drain_delay_cut_short_closes_at_once() {
+    let (backend, _) = echo_backend().await;
+    let mut config = config_with(Matcher::Path("/echo".into()), tcp(backend));
+    config.timeouts.drain_delay = Some(std::time::Duration::from_secs(3600));
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
+    let drain = tokio::spawn({
+        let bridge = bridge.bridge.clone();
+        async move {
+            bridge
+                .drain(async {
+                    let _ = hurried.await;
+                })
+                .await
+        }
+    });
+    within("/readyz to say 503", async {
+        while admin(admin_addr, "GET", "/readyz", None).await.0 != 503 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    send_bin(&mut ws, b"still").await;
+    assert_eq!(recv_data(&mut ws).await, b"still");
+    hurry.send(()).unwrap();
+    assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
+    let _ = ws.flush().await;
+    within("drain() to return", drain).await.unwrap();
     assert!(within("drain", bridge.handle).await.unwrap().clean);
 }
 
