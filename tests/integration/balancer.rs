@@ -25,9 +25,10 @@ use crate::common::*;
 const DRAIN_DELAY: Duration = Duration::from_secs(3);
 
 /// Where both instances look tokens up: one store, written once by the test as a web application
-/// would, read by both. A websockify token file both instances read today; a shared Redis (the
-/// `[[token_source]]` of kind redis, once it lands) takes the same place: a variant here with its
-/// `section`, `put` and `delete`, and the test below stays as it is.
+/// would, read by both. A websockify token file both instances read today; a shared
+/// redis-server (a `[[tokens]]` table with `[tokens.redis]`, once the Redis source lands) takes
+/// the same place: a variant here with its `section` (`url`, `key_prefix`, `allow_targets`
+/// admitting the echo backend), `put` (`SET`) and `delete` (`DEL`), and the test stays as it is.
 enum Tokens {
     /// A token file (websockify's `TOKEN: HOST:PORT` lines), rewritten whole on each change.
     File {
@@ -54,7 +55,7 @@ impl Tokens {
     }
 
     /// Makes `token` route to `target` on every instance.
-    fn put(&self, token: &str, target: SocketAddr) {
+    async fn put(&self, token: &str, target: SocketAddr) {
         match self {
             Tokens::File { lines, .. } => {
                 lines.lock().unwrap().push(format!("{token}: {target}"));
@@ -64,7 +65,7 @@ impl Tokens {
     }
 
     /// Removes `token` from the store: new sessions with it are refused everywhere.
-    fn delete(&self, token: &str) {
+    async fn delete(&self, token: &str) {
         match self {
             Tokens::File { lines, .. } => {
                 lines.lock().unwrap().retain(|l| !l.starts_with(&format!("{token}:")));
@@ -230,7 +231,7 @@ async fn behind_haproxy_a_drained_instance_hands_new_sessions_to_the_other_and_e
     let dir = tempfile::tempdir().unwrap();
     let (echo, _) = echo_backend().await;
     let tokens = Tokens::file(dir.path());
-    tokens.put("desk-7", echo);
+    tokens.put("desk-7", echo).await;
     let mut one = Instance::start(dir.path(), "one", &tokens).await;
     let two = Instance::start(dir.path(), "two", &tokens).await;
     let balancer = HaProxy::start(&haproxy, dir.path(), &haproxy_config(dir.path(), [&one, &two]));
@@ -254,7 +255,7 @@ async fn behind_haproxy_a_drained_instance_hands_new_sessions_to_the_other_and_e
 
     // A token put in the store routes on every instance; deleted, it is refused on every one.
     // Asked of each instance directly (as HAProxy would), so that both answer.
-    tokens.put("desk-8", echo);
+    tokens.put("desk-8", echo).await;
     for instance in [&one, &two] {
         within("the new token to route", async {
             while instance.upgrade_status("/?token=desk-8").await != 101 {
@@ -263,7 +264,7 @@ async fn behind_haproxy_a_drained_instance_hands_new_sessions_to_the_other_and_e
         })
         .await;
     }
-    tokens.delete("desk-8");
+    tokens.delete("desk-8").await;
     for instance in [&one, &two] {
         within("the deleted token to be refused", async {
             while instance.upgrade_status("/?token=desk-8").await == 101 {
