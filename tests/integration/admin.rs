@@ -485,6 +485,31 @@ async fn after_sigterm_the_binarys_readyz_says_503_while_a_session_drains() {
     assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
 }
 
+/// The binary's `--drain-delay`: after SIGTERM `/readyz` says 503 and sessions still open; a
+/// second SIGTERM cuts the (hour-long) delay short and the sessions get their 1001.
+#[tokio::test]
+async fn the_binarys_drain_delay_serves_on_after_sigterm_and_a_second_sigterm_ends_it() {
+    use crate::common::binary::Binary;
+    let (backend, _) = echo_backend().await;
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0", "--drain-delay", "1h"]).await;
+    let addr = b.admin_addr().await;
+    let (mut before, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    b.signal("TERM").await;
+    b.line("draining").await;
+    assert_eq!(admin(addr, "GET", "/readyz", None).await, (503, "draining\n".to_owned()));
+    let (mut during, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    send_bin(&mut during, b"taken").await;
+    assert_eq!(recv_data(&mut during).await, b"taken");
+
+    b.signal("TERM").await;
+    b.line("drain delay cut short").await;
+    for ws in [&mut before, &mut during] {
+        assert_eq!(read_close(ws).await, (1001, "server shutting down".to_owned()));
+        let _ = ws.flush().await;
+    }
+    assert_eq!(b.exit_code().await, 0);
+}
+
 #[tokio::test]
 async fn refusals_past_the_connection_cap_are_counted() {
     let (backend, _) = echo_backend().await;
