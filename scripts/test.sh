@@ -7,7 +7,9 @@
 # Installs (only when missing, so a second run installs nothing):
 #   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), openssl (the wss://
 #     browser test makes its self-signed certificate with it), socat and haproxy (the real load
-#     balancer in front, for the PROXY protocol tests), with apt-get as root or through sudo;
+#     balancer in front, for the PROXY protocol and several-instance tests), and nginx (only
+#     `nginx -t` on examples/nginx.conf: about 2 MB; WSBRIDGE_SKIP_NGINX=1 leaves it out, and the
+#     check then says it is skipped), with apt-get as root or through sudo;
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
 #     downloaded: the browser test drives Debian's Chromium;
@@ -22,6 +24,7 @@
 #
 # Needs: cargo with rustfmt and clippy, Node.js >= 20 with npm.
 # WSBRIDGE_SKIP_BROWSER=1 skips the browser test (and installing what only it needs).
+# WSBRIDGE_SKIP_NGINX=1 does not install nginx (its example's check then says it is skipped).
 # WSBRIDGE_SKIP_WINDOWS=1 skips the Windows cross-build and its checks (the Wine tests then say
 # they are skipped, unless a build and Wine are already there).
 set -euo pipefail
@@ -60,8 +63,14 @@ fi
 # openssl: the TLS tests write PKCS#1 and SEC1 keys with it, and the browser test its certificate.
 command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
-# haproxy: the access-policy tests put the real HAProxy in front (PROXY protocol v2).
+# haproxy: the access-policy and balancer tests put the real HAProxy in front (PROXY protocol v2,
+# health checks on /readyz, drain).
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
+# nginx: `nginx -t` on examples/nginx.conf. Debian's package starts the service where a system
+# lets packages start services (it then listens on port 80): WSBRIDGE_SKIP_NGINX=1 to go without.
+if [[ ${WSBRIDGE_SKIP_NGINX:-} != 1 ]]; then
+    [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null || missing+=(nginx)
+fi
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
     scripts/apt-install.sh "${missing[@]}"

@@ -173,6 +173,11 @@ pub struct RunArgs {
     /// Deadline from accept to a finished WebSocket upgrade, e.g. 10s (more than zero).
     #[arg(long, value_name = "DURATION")]
     pub handshake_timeout: Option<String>,
+    /// On SIGTERM, keep accepting for this long after /readyz turned 503 (e.g. 10s), so that a
+    /// load balancer sees the 503 and moves new sessions elsewhere first; then close the
+    /// listeners and end sessions with 1001. Default: off (close at once).
+    #[arg(long, value_name = "DURATION")]
+    pub drain_delay: Option<String>,
     /// How backend bytes reach the client: binary (default), text or lines.
     #[arg(long, value_enum, value_name = "MODE")]
     pub framing: Option<FramingArg>,
@@ -480,6 +485,7 @@ impl RunArgs {
             idle_timeout,
             connect_timeout,
             handshake_timeout,
+            drain_delay,
             framing,
             max_message_size,
             max_connections,
@@ -520,6 +526,7 @@ impl RunArgs {
             idle_timeout.is_some(),
             connect_timeout.is_some(),
             handshake_timeout.is_some(),
+            drain_delay.is_some(),
             framing.is_some(),
             max_message_size.is_some(),
             max_connections.is_some(),
@@ -591,7 +598,7 @@ impl RunArgs {
     }
 
     /// --heartbeat, --idle-timeout (websockify's seconds) and --connect-timeout,
-    /// --handshake-timeout (durations as the TOML file writes them).
+    /// --handshake-timeout, --drain-delay (durations as the TOML file writes them).
     fn apply_timeouts(&self, timeouts: &mut Timeouts) -> Result<(), ConfigError> {
         if let Some(h) = self.heartbeat {
             match seconds_or_off("--heartbeat", h)? {
@@ -610,6 +617,12 @@ impl RunArgs {
         }
         if let Some(h) = &self.handshake_timeout {
             timeouts.handshake = positive_duration("--handshake-timeout", h)?;
+        }
+        if let Some(d) = &self.drain_delay {
+            timeouts.drain_delay = match d.trim() {
+                "off" => None,
+                d => Some(parse_duration(d).map_err(|e| usage(format!("--drain-delay: {e}")))?).filter(|d| !d.is_zero()),
+            };
         }
         Ok(())
     }
@@ -1073,6 +1086,22 @@ mod tests {
         ])
         .unwrap();
         assert_eq!((c.limits.max_connections, c.timeouts.handshake), (1, Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn drain_delay_is_a_duration_or_off() {
+        let c = config(&["6080", "h:1"]).unwrap();
+        assert_eq!(c.timeouts.drain_delay, None, "off by default");
+        let c = config(&["6080", "h:1", "--drain-delay", "10s"]).unwrap();
+        assert_eq!(c.timeouts.drain_delay, Some(Duration::from_secs(10)));
+        for off in ["0", "off"] {
+            let c = config(&["6080", "h:1", "--drain-delay", off]).unwrap();
+            assert_eq!(c.timeouts.drain_delay, None, "{off}");
+        }
+        let e = config(&["6080", "h:1", "--drain-delay", "soon"]).unwrap_err();
+        assert!(e.contains("--drain-delay: invalid duration"), "{e}");
+        let e = config(&["--config", "w.toml", "--drain-delay", "5s"]).unwrap_err();
+        assert!(e.contains("--config takes everything from the file"), "{e}");
     }
 
     #[test]

@@ -317,6 +317,10 @@ pub struct Timeouts {
     pub close: Duration,
     /// On SIGTERM/SIGINT, how long sessions get to finish.
     pub shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT, how long the bridge keeps accepting after `/readyz` turned 503, before
+    /// it closes its listeners and its sessions: the time a load balancer needs to see the 503
+    /// and send new sessions elsewhere. `None`: close at once (no balancer in front).
+    pub drain_delay: Option<Duration>,
     /// Writing a static file or an error response.
     pub http_write: Duration,
 }
@@ -336,6 +340,8 @@ impl Default for Timeouts {
             pong_timeout: Duration::from_secs(20),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            // Off: without a balancer in front nobody reads /readyz, and a stop should be prompt.
+            drain_delay: None,
             http_write: Duration::from_secs(30),
         }
     }
@@ -607,6 +613,7 @@ impl Timeouts {
             ("pong_timeout", Some(t.pong_timeout)),
             ("close", Some(t.close)),
             ("shutdown_grace", Some(t.shutdown_grace)),
+            ("drain_delay", t.drain_delay),
             ("http_write", Some(t.http_write)),
         ]
         .iter()
@@ -915,6 +922,7 @@ struct RawTimeouts {
     pong_timeout: Option<Dur>,
     close: Option<Dur>,
     shutdown_grace: Option<Dur>,
+    drain_delay: Option<OptDur>,
     http_write: Option<Dur>,
 }
 
@@ -985,6 +993,7 @@ impl RawTimeouts {
             pong_timeout: t.pong_timeout.map_or(d.pong_timeout, |v| v.0),
             close: t.close.map_or(d.close, |v| v.0),
             shutdown_grace: t.shutdown_grace.map_or(d.shutdown_grace, |v| v.0),
+            drain_delay: t.drain_delay.map_or(d.drain_delay, |v| v.0),
             http_write: t.http_write.map_or(d.http_write, |v| v.0),
         }
     }
@@ -1603,7 +1612,7 @@ mod tests {
     #[test]
     fn describe_uses_the_configurations_words() {
         let c = parse(
-            "[[listen]]\naddr = \"127.0.0.1:1\"\n[timeouts]\nping_interval = 20\nidle = \"off\"\nconnect = \"500ms\"\n[limits]\nmax_message_size = \"64KiB\"\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nframing = \"lines\"\nclient_cn = [\"alice\"]\n",
+            "[[listen]]\naddr = \"127.0.0.1:1\"\n[timeouts]\nping_interval = 20\nidle = \"off\"\nconnect = \"500ms\"\ndrain_delay = \"10s\"\n[limits]\nmax_message_size = \"64KiB\"\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nframing = \"lines\"\nclient_cn = [\"alice\"]\n",
         )
         .unwrap();
         let text = c.describe();
@@ -1612,6 +1621,7 @@ mod tests {
             "ping_interval = \"20s\"",
             "idle = \"off\"",
             "connect = \"500ms\"",
+            "drain_delay = \"10s\"",
             "max_message_size = \"64KiB\"",
         ] {
             assert!(text.contains(words), "{words:?} not in {text}");

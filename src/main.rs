@@ -190,7 +190,6 @@ async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usiz
 /// stays. `threads` is the number of runtime threads, for the open-file fit.
 fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
     let mut signals = wsbridge::signals::Signals::new()?;
-    let token = bridge.shutdown_token();
     let bridge = bridge.clone();
     tokio::spawn(async move {
         loop {
@@ -203,8 +202,11 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, thre
                 }
             }
         }
-        tracing::info!("shutting down: no new connections; closing sessions");
-        token.cancel();
+        // /readyz turns 503 now; with a drain delay the listeners accept on until a balancer has
+        // seen it. A second SIGTERM/SIGINT (an impatient operator, a supervisor's stop timeout)
+        // skips the rest of the delay; reloads during the drain are pointless and ignored.
+        let hurry = async move { while signals.recv().await != Signal::Shutdown {} };
+        bridge.drain(hurry).await;
     });
     Ok(())
 }

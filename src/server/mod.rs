@@ -12,6 +12,9 @@
 //!
 //! Shutdown: cancelling the token stops the accept loops; sessions close with 1001 after flushing;
 //! [`Bridge::serve`] returns when every task is done or `timeouts.shutdown_grace` has passed.
+//! Behind a load balancer, [`Bridge::drain`] comes first: readiness turns false at once while the
+//! listeners keep accepting for `timeouts.drain_delay`, so the balancer sees the 503 on `/readyz`
+//! and moves new sessions elsewhere before this bridge stops taking them.
 //!
 //! [`start`] starts a server as the binary does: open-file limit, runtime threads, binding.
 
@@ -98,6 +101,9 @@ struct Inner {
     metrics: Arc<crate::metrics::Metrics>,
     /// Every listener's accept loop runs: half of readiness (the other half: not draining).
     serving: std::sync::atomic::AtomicBool,
+    /// A drain has started ([`Bridge::drain`]): not ready, though still accepting until the
+    /// shutdown token is cancelled.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Failed authentications an address may make at once, and how fast they are forgiven: ten,
@@ -148,6 +154,7 @@ impl Bridge {
                 failures: PerAddress::new(AUTH_FAILURES, 4096),
                 metrics: Arc::default(),
                 serving: Default::default(),
+                draining: Default::default(),
             }),
             shutdown,
         })
@@ -173,9 +180,39 @@ impl Bridge {
     }
 
     /// Ready for new sessions: listeners accepting and no drain started. Turns false the moment
-    /// the shutdown token is cancelled, before any session is closed.
+    /// a drain starts ([`Bridge::drain`]) or the shutdown token is cancelled, before any session
+    /// is closed.
     pub fn is_ready(&self) -> bool {
-        self.inner.serving.load(std::sync::atomic::Ordering::Acquire) && !self.inner.shutdown.is_cancelled()
+        self.inner.serving.load(std::sync::atomic::Ordering::Acquire) && !self.is_draining()
+    }
+
+    /// A drain has started: [`Bridge::drain`] was called or the shutdown token is cancelled.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(std::sync::atomic::Ordering::Acquire) || self.inner.shutdown.is_cancelled()
+    }
+
+    /// Shuts down the way a load balancer needs: readiness turns false at once (`/readyz`
+    /// answers 503), the listeners keep accepting and sessions keep running for
+    /// `timeouts.drain_delay` (sessions the balancer still sends before its health check sees the
+    /// 503 are served, not refused), then the shutdown token is cancelled: listeners close and
+    /// sessions end with 1001 after what is in flight. `hurry` cuts the delay short (a second
+    /// SIGTERM). Without a delay the token is cancelled at once. Returns when it is cancelled;
+    /// [`Bridge::serve`] then drains under `timeouts.shutdown_grace`.
+    pub async fn drain(&self, hurry: impl std::future::Future<Output = ()>) {
+        self.inner.draining.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(delay) = self.live().timeouts.drain_delay {
+            info!(
+                ?delay,
+                "draining: /readyz answers 503; still accepting for the drain delay, then closing sessions"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = hurry => info!("drain delay cut short"),
+                _ = self.inner.shutdown.cancelled() => {}
+            }
+        }
+        info!("shutting down: no new connections; closing sessions");
+        self.inner.shutdown.cancel();
     }
 
     /// The TLS listeners being served (for certificate expiry).

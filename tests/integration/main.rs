@@ -10,6 +10,7 @@ mod common;
 mod abuse;
 mod admin;
 mod agent;
+mod balancer;
 mod binary;
 mod cli;
 mod defaults;
