@@ -381,3 +381,30 @@ async fn bad_recording_settings_are_configuration_errors() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--record") && err.contains("is not a directory"), "{err}");
 }
+
+/// A file that cannot be created (its directory went away after the configuration was checked)
+/// is one warning, and the session runs unrecorded, every byte delivered.
+#[tokio::test]
+async fn a_file_that_cannot_be_created_leaves_the_session_unrecorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, _) = echo_backend().await;
+    let rec = dir.path().join("rec");
+    std::fs::create_dir(&rec).unwrap();
+    let prefix = rec.join("vnc");
+    let mut bridge = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--record", prefix.to_str().unwrap()]).await;
+    std::fs::remove_dir(&rec).unwrap();
+    let (mut ws, _) = ws_connect(&format!("ws://{}/", bridge.addr), None).await;
+    let data = pattern(100_000, 3);
+    send_bin(&mut ws, &data).await;
+    let mut echoed = Vec::new();
+    while echoed.len() < data.len() {
+        echoed.extend(recv_data(&mut ws).await);
+    }
+    assert!(echoed == data);
+    let line = bridge.line("session not recorded").await;
+    assert!(line.contains("cannot create the file") && line.contains("vnc.1"), "{line}");
+    ws.send(Message::Close(None)).await.unwrap();
+    let _ = read_until_close(&mut ws).await;
+    bridge.line("session closed").await;
+    assert!(!rec.exists());
+}
