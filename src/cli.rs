@@ -184,6 +184,15 @@ pub struct RunArgs {
     /// Largest client message accepted (close 1009 above it), e.g. 1MiB; default: no limit ("off").
     #[arg(long, value_name = "SIZE")]
     pub max_message_size: Option<String>,
+    /// Record every session to FILE.N (N: the session number its log line shows), in websockify's
+    /// format, which noVNC's playback page reads. Recordings hold what users type, passwords
+    /// too: files are created mode 0600 and never overwritten. Off by default.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Largest recording file, e.g. 16MiB, or off (default: 64MiB); a recording that reaches it
+    /// is cut, still a valid file, and the session goes on.
+    #[arg(long, value_name = "SIZE", requires = "record")]
+    pub record_max_size: Option<String>,
     /// Most concurrent connections (at least 1); more get HTTP 503.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -279,8 +288,6 @@ pub enum LogFormatArg {
 /// websockify options that are parsed so that they can be refused clearly.
 #[derive(Debug, Args, Default)]
 pub struct Refused {
-    #[arg(long, hide = true, value_name = "FILE")]
-    record: Option<String>,
     #[arg(long, short = 'D', hide = true)]
     daemon: bool,
     #[arg(long, hide = true)]
@@ -322,11 +329,6 @@ impl Refused {
     /// The first refused option given, with what to use instead.
     fn check(&self) -> Result<(), String> {
         let found: &[(bool, &str, &str)] = &[
-            (
-                self.record.is_some(),
-                "--record",
-                "record traffic with tcpdump or tshark on the backend port",
-            ),
             (
                 self.daemon,
                 "--daemon",
@@ -488,6 +490,8 @@ impl RunArgs {
             drain_delay,
             framing,
             max_message_size,
+            record,
+            record_max_size,
             max_connections,
             cert,
             key,
@@ -529,6 +533,8 @@ impl RunArgs {
             drain_delay.is_some(),
             framing.is_some(),
             max_message_size.is_some(),
+            record.is_some(),
+            record_max_size.is_some(),
             max_connections.is_some(),
             cert.is_some(),
             key.is_some(),
@@ -638,6 +644,16 @@ impl RunArgs {
         }
         options.backend_tls = self.backend_tls_settings().map_err(usage)?;
         options.client_cn = self.client_cn(listener)?;
+        if let Some(prefix) = &self.record {
+            let max_size = match &self.record_max_size {
+                Some(m) => Some(crate::config::parse_message_size(m).map_err(|e| usage(format!("--record-max-size: {e}")))?),
+                None => None,
+            };
+            options.record = Some(
+                crate::config::record_settings(prefix.clone(), max_size)
+                    .map_err(|(field, e)| usage(format!("--{}: {e}", field.replace('_', "-"))))?,
+            );
+        }
         let mut origins = self
             .origin
             .iter()
@@ -939,8 +955,8 @@ mod tests {
 
     #[test]
     fn refused_options_say_what_instead() {
-        let e = config(&["6080", "h:1", "--record", "x"]).unwrap_err();
-        assert!(e.contains("--record is not supported") && e.contains("tcpdump"), "{e}");
+        let e = config(&["6080", "h:1", "--daemon"]).unwrap_err();
+        assert!(e.contains("--daemon is not supported") && e.contains("systemd"), "{e}");
         let e = config(&["6080", "--token-plugin", "TokenRedis", "--token-source", "x"]).unwrap_err();
         assert!(e.contains("TokenRedis is not supported"), "{e}");
     }

@@ -159,6 +159,8 @@ pub struct RouteOptions {
     pub backend_tls: Option<BackendTlsSettings>,
     /// Who may open a session: origins, networks, authentication, caps per client address.
     pub policy: RoutePolicy,
+    /// Record sessions to files (websockify's `--record`); `None` (the default): not recorded.
+    pub record: Option<crate::record::RecordConfig>,
 }
 
 /// How backend bytes are framed towards the client.
@@ -416,6 +418,7 @@ impl Config {
             client_cn: None,
             backend_tls: None,
             policy: RoutePolicy::default(),
+            record: None,
         }
     }
 
@@ -656,6 +659,11 @@ impl RouteOptions {
         if let Some(names) = &self.client_cn {
             let _ = write!(out, ", client_cn = {}", toml_strs(names));
         }
+        if let Some(r) = &self.record {
+            let prefix = r.prefix.display().to_string();
+            let max = r.max_size.and_then(|n| usize::try_from(n).ok());
+            let _ = write!(out, ", record = {}, record_max_size = \"{}\"", toml_str(&prefix), format_limit(max));
+        }
         let policy = self.policy.describe();
         if !policy.is_empty() {
             let _ = write!(out, ", {policy}");
@@ -861,6 +869,7 @@ struct RawRouteOptions {
     client_cn: Option<Vec<String>>,
     backend_tls: Option<BackendTlsSettings>,
     policy: RoutePolicy,
+    record: Option<crate::record::RecordConfig>,
 }
 
 #[derive(Deserialize)]
@@ -884,6 +893,8 @@ struct RawRoute {
     new_sessions_burst: Option<u32>,
     auth: Option<policy::RawAuth>,
     proxy_protocol: Option<crate::proxy::Version>,
+    record: Option<PathBuf>,
+    record_max_size: Option<Size>,
 }
 
 #[derive(Deserialize)]
@@ -909,6 +920,8 @@ struct RawTokens {
     new_sessions_burst: Option<u32>,
     auth: Option<policy::RawAuth>,
     proxy_protocol: Option<crate::proxy::Version>,
+    record: Option<PathBuf>,
+    record_max_size: Option<Size>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1076,6 +1089,8 @@ macro_rules! route_options {
         }
         .resolve(&|p| $ctx.resolve(p))
         .or_else(|(field, message)| $ctx.invalid($span.clone(), format!(concat!($table, "[{}].{}"), $i, field), message))?;
+        let record = record_config($t.record, $t.record_max_size, $ctx)
+            .or_else(|(field, message)| $ctx.invalid($span.clone(), format!(concat!($table, "[{}].{}"), $i, field), message))?;
         RawRouteOptions {
             framing: $t.framing,
             subprotocols: $t.subprotocols,
@@ -1084,6 +1099,7 @@ macro_rules! route_options {
             client_cn: $t.client_cn,
             backend_tls: $t.backend_tls.map(|b| b.resolve($ctx)),
             policy,
+            record,
         }
         .apply($defaults)
     }};
@@ -1260,8 +1276,48 @@ impl RawRouteOptions {
             client_cn: self.client_cn.or_else(|| defaults.client_cn.clone()),
             backend_tls: self.backend_tls.or_else(|| defaults.backend_tls.clone()),
             policy: self.policy,
+            record: self.record.or_else(|| defaults.record.clone()),
         }
     }
+}
+
+/// A route's `record` and `record_max_size`: the prefix resolved against the file's directory,
+/// in a directory that exists (a typo is found now, not as a warning per session).
+fn record_config(
+    prefix: Option<PathBuf>,
+    max_size: Option<Size>,
+    ctx: &Ctx<'_>,
+) -> Result<Option<crate::record::RecordConfig>, (&'static str, String)> {
+    let Some(prefix) = prefix else {
+        return match max_size {
+            Some(_) => Err(("record_max_size", "needs `record` (the file name prefix)".into())),
+            None => Ok(None),
+        };
+    };
+    record_settings(ctx.resolve(&prefix), max_size.map(|s| s.0)).map(Some)
+}
+
+/// Checks a recording's file name prefix and size cap (`None`: the default cap, `Some(None)`:
+/// none): files go to `PREFIX.N` in a directory that exists.
+///
+/// # Errors
+/// The field (`record`) and what is wrong with it.
+pub fn record_settings(prefix: PathBuf, max_size: Option<Option<usize>>) -> Result<crate::record::RecordConfig, (&'static str, String)> {
+    if prefix.file_name().is_none() {
+        return Err((
+            "record",
+            format!("{} is not a file name prefix (files are PREFIX.N)", prefix.display()),
+        ));
+    }
+    let dir = prefix.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(("record", format!("{} is not a directory", dir.display())));
+    }
+    let max_size = match max_size {
+        None => Some(crate::record::DEFAULT_MAX_SIZE),
+        Some(n) => n.map(|n| n as u64),
+    };
+    Ok(crate::record::RecordConfig { prefix, max_size })
 }
 
 impl<'de> Deserialize<'de> for Target {

@@ -564,6 +564,7 @@ impl Bridge {
             framing: route.options.framing,
             max_message_size: route.options.max_message_size,
             timeouts: t,
+            record: route.options.record.as_ref(),
         };
         let proxy_header = match (route.options.policy.proxy_protocol, peer.local) {
             (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),

@@ -19,6 +19,7 @@ mod headers;
 mod lifecycle;
 mod policy;
 mod process;
+mod record;
 mod relay;
 mod routing;
 mod tls;
