@@ -6,8 +6,9 @@
 #
 # Installs (only when missing, so a second run installs nothing):
 #   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), openssl (the wss://
-#     browser test makes its self-signed certificate with it), socat and haproxy (the real load
-#     balancer in front, for the PROXY protocol tests), with apt-get as root or through sudo;
+#     browser test makes its self-signed certificate with it), socat, haproxy (the real load
+#     balancer in front, for the PROXY protocol tests) and redis-server (the real Redis the
+#     Redis token tests start on loopback ports of their own), with apt-get as root or through sudo;
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
 #     downloaded: the browser test drives Debian's Chromium;
@@ -62,6 +63,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
 # haproxy: the access-policy tests put the real HAProxy in front (PROXY protocol v2).
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
+# redis-server: the Redis token tests start their own (tests/common/redis.rs), TLS included.
+[[ -x /usr/bin/redis-server ]] || command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
     scripts/apt-install.sh "${missing[@]}"

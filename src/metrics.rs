@@ -126,6 +126,8 @@ pub enum Refusal {
     TlsOnly,
     /// An HTTP answer with an error status, classified by the status.
     Http(u16),
+    /// A token source that had to be asked could not answer (Redis down or slow): 503.
+    TokenSource,
 }
 
 impl Refusal {
@@ -133,6 +135,7 @@ impl Refusal {
         match self {
             Refusal::ConnectionLimit => (503, "connection_limit"),
             Refusal::TlsOnly => (400, "tls_only"),
+            Refusal::TokenSource => (503, "token_source_unavailable"),
             Refusal::Http(status) => (
                 status,
                 match status {

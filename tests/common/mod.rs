@@ -211,6 +211,7 @@ pub fn add_token_source(config: &mut Config, path: std::path::PathBuf, lookup: w
     config.token_sources.push(wsbridge::config::TokenSourceConfig {
         path,
         jwt: None,
+        redis: None,
         lookup,
         options,
     });
