@@ -605,4 +605,27 @@ mod tests {
         assert!(new.lookup(&by_host).await.unwrap().try_enter().is_some());
         let _ = std::fs::remove_file(&file);
     }
+
+    #[test]
+    fn a_redis_source_keeps_its_client_across_a_rebuild_while_its_settings_stay() {
+        let mut config = Config::new("test");
+        let options = config.default_route_options();
+        let mut settings = crate::config::redis::parse_websockify_source("127.0.0.1:1").unwrap();
+        settings.allow_targets = None;
+        config.token_sources.push(crate::config::TokenSourceConfig {
+            path: settings.name().into(),
+            jwt: None,
+            redis: Some(settings),
+            lookup: TokenLookup::Query,
+            options,
+        });
+        let old = RouteTable::from_config(&config, None).unwrap();
+        assert!(old.takes_query_tokens());
+        let same = RouteTable::from_config(&config, Some(&old)).unwrap();
+        assert!(Arc::ptr_eq(&old.redis_sources[0].0.tokens, &same.redis_sources[0].0.tokens));
+        // Another key prefix is another source: a client of its own.
+        config.token_sources[0].redis.as_mut().unwrap().key_prefix = "ns:".into();
+        let other = RouteTable::from_config(&config, Some(&same)).unwrap();
+        assert!(!Arc::ptr_eq(&same.redis_sources[0].0.tokens, &other.redis_sources[0].0.tokens));
+    }
 }

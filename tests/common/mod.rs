@@ -11,6 +11,7 @@
 
 pub mod binary;
 pub mod pki;
+pub mod redis;
 
 use std::future::Future;
 use std::net::SocketAddr;

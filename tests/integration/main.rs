@@ -18,6 +18,7 @@ mod headers;
 mod lifecycle;
 mod policy;
 mod process;
+mod redis;
 mod relay;
 mod routing;
 mod tls;
