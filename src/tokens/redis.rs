@@ -235,7 +235,7 @@ impl RedisTokens {
                 Ok(Err(e)) => {
                     let broken = e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
                     if broken {
-                        self.discard(number).await;
+                        self.discard(number, deadline).await;
                     }
                     if !(broken && attempt == 0) {
                         return Err(format!("Redis answered GET with an error: {e}"));
@@ -244,7 +244,7 @@ impl RedisTokens {
                 }
                 Err(_) => {
                     // Hung, or slow: the next lookup starts on a new connection.
-                    self.discard(number).await;
+                    self.discard(number, deadline).await;
                     return Err(late());
                 }
             }
@@ -268,13 +268,15 @@ impl RedisTokens {
         Ok((n, c))
     }
 
-    /// Drops connection `number` as the one in use (unless another lookup replaced it already).
-    async fn discard(&self, number: u64) {
-        // Not bounded by the lookup's deadline: the lock is held only to clone, swap or connect,
-        // and a connect is bounded by the connection timeout.
-        let mut current = self.connection.lock().await;
-        if current.0 == number {
-            current.1 = None;
+    /// Drops connection `number` as the one in use (unless another lookup replaced it already),
+    /// waiting for the lock until `deadline` at most (once past it, one try: the lookup is
+    /// answered in time, and a broken connection left in place is found and dropped by the next).
+    async fn discard(&self, number: u64, deadline: Instant) {
+        let lock = tokio::time::timeout_at(deadline, self.connection.lock()).await;
+        if let Ok(mut current) = lock {
+            if current.0 == number {
+                current.1 = None;
+            }
         }
     }
 }
