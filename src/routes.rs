@@ -314,13 +314,17 @@ impl RouteTable {
             if let Some(r) = self.tokens.get(&token) {
                 return Ok(r.clone());
             }
-            if let Some(r) = self.lookup_sources(TokenLookup::Query, &token).await? {
-                return Ok(r);
-            }
+            // A Redis that cannot answer does not keep a JWT from being checked.
+            let unavailable = match self.lookup_sources(TokenLookup::Query, &token).await {
+                Ok(Some(r)) => return Ok(r),
+                Ok(None) => None,
+                Err(e @ Miss::Unavailable(_)) => Some(e),
+                Err(e) => return Err(e),
+            };
             if let Some(r) = self.lookup_jwt(&token)? {
                 return Ok(r);
             }
-            return Err(Miss::Token(redact(&token)));
+            return Err(unavailable.unwrap_or_else(|| Miss::Token(redact(&token))));
         }
         if let Some(host) = host_of(request) {
             if let Some(r) = self.lookup_sources(TokenLookup::Host, &host).await? {

@@ -424,3 +424,31 @@ async fn cached_answers_last_their_ttl_and_absent_ones_are_never_cached() {
     assert_eq!(status_for(&bridge, "desk").await, 404, "expired");
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_jwt_source_beside_a_redis_that_is_down_still_routes_its_tokens() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let test = "a_jwt_source_beside_a_redis_that_is_down_still_routes_its_tokens";
+    let Some(mut redis) = redis_or_skip(test, &[]).await else {
+        return;
+    };
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "a-shared-secret-of-at-least-32-bytes!";
+    std::fs::write(dir.path().join("jwt.key"), secret).unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{0}\"]\nredis = {{ url = \"{1}\" }}\n\n\
+         [[tokens]]\njwt = {{ secret_file = \"jwt.key\", require_exp = false }}\nallow_targets = [\"{0}\"]\n",
+        only(echo),
+        redis.url(0)
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    redis.kill().await;
+    let key = EncodingKey::from_secret(secret.as_bytes()).unwrap();
+    let claims = serde_json::json!({"host": echo.ip().to_string(), "port": echo.port()});
+    let jwt = encode(&Header::default(), &claims, &key).unwrap();
+    echoes(&bridge, &jwt).await;
+    // Any other token may be in Redis: 503, not 404.
+    assert_eq!(status_for(&bridge, "desk").await, 503);
+    bridge.stop().await;
+}
