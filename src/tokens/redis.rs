@@ -181,24 +181,21 @@ impl RedisTokens {
             }
             Fetched::Value(v) => v,
         };
-        let target = match parse_value(&value) {
+        let (host, port) = match parse_value(&value) {
             Ok(t) => t,
             Err(why) => {
                 tracing::warn!(source = %self.name, token = %redact(token), "token value in Redis is not usable, token refused: {why}");
                 return Ok(Answer::Absent);
             }
         };
-        let Target::Tcp { host, port } = &target else {
-            unreachable!("parse_value makes TCP targets only")
-        };
-        if let Some(rules) = &self.settings.allow_targets {
-            if !targets::allowed(rules, host, *port) {
-                return Ok(Answer::Denied(format!(
-                    "token {} from {} names {target}, which is not in allow_targets",
-                    redact(token),
-                    self.name
-                )));
-            }
+        let allowed = (self.settings.allow_targets.as_ref()).is_none_or(|rules| targets::allowed(rules, &host, port));
+        let target = Target::Tcp { host, port };
+        if !allowed {
+            return Ok(Answer::Denied(format!(
+                "token {} from {} names {target}, which is not in allow_targets",
+                redact(token),
+                self.name
+            )));
         }
         if let Some(cache) = &self.cache {
             let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
@@ -291,11 +288,12 @@ enum Fetched {
 
 /// Reads a value as websockify writes it: `host:port`, or JSON `{"host": "host:port"}`, with
 /// surrounding whitespace; also `[v6]:port` and `{"host": "h", "port": 5900}` (or `"5900"`).
-/// Other JSON fields are ignored. Only TCP targets: a unix socket never comes from Redis.
+/// Other JSON fields are ignored. Only TCP targets, as host and port: a unix socket never comes
+/// from Redis.
 ///
 /// # Errors
 /// What is wrong, without repeating the value.
-pub fn parse_value(value: &[u8]) -> Result<Target, String> {
+pub fn parse_value(value: &[u8]) -> Result<(String, u16), String> {
     if value.len() > MAX_VALUE_LEN {
         return Err(format!("{} bytes, more than the {MAX_VALUE_LEN} a target needs", value.len()));
     }
@@ -324,7 +322,7 @@ pub fn parse_value(value: &[u8]) -> Result<Target, String> {
     };
     check_host(&host)?;
     let port = port.parse::<u16>().ok().filter(|p| *p != 0).ok_or("the port is not 1-65535")?;
-    Ok(Target::Tcp { host, port })
+    Ok((host, port))
 }
 
 fn split(s: &str) -> Result<(String, String), String> {
@@ -394,7 +392,10 @@ mod tests {
 
     #[test]
     fn values_as_websockify_writes_them() {
-        let ok = |v: &str| parse_value(v.as_bytes()).unwrap();
+        let ok = |v: &str| {
+            let (host, port) = parse_value(v.as_bytes()).unwrap();
+            Target::Tcp { host, port }
+        };
         // websockify's test cases (TokenRedisTestCase), with real ports.
         assert_eq!(ok("{\"host\": \"remote_host:5900\"}"), tcp("remote_host", 5900));
         assert_eq!(ok(" {\"host\": \"remote_host:5900\"} "), tcp("remote_host", 5900));
