@@ -6,8 +6,9 @@
 #
 # Installs (only when missing, so a second run installs nothing):
 #   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), openssl (the wss://
-#     browser test makes its self-signed certificate with it), socat and haproxy (the real load
-#     balancer in front, for the PROXY protocol and several-instance tests), and nginx (only
+#     browser test makes its self-signed certificate with it), socat, haproxy (the real load
+#     balancer in front, for the PROXY protocol and several-instance tests), redis-server (the
+#     real Redis the Redis token tests start on loopback ports of their own), and nginx (only
 #     `nginx -t` on examples/nginx.conf: about 2 MB; WSBRIDGE_SKIP_NGINX=1 leaves it out, and the
 #     check then says it is skipped), with apt-get as root or through sudo;
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
@@ -76,6 +77,8 @@ command -v socat >/dev/null || missing+=(socat)
 # haproxy: the access-policy and balancer tests put the real HAProxy in front (PROXY protocol v2,
 # health checks on /readyz, drain).
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
+# redis-server: the Redis token tests start their own (tests/common/redis.rs), TLS included.
+[[ -x /usr/bin/redis-server ]] || command -v redis-server >/dev/null || missing+=(redis-server)
 # nginx: `nginx -t` on examples/nginx.conf. Debian's package starts the service where a system
 # lets packages start services (it then listens on port 80): WSBRIDGE_SKIP_NGINX=1 to go without.
 if [[ ${WSBRIDGE_SKIP_NGINX:-} != 1 ]]; then

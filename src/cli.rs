@@ -25,6 +25,8 @@ use crate::policy::OriginRule;
 ///   wsbridge 6080 localhost:5900                      bridge ws://HOST:6080/ to a VNC server
 ///   wsbridge --web /usr/share/novnc 6080 localhost:5900
 ///   wsbridge 6080 --token-plugin TokenFile --token-source /etc/wsbridge/tokens
+///   wsbridge 6080 --token-plugin TokenRedis --token-source redis.internal:6379 \
+///       --token-allow-target 10.0.0.0/8:5900-5999
 ///   wsbridge --config wsbridge.toml                   everything a TOML file can say
 ///   wsbridge check --config wsbridge.toml             validate and print the route table
 ///   wsbridge demo                                     a chat room in the browser, no setup
@@ -135,18 +137,27 @@ pub struct RunArgs {
     #[arg(long)]
     pub file_only: bool,
 
-    /// Token plugin: TokenFile or ReadOnlyTokenFile (websockify names); tokens from --token-source.
+    /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, JWTTokenApi, or
+    /// TokenRedis; tokens from --token-source.
     #[arg(long, value_name = "PLUGIN")]
     pub token_plugin: Option<String>,
     /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with JWTTokenApi, the
-    /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret).
-    #[arg(long, value_name = "FILE|DIR")]
+    /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret); with
+    /// TokenRedis, host[:port[:db[:password[:namespace]]]] (keys NAMESPACE:TOKEN, values
+    /// HOST:PORT or {"host": "HOST:PORT"}; a configuration file keeps the password out of the
+    /// command line).
+    #[arg(long, value_name = "FILE|DIR|REDIS")]
     pub token_source: Option<PathBuf>,
-    /// With --token-plugin JWTTokenApi: a target a JWT's host and port claims may name, as
+    /// With --token-plugin JWTTokenApi or TokenRedis: a target a token may name, as
     /// ADDRESS-RANGE:PORTS or NAME:PORTS (10.0.0.0/8:5900-5999, vnc.internal:5901); repeatable,
     /// and required: nothing else is reachable.
-    #[arg(long, value_name = "RULE")]
-    pub jwt_allow_target: Vec<String>,
+    #[arg(long, visible_alias = "jwt-allow-target", value_name = "RULE")]
+    pub token_allow_target: Vec<String>,
+    /// With --token-plugin TokenRedis: let a value in Redis name any host and port, as websockify
+    /// does (whoever can write to Redis can then reach anything the bridge can); instead of
+    /// --token-allow-target.
+    #[arg(long)]
+    pub token_allow_any_target: bool,
     /// Same as `--token-plugin TokenFile --token-source FILE` (websockify's older option).
     #[arg(long, value_name = "FILE|DIR")]
     pub target_config: Option<PathBuf>,
@@ -479,7 +490,8 @@ impl RunArgs {
             file_only,
             token_plugin,
             token_source,
-            jwt_allow_target,
+            token_allow_target,
+            token_allow_any_target,
             target_config,
             host_token,
             unix_target,
@@ -522,7 +534,8 @@ impl RunArgs {
             *file_only,
             token_plugin.is_some(),
             token_source.is_some(),
-            !jwt_allow_target.is_empty(),
+            !token_allow_target.is_empty(),
+            *token_allow_any_target,
             target_config.is_some(),
             *host_token,
             unix_target.is_some(),
@@ -706,12 +719,19 @@ impl RunArgs {
     fn token_source(&self) -> Result<Option<PathBuf>, ConfigError> {
         Ok(match (self.token_plugin.as_deref(), &self.token_source, &self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
-            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "JWTTokenApi"), Some(s), None) | (None, None, Some(s)) => Some(s.clone()),
+            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "JWTTokenApi" | "TokenRedis"), Some(s), None) | (None, None, Some(s)) => {
+                Some(s.clone())
+            }
             (Some("JWTTokenApi"), None, None) => return Err(usage("--token-plugin JWTTokenApi needs --token-source KEYFILE".into())),
+            (Some("TokenRedis"), None, _) => {
+                return Err(usage(
+                    "--token-plugin TokenRedis needs --token-source host[:port[:db[:password[:namespace]]]]".into(),
+                ))
+            }
             (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
             (Some(other), _, _) => {
                 return Err(usage(format!(
-                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), or JWTTokenApi"
+                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), JWTTokenApi or TokenRedis"
                 )))
             }
             (None, None, None) => None,
@@ -733,10 +753,17 @@ impl RunArgs {
             }));
         }
         let jwt = self.jwt_token_source(token_source.as_deref())?;
+        let redis = self.redis_token_source(token_source.as_deref())?;
         if let Some(path) = token_source {
-            if let Err(e) = std::fs::metadata(&path) {
-                return Err(usage(format!("--token-source {}: {e}", path.display())));
-            }
+            let path = match &redis {
+                Some(r) => PathBuf::from(r.name()),
+                None => {
+                    if let Err(e) = std::fs::metadata(&path) {
+                        return Err(usage(format!("--token-source {}: {e}", path.display())));
+                    }
+                    path
+                }
+            };
             let lookup = if self.host_token { TokenLookup::Host } else { TokenLookup::Query };
             if jwt.is_some() && self.host_token {
                 return Err(usage(
@@ -746,6 +773,7 @@ impl RunArgs {
             config.token_sources.push(TokenSourceConfig {
                 path,
                 jwt,
+                redis,
                 lookup,
                 options,
             });
@@ -778,23 +806,26 @@ impl RunArgs {
     /// websockify, `exp` is checked when present and not required.
     fn jwt_token_source(&self, key: Option<&Path>) -> Result<Option<crate::config::policy::JwtTokenSource>, ConfigError> {
         if self.token_plugin.as_deref() != Some("JWTTokenApi") {
-            if !self.jwt_allow_target.is_empty() {
-                return Err(usage("--jwt-allow-target goes with --token-plugin JWTTokenApi".into()));
+            if !self.token_allow_target.is_empty() && self.token_plugin.as_deref() != Some("TokenRedis") {
+                return Err(usage(
+                    "--token-allow-target (--jwt-allow-target) goes with --token-plugin JWTTokenApi or TokenRedis".into(),
+                ));
             }
             return Ok(None);
         }
+        if self.token_allow_any_target {
+            return Err(usage(
+                "--token-allow-any-target is for TokenRedis; a JWTTokenApi token may name only targets on --jwt-allow-target".into(),
+            ));
+        }
         let Some(key) = key else { return Ok(None) };
-        if self.jwt_allow_target.is_empty() {
+        if self.token_allow_target.is_empty() {
             return Err(usage(
                 "--token-plugin JWTTokenApi needs --jwt-allow-target RULE (e.g. 10.0.0.0/8:5900-5999): a token may name only targets listed there"
                     .into(),
             ));
         }
-        let allow_targets = self
-            .jwt_allow_target
-            .iter()
-            .map(|r| r.parse().map_err(|e| usage(format!("--jwt-allow-target: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
+        let allow_targets = self.allow_targets()?;
         let text = std::fs::read(key).map_err(|e| usage(format!("--token-source {}: {e}", key.display())))?;
         let keys = if text.windows(10).any(|w| w == b"-----BEGIN") {
             crate::policy::jwt::KeySource::Pem(key.to_path_buf())
@@ -812,6 +843,42 @@ impl RunArgs {
             },
             allow_targets,
         }))
+    }
+
+    /// --token-allow-target's rules.
+    fn allow_targets(&self) -> Result<Vec<crate::policy::targets::TargetRule>, ConfigError> {
+        self.token_allow_target
+            .iter()
+            .map(|r| r.parse().map_err(|e| usage(format!("--token-allow-target: {e}"))))
+            .collect()
+    }
+
+    /// websockify's TokenRedis: `source` is `host[:port[:db[:password[:namespace]]]]`, and the
+    /// values may name only targets on --token-allow-target, unless --token-allow-any-target.
+    fn redis_token_source(&self, source: Option<&Path>) -> Result<Option<crate::config::redis::RedisTokenSource>, ConfigError> {
+        if self.token_plugin.as_deref() != Some("TokenRedis") {
+            if self.token_allow_any_target && self.token_plugin.as_deref() != Some("JWTTokenApi") {
+                return Err(usage("--token-allow-any-target goes with --token-plugin TokenRedis".into()));
+            }
+            return Ok(None);
+        }
+        let Some(source) = source else { return Ok(None) };
+        let text = source.to_str().ok_or_else(|| usage("--token-source: not UTF-8".into()))?;
+        let mut redis = crate::config::redis::parse_websockify_source(text).map_err(|e| usage(format!("--token-source {text:?}: {e}")))?;
+        redis.allow_targets = match (self.token_allow_target.is_empty(), self.token_allow_any_target) {
+            (false, false) => Some(self.allow_targets()?),
+            (true, true) => None,
+            (false, true) => return Err(usage("give --token-allow-target or --token-allow-any-target, not both".into())),
+            (true, false) => {
+                return Err(usage(
+                    "--token-plugin TokenRedis needs --token-allow-target RULE (e.g. 10.0.0.0/8:5900-5999), repeatable: a value in \
+                     Redis may name only targets listed there, so that whoever can write to Redis cannot reach anything else; \
+                     --token-allow-any-target lets it name any, as websockify does"
+                        .into(),
+                ))
+            }
+        };
+        Ok(Some(redis))
     }
 
     /// The listener's TLS from --cert/--key/--ssl-only/--ssl-version/--verify-client/--cafile.
@@ -957,8 +1024,73 @@ mod tests {
     fn refused_options_say_what_instead() {
         let e = config(&["6080", "h:1", "--daemon"]).unwrap_err();
         assert!(e.contains("--daemon is not supported") && e.contains("systemd"), "{e}");
-        let e = config(&["6080", "--token-plugin", "TokenRedis", "--token-source", "x"]).unwrap_err();
-        assert!(e.contains("TokenRedis is not supported"), "{e}");
+        let e = config(&["6080", "--token-plugin", "TokenMagic", "--token-source", "x"]).unwrap_err();
+        assert!(e.contains("TokenMagic is not supported") && e.contains("TokenRedis"), "{e}");
+    }
+
+    #[test]
+    fn token_redis_as_websockify_spells_it_with_an_allow_list() {
+        let redis = |extra: &[&str]| {
+            config(
+                &[
+                    &[
+                        "6080",
+                        "--token-plugin",
+                        "TokenRedis",
+                        "--token-source",
+                        "redis.internal:6380:2:pw:vnc",
+                    ][..],
+                    extra,
+                ]
+                .concat(),
+            )
+        };
+        let c = redis(&[
+            "--token-allow-target",
+            "10.0.0.0/8:5900-5999",
+            "--jwt-allow-target",
+            "vnc.internal:5901",
+        ])
+        .unwrap();
+        let s = &c.token_sources[0];
+        let r = s.redis.as_ref().unwrap();
+        assert_eq!(r.server.to_string(), "redis://redis.internal:6380/2");
+        assert_eq!(r.credentials.as_ref().unwrap().password, "pw");
+        assert_eq!(r.key_prefix, "vnc:");
+        assert_eq!(r.allow_targets.as_ref().unwrap().len(), 2);
+        assert_eq!(s.lookup, TokenLookup::Query);
+        assert!(
+            !s.path.to_string_lossy().contains("pw"),
+            "the name holds no password: {}",
+            s.path.display()
+        );
+        let c = redis(&["--token-allow-any-target", "--host-token"]).unwrap();
+        assert_eq!(c.token_sources[0].redis.as_ref().unwrap().allow_targets, None);
+        assert_eq!(c.token_sources[0].lookup, TokenLookup::Host);
+        for (args, want) in [
+            (&[][..], "needs --token-allow-target"),
+            (&["--token-allow-target", "10.0.0.0/8:1", "--token-allow-any-target"], "not both"),
+            (&["--token-allow-target", "nonsense"], "--token-allow-target: invalid target rule"),
+        ] {
+            let e = redis(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        let e = config(&[
+            "6080",
+            "--token-plugin",
+            "TokenRedis",
+            "--token-source",
+            "h:port",
+            "--token-allow-any-target",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--token-source \"h:port\"") && e.contains("port \"port\""), "{e}");
+        let e = config(&["6080", "--token-plugin", "TokenRedis"]).unwrap_err();
+        assert!(e.contains("needs --token-source host[:port"), "{e}");
+        let e = config(&["6080", "--token-source", "t.cfg", "--token-allow-any-target"]).unwrap_err();
+        assert!(e.contains("goes with --token-plugin TokenRedis"), "{e}");
+        let e = config(&["6080", "h:1", "--token-allow-target", "10.0.0.0/8:1"]).unwrap_err();
+        assert!(e.contains("goes with --token-plugin JWTTokenApi or TokenRedis"), "{e}");
     }
 
     #[test]

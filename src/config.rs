@@ -24,6 +24,7 @@ use toml::Spanned;
 
 pub mod admin;
 pub mod policy;
+pub mod redis;
 pub mod tls;
 
 use self::policy::{ListenerAccess, RawPolicy, RoutePolicy};
@@ -267,13 +268,16 @@ pub fn split_host_port(s: &str) -> Option<(&str, &str)> {
     Some((host, port))
 }
 
-/// A websockify token file or directory of token files.
+/// A websockify token file or directory of token files, JWTs, or Redis.
 #[derive(Debug, Clone)]
 pub struct TokenSourceConfig {
-    /// File, or directory whose every file is read; for a JWT source, its key file.
+    /// File, or directory whose every file is read; for a JWT source, its key file; for a Redis
+    /// source, its name ([`self::redis::RedisTokenSource::name`]).
     pub path: PathBuf,
     /// Tokens are JWTs naming their target (websockify's JWTTokenApi) rather than lines of files.
     pub jwt: Option<policy::JwtTokenSource>,
+    /// Tokens are keys in Redis whose values name their target (websockify's TokenRedis).
+    pub redis: Option<self::redis::RedisTokenSource>,
     /// Where the token is taken from in the request.
     pub lookup: TokenLookup,
     /// Options for every route found in this source.
@@ -902,7 +906,10 @@ struct RawRoute {
 struct RawTokens {
     source: Option<PathBuf>,
     jwt: Option<policy::RawJwt>,
+    redis: Option<self::redis::RawRedis>,
     allow_targets: Option<Vec<policy::TargetRuleDe>>,
+    #[serde(default)]
+    allow_any_target: bool,
     #[serde(default)]
     lookup: TokenLookup,
     framing: Option<Framing>,
@@ -1176,9 +1183,16 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
     for (i, t) in raw.into_iter().enumerate() {
         let span = t.span();
         let t = t.into_inner();
-        let (path, jwt) = match (t.source, t.jwt, t.allow_targets) {
-            (Some(source), None, None) => (ctx.resolve(&source), None),
-            (None, Some(jwt), Some(allow)) if !allow.is_empty() => {
+        if t.allow_any_target && t.redis.is_none() {
+            return ctx.invalid(
+                span,
+                format!("tokens[{i}].allow_any_target"),
+                "is for Redis sources only (a JWT source always needs allow_targets)",
+            );
+        }
+        let (path, jwt, redis) = match (t.source, t.jwt, t.redis, t.allow_targets) {
+            (Some(source), None, None, None) => (ctx.resolve(&source), None, None),
+            (None, Some(jwt), None, Some(allow)) if !allow.is_empty() => {
                 let jwt = jwt
                     .resolve(&|p| ctx.resolve(p))
                     .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].{field}"), message))?;
@@ -1191,32 +1205,67 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                     | crate::policy::jwt::KeySource::Secret(p) => p.clone(),
                 };
                 let allow_targets = allow.into_iter().map(|r| r.0).collect();
-                (key, Some(policy::JwtTokenSource { jwt, allow_targets }))
+                (key, Some(policy::JwtTokenSource { jwt, allow_targets }), None)
             }
-            (None, Some(_), _) => {
+            (None, Some(_), None, _) => {
                 return ctx.invalid(
                     span,
                     format!("tokens[{i}].allow_targets"),
                     "a JWT token source needs allow_targets: the addresses and ports its tokens may name",
                 )
             }
-            (None, None, _) => return ctx.invalid(span, format!("tokens[{i}]"), "needs `source` (token files) or `jwt` (JWT tokens)"),
-            (Some(_), _, _) => {
+            (None, None, Some(redis), allow) => {
+                let allow = match (allow, t.allow_any_target) {
+                    (Some(list), false) if !list.is_empty() => Some(list.into_iter().map(|r| r.0).collect()),
+                    (None, true) => None,
+                    (Some(_), true) => {
+                        return ctx.invalid(
+                            span,
+                            format!("tokens[{i}].allow_any_target"),
+                            "give allow_targets or allow_any_target = true, not both",
+                        )
+                    }
+                    _ => {
+                        return ctx.invalid(
+                            span,
+                            format!("tokens[{i}].allow_targets"),
+                            "a Redis token source needs allow_targets: the addresses and ports its tokens may name, so that \
+                             whoever can write to Redis cannot reach anything else (allow_any_target = true trusts them with \
+                             every address, as websockify does)",
+                        )
+                    }
+                };
+                let redis = redis.resolve(allow, &|p| ctx.resolve(p)).or_else(|(field, message, at)| {
+                    ctx.invalid(at.unwrap_or_else(|| span.clone()), format!("tokens[{i}].redis.{field}"), message)
+                })?;
+                (PathBuf::from(redis.name()), None, Some(redis))
+            }
+            (None, None, None, _) => {
                 return ctx.invalid(
                     span,
                     format!("tokens[{i}]"),
-                    "`source` (token files) and `jwt`/`allow_targets` do not go together",
+                    "needs `source` (token files), `jwt` (JWT tokens) or `redis` (tokens in Redis)",
+                )
+            }
+            (Some(_), _, _, _) | (None, Some(_), Some(_), _) => {
+                return ctx.invalid(
+                    span,
+                    format!("tokens[{i}]"),
+                    "`source` (token files), `jwt` and `redis` do not go together, nor `source` and `allow_targets`",
                 )
             }
         };
-        if let Err(e) = std::fs::metadata(&path) {
-            let field = if jwt.is_some() { "jwt" } else { "source" };
-            return ctx.invalid(span, format!("tokens[{i}].{field}"), format!("{}: {e}", path.display()));
+        if redis.is_none() {
+            if let Err(e) = std::fs::metadata(&path) {
+                let field = if jwt.is_some() { "jwt" } else { "source" };
+                return ctx.invalid(span, format!("tokens[{i}].{field}"), format!("{}: {e}", path.display()));
+            }
         }
         if sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
+            let field = if redis.is_some() { "redis" } else { "source" };
             return ctx.invalid(
                 span,
-                format!("tokens[{i}].source"),
+                format!("tokens[{i}].{field}"),
                 format!(
                     "{} is already a token source with lookup = \"{}\"",
                     path.display(),
@@ -1228,6 +1277,7 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
         sources.push(TokenSourceConfig {
             path,
             jwt,
+            redis,
             lookup: t.lookup,
             options,
         });

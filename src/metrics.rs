@@ -129,6 +129,8 @@ pub enum Refusal {
     Proxy(ProxyRefusal),
     /// An HTTP answer with an error status, classified by the status.
     Http(u16),
+    /// A token source that had to be asked could not answer (Redis down or slow): 503.
+    TokenSource,
 }
 
 /// Why a PROXY protocol header was refused.
@@ -150,6 +152,7 @@ impl Refusal {
             Refusal::Proxy(ProxyRefusal::Untrusted) => (0, "proxy_untrusted"),
             Refusal::Proxy(ProxyRefusal::Malformed) => (0, "proxy_malformed"),
             Refusal::Proxy(ProxyRefusal::Timeout) => (0, "proxy_timeout"),
+            Refusal::TokenSource => (503, "token_source_unavailable"),
             Refusal::Http(status) => (
                 status,
                 match status {

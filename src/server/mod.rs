@@ -531,9 +531,9 @@ impl Bridge {
         let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
             Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
             Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
-            Ok(Ok(Outcome::Answered { status, reason })) => {
+            Ok(Ok(Outcome::Answered { status, reason, refusal })) => {
                 if status.as_u16() >= 400 {
-                    self.inner.metrics.refused(Refusal::Http(status.as_u16()));
+                    self.inner.metrics.refused(refusal);
                 }
                 linger(&mut stream, t.close).await;
                 return info!(status = status.as_u16(), %reason, "http request answered");

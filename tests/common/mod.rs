@@ -13,6 +13,7 @@ pub mod binary;
 pub mod haproxy;
 pub mod lines;
 pub mod pki;
+pub mod redis;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -213,6 +214,7 @@ pub fn add_token_source(config: &mut Config, path: std::path::PathBuf, lookup: w
     config.token_sources.push(wsbridge::config::TokenSourceConfig {
         path,
         jwt: None,
+        redis: None,
         lookup,
         options,
     });

@@ -20,6 +20,7 @@ mod lifecycle;
 mod policy;
 mod process;
 mod record;
+mod redis;
 mod relay;
 mod routing;
 mod tls;
