@@ -3,11 +3,11 @@
 //! spread over both; SIGTERM to one turns its `/readyz` to 503, HAProxy takes it out while it
 //! still accepts (its drain delay), new sessions go to the other only, its own sessions get
 //! their data and then 1001, and the other instance's sessions carry on. The tokens both
-//! instances route by come from one shared store, written once and deleted once, as a web
-//! application would. Also: `haproxy -c` on the HAProxy example and `nginx -t` on the nginx one.
+//! instances route by come from one shared redis-server, written once and deleted once, as a
+//! web application would. Also: `haproxy -c` on the HAProxy example and `nginx -t` on the nginx one.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
@@ -17,6 +17,7 @@ use tokio_tungstenite::MaybeTlsStream;
 
 use crate::common::binary::Binary;
 use crate::common::haproxy::HaProxy;
+use crate::common::redis::Redis;
 use crate::common::*;
 
 /// How long a SIGTERMed instance keeps accepting after `/readyz` turned 503: long enough for
@@ -24,65 +25,43 @@ use crate::common::*;
 /// loaded machine, and short enough for a quick test.
 const DRAIN_DELAY: Duration = Duration::from_secs(3);
 
-/// Where both instances look tokens up: one store, written once by the test as a web application
-/// would, read by both. A websockify token file both instances read today; a shared
-/// redis-server (a `[[tokens]]` table with `[tokens.redis]`, once the Redis source lands) takes
-/// the same place: a variant here with its `section` (`url`, `key_prefix`, `allow_targets`
-/// admitting the echo backend), `put` (`SET`) and `delete` (`DEL`), and the test stays as it is.
-enum Tokens {
-    /// A token file (websockify's `TOKEN: HOST:PORT` lines), rewritten whole on each change.
-    File {
-        path: PathBuf,
-        lines: std::sync::Mutex<Vec<String>>,
-    },
+/// Where both instances look tokens up: one real redis-server, written once by the test as a
+/// web application would (`SET`, `DEL`), read by both through a `[[tokens]]` table with
+/// `[tokens.redis]` whose allow-list admits only loopback targets.
+struct Tokens {
+    redis: Redis,
+    client: ::redis::aio::MultiplexedConnection,
 }
 
 impl Tokens {
-    fn file(dir: &Path) -> Tokens {
-        let path = dir.join("tokens.cfg");
-        std::fs::write(&path, "").unwrap();
-        Tokens::File {
-            path,
-            lines: std::sync::Mutex::default(),
-        }
+    /// `None` when there is no redis-server here (the caller skips).
+    async fn redis() -> Option<Tokens> {
+        let redis = Redis::start(&[]).await?;
+        let client = redis.client(0, None).await;
+        Some(Tokens { redis, client })
     }
 
     /// The instances' configuration for this store.
     fn section(&self) -> String {
-        match self {
-            Tokens::File { path, .. } => format!("[[tokens]]\nsource = {:?}\nlookup = \"query\"\n", path.to_str().unwrap()),
-        }
+        format!(
+            "[[tokens]]\nlookup = \"query\"\nallow_targets = [\"127.0.0.0/8:1-65535\"]\n\
+             [tokens.redis]\nurl = \"{}\"\nkey_prefix = \"vnc:\"\n",
+            self.redis.url(0)
+        )
     }
 
     /// Makes `token` route to `target` on every instance.
     async fn put(&self, token: &str, target: SocketAddr) {
-        match self {
-            Tokens::File { lines, .. } => {
-                lines.lock().unwrap().push(format!("{token}: {target}"));
-                self.write();
-            }
-        }
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(format!("vnc:{token}")).arg(target.to_string());
+        within("SET", cmd.query_async::<()>(&mut self.client.clone())).await.expect("SET");
     }
 
     /// Removes `token` from the store: new sessions with it are refused everywhere.
     async fn delete(&self, token: &str) {
-        match self {
-            Tokens::File { lines, .. } => {
-                lines.lock().unwrap().retain(|l| !l.starts_with(&format!("{token}:")));
-                self.write();
-            }
-        }
-    }
-
-    fn write(&self) {
-        match self {
-            Tokens::File { path, lines } => {
-                // Whole, by rename: an instance never reads half a file.
-                let tmp = path.with_extension("new");
-                std::fs::write(&tmp, lines.lock().unwrap().join("\n") + "\n").unwrap();
-                std::fs::rename(&tmp, path).unwrap();
-            }
-        }
+        let mut cmd = ::redis::cmd("DEL");
+        cmd.arg(format!("vnc:{token}"));
+        within("DEL", cmd.query_async::<()>(&mut self.client.clone())).await.expect("DEL");
     }
 }
 
@@ -230,7 +209,12 @@ async fn behind_haproxy_a_drained_instance_hands_new_sessions_to_the_other_and_e
     };
     let dir = tempfile::tempdir().unwrap();
     let (echo, _) = echo_backend().await;
-    let tokens = Tokens::file(dir.path());
+    let Some(tokens) = Tokens::redis().await else {
+        return skip(
+            test,
+            "no redis-server here (Debian package redis-server; scripts/test.sh installs it)",
+        );
+    };
     tokens.put("desk-7", echo).await;
     let mut one = Instance::start(dir.path(), "one", &tokens).await;
     let two = Instance::start(dir.path(), "two", &tokens).await;
