@@ -83,32 +83,42 @@ impl Process {
 
 /// After "stopped" with nothing open, the process is gone at once: nothing left in the runtime
 /// (a blocking-pool thread stuck in a file read, a DNS lookup nobody awaits any more) holds the
-/// exit. The web root's FIFO makes such a thread deterministic: serving it blocks in `open()`
-/// until a writer comes, which none does; the request itself ends at its write deadline.
+/// exit. A token file replaced by a FIFO makes such a thread deterministic: the background
+/// re-read blocks in `open()` until a writer comes, which none does, and the bridge says so
+/// ("re-read is slow") when a lookup has waited for it as long as it may.
 #[tokio::test]
 async fn exits_promptly_after_stopping() {
     let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("pipe");
-    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
-    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+    let tokens = dir.path().join("tokens");
     let config = dir.path().join("wsbridge.toml");
     std::fs::write(
         &config,
         format!(
-            "[[listen]]\naddr = \"127.0.0.1:0\"\nweb = {:?}\n\n[[route]]\npath = \"/ws\"\ntarget = \"127.0.0.1:9\"\n\n\
-             [timeouts]\nhttp_write = \"1s\"\n",
-            dir.path().to_str().unwrap()
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = {:?}\n",
+            tokens.to_str().unwrap()
         ),
     )
     .unwrap();
     // Two runtime threads: the request may land on the second, whose runtime ends in its thread.
     for (stuck, threads) in [(false, "1"), (true, "1"), (true, "2")] {
+        std::fs::write(&tokens, "t: 127.0.0.1:9\n").unwrap();
         let mut p = Process::spawn(&["--config", config.to_str().unwrap(), "--threads", threads]);
         let addr = p.listening().await;
         if stuck {
-            // Read to EOF: the bridge drops the request at its write deadline, the thread stays.
-            let answer = http_raw(addr, b"GET /pipe HTTP/1.1\r\nHost: x\r\n\r\n").await;
-            assert_eq!(answer, "", "the FIFO was answered");
+            std::fs::remove_file(&tokens).unwrap();
+            let made = std::process::Command::new("mkfifo").arg(&tokens).status();
+            assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", tokens.display());
+            // Each lookup is an event: once the snapshot is due, one starts the re-read that
+            // blocks, and a later one waits for it and logs that it is slow.
+            let asking = async {
+                loop {
+                    http_head(addr, &upgrade_request("/?token=t", "")).await;
+                }
+            };
+            tokio::select! {
+                _ = p.line("token source re-read is slow") => {}
+                _ = asking => {}
+            }
         }
         p.signal("TERM").await;
         let (_, stopped) = p.line("stopped clean=true remaining=0").await;
@@ -120,6 +130,9 @@ async fn exits_promptly_after_stopping() {
         );
         let status = status.unwrap().unwrap();
         assert!(status.success(), "stuck={stuck} threads={threads}: {status:?}");
+        if stuck {
+            std::fs::remove_file(&tokens).unwrap();
+        }
     }
 }
 
