@@ -34,11 +34,22 @@ impl Drop for Binary {
 impl Binary {
     /// Starts `wsbridge ARGS` with `RUST_LOG` unset and waits for its "listening" line.
     pub async fn spawn(args: &[&str]) -> Binary {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut command = Command::new(BIN);
+        command.args(args).stdout(Stdio::null());
+        let mut b = Binary::start(command);
+        let line = b.line("listening addr=").await;
+        let addr = line.split("listening addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+        b.addr = addr.parse().expect("listening address");
+        b
+    }
+
+    /// Starts `command` (the binary, or a wrapper that runs it) with `RUST_LOG` unset and its
+    /// stderr kept as lines, without waiting for anything; stdin and stdout are the caller's to
+    /// set. `addr` stays 0.0.0.0:0.
+    pub fn start(mut command: Command) -> Binary {
+        let mut child = command
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn wsbridge");
@@ -59,16 +70,12 @@ impl Binary {
             }
             m.notify_waiters();
         });
-        let mut b = Binary {
+        Binary {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             lines,
             more,
-        };
-        let line = b.line("listening addr=").await;
-        let addr = line.split("listening addr=").nth(1).unwrap().split_whitespace().next().unwrap();
-        b.addr = addr.parse().expect("listening address");
-        b
+        }
     }
 
     /// Waits for a stderr line containing `needle` (one seen already counts) and returns it.

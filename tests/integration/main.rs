@@ -20,6 +20,7 @@ mod policy;
 mod process;
 mod relay;
 mod routing;
+mod systemd;
 mod tls;
 mod web;
 mod windows;
