@@ -917,6 +917,41 @@ mod tests {
     }
 
     #[test]
+    fn unix_listen_and_systemd_sources() {
+        let c = config(&["--unix-listen", "/run/ws.sock", "localhost:5900"]).unwrap();
+        assert_eq!(
+            c.listeners[0].addr,
+            ListenOn::Unix {
+                path: "/run/ws.sock".into(),
+                mode: 0o600
+            }
+        );
+        assert_eq!(
+            c.routes[0].target,
+            Target::Tcp {
+                host: "localhost".into(),
+                port: 5900
+            }
+        );
+        let c = config(&[
+            "--unix-listen",
+            "/run/ws.sock",
+            "--unix-listen-mode",
+            "0660",
+            "--unix-target",
+            "/run/vnc.sock",
+        ])
+        .unwrap();
+        assert!(matches!(c.listeners[0].addr, ListenOn::Unix { mode: 0o660, .. }));
+        let e = config(&["--unix-listen", "/run/ws.sock", "h:1", "--cert", "c.pem"]).unwrap_err();
+        assert!(e.contains("TLS is for TCP listeners"), "{e}");
+        let e = config(&["--unix-listen", "/run/ws.sock", "--config", "x.toml"]).unwrap_err();
+        assert!(e.contains("--config takes everything from the file"), "{e}");
+        let c = config(&["systemd:web", "h:1"]).unwrap();
+        assert_eq!(c.listeners[0].addr, ListenOn::Systemd("web".into()));
+    }
+
+    #[test]
     fn admin_address_on_the_command_line() {
         let c = config(&["6080", "h:1", "--admin", "9100"]).unwrap();
         assert_eq!(c.admin.unwrap().addr, "127.0.0.1:9100".parse().unwrap());

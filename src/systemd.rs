@@ -117,7 +117,7 @@ fn take(fds: Option<&str>, pid: Option<&str>, names: Option<&str>) -> Result<Vec
         Some(p) => number("LISTEN_PID", p)? == std::process::id(),
         None => false,
     };
-    if !ours {
+    if !ours || count == 0 {
         if count > 0 {
             tracing::warn!(
                 LISTEN_FDS = count,
