@@ -343,3 +343,43 @@ async fn the_example_units_verify() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }
+
+/// A unix client counts as 127.0.0.1: a route's `allow` networks see that address, and with
+/// `trusted_proxies = ["127.0.0.1/32"]` the X-Forwarded-For of the proxy in front names the
+/// client instead.
+#[tokio::test]
+async fn unix_clients_count_as_loopback_for_policy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ws.sock");
+    let config = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listen]]\naddr = \"unix:{}\"\norigins = [\"*\"]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n\
+             [[route]]\npath = \"/local\"\ntarget = \"{backend}\"\nallow = [\"127.0.0.0/8\"]\n\n\
+             [[route]]\npath = \"/office\"\ntarget = \"{backend}\"\nallow = [\"10.0.0.0/8\"]\n",
+            path.display()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(BIN);
+    command.args(["--config", config.to_str().unwrap()]).stdout(Stdio::null());
+    let mut b = Binary::start(command);
+    b.line("listening addr=unix:").await;
+    let status = |route: &'static str, extra: &'static str| {
+        let path = path.clone();
+        async move {
+            let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+            s.write_all(&crate::common::upgrade_request(route, extra)).await.unwrap();
+            let mut head = vec![0u8; 12];
+            within("the status line", s.read_exact(&mut head)).await.unwrap();
+            crate::common::status_of(&String::from_utf8_lossy(&head))
+        }
+    };
+    assert_eq!(status("/local", "").await, 101);
+    assert_eq!(status("/office", "").await, 403);
+    assert_eq!(status("/office", "X-Forwarded-For: 10.1.2.3\r\n").await, 101);
+    assert_eq!(status("/local", "X-Forwarded-For: 10.1.2.3\r\n").await, 403);
+}
