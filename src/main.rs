@@ -217,17 +217,25 @@ async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usiz
 
 /// The one-line status systemd shows (`systemctl status`).
 fn status(bridge: &Bridge, listeners: usize) -> String {
-    let connections = bridge.connections();
-    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
     if bridge.shutdown_token().is_cancelled() {
-        format!("draining: {} left", plural(connections, "connection"))
+        draining_status(bridge)
     } else {
         format!(
             "serving {}, {} open",
             plural(listeners, "listener"),
-            plural(connections, "connection")
+            plural(bridge.connections(), "connection")
         )
     }
+}
+
+/// The status line from the start of a drain.
+fn draining_status(bridge: &Bridge) -> String {
+    format!("draining: {} open", plural(bridge.connections(), "connection"))
+}
+
+/// `1 listener`, `2 listeners`.
+fn plural(n: usize, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Keeps systemd's status line current (every 10 s, when the count changed) and, when the unit
@@ -286,13 +294,13 @@ fn spawn_signal_handlers(
                     let _ = tokio::task::spawn_blocking(move || start::reload(&b, path.as_deref(), threads)).await;
                     if let Some(n) = &notifier {
                         // Ready again, with the new configuration or (it is logged) the old one.
-                        n.ready(&format!("reloaded; {} connections open", bridge.connections()));
+                        n.ready(&format!("reloaded; {} open", plural(bridge.connections(), "connection")));
                     }
                 }
             }
         }
         if let Some(n) = &notifier {
-            n.stopping(&format!("draining: {} connections open", bridge.connections()));
+            n.stopping(&draining_status(&bridge));
         }
         tracing::info!("shutting down: no new connections; closing sessions");
         token.cancel();

@@ -220,7 +220,7 @@ async fn the_notify_socket_hears_ready_reloading_and_stopping() {
 
     signal(&b, "TERM").await;
     let stopping = next_notification(&socket, &mut pings).await;
-    assert_eq!(stopping, "STOPPING=1\nSTATUS=draining: 1 connections open\n");
+    assert_eq!(stopping, "STOPPING=1\nSTATUS=draining: 1 connection open\n");
     // The session is closed with 1001 and the process exits.
     let (code, _) = crate::common::read_close(&mut ws).await;
     assert_eq!(code, 1001);
