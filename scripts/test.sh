@@ -6,24 +6,33 @@
 #
 # Installs (only when missing, so a second run installs nothing):
 #   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), openssl (the wss://
-#     browser test makes its self-signed certificate with it), socat and haproxy (the real load
-#     balancer in front, for the PROXY protocol tests), with apt-get as root or through sudo;
+#     browser test makes its self-signed certificate with it), socat, haproxy (the real load
+#     balancer in front, for the PROXY protocol and several-instance tests), redis-server (the
+#     real Redis the Redis token tests start on loopback ports of their own), and nginx (only
+#     `nginx -t` on examples/nginx.conf: about 2 MB; WSBRIDGE_SKIP_NGINX=1 leaves it out, and the
+#     check then says it is skipped), with apt-get as root or through sudo;
 #   - tests/browser/node_modules (playwright-core, pinned by tests/browser/package-lock.json),
 #     with `npm ci`, again whenever package.json or package-lock.json changed. No browser is ever
 #     downloaded: the browser test drives Debian's Chromium;
 #   - for the Windows build (scripts/windows/install-tools.sh): the Rust target
-#     x86_64-pc-windows-gnu (rustup), Debian's gcc-mingw-w64-x86-64, wine and wine64.
+#     x86_64-pc-windows-gnu (rustup), Debian's gcc-mingw-w64-x86-64, wine and wine64;
+#   - cargo-deb, pinned (`cargo install cargo-deb --locked --version …`: a few minutes, once),
+#     for the Debian package test.
 # Then: cargo fmt --check, cargo clippy -D warnings (for Linux and for Windows), the load
 # generator's smoke run, the Windows cross-build (which the Wine tests in
 # tests/integration/windows.rs run; built here so that it does not compete with timing tests),
-# and cargo test --all-targets, ending on one line over every test target:
+# cargo test --all-targets, and the Debian package built from the dev build the tests made,
+# installed, checked and removed (scripts/deb-test.sh: under a minute; it needs root or sudo -n,
+# and says it is skipped without), ending on one line over every test target:
 #   N passed, N failed, N skipped
 # (skipped: #[ignore]d, and tests that print `TEST skipped: REASON`, see tests/common/mod.rs).
 #
 # Needs: cargo with rustfmt and clippy, Node.js >= 20 with npm.
 # WSBRIDGE_SKIP_BROWSER=1 skips the browser test (and installing what only it needs).
+# WSBRIDGE_SKIP_NGINX=1 does not install nginx (its example's check then says it is skipped).
 # WSBRIDGE_SKIP_WINDOWS=1 skips the Windows cross-build and its checks (the Wine tests then say
 # they are skipped, unless a build and Wine are already there).
+# WSBRIDGE_SKIP_DEB=1 skips the Debian package test (and installing cargo-deb).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,6 +47,11 @@ skip_browser=0
 [[ ${WSBRIDGE_SKIP_BROWSER:-} == 1 ]] && skip_browser=1
 skip_windows=0
 [[ ${WSBRIDGE_SKIP_WINDOWS:-} == 1 ]] && skip_windows=1
+skip_deb=0
+[[ ${WSBRIDGE_SKIP_DEB:-} == 1 ]] && skip_deb=1
+# The cargo-deb the package test was written against: later releases plan to refuse packaging a
+# dev build, which scripts/deb-test.sh does to stay quick.
+cargo_deb_version=3.8.0
 
 section "tools"
 command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
@@ -60,8 +74,16 @@ fi
 # openssl: the TLS tests write PKCS#1 and SEC1 keys with it, and the browser test its certificate.
 command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
-# haproxy: the access-policy tests put the real HAProxy in front (PROXY protocol v2).
+# haproxy: the access-policy and balancer tests put the real HAProxy in front (PROXY protocol v2,
+# health checks on /readyz, drain).
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
+# redis-server: the Redis token tests start their own (tests/common/redis.rs), TLS included.
+[[ -x /usr/bin/redis-server ]] || command -v redis-server >/dev/null || missing+=(redis-server)
+# nginx: `nginx -t` on examples/nginx.conf. Debian's package starts the service where a system
+# lets packages start services (it then listens on port 80): WSBRIDGE_SKIP_NGINX=1 to go without.
+if [[ ${WSBRIDGE_SKIP_NGINX:-} != 1 ]]; then
+    [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null || missing+=(nginx)
+fi
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
     scripts/apt-install.sh "${missing[@]}"
@@ -78,6 +100,16 @@ if ((skip_windows)); then
     echo "skipped (WSBRIDGE_SKIP_WINDOWS=1)"
 else
     scripts/windows/install-tools.sh --wine
+fi
+
+section "cargo-deb (the Debian package test)"
+if ((skip_deb)); then
+    echo "skipped (WSBRIDGE_SKIP_DEB=1)"
+elif cargo deb --version 2>/dev/null | grep -q "$cargo_deb_version"; then
+    cargo deb --version
+else
+    echo "cargo install cargo-deb --locked --version $cargo_deb_version"
+    cargo install cargo-deb --locked --version "$cargo_deb_version" --quiet
 fi
 
 section "tests/browser: npm packages"
@@ -129,6 +161,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --all-targets --no-fail-fast -- --show-output 2>&1 | tee "$log" || status=$?
+
+if ((!skip_deb)); then
+    section "scripts/deb-test.sh (the Debian package, from the dev build the tests just made)"
+    # After the tests: it installs into /usr, and the build it packages is theirs.
+    scripts/deb-test.sh 2>&1 | tee -a "$log" || status=$?
+fi
 # One line over every target: N passed, N failed, N skipped (see scripts/test-summary.sh).
 scripts/test-summary.sh "$log"
 exit "$status"

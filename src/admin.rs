@@ -4,7 +4,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `GET /healthz` | 200 while the process serves |
-//! | `GET /readyz` | 200 when every listener accepts and no drain has started; 503 from the moment the shutdown token is cancelled, before any session is closed, so a balancer stops sending new sessions first |
+//! | `GET /readyz` | 200 when every listener accepts and no drain has started; 503 from the moment a drain starts (SIGTERM; [`crate::server::Bridge::drain`]), before any session is closed and, with `drain_delay`, while the listeners still accept, so a balancer stops sending new sessions first |
 //! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format |
 //! | `GET /sessions` | JSON: id, client, route, target, age, bytes each way of every live session |
 //! | `DELETE /sessions/ID` or `POST /sessions/ID/close` | ends that session with 1001 "closed by the operator" |
@@ -141,7 +141,7 @@ impl Admin {
             ["readyz"] if get => {
                 if self.bridge.is_ready() {
                     (StatusCode::OK, TEXT, "ready\n".into())
-                } else if self.bridge.shutdown_token().is_cancelled() {
+                } else if self.bridge.is_draining() {
                     (StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into())
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, TEXT, "listeners not up yet\n".into())

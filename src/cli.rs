@@ -25,6 +25,8 @@ use crate::policy::OriginRule;
 ///   wsbridge 6080 localhost:5900                      bridge ws://HOST:6080/ to a VNC server
 ///   wsbridge --web /usr/share/novnc 6080 localhost:5900
 ///   wsbridge 6080 --token-plugin TokenFile --token-source /etc/wsbridge/tokens
+///   wsbridge 6080 --token-plugin TokenRedis --token-source redis.internal:6379 \
+///       --token-allow-target 10.0.0.0/8:5900-5999
 ///   wsbridge --config wsbridge.toml                   everything a TOML file can say
 ///   wsbridge check --config wsbridge.toml             validate and print the route table
 ///   wsbridge demo                                     a chat room in the browser, no setup
@@ -137,18 +139,27 @@ pub struct RunArgs {
     #[arg(long)]
     pub file_only: bool,
 
-    /// Token plugin: TokenFile or ReadOnlyTokenFile (websockify names); tokens from --token-source.
+    /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, JWTTokenApi, or
+    /// TokenRedis; tokens from --token-source.
     #[arg(long, value_name = "PLUGIN")]
     pub token_plugin: Option<String>,
     /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with JWTTokenApi, the
-    /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret).
-    #[arg(long, value_name = "FILE|DIR")]
+    /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret); with
+    /// TokenRedis, host[:port[:db[:password[:namespace]]]] (keys NAMESPACE:TOKEN, values
+    /// HOST:PORT or {"host": "HOST:PORT"}; a configuration file keeps the password out of the
+    /// command line).
+    #[arg(long, value_name = "FILE|DIR|REDIS")]
     pub token_source: Option<PathBuf>,
-    /// With --token-plugin JWTTokenApi: a target a JWT's host and port claims may name, as
+    /// With --token-plugin JWTTokenApi or TokenRedis: a target a token may name, as
     /// ADDRESS-RANGE:PORTS or NAME:PORTS (10.0.0.0/8:5900-5999, vnc.internal:5901); repeatable,
     /// and required: nothing else is reachable.
-    #[arg(long, value_name = "RULE")]
-    pub jwt_allow_target: Vec<String>,
+    #[arg(long, visible_alias = "jwt-allow-target", value_name = "RULE")]
+    pub token_allow_target: Vec<String>,
+    /// With --token-plugin TokenRedis: let a value in Redis name any host and port, as websockify
+    /// does (whoever can write to Redis can then reach anything the bridge can); instead of
+    /// --token-allow-target.
+    #[arg(long)]
+    pub token_allow_any_target: bool,
     /// Same as `--token-plugin TokenFile --token-source FILE` (websockify's older option).
     #[arg(long, value_name = "FILE|DIR")]
     pub target_config: Option<PathBuf>,
@@ -184,12 +195,26 @@ pub struct RunArgs {
     /// Deadline from accept to a finished WebSocket upgrade, e.g. 10s (more than zero).
     #[arg(long, value_name = "DURATION")]
     pub handshake_timeout: Option<String>,
+    /// On SIGTERM, keep accepting for this long after /readyz turned 503 (e.g. 10s), so that a
+    /// load balancer sees the 503 and moves new sessions elsewhere first; then close the
+    /// listeners and end sessions with 1001. Default: off (close at once).
+    #[arg(long, value_name = "DURATION")]
+    pub drain_delay: Option<String>,
     /// How backend bytes reach the client: binary (default), text or lines.
     #[arg(long, value_enum, value_name = "MODE")]
     pub framing: Option<FramingArg>,
     /// Largest client message accepted (close 1009 above it), e.g. 1MiB; default: no limit ("off").
     #[arg(long, value_name = "SIZE")]
     pub max_message_size: Option<String>,
+    /// Record every session to FILE.N (N: the session number its log line shows), in websockify's
+    /// format, which noVNC's playback page reads. Recordings hold what users type, passwords
+    /// too: files are created mode 0600 and never overwritten. Off by default.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Largest recording file, e.g. 16MiB, or off (default: 64MiB); a recording that reaches it
+    /// is cut, still a valid file, and the session goes on.
+    #[arg(long, value_name = "SIZE", requires = "record")]
+    pub record_max_size: Option<String>,
     /// Most concurrent connections (at least 1); more get HTTP 503.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -285,8 +310,6 @@ pub enum LogFormatArg {
 /// websockify options that are parsed so that they can be refused clearly.
 #[derive(Debug, Args, Default)]
 pub struct Refused {
-    #[arg(long, hide = true, value_name = "FILE")]
-    record: Option<String>,
     #[arg(long, short = 'D', hide = true)]
     daemon: bool,
     #[arg(long, hide = true)]
@@ -324,11 +347,6 @@ impl Refused {
     /// The first refused option given, with what to use instead.
     fn check(&self) -> Result<(), String> {
         let found: &[(bool, &str, &str)] = &[
-            (
-                self.record.is_some(),
-                "--record",
-                "record traffic with tcpdump or tshark on the backend port",
-            ),
             (
                 self.daemon,
                 "--daemon",
@@ -478,7 +496,8 @@ impl RunArgs {
             file_only,
             token_plugin,
             token_source,
-            jwt_allow_target,
+            token_allow_target,
+            token_allow_any_target,
             target_config,
             host_token,
             unix_target,
@@ -488,8 +507,11 @@ impl RunArgs {
             idle_timeout,
             connect_timeout,
             handshake_timeout,
+            drain_delay,
             framing,
             max_message_size,
+            record,
+            record_max_size,
             max_connections,
             cert,
             key,
@@ -520,7 +542,8 @@ impl RunArgs {
             *file_only,
             token_plugin.is_some(),
             token_source.is_some(),
-            !jwt_allow_target.is_empty(),
+            !token_allow_target.is_empty(),
+            *token_allow_any_target,
             target_config.is_some(),
             *host_token,
             unix_target.is_some(),
@@ -530,8 +553,11 @@ impl RunArgs {
             idle_timeout.is_some(),
             connect_timeout.is_some(),
             handshake_timeout.is_some(),
+            drain_delay.is_some(),
             framing.is_some(),
             max_message_size.is_some(),
+            record.is_some(),
+            record_max_size.is_some(),
             max_connections.is_some(),
             cert.is_some(),
             key.is_some(),
@@ -620,7 +646,7 @@ impl RunArgs {
     }
 
     /// --heartbeat, --idle-timeout (websockify's seconds) and --connect-timeout,
-    /// --handshake-timeout (durations as the TOML file writes them).
+    /// --handshake-timeout, --drain-delay (durations as the TOML file writes them).
     fn apply_timeouts(&self, timeouts: &mut Timeouts) -> Result<(), ConfigError> {
         if let Some(h) = self.heartbeat {
             match seconds_or_off("--heartbeat", h)? {
@@ -640,6 +666,12 @@ impl RunArgs {
         if let Some(h) = &self.handshake_timeout {
             timeouts.handshake = positive_duration("--handshake-timeout", h)?;
         }
+        if let Some(d) = &self.drain_delay {
+            timeouts.drain_delay = match d.trim() {
+                "off" => None,
+                d => Some(parse_duration(d).map_err(|e| usage(format!("--drain-delay: {e}")))?).filter(|d| !d.is_zero()),
+            };
+        }
         Ok(())
     }
 
@@ -654,6 +686,16 @@ impl RunArgs {
         }
         options.backend_tls = self.backend_tls_settings().map_err(usage)?;
         options.client_cn = self.client_cn(listener)?;
+        if let Some(prefix) = &self.record {
+            let max_size = match &self.record_max_size {
+                Some(m) => Some(crate::config::parse_message_size(m).map_err(|e| usage(format!("--record-max-size: {e}")))?),
+                None => None,
+            };
+            options.record = Some(
+                crate::config::record_settings(prefix.clone(), max_size)
+                    .map_err(|(field, e)| usage(format!("--{}: {e}", field.replace('_', "-"))))?,
+            );
+        }
         let mut origins = self
             .origin
             .iter()
@@ -706,12 +748,19 @@ impl RunArgs {
     fn token_source(&self) -> Result<Option<PathBuf>, ConfigError> {
         Ok(match (self.token_plugin.as_deref(), &self.token_source, &self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
-            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "JWTTokenApi"), Some(s), None) | (None, None, Some(s)) => Some(s.clone()),
+            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "JWTTokenApi" | "TokenRedis"), Some(s), None) | (None, None, Some(s)) => {
+                Some(s.clone())
+            }
             (Some("JWTTokenApi"), None, None) => return Err(usage("--token-plugin JWTTokenApi needs --token-source KEYFILE".into())),
+            (Some("TokenRedis"), None, _) => {
+                return Err(usage(
+                    "--token-plugin TokenRedis needs --token-source host[:port[:db[:password[:namespace]]]]".into(),
+                ))
+            }
             (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
             (Some(other), _, _) => {
                 return Err(usage(format!(
-                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), or JWTTokenApi"
+                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), JWTTokenApi or TokenRedis"
                 )))
             }
             (None, None, None) => None,
@@ -733,10 +782,17 @@ impl RunArgs {
             }));
         }
         let jwt = self.jwt_token_source(token_source.as_deref())?;
+        let redis = self.redis_token_source(token_source.as_deref())?;
         if let Some(path) = token_source {
-            if let Err(e) = std::fs::metadata(&path) {
-                return Err(usage(format!("--token-source {}: {e}", path.display())));
-            }
+            let path = match &redis {
+                Some(r) => PathBuf::from(r.name()),
+                None => {
+                    if let Err(e) = std::fs::metadata(&path) {
+                        return Err(usage(format!("--token-source {}: {e}", path.display())));
+                    }
+                    path
+                }
+            };
             let lookup = if self.host_token { TokenLookup::Host } else { TokenLookup::Query };
             if jwt.is_some() && self.host_token {
                 return Err(usage(
@@ -746,6 +802,7 @@ impl RunArgs {
             config.token_sources.push(TokenSourceConfig {
                 path,
                 jwt,
+                redis,
                 lookup,
                 options,
             });
@@ -778,23 +835,26 @@ impl RunArgs {
     /// websockify, `exp` is checked when present and not required.
     fn jwt_token_source(&self, key: Option<&Path>) -> Result<Option<crate::config::policy::JwtTokenSource>, ConfigError> {
         if self.token_plugin.as_deref() != Some("JWTTokenApi") {
-            if !self.jwt_allow_target.is_empty() {
-                return Err(usage("--jwt-allow-target goes with --token-plugin JWTTokenApi".into()));
+            if !self.token_allow_target.is_empty() && self.token_plugin.as_deref() != Some("TokenRedis") {
+                return Err(usage(
+                    "--token-allow-target (--jwt-allow-target) goes with --token-plugin JWTTokenApi or TokenRedis".into(),
+                ));
             }
             return Ok(None);
         }
+        if self.token_allow_any_target {
+            return Err(usage(
+                "--token-allow-any-target is for TokenRedis; a JWTTokenApi token may name only targets on --jwt-allow-target".into(),
+            ));
+        }
         let Some(key) = key else { return Ok(None) };
-        if self.jwt_allow_target.is_empty() {
+        if self.token_allow_target.is_empty() {
             return Err(usage(
                 "--token-plugin JWTTokenApi needs --jwt-allow-target RULE (e.g. 10.0.0.0/8:5900-5999): a token may name only targets listed there"
                     .into(),
             ));
         }
-        let allow_targets = self
-            .jwt_allow_target
-            .iter()
-            .map(|r| r.parse().map_err(|e| usage(format!("--jwt-allow-target: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
+        let allow_targets = self.allow_targets()?;
         let text = std::fs::read(key).map_err(|e| usage(format!("--token-source {}: {e}", key.display())))?;
         let keys = if text.windows(10).any(|w| w == b"-----BEGIN") {
             crate::policy::jwt::KeySource::Pem(key.to_path_buf())
@@ -812,6 +872,42 @@ impl RunArgs {
             },
             allow_targets,
         }))
+    }
+
+    /// --token-allow-target's rules.
+    fn allow_targets(&self) -> Result<Vec<crate::policy::targets::TargetRule>, ConfigError> {
+        self.token_allow_target
+            .iter()
+            .map(|r| r.parse().map_err(|e| usage(format!("--token-allow-target: {e}"))))
+            .collect()
+    }
+
+    /// websockify's TokenRedis: `source` is `host[:port[:db[:password[:namespace]]]]`, and the
+    /// values may name only targets on --token-allow-target, unless --token-allow-any-target.
+    fn redis_token_source(&self, source: Option<&Path>) -> Result<Option<crate::config::redis::RedisTokenSource>, ConfigError> {
+        if self.token_plugin.as_deref() != Some("TokenRedis") {
+            if self.token_allow_any_target && self.token_plugin.as_deref() != Some("JWTTokenApi") {
+                return Err(usage("--token-allow-any-target goes with --token-plugin TokenRedis".into()));
+            }
+            return Ok(None);
+        }
+        let Some(source) = source else { return Ok(None) };
+        let text = source.to_str().ok_or_else(|| usage("--token-source: not UTF-8".into()))?;
+        let mut redis = crate::config::redis::parse_websockify_source(text).map_err(|e| usage(format!("--token-source {text:?}: {e}")))?;
+        redis.allow_targets = match (self.token_allow_target.is_empty(), self.token_allow_any_target) {
+            (false, false) => Some(self.allow_targets()?),
+            (true, true) => None,
+            (false, true) => return Err(usage("give --token-allow-target or --token-allow-any-target, not both".into())),
+            (true, false) => {
+                return Err(usage(
+                    "--token-plugin TokenRedis needs --token-allow-target RULE (e.g. 10.0.0.0/8:5900-5999), repeatable: a value in \
+                     Redis may name only targets listed there, so that whoever can write to Redis cannot reach anything else; \
+                     --token-allow-any-target lets it name any, as websockify does"
+                        .into(),
+                ))
+            }
+        };
+        Ok(Some(redis))
     }
 
     /// The listener's TLS from --cert/--key/--ssl-only/--ssl-version/--verify-client/--cafile.
@@ -990,10 +1086,75 @@ mod tests {
 
     #[test]
     fn refused_options_say_what_instead() {
-        let e = config(&["6080", "h:1", "--record", "x"]).unwrap_err();
-        assert!(e.contains("--record is not supported") && e.contains("tcpdump"), "{e}");
-        let e = config(&["6080", "--token-plugin", "TokenRedis", "--token-source", "x"]).unwrap_err();
-        assert!(e.contains("TokenRedis is not supported"), "{e}");
+        let e = config(&["6080", "h:1", "--daemon"]).unwrap_err();
+        assert!(e.contains("--daemon is not supported") && e.contains("systemd"), "{e}");
+        let e = config(&["6080", "--token-plugin", "TokenMagic", "--token-source", "x"]).unwrap_err();
+        assert!(e.contains("TokenMagic is not supported") && e.contains("TokenRedis"), "{e}");
+    }
+
+    #[test]
+    fn token_redis_as_websockify_spells_it_with_an_allow_list() {
+        let redis = |extra: &[&str]| {
+            config(
+                &[
+                    &[
+                        "6080",
+                        "--token-plugin",
+                        "TokenRedis",
+                        "--token-source",
+                        "redis.internal:6380:2:pw:vnc",
+                    ][..],
+                    extra,
+                ]
+                .concat(),
+            )
+        };
+        let c = redis(&[
+            "--token-allow-target",
+            "10.0.0.0/8:5900-5999",
+            "--jwt-allow-target",
+            "vnc.internal:5901",
+        ])
+        .unwrap();
+        let s = &c.token_sources[0];
+        let r = s.redis.as_ref().unwrap();
+        assert_eq!(r.server.to_string(), "redis://redis.internal:6380/2");
+        assert_eq!(r.credentials.as_ref().unwrap().password, "pw");
+        assert_eq!(r.key_prefix, "vnc:");
+        assert_eq!(r.allow_targets.as_ref().unwrap().len(), 2);
+        assert_eq!(s.lookup, TokenLookup::Query);
+        assert!(
+            !s.path.to_string_lossy().contains("pw"),
+            "the name holds no password: {}",
+            s.path.display()
+        );
+        let c = redis(&["--token-allow-any-target", "--host-token"]).unwrap();
+        assert_eq!(c.token_sources[0].redis.as_ref().unwrap().allow_targets, None);
+        assert_eq!(c.token_sources[0].lookup, TokenLookup::Host);
+        for (args, want) in [
+            (&[][..], "needs --token-allow-target"),
+            (&["--token-allow-target", "10.0.0.0/8:1", "--token-allow-any-target"], "not both"),
+            (&["--token-allow-target", "nonsense"], "--token-allow-target: invalid target rule"),
+        ] {
+            let e = redis(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        let e = config(&[
+            "6080",
+            "--token-plugin",
+            "TokenRedis",
+            "--token-source",
+            "h:port",
+            "--token-allow-any-target",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--token-source \"h:port\"") && e.contains("port \"port\""), "{e}");
+        let e = config(&["6080", "--token-plugin", "TokenRedis"]).unwrap_err();
+        assert!(e.contains("needs --token-source host[:port"), "{e}");
+        let e = config(&["6080", "--token-source", "t.cfg", "--token-allow-any-target"]).unwrap_err();
+        assert!(e.contains("goes with --token-plugin TokenRedis"), "{e}");
+        let e = config(&["6080", "h:1", "--token-allow-target", "10.0.0.0/8:1"]).unwrap_err();
+        assert!(e.contains("goes with --token-plugin JWTTokenApi or TokenRedis"), "{e}");
     }
 
     #[test]
@@ -1137,6 +1298,22 @@ mod tests {
         ])
         .unwrap();
         assert_eq!((c.limits.max_connections, c.timeouts.handshake), (1, Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn drain_delay_is_a_duration_or_off() {
+        let c = config(&["6080", "h:1"]).unwrap();
+        assert_eq!(c.timeouts.drain_delay, None, "off by default");
+        let c = config(&["6080", "h:1", "--drain-delay", "10s"]).unwrap();
+        assert_eq!(c.timeouts.drain_delay, Some(Duration::from_secs(10)));
+        for off in ["0", "off"] {
+            let c = config(&["6080", "h:1", "--drain-delay", off]).unwrap();
+            assert_eq!(c.timeouts.drain_delay, None, "{off}");
+        }
+        let e = config(&["6080", "h:1", "--drain-delay", "soon"]).unwrap_err();
+        assert!(e.contains("--drain-delay: invalid duration"), "{e}");
+        let e = config(&["--config", "w.toml", "--drain-delay", "5s"]).unwrap_err();
+        assert!(e.contains("--config takes everything from the file"), "{e}");
     }
 
     #[test]

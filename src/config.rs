@@ -24,6 +24,7 @@ use toml::Spanned;
 
 pub mod admin;
 pub mod policy;
+pub mod redis;
 pub mod tls;
 
 use self::policy::{ListenerAccess, RawPolicy, RoutePolicy};
@@ -160,6 +161,8 @@ pub struct RouteOptions {
     pub backend_tls: Option<BackendTlsSettings>,
     /// Who may open a session: origins, networks, authentication, caps per client address.
     pub policy: RoutePolicy,
+    /// Record sessions to files (websockify's `--record`); `None` (the default): not recorded.
+    pub record: Option<crate::record::RecordConfig>,
 }
 
 /// How backend bytes are framed towards the client.
@@ -266,13 +269,16 @@ pub fn split_host_port(s: &str) -> Option<(&str, &str)> {
     Some((host, port))
 }
 
-/// A websockify token file or directory of token files.
+/// A websockify token file or directory of token files, JWTs, or Redis.
 #[derive(Debug, Clone)]
 pub struct TokenSourceConfig {
-    /// File, or directory whose every file is read; for a JWT source, its key file.
+    /// File, or directory whose every file is read; for a JWT source, its key file; for a Redis
+    /// source, its name ([`self::redis::RedisTokenSource::name`]).
     pub path: PathBuf,
     /// Tokens are JWTs naming their target (websockify's JWTTokenApi) rather than lines of files.
     pub jwt: Option<policy::JwtTokenSource>,
+    /// Tokens are keys in Redis whose values name their target (websockify's TokenRedis).
+    pub redis: Option<self::redis::RedisTokenSource>,
     /// Where the token is taken from in the request.
     pub lookup: TokenLookup,
     /// Options for every route found in this source.
@@ -318,6 +324,10 @@ pub struct Timeouts {
     pub close: Duration,
     /// On SIGTERM/SIGINT, how long sessions get to finish.
     pub shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT, how long the bridge keeps accepting after `/readyz` turned 503, before
+    /// it closes its listeners and its sessions: the time a load balancer needs to see the 503
+    /// and send new sessions elsewhere. `None`: close at once (no balancer in front).
+    pub drain_delay: Option<Duration>,
     /// Writing a static file or an error response.
     pub http_write: Duration,
 }
@@ -337,6 +347,8 @@ impl Default for Timeouts {
             pong_timeout: Duration::from_secs(20),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            // Off: without a balancer in front nobody reads /readyz, and a stop should be prompt.
+            drain_delay: None,
             http_write: Duration::from_secs(30),
         }
     }
@@ -411,6 +423,7 @@ impl Config {
             client_cn: None,
             backend_tls: None,
             policy: RoutePolicy::default(),
+            record: None,
         }
     }
 
@@ -611,6 +624,7 @@ impl Timeouts {
             ("pong_timeout", Some(t.pong_timeout)),
             ("close", Some(t.close)),
             ("shutdown_grace", Some(t.shutdown_grace)),
+            ("drain_delay", t.drain_delay),
             ("http_write", Some(t.http_write)),
         ]
         .iter()
@@ -652,6 +666,11 @@ impl RouteOptions {
         }
         if let Some(names) = &self.client_cn {
             let _ = write!(out, ", client_cn = {}", toml_strs(names));
+        }
+        if let Some(r) = &self.record {
+            let prefix = r.prefix.display().to_string();
+            let max = r.max_size.and_then(|n| usize::try_from(n).ok());
+            let _ = write!(out, ", record = {}, record_max_size = \"{}\"", toml_str(&prefix), format_limit(max));
         }
         let policy = self.policy.describe();
         if !policy.is_empty() {
@@ -859,6 +878,7 @@ struct RawRouteOptions {
     client_cn: Option<Vec<String>>,
     backend_tls: Option<BackendTlsSettings>,
     policy: RoutePolicy,
+    record: Option<crate::record::RecordConfig>,
 }
 
 #[derive(Deserialize)]
@@ -882,6 +902,8 @@ struct RawRoute {
     new_sessions_burst: Option<u32>,
     auth: Option<policy::RawAuth>,
     proxy_protocol: Option<crate::proxy::Version>,
+    record: Option<PathBuf>,
+    record_max_size: Option<Size>,
 }
 
 #[derive(Deserialize)]
@@ -889,7 +911,10 @@ struct RawRoute {
 struct RawTokens {
     source: Option<PathBuf>,
     jwt: Option<policy::RawJwt>,
+    redis: Option<self::redis::RawRedis>,
     allow_targets: Option<Vec<policy::TargetRuleDe>>,
+    #[serde(default)]
+    allow_any_target: bool,
     #[serde(default)]
     lookup: TokenLookup,
     framing: Option<Framing>,
@@ -907,6 +932,8 @@ struct RawTokens {
     new_sessions_burst: Option<u32>,
     auth: Option<policy::RawAuth>,
     proxy_protocol: Option<crate::proxy::Version>,
+    record: Option<PathBuf>,
+    record_max_size: Option<Size>,
 }
 
 #[derive(Deserialize, Default)]
@@ -920,6 +947,7 @@ struct RawTimeouts {
     pong_timeout: Option<Dur>,
     close: Option<Dur>,
     shutdown_grace: Option<Dur>,
+    drain_delay: Option<OptDur>,
     http_write: Option<Dur>,
 }
 
@@ -990,6 +1018,7 @@ impl RawTimeouts {
             pong_timeout: t.pong_timeout.map_or(d.pong_timeout, |v| v.0),
             close: t.close.map_or(d.close, |v| v.0),
             shutdown_grace: t.shutdown_grace.map_or(d.shutdown_grace, |v| v.0),
+            drain_delay: t.drain_delay.map_or(d.drain_delay, |v| v.0),
             http_write: t.http_write.map_or(d.http_write, |v| v.0),
         }
     }
@@ -1100,6 +1129,8 @@ macro_rules! route_options {
         }
         .resolve(&|p| $ctx.resolve(p))
         .or_else(|(field, message)| $ctx.invalid($span.clone(), format!(concat!($table, "[{}].{}"), $i, field), message))?;
+        let record = record_config($t.record, $t.record_max_size, $ctx)
+            .or_else(|(field, message)| $ctx.invalid($span.clone(), format!(concat!($table, "[{}].{}"), $i, field), message))?;
         RawRouteOptions {
             framing: $t.framing,
             subprotocols: $t.subprotocols,
@@ -1108,6 +1139,7 @@ macro_rules! route_options {
             client_cn: $t.client_cn,
             backend_tls: $t.backend_tls.map(|b| b.resolve($ctx)),
             policy,
+            record,
         }
         .apply($defaults)
     }};
@@ -1184,9 +1216,16 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
     for (i, t) in raw.into_iter().enumerate() {
         let span = t.span();
         let t = t.into_inner();
-        let (path, jwt) = match (t.source, t.jwt, t.allow_targets) {
-            (Some(source), None, None) => (ctx.resolve(&source), None),
-            (None, Some(jwt), Some(allow)) if !allow.is_empty() => {
+        if t.allow_any_target && t.redis.is_none() {
+            return ctx.invalid(
+                span,
+                format!("tokens[{i}].allow_any_target"),
+                "is for Redis sources only (a JWT source always needs allow_targets)",
+            );
+        }
+        let (path, jwt, redis) = match (t.source, t.jwt, t.redis, t.allow_targets) {
+            (Some(source), None, None, None) => (ctx.resolve(&source), None, None),
+            (None, Some(jwt), None, Some(allow)) if !allow.is_empty() => {
                 let jwt = jwt
                     .resolve(&|p| ctx.resolve(p))
                     .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].{field}"), message))?;
@@ -1199,32 +1238,67 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                     | crate::policy::jwt::KeySource::Secret(p) => p.clone(),
                 };
                 let allow_targets = allow.into_iter().map(|r| r.0).collect();
-                (key, Some(policy::JwtTokenSource { jwt, allow_targets }))
+                (key, Some(policy::JwtTokenSource { jwt, allow_targets }), None)
             }
-            (None, Some(_), _) => {
+            (None, Some(_), None, _) => {
                 return ctx.invalid(
                     span,
                     format!("tokens[{i}].allow_targets"),
                     "a JWT token source needs allow_targets: the addresses and ports its tokens may name",
                 )
             }
-            (None, None, _) => return ctx.invalid(span, format!("tokens[{i}]"), "needs `source` (token files) or `jwt` (JWT tokens)"),
-            (Some(_), _, _) => {
+            (None, None, Some(redis), allow) => {
+                let allow = match (allow, t.allow_any_target) {
+                    (Some(list), false) if !list.is_empty() => Some(list.into_iter().map(|r| r.0).collect()),
+                    (None, true) => None,
+                    (Some(_), true) => {
+                        return ctx.invalid(
+                            span,
+                            format!("tokens[{i}].allow_any_target"),
+                            "give allow_targets or allow_any_target = true, not both",
+                        )
+                    }
+                    _ => {
+                        return ctx.invalid(
+                            span,
+                            format!("tokens[{i}].allow_targets"),
+                            "a Redis token source needs allow_targets: the addresses and ports its tokens may name, so that \
+                             whoever can write to Redis cannot reach anything else (allow_any_target = true trusts them with \
+                             every address, as websockify does)",
+                        )
+                    }
+                };
+                let redis = redis.resolve(allow, &|p| ctx.resolve(p)).or_else(|(field, message, at)| {
+                    ctx.invalid(at.unwrap_or_else(|| span.clone()), format!("tokens[{i}].redis.{field}"), message)
+                })?;
+                (PathBuf::from(redis.name()), None, Some(redis))
+            }
+            (None, None, None, _) => {
                 return ctx.invalid(
                     span,
                     format!("tokens[{i}]"),
-                    "`source` (token files) and `jwt`/`allow_targets` do not go together",
+                    "needs `source` (token files), `jwt` (JWT tokens) or `redis` (tokens in Redis)",
+                )
+            }
+            (Some(_), _, _, _) | (None, Some(_), Some(_), _) => {
+                return ctx.invalid(
+                    span,
+                    format!("tokens[{i}]"),
+                    "`source` (token files), `jwt` and `redis` do not go together, nor `source` and `allow_targets`",
                 )
             }
         };
-        if let Err(e) = std::fs::metadata(&path) {
-            let field = if jwt.is_some() { "jwt" } else { "source" };
-            return ctx.invalid(span, format!("tokens[{i}].{field}"), format!("{}: {e}", path.display()));
+        if redis.is_none() {
+            if let Err(e) = std::fs::metadata(&path) {
+                let field = if jwt.is_some() { "jwt" } else { "source" };
+                return ctx.invalid(span, format!("tokens[{i}].{field}"), format!("{}: {e}", path.display()));
+            }
         }
         if sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
+            let field = if redis.is_some() { "redis" } else { "source" };
             return ctx.invalid(
                 span,
-                format!("tokens[{i}].source"),
+                format!("tokens[{i}].{field}"),
                 format!(
                     "{} is already a token source with lookup = \"{}\"",
                     path.display(),
@@ -1236,6 +1310,7 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
         sources.push(TokenSourceConfig {
             path,
             jwt,
+            redis,
             lookup: t.lookup,
             options,
         });
@@ -1284,8 +1359,48 @@ impl RawRouteOptions {
             client_cn: self.client_cn.or_else(|| defaults.client_cn.clone()),
             backend_tls: self.backend_tls.or_else(|| defaults.backend_tls.clone()),
             policy: self.policy,
+            record: self.record.or_else(|| defaults.record.clone()),
         }
     }
+}
+
+/// A route's `record` and `record_max_size`: the prefix resolved against the file's directory,
+/// in a directory that exists (a typo is found now, not as a warning per session).
+fn record_config(
+    prefix: Option<PathBuf>,
+    max_size: Option<Size>,
+    ctx: &Ctx<'_>,
+) -> Result<Option<crate::record::RecordConfig>, (&'static str, String)> {
+    let Some(prefix) = prefix else {
+        return match max_size {
+            Some(_) => Err(("record_max_size", "needs `record` (the file name prefix)".into())),
+            None => Ok(None),
+        };
+    };
+    record_settings(ctx.resolve(&prefix), max_size.map(|s| s.0)).map(Some)
+}
+
+/// Checks a recording's file name prefix and size cap (`None`: the default cap, `Some(None)`:
+/// none): files go to `PREFIX.N` in a directory that exists.
+///
+/// # Errors
+/// The field (`record`) and what is wrong with it.
+pub fn record_settings(prefix: PathBuf, max_size: Option<Option<usize>>) -> Result<crate::record::RecordConfig, (&'static str, String)> {
+    if prefix.file_name().is_none() {
+        return Err((
+            "record",
+            format!("{} is not a file name prefix (files are PREFIX.N)", prefix.display()),
+        ));
+    }
+    let dir = prefix.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(("record", format!("{} is not a directory", dir.display())));
+    }
+    let max_size = match max_size {
+        None => Some(crate::record::DEFAULT_MAX_SIZE),
+        Some(n) => n.map(|n| n as u64),
+    };
+    Ok(crate::record::RecordConfig { prefix, max_size })
 }
 
 impl<'de> Deserialize<'de> for Target {
@@ -1754,7 +1869,7 @@ mod tests {
     #[test]
     fn describe_uses_the_configurations_words() {
         let c = parse(
-            "[[listen]]\naddr = \"127.0.0.1:1\"\n[timeouts]\nping_interval = 20\nidle = \"off\"\nconnect = \"500ms\"\n[limits]\nmax_message_size = \"64KiB\"\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nframing = \"lines\"\nclient_cn = [\"alice\"]\n",
+            "[[listen]]\naddr = \"127.0.0.1:1\"\n[timeouts]\nping_interval = 20\nidle = \"off\"\nconnect = \"500ms\"\ndrain_delay = \"10s\"\n[limits]\nmax_message_size = \"64KiB\"\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nframing = \"lines\"\nclient_cn = [\"alice\"]\n",
         )
         .unwrap();
         let text = c.describe();
@@ -1763,6 +1878,7 @@ mod tests {
             "ping_interval = \"20s\"",
             "idle = \"off\"",
             "connect = \"500ms\"",
+            "drain_delay = \"10s\"",
             "max_message_size = \"64KiB\"",
         ] {
             assert!(text.contains(words), "{words:?} not in {text}");

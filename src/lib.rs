@@ -14,10 +14,11 @@
 //! | [`server::start`] | starting a server as the binary does: open-file limit, runtime threads, binding, reload |
 //! | [`slots`] | counted caps (connections, a route's sessions) that keep counting across a reload |
 //! | [`http`] | one HTTP request: reading it and answering ([`http::request`]), the upgrade decision ([`http::upgrade`]), static files ([`http::web`]) |
-//! | [`routes`] / [`tokens`] | the route table: path, token (inline or websockify token files), host |
+//! | [`routes`] / [`tokens`] | the route table: path, token (inline, websockify token files, JWTs, Redis under a deadline), host |
 //! | [`tls`] | PEM → rustls configs, SNI, certificate reload, client certificates, TLS to backends |
 //! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
 //! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |
+//! | [`record`] | session recording (websockify's `--record`): a writer task per session, files noVNC's playback reads |
 //! | [`frame`] | WebSocket frames: the client's parsed and unmasked in place, our headers |
 //! | [`agent`] | agent mode: the `wsbridge agent` process, the server's agent endpoint and registry |
 //! | [`demo`] | `wsbridge demo`: a chat server and page, for a first run with no setup |
@@ -49,6 +50,7 @@ pub mod metrics;
 pub mod platform;
 pub mod policy;
 pub mod proxy;
+pub mod record;
 pub mod relay;
 pub mod routes;
 pub mod server;

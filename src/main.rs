@@ -279,7 +279,6 @@ fn spawn_signal_handlers(
     notifier: Option<Arc<Notifier>>,
 ) -> anyhow::Result<()> {
     let mut signals = wsbridge::signals::Signals::new()?;
-    let token = bridge.shutdown_token();
     let bridge = bridge.clone();
     tokio::spawn(async move {
         loop {
@@ -302,8 +301,11 @@ fn spawn_signal_handlers(
         if let Some(n) = &notifier {
             n.stopping(&draining_status(&bridge));
         }
-        tracing::info!("shutting down: no new connections; closing sessions");
-        token.cancel();
+        // /readyz turns 503 now; with a drain delay the listeners accept on until a balancer has
+        // seen it. A second SIGTERM/SIGINT (an impatient operator, a supervisor's stop timeout)
+        // skips the rest of the delay; reloads during the drain are pointless and ignored.
+        let hurry = async move { while signals.recv().await != Signal::Shutdown {} };
+        bridge.drain(hurry).await;
     });
     Ok(())
 }

@@ -124,8 +124,24 @@ pub enum Refusal {
     ConnectionLimit,
     /// A plain connection on a TLS-only listener.
     TlsOnly,
+    /// A PROXY protocol header from a sender not in `trusted_proxies`, malformed, or late:
+    /// closed without an answer (a balancer cannot use one), counted with status 0.
+    Proxy(ProxyRefusal),
     /// An HTTP answer with an error status, classified by the status.
     Http(u16),
+    /// A token source that had to be asked could not answer (Redis down or slow): 503.
+    TokenSource,
+}
+
+/// Why a PROXY protocol header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyRefusal {
+    /// The sender is not a trusted proxy.
+    Untrusted,
+    /// Not a valid PROXY v1/v2 header.
+    Malformed,
+    /// None within the handshake deadline.
+    Timeout,
 }
 
 impl Refusal {
@@ -133,6 +149,10 @@ impl Refusal {
         match self {
             Refusal::ConnectionLimit => (503, "connection_limit"),
             Refusal::TlsOnly => (400, "tls_only"),
+            Refusal::Proxy(ProxyRefusal::Untrusted) => (0, "proxy_untrusted"),
+            Refusal::Proxy(ProxyRefusal::Malformed) => (0, "proxy_malformed"),
+            Refusal::Proxy(ProxyRefusal::Timeout) => (0, "proxy_timeout"),
+            Refusal::TokenSource => (503, "token_source_unavailable"),
             Refusal::Http(status) => (
                 status,
                 match status {
@@ -239,7 +259,7 @@ impl Metrics {
         let refused = Family::<RefusedLabel, Counter>::default();
         registry.register(
             "handshakes_refused",
-            "Connections refused before the upgrade, by HTTP status and reason",
+            "Connections refused before the upgrade, by HTTP status (0: closed without an answer) and reason",
             refused.clone(),
         );
         let connects = Family::<ConnectLabel, Counter>::default();

@@ -24,6 +24,10 @@
 //!   has none, [`DEFAULT_MAX_LINE`]); a line that long, once complete, is one frame of up to three
 //!   times its size while the client is slow to take it.
 //!
+//! A session whose route records ([`crate::record`]) copies what each backend read and each client
+//! message piece carried to its recorder, which never waits; a session that does not pays one
+//! check of an `Option` per read.
+//!
 //! One timer serves the idle deadline, the session lifetime, keepalive and the close handshake.
 //! Every ending goes through [`Pump::end`], which picks the close frame and what happens to the
 //! client's data still in flight: on backend EOF everything read is sent before the close frame;
@@ -47,6 +51,7 @@ use crate::backend::{describe, Backend, BackendReader, BackendWriter};
 use crate::config::{Framing, Timeouts, DEFAULT_MAX_LINE};
 use crate::frame::{self, Decoder, Event, FrameError, OutHeader};
 use crate::metrics::Session;
+use crate::record::{Direction, RecordConfig, Recorder};
 
 /// The most read from either peer in one system call.
 const SCRATCH: usize = 256 * 1024;
@@ -95,6 +100,8 @@ pub struct SessionParams<'a> {
     /// Deadlines (borrowed from the configuration the connection started with: a copy would sit
     /// in every session's state).
     pub timeouts: &'a Timeouts,
+    /// Record the session's bytes ([`crate::record`]); `None` (the default): not recorded.
+    pub record: Option<&'a RecordConfig>,
 }
 
 /// How a session ended, for the session log line.
@@ -194,6 +201,10 @@ where
 {
     let (reader, writer) = backend.halves();
     let mut pump = Pump::new(client, early, reader, writer, params);
+    // Files are numbered as the log lines number sessions.
+    pump.recorder = params
+        .record
+        .map(|r| Recorder::start(r, live.map_or_else(crate::record::next_number, |s| s.id)));
     let mut cancelled = pin!(shutdown.cancelled());
     let mut told = false;
     poll_fn(|cx| {
@@ -225,6 +236,9 @@ where
         _ => {
             let _ = timeout(close, pump.client.io.shutdown()).await;
         }
+    }
+    if let Some(recorder) = pump.recorder.take() {
+        recorder.finish(close).await;
     }
     summary
 }
@@ -430,6 +444,8 @@ struct Pump<'b, 't, S> {
 
     bytes_up: u64,
     bytes_down: u64,
+    /// The session's recording, if its route records: one check per read when it does not.
+    recorder: Option<Recorder>,
 }
 
 impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
@@ -475,6 +491,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             close_by: None,
             bytes_up: 0,
             bytes_down: 0,
+            recorder: None,
         }
     }
 
@@ -584,7 +601,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             return false;
         }
         let Pump {
-            reader, client, framer, ..
+            reader,
+            client,
+            framer,
+            recorder,
+            ..
         } = self;
         let read = with_scratch(|scratch| {
             let limit = match framer.framing {
@@ -597,6 +618,9 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     let data = buf.filled();
+                    if let Some(r) = recorder {
+                        r.record(Direction::ToClient, data);
+                    }
                     let mut send = |opcode: u8, payload: &[u8]| client.send(cx, opcode, payload);
                     if data.is_empty() {
                         framer.finish(&mut send);
@@ -758,6 +782,9 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     }
                     self.bytes_up += len as u64;
                     self.touch();
+                    if let Some(r) = &mut self.recorder {
+                        r.record(Direction::FromClient, bytes);
+                    }
                     if len > 0 {
                         batch[pieces] = Piece::Input(pos - len, pos);
                         pieces += 1;
@@ -1195,6 +1222,7 @@ mod tests {
             framing,
             max_message_size: None,
             timeouts: &timeouts,
+            record: None,
         };
         let shutdown = CancellationToken::new();
         let run = run(client, Vec::new(), Backend::Unix(backend), &params, &shutdown);
@@ -1263,6 +1291,7 @@ mod tests {
             framing,
             max_message_size: None,
             timeouts,
+            record: None,
         }
     }
 

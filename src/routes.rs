@@ -3,8 +3,9 @@
 //! the operator controls.
 //!
 //! Lookup order: exact path, then the `token` query parameter (inline token routes, then token
-//! sources with `lookup = "query"`), then the Host header (`lookup = "host"`), then the any-path
-//! route. A request that names a token that is not known gets no fallback to the any-path route:
+//! sources with `lookup = "query"`: files, Redis, JWTs), then the Host header (`lookup = "host"`:
+//! files, then Redis), then the any-path route. Redis is asked only when a request gets that far,
+//! so routes that do not use it pay nothing for it. A request that names a token that is not known gets no fallback to the any-path route:
 //! it is a client error worth a 404, not a reason to send it somewhere else. Where nothing takes
 //! tokens from the query (no inline token route, no query token source), the query is ignored,
 //! as websockify ignores it in single-target mode. Host tokens match without case or port.
@@ -22,6 +23,7 @@ use crate::policy::targets::{self, TargetRule};
 use crate::policy::{AddressLimits, PerAddress};
 use crate::slots::{Slot, Slots};
 use crate::tls::BackendTls;
+use crate::tokens::redis::{Answer, RedisTokens};
 use crate::tokens::{host_key, TokenSource};
 
 /// A route in service.
@@ -138,9 +140,14 @@ pub enum Miss {
     /// A token was given but no source knows it.
     #[error("unknown token {0}")]
     Token(String),
-    /// A token names a target that is not on its source's allow-list (a JWT's claims).
+    /// A token names a target that is not on its source's allow-list (a JWT's claims, a value
+    /// in Redis).
     #[error("{0}")]
     Denied(String),
+    /// A token source that must be asked could not answer (Redis down or slow): the token may
+    /// well exist, so this is no 404.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// All routes of one configuration.
@@ -152,6 +159,8 @@ pub struct RouteTable {
     sources: Vec<(TokenSource, Shared)>,
     /// Sources whose tokens are JWTs naming their target (websockify's JWTTokenApi).
     jwt_sources: Vec<(JwtTokens, Shared)>,
+    /// Sources whose tokens are keys in Redis (websockify's TokenRedis).
+    redis_sources: Vec<(RedisSource, Shared)>,
     /// Agent mode's fleet routes (`/PREFIX/{agent}/{service}`), by prefix.
     agent_templates: Vec<(String, Arc<Route>)>,
     /// The declared agents (inline and in fleet files): a fleet route reaches no other.
@@ -164,6 +173,14 @@ struct JwtTokens {
     config: crate::config::TokenSourceConfig,
     verifier: JwtVerifier,
     allow: Vec<TargetRule>,
+}
+
+/// A Redis token source in service: its configuration and its client (shared with the table
+/// that follows after a reload, while the settings stay the same: its connection and cache go on).
+#[derive(Debug)]
+struct RedisSource {
+    config: crate::config::TokenSourceConfig,
+    tokens: Arc<RedisTokens>,
 }
 
 /// The connector for a route's backend TLS settings; routes with equal settings share one, so
@@ -213,13 +230,28 @@ impl RouteTable {
         table.agents = crate::agent::Declared::from_config(&config.agents);
         for s in &config.token_sources {
             let before = previous.and_then(|p| {
-                p.sources
-                    .iter()
-                    .find(|(old, _)| old.config.path == s.path && old.config.lookup == s.lookup)
+                let files = p.sources.iter().map(|(old, shared)| (&old.config, shared));
+                let redis = p.redis_sources.iter().map(|(old, shared)| (&old.config, shared));
+                files
+                    .chain(redis)
+                    .find(|(old, _)| old.path == s.path && old.lookup == s.lookup && old.redis.is_some() == s.redis.is_some())
                     .map(|(_, shared)| shared)
             });
             let shared =
                 Shared::new(&s.options, before, &mut made, capacity).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
+            if let Some(settings) = &s.redis {
+                let kept = previous
+                    .into_iter()
+                    .flat_map(|p| &p.redis_sources)
+                    .find(|(old, _)| old.tokens.settings() == settings)
+                    .map(|(old, _)| old.tokens.clone());
+                let tokens = match kept {
+                    Some(t) => t,
+                    None => Arc::new(RedisTokens::new(settings.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?),
+                };
+                table.redis_sources.push((RedisSource { config: s.clone(), tokens }, shared));
+                continue;
+            }
             if let Some(jwt) = &s.jwt {
                 let verifier = JwtVerifier::new(jwt.jwt.clone()).map_err(|e| format!("JWT token source: {e}"))?;
                 let tokens = JwtTokens {
@@ -282,16 +314,20 @@ impl RouteTable {
             if let Some(r) = self.tokens.get(&token) {
                 return Ok(r.clone());
             }
-            if let Some(r) = self.lookup_sources(TokenLookup::Query, &token).await {
-                return Ok(r);
-            }
+            // A Redis that cannot answer does not keep a JWT from being checked.
+            let unavailable = match self.lookup_sources(TokenLookup::Query, &token).await {
+                Ok(Some(r)) => return Ok(r),
+                Ok(None) => None,
+                Err(e @ Miss::Unavailable(_)) => Some(e),
+                Err(e) => return Err(e),
+            };
             if let Some(r) = self.lookup_jwt(&token)? {
                 return Ok(r);
             }
-            return Err(Miss::Token(redact(&token)));
+            return Err(unavailable.unwrap_or_else(|| Miss::Token(redact(&token))));
         }
         if let Some(host) = host_of(request) {
-            if let Some(r) = self.lookup_sources(TokenLookup::Host, &host).await {
+            if let Some(r) = self.lookup_sources(TokenLookup::Host, &host).await? {
                 return Ok(r);
             }
         }
@@ -301,7 +337,10 @@ impl RouteTable {
     /// Whether a token in the query can select a route: an inline token route, or a token
     /// source with `lookup = "query"`.
     pub fn takes_query_tokens(&self) -> bool {
-        !self.tokens.is_empty() || !self.jwt_sources.is_empty() || self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
+        !self.tokens.is_empty()
+            || !self.jwt_sources.is_empty()
+            || self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
+            || self.redis_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 
     /// The route a JWT token names, if one of the JWT sources verifies it: its `host` and
@@ -328,14 +367,36 @@ impl RouteTable {
         Ok(None)
     }
 
-    async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Option<Arc<Route>> {
+    /// The route `token` names in the file sources, then the Redis sources, taking tokens by
+    /// `lookup`.
+    ///
+    /// # Errors
+    /// [`Miss::Denied`] for a value in Redis naming a target off its allow-list;
+    /// [`Miss::Unavailable`] when a Redis source could not answer and no other source knows the
+    /// token.
+    async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Result<Option<Arc<Route>>, Miss> {
         for (source, shared) in self.sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
             if let Some(target) = source.lookup(token).await {
                 let name = format!("token {} from {}", redact(token), source.config.path.display());
-                return Some(Route::new(name, target, source.config.options.clone(), shared));
+                return Ok(Some(Route::new(name, target, source.config.options.clone(), shared)));
             }
         }
-        None
+        let mut unavailable = None;
+        for (source, shared) in self.redis_sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
+            match source.tokens.lookup(token).await {
+                Ok(Answer::Target(target)) => {
+                    let name = format!("token {} from {}", redact(token), source.tokens.name());
+                    return Ok(Some(Route::new(name, target, source.config.options.clone(), shared)));
+                }
+                Ok(Answer::Absent) => {}
+                Ok(Answer::Denied(why)) => return Err(Miss::Denied(why)),
+                Err(e) => unavailable = Some(e),
+            }
+        }
+        match unavailable {
+            Some(e) => Err(Miss::Unavailable(e.to_string())),
+            None => Ok(None),
+        }
     }
 
     /// The effective route table as text, for `wsbridge check`, options in the configuration's
@@ -360,6 +421,16 @@ impl RouteTable {
                 "JWT token source ({}): allow_targets = [{}], {}",
                 s.verifier.describe(),
                 rules.join(", "),
+                s.config.options.describe()
+            );
+        }
+        for (s, _) in &self.redis_sources {
+            let _ = writeln!(
+                out,
+                "Redis token source {}: {}, lookup = \"{}\", {}",
+                s.tokens.name(),
+                s.tokens.settings().describe(),
+                s.config.lookup,
                 s.config.options.describe()
             );
         }
@@ -522,6 +593,7 @@ mod tests {
         for lookup in [TokenLookup::Query, TokenLookup::Host] {
             config.token_sources.push(crate::config::TokenSourceConfig {
                 jwt: None,
+                redis: None,
                 path: file.clone(),
                 lookup,
                 options: options.clone(),
@@ -536,5 +608,28 @@ mod tests {
         assert!(new.lookup(&by_query).await.unwrap().try_enter().is_none());
         assert!(new.lookup(&by_host).await.unwrap().try_enter().is_some());
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn a_redis_source_keeps_its_client_across_a_rebuild_while_its_settings_stay() {
+        let mut config = Config::new("test");
+        let options = config.default_route_options();
+        let mut settings = crate::config::redis::parse_websockify_source("127.0.0.1:1").unwrap();
+        settings.allow_targets = None;
+        config.token_sources.push(crate::config::TokenSourceConfig {
+            path: settings.name().into(),
+            jwt: None,
+            redis: Some(settings),
+            lookup: TokenLookup::Query,
+            options,
+        });
+        let old = RouteTable::from_config(&config, None).unwrap();
+        assert!(old.takes_query_tokens());
+        let same = RouteTable::from_config(&config, Some(&old)).unwrap();
+        assert!(Arc::ptr_eq(&old.redis_sources[0].0.tokens, &same.redis_sources[0].0.tokens));
+        // Another key prefix is another source: a client of its own.
+        config.token_sources[0].redis.as_mut().unwrap().key_prefix = "ns:".into();
+        let other = RouteTable::from_config(&config, Some(&same)).unwrap();
+        assert!(!Arc::ptr_eq(&same.redis_sources[0].0.tokens, &other.redis_sources[0].0.tokens));
     }
 }

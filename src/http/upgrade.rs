@@ -64,6 +64,9 @@ pub enum Outcome {
         status: StatusCode,
         /// Why, for the log.
         reason: String,
+        /// How the metrics count it when the status is an error: by its status, unless a
+        /// reason of its own tells an operator more (a token source down, not a route full).
+        refusal: crate::metrics::Refusal,
     },
 }
 
@@ -87,7 +90,8 @@ where
         Ok(v) => v,
         Err(Rejection::Status { status, reason }) => {
             answer(io, status, &reason, &[]).await?;
-            return Ok(Outcome::Answered { status, reason });
+            let refusal = crate::metrics::Refusal::Http(status.as_u16());
+            return Ok(Outcome::Answered { status, reason, refusal });
         }
         Err(e) => return Err(e),
     };
@@ -102,13 +106,22 @@ where
             headers,
         } => {
             write_answer(io, status, said.unwrap_or(&reason), &headers, body).await?;
-            Ok(Outcome::Answered { status, reason })
+            let refusal = crate::metrics::Refusal::Http(status.as_u16());
+            Ok(Outcome::Answered { status, reason, refusal })
+        }
+        Decision::SourceUnavailable(reason) => {
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            let retry = [(header::RETRY_AFTER, HeaderValue::from_static("1"))];
+            write_answer(io, status, "token source unavailable", &retry, body).await?;
+            let refusal = crate::metrics::Refusal::TokenSource;
+            Ok(Outcome::Answered { status, reason, refusal })
         }
         Decision::Static(request, web) => {
             let (status, what) = web::serve(io, &request, web).await?;
             Ok(Outcome::Answered {
                 status,
                 reason: what.into(),
+                refusal: crate::metrics::Refusal::Http(status.as_u16()),
             })
         }
     }
@@ -126,6 +139,9 @@ enum Decision<'w> {
         headers: Vec<(HeaderName, HeaderValue)>,
     },
     Static(Request<()>, &'w WebRoot),
+    /// A token source that must be asked could not answer (503, Retry-After: 1); the reason is
+    /// for the log.
+    SourceUnavailable(String),
 }
 
 fn reject<'w>(status: StatusCode, reason: impl Into<String>) -> Decision<'w> {
@@ -275,6 +291,13 @@ async fn decide<'w>(
         Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
         Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
         Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
+        Err(Miss::Unavailable(why)) => {
+            // Not the client's guess: Redis did not answer.
+            if names_token {
+                ctx.failures.refund(ctx.client);
+            }
+            return Decision::SourceUnavailable(why);
+        }
     };
     if !route.admits(client_cn) {
         let reason = match client_cn {

@@ -100,17 +100,30 @@ impl FileOpener for Guarded {
 
     fn open(&self, path: &Path) -> Self::Future {
         let inner = self.inner.clone();
-        if self.reach.follow_symlinks {
-            return Box::pin(inner.open(path));
-        }
         let (root, path, reach) = (self.root.clone(), path.to_path_buf(), self.reach);
         Box::pin(async move {
-            let real = tokio::task::spawn_blocking(move || inside_root(&root, &path, reach))
+            let real = tokio::task::spawn_blocking(move || servable(&root, &path, reach))
                 .await
                 .map_err(io::Error::other)??;
             inner.open(&real).await
         })
     }
+}
+
+/// `path` (relative to `root`) as the opener should open it, or "not found": see
+/// [`inside_root`], and only regular files and directories. Opening a FIFO or a device would
+/// wait (a FIFO with no writer, forever) and hold a blocking thread per request.
+fn servable(root: &Path, path: &Path, reach: Reach) -> io::Result<PathBuf> {
+    let real = match reach.follow_symlinks {
+        true => path.to_path_buf(),
+        false => inside_root(root, path, reach)?,
+    };
+    let kind = std::fs::metadata(root.join(&real))?.file_type();
+    if !kind.is_file() && !kind.is_dir() {
+        tracing::debug!(path = %path.display(), "static file refused: not a regular file or directory");
+        return Err(io::Error::from(io::ErrorKind::NotFound));
+    }
+    Ok(real)
 }
 
 /// `path` (relative to `root`) resolved through its symlinks, as a path relative to the root's

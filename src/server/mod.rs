@@ -12,6 +12,9 @@
 //!
 //! Shutdown: cancelling the token stops the accept loops; sessions close with 1001 after flushing;
 //! [`Bridge::serve`] returns when every task is done or `timeouts.shutdown_grace` has passed.
+//! Behind a load balancer, [`Bridge::drain`] comes first: readiness turns false at once while the
+//! listeners keep accepting for `timeouts.drain_delay`, so the balancer sees the 503 on `/readyz`
+//! and moves new sessions elsewhere before this bridge stops taking them.
 //!
 //! [`start`] starts a server as the binary does: open-file limit, runtime threads, binding.
 
@@ -31,6 +34,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::http::request::{answer, answer_text, linger};
 use crate::http::{Context, Outcome, Upgrade, WebRoot};
+use crate::metrics::{ProxyRefusal, Refusal};
 use crate::policy::{AddressLimits, OriginRule, PerAddress};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
@@ -97,6 +101,9 @@ struct Inner {
     metrics: Arc<crate::metrics::Metrics>,
     /// Every listener's accept loop runs: half of readiness (the other half: not draining).
     serving: std::sync::atomic::AtomicBool,
+    /// A drain has started ([`Bridge::drain`]): not ready, though still accepting until the
+    /// shutdown token is cancelled.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Failed authentications an address may make at once, and how fast they are forgiven: ten,
@@ -147,6 +154,7 @@ impl Bridge {
                 failures: PerAddress::new(AUTH_FAILURES, 4096),
                 metrics: Arc::default(),
                 serving: Default::default(),
+                draining: Default::default(),
             }),
             shutdown,
         })
@@ -172,9 +180,39 @@ impl Bridge {
     }
 
     /// Ready for new sessions: listeners accepting and no drain started. Turns false the moment
-    /// the shutdown token is cancelled, before any session is closed.
+    /// a drain starts ([`Bridge::drain`]) or the shutdown token is cancelled, before any session
+    /// is closed.
     pub fn is_ready(&self) -> bool {
-        self.inner.serving.load(std::sync::atomic::Ordering::Acquire) && !self.inner.shutdown.is_cancelled()
+        self.inner.serving.load(std::sync::atomic::Ordering::Acquire) && !self.is_draining()
+    }
+
+    /// A drain has started: [`Bridge::drain`] was called or the shutdown token is cancelled.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(std::sync::atomic::Ordering::Acquire) || self.inner.shutdown.is_cancelled()
+    }
+
+    /// Shuts down the way a load balancer needs: readiness turns false at once (`/readyz`
+    /// answers 503), the listeners keep accepting and sessions keep running for
+    /// `timeouts.drain_delay` (sessions the balancer still sends before its health check sees the
+    /// 503 are served, not refused), then the shutdown token is cancelled: listeners close and
+    /// sessions end with 1001 after what is in flight. `hurry` cuts the delay short (a second
+    /// SIGTERM). Without a delay the token is cancelled at once. Returns when it is cancelled;
+    /// [`Bridge::serve`] then drains under `timeouts.shutdown_grace`.
+    pub async fn drain(&self, hurry: impl std::future::Future<Output = ()>) {
+        self.inner.draining.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(delay) = self.live().timeouts.drain_delay {
+            info!(
+                ?delay,
+                "draining: /readyz answers 503; still accepting for the drain delay, then closing sessions"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = hurry => info!("drain delay cut short"),
+                _ = self.inner.shutdown.cancelled() => {}
+            }
+        }
+        info!("shutting down: no new connections; closing sessions");
+        self.inner.shutdown.cancel();
     }
 
     /// Connections open now (sessions and handshakes), counted against `max_connections`.
@@ -397,6 +435,7 @@ impl Bridge {
         let trusted = &listener.config.access.trusted_proxies;
         if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&peer.client.ip().to_canonical())) {
             // Only the load balancers may say who the client is.
+            self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Untrusted));
             warn!("connection refused: PROXY protocol header from a peer not in trusted_proxies");
             return false;
         }
@@ -410,10 +449,12 @@ impl Bridge {
                 }
             }
             Ok(Err(e)) => {
+                self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Malformed));
                 warn!(error = %e, "connection refused: bad PROXY protocol header");
                 return false;
             }
             Err(_) => {
+                self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Timeout));
                 warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline");
                 return false;
             }
@@ -482,7 +523,7 @@ impl Bridge {
             }
             None => refuse_at_once(&stream, answer_text(status, reason, &retry, true).as_bytes()),
         }
-        self.inner.metrics.refused(crate::metrics::Refusal::ConnectionLimit);
+        self.inner.metrics.refused(Refusal::ConnectionLimit);
         debug!(status = 503, "refused: connection limit reached");
     }
 
@@ -511,7 +552,7 @@ impl Bridge {
                 let reason = "this port takes TLS only: use wss:// (https)";
                 let _ = tokio::time::timeout_at(deadline, answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
                 linger(&mut stream, live.timeouts.close).await;
-                self.inner.metrics.refused(crate::metrics::Refusal::TlsOnly);
+                self.inner.metrics.refused(Refusal::TlsOnly);
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
             return Box::pin(self.http(stream, peer, listener, live, deadline, None)).await;
@@ -592,9 +633,9 @@ impl Bridge {
         let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
             Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
             Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
-            Ok(Ok(Outcome::Answered { status, reason })) => {
+            Ok(Ok(Outcome::Answered { status, reason, refusal })) => {
                 if status.as_u16() >= 400 {
-                    self.inner.metrics.refused(crate::metrics::Refusal::Http(status.as_u16()));
+                    self.inner.metrics.refused(refusal);
                 }
                 linger(&mut stream, t.close).await;
                 return info!(status = status.as_u16(), %reason, "http request answered");
@@ -625,6 +666,7 @@ impl Bridge {
             framing: route.options.framing,
             max_message_size: route.options.max_message_size,
             timeouts: t,
+            record: route.options.record.as_ref(),
         };
         let proxy_header = match (route.options.policy.proxy_protocol, peer.local) {
             (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),

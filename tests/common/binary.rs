@@ -3,12 +3,10 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::Notify;
 
+use super::lines::Lines;
 use super::within;
 
 /// The binary under test.
@@ -20,9 +18,8 @@ pub struct Binary {
     pub child: Child,
     /// The address of its first listener.
     pub addr: SocketAddr,
-    /// Every stderr line so far (bounded: past 100,000 lines the oldest half is dropped).
-    lines: Arc<Mutex<Vec<String>>>,
-    more: Arc<Notify>,
+    /// Its stderr.
+    lines: Lines,
 }
 
 impl Drop for Binary {
@@ -37,9 +34,7 @@ impl Binary {
         let mut command = Command::new(BIN);
         command.args(args).stdout(Stdio::null());
         let mut b = Binary::start(command);
-        let line = b.line("listening addr=").await;
-        let addr = line.split("listening addr=").nth(1).unwrap().split_whitespace().next().unwrap();
-        b.addr = addr.parse().expect("listening address");
+        b.addr = b.address_after("listening addr=").await;
         b
     }
 
@@ -53,57 +48,55 @@ impl Binary {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn wsbridge");
-        let mut reader = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let more = Arc::new(Notify::new());
-        let (l, m) = (lines.clone(), more.clone());
-        // Drained all the time, so the child never blocks on a full pipe.
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = reader.next_line().await {
-                let mut v = l.lock().unwrap();
-                if v.len() >= 100_000 {
-                    v.drain(..50_000);
-                }
-                v.push(line);
-                drop(v);
-                m.notify_waiters();
-            }
-            m.notify_waiters();
-        });
+        let lines = Lines::capture(child.stderr.take().expect("stderr"));
         Binary {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             lines,
-            more,
         }
     }
 
     /// Waits for a stderr line containing `needle` (one seen already counts) and returns it.
     pub async fn line(&mut self, needle: &str) -> String {
-        let (lines, more) = (self.lines.clone(), self.more.clone());
-        within(&format!("a log line with {needle:?}"), async move {
-            loop {
-                // Registered before the look, so a line that arrives in between wakes us.
-                let notified = more.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if let Some(l) = lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                    return l.clone();
-                }
-                notified.await;
-            }
-        })
-        .await
+        self.lines.line(needle).await
     }
 
     /// The stderr lines so far.
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.lines.all()
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// The admin listener's address (`--admin` or `[admin]`), from its log line.
+    pub async fn admin_addr(&self) -> SocketAddr {
+        self.address_after("admin endpoints serving addr=").await
+    }
+
+    /// Sends `signal` (`TERM`, `HUP`, …) to the process.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill").args(["-s", signal, &pid]).status().await.expect("kill");
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+
+    /// Waits for the process to exit (within the test bound): its exit code (-1 for a signal).
+    pub async fn exit_code(&mut self) -> i32 {
+        let status = within("wsbridge to exit", self.child.wait()).await.expect("wait");
+        status.code().unwrap_or(-1)
+    }
+
+    /// The address in the first line with `prefix` (`… prefix=ADDR …`).
+    async fn address_after(&self, prefix: &str) -> SocketAddr {
+        let line = self.lines.line(prefix).await;
+        line.split(prefix)
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address after {prefix:?} in {line:?}"))
     }
 }
 

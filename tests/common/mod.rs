@@ -10,7 +10,10 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod haproxy;
+pub mod lines;
 pub mod pki;
+pub mod redis;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -211,6 +214,7 @@ pub fn add_token_source(config: &mut Config, path: std::path::PathBuf, lookup: w
     config.token_sources.push(wsbridge::config::TokenSourceConfig {
         path,
         jwt: None,
+        redis: None,
         lookup,
         options,
     });
@@ -547,4 +551,31 @@ pub fn body_of(response: &str) -> &str {
         .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
     assert_eq!(body.len(), length, "Content-Length does not match the body: {response:?}");
     body
+}
+
+/// The path of an executable on PATH (or the usual sbin directories, which a non-root PATH
+/// lacks); `None` when it is not installed.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"])
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found
+}
+
+/// `METHOD path` on an admin listener, with a bearer token if given: status and body.
+pub async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\n\r\n");
+    let response = http_raw(addr, request.as_bytes()).await;
+    (status_of(&response), body_of(&response).to_owned())
+}
+
+/// The live sessions as an admin listener's `/sessions` lists them.
+pub async fn sessions(addr: SocketAddr, token: Option<&str>) -> Vec<serde_json::Value> {
+    let (status, body) = admin(addr, "GET", "/sessions", token).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use futures_util::SinkExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
@@ -27,21 +27,6 @@ async fn start_admin(bridge: &TestBridge, token: Option<&str>) -> (SocketAddr, t
     let stop = CancellationToken::new();
     tokio::spawn(Admin::new(&bridge.bridge, &config).serve(listener, stop.clone()));
     (addr, stop.drop_guard())
-}
-
-/// `METHOD path` on the admin listener, with a bearer token if given: status and body.
-async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\n\r\n");
-    let response = http_raw(addr, request.as_bytes()).await;
-    (status_of(&response), body_of(&response).to_owned())
-}
-
-/// The live sessions as `/sessions` lists them.
-async fn sessions(addr: SocketAddr, token: Option<&str>) -> Vec<serde_json::Value> {
-    let (status, body) = admin(addr, "GET", "/sessions", token).await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
 /// Asks `/sessions` until `done` holds of the list (each answer is an event: a session opened,
@@ -220,6 +205,94 @@ async fn readyz_turns_503_when_the_drain_starts_before_the_session_closes() {
     assert!(within("drain", bridge.handle).await.unwrap().clean);
 }
 
+/// With a drain delay, `/readyz` says 503 at once while the bridge keeps serving: a session that
+/// a balancer sends before its health check has seen the 503 is still taken, open sessions carry
+/// on, and only at the end of the delay do the listeners close and the sessions end with 1001.
+#[tokio::test]
+async fn a_drain_delay_keeps_serving_after_readyz_turned_503_then_closes_at_its_end() {
+    let delay = std::time::Duration::from_millis(600);
+    let (backend, _) = echo_backend().await;
+    let mut config = config_with(Matcher::Path("/echo".into()), tcp(backend));
+    config.timeouts.drain_delay = Some(delay);
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let (mut before, _) = ws_connect(&bridge.url("/echo"), None).await;
+    send_bin(&mut before, b"one").await;
+    assert_eq!(recv_data(&mut before).await, b"one");
+
+    let started = std::time::Instant::now();
+    let drain = tokio::spawn({
+        let bridge = bridge.bridge.clone();
+        async move { bridge.drain(std::future::pending()).await }
+    });
+    within("/readyz to say 503", async {
+        while admin(admin_addr, "GET", "/readyz", None).await != (503, "draining\n".to_owned()) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // Inside the delay: a new session is taken, and both carry data.
+    let (mut during, _) = ws_connect(&bridge.url("/echo"), None).await;
+    send_bin(&mut during, b"two").await;
+    assert_eq!(recv_data(&mut during).await, b"two");
+    send_bin(&mut before, b"three").await;
+    assert_eq!(recv_data(&mut before).await, b"three");
+    assert!(
+        started.elapsed() < delay,
+        "the checks took the whole delay: {:?}",
+        started.elapsed()
+    );
+
+    for ws in [&mut before, &mut during] {
+        assert_eq!(read_close(ws).await, (1001, "server shutting down".to_owned()));
+        // Our close frame answers the bridge's: the drain need not wait for the close deadline.
+        let _ = ws.flush().await;
+    }
+    assert_window("the sessions' 1001", started.elapsed(), delay);
+    within("drain() to return", drain).await.unwrap();
+    // The listener is closed now.
+    let refused = TcpStream::connect(bridge.addr).await;
+    assert!(refused.is_err(), "the listener still accepts after the drain delay");
+    assert!(within("drain", bridge.handle).await.unwrap().clean);
+}
+
+/// What ends the delay early (a second SIGTERM, in the binary) closes at once.
+#[tokio::test]
+async fn a_drain_delay_cut_short_closes_at_once() {
+    let (backend, _) = echo_backend().await;
+    let mut config = config_with(Matcher::Path("/echo".into()), tcp(backend));
+    config.timeouts.drain_delay = Some(std::time::Duration::from_secs(3600));
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    ready(admin_addr).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let (hurry, hurried) = tokio::sync::oneshot::channel::<()>();
+    let drain = tokio::spawn({
+        let bridge = bridge.bridge.clone();
+        async move {
+            bridge
+                .drain(async {
+                    let _ = hurried.await;
+                })
+                .await
+        }
+    });
+    within("/readyz to say 503", async {
+        while admin(admin_addr, "GET", "/readyz", None).await.0 != 503 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    send_bin(&mut ws, b"still").await;
+    assert_eq!(recv_data(&mut ws).await, b"still");
+    hurry.send(()).unwrap();
+    assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
+    let _ = ws.flush().await;
+    within("drain() to return", drain).await.unwrap();
+    assert!(within("drain", bridge.handle).await.unwrap().clean);
+}
+
 /// The backend side of the next session.
 async fn recv_once_stream(accepted: &mut tokio::sync::mpsc::Receiver<tokio::net::TcpStream>) -> tokio::net::TcpStream {
     within("the backend connection", accepted.recv()).await.expect("backend accepted")
@@ -373,14 +446,8 @@ async fn tls_handshakes_and_the_certificate_expiry_are_exported() {
 async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
     use crate::common::binary::{Binary, BIN};
     let backend = closed_port().await.to_string();
-    let mut b = Binary::spawn(&["127.0.0.1:0", &backend, "--admin", "127.0.0.1:0"]).await;
-    let line = b.line("admin endpoints serving addr=").await;
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|a| a.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let b = Binary::spawn(&["127.0.0.1:0", &backend, "--admin", "127.0.0.1:0"]).await;
+    let addr = b.admin_addr().await;
     assert_eq!(admin(addr, "GET", "/healthz", None).await.0, 200);
     within("readiness", async {
         while admin(addr, "GET", "/readyz", None).await.0 != 200 {
@@ -402,31 +469,45 @@ async fn after_sigterm_the_binarys_readyz_says_503_while_a_session_drains() {
     use crate::common::binary::Binary;
     let (backend, mut accepted) = manual_backend().await;
     let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
-    let line = b.line("admin endpoints serving addr=").await;
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|a| a.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = b.admin_addr().await;
     let (mut ws, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
     let mut server_side = recv_once_stream(&mut accepted).await;
     server_side.write_all(b"still here").await.unwrap();
     assert_eq!(recv_data(&mut ws).await, b"still here");
     assert_eq!(admin(addr, "GET", "/readyz", None).await.0, 200);
 
-    let status = tokio::process::Command::new("kill")
-        .args(["-s", "TERM", &b.pid().to_string()])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
+    b.signal("TERM").await;
     b.line("shutting down").await;
     // The session waits for our answer to its close frame: the process is draining, not gone.
     let (status, body) = admin(addr, "GET", "/readyz", None).await;
     assert_eq!((status, body.as_str()), (503, "draining\n"));
     assert_eq!(sessions(addr, None).await.len(), 1);
     assert_eq!(read_close(&mut ws).await, (1001, "server shutting down".to_owned()));
+}
+
+/// The binary's `--drain-delay`: after SIGTERM `/readyz` says 503 and sessions still open; a
+/// second SIGTERM cuts the (hour-long) delay short and the sessions get their 1001.
+#[tokio::test]
+async fn the_binarys_drain_delay_serves_on_after_sigterm_and_a_second_sigterm_ends_it() {
+    use crate::common::binary::Binary;
+    let (backend, _) = echo_backend().await;
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0", "--drain-delay", "1h"]).await;
+    let addr = b.admin_addr().await;
+    let (mut before, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    b.signal("TERM").await;
+    b.line("draining").await;
+    assert_eq!(admin(addr, "GET", "/readyz", None).await, (503, "draining\n".to_owned()));
+    let (mut during, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    send_bin(&mut during, b"taken").await;
+    assert_eq!(recv_data(&mut during).await, b"taken");
+
+    b.signal("TERM").await;
+    b.line("drain delay cut short").await;
+    for ws in [&mut before, &mut during] {
+        assert_eq!(read_close(ws).await, (1001, "server shutting down".to_owned()));
+        let _ = ws.flush().await;
+    }
+    assert_eq!(b.exit_code().await, 0);
 }
 
 #[tokio::test]
@@ -563,4 +644,55 @@ async fn token_routes_are_labelled_by_their_source_and_re_reads_are_counted() {
         let labels = format!("{:?}", s.labels);
         assert!(!labels.contains("secret-") && !labels.contains('#'), "a token in a label: {s:?}");
     }
+}
+
+/// A PROXY protocol listener closes, without an answer, a connection from a sender it does not
+/// trust and one whose header is not PROXY; both are counted, with status 0 and their reason.
+#[tokio::test]
+async fn refused_proxy_headers_are_counted() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    let mut listener = wsbridge::config::ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    listener.access.proxy_protocol = true;
+    listener.access.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    config.listeners.push(listener);
+    let trusting = TestBridge::start(config.clone()).await;
+    config.listeners[0].access.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    let distrusting = TestBridge::start(config).await;
+    let (trusting_admin, _stop) = start_admin(&trusting, None).await;
+    let (distrusting_admin, _stop2) = start_admin(&distrusting, None).await;
+
+    let mut s = tokio::net::TcpStream::connect(trusting.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    closed_by_peer(&mut s).await;
+    let mut s = tokio::net::TcpStream::connect(distrusting.addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 80\r\n").await.unwrap();
+    closed_by_peer(&mut s).await;
+
+    let m = scrape(trusting_admin, None).await;
+    assert_eq!(
+        value(
+            &m,
+            "wsbridge_handshakes_refused_total",
+            &[("status", "0"), ("reason", "proxy_malformed")]
+        ),
+        1.0
+    );
+    let m = scrape(distrusting_admin, None).await;
+    assert_eq!(
+        value(
+            &m,
+            "wsbridge_handshakes_refused_total",
+            &[("status", "0"), ("reason", "proxy_untrusted")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "wsbridge_handshakes_refused_total",
+            &[("status", "0"), ("reason", "proxy_malformed")]
+        ),
+        0.0
+    );
 }

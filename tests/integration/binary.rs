@@ -228,9 +228,9 @@ async fn an_open_file_limit_below_max_connections_lowers_the_cap() {
 
 #[tokio::test]
 async fn usage_errors_exit_64_with_a_clear_message() {
-    let (code, _, err) = run_to_end(&["6080", "localhost:5900", "--record", "/tmp/x"]).await;
+    let (code, _, err) = run_to_end(&["6080", "localhost:5900", "--daemon"]).await;
     assert_eq!(code, 64);
-    assert!(err.contains("--record is not supported") && err.contains("tcpdump"), "{err}");
+    assert!(err.contains("--daemon is not supported") && err.contains("systemd"), "{err}");
     let (code, _, err) = run_to_end(&["6080"]).await;
     assert_eq!(code, 64);
     assert!(err.contains("missing TARGET"), "{err}");

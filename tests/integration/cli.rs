@@ -145,7 +145,14 @@ async fn completions_and_the_manual_page_name_every_option() {
     let man = run(&["man"]).await;
     assert!(bash.contains("complete -F") && bash.contains("wsbridge"), "{bash}");
     assert!(man.starts_with(".ie") || man.contains(".TH wsbridge"), "{man}");
-    for option in ["--origin", "--jwt-allow-target", "--heartbeat", "--admin", "--web-dotfiles"] {
+    for option in [
+        "--origin",
+        "--token-allow-target",
+        "--token-allow-any-target",
+        "--heartbeat",
+        "--admin",
+        "--web-dotfiles",
+    ] {
         assert!(bash.contains(option), "{option} not in the bash completions");
         // roff escapes '-' as '\-'.
         assert!(man.contains(&option.replace('-', "\\-")), "{option} not in the manual page");

@@ -28,6 +28,7 @@ async fn refusals_tell_the_client_nothing_of_the_configuration() {
     options.max_sessions = Some(1);
     config.token_sources.push(TokenSourceConfig {
         jwt: None,
+        redis: None,
         path: file.clone(),
         lookup: TokenLookup::Query,
         options: options.clone(),

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wsbridge::config::Config;
 
+use crate::common::haproxy::HaProxy;
 use crate::common::*;
 
 /// A bridge from the TOML `text` (a `[[listen]]` is added on 127.0.0.1:0 when missing), with
@@ -428,7 +429,7 @@ async fn the_command_line_admits_any_origin_and_says_so_until_origin_narrows_it(
 #[tokio::test]
 async fn behind_the_real_haproxy_the_log_and_the_backend_see_the_client() {
     let test = "policy::behind_the_real_haproxy_the_log_and_the_backend_see_the_client";
-    let Ok(haproxy) = which("haproxy") else {
+    let Some(haproxy) = HaProxy::installed() else {
         return skip(test, "haproxy is not installed (scripts/test.sh installs Debian's haproxy)");
     };
     let dir = tempfile::tempdir().unwrap();
@@ -443,31 +444,14 @@ async fn behind_the_real_haproxy_the_log_and_the_backend_see_the_client() {
     )
     .unwrap();
     let mut bridge = binary::Binary::spawn(&["--config", config.to_str().unwrap()]).await;
-    // HAProxy listens on a socket the test bound and hands it (as its stdin, `fd@0`): no port is
-    // picked and given up, and connections queue there before HAProxy is up.
-    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let front_addr = front.local_addr().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend fe\n  bind fd@0\n  default_backend be\n\
-             backend be\n  server wsbridge {} send-proxy-v2\n",
-            bridge.addr
-        ),
-    )
-    .unwrap();
-    let _haproxy = tokio::process::Command::new(haproxy)
-        .arg("-db")
-        .arg("-f")
-        .arg(&cfg)
-        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(front)))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let cfg = format!(
+        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend fe\n  bind fd@0\n  default_backend be\n\
+         backend be\n  server wsbridge {} send-proxy-v2\n",
+        bridge.addr
+    );
+    let haproxy = HaProxy::start(&haproxy, dir.path(), &cfg);
+    let front_addr = haproxy.front;
     let s = TcpStream::connect(front_addr).await.unwrap();
     let me = s.local_addr().unwrap();
     let (mut s, _) = raw_upgrade_on(s, &upgrade_request("/vnc", "")).await;
@@ -484,17 +468,6 @@ async fn behind_the_real_haproxy_the_log_and_the_backend_see_the_client() {
     let line = bridge.line("session closed").await;
     assert!(line.contains(&format!("client={me}")), "{line}");
     assert!(line.contains("via=127.0.0.1:"), "{line}");
-}
-
-/// The path of an executable on PATH (or the usual sbin directories, which a non-root PATH lacks).
-fn which(name: &str) -> Result<std::path::PathBuf, ()> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    found.ok_or(())
 }
 
 /// `wsbridge check` shows every route's policy in the file's words, secrets left out.

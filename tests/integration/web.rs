@@ -148,3 +148,26 @@ fn the_options_have_toml_names() {
     let config = Config::from_file(&file).unwrap();
     assert!(config.listeners[0].web_follow_symlinks && config.listeners[0].web_dotfiles);
 }
+
+/// A FIFO or a device in the web root (or, with symlinks followed, reached through one) is not
+/// found: opening a FIFO with no writer waits forever and /dev/zero never ends. The answer comes
+/// at once, and a regular file is still served after them.
+#[tokio::test]
+async fn fifos_and_devices_are_not_served() {
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let made = std::process::Command::new("mkfifo").arg(www.join("pipe")).status().unwrap();
+    assert!(made.success(), "mkfifo failed");
+    symlink("/dev/zero", www.join("zero")).unwrap();
+    for follow_symlinks in [false, true] {
+        let bridge = web_bridge(&www, false, follow_symlinks, false).await;
+        for path in ["/pipe", "/zero"] {
+            let answer = get(&bridge, path).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 404"),
+                "{path} (follow_symlinks {follow_symlinks}): {answer:.200}"
+            );
+        }
+        assert!(get(&bridge, "/sub/app.js").await.ends_with("let x = 1;"));
+    }
+}

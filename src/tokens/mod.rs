@@ -1,4 +1,5 @@
-//! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines.
+//! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines,
+//! here, and keys in Redis ([`redis`]).
 //!
 //! websockify reads its token file on every connection, so operators are used to adding a token by
 //! editing the file, and to revoking one the same way. wsbridge keeps that promise without reading
@@ -33,6 +34,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::config::{redact, Target, TokenLookup, TokenSourceConfig};
+
+pub mod redis;
 
 /// A snapshot older than this starts a re-check of the files in the background.
 pub const REFRESH_AHEAD: Duration = Duration::from_millis(500);
@@ -561,6 +564,7 @@ mod tests {
         std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
         let source = TokenSource::load(TokenSourceConfig {
             jwt: None,
+            redis: None,
             path: file.clone(),
             lookup: TokenLookup::Query,
             options: crate::config::Config::new("test").default_route_options(),
@@ -644,6 +648,7 @@ mod tests {
         std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
         let source = TokenSource::load(TokenSourceConfig {
             jwt: None,
+            redis: None,
             path: file.clone(),
             lookup: TokenLookup::Query,
             options: crate::config::Config::new("test").default_route_options(),

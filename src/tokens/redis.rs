@@ -1,0 +1,459 @@
+//! Tokens in Redis, as websockify's TokenRedis plugin keeps them: the key is the token (after an
+//! optional prefix), the value names the target, as `host:port` or as JSON `{"host": "host:port"}`
+//! (websockify's two forms; `{"host": "h", "port": 5900}` is taken too). Many bridges share one
+//! Redis: a token the web application writes is usable on every one of them at once, and one it
+//! deletes stops routing new sessions everywhere (sessions already open are not touched).
+//!
+//! Every lookup has a deadline ([`RedisTokenSource::lookup_timeout`]) that covers everything it
+//! waits for: the lock on the connection, connecting (TLS and `AUTH` included), the `GET`. A Redis
+//! that is down, unreachable or hung costs a handshake that deadline at most and answers it 503
+//! ([`Unavailable`]), never a hang and never a 404 (a token that may well exist is not called
+//! unknown). There is one multiplexed connection per source, made on the first lookup and again
+//! after a failure (one connect in flight at a time; a lookup that finds the connection broken
+//! tries once more on a new one within its deadline, so a Redis restart costs no handshake).
+//!
+//! Values are checked strictly, then against the source's allow-list
+//! ([`crate::policy::targets`]), so whoever can write to Redis cannot make the bridge an open
+//! proxy: a value that is not a `host:port` (too long, a unix socket, a URL, bad JSON) is refused
+//! like an unknown token, one naming a target off the list is refused as forbidden, and both are
+//! logged with the token's keyed hash, never the token.
+//!
+//! **Cache.** With `cache_ttl` above zero, an answer naming a target is reused for that long
+//! (at most `cache_size` answers; when the cache is full, expired answers are dropped, and a new
+//! answer is not kept until there is room). The price: a token deleted from Redis keeps routing
+//! new sessions on a bridge that has it cached, for up to `cache_ttl`. Absent tokens are never
+//! cached, so a token written a moment ago never waits for a cached "no" to expire; guessing is
+//! braked by the per-address failure budget before Redis is asked. The default is no cache:
+//! every handshake asks Redis, which answers a `GET` in microseconds.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisError};
+use tokio::time::Instant;
+
+use crate::config::redis::RedisTokenSource;
+use crate::config::{redact, Target};
+use crate::policy::targets;
+
+/// The longest value taken: a `host:port`, even as JSON with other fields beside it, is far
+/// shorter.
+pub const MAX_VALUE_LEN: usize = 1024;
+
+/// What Redis says of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A target on the allow-list.
+    Target(Target),
+    /// No such key, or a value that names no usable target (logged): an unknown token.
+    Absent,
+    /// A target off the allow-list: what for the log.
+    Denied(String),
+}
+
+/// Redis did not answer within the deadline, or answered with an error: the token may exist.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("token source {source_name}: {problem}")]
+pub struct Unavailable {
+    /// The source ([`RedisTokenSource::name`]).
+    pub source_name: String,
+    /// What went wrong.
+    pub problem: String,
+}
+
+/// A Redis token source in service.
+pub struct RedisTokens {
+    settings: RedisTokenSource,
+    name: String,
+    client: Client,
+    /// Deadlines for the connect and each answer: the lookup's own (its outer deadline is what
+    /// counts; these make the client give up the same way on its own).
+    connection_config: AsyncConnectionConfig,
+    /// The connection in use with its number; `None` before the first lookup and after a
+    /// failure. Held while connecting, so one connect is in flight at a time (lookups wait on it
+    /// within their deadline).
+    connection: tokio::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
+    cache: Option<Mutex<Cache>>,
+}
+
+impl fmt::Debug for RedisTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTokens")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTokens {
+    /// A source for `settings`. Nothing is connected yet (Redis may be down while the bridge
+    /// starts: its handshakes get 503 until it is up).
+    ///
+    /// # Errors
+    /// The CA file cannot be read or holds no usable certificate, or the client refuses the
+    /// settings.
+    pub fn new(settings: RedisTokenSource) -> Result<RedisTokens, String> {
+        let server = &settings.server;
+        let addr = match server.tls {
+            false => ConnectionAddr::Tcp(server.host.clone(), server.port),
+            true => ConnectionAddr::TcpTls {
+                host: server.host.clone(),
+                port: server.port,
+                insecure: false,
+                tls_params: None,
+            },
+        };
+        let mut redis = RedisConnectionInfo::default().set_db(i64::from(server.db));
+        if let Some(c) = &settings.credentials {
+            redis = redis.set_password(&c.password);
+            if let Some(user) = &c.username {
+                redis = redis.set_username(user);
+            }
+        }
+        let info = addr
+            .into_connection_info()
+            .map_err(|e| format!("Redis address: {e}"))?
+            .set_redis_settings(redis);
+        let client = match &server.ca {
+            None => Client::open(info),
+            Some(ca) => {
+                // Checked here with our PEM reader (named errors); the client reads the same bytes.
+                crate::tls::load_roots(ca).map_err(|e| e.to_string())?;
+                let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+                let certificates = ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                Client::build_with_tls(info, certificates)
+            }
+        }
+        .map_err(|e| format!("Redis client: {e}"))?;
+        let connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.lookup_timeout))
+            .set_response_timeout(Some(settings.lookup_timeout));
+        let cache = (!settings.cache_ttl.is_zero()).then(|| Mutex::new(Cache::new(settings.cache_size)));
+        Ok(RedisTokens {
+            name: settings.name(),
+            settings,
+            client,
+            connection_config,
+            connection: tokio::sync::Mutex::new((0, None)),
+            cache,
+        })
+    }
+
+    /// What the configuration said.
+    pub fn settings(&self) -> &RedisTokenSource {
+        &self.settings
+    }
+
+    /// The source's name for logs and route names ([`RedisTokenSource::name`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What Redis says of `token`, within the lookup deadline (or from the cache).
+    ///
+    /// # Errors
+    /// [`Unavailable`] when Redis did not answer in time or answered with an error (logged).
+    pub async fn lookup(&self, token: &str) -> Result<Answer, Unavailable> {
+        if let Some(target) = self.cached(token) {
+            return Ok(Answer::Target(target));
+        }
+        let deadline = Instant::now() + self.settings.lookup_timeout;
+        let value = match self.get(token, deadline).await {
+            Ok(v) => v,
+            Err(problem) => {
+                tracing::warn!(source = %self.name, token = %redact(token), %problem, "token source unavailable; handshake answered 503");
+                return Err(Unavailable {
+                    source_name: self.name.clone(),
+                    problem,
+                });
+            }
+        };
+        let value = match value {
+            Fetched::Missing => return Ok(Answer::Absent),
+            Fetched::NotAString => {
+                tracing::warn!(source = %self.name, token = %redact(token), "token key in Redis holds no string, token refused");
+                return Ok(Answer::Absent);
+            }
+            Fetched::Value(v) => v,
+        };
+        let (host, port) = match parse_value(&value) {
+            Ok(t) => t,
+            Err(why) => {
+                tracing::warn!(source = %self.name, token = %redact(token), "token value in Redis is not usable, token refused: {why}");
+                return Ok(Answer::Absent);
+            }
+        };
+        let allowed = (self.settings.allow_targets.as_ref()).is_none_or(|rules| targets::allowed(rules, &host, port));
+        let target = Target::Tcp { host, port };
+        if !allowed {
+            return Ok(Answer::Denied(format!(
+                "token {} from {} names {target}, which is not in allow_targets",
+                redact(token),
+                self.name
+            )));
+        }
+        if let Some(cache) = &self.cache {
+            let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+            cache.insert(token, target.clone(), self.settings.cache_ttl);
+        }
+        Ok(Answer::Target(target))
+    }
+
+    fn cached(&self, token: &str) -> Option<Target> {
+        let cache = self.cache.as_ref()?.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.get(token, self.settings.cache_ttl)
+    }
+
+    /// `GET prefix+token` by `deadline`. A connection found broken is replaced and the `GET`
+    /// tried once more, if time is left.
+    async fn get(&self, token: &str, deadline: Instant) -> Result<Fetched, String> {
+        let key = format!("{}{token}", self.settings.key_prefix);
+        let timeout = self.settings.lookup_timeout;
+        let late = || format!("no answer within the lookup timeout ({})", crate::config::format_duration(timeout));
+        for attempt in 0..2 {
+            let (number, mut connection) = match tokio::time::timeout_at(deadline, self.connection()).await {
+                Err(_) => return Err(late()),
+                Ok(Err(e)) => return Err(format!("cannot connect to Redis: {e}")),
+                Ok(Ok(c)) => c,
+            };
+            let mut get = ::redis::cmd("GET");
+            get.arg(&key);
+            let get = get.query_async::<Option<Vec<u8>>>(&mut connection);
+            match tokio::time::timeout_at(deadline, get).await {
+                Ok(Ok(None)) => return Ok(Fetched::Missing),
+                Ok(Ok(Some(value))) => return Ok(Fetched::Value(value)),
+                // A key of another type is the operator's mistake, not an outage.
+                Ok(Err(e)) if e.code() == Some("WRONGTYPE") => return Ok(Fetched::NotAString),
+                Ok(Err(e)) => {
+                    let broken = e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                    if broken {
+                        self.discard(number, deadline).await;
+                    }
+                    if !(broken && attempt == 0) {
+                        return Err(format!("Redis answered GET with an error: {e}"));
+                    }
+                    tracing::debug!(source = %self.name, error = %e, "Redis connection broken; trying a new one");
+                }
+                Err(_) => {
+                    // Hung, or slow: the next lookup starts on a new connection.
+                    self.discard(number, deadline).await;
+                    return Err(late());
+                }
+            }
+        }
+        Err("the connection broke twice".into())
+    }
+
+    /// The connection in use, or a new one, with its number. The caller bounds the wait.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), RedisError> {
+        let mut current = self.connection.lock().await;
+        if let (n, Some(c)) = &*current {
+            return Ok((*n, c.clone()));
+        }
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.connection_config)
+            .await?;
+        tracing::debug!(source = %self.name, "connected to Redis");
+        let n = current.0.wrapping_add(1);
+        *current = (n, Some(c.clone()));
+        Ok((n, c))
+    }
+
+    /// Drops connection `number` as the one in use (unless another lookup replaced it already),
+    /// waiting for the lock until `deadline` at most (once past it, one try: the lookup is
+    /// answered in time, and a broken connection left in place is found and dropped by the next).
+    async fn discard(&self, number: u64, deadline: Instant) {
+        let lock = tokio::time::timeout_at(deadline, self.connection.lock()).await;
+        if let Ok(mut current) = lock {
+            if current.0 == number {
+                current.1 = None;
+            }
+        }
+    }
+}
+
+/// What a `GET` found.
+enum Fetched {
+    Missing,
+    Value(Vec<u8>),
+    /// The key holds a list, a hash, …
+    NotAString,
+}
+
+/// Reads a value as websockify writes it: `host:port`, or JSON `{"host": "host:port"}`, with
+/// surrounding whitespace; also `[v6]:port` and `{"host": "h", "port": 5900}` (or `"5900"`).
+/// Other JSON fields are ignored. Only TCP targets, as host and port: a unix socket never comes
+/// from Redis.
+///
+/// # Errors
+/// What is wrong, without repeating the value.
+pub fn parse_value(value: &[u8]) -> Result<(String, u16), String> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(format!("{} bytes, more than the {MAX_VALUE_LEN} a target needs", value.len()));
+    }
+    let text = std::str::from_utf8(value).map_err(|_| "not UTF-8".to_owned())?.trim();
+    let (host, port) = if text.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let host = json.get("host").and_then(|h| h.as_str()).ok_or("JSON without a \"host\" string")?;
+        match json.get("port") {
+            None => split(host)?,
+            Some(p) => {
+                let port = match p {
+                    serde_json::Value::Number(n) => n.as_u64().map(|n| n.to_string()),
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    _ => None,
+                }
+                .ok_or("\"port\" is neither a number nor a string")?;
+                let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+                (bare.to_owned(), port)
+            }
+        }
+    } else {
+        if text.starts_with("unix_socket:") || text.starts_with("unix:") {
+            return Err("a unix socket: targets from Redis are TCP host:port only".into());
+        }
+        split(text)?
+    };
+    check_host(&host)?;
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0).ok_or("the port is not 1-65535")?;
+    Ok((host, port))
+}
+
+fn split(s: &str) -> Result<(String, String), String> {
+    crate::config::split_host_port(s)
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .ok_or_else(|| "expected host:port (or [IPv6]:port)".to_owned())
+}
+
+/// A host to connect to: an IP address, or a DNS name (letters, digits, `-`, `.`, `_`).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !host.starts_with(['-', '.']);
+    match name {
+        true => Ok(()),
+        false => Err("the host is neither an IP address nor a host name".into()),
+    }
+}
+
+/// Recent answers naming a target, bounded in number.
+struct Cache {
+    entries: HashMap<String, (Instant, Target)>,
+    capacity: usize,
+    /// When expired entries were last dropped: at most once per TTL, so a full cache of fresh
+    /// entries does not cost every insert a scan.
+    swept: Instant,
+}
+
+impl Cache {
+    fn new(capacity: usize) -> Cache {
+        Cache {
+            entries: HashMap::new(),
+            capacity,
+            swept: Instant::now(),
+        }
+    }
+
+    fn get(&self, token: &str, ttl: Duration) -> Option<Target> {
+        self.entries.get(token).filter(|(at, _)| at.elapsed() < ttl).map(|(_, t)| t.clone())
+    }
+
+    fn insert(&mut self, token: &str, target: Target, ttl: Duration) {
+        let now = Instant::now();
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(token) && now.duration_since(self.swept) >= ttl {
+            self.entries.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+            self.swept = now;
+        }
+        if self.entries.len() < self.capacity || self.entries.contains_key(token) {
+            self.entries.insert(token.to_owned(), (now, target));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16) -> Target {
+        Target::Tcp { host: host.into(), port }
+    }
+
+    #[test]
+    fn values_as_websockify_writes_them() {
+        let ok = |v: &str| {
+            let (host, port) = parse_value(v.as_bytes()).unwrap();
+            Target::Tcp { host, port }
+        };
+        // websockify's test cases (TokenRedisTestCase), with real ports.
+        assert_eq!(ok("{\"host\": \"remote_host:5900\"}"), tcp("remote_host", 5900));
+        assert_eq!(ok(" {\"host\": \"remote_host:5900\"} "), tcp("remote_host", 5900));
+        assert_eq!(ok("remote_host:5900"), tcp("remote_host", 5900));
+        assert_eq!(ok(" remote_host:5900 \n"), tcp("remote_host", 5900));
+        // Beyond websockify: IPv6, host and port apart, other fields beside.
+        assert_eq!(ok("[::1]:5901"), tcp("::1", 5901));
+        assert_eq!(ok("{\"host\": \"[::1]:5901\"}"), tcp("::1", 5901));
+        assert_eq!(ok("{\"host\": \"10.0.0.7\", \"port\": 5902}"), tcp("10.0.0.7", 5902));
+        assert_eq!(ok("{\"host\": \"::1\", \"port\": \"5903\"}"), tcp("::1", 5903));
+        assert_eq!(ok("{\"host\": \"vnc.internal:1\", \"user\": \"alice\"}"), tcp("vnc.internal", 1));
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        for (bad, says) in [
+            ("{\"host\": \"remote_host:5900\"   ", "invalid JSON"),
+            ("{\"hots\": \"h:1\"}", "\"host\""),
+            ("{\"host\": 5}", "\"host\""),
+            ("{\"host\": \"h\", \"port\": true}", "\"port\""),
+            ("{\"host\": \"h:1:2\"}", "host:port"),
+            ("remote_host:remote_port", "1-65535"),
+            ("h:0", "1-65535"),
+            ("h:70000", "1-65535"),
+            ("nohostport", "host:port"),
+            ("unix_socket:/run/x.sock", "unix socket"),
+            ("unix:/run/x.sock", "unix socket"),
+            ("::1:5900", "host:port"),
+            ("user@h:1", "host name"),
+            ("h/x:1", "host name"),
+            ("h h:1", "host name"),
+            (":1", "host name"),
+            ("-h:1", "host name"),
+        ] {
+            let e = parse_value(bad.as_bytes()).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        assert!(parse_value(&[b'a'; MAX_VALUE_LEN + 1]).unwrap_err().contains("bytes"));
+        assert!(parse_value(&[0xff, b':', b'1']).unwrap_err().contains("UTF-8"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cache_forgets_after_its_ttl_and_holds_at_most_its_size() {
+        let ttl = Duration::from_secs(1);
+        let mut cache = Cache::new(2);
+        cache.insert("a", tcp("h", 1), ttl);
+        cache.insert("b", tcp("h", 2), ttl);
+        cache.insert("c", tcp("h", 3), ttl);
+        assert_eq!(cache.entries.len(), 2, "full: c is not kept");
+        assert_eq!(cache.get("a", ttl), Some(tcp("h", 1)));
+        assert_eq!(cache.get("c", ttl), None);
+        // An update of a cached token is kept even when full.
+        cache.insert("a", tcp("h", 9), ttl);
+        assert_eq!(cache.get("a", ttl), Some(tcp("h", 9)));
+        tokio::time::advance(ttl).await;
+        assert_eq!(cache.get("a", ttl), None, "expired");
+        cache.insert("c", tcp("h", 3), ttl);
+        assert_eq!(cache.entries.len(), 1, "the expired entries were dropped to make room");
+        assert_eq!(cache.get("c", ttl), Some(tcp("h", 3)));
+    }
+}

@@ -1,0 +1,382 @@
+//! Several wsbridge instances behind the real HAProxy, set up as `examples/haproxy.cfg` and
+//! `config/behind-haproxy.toml` say (addresses, ports and check intervals substituted): sessions
+//! spread over both; SIGTERM to one turns its `/readyz` to 503, HAProxy takes it out while it
+//! still accepts (its drain delay), new sessions go to the other only, its own sessions get
+//! their data and then 1001, and the other instance's sessions carry on. The tokens both
+//! instances route by come from one shared redis-server, written once and deleted once, as a
+//! web application would. Also: `haproxy -c` on the HAProxy example and `nginx -t` on the nginx one.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::MaybeTlsStream;
+
+use crate::common::binary::Binary;
+use crate::common::haproxy::HaProxy;
+use crate::common::redis::Redis;
+use crate::common::*;
+
+/// How long a SIGTERMed instance keeps accepting after `/readyz` turned 503: long enough for
+/// HAProxy's checks here (every 100 ms, down after one failure) to take it out, with room for a
+/// loaded machine, and short enough for a quick test.
+const DRAIN_DELAY: Duration = Duration::from_secs(3);
+
+/// Where both instances look tokens up: one real redis-server, written once by the test as a
+/// web application would (`SET`, `DEL`), read by both through a `[[tokens]]` table with
+/// `[tokens.redis]` whose allow-list admits only loopback targets.
+struct Tokens {
+    redis: Redis,
+    client: ::redis::aio::MultiplexedConnection,
+}
+
+impl Tokens {
+    /// `None` when there is no redis-server here (the caller skips).
+    async fn redis() -> Option<Tokens> {
+        let redis = Redis::start(&[]).await?;
+        let client = redis.client(0, None).await;
+        Some(Tokens { redis, client })
+    }
+
+    /// The instances' configuration for this store.
+    fn section(&self) -> String {
+        format!(
+            "[[tokens]]\nlookup = \"query\"\nallow_targets = [\"127.0.0.0/8:1-65535\"]\n\
+             [tokens.redis]\nurl = \"{}\"\nkey_prefix = \"vnc:\"\n",
+            self.redis.url(0)
+        )
+    }
+
+    /// Makes `token` route to `target` on every instance.
+    async fn put(&self, token: &str, target: SocketAddr) {
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(format!("vnc:{token}")).arg(target.to_string());
+        within("SET", cmd.query_async::<()>(&mut self.client.clone())).await.expect("SET");
+    }
+
+    /// Removes `token` from the store: new sessions with it are refused everywhere.
+    async fn delete(&self, token: &str) {
+        let mut cmd = ::redis::cmd("DEL");
+        cmd.arg(format!("vnc:{token}"));
+        within("DEL", cmd.query_async::<()>(&mut self.client.clone())).await.expect("DEL");
+    }
+}
+
+/// One wsbridge instance as config/behind-haproxy.toml sets one up.
+struct Instance {
+    bin: Binary,
+    admin: SocketAddr,
+}
+
+impl Instance {
+    /// Starts an instance whose listener takes PROXY headers from 127.0.0.1 only (HAProxy, and
+    /// the test speaking for it), with its admin listener, the drain delay and `tokens`.
+    async fn start(dir: &Path, name: &str, tokens: &Tokens) -> Instance {
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n{}\n\
+                 [timeouts]\ndrain_delay = \"{}ms\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n",
+                tokens.section(),
+                DRAIN_DELAY.as_millis()
+            ),
+        )
+        .unwrap();
+        let bin = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+        let admin = bin.admin_addr().await;
+        within("the instance's readiness", async {
+            while admin_get(admin, "/readyz").await.0 != 200 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        Instance { bin, admin }
+    }
+
+    /// The ids of its live sessions, by the client address each came from.
+    async fn sessions(&self) -> Vec<(u64, String)> {
+        sessions(self.admin, None)
+            .await
+            .iter()
+            .map(|s| (s["id"].as_u64().unwrap(), s["client"].as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    /// The status of an upgrade for `path` sent straight to the instance, as HAProxy sends it
+    /// (PROXY v2 header first): which instance answers is the test's choice, not the balancer's.
+    /// Each comes from a client address of its own (198.18.0.0/15, in the header): refusals for
+    /// an unknown token count against their address (the brake on guessing), and a test that
+    /// asks until a token is known must not be braked for asking.
+    async fn upgrade_status(&self, path: &str) -> u16 {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 << 17);
+        let client = SocketAddr::from(([198, 18 + (n >> 16) as u8, (n >> 8) as u8, n as u8], 40000));
+        let mut s = within("connect", TcpStream::connect(self.bin.addr)).await.unwrap();
+        let mut request = wsbridge::proxy::header(wsbridge::proxy::Version::V2, client, self.bin.addr);
+        request.extend_from_slice(&upgrade_request(path, ""));
+        s.write_all(&request).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        within("the answer's status line", async {
+            while !head.ends_with(b"\r\n") && s.read(&mut byte).await.unwrap() == 1 {
+                head.push(byte[0]);
+            }
+        })
+        .await;
+        status_of(&String::from_utf8_lossy(&head))
+    }
+}
+
+/// `GET path` on an admin listener: status and body.
+async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    admin(addr, "GET", path, None).await
+}
+
+/// examples/haproxy.cfg in front of `instances` (named wsbridge1, wsbridge2 there): its frontend
+/// on the test's socket, the stats socket in `dir`, logs on stderr, no chroot or user switch,
+/// and checks every 100 ms that take a server out after one failure.
+fn haproxy_config(dir: &Path, instances: [&Instance; 2]) -> String {
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/haproxy.cfg")).unwrap();
+    let stats = HaProxy::stats_path(dir);
+    // (what, into what, how many times the example has it)
+    let mut subs = vec![
+        ("    log /dev/log local0\n", "    log stderr format raw local0 info\n".to_owned(), 1),
+        (
+            "    chroot /var/lib/haproxy\n    user haproxy\n    group haproxy\n",
+            String::new(),
+            1,
+        ),
+        // The global cap and the frontend's: HAProxy wants two descriptors per connection, more
+        // than a test process may have.
+        ("maxconn 20000", "maxconn 1000".to_owned(), 2),
+        (
+            "stats socket /run/haproxy/admin.sock",
+            format!("stats socket {}", stats.display()),
+            1,
+        ),
+        ("    bind :443\n", "    bind fd@0\n".to_owned(), 1),
+        ("inter 2s fall 2 rise 2", "inter 100ms fall 1 rise 1".to_owned(), 1),
+    ];
+    for (i, (example_addr, instance)) in ["10.0.0.11", "10.0.0.12"].iter().zip(instances).enumerate() {
+        subs.push((
+            if i == 0 {
+                "server wsbridge1 10.0.0.11:6080 check port 9100"
+            } else {
+                "server wsbridge2 10.0.0.12:6080 check port 9100"
+            },
+            format!(
+                "server wsbridge{} {} check port {}",
+                i + 1,
+                instance.bin.addr,
+                instance.admin.port()
+            ),
+            1,
+        ));
+        assert!(example.contains(example_addr));
+    }
+    subs.into_iter().fold(example, |text, (from, to, times)| {
+        assert_eq!(
+            text.matches(from).count(),
+            times,
+            "examples/haproxy.cfg no longer has {from:?} {times} time(s): update this test with it"
+        );
+        text.replace(from, &to)
+    })
+}
+
+/// A session through the balancer on `path`, checked with one echo: by the time it answers, the
+/// instance that took it lists it. Returns the client and its address as the instances see it.
+async fn session(front: SocketAddr, path: &str) -> (Ws, String) {
+    let (mut ws, _) = ws_connect(&format!("ws://{front}{path}"), None).await;
+    let me = match ws.get_ref() {
+        MaybeTlsStream::Plain(s) => s.local_addr().unwrap().to_string(),
+        _ => unreachable!("plain ws://"),
+    };
+    send_bin(&mut ws, b"hello").await;
+    assert_eq!(recv_data(&mut ws).await, b"hello");
+    (ws, me)
+}
+
+#[tokio::test]
+async fn behind_haproxy_a_drained_instance_hands_new_sessions_to_the_other_and_ends_its_own_after_their_data() {
+    let test = "balancer::behind_haproxy_a_drained_instance_hands_new_sessions_to_the_other_and_ends_its_own_after_their_data";
+    let Some(haproxy) = HaProxy::installed() else {
+        return skip(test, "haproxy is not installed (scripts/test.sh installs Debian's haproxy)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (echo, _) = echo_backend().await;
+    let Some(tokens) = Tokens::redis().await else {
+        return skip(
+            test,
+            "no redis-server here (Debian package redis-server; scripts/test.sh installs it)",
+        );
+    };
+    tokens.put("desk-7", echo).await;
+    let mut one = Instance::start(dir.path(), "one", &tokens).await;
+    let two = Instance::start(dir.path(), "two", &tokens).await;
+    let balancer = HaProxy::start(&haproxy, dir.path(), &haproxy_config(dir.path(), [&one, &two]));
+    let path = "/websockify?token=desk-7";
+
+    // leastconn: the second session goes to the instance without one. One token, written once,
+    // routes on both.
+    let (first, first_addr) = session(balancer.front, path).await;
+    let (second, second_addr) = session(balancer.front, path).await;
+    let (on_one, on_two) = (one.sessions().await, two.sessions().await);
+    assert_eq!((on_one.len(), on_two.len()), (1, 1), "one session each: {on_one:?} {on_two:?}");
+    // The instances see the clients' own addresses (PROXY v2), so each session is known by it.
+    let (mut leaving, mut staying, staying_id) = if on_one[0].1 == first_addr {
+        (first, second, on_two[0].0)
+    } else {
+        assert_eq!(on_one[0].1, second_addr, "{on_one:?}");
+        (second, first, on_two[0].0)
+    };
+    let states = balancer.server_states("wsbridge").await;
+    assert_eq!((states["wsbridge1"], states["wsbridge2"]), (2, 2), "both up: {states:?}");
+
+    // A token put in the store routes on every instance; deleted, it is refused on every one.
+    // Asked of each instance directly (as HAProxy would), so that both answer.
+    tokens.put("desk-8", echo).await;
+    for instance in [&one, &two] {
+        within("the new token to route", async {
+            while instance.upgrade_status("/?token=desk-8").await != 101 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+    tokens.delete("desk-8").await;
+    for instance in [&one, &two] {
+        within("the deleted token to be refused", async {
+            while instance.upgrade_status("/?token=desk-8").await == 101 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert_eq!(instance.upgrade_status("/?token=desk-8").await, 404);
+    }
+    // The sessions those upgrades opened end as their clients went away.
+    for instance in [&one, &two] {
+        within("the probes' sessions to end", async {
+            while instance.sessions().await.len() != 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+
+    // Data on its way through instance one's session, then SIGTERM.
+    let data = pattern(256 * 1024, 3);
+    send_bin(&mut leaving, &data).await;
+    let started = Instant::now();
+    one.bin.signal("TERM").await;
+    let reading = tokio::spawn(async move {
+        let (messages, close) = read_until_close(&mut leaving).await;
+        let _ = leaving.flush().await;
+        (messages, close, started.elapsed())
+    });
+    one.bin.line("draining").await;
+    assert_eq!(admin_get(one.admin, "/readyz").await, (503, "draining\n".to_owned()));
+    let down = balancer.line("Server wsbridge/wsbridge1 is DOWN").await;
+    assert!(down.contains("503"), "taken out for its 503: {down}");
+    let states = balancer.server_states("wsbridge").await;
+    assert_eq!((states["wsbridge1"], states["wsbridge2"]), (0, 2), "{states:?}");
+
+    // New sessions go to instance two only, while instance one would still take them.
+    let mut new = Vec::new();
+    for _ in 0..3 {
+        new.push(session(balancer.front, path).await);
+    }
+    assert!(
+        started.elapsed() < DRAIN_DELAY,
+        "the checks took the whole drain delay ({:?}): nothing shows that HAProxy, not a closed port, moved the sessions",
+        started.elapsed()
+    );
+    assert_eq!(one.sessions().await.len(), 1, "a new session went to the draining instance");
+    let on_two = two.sessions().await;
+    for (_, addr) in &new {
+        assert!(on_two.iter().any(|(_, c)| c == addr), "{addr} not on instance two: {on_two:?}");
+    }
+
+    // Instance one's session: everything echoed, then 1001 at the end of the delay.
+    let (messages, close, at) = within("instance one's session to end", reading).await.unwrap();
+    let got: Vec<u8> = messages.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+    assert!(got == data, "{} of {} bytes came back before the close", got.len(), data.len());
+    let close = close.expect("a close frame");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, "server shutting down"));
+    assert_window("instance one's 1001 after SIGTERM", at, DRAIN_DELAY);
+    assert_eq!(one.bin.exit_code().await, 0, "{:?}", one.bin.lines());
+
+    // Instance two's sessions carry on, the first one untouched since before the drain.
+    send_bin(&mut staying, b"still here").await;
+    assert_eq!(recv_data(&mut staying).await, b"still here");
+    for (ws, _) in &mut new {
+        send_bin(ws, b"and here").await;
+        assert_eq!(recv_data(ws).await, b"and here");
+    }
+    let on_two = two.sessions().await;
+    assert!(on_two.iter().any(|(id, _)| *id == staying_id), "{on_two:?}");
+    assert_eq!(on_two.len(), 4, "{on_two:?}");
+}
+
+/// `haproxy -c` passes examples/haproxy.cfg as it is.
+#[tokio::test]
+async fn the_haproxy_example_is_valid() {
+    let test = "balancer::the_haproxy_example_is_valid";
+    let Some(haproxy) = HaProxy::installed() else {
+        return skip(test, "haproxy is not installed (scripts/test.sh installs Debian's haproxy)");
+    };
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/haproxy.cfg");
+    let out = tokio::process::Command::new(haproxy)
+        .arg("-c")
+        .arg("-f")
+        .arg(&example)
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("[WARNING]") && !text.contains("[ALERT]"), "{text}");
+}
+
+/// `nginx -t` passes examples/nginx.conf with its certificate, pid and log paths pointed at this
+/// test's files (nginx -t opens them).
+#[tokio::test]
+async fn the_nginx_example_is_valid() {
+    let test = "balancer::the_nginx_example_is_valid";
+    let Some(nginx) = which("nginx") else {
+        return skip(test, "nginx is not installed (scripts/test.sh installs Debian's nginx)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::common::pki::Pki::new("test CA");
+    let cert = pki.server("bridge.example.com", &["bridge.example.com"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nginx.conf")).unwrap();
+    let d = dir.path().display();
+    let subs = [
+        ("/etc/ssl/certs/bridge.example.com.pem", cert.cert.display().to_string()),
+        ("/etc/ssl/private/bridge.example.com.key", cert.key.display().to_string()),
+        ("pid /run/nginx.pid;", format!("pid {d}/nginx.pid;")),
+        ("/var/log/nginx/error.log", format!("{d}/error.log")),
+        ("/var/log/nginx/access.log", format!("{d}/access.log")),
+    ];
+    let config = subs.into_iter().fold(example, |text, (from, to)| {
+        assert_eq!(text.matches(from).count(), 1, "examples/nginx.conf: {from:?}");
+        text.replacen(from, &to, 1)
+    });
+    let file = dir.path().join("nginx.conf");
+    std::fs::write(&file, config).unwrap();
+    let out = tokio::process::Command::new(nginx)
+        .arg("-t")
+        .arg("-c")
+        .arg(&file)
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("test is successful"), "{text}");
+}
