@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::policy::AuthSettings;
 use crate::config::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 use crate::config::{
-    at_most_a_year, parse_duration, parse_message_size, Config, ConfigError, Framing, Limits, ListenAddr, ListenerConfig, LogFormat,
-    Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenLookup, TokenSourceConfig,
+    at_most_a_year, parse_duration, parse_message_size, parse_unix_mode, Config, ConfigError, Framing, Limits, ListenOn, ListenerConfig,
+    LogFormat, Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenLookup, TokenSourceConfig, DEFAULT_UNIX_MODE,
 };
 use crate::policy::OriginRule;
 
@@ -109,7 +109,9 @@ pub fn man_page() -> std::io::Result<Vec<u8>> {
 /// Options for bridging (the default command).
 #[derive(Debug, Args, Default)]
 pub struct RunArgs {
-    /// `[source_addr:]source_port` to listen on (e.g. 6080, 0.0.0.0:6080, [::]:6080).
+    /// `[source_addr:]source_port` to listen on (e.g. 6080, 0.0.0.0:6080, [::]:6080), or
+    /// `systemd:NAME`: the sockets systemd passed under that name (socket activation, Linux).
+    /// Omitted with --unix-listen.
     #[arg(value_name = "SOURCE")]
     pub source: Option<String>,
     /// `target_addr:target_port` to bridge to (e.g. localhost:5900, [::1]:5900); not needed with a
@@ -168,6 +170,15 @@ pub struct RunArgs {
     /// Bridge to this unix socket instead of a TCP target (not on Windows).
     #[arg(long, value_name = "PATH")]
     pub unix_target: Option<PathBuf>,
+    /// Listen on this unix socket instead of TCP (then give only TARGET), for a reverse proxy on
+    /// the same machine; a stale socket file there is replaced, any other file is an error. Its
+    /// clients count as 127.0.0.1 for --max-connections-per-ip and policies. Not on Windows.
+    #[arg(long, value_name = "PATH")]
+    pub unix_listen: Option<PathBuf>,
+    /// The --unix-listen socket's file mode, in octal (default 600: only wsbridge's user can
+    /// connect; 660 lets its group in too, such as the proxy's).
+    #[arg(long, value_name = "MODE", requires = "unix_listen")]
+    pub unix_listen_mode: Option<String>,
 
     /// Send a ping every N seconds; a client that does not answer within N seconds is gone
     /// (default: 20). 0: no pings (websockify's meaning of 0).
@@ -317,10 +328,6 @@ pub struct Refused {
     prefer_ipv6: bool,
     #[arg(long, hide = true, value_name = "PASSWORD", num_args = 0..=1, default_missing_value = "")]
     key_password: Option<String>,
-    #[arg(long, hide = true, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
-    unix_listen: Option<String>,
-    #[arg(long, hide = true, value_name = "MODE", num_args = 0..=1, default_missing_value = "")]
-    unix_listen_mode: Option<String>,
     #[arg(long, hide = true)]
     web_auth: bool,
     #[arg(long, hide = true)]
@@ -359,7 +366,7 @@ impl Refused {
             (
                 self.inetd,
                 "--inetd",
-                "let wsbridge bind its own port (or use socket activation later)",
+                "let wsbridge bind its own port, or pass it a socket by systemd socket activation (SOURCE systemd:NAME)",
             ),
             (self.libserver, "--libserver", "wsbridge has one HTTP server; nothing to choose"),
             (
@@ -376,16 +383,6 @@ impl Refused {
                 self.key_password.is_some(),
                 "--key-password",
                 "give an unencrypted key file readable only by wsbridge's user (openssl pkey -in enc.pem -out key.pem)",
-            ),
-            (
-                self.unix_listen.is_some(),
-                "--unix-listen",
-                "wsbridge listens on TCP; put a reverse proxy on the unix socket, or listen on 127.0.0.1",
-            ),
-            (
-                self.unix_listen_mode.is_some(),
-                "--unix-listen-mode",
-                "wsbridge listens on TCP; put a reverse proxy on the unix socket, or listen on 127.0.0.1",
             ),
             (
                 self.web_auth,
@@ -449,8 +446,17 @@ impl RunArgs {
         Ok(config)
     }
 
-    fn into_config_without_admin(self) -> Result<Config, ConfigError> {
+    fn into_config_without_admin(mut self) -> Result<Config, ConfigError> {
         self.refused.check().map_err(usage)?;
+        if self.unix_listen.is_some() && self.config.is_none() {
+            // websockify's form: `--unix-listen PATH TARGET`, with no SOURCE.
+            if self.target.is_some() {
+                return Err(usage(
+                    "--unix-listen replaces SOURCE: give only TARGET (wsbridge --unix-listen PATH HOST:PORT)".into(),
+                ));
+            }
+            self.target = self.source.take();
+        }
         if self.threads == Some(0) {
             return Err(usage("--threads: must be at least 1".into()));
         }
@@ -495,6 +501,8 @@ impl RunArgs {
             target_config,
             host_token,
             unix_target,
+            unix_listen,
+            unix_listen_mode,
             heartbeat,
             idle_timeout,
             connect_timeout,
@@ -539,6 +547,8 @@ impl RunArgs {
             target_config.is_some(),
             *host_token,
             unix_target.is_some(),
+            unix_listen.is_some(),
+            unix_listen_mode.is_some(),
             heartbeat.is_some(),
             idle_timeout.is_some(),
             connect_timeout.is_some(),
@@ -579,10 +589,29 @@ impl RunArgs {
 
     /// The one listener: SOURCE, its TLS and its static files.
     fn listener(&self) -> Result<ListenerConfig, ConfigError> {
-        let source = self.source.clone().ok_or_else(|| {
-            usage("missing SOURCE: give [source_addr:]source_port, or --config FILE (try `wsbridge demo` for a quick look)".into())
-        })?;
-        let addr = source.parse::<ListenAddr>().map_err(usage)?.0;
+        let addr = match &self.unix_listen {
+            Some(path) => {
+                let mode = match &self.unix_listen_mode {
+                    Some(m) => parse_unix_mode(m).map_err(|e| usage(format!("--unix-listen-mode: {e}")))?,
+                    None => DEFAULT_UNIX_MODE,
+                };
+                if cfg!(windows) {
+                    return Err(usage("--unix-listen: unix socket listeners are not available on Windows".into()));
+                }
+                ListenOn::Unix { path: path.clone(), mode }
+            }
+            None => {
+                let source = self.source.clone().ok_or_else(|| {
+                    usage("missing SOURCE: give [source_addr:]source_port, or --config FILE (try `wsbridge demo` for a quick look)".into())
+                })?;
+                source.parse::<ListenOn>().map_err(usage)?
+            }
+        };
+        if matches!(addr, ListenOn::Unix { .. }) && (self.cert.is_some() || self.ssl_only) {
+            return Err(usage(
+                "--unix-listen: TLS is for TCP listeners; let the proxy in front of the unix socket terminate TLS".into(),
+            ));
+        }
         let tls = self.tls_settings().map_err(usage)?;
         if let Some(web) = &self.web {
             if !web.is_dir() {
@@ -981,6 +1010,41 @@ mod tests {
     fn config(args: &[&str]) -> Result<Config, String> {
         let cli = Cli::try_parse_from(std::iter::once("wsbridge").chain(args.iter().copied())).map_err(|e| e.to_string())?;
         cli.run.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unix_listen_and_systemd_sources() {
+        let c = config(&["--unix-listen", "/run/ws.sock", "localhost:5900"]).unwrap();
+        assert_eq!(
+            c.listeners[0].addr,
+            ListenOn::Unix {
+                path: "/run/ws.sock".into(),
+                mode: 0o600
+            }
+        );
+        assert_eq!(
+            c.routes[0].target,
+            Target::Tcp {
+                host: "localhost".into(),
+                port: 5900
+            }
+        );
+        let c = config(&[
+            "--unix-listen",
+            "/run/ws.sock",
+            "--unix-listen-mode",
+            "0660",
+            "--unix-target",
+            "/run/vnc.sock",
+        ])
+        .unwrap();
+        assert!(matches!(c.listeners[0].addr, ListenOn::Unix { mode: 0o660, .. }));
+        let e = config(&["--unix-listen", "/run/ws.sock", "h:1", "--cert", "c.pem"]).unwrap_err();
+        assert!(e.contains("TLS is for TCP listeners"), "{e}");
+        let e = config(&["--unix-listen", "/run/ws.sock", "--config", "x.toml"]).unwrap_err();
+        assert!(e.contains("--config takes everything from the file"), "{e}");
+        let c = config(&["systemd:web", "h:1"]).unwrap();
+        assert_eq!(c.listeners[0].addr, ListenOn::Systemd("web".into()));
     }
 
     #[test]

@@ -60,8 +60,9 @@ pub struct Config {
 /// One listening socket.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
-    /// Address to bind.
-    pub addr: SocketAddr,
+    /// Where to accept connections: a TCP address, a unix socket path, or sockets passed by
+    /// systemd socket activation.
+    pub addr: ListenOn,
     /// Directory of static files served to plain (non-upgrade) GET requests.
     pub web: Option<PathBuf>,
     /// Whether a directory without `index.html` is listed (off: 404).
@@ -538,7 +539,7 @@ impl ListenerConfig {
     /// no access settings), for code and tests that fill in what they need.
     pub fn new(addr: SocketAddr) -> ListenerConfig {
         ListenerConfig {
-            addr,
+            addr: ListenOn::Tcp(addr),
             web: None,
             web_listing: false,
             web_follow_symlinks: false,
@@ -553,6 +554,9 @@ impl ListenerConfig {
     /// `addr = "…"`, then `web`, `web_listing` and `tls.*` where set.
     pub fn describe(&self) -> String {
         let mut out = format!("addr = {}", toml_str(&self.addr.to_string()));
+        if let ListenOn::Unix { mode, .. } = &self.addr {
+            let _ = write!(out, ", mode = \"{mode:04o}\"");
+        }
         if let Some(web) = &self.web {
             let _ = write!(out, ", web = {}", toml_str(&web.display().to_string()));
             if self.web_listing {
@@ -812,7 +816,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
-    addr: ListenAddr,
+    addr: Spanned<ListenOn>,
+    mode: Option<Spanned<String>>,
     web: Option<PathBuf>,
     #[serde(default)]
     web_listing: bool,
@@ -1049,8 +1054,36 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
     for (i, l) in listen.into_iter().enumerate() {
         let span = l.span();
         let l = l.into_inner();
-        if !seen_addrs.insert(l.addr.0) {
-            return ctx.invalid(span, format!("listen[{i}].addr"), format!("{} is listed twice", l.addr.0));
+        let addr_span = l.addr.span();
+        let mut addr = l.addr.into_inner();
+        if let ListenOn::Unix { path, .. } = &mut addr {
+            *path = ctx.resolve(path);
+        }
+        if let Some(mode) = l.mode {
+            let (mode_span, text) = (mode.span(), mode.into_inner());
+            let ListenOn::Unix { mode, .. } = &mut addr else {
+                return ctx.invalid(
+                    mode_span,
+                    format!("listen[{i}].mode"),
+                    "a file mode is for a unix socket listener (addr = \"unix:/path\")",
+                );
+            };
+            *mode = match parse_unix_mode(&text) {
+                Ok(m) => m,
+                Err(m) => return ctx.invalid(mode_span, format!("listen[{i}].mode"), m),
+            };
+        }
+        if !seen_addrs.insert(addr.to_string()) {
+            return ctx.invalid(addr_span, format!("listen[{i}].addr"), format!("{addr} is listed twice"));
+        }
+        if matches!(addr, ListenOn::Unix { .. }) && l.tls.is_some() {
+            // The TLS path sniffs the first byte of a TCP stream; a unix socket sits behind a
+            // local proxy, which terminates TLS.
+            return ctx.invalid(
+                span,
+                format!("listen[{i}].tls"),
+                "TLS is for TCP listeners: on a unix socket, let the proxy in front terminate TLS",
+            );
         }
         let web = l.web.map(|w| ctx.resolve(&w));
         if let Some(w) = &web {
@@ -1060,7 +1093,7 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
         }
         let tls = l.tls.map(|t| t.resolve(ctx));
         listeners.push(ListenerConfig {
-            addr: l.addr.0,
+            addr,
             web,
             web_listing: l.web_listing,
             web_follow_symlinks: l.web_follow_symlinks,
@@ -1380,6 +1413,124 @@ impl<'de> Deserialize<'de> for Target {
                 "expected \"HOST:PORT\", \"unix:/path\" or { agent = \"NAME\", service = \"NAME\" }",
             )),
         }
+    }
+}
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenOn {
+    /// A TCP address (`PORT`, `IP:PORT`, `[IPv6]:PORT`).
+    Tcp(SocketAddr),
+    /// A unix stream socket at `path` (`unix:/path`), created with file mode `mode` (default
+    /// 0600, as websockify's `--unix-listen-mode`). Not on Windows.
+    Unix {
+        /// The socket file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The sockets systemd passed (socket activation) whose `FileDescriptorName=` is this
+    /// (`systemd:NAME`; a socket unit's default name is the unit's, e.g. `wsbridge.socket`).
+    /// Linux only.
+    Systemd(String),
+}
+
+/// A unix socket listener's file mode when none is given: only wsbridge's user may connect.
+pub const DEFAULT_UNIX_MODE: u32 = 0o600;
+
+impl ListenOn {
+    /// The TCP address, if this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            ListenOn::Tcp(a) => Some(*a),
+            _ => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for ListenOn {
+    fn from(a: SocketAddr) -> ListenOn {
+        ListenOn::Tcp(a)
+    }
+}
+
+impl fmt::Display for ListenOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenOn::Tcp(a) => a.fmt(f),
+            ListenOn::Unix { path, .. } => write!(f, "unix:{}", path.display()),
+            ListenOn::Systemd(name) => write!(f, "systemd:{name}"),
+        }
+    }
+}
+
+impl FromStr for ListenOn {
+    type Err = String;
+
+    /// `PORT`, `IP:PORT`, `[IPv6]:PORT`, `unix:/path` or `systemd:NAME`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("invalid listen address {s:?}: empty unix socket path"));
+            }
+            if cfg!(windows) {
+                return Err(format!("{s}: unix socket listeners are not available on Windows"));
+            }
+            return Ok(ListenOn::Unix {
+                path: PathBuf::from(path),
+                mode: DEFAULT_UNIX_MODE,
+            });
+        }
+        if let Some(name) = s.strip_prefix("systemd:") {
+            check_fd_name(name).map_err(|m| format!("invalid listen address {s:?}: {m}"))?;
+            if !cfg!(target_os = "linux") {
+                return Err(format!("{s}: socket activation is systemd's, on Linux only"));
+            }
+            return Ok(ListenOn::Systemd(name.to_owned()));
+        }
+        s.parse::<ListenAddr>()
+            .map(|a| ListenOn::Tcp(a.0))
+            .map_err(|e| format!("{e}, unix:/path or systemd:NAME"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum PortOrString {
+            Port(u16),
+            S(String),
+        }
+        match PortOrString::deserialize(d)? {
+            PortOrString::Port(p) => Ok(ListenOn::Tcp(SocketAddr::from(([0, 0, 0, 0], p)))),
+            PortOrString::S(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A name systemd can give a passed socket (`FileDescriptorName=`): 1 to 255 printable ASCII
+/// characters, no `:` (it separates the names in `LISTEN_FDNAMES`).
+fn check_fd_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("a socket name has 1 to 255 characters".into());
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err("a socket name is printable ASCII without spaces or ':'".into());
+    }
+    Ok(())
+}
+
+/// Parses a unix socket's file mode in octal, as websockify's `--unix-listen-mode` (`600`,
+/// `0660`, `0o660`): permission bits only.
+pub fn parse_unix_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim().trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+        _ => Err(format!(
+            "invalid file mode {s:?}: expected octal permission bits such as \"0600\" or \"0660\""
+        )),
     }
 }
 
@@ -1841,6 +1992,55 @@ mod tests {
         assert_eq!(c.routes[0].options.framing, Framing::Lines);
         assert_eq!(c.routes[0].options.max_message_size, Some(4096));
         assert_eq!(c.routes[0].options.subprotocols, vec!["binary".to_string()]);
+    }
+
+    #[test]
+    fn unix_and_systemd_listeners() {
+        let c = parse(
+            "[[listen]]\naddr = \"unix:run/ws.sock\"\nmode = \"0660\"\n[[listen]]\naddr = \"systemd:web\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\n",
+        )
+        .unwrap();
+        // Relative to the file's directory, as every path in it.
+        assert_eq!(
+            c.listeners[0].addr,
+            ListenOn::Unix {
+                path: PathBuf::from("run/ws.sock"),
+                mode: 0o660
+            }
+        );
+        assert_eq!(c.listeners[0].describe(), "addr = \"unix:run/ws.sock\", mode = \"0660\"");
+        assert_eq!(c.listeners[1].addr, ListenOn::Systemd("web".into()));
+        assert_eq!("unix:/s".parse::<ListenOn>().unwrap().to_string(), "unix:/s");
+        assert_eq!(
+            "unix:/s".parse::<ListenOn>().unwrap(),
+            ListenOn::Unix {
+                path: "/s".into(),
+                mode: DEFAULT_UNIX_MODE
+            }
+        );
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        let route = "[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\n";
+        let msg = err(&format!("[[listen]]\naddr = 80\nmode = \"0660\"\n{route}"));
+        assert!(
+            msg.starts_with("test.toml:3: ") && msg.contains("listen[0].mode") && msg.contains("unix socket"),
+            "{msg}"
+        );
+        let msg = err(&format!("[[listen]]\naddr = \"unix:/s\"\nmode = \"rw\"\n{route}"));
+        assert!(msg.contains("listen[0].mode") && msg.contains("octal"), "{msg}");
+        let msg = err(&format!("[[listen]]\naddr = \"unix:/s\"\n[listen.tls]\ncert = \"c.pem\"\n{route}"));
+        assert!(msg.contains("listen[0].tls") && msg.contains("TCP listeners"), "{msg}");
+        let msg = err(&format!("[[listen]]\naddr = \"systemd:a:b\"\n{route}"));
+        assert!(msg.contains("line 2") && msg.contains("':'"), "{msg}");
+        let msg = err(&format!(
+            "[[listen]]\naddr = \"systemd:web\"\n[[listen]]\naddr = \"systemd:web\"\n{route}"
+        ));
+        assert!(
+            msg.contains("listen[1].addr") && msg.contains("systemd:web is listed twice"),
+            "{msg}"
+        );
+        assert_eq!(parse_unix_mode("600"), Ok(0o600));
+        assert_eq!(parse_unix_mode("0o640"), Ok(0o640));
+        assert!(parse_unix_mode("1777").is_err() && parse_unix_mode("").is_err() && parse_unix_mode("8").is_err());
     }
 
     /// Issue 11: with nothing said, a session is pinged every 20 s with a 20 s pong deadline and

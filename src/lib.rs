@@ -26,6 +26,7 @@
 //! | [`policy`] | who may open a session: origins, client networks, authentication, caps per client address, the real client address |
 //! | [`proxy`] | PROXY protocol v1/v2: read from a load balancer, sent to a backend |
 //! | [`signals`] | shutdown and reload requests from the OS: Unix signals, Windows console events |
+//! | [`systemd`] | socket activation (passed listening sockets) and the notify protocol (READY, RELOADING, STOPPING) |
 //! | `service` | Windows only: running as a Windows service, installing and removing it |
 //! | [`platform`] | what differs between Unix and Windows (unix sockets, port sharing, file identity) |
 //! | [`admin`] | the admin listener: health, readiness, Prometheus metrics, live sessions |
@@ -57,5 +58,6 @@ pub mod server;
 pub mod service;
 pub mod signals;
 pub mod slots;
+pub mod systemd;
 pub mod tls;
 pub mod tokens;

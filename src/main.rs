@@ -2,6 +2,7 @@
 //! failure). Starting the server is the library's ([`wsbridge::server::start`]).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser as _;
 
@@ -13,6 +14,7 @@ use wsbridge::routes::RouteTable;
 use wsbridge::server::start::{self, StartError};
 use wsbridge::server::{Bridge, BridgeError, Listener};
 use wsbridge::signals::Signal;
+use wsbridge::systemd::Notifier;
 
 const EX_USAGE: u8 = 64;
 
@@ -72,7 +74,17 @@ fn main() -> ExitCode {
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
             }
-            report(runtime.block_on(run(config, config_path.clone(), threads)), config_path.as_deref())
+            // Both unset variables they read: done while this is the process's only thread (the
+            // runtime runs on this one and has started nothing yet), as changing the environment
+            // requires.
+            let systemd = Systemd {
+                passed: wsbridge::systemd::take_passed_sockets(),
+                notifier: wsbridge::systemd::Notifier::from_env().map(Arc::new),
+            };
+            report(
+                runtime.block_on(run(config, config_path.clone(), threads, systemd)),
+                config_path.as_deref(),
+            )
         }
     };
     // Dropping the runtime would wait for its blocking-pool threads, and one may be stuck in work
@@ -164,31 +176,108 @@ async fn check(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Serves `config` on `threads` runtime threads until SIGTERM or SIGINT.
-async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
+/// What systemd handed this process: passed listening sockets and the notify socket.
+struct Systemd {
+    passed: Result<Vec<wsbridge::systemd::PassedSocket>, wsbridge::systemd::ActivationError>,
+    notifier: Option<Arc<Notifier>>,
+}
+
+/// Serves `config` on `threads` runtime threads until SIGTERM or SIGINT, on the sockets systemd
+/// passed for its `systemd:NAME` listeners, telling systemd (`NOTIFY_SOCKET`) when it is ready,
+/// reloading and stopping.
+async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usize, systemd: Systemd) -> anyhow::Result<()> {
+    let passed = systemd.passed.map_err(|e| StartError::Activation(e.to_string()))?;
+    let notifier = systemd.notifier;
     let limit = start::raise_open_file_limit();
     start::fit_open_file_limit(limit, &mut config, threads);
     let bridge = Bridge::new(&config)?;
     // Before "listening": a supervisor may send SIGHUP or SIGTERM as soon as it reads that line,
     // and a signal without a handler would end the process.
-    spawn_signal_handlers(&bridge, path, threads)?;
-    let bound = start::bind(&config, threads)?;
+    spawn_signal_handlers(&bridge, path, threads, notifier.clone())?;
+    let bound = start::bind_with(&config, threads, passed)?;
     // Stopped only after the drain: /readyz answers 503 all through it.
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let _admin = admin_stop.clone().drop_guard();
     if let Some(admin) = &config.admin {
         wsbridge::admin::Admin::spawn(&bridge, admin, admin_stop)
             .await
-            .map_err(|source| StartError::Bind { addr: admin.addr, source })?;
+            .map_err(|source| StartError::Bind {
+                addr: admin.addr.into(),
+                source,
+            })?;
+    }
+    if let Some(n) = &notifier {
+        // Every socket is bound (connections queue from here) and the configuration loaded.
+        n.ready(&status(&bridge, config.listeners.len()));
+        spawn_status(n.clone(), &bridge, config.listeners.len());
     }
     bound.serve(&bridge).await?;
     Ok(())
 }
 
+/// The one-line status systemd shows (`systemctl status`).
+fn status(bridge: &Bridge, listeners: usize) -> String {
+    if bridge.shutdown_token().is_cancelled() {
+        draining_status(bridge)
+    } else {
+        format!(
+            "serving {}, {} open",
+            plural(listeners, "listener"),
+            plural(bridge.connections(), "connection")
+        )
+    }
+}
+
+/// The status line from the start of a drain.
+fn draining_status(bridge: &Bridge) -> String {
+    format!("draining: {} open", plural(bridge.connections(), "connection"))
+}
+
+/// `1 listener`, `2 listeners`.
+fn plural(n: usize, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Keeps systemd's status line current (every 10 s, when the count changed) and, when the unit
+/// sets `WatchdogSec=`, sends `WATCHDOG=1` at half that interval from the thread that serves
+/// (a stalled runtime stops the pings, and systemd restarts it).
+fn spawn_status(notifier: Arc<Notifier>, bridge: &Bridge, listeners: usize) {
+    let bridge = bridge.clone();
+    let watchdog = notifier.watchdog();
+    tokio::spawn(async move {
+        let every = watchdog.map_or(std::time::Duration::from_secs(10), |w| {
+            (w / 2).min(std::time::Duration::from_secs(10))
+        });
+        let mut tick = tokio::time::interval(every);
+        let mut last_status = std::time::Instant::now();
+        let mut shown = status(&bridge, listeners);
+        loop {
+            tick.tick().await;
+            if watchdog.is_some() {
+                notifier.send("WATCHDOG=1\n");
+            }
+            if last_status.elapsed() >= std::time::Duration::from_secs(10) {
+                last_status = std::time::Instant::now();
+                let now = status(&bridge, listeners);
+                if now != shown {
+                    notifier.status(&now);
+                    shown = now;
+                }
+            }
+        }
+    });
+}
+
 /// SIGTERM/SIGINT (Windows: Ctrl-C, Ctrl-Break, console closed, system shutdown): shut down
-/// (drain). SIGHUP: [`start::reload`]; a bad file is reported and the running configuration
-/// stays. `threads` is the number of runtime threads, for the open-file fit.
-fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, threads: usize) -> anyhow::Result<()> {
+/// (drain), telling systemd `STOPPING=1` first. SIGHUP: [`start::reload`] between `RELOADING=1`
+/// and `READY=1`; a bad file is reported and the running configuration stays. `threads` is the
+/// number of runtime threads, for the open-file fit.
+fn spawn_signal_handlers(
+    bridge: &Bridge,
+    path: Option<std::path::PathBuf>,
+    threads: usize,
+    notifier: Option<Arc<Notifier>>,
+) -> anyhow::Result<()> {
     let mut signals = wsbridge::signals::Signals::new()?;
     let bridge = bridge.clone();
     tokio::spawn(async move {
@@ -196,11 +285,21 @@ fn spawn_signal_handlers(bridge: &Bridge, path: Option<std::path::PathBuf>, thre
             match signals.recv().await {
                 Signal::Shutdown => break,
                 Signal::Reload => {
+                    if let Some(n) = &notifier {
+                        n.reloading();
+                    }
                     // Files are read and parsed off the runtime thread, which serves sessions.
-                    let (bridge, path) = (bridge.clone(), path.clone());
-                    let _ = tokio::task::spawn_blocking(move || start::reload(&bridge, path.as_deref(), threads)).await;
+                    let (b, path) = (bridge.clone(), path.clone());
+                    let _ = tokio::task::spawn_blocking(move || start::reload(&b, path.as_deref(), threads)).await;
+                    if let Some(n) = &notifier {
+                        // Ready again, with the new configuration or (it is logged) the old one.
+                        n.ready(&format!("reloaded; {} open", plural(bridge.connections(), "connection")));
+                    }
                 }
             }
+        }
+        if let Some(n) = &notifier {
+            n.stopping(&draining_status(&bridge));
         }
         // /readyz turns 503 now; with a drain delay the listeners accept on until a balancer has
         // seen it. A second SIGTERM/SIGINT (an impatient operator, a supervisor's stop timeout)
@@ -227,7 +326,7 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>, agent: bool) 
     })?;
     // Before the lines a user (or a test) waits for: a signal without a handler would end the
     // process without the drain.
-    spawn_signal_handlers(demo.bridge(), None, 1)?;
+    spawn_signal_handlers(demo.bridge(), None, 1, None)?;
     println!("wsbridge demo: open {} in a browser (two tabs make a conversation).", demo.url());
     if demo.agent_mode() {
         println!(

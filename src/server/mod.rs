@@ -215,6 +215,11 @@ impl Bridge {
         self.inner.shutdown.cancel();
     }
 
+    /// Connections open now (sessions and handshakes), counted against `max_connections`.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.taken()
+    }
+
     /// The TLS listeners being served (for certificate expiry).
     pub fn tls_listeners(&self) -> Vec<Arc<TlsListener>> {
         self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -274,19 +279,42 @@ impl Bridge {
         let Some(socket) = listener.socket.take() else {
             return warn!(addr = %listener.config.addr, "listener was never bound");
         };
-        let local = socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
         let listener = Arc::new(listener);
+        match socket {
+            Socket::Tcp(socket) => {
+                let local = socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+                let s = &socket;
+                self.accept_each(|| s.accept(), |(stream, peer)| self.spawn_tcp(stream, peer, &listener, &local))
+                    .await;
+            }
+            #[cfg(unix)]
+            Socket::Unix(socket) => {
+                let local = listener.config.addr.to_string();
+                let s = &socket;
+                self.accept_each(|| s.accept(), |(stream, _)| self.spawn_unix(stream, &listener, &local))
+                    .await;
+            }
+        }
+    }
+
+    /// Accepts with `accept` and hands each connection to `each` until shutdown. Accept errors
+    /// (EMFILE and friends) back off instead of spinning.
+    async fn accept_each<T, A, F>(&self, mut accept: A, mut each: impl FnMut(T))
+    where
+        A: FnMut() -> F,
+        F: std::future::Future<Output = std::io::Result<T>>,
+    {
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return,
-                a = socket.accept() => a,
+                a = accept() => a,
             };
-            let (stream, peer) = match accepted {
+            match accepted {
                 Ok(a) => {
                     backoff = Duration::from_millis(5);
-                    a
+                    each(a);
                 }
                 Err(e) => {
                     // EMFILE and friends: wait for connections to end instead of spinning.
@@ -296,45 +324,143 @@ impl Bridge {
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
                 }
-            };
-            // Behind a load balancer the TCP peer is the balancer: `client` is recorded once the
-            // PROXY header or a trusted X-Forwarded-For names the real one, and `via` keeps the
-            // peer. (Two spans of the same fields: a field recorded later is printed last.)
-            let access = &listener.config.access;
-            let span = if access.proxy_protocol || !access.trusted_proxies.is_empty() {
-                tracing::info_span!(
-                    "conn",
-                    client = tracing::field::Empty,
-                    via = %peer,
-                    listener = %local,
-                    tls = tracing::field::Empty,
-                    client_cn = tracing::field::Empty,
-                    route = tracing::field::Empty,
-                    user = tracing::field::Empty,
-                    target = tracing::field::Empty,
-                    session = tracing::field::Empty
-                )
-            } else {
-                tracing::info_span!(
-                    "conn",
-                    client = %peer,
-                    via = tracing::field::Empty,
-                    listener = %local,
-                    tls = tracing::field::Empty,
-                    client_cn = tracing::field::Empty,
-                    route = tracing::field::Empty,
-                    user = tracing::field::Empty,
-                    target = tracing::field::Empty,
-                    session = tracing::field::Empty
-                )
-            };
-            let bridge = self.clone();
-            let listener = listener.clone();
-            let connection = crate::agent::endpoint::with_client(peer, async move { bridge.connection(stream, peer, &listener).await });
-            self.inner.tracker.spawn(connection.instrument(span));
+            }
         }
+    }
+
+    /// Runs one accepted TCP connection in its own task and span.
+    fn spawn_tcp(&self, stream: TcpStream, peer: SocketAddr, listener: &Arc<Listener>, local: &str) {
+        // Behind a load balancer the TCP peer is the balancer: `client` is recorded once the
+        // PROXY header or a trusted X-Forwarded-For names the real one, and `via` keeps the
+        // peer. (Two spans of the same fields: a field recorded later is printed last.)
+        let access = &listener.config.access;
+        let span = if access.proxy_protocol || !access.trusted_proxies.is_empty() {
+            tracing::info_span!(
+                "conn",
+                client = tracing::field::Empty,
+                via = %peer,
+                listener = %local,
+                tls = tracing::field::Empty,
+                client_cn = tracing::field::Empty,
+                route = tracing::field::Empty,
+                user = tracing::field::Empty,
+                target = tracing::field::Empty,
+                session = tracing::field::Empty
+            )
+        } else {
+            tracing::info_span!(
+                "conn",
+                client = %peer,
+                via = tracing::field::Empty,
+                listener = %local,
+                tls = tracing::field::Empty,
+                client_cn = tracing::field::Empty,
+                route = tracing::field::Empty,
+                user = tracing::field::Empty,
+                target = tracing::field::Empty,
+                session = tracing::field::Empty
+            )
+        };
+        let bridge = self.clone();
+        let listener = listener.clone();
+        let connection = crate::agent::endpoint::with_client(peer, async move { bridge.connection(stream, peer, &listener).await });
+        self.inner.tracker.spawn(connection.instrument(span));
+    }
+
+    /// Runs one connection accepted on a unix socket in its own task and span: `client=unix`
+    /// until a PROXY header or a trusted X-Forwarded-For names the client.
+    #[cfg(unix)]
+    fn spawn_unix(&self, stream: tokio::net::UnixStream, listener: &Arc<Listener>, local: &str) {
+        let span = tracing::info_span!(
+            "conn",
+            client = %"unix",
+            via = tracing::field::Empty,
+            listener = %local,
+            tls = tracing::field::Empty,
+            client_cn = tracing::field::Empty,
+            route = tracing::field::Empty,
+            user = tracing::field::Empty,
+            target = tracing::field::Empty,
+            session = tracing::field::Empty
+        );
+        let bridge = self.clone();
+        let listener = listener.clone();
+        let connection = crate::agent::endpoint::with_client(UNIX_CLIENT, async move { bridge.unix_connection(stream, &listener).await });
+        self.inner.tracker.spawn(connection.instrument(span));
+    }
+
+    /// One connection accepted on a unix socket: the connection cap, the PROXY header if the
+    /// listener takes one, the per-address cap, then HTTP (a unix listener has no TLS: the proxy
+    /// in front terminates it). The client counts as [`UNIX_CLIENT`] until a PROXY header or a
+    /// trusted X-Forwarded-For names it.
+    #[cfg(unix)]
+    async fn unix_connection(self, mut stream: tokio::net::UnixStream, listener: &Listener) {
+        let live = self.live();
+        let deadline = Instant::now() + live.timeouts.handshake;
+        let Some(_slot) = self.inner.connections.try_take(live.max_connections) else {
+            // A local peer: no flood from afar to guard against, so every refusal is answered.
+            let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
+            let (status, reason) = (http::StatusCode::SERVICE_UNAVAILABLE, "too many connections");
+            let _ = timeout(Duration::from_secs(1), answer(&mut stream, status, reason, &retry)).await;
+            self.inner.metrics.refused(crate::metrics::Refusal::ConnectionLimit);
+            return debug!(status = 503, "refused: connection limit reached");
+        };
+        let mut peer = Peer {
+            client: UNIX_CLIENT,
+            local: live.proxy_headers.then_some(UNIX_CLIENT),
+            secure: false,
+        };
+        if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
+            return;
+        }
+        let _per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+            Some(Err(r)) => {
+                let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
+                let _ = timeout(Duration::from_secs(1), answer(&mut stream, r.status, r.public, &retry)).await;
+                return debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
+            }
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
+        Box::pin(self.http(stream, peer, listener, &live, deadline, None)).await;
+    }
+
+    /// Reads the PROXY header a listener with `proxy_protocol` requires and puts the client (and
+    /// the address it reached) in `peer`. False when the connection is refused (logged).
+    async fn read_proxy_header<S>(&self, stream: &mut S, peer: &mut Peer, listener: &Listener, live: &Live, deadline: Instant) -> bool
+    where
+        S: AsyncRead + Unpin,
+    {
+        let trusted = &listener.config.access.trusted_proxies;
+        if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&peer.client.ip().to_canonical())) {
+            // Only the load balancers may say who the client is.
+            self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Untrusted));
+            warn!("connection refused: PROXY protocol header from a peer not in trusted_proxies");
+            return false;
+        }
+        match tokio::time::timeout_at(deadline, crate::proxy::read_addresses(stream)).await {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(a))) => {
+                peer.client = a.client;
+                // What the client reached is the balancer's address, not ours.
+                if peer.local.is_some() {
+                    peer.local = Some(a.destination);
+                }
+            }
+            Ok(Err(e)) => {
+                self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Malformed));
+                warn!(error = %e, "connection refused: bad PROXY protocol header");
+                return false;
+            }
+            Err(_) => {
+                self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Timeout));
+                warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline");
+                return false;
+            }
+        }
+        tracing::Span::current().record("client", tracing::field::display(peer.client));
+        true
     }
 
     /// One accepted connection: the connection cap, then TLS when the first byte says so.
@@ -366,32 +492,8 @@ impl Bridge {
             local: if live.proxy_headers { stream.local_addr().ok() } else { None },
             secure: false,
         };
-        if listener.config.access.proxy_protocol {
-            let trusted = &listener.config.access.trusted_proxies;
-            if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&peer.client.ip().to_canonical())) {
-                // Only the load balancers may say who the client is.
-                self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Untrusted));
-                return warn!("connection refused: PROXY protocol header from a peer not in trusted_proxies");
-            }
-            match tokio::time::timeout_at(deadline, crate::proxy::read_addresses(&mut stream)).await {
-                Ok(Ok(None)) => {}
-                Ok(Ok(Some(a))) => {
-                    peer.client = a.client;
-                    // What the client reached is the balancer's address, not ours.
-                    if peer.local.is_some() {
-                        peer.local = Some(a.destination);
-                    }
-                }
-                Ok(Err(e)) => {
-                    self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Malformed));
-                    return warn!(error = %e, "connection refused: bad PROXY protocol header");
-                }
-                Err(_) => {
-                    self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Timeout));
-                    return warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline");
-                }
-            }
-            tracing::Span::current().record("client", tracing::field::display(peer.client));
+        if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
+            return;
         }
         // One address may not hold every connection slot (slow heads, reconnecting at each
         // deadline): counted from here, once the PROXY header has named it.
@@ -622,12 +724,27 @@ fn client_options(socket: socket2::SockRef<'_>) -> std::io::Result<()> {
     }
 }
 
+/// Where the unix-socket clients come from, as far as policy is concerned: a unix socket is
+/// reachable only from this machine (and only by users its file mode lets in), as loopback is,
+/// so its clients count as `127.0.0.1`: a route's `allow` networks, per-address caps and
+/// `trusted_proxies` treat them as loopback clients, all of them one address. A PROXY header or
+/// a trusted X-Forwarded-For names the real client, as on TCP.
+pub const UNIX_CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// A bound listening socket.
+#[derive(Debug)]
+enum Socket {
+    Tcp(TcpListener),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixListener),
+}
+
 /// A listening socket with what it serves: static files, TLS.
 #[derive(Debug)]
 pub struct Listener {
     /// Its settings.
     pub config: ListenerConfig,
-    socket: Option<TcpListener>,
+    socket: Option<Socket>,
     web: Option<Arc<WebRoot>>,
     tls: Option<Arc<TlsListener>>,
 }
@@ -661,9 +778,15 @@ impl Listener {
     /// # Errors
     /// The address cannot be bound (in use, not local, no permission).
     pub async fn bind(mut self) -> std::io::Result<Listener> {
-        let socket = TcpListener::bind(self.config.addr).await?;
+        let Some(addr) = self.config.addr.tcp() else {
+            return Err(std::io::Error::other(format!(
+                "{}: not a TCP address (see server::start::bind)",
+                self.config.addr
+            )));
+        };
+        let socket = TcpListener::bind(addr).await?;
         client_options(socket2::SockRef::from(&socket))?;
-        self.socket = Some(socket);
+        self.socket = Some(Socket::Tcp(socket));
         Ok(self)
     }
 
@@ -704,16 +827,28 @@ impl Listener {
     /// Uses a socket the caller bound (tests bind port 0).
     pub fn with_socket(mut self, socket: TcpListener) -> Listener {
         let _ = client_options(socket2::SockRef::from(&socket));
-        self.socket = Some(socket);
+        self.socket = Some(Socket::Tcp(socket));
         self
     }
 
-    /// The bound address.
+    /// Uses a unix socket the caller bound (see [`start::bind_unix`]).
+    #[cfg(unix)]
+    pub fn with_unix_socket(mut self, socket: tokio::net::UnixListener) -> Listener {
+        self.socket = Some(Socket::Unix(socket));
+        self
+    }
+
+    /// The bound TCP address.
     ///
     /// # Errors
-    /// Not bound yet, or the OS cannot tell.
+    /// Not bound yet, a unix socket, or the OS cannot tell.
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.socket.as_ref().ok_or_else(|| std::io::Error::other("not bound"))?.local_addr()
+        match self.socket.as_ref() {
+            Some(Socket::Tcp(s)) => s.local_addr(),
+            #[cfg(unix)]
+            Some(Socket::Unix(_)) => Err(std::io::Error::other("a unix socket")),
+            None => Err(std::io::Error::other("not bound")),
+        }
     }
 }
 
@@ -875,7 +1010,9 @@ mod tests {
                 .with_socket(TcpListener::bind("127.0.0.1:0").await.unwrap()),
         ];
         for listener in listeners {
-            let socket = listener.socket.as_ref().unwrap();
+            let Some(Socket::Tcp(socket)) = listener.socket.as_ref() else {
+                panic!("bound")
+            };
             let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
             let (accepted, _) = socket.accept().await.unwrap();
             let at = listener.local_addr();

@@ -1,6 +1,7 @@
 //! Starting a server the way the `wsbridge` binary does, for the binary and for embedders alike:
-//! the open-file limit, runtime threads, one socket per listener for each thread, serving until
-//! the bridge's shutdown token is cancelled, and reloading on request.
+//! the open-file limit, runtime threads, one socket per listener for each thread (a unix socket,
+//! or the sockets systemd passed, shared by the threads: [`bind_with`]), serving until the
+//! bridge's shutdown token is cancelled, and reloading on request.
 //!
 //! ```no_run
 //! # async fn f(mut config: wsbridge::config::Config) -> Result<(), Box<dyn std::error::Error>> {
@@ -21,7 +22,7 @@ use std::path::Path;
 use tokio::net::TcpListener;
 
 use super::{Bridge, BridgeError, Drained, Listener, LINGERING_REFUSALS};
-use crate::config::Config;
+use crate::config::{Config, ListenOn};
 use crate::tls::TlsError;
 
 /// Why a server could not start or stopped with an error. [`StartError::is_config`] tells the
@@ -32,7 +33,7 @@ pub enum StartError {
     #[error("listener {addr}: {source}")]
     Listener {
         /// The listener's configured address.
-        addr: SocketAddr,
+        addr: ListenOn,
         /// What is wrong with its files.
         #[source]
         source: TlsError,
@@ -41,11 +42,14 @@ pub enum StartError {
     #[error("cannot listen on {addr}")]
     Bind {
         /// The listener's configured address.
-        addr: SocketAddr,
+        addr: ListenOn,
         /// Why not.
         #[source]
         source: std::io::Error,
     },
+    /// The sockets systemd passed and the `systemd:NAME` listeners do not match.
+    #[error("{0}")]
+    Activation(String),
     /// The runtime or a socket failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -57,7 +61,7 @@ pub enum StartError {
 impl StartError {
     /// The configuration's fault (a file to fix), not the machine's.
     pub fn is_config(&self) -> bool {
-        matches!(self, StartError::Listener { .. })
+        matches!(self, StartError::Listener { .. } | StartError::Activation(_))
     }
 }
 
@@ -162,54 +166,218 @@ pub fn fit_open_file_limit(limit: u64, config: &mut Config, threads: usize) {
 #[derive(Debug)]
 pub struct Bound {
     /// Every listener's sockets, per runtime thread.
-    per_thread: Vec<Vec<(Listener, std::net::TcpListener)>>,
-    /// Each listener's bound address, in the configuration's order.
+    per_thread: Vec<Vec<(Listener, StdSocket)>>,
+    /// Each TCP socket's bound address, in the configuration's order.
     addrs: Vec<SocketAddr>,
+    /// Unix socket files this process created, with their identity: removed after the drain if
+    /// they are still ours.
+    unix_files: Vec<(std::path::PathBuf, (u64, u64))>,
+}
+
+/// A bound socket not yet handed to a runtime.
+#[derive(Debug)]
+enum StdSocket {
+    Tcp(std::net::TcpListener),
+    #[cfg(unix)]
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl StdSocket {
+    /// Another descriptor for the same socket, for another runtime thread (sockets passed by
+    /// systemd and unix sockets cannot be bound again with `SO_REUSEPORT`: the threads share one
+    /// accept queue).
+    fn try_clone(&self) -> std::io::Result<StdSocket> {
+        Ok(match self {
+            StdSocket::Tcp(s) => StdSocket::Tcp(s.try_clone()?),
+            #[cfg(unix)]
+            StdSocket::Unix(s) => StdSocket::Unix(s.try_clone()?),
+        })
+    }
+}
+
+/// [`bind_with`] without passed sockets: a `systemd:NAME` listener is an error.
+///
+/// # Errors
+/// As [`bind_with`].
+pub fn bind(config: &Config, threads: usize) -> Result<Bound, StartError> {
+    bind_with(config, threads, Vec::new())
 }
 
 /// Reads every listener's files (a bad certificate is a configuration error, reported before any
 /// port is taken), then binds one socket per listener for each of `threads` runtime threads, with
-/// `SO_REUSEPORT` when there are several so the kernel spreads connections over them.
+/// `SO_REUSEPORT` when there are several so the kernel spreads connections over them. A unix
+/// socket listener binds its path once (see [`bind_unix`]); a `systemd:NAME` listener takes every
+/// socket in `passed` named NAME. The threads share such a socket.
 ///
 /// # Errors
-/// A listener's files cannot be used ([`StartError::Listener`]), or a port cannot be bound
-/// ([`StartError::Bind`]); nothing stays bound then.
-pub fn bind(config: &Config, threads: usize) -> Result<Bound, StartError> {
+/// A listener's files cannot be used ([`StartError::Listener`]), a port or path cannot be bound
+/// ([`StartError::Bind`]), or the passed sockets and the `systemd:` listeners do not match one to
+/// one by name ([`StartError::Activation`]); nothing stays bound then.
+pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::PassedSocket>) -> Result<Bound, StartError> {
     let mut prepared = Vec::new();
     for l in &config.listeners {
-        prepared.push(Listener::prepare(l).map_err(|source| StartError::Listener { addr: l.addr, source })?);
+        prepared.push(Listener::prepare(l).map_err(|source| StartError::Listener {
+            addr: l.addr.clone(),
+            source,
+        })?);
+    }
+    let mut passed: Vec<Option<crate::systemd::PassedSocket>> = passed.into_iter().map(Some).collect();
+    // Every passed socket must be some listener's: one that is not would be held open and never
+    // served, and a connection to it would hang.
+    for p in passed.iter().flatten() {
+        let claimed = config.listeners.iter().any(|l| l.addr == ListenOn::Systemd(p.name.clone()));
+        if !claimed {
+            return Err(StartError::Activation(format!(
+                "systemd passed descriptor {} named {:?}, which no listener takes: add a listener with addr = \"systemd:{}\" (FileDescriptorName= in the socket unit sets the name)",
+                p.fd, p.name, p.name
+            )));
+        }
     }
     // Bind every socket before serving any, so a port in use fails the start, not one thread.
     let threads = crate::platform::runtime_threads(threads);
     let mut per_thread: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
+    // Only unix sockets add to it.
+    #[cfg_attr(not(unix), allow(unused_mut))]
+    let mut unix_files = Vec::new();
     for l in &prepared {
         let bind_error = |source| StartError::Bind {
-            addr: l.config.addr,
+            addr: l.config.addr.clone(),
             source,
         };
-        let mut addr = l.config.addr;
-        if threads > 1 {
-            // SO_REUSEPORT would let us share a port another process holds (a second wsbridge,
-            // say) without a word: bind once without it first, so a port in use is an error.
-            let probe = Listener::bind_std(addr, false).map_err(bind_error)?;
-            addr = probe.local_addr()?;
-        }
-        for sockets in per_thread.iter_mut() {
-            let socket = Listener::bind_std(addr, threads > 1).map_err(bind_error)?;
-            // Port 0: the first socket picks the port, the others share it.
-            addr = socket.local_addr()?;
-            sockets.push((l.sibling(), socket));
-        }
         let web = l.config.web.as_ref().map(|w| tracing::field::display(w.display()));
-        tracing::info!(addr = %addr, tls = l.config.tls.is_some(), web, threads, "listening");
-        addrs.push(addr);
+        let tls = l.config.tls.is_some();
+        match &l.config.addr {
+            ListenOn::Tcp(configured) => {
+                let mut addr = *configured;
+                if threads > 1 {
+                    // SO_REUSEPORT would let us share a port another process holds (a second
+                    // wsbridge, say) without a word: bind once without it first, so a port in use
+                    // is an error.
+                    let probe = Listener::bind_std(addr, false).map_err(bind_error)?;
+                    addr = probe.local_addr()?;
+                }
+                for sockets in per_thread.iter_mut() {
+                    let socket = Listener::bind_std(addr, threads > 1).map_err(bind_error)?;
+                    // Port 0: the first socket picks the port, the others share it.
+                    addr = socket.local_addr()?;
+                    sockets.push((l.sibling(), StdSocket::Tcp(socket)));
+                }
+                tracing::info!(addr = %addr, tls, web, threads, "listening");
+                addrs.push(addr);
+            }
+            #[cfg(unix)]
+            ListenOn::Unix { path, mode } => {
+                let socket = bind_unix(path, *mode).map_err(bind_error)?;
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    unix_files.push((path.clone(), crate::platform::file_identity(&m)));
+                }
+                share(&mut per_thread, l, StdSocket::Unix(socket)).map_err(bind_error)?;
+                tracing::info!(addr = %l.config.addr, mode = %format_args!("{mode:04o}"), web, threads, "listening");
+            }
+            #[cfg(not(unix))]
+            ListenOn::Unix { .. } => {
+                return Err(bind_error(std::io::Error::other(crate::platform::UNIX_SOCKETS_UNAVAILABLE)));
+            }
+            ListenOn::Systemd(name) => {
+                let mine: Vec<_> = passed
+                    .iter_mut()
+                    .filter(|p| p.as_ref().is_some_and(|p| &p.name == name))
+                    .filter_map(Option::take)
+                    .collect();
+                if mine.is_empty() {
+                    return Err(StartError::Activation(format!(
+                        "listener systemd:{name}: systemd passed no socket named {name:?} (LISTEN_FDNAMES names each socket: FileDescriptorName= in the socket unit, else the unit's name; is wsbridge started by its socket unit?)"
+                    )));
+                }
+                for p in mine {
+                    let (socket, shown) = match p.listener {
+                        crate::systemd::PassedListener::Tcp(s) => {
+                            let a = s.local_addr()?;
+                            addrs.push(a);
+                            (StdSocket::Tcp(s), a.to_string())
+                        }
+                        #[cfg(unix)]
+                        crate::systemd::PassedListener::Unix(s) => {
+                            if tls {
+                                return Err(StartError::Activation(format!(
+                                    "listener systemd:{name}: descriptor {} is a unix socket, and TLS is for TCP listeners",
+                                    p.fd
+                                )));
+                            }
+                            let a = s.local_addr()?;
+                            let shown = match a.as_pathname() {
+                                Some(path) => format!("unix:{}", path.display()),
+                                None => "unix:(unnamed)".to_owned(),
+                            };
+                            (StdSocket::Unix(s), shown)
+                        }
+                    };
+                    share(&mut per_thread, l, socket).map_err(bind_error)?;
+                    tracing::info!(addr = %shown, systemd = %name, fd = p.fd, tls, web, threads, "listening");
+                }
+            }
+        }
     }
-    Ok(Bound { per_thread, addrs })
+    Ok(Bound {
+        per_thread,
+        addrs,
+        unix_files,
+    })
+}
+
+/// Gives `socket` to the first runtime thread and a duplicate descriptor of it to each other.
+fn share(per_thread: &mut [Vec<(Listener, StdSocket)>], l: &Listener, socket: StdSocket) -> std::io::Result<()> {
+    for sockets in per_thread.iter_mut().skip(1) {
+        sockets.push((l.sibling(), socket.try_clone()?));
+    }
+    if let Some(first) = per_thread.first_mut() {
+        first.push((l.sibling(), socket));
+    }
+    Ok(())
+}
+
+/// Binds a unix stream socket at `path` with file mode `mode`. A socket file already there is
+/// what a previous run that did not get to remove it left behind: it is removed, but only if it
+/// is a socket (never a file someone put there) and nothing accepts on it (a second wsbridge on
+/// the same path is an error, as a port in use is).
+///
+/// # Errors
+/// The path is in use, is not a socket, or cannot be bound or given its mode.
+#[cfg(unix)]
+pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process accepts connections on this socket",
+                ));
+            }
+            tracing::info!(path = %path.display(), "removing a stale socket file");
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket (not removed)",
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let socket = std::os::unix::net::UnixListener::bind(path)?;
+    // Right after bind: until then the file has the umask's mode, which for a socket (connecting
+    // needs write permission) admits at most what the umask lets through.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 impl Bound {
-    /// Each listener's bound address, in the configuration's order (port 0 resolved).
+    /// Each TCP socket's bound address, in the configuration's order (port 0 resolved; unix
+    /// sockets have none, a `systemd:` listener one per passed TCP socket).
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }
@@ -221,10 +389,10 @@ impl Bound {
     ///
     /// # Errors
     /// A runtime thread could not start, or panicked.
-    pub async fn serve(self, bridge: &Bridge) -> Result<Drained, StartError> {
+    pub async fn serve(mut self, bridge: &Bridge) -> Result<Drained, StartError> {
         let mut workers = Vec::new();
         let mut own = Vec::new();
-        for (i, sockets) in self.per_thread.into_iter().enumerate() {
+        for (i, sockets) in std::mem::take(&mut self.per_thread).into_iter().enumerate() {
             if i == 0 {
                 own = sockets;
                 continue;
@@ -254,16 +422,27 @@ impl Bound {
                 Err(_) => return Err(StartError::Panicked),
             }
         }
+        for (path, identity) in &self.unix_files {
+            // Only the file this process created: another process may have bound the path since.
+            let ours = std::fs::symlink_metadata(path).is_ok_and(|m| crate::platform::file_identity(&m) == *identity);
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         tracing::info!(clean = drained.clean, remaining = drained.remaining, "stopped");
         Ok(drained)
     }
 }
 
 /// Hands std sockets to the current runtime.
-fn attach(sockets: Vec<(Listener, std::net::TcpListener)>) -> std::io::Result<Vec<Listener>> {
+fn attach(sockets: Vec<(Listener, StdSocket)>) -> std::io::Result<Vec<Listener>> {
     sockets
         .into_iter()
-        .map(|(l, s)| Ok(l.with_socket(TcpListener::from_std(s)?)))
+        .map(|(l, s)| match s {
+            StdSocket::Tcp(s) => Ok(l.with_socket(TcpListener::from_std(s)?)),
+            #[cfg(unix)]
+            StdSocket::Unix(s) => Ok(l.with_unix_socket(tokio::net::UnixListener::from_std(s)?)),
+        })
         .collect()
 }
 

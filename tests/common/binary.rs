@@ -31,22 +31,29 @@ impl Drop for Binary {
 impl Binary {
     /// Starts `wsbridge ARGS` with `RUST_LOG` unset and waits for its "listening" line.
     pub async fn spawn(args: &[&str]) -> Binary {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut command = Command::new(BIN);
+        command.args(args).stdout(Stdio::null());
+        let mut b = Binary::start(command);
+        b.addr = b.address_after("listening addr=").await;
+        b
+    }
+
+    /// Starts `command` (the binary, or a wrapper that runs it) with `RUST_LOG` unset and its
+    /// stderr kept as lines, without waiting for anything; stdin and stdout are the caller's to
+    /// set. `addr` stays 0.0.0.0:0.
+    pub fn start(mut command: Command) -> Binary {
+        let mut child = command
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn wsbridge");
         let lines = Lines::capture(child.stderr.take().expect("stderr"));
-        let mut b = Binary {
+        Binary {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             lines,
-        };
-        b.addr = b.address_after("listening addr=").await;
-        b
+        }
     }
 
     /// Waits for a stderr line containing `needle` (one seen already counts) and returns it.

@@ -170,7 +170,7 @@ impl TestBridge {
         if config.listeners.is_empty() {
             config.listeners.push(ListenerConfig::new(addr));
         }
-        config.listeners[0].addr = addr;
+        config.listeners[0].addr = addr.into();
         let prepared = Listener::prepare(&config.listeners[0])
             .expect("listener files")
             .with_socket(listener);

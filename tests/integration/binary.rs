@@ -248,17 +248,26 @@ async fn usage_errors_exit_64_with_a_clear_message() {
     for (args, instead) in [
         (&["--key-password", "x"][..], "unencrypted key"),
         (&["--key-password"][..], "unencrypted key"),
-        (&["--unix-listen", "/run/x.sock"][..], "reverse proxy"),
-        (&["--unix-listen-mode", "0600"][..], "reverse proxy"),
         (&["-6"][..], "IPv6 listen address"),
     ] {
         let (code, _, err) = run_to_end(&[&["6080", "localhost:5900"][..], args].concat()).await;
         assert_eq!(code, 64, "{args:?}: {err}");
         assert!(err.contains("is not supported") && err.contains(instead), "{args:?}: {err}");
     }
+    // --unix-listen takes SOURCE's place (websockify's form): a SOURCE beside it is refused.
+    let (code, _, err) = run_to_end(&["6080", "localhost:5900", "--unix-listen", "/run/x.sock"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("give only TARGET"), "{err}");
+    let (code, _, err) = run_to_end(&["localhost:5900", "--unix-listen-mode", "0600"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--unix-listen"), "{err}");
+    let (code, _, err) = run_to_end(&["localhost:5900", "--unix-listen", "/run/x.sock", "--unix-listen-mode", "999"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--unix-listen-mode") && err.contains("octal"), "{err}");
     let (code, out, _) = run_to_end(&["--help"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("--config"), "{out}");
+    assert!(out.contains("--unix-listen") && out.contains("systemd:NAME"), "{out}");
     let (code, out, _) = run_to_end(&["--version"]).await;
     assert_eq!(code, 0);
     assert!(out.starts_with("wsbridge "), "{out}");

@@ -87,6 +87,7 @@ async fn check_prints_the_configurations_words_and_tells_tokens_apart() {
         "subprotocols = [\"binary\"]",
         "max_sessions = 50",
         "addr = \"[::1]:6081\"",
+        "addr = \"unix:/run/wsbridge/wsbridge.sock\", mode = \"0660\"",
         "admin     addr = \"127.0.0.1:9100\" (token: none)",
     ] {
         assert!(out.contains(words), "{words:?} missing in:\n{out}");

@@ -23,6 +23,7 @@ mod record;
 mod redis;
 mod relay;
 mod routing;
+mod systemd;
 mod tls;
 mod web;
 mod windows;
