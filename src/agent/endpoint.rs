@@ -22,7 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::link::{self, ControlMessage, LinkIo};
+use super::link::{self, ControlMessage, IntoLink, LinkIo};
 use super::registry::{Control, Registry};
 use super::EndpointConfig;
 use crate::config::Timeouts;
@@ -53,7 +53,7 @@ enum Kind {
 
 /// Serves one request on an agent endpoint, to its end (a control link lives as long as the
 /// agent's connection; a data link is handed to the registry's pool).
-pub async fn serve<S: LinkIo + 'static>(
+pub async fn serve<S: IntoLink>(
     mut stream: S,
     request: Request<()>,
     leftover: Vec<u8>,
@@ -133,7 +133,7 @@ pub async fn serve<S: LinkIo + 'static>(
             if !matches!(written, Ok(Ok(()))) {
                 return debug!(agent = %name, "agent data link closed during its 101");
             }
-            if registry.add_link(&name, Box::new(stream)).is_err() {
+            if registry.add_link(&name, stream.into_link()).is_err() {
                 debug!(agent = %name, "agent data link not needed; closed");
             }
         }
@@ -196,15 +196,19 @@ async fn control<S: LinkIo>(
 ) {
     // The hello is part of the handshake: under its deadline.
     let hello = timeout(timeouts.handshake, ws.next()).await;
-    let services = match hello {
+    let (services, replacing) = match hello {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ControlMessage>(&text) {
-            Ok(ControlMessage::Hello { name: said, services, .. }) if said == name => services,
+            Ok(ControlMessage::Hello {
+                name: said,
+                services,
+                version,
+            }) if said == name => (services, version >= link::REPLACING),
             _ => return warn!(agent = %name, "agent control link: the first message is not its hello; closed"),
         },
         _ => return debug!(agent = %name, "agent control link: no hello; closed"),
     };
     let services: Vec<String> = services.into_iter().filter(|s| link::valid_name(s)).take(1024).collect();
-    let mut attached = registry.attach(&name, services.clone(), addr, endpoint.pool);
+    let mut attached = registry.attach(&name, services.clone(), addr, endpoint.pool, replacing);
     info!(agent = %name, services = ?services, "agent connected");
     let send_timeout = timeouts.pong_timeout;
     let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));

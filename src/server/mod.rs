@@ -441,7 +441,7 @@ impl Bridge {
     /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
     async fn http<S>(&self, mut stream: S, mut peer: Peer, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: crate::agent::link::IntoLink,
     {
         let t = &live.timeouts;
         let shutdown = &self.shutdown;
