@@ -28,21 +28,6 @@ use super::EndpointConfig;
 use crate::config::Timeouts;
 use crate::http::request::answer;
 
-tokio::task_local! {
-    /// The client address of the connection being served (set by the accept loop), for the
-    /// failure brake and the logs.
-    static CLIENT: SocketAddr;
-}
-
-/// Runs `f` with `client` as the connection's address (see [`serve`]).
-pub async fn with_client<F: std::future::Future>(client: SocketAddr, f: F) -> F::Output {
-    CLIENT.scope(client, f).await
-}
-
-fn client() -> SocketAddr {
-    CLIENT.try_with(|c| *c).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
 /// The largest control message: they are a few dozen bytes.
 const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 
@@ -52,9 +37,14 @@ enum Kind {
 }
 
 /// Serves one request on an agent endpoint, to its end (a control link lives as long as the
-/// agent's connection; a data link is handed to the registry's pool).
+/// agent's connection; a data link is handed to the registry's pool). `client` is the agent's
+/// address as the browser routes see theirs (from the PROXY header or a trusted proxy's
+/// forwarded header, else the TCP peer): the failure brake counts per real address, not per
+/// load balancer.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<S: IntoLink>(
     mut stream: S,
+    client: SocketAddr,
     request: Request<()>,
     leftover: Vec<u8>,
     registry: &Registry,
@@ -62,7 +52,7 @@ pub async fn serve<S: IntoLink>(
     timeouts: &Timeouts,
     shutdown: &CancellationToken,
 ) {
-    let addr = client();
+    let addr = client;
     let write_end = Instant::now() + timeouts.http_write;
     let headers = request.headers();
     let kind = if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {

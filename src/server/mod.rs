@@ -294,7 +294,7 @@ impl Bridge {
             };
             let bridge = self.clone();
             let listener = listener.clone();
-            let connection = crate::agent::endpoint::with_client(peer, async move { bridge.connection(stream, peer, &listener).await });
+            let connection = async move { bridge.connection(stream, peer, &listener).await };
             self.inner.tracker.spawn(connection.instrument(span));
         }
     }
@@ -472,7 +472,7 @@ impl Bridge {
         }
         if let Some(endpoint) = head.as_ref().ok().and_then(|(r, _)| live.agents.endpoint(r.uri().path())) {
             let Ok((request, leftover)) = head else { return };
-            let serve = crate::agent::endpoint::serve(stream, request, leftover, &live.agents, &endpoint, t, shutdown);
+            let serve = crate::agent::endpoint::serve(stream, peer.client, request, leftover, &live.agents, &endpoint, t, shutdown);
             return Box::pin(serve).await;
         }
         let ctx = Context {
