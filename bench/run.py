@@ -977,7 +977,10 @@ def versions(paths: dict) -> dict:
     if paths.get("wstcp"):
         v["wstcp"] = first_line([paths["wstcp"], "--version"]).split()[-1]
     if paths.get("rathole"):
-        v["rathole"] = first_line([paths["rathole"], "--version"]).split()[-1]
+        # Its first line is "rathole"; the version is on a "Build Version:" line.
+        r = subprocess.run([paths["rathole"], "--version"], capture_output=True, text=True)
+        v["rathole"] = next((l.split(":", 1)[1].strip() for l in r.stdout.splitlines()
+                             if l.startswith("Build Version:")), "?")
     if paths.get("websockify"):
         pip = VENV / "bin" / "pip"
         r = subprocess.run([str(pip), "show", "websockify"], capture_output=True, text=True)
