@@ -175,7 +175,7 @@ pub enum BackendReader<'a> {
     /// TLS (both halves are polled by the one session task, so the split's lock is uncontended).
     Tls(tokio::io::ReadHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
     /// An agent's data link.
-    Agent(tokio::io::ReadHalf<&'a mut crate::agent::link::AgentLink>),
+    Agent(crate::agent::link::AgentReader<'a>),
 }
 
 /// The write side of a backend, for the client → backend direction.
@@ -188,7 +188,7 @@ pub enum BackendWriter<'a> {
     /// TLS.
     Tls(tokio::io::WriteHalf<&'a mut tokio_rustls::client::TlsStream<TcpStream>>),
     /// An agent's data link.
-    Agent(tokio::io::WriteHalf<&'a mut crate::agent::link::AgentLink>),
+    Agent(crate::agent::link::AgentWriter<'a>),
 }
 
 impl Backend {
@@ -208,7 +208,7 @@ impl Backend {
                 (BackendReader::Tls(r), BackendWriter::Tls(w))
             }
             Backend::Agent(s) => {
-                let (r, w) = tokio::io::split(&mut **s);
+                let (r, w) = s.halves();
                 (BackendReader::Agent(r), BackendWriter::Agent(w))
             }
         }
@@ -239,9 +239,14 @@ impl tokio::io::AsyncRead for BackendReader<'_> {
 
 impl BackendWriter<'_> {
     /// Whether written bytes may wait in the stream until it is flushed (TLS records when the
-    /// socket was full); TCP and unix sockets hand everything to the kernel at once.
+    /// socket was full); TCP and unix sockets hand everything to the kernel at once, an agent's
+    /// data link as the stream under it does.
     pub fn buffers(&self) -> bool {
-        matches!(self, BackendWriter::Tls(_) | BackendWriter::Agent(_))
+        match self {
+            BackendWriter::Tls(_) => true,
+            BackendWriter::Agent(w) => w.buffers(),
+            BackendWriter::Tcp(_) | BackendWriter::Unix(_) => false,
+        }
     }
 }
 

@@ -78,8 +78,8 @@ std::thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
 }
 
-/// Runs `f` on this thread's scratch buffer.
-fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+/// Runs `f` on this thread's scratch buffer (the relay's, and an agent's sessions').
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH_BUF.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => f(&mut buf),
         // Not re-entered in practice (the streams never call back into us); if it were, a

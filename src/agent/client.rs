@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::link::{self, ControlMessage, LinkIo};
+use super::link::{self, ControlMessage, LinkStream};
 use crate::backend::{Backend, ConnectError};
 use crate::config::{parse_duration, ConfigError, Target};
 use crate::tls::BackendTls;
@@ -674,7 +674,7 @@ async fn control(
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
         services: config.services.keys().cloned().collect(),
-        version: 1,
+        version: link::REPLACING,
     };
     let Ok(text) = serde_json::to_string(&hello) else {
         return failed("hello not encoded".into());
@@ -688,6 +688,12 @@ async fn control(
     // Idle links wait for `open` until the control link ends; sessions already open go on.
     let idle = shutdown.child_token();
     let _idle_guard = idle.clone().drop_guard();
+    let links_ctx = Links {
+        config: config.clone(),
+        tls: tls.cloned(),
+        idle: idle.clone(),
+        sessions: sessions.clone(),
+    };
     let mut connected = false;
     let mut tick = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut pong_due: Option<Instant> = None;
@@ -737,8 +743,7 @@ async fn control(
                                 if sessions.len() >= 4096 {
                                     break;
                                 }
-                                let (config, tls, idle) = (config.clone(), tls.cloned(), idle.clone());
-                                sessions.spawn(async move { data_link(&config, tls.as_ref(), &idle).await });
+                                spawn_link(&links_ctx);
                             }
                         }
                         Ok(ControlMessage::Drain { reason }) => {
@@ -764,7 +769,7 @@ async fn control(
     }
 }
 
-type ControlWs = tokio_tungstenite::WebSocketStream<Box<dyn LinkIo>>;
+type ControlWs = tokio_tungstenite::WebSocketStream<LinkStream>;
 
 /// Dials and upgrades the control link.
 async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<ControlWs, Ended> {
@@ -803,7 +808,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
 }
 
 /// TCP to the server (or to the proxy, then CONNECT), then TLS for `wss://`.
-async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result<Box<dyn LinkIo>> {
+async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result<LinkStream> {
     let s = &config.server;
     let tcp = match &config.proxy {
         None => TcpStream::connect((s.host.as_str(), s.port)).await?,
@@ -826,20 +831,42 @@ async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result
     tcp.set_nodelay(true)?;
     socket2::SockRef::from(&tcp).set_tcp_keepalive(&crate::backend::tcp_keepalive())?;
     match tls {
-        None => Ok(Box::new(tcp)),
+        None => Ok(LinkStream::Tcp(tcp)),
         Some(tls) => {
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
                 None => rustls_pki_types::ServerName::try_from(s.host.clone()).map_err(std::io::Error::other)?,
             };
-            Ok(Box::new(tls.connector.connect(name, tcp).await?))
+            Ok(LinkStream::Other(Box::new(tls.connector.connect(name, tcp).await?)))
         }
     }
 }
 
 /// One data link: dial, upgrade, wait for `open`, connect the service, relay until both ends
 /// are done.
-async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &CancellationToken) {
+/// What dialling a data link needs, shared by the control loop and the links (each replaces
+/// itself when it is opened).
+#[derive(Clone)]
+struct Links {
+    config: Arc<AgentConfig>,
+    tls: Option<BackendTls>,
+    /// Cancelled when the control link ends: idle links close, no new one is dialled.
+    idle: CancellationToken,
+    sessions: TaskTracker,
+}
+
+/// Dials one more idle data link (bounded: at most 4096 links and sessions at once).
+fn spawn_link(links: &Links) {
+    if links.sessions.len() >= 4096 || links.idle.is_cancelled() {
+        return;
+    }
+    // Boxed: a link spawns its own replacement, so its future's type cannot contain itself.
+    let link: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(data_link(links.clone()));
+    links.sessions.spawn(link);
+}
+
+async fn data_link(links: Links) {
+    let (config, tls, idle) = (&*links.config, links.tls.as_ref(), &links.idle);
     let opened = timeout(config.connect_timeout, async {
         let mut io = dial(config, tls).await?;
         let s = &config.server;
@@ -879,7 +906,12 @@ async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &Cancel
     let mut io = buffered.into_inner();
     let service = match line {
         Ok(Some(l)) => match l.strip_prefix("open ") {
-            Some(s) => s.to_owned(),
+            Some(s) => {
+                // The server took this link from its pool: the pool gets a new one at once
+                // (protocol version 2), before this session's service is even connected.
+                spawn_link(&links);
+                s.to_owned()
+            }
             None => return warn!("agent: a data link started with something other than `open`; closed"),
         },
         Ok(None) => return debug!("agent: idle data link closed by the server"),
@@ -907,21 +939,13 @@ async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &Cancel
     answer(&mut io, "ok\n", config).await;
     debug!(%service, "agent: session open");
     let started = Instant::now();
-    let (app_read, mut app_write) = app.halves();
-    let (link_read, mut link_write) = tokio::io::split(io);
-    // Each direction: copy to EOF, then pass the EOF on (half-close); an error ends both. One
-    // buffer per direction (copy_buf reads into the BufReader's and writes from it).
-    let up = async {
-        let n = tokio::io::copy_buf(&mut BufReader::with_capacity(COPY_BUFFER, link_read), &mut app_write).await?;
-        app_write.shutdown().await?;
-        Ok::<u64, std::io::Error>(n)
-    };
-    let down = async {
-        let n = tokio::io::copy_buf(&mut BufReader::with_capacity(COPY_BUFFER, app_read), &mut link_write).await?;
-        link_write.shutdown().await?;
-        Ok::<u64, std::io::Error>(n)
-    };
-    tokio::pin!(up, down);
+    let (app_read, app_write) = app.halves();
+    let (link_read, link_write) = io.split();
+    // Each direction: copy to EOF, then pass the EOF on (half-close); an error ends both.
+    let mut up = Pipe::new(link_read, app_write);
+    let mut down = Pipe::new(app_read, link_write);
+    let mut up = std::future::poll_fn(|cx| up.poll(cx));
+    let mut down = std::future::poll_fn(|cx| down.poll(cx));
     let ended = tokio::select! {
         // The link's EOF: the browser's session is over and the server reads nothing more after
         // it, so an app that neither answers nor closes is not waited on beyond the close time.
@@ -946,15 +970,113 @@ async fn data_link(config: &AgentConfig, tls: Option<&BackendTls>, idle: &Cancel
     }
 }
 
-/// Each direction's buffer in an agent's session.
-const COPY_BUFFER: usize = 32 * 1024;
+/// One direction of an agent's session, as the server's relay moves bytes: each read goes into
+/// the thread's scratch buffer (up to 256 KiB, shared by every session on the thread) and is
+/// written out from there at once; only what the writer does not take is copied into a buffer
+/// of the session's own, and nothing more is read until that is written. An idle session holds
+/// no buffer, a slow one at most one read. The reader's EOF is passed on (half-close) at the end.
+struct Pipe<R, W> {
+    reader: R,
+    writer: W,
+    /// What the writer has not taken yet, and how much of it it took since.
+    held: Vec<u8>,
+    at: usize,
+    /// Written to a stream that may hold bytes until flushed (TLS).
+    unflushed: bool,
+    eof: bool,
+    total: u64,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, W> {
+    fn new(reader: R, writer: W) -> Self {
+        Pipe {
+            reader,
+            writer,
+            held: Vec::new(),
+            at: 0,
+            unflushed: false,
+            eof: false,
+            total: 0,
+        }
+    }
+
+    /// Copies until the reader's EOF has been passed on; the bytes copied.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<u64>> {
+        use std::pin::Pin;
+        use std::task::{ready, Poll};
+        loop {
+            while self.at < self.held.len() {
+                let n = ready!(Pin::new(&mut self.writer).poll_write(cx, &self.held[self.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                self.at += n;
+                self.unflushed = true;
+            }
+            if !self.held.is_empty() {
+                self.held = Vec::new();
+                self.at = 0;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut self.writer).poll_shutdown(cx))?;
+                return Poll::Ready(Ok(self.total));
+            }
+            let Pipe {
+                reader,
+                writer,
+                held,
+                unflushed,
+                eof,
+                total,
+                ..
+            } = self;
+            let read = crate::relay::with_scratch(|scratch| {
+                let mut buf = tokio::io::ReadBuf::new(scratch);
+                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let data = buf.filled();
+                if data.is_empty() {
+                    *eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                *total += data.len() as u64;
+                let taken = match Pin::new(&mut *writer).poll_write(cx, data) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => 0,
+                };
+                *unflushed |= taken > 0;
+                if taken < data.len() {
+                    // The scratch buffer is the thread's: the rest moves to the session.
+                    *held = data[taken..].to_vec();
+                }
+                Poll::Ready(Ok(()))
+            });
+            match read {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Nothing more to read for now: what a TLS stream holds goes out before we wait.
+                    if self.unflushed {
+                        ready!(Pin::new(&mut self.writer).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
 
 /// How long an app may go on after the browser's side of a session ended (the server's close
 /// deadline, by default).
 const AFTER_BROWSER_CLOSE: Duration = Duration::from_secs(5);
 
 /// Writes a data link's answer line (`ok`, `err …`).
-async fn answer(io: &mut Box<dyn LinkIo>, text: &str, config: &AgentConfig) {
+async fn answer(io: &mut LinkStream, text: &str, config: &AgentConfig) {
     let _ = timeout(config.pong_timeout, async {
         io.write_all(text.as_bytes()).await?;
         io.flush().await

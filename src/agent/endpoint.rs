@@ -22,26 +22,11 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::link::{self, ControlMessage, LinkIo};
+use super::link::{self, ControlMessage, IntoLink, LinkIo};
 use super::registry::{Control, Registry};
 use super::EndpointConfig;
 use crate::config::Timeouts;
 use crate::http::request::answer;
-
-tokio::task_local! {
-    /// The client address of the connection being served (set by the accept loop), for the
-    /// failure brake and the logs.
-    static CLIENT: SocketAddr;
-}
-
-/// Runs `f` with `client` as the connection's address (see [`serve`]).
-pub async fn with_client<F: std::future::Future>(client: SocketAddr, f: F) -> F::Output {
-    CLIENT.scope(client, f).await
-}
-
-fn client() -> SocketAddr {
-    CLIENT.try_with(|c| *c).unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
 
 /// The largest control message: they are a few dozen bytes.
 const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
@@ -52,9 +37,14 @@ enum Kind {
 }
 
 /// Serves one request on an agent endpoint, to its end (a control link lives as long as the
-/// agent's connection; a data link is handed to the registry's pool).
-pub async fn serve<S: LinkIo + 'static>(
+/// agent's connection; a data link is handed to the registry's pool). `client` is the agent's
+/// address as the browser routes see theirs (from the PROXY header or a trusted proxy's
+/// forwarded header, else the TCP peer): the failure brake counts per real address, not per
+/// load balancer.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<S: IntoLink>(
     mut stream: S,
+    client: SocketAddr,
     request: Request<()>,
     leftover: Vec<u8>,
     registry: &Registry,
@@ -62,7 +52,7 @@ pub async fn serve<S: LinkIo + 'static>(
     timeouts: &Timeouts,
     shutdown: &CancellationToken,
 ) {
-    let addr = client();
+    let addr = client;
     let write_end = Instant::now() + timeouts.http_write;
     let headers = request.headers();
     let kind = if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
@@ -133,7 +123,7 @@ pub async fn serve<S: LinkIo + 'static>(
             if !matches!(written, Ok(Ok(()))) {
                 return debug!(agent = %name, "agent data link closed during its 101");
             }
-            if registry.add_link(&name, Box::new(stream)).is_err() {
+            if registry.add_link(&name, stream.into_link()).is_err() {
                 debug!(agent = %name, "agent data link not needed; closed");
             }
         }
@@ -196,15 +186,19 @@ async fn control<S: LinkIo>(
 ) {
     // The hello is part of the handshake: under its deadline.
     let hello = timeout(timeouts.handshake, ws.next()).await;
-    let services = match hello {
+    let (services, replacing) = match hello {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ControlMessage>(&text) {
-            Ok(ControlMessage::Hello { name: said, services, .. }) if said == name => services,
+            Ok(ControlMessage::Hello {
+                name: said,
+                services,
+                version,
+            }) if said == name => (services, version >= link::REPLACING),
             _ => return warn!(agent = %name, "agent control link: the first message is not its hello; closed"),
         },
         _ => return debug!(agent = %name, "agent control link: no hello; closed"),
     };
     let services: Vec<String> = services.into_iter().filter(|s| link::valid_name(s)).take(1024).collect();
-    let mut attached = registry.attach(&name, services.clone(), addr, endpoint.pool);
+    let mut attached = registry.attach(&name, services.clone(), addr, endpoint.pool, replacing);
     info!(agent = %name, services = ?services, "agent connected");
     let send_timeout = timeouts.pong_timeout;
     let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));

@@ -5,13 +5,15 @@
 //! A data link is one TCP (or TLS) connection the agent dialled to the server's agent endpoint
 //! with `Upgrade: wsbridge-agent-link`; after the `101` it carries raw bytes, so the kernel's flow
 //! control gives each session its own backpressure and the server's relay uses the link as the
-//! session's backend stream ([`AgentLink`]).
+//! session's backend stream ([`AgentLink`]): over plain TCP with the same lock-free halves and
+//! vectored writes as a TCP backend ([`LinkStream`]).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The `Sec-WebSocket-Protocol` of the control link.
@@ -22,6 +24,10 @@ pub const LINK_TOKEN: &str = "wsbridge-agent-link";
 pub const NAME_HEADER: &str = "x-wsbridge-agent";
 /// The longest `open` / `ok` / `err` line.
 pub const MAX_LINE: usize = 256;
+/// The hello's version of an agent that replaces each link it is sent `open` on by itself: a
+/// session costs no control message either way (the `want` of version 1 was a JSON message,
+/// a write and a read on each side, per session).
+pub const REPLACING: u32 = 2;
 
 /// A control link message (JSON text), either way.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -33,7 +39,9 @@ pub enum ControlMessage {
         name: String,
         /// Its service names (the addresses stay on the agent).
         services: Vec<String>,
-        /// Protocol version (1).
+        /// Protocol version: 1, or [`REPLACING`] (2) for an agent that dials a new idle link
+        /// for each link it is sent `open` on, so that the server asks with `want` only when
+        /// its pool ran dry or a link was found dead.
         version: u32,
     },
     /// Server → agent: dial this many more idle data links.
@@ -51,6 +59,155 @@ pub enum ControlMessage {
 /// Any stream a link runs over: TCP or TLS, on either side.
 pub trait LinkIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> LinkIo for T {}
+
+/// A link's stream: plain TCP keeps its type, so that a session splits it into halves borrowed
+/// without a lock and writes gathered pieces in one `writev`, as it does a TCP backend; anything
+/// else (TLS) is boxed.
+pub enum LinkStream {
+    /// Plain TCP (`ws://`, or TLS ended in front of the server).
+    Tcp(TcpStream),
+    /// TLS, or any other stream.
+    Other(Box<dyn LinkIo>),
+}
+
+impl std::fmt::Debug for LinkStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkStream::Tcp(_) => "LinkStream::Tcp",
+            LinkStream::Other(_) => "LinkStream::Other",
+        })
+    }
+}
+
+/// A stream the agent endpoint can keep as a data link (see [`LinkStream`]).
+pub trait IntoLink: LinkIo + 'static {
+    /// The stream as a link.
+    fn into_link(self) -> LinkStream;
+}
+
+impl IntoLink for TcpStream {
+    fn into_link(self) -> LinkStream {
+        LinkStream::Tcp(self)
+    }
+}
+
+/// An agent behind a reverse proxy on the same machine (a unix listener): boxed, as TLS is.
+#[cfg(unix)]
+impl IntoLink for tokio::net::UnixStream {
+    fn into_link(self) -> LinkStream {
+        LinkStream::Other(Box::new(self))
+    }
+}
+
+impl<T: LinkIo + 'static> IntoLink for Box<T> {
+    fn into_link(self) -> LinkStream {
+        LinkStream::Other(self)
+    }
+}
+
+impl LinkStream {
+    /// The two directions, borrowed separately (for TCP without a lock).
+    pub fn split(&mut self) -> (LinkReader<'_>, LinkWriter<'_>) {
+        match self {
+            LinkStream::Tcp(s) => {
+                let (r, w) = s.split();
+                (LinkReader::Tcp(r), LinkWriter::Tcp(w))
+            }
+            LinkStream::Other(s) => {
+                let (r, w) = tokio::io::split(s);
+                (LinkReader::Other(r), LinkWriter::Other(w))
+            }
+        }
+    }
+}
+
+/// Forwards the `AsyncWrite` methods, vectored writes included (the defaults would write only
+/// the first piece), to the stream in each variant.
+macro_rules! forward_write {
+    ($t:ty, $($variant:ident),+) => {
+        impl AsyncWrite for $t {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+            fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_write_vectored(cx, bufs),)+
+                }
+            }
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $(Self::$variant(s) => s.is_write_vectored(),)+
+                }
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_flush(cx),)+
+                }
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
+        }
+    };
+}
+
+/// Forwards `AsyncRead` to the stream in each variant.
+macro_rules! forward_read {
+    ($t:ty, $($variant:ident),+) => {
+        impl AsyncRead for $t {
+            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$variant(s) => Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+    };
+}
+
+forward_read!(LinkStream, Tcp, Other);
+forward_write!(LinkStream, Tcp, Other);
+
+/// The read half of a [`LinkStream`].
+pub enum LinkReader<'a> {
+    /// TCP.
+    Tcp(tokio::net::tcp::ReadHalf<'a>),
+    /// Any other stream.
+    Other(tokio::io::ReadHalf<&'a mut Box<dyn LinkIo>>),
+}
+
+/// The write half of a [`LinkStream`].
+pub enum LinkWriter<'a> {
+    /// TCP.
+    Tcp(tokio::net::tcp::WriteHalf<'a>),
+    /// Any other stream.
+    Other(tokio::io::WriteHalf<&'a mut Box<dyn LinkIo>>),
+}
+
+forward_read!(LinkReader<'_>, Tcp, Other);
+
+impl std::fmt::Debug for LinkReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkReader")
+    }
+}
+
+impl std::fmt::Debug for LinkWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkWriter")
+    }
+}
+forward_write!(LinkWriter<'_>, Tcp, Other);
+
+impl LinkWriter<'_> {
+    /// Whether written bytes may wait in the stream until it is flushed (TLS records).
+    pub fn buffers(&self) -> bool {
+        matches!(self, LinkWriter::Other(_))
+    }
+}
 
 /// The SHA-256 of a secret, as the server's configuration stores it (64 lower-case hex digits).
 pub fn secret_sha256(secret: &str) -> String {
@@ -181,14 +338,16 @@ pub fn clean_reason(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(120).collect()
 }
 
-/// A data link taken for a session, as the server's relay uses it: the link's bytes, ended with
-/// an error naming the agent once the agent is lost (its control link missed its pong deadline),
-/// so the session closes with 1011 instead of waiting on a link whose other end is gone.
+/// A data link taken for a session, as the server's relay uses it ([`AgentLink::halves`]): the
+/// link's bytes, ended with an error naming the agent once the agent is lost (its control link
+/// missed its pong deadline), so the session closes with 1011 instead of waiting on a link whose
+/// other end is gone.
 pub struct AgentLink {
-    io: Box<dyn LinkIo>,
+    io: LinkStream,
     /// The app's first bytes, read with the agent's `ok`: handed out before the link is read.
     early: Vec<u8>,
-    lost: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Cancelled when the agent's connection is lost.
+    lost: CancellationToken,
     /// The agent's name, for the error.
     name: String,
 }
@@ -202,53 +361,123 @@ impl std::fmt::Debug for AgentLink {
 impl AgentLink {
     /// Wraps a link whose `open` was answered `ok` (`early`: bytes read after it); `lost` is the
     /// agent connection's token.
-    pub fn new(io: Box<dyn LinkIo>, early: Vec<u8>, lost: CancellationToken, name: String) -> AgentLink {
-        AgentLink {
-            io,
-            early,
-            lost: Box::pin(lost.cancelled_owned()),
-            name,
-        }
+    pub fn new(io: LinkStream, early: Vec<u8>, lost: CancellationToken, name: String) -> AgentLink {
+        AgentLink { io, early, lost, name }
     }
 
-    fn check_lost(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.lost.as_mut().poll(cx) {
+    /// The two directions, for the relay (each watches for the agent's loss on its own).
+    pub fn halves(&mut self) -> (AgentReader<'_>, AgentWriter<'_>) {
+        let (r, w) = self.io.split();
+        let reader = AgentReader {
+            io: r,
+            early: &mut self.early,
+            lost: Lost::new(&self.lost, &self.name),
+        };
+        let writer = AgentWriter {
+            io: w,
+            lost: Lost::new(&self.lost, &self.name),
+        };
+        (reader, writer)
+    }
+}
+
+/// The agent's loss, as one half of a session's link sees it. It is looked at only when the
+/// link has nothing to give or take (`Pending`): a link that moves is not lost, and the check
+/// (registering with the token) stays off the data path.
+struct Lost<'a> {
+    token: &'a CancellationToken,
+    /// Made at the first wait: the token's future, registered with the task's waker.
+    wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    name: &'a str,
+}
+
+impl std::fmt::Debug for Lost<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lost").field("agent", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl<'a> Lost<'a> {
+    fn new(token: &'a CancellationToken, name: &'a str) -> Lost<'a> {
+        Lost { token, wait: None, name }
+    }
+
+    /// `Pending` from the link, unless the agent is lost: then the error that ends the session.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let wait = self.wait.get_or_insert_with(|| Box::pin(self.token.clone().cancelled_owned()));
+        match wait.as_mut().poll(cx) {
             // `Other`: the relay's close reason shows the message ("backend read failed: agent
             // shop-17 lost"), where a kind of its own would show only the kind.
-            Poll::Ready(()) => Err(io::Error::other(format!("agent {} lost", self.name))),
-            Poll::Pending => Ok(()),
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::other(format!("agent {} lost", self.name)))),
+            Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// The read half of an [`AgentLink`].
+#[derive(Debug)]
+pub struct AgentReader<'a> {
+    io: LinkReader<'a>,
+    early: &'a mut Vec<u8>,
+    lost: Lost<'a>,
+}
+
+/// The write half of an [`AgentLink`].
+#[derive(Debug)]
+pub struct AgentWriter<'a> {
+    io: LinkWriter<'a>,
+    lost: Lost<'a>,
+}
+
+impl AgentWriter<'_> {
+    /// Whether written bytes may wait in the stream until it is flushed (TLS records).
+    pub fn buffers(&self) -> bool {
+        self.io.buffers()
     }
 }
 
 use std::future::Future as _;
 
-impl AsyncRead for AgentLink {
+impl AsyncRead for AgentReader<'_> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Err(e) = this.check_lost(cx) {
-            return Poll::Ready(Err(e));
-        }
         if !this.early.is_empty() {
             let n = this.early.len().min(buf.remaining());
             buf.put_slice(&this.early[..n]);
             this.early.drain(..n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Pending => this.lost.pending(cx),
+            ready => ready,
+        }
     }
 }
 
-impl AsyncWrite for AgentLink {
+impl AsyncWrite for AgentWriter<'_> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Err(e) = this.check_lost(cx) {
-            return Poll::Ready(Err(e));
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Pending => this.lost.pending(cx),
+            ready => ready,
         }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.lost.pending(cx),
+            ready => ready,
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => this.lost.pending(cx),
+            ready => ready,
+        }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
@@ -293,14 +522,14 @@ mod tests {
     async fn the_apps_first_bytes_read_with_ok_are_handed_out_first() {
         let (mut agent, server) = tokio::io::duplex(4096);
         agent.write_all(b"ok\nWELCOME").await.unwrap();
-        let mut server: Box<dyn LinkIo> = Box::new(server);
+        let mut server = Box::new(server).into_link();
         let (line, rest) = read_line_with_rest(&mut server).await.unwrap().unwrap();
         assert_eq!(line, "ok");
         let mut link = AgentLink::new(server, rest, CancellationToken::new(), "a".into());
         agent.write_all(b" AND MORE").await.unwrap();
         drop(agent);
         let mut all = Vec::new();
-        link.read_to_end(&mut all).await.unwrap();
+        link.halves().0.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"WELCOME AND MORE");
     }
 }

@@ -10,7 +10,9 @@
 //! of data links (`Upgrade: wsbridge-agent-link`, raw bytes after the `101`). A browser session
 //! on a route whose target is `{ agent = "…", service = "…" }` takes an idle link, writes
 //! `open <service>`, and on `ok` the link is the session's backend stream: the forward relay runs
-//! unchanged, with the kernel's flow control per session.
+//! unchanged, with the kernel's flow control per session. The agent dials a new idle link for
+//! each one it is sent `open` on, so a session costs no control message; the server asks with
+//! `want` only to fill the pool, when it ran dry or a link was found dead.
 //!
 //! | file | owns |
 //! |---|---|

@@ -18,7 +18,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::link::{self, AgentLink, LinkIo};
+use super::link::{self, AgentLink, LinkStream};
 use super::{AgentsConfig, EndpointConfig};
 use crate::backend::{Backend, ConnectError};
 
@@ -49,9 +49,12 @@ struct Agent {
     addr: SocketAddr,
     services: Vec<String>,
     pool: usize,
+    /// It dials a new idle link for each one it is sent `open` on (hello version 2): a taken
+    /// link needs no `want`.
+    replacing: bool,
     lost: CancellationToken,
     replaced: CancellationToken,
-    idle: VecDeque<(Box<dyn LinkIo>, Instant)>,
+    idle: VecDeque<(LinkStream, Instant)>,
     control: mpsc::Sender<Control>,
     arrived: Arc<Notify>,
 }
@@ -162,8 +165,9 @@ impl Registry {
     }
 
     /// Makes this control link the agent's connection; an older one of the same name is told
-    /// it was replaced (newest wins).
-    pub fn attach(&self, name: &str, services: Vec<String>, addr: SocketAddr, pool: usize) -> Attached {
+    /// it was replaced (newest wins). `replacing`: the agent replaces each link it is sent
+    /// `open` on by itself (see [`link::REPLACING`]).
+    pub fn attach(&self, name: &str, services: Vec<String>, addr: SocketAddr, pool: usize, replacing: bool) -> Attached {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(16);
         let lost = CancellationToken::new();
@@ -173,6 +177,7 @@ impl Registry {
             addr,
             services,
             pool,
+            replacing,
             lost: lost.clone(),
             replaced: replaced.clone(),
             idle: VecDeque::new(),
@@ -210,7 +215,7 @@ impl Registry {
     ///
     /// # Errors
     /// The link back when the agent has no control link here, or its pool is over-full.
-    pub fn add_link(&self, name: &str, io: Box<dyn LinkIo>) -> Result<(), Box<dyn LinkIo>> {
+    pub fn add_link(&self, name: &str, io: LinkStream) -> Result<(), LinkStream> {
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let Some(a) = agents.get_mut(name) else { return Err(io) };
         if a.idle.len() >= a.pool * 2 {
@@ -247,14 +252,28 @@ impl Registry {
         if !a.services.iter().any(|s| s == service) {
             return Err(ConnectError::Agent(format!("agent {name} has no service {service}")));
         }
-        // Whatever is taken, one more is dialled: the pool stays warm for the next session.
-        let _ = a.control.try_send(Control::Want(1));
+        // Whatever is taken, one more is dialled: the pool stays warm for the next session. An
+        // agent that replaces the links it is sent `open` on needs asking only when there was
+        // none to take (this session waits for its own).
         while let Some((io, since)) = a.idle.pop_front() {
             if since.elapsed() < IDLE_LINK_MAX {
+                if !a.replacing {
+                    let _ = a.control.try_send(Control::Want(1));
+                }
                 return Ok(Taken::Link(io, a.lost.clone()));
             }
         }
+        let _ = a.control.try_send(Control::Want(1));
         Ok(Taken::Wait(a.arrived.clone()))
+    }
+
+    /// Asks `name` for one more link in place of one found dead (the agent never saw its
+    /// `open`, so it does not replace it).
+    fn replace_dead(&self, name: &str) {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = agents.get(name).filter(|a| a.replacing) {
+            let _ = a.control.try_send(Control::Want(1));
+        }
     }
 
     /// Opens `service` on agent `name` for a session: an idle link, `open`, and its answer,
@@ -295,7 +314,10 @@ impl Registry {
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
                     return Err(ConnectError::Agent(reason));
                 }
-                Ok(Ok(None) | Err(_)) => continue,
+                Ok(Ok(None) | Err(_)) => {
+                    self.replace_dead(name);
+                    continue;
+                }
             }
         }
         Err(ConnectError::Agent(format!("agent {name} is offline")))
@@ -303,7 +325,7 @@ impl Registry {
 }
 
 enum Taken {
-    Link(Box<dyn LinkIo>, CancellationToken),
+    Link(LinkStream, CancellationToken),
     Wait(Arc<Notify>),
 }
 
@@ -361,7 +383,7 @@ mod tests {
         let registry = Registry::default();
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 is offline");
-        let _attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4);
+        let _attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
         let e = registry.open("shop-17", "label", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 has no service label");
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();

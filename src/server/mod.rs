@@ -364,7 +364,7 @@ impl Bridge {
         };
         let bridge = self.clone();
         let listener = listener.clone();
-        let connection = crate::agent::endpoint::with_client(peer, async move { bridge.connection(stream, peer, &listener).await });
+        let connection = async move { bridge.connection(stream, peer, &listener).await };
         self.inner.tracker.spawn(connection.instrument(span));
     }
 
@@ -386,7 +386,7 @@ impl Bridge {
         );
         let bridge = self.clone();
         let listener = listener.clone();
-        let connection = crate::agent::endpoint::with_client(UNIX_CLIENT, async move { bridge.unix_connection(stream, &listener).await });
+        let connection = async move { bridge.unix_connection(stream, &listener).await };
         self.inner.tracker.spawn(connection.instrument(span));
     }
 
@@ -586,7 +586,7 @@ impl Bridge {
     /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
     async fn http<S>(&self, mut stream: S, mut peer: Peer, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: crate::agent::link::IntoLink,
     {
         let t = &live.timeouts;
         let shutdown = &self.shutdown;
@@ -617,7 +617,7 @@ impl Bridge {
         }
         if let Some(endpoint) = head.as_ref().ok().and_then(|(r, _)| live.agents.endpoint(r.uri().path())) {
             let Ok((request, leftover)) = head else { return };
-            let serve = crate::agent::endpoint::serve(stream, request, leftover, &live.agents, &endpoint, t, shutdown);
+            let serve = crate::agent::endpoint::serve(stream, peer.client, request, leftover, &live.agents, &endpoint, t, shutdown);
             return Box::pin(serve).await;
         }
         let ctx = Context {

@@ -395,6 +395,38 @@ async fn the_endpoint_answers_one_generic_401_and_slows_repeated_failures() {
     assert_eq!(status_of(&slowed), 429, "{slowed}");
 }
 
+#[tokio::test]
+async fn the_brake_counts_the_real_client_behind_a_trusted_proxy() {
+    // The balancer in front (127.0.0.1, trusted) forwards agents from many addresses: one
+    // address's failures must not slow the others down, as they would if the brake counted the
+    // balancer.
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config
+        .listeners
+        .push(wsbridge::config::ListenerConfig::new("127.0.0.1:0".parse().unwrap()));
+    config.listeners[0].access.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let bridge = TestBridge::start(config).await;
+    let link = |from: &str, secret: &str| {
+        format!(
+            "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Forwarded-For: {from}\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        )
+    };
+    for _ in 0..wsbridge::agent::registry::BRAKE_BURST {
+        assert_eq!(
+            status_of(&http_raw(bridge.addr, link("203.0.113.7", "wrong").as_bytes()).await),
+            401
+        );
+    }
+    let slowed = http_raw(bridge.addr, link("203.0.113.7", "wrong").as_bytes()).await;
+    assert_eq!(status_of(&slowed), 429, "{slowed}");
+    let other = http_raw(bridge.addr, link("203.0.113.8", "wrong").as_bytes()).await;
+    assert_eq!(
+        status_of(&other),
+        401,
+        "another client behind the same proxy is not slowed: {other}"
+    );
+}
+
 /// A CONNECT proxy: reads the request head, connects where it says, answers 200 and splices.
 /// Counts the tunnels and remembers the last Proxy-Authorization.
 async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::Mutex<String>>) {
