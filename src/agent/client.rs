@@ -578,6 +578,8 @@ enum Ended {
     Failed {
         reason: String,
         was_connected: bool,
+        /// The server's `Retry-After` (429, 503): the next attempt waits at least this long.
+        retry_after: Option<Duration>,
     },
 }
 
@@ -600,6 +602,7 @@ async fn run(
     // The reason of the last failure: a retry that fails the same way is logged at debug only,
     // so an outage of hours is a few lines, not one per attempt.
     let mut last_failure: Option<String> = None;
+    let mut retry_after: Option<Duration> = None;
     loop {
         attempts.fetch_add(1, Ordering::Relaxed);
         set(State::Connecting);
@@ -616,16 +619,23 @@ async fn run(
                 ("the server is draining: reconnecting".to_owned(), false)
             }
             Ended::Refused(r) => (r, true),
-            Ended::Failed { reason, was_connected } => {
+            Ended::Failed {
+                reason,
+                was_connected,
+                retry_after: server_says,
+            } => {
                 if was_connected {
                     failures = 0;
                     last_failure = None;
                 }
+                retry_after = server_says;
                 (reason, false)
             }
         };
         failures = failures.saturating_add(1);
-        let after = config.backoff.delay(failures, auth);
+        // What the server asked for counts, up to the longest backoff this agent would use.
+        let floor = retry_after.take().unwrap_or_default().min(config.backoff.auth_max);
+        let after = config.backoff.delay(failures, auth).max(floor);
         if last_failure.as_deref() == Some(reason.as_str()) {
             debug!(%reason, retry_in = ?after, "agent: still not connected; retrying");
         } else {
@@ -660,6 +670,7 @@ async fn control(
     let failed = |reason: String| Ended::Failed {
         reason,
         was_connected: false,
+        retry_after: None,
     };
     let dialled = tokio::select! {
         _ = shutdown.cancelled() => return Ended::Shutdown,
@@ -707,6 +718,7 @@ async fn control(
         let lost = |reason: String| Ended::Failed {
             reason,
             was_connected: connected,
+            retry_after: None,
         };
         tokio::select! {
             biased;
@@ -776,6 +788,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
     let failed = |reason: String| Ended::Failed {
         reason,
         was_connected: false,
+        retry_after: None,
     };
     let io = dial(config, tls)
         .await
@@ -795,10 +808,22 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status();
+            // Delay-seconds only (what wsbridge and most servers send); an HTTP date is ignored.
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let failed = |reason: String| Ended::Failed {
+                reason,
+                was_connected: false,
+                retry_after,
+            };
             match status.as_u16() {
                 401 | 403 => Err(Ended::Refused(format!("the server refused this agent's name or secret ({status})"))),
                 // Not necessarily this agent's doing (another agent behind the same address,
-                // a proxy's): the network backoff, not the refused secret's.
+                // a proxy's): the network backoff, not the refused secret's, but no sooner than
+                // the server's Retry-After.
                 429 => Err(failed(format!("the server is slowing down this address's logins ({status})"))),
                 _ => Err(failed(format!("the server answered {status}"))),
             }
