@@ -243,11 +243,15 @@ pub fn parse_websockify_source(src: &str) -> Result<RedisTokenSource, String> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("port {p:?} is not 1-65535: {form}"))?,
+            .ok_or_else(|| format!("port (field 2) is not 1-65535: {form}"))?,
     };
     let db = match field(2) {
         "" => 0,
-        d => d.parse::<u32>().map_err(|_| format!("database {d:?} is not a number: {form}"))?,
+        // The field's text is not shown: a source written with a field missing puts the
+        // password here.
+        d => d
+            .parse::<u32>()
+            .map_err(|_| format!("database (field 3) is not a number: {form}"))?,
     };
     let credentials = match field(3) {
         "" => None,
@@ -517,14 +521,20 @@ mod tests {
         for (bad, says) in [
             ("", "no Redis host"),
             (":6379", "no Redis host"),
-            ("h:port", "port \"port\""),
-            ("h:0", "port \"0\""),
-            ("h:1:x", "database \"x\""),
+            ("h:port", "port (field 2) is not 1-65535"),
+            ("h:0", "port (field 2) is not 1-65535"),
+            ("h:1:x", "database (field 3) is not a number"),
             ("h:1:0:p:ns:extra", "6 fields"),
             ("bad host", "invalid Redis host"),
         ] {
             let e = parse_websockify_source(bad).unwrap_err();
             assert!(e.contains(says) && e.contains("host[:port[:db"), "{bad:?}: {e}");
+        }
+        // A field left out moves the password into the port's or the database's place: the
+        // error must not show it.
+        for bad in ["h:s3cret-pw", "h:1:s3cret-pw"] {
+            let e = parse_websockify_source(bad).unwrap_err();
+            assert!(!e.contains("s3cret"), "{bad:?}: {e}");
         }
     }
 

@@ -291,13 +291,10 @@ async fn decide<'w>(
         Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
         Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
         Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
-        Err(Miss::Unavailable(why)) => {
-            // Not the client's guess: Redis did not answer.
-            if names_token {
-                ctx.failures.refund(ctx.client);
-            }
-            return Decision::SourceUnavailable(why);
-        }
+        // Redis did not answer. The try stays charged: the token was also checked against the
+        // inline and file tokens before Redis, and a refund would make guesses at those free
+        // for as long as Redis is down.
+        Err(Miss::Unavailable(why)) => return Decision::SourceUnavailable(why),
     };
     if !route.admits(client_cn) {
         let reason = match client_cn {

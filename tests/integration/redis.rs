@@ -395,7 +395,7 @@ async fn cached_answers_last_their_ttl_and_absent_ones_are_never_cached() {
     let Some(redis) = redis_or_skip(test, &[]).await else {
         return;
     };
-    let ttl = Duration::from_millis(2500);
+    let ttl = Duration::from_millis(4000);
     let (echo, _) = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
     let tokens = format!(
@@ -415,9 +415,9 @@ async fn cached_answers_last_their_ttl_and_absent_ones_are_never_cached() {
     // Deleted: still routed from the cache until the TTL has passed since Redis was asked...
     del(&mut c, "desk").await;
     assert_eq!(status_for(&bridge, "desk").await, 101, "cached");
-    // (A second before: the bridge cached the answer after `asked`, and a loaded machine may
+    // (Two seconds before: the bridge cached the answer after `asked`, and a loaded machine may
     // take a while to serve the probe.)
-    tokio::time::sleep_until((asked + ttl - Duration::from_secs(1)).into()).await;
+    tokio::time::sleep_until((asked + ttl - Duration::from_secs(2)).into()).await;
     assert_eq!(status_for(&bridge, "desk").await, 101, "still cached just before the TTL");
     // ...and refused once it has.
     tokio::time::sleep_until((answered + ttl + Duration::from_millis(50)).into()).await;
@@ -450,5 +450,33 @@ async fn a_jwt_source_beside_a_redis_that_is_down_still_routes_its_tokens() {
     echoes(&bridge, &jwt).await;
     // Any other token may be in Redis: 503, not 404.
     assert_eq!(status_for(&bridge, "desk").await, 503);
+    bridge.stop().await;
+}
+
+/// While Redis is down, guessing at the tokens checked before it (a token file's) is still
+/// charged to the address: the 503s do not give the tries back, and the brake's 429 comes after
+/// its burst of ten, as it would with Redis up.
+#[tokio::test]
+async fn guesses_while_redis_is_down_are_still_braked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (echo, _) = echo_backend().await;
+    let file = dir.path().join("tokens.cfg");
+    std::fs::write(&file, format!("known: {echo}\n")).unwrap();
+    let down = closed_port().await;
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\nredis = {{ url = \"redis://{down}/0\" }}\n\n[[tokens]]\nsource = {:?}\n",
+        only(echo),
+        file.to_str().unwrap()
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for i in 0..11 {
+            v.push(status_for(&bridge, &format!("guess-{i}")).await);
+        }
+        v
+    };
+    assert_eq!(statuses[..10], [503; 10], "{statuses:?}");
+    assert_eq!(statuses[10], 429, "{statuses:?}");
     bridge.stop().await;
 }
