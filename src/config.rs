@@ -694,7 +694,7 @@ fn toml_strs(list: &[String]) -> String {
 /// A duration as the configuration writes it, in the largest unit that keeps it whole (`"1h"`,
 /// `"5m"`, `"30s"`, `"500ms"`); [`parse_duration`] reads it back to the same value.
 pub fn format_duration(d: Duration) -> String {
-    if d.subsec_nanos() % 1_000_000 != 0 {
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
         return format!("{}s", d.as_secs_f64());
     }
     if d.subsec_millis() != 0 {
@@ -717,7 +717,7 @@ pub fn format_limit(n: Option<usize>) -> String {
 /// (`"1MiB"`, `"64KiB"`, `"1000"`); [`parse_size`] reads it back to the same value.
 pub fn format_size(n: usize) -> String {
     for (unit, scale) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n != 0 && n % scale == 0 {
+        if n != 0 && n.is_multiple_of(scale) {
             return format!("{}{unit}", n / scale);
         }
     }

@@ -94,6 +94,8 @@ pub fn take_passed_sockets() -> Result<Vec<PassedSocket>, ActivationError> {
     let fds = std::env::var("LISTEN_FDS").ok();
     let pid = std::env::var("LISTEN_PID").ok();
     let names = std::env::var("LISTEN_FDNAMES").ok();
+    // listenfd's own convention (systemfd), never systemd's: descriptors start at 3 here.
+    std::env::remove_var("LISTEN_FDS_FIRST_FD");
     let taken = take(fds.as_deref(), pid.as_deref(), names.as_deref());
     for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
@@ -169,6 +171,16 @@ fn adopt(names: Vec<String>) -> Result<Vec<PassedSocket>, ActivationError> {
                 Err(_) => return Err(not_a_listener(tcp)),
             },
         };
+        // A connected socket (a socket unit with Accept=yes) would fail every accept.
+        let listening = match &listener {
+            PassedListener::Tcp(l) => socket2::SockRef::from(l).is_listener(),
+            PassedListener::Unix(l) => socket2::SockRef::from(l).is_listener(),
+        };
+        if !listening.map_err(not_a_listener)? {
+            return Err(not_a_listener(std::io::Error::other(
+                "a connected socket, not a listening one (Accept=yes in the socket unit: use Accept=no)",
+            )));
+        }
         let nonblocking = match &listener {
             PassedListener::Tcp(l) => l.set_nonblocking(true),
             PassedListener::Unix(l) => l.set_nonblocking(true),
@@ -230,7 +242,13 @@ impl Notifier {
             Some(name) => SocketAddr::from_abstract_name(name),
             None => SocketAddr::from_pathname(path),
         };
-        let made = addr.and_then(|addr| Ok((UnixDatagram::unbound()?, addr)));
+        // Non-blocking: a service manager that does not read must not stall the runtime thread
+        // that sends (a send that would block is logged and dropped).
+        let made = addr.and_then(|addr| {
+            let socket = UnixDatagram::unbound()?;
+            socket.set_nonblocking(true)?;
+            Ok((socket, addr))
+        });
         match made {
             Ok((socket, addr)) => Some(Notifier { socket, addr, watchdog }),
             Err(e) => {

@@ -339,25 +339,37 @@ fn share(per_thread: &mut [Vec<(Listener, StdSocket)>], l: &Listener, socket: St
 
 /// Binds a unix stream socket at `path` with file mode `mode`. A socket file already there is
 /// what a previous run that did not get to remove it left behind: it is removed, but only if it
-/// is a socket (never a file someone put there) and nothing accepts on it (a second wsbridge on
-/// the same path is an error, as a port in use is).
+/// is a socket (never a file someone put there) and a connect to it is refused (nothing listens:
+/// a second wsbridge on the same path is an error, as a port in use is; a socket this process
+/// may not connect to is someone else's and stays).
+///
+/// The file gets `mode` as bind creates it (the umask is set for the bind, at start-up before
+/// anything is served): no window with a wider mode, and no chmod by path afterwards.
 ///
 /// # Errors
-/// The path is in use, is not a socket, or cannot be bound or given its mode.
+/// The path is in use, is not a socket, or cannot be bound.
 #[cfg(unix)]
 pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
                     "another process accepts connections on this socket",
-                ));
+                ))
             }
-            tracing::info!(path = %path.display(), "removing a stale socket file");
-            std::fs::remove_file(path)?;
-        }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "removing a stale socket file");
+                std::fs::remove_file(path)?;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("a socket file is there and a connect to it failed ({e}): not removed"),
+                ))
+            }
+        },
         Ok(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -367,10 +379,11 @@ pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let socket = std::os::unix::net::UnixListener::bind(path)?;
-    // Right after bind: until then the file has the umask's mode, which for a socket (connecting
-    // needs write permission) admits at most what the umask lets through.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    use rustix::fs::Mode;
+    let before = rustix::process::umask(Mode::from_raw_mode(!mode & 0o777));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(before);
+    let socket = bound?;
     socket.set_nonblocking(true)?;
     Ok(socket)
 }

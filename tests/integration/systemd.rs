@@ -159,6 +159,12 @@ async fn socket_activation_mistakes_are_named() {
         err.contains("descriptor 3 (named \"web\") is not a listening TCP or unix stream socket"),
         "{err}"
     );
+    // A connected TCP socket (what a socket unit with Accept=yes passes).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let connected = OwnedFd::from(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+    let (code, err) = run(activated(vec![connected], "web", &["--config", config])).await;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("a connected socket, not a listening one (Accept=yes"), "{err}");
 }
 
 /// Reads the next notification, skipping the watchdog's pings (counted in `pings`).
