@@ -26,7 +26,8 @@
 //! recorded stays a valid recording, and the session goes on unrecorded. A file that cannot be
 //! created is a warning and an unrecorded session. Files are created with mode 0600 on Unix
 //! (recordings hold keystrokes and passwords), and never overwrite one: if `FILE.N` exists (from
-//! an earlier run), `FILE.N.1`, `FILE.N.2`, … are tried.
+//! an earlier run), `FILE.N.RUN` is used, RUN naming this run (its start time and process id).
+//! What waits for all writers together is capped too ([`TOTAL_QUEUED_MAX`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -45,10 +46,16 @@ pub const DEFAULT_MAX_SIZE: u64 = 64 << 20;
 /// The most bytes of one session waiting for its writer: past this the recording is cut rather
 /// than memory grown or the session slowed. Sixteen of the relay's largest reads.
 pub const QUEUED_MAX: usize = 4 << 20;
+/// The most bytes waiting for every recording's writer together: a slow disk under thousands of
+/// sessions cuts recordings rather than holding [`QUEUED_MAX`] for each of them.
+pub const TOTAL_QUEUED_MAX: usize = 64 << 20;
 /// Chunks waiting for the writer (small chunks are bounded by count, large ones by bytes).
 const CHANNEL: usize = 1024;
-/// How many `FILE.N.k` names are tried when `FILE.N` exists.
+/// How many `FILE.N.RUN.k` names are tried when `FILE.N` and `FILE.N.RUN` exist.
 const NAME_TRIES: u32 = 100;
+
+/// Bytes waiting for all writers (see [`TOTAL_QUEUED_MAX`]).
+static TOTAL_QUEUED: AtomicUsize = AtomicUsize::new(0);
 
 /// The first line of a recording.
 pub const HEADER: &[u8] = b"var VNC_frame_data = [\n";
@@ -151,6 +158,10 @@ impl Recorder {
         if queued + data.len() > QUEUED_MAX {
             return self.fell_behind();
         }
+        if TOTAL_QUEUED.fetch_add(data.len(), Ordering::Relaxed) + data.len() > TOTAL_QUEUED_MAX {
+            TOTAL_QUEUED.fetch_sub(data.len(), Ordering::Relaxed);
+            return self.fell_behind();
+        }
         self.shared.queued.fetch_add(data.len(), Ordering::Relaxed);
         let chunk = Chunk {
             dir,
@@ -159,8 +170,13 @@ impl Recorder {
         };
         match tx.try_send(chunk) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.fell_behind(),
-            Err(mpsc::error::TrySendError::Closed(_)) => self.tx = None,
+            Err(e) => {
+                TOTAL_QUEUED.fetch_sub(data.len(), Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => self.fell_behind(),
+                    mpsc::error::TrySendError::Closed(_) => self.tx = None,
+                }
+            }
         }
     }
 
@@ -205,8 +221,8 @@ impl Writer {
             Ok(f) => f,
             Err(e) => {
                 self.shared.stopped.store(true, Ordering::Relaxed);
-                let prefix = self.prefix.display();
-                return tracing::warn!(file = %format_args!("{prefix}.{}", self.number), error = %e, "session not recorded: cannot create the file");
+                let file = name(&self.prefix, &[&self.number.to_string()]);
+                return tracing::warn!(file = %file.display(), error = %e, "session not recorded: cannot create the file");
             }
         };
         tracing::debug!(file = %path.display(), "recording the session");
@@ -221,6 +237,7 @@ impl Writer {
         while cut.is_none() {
             let Some(chunk) = rx.recv().await else { break };
             self.shared.queued.fetch_sub(chunk.data.len(), Ordering::Relaxed);
+            TOTAL_QUEUED.fetch_sub(chunk.data.len(), Ordering::Relaxed);
             line.clear();
             let room = cap.saturating_sub(written + TRAILER.len() as u64);
             if !format_line_within(chunk.dir, chunk.ms, &chunk.data, &mut line, room) {
@@ -239,6 +256,10 @@ impl Writer {
         // Nothing more is taken: the relay stops copying.
         self.shared.stopped.store(true, Ordering::Relaxed);
         rx.close();
+        // What was queued and will not be written leaves the total.
+        while let Ok(chunk) = rx.try_recv() {
+            TOTAL_QUEUED.fetch_sub(chunk.data.len(), Ordering::Relaxed);
+        }
         if cut.is_none() && self.shared.behind.load(Ordering::Relaxed) {
             cut = Some(Cut::Behind);
         }
@@ -271,13 +292,24 @@ impl Writer {
     }
 }
 
-/// Creates `prefix.number` (mode 0600 on Unix), or the first free `prefix.number.k`: a recording
-/// is never overwritten.
+/// Creates `prefix.number` (mode 0600 on Unix), websockify's name; if a file of an earlier run
+/// has it, `prefix.number.RUN` (RUN: this process's start time and id), then `….RUN.k`: a
+/// recording is never overwritten.
 async fn create(prefix: &Path, number: u64) -> io::Result<(tokio::fs::File, PathBuf)> {
-    let base = format!("{}.{number}", prefix.display());
+    static RUN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("{secs}-{}", std::process::id())
+    });
+    let number = number.to_string();
     let mut last = None;
-    for k in 0..=NAME_TRIES {
-        let path = PathBuf::from(if k == 0 { base.clone() } else { format!("{base}.{k}") });
+    for k in 0..=NAME_TRIES + 1 {
+        let path = match k {
+            0 => name(prefix, &[&number]),
+            1 => name(prefix, &[&number, &RUN]),
+            k => name(prefix, &[&number, &RUN, &(k - 1).to_string()]),
+        };
         let mut options = tokio::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -289,6 +321,16 @@ async fn create(prefix: &Path, number: u64) -> io::Result<(tokio::fs::File, Path
         }
     }
     Err(last.unwrap_or_else(|| io::ErrorKind::AlreadyExists.into()))
+}
+
+/// `prefix.a.b…`, built on the prefix's own bytes (a path that is not UTF-8 stays itself).
+fn name(prefix: &Path, parts: &[&str]) -> PathBuf {
+    let mut name = prefix.as_os_str().to_owned();
+    for part in parts {
+        name.push(".");
+        name.push(part);
+    }
+    PathBuf::from(name)
 }
 
 /// Appends one recording line for `data`: `'{MS{DATA',\n` or `'}MS}DATA',\n`.
@@ -419,14 +461,29 @@ mod tests {
         assert_eq!(lines, QUEUED_MAX / chunk.len());
     }
 
-    /// An existing file is never overwritten; the next free name is used, created 0600.
+    /// An existing file is never overwritten; a name of this run's is used, created 0600, and
+    /// however many runs came before, there is one.
     #[tokio::test]
     async fn an_existing_recording_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("rec.3"), "old").unwrap();
         let (_, path) = create(&dir.path().join("rec"), 3).await.unwrap();
-        assert_eq!(path, dir.path().join("rec.3.1"));
+        let run = path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .strip_prefix("rec.3.")
+            .unwrap()
+            .to_owned();
+        assert!(run.ends_with(&format!("-{}", std::process::id())), "{}", path.display());
         assert_eq!(std::fs::read(dir.path().join("rec.3")).unwrap(), b"old");
+        // 150 earlier runs' rec.3.X files do not matter; a second rec.3 in this run gets .1.
+        for i in 0..150 {
+            std::fs::write(dir.path().join(format!("rec.3.{i}")), "older").unwrap();
+        }
+        let (_, again) = create(&dir.path().join("rec"), 3).await.unwrap();
+        assert_eq!(again, dir.path().join(format!("rec.3.{run}.1")));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
