@@ -756,6 +756,13 @@ impl Listener {
     /// # Errors
     /// A certificate, key or CA file that cannot be used, named with its problem.
     pub fn prepare(config: &ListenerConfig) -> Result<Listener, TlsError> {
+        if config.access.proxy_protocol && config.access.trusted_proxies.is_empty() {
+            tracing::warn!(
+                listener = %config.addr,
+                "proxy_protocol without trusted_proxies: any peer that reaches this listener may name any client address \
+                 (network rules, per-address caps and login brakes count what it says); list the balancers in trusted_proxies"
+            );
+        }
         let tls = config.tls.clone().map(TlsListener::load).transpose()?.map(Arc::new);
         let web = config.web.as_ref().map(|dir| {
             Arc::new(WebRoot::new(

@@ -210,7 +210,7 @@ async fn readyz_turns_503_when_the_drain_starts_before_the_session_closes() {
 /// on, and only at the end of the delay do the listeners close and the sessions end with 1001.
 #[tokio::test]
 async fn a_drain_delay_keeps_serving_after_readyz_turned_503_then_closes_at_its_end() {
-    let delay = std::time::Duration::from_millis(600);
+    let delay = std::time::Duration::from_millis(2000);
     let (backend, _) = echo_backend().await;
     let mut config = config_with(Matcher::Path("/echo".into()), tcp(backend));
     config.timeouts.drain_delay = Some(delay);

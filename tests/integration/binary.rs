@@ -306,11 +306,27 @@ async fn port_in_use_is_a_runtime_error() {
     }
 }
 
+/// Every config/*.toml passes `check`, in a copy of the directory where the one file an
+/// operator must make first is made: the admin token of config/behind-haproxy.toml (no secret of
+/// that kind ships).
 #[tokio::test]
 async fn every_example_config_checks() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    assert!(!shipped.join("admin-token").exists(), "config/admin-token must not ship");
+    // config/ and, beside it, the assets the examples name (`../assets/demo`).
+    let root = tempfile::tempdir().unwrap();
+    let copy = root.path().join("config");
+    std::fs::create_dir(&copy).unwrap();
+    std::os::unix::fs::symlink(shipped.join("../assets"), root.path().join("assets")).unwrap();
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(copy.join("admin-token"), "made-by-the-operator-0123456789abcdef\n").unwrap();
     let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    for entry in std::fs::read_dir(&copy).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let (code, out, err) = run_to_end(&["check", "--config", path.to_str().unwrap()]).await;
@@ -392,4 +408,25 @@ async fn the_session_log_line_names_the_session_and_how_it_ended() {
         assert!(line.contains(part.as_str()), "{part:?} not in\n{line}");
     }
     assert!(!line.contains('\x1b'), "colours in a log that is not a terminal: {line:?}");
+}
+
+/// A PROXY protocol listener with no trusted_proxies believes whoever reaches it: the bridge
+/// says so at start, and not when the balancers are listed.
+#[tokio::test]
+async fn proxy_protocol_without_trusted_proxies_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("w.toml");
+    let route = "[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:5900\"\n";
+    let warning = "proxy_protocol without trusted_proxies";
+    std::fs::write(&file, format!("[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n{route}")).unwrap();
+    let mut open = crate::common::binary::Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let line = open.line(warning).await;
+    assert!(line.contains("WARN") && line.contains("list the balancers"), "{line}");
+    std::fs::write(
+        &file,
+        format!("[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\n{route}"),
+    )
+    .unwrap();
+    let trusting = crate::common::binary::Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    assert!(!trusting.lines().iter().any(|l| l.contains(warning)), "{:?}", trusting.lines());
 }
