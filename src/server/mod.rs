@@ -335,32 +335,9 @@ impl Bridge {
         // PROXY header or a trusted X-Forwarded-For names the real one, and `via` keeps the
         // peer. (Two spans of the same fields: a field recorded later is printed last.)
         let access = &listener.config.access;
-        let span = if access.proxy_protocol || !access.trusted_proxies.is_empty() {
-            tracing::info_span!(
-                "conn",
-                client = tracing::field::Empty,
-                via = %peer,
-                listener = %local,
-                tls = tracing::field::Empty,
-                client_cn = tracing::field::Empty,
-                route = tracing::field::Empty,
-                user = tracing::field::Empty,
-                target = tracing::field::Empty,
-                session = tracing::field::Empty
-            )
-        } else {
-            tracing::info_span!(
-                "conn",
-                client = %peer,
-                via = tracing::field::Empty,
-                listener = %local,
-                tls = tracing::field::Empty,
-                client_cn = tracing::field::Empty,
-                route = tracing::field::Empty,
-                user = tracing::field::Empty,
-                target = tracing::field::Empty,
-                session = tracing::field::Empty
-            )
+        let span = match access.proxy_protocol || !access.trusted_proxies.is_empty() {
+            true => conn_span(None, Some(&peer), local),
+            false => conn_span(Some(&peer), None, local),
         };
         let bridge = self.clone();
         let listener = listener.clone();
@@ -372,18 +349,7 @@ impl Bridge {
     /// until a PROXY header or a trusted X-Forwarded-For names the client.
     #[cfg(unix)]
     fn spawn_unix(&self, stream: tokio::net::UnixStream, listener: &Arc<Listener>, local: &str) {
-        let span = tracing::info_span!(
-            "conn",
-            client = %"unix",
-            via = tracing::field::Empty,
-            listener = %local,
-            tls = tracing::field::Empty,
-            client_cn = tracing::field::Empty,
-            route = tracing::field::Empty,
-            user = tracing::field::Empty,
-            target = tracing::field::Empty,
-            session = tracing::field::Empty
-        );
+        let span = conn_span(Some(&"unix"), None, local);
         let bridge = self.clone();
         let listener = listener.clone();
         let connection = async move { bridge.unix_connection(stream, &listener).await };
@@ -978,6 +944,24 @@ impl Live {
             agents,
         })
     }
+}
+
+/// A connection's span: `client` and `via` when known at accept (`None`: recorded later, when a
+/// PROXY header or a trusted X-Forwarded-For names the client), and the fields the upgrade and
+/// the session fill in. A field recorded later is printed last.
+fn conn_span(client: Option<&dyn std::fmt::Display>, via: Option<&dyn std::fmt::Display>, listener: &str) -> tracing::Span {
+    tracing::info_span!(
+        "conn",
+        client = client.map(tracing::field::display),
+        via = via.map(tracing::field::display),
+        listener = %listener,
+        tls = tracing::field::Empty,
+        client_cn = tracing::field::Empty,
+        route = tracing::field::Empty,
+        user = tracing::field::Empty,
+        target = tracing::field::Empty,
+        session = tracing::field::Empty
+    )
 }
 
 #[cfg(test)]
