@@ -37,7 +37,13 @@ case $profile in
     bench) out_dir=release ;;
     *) out_dir=$profile ;;
 esac
-cargo build --profile "$profile" --bin wsbridge --locked
+if [[ $profile == dev ]]; then
+    # The test package: the binary `cargo test` just built. Built with the test targets, so that
+    # the dev-dependencies' features (tokio's "full") stay unified and nothing is compiled again.
+    cargo build --profile dev --bin wsbridge --tests --locked
+else
+    cargo build --profile "$profile" --bin wsbridge --locked
+fi
 bin=$target_dir/$out_dir/wsbridge
 [[ -x $bin ]] || die "$bin was not built"
 
