@@ -1497,16 +1497,25 @@ impl FromStr for ListenOn {
 
 impl<'de> Deserialize<'de> for ListenOn {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum PortOrString {
-            Port(u16),
-            S(String),
-        }
-        match PortOrString::deserialize(d)? {
-            PortOrString::Port(p) => Ok(ListenOn::Tcp(SocketAddr::from(([0, 0, 0, 0], p)))),
-            PortOrString::S(s) => s.parse().map_err(de::Error::custom),
-        }
+        port_or_text(d, |p| ListenOn::Tcp(SocketAddr::from(([0, 0, 0, 0], p))))
+    }
+}
+
+/// A listen address in TOML: a bare port number (every IPv4 address), or text for `T`'s parser.
+fn port_or_text<'de, D, T>(d: D, port: impl FnOnce(u16) -> T) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr<Err = String>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum PortOrString {
+        Port(u16),
+        S(String),
+    }
+    match PortOrString::deserialize(d)? {
+        PortOrString::Port(p) => Ok(port(p)),
+        PortOrString::S(s) => s.parse().map_err(de::Error::custom),
     }
 }
 
@@ -1565,16 +1574,7 @@ impl FromStr for ListenAddr {
 
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum PortOrString {
-            Port(u16),
-            S(String),
-        }
-        match PortOrString::deserialize(d)? {
-            PortOrString::Port(p) => Ok(ListenAddr(SocketAddr::from(([0, 0, 0, 0], p)))),
-            PortOrString::S(s) => s.parse().map_err(de::Error::custom),
-        }
+        port_or_text(d, |p| ListenAddr(SocketAddr::from(([0, 0, 0, 0], p))))
     }
 }
 
