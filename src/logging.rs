@@ -305,8 +305,31 @@ impl tracing::field::Visit for PlainVisitor<'_> {
     }
 }
 
+/// An error and its sources, joined by ": " (a binding's own text is often only its kind, e.g.
+/// windows-service's "IO error in winapi call", with the OS error as its source).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chain_joins_an_error_with_its_sources() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot start the service")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("access denied"));
+        assert_eq!(super::chain(&e), "cannot start the service: access denied");
+        assert_eq!(super::chain(&std::io::Error::other("alone")), "alone");
+    }
+
     use super::*;
     use std::fmt::Write;
 

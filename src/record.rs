@@ -158,8 +158,7 @@ impl Recorder {
         if queued + data.len() > QUEUED_MAX {
             return self.fell_behind();
         }
-        if TOTAL_QUEUED.fetch_add(data.len(), Ordering::Relaxed) + data.len() > TOTAL_QUEUED_MAX {
-            TOTAL_QUEUED.fetch_sub(data.len(), Ordering::Relaxed);
+        if !charge(&TOTAL_QUEUED, TOTAL_QUEUED_MAX, data.len()) {
             return self.fell_behind();
         }
         self.shared.queued.fetch_add(data.len(), Ordering::Relaxed);
@@ -198,6 +197,15 @@ impl Recorder {
             );
         }
     }
+}
+
+/// Adds `len` to `total` unless that would pass `max` (then `total` is left as it was).
+fn charge(total: &AtomicUsize, max: usize, len: usize) -> bool {
+    if total.fetch_add(len, Ordering::Relaxed) + len > max {
+        total.fetch_sub(len, Ordering::Relaxed);
+        return false;
+    }
+    true
 }
 
 /// The writer task of one recording.
@@ -393,6 +401,20 @@ pub fn escape(data: &[u8], out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    /// The budget all recorders share: bytes are admitted up to the cap, never past it, and a
+    /// refused chunk leaves the count as it was.
+    #[test]
+    fn the_shared_budget_admits_up_to_its_cap() {
+        let total = AtomicUsize::new(0);
+        assert!(charge(&total, 100, 60));
+        assert!(charge(&total, 100, 40));
+        assert!(!charge(&total, 100, 1), "past the cap");
+        assert_eq!(total.load(Ordering::Relaxed), 100);
+        total.fetch_sub(50, Ordering::Relaxed);
+        assert!(!charge(&total, 100, 51));
+        assert!(charge(&total, 100, 50));
+    }
+
     use super::*;
 
     /// What websockify writes for the 256 byte values (Python 3:

@@ -44,7 +44,7 @@ pub enum ServiceError {
     #[error("not started by the Service Control Manager (run without the service flag from a console)")]
     NotAService,
     /// The SCM refused (no administrator rights to install, a service of that name exists, …).
-    #[error("{what}: {}", chain(.source))]
+    #[error("{what}: {}", crate::logging::chain(.source))]
     Scm {
         /// What was being done.
         what: &'static str,
@@ -157,19 +157,6 @@ fn serve(name: &str, body: Body) -> Result<(), ServiceError> {
     outcome.map_err(ServiceError::Failed)
 }
 
-/// An error and its sources, joined by ": " (the binding's own text is only "IO error in winapi
-/// call"; the OS error is its source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// Installs `spec` as a service that runs as `NT AUTHORITY\LocalService` and is restarted when
 /// it fails (see the module doc). Needs administrator rights.
 ///
@@ -217,7 +204,7 @@ pub fn install(spec: &ServiceSpec) -> Result<(), ServiceError> {
     // this setting: a crash still restarts the service there, so it is worth a warning, not a
     // failed install.
     if let Err(e) = service.set_failure_actions_on_non_crash_failures(true) {
-        tracing::warn!(error = %chain(&e), "the service restarts when it crashes, not when it stops with an error");
+        tracing::warn!(error = %crate::logging::chain(&e), "the service restarts when it crashes, not when it stops with an error");
     }
     Ok(())
 }

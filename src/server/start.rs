@@ -479,7 +479,7 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
                 // A configuration error carries a TOML snippet over several lines: one record per
                 // line keeps it readable (a field would show `\n`s) and every record one line.
                 tracing::error!(config = %p.display(), "reload failed; the running configuration stays:");
-                for line in chain(&e).lines() {
+                for line in crate::logging::chain(&e).lines() {
                     tracing::error!("reload failed: {line}");
                 }
             }
@@ -489,18 +489,6 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
     for e in bridge.reload_tls() {
         tracing::error!(error = %e, "certificate reload failed; the previous certificate stays in service");
     }
-}
-
-/// An error and its sources, joined by ": ".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -557,19 +557,24 @@ mod tests {
         }
     }
 
+    /// A file source of `?token=` tokens with the default route options.
+    fn query_source(file: &Path) -> TokenSource {
+        TokenSource::load(TokenSourceConfig {
+            jwt: None,
+            redis: None,
+            path: file.to_path_buf(),
+            lookup: TokenLookup::Query,
+            options: crate::config::Config::new("test").default_route_options(),
+        })
+        .unwrap()
+    }
+
     /// A source whose file is a FIFO with no writer: reading it blocks until the test writes.
     /// Returns the source (loaded from a regular file first) and the FIFO's path.
     fn source_blocked_on_a_fifo(dir: &Path) -> Option<(TokenSource, PathBuf)> {
         let file = dir.join("tokens");
         std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
-        let source = TokenSource::load(TokenSourceConfig {
-            jwt: None,
-            redis: None,
-            path: file.clone(),
-            lookup: TokenLookup::Query,
-            options: crate::config::Config::new("test").default_route_options(),
-        })
-        .unwrap();
+        let source = query_source(&file);
         std::fs::remove_file(&file).unwrap();
         match std::process::Command::new("mkfifo").arg(&file).status() {
             Ok(s) if s.success() => Some((source, file)),
@@ -646,14 +651,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tokens");
         std::fs::write(&file, "old: 127.0.0.1:1\n").unwrap();
-        let source = TokenSource::load(TokenSourceConfig {
-            jwt: None,
-            redis: None,
-            path: file.clone(),
-            lookup: TokenLookup::Query,
-            options: crate::config::Config::new("test").default_route_options(),
-        })
-        .unwrap();
+        let source = query_source(&file);
         std::fs::write(&file, "added: 127.0.0.1:2\n").unwrap();
         age_snapshot(&source, RECHECK + Duration::from_millis(1));
         // Added, and revoked, for the very first lookup.
