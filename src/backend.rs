@@ -55,6 +55,15 @@ pub enum ConnectError {
 }
 
 impl Backend {
+    /// After the session: an agent's link in chunks goes back to its agent's pool once the agent
+    /// has ended its side too (waiting at most `within`, off the session's task); anything else
+    /// is closed.
+    pub fn release(self, within: Duration) {
+        if let Backend::Agent(link) = self {
+            (*link).release(within);
+        }
+    }
+
     /// Connects to `target`, trying every resolved address in order, then the TLS handshake when
     /// `tls` is given, all within `deadline`.
     ///

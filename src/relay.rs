@@ -240,6 +240,9 @@ where
     if let Some(recorder) = pump.recorder.take() {
         recorder.finish(close).await;
     }
+    drop(pump);
+    // An agent's link the session left clean carries the next session.
+    backend.release(close);
     summary
 }
 

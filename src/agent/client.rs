@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::link::{self, ControlMessage, LinkStream};
+use super::chunks::{self, Chunker, Dechunker};
+use super::link::{self, ChunkReader, ChunkWriter, ControlMessage, LinkStream};
 use crate::backend::{Backend, ConnectError};
 use crate::config::{parse_duration, ConfigError, Target};
 use crate::tls::BackendTls;
@@ -896,57 +897,85 @@ async fn data_link(links: Links) {
         let mut io = dial(config, tls).await?;
         let s = &config.server;
         let head = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}: {}\r\nAuthorization: Bearer {}\r\n\r\n",
             s.path,
             s.authority(),
             link::LINK_TOKEN,
             link::NAME_HEADER,
             config.name,
+            chunks::FRAMING_HEADER,
+            chunks::CHUNKS,
             config.secret
         );
         io.write_all(head.as_bytes()).await?;
         io.flush().await?;
-        // Buffered: the head and the `open` line cost a read each, not one per byte. Nothing
-        // follows `open` until our `ok`, so the buffer is empty once the line is read.
+        // Buffered: the head costs a read, not one per byte.
         let mut io = BufReader::with_capacity(1024, io);
-        let (status, _) = link::read_response_head(&mut io).await?;
+        let (status, head) = link::read_response_head(&mut io).await?;
         match status {
-            101 => Ok(io),
+            101 => Ok((io, answers_chunks(&head))),
             _ => Err(std::io::Error::other(format!("the server answered {status}"))),
         }
     })
     .await;
-    let mut buffered = match opened {
+    let (buffered, reusable) = match opened {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return debug!(error = %e, "agent: data link not opened"),
         Err(_) => return debug!("agent: data link not opened in time"),
     };
-    let line = tokio::select! {
-        _ = idle.cancelled() => return,
-        l = link::read_line(&mut buffered) => l,
-    };
-    if !buffered.buffer().is_empty() {
-        return warn!("agent: the server sent bytes after `open` before our answer; link closed");
-    }
+    // What came after the head: the beginning of the first `open`.
+    let mut carry = buffered.buffer().to_vec();
     let mut io = buffered.into_inner();
-    let service = match line {
-        Ok(Some(l)) => match l.strip_prefix("open ") {
-            Some(s) => {
-                // The server took this link from its pool: the pool gets a new one at once
-                // (protocol version 2), before this session's service is even connected.
-                spawn_link(&links);
-                s.to_owned()
-            }
-            None => return warn!("agent: a data link started with something other than `open`; closed"),
-        },
-        Ok(None) => return debug!("agent: idle data link closed by the server"),
-        Err(e) => return debug!(error = %e, "agent: idle data link failed"),
-    };
+    // A link in chunks serves one session after another; a raw one (a server that did not
+    // answer the offer of chunks) serves one.
+    loop {
+        let line = tokio::select! {
+            _ = idle.cancelled() => return,
+            l = link::read_line_carried(&mut io, &mut carry) => l,
+        };
+        let service = match line {
+            Ok(Some(l)) => match l.strip_prefix("open ") {
+                Some(s) => s.to_owned(),
+                None => return warn!("agent: a data link started with something other than `open`; closed"),
+            },
+            Ok(None) => return debug!("agent: idle data link closed by the server"),
+            Err(e) => return debug!(error = %e, "agent: idle data link failed"),
+        };
+        if !carry.is_empty() {
+            return warn!("agent: the server sent bytes after `open` before our answer; link closed");
+        }
+        if !reusable {
+            // The server took this raw link from its pool: the pool gets a new one at once
+            // (protocol version 2), before this session's service is even connected.
+            spawn_link(&links);
+        }
+        match session(&mut io, &service, reusable, config).await {
+            Some(rest) if reusable => carry = rest,
+            _ => return,
+        }
+    }
+}
+
+/// Whether a data link's `101` agreed on chunks.
+fn answers_chunks(head: &str) -> bool {
+    head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case(chunks::FRAMING_HEADER) && value.trim().eq_ignore_ascii_case(chunks::CHUNKS)
+        })
+    })
+}
+
+/// One session on a data link whose `open` named `service`: connect it, answer, relay until both
+/// ends are done. For a link in chunks, `Some` with the bytes read past the server's end mark
+/// when the link is clean for the next session (an `err` answer leaves it clean too).
+async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &AgentConfig) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
-    let Some(target) = config.services.get(&service).filter(|_| link::valid_name(&service)) else {
+    let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
         let shown: String = service.chars().filter(char::is_ascii_graphic).take(64).collect();
         warn!(service = %shown, "agent: the server asked for a service this agent does not have");
-        return answer(&mut io, &format!("err {shown}: no such service on agent {}\n", config.name), config).await;
+        return answer(io, &format!("err {shown}: no such service on agent {}\n", config.name), config)
+            .await
+            .then(Vec::new);
     };
     let mut app = match Backend::connect(target, config.connect_timeout, None, None).await {
         Ok(app) => app,
@@ -958,20 +987,50 @@ async fn data_link(links: Links) {
                 other => other.to_string(),
             };
             warn!(%service, error = %why, "agent: service not reachable");
-            return answer(&mut io, &format!("err {service}: {why}\n"), config).await;
+            return answer(io, &format!("err {service}: {why}\n"), config).await.then(Vec::new);
         }
     };
-    answer(&mut io, "ok\n", config).await;
+    if !answer(io, "ok\n", config).await {
+        return None;
+    }
     debug!(%service, "agent: session open");
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
     let (link_read, link_write) = io.split();
-    // Each direction: copy to EOF, then pass the EOF on (half-close); an error ends both.
-    let mut up = Pipe::new(link_read, app_write);
-    let mut down = Pipe::new(app_read, link_write);
+    let (mut from_server, mut to_server) = (Dechunker::default(), Chunker::new());
+    let ended = if chunked {
+        let link_read = ChunkReader {
+            io: link_read,
+            chunks: &mut from_server,
+        };
+        let link_write = ChunkWriter {
+            io: link_write,
+            chunks: &mut to_server,
+        };
+        relay(Pipe::new(link_read, app_write), Pipe::new(app_read, link_write)).await
+    } else {
+        relay(Pipe::new(link_read, app_write), Pipe::new(app_read, link_write)).await
+    };
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match ended {
+        Ok((up, down)) => info!(%service, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
+        Err(e) => info!(%service, error = %e, duration_ms, "agent: session ended"),
+    }
+    (from_server.clean() && to_server.ended()).then(|| from_server.into_pending())
+}
+
+/// Both directions of a session: each copies to EOF, then passes the EOF on (half-close); an
+/// error ends both. The bytes each way.
+async fn relay<A, B, C, D>(mut up: Pipe<A, B>, mut down: Pipe<C, D>) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + Unpin,
+    B: tokio::io::AsyncWrite + Unpin,
+    C: tokio::io::AsyncRead + Unpin,
+    D: tokio::io::AsyncWrite + Unpin,
+{
     let mut up = std::future::poll_fn(|cx| up.poll(cx));
     let mut down = std::future::poll_fn(|cx| down.poll(cx));
-    let ended = tokio::select! {
+    tokio::select! {
         // The link's EOF: the browser's session is over and the server reads nothing more after
         // it, so an app that neither answers nor closes is not waited on beyond the close time.
         r = &mut up => match r {
@@ -986,12 +1045,6 @@ async fn data_link(links: Links) {
             Ok(d) => (&mut up).await.map(|n| (n, d)),
             Err(e) => Err(e),
         },
-    };
-    match ended {
-        Ok((up, down)) => {
-            info!(%service, bytes_up = up, bytes_down = down, duration_ms = started.elapsed().as_millis() as u64, "agent: session closed")
-        }
-        Err(e) => info!(%service, error = %e, duration_ms = started.elapsed().as_millis() as u64, "agent: session ended"),
     }
 }
 
@@ -1100,13 +1153,14 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, 
 /// deadline, by default).
 const AFTER_BROWSER_CLOSE: Duration = Duration::from_secs(5);
 
-/// Writes a data link's answer line (`ok`, `err …`).
-async fn answer(io: &mut LinkStream, text: &str, config: &AgentConfig) {
-    let _ = timeout(config.pong_timeout, async {
+/// Writes a data link's answer line (`ok`, `err …`); whether it was written.
+async fn answer(io: &mut LinkStream, text: &str, config: &AgentConfig) -> bool {
+    let written = timeout(config.pong_timeout, async {
         io.write_all(text.as_bytes()).await?;
         io.flush().await
     })
     .await;
+    matches!(written, Ok(Ok(())))
 }
 
 /// `wsbridge agent --new-secret`: a fresh secret and the server's line for it.

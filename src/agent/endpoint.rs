@@ -22,6 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::chunks;
 use super::link::{self, ControlMessage, IntoLink, LinkIo};
 use super::registry::{Control, Registry};
 use super::EndpointConfig;
@@ -33,7 +34,8 @@ const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 
 enum Kind {
     Control(String),
-    Link,
+    /// A data link; `true` when the agent offered chunks ([`super::chunks`]).
+    Link(bool),
 }
 
 /// Serves one request on an agent endpoint, to its end (a control link lives as long as the
@@ -56,7 +58,8 @@ pub async fn serve<S: IntoLink>(
     let write_end = Instant::now() + timeouts.http_write;
     let headers = request.headers();
     let kind = if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
-        Kind::Link
+        let framing = header::HeaderName::from_static(chunks::FRAMING_HEADER);
+        Kind::Link(has_token(headers, &framing, chunks::CHUNKS))
     } else if has_token(headers, &header::UPGRADE, "websocket")
         && has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, link::CONTROL_PROTOCOL)
     {
@@ -106,13 +109,20 @@ pub async fn serve<S: IntoLink>(
     registry.succeeded(addr.ip());
     let name = name.unwrap_or_default().to_owned();
     match kind {
-        Kind::Link => {
+        Kind::Link(chunks) => {
             if !registry.is_connected(&name) || !leftover.is_empty() {
                 refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
                 return debug!(agent = %name, status = 409, "agent data link without a control link");
             }
+            // Answering the agent's offer of chunks makes the link reusable (an agent that did
+            // not offer them gets a raw link, used for one session).
+            let framing = if chunks {
+                format!("{}: {}\r\n", chunks::FRAMING_HEADER, chunks::CHUNKS)
+            } else {
+                String::new()
+            };
             let head = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {}\r\nConnection: Upgrade\r\n\r\n",
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {}\r\nConnection: Upgrade\r\n{framing}\r\n",
                 link::LINK_TOKEN
             );
             let written = timeout_at(write_end, async {
@@ -123,7 +133,7 @@ pub async fn serve<S: IntoLink>(
             if !matches!(written, Ok(Ok(()))) {
                 return debug!(agent = %name, "agent data link closed during its 101");
             }
-            if registry.add_link(&name, stream.into_link()).is_err() {
+            if registry.add_link(&name, stream.into_link(), chunks).is_err() {
                 debug!(agent = %name, "agent data link not needed; closed");
             }
         }

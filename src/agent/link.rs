@@ -1,12 +1,13 @@
 //! The link protocol both ends of agent mode share: the handshake headers, the secret's hash, and
-//! the `open` / `ok` / `err` lines a data link starts with (read with a bound on their length
-//! and without reading a byte past the newline, since raw session bytes follow at once).
+//! the `open` / `ok` / `err` lines a data link starts with (read with a bound on their length;
+//! what follows a line in the same read is kept for what comes next).
 //!
 //! A data link is one TCP (or TLS) connection the agent dialled to the server's agent endpoint
-//! with `Upgrade: wsbridge-agent-link`; after the `101` it carries raw bytes, so the kernel's flow
-//! control gives each session its own backpressure and the server's relay uses the link as the
-//! session's backend stream ([`AgentLink`]): over plain TCP with the same lock-free halves and
-//! vectored writes as a TCP backend ([`LinkStream`]).
+//! with `Upgrade: wsbridge-agent-link`; after `ok` it carries one session's bytes at a time (in
+//! chunks, [`super::chunks`], or raw with an older peer), so the kernel's flow control gives each
+//! session its own backpressure and the server's relay uses the link as the session's backend
+//! stream ([`AgentLink`]): over plain TCP with the same lock-free halves and vectored writes as a
+//! TCP backend ([`LinkStream`]).
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +16,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::chunks::{Chunker, Dechunker};
 
 /// The `Sec-WebSocket-Protocol` of the control link.
 pub const CONTROL_PROTOCOL: &str = "wsbridge-agent.v1";
@@ -259,54 +262,31 @@ pub fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes, one byte at a time so that
-/// nothing after it is consumed. `Ok(None)` on EOF before any byte.
+/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes in whole reads, starting with
+/// the bytes already read in `carry`; what follows the line stays in `carry`. The server's side
+/// of `open`: the agent's app may speak first, so its bytes can arrive with `ok` in one read (they
+/// are the session's first); the agent's side between the sessions of a reused link: the next
+/// `open` may arrive with the previous session's end mark. `Ok(None)` on EOF before any byte.
 ///
 /// # Errors
 /// The stream failed, ended mid-line, or the line is too long or not UTF-8.
-pub async fn read_line<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Option<String>> {
-    let mut line = Vec::new();
+pub async fn read_line_carried<S: AsyncRead + Unpin>(io: &mut S, carry: &mut Vec<u8>) -> io::Result<Option<String>> {
+    let mut chunk = [0u8; 512];
     loop {
-        let b = match io.read_u8().await {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && line.is_empty() => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if b == b'\n' {
+        if let Some(end) = carry.iter().position(|b| *b == b'\n') {
+            let rest = carry.split_off(end + 1);
+            let mut line = std::mem::replace(carry, rest);
+            line.truncate(end);
             let text = String::from_utf8(line).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))?;
             return Ok(Some(text.trim_end_matches('\r').to_owned()));
         }
-        if line.len() >= MAX_LINE {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
-        }
-        line.push(b);
-    }
-}
-
-/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes in whole reads, for the server's
-/// side of `open`: the agent's app may speak first, so its bytes can arrive with `ok` in one
-/// read; they come back as the second value, for [`AgentLink`] to hand out first. `Ok(None)` on
-/// EOF before any byte.
-///
-/// # Errors
-/// The stream failed, ended mid-line, or the line is too long or not UTF-8.
-pub async fn read_line_with_rest<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<Option<(String, Vec<u8>)>> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 512];
-    loop {
-        if let Some(end) = got.iter().position(|b| *b == b'\n') {
-            let rest = got.split_off(end + 1);
-            got.truncate(end);
-            let text = String::from_utf8(got).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))?;
-            return Ok(Some((text.trim_end_matches('\r').to_owned(), rest)));
-        }
-        if got.len() > MAX_LINE {
+        if carry.len() > MAX_LINE {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
         }
         match io.read(&mut chunk).await? {
-            0 if got.is_empty() => return Ok(None),
+            0 if carry.is_empty() => return Ok(None),
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => got.extend_from_slice(&chunk[..n]),
+            n => carry.extend_from_slice(&chunk[..n]),
         }
     }
 }
@@ -341,43 +321,124 @@ pub fn clean_reason(s: &str) -> String {
 /// A data link taken for a session, as the server's relay uses it ([`AgentLink::halves`]): the
 /// link's bytes, ended with an error naming the agent once the agent is lost (its control link
 /// missed its pong deadline), so the session closes with 1011 instead of waiting on a link whose
-/// other end is gone.
+/// other end is gone. A link in chunks ([`super::chunks`]) goes back to its agent's pool once
+/// both directions carried their end mark ([`AgentLink::release`]).
 pub struct AgentLink {
     io: LinkStream,
-    /// The app's first bytes, read with the agent's `ok`: handed out before the link is read.
+    /// Raw link: the app's first bytes, read with the agent's `ok`, handed out first.
     early: Vec<u8>,
+    /// A link in chunks: both directions' framing, and the pool it returns to.
+    chunks: Option<Chunks>,
     /// Cancelled when the agent's connection is lost.
     lost: CancellationToken,
     /// The agent's name, for the error.
     name: String,
 }
 
+/// A reusable link's framing state, and where the link goes back to.
+struct Chunks {
+    read: Dechunker,
+    write: Chunker,
+    home: std::sync::Arc<super::registry::Pool>,
+}
+
 impl std::fmt::Debug for AgentLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentLink").field("agent", &self.name).finish_non_exhaustive()
+        f.debug_struct("AgentLink")
+            .field("agent", &self.name)
+            .field("chunks", &self.chunks.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl AgentLink {
-    /// Wraps a link whose `open` was answered `ok` (`early`: bytes read after it); `lost` is the
-    /// agent connection's token.
+    /// Wraps a raw link whose `open` was answered `ok` (`early`: bytes read after it); `lost` is
+    /// the agent connection's token.
     pub fn new(io: LinkStream, early: Vec<u8>, lost: CancellationToken, name: String) -> AgentLink {
-        AgentLink { io, early, lost, name }
+        AgentLink {
+            io,
+            early,
+            chunks: None,
+            lost,
+            name,
+        }
+    }
+
+    /// Wraps a link in chunks whose `open` was answered `ok`; it goes back to `home` when the
+    /// session leaves it clean.
+    pub fn chunked(
+        io: LinkStream,
+        early: Vec<u8>,
+        lost: CancellationToken,
+        name: String,
+        home: std::sync::Arc<super::registry::Pool>,
+    ) -> AgentLink {
+        AgentLink {
+            io,
+            early: Vec::new(),
+            chunks: Some(Chunks {
+                read: Dechunker::new(early),
+                write: Chunker::new(),
+                home,
+            }),
+            lost,
+            name,
+        }
     }
 
     /// The two directions, for the relay (each watches for the agent's loss on its own).
     pub fn halves(&mut self) -> (AgentReader<'_>, AgentWriter<'_>) {
         let (r, w) = self.io.split();
+        let (read, write) = match &mut self.chunks {
+            Some(c) => (Some(&mut c.read), Some(&mut c.write)),
+            None => (None, None),
+        };
         let reader = AgentReader {
             io: r,
             early: &mut self.early,
+            chunks: read,
             lost: Lost::new(&self.lost, &self.name),
         };
         let writer = AgentWriter {
             io: w,
+            chunks: write,
             lost: Lost::new(&self.lost, &self.name),
         };
         (reader, writer)
+    }
+
+    /// After the session: a link in chunks whose end mark the relay wrote is read on (what the
+    /// app still sends is dropped: the browser is gone) until the agent's end mark, within
+    /// `within`, and then goes back to its agent's pool; any other link is closed.
+    pub fn release(self, within: std::time::Duration) {
+        let AgentLink { mut io, chunks, lost, .. } = self;
+        let Some(Chunks { mut read, write, home }) = chunks else { return };
+        if !write.ended() || lost.is_cancelled() {
+            return;
+        }
+        if read.clean() {
+            if read.into_pending().is_empty() {
+                home.give_back(io);
+            }
+            return;
+        }
+        tokio::spawn(async move {
+            let drained = tokio::time::timeout(within, async {
+                let mut sink = [0u8; 4096];
+                loop {
+                    let mut buf = ReadBuf::new(&mut sink);
+                    std::future::poll_fn(|cx| read.poll_read(Pin::new(&mut io), cx, &mut buf)).await?;
+                    if buf.filled().is_empty() {
+                        return Ok::<_, io::Error>(());
+                    }
+                }
+            })
+            .await;
+            // Nothing may follow the agent's end mark before the next `open` is sent.
+            if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.is_cancelled() {
+                home.give_back(io);
+            }
+        });
     }
 }
 
@@ -419,6 +480,7 @@ impl<'a> Lost<'a> {
 pub struct AgentReader<'a> {
     io: LinkReader<'a>,
     early: &'a mut Vec<u8>,
+    chunks: Option<&'a mut Dechunker>,
     lost: Lost<'a>,
 }
 
@@ -426,6 +488,7 @@ pub struct AgentReader<'a> {
 #[derive(Debug)]
 pub struct AgentWriter<'a> {
     io: LinkWriter<'a>,
+    chunks: Option<&'a mut Chunker>,
     lost: Lost<'a>,
 }
 
@@ -441,13 +504,19 @@ use std::future::Future as _;
 impl AsyncRead for AgentReader<'_> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early[..n]);
-            this.early.drain(..n);
-            return Poll::Ready(Ok(()));
-        }
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        let polled = match &mut this.chunks {
+            Some(chunks) => chunks.poll_read(Pin::new(&mut this.io), cx, buf),
+            None => {
+                if !this.early.is_empty() {
+                    let n = this.early.len().min(buf.remaining());
+                    buf.put_slice(&this.early[..n]);
+                    this.early.drain(..n);
+                    return Poll::Ready(Ok(()));
+                }
+                Pin::new(&mut this.io).poll_read(cx, buf)
+            }
+        };
+        match polled {
             Poll::Pending => this.lost.pending(cx),
             ready => ready,
         }
@@ -456,21 +525,21 @@ impl AsyncRead for AgentReader<'_> {
 
 impl AsyncWrite for AgentWriter<'_> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Pending => this.lost.pending(cx),
-            ready => ready,
-        }
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+        let polled = match &mut this.chunks {
+            Some(chunks) => chunks.poll_write(Pin::new(&mut this.io), cx, bufs),
+            None => Pin::new(&mut this.io).poll_write_vectored(cx, bufs),
+        };
+        match polled {
             Poll::Pending => this.lost.pending(cx),
             ready => ready,
         }
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.chunks.is_some() || self.io.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -479,8 +548,63 @@ impl AsyncWrite for AgentWriter<'_> {
             ready => ready,
         }
     }
+    /// A link in chunks gets the end mark (and stays open for the next session); a raw one its FIN.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        match &mut this.chunks {
+            Some(chunks) => match chunks.poll_end(Pin::new(&mut this.io), cx) {
+                Poll::Pending => this.lost.pending(cx),
+                ready => ready,
+            },
+            None => Pin::new(&mut this.io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One direction of a link in chunks, as the agent's copy loop reads it: [`Dechunker`] over a
+/// stream, EOF at the end mark.
+#[derive(Debug)]
+pub struct ChunkReader<'a, R> {
+    /// The link's read half.
+    pub io: R,
+    /// Its framing state.
+    pub chunks: &'a mut Dechunker,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ChunkReader<'_, R> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.chunks.poll_read(Pin::new(&mut this.io), cx, buf)
+    }
+}
+
+/// One direction of a link in chunks, as the agent's copy loop writes it: [`Chunker`] over a
+/// stream, the end mark at shutdown.
+#[derive(Debug)]
+pub struct ChunkWriter<'a, W> {
+    /// The link's write half.
+    pub io: W,
+    /// Its framing state.
+    pub chunks: &'a mut Chunker,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for ChunkWriter<'_, W> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.chunks.poll_write(Pin::new(&mut this.io), cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.chunks.poll_end(Pin::new(&mut this.io), cx)
     }
 }
 
@@ -504,17 +628,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_line_is_read_without_the_bytes_after_it() {
+    async fn a_line_leaves_the_bytes_after_it_for_what_comes_next() {
         let (mut a, mut b) = tokio::io::duplex(1024);
         a.write_all(b"ok\nAPP BYTES").await.unwrap();
         drop(a);
-        assert_eq!(read_line(&mut b).await.unwrap().as_deref(), Some("ok"));
+        let mut carry = Vec::new();
+        assert_eq!(read_line_carried(&mut b, &mut carry).await.unwrap().as_deref(), Some("ok"));
         let mut rest = Vec::new();
         b.read_to_end(&mut rest).await.unwrap();
-        assert_eq!(rest, b"APP BYTES");
+        carry.extend_from_slice(&rest);
+        assert_eq!(carry, b"APP BYTES");
+        // Two lines in one read: the second is read from what the first left.
+        let mut carry = b"open pos\r\nopen x\n".to_vec();
+        let (_a, mut b) = tokio::io::duplex(1024);
+        assert_eq!(read_line_carried(&mut b, &mut carry).await.unwrap().as_deref(), Some("open pos"));
+        assert_eq!(read_line_carried(&mut b, &mut carry).await.unwrap().as_deref(), Some("open x"));
+        assert!(carry.is_empty());
         let (mut a, mut b) = tokio::io::duplex(1024);
         a.write_all(&[b'x'; MAX_LINE + 1]).await.unwrap();
-        assert!(read_line(&mut b).await.is_err());
+        assert!(read_line_carried(&mut b, &mut Vec::new()).await.is_err());
         drop(a);
     }
 
@@ -523,7 +655,8 @@ mod tests {
         let (mut agent, server) = tokio::io::duplex(4096);
         agent.write_all(b"ok\nWELCOME").await.unwrap();
         let mut server = Box::new(server).into_link();
-        let (line, rest) = read_line_with_rest(&mut server).await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        let line = read_line_carried(&mut server, &mut rest).await.unwrap().unwrap();
         assert_eq!(line, "ok");
         let mut link = AgentLink::new(server, rest, CancellationToken::new(), "a".into());
         agent.write_all(b" AND MORE").await.unwrap();

@@ -7,21 +7,25 @@
 //!
 //! The agent dials out to the server's agent endpoint (its own route kind, `[[agent_endpoint]]`):
 //! one control link (a WebSocket, JSON messages, pings both ways) and, ahead of need, a warm pool
-//! of data links (`Upgrade: wsbridge-agent-link`, raw bytes after the `101`). A browser session
-//! on a route whose target is `{ agent = "…", service = "…" }` takes an idle link, writes
-//! `open <service>`, and on `ok` the link is the session's backend stream: the forward relay runs
-//! unchanged, with the kernel's flow control per session. The agent dials a new idle link for
-//! each one it is sent `open` on, so a session costs no control message; the server asks with
-//! `want` only to fill the pool, when it ran dry or a link was found dead.
+//! of data links (`Upgrade: wsbridge-agent-link`). A browser session on a route whose target is
+//! `{ agent = "…", service = "…" }` takes an idle link, writes `open <service>`, and on `ok` the
+//! link is the session's backend stream: the forward relay runs unchanged, with the kernel's flow
+//! control per session. The session's bytes go in chunks ([`chunks`]), each direction ended by a
+//! mark instead of a FIN, so a link the session left clean goes back to the pool for the next one;
+//! the server asks with `want` when its idle links run low. (A link to or from a version without
+//! chunks is raw and carries one session; such an agent dials a new idle link for each one it is
+//! sent `open` on.)
 //!
 //! | file | owns |
 //! |---|---|
 //! | [`link`] | what both sides share: headers, secret hashes, the `open`/`ok`/`err` lines, [`link::AgentLink`] |
+//! | [`chunks`] | the framing of a reusable link: a length before each write, the end mark |
 //! | [`registry`] | server side: connected agents, their idle links, `want`/`drain`, per-agent loss |
 //! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
 //! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
 
+pub mod chunks;
 pub mod client;
 pub mod endpoint;
 pub mod fleet;

@@ -48,15 +48,16 @@ struct Agent {
     id: u64,
     addr: SocketAddr,
     services: Vec<String>,
-    pool: usize,
-    /// It dials a new idle link for each one it is sent `open` on (hello version 2): a taken
-    /// link needs no `want`.
-    replacing: bool,
     lost: CancellationToken,
     replaced: CancellationToken,
-    idle: VecDeque<(LinkStream, Instant)>,
-    control: mpsc::Sender<Control>,
-    arrived: Arc<Notify>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Agent {
+    /// A connection that is no longer the agent's takes no link back.
+    fn drop(&mut self) {
+        self.pool.close();
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -64,8 +65,77 @@ impl std::fmt::Debug for Agent {
         f.debug_struct("Agent")
             .field("id", &self.id)
             .field("addr", &self.addr)
-            .field("idle", &self.idle.len())
+            .field("pool", &self.pool)
             .finish_non_exhaustive()
+    }
+}
+
+/// One agent connection's idle data links: the ones it dialled, and links in chunks that a
+/// session left clean ([`AgentLink::release`]). Taken newest first, so that links the load no
+/// longer needs stay at the bottom and age out.
+pub struct Pool {
+    idle: Mutex<VecDeque<Idle>>,
+    arrived: Notify,
+    /// How many idle links the agent is asked to keep.
+    size: usize,
+    /// It dials a new idle link for each raw one it is sent `open` on (hello version 2 and
+    /// later): a taken raw link needs no `want`.
+    replacing: bool,
+    control: mpsc::Sender<Control>,
+    /// The connection is no longer the agent's: links coming back are closed.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+struct Idle {
+    io: LinkStream,
+    /// The link is in chunks ([`super::chunks`]): reusable.
+    chunks: bool,
+    since: Instant,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).len();
+        f.debug_struct("Pool")
+            .field("idle", &idle)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Idle links returned by sessions beyond this are closed: what a burst of sessions left
+    /// behind does not stay open on both computers.
+    fn most_idle(&self) -> usize {
+        (self.size * 4).max(8)
+    }
+
+    /// Takes a link a session left clean back; closed instead when the connection is gone or
+    /// enough are idle.
+    pub fn give_back(&self, io: LinkStream) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() >= self.most_idle() {
+            return debug!("agent link not needed in the pool; closed");
+        }
+        idle.push_back(Idle {
+            io,
+            chunks: true,
+            since: Instant::now(),
+        });
+        drop(idle);
+        self.arrived.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.idle().clear();
     }
 }
 
@@ -176,13 +246,16 @@ impl Registry {
             id,
             addr,
             services,
-            pool,
-            replacing,
             lost: lost.clone(),
             replaced: replaced.clone(),
-            idle: VecDeque::new(),
-            control: tx,
-            arrived: Arc::new(Notify::new()),
+            pool: Arc::new(Pool {
+                idle: Mutex::new(VecDeque::new()),
+                arrived: Notify::new(),
+                size: pool,
+                replacing,
+                control: tx,
+                closed: std::sync::atomic::AtomicBool::new(false),
+            }),
         };
         let old = self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), agent);
         if let Some(old) = old {
@@ -211,30 +284,37 @@ impl Registry {
         }
     }
 
-    /// Adds an idle data link the agent dialled.
+    /// Adds an idle data link the agent dialled (`chunks`: the two ends agreed on chunks).
     ///
     /// # Errors
     /// The link back when the agent has no control link here, or its pool is over-full.
-    pub fn add_link(&self, name: &str, io: LinkStream) -> Result<(), LinkStream> {
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = agents.get_mut(name) else { return Err(io) };
-        if a.idle.len() >= a.pool * 2 {
+    pub fn add_link(&self, name: &str, io: LinkStream, chunks: bool) -> Result<(), LinkStream> {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = agents.get(name) else { return Err(io) };
+        let mut idle = a.pool.idle();
+        if idle.len() >= a.pool.size * 2 {
             return Err(io);
         }
-        a.idle.push_back((io, Instant::now()));
-        a.arrived.notify_one();
+        idle.push_back(Idle {
+            io,
+            chunks,
+            since: Instant::now(),
+        });
+        drop(idle);
+        a.pool.arrived.notify_one();
         Ok(())
     }
 
     /// Drops idle links older than [`IDLE_LINK_MAX`] and asks for the pool to be topped up.
     pub fn top_up(&self, name: &str, id: u64) {
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = agents.get_mut(name).filter(|a| a.id == id) else {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = agents.get(name).filter(|a| a.id == id) else {
             return;
         };
-        a.idle.retain(|(_, since)| since.elapsed() < IDLE_LINK_MAX);
-        if a.idle.len() < a.pool {
-            let _ = a.control.try_send(Control::Want(a.pool - a.idle.len()));
+        let mut idle = a.pool.idle();
+        idle.retain(|l| l.since.elapsed() < IDLE_LINK_MAX);
+        if idle.len() < a.pool.size {
+            let _ = a.pool.control.try_send(Control::Want(a.pool.size - idle.len()));
         }
     }
 
@@ -245,34 +325,39 @@ impl Registry {
 
     /// Takes an idle link of `name`, or says what to wait on for one.
     fn take(&self, name: &str, service: &str) -> Result<Taken, ConnectError> {
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = agents.get_mut(name) else {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = agents.get(name) else {
             return Err(ConnectError::Agent(format!("agent {name} is offline")));
         };
         if !a.services.iter().any(|s| s == service) {
             return Err(ConnectError::Agent(format!("agent {name} has no service {service}")));
         }
-        // Whatever is taken, one more is dialled: the pool stays warm for the next session. An
-        // agent that replaces the links it is sent `open` on needs asking only when there was
-        // none to take (this session waits for its own).
-        while let Some((io, since)) = a.idle.pop_front() {
-            if since.elapsed() < IDLE_LINK_MAX {
-                if !a.replacing {
-                    let _ = a.control.try_send(Control::Want(1));
+        let pool = &a.pool;
+        let mut idle = pool.idle();
+        // Newest first: the links at the bottom are the ones the load no longer needs.
+        while let Some(l) = idle.pop_back() {
+            if l.since.elapsed() < IDLE_LINK_MAX {
+                // The pool stays warm for the next session: a link in chunks comes back after
+                // its session, so one more is asked for only when the pool runs low; a raw
+                // link is used once, and an agent that replaces the raw links it is sent `open`
+                // on needs no asking.
+                let ask = if l.chunks { idle.len() < pool.size } else { !pool.replacing };
+                if ask {
+                    let _ = pool.control.try_send(Control::Want(1));
                 }
-                return Ok(Taken::Link(io, a.lost.clone()));
+                return Ok(Taken::Link(l.io, l.chunks, a.lost.clone(), pool.clone()));
             }
         }
-        let _ = a.control.try_send(Control::Want(1));
-        Ok(Taken::Wait(a.arrived.clone()))
+        let _ = pool.control.try_send(Control::Want(1));
+        Ok(Taken::Wait(pool.clone()))
     }
 
     /// Asks `name` for one more link in place of one found dead (the agent never saw its
     /// `open`, so it does not replace it).
     fn replace_dead(&self, name: &str) {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = agents.get(name).filter(|a| a.replacing) {
-            let _ = a.control.try_send(Control::Want(1));
+        if let Some(a) = agents.get(name).filter(|a| a.pool.replacing) {
+            let _ = a.pool.control.try_send(Control::Want(1));
         }
     }
 
@@ -286,32 +371,42 @@ impl Registry {
         let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
         // A link the agent or a NAT closed while idle fails at once: try the next.
         for _ in 0..8 {
-            let (mut io, lost) = loop {
+            let (mut io, chunks, lost, pool) = loop {
                 match self.take(name, service)? {
-                    Taken::Link(io, lost) => break (io, lost),
-                    Taken::Wait(arrived) => {
-                        if timeout_at(end, arrived.notified()).await.is_err() {
+                    Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
+                    Taken::Wait(pool) => {
+                        if timeout_at(end, pool.arrived.notified()).await.is_err() {
                             return Err(timed_out());
                         }
                     }
                 }
             };
+            let mut rest = Vec::new();
             let answer = timeout_at(end, async {
                 io.write_all(format!("open {service}\n").as_bytes()).await?;
                 io.flush().await?;
-                link::read_line_with_rest(&mut io).await
+                link::read_line_carried(&mut io, &mut rest).await
             })
             .await;
             match answer {
                 Err(_) => return Err(timed_out()),
-                Ok(Ok(Some((line, early)))) if line == "ok" => {
+                Ok(Ok(Some(line))) if line == "ok" => {
                     debug!(agent = name, service, "agent link opened");
-                    return Ok(Backend::Agent(Box::new(AgentLink::new(io, early, lost, name.to_owned()))));
+                    let link = if chunks {
+                        AgentLink::chunked(io, rest, lost, name.to_owned(), pool)
+                    } else {
+                        AgentLink::new(io, rest, lost, name.to_owned())
+                    };
+                    return Ok(Backend::Agent(Box::new(link)));
                 }
-                Ok(Ok(Some((line, _)))) => {
+                Ok(Ok(Some(line))) => {
                     let reason = line
                         .strip_prefix("err ")
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
+                    // A link in chunks that answered `err` carried no session: it serves the next.
+                    if chunks && rest.is_empty() && line.starts_with("err ") {
+                        pool.give_back(io);
+                    }
                     return Err(ConnectError::Agent(reason));
                 }
                 Ok(Ok(None) | Err(_)) => {
@@ -325,8 +420,8 @@ impl Registry {
 }
 
 enum Taken {
-    Link(LinkStream, CancellationToken),
-    Wait(Arc<Notify>),
+    Link(LinkStream, bool, CancellationToken, Arc<Pool>),
+    Wait(Arc<Pool>),
 }
 
 /// Failed logins an address may make in a row before it must wait.

@@ -977,3 +977,172 @@ async fn the_agent_survives_a_network_drop() {
     send_bin(&mut ws, b"back again").await;
     assert_eq!(recv_data(&mut ws).await, b"back again");
 }
+
+/// A TCP relay between agent and server that keeps, for each connection through it, what the
+/// server sent on it.
+async fn tapped_network_to(server: SocketAddr) -> (SocketAddr, Arc<std::sync::Mutex<Vec<Arc<std::sync::Mutex<Vec<u8>>>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let taps = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = taps.clone();
+    tokio::spawn(async move {
+        while let Ok((a, _)) = listener.accept().await {
+            let tap = Arc::new(std::sync::Mutex::new(Vec::new()));
+            t.lock().unwrap().push(tap.clone());
+            tokio::spawn(async move {
+                let Ok(b) = TcpStream::connect(server).await else { return };
+                let (mut ar, mut aw) = a.into_split();
+                let (mut br, mut bw) = b.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ar, &mut bw).await;
+                    let _ = bw.shutdown().await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match br.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            tap.lock().unwrap().extend_from_slice(&buf[..n]);
+                            if aw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = aw.shutdown().await;
+                let _ = up.await;
+            });
+        }
+    });
+    (addr, taps)
+}
+
+/// How many times `needle` occurs in `hay`.
+fn occurrences(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// A data link in chunks carries one session after another, each with exactly its own bytes and
+/// its own half-close, whichever side ends first; sessions that follow each other reuse links
+/// instead of dialling one each.
+#[tokio::test]
+async fn one_link_carries_session_after_session_without_mixing_them() {
+    let (app, mut accepted) = manual_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let (network, taps) = tapped_network_to(bridge.addr).await;
+    let _agent = start_agent(agent_config(network, "shop-17", SECRET, &[("pos", tcp(app))])).await;
+    const SESSIONS: u8 = 12;
+    for i in 0..SESSIONS {
+        let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+        let mut conn = within("the app's connection", accepted.recv()).await.unwrap();
+        if i % 2 == 0 {
+            // The app ends first: all it wrote reaches the browser, then 1000; the browser's
+            // close then reaches the app as EOF.
+            let data = pattern(100_000 + usize::from(i), i);
+            conn.write_all(&data).await.unwrap();
+            conn.shutdown().await.unwrap();
+            let (msgs, close) = read_until_close(&mut ws).await;
+            let got: Vec<u8> = msgs.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+            assert!(
+                got == data,
+                "session {i}: the browser got {} of {} bytes, or others",
+                got.len(),
+                data.len()
+            );
+            assert_eq!(close.map(|c| u16::from(c.code)), Some(1000), "session {i}");
+            // The browser answers the close (its reply goes out with the next read).
+            within("the bridge's FIN", async { while let Some(Ok(_)) = ws.next().await {} }).await;
+            let mut rest = Vec::new();
+            within("the app's EOF", conn.read_to_end(&mut rest)).await.unwrap();
+            assert!(rest.is_empty(), "session {i}: the app got {} bytes it was not sent", rest.len());
+        } else {
+            // The browser ends first: every byte it sent reaches the app, then EOF.
+            let data = pattern(70_000 + usize::from(i), i);
+            for piece in data.chunks(16 * 1024) {
+                send_bin(&mut ws, piece).await;
+            }
+            ws.send(Message::Close(None)).await.unwrap();
+            let mut got = Vec::new();
+            within("the app's EOF", conn.read_to_end(&mut got)).await.unwrap();
+            assert!(
+                got == data,
+                "session {i}: the app got {} of {} bytes, or others",
+                got.len(),
+                data.len()
+            );
+            drop(conn);
+            let (msgs, _) = read_until_close(&mut ws).await;
+            assert!(msgs.is_empty(), "session {i}: the browser got bytes no app sent");
+        }
+    }
+    // Each session's `open` went down a link; without reuse each link would carry one.
+    let per_link: Vec<usize> = taps
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| occurrences(&t.lock().unwrap(), b"open pos\n"))
+        .collect();
+    assert_eq!(per_link.iter().sum::<usize>(), usize::from(SESSIONS), "{per_link:?}");
+    let used = per_link.iter().filter(|n| **n > 0).count();
+    assert!(
+        used <= usize::from(SESSIONS) / 2,
+        "{SESSIONS} sessions one after another used {used} links ({per_link:?})"
+    );
+}
+
+/// An agent of the protocol before chunks (it offers none when it dials a link) still works: its
+/// links are raw, and each carries one session, ended with the TCP half-close.
+#[tokio::test]
+async fn an_agent_that_offers_no_chunks_gets_raw_links_used_once() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut request = format!("ws://{}/agent", bridge.addr).into_client_request().unwrap();
+    let h = request.headers_mut();
+    h.insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
+    h.insert("x-wsbridge-agent", "shop-17".parse().unwrap());
+    h.insert("authorization", format!("Bearer {SECRET}").parse().unwrap());
+    let (mut control, _) = within("the control link", tokio_tungstenite::connect_async(request)).await.unwrap();
+    control
+        .send(Message::text(r#"{"type":"hello","name":"shop-17","services":["pos"],"version":2}"#))
+        .await
+        .unwrap();
+    let want = within("want", control.next()).await.unwrap().unwrap();
+    assert!(want.to_text().unwrap().contains("\"want\""), "{want:?}");
+    let mut link = TcpStream::connect(bridge.addr).await.unwrap();
+    link.write_all(
+        format!(
+            "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(within("the link's 101", link.read_u8()).await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("framing"),
+        "chunks answered though not offered: {head}"
+    );
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let mut open = [0u8; 9];
+    within("open", link.read_exact(&mut open)).await.unwrap();
+    assert_eq!(&open, b"open pos\n");
+    link.write_all(b"ok\nhello").await.unwrap();
+    assert_eq!(recv_data(&mut ws).await, b"hello");
+    send_bin(&mut ws, b"raw bytes").await;
+    let mut got = [0u8; 9];
+    within("the browser's bytes", link.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"raw bytes");
+    link.shutdown().await.unwrap();
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1000));
+    within("the bridge's FIN", async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    // Used once: the server closes its end after the session, with nothing more on it.
+    let mut rest = Vec::new();
+    within("the link's EOF", link.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
