@@ -96,9 +96,15 @@ impl Backend {
                     s.set_nodelay(true).map_err(ConnectError::Connect)?;
                     // The bridge sends the backend nothing of its own: without keepalive a backend
                     // host that powers off during a quiet spell would hold the session for ever.
-                    socket2::SockRef::from(&s)
-                        .set_tcp_keepalive(&tcp_keepalive())
-                        .map_err(ConnectError::Connect)?;
+                    // Not on loopback, where there is no network to lose a FIN or a reset in: the
+                    // kernel ends the connection as soon as the backend's process goes, and a
+                    // hung one answers probes all the same (four system calls per session saved,
+                    // for `wsbridge 6080 localhost:5900` and an agent's local app alike).
+                    if !addrs.iter().all(|a| a.ip().is_loopback()) {
+                        socket2::SockRef::from(&s)
+                            .set_tcp_keepalive(&tcp_keepalive())
+                            .map_err(ConnectError::Connect)?;
+                    }
                     if let Some(header) = proxy_header {
                         // Before anything else, TLS included: the backend reads who the client is
                         // from the connection's first bytes (PROXY protocol).

@@ -318,6 +318,10 @@ pub fn clean_reason(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(120).collect()
 }
 
+/// The most bytes read and dropped after a session for its link's reuse: what was in flight
+/// when the browser left. Past it a new link costs less than reading on.
+pub const MAX_DRAIN: usize = 64 * 1024;
+
 /// A data link taken for a session, as the server's relay uses it ([`AgentLink::halves`]): the
 /// link's bytes, ended with an error naming the agent once the agent is lost (its control link
 /// missed its pong deadline), so the session closes with 1011 instead of waiting on a link whose
@@ -409,7 +413,8 @@ impl AgentLink {
 
     /// After the session: a link in chunks whose end mark the relay wrote is read on (what the
     /// app still sends is dropped: the browser is gone) until the agent's end mark, within
-    /// `within`, and then goes back to its agent's pool; any other link is closed.
+    /// `within` and [`MAX_DRAIN`] bytes, and then goes back to its agent's pool; any other link
+    /// is closed (an app that goes on sending is then cut off by the agent, as on a raw link).
     pub fn release(self, within: std::time::Duration) {
         let AgentLink { mut io, chunks, lost, .. } = self;
         let Some(Chunks { mut read, write, home }) = chunks else { return };
@@ -425,11 +430,16 @@ impl AgentLink {
         tokio::spawn(async move {
             let drained = tokio::time::timeout(within, async {
                 let mut sink = [0u8; 4096];
+                let mut dropped = 0;
                 loop {
                     let mut buf = ReadBuf::new(&mut sink);
                     std::future::poll_fn(|cx| read.poll_read(Pin::new(&mut io), cx, &mut buf)).await?;
                     if buf.filled().is_empty() {
                         return Ok::<_, io::Error>(());
+                    }
+                    dropped += buf.filled().len();
+                    if dropped > MAX_DRAIN {
+                        return Err(io::Error::other("the app goes on sending"));
                     }
                 }
             })

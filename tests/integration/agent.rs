@@ -1146,3 +1146,39 @@ async fn an_agent_that_offers_no_chunks_gets_raw_links_used_once() {
     within("the link's EOF", link.read_to_end(&mut rest)).await.unwrap();
     assert!(rest.is_empty(), "{rest:?}");
 }
+
+/// An app that goes on sending after the browser left does not keep the two ends busy: the
+/// server reads on for the agent's end mark only so far, then closes the link, and the agent
+/// closes the app's connection long before its 5 s of grace would run out. The next session
+/// gets a link of its own.
+#[tokio::test]
+async fn an_app_that_goes_on_sending_after_the_browser_left_loses_its_link() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::channel::<Instant>(4);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let block = vec![b'x'; 16 * 1024];
+                while s.write_all(&block).await.is_ok() {}
+                let _ = closed_tx.send(Instant::now()).await;
+            });
+        }
+    });
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    assert!(!recv_data(&mut ws).await.is_empty());
+    ws.send(Message::Close(None)).await.unwrap();
+    let left = Instant::now();
+    read_until_close(&mut ws).await;
+    let cut = within("the app's connection closed", closed.recv()).await.unwrap();
+    assert!(
+        cut.duration_since(left) < Duration::from_secs(3),
+        "the app was cut off {:?} after the browser left (its grace is 5 s)",
+        cut.duration_since(left)
+    );
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    assert!(!recv_data(&mut ws).await.is_empty(), "the next session carries the app's bytes");
+}
