@@ -157,6 +157,8 @@ pub struct Chunker {
     left: usize,
     /// The end mark is queued (in `head`) or written.
     ending: bool,
+    /// ... and flushed (a TLS stream holds bytes until then).
+    flushed: bool,
 }
 
 impl Chunker {
@@ -168,9 +170,9 @@ impl Chunker {
         }
     }
 
-    /// Whether the end mark is written.
+    /// Whether the end mark is written and flushed.
     pub fn ended(&self) -> bool {
-        self.ending && self.head_at == 4
+        self.flushed
     }
 
     /// Writes `bufs` as (part of) a chunk: as [`AsyncWrite::poll_write_vectored`], counting only
@@ -256,7 +258,9 @@ impl Chunker {
             }
             self.head_at += n;
         }
-        io.poll_flush(cx)
+        ready!(io.poll_flush(cx))?;
+        self.flushed = true;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -286,15 +290,44 @@ mod tests {
 
     /// A stream that takes at most `step` bytes per write and gives at most `step` per read,
     /// from a script of what was written: every split a socket may make.
+    /// With `stall`, every other call returns `Pending` first (and wakes the task, as a socket
+    /// that becomes ready does).
+    #[derive(Default)]
     struct Trickle {
         data: Vec<u8>,
         at: usize,
         step: usize,
+        stall: bool,
+        stalled: bool,
+    }
+
+    impl Trickle {
+        fn new(data: Vec<u8>, step: usize, stall: bool) -> Trickle {
+            Trickle {
+                data,
+                step,
+                stall,
+                ..Trickle::default()
+            }
+        }
+
+        fn stall(&mut self, cx: &mut Context<'_>) -> bool {
+            if self.stall && !self.stalled {
+                self.stalled = true;
+                cx.waker().wake_by_ref();
+                return true;
+            }
+            self.stalled = false;
+            false
+        }
     }
 
     impl AsyncWrite for Trickle {
-        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
             let this = self.get_mut();
+            if this.stall(cx) {
+                return Poll::Pending;
+            }
             let n = buf.len().min(this.step);
             this.data.extend_from_slice(&buf[..n]);
             Poll::Ready(Ok(n))
@@ -308,8 +341,11 @@ mod tests {
     }
 
     impl AsyncRead for Trickle {
-        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
             let this = self.get_mut();
+            if this.stall(cx) {
+                return Poll::Pending;
+            }
             let n = (this.data.len() - this.at).min(this.step).min(buf.remaining());
             buf.put_slice(&this.data[this.at..this.at + n]);
             this.at += n;
@@ -317,12 +353,8 @@ mod tests {
         }
     }
 
-    async fn write_session(step: usize, writes: &[&[u8]]) -> Vec<u8> {
-        let mut io = Trickle {
-            data: Vec::new(),
-            at: 0,
-            step,
-        };
+    async fn write_session(step: usize, stall: bool, writes: &[&[u8]]) -> Vec<u8> {
+        let mut io = Trickle::new(Vec::new(), step, stall);
         let mut chunker = Chunker::new();
         for w in writes {
             let mut at = 0;
@@ -342,8 +374,8 @@ mod tests {
         io.data
     }
 
-    async fn read_session(wire: Vec<u8>, step: usize, read_size: usize) -> (Vec<u8>, Vec<u8>) {
-        let mut io = Trickle { data: wire, at: 0, step };
+    async fn read_session(wire: Vec<u8>, step: usize, stall: bool, read_size: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut io = Trickle::new(wire, step, stall);
         let mut dechunker = Dechunker::default();
         let mut got = Vec::new();
         loop {
@@ -368,15 +400,18 @@ mod tests {
         let big: Vec<u8> = (0..5_000u32).map(|i| (i % 251) as u8).collect();
         let writes: [&[u8]; 5] = [b"a", b"hello", &big, b"", b"tail!"];
         let sent: Vec<u8> = writes.concat();
-        for step in [1, 2, 3, 5, 4096, 1 << 20] {
-            let mut wire = write_session(step, &writes).await;
-            // The link's next use follows the end mark at once.
-            wire.extend_from_slice(b"open pos\n");
-            for read_size in [1, 7, 4096, 1 << 20] {
-                for read_step in [1, 3, 64 * 1024, 1 << 20] {
-                    let (got, after) = read_session(wire.clone(), read_step, read_size).await;
-                    assert_eq!(got, sent, "write step {step}, read size {read_size}, read step {read_step}");
-                    assert_eq!(after, b"open pos\n");
+        for stall in [false, true] {
+            for step in [1, 2, 3, 5, 4096, 1 << 20] {
+                let mut wire = write_session(step, stall, &writes).await;
+                // The link's next use follows the end mark at once.
+                wire.extend_from_slice(b"open pos\n");
+                for read_size in [1, 7, 4096, 1 << 20] {
+                    for read_step in [1, 3, 64 * 1024, 1 << 20] {
+                        let (got, after) = read_session(wire.clone(), read_step, stall, read_size).await;
+                        let case = format!("write step {step}, read size {read_size}, read step {read_step}, stall {stall}");
+                        assert_eq!(got, sent, "{case}");
+                        assert_eq!(after, b"open pos\n", "{case}");
+                    }
                 }
             }
         }
@@ -384,13 +419,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_bytes_read_with_ok_are_decoded_first() {
-        let wire = write_session(1 << 20, &[b"WELCOME and more"]).await;
+        let wire = write_session(1 << 20, false, &[b"WELCOME and more"]).await;
         let (early, rest) = wire.split_at(6);
-        let mut io = Trickle {
-            data: rest.to_vec(),
-            at: 0,
-            step: 1 << 20,
-        };
+        let mut io = Trickle::new(rest.to_vec(), 1 << 20, false);
         let mut dechunker = Dechunker::new(early.to_vec());
         let mut got = Vec::new();
         let mut reader = crate::agent::link::ChunkReader {
@@ -403,13 +434,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_link_closed_before_the_end_mark_is_an_error() {
-        let mut wire = write_session(1 << 20, &[b"0123456789"]).await;
+        let mut wire = write_session(1 << 20, false, &[b"0123456789"]).await;
         wire.truncate(8);
-        let mut io = Trickle {
-            data: wire,
-            at: 0,
-            step: 64,
-        };
+        let mut io = Trickle::new(wire, 64, false);
         let mut dechunker = Dechunker::default();
         let mut reader = crate::agent::link::ChunkReader {
             io: &mut io,

@@ -990,7 +990,12 @@ async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &Age
             return answer(io, &format!("err {service}: {why}\n"), config).await.then(Vec::new);
         }
     };
-    if !answer(io, "ok\n", config).await {
+    let ok = if chunked {
+        format!("{}\n", link::OK_CHUNKS)
+    } else {
+        "ok\n".to_owned()
+    };
+    if !answer(io, &ok, config).await {
         return None;
     }
     debug!(%service, "agent: session open");
@@ -1042,7 +1047,10 @@ where
         },
         // The app's EOF: what it wrote is on its way; the browser may still send until it closes.
         r = &mut down => match r {
-            Ok(d) => (&mut up).await.map(|n| (n, d)),
+            Ok(d) => match timeout(AFTER_APP_CLOSE, &mut up).await {
+                Ok(n) => n.map(|n| (n, d)),
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the app took no more of the browser's bytes")),
+            },
             Err(e) => Err(e),
         },
     }
@@ -1152,6 +1160,11 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, 
 /// How long an app may go on after the browser's side of a session ended (the server's close
 /// deadline, by default).
 const AFTER_BROWSER_CLOSE: Duration = Duration::from_secs(5);
+/// How long the browser's side may go on after the app's EOF: the server ends the session within
+/// its close deadline (5 s by default) of passing that EOF on; twice that, so that an app that
+/// half-closes and then stops reading does not hold the session's task, its connection and the
+/// link for ever.
+const AFTER_APP_CLOSE: Duration = Duration::from_secs(10);
 
 /// Writes a data link's answer line (`ok`, `err …`); whether it was written.
 async fn answer(io: &mut LinkStream, text: &str, config: &AgentConfig) -> bool {

@@ -25,6 +25,9 @@ pub const CONTROL_PROTOCOL: &str = "wsbridge-agent.v1";
 pub const LINK_TOKEN: &str = "wsbridge-agent-link";
 /// The header naming the agent on every link (the secret goes in `Authorization: Bearer`).
 pub const NAME_HEADER: &str = "x-wsbridge-agent";
+/// The agent's answer to `open` on a link in chunks ([`super::chunks`]): the service is
+/// connected and the session's bytes follow in chunks. (`ok` alone: raw bytes, one session.)
+pub const OK_CHUNKS: &str = "ok chunks";
 /// The longest `open` / `ok` / `err` line.
 pub const MAX_LINE: usize = 256;
 /// The hello's version of an agent that replaces each link it is sent `open` on by itself: a
@@ -422,8 +425,10 @@ impl AgentLink {
             return;
         }
         if read.clean() {
+            // The agent's end mark came first (its app ended the session): the agent may still
+            // be writing the browser's last bytes to its app, so the link is taken last.
             if read.into_pending().is_empty() {
-                home.give_back(io);
+                home.give_back(io, true);
             }
             return;
         }
@@ -445,8 +450,9 @@ impl AgentLink {
             })
             .await;
             // Nothing may follow the agent's end mark before the next `open` is sent.
+            // The agent ended its side after ours: it is done with the session.
             if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.is_cancelled() {
-                home.give_back(io);
+                home.give_back(io, false);
             }
         });
     }

@@ -115,22 +115,36 @@ impl Pool {
     }
 
     /// Takes a link a session left clean back; closed instead when the connection is gone or
-    /// enough are idle.
-    pub fn give_back(&self, io: LinkStream) {
+    /// enough are idle. `last`: the link goes where it is taken last, for a link the agent may
+    /// still be busy on (its app ended first: the agent may still be writing the browser's last
+    /// bytes to it, and an `open` would wait behind them).
+    pub fn give_back(&self, io: LinkStream, last: bool) {
+        let mut idle = self.idle();
+        // Under the lock `close` takes after setting the flag: a link is never left in a pool
+        // that has been emptied for good.
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        let mut idle = self.idle();
         if idle.len() >= self.most_idle() {
             return debug!("agent link not needed in the pool; closed");
         }
-        idle.push_back(Idle {
+        let link = Idle {
             io,
             chunks: true,
             since: Instant::now(),
-        });
+        };
+        if last {
+            idle.push_front(link);
+        } else {
+            idle.push_back(link);
+        }
         drop(idle);
         self.arrived.notify_one();
+    }
+
+    /// How many idle links there are.
+    pub fn idle_links(&self) -> usize {
+        self.idle().len()
     }
 
     fn close(&self) {
@@ -318,6 +332,15 @@ impl Registry {
         }
     }
 
+    /// How many idle data links `name` has now (`None`: not connected).
+    pub fn idle_links(&self, name: &str) -> Option<usize> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|a| a.pool.idle_links())
+    }
+
     /// Whether `name` is connected now.
     pub fn is_connected(&self, name: &str) -> bool {
         self.agents.lock().unwrap_or_else(|p| p.into_inner()).contains_key(name)
@@ -334,8 +357,14 @@ impl Registry {
         }
         let pool = &a.pool;
         let mut idle = pool.idle();
-        // Newest first: the links at the bottom are the ones the load no longer needs.
-        while let Some(l) = idle.pop_back() {
+        // Links in chunks newest first: the ones at the bottom are what the load no longer
+        // needs, and age out. Raw links (an agent without chunks) oldest first, each used once
+        // well before its age would close it.
+        loop {
+            let newest = idle.back().is_some_and(|l| l.chunks);
+            let Some(l) = (if newest { idle.pop_back() } else { idle.pop_front() }) else {
+                break;
+            };
             if l.since.elapsed() < IDLE_LINK_MAX {
                 // The pool stays warm for the next session: a link in chunks comes back after
                 // its session, so one more is asked for only when the pool runs low; a raw
@@ -390,9 +419,12 @@ impl Registry {
             .await;
             match answer {
                 Err(_) => return Err(timed_out()),
-                Ok(Ok(Some(line))) if line == "ok" => {
+                // Chunks only when the agent confirms them in its answer as well as in the
+                // 101's headers (a proxy on the way could have dropped the header from the 101):
+                // a plain `ok` is a raw link, used once.
+                Ok(Ok(Some(line))) if line == "ok" || (chunks && line == link::OK_CHUNKS) => {
                     debug!(agent = name, service, "agent link opened");
-                    let link = if chunks {
+                    let link = if line == link::OK_CHUNKS {
                         AgentLink::chunked(io, rest, lost, name.to_owned(), pool)
                     } else {
                         AgentLink::new(io, rest, lost, name.to_owned())
@@ -405,7 +437,7 @@ impl Registry {
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
                     // A link in chunks that answered `err` carried no session: it serves the next.
                     if chunks && rest.is_empty() && line.starts_with("err ") {
-                        pool.give_back(io);
+                        pool.give_back(io, false);
                     }
                     return Err(ConnectError::Agent(reason));
                 }

@@ -174,6 +174,11 @@ impl Bridge {
         Ok(())
     }
 
+    /// Agent mode: the connected agents (kept across reloads).
+    pub fn agents(&self) -> Arc<crate::agent::Registry> {
+        self.live().agents.clone()
+    }
+
     /// The bridge's metrics and live sessions.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.inner.metrics
