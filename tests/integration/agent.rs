@@ -1198,3 +1198,56 @@ async fn an_app_that_goes_on_sending_after_the_browser_left_loses_its_link() {
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     assert!(!recv_data(&mut ws).await.is_empty(), "the next session carries the app's bytes");
 }
+
+/// A new agent on a server from before chunks (its 101 does not answer the offer): the agent
+/// answers a plain `ok`, carries the session's raw bytes, and dials a link in place of the one
+/// it was sent `open` on, as agents did before. The old server is played by this test, by the
+/// protocol it spoke (a control WebSocket, `want`, a raw link).
+#[tokio::test]
+async fn an_agent_on_a_server_without_chunks_uses_raw_links() {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let (echo, _) = echo_backend().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let _agent = client::spawn(agent_config(server, "shop-17", SECRET, &[("pos", tcp(echo))])).unwrap();
+    let (s, _) = within("the control link", listener.accept()).await.unwrap();
+    // The callback's error type (an HTTP response) is tungstenite's, not ours to shrink.
+    #[allow(clippy::result_large_err)]
+    let answer = |_: &Request, mut response: Response| {
+        response
+            .headers_mut()
+            .insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
+        Ok(response)
+    };
+    let mut control = within("the control handshake", tokio_tungstenite::accept_hdr_async(s, answer))
+        .await
+        .unwrap();
+    let hello = within("hello", control.next()).await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello:?}");
+    control.send(Message::text(r#"{"type":"want","links":1}"#)).await.unwrap();
+    let (mut link, _) = within("a data link", listener.accept()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(within("the link's request", link.read_u8()).await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.contains("x-wsbridge-link-framing: chunks"), "the agent offers chunks: {head}");
+    link.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: wsbridge-agent-link\r\nConnection: Upgrade\r\n\r\nopen pos\n")
+        .await
+        .unwrap();
+    let mut ok = [0u8; 3];
+    within("ok", link.read_exact(&mut ok)).await.unwrap();
+    assert_eq!(&ok, b"ok\n");
+    // The agent replaces a raw link it is sent `open` on.
+    let replacement = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
+    link.write_all(b"raw bytes").await.unwrap();
+    let mut got = [0u8; 9];
+    within("the echo", link.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got, b"raw bytes", "raw, with no chunk header");
+    within("the replacement link", replacement).await.unwrap().unwrap();
+    // Our FIN ends the session: the app's EOF comes back as the agent's FIN, nothing after it.
+    link.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("the link's EOF", link.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
