@@ -8,12 +8,13 @@
 //! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format |
 //! | `GET /sessions` | JSON: id, client, route, target, age, bytes each way of every live session |
 //! | `DELETE /sessions/ID` or `POST /sessions/ID/close` | ends that session with 1001 "closed by the operator" |
+//! | `GET /agents` | JSON: name, client address, connected since, services and idle data links of every connected agent (agent mode) |
 //!
-//! `/metrics` and `/sessions` need `Authorization: Bearer TOKEN` when a token is configured (401
+//! `/metrics`, `/sessions` and `/agents` need `Authorization: Bearer TOKEN` when a token is configured (401
 //! otherwise); the health endpoints never do: balancers probe them and they tell nothing.
 //!
 //! HTTP is the bridge's own small path ([`crate::http::request`], httparse): one request per
-//! connection, the same 16 KiB head cap, `Connection: close`. Four fixed endpoints do not need a
+//! connection, the same 16 KiB head cap, `Connection: close`. A few fixed endpoints do not need a
 //! second HTTP stack (hyper's server and hyper-util) beside the one the listeners already use.
 //! Bounded like every listener: [`MAX_CONNECTIONS`] at once (more get a prompt 503), and the
 //! request and the answer each under [`DEADLINE`].
@@ -155,12 +156,16 @@ impl Admin {
             ),
             ["metrics"] if get => {
                 self.refresh_certificates().await;
+                let agents = self.bridge.agents().list();
+                let idle = agents.iter().map(|a| a.idle_links).sum();
+                self.bridge.metrics().agents(agents.len(), idle);
                 (StatusCode::OK, METRICS, self.bridge.metrics().encode())
             }
             ["sessions"] if get => (StatusCode::OK, JSON, self.sessions_json()),
+            ["agents"] if get => (StatusCode::OK, JSON, self.agents_json()),
             ["sessions", id] if method == Method::DELETE => self.end_session(id, peer),
             ["sessions", id, "close"] if method == Method::POST => self.end_session(id, peer),
-            ["metrics"] | ["sessions", ..] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
+            ["metrics"] | ["agents"] | ["sessions", ..] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
             _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
         }
     }
@@ -196,6 +201,29 @@ impl Admin {
             })
             .collect();
         let mut body = serde_json::Value::Array(sessions).to_string();
+        body.push('\n');
+        body
+    }
+
+    fn agents_json(&self) -> String {
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let agents: Vec<_> = self
+            .bridge
+            .agents()
+            .list()
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "name": a.name,
+                    "client": a.addr.to_string(),
+                    "connected_since": unix(a.since),
+                    "connected_seconds": a.since.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+                    "services": a.services,
+                    "idle_links": a.idle_links,
+                })
+            })
+            .collect();
+        let mut body = serde_json::Value::Array(agents).to_string();
         body.push('\n');
         body
     }

@@ -228,6 +228,8 @@ pub struct Metrics {
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
     reloads: Family<ReloadLabel, Counter>,
     reload_time: Family<ReloadLabel, Gauge<f64, AtomicU64>>,
+    agents: Gauge,
+    agent_idle_links: Gauge,
     /// The live sessions, for `/sessions`.
     pub sessions: Sessions,
 }
@@ -297,6 +299,18 @@ impl Metrics {
             "Unix time of the last reload of each kind and outcome",
             reload_time.clone(),
         );
+        let agents = Gauge::default();
+        registry.register(
+            "agents_connected",
+            "Agents connected now (agent mode), read at scrape time",
+            agents.clone(),
+        );
+        let agent_idle_links = Gauge::default();
+        registry.register(
+            "agent_idle_links",
+            "Idle data links of all connected agents at the server, read at scrape time",
+            agent_idle_links.clone(),
+        );
         Metrics {
             registry,
             routes: RwLock::default(),
@@ -310,8 +324,16 @@ impl Metrics {
             cert_expiry,
             reloads,
             reload_time,
+            agents,
+            agent_idle_links,
             sessions: Sessions::default(),
         }
+    }
+
+    /// Sets the agent gauges: agents connected, and their idle data links in all.
+    pub fn agents(&self, connected: usize, idle_links: usize) {
+        self.agents.set(i64::try_from(connected).unwrap_or(i64::MAX));
+        self.agent_idle_links.set(i64::try_from(idle_links).unwrap_or(i64::MAX));
     }
 
     /// The handles of the route named `name` (created on its first session).

@@ -47,6 +47,8 @@ pub struct Registry {
 struct Agent {
     id: u64,
     addr: SocketAddr,
+    /// When this connection became the agent's.
+    since: std::time::SystemTime,
     services: Vec<String>,
     lost: CancellationToken,
     replaced: CancellationToken,
@@ -151,6 +153,21 @@ impl Pool {
         self.closed.store(true, Ordering::Release);
         self.idle().clear();
     }
+}
+
+/// A connected agent, as the admin lists it.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Its name.
+    pub name: String,
+    /// The address its control link came from (the real client's, behind a trusted proxy).
+    pub addr: SocketAddr,
+    /// When this connection became the agent's.
+    pub since: std::time::SystemTime,
+    /// The services it said it serves.
+    pub services: Vec<String>,
+    /// Its idle data links at the server now.
+    pub idle_links: usize,
 }
 
 /// What a control link holds while it is the agent's connection.
@@ -259,6 +276,7 @@ impl Registry {
         let agent = Agent {
             id,
             addr,
+            since: std::time::SystemTime::now(),
             services,
             lost: lost.clone(),
             replaced: replaced.clone(),
@@ -330,6 +348,23 @@ impl Registry {
         if idle.len() < a.pool.size {
             let _ = a.pool.control.try_send(Control::Want(a.pool.size - idle.len()));
         }
+    }
+
+    /// The connected agents now, by name (for the admin's `/agents` and the metrics).
+    pub fn list(&self) -> Vec<AgentInfo> {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<AgentInfo> = agents
+            .iter()
+            .map(|(name, a)| AgentInfo {
+                name: name.clone(),
+                addr: a.addr,
+                since: a.since,
+                services: a.services.clone(),
+                idle_links: a.pool.idle_links(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
     /// How many idle data links `name` has now (`None`: not connected).

@@ -573,6 +573,19 @@ pub async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&st
     (status_of(&response), body_of(&response).to_owned())
 }
 
+/// The admin endpoints of `bridge` on 127.0.0.1:0; they stop when the returned token drops.
+pub async fn start_admin(bridge: &TestBridge, token: Option<&str>) -> (SocketAddr, tokio_util::sync::DropGuard) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = wsbridge::config::admin::AdminConfig {
+        addr,
+        token: token.map(str::to_owned),
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(wsbridge::admin::Admin::new(&bridge.bridge, &config).serve(listener, stop.clone()));
+    (addr, stop.drop_guard())
+}
+
 /// The live sessions as an admin listener's `/sessions` lists them.
 pub async fn sessions(addr: SocketAddr, token: Option<&str>) -> Vec<serde_json::Value> {
     let (status, body) = admin(addr, "GET", "/sessions", token).await;

@@ -6,28 +6,12 @@ use std::net::SocketAddr;
 
 use futures_util::SinkExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_util::sync::CancellationToken;
-use wsbridge::admin::Admin;
-use wsbridge::config::admin::AdminConfig;
 use wsbridge::config::Matcher;
 
 use crate::common::*;
-
-/// The admin endpoints of `bridge` on 127.0.0.1:0; they stop when the returned token drops.
-async fn start_admin(bridge: &TestBridge, token: Option<&str>) -> (SocketAddr, tokio_util::sync::DropGuard) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = AdminConfig {
-        addr,
-        token: token.map(str::to_owned),
-    };
-    let stop = CancellationToken::new();
-    tokio::spawn(Admin::new(&bridge.bridge, &config).serve(listener, stop.clone()));
-    (addr, stop.drop_guard())
-}
 
 /// Asks `/sessions` until `done` holds of the list (each answer is an event: a session opened,
 /// ended, or moved bytes), within the test bound.

@@ -1251,3 +1251,51 @@ async fn an_agent_on_a_server_without_chunks_uses_raw_links() {
     within("the link's EOF", link.read_to_end(&mut rest)).await.unwrap();
     assert!(rest.is_empty(), "{rest:?}");
 }
+
+/// The admin's `/agents` lists the connected agents (name, address, since when, services, idle
+/// links) and `/metrics` counts them; an agent that stops leaves both.
+#[tokio::test]
+async fn the_admin_lists_connected_agents_and_counts_them() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let (admin_addr, _admin) = start_admin(&bridge, None).await;
+    let (status, body) = admin(admin_addr, "GET", "/agents", None).await;
+    assert_eq!((status, body.trim()), (200, "[]"));
+    let agent = start_agent(agent_config(
+        bridge.addr,
+        "shop-17",
+        SECRET,
+        &[("pos", tcp(echo)), ("label", tcp(echo))],
+    ))
+    .await;
+    idle_links(&bridge, "shop-17", 4).await;
+    let (status, body) = admin(admin_addr, "GET", "/agents", None).await;
+    assert_eq!(status, 200, "{body}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(list.len(), 1, "{body}");
+    let a = &list[0];
+    assert_eq!(a["name"], "shop-17");
+    assert!(a["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{body}");
+    assert_eq!(a["services"], serde_json::json!(["label", "pos"]));
+    assert_eq!(a["idle_links"], 4);
+    let since = a["connected_since"].as_f64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(since <= now && since > now - 60.0, "connected_since {since}, now {now}");
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 4"), "{metrics}");
+    agent.shutdown.cancel();
+    within("the agent to stop", agent.task).await.unwrap();
+    within("the agent gone from the list", async {
+        while admin(admin_addr, "GET", "/agents", None).await.1.trim() != "[]" {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 0"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 0"), "{metrics}");
+}
