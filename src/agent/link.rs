@@ -521,7 +521,16 @@ impl AsyncRead for AgentReader<'_> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = match &mut this.chunks {
-            Some(chunks) => chunks.poll_read(Pin::new(&mut this.io), cx, buf),
+            // A link in chunks that ends without the end mark: the agent gave the session up
+            // (its app reset the connection, or the agent stopped), which the page reads in the
+            // 1011's reason.
+            Some(chunks) => match chunks.poll_read(Pin::new(&mut this.io), cx, buf) {
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Err(io::Error::other(format!(
+                    "agent {} dropped the session's link",
+                    this.lost.name
+                )))),
+                polled => polled,
+            },
             None => {
                 if !this.early.is_empty() {
                     let n = this.early.len().min(buf.remaining());

@@ -1299,3 +1299,25 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 0"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 0"), "{metrics}");
 }
+
+/// An app that resets its connection mid-session: the agent drops the session's link without
+/// the end mark, and the page reads a 1011 naming the agent (a raw link would have looked like
+/// the app's clean close, 1000).
+#[tokio::test]
+async fn an_app_reset_mid_session_reaches_the_page_as_1011() {
+    let (app, mut accepted) = manual_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app))])).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let mut conn = within("the app's connection", accepted.recv()).await.unwrap();
+    conn.write_all(b"hello").await.unwrap();
+    assert_eq!(recv_data(&mut ws).await, b"hello");
+    // SO_LINGER 0: the close sends a reset (at once: nothing is left to send).
+    socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(conn);
+    let (code, reason) = read_close(&mut ws).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (1011, "backend read failed: agent shop-17 dropped the session's link")
+    );
+}
