@@ -6,6 +6,7 @@ and the agent apart), for the echo-50 and sessions rows.
     cargo build --profile profiling            # and the other binary, in its own target dir
     python3 bench/agent_ab.py --rounds 4 \\
         before=/path/to/old/wsbridge after=target/profiling/wsbridge
+    python3 bench/agent_ab.py --agent-tls ...    # the agent's links over wss://
 
 Each round runs every variant in turn (starting one further along each round, so the shared
 machine's drift falls on all alike), each with fresh processes: an echo backend (bench/loadgen),
@@ -41,8 +42,10 @@ def cpu_ticks(pid: int) -> int:
     return int(f[11]) + int(f[12]) if f else 0
 
 
-def one(binary: str, rows: list[str], seconds: float) -> dict:
-    """Fresh backend, forward bridge, server and agent; each row once on each mode."""
+def one(binary: str, rows: list[str], seconds: float, agent_tls: bool) -> dict:
+    """Fresh backend, forward bridge, server and agent; each row once on each mode. With
+    `agent_tls` the agent's links are wss:// (the server's listener takes both; the load
+    generator stays on ws://)."""
     work = Path(tempfile.mkdtemp(prefix="wsbridge-agent-ab-"))
     procs = []
     try:
@@ -55,17 +58,23 @@ def one(binary: str, rows: list[str], seconds: float) -> dict:
         server_port, forward_port = run.free_port(), run.free_port()
         while forward_port == server_port:
             forward_port = run.free_port()
+        tls, scheme, ca = "", "ws", []
+        if agent_tls:
+            subprocess.run([str(run.LOADGEN), "gencert", "--dir", str(work)], check=True,
+                           capture_output=True, timeout=60)
+            tls = f'[listen.tls]\ncert = "{work / "cert.pem"}"\nkey = "{work / "key.pem"}"\n'
+            scheme, ca = "wss", ["--ca-file", str(work / "cert.pem")]
         (work / "server.toml").write_text(
-            f'[[listen]]\naddr = "127.0.0.1:{server_port}"\n\n[[agent_endpoint]]\npath = "/agent"\n\n'
+            f'[[listen]]\naddr = "127.0.0.1:{server_port}"\n{tls}\n[[agent_endpoint]]\npath = "/agent"\n\n'
             f'[[agent]]\nname = "bench"\nsecret_sha256 = "{digest}"\n\n'
             f'[[route]]\npath = "*"\ntarget = {{ agent = "bench", service = "app" }}\n')
         log = open(work / "log", "wb")
         server = run.spawn([binary, "--config", str(work / "server.toml")], stderr=log)
         procs.append(server)
         run.wait_listening(server_port, server)
-        agent = run.spawn([binary, "agent", "--server", f"ws://127.0.0.1:{server_port}/agent",
+        agent = run.spawn([binary, "agent", "--server", f"{scheme}://127.0.0.1:{server_port}/agent",
                            "--name", "bench", "--secret-file", str(work / "agent.secret"),
-                           "--service", f"app=127.0.0.1:{bport}", "--proxy", "off"], stderr=log)
+                           "--service", f"app=127.0.0.1:{bport}", "--proxy", "off", *ca], stderr=log)
         procs.append(agent)
         run.session_ready(server_port)
         forward = run.spawn([binary, str(forward_port), f"127.0.0.1:{bport}"], stderr=log)
@@ -108,6 +117,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--rows", default="sessions,echo-50")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--agent-tls", action="store_true", help="the agent dials wss:// (its links are TLS)")
     a = ap.parse_args()
     variants = [v.split("=", 1) for v in a.variants]
     rows = a.rows.split(",")
@@ -117,7 +127,7 @@ def main() -> int:
     for rnd in range(a.rounds):
         for i in range(len(variants)):
             name, path = variants[(rnd + i) % len(variants)]
-            got = one(path, rows, a.seconds)
+            got = one(path, rows, a.seconds, a.agent_tls)
             for case, rec in got.items():
                 results.setdefault((name, case), []).append(rec)
                 cpu = " ".join(f"{k[:-7]} {v:.1f}" for k, v in rec.items() if k.endswith("_cpu_us"))

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -25,6 +25,10 @@ use crate::backend::{Backend, ConnectError};
 /// How long an idle data link is kept before the server closes it (and the agent dials anew):
 /// below the idle cut of common NATs and balancers, so a link taken from the pool is alive.
 pub const IDLE_LINK_MAX: Duration = Duration::from_secs(600);
+
+/// How long an idle link beyond the pool's size is kept (links a burst of sessions left): closed
+/// at the next top-up after this, least recently used first.
+pub const SURPLUS_IDLE: Duration = Duration::from_secs(60);
 
 /// A message for an agent's control link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +88,11 @@ pub struct Pool {
     /// later): a taken raw link needs no `want`.
     replacing: bool,
     control: mpsc::Sender<Control>,
+    /// Links asked for with `want` that have not arrived yet, so that a pool running low asks
+    /// once, not at every take until the first one arrives (over `wss://` a link takes a TLS
+    /// handshake to come). Reset at each top-up, so a dial the agent gave up on is not waited
+    /// for beyond that.
+    asked: AtomicUsize,
     /// The connection is no longer the agent's: links coming back are closed.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -110,10 +119,19 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Idle links returned by sessions beyond this are closed: what a burst of sessions left
-    /// behind does not stay open on both computers.
+    /// Idle links beyond this are closed at once: a bound on what a burst of sessions leaves
+    /// open on both computers. Below it, links beyond the pool's size that the load no longer
+    /// needs are closed by age ([`SURPLUS_IDLE`]), so a load that swings does not close links
+    /// it will dial again a moment later.
     fn most_idle(&self) -> usize {
-        (self.size * 4).max(8)
+        (self.size * 16).max(64)
+    }
+
+    /// Asks the agent for `n` more links, counted until they arrive.
+    fn ask(&self, n: usize) {
+        if self.control.try_send(Control::Want(n)).is_ok() {
+            self.asked.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// Takes a link a session left clean back; closed instead when the connection is gone or
@@ -286,6 +304,7 @@ impl Registry {
                 size: pool,
                 replacing,
                 control: tx,
+                asked: AtomicUsize::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
             }),
         };
@@ -324,7 +343,11 @@ impl Registry {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let Some(a) = agents.get(name) else { return Err(io) };
         let mut idle = a.pool.idle();
-        if idle.len() >= a.pool.size * 2 {
+        let _ = a
+            .pool
+            .asked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if idle.len() >= a.pool.most_idle() {
             return Err(io);
         }
         idle.push_back(Idle {
@@ -343,10 +366,17 @@ impl Registry {
         let Some(a) = agents.get(name).filter(|a| a.id == id) else {
             return;
         };
-        let mut idle = a.pool.idle();
+        let pool = &a.pool;
+        let mut idle = pool.idle();
         idle.retain(|l| l.since.elapsed() < IDLE_LINK_MAX);
-        if idle.len() < a.pool.size {
-            let _ = a.pool.control.try_send(Control::Want(a.pool.size - idle.len()));
+        // Beyond the pool's size, the least recently used links (at the bottom) that have been
+        // idle a while go.
+        while idle.len() > pool.size && idle.front().is_some_and(|l| l.since.elapsed() >= SURPLUS_IDLE) {
+            idle.pop_front();
+        }
+        pool.asked.store(0, Ordering::Relaxed);
+        if idle.len() < pool.size {
+            pool.ask(pool.size - idle.len());
         }
     }
 
@@ -405,14 +435,23 @@ impl Registry {
                 // its session, so one more is asked for only when the pool runs low; a raw
                 // link is used once, and an agent that replaces the raw links it is sent `open`
                 // on needs no asking.
-                let ask = if l.chunks { idle.len() < pool.size } else { !pool.replacing };
+                let ask = if l.chunks {
+                    idle.len() + pool.asked.load(Ordering::Relaxed) < pool.size
+                } else {
+                    !pool.replacing
+                };
                 if ask {
-                    let _ = pool.control.try_send(Control::Want(1));
+                    pool.ask(1);
                 }
                 return Ok(Taken::Link(l.io, l.chunks, a.lost.clone(), pool.clone()));
             }
         }
-        let _ = pool.control.try_send(Control::Want(1));
+        // None idle: this session waits for the next link to arrive or come back. At most a
+        // pool's worth are asked for at a time: links out in sessions come back, and one asked
+        // for each waiting session of a burst would leave a surplus behind it.
+        if !pool.replacing || pool.asked.load(Ordering::Relaxed) < pool.size {
+            pool.ask(1);
+        }
         Ok(Taken::Wait(pool.clone()))
     }
 
@@ -421,7 +460,7 @@ impl Registry {
     fn replace_dead(&self, name: &str) {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(a) = agents.get(name).filter(|a| a.pool.replacing) {
-            let _ = a.pool.control.try_send(Control::Want(1));
+            a.pool.ask(1);
         }
     }
 

@@ -1321,3 +1321,52 @@ async fn an_app_reset_mid_session_reaches_the_page_as_1011() {
         (1011, "backend read failed: agent shop-17 dropped the session's link")
     );
 }
+
+/// Under a steady load of sessions the pool settles: links come back and are taken again, and a
+/// pool running low asks for a few at a time rather than one per take or per waiting session
+/// (those arrive after the links have come back, and were closed as surplus: a new link, and
+/// over wss:// a TLS handshake, per session or so).
+#[tokio::test]
+async fn a_steady_load_of_sessions_dials_few_links() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let (network, taps) = tapped_network_to(bridge.addr).await;
+    let _agent = start_agent(agent_config(network, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&bridge, "shop-17", 4).await;
+    const AT_ONCE: usize = 10;
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        let sessions: Vec<_> = (0..AT_ONCE)
+            .map(|i| {
+                let url = bridge.url("/pos");
+                tokio::spawn(async move {
+                    let (mut ws, _) = ws_connect(&url, None).await;
+                    let data = pattern(100, (round * AT_ONCE + i) as u8);
+                    send_bin(&mut ws, &data).await;
+                    assert_eq!(recv_data(&mut ws).await, data);
+                    ws.send(Message::Close(None)).await.unwrap();
+                    read_until_close(&mut ws).await;
+                })
+            })
+            .collect();
+        for s in sessions {
+            within("a session", s).await.unwrap();
+        }
+    }
+    let per_link: Vec<usize> = taps
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| occurrences(&t.lock().unwrap(), b"open pos\n"))
+        .collect();
+    let links = per_link.len() - 1;
+    assert_eq!(per_link.iter().sum::<usize>(), AT_ONCE * ROUNDS);
+    // About the sessions at once (and links still on their way back), the pool's 4, and what
+    // a pool running low has on its way: 24 here. (A link asked for at every take below the
+    // pool's size and for every waiting session made it 101, one a session, most never used.)
+    assert!(
+        links <= 3 * AT_ONCE,
+        "{} sessions, {AT_ONCE} at a time, dialled {links} links: {per_link:?}",
+        AT_ONCE * ROUNDS
+    );
+}
