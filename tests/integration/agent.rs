@@ -978,9 +978,27 @@ async fn the_agent_survives_a_network_drop() {
     assert_eq!(recv_data(&mut ws).await, b"back again");
 }
 
+/// What the server sent on one connection.
+type Tap = Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// What the server sent on each connection from the agent, in the order they came.
+struct Taps(Arc<std::sync::Mutex<Vec<Tap>>>);
+
+impl Taps {
+    /// How many `open pos` lines went down each connection (the control link's count is 0).
+    fn opens_per_link(&self) -> Vec<usize> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| occurrences(&t.lock().unwrap(), b"open pos\n"))
+            .collect()
+    }
+}
+
 /// A TCP relay between agent and server that keeps, for each connection through it, what the
 /// server sent on it.
-async fn tapped_network_to(server: SocketAddr) -> (SocketAddr, Arc<std::sync::Mutex<Vec<Arc<std::sync::Mutex<Vec<u8>>>>>>) {
+async fn tapped_network_to(server: SocketAddr) -> (SocketAddr, Taps) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let taps = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1014,7 +1032,7 @@ async fn tapped_network_to(server: SocketAddr) -> (SocketAddr, Arc<std::sync::Mu
             });
         }
     });
-    (addr, taps)
+    (addr, Taps(taps))
 }
 
 /// How many times `needle` occurs in `hay`.
@@ -1090,12 +1108,7 @@ async fn one_link_carries_session_after_session_without_mixing_them() {
         idle_links(&bridge, "shop-17", 5).await;
     }
     // The control link and five data links, each `open` down one of them.
-    let per_link: Vec<usize> = taps
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|t| occurrences(&t.lock().unwrap(), b"open pos\n"))
-        .collect();
+    let per_link = taps.opens_per_link();
     assert_eq!(per_link.len(), 1 + 5, "connections from the agent: {per_link:?}");
     assert_eq!(per_link.iter().sum::<usize>(), usize::from(SESSIONS), "{per_link:?}");
 }
@@ -1353,12 +1366,7 @@ async fn a_steady_load_of_sessions_dials_few_links() {
             within("a session", s).await.unwrap();
         }
     }
-    let per_link: Vec<usize> = taps
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|t| occurrences(&t.lock().unwrap(), b"open pos\n"))
-        .collect();
+    let per_link = taps.opens_per_link();
     let links = per_link.len() - 1;
     assert_eq!(per_link.iter().sum::<usize>(), AT_ONCE * ROUNDS);
     // About the sessions at once (and links still on their way back), the pool's 4, and what
