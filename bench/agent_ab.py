@@ -18,7 +18,6 @@ generator bench/run.py builds (run `python3 bench/run.py --smoke` first on a new
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -52,9 +51,6 @@ def one(binary: str, rows: list[str], seconds: float, agent_tls: bool) -> dict:
         backend = run.spawn([str(run.LOADGEN), "backend", "echo"], stdout=subprocess.PIPE)
         procs.append(backend)
         bport = int(backend.stdout.readline().strip().rsplit(":", 1)[-1])
-        secret = os.urandom(32).hex()
-        (work / "agent.secret").write_text(secret + "\n")
-        digest = hashlib.sha256(secret.encode()).hexdigest()
         server_port, forward_port = run.free_port(), run.free_port()
         while forward_port == server_port:
             forward_port = run.free_port()
@@ -64,20 +60,15 @@ def one(binary: str, rows: list[str], seconds: float, agent_tls: bool) -> dict:
                            capture_output=True, timeout=60)
             tls = f'[listen.tls]\ncert = "{work / "cert.pem"}"\nkey = "{work / "key.pem"}"\n'
             scheme, ca = "wss", ["--ca-file", str(work / "cert.pem")]
-        (work / "server.toml").write_text(
-            f'[[listen]]\naddr = "127.0.0.1:{server_port}"\n{tls}\n[[agent_endpoint]]\npath = "/agent"\n\n'
-            f'[[agent]]\nname = "bench"\nsecret_sha256 = "{digest}"\n\n'
-            f'[[route]]\npath = "*"\ntarget = {{ agent = "bench", service = "app" }}\n')
+        run.write_agent_server(work, server_port, tls)
         log = open(work / "log", "wb")
         server = run.spawn([binary, "--config", str(work / "server.toml")], stderr=log)
         procs.append(server)
         run.wait_listening(server_port, server)
-        agent = run.spawn([binary, "agent", "--server", f"{scheme}://127.0.0.1:{server_port}/agent",
-                           "--name", "bench", "--secret-file", str(work / "agent.secret"),
-                           "--service", f"app=127.0.0.1:{bport}", "--proxy", "off", *ca], stderr=log)
+        agent = run.spawn(run.agent_command(binary, work, server_port, bport, scheme, ca), stderr=log)
         procs.append(agent)
         run.session_ready(server_port)
-        forward = run.spawn([binary, str(forward_port), f"127.0.0.1:{bport}"], stderr=log)
+        forward = run.spawn([binary, "--admin", "127.0.0.1:0", str(forward_port), f"127.0.0.1:{bport}"], stderr=log)
         procs.append(forward)
         run.wait_listening(forward_port, forward)
         hz = os.sysconf("SC_CLK_TCK")

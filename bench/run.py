@@ -402,24 +402,39 @@ def make_bridges(paths: dict, cert_dir: Path | None, wsbridge_tls: bool) -> list
 AGENT_SECRET = os.urandom(32).hex()
 
 
-def agent_argv(port: int, target: int) -> list[str]:
-    """Agent mode as a user would run it: the server with an [[agent_endpoint]], one agent and
-    a route for any path to its service `app`; the agent dialling it and serving the backend.
-    One shell is the process group's leader, so `stop` ends both."""
+def write_agent_server(work: Path, port: int, tls: str = "") -> None:
+    """The agent-mode server's files in `work`: the agent's secret and a server.toml with an
+    [[agent_endpoint]], one agent `bench` and a route for any path to its service `app`, the
+    admin listener on (as every wsbridge in these runs). `tls`: a [listen.tls] table."""
     import hashlib
-    work = Path(tempfile.mkdtemp(prefix="wsbridge-bench-agent-"))
-    atexit.register(shutil.rmtree, work, True)
     (work / "agent.secret").write_text(AGENT_SECRET + "\n")
     digest = hashlib.sha256(AGENT_SECRET.encode()).hexdigest()
     (work / "server.toml").write_text(
-        f'[admin]\naddr = "127.0.0.1:0"\n\n[[listen]]\naddr = "127.0.0.1:{port}"\n\n[[agent_endpoint]]\npath = "/agent"\n\n'
+        f'[admin]\naddr = "127.0.0.1:0"\n\n[[listen]]\naddr = "127.0.0.1:{port}"\n{tls}\n'
+        f'[[agent_endpoint]]\npath = "/agent"\n\n'
         f'[[agent]]\nname = "bench"\nsecret_sha256 = "{digest}"\n\n'
         f'[[route]]\npath = "*"\ntarget = {{ agent = "bench", service = "app" }}\n')
-    script = ('"$0" --config "$1/server.toml" & s=$!; '
-              '"$0" agent --server "ws://127.0.0.1:$2/agent" --name bench '
-              '--secret-file "$1/agent.secret" --service "app=127.0.0.1:$3" --proxy off & a=$!; '
-              'trap \'kill -TERM $s $a; wait\' TERM INT; wait')
-    return ["sh", "-c", script, str(WSBRIDGE), str(work), str(port), str(target)]
+
+
+def agent_command(binary: str, work: Path, port: int, target: int, scheme: str = "ws",
+                  extra: list[str] | None = None) -> list[str]:
+    """The agent of `write_agent_server`'s server, serving the backend on `target`."""
+    return [binary, "agent", "--server", f"{scheme}://127.0.0.1:{port}/agent", "--name", "bench",
+            "--secret-file", str(work / "agent.secret"), "--service", f"app=127.0.0.1:{target}",
+            "--proxy", "off", *(extra or [])]
+
+
+def agent_argv(port: int, target: int) -> list[str]:
+    """Agent mode as a user would run it: the server of `write_agent_server` and its agent
+    dialling it over loopback. One shell is the process group's leader, so `stop` ends both."""
+    import shlex
+    work = Path(tempfile.mkdtemp(prefix="wsbridge-bench-agent-"))
+    atexit.register(shutil.rmtree, work, True)
+    write_agent_server(work, port)
+    server = shlex.join([str(WSBRIDGE), "--config", str(work / "server.toml")])
+    agent = shlex.join(agent_command(str(WSBRIDGE), work, port, target))
+    script = f"{server} & s=$!; {agent} & a=$!; trap 'kill -TERM $s $a; wait' TERM INT; wait"
+    return ["sh", "-c", script]
 
 
 def rathole_argv(rathole: str, port: int, target: int) -> list[str]:

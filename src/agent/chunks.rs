@@ -56,15 +56,11 @@ impl Dechunker {
         }
     }
 
-    /// Whether the end mark was read.
-    pub fn ended(&self) -> bool {
-        self.ended
-    }
-
-    /// Whether the session is over on this side and nothing is left in part: the reader is ready
-    /// for the link's next use.
+    /// Whether the end mark was read: the session is over on this side (nothing is left in
+    /// part then, as the mark is a whole header at a chunk boundary) and the reader is ready for
+    /// the link's next use.
     pub fn clean(&self) -> bool {
-        self.ended && self.left == 0 && self.head_len == 0
+        self.ended
     }
 
     /// For the link's next use: the bytes read past the end mark.

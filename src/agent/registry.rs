@@ -590,4 +590,107 @@ mod tests {
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17: pos: timed out");
     }
+
+    /// A connected TCP pair: (the link as the server holds it, the agent's end).
+    fn link() -> (tokio::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let agent = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (tokio::net::TcpStream::from_std(server).unwrap(), agent)
+    }
+
+    /// Which link `take` gives: the agent end's port, so a test can tell links apart.
+    fn take_port(registry: &Registry) -> u16 {
+        match registry.take("shop-17", "pos").unwrap() {
+            Taken::Link(LinkStream::Tcp(s), ..) => s.peer_addr().unwrap().port(),
+            _ => panic!("no idle link"),
+        }
+    }
+
+    fn add(registry: &Registry, chunks: bool, ends: &mut Vec<std::net::TcpStream>) -> u16 {
+        let (server, agent) = link();
+        let port = agent.local_addr().unwrap().port();
+        ends.push(agent);
+        assert!(registry.add_link("shop-17", LinkStream::Tcp(server), chunks).is_ok());
+        port
+    }
+
+    fn wants(attached: &mut Attached) -> usize {
+        let mut n = 0;
+        while let Ok(Control::Want(k)) = attached.control.try_recv() {
+            n += k;
+        }
+        n
+    }
+
+    /// Links in chunks are taken newest first, a returned one the agent may still be busy on
+    /// last; raw links oldest first.
+    #[tokio::test]
+    async fn the_pool_gives_links_in_its_order() {
+        let registry = Registry::default();
+        let _attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let mut ends = Vec::new();
+        let a = add(&registry, true, &mut ends);
+        let b = add(&registry, true, &mut ends);
+        let (server, agent) = link();
+        let busy = agent.local_addr().unwrap().port();
+        ends.push(agent);
+        let pool = match registry.take("shop-17", "pos").unwrap() {
+            Taken::Link(LinkStream::Tcp(s), _, _, pool) => {
+                assert_eq!(s.peer_addr().unwrap().port(), b, "the newest first");
+                pool
+            }
+            _ => panic!("no idle link"),
+        };
+        pool.give_back(LinkStream::Tcp(server), true);
+        assert_eq!([take_port(&registry), take_port(&registry)], [a, busy]);
+        let r1 = add(&registry, false, &mut ends);
+        let r2 = add(&registry, false, &mut ends);
+        assert_eq!([take_port(&registry), take_port(&registry)], [r1, r2]);
+    }
+
+    /// A pool running low asks for a pool's worth at most until they arrive, whether sessions
+    /// take links or wait for one.
+    #[tokio::test]
+    async fn a_pool_asks_for_links_it_has_not_been_sent_yet_once() {
+        let registry = Registry::default();
+        let mut attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let mut ends = Vec::new();
+        for _ in 0..4 {
+            add(&registry, true, &mut ends);
+        }
+        for _ in 0..4 {
+            take_port(&registry);
+        }
+        assert_eq!(wants(&mut attached), 4, "one for each link taken below the pool's size");
+        for _ in 0..10 {
+            assert!(matches!(registry.take("shop-17", "pos").unwrap(), Taken::Wait(_)));
+        }
+        assert_eq!(wants(&mut attached), 0, "four are on their way: waiting sessions ask for no more");
+        add(&registry, true, &mut ends);
+        take_port(&registry);
+        assert_eq!(wants(&mut attached), 1, "one arrived and was taken: one more is asked for");
+    }
+
+    /// Beyond the pool's size, links unused for SURPLUS_IDLE close at the top-up, the least
+    /// recently used first; the pool's own size stays.
+    #[tokio::test(start_paused = true)]
+    async fn surplus_links_close_once_unused_for_a_while() {
+        let registry = Registry::default();
+        let mut attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 2, true);
+        let mut ends = Vec::new();
+        for _ in 0..5 {
+            add(&registry, true, &mut ends);
+        }
+        tokio::time::advance(SURPLUS_IDLE - Duration::from_secs(1)).await;
+        let newest = add(&registry, true, &mut ends);
+        registry.top_up("shop-17", attached.id);
+        assert_eq!(registry.idle_links("shop-17"), Some(6), "none unused long enough yet");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        registry.top_up("shop-17", attached.id);
+        assert_eq!(registry.idle_links("shop-17"), Some(2), "the pool's size stays");
+        assert_eq!(wants(&mut attached), 0, "a pool at its size asks for nothing at the top-up");
+        assert_eq!(take_port(&registry), newest, "the most recently used stays");
+    }
 }
