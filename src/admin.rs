@@ -8,7 +8,7 @@
 //! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format |
 //! | `GET /sessions` | JSON: id, client, route, target, age, bytes each way of every live session |
 //! | `DELETE /sessions/ID` or `POST /sessions/ID/close` | ends that session with 1001 "closed by the operator" |
-//! | `GET /agents` | JSON: name, client address, connected since, services and idle data links of every connected agent (agent mode) |
+//! | `GET /agents` | JSON: name, client address, connected since, services, idle data links, and data links dialled and reused of every connected agent (agent mode) |
 //!
 //! `/metrics`, `/sessions` and `/agents` need `Authorization: Bearer TOKEN` when a token is configured (401
 //! otherwise); the health endpoints never do: balancers probe them and they tell nothing.
@@ -156,9 +156,10 @@ impl Admin {
             ),
             ["metrics"] if get => {
                 self.refresh_certificates().await;
-                let agents = self.bridge.agents().list();
+                let registry = self.bridge.agents();
+                let agents = registry.list();
                 let idle = agents.iter().map(|a| a.idle_links).sum();
-                self.bridge.metrics().agents(agents.len(), idle);
+                self.bridge.metrics().agents(agents.len(), idle, registry.link_totals());
                 (StatusCode::OK, METRICS, self.bridge.metrics().encode())
             }
             ["sessions"] if get => (StatusCode::OK, JSON, self.sessions_json()),
@@ -220,6 +221,8 @@ impl Admin {
                     "connected_seconds": a.since.elapsed().map_or(0.0, |d| d.as_secs_f64()),
                     "services": a.services,
                     "idle_links": a.idle_links,
+                    "links_dialled": a.links_dialled,
+                    "links_reused": a.links_reused,
                 })
             })
             .collect();

@@ -230,6 +230,8 @@ pub struct Metrics {
     reload_time: Family<ReloadLabel, Gauge<f64, AtomicU64>>,
     agents: Gauge,
     agent_idle_links: Gauge,
+    agent_links_dialled: Counter,
+    agent_links_reused: Counter,
     /// The live sessions, for `/sessions`.
     pub sessions: Sessions,
 }
@@ -311,6 +313,18 @@ impl Metrics {
             "Idle data links of all connected agents at the server, read at scrape time",
             agent_idle_links.clone(),
         );
+        let agent_links_dialled = Counter::default();
+        registry.register(
+            "agent_links_dialled",
+            "Data links agents dialled that the server took into their pools, read at scrape time",
+            agent_links_dialled.clone(),
+        );
+        let agent_links_reused = Counter::default();
+        registry.register(
+            "agent_links_reused",
+            "Times a data link went back to its agent's pool after a session, to carry the next; read at scrape time",
+            agent_links_reused.clone(),
+        );
         Metrics {
             registry,
             routes: RwLock::default(),
@@ -326,14 +340,20 @@ impl Metrics {
             reload_time,
             agents,
             agent_idle_links,
+            agent_links_dialled,
+            agent_links_reused,
             sessions: Sessions::default(),
         }
     }
 
-    /// Sets the agent gauges: agents connected, and their idle data links in all.
-    pub fn agents(&self, connected: usize, idle_links: usize) {
+    /// Sets the agent metrics: agents connected and their idle data links in all (gauges), and
+    /// the registry's running totals of links dialled and reused (counters: the registry counts,
+    /// and lives as long as the bridge, so the totals never go down).
+    pub fn agents(&self, connected: usize, idle_links: usize, (dialled, reused): (u64, u64)) {
         self.agents.set(i64::try_from(connected).unwrap_or(i64::MAX));
         self.agent_idle_links.set(i64::try_from(idle_links).unwrap_or(i64::MAX));
+        self.agent_links_dialled.inner().store(dialled, Ordering::Relaxed);
+        self.agent_links_reused.inner().store(reused, Ordering::Relaxed);
     }
 
     /// The handles of the route named `name` (created on its first session).

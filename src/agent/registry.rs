@@ -46,6 +46,23 @@ pub struct Registry {
     agents: Mutex<HashMap<String, Agent>>,
     brake: Brake,
     next_id: AtomicU64,
+    /// Data links taken in and links given back after a session, by every connection so far.
+    totals: Arc<LinkCounts>,
+}
+
+/// How many data links a pool (or the whole registry) took in from the agent, and how many
+/// times one went back to it after a session to carry the next (links in chunks).
+#[derive(Debug, Default)]
+pub struct LinkCounts {
+    dialled: AtomicU64,
+    reused: AtomicU64,
+}
+
+impl LinkCounts {
+    /// (links dialled, links given back for reuse).
+    pub fn get(&self) -> (u64, u64) {
+        (self.dialled.load(Ordering::Relaxed), self.reused.load(Ordering::Relaxed))
+    }
 }
 
 struct Agent {
@@ -95,6 +112,9 @@ pub struct Pool {
     asked: AtomicUsize,
     /// The connection is no longer the agent's: links coming back are closed.
     closed: std::sync::atomic::AtomicBool,
+    /// This connection's links, and the registry's totals.
+    counts: LinkCounts,
+    totals: Arc<LinkCounts>,
 }
 
 struct Idle {
@@ -153,6 +173,7 @@ impl Pool {
             chunks: true,
             since: Instant::now(),
         };
+        self.counted(|c| &c.reused);
         if last {
             idle.push_front(link);
         } else {
@@ -160,6 +181,11 @@ impl Pool {
         }
         drop(idle);
         self.arrived.notify_one();
+    }
+
+    fn counted(&self, which: impl Fn(&LinkCounts) -> &AtomicU64) {
+        which(&self.counts).fetch_add(1, Ordering::Relaxed);
+        which(&self.totals).fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many idle links there are.
@@ -186,6 +212,10 @@ pub struct AgentInfo {
     pub services: Vec<String>,
     /// Its idle data links at the server now.
     pub idle_links: usize,
+    /// Data links this connection dialled that the server took in.
+    pub links_dialled: u64,
+    /// Times one of them went back to the pool after a session, to carry the next.
+    pub links_reused: u64,
 }
 
 /// What a control link holds while it is the agent's connection.
@@ -306,6 +336,8 @@ impl Registry {
                 control: tx,
                 asked: AtomicUsize::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
+                counts: LinkCounts::default(),
+                totals: self.totals.clone(),
             }),
         };
         let old = self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), agent);
@@ -356,6 +388,7 @@ impl Registry {
             since: Instant::now(),
         });
         drop(idle);
+        a.pool.counted(|c| &c.dialled);
         a.pool.arrived.notify_one();
         Ok(())
     }
@@ -385,16 +418,26 @@ impl Registry {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let mut list: Vec<AgentInfo> = agents
             .iter()
-            .map(|(name, a)| AgentInfo {
-                name: name.clone(),
-                addr: a.addr,
-                since: a.since,
-                services: a.services.clone(),
-                idle_links: a.pool.idle_links(),
+            .map(|(name, a)| {
+                let (links_dialled, links_reused) = a.pool.counts.get();
+                AgentInfo {
+                    name: name.clone(),
+                    addr: a.addr,
+                    since: a.since,
+                    services: a.services.clone(),
+                    idle_links: a.pool.idle_links(),
+                    links_dialled,
+                    links_reused,
+                }
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
+    }
+
+    /// Data links taken in and given back for reuse since the server started, by all agents.
+    pub fn link_totals(&self) -> (u64, u64) {
+        self.totals.get()
     }
 
     /// How many idle data links `name` has now (`None`: not connected).

@@ -524,9 +524,9 @@ async fn the_agent_reaches_the_server_through_a_connect_proxy() {
     assert_eq!(*auth.lock().unwrap(), "Proxy-Authorization: Basic YWdlbnQ6cHc=");
 }
 
-#[tokio::test]
-async fn the_agent_verifies_the_server_certificate() {
-    let (echo, _) = echo_backend().await;
+/// A server for agent `shop-17` with one listener, TLS with a certificate for `localhost` from
+/// the returned CA.
+async fn tls_server() -> (TestBridge, pki::Pki) {
     let pki = pki::Pki::new("agent test CA");
     let server = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
     let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
@@ -542,7 +542,13 @@ async fn the_agent_verifies_the_server_certificate() {
             key: Some(server.key.clone()),
         })),
     });
-    let bridge = TestBridge::start(config).await;
+    (TestBridge::start(config).await, pki)
+}
+
+#[tokio::test]
+async fn the_agent_verifies_the_server_certificate() {
+    let (echo, _) = echo_backend().await;
+    let (bridge, pki) = tls_server().await;
     let url = format!("wss://localhost:{}/agent", bridge.addr.port());
     // Without the CA, the system's roots do not know this server: refused, retried.
     let mut untrusted = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
@@ -562,6 +568,40 @@ async fn the_agent_verifies_the_server_certificate() {
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"over tls").await;
     assert_eq!(recv_data(&mut ws).await, b"over tls");
+}
+
+/// Over wss:// links as over plain ones, a link goes back to the pool after its session and
+/// carries the next: sessions one after another take no new TLS handshake each.
+#[tokio::test]
+async fn links_over_wss_carry_session_after_session() {
+    let (echo, _) = echo_backend().await;
+    let (bridge, pki) = tls_server().await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.server = format!("wss://localhost:{}/agent", bridge.addr.port()).parse().unwrap();
+    config.ca_file = Some(pki.ca_file());
+    let _agent = start_agent(config).await;
+    idle_links(&bridge, "shop-17", 4).await;
+    const SESSIONS: u64 = 10;
+    for i in 0..SESSIONS {
+        let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+        let data = pattern(50_000, i as u8);
+        send_bin(&mut ws, &data).await;
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            got.extend_from_slice(&recv_data(&mut ws).await);
+        }
+        assert!(got == data, "session {i}: {} bytes back of {}, or others", got.len(), data.len());
+        ws.send(Message::Close(None)).await.unwrap();
+        read_until_close(&mut ws).await;
+        // Back in the pool: the four, and the one asked for when the first session took one.
+        idle_links(&bridge, "shop-17", 5).await;
+    }
+    let list = bridge.bridge.agents().list();
+    assert_eq!(
+        (list[0].links_dialled, list[0].links_reused),
+        (5, SESSIONS),
+        "links dialled, and sessions after which a link went back"
+    );
 }
 
 /// config/agent-server.toml and config/agent.toml are a working pair: loaded as shipped (the
@@ -1266,7 +1306,8 @@ async fn an_agent_on_a_server_without_chunks_uses_raw_links() {
 }
 
 /// The admin's `/agents` lists the connected agents (name, address, since when, services, idle
-/// links) and `/metrics` counts them; an agent that stops leaves both.
+/// links, links dialled and reused) and `/metrics` counts them; an agent that stops leaves both,
+/// and the running totals of links stay.
 #[tokio::test]
 async fn the_admin_lists_connected_agents_and_counts_them() {
     let (echo, _) = echo_backend().await;
@@ -1300,6 +1341,21 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 4"), "{metrics}");
+    assert_eq!((&a["links_dialled"], &a["links_reused"]), (&4.into(), &0.into()), "{body}");
+    // A session takes a link (the pool asks for one more) and gives it back.
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"once").await;
+    assert_eq!(recv_data(&mut ws).await, b"once");
+    ws.send(Message::Close(None)).await.unwrap();
+    read_until_close(&mut ws).await;
+    idle_links(&bridge, "shop-17", 5).await;
+    let (_, body) = admin(admin_addr, "GET", "/agents", None).await;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&list[0]["links_dialled"], &list[0]["links_reused"]),
+        (&5.into(), &1.into()),
+        "{body}"
+    );
     agent.shutdown.cancel();
     within("the agent to stop", agent.task).await.unwrap();
     within("the agent gone from the list", async {
@@ -1311,6 +1367,9 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 0"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 0"), "{metrics}");
+    // The totals are counters: they outlive the agent's connection.
+    assert!(metrics.lines().any(|l| l == "wsbridge_agent_links_dialled_total 5"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "wsbridge_agent_links_reused_total 1"), "{metrics}");
 }
 
 /// An app that resets its connection mid-session: the agent drops the session's link without
