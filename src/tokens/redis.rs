@@ -5,7 +5,7 @@
 //! deletes stops routing new sessions everywhere (sessions already open are not touched).
 //!
 //! Every lookup has a deadline ([`RedisTokenSource::lookup_timeout`]) that covers everything it
-//! waits for: the lock on the connection, connecting (TLS and `AUTH` included), the `GET`. A Redis
+//! waits for: the lock on the connection, connecting (TLS and `AUTH` included), the read. A Redis
 //! that is down, unreachable or hung costs a handshake that deadline at most and answers it 503
 //! ([`Unavailable`]), never a hang and never a 404 (a token that may well exist is not called
 //! unknown). There is one multiplexed connection per source, made on the first lookup and again
@@ -24,10 +24,16 @@
 //! new sessions on a bridge that has it cached, for up to `cache_ttl`. Absent tokens are never
 //! cached, so a token written a moment ago never waits for a cached "no" to expire; guessing is
 //! braked by the per-address failure budget before Redis is asked. The default is no cache:
-//! every handshake asks Redis, which answers a `GET` in microseconds.
+//! every handshake asks Redis, which answers a lookup in microseconds.
+//!
+//! **Reads are bounded.** A value is read with `GETRANGE key 0 1024`: whoever can write to Redis
+//! cannot make each handshake allocate a 512 MB value. A least-privilege Redis user therefore
+//! needs `+getrange` beside `+get`; with `+get` alone the bridge falls back to `GET` (whole values)
+//! and warns once.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -77,6 +83,9 @@ pub struct RedisTokens {
     /// within their deadline).
     connection: tokio::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
     cache: Option<Mutex<Cache>>,
+    /// Values are read with `GET`, whole: the Redis user may not `GETRANGE` (found at the first
+    /// lookup, and warned about once).
+    whole_values: AtomicBool,
 }
 
 impl fmt::Debug for RedisTokens {
@@ -141,6 +150,7 @@ impl RedisTokens {
             connection_config,
             connection: tokio::sync::Mutex::new((0, None)),
             cache,
+            whole_values: AtomicBool::new(false),
         })
     }
 
@@ -209,33 +219,59 @@ impl RedisTokens {
         cache.get(token, self.settings.cache_ttl)
     }
 
-    /// `GET prefix+token` by `deadline`. A connection found broken is replaced and the `GET`
-    /// tried once more, if time is left.
+    /// The value of `prefix+token` by `deadline`: its first [`MAX_VALUE_LEN`] + 1 bytes
+    /// (`GETRANGE`), so that a huge value written to Redis costs the bridge no more than a
+    /// target's worth of memory; the whole value (`GET`) when the Redis user may not
+    /// `GETRANGE`. A connection found broken is replaced and the command tried once more, if
+    /// time is left.
     async fn get(&self, token: &str, deadline: Instant) -> Result<Fetched, String> {
         let key = format!("{}{token}", self.settings.key_prefix);
         let timeout = self.settings.lookup_timeout;
         let late = || format!("no answer within the lookup timeout ({})", crate::config::format_duration(timeout));
-        for attempt in 0..2 {
+        let mut attempts = 0;
+        loop {
             let (number, mut connection) = match tokio::time::timeout_at(deadline, self.connection()).await {
                 Err(_) => return Err(late()),
                 Ok(Err(e)) => return Err(format!("cannot connect to Redis: {e}")),
                 Ok(Ok(c)) => c,
             };
-            let mut get = ::redis::cmd("GET");
-            get.arg(&key);
-            let get = get.query_async::<Option<Vec<u8>>>(&mut connection);
-            match tokio::time::timeout_at(deadline, get).await {
+            let whole = self.whole_values.load(Ordering::Relaxed);
+            let command = if whole {
+                let mut get = ::redis::cmd("GET");
+                get.arg(&key);
+                get
+            } else {
+                let mut range = ::redis::cmd("GETRANGE");
+                range.arg(&key).arg(0).arg(MAX_VALUE_LEN);
+                range
+            };
+            let answer = command.query_async::<Option<Vec<u8>>>(&mut connection);
+            match tokio::time::timeout_at(deadline, answer).await {
+                // GETRANGE answers an absent key with an empty string: an empty value is taken
+                // as no value either way (it names no target).
                 Ok(Ok(None)) => return Ok(Fetched::Missing),
+                Ok(Ok(Some(value))) if value.is_empty() => return Ok(Fetched::Missing),
                 Ok(Ok(Some(value))) => return Ok(Fetched::Value(value)),
                 // A key of another type is the operator's mistake, not an outage.
                 Ok(Err(e)) if e.code() == Some("WRONGTYPE") => return Ok(Fetched::NotAString),
+                Ok(Err(e)) if e.code() == Some("NOPERM") && !whole => {
+                    tracing::warn!(
+                        source = %self.name,
+                        "the Redis user may not GETRANGE: token values are read whole with GET (grant +getrange to bound them at {MAX_VALUE_LEN} bytes)"
+                    );
+                    self.whole_values.store(true, Ordering::Relaxed);
+                }
                 Ok(Err(e)) => {
                     let broken = e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
                     if broken {
                         self.discard(number, deadline).await;
                     }
-                    if !(broken && attempt == 0) {
-                        return Err(format!("Redis answered GET with an error: {e}"));
+                    attempts += 1;
+                    if !(broken && attempts == 1) {
+                        return Err(format!(
+                            "Redis answered {} with an error: {e}",
+                            if whole { "GET" } else { "GETRANGE" }
+                        ));
                     }
                     tracing::debug!(source = %self.name, error = %e, "Redis connection broken; trying a new one");
                 }
@@ -246,7 +282,6 @@ impl RedisTokens {
                 }
             }
         }
-        Err("the connection broke twice".into())
     }
 
     /// The connection in use, or a new one, with its number. The caller bounds the wait.
@@ -278,7 +313,7 @@ impl RedisTokens {
     }
 }
 
-/// What a `GET` found.
+/// What a lookup found in Redis.
 enum Fetched {
     Missing,
     Value(Vec<u8>),
@@ -295,7 +330,7 @@ enum Fetched {
 /// What is wrong, without repeating the value.
 pub fn parse_value(value: &[u8]) -> Result<(String, u16), String> {
     if value.len() > MAX_VALUE_LEN {
-        return Err(format!("{} bytes, more than the {MAX_VALUE_LEN} a target needs", value.len()));
+        return Err(format!("more than {MAX_VALUE_LEN} bytes, longer than a target needs"));
     }
     let text = std::str::from_utf8(value).map_err(|_| "not UTF-8".to_owned())?.trim();
     let (host, port) = if text.starts_with('{') {

@@ -62,6 +62,23 @@ async fn set(c: &mut ::redis::aio::MultiplexedConnection, key: &str, value: &str
     within("SET", cmd.query_async::<()>(c)).await.expect("SET");
 }
 
+/// `(calls, rejected_calls)` of `command` since Redis started, from `INFO commandstats`.
+async fn command_calls(c: &mut ::redis::aio::MultiplexedConnection, command: &str) -> (u64, u64) {
+    let mut info = ::redis::cmd("INFO");
+    info.arg("commandstats");
+    let text: String = within("INFO", info.query_async(c)).await.expect("INFO");
+    let prefix = format!("cmdstat_{command}:");
+    let Some(line) = text.lines().find_map(|l| l.strip_prefix(&prefix)) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .map_or(0, |v| v.parse().unwrap())
+    };
+    (field("calls"), field("rejected_calls"))
+}
+
 async fn del(c: &mut ::redis::aio::MultiplexedConnection, key: &str) {
     let mut cmd = ::redis::cmd("DEL");
     cmd.arg(key);
@@ -193,6 +210,9 @@ async fn toml_source_with_a_credentials_file_and_a_least_privilege_user() {
     echoes(&bridge, "t1").await;
     assert_eq!(status_for(&bridge, "t2").await, 404);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // This user may GET but not GETRANGE: refused once, then values are read with GET.
+    assert_eq!(command_calls(&mut admin, "getrange").await, (0, 1));
+    assert_eq!(command_calls(&mut admin, "get").await, (2, 0));
     bridge.stop().await;
 }
 
@@ -250,7 +270,7 @@ async fn targets_off_the_allow_list_and_bad_values_never_reach_a_backend() {
         ("unix", "unix_socket:/run/wsbridge-test.sock".to_owned()),
         ("url", format!("http://{allowed}/")),
         ("broken-json", format!("{{\"host\": \"{allowed}\"")),
-        ("huge", format!("{allowed}{}", " ".repeat(2000))),
+        ("huge", format!("{allowed}{}", " ".repeat(32 << 20))),
         ("no-port", "127.0.0.1".to_owned()),
     ] {
         set(&mut c, token, &value).await;
@@ -267,6 +287,10 @@ async fn targets_off_the_allow_list_and_bad_values_never_reach_a_backend() {
         "no connection to a target off the list"
     );
     assert_eq!(refused(&bridge, "forbidden"), 4);
+    // Every lookup read at most 1 KiB of its value (GETRANGE), never a value whole (GET): the
+    // 32 MiB one cost the bridge no more than the others.
+    let (ranges, _) = command_calls(&mut c, "getrange").await;
+    assert_eq!((ranges, command_calls(&mut c, "get").await), (4 + 5 + 1, (0, 0)));
     bridge.stop().await;
 }
 
