@@ -54,7 +54,7 @@ use crate::metrics::Session;
 use crate::record::{Direction, RecordConfig, Recorder};
 
 /// The most read from either peer in one system call.
-const SCRATCH: usize = 256 * 1024;
+pub(crate) const SCRATCH: usize = 256 * 1024;
 /// The most read from the backend in one system call in `text` and `lines` framing: their frames
 /// can be three times the bytes read (see the module documentation), and what waits for a slow
 /// client must stay within [`SCRATCH`]. 32 KiB reads still carry a terminal's output at memory speed.
@@ -63,6 +63,22 @@ const TEXT_READ: usize = SCRATCH / 8;
 const DEAD_PEER_CLOSE: Duration = Duration::from_millis(100);
 /// The most pieces of client payload gathered into one write to the backend.
 const BATCH: usize = 16;
+/// Bytes a session moves in one pass before the thread's other sessions get their turn. A bulk
+/// transfer between fast peers never finds a socket blocked, and would hold the thread until
+/// tokio's cooperative budget runs out: 128 socket operations, up to 32 MiB of 256 KiB reads and
+/// tens of milliseconds, which every other session on the thread (a terminal's keystroke, a
+/// point-of-sale message) would wait for. 512 KiB is a few hundred microseconds of copying; the
+/// yield costs a pass of the runtime's scheduler and a look at its I/O events.
+pub(crate) const TURN_BYTES: u64 = 512 * 1024;
+
+/// How a pass over a session ended, when it did not wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The session is over.
+    Over,
+    /// It moved [`TURN_BYTES`] and can move more: the others' turn first.
+    Yield,
+}
 
 /// A piece of a gathered write to the backend: payload bytes at a range of the input, or the
 /// newline `lines` framing adds at a message's end.
@@ -207,21 +223,29 @@ where
         .map(|r| Recorder::start(r, live.map_or_else(crate::record::next_number, |s| s.id)));
     let mut cancelled = pin!(shutdown.cancelled());
     let mut told = false;
-    poll_fn(|cx| {
-        if !told && cancelled.as_mut().poll(cx).is_ready() {
-            told = true;
-            let by_operator = live.is_some_and(|s| s.by_operator.load(Ordering::Acquire));
-            pump.end(if by_operator { End::Operator } else { End::Shutdown });
+    loop {
+        let pass = poll_fn(|cx| {
+            if !told && cancelled.as_mut().poll(cx).is_ready() {
+                told = true;
+                let by_operator = live.is_some_and(|s| s.by_operator.load(Ordering::Acquire));
+                pump.end(if by_operator { End::Operator } else { End::Shutdown });
+            }
+            let poll = pump.poll(cx);
+            if let Some(s) = live {
+                // Plain stores (no read-modify-write): the only per-wake-up cost of /sessions.
+                s.bytes_up.store(pump.bytes_up, Ordering::Relaxed);
+                s.bytes_down.store(pump.bytes_down, Ordering::Relaxed);
+            }
+            poll
+        })
+        .await;
+        if pass == Pass::Over {
+            break;
         }
-        let poll = pump.poll(cx);
-        if let Some(s) = live {
-            // Plain stores (no read-modify-write): the only per-wake-up cost of /sessions.
-            s.bytes_up.store(pump.bytes_up, Ordering::Relaxed);
-            s.bytes_down.store(pump.bytes_down, Ordering::Relaxed);
-        }
-        poll
-    })
-    .await;
+        // A deferred wake-up: the runtime looks at its I/O events and runs the sessions they woke
+        // before this one again.
+        tokio::task::yield_now().await;
+    }
     let summary = pump.summary();
     let close = params.timeouts.close;
     // Everything the client sent has been written: now the backend may see EOF.
@@ -449,6 +473,8 @@ struct Pump<'b, 't, S> {
     bytes_down: u64,
     /// The session's recording, if its route records: one check per read when it does not.
     recorder: Option<Recorder>,
+    /// Bytes per pass before yielding ([`TURN_BYTES`]).
+    turn: u64,
 }
 
 impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
@@ -495,20 +521,27 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             bytes_up: 0,
             bytes_down: 0,
             recorder: None,
+            turn: TURN_BYTES,
         }
     }
 
-    /// Advances both directions and the timer until nothing can move; ready when the session is
-    /// over.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Advances both directions and the timer until nothing can move (pending), the session is
+    /// over, or it has moved its turn's worth.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Pass> {
+        let start = self.bytes_up + self.bytes_down;
         loop {
             if let Some(e) = self.client.failed.take() {
                 self.end(client_gone(&e));
             }
             if self.over || (self.close_sent && self.client.idle() && (self.client_closed || !self.wait_for_answer)) {
-                return Poll::Ready(());
+                return Poll::Ready(Pass::Over);
             }
             let moved = self.poll_down(cx) | self.poll_up(cx);
+            if moved && self.bytes_up + self.bytes_down - start >= self.turn {
+                // A session that never runs dry still has its deadlines and pings looked at.
+                self.poll_timer(cx);
+                return Poll::Ready(Pass::Yield);
+            }
             // The timer last, once nothing moves: a session that ends now (the client's close
             // frame answered at once, say) never arms a deadline it no longer needs, which would
             // cost a wake-up of the runtime's driver when it is earlier than every other timer.
@@ -1440,6 +1473,67 @@ mod tests {
             elapsed >= Duration::from_millis(100) && elapsed < Duration::from_millis(2100),
             "ended after {elapsed:?}, outside 100 ms .. 2.1 s"
         );
+    }
+
+    /// A client that sends nothing and takes everything at once.
+    struct Taker;
+
+    impl AsyncRead for Taker {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Taker {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A session whose backend always has more and whose client takes it all never waits: it
+    /// gives the thread back after each turn's worth, so that the other sessions on the thread
+    /// are not held up behind a bulk transfer until the cooperative budget runs out.
+    #[tokio::test]
+    async fn a_session_that_never_waits_gives_the_thread_back_after_each_turn() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        // Within what a unix socket holds, so written before the session starts; read in text
+        // framing's 32 KiB reads, with a turn of 64 KiB.
+        const TOTAL: u64 = 160 * 1024;
+        theirs.write_all(&[b'a'; TOTAL as usize]).await.unwrap();
+        // The runtime has seen it readable: the session's reads find the bytes.
+        ours.readable().await.unwrap();
+        let timeouts = Timeouts::default();
+        let params = params(Framing::Text, &timeouts);
+        let mut backend = Backend::Unix(ours);
+        let (reader, writer) = backend.halves();
+        let mut pump = Pump::new(Taker, Vec::new(), reader, writer, &params);
+        pump.turn = 64 * 1024;
+        let mut passes = Vec::new();
+        loop {
+            let before = pump.bytes_down;
+            let pass = poll_fn(|cx| Poll::Ready(pump.poll(cx))).await;
+            passes.push((pass, pump.bytes_down - before));
+            match pass {
+                Poll::Ready(Pass::Yield) => {}
+                Poll::Pending => break,
+                Poll::Ready(Pass::Over) => panic!("the session ended: {passes:?}"),
+            }
+        }
+        assert_eq!(passes.iter().map(|(_, n)| n).sum::<u64>(), TOTAL, "{passes:?}");
+        let turns = &passes[..passes.len() - 1];
+        assert!(turns.len() >= 2, "a pass moved more than its turn: {passes:?}");
+        for (_, n) in turns {
+            assert!((pump.turn..pump.turn + TEXT_READ as u64).contains(n), "{passes:?}");
+        }
     }
 
     /// The client's close frame behind data a backend never takes: the session still ends, by

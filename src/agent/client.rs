@@ -1033,8 +1033,8 @@ where
     C: tokio::io::AsyncRead + Unpin,
     D: tokio::io::AsyncWrite + Unpin,
 {
-    let mut up = std::future::poll_fn(|cx| up.poll(cx));
-    let mut down = std::future::poll_fn(|cx| down.poll(cx));
+    let mut up = std::pin::pin!(up.run());
+    let mut down = std::pin::pin!(down.run());
     tokio::select! {
         // The link's EOF: the browser's session is over and the server reads nothing more after
         // it, so an app that neither answers nor closes is not waited on beyond the close time.
@@ -1071,6 +1071,17 @@ struct Pipe<R, W> {
     unflushed: bool,
     eof: bool,
     total: u64,
+    /// Bytes per turn ([`crate::relay::TURN_BYTES`]).
+    turn: u64,
+}
+
+/// Where a [`Pipe`] stopped without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The reader's EOF is passed on: the bytes copied.
+    Done(u64),
+    /// A turn's worth copied, more to come.
+    Yield,
 }
 
 impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, W> {
@@ -1083,14 +1094,32 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, 
             unflushed: false,
             eof: false,
             total: 0,
+            turn: crate::relay::TURN_BYTES,
         }
     }
 
-    /// Copies until the reader's EOF has been passed on; the bytes copied.
-    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<u64>> {
+    /// Copies until the reader's EOF has been passed on, a turn at a time; the bytes copied.
+    async fn run(&mut self) -> std::io::Result<u64> {
+        loop {
+            match std::future::poll_fn(|cx| self.poll(cx)).await? {
+                Step::Done(n) => return Ok(n),
+                // A deferred wake-up: the sessions the runtime's I/O events woke go first.
+                Step::Yield => tokio::task::yield_now().await,
+            }
+        }
+    }
+
+    /// Copies until the reader's EOF has been passed on (the bytes copied), or until it has
+    /// copied a turn's worth ([`crate::relay::TURN_BYTES`], as the server's relay): then the
+    /// thread's other sessions run first.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<Step>> {
         use std::pin::Pin;
         use std::task::{ready, Poll};
+        let start = self.total;
         loop {
+            if self.total - start >= self.turn {
+                return Poll::Ready(Ok(Step::Yield));
+            }
             while self.at < self.held.len() {
                 let n = ready!(Pin::new(&mut self.writer).poll_write(cx, &self.held[self.at..]))?;
                 if n == 0 {
@@ -1105,7 +1134,7 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, 
             }
             if self.eof {
                 ready!(Pin::new(&mut self.writer).poll_shutdown(cx))?;
-                return Poll::Ready(Ok(self.total));
+                return Poll::Ready(Ok(Step::Done(self.total)));
             }
             let Pipe {
                 reader,
@@ -1191,6 +1220,7 @@ pub fn new_secret_text() -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Poll;
 
     #[test]
     fn urls_and_proxies_parse() {
@@ -1225,5 +1255,35 @@ mod tests {
             assert!(b.delay(30, false) >= Duration::from_millis(250));
             assert!(b.delay(30, true) >= Duration::from_millis(2500));
         }
+    }
+
+    /// An app that always has more for a browser that takes it all never makes a session wait:
+    /// the pipe gives the thread back after each turn's worth, so the agent's other sessions
+    /// are not held up until the cooperative budget runs out (16 MiB of 256 KiB reads), and it
+    /// still copies every byte and passes the EOF on.
+    #[tokio::test]
+    async fn a_pipe_that_never_waits_gives_the_thread_back_after_each_turn() {
+        use tokio::io::AsyncReadExt;
+        const TOTAL: u64 = 3 << 20;
+        let mut pipe = Pipe::new(tokio::io::repeat(b'a').take(TOTAL), tokio::io::sink());
+        let mut passes = Vec::new();
+        let copied = loop {
+            let before = pipe.total;
+            let step = std::future::poll_fn(|cx| Poll::Ready(pipe.poll(cx))).await;
+            passes.push(pipe.total - before);
+            match step {
+                Poll::Ready(Ok(Step::Yield)) => {
+                    let n = pipe.total - before;
+                    let most = pipe.turn + crate::relay::SCRATCH as u64;
+                    assert!((pipe.turn..most).contains(&n), "{passes:?}");
+                }
+                Poll::Ready(Ok(Step::Done(n))) => break n,
+                // tokio's budget, before a turn's worth: not with 256 KiB reads.
+                Poll::Pending => panic!("waited with more to copy: {passes:?}"),
+                Poll::Ready(Err(e)) => panic!("{e}"),
+            }
+        };
+        assert_eq!(copied, TOTAL);
+        assert!(passes.len() >= 5, "{passes:?}");
     }
 }
