@@ -8,7 +8,7 @@
 //! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format |
 //! | `GET /sessions` | JSON: id, client, route, target, age, bytes each way of every live session |
 //! | `DELETE /sessions/ID` or `POST /sessions/ID/close` | ends that session with 1001 "closed by the operator" |
-//! | `GET /agents` | JSON: name, client address, connected since, services, idle data links, and data links dialled and reused of every connected agent (agent mode) |
+//! | `GET /agents` | JSON: name, client address, connected since, services, idle data links, and data links dialled and returned after a session of every connected agent (agent mode) |
 //!
 //! `/metrics`, `/sessions` and `/agents` need `Authorization: Bearer TOKEN` when a token is configured (401
 //! otherwise); the health endpoints never do: balancers probe them and they tell nothing.
@@ -222,7 +222,7 @@ impl Admin {
                     "services": a.services,
                     "idle_links": a.idle_links,
                     "links_dialled": a.links_dialled,
-                    "links_reused": a.links_reused,
+                    "links_returned": a.links_returned,
                 })
             })
             .collect();

@@ -231,7 +231,7 @@ pub struct Metrics {
     agents: Gauge,
     agent_idle_links: Gauge,
     agent_links_dialled: Counter,
-    agent_links_reused: Counter,
+    agent_links_returned: Counter,
     /// The live sessions, for `/sessions`.
     pub sessions: Sessions,
 }
@@ -319,11 +319,11 @@ impl Metrics {
             "Data links agents dialled that the server took into their pools, read at scrape time",
             agent_links_dialled.clone(),
         );
-        let agent_links_reused = Counter::default();
+        let agent_links_returned = Counter::default();
         registry.register(
-            "agent_links_reused",
+            "agent_links_returned",
             "Times a data link went back to its agent's pool after a session, to carry the next; read at scrape time",
-            agent_links_reused.clone(),
+            agent_links_returned.clone(),
         );
         Metrics {
             registry,
@@ -341,19 +341,20 @@ impl Metrics {
             agents,
             agent_idle_links,
             agent_links_dialled,
-            agent_links_reused,
+            agent_links_returned,
             sessions: Sessions::default(),
         }
     }
 
     /// Sets the agent metrics: agents connected and their idle data links in all (gauges), and
-    /// the registry's running totals of links dialled and reused (counters: the registry counts,
-    /// and lives as long as the bridge, so the totals never go down).
-    pub fn agents(&self, connected: usize, idle_links: usize, (dialled, reused): (u64, u64)) {
+    /// the registry's running totals of links dialled and returned (counters: the registry
+    /// counts and lives as long as the bridge; `fetch_max`, so that of two scrapes at once the
+    /// one that read the totals first cannot set them back).
+    pub fn agents(&self, connected: usize, idle_links: usize, (dialled, returned): (u64, u64)) {
         self.agents.set(i64::try_from(connected).unwrap_or(i64::MAX));
         self.agent_idle_links.set(i64::try_from(idle_links).unwrap_or(i64::MAX));
-        self.agent_links_dialled.inner().store(dialled, Ordering::Relaxed);
-        self.agent_links_reused.inner().store(reused, Ordering::Relaxed);
+        self.agent_links_dialled.inner().fetch_max(dialled, Ordering::Relaxed);
+        self.agent_links_returned.inner().fetch_max(returned, Ordering::Relaxed);
     }
 
     /// The handles of the route named `name` (created on its first session).

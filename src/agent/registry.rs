@@ -46,22 +46,23 @@ pub struct Registry {
     agents: Mutex<HashMap<String, Agent>>,
     brake: Brake,
     next_id: AtomicU64,
-    /// Data links taken in and links given back after a session, by every connection so far.
+    /// Data links taken in and returned after a session, by every connection so far.
     totals: Arc<LinkCounts>,
 }
 
 /// How many data links a pool (or the whole registry) took in from the agent, and how many
-/// times one went back to it after a session to carry the next (links in chunks).
+/// times one went back to it after a session, to carry the next (links in chunks; a link
+/// returned may still be closed later, unused, as surplus or for its age).
 #[derive(Debug, Default)]
 pub struct LinkCounts {
     dialled: AtomicU64,
-    reused: AtomicU64,
+    returned: AtomicU64,
 }
 
 impl LinkCounts {
-    /// (links dialled, links given back for reuse).
+    /// (links dialled, links returned after a session).
     pub fn get(&self) -> (u64, u64) {
-        (self.dialled.load(Ordering::Relaxed), self.reused.load(Ordering::Relaxed))
+        (self.dialled.load(Ordering::Relaxed), self.returned.load(Ordering::Relaxed))
     }
 }
 
@@ -159,21 +160,29 @@ impl Pool {
     /// still be busy on (its app ended first: the agent may still be writing the browser's last
     /// bytes to it, and an `open` would wait behind them).
     pub fn give_back(&self, io: LinkStream, last: bool) {
+        if self.put_back(io, last) {
+            self.counted(|c| &c.returned);
+        }
+    }
+
+    /// [`Pool::give_back`] without counting it: a link whose `open` was refused carried no
+    /// session. Whether the link was kept.
+    fn put_back(&self, io: LinkStream, last: bool) -> bool {
         let mut idle = self.idle();
         // Under the lock `close` takes after setting the flag: a link is never left in a pool
         // that has been emptied for good.
         if self.closed.load(Ordering::Acquire) {
-            return;
+            return false;
         }
         if idle.len() >= self.most_idle() {
-            return debug!("agent link not needed in the pool; closed");
+            debug!("agent link not needed in the pool; closed");
+            return false;
         }
         let link = Idle {
             io,
             chunks: true,
             since: Instant::now(),
         };
-        self.counted(|c| &c.reused);
         if last {
             idle.push_front(link);
         } else {
@@ -181,6 +190,7 @@ impl Pool {
         }
         drop(idle);
         self.arrived.notify_one();
+        true
     }
 
     fn counted(&self, which: impl Fn(&LinkCounts) -> &AtomicU64) {
@@ -215,7 +225,7 @@ pub struct AgentInfo {
     /// Data links this connection dialled that the server took in.
     pub links_dialled: u64,
     /// Times one of them went back to the pool after a session, to carry the next.
-    pub links_reused: u64,
+    pub links_returned: u64,
 }
 
 /// What a control link holds while it is the agent's connection.
@@ -419,7 +429,7 @@ impl Registry {
         let mut list: Vec<AgentInfo> = agents
             .iter()
             .map(|(name, a)| {
-                let (links_dialled, links_reused) = a.pool.counts.get();
+                let (links_dialled, links_returned) = a.pool.counts.get();
                 AgentInfo {
                     name: name.clone(),
                     addr: a.addr,
@@ -427,7 +437,7 @@ impl Registry {
                     services: a.services.clone(),
                     idle_links: a.pool.idle_links(),
                     links_dialled,
-                    links_reused,
+                    links_returned,
                 }
             })
             .collect();
@@ -435,7 +445,7 @@ impl Registry {
         list
     }
 
-    /// Data links taken in and given back for reuse since the server started, by all agents.
+    /// Data links taken in, and returned after a session, since the server started, by all agents.
     pub fn link_totals(&self) -> (u64, u64) {
         self.totals.get()
     }
@@ -554,7 +564,7 @@ impl Registry {
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
                     // A link in chunks that answered `err` carried no session: it serves the next.
                     if chunks && rest.is_empty() && line.starts_with("err ") {
-                        pool.give_back(io, false);
+                        pool.put_back(io, false);
                     }
                     return Err(ConnectError::Agent(reason));
                 }

@@ -33,7 +33,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -48,6 +47,9 @@ use crate::policy::targets;
 /// The longest value taken: a `host:port`, even as JSON with other fields beside it, is far
 /// shorter.
 pub const MAX_VALUE_LEN: usize = 1024;
+
+/// How long a source refused `GETRANGE` reads values with `GET` before it asks again.
+const GETRANGE_RETRY: Duration = Duration::from_secs(60);
 
 /// What Redis says of a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,9 +85,10 @@ pub struct RedisTokens {
     /// within their deadline).
     connection: tokio::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
     cache: Option<Mutex<Cache>>,
-    /// Values are read with `GET`, whole: the Redis user may not `GETRANGE` (found at the first
-    /// lookup, and warned about once).
-    whole_values: AtomicBool,
+    /// Until when values are read with `GET`, whole: the Redis user was refused `GETRANGE`
+    /// (warned about once); tried again after [`GETRANGE_RETRY`], so that granting it takes
+    /// effect without a restart.
+    whole_values: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for RedisTokens {
@@ -150,7 +153,7 @@ impl RedisTokens {
             connection_config,
             connection: tokio::sync::Mutex::new((0, None)),
             cache,
-            whole_values: AtomicBool::new(false),
+            whole_values: Mutex::new(None),
         })
     }
 
@@ -235,7 +238,7 @@ impl RedisTokens {
                 Ok(Err(e)) => return Err(format!("cannot connect to Redis: {e}")),
                 Ok(Ok(c)) => c,
             };
-            let whole = self.whole_values.load(Ordering::Relaxed);
+            let whole = self.reads_whole();
             let command = if whole {
                 let mut get = ::redis::cmd("GET");
                 get.arg(&key);
@@ -254,12 +257,17 @@ impl RedisTokens {
                 Ok(Ok(Some(value))) => return Ok(Fetched::Value(value)),
                 // A key of another type is the operator's mistake, not an outage.
                 Ok(Err(e)) if e.code() == Some("WRONGTYPE") => return Ok(Fetched::NotAString),
-                Ok(Err(e)) if e.code() == Some("NOPERM") && !whole => {
-                    tracing::warn!(
-                        source = %self.name,
-                        "the Redis user may not GETRANGE: token values are read whole with GET (grant +getrange to bound them at {MAX_VALUE_LEN} bytes)"
-                    );
-                    self.whole_values.store(true, Ordering::Relaxed);
+                // Refused the command itself ("… no permissions to run the 'getrange' command"),
+                // not a key outside the user's pattern, which GET would be refused as well.
+                Ok(Err(e)) if !whole && e.code() == Some("NOPERM") && e.to_string().to_lowercase().contains("'getrange'") => {
+                    let mut until = self.whole_values.lock().unwrap_or_else(PoisonError::into_inner);
+                    if until.is_none() {
+                        tracing::warn!(
+                            source = %self.name,
+                            "the Redis user may not GETRANGE: token values are read whole with GET (grant +getrange to bound them at {MAX_VALUE_LEN} bytes)"
+                        );
+                    }
+                    *until = Some(Instant::now() + GETRANGE_RETRY);
                 }
                 Ok(Err(e)) => {
                     let broken = e.is_unrecoverable_error() || e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
@@ -282,6 +290,13 @@ impl RedisTokens {
                 }
             }
         }
+    }
+
+    /// Whether values are read whole (`GET`) for now: `GETRANGE` was refused less than
+    /// [`GETRANGE_RETRY`] ago.
+    fn reads_whole(&self) -> bool {
+        let until = *self.whole_values.lock().unwrap_or_else(PoisonError::into_inner);
+        until.is_some_and(|t| Instant::now() < t)
     }
 
     /// The connection in use, or a new one, with its number. The caller bounds the wait.

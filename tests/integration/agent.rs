@@ -598,7 +598,7 @@ async fn links_over_wss_carry_session_after_session() {
     }
     let list = bridge.bridge.agents().list();
     assert_eq!(
-        (list[0].links_dialled, list[0].links_reused),
+        (list[0].links_dialled, list[0].links_returned),
         (5, SESSIONS),
         "links dialled, and sessions after which a link went back"
     );
@@ -1306,7 +1306,7 @@ async fn an_agent_on_a_server_without_chunks_uses_raw_links() {
 }
 
 /// The admin's `/agents` lists the connected agents (name, address, since when, services, idle
-/// links, links dialled and reused) and `/metrics` counts them; an agent that stops leaves both,
+/// links, links dialled and returned) and `/metrics` counts them; an agent that stops leaves both,
 /// and the running totals of links stay.
 #[tokio::test]
 async fn the_admin_lists_connected_agents_and_counts_them() {
@@ -1341,7 +1341,7 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 4"), "{metrics}");
-    assert_eq!((&a["links_dialled"], &a["links_reused"]), (&4.into(), &0.into()), "{body}");
+    assert_eq!((&a["links_dialled"], &a["links_returned"]), (&4.into(), &0.into()), "{body}");
     // A session takes a link (the pool asks for one more) and gives it back.
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"once").await;
@@ -1352,7 +1352,7 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     let (_, body) = admin(admin_addr, "GET", "/agents", None).await;
     let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(
-        (&list[0]["links_dialled"], &list[0]["links_reused"]),
+        (&list[0]["links_dialled"], &list[0]["links_returned"]),
         (&5.into(), &1.into()),
         "{body}"
     );
@@ -1369,7 +1369,7 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 0"), "{metrics}");
     // The totals are counters: they outlive the agent's connection.
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_links_dialled_total 5"), "{metrics}");
-    assert!(metrics.lines().any(|l| l == "wsbridge_agent_links_reused_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "wsbridge_agent_links_returned_total 1"), "{metrics}");
 }
 
 /// An app that resets its connection mid-session: the agent drops the session's link without

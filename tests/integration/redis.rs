@@ -62,7 +62,8 @@ async fn set(c: &mut ::redis::aio::MultiplexedConnection, key: &str, value: &str
     within("SET", cmd.query_async::<()>(c)).await.expect("SET");
 }
 
-/// `(calls, rejected_calls)` of `command` since Redis started, from `INFO commandstats`.
+/// `(calls, rejected_calls)` of `command` since Redis started, from `INFO commandstats`
+/// (`rejected_calls` is there from Redis 7.0; 0 before).
 async fn command_calls(c: &mut ::redis::aio::MultiplexedConnection, command: &str) -> (u64, u64) {
     let mut info = ::redis::cmd("INFO");
     info.arg("commandstats");
@@ -210,8 +211,10 @@ async fn toml_source_with_a_credentials_file_and_a_least_privilege_user() {
     echoes(&bridge, "t1").await;
     assert_eq!(status_for(&bridge, "t2").await, 404);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
-    // This user may GET but not GETRANGE: refused once, then values are read with GET.
-    assert_eq!(command_calls(&mut admin, "getrange").await, (0, 1));
+    // This user may GET but not GETRANGE: refused once (counted by Redis 7 and later), then
+    // values are read with GET.
+    let (ranges, refused) = command_calls(&mut admin, "getrange").await;
+    assert!(ranges == 0 && refused <= 1, "GETRANGE calls {ranges}, refused {refused}");
     assert_eq!(command_calls(&mut admin, "get").await, (2, 0));
     bridge.stop().await;
 }
