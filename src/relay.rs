@@ -1540,6 +1540,87 @@ mod tests {
         }
     }
 
+    /// A client that always has more binary messages to send (one frame, over and over, as
+    /// fast as it is read) and takes everything it is sent; it never answers a close.
+    struct Flood {
+        frame: Vec<u8>,
+        at: usize,
+    }
+
+    impl AsyncRead for Flood {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            while buf.remaining() > 0 {
+                let at = self.at;
+                let n = buf.remaining().min(self.frame.len() - at);
+                buf.put_slice(&self.frame[at..at + n]);
+                self.at = (at + n) % self.frame.len();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Flood {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A session that moves a turn's worth client → backend in every pass, and yields every
+    /// time (the backend's bytes are taken between passes, as a backend on another core would):
+    /// its deadlines are still looked at in the passes that yield, so its lifetime ends it.
+    #[tokio::test]
+    async fn a_session_that_yields_every_pass_still_meets_its_deadlines() {
+        use std::io::Read as _;
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        socket2::SockRef::from(&ours).set_send_buffer_size(400 * 1024).unwrap();
+        let theirs = theirs.into_std().unwrap();
+        let client = Flood {
+            frame: client_frame(0x82, &[7u8; 8 * 1024]),
+            at: 0,
+        };
+        let timeouts = Timeouts {
+            max_lifetime: Some(Duration::from_millis(50)),
+            close: Duration::from_millis(50),
+            ..Timeouts::default()
+        };
+        let params = params(Framing::Binary, &timeouts);
+        let mut backend = Backend::Unix(ours);
+        let (reader, writer) = backend.halves();
+        let mut pump = Pump::new(client, Vec::new(), reader, writer, &params);
+        pump.turn = 64 * 1024;
+        let mut drain = vec![0u8; 1 << 20];
+        let (mut passes, mut yields) = (0, 0);
+        let start = std::time::Instant::now();
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(10), "still going after {passes} passes");
+            match poll_fn(|cx| Poll::Ready(pump.poll(cx))).await {
+                Poll::Ready(Pass::Over) => break,
+                Poll::Ready(Pass::Yield) => yields += 1,
+                Poll::Pending => {}
+            }
+            passes += 1;
+            // The backend takes what it was sent, and the task goes back to the runtime (a fresh
+            // cooperative budget: the pass is not cut short by it).
+            while let Ok(n) = (&theirs).read(&mut drain) {
+                if n == 0 {
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        let summary = pump.summary();
+        assert_eq!((summary.code, summary.reason.as_str()), (1001, "session lifetime exceeded"));
+        assert!(yields * 10 >= passes * 9, "{yields} of {passes} passes yielded");
+    }
+
     /// The client's close frame behind data a backend never takes: the session still ends, by
     /// the close timeout, with the client's close answered.
     #[tokio::test]
