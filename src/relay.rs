@@ -1477,16 +1477,35 @@ mod tests {
         );
     }
 
-    /// A client that sends nothing and takes everything at once.
-    struct Taker;
+    /// A client that takes everything it is sent at once and sends one frame over and over, as
+    /// fast as it is read (nothing, when the frame is empty); it never answers a close.
+    struct Flood {
+        frame: Vec<u8>,
+        at: usize,
+    }
 
-    impl AsyncRead for Taker {
-        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            Poll::Pending
+    impl Flood {
+        fn of(frame: Vec<u8>) -> Flood {
+            Flood { frame, at: 0 }
         }
     }
 
-    impl AsyncWrite for Taker {
+    impl AsyncRead for Flood {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.frame.is_empty() {
+                return Poll::Pending;
+            }
+            while buf.remaining() > 0 {
+                let at = self.at;
+                let n = buf.remaining().min(self.frame.len() - at);
+                buf.put_slice(&self.frame[at..at + n]);
+                self.at = (at + n) % self.frame.len();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Flood {
         fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
             Poll::Ready(Ok(buf.len()))
         }
@@ -1519,7 +1538,7 @@ mod tests {
         let params = params(Framing::Text, &timeouts);
         let mut backend = Backend::Unix(ours);
         let (reader, writer) = backend.halves();
-        let mut pump = Pump::new(Taker, Vec::new(), reader, writer, &params);
+        let mut pump = Pump::new(Flood::of(Vec::new()), Vec::new(), reader, writer, &params);
         pump.turn = 64 * 1024;
         let mut passes = Vec::new();
         loop {
@@ -1540,39 +1559,6 @@ mod tests {
         }
     }
 
-    /// A client that always has more binary messages to send (one frame, over and over, as
-    /// fast as it is read) and takes everything it is sent; it never answers a close.
-    struct Flood {
-        frame: Vec<u8>,
-        at: usize,
-    }
-
-    impl AsyncRead for Flood {
-        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-            while buf.remaining() > 0 {
-                let at = self.at;
-                let n = buf.remaining().min(self.frame.len() - at);
-                buf.put_slice(&self.frame[at..at + n]);
-                self.at = (at + n) % self.frame.len();
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for Flood {
-        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     /// A session that moves a turn's worth client → backend in every pass, and yields every
     /// time (the backend's bytes are taken between passes, as a backend on another core would):
     /// its deadlines are still looked at in the passes that yield, so its lifetime ends it.
@@ -1582,10 +1568,7 @@ mod tests {
         let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
         socket2::SockRef::from(&ours).set_send_buffer_size(400 * 1024).unwrap();
         let theirs = theirs.into_std().unwrap();
-        let client = Flood {
-            frame: client_frame(0x82, &[7u8; 8 * 1024]),
-            at: 0,
-        };
+        let client = Flood::of(client_frame(0x82, &[7u8; 8 * 1024]));
         let timeouts = Timeouts {
             max_lifetime: Some(Duration::from_millis(50)),
             close: Duration::from_millis(50),

@@ -219,6 +219,44 @@ async fn toml_source_with_a_credentials_file_and_a_least_privilege_user() {
     bridge.stop().await;
 }
 
+/// A user refused a key (outside its key pattern) is not refused GETRANGE: a token that makes
+/// such a key is answered 503 like any Redis error, and the source goes on bounding its reads
+/// (a client must not be able to switch it to whole-value GET with a token of its choosing).
+#[tokio::test]
+async fn a_key_the_user_may_not_read_does_not_switch_the_source_to_get() {
+    let test = "a_key_the_user_may_not_read_does_not_switch_the_source_to_get";
+    let acl = [
+        "--requirepass",
+        "admin-pw",
+        "--user",
+        "bridge",
+        "on",
+        ">bridge-pw",
+        "~vnc:a*",
+        "+get",
+        "+getrange",
+    ];
+    let Some(redis) = redis_or_skip(test, &acl).await else {
+        return;
+    };
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("redis.cred"), "bridge\nbridge-pw\n").unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.redis]\nurl = \"{}\"\ncredentials_file = \"redis.cred\"\nkey_prefix = \"vnc:\"\n",
+        only(echo),
+        redis.url(0)
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let mut admin = redis.client(0, Some("admin-pw")).await;
+    set(&mut admin, "vnc:a1", &echo.to_string()).await;
+    assert_eq!(status_for(&bridge, "b1").await, 503, "a key outside the user's pattern");
+    echoes(&bridge, "a1").await;
+    let (ranges, _) = command_calls(&mut admin, "getrange").await;
+    assert_eq!((ranges, command_calls(&mut admin, "get").await), (1, (0, 0)));
+    bridge.stop().await;
+}
+
 #[tokio::test]
 async fn a_written_token_routes_at_once_and_a_deleted_one_stops_at_once() {
     let test = "a_written_token_routes_at_once_and_a_deleted_one_stops_at_once";
