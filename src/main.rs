@@ -130,14 +130,8 @@ async fn check(path: &std::path::Path) -> ExitCode {
     if wsbridge::agent::client::is_agent_file(path) {
         return match AgentConfig::from_file(path) {
             Ok(c) => {
-                println!(
-                    "{}: OK (agent {} for {}://{}{})",
-                    path.display(),
-                    c.name,
-                    if c.server.tls { "wss" } else { "ws" },
-                    c.server.authority(),
-                    c.server.path
-                );
+                let servers: Vec<String> = c.servers().map(ToString::to_string).collect();
+                println!("{}: OK (agent {} for {})", path.display(), c.name, servers.join(", "));
                 for (name, target) in &c.services {
                     println!("service {name:<20} -> {target}");
                 }
@@ -472,7 +466,7 @@ mod agent_service {
     #[cfg(windows)]
     fn paths(args: &AgentArgs) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
         let given = [
-            (args.server.is_some(), "--server"),
+            (!args.servers.is_empty(), "--server"),
             (args.name.is_some(), "--name"),
             (args.secret_file.is_some(), "--secret-file"),
             (!args.services.is_empty(), "--service"),

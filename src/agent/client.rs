@@ -5,7 +5,9 @@
 //! in its own list: the server names a service, never an address.
 //!
 //! Its configuration comes from flags or an `[agent]` table in a TOML file (errors name the file,
-//! line and field, as the server's do).
+//! line and field, as the server's do). Given several servers (instances that do not share their
+//! agents), it keeps a connection to each, every one on its own ([`spawn`]), and one per instance
+//! (the id in the control link's `101`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument as _};
 
 use super::chunks::{self, Chunker, Dechunker};
 use super::link::{self, ChunkReader, ChunkWriter, ControlMessage, LinkStream};
@@ -37,9 +39,10 @@ pub struct AgentArgs {
     /// Read the `[agent]` table of this TOML file (flags given too override it).
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The server's agent endpoint, e.g. wss://bridge.example.com/agent.
-    #[arg(long, value_name = "URL")]
-    pub server: Option<String>,
+    /// The server's agent endpoint, e.g. wss://bridge.example.com/agent. Repeat it for several
+    /// instances: the agent keeps a connection to each, so a page's session can land on any.
+    #[arg(long = "server", value_name = "URL")]
+    pub servers: Vec<String>,
     /// This agent's name, as declared on the server (`[[agent]] name = …`).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
@@ -83,6 +86,9 @@ pub struct AgentArgs {
 pub struct AgentConfig {
     /// The server's agent endpoint.
     pub server: ServerUrl,
+    /// Further servers (instances) it keeps a connection to as well, each with the proxy it is
+    /// reached through; every connection is independent (its own backoff, links and sessions).
+    pub more_servers: Vec<(ServerUrl, Option<Proxy>)>,
     /// This agent's name.
     pub name: String,
     /// Its secret (never printed: see the `Debug` impl).
@@ -111,6 +117,7 @@ impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
             .field("server", &self.server)
+            .field("more_servers", &self.more_servers.iter().map(|(s, _)| s).collect::<Vec<_>>())
             .field("name", &self.name)
             .field("services", &self.services)
             .field("proxy", &self.proxy.as_ref().map(|p| format!("{}:{}", p.host, p.port)))
@@ -181,6 +188,13 @@ impl std::str::FromStr for ServerUrl {
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let path = uri.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned());
         Ok(ServerUrl { tls, host, port, path })
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    /// As a URL: `wss://host:port/path`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", if self.tls { "wss" } else { "ws" }, self.authority(), self.path)
     }
 }
 
@@ -274,7 +288,8 @@ struct RawFile {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
-    server: toml::Spanned<String>,
+    /// A URL, or a list of them (one per instance).
+    server: toml::Spanned<toml::Value>,
     name: toml::Spanned<String>,
     secret_file: toml::Spanned<PathBuf>,
     services: toml::Spanned<BTreeMap<String, toml::Spanned<Target>>>,
@@ -318,6 +333,12 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError`] naming the file, line and field.
     pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_file_with(path, &Overrides::default())
+    }
+
+    /// [`AgentConfig::from_file`], with the servers and proxy given as flags in place of the
+    /// file's (the proxy is resolved for each server once, whichever it comes from).
+    fn from_file_with(path: &Path, flags: &Overrides) -> Result<AgentConfig, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
             file: file.clone(),
@@ -331,11 +352,10 @@ impl AgentConfig {
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let a = raw.agent.into_inner();
-        let server = a
-            .server
-            .get_ref()
-            .parse()
-            .map_err(|e: String| ctx.invalid(a.server.span(), "agent.server", e))?;
+        let servers = match &flags.servers {
+            Some(s) => s.clone(),
+            None => server_list(a.server.get_ref()).map_err(|(field, e)| ctx.invalid(a.server.span(), &field, e))?,
+        };
         let name = a.name.get_ref().clone();
         if !link::valid_name(&name) {
             return Err(ctx.invalid(a.name.span(), "agent.name", "use 1-64 of A-Z a-z 0-9 . _ -"));
@@ -359,16 +379,19 @@ impl AgentConfig {
         if services.is_empty() {
             return Err(ctx.invalid(span, "agent.services", "list at least one service (NAME = \"HOST:PORT\")"));
         }
-        let proxy = match &a.proxy {
-            Some(p) if p.get_ref() == "off" => None,
-            Some(p) => Some(p.get_ref().parse().map_err(|e: String| ctx.invalid(p.span(), "agent.proxy", e))?),
-            None => proxy_from_env(&server).map_err(|e| ConfigError::Invalid {
-                file: ctx.file.clone(),
-                line: None,
-                field: "HTTPS_PROXY".into(),
-                message: e,
-            })?,
+        let proxy = match (&flags.proxy, &a.proxy) {
+            (Some(flag), _) => flag.clone(),
+            (None, Some(p)) if p.get_ref() == "off" => ProxySetting::Off,
+            (None, Some(p)) => ProxySetting::Use(p.get_ref().parse().map_err(|e: String| ctx.invalid(p.span(), "agent.proxy", e))?),
+            (None, None) => ProxySetting::FromEnv,
         };
+        let mut servers = proxy.resolve(servers).map_err(|e| ConfigError::Invalid {
+            file: ctx.file.clone(),
+            line: None,
+            field: "HTTPS_PROXY".into(),
+            message: e,
+        })?;
+        let (server, proxy) = servers.remove(0);
         let dur = |d: &Option<toml::Spanned<String>>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
             match d {
                 None => Ok(default),
@@ -378,11 +401,12 @@ impl AgentConfig {
                     .ok_or_else(|| ctx.invalid(s.span(), field, "a duration such as \"10s\" (not 0)")),
             }
         };
-        let defaults = AgentConfig::new(server.clone(), name.clone(), String::new());
+        let defaults = AgentConfig::new(server.clone(), String::new(), String::new());
         let mut backoff = Backoff::default();
         backoff.max = dur(&a.retry_max, "agent.retry_max", backoff.max)?;
         Ok(AgentConfig {
             server,
+            more_servers: servers,
             name,
             secret,
             services,
@@ -401,6 +425,7 @@ impl AgentConfig {
     pub fn new(server: ServerUrl, name: String, secret: String) -> AgentConfig {
         AgentConfig {
             server,
+            more_servers: Vec::new(),
             name,
             secret,
             services: BTreeMap::new(),
@@ -426,14 +451,27 @@ impl AgentConfig {
             field: field.to_owned(),
             message,
         };
+        let flags = Overrides {
+            servers: match args.servers.is_empty() {
+                true => None,
+                false => Some(
+                    server_list(&toml::Value::Array(args.servers.iter().cloned().map(toml::Value::String).collect()))
+                        .map_err(|(_, e)| invalid("--server", e))?,
+                ),
+            },
+            proxy: match args.proxy.as_deref() {
+                None => None,
+                Some("off") => Some(ProxySetting::Off),
+                Some(p) => Some(ProxySetting::Use(p.parse().map_err(|e| invalid("--proxy", e))?)),
+            },
+        };
         let mut config = match &args.config {
-            Some(path) => AgentConfig::from_file(path)?,
+            Some(path) => AgentConfig::from_file_with(path, &flags)?,
             None => {
-                let server = args
-                    .server
-                    .as_deref()
+                let servers = flags
+                    .servers
+                    .clone()
                     .ok_or_else(|| invalid("--server", "is needed (or --config)".into()))?;
-                let server = server.parse().map_err(|e| invalid("--server", e))?;
                 let name = args
                     .name
                     .clone()
@@ -443,14 +481,15 @@ impl AgentConfig {
                     .as_deref()
                     .ok_or_else(|| invalid("--secret-file", "is needed (or --config)".into()))?;
                 let secret = read_secret(file).map_err(|e| invalid("--secret-file", e))?;
+                let proxy = flags.proxy.clone().unwrap_or(ProxySetting::FromEnv);
+                let mut servers = proxy.resolve(servers).map_err(|e| invalid("HTTPS_PROXY", e))?;
+                let (server, proxy) = servers.remove(0);
                 let mut c = AgentConfig::new(server, name, secret);
-                c.proxy = proxy_from_env(&c.server).map_err(|e| invalid("HTTPS_PROXY", e))?;
+                c.proxy = proxy;
+                c.more_servers = servers;
                 c
             }
         };
-        if let Some(server) = &args.server {
-            config.server = server.parse().map_err(|e| invalid("--server", e))?;
-        }
         if let Some(name) = &args.name {
             config.name = name.clone();
         }
@@ -481,13 +520,90 @@ impl AgentConfig {
         if let Some(ca) = &args.ca_file {
             config.ca_file = Some(ca.clone());
         }
-        match args.proxy.as_deref() {
-            Some("off") => config.proxy = None,
-            Some(p) => config.proxy = Some(p.parse().map_err(|e| invalid("--proxy", e))?),
-            None => {}
-        }
         Ok(config)
     }
+
+    /// Every server it connects to: `server`, then `more_servers`.
+    pub fn servers(&self) -> impl Iterator<Item = &ServerUrl> {
+        std::iter::once(&self.server).chain(self.more_servers.iter().map(|(s, _)| s))
+    }
+
+    /// One configuration per server, each for a single connection.
+    fn per_server(&self) -> Vec<AgentConfig> {
+        let mut first = self.clone();
+        first.more_servers.clear();
+        let mut all = vec![first.clone()];
+        for (server, proxy) in &self.more_servers {
+            let mut c = first.clone();
+            c.server = server.clone();
+            c.proxy = proxy.clone();
+            all.push(c);
+        }
+        all
+    }
+}
+
+/// Settings given as flags, which take the place of the file's.
+#[derive(Default)]
+struct Overrides {
+    servers: Option<Vec<ServerUrl>>,
+    proxy: Option<ProxySetting>,
+}
+
+/// Where the proxy to a server comes from.
+#[derive(Clone)]
+enum ProxySetting {
+    /// HTTPS_PROXY / HTTP_PROXY / NO_PROXY, for each server by its scheme and host.
+    FromEnv,
+    /// None.
+    Off,
+    /// This one, for every server.
+    Use(Proxy),
+}
+
+impl ProxySetting {
+    /// Each server with the proxy it is reached through.
+    fn resolve(&self, servers: Vec<ServerUrl>) -> Result<Vec<(ServerUrl, Option<Proxy>)>, String> {
+        servers
+            .into_iter()
+            .map(|s| {
+                let proxy = match self {
+                    ProxySetting::FromEnv => proxy_from_env(&s)?,
+                    ProxySetting::Off => None,
+                    ProxySetting::Use(p) => Some(p.clone()),
+                };
+                Ok((s, proxy))
+            })
+            .collect()
+    }
+}
+
+/// `server = "URL"` or `server = ["URL", …]` (one per instance): at least one, each parsed, none
+/// twice. The error names the field (`agent.server[1]` for a list's second).
+fn server_list(value: &toml::Value) -> Result<Vec<ServerUrl>, (String, String)> {
+    let one = |field: String, v: &toml::Value| -> Result<ServerUrl, (String, String)> {
+        match v {
+            toml::Value::String(s) => s.parse().map_err(|e| (field, e)),
+            _ => Err((field, "a URL such as \"wss://bridge.example.com/agent\"".into())),
+        }
+    };
+    let servers = match value {
+        toml::Value::Array(list) if list.is_empty() => {
+            return Err(("agent.server".into(), "list at least one server URL".into()));
+        }
+        toml::Value::Array(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| one(format!("agent.server[{i}]"), v))
+            .collect::<Result<Vec<_>, _>>()?,
+        v => vec![one("agent.server".into(), v)?],
+    };
+    for (i, s) in servers.iter().enumerate() {
+        if servers[..i].contains(s) {
+            return Err((format!("agent.server[{i}]"), format!("{s} is listed twice")));
+        }
+    }
+    Ok(servers)
 }
 
 /// Reads a secret file: its first line, trimmed; refuses an empty one.
@@ -521,8 +637,10 @@ pub enum State {
 /// A running agent, as [`spawn`] returns it.
 #[derive(Debug)]
 pub struct AgentHandle {
-    /// Its state, updated at each change.
+    /// Its state (its connection to the first server's), updated at each change.
     pub state: watch::Receiver<State>,
+    /// The state of its connection to each server, in the order of [`AgentConfig::servers`].
+    pub states: Vec<watch::Receiver<State>>,
     /// Attempts to connect so far.
     pub attempts: Arc<AtomicU64>,
     /// Cancel to stop it (as SIGTERM does).
@@ -538,18 +656,37 @@ impl AgentHandle {
     }
 }
 
-/// Starts an agent on the current runtime.
+/// Starts an agent on the current runtime: a connection to each of its servers, each on its own
+/// (its backoff, links and sessions), so that one server's loss, drain or refusal leaves the
+/// others serving.
 ///
 /// # Errors
 /// The CA file cannot be used.
 pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
-    let tls = tls_for(&config)?;
-    let (tx, rx) = watch::channel(State::Connecting);
     let attempts = Arc::new(AtomicU64::new(0));
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run(Arc::new(config), tls, shutdown.clone(), tx, attempts.clone()));
+    let several = !config.more_servers.is_empty();
+    let instances = Instances::default();
+    let mut states = Vec::new();
+    let mut loops = Vec::new();
+    for one in config.per_server() {
+        let tls = tls_for(&one)?;
+        let (tx, rx) = watch::channel(State::Connecting);
+        states.push(rx);
+        let span = match several {
+            // Each line says which connection it is about (one server: as before, no prefix).
+            true => tracing::info_span!("server", url = %one.server),
+            false => tracing::Span::none(),
+        };
+        let run = run(Arc::new(one), tls, shutdown.clone(), tx, attempts.clone(), instances.clone());
+        loops.push(run.instrument(span));
+    }
+    let task = tokio::spawn(async move {
+        futures_util::future::join_all(loops).await;
+    });
     Ok(AgentHandle {
-        state: rx,
+        state: states[0].clone(),
+        states,
         attempts,
         shutdown,
         task,
@@ -590,6 +727,7 @@ async fn run(
     shutdown: CancellationToken,
     state: watch::Sender<State>,
     attempts: Arc<AtomicU64>,
+    instances: Instances,
 ) {
     let sessions = TaskTracker::new();
     let mut failures = 0u32;
@@ -611,7 +749,7 @@ async fn run(
             None => info!(server = %config.server.authority(), agent = %config.name, "agent: connecting"),
             Some(_) => debug!(server = %config.server.authority(), "agent: connecting again"),
         }
-        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions).await;
+        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &instances).await;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
             Ended::Drain => {
@@ -667,6 +805,7 @@ async fn control(
     shutdown: &CancellationToken,
     set: &impl Fn(State),
     sessions: &TaskTracker,
+    instances: &Instances,
 ) -> Ended {
     let failed = |reason: String| Ended::Failed {
         reason,
@@ -677,11 +816,27 @@ async fn control(
         _ = shutdown.cancelled() => return Ended::Shutdown,
         r = timeout(config.connect_timeout, open_control(config, tls)) => r,
     };
-    let mut ws = match dialled {
+    let (mut ws, instance) = match dialled {
         Err(_) => return failed(format!("no answer within {:?}", config.connect_timeout)),
         Ok(Err(Ended::Refused(r))) => return Ended::Refused(r),
         Ok(Err(e)) => return e,
-        Ok(Ok(ws)) => ws,
+        Ok(Ok(dialled)) => dialled,
+    };
+    // Before the hello, which would replace this agent's connection already on that instance.
+    let url = config.server.to_string();
+    let _claim = match instance.map(|id| instances.claim(id, &url)) {
+        Some(Err(other)) => {
+            let frame = tungstenite::protocol::CloseFrame {
+                code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+                reason: "this agent is connected to this instance already".into(),
+            };
+            let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+            return failed(format!(
+                "{url} reaches the same instance as {other}, which this agent is connected to already"
+            ));
+        }
+        Some(Ok(claim)) => Some(claim),
+        None => None,
     };
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
@@ -784,8 +939,44 @@ async fn control(
 
 type ControlWs = tokio_tungstenite::WebSocketStream<LinkStream>;
 
-/// Dials and upgrades the control link.
-async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<ControlWs, Ended> {
+/// The instances an agent's connections are on (by the id in each control link's `101`), with
+/// the URL of the connection on each: one connection per instance, since two would replace each
+/// other there.
+#[derive(Clone, Default)]
+struct Instances(Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>);
+
+/// An instance held by one connection, until it is dropped.
+struct Claim {
+    instances: Instances,
+    id: String,
+}
+
+impl Instances {
+    /// Claims instance `id` for the connection to `url`; if another connection has it, its URL.
+    fn claim(&self, id: String, url: &str) -> Result<Claim, String> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match held.get(&id) {
+            Some(other) if other != url => Err(other.clone()),
+            _ => {
+                held.insert(id.clone(), url.to_owned());
+                Ok(Claim {
+                    instances: self.clone(),
+                    id,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.instances.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+/// Dials and upgrades the control link; with the instance id the server's `101` gave (servers
+/// from before it give none).
+async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<(ControlWs, Option<String>), Ended> {
     let failed = |reason: String| Ended::Failed {
         reason,
         was_connected: false,
@@ -795,7 +986,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
         .await
         .map_err(|e| failed(format!("cannot reach the server: {e}")))?;
     let s = &config.server;
-    let url = format!("{}://{}{}", if s.tls { "wss" } else { "ws" }, s.authority(), s.path);
+    let url = s.to_string();
     let mut request = url.into_client_request().map_err(|e| failed(e.to_string()))?;
     let headers = request.headers_mut();
     let value = |v: &str| http::HeaderValue::from_str(v).map_err(|_| failed("a header value is not valid".into()));
@@ -806,7 +997,15 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
         .max_message_size(Some(64 * 1024))
         .max_frame_size(Some(64 * 1024));
     match tokio_tungstenite::client_async_with_config(request, io, Some(ws_config)).await {
-        Ok((ws, _)) => Ok(ws),
+        Ok((ws, response)) => {
+            let instance = response
+                .headers()
+                .get(link::INSTANCE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.len() <= 64)
+                .map(str::to_owned);
+            Ok((ws, instance))
+        }
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status();
             // Delay-seconds only (what wsbridge and most servers send); an HTTP date is ignored.
@@ -887,7 +1086,9 @@ fn spawn_link(links: &Links) {
         return;
     }
     // Boxed: a link spawns its own replacement, so its future's type cannot contain itself.
-    let link: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(data_link(links.clone()));
+    // In the span of its server's connection, if the agent has several.
+    let link: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(data_link(links.clone()).instrument(tracing::Span::current()));
     links.sessions.spawn(link);
 }
 

@@ -139,8 +139,10 @@ pub async fn serve<S: IntoLink>(
         }
         Kind::Control(accept) => {
             let head = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
-                link::CONTROL_PROTOCOL
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {}\r\n{}: {}\r\n\r\n",
+                link::CONTROL_PROTOCOL,
+                link::INSTANCE_HEADER,
+                registry.instance()
             );
             let written = timeout_at(write_end, async {
                 stream.write_all(head.as_bytes()).await?;

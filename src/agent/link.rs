@@ -25,6 +25,9 @@ pub const CONTROL_PROTOCOL: &str = "wsbridge-agent.v1";
 pub const LINK_TOKEN: &str = "wsbridge-agent-link";
 /// The header naming the agent on every link (the secret goes in `Authorization: Bearer`).
 pub const NAME_HEADER: &str = "x-wsbridge-agent";
+/// The header of the control link's `101` that names the server's instance (a random id per
+/// process), so that an agent with several servers notices two URLs that reach the same one.
+pub const INSTANCE_HEADER: &str = "x-wsbridge-instance";
 /// The agent's answer to `open` on a link in chunks ([`super::chunks`]): the service is
 /// connected and the session's bytes follow in chunks. (`ok` alone: raw bytes, one session.)
 pub const OK_CHUNKS: &str = "ok chunks";

@@ -48,6 +48,23 @@ pub struct Registry {
     next_id: AtomicU64,
     /// Data links taken in and returned after a session, by every connection so far.
     totals: Arc<LinkCounts>,
+    /// This process's id, told to each agent in its control link's `101`.
+    instance: InstanceId,
+}
+
+/// A random id per process (registry): an agent with several servers uses it to find two of
+/// its URLs that reach the same instance, where its two connections would replace each other.
+#[derive(Debug)]
+struct InstanceId(String);
+
+impl Default for InstanceId {
+    fn default() -> Self {
+        let mut bytes = [0u8; 8];
+        // A failed random source leaves zeros: then instances look alike to agents with several
+        // servers, which keep one connection where they could have two (logged on the agent).
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        InstanceId(super::link::hex(&bytes))
+    }
 }
 
 /// How many data links a pool (or the whole registry) took in from the agent, and how many
@@ -268,6 +285,11 @@ impl Registry {
         let r = Registry::default();
         r.set_config(agents);
         r
+    }
+
+    /// This instance's id (see [`super::link::INSTANCE_HEADER`]).
+    pub fn instance(&self) -> &str {
+        &self.instance.0
     }
 
     /// Takes the declarations of a reloaded configuration. Connected agents whose declaration

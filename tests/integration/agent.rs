@@ -18,6 +18,7 @@ use wsbridge::agent::link::{parse_sha256, secret_sha256};
 use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
 use wsbridge::config::{Config, Matcher, RouteConfig, Target};
 
+use crate::common::lines::Lines;
 use crate::common::*;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-shop-17";
@@ -1436,4 +1437,213 @@ async fn a_steady_load_of_sessions_dials_few_links() {
         "{} sessions, {AT_ONCE} at a time, dialled {links} links: {per_link:?}",
         AT_ONCE * ROUNDS
     );
+}
+
+/// Several instances: an agent given two servers keeps a connection to each, so a page reaches
+/// the app through either. One draining (and gone) leaves the other serving, its open session
+/// included; when it is back, the agent is on both again.
+#[tokio::test]
+async fn an_agent_with_two_servers_serves_pages_on_each_and_outlives_one() {
+    let (echo, _) = echo_backend().await;
+    let config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    let one = TestBridge::start(config.clone()).await;
+    let two = TestBridge::start(config.clone()).await;
+    let one_addr = one.addr;
+    let mut agent_config = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    agent_config.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None)];
+    let mut agent = client::spawn(agent_config).unwrap();
+    assert_eq!(agent.states.len(), 2);
+    for state in &mut agent.states {
+        within("both connections", state.wait_for(|s| *s == State::Connected))
+            .await
+            .unwrap();
+    }
+    for bridge in [&one, &two] {
+        let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+        send_bin(&mut ws, bridge.addr.to_string().as_bytes()).await;
+        assert_eq!(recv_data(&mut ws).await, bridge.addr.to_string().as_bytes());
+    }
+    // A session on the second instance, open while the first goes away.
+    let (mut open, _) = ws_connect(&two.url("/pos"), None).await;
+    send_bin(&mut open, b"before").await;
+    assert_eq!(recv_data(&mut open).await, b"before");
+    let drained = one.stop().await;
+    assert!(drained.clean, "{drained:?}");
+    within(
+        "the first connection to be told",
+        agent.states[0].wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("draining"))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(*agent.states[1].borrow(), State::Connected, "the second connection stays up");
+    send_bin(&mut open, b"during").await;
+    assert_eq!(recv_data(&mut open).await, b"during");
+    let (mut fresh, _) = ws_connect(&two.url("/pos"), None).await;
+    send_bin(&mut fresh, b"new session").await;
+    assert_eq!(recv_data(&mut fresh).await, b"new session");
+    // The first instance is back on its port: the agent is on both again.
+    let listener = within("the port again", async {
+        loop {
+            if let Ok(l) = TcpListener::bind(one_addr).await {
+                return l;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let one = TestBridge::start_on(config, listener).await;
+    within("the first connection again", agent.states[0].wait_for(|s| *s == State::Connected))
+        .await
+        .unwrap();
+    let (mut ws, _) = ws_connect(&one.url("/pos"), None).await;
+    send_bin(&mut ws, b"back").await;
+    assert_eq!(recv_data(&mut ws).await, b"back");
+    // SIGTERM's equivalent ends both connections (once the pages have gone: live sessions get
+    // their grace).
+    drop((ws, open, fresh));
+    agent.shutdown.cancel();
+    within("the agent to stop", agent.task).await.unwrap();
+    for state in &agent.states {
+        assert_eq!(*state.borrow(), State::Stopped);
+    }
+}
+
+/// `wsbridge agent --server A --server B`: the binary connects to both, and each log line of a
+/// connection names its server.
+#[tokio::test]
+async fn the_agent_binary_takes_several_servers() {
+    let (echo, _) = echo_backend().await;
+    let config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    let one = TestBridge::start(config.clone()).await;
+    let two = TestBridge::start(config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["agent", "--name", "shop-17", "--proxy", "off"])
+        .args(["--server", &format!("ws://{}/agent", one.addr)])
+        .args(["--server", &format!("ws://{}/agent", two.addr)])
+        .args(["--service", &format!("pos={echo}")])
+        .arg("--secret-file")
+        .arg(&secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = Lines::capture(child.stderr.take().unwrap());
+    for bridge in [&one, &two] {
+        let line = lines
+            .line(&format!(
+                "server{{url=ws://{}/agent}}: wsbridge::agent::client: agent: connected",
+                bridge.addr
+            ))
+            .await;
+        assert!(line.contains("agent=shop-17"), "{line}");
+        let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+        send_bin(&mut ws, b"via the binary").await;
+        assert_eq!(recv_data(&mut ws).await, b"via the binary");
+    }
+    child.kill().await.unwrap();
+}
+
+/// `server` in an `[agent]` table is one URL or a list; a mistake in a list names its element.
+#[tokio::test]
+async fn an_agent_file_takes_a_list_of_servers_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.secret"), "s\n").unwrap();
+    let file = dir.path().join("agent.toml");
+    let write = |server: &str| {
+        std::fs::write(
+            &file,
+            format!("[agent]\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\nserver = {server}\n\n[agent.services]\npos = \"127.0.0.1:1\"\n"),
+        )
+        .unwrap();
+    };
+    let check = || async {
+        let out = tokio::process::Command::new(BIN)
+            .args(["check", "--config", file.to_str().unwrap()])
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    write(r#"["wss://a.example.com/agent", "wss://b.example.com:8443/agent"]"#);
+    let (code, out, err) = check().await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("for wss://a.example.com:443/agent, wss://b.example.com:8443/agent"),
+        "{out}"
+    );
+    let config = AgentConfig::from_file(&file).unwrap();
+    let servers: Vec<String> = config.servers().map(|s| s.authority()).collect();
+    assert_eq!(servers, ["a.example.com:443", "b.example.com:8443"]);
+    for (server, wanted) in [
+        (
+            r#"["wss://a.example.com/agent", "ftp://b/agent"]"#,
+            "agent.toml:4: agent.server[1]: ",
+        ),
+        (
+            r#"["wss://a.example.com/agent", 7]"#,
+            "agent.toml:4: agent.server[1]: a URL such as",
+        ),
+        (r#"[]"#, "agent.toml:4: agent.server: list at least one"),
+        (
+            r#"["wss://a.example.com/agent", "wss://a.example.com:443/agent"]"#,
+            "agent.toml:4: agent.server[1]: wss://a.example.com:443/agent is listed twice",
+        ),
+    ] {
+        write(server);
+        let (code, _, err) = check().await;
+        assert_eq!(code, Some(64), "{server}: {err}");
+        assert!(err.contains(wanted), "{server}: {err}");
+    }
+}
+
+/// Two of an agent's URLs that reach the same instance (here: directly, and through a relay):
+/// the second connection sees the instance's id in its `101` and goes away before its hello, so
+/// the first is never replaced, and the agent says why.
+#[tokio::test]
+async fn two_urls_that_reach_one_instance_keep_one_connection() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let relay = network_to(bridge.addr).await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    let second = format!("ws://{}/agent", relay.addr);
+    config.more_servers = vec![(second.parse().unwrap(), None)];
+    let mut agent = client::spawn(config).unwrap();
+    // Whichever connection comes second is told so; the first stays connected.
+    let [a, b] = &mut agent.states[..] else { unreachable!() };
+    let (first, other) = within("one connection up", async {
+        tokio::select! {
+            r = a.wait_for(|s| *s == State::Connected) => { r.unwrap(); (0, 1) }
+            r = b.wait_for(|s| *s == State::Connected) => { r.unwrap(); (1, 0) }
+        }
+    })
+    .await;
+    let said = within(
+        "the other to find the same instance",
+        agent.states[other].wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("reaches the same instance as"))),
+    )
+    .await
+    .unwrap()
+    .clone();
+    let State::Retrying { reason, .. } = said else { unreachable!() };
+    let urls = [format!("ws://{}/agent", bridge.addr), second];
+    assert_eq!(
+        reason,
+        format!(
+            "{} reaches the same instance as {}, which this agent is connected to already",
+            urls[other], urls[first]
+        )
+    );
+    assert!(!agent.states[first].has_changed().unwrap(), "the first connection was not replaced");
+    assert_eq!(*agent.states[first].borrow(), State::Connected);
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"one instance").await;
+    assert_eq!(recv_data(&mut ws).await, b"one instance");
 }

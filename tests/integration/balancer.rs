@@ -159,12 +159,19 @@ fn haproxy_config(dir: &Path, instances: [&Instance; 2]) -> String {
             1,
         ),
         ("    bind :443\n", "    bind fd@0\n".to_owned(), 1),
-        ("inter 2s fall 2 rise 2", "inter 100ms fall 1 rise 1".to_owned(), 2),
-        // The agents' backend (no agent here) is disabled: no checks off loopback.
-        ("10.0.0.21:6080 check port 9100", "127.0.0.1:9 disabled".to_owned(), 1),
-        ("10.0.0.22:6080 check port 9100", "127.0.0.1:9 disabled".to_owned(), 1),
+        ("inter 2s fall 2 rise 2", "inter 100ms fall 1 rise 1".to_owned(), 1),
     ];
     for (i, (example_addr, instance)) in ["10.0.0.11", "10.0.0.12"].iter().zip(instances).enumerate() {
+        // The agents' backend of each instance (no agent here) goes to the same instance.
+        subs.push((
+            if i == 0 {
+                "server agents-on-1 10.0.0.11:6080\n"
+            } else {
+                "server agents-on-2 10.0.0.12:6080\n"
+            },
+            format!("server agents-on-{} {}\n", i + 1, instance.bin.addr),
+            1,
+        ));
         subs.push((
             if i == 0 {
                 "server wsbridge1 10.0.0.11:6080 check port 9100"
