@@ -18,7 +18,8 @@
 # root or `sudo -n`, without the systemd units in examples/, or when a wsbridge package is
 # installed here already (it is not replaced).
 # Needs cargo-deb (`cargo install cargo-deb --locked`; scripts/test.sh installs it) and
-# examples/wsbridge.service and examples/wsbridge.socket (scripts/deb.sh stops without them).
+# examples/wsbridge.service, examples/wsbridge.socket and examples/agent/wsbridge-agent.service
+# (scripts/deb.sh stops without them).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -43,7 +44,7 @@ elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
 else
     skip "installing a package needs root or sudo -n"
 fi
-for unit in examples/wsbridge.service examples/wsbridge.socket; do
+for unit in examples/wsbridge.service examples/wsbridge.socket examples/agent/wsbridge-agent.service; do
     [[ -f $unit ]] || skip "$unit is missing (the package installs it; scripts/deb.sh refuses to build without it)"
 done
 if [[ $(dpkg-query -W -f='${Status}' wsbridge 2>/dev/null || true) == *installed* ]]; then
@@ -86,7 +87,8 @@ fi
 [[ $page == /usr/share/man/man1/wsbridge.1.gz && -f $page ]] || fail "the manual page is at '$page'"
 for f in /usr/share/bash-completion/completions/wsbridge /usr/share/zsh/vendor-completions/_wsbridge \
     /usr/share/fish/vendor_completions.d/wsbridge.fish /usr/lib/systemd/system/wsbridge.service \
-    /usr/lib/systemd/system/wsbridge.socket /usr/share/doc/wsbridge/copyright; do
+    /usr/lib/systemd/system/wsbridge.socket /usr/lib/systemd/system/wsbridge-agent.service \
+    /usr/share/doc/wsbridge/examples/agent.toml /usr/share/doc/wsbridge/copyright; do
     [[ -s $f ]] || fail "$f is not installed"
 done
 bash -c 'source /usr/share/bash-completion/completions/wsbridge && complete -p wsbridge' >/dev/null ||

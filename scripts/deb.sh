@@ -9,8 +9,9 @@
 # `wsbridge completions SHELL`) into target/deb-assets/, and runs `cargo deb --no-build` with the
 # metadata in Cargo.toml ([package.metadata.deb]). Prints the path of the .deb last.
 #
-# The systemd units come from examples/wsbridge.service and examples/wsbridge.socket: without
-# them this stops with an error rather than build a package without its units.
+# The systemd units come from examples/wsbridge.service, examples/wsbridge.socket and
+# examples/agent/wsbridge-agent.service: without them this stops with an error rather than build
+# a package without its units.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,7 +28,7 @@ if [[ ${1:-} == --profile ]]; then
 fi
 
 command -v cargo-deb >/dev/null || die "cargo-deb not found: cargo install cargo-deb --locked"
-for unit in examples/wsbridge.service examples/wsbridge.socket; do
+for unit in examples/wsbridge.service examples/wsbridge.socket examples/agent/wsbridge-agent.service; do
     [[ -f $unit ]] || die "$unit is missing: the package installs it (see [package.metadata.deb] in Cargo.toml)"
 done
 

@@ -366,6 +366,11 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     } else {
         wsbridge::logging::init(verbose, LogFormat::Text);
     }
+    // Unsets the variables it reads: done while this is the process's only thread (nothing has
+    // been spawned yet), as changing the environment requires.
+    let notifier = Notifier::from_env().map(Arc::new);
+    let servers: Vec<String> = config.servers().map(ToString::to_string).collect();
+    let name = config.name.clone();
     let handle = match wsbridge::agent::client::spawn(config) {
         Ok(h) => h,
         Err(e) => {
@@ -377,15 +382,86 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
         eprintln!("wsbridge: cannot install signal handlers");
         return ExitCode::from(1);
     };
+    if let Some(n) = &notifier {
+        // Ready once started: an agent that cannot reach its server yet keeps trying, and the
+        // status line says so.
+        n.ready(&agent_status(&name, &servers, &handle.states));
+        spawn_agent_status(n.clone(), name, servers, handle.states.clone());
+    }
     let shutdown = handle.shutdown.clone();
     tokio::spawn(async move {
         // SIGHUP (Unix) has nothing to reload in an agent: only a shutdown ends the wait.
         while signals.recv().await != wsbridge::signals::Signal::Shutdown {}
         tracing::info!("agent: shutting down: closing the control link; live sessions finish");
+        if let Some(n) = &notifier {
+            n.stopping("stopping: live sessions finish");
+        }
         shutdown.cancel();
     });
     let _ = handle.task.await;
     ExitCode::SUCCESS
+}
+
+/// The agent's `STATUS=` line: whether each of its connections is up, and why not.
+fn agent_status(name: &str, servers: &[String], states: &[tokio::sync::watch::Receiver<wsbridge::agent::client::State>]) -> String {
+    use wsbridge::agent::client::State;
+    let now: Vec<State> = states.iter().map(|s| s.borrow().clone()).collect();
+    let up = now.iter().filter(|s| **s == State::Connected).count();
+    let down: Vec<String> = servers
+        .iter()
+        .zip(&now)
+        .filter_map(|(server, state)| match state {
+            State::Connected | State::Stopped => None,
+            State::Connecting => Some(format!("{server}: connecting")),
+            State::Retrying { reason, after } => Some(format!("{server}: retrying in {:.1}s ({reason})", after.as_secs_f64())),
+        })
+        .collect();
+    let head = match servers.len() {
+        1 if up == 1 => return format!("agent {name}: connected to {}", servers[0]),
+        1 => format!("agent {name}: not connected"),
+        n => format!("agent {name}: connected to {up} of {n} servers"),
+    };
+    match down.is_empty() {
+        true => head,
+        false => format!("{head}; {}", down.join("; ")),
+    }
+}
+
+/// Tells systemd each change of the agent's connections (`STATUS=`), and sends `WATCHDOG=1` at
+/// half the interval the unit sets with `WatchdogSec=`, from the runtime's thread.
+fn spawn_agent_status(
+    notifier: Arc<Notifier>,
+    name: String,
+    servers: Vec<String>,
+    mut states: Vec<tokio::sync::watch::Receiver<wsbridge::agent::client::State>>,
+) {
+    let watchdog = notifier.watchdog();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(watchdog.map_or(std::time::Duration::from_secs(3600), |w| w / 2));
+        let mut shown = agent_status(&name, &servers, &states);
+        loop {
+            let changed = {
+                let any = futures_util::future::select_all(states.iter_mut().map(|s| Box::pin(s.changed())));
+                tokio::select! {
+                    _ = tick.tick() => None,
+                    (r, _, _) = any => Some(r.is_ok()),
+                }
+            };
+            match changed {
+                None if watchdog.is_some() => notifier.send("WATCHDOG=1\n"),
+                None => {}
+                // The agent has stopped.
+                Some(false) => return,
+                Some(true) => {
+                    let now = agent_status(&name, &servers, &states);
+                    if now != shown {
+                        notifier.status(&now);
+                        shown = now;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// `wsbridge agent --install-service`, `--uninstall-service` and the hidden `--service-mode` the

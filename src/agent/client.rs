@@ -360,8 +360,19 @@ impl AgentConfig {
         if !link::valid_name(&name) {
             return Err(ctx.invalid(a.name.span(), "agent.name", "use 1-64 of A-Z a-z 0-9 . _ -"));
         }
-        let secret_path = resolve(a.secret_file.get_ref());
-        let secret = read_secret(&secret_path).map_err(|e| ctx.invalid(a.secret_file.span(), "agent.secret_file", e))?;
+        // A secret file given as a flag is read instead of the file's (which may be one this
+        // process cannot read: a service given its secret as a systemd credential).
+        let secret = match &flags.secret_file {
+            Some(file) => read_secret(file).map_err(|e| ConfigError::Invalid {
+                file: "command line".into(),
+                line: None,
+                field: "--secret-file".into(),
+                message: e,
+            })?,
+            None => {
+                read_secret(&resolve(a.secret_file.get_ref())).map_err(|e| ctx.invalid(a.secret_file.span(), "agent.secret_file", e))?
+            }
+        };
         let mut services = BTreeMap::new();
         let span = a.services.span();
         for (k, v) in a.services.into_inner() {
@@ -464,6 +475,7 @@ impl AgentConfig {
                 Some("off") => Some(ProxySetting::Off),
                 Some(p) => Some(ProxySetting::Use(p.parse().map_err(|e| invalid("--proxy", e))?)),
             },
+            secret_file: args.secret_file.clone(),
         };
         let mut config = match &args.config {
             Some(path) => AgentConfig::from_file_with(path, &flags)?,
@@ -495,11 +507,6 @@ impl AgentConfig {
         }
         if !link::valid_name(&config.name) {
             return Err(invalid("--name", "use 1-64 of A-Z a-z 0-9 . _ -".into()));
-        }
-        if args.config.is_some() {
-            if let Some(file) = &args.secret_file {
-                config.secret = read_secret(file).map_err(|e| invalid("--secret-file", e))?;
-            }
         }
         for s in &args.services {
             let (name, addr) = s
@@ -548,6 +555,7 @@ impl AgentConfig {
 struct Overrides {
     servers: Option<Vec<ServerUrl>>,
     proxy: Option<ProxySetting>,
+    secret_file: Option<PathBuf>,
 }
 
 /// Where the proxy to a server comes from.

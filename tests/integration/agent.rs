@@ -21,11 +21,11 @@ use wsbridge::config::{Config, Matcher, RouteConfig, Target};
 use crate::common::lines::Lines;
 use crate::common::*;
 
-const SECRET: &str = "0123456789abcdef0123456789abcdef-shop-17";
+pub(crate) const SECRET: &str = "0123456789abcdef0123456789abcdef-shop-17";
 
 /// A server with `agents` declared (all with [`SECRET`]), the endpoint `/agent`, and a route
 /// `/{service}` to each `(agent, service)`.
-fn server_config(agents: &[&str], routes: &[(&str, &str)]) -> Config {
+pub(crate) fn server_config(agents: &[&str], routes: &[(&str, &str)]) -> Config {
     let mut config = Config::new("test");
     config.agents = AgentsConfig {
         declared: agents

@@ -333,14 +333,16 @@ async fn unix_listen_relays_byte_exact_both_ways() {
 async fn the_example_units_verify() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let dir = tempfile::tempdir().unwrap();
-    for unit in ["wsbridge.service", "wsbridge.socket"] {
+    let units = ["wsbridge.socket", "wsbridge.service", "agent/wsbridge-agent.service"];
+    for unit in units {
         let text = std::fs::read_to_string(examples.join(unit)).unwrap();
-        std::fs::write(dir.path().join(unit), text.replace("/usr/bin/wsbridge", BIN)).unwrap();
+        let name = Path::new(unit).file_name().unwrap();
+        std::fs::write(dir.path().join(name), text.replace("/usr/bin/wsbridge", BIN)).unwrap();
     }
     let verify = Command::new("systemd-analyze")
         // The manual page is not installed where the tests run.
         .args(["verify", "--man=no"])
-        .args(["wsbridge.socket", "wsbridge.service"].map(|u| dir.path().join(u)))
+        .args(units.map(|u| dir.path().join(Path::new(u).file_name().unwrap())))
         .output();
     let out = match within("systemd-analyze verify", verify).await {
         Ok(out) => out,
@@ -388,4 +390,82 @@ async fn unix_clients_count_as_loopback_for_policy() {
     assert_eq!(status("/office", "").await, 403);
     assert_eq!(status("/office", "X-Forwarded-For: 10.1.2.3\r\n").await, 101);
     assert_eq!(status("/local", "X-Forwarded-For: 10.1.2.3\r\n").await, 403);
+}
+
+/// `wsbridge agent` under `Type=notify` (examples/agent/wsbridge-agent.service): READY=1 once
+/// started, a STATUS= line at each change of its connections (one server up, one that cannot be
+/// reached), STOPPING=1 at SIGTERM. Its secret comes from --secret-file as the unit passes it (a
+/// systemd credential), in place of the file's secret_file, which this process could not read.
+#[tokio::test]
+async fn the_agent_tells_systemd_how_its_connections_are() {
+    use crate::agent::{server_config, SECRET};
+    let (echo, _) = echo_backend().await;
+    let bridge = crate::common::TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let closed = crate::common::closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let credential = dir.path().join("credential");
+    std::fs::write(&credential, format!("{SECRET}\n")).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nserver = [\"ws://{}/agent\", \"ws://{closed}/agent\"]\nname = \"shop-17\"\n\
+             secret_file = \"not-readable-here.secret\"\nproxy = \"off\"\n[agent.services]\npos = \"{echo}\"\n",
+            bridge.addr
+        ),
+    )
+    .unwrap();
+    let notify_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&notify_path).unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .args([
+            "agent",
+            "--config",
+            config.to_str().unwrap(),
+            "--secret-file",
+            credential.to_str().unwrap(),
+        ])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null());
+    let mut b = Binary::start(command);
+    let mut pings = 0;
+    let up = format!("ws://{}/agent", bridge.addr);
+    let down = format!("ws://{closed}/agent");
+    let ready = next_notification(&socket, &mut pings).await;
+    assert_eq!(
+        ready,
+        format!("READY=1\nSTATUS=agent shop-17: connected to 0 of 2 servers; {up}: connecting; {down}: connecting\n")
+    );
+    // Status lines follow the connections until one is up and the other waits to retry.
+    let settled = within("the status to settle", async {
+        loop {
+            let status = next_notification(&socket, &mut pings).await;
+            assert!(status.starts_with("STATUS=agent shop-17: "), "{status}");
+            if status.contains("connected to 1 of 2 servers; ") && status.contains(&format!("{down}: retrying in ")) {
+                return status;
+            }
+        }
+    })
+    .await;
+    assert!(settled.contains("cannot reach the server"), "{settled}");
+    let (mut ws, _) = crate::common::ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"through the service").await;
+    assert_eq!(recv_data(&mut ws).await, b"through the service");
+    drop(ws);
+    signal(&b, "TERM").await;
+    let stopping = within("STOPPING=1", async {
+        loop {
+            let n = next_notification(&socket, &mut pings).await;
+            if n.starts_with("STOPPING=1") {
+                return n;
+            }
+        }
+    })
+    .await;
+    assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping: live sessions finish\n");
+    let status = within("the agent to exit", b.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(pings >= 1, "no WATCHDOG=1 with WATCHDOG_USEC set");
 }
