@@ -135,6 +135,11 @@ async fn check(path: &std::path::Path) -> ExitCode {
                 for (name, target) in &c.services {
                     println!("service {name:<20} -> {target}");
                 }
+                for (server, proxy) in c.connections() {
+                    if let Some(p) = proxy {
+                        println!("server {server} through the proxy {}:{}", p.host, p.port);
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -398,8 +403,17 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
         }
         shutdown.cancel();
     });
-    let _ = handle.task.await;
-    ExitCode::SUCCESS
+    match handle.task.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("wsbridge: agent: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("wsbridge: agent: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// The agent's `STATUS=` line: whether each of its connections is up, and why not.
@@ -619,7 +633,11 @@ mod agent_service {
                 tracing::info!("agent: service stop: closing the control link; live sessions finish");
                 shutdown.cancel();
             });
-            handle.task.await.map_err(|e| format!("agent: {e}"))?;
+            handle
+                .task
+                .await
+                .map_err(|e| format!("agent: {e}"))?
+                .map_err(|e| format!("agent: {e}"))?;
             tracing::info!("agent: stopped");
             Ok(())
         });

@@ -135,6 +135,9 @@ pub struct Backoff {
     pub max: Duration,
     /// The cap after a refused login.
     pub auth_max: Duration,
+    /// The cap for a minute after the server drained (it is likely restarting): the agent is
+    /// back within this of the instance taking connections again.
+    pub after_drain: Duration,
 }
 
 impl Default for Backoff {
@@ -143,6 +146,7 @@ impl Default for Backoff {
             initial: Duration::from_secs(1),
             max: Duration::from_secs(30),
             auth_max: Duration::from_secs(300),
+            after_drain: Duration::from_secs(2),
         }
     }
 }
@@ -289,7 +293,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     /// A URL, or a list of them (one per instance).
-    server: toml::Spanned<toml::Value>,
+    server: toml::Spanned<ServerField>,
     name: toml::Spanned<String>,
     secret_file: toml::Spanned<PathBuf>,
     services: toml::Spanned<BTreeMap<String, toml::Spanned<Target>>>,
@@ -301,6 +305,36 @@ struct RawAgent {
     ping_interval: Option<toml::Spanned<String>>,
     pong_timeout: Option<toml::Spanned<String>>,
     retry_max: Option<toml::Spanned<String>>,
+}
+
+/// `server = "URL"` or `server = ["URL", …]`, each element with its place in the file (so an
+/// error in a list spread over lines names the element's line).
+enum ServerField {
+    One(String),
+    Many(Vec<toml::Spanned<toml::Value>>),
+}
+
+impl<'de> serde::Deserialize<'de> for ServerField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ServerField;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a URL such as \"wss://bridge.example.com/agent\", or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ServerField, E> {
+                Ok(ServerField::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ServerField, A::Error> {
+                let mut all = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    all.push(v);
+                }
+                Ok(ServerField::Many(all))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Whether a TOML file is an agent's (it has an `[agent]` table, not `[[agent]]` declarations).
@@ -352,10 +386,19 @@ impl AgentConfig {
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
         let a = raw.agent.into_inner();
-        let servers = match &flags.servers {
-            Some(s) => s.clone(),
-            None => server_list(a.server.get_ref()).map_err(|(field, e)| ctx.invalid(a.server.span(), &field, e))?,
-        };
+        // The file's servers are checked even when flags replace them (`wsbridge check` would
+        // refuse the file).
+        let in_file = match a.server.get_ref() {
+            ServerField::One(url) => server_list(&[(url.as_str(), None)]),
+            ServerField::Many(list) => server_list(
+                &list
+                    .iter()
+                    .map(|v| (v.get_ref().as_str().unwrap_or(""), Some((v.get_ref(), v.span()))))
+                    .collect::<Vec<_>>(),
+            ),
+        }
+        .map_err(|(field, at, e)| ctx.invalid(at.unwrap_or(a.server.span()), &field, e))?;
+        let servers = flags.servers.clone().unwrap_or(in_file);
         let name = a.name.get_ref().clone();
         if !link::valid_name(&name) {
             return Err(ctx.invalid(a.name.span(), "agent.name", "use 1-64 of A-Z a-z 0-9 . _ -"));
@@ -466,8 +509,8 @@ impl AgentConfig {
             servers: match args.servers.is_empty() {
                 true => None,
                 false => Some(
-                    server_list(&toml::Value::Array(args.servers.iter().cloned().map(toml::Value::String).collect()))
-                        .map_err(|(_, e)| invalid("--server", e))?,
+                    server_list(&args.servers.iter().map(|s| (s.as_str(), None)).collect::<Vec<_>>())
+                        .map_err(|(_, _, e)| invalid("--server", e))?,
                 ),
             },
             proxy: match args.proxy.as_deref() {
@@ -532,7 +575,12 @@ impl AgentConfig {
 
     /// Every server it connects to: `server`, then `more_servers`.
     pub fn servers(&self) -> impl Iterator<Item = &ServerUrl> {
-        std::iter::once(&self.server).chain(self.more_servers.iter().map(|(s, _)| s))
+        self.connections().map(|(s, _)| s)
+    }
+
+    /// Every server it connects to, with the proxy it is reached through.
+    pub fn connections(&self) -> impl Iterator<Item = (&ServerUrl, Option<&Proxy>)> {
+        std::iter::once((&self.server, self.proxy.as_ref())).chain(self.more_servers.iter().map(|(s, p)| (s, p.as_ref())))
     }
 
     /// One configuration per server, each for a single connection.
@@ -586,30 +634,37 @@ impl ProxySetting {
     }
 }
 
-/// `server = "URL"` or `server = ["URL", …]` (one per instance): at least one, each parsed, none
-/// twice. The error names the field (`agent.server[1]` for a list's second).
-fn server_list(value: &toml::Value) -> Result<Vec<ServerUrl>, (String, String)> {
-    let one = |field: String, v: &toml::Value| -> Result<ServerUrl, (String, String)> {
-        match v {
-            toml::Value::String(s) => s.parse().map_err(|e| (field, e)),
-            _ => Err((field, "a URL such as \"wss://bridge.example.com/agent\"".into())),
+/// Where a list element is in its file: the value (to tell a string from anything else) and its
+/// byte range.
+type Placed<'a> = Option<(&'a toml::Value, std::ops::Range<usize>)>;
+
+/// What is wrong with a server list: the field, the element's place if known, the message.
+type ListError = (String, Option<std::ops::Range<usize>>, String);
+
+/// The servers of `server = "URL"` (one entry, no place) or `server = ["URL", …]` (one per
+/// instance; also `--server` given more than once): at least one, each parsed, none twice. An
+/// error names the field (`agent.server[1]` for a list's second) and the element's place.
+fn server_list(urls: &[(&str, Placed<'_>)]) -> Result<Vec<ServerUrl>, ListError> {
+    if urls.is_empty() {
+        return Err(("agent.server".into(), None, "list at least one server URL".into()));
+    }
+    let list = urls.len() > 1 || urls[0].1.is_some();
+    let mut servers: Vec<ServerUrl> = Vec::new();
+    for (i, (url, placed)) in urls.iter().enumerate() {
+        let field = if list {
+            format!("agent.server[{i}]")
+        } else {
+            "agent.server".into()
+        };
+        let at = placed.as_ref().map(|(_, span)| span.clone());
+        if placed.as_ref().is_some_and(|(v, _)| !v.is_str()) {
+            return Err((field, at, "a URL such as \"wss://bridge.example.com/agent\"".into()));
         }
-    };
-    let servers = match value {
-        toml::Value::Array(list) if list.is_empty() => {
-            return Err(("agent.server".into(), "list at least one server URL".into()));
+        let server: ServerUrl = url.parse().map_err(|e| (field.clone(), at.clone(), e))?;
+        if servers.contains(&server) {
+            return Err((field, at, format!("{server} is listed twice")));
         }
-        toml::Value::Array(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, v)| one(format!("agent.server[{i}]"), v))
-            .collect::<Result<Vec<_>, _>>()?,
-        v => vec![one("agent.server".into(), v)?],
-    };
-    for (i, s) in servers.iter().enumerate() {
-        if servers[..i].contains(s) {
-            return Err((format!("agent.server[{i}]"), format!("{s} is listed twice")));
-        }
+        servers.push(server);
     }
     Ok(servers)
 }
@@ -653,8 +708,10 @@ pub struct AgentHandle {
     pub attempts: Arc<AtomicU64>,
     /// Cancel to stop it (as SIGTERM does).
     pub shutdown: CancellationToken,
-    /// Ends when it has stopped and its sessions have finished (or the grace ran out).
-    pub task: tokio::task::JoinHandle<()>,
+    /// Ends when it has stopped and its sessions have finished (or the grace ran out); an error
+    /// if a connection's task failed (then the others were stopped too: a service manager
+    /// restarts the whole agent).
+    pub task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl AgentHandle {
@@ -677,20 +734,37 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
     let instances = Instances::default();
     let mut states = Vec::new();
     let mut loops = Vec::new();
-    for one in config.per_server() {
+    for (index, one) in config.per_server().into_iter().enumerate() {
         let tls = tls_for(&one)?;
         let (tx, rx) = watch::channel(State::Connecting);
         states.push(rx);
         let span = match several {
             // Each line says which connection it is about (one server: as before, no prefix).
-            true => tracing::info_span!("server", url = %one.server),
+            // At error level, so the prefix is there whatever level the log shows.
+            true => tracing::error_span!("server", url = %one.server),
             false => tracing::Span::none(),
         };
-        let run = run(Arc::new(one), tls, shutdown.clone(), tx, attempts.clone(), instances.clone());
-        loops.push(run.instrument(span));
+        let mine = Mine {
+            instances: instances.clone(),
+            index,
+        };
+        loops.push(run(Arc::new(one), tls, shutdown.clone(), tx, attempts.clone(), mine).instrument(span));
     }
+    // A task per connection, so that one failing (a bug: a panic) cannot take the others'
+    // state with it unnoticed: it is logged, the others are stopped cleanly, and the agent
+    // ends with an error.
+    let tasks: Vec<_> = loops.into_iter().map(tokio::spawn).collect();
+    let stop = shutdown.clone();
     let task = tokio::spawn(async move {
-        futures_util::future::join_all(loops).await;
+        let mut failed = None;
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "agent: a connection's task failed; stopping");
+                stop.cancel();
+                failed.get_or_insert(format!("a connection's task failed: {e}"));
+            }
+        }
+        failed.map_or(Ok(()), Err)
     });
     Ok(AgentHandle {
         state: states[0].clone(),
@@ -714,6 +788,11 @@ fn tls_for(config: &AgentConfig) -> Result<Option<BackendTls>, crate::tls::TlsEr
     .map(Some)
 }
 
+/// For this long after a server drained, the agent tries it again at most
+/// [`Backoff::after_drain`] apart (not with the growing backoff), so it is back within that of a
+/// restarted instance taking connections: before a balancer's health checks send it pages.
+const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
+
 /// Why a connection attempt or a connected control link ended.
 enum Ended {
     Shutdown,
@@ -735,7 +814,7 @@ async fn run(
     shutdown: CancellationToken,
     state: watch::Sender<State>,
     attempts: Arc<AtomicU64>,
-    instances: Instances,
+    mine: Mine,
 ) {
     let sessions = TaskTracker::new();
     let mut failures = 0u32;
@@ -750,6 +829,9 @@ async fn run(
     // so an outage of hours is a few lines, not one per attempt.
     let mut last_failure: Option<String> = None;
     let mut retry_after: Option<Duration> = None;
+    // When the server last drained: it is likely back soon (a restart), and pages reaching it
+    // then find this agent only once it is back too.
+    let mut drained: Option<Instant> = None;
     loop {
         attempts.fetch_add(1, Ordering::Relaxed);
         set(State::Connecting);
@@ -757,12 +839,13 @@ async fn run(
             None => info!(server = %config.server.authority(), agent = %config.name, "agent: connecting"),
             Some(_) => debug!(server = %config.server.authority(), "agent: connecting again"),
         }
-        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &instances).await;
+        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine).await;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
             Ended::Drain => {
                 failures = 0;
                 last_failure = None;
+                drained = Some(Instant::now());
                 ("the server is draining: reconnecting".to_owned(), false)
             }
             Ended::Refused(r) => (r, true),
@@ -782,7 +865,11 @@ async fn run(
         failures = failures.saturating_add(1);
         // What the server asked for counts, up to the longest backoff this agent would use.
         let floor = retry_after.take().unwrap_or_default().min(config.backoff.auth_max);
-        let after = config.backoff.delay(failures, auth).max(floor);
+        let mut after = config.backoff.delay(failures, auth);
+        if drained.is_some_and(|t| t.elapsed() < AFTER_DRAIN_WINDOW) && !auth {
+            after = after.min(config.backoff.after_drain);
+        }
+        let after = after.max(floor);
         if last_failure.as_deref() == Some(reason.as_str()) {
             debug!(%reason, retry_in = ?after, "agent: still not connected; retrying");
         } else {
@@ -813,7 +900,7 @@ async fn control(
     shutdown: &CancellationToken,
     set: &impl Fn(State),
     sessions: &TaskTracker,
-    instances: &Instances,
+    mine: &Mine,
 ) -> Ended {
     let failed = |reason: String| Ended::Failed {
         reason,
@@ -832,7 +919,7 @@ async fn control(
     };
     // Before the hello, which would replace this agent's connection already on that instance.
     let url = config.server.to_string();
-    let _claim = match instance.map(|id| instances.claim(id, &url)) {
+    let _claim = match instance.clone().map(|id| mine.instances.claim(id, mine.index, &url)) {
         Some(Err(other)) => {
             let frame = tungstenite::protocol::CloseFrame {
                 code: tungstenite::protocol::frame::coding::CloseCode::Normal,
@@ -868,6 +955,8 @@ async fn control(
         tls: tls.cloned(),
         idle: idle.clone(),
         sessions: sessions.clone(),
+        instance,
+        misrouted: Arc::default(),
     };
     let mut connected = false;
     let mut tick = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
@@ -948,28 +1037,38 @@ async fn control(
 type ControlWs = tokio_tungstenite::WebSocketStream<LinkStream>;
 
 /// The instances an agent's connections are on (by the id in each control link's `101`), with
-/// the URL of the connection on each: one connection per instance, since two would replace each
-/// other there.
+/// the connection (its index among the servers, and its URL) on each: one connection per
+/// instance, since two would replace each other there.
 #[derive(Clone, Default)]
-struct Instances(Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>);
+struct Instances(Arc<std::sync::Mutex<std::collections::HashMap<String, (usize, String)>>>);
+
+/// One connection's view of the agent's [`Instances`].
+struct Mine {
+    instances: Instances,
+    /// Which of the agent's servers this connection is to.
+    index: usize,
+}
 
 /// An instance held by one connection, until it is dropped.
 struct Claim {
     instances: Instances,
     id: String,
+    index: usize,
 }
 
 impl Instances {
-    /// Claims instance `id` for the connection to `url`; if another connection has it, its URL.
-    fn claim(&self, id: String, url: &str) -> Result<Claim, String> {
+    /// Claims instance `id` for connection `index` (to `url`); if another connection has it,
+    /// that one's URL.
+    fn claim(&self, id: String, index: usize, url: &str) -> Result<Claim, String> {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match held.get(&id) {
-            Some(other) if other != url => Err(other.clone()),
+            Some((other, other_url)) if *other != index => Err(other_url.clone()),
             _ => {
-                held.insert(id.clone(), url.to_owned());
+                held.insert(id.clone(), (index, url.to_owned()));
                 Ok(Claim {
                     instances: self.clone(),
                     id,
+                    index,
                 })
             }
         }
@@ -978,7 +1077,11 @@ impl Instances {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.instances.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        let mut held = self.instances.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Only its own: another connection may hold the id by now.
+        if held.get(&self.id).is_some_and(|(index, _)| *index == self.index) {
+            held.remove(&self.id);
+        }
     }
 }
 
@@ -1086,6 +1189,11 @@ struct Links {
     /// Cancelled when the control link ends: idle links close, no new one is dialled.
     idle: CancellationToken,
     sessions: TaskTracker,
+    /// The instance the control link is on (from its `101`), which every data link names, so
+    /// one that a balancer sent to another instance is refused there.
+    instance: Option<String>,
+    /// Whether a link's reaching another instance was logged (once per control link).
+    misrouted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Dials one more idle data link (bounded: at most 4096 links and sessions at once).
@@ -1105,8 +1213,12 @@ async fn data_link(links: Links) {
     let opened = timeout(config.connect_timeout, async {
         let mut io = dial(config, tls).await?;
         let s = &config.server;
+        let instance = match &links.instance {
+            Some(id) => format!("{}: {id}\r\n", link::INSTANCE_HEADER),
+            None => String::new(),
+        };
         let head = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}: {}\r\n{instance}Authorization: Bearer {}\r\n\r\n",
             s.path,
             s.authority(),
             link::LINK_TOKEN,
@@ -1123,6 +1235,16 @@ async fn data_link(links: Links) {
         let (status, head) = link::read_response_head(&mut io).await?;
         match status {
             101 => Ok((io, answers_chunks(&head))),
+            409 if links.instance.is_some() && !links.misrouted.swap(true, Ordering::Relaxed) => {
+                // The control link's instance has not got this agent's links: the URL reaches
+                // several instances (a balancer that spreads connections).
+                warn!(
+                    server = %config.server,
+                    "agent: a data link reached another instance than the control link: the server URL must reach \
+                     one instance (with several, list each instance's own URL)"
+                );
+                Err(std::io::Error::other(format!("the server answered {status}")))
+            }
             _ => Err(std::io::Error::other(format!("the server answered {status}"))),
         }
     })
@@ -1447,12 +1569,56 @@ mod tests {
         assert!("socks5://proxy:1080".parse::<Proxy>().is_err());
     }
 
+    /// A proxy given as a flag beats the file's for every server, `off` removes it, and a file's
+    /// proxy applies to the servers given as flags too. (HTTPS_PROXY / NO_PROXY per server:
+    /// the integration test that runs `wsbridge check` with them set.)
+    #[test]
+    fn a_proxy_flag_wins_over_the_file_for_every_server() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "secret\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "[agent]\nserver = [\"wss://a.example.com/agent\", \"wss://b.example.com/agent\"]\nname = \"n\"\n\
+             secret_file = \"s\"\nproxy = \"http://file-proxy:3128\"\n[agent.services]\npos = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let proxies = |c: &AgentConfig| -> Vec<Option<String>> {
+            std::iter::once(&c.proxy)
+                .chain(c.more_servers.iter().map(|(_, p)| p))
+                .map(|p| p.as_ref().map(|p| format!("{}:{}", p.host, p.port)))
+                .collect()
+        };
+        let args = |proxy: Option<&str>, servers: &[&str]| AgentArgs {
+            config: Some(file.clone()),
+            proxy: proxy.map(str::to_owned),
+            servers: servers.iter().map(|s| (*s).to_owned()).collect(),
+            ..AgentArgs::default()
+        };
+        let file_only = AgentConfig::from_args(&args(None, &[])).unwrap();
+        assert_eq!(
+            proxies(&file_only),
+            [Some("file-proxy:3128".into()), Some("file-proxy:3128".into())]
+        );
+        let flag = AgentConfig::from_args(&args(Some("http://flag-proxy:8080"), &[])).unwrap();
+        assert_eq!(proxies(&flag), [Some("flag-proxy:8080".into()), Some("flag-proxy:8080".into())]);
+        let off = AgentConfig::from_args(&args(Some("off"), &[])).unwrap();
+        assert_eq!(proxies(&off), [None, None]);
+        let servers = AgentConfig::from_args(&args(None, &["wss://c.example.com/agent"])).unwrap();
+        assert_eq!(
+            servers.servers().map(ToString::to_string).collect::<Vec<_>>(),
+            ["wss://c.example.com:443/agent"]
+        );
+        assert_eq!(proxies(&servers), [Some("file-proxy:3128".into())]);
+    }
+
     #[test]
     fn backoff_grows_to_its_cap_and_never_reaches_zero() {
         let b = Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
             auth_max: Duration::from_secs(10),
+            ..Backoff::default()
         };
         for _ in 0..50 {
             let first = b.delay(1, false);

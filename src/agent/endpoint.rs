@@ -114,6 +114,22 @@ pub async fn serve<S: IntoLink>(
                 refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
                 return debug!(agent = %name, status = 409, "agent data link without a control link");
             }
+            // A link naming the instance its control link is on, and reaching another one (a
+            // balancer that spreads an agent's connections): its control link's instance needs
+            // it, not this one. (Agents from before the header send none.)
+            let other = headers
+                .get(link::INSTANCE_HEADER)
+                .is_some_and(|v| v.as_bytes() != registry.instance().as_bytes());
+            if other {
+                refuse(
+                    &mut stream,
+                    write_end,
+                    StatusCode::CONFLICT,
+                    "this link's control link is on another instance",
+                )
+                .await;
+                return info!(agent = %name, status = 409, "agent data link for another instance; refused");
+            }
             // Answering the agent's offer of chunks makes the link reusable (an agent that did
             // not offer them gets a raw link, used for one session).
             let framing = if chunks {

@@ -63,6 +63,7 @@ fn agent_config(server: SocketAddr, name: &str, secret: &str, services: &[(&str,
         initial: Duration::from_millis(100),
         max: Duration::from_millis(400),
         auth_max: Duration::from_secs(2),
+        ..Backoff::default()
     };
     c.connect_timeout = Duration::from_secs(3);
     c
@@ -348,6 +349,7 @@ async fn a_wrong_secret_backs_off_without_spinning() {
         initial: Duration::from_millis(100),
         max: Duration::from_millis(400),
         auth_max: Duration::from_secs(60),
+        ..Backoff::default()
     };
     let mut agent = client::spawn(config).unwrap();
     within(
@@ -366,7 +368,7 @@ async fn a_wrong_secret_backs_off_without_spinning() {
     // Doubling from 0.1 s with jitter in [cap/4, cap]: at most ~7 in 3 s; a spin makes thousands.
     assert!((1..=8).contains(&attempts), "{attempts} attempts in {window:?}");
     agent.shutdown.cancel();
-    within("the agent to stop", agent.task).await.unwrap();
+    within("the agent to stop", agent.task).await.unwrap().unwrap();
 }
 
 /// Slowed down (429), an agent waits at least the server's Retry-After before its next try,
@@ -396,6 +398,7 @@ async fn a_slowed_agent_waits_for_the_servers_retry_after() {
         initial: Duration::from_millis(10),
         max: Duration::from_millis(20),
         auth_max: Duration::from_secs(60),
+        ..Backoff::default()
     };
     let mut agent = client::spawn(config).unwrap();
     let seen = std::sync::Mutex::new(None);
@@ -413,7 +416,7 @@ async fn a_slowed_agent_waits_for_the_servers_retry_after() {
     let after = seen.lock().unwrap().expect("a retry delay");
     assert!(after >= retry_after, "retrying in {after:?}, before the server's {retry_after:?}");
     agent.shutdown.cancel();
-    within("the agent to stop", agent.task).await.unwrap();
+    within("the agent to stop", agent.task).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -953,6 +956,7 @@ async fn an_agent_slowed_down_by_the_brake_is_not_treated_as_refused() {
         initial: Duration::from_millis(400),
         max: Duration::from_millis(400),
         auth_max: Duration::from_secs(300),
+        ..Backoff::default()
     };
     let mut agent = client::spawn(config).unwrap();
     let mut slowed = 0;
@@ -1358,7 +1362,7 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
         "{body}"
     );
     agent.shutdown.cancel();
-    within("the agent to stop", agent.task).await.unwrap();
+    within("the agent to stop", agent.task).await.unwrap().unwrap();
     within("the agent gone from the list", async {
         while admin(admin_addr, "GET", "/agents", None).await.1.trim() != "[]" {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1451,6 +1455,9 @@ async fn an_agent_with_two_servers_serves_pages_on_each_and_outlives_one() {
     let one_addr = one.addr;
     let mut agent_config = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
     agent_config.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None)];
+    // Slow enough that the drain's state is still there when the test looks.
+    agent_config.backoff.initial = Duration::from_secs(2);
+    agent_config.backoff.max = Duration::from_secs(2);
     let mut agent = client::spawn(agent_config).unwrap();
     assert_eq!(agent.states.len(), 2);
     for state in &mut agent.states {
@@ -1502,7 +1509,7 @@ async fn an_agent_with_two_servers_serves_pages_on_each_and_outlives_one() {
     // their grace).
     drop((ws, open, fresh));
     agent.shutdown.cancel();
-    within("the agent to stop", agent.task).await.unwrap();
+    within("the agent to stop", agent.task).await.unwrap().unwrap();
     for state in &agent.states {
         assert_eq!(*state.borrow(), State::Stopped);
     }
@@ -1587,6 +1594,11 @@ async fn an_agent_file_takes_a_list_of_servers_and_names_a_bad_one() {
             r#"["wss://a.example.com/agent", "ftp://b/agent"]"#,
             "agent.toml:4: agent.server[1]: ",
         ),
+        // A list over several lines: the element's own line.
+        (
+            "[\n  \"wss://a.example.com/agent\",\n  \"ftp://b/agent\",\n]",
+            "agent.toml:6: agent.server[1]: ",
+        ),
         (
             r#"["wss://a.example.com/agent", 7]"#,
             "agent.toml:4: agent.server[1]: a URL such as",
@@ -1646,4 +1658,142 @@ async fn two_urls_that_reach_one_instance_keep_one_connection() {
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"one instance").await;
     assert_eq!(recv_data(&mut ws).await, b"one instance");
+}
+
+/// A URL that reaches several instances (a balancer that spreads connections) sends an agent's
+/// control link to one instance and its data links to another. The data links name their
+/// control link's instance, so the other instance, where the agent is connected too (through
+/// its own URL), refuses them (409) instead of pooling links its sessions cannot use.
+#[tokio::test]
+async fn a_data_link_that_reaches_another_instance_is_refused_there() {
+    let (echo, _) = echo_backend().await;
+    let config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    let one = TestBridge::start(config.clone()).await;
+    let two = TestBridge::start(config).await;
+    // The "balancer": its first connection (the control link) to instance two, the rest to one.
+    let balancer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let balancer_addr = balancer.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::watch::channel(0usize);
+    let closed_tx = Arc::new(closed_tx);
+    let (to_one, to_two) = (one.addr, two.addr);
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut a, _)) = balancer.accept().await {
+            let to = if std::mem::take(&mut first) { to_two } else { to_one };
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(mut b) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+                closed_tx.send_modify(|n| *n += 1);
+            });
+        }
+    });
+    let mut config = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.more_servers = vec![(format!("ws://{balancer_addr}/agent").parse().unwrap(), None)];
+    let mut agent = client::spawn(config).unwrap();
+    for state in &mut agent.states {
+        within("both connections", state.wait_for(|s| *s == State::Connected))
+            .await
+            .unwrap();
+    }
+    // Instance one has the pool of the connection to it (4 links), and refused the 4 links of
+    // the connection to instance two that the balancer sent it.
+    idle_links(&one, "shop-17", 4).await;
+    within("the balancer's data links to end", closed.wait_for(|n| *n >= 4))
+        .await
+        .unwrap();
+    assert_eq!(one.bridge.agents().idle_links("shop-17"), Some(4));
+    assert_eq!(one.bridge.agents().link_totals().0, 4, "instance one took in links it cannot use");
+    assert_eq!(two.bridge.agents().link_totals().0, 0);
+    // Sessions on instance one are unaffected.
+    let (mut ws, _) = ws_connect(&one.url("/pos"), None).await;
+    send_bin(&mut ws, b"instance one").await;
+    assert_eq!(recv_data(&mut ws).await, b"instance one");
+}
+
+/// The file's servers are checked even when `--server` replaces them.
+#[tokio::test]
+async fn a_bad_server_in_the_file_is_refused_even_with_server_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.secret"), "s\n").unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "[agent]\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\nserver = \"ftp://x/agent\"\n[agent.services]\npos = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["agent", "--config", file.to_str().unwrap(), "--server", "ws://127.0.0.1:1/agent"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("agent.toml:4: agent.server: "), "{err}");
+}
+
+/// After a drain the server is likely restarting: the agent tries it again at most
+/// `after_drain` apart, whatever its growing backoff would say, so it is back as soon as the
+/// instance is.
+#[tokio::test]
+async fn after_a_drain_the_agent_retries_at_the_short_interval() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.backoff = Backoff {
+        initial: Duration::from_secs(5),
+        max: Duration::from_secs(30),
+        auth_max: Duration::from_secs(60),
+        after_drain: Duration::from_millis(100),
+    };
+    let mut agent = start_agent(config).await;
+    let drained = bridge.stop().await;
+    assert!(drained.clean, "{drained:?}");
+    // The retry after the drain, then three failed attempts at the gone server: none waits
+    // longer than 100 ms (the backoff alone would wait 1.25-5 s, then 2.5-10 s, ...).
+    let mut delays = Vec::new();
+    within("four retries", async {
+        while delays.len() < 4 {
+            agent.state.changed().await.unwrap();
+            if let State::Retrying { after, reason } = &*agent.state.borrow_and_update() {
+                delays.push((*after, reason.clone()));
+            }
+        }
+    })
+    .await;
+    assert!(delays[0].1.contains("draining"), "{delays:?}");
+    assert!(delays.iter().all(|(after, _)| *after <= Duration::from_millis(100)), "{delays:?}");
+}
+
+/// HTTPS_PROXY applies to each wss:// server the agent lists, unless NO_PROXY names its host;
+/// `wsbridge check` says which goes through which proxy.
+#[tokio::test]
+async fn the_environments_proxy_is_resolved_for_each_server() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.secret"), "s\n").unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "[agent]\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n\
+         server = [\"wss://agents-1.example.com/agent\", \"wss://agents-2.internal.example/agent\"]\n\
+         [agent.services]\npos = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["check", "--config", file.to_str().unwrap()])
+        .env("HTTPS_PROXY", "http://proxy.example.com:3128")
+        .env("NO_PROXY", "internal.example")
+        .env_remove("https_proxy")
+        .env_remove("no_proxy")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("server wss://agents-1.example.com:443/agent through the proxy proxy.example.com:3128"),
+        "{text}"
+    );
+    assert!(!text.contains("agents-2.internal.example:443/agent through"), "{text}");
 }
