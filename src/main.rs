@@ -374,6 +374,9 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     // Unsets the variables it reads: done while this is the process's only thread (nothing has
     // been spawned yet), as changing the environment requires.
     let notifier = Notifier::from_env().map(Arc::new);
+    // A session holds two descriptors (the link and the app's connection): shells and systemd
+    // start services at a soft limit of 1,024, about 500 sessions.
+    wsbridge::server::start::raise_open_file_limit();
     let servers: Vec<String> = config.servers().map(ToString::to_string).collect();
     let name = config.name.clone();
     let handle = match wsbridge::agent::client::spawn(config) {
@@ -390,8 +393,10 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     if let Some(n) = &notifier {
         // Ready once started: an agent that cannot reach its server yet keeps trying, and the
         // status line says so.
-        n.ready(&agent_status(&name, &servers, &handle.states));
-        spawn_agent_status(n.clone(), name, servers, handle.states.clone());
+        let status = agent_status(&name, &servers, &handle.states);
+        n.ready(&status);
+        let states = handle.states.clone();
+        spawn_agent_status(n.clone(), name, servers, states, status, handle.shutdown.clone());
     }
     let shutdown = handle.shutdown.clone();
     tokio::spawn(async move {
@@ -441,18 +446,21 @@ fn agent_status(name: &str, servers: &[String], states: &[tokio::sync::watch::Re
     }
 }
 
-/// Tells systemd each change of the agent's connections (`STATUS=`), and sends `WATCHDOG=1` at
-/// half the interval the unit sets with `WatchdogSec=`, from the runtime's thread.
+/// Tells systemd each change of the agent's connections (`STATUS=`; `shown` is the one sent
+/// with READY=1), until the agent starts stopping (then the STOPPING=1 line stays), and sends
+/// `WATCHDOG=1` at half the interval the unit sets with `WatchdogSec=`, from the runtime's
+/// thread, until the agent has stopped.
 fn spawn_agent_status(
     notifier: Arc<Notifier>,
     name: String,
     servers: Vec<String>,
     mut states: Vec<tokio::sync::watch::Receiver<wsbridge::agent::client::State>>,
+    mut shown: String,
+    stopping: tokio_util::sync::CancellationToken,
 ) {
     let watchdog = notifier.watchdog();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(watchdog.map_or(std::time::Duration::from_secs(3600), |w| w / 2));
-        let mut shown = agent_status(&name, &servers, &states);
         loop {
             let changed = {
                 let any = futures_util::future::select_all(states.iter_mut().map(|s| Box::pin(s.changed())));
@@ -466,6 +474,8 @@ fn spawn_agent_status(
                 None => {}
                 // The agent has stopped.
                 Some(false) => return,
+                // Stopping: the STOPPING=1 line's status stays.
+                Some(true) if stopping.is_cancelled() => {}
                 Some(true) => {
                     let now = agent_status(&name, &servers, &states);
                     if now != shown {

@@ -158,11 +158,21 @@ impl Backoff {
     pub fn delay(&self, failures: u32, auth: bool) -> Duration {
         let limit = if auth { self.auth_max } else { self.max };
         let cap = self.initial.saturating_mul(1u32 << failures.saturating_sub(1).min(20)).min(limit);
-        let mut r = [0u8; 4];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
-        let frac = f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX);
-        cap.mul_f64(0.25 + 0.75 * frac)
+        cap.mul_f64(0.25 + 0.75 * random_fraction())
     }
+
+    /// The delay after a drain: uniform in [after_drain/2, after_drain], so that an instance's
+    /// agents do not all come back in step.
+    fn after_drain_delay(&self) -> Duration {
+        self.after_drain.mul_f64(0.5 + 0.5 * random_fraction())
+    }
+}
+
+/// Uniform in [0, 1].
+fn random_fraction() -> f64 {
+    let mut r = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX)
 }
 
 /// The server's agent endpoint URL.
@@ -753,12 +763,13 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
     // A task per connection, so that one failing (a bug: a panic) cannot take the others'
     // state with it unnoticed: it is logged, the others are stopped cleanly, and the agent
     // ends with an error.
-    let tasks: Vec<_> = loops.into_iter().map(tokio::spawn).collect();
+    let mut tasks: futures_util::stream::FuturesUnordered<_> = loops.into_iter().map(tokio::spawn).collect();
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
         let mut failed = None;
-        for t in tasks {
-            if let Err(e) = t.await {
+        // In the order they end: the first to fail stops the others at once.
+        while let Some(ended) = tasks.next().await {
+            if let Err(e) = ended {
                 tracing::error!(error = %e, "agent: a connection's task failed; stopping");
                 stop.cancel();
                 failed.get_or_insert(format!("a connection's task failed: {e}"));
@@ -867,7 +878,7 @@ async fn run(
         let floor = retry_after.take().unwrap_or_default().min(config.backoff.auth_max);
         let mut after = config.backoff.delay(failures, auth);
         if drained.is_some_and(|t| t.elapsed() < AFTER_DRAIN_WINDOW) && !auth {
-            after = after.min(config.backoff.after_drain);
+            after = after.min(config.backoff.after_drain_delay());
         }
         let after = after.max(floor);
         if last_failure.as_deref() == Some(reason.as_str()) {
@@ -1235,7 +1246,9 @@ async fn data_link(links: Links) {
         let (status, head) = link::read_response_head(&mut io).await?;
         match status {
             101 => Ok((io, answers_chunks(&head))),
-            409 if links.instance.is_some() && !links.misrouted.swap(true, Ordering::Relaxed) => {
+            // While the control link is up (a dial that outlived it may reach a restarted
+            // server, which is another instance by then).
+            421 if !links.idle.is_cancelled() && !links.misrouted.swap(true, Ordering::Relaxed) => {
                 // The control link's instance has not got this agent's links: the URL reaches
                 // several instances (a balancer that spreads connections).
                 warn!(

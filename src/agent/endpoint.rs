@@ -6,7 +6,8 @@
 //! endpoint as a data route and an agent handshake is never accepted on a browser route. Every
 //! refusal is one of: 400 (not an agent handshake), 429 (too many failures from this address),
 //! 401 (one generic answer for an unknown name, a wrong or missing secret; the reason is logged,
-//! never the secret), 409 (a data link from an agent with no control link here).
+//! never the secret), 409 (a data link from an agent with no control link here), 421 (a data
+//! link naming another instance than this one: its control link is there).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -110,10 +111,6 @@ pub async fn serve<S: IntoLink>(
     let name = name.unwrap_or_default().to_owned();
     match kind {
         Kind::Link(chunks) => {
-            if !registry.is_connected(&name) || !leftover.is_empty() {
-                refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
-                return debug!(agent = %name, status = 409, "agent data link without a control link");
-            }
             // A link naming the instance its control link is on, and reaching another one (a
             // balancer that spreads an agent's connections): its control link's instance needs
             // it, not this one. (Agents from before the header send none.)
@@ -121,14 +118,20 @@ pub async fn serve<S: IntoLink>(
                 .get(link::INSTANCE_HEADER)
                 .is_some_and(|v| v.as_bytes() != registry.instance().as_bytes());
             if other {
+                // 421 Misdirected Request: not 409, which also answers a link that races its
+                // control link's loss, so the agent can tell a misrouting URL from that.
                 refuse(
                     &mut stream,
                     write_end,
-                    StatusCode::CONFLICT,
+                    StatusCode::MISDIRECTED_REQUEST,
                     "this link's control link is on another instance",
                 )
                 .await;
-                return info!(agent = %name, status = 409, "agent data link for another instance; refused");
+                return info!(agent = %name, status = 421, "agent data link for another instance; refused");
+            }
+            if !registry.is_connected(&name) || !leftover.is_empty() {
+                refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
+                return debug!(agent = %name, status = 409, "agent data link without a control link");
             }
             // Answering the agent's offer of chunks makes the link reusable (an agent that did
             // not offer them gets a raw link, used for one session).

@@ -1474,14 +1474,17 @@ async fn an_agent_with_two_servers_serves_pages_on_each_and_outlives_one() {
     let (mut open, _) = ws_connect(&two.url("/pos"), None).await;
     send_bin(&mut open, b"before").await;
     assert_eq!(recv_data(&mut open).await, b"before");
+    // Watched from before the drain, so that the state is seen however long the stop takes.
+    let mut first = agent.states[0].clone();
+    let told = tokio::spawn(async move {
+        first
+            .wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("draining")))
+            .await
+            .map(|_| ())
+    });
     let drained = one.stop().await;
     assert!(drained.clean, "{drained:?}");
-    within(
-        "the first connection to be told",
-        agent.states[0].wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("draining"))),
-    )
-    .await
-    .unwrap();
+    within("the first connection to be told", told).await.unwrap().unwrap();
     assert_eq!(*agent.states[1].borrow(), State::Connected, "the second connection stays up");
     send_bin(&mut open, b"during").await;
     assert_eq!(recv_data(&mut open).await, b"during");
@@ -1663,7 +1666,7 @@ async fn two_urls_that_reach_one_instance_keep_one_connection() {
 /// A URL that reaches several instances (a balancer that spreads connections) sends an agent's
 /// control link to one instance and its data links to another. The data links name their
 /// control link's instance, so the other instance, where the agent is connected too (through
-/// its own URL), refuses them (409) instead of pooling links its sessions cannot use.
+/// its own URL), refuses them (421) instead of pooling links its sessions cannot use.
 #[tokio::test]
 async fn a_data_link_that_reaches_another_instance_is_refused_there() {
     let (echo, _) = echo_backend().await;

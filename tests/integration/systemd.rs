@@ -454,6 +454,14 @@ async fn the_agent_tells_systemd_how_its_connections_are() {
     send_bin(&mut ws, b"through the service").await;
     assert_eq!(recv_data(&mut ws).await, b"through the service");
     drop(ws);
+    // WatchdogSec=200ms: pings at least every 100 ms while it runs (the first at start).
+    within("three watchdog pings", async {
+        while pings < 3 {
+            let n = next_notification_or_ping(&socket, &mut pings).await;
+            assert!(n.as_deref().is_none_or(|n| n.starts_with("STATUS=")), "{n:?}");
+        }
+    })
+    .await;
     signal(&b, "TERM").await;
     let stopping = within("STOPPING=1", async {
         loop {
@@ -467,5 +475,21 @@ async fn the_agent_tells_systemd_how_its_connections_are() {
     assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping: live sessions finish\n");
     let status = within("the agent to exit", b.child.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(pings >= 1, "no WATCHDOG=1 with WATCHDOG_USEC set");
+    // After STOPPING=1 no status line replaced its status (only pings may follow).
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = socket.try_recv(&mut buf) {
+        assert_eq!(&buf[..n], b"WATCHDOG=1\n", "{}", String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+/// One datagram: `None` for a watchdog ping (counted in `pings`), else its text.
+async fn next_notification_or_ping(socket: &UnixDatagram, pings: &mut usize) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    let n = socket.recv(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf[..n].to_vec()).unwrap();
+    if text == "WATCHDOG=1\n" {
+        *pings += 1;
+        return None;
+    }
+    Some(text)
 }
