@@ -21,7 +21,6 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -1115,10 +1114,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
     headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, value(link::CONTROL_PROTOCOL)?);
     headers.insert(http::header::AUTHORIZATION, value(&format!("Bearer {}", config.secret))?);
     headers.insert(link::NAME_HEADER, value(&config.name)?);
-    let ws_config = WebSocketConfig::default()
-        .max_message_size(Some(64 * 1024))
-        .max_frame_size(Some(64 * 1024));
-    match tokio_tungstenite::client_async_with_config(request, io, Some(ws_config)).await {
+    match tokio_tungstenite::client_async_with_config(request, io, Some(link::control_ws_config())).await {
         Ok((ws, response)) => {
             let instance = response
                 .headers()

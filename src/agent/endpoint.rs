@@ -17,7 +17,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::time::{timeout, timeout_at, Instant};
-use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
@@ -29,9 +29,6 @@ use super::registry::{Control, Registry};
 use super::EndpointConfig;
 use crate::config::Timeouts;
 use crate::http::request::answer;
-
-/// The largest control message: they are a few dozen bytes.
-const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 
 enum Kind {
     Control(String),
@@ -171,9 +168,7 @@ pub async fn serve<S: IntoLink>(
             if !matches!(written, Ok(Ok(()))) {
                 return debug!(agent = %name, "agent control link closed during its 101");
             }
-            let config = WebSocketConfig::default()
-                .max_message_size(Some(MAX_CONTROL_MESSAGE))
-                .max_frame_size(Some(MAX_CONTROL_MESSAGE));
+            let config = link::control_ws_config();
             let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
             control(ws, name, addr, registry, endpoint, timeouts, shutdown).await;
         }

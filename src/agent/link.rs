@@ -38,6 +38,20 @@ pub const MAX_LINE: usize = 256;
 /// a write and a read on each side, per session).
 pub const REPLACING: u32 = 2;
 
+/// The largest control message: they are a few dozen bytes.
+pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+/// The WebSocket settings of a control link, on both sides. Its messages are a few dozen bytes,
+/// a few a minute: a 4 KiB read buffer (tungstenite's default, 128 KiB, was most of what a
+/// connected agent cost the server), and each message written at once.
+pub fn control_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_CONTROL_MESSAGE))
+        .max_frame_size(Some(MAX_CONTROL_MESSAGE))
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
 /// A control link message (JSON text), either way.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
