@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--pool", type=int, default=4, help="the endpoint's pool of idle data links per agent")
+    ap.add_argument("--tls", action="store_true", help="the agents dial wss:// (a self-signed certificate)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wsbridge-fleet-"))
     procs = []
@@ -104,8 +105,13 @@ def main() -> int:
         (work / "fleet").write_text("".join(f"shop-{i}: {digest}\n" for i in range(a.agents)))
         (work / "agent.secret").write_text(SECRET + "\n")
         port = run.free_port()
+        tls, scheme, ca = "", "ws", []
+        if a.tls:
+            subprocess.run([str(run.LOADGEN), "gencert", "--dir", str(work)], check=True, capture_output=True, timeout=60)
+            tls = f'[listen.tls]\ncert = "{work / "cert.pem"}"\nkey = "{work / "key.pem"}"\n'
+            scheme, ca = "wss", ["--ca-file", str(work / "cert.pem")]
         (work / "server.toml").write_text(
-            f'[[listen]]\naddr = "127.0.0.1:{port}"\n\n'
+            f'[[listen]]\naddr = "127.0.0.1:{port}"\n{tls}\n'
             f'[limits]\nmax_connections = {max(10_000, a.agents * 6)}\n\n'
             f'[[agent_endpoint]]\npath = "/agent"\npool = {a.pool}\n\n'
             f'[[agents]]\nsource = "{work / "fleet"}"\n\n'
@@ -118,8 +124,8 @@ def main() -> int:
         cpu0 = cpu_s(server.pid)
         started = time.monotonic()
         fleet = run.spawn(
-            [str(FLEET), "--server", f"ws://127.0.0.1:{port}/agent", "--agents", str(a.agents),
-             "--secret-file", str(work / "agent.secret"), "--service", f"app=127.0.0.1:{bport}"],
+            [str(FLEET), "--server", f"{scheme}://localhost:{port}/agent", "--agents", str(a.agents),
+             "--secret-file", str(work / "agent.secret"), "--service", f"app=127.0.0.1:{bport}", *ca],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(work / "fleet.log", "wb"))
         procs.append(fleet)
         lines = Lines(fleet.stdout)
@@ -132,8 +138,9 @@ def main() -> int:
         cpu1 = cpu_s(server.pid)
         time.sleep(a.idle_seconds)
         idle_cpu = (cpu_s(server.pid) - cpu1) / a.idle_seconds
-        res = subprocess.run([str(run.LOADGEN), "sessions", "--url", f"ws://127.0.0.1:{port}/agents/shop-{a.agents // 2}/app",
-                              "--concurrency", "20", "--msg-size", "64", "--seconds", "3"],
+        res = subprocess.run([str(run.LOADGEN), "sessions", "--url", f"{scheme}://localhost:{port}/agents/shop-{a.agents // 2}/app",
+                              "--concurrency", "20", "--msg-size", "64", "--seconds", "3",
+                              *(["--ca", str(work / "cert.pem")] if a.tls else [])],
                              capture_output=True, text=True, timeout=60)
         sessions = next((json.loads(l) for l in res.stdout.splitlines() if '"result"' in l), {})
         # A restart: the drain tells every agent; a new server on the same port.
@@ -147,6 +154,7 @@ def main() -> int:
         print(json.dumps({
             "agents": a.agents,
             "pool": a.pool,
+            "tls": a.tls,
             "connect_all_s": round(connect_s, 3),
             "connect_server_cpu_s": round(connect_cpu, 3),
             "server_rss_kib_before": rss0,

@@ -7,7 +7,7 @@
 //! ```sh
 //! cargo build --profile profiling --example fleet
 //! target/profiling/examples/fleet --server ws://127.0.0.1:6080/agent --agents 1000 \
-//!     --secret-file agent.secret --service app=127.0.0.1:9100 [--prefix shop]
+//!     --secret-file agent.secret --service app=127.0.0.1:9100 [--prefix shop] [--ca-file ca.pem]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -16,13 +16,14 @@ use tokio::io::AsyncReadExt;
 use wsbridge::agent::client::{self, AgentConfig, State};
 
 fn usage() -> ! {
-    eprintln!("usage: fleet --server URL --agents N --secret-file FILE --service NAME=ADDR [--prefix P]");
+    eprintln!("usage: fleet --server URL --agents N --secret-file FILE --service NAME=ADDR [--prefix P] [--ca-file FILE]");
     std::process::exit(64)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut server, mut agents, mut secret, mut service, mut prefix) = (None, 0usize, None, None, "shop".to_owned());
+    let mut ca_file = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -32,6 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--secret-file" => secret = Some(std::fs::read_to_string(value)?.trim().to_owned()),
             "--service" => service = Some(value),
             "--prefix" => prefix = value,
+            "--ca-file" => ca_file = Some(std::path::PathBuf::from(value)),
             _ => usage(),
         }
     }
@@ -45,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..agents {
         let mut config = AgentConfig::new(server.parse()?, format!("{prefix}-{i}"), secret.clone());
         config.services.insert(name.to_owned(), addr.parse()?);
+        config.ca_file = ca_file.clone();
         handles.push(client::spawn(config)?);
     }
     let mut stdin_closed = Box::pin(async {
