@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""echo-50 in forward and agent mode side by side, with what the rate alone does not show: the
-CPU per round trip and context switches per round trip of each process, and how much of the
-machine stayed idle during the run; optionally with each process pinned to a CPU.
+"""echo-50 (or a bulk row) in forward and agent mode side by side, with what the rate alone does
+not show: the CPU and context switches of each process per round trip (per MB for bulk), and
+how much of the machine stayed idle during the run; optionally with each process pinned to a
+CPU.
 
     cargo build --profile profiling
     python3 bench/placement.py --rounds 3                              # the scheduler's placement
     python3 bench/placement.py --rounds 3 --pin S0,A1,B0,L1,F0          # pinned
+    python3 bench/placement.py --rounds 3 --row bulk-up                 # echo-50, bulk-up, bulk-down
 
 --pin takes LETTER+CPU pairs: S the agent-mode server, A the agent, B the echo backend, L the
 load generator, F the forward-mode bridge (the same B and L serve both modes). Each round runs
@@ -29,7 +31,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (the harness: ports, process bookkeeping, agent readiness)
 
-ECHO_50 = ["echo", "--sessions", "50", "--msg-size", "64"]
+# row: (backend kind, load generator arguments, result field, unit of the per-unit figures)
+ROWS = {
+    "echo-50": ("echo", ["echo", "--sessions", "50", "--msg-size", "64"], "round_trips", "round trip"),
+    "bulk-up": ("sink", ["throughput", "--dir", "up", "--msg-size", "65536"], "mb", "MB"),
+    "bulk-down": ("source", ["throughput", "--dir", "down", "--msg-size", "65536"], "mb", "MB"),
+}
 
 
 def cpu_ticks(pid: int) -> int:
@@ -59,11 +66,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--pin", default="", help="e.g. S0,A1,B0,L1,F0")
+    ap.add_argument("--row", default="echo-50", choices=sorted(ROWS))
     a = ap.parse_args()
+    kind, load, count_field, unit = ROWS[a.row]
     work = Path(tempfile.mkdtemp(prefix="wsbridge-placement-"))
     procs = []
     try:
-        backend = run.spawn([str(run.LOADGEN), "backend", "echo"], stdout=subprocess.PIPE)
+        backend = run.spawn([str(run.LOADGEN), "backend", kind], stdout=subprocess.PIPE)
         procs.append(backend)
         bport = int(backend.stdout.readline().strip().rsplit(":", 1)[-1])
         server_port, forward_port = run.free_port(), run.free_port()
@@ -97,8 +106,8 @@ def main() -> int:
                 cs0 = {k: switches(p.pid) for k, p in watched.items()}
                 idle0, total0 = idle_and_total()
                 pin = ["taskset", "-c", str(loadgen_cpu)] if loadgen_cpu is not None else []
-                out = subprocess.run([*pin, str(run.LOADGEN), ECHO_50[0], "--url", f"ws://127.0.0.1:{port}/",
-                                      *ECHO_50[1:], "--seconds", str(a.seconds)],
+                out = subprocess.run([*pin, str(run.LOADGEN), load[0], "--url", f"ws://127.0.0.1:{port}/",
+                                      *load[1:], "--seconds", str(a.seconds)],
                                      capture_output=True, text=True, timeout=a.seconds + 60).stdout
                 idle1, total1 = idle_and_total()
                 result = {}
@@ -109,13 +118,17 @@ def main() -> int:
                         continue
                     if ev.get("type") == "result":
                         result = ev
-                n = max(result.get("round_trips") or 0, 1)
+                if count_field == "mb":
+                    n = max(result.get("mb_per_s", 0) * result.get("seconds", a.seconds), 1e-9)
+                    rate = f"{result.get('mb_per_s', 0):9,.0f} MB/s"
+                else:
+                    n = max(result.get(count_field) or 0, 1)
+                    rate = f"{result.get('rate', 0):9,.0f}/s p50 {result.get('p50_us', 0):7,.0f} µs"
                 per = " ".join(
                     f"{k} {(cpu_ticks(p.pid) - ticks0[k]) * 1e6 / hz / n:.1f} µs {(switches(p.pid) - cs0[k]) / n:.2f} cs"
                     for k, p in watched.items())
                 idle = (idle1 - idle0) / max(total1 - total0, 1)
-                print(f"round {rnd + 1} {mode:8} {result.get('rate', 0):9,.0f}/s p50 {result.get('p50_us', 0):7,.0f} µs"
-                      f"  idle {idle * 100:4.1f} %  per round trip: {per}", flush=True)
+                print(f"round {rnd + 1} {mode:8} {rate}  idle {idle * 100:4.1f} %  per {unit}: {per}", flush=True)
         return 0
     finally:
         for p in reversed(procs):
