@@ -18,7 +18,6 @@ generator bench/run.py builds (run `python3 bench/run.py --smoke` first on a new
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -82,14 +81,7 @@ def one(binary: str, rows: list[str], seconds: float, agent_tls: bool) -> dict:
                                       *args[1:], "--seconds", str(seconds)],
                                      capture_output=True, text=True, timeout=seconds + 60)
                 after = {k: cpu_ticks(p.pid) for k, p in watched.items()}
-                result = {}
-                for line in res.stdout.splitlines():
-                    try:
-                        ev = json.loads(line)
-                    except ValueError:
-                        continue
-                    if ev.get("type") == "result":
-                        result = ev
+                result = run.loadgen_result(res.stdout)
                 n = result.get("round_trips") or result.get("sessions") or 0
                 rec = {"rate": result.get("rate", 0.0), "p50_us": result.get("p50_us", 0.0)}
                 for k in watched:

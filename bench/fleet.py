@@ -142,7 +142,7 @@ def main() -> int:
                               "--concurrency", "20", "--msg-size", "64", "--seconds", "3",
                               *(["--ca", str(work / "cert.pem")] if a.tls else [])],
                              capture_output=True, text=True, timeout=60)
-        sessions = next((json.loads(l) for l in res.stdout.splitlines() if '"result"' in l), {})
+        sessions = run.loadgen_result(res.stdout)
         # A restart: the drain tells every agent; a new server on the same port.
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

@@ -19,7 +19,6 @@ benchmark.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -110,14 +109,7 @@ def main() -> int:
                                       *load[1:], "--seconds", str(a.seconds)],
                                      capture_output=True, text=True, timeout=a.seconds + 60).stdout
                 idle1, total1 = idle_and_total()
-                result = {}
-                for line in out.splitlines():
-                    try:
-                        ev = json.loads(line)
-                    except ValueError:
-                        continue
-                    if ev.get("type") == "result":
-                        result = ev
+                result = run.loadgen_result(out)
                 if count_field == "mb":
                     n = max(result.get("mb_per_s", 0) * result.get("seconds", a.seconds), 1e-9)
                     rate = f"{result.get('mb_per_s', 0):9,.0f} MB/s"

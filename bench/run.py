@@ -268,6 +268,19 @@ class Lines:
                 return json.loads(line)
 
 
+def loadgen_result(stdout: str) -> dict:
+    """The result line of a finished loadgen run's output (`{}` if there is none)."""
+    result = {}
+    for line in stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and msg.get("type") == "result":
+            result = msg
+    return result
+
+
 def run_loadgen(args: list[str], pin: list[str], timeout: float,
                 at_edge: Callable[[str], None]) -> dict:
     """Runs a timed loadgen mode (`loadgen ARGS`, under `pin`) to its end, at most `timeout`
