@@ -393,7 +393,7 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     if let Some(n) = &notifier {
         // Ready once started: an agent that cannot reach its server yet keeps trying, and the
         // status line says so.
-        let status = agent_status(&name, &servers, &handle.states);
+        let status = wsbridge::agent::client::status_line(&name, &servers, &handle.states);
         n.ready(&status);
         let states = handle.states.clone();
         spawn_agent_status(n.clone(), name, servers, states, status, handle.shutdown.clone());
@@ -408,42 +408,13 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
         }
         shutdown.cancel();
     });
-    match handle.task.await {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("wsbridge: agent: {e}");
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("wsbridge: agent: {e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// The agent's `STATUS=` line: whether each of its connections is up, and why not.
-fn agent_status(name: &str, servers: &[String], states: &[tokio::sync::watch::Receiver<wsbridge::agent::client::State>]) -> String {
-    use wsbridge::agent::client::State;
-    let now: Vec<State> = states.iter().map(|s| s.borrow().clone()).collect();
-    let up = now.iter().filter(|s| **s == State::Connected).count();
-    let down: Vec<String> = servers
-        .iter()
-        .zip(&now)
-        .filter_map(|(server, state)| match state {
-            State::Connected | State::Stopped => None,
-            State::Connecting => Some(format!("{server}: connecting")),
-            State::Retrying { reason, after } => Some(format!("{server}: retrying in {:.1}s ({reason})", after.as_secs_f64())),
-        })
-        .collect();
-    let head = match servers.len() {
-        1 if up == 1 => return format!("agent {name}: connected to {}", servers[0]),
-        1 => format!("agent {name}: not connected"),
-        n => format!("agent {name}: connected to {up} of {n} servers"),
+    let failed = match handle.task.await {
+        Ok(Ok(())) => return ExitCode::SUCCESS,
+        Ok(Err(e)) => e,
+        Err(e) => e.to_string(),
     };
-    match down.is_empty() {
-        true => head,
-        false => format!("{head}; {}", down.join("; ")),
-    }
+    eprintln!("wsbridge: agent: {failed}");
+    ExitCode::from(1)
 }
 
 /// Tells systemd each change of the agent's connections (`STATUS=`; `shown` is the one sent
@@ -477,7 +448,7 @@ fn spawn_agent_status(
                 // Stopping: the STOPPING=1 line's status stays.
                 Some(true) if stopping.is_cancelled() => {}
                 Some(true) => {
-                    let now = agent_status(&name, &servers, &states);
+                    let now = wsbridge::agent::client::status_line(&name, &servers, &states);
                     if now != shown {
                         notifier.status(&now);
                         shown = now;

@@ -706,6 +706,31 @@ pub enum State {
     Stopped,
 }
 
+/// One line on how an agent's connections are doing (systemd's `STATUS=`): `servers` and
+/// `states` in the same order, as [`AgentConfig::servers`] and [`AgentHandle::states`].
+pub fn status_line(name: &str, servers: &[String], states: &[watch::Receiver<State>]) -> String {
+    let now: Vec<State> = states.iter().map(|s| s.borrow().clone()).collect();
+    let up = now.iter().filter(|s| **s == State::Connected).count();
+    let down: Vec<String> = servers
+        .iter()
+        .zip(&now)
+        .filter_map(|(server, state)| match state {
+            State::Connected | State::Stopped => None,
+            State::Connecting => Some(format!("{server}: connecting")),
+            State::Retrying { reason, after } => Some(format!("{server}: retrying in {:.1}s ({reason})", after.as_secs_f64())),
+        })
+        .collect();
+    let head = match servers.len() {
+        1 if up == 1 => return format!("agent {name}: connected to {}", servers[0]),
+        1 => format!("agent {name}: not connected"),
+        n => format!("agent {name}: connected to {up} of {n} servers"),
+    };
+    match down.is_empty() {
+        true => head,
+        false => format!("{head}; {}", down.join("; ")),
+    }
+}
+
 /// A running agent, as [`spawn`] returns it.
 #[derive(Debug)]
 pub struct AgentHandle {
@@ -1619,6 +1644,33 @@ mod tests {
             ["wss://c.example.com:443/agent"]
         );
         assert_eq!(proxies(&servers), [Some("file-proxy:3128".into())]);
+    }
+
+    #[test]
+    fn the_status_line_says_which_connection_is_down_and_why() {
+        let state = |s: State| watch::channel(s).1;
+        let one = ["wss://a:443/agent".to_owned()];
+        assert_eq!(
+            status_line("shop-17", &one, &[state(State::Connected)]),
+            "agent shop-17: connected to wss://a:443/agent"
+        );
+        let retrying = State::Retrying {
+            reason: "cannot reach the server: refused".into(),
+            after: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            status_line("shop-17", &one, &[state(retrying.clone())]),
+            "agent shop-17: not connected; wss://a:443/agent: retrying in 1.5s (cannot reach the server: refused)"
+        );
+        let two = ["wss://a:443/agent".to_owned(), "wss://b:443/agent".to_owned()];
+        assert_eq!(
+            status_line("shop-17", &two, &[state(State::Connected), state(retrying)]),
+            "agent shop-17: connected to 1 of 2 servers; wss://b:443/agent: retrying in 1.5s (cannot reach the server: refused)"
+        );
+        assert_eq!(
+            status_line("shop-17", &two, &[state(State::Connecting), state(State::Stopped)]),
+            "agent shop-17: connected to 0 of 2 servers; wss://a:443/agent: connecting"
+        );
     }
 
     #[test]
