@@ -47,9 +47,8 @@ def one(binary: str, rows: list[str], seconds: float, agent_tls: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="wsbridge-agent-ab-"))
     procs = []
     try:
-        backend = run.spawn([str(run.LOADGEN), "backend", "echo"], stdout=subprocess.PIPE)
+        backend, bport = run.start_backend("echo")
         procs.append(backend)
-        bport = int(backend.stdout.readline().strip().rsplit(":", 1)[-1])
         server_port, forward_port = run.free_port(), run.free_port()
         while forward_port == server_port:
             forward_port = run.free_port()

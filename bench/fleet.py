@@ -98,9 +98,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="wsbridge-fleet-"))
     procs = []
     try:
-        backend = run.spawn([str(run.LOADGEN), "backend", "echo"], stdout=subprocess.PIPE)
+        backend, bport = run.start_backend("echo")
         procs.append(backend)
-        bport = int(backend.stdout.readline().strip().rsplit(":", 1)[-1])
         digest = hashlib.sha256(SECRET.encode()).hexdigest()
         (work / "fleet").write_text("".join(f"shop-{i}: {digest}\n" for i in range(a.agents)))
         (work / "agent.secret").write_text(SECRET + "\n")

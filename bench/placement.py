@@ -71,9 +71,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="wsbridge-placement-"))
     procs = []
     try:
-        backend = run.spawn([str(run.LOADGEN), "backend", kind], stdout=subprocess.PIPE)
+        backend, bport = run.start_backend(kind)
         procs.append(backend)
-        bport = int(backend.stdout.readline().strip().rsplit(":", 1)[-1])
         server_port, forward_port = run.free_port(), run.free_port()
         while forward_port == server_port:
             forward_port = run.free_port()

@@ -103,9 +103,14 @@ impl Binary {
 /// Runs `wsbridge ARGS` to its exit (bounded by [`super::WAIT`]): its exit code (-1 if a signal
 /// ended it), stdout and stderr.
 pub async fn run_to_end(args: &[&str]) -> (i32, String, String) {
-    let out = within("wsbridge to exit", Command::new(BIN).args(args).output())
-        .await
-        .expect("run wsbridge");
+    let mut command = Command::new(BIN);
+    command.args(args);
+    command_to_end(command).await
+}
+
+/// [`run_to_end`] for a command set up by the caller (its environment, say).
+pub async fn command_to_end(mut command: Command) -> (i32, String, String) {
+    let out = within("wsbridge to exit", command.output()).await.expect("run wsbridge");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -668,12 +668,12 @@ async fn the_demo_in_agent_mode_carries_the_chat_across_its_agent() {
     within("the demo to stop", serving).await.unwrap().unwrap();
 }
 
-use crate::common::binary::BIN;
+use crate::common::binary::{command_to_end, run_to_end, BIN};
 
-/// The `wsbridge agent` binary, with its stderr lines sent to the test.
-fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(BIN)
+/// `wsbridge agent ARGS` at info level, with no proxy from the environment, its stderr piped.
+fn agent_command(args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(BIN);
+    command
         .arg("agent")
         .args(args)
         .env("RUST_LOG", "info")
@@ -684,9 +684,14 @@ fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Rec
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        .kill_on_drop(true);
+    command
+}
+
+/// The `wsbridge agent` binary, with its stderr lines sent to the test.
+fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = agent_command(args).spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
@@ -758,13 +763,8 @@ async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
 
 #[tokio::test]
 async fn new_secret_prints_a_secret_and_its_server_line() {
-    let out = tokio::process::Command::new(BIN)
-        .args(["agent", "--new-secret"])
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
+    let (code, text, _) = run_to_end(&["agent", "--new-secret"]).await;
+    assert_eq!(code, 0);
     let secret = text.lines().next().unwrap();
     assert_eq!(secret.len(), 64, "{text}");
     assert!(text.contains(&format!("secret_sha256 = \"{}\"", secret_sha256(secret))), "{text}");
@@ -780,25 +780,15 @@ async fn check_names_the_file_line_and_field_of_an_agent_mistake() {
         "[agent]\nserver = \"ws://127.0.0.1:6080/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n\n[agent.services]\npos = \"127.0.0.1\"\n",
     )
     .unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args(["check", "--config", file.to_str().unwrap()])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let (code, _, err) = run_to_end(&["check", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 64);
     assert!(
         err.contains("agent.toml") && err.contains("line 7") && err.contains("expected HOST:PORT"),
         "{err}"
     );
     std::fs::write(&file, "[agent]\nserver = \"ftp://x/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n[agent.services]\npos = \"127.0.0.1:1\"\n").unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args(["agent", "--config", file.to_str().unwrap()])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let (code, _, err) = run_to_end(&["agent", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 64);
     assert!(err.contains("agent.toml:2: agent.server:"), "{err}");
 }
 
@@ -1529,16 +1519,10 @@ async fn the_agent_binary_takes_several_servers() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("agent.secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["agent", "--name", "shop-17", "--proxy", "off"])
-        .args(["--server", &format!("ws://{}/agent", one.addr)])
-        .args(["--server", &format!("ws://{}/agent", two.addr)])
-        .args(["--service", &format!("pos={echo}")])
-        .arg("--secret-file")
-        .arg(&secret)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
+    let (one_url, two_url) = (format!("ws://{}/agent", one.addr), format!("ws://{}/agent", two.addr));
+    let service = format!("pos={echo}");
+    let mut child = agent_command(&["--name", "shop-17", "--server", &one_url, "--server", &two_url])
+        .args(["--service", &service, "--secret-file", secret.to_str().unwrap()])
         .spawn()
         .unwrap();
     let lines = Lines::capture(child.stderr.take().unwrap());
@@ -1570,21 +1554,11 @@ async fn an_agent_file_takes_a_list_of_servers_and_names_a_bad_one() {
         )
         .unwrap();
     };
-    let check = || async {
-        let out = tokio::process::Command::new(BIN)
-            .args(["check", "--config", file.to_str().unwrap()])
-            .output()
-            .await
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    };
+    let check_args = ["check", "--config", file.to_str().unwrap()];
+    let check = || run_to_end(&check_args);
     write(r#"["wss://a.example.com/agent", "wss://b.example.com:8443/agent"]"#);
     let (code, out, err) = check().await;
-    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("for wss://a.example.com:443/agent, wss://b.example.com:8443/agent"),
         "{out}"
@@ -1614,7 +1588,7 @@ async fn an_agent_file_takes_a_list_of_servers_and_names_a_bad_one() {
     ] {
         write(server);
         let (code, _, err) = check().await;
-        assert_eq!(code, Some(64), "{server}: {err}");
+        assert_eq!(code, 64, "{server}: {err}");
         assert!(err.contains(wanted), "{server}: {err}");
     }
 }
@@ -1726,13 +1700,8 @@ async fn a_bad_server_in_the_file_is_refused_even_with_server_flags() {
         "[agent]\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\nserver = \"ftp://x/agent\"\n[agent.services]\npos = \"127.0.0.1:1\"\n",
     )
     .unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args(["agent", "--config", file.to_str().unwrap(), "--server", "ws://127.0.0.1:1/agent"])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8(out.stderr).unwrap();
+    let (code, _, err) = run_to_end(&["agent", "--config", file.to_str().unwrap(), "--server", "ws://127.0.0.1:1/agent"]).await;
+    assert_eq!(code, 64);
     assert!(err.contains("agent.toml:4: agent.server: "), "{err}");
 }
 
@@ -1783,17 +1752,15 @@ async fn the_environments_proxy_is_resolved_for_each_server() {
          [agent.services]\npos = \"127.0.0.1:1\"\n",
     )
     .unwrap();
-    let out = tokio::process::Command::new(BIN)
+    let mut command = tokio::process::Command::new(BIN);
+    command
         .args(["check", "--config", file.to_str().unwrap()])
         .env("HTTPS_PROXY", "http://proxy.example.com:3128")
         .env("NO_PROXY", "internal.example")
         .env_remove("https_proxy")
-        .env_remove("no_proxy")
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        .env_remove("no_proxy");
+    let (code, text, err) = command_to_end(command).await;
+    assert_eq!(code, 0, "{err}");
     assert!(
         text.contains("server wss://agents-1.example.com:443/agent through the proxy proxy.example.com:3128"),
         "{text}"

@@ -191,6 +191,45 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
     }
 }
 
+/// `wsbridge agent` raises its soft open-file limit too (a session through it holds two
+/// descriptors; services start at 1,024).
+#[tokio::test]
+async fn the_agent_raises_a_low_soft_open_file_limit_to_the_hard_one() {
+    let test = "the_agent_raises_a_low_soft_open_file_limit_to_the_hard_one";
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    if hard.is_some_and(|h| h < 256) {
+        skip(test, &format!("hard open-file limit {hard:?} leaves no room above 64"));
+        return;
+    }
+    if !prlimit_works(test).await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let server = format!("ws://{}/agent", closed_port().await);
+    let mut command = Command::new("prlimit");
+    command
+        .args(["--nofile=64:", BIN, "agent", "--server", &server, "--name", "n", "--proxy", "off"])
+        .args(["--service", "pos=127.0.0.1:1", "--secret-file", secret.to_str().unwrap()])
+        .stdout(Stdio::null());
+    // prlimit runs the agent in its own process (exec): its pid is the agent's.
+    let mut agent = crate::common::binary::Binary::start(command);
+    // Logged once the agent runs, after the raise.
+    agent.line("agent: connecting").await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let [soft, hard]: [&str; 2] = open_files
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    assert_eq!(soft, hard, "{open_files}");
+    assert_ne!(soft, "64", "{open_files}");
+}
+
 #[tokio::test]
 async fn an_open_file_limit_below_max_connections_lowers_the_cap() {
     let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
