@@ -133,7 +133,10 @@ async fn check(path: &std::path::Path) -> ExitCode {
                 let servers: Vec<String> = c.servers().map(ToString::to_string).collect();
                 println!("{}: OK (agent {} for {})", path.display(), c.name, servers.join(", "));
                 for (name, target) in &c.services {
-                    println!("service {name:<20} -> {target}");
+                    match c.max_sessions.get(name) {
+                        Some(max) => println!("service {name:<20} -> {target} (at most {max} at a time)"),
+                        None => println!("service {name:<20} -> {target}"),
+                    }
                 }
                 for (server, proxy) in c.connections() {
                     if let Some(p) = proxy {

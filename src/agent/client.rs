@@ -52,6 +52,11 @@ pub struct AgentArgs {
     /// these are ever connected to.
     #[arg(long = "service", value_name = "NAME=ADDR")]
     pub services: Vec<String>,
+    /// At most N sessions of service NAME at once, from all servers together (repeatable); past
+    /// it a page's session is refused with 1014 "NAME: busy, …" and the app is not connected
+    /// to. For an app that serves one client at a time: NAME=1. Default: no cap.
+    #[arg(long = "max-sessions", value_name = "NAME=N")]
+    pub max_sessions: Vec<String>,
     /// Verify the server's certificate against this CA file instead of the system's roots.
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
@@ -94,6 +99,9 @@ pub struct AgentConfig {
     pub secret: String,
     /// The services the server may open, by name.
     pub services: BTreeMap<String, Target>,
+    /// Sessions at once a service takes, where capped: counted over every server the agent
+    /// connects to (the cap protects the app); past it the agent answers that it is busy.
+    pub max_sessions: BTreeMap<String, usize>,
     /// CA file for the server's certificate; `None`: the system's roots.
     pub ca_file: Option<PathBuf>,
     /// Accept any server certificate: for tests only, never from the command line.
@@ -119,6 +127,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("more_servers", &self.more_servers.iter().map(|(s, _)| s).collect::<Vec<_>>())
             .field("name", &self.name)
             .field("services", &self.services)
+            .field("max_sessions", &self.max_sessions)
             .field("proxy", &self.proxy.as_ref().map(|p| format!("{}:{}", p.host, p.port)))
             .finish_non_exhaustive()
     }
@@ -305,7 +314,7 @@ struct RawAgent {
     server: toml::Spanned<ServerField>,
     name: toml::Spanned<String>,
     secret_file: toml::Spanned<PathBuf>,
-    services: toml::Spanned<BTreeMap<String, toml::Spanned<Target>>>,
+    services: toml::Spanned<BTreeMap<String, toml::Spanned<toml::Value>>>,
     ca_file: Option<PathBuf>,
     proxy: Option<toml::Spanned<String>>,
     #[serde(default)]
@@ -426,16 +435,16 @@ impl AgentConfig {
             }
         };
         let mut services = BTreeMap::new();
+        let mut max_sessions = BTreeMap::new();
         let span = a.services.span();
         for (k, v) in a.services.into_inner() {
             let field = format!("agent.services.{k}");
             if !link::valid_name(&k) {
                 return Err(ctx.invalid(v.span(), &field, "a service name is 1-64 of A-Z a-z 0-9 . _ -"));
             }
-            let vspan = v.span();
-            let target = v.into_inner();
-            if matches!(target, Target::Agent { .. }) {
-                return Err(ctx.invalid(vspan, &field, "a service is HOST:PORT or unix:/path"));
+            let (target, max) = service_entry(v.get_ref()).map_err(|(sub, e)| ctx.invalid(v.span(), &format!("{field}{sub}"), e))?;
+            if let Some(max) = max {
+                max_sessions.insert(k.clone(), max);
             }
             services.insert(k, target);
         }
@@ -473,6 +482,7 @@ impl AgentConfig {
             name,
             secret,
             services,
+            max_sessions,
             ca_file: a.ca_file.map(|c| resolve(&c)),
             insecure_skip_verify: a.insecure_skip_verify,
             proxy,
@@ -492,6 +502,7 @@ impl AgentConfig {
             name,
             secret,
             services: BTreeMap::new(),
+            max_sessions: BTreeMap::new(),
             ca_file: None,
             insecure_skip_verify: false,
             proxy: None,
@@ -575,6 +586,16 @@ impl AgentConfig {
         }
         if config.services.is_empty() {
             return Err(invalid("--service", "at least one is needed: NAME=HOST:PORT".into()));
+        }
+        for m in &args.max_sessions {
+            let (name, max) = m
+                .split_once('=')
+                .ok_or_else(|| invalid("--max-sessions", format!("{m:?}: expected NAME=N")))?;
+            if !config.services.contains_key(name) {
+                return Err(invalid("--max-sessions", format!("{name:?}: no such service (see --service)")));
+            }
+            let max = parse_max_sessions(max).map_err(|e| invalid("--max-sessions", format!("{m:?}: {e}")))?;
+            config.max_sessions.insert(name.to_owned(), max);
         }
         if let Some(ca) = &args.ca_file {
             config.ca_file = Some(ca.clone());
@@ -679,6 +700,47 @@ fn server_list(urls: &[(&str, Placed<'_>)]) -> Result<Vec<ServerUrl>, ListError>
 }
 
 /// Reads a secret file: its first line, trimmed; refuses an empty one.
+/// One `[agent.services]` entry: `"HOST:PORT"` or `"unix:/path"`, or
+/// `{ target = "…", max_sessions = N }`. An error names the key it is about (`""` for the value
+/// itself).
+fn service_entry(v: &toml::Value) -> Result<(Target, Option<usize>), (&'static str, String)> {
+    // A string is never an agent target (that is a table): HOST:PORT or unix:/path.
+    let address = |s: &str| s.parse::<Target>();
+    match v {
+        toml::Value::String(s) => Ok((address(s).map_err(|e| ("", e))?, None)),
+        toml::Value::Table(t) => {
+            if let Some(key) = t.keys().find(|k| !matches!(k.as_str(), "target" | "max_sessions")) {
+                let e = match key.as_str() {
+                    "agent" | "service" => "a service is HOST:PORT or unix:/path, not another agent's".to_owned(),
+                    _ => format!("unknown key {key:?}: expected target and max_sessions"),
+                };
+                return Err(("", e));
+            }
+            let target = match t.get("target") {
+                Some(toml::Value::String(s)) => address(s).map_err(|e| (".target", e))?,
+                Some(_) => return Err((".target", "a string, \"HOST:PORT\" or \"unix:/path\"".into())),
+                None => return Err(("", "needs target = \"HOST:PORT\" (or \"unix:/path\")".into())),
+            };
+            let max = match t.get("max_sessions") {
+                None => None,
+                Some(toml::Value::Integer(n)) => Some(parse_max_sessions(&n.to_string()).map_err(|e| (".max_sessions", e))?),
+                Some(_) => return Err((".max_sessions", "a whole number of sessions, at least 1".into())),
+            };
+            Ok((target, max))
+        }
+        _ => Err(("", "\"HOST:PORT\", \"unix:/path\" or { target = \"…\", max_sessions = N }".into())),
+    }
+}
+
+/// A service's `max_sessions`: 1 or more.
+fn parse_max_sessions(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| "a whole number of sessions, at least 1".to_owned())
+}
+
 fn read_secret(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let secret = text.lines().next().unwrap_or("").trim().to_owned();
@@ -766,6 +828,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
     let shutdown = CancellationToken::new();
     let several = !config.more_servers.is_empty();
     let instances = Instances::default();
+    let caps = Arc::new(Caps::new(&config.max_sessions));
     let mut states = Vec::new();
     let mut loops = Vec::new();
     for (index, one) in config.per_server().into_iter().enumerate() {
@@ -781,6 +844,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
         let mine = Mine {
             instances: instances.clone(),
             index,
+            caps: caps.clone(),
         };
         loops.push(run(Arc::new(one), tls, shutdown.clone(), tx, attempts.clone(), mine).instrument(span));
     }
@@ -992,6 +1056,7 @@ async fn control(
         sessions: sessions.clone(),
         instance,
         misrouted: Arc::default(),
+        caps: mine.caps.clone(),
     };
     let mut connected = false;
     let mut tick = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
@@ -1077,11 +1142,44 @@ type ControlWs = tokio_tungstenite::WebSocketStream<LinkStream>;
 #[derive(Clone, Default)]
 struct Instances(Arc<std::sync::Mutex<std::collections::HashMap<String, (usize, String)>>>);
 
-/// One connection's view of the agent's [`Instances`].
+/// One connection's view of what the agent's connections share: the [`Instances`] they are on,
+/// and the capped services' sessions.
 struct Mine {
     instances: Instances,
     /// Which of the agent's servers this connection is to.
     index: usize,
+    caps: Arc<Caps>,
+}
+
+/// The sessions open on each service with a `max_sessions`, over all of the agent's
+/// connections: the cap protects the app, whichever server a session comes through.
+#[derive(Default)]
+struct Caps(std::collections::HashMap<String, (usize, Arc<std::sync::atomic::AtomicUsize>)>);
+
+/// One session's place under its service's cap, given back when dropped.
+struct CapHeld(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for CapHeld {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Caps {
+    fn new(max_sessions: &BTreeMap<String, usize>) -> Caps {
+        Caps(max_sessions.iter().map(|(s, max)| (s.clone(), (*max, Arc::default()))).collect())
+    }
+
+    /// A place for one more session of `service` (`None`: not capped), or `Err` with its cap
+    /// when every place is taken.
+    fn take(&self, service: &str) -> Result<Option<CapHeld>, usize> {
+        let Some((max, open)) = self.0.get(service) else {
+            return Ok(None);
+        };
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < *max).then_some(n + 1))
+            .map_err(|_| *max)?;
+        Ok(Some(CapHeld(open.clone())))
+    }
 }
 
 /// An instance held by one connection, until it is dropped.
@@ -1226,6 +1324,8 @@ struct Links {
     instance: Option<String>,
     /// Whether a link's reaching another instance was logged (once per control link).
     misrouted: Arc<std::sync::atomic::AtomicBool>,
+    /// The agent's capped services' open sessions.
+    caps: Arc<Caps>,
 }
 
 /// Dials one more idle data link (bounded: at most 4096 links and sessions at once).
@@ -1314,7 +1414,7 @@ async fn data_link(links: Links) {
             // (protocol version 2), before this session's service is even connected.
             spawn_link(&links);
         }
-        match session(&mut io, &service, reusable, config).await {
+        match session(&mut io, &service, reusable, config, &links.caps).await {
             Some(rest) if reusable => carry = rest,
             _ => return,
         }
@@ -1333,7 +1433,7 @@ fn answers_chunks(head: &str) -> bool {
 /// One session on a data link whose `open` named `service`: connect it, answer, relay until both
 /// ends are done. For a link in chunks, `Some` with the bytes read past the server's end mark
 /// when the link is clean for the next session (an `err` answer leaves it clean too).
-async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &AgentConfig) -> Option<Vec<u8>> {
+async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &AgentConfig, caps: &Caps) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
     let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
         let shown: String = service.chars().filter(char::is_ascii_graphic).take(64).collect();
@@ -1341,6 +1441,17 @@ async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &Age
         return answer(io, &format!("err {shown}: no such service on agent {}\n", config.name), config)
             .await
             .then(Vec::new);
+    };
+    // Held until the session ends; a service at its cap is not connected to at all.
+    let _place = match caps.take(service) {
+        Ok(place) => place,
+        Err(max) => {
+            info!(%service, max_sessions = max, "agent: service busy, session refused");
+            let sessions = if max == 1 { "session" } else { "sessions" };
+            return answer(io, &format!("err {service}: busy, at most {max} {sessions} at a time\n"), config)
+                .await
+                .then(Vec::new);
+        }
     };
     let mut app = match Backend::connect(target, config.connect_timeout, None, None).await {
         Ok(app) => app,
@@ -1601,6 +1712,85 @@ mod tests {
         assert_eq!((p.host.as_str(), p.port), ("proxy", 3128));
         assert_eq!(p.authorization.as_deref(), Some("Basic dXNlcjpwQHNz"));
         assert!("socks5://proxy:1080".parse::<Proxy>().is_err());
+    }
+
+    /// `max_sessions` in the file (a service as a table) and as a flag, which wins; every mistake
+    /// named by its line and key.
+    #[test]
+    fn a_service_takes_a_session_cap_in_the_file_or_as_a_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "secret\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        let write = |services: &str| {
+            let head = "[agent]\nserver = \"ws://127.0.0.1:6080/agent\"\nname = \"n\"\nsecret_file = \"s\"\n[agent.services]\n";
+            std::fs::write(&file, format!("{head}{services}")).unwrap();
+        };
+        write("pos = { target = \"127.0.0.1:9100\", max_sessions = 1 }\nlabel = \"127.0.0.1:9101\"\n");
+        let c = AgentConfig::from_file(&file).unwrap();
+        assert_eq!(c.services["pos"], "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(c.services["label"], "127.0.0.1:9101".parse().unwrap());
+        assert_eq!(c.max_sessions, BTreeMap::from([("pos".to_owned(), 1)]));
+        let args = |max: &[&str]| AgentArgs {
+            config: Some(file.clone()),
+            max_sessions: max.iter().map(|s| (*s).to_owned()).collect(),
+            ..AgentArgs::default()
+        };
+        let flags = AgentConfig::from_args(&args(&["pos=3", "label=2"])).unwrap();
+        assert_eq!(flags.max_sessions, BTreeMap::from([("pos".to_owned(), 3), ("label".to_owned(), 2)]));
+        for (flag, says) in [
+            ("pos=0", "at least 1"),
+            ("pos=many", "at least 1"),
+            ("pos", "expected NAME=N"),
+            ("printer=1", "no such service"),
+        ] {
+            let e = AgentConfig::from_args(&args(&[flag])).unwrap_err().to_string();
+            assert!(e.contains("--max-sessions") && e.contains(says), "{flag}: {e}");
+        }
+        for (entry, field, says) in [
+            (
+                "pos = { target = \"127.0.0.1:9100\", max_sessions = 0 }",
+                "agent.services.pos.max_sessions",
+                "at least 1",
+            ),
+            (
+                "pos = { target = \"127.0.0.1:9100\", max_sessions = \"1\" }",
+                "agent.services.pos.max_sessions",
+                "whole number",
+            ),
+            (
+                "pos = { target = \"127.0.0.1\" }",
+                "agent.services.pos.target",
+                "expected HOST:PORT",
+            ),
+            ("pos = { max_sessions = 1 }", "agent.services.pos", "needs target"),
+            (
+                "pos = { target = \"127.0.0.1:9100\", max = 1 }",
+                "agent.services.pos",
+                "unknown key \"max\"",
+            ),
+            (
+                "pos = { agent = \"a\", service = \"b\" }",
+                "agent.services.pos",
+                "HOST:PORT or unix:/path",
+            ),
+            ("pos = 9100", "agent.services.pos", "\"HOST:PORT\""),
+        ] {
+            write(&format!("label = \"127.0.0.1:9101\"\n{entry}\n"));
+            let e = AgentConfig::from_file(&file).unwrap_err().to_string();
+            assert!(e.contains(&format!("agent.toml:7: {field}: ")) && e.contains(says), "{entry}: {e}");
+        }
+    }
+
+    /// A cap counts the sessions open now: a place comes back when its session ends.
+    #[test]
+    fn a_capped_service_gives_a_place_back_when_a_session_ends() {
+        let caps = Caps::new(&BTreeMap::from([("pos".to_owned(), 2)]));
+        assert!(caps.take("label").unwrap().is_none(), "not capped");
+        let one = caps.take("pos").unwrap().unwrap();
+        let _two = caps.take("pos").unwrap().unwrap();
+        assert_eq!(caps.take("pos").err(), Some(2));
+        drop(one);
+        assert!(caps.take("pos").unwrap().is_some());
     }
 
     /// A proxy given as a flag beats the file's for every server, `off` removes it, and a file's

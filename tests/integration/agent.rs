@@ -167,6 +167,65 @@ async fn the_agent_opens_only_its_own_services() {
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
 }
 
+/// A service capped at one session (an app that serves one client at a time) takes one, from
+/// whichever server it comes: a second page, on the other server, reads why it was refused, and
+/// the app never sees that connection. When the first session ends, the place is free again.
+#[tokio::test]
+async fn a_capped_service_refuses_sessions_past_its_cap_from_every_server() {
+    let (echo, accepted) = echo_backend().await;
+    let config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    let one = TestBridge::start(config.clone()).await;
+    let two = TestBridge::start(config).await;
+    let mut c = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    c.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None)];
+    c.max_sessions.insert("pos".into(), 1);
+    let mut agent = client::spawn(c).unwrap();
+    for state in &mut agent.states {
+        within("both connections", state.wait_for(|s| *s == State::Connected))
+            .await
+            .unwrap();
+    }
+    let (mut first, _) = ws_connect(&one.url("/pos"), None).await;
+    send_bin(&mut first, b"mine").await;
+    assert_eq!(recv_data(&mut first).await, b"mine");
+    for bridge in [&two, &one] {
+        let mut s = raw_ws(bridge.addr, "/pos").await;
+        assert_eq!(
+            raw_read_close(&mut s).await,
+            (1014, "pos: busy, at most 1 session at a time".into())
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "a refused session reached the app");
+    // The first session still works, then ends.
+    send_bin(&mut first, b"still mine").await;
+    assert_eq!(recv_data(&mut first).await, b"still mine");
+    let bye = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 1000.into(),
+        reason: "".into(),
+    };
+    first.send(Message::Close(Some(bye))).await.unwrap();
+    let (_, close) = read_until_close(&mut first).await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1000));
+    // The agent gives the place back as its side of that session ends, which may be a moment
+    // after the page has its close: pages retry until one is let in.
+    let mut next = within("a session once the first has ended", async {
+        loop {
+            let mut s = raw_ws(two.addr, "/pos").await;
+            s.write_all(&frame(0x82, b"next", true)).await.unwrap();
+            match raw_read_frame(&mut s).await {
+                (2, data) => break (s, data),
+                (8, payload) => assert_eq!(&payload[2..], b"pos: busy, at most 1 session at a time"),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(next.1, b"next");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    next.0.write_all(&frame(0x88, &1000u16.to_be_bytes(), true)).await.unwrap();
+    assert_eq!(raw_read_close(&mut next.0).await.0, 1000);
+}
+
 /// One session whose app stops reading, and one whose browser stops reading, on the same agent:
 /// a third session keeps flowing meanwhile.
 #[tokio::test]
@@ -783,7 +842,7 @@ async fn check_names_the_file_line_and_field_of_an_agent_mistake() {
     let (code, _, err) = run_to_end(&["check", "--config", file.to_str().unwrap()]).await;
     assert_eq!(code, 64);
     assert!(
-        err.contains("agent.toml") && err.contains("line 7") && err.contains("expected HOST:PORT"),
+        err.contains("agent.toml:7: agent.services.pos: ") && err.contains("expected HOST:PORT"),
         "{err}"
     );
     std::fs::write(&file, "[agent]\nserver = \"ftp://x/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n[agent.services]\npos = \"127.0.0.1:1\"\n").unwrap();
@@ -1539,6 +1598,27 @@ async fn the_agent_binary_takes_several_servers() {
         assert_eq!(recv_data(&mut ws).await, b"via the binary");
     }
     child.kill().await.unwrap();
+}
+
+/// `wsbridge check` shows a service's cap; `--max-sessions` is checked against the services.
+#[tokio::test]
+async fn check_shows_a_services_session_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("agent.secret"), "s\n").unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "[agent]\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\nserver = \"ws://127.0.0.1:6080/agent\"\n\n\
+         [agent.services]\ntill = { target = \"127.0.0.1:9200\", max_sessions = 1 }\npos = \"127.0.0.1:9100\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_to_end(&["check", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("-> 127.0.0.1:9200 (at most 1 at a time)"), "{out}");
+    assert!(out.lines().any(|l| l.ends_with("-> 127.0.0.1:9100")), "{out}");
+    let (code, _, err) = run_to_end(&["agent", "--config", file.to_str().unwrap(), "--max-sessions", "label=1"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("--max-sessions") && err.contains("no such service"), "{err}");
 }
 
 /// `server` in an `[agent]` table is one URL or a list; a mistake in a list names its element.
