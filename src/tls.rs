@@ -185,6 +185,13 @@ pub fn server_config(s: &TlsSettings) -> Result<rustls::ServerConfig, TlsError> 
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption by stateless tickets, so that any number of clients resume (a page that
+    // reconnects, a fleet of agents after a network blip) at a fraction of a full handshake's
+    // cost: rustls' default remembers the last 256 sessions in memory and no more. Keys are random
+    // per config and rotated every 6 hours; a reload makes a new config, so a session is never
+    // resumed past a change of certificate or client CA. TLS 1.3 resumption keeps forward secrecy
+    // (rustls resumes with a fresh key exchange only).
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(config)
 }
 

@@ -272,6 +272,42 @@ async fn certificate_swap_is_picked_up_and_open_sessions_keep_working() {
     assert_eq!(s.get_ref().1.peer_certificates().unwrap()[0].as_ref(), second_der.as_slice());
 }
 
+/// A client resumes its session by ticket however many other clients came since (rustls'
+/// default in-memory cache forgets all but the last 256 sessions), and not past a reload of the
+/// certificate files.
+#[tokio::test]
+async fn sessions_resume_by_ticket_after_many_others_but_not_past_a_reload() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(tls_config(backend, settings(&cert))).await;
+    // One client with its own resumption store; each session echoes once, which also reads the
+    // tickets the server sends after the handshake.
+    let client = client_config(&pki.ca_pem, None, BOTH);
+    let session = |client: std::sync::Arc<rustls::ClientConfig>| async move {
+        let stream = tls_connect(bridge.addr, "localhost", client).await.unwrap();
+        let kind = stream.get_ref().1.handshake_kind();
+        let mut ws = wss_over(stream, "wss://localhost/").await;
+        send_bin(&mut ws, b"hello").await;
+        assert_eq!(recv_data(&mut ws).await, b"hello");
+        kind
+    };
+    assert_eq!(session(client.clone()).await, Some(rustls::HandshakeKind::Full));
+    assert_eq!(session(client.clone()).await, Some(rustls::HandshakeKind::Resumed));
+    // 300 other clients, 10 at a time: 600 tickets, well past a 256-session cache.
+    for _ in 0..30 {
+        let others: Vec<_> = (0..10).map(|_| session(client_config(&pki.ca_pem, None, BOTH))).collect();
+        for kind in futures_util::future::join_all(others).await {
+            assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+        }
+    }
+    assert_eq!(session(client.clone()).await, Some(rustls::HandshakeKind::Resumed));
+    // New keys with the reloaded files: a full handshake, then resumption again.
+    assert!(bridge.bridge.reload_tls().is_empty());
+    assert_eq!(session(client.clone()).await, Some(rustls::HandshakeKind::Full));
+    assert_eq!(session(client).await, Some(rustls::HandshakeKind::Resumed));
+}
+
 /// The DER bytes of a PEM certificate.
 fn der_of(pem: &str) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
