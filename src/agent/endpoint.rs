@@ -97,13 +97,16 @@ pub async fn serve<S: IntoLink>(
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, s)| s.trim());
-    if let Err(why) = registry.authenticate(name, secret).await {
-        // The try was charged by may_try; a failed one stays spent.
-        // Peer-controlled: printable ASCII only, bounded.
-        let shown: String = name.unwrap_or("").chars().filter(char::is_ascii_graphic).take(64).collect();
-        refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
-        return warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
-    }
+    let digest = match registry.authenticate(name, secret).await {
+        Ok(digest) => digest,
+        Err(why) => {
+            // The try was charged by may_try; a failed one stays spent.
+            // Peer-controlled: printable ASCII only, bounded.
+            let shown: String = name.unwrap_or("").chars().filter(char::is_ascii_graphic).take(64).collect();
+            refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+            return warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
+        }
+    };
     registry.succeeded(addr.ip());
     let name = name.unwrap_or_default().to_owned();
     match kind {
@@ -170,7 +173,7 @@ pub async fn serve<S: IntoLink>(
             }
             let config = link::control_ws_config();
             let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
-            control(ws, name, addr, registry, endpoint, timeouts, shutdown).await;
+            control(ws, (name, digest), addr, registry, endpoint, timeouts, shutdown).await;
         }
     }
 }
@@ -197,13 +200,15 @@ enum End {
     Drained,
     /// A newer connection of the same name took over.
     Replaced,
+    /// The agent is no longer declared, or with another secret: its sessions were ended.
+    Revoked,
     /// No pong in time, a broken connection: every session through it ends.
     Lost(String),
 }
 
 async fn control<S: LinkIo>(
     mut ws: WebSocketStream<S>,
-    name: String,
+    (name, digest): (String, [u8; 32]),
     addr: SocketAddr,
     registry: &Registry,
     endpoint: &EndpointConfig,
@@ -224,7 +229,7 @@ async fn control<S: LinkIo>(
         _ => return debug!(agent = %name, "agent control link: no hello; closed"),
     };
     let services: Vec<String> = services.into_iter().filter(|s| link::valid_name(s)).take(1024).collect();
-    let mut attached = registry.attach(&name, services.clone(), addr, endpoint.pool, replacing);
+    let mut attached = registry.attach(&name, digest, services.clone(), addr, endpoint.pool, replacing);
     info!(agent = %name, services = ?services, "agent connected");
     let send_timeout = timeouts.pong_timeout;
     let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));
@@ -250,11 +255,14 @@ async fn control<S: LinkIo>(
                 Some(End::Drained)
             }
             _ = attached.replaced.cancelled() => Some(End::Replaced),
+            _ = attached.revoked.cancelled() => Some(End::Revoked),
             _ = pong_wait => Some(End::Lost(format!("no pong within {:?}", timeouts.pong_timeout))),
             Some(Control::Want(links)) = attached.control.recv() => {
                 send(&mut ws, &ControlMessage::Want { links }, send_timeout).await.err().map(End::Lost)
             }
             _ = tick.tick() => {
+                // A fleet file that no longer declares the agent (or another secret) ends it.
+                registry.recheck(&name, attached.id).await;
                 registry.top_up(&name, attached.id);
                 pong_due.get_or_insert(Instant::now() + timeouts.pong_timeout);
                 match timeout(send_timeout, ws.send(Message::Ping(Default::default()))).await {
@@ -278,6 +286,10 @@ async fn control<S: LinkIo>(
         code: CloseCode::Away,
         reason: reason.into(),
     };
+    let revoked = CloseFrame {
+        code: CloseCode::Policy,
+        reason: "this agent is no longer allowed".into(),
+    };
     match end {
         Some(End::Closed) => {
             registry.detach(&name, attached.id, false);
@@ -295,6 +307,10 @@ async fn control<S: LinkIo>(
             )
             .await;
             info!(agent = %name, "agent control link replaced");
+        }
+        Some(End::Revoked) => {
+            // Out of the registry already, its sessions ended (logged there).
+            let _ = timeout(timeouts.close, ws.close(Some(revoked))).await;
         }
         Some(End::Lost(why)) => {
             registry.detach(&name, attached.id, true);

@@ -342,6 +342,23 @@ pub fn clean_reason(s: &str) -> String {
 /// when the browser left. Past it a new link costs less than reading on.
 pub const MAX_DRAIN: usize = 64 * 1024;
 
+/// An agent connection's end, as its sessions' links see it.
+#[derive(Debug, Clone, Default)]
+pub struct Loss {
+    /// Cancelled when the connection is lost: a session ends once its link has nothing to
+    /// carry (a link that still moves bytes is not lost, only the control link was).
+    pub token: CancellationToken,
+    /// Set (before `token` is cancelled) when the agent is no longer allowed (its declaration
+    /// or secret changed): every session through it ends at its next read or write, busy or not.
+    pub revoked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Loss {
+    fn revoked(&self) -> bool {
+        self.revoked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// A data link taken for a session, as the server's relay uses it ([`AgentLink::halves`]): the
 /// link's bytes, ended with an error naming the agent once the agent is lost (its control link
 /// missed its pong deadline), so the session closes with 1011 instead of waiting on a link whose
@@ -353,8 +370,8 @@ pub struct AgentLink {
     early: Vec<u8>,
     /// A link in chunks: both directions' framing, and the pool it returns to.
     chunks: Option<Chunks>,
-    /// Cancelled when the agent's connection is lost.
-    lost: CancellationToken,
+    /// The agent connection's loss or revocation.
+    lost: Loss,
     /// The agent's name, for the error.
     name: String,
 }
@@ -378,7 +395,7 @@ impl std::fmt::Debug for AgentLink {
 impl AgentLink {
     /// Wraps a raw link whose `open` was answered `ok` (`early`: bytes read after it); `lost` is
     /// the agent connection's token.
-    pub fn new(io: LinkStream, early: Vec<u8>, lost: CancellationToken, name: String) -> AgentLink {
+    pub fn new(io: LinkStream, early: Vec<u8>, lost: Loss, name: String) -> AgentLink {
         AgentLink {
             io,
             early,
@@ -390,13 +407,7 @@ impl AgentLink {
 
     /// Wraps a link in chunks whose `open` was answered `ok`; it goes back to `home` when the
     /// session leaves it clean.
-    pub fn chunked(
-        io: LinkStream,
-        early: Vec<u8>,
-        lost: CancellationToken,
-        name: String,
-        home: std::sync::Arc<super::registry::Pool>,
-    ) -> AgentLink {
+    pub fn chunked(io: LinkStream, early: Vec<u8>, lost: Loss, name: String, home: std::sync::Arc<super::registry::Pool>) -> AgentLink {
         AgentLink {
             io,
             early: Vec::new(),
@@ -438,7 +449,7 @@ impl AgentLink {
     pub fn release(self, within: std::time::Duration) {
         let AgentLink { mut io, chunks, lost, .. } = self;
         let Some(Chunks { mut read, write, home }) = chunks else { return };
-        if !write.ended() || lost.is_cancelled() {
+        if !write.ended() || lost.token.is_cancelled() {
             return;
         }
         if read.clean() {
@@ -468,7 +479,7 @@ impl AgentLink {
             .await;
             // Nothing may follow the agent's end mark before the next `open` is sent.
             // The agent ended its side after ours: it is done with the session.
-            if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.is_cancelled() {
+            if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.token.is_cancelled() {
                 home.give_back(io, false);
             }
         });
@@ -477,9 +488,10 @@ impl AgentLink {
 
 /// The agent's loss, as one half of a session's link sees it. It is looked at only when the
 /// link has nothing to give or take (`Pending`): a link that moves is not lost, and the check
-/// (registering with the token) stays off the data path.
+/// (registering with the token) stays off the data path. A revocation is looked at on every
+/// read and write (one relaxed load): it ends busy sessions too.
 struct Lost<'a> {
-    token: &'a CancellationToken,
+    loss: &'a Loss,
     /// Made at the first wait: the token's future, registered with the task's waker.
     wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     name: &'a str,
@@ -492,18 +504,34 @@ impl std::fmt::Debug for Lost<'_> {
 }
 
 impl<'a> Lost<'a> {
-    fn new(token: &'a CancellationToken, name: &'a str) -> Lost<'a> {
-        Lost { token, wait: None, name }
+    fn new(loss: &'a Loss, name: &'a str) -> Lost<'a> {
+        Lost { loss, wait: None, name }
     }
 
-    /// `Pending` from the link, unless the agent is lost: then the error that ends the session.
-    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let wait = self.wait.get_or_insert_with(|| Box::pin(self.token.clone().cancelled_owned()));
-        match wait.as_mut().poll(cx) {
-            // `Other`: the relay's close reason shows the message ("backend read failed: agent
-            // shop-17 lost"), where a kind of its own would show only the kind.
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::other(format!("agent {} lost", self.name)))),
-            Poll::Pending => Poll::Pending,
+    /// What the link gave, unless the agent is lost (when it gave nothing) or revoked: then the
+    /// error that ends the session.
+    fn check<T>(&mut self, polled: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if self.loss.revoked() {
+            return Poll::Ready(Err(self.error()));
+        }
+        match polled {
+            Poll::Pending => {
+                let wait = self.wait.get_or_insert_with(|| Box::pin(self.loss.token.clone().cancelled_owned()));
+                match wait.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(self.error())),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => ready,
+        }
+    }
+
+    /// `Other`: the relay's close reason shows the message ("backend read failed: agent
+    /// shop-17 lost"), where a kind of its own would show only the kind.
+    fn error(&self) -> io::Error {
+        match self.loss.revoked() {
+            true => io::Error::other(format!("agent {} is no longer allowed", self.name)),
+            false => io::Error::other(format!("agent {} lost", self.name)),
         }
     }
 }
@@ -558,10 +586,7 @@ impl AsyncRead for AgentReader<'_> {
                 Pin::new(&mut this.io).poll_read(cx, buf)
             }
         };
-        match polled {
-            Poll::Pending => this.lost.pending(cx),
-            ready => ready,
-        }
+        this.lost.check(polled, cx)
     }
 }
 
@@ -575,29 +600,24 @@ impl AsyncWrite for AgentWriter<'_> {
             Some(chunks) => chunks.poll_write(Pin::new(&mut this.io), cx, bufs),
             None => Pin::new(&mut this.io).poll_write_vectored(cx, bufs),
         };
-        match polled {
-            Poll::Pending => this.lost.pending(cx),
-            ready => ready,
-        }
+        this.lost.check(polled, cx)
     }
     fn is_write_vectored(&self) -> bool {
         self.chunks.is_some() || self.io.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_flush(cx) {
-            Poll::Pending => this.lost.pending(cx),
-            ready => ready,
-        }
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.lost.check(polled, cx)
     }
     /// A link in chunks gets the end mark (and stays open for the next session); a raw one its FIN.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match &mut this.chunks {
-            Some(chunks) => match chunks.poll_end(Pin::new(&mut this.io), cx) {
-                Poll::Pending => this.lost.pending(cx),
-                ready => ready,
-            },
+            Some(chunks) => {
+                let polled = chunks.poll_end(Pin::new(&mut this.io), cx);
+                this.lost.check(polled, cx)
+            }
             None => Pin::new(&mut this.io).poll_shutdown(cx),
         }
     }
@@ -700,11 +720,38 @@ mod tests {
         let mut rest = Vec::new();
         let line = read_line_carried(&mut server, &mut rest).await.unwrap().unwrap();
         assert_eq!(line, "ok");
-        let mut link = AgentLink::new(server, rest, CancellationToken::new(), "a".into());
+        let mut link = AgentLink::new(server, rest, Loss::default(), "a".into());
         agent.write_all(b" AND MORE").await.unwrap();
         drop(agent);
         let mut all = Vec::new();
         link.halves().0.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"WELCOME AND MORE");
+    }
+
+    /// A lost agent's link ends only when it has nothing to give; a revoked one's at once,
+    /// bytes waiting or not, both ways.
+    #[tokio::test]
+    async fn a_revoked_agents_link_fails_at_once_and_a_lost_ones_when_idle() {
+        let (mut agent, server) = tokio::io::duplex(4096);
+        let loss = Loss::default();
+        let mut link = AgentLink::new(Box::new(server).into_link(), Vec::new(), loss.clone(), "shop-17".into());
+        agent.write_all(b"waiting").await.unwrap();
+        loss.token.cancel();
+        let mut buf = [0u8; 64];
+        let (mut read, _) = link.halves();
+        assert_eq!(read.read(&mut buf).await.unwrap(), 7, "lost, but the bytes there are read");
+        let e = read.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.to_string(), "agent shop-17 lost");
+        agent.write_all(b"waiting").await.unwrap();
+        loss.revoked.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut read, mut write) = link.halves();
+        assert_eq!(
+            read.read(&mut buf).await.unwrap_err().to_string(),
+            "agent shop-17 is no longer allowed"
+        );
+        assert_eq!(
+            write.write(b"x").await.unwrap_err().to_string(),
+            "agent shop-17 is no longer allowed"
+        );
     }
 }

@@ -118,9 +118,9 @@ impl Declared {
         !self.fleet.is_empty()
     }
 
-    /// Whether `name` is declared inline (no file is read).
-    pub fn is_inline(&self, name: &str) -> bool {
-        self.inline.contains_key(name)
+    /// The SHA-256 of `name`'s secret if `name` is declared inline (no file is read).
+    pub fn inline_sha256(&self, name: &str) -> Option<[u8; 32]> {
+        self.inline.get(name).copied()
     }
 }
 

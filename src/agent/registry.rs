@@ -89,9 +89,23 @@ struct Agent {
     /// When this connection became the agent's.
     since: std::time::SystemTime,
     services: Vec<String>,
-    lost: CancellationToken,
+    /// The SHA-256 of the secret it logged in with: a reload or a fleet file that declares
+    /// another (or none) revokes it.
+    digest: [u8; 32],
+    lost: link::Loss,
     replaced: CancellationToken,
+    revoked: CancellationToken,
     pool: Arc<Pool>,
+}
+
+impl Agent {
+    /// No longer allowed: its control link closes, its sessions end at once.
+    fn revoke(&self, name: &str) {
+        warn!(agent = name, client = %self.addr, "agent no longer declared, or its secret changed: disconnected, its sessions end");
+        self.lost.revoked.store(true, Ordering::Relaxed);
+        self.revoked.cancel();
+        self.lost.token.cancel();
+    }
 }
 
 impl Drop for Agent {
@@ -254,6 +268,8 @@ pub struct Attached {
     pub lost: CancellationToken,
     /// Cancelled when a newer connection of the same name took over.
     pub replaced: CancellationToken,
+    /// Cancelled when the agent is no longer allowed (see [`Registry::recheck`]).
+    pub revoked: CancellationToken,
     /// Requests to forward to the agent.
     pub control: mpsc::Receiver<Control>,
 }
@@ -292,21 +308,48 @@ impl Registry {
         &self.instance.0
     }
 
-    /// Takes the declarations of a reloaded configuration. Connected agents whose declaration
-    /// is gone are dropped from the registry (their control links notice at their next tick).
+    /// Takes the declarations of a reloaded configuration. A connected agent whose declaration
+    /// is gone or names another secret is revoked at once: its control link closes and its
+    /// sessions end. (One that may come from a fleet file is checked by [`Registry::recheck`].)
     pub fn set_config(&self, agents: &AgentsConfig) {
         *self.declared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(agents.clone());
         let names = Arc::new(super::Declared::from_config(agents));
         *self.names.write().unwrap_or_else(|p| p.into_inner()) = names.clone();
         let mut connected = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         connected.retain(|name, a| {
-            // An agent from a fleet file is checked again when it next logs in.
-            let keep = names.has_fleet() || names.is_inline(name);
-            if !keep {
-                a.replaced.cancel();
+            let allowed = match names.inline_sha256(name) {
+                Some(digest) => digest == a.digest,
+                None => names.has_fleet(),
+            };
+            if !allowed {
+                a.revoke(name);
             }
-            keep
+            allowed
         });
+    }
+
+    /// Checks connection `id` of `name` against the declarations as they are now (fleet files
+    /// re-read if they changed), and revokes it if the agent is no longer declared with the
+    /// secret it logged in with. Each control link calls it at every ping, so a fleet file's
+    /// change reaches connected agents within a ping interval, not at their next login.
+    pub async fn recheck(&self, name: &str, id: u64) {
+        let digest = {
+            let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            match agents.get(name).filter(|a| a.id == id) {
+                Some(a) => a.digest,
+                None => return,
+            }
+        };
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if names.secret_sha256(name).await == Some(digest) {
+            return;
+        }
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if agents.get(name).is_some_and(|a| a.id == id) {
+            if let Some(a) = agents.remove(name) {
+                a.revoke(name);
+            }
+        }
     }
 
     fn config(&self) -> Arc<AgentsConfig> {
@@ -322,14 +365,14 @@ impl Registry {
     ///
     /// # Errors
     /// Why not, for the log.
-    pub async fn authenticate(&self, name: Option<&str>, secret: Option<&str>) -> Result<(), AuthFailure> {
+    pub async fn authenticate(&self, name: Option<&str>, secret: Option<&str>) -> Result<[u8; 32], AuthFailure> {
         let (Some(name), Some(secret)) = (name, secret) else {
             return Err(AuthFailure::Missing);
         };
         let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
         let digest = names.secret_sha256(name).await.ok_or(AuthFailure::UnknownAgent)?;
         match link::secret_matches(secret, &digest) {
-            true => Ok(()),
+            true => Ok(digest),
             false => Err(AuthFailure::WrongSecret),
         }
     }
@@ -346,20 +389,24 @@ impl Registry {
     }
 
     /// Makes this control link the agent's connection; an older one of the same name is told
-    /// it was replaced (newest wins). `replacing`: the agent replaces each link it is sent
-    /// `open` on by itself (see [`link::REPLACING`]).
-    pub fn attach(&self, name: &str, services: Vec<String>, addr: SocketAddr, pool: usize, replacing: bool) -> Attached {
+    /// it was replaced (newest wins). `digest`: the SHA-256 of the secret it logged in with.
+    /// `replacing`: the agent replaces each link it is sent `open` on by itself (see
+    /// [`link::REPLACING`]).
+    pub fn attach(&self, name: &str, digest: [u8; 32], services: Vec<String>, addr: SocketAddr, pool: usize, replacing: bool) -> Attached {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(16);
-        let lost = CancellationToken::new();
+        let lost = link::Loss::default();
         let replaced = CancellationToken::new();
+        let revoked = CancellationToken::new();
         let agent = Agent {
             id,
             addr,
             since: std::time::SystemTime::now(),
             services,
+            digest,
             lost: lost.clone(),
             replaced: replaced.clone(),
+            revoked: revoked.clone(),
             pool: Arc::new(Pool {
                 idle: Mutex::new(VecDeque::new()),
                 arrived: Notify::new(),
@@ -380,8 +427,9 @@ impl Registry {
         }
         Attached {
             id,
-            lost,
+            lost: lost.token,
             replaced,
+            revoked,
             control: rx,
         }
     }
@@ -393,7 +441,7 @@ impl Registry {
         if agents.get(name).is_some_and(|a| a.id == id) {
             if let Some(a) = agents.remove(name) {
                 if lost {
-                    a.lost.cancel();
+                    a.lost.token.cancel();
                 }
             }
         }
@@ -601,7 +649,7 @@ impl Registry {
 }
 
 enum Taken {
-    Link(LinkStream, bool, CancellationToken, Arc<Pool>),
+    Link(LinkStream, bool, link::Loss, Arc<Pool>),
     Wait(Arc<Pool>),
 }
 
@@ -659,7 +707,7 @@ mod tests {
         let registry = Registry::default();
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 is offline");
-        let _attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let _attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
         let e = registry.open("shop-17", "label", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 has no service label");
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
@@ -704,7 +752,7 @@ mod tests {
     #[tokio::test]
     async fn the_pool_gives_links_in_its_order() {
         let registry = Registry::default();
-        let _attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let _attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
         let mut ends = Vec::new();
         let a = add(&registry, true, &mut ends);
         let b = add(&registry, true, &mut ends);
@@ -730,7 +778,7 @@ mod tests {
     #[tokio::test]
     async fn a_pool_asks_for_links_it_has_not_been_sent_yet_once() {
         let registry = Registry::default();
-        let mut attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let mut attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
         let mut ends = Vec::new();
         for _ in 0..4 {
             add(&registry, true, &mut ends);
@@ -753,7 +801,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn surplus_links_close_once_unused_for_a_while() {
         let registry = Registry::default();
-        let mut attached = registry.attach("shop-17", vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 2, true);
+        let mut attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 2, true);
         let mut ends = Vec::new();
         for _ in 0..5 {
             add(&registry, true, &mut ends);

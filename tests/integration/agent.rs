@@ -989,6 +989,130 @@ async fn agents_from_a_fleet_file_log_in_and_new_ones_are_seen() {
     assert_eq!(recv_data(&mut ws).await, b"new shop");
 }
 
+/// A backend that writes to each connection for as long as it is open: a session that is
+/// always busy.
+async fn endless_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// A page that reads everything until the close: the bytes it got and the close frame.
+fn reading_page(ws: Ws, got: Arc<AtomicUsize>) -> tokio::task::JoinHandle<(u16, String)> {
+    tokio::spawn(async move {
+        let mut ws = ws;
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(f)) => return f.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string())),
+                Ok(m) => {
+                    got.fetch_add(m.len(), Ordering::Relaxed);
+                }
+                Err(e) => return (0, e.to_string()),
+            }
+        }
+        (0, "no close frame".into())
+    })
+}
+
+/// A reload that gives a connected agent another secret (its old one leaked, say) revokes it:
+/// its control link closes, every session through it ends at once with 1011, a busy one too,
+/// and its next login with the old secret is refused.
+#[tokio::test]
+async fn a_reload_that_changes_an_agents_secret_ends_its_connection_and_sessions() {
+    let (echo, _) = echo_backend().await;
+    let endless = endless_backend().await;
+    let config = server_config(&["shop-17"], &[("shop-17", "pos"), ("shop-17", "feed")]);
+    let bridge = TestBridge::start(config).await;
+    let mut agent = start_agent(agent_config(
+        bridge.addr,
+        "shop-17",
+        SECRET,
+        &[("pos", tcp(echo)), ("feed", tcp(endless))],
+    ))
+    .await;
+    let (mut idle, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut idle, b"before").await;
+    assert_eq!(recv_data(&mut idle).await, b"before");
+    let (feed, _) = ws_connect(&bridge.url("/feed"), None).await;
+    let got = Arc::new(AtomicUsize::new(0));
+    let busy = reading_page(feed, got.clone());
+    within("the feed's first megabytes", async {
+        while got.load(Ordering::Relaxed) < 4 << 20 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    let mut rotated = bridge.config.clone();
+    rotated.agents.declared[0].secret_sha256 = parse_sha256(&secret_sha256("the new secret of shop-17, not the leaked one")).unwrap();
+    bridge.bridge.reload(&rotated).unwrap();
+    let why = (1011, "backend read failed: agent shop-17 is no longer allowed".to_owned());
+    assert_eq!(within("the busy session's end", busy).await.unwrap(), why);
+    let (_, close) = read_until_close(&mut idle).await;
+    let close = close.unwrap();
+    assert_eq!((u16::from(close.code), close.reason.to_string()), why);
+    within(
+        "the old secret's refusal",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("refused"))),
+    )
+    .await;
+    let mut s = raw_ws(bridge.addr, "/pos").await;
+    assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 is offline".into()));
+}
+
+/// An agent taken out of a fleet file while connected is revoked at its next ping (here every
+/// 200 ms), not at its next login, which may be weeks away.
+#[tokio::test]
+async fn an_agent_removed_from_a_fleet_file_is_disconnected_at_its_next_ping() {
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet");
+    let line = |name: &str| format!("{name}: {}\n", secret_sha256(SECRET));
+    std::fs::write(&fleet, format!("{}{}", line("shop-17"), line("shop-18"))).unwrap();
+    let mut config = server_config(&[], &[]);
+    config.agents.sources.push(fleet.clone());
+    config.timeouts.ping_interval = Some(Duration::from_millis(200));
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
+        target: Target::Agent {
+            agent: "{agent}".into(),
+            service: "{service}".into(),
+        },
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let mut a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    let _a18 = start_agent(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(echo))])).await;
+    let (mut open, _) = ws_connect(&bridge.url("/agents/shop-17/pos"), None).await;
+    send_bin(&mut open, b"before").await;
+    assert_eq!(recv_data(&mut open).await, b"before");
+    std::fs::write(&fleet, line("shop-18")).unwrap();
+    let (_, close) = read_until_close(&mut open).await;
+    let close = close.unwrap();
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1011, "backend read failed: agent shop-17 is no longer allowed")
+    );
+    within(
+        "shop-17's refusal",
+        a17.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("refused"))),
+    )
+    .await;
+    // The agent still in the file is untouched.
+    let (mut ws, _) = ws_connect(&bridge.url("/agents/shop-18/pos"), None).await;
+    send_bin(&mut ws, b"still here").await;
+    assert_eq!(recv_data(&mut ws).await, b"still here");
+}
+
 /// Agents behind one address share the login brake: one slowed down by another's failures
 /// retries with the network backoff (here 0.4 s at most) or, when longer, at the server's
 /// Retry-After (at most one brake refill), not with the refused secret's backoff, and gets in.
