@@ -49,9 +49,12 @@ pub enum FrameError {
     /// A protocol violation (close code 1002).
     #[error("protocol error: {0}")]
     Protocol(&'static str),
-    /// A text message or close reason that is not UTF-8 (1007).
+    /// A text message that is not UTF-8 (1007).
     #[error("invalid UTF-8 in text message")]
     Utf8,
+    /// A close reason that is not UTF-8 (1007).
+    #[error("invalid UTF-8 in close reason")]
+    ReasonUtf8,
     /// A message over the route's limit (1009).
     #[error("message too big: {size} > {max} bytes")]
     TooBig {
@@ -67,7 +70,7 @@ impl FrameError {
     pub fn code(&self) -> u16 {
         match self {
             FrameError::Protocol(_) => 1002,
-            FrameError::Utf8 => 1007,
+            FrameError::Utf8 | FrameError::ReasonUtf8 => 1007,
             FrameError::TooBig { .. } => 1009,
         }
     }
@@ -336,7 +339,7 @@ fn close_event(body: &[u8]) -> Result<Event<'static>, FrameError> {
             if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
                 return Err(FrameError::Protocol("invalid close code"));
             }
-            let reason = std::str::from_utf8(reason).map_err(|_| FrameError::Utf8)?;
+            let reason = std::str::from_utf8(reason).map_err(|_| FrameError::ReasonUtf8)?;
             Ok(Event::Close(Some(code), reason.to_owned()))
         }
     }

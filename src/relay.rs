@@ -59,6 +59,9 @@ pub(crate) const SCRATCH: usize = 256 * 1024;
 /// can be three times the bytes read (see the module documentation), and what waits for a slow
 /// client must stay within [`SCRATCH`]. 32 KiB reads still carry a terminal's output at memory speed.
 const TEXT_READ: usize = SCRATCH / 8;
+/// Pongs waiting to be sent, at most (see `Pump::pongs`).
+const MAX_PONGS: usize = 16;
+
 /// Answering a dead peer's missing pong: one short attempt to send the close frame.
 const DEAD_PEER_CLOSE: Duration = Duration::from_millis(100);
 /// The most pieces of client payload gathered into one write to the backend.
@@ -440,8 +443,10 @@ struct Pump<'b, 't, S> {
     after_up: Option<(End, Instant)>,
 
     // Backend → client.
-    /// A ping's payload to answer (only the latest ping needs an answer).
-    pong: Option<Vec<u8>>,
+    /// Pings' payloads to answer, in order: each ping gets its pong (as clients and test
+    /// suites expect), the oldest given up past [`MAX_PONGS`] (RFC 6455 §5.5.3 asks only for
+    /// the latest), so a ping flood costs at most that many 125-byte payloads.
+    pongs: std::collections::VecDeque<Vec<u8>>,
     /// A keepalive ping to send.
     ping: bool,
     /// Our close frame (code, reason), to send after the message in progress.
@@ -503,7 +508,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             up_newline: false,
             upstream: Upstream::Forward,
             after_up: None,
-            pong: None,
+            pongs: std::collections::VecDeque::new(),
             ping: false,
             close: None,
             close_sent: false,
@@ -613,7 +618,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         if self.close_sent {
             return false;
         }
-        if let Some(payload) = self.pong.take() {
+        if let Some(payload) = self.pongs.pop_front() {
             self.client.send(cx, frame::PONG, &payload);
             return true;
         }
@@ -837,7 +842,12 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                         }
                     }
                 }
-                Some(Event::Ping(payload)) => self.pong = Some(payload),
+                Some(Event::Ping(payload)) => {
+                    if self.pongs.len() == MAX_PONGS {
+                        self.pongs.pop_front();
+                    }
+                    self.pongs.push_back(payload);
+                }
                 // Only a ping that went out can be answered: a pong while ours still waits behind
                 // what the client does not take (unsolicited, RFC 6455 §5.5.3) proves nothing.
                 Some(Event::Pong) if !self.ping => {

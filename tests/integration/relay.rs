@@ -149,19 +149,64 @@ async fn text_framing_never_splits_code_points() {
 async fn protocol_violations_get_1002_and_bad_utf8_1007() {
     let (backend, _) = echo_backend().await;
     let bridge = TestBridge::start(any_path_to(backend)).await;
-    let cases: [(&str, Vec<u8>, u16); 5] = [
+    let mut bad_reason = vec![0x03, 0xe8];
+    bad_reason.extend_from_slice(b"bye \xff");
+    let cases: [(&str, Vec<u8>, u16); 6] = [
         ("unmasked frame", frame(0x82, b"unmasked", false), 1002),
         ("RSV1 without an extension", frame(0x80 | 0x40 | 0x02, b"rsv1", true), 1002),
         ("ping over 125 bytes", frame(0x89, &[b'p'; 200], true), 1002),
         ("close code 999", frame(0x88, &[0x03, 0xe7], true), 1002),
         ("invalid UTF-8 in a text message", frame(0x81, b"ok \xff\xfe", true), 1007),
+        ("invalid UTF-8 in a close reason", frame(0x88, &bad_reason, true), 1007),
     ];
     for (what, bytes, expected) in cases {
         let mut s = raw_ws(bridge.addr, "/").await;
         s.write_all(&bytes).await.unwrap();
         let (code, reason) = raw_read_close(&mut s).await;
         assert_eq!(code, expected, "{what}: {reason}");
+        if what.contains("close reason") {
+            assert_eq!(reason, "invalid UTF-8 in close reason");
+        }
     }
+}
+
+/// Sends `pings` numbered pings and a close in one write; the pongs' payloads that come back
+/// before the close's echo.
+async fn pongs(s: &mut tokio::net::TcpStream, pings: usize) -> Vec<String> {
+    let mut bytes = Vec::new();
+    for i in 0..pings {
+        bytes.extend(frame(0x89, format!("payload-{i}").as_bytes(), true));
+    }
+    bytes.extend(frame(0x88, &1000u16.to_be_bytes(), true));
+    s.write_all(&bytes).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        match raw_read_frame(s).await {
+            (0x0A, p) => got.push(String::from_utf8(p).unwrap()),
+            (0x08, _) => return got,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Every ping gets its pong, in order, even when several arrive in one read (Autobahn's case
+/// 2.10); past 16 waiting at once the oldest are given up (RFC 6455 §5.5.3 asks only for the
+/// latest), so a flood of pings costs bounded memory.
+#[tokio::test]
+async fn each_ping_gets_its_pong_and_a_flood_is_bounded() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let got = pongs(&mut s, 10).await;
+    assert_eq!(got, (0..10).map(|i| format!("payload-{i}")).collect::<Vec<_>>());
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let got = pongs(&mut s, 100).await;
+    // The 100 arrive in one segment and are read at once (16 pongs back here), or in a few
+    // reads: either way older ones were given up, the rest in order, the last one answered.
+    assert!((16..100).contains(&got.len()), "{got:?}");
+    assert_eq!(got.last().map(String::as_str), Some("payload-99"));
+    let numbers: Vec<usize> = got.iter().map(|p| p["payload-".len()..].parse().unwrap()).collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
 }
 
 #[tokio::test]
