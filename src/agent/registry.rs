@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::link::{self, AgentLink, LinkStream};
 use super::{AgentsConfig, EndpointConfig};
@@ -92,6 +92,8 @@ struct Agent {
     /// The SHA-256 of the secret it logged in with: a reload or a fleet file that declares
     /// another (or none) revokes it.
     digest: [u8; 32],
+    /// Since when [`Registry::recheck`] has found it not declared with that digest.
+    undeclared_since: Option<Instant>,
     lost: link::Loss,
     replaced: CancellationToken,
     revoked: CancellationToken,
@@ -330,8 +332,10 @@ impl Registry {
 
     /// Checks connection `id` of `name` against the declarations as they are now (fleet files
     /// re-read if they changed), and revokes it if the agent is no longer declared with the
-    /// secret it logged in with. Each control link calls it at every ping, so a fleet file's
-    /// change reaches connected agents within a ping interval, not at their next login.
+    /// secret it logged in with, at two checks at least [`super::fleet::RECHECK`] apart (so that
+    /// a fleet file read while half written, truncated by `>` before its new lines, cuts nobody
+    /// off). Each control link calls it at every ping: a fleet file's change reaches connected
+    /// agents within two ping intervals, not at their next login.
     pub async fn recheck(&self, name: &str, id: u64) {
         let digest = {
             let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
@@ -341,14 +345,26 @@ impl Registry {
             }
         };
         let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if names.secret_sha256(name).await == Some(digest) {
-            return;
-        }
+        let declared = names.secret_sha256(name).await == Some(digest);
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        if agents.get(name).is_some_and(|a| a.id == id) {
-            if let Some(a) = agents.remove(name) {
-                a.revoke(name);
+        let Some(a) = agents.get_mut(name).filter(|a| a.id == id) else {
+            return;
+        };
+        match (declared, a.undeclared_since) {
+            (true, _) => a.undeclared_since = None,
+            (false, None) => {
+                info!(
+                    agent = name,
+                    "agent no longer declared with the secret it logged in with: cut off if still so at the next check"
+                );
+                a.undeclared_since = Some(Instant::now());
             }
+            (false, Some(since)) if since.elapsed() >= super::fleet::RECHECK => {
+                if let Some(a) = agents.remove(name) {
+                    a.revoke(name);
+                }
+            }
+            (false, Some(_)) => {}
         }
     }
 
@@ -404,6 +420,7 @@ impl Registry {
             since: std::time::SystemTime::now(),
             services,
             digest,
+            undeclared_since: None,
             lost: lost.clone(),
             replaced: replaced.clone(),
             revoked: revoked.clone(),
@@ -700,6 +717,41 @@ mod tests {
             assert!(registry.may_try(other).is_ok());
             registry.succeeded(other);
         }
+    }
+
+    /// A fleet file found without the agent once (caught half written, say) cuts nobody off; found
+    /// so at two checks a re-read apart, it revokes the agent.
+    #[tokio::test]
+    async fn an_agent_missing_from_its_fleet_file_is_revoked_only_when_it_stays_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleet");
+        let digest = link::parse_sha256(&link::secret_sha256("s")).unwrap();
+        let declared = format!("shop-17: {}\n", link::hex(&digest));
+        std::fs::write(&file, &declared).unwrap();
+        let registry = Registry::new(&AgentsConfig {
+            sources: vec![file.clone()],
+            ..AgentsConfig::default()
+        });
+        let attached = registry.attach("shop-17", digest, vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        // Each check after the source may be re-read: the time this rule is about, not a wait
+        // for an event.
+        let check = || async {
+            tokio::time::sleep(super::super::fleet::RECHECK).await;
+            registry.recheck("shop-17", attached.id).await;
+        };
+        std::fs::write(&file, "").unwrap();
+        check().await;
+        assert!(
+            registry.is_connected("shop-17") && !attached.revoked.is_cancelled(),
+            "one look is not enough"
+        );
+        std::fs::write(&file, &declared).unwrap();
+        check().await;
+        assert!(registry.is_connected("shop-17"), "back in the file: kept");
+        std::fs::write(&file, "").unwrap();
+        check().await;
+        check().await;
+        assert!(!registry.is_connected("shop-17") && attached.revoked.is_cancelled());
     }
 
     #[tokio::test]

@@ -1068,10 +1068,10 @@ async fn a_reload_that_changes_an_agents_secret_ends_its_connection_and_sessions
     assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 is offline".into()));
 }
 
-/// An agent taken out of a fleet file while connected is revoked at its next ping (here every
-/// 200 ms), not at its next login, which may be weeks away.
+/// An agent taken out of a fleet file while connected is revoked within two pings (here every
+/// 200 ms, and at least a second apart), not at its next login, which may be weeks away.
 #[tokio::test]
-async fn an_agent_removed_from_a_fleet_file_is_disconnected_at_its_next_ping() {
+async fn an_agent_removed_from_a_fleet_file_is_disconnected_within_two_pings() {
     let (echo, _) = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
     let fleet = dir.path().join("fleet");
