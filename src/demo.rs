@@ -183,7 +183,7 @@ fn agent_mode(config: &mut Config, secret: &str) {
     };
     config.agents.declared.push(AgentDecl {
         name: DEMO_AGENT.into(),
-        secret_sha256,
+        secret_sha256: vec![secret_sha256],
     });
     config.agents.endpoints.push(EndpointConfig {
         path: "/agent".into(),

@@ -31,7 +31,7 @@ pub struct FleetSource {
 struct State {
     checked: Instant,
     stamp: u64,
-    agents: Arc<HashMap<String, [u8; 32]>>,
+    agents: Arc<Hashes>,
 }
 
 impl FleetSource {
@@ -51,9 +51,9 @@ impl FleetSource {
         })
     }
 
-    /// The SHA-256 of `name`'s secret, if the files declare it (as they are now, within
-    /// [`RECHECK`]).
-    pub async fn get(&self, name: &str) -> Option<[u8; 32]> {
+    /// The SHA-256s of `name`'s secrets (one per line that lists it), if the files declare it
+    /// (as they are now, within [`RECHECK`]).
+    pub async fn get(&self, name: &str) -> Option<Vec<[u8; 32]>> {
         // One re-read at a time; logins meanwhile wait for it (at most REREAD_WAIT).
         let mut state = self.state.lock().await;
         if state.checked.elapsed() >= RECHECK {
@@ -73,13 +73,16 @@ impl FleetSource {
             }
             state.checked = Instant::now();
         }
-        state.agents.get(name).copied()
+        state.agents.get(name).cloned()
     }
 }
 
 use crate::tokens::{files_of, stamp};
 
-fn read(path: &Path) -> Result<(u64, HashMap<String, [u8; 32]>), String> {
+/// Each declared agent's secret hashes.
+type Hashes = HashMap<String, Vec<[u8; 32]>>;
+
+fn read(path: &Path) -> Result<(u64, Hashes), String> {
     let at = |e: std::io::Error| format!("{}: {e}", path.display());
     let before = stamp(path).map_err(at)?;
     let mut agents = HashMap::new();
@@ -97,7 +100,13 @@ fn read(path: &Path) -> Result<(u64, HashMap<String, [u8; 32]>), String> {
                 return Err(bad("an agent name is 1-64 of A-Z a-z 0-9 . _ -"));
             }
             let digest = link::parse_sha256(hash).ok_or_else(|| bad("the secret's SHA-256 is 64 hex digits"))?;
-            agents.insert(name.to_owned(), digest);
+            // A name on several lines (a rotation: the new secret's and the old one's) logs in
+            // with any of them.
+            let hashes: &mut Vec<[u8; 32]> = agents.entry(name.to_owned()).or_default();
+            if hashes.len() == super::MAX_SECRETS {
+                return Err(bad(&format!("{name} is listed more than {} times", super::MAX_SECRETS)));
+            }
+            hashes.push(digest);
         }
     }
     Ok((before, agents))
@@ -121,6 +130,15 @@ mod tests {
         // Pretend the snapshot is old rather than wait for it to be.
         source.state.lock().await.checked = Instant::now() - RECHECK;
         assert!(source.get("lab-1").await.is_some(), "a new file is read");
+        // A name on two lines (a rotation) logs in with either; more than four are refused.
+        let other = "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed";
+        std::fs::write(dir.path().join("labs"), format!("lab-1: {HASH}\nlab-1: {other}\n")).unwrap();
+        source.state.lock().await.checked = Instant::now() - RECHECK;
+        assert_eq!(source.get("lab-1").await.map(|h| h.len()), Some(2));
+        std::fs::write(dir.path().join("labs"), format!("lab-1: {HASH}\n").repeat(5)).unwrap();
+        let e = FleetSource::load(dir.path()).unwrap_err();
+        assert!(e.ends_with("labs:5: lab-1 is listed more than 4 times"), "{e}");
+        std::fs::remove_file(dir.path().join("labs")).unwrap();
         std::fs::write(dir.path().join("bad"), "lab-2 no colon\n").unwrap();
         let e = FleetSource::load(dir.path()).unwrap_err();
         assert!(e.ends_with("bad:1: expected NAME: SHA256HEX"), "{e}");

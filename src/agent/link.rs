@@ -342,20 +342,52 @@ pub fn clean_reason(s: &str) -> String {
 /// when the browser left. Past it a new link costs less than reading on.
 pub const MAX_DRAIN: usize = 64 * 1024;
 
-/// An agent connection's end, as its sessions' links see it.
+/// An agent connection's end, as its sessions' links see it (shared by the registry and every
+/// link taken from that connection).
 #[derive(Debug, Clone, Default)]
-pub struct Loss {
+pub struct Loss(std::sync::Arc<LossState>);
+
+/// What a [`Loss`] shares.
+#[derive(Debug, Default)]
+pub struct LossState {
     /// Cancelled when the connection is lost: a session ends once its link has nothing to
     /// carry (a link that still moves bytes is not lost, only the control link was).
-    pub token: CancellationToken,
+    token: CancellationToken,
     /// Set (before `token` is cancelled) when the agent is no longer allowed (its declaration
     /// or secret changed): every session through it ends at its next read or write, busy or not.
-    pub revoked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    revoked: std::sync::atomic::AtomicBool,
 }
 
 impl Loss {
+    /// Cancelled when the connection is lost or revoked.
+    pub fn token(&self) -> &CancellationToken {
+        &self.0.token
+    }
+
+    /// The connection is lost: its sessions end when their links have nothing to carry.
+    pub fn lose(&self) {
+        self.0.token.cancel();
+    }
+
+    /// The agent is no longer allowed: its sessions end at once.
+    pub fn revoke(&self) {
+        self.0.revoked.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.0.token.cancel();
+    }
+
     fn revoked(&self) -> bool {
-        self.revoked.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.revoked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A handle that does not keep the sessions' state alive: it upgrades while a link of the
+    /// connection is still in a session.
+    pub fn downgrade(&self) -> std::sync::Weak<LossState> {
+        std::sync::Arc::downgrade(&self.0)
+    }
+
+    /// The loss behind a [`Loss::downgrade`] handle, while some link still holds it.
+    pub fn upgrade(weak: &std::sync::Weak<LossState>) -> Option<Loss> {
+        weak.upgrade().map(Loss)
     }
 }
 
@@ -449,7 +481,7 @@ impl AgentLink {
     pub fn release(self, within: std::time::Duration) {
         let AgentLink { mut io, chunks, lost, .. } = self;
         let Some(Chunks { mut read, write, home }) = chunks else { return };
-        if !write.ended() || lost.token.is_cancelled() {
+        if !write.ended() || lost.token().is_cancelled() {
             return;
         }
         if read.clean() {
@@ -479,7 +511,7 @@ impl AgentLink {
             .await;
             // Nothing may follow the agent's end mark before the next `open` is sent.
             // The agent ended its side after ours: it is done with the session.
-            if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.token.is_cancelled() {
+            if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.token().is_cancelled() {
                 home.give_back(io, false);
             }
         });
@@ -516,7 +548,9 @@ impl<'a> Lost<'a> {
         }
         match polled {
             Poll::Pending => {
-                let wait = self.wait.get_or_insert_with(|| Box::pin(self.loss.token.clone().cancelled_owned()));
+                let wait = self
+                    .wait
+                    .get_or_insert_with(|| Box::pin(self.loss.token().clone().cancelled_owned()));
                 match wait.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(self.error())),
                     Poll::Pending => Poll::Pending,
@@ -736,14 +770,14 @@ mod tests {
         let loss = Loss::default();
         let mut link = AgentLink::new(Box::new(server).into_link(), Vec::new(), loss.clone(), "shop-17".into());
         agent.write_all(b"waiting").await.unwrap();
-        loss.token.cancel();
+        loss.lose();
         let mut buf = [0u8; 64];
         let (mut read, _) = link.halves();
         assert_eq!(read.read(&mut buf).await.unwrap(), 7, "lost, but the bytes there are read");
         let e = read.read(&mut buf).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 lost");
         agent.write_all(b"waiting").await.unwrap();
-        loss.revoked.store(true, std::sync::atomic::Ordering::Relaxed);
+        loss.revoke();
         let (mut read, mut write) = link.halves();
         assert_eq!(
             read.read(&mut buf).await.unwrap_err().to_string(),

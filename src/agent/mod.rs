@@ -75,7 +75,7 @@ impl AgentsConfig {
 /// The agents a configuration declares, inline and in fleet files, as lookups see them.
 #[derive(Debug, Default)]
 pub struct Declared {
-    inline: std::collections::HashMap<String, [u8; 32]>,
+    inline: std::collections::HashMap<String, Vec<[u8; 32]>>,
     fleet: Vec<std::sync::Arc<fleet::FleetSource>>,
 }
 
@@ -95,15 +95,16 @@ impl Declared {
             })
             .collect();
         Declared {
-            inline: agents.declared.iter().map(|d| (d.name.clone(), d.secret_sha256)).collect(),
+            inline: agents.declared.iter().map(|d| (d.name.clone(), d.secret_sha256.clone())).collect(),
             fleet,
         }
     }
 
-    /// The SHA-256 of `name`'s secret, if `name` is declared.
-    pub async fn secret_sha256(&self, name: &str) -> Option<[u8; 32]> {
+    /// The SHA-256s of the secrets `name` may log in with (two while a secret is rotated), if
+    /// `name` is declared: inline, else in the first fleet source that lists it.
+    pub async fn secret_sha256(&self, name: &str) -> Option<Vec<[u8; 32]>> {
         if let Some(d) = self.inline.get(name) {
-            return Some(*d);
+            return Some(d.clone());
         }
         for source in &self.fleet {
             if let Some(d) = source.get(name).await {
@@ -118,9 +119,9 @@ impl Declared {
         !self.fleet.is_empty()
     }
 
-    /// The SHA-256 of `name`'s secret if `name` is declared inline (no file is read).
-    pub fn inline_sha256(&self, name: &str) -> Option<[u8; 32]> {
-        self.inline.get(name).copied()
+    /// The SHA-256s of `name`'s secrets if `name` is declared inline (no file is read).
+    pub fn inline_sha256(&self, name: &str) -> Option<&[[u8; 32]]> {
+        self.inline.get(name).map(Vec::as_slice)
     }
 }
 
@@ -129,8 +130,9 @@ impl Declared {
 pub struct AgentDecl {
     /// Its name (`X-Wsbridge-Agent`, and routes' `target = { agent = … }`).
     pub name: String,
-    /// SHA-256 of its secret: reading the configuration does not reveal the secret.
-    pub secret_sha256: [u8; 32],
+    /// SHA-256 of its secret (reading the configuration does not reveal the secret); while a
+    /// secret is rotated, the new one's and the old one's, either of which logs in.
+    pub secret_sha256: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for AgentDecl {
@@ -153,8 +155,12 @@ pub struct EndpointConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAgentDecl {
     pub(crate) name: String,
-    pub(crate) secret_sha256: String,
+    /// One hash, or a list of them (a rotation).
+    pub(crate) secret_sha256: toml::Value,
 }
+
+/// Secrets an agent may have at once (a rotation needs two).
+pub const MAX_SECRETS: usize = 4;
 
 /// `[[agents]]` as the file writes it.
 #[derive(Debug, serde::Deserialize)]
@@ -201,12 +207,25 @@ pub(crate) fn validate(
         if out.declared.iter().any(|d| d.name == a.name) {
             return Err((span, format!("agent[{i}].name"), format!("agent {} is declared twice", a.name)));
         }
-        let Some(secret_sha256) = link::parse_sha256(&a.secret_sha256) else {
-            return Err((
-                span,
-                format!("agent[{i}].secret_sha256"),
-                "must be the SHA-256 of the secret as 64 hex digits (`wsbridge agent --new-secret` prints one)".into(),
-            ));
+        let field = format!("agent[{i}].secret_sha256");
+        let hex = |v: &toml::Value| v.as_str().and_then(link::parse_sha256);
+        let bad = "must be the SHA-256 of the secret as 64 hex digits (`wsbridge agent --new-secret` prints one)";
+        let secret_sha256: Vec<[u8; 32]> = match &a.secret_sha256 {
+            toml::Value::Array(list) => {
+                if list.is_empty() || list.len() > MAX_SECRETS {
+                    return Err((
+                        span,
+                        field,
+                        format!("a list of 1 to {MAX_SECRETS} hashes (two while a secret is rotated)"),
+                    ));
+                }
+                let mut hashes = Vec::new();
+                for (j, v) in list.iter().enumerate() {
+                    hashes.push(hex(v).ok_or_else(|| (span.clone(), format!("{field}[{j}]"), bad.to_owned()))?);
+                }
+                hashes
+            }
+            v => vec![hex(v).ok_or_else(|| (span.clone(), field.clone(), bad.to_owned()))?],
         };
         out.declared.push(AgentDecl {
             name: a.name,
@@ -355,6 +374,7 @@ mod tests {
     use std::path::Path;
 
     const HASH: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    const OTHER: &str = "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed";
 
     fn parse(extra: &str) -> Result<Config, ConfigError> {
         let text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[agent_endpoint]]\npath = \"/agent\"\n\n{extra}");
@@ -436,6 +456,22 @@ mod tests {
                 .starts_with("agents.toml:7: agent[0].secret_sha256: must be the SHA-256"),
             "{bad_hash}"
         );
+        let list = |hashes: &str| {
+            parse(&format!(
+                "[[agent]]\nname = \"shop-17\"\nsecret_sha256 = {hashes}\n\n[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\n"
+            ))
+        };
+        let rotation = list(&format!("[\"{HASH}\", \"{OTHER}\"]")).unwrap();
+        assert_eq!(rotation.agents.declared[0].secret_sha256.len(), 2, "a rotation: two hashes");
+        let bad_element = list(&format!("[\"{HASH}\", \"secret\"]")).unwrap_err().to_string();
+        assert!(
+            bad_element.starts_with("agents.toml:7: agent[0].secret_sha256[1]: must be the SHA-256"),
+            "{bad_element}"
+        );
+        for many in ["[]".to_owned(), format!("[{}]", vec![format!("\"{HASH}\""); 5].join(", "))] {
+            let e = list(&many).unwrap_err().to_string();
+            assert!(e.contains("agent[0].secret_sha256: a list of 1 to 4 hashes"), "{e}");
+        }
         let unknown_key = parse("[[route]]\npath = \"/pos\"\ntarget = { agent = \"a\", host = \"x\" }\n").unwrap_err();
         assert!(unknown_key.to_string().contains("unknown key `host`"), "{unknown_key}");
         let tls = parse(&format!(

@@ -50,6 +50,18 @@ pub struct Registry {
     totals: Arc<LinkCounts>,
     /// This process's id, told to each agent in its control link's `101`.
     instance: InstanceId,
+    /// Connections a newer one of the same name replaced, while sessions through them go on:
+    /// a revocation of the secret they logged in with ends those sessions too.
+    retired: Mutex<Vec<Retired>>,
+}
+
+/// A replaced connection whose sessions may still run.
+#[derive(Debug)]
+struct Retired {
+    name: String,
+    digest: [u8; 32],
+    /// Upgrades while one of its links is still in a session.
+    loss: std::sync::Weak<link::LossState>,
 }
 
 /// A random id per process (registry): an agent with several servers uses it to find two of
@@ -104,9 +116,8 @@ impl Agent {
     /// No longer allowed: its control link closes, its sessions end at once.
     fn revoke(&self, name: &str) {
         warn!(agent = name, client = %self.addr, "agent no longer declared, or its secret changed: disconnected, its sessions end");
-        self.lost.revoked.store(true, Ordering::Relaxed);
         self.revoked.cancel();
-        self.lost.token.cancel();
+        self.lost.revoke();
     }
 }
 
@@ -320,13 +331,35 @@ impl Registry {
         let mut connected = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         connected.retain(|name, a| {
             let allowed = match names.inline_sha256(name) {
-                Some(digest) => digest == a.digest,
+                Some(digests) => digests.contains(&a.digest),
                 None => names.has_fleet(),
             };
             if !allowed {
                 a.revoke(name);
             }
             allowed
+        });
+        drop(connected);
+        self.revoke_retired(None, |name, digest| match names.inline_sha256(name) {
+            Some(digests) => digests.contains(digest),
+            None => names.has_fleet(),
+        });
+    }
+
+    /// Revokes the replaced connections of `name` (every name: `None`) that `allowed` refuses,
+    /// and forgets those whose sessions have all ended.
+    fn revoke_retired(&self, name: Option<&str>, allowed: impl Fn(&str, &[u8; 32]) -> bool) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|r| {
+            let Some(loss) = link::Loss::upgrade(&r.loss) else {
+                return false;
+            };
+            if name.is_some_and(|n| n != r.name) || allowed(&r.name, &r.digest) {
+                return true;
+            }
+            warn!(agent = %r.name, "sessions of a replaced connection whose secret is no longer allowed: ended");
+            loss.revoke();
+            false
         });
     }
 
@@ -345,7 +378,13 @@ impl Registry {
             }
         };
         let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let declared = names.secret_sha256(name).await == Some(digest);
+        let digests = names.secret_sha256(name).await;
+        // Replaced connections of the name: revoked when the name is declared with other
+        // secrets (at once: a file caught half written declares fewer names, not other secrets).
+        if let Some(digests) = &digests {
+            self.revoke_retired(Some(name), |_, d| digests.contains(d));
+        }
+        let declared = digests.is_some_and(|d| d.contains(&digest));
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let Some(a) = agents.get_mut(name).filter(|a| a.id == id) else {
             return;
@@ -386,11 +425,12 @@ impl Registry {
             return Err(AuthFailure::Missing);
         };
         let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let digest = names.secret_sha256(name).await.ok_or(AuthFailure::UnknownAgent)?;
-        match link::secret_matches(secret, &digest) {
-            true => Ok(digest),
-            false => Err(AuthFailure::WrongSecret),
-        }
+        let digests = names.secret_sha256(name).await.ok_or(AuthFailure::UnknownAgent)?;
+        // Each compared in constant time; that there are one or two is no secret.
+        digests
+            .into_iter()
+            .find(|d| link::secret_matches(secret, d))
+            .ok_or(AuthFailure::WrongSecret)
     }
 
     /// Takes a try from `ip`'s budget of logins before its secret is checked (so that parallel
@@ -440,11 +480,18 @@ impl Registry {
         if let Some(old) = old {
             warn!(agent = name, old_client = %old.addr, new_client = %addr, "agent connected again: the newer connection replaces the older one");
             old.replaced.cancel();
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.retain(|r| r.loss.strong_count() > 0);
+            retired.push(Retired {
+                name: name.to_owned(),
+                digest: old.digest,
+                loss: old.lost.downgrade(),
+            });
             // Its idle links drop with it; its live sessions go on.
         }
         Attached {
             id,
-            lost: lost.token,
+            lost: lost.token().clone(),
             replaced,
             revoked,
             control: rx,
@@ -458,7 +505,7 @@ impl Registry {
         if agents.get(name).is_some_and(|a| a.id == id) {
             if let Some(a) = agents.remove(name) {
                 if lost {
-                    a.lost.token.cancel();
+                    a.lost.lose();
                 }
             }
         }

@@ -32,7 +32,7 @@ pub(crate) fn server_config(agents: &[&str], routes: &[(&str, &str)]) -> Config 
             .iter()
             .map(|a| AgentDecl {
                 name: (*a).to_owned(),
-                secret_sha256: parse_sha256(&secret_sha256(SECRET)).unwrap(),
+                secret_sha256: vec![parse_sha256(&secret_sha256(SECRET)).unwrap()],
             })
             .collect(),
         endpoints: vec![EndpointConfig {
@@ -1052,7 +1052,7 @@ async fn a_reload_that_changes_an_agents_secret_ends_its_connection_and_sessions
     .await;
 
     let mut rotated = bridge.config.clone();
-    rotated.agents.declared[0].secret_sha256 = parse_sha256(&secret_sha256("the new secret of shop-17, not the leaked one")).unwrap();
+    rotated.agents.declared[0].secret_sha256 = vec![parse_sha256(&secret_sha256("the new secret of shop-17, not the leaked one")).unwrap()];
     bridge.bridge.reload(&rotated).unwrap();
     let why = (1011, "backend read failed: agent shop-17 is no longer allowed".to_owned());
     assert_eq!(within("the busy session's end", busy).await.unwrap(), why);
@@ -1066,6 +1066,54 @@ async fn a_reload_that_changes_an_agents_secret_ends_its_connection_and_sessions
     .await;
     let mut s = raw_ws(bridge.addr, "/pos").await;
     assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 is offline".into()));
+}
+
+/// A planned rotation: the server lists the new secret's hash beside the old one, the agent
+/// comes back with the new secret (replacing its old connection, whose session goes on), and
+/// the old hash goes: then, and only then, what still runs on the old secret ends.
+#[tokio::test]
+async fn a_secret_is_rotated_without_a_cut_and_then_the_old_one_revoked() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    const NEW: &str = "the rotated secret of shop-17, 32 bytes or more";
+    let hash = |secret: &str| parse_sha256(&secret_sha256(secret)).unwrap();
+    let mut old = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    // Once replaced, the old process stays away for the rest of the test (a real rotation
+    // restarts it with the new secret instead).
+    old.backoff = Backoff {
+        initial: Duration::from_secs(60),
+        max: Duration::from_secs(60),
+        auth_max: Duration::from_secs(60),
+        ..Backoff::default()
+    };
+    let _old = start_agent(old).await;
+    let (mut on_old, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut on_old, b"one").await;
+    assert_eq!(recv_data(&mut on_old).await, b"one");
+
+    let mut both = bridge.config.clone();
+    both.agents.declared[0].secret_sha256 = vec![hash(NEW), hash(SECRET)];
+    bridge.bridge.reload(&both).unwrap();
+    send_bin(&mut on_old, b"two").await;
+    assert_eq!(recv_data(&mut on_old).await, b"two", "the old secret is still listed: no cut");
+    let _new = start_agent(agent_config(bridge.addr, "shop-17", NEW, &[("pos", tcp(echo))])).await;
+    let (mut on_new, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut on_new, b"new").await;
+    assert_eq!(recv_data(&mut on_new).await, b"new");
+    send_bin(&mut on_old, b"three").await;
+    assert_eq!(recv_data(&mut on_old).await, b"three", "a replaced connection's session goes on");
+
+    let mut only_new = bridge.config.clone();
+    only_new.agents.declared[0].secret_sha256 = vec![hash(NEW)];
+    bridge.bridge.reload(&only_new).unwrap();
+    let (_, close) = read_until_close(&mut on_old).await;
+    let close = close.unwrap();
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1011, "backend read failed: agent shop-17 is no longer allowed")
+    );
+    send_bin(&mut on_new, b"still").await;
+    assert_eq!(recv_data(&mut on_new).await, b"still", "the new secret's connection is untouched");
 }
 
 /// An agent taken out of a fleet file while connected is revoked within two pings (here every

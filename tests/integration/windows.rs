@@ -537,7 +537,7 @@ async fn agent_server() -> TestBridge {
     config.agents = AgentsConfig {
         declared: vec![AgentDecl {
             name: "shop-17".into(),
-            secret_sha256: parse_sha256(&secret_sha256(AGENT_SECRET)).unwrap(),
+            secret_sha256: vec![parse_sha256(&secret_sha256(AGENT_SECRET)).unwrap()],
         }],
         endpoints: vec![EndpointConfig {
             path: "/agent".into(),
