@@ -63,7 +63,11 @@ impl AgentsConfig {
             let _ = writeln!(out, "agent endpoint path = {:?}, pool = {}", e.path, e.pool);
         }
         for a in &self.declared {
-            let _ = writeln!(out, "agent {:<34} secret_sha256 set", a.name);
+            match a.secret_sha256.len() {
+                1 => writeln!(out, "agent {:<34} secret_sha256 set", a.name),
+                n => writeln!(out, "agent {:<34} secret_sha256 set ({n} hashes: a rotation)", a.name),
+            }
+            .ok();
         }
         for s in &self.sources {
             let _ = writeln!(out, "agents source {}", s.display());
@@ -463,6 +467,7 @@ mod tests {
         };
         let rotation = list(&format!("[\"{HASH}\", \"{OTHER}\"]")).unwrap();
         assert_eq!(rotation.agents.declared[0].secret_sha256.len(), 2, "a rotation: two hashes");
+        assert!(rotation.agents.describe().contains("secret_sha256 set (2 hashes: a rotation)"));
         let bad_element = list(&format!("[\"{HASH}\", \"secret\"]")).unwrap_err().to_string();
         assert!(
             bad_element.starts_with("agents.toml:7: agent[0].secret_sha256[1]: must be the SHA-256"),
