@@ -546,6 +546,7 @@ mod agent_service {
             (!args.services.is_empty(), "--service"),
             (args.ca_file.is_some(), "--ca-file"),
             (args.proxy.is_some(), "--proxy"),
+            (!args.max_sessions.is_empty(), "--max-sessions"),
         ];
         if let Some((_, flag)) = given.iter().find(|(set, _)| *set) {
             return Err(format!(

@@ -190,7 +190,8 @@ pub fn server_config(s: &TlsSettings) -> Result<rustls::ServerConfig, TlsError> 
     // cost: rustls' default remembers the last 256 sessions in memory and no more. Keys are random
     // per config and rotated every 6 hours; a reload makes a new config, so a session is never
     // resumed past a change of certificate or client CA. TLS 1.3 resumption keeps forward secrecy
-    // (rustls resumes with a fresh key exchange only).
+    // (rustls resumes with a fresh key exchange only); a TLS 1.2 ticket holds the session's master
+    // secret under the ticket key, for up to its 12 hours' life.
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(config)
 }

@@ -699,7 +699,6 @@ fn server_list(urls: &[(&str, Placed<'_>)]) -> Result<Vec<ServerUrl>, ListError>
     Ok(servers)
 }
 
-/// Reads a secret file: its first line, trimmed; refuses an empty one.
 /// One `[agent.services]` entry: `"HOST:PORT"` or `"unix:/path"`, or
 /// `{ target = "…", max_sessions = N }`. An error names the key it is about (`""` for the value
 /// itself).
@@ -741,6 +740,7 @@ fn parse_max_sessions(s: &str) -> Result<usize, String> {
         .ok_or_else(|| "a whole number of sessions, at least 1".to_owned())
 }
 
+/// Reads a secret file: its first line, trimmed; refuses an empty one.
 fn read_secret(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let secret = text.lines().next().unwrap_or("").trim().to_owned();
@@ -1148,6 +1148,7 @@ struct Mine {
     instances: Instances,
     /// Which of the agent's servers this connection is to.
     index: usize,
+    /// The capped services' open sessions, over all of the agent's connections.
     caps: Arc<Caps>,
 }
 

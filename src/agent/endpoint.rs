@@ -129,9 +129,11 @@ pub async fn serve<S: IntoLink>(
                 .await;
                 return info!(agent = %name, status = 421, "agent data link for another instance; refused");
             }
-            if !registry.is_connected(&name) || !leftover.is_empty() {
+            // Its control link logged in with the same secret: during a rotation the old one is
+            // still listed, and a link with it must not join the new connection's pool.
+            if !registry.takes_links(&name, &digest) || !leftover.is_empty() {
                 refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
-                return debug!(agent = %name, status = 409, "agent data link without a control link");
+                return debug!(agent = %name, status = 409, "agent data link without a control link (with its secret)");
             }
             // Answering the agent's offer of chunks makes the link reusable (an agent that did
             // not offer them gets a raw link, used for one session).
@@ -152,7 +154,7 @@ pub async fn serve<S: IntoLink>(
             if !matches!(written, Ok(Ok(()))) {
                 return debug!(agent = %name, "agent data link closed during its 101");
             }
-            if registry.add_link(&name, stream.into_link(), chunks).is_err() {
+            if registry.add_link(&name, &digest, stream.into_link(), chunks).is_err() {
                 debug!(agent = %name, "agent data link not needed; closed");
             }
         }
@@ -229,7 +231,11 @@ async fn control<S: LinkIo>(
         _ => return debug!(agent = %name, "agent control link: no hello; closed"),
     };
     let services: Vec<String> = services.into_iter().filter(|s| link::valid_name(s)).take(1024).collect();
-    let mut attached = registry.attach(&name, digest, services.clone(), addr, endpoint.pool, replacing);
+    let Some(mut attached) = registry.attach(&name, digest, services.clone(), addr, endpoint.pool, replacing) else {
+        // A reload between its login and its hello revoked that secret.
+        let _ = timeout(timeouts.close, ws.close(Some(revoked_close()))).await;
+        return warn!(agent = %name, "agent no longer allowed since its login (a reload): closed");
+    };
     info!(agent = %name, services = ?services, "agent connected");
     let send_timeout = timeouts.pong_timeout;
     let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));
@@ -262,6 +268,8 @@ async fn control<S: LinkIo>(
             }
             _ = tick.tick() => {
                 // A fleet file that no longer declares the agent (or another secret) ends it.
+                // This loop waits for it at most a re-read of the fleet files (bounded by
+                // fleet::REREAD_WAIT, and once a second per source however many agents ask).
                 registry.recheck(&name, attached.id).await;
                 registry.top_up(&name, attached.id);
                 pong_due.get_or_insert(Instant::now() + timeouts.pong_timeout);
@@ -286,10 +294,7 @@ async fn control<S: LinkIo>(
         code: CloseCode::Away,
         reason: reason.into(),
     };
-    let revoked = CloseFrame {
-        code: CloseCode::Policy,
-        reason: "this agent is no longer allowed".into(),
-    };
+
     match end {
         Some(End::Closed) => {
             registry.detach(&name, attached.id, false);
@@ -310,13 +315,21 @@ async fn control<S: LinkIo>(
         }
         Some(End::Revoked) => {
             // Out of the registry already, its sessions ended (logged there).
-            let _ = timeout(timeouts.close, ws.close(Some(revoked))).await;
+            let _ = timeout(timeouts.close, ws.close(Some(revoked_close()))).await;
         }
         Some(End::Lost(why)) => {
             registry.detach(&name, attached.id, true);
             warn!(agent = %name, reason = %why, "agent lost: its sessions end");
         }
         None => {}
+    }
+}
+
+/// The control link's close when its agent is no longer allowed (1008).
+fn revoked_close() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Policy,
+        reason: "this agent is no longer allowed".into(),
     }
 }
 

@@ -32,6 +32,10 @@ struct State {
     checked: Instant,
     stamp: u64,
     agents: Arc<Hashes>,
+    /// Raised at each look at the files that succeeded (a read, or their stamp found
+    /// unchanged), not at one that failed or timed out: two answers of different generations
+    /// come from two good looks.
+    generation: u64,
 }
 
 impl FleetSource {
@@ -47,13 +51,14 @@ impl FleetSource {
                 checked: Instant::now(),
                 stamp,
                 agents: Arc::new(agents),
+                generation: 0,
             }),
         })
     }
 
     /// The SHA-256s of `name`'s secrets (one per line that lists it), if the files declare it
-    /// (as they are now, within [`RECHECK`]).
-    pub async fn get(&self, name: &str) -> Option<Vec<[u8; 32]>> {
+    /// (as they are now, within [`RECHECK`]), and the answer's generation (see `State`).
+    pub async fn get(&self, name: &str) -> (Option<Vec<[u8; 32]>>, u64) {
         // One re-read at a time; logins meanwhile wait for it (at most REREAD_WAIT).
         let mut state = self.state.lock().await;
         if state.checked.elapsed() >= RECHECK {
@@ -66,14 +71,15 @@ impl FleetSource {
                 Ok(Ok(Ok(Some((stamp, agents))))) => {
                     state.stamp = stamp;
                     state.agents = Arc::new(agents);
+                    state.generation += 1;
                 }
-                Ok(Ok(Ok(None))) => {}
+                Ok(Ok(Ok(None))) => state.generation += 1,
                 Ok(Ok(Err(e))) => warn!(source = %self.path.display(), error = %e, "agents source not re-read; the last one read stays"),
                 _ => warn!(source = %self.path.display(), "agents source not re-read in time; the last one read answers"),
             }
             state.checked = Instant::now();
         }
-        state.agents.get(name).cloned()
+        (state.agents.get(name).cloned(), state.generation)
     }
 }
 
@@ -124,17 +130,17 @@ mod tests {
         std::fs::write(dir.path().join("shops"), format!("# the shops\nshop-17: {HASH}\n")).unwrap();
         std::fs::write(dir.path().join("shops~"), format!("shop-99: {HASH}\n")).unwrap();
         let source = FleetSource::load(dir.path()).unwrap();
-        assert!(source.get("shop-17").await.is_some());
-        assert!(source.get("shop-99").await.is_none(), "a backup file is not read");
+        assert!(source.get("shop-17").await.0.is_some());
+        assert!(source.get("shop-99").await.0.is_none(), "a backup file is not read");
         std::fs::write(dir.path().join("labs"), format!("lab-1: {HASH}\n")).unwrap();
         // Pretend the snapshot is old rather than wait for it to be.
         source.state.lock().await.checked = Instant::now() - RECHECK;
-        assert!(source.get("lab-1").await.is_some(), "a new file is read");
+        assert!(source.get("lab-1").await.0.is_some(), "a new file is read");
         // A name on two lines (a rotation) logs in with either; more than four are refused.
         let other = "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed";
         std::fs::write(dir.path().join("labs"), format!("lab-1: {HASH}\nlab-1: {other}\n")).unwrap();
         source.state.lock().await.checked = Instant::now() - RECHECK;
-        assert_eq!(source.get("lab-1").await.map(|h| h.len()), Some(2));
+        assert_eq!(source.get("lab-1").await.0.map(|h| h.len()), Some(2));
         std::fs::write(dir.path().join("labs"), format!("lab-1: {HASH}\n").repeat(5)).unwrap();
         let e = FleetSource::load(dir.path()).unwrap_err();
         assert!(e.ends_with("labs:5: lab-1 is listed more than 4 times"), "{e}");

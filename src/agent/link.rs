@@ -375,7 +375,8 @@ impl Loss {
         self.0.token.cancel();
     }
 
-    fn revoked(&self) -> bool {
+    /// Whether [`Loss::revoke`] was called.
+    pub fn is_revoked(&self) -> bool {
         self.0.revoked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -543,7 +544,7 @@ impl<'a> Lost<'a> {
     /// What the link gave, unless the agent is lost (when it gave nothing) or revoked: then the
     /// error that ends the session.
     fn check<T>(&mut self, polled: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        if self.loss.revoked() {
+        if self.loss.is_revoked() {
             return Poll::Ready(Err(self.error()));
         }
         match polled {
@@ -563,7 +564,7 @@ impl<'a> Lost<'a> {
     /// `Other`: the relay's close reason shows the message ("backend read failed: agent
     /// shop-17 lost"), where a kind of its own would show only the kind.
     fn error(&self) -> io::Error {
-        match self.loss.revoked() {
+        match self.loss.is_revoked() {
             true => io::Error::other(format!("agent {} is no longer allowed", self.name)),
             false => io::Error::other(format!("agent {} lost", self.name)),
         }

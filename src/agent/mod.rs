@@ -63,11 +63,10 @@ impl AgentsConfig {
             let _ = writeln!(out, "agent endpoint path = {:?}, pool = {}", e.path, e.pool);
         }
         for a in &self.declared {
-            match a.secret_sha256.len() {
+            let _ = match a.secret_sha256.len() {
                 1 => writeln!(out, "agent {:<34} secret_sha256 set", a.name),
                 n => writeln!(out, "agent {:<34} secret_sha256 set ({n} hashes: a rotation)", a.name),
-            }
-            .ok();
+            };
         }
         for s in &self.sources {
             let _ = writeln!(out, "agents source {}", s.display());
@@ -107,15 +106,35 @@ impl Declared {
     /// The SHA-256s of the secrets `name` may log in with (two while a secret is rotated), if
     /// `name` is declared: inline, else in the first fleet source that lists it.
     pub async fn secret_sha256(&self, name: &str) -> Option<Vec<[u8; 32]>> {
+        self.lookup(name).await.hashes
+    }
+
+    /// [`Declared::secret_sha256`], with where the answer comes from.
+    pub async fn lookup(&self, name: &str) -> Lookup {
         if let Some(d) = self.inline.get(name) {
-            return Some(d.clone());
+            return Lookup {
+                hashes: Some(d.clone()),
+                inline: true,
+                generations: Vec::new(),
+            };
         }
+        let mut generations = Vec::with_capacity(self.fleet.len());
         for source in &self.fleet {
-            if let Some(d) = source.get(name).await {
-                return Some(d);
+            let (hashes, generation) = source.get(name).await;
+            generations.push(generation);
+            if hashes.is_some() {
+                return Lookup {
+                    hashes,
+                    inline: false,
+                    generations,
+                };
             }
         }
-        None
+        Lookup {
+            hashes: None,
+            inline: false,
+            generations,
+        }
     }
 
     /// Whether there are fleet files (whose agents come and go with them).
@@ -127,6 +146,18 @@ impl Declared {
     pub fn inline_sha256(&self, name: &str) -> Option<&[[u8; 32]]> {
         self.inline.get(name).map(Vec::as_slice)
     }
+}
+
+/// What the declarations say of one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The secrets' hashes it may log in with, if it is declared.
+    pub hashes: Option<Vec<[u8; 32]>>,
+    /// The answer comes from the configuration file (read whole), not from a fleet file that
+    /// may have been caught half written.
+    pub inline: bool,
+    /// The generation of each fleet source looked at (see [`fleet::FleetSource::get`]).
+    pub generations: Vec<u64>,
 }
 
 /// One `[[agent]]`.
@@ -225,7 +256,11 @@ pub(crate) fn validate(
                 }
                 let mut hashes = Vec::new();
                 for (j, v) in list.iter().enumerate() {
-                    hashes.push(hex(v).ok_or_else(|| (span.clone(), format!("{field}[{j}]"), bad.to_owned()))?);
+                    let h = hex(v).ok_or_else(|| (span.clone(), format!("{field}[{j}]"), bad.to_owned()))?;
+                    if hashes.contains(&h) {
+                        return Err((span, format!("{field}[{j}]"), "is listed twice".into()));
+                    }
+                    hashes.push(h);
                 }
                 hashes
             }
@@ -468,6 +503,8 @@ mod tests {
         let rotation = list(&format!("[\"{HASH}\", \"{OTHER}\"]")).unwrap();
         assert_eq!(rotation.agents.declared[0].secret_sha256.len(), 2, "a rotation: two hashes");
         assert!(rotation.agents.describe().contains("secret_sha256 set (2 hashes: a rotation)"));
+        let twice = list(&format!("[\"{HASH}\", \"{HASH}\"]")).unwrap_err().to_string();
+        assert!(twice.contains("agent[0].secret_sha256[1]: is listed twice"), "{twice}");
         let bad_element = list(&format!("[\"{HASH}\", \"secret\"]")).unwrap_err().to_string();
         assert!(
             bad_element.starts_with("agents.toml:7: agent[0].secret_sha256[1]: must be the SHA-256"),

@@ -62,6 +62,42 @@ struct Retired {
     digest: [u8; 32],
     /// Upgrades while one of its links is still in a session.
     loss: std::sync::Weak<link::LossState>,
+    /// As [`Agent`]'s.
+    undeclared_at: Option<Vec<u64>>,
+}
+
+impl Retired {
+    fn of(name: &str, a: &Agent) -> Retired {
+        Retired {
+            name: name.to_owned(),
+            digest: a.digest,
+            loss: a.lost.downgrade(),
+            undeclared_at: None,
+        }
+    }
+}
+
+/// Whether a connection that logged in with `digest` is to be revoked, by what a look at the
+/// declarations `found`: at once when the configuration file declares the name with other
+/// secrets (or no fleet file could declare it); when only fleet files speak, at the second
+/// look that finds it undeclared after every fleet source was looked at again successfully
+/// since the first (`undeclared_at`), so that a file caught half written, or a re-read that
+/// failed, cuts nobody off.
+fn judge(found: &super::Lookup, digest: &[u8; 32], undeclared_at: &mut Option<Vec<u64>>) -> bool {
+    if found.hashes.as_ref().is_some_and(|h| h.contains(digest)) {
+        *undeclared_at = None;
+        return false;
+    }
+    if found.inline || found.generations.is_empty() {
+        return true;
+    }
+    match undeclared_at {
+        Some(at) if at.len() == found.generations.len() => at.iter().zip(&found.generations).all(|(then, now)| now > then),
+        _ => {
+            *undeclared_at = Some(found.generations.clone());
+            false
+        }
+    }
 }
 
 /// A random id per process (registry): an agent with several servers uses it to find two of
@@ -104,8 +140,9 @@ struct Agent {
     /// The SHA-256 of the secret it logged in with: a reload or a fleet file that declares
     /// another (or none) revokes it.
     digest: [u8; 32],
-    /// Since when [`Registry::recheck`] has found it not declared with that digest.
-    undeclared_since: Option<Instant>,
+    /// The fleet sources' generations when [`Registry::recheck`] first found it not declared
+    /// with that digest (see [`judge`]).
+    undeclared_at: Option<Vec<u64>>,
     lost: link::Loss,
     replaced: CancellationToken,
     revoked: CancellationToken,
@@ -277,8 +314,6 @@ pub struct AgentInfo {
 pub struct Attached {
     /// This connection's number (a newer one of the same name gets another).
     pub id: u64,
-    /// Cancelled when this connection is lost: every session through it ends with 1011.
-    pub lost: CancellationToken,
     /// Cancelled when a newer connection of the same name took over.
     pub replaced: CancellationToken,
     /// Cancelled when the agent is no longer allowed (see [`Registry::recheck`]).
@@ -321,89 +356,109 @@ impl Registry {
         &self.instance.0
     }
 
-    /// Takes the declarations of a reloaded configuration. A connected agent whose declaration
-    /// is gone or names another secret is revoked at once: its control link closes and its
-    /// sessions end. (One that may come from a fleet file is checked by [`Registry::recheck`].)
+    /// Takes the declarations of a reloaded configuration. A connection (current, or an older
+    /// one whose sessions go on) whose agent the file now declares with other secrets, or no
+    /// longer declares while no fleet file could, is revoked at once: its control link closes and
+    /// its sessions end. One that only fleet files may declare is left to
+    /// [`Registry::recheck`].
     pub fn set_config(&self, agents: &AgentsConfig) {
         *self.declared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(agents.clone());
         let names = Arc::new(super::Declared::from_config(agents));
         *self.names.write().unwrap_or_else(|p| p.into_inner()) = names.clone();
+        // The sources configured, not those read: one that failed to load now must not revoke
+        // every agent it declares.
+        let fleet = !agents.sources.is_empty();
+        let allowed = |name: &str, digest: &[u8; 32]| match names.inline_sha256(name) {
+            Some(digests) => digests.contains(digest),
+            None => fleet,
+        };
+        // Locks in this order everywhere: agents, then retired.
         let mut connected = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         connected.retain(|name, a| {
-            let allowed = match names.inline_sha256(name) {
-                Some(digests) => digests.contains(&a.digest),
-                None => names.has_fleet(),
-            };
-            if !allowed {
+            // New declarations: a fleet file's verdict starts over.
+            a.undeclared_at = None;
+            let keep = allowed(name, &a.digest);
+            if !keep {
                 a.revoke(name);
             }
-            allowed
+            keep
         });
-        drop(connected);
-        self.revoke_retired(None, |name, digest| match names.inline_sha256(name) {
-            Some(digests) => digests.contains(digest),
-            None => names.has_fleet(),
-        });
-    }
-
-    /// Revokes the replaced connections of `name` (every name: `None`) that `allowed` refuses,
-    /// and forgets those whose sessions have all ended.
-    fn revoke_retired(&self, name: Option<&str>, allowed: impl Fn(&str, &[u8; 32]) -> bool) {
         let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-        retired.retain(|r| {
+        retired.retain_mut(|r| {
             let Some(loss) = link::Loss::upgrade(&r.loss) else {
                 return false;
             };
-            if name.is_some_and(|n| n != r.name) || allowed(&r.name, &r.digest) {
+            r.undeclared_at = None;
+            if allowed(&r.name, &r.digest) {
                 return true;
             }
-            warn!(agent = %r.name, "sessions of a replaced connection whose secret is no longer allowed: ended");
+            warn!(agent = %r.name, "sessions of an earlier connection whose secret is no longer allowed: ended");
             loss.revoke();
             false
         });
     }
 
-    /// Checks connection `id` of `name` against the declarations as they are now (fleet files
-    /// re-read if they changed), and revokes it if the agent is no longer declared with the
-    /// secret it logged in with, at two checks at least [`super::fleet::RECHECK`] apart (so that
-    /// a fleet file read while half written, truncated by `>` before its new lines, cuts nobody
-    /// off). Each control link calls it at every ping: a fleet file's change reaches connected
-    /// agents within two ping intervals, not at their next login.
+    /// Keeps an earlier connection of `name` whose sessions may go on, for revocation.
+    fn retire(&self, name: &str, a: &Agent) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|r| r.loss.strong_count() > 0);
+        retired.push(Retired::of(name, a));
+    }
+
+    /// Checks connection `id` of `name`, and earlier connections of the name whose sessions go
+    /// on, against the declarations as they are now (fleet files re-read if they changed), and
+    /// revokes those no longer declared with the secret they logged in with (see [`judge`]).
+    /// Each control link calls it at every ping: a fleet file's change reaches connected agents
+    /// within two ping intervals, not at their next login. Earlier connections of names with no
+    /// connection now are checked too (by whichever control link comes first).
     pub async fn recheck(&self, name: &str, id: u64) {
-        let digest = {
-            let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-            match agents.get(name).filter(|a| a.id == id) {
-                Some(a) => a.digest,
-                None => return,
-            }
-        };
         let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let digests = names.secret_sha256(name).await;
-        // Replaced connections of the name: revoked when the name is declared with other
-        // secrets (at once: a file caught half written declares fewer names, not other secrets).
-        if let Some(digests) = &digests {
-            self.revoke_retired(Some(name), |_, d| digests.contains(d));
-        }
-        let declared = digests.is_some_and(|d| d.contains(&digest));
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = agents.get_mut(name).filter(|a| a.id == id) else {
-            return;
+        let orphans: Vec<String> = {
+            let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            let mut orphans: Vec<String> = retired
+                .iter()
+                .filter(|r| !agents.contains_key(&r.name))
+                .map(|r| r.name.clone())
+                .collect();
+            orphans.sort();
+            orphans.dedup();
+            orphans
         };
-        match (declared, a.undeclared_since) {
-            (true, _) => a.undeclared_since = None,
-            (false, None) => {
-                info!(
-                    agent = name,
-                    "agent no longer declared with the secret it logged in with: cut off if still so at the next check"
-                );
-                a.undeclared_since = Some(Instant::now());
+        for n in std::iter::once(name.to_owned()).chain(orphans.into_iter().filter(|n| n != name)) {
+            let found = names.lookup(&n).await;
+            // A reload meanwhile judged with its own declarations; this look is stale.
+            if !Arc::ptr_eq(&names, &self.names.read().unwrap_or_else(|p| p.into_inner())) {
+                return;
             }
-            (false, Some(since)) if since.elapsed() >= super::fleet::RECHECK => {
-                if let Some(a) = agents.remove(name) {
-                    a.revoke(name);
+            let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            if n == name {
+                if let Some(a) = agents.get_mut(name).filter(|a| a.id == id) {
+                    let first = a.undeclared_at.is_none();
+                    if judge(&found, &a.digest, &mut a.undeclared_at) {
+                        if let Some(a) = agents.remove(name) {
+                            a.revoke(name);
+                        }
+                    } else if first && a.undeclared_at.is_some() {
+                        info!(
+                            agent = name,
+                            "agent not declared with the secret it logged in with: cut off if still so at the next check"
+                        );
+                    }
                 }
             }
-            (false, Some(_)) => {}
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.retain_mut(|r| {
+                let Some(loss) = link::Loss::upgrade(&r.loss) else {
+                    return false;
+                };
+                if r.name != n || !judge(&found, &r.digest, &mut r.undeclared_at) {
+                    return true;
+                }
+                warn!(agent = %r.name, "sessions of an earlier connection whose secret is no longer allowed: ended");
+                loss.revoke();
+                false
+            });
         }
     }
 
@@ -448,7 +503,18 @@ impl Registry {
     /// it was replaced (newest wins). `digest`: the SHA-256 of the secret it logged in with.
     /// `replacing`: the agent replaces each link it is sent `open` on by itself (see
     /// [`link::REPLACING`]).
-    pub fn attach(&self, name: &str, digest: [u8; 32], services: Vec<String>, addr: SocketAddr, pool: usize, replacing: bool) -> Attached {
+    ///
+    /// `None` when the declarations changed since its login and no longer let it in (a reload
+    /// between the login and its hello).
+    pub fn attach(
+        &self,
+        name: &str,
+        digest: [u8; 32],
+        services: Vec<String>,
+        addr: SocketAddr,
+        pool: usize,
+        replacing: bool,
+    ) -> Option<Attached> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(16);
         let lost = link::Loss::default();
@@ -460,7 +526,7 @@ impl Registry {
             since: std::time::SystemTime::now(),
             services,
             digest,
-            undeclared_since: None,
+            undeclared_at: None,
             lost: lost.clone(),
             replaced: replaced.clone(),
             revoked: revoked.clone(),
@@ -476,26 +542,29 @@ impl Registry {
                 totals: self.totals.clone(),
             }),
         };
-        let old = self.agents.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), agent);
-        if let Some(old) = old {
+        // Under the agents lock, which a reload takes after it swaps the declarations in: either
+        // this sees the new ones, or the reload sees this connection.
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let allowed = match names.inline_sha256(name) {
+            Some(digests) => digests.contains(&digest),
+            None => !self.config().sources.is_empty(),
+        };
+        if !allowed {
+            return None;
+        }
+        if let Some(old) = agents.insert(name.to_owned(), agent) {
             warn!(agent = name, old_client = %old.addr, new_client = %addr, "agent connected again: the newer connection replaces the older one");
             old.replaced.cancel();
-            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-            retired.retain(|r| r.loss.strong_count() > 0);
-            retired.push(Retired {
-                name: name.to_owned(),
-                digest: old.digest,
-                loss: old.lost.downgrade(),
-            });
-            // Its idle links drop with it; its live sessions go on.
+            // Its idle links drop with it; its live sessions go on, revocable.
+            self.retire(name, &old);
         }
-        Attached {
+        Some(Attached {
             id,
-            lost: lost.token().clone(),
             replaced,
             revoked,
             control: rx,
-        }
+        })
     }
 
     /// Ends connection `id` of `name` (if it is still the agent's): its idle links are closed;
@@ -507,17 +576,30 @@ impl Registry {
                 if lost {
                     a.lost.lose();
                 }
+                // Sessions that still move bytes go on: revocable until they end.
+                self.retire(name, &a);
             }
         }
+    }
+
+    /// Whether a data link that logged in as `name` with `digest` may join its pool: `name` has
+    /// a control link here, logged in with the same secret (a link with another one, say an
+    /// old secret still listed during a rotation, is not this connection's).
+    pub fn takes_links(&self, name: &str, digest: &[u8; 32]) -> bool {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.get(name).is_some_and(|a| a.digest == *digest)
     }
 
     /// Adds an idle data link the agent dialled (`chunks`: the two ends agreed on chunks).
     ///
     /// # Errors
-    /// The link back when the agent has no control link here, or its pool is over-full.
-    pub fn add_link(&self, name: &str, io: LinkStream, chunks: bool) -> Result<(), LinkStream> {
+    /// The link back when the agent has no control link here logged in with `digest`, or its
+    /// pool is over-full.
+    pub fn add_link(&self, name: &str, digest: &[u8; 32], io: LinkStream, chunks: bool) -> Result<(), LinkStream> {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = agents.get(name) else { return Err(io) };
+        let Some(a) = agents.get(name).filter(|a| a.digest == *digest) else {
+            return Err(io);
+        };
         let mut idle = a.pool.idle();
         let _ = a
             .pool
@@ -766,6 +848,83 @@ mod tests {
         }
     }
 
+    /// A registry that declares `shop-17`, with the secret whose hash is all zeros (the
+    /// digest the pool tests attach with).
+    fn shop_17() -> Registry {
+        Registry::new(&AgentsConfig {
+            declared: vec![super::super::AgentDecl {
+                name: "shop-17".into(),
+                secret_sha256: vec![[0; 32]],
+            }],
+            ..AgentsConfig::default()
+        })
+    }
+
+    /// Revocation reaches what still runs on a secret: an earlier connection (replaced, or
+    /// ended with sessions going on) as well as the current one; a data link with another
+    /// listed secret does not join the pool; a login that a reload revoked before its hello is
+    /// not attached.
+    #[tokio::test]
+    async fn revoking_a_secret_reaches_every_connection_that_logged_in_with_it() {
+        let (old, new) = ([1; 32], [2; 32]);
+        let declare = |hashes: Vec<[u8; 32]>| AgentsConfig {
+            declared: vec![super::super::AgentDecl {
+                name: "shop-17".into(),
+                secret_sha256: hashes,
+            }],
+            ..AgentsConfig::default()
+        };
+        let registry = Registry::new(&declare(vec![new, old]));
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let loss_of = |r: &Registry| r.agents.lock().unwrap().get("shop-17").unwrap().lost.clone();
+        let first = registry.attach("shop-17", old, vec![], addr, 4, true).unwrap();
+        let ended = loss_of(&registry);
+        registry.detach("shop-17", first.id, false);
+        let _second = registry.attach("shop-17", old, vec![], addr, 4, true).unwrap();
+        let replaced = loss_of(&registry);
+        let current = registry.attach("shop-17", new, vec![], addr, 4, true).unwrap();
+        assert!(
+            !registry.takes_links("shop-17", &old),
+            "a link with the old secret is not this connection's"
+        );
+        assert!(registry.takes_links("shop-17", &new));
+        let (server, _client) = link();
+        assert!(registry.add_link("shop-17", &old, LinkStream::Tcp(server), true).is_err());
+        registry.set_config(&declare(vec![new]));
+        assert!(ended.is_revoked() && replaced.is_revoked(), "earlier connections on the old secret");
+        assert!(!current.revoked.is_cancelled() && registry.is_connected("shop-17"));
+        assert!(
+            registry.attach("shop-17", old, vec![], addr, 4, true).is_none(),
+            "a login from before the reload"
+        );
+    }
+
+    /// Between two looks that find an agent missing, a re-read that fails (a line half written)
+    /// is not a second look.
+    #[tokio::test]
+    async fn a_failed_re_read_is_not_a_second_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleet");
+        let digest = link::parse_sha256(&link::secret_sha256("s")).unwrap();
+        std::fs::write(&file, format!("shop-17: {}\n", link::hex(&digest))).unwrap();
+        let registry = Registry::new(&AgentsConfig {
+            sources: vec![file.clone()],
+            ..AgentsConfig::default()
+        });
+        let attached = registry
+            .attach("shop-17", digest, vec![], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
+        let check = || async {
+            tokio::time::sleep(super::super::fleet::RECHECK).await;
+            registry.recheck("shop-17", attached.id).await;
+        };
+        std::fs::write(&file, "").unwrap();
+        check().await;
+        std::fs::write(&file, "shop-17: 12ab").unwrap();
+        check().await;
+        assert!(registry.is_connected("shop-17"), "the re-read failed: still one look");
+    }
+
     /// A fleet file found without the agent once (caught half written, say) cuts nobody off; found
     /// so at two checks a re-read apart, it revokes the agent.
     #[tokio::test]
@@ -779,7 +938,9 @@ mod tests {
             sources: vec![file.clone()],
             ..AgentsConfig::default()
         });
-        let attached = registry.attach("shop-17", digest, vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let attached = registry
+            .attach("shop-17", digest, vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
         // Each check after the source may be re-read: the time this rule is about, not a wait
         // for an event.
         let check = || async {
@@ -803,10 +964,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_offline_agent_and_an_unknown_service_are_named() {
-        let registry = Registry::default();
+        let registry = shop_17();
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 is offline");
-        let _attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let _attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
         let e = registry.open("shop-17", "label", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 has no service label");
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
@@ -834,7 +997,7 @@ mod tests {
         let (server, agent) = link();
         let port = agent.local_addr().unwrap().port();
         ends.push(agent);
-        assert!(registry.add_link("shop-17", LinkStream::Tcp(server), chunks).is_ok());
+        assert!(registry.add_link("shop-17", &[0; 32], LinkStream::Tcp(server), chunks).is_ok());
         port
     }
 
@@ -850,8 +1013,10 @@ mod tests {
     /// last; raw links oldest first.
     #[tokio::test]
     async fn the_pool_gives_links_in_its_order() {
-        let registry = Registry::default();
-        let _attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let registry = shop_17();
+        let _attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
         let mut ends = Vec::new();
         let a = add(&registry, true, &mut ends);
         let b = add(&registry, true, &mut ends);
@@ -876,8 +1041,10 @@ mod tests {
     /// take links or wait for one.
     #[tokio::test]
     async fn a_pool_asks_for_links_it_has_not_been_sent_yet_once() {
-        let registry = Registry::default();
-        let mut attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true);
+        let registry = shop_17();
+        let mut attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
         let mut ends = Vec::new();
         for _ in 0..4 {
             add(&registry, true, &mut ends);
@@ -899,8 +1066,10 @@ mod tests {
     /// recently used first; the pool's own size stays.
     #[tokio::test(start_paused = true)]
     async fn surplus_links_close_once_unused_for_a_while() {
-        let registry = Registry::default();
-        let mut attached = registry.attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 2, true);
+        let registry = shop_17();
+        let mut attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 2, true)
+            .unwrap();
         let mut ends = Vec::new();
         for _ in 0..5 {
             add(&registry, true, &mut ends);

@@ -1097,6 +1097,11 @@ async fn a_secret_is_rotated_without_a_cut_and_then_the_old_one_revoked() {
     send_bin(&mut on_old, b"two").await;
     assert_eq!(recv_data(&mut on_old).await, b"two", "the old secret is still listed: no cut");
     let _new = start_agent(agent_config(bridge.addr, "shop-17", NEW, &[("pos", tcp(echo))])).await;
+    // A data link with the old secret, still listed, is not the new connection's.
+    let old_link = format!(
+        "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+    );
+    assert_eq!(status_of(&http_raw(bridge.addr, old_link.as_bytes()).await), 409);
     let (mut on_new, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut on_new, b"new").await;
     assert_eq!(recv_data(&mut on_new).await, b"new");

@@ -709,6 +709,19 @@ async fn the_agent_runs_as_a_service_under_wine() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let (config_z, log_z) = (z_path(&config), z_path(&log));
+    // A setting given as a flag would not reach the service: refused, with where to put it.
+    let flagged = wine(
+        build,
+        &["agent", "--install-service", "--config", &config_z, "--max-sessions", "pos=1"],
+    )
+    .output();
+    let flagged = tokio::time::timeout(WINE_WAIT, flagged).await.unwrap().unwrap();
+    let said = String::from_utf8_lossy(&flagged.stderr);
+    assert_eq!(flagged.status.code(), Some(64), "{said}");
+    assert!(
+        said.contains("--max-sessions: a service takes its settings from --config FILE only"),
+        "{said}"
+    );
     let install = wine(build, &["agent", "--install-service", "--config", &config_z, "--log-file", &log_z]).output();
     let said = ok("install", tokio::time::timeout(WINE_WAIT, install).await.unwrap().unwrap());
     let mut installed = Installed(build, true);
