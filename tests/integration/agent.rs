@@ -1005,15 +1005,16 @@ async fn endless_backend() -> SocketAddr {
     addr
 }
 
-/// A page that reads everything until the close: the bytes it got and the close frame.
-fn reading_page(ws: Ws, got: Arc<AtomicUsize>) -> tokio::task::JoinHandle<(u16, String)> {
+/// A page that reads everything until the close: the bytes it got so far (`got`) and, at the
+/// end, the close frame.
+fn reading_page(ws: Ws, got: tokio::sync::watch::Sender<usize>) -> tokio::task::JoinHandle<(u16, String)> {
     tokio::spawn(async move {
         let mut ws = ws;
         while let Some(m) = ws.next().await {
             match m {
                 Ok(Message::Close(f)) => return f.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string())),
                 Ok(m) => {
-                    got.fetch_add(m.len(), Ordering::Relaxed);
+                    got.send_modify(|n| *n += m.len());
                 }
                 Err(e) => return (0, e.to_string()),
             }
@@ -1042,14 +1043,11 @@ async fn a_reload_that_changes_an_agents_secret_ends_its_connection_and_sessions
     send_bin(&mut idle, b"before").await;
     assert_eq!(recv_data(&mut idle).await, b"before");
     let (feed, _) = ws_connect(&bridge.url("/feed"), None).await;
-    let got = Arc::new(AtomicUsize::new(0));
-    let busy = reading_page(feed, got.clone());
-    within("the feed's first megabytes", async {
-        while got.load(Ordering::Relaxed) < 4 << 20 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let (got, mut progress) = tokio::sync::watch::channel(0);
+    let busy = reading_page(feed, got);
+    within("the feed's first megabytes", progress.wait_for(|n| *n >= 4 << 20))
+        .await
+        .unwrap();
 
     let mut rotated = bridge.config.clone();
     rotated.agents.declared[0].secret_sha256 = vec![parse_sha256(&secret_sha256("the new secret of shop-17, not the leaked one")).unwrap()];
