@@ -55,6 +55,19 @@ pub(crate) fn server_config(agents: &[&str], routes: &[(&str, &str)]) -> Config 
     config
 }
 
+/// Adds the fleet route `/agents/{agent}/{service}` (any declared agent's services) to `config`.
+fn add_fleet_route(config: &mut Config) {
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
+        target: Target::Agent {
+            agent: "{agent}".into(),
+            service: "{service}".into(),
+        },
+        options,
+    });
+}
+
 /// An agent dialling `server` (ws://…/agent) with fast retries, serving `services`.
 fn agent_config(server: SocketAddr, name: &str, secret: &str, services: &[(&str, Target)]) -> AgentConfig {
     let mut c = AgentConfig::new(format!("ws://{server}/agent").parse().unwrap(), name.into(), secret.into());
@@ -916,15 +929,7 @@ async fn a_fleet_route_reaches_declared_agents_by_path_and_nothing_else() {
     let app17 = source_backend(b"shop-17's pos".to_vec()).await;
     let app18 = source_backend(b"shop-18's pos".to_vec()).await;
     let mut config = server_config(&["shop-17", "shop-18"], &[]);
-    let options = config.default_route_options();
-    config.routes.push(RouteConfig {
-        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
-        target: Target::Agent {
-            agent: "{agent}".into(),
-            service: "{service}".into(),
-        },
-        options,
-    });
+    add_fleet_route(&mut config);
     let bridge = TestBridge::start(config).await;
     let _a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app17))])).await;
     let _a18 = start_agent(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(app18))])).await;
@@ -959,15 +964,7 @@ async fn agents_from_a_fleet_file_log_in_and_new_ones_are_seen() {
     std::fs::write(&fleet, format!("shop-17: {}\n", secret_sha256(SECRET))).unwrap();
     let mut config = server_config(&[], &[]);
     config.agents.sources.push(fleet.clone());
-    let options = config.default_route_options();
-    config.routes.push(RouteConfig {
-        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
-        target: Target::Agent {
-            agent: "{agent}".into(),
-            service: "{service}".into(),
-        },
-        options,
-    });
+    add_fleet_route(&mut config);
     let bridge = TestBridge::start(config).await;
     let _a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
     let (mut ws, _) = ws_connect(&bridge.url("/agents/shop-17/pos"), None).await;
@@ -1131,15 +1128,7 @@ async fn an_agent_removed_from_a_fleet_file_is_disconnected_within_two_pings() {
     let mut config = server_config(&[], &[]);
     config.agents.sources.push(fleet.clone());
     config.timeouts.ping_interval = Some(Duration::from_millis(200));
-    let options = config.default_route_options();
-    config.routes.push(RouteConfig {
-        matcher: Matcher::Path("/agents/{agent}/{service}".into()),
-        target: Target::Agent {
-            agent: "{agent}".into(),
-            service: "{service}".into(),
-        },
-        options,
-    });
+    add_fleet_route(&mut config);
     let bridge = TestBridge::start(config).await;
     let mut a17 = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
     let _a18 = start_agent(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(echo))])).await;
