@@ -484,8 +484,10 @@ impl Config {
 }
 
 impl Config {
-    /// What an operator should hear once at start-up about a configuration that works but may
-    /// not do what they think: today, routes that any web page can use.
+    /// What an operator should hear once at start-up (and from `wsbridge check`) about a
+    /// configuration that works but may not do what they think: routes that any web page can
+    /// use; an agent declared both in an `[[agent]]` table and in a fleet file, whose lines
+    /// there are not used.
     pub fn warnings(&self) -> Vec<String> {
         let open_by_default = self.default_origins.contains(&OriginRule::Any)
             && self.listeners.iter().any(|l| l.access.origins.is_none())
@@ -503,6 +505,17 @@ impl Config {
                  configuration file, where routes admit their own origin only unless they list others"
                     .to_owned(),
             );
+        }
+        for source in &self.agents.sources {
+            let Ok(names) = crate::agent::fleet::names(source) else { continue };
+            for d in self.agents.declared.iter().filter(|d| names.contains(&d.name)) {
+                out.push(format!(
+                    "agent {} is declared in an [[agent]] table and in {}: the table's secret_sha256 is the one used, \
+                     the file's lines for it are not (a rotation written there does nothing)",
+                    d.name,
+                    source.display()
+                ));
+            }
         }
         out
     }

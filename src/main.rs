@@ -172,6 +172,9 @@ async fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     println!("{}: OK", path.display());
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
     print!("{}", config.describe());
     print!("{}", table.describe().await);
     print!("{}", config.agents.describe());

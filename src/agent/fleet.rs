@@ -85,6 +85,16 @@ impl FleetSource {
 
 use crate::tokens::{files_of, stamp};
 
+/// The names a source declares now, read at once (for start-up checks, off the data path).
+///
+/// # Errors
+/// As [`FleetSource::load`].
+pub fn names(path: &Path) -> Result<Vec<String>, String> {
+    let mut names: Vec<String> = read(path)?.1.into_keys().collect();
+    names.sort();
+    Ok(names)
+}
+
 /// Each declared agent's secret hashes.
 type Hashes = HashMap<String, Vec<[u8; 32]>>;
 

@@ -471,6 +471,15 @@ mod tests {
         let text = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n[[agents]]\nsource = \"fleet\"\n[[route]]\npath = \"/pos\"\ntarget = { agent = \"shop-17\", service = \"pos\" }\n";
         let c = Config::from_toml(text, &file).unwrap();
         assert_eq!(c.agents.sources, vec![dir.path().join("fleet")]);
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // Declared in a table too: the table wins, and the operator hears that the file's line
+        // for it does nothing.
+        let both = format!("{text}[[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{HASH}\"\n");
+        let warnings = Config::from_toml(&both, &file).unwrap().warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].starts_with("agent shop-17 is declared in an [[agent]] table and in "),
+            "{warnings:?}"
+        );
         std::fs::write(dir.path().join("fleet"), "shop-17 ba78\n").unwrap();
         let e = Config::from_toml(text, &file).unwrap_err().to_string();
         assert!(

@@ -1785,6 +1785,33 @@ async fn check_shows_a_services_session_cap() {
     assert!(err.contains("--max-sessions") && err.contains("no such service"), "{err}");
 }
 
+/// `wsbridge check` warns of an agent declared both in an `[[agent]]` table and in a fleet file:
+/// the table's hash is the one used, so a rotation written in the file would do nothing.
+#[tokio::test]
+async fn check_warns_of_an_agent_declared_in_a_table_and_a_fleet_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = secret_sha256(SECRET);
+    std::fs::write(dir.path().join("fleet"), format!("shop-17: {hash}\nshop-18: {hash}\n")).unwrap();
+    let file = dir.path().join("server.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n[[agents]]\nsource = \"fleet\"\n\
+             [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{hash}\"\n[[route]]\npath = \"/pos\"\n\
+             target = {{ agent = \"shop-17\", service = \"pos\" }}\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_to_end(&["check", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(
+        warnings[0].starts_with("warning: agent shop-17 is declared in an [[agent]] table and in "),
+        "{out}"
+    );
+}
+
 /// `server` in an `[agent]` table is one URL or a list; a mistake in a list names its element.
 #[tokio::test]
 async fn an_agent_file_takes_a_list_of_servers_and_names_a_bad_one() {
