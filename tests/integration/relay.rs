@@ -170,6 +170,79 @@ async fn protocol_violations_get_1002_and_bad_utf8_1007() {
     }
 }
 
+/// What the Autobahn test suite checks of a server's framing, as deterministic cases: each
+/// protocol violation gets its close code (1002, or 1007 for UTF-8, split across fragments
+/// too), every close code the RFC and IANA register is echoed, every other one is a 1002, and a
+/// ping in the middle of a fragmented message is answered before the close.
+#[tokio::test]
+async fn frames_and_close_codes_as_the_autobahn_suite_checks_them() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let close = |code: u16| frame(0x88, &code.to_be_bytes(), true);
+    let cat = |frames: &[Vec<u8>]| frames.concat();
+    let mut huge = vec![0x82, 0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 0];
+    huge.extend_from_slice(&[1, 2, 3, 4]);
+    let violations: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("reserved opcode 3", frame(0x83, b"x", true), 1002),
+        ("reserved control opcode 11", frame(0x8B, b"", true), 1002),
+        ("a ping with FIN clear", frame(0x09, b"p", true), 1002),
+        ("a close with FIN clear", frame(0x08, &1000u16.to_be_bytes(), true), 1002),
+        ("a continuation with nothing to continue", frame(0x80, b"x", true), 1002),
+        (
+            "a new message inside a fragmented one",
+            cat(&[frame(0x01, b"a", true), frame(0x81, b"b", true)]),
+            1002,
+        ),
+        ("a 64-bit length with its top bit set", huge, 1002),
+        ("a close with a 1-byte payload", frame(0x88, &[0x03], true), 1002),
+        (
+            "invalid UTF-8 across two fragments",
+            cat(&[frame(0x01, b"ok \xce", true), frame(0x80, b"\xff", true)]),
+            1007,
+        ),
+        (
+            "a truncated code point at the message's end",
+            frame(0x81, b"ok \xe2\x82", true),
+            1007,
+        ),
+    ];
+    for (what, bytes, expected) in violations {
+        let mut s = raw_ws(bridge.addr, "/").await;
+        s.write_all(&bytes).await.unwrap();
+        let (code, reason) = raw_read_close(&mut s).await;
+        assert_eq!(code, expected, "{what}: {reason}");
+    }
+    for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+        let mut s = raw_ws(bridge.addr, "/").await;
+        s.write_all(&close(code)).await.unwrap();
+        assert_eq!(raw_read_close(&mut s).await.0, 1002, "close code {code}");
+    }
+    for code in [
+        1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999,
+    ] {
+        let mut s = raw_ws(bridge.addr, "/").await;
+        s.write_all(&close(code)).await.unwrap();
+        assert_eq!(raw_read_close(&mut s).await.0, code, "close code {code} echoed");
+    }
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let fragmented = cat(&[
+        frame(0x01, b"Hel", true),
+        frame(0x89, b"between", true),
+        frame(0x80, b"lo", true),
+        close(1000),
+    ]);
+    s.write_all(&fragmented).await.unwrap();
+    let mut pongs = Vec::new();
+    let code = loop {
+        match raw_read_frame(&mut s).await {
+            (0x0A, p) => pongs.push(p),
+            (0x08, p) => break u16::from_be_bytes([p[0], p[1]]),
+            _ => {}
+        }
+    };
+    assert_eq!((pongs, code), (vec![b"between".to_vec()], 1000));
+}
+
 /// Sends `pings` numbered pings and a close in one write; the pongs' payloads that come back
 /// before the close's echo.
 async fn pongs(s: &mut tokio::net::TcpStream, pings: usize) -> Vec<String> {
