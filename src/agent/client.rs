@@ -595,6 +595,15 @@ impl AgentConfig {
                 return Err(invalid("--max-sessions", format!("{name:?}: no such service (see --service)")));
             }
             let max = parse_max_sessions(max).map_err(|e| invalid("--max-sessions", format!("{m:?}: {e}")))?;
+            if args
+                .max_sessions
+                .iter()
+                .filter(|o| o.split_once('=').is_some_and(|(n, _)| n == name))
+                .count()
+                > 1
+            {
+                return Err(invalid("--max-sessions", format!("{name:?} is given twice")));
+            }
             config.max_sessions.insert(name.to_owned(), max);
         }
         if let Some(ca) = &args.ca_file {
@@ -1743,8 +1752,10 @@ mod tests {
             ("pos=many", "at least 1"),
             ("pos", "expected NAME=N"),
             ("printer=1", "no such service"),
+            ("pos=1 pos=2", "given twice"),
         ] {
-            let e = AgentConfig::from_args(&args(&[flag])).unwrap_err().to_string();
+            let flags: Vec<&str> = flag.split(' ').collect();
+            let e = AgentConfig::from_args(&args(&flags)).unwrap_err().to_string();
             assert!(e.contains("--max-sessions") && e.contains(says), "{flag}: {e}");
         }
         for (entry, field, says) in [

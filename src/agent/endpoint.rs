@@ -233,7 +233,7 @@ async fn control<S: LinkIo>(
     let services: Vec<String> = services.into_iter().filter(|s| link::valid_name(s)).take(1024).collect();
     let Some(mut attached) = registry.attach(&name, digest, services.clone(), addr, endpoint.pool, replacing) else {
         // A reload between its login and its hello revoked that secret.
-        let _ = timeout(timeouts.close, ws.close(Some(revoked_close()))).await;
+        close_with(&mut ws, revoked_close(), timeouts.close).await;
         return warn!(agent = %name, "agent no longer allowed since its login (a reload): closed");
     };
     info!(agent = %name, services = ?services, "agent connected");
@@ -271,12 +271,17 @@ async fn control<S: LinkIo>(
                 // This loop waits for it at most a re-read of the fleet files (bounded by
                 // fleet::REREAD_WAIT, and once a second per source however many agents ask).
                 registry.recheck(&name, attached.id).await;
-                registry.top_up(&name, attached.id);
-                pong_due.get_or_insert(Instant::now() + timeouts.pong_timeout);
-                match timeout(send_timeout, ws.send(Message::Ping(Default::default()))).await {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(End::Lost(e.to_string())),
-                    Err(_) => Some(End::Lost("ping not written in time".into())),
+                if attached.revoked.is_cancelled() {
+                    // No ping now: its pong would cross our close frame.
+                    Some(End::Revoked)
+                } else {
+                    registry.top_up(&name, attached.id);
+                    pong_due.get_or_insert(Instant::now() + timeouts.pong_timeout);
+                    match timeout(send_timeout, ws.send(Message::Ping(Default::default()))).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(End::Lost(e.to_string())),
+                        Err(_) => Some(End::Lost("ping not written in time".into())),
+                    }
                 }
             }
             m = ws.next() => match m {
@@ -302,20 +307,16 @@ async fn control<S: LinkIo>(
         }
         Some(End::Drained) => {
             registry.detach(&name, attached.id, false);
-            let _ = timeout(timeouts.close, ws.close(Some(close("server shutting down")))).await;
+            close_with(&mut ws, close("server shutting down"), timeouts.close).await;
             info!(agent = %name, "agent told to reconnect elsewhere (drain)");
         }
         Some(End::Replaced) => {
-            let _ = timeout(
-                timeouts.close,
-                ws.close(Some(close("replaced by a newer connection of this agent"))),
-            )
-            .await;
+            close_with(&mut ws, close("replaced by a newer connection of this agent"), timeouts.close).await;
             info!(agent = %name, "agent control link replaced");
         }
         Some(End::Revoked) => {
             // Out of the registry already, its sessions ended (logged there).
-            let _ = timeout(timeouts.close, ws.close(Some(revoked_close()))).await;
+            close_with(&mut ws, revoked_close(), timeouts.close).await;
         }
         Some(End::Lost(why)) => {
             registry.detach(&name, attached.id, true);
@@ -323,6 +324,24 @@ async fn control<S: LinkIo>(
         }
         None => {}
     }
+}
+
+/// Closes a control link with `frame` and waits, at most `within`, for the agent's answer to it,
+/// reading and dropping what comes before (a pong in flight): closing the socket with bytes
+/// unread would reset the connection, and the agent could lose our close frame, and its reason,
+/// to the reset.
+async fn close_with<S: LinkIo>(ws: &mut WebSocketStream<S>, frame: CloseFrame, within: Duration) {
+    let _ = timeout(within, async {
+        if ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// The control link's close when its agent is no longer allowed (1008).

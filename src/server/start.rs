@@ -468,7 +468,12 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
         Some(p) => match Config::from_file(p).map_err(BridgeError::from).and_then(|mut c| {
             let limit = crate::platform::open_file_limit();
             fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
-            bridge.reload(&c)
+            bridge.reload(&c)?;
+            // What start-up warns of, a reload that brings it warns of too.
+            for warning in c.warnings() {
+                tracing::warn!("{warning}");
+            }
+            Ok(())
         }) {
             Ok(()) => {
                 bridge.metrics().reloaded("config", true);
