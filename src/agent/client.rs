@@ -1519,27 +1519,34 @@ where
     C: tokio::io::AsyncRead + Unpin,
     D: tokio::io::AsyncWrite + Unpin,
 {
-    let mut up = std::pin::pin!(up.run());
-    let mut down = std::pin::pin!(down.run());
-    tokio::select! {
-        // The link's EOF: the browser's session is over and the server reads nothing more after
-        // it, so an app that neither answers nor closes is not waited on beyond the close time.
-        r = &mut up => match r {
-            Ok(n) => match timeout(AFTER_BROWSER_CLOSE, &mut down).await {
-                Ok(d) => d.map(|d| (n, d)),
-                Err(_) => Ok((n, 0)),
+    // `None` for the app's side: it was still going when the browser's had ended long enough
+    // ago; its count is read from its pipe once the copies are dropped.
+    let ended: std::io::Result<(u64, Option<u64>)> = {
+        let mut up = std::pin::pin!(up.run());
+        let mut down = std::pin::pin!(down.run());
+        tokio::select! {
+            // The link's EOF: the browser's session is over and the server reads nothing more
+            // after it, so an app that neither answers nor closes is not waited on beyond the
+            // close time.
+            r = &mut up => match r {
+                Ok(n) => match timeout(AFTER_BROWSER_CLOSE, &mut down).await {
+                    Ok(d) => d.map(|d| (n, Some(d))),
+                    Err(_) => Ok((n, None)),
+                },
+                Err(e) => Err(e),
             },
-            Err(e) => Err(e),
-        },
-        // The app's EOF: what it wrote is on its way; the browser may still send until it closes.
-        r = &mut down => match r {
-            Ok(d) => match timeout(AFTER_APP_CLOSE, &mut up).await {
-                Ok(n) => n.map(|n| (n, d)),
-                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the app took no more of the browser's bytes")),
+            // The app's EOF: what it wrote is on its way; the browser may still send until it
+            // closes.
+            r = &mut down => match r {
+                Ok(d) => match timeout(AFTER_APP_CLOSE, &mut up).await {
+                    Ok(n) => n.map(|n| (n, Some(d))),
+                    Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the app took no more of the browser's bytes")),
+                },
+                Err(e) => Err(e),
             },
-            Err(e) => Err(e),
-        },
-    }
+        }
+    };
+    ended.map(|(n, d)| (n, d.unwrap_or(down.total)))
 }
 
 /// One direction of an agent's session, as the server's relay moves bytes: each read goes into
@@ -1923,5 +1930,28 @@ mod tests {
         };
         assert_eq!(copied, TOTAL);
         assert!(passes.len() >= 5, "{passes:?}");
+    }
+
+    /// An app that answers and then ignores the end of its input: the session ends
+    /// AFTER_BROWSER_CLOSE after the browser's side, not before, and the bytes the app sent are
+    /// counted (they were logged as 0).
+    #[tokio::test(start_paused = true)]
+    async fn an_app_that_ignores_the_end_of_its_input_is_let_go_with_its_bytes_counted() {
+        use tokio::io::AsyncWriteExt;
+        let (mut browser, link) = tokio::io::duplex(1024);
+        let (agent_end, mut app) = tokio::io::duplex(1024);
+        let (link_read, link_write) = tokio::io::split(link);
+        let (app_read, app_write) = tokio::io::split(agent_end);
+        browser.write_all(b"hi").await.unwrap();
+        browser.shutdown().await.unwrap();
+        app.write_all(b"hello back").await.unwrap();
+        // The app keeps its end open and never reads.
+        let started = tokio::time::Instant::now();
+        let (up, down) = relay(Pipe::new(link_read, app_write), Pipe::new(app_read, link_write))
+            .await
+            .unwrap();
+        assert_eq!((up, down), (2, 10));
+        assert_eq!(started.elapsed(), AFTER_BROWSER_CLOSE);
+        drop(app);
     }
 }
