@@ -1163,7 +1163,6 @@ struct Mine {
 
 /// The sessions open on each service with a `max_sessions`, over all of the agent's
 /// connections: the cap protects the app, whichever server a session comes through.
-#[derive(Default)]
 struct Caps(std::collections::HashMap<String, (usize, Arc<std::sync::atomic::AtomicUsize>)>);
 
 /// One session's place under its service's cap, given back when dropped.

@@ -137,14 +137,14 @@ impl Declared {
         }
     }
 
-    /// Whether there are fleet files (whose agents come and go with them).
-    pub fn has_fleet(&self) -> bool {
-        !self.fleet.is_empty()
-    }
-
-    /// The SHA-256s of `name`'s secrets if `name` is declared inline (no file is read).
-    pub fn inline_sha256(&self, name: &str) -> Option<&[[u8; 32]]> {
-        self.inline.get(name).map(Vec::as_slice)
+    /// Whether the configuration file lets a connection of `name` that logged in with `digest`
+    /// stay: it declares the name with that secret, or does not declare it while fleet files
+    /// (`fleet`: some are configured) may, which [`registry::Registry::recheck`] then judges.
+    pub fn config_allows(&self, name: &str, digest: &[u8; 32], fleet: bool) -> bool {
+        match self.inline.get(name) {
+            Some(digests) => digests.contains(digest),
+            None => fleet,
+        }
     }
 }
 

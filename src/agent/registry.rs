@@ -368,10 +368,7 @@ impl Registry {
         // The sources configured, not those read: one that failed to load now must not revoke
         // every agent it declares.
         let fleet = !agents.sources.is_empty();
-        let allowed = |name: &str, digest: &[u8; 32]| match names.inline_sha256(name) {
-            Some(digests) => digests.contains(digest),
-            None => fleet,
-        };
+        let allowed = |name: &str, digest: &[u8; 32]| names.config_allows(name, digest, fleet);
         // Locks in this order everywhere: agents, then retired.
         let mut connected = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         connected.retain(|name, a| {
@@ -546,11 +543,7 @@ impl Registry {
         // this sees the new ones, or the reload sees this connection.
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let allowed = match names.inline_sha256(name) {
-            Some(digests) => digests.contains(&digest),
-            None => !self.config().sources.is_empty(),
-        };
-        if !allowed {
+        if !names.config_allows(name, &digest, !self.config().sources.is_empty()) {
             return None;
         }
         if let Some(old) = agents.insert(name.to_owned(), agent) {

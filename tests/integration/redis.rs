@@ -172,32 +172,35 @@ async fn websockify_form_with_database_password_and_namespace() {
     bridge.stop().await;
 }
 
+/// redis-server arguments for a password on the default user ("admin-pw") and a least-privilege
+/// user "bridge" (password "bridge-pw") with the key pattern and commands given.
+fn bridge_user<'a>(keys: &'a str, commands: &[&'a str]) -> Vec<&'a str> {
+    let mut acl = vec!["--requirepass", "admin-pw", "--user", "bridge", "on", ">bridge-pw", keys];
+    acl.extend_from_slice(commands);
+    acl
+}
+
+/// A TOML token source that reads `redis` as the user of [`bridge_user`] (its credentials in
+/// `dir/redis.cred`), keys under `vnc:`, targets limited to `echo`.
+fn as_bridge_user(dir: &std::path::Path, redis: &Redis, echo: SocketAddr) -> String {
+    std::fs::write(dir.join("redis.cred"), "bridge\nbridge-pw\n").unwrap();
+    format!(
+        "allow_targets = [\"{}\"]\n[tokens.redis]\nurl = \"{}\"\ncredentials_file = \"redis.cred\"\nkey_prefix = \"vnc:\"\n",
+        only(echo),
+        redis.url(0)
+    )
+}
+
 #[tokio::test]
 async fn toml_source_with_a_credentials_file_and_a_least_privilege_user() {
     let test = "toml_source_with_a_credentials_file_and_a_least_privilege_user";
     // An ACL user that may only GET keys under vnc: , beside the default one.
-    let acl = [
-        "--requirepass",
-        "admin-pw",
-        "--user",
-        "bridge",
-        "on",
-        ">bridge-pw",
-        "~vnc:*",
-        "+get",
-    ];
-    let Some(redis) = redis_or_skip(test, &acl).await else {
+    let Some(redis) = redis_or_skip(test, &bridge_user("~vnc:*", &["+get"])).await else {
         return;
     };
     let (echo, accepted) = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("redis.cred"), "bridge\nbridge-pw\n").unwrap();
-    let tokens = format!(
-        "allow_targets = [\"{}\"]\n[tokens.redis]\nurl = \"{}\"\ncredentials_file = \"redis.cred\"\nkey_prefix = \"vnc:\"\n",
-        only(echo),
-        redis.url(0)
-    );
-    let config = from_toml(&tokens, dir.path());
+    let config = from_toml(&as_bridge_user(dir.path(), &redis, echo), dir.path());
     let shown = format!("{config:?}");
     assert!(!shown.contains("bridge-pw"), "the password is not in Debug: {shown}");
     // What `wsbridge check` prints: the source, its settings, whether credentials are set.
@@ -225,29 +228,12 @@ async fn toml_source_with_a_credentials_file_and_a_least_privilege_user() {
 #[tokio::test]
 async fn a_key_the_user_may_not_read_does_not_switch_the_source_to_get() {
     let test = "a_key_the_user_may_not_read_does_not_switch_the_source_to_get";
-    let acl = [
-        "--requirepass",
-        "admin-pw",
-        "--user",
-        "bridge",
-        "on",
-        ">bridge-pw",
-        "~vnc:a*",
-        "+get",
-        "+getrange",
-    ];
-    let Some(redis) = redis_or_skip(test, &acl).await else {
+    let Some(redis) = redis_or_skip(test, &bridge_user("~vnc:a*", &["+get", "+getrange"])).await else {
         return;
     };
     let (echo, _) = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("redis.cred"), "bridge\nbridge-pw\n").unwrap();
-    let tokens = format!(
-        "allow_targets = [\"{}\"]\n[tokens.redis]\nurl = \"{}\"\ncredentials_file = \"redis.cred\"\nkey_prefix = \"vnc:\"\n",
-        only(echo),
-        redis.url(0)
-    );
-    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let bridge = TestBridge::start(from_toml(&as_bridge_user(dir.path(), &redis, echo), dir.path())).await;
     let mut admin = redis.client(0, Some("admin-pw")).await;
     set(&mut admin, "vnc:a1", &echo.to_string()).await;
     assert_eq!(status_for(&bridge, "b1").await, 503, "a key outside the user's pattern");

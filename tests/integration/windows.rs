@@ -525,36 +525,12 @@ async fn the_service_glue_runs_under_wines_service_control_manager() {
 }
 
 /// The agent's secret in the Wine tests.
-const AGENT_SECRET: &str = "0123456789abcdef0123456789abcdef-wine-agent";
+use crate::agent::SECRET as AGENT_SECRET;
 
 /// A Linux server (in this process) with the agent endpoint `/agent`, the agent `shop-17` and the
 /// route `/pos` to its service `pos`.
 async fn agent_server() -> TestBridge {
-    use wsbridge::agent::link::{parse_sha256, secret_sha256};
-    use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
-    use wsbridge::config::{Config, Matcher, RouteConfig, Target};
-    let mut config = Config::new("wine agent test");
-    config.agents = AgentsConfig {
-        declared: vec![AgentDecl {
-            name: "shop-17".into(),
-            secret_sha256: vec![parse_sha256(&secret_sha256(AGENT_SECRET)).unwrap()],
-        }],
-        endpoints: vec![EndpointConfig {
-            path: "/agent".into(),
-            pool: 2,
-        }],
-        sources: Vec::new(),
-    };
-    let options = config.default_route_options();
-    config.routes.push(RouteConfig {
-        matcher: Matcher::Path("/pos".into()),
-        target: Target::Agent {
-            agent: "shop-17".into(),
-            service: "pos".into(),
-        },
-        options,
-    });
-    TestBridge::start(config).await
+    TestBridge::start(crate::agent::server_config(&["shop-17"], &[("shop-17", "pos")])).await
 }
 
 /// An agent configuration for `wsbridge.exe agent` in `dir`: the server's `/agent`, its secret in
