@@ -30,9 +30,45 @@ impl Slots {
 #[derive(Debug)]
 pub struct Slot(Arc<AtomicUsize>);
 
+impl Slot {
+    /// A slot counted on its own, for unit tests.
+    #[cfg(test)]
+    pub fn alone() -> Slot {
+        Slot(Arc::new(AtomicUsize::new(1)))
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What an accepted connection holds while it is open: its slot under `max_connections` and,
+/// when that cap is on, its place under `max_connections_per_ip`. Both are given back when the
+/// connection ends, or when it becomes an agent's: see [`Held::into_agents`].
+#[derive(Debug)]
+pub struct Held {
+    connection: Slot,
+    /// Held for its drop only.
+    _per_ip: Option<crate::policy::AddressSlot>,
+}
+
+impl Held {
+    /// A connection's slot and, if counted, its place under its address's cap.
+    pub fn new(connection: Slot, per_ip: Option<crate::policy::AddressSlot>) -> Held {
+        Held {
+            connection,
+            _per_ip: per_ip,
+        }
+    }
+
+    /// The connection proved an agent's secret: it stops counting against its address (the
+    /// agents behind one NAT share it, and the registry bounds each agent's links) but stays a
+    /// connection under `max_connections` for as long as it is open, idle in a pool included:
+    /// each one is a descriptor, and the open-file fit counts on that cap.
+    pub fn into_agents(self) -> Slot {
+        self.connection
     }
 }
 

@@ -29,6 +29,7 @@ use super::registry::{Control, Registry};
 use super::EndpointConfig;
 use crate::config::Timeouts;
 use crate::http::request::answer;
+use crate::slots::Held;
 
 enum Kind {
     Control(String),
@@ -40,10 +41,13 @@ enum Kind {
 /// agent's connection; a data link is handed to the registry's pool). `client` is the agent's
 /// address as the browser routes see theirs (from the PROXY header or a trusted proxy's
 /// forwarded header, else the TCP peer): the failure brake counts per real address, not per
-/// load balancer.
+/// load balancer. `held` is the connection's place under the caps: once the agent has proved
+/// its secret it no longer counts against its address ([`Held::into_agents`]), and a data link
+/// takes its slot into the pool with it.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S: IntoLink>(
     mut stream: S,
+    held: Held,
     client: SocketAddr,
     request: Request<()>,
     leftover: Vec<u8>,
@@ -108,6 +112,7 @@ pub async fn serve<S: IntoLink>(
         }
     };
     registry.succeeded(addr.ip());
+    let slot = held.into_agents();
     let name = name.unwrap_or_default().to_owned();
     match kind {
         Kind::Link(chunks) => {
@@ -154,7 +159,7 @@ pub async fn serve<S: IntoLink>(
             if !matches!(written, Ok(Ok(()))) {
                 return debug!(agent = %name, "agent data link closed during its 101");
             }
-            if registry.add_link(&name, &digest, stream.into_link(), chunks).is_err() {
+            if registry.add_link(&name, &digest, stream.into_link(), chunks, slot).is_err() {
                 debug!(agent = %name, "agent data link not needed; closed");
             }
         }
@@ -176,6 +181,7 @@ pub async fn serve<S: IntoLink>(
             let config = link::control_ws_config();
             let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
             control(ws, (name, digest), addr, registry, endpoint, timeouts, shutdown).await;
+            drop(slot);
         }
     }
 }

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::link::{self, AgentLink, LinkStream};
 use super::{AgentsConfig, EndpointConfig};
 use crate::backend::{Backend, ConnectError};
+use crate::slots::Slot;
 
 /// How long an idle data link is kept before the server closes it (and the agent dials anew):
 /// below the idle cut of common NATs and balancers, so a link taken from the pool is alive.
@@ -201,6 +202,8 @@ pub struct Pool {
 
 struct Idle {
     io: LinkStream,
+    /// Its place under `max_connections`: an idle link is an open connection too.
+    slot: Slot,
     /// The link is in chunks ([`super::chunks`]): reusable.
     chunks: bool,
     since: Instant,
@@ -240,15 +243,15 @@ impl Pool {
     /// enough are idle. `last`: the link goes where it is taken last, for a link the agent may
     /// still be busy on (its app ended first: the agent may still be writing the browser's last
     /// bytes to it, and an `open` would wait behind them).
-    pub fn give_back(&self, io: LinkStream, last: bool) {
-        if self.put_back(io, last) {
+    pub fn give_back(&self, io: LinkStream, slot: Slot, last: bool) {
+        if self.put_back(io, slot, last) {
             self.counted(|c| &c.returned);
         }
     }
 
     /// [`Pool::give_back`] without counting it: a link whose `open` was refused carried no
     /// session. Whether the link was kept.
-    fn put_back(&self, io: LinkStream, last: bool) -> bool {
+    fn put_back(&self, io: LinkStream, slot: Slot, last: bool) -> bool {
         let mut idle = self.idle();
         // Under the lock `close` takes after setting the flag: a link is never left in a pool
         // that has been emptied for good.
@@ -261,6 +264,7 @@ impl Pool {
         }
         let link = Idle {
             io,
+            slot,
             chunks: true,
             since: Instant::now(),
         };
@@ -588,7 +592,7 @@ impl Registry {
     /// # Errors
     /// The link back when the agent has no control link here logged in with `digest`, or its
     /// pool is over-full.
-    pub fn add_link(&self, name: &str, digest: &[u8; 32], io: LinkStream, chunks: bool) -> Result<(), LinkStream> {
+    pub fn add_link(&self, name: &str, digest: &[u8; 32], io: LinkStream, chunks: bool, slot: Slot) -> Result<(), LinkStream> {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let Some(a) = agents.get(name).filter(|a| a.digest == *digest) else {
             return Err(io);
@@ -603,6 +607,7 @@ impl Registry {
         }
         idle.push_back(Idle {
             io,
+            slot,
             chunks,
             since: Instant::now(),
         });
@@ -705,7 +710,7 @@ impl Registry {
                 if ask {
                     pool.ask(1);
                 }
-                return Ok(Taken::Link(l.io, l.chunks, a.lost.clone(), pool.clone()));
+                return Ok(Taken::Link(l.io, l.slot, l.chunks, a.lost.clone(), pool.clone()));
             }
         }
         // None idle: this session waits for the next link to arrive or come back. At most a
@@ -736,9 +741,9 @@ impl Registry {
         let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
         // A link the agent or a NAT closed while idle fails at once: try the next.
         for _ in 0..8 {
-            let (mut io, chunks, lost, pool) = loop {
+            let (mut io, slot, chunks, lost, pool) = loop {
                 match self.take(name, service)? {
-                    Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
+                    Taken::Link(io, slot, chunks, lost, pool) => break (io, slot, chunks, lost, pool),
                     Taken::Wait(pool) => {
                         if timeout_at(end, pool.arrived.notified()).await.is_err() {
                             return Err(timed_out());
@@ -761,9 +766,9 @@ impl Registry {
                 Ok(Ok(Some(line))) if line == "ok" || (chunks && line == link::OK_CHUNKS) => {
                     debug!(agent = name, service, "agent link opened");
                     let link = if line == link::OK_CHUNKS {
-                        AgentLink::chunked(io, rest, lost, name.to_owned(), pool)
+                        AgentLink::chunked(io, slot, rest, lost, name.to_owned(), pool)
                     } else {
-                        AgentLink::new(io, rest, lost, name.to_owned())
+                        AgentLink::new(io, slot, rest, lost, name.to_owned())
                     };
                     return Ok(Backend::Agent(Box::new(link)));
                 }
@@ -773,7 +778,7 @@ impl Registry {
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
                     // A link in chunks that answered `err` carried no session: it serves the next.
                     if chunks && rest.is_empty() && line.starts_with("err ") {
-                        pool.put_back(io, false);
+                        pool.put_back(io, slot, false);
                     }
                     return Err(ConnectError::Agent(reason));
                 }
@@ -788,7 +793,7 @@ impl Registry {
 }
 
 enum Taken {
-    Link(LinkStream, bool, link::Loss, Arc<Pool>),
+    Link(LinkStream, Slot, bool, link::Loss, Arc<Pool>),
     Wait(Arc<Pool>),
 }
 
@@ -882,7 +887,9 @@ mod tests {
         );
         assert!(registry.takes_links("shop-17", &new));
         let (server, _client) = link();
-        assert!(registry.add_link("shop-17", &old, LinkStream::Tcp(server), true).is_err());
+        assert!(registry
+            .add_link("shop-17", &old, LinkStream::Tcp(server), true, Slot::alone())
+            .is_err());
         registry.set_config(&declare(vec![new]));
         assert!(ended.is_revoked() && replaced.is_revoked(), "earlier connections on the old secret");
         assert!(!current.revoked.is_cancelled() && registry.is_connected("shop-17"));
@@ -968,7 +975,9 @@ mod tests {
         let (server, agent) = link();
         let port = agent.local_addr().unwrap().port();
         ends.push(agent);
-        assert!(registry.add_link("shop-17", &[0; 32], LinkStream::Tcp(server), chunks).is_ok());
+        assert!(registry
+            .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), chunks, Slot::alone())
+            .is_ok());
         port
     }
 
@@ -995,13 +1004,13 @@ mod tests {
         let busy = agent.local_addr().unwrap().port();
         ends.push(agent);
         let pool = match registry.take("shop-17", "pos").unwrap() {
-            Taken::Link(LinkStream::Tcp(s), _, _, pool) => {
+            Taken::Link(LinkStream::Tcp(s), _, _, _, pool) => {
                 assert_eq!(s.peer_addr().unwrap().port(), b, "the newest first");
                 pool
             }
             _ => panic!("no idle link"),
         };
-        pool.give_back(LinkStream::Tcp(server), true);
+        pool.give_back(LinkStream::Tcp(server), Slot::alone(), true);
         assert_eq!([take_port(&registry), take_port(&registry)], [a, busy]);
         let r1 = add(&registry, false, &mut ends);
         let r2 = add(&registry, false, &mut ends);

@@ -38,7 +38,7 @@ use crate::metrics::{ProxyRefusal, Refusal};
 use crate::policy::{AddressLimits, OriginRule, PerAddress};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
-use crate::slots::Slots;
+use crate::slots::{Held, Slots};
 use crate::tls::{TlsError, TlsListener};
 
 /// Why the bridge could not start or reload.
@@ -369,7 +369,7 @@ impl Bridge {
     async fn unix_connection(self, mut stream: tokio::net::UnixStream, listener: &Listener) {
         let live = self.live();
         let deadline = Instant::now() + live.timeouts.handshake;
-        let Some(_slot) = self.inner.connections.try_take(live.max_connections) else {
+        let Some(slot) = self.inner.connections.try_take(live.max_connections) else {
             // A local peer: no flood from afar to guard against, so every refusal is answered.
             let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
             let (status, reason) = (http::StatusCode::SERVICE_UNAVAILABLE, "too many connections");
@@ -385,7 +385,7 @@ impl Bridge {
         if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
             return;
         }
-        let _per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+        let per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
             Some(Err(r)) => {
                 let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
                 let _ = timeout(Duration::from_secs(1), answer(&mut stream, r.status, r.public, &retry)).await;
@@ -394,7 +394,8 @@ impl Bridge {
             Some(Ok(slot)) => Some(slot),
             None => None,
         };
-        Box::pin(self.http(stream, peer, listener, &live, deadline, None)).await;
+        let held = Held::new(slot, per_ip);
+        Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
     }
 
     /// Reads the PROXY header a listener with `proxy_protocol` requires and puts the client (and
@@ -437,7 +438,7 @@ impl Bridge {
     /// One accepted connection: the connection cap, then TLS when the first byte says so.
     async fn connection(self, mut stream: TcpStream, peer: SocketAddr, listener: &Listener) {
         let live = self.live();
-        let Some(_slot) = self.inner.connections.try_take(live.max_connections) else {
+        let Some(slot) = self.inner.connections.try_take(live.max_connections) else {
             // Boxed: this rare path's state would otherwise widen every connection's task.
             return Box::pin(self.refuse_over_cap(stream)).await;
         };
@@ -468,17 +469,18 @@ impl Bridge {
         }
         // One address may not hold every connection slot (slow heads, reconnecting at each
         // deadline): counted from here, once the PROXY header has named it.
-        let _per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+        let per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
             Some(Err(r)) => return Box::pin(self.refuse_per_ip(stream, r)).await,
             Some(Ok(slot)) => Some(slot),
             None => None,
         };
+        let held = Held::new(slot, per_ip);
         let Some(tls) = &listener.tls else {
-            return Box::pin(self.http(stream, peer, listener, &live, deadline, None)).await;
+            return Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
         };
         // The TLS path lives in its own boxed future: its states (a whole TLS connection among
         // them) would otherwise widen every plain session's task.
-        Box::pin(self.maybe_tls(stream, peer, tls, listener, &live, deadline)).await;
+        Box::pin(self.maybe_tls(stream, held, peer, tls, listener, &live, deadline)).await;
     }
 
     /// Answers a connection past the cap with 503. While few refusals are in flight each one
@@ -508,7 +510,17 @@ impl Bridge {
 
     /// Sniffs the first byte: a TLS ClientHello gets the TLS handshake, anything else plain HTTP
     /// (or a prompt refusal on a TLS-only listener).
-    async fn maybe_tls(&self, mut stream: TcpStream, peer: Peer, tls: &TlsListener, listener: &Listener, live: &Live, deadline: Instant) {
+    #[allow(clippy::too_many_arguments)]
+    async fn maybe_tls(
+        &self,
+        mut stream: TcpStream,
+        held: Held,
+        peer: Peer,
+        tls: &TlsListener,
+        listener: &Listener,
+        live: &Live,
+        deadline: Instant,
+    ) {
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
@@ -526,7 +538,7 @@ impl Bridge {
                 self.inner.metrics.refused(Refusal::TlsOnly);
                 return info!(status = 400, "plain connection on a TLS-only listener refused");
             }
-            return Box::pin(self.http(stream, peer, listener, live, deadline, None)).await;
+            return Box::pin(self.http(stream, held, peer, listener, live, deadline, None)).await;
         }
         let accepted = tokio::select! {
             _ = self.shutdown.cancelled() => return,
@@ -551,12 +563,22 @@ impl Bridge {
             span.record("client_cn", cn.as_str());
         }
         let peer = Peer { secure: true, ..peer };
-        Box::pin(self.http(stream, peer, listener, live, deadline, client_cn.as_deref())).await;
+        Box::pin(self.http(stream, held, peer, listener, live, deadline, client_cn.as_deref())).await;
     }
 
-    /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike.
-    async fn http<S>(&self, mut stream: S, mut peer: Peer, listener: &Listener, live: &Live, deadline: Instant, client_cn: Option<&str>)
-    where
+    /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike. `held`
+    /// is given back when the connection ends, or handed on with an agent's link.
+    #[allow(clippy::too_many_arguments)]
+    async fn http<S>(
+        &self,
+        mut stream: S,
+        held: Held,
+        mut peer: Peer,
+        listener: &Listener,
+        live: &Live,
+        deadline: Instant,
+        client_cn: Option<&str>,
+    ) where
         S: crate::agent::link::IntoLink,
     {
         let t = &live.timeouts;
@@ -588,7 +610,7 @@ impl Bridge {
         }
         if let Some(endpoint) = head.as_ref().ok().and_then(|(r, _)| live.agents.endpoint(r.uri().path())) {
             let Ok((request, leftover)) = head else { return };
-            let serve = crate::agent::endpoint::serve(stream, peer.client, request, leftover, &live.agents, &endpoint, t, shutdown);
+            let serve = crate::agent::endpoint::serve(stream, held, peer.client, request, leftover, &live.agents, &endpoint, t, shutdown);
             return Box::pin(serve).await;
         }
         let ctx = Context {
@@ -1062,6 +1084,7 @@ mod tests {
         };
         let http = bridge.http(
             TcpStream::connect(addr).await.unwrap(),
+            Held::new(crate::slots::Slot::alone(), None),
             peer,
             &listener,
             &live,

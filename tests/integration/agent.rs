@@ -550,6 +550,30 @@ async fn the_brake_counts_the_real_client_behind_a_trusted_proxy() {
     );
 }
 
+/// A logged-in agent's connections stop counting against its address (agents behind one NAT
+/// share it with the pages there) but stay connections under `max_connections` while open, its
+/// idle links in the pool included: each one is a descriptor.
+#[tokio::test]
+async fn a_logged_in_agent_counts_as_connections_but_not_against_its_address() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.limits.max_connections_per_ip = Some(2);
+    let bridge = TestBridge::start(config).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&bridge, "shop-17", 4).await;
+    assert_eq!(bridge.bridge.connections(), 5, "the control link and the 4 idle links");
+    // Two pages from the agent's own address get in: its 5 connections do not count there.
+    let (mut a, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (mut b, _) = ws_connect(&bridge.url("/pos"), None).await;
+    for (ws, what) in [(&mut a, b"page a".as_slice()), (&mut b, b"page b".as_slice())] {
+        send_bin(ws, what).await;
+        assert_eq!(recv_data(ws).await, what);
+    }
+    // A third is over the address's cap, which still holds for everything but logged-in agents.
+    let third = http_raw(bridge.addr, &upgrade_request("/pos", "")).await;
+    assert_eq!(status_of(&third), 429, "{third}");
+}
+
 /// A CONNECT proxy: reads the request head, connects where it says, answers 200 and splices.
 /// Counts the tunnels and remembers the last Proxy-Authorization.
 async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::Mutex<String>>) {
