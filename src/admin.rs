@@ -160,6 +160,8 @@ impl Admin {
                 let agents = registry.list();
                 let idle = agents.iter().map(|a| a.idle_links).sum();
                 self.bridge.metrics().agents(agents.len(), idle, registry.link_totals());
+                let bridge = &self.bridge;
+                bridge.metrics().connections(bridge.connections(), bridge.max_connections());
                 (StatusCode::OK, METRICS, self.bridge.metrics().encode())
             }
             ["sessions"] if get => (StatusCode::OK, JSON, self.sessions_json()),

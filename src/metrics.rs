@@ -228,6 +228,8 @@ pub struct Metrics {
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
     reloads: Family<ReloadLabel, Counter>,
     reload_time: Family<ReloadLabel, Gauge<f64, AtomicU64>>,
+    connections: Gauge,
+    connections_max: Gauge,
     agents: Gauge,
     agent_idle_links: Gauge,
     agent_links_dialled: Counter,
@@ -301,6 +303,18 @@ impl Metrics {
             "Unix time of the last reload of each kind and outcome",
             reload_time.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Connections open now (sessions, HTTP requests, handshakes, agents' links, idle ones too), counted against max_connections; read at scrape time",
+            connections.clone(),
+        );
+        let connections_max = Gauge::default();
+        registry.register(
+            "connections_max",
+            "max_connections in force (after the open-file fit), read at scrape time",
+            connections_max.clone(),
+        );
         let agents = Gauge::default();
         registry.register(
             "agents_connected",
@@ -338,12 +352,20 @@ impl Metrics {
             cert_expiry,
             reloads,
             reload_time,
+            connections,
+            connections_max,
             agents,
             agent_idle_links,
             agent_links_dialled,
             agent_links_returned,
             sessions: Sessions::default(),
         }
+    }
+
+    /// Sets the connections open now and the cap in force.
+    pub fn connections(&self, open: usize, max: usize) {
+        self.connections.set(i64::try_from(open).unwrap_or(i64::MAX));
+        self.connections_max.set(i64::try_from(max).unwrap_or(i64::MAX));
     }
 
     /// Sets the agent metrics: agents connected and their idle data links in all (gauges), and

@@ -225,6 +225,11 @@ impl Bridge {
         self.inner.connections.taken()
     }
 
+    /// The cap on [`Bridge::connections`] in force (`max_connections`, after the open-file fit).
+    pub fn max_connections(&self) -> usize {
+        self.live().max_connections
+    }
+
     /// The TLS listeners being served (for certificate expiry).
     pub fn tls_listeners(&self) -> Vec<Arc<TlsListener>> {
         self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).clone()

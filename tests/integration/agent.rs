@@ -1583,6 +1583,10 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 4"), "{metrics}");
+    // The control link and the idle links are connections, under max_connections.
+    assert!(metrics.lines().any(|l| l == "wsbridge_connections_open 5"), "{metrics}");
+    let max = format!("wsbridge_connections_max {}", bridge.bridge.max_connections());
+    assert!(metrics.lines().any(|l| l == max), "{metrics}");
     assert_eq!((&a["links_dialled"], &a["links_returned"]), (&4.into(), &0.into()), "{body}");
     // A session takes a link (the pool asks for one more) and gives it back.
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
