@@ -905,6 +905,9 @@ const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 enum Ended {
     Shutdown,
     Drain,
+    /// The server is draining and asked the agent to connect again (`move`): the link goes on
+    /// serving until the agent has.
+    Moving(String, Box<ControlLink>),
     /// The server refused the login (401) or another agent took the name: long backoff.
     Refused(String),
     /// Anything else: network, server restart, ping timeout.
@@ -940,6 +943,8 @@ async fn run(
     // When the server last drained: it is likely back soon (a restart), and pages reaching it
     // then find this agent only once it is back too.
     let mut drained: Option<Instant> = None;
+    // A link that was asked to move, serving its instance until this loop is connected again.
+    let mut previous: Option<CancellationToken> = None;
     loop {
         attempts.fetch_add(1, Ordering::Relaxed);
         set(State::Connecting);
@@ -947,9 +952,23 @@ async fn run(
             None => info!(server = %config.server.authority(), agent = %config.name, "agent: connecting"),
             Some(_) => debug!(server = %config.server.authority(), "agent: connecting again"),
         }
-        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine).await;
+        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine, &mut previous).await;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
+            Ended::Moving(reason, link) => {
+                info!(%reason, "agent: the server is draining: connecting again; this connection serves until then");
+                let let_go = CancellationToken::new();
+                if let Some(older) = previous.replace(let_go.clone()) {
+                    older.cancel();
+                }
+                sessions.spawn(link.finish(shutdown.clone(), let_go).in_current_span());
+                failures = 0;
+                last_failure = None;
+                drained = Some(Instant::now());
+                // At once: a balancer whose health checks saw the drain sends it elsewhere, and
+                // the draining server answers 503 with a Retry-After until then.
+                continue;
+            }
             Ended::Drain => {
                 failures = 0;
                 last_failure = None;
@@ -1001,7 +1020,8 @@ async fn run(
     set(State::Stopped);
 }
 
-/// One control connection, from dialling to its end.
+/// One control connection, from dialling to its end. Once it is connected, `previous` (a link
+/// that was asked to move, serving its instance meanwhile) is let go.
 async fn control(
     config: &Arc<AgentConfig>,
     tls: Option<&BackendTls>,
@@ -1009,6 +1029,7 @@ async fn control(
     set: &impl Fn(State),
     sessions: &TaskTracker,
     mine: &Mine,
+    previous: &mut Option<CancellationToken>,
 ) -> Ended {
     let failed = |reason: String| Ended::Failed {
         reason,
@@ -1044,7 +1065,7 @@ async fn control(
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
         services: config.services.keys().cloned().collect(),
-        version: link::REPLACING,
+        version: link::MOVING,
     };
     let Ok(text) = serde_json::to_string(&hello) else {
         return failed("hello not encoded".into());
@@ -1057,8 +1078,7 @@ async fn control(
     }
     // Idle links wait for `open` until the control link ends; sessions already open go on.
     let idle = shutdown.child_token();
-    let _idle_guard = idle.clone().drop_guard();
-    let links_ctx = Links {
+    let links = Links {
         config: config.clone(),
         tls: tls.cloned(),
         idle: idle.clone(),
@@ -1067,79 +1087,162 @@ async fn control(
         misrouted: Arc::default(),
         caps: mine.caps.clone(),
     };
-    let mut connected = false;
-    let mut tick = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
-    let mut pong_due: Option<Instant> = None;
-    loop {
-        let pong_wait = async {
-            match pong_due {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let lost = |reason: String| Ended::Failed {
-            reason,
-            was_connected: connected,
-            retry_after: None,
-        };
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                let frame = tungstenite::protocol::CloseFrame {
-                    code: tungstenite::protocol::frame::coding::CloseCode::Normal,
-                    reason: "agent shutting down".into(),
-                };
-                let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
-                return Ended::Shutdown;
-            }
-            _ = pong_wait => return lost(format!("no pong within {:?}", config.pong_timeout)),
-            _ = tick.tick() => {
-                pong_due.get_or_insert(Instant::now() + config.pong_timeout);
-                match timeout(config.pong_timeout, ws.send(Message::Ping(Default::default()))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return lost(e.to_string()),
-                    Err(_) => return lost("ping not written in time".into()),
+    let mut link = ControlLink {
+        ws,
+        _idle: idle.drop_guard(),
+        links,
+        _claim,
+        tick: tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval),
+        pong_due: None,
+        connected: false,
+    };
+    let mut on_connected = || {
+        info!(agent = %config.name, services = config.services.len(), "agent: connected");
+        set(State::Connected);
+        if let Some(old) = previous.take() {
+            old.cancel();
+        }
+    };
+    match link.serve(shutdown, None, &mut on_connected).await {
+        Served::Ended(ended) => ended,
+        Served::Moving(reason) => {
+            // Its data links may reach the instance it moves to by now (421): expected, not a
+            // balancer that spreads connections.
+            link.links.misrouted.store(true, Ordering::Relaxed);
+            Ended::Moving(reason, Box::new(link))
+        }
+    }
+}
+
+/// A connected control link, owned: asked to move (`move`, the server is draining), it goes on
+/// serving its instance on a task of its own ([`ControlLink::finish`]) while the agent connects
+/// again, until that connection is up (make-before-break).
+struct ControlLink {
+    ws: ControlWs,
+    /// Cancels `links.idle` when the link is dropped: its idle data links close.
+    _idle: tokio_util::sync::DropGuard,
+    links: Links,
+    _claim: Option<Claim>,
+    tick: tokio::time::Interval,
+    pong_due: Option<Instant>,
+    /// Its first `want` came: the server took it.
+    connected: bool,
+}
+
+/// How [`ControlLink::serve`] stopped.
+enum Served {
+    Ended(Ended),
+    /// The server asked the agent to move; the link is still up.
+    Moving(String),
+}
+
+impl ControlLink {
+    /// Serves the link: pings, `want`, `drain`, `move`, until it ends, or until the server asks
+    /// it to move (unless `let_go` is given: the link moves already, and ends when it fires).
+    async fn serve(&mut self, shutdown: &CancellationToken, let_go: Option<&CancellationToken>, on_connected: &mut impl FnMut()) -> Served {
+        let config = self.links.config.clone();
+        loop {
+            let pong_due = self.pong_due;
+            let pong_wait = async {
+                match pong_due {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
-            }
-            m = ws.next() => {
-                pong_due = None;
-                match m {
-                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
-                        Ok(ControlMessage::Want { links }) => {
-                            if !connected {
-                                connected = true;
-                                info!(agent = %config.name, services = config.services.len(), "agent: connected");
-                                set(State::Connected);
-                            }
-                            // Bounded: the server asks for its pool's worth; a confused one
-                            // cannot make the agent dial without end.
-                            for _ in 0..links.min(64) {
-                                if sessions.len() >= 4096 {
-                                    break;
-                                }
-                                spawn_link(&links_ctx);
-                            }
-                        }
-                        Ok(ControlMessage::Drain { reason }) => {
-                            info!(%reason, "agent: the server is draining");
-                            let _ = timeout(Duration::from_secs(2), ws.close(None)).await;
-                            return Ended::Drain;
-                        }
-                        _ => debug!("agent: unexpected control message ignored"),
-                    },
-                    Some(Ok(Message::Close(frame))) => {
-                        let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                        if reason.contains("replaced") {
-                            return Ended::Refused(format!("another agent connected with the name {}", config.name));
-                        }
-                        return lost(format!("the server closed the control link: {reason}"));
+            };
+            let moved = async {
+                match let_go {
+                    Some(t) => t.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let connected = self.connected;
+            let lost = |reason: String| {
+                Served::Ended(Ended::Failed {
+                    reason,
+                    was_connected: connected,
+                    retry_after: None,
+                })
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.close("agent shutting down").await;
+                    return Served::Ended(Ended::Shutdown);
+                }
+                _ = moved => {
+                    self.close("connected elsewhere").await;
+                    info!("agent: the connection that moved is closed");
+                    return Served::Ended(Ended::Shutdown);
+                }
+                _ = pong_wait => return lost(format!("no pong within {:?}", config.pong_timeout)),
+                _ = self.tick.tick() => {
+                    self.pong_due.get_or_insert(Instant::now() + config.pong_timeout);
+                    match timeout(config.pong_timeout, self.ws.send(Message::Ping(Default::default()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return lost(e.to_string()),
+                        Err(_) => return lost("ping not written in time".into()),
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return lost(e.to_string()),
-                    None => return lost("the server closed the connection".into()),
+                }
+                m = self.ws.next() => {
+                    self.pong_due = None;
+                    match m {
+                        Some(Ok(Message::Text(text))) => match serde_json::from_str::<ControlMessage>(&text) {
+                            Ok(ControlMessage::Want { links }) => {
+                                if !self.connected {
+                                    self.connected = true;
+                                    on_connected();
+                                }
+                                // Bounded: the server asks for its pool's worth; a confused one
+                                // cannot make the agent dial without end.
+                                for _ in 0..links.min(64) {
+                                    if self.links.sessions.len() >= 4096 {
+                                        break;
+                                    }
+                                    spawn_link(&self.links);
+                                }
+                            }
+                            Ok(ControlMessage::Drain { reason }) => {
+                                info!(%reason, "agent: the server is draining");
+                                let _ = timeout(Duration::from_secs(2), self.ws.close(None)).await;
+                                return Served::Ended(Ended::Drain);
+                            }
+                            Ok(ControlMessage::Move { reason }) if let_go.is_none() => return Served::Moving(reason),
+                            _ => debug!("agent: unexpected control message ignored"),
+                        },
+                        Some(Ok(Message::Close(frame))) => {
+                            let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                            if reason.contains("replaced") {
+                                return Served::Ended(Ended::Refused(format!(
+                                    "another agent connected with the name {}",
+                                    config.name
+                                )));
+                            }
+                            return lost(format!("the server closed the control link: {reason}"));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return lost(e.to_string()),
+                        None => return lost("the server closed the connection".into()),
+                    }
                 }
             }
         }
+    }
+
+    /// The rest of a link asked to move: it serves its instance (pages the balancer still sends
+    /// there find the agent) until `let_go` (the agent connected again), the server's drain, the
+    /// agent's shutdown or its loss.
+    async fn finish(mut self, shutdown: CancellationToken, let_go: CancellationToken) {
+        if let Served::Ended(Ended::Failed { reason, .. }) = self.serve(&shutdown, Some(&let_go), &mut || {}).await {
+            debug!(%reason, "agent: the connection that was moving ended");
+        }
+    }
+
+    async fn close(&mut self, reason: &'static str) {
+        let frame = tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: reason.into(),
+        };
+        let _ = timeout(Duration::from_secs(2), self.ws.close(Some(frame))).await;
     }
 }
 
@@ -1275,7 +1378,15 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
                 // a proxy's): the network backoff, not the refused secret's, but no sooner than
                 // the server's Retry-After.
                 429 => Err(failed(format!("the server is slowing down this address's logins ({status})"))),
-                _ => Err(failed(format!("the server answered {status}"))),
+                // Its text says why (a draining instance, the connection cap), for the log.
+                _ => match response
+                    .body()
+                    .as_deref()
+                    .map(|b| link::clean_reason(String::from_utf8_lossy(b).trim()))
+                {
+                    Some(text) if !text.is_empty() => Err(failed(format!("the server answered {status}: {text}"))),
+                    _ => Err(failed(format!("the server answered {status}"))),
+                },
             }
         }
         Err(e) => Err(failed(format!("handshake failed: {e}"))),

@@ -31,6 +31,10 @@ use crate::config::Timeouts;
 use crate::http::request::answer;
 use crate::slots::Held;
 
+/// The `Retry-After` of a control link refused while draining, in seconds: about a balancer's
+/// health-check interval, after which it sends the agent to another instance.
+const DRAINING_RETRY: u64 = 2;
+
 enum Kind {
     Control(String),
     /// A data link; `true` when the agent offered chunks ([`super::chunks`]).
@@ -82,6 +86,17 @@ pub async fn serve<S: IntoLink>(
         refuse(&mut stream, write_end, StatusCode::BAD_REQUEST, "this is an agent endpoint").await;
         return info!(status = 400, "agent endpoint: not an agent handshake");
     };
+    if matches!(kind, Kind::Control(_)) && registry.leaving().is_cancelled() {
+        // Its agents are moving to other instances: a control link here would be told to move
+        // at once. Data links for the control links still here are taken.
+        let retry = [(header::RETRY_AFTER, HeaderValue::from(DRAINING_RETRY))];
+        let _ = timeout_at(
+            write_end,
+            answer(&mut stream, StatusCode::SERVICE_UNAVAILABLE, "this instance is draining", &retry),
+        )
+        .await;
+        return info!(status = 503, "agent endpoint: control link refused while draining");
+    }
     if let Err(wait) = registry.may_try(addr.ip()) {
         let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
         let _ = timeout_at(
@@ -225,13 +240,13 @@ async fn control<S: LinkIo>(
 ) {
     // The hello is part of the handshake: under its deadline.
     let hello = timeout(timeouts.handshake, ws.next()).await;
-    let (services, replacing) = match hello {
+    let (services, replacing, moves) = match hello {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ControlMessage>(&text) {
             Ok(ControlMessage::Hello {
                 name: said,
                 services,
                 version,
-            }) if said == name => (services, version >= link::REPLACING),
+            }) if said == name => (services, version >= link::REPLACING, version >= link::MOVING),
             _ => return warn!(agent = %name, "agent control link: the first message is not its hello; closed"),
         },
         _ => return debug!(agent = %name, "agent control link: no hello; closed"),
@@ -252,6 +267,9 @@ async fn control<S: LinkIo>(
         Ok(()) => None,
         Err(e) => Some(End::Lost(e)),
     };
+    // Whether the agent was asked to move (only an agent that knows `move`: an older one is told
+    // `drain` when the sessions here end, as before).
+    let mut moving = false;
     while end.is_none() {
         let pong_wait = async {
             match pong_due {
@@ -265,6 +283,12 @@ async fn control<S: LinkIo>(
                 let drain = ControlMessage::Drain { reason: "server shutting down".into() };
                 let _ = send(&mut ws, &drain, send_timeout).await;
                 Some(End::Drained)
+            }
+            _ = registry.leaving().cancelled(), if moves && !moving => {
+                moving = true;
+                info!(agent = %name, "instance draining: agent asked to move");
+                let message = ControlMessage::Move { reason: "server draining".into() };
+                send(&mut ws, &message, send_timeout).await.err().map(End::Lost)
             }
             _ = attached.replaced.cancelled() => Some(End::Replaced),
             _ = attached.revoked.cancelled() => Some(End::Revoked),
@@ -309,7 +333,10 @@ async fn control<S: LinkIo>(
     match end {
         Some(End::Closed) => {
             registry.detach(&name, attached.id, false);
-            info!(agent = %name, "agent disconnected");
+            match moving {
+                true => info!(agent = %name, "agent moved on: disconnected"),
+                false => info!(agent = %name, "agent disconnected"),
+            }
         }
         Some(End::Drained) => {
             registry.detach(&name, attached.id, false);

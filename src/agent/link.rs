@@ -38,6 +38,10 @@ pub const MAX_LINE: usize = 256;
 /// session costs no control message either way (the `want` of version 1 was a JSON message,
 /// a write and a read on each side, per session).
 pub const REPLACING: u32 = 2;
+/// The hello's version of an agent that also understands `move`: told at the start of a drain,
+/// it connects again (to another instance, through the balancer) before it lets this control
+/// link go, so pages never find it offline in between.
+pub const MOVING: u32 = 3;
 
 /// The largest control message: they are a few dozen bytes.
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
@@ -75,6 +79,13 @@ pub enum ControlMessage {
     },
     /// Server → agent: reconnect (elsewhere) and open no new link here.
     Drain {
+        /// Why, for the agent's log.
+        reason: String,
+    },
+    /// Server → agent of version [`MOVING`], at the start of a drain: connect again (another
+    /// instance takes the agent; this one answers control links 503 meanwhile), then close this
+    /// control link; until then it serves as before, and its sessions go on after.
+    Move {
         /// Why, for the agent's log.
         reason: String,
     },

@@ -14,13 +14,14 @@
 //! mark instead of a FIN, so a link the session left clean goes back to the pool for the next one;
 //! the server asks with `want` when its idle links run low. (A link to or from a version without
 //! chunks is raw and carries one session; such an agent dials a new idle link for each one it is
-//! sent `open` on.)
+//! sent `open` on.) A server that starts to drain sends `move`: the agent connects again,
+//! elsewhere through the balancer, and lets the old control link go once connected.
 //!
 //! | file | owns |
 //! |---|---|
 //! | [`link`] | what both sides share: headers, secret hashes, the `open`/`ok`/`err` lines, [`link::AgentLink`] |
 //! | [`chunks`] | the framing of a reusable link: a length before each write, the end mark |
-//! | [`registry`] | server side: connected agents, their idle links, `want`/`drain`, per-agent loss |
+//! | [`registry`] | server side: connected agents, their idle links, `want`/`drain`/`move`, per-agent loss |
 //! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
 //! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |

@@ -54,6 +54,8 @@ pub struct Registry {
     /// Connections a newer one of the same name replaced, while sessions through them go on:
     /// a revocation of the secret they logged in with ends those sessions too.
     retired: Mutex<Vec<Retired>>,
+    /// Cancelled when this instance starts to drain ([`Registry::leave`]).
+    leaving: CancellationToken,
 }
 
 /// A replaced connection whose sessions may still run.
@@ -353,6 +355,17 @@ impl Registry {
         let r = Registry::default();
         r.set_config(agents);
         r
+    }
+
+    /// This instance is draining: its agents are asked to move ([`link::ControlMessage::Move`])
+    /// and new control links are answered 503 until it is gone.
+    pub fn leave(&self) {
+        self.leaving.cancel();
+    }
+
+    /// Cancelled once [`Registry::leave`] was called.
+    pub fn leaving(&self) -> &CancellationToken {
+        &self.leaving
     }
 
     /// This instance's id (see [`super::link::INSTANCE_HEADER`]).

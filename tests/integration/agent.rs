@@ -1237,6 +1237,146 @@ async fn a_draining_server_tells_its_agents_to_reconnect() {
     .await;
 }
 
+/// A balancer in front of instances: each new connection goes to the instance `to` names then
+/// (a health check that saw a drain switches it).
+struct Balancer {
+    addr: SocketAddr,
+    to: Arc<std::sync::Mutex<SocketAddr>>,
+}
+
+async fn balancer(to: SocketAddr) -> Balancer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let to = Arc::new(std::sync::Mutex::new(to));
+    let target = to.clone();
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = listener.accept().await {
+            let server = *target.lock().unwrap();
+            tokio::spawn(async move {
+                let Ok(mut b) = TcpStream::connect(server).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+    });
+    Balancer { addr, to }
+}
+
+/// Make-before-break: an instance that starts to drain asks its agents to move at once, while
+/// it still serves. The agent connects again (the draining instance answers 503 until the
+/// balancer sends it to the other one), then lets its old control link go: it is on the other
+/// instance before the drain delay ends, and the sessions on the old one go on until it does.
+#[tokio::test]
+async fn a_draining_instance_moves_its_agents_before_its_sessions_end() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.drain_delay = Some(Duration::from_secs(60));
+    let a = TestBridge::start(config).await;
+    let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let balancer = balancer(a.addr).await;
+    let mut agent = start_agent(agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&a, "shop-17", 4).await;
+    let (mut page, _) = ws_connect(&a.url("/pos"), None).await;
+    send_bin(&mut page, b"before").await;
+    assert_eq!(recv_data(&mut page).await, b"before");
+
+    let hurry = CancellationToken::new();
+    let drain = {
+        let (bridge, hurry) = (a.bridge.clone(), hurry.clone());
+        tokio::spawn(async move { bridge.drain(hurry.cancelled_owned()).await })
+    };
+    // Asked to move, the agent tries at once; the balancer still sends it to a, which refuses.
+    within(
+        "the draining instance to refuse the agent",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("503") && reason.contains("draining"))),
+    )
+    .await;
+    assert!(a.bridge.agents().idle_links("shop-17").is_some(), "a still has the agent meanwhile");
+    // The balancer's health check has seen the drain: new connections go to b.
+    *balancer.to.lock().unwrap() = b.addr;
+    connected(&mut agent).await;
+    idle_links(&b, "shop-17", 4).await;
+    within("the agent to let a go", async {
+        while a.bridge.agents().idle_links("shop-17").is_some() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(!drain.is_finished(), "a's drain delay still runs");
+    // The session on a goes on; pages reach the agent on b.
+    send_bin(&mut page, b"after").await;
+    assert_eq!(recv_data(&mut page).await, b"after");
+    let (mut fresh, _) = ws_connect(&b.url("/pos"), None).await;
+    send_bin(&mut fresh, b"on b").await;
+    assert_eq!(recv_data(&mut fresh).await, b"on b");
+    hurry.cancel();
+    within("a's drain", drain).await.unwrap();
+    assert_eq!(read_close(&mut page).await.0, 1001, "a's session ends when a shuts down");
+}
+
+/// An agent from before `move` (hello version 2) is not asked to move: it serves through the
+/// drain delay and is told `drain` when the sessions end, as before. Meanwhile the draining
+/// instance answers new control links 503 with a Retry-After and still takes data links for
+/// the control links it has.
+#[tokio::test]
+async fn a_draining_instance_refuses_new_control_links_and_drains_older_agents_at_the_end() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.drain_delay = Some(Duration::from_secs(60));
+    let bridge = TestBridge::start(config).await;
+    let mut request = format!("ws://{}/agent", bridge.addr).into_client_request().unwrap();
+    let h = request.headers_mut();
+    h.insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
+    h.insert("x-wsbridge-agent", "shop-17".parse().unwrap());
+    h.insert("authorization", format!("Bearer {SECRET}").parse().unwrap());
+    let (mut control, _) = within("the control link", tokio_tungstenite::connect_async(request)).await.unwrap();
+    control
+        .send(Message::text(r#"{"type":"hello","name":"shop-17","services":["pos"],"version":2}"#))
+        .await
+        .unwrap();
+    let want = within("want", control.next()).await.unwrap().unwrap();
+    assert!(want.to_text().unwrap().contains("\"want\""), "{want:?}");
+
+    let hurry = CancellationToken::new();
+    let drain = {
+        let (b, hurry) = (bridge.bridge.clone(), hurry.clone());
+        tokio::spawn(async move { b.drain(hurry.cancelled_owned()).await })
+    };
+    within("the drain to start", async {
+        while !bridge.bridge.is_draining() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let another = format!(
+        "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: wsbridge-agent.v1\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+    );
+    let refused = http_raw(bridge.addr, another.as_bytes()).await;
+    assert_eq!(status_of(&refused), 503, "{refused}");
+    assert!(refused.to_ascii_lowercase().contains("retry-after: 2"), "{refused}");
+    assert!(refused.contains("draining"), "{refused}");
+    let link = format!(
+        "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+    );
+    let (_link, head) = raw_upgrade(bridge.addr, link.as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "a data link is still taken: {head}");
+
+    hurry.cancel();
+    // The first message after the drain began is `drain`: no `move` came before it.
+    let told = within("drain", async {
+        loop {
+            match control.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("before the drain message: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(told.contains("\"drain\""), "{told}");
+    within("the drain", drain).await.unwrap();
+}
+
 /// A network drop: the agent finds its control link dead by the missed pong, reconnects once
 /// the network is back, and sessions cross it again.
 #[tokio::test]
