@@ -9,7 +9,7 @@
 //! by wsbridge with `--web`) in Chromium, through wsbridge, to a real VNC server (TigerVNC's
 //! `Xvnc`, see tests/common/xvnc.rs), driven by `tests/browser/novnc.mjs`: connect, the whole
 //! framebuffer at the server's size, a remote resize asked by the page and answered by the
-//! server, a clean disconnect.
+//! server, a clean disconnect; once in forward mode and once across `wsbridge agent`.
 //!
 //! Needs Node.js, `tests/browser/node_modules`, /usr/bin/chromium and `openssl`: `scripts/test.sh`
 //! installs them. Without them these tests fail, saying so, unless `WSBRIDGE_SKIP_BROWSER=1` is
@@ -18,8 +18,8 @@
 //! say they are skipped.
 //!
 //! Screenshots of the page go to `$WSBRIDGE_SCREENSHOT` (default `browser-chat.png` in Cargo's
-//! target tmpdir); the other tests' to the same name with `-wss`, `-agent` or `-novnc` before
-//! the extension.
+//! target tmpdir); the other tests' to the same name with `-wss`, `-agent`, `-novnc` or
+//! `-novnc-agent` before the extension.
 // Drives Debian's Chromium with a Unix process group: a Linux-only test target.
 #![cfg(unix)]
 
@@ -718,5 +718,106 @@ async fn novnc_shows_a_real_vnc_desktop_through_wsbridge() {
     assert_no_connection_warnings("wsbridge", &lines);
 
     stop_binary("wsbridge", bridge).await;
+    xvnc.stop().await;
+}
+
+/// The same page, its session across an agent: a wsbridge server (noVNC's files and an agent
+/// endpoint, from a configuration file) whose `/websockify` route names the service `vnc` of
+/// the agent `desk`, and a `wsbridge agent` process that dialled in and serves `vnc` = Xvnc's
+/// socket. noVNC asks for no compression (`compression=0`), so the framebuffer updates that
+/// cross the agent's link are tens of KiB rather than a few hundred bytes.
+#[tokio::test]
+async fn novnc_shows_a_real_vnc_desktop_through_an_agent() {
+    let test = "novnc_shows_a_real_vnc_desktop_through_an_agent";
+    let Some(tools) = vnc_or_skip(test) else {
+        return;
+    };
+    let dir = TempDir::new("novnc-agent");
+    let xvnc = common::xvnc::Xvnc::start(&tools.xvnc, dir.path(), VNC_GEOMETRY, VNC_DESKTOP).await;
+
+    // A secret and its server line, as an operator makes them.
+    let (code, out, err) = common::binary::run_to_end(&["agent", "--new-secret"]).await;
+    assert_eq!(code, 0, "wsbridge agent --new-secret: {err}");
+    let secret = out.lines().next().expect("a secret on the first line");
+    let hash_line = out
+        .lines()
+        .find(|l| l.starts_with("secret_sha256 = "))
+        .unwrap_or_else(|| panic!("no secret_sha256 line in {out:?}"));
+    let secret_file = dir.path().join("agent.secret");
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\nweb = \"{NOVNC}\"\n\n\
+             [[agent_endpoint]]\npath = \"/agent\"\n\n\
+             [[agent]]\nname = \"desk\"\n{hash_line}\n\n\
+             [[route]]\npath = \"/websockify\"\ntarget = {{ agent = \"desk\", service = \"vnc\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut server = common::binary::Binary::spawn(&["--config", config.to_str().unwrap()]).await;
+
+    let mut command = Command::new(common::binary::BIN);
+    command
+        .arg("agent")
+        .args([
+            "--server",
+            &format!("ws://{}/agent", server.addr),
+            "--name",
+            "desk",
+            "--proxy",
+            "off",
+        ])
+        .arg("--secret-file")
+        .arg(&secret_file)
+        .arg(format!("--service=vnc=unix:{}", xvnc.socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut agent = common::binary::Binary::start(command);
+    agent.line("agent: connected").await;
+    server.line("agent connected").await;
+
+    let url = format!("http://{}/vnc.html?autoconnect=true&compression=0", server.addr);
+    let context = || {
+        format!(
+            "the server's log:\n{}\nthe agent's log:\n{}\nXvnc's log:\n{}",
+            server.lines().join("\n"),
+            agent.lines().join("\n"),
+            xvnc.log()
+        )
+    };
+    let report = novnc_in_browser(&tools.browser, &url, &screenshot_path("-novnc-agent"), &context).await;
+    assert_eq!(report["websocket"], format!("ws://{}/websockify", server.addr));
+
+    let closed = server.line("session closed").await;
+    println!("wsbridge: {closed}");
+    assert!(closed.contains("target=agent desk service vnc"), "{closed}");
+    assert_session_matches(&closed, &report);
+    // The agent's side of the session: the same bytes each way, between its link and Xvnc.
+    let agent_closed = agent.line("agent: session").await;
+    println!("wsbridge agent: {agent_closed}");
+    assert!(agent_closed.contains("agent: session closed"), "{agent_closed}");
+    assert_eq!(
+        log_number(&agent_closed, "bytes_up"),
+        log_number(&closed, "bytes_up"),
+        "{agent_closed}\n{closed}"
+    );
+    assert_eq!(
+        log_number(&agent_closed, "bytes_down"),
+        log_number(&closed, "bytes_down"),
+        "{agent_closed}\n{closed}"
+    );
+    assert_one_clean_vnc_client(&xvnc).await;
+    assert_no_connection_warnings("the server", &server.lines());
+    let warned: Vec<String> = agent
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warned.is_empty(), "the agent warned:\n{}", warned.join("\n"));
+
+    stop_binary("wsbridge agent", agent).await;
+    stop_binary("wsbridge", server).await;
     xvnc.stop().await;
 }
