@@ -5,7 +5,9 @@
 #   scripts/test.sh
 #
 # Installs (only when missing, so a second run installs nothing):
-#   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), openssl (the wss://
+#   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), novnc and
+#     tigervnc-standalone-server (the noVNC browser tests serve Debian's noVNC from
+#     /usr/share/novnc and connect it to a real VNC server, its Xvnc), openssl (the wss://
 #     browser test makes its self-signed certificate with it), socat, haproxy (the real load
 #     balancer in front, for the PROXY protocol and several-instance tests), redis-server (the
 #     real Redis the Redis token tests start on loopback ports of their own), and nginx (only
@@ -28,7 +30,8 @@
 # (skipped: #[ignore]d, and tests that print `TEST skipped: REASON`, see tests/common/mod.rs).
 #
 # Needs: cargo with rustfmt and clippy, Node.js >= 20 with npm.
-# WSBRIDGE_SKIP_BROWSER=1 skips the browser test (and installing what only it needs).
+# WSBRIDGE_SKIP_BROWSER=1 skips the browser tests (and installing what only they need: chromium,
+# novnc, tigervnc-standalone-server, the npm packages).
 # WSBRIDGE_SKIP_NGINX=1 does not install nginx (its example's check then says it is skipped).
 # WSBRIDGE_SKIP_WINDOWS=1 skips the Windows cross-build and its checks (the Wine tests then say
 # they are skipped, unless a build and Wine are already there).
@@ -70,6 +73,15 @@ section "system packages"
 missing=()
 if ((!skip_browser)) && [[ ! -x /usr/bin/chromium ]]; then
     missing+=(chromium)
+fi
+# novnc, tigervnc-standalone-server: the noVNC browser tests (tests/browser.rs) serve noVNC's
+# files from /usr/share/novnc and connect it to a real VNC server, Xvnc. Without recommends they
+# are about 15 MB to download: novnc depends on websockify and its Python libraries, and on
+# nodejs, so where Node.js did not come as a Debian package (nvm, a tarball) Debian's own lands
+# in /usr/bin as well (the PATH decides which node runs).
+if ((!skip_browser)); then
+    [[ -f /usr/share/novnc/vnc.html ]] || missing+=(novnc)
+    [[ -x /usr/bin/Xvnc ]] || command -v Xvnc >/dev/null || missing+=(tigervnc-standalone-server)
 fi
 # openssl: the TLS tests write PKCS#1 and SEC1 keys with it, and the browser test its certificate.
 command -v openssl >/dev/null || missing+=(openssl)

@@ -5,14 +5,25 @@
 //! and over https:// and wss:// with a self-signed certificate made with the `openssl` CLI for
 //! the occasion (Chromium trusts it through `--ignore-certificate-errors-spki-list`).
 //!
+//! And the use case wsbridge exists for, with real parts only: noVNC (Debian's `novnc`, served
+//! by wsbridge with `--web`) in Chromium, through wsbridge, to a real VNC server (TigerVNC's
+//! `Xvnc`, see tests/common/xvnc.rs), driven by `tests/browser/novnc.mjs`: connect, the whole
+//! framebuffer at the server's size, a remote resize asked by the page and answered by the
+//! server, a clean disconnect; once in forward mode and once across `wsbridge agent`.
+//!
 //! Needs Node.js, `tests/browser/node_modules`, /usr/bin/chromium and `openssl`: `scripts/test.sh`
 //! installs them. Without them these tests fail, saying so, unless `WSBRIDGE_SKIP_BROWSER=1` is
-//! set, which skips them (always: the variable means "no browser test here").
+//! set, which skips them (always: the variable means "no browser test here"). The noVNC tests
+//! also need `Xvnc` and /usr/share/novnc (scripts/test.sh installs them too); without them they
+//! say they are skipped.
 //!
 //! Screenshots of the page go to `$WSBRIDGE_SCREENSHOT` (default `browser-chat.png` in Cargo's
-//! target tmpdir); the wss:// test's to the same name with `-wss` before the extension.
+//! target tmpdir); the other tests' to the same name with `-wss`, `-agent`, `-novnc` or
+//! `-novnc-agent` before the extension.
 // Drives Debian's Chromium with a Unix process group: a Linux-only test target.
 #![cfg(unix)]
+
+mod common;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -526,4 +537,287 @@ async fn demo_chat_round_trip_in_chromium_through_an_agent() {
         log.contains("target=agent demo-agent service chat") && log.contains("session closed"),
         "no session crossed the agent:\n{log}"
     );
+}
+
+/// Where Debian's novnc package puts noVNC's files.
+const NOVNC: &str = "/usr/share/novnc";
+/// The VNC desktop: its size and name, which the page must show.
+const VNC_GEOMETRY: (u32, u32) = (800, 600);
+const VNC_DESKTOP: &str = "wsbridge-novnc-test";
+/// novnc.mjs's own bound (it takes about 3 s).
+const NOVNC_SCRIPT_SECONDS: &str = "25";
+
+/// What the noVNC tests run: the browser's tools and Xvnc.
+struct VncTools {
+    browser: Browser,
+    xvnc: PathBuf,
+}
+
+/// The noVNC tests' tools, or `None` (said so) if they are to be skipped: `WSBRIDGE_SKIP_BROWSER=1`,
+/// or no Xvnc or noVNC here. A missing browser fails, as for the other browser tests.
+fn vnc_or_skip(test: &str) -> Option<VncTools> {
+    let browser = browser_or_skip(test)?;
+    let Some(xvnc) = common::xvnc::Xvnc::installed() else {
+        common::skip(test, "no Xvnc (Debian's tigervnc-standalone-server; scripts/test.sh installs it)");
+        return None;
+    };
+    if !Path::new(NOVNC).join("vnc.html").is_file() {
+        common::skip(test, &format!("no {NOVNC}/vnc.html (Debian's novnc; scripts/test.sh installs it)"));
+        return None;
+    }
+    Some(VncTools { browser, xvnc })
+}
+
+/// Runs novnc.mjs on `url` (noVNC's vnc.html as wsbridge serves it) and returns its report;
+/// fails the test with `context()` (the logs of the parts) unless the page went through every
+/// step and saved a PNG at `screenshot`.
+async fn novnc_in_browser(browser: &Browser, url: &str, screenshot: &Path, context: &dyn Fn() -> String) -> serde_json::Value {
+    let (w, h) = VNC_GEOMETRY;
+    let mut command = Command::new("node");
+    command
+        .current_dir(&browser.root)
+        .arg("tests/browser/novnc.mjs")
+        .args(["--geometry", &format!("{w}x{h}"), "--desktop", VNC_DESKTOP])
+        .args(["--timeout", NOVNC_SCRIPT_SECONDS])
+        .arg(url)
+        .env("WSBRIDGE_SCREENSHOT", screenshot)
+        .env("CHROMIUM", &browser.chromium);
+    let node = run_to_end("node tests/browser/novnc.mjs", command, BROWSER_TIMEOUT).await;
+    assert!(
+        node.status.success(),
+        "novnc.mjs failed ({}) on {url}\nits stdout:\n{}\nits stderr:\n{}\n{}",
+        node.status,
+        tail(&node.stdout, 20),
+        tail(&node.stderr, 40),
+        context()
+    );
+    let line = node.stdout.lock().unwrap().last().cloned().unwrap_or_default();
+    println!("novnc.mjs: {line}");
+    let report: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("novnc.mjs's last line is not its JSON report ({e}): {line:?}"));
+    assert_eq!(report["ok"], true, "novnc.mjs exited 0 without reporting success: {line}");
+    assert_eq!(report["status"], format!("Connected (unencrypted) to {VNC_DESKTOP}"), "{line}");
+    assert_eq!(report["framebuffer"]["size"], format!("{w}x{h}"), "{line}");
+    assert_eq!(report["disconnected"], "Disconnected", "{line}");
+    let png = std::fs::read(screenshot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", screenshot.display()));
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", screenshot.display());
+    println!("screenshot: {}", screenshot.display());
+    report
+}
+
+/// The value of `key=VALUE` in a log line (tracing's text format; quotes kept).
+fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The number in `key=N` of a log line.
+fn log_number(line: &str, key: &str) -> u64 {
+    log_field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}=N in {line:?}"))
+}
+
+/// Checks a `session closed` line of wsbridge's against the browser's report: the page ended
+/// the session (noVNC's rfb.disconnect() sends a close frame without a code, which reads 1005;
+/// 1000 would be as normal), and wsbridge carried exactly the bytes the browser sent and
+/// received, each way.
+fn assert_session_matches(line: &str, report: &serde_json::Value) {
+    assert_eq!(log_field(line, "ended_by"), Some("\"client\""), "{line}");
+    let code = log_field(line, "code");
+    assert!(matches!(code, Some("1005" | "1000")), "the session did not end normally: {line}");
+    let bytes = |key: &str| {
+        report[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {key} in novnc.mjs's report: {report}"))
+    };
+    assert_eq!(
+        log_number(line, "bytes_up"),
+        bytes("bytesOut"),
+        "bytes up: {line}\nthe browser's report: {report}"
+    );
+    assert_eq!(
+        log_number(line, "bytes_down"),
+        bytes("bytesIn"),
+        "bytes down: {line}\nthe browser's report: {report}"
+    );
+}
+
+/// Checks that Xvnc saw one client (the page), which left in order: noVNC's close reached it
+/// as the end of its connection, not as a broken one.
+async fn assert_one_clean_vnc_client(xvnc: &common::xvnc::Xvnc) {
+    // Xvnc logs `closing PATH: REASON`, then `Connections: closed: PATH`; it wraps long lines.
+    xvnc.line("Connections: closed:").await;
+    let log = xvnc.log().split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        log.contains(": Clean disconnection"),
+        "Xvnc saw the connection end otherwise; its log:\n{}",
+        xvnc.log()
+    );
+    assert_eq!(
+        xvnc.count("Connections: accepted"),
+        1,
+        "Xvnc should have seen the page's connection only; its log:\n{}",
+        xvnc.log()
+    );
+}
+
+/// No warning or error of wsbridge's about a connection (the start-up ones, such as the command
+/// line's any-origin warning, are not about one).
+fn assert_no_connection_warnings(name: &str, lines: &[String]) {
+    let bad: Vec<&String> = lines
+        .iter()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && l.contains("conn{"))
+        .collect();
+    assert!(bad.is_empty(), "{name} warned about a connection:\n{}", lines.join("\n"));
+}
+
+/// SIGTERMs a wsbridge process and checks that it exits with 0.
+async fn stop_binary(name: &str, mut process: common::binary::Binary) {
+    process.signal("TERM").await;
+    let code = process.exit_code().await;
+    assert_eq!(
+        code,
+        0,
+        "{name} exited with {code} after SIGTERM; its log:\n{}",
+        process.lines().join("\n")
+    );
+}
+
+/// noVNC, served by wsbridge itself, to a real VNC server: `wsbridge --web /usr/share/novnc
+/// 127.0.0.1:0 --unix-target SOCKET` as a noVNC user types it (websockify's command line), and
+/// the page opened as they open it (`vnc.html?autoconnect=true`: host, port and the path
+/// `websockify` are the page's defaults).
+#[tokio::test]
+async fn novnc_shows_a_real_vnc_desktop_through_wsbridge() {
+    let test = "novnc_shows_a_real_vnc_desktop_through_wsbridge";
+    let Some(tools) = vnc_or_skip(test) else {
+        return;
+    };
+    let dir = TempDir::new("novnc");
+    let xvnc = common::xvnc::Xvnc::start(&tools.xvnc, dir.path(), VNC_GEOMETRY, VNC_DESKTOP).await;
+    let socket = xvnc.socket.to_str().expect("a UTF-8 temporary path").to_owned();
+    let mut bridge = common::binary::Binary::spawn(&["--web", NOVNC, "127.0.0.1:0", "--unix-target", &socket]).await;
+
+    let url = format!("http://{}/vnc.html?autoconnect=true", bridge.addr);
+    let context = || format!("wsbridge's log:\n{}\nXvnc's log:\n{}", bridge.lines().join("\n"), xvnc.log());
+    let report = novnc_in_browser(&tools.browser, &url, &screenshot_path("-novnc"), &context).await;
+    assert_eq!(report["websocket"], format!("ws://{}/websockify", bridge.addr));
+
+    let closed = bridge.line("session closed").await;
+    println!("wsbridge: {closed}");
+    assert!(closed.contains(&format!("target=unix:{socket}")), "{closed}");
+    assert_session_matches(&closed, &report);
+    assert_one_clean_vnc_client(&xvnc).await;
+    let lines = bridge.lines();
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("session closed")).count(),
+        1,
+        "{}",
+        lines.join("\n")
+    );
+    assert_no_connection_warnings("wsbridge", &lines);
+
+    stop_binary("wsbridge", bridge).await;
+    xvnc.stop().await;
+}
+
+/// The same page, its session across an agent: a wsbridge server (noVNC's files and an agent
+/// endpoint, from a configuration file) whose `/websockify` route names the service `vnc` of
+/// the agent `desk`, and a `wsbridge agent` process that dialled in and serves `vnc` = Xvnc's
+/// socket. noVNC asks for no compression (`compression=0`), so the framebuffer updates that
+/// cross the agent's link are tens of KiB rather than a few hundred bytes.
+#[tokio::test]
+async fn novnc_shows_a_real_vnc_desktop_through_an_agent() {
+    let test = "novnc_shows_a_real_vnc_desktop_through_an_agent";
+    let Some(tools) = vnc_or_skip(test) else {
+        return;
+    };
+    let dir = TempDir::new("novnc-agent");
+    let xvnc = common::xvnc::Xvnc::start(&tools.xvnc, dir.path(), VNC_GEOMETRY, VNC_DESKTOP).await;
+
+    // A secret and its server line, as an operator makes them.
+    let (code, out, err) = common::binary::run_to_end(&["agent", "--new-secret"]).await;
+    assert_eq!(code, 0, "wsbridge agent --new-secret: {err}");
+    let secret = out.lines().next().expect("a secret on the first line");
+    let hash_line = out
+        .lines()
+        .find(|l| l.starts_with("secret_sha256 = "))
+        .unwrap_or_else(|| panic!("no secret_sha256 line in {out:?}"));
+    let secret_file = dir.path().join("agent.secret");
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\nweb = \"{NOVNC}\"\n\n\
+             [[agent_endpoint]]\npath = \"/agent\"\n\n\
+             [[agent]]\nname = \"desk\"\n{hash_line}\n\n\
+             [[route]]\npath = \"/websockify\"\ntarget = {{ agent = \"desk\", service = \"vnc\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut server = common::binary::Binary::spawn(&["--config", config.to_str().unwrap()]).await;
+
+    let mut command = Command::new(common::binary::BIN);
+    command
+        .arg("agent")
+        .args([
+            "--server",
+            &format!("ws://{}/agent", server.addr),
+            "--name",
+            "desk",
+            "--proxy",
+            "off",
+        ])
+        .arg("--secret-file")
+        .arg(&secret_file)
+        .arg(format!("--service=vnc=unix:{}", xvnc.socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut agent = common::binary::Binary::start(command);
+    agent.line("agent: connected").await;
+    server.line("agent connected").await;
+
+    let url = format!("http://{}/vnc.html?autoconnect=true&compression=0", server.addr);
+    let context = || {
+        format!(
+            "the server's log:\n{}\nthe agent's log:\n{}\nXvnc's log:\n{}",
+            server.lines().join("\n"),
+            agent.lines().join("\n"),
+            xvnc.log()
+        )
+    };
+    let report = novnc_in_browser(&tools.browser, &url, &screenshot_path("-novnc-agent"), &context).await;
+    assert_eq!(report["websocket"], format!("ws://{}/websockify", server.addr));
+
+    let closed = server.line("session closed").await;
+    println!("wsbridge: {closed}");
+    assert!(closed.contains("target=agent desk service vnc"), "{closed}");
+    assert_session_matches(&closed, &report);
+    // The agent's side of the session: the same bytes each way, between its link and Xvnc.
+    let agent_closed = agent.line("agent: session").await;
+    println!("wsbridge agent: {agent_closed}");
+    assert!(agent_closed.contains("agent: session closed"), "{agent_closed}");
+    assert_eq!(
+        log_number(&agent_closed, "bytes_up"),
+        log_number(&closed, "bytes_up"),
+        "{agent_closed}\n{closed}"
+    );
+    assert_eq!(
+        log_number(&agent_closed, "bytes_down"),
+        log_number(&closed, "bytes_down"),
+        "{agent_closed}\n{closed}"
+    );
+    assert_one_clean_vnc_client(&xvnc).await;
+    assert_no_connection_warnings("the server", &server.lines());
+    let warned: Vec<String> = agent
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warned.is_empty(), "the agent warned:\n{}", warned.join("\n"));
+
+    stop_binary("wsbridge agent", agent).await;
+    stop_binary("wsbridge", server).await;
+    xvnc.stop().await;
 }

@@ -5,8 +5,8 @@
 //! A test that cannot run here (no IPv6 loopback, a built example missing, a low open-file limit)
 //! says so and returns: it calls [`skip`], which prints one line `TEST skipped: REASON` on stderr
 //! (past libtest's capture, so it shows in every run). That line is the convention
-//! `scripts/test.sh` counts on: it reports such tests as skipped, not passed. A test outside this module
-//! (tests/browser.rs) prints the same line itself.
+//! `scripts/test.sh` counts on: it reports such tests as skipped, not passed. tests/browser.rs
+//! prints the same line itself for `WSBRIDGE_SKIP_BROWSER=1` (on stdout too).
 #![allow(dead_code)]
 
 pub mod binary;
@@ -14,6 +14,7 @@ pub mod haproxy;
 pub mod lines;
 pub mod pki;
 pub mod redis;
+pub mod xvnc;
 
 use std::future::Future;
 use std::net::SocketAddr;
