@@ -306,7 +306,7 @@ impl Metrics {
         let connections = Gauge::default();
         registry.register(
             "connections_open",
-            "Connections open now (sessions, HTTP requests, handshakes, agents' links, idle ones too), counted against max_connections; read at scrape time",
+            "Connections open now (sessions, HTTP requests, handshakes, agents' control links and idle data links), counted against max_connections; read at scrape time",
             connections.clone(),
         );
         let connections_max = Gauge::default();

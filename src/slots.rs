@@ -5,7 +5,7 @@
 //! sessions live refuses new ones until fewer than 10 remain.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// How many slots are taken; clones share the count.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +44,37 @@ impl Drop for Slot {
     }
 }
 
+/// A connection count and the cap in force, for a connection that leaves the count and comes
+/// back to it: an agent's data link counts while it waits in its pool, not while it carries a
+/// session, which its page's connection covers (as a forward session's covers its backend's).
+#[derive(Debug)]
+pub struct Recount {
+    slots: OnceLock<Slots>,
+    max: AtomicUsize,
+}
+
+impl Default for Recount {
+    fn default() -> Recount {
+        Recount {
+            slots: OnceLock::new(),
+            max: AtomicUsize::new(usize::MAX),
+        }
+    }
+}
+
+impl Recount {
+    /// Counts in `slots` (the first call's; later calls change only the cap) up to `max`.
+    pub fn count_in(&self, slots: &Slots, max: usize) {
+        let _ = self.slots.set(slots.clone());
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Takes a slot if fewer than the cap are taken.
+    pub fn try_take(&self) -> Option<Slot> {
+        self.slots.get_or_init(Slots::default).try_take(self.max.load(Ordering::Relaxed))
+    }
+}
+
 /// What an accepted connection holds while it is open: its slot under `max_connections` and,
 /// when that cap is on, its place under `max_connections_per_ip`. Both are given back when the
 /// connection ends, or when it becomes an agent's: see [`Held::into_agents`].
@@ -65,8 +96,8 @@ impl Held {
 
     /// The connection proved an agent's secret: it stops counting against its address (the
     /// agents behind one NAT share it, and the registry bounds each agent's links) but stays a
-    /// connection under `max_connections` for as long as it is open, idle in a pool included:
-    /// each one is a descriptor, and the open-file fit counts on that cap.
+    /// connection under `max_connections`: a control link for as long as it is open, a data
+    /// link while it waits in its pool (each is a descriptor the open-file fit counts on).
     pub fn into_agents(self) -> Slot {
         self.connection
     }

@@ -18,7 +18,6 @@ use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::chunks::{Chunker, Dechunker};
-use crate::slots::Slot;
 
 /// The `Sec-WebSocket-Protocol` of the control link.
 pub const CONTROL_PROTOCOL: &str = "wsbridge-agent.v1";
@@ -411,8 +410,6 @@ impl Loss {
 /// both directions carried their end mark ([`AgentLink::release`]).
 pub struct AgentLink {
     io: LinkStream,
-    /// Its place under `max_connections`, kept while the link is open (back in the pool too).
-    slot: Slot,
     /// Raw link: the app's first bytes, read with the agent's `ok`, handed out first.
     early: Vec<u8>,
     /// A link in chunks: both directions' framing, and the pool it returns to.
@@ -442,10 +439,9 @@ impl std::fmt::Debug for AgentLink {
 impl AgentLink {
     /// Wraps a raw link whose `open` was answered `ok` (`early`: bytes read after it); `lost` is
     /// the agent connection's token.
-    pub fn new(io: LinkStream, slot: Slot, early: Vec<u8>, lost: Loss, name: String) -> AgentLink {
+    pub fn new(io: LinkStream, early: Vec<u8>, lost: Loss, name: String) -> AgentLink {
         AgentLink {
             io,
-            slot,
             early,
             chunks: None,
             lost,
@@ -455,17 +451,9 @@ impl AgentLink {
 
     /// Wraps a link in chunks whose `open` was answered `ok`; it goes back to `home` when the
     /// session leaves it clean.
-    pub fn chunked(
-        io: LinkStream,
-        slot: Slot,
-        early: Vec<u8>,
-        lost: Loss,
-        name: String,
-        home: std::sync::Arc<super::registry::Pool>,
-    ) -> AgentLink {
+    pub fn chunked(io: LinkStream, early: Vec<u8>, lost: Loss, name: String, home: std::sync::Arc<super::registry::Pool>) -> AgentLink {
         AgentLink {
             io,
-            slot,
             early: Vec::new(),
             chunks: Some(Chunks {
                 read: Dechunker::new(early),
@@ -503,13 +491,7 @@ impl AgentLink {
     /// `within` and [`MAX_DRAIN`] bytes, and then goes back to its agent's pool; any other link
     /// is closed (an app that goes on sending is then cut off by the agent, as on a raw link).
     pub fn release(self, within: std::time::Duration) {
-        let AgentLink {
-            mut io,
-            slot,
-            chunks,
-            lost,
-            ..
-        } = self;
+        let AgentLink { mut io, chunks, lost, .. } = self;
         let Some(Chunks { mut read, write, home }) = chunks else { return };
         if !write.ended() || lost.token().is_cancelled() {
             return;
@@ -518,7 +500,7 @@ impl AgentLink {
             // The agent's end mark came first (its app ended the session): the agent may still
             // be writing the browser's last bytes to its app, so the link is taken last.
             if read.into_pending().is_empty() {
-                home.give_back(io, slot, true);
+                home.give_back(io, true);
             }
             return;
         }
@@ -542,7 +524,7 @@ impl AgentLink {
             // Nothing may follow the agent's end mark before the next `open` is sent.
             // The agent ended its side after ours: it is done with the session.
             if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.token().is_cancelled() {
-                home.give_back(io, slot, false);
+                home.give_back(io, false);
             }
         });
     }
@@ -784,7 +766,7 @@ mod tests {
         let mut rest = Vec::new();
         let line = read_line_carried(&mut server, &mut rest).await.unwrap().unwrap();
         assert_eq!(line, "ok");
-        let mut link = AgentLink::new(server, Slot::alone(), rest, Loss::default(), "a".into());
+        let mut link = AgentLink::new(server, rest, Loss::default(), "a".into());
         agent.write_all(b" AND MORE").await.unwrap();
         drop(agent);
         let mut all = Vec::new();
@@ -798,13 +780,7 @@ mod tests {
     async fn a_revoked_agents_link_fails_at_once_and_a_lost_ones_when_idle() {
         let (mut agent, server) = tokio::io::duplex(4096);
         let loss = Loss::default();
-        let mut link = AgentLink::new(
-            Box::new(server).into_link(),
-            Slot::alone(),
-            Vec::new(),
-            loss.clone(),
-            "shop-17".into(),
-        );
+        let mut link = AgentLink::new(Box::new(server).into_link(), Vec::new(), loss.clone(), "shop-17".into());
         agent.write_all(b"waiting").await.unwrap();
         loss.lose();
         let mut buf = [0u8; 64];

@@ -49,6 +49,8 @@ pub struct Registry {
     next_id: AtomicU64,
     /// Data links taken in and returned after a session, by every connection so far.
     totals: Arc<LinkCounts>,
+    /// The bridge's connection count, which idle links come back to after a session.
+    connections: Arc<crate::slots::Recount>,
     /// This process's id, told to each agent in its control link's `101`.
     instance: InstanceId,
     /// Connections a newer one of the same name replaced, while sessions through them go on:
@@ -200,12 +202,15 @@ pub struct Pool {
     /// This connection's links, and the registry's totals.
     counts: LinkCounts,
     totals: Arc<LinkCounts>,
+    /// Where a link coming back from a session takes its slot again.
+    connections: Arc<crate::slots::Recount>,
 }
 
 struct Idle {
     io: LinkStream,
-    /// Its place under `max_connections`: an idle link is an open connection too.
-    slot: Slot,
+    /// Its place under `max_connections` while it waits here (an idle link is a connection),
+    /// held for its drop.
+    _slot: Slot,
     /// The link is in chunks ([`super::chunks`]): reusable.
     chunks: bool,
     since: Instant,
@@ -245,15 +250,15 @@ impl Pool {
     /// enough are idle. `last`: the link goes where it is taken last, for a link the agent may
     /// still be busy on (its app ended first: the agent may still be writing the browser's last
     /// bytes to it, and an `open` would wait behind them).
-    pub fn give_back(&self, io: LinkStream, slot: Slot, last: bool) {
-        if self.put_back(io, slot, last) {
+    pub fn give_back(&self, io: LinkStream, last: bool) {
+        if self.put_back(io, last) {
             self.counted(|c| &c.returned);
         }
     }
 
     /// [`Pool::give_back`] without counting it: a link whose `open` was refused carried no
     /// session. Whether the link was kept.
-    fn put_back(&self, io: LinkStream, slot: Slot, last: bool) -> bool {
+    fn put_back(&self, io: LinkStream, last: bool) -> bool {
         let mut idle = self.idle();
         // Under the lock `close` takes after setting the flag: a link is never left in a pool
         // that has been emptied for good.
@@ -264,9 +269,14 @@ impl Pool {
             debug!("agent link not needed in the pool; closed");
             return false;
         }
+        // Back among the connections: its session's connection no longer covers it.
+        let Some(slot) = self.connections.try_take() else {
+            debug!("agent link back from a session: max_connections reached; closed");
+            return false;
+        };
         let link = Idle {
             io,
-            slot,
+            _slot: slot,
             chunks: true,
             since: Instant::now(),
         };
@@ -361,6 +371,12 @@ impl Registry {
     /// and new control links are answered 503 until it is gone.
     pub fn leave(&self) {
         self.leaving.cancel();
+    }
+
+    /// Counts the links idle in pools in `slots`, the bridge's connections, up to `max`
+    /// (`max_connections`; called again at each reload).
+    pub fn count_connections(&self, slots: &crate::slots::Slots, max: usize) {
+        self.connections.count_in(slots, max);
     }
 
     /// Cancelled once [`Registry::leave`] was called.
@@ -554,6 +570,7 @@ impl Registry {
                 closed: std::sync::atomic::AtomicBool::new(false),
                 counts: LinkCounts::default(),
                 totals: self.totals.clone(),
+                connections: self.connections.clone(),
             }),
         };
         // Under the agents lock, which a reload takes after it swaps the declarations in: either
@@ -620,7 +637,7 @@ impl Registry {
         }
         idle.push_back(Idle {
             io,
-            slot,
+            _slot: slot,
             chunks,
             since: Instant::now(),
         });
@@ -723,7 +740,8 @@ impl Registry {
                 if ask {
                     pool.ask(1);
                 }
-                return Ok(Taken::Link(l.io, l.slot, l.chunks, a.lost.clone(), pool.clone()));
+                // Its slot goes: the session's own connection covers it from here.
+                return Ok(Taken::Link(l.io, l.chunks, a.lost.clone(), pool.clone()));
             }
         }
         // None idle: this session waits for the next link to arrive or come back. At most a
@@ -754,9 +772,9 @@ impl Registry {
         let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
         // A link the agent or a NAT closed while idle fails at once: try the next.
         for _ in 0..8 {
-            let (mut io, slot, chunks, lost, pool) = loop {
+            let (mut io, chunks, lost, pool) = loop {
                 match self.take(name, service)? {
-                    Taken::Link(io, slot, chunks, lost, pool) => break (io, slot, chunks, lost, pool),
+                    Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
                     Taken::Wait(pool) => {
                         if timeout_at(end, pool.arrived.notified()).await.is_err() {
                             return Err(timed_out());
@@ -779,9 +797,9 @@ impl Registry {
                 Ok(Ok(Some(line))) if line == "ok" || (chunks && line == link::OK_CHUNKS) => {
                     debug!(agent = name, service, "agent link opened");
                     let link = if line == link::OK_CHUNKS {
-                        AgentLink::chunked(io, slot, rest, lost, name.to_owned(), pool)
+                        AgentLink::chunked(io, rest, lost, name.to_owned(), pool)
                     } else {
-                        AgentLink::new(io, slot, rest, lost, name.to_owned())
+                        AgentLink::new(io, rest, lost, name.to_owned())
                     };
                     return Ok(Backend::Agent(Box::new(link)));
                 }
@@ -791,7 +809,7 @@ impl Registry {
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
                     // A link in chunks that answered `err` carried no session: it serves the next.
                     if chunks && rest.is_empty() && line.starts_with("err ") {
-                        pool.put_back(io, slot, false);
+                        pool.put_back(io, false);
                     }
                     return Err(ConnectError::Agent(reason));
                 }
@@ -806,7 +824,7 @@ impl Registry {
 }
 
 enum Taken {
-    Link(LinkStream, Slot, bool, link::Loss, Arc<Pool>),
+    Link(LinkStream, bool, link::Loss, Arc<Pool>),
     Wait(Arc<Pool>),
 }
 
@@ -1017,17 +1035,48 @@ mod tests {
         let busy = agent.local_addr().unwrap().port();
         ends.push(agent);
         let pool = match registry.take("shop-17", "pos").unwrap() {
-            Taken::Link(LinkStream::Tcp(s), _, _, _, pool) => {
+            Taken::Link(LinkStream::Tcp(s), _, _, pool) => {
                 assert_eq!(s.peer_addr().unwrap().port(), b, "the newest first");
                 pool
             }
             _ => panic!("no idle link"),
         };
-        pool.give_back(LinkStream::Tcp(server), Slot::alone(), true);
+        pool.give_back(LinkStream::Tcp(server), true);
         assert_eq!([take_port(&registry), take_port(&registry)], [a, busy]);
         let r1 = add(&registry, false, &mut ends);
         let r2 = add(&registry, false, &mut ends);
         assert_eq!([take_port(&registry), take_port(&registry)], [r1, r2]);
+    }
+
+    /// An idle link holds a connection slot; one taken for a session gives it up (the page's
+    /// connection covers it) and takes one again when it comes back, or closes when none is
+    /// free.
+    #[tokio::test]
+    async fn idle_links_count_as_connections_and_come_back_only_under_the_cap() {
+        let registry = shop_17();
+        let connections = crate::slots::Slots::default();
+        registry.count_connections(&connections, 2);
+        let _attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
+        let (server, _agent) = link();
+        let slot = connections.try_take(2).unwrap();
+        assert!(registry.add_link("shop-17", &[0; 32], LinkStream::Tcp(server), true, slot).is_ok());
+        assert_eq!(connections.taken(), 1, "the idle link");
+        let Taken::Link(io, _, _, pool) = registry.take("shop-17", "pos").unwrap() else {
+            panic!("no idle link")
+        };
+        assert_eq!(connections.taken(), 0, "in a session: covered by the page's connection");
+        let page = connections.try_take(2).unwrap();
+        let other = connections.try_take(2).unwrap();
+        pool.give_back(io, false);
+        assert_eq!(registry.idle_links("shop-17"), Some(0), "no slot free: closed");
+        drop(other);
+        let (server, _agent) = link();
+        pool.give_back(LinkStream::Tcp(server), false);
+        assert_eq!(registry.idle_links("shop-17"), Some(1), "back under the cap");
+        assert_eq!(connections.taken(), 2, "the page's and the idle link's");
+        drop(page);
     }
 
     /// A pool running low asks for a pool's worth at most until they arrive, whether sessions

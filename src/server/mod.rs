@@ -142,11 +142,13 @@ impl Bridge {
     /// An invalid configuration or an unreadable token source.
     pub fn new(config: &Config) -> Result<Bridge, BridgeError> {
         let live = Live::from_config(config, None)?;
+        let connections = Slots::default();
+        live.agents.count_connections(&connections, live.max_connections);
         let shutdown = CancellationToken::new();
         Ok(Bridge {
             inner: Arc::new(Inner {
                 live: RwLock::new(Arc::new(live)),
-                connections: Slots::default(),
+                connections,
                 refusals: Slots::default(),
                 shutdown: shutdown.clone(),
                 tracker: TaskTracker::new(),
@@ -170,6 +172,7 @@ impl Bridge {
         // Built while the old table serves; swapped whole. Sessions that start between the build
         // and the swap count on the shared slots either way.
         let live = Live::from_config(config, Some(&self.live()))?;
+        live.agents.count_connections(&self.inner.connections, live.max_connections);
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         Ok(())
     }

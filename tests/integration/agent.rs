@@ -551,8 +551,8 @@ async fn the_brake_counts_the_real_client_behind_a_trusted_proxy() {
 }
 
 /// A logged-in agent's connections stop counting against its address (agents behind one NAT
-/// share it with the pages there) but stay connections under `max_connections` while open, its
-/// idle links in the pool included: each one is a descriptor.
+/// share it with the pages there) but stay connections under `max_connections`: its control
+/// link, and its data links while they wait in the pool (each one is a descriptor).
 #[tokio::test]
 async fn a_logged_in_agent_counts_as_connections_but_not_against_its_address() {
     let (echo, _) = echo_backend().await;
@@ -572,6 +572,38 @@ async fn a_logged_in_agent_counts_as_connections_but_not_against_its_address() {
     // A third is over the address's cap, which still holds for everything but logged-in agents.
     let third = http_raw(bridge.addr, &upgrade_request("/pos", "")).await;
     assert_eq!(status_of(&third), 429, "{third}");
+}
+
+/// An agent's data link counts as a connection while it waits in the pool; in a session it
+/// counts as its page's backend, as in forward mode, covered by the page's connection.
+#[tokio::test]
+async fn an_agents_link_counts_as_a_connection_while_idle_not_while_in_a_session() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&bridge, "shop-17", 4).await;
+    assert_eq!(bridge.bridge.connections(), 5, "the control link and the 4 idle links");
+    let (mut a, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (mut b, _) = ws_connect(&bridge.url("/pos"), None).await;
+    for ws in [&mut a, &mut b] {
+        send_bin(ws, b"echo").await;
+        assert_eq!(recv_data(ws).await, b"echo");
+    }
+    // The control link, the pool topped up to 4, and the two pages.
+    idle_links(&bridge, "shop-17", 4).await;
+    assert_eq!(bridge.bridge.connections(), 7);
+    // The pages leave; their links come back to the pool and count again.
+    for mut ws in [a, b] {
+        ws.close(None).await.unwrap();
+        read_until_close(&mut ws).await;
+    }
+    idle_links(&bridge, "shop-17", 6).await;
+    within("the pages' connections to end", async {
+        while bridge.bridge.connections() != 7 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
 }
 
 /// A CONNECT proxy: reads the request head, connects where it says, answers 200 and splices.
