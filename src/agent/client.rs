@@ -766,6 +766,12 @@ pub enum State {
     Connecting,
     /// The server accepted it and asked for links.
     Connected,
+    /// Connected to a server that is draining, and connecting again (elsewhere, through its
+    /// balancer); the old connection serves until the new one is up.
+    Moving {
+        /// The last attempt's outcome, or that it is under way.
+        reason: String,
+    },
     /// Waiting to dial again.
     Retrying {
         /// Why the last attempt or connection ended.
@@ -781,18 +787,20 @@ pub enum State {
 /// `states` in the same order, as [`AgentConfig::servers`] and [`AgentHandle::states`].
 pub fn status_line(name: &str, servers: &[String], states: &[watch::Receiver<State>]) -> String {
     let now: Vec<State> = states.iter().map(|s| s.borrow().clone()).collect();
-    let up = now.iter().filter(|s| **s == State::Connected).count();
+    let up = now.iter().filter(|s| matches!(s, State::Connected | State::Moving { .. })).count();
     let down: Vec<String> = servers
         .iter()
         .zip(&now)
         .filter_map(|(server, state)| match state {
             State::Connected | State::Stopped => None,
+            State::Moving { reason } => Some(format!("{server}: draining, connecting again ({reason})")),
             State::Connecting => Some(format!("{server}: connecting")),
             State::Retrying { reason, after } => Some(format!("{server}: retrying in {:.1}s ({reason})", after.as_secs_f64())),
         })
         .collect();
     let head = match servers.len() {
-        1 if up == 1 => return format!("agent {name}: connected to {}", servers[0]),
+        1 if up == 1 && down.is_empty() => return format!("agent {name}: connected to {}", servers[0]),
+        1 if up == 1 => format!("agent {name}: connected"),
         1 => format!("agent {name}: not connected"),
         n => format!("agent {name}: connected to {up} of {n} servers"),
     };
@@ -944,10 +952,14 @@ async fn run(
     // then find this agent only once it is back too.
     let mut drained: Option<Instant> = None;
     // A link that was asked to move, serving its instance until this loop is connected again.
-    let mut previous: Option<CancellationToken> = None;
+    let mut previous: Option<Previous> = None;
     loop {
         attempts.fetch_add(1, Ordering::Relaxed);
-        set(State::Connecting);
+        // While the link that moves serves, the agent is still connected.
+        let moving = previous.as_ref().is_some_and(Previous::serves);
+        if !moving {
+            set(State::Connecting);
+        }
         match last_failure {
             None => info!(server = %config.server.authority(), agent = %config.name, "agent: connecting"),
             Some(_) => debug!(server = %config.server.authority(), "agent: connecting again"),
@@ -957,16 +969,28 @@ async fn run(
             Ended::Shutdown => break,
             Ended::Moving(reason, link) => {
                 info!(%reason, "agent: the server is draining: connecting again; this connection serves until then");
-                let let_go = CancellationToken::new();
-                if let Some(older) = previous.replace(let_go.clone()) {
-                    older.cancel();
+                let moved = Previous::default();
+                sessions.spawn(
+                    link.finish(shutdown.clone(), moved.let_go.clone(), moved.ended.clone())
+                        .in_current_span(),
+                );
+                if let Some(older) = previous.replace(moved) {
+                    older.let_go.cancel();
                 }
-                sessions.spawn(link.finish(shutdown.clone(), let_go).in_current_span());
+                set(State::Moving {
+                    reason: "the server is draining: connecting again".into(),
+                });
                 failures = 0;
                 last_failure = None;
                 drained = Some(Instant::now());
-                // At once: a balancer whose health checks saw the drain sends it elsewhere, and
-                // the draining server answers 503 with a Retry-After until then.
+                // Soon: a balancer whose health checks saw the drain sends it elsewhere, and the
+                // draining server answers 503 with a Retry-After until then. Within a second,
+                // not at once: every agent of the instance was told in the same instant.
+                let spread = config.backoff.after_drain.mul_f64(0.5 * random_fraction());
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(spread) => {}
+                }
                 continue;
             }
             Ended::Drain => {
@@ -985,6 +1009,10 @@ async fn run(
                     failures = 0;
                     last_failure = None;
                 }
+                if reason.contains(link::DRAINING) {
+                    // Still draining: the restart (if it is one) is still to come.
+                    drained = Some(Instant::now());
+                }
                 retry_after = server_says;
                 (reason, false)
             }
@@ -996,14 +1024,25 @@ async fn run(
         if drained.is_some_and(|t| t.elapsed() < AFTER_DRAIN_WINDOW) && !auth {
             after = after.min(config.backoff.after_drain_delay());
         }
-        let after = after.max(floor);
+        // No sooner than the server asked, and spread by up to a second past that: a server's
+        // Retry-After is the same for every agent it answers (a drain, the login brake).
+        let after = match floor > after {
+            true => floor + config.backoff.after_drain.mul_f64(0.5 * random_fraction()),
+            false => after,
+        };
+        let moving = previous.as_ref().is_some_and(Previous::serves);
         if last_failure.as_deref() == Some(reason.as_str()) {
             debug!(%reason, retry_in = ?after, "agent: still not connected; retrying");
+        } else if moving {
+            info!(%reason, retry_in = ?after, "agent: not connected elsewhere yet; the connection that moves still serves");
         } else {
             warn!(%reason, retry_in = ?after, "agent: not connected; retrying");
         }
         last_failure = Some(reason.clone());
-        set(State::Retrying { reason, after });
+        match moving {
+            true => set(State::Moving { reason }),
+            false => set(State::Retrying { reason, after }),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(after) => {}
@@ -1020,6 +1059,23 @@ async fn run(
     set(State::Stopped);
 }
 
+/// A control link that was asked to move, serving its instance on its own task
+/// ([`ControlLink::finish`]) until the agent is connected again.
+#[derive(Default)]
+struct Previous {
+    /// Cancelled once the agent is connected again: the link closes.
+    let_go: CancellationToken,
+    /// Cancelled when the link has ended, for whatever reason.
+    ended: CancellationToken,
+}
+
+impl Previous {
+    /// Whether the link still serves.
+    fn serves(&self) -> bool {
+        !self.ended.is_cancelled()
+    }
+}
+
 /// One control connection, from dialling to its end. Once it is connected, `previous` (a link
 /// that was asked to move, serving its instance meanwhile) is let go.
 async fn control(
@@ -1029,7 +1085,7 @@ async fn control(
     set: &impl Fn(State),
     sessions: &TaskTracker,
     mine: &Mine,
-    previous: &mut Option<CancellationToken>,
+    previous: &mut Option<Previous>,
 ) -> Ended {
     let failed = |reason: String| Ended::Failed {
         reason,
@@ -1100,7 +1156,7 @@ async fn control(
         info!(agent = %config.name, services = config.services.len(), "agent: connected");
         set(State::Connected);
         if let Some(old) = previous.take() {
-            old.cancel();
+            old.let_go.cancel();
         }
     };
     match link.serve(shutdown, None, &mut on_connected).await {
@@ -1231,18 +1287,32 @@ impl ControlLink {
     /// The rest of a link asked to move: it serves its instance (pages the balancer still sends
     /// there find the agent) until `let_go` (the agent connected again), the server's drain, the
     /// agent's shutdown or its loss.
-    async fn finish(mut self, shutdown: CancellationToken, let_go: CancellationToken) {
+    async fn finish(mut self, shutdown: CancellationToken, let_go: CancellationToken, ended: CancellationToken) {
+        let _ended = ended.drop_guard();
         if let Served::Ended(Ended::Failed { reason, .. }) = self.serve(&shutdown, Some(&let_go), &mut || {}).await {
             debug!(%reason, "agent: the connection that was moving ended");
         }
     }
 
+    /// Closes the link with `reason` and waits (at most 2 s) for the server's answer, reading
+    /// and dropping what comes before it: a socket closed with bytes unread is reset, and the
+    /// server could take the reset for a lost agent and end the sessions through it.
     async fn close(&mut self, reason: &'static str) {
         let frame = tungstenite::protocol::CloseFrame {
             code: tungstenite::protocol::frame::coding::CloseCode::Normal,
             reason: reason.into(),
         };
-        let _ = timeout(Duration::from_secs(2), self.ws.close(Some(frame))).await;
+        let _ = timeout(Duration::from_secs(2), async {
+            if self.ws.close(Some(frame)).await.is_err() {
+                return;
+            }
+            while let Some(Ok(m)) = self.ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -1989,6 +2059,15 @@ mod tests {
         assert_eq!(
             status_line("shop-17", &two, &[state(State::Connecting), state(State::Stopped)]),
             "agent shop-17: connected to 0 of 2 servers; wss://a:443/agent: connecting"
+        );
+        let moving = State::Moving {
+            reason: "the server answered 503 Service Unavailable: this instance is draining".into(),
+        };
+        assert_eq!(
+            status_line("shop-17", &one, &[state(moving)]),
+            "agent shop-17: connected; wss://a:443/agent: draining, connecting again (the server answered 503 Service \
+             Unavailable: this instance is draining)",
+            "still connected: the old connection serves"
         );
     }
 

@@ -92,10 +92,11 @@ pub async fn serve<S: IntoLink>(
         let retry = [(header::RETRY_AFTER, HeaderValue::from(DRAINING_RETRY))];
         let _ = timeout_at(
             write_end,
-            answer(&mut stream, StatusCode::SERVICE_UNAVAILABLE, "this instance is draining", &retry),
+            answer(&mut stream, StatusCode::SERVICE_UNAVAILABLE, link::DRAINING, &retry),
         )
         .await;
-        return info!(status = 503, "agent endpoint: control link refused while draining");
+        // Every agent that moves tries every 2 s or so until it lands elsewhere.
+        return debug!(status = 503, "agent endpoint: control link refused while draining");
     }
     if let Err(wait) = registry.may_try(addr.ip()) {
         let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];

@@ -42,6 +42,10 @@ pub const REPLACING: u32 = 2;
 /// link go, so pages never find it offline in between.
 pub const MOVING: u32 = 3;
 
+/// The text of a draining instance's 503 to a control link, which tells the agent that the
+/// instance is going away (likely to restart).
+pub const DRAINING: &str = "this instance is draining";
+
 /// The largest control message: they are a few dozen bytes.
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 

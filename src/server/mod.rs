@@ -208,9 +208,10 @@ impl Bridge {
     /// [`Bridge::serve`] then drains under `timeouts.shutdown_grace`.
     pub async fn drain(&self, hurry: impl std::future::Future<Output = ()>) {
         self.inner.draining.store(true, std::sync::atomic::Ordering::Release);
-        // Agents move now, while this instance still serves, not when its sessions end.
-        self.live().agents.leave();
         if let Some(delay) = self.live().timeouts.drain_delay {
+            // Agents move now, while this instance still serves, not when its sessions end
+            // (without a delay they are told `drain` at once).
+            self.live().agents.leave();
             info!(
                 ?delay,
                 "draining: /readyz answers 503; still accepting for the drain delay, then closing sessions"

@@ -1211,7 +1211,8 @@ async fn an_agent_removed_from_a_fleet_file_is_disconnected_within_two_pings() {
 
 /// Agents behind one address share the login brake: one slowed down by another's failures
 /// retries with the network backoff (here 0.4 s at most) or, when longer, at the server's
-/// Retry-After (at most one brake refill), not with the refused secret's backoff, and gets in.
+/// Retry-After (at most one brake refill, and a spread of up to a second), not with the refused
+/// secret's backoff, and gets in.
 #[tokio::test]
 async fn an_agent_slowed_down_by_the_brake_is_not_treated_as_refused() {
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
@@ -1236,7 +1237,9 @@ async fn an_agent_slowed_down_by_the_brake_is_not_treated_as_refused() {
                 State::Connected => return,
                 State::Retrying { reason, after } => {
                     assert!(reason.contains("slowing down"), "{reason}");
-                    let longest = wsbridge::agent::registry::BRAKE_REFILL.max(Duration::from_millis(400));
+                    // Past the server's Retry-After, spread by up to half the after-drain delay.
+                    let spread = Backoff::default().after_drain / 2;
+                    let longest = (wsbridge::agent::registry::BRAKE_REFILL + spread).max(Duration::from_millis(400));
                     assert!(after <= longest, "retrying after {after:?}");
                     slowed += 1;
                 }
@@ -1264,7 +1267,7 @@ async fn a_draining_server_tells_its_agents_to_reconnect() {
     assert!(drained.clean, "{drained:?}");
     within(
         "the agent to be told",
-        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("draining"))),
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason == "the server is draining: reconnecting")),
     )
     .await;
 }
@@ -1316,13 +1319,17 @@ async fn a_draining_instance_moves_its_agents_before_its_sessions_end() {
         let (bridge, hurry) = (a.bridge.clone(), hurry.clone());
         tokio::spawn(async move { bridge.drain(hurry.cancelled_owned()).await })
     };
-    // Asked to move, the agent tries at once; the balancer still sends it to a, which refuses.
+    // Asked to move, the agent tries again; the balancer still sends it to a, which refuses.
     within(
         "the draining instance to refuse the agent",
-        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("503") && reason.contains("draining"))),
+        agent.wait_for(|s| matches!(s, State::Moving { reason } if reason.contains("503") && reason.contains("draining"))),
     )
     .await;
-    assert!(a.bridge.agents().idle_links("shop-17").is_some(), "a still has the agent meanwhile");
+    // Meanwhile a still has the agent: a page the balancer still sends there is served.
+    assert!(a.bridge.agents().idle_links("shop-17").is_some(), "a still has the agent");
+    let (mut late, _) = ws_connect(&a.url("/pos"), None).await;
+    send_bin(&mut late, b"late").await;
+    assert_eq!(recv_data(&mut late).await, b"late");
     // The balancer's health check has seen the drain: new connections go to b.
     *balancer.to.lock().unwrap() = b.addr;
     connected(&mut agent).await;
@@ -1340,9 +1347,12 @@ async fn a_draining_instance_moves_its_agents_before_its_sessions_end() {
     let (mut fresh, _) = ws_connect(&b.url("/pos"), None).await;
     send_bin(&mut fresh, b"on b").await;
     assert_eq!(recv_data(&mut fresh).await, b"on b");
+    send_bin(&mut late, b"later").await;
+    assert_eq!(recv_data(&mut late).await, b"later");
     hurry.cancel();
     within("a's drain", drain).await.unwrap();
     assert_eq!(read_close(&mut page).await.0, 1001, "a's session ends when a shuts down");
+    assert_eq!(read_close(&mut late).await.0, 1001);
 }
 
 /// An agent from before `move` (hello version 2) is not asked to move: it serves through the
