@@ -4,7 +4,7 @@
 //! of our own (a CONNECT proxy; a relay that can be cut like a dropped network).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use wsbridge::agent::link::{parse_sha256, secret_sha256};
 use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
 use wsbridge::config::{Config, Matcher, RouteConfig, Target};
 
+use crate::common::connect_proxy::ConnectProxy;
 use crate::common::lines::Lines;
 use crate::common::*;
 
@@ -550,54 +551,25 @@ async fn the_brake_counts_the_real_client_behind_a_trusted_proxy() {
     );
 }
 
-/// A CONNECT proxy: reads the request head, connects where it says, answers 200 and splices.
-/// Counts the tunnels and remembers the last Proxy-Authorization.
-async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::Mutex<String>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tunnels = Arc::new(AtomicUsize::new(0));
-    let auth = Arc::new(std::sync::Mutex::new(String::new()));
-    let (t, a) = (tunnels.clone(), auth.clone());
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let (t, a) = (t.clone(), a.clone());
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") {
-                    let Ok(b) = client.read_u8().await else { return };
-                    head.push(b);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let Some(target) = head.strip_prefix("CONNECT ").and_then(|r| r.split(' ').next()) else {
-                    return;
-                };
-                if let Some(line) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("proxy-authorization:")) {
-                    *a.lock().unwrap() = line.to_owned();
-                }
-                let Ok(mut server) = TcpStream::connect(target).await else { return };
-                t.fetch_add(1, Ordering::SeqCst);
-                client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
-    (addr, tunnels, auth)
-}
-
 #[tokio::test]
 async fn the_agent_reaches_the_server_through_a_connect_proxy() {
     let (echo, _) = echo_backend().await;
-    let (proxy, tunnels, auth) = connect_proxy().await;
+    let proxy = ConnectProxy::start().await;
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    config.proxy = Some(format!("http://agent:pw@{proxy}").parse::<Proxy>().unwrap());
+    config.proxy = Some(format!("http://agent:pw@{}", proxy.addr).parse::<Proxy>().unwrap());
     let _agent = start_agent(config).await;
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"via the proxy").await;
     assert_eq!(recv_data(&mut ws).await, b"via the proxy");
-    // The control link and at least the session's data link went through it.
-    assert!(tunnels.load(Ordering::SeqCst) >= 2);
-    assert_eq!(*auth.lock().unwrap(), "Proxy-Authorization: Basic YWdlbnQ6cHc=");
+    // The control link and at least the session's data link went through it, to the server.
+    assert!(proxy.tunnels() >= 2);
+    assert!(
+        proxy.targets().iter().all(|t| *t == bridge.addr.to_string()),
+        "{:?}",
+        proxy.targets()
+    );
+    assert_eq!(proxy.authorization(), "Proxy-Authorization: Basic YWdlbnQ6cHc=");
 }
 
 /// A server for agent `shop-17` with one listener, TLS with a certificate for `localhost` from
