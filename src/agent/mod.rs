@@ -24,6 +24,7 @@
 //! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
 //! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
+//! | [`system_proxy`] | the agent's proxy from the system's settings (Windows): proxy and bypass lists, which setting wins |
 
 pub mod chunks;
 pub mod client;
@@ -31,6 +32,7 @@ pub mod endpoint;
 pub mod fleet;
 pub mod link;
 pub mod registry;
+pub mod system_proxy;
 
 use std::time::Duration;
 
