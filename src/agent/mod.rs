@@ -25,6 +25,7 @@
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
 //! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
 //! | [`system_proxy`] | the agent's proxy from the system's settings (Windows): proxy and bypass lists, which setting wins |
+//! | `winhttp` | Windows only: reading those settings from WinHTTP (the crate's only `unsafe`) |
 
 pub mod chunks;
 pub mod client;
@@ -33,6 +34,8 @@ pub mod fleet;
 pub mod link;
 pub mod registry;
 pub mod system_proxy;
+#[cfg(windows)]
+mod winhttp;
 
 use std::time::Duration;
 

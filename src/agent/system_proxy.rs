@@ -18,8 +18,10 @@
 //! (WPAD found nothing, the script could not be fetched, …), is kept in [`WindowsChoice::notes`]
 //! for the one start-up log line per server.
 //!
-//! Here are the parts that are plain text and choices, so that they are tested on every
-//! platform: proxy lists ([`pick`]), bypass lists ([`bypassed`]) and the order above ([`choose`]).
+//! Reading WinHTTP is [`super::winhttp`]'s (the crate's only `unsafe`, Windows only); here are the
+//! parts that are plain text and choices, so that they are tested on every platform: proxy lists
+//! ([`pick`]), bypass lists ([`bypassed`]) and the order above ([`choose`]). [`windows`] runs
+//! WinHTTP on a thread of its own under a deadline: a PAC or WPAD lookup can wait on the network.
 
 use super::client::{Proxy, ServerUrl};
 
@@ -387,6 +389,95 @@ pub fn winhttp_error(code: u32) -> String {
         _ => return format!("error {code}"),
     };
     format!("{what} (error {code})")
+}
+
+/// The Windows settings' proxy for each of `servers`, read on a thread of its own: the answers
+/// that are not in within `wait` (a PAC download or WPAD lookup that hangs) count as failed, and
+/// the thread is left to end by itself (WinHTTP's own timeouts, set to `wait` too, end it; it
+/// frees what it holds, and its results go nowhere).
+#[cfg(windows)]
+pub fn windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<(Option<Proxy>, WindowsChoice)> {
+    read_windows(servers, wait)
+        .iter()
+        .zip(servers)
+        .map(|(reading, server)| choose(server, reading))
+        .collect()
+}
+
+#[cfg(windows)]
+fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading> {
+    use super::winhttp;
+    use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+
+    enum Read {
+        Settings(Result<UserSettings, String>, Result<Option<StaticSetting>, String>),
+        Auto(usize, AutoAnswer),
+    }
+    let mut readings = vec![
+        Reading {
+            user: Err("no answer".into()),
+            auto: None,
+            machine: Err("no answer".into()),
+        };
+        servers.len()
+    ];
+    // Room for everything the thread sends: it never waits on us, even once we stop listening.
+    let deadline = std::time::Instant::now() + wait;
+    let (tx, rx) = sync_channel(servers.len() + 1);
+    let urls: Vec<String> = servers.iter().map(lookup_url).collect();
+    let spawned = std::thread::Builder::new().name("windows-proxy".into()).spawn(move || {
+        let user = winhttp::user_settings().map_err(winhttp_error);
+        let machine = winhttp::default_setting().map_err(winhttp_error);
+        let automatic = user.as_ref().ok().filter(|u| u.automatic()).cloned();
+        if tx.send(Read::Settings(user, machine)).is_err() {
+            return;
+        }
+        let Some(user) = automatic else { return };
+        for (i, url) in urls.iter().enumerate() {
+            let answer = match winhttp::proxy_for_url(url, user.auto_detect, user.pac_url.as_deref(), wait) {
+                Ok(Some(list)) => AutoAnswer::Proxy(list),
+                Ok(None) => AutoAnswer::Direct,
+                Err(code) => AutoAnswer::Failed(winhttp_error(code)),
+            };
+            if tx.send(Read::Auto(i, answer)).is_err() {
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        for r in &mut readings {
+            r.user = Err(format!("no thread to read them on: {e}"));
+            r.machine = Err(format!("no thread to read it on: {e}"));
+        }
+        return readings;
+    }
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(Read::Settings(user, machine)) => {
+                for r in &mut readings {
+                    r.user = user.clone();
+                    r.machine = machine.clone();
+                }
+            }
+            Ok(Read::Auto(i, answer)) => readings[i].auto = Some(answer),
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                let late = format!("no answer within {wait:?}");
+                for r in &mut readings {
+                    match &r.user {
+                        Ok(u) if u.automatic() && r.auto.is_none() => r.auto = Some(AutoAnswer::Failed(late.clone())),
+                        Ok(_) => {}
+                        Err(_) => {
+                            r.user = Err(late.clone());
+                            r.machine = Err(late.clone());
+                        }
+                    }
+                }
+                break;
+            }
+        }
+    }
+    readings
 }
 
 #[cfg(test)]

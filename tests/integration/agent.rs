@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use wsbridge::agent::client::{self, AgentConfig, AgentHandle, Backoff, Proxy, State};
+use wsbridge::agent::client::{self, AgentConfig, AgentHandle, Backoff, Proxy, ProxySource, State};
 use wsbridge::agent::link::{parse_sha256, secret_sha256};
 use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
 use wsbridge::config::{Config, Matcher, RouteConfig, Target};
@@ -191,7 +191,7 @@ async fn a_capped_service_refuses_sessions_past_its_cap_from_every_server() {
     let one = TestBridge::start(config.clone()).await;
     let two = TestBridge::start(config).await;
     let mut c = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    c.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None)];
+    c.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None, ProxySource::Config)];
     c.max_sessions.insert("pos".into(), 1);
     let mut agent = client::spawn(c).unwrap();
     for state in &mut agent.states {
@@ -1639,7 +1639,7 @@ async fn an_agent_with_two_servers_serves_pages_on_each_and_outlives_one() {
     let two = TestBridge::start(config.clone()).await;
     let one_addr = one.addr;
     let mut agent_config = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    agent_config.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None)];
+    agent_config.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None, ProxySource::Config)];
     // Slow enough that the drain's state is still there when the test looks.
     agent_config.backoff.initial = Duration::from_secs(2);
     agent_config.backoff.max = Duration::from_secs(2);
@@ -1846,7 +1846,7 @@ async fn two_urls_that_reach_one_instance_keep_one_connection() {
     let relay = network_to(bridge.addr).await;
     let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
     let second = format!("ws://{}/agent", relay.addr);
-    config.more_servers = vec![(second.parse().unwrap(), None)];
+    config.more_servers = vec![(second.parse().unwrap(), None, ProxySource::Config)];
     let mut agent = client::spawn(config).unwrap();
     // Whichever connection comes second is told so; the first stays connected.
     let [a, b] = &mut agent.states[..] else { unreachable!() };
@@ -1910,7 +1910,7 @@ async fn a_data_link_that_reaches_another_instance_is_refused_there() {
         }
     });
     let mut config = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    config.more_servers = vec![(format!("ws://{balancer_addr}/agent").parse().unwrap(), None)];
+    config.more_servers = vec![(format!("ws://{balancer_addr}/agent").parse().unwrap(), None, ProxySource::Config)];
     let mut agent = client::spawn(config).unwrap();
     for state in &mut agent.states {
         within("both connections", state.wait_for(|s| *s == State::Connected))
@@ -1982,7 +1982,7 @@ async fn after_a_drain_the_agent_retries_at_the_short_interval() {
 }
 
 /// HTTPS_PROXY applies to each wss:// server the agent lists, unless NO_PROXY names its host;
-/// `wsbridge check` says which goes through which proxy.
+/// `wsbridge check` says which goes through which proxy, and which setting said so.
 #[tokio::test]
 async fn the_environments_proxy_is_resolved_for_each_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -2005,8 +2005,11 @@ async fn the_environments_proxy_is_resolved_for_each_server() {
     let (code, text, err) = command_to_end(command).await;
     assert_eq!(code, 0, "{err}");
     assert!(
-        text.contains("server wss://agents-1.example.com:443/agent through the proxy proxy.example.com:3128"),
+        text.contains("server wss://agents-1.example.com:443/agent through the proxy proxy.example.com:3128 (from HTTPS_PROXY)"),
         "{text}"
     );
-    assert!(!text.contains("agents-2.internal.example:443/agent through"), "{text}");
+    assert!(
+        text.contains("server wss://agents-2.internal.example:443/agent directly (from NO_PROXY)"),
+        "{text}"
+    );
 }
