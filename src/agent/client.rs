@@ -530,7 +530,7 @@ impl AgentConfig {
         let connect_timeout = dur(&a.connect_timeout, "agent.connect_timeout", defaults.connect_timeout)?;
         let proxy = match (&flags.proxy, &a.proxy) {
             (Some(flag), _) => flag.clone(),
-            (None, Some(p)) if p.get_ref() == "off" => ProxySetting::Off(ProxySource::Off),
+            (None, Some(p)) if p.get_ref() == "off" => ProxySetting::Off,
             (None, Some(p)) => ProxySetting::Use(
                 p.get_ref().parse().map_err(|e: String| ctx.invalid(p.span(), "agent.proxy", e))?,
                 ProxySource::Config,
@@ -607,7 +607,7 @@ impl AgentConfig {
             },
             proxy: match args.proxy.as_deref() {
                 None => None,
-                Some("off") => Some(ProxySetting::Off(ProxySource::Flag)),
+                Some("off") => Some(ProxySetting::Off),
                 Some(p) => Some(ProxySetting::Use(p.parse().map_err(|e| invalid("--proxy", e))?, ProxySource::Flag)),
             },
             secret_file: args.secret_file.clone(),
@@ -728,8 +728,8 @@ enum ProxySetting {
     /// For each server by its scheme and host: HTTPS_PROXY / HTTP_PROXY / NO_PROXY; where they
     /// say nothing, on Windows, the system's settings ([`super::system_proxy`]).
     FromSystem,
-    /// None (`off`, given where the source says).
-    Off(ProxySource),
+    /// None (`off`).
+    Off,
     /// This one, for every server (given where the source says).
     Use(Proxy, ProxySource),
 }
@@ -743,7 +743,7 @@ impl ProxySetting {
         for s in servers {
             let (proxy, source) = match self {
                 ProxySetting::FromSystem => env_proxy(&s)?.unwrap_or((None, ProxySource::Unset)),
-                ProxySetting::Off(source) => (None, source.clone()),
+                ProxySetting::Off => (None, ProxySource::Off),
                 ProxySetting::Use(p, source) => (Some(p.clone()), source.clone()),
             };
             resolved.push((s, proxy, source));
@@ -1955,7 +1955,7 @@ mod tests {
         assert_eq!(sources(&flag), [ProxySource::Flag, ProxySource::Flag]);
         let off = AgentConfig::from_args(&args(Some("off"), &[])).unwrap();
         assert_eq!(proxies(&off), [None, None]);
-        assert_eq!(sources(&off), [ProxySource::Flag, ProxySource::Flag]);
+        assert_eq!(sources(&off), [ProxySource::Off, ProxySource::Off]);
         let servers = AgentConfig::from_args(&args(None, &["wss://c.example.com/agent"])).unwrap();
         assert_eq!(
             servers.servers().map(ToString::to_string).collect::<Vec<_>>(),

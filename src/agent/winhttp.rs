@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use windows_sys::Win32::Foundation::{GetLastError, GlobalFree};
+use windows_sys::Win32::Foundation::{GetLastError, GlobalFree, ERROR_FILE_NOT_FOUND};
 use windows_sys::Win32::Networking::WinHttp::{
     WinHttpCloseHandle, WinHttpGetDefaultProxyConfiguration, WinHttpGetIEProxyConfigForCurrentUser, WinHttpGetProxyForUrl, WinHttpOpen,
     WinHttpSetTimeouts, WINHTTP_ACCESS_TYPE_NAMED_PROXY, WINHTTP_ACCESS_TYPE_NO_PROXY, WINHTTP_AUTOPROXY_AUTO_DETECT,
@@ -90,7 +90,8 @@ fn last_error() -> u32 {
     unsafe { GetLastError() }
 }
 
-/// The Internet Options of the user this process runs as.
+/// The Internet Options of the user this process runs as (all unset when the user has none, as
+/// a service's account often has).
 ///
 /// # Errors
 /// WinHTTP's error code.
@@ -100,8 +101,13 @@ pub fn user_settings() -> Result<UserSettings, u32> {
     // function fills, valid for writes for the whole call.
     let ok = unsafe { WinHttpGetIEProxyConfigForCurrentUser(&mut config) };
     if ok == 0 {
-        // On failure no string is ours (none is documented as allocated): nothing to free.
-        return Err(last_error());
+        // On failure we free nothing: no string is documented as handed over then, and a leak
+        // at worst is better than freeing what is not ours.
+        return match last_error() {
+            // "No Internet Explorer proxy settings can be found": none set.
+            ERROR_FILE_NOT_FOUND => Ok(UserSettings::default()),
+            code => Err(code),
+        };
     }
     // Each pointer is null or a GlobalAlloc'd string now ours, wrapped once and freed on drop.
     let pac = GlobalString(config.lpszAutoConfigUrl);
