@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser as _;
 
-use wsbridge::agent::client::{AgentArgs, AgentConfig};
+use wsbridge::agent::client::{AgentArgs, AgentConfig, ProxySource};
 use wsbridge::cli::{Cli, Command};
 use wsbridge::config::{Config, LogFormat};
 use wsbridge::demo::{Demo, DemoError};
@@ -128,7 +128,7 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
 /// `wsbridge check`: validate, then print listeners, timeouts and the route table.
 async fn check(path: &std::path::Path) -> ExitCode {
     if wsbridge::agent::client::is_agent_file(path) {
-        return match AgentConfig::from_file(path) {
+        return match load_agent_config(path.to_owned(), |path| AgentConfig::from_file(&path)).await {
             Ok(c) => {
                 let servers: Vec<String> = c.servers().map(ToString::to_string).collect();
                 println!("{}: OK (agent {} for {})", path.display(), c.name, servers.join(", "));
@@ -138,9 +138,11 @@ async fn check(path: &std::path::Path) -> ExitCode {
                         None => println!("service {name:<20} -> {target}"),
                     }
                 }
-                for (server, proxy) in c.connections() {
-                    if let Some(p) = proxy {
-                        println!("server {server} through the proxy {}:{}", p.host, p.port);
+                for (server, proxy, from) in c.connections() {
+                    match proxy {
+                        Some(p) => println!("server {server} through the proxy {p} (from {from})"),
+                        None if *from != ProxySource::Unset => println!("server {server} directly (from {from})"),
+                        None => {}
                     }
                 }
                 ExitCode::SUCCESS
@@ -347,6 +349,19 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>, agent: bool) 
     Ok(())
 }
 
+/// Loads an agent's configuration off the runtime's thread: on Windows that asks the system for
+/// the proxy, which can wait on the network (a PAC script's download, WPAD; bounded by the
+/// agent's `connect_timeout`).
+async fn load_agent_config<T: Send + 'static>(
+    input: T,
+    load: fn(T) -> Result<AgentConfig, wsbridge::config::ConfigError>,
+) -> Result<AgentConfig, String> {
+    match tokio::task::spawn_blocking(move || load(input)).await {
+        Ok(loaded) => loaded.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("reading the agent's configuration: {e}")),
+    }
+}
+
 /// `wsbridge agent`: runs until SIGTERM or SIGINT, then lets live sessions finish (64 on a bad
 /// configuration).
 async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
@@ -362,7 +377,7 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
             }
         };
     }
-    let config = match AgentConfig::from_args(args) {
+    let config = match load_agent_config(args.clone(), |args| AgentConfig::from_args(&args)).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("wsbridge: {e}");

@@ -33,7 +33,7 @@ use crate::config::{parse_duration, ConfigError, Target};
 use crate::tls::BackendTls;
 
 /// `wsbridge agent`'s flags.
-#[derive(Debug, clap::Args, Default)]
+#[derive(Debug, Clone, clap::Args, Default)]
 pub struct AgentArgs {
     /// Read the `[agent]` table of this TOML file (flags given too override it).
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -61,7 +61,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// HTTP proxy to reach the server through (CONNECT), e.g. http://user:pass@proxy:3128;
-    /// "off" for none. Default: HTTPS_PROXY (wss) or HTTP_PROXY (ws), honouring NO_PROXY.
+    /// "off" for none. Default: HTTPS_PROXY (wss) or HTTP_PROXY (ws), honouring NO_PROXY; then,
+    /// on Windows, the system's settings (Internet Options: manual, PAC or WPAD; else the WinHTTP
+    /// default), read once at start.
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
     /// Print a fresh secret and the `secret_sha256` line for the server's `[[agent]]`, then exit.
@@ -91,8 +93,9 @@ pub struct AgentConfig {
     /// The server's agent endpoint.
     pub server: ServerUrl,
     /// Further servers (instances) it keeps a connection to as well, each with the proxy it is
-    /// reached through; every connection is independent (its own backoff, links and sessions).
-    pub more_servers: Vec<(ServerUrl, Option<Proxy>)>,
+    /// reached through and where that came from; every connection is independent (its own
+    /// backoff, links and sessions).
+    pub more_servers: Vec<(ServerUrl, Option<Proxy>, ProxySource)>,
     /// This agent's name.
     pub name: String,
     /// Its secret (never printed: see the `Debug` impl).
@@ -108,7 +111,10 @@ pub struct AgentConfig {
     pub insecure_skip_verify: bool,
     /// HTTP proxy (CONNECT), if any.
     pub proxy: Option<Proxy>,
-    /// Dialling the server (TCP, proxy, TLS, upgrade) and connecting a service.
+    /// Where `proxy` (or its absence) came from: the start-up log and `wsbridge check` say it.
+    pub proxy_source: ProxySource,
+    /// Dialling the server (TCP, proxy, TLS, upgrade) and connecting a service; also the bound
+    /// on asking Windows for the proxy at start (a PAC script's download, WPAD).
     pub connect_timeout: Duration,
     /// Pings on the control link.
     pub ping_interval: Duration,
@@ -124,11 +130,12 @@ impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
             .field("server", &self.server)
-            .field("more_servers", &self.more_servers.iter().map(|(s, _)| s).collect::<Vec<_>>())
+            .field("more_servers", &self.more_servers.iter().map(|(s, _, _)| s).collect::<Vec<_>>())
             .field("name", &self.name)
             .field("services", &self.services)
             .field("max_sessions", &self.max_sessions)
-            .field("proxy", &self.proxy.as_ref().map(|p| format!("{}:{}", p.host, p.port)))
+            .field("proxy", &self.proxy.as_ref().map(ToString::to_string))
+            .field("proxy_source", &self.proxy_source)
             .finish_non_exhaustive()
     }
 }
@@ -243,7 +250,17 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Proxy({}:{})", self.host, self.port)
+        write!(f, "Proxy({self})")
+    }
+}
+
+impl std::fmt::Display for Proxy {
+    /// `host:port` (`[v6]:port`), never the credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host.contains(':') {
+            true => write!(f, "[{}]:{}", self.host, self.port),
+            false => write!(f, "{}:{}", self.host, self.port),
+        }
     }
 }
 
@@ -280,24 +297,73 @@ impl std::str::FromStr for Proxy {
     }
 }
 
+/// Where the proxy to a server, or the choice of none, came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxySource {
+    /// `--proxy URL`.
+    Flag,
+    /// The `proxy` option: the file's `proxy = "URL"`, or [`AgentConfig::proxy`] as a program set it.
+    Config,
+    /// `--proxy off` or `proxy = "off"`.
+    Off,
+    /// This environment variable (HTTPS_PROXY, http_proxy, …).
+    Env(&'static str),
+    /// NO_PROXY names the server's host.
+    NoProxy,
+    /// The Windows settings, and which.
+    Windows(super::system_proxy::WindowsChoice),
+    /// Nothing says anything: direct.
+    Unset,
+}
+
+impl std::fmt::Display for ProxySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProxySource::Flag => f.write_str("--proxy"),
+            ProxySource::Config => f.write_str("the proxy option"),
+            ProxySource::Off => f.write_str("proxy off"),
+            ProxySource::Env(var) => f.write_str(var),
+            ProxySource::NoProxy => f.write_str("NO_PROXY"),
+            ProxySource::Windows(choice) => choice.fmt(f),
+            ProxySource::Unset => f.write_str("no proxy setting"),
+        }
+    }
+}
+
 /// The proxy from the environment for `server`: HTTPS_PROXY (wss) or HTTP_PROXY (ws), lower
 /// case too, unless NO_PROXY names the host (exactly, as a domain suffix, or `*`).
+///
+/// # Errors
+/// The variable's value is not an HTTP proxy's URL.
 pub fn proxy_from_env(server: &ServerUrl) -> Result<Option<Proxy>, String> {
-    let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()));
-    let no_proxy = var(&["NO_PROXY", "no_proxy"]).unwrap_or_default();
+    Ok(env_proxy(server)?.and_then(|(p, _)| p))
+}
+
+/// [`proxy_from_env`] with the variable it came from; `None` when the environment says nothing
+/// for `server` (NO_PROXY naming its host says: direct).
+fn env_proxy(server: &ServerUrl) -> Result<Option<(Option<Proxy>, ProxySource)>, String> {
+    let var = |names: &[&'static str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()).map(|v| (*n, v)))
+    };
+    let no_proxy = var(&["NO_PROXY", "no_proxy"]).map(|(_, v)| v).unwrap_or_default();
     let host = server.host.to_ascii_lowercase();
     let exempt = no_proxy.split(',').map(|e| e.trim().to_ascii_lowercase()).any(|e| {
         let e = e.trim_start_matches('.');
         !e.is_empty() && (e == "*" || host == e || host.ends_with(&format!(".{e}")))
     });
     if exempt {
-        return Ok(None);
+        return Ok(Some((None, ProxySource::NoProxy)));
     }
     let value = match server.tls {
         true => var(&["HTTPS_PROXY", "https_proxy"]),
         false => var(&["HTTP_PROXY", "http_proxy"]),
     };
-    value.map(|v| v.parse()).transpose()
+    match value {
+        Some((name, v)) => Ok(Some((Some(v.parse()?), ProxySource::Env(name)))),
+        None => Ok(None),
+    }
 }
 
 /// `[agent]` as the file writes it.
@@ -451,19 +517,6 @@ impl AgentConfig {
         if services.is_empty() {
             return Err(ctx.invalid(span, "agent.services", "list at least one service (NAME = \"HOST:PORT\")"));
         }
-        let proxy = match (&flags.proxy, &a.proxy) {
-            (Some(flag), _) => flag.clone(),
-            (None, Some(p)) if p.get_ref() == "off" => ProxySetting::Off,
-            (None, Some(p)) => ProxySetting::Use(p.get_ref().parse().map_err(|e: String| ctx.invalid(p.span(), "agent.proxy", e))?),
-            (None, None) => ProxySetting::FromEnv,
-        };
-        let mut servers = proxy.resolve(servers).map_err(|e| ConfigError::Invalid {
-            file: ctx.file.clone(),
-            line: None,
-            field: "HTTPS_PROXY".into(),
-            message: e,
-        })?;
-        let (server, proxy) = servers.remove(0);
         let dur = |d: &Option<toml::Spanned<String>>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
             match d {
                 None => Ok(default),
@@ -473,7 +526,24 @@ impl AgentConfig {
                     .ok_or_else(|| ctx.invalid(s.span(), field, "a duration such as \"10s\" (not 0)")),
             }
         };
-        let defaults = AgentConfig::new(server.clone(), String::new(), String::new());
+        let defaults = AgentConfig::new(servers[0].clone(), String::new(), String::new());
+        let connect_timeout = dur(&a.connect_timeout, "agent.connect_timeout", defaults.connect_timeout)?;
+        let proxy = match (&flags.proxy, &a.proxy) {
+            (Some(flag), _) => flag.clone(),
+            (None, Some(p)) if p.get_ref() == "off" => ProxySetting::Off,
+            (None, Some(p)) => ProxySetting::Use(
+                p.get_ref().parse().map_err(|e: String| ctx.invalid(p.span(), "agent.proxy", e))?,
+                ProxySource::Config,
+            ),
+            (None, None) => ProxySetting::FromSystem,
+        };
+        let mut servers = proxy.resolve(servers, connect_timeout).map_err(|e| ConfigError::Invalid {
+            file: ctx.file.clone(),
+            line: None,
+            field: "HTTPS_PROXY".into(),
+            message: e,
+        })?;
+        let (server, proxy, proxy_source) = servers.remove(0);
         let mut backoff = Backoff::default();
         backoff.max = dur(&a.retry_max, "agent.retry_max", backoff.max)?;
         Ok(AgentConfig {
@@ -486,7 +556,8 @@ impl AgentConfig {
             ca_file: a.ca_file.map(|c| resolve(&c)),
             insecure_skip_verify: a.insecure_skip_verify,
             proxy,
-            connect_timeout: dur(&a.connect_timeout, "agent.connect_timeout", defaults.connect_timeout)?,
+            proxy_source,
+            connect_timeout,
             ping_interval: dur(&a.ping_interval, "agent.ping_interval", defaults.ping_interval)?,
             pong_timeout: dur(&a.pong_timeout, "agent.pong_timeout", defaults.pong_timeout)?,
             backoff,
@@ -506,6 +577,7 @@ impl AgentConfig {
             ca_file: None,
             insecure_skip_verify: false,
             proxy: None,
+            proxy_source: ProxySource::Config,
             connect_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(20),
@@ -536,7 +608,7 @@ impl AgentConfig {
             proxy: match args.proxy.as_deref() {
                 None => None,
                 Some("off") => Some(ProxySetting::Off),
-                Some(p) => Some(ProxySetting::Use(p.parse().map_err(|e| invalid("--proxy", e))?)),
+                Some(p) => Some(ProxySetting::Use(p.parse().map_err(|e| invalid("--proxy", e))?, ProxySource::Flag)),
             },
             secret_file: args.secret_file.clone(),
         };
@@ -556,11 +628,13 @@ impl AgentConfig {
                     .as_deref()
                     .ok_or_else(|| invalid("--secret-file", "is needed (or --config)".into()))?;
                 let secret = read_secret(file).map_err(|e| invalid("--secret-file", e))?;
-                let proxy = flags.proxy.clone().unwrap_or(ProxySetting::FromEnv);
-                let mut servers = proxy.resolve(servers).map_err(|e| invalid("HTTPS_PROXY", e))?;
-                let (server, proxy) = servers.remove(0);
+                let proxy = flags.proxy.clone().unwrap_or(ProxySetting::FromSystem);
+                let wait = AgentConfig::new(servers[0].clone(), String::new(), String::new()).connect_timeout;
+                let mut servers = proxy.resolve(servers, wait).map_err(|e| invalid("HTTPS_PROXY", e))?;
+                let (server, proxy, proxy_source) = servers.remove(0);
                 let mut c = AgentConfig::new(server, name, secret);
                 c.proxy = proxy;
+                c.proxy_source = proxy_source;
                 c.more_servers = servers;
                 c
             }
@@ -614,12 +688,14 @@ impl AgentConfig {
 
     /// Every server it connects to: `server`, then `more_servers`.
     pub fn servers(&self) -> impl Iterator<Item = &ServerUrl> {
-        self.connections().map(|(s, _)| s)
+        self.connections().map(|(s, _, _)| s)
     }
 
-    /// Every server it connects to, with the proxy it is reached through.
-    pub fn connections(&self) -> impl Iterator<Item = (&ServerUrl, Option<&Proxy>)> {
-        std::iter::once((&self.server, self.proxy.as_ref())).chain(self.more_servers.iter().map(|(s, p)| (s, p.as_ref())))
+    /// Every server it connects to, with the proxy it is reached through and where that came
+    /// from.
+    pub fn connections(&self) -> impl Iterator<Item = (&ServerUrl, Option<&Proxy>, &ProxySource)> {
+        std::iter::once((&self.server, self.proxy.as_ref(), &self.proxy_source))
+            .chain(self.more_servers.iter().map(|(s, p, from)| (s, p.as_ref(), from)))
     }
 
     /// One configuration per server, each for a single connection.
@@ -627,10 +703,11 @@ impl AgentConfig {
         let mut first = self.clone();
         first.more_servers.clear();
         let mut all = vec![first.clone()];
-        for (server, proxy) in &self.more_servers {
+        for (server, proxy, source) in &self.more_servers {
             let mut c = first.clone();
             c.server = server.clone();
             c.proxy = proxy.clone();
+            c.proxy_source = source.clone();
             all.push(c);
         }
         all
@@ -648,28 +725,43 @@ struct Overrides {
 /// Where the proxy to a server comes from.
 #[derive(Clone)]
 enum ProxySetting {
-    /// HTTPS_PROXY / HTTP_PROXY / NO_PROXY, for each server by its scheme and host.
-    FromEnv,
-    /// None.
+    /// For each server by its scheme and host: HTTPS_PROXY / HTTP_PROXY / NO_PROXY; where they
+    /// say nothing, on Windows, the system's settings ([`super::system_proxy`]).
+    FromSystem,
+    /// None (`off`).
     Off,
-    /// This one, for every server.
-    Use(Proxy),
+    /// This one, for every server (given where the source says).
+    Use(Proxy, ProxySource),
 }
 
 impl ProxySetting {
-    /// Each server with the proxy it is reached through.
-    fn resolve(&self, servers: Vec<ServerUrl>) -> Result<Vec<(ServerUrl, Option<Proxy>)>, String> {
-        servers
-            .into_iter()
-            .map(|s| {
-                let proxy = match self {
-                    ProxySetting::FromEnv => proxy_from_env(&s)?,
-                    ProxySetting::Off => None,
-                    ProxySetting::Use(p) => Some(p.clone()),
-                };
-                Ok((s, proxy))
-            })
-            .collect()
+    /// Each server with the proxy it is reached through and where that came from. Asking
+    /// Windows (once for all the servers the environment says nothing about) waits at most
+    /// `wait`.
+    fn resolve(&self, servers: Vec<ServerUrl>, wait: Duration) -> Result<Vec<(ServerUrl, Option<Proxy>, ProxySource)>, String> {
+        let mut resolved = Vec::with_capacity(servers.len());
+        for s in servers {
+            let (proxy, source) = match self {
+                ProxySetting::FromSystem => env_proxy(&s)?.unwrap_or((None, ProxySource::Unset)),
+                ProxySetting::Off => (None, ProxySource::Off),
+                ProxySetting::Use(p, source) => (Some(p.clone()), source.clone()),
+            };
+            resolved.push((s, proxy, source));
+        }
+        #[cfg(windows)]
+        {
+            let unset: Vec<usize> = (0..resolved.len()).filter(|&i| resolved[i].2 == ProxySource::Unset).collect();
+            if !unset.is_empty() {
+                let asked: Vec<ServerUrl> = unset.iter().map(|&i| resolved[i].0.clone()).collect();
+                for (i, (proxy, choice)) in unset.into_iter().zip(super::system_proxy::windows(&asked, wait)) {
+                    resolved[i].1 = proxy;
+                    resolved[i].2 = ProxySource::Windows(choice);
+                }
+            }
+        }
+        #[cfg(not(windows))]
+        let _ = wait;
+        Ok(resolved)
     }
 }
 
@@ -850,6 +942,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
     let mut loops = Vec::new();
     for (index, one) in config.per_server().into_iter().enumerate() {
         let tls = tls_for(&one)?;
+        log_route(&one);
         let (tx, rx) = watch::channel(State::Connecting);
         states.push(rx);
         let span = match several {
@@ -889,6 +982,21 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
         shutdown,
         task,
     })
+}
+
+/// The start-up line on how a connection's server is reached, and why: through which proxy or
+/// directly, and the setting that decided (a warning when a Windows setting names a proxy the
+/// agent cannot use, such as a SOCKS proxy).
+fn log_route(config: &AgentConfig) {
+    let server = &config.server;
+    let from = &config.proxy_source;
+    let warning = matches!(from, ProxySource::Windows(choice) if choice.warning);
+    match (&config.proxy, warning) {
+        (Some(proxy), false) => info!(%server, %proxy, %from, "agent: reaching the server through a proxy"),
+        (Some(proxy), true) => warn!(%server, %proxy, %from, "agent: reaching the server through a proxy"),
+        (None, false) => info!(%server, %from, "agent: reaching the server directly"),
+        (None, true) => warn!(%server, %from, "agent: reaching the server directly"),
+    }
 }
 
 /// The TLS connector for a `wss://` server: the CA file's roots or the system's.
@@ -1909,6 +2017,9 @@ mod tests {
         assert_eq!((p.host.as_str(), p.port), ("proxy", 3128));
         assert_eq!(p.authorization.as_deref(), Some("Basic dXNlcjpwQHNz"));
         assert!("socks5://proxy:1080".parse::<Proxy>().is_err());
+        // Shown without its credentials.
+        assert_eq!(p.to_string(), "proxy:3128");
+        assert_eq!("http://[::1]:3128".parse::<Proxy>().unwrap().to_string(), "[::1]:3128");
     }
 
     /// `max_sessions` in the file (a service as a table) and as a flag, which wins; every mistake
@@ -2006,12 +2117,8 @@ mod tests {
              secret_file = \"s\"\nproxy = \"http://file-proxy:3128\"\n[agent.services]\npos = \"127.0.0.1:1\"\n",
         )
         .unwrap();
-        let proxies = |c: &AgentConfig| -> Vec<Option<String>> {
-            std::iter::once(&c.proxy)
-                .chain(c.more_servers.iter().map(|(_, p)| p))
-                .map(|p| p.as_ref().map(|p| format!("{}:{}", p.host, p.port)))
-                .collect()
-        };
+        let proxies = |c: &AgentConfig| -> Vec<Option<String>> { c.connections().map(|(_, p, _)| p.map(ToString::to_string)).collect() };
+        let sources = |c: &AgentConfig| -> Vec<ProxySource> { c.connections().map(|(_, _, s)| s.clone()).collect() };
         let args = |proxy: Option<&str>, servers: &[&str]| AgentArgs {
             config: Some(file.clone()),
             proxy: proxy.map(str::to_owned),
@@ -2023,10 +2130,13 @@ mod tests {
             proxies(&file_only),
             [Some("file-proxy:3128".into()), Some("file-proxy:3128".into())]
         );
+        assert_eq!(sources(&file_only), [ProxySource::Config, ProxySource::Config]);
         let flag = AgentConfig::from_args(&args(Some("http://flag-proxy:8080"), &[])).unwrap();
         assert_eq!(proxies(&flag), [Some("flag-proxy:8080".into()), Some("flag-proxy:8080".into())]);
+        assert_eq!(sources(&flag), [ProxySource::Flag, ProxySource::Flag]);
         let off = AgentConfig::from_args(&args(Some("off"), &[])).unwrap();
         assert_eq!(proxies(&off), [None, None]);
+        assert_eq!(sources(&off), [ProxySource::Off, ProxySource::Off]);
         let servers = AgentConfig::from_args(&args(None, &["wss://c.example.com/agent"])).unwrap();
         assert_eq!(
             servers.servers().map(ToString::to_string).collect::<Vec<_>>(),

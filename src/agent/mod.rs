@@ -25,6 +25,8 @@
 //! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
 //! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
+//! | [`system_proxy`] | the agent's proxy from the system's settings (Windows): proxy and bypass lists, which setting wins |
+//! | `winhttp` | Windows only: reading those settings from WinHTTP (the crate's only `unsafe`) |
 
 pub mod chunks;
 pub mod client;
@@ -32,6 +34,9 @@ pub mod endpoint;
 pub mod fleet;
 pub mod link;
 pub mod registry;
+pub mod system_proxy;
+#[cfg(windows)]
+mod winhttp;
 
 use std::time::Duration;
 

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod connect_proxy;
 pub mod haproxy;
 pub mod lines;
 pub mod pki;

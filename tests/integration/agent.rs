@@ -4,7 +4,7 @@
 //! of our own (a CONNECT proxy; a relay that can be cut like a dropped network).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +13,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use wsbridge::agent::client::{self, AgentConfig, AgentHandle, Backoff, Proxy, State};
+use wsbridge::agent::client::{self, AgentConfig, AgentHandle, Backoff, Proxy, ProxySource, State};
 use wsbridge::agent::link::{parse_sha256, secret_sha256};
 use wsbridge::agent::{AgentDecl, AgentsConfig, EndpointConfig};
 use wsbridge::config::{Config, Matcher, RouteConfig, Target};
 
+use crate::common::connect_proxy::ConnectProxy;
 use crate::common::lines::Lines;
 use crate::common::*;
 
@@ -190,7 +191,7 @@ async fn a_capped_service_refuses_sessions_past_its_cap_from_every_server() {
     let one = TestBridge::start(config.clone()).await;
     let two = TestBridge::start(config).await;
     let mut c = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    c.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None)];
+    c.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None, ProxySource::Config)];
     c.max_sessions.insert("pos".into(), 1);
     let mut agent = client::spawn(c).unwrap();
     for state in &mut agent.states {
@@ -606,54 +607,25 @@ async fn an_agents_link_counts_as_a_connection_while_idle_not_while_in_a_session
     .await;
 }
 
-/// A CONNECT proxy: reads the request head, connects where it says, answers 200 and splices.
-/// Counts the tunnels and remembers the last Proxy-Authorization.
-async fn connect_proxy() -> (SocketAddr, Arc<AtomicUsize>, Arc<std::sync::Mutex<String>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tunnels = Arc::new(AtomicUsize::new(0));
-    let auth = Arc::new(std::sync::Mutex::new(String::new()));
-    let (t, a) = (tunnels.clone(), auth.clone());
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let (t, a) = (t.clone(), a.clone());
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") {
-                    let Ok(b) = client.read_u8().await else { return };
-                    head.push(b);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let Some(target) = head.strip_prefix("CONNECT ").and_then(|r| r.split(' ').next()) else {
-                    return;
-                };
-                if let Some(line) = head.lines().find(|l| l.to_ascii_lowercase().starts_with("proxy-authorization:")) {
-                    *a.lock().unwrap() = line.to_owned();
-                }
-                let Ok(mut server) = TcpStream::connect(target).await else { return };
-                t.fetch_add(1, Ordering::SeqCst);
-                client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
-    (addr, tunnels, auth)
-}
-
 #[tokio::test]
 async fn the_agent_reaches_the_server_through_a_connect_proxy() {
     let (echo, _) = echo_backend().await;
-    let (proxy, tunnels, auth) = connect_proxy().await;
+    let proxy = ConnectProxy::start().await;
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    config.proxy = Some(format!("http://agent:pw@{proxy}").parse::<Proxy>().unwrap());
+    config.proxy = Some(format!("http://agent:pw@{}", proxy.addr).parse::<Proxy>().unwrap());
     let _agent = start_agent(config).await;
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"via the proxy").await;
     assert_eq!(recv_data(&mut ws).await, b"via the proxy");
-    // The control link and at least the session's data link went through it.
-    assert!(tunnels.load(Ordering::SeqCst) >= 2);
-    assert_eq!(*auth.lock().unwrap(), "Proxy-Authorization: Basic YWdlbnQ6cHc=");
+    // The control link and at least the session's data link went through it, to the server.
+    assert!(proxy.tunnels() >= 2);
+    assert!(
+        proxy.targets().iter().all(|t| *t == bridge.addr.to_string()),
+        "{:?}",
+        proxy.targets()
+    );
+    assert_eq!(proxy.authorization(), "Proxy-Authorization: Basic YWdlbnQ6cHc=");
 }
 
 /// A server for agent `shop-17` with one listener, TLS with a certificate for `localhost` from
@@ -1877,7 +1849,7 @@ async fn an_agent_with_two_servers_serves_pages_on_each_and_outlives_one() {
     let two = TestBridge::start(config.clone()).await;
     let one_addr = one.addr;
     let mut agent_config = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    agent_config.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None)];
+    agent_config.more_servers = vec![(format!("ws://{}/agent", two.addr).parse().unwrap(), None, ProxySource::Config)];
     // Slow enough that the drain's state is still there when the test looks.
     agent_config.backoff.initial = Duration::from_secs(2);
     agent_config.backoff.max = Duration::from_secs(2);
@@ -2084,7 +2056,7 @@ async fn two_urls_that_reach_one_instance_keep_one_connection() {
     let relay = network_to(bridge.addr).await;
     let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
     let second = format!("ws://{}/agent", relay.addr);
-    config.more_servers = vec![(second.parse().unwrap(), None)];
+    config.more_servers = vec![(second.parse().unwrap(), None, ProxySource::Config)];
     let mut agent = client::spawn(config).unwrap();
     // Whichever connection comes second is told so; the first stays connected.
     let [a, b] = &mut agent.states[..] else { unreachable!() };
@@ -2148,7 +2120,7 @@ async fn a_data_link_that_reaches_another_instance_is_refused_there() {
         }
     });
     let mut config = agent_config(one.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
-    config.more_servers = vec![(format!("ws://{balancer_addr}/agent").parse().unwrap(), None)];
+    config.more_servers = vec![(format!("ws://{balancer_addr}/agent").parse().unwrap(), None, ProxySource::Config)];
     let mut agent = client::spawn(config).unwrap();
     for state in &mut agent.states {
         within("both connections", state.wait_for(|s| *s == State::Connected))
@@ -2220,7 +2192,7 @@ async fn after_a_drain_the_agent_retries_at_the_short_interval() {
 }
 
 /// HTTPS_PROXY applies to each wss:// server the agent lists, unless NO_PROXY names its host;
-/// `wsbridge check` says which goes through which proxy.
+/// `wsbridge check` says which goes through which proxy, and which setting said so.
 #[tokio::test]
 async fn the_environments_proxy_is_resolved_for_each_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -2243,8 +2215,11 @@ async fn the_environments_proxy_is_resolved_for_each_server() {
     let (code, text, err) = command_to_end(command).await;
     assert_eq!(code, 0, "{err}");
     assert!(
-        text.contains("server wss://agents-1.example.com:443/agent through the proxy proxy.example.com:3128"),
+        text.contains("server wss://agents-1.example.com:443/agent through the proxy proxy.example.com:3128 (from HTTPS_PROXY)"),
         "{text}"
     );
-    assert!(!text.contains("agents-2.internal.example:443/agent through"), "{text}");
+    assert!(
+        text.contains("server wss://agents-2.internal.example:443/agent directly (from NO_PROXY)"),
+        "{text}"
+    );
 }

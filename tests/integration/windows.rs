@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::common::connect_proxy::ConnectProxy;
 use crate::common::*;
 
 const TARGET: &str = "x86_64-pc-windows-gnu";
@@ -164,11 +165,30 @@ fn wine(build: &WindowsBuild, args: &[&str]) -> Command {
 
 /// `wine PROGRAM ARGS` (a path, or a program of Wine's own such as `sc`) in the build's prefix.
 fn wine_run(build: &WindowsBuild, program: &std::ffi::OsStr, args: &[&str]) -> Command {
+    wine_in(&build.prefix, program, args)
+}
+
+/// `wine PROGRAM ARGS` in the Wine prefix `prefix`, without the proxy variables of this process's
+/// environment (the agent would take them before the Windows settings, and Wine's WinHTTP reads
+/// `http_proxy` as its default proxy, which Windows' does not).
+fn wine_in(prefix: &Path, program: &std::ffi::OsStr, args: &[&str]) -> Command {
     let mut command = Command::new("wine");
+    for var in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        command.env_remove(var);
+    }
     command
         .arg(program)
         .args(args)
-        .env("WINEPREFIX", &build.prefix)
+        .env("WINEPREFIX", prefix)
         .env("WINEDEBUG", "-all")
         // No Mono or Gecko: nothing here needs them, and Wine would offer to download them.
         .env("WINEDLLOVERRIDES", "mscoree,mshtml=")
@@ -194,7 +214,12 @@ struct WinProcess {
 
 impl WinProcess {
     fn spawn(build: &WindowsBuild, args: &[&str]) -> WinProcess {
-        let mut child = wine(build, args).stdout(Stdio::null()).spawn().expect("spawn wine");
+        WinProcess::start(wine(build, args))
+    }
+
+    /// Runs `command` (a `wine …` from [`wine_in`]), its stderr read line by line.
+    fn start(mut command: Command) -> WinProcess {
+        let mut child = command.stdout(Stdio::null()).spawn().expect("spawn wine");
         let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
         let (tx, lines) = mpsc::channel(1024);
         // Not to EOF: Wine's own server may keep the pipe open after the .exe has exited.
@@ -542,14 +567,22 @@ fn agent_toml(dir: &Path, server: std::net::SocketAddr, pos: std::net::SocketAdd
 
 /// [`agent_toml`] with the secret file's path as written in the file (`secret_path`, relative).
 fn agent_toml_with(dir: &Path, server: std::net::SocketAddr, pos: std::net::SocketAddr, secret_path: &str) -> PathBuf {
+    write_agent_toml(dir, &[format!("ws://{server}/agent")], pos, secret_path, "")
+}
+
+/// An agent configuration in `dir` for the server URLs `servers`, with `extra` lines in its
+/// `[agent]` table.
+fn write_agent_toml(dir: &Path, servers: &[String], pos: std::net::SocketAddr, secret_path: &str, extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir.join("secrets")).unwrap();
     std::fs::write(dir.join("secrets/agent.secret"), format!("{AGENT_SECRET}\n")).unwrap();
     let config = dir.join("agent.toml");
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     std::fs::write(
         &config,
         format!(
-            "[agent]\nserver = \"ws://{server}/agent\"\nname = \"shop-17\"\nsecret_file = '{secret_path}'\n\
-             retry_max = \"1s\"\n\n[agent.services]\npos = \"{pos}\"\n"
+            "[agent]\nserver = [{}]\nname = \"shop-17\"\nsecret_file = '{secret_path}'\n\
+             retry_max = \"1s\"\n{extra}\n[agent.services]\npos = \"{pos}\"\n",
+            servers.join(", ")
         ),
     )
     .unwrap();
@@ -715,6 +748,319 @@ async fn the_agent_runs_as_a_service_under_wine() {
     assert!(!again.status.success(), "the service still starts after --uninstall-service");
     drop(installed);
     drop(keeper);
+}
+
+/// A Wine prefix of one test's own, for settings in its registry that no other test may see:
+/// created fresh (Wine sets a prefix up at its first program: 6-10 s here), with the values of
+/// `reg` (a `.reg` file's text) imported by that first program. Its wineserver and whatever still
+/// runs in it are stopped, and the directory removed, when it is dropped.
+struct OwnPrefix {
+    dir: tempfile::TempDir,
+}
+
+impl OwnPrefix {
+    async fn new(reg: &str) -> OwnPrefix {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("settings.reg");
+        std::fs::write(&file, reg).unwrap();
+        let prefix = OwnPrefix { dir };
+        let import = wine_in(&prefix.path(), "reg".as_ref(), &["import", &z_path(&file)]).output();
+        let out = tokio::time::timeout(WINE_WAIT, import)
+            .await
+            .expect("a fresh Wine prefix and reg import within WINE_WAIT")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "wine reg import: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        prefix
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("prefix")
+    }
+}
+
+impl Drop for OwnPrefix {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("wineserver")
+            .arg("-k")
+            .env("WINEPREFIX", self.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Where Internet Options keep a user's proxy settings (`DefaultConnectionSettings`) and
+/// `netsh winhttp set proxy` the machine's (`WinHttpSettings`).
+const USER_CONNECTIONS: &str = r"HKEY_CURRENT_USER\Software\Microsoft\Windows\CurrentVersion\Internet Settings\Connections";
+const MACHINE_CONNECTIONS: &str = r"HKEY_LOCAL_MACHINE\Software\Microsoft\Windows\CurrentVersion\Internet Settings\Connections";
+
+/// `DefaultConnectionSettings` flags: direct, a manual proxy, a PAC script, automatic detection.
+const DIRECT: u32 = 1;
+const MANUAL_PROXY: u32 = 2;
+const PAC_SCRIPT: u32 = 4;
+
+/// Internet Options' `DefaultConnectionSettings`, as WinHTTP reads it (Wine's and Windows'):
+/// version 0x46, a change counter, the flags, then the proxy list, the bypass list and the PAC
+/// script's URL, each a 32-bit little-endian length and its bytes. (Windows writes more after
+/// those, which WinHTTP does not read.)
+fn user_settings(flags: u32, proxy: &str, bypass: &str, pac: &str) -> Vec<u8> {
+    let mut blob = [0x46u32, 1, flags].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    for text in [proxy, bypass, pac] {
+        blob.extend((text.len() as u32).to_le_bytes());
+        blob.extend(text.as_bytes());
+    }
+    blob
+}
+
+/// The machine's WinHTTP default as `netsh winhttp set proxy` writes it (`WinHttpSettings`):
+/// 0x18, 0, flags (a named proxy), then the proxy list and the bypass list as above.
+fn machine_settings(proxy: &str, bypass: &str) -> Vec<u8> {
+    let mut blob = [0x18u32, 0, MANUAL_PROXY].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    for text in [proxy, bypass] {
+        blob.extend((text.len() as u32).to_le_bytes());
+        blob.extend(text.as_bytes());
+    }
+    blob
+}
+
+/// A `.reg` file setting each (key, value name, bytes) as REG_BINARY.
+fn reg_file(values: &[(&str, &str, Vec<u8>)]) -> String {
+    let mut text = String::from("Windows Registry Editor Version 5.00\r\n");
+    for (key, name, bytes) in values {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        text.push_str(&format!("\r\n[{key}]\r\n\"{name}\"=hex:{}\r\n", hex.join(",")));
+    }
+    text
+}
+
+/// Serves `script` as the PAC file to every request on 127.0.0.1 (WinHTTP's download under
+/// Wine), counting the requests.
+async fn pac_server(script: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (count, script) = (count.clone(), script.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    let Ok(b) = s.read_u8().await else { return };
+                    head.push(b);
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/x-ns-proxy-autoconfig\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{script}",
+                    script.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, served)
+}
+
+/// A server that takes connections and never answers: a PAC URL whose server hangs. It holds the
+/// first few connections open (the rest are dropped) until the test's runtime ends.
+async fn silent_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            if held.len() < 16 {
+                held.push(s);
+            }
+        }
+    });
+    addr
+}
+
+/// Stops the agent (Ctrl-C) and checks that it exits cleanly.
+async fn stop_agent(mut p: WinProcess) {
+    p.ctrl_c().await;
+    let status = within("exit", p.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// `wsbridge.exe agent` with no proxy option and no proxy in its environment follows the
+/// Internet Options of its user, set in its prefix's registry: a manual proxy per scheme (ws://
+/// takes the `http=` entry; `https=` and `socks=` are not for it) and the bypass list `<local>`.
+/// Of its two servers, the one at 127.0.0.1 is reached through the test's CONNECT proxy, the one
+/// named `localhost` (a name without a dot) directly; it says so at start, and a session crosses
+/// each, byte for byte.
+#[tokio::test]
+async fn the_agent_under_wine_follows_the_internet_options_proxy_and_bypass_list() {
+    let test = "windows::the_agent_under_wine_follows_the_internet_options_proxy_and_bypass_list";
+    let Some(build) = windows_build(test).await else { return };
+    let proxy = ConnectProxy::start().await;
+    let (echo, _) = echo_backend().await;
+    let (through, direct) = (agent_server().await, agent_server().await);
+    let list = format!("socks=127.0.0.1:9;http={};https=127.0.0.1:9", proxy.addr);
+    let settings = user_settings(DIRECT | MANUAL_PROXY, &list, "<local>", "");
+    let prefix = OwnPrefix::new(&reg_file(&[(USER_CONNECTIONS, "DefaultConnectionSettings", settings)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = [
+        format!("ws://{}/agent", through.addr),
+        format!("ws://localhost:{}/agent", direct.addr.port()),
+    ];
+    let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "");
+    let mut p = WinProcess::start(wine_in(
+        &prefix.path(),
+        build.exe.as_os_str(),
+        &["agent", "--config", &z_path(&config)],
+    ));
+    let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
+    let says = format!(
+        "server={} proxy={} from=Windows settings (Internet Options)",
+        servers[0], proxy.addr
+    );
+    assert!(via.ends_with(&says), "{via}");
+    let not = p.line("agent: reaching the server directly", WAIT).await;
+    let says = format!(
+        "server={} from=Windows settings (Internet Options); its bypass list names localhost",
+        servers[1]
+    );
+    assert!(not.ends_with(&says), "{not}");
+    p.line("agent: connected", WINE_WAIT).await;
+    p.line("agent: connected", WINE_WAIT).await;
+    session_through_the_agent(&through.url("/pos")).await;
+    session_through_the_agent(&direct.url("/pos")).await;
+    // The control link and the data links to the first server, and nothing else.
+    let targets = proxy.targets();
+    assert!(targets.len() >= 2, "{targets:?}");
+    assert!(targets.iter().all(|t| *t == through.addr.to_string()), "{targets:?}");
+    stop_agent(p).await;
+}
+
+/// With nothing in the user's Internet Options but the default (automatic detection, which finds
+/// no script here), the agent takes the machine's WinHTTP default (`netsh winhttp set proxy`,
+/// what a service's account usually relies on), and says which.
+#[tokio::test]
+async fn the_agent_under_wine_falls_back_to_the_winhttp_default_proxy() {
+    let test = "windows::the_agent_under_wine_falls_back_to_the_winhttp_default_proxy";
+    let Some(build) = windows_build(test).await else { return };
+    let proxy = ConnectProxy::start().await;
+    let (echo, _) = echo_backend().await;
+    let bridge = agent_server().await;
+    let settings = machine_settings(&proxy.addr.to_string(), "*.example.com;<local>");
+    let prefix = OwnPrefix::new(&reg_file(&[(MACHINE_CONNECTIONS, "WinHttpSettings", settings)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_toml(dir.path(), bridge.addr, echo);
+    let mut p = WinProcess::start(wine_in(
+        &prefix.path(),
+        build.exe.as_os_str(),
+        &["agent", "--config", &z_path(&config)],
+    ));
+    let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
+    let says = format!(
+        "server=ws://{}/agent proxy={} from=Windows settings (WinHTTP default)",
+        bridge.addr, proxy.addr
+    );
+    assert!(via.contains(&says), "{via}");
+    p.line("agent: connected", WINE_WAIT).await;
+    session_through_the_agent(&bridge.url("/pos")).await;
+    let targets = proxy.targets();
+    assert!(targets.len() >= 2, "{targets:?}");
+    assert!(targets.iter().all(|t| *t == bridge.addr.to_string()), "{targets:?}");
+    stop_agent(p).await;
+}
+
+/// Internet Options naming a PAC script (served by the test over HTTP on 127.0.0.1): Wine's
+/// WinHTTP downloads it and runs it for each server's URL (`http://…` for `ws://`). Its answer
+/// decides: the server at 127.0.0.1 through the test's proxy, `localhost` DIRECT.
+#[tokio::test]
+async fn the_agent_under_wine_follows_a_pac_script() {
+    let test = "windows::the_agent_under_wine_follows_a_pac_script";
+    let Some(build) = windows_build(test).await else { return };
+    let proxy = ConnectProxy::start().await;
+    let (echo, _) = echo_backend().await;
+    let (through, direct) = (agent_server().await, agent_server().await);
+    let script = format!(
+        "function FindProxyForURL(url, host) {{\n\
+         \x20 if (host == \"localhost\") return \"DIRECT\";\n\
+         \x20 if (shExpMatch(url, \"http://127.0.0.1:*\")) return \"PROXY {}; DIRECT\";\n\
+         \x20 return \"PROXY 127.0.0.1:9\";\n}}\n",
+        proxy.addr
+    );
+    let (pac, served) = pac_server(script).await;
+    let pac_url = format!("http://{pac}/proxy.pac");
+    let settings = user_settings(DIRECT | PAC_SCRIPT, "", "", &pac_url);
+    let prefix = OwnPrefix::new(&reg_file(&[(USER_CONNECTIONS, "DefaultConnectionSettings", settings)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = [
+        format!("ws://{}/agent", through.addr),
+        format!("ws://localhost:{}/agent", direct.addr.port()),
+    ];
+    let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "");
+    let mut p = WinProcess::start(wine_in(
+        &prefix.path(),
+        build.exe.as_os_str(),
+        &["agent", "--config", &z_path(&config)],
+    ));
+    let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
+    let says = format!("server={} proxy={} from=Windows settings (PAC {pac_url})", servers[0], proxy.addr);
+    assert!(via.ends_with(&says), "{via}");
+    let not = p.line("agent: reaching the server directly", WAIT).await;
+    let says = format!(
+        "server={} from=Windows settings (PAC {pac_url}); the script says DIRECT",
+        servers[1]
+    );
+    assert!(not.ends_with(&says), "{not}");
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    p.line("agent: connected", WINE_WAIT).await;
+    p.line("agent: connected", WINE_WAIT).await;
+    session_through_the_agent(&through.url("/pos")).await;
+    session_through_the_agent(&direct.url("/pos")).await;
+    let targets = proxy.targets();
+    assert!(targets.len() >= 2, "{targets:?}");
+    assert!(targets.iter().all(|t| *t == through.addr.to_string()), "{targets:?}");
+    stop_agent(p).await;
+}
+
+/// A PAC script whose server never answers holds the agent's start for its `connect_timeout`
+/// (here 2 s), not for WinHTTP's own timeouts (Wine's wait 30 s for the answer): then the manual
+/// proxy of the same Internet Options is used, and the start-up line says why.
+#[tokio::test]
+async fn a_pac_server_that_hangs_under_wine_delays_the_agent_only_for_its_connect_timeout() {
+    let test = "windows::a_pac_server_that_hangs_under_wine_delays_the_agent_only_for_its_connect_timeout";
+    let Some(build) = windows_build(test).await else { return };
+    let proxy = ConnectProxy::start().await;
+    let (echo, _) = echo_backend().await;
+    let bridge = agent_server().await;
+    let pac_url = format!("http://{}/proxy.pac", silent_server().await);
+    let settings = user_settings(DIRECT | MANUAL_PROXY | PAC_SCRIPT, &proxy.addr.to_string(), "", &pac_url);
+    let prefix = OwnPrefix::new(&reg_file(&[(USER_CONNECTIONS, "DefaultConnectionSettings", settings)])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = [format!("ws://{}/agent", bridge.addr)];
+    let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "connect_timeout = \"2s\"\n");
+    let started = std::time::Instant::now();
+    let mut p = WinProcess::start(wine_in(
+        &prefix.path(),
+        build.exe.as_os_str(),
+        &["agent", "--config", &z_path(&config)],
+    ));
+    let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
+    let took = started.elapsed();
+    let says = format!(
+        "server={} proxy={} from=Windows settings (Internet Options); PAC {pac_url}: no answer within 2s",
+        servers[0], proxy.addr
+    );
+    assert!(via.ends_with(&says), "{via}");
+    // Not Wine's 30 s: WinHTTP's own failure would read "could not be downloaded" anyway.
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(25), "{took:?}");
+    p.line("agent: connected", WINE_WAIT).await;
+    session_through_the_agent(&bridge.url("/pos")).await;
+    assert!(proxy.targets().iter().all(|t| *t == bridge.addr.to_string()));
+    stop_agent(p).await;
 }
 
 /// Off Windows, the agent's service flags are refused with what to do instead (exit 64).

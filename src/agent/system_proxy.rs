@@ -1,0 +1,763 @@
+//! The proxy the system's settings give for a server, for an agent given none of its own (no
+//! `proxy` option, no `--proxy`, no HTTPS_PROXY / HTTP_PROXY): on Windows, the settings WinHTTP
+//! clients follow, read once when the agent starts (its configuration is loaded).
+//!
+//! For each server, the first of these that names an HTTP proxy for it wins:
+//!
+//! 1. The Internet Options of the user the agent runs as (`WinHttpGetIEProxyConfigForCurrentUser`).
+//!    With "automatically detect settings" (WPAD) or an automatic configuration script (PAC),
+//!    WinHTTP is asked for the server's URL (`WinHttpGetProxyForUrl`), and a script's DIRECT
+//!    means direct; when that finds nothing, the manual proxy, unless its bypass list names the
+//!    server (then direct).
+//! 2. The machine's WinHTTP default (`netsh winhttp set proxy`, what a service usually relies
+//!    on; `WinHttpGetDefaultProxyConfiguration`), with its bypass list.
+//! 3. Otherwise: direct.
+//!
+//! A setting that names only a SOCKS proxy is passed over with a warning (the agent speaks
+//! CONNECT only), and so is one whose entry is not an address. Whatever was passed over, and why
+//! (WPAD found nothing, the script could not be fetched, …), is kept in [`WindowsChoice::notes`]
+//! for the one start-up log line per server.
+//!
+//! Reading WinHTTP is [`super::winhttp`]'s (the crate's only `unsafe`, Windows only); here are the
+//! parts that are plain text and choices, so that they are tested on every platform: proxy lists
+//! ([`pick`]), bypass lists ([`bypassed`]) and the order above ([`choose`]). [`windows`] runs
+//! WinHTTP on a thread of its own under a deadline: a PAC or WPAD lookup can wait on the network.
+
+use super::client::{Proxy, ServerUrl};
+
+/// The user's Internet Options, as WinHTTP reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    /// "Automatically detect settings" (WPAD).
+    pub auto_detect: bool,
+    /// "Use automatic configuration script": the PAC file's URL.
+    pub pac_url: Option<String>,
+    /// "Use a proxy server": `host:port`, or a list per scheme (`http=p1:80;https=p2:8080`).
+    pub proxy: Option<String>,
+    /// Its exceptions: host patterns separated by `;`, `*` wildcards, `<local>`.
+    pub bypass: Option<String>,
+}
+
+impl UserSettings {
+    /// Whether WinHTTP is to be asked for each server's URL (a PAC script, or WPAD to find one).
+    pub fn automatic(&self) -> bool {
+        self.auto_detect || self.pac_url.is_some()
+    }
+}
+
+/// A proxy named in the settings, with its bypass list (the machine's WinHTTP default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticSetting {
+    /// `host:port`, or a list per scheme.
+    pub proxy: String,
+    /// Its exceptions, as in [`UserSettings::bypass`].
+    pub bypass: Option<String>,
+}
+
+/// What WinHTTP answered for a server's URL, from the PAC script (or the one WPAD found).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoAnswer {
+    /// The script's proxies for the URL (a WinHTTP proxy list).
+    Proxy(String),
+    /// The script says DIRECT.
+    Direct,
+    /// No answer, and why (no script found, not fetched, no answer in time, …).
+    Failed(String),
+}
+
+/// Everything read from Windows for one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reading {
+    /// The user's Internet Options, or why they could not be read.
+    pub user: Result<UserSettings, String>,
+    /// WinHTTP's answer for the server's URL, when the user's settings are automatic.
+    pub auto: Option<AutoAnswer>,
+    /// The machine's WinHTTP default proxy (`None`: direct), or why it could not be read.
+    pub machine: Result<Option<StaticSetting>, String>,
+}
+
+/// The Windows setting a server's proxy (or its direct connection) comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WindowsSetting {
+    /// The user's manual proxy.
+    InternetOptions,
+    /// The machine's (`netsh winhttp set proxy`).
+    WinHttpDefault,
+    /// The user's automatic configuration script, at this URL.
+    Pac(String),
+    /// The script that automatic detection found.
+    Wpad,
+}
+
+impl std::fmt::Display for WindowsSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WindowsSetting::InternetOptions => f.write_str("Internet Options"),
+            WindowsSetting::WinHttpDefault => f.write_str("WinHTTP default"),
+            WindowsSetting::Pac(url) => write!(f, "PAC {url}"),
+            WindowsSetting::Wpad => f.write_str("WPAD"),
+        }
+    }
+}
+
+/// Which Windows setting decided a server's route, and what was passed over on the way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WindowsChoice {
+    /// The setting that decided; `None`: none named a proxy for the server (direct).
+    pub setting: Option<WindowsSetting>,
+    /// What was passed over or why the route is direct, in the order the settings were read.
+    pub notes: Vec<String>,
+    /// Whether a setting names a proxy the agent cannot use (only SOCKS, not an address): then
+    /// the start-up line is a warning.
+    pub warning: bool,
+}
+
+impl std::fmt::Display for WindowsChoice {
+    /// `Windows settings (Internet Options)`, then each note after a `; `.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.setting {
+            Some(s) => write!(f, "Windows settings ({s})")?,
+            None => f.write_str("Windows settings (none)")?,
+        }
+        for note in &self.notes {
+            write!(f, "; {note}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a WinHTTP proxy list holds for one kind of URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    /// The proxy to reach it through.
+    Proxy(Proxy),
+    /// Only SOCKS proxies, which the agent cannot use.
+    SocksOnly,
+    /// Nothing for this scheme.
+    Nothing,
+    /// The entry for it is not an HTTP proxy's address (why).
+    Invalid(String),
+}
+
+/// The proxy a WinHTTP proxy list gives for a `wss://` (`tls`) or `ws://` server: the list's
+/// `https=` entry or `http=` entry, else its entry without a scheme (`host:port`, which is for
+/// every scheme); the first of each counts. Entries are separated by `;` or white space; `socks=`
+/// entries (and `socks://…` ones) are passed over; a missing port is 80.
+pub fn pick(list: &str, tls: bool) -> Listed {
+    let want = if tls { "https" } else { "http" };
+    let mut for_scheme = None;
+    let mut for_all = None;
+    let mut socks = false;
+    for entry in list.split(|c: char| c == ';' || c.is_whitespace()).filter(|e| !e.is_empty()) {
+        match entry.split_once('=') {
+            Some((scheme, value)) => {
+                let scheme = scheme.to_ascii_lowercase();
+                if scheme.starts_with("socks") {
+                    socks = true;
+                } else if scheme == want && for_scheme.is_none() {
+                    for_scheme = Some(value);
+                }
+            }
+            None if entry.to_ascii_lowercase().starts_with("socks") && entry.contains("://") => socks = true,
+            None => {
+                for_all.get_or_insert(entry);
+            }
+        }
+    }
+    match for_scheme.or(for_all) {
+        Some(entry) => match proxy_address(entry) {
+            Ok(p) => Listed::Proxy(p),
+            Err(e) => Listed::Invalid(e),
+        },
+        None if socks => Listed::SocksOnly,
+        None => Listed::Nothing,
+    }
+}
+
+/// One list entry as an HTTP proxy: `[http://]host[:port]`, the host a name or an IP address.
+fn proxy_address(entry: &str) -> Result<Proxy, String> {
+    let proxy: Proxy = entry.parse()?;
+    let name = proxy
+        .host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if proxy.host.parse::<std::net::IpAddr>().is_err() && !name {
+        return Err(format!("proxy {entry:?}: not a host name or address"));
+    }
+    if proxy.port == 0 {
+        return Err(format!("proxy {entry:?}: port 0"));
+    }
+    Ok(proxy)
+}
+
+/// Whether a WinHTTP bypass list names the server. Entries are separated by `;` (or white space
+/// or commas). An entry is a host pattern where `*` stands for any characters (`*.corp.example`,
+/// `10.*`, `[fe80::*]`), compared without regard to case, optionally with a scheme in front
+/// (`https://…`, for `wss://` servers only; `http://…` for `ws://`) and a port after it (`:8443`,
+/// then only that port). `<local>` names host names without a dot (not IP addresses). Entries
+/// that are not patterns match nothing.
+pub fn bypassed(list: &str, server: &ServerUrl) -> bool {
+    list.split(|c: char| c == ';' || c == ',' || c.is_whitespace())
+        .filter(|e| !e.is_empty())
+        .any(|e| entry_matches(e, server))
+}
+
+fn entry_matches(entry: &str, server: &ServerUrl) -> bool {
+    let host = server.host.trim_end_matches('.');
+    if entry.eq_ignore_ascii_case("<local>") {
+        return !host.contains('.') && !host.contains(':');
+    }
+    let rest = match entry.split_once("://") {
+        Some((scheme, rest)) => {
+            let secure = match scheme.to_ascii_lowercase().as_str() {
+                "https" | "wss" => true,
+                "http" | "ws" => false,
+                _ => return false,
+            };
+            if secure != server.tls {
+                return false;
+            }
+            rest
+        }
+        None => entry,
+    };
+    let rest = rest.trim_end_matches('/');
+    let (pattern, port) = if let Some(inside) = rest.strip_prefix('[') {
+        // A bracketed IPv6 literal (or pattern), maybe with a port.
+        let Some((addr, after)) = inside.split_once(']') else {
+            return false;
+        };
+        match after {
+            "" => (addr, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (addr, Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match rest.matches(':').count() {
+            // host:port
+            1 => rest.split_once(':').map_or((rest, None), |(h, p)| (h, Some(p))),
+            // A host, or an IPv6 literal without brackets (which cannot have a port).
+            _ => (rest, None),
+        }
+    };
+    match port {
+        None | Some("*") => {}
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p == server.port => {}
+            _ => return false,
+        },
+    }
+    let pattern = pattern.trim_end_matches('.');
+    !pattern.is_empty() && wildcard_match(&pattern.to_ascii_lowercase(), &host.to_ascii_lowercase())
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters (also none).
+fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    // Where the last `*` was, and the text position it is tried up to.
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && p[i] == t[j] {
+            i += 1;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            // Let the last `*` take one more character.
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == b'*')
+}
+
+/// The URL WinHTTP is asked about for a server: `https://` for `wss://`, `http://` for `ws://`
+/// (WinHTTP knows only those, and PAC scripts are written for them; browsers ask the same way).
+pub fn lookup_url(server: &ServerUrl) -> String {
+    let scheme = if server.tls { "https" } else { "http" };
+    format!("{scheme}://{}{}", server.authority(), server.path)
+}
+
+impl WindowsChoice {
+    /// `setting`'s proxy list for `server` with its bypass list: `Some` when it decides (a proxy,
+    /// or direct because the bypass list names the server), `None` (with a note) when it names
+    /// nothing the agent can use for it.
+    fn try_static(&mut self, server: &ServerUrl, setting: WindowsSetting, list: &str, bypass: Option<&str>) -> Option<Option<Proxy>> {
+        match pick(list, server.tls) {
+            Listed::Proxy(p) => {
+                self.setting = Some(setting);
+                if bypass.is_some_and(|b| bypassed(b, server)) {
+                    self.notes.push(format!("its bypass list names {}", server.host));
+                    return Some(None);
+                }
+                Some(Some(p))
+            }
+            unusable => {
+                self.passed_over(&setting, &unusable, list, server.tls);
+                None
+            }
+        }
+    }
+
+    /// Notes why `setting`'s `list` gave no proxy; a warning when it names one the agent cannot
+    /// use.
+    fn passed_over(&mut self, setting: &WindowsSetting, listed: &Listed, list: &str, tls: bool) {
+        let note = match listed {
+            Listed::Proxy(_) => return,
+            Listed::SocksOnly => {
+                self.warning = true;
+                format!("{setting}: only a SOCKS proxy ({list}), which the agent cannot use (it needs an HTTP proxy with CONNECT)")
+            }
+            Listed::Nothing => format!("{setting}: no proxy for {} ({list})", if tls { "https" } else { "http" }),
+            Listed::Invalid(e) => {
+                self.warning = true;
+                format!("{setting}: {e}")
+            }
+        };
+        self.notes.push(note);
+    }
+}
+
+/// The proxy for `server` from what was read of the Windows settings, in the order the module
+/// documentation gives, with the setting that decided and the notes on the way.
+pub fn choose(server: &ServerUrl, reading: &Reading) -> (Option<Proxy>, WindowsChoice) {
+    let mut choice = WindowsChoice::default();
+    match &reading.user {
+        Err(e) => choice.notes.push(format!("Internet Options not read: {e}")),
+        Ok(user) => {
+            if user.automatic() {
+                let setting = match &user.pac_url {
+                    Some(url) => WindowsSetting::Pac(url.clone()),
+                    None => WindowsSetting::Wpad,
+                };
+                match &reading.auto {
+                    Some(AutoAnswer::Proxy(list)) => match pick(list, server.tls) {
+                        Listed::Proxy(p) => {
+                            choice.setting = Some(setting);
+                            return (Some(p), choice);
+                        }
+                        unusable => choice.passed_over(&setting, &unusable, list, server.tls),
+                    },
+                    Some(AutoAnswer::Direct) => {
+                        choice.setting = Some(setting);
+                        choice.notes.push("the script says DIRECT".into());
+                        return (None, choice);
+                    }
+                    Some(AutoAnswer::Failed(e)) => choice.notes.push(format!("{setting}: {e}")),
+                    None => choice.notes.push(format!("{setting}: not asked")),
+                }
+            }
+            if let Some(list) = &user.proxy {
+                if let Some(decided) = choice.try_static(server, WindowsSetting::InternetOptions, list, user.bypass.as_deref()) {
+                    return (decided, choice);
+                }
+            }
+        }
+    }
+    match &reading.machine {
+        Err(e) => choice.notes.push(format!("WinHTTP default not read: {e}")),
+        Ok(None) => {}
+        Ok(Some(s)) => {
+            if let Some(decided) = choice.try_static(server, WindowsSetting::WinHttpDefault, &s.proxy, s.bypass.as_deref()) {
+                return (decided, choice);
+            }
+        }
+    }
+    (None, choice)
+}
+
+/// A WinHTTP error code in words, for the log (the ones asking for a proxy meets).
+pub fn winhttp_error(code: u32) -> String {
+    let what = match code {
+        12002 => "timed out",
+        12005 => "the URL is not valid",
+        12006 => "the URL's scheme is not http or https",
+        12007 => "the name could not be resolved",
+        12015 => "the login to fetch the script failed",
+        12029 => "cannot connect",
+        12166 => "the proxy auto-config script failed",
+        12167 => "the proxy auto-config script could not be downloaded",
+        12178 => "the auto-proxy service failed",
+        12180 => "no proxy auto-config script found",
+        _ => return format!("error {code}"),
+    };
+    format!("{what} (error {code})")
+}
+
+/// The Windows settings' proxy for each of `servers`, read on a thread of its own: the answers
+/// that are not in within `wait` (a PAC download or WPAD lookup that hangs) count as failed, and
+/// the thread is left to end by itself (WinHTTP's own timeouts, set to `wait` too, end it; it
+/// frees what it holds, and its results go nowhere).
+#[cfg(windows)]
+pub fn windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<(Option<Proxy>, WindowsChoice)> {
+    read_windows(servers, wait)
+        .iter()
+        .zip(servers)
+        .map(|(reading, server)| choose(server, reading))
+        .collect()
+}
+
+#[cfg(windows)]
+fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading> {
+    use super::winhttp;
+    use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+
+    enum Read {
+        Settings(Result<UserSettings, String>, Result<Option<StaticSetting>, String>),
+        Auto(usize, AutoAnswer),
+    }
+    let mut readings = vec![
+        Reading {
+            user: Err("no answer".into()),
+            auto: None,
+            machine: Err("no answer".into()),
+        };
+        servers.len()
+    ];
+    // Room for everything the thread sends: it never waits on us, even once we stop listening.
+    let deadline = std::time::Instant::now() + wait;
+    let (tx, rx) = sync_channel(servers.len() + 1);
+    let urls: Vec<String> = servers.iter().map(lookup_url).collect();
+    let spawned = std::thread::Builder::new().name("windows-proxy".into()).spawn(move || {
+        let user = winhttp::user_settings().map_err(winhttp_error);
+        let machine = winhttp::default_setting().map_err(winhttp_error);
+        let automatic = user.as_ref().ok().filter(|u| u.automatic()).cloned();
+        if tx.send(Read::Settings(user, machine)).is_err() {
+            return;
+        }
+        let Some(user) = automatic else { return };
+        for (i, url) in urls.iter().enumerate() {
+            let answer = match winhttp::proxy_for_url(url, user.auto_detect, user.pac_url.as_deref(), wait) {
+                Ok(Some(list)) => AutoAnswer::Proxy(list),
+                Ok(None) => AutoAnswer::Direct,
+                Err(code) => AutoAnswer::Failed(winhttp_error(code)),
+            };
+            if tx.send(Read::Auto(i, answer)).is_err() {
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        for r in &mut readings {
+            r.user = Err(format!("no thread to read them on: {e}"));
+            r.machine = Err(format!("no thread to read it on: {e}"));
+        }
+        return readings;
+    }
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(Read::Settings(user, machine)) => {
+                for r in &mut readings {
+                    r.user = user.clone();
+                    r.machine = machine.clone();
+                }
+            }
+            Ok(Read::Auto(i, answer)) => readings[i].auto = Some(answer),
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                let late = format!("no answer within {wait:?}");
+                for r in &mut readings {
+                    match &r.user {
+                        Ok(u) if u.automatic() && r.auto.is_none() => r.auto = Some(AutoAnswer::Failed(late.clone())),
+                        Ok(_) => {}
+                        Err(_) => {
+                            r.user = Err(late.clone());
+                            r.machine = Err(late.clone());
+                        }
+                    }
+                }
+                break;
+            }
+        }
+    }
+    readings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(url: &str) -> ServerUrl {
+        url.parse().unwrap()
+    }
+
+    fn proxy(list: &str, tls: bool) -> Option<String> {
+        match pick(list, tls) {
+            Listed::Proxy(p) => Some(format!("{}:{}", p.host, p.port)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_proxy_list_gives_the_entry_for_the_scheme_or_the_one_for_all() {
+        // One proxy for every scheme, with or without a port or http://.
+        assert_eq!(proxy("proxy.corp:8080", true).as_deref(), Some("proxy.corp:8080"));
+        assert_eq!(proxy("proxy.corp:8080", false).as_deref(), Some("proxy.corp:8080"));
+        assert_eq!(proxy("proxy.corp", true).as_deref(), Some("proxy.corp:80"));
+        assert_eq!(proxy("http://proxy.corp:3128/", true).as_deref(), Some("proxy.corp:3128"));
+        assert_eq!(proxy("  proxy.corp:8080 ", true).as_deref(), Some("proxy.corp:8080"));
+        // Per scheme, as Internet Options writes it when each has its own.
+        let list = "http=p1:80;https=p2:8080;ftp=p3:21;socks=p4:1080";
+        assert_eq!(proxy(list, true).as_deref(), Some("p2:8080"));
+        assert_eq!(proxy(list, false).as_deref(), Some("p1:80"));
+        assert_eq!(proxy("HTTPS=P2:8080", true).as_deref(), Some("P2:8080"));
+        // Separated by white space too; the first entry for a scheme counts.
+        assert_eq!(proxy("https=a:1 https=b:2", true).as_deref(), Some("a:1"));
+        // The scheme's own entry before the one for all, wherever they are.
+        assert_eq!(proxy("all:3128;https=mine:8080", true).as_deref(), Some("mine:8080"));
+        assert_eq!(proxy("all:3128;https=mine:8080", false).as_deref(), Some("all:3128"));
+        // IPv6 literals.
+        assert_eq!(proxy("https=[fd00::1]:8080", true).as_deref(), Some("fd00::1:8080"));
+        assert_eq!(proxy("[::1]:3128", false).as_deref(), Some("::1:3128"));
+        // A PAC answer: a list of proxies, the first counts.
+        assert_eq!(proxy("p1:8080; p2:8080", true).as_deref(), Some("p1:8080"));
+    }
+
+    #[test]
+    fn a_proxy_list_without_a_usable_entry_says_why() {
+        assert_eq!(pick("http=p1:80", true), Listed::Nothing);
+        assert_eq!(pick("", true), Listed::Nothing);
+        assert_eq!(pick(" ; ;", false), Listed::Nothing);
+        assert_eq!(pick("socks=p4:1080", true), Listed::SocksOnly);
+        assert_eq!(pick("socks5://p4:1080", false), Listed::SocksOnly);
+        assert_eq!(pick("http=p1:80;socks=p4:1080", true), Listed::SocksOnly);
+        for garbage in [
+            "https=",
+            "https=:8080",
+            "https=p:port",
+            "https=p:0",
+            "https=https://p:443",
+            "https=p@@:1/x",
+        ] {
+            assert!(
+                matches!(pick(garbage, true), Listed::Invalid(_)),
+                "{garbage}: {:?}",
+                pick(garbage, true)
+            );
+        }
+        assert!(
+            matches!(pick("ex ample:80", true), Listed::Proxy(_)),
+            "white space separates entries"
+        );
+        assert!(matches!(pick("pr%xy:80", true), Listed::Invalid(_)));
+    }
+
+    #[test]
+    fn bypass_patterns_match_hosts_with_wildcards_ports_and_local() {
+        let s = server("wss://bridge.corp.example/agent");
+        assert!(bypassed("bridge.corp.example", &s));
+        assert!(bypassed("BRIDGE.Corp.Example", &s), "case");
+        assert!(bypassed("*.corp.example", &s));
+        assert!(bypassed("*.example", &s));
+        assert!(bypassed("bridge.*", &s));
+        assert!(bypassed("*corp*", &s));
+        assert!(bypassed("*", &s));
+        assert!(bypassed("other.example;*.corp.example", &s), "a later entry");
+        assert!(bypassed("other.example, *.corp.example", &s), "commas and spaces");
+        assert!(!bypassed("corp.example", &s), "a domain names itself, not its hosts");
+        assert!(!bypassed("*.bridge.corp.example", &s));
+        assert!(!bypassed("bridge.corp", &s));
+        assert!(!bypassed("<local>", &s), "it has dots");
+        assert!(!bypassed("", &s));
+        // Ports and schemes.
+        assert!(bypassed("bridge.corp.example:443", &s));
+        assert!(bypassed("bridge.corp.example:*", &s));
+        assert!(!bypassed("bridge.corp.example:8443", &s));
+        assert!(!bypassed("bridge.corp.example:x", &s));
+        assert!(bypassed("https://*.corp.example", &s));
+        assert!(bypassed("wss://*.corp.example:443", &s));
+        assert!(!bypassed("http://*.corp.example", &s), "for ws:// servers");
+        assert!(!bypassed("ftp://*.corp.example", &s));
+        assert!(bypassed(
+            "http://bridge.corp.example",
+            &server("ws://bridge.corp.example:6080/agent")
+        ));
+        // <local>: names without a dot.
+        assert!(bypassed("<local>", &server("wss://bridge/agent")));
+        assert!(bypassed("<LOCAL>;*.corp", &server("ws://bridge:6080/agent")));
+        assert!(
+            !bypassed("<local>", &server("ws://[::1]:6080/agent")),
+            "an IPv6 address is not a local name"
+        );
+        assert!(!bypassed("<local>", &server("ws://127.0.0.1:6080/agent")));
+    }
+
+    #[test]
+    fn bypass_patterns_match_addresses() {
+        let v4 = server("ws://10.1.2.3:6080/agent");
+        assert!(bypassed("10.*", &v4));
+        assert!(bypassed("10.1.2.*:6080", &v4));
+        assert!(bypassed("10.1.2.3", &v4));
+        assert!(!bypassed("10.1.2.30", &v4));
+        assert!(!bypassed("110.*", &v4));
+        assert!(!bypassed("10.0.0.0/8", &v4), "not a pattern WinHTTP knows");
+        let v6 = server("wss://[fd00::1:5]/agent");
+        assert!(bypassed("[fd00::1:5]", &v6));
+        assert!(bypassed("fd00::1:5", &v6), "without brackets (and so without a port)");
+        assert!(bypassed("[FD00::*]:443", &v6));
+        assert!(bypassed("fd00::*", &v6));
+        assert!(!bypassed("[fd00::1:5]:8443", &v6));
+        assert!(!bypassed("[fd00::1:5", &v6), "garbage");
+        assert!(!bypassed("[fd00::1:5]x", &v6), "garbage");
+        assert!(!bypassed("fd00::2", &v6));
+    }
+
+    #[test]
+    fn wildcards_backtrack() {
+        assert!(wildcard_match("a*b*c", "axxbyyc"));
+        assert!(wildcard_match("a*b*c", "abbbc"));
+        assert!(wildcard_match("*.a.b", "x.y.a.b"));
+        assert!(!wildcard_match("*.a.b", "a.b"));
+        assert!(!wildcard_match("a*b", "ac"));
+        assert!(wildcard_match("**", ""));
+        assert!(!wildcard_match("", "a"));
+    }
+
+    fn user(auto_detect: bool, pac: Option<&str>, proxy: Option<&str>, bypass: Option<&str>) -> Result<UserSettings, String> {
+        Ok(UserSettings {
+            auto_detect,
+            pac_url: pac.map(str::to_owned),
+            proxy: proxy.map(str::to_owned),
+            bypass: bypass.map(str::to_owned),
+        })
+    }
+
+    fn route(reading: &Reading, url: &str) -> (Option<String>, String) {
+        let (p, choice) = choose(&server(url), reading);
+        (p.map(|p| format!("{}:{}", p.host, p.port)), choice.to_string())
+    }
+
+    #[test]
+    fn the_users_manual_proxy_with_its_bypass_list() {
+        let reading = Reading {
+            user: user(false, None, Some("http=p1:80;https=p2:8080"), Some("<local>;*.corp")),
+            auto: None,
+            machine: Ok(Some(StaticSetting {
+                proxy: "machine:3128".into(),
+                bypass: None,
+            })),
+        };
+        let (p, says) = route(&reading, "wss://bridge.example.com/agent");
+        assert_eq!(
+            (p.as_deref(), says.as_str()),
+            (Some("p2:8080"), "Windows settings (Internet Options)")
+        );
+        let (p, _) = route(&reading, "ws://bridge.example.com/agent");
+        assert_eq!(p.as_deref(), Some("p1:80"));
+        let (p, says) = route(&reading, "wss://bridge.corp/agent");
+        assert_eq!(
+            (p, says.as_str()),
+            (None, "Windows settings (Internet Options); its bypass list names bridge.corp")
+        );
+    }
+
+    #[test]
+    fn pac_and_wpad_answers_come_first_and_fall_back_to_the_manual_proxy() {
+        let pac = "http://wpad.corp/proxy.pac";
+        let mut reading = Reading {
+            user: user(true, Some(pac), Some("manual:8080"), Some("*.corp")),
+            auto: Some(AutoAnswer::Proxy("scripted:3128".into())),
+            machine: Ok(None),
+        };
+        let (p, says) = route(&reading, "wss://bridge.corp/agent");
+        // The bypass list is the manual proxy's, not the script's.
+        assert_eq!(
+            (p.as_deref(), says.as_str()),
+            (Some("scripted:3128"), "Windows settings (PAC http://wpad.corp/proxy.pac)")
+        );
+        reading.auto = Some(AutoAnswer::Direct);
+        let (p, says) = route(&reading, "wss://bridge.example.com/agent");
+        assert_eq!(
+            (p, says.as_str()),
+            (None, "Windows settings (PAC http://wpad.corp/proxy.pac); the script says DIRECT")
+        );
+        reading.auto = Some(AutoAnswer::Failed(winhttp_error(12167)));
+        let (p, says) = route(&reading, "wss://bridge.example.com/agent");
+        assert_eq!(p.as_deref(), Some("manual:8080"));
+        assert_eq!(
+            says,
+            "Windows settings (Internet Options); PAC http://wpad.corp/proxy.pac: the proxy auto-config script could not be downloaded (error 12167)"
+        );
+        reading.user = user(true, None, None, None);
+        reading.auto = Some(AutoAnswer::Failed(winhttp_error(12180)));
+        let (p, says) = route(&reading, "wss://bridge.example.com/agent");
+        assert_eq!(
+            (p, says.as_str()),
+            (
+                None,
+                "Windows settings (none); WPAD: no proxy auto-config script found (error 12180)"
+            )
+        );
+        reading.auto = Some(AutoAnswer::Proxy("socks=s:1080".into()));
+        let (p, choice) = choose(&server("wss://bridge.example.com/agent"), &reading);
+        assert!(p.is_none() && choice.warning, "{choice}");
+    }
+
+    #[test]
+    fn the_machines_default_when_the_user_has_nothing_usable() {
+        let machine = Ok(Some(StaticSetting {
+            proxy: "machine:3128".into(),
+            bypass: Some("*.internal".into()),
+        }));
+        // A service's account: automatic detection on (the default), and it finds nothing.
+        let reading = Reading {
+            user: user(true, None, None, None),
+            auto: Some(AutoAnswer::Failed(winhttp_error(12180))),
+            machine: machine.clone(),
+        };
+        let (p, says) = route(&reading, "wss://bridge.example.com/agent");
+        assert_eq!(p.as_deref(), Some("machine:3128"));
+        assert_eq!(
+            says,
+            "Windows settings (WinHTTP default); WPAD: no proxy auto-config script found (error 12180)"
+        );
+        let (p, says) = route(&reading, "wss://bridge.internal/agent");
+        assert_eq!(p, None);
+        assert!(says.ends_with("; its bypass list names bridge.internal"), "{says}");
+        // The user's setting names only SOCKS: passed over, with a warning.
+        let reading = Reading {
+            user: user(false, None, Some("socks=s:1080"), None),
+            auto: None,
+            machine: machine.clone(),
+        };
+        let (p, choice) = choose(&server("wss://bridge.example.com/agent"), &reading);
+        assert_eq!(p.map(|p| p.host), Some("machine".into()));
+        assert!(choice.warning);
+        assert!(
+            choice.to_string().contains("Internet Options: only a SOCKS proxy (socks=s:1080)"),
+            "{choice}"
+        );
+        // Neither could be read: direct, saying why.
+        let reading = Reading {
+            user: Err(winhttp_error(5)),
+            auto: None,
+            machine: Err("no answer within 10s".into()),
+        };
+        let (p, says) = route(&reading, "wss://bridge.example.com/agent");
+        assert_eq!(p, None);
+        assert_eq!(
+            says,
+            "Windows settings (none); Internet Options not read: error 5; WinHTTP default not read: no answer within 10s"
+        );
+        // Nothing set anywhere.
+        let reading = Reading {
+            user: user(false, None, None, None),
+            auto: None,
+            machine: Ok(None),
+        };
+        assert_eq!(route(&reading, "wss://b/agent"), (None, "Windows settings (none)".into()));
+    }
+
+    #[test]
+    fn winhttp_is_asked_about_http_urls() {
+        assert_eq!(lookup_url(&server("wss://b.example:8443/agent")), "https://b.example:8443/agent");
+        assert_eq!(lookup_url(&server("ws://[::1]:6080/agent?x=1")), "http://[::1]:6080/agent?x=1");
+    }
+}
