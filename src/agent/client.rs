@@ -280,10 +280,23 @@ impl std::str::FromStr for Proxy {
         };
         let (host, port) = match crate::config::split_host_port(hostport) {
             Some((h, p)) => (h, p.parse().map_err(|_| format!("proxy {s:?}: bad port"))?),
-            None => (hostport, 80),
+            None => (hostport.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(hostport), 80),
         };
         if host.is_empty() {
             return Err(format!("proxy {s:?}: no host"));
+        }
+        if port == 0 {
+            return Err(format!("proxy {s:?}: port 0"));
+        }
+        // A host name or an IP address, nothing else: said here, not at the first connect.
+        if host.contains(':') && !hostport.starts_with('[') {
+            return Err(format!(
+                "proxy {s:?}: an IPv6 address goes in brackets (http://[::1]:3128), or its port is ambiguous"
+            ));
+        }
+        let name = |h: &str| h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        if host.parse::<std::net::IpAddr>().is_err() && !name(host) {
+            return Err(format!("proxy {s:?}: {host:?} is not a host name or an IP address"));
         }
         let authorization = userinfo.map(|u| {
             let decoded = percent_encoding::percent_decode_str(u).decode_utf8_lossy();
@@ -2020,6 +2033,13 @@ mod tests {
         // Shown without its credentials.
         assert_eq!(p.to_string(), "proxy:3128");
         assert_eq!("http://[::1]:3128".parse::<Proxy>().unwrap().to_string(), "[::1]:3128");
+        assert_eq!("http://[::1]".parse::<Proxy>().unwrap().to_string(), "[::1]:80");
+        assert_eq!("proxy.corp_1".parse::<Proxy>().unwrap().to_string(), "proxy.corp_1:80");
+        for bad in ["pr%xy:80", "http://a b:3128", "http://fe80::1:3128/", "http://proxy:80/path"] {
+            assert!(bad.parse::<Proxy>().is_err(), "{bad}");
+        }
+        let e = "http://fe80::1:3128".parse::<Proxy>().unwrap_err();
+        assert!(e.contains("brackets"), "{e}");
     }
 
     /// `max_sessions` in the file (a service as a table) and as a flag, which wins; every mistake

@@ -165,29 +165,14 @@ pub fn pick(list: &str, tls: bool) -> Listed {
         }
     }
     match for_scheme.or(for_all) {
-        Some(entry) => match proxy_address(entry) {
+        // `[http://]host[:port]`, the host a name or an IP address (checked by the parse).
+        Some(entry) => match entry.parse::<Proxy>() {
             Ok(p) => Listed::Proxy(p),
             Err(e) => Listed::Invalid(e),
         },
         None if socks => Listed::SocksOnly,
         None => Listed::Nothing,
     }
-}
-
-/// One list entry as an HTTP proxy: `[http://]host[:port]`, the host a name or an IP address.
-fn proxy_address(entry: &str) -> Result<Proxy, String> {
-    let proxy: Proxy = entry.parse()?;
-    let name = proxy
-        .host
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-    if proxy.host.parse::<std::net::IpAddr>().is_err() && !name {
-        return Err(format!("proxy {entry:?}: not a host name or address"));
-    }
-    if proxy.port == 0 {
-        return Err(format!("proxy {entry:?}: port 0"));
-    }
-    Ok(proxy)
 }
 
 /// Whether a WinHTTP bypass list names the server. Entries are separated by `;` (or white space
