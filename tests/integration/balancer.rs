@@ -4,7 +4,9 @@
 //! still accepts (its drain delay), new sessions go to the other only, its own sessions get
 //! their data and then 1001, and the other instance's sessions carry on. The tokens both
 //! instances route by come from one shared redis-server, written once and deleted once, as a
-//! web application would. Also: `haproxy -c` on the HAProxy example and `nginx -t` on the nginx one.
+//! web application would. Agent mode with one host name and a standby: a draining instance's
+//! agent lands on the standby as soon as HAProxy's check moved new connections there. Also:
+//! `haproxy -c` on the HAProxy example and `nginx -t` on the nginx one.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -389,4 +391,130 @@ async fn the_nginx_example_is_valid() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && text.contains("test is successful"), "{text}");
+}
+
+/// The agent instances' drain delay: room for the agent's first try to come before HAProxy's
+/// check took the instance out (a 503) and its next one (2-3 s later) to land on the standby.
+const AGENT_DRAIN_DELAY: Duration = Duration::from_secs(6);
+
+/// An agent server as README "Agents and several instances" sets up the instance pair for agents
+/// that have one address: agent `shop-17` (its secret `secret`), its endpoint and a route `/pos`
+/// to its service `pos`, with the drain delay and an admin listener.
+async fn agent_instance(dir: &Path, name: &str, secret: &str) -> Instance {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[agent_endpoint]]\npath = \"/agent\"\n\n\
+             [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\n\
+             [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n\n\
+             [timeouts]\ndrain_delay = \"{}ms\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n",
+            wsbridge::agent::link::secret_sha256(secret),
+            AGENT_DRAIN_DELAY.as_millis()
+        ),
+    )
+    .unwrap();
+    let bin = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let admin = bin.admin_addr().await;
+    within("the instance's readiness", async {
+        while admin_get(admin, "/readyz").await.0 != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    Instance { bin, admin }
+}
+
+/// Whether `instance` lists agent `shop-17` as connected (its admin `/agents`).
+async fn has_agent(instance: &Instance) -> bool {
+    let (status, body) = admin_get(instance.admin, "/agents").await;
+    assert_eq!(status, 200, "{body}");
+    body.contains("\"shop-17\"")
+}
+
+/// One host name for pages and agents, routed by the real HAProxy to one instance with a
+/// standby (`backup`). When the instance starts to drain it asks the agent to move: the agent
+/// tries again through HAProxy and lands on the standby as soon as HAProxy's health check has
+/// taken the instance out, long before the drain delay ends, so a page that HAProxy sends to the
+/// standby finds the agent there; the page already on the draining instance goes on until the
+/// delay ends, then gets its 1001.
+#[tokio::test]
+async fn behind_haproxy_with_a_standby_a_drained_instance_moves_its_agent_before_its_delay_ends() {
+    let test = "balancer::behind_haproxy_with_a_standby_a_drained_instance_moves_its_agent_before_its_delay_ends";
+    let Some(haproxy) = HaProxy::installed() else {
+        return skip(test, "haproxy is not installed (scripts/test.sh installs Debian's haproxy)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "0123456789abcdef0123456789abcdef-standby";
+    let mut one = agent_instance(dir.path(), "one", secret).await;
+    let two = agent_instance(dir.path(), "two", secret).await;
+    let config = format!(
+        "global\n    log stderr format raw local0 info\n    stats socket {}\n\
+         defaults\n    mode tcp\n    log global\n    timeout connect 2s\n    timeout client 1m\n    timeout server 1m\n\
+         frontend front\n    bind fd@0\n    default_backend wsbridge\n\
+         backend wsbridge\n    option httpchk\n    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host wsbridge\n\
+         \x20   http-check expect status 200\n    default-server inter 100ms fall 1 rise 1\n\
+         \x20   server one {} check port {}\n    server two {} check port {} backup\n",
+        HaProxy::stats_path(dir.path()).display(),
+        one.bin.addr,
+        one.admin.port(),
+        two.bin.addr,
+        two.admin.port()
+    );
+    let balancer = HaProxy::start(&haproxy, dir.path(), &config);
+    let (echo, _) = echo_backend().await;
+    let mut agent_config = wsbridge::agent::client::AgentConfig::new(
+        format!("ws://{}/agent", balancer.front).parse().unwrap(),
+        "shop-17".into(),
+        secret.into(),
+    );
+    agent_config.services = [("pos".to_owned(), tcp(echo))].into_iter().collect();
+    let mut agent = wsbridge::agent::client::spawn(agent_config).unwrap();
+    within(
+        "the agent to connect",
+        agent.wait_for(|s| *s == wsbridge::agent::client::State::Connected),
+    )
+    .await;
+    assert!(
+        has_agent(&one).await && !has_agent(&two).await,
+        "the agent is on the active instance"
+    );
+    let (mut before, _) = session(balancer.front, "/pos").await;
+
+    let started = Instant::now();
+    one.bin.signal("TERM").await;
+    one.bin.line("draining").await;
+    balancer.line("Server wsbridge/one is DOWN").await;
+    within("the agent to reach the standby", async {
+        while !has_agent(&two).await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    within("the agent to let the draining instance go", async {
+        while has_agent(&one).await {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // A page HAProxy now sends to the standby finds the agent there.
+    let (mut after, _) = session(balancer.front, "/pos").await;
+    assert!(
+        started.elapsed() < AGENT_DRAIN_DELAY,
+        "the agent took the whole drain delay ({:?}) to move",
+        started.elapsed()
+    );
+    send_bin(&mut before, b"still on one").await;
+    assert_eq!(recv_data(&mut before).await, b"still on one");
+    let (_, close) = read_until_close(&mut before).await;
+    // Our answer to its close frame goes out, so that the instance need not wait for it.
+    let _ = before.flush().await;
+    assert_eq!(
+        close.map(|c| u16::from(c.code)),
+        Some(1001),
+        "the draining instance's page at its end"
+    );
+    assert_eq!(one.bin.exit_code().await, 0, "{:?}", one.bin.lines());
+    send_bin(&mut after, b"on two").await;
+    assert_eq!(recv_data(&mut after).await, b"on two");
 }
