@@ -166,6 +166,8 @@ impl Admin {
             }
             ["sessions"] if get => (StatusCode::OK, JSON, self.sessions_json()),
             ["agents"] if get => (StatusCode::OK, JSON, self.agents_json()),
+            ["agents", "move"] if method == Method::POST => self.move_agents(None, peer),
+            ["agents", name, "move"] if method == Method::POST => self.move_agents(Some(name), peer),
             ["sessions", id] if method == Method::DELETE => self.end_session(id, peer),
             ["sessions", id, "close"] if method == Method::POST => self.end_session(id, peer),
             ["metrics"] | ["agents"] | ["sessions", ..] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
@@ -231,6 +233,20 @@ impl Admin {
         let mut body = serde_json::Value::Array(agents).to_string();
         body.push('\n');
         body
+    }
+
+    /// `POST /agents/move`, `POST /agents/NAME/move`: the agents connect again through the
+    /// balancer (to the instance it sends them to now) and then let this instance go, their
+    /// sessions here going on: after a failover, the way back to the instance that returned.
+    fn move_agents(&self, name: Option<&str>, peer: SocketAddr) -> (StatusCode, &'static str, String) {
+        let asked = self.bridge.agents().move_agents(name);
+        if asked == 0 {
+            if let Some(name) = name {
+                return (StatusCode::NOT_FOUND, TEXT, format!("agent {name:?} is not connected here\n"));
+            }
+        }
+        info!(asked, agent = name.unwrap_or("(all)"), operator = %peer, "agents asked to move by the operator");
+        (StatusCode::OK, JSON, format!("{}\n", serde_json::json!({ "asked": asked })))
     }
 
     fn end_session(&self, id: &str, peer: SocketAddr) -> (StatusCode, &'static str, String) {

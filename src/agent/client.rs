@@ -1443,7 +1443,15 @@ type ControlWs = tokio_tungstenite::WebSocketStream<LinkStream>;
 /// the connection (its index among the servers, and its URL) on each: one connection per
 /// instance, since two would replace each other there.
 #[derive(Clone, Default)]
-struct Instances(Arc<std::sync::Mutex<std::collections::HashMap<String, (usize, String)>>>);
+struct Instances(Arc<std::sync::Mutex<std::collections::HashMap<String, Holding>>>);
+
+/// Which connection holds an instance: its index and URL, and how many of its connections do
+/// (two while a connection that moves lands on the instance it left, until the old one goes).
+struct Holding {
+    index: usize,
+    url: String,
+    claims: usize,
+}
 
 /// One connection's view of what the agent's connections share: the [`Instances`] they are on,
 /// and the capped services' sessions.
@@ -1497,17 +1505,25 @@ impl Instances {
     /// that one's URL.
     fn claim(&self, id: String, index: usize, url: &str) -> Result<Claim, String> {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match held.get(&id) {
-            Some((other, other_url)) if *other != index => Err(other_url.clone()),
-            _ => {
-                held.insert(id.clone(), (index, url.to_owned()));
-                Ok(Claim {
-                    instances: self.clone(),
-                    id,
-                    index,
-                })
+        match held.get_mut(&id) {
+            Some(h) if h.index != index => return Err(h.url.clone()),
+            Some(h) => h.claims += 1,
+            None => {
+                held.insert(
+                    id.clone(),
+                    Holding {
+                        index,
+                        url: url.to_owned(),
+                        claims: 1,
+                    },
+                );
             }
         }
+        Ok(Claim {
+            instances: self.clone(),
+            id,
+            index,
+        })
     }
 }
 
@@ -1515,8 +1531,11 @@ impl Drop for Claim {
     fn drop(&mut self) {
         let mut held = self.instances.0.lock().unwrap_or_else(|p| p.into_inner());
         // Only its own: another connection may hold the id by now.
-        if held.get(&self.id).is_some_and(|(index, _)| *index == self.index) {
-            held.remove(&self.id);
+        if let Some(h) = held.get_mut(&self.id).filter(|h| h.index == self.index) {
+            h.claims -= 1;
+            if h.claims == 0 {
+                held.remove(&self.id);
+            }
         }
     }
 }

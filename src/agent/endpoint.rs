@@ -294,9 +294,18 @@ async fn control<S: LinkIo>(
             _ = attached.replaced.cancelled() => Some(End::Replaced),
             _ = attached.revoked.cancelled() => Some(End::Revoked),
             _ = pong_wait => Some(End::Lost(format!("no pong within {:?}", timeouts.pong_timeout))),
-            Some(Control::Want(links)) = attached.control.recv() => {
-                send(&mut ws, &ControlMessage::Want { links }, send_timeout).await.err().map(End::Lost)
-            }
+            Some(control) = attached.control.recv() => match control {
+                Control::Want(links) => send(&mut ws, &ControlMessage::Want { links }, send_timeout).await.err().map(End::Lost),
+                Control::Move if moves => {
+                    info!(agent = %name, "agent asked to move (admin)");
+                    let message = ControlMessage::Move { reason: "asked by the operator".into() };
+                    send(&mut ws, &message, send_timeout).await.err().map(End::Lost)
+                }
+                Control::Move => {
+                    warn!(agent = %name, "agent asked to move, but it is older than `move`: not moved");
+                    None
+                }
+            },
             _ = tick.tick() => {
                 // A fleet file that no longer declares the agent (or another secret) ends it.
                 // This loop waits for it at most a re-read of the fleet files (bounded by

@@ -36,6 +36,9 @@ pub const SURPLUS_IDLE: Duration = Duration::from_secs(60);
 pub enum Control {
     /// Dial this many more idle data links.
     Want(usize),
+    /// Connect again (through the balancer, to wherever it sends the agent now) and then let
+    /// this connection go: the operator's `POST /agents/move`.
+    Move,
 }
 
 /// Connected agents and the declarations they are checked against; kept across reloads.
@@ -645,6 +648,17 @@ impl Registry {
         a.pool.counted(|c| &c.dialled);
         a.pool.arrived.notify_one();
         Ok(())
+    }
+
+    /// Asks the connected agents (`name`: that one only) to move ([`Control::Move`]); how many
+    /// were asked. An agent from before `move` ignores it (its control loop logs that).
+    pub fn move_agents(&self, name: Option<&str>) -> usize {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
+            .filter(|(_, a)| a.pool.control.try_send(Control::Move).is_ok())
+            .count()
     }
 
     /// Drops idle links older than [`IDLE_LINK_MAX`] and asks for the pool to be topped up.

@@ -1327,6 +1327,50 @@ async fn a_draining_instance_moves_its_agents_before_its_sessions_end() {
     assert_eq!(read_close(&mut late).await.0, 1001);
 }
 
+/// After a failover the operator moves the agents back: `POST /agents/move` on the instance
+/// they are on (the standby) makes them connect again through the balancer, which sends them to
+/// the instance that returned, and let the standby go; a session on the standby goes on. One
+/// agent by name too, and a name not connected here is a 404.
+#[tokio::test]
+async fn the_operator_moves_agents_to_where_the_balancer_sends_them() {
+    let (echo, _) = echo_backend().await;
+    let a = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let balancer = balancer(b.addr).await;
+    let _agent = start_agent(agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&b, "shop-17", 4).await;
+    let (mut page, _) = ws_connect(&b.url("/pos"), None).await;
+    send_bin(&mut page, b"on b").await;
+    assert_eq!(recv_data(&mut page).await, b"on b");
+    let (admin_b, _guard) = start_admin(&b, Some("t")).await;
+    assert_eq!(
+        admin(admin_b, "POST", "/agents/move", None).await.0,
+        401,
+        "the admin token is needed"
+    );
+    assert_eq!(admin(admin_b, "POST", "/agents/shop-99/move", Some("t")).await.0, 404);
+
+    // a is back: the balancer sends new connections there.
+    *balancer.to.lock().unwrap() = a.addr;
+    let (status, body) = admin(admin_b, "POST", "/agents/shop-17/move", Some("t")).await;
+    assert_eq!((status, body.trim()), (200, r#"{"asked":1}"#));
+    idle_links(&a, "shop-17", 4).await;
+    within("the agent to let b go", async {
+        while b.bridge.agents().idle_links("shop-17").is_some() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    send_bin(&mut page, b"still on b").await;
+    assert_eq!(recv_data(&mut page).await, b"still on b");
+    let (mut fresh, _) = ws_connect(&a.url("/pos"), None).await;
+    send_bin(&mut fresh, b"on a").await;
+    assert_eq!(recv_data(&mut fresh).await, b"on a");
+    // With nobody connected, moving all asks none.
+    let (status, body) = admin(admin_b, "POST", "/agents/move", Some("t")).await;
+    assert_eq!((status, body.trim()), (200, r#"{"asked":0}"#));
+}
+
 /// An agent from before `move` (hello version 2) is not asked to move: it serves through the
 /// drain delay and is told `drain` when the sessions end, as before. Meanwhile the draining
 /// instance answers new control links 503 with a Retry-After and still takes data links for
