@@ -73,6 +73,13 @@ impl Recount {
     pub fn try_take(&self) -> Option<Slot> {
         self.slots.get_or_init(Slots::default).try_take(self.max.load(Ordering::Relaxed))
     }
+
+    /// Takes a slot for something that can do without (an agent's link beyond its pool, kept
+    /// for the next burst) only if 90 % of the cap stay free for the rest after it.
+    pub fn try_take_spare(&self) -> Option<Slot> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.slots.get_or_init(Slots::default).try_take(max.saturating_mul(9) / 10)
+    }
 }
 
 /// What an accepted connection holds while it is open: its slot under `max_connections` and,

@@ -272,9 +272,14 @@ impl Pool {
             debug!("agent link not needed in the pool; closed");
             return false;
         }
-        // Back among the connections: its session's connection no longer covers it.
-        let Some(slot) = self.connections.try_take() else {
-            debug!("agent link back from a session: max_connections reached; closed");
+        // Back among the connections: its session's connection no longer covers it. One beyond
+        // the pool's size (after a burst) stays only while the cap has room: pages come first.
+        let slot = match idle.len() >= self.size {
+            true => self.connections.try_take_spare(),
+            false => self.connections.try_take(),
+        };
+        let Some(slot) = slot else {
+            debug!("agent link back from a session: max_connections (nearly) reached; closed");
             return false;
         };
         let link = Idle {
@@ -1091,6 +1096,37 @@ mod tests {
         assert_eq!(registry.idle_links("shop-17"), Some(1), "back under the cap");
         assert_eq!(connections.taken(), 2, "the page's and the idle link's");
         drop(page);
+    }
+
+    /// A link coming back beyond the pool's size (after a burst) stays only while 90 % of
+    /// `max_connections` stay free for the rest: idle links must not fill the cap against pages.
+    #[tokio::test]
+    async fn links_beyond_the_pool_come_back_only_while_the_cap_has_room() {
+        let registry = shop_17();
+        let connections = crate::slots::Slots::default();
+        registry.count_connections(&connections, 10);
+        let _attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
+        let mut ends = Vec::new();
+        for _ in 0..5 {
+            let (server, agent) = link();
+            ends.push(agent);
+            let slot = connections.try_take(10).unwrap();
+            assert!(registry.add_link("shop-17", &[0; 32], LinkStream::Tcp(server), true, slot).is_ok());
+        }
+        let Taken::Link(io, _, _, pool) = registry.take("shop-17", "pos").unwrap() else {
+            panic!("no idle link")
+        };
+        let pages: Vec<_> = (0..4).map(|_| connections.try_take(10).unwrap()).collect();
+        assert_eq!(connections.taken(), 8, "4 idle links and 4 pages");
+        pool.give_back(io, false);
+        assert_eq!(registry.idle_links("shop-17"), Some(5), "the 9th of 10: kept");
+        let (server, _agent) = link();
+        pool.give_back(LinkStream::Tcp(server), false);
+        assert_eq!(registry.idle_links("shop-17"), Some(5), "a 10th would leave no room: closed");
+        assert_eq!(connections.taken(), 9);
+        drop(pages);
     }
 
     /// A pool running low asks for a pool's worth at most until they arrive, whether sessions
