@@ -122,6 +122,8 @@ fn code_label(code: u16) -> &'static str {
 pub enum Refusal {
     /// Past the connection cap (503 before reading anything).
     ConnectionLimit,
+    /// Past `max_connections_per_ip` (429 before reading anything).
+    AddressLimit,
     /// A plain connection on a TLS-only listener.
     TlsOnly,
     /// A PROXY protocol header from a sender not in `trusted_proxies`, malformed, or late:
@@ -148,6 +150,7 @@ impl Refusal {
     fn label(self) -> (u16, &'static str) {
         match self {
             Refusal::ConnectionLimit => (503, "connection_limit"),
+            Refusal::AddressLimit => (429, "address_limit"),
             Refusal::TlsOnly => (400, "tls_only"),
             Refusal::Proxy(ProxyRefusal::Untrusted) => (0, "proxy_untrusted"),
             Refusal::Proxy(ProxyRefusal::Malformed) => (0, "proxy_malformed"),

@@ -400,6 +400,7 @@ impl Bridge {
             Some(Err(r)) => {
                 let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
                 let _ = timeout(Duration::from_secs(1), answer(&mut stream, r.status, r.public, &retry)).await;
+                self.inner.metrics.refused(crate::metrics::Refusal::AddressLimit);
                 return debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
             }
             Some(Ok(slot)) => Some(slot),
@@ -516,6 +517,7 @@ impl Bridge {
     async fn refuse_per_ip(&self, stream: TcpStream, r: crate::policy::Refusal) {
         let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
         refuse_at_once(&stream, answer_text(r.status, r.public, &retry, true).as_bytes());
+        self.inner.metrics.refused(Refusal::AddressLimit);
         debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
     }
 
