@@ -1012,6 +1012,17 @@ mod tests {
         cli.run.into_config().map_err(|e| e.to_string())
     }
 
+    /// `wsbridge agent -v`: the agent's own verbosity (before the subcommand, `-v` would make
+    /// `agent` a positional of the bridge's command line).
+    #[test]
+    fn the_agent_takes_v_for_its_logging() {
+        let cli = Cli::try_parse_from(["wsbridge", "agent", "-vv", "--config", "agent.toml"]).unwrap();
+        match cli.command {
+            Some(Command::Agent(args)) => assert_eq!(args.verbose, 2),
+            _ => panic!("not the agent"),
+        }
+    }
+
     #[test]
     fn unix_listen_and_systemd_sources() {
         let c = config(&["--unix-listen", "/run/ws.sock", "localhost:5900"]).unwrap();

@@ -31,8 +31,9 @@ fn main() -> ExitCode {
             };
         }
     };
-    let verbose = cli.run.verbose;
+    let mut verbose = cli.run.verbose;
     if let Some(Command::Agent(args)) = &cli.command {
+        verbose = verbose.max(args.verbose);
         if args.install_service || args.uninstall_service || args.run_as_service {
             return agent_service::main(args, verbose);
         }
@@ -141,8 +142,8 @@ async fn check(path: &std::path::Path) -> ExitCode {
                 for (server, proxy, from) in c.connections() {
                     match proxy {
                         Some(p) => println!("server {server} through the proxy {p} (from {from})"),
-                        None if *from != ProxySource::Unset => println!("server {server} directly (from {from})"),
-                        None => {}
+                        None if *from == ProxySource::Unset => println!("server {server} directly ({from})"),
+                        None => println!("server {server} directly (from {from})"),
                     }
                 }
                 ExitCode::SUCCESS

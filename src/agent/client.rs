@@ -85,6 +85,9 @@ pub struct AgentArgs {
     /// replacing the one before, and a new one is started.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, wins.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
 /// The agent's validated configuration.
@@ -1082,10 +1085,12 @@ async fn run(
             set(State::Connecting);
         }
         match last_failure {
-            None => info!(server = %config.server.authority(), agent = %config.name, "agent: connecting"),
-            Some(_) => debug!(server = %config.server.authority(), "agent: connecting again"),
+            None => info!(server = %config.server, agent = %config.name, "agent: connecting"),
+            Some(_) => debug!(server = %config.server, "agent: connecting again"),
         }
         let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine, &mut previous).await;
+        // The server said to reconnect (a drain): logged as what it is, not as a failure.
+        let mut told = false;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
             Ended::Moving(reason, link) => {
@@ -1118,6 +1123,7 @@ async fn run(
                 failures = 0;
                 last_failure = None;
                 drained = Some(Instant::now());
+                told = true;
                 ("the server is draining: reconnecting".to_owned(), false)
             }
             Ended::Refused(r) => (r, true),
@@ -1155,7 +1161,10 @@ async fn run(
         if last_failure.as_deref() == Some(reason.as_str()) {
             debug!(%reason, retry_in = ?after, "agent: still not connected; retrying");
         } else if moving {
-            info!(%reason, retry_in = ?after, "agent: not connected elsewhere yet; the connection that moves still serves");
+            info!(%reason, retry_in = ?after, "agent: not connected again yet; the connection that moves still serves");
+        } else if told {
+            // What the server said it would do: not a failure.
+            info!(%reason, retry_in = ?after, "agent: reconnecting");
         } else {
             warn!(%reason, retry_in = ?after, "agent: not connected; retrying");
         }
@@ -1262,6 +1271,7 @@ async fn control(
         sessions: sessions.clone(),
         instance,
         misrouted: Arc::default(),
+        capped: Arc::default(),
         caps: mine.caps.clone(),
     };
     let mut link = ControlLink {
@@ -1582,20 +1592,28 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
                 was_connected: false,
                 retry_after,
             };
+            // The answer's text, without the status line wsbridge's answers begin with.
+            let text = response
+                .body()
+                .as_deref()
+                .map(|b| link::clean_reason(String::from_utf8_lossy(b).trim()))
+                .map(|t| match t.strip_prefix(status.to_string().as_str()) {
+                    Some(rest) => rest.trim_start_matches(':').trim().to_owned(),
+                    None => t,
+                })
+                .filter(|t| !t.is_empty());
             match status.as_u16() {
                 401 | 403 => Err(Ended::Refused(format!("the server refused this agent's name or secret ({status})"))),
                 // Not necessarily this agent's doing (another agent behind the same address,
                 // a proxy's): the network backoff, not the refused secret's, but no sooner than
                 // the server's Retry-After.
-                429 => Err(failed(format!("the server is slowing down this address's logins ({status})"))),
-                // Its text says why (a draining instance, the connection cap), for the log.
-                _ => match response
-                    .body()
-                    .as_deref()
-                    .map(|b| link::clean_reason(String::from_utf8_lossy(b).trim()))
-                {
-                    Some(text) if !text.is_empty() => Err(failed(format!("the server answered {status}: {text}"))),
-                    _ => Err(failed(format!("the server answered {status}"))),
+                429 if text.as_deref().is_none_or(|t| t.contains("failed attempts")) => {
+                    Err(failed(format!("the server is slowing down this address's logins ({status})")))
+                }
+                // Its text says why (a draining instance, the connection caps), for the log.
+                _ => match text {
+                    Some(text) => Err(failed(format!("the server answered {status}: {text}"))),
+                    None => Err(failed(format!("the server answered {status}"))),
                 },
             }
         }
@@ -1654,6 +1672,8 @@ struct Links {
     instance: Option<String>,
     /// Whether a link's reaching another instance was logged (once per control link).
     misrouted: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether a link refused at the server's caps was logged (once per control link).
+    capped: Arc<std::sync::atomic::AtomicBool>,
     /// The agent's capped services' open sessions.
     caps: Arc<Caps>,
 }
@@ -1706,6 +1726,17 @@ async fn data_link(links: Links) {
                     server = %config.server,
                     "agent: a data link reached another instance than the control link: the server URL must reach \
                      one instance (with several, list each instance's own URL)"
+                );
+                Err(std::io::Error::other(format!("the server answered {status}")))
+            }
+            // The server's caps (max_connections_per_ip, max_connections): sessions wait for
+            // links meanwhile, and time out if none comes.
+            429 | 503 if !links.idle.is_cancelled() && !links.capped.swap(true, Ordering::Relaxed) => {
+                warn!(
+                    server = %config.server,
+                    status,
+                    "agent: the server refuses this agent's data links at its connection caps (max_connections_per_ip \
+                     counts a link until it has logged in; max_connections): sessions wait for links"
                 );
                 Err(std::io::Error::other(format!("the server answered {status}")))
             }

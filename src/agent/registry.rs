@@ -796,7 +796,9 @@ impl Registry {
                     Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
                     Taken::Wait(pool) => {
                         if timeout_at(end, pool.arrived.notified()).await.is_err() {
-                            return Err(timed_out());
+                            // Not the app's doing: no link came (the agent's dials failing,
+                            // refused at this server's caps, say).
+                            return Err(ConnectError::Agent(format!("agent {name}: no data link from the agent in time")));
                         }
                     }
                 }
@@ -1001,7 +1003,7 @@ mod tests {
         let e = registry.open("shop-17", "label", Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(e.to_string(), "agent shop-17 has no service label");
         let e = registry.open("shop-17", "pos", Duration::from_millis(50)).await.unwrap_err();
-        assert_eq!(e.to_string(), "agent shop-17: pos: timed out");
+        assert_eq!(e.to_string(), "agent shop-17: no data link from the agent in time");
     }
 
     /// A connected TCP pair: (the link as the server holds it, the agent's end).

@@ -2266,4 +2266,16 @@ async fn the_environments_proxy_is_resolved_for_each_server() {
         text.contains("server wss://agents-2.internal.example:443/agent directly (from NO_PROXY)"),
         "{text}"
     );
+    // With nothing set, check says so too (on Windows it would ask the system's settings).
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(["check", "--config", file.to_str().unwrap()]);
+    for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"] {
+        command.env_remove(var);
+    }
+    let (code, text, err) = command_to_end(command).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("server wss://agents-1.example.com:443/agent directly (no proxy setting)"),
+        "{text}"
+    );
 }
