@@ -644,7 +644,12 @@ impl Bridge {
                     self.inner.metrics.refused(refusal);
                 }
                 linger(&mut stream, t.close).await;
-                return info!(status = status.as_u16(), %reason, "http request answered");
+                // A refusal is worth a line; a static file served is not (a noVNC page load is
+                // some 40 of them): debug.
+                if status.as_u16() >= 400 {
+                    return info!(status = status.as_u16(), %reason, "http request answered");
+                }
+                return debug!(status = status.as_u16(), %reason, "http request answered");
             }
             Ok(Ok(Outcome::Upgrade(u))) => u,
         };
