@@ -296,10 +296,13 @@ async fn a_stalled_session_does_not_stall_the_others_on_the_same_agent() {
 
 /// A TCP relay standing for the network between agent and server: `cut` stops every byte both
 /// ways on the connections it carries, without closing anything, as a dropped network or a dead
-/// NAT mapping does; connections made after the cut pass (the network is back).
+/// NAT mapping does; connections made after the cut pass (the network is back). It also stands
+/// for a balancer in front of instances: each new connection goes where `send_to` said last (a
+/// health check that saw a drain switches it).
 struct Network {
     addr: SocketAddr,
     generation: Arc<std::sync::Mutex<CancellationToken>>,
+    to: Arc<std::sync::Mutex<SocketAddr>>,
 }
 
 impl Network {
@@ -308,16 +311,23 @@ impl Network {
         current.cancel();
         *current = CancellationToken::new();
     }
+
+    /// New connections go to `server` from now on.
+    fn send_to(&self, server: SocketAddr) {
+        *self.to.lock().unwrap() = server;
+    }
 }
 
 async fn network_to(server: SocketAddr) -> Network {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-    let g = generation.clone();
+    let to = Arc::new(std::sync::Mutex::new(server));
+    let (g, target) = (generation.clone(), to.clone());
     tokio::spawn(async move {
         while let Ok((mut a, _)) = listener.accept().await {
             let c = g.lock().unwrap().clone();
+            let server = *target.lock().unwrap();
             tokio::spawn(async move {
                 let Ok(mut b) = TcpStream::connect(server).await else { return };
                 tokio::select! {
@@ -330,7 +340,7 @@ async fn network_to(server: SocketAddr) -> Network {
             });
         }
     });
-    Network { addr, generation }
+    Network { addr, generation, to }
 }
 
 #[tokio::test]
@@ -1244,30 +1254,6 @@ async fn a_draining_server_tells_its_agents_to_reconnect() {
     .await;
 }
 
-/// A balancer in front of instances: each new connection goes to the instance `to` names then
-/// (a health check that saw a drain switches it).
-struct Balancer {
-    addr: SocketAddr,
-    to: Arc<std::sync::Mutex<SocketAddr>>,
-}
-
-async fn balancer(to: SocketAddr) -> Balancer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let to = Arc::new(std::sync::Mutex::new(to));
-    let target = to.clone();
-    tokio::spawn(async move {
-        while let Ok((mut a, _)) = listener.accept().await {
-            let server = *target.lock().unwrap();
-            tokio::spawn(async move {
-                let Ok(mut b) = TcpStream::connect(server).await else { return };
-                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-            });
-        }
-    });
-    Balancer { addr, to }
-}
-
 /// Make-before-break: an instance that starts to drain asks its agents to move at once, while
 /// it still serves. The agent connects again (the draining instance answers 503 until the
 /// balancer sends it to the other one), then lets its old control link go: it is on the other
@@ -1279,7 +1265,7 @@ async fn a_draining_instance_moves_its_agents_before_its_sessions_end() {
     config.timeouts.drain_delay = Some(Duration::from_secs(60));
     let a = TestBridge::start(config).await;
     let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
-    let balancer = balancer(a.addr).await;
+    let balancer = network_to(a.addr).await;
     let mut agent = start_agent(agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
     idle_links(&a, "shop-17", 4).await;
     let (mut page, _) = ws_connect(&a.url("/pos"), None).await;
@@ -1303,7 +1289,7 @@ async fn a_draining_instance_moves_its_agents_before_its_sessions_end() {
     send_bin(&mut late, b"late").await;
     assert_eq!(recv_data(&mut late).await, b"late");
     // The balancer's health check has seen the drain: new connections go to b.
-    *balancer.to.lock().unwrap() = b.addr;
+    balancer.send_to(b.addr);
     connected(&mut agent).await;
     idle_links(&b, "shop-17", 4).await;
     within("the agent to let a go", async {
@@ -1336,7 +1322,7 @@ async fn the_operator_moves_agents_to_where_the_balancer_sends_them() {
     let (echo, _) = echo_backend().await;
     let a = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
-    let balancer = balancer(b.addr).await;
+    let balancer = network_to(b.addr).await;
     let _agent = start_agent(agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
     idle_links(&b, "shop-17", 4).await;
     let (mut page, _) = ws_connect(&b.url("/pos"), None).await;
@@ -1351,7 +1337,7 @@ async fn the_operator_moves_agents_to_where_the_balancer_sends_them() {
     assert_eq!(admin(admin_b, "POST", "/agents/shop-99/move", Some("t")).await.0, 404);
 
     // a is back: the balancer sends new connections there.
-    *balancer.to.lock().unwrap() = a.addr;
+    balancer.send_to(a.addr);
     let (status, body) = admin(admin_b, "POST", "/agents/shop-17/move", Some("t")).await;
     assert_eq!((status, body.trim()), (200, r#"{"asked":1}"#));
     idle_links(&a, "shop-17", 4).await;

@@ -88,6 +88,11 @@ impl Instance {
             ),
         )
         .unwrap();
+        Instance::run(&file).await
+    }
+
+    /// Runs the configuration `file` and waits until the instance is ready.
+    async fn run(file: &Path) -> Instance {
         let bin = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
         let admin = bin.admin_addr().await;
         within("the instance's readiness", async {
@@ -414,15 +419,7 @@ async fn agent_instance(dir: &Path, name: &str, secret: &str) -> Instance {
         ),
     )
     .unwrap();
-    let bin = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
-    let admin = bin.admin_addr().await;
-    within("the instance's readiness", async {
-        while admin_get(admin, "/readyz").await.0 != 200 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    Instance { bin, admin }
+    Instance::run(&file).await
 }
 
 /// Whether `instance` lists agent `shop-17` as connected (its admin `/agents`).

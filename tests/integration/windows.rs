@@ -891,6 +891,19 @@ async fn stop_agent(mut p: WinProcess) {
     assert!(status.success(), "{status:?}");
 }
 
+/// The agent's two connections up, a session through each server byte for byte, and the proxy
+/// saw the control link and the data links to `through` and nothing else; then a clean stop.
+async fn through_the_proxy_to_one_server_only(mut p: WinProcess, proxy: &ConnectProxy, through: &TestBridge, direct: &TestBridge) {
+    p.line("agent: connected", WINE_WAIT).await;
+    p.line("agent: connected", WINE_WAIT).await;
+    session_through_the_agent(&through.url("/pos")).await;
+    session_through_the_agent(&direct.url("/pos")).await;
+    let targets = proxy.targets();
+    assert!(targets.len() >= 2, "{targets:?}");
+    assert!(targets.iter().all(|t| *t == through.addr.to_string()), "{targets:?}");
+    stop_agent(p).await;
+}
+
 /// `wsbridge.exe agent` with no proxy option and no proxy in its environment follows the
 /// Internet Options of its user, set in its prefix's registry: a manual proxy per scheme (ws://
 /// takes the `http=` entry; `https=` and `socks=` are not for it) and the bypass list `<local>`.
@@ -930,15 +943,7 @@ async fn the_agent_under_wine_follows_the_internet_options_proxy_and_bypass_list
         servers[1]
     );
     assert!(not.ends_with(&says), "{not}");
-    p.line("agent: connected", WINE_WAIT).await;
-    p.line("agent: connected", WINE_WAIT).await;
-    session_through_the_agent(&through.url("/pos")).await;
-    session_through_the_agent(&direct.url("/pos")).await;
-    // The control link and the data links to the first server, and nothing else.
-    let targets = proxy.targets();
-    assert!(targets.len() >= 2, "{targets:?}");
-    assert!(targets.iter().all(|t| *t == through.addr.to_string()), "{targets:?}");
-    stop_agent(p).await;
+    through_the_proxy_to_one_server_only(p, &proxy, &through, &direct).await;
 }
 
 /// With nothing in the user's Internet Options but the default (automatic detection, which finds
@@ -1016,14 +1021,7 @@ async fn the_agent_under_wine_follows_a_pac_script() {
     );
     assert!(not.ends_with(&says), "{not}");
     assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    p.line("agent: connected", WINE_WAIT).await;
-    p.line("agent: connected", WINE_WAIT).await;
-    session_through_the_agent(&through.url("/pos")).await;
-    session_through_the_agent(&direct.url("/pos")).await;
-    let targets = proxy.targets();
-    assert!(targets.len() >= 2, "{targets:?}");
-    assert!(targets.iter().all(|t| *t == through.addr.to_string()), "{targets:?}");
-    stop_agent(p).await;
+    through_the_proxy_to_one_server_only(p, &proxy, &through, &direct).await;
 }
 
 /// A PAC script whose server never answers holds the agent's start for its `connect_timeout`
