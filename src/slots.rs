@@ -90,6 +90,10 @@ pub struct Held {
     connection: Slot,
     /// Held for its drop only.
     _per_ip: Option<crate::policy::AddressSlot>,
+    /// Its address was over `max_connections_per_ip`, but an agent is connected from there: it
+    /// may be one of that agent's links (or another agent's behind the same NAT), and is let in
+    /// for an agent endpoint only; anything else gets this refusal once its request is read.
+    agents_only: Option<crate::policy::Refusal>,
 }
 
 impl Held {
@@ -98,7 +102,23 @@ impl Held {
         Held {
             connection,
             _per_ip: per_ip,
+            agents_only: None,
         }
+    }
+
+    /// A connection over its address's cap let in for an agent endpoint only (`refusal`: the
+    /// answer for anything else).
+    pub fn agents_only(connection: Slot, refusal: crate::policy::Refusal) -> Held {
+        Held {
+            connection,
+            _per_ip: None,
+            agents_only: Some(refusal),
+        }
+    }
+
+    /// The refusal a request that is not for an agent endpoint gets ([`Held::agents_only`]).
+    pub fn refusal(&self) -> Option<&crate::policy::Refusal> {
+        self.agents_only.as_ref()
     }
 
     /// The connection proved an agent's secret: it stops counting against its address (the

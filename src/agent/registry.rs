@@ -722,6 +722,19 @@ impl Registry {
             .map(|a| a.pool.idle_links())
     }
 
+    /// Whether an agent is connected from `ip` (an IPv6 address: from its /64, as the
+    /// per-address caps count it). Looked at only when that address is over
+    /// `max_connections_per_ip`: one scan of the connected agents.
+    pub fn has_agent_at(&self, ip: IpAddr) -> bool {
+        let host = |ip: IpAddr| match ip.to_canonical() {
+            IpAddr::V4(v4) => (v4.octets().to_vec(), 4),
+            IpAddr::V6(v6) => (v6.octets()[..8].to_vec(), 6),
+        };
+        let want = host(ip);
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.values().any(|a| host(a.addr.ip()) == want)
+    }
+
     /// Whether `name` is connected now.
     pub fn is_connected(&self, name: &str) -> bool {
         self.agents.lock().unwrap_or_else(|p| p.into_inner()).contains_key(name)
@@ -1098,6 +1111,26 @@ mod tests {
         assert_eq!(registry.idle_links("shop-17"), Some(1), "back under the cap");
         assert_eq!(connections.taken(), 2, "the page's and the idle link's");
         drop(page);
+    }
+
+    /// An address with an agent connected, as the per-address caps count it (IPv6 by /64).
+    #[test]
+    fn an_agent_is_found_by_its_address() {
+        let registry = shop_17();
+        assert!(!registry.has_agent_at("2001:db8::1".parse().unwrap()));
+        let _attached = registry
+            .attach(
+                "shop-17",
+                [0; 32],
+                vec!["pos".into()],
+                "[2001:db8::1]:4000".parse().unwrap(),
+                4,
+                true,
+            )
+            .unwrap();
+        assert!(registry.has_agent_at("2001:db8::99".parse().unwrap()), "the same /64");
+        assert!(!registry.has_agent_at("2001:db8:0:1::1".parse().unwrap()), "another /64");
+        assert!(!registry.has_agent_at("127.0.0.1".parse().unwrap()));
     }
 
     /// A link coming back beyond the pool's size (after a burst) stays only while 90 % of

@@ -396,17 +396,17 @@ impl Bridge {
         if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
             return;
         }
-        let per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+        let held = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+            Some(Err(r)) if live.agents.has_agent_at(peer.client.ip()) => Held::agents_only(slot, r),
             Some(Err(r)) => {
                 let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
                 let _ = timeout(Duration::from_secs(1), answer(&mut stream, r.status, r.public, &retry)).await;
                 self.inner.metrics.refused(crate::metrics::Refusal::AddressLimit);
                 return debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
             }
-            Some(Ok(slot)) => Some(slot),
-            None => None,
+            Some(Ok(per_ip)) => Held::new(slot, Some(per_ip)),
+            None => Held::new(slot, None),
         };
-        let held = Held::new(slot, per_ip);
         Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
     }
 
@@ -481,12 +481,14 @@ impl Bridge {
         }
         // One address may not hold every connection slot (slow heads, reconnecting at each
         // deadline): counted from here, once the PROXY header has named it.
-        let per_ip = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+        // Past it, an address an agent is connected from still gets agent endpoints: its
+        // links must log in even when the pages behind the same NAT fill the allowance.
+        let held = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
+            Some(Err(r)) if live.agents.has_agent_at(peer.client.ip()) => Held::agents_only(slot, r),
             Some(Err(r)) => return Box::pin(self.refuse_per_ip(stream, r)).await,
-            Some(Ok(slot)) => Some(slot),
-            None => None,
+            Some(Ok(per_ip)) => Held::new(slot, Some(per_ip)),
+            None => Held::new(slot, None),
         };
-        let held = Held::new(slot, per_ip);
         let Some(tls) = &listener.tls else {
             return Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
         };
@@ -625,6 +627,13 @@ impl Bridge {
             let Ok((request, leftover)) = head else { return };
             let serve = crate::agent::endpoint::serve(stream, held, peer.client, request, leftover, &live.agents, &endpoint, t, shutdown);
             return Box::pin(serve).await;
+        }
+        if let Some(r) = held.refusal() {
+            // Let in past its address's cap for an agent endpoint only.
+            let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
+            let _ = timeout(Duration::from_secs(1), answer(&mut stream, r.status, r.public, &retry)).await;
+            self.inner.metrics.refused(Refusal::AddressLimit);
+            return debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
         }
         let ctx = Context {
             client: peer.client.ip(),

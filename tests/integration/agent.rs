@@ -563,7 +563,8 @@ async fn the_brake_counts_the_real_client_behind_a_trusted_proxy() {
 
 /// A logged-in agent's connections stop counting against its address (agents behind one NAT
 /// share it with the pages there) but stay connections under `max_connections`: its control
-/// link, and its data links while they wait in the pool (each one is a descriptor).
+/// link, and its data links while they wait in the pool (each one is a descriptor). An address
+/// with an agent connected gets agent endpoints past its cap, nothing else.
 #[tokio::test]
 async fn a_logged_in_agent_counts_as_connections_but_not_against_its_address() {
     let (echo, _) = echo_backend().await;
@@ -580,9 +581,12 @@ async fn a_logged_in_agent_counts_as_connections_but_not_against_its_address() {
         send_bin(ws, what).await;
         assert_eq!(recv_data(ws).await, what);
     }
-    // A third is over the address's cap, which still holds for everything but logged-in agents.
+    // A third is over the address's cap, which still holds for everything but agents.
     let third = http_raw(bridge.addr, &upgrade_request("/pos", "")).await;
     assert_eq!(status_of(&third), 429, "{third}");
+    // The two pages fill the allowance; the links the pool asked for in place of theirs still
+    // log in (an agent is connected from that address), and the pool is full again.
+    idle_links(&bridge, "shop-17", 4).await;
 }
 
 /// An agent's data link counts as a connection while it waits in the pool; in a session it
