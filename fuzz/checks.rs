@@ -350,6 +350,7 @@ pub fn decide(table: &RouteTable, data: &[u8], sizes: &[usize], client: IpAddr) 
         max_sessions: None,
         rate: Some(1.0 / 6.0),
         burst: 10,
+        connections: false,
     };
     let failures = &PerAddress::new(limits, 1024);
     let origins = [wsbridge::policy::OriginRule::SameOrigin];

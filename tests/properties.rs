@@ -945,7 +945,7 @@ proptest! {
         ops in prop::collection::vec((0..3usize, any::<bool>()), 1..40),
         alone in any::<bool>(),
     ) {
-        let table = PerAddress::new(AddressLimits { max_sessions: Some(cap), rate: None, burst: 0 }, 1024);
+        let table = PerAddress::new(AddressLimits { max_sessions: Some(cap), rate: None, burst: 0, connections: false }, 1024);
         let ips: [IpAddr; 3] = [[192, 0, 2, 1].into(), [192, 0, 2, 2].into(), "2001:db8::3".parse().unwrap()];
         let mut held: HashMap<usize, Vec<wsbridge::policy::AddressSlot>> = HashMap::new();
         for (who, enter) in ops {

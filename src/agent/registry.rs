@@ -880,6 +880,7 @@ impl Default for Brake {
                 max_sessions: None,
                 rate: Some(1.0 / BRAKE_REFILL.as_secs_f64()),
                 burst: BRAKE_BURST,
+                connections: false,
             },
             4096,
         ))

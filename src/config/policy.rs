@@ -297,6 +297,7 @@ pub(super) fn per_ip(max: Option<u32>, rate: Option<RateDe>, burst: Option<u32>)
         rate,
         // A second's worth by default, at least one.
         burst: burst.unwrap_or_else(|| rate.map_or(1, |r| r.ceil().max(1.0) as u32)),
+        connections: false,
     })
 }
 

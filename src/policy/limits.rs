@@ -19,6 +19,9 @@ pub struct AddressLimits {
     pub rate: Option<f64>,
     /// ...with room for this many at once.
     pub burst: u32,
+    /// What `max_sessions` counts, for the refusal's words: connections (`[limits]
+    /// max_connections_per_ip`, counted from accept) rather than sessions.
+    pub connections: bool,
 }
 
 impl AddressLimits {
@@ -112,10 +115,14 @@ impl PerAddress {
         let counted = self.with_entry(ip, now, |entry, burst| {
             if let Some(max) = limits.max_sessions {
                 if entry.sessions >= max {
+                    let (public, what) = match limits.connections {
+                        true => ("too many connections from your address", "connections"),
+                        false => ("too many sessions from your address", "sessions"),
+                    };
                     return Err(Refusal {
                         status: StatusCode::TOO_MANY_REQUESTS,
-                        public: "too many sessions from your address",
-                        detail: format!("client {} has {} sessions open (max {max} per address)", entry.key, entry.sessions),
+                        public,
+                        detail: format!("client {} has {} {what} open (max {max} per address)", entry.key, entry.sessions),
                         retry_after: Some(5),
                     });
                 }

@@ -113,6 +113,7 @@ const AUTH_FAILURES: AddressLimits = AddressLimits {
     max_sessions: None,
     rate: Some(1.0 / 6.0),
     burst: 10,
+    connections: false,
 };
 
 /// Who a connection comes from: the client's address (from a PROXY header on a listener that
@@ -988,6 +989,7 @@ impl Live {
             connections_per_ip: crate::routes::per_ip_table(
                 AddressLimits {
                     max_sessions: config.limits.max_connections_per_ip.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+                    connections: true,
                     ..AddressLimits::default()
                 },
                 previous.and_then(|p| p.connections_per_ip.as_ref()),

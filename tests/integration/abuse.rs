@@ -327,6 +327,7 @@ async fn one_address_cannot_hold_every_connection_slot() {
     within("the 429", third.read_to_string(&mut answer)).await.unwrap();
     assert_eq!(status_of(&answer), 429, "{answer}");
     assert!(answer.to_ascii_lowercase().contains("\r\nretry-after: "), "{answer}");
+    assert!(answer.contains("too many connections from your address"), "{answer}");
     // Counted, by its own reason: an operator sees the cap at work.
     let (admin_addr, _guard) = start_admin(&b, None).await;
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
