@@ -146,6 +146,14 @@ async fn check(path: &std::path::Path) -> ExitCode {
                         None => println!("server {server} directly (from {from})"),
                     }
                 }
+                if c.connections().any(|(_, _, from)| matches!(from, ProxySource::Windows(_))) {
+                    // Internet Options are per account: the service's (LocalService) are usually
+                    // empty, where an administrator's console has its own.
+                    println!(
+                        "(the Windows settings of the account running this check; the service reads those of LocalService, \
+                         then the machine's WinHTTP default)"
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -343,6 +343,12 @@ pub fn choose(server: &ServerUrl, reading: &Reading) -> (Option<Proxy>, WindowsC
                 if let Some(decided) = choice.try_static(server, WindowsSetting::InternetOptions, list, user.bypass.as_deref()) {
                     return (decided, choice);
                 }
+                // A manual proxy per protocol with none for this one (`http=p:80` only, for a
+                // wss:// server): Windows programs go directly, not to the machine's default.
+                if matches!(pick(list, server.tls), Listed::Nothing) {
+                    choice.setting = Some(WindowsSetting::InternetOptions);
+                    return (None, choice);
+                }
             }
         }
     }
@@ -376,12 +382,22 @@ pub fn winhttp_error(code: u32) -> String {
     format!("{what} (error {code})")
 }
 
+/// The longest the agent's start waits for the Windows settings, whatever `connect_timeout`
+/// says: the Service Control Manager gives a service 30 s to start, and the settings are read
+/// before it is told the service runs.
+#[cfg(windows)]
+const MOST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The Windows settings' proxy for each of `servers`, read on a thread of its own: the answers
-/// that are not in within `wait` (a PAC download or WPAD lookup that hangs) count as failed, and
-/// the thread is left to end by itself (WinHTTP's own timeouts, set to `wait` too, end it; it
-/// frees what it holds, and its results go nowhere).
+/// that are not in within `wait` (at most [`MOST_WAIT`]; a PAC download or WPAD lookup that
+/// hangs) count as failed, and the thread is left behind to end by itself. WinHTTP's own
+/// timeouts, set to `wait` on the agent's session, bound its requests but not necessarily the
+/// whole lookup (Wine downloads a PAC script on a session of its own, with its own 30 s
+/// timeouts): the thread may outlive the deadline; it frees what it holds, and its results go
+/// nowhere.
 #[cfg(windows)]
 pub fn windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<(Option<Proxy>, WindowsChoice)> {
+    let wait = wait.min(MOST_WAIT);
     read_windows(servers, wait)
         .iter()
         .zip(servers)
@@ -738,6 +754,17 @@ mod tests {
             machine: Ok(None),
         };
         assert_eq!(route(&reading, "wss://b/agent"), (None, "Windows settings (none)".into()));
+        // A manual proxy for http only: a wss:// server goes directly, as Windows programs
+        // do, not to the machine's default.
+        let reading = Reading {
+            user: user(false, None, Some("http=p1:80"), None),
+            auto: None,
+            machine,
+        };
+        let (p, says) = route(&reading, "wss://bridge.example.com/agent");
+        assert_eq!(p, None);
+        assert!(says.starts_with("Windows settings (Internet Options)"), "{says}");
+        assert_eq!(route(&reading, "ws://bridge.example.com/agent").0.as_deref(), Some("p1:80"));
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!   (`netsh winhttp set proxy`);
 //! - [`proxy_for_url`]: `WinHttpGetProxyForUrl` on a session of its own, for a PAC script or WPAD.
 //!   It can wait on the network (DHCP, DNS, the script's download): the caller runs it on a
-//!   thread of its own ([`super::system_proxy`]), and its session's timeouts bound it too.
+//!   thread of its own and stops waiting at its deadline ([`super::system_proxy`]). The
+//!   session's timeouts bound its requests, not necessarily the whole lookup (WPAD's discovery,
+//!   the script's run; Wine downloads the script on a session of its own), so the thread may
+//!   outlive the deadline.
 //!
 //! Every string WinHTTP hands over was allocated with `GlobalAlloc` and is the caller's to free
 //! with `GlobalFree`: each one is wrapped in a [`GlobalString`] the moment the call returns, which
@@ -145,8 +148,8 @@ pub fn default_setting() -> Result<Option<StaticSetting>, u32> {
 
 /// The proxy list WinHTTP gives for `url` from the PAC script at `pac_url` and/or the one
 /// automatic detection (WPAD: DHCP, then DNS) finds, logging on to fetch it if asked
-/// (`fAutoLogonIfChallenged`); `None` when the script says DIRECT. Every network step of WinHTTP's
-/// is bounded by `timeout`.
+/// (`fAutoLogonIfChallenged`); `None` when the script says DIRECT. The session's requests get
+/// `timeout` (WinHTTP's own steps, and Wine's script download, may take longer).
 ///
 /// # Errors
 /// WinHTTP's error code (no script found, not downloaded, failed, …).
@@ -162,7 +165,7 @@ pub fn proxy_for_url(url: &str, auto_detect: bool, pac_url: Option<&str>, timeou
     let session = Session(handle);
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX).max(1);
     // SAFETY: `session.0` is a live session handle (closed only when `session` drops, after this).
-    // A failure leaves WinHTTP's default timeouts, which bound the lookup too: not worth failing for.
+    // A failure leaves WinHTTP's default timeouts: not worth failing for.
     let _ = unsafe { WinHttpSetTimeouts(session.0, ms, ms, ms, ms) };
     let url = wide(url);
     let pac = pac_url.map(wide);

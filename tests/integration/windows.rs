@@ -785,13 +785,17 @@ impl OwnPrefix {
 
 impl Drop for OwnPrefix {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("wineserver")
-            .arg("-k")
-            .env("WINEPREFIX", self.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // Killed, then waited for (at most 10 s: coreutils' timeout), so that the server is not
+        // still writing its registry into the prefix while the directory is removed.
+        for args in [&["wineserver", "-k"][..], &["timeout", "10", "wineserver", "-w"][..]] {
+            let _ = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .env("WINEPREFIX", self.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
