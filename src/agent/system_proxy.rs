@@ -89,12 +89,26 @@ pub enum WindowsSetting {
     Wpad,
 }
 
+/// `url` for the log: without a query or fragment, and without `user:pass@`.
+fn shown_url(url: &str) -> String {
+    let bare = url.split(['?', '#']).next().unwrap_or(url);
+    match bare.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => bare.to_owned(),
+    }
+}
+
 impl std::fmt::Display for WindowsSetting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WindowsSetting::InternetOptions => f.write_str("Internet Options"),
             WindowsSetting::WinHttpDefault => f.write_str("WinHTTP default"),
-            WindowsSetting::Pac(url) => write!(f, "PAC {url}"),
+            // Without its query or credentials (a token in a PAC URL must not reach the log).
+            WindowsSetting::Pac(url) => write!(f, "PAC {}", shown_url(url)),
             WindowsSetting::Wpad => f.write_str("WPAD"),
         }
     }
@@ -765,6 +779,16 @@ mod tests {
         assert_eq!(p, None);
         assert!(says.starts_with("Windows settings (Internet Options)"), "{says}");
         assert_eq!(route(&reading, "ws://bridge.example.com/agent").0.as_deref(), Some("p1:80"));
+    }
+
+    /// A PAC URL in the log: no query, fragment or credentials.
+    #[test]
+    fn a_pac_url_is_logged_without_its_secrets() {
+        let shown = |u: &str| WindowsSetting::Pac(u.into()).to_string();
+        assert_eq!(shown("http://u:p@pac.corp/proxy.pac?token=abc#x"), "PAC http://pac.corp/proxy.pac");
+        assert_eq!(shown("http://pac.corp:8080/p.pac"), "PAC http://pac.corp:8080/p.pac");
+        assert_eq!(shown("https://u@pac.corp"), "PAC https://pac.corp");
+        assert_eq!(shown("file://C:/x.pac?a"), "PAC file://C:/x.pac");
     }
 
     #[test]
