@@ -1166,7 +1166,18 @@ async fn run(
             // What the server said it would do: not a failure.
             info!(%reason, retry_in = ?after, "agent: reconnecting");
         } else {
-            warn!(%reason, retry_in = ?after, "agent: not connected; retrying");
+            match &config.proxy_source {
+                // Read once, at start: a computer that moved to another network keeps the
+                // route it started with until the agent is restarted.
+                ProxySource::Windows(_) => warn!(
+                    %reason,
+                    retry_in = ?after,
+                    route = %config.proxy_source,
+                    "agent: not connected; retrying (the proxy settings were read from Windows at start: restart the agent \
+                     after they change)"
+                ),
+                _ => warn!(%reason, retry_in = ?after, "agent: not connected; retrying"),
+            }
         }
         last_failure = Some(reason.clone());
         match moving {
