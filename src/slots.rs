@@ -75,7 +75,8 @@ impl Recount {
     }
 
     /// Takes a slot for something that can do without (an agent's link beyond its pool, kept
-    /// for the next burst) only if 90 % of the cap stay free for the rest after it.
+    /// for the next burst) only while less than 90 % of the cap is taken: the last tenth is
+    /// kept for the rest.
     pub fn try_take_spare(&self) -> Option<Slot> {
         let max = self.max.load(Ordering::Relaxed);
         self.slots.get_or_init(Slots::default).try_take(max.saturating_mul(9) / 10)

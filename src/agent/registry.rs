@@ -1134,8 +1134,8 @@ mod tests {
         assert!(!registry.has_agent_at("127.0.0.1".parse().unwrap()));
     }
 
-    /// A link coming back beyond the pool's size (after a burst) stays only while 90 % of
-    /// `max_connections` stay free for the rest: idle links must not fill the cap against pages.
+    /// A link coming back beyond the pool's size (after a burst) stays only while less than
+    /// 90 % of `max_connections` is taken: idle links must not fill the cap against pages.
     #[tokio::test]
     async fn links_beyond_the_pool_come_back_only_while_the_cap_has_room() {
         let registry = shop_17();
