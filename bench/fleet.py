@@ -7,7 +7,9 @@ process) dialling it over loopback. Measures what an operator sizes a server by:
   of idle data links), and its CPU while the fleet is idle (pings both ways);
 - sessions through one agent of the fleet (loadgen `sessions`: open, echo, close);
 - a restart: SIGTERM (the drain tells every agent), a new server on the same port, and how
-  long until every agent is back.
+  long until every agent is back. With --drain-delay, the drain first asks the agents to move
+  and answers their tries 503 for the delay (no other instance to go to): the server's CPU over
+  the delay says what a fleet that moves costs an instance that drains.
 
     cargo build --profile profiling && cargo build --profile profiling --example fleet
     python3 bench/fleet.py --agents 1000
@@ -94,6 +96,8 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--pool", type=int, default=4, help="the endpoint's pool of idle data links per agent")
     ap.add_argument("--tls", action="store_true", help="the agents dial wss:// (a self-signed certificate)")
+    ap.add_argument("--drain-delay", type=float, default=0.0,
+                    help="the server's drain_delay in seconds (0: off, agents told at once)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wsbridge-fleet-"))
     procs = []
@@ -112,6 +116,7 @@ def main() -> int:
         (work / "server.toml").write_text(
             f'[[listen]]\naddr = "127.0.0.1:{port}"\n{tls}\n'
             f'[limits]\nmax_connections = {max(10_000, a.agents * 6)}\n\n'
+            + (f'[timeouts]\ndrain_delay = "{int(a.drain_delay * 1000)}ms"\n\n' if a.drain_delay else '') +
             f'[[agent_endpoint]]\npath = "/agent"\npool = {a.pool}\n\n'
             f'[[agents]]\nsource = "{work / "fleet"}"\n\n'
             f'[[route]]\npath = "/agents/{{agent}}/{{service}}"\n'
@@ -143,8 +148,15 @@ def main() -> int:
                              capture_output=True, text=True, timeout=60)
         sessions = run.loadgen_result(res.stdout)
         # A restart: the drain tells every agent; a new server on the same port.
+        cpu2 = cpu_s(server.pid)
+        signalled = time.monotonic()
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        if a.drain_delay:
+            # The drain delay's CPU: the agents' tries to move, answered 503 (read before exit).
+            time.sleep(a.drain_delay * 0.95)
+            drain_cpu = cpu_s(server.pid) - cpu2
+            drain_span = time.monotonic() - signalled
+        server.wait(timeout=60 + a.drain_delay)
         drained = time.monotonic()
         server = start_server(a.binary, work / "server.toml", port, log)
         procs.append(server)
@@ -162,6 +174,8 @@ def main() -> int:
             "server_idle_cpu_percent": round(idle_cpu * 100, 2),
             "sessions_through_one_agent_per_s": sessions.get("rate"),
             "session_p50_us": sessions.get("p50_us"),
+            **({"drain_delay_s": a.drain_delay,
+                "server_cpu_percent_while_draining": round(drain_cpu / drain_span * 100, 2)} if a.drain_delay else {}),
             "restart_gap_s": round(restarted - drained, 3),
             "all_back_after_restart_s": round(back - restarted, 3),
         }, indent=1))
