@@ -399,12 +399,7 @@ impl Bridge {
         }
         let held = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
             Some(Err(r)) if live.agents.has_agent_at(peer.client.ip()) => Held::agents_only(slot, r),
-            Some(Err(r)) => {
-                let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
-                let _ = timeout(Duration::from_secs(1), answer(&mut stream, r.status, r.public, &retry)).await;
-                self.inner.metrics.refused(crate::metrics::Refusal::AddressLimit);
-                return debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
-            }
+            Some(Err(r)) => return self.answer_per_ip(&mut stream, &r).await,
             Some(Ok(per_ip)) => Held::new(slot, Some(per_ip)),
             None => Held::new(slot, None),
         };
@@ -524,6 +519,15 @@ impl Bridge {
         debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
     }
 
+    /// Answers a connection over `max_connections_per_ip` with 429 (within a second), where
+    /// the answer need not go out at once: a unix socket's local peer, or a request already read.
+    async fn answer_per_ip<S: AsyncWrite + Unpin>(&self, stream: &mut S, r: &crate::policy::Refusal) {
+        let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
+        let _ = timeout(Duration::from_secs(1), answer(stream, r.status, r.public, &retry)).await;
+        self.inner.metrics.refused(Refusal::AddressLimit);
+        debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
+    }
+
     /// Sniffs the first byte: a TLS ClientHello gets the TLS handshake, anything else plain HTTP
     /// (or a prompt refusal on a TLS-only listener).
     #[allow(clippy::too_many_arguments)]
@@ -631,10 +635,7 @@ impl Bridge {
         }
         if let Some(r) = held.refusal() {
             // Let in past its address's cap for an agent endpoint only.
-            let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
-            let _ = timeout(Duration::from_secs(1), answer(&mut stream, r.status, r.public, &retry)).await;
-            self.inner.metrics.refused(Refusal::AddressLimit);
-            return debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
+            return self.answer_per_ip(&mut stream, r).await;
         }
         let ctx = Context {
             client: peer.client.ip(),

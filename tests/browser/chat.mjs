@@ -19,10 +19,11 @@
 // certificate; it may be given several times.
 
 import { existsSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { brief, startRun } from './run.mjs';
 
 const USAGE = 'usage: node chat.mjs [--ignore-spki HASH]... [--timeout SECONDS] URL';
 const started = Date.now();
@@ -67,53 +68,8 @@ const deadline = started + opts.timeoutMs;
 // Each wait gets at most stepMs, and never more than is left of the whole run.
 const left = () => Math.max(1, Math.min(stepMs, deadline - Date.now()));
 
-let context = null;
-let userDataDir = null;
-let finished = false;
-
-// An error's message, short: playwright's carry the whole browser command line and call log.
-function brief(e, maxLines = 1) {
-  return String(e && e.message ? e.message : e)
-    .replace(/\u001b\[[0-9;]*m/g, '')
-    .split('\n')
-    .map((l) => l.trim())
-    .filter((l) => l && !/<launching>|^Call log:$|^- /.test(l))
-    .slice(0, maxLines)
-    .map((l) => (l.length > 300 ? `${l.slice(0, 300)}...` : l))
-    .join(' | ');
-}
-
-function result(obj) {
-  console.log(JSON.stringify({ ...obj, ms: Date.now() - started }));
-}
-
-async function cleanup() {
-  const c = context;
-  context = null;
-  if (c) {
-    // Bounded: a wedged browser must not hold the run past its deadline. Playwright also kills
-    // the browser process when node exits.
-    await Promise.race([c.close().catch(() => {}), new Promise((r) => setTimeout(r, 5_000).unref())]);
-  }
-  if (userDataDir) await rm(userDataDir, { recursive: true, force: true, maxRetries: 3 }).catch(() => {});
-}
-
-async function fail(message) {
-  if (finished) return;
-  finished = true;
-  console.error(`chat.mjs: FAIL: ${message}`);
-  result({ ok: false, url: opts.url, error: message });
-  await cleanup();
-  process.exit(1);
-}
-
-// The watchdog: whatever hangs, the run ends a little after its deadline, browser closed.
-const watchdog = setTimeout(() => {
-  fail(`timed out after ${opts.timeoutMs / 1000} s overall`);
-}, opts.timeoutMs + 1_000);
-watchdog.unref();
-
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => fail(`interrupted by ${sig}`));
+const run = startRun('chat.mjs', opts, started);
+const { result, fail } = run;
 
 async function main() {
   if (!existsSync(executablePath)) {
@@ -140,9 +96,9 @@ async function main() {
   ];
   if (opts.spki.length) args.push(`--ignore-certificate-errors-spki-list=${opts.spki.join(',')}`);
 
-  userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
+  run.userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
   try {
-    context = await chromium.launchPersistentContext(userDataDir, {
+    run.context = await chromium.launchPersistentContext(run.userDataDir, {
       executablePath,
       headless: true,
       args,
@@ -156,6 +112,7 @@ async function main() {
   } catch (e) {
     return fail(`cannot start ${executablePath}: ${brief(e, 6)}`);
   }
+  const context = run.context;
   const page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(stepMs);
 
@@ -271,8 +228,7 @@ async function main() {
     return fail(`cannot save the screenshot to ${screenshot}: ${brief(e)}`);
   }
   const browserVersion = context.browser()?.version() ?? null;
-  finished = true;
-  await cleanup();
+  await run.finish();
   result({
     ok: true,
     url: opts.url,

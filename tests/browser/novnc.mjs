@@ -27,9 +27,10 @@
 // (on failure too, if the page got that far). The whole run ends within --timeout (default 50 s).
 
 import { existsSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { brief, startRun } from './run.mjs';
 
 const USAGE = 'usage: node novnc.mjs --geometry WxH --desktop NAME [--timeout SECONDS] URL';
 const started = Date.now();
@@ -81,53 +82,8 @@ const left = () => Math.max(1, Math.min(stepMs, deadline - Date.now()));
 // which must differ from the server's geometry for step 3 to show anything.
 const VIEWPORT = { width: 1000, height: 720 };
 
-let context = null;
-let userDataDir = null;
-let finished = false;
-
-// An error's message, short: playwright's carry the whole browser command line and call log.
-function brief(e, maxLines = 1) {
-  return String(e && e.message ? e.message : e)
-    .replace(/\u001b\[[0-9;]*m/g, '')
-    .split('\n')
-    .map((l) => l.trim())
-    .filter((l) => l && !/<launching>|^Call log:$|^- /.test(l))
-    .slice(0, maxLines)
-    .map((l) => (l.length > 300 ? `${l.slice(0, 300)}...` : l))
-    .join(' | ');
-}
-
-function result(obj) {
-  console.log(JSON.stringify({ ...obj, ms: Date.now() - started }));
-}
-
-async function cleanup() {
-  const c = context;
-  context = null;
-  if (c) {
-    // Bounded: a wedged browser must not hold the run past its deadline. Playwright also kills
-    // the browser process when node exits.
-    await Promise.race([c.close().catch(() => {}), new Promise((r) => setTimeout(r, 5_000).unref())]);
-  }
-  if (userDataDir) await rm(userDataDir, { recursive: true, force: true, maxRetries: 3 }).catch(() => {});
-}
-
-async function fail(message) {
-  if (finished) return;
-  finished = true;
-  console.error(`novnc.mjs: FAIL: ${message}`);
-  result({ ok: false, url: opts.url, error: message });
-  await cleanup();
-  process.exit(1);
-}
-
-// The watchdog: whatever hangs, the run ends a little after its deadline, browser closed.
-const watchdog = setTimeout(() => {
-  fail(`timed out after ${opts.timeoutMs / 1000} s overall`);
-}, opts.timeoutMs + 1_000);
-watchdog.unref();
-
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => fail(`interrupted by ${sig}`));
+const run = startRun('novnc.mjs', opts, started);
+const { result, fail } = run;
 
 // Runs in the page: the state of noVNC's canvas, if it is `size` ({w, h}; null: its screen's
 // size, which is what noVNC asks the server for on a remote resize) and shows the whole X root
@@ -204,9 +160,9 @@ async function main() {
     '--no-proxy-server',
   ];
 
-  userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
+  run.userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
   try {
-    context = await chromium.launchPersistentContext(userDataDir, {
+    run.context = await chromium.launchPersistentContext(run.userDataDir, {
       executablePath,
       headless: true,
       args,
@@ -220,6 +176,7 @@ async function main() {
   } catch (e) {
     return fail(`cannot start ${executablePath}: ${brief(e, 6)}`);
   }
+  const context = run.context;
   const page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(stepMs);
 
@@ -369,8 +326,7 @@ async function main() {
   if (problems.length) return failWithPage(`the page reported ${problems.length} problem(s)`);
 
   const browserVersion = context.browser()?.version() ?? null;
-  finished = true;
-  await cleanup();
+  await run.finish();
   result({
     ok: true,
     url: opts.url,

@@ -1361,17 +1361,11 @@ async fn the_operator_moves_agents_to_where_the_balancer_sends_them() {
     assert_eq!((status, body.trim()), (200, r#"{"asked":0}"#));
 }
 
-/// An agent from before `move` (hello version 2) is not asked to move: it serves through the
-/// drain delay and is told `drain` when the sessions end, as before. Meanwhile the draining
-/// instance answers new control links 503 with a Retry-After and still takes data links for
-/// the control links it has.
-#[tokio::test]
-async fn a_draining_instance_refuses_new_control_links_and_drains_older_agents_at_the_end() {
+/// A control link as an agent of hello version 2 (before `move`) opens it, by hand: logged in
+/// as shop-17 with [`SECRET`], its hello sent, the server's first `want` read.
+async fn older_control_link(server: SocketAddr) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
-    config.timeouts.drain_delay = Some(Duration::from_secs(60));
-    let bridge = TestBridge::start(config).await;
-    let mut request = format!("ws://{}/agent", bridge.addr).into_client_request().unwrap();
+    let mut request = format!("ws://{server}/agent").into_client_request().unwrap();
     let h = request.headers_mut();
     h.insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
     h.insert("x-wsbridge-agent", "shop-17".parse().unwrap());
@@ -1383,6 +1377,19 @@ async fn a_draining_instance_refuses_new_control_links_and_drains_older_agents_a
         .unwrap();
     let want = within("want", control.next()).await.unwrap().unwrap();
     assert!(want.to_text().unwrap().contains("\"want\""), "{want:?}");
+    control
+}
+
+/// An agent from before `move` (hello version 2) is not asked to move: it serves through the
+/// drain delay and is told `drain` when the sessions end, as before. Meanwhile the draining
+/// instance answers new control links 503 with a Retry-After and still takes data links for
+/// the control links it has.
+#[tokio::test]
+async fn a_draining_instance_refuses_new_control_links_and_drains_older_agents_at_the_end() {
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.drain_delay = Some(Duration::from_secs(60));
+    let bridge = TestBridge::start(config).await;
+    let mut control = older_control_link(bridge.addr).await;
 
     let hurry = CancellationToken::new();
     let drain = {
@@ -1589,21 +1596,9 @@ async fn one_link_carries_session_after_session_without_mixing_them() {
 /// answer from the 101, so the agent never saw it): chunks need the agent's `ok chunks` too.
 #[tokio::test]
 async fn an_agent_that_offers_no_chunks_gets_raw_links_used_once() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     for offer in [false, true] {
         let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
-        let mut request = format!("ws://{}/agent", bridge.addr).into_client_request().unwrap();
-        let h = request.headers_mut();
-        h.insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
-        h.insert("x-wsbridge-agent", "shop-17".parse().unwrap());
-        h.insert("authorization", format!("Bearer {SECRET}").parse().unwrap());
-        let (mut control, _) = within("the control link", tokio_tungstenite::connect_async(request)).await.unwrap();
-        control
-            .send(Message::text(r#"{"type":"hello","name":"shop-17","services":["pos"],"version":2}"#))
-            .await
-            .unwrap();
-        let want = within("want", control.next()).await.unwrap().unwrap();
-        assert!(want.to_text().unwrap().contains("\"want\""), "{want:?}");
+        let _control = older_control_link(bridge.addr).await;
         let mut link = TcpStream::connect(bridge.addr).await.unwrap();
         let offered = if offer { "X-Wsbridge-Link-Framing: chunks\r\n" } else { "" };
         link.write_all(
