@@ -98,6 +98,8 @@ def main() -> int:
     ap.add_argument("--tls", action="store_true", help="the agents dial wss:// (a self-signed certificate)")
     ap.add_argument("--drain-delay", type=float, default=0.0,
                     help="the server's drain_delay in seconds (0: off, agents told at once)")
+    ap.add_argument("--balancer-check", default="30",
+                    help="each agent's balancer_check in seconds, or off (what the idle CPU includes)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wsbridge-fleet-"))
     procs = []
@@ -129,7 +131,8 @@ def main() -> int:
         started = time.monotonic()
         fleet = run.spawn(
             [str(FLEET), "--server", f"{scheme}://localhost:{port}/agent", "--agents", str(a.agents),
-             "--secret-file", str(work / "agent.secret"), "--service", f"app=127.0.0.1:{bport}", *ca],
+             "--secret-file", str(work / "agent.secret"), "--service", f"app=127.0.0.1:{bport}", *ca,
+             "--balancer-check", a.balancer_check],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(work / "fleet.log", "wb"))
         procs.append(fleet)
         lines = Lines(fleet.stdout)
@@ -171,6 +174,7 @@ def main() -> int:
             "server_rss_kib_before": rss0,
             "server_rss_kib_connected": rss1,
             "server_kib_per_agent": round((rss1 - rss0) / a.agents, 2),
+            "balancer_check": a.balancer_check,
             "server_idle_cpu_percent": round(idle_cpu * 100, 2),
             "sessions_through_one_agent_per_s": sessions.get("rate"),
             "session_p50_us": sessions.get("p50_us"),

@@ -7,7 +7,8 @@
 //! ```sh
 //! cargo build --profile profiling --example fleet
 //! target/profiling/examples/fleet --server ws://127.0.0.1:6080/agent --agents 1000 \
-//!     --secret-file agent.secret --service app=127.0.0.1:9100 [--prefix shop] [--ca-file ca.pem]
+//!     --secret-file agent.secret --service app=127.0.0.1:9100 [--prefix shop] [--ca-file ca.pem] \
+//!     [--balancer-check SECONDS|off]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -16,7 +17,10 @@ use tokio::io::AsyncReadExt;
 use wsbridge::agent::client::{self, AgentConfig, State};
 
 fn usage() -> ! {
-    eprintln!("usage: fleet --server URL --agents N --secret-file FILE --service NAME=ADDR [--prefix P] [--ca-file FILE]");
+    eprintln!(
+        "usage: fleet --server URL --agents N --secret-file FILE --service NAME=ADDR [--prefix P] [--ca-file FILE] \
+         [--balancer-check SECONDS|off]"
+    );
     std::process::exit(64)
 }
 
@@ -24,6 +28,7 @@ fn usage() -> ! {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut server, mut agents, mut secret, mut service, mut prefix) = (None, 0usize, None, None, "shop".to_owned());
     let mut ca_file = None;
+    let mut balancer_check = AgentConfig::new("ws://x/agent".parse()?, String::new(), String::new()).balancer_check;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -34,6 +39,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--service" => service = Some(value),
             "--prefix" => prefix = value,
             "--ca-file" => ca_file = Some(std::path::PathBuf::from(value)),
+            "--balancer-check" if value == "off" => balancer_check = None,
+            "--balancer-check" => balancer_check = Some(Duration::from_secs_f64(value.parse().unwrap_or_else(|_| usage()))),
             _ => usage(),
         }
     }
@@ -48,6 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut config = AgentConfig::new(server.parse()?, format!("{prefix}-{i}"), secret.clone());
         config.services.insert(name.to_owned(), addr.parse()?);
         config.ca_file = ca_file.clone();
+        config.balancer_check = balancer_check;
         handles.push(client::spawn(config)?);
     }
     let mut stdin_closed = Box::pin(async {

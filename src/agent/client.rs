@@ -127,6 +127,11 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// On SIGTERM, how long live sessions get to finish.
     pub shutdown_grace: Duration,
+    /// How often a connected agent looks where its server's URL sends a new connection (the
+    /// instance named in a `101`), and follows when that is another instance: a balancer that
+    /// brought an instance back sends pages there. `None`: never. At most [`FAST_CHECK`] apart
+    /// for [`FAST_CHECK_WINDOW`] after a move that landed on another instance.
+    pub balancer_check: Option<Duration>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -405,6 +410,7 @@ struct RawAgent {
     ping_interval: Option<toml::Spanned<String>>,
     pong_timeout: Option<toml::Spanned<String>>,
     retry_max: Option<toml::Spanned<String>>,
+    balancer_check: Option<toml::Spanned<String>>,
 }
 
 /// `server = "URL"` or `server = ["URL", …]`, each element with its place in the file (so an
@@ -562,6 +568,22 @@ impl AgentConfig {
         let (server, proxy, proxy_source) = servers.remove(0);
         let mut backoff = Backoff::default();
         backoff.max = dur(&a.retry_max, "agent.retry_max", backoff.max)?;
+        let balancer_check = match &a.balancer_check {
+            None => defaults.balancer_check,
+            Some(s) if s.get_ref() == "off" => None,
+            Some(s) => Some(
+                parse_duration(s.get_ref())
+                    .ok()
+                    .filter(|d| *d >= Duration::from_secs(1))
+                    .ok_or_else(|| {
+                        ctx.invalid(
+                            s.span(),
+                            "agent.balancer_check",
+                            "a duration of 1s or more, such as \"30s\", or \"off\"",
+                        )
+                    })?,
+            ),
+        };
         Ok(AgentConfig {
             server,
             more_servers: servers,
@@ -578,6 +600,7 @@ impl AgentConfig {
             pong_timeout: dur(&a.pong_timeout, "agent.pong_timeout", defaults.pong_timeout)?,
             backoff,
             shutdown_grace: defaults.shutdown_grace,
+            balancer_check,
         })
     }
 
@@ -599,6 +622,7 @@ impl AgentConfig {
             pong_timeout: Duration::from_secs(20),
             backoff: Backoff::default(),
             shutdown_grace: Duration::from_secs(10),
+            balancer_check: Some(Duration::from_secs(30)),
         }
     }
 
@@ -874,8 +898,8 @@ pub enum State {
     Connecting,
     /// The server accepted it and asked for links.
     Connected,
-    /// Connected to a server that is draining, and connecting again (elsewhere, through its
-    /// balancer); the old connection serves until the new one is up.
+    /// Connected, and connecting again (the server is draining or asked, or its URL leads to
+    /// another instance now); the old connection serves until the new one is up.
     Moving {
         /// The last attempt's outcome, or that it is under way.
         reason: String,
@@ -901,7 +925,7 @@ pub fn status_line(name: &str, servers: &[String], states: &[watch::Receiver<Sta
         .zip(&now)
         .filter_map(|(server, state)| match state {
             State::Connected | State::Stopped => None,
-            State::Moving { reason } => Some(format!("{server}: draining, connecting again ({reason})")),
+            State::Moving { reason } => Some(format!("{server}: moving, connecting again ({reason})")),
             State::Connecting => Some(format!("{server}: connecting")),
             State::Retrying { reason, after } => Some(format!("{server}: retrying in {:.1}s ({reason})", after.as_secs_f64())),
         })
@@ -1037,9 +1061,9 @@ const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 enum Ended {
     Shutdown,
     Drain,
-    /// The server is draining and asked the agent to connect again (`move`): the link goes on
-    /// serving until the agent has.
-    Moving(String, Box<ControlLink>),
+    /// The agent connects again (the server asked, or its URL leads elsewhere now): the link goes
+    /// on serving until the agent has.
+    Moving(Move, Box<ControlLink>),
     /// The server refused the login (401) or another agent took the name: long backoff.
     Refused(String),
     /// Anything else: network, server restart, ping timeout.
@@ -1050,6 +1074,32 @@ enum Ended {
         retry_after: Option<Duration>,
     },
 }
+
+/// Why a connected control link moves: the agent connects again, the link serving its instance
+/// until then (make-before-break).
+enum Move {
+    /// The server asked (`move`): it is draining, or its operator said so. Its reason.
+    Asked(String),
+    /// The server's URL leads a new connection to another instance now (its id): a balancer
+    /// that sends pages there too, an instance back after a failover.
+    Followed(String),
+}
+
+impl std::fmt::Display for Move {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Move::Asked(reason) => f.write_str(reason),
+            Move::Followed(_) => f.write_str("new connections reach another instance"),
+        }
+    }
+}
+
+/// Balancer checks ([`AgentConfig::balancer_check`]) after a move the server asked for that
+/// landed on another instance are at most this far apart...
+const FAST_CHECK: Duration = Duration::from_secs(5);
+/// ...for this long: the instance left is likely restarting, and its balancer sends new
+/// connections (and pages) back to it once its health checks pass.
+const FAST_CHECK_WINDOW: Duration = Duration::from_secs(120);
 
 async fn run(
     config: Arc<AgentConfig>,
@@ -1093,9 +1143,23 @@ async fn run(
         let mut told = false;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
-            Ended::Moving(reason, link) => {
-                info!(%reason, "agent: the server is draining: connecting again; this connection serves until then");
-                let moved = Previous::default();
+            Ended::Moving(why, link) => {
+                let asked = matches!(why, Move::Asked(_));
+                match &why {
+                    Move::Asked(reason) => info!(
+                        %reason,
+                        "agent: the server asked this agent to move: connecting again; this connection serves until then"
+                    ),
+                    Move::Followed(instance) => info!(
+                        %instance,
+                        "agent: the server's URL leads new connections to another instance now: connecting there; this \
+                         connection serves until then"
+                    ),
+                }
+                let moved = Previous {
+                    fast_checks: asked,
+                    ..Previous::default()
+                };
                 sessions.spawn(
                     link.finish(shutdown.clone(), moved.let_go.clone(), moved.ended.clone())
                         .in_current_span(),
@@ -1103,11 +1167,13 @@ async fn run(
                 if let Some(older) = previous.replace(moved) {
                     older.let_go.cancel();
                 }
-                set(State::Moving {
-                    reason: "the server is draining: connecting again".into(),
-                });
+                set(State::Moving { reason: why.to_string() });
                 failures = 0;
                 last_failure = None;
+                if !asked {
+                    // At once: its check found where to go.
+                    continue;
+                }
                 drained = Some(Instant::now());
                 // Soon: a balancer whose health checks saw the drain sends it elsewhere, and the
                 // draining server answers 503 with a Retry-After until then. Within a second,
@@ -1208,6 +1274,9 @@ struct Previous {
     let_go: CancellationToken,
     /// Cancelled when the link has ended, for whatever reason.
     ended: CancellationToken,
+    /// The server asked it to move: a connection that lands elsewhere meanwhile checks where its
+    /// URL leads more often for a while, to follow the balancer back ([`FAST_CHECK`]).
+    fast_checks: bool,
 }
 
 impl Previous {
@@ -1245,13 +1314,9 @@ async fn control(
     };
     // Before the hello, which would replace this agent's connection already on that instance.
     let url = config.server.to_string();
-    let _claim = match instance.clone().map(|id| mine.instances.claim(id, mine.index, &url)) {
+    let claim = match instance.clone().map(|id| mine.instances.claim(id, mine.index, &url)) {
         Some(Err(other)) => {
-            let frame = tungstenite::protocol::CloseFrame {
-                code: tungstenite::protocol::frame::coding::CloseCode::Normal,
-                reason: "this agent is connected to this instance already".into(),
-            };
-            let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+            leave_before_hello(&mut ws, "this agent is connected to this instance already").await;
             return failed(format!(
                 "{url} reaches the same instance as {other}, which this agent is connected to already"
             ));
@@ -1259,6 +1324,14 @@ async fn control(
         Some(Ok(claim)) => Some(claim),
         None => None,
     };
+    // A server that names no instance cannot say where its URL leads.
+    let checks = config.balancer_check.filter(|_| instance.is_some()).map(|every| Checks {
+        every,
+        fast_until: previous
+            .as_ref()
+            .is_some_and(|p| p.serves() && p.fast_checks)
+            .then(|| Instant::now() + FAST_CHECK_WINDOW),
+    });
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
         services: config.services.keys().cloned().collect(),
@@ -1289,7 +1362,8 @@ async fn control(
         ws,
         _idle: idle.drop_guard(),
         links,
-        _claim,
+        claim,
+        checks,
         tick: tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval),
         pong_due: None,
         connected: false,
@@ -1303,11 +1377,11 @@ async fn control(
     };
     match link.serve(shutdown, None, &mut on_connected).await {
         Served::Ended(ended) => ended,
-        Served::Moving(reason) => {
+        Served::Moving(why) => {
             // Its data links may reach the instance it moves to by now (421): expected, not a
             // balancer that spreads connections.
             link.links.misrouted.store(true, Ordering::Relaxed);
-            Ended::Moving(reason, Box::new(link))
+            Ended::Moving(why, Box::new(link))
         }
     }
 }
@@ -1320,7 +1394,9 @@ struct ControlLink {
     /// Cancels `links.idle` when the link is dropped: its idle data links close.
     _idle: tokio_util::sync::DropGuard,
     links: Links,
-    _claim: Option<Claim>,
+    claim: Option<Claim>,
+    /// When it looks where its URL leads a new connection (`None`: never).
+    checks: Option<Checks>,
     tick: tokio::time::Interval,
     pong_due: Option<Instant>,
     /// Its first `want` came: the server took it.
@@ -1330,8 +1406,35 @@ struct ControlLink {
 /// How [`ControlLink::serve`] stopped.
 enum Served {
     Ended(Ended),
-    /// The server asked the agent to move; the link is still up.
-    Moving(String),
+    /// The agent is to connect again; the link is still up.
+    Moving(Move),
+}
+
+/// When a control link looks where its server's URL leads a new connection.
+struct Checks {
+    every: Duration,
+    /// Until when they are at most [`FAST_CHECK`] apart.
+    fast_until: Option<Instant>,
+}
+
+impl Checks {
+    fn next(&self) -> Instant {
+        let now = Instant::now();
+        let every = match self.fast_until {
+            Some(t) if now < t => self.every.min(FAST_CHECK),
+            _ => self.every,
+        };
+        // Spread: agents that moved in one instant do not look in step.
+        now + every.mul_f64(0.75 + 0.5 * random_fraction())
+    }
+}
+
+/// What the check of [`ControlLink::serve`] came to.
+enum Checked {
+    /// Time to look.
+    Due,
+    /// The instance a new connection reached, if it could tell.
+    Found(Option<String>),
 }
 
 impl ControlLink {
@@ -1339,6 +1442,9 @@ impl ControlLink {
     /// it to move (unless `let_go` is given: the link moves already, and ends when it fires).
     async fn serve(&mut self, shutdown: &CancellationToken, let_go: Option<&CancellationToken>, on_connected: &mut impl FnMut()) -> Served {
         let config = self.links.config.clone();
+        // A link that moves already looks no more.
+        let mut check_at = self.checks.as_ref().filter(|_| let_go.is_none()).map(Checks::next);
+        let mut checking: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>> = None;
         loop {
             let pong_due = self.pong_due;
             let pong_wait = async {
@@ -1351,6 +1457,16 @@ impl ControlLink {
                 match let_go {
                     Some(t) => t.cancelled().await,
                     None => std::future::pending().await,
+                }
+            };
+            let check = async {
+                match (checking.as_mut(), check_at) {
+                    (Some(looking), _) => Checked::Found(looking.await),
+                    (None, Some(t)) => {
+                        tokio::time::sleep_until(t).await;
+                        Checked::Due
+                    }
+                    (None, None) => std::future::pending().await,
                 }
             };
             let connected = self.connected;
@@ -1404,7 +1520,7 @@ impl ControlLink {
                                 let _ = timeout(Duration::from_secs(2), self.ws.close(None)).await;
                                 return Served::Ended(Ended::Drain);
                             }
-                            Ok(ControlMessage::Move { reason }) if let_go.is_none() => return Served::Moving(reason),
+                            Ok(ControlMessage::Move { reason }) if let_go.is_none() => return Served::Moving(Move::Asked(reason)),
                             _ => debug!("agent: unexpected control message ignored"),
                         },
                         Some(Ok(Message::Close(frame))) => {
@@ -1422,8 +1538,39 @@ impl ControlLink {
                         None => return lost("the server closed the connection".into()),
                     }
                 }
+                checked = check => match checked {
+                    Checked::Due => {
+                        let (config, tls) = (config.clone(), self.links.tls.clone());
+                        checking = Some(Box::pin(async move { where_new_connections_go(&config, tls.as_ref()).await }));
+                    }
+                    Checked::Found(found) => {
+                        checking = None;
+                        check_at = self.checks.as_ref().map(Checks::next);
+                        if let Some(instance) = found.filter(|id| self.follows(id)) {
+                            return Served::Moving(Move::Followed(instance));
+                        }
+                    }
+                },
             }
         }
+    }
+
+    /// Whether a new connection's reaching `instance` means this link is to move there.
+    fn follows(&self, instance: &str) -> bool {
+        if self.links.instance.as_deref() == Some(instance) {
+            return false;
+        }
+        // Its data links reach other instances too: a balancer that spreads connections, where
+        // following would only hop (the 421's warning says so).
+        if self.links.misrouted.load(Ordering::Relaxed) {
+            debug!(%instance, "agent: new connections reach another instance, but so do data links; staying");
+            return false;
+        }
+        if let Some(other) = self.claim.as_ref().and_then(|c| c.held_elsewhere(instance)) {
+            debug!(%instance, %other, "agent: new connections reach an instance another of its connections is on; staying");
+            return false;
+        }
+        true
     }
 
     /// The rest of a link asked to move: it serves its instance (pages the balancer still sends
@@ -1548,6 +1695,14 @@ impl Instances {
     }
 }
 
+impl Claim {
+    /// The URL of another of the agent's connections that is on `instance`, if one is.
+    fn held_elsewhere(&self, instance: &str) -> Option<String> {
+        let held = self.instances.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(instance).filter(|h| h.index != self.index).map(|h| h.url.clone())
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut held = self.instances.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -1559,6 +1714,36 @@ impl Drop for Claim {
             }
         }
     }
+}
+
+/// Closes a control link before its hello (which would replace the agent's connection on that
+/// instance), saying why.
+async fn leave_before_hello(ws: &mut ControlWs, reason: &'static str) {
+    let frame = tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: reason.into(),
+    };
+    let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+}
+
+/// Where the server's URL leads a new connection now: the instance its `101` names, found with
+/// a control link that leaves before its hello. `None` when it cannot tell (no answer in time, a
+/// refusal, a server that names no instance): the link stays where it is.
+async fn where_new_connections_go(config: &AgentConfig, tls: Option<&BackendTls>) -> Option<String> {
+    let (mut ws, instance) = match timeout(config.connect_timeout, open_control(config, tls)).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(Ended::Failed { reason, .. } | Ended::Refused(reason))) => {
+            debug!(%reason, "agent: could not look where the server's URL leads now");
+            return None;
+        }
+        Ok(Err(_)) => return None,
+        Err(_) => {
+            debug!(within = ?config.connect_timeout, "agent: could not look where the server's URL leads now: no answer");
+            return None;
+        }
+    };
+    leave_before_hello(&mut ws, "looking where new connections go").await;
+    instance
 }
 
 /// Dials and upgrades the control link; with the instance id the server's `101` gave (servers
@@ -2106,6 +2291,33 @@ mod tests {
     /// `max_sessions` in the file (a service as a table) and as a flag, which wins; every mistake
     /// named by its line and key.
     #[test]
+    fn the_balancer_check_is_a_duration_or_off() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "secret\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        let with = |line: &str| {
+            let text = format!(
+                "[agent]\nserver = \"ws://127.0.0.1:6080/agent\"\nname = \"n\"\nsecret_file = \"s\"\n{line}\n[agent.services]\npos = \"127.0.0.1:9100\"\n"
+            );
+            std::fs::write(&file, text).unwrap();
+            AgentConfig::from_file(&file)
+        };
+        assert_eq!(with("").unwrap().balancer_check, Some(Duration::from_secs(30)));
+        assert_eq!(
+            with("balancer_check = \"2m\"").unwrap().balancer_check,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(with("balancer_check = \"off\"").unwrap().balancer_check, None);
+        for wrong in ["\"0s\"", "\"500ms\"", "\"often\""] {
+            let e = with(&format!("balancer_check = {wrong}")).unwrap_err().to_string();
+            assert!(
+                e.contains("agent.toml:5: agent.balancer_check: ") && e.contains("\"off\""),
+                "{wrong}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn a_service_takes_a_session_cap_in_the_file_or_as_a_flag() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s"), "secret\n").unwrap();
@@ -2256,7 +2468,7 @@ mod tests {
         };
         assert_eq!(
             status_line("shop-17", &one, &[state(moving)]),
-            "agent shop-17: connected; wss://a:443/agent: draining, connecting again (the server answered 503 Service \
+            "agent shop-17: connected; wss://a:443/agent: moving, connecting again (the server answered 503 Service \
              Unavailable: this instance is draining)",
             "still connected: the old connection serves"
         );

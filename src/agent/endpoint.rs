@@ -250,6 +250,9 @@ async fn control<S: LinkIo>(
             }) if said == name => (services, version >= link::REPLACING, version >= link::MOVING),
             _ => return warn!(agent = %name, "agent control link: the first message is not its hello; closed"),
         },
+        // An agent looking where its URL leads (its balancer check), or one of its connections
+        // that found this instance taken by another.
+        Ok(Some(Ok(Message::Close(_)))) => return debug!(agent = %name, "agent control link closed before its hello"),
         _ => return debug!(agent = %name, "agent control link: no hello; closed"),
     };
     let services: Vec<String> = services.into_iter().filter(|s| link::valid_name(s)).take(1024).collect();

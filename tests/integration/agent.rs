@@ -4,7 +4,7 @@
 //! of our own (a CONNECT proxy; a relay that can be cut like a dropped network).
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -303,6 +303,8 @@ struct Network {
     addr: SocketAddr,
     generation: Arc<std::sync::Mutex<CancellationToken>>,
     to: Arc<std::sync::Mutex<SocketAddr>>,
+    /// Connections it took so far.
+    connections: Arc<AtomicUsize>,
 }
 
 impl Network {
@@ -316,6 +318,16 @@ impl Network {
     fn send_to(&self, server: SocketAddr) {
         *self.to.lock().unwrap() = server;
     }
+
+    /// Waits until it has taken `n` connections in all.
+    async fn connections(&self, n: usize) {
+        within(&format!("{n} connections through the network"), async {
+            while self.connections.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+    }
 }
 
 async fn network_to(server: SocketAddr) -> Network {
@@ -323,9 +335,11 @@ async fn network_to(server: SocketAddr) -> Network {
     let addr = listener.local_addr().unwrap();
     let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
     let to = Arc::new(std::sync::Mutex::new(server));
-    let (g, target) = (generation.clone(), to.clone());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (g, target, taken) = (generation.clone(), to.clone(), connections.clone());
     tokio::spawn(async move {
         while let Ok((mut a, _)) = listener.accept().await {
+            taken.fetch_add(1, Ordering::SeqCst);
             let c = g.lock().unwrap().clone();
             let server = *target.lock().unwrap();
             tokio::spawn(async move {
@@ -340,7 +354,12 @@ async fn network_to(server: SocketAddr) -> Network {
             });
         }
     });
-    Network { addr, generation, to }
+    Network {
+        addr,
+        generation,
+        to,
+        connections,
+    }
 }
 
 #[tokio::test]
@@ -1359,6 +1378,59 @@ async fn the_operator_moves_agents_to_where_the_balancer_sends_them() {
     // With nobody connected, moving all asks none.
     let (status, body) = admin(admin_b, "POST", "/agents/move", Some("t")).await;
     assert_eq!((status, body.trim()), (200, r#"{"asked":0}"#));
+}
+
+/// The way back after a failover without the operator: every `balancer_check` the agent looks
+/// where its URL leads a new connection (a control link that leaves before its hello). While
+/// that is where it is, looking changes nothing; once the balancer sends new connections to
+/// another instance, the agent moves there by itself, make-before-break, its page on the
+/// instance it leaves going on.
+#[tokio::test]
+async fn an_agent_follows_its_balancer_to_another_instance_by_itself() {
+    let (echo, _) = echo_backend().await;
+    let a = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let balancer = network_to(b.addr).await;
+    let mut config = agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    let every = Duration::from_millis(200);
+    config.balancer_check = Some(every);
+    let mut agent = start_agent(config).await;
+    idle_links(&b, "shop-17", 4).await;
+    let (mut page, _) = ws_connect(&b.url("/pos"), None).await;
+    send_bin(&mut page, b"on b").await;
+    assert_eq!(recv_data(&mut page).await, b"on b");
+
+    // Three looks (connections beyond the control link, its pool of 4 and the page's link's
+    // replacement) while the balancer sends to b: the agent stays as it was.
+    balancer.connections(1 + 5 + 3).await;
+    assert_eq!(agent.attempts.load(Ordering::SeqCst), 1, "a look is not a connection attempt");
+    assert!(!agent.state.has_changed().unwrap(), "{:?}", *agent.state.borrow());
+    assert_eq!(b.bridge.agents().idle_links("shop-17"), Some(4));
+    assert!(a.bridge.agents().idle_links("shop-17").is_none());
+
+    // a is back, and the balancer sends new connections there.
+    balancer.send_to(a.addr);
+    let switched = Instant::now();
+    idle_links(&a, "shop-17", 4).await;
+    within("the agent to let b go", async {
+        while b.bridge.agents().idle_links("shop-17").is_some() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    // Its next look (at most 1.25 x `every` away) and a connection on loopback.
+    assert!(
+        switched.elapsed() < every * 5 / 4 + Duration::from_secs(1),
+        "the agent followed after {:?}",
+        switched.elapsed()
+    );
+    assert_eq!(agent.attempts.load(Ordering::SeqCst), 2, "one connection more: the move");
+    connected(&mut agent).await;
+    send_bin(&mut page, b"still on b").await;
+    assert_eq!(recv_data(&mut page).await, b"still on b");
+    let (mut fresh, _) = ws_connect(&a.url("/pos"), None).await;
+    send_bin(&mut fresh, b"on a").await;
+    assert_eq!(recv_data(&mut fresh).await, b"on a");
 }
 
 /// A control link as an agent of hello version 2 (before `move`) opens it, by hand: logged in

@@ -404,16 +404,19 @@ const AGENT_DRAIN_DELAY: Duration = Duration::from_secs(6);
 
 /// An agent server as README "Agents and several instances" sets up the instance pair for agents
 /// that have one address: agent `shop-17` (its secret `secret`), its endpoint and a route `/pos`
-/// to its service `pos`, with the drain delay and an admin listener.
-async fn agent_instance(dir: &Path, name: &str, secret: &str) -> Instance {
+/// to its service `pos`, with the drain delay and an admin listener; on the listener and admin
+/// addresses `at` (an instance restarted where its balancer knows it), or on free ports.
+async fn agent_instance(dir: &Path, name: &str, secret: &str, at: Option<(SocketAddr, SocketAddr)>) -> Instance {
     let file = dir.join(format!("{name}.toml"));
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (listen, admin) = at.unwrap_or((any, any));
     std::fs::write(
         &file,
         format!(
-            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[agent_endpoint]]\npath = \"/agent\"\n\n\
+            "[[listen]]\naddr = \"{listen}\"\n\n[[agent_endpoint]]\npath = \"/agent\"\n\n\
              [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\n\
              [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n\n\
-             [timeouts]\ndrain_delay = \"{}ms\"\n\n[admin]\naddr = \"127.0.0.1:0\"\n",
+             [timeouts]\ndrain_delay = \"{}ms\"\n\n[admin]\naddr = \"{admin}\"\n",
             wsbridge::agent::link::secret_sha256(secret),
             AGENT_DRAIN_DELAY.as_millis()
         ),
@@ -434,17 +437,18 @@ async fn has_agent(instance: &Instance) -> bool {
 /// tries again through HAProxy and lands on the standby as soon as HAProxy's health check has
 /// taken the instance out, long before the drain delay ends, so a page that HAProxy sends to the
 /// standby finds the agent there; the page already on the draining instance goes on until the
-/// delay ends, then gets its 1001.
+/// delay ends, then gets its 1001. When the instance is back and HAProxy sends new connections
+/// to it again, the agent follows by itself (its quick looks after a move), nobody asking.
 #[tokio::test]
-async fn behind_haproxy_with_a_standby_a_drained_instance_moves_its_agent_before_its_delay_ends() {
-    let test = "balancer::behind_haproxy_with_a_standby_a_drained_instance_moves_its_agent_before_its_delay_ends";
+async fn behind_haproxy_with_a_standby_an_agent_moves_at_a_drain_and_follows_the_instance_back() {
+    let test = "balancer::behind_haproxy_with_a_standby_an_agent_moves_at_a_drain_and_follows_the_instance_back";
     let Some(haproxy) = HaProxy::installed() else {
         return skip(test, "haproxy is not installed (scripts/test.sh installs Debian's haproxy)");
     };
     let dir = tempfile::tempdir().unwrap();
     let secret = "0123456789abcdef0123456789abcdef-standby";
-    let mut one = agent_instance(dir.path(), "one", secret).await;
-    let two = agent_instance(dir.path(), "two", secret).await;
+    let mut one = agent_instance(dir.path(), "one", secret, None).await;
+    let two = agent_instance(dir.path(), "two", secret, None).await;
     let config = format!(
         "global\n    log stderr format raw local0 info\n    stats socket {}\n\
          defaults\n    mode tcp\n    log global\n    timeout connect 2s\n    timeout client 1m\n    timeout server 1m\n\
@@ -514,4 +518,33 @@ async fn behind_haproxy_with_a_standby_a_drained_instance_moves_its_agent_before
     assert_eq!(one.bin.exit_code().await, 0, "{:?}", one.bin.lines());
     send_bin(&mut after, b"on two").await;
     assert_eq!(recv_data(&mut after).await, b"on two");
+
+    // The instance is back where HAProxy knows it (a restart). The agent, on the standby since
+    // the move, looks where new connections go at most 5 s apart (x 1.25, spread) and follows.
+    let one = agent_instance(dir.path(), "one", secret, Some((one.bin.addr, one.admin))).await;
+    balancer.line("Server wsbridge/one is UP").await;
+    let up = Instant::now();
+    let poll = Duration::from_millis(20);
+    within("the agent to follow HAProxy back", async {
+        while !has_agent(&one).await {
+            tokio::time::sleep(poll).await;
+        }
+    })
+    .await;
+    assert!(
+        up.elapsed() < Duration::from_millis(6250) + Duration::from_secs(1),
+        "the agent followed {:?} after the instance was up",
+        up.elapsed()
+    );
+    within("the agent to let the standby go", async {
+        while has_agent(&two).await {
+            tokio::time::sleep(poll).await;
+        }
+    })
+    .await;
+    let (mut back, _) = session(balancer.front, "/pos").await;
+    send_bin(&mut back, b"on one again").await;
+    assert_eq!(recv_data(&mut back).await, b"on one again");
+    send_bin(&mut after, b"still on two").await;
+    assert_eq!(recv_data(&mut after).await, b"still on two");
 }
