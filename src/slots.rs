@@ -83,49 +83,50 @@ impl Recount {
     }
 }
 
-/// What an accepted connection holds while it is open: its slot under `max_connections` and,
-/// when that cap is on, its place under `max_connections_per_ip`. Both are given back when the
-/// connection ends, or when it becomes an agent's: see [`Held::into_agents`].
+/// A connection's place under `max_connections_per_ip`, given back on drop.
+#[derive(Debug)]
+pub enum Place {
+    /// The cap is off.
+    Uncounted,
+    /// Counted under its address's cap.
+    Counted(crate::policy::AddressSlot),
+    /// Its address was over the cap: one of the few places past it where an agent may log in
+    /// (the shop's pages behind one NAT fill the allowance, and its agent must still connect).
+    /// Let in for an agent endpoint only; anything else gets this refusal once its request is
+    /// read.
+    AgentLogin(crate::policy::AddressSlot, crate::policy::Refusal),
+}
+
+/// What an accepted connection holds while it is open: its slot under `max_connections` and
+/// its [`Place`] under `max_connections_per_ip`. Both are given back when the connection ends,
+/// or when it becomes an agent's: see [`Held::into_agents`].
 #[derive(Debug)]
 pub struct Held {
+    /// Before `connection`: dropped first, so that a connection seen gone under
+    /// `max_connections` has given back its place too.
+    place: Place,
     connection: Slot,
-    /// Held for its drop only.
-    _per_ip: Option<crate::policy::AddressSlot>,
-    /// Its address was over `max_connections_per_ip`, but an agent is connected from there: it
-    /// may be one of that agent's links (or another agent's behind the same NAT), and is let in
-    /// for an agent endpoint only; anything else gets this refusal once its request is read.
-    agents_only: Option<crate::policy::Refusal>,
 }
 
 impl Held {
-    /// A connection's slot and, if counted, its place under its address's cap.
-    pub fn new(connection: Slot, per_ip: Option<crate::policy::AddressSlot>) -> Held {
-        Held {
-            connection,
-            _per_ip: per_ip,
-            agents_only: None,
-        }
+    /// A connection's slot and its place under its address's cap.
+    pub fn new(connection: Slot, place: Place) -> Held {
+        Held { connection, place }
     }
 
-    /// A connection over its address's cap let in for an agent endpoint only (`refusal`: the
-    /// answer for anything else).
-    pub fn agents_only(connection: Slot, refusal: crate::policy::Refusal) -> Held {
-        Held {
-            connection,
-            _per_ip: None,
-            agents_only: Some(refusal),
-        }
-    }
-
-    /// The refusal a request that is not for an agent endpoint gets ([`Held::agents_only`]).
+    /// The refusal a request that is not an agent's login gets ([`Place::AgentLogin`]).
     pub fn refusal(&self) -> Option<&crate::policy::Refusal> {
-        self.agents_only.as_ref()
+        match &self.place {
+            Place::AgentLogin(_, refusal) => Some(refusal),
+            Place::Uncounted | Place::Counted(_) => None,
+        }
     }
 
-    /// The connection proved an agent's secret: it stops counting against its address (the
-    /// agents behind one NAT share it, and the registry bounds each agent's links) but stays a
-    /// connection under `max_connections`: a control link for as long as it is open, a data
-    /// link while it waits in its pool (each is a descriptor the open-file fit counts on).
+    /// The connection proved an agent's secret: it gives back its place under (or past) its
+    /// address's cap (the agents behind one NAT share it, and the registry bounds each agent's
+    /// links) but stays a connection under `max_connections`: a control link for as long as
+    /// it is open, a data link while it waits in its pool (each is a descriptor the open-file
+    /// fit counts on).
     pub fn into_agents(self) -> Slot {
         self.connection
     }

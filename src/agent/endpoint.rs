@@ -63,12 +63,13 @@ pub async fn serve<S: IntoLink>(
     let addr = client;
     let write_end = Instant::now() + timeouts.http_write;
     let headers = request.headers();
-    let kind = if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
+    let kind = if !is_login(headers) {
+        refuse(&mut stream, write_end, StatusCode::BAD_REQUEST, "this is an agent endpoint").await;
+        return info!(status = 400, "agent endpoint: not an agent handshake");
+    } else if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
         let framing = header::HeaderName::from_static(chunks::FRAMING_HEADER);
         Kind::Link(has_token(headers, &framing, chunks::CHUNKS))
-    } else if has_token(headers, &header::UPGRADE, "websocket")
-        && has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, link::CONTROL_PROTOCOL)
-    {
+    } else {
         match headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().trim_ascii()) {
             Some(key) if key.len() == 24 => Kind::Control(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key)),
             _ => {
@@ -82,9 +83,6 @@ pub async fn serve<S: IntoLink>(
                 return info!(status = 400, "agent endpoint: malformed control link request");
             }
         }
-    } else {
-        refuse(&mut stream, write_end, StatusCode::BAD_REQUEST, "this is an agent endpoint").await;
-        return info!(status = 400, "agent endpoint: not an agent handshake");
     };
     if matches!(kind, Kind::Control(_)) && registry.leaving().is_cancelled() {
         // Its agents are moving to other instances: a control link here would be told to move
@@ -204,6 +202,15 @@ pub async fn serve<S: IntoLink>(
 
 async fn refuse<S: LinkIo>(stream: &mut S, end: Instant, status: StatusCode, body: &'static str) {
     let _ = timeout_at(end, answer(stream, status, body, &[])).await;
+}
+
+/// Whether a request is an agent's login: a data link's handshake or a control link's (a
+/// malformed one included: the endpoint answers it). Anything else on an agent endpoint's path
+/// is refused.
+pub fn is_login(headers: &http::HeaderMap) -> bool {
+    has_token(headers, &header::UPGRADE, link::LINK_TOKEN)
+        || (has_token(headers, &header::UPGRADE, "websocket")
+            && has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, link::CONTROL_PROTOCOL))
 }
 
 /// Whether a comma-separated header holds `token` (case-insensitive).

@@ -537,6 +537,12 @@ impl Registry {
         self.brake.0.refund(ip);
     }
 
+    /// Whether `ip`'s logins are slowed now (its failures spent the brake's burst), without
+    /// taking a try: an address over `max_connections_per_ip` then gets no place to log in.
+    pub fn braked(&self, ip: IpAddr) -> bool {
+        self.brake.0.may_try(ip).is_err()
+    }
+
     /// Makes this control link the agent's connection; an older one of the same name is told
     /// it was replaced (newest wins). `digest`: the SHA-256 of the secret it logged in with.
     /// `replacing`: the agent replaces each link it is sent `open` on by itself (see
@@ -722,17 +728,23 @@ impl Registry {
             .map(|a| a.pool.idle_links())
     }
 
-    /// Whether an agent is connected from `ip` (an IPv6 address: from its /64, as the
-    /// per-address caps count it). Looked at only when that address is over
-    /// `max_connections_per_ip`: one scan of the connected agents.
-    pub fn has_agent_at(&self, ip: IpAddr) -> bool {
+    /// The idle links the agents connected from `ip` keep, summed (0: no agent is connected
+    /// from there); an IPv6 address counts by its /64, as the per-address caps count it. At most
+    /// that many of their links log in at once to refill their pools, so it sizes what an
+    /// address over `max_connections_per_ip` may have logging in; looked at only then: one scan
+    /// of the connected agents.
+    pub fn pools_at(&self, ip: IpAddr) -> usize {
         let host = |ip: IpAddr| match ip.to_canonical() {
             IpAddr::V4(v4) => (v4.octets().to_vec(), 4),
             IpAddr::V6(v6) => (v6.octets()[..8].to_vec(), 6),
         };
         let want = host(ip);
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        agents.values().any(|a| host(a.addr.ip()) == want)
+        agents
+            .values()
+            .filter(|a| host(a.addr.ip()) == want)
+            .map(|a| a.pool.size)
+            .fold(0, usize::saturating_add)
     }
 
     /// Whether `name` is connected now.
@@ -897,8 +909,10 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         // Each try is charged before the check; a failed one is not refunded.
         for _ in 0..BRAKE_BURST {
+            assert!(!registry.braked(ip), "looking takes no try");
             assert!(registry.may_try(ip).is_ok());
         }
+        assert!(registry.braked(ip));
         assert!(registry.may_try(ip).is_err());
         assert!(
             registry.may_try("192.0.2.2".parse().unwrap()).is_ok(),
@@ -1114,11 +1128,12 @@ mod tests {
         drop(page);
     }
 
-    /// An address with an agent connected, as the per-address caps count it (IPv6 by /64).
+    /// The pools of the agents connected from an address, as the per-address caps count it
+    /// (IPv6 by /64).
     #[test]
     fn an_agent_is_found_by_its_address() {
         let registry = shop_17();
-        assert!(!registry.has_agent_at("2001:db8::1".parse().unwrap()));
+        assert_eq!(registry.pools_at("2001:db8::1".parse().unwrap()), 0);
         let _attached = registry
             .attach(
                 "shop-17",
@@ -1129,9 +1144,9 @@ mod tests {
                 true,
             )
             .unwrap();
-        assert!(registry.has_agent_at("2001:db8::99".parse().unwrap()), "the same /64");
-        assert!(!registry.has_agent_at("2001:db8:0:1::1".parse().unwrap()), "another /64");
-        assert!(!registry.has_agent_at("127.0.0.1".parse().unwrap()));
+        assert_eq!(registry.pools_at("2001:db8::99".parse().unwrap()), 4, "the same /64");
+        assert_eq!(registry.pools_at("2001:db8:0:1::1".parse().unwrap()), 0, "another /64");
+        assert_eq!(registry.pools_at("127.0.0.1".parse().unwrap()), 0);
     }
 
     /// A link coming back beyond the pool's size (after a burst) stays only while less than

@@ -154,6 +154,18 @@ impl PerAddress {
         }
     }
 
+    /// Counts a connection from `ip` if fewer than `max` are counted for it, whatever this
+    /// table's own limits: for an allowance given on top of a cap, whose size the caller works
+    /// out per address. `None` at `max`, and also when every slot `ip` may take holds another
+    /// live address: an extra is refused then, never given uncounted (see `in_table`).
+    pub fn enter_within(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<AddressSlot> {
+        let (index, entered) = self.in_table(ip, Instant::now(), |entry, _| (entry.sessions < max).then(|| entry.sessions += 1))?;
+        entered.map(|()| AddressSlot {
+            table: self.clone(),
+            index,
+        })
+    }
+
     /// Takes one attempt from `ip`'s budget of authentication attempts before its credentials
     /// are checked, so that parallel guesses cannot all start before the first failure counts;
     /// [`PerAddress::refund`] gives it back when they were right. Used on a table whose `rate`
@@ -201,14 +213,24 @@ impl PerAddress {
         self.with_entry(ip, Instant::now(), |entry, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
     }
 
+    /// Runs `f` on the counters of `ip`'s key (see `in_table`). `None` when every slot the key
+    /// may take holds another live key: that takes more live addresses than the table has room
+    /// for (a flood from a huge address space); the newcomer is then not counted, rather than
+    /// counted with a stranger (which would let the flood lock out innocent clients), and the
+    /// bridge's own caps (`max_connections`) still hold. Logged, at most once a minute.
+    fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
+        let counted = self.in_table(ip, now, f);
+        if counted.is_none() {
+            self.overflowed(now);
+        }
+        counted
+    }
+
     /// Runs `f` on the counters of `ip`'s key (the address; an IPv6 address's /64, since one
     /// host commonly holds a whole /64), refilled to `now`, and returns the slot's index with
     /// `f`'s result. `f` also gets the bucket's size. `None` when every slot the key may take
-    /// holds another live key: that takes more live addresses than the table has room for (a
-    /// flood from a huge address space); the newcomer is then not counted, rather than counted
-    /// with a stranger (which would let the flood lock out innocent clients), and the bridge's
-    /// own caps (`max_connections`) still hold. Logged, at most once a minute.
-    fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
+    /// holds another live key.
+    fn in_table<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
         let key = key_of(ip);
         let burst = f64::from(self.limits.burst.max(1));
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -257,11 +279,7 @@ impl PerAddress {
                 });
                 i
             }
-            (None, None) => {
-                drop(slots);
-                self.overflowed(now);
-                return None;
-            }
+            (None, None) => return None,
         };
         let entry = slots[index].as_mut()?;
         refill(entry);
@@ -390,6 +408,30 @@ mod tests {
         assert!(t.enter(counted[0]).is_err());
         drop(held);
         assert!(t.enter("192.0.2.200".parse().unwrap()).is_ok());
+    }
+
+    /// An allowance whose size the caller gives per address: counted and given back as the
+    /// cap's places are, and refused, never given uncounted, when the table has no room.
+    #[test]
+    fn an_allowance_is_counted_up_to_the_size_given_and_fails_closed() {
+        let t = PerAddress::new(AddressLimits::default(), 1024);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = t.enter_within(a, 2).unwrap();
+        let _second = t.enter_within(a, 2).unwrap();
+        assert!(t.enter_within(a, 2).is_none());
+        let _third = t.enter_within(a, 3).expect("a larger allowance (more agents there)");
+        drop(first);
+        assert_eq!(t.sessions_of(a), 2);
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for i in 0..5000u32 {
+            match t.enter_within(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)), 1) {
+                Some(s) => held.push(s),
+                None => refused += 1,
+            }
+        }
+        assert!(refused > 0, "the table filled up");
+        assert!(held.iter().all(|s| s.index != usize::MAX), "nothing given uncounted");
     }
 
     #[test]

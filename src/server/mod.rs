@@ -38,7 +38,7 @@ use crate::metrics::{ProxyRefusal, Refusal};
 use crate::policy::{AddressLimits, OriginRule, PerAddress};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
-use crate::slots::{Held, Slots};
+use crate::slots::{Held, Place, Slots};
 use crate::tls::{TlsError, TlsListener};
 
 /// Why the bridge could not start or reload.
@@ -63,6 +63,9 @@ struct Live {
     per_ip: Option<Arc<PerAddress>>,
     /// Connections per client address, counted from accept, when capped.
     connections_per_ip: Option<Arc<PerAddress>>,
+    /// Connections past their address's cap let in to log in an agent ([`place`]),
+    /// when that cap is on and an agent endpoint is configured.
+    agent_logins: Option<Arc<PerAddress>>,
     /// Origins admitted where neither a route nor its listener says.
     default_origins: Vec<OriginRule>,
     /// Some route sends its backend a PROXY header, which names the address the client reached.
@@ -397,11 +400,9 @@ impl Bridge {
         if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
             return;
         }
-        let held = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
-            Some(Err(r)) if live.agents.has_agent_at(peer.client.ip()) => Held::agents_only(slot, r),
-            Some(Err(r)) => return self.answer_per_ip(&mut stream, &r).await,
-            Some(Ok(per_ip)) => Held::new(slot, Some(per_ip)),
-            None => Held::new(slot, None),
+        let held = match place(&live, peer.client.ip()) {
+            Ok(place) => Held::new(slot, place),
+            Err(r) => return self.answer_per_ip(&mut stream, &r).await,
         };
         Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
     }
@@ -476,14 +477,11 @@ impl Bridge {
             return;
         }
         // One address may not hold every connection slot (slow heads, reconnecting at each
-        // deadline): counted from here, once the PROXY header has named it.
-        // Past it, an address an agent is connected from still gets agent endpoints: its
-        // links must log in even when the pages behind the same NAT fill the allowance.
-        let held = match live.connections_per_ip.as_ref().map(|t| t.enter(peer.client.ip())) {
-            Some(Err(r)) if live.agents.has_agent_at(peer.client.ip()) => Held::agents_only(slot, r),
-            Some(Err(r)) => return Box::pin(self.refuse_per_ip(stream, r)).await,
-            Some(Ok(per_ip)) => Held::new(slot, Some(per_ip)),
-            None => Held::new(slot, None),
+        // deadline): counted from here, once the PROXY header has named it; past it, a few
+        // places to log in agents ([`place`]).
+        let held = match place(&live, peer.client.ip()) {
+            Ok(place) => Held::new(slot, place),
+            Err(r) => return Box::pin(self.refuse_per_ip(stream, r)).await,
         };
         let Some(tls) = &listener.tls else {
             return Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
@@ -628,13 +626,18 @@ impl Bridge {
             }
             tracing::Span::current().record("client", tracing::field::display(peer.client.ip()));
         }
-        if let Some(endpoint) = head.as_ref().ok().and_then(|(r, _)| live.agents.endpoint(r.uri().path())) {
+        // Past its address's cap, a connection is let in to log in an agent, and for nothing
+        // else: not even another request on the agent endpoint's path.
+        let endpoint = head.as_ref().ok().and_then(|(r, _)| {
+            let login = held.refusal().is_none() || crate::agent::endpoint::is_login(r.headers());
+            login.then(|| live.agents.endpoint(r.uri().path())).flatten()
+        });
+        if let Some(endpoint) = endpoint {
             let Ok((request, leftover)) = head else { return };
             let serve = crate::agent::endpoint::serve(stream, held, peer.client, request, leftover, &live.agents, &endpoint, t, shutdown);
             return Box::pin(serve).await;
         }
         if let Some(r) = held.refusal() {
-            // Let in past its address's cap for an agent endpoint only.
             return self.answer_per_ip(&mut stream, r).await;
         }
         let ctx = Context {
@@ -881,6 +884,47 @@ impl Listener {
     }
 }
 
+/// Places past `max_connections_per_ip` that an address gets for agents' logins, beyond its
+/// connected agents' pools (see `place`): enough for the control links of a few agents behind
+/// one NAT starting together (a shop's terminals after a power cut), each place held only while
+/// its login is under way (a round trip once connected; a silent one until the handshake
+/// deadline). Not a fraction of the cap: what these places serve grows with the agents behind an
+/// address, not with its pages.
+pub const AGENT_LOGINS_PAST_CAP: usize = 4;
+
+/// A new connection's place under `max_connections_per_ip`, or the refusal (429) it gets at
+/// once.
+///
+/// Past the cap, an address still gets [`AGENT_LOGINS_PAST_CAP`] places more, plus the pools of
+/// the agents connected from it (the links they dial to refill them log in at once), whose
+/// request head is read under the handshake deadline and which may only log in an agent
+/// ([`Place::AgentLogin`]; anything else gets this same refusal once read): the pages of a shop
+/// behind one NAT may fill its allowance, and its agent must still connect, first login
+/// included. A place is given back when its connection ends or logs in (then it counts as an
+/// agent's, not against its address). Beyond those places, and while the address's logins are
+/// slowed by the failure brake (so they cannot be used to hammer logins), refused at once as
+/// before.
+fn place(live: &Live, ip: std::net::IpAddr) -> Result<Place, crate::policy::Refusal> {
+    let Some(table) = &live.connections_per_ip else {
+        return Ok(Place::Uncounted);
+    };
+    let refusal = match table.enter(ip) {
+        Ok(counted) => return Ok(Place::Counted(counted)),
+        Err(r) => r,
+    };
+    let Some(logins) = &live.agent_logins else {
+        return Err(refusal);
+    };
+    if live.agents.braked(ip) {
+        return Err(refusal);
+    }
+    let allowance = AGENT_LOGINS_PAST_CAP.saturating_add(live.agents.pools_at(ip));
+    match logins.enter_within(ip, u32::try_from(allowance).unwrap_or(u32::MAX)) {
+        Some(extra) => Ok(Place::AgentLogin(extra, refusal)),
+        None => Err(refusal),
+    }
+}
+
 /// Refusals past the connection cap that may linger at once; the rest are answered without
 /// waiting. The open-file budget keeps a descriptor aside for each.
 pub const LINGERING_REFUSALS: usize = 64;
@@ -982,20 +1026,34 @@ impl Live {
             }
             None => Arc::new(crate::agent::Registry::new(&config.agents)),
         };
+        let connections_per_ip = crate::routes::per_ip_table(
+            AddressLimits {
+                max_sessions: config.limits.max_connections_per_ip.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+                connections: true,
+                ..AddressLimits::default()
+            },
+            previous.and_then(|p| p.connections_per_ip.as_ref()),
+            capacity,
+        );
+        // An address with a place past its cap holds at least cap + 1 connections, so at most
+        // max_connections / (cap + 1) addresses have one at once: the table is sized for four
+        // times that, as the other tables are for their addresses. Kept across reloads, with its
+        // counts.
+        let agent_logins = match (config.limits.max_connections_per_ip, config.agents.endpoints.is_empty()) {
+            (Some(cap), false) => Some(
+                previous
+                    .and_then(|p| p.agent_logins.clone())
+                    .unwrap_or_else(|| PerAddress::new(AddressLimits::default(), capacity / cap.saturating_add(1))),
+            ),
+            _ => None,
+        };
         Ok(Live {
             routes,
             timeouts: config.timeouts.clone(),
             max_connections: config.limits.max_connections,
             per_ip: crate::routes::per_ip_table(config.limits.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity),
-            connections_per_ip: crate::routes::per_ip_table(
-                AddressLimits {
-                    max_sessions: config.limits.max_connections_per_ip.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-                    connections: true,
-                    ..AddressLimits::default()
-                },
-                previous.and_then(|p| p.connections_per_ip.as_ref()),
-                capacity,
-            ),
+            connections_per_ip,
+            agent_logins,
             default_origins: config.default_origins.clone(),
             proxy_headers,
             agents,
@@ -1114,7 +1172,7 @@ mod tests {
         };
         let http = bridge.http(
             TcpStream::connect(addr).await.unwrap(),
-            Held::new(crate::slots::Slot::alone(), None),
+            Held::new(crate::slots::Slot::alone(), Place::Uncounted),
             peer,
             &listener,
             &live,

@@ -582,8 +582,8 @@ async fn the_brake_counts_the_real_client_behind_a_trusted_proxy() {
 
 /// A logged-in agent's connections stop counting against its address (agents behind one NAT
 /// share it with the pages there) but stay connections under `max_connections`: its control
-/// link, and its data links while they wait in the pool (each one is a descriptor). An address
-/// with an agent connected gets agent endpoints past its cap, nothing else.
+/// link, and its data links while they wait in the pool (each one is a descriptor). Past its
+/// cap, an address gets places for agents' logins, nothing else.
 #[tokio::test]
 async fn a_logged_in_agent_counts_as_connections_but_not_against_its_address() {
     let (echo, _) = echo_backend().await;
@@ -604,8 +604,147 @@ async fn a_logged_in_agent_counts_as_connections_but_not_against_its_address() {
     let third = http_raw(bridge.addr, &upgrade_request("/pos", "")).await;
     assert_eq!(status_of(&third), 429, "{third}");
     // The two pages fill the allowance; the links the pool asked for in place of theirs still
-    // log in (an agent is connected from that address), and the pool is full again.
+    // log in (on the places past the cap, its pool's worth more since the agent is connected
+    // from that address), and the pool is full again.
     idle_links(&bridge, "shop-17", 4).await;
+}
+
+/// A shop behind one NAT: its pages fill `max_connections_per_ip`, then its agent restarts (an
+/// update, a reboot), so no agent is connected from there. Its first control link still logs
+/// in, on one of the few places past the cap for agents' logins; its pool fills; a page through
+/// it works once a page's place frees; and a plain page past the cap still gets the 429.
+#[tokio::test]
+async fn an_agents_first_login_gets_in_while_pages_fill_its_address() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    add_echo_route(&mut config, echo);
+    config.limits.max_connections_per_ip = Some(2);
+    let bridge = TestBridge::start(config).await;
+    let (mut a, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let (mut b, _) = ws_connect(&bridge.url("/echo"), None).await;
+    for (ws, what) in [(&mut a, b"page a".as_slice()), (&mut b, b"page b".as_slice())] {
+        send_bin(ws, what).await;
+        assert_eq!(recv_data(ws).await, what);
+    }
+    let before = http_raw(bridge.addr, &upgrade_request("/echo", "")).await;
+    assert_eq!(status_of(&before), 429, "{before}");
+    // The agent starts from the same address, over its cap, with none of its own there yet.
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&bridge, "shop-17", 4).await;
+    // The cap still holds for pages, on the agent's route and on the others.
+    for path in ["/pos", "/echo"] {
+        let third = http_raw(bridge.addr, &upgrade_request(path, "")).await;
+        assert_eq!(status_of(&third), 429, "{path}: {third}");
+    }
+    // A page leaves; a page through the agent takes its place.
+    b.close(None).await.unwrap();
+    read_until_close(&mut b).await;
+    connections_become(&bridge, 1 + 4 + 1).await;
+    let (mut c, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut c, b"through the agent").await;
+    assert_eq!(recv_data(&mut c).await, b"through the agent");
+}
+
+/// The places past `max_connections_per_ip` for agents' logins are few: beyond them a
+/// connection is refused at once as before; on them, anything but an agent's login gets the
+/// same 429 (and metric) once its head is read; each place is given back when its connection
+/// ends; and an address whose failed logins spent the brake gets none.
+#[tokio::test]
+async fn past_its_cap_an_address_gets_a_few_places_to_log_in_agents_and_no_more() {
+    use wsbridge::agent::registry::BRAKE_BURST;
+    use wsbridge::server::AGENT_LOGINS_PAST_CAP;
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[]);
+    add_echo_route(&mut config, echo);
+    config.limits.max_connections_per_ip = Some(2);
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _admin) = start_admin(&bridge, None).await;
+    let _pages = [
+        ws_connect(&bridge.url("/echo"), None).await,
+        ws_connect(&bridge.url("/echo"), None).await,
+    ];
+    let link = |secret: &str| {
+        format!(
+            "/agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        )
+    };
+    // Past the cap, connections whose heads are still coming: each takes a place (with its
+    // connection slot: no wait between the two).
+    let mut waiting = Vec::new();
+    for n in 1..=AGENT_LOGINS_PAST_CAP {
+        let mut s = TcpStream::connect(bridge.addr).await.unwrap();
+        s.write_all(b"GET ").await.unwrap();
+        waiting.push(s);
+        connections_become(&bridge, 2 + n).await;
+    }
+    // One more is refused at once, before it sends anything, as without these places.
+    let at_once = refused_at_accept(&bridge).await;
+    assert_eq!(status_of(&at_once), 429, "{at_once}");
+    assert!(at_once.contains("too many connections from your address"), "{at_once}");
+    // On a place: a page's request gets the same answer once read; so does a request on the
+    // agent endpoint's path that is not an agent's login; an agent's login reaches the endpoint
+    // (its secret proven, 409: no control link is connected); the last one closes before its
+    // request (refused too: every connection past the cap but an agent's login is, once).
+    let mut answers = Vec::new();
+    let rest = [
+        String::from_utf8(upgrade_request("/echo", "")).unwrap()["GET ".len()..].to_owned(),
+        String::from_utf8(upgrade_request("/agent", "")).unwrap()["GET ".len()..].to_owned(),
+        link(SECRET),
+    ];
+    for (mut s, rest) in waiting.drain(..rest.len()).zip(rest) {
+        s.write_all(rest.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        within("the answer", s.read_to_string(&mut answer)).await.unwrap();
+        answers.push(answer);
+    }
+    assert_eq!(answers[0], at_once, "the page past the cap");
+    assert_eq!(answers[1], at_once, "not an agent's login");
+    assert_eq!(status_of(&answers[2]), 409, "{}", answers[2]);
+    drop(waiting);
+    // Every place is given back (the pages' two connections remain), so an agent's login past
+    // the cap gets one again.
+    connections_become(&bridge, 2).await;
+    let again = http_raw(bridge.addr, format!("GET {}", link(SECRET)).as_bytes()).await;
+    assert_eq!(status_of(&again), 409, "{again}");
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    let counted = r#"wsbridge_handshakes_refused_total{status="429",reason="address_limit"} 4"#;
+    assert!(metrics.lines().any(|l| l == counted), "{metrics}");
+    // Failed logins on these places are slowed as any are, and once they spent the brake the
+    // address gets no place past its cap: refused at once, before anything is read.
+    for _ in 0..BRAKE_BURST {
+        let failed = http_raw(bridge.addr, format!("GET {}", link("wrong")).as_bytes()).await;
+        assert_eq!(status_of(&failed), 401, "{failed}");
+    }
+    let braked = refused_at_accept(&bridge).await;
+    assert_eq!(braked, at_once);
+}
+
+/// A connection that sends nothing: the answer the bridge gives it at once.
+async fn refused_at_accept(bridge: &TestBridge) -> String {
+    let mut s = TcpStream::connect(bridge.addr).await.unwrap();
+    let mut answer = String::new();
+    within("an answer at accept", s.read_to_string(&mut answer)).await.unwrap();
+    answer
+}
+
+/// Adds the forward route `/echo` to `echo`.
+fn add_echo_route(config: &mut Config, echo: SocketAddr) {
+    let options = config.default_route_options();
+    config.routes.push(RouteConfig {
+        matcher: Matcher::Path("/echo".into()),
+        target: tcp(echo),
+        options,
+    });
+}
+
+/// Waits until the bridge counts `n` connections under `max_connections`.
+async fn connections_become(bridge: &TestBridge, n: usize) {
+    within(&format!("{n} connections"), async {
+        while bridge.bridge.connections() != n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
 }
 
 /// An agent's data link counts as a connection while it waits in the pool; in a session it
