@@ -129,8 +129,8 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// How often a connected agent looks where its server's URL sends a new connection (the
     /// instance named in a `101`), and follows when that is another instance: a balancer that
-    /// brought an instance back sends pages there. `None`: never. At most [`FAST_CHECK`] apart
-    /// for [`FAST_CHECK_WINDOW`] after a move that landed on another instance.
+    /// brought an instance back sends pages there. `None`: never. At most 5 s apart for 2
+    /// minutes after a move the server asked for that landed on another instance.
     pub balancer_check: Option<Duration>,
 }
 
