@@ -28,6 +28,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use super::chunks::{self, Chunker, Dechunker};
 use super::link::{self, ChunkReader, ChunkWriter, ControlMessage, LinkStream};
+use super::system_proxy::{self, Rereads, Verdict, WindowsChoice};
 use crate::backend::{Backend, ConnectError};
 use crate::config::{parse_duration, ConfigError, Target};
 use crate::tls::BackendTls;
@@ -63,7 +64,8 @@ pub struct AgentArgs {
     /// HTTP proxy to reach the server through (CONNECT), e.g. http://user:pass@proxy:3128;
     /// "off" for none. Default: HTTPS_PROXY (wss) or HTTP_PROXY (ws), honouring NO_PROXY; then,
     /// on Windows, the system's settings (Internet Options: manual, PAC or WPAD; else the WinHTTP
-    /// default), read once at start.
+    /// default), read at start and again before a retry after a failure (at most every 10 s), so
+    /// that a change of network or of the PAC script is followed without a restart.
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
     /// Print a fresh secret and the `secret_sha256` line for the server's `[[agent]]`, then exit.
@@ -117,7 +119,8 @@ pub struct AgentConfig {
     /// Where `proxy` (or its absence) came from: the start-up log and `wsbridge check` say it.
     pub proxy_source: ProxySource,
     /// Dialling the server (TCP, proxy, TLS, upgrade) and connecting a service; also the bound
-    /// on asking Windows for the proxy at start (a PAC script's download, WPAD).
+    /// on asking Windows for the proxy (a PAC script's download, WPAD), at start and again
+    /// before a retry (at most 10 s).
     pub connect_timeout: Duration,
     /// Pings on the control link.
     pub ping_interval: Duration,
@@ -1039,6 +1042,58 @@ fn log_route(config: &AgentConfig) {
     }
 }
 
+/// A route for the log: `through proxy:port (from …)` or `directly (from …)`.
+fn route_text(proxy: Option<&Proxy>, from: &ProxySource) -> String {
+    match proxy {
+        Some(p) => format!("through {p} (from {from})"),
+        None => format!("directly (from {from})"),
+    }
+}
+
+/// What the Windows settings read again (`read`; `None`: no answer at all) say for a
+/// connection that reaches its server as `config` says: the configuration for its next attempt
+/// when that is another route or another source, `None` to go on as it is. A change of route is
+/// logged once (at info, at warn when a setting names a proxy the agent cannot use); the rest at
+/// debug.
+fn follow_windows(config: &AgentConfig, read: Option<(Option<Proxy>, WindowsChoice)>, rereads: &mut Rereads) -> Option<AgentConfig> {
+    let server = &config.server;
+    let was = route_text(config.proxy.as_ref(), &config.proxy_source);
+    let Some((proxy, choice)) = read else {
+        debug!(%server, route = %was, "agent: the Windows proxy settings could not be read again (no thread); keeping the route");
+        return None;
+    };
+    match rereads.judge(config.proxy.as_ref(), proxy.as_ref(), &choice) {
+        Verdict::Late => {
+            debug!(%server, from = %choice, route = %was, "agent: the Windows proxy settings were not read again in time; keeping the route");
+            return None;
+        }
+        Verdict::Same => debug!(%server, from = %choice, "agent: the Windows proxy settings read again: the same route"),
+        Verdict::Changed => {
+            let from = &choice;
+            match (&proxy, choice.warning) {
+                (Some(proxy), false) => info!(
+                    %server, %proxy, %from, %was,
+                    "agent: the Windows proxy settings changed: reaching the server through a proxy now"
+                ),
+                (Some(proxy), true) => warn!(
+                    %server, %proxy, %from, %was,
+                    "agent: the Windows proxy settings changed: reaching the server through a proxy now"
+                ),
+                (None, false) => info!(%server, %from, %was, "agent: the Windows proxy settings changed: reaching the server directly now"),
+                (None, true) => warn!(%server, %from, %was, "agent: the Windows proxy settings changed: reaching the server directly now"),
+            }
+        }
+    }
+    let source = ProxySource::Windows(choice);
+    if config.proxy == proxy && config.proxy_source == source {
+        return None;
+    }
+    let mut next = config.clone();
+    next.proxy = proxy;
+    next.proxy_source = source;
+    Some(next)
+}
+
 /// The TLS connector for a `wss://` server: the CA file's roots or the system's.
 fn tls_for(config: &AgentConfig) -> Result<Option<BackendTls>, crate::tls::TlsError> {
     if !config.server.tls {
@@ -1102,7 +1157,7 @@ const FAST_CHECK: Duration = Duration::from_secs(5);
 const FAST_CHECK_WINDOW: Duration = Duration::from_secs(120);
 
 async fn run(
-    config: Arc<AgentConfig>,
+    mut config: Arc<AgentConfig>,
     tls: Option<BackendTls>,
     shutdown: CancellationToken,
     state: watch::Sender<State>,
@@ -1127,6 +1182,9 @@ async fn run(
     let mut drained: Option<Instant> = None;
     // A link that was asked to move, serving its instance until this loop is connected again.
     let mut previous: Option<Previous> = None;
+    // A route from the Windows settings is read again before a retry after a failure (the
+    // network may have changed under it), at most every REREAD_EVERY; the start's read counts.
+    let mut rereads = Rereads::new(std::time::Instant::now());
     loop {
         attempts.fetch_add(1, Ordering::Relaxed);
         // While the link that moves serves, the agent is still connected.
@@ -1141,6 +1199,8 @@ async fn run(
         let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine, &mut previous).await;
         // The server said to reconnect (a drain): logged as what it is, not as a failure.
         let mut told = false;
+        // The attempt failed or the connection was lost: the route may be what failed.
+        let mut failed = false;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
             Ended::Moving(why, link) => {
@@ -1207,6 +1267,7 @@ async fn run(
                     drained = Some(Instant::now());
                 }
                 retry_after = server_says;
+                failed = true;
                 (reason, false)
             }
         };
@@ -1233,14 +1294,13 @@ async fn run(
             info!(%reason, retry_in = ?after, "agent: reconnecting");
         } else {
             match &config.proxy_source {
-                // Read once, at start: a computer that moved to another network keeps the
-                // route it started with until the agent is restarted.
+                // The route may be what failed (the computer moved to another network): the line
+                // says where it came from, and that it is read again.
                 ProxySource::Windows(_) => warn!(
                     %reason,
                     retry_in = ?after,
                     route = %config.proxy_source,
-                    "agent: not connected; retrying (the proxy settings were read from Windows at start: restart the agent \
-                     after they change)"
+                    "agent: not connected; retrying (with the Windows proxy settings read again first, at most every 10 s)"
                 ),
                 _ => warn!(%reason, retry_in = ?after, "agent: not connected; retrying"),
             }
@@ -1250,9 +1310,30 @@ async fn run(
             true => set(State::Moving { reason }),
             false => set(State::Retrying { reason, after }),
         }
+        // Its deadline is set now: a read of the Windows settings runs within the backoff's
+        // wait, and the next attempt starts when both are over.
+        let wait = tokio::time::sleep(after);
+        let reading = match (&config.proxy_source, failed) {
+            (ProxySource::Windows(_), true) if rereads.start(std::time::Instant::now()) => {
+                system_proxy::windows_again(&config.server, config.connect_timeout)
+            }
+            _ => None,
+        };
+        if let Some(reading) = reading {
+            // Not waited for at shutdown: its thread ends by itself (within its deadline).
+            let read = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                read = reading => read.ok(),
+            };
+            if let Some(next) = follow_windows(&config, read, &mut rereads) {
+                // For the next attempt's dials and its links'; links and sessions open now keep
+                // theirs.
+                config = Arc::new(next);
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(after) => {}
+            _ = wait => {}
         }
     }
     sessions.close();
@@ -2436,6 +2517,59 @@ mod tests {
             ["wss://c.example.com:443/agent"]
         );
         assert_eq!(proxies(&servers), [Some("file-proxy:3128".into())]);
+    }
+
+    /// A route from the Windows settings read again: the next attempt's configuration changes
+    /// with what they say now (the proxy and where it came from), not with a late reading, and
+    /// not at all when nothing differs; the log's words for a route.
+    #[test]
+    fn a_connection_follows_the_windows_settings_read_again() {
+        use super::system_proxy::WindowsSetting;
+        let windows = |setting: Option<WindowsSetting>, late: bool| WindowsChoice {
+            setting,
+            late,
+            ..WindowsChoice::default()
+        };
+        let office: Proxy = "proxy.corp:8080".parse().unwrap();
+        let mut config = AgentConfig::new("wss://bridge.example.com/agent".parse().unwrap(), "n".into(), "s".into());
+        config.proxy = Some(office.clone());
+        config.proxy_source = ProxySource::Windows(windows(Some(WindowsSetting::InternetOptions), false));
+        assert_eq!(
+            route_text(config.proxy.as_ref(), &config.proxy_source),
+            "through proxy.corp:8080 (from Windows settings (Internet Options))"
+        );
+        let mut rereads = Rereads::new(std::time::Instant::now());
+        // Nothing differs: nothing to replace.
+        let same = (Some(office.clone()), windows(Some(WindowsSetting::InternetOptions), false));
+        assert!(follow_windows(&config, Some(same), &mut rereads).is_none());
+        // No answer at all (no thread): the route stays.
+        assert!(follow_windows(&config, None, &mut rereads).is_none());
+        // Late: the route stays.
+        let home = (None, windows(None, true));
+        assert!(follow_windows(&config, Some(home.clone()), &mut rereads).is_none());
+        // Home, in time: direct now, and why.
+        let home = (None, windows(None, false));
+        let next = follow_windows(&config, Some(home), &mut rereads).expect("a new route");
+        assert_eq!(next.proxy, None);
+        assert_eq!(next.proxy_source, ProxySource::Windows(windows(None, false)));
+        assert_eq!(
+            route_text(next.proxy.as_ref(), &next.proxy_source),
+            "directly (from Windows settings (none))"
+        );
+        assert_eq!((next.server.clone(), next.secret.as_str()), (config.server.clone(), "s"));
+        // The same proxy from another setting: the route stays, its source is brought up to date.
+        let pac = WindowsSetting::Pac("http://pac.corp/p.pac".into());
+        let next = follow_windows(
+            &config,
+            Some((Some(office.clone()), windows(Some(pac.clone()), false))),
+            &mut rereads,
+        )
+        .unwrap();
+        assert_eq!(next.proxy.as_ref(), Some(&office));
+        assert_eq!(next.proxy_source, ProxySource::Windows(windows(Some(pac), false)));
+        // Off Windows there is nothing to read again.
+        #[cfg(not(windows))]
+        assert!(system_proxy::windows_again(&config.server, Duration::from_secs(1)).is_none());
     }
 
     #[test]

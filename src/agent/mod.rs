@@ -25,7 +25,7 @@
 //! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |
 //! | [`client`] | `wsbridge agent`: configuration, dialling, proxy, TLS, reconnect, serving services |
-//! | [`system_proxy`] | the agent's proxy from the system's settings (Windows): proxy and bypass lists, which setting wins |
+//! | [`system_proxy`] | the agent's proxy from the system's settings (Windows): proxy and bypass lists, which setting wins, when to read them again |
 //! | `winhttp` | Windows only: reading those settings from WinHTTP (the crate's only `unsafe`) |
 
 pub mod chunks;

@@ -1,6 +1,9 @@
 //! The proxy the system's settings give for a server, for an agent given none of its own (no
 //! `proxy` option, no `--proxy`, no HTTPS_PROXY / HTTP_PROXY): on Windows, the settings WinHTTP
-//! clients follow, read once when the agent starts (its configuration is loaded).
+//! clients follow, read when the agent starts (its configuration is loaded), and again for a
+//! connection whose attempt failed or was lost, before it retries ([`Rereads`]): a laptop that
+//! moves between the office's proxy and home's direct route, or a PAC script IT changed, is
+//! followed without a restart.
 //!
 //! For each server, the first of these that names an HTTP proxy for it wins:
 //!
@@ -17,6 +20,10 @@
 //! CONNECT only), and so is one whose entry is not an address. Whatever was passed over, and why
 //! (WPAD found nothing, the script could not be fetched, …), is kept in [`WindowsChoice::notes`]
 //! for the one start-up log line per server.
+//!
+//! Reading again is bounded as the start's read is (the same deadline, on a thread of its own:
+//! [`windows_again`]), at most once per [`REREAD_EVERY`] per connection, and a read that did not
+//! finish in time keeps the route the connection had ([`Rereads::judge`]).
 //!
 //! Reading WinHTTP is [`super::winhttp`]'s (the crate's only `unsafe`, Windows only); here are the
 //! parts that are plain text and choices, so that they are tested on every platform: proxy lists
@@ -74,6 +81,9 @@ pub struct Reading {
     pub auto: Option<AutoAnswer>,
     /// The machine's WinHTTP default proxy (`None`: direct), or why it could not be read.
     pub machine: Result<Option<StaticSetting>, String>,
+    /// Whether part of it did not come in time (the deadline, or WinHTTP's own timeout): what
+    /// the settings say could not be told, as opposed to an answer such as "no script found".
+    pub late: bool,
 }
 
 /// The Windows setting a server's proxy (or its direct connection) comes from.
@@ -124,6 +134,9 @@ pub struct WindowsChoice {
     /// Whether a setting names a proxy the agent cannot use (only SOCKS, not an address): then
     /// the start-up line is a warning.
     pub warning: bool,
+    /// Whether the reading it comes from was late ([`Reading::late`]): read again, it does not
+    /// replace a connection's route at once ([`Rereads::judge`]).
+    pub late: bool,
 }
 
 impl std::fmt::Display for WindowsChoice {
@@ -327,7 +340,10 @@ impl WindowsChoice {
 /// The proxy for `server` from what was read of the Windows settings, in the order the module
 /// documentation gives, with the setting that decided and the notes on the way.
 pub fn choose(server: &ServerUrl, reading: &Reading) -> (Option<Proxy>, WindowsChoice) {
-    let mut choice = WindowsChoice::default();
+    let mut choice = WindowsChoice {
+        late: reading.late,
+        ..WindowsChoice::default()
+    };
     match &reading.user {
         Err(e) => choice.notes.push(format!("Internet Options not read: {e}")),
         Ok(user) => {
@@ -378,6 +394,112 @@ pub fn choose(server: &ServerUrl, reading: &Reading) -> (Option<Proxy>, WindowsC
     (None, choice)
 }
 
+/// A connection reads the Windows settings again at most once per this (from the start of one
+/// read to the next; the start's read counts). The backoff alone spaces attempts 7.5-30 s apart
+/// once it has grown, but its first retries come within 1, 2, 4 s, and `retry_max` may be set
+/// lower (the tests' 1 s): a PAC download or a WPAD lookup (DHCP, DNS) before each of those would
+/// be traffic to IT's servers from every agent of a fleet whose server is down, for nothing. With
+/// this floor a connection starts at most one lookup per 10 s (the longest one may take), and a
+/// computer that moved still finds its new route at its first failure after it (the last read
+/// is long past), or within 10 s of it when it moves during an outage.
+pub const REREAD_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Late readings in a row that keep a connection's route ([`Rereads::judge`]); the one after
+/// them is taken as it stands, as at start (a script's server that hangs counts as failed). A
+/// timeout at the office is a hiccup; one that lasts has no answer to wait for: a laptop at home
+/// whose PAC host name resolves to an office address that never answers would otherwise keep the
+/// office's proxy for ever.
+pub const LATE_READS_KEPT: u32 = 2;
+
+/// What a connection's reading the Windows settings again means for its route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It was late, with fewer than [`LATE_READS_KEPT`] late ones right before it: the route
+    /// stays.
+    Late,
+    /// The same route: the same proxy, or direct again (the setting that decided, or the notes,
+    /// may differ).
+    Same,
+    /// Another proxy, or direct instead of a proxy, or the other way round.
+    Changed,
+}
+
+/// A connection's reading of the Windows settings again, before its retries: when the next may
+/// start, and how many late ones came in a row.
+#[derive(Debug, Clone)]
+pub struct Rereads {
+    /// When the last read started (at first: when the connection started, just after the
+    /// start's read).
+    last: std::time::Instant,
+    /// Late readings in a row.
+    late: u32,
+}
+
+impl Rereads {
+    /// For a connection whose route was read from the settings just before `now`.
+    pub fn new(now: std::time::Instant) -> Rereads {
+        Rereads { last: now, late: 0 }
+    }
+
+    /// Whether a read may start at `now`: [`REREAD_EVERY`] or more after the last one started.
+    /// If so, it counts as started.
+    pub fn start(&mut self, now: std::time::Instant) -> bool {
+        if now.saturating_duration_since(self.last) < REREAD_EVERY {
+            return false;
+        }
+        self.last = now;
+        true
+    }
+
+    /// What a reading that gives `proxy` (`None`: direct) with `choice` means for a connection
+    /// that reaches its server through `was`: a late one keeps the route, unless the
+    /// [`LATE_READS_KEPT`] before it were late too; a timely one decides.
+    pub fn judge(&mut self, was: Option<&Proxy>, proxy: Option<&Proxy>, choice: &WindowsChoice) -> Verdict {
+        if choice.late {
+            self.late = self.late.saturating_add(1);
+            if self.late <= LATE_READS_KEPT {
+                return Verdict::Late;
+            }
+        } else {
+            self.late = 0;
+        }
+        match was == proxy {
+            true => Verdict::Same,
+            false => Verdict::Changed,
+        }
+    }
+}
+
+/// The proxy the Windows settings give for `server` now ([`windows`] for one server), read on a
+/// thread of its own so that the caller's runtime goes on: the answer comes within `wait` (at
+/// most 10 s) on the receiver, which errs if no thread could be started. Dropping the receiver
+/// leaves the thread to end by itself: nothing waits for it (a shutdown, the process's end).
+#[cfg(windows)]
+pub fn windows_again(
+    server: &ServerUrl,
+    wait: std::time::Duration,
+) -> Option<tokio::sync::oneshot::Receiver<(Option<Proxy>, WindowsChoice)>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let servers = [server.clone()];
+    // On failure the closure, and `tx` with it, is dropped: the receiver errs at once.
+    let _ = std::thread::Builder::new().name("windows-proxy-again".into()).spawn(move || {
+        if let Some(found) = windows(&servers, wait).pop() {
+            let _ = tx.send(found);
+        }
+    });
+    Some(rx)
+}
+
+/// Off Windows there are no Windows settings to read again (the environment's proxy variables
+/// are the process's own, read at start).
+#[cfg(not(windows))]
+pub fn windows_again(
+    _server: &ServerUrl,
+    _wait: std::time::Duration,
+) -> Option<tokio::sync::oneshot::Receiver<(Option<Proxy>, WindowsChoice)>> {
+    None
+}
+
 /// A WinHTTP error code in words, for the log (the ones asking for a proxy meets).
 pub fn winhttp_error(code: u32) -> String {
     let what = match code {
@@ -398,7 +520,8 @@ pub fn winhttp_error(code: u32) -> String {
 
 /// The longest the agent's start waits for the Windows settings, whatever `connect_timeout`
 /// says: the Service Control Manager gives a service 30 s to start, and the settings are read
-/// before it is told the service runs.
+/// before it is told the service runs. A connection's retry waits for a read again no longer
+/// either.
 #[cfg(windows)]
 const MOST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -426,13 +549,15 @@ fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading
 
     enum Read {
         Settings(Result<UserSettings, String>, Result<Option<StaticSetting>, String>),
-        Auto(usize, AutoAnswer),
+        /// A server's answer, and whether it is WinHTTP's timeout.
+        Auto(usize, AutoAnswer, bool),
     }
     let mut readings = vec![
         Reading {
             user: Err("no answer".into()),
             auto: None,
             machine: Err("no answer".into()),
+            late: false,
         };
         servers.len()
     ];
@@ -449,12 +574,13 @@ fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading
         }
         let Some(user) = automatic else { return };
         for (i, url) in urls.iter().enumerate() {
-            let answer = match winhttp::proxy_for_url(url, user.auto_detect, user.pac_url.as_deref(), wait) {
-                Ok(Some(list)) => AutoAnswer::Proxy(list),
-                Ok(None) => AutoAnswer::Direct,
-                Err(code) => AutoAnswer::Failed(winhttp_error(code)),
+            let (answer, late) = match winhttp::proxy_for_url(url, user.auto_detect, user.pac_url.as_deref(), wait) {
+                Ok(Some(list)) => (AutoAnswer::Proxy(list), false),
+                Ok(None) => (AutoAnswer::Direct, false),
+                // ERROR_WINHTTP_TIMEOUT: the script's server or WPAD's did not answer in time.
+                Err(code) => (AutoAnswer::Failed(winhttp_error(code)), code == 12002),
             };
-            if tx.send(Read::Auto(i, answer)).is_err() {
+            if tx.send(Read::Auto(i, answer, late)).is_err() {
                 return;
             }
         }
@@ -463,6 +589,7 @@ fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading
         for r in &mut readings {
             r.user = Err(format!("no thread to read them on: {e}"));
             r.machine = Err(format!("no thread to read it on: {e}"));
+            r.late = true;
         }
         return readings;
     }
@@ -474,17 +601,24 @@ fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading
                     r.machine = machine.clone();
                 }
             }
-            Ok(Read::Auto(i, answer)) => readings[i].auto = Some(answer),
+            Ok(Read::Auto(i, answer, late)) => {
+                readings[i].auto = Some(answer);
+                readings[i].late |= late;
+            }
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 let late = format!("no answer within {wait:?}");
                 for r in &mut readings {
                     match &r.user {
-                        Ok(u) if u.automatic() && r.auto.is_none() => r.auto = Some(AutoAnswer::Failed(late.clone())),
+                        Ok(u) if u.automatic() && r.auto.is_none() => {
+                            r.auto = Some(AutoAnswer::Failed(late.clone()));
+                            r.late = true;
+                        }
                         Ok(_) => {}
                         Err(_) => {
                             r.user = Err(late.clone());
                             r.machine = Err(late.clone());
+                            r.late = true;
                         }
                     }
                 }
@@ -498,6 +632,7 @@ fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn server(url: &str) -> ServerUrl {
         url.parse().unwrap()
@@ -658,6 +793,7 @@ mod tests {
                 proxy: "machine:3128".into(),
                 bypass: None,
             })),
+            late: false,
         };
         let (p, says) = route(&reading, "wss://bridge.example.com/agent");
         assert_eq!(
@@ -680,6 +816,7 @@ mod tests {
             user: user(true, Some(pac), Some("manual:8080"), Some("*.corp")),
             auto: Some(AutoAnswer::Proxy("scripted:3128".into())),
             machine: Ok(None),
+            late: false,
         };
         let (p, says) = route(&reading, "wss://bridge.corp/agent");
         // The bypass list is the manual proxy's, not the script's.
@@ -726,6 +863,7 @@ mod tests {
             user: user(true, None, None, None),
             auto: Some(AutoAnswer::Failed(winhttp_error(12180))),
             machine: machine.clone(),
+            late: false,
         };
         let (p, says) = route(&reading, "wss://bridge.example.com/agent");
         assert_eq!(p.as_deref(), Some("machine:3128"));
@@ -741,6 +879,7 @@ mod tests {
             user: user(false, None, Some("socks=s:1080"), None),
             auto: None,
             machine: machine.clone(),
+            late: false,
         };
         let (p, choice) = choose(&server("wss://bridge.example.com/agent"), &reading);
         assert_eq!(p.map(|p| p.host), Some("machine".into()));
@@ -754,6 +893,7 @@ mod tests {
             user: Err(winhttp_error(5)),
             auto: None,
             machine: Err("no answer within 10s".into()),
+            late: false,
         };
         let (p, says) = route(&reading, "wss://bridge.example.com/agent");
         assert_eq!(p, None);
@@ -766,6 +906,7 @@ mod tests {
             user: user(false, None, None, None),
             auto: None,
             machine: Ok(None),
+            late: false,
         };
         assert_eq!(route(&reading, "wss://b/agent"), (None, "Windows settings (none)".into()));
         // A manual proxy for http only: a wss:// server goes directly, as Windows programs
@@ -774,6 +915,7 @@ mod tests {
             user: user(false, None, Some("http=p1:80"), None),
             auto: None,
             machine,
+            late: false,
         };
         let (p, says) = route(&reading, "wss://bridge.example.com/agent");
         assert_eq!(p, None);
@@ -789,6 +931,99 @@ mod tests {
         assert_eq!(shown("http://pac.corp:8080/p.pac"), "PAC http://pac.corp:8080/p.pac");
         assert_eq!(shown("https://u@pac.corp"), "PAC https://pac.corp");
         assert_eq!(shown("file://C:/x.pac?a"), "PAC file://C:/x.pac");
+    }
+
+    #[test]
+    fn the_settings_are_read_again_at_most_every_ten_seconds() {
+        let t0 = std::time::Instant::now();
+        let mut r = Rereads::new(t0);
+        // The start's read counts: a failure right after it reads nothing again.
+        assert!(!r.start(t0 + Duration::from_millis(300)));
+        assert!(!r.start(t0 + Duration::from_millis(9_999)));
+        assert!(r.start(t0 + REREAD_EVERY));
+        // From that read's start on.
+        assert!(!r.start(t0 + REREAD_EVERY + Duration::from_secs(1)));
+        assert!(!r.start(t0 + REREAD_EVERY * 2 - Duration::from_millis(1)));
+        assert!(r.start(t0 + REREAD_EVERY * 2 + Duration::from_secs(25)));
+        // A clock that went backwards (an instant from before) starts nothing.
+        assert!(!r.start(t0));
+    }
+
+    fn proxy_at(s: &str) -> Proxy {
+        s.parse().unwrap()
+    }
+
+    fn read_as(setting: Option<WindowsSetting>, late: bool) -> WindowsChoice {
+        WindowsChoice {
+            setting,
+            late,
+            ..WindowsChoice::default()
+        }
+    }
+
+    #[test]
+    fn a_reading_again_changes_the_route_only_when_it_names_another() {
+        let (office, other) = (proxy_at("proxy.corp:8080"), proxy_at("proxy2.corp:8080"));
+        let manual = read_as(Some(WindowsSetting::InternetOptions), false);
+        let mut r = Rereads::new(std::time::Instant::now());
+        assert_eq!(r.judge(Some(&office), Some(&office), &manual), Verdict::Same);
+        // Same proxy from another setting: the same route.
+        let pac = read_as(Some(WindowsSetting::Pac("http://pac.corp/p.pac".into())), false);
+        assert_eq!(r.judge(Some(&office), Some(&office), &pac), Verdict::Same);
+        assert_eq!(r.judge(None, None, &read_as(None, false)), Verdict::Same);
+        // Home: direct now; the office again; another proxy.
+        assert_eq!(r.judge(Some(&office), None, &read_as(None, false)), Verdict::Changed);
+        assert_eq!(r.judge(None, Some(&office), &manual), Verdict::Changed);
+        assert_eq!(r.judge(Some(&office), Some(&other), &manual), Verdict::Changed);
+        // The port counts.
+        assert_eq!(
+            r.judge(Some(&office), Some(&proxy_at("proxy.corp:3128")), &manual),
+            Verdict::Changed
+        );
+    }
+
+    #[test]
+    fn a_late_reading_keeps_the_route_until_lateness_lasts() {
+        let office = proxy_at("proxy.corp:8080");
+        // The PAC script's server did not answer in time: the manual proxy's fallback says direct.
+        let late = read_as(None, true);
+        let timely = read_as(None, false);
+        let mut r = Rereads::new(std::time::Instant::now());
+        for _ in 0..LATE_READS_KEPT {
+            assert_eq!(r.judge(Some(&office), None, &late), Verdict::Late);
+        }
+        // One more in a row: nothing to wait for, taken as at start.
+        assert_eq!(r.judge(Some(&office), None, &late), Verdict::Changed);
+        assert_eq!(r.judge(None, None, &late), Verdict::Same);
+        // A timely reading starts the count again.
+        assert_eq!(
+            r.judge(None, Some(&office), &read_as(Some(WindowsSetting::Wpad), false)),
+            Verdict::Changed
+        );
+        assert_eq!(r.judge(Some(&office), None, &late), Verdict::Late);
+        assert_eq!(r.judge(Some(&office), None, &timely), Verdict::Changed);
+        assert_eq!(r.judge(None, Some(&office), &read_as(None, true)), Verdict::Late);
+        // A late reading that names the same route keeps it too (nothing to replace).
+        assert_eq!(r.judge(Some(&office), Some(&office), &read_as(None, true)), Verdict::Late);
+    }
+
+    #[test]
+    fn a_late_reading_says_so_in_its_choice() {
+        let reading = Reading {
+            user: user(true, Some("http://pac.corp/p.pac"), Some("manual:8080"), None),
+            auto: Some(AutoAnswer::Failed("no answer within 10s".into())),
+            machine: Ok(None),
+            late: true,
+        };
+        let (p, choice) = choose(&server("wss://bridge.example.com/agent"), &reading);
+        assert_eq!(p.map(|p| p.host).as_deref(), Some("manual"));
+        assert!(choice.late);
+        assert_eq!(
+            choice.to_string(),
+            "Windows settings (Internet Options); PAC http://pac.corp/p.pac: no answer within 10s"
+        );
+        let reading = Reading { late: false, ..reading };
+        assert!(!choose(&server("wss://bridge.example.com/agent"), &reading).1.late);
     }
 
     #[test]

@@ -888,6 +888,35 @@ async fn silent_server() -> std::net::SocketAddr {
     addr
 }
 
+/// A proxy that answers every CONNECT with 403 (a proxy of a network the computer has left, or
+/// one that refuses this agent), counting them.
+async fn refusing_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    let Ok(b) = s.read_u8().await else { return };
+                    head.push(b);
+                }
+                if head.starts_with(b"CONNECT ") {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, asked)
+}
+
 /// Stops the agent (Ctrl-C) and checks that it exits cleanly.
 async fn stop_agent(mut p: WinProcess) {
     p.ctrl_c().await;
@@ -1062,6 +1091,64 @@ async fn a_pac_server_that_hangs_under_wine_delays_the_agent_only_for_its_connec
     session_through_the_agent(&bridge.url("/pos")).await;
     assert!(proxy.targets().iter().all(|t| *t == bridge.addr.to_string()));
     stop_agent(p).await;
+}
+
+/// Internet Options that change while the agent runs: it starts with a manual proxy that refuses
+/// every CONNECT (403, a proxy of the network the laptop has left), so every attempt fails. Then
+/// the prefix's registry names the test's real proxy (`reg import` of what the dialog writes,
+/// through the same wineserver as the agent's). Before a retry the agent reads the settings
+/// again, says once what changed (the new proxy and the old one), and connects through the new
+/// proxy: no restart. A session crosses byte for byte, and the new proxy saw the control link and
+/// the data links.
+#[tokio::test]
+async fn the_agent_under_wine_follows_internet_options_that_change_while_it_runs() {
+    let test = "windows::the_agent_under_wine_follows_internet_options_that_change_while_it_runs";
+    let Some(build) = windows_build(test).await else { return };
+    let proxy = ConnectProxy::start().await;
+    let (refusing, refused) = refusing_proxy().await;
+    let (echo, _) = echo_backend().await;
+    let bridge = agent_server().await;
+    let settings = |proxy: &str| {
+        reg_file(&[(
+            USER_CONNECTIONS,
+            "DefaultConnectionSettings",
+            user_settings(DIRECT | MANUAL_PROXY, proxy, "", ""),
+        )])
+    };
+    let prefix = OwnPrefix::new(&settings(&refusing.to_string())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_toml(dir.path(), bridge.addr, echo);
+    let started = std::time::Instant::now();
+    let mut p = WinProcess::start(wine_in(
+        &prefix.path(),
+        build.exe.as_os_str(),
+        &["agent", "--config", &z_path(&config)],
+    ));
+    let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
+    assert!(
+        via.ends_with(&format!("proxy={refusing} from=Windows settings (Internet Options)")),
+        "{via}"
+    );
+    let failed = p.line("agent: not connected; retrying", WINE_WAIT).await;
+    assert!(failed.contains("the proxy answered 403 to CONNECT"), "{failed}");
+    assert!(!failed.contains("restart"), "{failed}");
+    assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // The settings change while it runs.
+    let file = dir.path().join("changed.reg");
+    std::fs::write(&file, settings(&proxy.addr.to_string())).unwrap();
+    let import = wine_in(&prefix.path(), "reg".as_ref(), &["import", &z_path(&file)]).output();
+    let out = tokio::time::timeout(WINE_WAIT, import).await.expect("wine reg import").unwrap();
+    assert!(out.status.success(), "wine reg import: {out:?}");
+    // Read again within its floor (10 s) and a retry of at most 1 s (`retry_max`), plus
+    // Wine's time to run it.
+    let changed = p.line("agent: the Windows proxy settings changed", Duration::from_secs(40)).await;
+    let says = format!(
+        "proxy={} from=Windows settings (Internet Options) was=through {refusing} (from Windows settings (Internet Options))",
+        proxy.addr
+    );
+    assert!(changed.ends_with(&says), "{changed}");
+    through_the_proxy_to_one_server_only(p, &proxy, &bridge, None).await;
+    eprintln!("{test}: {:?} from the agent's start", started.elapsed());
 }
 
 /// Off Windows, the agent's service flags are refused with what to do instead (exit 64).
