@@ -1313,6 +1313,7 @@ async fn run(
         // Its deadline is set now: a read of the Windows settings runs within the backoff's
         // wait, and the next attempt starts when both are over.
         let wait = tokio::time::sleep(after);
+        tokio::pin!(wait);
         let reading = match (&config.proxy_source, failed) {
             (ProxySource::Windows(_), true) if rereads.start(std::time::Instant::now()) => {
                 system_proxy::windows_again(&config.server, config.connect_timeout)
@@ -1326,6 +1327,20 @@ async fn run(
                 read = reading => read.ok(),
             };
             if let Some(next) = follow_windows(&config, read, &mut rereads) {
+                if next.proxy != config.proxy {
+                    // A new route is tried soon: the backoff grew on the old one's failures.
+                    failures = 0;
+                    let soon = config.backoff.delay(1, false);
+                    if Instant::now() + soon < wait.deadline() {
+                        wait.as_mut().reset(Instant::now() + soon);
+                        if !moving {
+                            set(State::Retrying {
+                                reason: last_failure.clone().unwrap_or_default(),
+                                after: soon,
+                            });
+                        }
+                    }
+                }
                 // For the next attempt's dials and its links'; links and sessions open now keep
                 // theirs.
                 config = Arc::new(next);
