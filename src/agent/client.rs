@@ -1464,8 +1464,10 @@ async fn control(
         pong_due: None,
         connected: false,
     };
+    // Servers from before instance ids name none.
+    let instance = link.links.instance.clone().unwrap_or_else(|| "-".into());
     let mut on_connected = || {
-        info!(agent = %config.name, services = config.services.len(), "agent: connected");
+        info!(agent = %config.name, services = config.services.len(), %instance, "agent: connected");
         set(State::Connected);
         if let Some(old) = previous.take() {
             old.let_go.cancel();
