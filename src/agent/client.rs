@@ -61,6 +61,12 @@ pub struct AgentArgs {
     /// Verify the server's certificate against this CA file instead of the system's roots.
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// How often to look which instance the server's URL leads a new connection to, and move
+    /// there when it is another (a balancer with a standby sends pages back to an instance that
+    /// returned): a duration of 1s or more, or "off". Default: 30s with one --server, off with
+    /// several (each URL reaches its own instance).
+    #[arg(long, value_name = "DURATION")]
+    pub balancer_check: Option<String>,
     /// HTTP proxy to reach the server through (CONNECT), e.g. http://user:pass@proxy:3128;
     /// "off" for none. Default: HTTPS_PROXY (wss) or HTTP_PROXY (ws), honouring NO_PROXY; then,
     /// on Windows, the system's settings (Internet Options: manual, PAC or WPAD; else the WinHTTP
@@ -572,20 +578,8 @@ impl AgentConfig {
         let mut backoff = Backoff::default();
         backoff.max = dur(&a.retry_max, "agent.retry_max", backoff.max)?;
         let balancer_check = match &a.balancer_check {
-            None => defaults.balancer_check,
-            Some(s) if s.get_ref() == "off" => None,
-            Some(s) => Some(
-                parse_duration(s.get_ref())
-                    .ok()
-                    .filter(|d| *d >= Duration::from_secs(1))
-                    .ok_or_else(|| {
-                        ctx.invalid(
-                            s.span(),
-                            "agent.balancer_check",
-                            "a duration of 1s or more, such as \"30s\", or \"off\"",
-                        )
-                    })?,
-            ),
+            None => default_balancer_check(1 + servers.len()),
+            Some(s) => parse_balancer_check(s.get_ref()).map_err(|e| ctx.invalid(s.span(), "agent.balancer_check", e))?,
         };
         Ok(AgentConfig {
             server,
@@ -678,6 +672,7 @@ impl AgentConfig {
                 let mut c = AgentConfig::new(server, name, secret);
                 c.proxy = proxy;
                 c.proxy_source = proxy_source;
+                c.balancer_check = default_balancer_check(1 + servers.len());
                 c.more_servers = servers;
                 c
             }
@@ -726,6 +721,9 @@ impl AgentConfig {
         if let Some(ca) = &args.ca_file {
             config.ca_file = Some(ca.clone());
         }
+        if let Some(b) = &args.balancer_check {
+            config.balancer_check = parse_balancer_check(b).map_err(|e| invalid("--balancer-check", e))?;
+        }
         Ok(config)
     }
 
@@ -755,6 +753,25 @@ impl AgentConfig {
         }
         all
     }
+}
+
+/// `balancer_check` when not set: on with one server URL (one URL through a balancer, which may
+/// send new connections elsewhere), off with several (each reaches an instance of its own, so a
+/// look could only find the same one).
+fn default_balancer_check(servers: usize) -> Option<Duration> {
+    (servers == 1).then_some(Duration::from_secs(30))
+}
+
+/// `balancer_check` as written: a duration of 1 s or more, or `off`.
+fn parse_balancer_check(s: &str) -> Result<Option<Duration>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    parse_duration(s)
+        .ok()
+        .filter(|d| *d >= Duration::from_secs(1))
+        .map(Some)
+        .ok_or_else(|| "a duration of 1s or more, such as \"30s\", or \"off\"".to_owned())
 }
 
 /// Settings given as flags, which take the place of the file's.
@@ -954,6 +971,8 @@ pub struct AgentHandle {
     pub states: Vec<watch::Receiver<State>>,
     /// Attempts to connect so far.
     pub attempts: Arc<AtomicU64>,
+    /// Looks where a server's URL leads a new connection so far ([`AgentConfig::balancer_check`]).
+    pub looks: Arc<AtomicU64>,
     /// Cancel to stop it (as SIGTERM does).
     pub shutdown: CancellationToken,
     /// Ends when it has stopped and its sessions have finished (or the grace ran out); an error
@@ -977,6 +996,7 @@ impl AgentHandle {
 /// The CA file cannot be used.
 pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
     let attempts = Arc::new(AtomicU64::new(0));
+    let looks = Arc::new(AtomicU64::new(0));
     let shutdown = CancellationToken::new();
     let several = !config.more_servers.is_empty();
     let instances = Instances::default();
@@ -998,6 +1018,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
             instances: instances.clone(),
             index,
             caps: caps.clone(),
+            looks: looks.clone(),
         };
         loops.push(run(Arc::new(one), tls, shutdown.clone(), tx, attempts.clone(), mine).instrument(span));
     }
@@ -1022,6 +1043,7 @@ pub fn spawn(config: AgentConfig) -> Result<AgentHandle, crate::tls::TlsError> {
         state: states[0].clone(),
         states,
         attempts,
+        looks,
         shutdown,
         task,
     })
@@ -1135,26 +1157,47 @@ enum Ended {
 enum Move {
     /// The server asked (`move`): it is draining, or its operator said so. Its reason.
     Asked(String),
-    /// The server's URL leads a new connection to another instance now (its id): a balancer
-    /// that sends pages there too, an instance back after a failover.
-    Followed(String),
+    /// The server's URL leads a new connection to another instance now: a balancer that sends
+    /// pages there too, an instance back after a failover. That connection (upgraded, before
+    /// its hello) becomes the agent's: a second dial could land elsewhere again.
+    Followed {
+        /// The instance it reached.
+        instance: String,
+        /// The instance the link that moves is on.
+        from: String,
+        /// The connection that found it.
+        ws: Box<ControlWs>,
+    },
 }
 
 impl std::fmt::Display for Move {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Move::Asked(reason) => f.write_str(reason),
-            Move::Followed(_) => f.write_str("new connections reach another instance"),
+            Move::Followed { .. } => f.write_str("new connections reach another instance"),
         }
     }
 }
 
-/// Balancer checks ([`AgentConfig::balancer_check`]) after a move the server asked for that
-/// landed on another instance are at most this far apart...
+/// After a connection left an instance (moved, drained, lost), the next one, if it is on
+/// another instance, looks where its URL leads at most this far apart ([`FAST_CHECKS`])...
 const FAST_CHECK: Duration = Duration::from_secs(5);
-/// ...for this long: the instance left is likely restarting, and its balancer sends new
-/// connections (and pages) back to it once its health checks pass.
-const FAST_CHECK_WINDOW: Duration = Duration::from_secs(120);
+/// ...for this long, then further apart, to [`AgentConfig::balancer_check`] at this many times
+/// the time since it left: the instance left is likely restarting (a deploy, a reboot), and the
+/// balancer sends new connections and pages back to it once its health checks pass.
+const FAST_CHECKS: (Duration, u32) = (Duration::from_secs(120), 24);
+
+/// What a connection loop knows of its last connection, for the next.
+#[derive(Default)]
+struct Last {
+    /// The instance its last connected link reached.
+    instance: Option<String>,
+    /// When that link stopped being the loop's (it moved, was drained or lost).
+    left: Option<Instant>,
+    /// A connection made already (a look that found where to move), with its instance: the
+    /// next attempt's.
+    dialled: Option<(ControlWs, Option<String>)>,
+}
 
 async fn run(
     mut config: Arc<AgentConfig>,
@@ -1182,6 +1225,7 @@ async fn run(
     let mut drained: Option<Instant> = None;
     // A link that was asked to move, serving its instance until this loop is connected again.
     let mut previous: Option<Previous> = None;
+    let mut last = Last::default();
     // A route from the Windows settings is read again before a retry after a failure (the
     // network may have changed under it), at most every REREAD_EVERY; the start's read counts.
     let mut rereads = Rereads::new(std::time::Instant::now());
@@ -1196,7 +1240,10 @@ async fn run(
             None => info!(server = %config.server, agent = %config.name, "agent: connecting"),
             Some(_) => debug!(server = %config.server, "agent: connecting again"),
         }
-        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine, &mut previous).await;
+        let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine, &mut previous, &mut last).await;
+        if matches!(ended, Ended::Moving(..) | Ended::Drain | Ended::Failed { was_connected: true, .. }) {
+            last.left = Some(Instant::now());
+        }
         // The server said to reconnect (a drain): logged as what it is, not as a failure.
         let mut told = false;
         // The attempt failed or the connection was lost: the route may be what failed.
@@ -1204,22 +1251,27 @@ async fn run(
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
             Ended::Moving(why, link) => {
-                let asked = matches!(why, Move::Asked(_));
-                match &why {
-                    Move::Asked(reason) => info!(
-                        %reason,
-                        "agent: the server asked this agent to move: connecting again; this connection serves until then"
-                    ),
-                    Move::Followed(instance) => info!(
-                        %instance,
-                        "agent: the server's URL leads new connections to another instance now: connecting there; this \
-                         connection serves until then"
-                    ),
-                }
-                let moved = Previous {
-                    fast_checks: asked,
-                    ..Previous::default()
+                let reason = why.to_string();
+                let asked = match why {
+                    Move::Asked(reason) => {
+                        info!(
+                            %reason,
+                            "agent: the server asked this agent to move: connecting again; this connection serves until then"
+                        );
+                        true
+                    }
+                    Move::Followed { instance, from, ws } => {
+                        info!(
+                            %instance,
+                            %from,
+                            "agent: the server's URL leads new connections to another instance now: connecting there; this \
+                             connection serves until then"
+                        );
+                        last.dialled = Some((*ws, Some(instance)));
+                        false
+                    }
                 };
+                let moved = Previous::default();
                 sessions.spawn(
                     link.finish(shutdown.clone(), moved.let_go.clone(), moved.ended.clone())
                         .in_current_span(),
@@ -1227,7 +1279,7 @@ async fn run(
                 if let Some(older) = previous.replace(moved) {
                     older.let_go.cancel();
                 }
-                set(State::Moving { reason: why.to_string() });
+                set(State::Moving { reason });
                 failures = 0;
                 last_failure = None;
                 if !asked {
@@ -1370,9 +1422,6 @@ struct Previous {
     let_go: CancellationToken,
     /// Cancelled when the link has ended, for whatever reason.
     ended: CancellationToken,
-    /// The server asked it to move: a connection that lands elsewhere meanwhile checks where its
-    /// URL leads more often for a while, to follow the balancer back ([`FAST_CHECK`]).
-    fast_checks: bool,
 }
 
 impl Previous {
@@ -1382,8 +1431,10 @@ impl Previous {
     }
 }
 
-/// One control connection, from dialling to its end. Once it is connected, `previous` (a link
-/// that was asked to move, serving its instance meanwhile) is let go.
+/// One control connection, from dialling (or `last.dialled`) to its end. Once it is connected,
+/// `previous` (a link that moves, serving its instance meanwhile) is let go, and `last` says
+/// which instance it is on.
+#[allow(clippy::too_many_arguments)]
 async fn control(
     config: &Arc<AgentConfig>,
     tls: Option<&BackendTls>,
@@ -1392,15 +1443,19 @@ async fn control(
     sessions: &TaskTracker,
     mine: &Mine,
     previous: &mut Option<Previous>,
+    last: &mut Last,
 ) -> Ended {
     let failed = |reason: String| Ended::Failed {
         reason,
         was_connected: false,
         retry_after: None,
     };
-    let dialled = tokio::select! {
-        _ = shutdown.cancelled() => return Ended::Shutdown,
-        r = timeout(config.connect_timeout, open_control(config, tls)) => r,
+    let dialled = match last.dialled.take() {
+        Some(made) => Ok(Ok(made)),
+        None => tokio::select! {
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            r = timeout(config.connect_timeout, open_control(config, tls)) => r,
+        },
     };
     let (mut ws, instance) = match dialled {
         Err(_) => return failed(format!("no answer within {:?}", config.connect_timeout)),
@@ -1423,10 +1478,8 @@ async fn control(
     // A server that names no instance cannot say where its URL leads.
     let checks = config.balancer_check.filter(|_| instance.is_some()).map(|every| Checks {
         every,
-        fast_until: previous
-            .as_ref()
-            .is_some_and(|p| p.serves() && p.fast_checks)
-            .then(|| Instant::now() + FAST_CHECK_WINDOW),
+        // Another instance than the last link's, which it left a moment ago.
+        fast_since: last.left.filter(|_| last.instance != instance),
     });
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
@@ -1460,14 +1513,18 @@ async fn control(
         links,
         claim,
         checks,
+        looks: mine.looks.clone(),
         tick: tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval),
         pong_due: None,
         connected: false,
     };
     // Servers from before instance ids name none.
+    let link_instance = link.links.instance.clone();
     let instance = link.links.instance.clone().unwrap_or_else(|| "-".into());
     let mut on_connected = || {
         info!(agent = %config.name, services = config.services.len(), %instance, "agent: connected");
+        last.instance = link_instance.clone();
+        last.left = None;
         set(State::Connected);
         if let Some(old) = previous.take() {
             old.let_go.cancel();
@@ -1495,6 +1552,8 @@ struct ControlLink {
     claim: Option<Claim>,
     /// When it looks where its URL leads a new connection (`None`: never).
     checks: Option<Checks>,
+    /// Looks so far, over all of the agent's connections ([`AgentHandle::looks`]).
+    looks: Arc<AtomicU64>,
     tick: tokio::time::Interval,
     pong_due: Option<Instant>,
     /// Its first `want` came: the server took it.
@@ -1511,19 +1570,35 @@ enum Served {
 /// When a control link looks where its server's URL leads a new connection.
 struct Checks {
     every: Duration,
-    /// Until when they are at most [`FAST_CHECK`] apart.
-    fast_until: Option<Instant>,
+    /// When the loop's previous link left another instance: looks are closer together for a
+    /// while after ([`FAST_CHECKS`]).
+    fast_since: Option<Instant>,
 }
 
 impl Checks {
     fn next(&self) -> Instant {
         let now = Instant::now();
-        let every = match self.fast_until {
-            Some(t) if now < t => self.every.min(FAST_CHECK),
-            _ => self.every,
+        now + self.interval(now).mul_f64(0.75 + 0.5 * random_fraction())
+    }
+
+    /// The interval at `now` before its spread (agents that moved in one instant do not look in
+    /// step): [`FAST_CHECK`] for [`FAST_CHECKS`]' time after `fast_since`, then growing with the
+    /// time since, up to `every`. Never under 100 ms, whatever it is given.
+    fn interval(&self, now: Instant) -> Duration {
+        let every = match self.fast_since {
+            Some(t) => {
+                let (window, slope) = FAST_CHECKS;
+                let since = now.saturating_duration_since(t);
+                let grown = if since < window {
+                    FAST_CHECK
+                } else {
+                    (since / slope).max(FAST_CHECK)
+                };
+                self.every.min(grown)
+            }
+            None => self.every,
         };
-        // Spread: agents that moved in one instant do not look in step.
-        now + every.mul_f64(0.75 + 0.5 * random_fraction())
+        every.max(Duration::from_millis(100))
     }
 }
 
@@ -1531,18 +1606,26 @@ impl Checks {
 enum Checked {
     /// Time to look.
     Due,
-    /// The instance a new connection reached, if it could tell.
-    Found(Option<String>),
+    /// What the look found ([`where_new_connections_go`]).
+    Found(Looked),
 }
+
+/// A new connection (upgraded, before its hello) and the instance it reached, if a look could
+/// tell.
+type Looked = Option<(Box<ControlWs>, String)>;
+
+/// A look under way.
+type Looking = std::pin::Pin<Box<dyn std::future::Future<Output = Looked> + Send>>;
 
 impl ControlLink {
     /// Serves the link: pings, `want`, `drain`, `move`, until it ends, or until the server asks
     /// it to move (unless `let_go` is given: the link moves already, and ends when it fires).
     async fn serve(&mut self, shutdown: &CancellationToken, let_go: Option<&CancellationToken>, on_connected: &mut impl FnMut()) -> Served {
         let config = self.links.config.clone();
-        // A link that moves already looks no more.
-        let mut check_at = self.checks.as_ref().filter(|_| let_go.is_none()).map(Checks::next);
-        let mut checking: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>> = None;
+        // From its first `want` (the server took it); a link that moves already looks no more.
+        let looks = let_go.is_none();
+        let mut check_at = self.checks.as_ref().filter(|_| looks && self.connected).map(Checks::next);
+        let mut checking: Option<Looking> = None;
         loop {
             let pong_due = self.pong_due;
             let pong_wait = async {
@@ -1603,6 +1686,7 @@ impl ControlLink {
                                 if !self.connected {
                                     self.connected = true;
                                     on_connected();
+                                    check_at = self.checks.as_ref().filter(|_| looks).map(Checks::next);
                                 }
                                 // Bounded: the server asks for its pool's worth; a confused one
                                 // cannot make the agent dial without end.
@@ -1638,15 +1722,23 @@ impl ControlLink {
                 }
                 checked = check => match checked {
                     Checked::Due => {
+                        self.looks.fetch_add(1, Ordering::Relaxed);
                         let (config, tls) = (config.clone(), self.links.tls.clone());
                         checking = Some(Box::pin(async move { where_new_connections_go(&config, tls.as_ref()).await }));
                     }
-                    Checked::Found(found) => {
+                    Checked::Found(None) => {
                         checking = None;
                         check_at = self.checks.as_ref().map(Checks::next);
-                        if let Some(instance) = found.filter(|id| self.follows(id)) {
-                            return Served::Moving(Move::Followed(instance));
+                    }
+                    Checked::Found(Some((mut ws, instance))) => {
+                        checking = None;
+                        check_at = self.checks.as_ref().map(Checks::next);
+                        if self.follows(&instance) {
+                            let from = self.links.instance.clone().unwrap_or_default();
+                            return Served::Moving(Move::Followed { instance, from, ws });
                         }
+                        // Not waited for here: the link goes on serving meanwhile.
+                        self.links.sessions.spawn(async move { leave_before_hello(&mut ws, "looking where new connections go").await });
                     }
                 },
             }
@@ -1727,6 +1819,8 @@ struct Mine {
     index: usize,
     /// The capped services' open sessions, over all of the agent's connections.
     caps: Arc<Caps>,
+    /// Looks where a URL leads so far ([`AgentHandle::looks`]).
+    looks: Arc<AtomicU64>,
 }
 
 /// The sessions open on each service with a `max_sessions`, over all of the agent's
@@ -1824,10 +1918,10 @@ async fn leave_before_hello(ws: &mut ControlWs, reason: &'static str) {
     let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
 }
 
-/// Where the server's URL leads a new connection now: the instance its `101` names, found with
-/// a control link that leaves before its hello. `None` when it cannot tell (no answer in time, a
+/// Where the server's URL leads a new connection now: a control link, upgraded, before its
+/// hello, and the instance its `101` names. `None` when it cannot tell (no answer in time, a
 /// refusal, a server that names no instance): the link stays where it is.
-async fn where_new_connections_go(config: &AgentConfig, tls: Option<&BackendTls>) -> Option<String> {
+async fn where_new_connections_go(config: &AgentConfig, tls: Option<&BackendTls>) -> Looked {
     let (mut ws, instance) = match timeout(config.connect_timeout, open_control(config, tls)).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(Ended::Failed { reason, .. } | Ended::Refused(reason))) => {
@@ -1840,8 +1934,13 @@ async fn where_new_connections_go(config: &AgentConfig, tls: Option<&BackendTls>
             return None;
         }
     };
-    leave_before_hello(&mut ws, "looking where new connections go").await;
-    instance
+    match instance {
+        Some(instance) => Some((Box::new(ws), instance)),
+        None => {
+            leave_before_hello(&mut ws, "looking where new connections go").await;
+            None
+        }
+    }
 }
 
 /// Dials and upgrades the control link; with the instance id the server's `101` gave (servers
@@ -2388,6 +2487,28 @@ mod tests {
 
     /// `max_sessions` in the file (a service as a table) and as a flag, which wins; every mistake
     /// named by its line and key.
+    /// Looks after leaving another instance: 5 s apart for 2 minutes, then growing with the time
+    /// since (a 24th of it) up to `balancer_check`; without one, `balancer_check`; never under
+    /// 100 ms.
+    #[test]
+    fn looks_come_closer_after_leaving_an_instance_and_space_out_again() {
+        let now = Instant::now();
+        let every = Duration::from_secs(30);
+        let checks = |fast_since: Option<Instant>, every: Duration| Checks { every, fast_since };
+        assert_eq!(checks(None, every).interval(now), every);
+        let left = checks(Some(now), every);
+        let at = |secs: u64| left.interval(now + Duration::from_secs(secs));
+        assert_eq!(at(0), FAST_CHECK);
+        assert_eq!(at(119), FAST_CHECK);
+        assert_eq!(at(240), Duration::from_secs(10));
+        assert_eq!(at(600), Duration::from_secs(25));
+        assert_eq!(at(3600), every);
+        assert_eq!(checks(Some(now), Duration::from_secs(2)).interval(now), Duration::from_secs(2));
+        assert_eq!(checks(None, Duration::ZERO).interval(now), Duration::from_millis(100));
+        let next = checks(None, every).next();
+        assert!(next >= Instant::now() + every * 3 / 4 - Duration::from_millis(50) && next <= Instant::now() + every * 5 / 4);
+    }
+
     #[test]
     fn the_balancer_check_is_a_duration_or_off() {
         let dir = tempfile::tempdir().unwrap();
@@ -2401,6 +2522,35 @@ mod tests {
             AgentConfig::from_file(&file)
         };
         assert_eq!(with("").unwrap().balancer_check, Some(Duration::from_secs(30)));
+        // Several URLs, each to an instance of its own: nothing to look for, unless asked.
+        std::fs::write(
+            &file,
+            std::fs::read_to_string(&file).unwrap().replace(
+                "server = \"ws://127.0.0.1:6080/agent\"",
+                "server = [\"ws://127.0.0.1:6080/agent\", \"ws://127.0.0.1:6081/agent\"]",
+            ),
+        )
+        .unwrap();
+        assert_eq!(AgentConfig::from_file(&file).unwrap().balancer_check, None);
+        let flags = |check: Option<&str>, servers: &[&str]| AgentArgs {
+            config: Some(file.clone()),
+            servers: servers.iter().map(|s| (*s).to_owned()).collect(),
+            balancer_check: check.map(str::to_owned),
+            ..AgentArgs::default()
+        };
+        assert_eq!(
+            AgentConfig::from_args(&flags(Some("1m"), &[])).unwrap().balancer_check,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            AgentConfig::from_args(&flags(None, &["ws://127.0.0.1:7000/agent"]))
+                .unwrap()
+                .balancer_check,
+            Some(Duration::from_secs(30)),
+            "one URL given as a flag"
+        );
+        let e = AgentConfig::from_args(&flags(Some("0s"), &[])).unwrap_err().to_string();
+        assert!(e.contains("--balancer-check") && e.contains("\"off\""), "{e}");
         assert_eq!(
             with("balancer_check = \"2m\"").unwrap().balancer_check,
             Some(Duration::from_secs(120))

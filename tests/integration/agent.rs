@@ -4,7 +4,7 @@
 //! of our own (a CONNECT proxy; a relay that can be cut like a dropped network).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -298,13 +298,16 @@ async fn a_stalled_session_does_not_stall_the_others_on_the_same_agent() {
 /// ways on the connections it carries, without closing anything, as a dropped network or a dead
 /// NAT mapping does; connections made after the cut pass (the network is back). It also stands
 /// for a balancer in front of instances: each new connection goes where `send_to` said last (a
-/// health check that saw a drain switches it).
+/// health check that saw a drain switches it), or in turn to two (`spread`).
 struct Network {
     addr: SocketAddr,
     generation: Arc<std::sync::Mutex<CancellationToken>>,
     to: Arc<std::sync::Mutex<SocketAddr>>,
-    /// Connections it took so far.
-    connections: Arc<AtomicUsize>,
+    /// Where each new connection goes after `to`, in turn, if anywhere: a balancer that spreads
+    /// connections (`spread`).
+    and: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    /// Connections it sent to each server so far.
+    sent: Arc<std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>>,
 }
 
 impl Network {
@@ -317,16 +320,18 @@ impl Network {
     /// New connections go to `server` from now on.
     fn send_to(&self, server: SocketAddr) {
         *self.to.lock().unwrap() = server;
+        *self.and.lock().unwrap() = None;
     }
 
-    /// Waits until it has taken `n` connections in all.
-    async fn connections(&self, n: usize) {
-        within(&format!("{n} connections through the network"), async {
-            while self.connections.load(Ordering::SeqCst) < n {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-        .await;
+    /// New connections go to `one` and `other` in turn from now on (round robin).
+    fn spread(&self, one: SocketAddr, other: SocketAddr) {
+        *self.to.lock().unwrap() = one;
+        *self.and.lock().unwrap() = Some(other);
+    }
+
+    /// Connections sent to `server` so far.
+    fn sent_to(&self, server: SocketAddr) -> usize {
+        self.sent.lock().unwrap().get(&server).copied().unwrap_or(0)
     }
 }
 
@@ -335,13 +340,23 @@ async fn network_to(server: SocketAddr) -> Network {
     let addr = listener.local_addr().unwrap();
     let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
     let to = Arc::new(std::sync::Mutex::new(server));
-    let connections = Arc::new(AtomicUsize::new(0));
-    let (g, target, taken) = (generation.clone(), to.clone(), connections.clone());
+    let and = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let sent = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let (g, target, next, counts) = (generation.clone(), to.clone(), and.clone(), sent.clone());
     tokio::spawn(async move {
         while let Ok((mut a, _)) = listener.accept().await {
-            taken.fetch_add(1, Ordering::SeqCst);
             let c = g.lock().unwrap().clone();
-            let server = *target.lock().unwrap();
+            let server = {
+                let mut to = target.lock().unwrap();
+                let server = *to;
+                let mut then = next.lock().unwrap();
+                if let Some(other) = *then {
+                    *then = Some(server);
+                    *to = other;
+                }
+                server
+            };
+            *counts.lock().unwrap().entry(server).or_insert(0) += 1;
             tokio::spawn(async move {
                 let Ok(mut b) = TcpStream::connect(server).await else { return };
                 tokio::select! {
@@ -358,7 +373,8 @@ async fn network_to(server: SocketAddr) -> Network {
         addr,
         generation,
         to,
-        connections,
+        and,
+        sent,
     }
 }
 
@@ -1539,9 +1555,9 @@ async fn an_agent_follows_its_balancer_to_another_instance_by_itself() {
     send_bin(&mut page, b"on b").await;
     assert_eq!(recv_data(&mut page).await, b"on b");
 
-    // Three looks (connections beyond the control link, its pool of 4 and the page's link's
-    // replacement) while the balancer sends to b: the agent stays as it was.
-    balancer.connections(1 + 5 + 3).await;
+    // Three looks while the balancer sends to b (a fourth begun: the third has ended): the
+    // agent stays as it was.
+    looks(&agent, 4).await;
     assert_eq!(agent.attempts.load(Ordering::SeqCst), 1, "a look is not a connection attempt");
     assert!(!agent.state.has_changed().unwrap(), "{:?}", *agent.state.borrow());
     assert_eq!(b.bridge.agents().idle_links("shop-17"), Some(4));
@@ -1557,19 +1573,52 @@ async fn an_agent_follows_its_balancer_to_another_instance_by_itself() {
         }
     })
     .await;
-    // Its next look (at most 1.25 x `every` away) and a connection on loopback.
+    // Its next look, at most 1.25 x `every` away, and a login on loopback (on a loaded host).
     assert!(
-        switched.elapsed() < every * 5 / 4 + Duration::from_secs(1),
+        switched.elapsed() < every * 5 / 4 + Duration::from_secs(3),
         "the agent followed after {:?}",
         switched.elapsed()
     );
-    assert_eq!(agent.attempts.load(Ordering::SeqCst), 2, "one connection more: the move");
+    assert_eq!(agent.attempts.load(Ordering::SeqCst), 2, "one attempt more: the move");
     connected(&mut agent).await;
     send_bin(&mut page, b"still on b").await;
     assert_eq!(recv_data(&mut page).await, b"still on b");
     let (mut fresh, _) = ws_connect(&a.url("/pos"), None).await;
     send_bin(&mut fresh, b"on a").await;
     assert_eq!(recv_data(&mut fresh).await, b"on a");
+}
+
+/// Waits until `agent` has begun `n` looks where its URL leads.
+async fn looks(agent: &AgentHandle, n: u64) {
+    within(&format!("{n} looks"), async {
+        while agent.looks.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+}
+
+/// Behind a balancer that spreads connections over two instances (a misconfiguration for agent
+/// mode: its data links reach the wrong one, 421), looks that land on the other instance do not
+/// move the agent: it would only hop back and forth.
+#[tokio::test]
+async fn an_agent_behind_a_balancer_that_spreads_connections_does_not_hop() {
+    let (echo, _) = echo_backend().await;
+    let a = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let balancer = network_to(a.addr).await;
+    balancer.spread(a.addr, b.addr);
+    let mut config = agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.balancer_check = Some(Duration::from_millis(100));
+    let agent = start_agent(config).await;
+    looks(&agent, 1).await;
+    let before = balancer.sent_to(b.addr);
+    // Six looks ended, half of them through b as the connections take turns.
+    looks(&agent, 7).await;
+    assert!(balancer.sent_to(b.addr) >= before + 2, "looks reached b");
+    assert_eq!(agent.attempts.load(Ordering::SeqCst), 1, "no move");
+    assert!(a.bridge.agents().idle_links("shop-17").is_some(), "still on a");
+    assert!(b.bridge.agents().idle_links("shop-17").is_none());
 }
 
 /// A control link as an agent of hello version 2 (before `move`) opens it, by hand: logged in
