@@ -32,6 +32,7 @@ pub fn init(verbose: u8, format: LogFormat) {
         LogFormat::Text => builder.fmt_fields(PlainFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    log_panics();
 }
 
 /// Sets the process's log output to text lines in the file `path` (a Windows service has no
@@ -57,7 +58,37 @@ pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
         .with_ansi(false)
         .fmt_fields(PlainFields)
         .init();
+    log_panics();
     Ok(())
+}
+
+/// Sends panics to the log instead of stderr alone: a panic in a connection's task (a bug) ends
+/// that task only, tokio catching it while the bridge or agent goes on, and its report belongs
+/// with the other lines, in the same format, with the task's span (which connection), where a
+/// journal or a Windows service's log file keeps it (a service has no stderr). With
+/// `RUST_BACKTRACE` set, the backtrace is in the line too.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_owned());
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let backtrace = std::backtrace::Backtrace::capture();
+        match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => tracing::error!(
+                panic = %message, %location, %thread, %backtrace,
+                "panic (a bug, please report it): the task it happened in has ended"
+            ),
+            _ => tracing::error!(
+                panic = %message, %location, %thread,
+                "panic (a bug, please report it): the task it happened in has ended"
+            ),
+        }
+    }));
 }
 
 /// A log file that stays bounded without a log rotator (Windows has none for a service's file):
