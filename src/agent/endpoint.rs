@@ -4,10 +4,16 @@
 //!
 //! Only requests on an `[[agent_endpoint]]` path come here, so a browser can never reach the
 //! endpoint as a data route and an agent handshake is never accepted on a browser route. Every
-//! refusal is one of: 400 (not an agent handshake), 429 (too many failures from this address),
-//! 401 (one generic answer for an unknown name, a wrong or missing secret; the reason is logged,
-//! never the secret), 409 (a data link from an agent with no control link here), 421 (a data
-//! link naming another instance than this one: its control link is there).
+//! refusal is one of: 403 (a browser's request: it has an `Origin`, which agents never send),
+//! 400 (not an agent handshake), 429 (too many failures from this address), 401 (one generic
+//! answer for an unknown name, a wrong or missing secret; the reason is logged, never the
+//! secret), 409 (a data link from an agent with no control link here), 421 (a data link naming
+//! another instance than this one: its control link is there).
+//!
+//! The failure brake counts only logins that try a secret: a browser's request (any page a user
+//! behind a shop's NAT opens can send one, cross-site) and a request without a name or a secret
+//! guess nothing, and counting them would let them slow down the logins of the agents behind
+//! that address.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,6 +40,9 @@ use crate::slots::Held;
 /// The `Retry-After` of a control link refused while draining, in seconds: about a balancer's
 /// health-check interval, after which it sends the agent to another instance.
 const DRAINING_RETRY: u64 = 2;
+
+/// The answer (403) to a request with an `Origin`: a browser's.
+pub const NOT_FOR_BROWSERS: &str = "agent endpoint: not for browsers";
 
 enum Kind {
     Control(String),
@@ -63,6 +72,16 @@ pub async fn serve<S: IntoLink>(
     let addr = client;
     let write_end = Instant::now() + timeouts.http_write;
     let headers = request.headers();
+    // Any page can open a WebSocket here, cross-site, but cannot leave out its Origin, which no
+    // agent sends: refused before anything else, and not charged to the address's brake.
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        refuse(&mut stream, write_end, StatusCode::FORBIDDEN, NOT_FOR_BROWSERS).await;
+        return info!(
+            status = 403,
+            origin = %shown(origin.as_bytes()),
+            "agent endpoint: a browser's request (it has an Origin, which agents never send); refused, not counted as a failed login"
+        );
+    }
     let kind = if !is_login(headers) {
         refuse(&mut stream, write_end, StatusCode::BAD_REQUEST, "this is an agent endpoint").await;
         return info!(status = 400, "agent endpoint: not an agent handshake");
@@ -96,6 +115,28 @@ pub async fn serve<S: IntoLink>(
         // Every agent that moves tries every 2 s or so until it lands elsewhere.
         return debug!(status = 503, "agent endpoint: control link refused while draining");
     }
+    let name = headers
+        .get(link::NAME_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, s)| s.trim())
+        .filter(|s| !s.is_empty());
+    if name.is_none() || secret.is_none() {
+        // Guesses nothing: not charged to the brake (see the module's doc), and not looked up.
+        refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        return info!(
+            status = 401,
+            agent = %shown(name.unwrap_or_default().as_bytes()),
+            reason = %super::registry::AuthFailure::Missing,
+            "agent endpoint: login refused, not counted as a failed one"
+        );
+    }
     if let Err(wait) = registry.may_try(addr.ip()) {
         let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
         let _ = timeout_at(
@@ -108,20 +149,12 @@ pub async fn serve<S: IntoLink>(
             "agent endpoint: too many failed logins from this address; slowed down"
         );
     }
-    let name = headers.get(link::NAME_HEADER).and_then(|v| v.to_str().ok()).map(str::trim);
-    let secret = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, s)| s.trim());
     let digest = match registry.authenticate(name, secret).await {
         Ok(digest) => digest,
         Err(why) => {
             // The try was charged by may_try; a failed one stays spent.
-            // Peer-controlled: printable ASCII only, bounded.
-            let shown: String = name.unwrap_or("").chars().filter(char::is_ascii_graphic).take(64).collect();
             refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+            let shown = shown(name.unwrap_or_default().as_bytes());
             return warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
         }
     };
@@ -205,12 +238,24 @@ async fn refuse<S: LinkIo>(stream: &mut S, end: Instant, status: StatusCode, bod
 }
 
 /// Whether a request is an agent's login: a data link's handshake or a control link's (a
-/// malformed one included: the endpoint answers it). Anything else on an agent endpoint's path
-/// is refused.
+/// malformed one included: the endpoint answers it), without an `Origin` (a browser's request
+/// never is one). Anything else on an agent endpoint's path is refused.
 pub fn is_login(headers: &http::HeaderMap) -> bool {
-    has_token(headers, &header::UPGRADE, link::LINK_TOKEN)
-        || (has_token(headers, &header::UPGRADE, "websocket")
-            && has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, link::CONTROL_PROTOCOL))
+    !headers.contains_key(header::ORIGIN)
+        && (has_token(headers, &header::UPGRADE, link::LINK_TOKEN)
+            || (has_token(headers, &header::UPGRADE, "websocket")
+                && has_token(headers, &header::SEC_WEBSOCKET_PROTOCOL, link::CONTROL_PROTOCOL)))
+}
+
+/// A peer's words for a log line: printable ASCII only (no line breaks, no escapes), at most 128
+/// characters.
+fn shown(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .filter(|b| b.is_ascii_graphic() || **b == b' ')
+        .take(128)
+        .map(|&b| char::from(b))
+        .collect()
 }
 
 /// Whether a comma-separated header holds `token` (case-insensitive).
@@ -225,8 +270,9 @@ fn has_token(headers: &http::HeaderMap, name: &header::HeaderName, token: &str) 
 
 /// How a control link ended.
 enum End {
-    /// The agent closed it (SIGTERM): its sessions finish on their own.
-    Closed,
+    /// The agent closed it (SIGTERM, or it moved to another instance), with this reason (shown:
+    /// printable, bounded; empty when it gave none): its sessions finish on their own.
+    Closed(String),
     /// The server is shutting down: the agent was told to reconnect elsewhere.
     Drained,
     /// A newer connection of the same name took over.
@@ -335,7 +381,7 @@ async fn control<S: LinkIo>(
                 }
             }
             m = ws.next() => match m {
-                Some(Ok(Message::Close(_))) => Some(End::Closed),
+                Some(Ok(Message::Close(frame))) => Some(End::Closed(frame.map(|f| shown(f.reason.as_bytes())).unwrap_or_default())),
                 Some(Ok(_)) => {
                     pong_due = None;
                     None
@@ -351,11 +397,12 @@ async fn control<S: LinkIo>(
     };
 
     match end {
-        Some(End::Closed) => {
+        Some(End::Closed(reason)) => {
             registry.detach(&name, attached.id, false);
+            let reason = if reason.is_empty() { "none given" } else { reason.as_str() };
             match moving {
-                true => info!(agent = %name, "agent moved on: disconnected"),
-                false => info!(agent = %name, "agent disconnected"),
+                true => info!(agent = %name, %reason, "agent moved on: disconnected"),
+                false => info!(agent = %name, %reason, "agent disconnected"),
             }
         }
         Some(End::Drained) => {

@@ -47,7 +47,7 @@ pub struct Registry {
     declared: RwLock<Arc<AgentsConfig>>,
     /// Who may log in: the declarations and fleet files in force.
     names: RwLock<Arc<super::Declared>>,
-    agents: Mutex<HashMap<String, Agent>>,
+    agents: Mutex<Connected>,
     brake: Brake,
     next_id: AtomicU64,
     /// Data links taken in and returned after a session, by every connection so far.
@@ -61,6 +61,74 @@ pub struct Registry {
     retired: Mutex<Vec<Retired>>,
     /// Cancelled when this instance starts to drain ([`Registry::leave`]).
     leaving: CancellationToken,
+}
+
+/// The connected agents by name, with the sum of their pools per address kept beside them:
+/// what an address over `max_connections_per_ip` may have logging in is looked up at accept, in
+/// O(1), not by a scan of every agent. Read through `Deref`; changed only by the methods here,
+/// which keep both in step.
+#[derive(Debug, Default)]
+struct Connected {
+    by_name: HashMap<String, Agent>,
+    /// The pools' sizes of the agents connected from each address (its key as the per-address
+    /// caps count it: an IPv6 address's /64); no entry for an address with none.
+    pools: HashMap<IpAddr, usize>,
+}
+
+impl std::ops::Deref for Connected {
+    type Target = HashMap<String, Agent>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_name
+    }
+}
+
+impl Connected {
+    fn insert(&mut self, name: String, agent: Agent) -> Option<Agent> {
+        *self.pools.entry(crate::policy::address_key(agent.addr.ip())).or_default() += agent.pool.size;
+        let old = self.by_name.insert(name, agent);
+        if let Some(old) = &old {
+            Connected::gone(&mut self.pools, old);
+        }
+        old
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Agent> {
+        let a = self.by_name.remove(name)?;
+        Connected::gone(&mut self.pools, &a);
+        Some(a)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&str, &mut Agent) -> bool) {
+        let pools = &mut self.pools;
+        self.by_name.retain(|name, a| {
+            let kept = keep(name, a);
+            if !kept {
+                Connected::gone(pools, a);
+            }
+            kept
+        });
+    }
+
+    /// An agent to change in place (not its address or pool, which `pools` counts).
+    fn get_mut(&mut self, name: &str) -> Option<&mut Agent> {
+        self.by_name.get_mut(name)
+    }
+
+    fn gone(pools: &mut HashMap<IpAddr, usize>, a: &Agent) {
+        let key = crate::policy::address_key(a.addr.ip());
+        if let Some(n) = pools.get_mut(&key) {
+            *n = n.saturating_sub(a.pool.size);
+            if *n == 0 {
+                pools.remove(&key);
+            }
+        }
+    }
+
+    /// The pools' sizes of the agents connected from `ip`'s address, summed.
+    fn pools_at(&self, ip: IpAddr) -> usize {
+        self.pools.get(&crate::policy::address_key(ip)).copied().unwrap_or(0)
+    }
 }
 
 /// A replaced connection whose sessions may still run.
@@ -537,8 +605,9 @@ impl Registry {
         self.brake.0.refund(ip);
     }
 
-    /// Whether `ip`'s logins are slowed now (its failures spent the brake's burst), without
-    /// taking a try: an address over `max_connections_per_ip` then gets no place to log in.
+    /// Whether `ip`'s logins are slowed now (its failures spent the brake's burst): a look that
+    /// takes no try, not even for an instant (a login racing it for the address's last try
+    /// gets it). An address over `max_connections_per_ip` then gets no place to log in.
     pub fn braked(&self, ip: IpAddr) -> bool {
         self.brake.0.may_try(ip).is_err()
     }
@@ -731,20 +800,10 @@ impl Registry {
     /// The idle links the agents connected from `ip` keep, summed (0: no agent is connected
     /// from there); an IPv6 address counts by its /64, as the per-address caps count it. At most
     /// that many of their links log in at once to refill their pools, so it sizes what an
-    /// address over `max_connections_per_ip` may have logging in; looked at only then: one scan
-    /// of the connected agents.
+    /// address over `max_connections_per_ip` may have logging in. A lookup (the sum is kept as
+    /// agents come and go), since a flood from an address over its cap asks at every accept.
     pub fn pools_at(&self, ip: IpAddr) -> usize {
-        let host = |ip: IpAddr| match ip.to_canonical() {
-            IpAddr::V4(v4) => (v4.octets().to_vec(), 4),
-            IpAddr::V6(v6) => (v6.octets()[..8].to_vec(), 6),
-        };
-        let want = host(ip);
-        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        agents
-            .values()
-            .filter(|a| host(a.addr.ip()) == want)
-            .map(|a| a.pool.size)
-            .fold(0, usize::saturating_add)
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).pools_at(ip)
     }
 
     /// Whether `name` is connected now.
@@ -1147,6 +1206,47 @@ mod tests {
         assert_eq!(registry.pools_at("2001:db8::99".parse().unwrap()), 4, "the same /64");
         assert_eq!(registry.pools_at("2001:db8:0:1::1".parse().unwrap()), 0, "another /64");
         assert_eq!(registry.pools_at("127.0.0.1".parse().unwrap()), 0);
+    }
+
+    /// The pools' sum per address follows agents as they come and go: two behind one address
+    /// add up; a newer connection from elsewhere moves its pool there; a detach, a stale one
+    /// (an older connection's) aside, and a revocation at a reload take it away.
+    #[test]
+    fn the_pools_at_an_address_follow_its_agents() {
+        let declared = |names: &[&str]| AgentsConfig {
+            declared: names
+                .iter()
+                .map(|n| super::super::AgentDecl {
+                    name: (*n).into(),
+                    secret_sha256: vec![[0; 32]],
+                })
+                .collect(),
+            ..AgentsConfig::default()
+        };
+        let registry = Registry::new(&declared(&["shop-17", "shop-18"]));
+        let (nat, elsewhere): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "198.51.100.1".parse().unwrap());
+        let attach = |name: &str, ip: IpAddr, pool: usize| {
+            registry
+                .attach(name, [0; 32], Vec::new(), SocketAddr::new(ip, 4000), pool, true)
+                .unwrap()
+        };
+        let first17 = attach("shop-17", nat, 4);
+        let _a18 = attach("shop-18", nat, 2);
+        assert_eq!(registry.pools_at(nat), 6);
+        // shop-17 connects again from elsewhere: the newer connection replaces the older.
+        let a17 = attach("shop-17", elsewhere, 3);
+        assert_eq!((registry.pools_at(nat), registry.pools_at(elsewhere)), (2, 3));
+        registry.detach("shop-17", first17.id, false);
+        assert_eq!(registry.pools_at(elsewhere), 3, "the older connection is no longer the agent's");
+        registry.detach("shop-17", a17.id, true);
+        assert_eq!(registry.pools_at(elsewhere), 0);
+        assert!(
+            !registry.agents.lock().unwrap().pools.contains_key(&elsewhere),
+            "no entry left behind"
+        );
+        registry.set_config(&declared(&["shop-17"]));
+        assert_eq!(registry.pools_at(nat), 0, "shop-18 revoked");
+        assert!(registry.agents.lock().unwrap().pools.is_empty());
     }
 
     /// A link coming back beyond the pool's size (after a burst) stays only while less than

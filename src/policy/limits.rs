@@ -34,7 +34,7 @@ impl AddressLimits {
 /// One address's counters.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    /// The address (an IPv6 address's /64, see `key_of`).
+    /// The address (an IPv6 address's /64, see [`address_key`]).
     key: IpAddr,
     sessions: u32,
     /// Tokens in the bucket when last refilled.
@@ -80,6 +80,20 @@ impl Drop for AddressSlot {
     }
 }
 
+/// What a full table does with a newcomer, for its log line.
+#[derive(Debug, Clone, Copy)]
+enum Overflow {
+    /// Lets it in uncounted ([`PerAddress::enter`] and the budgets).
+    Uncounted,
+    /// Refuses it ([`PerAddress::enter_within`]: an allowance past a cap).
+    Refused,
+}
+
+/// The slots of a table made for `capacity` (see [`PerAddress::new`]).
+fn table_len(capacity: usize) -> usize {
+    capacity.clamp(1024, 1 << 22).next_power_of_two()
+}
+
 /// Slots an address may take. At a table filled to a third by live addresses (the default size
 /// is four times `max_connections`, and most connections' addresses differ), all eight are taken
 /// by others for one new address in 7,000; only then are counts shared.
@@ -88,10 +102,9 @@ const PROBES: usize = 8;
 impl PerAddress {
     /// A table of `capacity` slots (rounded up to a power of two, at least 1,024).
     pub fn new(limits: AddressLimits, capacity: usize) -> Arc<PerAddress> {
-        let n = capacity.clamp(1024, 1 << 22).next_power_of_two();
         Arc::new(PerAddress {
             limits,
-            slots: Mutex::new(vec![None; n]),
+            slots: Mutex::new(vec![None; table_len(capacity)]),
             hasher: RandomState::new(),
             overflow_logged: Mutex::new(None),
         })
@@ -157,13 +170,24 @@ impl PerAddress {
     /// Counts a connection from `ip` if fewer than `max` are counted for it, whatever this
     /// table's own limits: for an allowance given on top of a cap, whose size the caller works
     /// out per address. `None` at `max`, and also when every slot `ip` may take holds another
-    /// live address: an extra is refused then, never given uncounted (see `in_table`).
+    /// live address: an extra is refused then, never given uncounted (see `in_table`); that is
+    /// logged as [`PerAddress::enter`]'s overflow is, at most once a minute.
     pub fn enter_within(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<AddressSlot> {
-        let (index, entered) = self.in_table(ip, Instant::now(), |entry, _| (entry.sessions < max).then(|| entry.sessions += 1))?;
+        let now = Instant::now();
+        let Some((index, entered)) = self.in_table(ip, now, |entry, _| (entry.sessions < max).then(|| entry.sessions += 1)) else {
+            self.overflowed(now, Overflow::Refused);
+            return None;
+        };
         entered.map(|()| AddressSlot {
             table: self.clone(),
             index,
         })
+    }
+
+    /// Whether this table is the size a table made for `capacity` would be ([`PerAddress::new`]
+    /// rounds it): a reload whose sizing changed builds a new one only when this says no.
+    pub fn sized_for(&self, capacity: usize) -> bool {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len() == table_len(capacity)
     }
 
     /// Takes one attempt from `ip`'s budget of authentication attempts before its credentials
@@ -196,16 +220,44 @@ impl PerAddress {
         self.with_entry(ip, Instant::now(), |entry, _| entry.tokens = (entry.tokens + 1.0).min(burst));
     }
 
-    /// Whether `ip` may try to authenticate now (its budget is not spent), without taking from
-    /// it: for checks that cannot be raced, which take no time between this and
-    /// [`PerAddress::failed`].
+    /// Whether `ip` may try to authenticate now (its budget is not spent): a look, which takes
+    /// nothing from the budget, even for an instant (a login racing it for the address's last
+    /// try gets it), and adds no address to the table. For checks that cannot be raced, which
+    /// take no time between this and [`PerAddress::failed`], and for a look before a try.
     ///
     /// # Errors
     /// A 429 [`Refusal`] with `Retry-After`.
     pub fn may_try(&self, ip: IpAddr) -> Result<(), Refusal> {
-        self.try_charge(ip)?;
-        self.refund(ip);
-        Ok(())
+        let tokens = self.tokens_of(ip);
+        if tokens >= 1.0 {
+            return Ok(());
+        }
+        let rate = self.limits.rate.unwrap_or(1.0);
+        Err(Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            public: "too many failed attempts",
+            detail: format!("client {} failed too often; slowed down", address_key(ip)),
+            retry_after: Some(retry_after(tokens, rate)),
+        })
+    }
+
+    /// The tokens in `ip`'s bucket now (refilled to now in the reckoning, not in the table; a
+    /// full bucket for an address the table does not hold), read under one lock and changing
+    /// nothing.
+    pub fn tokens_of(&self, ip: IpAddr) -> f64 {
+        let key = address_key(ip);
+        let burst = f64::from(self.limits.burst.max(1));
+        let now = Instant::now();
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let found = self
+            .candidates(key, slots.len())
+            .into_iter()
+            .find_map(|i| slots[i].filter(|e| e.key == key));
+        match (found, self.limits.rate) {
+            (None, _) => burst,
+            (Some(e), None) => e.tokens,
+            (Some(e), Some(rate)) => (e.tokens + now.saturating_duration_since(e.refilled).as_secs_f64() * rate).min(burst),
+        }
     }
 
     /// Counts a failed attempt from `ip`.
@@ -221,9 +273,19 @@ impl PerAddress {
     fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
         let counted = self.in_table(ip, now, f);
         if counted.is_none() {
-            self.overflowed(now);
+            self.overflowed(now, Overflow::Uncounted);
         }
         counted
+    }
+
+    /// The [`PROBES`] slots `key` may take in a table of `len` slots (a power of two).
+    fn candidates(&self, key: IpAddr, len: usize) -> [usize; PROBES] {
+        let mask = len - 1;
+        let h = self.hasher.hash_one(key);
+        // Double hashing: PROBES slots, a stride apart (odd, so every slot of the power-of-two
+        // table can be reached).
+        let (start, stride) = (h as usize, ((h >> 32) as usize) | 1);
+        std::array::from_fn(|i| start.wrapping_add(i.wrapping_mul(stride)) & mask)
     }
 
     /// Runs `f` on the counters of `ip`'s key (the address; an IPv6 address's /64, since one
@@ -231,15 +293,10 @@ impl PerAddress {
     /// `f`'s result. `f` also gets the bucket's size. `None` when every slot the key may take
     /// holds another live key.
     fn in_table<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
-        let key = key_of(ip);
+        let key = address_key(ip);
         let burst = f64::from(self.limits.burst.max(1));
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let mask = slots.len() - 1;
-        let h = self.hasher.hash_one(key);
-        // Double hashing: PROBES slots, a stride apart (odd, so every slot of the power-of-two
-        // table can be reached).
-        let (start, stride) = (h as usize, ((h >> 32) as usize) | 1);
-        let candidates: [usize; PROBES] = std::array::from_fn(|i| start.wrapping_add(i.wrapping_mul(stride)) & mask);
+        let candidates = self.candidates(key, slots.len());
         let refill = |e: &mut Entry| {
             if let Some(rate) = self.limits.rate {
                 let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
@@ -287,29 +344,38 @@ impl PerAddress {
     }
 
     /// Logs that the table is full, at most once a minute.
-    fn overflowed(&self, now: Instant) {
+    fn overflowed(&self, now: Instant, what: Overflow) {
         let mut last = self.overflow_logged.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60)) {
             *last = Some(now);
-            tracing::warn!(
-                slots = self.slots.lock().map_or(0, |s| s.len()),
-                "the table of counts per client address is full of live addresses: new addresses go uncounted \
-                 (a flood from very many addresses; max_connections still caps the whole)"
-            );
+            let slots = self.slots.lock().map_or(0, |s| s.len());
+            match what {
+                Overflow::Uncounted => tracing::warn!(
+                    slots,
+                    "the table of counts per client address is full of live addresses: new addresses go uncounted \
+                     (a flood from very many addresses; max_connections still caps the whole)"
+                ),
+                Overflow::Refused => tracing::warn!(
+                    slots,
+                    "the table of places past max_connections_per_ip (agents' logins) is full of live addresses: \
+                     new addresses over their cap are refused, agents' logins included (a flood from very many addresses)"
+                ),
+            }
         }
     }
 
     /// Sessions counted for `ip` now (for tests and the admin view).
     pub fn sessions_of(&self, ip: IpAddr) -> u32 {
-        let key = key_of(ip);
+        let key = address_key(ip);
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.iter().flatten().filter(|e| e.key == key).map(|e| e.sessions).sum()
     }
 }
 
-/// What an address is counted as: an IPv4 address (IPv4-mapped IPv6 included) itself, an IPv6
-/// address its /64.
-fn key_of(ip: IpAddr) -> IpAddr {
+/// What an address is counted as, here and wherever the per-address caps' unit matters (the
+/// agents connected from an address): an IPv4 address (IPv4-mapped IPv6 included) itself, an
+/// IPv6 address its /64.
+pub fn address_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
         v4 => v4,
@@ -432,6 +498,77 @@ mod tests {
         }
         assert!(refused > 0, "the table filled up");
         assert!(held.iter().all(|s| s.index != usize::MAX), "nothing given uncounted");
+    }
+
+    /// A full table refuses an allowance past a cap (above) and says so, as it does when it lets
+    /// newcomers in uncounted.
+    #[test]
+    fn a_full_table_refusing_an_allowance_is_logged() {
+        let t = PerAddress::new(AddressLimits::default(), 1024);
+        let mut held = Vec::new();
+        let mut i = 0u32;
+        while t.overflow_logged.lock().unwrap().is_none() {
+            held.extend(t.enter_within(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)), 1));
+            i += 1;
+            assert!(i < 100_000, "never full");
+        }
+        assert!(held.len() < i as usize, "the newcomer that found it full was refused");
+    }
+
+    /// A look at an address's budget of attempts takes nothing from it, not even for an
+    /// instant: a try racing the look for the address's last attempt always gets it. Nor does
+    /// it add an address to the table.
+    #[test]
+    fn a_look_at_the_budget_takes_nothing_from_it() {
+        let t = PerAddress::new(
+            AddressLimits {
+                rate: Some(1e-9),
+                burst: 3,
+                ..Default::default()
+            },
+            1024,
+        );
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..100 {
+            t.may_try(a).unwrap();
+        }
+        assert!(t.slots.lock().unwrap().iter().all(Option::is_none), "looking adds no address");
+        t.failed(a);
+        t.failed(a);
+        assert!((t.tokens_of(a) - 1.0).abs() < 1e-3);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Err while the try below holds the attempt: this only looks.
+                    let _ = t.may_try(a);
+                }
+            });
+            // Counted, not asserted here: the looking thread must be stopped either way.
+            let mut refused = 0;
+            for _ in 0..100_000 {
+                if t.try_charge(a).is_err() {
+                    refused += 1;
+                } else {
+                    t.refund(a);
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(refused, 0, "the last attempt was taken by a look");
+        });
+        t.failed(a);
+        let r = t.may_try(a).unwrap_err();
+        assert_eq!((r.status, r.retry_after), (StatusCode::TOO_MANY_REQUESTS, Some(86_400)));
+        assert!(t.tokens_of(a) < 1.0, "the look left it spent");
+    }
+
+    /// A table is rebuilt for another sizing only when the size would differ.
+    #[test]
+    fn a_table_knows_the_sizing_it_was_made_for() {
+        let t = PerAddress::new(AddressLimits::default(), 3000);
+        assert!(t.sized_for(3000) && t.sized_for(4096), "both round to 4,096 slots");
+        assert!(!t.sized_for(5000) && !t.sized_for(1000));
+        assert!(PerAddress::new(AddressLimits::default(), 0).sized_for(1024));
     }
 
     #[test]

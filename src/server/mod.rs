@@ -903,12 +903,15 @@ pub const AGENT_LOGINS_PAST_CAP: usize = 4;
 /// included. A place is given back when its connection ends or logs in (then it counts as an
 /// agent's, not against its address). Beyond those places, and while the address's logins are
 /// slowed by the failure brake (so they cannot be used to hammer logins), refused at once as
-/// before.
+/// before; the refusal's detail (the log's, never the answer's) says which.
+///
+/// O(1) however many agents are connected (the pools per address are kept as they come and
+/// go): an address over its cap may ask at every accept.
 fn place(live: &Live, ip: std::net::IpAddr) -> Result<Place, crate::policy::Refusal> {
     let Some(table) = &live.connections_per_ip else {
         return Ok(Place::Uncounted);
     };
-    let refusal = match table.enter(ip) {
+    let mut refusal = match table.enter(ip) {
         Ok(counted) => return Ok(Place::Counted(counted)),
         Err(r) => r,
     };
@@ -916,12 +919,18 @@ fn place(live: &Live, ip: std::net::IpAddr) -> Result<Place, crate::policy::Refu
         return Err(refusal);
     };
     if live.agents.braked(ip) {
+        refusal
+            .detail
+            .push_str("; no place past it to log in agents: the brake on its failed agent logins is on");
         return Err(refusal);
     }
     let allowance = AGENT_LOGINS_PAST_CAP.saturating_add(live.agents.pools_at(ip));
     match logins.enter_within(ip, u32::try_from(allowance).unwrap_or(u32::MAX)) {
         Some(extra) => Ok(Place::AgentLogin(extra, refusal)),
-        None => Err(refusal),
+        None => {
+            refusal.detail = format!("{}; its {allowance} places past it to log in agents are taken", refusal.detail);
+            Err(refusal)
+        }
     }
 }
 
@@ -1038,13 +1047,20 @@ impl Live {
         // An address with a place past its cap holds at least cap + 1 connections, so at most
         // max_connections / (cap + 1) addresses have one at once: the table is sized for four
         // times that, as the other tables are for their addresses. Kept across reloads, with its
-        // counts.
+        // counts, while that sizing gives it the same size; rebuilt when max_connections or the
+        // cap changed it. A place taken before then is given back to the table it came from (its
+        // slot holds that one), so nothing is miscounted; the new table only starts without
+        // them, and for one handshake deadline at most an address may hold places in both.
         let agent_logins = match (config.limits.max_connections_per_ip, config.agents.endpoints.is_empty()) {
-            (Some(cap), false) => Some(
-                previous
-                    .and_then(|p| p.agent_logins.clone())
-                    .unwrap_or_else(|| PerAddress::new(AddressLimits::default(), capacity / cap.saturating_add(1))),
-            ),
+            (Some(cap), false) => {
+                let sizing = capacity / cap.saturating_add(1);
+                Some(
+                    previous
+                        .and_then(|p| p.agent_logins.clone())
+                        .filter(|t| t.sized_for(sizing))
+                        .unwrap_or_else(|| PerAddress::new(AddressLimits::default(), sizing)),
+                )
+            }
             _ => None,
         };
         Ok(Live {
@@ -1138,6 +1154,77 @@ mod tests {
             );
             assert_eq!(accepted.tcp_user_timeout().unwrap(), Some(CLIENT_USER_TIMEOUT), "{at:?}");
         }
+    }
+
+    /// A configuration with an agent endpoint and these caps.
+    fn capped(max_connections: usize, cap: usize) -> Config {
+        let mut c = Config::new("test");
+        c.listeners.push(ListenerConfig::new("127.0.0.1:0".parse().unwrap()));
+        let options = c.default_route_options();
+        c.routes.push(crate::config::RouteConfig {
+            matcher: crate::config::Matcher::Path("/pos".into()),
+            target: "127.0.0.1:1".parse().unwrap(),
+            options,
+        });
+        c.limits.max_connections = max_connections;
+        c.limits.max_connections_per_ip = Some(cap);
+        c.agents.endpoints.push(crate::agent::EndpointConfig {
+            path: "/agent".into(),
+            pool: 4,
+        });
+        c
+    }
+
+    /// Past its cap, an address refused at accept is refused for one of two reasons, and the
+    /// log line (the refusal's detail) says which: the brake on its failed agent logins, or its
+    /// places to log in agents all taken.
+    #[test]
+    fn a_refusal_past_the_cap_says_why_it_got_no_place_to_log_in_agents() {
+        let live = Live::from_config(&capped(100, 1), None).unwrap();
+        let (braked, full): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let _pages = [place(&live, braked).unwrap(), place(&live, full).unwrap()];
+        assert!(matches!(place(&live, braked), Ok(Place::AgentLogin(..))));
+        for _ in 0..crate::agent::registry::BRAKE_BURST {
+            live.agents.may_try(braked).unwrap();
+        }
+        let r = place(&live, braked).unwrap_err();
+        assert_eq!(r.public, "too many connections from your address");
+        assert!(
+            r.detail
+                .ends_with("no place past it to log in agents: the brake on its failed agent logins is on"),
+            "{}",
+            r.detail
+        );
+        let _places: Vec<Place> = (0..AGENT_LOGINS_PAST_CAP).map(|_| place(&live, full).unwrap()).collect();
+        let r = place(&live, full).unwrap_err();
+        assert!(
+            r.detail.ends_with("its 4 places past it to log in agents are taken"),
+            "{}",
+            r.detail
+        );
+    }
+
+    /// The table of places past `max_connections_per_ip` for agents' logins is kept across a
+    /// reload that leaves its size alone, with its counts, and made anew for one that changes
+    /// it (`max_connections` or the cap); a place from the old table goes back to the old one.
+    #[test]
+    fn the_places_for_agents_logins_are_resized_by_a_reload_that_changes_their_sizing() {
+        let slots = |live: &Live| live.agent_logins.as_ref().unwrap().clone();
+        let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        // 10,000 × 4 / (3 + 1): a table of 16,384 slots, as for 10,001.
+        let first = Live::from_config(&capped(10_000, 3), None).unwrap();
+        let held = slots(&first).enter_within(ip, 4).unwrap();
+        let same = Live::from_config(&capped(10_001, 3), Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(&slots(&first), &slots(&same)), "the same size: kept");
+        assert_eq!(slots(&same).sessions_of(ip), 1, "with its counts");
+        for (changed, why) in [(capped(20_000, 3), "max_connections"), (capped(10_000, 1), "the cap")] {
+            let other = Live::from_config(&changed, Some(&same)).unwrap();
+            assert!(!Arc::ptr_eq(&slots(&same), &slots(&other)), "{why} changed its size: made anew");
+            assert!(slots(&other).sized_for(changed.limits.max_connections * 4 / (changed.limits.max_connections_per_ip.unwrap() + 1)));
+            assert_eq!(slots(&other).sessions_of(ip), 0);
+        }
+        drop(held);
+        assert_eq!(slots(&first).sessions_of(ip), 0, "given back where it was taken");
     }
 
     /// A connection's task is allocated for every connection and lives as long as the session:

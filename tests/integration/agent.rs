@@ -735,6 +735,126 @@ async fn past_its_cap_an_address_gets_a_few_places_to_log_in_agents_and_no_more(
     assert_eq!(braked, at_once);
 }
 
+/// What any page can make its browser send to the agent endpoint, cross-site: `new
+/// WebSocket("ws://bridge/agent", ["wsbridge-agent.v1"])` (its `Origin` included, which agents
+/// never send), with no credentials (a page cannot set headers), or for the test's sake
+/// wrong ones (`wrong`).
+fn browsers_request(wrong: bool) -> Vec<u8> {
+    let credentials = match wrong {
+        true => "X-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer wrong\r\n",
+        false => "",
+    };
+    upgrade_request(
+        "/agent",
+        &format!("Origin: https://elsewhere.example\r\nSec-WebSocket-Protocol: wsbridge-agent.v1\r\n{credentials}"),
+    )
+}
+
+/// Starts an agent and waits for it to connect, failing if it has to wait for anything first
+/// (the brake's 429 holds it back for a second or more: a state seen here).
+async fn logs_in_at_once(config: AgentConfig) -> AgentHandle {
+    let mut agent = client::spawn(config).unwrap();
+    within("the agent to connect", async {
+        loop {
+            match agent.state.borrow_and_update().clone() {
+                State::Connected => return,
+                State::Retrying { reason, .. } => panic!("the agent had to retry: {reason}"),
+                _ => {}
+            }
+            agent.state.changed().await.unwrap();
+        }
+    })
+    .await;
+    agent
+}
+
+/// A browser's request on the agent endpoint (any page can send one, cross-site, from a shop's
+/// network) is refused with a 403 that says why, and is not counted as a failed login; nor is
+/// an agent's request with no secret (it guesses none). However many came from the shop's
+/// address, its agent logs in at once: they cannot hold its logins back with the brake.
+#[tokio::test]
+async fn a_browsers_request_on_the_endpoint_is_refused_and_never_brakes_its_address() {
+    use wsbridge::agent::registry::BRAKE_BURST;
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut answers = Vec::new();
+    for _ in 0..BRAKE_BURST * 2 {
+        answers.push(http_raw(bridge.addr, &browsers_request(false)).await);
+        answers.push(http_raw(bridge.addr, &browsers_request(true)).await);
+    }
+    let no_secret = upgrade_request(
+        "/agent",
+        "Sec-WebSocket-Protocol: wsbridge-agent.v1\r\nX-Wsbridge-Agent: shop-17\r\n",
+    );
+    let mut unauthorized = Vec::new();
+    for _ in 0..BRAKE_BURST * 2 {
+        unauthorized.push(http_raw(bridge.addr, &no_secret).await);
+    }
+    let _agent = logs_in_at_once(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    for answer in &answers {
+        assert_eq!(status_of(answer), 403, "{answer}");
+        assert_eq!(body_of(answer), "403 Forbidden: agent endpoint: not for browsers\n");
+    }
+    for answer in &unauthorized {
+        assert_eq!(status_of(answer), 401, "{answer}");
+    }
+}
+
+/// Past `max_connections_per_ip`, a browser's request on the agent endpoint is no agent's
+/// login: it gets the address's 429 once read, as a page does, and counts as no failed login,
+/// so the address is never refused its places to log in agents at accept for it.
+#[tokio::test]
+async fn past_its_cap_a_browsers_request_on_the_endpoint_leaves_the_agents_logins_alone() {
+    use wsbridge::agent::registry::BRAKE_BURST;
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    add_echo_route(&mut config, echo);
+    config.limits.max_connections_per_ip = Some(2);
+    let bridge = TestBridge::start(config).await;
+    let _pages = [
+        ws_connect(&bridge.url("/echo"), None).await,
+        ws_connect(&bridge.url("/echo"), None).await,
+    ];
+    let page_past_cap = http_raw(bridge.addr, &upgrade_request("/echo", "")).await;
+    assert_eq!(status_of(&page_past_cap), 429, "{page_past_cap}");
+    let mut answers = Vec::new();
+    for _ in 0..BRAKE_BURST * 2 {
+        answers.push(http_raw(bridge.addr, &browsers_request(false)).await);
+        answers.push(http_raw(bridge.addr, &browsers_request(true)).await);
+    }
+    let _agent = logs_in_at_once(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    for answer in &answers {
+        assert_eq!(*answer, page_past_cap);
+    }
+}
+
+/// When an agent closes its control link it says why (shutting down, or connected elsewhere):
+/// the server's log line says it too.
+#[tokio::test]
+async fn the_server_logs_why_an_agent_left() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("server.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n\
+             [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\
+             [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n",
+            secret_sha256(SECRET)
+        ),
+    )
+    .unwrap();
+    let mut server = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let (echo, _) = echo_backend().await;
+    let agent = start_agent(agent_config(server.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    server.line("agent connected").await;
+    agent.shutdown.cancel();
+    within("the agent to stop", agent.task).await.unwrap().unwrap();
+    let line = server.line("agent disconnected").await;
+    assert!(line.contains("reason=agent shutting down"), "{line}");
+}
+
 /// A connection that sends nothing: the answer the bridge gives it at once.
 async fn refused_at_accept(bridge: &TestBridge) -> String {
     let mut s = TcpStream::connect(bridge.addr).await.unwrap();
