@@ -114,11 +114,13 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
-/// Writes generated text (completions, the manual page) to stdout.
+/// Writes generated text (completions, the manual page, `check`'s report) to stdout; a reader
+/// that stopped early (`| head`) is not an error.
 fn print_bytes(bytes: &[u8]) -> ExitCode {
     use std::io::Write as _;
     match std::io::stdout().write_all(bytes) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wsbridge: {e}");
             ExitCode::from(1)
@@ -128,33 +130,45 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
 
 /// `wsbridge check`: validate, then print listeners, timeouts and the route table.
 async fn check(path: &std::path::Path) -> ExitCode {
+    use std::fmt::Write as _;
+    // Written at once at the end: a reader that stops early (`| head`) is no error.
+    let mut out = String::new();
+    macro_rules! say {
+        ($($line:tt)*) => {{
+            let _ = writeln!(out, $($line)*);
+        }};
+    }
     if wsbridge::agent::client::is_agent_file(path) {
         return match load_agent_config(path.to_owned(), |path| AgentConfig::from_file(&path)).await {
             Ok(c) => {
                 let servers: Vec<String> = c.servers().map(ToString::to_string).collect();
-                println!("{}: OK (agent {} for {})", path.display(), c.name, servers.join(", "));
+                say!("{}: OK (agent {} for {})", path.display(), c.name, servers.join(", "));
                 for (name, target) in &c.services {
                     match c.max_sessions.get(name) {
-                        Some(max) => println!("service {name:<20} -> {target} (at most {max} at a time)"),
-                        None => println!("service {name:<20} -> {target}"),
+                        Some(max) => say!("service {name:<20} -> {target} (at most {max} at a time)"),
+                        None => say!("service {name:<20} -> {target}"),
                     }
                 }
                 for (server, proxy, from) in c.connections() {
                     match proxy {
-                        Some(p) => println!("server {server} through the proxy {p} (from {from})"),
-                        None if *from == ProxySource::Unset => println!("server {server} directly ({from})"),
-                        None => println!("server {server} directly (from {from})"),
+                        Some(p) => say!("server {server} through the proxy {p} (from {from})"),
+                        None if *from == ProxySource::Unset => say!("server {server} directly ({from})"),
+                        None => say!("server {server} directly (from {from})"),
                     }
+                }
+                match c.balancer_check {
+                    Some(every) => say!("balancer check every {every:?} (where the server URL leads a new connection)"),
+                    None => say!("balancer check off"),
                 }
                 if c.connections().any(|(_, _, from)| matches!(from, ProxySource::Windows(_))) {
                     // Internet Options are per account: the service's (LocalService) are usually
                     // empty, where an administrator's console has its own.
-                    println!(
+                    say!(
                         "(the Windows settings of the account running this check; the service reads those of LocalService, \
                          then the machine's WinHTTP default)"
                     );
                 }
-                ExitCode::SUCCESS
+                print_bytes(out.as_bytes())
             }
             Err(e) => {
                 eprintln!("wsbridge: {e}");
@@ -182,14 +196,14 @@ async fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     }
-    println!("{}: OK", path.display());
+    say!("{}: OK", path.display());
     for warning in config.warnings() {
-        println!("warning: {warning}");
+        say!("warning: {warning}");
     }
-    print!("{}", config.describe());
-    print!("{}", table.describe().await);
-    print!("{}", config.agents.describe());
-    ExitCode::SUCCESS
+    out.push_str(&config.describe());
+    out.push_str(&table.describe().await);
+    out.push_str(&config.agents.describe());
+    print_bytes(out.as_bytes())
 }
 
 /// What systemd handed this process: passed listening sockets and the notify socket.

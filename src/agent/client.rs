@@ -767,11 +767,11 @@ fn parse_balancer_check(s: &str) -> Result<Option<Duration>, String> {
     if s == "off" {
         return Ok(None);
     }
-    parse_duration(s)
-        .ok()
-        .filter(|d| *d >= Duration::from_secs(1))
-        .map(Some)
-        .ok_or_else(|| "a duration of 1s or more, such as \"30s\", or \"off\"".to_owned())
+    match parse_duration(s) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+        Ok(_) => Err(format!("{s:?} is under the least, 1s (or \"off\")")),
+        Err(e) => Err(format!("{s:?}: {e}; a duration of 1s or more, such as \"30s\", or \"off\"")),
+    }
 }
 
 /// Settings given as flags, which take the place of the file's.
@@ -1194,6 +1194,10 @@ struct Last {
     instance: Option<String>,
     /// When that link stopped being the loop's (it moved, was drained or lost).
     left: Option<Instant>,
+    /// Since when that link's looks were quick ([`Checks::fast_since`]): a link back on the same
+    /// instance (a blip, an operator's move before the balancer had the other one up) goes on
+    /// from there, the instance left before still being on its way back.
+    fast_since: Option<Instant>,
     /// A connection made already (a look that found where to move), with its instance: the
     /// next attempt's.
     dialled: Option<(ControlWs, Option<String>)>,
@@ -1476,11 +1480,16 @@ async fn control(
         None => None,
     };
     // A server that names no instance cannot say where its URL leads.
-    let checks = config.balancer_check.filter(|_| instance.is_some()).map(|every| Checks {
-        every,
-        // Another instance than the last link's, which it left a moment ago.
-        fast_since: last.left.filter(|_| last.instance != instance),
-    });
+    // Quick looks on another instance than the last link's, which it left a moment ago; on the
+    // same one, as that link's.
+    let fast_since = match last.left {
+        Some(left) if last.instance != instance => Some(left),
+        _ => last.fast_since,
+    };
+    let checks = config
+        .balancer_check
+        .filter(|_| instance.is_some())
+        .map(|every| Checks { every, fast_since });
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
         services: config.services.keys().cloned().collect(),
@@ -1525,6 +1534,7 @@ async fn control(
         info!(agent = %config.name, services = config.services.len(), %instance, "agent: connected");
         last.instance = link_instance.clone();
         last.left = None;
+        last.fast_since = fast_since;
         set(State::Connected);
         if let Some(old) = previous.take() {
             old.let_go.cancel();
@@ -1733,6 +1743,10 @@ impl ControlLink {
                     Checked::Found(Some((mut ws, instance))) => {
                         checking = None;
                         check_at = self.checks.as_ref().map(Checks::next);
+                        if self.links.instance.as_deref() == Some(instance.as_str()) {
+                            let next = check_at.map(|t| t.saturating_duration_since(Instant::now()));
+                            debug!(%instance, next_in = ?next, "agent: looked where the server's URL leads: this instance");
+                        }
                         if self.follows(&instance) {
                             let from = self.links.instance.clone().unwrap_or_default();
                             return Served::Moving(Move::Followed { instance, from, ws });

@@ -1708,6 +1708,49 @@ async fn an_agent_follows_its_balancer_to_another_instance_by_itself() {
     assert_eq!(recv_data(&mut fresh).await, b"on a");
 }
 
+/// After its connection left an instance the agent looks every 5 s (its ordinary looks here are
+/// 600 s apart), and goes on doing so when a later connection lands on the same instance again
+/// (an operator's move before the balancer has the other instance up): it still follows the
+/// balancer back to the instance it left within a quick look.
+#[tokio::test]
+async fn quick_looks_go_on_when_the_agent_lands_on_the_same_instance_again() {
+    let (echo, _) = echo_backend().await;
+    let a = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let balancer = network_to(a.addr).await;
+    let mut config = agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.balancer_check = Some(Duration::from_secs(600));
+    let mut agent = start_agent(config).await;
+    idle_links(&a, "shop-17", 4).await;
+    let (admin_a, _guard_a) = start_admin(&a, Some("t")).await;
+    let (admin_b, _guard_b) = start_admin(&b, Some("t")).await;
+
+    // a goes away (the balancer sends to b), the operator moves the agent there...
+    balancer.send_to(b.addr);
+    assert_eq!(admin(admin_a, "POST", "/agents/move", Some("t")).await.0, 200);
+    idle_links(&b, "shop-17", 4).await;
+    // ...and moves it again too soon: it lands on b again.
+    assert_eq!(admin(admin_b, "POST", "/agents/move", Some("t")).await.0, 200);
+    within("the second move", async {
+        while agent.attempts.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    connected(&mut agent).await;
+    idle_links(&b, "shop-17", 4).await;
+
+    // a is back: a quick look (at most 6.25 s away) finds it.
+    balancer.send_to(a.addr);
+    let back = Instant::now();
+    idle_links(&a, "shop-17", 4).await;
+    assert!(
+        back.elapsed() < Duration::from_millis(6250) + Duration::from_secs(3),
+        "{:?}",
+        back.elapsed()
+    );
+}
+
 /// Waits until `agent` has begun `n` looks where its URL leads.
 async fn looks(agent: &AgentHandle, n: u64) {
     within(&format!("{n} looks"), async {
@@ -2643,4 +2686,6 @@ async fn the_environments_proxy_is_resolved_for_each_server() {
         text.contains("server wss://agents-1.example.com:443/agent directly (no proxy setting)"),
         "{text}"
     );
+    // Two URLs, each its own instance: no balancer checks unless asked.
+    assert!(text.contains("\nbalancer check off\n"), "{text}");
 }
