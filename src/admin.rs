@@ -227,6 +227,7 @@ impl Admin {
                     "idle_links": a.idle_links,
                     "links_dialled": a.links_dialled,
                     "links_returned": a.links_returned,
+                    "instance": self.bridge.agents().instance(),
                 })
             })
             .collect();

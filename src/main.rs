@@ -225,6 +225,10 @@ async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usiz
     // and a signal without a handler would end the process.
     spawn_signal_handlers(&bridge, path, threads, notifier.clone())?;
     let bound = start::bind_with(&config, threads, passed)?;
+    if !config.agents.endpoints.is_empty() {
+        // The id agents log for this process (where they are, where they move from and to).
+        tracing::info!(instance = bridge.agents().instance(), "agent endpoint: this instance's id");
+    }
     // Stopped only after the drain: /readyz answers 503 all through it.
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let _admin = admin_stop.clone().drop_guard();

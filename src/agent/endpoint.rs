@@ -314,7 +314,7 @@ async fn control<S: LinkIo>(
         close_with(&mut ws, revoked_close(), timeouts.close).await;
         return warn!(agent = %name, "agent no longer allowed since its login (a reload): closed");
     };
-    info!(agent = %name, services = ?services, "agent connected");
+    info!(agent = %name, services = ?services, instance = registry.instance(), "agent connected");
     let send_timeout = timeouts.pong_timeout;
     let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));
     let mut tick = tokio::time::interval_at(Instant::now() + ping_every, ping_every);

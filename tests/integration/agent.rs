@@ -2180,6 +2180,7 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     assert!(a["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{body}");
     assert_eq!(a["services"], serde_json::json!(["label", "pos"]));
     assert_eq!(a["idle_links"], 4);
+    assert_eq!(a["instance"], bridge.bridge.agents().instance(), "{body}");
     let since = a["connected_since"].as_f64().unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
