@@ -485,17 +485,20 @@ async fn demo_chat_round_trip_in_chromium_over_wss() {
 
 /// Cross-site WebSocket hijacking in Chromium: the demo's own page opens its WebSocket, a page
 /// from another origin is refused (the demo's routes admit their own origin only), and the
-/// demo's log says so with a 403.
+/// demo's log says so with a 403. The demo runs with its agent: the other page's try at the
+/// agent endpoint (with the agents' control protocol, as a page trying to brake the agents
+/// behind its visitor's address would) is refused as a browser's, with a 403 of its own.
 #[tokio::test]
 async fn demo_refuses_a_page_from_another_origin_in_chromium() {
     let Some(browser) = browser_or_skip("demo_refuses_a_page_from_another_origin_in_chromium") else {
         return;
     };
-    let demo = start_demo(&[], "http").await;
+    let demo = start_demo(&[OsStr::new("--agent")], "http").await;
     let mut command = Command::new("node");
     command
         .current_dir(&browser.root)
         .arg("tests/browser/origin.mjs")
+        .args(["--agent-path", "/agent"])
         .arg(&demo.url)
         .env("CHROMIUM", &browser.chromium);
     let node = run_to_end("node tests/browser/origin.mjs", command, BROWSER_TIMEOUT).await;
@@ -514,6 +517,10 @@ async fn demo_refuses_a_page_from_another_origin_in_chromium() {
     assert!(
         log.lines().any(|l| l.contains("status=403") && l.contains("is not allowed")),
         "no 403 for the other origin in the demo's log:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("status=403") && l.contains("agent endpoint: a browser's request")),
+        "no 403 for the agent endpoint in the demo's log:\n{log}"
     );
     stop_demo(demo).await;
 }
