@@ -519,7 +519,8 @@ async fn demo_refuses_a_page_from_another_origin_in_chromium() {
         "no 403 for the other origin in the demo's log:\n{log}"
     );
     assert!(
-        log.lines().any(|l| l.contains("status=403") && l.contains("agent endpoint: a browser's request")),
+        log.lines()
+            .any(|l| l.contains("status=403") && l.contains("agent endpoint: a browser's request")),
         "no 403 for the agent endpoint in the demo's log:\n{log}"
     );
     stop_demo(demo).await;
