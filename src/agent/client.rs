@@ -1341,24 +1341,26 @@ async fn run(
             false => after,
         };
         let moving = previous.as_ref().is_some_and(Previous::serves);
+        // For the log, to the millisecond.
+        let retry_in = Duration::from_millis(u64::try_from(after.as_millis()).unwrap_or(u64::MAX));
         if last_failure.as_deref() == Some(reason.as_str()) {
-            debug!(%reason, retry_in = ?after, "agent: still not connected; retrying");
+            debug!(%reason, ?retry_in, "agent: still not connected; retrying");
         } else if moving {
-            info!(%reason, retry_in = ?after, "agent: not connected again yet; the connection that moves still serves");
+            info!(%reason, ?retry_in, "agent: not connected again yet; the connection that moves still serves");
         } else if told {
             // What the server said it would do: not a failure.
-            info!(%reason, retry_in = ?after, "agent: reconnecting");
+            info!(%reason, ?retry_in, "agent: reconnecting");
         } else {
             match &config.proxy_source {
                 // The route may be what failed (the computer moved to another network): the line
                 // says where it came from, and that it is read again.
                 ProxySource::Windows(_) => warn!(
                     %reason,
-                    retry_in = ?after,
+                    ?retry_in,
                     route = %config.proxy_source,
                     "agent: not connected; retrying (with the Windows proxy settings read again first, at most every 10 s)"
                 ),
-                _ => warn!(%reason, retry_in = ?after, "agent: not connected; retrying"),
+                _ => warn!(%reason, ?retry_in, "agent: not connected; retrying"),
             }
         }
         last_failure = Some(reason.clone());
@@ -1479,13 +1481,13 @@ async fn control(
         Some(Ok(claim)) => Some(claim),
         None => None,
     };
-    // A server that names no instance cannot say where its URL leads.
     // Quick looks on another instance than the last link's, which it left a moment ago; on the
     // same one, as that link's.
     let fast_since = match last.left {
         Some(left) if last.instance != instance => Some(left),
         _ => last.fast_since,
     };
+    // A server that names no instance cannot say where its URL leads.
     let checks = config
         .balancer_check
         .filter(|_| instance.is_some())
@@ -2024,6 +2026,10 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
                 },
             }
         }
+        // The connection ended before any answer: what a balancer with no server up does.
+        Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::HandshakeIncomplete)) => Err(failed(
+            "the connection closed before the server answered (a balancer with no server up?)".into(),
+        )),
         Err(e) => Err(failed(format!("handshake failed: {e}"))),
     }
 }

@@ -995,7 +995,11 @@ async fn run_session<S>(
             Box::pin(relay::refuse(client, early, code, &reason, params.timeouts.close)).await;
             metrics.session_ended(&route_metrics, code, "bridge", 0, 0);
             let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
-            warn!(code, %reason, error = source.as_deref().unwrap_or(""), duration_ms = started.elapsed().as_millis() as u64, "session failed: backend not connected");
+            let duration_ms = started.elapsed().as_millis() as u64;
+            match source {
+                Some(error) => warn!(code, %reason, %error, duration_ms, "session failed: backend not connected"),
+                None => warn!(code, %reason, duration_ms, "session failed: backend not connected"),
+            }
             return;
         }
     };

@@ -1751,6 +1751,26 @@ async fn quick_looks_go_on_when_the_agent_lands_on_the_same_instance_again() {
     );
 }
 
+/// A server URL whose connections end before any answer (a balancer with no server up) is
+/// said to be that, not a bare protocol error.
+#[tokio::test]
+async fn a_connection_that_ends_before_any_answer_is_named_as_such() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            drop(s);
+        }
+    });
+    let mut agent = client::spawn(agent_config(addr, "shop-17", SECRET, &[("pos", tcp(addr))])).unwrap();
+    within(
+        "the agent's reason",
+        agent.wait_for(|s| matches!(s, State::Retrying { reason, .. } if reason.contains("closed before the server answered"))),
+    )
+    .await;
+    agent.shutdown.cancel();
+}
+
 /// Waits until `agent` has begun `n` looks where its URL leads.
 async fn looks(agent: &AgentHandle, n: u64) {
     within(&format!("{n} looks"), async {
