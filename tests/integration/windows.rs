@@ -917,6 +917,16 @@ async fn refusing_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::at
     (addr, asked)
 }
 
+/// `wsbridge.exe agent --config CONFIG` started in `prefix` (its own registry: the settings the
+/// test wrote there).
+fn agent_in(prefix: &OwnPrefix, build: &WindowsBuild, config: &Path) -> WinProcess {
+    WinProcess::start(wine_in(
+        &prefix.path(),
+        build.exe.as_os_str(),
+        &["agent", "--config", &z_path(config)],
+    ))
+}
+
 /// Stops the agent (Ctrl-C) and checks that it exits cleanly.
 async fn stop_agent(mut p: WinProcess) {
     p.ctrl_c().await;
@@ -963,11 +973,7 @@ async fn the_agent_under_wine_follows_the_internet_options_proxy_and_bypass_list
         format!("ws://localhost:{}/agent", direct.addr.port()),
     ];
     let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "");
-    let mut p = WinProcess::start(wine_in(
-        &prefix.path(),
-        build.exe.as_os_str(),
-        &["agent", "--config", &z_path(&config)],
-    ));
+    let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let says = format!(
         "server={} proxy={} from=Windows settings (Internet Options)",
@@ -997,11 +1003,7 @@ async fn the_agent_under_wine_falls_back_to_the_winhttp_default_proxy() {
     let prefix = OwnPrefix::new(&reg_file(&[(MACHINE_CONNECTIONS, "WinHttpSettings", settings)])).await;
     let dir = tempfile::tempdir().unwrap();
     let config = agent_toml(dir.path(), bridge.addr, echo);
-    let mut p = WinProcess::start(wine_in(
-        &prefix.path(),
-        build.exe.as_os_str(),
-        &["agent", "--config", &z_path(&config)],
-    ));
+    let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let says = format!(
         "server=ws://{}/agent proxy={} from=Windows settings (WinHTTP default)",
@@ -1038,11 +1040,7 @@ async fn the_agent_under_wine_follows_a_pac_script() {
         format!("ws://localhost:{}/agent", direct.addr.port()),
     ];
     let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "");
-    let mut p = WinProcess::start(wine_in(
-        &prefix.path(),
-        build.exe.as_os_str(),
-        &["agent", "--config", &z_path(&config)],
-    ));
+    let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let says = format!("server={} proxy={} from=Windows settings (PAC {pac_url})", servers[0], proxy.addr);
     assert!(via.ends_with(&says), "{via}");
@@ -1073,11 +1071,7 @@ async fn a_pac_server_that_hangs_under_wine_delays_the_agent_only_for_its_connec
     let servers = [format!("ws://{}/agent", bridge.addr)];
     let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "connect_timeout = \"2s\"\n");
     let started = std::time::Instant::now();
-    let mut p = WinProcess::start(wine_in(
-        &prefix.path(),
-        build.exe.as_os_str(),
-        &["agent", "--config", &z_path(&config)],
-    ));
+    let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let took = started.elapsed();
     let says = format!(
@@ -1119,11 +1113,7 @@ async fn the_agent_under_wine_follows_internet_options_that_change_while_it_runs
     let dir = tempfile::tempdir().unwrap();
     let config = agent_toml(dir.path(), bridge.addr, echo);
     let started = std::time::Instant::now();
-    let mut p = WinProcess::start(wine_in(
-        &prefix.path(),
-        build.exe.as_os_str(),
-        &["agent", "--config", &z_path(&config)],
-    ));
+    let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     assert!(
         via.ends_with(&format!("proxy={refusing} from=Windows settings (Internet Options)")),
