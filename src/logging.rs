@@ -54,7 +54,7 @@ pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
     tracing_subscriber::fmt()
         .with_timer(UtcMicros)
         .with_env_filter(filter)
-        .with_writer(std::sync::Mutex::new(file))
+        .with_writer(SharedLogFile(std::sync::Mutex::new(file)))
         .with_ansi(false)
         .fmt_fields(PlainFields)
         .init();
@@ -62,13 +62,59 @@ pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The log file as the subscriber's writer: one line at a time under its lock. A lock poisoned
+/// by a panic (none is expected: the writes are plain file writes) is taken anyway rather than
+/// silencing the log from then on.
+struct SharedLogFile(std::sync::Mutex<LogFile>);
+
+/// [`SharedLogFile`]'s lock for one line; while it is held, the thread is writing the log
+/// ([`WRITING_LOG`]).
+struct LogFileLine<'a>(std::sync::MutexGuard<'a, LogFile>);
+
+thread_local! {
+    /// Whether this thread is writing a line of the log file: a panic then cannot be logged
+    /// there (the lock is this thread's), and goes to the previous hook (stderr) instead.
+    static WRITING_LOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SharedLogFile {
+    type Writer = LogFileLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        WRITING_LOG.with(|w| w.set(true));
+        LogFileLine(self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+impl std::io::Write for LogFileLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for LogFileLine<'_> {
+    fn drop(&mut self) {
+        WRITING_LOG.with(|w| w.set(false));
+    }
+}
+
 /// Sends panics to the log instead of stderr alone: a panic in a connection's task (a bug) ends
 /// that task only, tokio catching it while the bridge or agent goes on, and its report belongs
 /// with the other lines, in the same format, with the task's span (which connection), where a
 /// journal or a Windows service's log file keeps it (a service has no stderr). With
-/// `RUST_BACKTRACE` set, the backtrace is in the line too.
+/// `RUST_BACKTRACE` set, the backtrace is in the line too. Where the log would not take it (a
+/// `RUST_LOG` that leaves errors of this module out, or a panic while this thread writes the log
+/// file), the previous hook reports it (stderr).
 fn log_panics() {
-    std::panic::set_hook(Box::new(|info| {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if WRITING_LOG.with(std::cell::Cell::get) || !tracing::enabled!(tracing::Level::ERROR) {
+            return previous(info);
+        }
         let payload = info.payload();
         let message = payload
             .downcast_ref::<&str>()
@@ -363,6 +409,31 @@ mod tests {
 
     use super::*;
     use std::fmt::Write;
+
+    /// The log file's writer takes a lock poisoned by a panic anyway (the log goes on), and says
+    /// while a line is being written that this thread writes the log (a panic then goes to
+    /// stderr rather than wait for its own lock).
+    #[test]
+    fn the_log_files_writer_survives_a_poisoned_lock_and_marks_its_lines() {
+        use tracing_subscriber::fmt::MakeWriter as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.log");
+        let shared = std::sync::Arc::new(SharedLogFile(std::sync::Mutex::new(LogFile::open(&path, LogFile::LIMIT).unwrap())));
+        let poisoner = shared.clone();
+        let _ = std::thread::spawn(move || {
+            let _held = poisoner.0.lock().unwrap();
+            std::panic::resume_unwind(Box::new("poisoned on purpose"));
+        })
+        .join();
+        assert!(shared.0.is_poisoned());
+        {
+            let mut line = shared.make_writer();
+            assert!(WRITING_LOG.with(std::cell::Cell::get));
+            std::io::Write::write_all(&mut line, b"after the poison\n").unwrap();
+        }
+        assert!(!WRITING_LOG.with(std::cell::Cell::get));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after the poison\n");
+    }
 
     #[test]
     fn timestamps_read_as_the_default_formatter_writes_them() {

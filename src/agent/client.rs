@@ -1149,6 +1149,8 @@ enum Ended {
         was_connected: bool,
         /// The server's `Retry-After` (429, 503): the next attempt waits at least this long.
         retry_after: Option<Duration>,
+        /// The server answered (an HTTP status): the route to it works, whatever failed.
+        answered: bool,
     },
 }
 
@@ -1201,7 +1203,16 @@ struct Last {
     /// A connection made already (a look that found where to move), with its instance: the
     /// next attempt's.
     dialled: Option<(ControlWs, Option<String>)>,
+    /// That link left because the server asked (a move, a drain).
+    asked: bool,
+    /// When the last moves its looks found were: more than [`MOVES_DAMPED`] of them within
+    /// [`FAST_CHECKS`]' window, and looks are no longer quick (a balancer that sends each new
+    /// connection elsewhere while no data link has met the wrong instance yet).
+    follows: std::collections::VecDeque<Instant>,
 }
+
+/// See [`Last::follows`].
+const MOVES_DAMPED: usize = 3;
 
 async fn run(
     mut config: Arc<AgentConfig>,
@@ -1247,6 +1258,10 @@ async fn run(
         let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine, &mut previous, &mut last).await;
         if matches!(ended, Ended::Moving(..) | Ended::Drain | Ended::Failed { was_connected: true, .. }) {
             last.left = Some(Instant::now());
+            // The server asked (a drain, an operator): quick looks even back on the same instance.
+            last.asked = matches!(ended, Ended::Moving(Move::Asked(_), _) | Ended::Drain);
+            // The route worked: timeouts reading the Windows settings count again from none.
+            rereads.connected();
         }
         // The server said to reconnect (a drain): logged as what it is, not as a failure.
         let mut told = false;
@@ -1272,6 +1287,7 @@ async fn run(
                              connection serves until then"
                         );
                         last.dialled = Some((*ws, Some(instance)));
+                        last.follows.push_back(Instant::now());
                         false
                     }
                 };
@@ -1313,6 +1329,7 @@ async fn run(
                 reason,
                 was_connected,
                 retry_after: server_says,
+                answered,
             } => {
                 if was_connected {
                     failures = 0;
@@ -1323,7 +1340,8 @@ async fn run(
                     drained = Some(Instant::now());
                 }
                 retry_after = server_says;
-                failed = true;
+                // A server that answered was reached: the route is not what failed.
+                failed = !answered;
                 (reason, false)
             }
         };
@@ -1374,21 +1392,23 @@ async fn run(
         tokio::pin!(wait);
         let reading = match (&config.proxy_source, failed) {
             (ProxySource::Windows(_), true) if rereads.start(std::time::Instant::now()) => {
-                system_proxy::windows_again(&config.server, config.connect_timeout)
+                system_proxy::windows_again(&config.server, config.connect_timeout, rereads.busy())
             }
             _ => None,
         };
         if let Some(reading) = reading {
-            // Not waited for at shutdown: its thread ends by itself (within its deadline).
+            // Not waited for at shutdown: its threads end by themselves (the answer within its
+            // deadline; WinHTTP's maybe later, holding `rereads.busy()` until then).
             let read = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 read = reading => read.ok(),
             };
             if let Some(next) = follow_windows(&config, read, &mut rereads) {
                 if next.proxy != config.proxy {
-                    // A new route is tried soon: the backoff grew on the old one's failures.
-                    failures = 0;
-                    let soon = config.backoff.delay(1, false);
+                    // A new route is tried soon (the backoff grew on the old one's failures), but
+                    // no sooner than the server asked; the failures count on (a setting that
+                    // flips between two answers must not undo the backoff).
+                    let soon = config.backoff.delay(1, false).max(floor);
                     if Instant::now() + soon < wait.deadline() {
                         wait.as_mut().reset(Instant::now() + soon);
                         if !moving {
@@ -1455,6 +1475,7 @@ async fn control(
         reason,
         was_connected: false,
         retry_after: None,
+        answered: false,
     };
     let dialled = match last.dialled.take() {
         Some(made) => Ok(Ok(made)),
@@ -1483,8 +1504,12 @@ async fn control(
     };
     // Quick looks on another instance than the last link's, which it left a moment ago; on the
     // same one, as that link's.
+    let (window, _) = FAST_CHECKS;
+    last.follows.retain(|t| t.elapsed() < window);
     let fast_since = match last.left {
-        Some(left) if last.instance != instance => Some(left),
+        // Hopping between instances: the ordinary looks, no quicker.
+        Some(_) if last.follows.len() >= MOVES_DAMPED => None,
+        Some(left) if last.instance != instance || last.asked => Some(left),
         _ => last.fast_since,
     };
     // A server that names no instance cannot say where its URL leads.
@@ -1668,6 +1693,7 @@ impl ControlLink {
                     reason,
                     was_connected: connected,
                     retry_after: None,
+                    answered: false,
                 })
             };
             tokio::select! {
@@ -1966,6 +1992,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
         reason,
         was_connected: false,
         retry_after: None,
+        answered: false,
     };
     let io = dial(config, tls)
         .await
@@ -2000,6 +2027,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
                 reason,
                 was_connected: false,
                 retry_after,
+                answered: true,
             };
             // The answer's text, without the status line wsbridge's answers begin with.
             let text = response
@@ -2756,7 +2784,7 @@ mod tests {
         assert_eq!(next.proxy_source, ProxySource::Windows(windows(Some(pac), false)));
         // Off Windows there is nothing to read again.
         #[cfg(not(windows))]
-        assert!(system_proxy::windows_again(&config.server, Duration::from_secs(1)).is_none());
+        assert!(system_proxy::windows_again(&config.server, Duration::from_secs(1), Arc::default()).is_none());
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub struct WindowsChoice {
     /// Whether the reading it comes from was late ([`Reading::late`]): read again, it does not
     /// replace a connection's route at once ([`Rereads::judge`]).
     pub late: bool,
+    /// Whether the user's settings were read at all: a reading without them (its thread hung or
+    /// could not start) says nothing of the route, however often it comes.
+    pub informed: bool,
 }
 
 impl std::fmt::Display for WindowsChoice {
@@ -342,6 +345,7 @@ impl WindowsChoice {
 pub fn choose(server: &ServerUrl, reading: &Reading) -> (Option<Proxy>, WindowsChoice) {
     let mut choice = WindowsChoice {
         late: reading.late,
+        informed: reading.user.is_ok(),
         ..WindowsChoice::default()
     };
     match &reading.user {
@@ -433,28 +437,50 @@ pub struct Rereads {
     last: std::time::Instant,
     /// Late readings in a row.
     late: u32,
+    /// Set while a read's WinHTTP thread still runs (it may outlive the read's deadline): no
+    /// other starts meanwhile, so a WinHTTP that hangs through an outage holds one thread, not
+    /// one per retry.
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Rereads {
     /// For a connection whose route was read from the settings just before `now`.
     pub fn new(now: std::time::Instant) -> Rereads {
-        Rereads { last: now, late: 0 }
+        Rereads {
+            last: now,
+            late: 0,
+            busy: std::sync::Arc::default(),
+        }
     }
 
-    /// Whether a read may start at `now`: [`REREAD_EVERY`] or more after the last one started.
-    /// If so, it counts as started.
+    /// Whether a read may start at `now`: [`REREAD_EVERY`] or more after the last one started,
+    /// and the last one's thread has ended. If so, it counts as started.
     pub fn start(&mut self, now: std::time::Instant) -> bool {
-        if now.saturating_duration_since(self.last) < REREAD_EVERY {
+        if now.saturating_duration_since(self.last) < REREAD_EVERY || self.busy.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
         self.last = now;
         true
     }
 
+    /// The flag a read's thread holds while it runs ([`windows_again`]).
+    pub fn busy(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.busy.clone()
+    }
+
+    /// The connection's route worked (it connected): late readings count again from none.
+    pub fn connected(&mut self) {
+        self.late = 0;
+    }
+
     /// What a reading that gives `proxy` (`None`: direct) with `choice` means for a connection
     /// that reaches its server through `was`: a late one keeps the route, unless the
     /// [`LATE_READS_KEPT`] before it were late too; a timely one decides.
     pub fn judge(&mut self, was: Option<&Proxy>, proxy: Option<&Proxy>, choice: &WindowsChoice) -> Verdict {
+        if choice.late && !choice.informed {
+            // Not even the settings came: nothing to go by, however often.
+            return Verdict::Late;
+        }
         if choice.late {
             self.late = self.late.saturating_add(1);
             if self.late <= LATE_READS_KEPT {
@@ -478,16 +504,35 @@ impl Rereads {
 pub fn windows_again(
     server: &ServerUrl,
     wait: std::time::Duration,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Option<tokio::sync::oneshot::Receiver<(Option<Proxy>, WindowsChoice)>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let servers = [server.clone()];
+    busy.store(true, std::sync::atomic::Ordering::Release);
+    let busy_too = busy.clone();
     // On failure the closure, and `tx` with it, is dropped: the receiver errs at once.
-    let _ = std::thread::Builder::new().name("windows-proxy-again".into()).spawn(move || {
-        if let Some(found) = windows(&servers, wait).pop() {
+    let spawned = std::thread::Builder::new().name("windows-proxy-again".into()).spawn(move || {
+        let wait = wait.min(MOST_WAIT);
+        let readings = read_windows(&servers, wait, Some(Busy(busy_too)));
+        if let Some(found) = readings.iter().zip(&servers).map(|(r, s)| choose(s, r)).next() {
             let _ = tx.send(found);
         }
     });
+    if spawned.is_err() {
+        busy.store(false, std::sync::atomic::Ordering::Release);
+    }
     Some(rx)
+}
+
+/// Clears its flag when dropped: held by the thread that reads WinHTTP ([`Rereads::busy`]).
+#[cfg(windows)]
+struct Busy(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+#[cfg(windows)]
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Off Windows there are no Windows settings to read again (the environment's proxy variables
@@ -496,6 +541,7 @@ pub fn windows_again(
 pub fn windows_again(
     _server: &ServerUrl,
     _wait: std::time::Duration,
+    _busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Option<tokio::sync::oneshot::Receiver<(Option<Proxy>, WindowsChoice)>> {
     None
 }
@@ -535,15 +581,17 @@ const MOST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 #[cfg(windows)]
 pub fn windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<(Option<Proxy>, WindowsChoice)> {
     let wait = wait.min(MOST_WAIT);
-    read_windows(servers, wait)
+    read_windows(servers, wait, None)
         .iter()
         .zip(servers)
         .map(|(reading, server)| choose(server, reading))
         .collect()
 }
 
+/// What the WinHTTP thread reads, within `wait`; `busy`, if given, is held by that thread until
+/// it ends (which may be after `wait`).
 #[cfg(windows)]
-fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading> {
+fn read_windows(servers: &[ServerUrl], wait: std::time::Duration, busy: Option<Busy>) -> Vec<Reading> {
     use super::winhttp;
     use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 
@@ -566,6 +614,7 @@ fn read_windows(servers: &[ServerUrl], wait: std::time::Duration) -> Vec<Reading
     let (tx, rx) = sync_channel(servers.len() + 1);
     let urls: Vec<String> = servers.iter().map(lookup_url).collect();
     let spawned = std::thread::Builder::new().name("windows-proxy".into()).spawn(move || {
+        let _busy = busy;
         let user = winhttp::user_settings().map_err(winhttp_error);
         let machine = winhttp::default_setting().map_err(winhttp_error);
         let automatic = user.as_ref().ok().filter(|u| u.automatic()).cloned();
@@ -953,12 +1002,52 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A choice from a reading whose settings came (late or not).
     fn read_as(setting: Option<WindowsSetting>, late: bool) -> WindowsChoice {
         WindowsChoice {
             setting,
             late,
+            informed: true,
             ..WindowsChoice::default()
         }
+    }
+
+    /// A reading in which not even the settings came (WinHTTP's thread hung or did not start)
+    /// keeps the route however often it comes; a connection that connected starts the count of
+    /// late readings again; a read whose thread still runs keeps the next from starting.
+    #[test]
+    fn a_reading_without_the_settings_never_changes_the_route() {
+        let office = proxy_at("proxy.corp:8080");
+        let nothing = WindowsChoice {
+            late: true,
+            ..WindowsChoice::default()
+        };
+        let reading = Reading {
+            user: Err("no answer within 10s".into()),
+            auto: None,
+            machine: Err("no answer within 10s".into()),
+            late: true,
+        };
+        let (proxy, chosen) = choose(&server("wss://bridge.example.com/agent"), &reading);
+        assert!(proxy.is_none() && chosen.late && !chosen.informed, "{chosen:?}");
+        let t0 = std::time::Instant::now();
+        let mut r = Rereads::new(t0);
+        for _ in 0..5 {
+            assert_eq!(r.judge(Some(&office), None, &nothing), Verdict::Late);
+        }
+        let late = read_as(None, true);
+        for _ in 0..LATE_READS_KEPT {
+            assert_eq!(r.judge(Some(&office), None, &late), Verdict::Late);
+        }
+        r.connected();
+        assert_eq!(r.judge(Some(&office), None, &late), Verdict::Late, "counted from none again");
+
+        let later = t0 + REREAD_EVERY;
+        r.busy().store(true, std::sync::atomic::Ordering::Release);
+        assert!(!r.start(later), "the last read's thread still runs");
+        r.busy().store(false, std::sync::atomic::Ordering::Release);
+        assert!(r.start(later));
+        assert!(!r.start(later + REREAD_EVERY / 2));
     }
 
     #[test]
