@@ -1508,7 +1508,7 @@ async fn control(
     last.follows.retain(|t| t.elapsed() < window);
     let fast_since = match last.left {
         // Hopping between instances: the ordinary looks, no quicker.
-        Some(_) if last.follows.len() >= MOVES_DAMPED => None,
+        Some(_) if last.follows.len() > MOVES_DAMPED => None,
         Some(left) if last.instance != instance || last.asked => Some(left),
         _ => last.fast_since,
     };
