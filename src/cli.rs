@@ -68,8 +68,8 @@ pub enum Command {
         #[arg(long)]
         agent: bool,
     },
-    /// Run an agent: on a computer the server cannot connect to, dial out to a wsbridge server's
-    /// agent endpoint and carry its sessions to local services (agent mode, see README).
+    /// Run an agent: dial out from a computer the server cannot reach to a server's agent
+    /// endpoint, and carry its sessions to local services (agent mode, see README).
     ///
     /// Example:
     ///   wsbridge agent --server wss://bridge.example.com/agent --name shop-17 \
