@@ -1764,13 +1764,10 @@ impl ControlLink {
                         let (config, tls) = (config.clone(), self.links.tls.clone());
                         checking = Some(Box::pin(async move { where_new_connections_go(&config, tls.as_ref()).await }));
                     }
-                    Checked::Found(None) => {
+                    Checked::Found(found) => {
                         checking = None;
                         check_at = self.checks.as_ref().map(Checks::next);
-                    }
-                    Checked::Found(Some((mut ws, instance))) => {
-                        checking = None;
-                        check_at = self.checks.as_ref().map(Checks::next);
+                        let Some((mut ws, instance)) = found else { continue };
                         if self.links.instance.as_deref() == Some(instance.as_str()) {
                             let next = check_at.map(|t| t.saturating_duration_since(Instant::now()));
                             debug!(%instance, next_in = ?next, "agent: looked where the server's URL leads: this instance");

@@ -833,6 +833,12 @@ fn machine_settings(proxy: &str, bypass: &str) -> Vec<u8> {
     blob
 }
 
+/// A `.reg` file that sets the user's Internet Options (`DefaultConnectionSettings`, as the
+/// dialog writes it) to `settings` ([`user_settings`]).
+fn internet_options(settings: Vec<u8>) -> String {
+    reg_file(&[(USER_CONNECTIONS, "DefaultConnectionSettings", settings)])
+}
+
 /// A `.reg` file setting each (key, value name, bytes) as REG_BINARY.
 fn reg_file(values: &[(&str, &str, Vec<u8>)]) -> String {
     let mut text = String::from("Windows Registry Editor Version 5.00\r\n");
@@ -843,33 +849,40 @@ fn reg_file(values: &[(&str, &str, Vec<u8>)]) -> String {
     text
 }
 
-/// Serves `script` as the PAC file to every request on 127.0.0.1 (WinHTTP's download under
-/// Wine), counting the requests.
-async fn pac_server(script: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// Answers every request on 127.0.0.1 with `answer` (its head read, the connection then
+/// closed), keeping each request's first line: a PAC script's server (WinHTTP's download under
+/// Wine), a proxy that refuses every CONNECT.
+async fn canned_server(answer: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = served.clone();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let (count, script) = (count.clone(), script.clone());
+            let (seen, answer) = (seen.clone(), answer.clone());
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
                     let Ok(b) = s.read_u8().await else { return };
                     head.push(b);
                 }
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/x-ns-proxy-autoconfig\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{script}",
-                    script.len()
-                );
+                let first = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
+                seen.lock().unwrap().push(first);
                 let _ = s.write_all(answer.as_bytes()).await;
                 let _ = s.shutdown().await;
             });
         }
     });
-    (addr, served)
+    (addr, asked)
+}
+
+/// Serves `script` as the PAC file ([`canned_server`]).
+async fn pac_server(script: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    canned_server(format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/x-ns-proxy-autoconfig\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{script}",
+        script.len()
+    ))
+    .await
 }
 
 /// A server that takes connections and never answers: a PAC URL whose server hangs. It holds the
@@ -889,32 +902,9 @@ async fn silent_server() -> std::net::SocketAddr {
 }
 
 /// A proxy that answers every CONNECT with 403 (a proxy of a network the computer has left, or
-/// one that refuses this agent), counting them.
-async fn refusing_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = asked.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-                    let Ok(b) = s.read_u8().await else { return };
-                    head.push(b);
-                }
-                if head.starts_with(b"CONNECT ") {
-                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (addr, asked)
+/// one that refuses this agent), keeping what it was asked ([`canned_server`]).
+async fn refusing_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    canned_server("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()).await
 }
 
 /// `wsbridge.exe agent --config CONFIG` started in `prefix` (its own registry: the settings the
@@ -966,7 +956,7 @@ async fn the_agent_under_wine_follows_the_internet_options_proxy_and_bypass_list
     let (through, direct) = (agent_server().await, agent_server().await);
     let list = format!("socks=127.0.0.1:9;http={};https=127.0.0.1:9", proxy.addr);
     let settings = user_settings(DIRECT | MANUAL_PROXY, &list, "<local>", "");
-    let prefix = OwnPrefix::new(&reg_file(&[(USER_CONNECTIONS, "DefaultConnectionSettings", settings)])).await;
+    let prefix = OwnPrefix::new(&internet_options(settings)).await;
     let dir = tempfile::tempdir().unwrap();
     let servers = [
         format!("ws://{}/agent", through.addr),
@@ -1033,7 +1023,7 @@ async fn the_agent_under_wine_follows_a_pac_script() {
     let (pac, served) = pac_server(script).await;
     let pac_url = format!("http://{pac}/proxy.pac");
     let settings = user_settings(DIRECT | PAC_SCRIPT, "", "", &pac_url);
-    let prefix = OwnPrefix::new(&reg_file(&[(USER_CONNECTIONS, "DefaultConnectionSettings", settings)])).await;
+    let prefix = OwnPrefix::new(&internet_options(settings)).await;
     let dir = tempfile::tempdir().unwrap();
     let servers = [
         format!("ws://{}/agent", through.addr),
@@ -1050,7 +1040,7 @@ async fn the_agent_under_wine_follows_a_pac_script() {
         servers[1]
     );
     assert!(not.ends_with(&says), "{not}");
-    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(!served.lock().unwrap().is_empty());
     through_the_proxy_to_one_server_only(p, &proxy, &through, Some(&direct)).await;
 }
 
@@ -1066,7 +1056,7 @@ async fn a_pac_server_that_hangs_under_wine_delays_the_agent_only_for_its_connec
     let bridge = agent_server().await;
     let pac_url = format!("http://{}/proxy.pac", silent_server().await);
     let settings = user_settings(DIRECT | MANUAL_PROXY | PAC_SCRIPT, &proxy.addr.to_string(), "", &pac_url);
-    let prefix = OwnPrefix::new(&reg_file(&[(USER_CONNECTIONS, "DefaultConnectionSettings", settings)])).await;
+    let prefix = OwnPrefix::new(&internet_options(settings)).await;
     let dir = tempfile::tempdir().unwrap();
     let servers = [format!("ws://{}/agent", bridge.addr)];
     let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "connect_timeout = \"2s\"\n");
@@ -1102,13 +1092,7 @@ async fn the_agent_under_wine_follows_internet_options_that_change_while_it_runs
     let (refusing, refused) = refusing_proxy().await;
     let (echo, _) = echo_backend().await;
     let bridge = agent_server().await;
-    let settings = |proxy: &str| {
-        reg_file(&[(
-            USER_CONNECTIONS,
-            "DefaultConnectionSettings",
-            user_settings(DIRECT | MANUAL_PROXY, proxy, "", ""),
-        )])
-    };
+    let settings = |proxy: &str| internet_options(user_settings(DIRECT | MANUAL_PROXY, proxy, "", ""));
     let prefix = OwnPrefix::new(&settings(&refusing.to_string())).await;
     let dir = tempfile::tempdir().unwrap();
     let config = agent_toml(dir.path(), bridge.addr, echo);
@@ -1122,7 +1106,7 @@ async fn the_agent_under_wine_follows_internet_options_that_change_while_it_runs
     let failed = p.line("agent: not connected; retrying", WINE_WAIT).await;
     assert!(failed.contains("the proxy answered 403 to CONNECT"), "{failed}");
     assert!(!failed.contains("restart"), "{failed}");
-    assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(refused.lock().unwrap().iter().any(|l| l.starts_with("CONNECT ")));
     // The settings change while it runs.
     let file = dir.path().join("changed.reg");
     std::fs::write(&file, settings(&proxy.addr.to_string())).unwrap();
