@@ -4,8 +4,10 @@
 //! The relay borrows the stream's two directions separately ([`Backend::halves`]) and drives
 //! them with `poll_read` / `poll_write` from its own state machine.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -61,6 +63,15 @@ impl Backend {
     pub fn release(self, within: Duration) {
         if let Backend::Agent(link) = self {
             (*link).release(within);
+        }
+    }
+
+    /// An agent's link: ready with the session's error once the agent is no longer allowed, busy
+    /// or stalled (see [`crate::agent::link::AgentLink::revoked`]). Other backends: none.
+    pub fn revoked(&self) -> Option<Pin<Box<dyn Future<Output = io::Error> + Send>>> {
+        match self {
+            Backend::Agent(link) => Some(Box::pin(link.revoked())),
+            _ => None,
         }
     }
 

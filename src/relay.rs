@@ -218,6 +218,7 @@ pub async fn run_live<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut revoked = backend.revoked();
     let (reader, writer) = backend.halves();
     let mut pump = Pump::new(client, early, reader, writer, params);
     // Files are numbered as the log lines number sessions.
@@ -232,6 +233,12 @@ where
                 told = true;
                 let by_operator = live.is_some_and(|s| s.by_operator.load(Ordering::Acquire));
                 pump.end(if by_operator { End::Operator } else { End::Shutdown });
+            }
+            // An agent no longer allowed: the session ends now, not at its next read or write of
+            // the link (none comes while its page reads nothing).
+            if let Some(Poll::Ready(e)) = revoked.as_mut().map(|r| r.as_mut().poll(cx)) {
+                revoked = None;
+                pump.end(End::BackendError("read", e));
             }
             let poll = pump.poll(cx);
             if let Some(s) = live {

@@ -369,7 +369,8 @@ pub struct LossState {
     /// carry (a link that still moves bytes is not lost, only the control link was).
     token: CancellationToken,
     /// Set (before `token` is cancelled) when the agent is no longer allowed (its declaration
-    /// or secret changed): every session through it ends at its next read or write, busy or not.
+    /// or secret changed): every session through it ends at once, busy, idle or stalled (see
+    /// [`AgentLink::revoked`]).
     revoked: std::sync::atomic::AtomicBool,
 }
 
@@ -490,6 +491,21 @@ impl AgentLink {
         (reader, writer)
     }
 
+    /// Ready with the session's error once the agent is no longer allowed (never when it is only
+    /// lost): the relay ends the session then, even one that is not reading or writing the link
+    /// (its page reads nothing, so the relay waits on the page), which [`Lost`] alone would not.
+    pub fn revoked(&self) -> impl std::future::Future<Output = io::Error> + Send + 'static {
+        let (loss, name) = (self.lost.clone(), self.name.clone());
+        async move {
+            loss.token().cancelled().await;
+            if !loss.is_revoked() {
+                // Lost, not revoked: its sessions end when their links have nothing to carry.
+                std::future::pending::<()>().await;
+            }
+            revoked_error(&name)
+        }
+    }
+
     /// After the session: a link in chunks whose end mark the relay wrote is read on (what the
     /// app still sends is dropped: the browser is gone) until the agent's end mark, within
     /// `within` and [`MAX_DRAIN`] bytes, and then goes back to its agent's pool; any other link
@@ -580,10 +596,15 @@ impl<'a> Lost<'a> {
     /// shop-17 lost"), where a kind of its own would show only the kind.
     fn error(&self) -> io::Error {
         match self.loss.is_revoked() {
-            true => io::Error::other(format!("agent {} is no longer allowed", self.name)),
+            true => revoked_error(self.name),
             false => io::Error::other(format!("agent {} lost", self.name)),
         }
     }
+}
+
+/// A revoked agent's sessions' error (the relay's close reason shows it).
+fn revoked_error(name: &str) -> io::Error {
+    io::Error::other(format!("agent {name} is no longer allowed"))
 }
 
 /// The read half of an [`AgentLink`].

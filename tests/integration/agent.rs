@@ -1399,6 +1399,48 @@ async fn a_reload_that_changes_an_agents_secret_ends_its_connection_and_sessions
     assert_eq!(raw_read_close(&mut s).await, (1014, "agent shop-17 is offline".into()));
 }
 
+/// A revoked agent's session whose page reads nothing ends too, at the close deadline after the
+/// reload (its close frame cannot get through), not at its idle or lifetime deadline: the relay
+/// waits on the page there and would never read or write the link again.
+#[tokio::test]
+async fn a_revoked_agents_session_ends_even_while_its_page_reads_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let mut config = server_config(&["shop-17"], &[("shop-17", "feed")]);
+    config.timeouts.close = Duration::from_secs(1);
+    let bridge = TestBridge::start(config).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("feed", tcp(app))])).await;
+    let mut page = raw_ws(bridge.addr, "/feed").await;
+    let (mut s, _) = within("the app's connection", listener.accept()).await.unwrap();
+    // The app writes until the page, which reads nothing, holds everything up.
+    let progress = Progress::default();
+    let p = progress.clone();
+    let mut app_writes = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        loop {
+            if let Err(e) = s.write_all(&chunk).await {
+                return (Instant::now(), e);
+            }
+            p.mark();
+        }
+    });
+    progress.held_up_for(Duration::from_millis(500), &mut app_writes).await;
+
+    let mut rotated = bridge.config.clone();
+    rotated.agents.declared[0].secret_sha256 = vec![parse_sha256(&secret_sha256("the new secret of shop-17, not the leaked one")).unwrap()];
+    let revoked = Instant::now();
+    bridge.bridge.reload(&rotated).unwrap();
+    // The app's connection is closed once the server let the session go, at the close deadline.
+    let (closed, e) = within("the app's connection to be closed", app_writes).await.unwrap();
+    assert_window("the session's end", closed - revoked, Duration::from_secs(1));
+    assert!(
+        matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+        "the app's write: {e}"
+    );
+    // The page finds its connection closed behind what it had not read.
+    closed_by_peer(&mut page).await;
+}
+
 /// A planned rotation: the server lists the new secret's hash beside the old one, the agent
 /// comes back with the new secret (replacing its old connection, whose session goes on), and
 /// the old hash goes: then, and only then, what still runs on the old secret ends.
