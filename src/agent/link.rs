@@ -493,7 +493,7 @@ impl AgentLink {
 
     /// Ready with the session's error once the agent is no longer allowed (never when it is only
     /// lost): the relay ends the session then, even one that is not reading or writing the link
-    /// (its page reads nothing, so the relay waits on the page), which [`Lost`] alone would not.
+    /// (its page reads nothing, so the relay waits on the page), which the links' own check would not.
     pub fn revoked(&self) -> impl std::future::Future<Output = io::Error> + Send + 'static {
         let (loss, name) = (self.lost.clone(), self.name.clone());
         async move {
