@@ -83,15 +83,19 @@ impl Shared {
     }
 }
 
-/// A table of counts per client address for `limits` (none when unlimited): `previous` when it
-/// counts the same limits, so a reload keeps the counts of sessions open across it.
+/// A table of counts per client address for `limits`, sized for `capacity` addresses (none when
+/// unlimited): `previous` given the new limits and size, so a reload keeps the counts of the
+/// sessions open across it, whatever it changed ([`PerAddress::reconfigure`]).
 pub fn per_ip_table(limits: AddressLimits, previous: Option<&Arc<PerAddress>>, capacity: usize) -> Option<Arc<PerAddress>> {
     if limits.is_unlimited() {
         return None;
     }
     match previous {
-        Some(p) if p.limits() == limits => Some(p.clone()),
-        _ => Some(PerAddress::new(limits, capacity)),
+        Some(p) => {
+            p.reconfigure(limits, capacity);
+            Some(p.clone())
+        }
+        None => Some(PerAddress::new(limits, capacity)),
     }
 }
 

@@ -47,21 +47,39 @@ struct Entry {
 /// so a client cannot aim at another's slots); it takes a slot that holds it, or the first whose
 /// counters have gone back to nothing (no session, a full bucket). When all hold other live
 /// addresses, which takes a flood of more addresses than the table has room for, the newcomer
-/// goes uncounted (see `with_entry`). IPv6 addresses count by their /64.
+/// goes uncounted (see `with_entry`). IPv6 addresses count by their /64. A reload changes the
+/// limits and the size in place ([`PerAddress::reconfigure`]), so the counts of the sessions open
+/// across it go on.
 #[derive(Debug)]
 pub struct PerAddress {
-    limits: AddressLimits,
-    slots: Mutex<Vec<Option<Entry>>>,
+    table: Mutex<Table>,
     hasher: RandomState,
     /// When the table last said it was full.
     overflow_logged: Mutex<Option<Instant>>,
 }
 
-/// A session's place in [`PerAddress`]; given back on drop.
+/// The limits and the slots, under one lock.
+#[derive(Debug)]
+struct Table {
+    limits: AddressLimits,
+    slots: Vec<Option<Entry>>,
+}
+
+impl Table {
+    /// The size of a full bucket.
+    fn burst(&self) -> f64 {
+        f64::from(self.limits.burst.max(1))
+    }
+}
+
+/// A session's place in [`PerAddress`]; given back on drop. It names its address's key, not a
+/// slot, since a reload may move the entry ([`PerAddress::reconfigure`]); an entry holding a
+/// session is never given to another address, so it is found again.
 #[derive(Debug)]
 pub struct AddressSlot {
     table: Arc<PerAddress>,
-    index: usize,
+    /// `None`: admitted uncounted (the table was full of live addresses).
+    key: Option<IpAddr>,
 }
 
 /// Whole seconds until a bucket holding `tokens` has one again at `rate` per second (at least 1).
@@ -72,10 +90,13 @@ fn retry_after(tokens: f64, rate: f64) -> u64 {
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let mut slots = self.table.slots.lock().unwrap_or_else(|p| p.into_inner());
-        // An uncounted session (`index` past the table) has nothing to give back.
-        if let Some(e) = slots.get_mut(self.index).and_then(Option::as_mut) {
-            e.sessions = e.sessions.saturating_sub(1);
+        // An uncounted session has nothing to give back.
+        let Some(key) = self.key else { return };
+        let mut table = self.table.lock();
+        if let Some(i) = self.table.find(&table.slots, key) {
+            if let Some(e) = table.slots[i].as_mut() {
+                e.sessions = e.sessions.saturating_sub(1);
+            }
         }
     }
 }
@@ -103,16 +124,70 @@ impl PerAddress {
     /// A table of `capacity` slots (rounded up to a power of two, at least 1,024).
     pub fn new(limits: AddressLimits, capacity: usize) -> Arc<PerAddress> {
         Arc::new(PerAddress {
-            limits,
-            slots: Mutex::new(vec![None; table_len(capacity)]),
+            table: Mutex::new(Table {
+                limits,
+                slots: vec![None; table_len(capacity)],
+            }),
             hasher: RandomState::new(),
             overflow_logged: Mutex::new(None),
         })
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The limits counted.
     pub fn limits(&self) -> AddressLimits {
-        self.limits
+        self.lock().limits
+    }
+
+    /// A reload: counts `limits` from now on in a table sized for `capacity`, keeping every
+    /// address's counts (the sessions open across the reload go on counting against the new
+    /// limits, and a bucket keeps its tokens, at most the new burst). When the size changes the
+    /// entries are placed again; one that finds no room in a smaller table is dropped (its
+    /// sessions go uncounted from then on, as a full table's newcomers do), which is logged.
+    pub fn reconfigure(&self, limits: AddressLimits, capacity: usize) {
+        let mut table = self.lock();
+        let before = table.burst();
+        table.limits = limits;
+        let burst = table.burst();
+        if burst < before {
+            for e in table.slots.iter_mut().flatten() {
+                e.tokens = e.tokens.min(burst);
+            }
+        }
+        let len = table_len(capacity);
+        if len == table.slots.len() {
+            return;
+        }
+        let old = std::mem::replace(&mut table.slots, vec![None; len]);
+        let mut dropped = 0usize;
+        for e in old.into_iter().flatten() {
+            // Entries back at nothing (no session, a full bucket) are not worth a place.
+            if e.sessions == 0 && e.tokens >= burst {
+                continue;
+            }
+            match self.candidates(e.key, len).into_iter().find(|&i| table.slots[i].is_none()) {
+                Some(i) => table.slots[i] = Some(e),
+                None => dropped += 1,
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                slots = len,
+                "a reload made a table of counts per client address smaller than its live addresses: \
+                 those dropped go uncounted until their sessions end"
+            );
+        }
+    }
+
+    /// The slot holding `key`'s counters, if any.
+    fn find(&self, slots: &[Option<Entry>], key: IpAddr) -> Option<usize> {
+        self.candidates(key, slots.len())
+            .into_iter()
+            .find(|&i| slots[i].is_some_and(|e| e.key == key))
     }
 
     /// Counts a new session from `ip` now, or says why not.
@@ -124,8 +199,7 @@ impl PerAddress {
     }
 
     fn enter_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<AddressSlot, Refusal> {
-        let limits = self.limits;
-        let counted = self.with_entry(ip, now, |entry, burst| {
+        let counted = self.with_entry(ip, now, |entry, limits, burst| {
             if let Some(max) = limits.max_sessions {
                 if entry.sessions >= max {
                     let (public, what) = match limits.connections {
@@ -155,14 +229,14 @@ impl PerAddress {
             Ok(())
         });
         match counted {
-            Some((index, entered)) => entered.map(|()| AddressSlot {
+            Some((key, entered)) => entered.map(|()| AddressSlot {
                 table: self.clone(),
-                index,
+                key: Some(key),
             }),
             // The table is full of live addresses: admitted uncounted (see `with_entry`).
             None => Ok(AddressSlot {
                 table: self.clone(),
-                index: usize::MAX,
+                key: None,
             }),
         }
     }
@@ -174,20 +248,20 @@ impl PerAddress {
     /// logged as [`PerAddress::enter`]'s overflow is, at most once a minute.
     pub fn enter_within(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<AddressSlot> {
         let now = Instant::now();
-        let Some((index, entered)) = self.in_table(ip, now, |entry, _| (entry.sessions < max).then(|| entry.sessions += 1)) else {
+        let Some((key, entered)) = self.in_table(ip, now, |entry, _, _| (entry.sessions < max).then(|| entry.sessions += 1)) else {
             self.overflowed(now, Overflow::Refused);
             return None;
         };
         entered.map(|()| AddressSlot {
             table: self.clone(),
-            index,
+            key: Some(key),
         })
     }
 
-    /// Whether this table is the size a table made for `capacity` would be ([`PerAddress::new`]
-    /// rounds it): a reload whose sizing changed builds a new one only when this says no.
-    pub fn sized_for(&self, capacity: usize) -> bool {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len() == table_len(capacity)
+    /// The slots of this table (for tests of its sizing).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().slots.len()
     }
 
     /// Takes one attempt from `ip`'s budget of authentication attempts before its credentials
@@ -198,9 +272,9 @@ impl PerAddress {
     /// # Errors
     /// A 429 [`Refusal`] with `Retry-After` when the budget is spent.
     pub fn try_charge(&self, ip: IpAddr) -> Result<(), Refusal> {
-        let rate = self.limits.rate.unwrap_or(1.0);
-        self.with_entry(ip, Instant::now(), |entry, _| {
+        self.with_entry(ip, Instant::now(), |entry, limits, _| {
             if entry.tokens < 1.0 {
+                let rate = limits.rate.unwrap_or(1.0);
                 return Err(Refusal {
                     status: StatusCode::TOO_MANY_REQUESTS,
                     public: "too many failed attempts",
@@ -216,8 +290,7 @@ impl PerAddress {
 
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
     pub fn refund(&self, ip: IpAddr) {
-        let burst = f64::from(self.limits.burst.max(1));
-        self.with_entry(ip, Instant::now(), |entry, _| entry.tokens = (entry.tokens + 1.0).min(burst));
+        self.with_entry(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
     }
 
     /// Whether `ip` may try to authenticate now (its budget is not spent): a look, which takes
@@ -228,11 +301,11 @@ impl PerAddress {
     /// # Errors
     /// A 429 [`Refusal`] with `Retry-After`.
     pub fn may_try(&self, ip: IpAddr) -> Result<(), Refusal> {
-        let tokens = self.tokens_of(ip);
+        let (tokens, rate) = self.tokens_and_rate(ip);
         if tokens >= 1.0 {
             return Ok(());
         }
-        let rate = self.limits.rate.unwrap_or(1.0);
+        let rate = rate.unwrap_or(1.0);
         Err(Refusal {
             status: StatusCode::TOO_MANY_REQUESTS,
             public: "too many failed attempts",
@@ -245,24 +318,26 @@ impl PerAddress {
     /// full bucket for an address the table does not hold), read under one lock and changing
     /// nothing.
     pub fn tokens_of(&self, ip: IpAddr) -> f64 {
+        self.tokens_and_rate(ip).0
+    }
+
+    /// [`PerAddress::tokens_of`], with the rate they refill at.
+    fn tokens_and_rate(&self, ip: IpAddr) -> (f64, Option<f64>) {
         let key = address_key(ip);
-        let burst = f64::from(self.limits.burst.max(1));
         let now = Instant::now();
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let found = self
-            .candidates(key, slots.len())
-            .into_iter()
-            .find_map(|i| slots[i].filter(|e| e.key == key));
-        match (found, self.limits.rate) {
+        let table = self.lock();
+        let (burst, rate) = (table.burst(), table.limits.rate);
+        let tokens = match (self.find(&table.slots, key).and_then(|i| table.slots[i]), rate) {
             (None, _) => burst,
             (Some(e), None) => e.tokens,
             (Some(e), Some(rate)) => (e.tokens + now.saturating_duration_since(e.refilled).as_secs_f64() * rate).min(burst),
-        }
+        };
+        (tokens, rate)
     }
 
     /// Counts a failed attempt from `ip`.
     pub fn failed(&self, ip: IpAddr) {
-        self.with_entry(ip, Instant::now(), |entry, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
+        self.with_entry(ip, Instant::now(), |entry, _, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
     }
 
     /// Runs `f` on the counters of `ip`'s key (see `in_table`). `None` when every slot the key
@@ -270,7 +345,7 @@ impl PerAddress {
     /// for (a flood from a huge address space); the newcomer is then not counted, rather than
     /// counted with a stranger (which would let the flood lock out innocent clients), and the
     /// bridge's own caps (`max_connections`) still hold. Logged, at most once a minute.
-    fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
+    fn with_entry<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, AddressLimits, f64) -> R) -> Option<(IpAddr, R)> {
         let counted = self.in_table(ip, now, f);
         if counted.is_none() {
             self.overflowed(now, Overflow::Uncounted);
@@ -289,16 +364,17 @@ impl PerAddress {
     }
 
     /// Runs `f` on the counters of `ip`'s key (the address; an IPv6 address's /64, since one
-    /// host commonly holds a whole /64), refilled to `now`, and returns the slot's index with
-    /// `f`'s result. `f` also gets the bucket's size. `None` when every slot the key may take
-    /// holds another live key.
-    fn in_table<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, f64) -> R) -> Option<(usize, R)> {
+    /// host commonly holds a whole /64), refilled to `now`, and returns the key with `f`'s
+    /// result. `f` also gets the limits and the bucket's size. `None` when every slot the key may
+    /// take holds another live key.
+    fn in_table<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, AddressLimits, f64) -> R) -> Option<(IpAddr, R)> {
         let key = address_key(ip);
-        let burst = f64::from(self.limits.burst.max(1));
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.lock();
+        let (limits, burst) = (table.limits, table.burst());
+        let slots = &mut table.slots;
         let candidates = self.candidates(key, slots.len());
         let refill = |e: &mut Entry| {
-            if let Some(rate) = self.limits.rate {
+            if let Some(rate) = limits.rate {
                 let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
                 e.tokens = (e.tokens + elapsed * rate).min(burst);
             }
@@ -340,7 +416,7 @@ impl PerAddress {
         };
         let entry = slots[index].as_mut()?;
         refill(entry);
-        Some((index, f(entry, burst)))
+        Some((key, f(entry, limits, burst)))
     }
 
     /// Logs that the table is full, at most once a minute.
@@ -348,7 +424,7 @@ impl PerAddress {
         let mut last = self.overflow_logged.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60)) {
             *last = Some(now);
-            let slots = self.slots.lock().map_or(0, |s| s.len());
+            let slots = self.lock().slots.len();
             match what {
                 Overflow::Uncounted => tracing::warn!(
                     slots,
@@ -367,8 +443,13 @@ impl PerAddress {
     /// Sessions counted for `ip` now (for tests and the admin view).
     pub fn sessions_of(&self, ip: IpAddr) -> u32 {
         let key = address_key(ip);
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.iter().flatten().filter(|e| e.key == key).map(|e| e.sessions).sum()
+        self.lock()
+            .slots
+            .iter()
+            .flatten()
+            .filter(|e| e.key == key)
+            .map(|e| e.sessions)
+            .sum()
     }
 }
 
@@ -467,8 +548,8 @@ mod tests {
             // stranger's count.
             held.push((ip, t.enter(ip).expect("a new address is never refused for another's count")));
         }
-        assert_eq!(t.slots.lock().unwrap().len(), 1024, "the table never grows");
-        let counted: Vec<_> = held.iter().filter(|(_, s)| s.index != usize::MAX).map(|(ip, _)| *ip).collect();
+        assert_eq!(t.len(), 1024, "the table never grows");
+        let counted: Vec<_> = held.iter().filter(|(_, s)| s.key.is_some()).map(|(ip, _)| *ip).collect();
         assert!(counted.len() > 900, "only {} of 1024 slots used", counted.len());
         // A counted address is still held to its cap.
         assert!(t.enter(counted[0]).is_err());
@@ -497,7 +578,7 @@ mod tests {
             }
         }
         assert!(refused > 0, "the table filled up");
-        assert!(held.iter().all(|s| s.index != usize::MAX), "nothing given uncounted");
+        assert!(held.iter().all(|s| s.key.is_some()), "nothing given uncounted");
     }
 
     /// A full table refuses an allowance past a cap (above) and says so, as it does when it lets
@@ -532,7 +613,7 @@ mod tests {
         for _ in 0..100 {
             t.may_try(a).unwrap();
         }
-        assert!(t.slots.lock().unwrap().iter().all(Option::is_none), "looking adds no address");
+        assert!(t.lock().slots.iter().all(Option::is_none), "looking adds no address");
         t.failed(a);
         t.failed(a);
         assert!((t.tokens_of(a) - 1.0).abs() < 1e-3);
@@ -564,11 +645,41 @@ mod tests {
 
     /// A table is rebuilt for another sizing only when the size would differ.
     #[test]
-    fn a_table_knows_the_sizing_it_was_made_for() {
-        let t = PerAddress::new(AddressLimits::default(), 3000);
-        assert!(t.sized_for(3000) && t.sized_for(4096), "both round to 4,096 slots");
-        assert!(!t.sized_for(5000) && !t.sized_for(1000));
-        assert!(PerAddress::new(AddressLimits::default(), 0).sized_for(1024));
+    fn a_reload_keeps_the_counts_under_new_limits_and_sizes() {
+        let limits = |max: u32, rate: f64, burst: u32| AddressLimits {
+            max_sessions: Some(max),
+            rate: Some(rate),
+            burst,
+            connections: false,
+        };
+        let t = PerAddress::new(limits(5, 0.001, 10), 3000);
+        assert_eq!(t.len(), 4096);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| t.enter(ip).unwrap()).collect();
+        // Addresses that came and went are not carried into a new size.
+        for i in 0..100u8 {
+            drop(t.enter(IpAddr::from([198, 51, 100, i])).unwrap());
+        }
+
+        // A lower cap: the three open sessions count against it at once, and a smaller burst
+        // leaves the bucket no more than it holds.
+        t.reconfigure(limits(3, 0.001, 2), 3000);
+        assert_eq!(t.sessions_of(ip), 3);
+        let r = t.enter(ip).unwrap_err();
+        assert!(r.detail.contains("has 3 sessions open (max 3"), "{}", r.detail);
+        t.reconfigure(limits(10, 0.001, 2), 3000);
+        let more: Vec<_> = (0..2).map(|_| t.enter(ip).unwrap()).collect();
+        assert!(t.enter(ip).unwrap_err().detail.contains("over its rate"), "the burst of 2 is spent");
+
+        // Resized both ways, counts and all; a session's place is given back where it moved.
+        for len in [1 << 16, 1024] {
+            t.reconfigure(limits(10, 0.001, 2), len);
+            assert_eq!((t.len(), t.sessions_of(ip)), (len, 5));
+            assert_eq!(t.lock().slots.iter().flatten().count(), 1, "only the live address moved");
+        }
+        drop(held);
+        drop(more);
+        assert_eq!(t.sessions_of(ip), 0);
     }
 
     #[test]

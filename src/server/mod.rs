@@ -1050,20 +1050,18 @@ impl Live {
         );
         // An address with a place past its cap holds at least cap + 1 connections, so at most
         // max_connections / (cap + 1) addresses have one at once: the table is sized for four
-        // times that, as the other tables are for their addresses. Kept across reloads, with its
-        // counts, while that sizing gives it the same size; rebuilt when max_connections or the
-        // cap changed it. A place taken before then is given back to the table it came from (its
-        // slot holds that one), so nothing is miscounted; the new table only starts without
-        // them, and for one handshake deadline at most an address may hold places in both.
+        // times that, as the other tables are for their addresses. Kept across reloads with its
+        // counts, resized when max_connections or the cap changed that sizing.
         let agent_logins = match (config.limits.max_connections_per_ip, config.agents.endpoints.is_empty()) {
             (Some(cap), false) => {
                 let sizing = capacity / cap.saturating_add(1);
-                Some(
-                    previous
-                        .and_then(|p| p.agent_logins.clone())
-                        .filter(|t| t.sized_for(sizing))
-                        .unwrap_or_else(|| PerAddress::new(AddressLimits::default(), sizing)),
-                )
+                Some(match previous.and_then(|p| p.agent_logins.clone()) {
+                    Some(table) => {
+                        table.reconfigure(AddressLimits::default(), sizing);
+                        table
+                    }
+                    None => PerAddress::new(AddressLimits::default(), sizing),
+                })
             }
             _ => None,
         };
@@ -1208,9 +1206,9 @@ mod tests {
         );
     }
 
-    /// The table of places past `max_connections_per_ip` for agents' logins is kept across a
-    /// reload that leaves its size alone, with its counts, and made anew for one that changes
-    /// it (`max_connections` or the cap); a place from the old table goes back to the old one.
+    /// The table of places past `max_connections_per_ip` for agents' logins is kept across
+    /// reloads with its counts, resized by one that changes its sizing (`max_connections` or the
+    /// cap); a place taken before is given back to it.
     #[test]
     fn the_places_for_agents_logins_are_resized_by_a_reload_that_changes_their_sizing() {
         let slots = |live: &Live| live.agent_logins.as_ref().unwrap().clone();
@@ -1219,16 +1217,19 @@ mod tests {
         let first = Live::from_config(&capped(10_000, 3), None).unwrap();
         let held = slots(&first).enter_within(ip, 4).unwrap();
         let same = Live::from_config(&capped(10_001, 3), Some(&first)).unwrap();
-        assert!(Arc::ptr_eq(&slots(&first), &slots(&same)), "the same size: kept");
+        assert_eq!(slots(&same).len(), 16_384);
         assert_eq!(slots(&same).sessions_of(ip), 1, "with its counts");
-        for (changed, why) in [(capped(20_000, 3), "max_connections"), (capped(10_000, 1), "the cap")] {
+        for (changed, len, why) in [
+            (capped(20_000, 3), 32_768, "max_connections"),
+            (capped(10_000, 1), 32_768, "the cap"),
+        ] {
             let other = Live::from_config(&changed, Some(&same)).unwrap();
-            assert!(!Arc::ptr_eq(&slots(&same), &slots(&other)), "{why} changed its size: made anew");
-            assert!(slots(&other).sized_for(changed.limits.max_connections * 4 / (changed.limits.max_connections_per_ip.unwrap() + 1)));
-            assert_eq!(slots(&other).sessions_of(ip), 0);
+            assert!(Arc::ptr_eq(&slots(&same), &slots(&other)), "{why}: the same table");
+            assert_eq!(slots(&other).len(), len, "{why} changed its size");
+            assert_eq!(slots(&other).sessions_of(ip), 1, "{why}: the counts go on");
         }
         drop(held);
-        assert_eq!(slots(&first).sessions_of(ip), 0, "given back where it was taken");
+        assert_eq!(slots(&first).sessions_of(ip), 0, "given back");
     }
 
     /// A connection's task is allocated for every connection and lives as long as the session:

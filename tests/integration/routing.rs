@@ -225,6 +225,50 @@ async fn caps_count_live_sessions_across_a_reload() {
     assert!(body_of(&r).contains("too many connections"), "{r}");
 }
 
+/// A reload that changes the caps per client address (and the size of their tables, with
+/// `max_connections`) counts the sessions open across it against the new caps: lowered to what
+/// is open, they refuse the next one at once.
+#[tokio::test]
+async fn caps_per_address_count_live_sessions_across_a_reload_that_changes_them() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.policy.per_ip.max_sessions = Some(3);
+    config.limits.max_connections_per_ip = Some(5);
+    let bridge = TestBridge::start(config).await;
+    let mut open = Vec::new();
+    for i in 0..2u8 {
+        let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+        send_bin(&mut ws, &[i]).await;
+        assert_eq!(recv_data(&mut ws).await, [i]);
+        open.push(ws);
+    }
+    let refused = |why: &'static str| async move {
+        let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+        assert_eq!(status_of(&r), 429, "{r}");
+        assert!(body_of(&r).contains(why), "{r}");
+    };
+
+    let mut config = bridge.config.clone();
+    config.routes[0].options.policy.per_ip.max_sessions = Some(2);
+    config.limits.max_connections *= 4;
+    bridge.bridge.reload(&config).unwrap();
+    refused("too many sessions from your address").await;
+
+    config.routes[0].options.policy.per_ip.max_sessions = Some(10);
+    config.limits.max_connections_per_ip = Some(2);
+    config.limits.max_connections /= 8;
+    bridge.bridge.reload(&config).unwrap();
+    refused("too many connections from your address").await;
+
+    for (i, ws) in open.iter_mut().enumerate() {
+        send_bin(ws, b"still here").await;
+        assert_eq!(recv_data(ws).await, b"still here", "session {i}");
+    }
+    // Given back to the tables they moved to: a third fits again once one ends.
+    drop(open.pop());
+    until_upgraded(bridge.addr, "/", "a place back").await;
+}
+
 /// `first` (still open) keeps the route's only slot: another upgrade gets 503.
 async fn second_session_refused_behind(bridge: &TestBridge, mut first: Ws) -> Ws {
     let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
