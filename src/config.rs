@@ -1619,6 +1619,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .and_then(at_most_a_year)
 }
 
+/// A duration as a TOML value, for files read as [`toml::Value`]s (the agent's): a number of
+/// seconds, or a string as [`parse_duration`] reads it (`"off"`, where it is allowed, is the
+/// caller's to take first).
+///
+/// # Errors
+/// Not a duration, negative, or more than a year.
+pub fn duration_of(v: &toml::Value) -> Result<Duration, String> {
+    match v {
+        toml::Value::Integer(n) => u64::try_from(*n)
+            .map_err(|_| format!("{n} is negative"))
+            .map(Duration::from_secs)
+            .and_then(at_most_a_year),
+        toml::Value::Float(f) => Duration::try_from_secs_f64(*f)
+            .map_err(|_| format!("{f} is not a number of seconds"))
+            .and_then(at_most_a_year),
+        toml::Value::String(s) => parse_duration(s),
+        other => Err(format!(
+            "expected a duration such as \"10s\", \"500ms\", \"5m\" or a number of seconds, found {}",
+            other.type_str()
+        )),
+    }
+}
+
 /// The longest duration accepted: deadlines are added to the clock, and nothing a session does
 /// needs more (a deadline that may be off takes "off").
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);

@@ -415,11 +415,11 @@ struct RawAgent {
     proxy: Option<toml::Spanned<String>>,
     #[serde(default)]
     insecure_skip_verify: bool,
-    connect_timeout: Option<toml::Spanned<String>>,
-    ping_interval: Option<toml::Spanned<String>>,
-    pong_timeout: Option<toml::Spanned<String>>,
-    retry_max: Option<toml::Spanned<String>>,
-    balancer_check: Option<toml::Spanned<String>>,
+    connect_timeout: Option<toml::Spanned<toml::Value>>,
+    ping_interval: Option<toml::Spanned<toml::Value>>,
+    pong_timeout: Option<toml::Spanned<toml::Value>>,
+    retry_max: Option<toml::Spanned<toml::Value>>,
+    balancer_check: Option<toml::Spanned<toml::Value>>,
 }
 
 /// `server = "URL"` or `server = ["URL", …]`, each element with its place in the file (so an
@@ -548,13 +548,14 @@ impl AgentConfig {
         if services.is_empty() {
             return Err(ctx.invalid(span, "agent.services", "list at least one service (NAME = \"HOST:PORT\")"));
         }
-        let dur = |d: &Option<toml::Spanned<String>>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
+        let dur = |d: &Option<toml::Spanned<toml::Value>>, field: &str, default: Duration| -> Result<Duration, ConfigError> {
             match d {
                 None => Ok(default),
-                Some(s) => parse_duration(s.get_ref())
-                    .ok()
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| ctx.invalid(s.span(), field, "a duration such as \"10s\" (not 0)")),
+                Some(s) => match crate::config::duration_of(s.get_ref()) {
+                    Ok(d) if !d.is_zero() => Ok(d),
+                    Ok(_) => Err(ctx.invalid(s.span(), field, "must be greater than zero")),
+                    Err(e) => Err(ctx.invalid(s.span(), field, e)),
+                },
             }
         };
         let defaults = AgentConfig::new(servers[0].clone(), String::new(), String::new());
@@ -579,7 +580,13 @@ impl AgentConfig {
         backoff.max = dur(&a.retry_max, "agent.retry_max", backoff.max)?;
         let balancer_check = match &a.balancer_check {
             None => default_balancer_check(1 + servers.len()),
-            Some(s) => parse_balancer_check(s.get_ref()).map_err(|e| ctx.invalid(s.span(), "agent.balancer_check", e))?,
+            Some(s) => match s.get_ref() {
+                toml::Value::String(text) => parse_balancer_check(text),
+                number => crate::config::duration_of(number)
+                    .map_err(|e| format!("{e}; a duration of 1s or more, such as \"30s\", or \"off\""))
+                    .and_then(|d| at_least_a_second(d, &number.to_string())),
+            }
+            .map_err(|e| ctx.invalid(s.span(), "agent.balancer_check", e))?,
         };
         Ok(AgentConfig {
             server,
@@ -768,9 +775,16 @@ fn parse_balancer_check(s: &str) -> Result<Option<Duration>, String> {
         return Ok(None);
     }
     match parse_duration(s) {
-        Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
-        Ok(_) => Err(format!("{s:?} is under the least, 1s (or \"off\")")),
+        Ok(d) => at_least_a_second(d, &format!("{s:?}")),
         Err(e) => Err(format!("{s:?}: {e}; a duration of 1s or more, such as \"30s\", or \"off\"")),
+    }
+}
+
+/// `balancer_check`'s least: `written` is the value as the file or flag wrote it.
+fn at_least_a_second(d: Duration, written: &str) -> Result<Option<Duration>, String> {
+    match d >= Duration::from_secs(1) {
+        true => Ok(Some(d)),
+        false => Err(format!("{written} is under the least, 1s (or \"off\")")),
     }
 }
 
@@ -2601,7 +2615,9 @@ mod tests {
             Some(Duration::from_secs(120))
         );
         assert_eq!(with("balancer_check = \"off\"").unwrap().balancer_check, None);
-        for wrong in ["\"0s\"", "\"500ms\"", "\"often\""] {
+        // A number is seconds, as in the server's file.
+        assert_eq!(with("balancer_check = 45").unwrap().balancer_check, Some(Duration::from_secs(45)));
+        for wrong in ["\"0s\"", "\"500ms\"", "\"often\"", "0.5", "-3", "true"] {
             let e = with(&format!("balancer_check = {wrong}")).unwrap_err().to_string();
             assert!(
                 e.contains("agent.toml:5: agent.balancer_check: ") && e.contains("\"off\""),
