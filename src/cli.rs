@@ -48,9 +48,12 @@ pub enum Command {
     /// Validate a configuration and print the effective settings and route table (as the file
     /// writes them; tokens as a keyed hash), without binding anything.
     Check {
-        /// The TOML file.
-        #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
+        /// The TOML file (a server's, or an agent's `[agent]` table).
+        #[arg(long, short = 'c', value_name = "FILE", required_unless_present = "file")]
+        config: Option<PathBuf>,
+        /// The file, without `--config`.
+        #[arg(value_name = "FILE", conflicts_with = "config")]
+        file: Option<PathBuf>,
     },
     /// Run a demo: a chat-room TCP backend, wsbridge in front of it, and a web page to chat from.
     Demo {

@@ -47,7 +47,11 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Some(Command::Check { config }) => runtime.block_on(check(&config)),
+        Some(Command::Check { config, file }) => match config.or(file) {
+            Some(path) => runtime.block_on(check(&path)),
+            // clap requires one of them.
+            None => ExitCode::from(64),
+        },
         Some(Command::Completions { shell }) => print_bytes(&wsbridge::cli::completions(shell)),
         Some(Command::Man) => match wsbridge::cli::man_page() {
             Ok(page) => print_bytes(&page),

@@ -70,6 +70,22 @@ async fn websockify_zeros_mean_off_and_the_bridge_serves() {
     within("exit after kill", child.wait()).await.unwrap();
 }
 
+/// `wsbridge check FILE` is `wsbridge check --config FILE`; both at once, or neither, is a usage
+/// error (64) that says so.
+#[tokio::test]
+async fn check_takes_the_file_with_or_without_config() {
+    let minimal = example("minimal.toml");
+    let with_flag = run_to_end(&["check", "--config", &minimal]).await;
+    assert_eq!(with_flag.0, 0, "{}", with_flag.2);
+    assert_eq!(run_to_end(&["check", &minimal]).await, with_flag);
+    let (code, _, err) = run_to_end(&["check"]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("--config <FILE>"), "{err}");
+    let (code, _, err) = run_to_end(&["check", "--config", &minimal, &example("full.toml")]).await;
+    assert_eq!(code, 64);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
 #[tokio::test]
 async fn check_prints_the_configurations_words_and_tells_tokens_apart() {
     let full = example("full.toml");
