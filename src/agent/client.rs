@@ -141,6 +141,9 @@ pub struct AgentConfig {
     /// brought an instance back sends pages there. `None`: never. At most 5 s apart for 2
     /// minutes after a move the server asked for that landed on another instance.
     pub balancer_check: Option<Duration>,
+    /// Those quicker looks' interval: 5 s. Not a setting (no flag, no key in a file): tests
+    /// shorten it, as they cannot wait 5 s a look.
+    pub fast_check: Duration,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -605,6 +608,7 @@ impl AgentConfig {
             backoff,
             shutdown_grace: defaults.shutdown_grace,
             balancer_check,
+            fast_check: FAST_CHECK,
         })
     }
 
@@ -627,6 +631,7 @@ impl AgentConfig {
             backoff: Backoff::default(),
             shutdown_grace: Duration::from_secs(10),
             balancer_check: Some(Duration::from_secs(30)),
+            fast_check: FAST_CHECK,
         }
     }
 
@@ -1196,7 +1201,8 @@ impl std::fmt::Display for Move {
 }
 
 /// After a connection left an instance (moved, drained, lost), the next one, if it is on
-/// another instance, looks where its URL leads at most this far apart ([`FAST_CHECKS`])...
+/// another instance, looks where its URL leads at most this far apart ([`FAST_CHECKS`];
+/// [`AgentConfig::fast_check`])...
 const FAST_CHECK: Duration = Duration::from_secs(5);
 /// ...for this long, then further apart, to [`AgentConfig::balancer_check`] at this many times
 /// the time since it left: the instance left is likely restarting (a deploy, a reboot), and the
@@ -1527,10 +1533,11 @@ async fn control(
         _ => last.fast_since,
     };
     // A server that names no instance cannot say where its URL leads.
-    let checks = config
-        .balancer_check
-        .filter(|_| instance.is_some())
-        .map(|every| Checks { every, fast_since });
+    let checks = config.balancer_check.filter(|_| instance.is_some()).map(|every| Checks {
+        every,
+        fast: config.fast_check,
+        fast_since,
+    });
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
         services: config.services.keys().cloned().collect(),
@@ -1621,6 +1628,8 @@ enum Served {
 /// When a control link looks where its server's URL leads a new connection.
 struct Checks {
     every: Duration,
+    /// [`AgentConfig::fast_check`]: [`FAST_CHECK`] but in tests.
+    fast: Duration,
     /// When the loop's previous link left another instance: looks are closer together for a
     /// while after ([`FAST_CHECKS`]).
     fast_since: Option<Instant>,
@@ -1633,17 +1642,17 @@ impl Checks {
     }
 
     /// The interval at `now` before its spread (agents that moved in one instant do not look in
-    /// step): [`FAST_CHECK`] for [`FAST_CHECKS`]' time after `fast_since`, then growing with the
-    /// time since, up to `every`. Never under 100 ms, whatever it is given.
+    /// step): `fast` ([`FAST_CHECK`]) for [`FAST_CHECKS`]' time after `fast_since`, then growing
+    /// with the time since, up to `every`. Never under 100 ms, whatever it is given.
     fn interval(&self, now: Instant) -> Duration {
         let every = match self.fast_since {
             Some(t) => {
                 let (window, slope) = FAST_CHECKS;
                 let since = now.saturating_duration_since(t);
                 let grown = if since < window {
-                    FAST_CHECK
+                    self.fast
                 } else {
-                    (since / slope).max(FAST_CHECK)
+                    (since / slope).max(self.fast)
                 };
                 self.every.min(grown)
             }
@@ -2553,7 +2562,11 @@ mod tests {
     fn looks_come_closer_after_leaving_an_instance_and_space_out_again() {
         let now = Instant::now();
         let every = Duration::from_secs(30);
-        let checks = |fast_since: Option<Instant>, every: Duration| Checks { every, fast_since };
+        let checks = |fast_since: Option<Instant>, every: Duration| Checks {
+            every,
+            fast: FAST_CHECK,
+            fast_since,
+        };
         assert_eq!(checks(None, every).interval(now), every);
         let left = checks(Some(now), every);
         let at = |secs: u64| left.interval(now + Duration::from_secs(secs));

@@ -1846,6 +1846,120 @@ async fn an_agent_behind_a_balancer_that_spreads_connections_does_not_hop() {
     assert!(b.bridge.agents().idle_links("shop-17").is_none());
 }
 
+/// A balancer whose new connections keep changing instance (two instances failing their health
+/// checks in turn, say) would have an agent hop after it for ever, each move a new login and a
+/// new pool: after more than three follows within two minutes its looks are no longer quick.
+/// Here quick looks are 100 ms apart and the ordinary ones 3 s: after an operator's move (quick
+/// looks from then on) the agent follows four times, each within a quick look of the balancer's
+/// change, and the fifth time only at an ordinary look, at least 2.25 s after it landed; every
+/// page opened on the way goes on meanwhile.
+#[tokio::test]
+async fn an_agent_whose_balancer_keeps_changing_instance_looks_quickly_no_more() {
+    /// Opens a page on `on` (the agent is on it) and waits until the agent's pool there is whole
+    /// again: the link that replaces the page's is dialled before the balancer changes (after,
+    /// it would reach the other instance: a 421, and a connection that no longer follows).
+    async fn open_page(on: &TestBridge, pages: &mut Vec<Ws>) {
+        let (mut page, _) = ws_connect(&on.url("/pos"), None).await;
+        send_bin(&mut page, b"hello").await;
+        assert_eq!(recv_data(&mut page).await, b"hello");
+        idle_links(on, "shop-17", 4).await;
+        pages.push(page);
+    }
+    /// Every page opened so far still crosses the agent.
+    async fn all_echo(pages: &mut [Ws], what: &[u8]) {
+        for page in pages {
+            send_bin(page, what).await;
+            assert_eq!(recv_data(page).await, what);
+        }
+    }
+    /// Waits until the agent is on `to` (its pool full there) and has let `from` go.
+    async fn on(to: &TestBridge, from: &TestBridge) {
+        idle_links(to, "shop-17", 4).await;
+        within("the agent to let the other instance go", async {
+            while from.bridge.agents().idle_links("shop-17").is_some() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+    }
+
+    let (echo, _) = echo_backend().await;
+    let a = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let b = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let (admin_a, _guard) = start_admin(&a, Some("t")).await;
+    let balancer = network_to(a.addr).await;
+    let mut config = agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    let every = Duration::from_secs(3);
+    config.balancer_check = Some(every);
+    config.fast_check = Duration::from_millis(100);
+    let mut agent = start_agent(config).await;
+    idle_links(&a, "shop-17", 4).await;
+    let mut pages = Vec::new();
+    open_page(&a, &mut pages).await;
+
+    // The operator moves the agent to b (a move the server asked for: quick looks after it,
+    // and not a follow). Its first connection's ordinary looks are 2.25 s away at the soonest.
+    balancer.send_to(b.addr);
+    let (status, body) = admin(admin_a, "POST", "/agents/move", Some("t")).await;
+    assert_eq!((status, body.trim()), (200, r#"{"asked":1}"#));
+    on(&b, &a).await;
+    assert_eq!(agent.attempts.load(Ordering::SeqCst), 2);
+    open_page(&b, &mut pages).await;
+
+    // Four follows, each at a quick look.
+    let mut fourth = Instant::now();
+    for follow in 1..=4u64 {
+        let (to, from) = match follow % 2 {
+            1 => (&a, &b),
+            _ => (&b, &a),
+        };
+        // The connection looks quickly: two looks (finding where it is: nothing changes) well
+        // within an ordinary one's time (at least 4.5 s for two).
+        let (before, since) = (agent.looks.load(Ordering::SeqCst), Instant::now());
+        looks(&agent, before + 2).await;
+        assert!(
+            since.elapsed() < every * 3 / 4,
+            "before follow {follow}: two looks took {:?}, not quick ones",
+            since.elapsed()
+        );
+        // The balancer changes: the next quick look follows it.
+        balancer.send_to(to.addr);
+        let changed = Instant::now();
+        fourth = changed;
+        on(to, from).await;
+        assert!(
+            changed.elapsed() < every * 3 / 4,
+            "follow {follow} after {:?}: not at a quick look",
+            changed.elapsed()
+        );
+        assert_eq!(agent.attempts.load(Ordering::SeqCst), 2 + follow, "one attempt per follow");
+        all_echo(&mut pages, format!("after follow {follow}").as_bytes()).await;
+        open_page(to, &mut pages).await;
+    }
+
+    // Damped: the fifth follow waits for the connection's first ordinary look, 0.75 to 1.25 x
+    // `every` after it landed (after `fourth`), and that one look is all it made.
+    let looked = agent.looks.load(Ordering::SeqCst);
+    balancer.send_to(a.addr);
+    let changed = Instant::now();
+    on(&a, &b).await;
+    assert!(
+        fourth.elapsed() >= every * 3 / 4,
+        "the fifth follow came {:?} after the fourth began: looks were still quick",
+        fourth.elapsed()
+    );
+    assert!(
+        changed.elapsed() < every * 5 / 4 + Duration::from_secs(3),
+        "the fifth follow came {:?} after the balancer changed",
+        changed.elapsed()
+    );
+    assert_eq!(agent.looks.load(Ordering::SeqCst) - looked, 1, "one look, the ordinary one");
+    assert_eq!(agent.attempts.load(Ordering::SeqCst), 7);
+    connected(&mut agent).await;
+    all_echo(&mut pages, b"after the fifth follow").await;
+    open_page(&a, &mut pages).await;
+}
+
 /// A control link as an agent of hello version 2 (before `move`) opens it, by hand: logged in
 /// as shop-17 with [`SECRET`], its hello sent, the server's first `want` read.
 async fn older_control_link(server: SocketAddr) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
