@@ -1762,6 +1762,7 @@ async fn quick_looks_go_on_when_the_agent_lands_on_the_same_instance_again() {
     let balancer = network_to(a.addr).await;
     let mut config = agent_config(balancer.addr, "shop-17", SECRET, &[("pos", tcp(echo))]);
     config.balancer_check = Some(Duration::from_secs(600));
+    config.fast_check = Duration::from_millis(500);
     let mut agent = start_agent(config).await;
     idle_links(&a, "shop-17", 4).await;
     let (admin_a, _guard_a) = start_admin(&a, Some("t")).await;
@@ -1782,12 +1783,13 @@ async fn quick_looks_go_on_when_the_agent_lands_on_the_same_instance_again() {
     connected(&mut agent).await;
     idle_links(&b, "shop-17", 4).await;
 
-    // a is back: a quick look (at most 6.25 s away) finds it.
+    // a is back: a quick look (at most 625 ms away, the 500 ms spread by a quarter) finds it,
+    // not an ordinary one (600 s).
     balancer.send_to(a.addr);
     let back = Instant::now();
     idle_links(&a, "shop-17", 4).await;
     assert!(
-        back.elapsed() < Duration::from_millis(6250) + Duration::from_secs(3),
+        back.elapsed() < Duration::from_millis(625) + Duration::from_secs(3),
         "{:?}",
         back.elapsed()
     );
