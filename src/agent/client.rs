@@ -2299,6 +2299,7 @@ async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &Age
     debug!(%service, "agent: session open");
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
+    let app_write = AppWriter::new(app_write, config.ping_interval + config.pong_timeout);
     let (link_read, link_write) = io.split();
     let (mut from_server, mut to_server) = (Dechunker::default(), Chunker::new());
     let ended = if chunked {
@@ -2488,6 +2489,94 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, 
                 }
             }
         }
+    }
+}
+
+/// The app's side of a session, as the agent writes the browser's bytes to it: a write that the
+/// app has taken nothing of for `stall` fails ("the app took none of the browser's bytes for
+/// 40s"), and the session ends. Without it, a session whose app stopped reading would never end
+/// on the agent: the link is then not read (its bytes wait for the app), so the agent would not
+/// see the server give the session up when the page leaves, and the session's task, the app's
+/// connection, the link and its place under the service's `max_sessions` would be held until the
+/// app read again or closed. `stall` is the control link's ping interval plus its pong deadline:
+/// a server with the same (default) settings has itself ended such a session by then, since it
+/// reads nothing more from a page whose bytes the agent does not take, its pongs included.
+struct AppWriter<W> {
+    io: W,
+    stall: Duration,
+    /// Armed when a write finds the app not reading; disarmed by any write it takes.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl<W> AppWriter<W> {
+    fn new(io: W, stall: Duration) -> Self {
+        AppWriter {
+            io,
+            stall,
+            deadline: None,
+            armed: false,
+        }
+    }
+
+    /// A write's outcome, with the stall deadline kept: `Pending` arms it (once), past it the
+    /// write fails; anything else disarms it.
+    fn watch<T>(
+        &mut self,
+        polled: std::task::Poll<std::io::Result<T>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if !polled.is_pending() {
+            self.armed = false;
+            return polled;
+        }
+        let at = tokio::time::Instant::now() + self.stall;
+        let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if !self.armed {
+            deadline.as_mut().reset(at);
+            self.armed = true;
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the app took none of the browser's bytes for {:?}", self.stall),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AppWriter<W> {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(polled, cx)
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

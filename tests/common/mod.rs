@@ -126,6 +126,11 @@ impl Progress {
         *self.0.lock().unwrap() = std::time::Instant::now();
     }
 
+    /// When the writer last made progress.
+    pub fn last(&self) -> std::time::Instant {
+        *self.0.lock().unwrap()
+    }
+
     /// Waits until the writer (`task`) has made no progress for `stall`: what it writes to is held
     /// up. Fails the test if the task ends first (nothing held it up, or its writes failed), or
     /// after [`WAIT`].

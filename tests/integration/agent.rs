@@ -294,6 +294,74 @@ async fn a_stalled_session_does_not_stall_the_others_on_the_same_agent() {
     uploader.abort();
 }
 
+/// An app that stops reading: its session ends on the agent once the app has taken none of the
+/// browser's bytes for the control link's ping interval plus pong deadline (here 0.3 + 0.3 s),
+/// after the page has left too (its link is not read then, so the agent would never see the
+/// server give it up), and the service's place comes back. Before, it was held until the app
+/// read or closed.
+#[tokio::test]
+async fn a_session_whose_app_stops_reading_ends_on_the_agent_and_gives_its_place_back() {
+    let (stuck, mut stuck_apps) = manual_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "till")])).await;
+    let mut c = agent_config(bridge.addr, "shop-17", SECRET, &[("till", tcp(stuck))]);
+    c.max_sessions.insert("till".into(), 1);
+    c.ping_interval = Duration::from_millis(300);
+    c.pong_timeout = Duration::from_millis(300);
+    let stall = c.ping_interval + c.pong_timeout;
+    let _agent = start_agent(c).await;
+
+    let (page, _) = ws_connect(&bridge.url("/till"), None).await;
+    let mut app = within("the app's connection", stuck_apps.recv()).await.unwrap();
+    let opened = std::time::Instant::now();
+    let progress = Progress::default();
+    let p = progress.clone();
+    let mut uploader = tokio::spawn(async move {
+        let mut page = page;
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            if page.send(Message::binary(chunk.clone())).await.is_err() {
+                return;
+            }
+            p.mark();
+        }
+    });
+    progress.held_up_for(Duration::from_millis(200), &mut uploader).await;
+    // The page leaves (its tab closed) while its bytes wait for the app.
+    uploader.abort();
+    let _ = uploader.await;
+
+    // The place comes back when the agent ends the session; the app reads nothing meanwhile
+    // (reading would let the agent on to the link's end). Pages are refused until then.
+    let (admitted, mut next_app) = within("a session once the stuck one has ended", async {
+        loop {
+            let mut s = raw_ws(bridge.addr, "/till").await;
+            tokio::select! {
+                (code, reason) = raw_read_close(&mut s) => {
+                    assert_eq!((code, reason.as_str()), (1014, "till: busy, at most 1 session at a time"));
+                }
+                app = stuck_apps.recv() => break (std::time::Instant::now(), app.unwrap()),
+            }
+        }
+    })
+    .await;
+    // The app never read: the stall began when its buffers filled, after the session opened,
+    // and at the latest when the page's uploads were held up.
+    assert!(
+        admitted - opened + EARLY >= stall,
+        "let in {:?} after the stuck session opened, before its stall deadline",
+        admitted - opened
+    );
+    let held = progress.last();
+    assert!(
+        admitted < held + stall + LATE,
+        "let in {:?} after the page was held up",
+        admitted - held
+    );
+    // The stuck session's app connection was closed: it finds the end after what it was sent.
+    closed_by_peer(&mut app).await;
+    next_app.write_all(b"hello").await.unwrap();
+}
+
 /// A TCP relay standing for the network between agent and server: `cut` stops every byte both
 /// ways on the connections it carries, without closing anything, as a dropped network or a dead
 /// NAT mapping does; connections made after the cut pass (the network is back). It also stands
