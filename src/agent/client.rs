@@ -1166,6 +1166,11 @@ enum Ended {
     Failed {
         reason: String,
         was_connected: bool,
+        /// Connected for at least the ping interval: the backoff starts again from its first
+        /// step. A connection lost sooner (a server that crashes once it has let agents in, a
+        /// middlebox that cuts upgraded connections) counts as one more failure, so such a loop
+        /// backs off as any other does.
+        stable: bool,
         /// The server's `Retry-After` (429, 503): the next attempt waits at least this long.
         retry_after: Option<Duration>,
         /// The server answered (an HTTP status): the route to it works, whatever failed.
@@ -1244,6 +1249,9 @@ async fn run(
 ) {
     let sessions = TaskTracker::new();
     let mut failures = 0u32;
+    // Connections in a row that were lost before they were stable ([`Ended::Failed`]'s
+    // `stable`): where the backoff starts again after the next.
+    let mut short = 0u32;
     let set = |s: State| {
         state.send_if_modified(|old| {
             let changed = *old != s;
@@ -1321,6 +1329,7 @@ async fn run(
                 }
                 set(State::Moving { reason });
                 failures = 0;
+                short = 0;
                 last_failure = None;
                 if !asked {
                     // At once: its check found where to go.
@@ -1339,6 +1348,7 @@ async fn run(
             }
             Ended::Drain => {
                 failures = 0;
+                short = 0;
                 last_failure = None;
                 drained = Some(Instant::now());
                 told = true;
@@ -1348,11 +1358,15 @@ async fn run(
             Ended::Failed {
                 reason,
                 was_connected,
+                stable,
                 retry_after: server_says,
                 answered,
             } => {
                 if was_connected {
-                    failures = 0;
+                    // The backoff starts again after a connection, from as many steps as there
+                    // were short ones in a row before it (none, after one that lasted).
+                    failures = if stable { 0 } else { short };
+                    short = if stable { 0 } else { short.saturating_add(1) };
                     last_failure = None;
                 }
                 if reason.contains(link::DRAINING) {
@@ -1494,6 +1508,7 @@ async fn control(
     let failed = |reason: String| Ended::Failed {
         reason,
         was_connected: false,
+        stable: false,
         retry_after: None,
         answered: false,
     };
@@ -1574,6 +1589,7 @@ async fn control(
         tick: tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval),
         pong_due: None,
         connected: false,
+        since: None,
     };
     // Servers from before instance ids name none.
     let link_instance = link.links.instance.clone();
@@ -1616,6 +1632,8 @@ struct ControlLink {
     pong_due: Option<Instant>,
     /// Its first `want` came: the server took it.
     connected: bool,
+    /// When that was.
+    since: Option<Instant>,
 }
 
 /// How [`ControlLink::serve`] stopped.
@@ -1711,10 +1729,12 @@ impl ControlLink {
                 }
             };
             let connected = self.connected;
+            let stable = self.since.is_some_and(|t| t.elapsed() >= config.ping_interval);
             let lost = |reason: String| {
                 Served::Ended(Ended::Failed {
                     reason,
                     was_connected: connected,
+                    stable,
                     retry_after: None,
                     answered: false,
                 })
@@ -1746,6 +1766,7 @@ impl ControlLink {
                             Ok(ControlMessage::Want { links }) => {
                                 if !self.connected {
                                     self.connected = true;
+                                    self.since = Some(Instant::now());
                                     on_connected();
                                     check_at = self.checks.as_ref().filter(|_| looks).map(Checks::next);
                                 }
@@ -2011,6 +2032,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
     let failed = |reason: String| Ended::Failed {
         reason,
         was_connected: false,
+        stable: false,
         retry_after: None,
         answered: false,
     };
@@ -2046,6 +2068,7 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
             let failed = |reason: String| Ended::Failed {
                 reason,
                 was_connected: false,
+                stable: false,
                 retry_after,
                 answered: true,
             };

@@ -2346,6 +2346,48 @@ async fn an_app_that_goes_on_sending_after_the_browser_left_loses_its_link() {
     assert!(!recv_data(&mut ws).await.is_empty(), "the next session carries the app's bytes");
 }
 
+/// A server that lets the agent in (its hello answered with `want`) and drops the connection at
+/// once, again and again (it crashes as agents arrive, or a middlebox cuts upgraded
+/// connections): the agent backs off as after any other failure, instead of starting again
+/// from the first step each time because it was connected.
+#[tokio::test]
+async fn an_agent_backs_off_from_a_server_that_drops_it_as_soon_as_it_is_in() {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let (echo, _) = echo_backend().await;
+    let mut config = agent_config(server, "shop-17", SECRET, &[("pos", tcp(echo))]);
+    config.backoff.max = Duration::from_millis(3200);
+    let mut agent = client::spawn(config).unwrap();
+    let mut dropped = None;
+    let mut gaps = Vec::new();
+    for _ in 0..5 {
+        let (s, _) = within("the control link", listener.accept()).await.unwrap();
+        if let Some(t) = dropped {
+            gaps.push(Instant::now() - t);
+        }
+        #[allow(clippy::result_large_err)]
+        let answer = |_: &Request, mut response: Response| {
+            response
+                .headers_mut()
+                .insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
+            Ok(response)
+        };
+        let mut control = within("the control handshake", tokio_tungstenite::accept_hdr_async(s, answer))
+            .await
+            .unwrap();
+        within("hello", control.next()).await.unwrap().unwrap();
+        control.send(Message::text(r#"{"type":"want","links":0}"#)).await.unwrap();
+        connected(&mut agent).await;
+        drop(control);
+        dropped = Some(Instant::now());
+    }
+    // Four failures in a row: the fifth attempt waits at least a quarter of 100 ms x 2^3.
+    // Starting again from the first step, each would wait at most 100 ms.
+    assert!(gaps[3] >= Duration::from_millis(200), "the gaps between attempts: {gaps:?}");
+    agent.shutdown.cancel();
+}
+
 /// A new agent on a server from before chunks (its 101 does not answer the offer): the agent
 /// answers a plain `ok`, carries the session's raw bytes, and dials a link in place of the one
 /// it was sent `open` on, as agents did before. The old server is played by this test, by the
