@@ -2083,7 +2083,19 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
                 })
                 .filter(|t| !t.is_empty());
             match status.as_u16() {
-                401 | 403 => Err(Ended::Refused(format!("the server refused this agent's name or secret ({status})"))),
+                401 => Err(Ended::Refused(format!("the server refused this agent's name or secret ({status})"))),
+                // Not the secret: a wsbridge server refuses a request with an `Origin` (a
+                // browser's) this way, which an agent's has only if something between added it;
+                // otherwise a policy (the server's networks, a proxy's). The long backoff all
+                // the same: retrying soon will not change it.
+                403 => Err(Ended::Refused(match text {
+                    Some(t) if t.contains(super::endpoint::NOT_FOR_BROWSERS) => format!(
+                        "the server took this agent's request for a browser's ({status}: {t}): something between the \
+                         agent and the server adds an Origin header"
+                    ),
+                    Some(t) => format!("the server refused this agent ({status}: {t})"),
+                    None => format!("the server refused this agent ({status})"),
+                })),
                 // Not necessarily this agent's doing (another agent behind the same address,
                 // a proxy's): the network backoff, not the refused secret's, but no sooner than
                 // the server's Retry-After.

@@ -2388,6 +2388,52 @@ async fn an_agent_backs_off_from_a_server_that_drops_it_as_soon_as_it_is_in() {
     agent.shutdown.cancel();
 }
 
+/// Something between the agent and the server that adds an `Origin` to its requests (a proxy
+/// configured for browsers): the server refuses them as a browser's (403), and the agent says
+/// that, not that its secret was refused.
+#[tokio::test]
+async fn an_agent_whose_requests_gain_an_origin_on_the_way_says_so() {
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let between = listener.local_addr().unwrap();
+    let server = bridge.addr;
+    tokio::spawn(async move {
+        while let Ok((mut agent, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                while !line.ends_with(b"\r\n") {
+                    line.push(agent.read_u8().await?);
+                }
+                let mut up = TcpStream::connect(server).await?;
+                up.write_all(&line).await?;
+                up.write_all(b"Origin: https://proxy.example\r\n").await?;
+                tokio::io::copy_bidirectional(&mut agent, &mut up).await.map(|_| ())
+            });
+        }
+    });
+    let (echo, _) = echo_backend().await;
+    let mut agent = client::spawn(agent_config(between, "shop-17", SECRET, &[("pos", tcp(echo))])).unwrap();
+    let seen = std::sync::Mutex::new(String::new());
+    within(
+        "the agent's reason",
+        agent.wait_for(|s| match s {
+            State::Retrying { reason, .. } => {
+                *seen.lock().unwrap() = reason.clone();
+                true
+            }
+            _ => false,
+        }),
+    )
+    .await;
+    let reason = seen.into_inner().unwrap();
+    assert!(
+        reason.contains("for a browser's (403 Forbidden: agent endpoint: not for browsers)") && reason.contains("adds an Origin header"),
+        "{reason}"
+    );
+    assert!(!reason.contains("secret"), "{reason}");
+    agent.shutdown.cancel();
+}
+
 /// A new agent on a server from before chunks (its 101 does not answer the offer): the agent
 /// answers a plain `ok`, carries the session's raw bytes, and dials a link in place of the one
 /// it was sent `open` on, as agents did before. The old server is played by this test, by the
