@@ -376,9 +376,13 @@ impl Pool {
         self.idle().len()
     }
 
+    /// The connection is no longer the agent's (replaced, lost, revoked): its idle links close,
+    /// and the sessions waiting for one of its links look again at once (the agent's newer
+    /// connection, or none: offline) rather than wait here for links that go elsewhere.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.idle().clear();
+        self.arrived.notify_waiters();
     }
 }
 
@@ -879,7 +883,16 @@ impl Registry {
                 match self.take(name, service)? {
                     Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
                     Taken::Wait(pool) => {
-                        if timeout_at(end, pool.arrived.notified()).await.is_err() {
+                        // Registered before the look at `closed`: `close` wakes only the
+                        // waiters registered by then, so a close after the look wakes this
+                        // one, and one before it is seen.
+                        let arrived = pool.arrived.notified();
+                        tokio::pin!(arrived);
+                        arrived.as_mut().enable();
+                        if pool.closed.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        if timeout_at(end, arrived).await.is_err() {
                             // Not the app's doing: no link came (the agent's dials failing,
                             // refused at this server's caps, say).
                             return Err(ConnectError::Agent(format!("agent {name}: no data link from the agent in time")));
@@ -1326,5 +1339,66 @@ mod tests {
         assert_eq!(registry.idle_links("shop-17"), Some(2), "the pool's size stays");
         assert_eq!(wants(&mut attached), 0, "a pool at its size asks for nothing at the top-up");
         assert_eq!(take_port(&registry), newest, "the most recently used stays");
+    }
+
+    /// Adds a link whose agent end answers `open pos` with `ok` (a raw link), as an agent does;
+    /// the task gives that end back.
+    fn add_live(registry: &Registry) -> tokio::task::JoinHandle<tokio::net::TcpStream> {
+        use tokio::io::AsyncReadExt;
+        let (server, agent) = link();
+        agent.set_nonblocking(true).unwrap();
+        let mut agent = tokio::net::TcpStream::from_std(agent).unwrap();
+        assert!(registry
+            .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), false, Slot::alone())
+            .is_ok());
+        tokio::spawn(async move {
+            let mut open = [0u8; 9];
+            agent.read_exact(&mut open).await.unwrap();
+            assert_eq!(&open, b"open pos\n");
+            agent.write_all(b"ok\n").await.unwrap();
+            agent
+        })
+    }
+
+    /// A session waiting for a link of a connection that is replaced (the agent connected again,
+    /// or moved and landed here again) takes the newer connection's link as soon as it comes;
+    /// one whose connection is lost is told the agent is offline at once. Neither waits for
+    /// links of a connection that is gone until its deadline.
+    #[tokio::test]
+    async fn a_session_waiting_for_a_link_follows_the_agents_connection() {
+        let registry = shop_17();
+        let attach = || {
+            registry
+                .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+                .unwrap()
+        };
+        let deadline = Duration::from_secs(3);
+        let mut first = attach();
+        let started = Instant::now();
+        let replace = async {
+            // The session asks for a link once it waits for one.
+            assert_eq!(first.control.recv().await, Some(Control::Want(1)));
+            let second = attach();
+            (second, add_live(&registry))
+        };
+        let (opened, (mut second, agent_end)) = tokio::join!(registry.open("shop-17", "pos", deadline), replace);
+        assert!(
+            matches!(opened, Ok(Backend::Agent(_))),
+            "{:?}",
+            opened.map(|_| ()).unwrap_err().to_string()
+        );
+        assert!(started.elapsed() < deadline / 3, "took {:?}", started.elapsed());
+        agent_end.await.unwrap();
+
+        // The newer connection's pool is empty now: a session waits, and the connection is lost.
+        let started = Instant::now();
+        let id = second.id;
+        let lose = async {
+            assert_eq!(second.control.recv().await, Some(Control::Want(1)));
+            registry.detach("shop-17", id, true);
+        };
+        let (opened, ()) = tokio::join!(registry.open("shop-17", "pos", deadline), lose);
+        assert_eq!(opened.map(|_| ()).unwrap_err().to_string(), "agent shop-17 is offline");
+        assert!(started.elapsed() < deadline / 3, "took {:?}", started.elapsed());
     }
 }

@@ -2868,3 +2868,83 @@ async fn the_environments_proxy_is_resolved_for_each_server() {
     // Two URLs, each its own instance: no balancer checks unless asked.
     assert!(text.contains("\nbalancer check off\n"), "{text}");
 }
+
+/// A data link for shop-17 dialled by hand (raw: no chunks offered), its 101 read.
+async fn link_by_hand(server: SocketAddr) -> TcpStream {
+    let request = format!(
+        "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+    );
+    raw_upgrade(server, request.as_bytes()).await.0
+}
+
+/// The next text message on a control link by hand (pings passed over).
+async fn control_message(control: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>) -> String {
+    within("a control message", async {
+        loop {
+            match control.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("on the control link: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// A page waits for a data link while the agent's pool is empty (a burst took every link), and
+/// meanwhile the agent connects again to this instance (its network changed; a move that landed
+/// here again): the page takes the newer connection's first link, well before the connect
+/// deadline, instead of waiting for links of the replaced connection until the deadline.
+#[tokio::test]
+async fn a_page_waiting_for_a_link_takes_the_first_of_the_agents_newer_connection() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.connect = Duration::from_secs(3);
+    let bridge = TestBridge::start(config).await;
+    // By hand: an agent that dialled no link yet.
+    let mut first = older_control_link(bridge.addr).await;
+    let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut page, b"across").await;
+    // Its session waits for a link: it asks for one.
+    let want = control_message(&mut first).await;
+    assert!(want.contains("\"want\""), "{want}");
+    let replaced = Instant::now();
+    let _second = older_control_link(bridge.addr).await;
+    let mut link = link_by_hand(bridge.addr).await;
+    let mut open = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(3), link.read_exact(&mut open))
+        .await
+        .expect("no open on the newer connection's link before the connect deadline")
+        .unwrap();
+    assert_eq!(&open, b"open pos\n");
+    // The agent's part, by hand: the service connected, bytes across both ways.
+    let mut app = TcpStream::connect(echo).await.unwrap();
+    link.write_all(b"ok\n").await.unwrap();
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut link, &mut app).await;
+    });
+    assert_eq!(recv_data(&mut page).await, b"across");
+    let took = replaced.elapsed();
+    assert!(took < Duration::from_secs(1), "the page waited {took:?} after the replacement");
+    drop(page);
+    relay.abort();
+}
+
+/// A page waiting for a data link while the agent's connection is lost reads at once that the
+/// agent is offline, not at the connect deadline.
+#[tokio::test]
+async fn a_page_waiting_for_a_link_hears_at_once_that_the_agent_was_lost() {
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.connect = Duration::from_secs(3);
+    let bridge = TestBridge::start(config).await;
+    let mut control = older_control_link(bridge.addr).await;
+    let mut page = raw_ws(bridge.addr, "/pos").await;
+    let want = control_message(&mut control).await;
+    assert!(want.contains("\"want\""), "{want}");
+    // The connection breaks without a close frame.
+    let lost = Instant::now();
+    drop(control);
+    assert_eq!(raw_read_close(&mut page).await, (1014, "agent shop-17 is offline".into()));
+    let took = lost.elapsed();
+    assert!(took < Duration::from_secs(1), "the page read it {took:?} after the loss");
+}
