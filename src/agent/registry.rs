@@ -860,15 +860,6 @@ impl Registry {
         Ok(Taken::Wait(pool.clone()))
     }
 
-    /// Asks `name` for one more link in place of one found dead (the agent never saw its
-    /// `open`, so it does not replace it).
-    fn replace_dead(&self, name: &str) {
-        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = agents.get(name).filter(|a| a.pool.replacing) {
-            a.pool.ask(1);
-        }
-    }
-
     /// Opens `service` on agent `name` for a session: an idle link, `open`, and its answer,
     /// all within `deadline`.
     ///
@@ -877,8 +868,12 @@ impl Registry {
     pub async fn open(&self, name: &str, service: &str, deadline: Duration) -> Result<Backend, ConnectError> {
         let end = Instant::now() + deadline;
         let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
-        // A link the agent or a NAT closed while idle fails at once: try the next.
-        for _ in 0..8 {
+        // Idle links found closed (by something between that cuts idle connections: a NAT, a
+        // proxy's read timeout): a pool can hold many after a burst, all cut at once.
+        let mut dead = 0usize;
+        // Each turn takes a link out of the pool (bounded: `most_idle`) or waits for one to
+        // arrive; a closed link fails at once, so the deadline is what ends the turns.
+        loop {
             let (mut io, chunks, lost, pool) = loop {
                 match self.take(name, service)? {
                     Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
@@ -894,8 +889,11 @@ impl Registry {
                         }
                         if timeout_at(end, arrived).await.is_err() {
                             // Not the app's doing: no link came (the agent's dials failing,
-                            // refused at this server's caps, say).
-                            return Err(ConnectError::Agent(format!("agent {name}: no data link from the agent in time")));
+                            // refused at this server's caps, say), or none that was alive.
+                            return Err(ConnectError::Agent(match dead {
+                                0 => format!("agent {name}: no data link from the agent in time"),
+                                n => format!("agent {name}: no live data link from the agent in time ({n} found closed)"),
+                            }));
                         }
                     }
                 }
@@ -932,12 +930,16 @@ impl Registry {
                     return Err(ConnectError::Agent(reason));
                 }
                 Ok(Ok(None) | Err(_)) => {
-                    self.replace_dead(name);
-                    continue;
+                    dead += 1;
+                    // One more in place of a raw link found dead: an agent that replaces the
+                    // raw links it is sent `open` on never saw this one's. (A link in chunks
+                    // was asked for by `take` if the pool runs low.)
+                    if pool.replacing && !chunks {
+                        pool.ask(1);
+                    }
                 }
             }
         }
-        Err(ConnectError::Agent(format!("agent {name} is offline")))
     }
 }
 
@@ -1400,5 +1402,54 @@ mod tests {
         let (opened, ()) = tokio::join!(registry.open("shop-17", "pos", deadline), lose);
         assert_eq!(opened.map(|_| ()).unwrap_err().to_string(), "agent shop-17 is offline");
         assert!(started.elapsed() < deadline / 3, "took {:?}", started.elapsed());
+    }
+
+    /// Idle links cut while idle (a NAT, a proxy's read timeout), more of them than any fixed
+    /// number of tries (a pool after a burst holds many), while the agent is connected: the
+    /// session passes over every one, asks for a pool's worth, not one per dead link, and takes
+    /// the first live link that arrives; with none arriving, the reason says what was found.
+    #[tokio::test]
+    async fn idle_links_found_closed_are_passed_over_until_a_live_one_comes() {
+        let registry = shop_17();
+        let mut attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
+        let cut = |n: usize| {
+            let mut ends = Vec::new();
+            for _ in 0..n {
+                add(&registry, true, &mut ends);
+            }
+            // The far ends go: each link reads EOF at its `open`.
+            drop(ends);
+        };
+        cut(10);
+        let deadline = Duration::from_secs(3);
+        let started = Instant::now();
+        let arrives = async {
+            // The pool ran dry: one asked for each link taken below the pool's size.
+            for _ in 0..4 {
+                assert_eq!(attached.control.recv().await, Some(Control::Want(1)));
+            }
+            // Its `open` answered: the agent's end, kept while the session is checked.
+            add_live(&registry).await.unwrap()
+        };
+        let (opened, _agent_end) = tokio::join!(registry.open("shop-17", "pos", deadline), arrives);
+        assert!(
+            matches!(opened, Ok(Backend::Agent(_))),
+            "{:?}",
+            opened.map(|_| ()).unwrap_err().to_string()
+        );
+        assert!(started.elapsed() < deadline / 3, "took {:?}", started.elapsed());
+        assert_eq!(wants(&mut attached), 0, "a pool's worth asked for, no more");
+
+        cut(3);
+        let short = Duration::from_millis(200);
+        let started = Instant::now();
+        let e = registry.open("shop-17", "pos", short).await.map(|_| ()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "agent shop-17: no live data link from the agent in time (3 found closed)"
+        );
+        assert!(started.elapsed() >= short);
     }
 }

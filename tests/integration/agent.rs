@@ -2948,3 +2948,46 @@ async fn a_page_waiting_for_a_link_hears_at_once_that_the_agent_was_lost() {
     let took = lost.elapsed();
     assert!(took < Duration::from_secs(1), "the page read it {took:?} after the loss");
 }
+
+/// Something between the agent and the server (a NAT, a proxy's read timeout) cut the idle data
+/// links, more of them than a burst's worth, while the control link stays: a page passes over
+/// every closed one and takes the next live link the agent dials, instead of reading that a
+/// connected agent is offline.
+#[tokio::test]
+async fn a_page_passes_over_every_idle_link_found_closed() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.connect = Duration::from_secs(3);
+    let bridge = TestBridge::start(config).await;
+    let mut control = older_control_link(bridge.addr).await;
+    let mut cut = Vec::new();
+    for _ in 0..12 {
+        cut.push(link_by_hand(bridge.addr).await);
+    }
+    idle_links(&bridge, "shop-17", 12).await;
+    drop(cut);
+    let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut page, b"across").await;
+    // Every link it found closed is asked for again (this agent replaces the links it is sent
+    // `open` on, and never saw these `open`s).
+    let want = control_message(&mut control).await;
+    assert!(want.contains("\"want\""), "{want}");
+    let mut link = link_by_hand(bridge.addr).await;
+    let mut open = [0u8; 9];
+    within("open on the live link", async {
+        tokio::select! {
+            r = link.read_exact(&mut open) => r.map(|_| ()).unwrap(),
+            m = page.next() => panic!("the page ended before the live link was opened: {m:?}"),
+        }
+    })
+    .await;
+    assert_eq!(&open, b"open pos\n");
+    let mut app = TcpStream::connect(echo).await.unwrap();
+    link.write_all(b"ok\n").await.unwrap();
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut link, &mut app).await;
+    });
+    assert_eq!(recv_data(&mut page).await, b"across");
+    drop(page);
+    relay.abort();
+}
