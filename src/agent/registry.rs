@@ -609,6 +609,15 @@ impl Registry {
         self.brake.0.refund(ip);
     }
 
+    /// Whether a failed login from `ip` just turned the brake on (it spent the address's last
+    /// try), and that was not yet said in the last minute: the one warning an address's brake
+    /// is worth. Its refusals that follow, one per request, are at debug: any host can send them.
+    /// At most once a minute per address, in a fixed table (bounded memory; a flood of more
+    /// addresses than it holds may be warned of more often).
+    pub fn brake_came_on(&self, ip: IpAddr) -> bool {
+        self.braked(ip) && self.brake.1.try_charge(ip).is_ok()
+    }
+
     /// Whether `ip`'s logins are slowed now (its failures spent the brake's burst): a look that
     /// takes no try, not even for an instant (a login racing it for the address's last try
     /// gets it). An address over `max_connections_per_ip` then gets no place to log in.
@@ -953,23 +962,29 @@ pub const BRAKE_BURST: u32 = 5;
 /// One more try per this long.
 pub const BRAKE_REFILL: Duration = Duration::from_secs(2);
 
+/// How often the brake turning on for one address is warned of at most.
+pub const BRAKE_WARNING: Duration = Duration::from_secs(60);
+
 /// The brake on repeated failed logins: a bucket of [`BRAKE_BURST`] tries per address that
 /// refills one per [`BRAKE_REFILL`], in the same fixed table (O(1), bounded memory) the access
-/// policy uses.
+/// policy uses; and beside it, one warning per address per [`BRAKE_WARNING`].
 #[derive(Debug)]
-struct Brake(Arc<crate::policy::PerAddress>);
+struct Brake(Arc<crate::policy::PerAddress>, Arc<crate::policy::PerAddress>);
 
 impl Default for Brake {
     fn default() -> Brake {
-        Brake(crate::policy::PerAddress::new(
-            crate::policy::AddressLimits {
-                max_sessions: None,
-                rate: Some(1.0 / BRAKE_REFILL.as_secs_f64()),
-                burst: BRAKE_BURST,
-                connections: false,
-            },
-            4096,
-        ))
+        let bucket = |per: Duration, burst| {
+            crate::policy::PerAddress::new(
+                crate::policy::AddressLimits {
+                    max_sessions: None,
+                    rate: Some(1.0 / per.as_secs_f64()),
+                    burst,
+                    connections: false,
+                },
+                4096,
+            )
+        };
+        Brake(bucket(BRAKE_REFILL, BRAKE_BURST), bucket(BRAKE_WARNING, 1))
     }
 }
 
@@ -988,6 +1003,9 @@ mod tests {
         }
         assert!(registry.braked(ip));
         assert!(registry.may_try(ip).is_err());
+        assert!(registry.brake_came_on(ip), "the one warning");
+        assert!(!registry.brake_came_on(ip), "not again within BRAKE_WARNING");
+        assert!(!registry.brake_came_on("192.0.2.2".parse().unwrap()), "not braked");
         assert!(
             registry.may_try("192.0.2.2".parse().unwrap()).is_ok(),
             "other addresses are not slowed"

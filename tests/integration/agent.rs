@@ -2991,3 +2991,62 @@ async fn a_page_passes_over_every_idle_link_found_closed() {
     drop(page);
     relay.abort();
 }
+
+/// Any host can send wrong secrets: past the brake, its refusals are one warning (when the
+/// brake turns on), each of them a line at debug and counted in the metrics, not a warning
+/// each.
+#[tokio::test]
+async fn wrong_secrets_past_the_brake_are_one_warning_not_one_each() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("server.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n\
+             [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\
+             [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n",
+            secret_sha256(SECRET)
+        ),
+    )
+    .unwrap();
+    let server = Binary::spawn(&["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0", "-v"]).await;
+    let admin_addr = server.admin_addr().await;
+    let wrong = "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer wrong\r\n\r\n";
+    let (mut refused, mut slowed) = (0, 0);
+    for _ in 0..50 {
+        match status_of(&http_raw(server.addr, wrong.as_bytes()).await) {
+            401 => refused += 1,
+            429 => slowed += 1,
+            other => panic!("answered {other}"),
+        }
+    }
+    // 5 tries, and one more per 2 s.
+    assert!(slowed >= 40, "{refused} × 401, {slowed} × 429");
+    let brake = "too many failed logins from this address";
+    let slowed_lines = |lines: &[String]| lines.iter().filter(|l| l.contains(brake) && l.contains("status=429")).count();
+    // Each refusal's line comes once its answer is out.
+    within("a line for each 429", async {
+        while slowed_lines(&server.lines()) < slowed {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let lines = server.lines();
+    let warned: Vec<&String> = lines.iter().filter(|l| l.contains("WARN") && l.contains(brake)).collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(
+        !warned[0].contains("status=429"),
+        "the warning is the brake's, not a refusal's: {}",
+        warned[0]
+    );
+    let debug = lines
+        .iter()
+        .filter(|l| l.contains("DEBUG") && l.contains(brake) && l.contains("status=429"));
+    assert_eq!(debug.count(), slowed, "each 429 at debug");
+    let logins = lines.iter().filter(|l| l.contains("WARN") && l.contains("login refused"));
+    assert_eq!(logins.count(), refused, "each failed login still warned of");
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="429",reason="rate_limited"}} {slowed}"#);
+    assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
+}
