@@ -5,7 +5,8 @@
 //! Only requests on an `[[agent_endpoint]]` path come here, so a browser can never reach the
 //! endpoint as a data route and an agent handshake is never accepted on a browser route. Every
 //! refusal is one of: 403 (a browser's request: it has an `Origin`, which agents never send),
-//! 400 (not an agent handshake), 429 (too many failures from this address), 401 (one generic
+//! 400 (not an agent handshake), 429 (too many failures from this address: logged at debug and
+//! counted in the metrics, one a request, with a warning when the brake turns on), 401 (one generic
 //! answer for an unknown name, a wrong or missing secret; the reason is logged, never the
 //! secret), 409 (a data link from an agent with no control link here), 421 (a data link naming
 //! another instance than this one: its control link is there).
@@ -68,6 +69,7 @@ pub async fn serve<S: IntoLink>(
     endpoint: &EndpointConfig,
     timeouts: &Timeouts,
     shutdown: &CancellationToken,
+    metrics: &crate::metrics::Metrics,
 ) {
     let addr = client;
     let write_end = Instant::now() + timeouts.http_write;
@@ -144,7 +146,10 @@ pub async fn serve<S: IntoLink>(
             answer(&mut stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
         )
         .await;
-        return warn!(
+        // One a request, which any host can send: at debug, and counted (as the 429s at accept
+        // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
+        metrics.refused(crate::metrics::Refusal::Http(429));
+        return debug!(
             status = 429,
             "agent endpoint: too many failed logins from this address; slowed down"
         );
@@ -155,7 +160,14 @@ pub async fn serve<S: IntoLink>(
             // The try was charged by may_try; a failed one stays spent.
             refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
             let shown = shown(name.unwrap_or_default().as_bytes());
-            return warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
+            warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
+            if registry.brake_came_on(addr.ip()) {
+                warn!(
+                    "agent endpoint: too many failed logins from this address; slowed down: 429 until a try comes back \
+                     (one per 2 s), each such refusal logged at debug"
+                );
+            }
+            return;
         }
     };
     registry.succeeded(addr.ip());

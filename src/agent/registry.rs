@@ -376,9 +376,13 @@ impl Pool {
         self.idle().len()
     }
 
+    /// The connection is no longer the agent's (replaced, lost, revoked): its idle links close,
+    /// and the sessions waiting for one of its links look again at once (the agent's newer
+    /// connection, or none: offline) rather than wait here for links that go elsewhere.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.idle().clear();
+        self.arrived.notify_waiters();
     }
 }
 
@@ -603,6 +607,15 @@ impl Registry {
     /// Gives back the try of a login that succeeded.
     pub fn succeeded(&self, ip: IpAddr) {
         self.brake.0.refund(ip);
+    }
+
+    /// Whether a failed login from `ip` just turned the brake on (it spent the address's last
+    /// try), and that was not yet said in the last minute: the one warning an address's brake
+    /// is worth. Its refusals that follow, one per request, are at debug: any host can send them.
+    /// At most once a minute per address, in a fixed table (bounded memory; a flood of more
+    /// addresses than it holds may be warned of more often).
+    pub fn brake_came_on(&self, ip: IpAddr) -> bool {
+        self.braked(ip) && self.brake.1.try_charge(ip).is_ok()
     }
 
     /// Whether `ip`'s logins are slowed now (its failures spent the brake's burst): a look that
@@ -856,15 +869,6 @@ impl Registry {
         Ok(Taken::Wait(pool.clone()))
     }
 
-    /// Asks `name` for one more link in place of one found dead (the agent never saw its
-    /// `open`, so it does not replace it).
-    fn replace_dead(&self, name: &str) {
-        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = agents.get(name).filter(|a| a.pool.replacing) {
-            a.pool.ask(1);
-        }
-    }
-
     /// Opens `service` on agent `name` for a session: an idle link, `open`, and its answer,
     /// all within `deadline`.
     ///
@@ -873,16 +877,32 @@ impl Registry {
     pub async fn open(&self, name: &str, service: &str, deadline: Duration) -> Result<Backend, ConnectError> {
         let end = Instant::now() + deadline;
         let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
-        // A link the agent or a NAT closed while idle fails at once: try the next.
-        for _ in 0..8 {
+        // Idle links found closed (by something between that cuts idle connections: a NAT, a
+        // proxy's read timeout): a pool can hold many after a burst, all cut at once.
+        let mut dead = 0usize;
+        // Each turn takes a link out of the pool (bounded: `most_idle`) or waits for one to
+        // arrive; a closed link fails at once, so the deadline is what ends the turns.
+        loop {
             let (mut io, chunks, lost, pool) = loop {
                 match self.take(name, service)? {
                     Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
                     Taken::Wait(pool) => {
-                        if timeout_at(end, pool.arrived.notified()).await.is_err() {
+                        // Registered before the look at `closed`: `close` wakes only the
+                        // waiters registered by then, so a close after the look wakes this
+                        // one, and one before it is seen.
+                        let arrived = pool.arrived.notified();
+                        tokio::pin!(arrived);
+                        arrived.as_mut().enable();
+                        if pool.closed.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        if timeout_at(end, arrived).await.is_err() {
                             // Not the app's doing: no link came (the agent's dials failing,
-                            // refused at this server's caps, say).
-                            return Err(ConnectError::Agent(format!("agent {name}: no data link from the agent in time")));
+                            // refused at this server's caps, say), or none that was alive.
+                            return Err(ConnectError::Agent(match dead {
+                                0 => format!("agent {name}: no data link from the agent in time"),
+                                n => format!("agent {name}: no live data link from the agent in time ({n} found closed)"),
+                            }));
                         }
                     }
                 }
@@ -919,12 +939,16 @@ impl Registry {
                     return Err(ConnectError::Agent(reason));
                 }
                 Ok(Ok(None) | Err(_)) => {
-                    self.replace_dead(name);
-                    continue;
+                    dead += 1;
+                    // One more in place of a raw link found dead: an agent that replaces the
+                    // raw links it is sent `open` on never saw this one's. (A link in chunks
+                    // was asked for by `take` if the pool runs low.)
+                    if pool.replacing && !chunks {
+                        pool.ask(1);
+                    }
                 }
             }
         }
-        Err(ConnectError::Agent(format!("agent {name} is offline")))
     }
 }
 
@@ -938,23 +962,29 @@ pub const BRAKE_BURST: u32 = 5;
 /// One more try per this long.
 pub const BRAKE_REFILL: Duration = Duration::from_secs(2);
 
+/// How often the brake turning on for one address is warned of at most.
+pub const BRAKE_WARNING: Duration = Duration::from_secs(60);
+
 /// The brake on repeated failed logins: a bucket of [`BRAKE_BURST`] tries per address that
 /// refills one per [`BRAKE_REFILL`], in the same fixed table (O(1), bounded memory) the access
-/// policy uses.
+/// policy uses; and beside it, one warning per address per [`BRAKE_WARNING`].
 #[derive(Debug)]
-struct Brake(Arc<crate::policy::PerAddress>);
+struct Brake(Arc<crate::policy::PerAddress>, Arc<crate::policy::PerAddress>);
 
 impl Default for Brake {
     fn default() -> Brake {
-        Brake(crate::policy::PerAddress::new(
-            crate::policy::AddressLimits {
-                max_sessions: None,
-                rate: Some(1.0 / BRAKE_REFILL.as_secs_f64()),
-                burst: BRAKE_BURST,
-                connections: false,
-            },
-            4096,
-        ))
+        let bucket = |per: Duration, burst| {
+            crate::policy::PerAddress::new(
+                crate::policy::AddressLimits {
+                    max_sessions: None,
+                    rate: Some(1.0 / per.as_secs_f64()),
+                    burst,
+                    connections: false,
+                },
+                4096,
+            )
+        };
+        Brake(bucket(BRAKE_REFILL, BRAKE_BURST), bucket(BRAKE_WARNING, 1))
     }
 }
 
@@ -973,6 +1003,9 @@ mod tests {
         }
         assert!(registry.braked(ip));
         assert!(registry.may_try(ip).is_err());
+        assert!(registry.brake_came_on(ip), "the one warning");
+        assert!(!registry.brake_came_on(ip), "not again within BRAKE_WARNING");
+        assert!(!registry.brake_came_on("192.0.2.2".parse().unwrap()), "not braked");
         assert!(
             registry.may_try("192.0.2.2".parse().unwrap()).is_ok(),
             "other addresses are not slowed"
@@ -1326,5 +1359,115 @@ mod tests {
         assert_eq!(registry.idle_links("shop-17"), Some(2), "the pool's size stays");
         assert_eq!(wants(&mut attached), 0, "a pool at its size asks for nothing at the top-up");
         assert_eq!(take_port(&registry), newest, "the most recently used stays");
+    }
+
+    /// Adds a link whose agent end answers `open pos` with `ok` (a raw link), as an agent does;
+    /// the task gives that end back.
+    fn add_live(registry: &Registry) -> tokio::task::JoinHandle<tokio::net::TcpStream> {
+        use tokio::io::AsyncReadExt;
+        let (server, agent) = link();
+        agent.set_nonblocking(true).unwrap();
+        let mut agent = tokio::net::TcpStream::from_std(agent).unwrap();
+        assert!(registry
+            .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), false, Slot::alone())
+            .is_ok());
+        tokio::spawn(async move {
+            let mut open = [0u8; 9];
+            agent.read_exact(&mut open).await.unwrap();
+            assert_eq!(&open, b"open pos\n");
+            agent.write_all(b"ok\n").await.unwrap();
+            agent
+        })
+    }
+
+    /// A session waiting for a link of a connection that is replaced (the agent connected again,
+    /// or moved and landed here again) takes the newer connection's link as soon as it comes;
+    /// one whose connection is lost is told the agent is offline at once. Neither waits for
+    /// links of a connection that is gone until its deadline.
+    #[tokio::test]
+    async fn a_session_waiting_for_a_link_follows_the_agents_connection() {
+        let registry = shop_17();
+        let attach = || {
+            registry
+                .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+                .unwrap()
+        };
+        let deadline = Duration::from_secs(3);
+        let mut first = attach();
+        let started = Instant::now();
+        let replace = async {
+            // The session asks for a link once it waits for one.
+            assert_eq!(first.control.recv().await, Some(Control::Want(1)));
+            let second = attach();
+            (second, add_live(&registry))
+        };
+        let (opened, (mut second, agent_end)) = tokio::join!(registry.open("shop-17", "pos", deadline), replace);
+        assert!(
+            matches!(opened, Ok(Backend::Agent(_))),
+            "{:?}",
+            opened.map(|_| ()).unwrap_err().to_string()
+        );
+        assert!(started.elapsed() < deadline / 3, "took {:?}", started.elapsed());
+        agent_end.await.unwrap();
+
+        // The newer connection's pool is empty now: a session waits, and the connection is lost.
+        let started = Instant::now();
+        let id = second.id;
+        let lose = async {
+            assert_eq!(second.control.recv().await, Some(Control::Want(1)));
+            registry.detach("shop-17", id, true);
+        };
+        let (opened, ()) = tokio::join!(registry.open("shop-17", "pos", deadline), lose);
+        assert_eq!(opened.map(|_| ()).unwrap_err().to_string(), "agent shop-17 is offline");
+        assert!(started.elapsed() < deadline / 3, "took {:?}", started.elapsed());
+    }
+
+    /// Idle links cut while idle (a NAT, a proxy's read timeout), more of them than any fixed
+    /// number of tries (a pool after a burst holds many), while the agent is connected: the
+    /// session passes over every one, asks for a pool's worth, not one per dead link, and takes
+    /// the first live link that arrives; with none arriving, the reason says what was found.
+    #[tokio::test]
+    async fn idle_links_found_closed_are_passed_over_until_a_live_one_comes() {
+        let registry = shop_17();
+        let mut attached = registry
+            .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+            .unwrap();
+        let cut = |n: usize| {
+            let mut ends = Vec::new();
+            for _ in 0..n {
+                add(&registry, true, &mut ends);
+            }
+            // The far ends go: each link reads EOF at its `open`.
+            drop(ends);
+        };
+        cut(10);
+        let deadline = Duration::from_secs(3);
+        let started = Instant::now();
+        let arrives = async {
+            // The pool ran dry: one asked for each link taken below the pool's size.
+            for _ in 0..4 {
+                assert_eq!(attached.control.recv().await, Some(Control::Want(1)));
+            }
+            // Its `open` answered: the agent's end, kept while the session is checked.
+            add_live(&registry).await.unwrap()
+        };
+        let (opened, _agent_end) = tokio::join!(registry.open("shop-17", "pos", deadline), arrives);
+        assert!(
+            matches!(opened, Ok(Backend::Agent(_))),
+            "{:?}",
+            opened.map(|_| ()).unwrap_err().to_string()
+        );
+        assert!(started.elapsed() < deadline / 3, "took {:?}", started.elapsed());
+        assert_eq!(wants(&mut attached), 0, "a pool's worth asked for, no more");
+
+        cut(3);
+        let short = Duration::from_millis(200);
+        let started = Instant::now();
+        let e = registry.open("shop-17", "pos", short).await.map(|_| ()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "agent shop-17: no live data link from the agent in time (3 found closed)"
+        );
+        assert!(started.elapsed() >= short);
     }
 }

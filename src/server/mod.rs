@@ -634,7 +634,18 @@ impl Bridge {
         });
         if let Some(endpoint) = endpoint {
             let Ok((request, leftover)) = head else { return };
-            let serve = crate::agent::endpoint::serve(stream, held, peer.client, request, leftover, &live.agents, &endpoint, t, shutdown);
+            let serve = crate::agent::endpoint::serve(
+                stream,
+                held,
+                peer.client,
+                request,
+                leftover,
+                &live.agents,
+                &endpoint,
+                t,
+                shutdown,
+                &self.inner.metrics,
+            );
             return Box::pin(serve).await;
         }
         if let Some(r) = held.refusal() {

@@ -3024,3 +3024,185 @@ async fn the_environments_proxy_is_resolved_for_each_server() {
     // Two URLs, each its own instance: no balancer checks unless asked.
     assert!(text.contains("\nbalancer check off\n"), "{text}");
 }
+
+/// A data link for shop-17 dialled by hand (raw: no chunks offered), its 101 read.
+async fn link_by_hand(server: SocketAddr) -> TcpStream {
+    let request = format!(
+        "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+    );
+    raw_upgrade(server, request.as_bytes()).await.0
+}
+
+/// The next text message on a control link by hand (pings passed over).
+async fn control_message(control: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>) -> String {
+    within("a control message", async {
+        loop {
+            match control.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("on the control link: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// A page waits for a data link while the agent's pool is empty (a burst took every link), and
+/// meanwhile the agent connects again to this instance (its network changed; a move that landed
+/// here again): the page takes the newer connection's first link, well before the connect
+/// deadline, instead of waiting for links of the replaced connection until the deadline.
+#[tokio::test]
+async fn a_page_waiting_for_a_link_takes_the_first_of_the_agents_newer_connection() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.connect = Duration::from_secs(3);
+    let bridge = TestBridge::start(config).await;
+    // By hand: an agent that dialled no link yet.
+    let mut first = older_control_link(bridge.addr).await;
+    let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut page, b"across").await;
+    // Its session waits for a link: it asks for one.
+    let want = control_message(&mut first).await;
+    assert!(want.contains("\"want\""), "{want}");
+    let replaced = Instant::now();
+    let _second = older_control_link(bridge.addr).await;
+    let mut link = link_by_hand(bridge.addr).await;
+    let mut open = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(3), link.read_exact(&mut open))
+        .await
+        .expect("no open on the newer connection's link before the connect deadline")
+        .unwrap();
+    assert_eq!(&open, b"open pos\n");
+    // The agent's part, by hand: the service connected, bytes across both ways.
+    let mut app = TcpStream::connect(echo).await.unwrap();
+    link.write_all(b"ok\n").await.unwrap();
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut link, &mut app).await;
+    });
+    assert_eq!(recv_data(&mut page).await, b"across");
+    let took = replaced.elapsed();
+    assert!(took < Duration::from_secs(1), "the page waited {took:?} after the replacement");
+    drop(page);
+    relay.abort();
+}
+
+/// A page waiting for a data link while the agent's connection is lost reads at once that the
+/// agent is offline, not at the connect deadline.
+#[tokio::test]
+async fn a_page_waiting_for_a_link_hears_at_once_that_the_agent_was_lost() {
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.connect = Duration::from_secs(3);
+    let bridge = TestBridge::start(config).await;
+    let mut control = older_control_link(bridge.addr).await;
+    let mut page = raw_ws(bridge.addr, "/pos").await;
+    let want = control_message(&mut control).await;
+    assert!(want.contains("\"want\""), "{want}");
+    // The connection breaks without a close frame.
+    let lost = Instant::now();
+    drop(control);
+    assert_eq!(raw_read_close(&mut page).await, (1014, "agent shop-17 is offline".into()));
+    let took = lost.elapsed();
+    assert!(took < Duration::from_secs(1), "the page read it {took:?} after the loss");
+}
+
+/// Something between the agent and the server (a NAT, a proxy's read timeout) cut the idle data
+/// links, more of them than a burst's worth, while the control link stays: a page passes over
+/// every closed one and takes the next live link the agent dials, instead of reading that a
+/// connected agent is offline.
+#[tokio::test]
+async fn a_page_passes_over_every_idle_link_found_closed() {
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.connect = Duration::from_secs(3);
+    let bridge = TestBridge::start(config).await;
+    let mut control = older_control_link(bridge.addr).await;
+    let mut cut = Vec::new();
+    for _ in 0..12 {
+        cut.push(link_by_hand(bridge.addr).await);
+    }
+    idle_links(&bridge, "shop-17", 12).await;
+    drop(cut);
+    let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut page, b"across").await;
+    // Every link it found closed is asked for again (this agent replaces the links it is sent
+    // `open` on, and never saw these `open`s).
+    let want = control_message(&mut control).await;
+    assert!(want.contains("\"want\""), "{want}");
+    let mut link = link_by_hand(bridge.addr).await;
+    let mut open = [0u8; 9];
+    within("open on the live link", async {
+        tokio::select! {
+            r = link.read_exact(&mut open) => r.map(|_| ()).unwrap(),
+            m = page.next() => panic!("the page ended before the live link was opened: {m:?}"),
+        }
+    })
+    .await;
+    assert_eq!(&open, b"open pos\n");
+    let mut app = TcpStream::connect(echo).await.unwrap();
+    link.write_all(b"ok\n").await.unwrap();
+    let relay = tokio::spawn(async move {
+        let _ = tokio::io::copy_bidirectional(&mut link, &mut app).await;
+    });
+    assert_eq!(recv_data(&mut page).await, b"across");
+    drop(page);
+    relay.abort();
+}
+
+/// Any host can send wrong secrets: past the brake, its refusals are one warning (when the
+/// brake turns on), each of them a line at debug and counted in the metrics, not a warning
+/// each.
+#[tokio::test]
+async fn wrong_secrets_past_the_brake_are_one_warning_not_one_each() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("server.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n\
+             [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\
+             [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n",
+            secret_sha256(SECRET)
+        ),
+    )
+    .unwrap();
+    let server = Binary::spawn(&["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0", "-v"]).await;
+    let admin_addr = server.admin_addr().await;
+    let wrong = "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer wrong\r\n\r\n";
+    let (mut refused, mut slowed) = (0, 0);
+    for _ in 0..50 {
+        match status_of(&http_raw(server.addr, wrong.as_bytes()).await) {
+            401 => refused += 1,
+            429 => slowed += 1,
+            other => panic!("answered {other}"),
+        }
+    }
+    // 5 tries, and one more per 2 s.
+    assert!(slowed >= 40, "{refused} × 401, {slowed} × 429");
+    let brake = "too many failed logins from this address";
+    let slowed_lines = |lines: &[String]| lines.iter().filter(|l| l.contains(brake) && l.contains("status=429")).count();
+    // Each refusal's line comes once its answer is out.
+    within("a line for each 429", async {
+        while slowed_lines(&server.lines()) < slowed {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let lines = server.lines();
+    let warned: Vec<&String> = lines.iter().filter(|l| l.contains("WARN") && l.contains(brake)).collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(
+        !warned[0].contains("status=429"),
+        "the warning is the brake's, not a refusal's: {}",
+        warned[0]
+    );
+    let debug = lines
+        .iter()
+        .filter(|l| l.contains("DEBUG") && l.contains(brake) && l.contains("status=429"));
+    assert_eq!(debug.count(), slowed, "each 429 at debug");
+    let logins = lines.iter().filter(|l| l.contains("WARN") && l.contains("login refused"));
+    assert_eq!(logins.count(), refused, "each failed login still warned of");
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="429",reason="rate_limited"}} {slowed}"#);
+    assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
+}
