@@ -578,6 +578,49 @@ async fn tls_backend_endings_give_the_codes_tcp_ones_do() {
     }
 }
 
+/// A backend's self-signed certificate made the usual way (`openssl req -x509`, which marks it as
+/// a CA), written as PEM files like [`Pki`]'s.
+fn self_signed_ca_marked(dir: &Path, names: &[&str]) -> Issued {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join(format!("{}.crt", names[0])), dir.join(format!("{}.key", names[0])));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert: cert_path,
+        key: key_path,
+    }
+}
+
+#[tokio::test]
+async fn backend_self_signed_certificate_is_trusted_by_naming_it() {
+    // `--ssl-target --ssl-target-ca backend.pem` with the backend's own self-signed certificate,
+    // which `openssl req -x509` marks as a CA: WebPKI alone refuses it (CaUsedAsEndEntity).
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed_ca_marked(dir.path(), &["vnc.internal"]);
+    let other = self_signed_ca_marked(dir.path(), &["other.internal"]);
+    let backend = tls_echo_backend(&cert).await;
+
+    // Pinned: accepted, whatever name the route connects by (the file says which certificate).
+    for name in [Some("vnc.internal"), None] {
+        let bridge = bridge_to_tls_backend(backend, name, Some(cert.cert.clone()), false).await;
+        let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+        send_bin(&mut ws, b"to a self-signed backend").await;
+        assert_eq!(recv_data(&mut ws).await, b"to a self-signed backend");
+    }
+
+    // Another self-signed certificate in the file: refused, as before.
+    let bridge = bridge_to_tls_backend(backend, Some("vnc.internal"), Some(other.cert.clone()), false).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!((code, reason.as_str()), (1014, "backend TLS failed: certificate not accepted"));
+}
+
 #[tokio::test]
 async fn backend_tls_is_verified() {
     let pki = Pki::new("backend CA");
