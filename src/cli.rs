@@ -359,7 +359,8 @@ impl Refused {
                 "wsbridge serves until SIGTERM; use a supervisor to stop it",
             ),
             (
-                self.timeout.is_some(),
+                // 0 is websockify's default (serve for ever), which is what wsbridge does.
+                self.timeout.as_deref().is_some_and(|t| t.trim().parse::<f64>() != Ok(0.0)),
                 "--timeout",
                 "wsbridge serves until SIGTERM; use --idle-timeout for idle sessions",
             ),
@@ -1100,6 +1101,9 @@ mod tests {
     fn refused_options_say_what_instead() {
         let e = config(&["6080", "h:1", "--daemon"]).unwrap_err();
         assert!(e.contains("--daemon is not supported") && e.contains("systemd"), "{e}");
+        let e = config(&["6080", "h:1", "--timeout", "60"]).unwrap_err();
+        assert!(e.contains("--timeout is not supported") && e.contains("--idle-timeout"), "{e}");
+        assert!(config(&["6080", "h:1", "--timeout", "0"]).is_ok());
         let e = config(&["6080", "--token-plugin", "TokenMagic", "--token-source", "x"]).unwrap_err();
         assert!(e.contains("TokenMagic is not supported") && e.contains("TokenRedis"), "{e}");
     }

@@ -42,7 +42,7 @@ async fn websockify_zeros_mean_off_and_the_bridge_serves() {
     let (backend, _) = echo_backend().await;
     let target = backend.to_string();
     let mut child = Command::new(BIN)
-        .args(["127.0.0.1:0", &target, "--heartbeat", "0", "--idle-timeout", "0"])
+        .args(["127.0.0.1:0", &target, "--heartbeat", "0", "--idle-timeout", "0", "--timeout", "0"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
