@@ -219,7 +219,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// PEM certificate chain for wss:// (the key may be in the same file).
+    /// PEM certificate chain for wss:// (the key may be in the same file). Default, as in
+    /// websockify: self.pem in the current directory, when there is one.
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
     /// PEM private key for --cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
@@ -307,6 +308,10 @@ pub enum LogFormatArg {
     /// JSON lines.
     Json,
 }
+
+/// The certificate (with its key, or --key) used without --cert when it exists in the current
+/// directory: websockify's default.
+const DEFAULT_CERT: &str = "self.pem";
 
 /// websockify options that are parsed so that they can be refused clearly.
 #[derive(Debug, Args, Default)]
@@ -914,9 +919,16 @@ impl RunArgs {
 
     /// The listener's TLS from --cert/--key/--ssl-only/--ssl-version/--verify-client/--cafile.
     fn tls_settings(&self) -> Result<Option<TlsSettings>, String> {
-        let Some(cert) = &self.cert else {
+        // websockify's --cert defaults to `self.pem` in the current directory, used when it exists
+        // (its README has users make one there with `openssl req … -out self.pem -keyout
+        // self.pem`); not for a unix socket listener, where TLS is refused.
+        let default_cert = Path::new(DEFAULT_CERT);
+        let default_cert = (self.unix_listen.is_none() && default_cert.is_file()).then(|| default_cert.to_path_buf());
+        let Some(cert) = self.cert.as_ref().or(default_cert.as_ref()) else {
             if self.key.is_some() || self.ssl_only || self.verify_client || self.cafile.is_some() || self.ssl_version.is_some() {
-                return Err("--key, --ssl-only, --ssl-version, --verify-client and --cafile need --cert FILE".into());
+                return Err(format!(
+                    "--key, --ssl-only, --ssl-version, --verify-client and --cafile need --cert FILE (or {DEFAULT_CERT} in the current directory, as in websockify)"
+                ));
             }
             return Ok(None);
         };

@@ -656,3 +656,37 @@ async fn backend_tls_is_verified() {
     send_bin(&mut ws, b"unverified").await;
     assert_eq!(recv_data(&mut ws).await, b"unverified");
 }
+
+#[tokio::test]
+async fn self_pem_in_the_working_directory_is_the_default_certificate() {
+    // websockify's --cert defaults to ./self.pem (its README has users make one there), so
+    // `websockify --ssl-only 6080 localhost:5900` run beside it serves wss://.
+    use crate::common::binary::{command_to_end, Binary, BIN};
+    let pki = Pki::new("self.pem CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("self.pem"), format!("{}{}", cert.cert_pem, cert.key_pem)).unwrap();
+    let (backend, _) = echo_backend().await;
+    let args = ["127.0.0.1:0", &backend.to_string(), "--ssl-only"].map(str::to_owned);
+    let mut command = tokio::process::Command::new(BIN);
+    command.current_dir(dir.path()).args(&args);
+    let bridge = Binary::spawn_command(command).await;
+    let tls = tls_connect(
+        bridge.addr,
+        "localhost",
+        client_config(&pki.ca_pem, None, &[&rustls::version::TLS13]),
+    )
+    .await
+    .unwrap();
+    let mut ws = wss_over(tls, &format!("wss://localhost:{}/", bridge.addr.port())).await;
+    send_bin(&mut ws, b"over self.pem").await;
+    assert_eq!(recv_data(&mut ws).await, b"over self.pem");
+
+    // Without one, --ssl-only says what it needs, naming both.
+    let empty = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(BIN);
+    command.current_dir(empty.path()).args(&args);
+    let (code, _, err) = command_to_end(command).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("need --cert FILE (or self.pem in the current directory"), "{err}");
+}
