@@ -141,7 +141,7 @@ pub struct RunArgs {
 
     /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, JWTTokenApi, or
     /// TokenRedis; tokens from --token-source.
-    #[arg(long, value_name = "PLUGIN")]
+    #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.token_plugins."))]
     pub token_plugin: Option<String>,
     /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with JWTTokenApi, the
     /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret); with
@@ -254,7 +254,7 @@ pub struct RunArgs {
     /// websockify's auth plugins: ClientCertCNAuth (only clients whose certificate CN is in
     /// --auth-source), BasicHTTPAuth (--auth-source USER:PASSWORD) or ExpectOrigin (--auth-source
     /// "ORIGIN ORIGIN…", the same as --origin).
-    #[arg(long, value_name = "PLUGIN")]
+    #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.auth_plugins."))]
     pub auth_plugin: Option<String>,
     /// For --auth-plugin: CN names, USER:PASSWORD or origins, separated by spaces (or commas).
     #[arg(long, value_name = "SOURCE")]
@@ -307,6 +307,12 @@ pub enum LogFormatArg {
     Text,
     /// JSON lines.
     Json,
+}
+
+/// A websockify plugin name as websockify takes it: `TokenFile`, or its class's full name
+/// `websockify.token_plugins.TokenFile` (the form much of websockify's documentation uses).
+fn plugin_name(s: &str, module: &str) -> Result<String, std::convert::Infallible> {
+    Ok(s.strip_prefix(module).unwrap_or(s).to_owned())
 }
 
 /// The certificate (with its key, or --key) used without --cert when it exists in the current
