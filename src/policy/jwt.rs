@@ -23,7 +23,10 @@ pub enum KeySource {
     Pem(PathBuf),
     /// A JSON Web Key Set.
     Jwks(PathBuf),
-    /// A shared secret for HS256/384/512: the file's bytes, surrounding white space trimmed.
+    /// A shared secret for HS256/384/512: the file's bytes, surrounding white space trimmed; and
+    /// when those bytes are base64url (or base64) text, what they decode to as well, which is
+    /// the key websockify's JWTTokenApi uses (it reads the file as a JWK `k` value), so that
+    /// tokens minted for websockify are accepted.
     Secret(PathBuf),
 }
 
@@ -240,6 +243,24 @@ impl Inner {
     }
 }
 
+/// The HMAC key websockify's JWTTokenApi takes from a secret file's `text` (a JWK `k` value,
+/// base64url; base64's `+` and `/`, and padding, accepted as jwcrypto accepts them), when it
+/// decodes to at least 32 bytes.
+fn websockify_secret(text: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let text: Vec<u8> = text
+        .iter()
+        .filter(|c| **c != b'=')
+        .map(|c| match c {
+            b'+' => b'-',
+            b'/' => b'_',
+            c => *c,
+        })
+        .collect();
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()?;
+    (decoded.len() >= 32).then_some(decoded)
+}
+
 /// Reads the keys a source names and checks the algorithms fit them.
 fn load(settings: &JwtSettings) -> Result<Keys, String> {
     let path = settings.keys.path();
@@ -250,10 +271,19 @@ fn load(settings: &JwtSettings) -> Result<Keys, String> {
             if secret.len() < 32 {
                 return Err(format!("{}: an HMAC secret needs at least 32 bytes", path.display()));
             }
-            vec![(
+            let mut keys = vec![(
                 None,
                 DecodingKey::from_secret(secret).map_err(|e| format!("{}: {e}", path.display()))?,
-            )]
+            )];
+            // websockify's key: the text as a JWK `k`, base64url. Only a strict decoding of at
+            // least 32 bytes, so this key is as hard to guess as the text it comes from.
+            if let Some(decoded) = websockify_secret(secret) {
+                keys.push((
+                    None,
+                    DecodingKey::from_secret(&decoded).map_err(|e| format!("{}: {e}", path.display()))?,
+                ));
+            }
+            keys
         }
         KeySource::Pem(_) => {
             let key = DecodingKey::from_rsa_pem(&bytes)

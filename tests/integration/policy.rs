@@ -594,6 +594,43 @@ async fn jwt_token_api_on_the_command_line() {
     assert_eq!(recv_data(&mut ws).await, b"cli jwt");
 }
 
+/// A key file made for websockify: its JWTTokenApi reads the text as a JWK `k` value, so the HMAC
+/// key is the text base64url-decoded, and tokens minted for it are signed with that. The same
+/// file and tokens work here; the file's bytes as they stand still do too.
+#[tokio::test]
+async fn jwt_token_api_takes_websockifys_key_files() {
+    use base64::Engine as _;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let raw_key: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw_key);
+    let key_file = dir.path().join("jwt.key");
+    std::fs::write(&key_file, format!("{text}\n")).unwrap();
+    let (allowed, _) = echo_backend().await;
+    let rule = format!("127.0.0.1:{}", allowed.port());
+    let b = binary::Binary::spawn(&[
+        "127.0.0.1:0",
+        "--token-plugin",
+        "JWTTokenApi",
+        "--token-source",
+        key_file.to_str().unwrap(),
+        "--jwt-allow-target",
+        &rule,
+    ])
+    .await;
+    let claims = serde_json::json!({"host": "127.0.0.1", "port": allowed.port().to_string()});
+    for (what, key) in [("websockify's key", &raw_key[..]), ("the file's bytes", text.as_bytes())] {
+        let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(key).unwrap()).unwrap();
+        let (mut ws, _) = ws_connect(&format!("ws://{}/websockify?token={token}", b.addr), None).await;
+        send_bin(&mut ws, what.as_bytes()).await;
+        assert_eq!(recv_data(&mut ws).await, what.as_bytes());
+    }
+    let mut other = raw_key.clone();
+    other[0] ^= 1;
+    let forged = encode(&Header::default(), &claims, &EncodingKey::from_secret(&other).unwrap()).unwrap();
+    refused(&ask(b.addr, &format!("/?token={forged}"), "").await, 404, "unknown token", None);
+}
+
 /// The attacks a review found, each closed: guesses in parallel, a budget spent by clients that
 /// sent no credentials, tokens guessed in the query, a PROXY header from a peer that is not the
 /// balancer, and DNS rebinding against same-origin.
