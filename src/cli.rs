@@ -229,7 +229,7 @@ pub struct RunArgs {
     /// Refuse plain ws:// connections (by default ws and wss share the port).
     #[arg(long)]
     pub ssl_only: bool,
-    /// Lowest TLS version: tlsv1_2 (default) or tlsv1_3.
+    /// Lowest TLS version: tlsv1_2 (default; websockify's `default` is the same) or tlsv1_3.
     #[arg(long, value_name = "VERSION")]
     pub ssl_version: Option<String>,
     /// Require a client certificate signed by --cafile (mTLS).
@@ -923,6 +923,12 @@ impl RunArgs {
         Ok(Some(redis))
     }
 
+    /// --ssl-version, with websockify's `default` (its default value: the TLS library's
+    /// minimum, here TLS 1.2) read as not given.
+    fn ssl_version(&self) -> Option<&str> {
+        self.ssl_version.as_deref().filter(|v| *v != "default")
+    }
+
     /// The listener's TLS from --cert/--key/--ssl-only/--ssl-version/--verify-client/--cafile.
     fn tls_settings(&self) -> Result<Option<TlsSettings>, String> {
         // websockify's --cert defaults to `self.pem` in the current directory, used when it exists
@@ -931,14 +937,14 @@ impl RunArgs {
         let default_cert = Path::new(DEFAULT_CERT);
         let default_cert = (self.unix_listen.is_none() && default_cert.is_file()).then(|| default_cert.to_path_buf());
         let Some(cert) = self.cert.as_ref().or(default_cert.as_ref()) else {
-            if self.key.is_some() || self.ssl_only || self.verify_client || self.cafile.is_some() || self.ssl_version.is_some() {
+            if self.key.is_some() || self.ssl_only || self.verify_client || self.cafile.is_some() || self.ssl_version().is_some() {
                 return Err(format!(
                     "--key, --ssl-only, --ssl-version, --verify-client and --cafile need --cert FILE (or {DEFAULT_CERT} in the current directory, as in websockify)"
                 ));
             }
             return Ok(None);
         };
-        let min_version = match self.ssl_version.as_deref() {
+        let min_version = match self.ssl_version() {
             None | Some("tlsv1_2") => MinVersion::Tls12,
             Some("tlsv1_3") => MinVersion::Tls13,
             Some(v @ ("tlsv1" | "tlsv1_1")) => {
@@ -1122,6 +1128,10 @@ mod tests {
         let e = config(&["6080", "h:1", "--timeout", "60"]).unwrap_err();
         assert!(e.contains("--timeout is not supported") && e.contains("--idle-timeout"), "{e}");
         assert!(config(&["6080", "h:1", "--timeout", "0"]).is_ok());
+        // websockify's default --ssl-version, with or without a certificate.
+        assert!(config(&["6080", "h:1", "--ssl-version", "default"]).is_ok());
+        let c = config(&["6080", "h:1", "--cert", "c.pem", "--ssl-version", "default"]).unwrap();
+        assert_eq!(c.listeners[0].tls.as_ref().unwrap().min_version, MinVersion::Tls12);
         let e = config(&["6080", "--token-plugin", "TokenMagic", "--token-source", "x"]).unwrap_err();
         assert!(e.contains("TokenMagic is not supported") && e.contains("TokenRedis"), "{e}");
     }

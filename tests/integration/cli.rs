@@ -39,10 +39,23 @@ async fn zeros_that_would_break_the_bridge_exit_64() {
 
 #[tokio::test]
 async fn websockify_zeros_mean_off_and_the_bridge_serves() {
+    // With websockify's defaults given out loud, as launch scripts do (`--timeout 0`,
+    // `--ssl-version default`, the latter without a certificate too).
     let (backend, _) = echo_backend().await;
     let target = backend.to_string();
     let mut child = Command::new(BIN)
-        .args(["127.0.0.1:0", &target, "--heartbeat", "0", "--idle-timeout", "0", "--timeout", "0"])
+        .args([
+            "127.0.0.1:0",
+            &target,
+            "--heartbeat",
+            "0",
+            "--idle-timeout",
+            "0",
+            "--timeout",
+            "0",
+            "--ssl-version",
+            "default",
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
