@@ -144,7 +144,7 @@ pub struct RunArgs {
 
     /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, JWTTokenApi, or
     /// TokenRedis; tokens from --token-source.
-    #[arg(long, value_name = "PLUGIN")]
+    #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.token_plugins."))]
     pub token_plugin: Option<String>,
     /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with JWTTokenApi, the
     /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret); with
@@ -222,7 +222,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// PEM certificate chain for wss:// (the key may be in the same file).
+    /// PEM certificate chain for wss:// (the key may be in the same file). Default, as in
+    /// websockify: self.pem in the current directory, when there is one.
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
     /// PEM private key for --cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
@@ -231,7 +232,7 @@ pub struct RunArgs {
     /// Refuse plain ws:// connections (by default ws and wss share the port).
     #[arg(long)]
     pub ssl_only: bool,
-    /// Lowest TLS version: tlsv1_2 (default) or tlsv1_3.
+    /// Lowest TLS version: tlsv1_2 (default; websockify's `default` is the same) or tlsv1_3.
     #[arg(long, value_name = "VERSION")]
     pub ssl_version: Option<String>,
     /// Require a client certificate signed by --cafile (mTLS).
@@ -243,7 +244,8 @@ pub struct RunArgs {
     /// Connect to the target over TLS, verifying its certificate against the system roots.
     #[arg(long)]
     pub ssl_target: bool,
-    /// With --ssl-target: verify against this CA bundle instead.
+    /// With --ssl-target: verify against this CA bundle instead; a certificate in it is also
+    /// accepted as the backend's own (a self-signed backend certificate, names not checked).
     #[arg(long, value_name = "FILE")]
     pub ssl_target_ca: Option<PathBuf>,
     /// With --ssl-target: the name to verify (default: the target host).
@@ -255,7 +257,7 @@ pub struct RunArgs {
     /// websockify's auth plugins: ClientCertCNAuth (only clients whose certificate CN is in
     /// --auth-source), BasicHTTPAuth (--auth-source USER:PASSWORD) or ExpectOrigin (--auth-source
     /// "ORIGIN ORIGIN…", the same as --origin).
-    #[arg(long, value_name = "PLUGIN")]
+    #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.auth_plugins."))]
     pub auth_plugin: Option<String>,
     /// For --auth-plugin: CN names, USER:PASSWORD or origins, separated by spaces (or commas).
     #[arg(long, value_name = "SOURCE")]
@@ -310,6 +312,16 @@ pub enum LogFormatArg {
     Json,
 }
 
+/// A websockify plugin name as websockify takes it: `TokenFile`, or its class's full name
+/// `websockify.token_plugins.TokenFile` (the form much of websockify's documentation uses).
+fn plugin_name(s: &str, module: &str) -> Result<String, std::convert::Infallible> {
+    Ok(s.strip_prefix(module).unwrap_or(s).to_owned())
+}
+
+/// The certificate (with its key, or --key) used without --cert when it exists in the current
+/// directory: websockify's default.
+const DEFAULT_CERT: &str = "self.pem";
+
 /// websockify options that are parsed so that they can be refused clearly.
 #[derive(Debug, Args, Default)]
 pub struct Refused {
@@ -361,7 +373,8 @@ impl Refused {
                 "wsbridge serves until SIGTERM; use a supervisor to stop it",
             ),
             (
-                self.timeout.is_some(),
+                // 0 is websockify's default (serve for ever), which is what wsbridge does.
+                self.timeout.as_deref().is_some_and(|t| t.trim().parse::<f64>() != Ok(0.0)),
                 "--timeout",
                 "wsbridge serves until SIGTERM; use --idle-timeout for idle sessions",
             ),
@@ -913,15 +926,28 @@ impl RunArgs {
         Ok(Some(redis))
     }
 
+    /// --ssl-version, with websockify's `default` (its default value: the TLS library's
+    /// minimum, here TLS 1.2) read as not given.
+    fn ssl_version(&self) -> Option<&str> {
+        self.ssl_version.as_deref().filter(|v| *v != "default")
+    }
+
     /// The listener's TLS from --cert/--key/--ssl-only/--ssl-version/--verify-client/--cafile.
     fn tls_settings(&self) -> Result<Option<TlsSettings>, String> {
-        let Some(cert) = &self.cert else {
-            if self.key.is_some() || self.ssl_only || self.verify_client || self.cafile.is_some() || self.ssl_version.is_some() {
-                return Err("--key, --ssl-only, --ssl-version, --verify-client and --cafile need --cert FILE".into());
+        // websockify's --cert defaults to `self.pem` in the current directory, used when it exists
+        // (its README has users make one there with `openssl req … -out self.pem -keyout
+        // self.pem`); not for a unix socket listener, where TLS is refused.
+        let default_cert = Path::new(DEFAULT_CERT);
+        let default_cert = (self.unix_listen.is_none() && default_cert.is_file()).then(|| default_cert.to_path_buf());
+        let Some(cert) = self.cert.as_ref().or(default_cert.as_ref()) else {
+            if self.key.is_some() || self.ssl_only || self.verify_client || self.cafile.is_some() || self.ssl_version().is_some() {
+                return Err(format!(
+                    "--key, --ssl-only, --ssl-version, --verify-client and --cafile need --cert FILE (or {DEFAULT_CERT} in the current directory, as in websockify)"
+                ));
             }
             return Ok(None);
         };
-        let min_version = match self.ssl_version.as_deref() {
+        let min_version = match self.ssl_version() {
             None | Some("tlsv1_2") => MinVersion::Tls12,
             Some("tlsv1_3") => MinVersion::Tls13,
             Some(v @ ("tlsv1" | "tlsv1_1")) => {
@@ -1102,6 +1128,13 @@ mod tests {
     fn refused_options_say_what_instead() {
         let e = config(&["6080", "h:1", "--daemon"]).unwrap_err();
         assert!(e.contains("--daemon is not supported") && e.contains("systemd"), "{e}");
+        let e = config(&["6080", "h:1", "--timeout", "60"]).unwrap_err();
+        assert!(e.contains("--timeout is not supported") && e.contains("--idle-timeout"), "{e}");
+        assert!(config(&["6080", "h:1", "--timeout", "0"]).is_ok());
+        // websockify's default --ssl-version, with or without a certificate.
+        assert!(config(&["6080", "h:1", "--ssl-version", "default"]).is_ok());
+        let c = config(&["6080", "h:1", "--cert", "c.pem", "--ssl-version", "default"]).unwrap();
+        assert_eq!(c.listeners[0].tls.as_ref().unwrap().min_version, MinVersion::Tls12);
         let e = config(&["6080", "--token-plugin", "TokenMagic", "--token-source", "x"]).unwrap_err();
         assert!(e.contains("TokenMagic is not supported") && e.contains("TokenRedis"), "{e}");
     }

@@ -342,8 +342,8 @@ impl BackendTls {
                 .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
                 .with_no_client_auth()
         } else {
-            let roots = match &s.ca {
-                Some(ca) => load_roots(ca)?,
+            let (roots, pinned) = match &s.ca {
+                Some(ca) => (load_roots(ca)?, load_certs(ca)?),
                 None => {
                     let found = rustls_native_certs::load_native_certs();
                     let mut roots = RootCertStore::empty();
@@ -354,10 +354,20 @@ impl BackendTls {
                             "no CA certificates found; give the route a `ca` file",
                         ));
                     }
-                    roots
+                    (roots, Vec::new())
                 }
             };
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| file_error(s.ca.as_deref().unwrap_or(Path::new("system certificate store")), e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(CaOrPinned {
+                    webpki,
+                    pinned,
+                    provider: provider(),
+                }))
+                .with_no_client_auth()
         };
         let server_name = match &s.server_name {
             Some(n) => {
@@ -369,6 +379,69 @@ impl BackendTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
         })
+    }
+}
+
+/// The backend's certificate is verified against the CA file (or the system roots) as usual, and a
+/// certificate that is itself in the CA file is accepted as it stands (pinned): a backend's
+/// self-signed certificate, given as the CA file, works whatever its extensions say.
+/// `openssl req -x509` marks the certificates it makes as CAs, and WebPKI refuses a CA
+/// certificate as a server's own (`CaUsedAsEndEntity`), so without this the usual way to make
+/// a backend's certificate could not be trusted by naming it. A pinned certificate is still
+/// checked for its validity period; its names are not, because the file says exactly which
+/// certificate (and so which key) the backend must hold, which is what a name check proves.
+#[derive(Debug)]
+struct CaOrPinned {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    /// The certificates of the CA file, as DER: a backend presenting one of them is accepted.
+    pinned: Vec<CertificateDer<'static>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for CaOrPinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let err = match self.webpki.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if !self.pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
+            return Err(err);
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(end_entity.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let at = i64::try_from(now.as_secs())
+            .ok()
+            .and_then(|s| x509_parser::time::ASN1Time::from_timestamp(s).ok());
+        match at {
+            Some(at) if cert.validity().is_valid_at(at) => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -19,11 +19,15 @@ use super::Refusal;
 /// Where a verifier's keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
-    /// A PEM public key (RSA, EC P-256/P-384 or Ed25519) or certificate.
+    /// A PEM public key (RSA, EC P-256/P-384 or Ed25519) or certificate, or a private key, whose
+    /// public half is used (as websockify does).
     Pem(PathBuf),
     /// A JSON Web Key Set.
     Jwks(PathBuf),
-    /// A shared secret for HS256/384/512: the file's bytes, surrounding white space trimmed.
+    /// A shared secret for HS256/384/512: the file's bytes, surrounding white space trimmed; and
+    /// when those bytes are base64url (or base64) text, what they decode to as well, which is
+    /// the key websockify's JWTTokenApi uses (it reads the file as a JWK `k` value), so that
+    /// tokens minted for websockify are accepted.
     Secret(PathBuf),
 }
 
@@ -240,6 +244,42 @@ impl Inner {
     }
 }
 
+/// The public key (SPKI, as PEM) of the private key in `pem` (PKCS#8, PKCS#1 RSA or SEC1 EC), if
+/// it holds one.
+fn public_half(pem: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    use rustls_pki_types::pem::PemObject;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem).ok()?;
+    let signing = crate::tls::provider().key_provider.load_private_key(key).ok()?;
+    let spki = signing.public_key()?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(spki.as_ref());
+    let mut out = String::from("-----BEGIN PUBLIC KEY-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).ok()?);
+        out.push('\n');
+    }
+    out.push_str("-----END PUBLIC KEY-----\n");
+    Some(out)
+}
+
+/// The HMAC key websockify's JWTTokenApi takes from a secret file's `text` (a JWK `k` value,
+/// base64url; base64's `+` and `/`, and padding, accepted as jwcrypto accepts them), when it
+/// decodes to at least 32 bytes.
+fn websockify_secret(text: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let text: Vec<u8> = text
+        .iter()
+        .filter(|c| **c != b'=')
+        .map(|c| match c {
+            b'+' => b'-',
+            b'/' => b'_',
+            c => *c,
+        })
+        .collect();
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()?;
+    (decoded.len() >= 32).then_some(decoded)
+}
+
 /// Reads the keys a source names and checks the algorithms fit them.
 fn load(settings: &JwtSettings) -> Result<Keys, String> {
     let path = settings.keys.path();
@@ -250,16 +290,30 @@ fn load(settings: &JwtSettings) -> Result<Keys, String> {
             if secret.len() < 32 {
                 return Err(format!("{}: an HMAC secret needs at least 32 bytes", path.display()));
             }
-            vec![(
+            let mut keys = vec![(
                 None,
                 DecodingKey::from_secret(secret).map_err(|e| format!("{}: {e}", path.display()))?,
-            )]
+            )];
+            // websockify's key: the text as a JWK `k`, base64url. Only a strict decoding of at
+            // least 32 bytes, so this key is as hard to guess as the text it comes from.
+            if let Some(decoded) = websockify_secret(secret) {
+                keys.push((
+                    None,
+                    DecodingKey::from_secret(&decoded).map_err(|e| format!("{}: {e}", path.display()))?,
+                ));
+            }
+            keys
         }
         KeySource::Pem(_) => {
-            let key = DecodingKey::from_rsa_pem(&bytes)
-                .or_else(|_| DecodingKey::from_ec_pem(&bytes))
-                .or_else(|_| DecodingKey::from_ed_pem(&bytes))
-                .map_err(|_| format!("{}: not a PEM RSA, EC or Ed25519 public key", path.display()))?;
+            // A private key verifies with its public half, as in websockify (jwcrypto), whose
+            // users often give the file the tokens are signed with; read as it stands, a
+            // private key would be taken for a public one and refuse every token.
+            let public = public_half(&bytes);
+            let pem = public.as_deref().map_or(&bytes[..], str::as_bytes);
+            let key = DecodingKey::from_rsa_pem(pem)
+                .or_else(|_| DecodingKey::from_ec_pem(pem))
+                .or_else(|_| DecodingKey::from_ed_pem(pem))
+                .map_err(|_| format!("{}: not a PEM RSA, EC or Ed25519 key", path.display()))?;
             vec![(None, key)]
         }
         KeySource::Jwks(_) => {

@@ -32,7 +32,13 @@ impl Binary {
     /// Starts `wsbridge ARGS` with `RUST_LOG` unset and waits for its "listening" line.
     pub async fn spawn(args: &[&str]) -> Binary {
         let mut command = Command::new(BIN);
-        command.args(args).stdout(Stdio::null());
+        command.args(args);
+        Binary::spawn_command(command).await
+    }
+
+    /// [`Binary::spawn`] for a command set up by the caller (its working directory, say).
+    pub async fn spawn_command(mut command: Command) -> Binary {
+        command.stdout(Stdio::null());
         let mut b = Binary::start(command);
         b.addr = b.address_after("listening addr=").await;
         b

@@ -39,10 +39,23 @@ async fn zeros_that_would_break_the_bridge_exit_64() {
 
 #[tokio::test]
 async fn websockify_zeros_mean_off_and_the_bridge_serves() {
+    // With websockify's defaults given out loud, as launch scripts do (`--timeout 0`,
+    // `--ssl-version default`, the latter without a certificate too).
     let (backend, _) = echo_backend().await;
     let target = backend.to_string();
     let mut child = Command::new(BIN)
-        .args(["127.0.0.1:0", &target, "--heartbeat", "0", "--idle-timeout", "0"])
+        .args([
+            "127.0.0.1:0",
+            &target,
+            "--heartbeat",
+            "0",
+            "--idle-timeout",
+            "0",
+            "--timeout",
+            "0",
+            "--ssl-version",
+            "default",
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -182,4 +195,39 @@ async fn completions_and_the_manual_page_name_every_option() {
     for args in OTHERS {
         assert!(run(args).await.contains("wsbridge"), "{args:?}");
     }
+}
+
+#[tokio::test]
+async fn plugins_by_their_websockify_class_names() {
+    // websockify takes a plugin's full class name as well as its short one, and much of its
+    // documentation spells it so.
+    use crate::common::binary::Binary;
+    let backend = source_backend(b"through the token".to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, format!("desk: {backend}\n")).unwrap();
+    let bridge = Binary::spawn(&[
+        "127.0.0.1:0",
+        "--token-plugin",
+        "websockify.token_plugins.TokenFile",
+        "--token-source",
+        file.to_str().unwrap(),
+        "--auth-plugin=websockify.auth_plugins.BasicHTTPAuth",
+        "--auth-source=user:secret",
+    ])
+    .await;
+    let request = upgrade_request("/websockify?token=desk", "Authorization: Basic dXNlcjpzZWNyZXQ=\r\n");
+    let mut s = raw_ws_request(bridge.addr, &request).await;
+    within("the backend's bytes in a frame", async {
+        let mut got = Vec::new();
+        while !got.windows(17).any(|w| w == b"through the token") {
+            let mut buf = [0u8; 64];
+            let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await.unwrap();
+            assert_ne!(n, 0, "closed before the backend's bytes: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let r = http_raw(bridge.addr, &upgrade_request("/websockify?token=desk", "")).await;
+    assert_eq!(status_of(&r), 401, "the auth plugin is in force: {r}");
 }

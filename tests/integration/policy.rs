@@ -594,6 +594,127 @@ async fn jwt_token_api_on_the_command_line() {
     assert_eq!(recv_data(&mut ws).await, b"cli jwt");
 }
 
+/// A key file made for websockify: its JWTTokenApi reads the text as a JWK `k` value, so the HMAC
+/// key is the text base64url-decoded, and tokens minted for it are signed with that. The same
+/// file and tokens work here; the file's bytes as they stand still do too.
+#[tokio::test]
+async fn jwt_token_api_takes_websockifys_key_files() {
+    use base64::Engine as _;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let raw_key: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw_key);
+    let key_file = dir.path().join("jwt.key");
+    std::fs::write(&key_file, format!("{text}\n")).unwrap();
+    let (allowed, _) = echo_backend().await;
+    let rule = format!("127.0.0.1:{}", allowed.port());
+    let b = binary::Binary::spawn(&[
+        "127.0.0.1:0",
+        "--token-plugin",
+        "JWTTokenApi",
+        "--token-source",
+        key_file.to_str().unwrap(),
+        "--jwt-allow-target",
+        &rule,
+    ])
+    .await;
+    let claims = serde_json::json!({"host": "127.0.0.1", "port": allowed.port().to_string()});
+    for (what, key) in [("websockify's key", &raw_key[..]), ("the file's bytes", text.as_bytes())] {
+        let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(key).unwrap()).unwrap();
+        let (mut ws, _) = ws_connect(&format!("ws://{}/websockify?token={token}", b.addr), None).await;
+        send_bin(&mut ws, what.as_bytes()).await;
+        assert_eq!(recv_data(&mut ws).await, what.as_bytes());
+    }
+    let mut other = raw_key.clone();
+    other[0] ^= 1;
+    let forged = encode(&Header::default(), &claims, &EncodingKey::from_secret(&other).unwrap()).unwrap();
+    refused(&ask(b.addr, &format!("/?token={forged}"), "").await, 404, "unknown token", None);
+}
+
+/// websockify's JWTTokenApi takes a private key as `--token-source` too (the file the tokens are
+/// signed with, often) and verifies with its public half. So does wsbridge, for PKCS#8, SEC1 and
+/// PKCS#1 keys; a private RSA key used to be taken for a public one and every token refused.
+#[tokio::test]
+async fn jwt_token_api_verifies_with_a_private_keys_public_half() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let (allowed, _) = echo_backend().await;
+    let rule = format!("127.0.0.1:{}", allowed.port());
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .serialize_pem();
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().serialize_pem();
+    let mut keys = vec![
+        (
+            "EC PKCS#8",
+            ec.clone(),
+            Algorithm::ES256,
+            EncodingKey::from_ec_pem(ec.as_bytes()).unwrap(),
+        ),
+        (
+            "Ed25519 PKCS#8",
+            ed.clone(),
+            Algorithm::EdDSA,
+            EncodingKey::from_ed_pem(ed.as_bytes()).unwrap(),
+        ),
+    ];
+    // RSA (PKCS#8 and PKCS#1) and SEC1 EC keys come from the openssl command.
+    let openssl = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        "rsa8.pem",
+    ]) && openssl(&["rsa", "-in", "rsa8.pem", "-traditional", "-out", "rsa1.pem"])
+        && openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sec1.pem"])
+        && openssl(&["pkcs8", "-topk8", "-nocrypt", "-in", "sec1.pem", "-out", "sec1-as-pkcs8.pem"])
+    {
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(read("rsa8.pem").as_bytes()).unwrap();
+        keys.push(("RSA PKCS#8", read("rsa8.pem"), Algorithm::RS256, rsa.clone()));
+        keys.push(("RSA PKCS#1", read("rsa1.pem"), Algorithm::RS256, rsa));
+        let sec1 = read("sec1.pem");
+        assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
+        // jsonwebtoken signs with PKCS#8 only: the same key converted.
+        let signing = EncodingKey::from_ec_pem(read("sec1-as-pkcs8.pem").as_bytes()).unwrap();
+        keys.push(("EC SEC1", sec1, Algorithm::ES256, signing));
+    } else {
+        skip(
+            "policy::jwt_token_api_verifies_with_a_private_keys_public_half (RSA and SEC1 keys)",
+            "no openssl to make them",
+        );
+    }
+    for (what, pem, alg, signing) in keys {
+        let file = dir.path().join("signing.pem");
+        std::fs::write(&file, pem).unwrap();
+        let b = binary::Binary::spawn(&[
+            "127.0.0.1:0",
+            "--token-plugin",
+            "JWTTokenApi",
+            "--token-source",
+            file.to_str().unwrap(),
+            "--jwt-allow-target",
+            &rule,
+        ])
+        .await;
+        let claims = serde_json::json!({"host": "127.0.0.1", "port": allowed.port()});
+        let token = encode(&Header::new(alg), &claims, &signing).unwrap();
+        let (mut ws, _) = ws_connect(&format!("ws://{}/websockify?token={token}", b.addr), None).await;
+        send_bin(&mut ws, what.as_bytes()).await;
+        assert_eq!(recv_data(&mut ws).await, what.as_bytes(), "{what}");
+    }
+}
+
 /// The attacks a review found, each closed: guesses in parallel, a budget spent by clients that
 /// sent no credentials, tokens guessed in the query, a PROXY header from a peer that is not the
 /// balancer, and DNS rebinding against same-origin.

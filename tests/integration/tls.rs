@@ -578,6 +578,49 @@ async fn tls_backend_endings_give_the_codes_tcp_ones_do() {
     }
 }
 
+/// A backend's self-signed certificate made the usual way (`openssl req -x509`, which marks it as
+/// a CA), written as PEM files like [`Pki`]'s.
+fn self_signed_ca_marked(dir: &Path, names: &[&str]) -> Issued {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join(format!("{}.crt", names[0])), dir.join(format!("{}.key", names[0])));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert: cert_path,
+        key: key_path,
+    }
+}
+
+#[tokio::test]
+async fn backend_self_signed_certificate_is_trusted_by_naming_it() {
+    // `--ssl-target --ssl-target-ca backend.pem` with the backend's own self-signed certificate,
+    // which `openssl req -x509` marks as a CA: WebPKI alone refuses it (CaUsedAsEndEntity).
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed_ca_marked(dir.path(), &["vnc.internal"]);
+    let other = self_signed_ca_marked(dir.path(), &["other.internal"]);
+    let backend = tls_echo_backend(&cert).await;
+
+    // Pinned: accepted, whatever name the route connects by (the file says which certificate).
+    for name in [Some("vnc.internal"), None] {
+        let bridge = bridge_to_tls_backend(backend, name, Some(cert.cert.clone()), false).await;
+        let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+        send_bin(&mut ws, b"to a self-signed backend").await;
+        assert_eq!(recv_data(&mut ws).await, b"to a self-signed backend");
+    }
+
+    // Another self-signed certificate in the file: refused, as before.
+    let bridge = bridge_to_tls_backend(backend, Some("vnc.internal"), Some(other.cert.clone()), false).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!((code, reason.as_str()), (1014, "backend TLS failed: certificate not accepted"));
+}
+
 #[tokio::test]
 async fn backend_tls_is_verified() {
     let pki = Pki::new("backend CA");
@@ -612,4 +655,38 @@ async fn backend_tls_is_verified() {
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
     send_bin(&mut ws, b"unverified").await;
     assert_eq!(recv_data(&mut ws).await, b"unverified");
+}
+
+#[tokio::test]
+async fn self_pem_in_the_working_directory_is_the_default_certificate() {
+    // websockify's --cert defaults to ./self.pem (its README has users make one there), so
+    // `websockify --ssl-only 6080 localhost:5900` run beside it serves wss://.
+    use crate::common::binary::{command_to_end, Binary, BIN};
+    let pki = Pki::new("self.pem CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("self.pem"), format!("{}{}", cert.cert_pem, cert.key_pem)).unwrap();
+    let (backend, _) = echo_backend().await;
+    let args = ["127.0.0.1:0", &backend.to_string(), "--ssl-only"].map(str::to_owned);
+    let mut command = tokio::process::Command::new(BIN);
+    command.current_dir(dir.path()).args(&args);
+    let bridge = Binary::spawn_command(command).await;
+    let tls = tls_connect(
+        bridge.addr,
+        "localhost",
+        client_config(&pki.ca_pem, None, &[&rustls::version::TLS13]),
+    )
+    .await
+    .unwrap();
+    let mut ws = wss_over(tls, &format!("wss://localhost:{}/", bridge.addr.port())).await;
+    send_bin(&mut ws, b"over self.pem").await;
+    assert_eq!(recv_data(&mut ws).await, b"over self.pem");
+
+    // Without one, --ssl-only says what it needs, naming both.
+    let empty = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(BIN);
+    command.current_dir(empty.path()).args(&args);
+    let (code, _, err) = command_to_end(command).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("need --cert FILE (or self.pem in the current directory"), "{err}");
 }
