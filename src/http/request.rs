@@ -36,6 +36,25 @@ pub enum Rejection {
 /// A parsed request head and the bytes that followed it.
 pub type Head = (Request<()>, Vec<u8>);
 
+/// [`read_request`] on a connection that carries another request after one answered (HTTP
+/// keep-alive): `carried` holds the bytes read after the previous head (a client that sends its
+/// next requests without waiting: pipelining), which come first. The bytes after this head are
+/// returned as ever, what is left of `carried` included; bounded, as the head is by
+/// [`MAX_HEAD`] and what follows it by one read.
+///
+/// # Errors
+/// As [`read_request`].
+pub async fn read_request_after<S: AsyncRead + Unpin>(io: &mut S, carried: Vec<u8>) -> Result<Head, Rejection> {
+    if carried.is_empty() {
+        return read_request(io).await;
+    }
+    let mut chained = (&carried[..]).chain(io);
+    let (request, mut leftover) = read_request(&mut chained).await?;
+    let (rest, _) = chained.into_inner();
+    leftover.extend_from_slice(rest);
+    Ok((request, leftover))
+}
+
 /// Reads the request head from `io` (the part a slow or silent client controls, which the caller
 /// bounds with the handshake deadline); returns it and the bytes after it.
 ///

@@ -67,6 +67,9 @@ pub enum Outcome {
         /// How the metrics count it when the status is an error: by its status, unless a
         /// reason of its own tells an operator more (a token source down, not a route full).
         refusal: crate::metrics::Refusal,
+        /// The connection carries another request (a static file answered with keep-alive):
+        /// the bytes that came after this request, which begin the next.
+        next: Option<Vec<u8>>,
     },
 }
 
@@ -91,7 +94,12 @@ where
         Err(Rejection::Status { status, reason }) => {
             answer(io, status, &reason, &[]).await?;
             let refusal = crate::metrics::Refusal::Http(status.as_u16());
-            return Ok(Outcome::Answered { status, reason, refusal });
+            return Ok(Outcome::Answered {
+                status,
+                reason,
+                refusal,
+                next: None,
+            });
         }
         Err(e) => return Err(e),
     };
@@ -107,21 +115,32 @@ where
         } => {
             write_answer(io, status, said.unwrap_or(&reason), &headers, body).await?;
             let refusal = crate::metrics::Refusal::Http(status.as_u16());
-            Ok(Outcome::Answered { status, reason, refusal })
+            Ok(Outcome::Answered {
+                status,
+                reason,
+                refusal,
+                next: None,
+            })
         }
         Decision::SourceUnavailable(reason) => {
             let status = StatusCode::SERVICE_UNAVAILABLE;
             let retry = [(header::RETRY_AFTER, HeaderValue::from_static("1"))];
             write_answer(io, status, "token source unavailable", &retry, body).await?;
             let refusal = crate::metrics::Refusal::TokenSource;
-            Ok(Outcome::Answered { status, reason, refusal })
-        }
-        Decision::Static(request, web) => {
-            let (status, what) = web::serve(io, &request, web).await?;
             Ok(Outcome::Answered {
                 status,
-                reason: what.into(),
-                refusal: crate::metrics::Refusal::Http(status.as_u16()),
+                reason,
+                refusal,
+                next: None,
+            })
+        }
+        Decision::Static(request, leftover, web) => {
+            let served = web::serve(io, &request, web, web::keeps_alive(&request)).await?;
+            Ok(Outcome::Answered {
+                status: served.status,
+                reason: served.what.into(),
+                refusal: crate::metrics::Refusal::Http(served.status.as_u16()),
+                next: served.kept.then_some(leftover),
             })
         }
     }
@@ -138,7 +157,8 @@ enum Decision<'w> {
         body: Option<&'static str>,
         headers: Vec<(HeaderName, HeaderValue)>,
     },
-    Static(Request<()>, &'w WebRoot),
+    /// A static file: the request, the bytes after it (the next request's, with keep-alive).
+    Static(Request<()>, Vec<u8>, &'w WebRoot),
     /// A token source that must be asked could not answer (503, Retry-After: 1); the reason is
     /// for the log.
     SourceUnavailable(String),
@@ -209,7 +229,7 @@ async fn decide<'w>(
         let exact = routes.has_exact_path(path);
         if let (Some(web), false) = (web, exact) {
             return match is_get {
-                true => Decision::Static(request, web),
+                true => Decision::Static(request, leftover, web),
                 false => Decision::Reject {
                     status: StatusCode::METHOD_NOT_ALLOWED,
                     reason: format!("method {} not allowed", request.method()),

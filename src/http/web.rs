@@ -29,7 +29,7 @@ use hyper_staticfile::vfs::{FileOpener, FileWithMetadata, TokioFileOpener};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::request::{write_answer, Rejection};
+use super::request::Rejection;
 
 /// Static-file settings of a listener.
 #[derive(Clone)]
@@ -165,8 +165,19 @@ fn segments(path: &str, reach: Reach) -> Result<Vec<String>, &'static str> {
     Ok(out)
 }
 
-/// Serves one static file (or a listing, or the resolver's 301/404/403) and closes. Returns the
-/// status sent and what it was, for the log.
+/// What [`serve`] sent: its status, what it was (for the log), and whether the connection may
+/// carry another request (the answer said nothing of closing and gave its length).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served {
+    pub status: StatusCode,
+    pub what: &'static str,
+    pub kept: bool,
+}
+
+/// Serves one static file (or a listing, or the resolver's 301/404/403). With `keep_alive` (the
+/// request allows it: see [`keeps_alive`]) an answer whose length is known leaves the connection
+/// open for the next request, as websockify's does (a noVNC page is some 60 files: over wss://
+/// each new connection is a TLS handshake); otherwise it says `Connection: close`.
 ///
 /// # Errors
 /// Reading the file or writing to the client failed.
@@ -174,21 +185,23 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     io: &mut S,
     request: &Request<()>,
     web: &WebRoot,
-) -> Result<(StatusCode, &'static str), Rejection> {
+    keep_alive: bool,
+) -> Result<Served, Rejection> {
     let with_body = request.method() != Method::HEAD;
     let parts = match segments(request.uri().path(), web.reach) {
         Ok(parts) => parts,
-        Err(why) => {
-            write_answer(io, StatusCode::NOT_FOUND, "not found", &[], with_body).await?;
-            return Ok((StatusCode::NOT_FOUND, why));
-        }
+        Err(why) => return not_found(io, request, keep_alive, why).await,
     };
     let resolved = web.resolver.resolve_request(request).await?;
     if web.listing && matches!(resolved, hyper_staticfile::ResolveResult::NotFound) && request.uri().path().ends_with('/') {
         if let Some(html) = listing(web, &parts).await {
             let extra = [(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"))];
-            write_response(io, request, StatusCode::OK, &extra, Bytes::from(html)).await?;
-            return Ok((StatusCode::OK, "directory listing"));
+            write_response(io, request, StatusCode::OK, &extra, Bytes::from(html), keep_alive).await?;
+            return Ok(Served {
+                status: StatusCode::OK,
+                what: "directory listing",
+                kept: keep_alive,
+            });
         }
     }
     let response = hyper_staticfile::ResponseBuilder::new()
@@ -197,8 +210,7 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         .map_err(|e| Rejection::Io(std::io::Error::other(e)))?;
     let (parts, mut body) = response.into_parts();
     if parts.status == StatusCode::NOT_FOUND {
-        write_answer(io, StatusCode::NOT_FOUND, "not found", &[], with_body).await?;
-        return Ok((StatusCode::NOT_FOUND, "not found"));
+        return not_found(io, request, keep_alive, "not found").await;
     }
     let mut head = format!(
         "HTTP/1.1 {} {}\r\n",
@@ -211,7 +223,9 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     if !parts.headers.contains_key(header::CONTENT_LENGTH) && !parts.headers.contains_key(header::TRANSFER_ENCODING) {
         head.push_str("Content-Length: 0\r\n");
     }
-    head.push_str("Connection: close\r\n\r\n");
+    // The body is written as it comes: its end is known to the client only by its length.
+    let kept = keep_alive && !parts.headers.contains_key(header::TRANSFER_ENCODING);
+    head.push_str(if kept { "\r\n" } else { "Connection: close\r\n\r\n" });
     io.write_all(head.as_bytes()).await?;
     if with_body {
         while let Some(frame) = body.frame().await {
@@ -221,7 +235,44 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         }
     }
     io.flush().await?;
-    Ok((parts.status, "static file"))
+    Ok(Served {
+        status: parts.status,
+        what: "static file",
+        kept,
+    })
+}
+
+/// The 404 of a static request (`why`: for the log only).
+async fn not_found<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    request: &Request<()>,
+    keep_alive: bool,
+    why: &'static str,
+) -> Result<Served, Rejection> {
+    let body = Bytes::from_static(b"404 Not Found: not found\n");
+    let extra = [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))];
+    write_response(io, request, StatusCode::NOT_FOUND, &extra, body, keep_alive).await?;
+    Ok(Served {
+        status: StatusCode::NOT_FOUND,
+        what: why,
+        kept: keep_alive,
+    })
+}
+
+/// Whether `request` leaves its connection open for another once answered: HTTP/1.1 without
+/// `Connection: close`, and no body (a GET or HEAD has none; one that comes anyway would be
+/// read as the next request).
+pub(crate) fn keeps_alive(request: &Request<()>) -> bool {
+    let headers = request.headers();
+    request.version() == http::Version::HTTP_11
+        && !headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+        })
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.to_str().is_ok_and(|v| v.trim() == "0"))
 }
 
 async fn write_response<S: AsyncWrite + Unpin>(
@@ -230,12 +281,14 @@ async fn write_response<S: AsyncWrite + Unpin>(
     status: StatusCode,
     extra: &[(HeaderName, HeaderValue)],
     body: Bytes,
+    keep_alive: bool,
 ) -> Result<(), Rejection> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
     for (name, value) in extra {
         let _ = write!(head, "{}: {}\r\n", name, value.to_str().unwrap_or(""));
     }
-    let _ = write!(head, "Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let close = if keep_alive { "" } else { "Connection: close\r\n" };
+    let _ = write!(head, "Content-Length: {}\r\n{close}\r\n", body.len());
     io.write_all(head.as_bytes()).await?;
     if request.method() != Method::HEAD {
         io.write_all(&body).await?;

@@ -584,8 +584,10 @@ impl Bridge {
         Box::pin(self.http(stream, held, peer, listener, live, deadline, client_cn.as_deref())).await;
     }
 
-    /// The HTTP request and, when it upgrades, the session; over plain TCP or TLS alike. `held`
-    /// is given back when the connection ends, or handed on with an agent's link.
+    /// The HTTP requests and, when one upgrades, the session; over plain TCP or TLS alike. `held`
+    /// is given back when the connection ends, or handed on with an agent's link. A connection
+    /// whose static file was answered with keep-alive carries the next request (at most
+    /// [`REQUESTS_PER_CONNECTION`], each within the handshake deadline of the answer before).
     #[allow(clippy::too_many_arguments)]
     async fn http<S>(
         &self,
@@ -594,140 +596,175 @@ impl Bridge {
         mut peer: Peer,
         listener: &Listener,
         live: &Live,
-        deadline: Instant,
+        mut deadline: Instant,
         client_cn: Option<&str>,
     ) where
         S: crate::agent::link::IntoLink,
     {
         let t = &live.timeouts;
         let shutdown = &self.shutdown;
-        // Reading the request is under the handshake deadline; answering it (an error, a static
-        // file, or the 101) under the write deadline, so a large file on a slow link is not cut.
-        let head = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, crate::http::read_request(&mut stream)) => match r {
-                Ok(head) => head,
-                Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
-            },
-        };
-        let access = &listener.config.access;
-        if !access.trusted_proxies.is_empty() && !access.proxy_protocol {
-            if let Ok((request, _)) = &head {
-                let ip = crate::policy::client_address(
-                    peer.client.ip(),
-                    request.headers(),
-                    &access.trusted_proxies,
-                    access.forwarded_header,
+        let connected_from = peer.client;
+        // What came after the previous request (keep-alive): the next one's beginning.
+        let mut carried = Vec::new();
+        let mut requests = 0usize;
+        loop {
+            requests += 1;
+            // Each request names its own client behind a trusted proxy (one that keeps its
+            // connections open carries several clients' requests).
+            peer.client = connected_from;
+            // Reading the request is under the handshake deadline; answering it (an error, a static
+            // file, or the 101) under the write deadline, so a large file on a slow link is not cut.
+            let head = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout_at(deadline, crate::http::read_request_after(&mut stream, std::mem::take(&mut carried))) => match r {
+                    Ok(head) => head,
+                    // A kept-alive connection that the client no longer uses is no failure.
+                    Err(_) if requests > 1 => return debug!(timeout = ?t.handshake, "kept-alive connection idle: closed"),
+                    Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
+                },
+            };
+            if requests > 1 && matches!(&head, Err(crate::http::Rejection::BadRequest(_) | crate::http::Rejection::Io(_))) {
+                // The client closed its kept-alive connection, as it may at any time.
+                return debug!("kept-alive connection closed by the client");
+            }
+            let access = &listener.config.access;
+            if !access.trusted_proxies.is_empty() && !access.proxy_protocol {
+                if let Ok((request, _)) = &head {
+                    let ip = crate::policy::client_address(
+                        peer.client.ip(),
+                        request.headers(),
+                        &access.trusted_proxies,
+                        access.forwarded_header,
+                    );
+                    if ip != peer.client.ip() {
+                        // The port the client used is the proxy's to know.
+                        peer.client = SocketAddr::new(ip, 0);
+                    }
+                }
+                tracing::Span::current().record("client", tracing::field::display(peer.client.ip()));
+            }
+            // Past its address's cap, a connection is let in to log in an agent, and for nothing
+            // else: not even another request on the agent endpoint's path.
+            let endpoint = head.as_ref().ok().and_then(|(r, _)| {
+                let login = held.refusal().is_none() || crate::agent::endpoint::is_login(r.headers());
+                login.then(|| live.agents.endpoint(r.uri().path())).flatten()
+            });
+            if let Some(endpoint) = endpoint {
+                let Ok((request, leftover)) = head else { return };
+                let serve = crate::agent::endpoint::serve(
+                    stream,
+                    held,
+                    peer.client,
+                    request,
+                    leftover,
+                    &live.agents,
+                    &endpoint,
+                    t,
+                    shutdown,
+                    &self.inner.metrics,
                 );
-                if ip != peer.client.ip() {
-                    // The port the client used is the proxy's to know.
-                    peer.client = SocketAddr::new(ip, 0);
-                }
+                return Box::pin(serve).await;
             }
-            tracing::Span::current().record("client", tracing::field::display(peer.client.ip()));
-        }
-        // Past its address's cap, a connection is let in to log in an agent, and for nothing
-        // else: not even another request on the agent endpoint's path.
-        let endpoint = head.as_ref().ok().and_then(|(r, _)| {
-            let login = held.refusal().is_none() || crate::agent::endpoint::is_login(r.headers());
-            login.then(|| live.agents.endpoint(r.uri().path())).flatten()
-        });
-        if let Some(endpoint) = endpoint {
-            let Ok((request, leftover)) = head else { return };
-            let serve = crate::agent::endpoint::serve(
-                stream,
-                held,
-                peer.client,
-                request,
+            if let Some(r) = held.refusal() {
+                return self.answer_per_ip(&mut stream, r).await;
+            }
+            let ctx = Context {
+                client: peer.client.ip(),
+                client_cn,
+                secure: peer.secure,
+                origins: access.origins.as_deref().unwrap_or(&live.default_origins),
+                per_ip: live.per_ip.as_ref(),
+                failures: &self.inner.failures,
+            };
+            let write_deadline = Instant::now() + t.http_write;
+            let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, listener.web.as_deref(), &ctx));
+            let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
+                Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
+                Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
+                Ok(Ok(Outcome::Answered {
+                    status,
+                    reason,
+                    refusal,
+                    next,
+                })) => {
+                    if status.as_u16() >= 400 {
+                        self.inner.metrics.refused(refusal);
+                    }
+                    // A refusal is worth a line; a static file served is not (a noVNC page load is
+                    // some 40 of them): debug.
+                    if status.as_u16() >= 400 && next.is_none() {
+                        info!(status = status.as_u16(), %reason, "http request answered");
+                    } else {
+                        debug!(status = status.as_u16(), %reason, "http request answered");
+                    }
+                    match next {
+                        Some(rest) if requests < REQUESTS_PER_CONNECTION && !shutdown.is_cancelled() => {
+                            carried = rest;
+                            deadline = Instant::now() + t.handshake;
+                            continue;
+                        }
+                        _ => return linger(&mut stream, t.close).await,
+                    }
+                }
+                Ok(Ok(Outcome::Upgrade(u))) => u,
+            };
+            let span = tracing::Span::current();
+            span.record("route", upgrade.route.name.as_str());
+            span.record("target", tracing::field::display(&upgrade.route.target));
+            match tokio::time::timeout_at(write_deadline, crate::http::write_switching(&mut stream, &upgrade)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
+                Err(_) => return debug!("write deadline passed writing 101"),
+            }
+            // Keep what the session needs; the request head is freed here, not at the session's end.
+            let Upgrade {
+                route,
                 leftover,
-                &live.agents,
-                &endpoint,
-                t,
-                shutdown,
-                &self.inner.metrics,
-            );
-            return Box::pin(serve).await;
-        }
-        if let Some(r) = held.refusal() {
-            return self.answer_per_ip(&mut stream, r).await;
-        }
-        let ctx = Context {
-            client: peer.client.ip(),
-            client_cn,
-            secure: peer.secure,
-            origins: access.origins.as_deref().unwrap_or(&live.default_origins),
-            per_ip: live.per_ip.as_ref(),
-            failures: &self.inner.failures,
-        };
-        let write_deadline = Instant::now() + t.http_write;
-        let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, listener.web.as_deref(), &ctx));
-        let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
-            Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
-            Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
-            Ok(Ok(Outcome::Answered { status, reason, refusal })) => {
-                if status.as_u16() >= 400 {
-                    self.inner.metrics.refused(refusal);
-                }
-                linger(&mut stream, t.close).await;
-                // A refusal is worth a line; a static file served is not (a noVNC page load is
-                // some 40 of them): debug.
-                if status.as_u16() >= 400 {
-                    return info!(status = status.as_u16(), %reason, "http request answered");
-                }
-                return debug!(status = status.as_u16(), %reason, "http request answered");
+                slot: _slot,
+                per_ip: _per_ip,
+                authenticated,
+                ..
+            } = *upgrade;
+            if let Some(who) = authenticated.and_then(|a| a.subject) {
+                span.record("user", who.as_str());
             }
-            Ok(Ok(Outcome::Upgrade(u))) => u,
-        };
-        let span = tracing::Span::current();
-        span.record("route", upgrade.route.name.as_str());
-        span.record("target", tracing::field::display(&upgrade.route.target));
-        match tokio::time::timeout_at(write_deadline, crate::http::write_switching(&mut stream, &upgrade)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
-            Err(_) => return debug!("write deadline passed writing 101"),
+            let params = SessionParams {
+                framing: route.options.framing,
+                max_message_size: route.options.max_message_size,
+                timeouts: t,
+                record: route.options.record.as_ref(),
+            };
+            let proxy_header = match (route.options.policy.proxy_protocol, peer.local) {
+                (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),
+                _ => None,
+            };
+            let live_config = live;
+            let target = route.target.to_string();
+            let session = self
+                .inner
+                .metrics
+                .sessions
+                .add(peer.client, &route.name, target, shutdown.child_token());
+            let live = (&*self.inner.metrics, &*session.session);
+            run_session(
+                stream,
+                leftover,
+                &route,
+                &params,
+                proxy_header.as_deref(),
+                live,
+                &live_config.agents,
+            )
+            .await;
+            return;
         }
-        // Keep what the session needs; the request head is freed here, not at the session's end.
-        let Upgrade {
-            route,
-            leftover,
-            slot: _slot,
-            per_ip: _per_ip,
-            authenticated,
-            ..
-        } = *upgrade;
-        if let Some(who) = authenticated.and_then(|a| a.subject) {
-            span.record("user", who.as_str());
-        }
-        let params = SessionParams {
-            framing: route.options.framing,
-            max_message_size: route.options.max_message_size,
-            timeouts: t,
-            record: route.options.record.as_ref(),
-        };
-        let proxy_header = match (route.options.policy.proxy_protocol, peer.local) {
-            (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),
-            _ => None,
-        };
-        let live_config = live;
-        let target = route.target.to_string();
-        let session = self
-            .inner
-            .metrics
-            .sessions
-            .add(peer.client, &route.name, target, shutdown.child_token());
-        let live = (&*self.inner.metrics, &*session.session);
-        run_session(
-            stream,
-            leftover,
-            &route,
-            &params,
-            proxy_header.as_deref(),
-            live,
-            &live_config.agents,
-        )
-        .await;
     }
 }
+
+/// The most requests one connection carries (keep-alive after static files), as nginx's
+/// `keepalive_requests`: a client that keeps one open for ever is made to connect again now and
+/// then, and lands on whichever instance a balancer picks then.
+pub const REQUESTS_PER_CONNECTION: usize = 1000;
 
 /// TCP_USER_TIMEOUT on client sockets (Linux): how long data we sent may go unacknowledged
 /// before the kernel drops the connection. The backstop for what pings cannot see: a client

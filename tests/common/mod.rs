@@ -394,10 +394,39 @@ pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(request).await.unwrap();
         let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out).await;
+        let mut buf = vec![0u8; 16 * 1024];
+        while !response_complete(request, &out) {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
         String::from_utf8_lossy(&out).into_owned()
     })
     .await
+}
+
+/// Whether `out` holds the whole answer to `request`: its head and as many bytes as its
+/// `Content-Length` says (none for HEAD, 1xx, 204, 304); an answer without a length ends with the
+/// connection. The bridge keeps a connection open after a static file (keep-alive), so the end
+/// of the answer is not the end of the connection.
+pub fn response_complete(request: &[u8], out: &[u8]) -> bool {
+    response_len(request, out).is_some()
+}
+
+/// The length of the first whole answer to `request` in `out` (see [`response_complete`]).
+pub fn response_len(request: &[u8], out: &[u8]) -> Option<usize> {
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+    let status = status_of(&head);
+    if request.starts_with(b"HEAD ") || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Some(end);
+    }
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())?;
+    (out.len() >= end + length).then_some(end + length)
 }
 
 /// A GET upgrade request for `path` with the usual headers plus `extra` lines.

@@ -171,3 +171,120 @@ async fn fifos_and_devices_are_not_served() {
         assert!(get(&bridge, "/sub/app.js").await.ends_with("let x = 1;"));
     }
 }
+
+/// Reads from `s` (after what `got` holds already) until the whole answer to `request` is there;
+/// returns it and leaves what follows in `got`.
+async fn next_response(s: &mut tokio::net::TcpStream, request: &[u8], got: &mut Vec<u8>) -> String {
+    use tokio::io::AsyncReadExt;
+    within("an answer", async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if let Some(n) = response_len(request, got) {
+                let rest = got.split_off(n);
+                return String::from_utf8(std::mem::replace(got, rest)).unwrap();
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed in the middle of an answer: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+}
+
+/// A connection whose static file was answered stays open for the next request (keep-alive), as
+/// websockify's does: a noVNC page's 60 files do not each cost a new connection (and over wss://
+/// a TLS handshake). Requests sent without waiting (pipelined) are answered in order; `Connection:
+/// close` is honoured; an HTTP/1.0 request, or one answered with an error, closes.
+#[tokio::test]
+async fn static_files_keep_the_connection_for_the_next_request() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, true, false, false).await;
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+    let app: &[u8] = b"GET /sub/app.js HTTP/1.1\r\nHost: x\r\n\r\n";
+    let head: &[u8] = b"HEAD /sub/app.js HTTP/1.1\r\nHost: x\r\n\r\n";
+    let missing: &[u8] = b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (request, status, body) in [(index, 200, "<h1>hi</h1>"), (app, 200, "let x = 1;"), (missing, 404, "not found")] {
+        s.write_all(request).await.unwrap();
+        let r = next_response(&mut s, request, &mut got).await;
+        assert_eq!(status_of(&r), status, "{r}");
+        assert!(r.ends_with(body) || r.ends_with(&format!("{body}\n")), "{r}");
+        assert!(!r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    }
+    // Three at once, the middle one a HEAD (no body: the next answer follows its head).
+    s.write_all(&[index, head, app].concat()).await.unwrap();
+    for (request, body) in [(index, "<h1>hi</h1>"), (head, ""), (app, "let x = 1;")] {
+        let r = next_response(&mut s, request, &mut got).await;
+        assert_eq!(status_of(&r), 200, "{r}");
+        assert!(r.ends_with(&format!("\r\n\r\n{body}")), "{r}");
+    }
+    // The client says it is done: answered with `Connection: close`, then the end.
+    let last: &[u8] = b"GET /sub/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    s.write_all(last).await.unwrap();
+    let r = next_response(&mut s, last, &mut got).await;
+    assert!(r.contains("Connection: close") && r.contains("app.js"), "{r}");
+    closed_by_peer(&mut s).await;
+
+    for (request, status) in [
+        (&b"GET /index.html HTTP/1.0\r\n\r\n"[..], 200),
+        (&b"POST /index.html HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..], 405),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let r = next_response(&mut s, request, &mut Vec::new()).await;
+        assert_eq!(status_of(&r), status, "{r}");
+        assert!(r.contains("Connection: close"), "{r}");
+        closed_by_peer(&mut s).await;
+    }
+}
+
+/// A kept-alive connection may carry a WebSocket upgrade after its static files (the page and its
+/// session on one connection); one left idle is closed at the handshake deadline after its last
+/// answer, and at once when the bridge shuts down.
+#[tokio::test]
+async fn a_kept_alive_connection_upgrades_or_is_closed_when_idle() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.handshake = std::time::Duration::from_millis(600);
+    config.listeners.push(ListenerConfig {
+        web: Some(www.clone()),
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
+    });
+    let bridge = TestBridge::start(config).await;
+    let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    s.write_all(index).await.unwrap();
+    assert_eq!(status_of(&next_response(&mut s, index, &mut got).await), 200);
+    let (mut s, response) = raw_upgrade_on(s, &upgrade_request("/", "")).await;
+    assert_eq!(status_of(&response), 101, "{response}");
+    s.write_all(&frame(0x82, b"same connection", true)).await.unwrap();
+    assert_eq!(raw_read_frame(&mut s).await, (2, b"same connection".to_vec()));
+
+    let mut idle = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    idle.write_all(index).await.unwrap();
+    assert_eq!(status_of(&next_response(&mut idle, index, &mut Vec::new()).await), 200);
+    let answered = std::time::Instant::now();
+    let closed = closed_by_peer(&mut idle).await;
+    assert_window(
+        "the idle connection's close",
+        closed - answered,
+        std::time::Duration::from_millis(600),
+    );
+
+    let mut idle = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    idle.write_all(index).await.unwrap();
+    assert_eq!(status_of(&next_response(&mut idle, index, &mut Vec::new()).await), 200);
+    drop(s);
+    let stopping = std::time::Instant::now();
+    bridge.stop().await;
+    let closed = closed_by_peer(&mut idle).await;
+    assert!(closed - stopping < std::time::Duration::from_millis(500), "{:?}", closed - stopping);
+}
