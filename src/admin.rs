@@ -14,7 +14,7 @@
 //! otherwise); the health endpoints never do: balancers probe them and they tell nothing.
 //!
 //! HTTP is the bridge's own small path ([`crate::http::request`], httparse): one request per
-//! connection, the same 16 KiB head cap, `Connection: close`. A few fixed endpoints do not need a
+//! connection, the same head cap (`MAX_HEAD`), `Connection: close`. A few fixed endpoints do not need a
 //! second HTTP stack (hyper's server and hyper-util) beside the one the listeners already use.
 //! Bounded like every listener: [`MAX_CONNECTIONS`] at once (more get a prompt 503), and the
 //! request and the answer each under [`DEADLINE`].

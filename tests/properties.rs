@@ -19,7 +19,7 @@ use checks::{Completed, Decided, HeadSummary};
 use http::HeaderMap;
 use ipnet::{IpNet, Ipv4Net};
 use proptest::prelude::*;
-use wsbridge::http::request::MAX_HEAD;
+use wsbridge::http::request::{MAX_HEAD, MAX_HEADERS};
 use wsbridge::policy::auth::Credentials;
 use wsbridge::policy::{client_address, AddressLimits, ForwardedHeader, Networks, OriginPolicy, OriginRule, PerAddress};
 use wsbridge::routes::RouteTable;
@@ -128,7 +128,7 @@ proptest! {
 
     /// A well-formed head followed by anything reads back as written (method, target, version,
     /// every header in order), whatever the read sizes; what was read past the head is exactly
-    /// the start of what followed it, and nothing past 16 KiB is read.
+    /// the start of what followed it, and nothing past MAX_HEAD (32 KiB) is read.
     #[test]
     fn well_formed_heads_read_back_as_written(
         head in gen_head(),
@@ -147,11 +147,11 @@ proptest! {
         }
     }
 
-    /// Heads over the bounds (more than 64 header lines, more than 16 KiB before the blank
-    /// line) are 431, and the reader stops at 16 KiB whatever follows.
+    /// Heads over the bounds (more than MAX_HEADERS header lines, more than MAX_HEAD before the blank
+    /// line) are 431, and the reader stops at MAX_HEAD whatever follows.
     #[test]
-    fn heads_over_the_bounds_are_431_without_reading_past_16_kib(
-        lines in 65..100usize,
+    fn heads_over_the_bounds_are_431_without_reading_past_max_head(
+        lines in (MAX_HEADERS + 1)..(MAX_HEADERS + 40),
         long in (MAX_HEAD - 20)..(MAX_HEAD + 5000),
         many in any::<bool>(),
         sizes in read_sizes(),

@@ -9,10 +9,11 @@ use http::{Method, Request, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 
-/// The largest request head accepted (request line and headers); above it: 431.
-pub const MAX_HEAD: usize = 16 * 1024;
-/// The most header lines accepted; above it: 431.
-pub const MAX_HEADERS: usize = 64;
+/// The largest request head accepted (request line and headers); above it: 431. nginx's default
+/// reach (four 8 KiB header buffers): a page on a domain whose cookies are large still gets in.
+pub const MAX_HEAD: usize = 32 * 1024;
+/// The most header lines accepted; above it: 431 (websockify's limit, Python's http.server's).
+pub const MAX_HEADERS: usize = 100;
 
 /// Why a request was not upgraded. Each carries the status the client got.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +91,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(io: &mut S) -> Result<Head, Reje
             }));
         }
         // Parse only when the new bytes may end the head (a blank line): a client that sends a
-        // byte at a time must not make us re-parse up to 16 KiB per byte.
+        // byte at a time must not make us re-parse up to MAX_HEAD per byte.
         if request_start.is_none() {
             request_start = buf[start..].iter().position(|b| !matches!(b, b'\r' | b'\n')).map(|i| start + i);
         }

@@ -52,9 +52,9 @@ async fn http_errors_are_answered_and_open_no_backend() {
     assert_eq!(status_of(&r), 426, "{r}");
     assert!(r.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{r}");
 
-    let huge = format!("GET /vnc HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(17 * 1024));
+    let huge = format!("GET /vnc HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(33 * 1024));
     assert_eq!(status_of(&http_raw(a, huge.as_bytes()).await), 431);
-    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many = format!("GET /vnc HTTP/1.1\r\n{many}\r\n");
     assert_eq!(status_of(&http_raw(a, many.as_bytes()).await), 431);
 
