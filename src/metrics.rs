@@ -164,6 +164,8 @@ impl Refusal {
                     403 => "forbidden",
                     404 => "not_found",
                     405 => "method",
+                    409 => "no_control_link",
+                    421 => "misdirected",
                     426 => "not_websocket",
                     429 => "rate_limited",
                     431 => "head_too_large",

@@ -78,6 +78,7 @@ pub async fn serve<S: IntoLink>(
     // agent sends: refused before anything else, and not charged to the address's brake.
     if let Some(origin) = headers.get(header::ORIGIN) {
         refuse(&mut stream, write_end, StatusCode::FORBIDDEN, NOT_FOR_BROWSERS).await;
+        metrics.refused(crate::metrics::Refusal::Http(403));
         return info!(
             status = 403,
             origin = %shown(origin.as_bytes()),
@@ -86,6 +87,7 @@ pub async fn serve<S: IntoLink>(
     }
     let kind = if !is_login(headers) {
         refuse(&mut stream, write_end, StatusCode::BAD_REQUEST, "this is an agent endpoint").await;
+        metrics.refused(crate::metrics::Refusal::Http(400));
         return info!(status = 400, "agent endpoint: not an agent handshake");
     } else if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
         let framing = header::HeaderName::from_static(chunks::FRAMING_HEADER);
@@ -101,6 +103,7 @@ pub async fn serve<S: IntoLink>(
                     "missing or malformed Sec-WebSocket-Key",
                 )
                 .await;
+                metrics.refused(crate::metrics::Refusal::Http(400));
                 return info!(status = 400, "agent endpoint: malformed control link request");
             }
         }
@@ -132,6 +135,7 @@ pub async fn serve<S: IntoLink>(
     if name.is_none() || secret.is_none() {
         // Guesses nothing: not charged to the brake (see the module's doc), and not looked up.
         refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        metrics.refused(crate::metrics::Refusal::Http(401));
         return info!(
             status = 401,
             agent = %shown(name.unwrap_or_default().as_bytes()),
@@ -159,6 +163,7 @@ pub async fn serve<S: IntoLink>(
         Err(why) => {
             // The try was charged by may_try; a failed one stays spent.
             refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+            metrics.refused(crate::metrics::Refusal::Http(401));
             let shown = shown(name.unwrap_or_default().as_bytes());
             warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
             if registry.brake_came_on(addr.ip()) {
@@ -191,12 +196,14 @@ pub async fn serve<S: IntoLink>(
                     "this link's control link is on another instance",
                 )
                 .await;
+                metrics.refused(crate::metrics::Refusal::Http(421));
                 return info!(agent = %name, status = 421, "agent data link for another instance; refused");
             }
             // Its control link logged in with the same secret: during a rotation the old one is
             // still listed, and a link with it must not join the new connection's pool.
             if !registry.takes_links(&name, &digest) || !leftover.is_empty() {
                 refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
+                metrics.refused(crate::metrics::Refusal::Http(409));
                 return debug!(agent = %name, status = 409, "agent data link without a control link (with its secret)");
             }
             // Answering the agent's offer of chunks makes the link reusable (an agent that did

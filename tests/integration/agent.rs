@@ -3205,4 +3205,7 @@ async fn wrong_secrets_past_the_brake_are_one_warning_not_one_each() {
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     let counted = format!(r#"wsbridge_handshakes_refused_total{{status="429",reason="rate_limited"}} {slowed}"#);
     assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
+    // The failed logins themselves are counted as a browser's failed authentication is.
+    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="401",reason="unauthenticated"}} {refused}"#);
+    assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
 }
