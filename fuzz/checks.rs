@@ -361,6 +361,7 @@ pub fn decide(table: &RouteTable, data: &[u8], sizes: &[usize], client: IpAddr) 
         origins: &origins,
         per_ip: None,
         failures,
+        keep_alive: false,
     };
     let mut io = Chunked::new(data, sizes);
     block_on(async {

@@ -30,6 +30,9 @@ pub struct Context<'a> {
     pub per_ip: Option<&'a Arc<PerAddress>>,
     /// Failed authentications per client address: the brake on guessing.
     pub failures: &'a Arc<PerAddress>,
+    /// A static answer may leave the connection open for another request (the server has room
+    /// for idle connections and is not draining): see [`web::serve`].
+    pub keep_alive: bool,
 }
 
 /// A request that will become a WebSocket session.
@@ -135,7 +138,7 @@ where
             })
         }
         Decision::Static(request, leftover, web) => {
-            let served = web::serve(io, &request, web, web::keeps_alive(&request)).await?;
+            let served = web::serve(io, &request, web, ctx.keep_alive && web::keeps_alive(&request)).await?;
             Ok(Outcome::Answered {
                 status: served.status,
                 reason: served.what.into(),

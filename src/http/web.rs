@@ -228,10 +228,28 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     head.push_str(if kept { "\r\n" } else { "Connection: close\r\n\r\n" });
     io.write_all(head.as_bytes()).await?;
     if with_body {
+        let promised = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut sent = 0u64;
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
                 io.write_all(&data).await?;
+                sent += data.len() as u64;
             }
+        }
+        // A file cut short while it was sent (rewritten in place): the client waits for the
+        // rest, so the connection must end, not wait for another request.
+        if promised.is_some_and(|n| n != sent) {
+            io.flush().await?;
+            return Err(Rejection::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file changed while it was sent: {sent} of {} bytes",
+                    promised.unwrap_or_default()
+                ),
+            )));
         }
     }
     io.flush().await?;
@@ -270,9 +288,11 @@ pub(crate) fn keeps_alive(request: &Request<()>) -> bool {
                 .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
         })
         && !headers.contains_key(header::TRANSFER_ENCODING)
+        // Every `Content-Length` (a second one, differing, would hide a request in a body).
         && headers
-            .get(header::CONTENT_LENGTH)
-            .is_none_or(|v| v.to_str().is_ok_and(|v| v.trim() == "0"))
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.to_str().is_ok_and(|v| v.trim() == "0"))
 }
 
 async fn write_response<S: AsyncWrite + Unpin>(

@@ -601,12 +601,15 @@ impl Bridge {
     ) where
         S: crate::agent::link::IntoLink,
     {
-        let t = &live.timeouts;
         let shutdown = &self.shutdown;
         let connected_from = peer.client;
         // What came after the previous request (keep-alive): the next one's beginning.
         let mut carried = Vec::new();
         let mut requests = 0usize;
+        // The configuration the connection was accepted under serves its first request; each
+        // later one is served under the configuration in force when it comes (a reload may have
+        // removed a route or changed its keys since).
+        let handshake = live.timeouts.handshake;
         loop {
             requests += 1;
             // Each request names its own client behind a trusted proxy (one that keeps its
@@ -619,14 +622,20 @@ impl Bridge {
                 r = tokio::time::timeout_at(deadline, crate::http::read_request_after(&mut stream, std::mem::take(&mut carried))) => match r {
                     Ok(head) => head,
                     // A kept-alive connection that the client no longer uses is no failure.
-                    Err(_) if requests > 1 => return debug!(timeout = ?t.handshake, "kept-alive connection idle: closed"),
-                    Err(_) => return debug!(timeout = ?t.handshake, "handshake deadline passed; dropped"),
+                    Err(_) if requests > 1 => return debug!(timeout = ?handshake, "kept-alive connection idle: closed"),
+                    Err(_) => return debug!(timeout = ?handshake, "handshake deadline passed; dropped"),
                 },
             };
             if requests > 1 && matches!(&head, Err(crate::http::Rejection::BadRequest(_) | crate::http::Rejection::Io(_))) {
                 // The client closed its kept-alive connection, as it may at any time.
                 return debug!("kept-alive connection closed by the client");
             }
+            // The first request is served under the configuration the connection was accepted
+            // under; a later one under the configuration in force when it came (a reload may have
+            // removed a route or changed its keys since).
+            let reloaded = (requests > 1).then(|| self.live());
+            let live: &Live = reloaded.as_deref().unwrap_or(live);
+            let t = &live.timeouts;
             let access = &listener.config.access;
             if !access.trusted_proxies.is_empty() && !access.proxy_protocol {
                 if let Ok((request, _)) = &head {
@@ -675,6 +684,7 @@ impl Bridge {
                 origins: access.origins.as_deref().unwrap_or(&live.default_origins),
                 per_ip: live.per_ip.as_ref(),
                 failures: &self.inner.failures,
+                keep_alive: requests < REQUESTS_PER_CONNECTION && !self.is_draining() && self.room_to_idle(live, connected_from.ip()),
             };
             let write_deadline = Instant::now() + t.http_write;
             let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, listener.web.as_deref(), &ctx));
@@ -698,12 +708,13 @@ impl Bridge {
                         debug!(status = status.as_u16(), %reason, "http request answered");
                     }
                     match next {
-                        Some(rest) if requests < REQUESTS_PER_CONNECTION && !shutdown.is_cancelled() => {
+                        // The answer said keep-alive (which it does only as `ctx.keep_alive` allows).
+                        Some(rest) => {
                             carried = rest;
                             deadline = Instant::now() + t.handshake;
                             continue;
                         }
-                        _ => return linger(&mut stream, t.close).await,
+                        None => return linger(&mut stream, t.close).await,
                     }
                 }
                 Ok(Ok(Outcome::Upgrade(u))) => u,
@@ -758,6 +769,22 @@ impl Bridge {
             .await;
             return;
         }
+    }
+}
+
+impl Bridge {
+    /// Whether a connection from `ip` may stay open, idle, for another request after a static
+    /// file: only while its address holds under half its `max_connections_per_ip` and the bridge
+    /// under half its `max_connections`, so that idle connections never take the places a
+    /// page's WebSocket (which browsers open on a connection of its own) needs.
+    fn room_to_idle(&self, live: &Live, ip: std::net::IpAddr) -> bool {
+        let per_address = live.connections_per_ip.as_ref().is_none_or(|table| {
+            table
+                .limits()
+                .max_sessions
+                .is_none_or(|cap| table.count_of(ip).saturating_mul(2) < cap)
+        });
+        per_address && self.connections().saturating_mul(2) < live.max_connections
     }
 }
 

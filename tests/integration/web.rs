@@ -288,3 +288,129 @@ async fn a_kept_alive_connection_upgrades_or_is_closed_when_idle() {
     let closed = closed_by_peer(&mut idle).await;
     assert!(closed - stopping < std::time::Duration::from_millis(500), "{:?}", closed - stopping);
 }
+
+/// A kept-alive connection's next request is served under the configuration in force when it
+/// comes: a route removed by a reload meanwhile is not reached through a connection opened
+/// before it.
+#[tokio::test]
+async fn a_kept_alive_connection_follows_a_reload() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.listeners.push(ListenerConfig {
+        web: Some(www.clone()),
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
+    });
+    let bridge = TestBridge::start(config).await;
+    let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    s.write_all(index).await.unwrap();
+    assert_eq!(status_of(&next_response(&mut s, index, &mut got).await), 200);
+
+    let mut reloaded = bridge.config.clone();
+    reloaded.routes[0].matcher = wsbridge::config::Matcher::Path("/other".into());
+    bridge.bridge.reload(&reloaded).unwrap();
+    let upgrade = upgrade_request("/", "");
+    s.write_all(&upgrade).await.unwrap();
+    let r = next_response(&mut s, &upgrade, &mut got).await;
+    assert_eq!(status_of(&r), 404, "{r}");
+}
+
+/// Idle kept-alive connections never take the places a page's WebSocket needs: past half its
+/// address's `max_connections_per_ip` a connection's static answer says `Connection: close`.
+/// Browsers open the WebSocket on a connection of its own, after loading the page over several.
+#[tokio::test]
+async fn kept_alive_connections_leave_their_address_room_for_the_websocket() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.limits.max_connections_per_ip = Some(6);
+    config.listeners.push(ListenerConfig {
+        web: Some(www.clone()),
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
+    });
+    let bridge = TestBridge::start(config).await;
+    let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+    // A browser's six connections for the page's files, opened at once.
+    let mut page = Vec::new();
+    for _ in 0..6 {
+        page.push(tokio::net::TcpStream::connect(bridge.addr).await.unwrap());
+    }
+    let mut kept = Vec::new();
+    for mut s in page {
+        s.write_all(index).await.unwrap();
+        let r = next_response(&mut s, index, &mut Vec::new()).await;
+        assert_eq!(status_of(&r), 200, "{r}");
+        match r.contains("Connection: close") {
+            true => closed_by_peer(&mut s).await,
+            false => {
+                kept.push(s);
+                continue;
+            }
+        };
+    }
+    assert!(kept.len() < 3, "{} idle connections kept of a cap of 6", kept.len());
+    let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+    send_bin(&mut ws, b"room").await;
+    assert_eq!(recv_data(&mut ws).await, b"room");
+}
+
+/// A request that says twice how long its body is (one of them 0) is not kept alive: its
+/// body could be read as a request of its own.
+#[tokio::test]
+async fn a_request_with_two_lengths_closes_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, true, false, false).await;
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let body = b"GET /sub/app.js HTTP/1.1\r\nHost: x\r\n\r\n";
+    let request = format!(
+        "GET /index.html HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(&[request.as_bytes(), body].concat()).await.unwrap();
+    let mut got = Vec::new();
+    let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+    assert!(r.contains("Connection: close"), "{r}");
+    closed_by_peer(&mut s).await;
+}
+
+/// A draining instance keeps no connection for another request: the next goes where the
+/// balancer sends it.
+#[tokio::test]
+async fn a_draining_bridge_keeps_no_connection_alive() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let mut config = any_path_to(echo_backend().await.0);
+    config.timeouts.drain_delay = Some(std::time::Duration::from_secs(30));
+    config.listeners.push(ListenerConfig {
+        web: Some(www.clone()),
+        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
+    });
+    let bridge = TestBridge::start(config).await;
+    let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    s.write_all(index).await.unwrap();
+    let r = next_response(&mut s, index, &mut Vec::new()).await;
+    assert!(!r.contains("Connection: close"), "not draining yet: {r}");
+    let b = bridge.bridge.clone();
+    let draining = tokio::spawn(async move { b.drain(std::future::pending()).await });
+    within("the drain to start", async {
+        while bridge.bridge.is_ready() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    s.write_all(index).await.unwrap();
+    let r = next_response(&mut s, index, &mut Vec::new()).await;
+    assert!(r.contains("Connection: close"), "{r}");
+    closed_by_peer(&mut s).await;
+    draining.abort();
+}
