@@ -244,8 +244,8 @@ pub struct RunArgs {
     /// Connect to the target over TLS, verifying its certificate against the system roots.
     #[arg(long)]
     pub ssl_target: bool,
-    /// With --ssl-target: verify against this CA bundle instead; a certificate in it is also
-    /// accepted as the backend's own (a self-signed backend certificate, names not checked).
+    /// With --ssl-target: verify against this CA bundle instead; a file of one certificate is
+    /// also accepted as the backend's own (a self-signed backend certificate, names not checked).
     #[arg(long, value_name = "FILE")]
     pub ssl_target_ca: Option<PathBuf>,
     /// With --ssl-target: the name to verify (default: the target host).

@@ -343,7 +343,9 @@ impl BackendTls {
                 .with_no_client_auth()
         } else {
             let (roots, pinned) = match &s.ca {
-                Some(ca) => (load_roots(ca)?, load_certs(ca)?),
+                // Pinned only when the file is that one certificate: in a bundle of several, any
+                // of them would otherwise be taken for any route's backend.
+                Some(ca) => (load_roots(ca)?, load_certs(ca).map(|c| if c.len() == 1 { c } else { Vec::new() })?),
                 None => {
                     let found = rustls_native_certs::load_native_certs();
                     let mut roots = RootCertStore::empty();
@@ -382,9 +384,11 @@ impl BackendTls {
     }
 }
 
-/// The backend's certificate is verified against the CA file (or the system roots) as usual, and a
-/// certificate that is itself in the CA file is accepted as it stands (pinned): a backend's
-/// self-signed certificate, given as the CA file, works whatever its extensions say.
+/// The backend's certificate is verified against the CA file (or the system roots) as usual, and,
+/// when the CA file holds that one certificate and nothing else, it is accepted as it stands
+/// (pinned): a backend's self-signed certificate, given as the CA file, works whatever its
+/// extensions say. (In a bundle of several certificates nothing is pinned: each would stand for
+/// every route using the bundle, whatever its name.)
 /// `openssl req -x509` marks the certificates it makes as CAs, and WebPKI refuses a CA
 /// certificate as a server's own (`CaUsedAsEndEntity`), so without this the usual way to make
 /// a backend's certificate could not be trusted by naming it. A pinned certificate is still

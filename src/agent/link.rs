@@ -372,6 +372,9 @@ pub struct LossState {
     /// or secret changed): every session through it ends at once, busy, idle or stalled (see
     /// [`AgentLink::revoked`]).
     revoked: std::sync::atomic::AtomicBool,
+    /// Cancelled when the agent is no longer allowed, even after it was lost (the relays of a
+    /// lost connection's sessions wait on this one, `token` having fired already).
+    revoked_token: CancellationToken,
 }
 
 impl Loss {
@@ -388,6 +391,7 @@ impl Loss {
     /// The agent is no longer allowed: its sessions end at once.
     pub fn revoke(&self) {
         self.0.revoked.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.0.revoked_token.cancel();
         self.0.token.cancel();
     }
 
@@ -497,11 +501,8 @@ impl AgentLink {
     pub fn revoked(&self) -> impl std::future::Future<Output = io::Error> + Send + 'static {
         let (loss, name) = (self.lost.clone(), self.name.clone());
         async move {
-            loss.token().cancelled().await;
-            if !loss.is_revoked() {
-                // Lost, not revoked: its sessions end when their links have nothing to carry.
-                std::future::pending::<()>().await;
-            }
+            // Lost and not revoked: its sessions end when their links have nothing to carry.
+            loss.0.revoked_token.cancelled().await;
             revoked_error(&name)
         }
     }
@@ -797,6 +798,22 @@ mod tests {
         let mut all = Vec::new();
         link.halves().0.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"WELCOME AND MORE");
+    }
+
+    /// A connection lost first and revoked afterwards (its sessions still ran on their links):
+    /// the revocation still reaches them.
+    #[tokio::test]
+    async fn a_revocation_after_a_loss_still_ends_the_sessions() {
+        let loss = Loss::default();
+        let (a, _b) = tokio::io::duplex(64);
+        let link = AgentLink::new(LinkStream::Other(Box::new(a)), Vec::new(), loss.clone(), "shop-17".into());
+        let mut revoked = Box::pin(link.revoked());
+        loss.lose();
+        let looked = futures_util::FutureExt::now_or_never(revoked.as_mut());
+        assert!(looked.is_none(), "lost, not revoked: the sessions go on");
+        loss.revoke();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), revoked).await.unwrap();
+        assert_eq!(e.to_string(), "agent shop-17 is no longer allowed");
     }
 
     /// A lost agent's link ends only when it has nothing to give; a revoked one's at once,

@@ -883,6 +883,13 @@ impl Registry {
         // Each turn takes a link out of the pool (bounded: `most_idle`) or waits for one to
         // arrive; a closed link fails at once, so the deadline is what ends the turns.
         loop {
+            // Checked here too: past the deadline a waiter's stored wake-up, or a link that
+            // fails at once, would otherwise start another turn.
+            if dead > 0 && Instant::now() >= end {
+                return Err(ConnectError::Agent(format!(
+                    "agent {name}: no live data link from the agent in time ({dead} found closed)"
+                )));
+            }
             let (mut io, chunks, lost, pool) = loop {
                 match self.take(name, service)? {
                     Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),

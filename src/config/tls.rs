@@ -79,8 +79,8 @@ impl TlsSettings {
 pub struct BackendTlsSettings {
     /// The name to verify (and send as SNI); default: the target's host.
     pub server_name: Option<String>,
-    /// CA bundle to verify against; default: the system's roots. A certificate in it is also
-    /// accepted as the backend's own (pinned: a self-signed backend certificate).
+    /// CA bundle to verify against; default: the system's roots. A file of one certificate is
+    /// also accepted as the backend's own (pinned: a self-signed backend certificate).
     pub ca: Option<PathBuf>,
     /// Accept any certificate. Only when a route says so in so many words.
     pub insecure_skip_verify: bool,

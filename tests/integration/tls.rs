@@ -619,6 +619,15 @@ async fn backend_self_signed_certificate_is_trusted_by_naming_it() {
     let mut s = raw_ws(bridge.addr, "/").await;
     let (code, reason) = raw_read_close(&mut s).await;
     assert_eq!((code, reason.as_str()), (1014, "backend TLS failed: certificate not accepted"));
+
+    // A bundle of several certificates pins none of them: each would stand for every route
+    // that uses the bundle, whatever its name (here the backend's own, and another's).
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, format!("{}{}", cert.cert_pem, other.cert_pem)).unwrap();
+    let bridge = bridge_to_tls_backend(backend, Some("vnc.internal"), Some(bundle), false).await;
+    let mut s = raw_ws(bridge.addr, "/").await;
+    let (code, reason) = raw_read_close(&mut s).await;
+    assert_eq!((code, reason.as_str()), (1014, "backend TLS failed: certificate not accepted"));
 }
 
 #[tokio::test]
