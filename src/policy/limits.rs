@@ -48,7 +48,7 @@ struct Entry {
 /// counters have gone back to nothing (no session, a full bucket). When all hold other live
 /// addresses, which takes a flood of more addresses than the table has room for, the newcomer
 /// goes uncounted (see `with_entry`). IPv6 addresses count by their /64. A reload changes the
-/// limits and the size in place ([`PerAddress::reconfigure`]), so the counts of the sessions open
+/// limits and the size in place ([`PerAddress::stage`]), so the counts of the sessions open
 /// across it go on.
 #[derive(Debug)]
 pub struct PerAddress {
@@ -73,7 +73,7 @@ impl Table {
 }
 
 /// A session's place in [`PerAddress`]; given back on drop. It names its address's key, not a
-/// slot, since a reload may move the entry ([`PerAddress::reconfigure`]); an entry holding a
+/// slot, since a reload may move the entry ([`PerAddress::stage`]); an entry holding a
 /// session is never given to another address, so it is found again.
 #[derive(Debug)]
 pub struct AddressSlot {
@@ -98,6 +98,25 @@ impl Drop for AddressSlot {
                 e.sessions = e.sessions.saturating_sub(1);
             }
         }
+    }
+}
+
+/// New limits and size for a table in service, made while a reload builds the new configuration
+/// ([`PerAddress::stage`]) and put into force by [`Staged::commit`] only once all of it was
+/// built: a reload that fails drops them with the rest of what it built, and the table goes on
+/// as it was.
+#[derive(Debug)]
+#[must_use = "nothing changes until it is committed"]
+pub struct Staged {
+    table: Arc<PerAddress>,
+    limits: AddressLimits,
+    capacity: usize,
+}
+
+impl Staged {
+    /// Puts the staged limits and size into force (see [`PerAddress::stage`]).
+    pub fn commit(self) {
+        self.table.reconfigure(self.limits, self.capacity);
     }
 }
 
@@ -142,12 +161,22 @@ impl PerAddress {
         self.lock().limits
     }
 
-    /// A reload: counts `limits` from now on in a table sized for `capacity`, keeping every
+    /// A reload: `limits` and a size for `capacity`, in force from [`Staged::commit`] on (the
+    /// table is shared with the configuration in service, which a failed reload leaves as it was).
+    pub fn stage(self: &Arc<Self>, limits: AddressLimits, capacity: usize) -> Staged {
+        Staged {
+            table: self.clone(),
+            limits,
+            capacity,
+        }
+    }
+
+    /// [`Staged::commit`]: counts `limits` from now on in a table sized for `capacity`, keeping every
     /// address's counts (the sessions open across the reload go on counting against the new
     /// limits, and a bucket keeps its tokens, at most the new burst). When the size changes the
     /// entries are placed again; one that finds no room in a smaller table is dropped (its
     /// sessions go uncounted from then on, as a full table's newcomers do), which is logged.
-    pub fn reconfigure(&self, limits: AddressLimits, capacity: usize) {
+    fn reconfigure(&self, limits: AddressLimits, capacity: usize) {
         let mut table = self.lock();
         let before = table.burst();
         table.limits = limits;
