@@ -74,7 +74,7 @@ impl Table {
 
 /// A session's place in [`PerAddress`]; given back on drop. It names its address's key, not a
 /// slot, since a reload may move the entry ([`PerAddress::stage`]); an entry holding a
-/// session is never given to another address, so it is found again.
+/// session is never given to another address nor dropped, so it is found again.
 #[derive(Debug)]
 pub struct AddressSlot {
     table: Arc<PerAddress>,
@@ -171,11 +171,14 @@ impl PerAddress {
         }
     }
 
-    /// [`Staged::commit`]: counts `limits` from now on in a table sized for `capacity`, keeping every
-    /// address's counts (the sessions open across the reload go on counting against the new
-    /// limits, and a bucket keeps its tokens, at most the new burst). When the size changes the
-    /// entries are placed again; one that finds no room in a smaller table is dropped (its
-    /// sessions go uncounted from then on, as a full table's newcomers do), which is logged.
+    /// [`Staged::commit`]: counts `limits` from now on in a table sized for `capacity`, keeping
+    /// every address's counts (the sessions open across the reload go on counting against the
+    /// new limits, and a bucket keeps its tokens, at most the new burst). When the size changes
+    /// the entries are placed again, but for those back at nothing. If one that is not finds no
+    /// room (a smaller table than the live addresses fit), the table keeps its size, which is
+    /// only a sizing hint, and says so: an entry is never dropped while it counts something, since
+    /// its address would get a fresh one, which the ends of its sessions from before would
+    /// uncount, letting it past its cap.
     fn reconfigure(&self, limits: AddressLimits, capacity: usize) {
         let mut table = self.lock();
         let before = table.burst();
@@ -190,26 +193,26 @@ impl PerAddress {
         if len == table.slots.len() {
             return;
         }
-        let old = std::mem::replace(&mut table.slots, vec![None; len]);
-        let mut dropped = 0usize;
-        for e in old.into_iter().flatten() {
+        let mut slots = vec![None; len];
+        for e in table.slots.iter().flatten() {
             // Entries back at nothing (no session, a full bucket) are not worth a place.
             if e.sessions == 0 && e.tokens >= burst {
                 continue;
             }
-            match self.candidates(e.key, len).into_iter().find(|&i| table.slots[i].is_none()) {
-                Some(i) => table.slots[i] = Some(e),
-                None => dropped += 1,
+            match self.candidates(e.key, len).into_iter().find(|&i| slots[i].is_none()) {
+                Some(i) => slots[i] = Some(*e),
+                None => {
+                    tracing::info!(
+                        slots = table.slots.len(),
+                        asked = len,
+                        "a reload asked for a table of counts per client address too small for its live addresses: \
+                         it keeps its size"
+                    );
+                    return;
+                }
             }
         }
-        if dropped > 0 {
-            tracing::warn!(
-                dropped,
-                slots = len,
-                "a reload made a table of counts per client address smaller than its live addresses: \
-                 those dropped go uncounted until their sessions end"
-            );
-        }
+        table.slots = slots;
     }
 
     /// The slot holding `key`'s counters, if any.
@@ -709,6 +712,46 @@ mod tests {
         drop(held);
         drop(more);
         assert_eq!(t.sessions_of(ip), 0);
+    }
+
+    /// A reload that makes a table smaller than its live addresses fit keeps its size: every
+    /// address with sessions open stays counted, held to its cap, and gets its places back
+    /// where they are (an entry dropped and made anew would be uncounted by the old sessions'
+    /// ends, letting the address past its cap). Once they end, the table shrinks.
+    #[test]
+    fn a_reload_too_small_for_the_live_addresses_keeps_the_size() {
+        let limits = AddressLimits {
+            max_sessions: Some(2),
+            ..Default::default()
+        };
+        let t = PerAddress::new(limits, 1 << 16);
+        let ips: Vec<IpAddr> = (0..5000u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        let mut held: Vec<_> = ips.iter().map(|&ip| t.enter(ip).unwrap()).collect();
+        assert!(held.iter().all(|s| s.key.is_some()), "all counted in the large table");
+
+        t.reconfigure(limits, 1024);
+        assert_eq!(t.len(), 1 << 16, "5,000 live addresses do not fit 1,024 slots");
+        let counted: Vec<u32> = t.lock().slots.iter().flatten().map(|e| e.sessions).collect();
+        assert_eq!(
+            (counted.len(), counted.iter().sum()),
+            (5000, 5000),
+            "every address's session still counted"
+        );
+        // Each is held to its cap of 2 with the session from before, which gives its place back.
+        for (ip, old) in ips.iter().zip(held.drain(..100)) {
+            let new = t.enter(*ip).unwrap();
+            assert!(t.enter(*ip).is_err(), "{ip}: a third session under a cap of 2");
+            drop(old);
+            assert_eq!(t.sessions_of(*ip), 1, "{ip}");
+            let again = t.enter(*ip).unwrap();
+            assert!(t.enter(*ip).is_err(), "{ip}: past its cap after the old session ended");
+            drop((new, again));
+        }
+        drop(held);
+        t.reconfigure(limits, 1024);
+        assert_eq!(t.len(), 1024, "nothing live: the table shrinks");
     }
 
     #[test]
