@@ -173,7 +173,8 @@ impl PerAddress {
 
     /// [`Staged::commit`]: counts `limits` from now on in a table sized for `capacity`, keeping
     /// every address's counts (the sessions open across the reload go on counting against the
-    /// new limits, and a bucket keeps its tokens, at most the new burst). When the size changes
+    /// new limits, and a bucket keeps its tokens, at most the new burst, and is full again when
+    /// there is no rate any more, since nothing would refill it). When the size changes
     /// the entries are placed again, but for those back at nothing. If one that is not finds no
     /// room (a smaller table than the live addresses fit), the table keeps its size, which is
     /// only a sizing hint, and says so: an entry is never dropped while it counts something, since
@@ -184,7 +185,13 @@ impl PerAddress {
         let before = table.burst();
         table.limits = limits;
         let burst = table.burst();
-        if burst < before {
+        if limits.rate.is_none() {
+            // Nothing refills a bucket without a rate, and a slot is free only at a full one: a
+            // spent bucket would hold its slot for good (new sessions are no longer charged).
+            for e in table.slots.iter_mut().flatten() {
+                e.tokens = burst;
+            }
+        } else if burst < before {
             for e in table.slots.iter_mut().flatten() {
                 e.tokens = e.tokens.min(burst);
             }
@@ -752,6 +759,41 @@ mod tests {
         drop(held);
         t.reconfigure(limits, 1024);
         assert_eq!(t.len(), 1024, "nothing live: the table shrinks");
+    }
+
+    /// A reload that drops the rate of new sessions (keeping the cap on sessions) leaves no
+    /// bucket spent for good: with no rate to refill them, entries of addresses gone would hold
+    /// their slots forever, and newcomers would go uncounted past their cap.
+    #[test]
+    fn a_reload_that_drops_the_rate_frees_the_slots_of_addresses_gone() {
+        let capped = |rate: Option<f64>| AddressLimits {
+            max_sessions: Some(1),
+            rate,
+            burst: 1,
+            connections: false,
+        };
+        let t = PerAddress::new(capped(Some(1e-9)), 1024);
+        // Addresses that came and went, each leaving its bucket spent, until one finds every
+        // slot it may take held: it goes uncounted.
+        let mut i = 0u32;
+        let newcomer = loop {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            if t.enter(ip).unwrap().key.is_none() {
+                break ip;
+            }
+            i += 1;
+            assert!(i < 100_000, "never full");
+        };
+
+        t.reconfigure(capped(None), 1024);
+        let first = t.enter(newcomer).unwrap();
+        assert!(first.key.is_some(), "counted");
+        assert!(t.enter(newcomer).is_err(), "held to its cap of 1");
+        drop(first);
+        // And so is every address, after the reload, that the spent buckets would have shut out.
+        let others: Vec<_> = (0..200u8).map(|i| IpAddr::from([198, 51, 100, i])).collect();
+        let held: Vec<_> = others.iter().map(|&ip| t.enter(ip).unwrap()).collect();
+        assert!(held.iter().all(|s| s.key.is_some()), "every newcomer counted");
     }
 
     #[test]
