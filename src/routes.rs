@@ -20,7 +20,7 @@ use crate::config::{redact, Config, Matcher, RouteOptions, Target, TokenLookup};
 use crate::policy::auth::Authenticator;
 use crate::policy::jwt::JwtVerifier;
 use crate::policy::targets::{self, TargetRule};
-use crate::policy::{AddressLimits, PerAddress};
+use crate::policy::{AddressLimits, PerAddress, Staged};
 use crate::slots::{Slot, Slots};
 use crate::tls::BackendTls;
 use crate::tokens::redis::{Answer, RedisTokens};
@@ -59,12 +59,13 @@ struct Shared {
 impl Shared {
     /// The shared parts for `options`, reading their files; `previous` is what the same entry
     /// had before a reload: its session count carries over, and so do its counts per client
-    /// address while their limits are the same.
+    /// address, whose new limits go to `staged` (see [`per_ip_table`]).
     fn new(
         options: &RouteOptions,
         previous: Option<&Shared>,
         made: &mut Vec<(crate::tls::BackendTlsSettings, BackendTls)>,
         capacity: usize,
+        staged: &mut Vec<Staged>,
     ) -> Result<Shared, String> {
         let backend_tls = backend_tls(options, made).map_err(|e| format!("backend TLS: {e}"))?;
         let auth = options
@@ -77,22 +78,29 @@ impl Shared {
         Ok(Shared {
             backend_tls,
             auth,
-            per_ip: per_ip_table(options.policy.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity),
+            per_ip: per_ip_table(options.policy.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity, staged),
             sessions: previous.map(|p| p.sessions.clone()).unwrap_or_default(),
         })
     }
 }
 
 /// A table of counts per client address for `limits`, sized for `capacity` addresses (none when
-/// unlimited): `previous` given the new limits and size, so a reload keeps the counts of the
-/// sessions open across it, whatever it changed ([`PerAddress::reconfigure`]).
-pub fn per_ip_table(limits: AddressLimits, previous: Option<&Arc<PerAddress>>, capacity: usize) -> Option<Arc<PerAddress>> {
+/// unlimited): `previous`, so a reload keeps the counts of the sessions open across it, whatever
+/// it changed, with the new limits and size pushed to `staged`. `previous` serves the
+/// configuration in force until the reload is done: they change nothing until committed
+/// ([`Staged::commit`]), which a reload that fails never does.
+pub fn per_ip_table(
+    limits: AddressLimits,
+    previous: Option<&Arc<PerAddress>>,
+    capacity: usize,
+    staged: &mut Vec<Staged>,
+) -> Option<Arc<PerAddress>> {
     if limits.is_unlimited() {
         return None;
     }
     match previous {
         Some(p) => {
-            p.reconfigure(limits, capacity);
+            staged.push(p.stage(limits, capacity));
             Some(p.clone())
         }
         None => Some(PerAddress::new(limits, capacity)),
@@ -169,6 +177,9 @@ pub struct RouteTable {
     agent_templates: Vec<(String, Arc<Route>)>,
     /// The declared agents (inline and in fleet files): a fleet route reaches no other.
     agents: crate::agent::Declared,
+    /// New limits for the tables per client address kept from the table before a reload: in
+    /// force once the whole new configuration was built ([`RouteTable::commit`]).
+    staged: Vec<Staged>,
 }
 
 /// A JWT token source in service: the verifier, and what its tokens may name.
@@ -205,7 +216,9 @@ fn backend_tls(
 impl RouteTable {
     /// Builds the table, reading every token source. On a reload, `previous` is the table in
     /// service: a route or token source that is still configured (same path or token; same file
-    /// and lookup) keeps counting its live sessions against `max_sessions`.
+    /// and lookup) keeps counting its live sessions against `max_sessions`, and its counts per
+    /// client address, whose new limits come into force at [`RouteTable::commit`] (until then
+    /// `previous` serves on as it was: a reload that fails later leaves it so).
     ///
     /// # Errors
     /// A token source that cannot be read or a backend TLS setting that cannot be used.
@@ -216,7 +229,8 @@ impl RouteTable {
         let capacity = config.limits.max_connections.saturating_mul(4);
         for r in &config.routes {
             let before = previous.and_then(|p| p.route_for(&r.matcher)).map(|r| r.shared());
-            let shared = Shared::new(&r.options, before.as_ref(), &mut made, capacity).map_err(|e| format!("route {}: {e}", r.matcher))?;
+            let shared = Shared::new(&r.options, before.as_ref(), &mut made, capacity, &mut table.staged)
+                .map_err(|e| format!("route {}: {e}", r.matcher))?;
             let route = Route::new(r.matcher.to_string(), r.target.clone(), r.options.clone(), &shared);
             match &r.matcher {
                 Matcher::Path(p) => match crate::agent::template_prefix(p, &r.target) {
@@ -241,8 +255,8 @@ impl RouteTable {
                     .find(|(old, _)| old.path == s.path && old.lookup == s.lookup && old.redis.is_some() == s.redis.is_some())
                     .map(|(_, shared)| shared)
             });
-            let shared =
-                Shared::new(&s.options, before, &mut made, capacity).map_err(|e| format!("token source {}: {e}", s.path.display()))?;
+            let shared = Shared::new(&s.options, before, &mut made, capacity, &mut table.staged)
+                .map_err(|e| format!("token source {}: {e}", s.path.display()))?;
             if let Some(settings) = &s.redis {
                 let kept = previous
                     .into_iter()
@@ -270,6 +284,15 @@ impl RouteTable {
             table.sources.push((source, shared));
         }
         Ok(table)
+    }
+
+    /// Puts into force the new limits of the tables per client address this table kept from the
+    /// one before it (see [`RouteTable::from_config`]): for a reload, once all of the new
+    /// configuration was built. Nothing to do for a table built without a previous one.
+    pub fn commit(&mut self) {
+        for s in self.staged.drain(..) {
+            s.commit();
+        }
     }
 
     /// The route configured with exactly this matcher.

@@ -48,7 +48,7 @@ struct Entry {
 /// counters have gone back to nothing (no session, a full bucket). When all hold other live
 /// addresses, which takes a flood of more addresses than the table has room for, the newcomer
 /// goes uncounted (see `with_entry`). IPv6 addresses count by their /64. A reload changes the
-/// limits and the size in place ([`PerAddress::reconfigure`]), so the counts of the sessions open
+/// limits and the size in place ([`PerAddress::stage`]), so the counts of the sessions open
 /// across it go on.
 #[derive(Debug)]
 pub struct PerAddress {
@@ -73,8 +73,8 @@ impl Table {
 }
 
 /// A session's place in [`PerAddress`]; given back on drop. It names its address's key, not a
-/// slot, since a reload may move the entry ([`PerAddress::reconfigure`]); an entry holding a
-/// session is never given to another address, so it is found again.
+/// slot, since a reload may move the entry ([`PerAddress::stage`]); an entry holding a
+/// session is never given to another address nor dropped, so it is found again.
 #[derive(Debug)]
 pub struct AddressSlot {
     table: Arc<PerAddress>,
@@ -98,6 +98,25 @@ impl Drop for AddressSlot {
                 e.sessions = e.sessions.saturating_sub(1);
             }
         }
+    }
+}
+
+/// New limits and size for a table in service, made while a reload builds the new configuration
+/// ([`PerAddress::stage`]) and put into force by [`Staged::commit`] only once all of it was
+/// built: a reload that fails drops them with the rest of what it built, and the table goes on
+/// as it was.
+#[derive(Debug)]
+#[must_use = "nothing changes until it is committed"]
+pub struct Staged {
+    table: Arc<PerAddress>,
+    limits: AddressLimits,
+    capacity: usize,
+}
+
+impl Staged {
+    /// Puts the staged limits and size into force (see [`PerAddress::stage`]).
+    pub fn commit(self) {
+        self.table.reconfigure(self.limits, self.capacity);
     }
 }
 
@@ -142,17 +161,37 @@ impl PerAddress {
         self.lock().limits
     }
 
-    /// A reload: counts `limits` from now on in a table sized for `capacity`, keeping every
-    /// address's counts (the sessions open across the reload go on counting against the new
-    /// limits, and a bucket keeps its tokens, at most the new burst). When the size changes the
-    /// entries are placed again; one that finds no room in a smaller table is dropped (its
-    /// sessions go uncounted from then on, as a full table's newcomers do), which is logged.
-    pub fn reconfigure(&self, limits: AddressLimits, capacity: usize) {
+    /// A reload: `limits` and a size for `capacity`, in force from [`Staged::commit`] on (the
+    /// table is shared with the configuration in service, which a failed reload leaves as it was).
+    pub fn stage(self: &Arc<Self>, limits: AddressLimits, capacity: usize) -> Staged {
+        Staged {
+            table: self.clone(),
+            limits,
+            capacity,
+        }
+    }
+
+    /// [`Staged::commit`]: counts `limits` from now on in a table sized for `capacity`, keeping
+    /// every address's counts (the sessions open across the reload go on counting against the
+    /// new limits, and a bucket keeps its tokens, at most the new burst, and is full again when
+    /// there is no rate any more, since nothing would refill it). When the size changes
+    /// the entries are placed again, but for those back at nothing. If one that is not finds no
+    /// room (a smaller table than the live addresses fit), the table keeps its size, which is
+    /// only a sizing hint, and says so: an entry is never dropped while it counts something, since
+    /// its address would get a fresh one, which the ends of its sessions from before would
+    /// uncount, letting it past its cap.
+    fn reconfigure(&self, limits: AddressLimits, capacity: usize) {
         let mut table = self.lock();
         let before = table.burst();
         table.limits = limits;
         let burst = table.burst();
-        if burst < before {
+        if limits.rate.is_none() {
+            // Nothing refills a bucket without a rate, and a slot is free only at a full one: a
+            // spent bucket would hold its slot for good (new sessions are no longer charged).
+            for e in table.slots.iter_mut().flatten() {
+                e.tokens = burst;
+            }
+        } else if burst < before {
             for e in table.slots.iter_mut().flatten() {
                 e.tokens = e.tokens.min(burst);
             }
@@ -161,26 +200,26 @@ impl PerAddress {
         if len == table.slots.len() {
             return;
         }
-        let old = std::mem::replace(&mut table.slots, vec![None; len]);
-        let mut dropped = 0usize;
-        for e in old.into_iter().flatten() {
+        let mut slots = vec![None; len];
+        for e in table.slots.iter().flatten() {
             // Entries back at nothing (no session, a full bucket) are not worth a place.
             if e.sessions == 0 && e.tokens >= burst {
                 continue;
             }
-            match self.candidates(e.key, len).into_iter().find(|&i| table.slots[i].is_none()) {
-                Some(i) => table.slots[i] = Some(e),
-                None => dropped += 1,
+            match self.candidates(e.key, len).into_iter().find(|&i| slots[i].is_none()) {
+                Some(i) => slots[i] = Some(*e),
+                None => {
+                    tracing::info!(
+                        slots = table.slots.len(),
+                        asked = len,
+                        "a reload asked for a table of counts per client address too small for its live addresses: \
+                         it keeps its size"
+                    );
+                    return;
+                }
             }
         }
-        if dropped > 0 {
-            tracing::warn!(
-                dropped,
-                slots = len,
-                "a reload made a table of counts per client address smaller than its live addresses: \
-                 those dropped go uncounted until their sessions end"
-            );
-        }
+        table.slots = slots;
     }
 
     /// The slot holding `key`'s counters, if any.
@@ -687,6 +726,81 @@ mod tests {
         drop(held);
         drop(more);
         assert_eq!(t.sessions_of(ip), 0);
+    }
+
+    /// A reload that makes a table smaller than its live addresses fit keeps its size: every
+    /// address with sessions open stays counted, held to its cap, and gets its places back
+    /// where they are (an entry dropped and made anew would be uncounted by the old sessions'
+    /// ends, letting the address past its cap). Once they end, the table shrinks.
+    #[test]
+    fn a_reload_too_small_for_the_live_addresses_keeps_the_size() {
+        let limits = AddressLimits {
+            max_sessions: Some(2),
+            ..Default::default()
+        };
+        let t = PerAddress::new(limits, 1 << 16);
+        let ips: Vec<IpAddr> = (0..5000u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        let mut held: Vec<_> = ips.iter().map(|&ip| t.enter(ip).unwrap()).collect();
+        assert!(held.iter().all(|s| s.key.is_some()), "all counted in the large table");
+
+        t.reconfigure(limits, 1024);
+        assert_eq!(t.len(), 1 << 16, "5,000 live addresses do not fit 1,024 slots");
+        let counted: Vec<u32> = t.lock().slots.iter().flatten().map(|e| e.sessions).collect();
+        assert_eq!(
+            (counted.len(), counted.iter().sum()),
+            (5000, 5000),
+            "every address's session still counted"
+        );
+        // Each is held to its cap of 2 with the session from before, which gives its place back.
+        for (ip, old) in ips.iter().zip(held.drain(..100)) {
+            let new = t.enter(*ip).unwrap();
+            assert!(t.enter(*ip).is_err(), "{ip}: a third session under a cap of 2");
+            drop(old);
+            assert_eq!(t.sessions_of(*ip), 1, "{ip}");
+            let again = t.enter(*ip).unwrap();
+            assert!(t.enter(*ip).is_err(), "{ip}: past its cap after the old session ended");
+            drop((new, again));
+        }
+        drop(held);
+        t.reconfigure(limits, 1024);
+        assert_eq!(t.len(), 1024, "nothing live: the table shrinks");
+    }
+
+    /// A reload that drops the rate of new sessions (keeping the cap on sessions) leaves no
+    /// bucket spent for good: with no rate to refill them, entries of addresses gone would hold
+    /// their slots forever, and newcomers would go uncounted past their cap.
+    #[test]
+    fn a_reload_that_drops_the_rate_frees_the_slots_of_addresses_gone() {
+        let capped = |rate: Option<f64>| AddressLimits {
+            max_sessions: Some(1),
+            rate,
+            burst: 1,
+            connections: false,
+        };
+        let t = PerAddress::new(capped(Some(1e-9)), 1024);
+        // Addresses that came and went, each leaving its bucket spent, until one finds every
+        // slot it may take held: it goes uncounted.
+        let mut i = 0u32;
+        let newcomer = loop {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            if t.enter(ip).unwrap().key.is_none() {
+                break ip;
+            }
+            i += 1;
+            assert!(i < 100_000, "never full");
+        };
+
+        t.reconfigure(capped(None), 1024);
+        let first = t.enter(newcomer).unwrap();
+        assert!(first.key.is_some(), "counted");
+        assert!(t.enter(newcomer).is_err(), "held to its cap of 1");
+        drop(first);
+        // And so is every address, after the reload, that the spent buckets would have shut out.
+        let others: Vec<_> = (0..200u8).map(|i| IpAddr::from([198, 51, 100, i])).collect();
+        let held: Vec<_> = others.iter().map(|&ip| t.enter(ip).unwrap()).collect();
+        assert!(held.iter().all(|s| s.key.is_some()), "every newcomer counted");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::http::request::{answer, answer_text, linger};
 use crate::http::{Context, Outcome, Upgrade, WebRoot};
 use crate::metrics::{ProxyRefusal, Refusal};
-use crate::policy::{AddressLimits, OriginRule, PerAddress};
+use crate::policy::{AddressLimits, OriginRule, PerAddress, Staged};
 use crate::relay::{self, SessionParams};
 use crate::routes::{Route, RouteTable};
 use crate::slots::{Held, Place, Slots};
@@ -72,6 +72,9 @@ struct Live {
     proxy_headers: bool,
     /// Agent mode: connected agents; the same registry from table to table.
     agents: Arc<crate::agent::Registry>,
+    /// New limits for the tables above kept from the configuration before a reload: in force
+    /// once all of this one was built ([`Live::commit`]).
+    staged: Vec<Staged>,
 }
 
 /// The bridge: configuration in force, shutdown signal and the set of running connections.
@@ -145,7 +148,8 @@ impl Bridge {
     /// # Errors
     /// An invalid configuration or an unreadable token source.
     pub fn new(config: &Config) -> Result<Bridge, BridgeError> {
-        let live = Live::from_config(config, None)?;
+        let mut live = Live::from_config(config, None)?;
+        live.commit();
         let connections = Slots::default();
         live.agents.count_connections(&connections, live.max_connections);
         let shutdown = CancellationToken::new();
@@ -174,9 +178,13 @@ impl Bridge {
     /// The new configuration is unusable; the old one stays in force.
     pub fn reload(&self, config: &Config) -> Result<(), BridgeError> {
         // Built while the old table serves; swapped whole. Sessions that start between the build
-        // and the swap count on the shared slots either way.
-        let live = Live::from_config(config, Some(&self.live()))?;
+        // and the swap count on the shared slots either way. The tables per client address it
+        // shares with the old one take their new limits only now that all of it was built (a
+        // failed build leaves them as they were); not under the lock, since a table may be
+        // resized, and every new connection reads the configuration in force.
+        let mut live = Live::from_config(config, Some(&self.live()))?;
         live.agents.count_connections(&self.inner.connections, live.max_connections);
+        live.commit();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         Ok(())
     }
@@ -1097,9 +1105,13 @@ async fn run_session<S>(
 }
 
 impl Live {
+    /// The configuration in force after `config` is loaded; on a reload, `previous` is the one
+    /// in service, whose counts go on. The tables per client address it shares with `previous`
+    /// keep their limits until [`Live::commit`].
     fn from_config(config: &Config, previous: Option<&Live>) -> Result<Live, BridgeError> {
         config.check()?;
         let routes = RouteTable::from_config(config, previous.map(|p| &p.routes)).map_err(BridgeError::Tokens)?;
+        let mut staged = Vec::new();
         let capacity = config.limits.max_connections.saturating_mul(4);
         let proxy_headers = config
             .routes
@@ -1122,6 +1134,7 @@ impl Live {
             },
             previous.and_then(|p| p.connections_per_ip.as_ref()),
             capacity,
+            &mut staged,
         );
         // An address with a place past its cap holds at least cap + 1 connections, so at most
         // max_connections / (cap + 1) addresses have one at once: the table is sized for four
@@ -1132,7 +1145,7 @@ impl Live {
                 let sizing = capacity / cap.saturating_add(1);
                 Some(match previous.and_then(|p| p.agent_logins.clone()) {
                     Some(table) => {
-                        table.reconfigure(AddressLimits::default(), sizing);
+                        staged.push(table.stage(AddressLimits::default(), sizing));
                         table
                     }
                     None => PerAddress::new(AddressLimits::default(), sizing),
@@ -1144,13 +1157,29 @@ impl Live {
             routes,
             timeouts: config.timeouts.clone(),
             max_connections: config.limits.max_connections,
-            per_ip: crate::routes::per_ip_table(config.limits.per_ip, previous.and_then(|p| p.per_ip.as_ref()), capacity),
+            per_ip: crate::routes::per_ip_table(
+                config.limits.per_ip,
+                previous.and_then(|p| p.per_ip.as_ref()),
+                capacity,
+                &mut staged,
+            ),
             connections_per_ip,
             agent_logins,
             default_origins: config.default_origins.clone(),
             proxy_headers,
             agents,
+            staged,
         })
+    }
+
+    /// Puts into force the new limits and sizes of the tables per client address this
+    /// configuration kept from the one before it, its routes' included: once all of it was
+    /// built, as it goes into service.
+    fn commit(&mut self) {
+        self.routes.commit();
+        for s in self.staged.drain(..) {
+            s.commit();
+        }
     }
 }
 
@@ -1291,14 +1320,16 @@ mod tests {
         // 10,000 × 4 / (3 + 1): a table of 16,384 slots, as for 10,001.
         let first = Live::from_config(&capped(10_000, 3), None).unwrap();
         let held = slots(&first).enter_within(ip, 4).unwrap();
-        let same = Live::from_config(&capped(10_001, 3), Some(&first)).unwrap();
+        let mut same = Live::from_config(&capped(10_001, 3), Some(&first)).unwrap();
+        same.commit();
         assert_eq!(slots(&same).len(), 16_384);
         assert_eq!(slots(&same).sessions_of(ip), 1, "with its counts");
         for (changed, len, why) in [
             (capped(20_000, 3), 32_768, "max_connections"),
             (capped(10_000, 1), 32_768, "the cap"),
         ] {
-            let other = Live::from_config(&changed, Some(&same)).unwrap();
+            let mut other = Live::from_config(&changed, Some(&same)).unwrap();
+            other.commit();
             assert!(Arc::ptr_eq(&slots(&same), &slots(&other)), "{why}: the same table");
             assert_eq!(slots(&other).len(), len, "{why} changed its size");
             assert_eq!(slots(&other).sessions_of(ip), 1, "{why}: the counts go on");

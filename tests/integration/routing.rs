@@ -304,3 +304,55 @@ async fn a_flood_past_the_connection_cap_gets_its_answers() {
         assert!(body_of(&r).contains("too many connections"), "client {i}: {r}");
     }
 }
+
+/// A reload that fails (here a token source, after the route, cannot be read) changes nothing:
+/// the route's cap per client address it would have lowered stays as it was, as the error says
+/// ("the previous configuration is still in force"). The next reload that works puts its own
+/// caps in force.
+#[tokio::test]
+async fn a_failed_reload_leaves_the_caps_per_address_as_they_were() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.policy.per_ip.max_sessions = Some(2);
+    let bridge = TestBridge::start(config).await;
+    let session = |i: u8| {
+        let url = bridge.url("/");
+        async move {
+            let (mut ws, _) = ws_connect(&url, None).await;
+            send_bin(&mut ws, &[i]).await;
+            assert_eq!(recv_data(&mut ws).await, [i]);
+            ws
+        }
+    };
+    let refused = || async {
+        let r = http_raw(bridge.addr, &upgrade_request("/", "")).await;
+        assert_eq!(status_of(&r), 429, "{r}");
+        assert!(body_of(&r).contains("too many sessions from your address"), "{r}");
+    };
+    let first = session(1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut broken = bridge.config.clone();
+    broken.routes[0].options.policy.per_ip.max_sessions = Some(1);
+    broken.limits.max_connections *= 4;
+    let options = broken.default_route_options();
+    broken.token_sources.push(wsbridge::config::TokenSourceConfig {
+        jwt: None,
+        redis: None,
+        path: dir.path().join("missing"),
+        lookup: TokenLookup::Query,
+        options,
+    });
+    assert!(bridge.bridge.reload(&broken).is_err(), "the token file is missing");
+    // Still a cap of 2: one more session, not two.
+    let second = session(2).await;
+    refused().await;
+
+    // A reload that works after it: its own cap, not the failed one's.
+    let mut config = bridge.config.clone();
+    config.routes[0].options.policy.per_ip.max_sessions = Some(3);
+    bridge.bridge.reload(&config).unwrap();
+    let third = session(3).await;
+    refused().await;
+    drop((first, second, third));
+}
