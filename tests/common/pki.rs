@@ -29,6 +29,21 @@ pub struct Issued {
     pub key: PathBuf,
 }
 
+impl Issued {
+    /// Writes `cert` and `key` as `dir/file.crt` and `dir/file.key`.
+    pub fn write(dir: &std::path::Path, file: &str, cert: &rcgen::Certificate, key: &KeyPair) -> Issued {
+        let (cert_path, key_path) = (dir.join(format!("{file}.crt")), dir.join(format!("{file}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert: cert_path,
+            key: key_path,
+        }
+    }
+}
+
 impl Pki {
     pub fn new(name: &str) -> Pki {
         let key = KeyPair::generate().unwrap();
@@ -71,18 +86,7 @@ impl Pki {
         params.serial_number = Some(serial.into());
         let key = KeyPair::generate_for(alg).unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (cert_path, key_path) = (
-            self.dir.path().join(format!("{file}.crt")),
-            self.dir.path().join(format!("{file}.key")),
-        );
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert: cert_path,
-            key: key_path,
-        }
+        Issued::write(self.dir.path(), file, &cert, &key)
     }
 }
 

@@ -586,15 +586,7 @@ fn self_signed_ca_marked(dir: &Path, names: &[&str]) -> Issued {
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
     let cert = params.self_signed(&key).unwrap();
-    let (cert_path, key_path) = (dir.join(format!("{}.crt", names[0])), dir.join(format!("{}.key", names[0])));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    Issued {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        cert: cert_path,
-        key: key_path,
-    }
+    Issued::write(dir, names[0], &cert, &key)
 }
 
 #[tokio::test]

@@ -32,16 +32,22 @@ fn web_tree(base: &Path) -> PathBuf {
 }
 
 async fn web_bridge(www: &Path, listing: bool, follow_symlinks: bool, dotfiles: bool) -> TestBridge {
+    let mut config = web_config(www).await;
+    let web = &mut config.listeners[0];
+    (web.web_listing, web.web_follow_symlinks, web.web_dotfiles) = (listing, follow_symlinks, dotfiles);
+    TestBridge::start(config).await
+}
+
+/// A bridge's configuration whose listener serves `www` and whose route takes any path to an echo
+/// backend (`wsbridge --web DIR PORT TARGET`), to adjust before it starts.
+async fn web_config(www: &Path) -> Config {
     let (backend, _) = echo_backend().await;
     let mut config = any_path_to(backend);
     config.listeners.push(ListenerConfig {
         web: Some(www.to_path_buf()),
-        web_listing: listing,
-        web_follow_symlinks: follow_symlinks,
-        web_dotfiles: dotfiles,
         ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
     });
-    TestBridge::start(config).await
+    config
 }
 
 async fn get(bridge: &TestBridge, path: &str) -> String {
@@ -249,13 +255,8 @@ async fn a_kept_alive_connection_upgrades_or_is_closed_when_idle() {
     use tokio::io::AsyncWriteExt;
     let base = tempfile::tempdir().unwrap();
     let www = web_tree(base.path());
-    let (backend, _) = echo_backend().await;
-    let mut config = any_path_to(backend);
+    let mut config = web_config(&www).await;
     config.timeouts.handshake = std::time::Duration::from_millis(600);
-    config.listeners.push(ListenerConfig {
-        web: Some(www.clone()),
-        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
-    });
     let bridge = TestBridge::start(config).await;
     let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
 
@@ -297,12 +298,7 @@ async fn a_kept_alive_connection_follows_a_reload() {
     use tokio::io::AsyncWriteExt;
     let base = tempfile::tempdir().unwrap();
     let www = web_tree(base.path());
-    let (backend, _) = echo_backend().await;
-    let mut config = any_path_to(backend);
-    config.listeners.push(ListenerConfig {
-        web: Some(www.clone()),
-        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
-    });
+    let config = web_config(&www).await;
     let bridge = TestBridge::start(config).await;
     let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
@@ -327,13 +323,8 @@ async fn kept_alive_connections_leave_their_address_room_for_the_websocket() {
     use tokio::io::AsyncWriteExt;
     let base = tempfile::tempdir().unwrap();
     let www = web_tree(base.path());
-    let (backend, _) = echo_backend().await;
-    let mut config = any_path_to(backend);
+    let mut config = web_config(&www).await;
     config.limits.max_connections_per_ip = Some(6);
-    config.listeners.push(ListenerConfig {
-        web: Some(www.clone()),
-        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
-    });
     let bridge = TestBridge::start(config).await;
     let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
     // A browser's six connections for the page's files, opened at once.
@@ -388,12 +379,8 @@ async fn a_draining_bridge_keeps_no_connection_alive() {
     use tokio::io::AsyncWriteExt;
     let base = tempfile::tempdir().unwrap();
     let www = web_tree(base.path());
-    let mut config = any_path_to(echo_backend().await.0);
+    let mut config = web_config(&www).await;
     config.timeouts.drain_delay = Some(std::time::Duration::from_secs(30));
-    config.listeners.push(ListenerConfig {
-        web: Some(www.clone()),
-        ..ListenerConfig::new("127.0.0.1:0".parse().unwrap())
-    });
     let bridge = TestBridge::start(config).await;
     let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
