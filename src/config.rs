@@ -237,8 +237,7 @@ impl FromStr for Target {
                 return Ok(Target::Unix(PathBuf::from(path)));
             }
         }
-        let (host, port) =
-            split_host_port(s).ok_or_else(|| format!("invalid target {s:?}: expected HOST:PORT, [IPv6]:PORT or unix:/path"))?;
+        let (host, port) = split_target(s).ok_or_else(|| format!("invalid target {s:?}: expected HOST:PORT, [IPv6]:PORT or unix:/path"))?;
         if host.is_empty() {
             return Err(format!("invalid target {s:?}: empty host"));
         }
@@ -252,6 +251,14 @@ impl FromStr for Target {
             port,
         })
     }
+}
+
+/// A target's host and port: [`split_host_port`], or websockify's form of an IPv6 target, split
+/// at its last colon (`::1:5900` is `[::1]:5900`): websockify's token files and Redis values take
+/// the host as written before the last colon, so theirs have no brackets. Only when what comes
+/// before the last colon is an IPv6 address (a host name has no colon).
+pub fn split_target(s: &str) -> Option<(&str, &str)> {
+    split_host_port(s).or_else(|| s.rsplit_once(':').filter(|(host, _)| host.parse::<std::net::Ipv6Addr>().is_ok()))
 }
 
 /// Splits `host:port` or `[v6]:port`; the host comes back without brackets.
@@ -1793,7 +1800,16 @@ mod tests {
             })
         );
         assert_eq!("unix_socket:/tmp/s".parse(), Ok(Target::Unix("/tmp/s".into())));
-        assert!("::1:5900".parse::<Target>().is_err());
+        // websockify's IPv6 targets, without brackets: the last colon splits.
+        assert_eq!(
+            "::1:5900".parse(),
+            Ok(Target::Tcp {
+                host: "::1".into(),
+                port: 5900
+            })
+        );
+        assert_eq!("fd00::7:5901".parse::<Target>().unwrap().to_string(), "[fd00::7]:5901");
+        assert!("a:b:5900".parse::<Target>().is_err(), "not an IPv6 address before the last colon");
         assert!("host:0".parse::<Target>().is_err());
         assert!("host".parse::<Target>().is_err());
         assert_eq!(

@@ -376,7 +376,7 @@ pub fn parse_value(value: &[u8]) -> Result<(String, u16), String> {
 }
 
 fn split(s: &str) -> Result<(String, String), String> {
-    crate::config::split_host_port(s)
+    crate::config::split_target(s)
         .map(|(h, p)| (h.to_owned(), p.to_owned()))
         .ok_or_else(|| "expected host:port (or [IPv6]:port)".to_owned())
 }
@@ -453,6 +453,7 @@ mod tests {
         assert_eq!(ok(" remote_host:5900 \n"), tcp("remote_host", 5900));
         // Beyond websockify: IPv6, host and port apart, other fields beside.
         assert_eq!(ok("[::1]:5901"), tcp("::1", 5901));
+        assert_eq!(ok("::1:5904"), tcp("::1", 5904));
         assert_eq!(ok("{\"host\": \"[::1]:5901\"}"), tcp("::1", 5901));
         assert_eq!(ok("{\"host\": \"10.0.0.7\", \"port\": 5902}"), tcp("10.0.0.7", 5902));
         assert_eq!(ok("{\"host\": \"::1\", \"port\": \"5903\"}"), tcp("::1", 5903));
@@ -473,7 +474,6 @@ mod tests {
             ("nohostport", "host:port"),
             ("unix_socket:/run/x.sock", "unix socket"),
             ("unix:/run/x.sock", "unix socket"),
-            ("::1:5900", "host:port"),
             ("user@h:1", "host name"),
             ("h/x:1", "host name"),
             ("h h:1", "host name"),

@@ -163,6 +163,18 @@ async fn ipv6_listener_and_target() {
     assert_eq!(recv_data(&mut ws).await, b"v6");
     drop(ws);
     assert!(bridge.stop().await.clean);
+
+    // A websockify token file writes an IPv6 target without brackets (it splits at the last
+    // colon): the same backend through one.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.cfg");
+    std::fs::write(&file, format!("v6: ::1:{}\n", backend.port())).unwrap();
+    let mut config = Config::new("test");
+    add_token_source(&mut config, file, TokenLookup::Query);
+    let bridge = TestBridge::start(config).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/websockify?token=v6"), None).await;
+    send_bin(&mut ws, b"v6 by token").await;
+    assert_eq!(recv_data(&mut ws).await, b"v6 by token");
 }
 
 /// Opens one session (proved live by an echo) and checks that a second upgrade gets 503 with a
