@@ -489,11 +489,16 @@ pub fn query_token(query: Option<&str>) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// The Host header's host, without its port, as host tokens are kept ([`host_key`]: case
-/// folded, an IP literal in its canonical form). `None` when there is no Host or it is not
-/// `host[:port]` / `[v6][:port]`.
+/// The request's host, without its port, as host tokens are kept ([`host_key`]: case folded, an
+/// IP literal in its canonical form): the URI's of an absolute-form request (`GET http://a/`),
+/// which RFC 9112 §3.2.2 has a server use instead of `Host`, else the Host header's. `None`
+/// when there is neither or it is not `host[:port]` / `[v6][:port]`.
 fn host_of<B>(request: &Request<B>) -> Option<String> {
-    let value = request.headers().get(http::header::HOST)?.to_str().ok()?.trim();
+    let value = match request.uri().authority() {
+        // Userinfo is no part of the host (`http://user@desk1/`).
+        Some(authority) => authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_, host)| host),
+        None => request.headers().get(http::header::HOST)?.to_str().ok()?.trim(),
+    };
     let is_port = |p: &str| p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
     let host = match value.strip_prefix('[') {
         Some(rest) => {
@@ -537,6 +542,12 @@ mod tests {
         for bad in ["::1", "a:b:c", "[::1]x", "host:port", "[::1]:123456", ""] {
             assert_eq!(host(bad), None, "{bad:?}");
         }
+        // An absolute-form request: its URI's host, not the Host header's (RFC 9112 §3.2.2).
+        let absolute = |uri: &str| host_of(&Request::builder().uri(uri).header("host", "other").body(()).unwrap());
+        assert_eq!(absolute("http://Desk1.Example:6080/websockify").as_deref(), Some("desk1.example"));
+        assert_eq!(absolute("http://user@desk2/").as_deref(), Some("desk2"));
+        assert_eq!(absolute("http://[::1]:6080/").as_deref(), Some("::1"));
+        assert_eq!(absolute("/websockify").as_deref(), Some("other"));
     }
 
     #[tokio::test]
