@@ -614,9 +614,7 @@ impl Bridge {
         // What came after the previous request (keep-alive): the next one's beginning.
         let mut carried = Vec::new();
         let mut requests = 0usize;
-        // The configuration the connection was accepted under serves its first request; each
-        // later one is served under the configuration in force when it comes (a reload may have
-        // removed a route or changed its keys since).
+        // For the log lines of the waits for a request (`deadline` was set from it).
         let handshake = live.timeouts.handshake;
         loop {
             requests += 1;
