@@ -15,7 +15,7 @@ use crate::config::policy::AuthSettings;
 use crate::config::tls::{BackendTlsSettings, CertFiles, MinVersion, TlsSettings};
 use crate::config::{
     at_most_a_year, parse_duration, parse_message_size, parse_unix_mode, Config, ConfigError, Framing, Limits, ListenOn, ListenerConfig,
-    LogFormat, Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenLookup, TokenSourceConfig, DEFAULT_UNIX_MODE,
+    LogFormat, Matcher, RouteConfig, RouteOptions, Target, Timeouts, TokenFormat, TokenLookup, TokenSourceConfig, DEFAULT_UNIX_MODE,
 };
 use crate::policy::OriginRule;
 
@@ -142,13 +142,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub file_only: bool,
 
-    /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, JWTTokenApi, or
-    /// TokenRedis; tokens from --token-source.
+    /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, TokenFileName,
+    /// JWTTokenApi, or TokenRedis; tokens from --token-source.
     #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.token_plugins."))]
     pub token_plugin: Option<String>,
-    /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with JWTTokenApi, the
-    /// key JWTs are checked with (a PEM public key, or a file holding an HMAC secret); with
-    /// TokenRedis, host[:port[:db[:password[:namespace]]]] (keys NAMESPACE:TOKEN, values
+    /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with TokenFileName, a
+    /// directory in which each file's name is a token and its content HOST:PORT; with
+    /// JWTTokenApi, the key JWTs are checked with (a PEM public key, or a file holding an HMAC
+    /// secret); with TokenRedis, host[:port[:db[:password[:namespace]]]] (keys NAMESPACE:TOKEN, values
     /// HOST:PORT or {"host": "HOST:PORT"}; a configuration file keeps the password out of the
     /// command line).
     #[arg(long, value_name = "FILE|DIR|REDIS")]
@@ -764,7 +765,8 @@ impl RunArgs {
     fn token_source(&self) -> Result<Option<PathBuf>, ConfigError> {
         Ok(match (self.token_plugin.as_deref(), &self.token_source, &self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
-            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "JWTTokenApi" | "TokenRedis"), Some(s), None) | (None, None, Some(s)) => {
+            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "TokenFileName" | "JWTTokenApi" | "TokenRedis"), Some(s), None)
+            | (None, None, Some(s)) => {
                 Some(s.clone())
             }
             (Some("JWTTokenApi"), None, None) => return Err(usage("--token-plugin JWTTokenApi needs --token-source KEYFILE".into())),
@@ -774,9 +776,10 @@ impl RunArgs {
                 ))
             }
             (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
+            (Some("TokenFileName"), None, _) => return Err(usage("--token-plugin TokenFileName needs --token-source DIR".into())),
             (Some(other), _, _) => {
                 return Err(usage(format!(
-                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), JWTTokenApi or TokenRedis"
+                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), TokenFileName, JWTTokenApi or TokenRedis"
                 )))
             }
             (None, None, None) => None,
@@ -799,15 +802,24 @@ impl RunArgs {
         }
         let jwt = self.jwt_token_source(token_source.as_deref())?;
         let redis = self.redis_token_source(token_source.as_deref())?;
+        let format = match self.token_plugin.as_deref() {
+            Some("TokenFileName") => TokenFormat::FileNames,
+            _ => TokenFormat::Lines,
+        };
         if let Some(path) = token_source {
             let path = match &redis {
                 Some(r) => PathBuf::from(r.name()),
-                None => {
-                    if let Err(e) = std::fs::metadata(&path) {
-                        return Err(usage(format!("--token-source {}: {e}", path.display())));
+                None => match std::fs::metadata(&path) {
+                    Err(e) => return Err(usage(format!("--token-source {}: {e}", path.display()))),
+                    Ok(m) if format == TokenFormat::FileNames && !m.is_dir() => {
+                        return Err(usage(format!(
+                            "--token-source {}: {}: give the directory whose file names are the tokens",
+                            path.display(),
+                            crate::tokens::FILE_NAMES_NEED_A_DIRECTORY
+                        )))
                     }
-                    path
-                }
+                    Ok(_) => path,
+                },
             };
             let lookup = if self.host_token { TokenLookup::Host } else { TokenLookup::Query };
             if jwt.is_some() && self.host_token {
@@ -820,6 +832,7 @@ impl RunArgs {
                 jwt,
                 redis,
                 lookup,
+                format,
                 options,
             });
         } else {
@@ -1137,6 +1150,30 @@ mod tests {
         assert_eq!(c.listeners[0].tls.as_ref().unwrap().min_version, MinVersion::Tls12);
         let e = config(&["6080", "--token-plugin", "TokenMagic", "--token-source", "x"]).unwrap_err();
         assert!(e.contains("TokenMagic is not supported") && e.contains("TokenRedis"), "{e}");
+    }
+
+    #[test]
+    fn token_file_name_takes_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        for plugin in ["TokenFileName", "websockify.token_plugins.TokenFileName"] {
+            let c = config(&["6080", "--token-plugin", plugin, "--token-source", d]).unwrap();
+            let s = &c.token_sources[0];
+            assert_eq!((s.format, s.lookup), (TokenFormat::FileNames, TokenLookup::Query));
+        }
+        let c = config(&["6080", "--token-plugin", "TokenFileName", "--token-source", d, "--host-token"]).unwrap();
+        assert_eq!(c.token_sources[0].lookup, TokenLookup::Host);
+        let c = config(&["6080", "--token-plugin", "TokenFile", "--token-source", d]).unwrap();
+        assert_eq!(c.token_sources[0].format, TokenFormat::Lines);
+        let file = dir.path().join("desk1");
+        std::fs::write(&file, "127.0.0.1:1").unwrap();
+        let e = config(&["6080", "--token-plugin", "TokenFileName", "--token-source", file.to_str().unwrap()]).unwrap_err();
+        assert!(
+            e.contains("TokenFileName plugin requires a directory") && e.contains("desk1"),
+            "{e}"
+        );
+        let e = config(&["6080", "--token-plugin", "TokenFileName"]).unwrap_err();
+        assert!(e.contains("TokenFileName needs --token-source DIR"), "{e}");
     }
 
     #[test]

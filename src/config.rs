@@ -288,8 +288,31 @@ pub struct TokenSourceConfig {
     pub redis: Option<self::redis::RedisTokenSource>,
     /// Where the token is taken from in the request.
     pub lookup: TokenLookup,
+    /// How a token file source names its tokens (unused by JWT and Redis sources).
+    pub format: TokenFormat,
     /// Options for every route found in this source.
     pub options: RouteOptions,
+}
+
+/// How a file source holds its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenFormat {
+    /// Lines `TOKEN: HOST:PORT` in a file or in every file of a directory (websockify's TokenFile).
+    #[default]
+    Lines,
+    /// A directory in which each file's name is a token and its content the target (websockify's
+    /// TokenFileName).
+    FileNames,
+}
+
+impl fmt::Display for TokenFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TokenFormat::Lines => "lines",
+            TokenFormat::FileNames => "file-names",
+        })
+    }
 }
 
 /// Where a request carries its token.
@@ -937,6 +960,7 @@ struct RawTokens {
     allow_any_target: bool,
     #[serde(default)]
     lookup: TokenLookup,
+    format: Option<Spanned<TokenFormat>>,
     framing: Option<Framing>,
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
@@ -1314,6 +1338,26 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                 return ctx.invalid(span, format!("tokens[{i}].{field}"), format!("{}: {e}", path.display()));
             }
         }
+        let format = match t.format {
+            None => TokenFormat::Lines,
+            Some(f) if jwt.is_some() || redis.is_some() => {
+                return ctx.invalid(f.span(), format!("tokens[{i}].format"), "is for `source` token files only")
+            }
+            Some(f) => {
+                let (at, format) = (f.span(), f.into_inner());
+                if format == TokenFormat::FileNames && !path.is_dir() {
+                    return ctx.invalid(
+                        at,
+                        format!("tokens[{i}].format"),
+                        format!(
+                            "\"file-names\" (websockify's TokenFileName) needs a directory as `source`: {} is not one",
+                            path.display()
+                        ),
+                    );
+                }
+                format
+            }
+        };
         if sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
             let field = if redis.is_some() { "redis" } else { "source" };
             return ctx.invalid(
@@ -1332,6 +1376,7 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
             jwt,
             redis,
             lookup: t.lookup,
+            format,
             options,
         });
     }
@@ -1940,6 +1985,40 @@ mod tests {
             c.routes[0].options.describe(),
             "framing = \"lines\", subprotocols = [\"binary\"], max_message_size = \"64KiB\", client_cn = [\"alice\"]"
         );
+    }
+
+    #[test]
+    fn a_file_names_source_needs_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("desk1");
+        std::fs::write(&file, "127.0.0.1:1\n").unwrap();
+        let text = |source: &Path, format: &str| {
+            format!(
+                "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = {:?}\nlookup = \"host\"\n{format}\n",
+                source.display().to_string()
+            )
+        };
+        let c = parse(&text(dir.path(), "format = \"file-names\"")).unwrap();
+        let s = &c.token_sources[0];
+        assert_eq!((s.format, s.lookup), (TokenFormat::FileNames, TokenLookup::Host));
+        assert_eq!(parse(&text(dir.path(), "")).unwrap().token_sources[0].format, TokenFormat::Lines);
+        assert_eq!(
+            parse(&text(&file, "format = \"lines\"")).unwrap().token_sources[0].format,
+            TokenFormat::Lines
+        );
+        let msg = parse(&text(&file, "format = \"file-names\"")).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "test.toml:6: tokens[0].format: \"file-names\" (websockify's TokenFileName) needs a directory as `source`: {} is not one",
+                file.display()
+            )
+        );
+        let msg = parse(&text(dir.path(), "format = \"names\"")).unwrap_err().to_string();
+        assert!(msg.contains("line 6") && msg.contains("file-names"), "{msg}");
+        let redis = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nallow_any_target = true\nformat = \"file-names\"\n[tokens.redis]\nurl = \"redis://127.0.0.1:1\"\n";
+        let msg = parse(redis).unwrap_err().to_string();
+        assert_eq!(msg, "test.toml:5: tokens[0].format: is for `source` token files only");
     }
 
     #[test]

@@ -463,9 +463,14 @@ impl RouteTable {
         }
         for (s, _) in &self.sources {
             let entries = s.entries().await;
+            // The format is said only when it is not the default lines.
+            let format = match s.config.format {
+                crate::config::TokenFormat::Lines => String::new(),
+                other => format!(", format = \"{other}\""),
+            };
             let _ = writeln!(
                 out,
-                "token source {} ({} tokens): lookup = \"{}\", {}",
+                "token source {} ({} tokens): lookup = \"{}\"{format}, {}",
                 s.config.path.display(),
                 entries.len(),
                 s.config.lookup,
@@ -634,6 +639,7 @@ mod tests {
                 redis: None,
                 path: file.clone(),
                 lookup,
+                format: crate::config::TokenFormat::Lines,
                 options: options.clone(),
             });
         }
@@ -659,6 +665,7 @@ mod tests {
             jwt: None,
             redis: Some(settings),
             lookup: TokenLookup::Query,
+            format: crate::config::TokenFormat::Lines,
             options,
         });
         let old = RouteTable::from_config(&config, None).unwrap();

@@ -1,5 +1,6 @@
-//! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines,
-//! here, and keys in Redis ([`redis`]).
+//! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines, or
+//! a directory whose file names are the tokens and contents the targets (websockify's
+//! TokenFileName, [`read_file_names`]), here, and keys in Redis ([`redis`]).
 //!
 //! websockify reads its token file on every connection, so operators are used to adding a token by
 //! editing the file, and to revoking one the same way. wsbridge keeps that promise without reading
@@ -33,7 +34,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use crate::config::{redact, Target, TokenLookup, TokenSourceConfig};
+use crate::config::{redact, Target, TokenFormat, TokenLookup, TokenSourceConfig};
 
 pub mod redis;
 
@@ -209,6 +210,101 @@ pub fn read_tokens(path: &Path, lookup: TokenLookup) -> std::io::Result<TokenFil
     Ok(read)
 }
 
+/// Reads a source in its format: [`read_tokens`] for `TOKEN: TARGET` lines, [`read_file_names`]
+/// for a directory whose file names are the tokens.
+///
+/// # Errors
+/// As those functions.
+pub fn read_source(path: &Path, lookup: TokenLookup, format: TokenFormat) -> std::io::Result<TokenFiles> {
+    match format {
+        TokenFormat::Lines => read_tokens(path, lookup),
+        TokenFormat::FileNames => read_file_names(path, lookup),
+    }
+}
+
+/// What websockify's TokenFileName plugin says of a source that is not a directory.
+pub const FILE_NAMES_NEED_A_DIRECTORY: &str = "TokenFileName plugin requires a directory";
+
+/// The most of a file a `file-names` source reads: a target is a line, not a document.
+const FILE_NAME_TARGET_MAX: u64 = 4096;
+
+/// Reads a directory as websockify's TokenFileName does: each regular file's name is a token and
+/// its content, trimmed, the target (`HOST:PORT`, `::1:5900`, `unix_socket:/path`). The files
+/// [`is_skipped`] names (hidden files, backup copies) are not tokens. A token is only ever looked
+/// up in the names read here, never joined to the directory's path, so `../x` or `a/b` names no
+/// file: a token with a `/` matches nothing (websockify takes its last component instead).
+///
+/// A file whose content is no target, is not UTF-8, or is larger than a target can be is a
+/// [`BadLine`] (line 1); a file removed while the directory is read is left out.
+///
+/// # Errors
+/// `dir` is not a directory, or it cannot be read.
+pub fn read_file_names(dir: &Path, lookup: TokenLookup) -> std::io::Result<TokenFiles> {
+    use std::io::Read as _;
+    if !std::fs::metadata(dir)?.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: {FILE_NAMES_NEED_A_DIRECTORY}", dir.display()),
+        ));
+    }
+    let mut read = TokenFiles::default();
+    for file in files_of(dir)? {
+        let mut complain = |message: String| {
+            read.bad.push(BadLine {
+                file: file.clone(),
+                line: 1,
+                message,
+            })
+        };
+        let Some(name) = file.file_name().and_then(|n| n.to_str()) else {
+            complain("the file name is not UTF-8, so it cannot be a token".into());
+            continue;
+        };
+        let mut bytes = Vec::new();
+        let opened = std::fs::File::open(&file).and_then(|f| f.take(FILE_NAME_TARGET_MAX + 1).read_to_end(&mut bytes));
+        match opened {
+            Ok(_) => {}
+            // Removed since the directory was listed: a revoked token.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+        if bytes.len() as u64 > FILE_NAME_TARGET_MAX {
+            complain(format!(
+                "more than {FILE_NAME_TARGET_MAX} bytes: expected HOST:PORT or unix_socket:/path"
+            ));
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            complain("not UTF-8: expected HOST:PORT or unix_socket:/path".into());
+            continue;
+        };
+        let target = match text.trim().parse::<Target>() {
+            Ok(t) => t,
+            Err(e) => {
+                complain(e);
+                continue;
+            }
+        };
+        let token = match lookup {
+            TokenLookup::Query => name.to_owned(),
+            TokenLookup::Host => host_key(name),
+        };
+        let place = Place {
+            file: Arc::from(file.as_path()),
+            line: 1,
+        };
+        if let Some(first) = read.places.insert(token.clone(), place.clone()) {
+            read.duplicates.push(Duplicate {
+                token: token.clone(),
+                first,
+                used: place,
+            });
+        }
+        read.map.insert(token, target);
+    }
+    Ok(read)
+}
+
 /// Name endings of the copies editors and package managers leave beside a file.
 const BACKUP_SUFFIXES: &[&str] = &[
     "~",
@@ -297,6 +393,7 @@ pub struct TokenSource {
 struct Shared {
     path: PathBuf,
     lookup: TokenLookup,
+    format: TokenFormat,
     /// The tokens in use, replaced whole by a re-read.
     snapshot: RwLock<Arc<Snapshot>>,
     /// A re-read is in flight (one at a time).
@@ -322,7 +419,7 @@ impl TokenSource {
     pub fn load(config: TokenSourceConfig) -> std::io::Result<TokenSource> {
         let checked = Instant::now();
         let stamp = stamp(&config.path)?;
-        let read = read_tokens(&config.path, config.lookup)?;
+        let read = read_source(&config.path, config.lookup, config.format)?;
         read.warn(&config.path);
         let snapshot = Snapshot {
             map: Arc::new(read.map),
@@ -332,6 +429,7 @@ impl TokenSource {
         let shared = Arc::new(Shared {
             path: config.path.clone(),
             lookup: config.lookup,
+            format: config.format,
             snapshot: RwLock::new(Arc::new(snapshot)),
             rereading: AtomicBool::new(false),
             reread: tokio::sync::watch::Sender::new(0),
@@ -393,7 +491,7 @@ impl Shared {
         let old = self.current();
         let fresh = stamp(&self.path).and_then(|now| match now == old.stamp {
             true => Ok(None),
-            false => Ok(Some((now, read_tokens(&self.path, self.lookup)?))),
+            false => Ok(Some((now, read_source(&self.path, self.lookup, self.format)?))),
         });
         let next = match fresh {
             Ok(None) => Snapshot {
@@ -545,6 +643,66 @@ mod tests {
         assert!(!said.contains("dup"), "the token is redacted: {said}");
     }
 
+    #[test]
+    fn file_names_are_tokens_and_contents_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("desk1"), "127.0.0.1:5901\n").unwrap();
+        std::fs::write(d.join("desk2"), "  ::1:5902 \n\n").unwrap();
+        std::fs::write(d.join("sock"), "unix_socket:/run/vnc.sock").unwrap();
+        std::fs::write(d.join("Desk.Example"), "10.0.0.1:5900").unwrap();
+        std::fs::write(d.join("broken"), "no port here\n").unwrap();
+        std::fs::write(d.join("empty"), "").unwrap();
+        std::fs::write(d.join("binary"), [0xff, 0xfe, b':', b'1']).unwrap();
+        std::fs::write(d.join("huge"), "1".repeat(5000)).unwrap();
+        std::fs::write(d.join("desk1.bak"), "127.0.0.1:1\n").unwrap();
+        std::fs::write(d.join(".hidden"), "127.0.0.1:1\n").unwrap();
+        std::fs::create_dir(d.join("subdir")).unwrap();
+        std::fs::write(d.join("subdir").join("inner"), "127.0.0.1:1\n").unwrap();
+
+        let read = read_file_names(d, TokenLookup::Query).unwrap();
+        let mut tokens: Vec<_> = read.map.keys().cloned().collect();
+        tokens.sort();
+        assert_eq!(tokens, ["Desk.Example", "desk1", "desk2", "sock"]);
+        assert_eq!(read.map["desk1"], "127.0.0.1:5901".parse().unwrap());
+        assert_eq!(
+            read.map["desk2"],
+            Target::Tcp {
+                host: "::1".into(),
+                port: 5902
+            }
+        );
+        assert_eq!(read.map["sock"], Target::Unix("/run/vnc.sock".into()));
+        let mut bad: Vec<_> = read
+            .bad
+            .iter()
+            .map(|b| (b.file.file_name().unwrap().to_str().unwrap().to_owned(), b.line))
+            .collect();
+        bad.sort();
+        assert_eq!(
+            bad,
+            [("binary".into(), 1), ("broken".into(), 1), ("empty".into(), 1), ("huge".into(), 1)]
+        );
+        let broken = read.bad.iter().find(|b| b.file.ends_with("broken")).unwrap().to_string();
+        assert!(
+            broken.starts_with(&format!("{}:1: invalid target", d.join("broken").display())),
+            "{broken}"
+        );
+        // A token is a name in the map, never a path: nothing outside the directory is reachable.
+        for escape in ["../desk1", "subdir/inner", "./desk1", ".", "..", "", "desk1.bak", ".hidden"] {
+            assert!(!read.map.contains_key(escape), "{escape}");
+        }
+
+        // Host lookups: the file name as the Host header would spell it.
+        let hosts = read_file_names(d, TokenLookup::Host).unwrap();
+        assert!(hosts.map.contains_key("desk.example"), "{:?}", hosts.map.keys());
+
+        // The source must be a directory, as websockify says.
+        let e = read_file_names(&d.join("desk1"), TokenLookup::Query).unwrap_err();
+        assert!(e.to_string().contains(FILE_NAMES_NEED_A_DIRECTORY), "{e}");
+        assert!(read_source(&d.join("desk1"), TokenLookup::Query, TokenFormat::FileNames).is_err());
+    }
+
     /// Opens the FIFO for writing and closes it when dropped (on a thread of its own: the open
     /// waits for a reader), so a failing test does not leave a re-read blocked forever, and with
     /// it the runtime's shutdown.
@@ -564,6 +722,7 @@ mod tests {
             redis: None,
             path: file.to_path_buf(),
             lookup: TokenLookup::Query,
+            format: TokenFormat::Lines,
             options: crate::config::Config::new("test").default_route_options(),
         })
         .unwrap()

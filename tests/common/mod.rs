@@ -223,6 +223,7 @@ pub fn add_token_source(config: &mut Config, path: std::path::PathBuf, lookup: w
         jwt: None,
         redis: None,
         lookup,
+        format: wsbridge::config::TokenFormat::Lines,
         options,
     });
 }

@@ -231,3 +231,81 @@ async fn plugins_by_their_websockify_class_names() {
     let r = http_raw(bridge.addr, &upgrade_request("/websockify?token=desk", "")).await;
     assert_eq!(status_of(&r), 401, "the auth plugin is in force: {r}");
 }
+
+/// websockify's TokenFileName through the binary: a directory whose file names are the tokens,
+/// by the plugin's full name; anything but a directory is refused at start (64) in websockify's
+/// words, and `wsbridge check` says which format a `[[tokens]]` source has.
+#[tokio::test]
+async fn token_file_name_plugin_takes_a_directory_of_targets() {
+    use crate::common::binary::Binary;
+    let backend = source_backend(b"through the file name".to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::write(tokens.join("desk1"), format!("{backend}\n")).unwrap();
+    let bridge = Binary::spawn(&[
+        "127.0.0.1:0",
+        "--token-plugin",
+        "websockify.token_plugins.TokenFileName",
+        "--token-source",
+        tokens.to_str().unwrap(),
+    ])
+    .await;
+    let mut s = raw_ws_request(bridge.addr, &upgrade_request("/websockify?token=desk1", "")).await;
+    within("the backend's bytes in a frame", async {
+        let mut got = Vec::new();
+        while !got.windows(21).any(|w| w == b"through the file name") {
+            let mut buf = [0u8; 64];
+            let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await.unwrap();
+            assert_ne!(n, 0, "closed before the backend's bytes: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let r = http_raw(bridge.addr, &upgrade_request("/websockify?token=tokens/desk1", "")).await;
+    assert_eq!(status_of(&r), 404, "{r}");
+
+    // A file, or nothing, as the source: refused before listening.
+    let file = tokens.join("desk1");
+    for source in [file.clone(), dir.path().join("missing")] {
+        let (code, _, err) = run_to_end(&[
+            "127.0.0.1:0",
+            "--token-plugin",
+            "TokenFileName",
+            "--token-source",
+            source.to_str().unwrap(),
+        ])
+        .await;
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(&format!("--token-source {}", source.display())), "{err}");
+        if source == file {
+            assert!(err.contains("TokenFileName plugin requires a directory"), "{err}");
+        }
+    }
+
+    // The TOML form, as `wsbridge check` prints it, and refused on a file with file, line and field.
+    let toml = dir.path().join("bridge.toml");
+    let text = |source: &std::path::Path| {
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = {:?}\nformat = \"file-names\"\n",
+            source.display().to_string()
+        )
+    };
+    std::fs::write(&toml, text(&tokens)).unwrap();
+    let (code, out, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "token source {} (1 tokens): lookup = \"query\", format = \"file-names\"",
+            tokens.display()
+        )) && out.contains(&format!("-> {backend}")),
+        "{out}"
+    );
+    std::fs::write(&toml, text(&file)).unwrap();
+    let (code, _, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("bridge.toml:6: tokens[0].format") && err.contains("needs a directory"),
+        "{err}"
+    );
+}

@@ -31,6 +31,7 @@ async fn refusals_tell_the_client_nothing_of_the_configuration() {
         redis: None,
         path: file.clone(),
         lookup: TokenLookup::Query,
+        format: wsbridge::config::TokenFormat::Lines,
         options: options.clone(),
     });
     options.max_sessions = None;

@@ -353,6 +353,7 @@ async fn a_failed_reload_leaves_the_caps_per_address_as_they_were() {
         redis: None,
         path: dir.path().join("missing"),
         lookup: TokenLookup::Query,
+        format: wsbridge::config::TokenFormat::Lines,
         options,
     });
     assert!(bridge.bridge.reload(&broken).is_err(), "the token file is missing");
@@ -367,4 +368,99 @@ async fn a_failed_reload_leaves_the_caps_per_address_as_they_were() {
     let third = session(3).await;
     refused().await;
     drop((first, second, third));
+}
+
+/// A source in websockify's TokenFileName format: a directory whose file names are the tokens.
+fn add_file_names_source(config: &mut Config, dir: &std::path::Path) {
+    add_token_source(config, dir.into(), TokenLookup::Query);
+    config.token_sources.last_mut().unwrap().format = wsbridge::config::TokenFormat::FileNames;
+}
+
+#[tokio::test]
+async fn token_file_names_route_by_name_and_never_leave_the_directory() {
+    let (a, b) = (named_backend("A").await, named_backend("B").await);
+    let outside = named_backend("OUTSIDE").await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tokens");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("desk1"), format!("127.0.0.1:{}\n", a.port())).unwrap();
+    std::fs::write(dir.join("desk2"), format!("  127.0.0.1:{}  \n", b.port())).unwrap();
+    // Files a token must not reach: beside the directory, below it, hidden, a backup copy.
+    for f in [root.path().join("x"), dir.join("sub").join("x"), dir.join(".x"), dir.join("x.bak")] {
+        std::fs::write(f, format!("127.0.0.1:{}\n", outside.port())).unwrap();
+    }
+    let mut config = Config::new("test");
+    add_file_names_source(&mut config, &dir);
+    let bridge = TestBridge::start(config).await;
+
+    assert_eq!(first_message(&bridge.url("/websockify?token=desk1")).await, "A");
+    assert_eq!(first_message(&bridge.url("/?token=desk2")).await, "B");
+    // Each unknown token is charged to the address as a guess (ten at once), so nine of them.
+    for token in [
+        "desk3",
+        "../x",
+        "..%2Fx",
+        "sub/x",
+        "..",
+        ".x",
+        "x.bak",
+        "%2Fdesk1",
+        "tokens%2Fdesk1",
+    ] {
+        let r = http_raw(bridge.addr, &upgrade_request(&format!("/websockify?token={token}"), "")).await;
+        assert_eq!(status_of(&r), 404, "{token}: {r}");
+    }
+}
+
+#[tokio::test]
+async fn a_token_file_name_added_while_running_is_picked_up() {
+    let a = named_backend("A").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("desk1"), format!("127.0.0.1:{}\n", a.port())).unwrap();
+    let mut config = Config::new("test");
+    add_file_names_source(&mut config, dir.path());
+    let bridge = TestBridge::start(config).await;
+    assert_eq!(first_message(&bridge.url("/?token=desk1")).await, "A");
+
+    // A file added while running is a token within a second, as an edited token file is. Polled
+    // every 150 ms, not 50: every miss is charged to the address as a guess (ten at once), and
+    // the re-read starts once the snapshot is half a second old.
+    let c = named_backend("C").await;
+    std::fs::write(dir.path().join("desk3"), format!("127.0.0.1:{}", c.port())).unwrap();
+    within("the new file picked up", async {
+        loop {
+            let r = http_head(bridge.addr, &upgrade_request("/websockify?token=desk3", "")).await;
+            match status_of(&r) {
+                101 => break,
+                404 => tokio::time::sleep(Duration::from_millis(150)).await,
+                _ => panic!("{r}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(first_message(&bridge.url("/websockify?token=desk3")).await, "C");
+}
+
+#[tokio::test]
+async fn token_file_names_from_toml_and_by_host() {
+    let a = named_backend("A").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Desk1.Example.com"), format!("127.0.0.1:{}\n", a.port())).unwrap();
+    let text = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = {:?}\nformat = \"file-names\"\n\n\
+         [[tokens]]\nsource = {:?}\nformat = \"file-names\"\nlookup = \"host\"\n",
+        dir.path().display().to_string(),
+        dir.path().display().to_string()
+    );
+    let config = Config::from_toml(&text, std::path::Path::new("test.toml")).unwrap();
+    let bridge = TestBridge::start(config).await;
+    assert_eq!(first_message(&bridge.url("/?token=Desk1.Example.com")).await, "A");
+    let req = String::from_utf8(upgrade_request("/", ""))
+        .unwrap()
+        .replace("Host: localhost", "Host: desk1.example.COM:6080");
+    assert_eq!(status_of(&http_head(bridge.addr, req.as_bytes()).await), 101);
+    let req = String::from_utf8(upgrade_request("/", ""))
+        .unwrap()
+        .replace("Host: localhost", "Host: desk2.example.com");
+    assert_eq!(status_of(&http_head(bridge.addr, req.as_bytes()).await), 404);
 }
