@@ -364,11 +364,7 @@ impl BackendTls {
                 .map_err(|e| file_error(s.ca.as_deref().unwrap_or(Path::new("system certificate store")), e.to_string()))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(CaOrPinned {
-                    webpki,
-                    pinned,
-                    provider: provider(),
-                }))
+                .with_custom_certificate_verifier(Arc::new(CaOrPinned { webpki, pinned }))
                 .with_no_client_auth()
         };
         let server_name = match &s.server_name {
@@ -397,9 +393,9 @@ impl BackendTls {
 #[derive(Debug)]
 struct CaOrPinned {
     webpki: Arc<rustls::client::WebPkiServerVerifier>,
-    /// The certificates of the CA file, as DER: a backend presenting one of them is accepted.
+    /// The CA file's certificate when it is its only one, as DER: a backend presenting it is
+    /// accepted (empty otherwise).
     pinned: Vec<CertificateDer<'static>>,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for CaOrPinned {
@@ -434,7 +430,7 @@ impl ServerCertVerifier for CaOrPinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -442,10 +438,10 @@ impl ServerCertVerifier for CaOrPinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 

@@ -479,23 +479,12 @@ impl PerAddress {
         }
     }
 
-    /// What is counted for `ip`'s key now (sessions, or connections): a look at its slots only.
-    pub fn count_of(&self, ip: IpAddr) -> u32 {
+    /// What is counted for `ip`'s key now (sessions, or connections): a look at its candidate
+    /// slots only, where its entry is.
+    pub fn sessions_of(&self, ip: IpAddr) -> u32 {
         let key = address_key(ip);
         let table = self.lock();
         self.find(&table.slots, key).and_then(|i| table.slots[i]).map_or(0, |e| e.sessions)
-    }
-
-    /// Sessions counted for `ip` now (for tests and the admin view).
-    pub fn sessions_of(&self, ip: IpAddr) -> u32 {
-        let key = address_key(ip);
-        self.lock()
-            .slots
-            .iter()
-            .flatten()
-            .filter(|e| e.key == key)
-            .map(|e| e.sessions)
-            .sum()
     }
 }
 

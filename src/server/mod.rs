@@ -788,7 +788,7 @@ impl Bridge {
             table
                 .limits()
                 .max_sessions
-                .is_none_or(|cap| table.count_of(ip).saturating_mul(2) < cap)
+                .is_none_or(|cap| table.sessions_of(ip).saturating_mul(2) < cap)
         });
         per_address && self.connections().saturating_mul(2) < live.max_connections
     }

@@ -116,6 +116,23 @@ pub struct TokenFiles {
 }
 
 impl TokenFiles {
+    /// Adds `token` (kept as `lookup` spells it: [`host_key`] for a Host source) for `target`,
+    /// defined at `place`; a token defined before is recorded as a duplicate, the later used.
+    fn add(&mut self, token: &str, lookup: TokenLookup, target: Target, place: Place) {
+        let token = match lookup {
+            TokenLookup::Query => token.to_owned(),
+            TokenLookup::Host => host_key(token),
+        };
+        if let Some(first) = self.places.insert(token.clone(), place.clone()) {
+            self.duplicates.push(Duplicate {
+                token: token.clone(),
+                first,
+                used: place,
+            });
+        }
+        self.map.insert(token, target);
+    }
+
     fn warn(&self, source: &Path) {
         for b in &self.bad {
             tracing::warn!(%b, "token line skipped");
@@ -165,22 +182,11 @@ pub fn parse_token_text(text: &str, file: &Path, lookup: TokenLookup, into: &mut
                 continue;
             }
         };
-        let token = match lookup {
-            TokenLookup::Query => token.to_owned(),
-            TokenLookup::Host => host_key(token),
-        };
         let place = Place {
             file: file.clone(),
             line: i + 1,
         };
-        if let Some(first) = into.places.insert(token.clone(), place.clone()) {
-            into.duplicates.push(Duplicate {
-                token: token.clone(),
-                first,
-                used: place,
-            });
-        }
-        into.map.insert(token, target);
+        into.add(token, lookup, target, place);
     }
 }
 
@@ -285,22 +291,11 @@ pub fn read_file_names(dir: &Path, lookup: TokenLookup) -> std::io::Result<Token
                 continue;
             }
         };
-        let token = match lookup {
-            TokenLookup::Query => name.to_owned(),
-            TokenLookup::Host => host_key(name),
-        };
         let place = Place {
             file: Arc::from(file.as_path()),
             line: 1,
         };
-        if let Some(first) = read.places.insert(token.clone(), place.clone()) {
-            read.duplicates.push(Duplicate {
-                token: token.clone(),
-                first,
-                used: place,
-            });
-        }
-        read.map.insert(token, target);
+        read.add(name, lookup, target, place);
     }
     Ok(read)
 }

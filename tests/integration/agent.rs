@@ -896,13 +896,10 @@ async fn past_its_cap_a_browsers_request_on_the_endpoint_leaves_the_agents_login
     }
 }
 
-/// When an agent closes its control link it says why (shutting down, or connected elsewhere):
-/// the server's log line says it too.
-#[tokio::test]
-async fn the_server_logs_why_an_agent_left() {
-    use crate::common::binary::Binary;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("server.toml");
+/// A server's configuration file in `dir` for the binary: agent `shop-17` (secret [`SECRET`]) on
+/// `/agent`, and the route `/pos` to its service `pos`.
+fn shop_17_server_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let file = dir.join("server.toml");
     std::fs::write(
         &file,
         format!(
@@ -913,6 +910,16 @@ async fn the_server_logs_why_an_agent_left() {
         ),
     )
     .unwrap();
+    file
+}
+
+/// When an agent closes its control link it says why (shutting down, or connected elsewhere):
+/// the server's log line says it too.
+#[tokio::test]
+async fn the_server_logs_why_an_agent_left() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = shop_17_server_file(dir.path());
     let mut server = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
     let (echo, _) = echo_backend().await;
     let agent = start_agent(agent_config(server.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
@@ -3155,17 +3162,7 @@ async fn a_page_passes_over_every_idle_link_found_closed() {
 async fn wrong_secrets_past_the_brake_are_one_warning_not_one_each() {
     use crate::common::binary::Binary;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("server.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[listen]]\naddr = \"127.0.0.1:0\"\n[[agent_endpoint]]\npath = \"/agent\"\n\
-             [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\
-             [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n",
-            secret_sha256(SECRET)
-        ),
-    )
-    .unwrap();
+    let file = shop_17_server_file(dir.path());
     let server = Binary::spawn(&["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0", "-v"]).await;
     let admin_addr = server.admin_addr().await;
     let wrong = "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer wrong\r\n\r\n";

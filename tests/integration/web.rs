@@ -197,6 +197,16 @@ async fn next_response(s: &mut tokio::net::TcpStream, request: &[u8], got: &mut 
     .await
 }
 
+/// A new connection to `addr` that sent `request` and read its answer (the connection stays
+/// open, kept alive or not).
+async fn asked(addr: std::net::SocketAddr, request: &[u8]) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let answer = next_response(&mut s, request, &mut Vec::new()).await;
+    (s, answer)
+}
+
 /// A connection whose static file was answered stays open for the next request (keep-alive), as
 /// websockify's does: a noVNC page's 60 files do not each cost a new connection (and over wss://
 /// a TLS handshake). Requests sent without waiting (pipelined) are answered in order; `Connection:
@@ -238,9 +248,7 @@ async fn static_files_keep_the_connection_for_the_next_request() {
         (&b"GET /index.html HTTP/1.0\r\n\r\n"[..], 200),
         (&b"POST /index.html HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"[..], 405),
     ] {
-        let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-        s.write_all(request).await.unwrap();
-        let r = next_response(&mut s, request, &mut Vec::new()).await;
+        let (mut s, r) = asked(bridge.addr, request).await;
         assert_eq!(status_of(&r), status, "{r}");
         assert!(r.contains("Connection: close"), "{r}");
         closed_by_peer(&mut s).await;
@@ -260,18 +268,15 @@ async fn a_kept_alive_connection_upgrades_or_is_closed_when_idle() {
     let bridge = TestBridge::start(config).await;
     let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
 
-    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-    let mut got = Vec::new();
-    s.write_all(index).await.unwrap();
-    assert_eq!(status_of(&next_response(&mut s, index, &mut got).await), 200);
+    let (s, r) = asked(bridge.addr, index).await;
+    assert_eq!(status_of(&r), 200);
     let (mut s, response) = raw_upgrade_on(s, &upgrade_request("/", "")).await;
     assert_eq!(status_of(&response), 101, "{response}");
     s.write_all(&frame(0x82, b"same connection", true)).await.unwrap();
     assert_eq!(raw_read_frame(&mut s).await, (2, b"same connection".to_vec()));
 
-    let mut idle = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-    idle.write_all(index).await.unwrap();
-    assert_eq!(status_of(&next_response(&mut idle, index, &mut Vec::new()).await), 200);
+    let (mut idle, r) = asked(bridge.addr, index).await;
+    assert_eq!(status_of(&r), 200);
     let answered = std::time::Instant::now();
     let closed = closed_by_peer(&mut idle).await;
     assert_window(
@@ -280,9 +285,8 @@ async fn a_kept_alive_connection_upgrades_or_is_closed_when_idle() {
         std::time::Duration::from_millis(600),
     );
 
-    let mut idle = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-    idle.write_all(index).await.unwrap();
-    assert_eq!(status_of(&next_response(&mut idle, index, &mut Vec::new()).await), 200);
+    let (mut idle, r) = asked(bridge.addr, index).await;
+    assert_eq!(status_of(&r), 200);
     drop(s);
     let stopping = std::time::Instant::now();
     bridge.stop().await;
@@ -301,10 +305,9 @@ async fn a_kept_alive_connection_follows_a_reload() {
     let config = web_config(&www).await;
     let bridge = TestBridge::start(config).await;
     let index: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let (mut s, r) = asked(bridge.addr, index).await;
+    assert_eq!(status_of(&r), 200);
     let mut got = Vec::new();
-    s.write_all(index).await.unwrap();
-    assert_eq!(status_of(&next_response(&mut s, index, &mut got).await), 200);
 
     let mut reloaded = bridge.config.clone();
     reloaded.routes[0].matcher = wsbridge::config::Matcher::Path("/other".into());
