@@ -16,11 +16,15 @@
 //! HTTP is the bridge's own small path ([`crate::http::request`], httparse): one request per
 //! connection, the same head cap (`MAX_HEAD`), `Connection: close`. A few fixed endpoints do not need a
 //! second HTTP stack (hyper's server and hyper-util) beside the one the listeners already use.
-//! Bounded like every listener: [`MAX_CONNECTIONS`] at once (more get a prompt 503), and the
-//! request and the answer each under [`DEADLINE`].
+//! Bounded like every listener: [`MAX_CONNECTIONS`] at once, and the request and the answer each
+//! under [`DEADLINE`]. A connection that has not sent its request yet gives its place up to a
+//! newer one when none is free: connections that send nothing (a scanner, an attacker who can
+//! reach the port) cannot keep a balancer's health probe out, which sends its request at once. Only
+//! when every place is answering does a connection get a prompt 503.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
@@ -34,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::config::admin::AdminConfig;
 use crate::http::request::read_request;
 use crate::server::Bridge;
-use crate::slots::Slots;
+use crate::slots::{Slot, Slots};
 
 /// Admin connections served at once; an operator's scraper and a person with curl need few.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -48,6 +52,17 @@ pub struct Admin {
     bridge: Bridge,
     token: Option<Arc<str>>,
     slots: Slots,
+    /// The connections still reading their request, oldest first.
+    reading: Arc<Mutex<Reading>>,
+}
+
+/// The places of connections that have not sent their request yet: held here, not by their
+/// tasks, so that a newer connection can take the oldest one's at once (the task, cancelled,
+/// ends on its next poll).
+#[derive(Debug, Default)]
+struct Reading {
+    next: u64,
+    waiting: VecDeque<(u64, Slot, CancellationToken)>,
 }
 
 impl Admin {
@@ -57,6 +72,7 @@ impl Admin {
             bridge: bridge.clone(),
             token: config.token.as_deref().map(Arc::from),
             slots: Slots::default(),
+            reading: Arc::default(),
         }
     }
 
@@ -92,24 +108,51 @@ impl Admin {
                 },
             };
             // Taken before the task exists: a flood costs no task and no wait, only a closed socket.
-            let Some(slot) = self.slots.try_take(MAX_CONNECTIONS) else {
+            let Some((id, evicted)) = self.admit() else {
                 let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                debug!(%peer, "admin connection refused: too many at once");
+                debug!(%peer, "admin connection refused: every place is answering a request");
                 continue;
             };
             let this = self.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let _slot = slot;
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = this.connection(stream, peer) => {}
+                    _ = evicted.cancelled() => debug!(%peer, "admin connection closed before its request: its place went to a newer one"),
+                    _ = this.connection(stream, peer, id) => {}
                 }
+                this.read(id);
             });
         }
     }
 
-    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+    /// A place for a new connection, among those reading their request: a free one, or the
+    /// oldest reader's (cancelled). `None` when every place is answering a request.
+    fn admit(&self) -> Option<(u64, CancellationToken)> {
+        let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match self.slots.try_take(MAX_CONNECTIONS) {
+            Some(slot) => slot,
+            None => {
+                let (_, slot, evicted) = reading.waiting.pop_front()?;
+                evicted.cancel();
+                slot
+            }
+        };
+        let id = reading.next;
+        reading.next += 1;
+        let token = CancellationToken::new();
+        reading.waiting.push_back((id, slot, token.clone()));
+        Some((id, token))
+    }
+
+    /// Connection `id` read its request (or ended): its place, unless a newer connection took it.
+    fn read(&self, id: u64) -> Option<Slot> {
+        let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        let at = reading.waiting.iter().position(|(i, ..)| *i == id)?;
+        reading.waiting.remove(at).map(|(_, slot, _)| slot)
+    }
+
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, id: u64) {
         let head = match timeout(DEADLINE, read_request(&mut stream)).await {
             Ok(Ok((head, _))) => head,
             Ok(Err(e)) => {
@@ -118,6 +161,8 @@ impl Admin {
             }
             Err(_) => return debug!(%peer, "admin request not sent within the deadline"),
         };
+        // Answering now: the place is this task's, out of reach of newer connections.
+        let Some(_slot) = self.read(id) else { return };
         let (status, content_type, mut body) = self.answer(&head, peer).await;
         if head.method() == Method::HEAD {
             body.clear();
