@@ -68,6 +68,12 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+/// A kind of reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
 /// A reload of one kind with its outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabel {
@@ -177,25 +183,48 @@ impl Refusal {
     }
 }
 
-/// Reloads and their times, per process: token files are re-read by their sources in the
-/// background, and those know no bridge (a process runs one bridge; tests share these).
-type ReloadFamilies = (Family<ReloadLabel, Counter>, Family<ReloadLabel, Gauge<f64, AtomicU64>>);
+/// Reloads, their times and whether the last one of each kind worked, per process: token files
+/// are re-read by their sources in the background, and those know no bridge (a process runs one
+/// bridge; tests share these).
+struct ReloadFamilies {
+    count: Family<ReloadLabel, Counter>,
+    time: Family<ReloadLabel, Gauge<f64, AtomicU64>>,
+    last_ok: Family<KindLabel, Gauge>,
+}
 
-static TOKEN_RELOADS: LazyLock<ReloadFamilies> = LazyLock::new(Default::default);
+static RELOADS: LazyLock<ReloadFamilies> = LazyLock::new(|| {
+    let families = ReloadFamilies {
+        count: Family::default(),
+        time: Family::default(),
+        last_ok: Family::default(),
+    };
+    for kind in RELOAD_KINDS {
+        for outcome in ["ok", "failed"] {
+            let _ = families.count.get_or_create(&ReloadLabel { kind, outcome });
+        }
+        families.last_ok.get_or_create(&KindLabel { kind }).set(1);
+    }
+    families
+});
+
+/// The kinds of reload, each exported from the start (0 reloads, the last one successful: the
+/// files read at start-up are in force), so that the first failure is an increase an alert sees.
+const RELOAD_KINDS: [&str; 3] = ["config", "certificates", "tokens"];
 
 /// A token source's re-read after its file changed ended (`ok`) or failed (the old tokens stay).
 pub fn tokens_reloaded(ok: bool) {
-    reloaded(&TOKEN_RELOADS.0, &TOKEN_RELOADS.1, "tokens", ok);
+    reloaded("tokens", ok);
 }
 
-fn reloaded(count: &Family<ReloadLabel, Counter>, time: &Family<ReloadLabel, Gauge<f64, AtomicU64>>, kind: &'static str, ok: bool) {
+fn reloaded(kind: &'static str, ok: bool) {
     let label = ReloadLabel {
         kind,
         outcome: if ok { "ok" } else { "failed" },
     };
-    count.get_or_create(&label).inc();
+    RELOADS.count.get_or_create(&label).inc();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    time.get_or_create(&label).set(now);
+    RELOADS.time.get_or_create(&label).set(now);
+    RELOADS.last_ok.get_or_create(&KindLabel { kind }).set(i64::from(ok));
 }
 
 /// The counters of one route, taken once per session.
@@ -231,8 +260,6 @@ pub struct Metrics {
     connect_seconds: Histogram,
     tls: Family<OutcomeLabel, Counter>,
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
-    reloads: Family<ReloadLabel, Counter>,
-    reload_time: Family<ReloadLabel, Gauge<f64, AtomicU64>>,
     connections: Gauge,
     connections_max: Gauge,
     agents: Gauge,
@@ -295,18 +322,21 @@ impl Metrics {
             "Seconds until each listener certificate's notAfter (negative: expired), read at scrape time",
             cert_expiry.clone(),
         );
-        // The process's (see `TOKEN_RELOADS`), registered in every bridge's registry.
-        let reloads = TOKEN_RELOADS.0.clone();
+        // The process's (see `RELOADS`), registered in every bridge's registry.
         registry.register(
             "reloads",
             "Reloads by kind (config, certificates, tokens) and outcome (ok, failed)",
-            reloads.clone(),
+            RELOADS.count.clone(),
         );
-        let reload_time = TOKEN_RELOADS.1.clone();
         registry.register(
             "reload_last_timestamp_seconds",
             "Unix time of the last reload of each kind and outcome",
-            reload_time.clone(),
+            RELOADS.time.clone(),
+        );
+        registry.register(
+            "last_reload_successful",
+            "1 while what the last reload of each kind read is in force (or nothing was reloaded since start-up), 0 after a failed one (the previous files stay in force)",
+            RELOADS.last_ok.clone(),
         );
         let connections = Gauge::default();
         registry.register(
@@ -355,8 +385,6 @@ impl Metrics {
             connect_seconds,
             tls,
             cert_expiry,
-            reloads,
-            reload_time,
             connections,
             connections_max,
             agents,
@@ -479,7 +507,7 @@ impl Metrics {
 
     /// A reload of `kind` (`config`, `certificates`) ended.
     pub fn reloaded(&self, kind: &'static str, ok: bool) {
-        reloaded(&self.reloads, &self.reload_time, kind, ok);
+        reloaded(kind, ok);
     }
 
     /// Sets the seconds left on a listener certificate (`cert` is its configured file).

@@ -555,6 +555,43 @@ async fn a_failed_and_a_good_reload_are_counted_with_their_time() {
     }
 }
 
+/// A process's first failed reload is something an alert can see: the failure counter is
+/// exported at 0 from the start (a series first seen at 1 has no increase), and
+/// `last_reload_successful` says 0 until a reload works again, however long that takes.
+#[tokio::test]
+async fn the_first_failed_reload_of_a_process_is_visible_to_an_alert() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let good = "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n";
+    std::fs::write(&file, good).unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let config = [("kind", "config")];
+    let failed = [("kind", "config"), ("outcome", "failed")];
+    let m = scrape(addr, None).await;
+    assert!(m
+        .samples
+        .iter()
+        .any(|s| s.metric == "wsbridge_reloads_total" && s.labels.get("outcome") == Some("failed")));
+    assert_eq!(value(&m, "wsbridge_reloads_total", &failed), 0.0);
+    assert_eq!(value(&m, "wsbridge_last_reload_successful", &config), 1.0);
+
+    std::fs::write(&file, format!("{good}not toml\n")).unwrap();
+    b.signal("HUP").await;
+    b.line("reload failed").await;
+    let m = scrape(addr, None).await;
+    assert_eq!(value(&m, "wsbridge_reloads_total", &failed), 1.0);
+    assert_eq!(value(&m, "wsbridge_last_reload_successful", &config), 0.0);
+
+    std::fs::write(&file, good).unwrap();
+    b.signal("HUP").await;
+    b.line("configuration reloaded").await;
+    let m = scrape(addr, None).await;
+    assert_eq!(value(&m, "wsbridge_last_reload_successful", &config), 1.0);
+    assert_eq!(value(&m, "wsbridge_last_reload_successful", &[("kind", "tokens")]), 1.0);
+}
+
 #[tokio::test]
 async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() {
     let (backend, _) = echo_backend().await;
