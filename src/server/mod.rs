@@ -99,6 +99,9 @@ struct Inner {
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
+    /// Cancelled when the shutdown grace period is over: the sessions still open end at once,
+    /// each with its log line, before the runtime drops what is left.
+    abort: CancellationToken,
     /// The TLS listeners being served, for SIGHUP.
     tls: Mutex<Vec<Arc<TlsListener>>>,
     /// Failed authentications per client address, across reloads: the brake on guessing.
@@ -160,6 +163,7 @@ impl Bridge {
                 refusals: Slots::default(),
                 shutdown: shutdown.clone(),
                 tracker: TaskTracker::new(),
+                abort: CancellationToken::new(),
                 tls: Mutex::default(),
                 failures: PerAddress::new(AUTH_FAILURES, 4096),
                 metrics: Arc::default(),
@@ -299,6 +303,10 @@ impl Bridge {
         let remaining = self.inner.tracker.len();
         if !clean {
             warn!(remaining, ?grace, "shutdown grace period over; ending the remaining connections");
+            // Sessions end at once and say so; what does not end by itself in a moment (a
+            // handshake, an agent's link) is dropped with the runtime.
+            self.inner.abort.cancel();
+            let _ = timeout(ABORT_WAIT, self.inner.tracker.wait()).await;
         }
         Drained { clean, remaining }
     }
@@ -762,7 +770,7 @@ impl Bridge {
                 .metrics
                 .sessions
                 .add(peer.client, &route.name, target, shutdown.child_token());
-            let live = (&*self.inner.metrics, &*session.session);
+            let live = (&*self.inner.metrics, &*session.session, &self.inner.abort);
             run_session(
                 stream,
                 leftover,
@@ -793,6 +801,9 @@ impl Bridge {
         per_address && self.connections().saturating_mul(2) < live.max_connections
     }
 }
+
+/// How long sessions still open when the shutdown grace period is over have to log their end.
+const ABORT_WAIT: Duration = Duration::from_millis(500);
 
 /// The most requests one connection carries (keep-alive after static files), as nginx's
 /// `keepalive_requests`: a client that keeps one open for ever is made to connect again now and
@@ -1039,14 +1050,15 @@ fn refuse_at_once(stream: &TcpStream, answer: &[u8]) {
 }
 
 /// Connects the backend and relays; logs the session's open and close lines. `early` holds
-/// client bytes that arrived with the request head.
+/// client bytes that arrived with the request head; `abort` ends the session at once when the
+/// shutdown grace period is over.
 async fn run_session<S>(
     client: S,
     early: Vec<u8>,
     route: &Route,
     params: &SessionParams<'_>,
     proxy_header: Option<&[u8]>,
-    (metrics, session): (&crate::metrics::Metrics, &crate::metrics::Session),
+    (metrics, session, abort): (&crate::metrics::Metrics, &crate::metrics::Session, &CancellationToken),
     agents: &crate::agent::Registry,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -1087,7 +1099,20 @@ async fn run_session<S>(
     // One record per session, when it ends (it says everything); the opening only at debug level.
     debug!(framing = %params.framing, "session open");
     let open = route_metrics.open();
-    let s = relay::run_live(client, early, backend, params, shutdown, Some(session)).await;
+    let s = tokio::select! {
+        biased;
+        s = relay::run_live(client, early, backend, params, shutdown, Some(session)) => s,
+        // The shutdown grace period is over while the session was still closing (a client that
+        // does not answer its close frame, a backend whose data it does not take): it ends now,
+        // with the bytes it moved so far.
+        () = abort.cancelled() => relay::Summary {
+            code: 1001,
+            reason: "server shutting down; shutdown grace period over".into(),
+            ended_by: "bridge",
+            bytes_up: session.bytes_up.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_down: session.bytes_down.load(std::sync::atomic::Ordering::Relaxed),
+        },
+    };
     drop(open);
     metrics.session_ended(&route_metrics, s.code, s.ended_by, s.bytes_up, s.bytes_down);
     info!(

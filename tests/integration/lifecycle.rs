@@ -549,6 +549,38 @@ async fn shutdown_grace_ends_with_sessions_still_open() {
     assert_window("the drain", start.elapsed(), Duration::from_millis(300));
 }
 
+/// A session still open when the shutdown grace period is over (its client never answers the
+/// close frame, the close deadline is longer than the grace) still gets its log line, with the
+/// bytes it moved, before the process exits.
+#[tokio::test]
+async fn a_session_cut_at_the_end_of_the_shutdown_grace_is_logged() {
+    use crate::common::binary::Binary;
+    let (backend, mut accepted) = manual_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"{backend}\"\n\
+             [timeouts]\nclose = \"30s\"\nshutdown_grace = \"500ms\"\n"
+        ),
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let mut s = raw_ws(b.addr, "/").await;
+    let mut server_side = within("the backend connection", accepted.recv()).await.unwrap();
+    server_side.write_all(b"twelve bytes").await.unwrap();
+    assert_eq!(raw_read_frame(&mut s).await.1, b"twelve bytes");
+    let start = std::time::Instant::now();
+    b.signal("TERM").await;
+    assert_eq!(raw_read_close(&mut s).await, (1001, "server shutting down".to_owned()));
+    // We never answer: the session is cut at the end of the grace period, and says so.
+    let line = b.line("session closed").await;
+    assert_window("the session's end", start.elapsed(), Duration::from_millis(500));
+    assert!(line.contains("grace period over") && line.contains("bytes_down=12"), "{line}");
+    assert_eq!(b.exit_code().await, 0);
+}
+
 #[tokio::test]
 async fn max_lifetime_ends_a_session_that_never_waits() {
     // A backend that always has more and a client that takes everything at once: the bridge
