@@ -301,7 +301,7 @@ impl Admin {
         };
         info!(
             session = session.id,
-            route = %session.route,
+            route = session.route.as_str(),
             client = %session.client,
             operator = %peer,
             "session ended by the operator"

@@ -139,6 +139,10 @@ pub enum Refusal {
     Http(u16),
     /// A token source that had to be asked could not answer (Redis down or slow): 503.
     TokenSource,
+    /// The client sent no complete request (or TLS handshake) within the handshake deadline:
+    /// dropped without an answer (a slow or silent client, or a balancer's check that connects
+    /// and waits), counted with status 0.
+    HandshakeTimeout,
 }
 
 /// Why a PROXY protocol header was refused.
@@ -162,6 +166,7 @@ impl Refusal {
             Refusal::Proxy(ProxyRefusal::Malformed) => (0, "proxy_malformed"),
             Refusal::Proxy(ProxyRefusal::Timeout) => (0, "proxy_timeout"),
             Refusal::TokenSource => (503, "token_source_unavailable"),
+            Refusal::HandshakeTimeout => (0, "handshake_timeout"),
             Refusal::Http(status) => (
                 status,
                 match status {

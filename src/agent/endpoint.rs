@@ -139,7 +139,7 @@ pub async fn serve<S: IntoLink>(
         return info!(
             status = 401,
             agent = %shown(name.unwrap_or_default().as_bytes()),
-            reason = %super::registry::AuthFailure::Missing,
+            reason = super::registry::AuthFailure::Missing.to_string().as_str(),
             "agent endpoint: login refused, not counted as a failed one"
         );
     }
@@ -165,7 +165,7 @@ pub async fn serve<S: IntoLink>(
             refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
             metrics.refused(crate::metrics::Refusal::Http(401));
             let shown = shown(name.unwrap_or_default().as_bytes());
-            warn!(status = 401, agent = %shown, reason = %why, "agent endpoint: login refused");
+            warn!(status = 401, agent = %shown, reason = why.to_string().as_str(), "agent endpoint: login refused");
             if registry.brake_came_on(addr.ip()) {
                 warn!(
                     "agent endpoint: too many failed logins from this address; slowed down: 429 until a try comes back \
@@ -420,8 +420,8 @@ async fn control<S: LinkIo>(
             registry.detach(&name, attached.id, false);
             let reason = if reason.is_empty() { "none given" } else { reason.as_str() };
             match moving {
-                true => info!(agent = %name, %reason, "agent moved on: disconnected"),
-                false => info!(agent = %name, %reason, "agent disconnected"),
+                true => info!(agent = %name, reason, "agent moved on: disconnected"),
+                false => info!(agent = %name, reason, "agent disconnected"),
             }
         }
         Some(End::Drained) => {
@@ -439,7 +439,7 @@ async fn control<S: LinkIo>(
         }
         Some(End::Lost(why)) => {
             registry.detach(&name, attached.id, true);
-            warn!(agent = %name, reason = %why, "agent lost: its sessions end");
+            warn!(agent = %name, reason = why.to_string().as_str(), "agent lost: its sessions end");
         }
         None => {}
     }

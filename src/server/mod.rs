@@ -433,7 +433,13 @@ impl Bridge {
         if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&peer.client.ip().to_canonical())) {
             // Only the load balancers may say who the client is.
             self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Untrusted));
-            warn!("connection refused: PROXY protocol header from a peer not in trusted_proxies");
+            match PROXY_REFUSED.take() {
+                Some(left_out) => warn!(
+                    left_out,
+                    "connection refused: PROXY protocol header from a peer not in trusted_proxies"
+                ),
+                None => debug!("connection refused: PROXY protocol header from a peer not in trusted_proxies"),
+            }
             return false;
         }
         match tokio::time::timeout_at(deadline, crate::proxy::read_addresses(stream)).await {
@@ -447,12 +453,25 @@ impl Bridge {
             }
             Ok(Err(e)) => {
                 self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Malformed));
-                warn!(error = %e, "connection refused: bad PROXY protocol header");
+                match PROXY_REFUSED.take() {
+                    Some(left_out) => warn!(error = %e, left_out, "connection refused: bad PROXY protocol header"),
+                    None => debug!(error = %e, "connection refused: bad PROXY protocol header"),
+                }
                 return false;
             }
             Err(_) => {
                 self.inner.metrics.refused(Refusal::Proxy(ProxyRefusal::Timeout));
-                warn!(timeout = ?live.timeouts.handshake, "connection refused: no PROXY protocol header within the handshake deadline");
+                let timeout = live.timeouts.handshake;
+                match PROXY_REFUSED.take() {
+                    Some(left_out) => warn!(
+                        ?timeout,
+                        left_out, "connection refused: no PROXY protocol header within the handshake deadline"
+                    ),
+                    None => debug!(
+                        ?timeout,
+                        "connection refused: no PROXY protocol header within the handshake deadline"
+                    ),
+                }
                 return false;
             }
         }
@@ -530,7 +549,11 @@ impl Bridge {
         let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
         refuse_at_once(&stream, answer_text(r.status, r.public, &retry, true).as_bytes());
         self.inner.metrics.refused(Refusal::AddressLimit);
-        debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
+        debug!(
+            status = r.status.as_u16(),
+            reason = r.detail.as_str(),
+            "refused: connections per address"
+        );
     }
 
     /// Answers a connection over `max_connections_per_ip` with 429 (within a second), where
@@ -539,7 +562,11 @@ impl Bridge {
         let retry = [(http::header::RETRY_AFTER, http::HeaderValue::from(r.retry_after.unwrap_or(5)))];
         let _ = timeout(Duration::from_secs(1), answer(stream, r.status, r.public, &retry)).await;
         self.inner.metrics.refused(Refusal::AddressLimit);
-        debug!(status = r.status.as_u16(), reason = %r.detail, "refused: connections per address");
+        debug!(
+            status = r.status.as_u16(),
+            reason = r.detail.as_str(),
+            "refused: connections per address"
+        );
     }
 
     /// Sniffs the first byte: a TLS ClientHello gets the TLS handshake, anything else plain HTTP
@@ -559,7 +586,10 @@ impl Bridge {
         match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
             Ok(_) => return debug!("closed before sending anything"),
-            Err(_) => return debug!(timeout = ?live.timeouts.handshake, "handshake deadline passed; dropped"),
+            Err(_) => {
+                self.inner.metrics.refused(Refusal::HandshakeTimeout);
+                return debug!(timeout = ?live.timeouts.handshake, "handshake deadline passed; dropped");
+            }
         }
         // 0x16: a TLS handshake record (the ClientHello).
         if first[0] != 0x16 {
@@ -582,8 +612,16 @@ impl Bridge {
         self.inner.metrics.tls_handshake(matches!(accepted, Ok(Ok(_))));
         let stream = match accepted {
             Ok(Ok(s)) => Box::new(s),
-            Ok(Err(e)) => return info!(error = %e, "TLS handshake failed"),
-            Err(_) => return debug!(timeout = ?live.timeouts.handshake, "handshake deadline passed during TLS"),
+            Ok(Err(e)) => {
+                return match TLS_FAILED.take() {
+                    Some(left_out) => info!(error = %e, left_out, "TLS handshake failed"),
+                    None => debug!(error = %e, "TLS handshake failed"),
+                };
+            }
+            Err(_) => {
+                self.inner.metrics.refused(Refusal::HandshakeTimeout);
+                return debug!(timeout = ?live.timeouts.handshake, "handshake deadline passed during TLS");
+            }
         };
         let client_cn = stream
             .get_ref()
@@ -637,7 +675,10 @@ impl Bridge {
                     Ok(head) => head,
                     // A kept-alive connection that the client no longer uses is no failure.
                     Err(_) if requests > 1 => return debug!(timeout = ?handshake, "kept-alive connection idle: closed"),
-                    Err(_) => return debug!(timeout = ?handshake, "handshake deadline passed; dropped"),
+                    Err(_) => {
+                        self.inner.metrics.refused(Refusal::HandshakeTimeout);
+                        return debug!(timeout = ?handshake, "handshake deadline passed; dropped");
+                    }
                 },
             };
             if requests > 1 && matches!(&head, Err(crate::http::Rejection::BadRequest(_) | crate::http::Rejection::Io(_))) {
@@ -717,9 +758,9 @@ impl Bridge {
                     // A refusal is worth a line; a static file served is not (a noVNC page load is
                     // some 40 of them): debug.
                     if status.as_u16() >= 400 && next.is_none() {
-                        info!(status = status.as_u16(), %reason, "http request answered");
+                        info!(status = status.as_u16(), reason = reason.as_str(), "http request answered");
                     } else {
-                        debug!(status = status.as_u16(), %reason, "http request answered");
+                        debug!(status = status.as_u16(), reason = reason.as_str(), "http request answered");
                     }
                     match next {
                         // The answer said keep-alive (which it does only as `ctx.keep_alive` allows).
@@ -735,7 +776,7 @@ impl Bridge {
             };
             let span = tracing::Span::current();
             span.record("route", upgrade.route.name.as_str());
-            span.record("target", tracing::field::display(&upgrade.route.target));
+            span.record("target", upgrade.route.target.to_string().as_str());
             match tokio::time::timeout_at(write_deadline, crate::http::write_switching(&mut stream, &upgrade)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
@@ -801,6 +842,41 @@ impl Bridge {
         per_address && self.connections().saturating_mul(2) < live.max_connections
     }
 }
+
+/// A log line that anyone who can connect can cause (a failed TLS handshake, a refused PROXY
+/// header), written at most once per [`Quieted::EVERY`] in the process with the number of its
+/// kind left out since (those at debug): a flood of junk is counted in the metrics, not
+/// written out one line each.
+struct Quieted {
+    last: Mutex<Option<Instant>>,
+    left_out: std::sync::atomic::AtomicU64,
+}
+
+impl Quieted {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    const fn new() -> Quieted {
+        Quieted {
+            last: Mutex::new(None),
+            left_out: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be written now.
+    fn take(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < Quieted::EVERY) {
+            self.left_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.left_out.swap(0, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+static TLS_FAILED: Quieted = Quieted::new();
+static PROXY_REFUSED: Quieted = Quieted::new();
 
 /// How long sessions still open when the shutdown grace period is over have to log their end.
 const ABORT_WAIT: Duration = Duration::from_millis(500);
@@ -1090,8 +1166,14 @@ async fn run_session<S>(
             let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
             let duration_ms = started.elapsed().as_millis() as u64;
             match source {
-                Some(error) => warn!(code, %reason, %error, duration_ms, "session failed: backend not connected"),
-                None => warn!(code, %reason, duration_ms, "session failed: backend not connected"),
+                Some(error) => warn!(
+                    code,
+                    reason = reason.as_str(),
+                    error = error.as_str(),
+                    duration_ms,
+                    "session failed: backend not connected"
+                ),
+                None => warn!(code, reason = reason.as_str(), duration_ms, "session failed: backend not connected"),
             }
             return;
         }
@@ -1118,7 +1200,7 @@ async fn run_session<S>(
     info!(
         framing = %params.framing,
         code = s.code,
-        reason = ?s.reason,
+        reason = s.reason.as_str(),
         ended_by = s.ended_by,
         bytes_up = s.bytes_up,
         bytes_down = s.bytes_down,
@@ -1227,6 +1309,18 @@ fn conn_span(client: Option<&dyn std::fmt::Display>, via: Option<&dyn std::fmt::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quieted_line_comes_once_per_interval_with_the_number_left_out() {
+        let q = Quieted::new();
+        assert_eq!(q.take(), Some(0));
+        assert_eq!((q.take(), q.take()), (None, None));
+        tokio::time::advance(Quieted::EVERY - Duration::from_millis(1)).await;
+        assert_eq!(q.take(), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(q.take(), Some(3));
+        assert_eq!(q.take(), None);
+    }
 
     #[tokio::test]
     async fn a_refusal_at_once_delivers_its_answer_without_a_reset() {

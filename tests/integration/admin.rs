@@ -734,3 +734,25 @@ async fn refused_proxy_headers_are_counted() {
         0.0
     );
 }
+
+/// Connections that send no request (or half of one, or half a TLS handshake) within the
+/// handshake deadline are counted, as HAProxy and nginx count their 408s: slow-loris attempts
+/// and a balancer's misconfigured check show in the metrics.
+#[tokio::test]
+async fn handshake_timeouts_are_counted() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.timeouts.handshake = std::time::Duration::from_millis(200);
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let mut silent = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    partial.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    closed_by_peer(&mut silent).await;
+    closed_by_peer(&mut partial).await;
+    let timeouts = [("status", "0"), ("reason", "handshake_timeout")];
+    assert_eq!(
+        value(&scrape(admin_addr, None).await, "wsbridge_handshakes_refused_total", &timeouts),
+        2.0
+    );
+}

@@ -927,7 +927,7 @@ async fn the_server_logs_why_an_agent_left() {
     agent.shutdown.cancel();
     within("the agent to stop", agent.task).await.unwrap().unwrap();
     let line = server.line("agent disconnected").await;
-    assert!(line.contains("reason=agent shutting down"), "{line}");
+    assert!(line.contains("reason=\"agent shutting down\""), "{line}");
 }
 
 /// A connection that sends nothing: the answer the bridge gives it at once.

@@ -440,13 +440,67 @@ async fn the_session_log_line_names_the_session_and_how_it_ended() {
     let line = log_line(&mut logs, "session closed").await;
     let expected = [
         " INFO conn{client=127.0.0.1:".to_owned(),
-        format!(" listener={addr} route=\"any path\" target={target} session=1}}: wsbridge::server: session closed "),
+        format!(" listener={addr} route=\"any path\" target=\"{target}\" session=1}}: wsbridge::server: session closed "),
         "framing=binary code=1000 reason=\"bye\\n\\u{1b}[31mforged\" ended_by=\"client\" bytes_up=5 bytes_down=5 duration_ms=".to_owned(),
     ];
     for part in &expected {
         assert!(line.contains(part.as_str()), "{part:?} not in\n{line}");
     }
     assert!(!line.contains('\x1b'), "colours in a log that is not a terminal: {line:?}");
+}
+
+/// `[log] format = "json"`: the session line's fields are plain JSON values, the reason a
+/// string as the client sent it (not a quoted Rust debug string inside a string).
+#[tokio::test]
+async fn json_logs_hold_the_session_line_as_plain_fields() {
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("w.toml");
+    std::fs::write(
+        &file,
+        format!("[log]\nformat = \"json\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"{backend}\"\n"),
+    )
+    .unwrap();
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["--config", file.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+    async fn next(lines: &mut Lines, message: &str) -> serde_json::Value {
+        within(message, async {
+            loop {
+                let line = lines.next_line().await.unwrap().expect("wsbridge exited");
+                let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if json["message"] == message {
+                    return json;
+                }
+            }
+        })
+        .await
+    }
+    let listening = next(&mut lines, "listening").await;
+    let addr = listening["addr"].as_str().unwrap_or_else(|| panic!("{listening}")).to_owned();
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    send_bin(&mut ws, b"hello").await;
+    assert_eq!(recv_data(&mut ws).await, b"hello");
+    let bye = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "see you later".into(),
+    };
+    within("close", ws.close(Some(bye))).await.unwrap();
+    let line = next(&mut lines, "session closed").await;
+    assert_eq!(line["reason"], "see you later", "{line}");
+    assert_eq!(line["ended_by"], "client", "{line}");
+    assert_eq!(line["span"]["target"], backend.to_string().as_str(), "{line}");
+    assert_eq!(line["bytes_up"], 5, "{line}");
 }
 
 /// A PROXY protocol listener with no trusted_proxies believes whoever reaches it: the bridge
