@@ -141,6 +141,10 @@ pub struct RunArgs {
     /// Accepted for websockify compatibility: directory listings are off unless --web-listing.
     #[arg(long)]
     pub file_only: bool,
+    /// Static files under --web ask what the WebSocket upgrade asks: --auth-plugin BasicHTTPAuth's
+    /// password (a browser prompts for it) or ClientCertCNAuth's certificate names; every request.
+    #[arg(long)]
+    pub web_auth: bool,
 
     /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, TokenFileName,
     /// JWTTokenApi, or TokenRedis; tokens from --token-source.
@@ -345,8 +349,6 @@ pub struct Refused {
     #[arg(long, hide = true, value_name = "PASSWORD", num_args = 0..=1, default_missing_value = "")]
     key_password: Option<String>,
     #[arg(long, hide = true)]
-    web_auth: bool,
-    #[arg(long, hide = true)]
     log_file: Option<String>,
     #[arg(long, hide = true)]
     syslog: Option<String>,
@@ -400,11 +402,6 @@ impl Refused {
                 self.key_password.is_some(),
                 "--key-password",
                 "give an unencrypted key file readable only by wsbridge's user (openssl pkey -in enc.pem -out key.pem)",
-            ),
-            (
-                self.web_auth,
-                "--web-auth",
-                "static files are public; put an authenticating proxy in front, or use client certificates (--verify-client)",
             ),
             (
                 self.log_file.is_some(),
@@ -511,6 +508,7 @@ impl RunArgs {
             web_follow_symlinks,
             web_dotfiles,
             file_only,
+            web_auth,
             token_plugin,
             token_source,
             token_allow_target,
@@ -557,6 +555,7 @@ impl RunArgs {
             *web_follow_symlinks,
             *web_dotfiles,
             *file_only,
+            *web_auth,
             token_plugin.is_some(),
             token_source.is_some(),
             !token_allow_target.is_empty(),
@@ -635,15 +634,55 @@ impl RunArgs {
                 return Err(usage(format!("--web {}: not a directory", web.display())));
             }
         }
+        let access = crate::config::policy::ListenerAccess {
+            web_auth: self.web_auth()?,
+            ..Default::default()
+        };
         Ok(ListenerConfig {
             addr,
             web: self.web.clone(),
             web_listing: self.web_listing,
             web_follow_symlinks: self.web_follow_symlinks,
             web_dotfiles: self.web_dotfiles,
-            access: Default::default(),
+            access,
             tls,
         })
+    }
+
+    /// `--web-auth`: the static files ask what the upgrade does, as websockify's do. It needs
+    /// --web and an auth plugin that a page load can pass (websockify refuses it without one).
+    fn web_auth(&self) -> Result<Option<crate::config::policy::WebAuth>, ConfigError> {
+        if !self.web_auth {
+            return Ok(None);
+        }
+        if self.web.is_none() {
+            return Err(usage("--web-auth protects the files of --web DIR: give --web".into()));
+        }
+        let source = self.auth_source.clone();
+        let mut web = crate::config::policy::WebAuth::default();
+        match self.auth_plugin.as_deref() {
+            None => {
+                return Err(usage(
+                    "--web-auth needs --auth-plugin BasicHTTPAuth (a password, which the browser asks for) or ClientCertCNAuth \
+                     (client certificates): it applies the upgrade's check to the static files"
+                        .into(),
+                ))
+            }
+            Some("ExpectOrigin") => {
+                return Err(usage(
+                    "--web-auth with --auth-plugin ExpectOrigin would refuse every page load (browsers send no Origin when \
+                     they load a page): use BasicHTTPAuth or ClientCertCNAuth, or leave --web-auth out"
+                        .into(),
+                ))
+            }
+            Some("BasicHTTPAuth") => web.auth = source.map(AuthSettings::BasicUser),
+            Some("ClientCertCNAuth") => {
+                web.client_cn = source.map(|names| names.split([' ', ',']).filter(|n| !n.is_empty()).map(str::to_owned).collect())
+            }
+            // Refused with the plugin's own message (see `client_cn`).
+            Some(_) => {}
+        }
+        Ok(Some(web))
     }
 
     /// --max-connections and --max-message-size.
@@ -1250,12 +1289,95 @@ mod tests {
             &["--ssl-target-no-verify"],
             &["--auth-source", "alice"],
             &["--file-only"],
+            &["--web-auth"],
         ] {
             let e = config(&[&["--config", "w.toml"][..], extra].concat()).unwrap_err();
             assert!(e.contains("only -v, --log-format, --threads and --admin"), "{extra:?}: {e}");
         }
         let e = config(&["6080", "h:1", "--max-message-size", "100"]).unwrap_err();
         assert!(e.contains("at least 125 bytes"), "{e}");
+    }
+
+    /// `--web-auth` puts the upgrade's check (BasicHTTPAuth's password, ClientCertCNAuth's
+    /// names) on the static files; without --web, without an auth plugin, or with one a page
+    /// load cannot pass (ExpectOrigin), it is refused, as websockify refuses the first two.
+    #[test]
+    fn web_auth_takes_the_upgrades_check() {
+        use crate::config::policy::WebAuth;
+        let dir = tempfile::tempdir().unwrap();
+        let web = ["--web", dir.path().to_str().unwrap(), "--web-auth"];
+        let with = |extra: &[&str]| config(&[&["6080", "h:1"][..], &web, extra].concat());
+        let c = with(&["--auth-plugin", "BasicHTTPAuth", "--auth-source", "alice:pw"]).unwrap();
+        let basic = Some(AuthSettings::BasicUser("alice:pw".into()));
+        assert_eq!(
+            c.listeners[0].access.web_auth,
+            Some(WebAuth {
+                auth: basic.clone(),
+                client_cn: None
+            })
+        );
+        assert_eq!(c.routes[0].options.policy.auth, basic);
+        let tls = ["--cert", "c.pem", "--verify-client", "--cafile", "ca.pem"];
+        let c = with(&[&tls[..], &["--auth-plugin", "ClientCertCNAuth", "--auth-source", "alice bob"]].concat()).unwrap();
+        assert_eq!(
+            c.listeners[0].access.web_auth,
+            Some(WebAuth {
+                auth: None,
+                client_cn: Some(vec!["alice".into(), "bob".into()])
+            })
+        );
+        // Without --web-auth the files stay public, whatever protects the upgrade.
+        let c = config(&[
+            "6080",
+            "h:1",
+            "--web",
+            web[1],
+            "--auth-plugin",
+            "BasicHTTPAuth",
+            "--auth-source",
+            "a:b",
+        ])
+        .unwrap();
+        assert_eq!(c.listeners[0].access.web_auth, None);
+        for (args, want) in [
+            (
+                &[
+                    "6080",
+                    "h:1",
+                    "--web-auth",
+                    "--auth-plugin",
+                    "BasicHTTPAuth",
+                    "--auth-source",
+                    "a:b",
+                ][..],
+                "give --web",
+            ),
+            (
+                &["6080", "h:1", "--web", web[1], "--web-auth"],
+                "--web-auth needs --auth-plugin BasicHTTPAuth",
+            ),
+            (
+                &[
+                    "6080",
+                    "h:1",
+                    "--web",
+                    web[1],
+                    "--web-auth",
+                    "--auth-plugin",
+                    "ExpectOrigin",
+                    "--auth-source",
+                    "https://a.example",
+                ],
+                "would refuse every page load",
+            ),
+            (
+                &["6080", "h:1", "--web", web[1], "--web-auth", "--auth-plugin", "BasicHTTPAuth"],
+                "needs --auth-source USER:PASSWORD",
+            ),
+        ] {
+            let e = config(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
     }
 
     #[test]

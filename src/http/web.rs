@@ -31,6 +31,55 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::request::Rejection;
 
+/// What a request for a static file must pass (a listener's `web_auth` and `web_client_cn`,
+/// websockify's `--web-auth`), with its files read. Built with the configuration (its htpasswd
+/// or token file is read again on a reload, as a route's is); the check itself is the upgrade
+/// decision's ([`super::upgrade`]), so that both answer alike.
+#[derive(Debug)]
+pub struct WebGuard {
+    /// Credentials asked for, when any are.
+    pub(crate) auth: Option<crate::policy::auth::Authenticator>,
+    /// Only these certificate common names, when set.
+    pub(crate) client_cn: Option<Vec<String>>,
+}
+
+impl WebGuard {
+    /// The guard `settings` describe.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds nothing usable, named with its problem.
+    pub fn new(settings: &crate::config::policy::WebAuth) -> Result<WebGuard, String> {
+        Ok(WebGuard {
+            auth: settings.auth.as_ref().map(|a| a.authenticator()).transpose()?,
+            client_cn: settings.client_cn.clone(),
+        })
+    }
+
+    /// Whether a client with this certificate common name may fetch static files.
+    pub(crate) fn admits(&self, client_cn: Option<&str>) -> bool {
+        match &self.client_cn {
+            None => true,
+            Some(allowed) => client_cn.is_some_and(|cn| allowed.iter().any(|a| a == cn)),
+        }
+    }
+}
+
+/// Admits nobody: for a listener whose guard cannot be found (never in a bridge serving its own
+/// configuration), so that static files that should be protected are not served.
+pub(crate) static DENY_ALL: WebGuard = WebGuard {
+    auth: None,
+    client_cn: Some(Vec::new()),
+};
+
+/// A listener's static files as one request sees them: the files and who may fetch them.
+#[derive(Debug, Clone, Copy)]
+pub struct Web<'a> {
+    /// The files.
+    pub root: &'a WebRoot,
+    /// What a request must pass first (`web_auth`), if anything.
+    pub guard: Option<&'a WebGuard>,
+}
+
 /// Static-file settings of a listener.
 #[derive(Clone)]
 pub struct WebRoot {

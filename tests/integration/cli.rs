@@ -309,3 +309,13 @@ async fn token_file_name_plugin_takes_a_directory_of_targets() {
         "{err}"
     );
 }
+
+/// `--web-auth` without an auth plugin is refused at start (64), as websockify refuses it,
+/// saying which plugins it takes.
+#[tokio::test]
+async fn web_auth_without_an_auth_plugin_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run_to_end(&["127.0.0.1:0", "127.0.0.1:5900", "--web", dir.path().to_str().unwrap(), "--web-auth"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--web-auth needs --auth-plugin BasicHTTPAuth"), "{err}");
+}
