@@ -291,6 +291,11 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormatArg>,
+    /// Write the log to FILE instead of stderr, appending, as websockify does (beside --config
+    /// too, over its [log] file). At 10 MiB it is set aside as FILE.old and a new FILE begun;
+    /// after logrotate's copytruncate or rename it carries on in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 
     /// websockify options wsbridge does not have; each is refused with what to use instead.
     #[command(flatten)]
@@ -349,8 +354,6 @@ pub struct Refused {
     #[arg(long, hide = true, value_name = "PASSWORD", num_args = 0..=1, default_missing_value = "")]
     key_password: Option<String>,
     #[arg(long, hide = true)]
-    log_file: Option<String>,
-    #[arg(long, hide = true)]
     syslog: Option<String>,
     #[arg(long, hide = true)]
     legacy_syslog: bool,
@@ -402,11 +405,6 @@ impl Refused {
                 self.key_password.is_some(),
                 "--key-password",
                 "give an unencrypted key file readable only by wsbridge's user (openssl pkey -in enc.pem -out key.pem)",
-            ),
-            (
-                self.log_file.is_some(),
-                "--log-file",
-                "wsbridge logs to stderr; redirect it or let journald collect it",
             ),
             (
                 self.syslog.is_some(),
@@ -487,6 +485,7 @@ impl RunArgs {
         if let Some(f) = self.log_format {
             config.log_format = log_format(f);
         }
+        config.log_file = self.log_file.clone();
         let mut options = config.default_route_options();
         self.apply_route_options(&mut options, &config.listeners[0])?;
         self.add_target(&mut config, options)?;
@@ -545,6 +544,7 @@ impl RunArgs {
             admin: _,
             verbose: _,
             log_format: _,
+            log_file: _,
             refused: _,
         } = self;
         let listener_or_route_options = [
@@ -592,13 +592,16 @@ impl RunArgs {
         .contains(&true);
         if listener_or_route_options {
             return Err(usage(
-                "--config takes everything from the file; only -v, --log-format, --threads and --admin go beside it (put the rest in the file)"
+                "--config takes everything from the file; only -v, --log-format, --log-file, --threads and --admin go beside it (put the rest in the file)"
                     .into(),
             ));
         }
         let mut config = Config::from_file(path)?;
         if let Some(f) = self.log_format {
             config.log_format = log_format(f);
+        }
+        if let Some(file) = &self.log_file {
+            config.log_file = Some(file.clone());
         }
         Ok(config)
     }
@@ -1292,7 +1295,10 @@ mod tests {
             &["--web-auth"],
         ] {
             let e = config(&[&["--config", "w.toml"][..], extra].concat()).unwrap_err();
-            assert!(e.contains("only -v, --log-format, --threads and --admin"), "{extra:?}: {e}");
+            assert!(
+                e.contains("only -v, --log-format, --log-file, --threads and --admin"),
+                "{extra:?}: {e}"
+            );
         }
         let e = config(&["6080", "h:1", "--max-message-size", "100"]).unwrap_err();
         assert!(e.contains("at least 125 bytes"), "{e}");

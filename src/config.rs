@@ -48,6 +48,9 @@ pub struct Config {
     pub limits: Limits,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Log to this file (appended to, set aside at 10 MiB: see [`crate::logging::LogFile`])
+    /// instead of stderr; `[log] file` or `--log-file`.
+    pub log_file: Option<PathBuf>,
     /// Origins admitted on routes and listeners that set none: same-origin for a configuration
     /// file (and the demo); any origin on the websockify-style command line, as websockify does.
     pub default_origins: Vec<OriginRule>,
@@ -437,6 +440,7 @@ impl Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log_format: LogFormat::Text,
+            log_file: None,
             default_origins: vec![OriginRule::SameOrigin],
             agents: crate::agent::AgentsConfig::default(),
             admin: None,
@@ -1016,6 +1020,7 @@ struct RawLimits {
 struct RawLog {
     #[serde(default)]
     format: LogFormat,
+    file: Option<PathBuf>,
 }
 
 impl RawConfig {
@@ -1024,6 +1029,7 @@ impl RawConfig {
         config.timeouts = self.timeouts.resolve();
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
+        config.log_file = self.log.file.map(|f| ctx.resolve(&f));
         config.listeners = listeners(self.listen, ctx)?;
         config.agents = match crate::agent::validate(self.agent, self.agent_endpoint, self.agents, &|p| ctx.resolve(p)) {
             Ok(a) => a,

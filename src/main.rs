@@ -75,7 +75,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
-            wsbridge::logging::init(verbose, config.log_format);
+            match &config.log_file {
+                Some(path) => {
+                    if let Err(e) = wsbridge::logging::init_file_as(verbose, path, config.log_format) {
+                        eprintln!("wsbridge: log file {}: {e}", path.display());
+                        return ExitCode::from(EX_USAGE);
+                    }
+                }
+                None => wsbridge::logging::init(verbose, config.log_format),
+            }
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
             }
