@@ -623,3 +623,102 @@ fn web_auth_in_a_configuration_file() {
     let e = parse("web = \"www\"\nweb_auth = { password = \"x\" }\n").unwrap_err();
     assert!(e.contains("unknown field `password`"), "{e}");
 }
+
+/// The value of header `name` (any case) in a raw answer.
+fn header_of<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    let head = response.split("\r\n\r\n").next()?;
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Conditional requests on a static file, all on one kept-alive connection: its own ETag in
+/// `If-None-Match`, `*` (any current representation, RFC 9110 §13.1.2), or its `Last-Modified`
+/// in `If-Modified-Since` answer 304 for GET and HEAD, with no body and no `Content-Length`
+/// other than the file's (§8.6), and the next request on the connection is read as one; another
+/// ETag gets the file; `*` on a file that is not there is still a 404.
+#[tokio::test]
+async fn conditional_requests_answer_304_on_a_kept_alive_connection() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, false, false, false).await;
+    let first = get(&bridge, "/sub/app.js").await;
+    assert_eq!(status_of(&first), 200, "{first}");
+    let etag = header_of(&first, "etag").expect("an ETag").to_owned();
+    let modified = header_of(&first, "last-modified").expect("a Last-Modified").to_owned();
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    for (method, condition, status) in [
+        ("GET", format!("If-None-Match: {etag}"), 304),
+        ("GET", "If-None-Match: *".to_owned(), 304),
+        ("HEAD", "If-None-Match: *".to_owned(), 304),
+        ("GET", format!("If-None-Match: \"other\", {etag}"), 304),
+        ("GET", format!("If-Modified-Since: {modified}"), 304),
+        ("HEAD", format!("If-Modified-Since: {modified}"), 304),
+        ("GET", "If-None-Match: \"other\"".to_owned(), 200),
+        // If-None-Match wins over If-Modified-Since (§13.2.2).
+        ("GET", format!("If-None-Match: \"other\"\r\nIf-Modified-Since: {modified}"), 200),
+    ] {
+        let request = format!("{method} /sub/app.js HTTP/1.1\r\nHost: x\r\n{condition}\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+        assert_eq!(status_of(&r), status, "{method} {condition}: {r}");
+        assert!(!r.contains("Connection: close"), "kept alive: {r}");
+        if status == 304 {
+            assert!(r.ends_with("\r\n\r\n"), "a 304 has no body: {r}");
+            assert!(
+                header_of(&r, "content-length").is_none_or(|n| n == "10"),
+                "{method} {condition}: a 304's Content-Length is the file's or none: {r}"
+            );
+        }
+    }
+    // The connection still reads requests where they begin.
+    let plain: &[u8] = b"GET /sub/app.js HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(plain).await.unwrap();
+    let r = next_response(&mut s, plain, &mut got).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("let x = 1;"), "{r}");
+    assert!(got.is_empty(), "bytes after the answer: {got:?}");
+    let r = http_raw(bridge.addr, b"GET /missing.js HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n\r\n").await;
+    assert_eq!(status_of(&r), 404, "{r}");
+}
+
+/// Ranges on a kept-alive connection: a 206's body is as long as its `Content-Length` says (one
+/// range, several, a suffix), and a 416 has its own (none) and names the file's length in
+/// `Content-Range` (RFC 9110 §15.5.17), so the next request on the connection is read where it
+/// begins.
+#[tokio::test]
+async fn ranges_keep_the_connection_in_step() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, false, false, false).await;
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    for (range, status, body) in [
+        ("bytes=0-3", 206, "let "),
+        ("bytes=-2", 206, "1;"),
+        ("bytes=4-", 206, "x = 1;"),
+        ("bytes=0-1,4-5", 206, ""),
+        ("bytes=100-200", 416, ""),
+    ] {
+        let request = format!("GET /sub/app.js HTTP/1.1\r\nHost: x\r\nRange: {range}\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+        assert_eq!(status_of(&r), status, "{range}: {r}");
+        assert!(r.ends_with(body), "{range}: {r}");
+        assert!(!r.contains("Connection: close"), "{range}: kept alive: {r}");
+        if status == 416 {
+            assert_eq!(header_of(&r, "content-range"), Some("bytes */10"), "the file's length: {r}");
+        }
+        if range == "bytes=0-1,4-5" {
+            assert!(r.contains("multipart/byteranges") && r.contains("le") && r.contains("x "), "{r}");
+        }
+        let next: &[u8] = b"HEAD /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+        s.write_all(next).await.unwrap();
+        let r = next_response(&mut s, next, &mut got).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "after {range}: {r}");
+    }
+    assert!(got.is_empty(), "bytes after the answers: {got:?}");
+}
