@@ -207,6 +207,11 @@ async fn check(path: &std::path::Path) -> ExitCode {
             eprintln!("wsbridge: {}: listener {}: {e}", path.display(), l.addr);
             return ExitCode::from(EX_USAGE);
         }
+        // Its files read as the bridge will read them (an htpasswd file that is not there).
+        if let Some(Err(e)) = l.access.web_auth.as_ref().map(wsbridge::http::WebGuard::new) {
+            eprintln!("wsbridge: {}: listener {}: web_auth: {e}", path.display(), l.addr);
+            return ExitCode::from(EX_USAGE);
+        }
     }
     say!("{}: OK", path.display());
     for warning in config.warnings() {

@@ -311,13 +311,29 @@ async fn token_file_name_plugin_takes_a_directory_of_targets() {
 }
 
 /// `--web-auth` without an auth plugin is refused at start (64), as websockify refuses it,
-/// saying which plugins it takes.
+/// saying which plugins it takes; so is a file's `web_auth` whose file cannot be read.
 #[tokio::test]
 async fn web_auth_without_an_auth_plugin_exits_64() {
     let dir = tempfile::tempdir().unwrap();
     let (code, _, err) = run_to_end(&["127.0.0.1:0", "127.0.0.1:5900", "--web", dir.path().to_str().unwrap(), "--web-auth"]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--web-auth needs --auth-plugin BasicHTTPAuth"), "{err}");
+    // A file's web_auth naming an htpasswd file that is not there: `check` and the start both
+    // refuse it (64), naming the listener's field and the file.
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    let toml = dir.path().join("w.toml");
+    std::fs::write(
+        &toml,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nweb = \"www\"\nweb_auth = { htpasswd = \"missing\" }\n\
+         [[route]]\npath = \"/vnc\"\ntarget = \"127.0.0.1:5900\"\n",
+    )
+    .unwrap();
+    let toml = toml.to_str().unwrap();
+    for args in [&["check", toml][..], &["--config", toml]] {
+        let (code, _, err) = run_to_end(args).await;
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains("web_auth") && err.contains("missing"), "{args:?}: {err}");
+    }
 }
 
 /// `wsbridge --log-file FILE` (websockify's): the start-up line and a session's line are
