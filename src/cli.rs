@@ -141,6 +141,10 @@ pub struct RunArgs {
     /// Accepted for websockify compatibility: directory listings are off unless --web-listing.
     #[arg(long)]
     pub file_only: bool,
+    /// Static files under --web ask what the WebSocket upgrade asks: --auth-plugin BasicHTTPAuth's
+    /// password (a browser prompts for it) or ClientCertCNAuth's certificate names; every request.
+    #[arg(long)]
+    pub web_auth: bool,
 
     /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, TokenFileName,
     /// JWTTokenApi, or TokenRedis; tokens from --token-source.
@@ -287,6 +291,11 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormatArg>,
+    /// Write the log to FILE instead of stderr, appending, as websockify does (beside --config
+    /// too, over its [log] file). At 10 MiB it is set aside as FILE.old and a new FILE begun;
+    /// after logrotate's copytruncate or rename it carries on in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 
     /// websockify options wsbridge does not have; each is refused with what to use instead.
     #[command(flatten)]
@@ -345,10 +354,6 @@ pub struct Refused {
     #[arg(long, hide = true, value_name = "PASSWORD", num_args = 0..=1, default_missing_value = "")]
     key_password: Option<String>,
     #[arg(long, hide = true)]
-    web_auth: bool,
-    #[arg(long, hide = true)]
-    log_file: Option<String>,
-    #[arg(long, hide = true)]
     syslog: Option<String>,
     #[arg(long, hide = true)]
     legacy_syslog: bool,
@@ -400,16 +405,6 @@ impl Refused {
                 self.key_password.is_some(),
                 "--key-password",
                 "give an unencrypted key file readable only by wsbridge's user (openssl pkey -in enc.pem -out key.pem)",
-            ),
-            (
-                self.web_auth,
-                "--web-auth",
-                "static files are public; put an authenticating proxy in front, or use client certificates (--verify-client)",
-            ),
-            (
-                self.log_file.is_some(),
-                "--log-file",
-                "wsbridge logs to stderr; redirect it or let journald collect it",
             ),
             (
                 self.syslog.is_some(),
@@ -490,6 +485,7 @@ impl RunArgs {
         if let Some(f) = self.log_format {
             config.log_format = log_format(f);
         }
+        config.log_file = self.log_file.clone();
         let mut options = config.default_route_options();
         self.apply_route_options(&mut options, &config.listeners[0])?;
         self.add_target(&mut config, options)?;
@@ -511,6 +507,7 @@ impl RunArgs {
             web_follow_symlinks,
             web_dotfiles,
             file_only,
+            web_auth,
             token_plugin,
             token_source,
             token_allow_target,
@@ -547,6 +544,7 @@ impl RunArgs {
             admin: _,
             verbose: _,
             log_format: _,
+            log_file: _,
             refused: _,
         } = self;
         let listener_or_route_options = [
@@ -557,6 +555,7 @@ impl RunArgs {
             *web_follow_symlinks,
             *web_dotfiles,
             *file_only,
+            *web_auth,
             token_plugin.is_some(),
             token_source.is_some(),
             !token_allow_target.is_empty(),
@@ -593,13 +592,16 @@ impl RunArgs {
         .contains(&true);
         if listener_or_route_options {
             return Err(usage(
-                "--config takes everything from the file; only -v, --log-format, --threads and --admin go beside it (put the rest in the file)"
+                "--config takes everything from the file; only -v, --log-format, --log-file, --threads and --admin go beside it (put the rest in the file)"
                     .into(),
             ));
         }
         let mut config = Config::from_file(path)?;
         if let Some(f) = self.log_format {
             config.log_format = log_format(f);
+        }
+        if let Some(file) = &self.log_file {
+            config.log_file = Some(file.clone());
         }
         Ok(config)
     }
@@ -635,15 +637,55 @@ impl RunArgs {
                 return Err(usage(format!("--web {}: not a directory", web.display())));
             }
         }
+        let access = crate::config::policy::ListenerAccess {
+            web_auth: self.web_auth()?,
+            ..Default::default()
+        };
         Ok(ListenerConfig {
             addr,
             web: self.web.clone(),
             web_listing: self.web_listing,
             web_follow_symlinks: self.web_follow_symlinks,
             web_dotfiles: self.web_dotfiles,
-            access: Default::default(),
+            access,
             tls,
         })
+    }
+
+    /// `--web-auth`: the static files ask what the upgrade does, as websockify's do. It needs
+    /// --web and an auth plugin that a page load can pass (websockify refuses it without one).
+    fn web_auth(&self) -> Result<Option<crate::config::policy::WebAuth>, ConfigError> {
+        if !self.web_auth {
+            return Ok(None);
+        }
+        if self.web.is_none() {
+            return Err(usage("--web-auth protects the files of --web DIR: give --web".into()));
+        }
+        let source = self.auth_source.clone();
+        let mut web = crate::config::policy::WebAuth::default();
+        match self.auth_plugin.as_deref() {
+            None => {
+                return Err(usage(
+                    "--web-auth needs --auth-plugin BasicHTTPAuth (a password, which the browser asks for) or ClientCertCNAuth \
+                     (client certificates): it applies the upgrade's check to the static files"
+                        .into(),
+                ))
+            }
+            Some("ExpectOrigin") => {
+                return Err(usage(
+                    "--web-auth with --auth-plugin ExpectOrigin would refuse every page load (browsers send no Origin when \
+                     they load a page): use BasicHTTPAuth or ClientCertCNAuth, or leave --web-auth out"
+                        .into(),
+                ))
+            }
+            Some("BasicHTTPAuth") => web.auth = source.map(AuthSettings::BasicUser),
+            Some("ClientCertCNAuth") => {
+                web.client_cn = source.map(|names| names.split([' ', ',']).filter(|n| !n.is_empty()).map(str::to_owned).collect())
+            }
+            // Refused with the plugin's own message (see `client_cn`).
+            Some(_) => {}
+        }
+        Ok(Some(web))
     }
 
     /// --max-connections and --max-message-size.
@@ -1250,12 +1292,98 @@ mod tests {
             &["--ssl-target-no-verify"],
             &["--auth-source", "alice"],
             &["--file-only"],
+            &["--web-auth"],
         ] {
             let e = config(&[&["--config", "w.toml"][..], extra].concat()).unwrap_err();
-            assert!(e.contains("only -v, --log-format, --threads and --admin"), "{extra:?}: {e}");
+            assert!(
+                e.contains("only -v, --log-format, --log-file, --threads and --admin"),
+                "{extra:?}: {e}"
+            );
         }
         let e = config(&["6080", "h:1", "--max-message-size", "100"]).unwrap_err();
         assert!(e.contains("at least 125 bytes"), "{e}");
+    }
+
+    /// `--web-auth` puts the upgrade's check (BasicHTTPAuth's password, ClientCertCNAuth's
+    /// names) on the static files; without --web, without an auth plugin, or with one a page
+    /// load cannot pass (ExpectOrigin), it is refused, as websockify refuses the first two.
+    #[test]
+    fn web_auth_takes_the_upgrades_check() {
+        use crate::config::policy::WebAuth;
+        let dir = tempfile::tempdir().unwrap();
+        let web = ["--web", dir.path().to_str().unwrap(), "--web-auth"];
+        let with = |extra: &[&str]| config(&[&["6080", "h:1"][..], &web, extra].concat());
+        let c = with(&["--auth-plugin", "BasicHTTPAuth", "--auth-source", "alice:pw"]).unwrap();
+        let basic = Some(AuthSettings::BasicUser("alice:pw".into()));
+        assert_eq!(
+            c.listeners[0].access.web_auth,
+            Some(WebAuth {
+                auth: basic.clone(),
+                client_cn: None
+            })
+        );
+        assert_eq!(c.routes[0].options.policy.auth, basic);
+        let tls = ["--cert", "c.pem", "--verify-client", "--cafile", "ca.pem"];
+        let c = with(&[&tls[..], &["--auth-plugin", "ClientCertCNAuth", "--auth-source", "alice bob"]].concat()).unwrap();
+        assert_eq!(
+            c.listeners[0].access.web_auth,
+            Some(WebAuth {
+                auth: None,
+                client_cn: Some(vec!["alice".into(), "bob".into()])
+            })
+        );
+        // Without --web-auth the files stay public, whatever protects the upgrade.
+        let c = config(&[
+            "6080",
+            "h:1",
+            "--web",
+            web[1],
+            "--auth-plugin",
+            "BasicHTTPAuth",
+            "--auth-source",
+            "a:b",
+        ])
+        .unwrap();
+        assert_eq!(c.listeners[0].access.web_auth, None);
+        for (args, want) in [
+            (
+                &[
+                    "6080",
+                    "h:1",
+                    "--web-auth",
+                    "--auth-plugin",
+                    "BasicHTTPAuth",
+                    "--auth-source",
+                    "a:b",
+                ][..],
+                "give --web",
+            ),
+            (
+                &["6080", "h:1", "--web", web[1], "--web-auth"],
+                "--web-auth needs --auth-plugin BasicHTTPAuth",
+            ),
+            (
+                &[
+                    "6080",
+                    "h:1",
+                    "--web",
+                    web[1],
+                    "--web-auth",
+                    "--auth-plugin",
+                    "ExpectOrigin",
+                    "--auth-source",
+                    "https://a.example",
+                ],
+                "would refuse every page load",
+            ),
+            (
+                &["6080", "h:1", "--web", web[1], "--web-auth", "--auth-plugin", "BasicHTTPAuth"],
+                "needs --auth-source USER:PASSWORD",
+            ),
+        ] {
+            let e = config(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct Config {
     pub limits: Limits,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Log to this file (appended to, set aside at 10 MiB: see [`crate::logging::LogFile`])
+    /// instead of stderr; `[log] file` or `--log-file`.
+    pub log_file: Option<PathBuf>,
     /// Origins admitted on routes and listeners that set none: same-origin for a configuration
     /// file (and the demo); any origin on the websockify-style command line, as websockify does.
     pub default_origins: Vec<OriginRule>,
@@ -437,6 +440,7 @@ impl Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log_format: LogFormat::Text,
+            log_file: None,
             default_origins: vec![OriginRule::SameOrigin],
             agents: crate::agent::AgentsConfig::default(),
             admin: None,
@@ -610,6 +614,9 @@ impl ListenerConfig {
             }
             if self.web_dotfiles {
                 out.push_str(", web_dotfiles = true");
+            }
+            if let Some(w) = &self.access.web_auth {
+                let _ = write!(out, ", {}", w.describe());
             }
         }
         let a = &self.access;
@@ -868,6 +875,8 @@ struct RawListener {
     web_follow_symlinks: bool,
     #[serde(default)]
     web_dotfiles: bool,
+    web_auth: Option<policy::RawAuth>,
+    web_client_cn: Option<Vec<String>>,
     tls: Option<RawTls>,
     origins: Option<Vec<policy::RuleDe>>,
     #[serde(default)]
@@ -1011,6 +1020,7 @@ struct RawLimits {
 struct RawLog {
     #[serde(default)]
     format: LogFormat,
+    file: Option<PathBuf>,
 }
 
 impl RawConfig {
@@ -1019,6 +1029,7 @@ impl RawConfig {
         config.timeouts = self.timeouts.resolve();
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
+        config.log_file = self.log.file.map(|f| ctx.resolve(&f));
         config.listeners = listeners(self.listen, ctx)?;
         config.agents = match crate::agent::validate(self.agent, self.agent_endpoint, self.agents, &|p| ctx.resolve(p)) {
             Ok(a) => a,
@@ -1136,6 +1147,7 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             }
         }
         let tls = l.tls.map(|t| t.resolve(ctx));
+        let web_auth = web_auth(i, span.clone(), l.web_auth, l.web_client_cn, web.is_some(), tls.as_ref(), ctx)?;
         listeners.push(ListenerConfig {
             addr,
             web,
@@ -1148,10 +1160,56 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
                 proxy_protocol: l.proxy_protocol,
                 trusted_proxies: l.trusted_proxies.into_iter().map(|n| n.0).collect(),
                 forwarded_header: l.forwarded_header,
+                web_auth,
             },
         });
     }
     Ok(listeners)
+}
+
+/// `listen[i].web_auth` and `listen[i].web_client_cn`: what a request for one of the listener's
+/// static files must pass. Only with `web` (they protect nothing else: a route's upgrade has its
+/// own `auth`), and `web_client_cn` only where the listener asks for client certificates.
+fn web_auth(
+    i: usize,
+    span: std::ops::Range<usize>,
+    auth: Option<policy::RawAuth>,
+    client_cn: Option<Vec<String>>,
+    has_web: bool,
+    tls: Option<&TlsSettings>,
+    ctx: &Ctx<'_>,
+) -> Result<Option<policy::WebAuth>, ConfigError> {
+    if auth.is_none() && client_cn.is_none() {
+        return Ok(None);
+    }
+    let field = if auth.is_some() { "web_auth" } else { "web_client_cn" };
+    if !has_web {
+        return ctx.invalid(
+            span,
+            format!("listen[{i}].{field}"),
+            "protects the listener's static files, and it has none: add `web = \"DIR\"` (a route's upgrade has its own `auth`)",
+        );
+    }
+    let auth = match auth {
+        None => None,
+        Some(a) => Some(a.resolve(&|p| ctx.resolve(p)).or_else(|(field, message)| {
+            let field = field.strip_prefix("auth").unwrap_or(&field);
+            ctx.invalid(span.clone(), format!("listen[{i}].web_auth{field}"), message)
+        })?),
+    };
+    if let Some(names) = &client_cn {
+        if names.is_empty() || names.iter().any(|n| n.trim().is_empty()) {
+            return ctx.invalid(span, format!("listen[{i}].web_client_cn"), "needs one or more names, none empty");
+        }
+        if tls.and_then(|t| t.client_ca.as_ref()).is_none() {
+            return ctx.invalid(
+                span,
+                format!("listen[{i}].web_client_cn"),
+                "needs client certificates: set tls.client_ca on this listener",
+            );
+        }
+    }
+    Ok(Some(policy::WebAuth { auth, client_cn }))
 }
 
 /// The route options of a `[[route]]` or `[[tokens]]` table `$t` (number `$i` at `$span`), over

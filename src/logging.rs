@@ -44,6 +44,18 @@ pub fn init(verbose: u8, format: LogFormat) {
 /// # Panics
 /// As [`init`].
 pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
+    init_file_as(verbose, path, LogFormat::Text)
+}
+
+/// [`init_file`] in `format`: text lines, or JSON objects one a line (the server's `--log-file`
+/// with `--log-format json`).
+///
+/// # Errors
+/// The file cannot be opened for appending.
+///
+/// # Panics
+/// As [`init`].
+pub fn init_file_as(verbose: u8, path: &std::path::Path, format: LogFormat) -> std::io::Result<()> {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -51,13 +63,15 @@ pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let file = LogFile::open(path, LogFile::LIMIT)?;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_timer(UtcMicros)
         .with_env_filter(filter)
         .with_writer(SharedLogFile(std::sync::Mutex::new(file)))
-        .with_ansi(false)
-        .fmt_fields(PlainFields)
-        .init();
+        .with_ansi(false);
+    match format {
+        LogFormat::Text => builder.fmt_fields(PlainFields).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
     log_panics();
     Ok(())
 }
@@ -140,11 +154,21 @@ fn log_panics() {
 /// A log file that stays bounded without a log rotator (Windows has none for a service's file):
 /// once it has `limit` bytes it is renamed to `FILE.old`, replacing the one before, and a new
 /// one is started, so the two never hold much more than twice `limit`.
+///
+/// It also gets along with a rotator (logrotate) that works on the file behind its back: opened
+/// for appending, its lines land at the end after a `copytruncate` (and the truncation is seen
+/// before the file would be set aside, so it is not set aside early); and within a second of a
+/// line written after FILE was renamed or removed (logrotate's default `create`), FILE is
+/// opened anew, so nothing goes on growing in the renamed file or in a deleted one.
 pub struct LogFile {
     path: std::path::PathBuf,
     file: std::fs::File,
     size: u64,
     limit: u64,
+    /// How often a write looks whether FILE is still the file being written.
+    recheck: std::time::Duration,
+    /// When it last looked.
+    checked: std::time::Instant,
 }
 
 impl LogFile {
@@ -156,6 +180,11 @@ impl LogFile {
     /// # Errors
     /// It cannot be opened.
     pub fn open(path: &std::path::Path, limit: u64) -> std::io::Result<LogFile> {
+        LogFile::open_checking(path, limit, std::time::Duration::from_secs(1))
+    }
+
+    /// [`LogFile::open`], looking whether FILE was moved away at most every `recheck`.
+    fn open_checking(path: &std::path::Path, limit: u64, recheck: std::time::Duration) -> std::io::Result<LogFile> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
         Ok(LogFile {
@@ -163,6 +192,8 @@ impl LogFile {
             file,
             size,
             limit,
+            recheck,
+            checked: std::time::Instant::now(),
         })
     }
 
@@ -188,12 +219,49 @@ impl LogFile {
             self.file = file;
         }
     }
+
+    /// Whether FILE is no longer the file being written: removed, or (on Unix, where a file's
+    /// identity can be told) another file there now. A rotator renamed it away.
+    fn moved(&self) -> bool {
+        let there = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            if let Ok(ours) = self.file.metadata() {
+                return (there.dev(), there.ino()) != (ours.dev(), ours.ino());
+            }
+        }
+        let _ = there;
+        false
+    }
+
+    /// Opens FILE anew after a rotator moved the one being written away; on failure keeps
+    /// writing where it was.
+    fn reopen(&mut self) {
+        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            self.size = file.metadata().map_or(0, |m| m.len());
+            self.file = file;
+        }
+    }
 }
 
 impl std::io::Write for LogFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.checked.elapsed() >= self.recheck {
+            self.checked = std::time::Instant::now();
+            if self.moved() {
+                self.reopen();
+            }
+        }
         if self.size > 0 && self.size + buf.len() as u64 > self.limit {
-            self.rotate();
+            // Truncated behind our back (logrotate's copytruncate): counted from what is there.
+            self.size = self.file.metadata().map_or(self.size, |m| m.len());
+            if self.size > 0 && self.size + buf.len() as u64 > self.limit {
+                self.rotate();
+            }
         }
         let n = self.file.write(buf)?;
         self.size += n as u64;
@@ -501,6 +569,33 @@ mod tests {
         let mut log = LogFile::open(&path, 100).unwrap();
         log.write_all(&[b'x'; 90]).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), [b'x'; 90]);
+    }
+
+    /// A rotator working on the file behind its back (logrotate): after a `copytruncate` the
+    /// lines go on at the start of the emptied file, which is not set aside early; after a
+    /// rename (logrotate's `create`) or a removal, FILE is opened anew at the next check, and
+    /// the renamed file gets nothing more.
+    #[test]
+    fn a_log_file_follows_a_rotator_that_truncates_or_renames_it() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wsbridge.log");
+        let mut log = LogFile::open_checking(&path, 100, std::time::Duration::ZERO).unwrap();
+        log.write_all(&[b'a'; 80]).unwrap();
+        // copytruncate: copied elsewhere, then emptied in place.
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        log.write_all(&[b'b'; 30]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), [b'b'; 30], "appended at the new end");
+        assert!(!LogFile::old_path(&path).exists(), "set aside early");
+        // create: renamed away (and a new FILE made, or not).
+        let rotated = dir.path().join("wsbridge.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.write_all(b"after the rename\n").unwrap();
+        assert_eq!(std::fs::read(&rotated).unwrap(), [b'b'; 30], "the renamed file got more");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after the rename\n");
+        std::fs::remove_file(&path).unwrap();
+        log.write_all(b"after the removal\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after the removal\n");
     }
 
     #[test]

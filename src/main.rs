@@ -75,7 +75,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
-            wsbridge::logging::init(verbose, config.log_format);
+            match &config.log_file {
+                Some(path) => {
+                    if let Err(e) = wsbridge::logging::init_file_as(verbose, path, config.log_format) {
+                        eprintln!("wsbridge: log file {}: {e}", path.display());
+                        return ExitCode::from(EX_USAGE);
+                    }
+                }
+                None => wsbridge::logging::init(verbose, config.log_format),
+            }
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
             }
@@ -197,6 +205,11 @@ async fn check(path: &std::path::Path) -> ExitCode {
     for l in &config.listeners {
         if let Err(e) = Listener::prepare(l) {
             eprintln!("wsbridge: {}: listener {}: {e}", path.display(), l.addr);
+            return ExitCode::from(EX_USAGE);
+        }
+        // Its files read as the bridge will read them (an htpasswd file that is not there).
+        if let Some(Err(e)) = l.access.web_auth.as_ref().map(wsbridge::http::WebGuard::new) {
+            eprintln!("wsbridge: {}: listener {}: web_auth: {e}", path.display(), l.addr);
             return ExitCode::from(EX_USAGE);
         }
     }

@@ -11,6 +11,9 @@
 //! framebuffer at the server's size, a remote resize asked by the page and answered by the
 //! server, a clean disconnect; once in forward mode and once across `wsbridge agent`.
 //!
+//! And a page behind `--web-auth` (`tests/browser/webauth.mjs`): loaded with the password the 401
+//! asks for, its WebSocket opens with the same credentials, which Chromium sends again itself.
+//!
 //! Needs Node.js, `tests/browser/node_modules`, /usr/bin/chromium and `openssl`: `scripts/test.sh`
 //! installs them. Without them these tests fail, saying so, unless `WSBRIDGE_SKIP_BROWSER=1` is
 //! set, which skips them (always: the variable means "no browser test here"). The noVNC tests
@@ -828,4 +831,59 @@ async fn novnc_shows_a_real_vnc_desktop_through_an_agent() {
     stop_binary("wsbridge agent", agent).await;
     stop_binary("wsbridge", server).await;
     xvnc.stop().await;
+}
+
+/// `wsbridge --web DIR --web-auth --auth-plugin BasicHTTPAuth` in Chromium: without the password
+/// the page is a 401 that makes a browser prompt; with it (playwright's `httpCredentials`, the
+/// browser's answer to the prompt) the page loads, and its WebSocket, which asks for the same
+/// password, opens and echoes: Chromium sends the credentials it was asked for with the same
+/// origin's WebSocket handshake.
+#[tokio::test]
+async fn a_page_behind_web_auth_and_its_websocket_in_chromium() {
+    let Some(browser) = browser_or_skip("a_page_behind_web_auth_and_its_websocket_in_chromium") else {
+        return;
+    };
+    let www = TempDir::new("webauth");
+    std::fs::write(
+        www.path().join("index.html"),
+        "<!doctype html><title>behind a password</title><p>hi",
+    )
+    .unwrap();
+    let (backend, _) = common::echo_backend().await;
+    let target = backend.to_string();
+    let web = www.path().to_str().unwrap();
+    let bridge = common::binary::Binary::spawn(&[
+        "--web",
+        web,
+        "--web-auth",
+        "--auth-plugin",
+        "BasicHTTPAuth",
+        "--auth-source",
+        "alice:s3cret",
+        "127.0.0.1:0",
+        &target,
+    ])
+    .await;
+    let url = format!("http://{}/index.html", bridge.addr);
+    let refused = common::http_raw(bridge.addr, b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 401") && refused.contains("Basic realm="), "{refused}");
+    let mut command = Command::new("node");
+    command
+        .current_dir(&browser.root)
+        .arg("tests/browser/webauth.mjs")
+        .args(["--user", "alice", "--password", "s3cret", "--timeout", "40"])
+        .arg(&url)
+        .env("CHROMIUM", &browser.chromium);
+    let node = run_to_end("node tests/browser/webauth.mjs", command, BROWSER_TIMEOUT).await;
+    assert!(
+        node.status.success(),
+        "webauth.mjs failed ({})\nits stdout:\n{}\nits stderr:\n{}\nwsbridge's log:\n{}",
+        node.status,
+        tail(&node.stdout, 20),
+        tail(&node.stderr, 40),
+        bridge.lines().join("\n")
+    );
+    let report = node.stdout.lock().unwrap().last().cloned().unwrap_or_default();
+    assert!(report.contains(r#""title":"behind a password""#), "{report}");
+    println!("webauth.mjs: {report}");
 }

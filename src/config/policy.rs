@@ -49,6 +49,35 @@ pub struct ListenerAccess {
     pub trusted_proxies: Vec<IpNet>,
     /// Which header names the client: the one the proxies in front append to.
     pub forwarded_header: crate::policy::ForwardedHeader,
+    /// Who may fetch the listener's static files (`web`); `None`: anyone.
+    pub web_auth: Option<WebAuth>,
+}
+
+/// What a request for a static file must pass (`web_auth` and `web_client_cn` of a listener,
+/// websockify's `--web-auth`): checked on every request, as an upgrade's route checks its own.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WebAuth {
+    /// Credentials, as a route's `auth` asks them (a missing or wrong Basic password: 401 with
+    /// `WWW-Authenticate`, so a browser prompts).
+    pub auth: Option<AuthSettings>,
+    /// Only clients whose TLS certificate's subject CN is in this list (403 otherwise).
+    pub client_cn: Option<Vec<String>>,
+}
+
+impl WebAuth {
+    /// For `wsbridge check`: the listener's `web_auth` and `web_client_cn` as the file writes
+    /// them (no secret).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(a) = &self.auth {
+            parts.push(format!("web_auth = {}", a.describe()));
+        }
+        if let Some(names) = &self.client_cn {
+            let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+            parts.push(format!("web_client_cn = [{}]", list.join(", ")));
+        }
+        parts.join(", ")
+    }
 }
 
 /// How a route authenticates.
@@ -302,7 +331,8 @@ pub(super) fn per_ip(max: Option<u32>, rate: Option<RateDe>, burst: Option<u32>)
 }
 
 impl RawAuth {
-    fn resolve(self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<AuthSettings, (String, String)> {
+    /// The validated settings; errors are (field, starting with `auth`, message).
+    pub(super) fn resolve(self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<AuthSettings, (String, String)> {
         let given = [
             self.bearer.is_some(),
             self.bearer_file.is_some(),

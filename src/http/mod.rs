@@ -11,7 +11,8 @@
 //!   `max_sessions` `503`: the bodies say what the client may know, the log line says which route;
 //! - a plain request on a route gets `426`; with a `web` directory, plain GET/HEAD requests get static
 //!   files (see [`web`]: `..` in any spelling, hidden files and symlinks out of the directory get
-//!   `404`), otherwise `404`. A static answer may keep the connection for the next request
+//!   `404`), otherwise `404`. Where the listener has a `web_auth` ([`WebGuard`]), each of them
+//!   must pass it first, with the answers and brake an upgrade's authentication has. A static answer may keep the connection for the next request
 //!   ([`Outcome::Answered`]'s `next`, read with [`read_request_after`]); every other answer closes it.
 //!
 //! The files, each below its users (no two import each other):
@@ -31,4 +32,4 @@ pub mod web;
 
 pub use request::{read_request, read_request_after, Head, Rejection, MAX_HEAD, MAX_HEADERS};
 pub use upgrade::{choose_subprotocol, respond, write_switching, Context, Outcome, Upgrade};
-pub use web::WebRoot;
+pub use web::{Web, WebGuard, WebRoot};

@@ -9,7 +9,7 @@ use http::{Method, Request, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::request::{answer, write_answer, Head, Rejection};
-use super::web::{self, WebRoot};
+use super::web::{self, Web, WebGuard, WebRoot};
 use crate::policy::auth::{Authenticated, Credentials, BEARER_SUBPROTOCOL};
 use crate::policy::{check_origin, AddressSlot, OriginRule, PerAddress, Refusal};
 use crate::routes::{Miss, Route, RouteTable};
@@ -86,7 +86,7 @@ pub async fn respond<S>(
     io: &mut S,
     head: Result<Head, Rejection>,
     routes: &RouteTable,
-    web: Option<&WebRoot>,
+    web: Option<Web<'_>>,
     ctx: &Context<'_>,
 ) -> Result<Outcome, Rejection>
 where
@@ -209,13 +209,7 @@ fn answer_refusal<'w>(what: &str, r: Refusal, challenge: Option<&'static str>) -
     }
 }
 
-async fn decide<'w>(
-    request: Request<()>,
-    leftover: Vec<u8>,
-    routes: &RouteTable,
-    web: Option<&'w WebRoot>,
-    ctx: &Context<'_>,
-) -> Decision<'w> {
+async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable, web: Option<Web<'w>>, ctx: &Context<'_>) -> Decision<'w> {
     let client_cn = ctx.client_cn;
     let headers = request.headers();
     // RFC 9112 §3.2: an HTTP/1.1 request without a Host, or any request with two, gets 400 (two
@@ -231,8 +225,13 @@ async fn decide<'w>(
         let path = request.uri().path();
         let exact = routes.has_exact_path(path);
         if let (Some(web), false) = (web, exact) {
+            if let (true, Some(guard)) = (is_get, web.guard) {
+                if let Some(refusal) = web_access(guard, &request, routes, ctx).await {
+                    return refusal;
+                }
+            }
             return match is_get {
-                true => Decision::Static(request, leftover, web),
+                true => Decision::Static(request, leftover, web.root),
                 false => Decision::Reject {
                     status: StatusCode::METHOD_NOT_ALLOWED,
                     reason: format!("method {} not allowed", request.method()),
@@ -400,6 +399,38 @@ async fn decide<'w>(
         per_ip,
         authenticated,
     }))
+}
+
+/// Whether a request for a static file passes the listener's `web_auth` (`None`), or its
+/// refusal: the same answers an upgrade's route gives (403 for a certificate not listed; 401
+/// with `WWW-Authenticate` for missing or wrong credentials, so a browser prompts; 429 while the
+/// brake on failed logins holds the address), the same charge on the brake for a try.
+async fn web_access<'w>(guard: &WebGuard, request: &Request<()>, routes: &RouteTable, ctx: &Context<'_>) -> Option<Decision<'w>> {
+    if !guard.admits(ctx.client_cn) {
+        let reason = match ctx.client_cn {
+            None => "static files need a client certificate".to_owned(),
+            Some(cn) => format!("client certificate {cn:?} may not fetch static files"),
+        };
+        return Some(refuse(StatusCode::FORBIDDEN, "forbidden", reason));
+    }
+    let auth = guard.auth.as_ref()?;
+    // As for an upgrade: where `?token=` picks a route it is not also a password.
+    let creds = Credentials::of(request.headers(), request.uri().query(), !routes.takes_query_tokens());
+    if creds.is_empty() {
+        // A browser's first request: asked for credentials, not charged.
+        let r = crate::policy::auth::unauthorized("no credentials");
+        return Some(answer_refusal("static files", r, Some(auth.challenge())));
+    }
+    if let Err(r) = ctx.failures.try_charge(ctx.client) {
+        return Some(answer_refusal("static files", r, None));
+    }
+    match auth.check(&creds).await {
+        Ok(_) => {
+            ctx.failures.refund(ctx.client);
+            None
+        }
+        Err(r) => Some(answer_refusal("static files", r, Some(auth.challenge()))),
+    }
 }
 
 /// The first subprotocol the client offers (its order is its preference) that the route accepts.

@@ -1,8 +1,12 @@
 //! Static files for a web client (`--web DIR`, noVNC's pages): one file, or a directory listing
-//! when the listener asks for listings, answered and closed.
+//! when the listener asks for listings, on a connection kept open for the next request when the
+//! request and the server allow it (HTTP/1.1 keep-alive: see [`serve`] and [`keeps_alive`]; the
+//! loop over requests is `server::Bridge::http`'s), every answer of a known length.
 //!
-//! Files are resolved by `hyper-staticfile`, which answers ranges and conditional requests. What
-//! may be served is decided here, before and under it:
+//! Files are resolved by `hyper-staticfile`, which answers ranges (206, 416). Conditional
+//! requests are decided here ([`not_modified`]): `If-None-Match` (the ETag, or `*`) before
+//! `If-Modified-Since`, a 304 carrying the validators and no body. What may be served is decided
+//! here too, before and under it:
 //! - the request path is checked segment by segment, percent-decoded: a `.` or `..` segment
 //!   (`/a/../b`, `/%2e%2e/`), an encoded `/` or `\` (`..%2fsecret`), a NUL or a path that is not
 //!   UTF-8 is refused with 404, not normalised (browsers never send them);
@@ -30,6 +34,55 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::request::Rejection;
+
+/// What a request for a static file must pass (a listener's `web_auth` and `web_client_cn`,
+/// websockify's `--web-auth`), with its files read. Built with the configuration (its htpasswd
+/// or token file is read again on a reload, as a route's is); the check itself is the upgrade
+/// decision's ([`super::upgrade`]), so that both answer alike.
+#[derive(Debug)]
+pub struct WebGuard {
+    /// Credentials asked for, when any are.
+    pub(crate) auth: Option<crate::policy::auth::Authenticator>,
+    /// Only these certificate common names, when set.
+    pub(crate) client_cn: Option<Vec<String>>,
+}
+
+impl WebGuard {
+    /// The guard `settings` describe.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds nothing usable, named with its problem.
+    pub fn new(settings: &crate::config::policy::WebAuth) -> Result<WebGuard, String> {
+        Ok(WebGuard {
+            auth: settings.auth.as_ref().map(|a| a.authenticator()).transpose()?,
+            client_cn: settings.client_cn.clone(),
+        })
+    }
+
+    /// Whether a client with this certificate common name may fetch static files.
+    pub(crate) fn admits(&self, client_cn: Option<&str>) -> bool {
+        match &self.client_cn {
+            None => true,
+            Some(allowed) => client_cn.is_some_and(|cn| allowed.iter().any(|a| a == cn)),
+        }
+    }
+}
+
+/// Admits nobody: for a listener whose guard cannot be found (never in a bridge serving its own
+/// configuration), so that static files that should be protected are not served.
+pub(crate) static DENY_ALL: WebGuard = WebGuard {
+    auth: None,
+    client_cn: Some(Vec::new()),
+};
+
+/// A listener's static files as one request sees them: the files and who may fetch them.
+#[derive(Debug, Clone, Copy)]
+pub struct Web<'a> {
+    /// The files.
+    pub root: &'a WebRoot,
+    /// What a request must pass first (`web_auth`), if anything.
+    pub guard: Option<&'a WebGuard>,
+}
 
 /// Static-file settings of a listener.
 #[derive(Clone)]
@@ -204,13 +257,55 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
             });
         }
     }
+    let size = match &resolved {
+        hyper_staticfile::ResolveResult::Found(file) => Some(file.size),
+        _ => None,
+    };
+    let found = size.is_some();
+    // hyper-staticfile answers If-Modified-Since itself (a 304 without the ETag), but knows
+    // nothing of If-None-Match, which when present overrides it (RFC 9110 §13.2.2): the
+    // preconditions are decided here, on the answer it would give otherwise.
+    let without_since;
+    let headers = match request.headers().contains_key(header::IF_MODIFIED_SINCE) {
+        true => {
+            let mut h = request.headers().clone();
+            h.remove(header::IF_MODIFIED_SINCE);
+            without_since = h;
+            &without_since
+        }
+        false => request.headers(),
+    };
     let response = hyper_staticfile::ResponseBuilder::new()
-        .request(request)
+        .request_parts(request.method(), request.uri(), headers)
         .build(resolved)
         .map_err(|e| Rejection::Io(std::io::Error::other(e)))?;
-    let (parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
     if parts.status == StatusCode::NOT_FOUND {
         return not_found(io, request, keep_alive, "not found").await;
+    }
+    if let (StatusCode::RANGE_NOT_SATISFIABLE, Some(size)) = (parts.status, size) {
+        // The length the ranges missed (§15.5.17), which hyper-staticfile leaves out.
+        if let Ok(v) = HeaderValue::try_from(format!("bytes */{size}")) {
+            parts.headers.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    let unchanged = found && not_modified(request.headers(), &parts.headers);
+    if unchanged {
+        // What a 304 carries of the 200 it stands for (§15.4.5): its validators and caching
+        // headers; no body, and no Content-Length but the file's (§8.6), so none.
+        let mut kept = http::HeaderMap::new();
+        for name in [
+            header::ETAG,
+            header::LAST_MODIFIED,
+            header::CACHE_CONTROL,
+            header::EXPIRES,
+            header::VARY,
+        ] {
+            if let Some(v) = parts.headers.get(&name) {
+                kept.insert(name, v.clone());
+            }
+        }
+        (parts.status, parts.headers) = (StatusCode::NOT_MODIFIED, kept);
     }
     let mut head = format!(
         "HTTP/1.1 {} {}\r\n",
@@ -220,14 +315,14 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     for (name, value) in &parts.headers {
         let _ = write!(head, "{}: {}\r\n", name, value.to_str().unwrap_or(""));
     }
-    if !parts.headers.contains_key(header::CONTENT_LENGTH) && !parts.headers.contains_key(header::TRANSFER_ENCODING) {
+    if !unchanged && !parts.headers.contains_key(header::CONTENT_LENGTH) && !parts.headers.contains_key(header::TRANSFER_ENCODING) {
         head.push_str("Content-Length: 0\r\n");
     }
     // The body is written as it comes: its end is known to the client only by its length.
     let kept = keep_alive && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     head.push_str(if kept { "\r\n" } else { "Connection: close\r\n\r\n" });
     io.write_all(head.as_bytes()).await?;
-    if with_body {
+    if with_body && !unchanged {
         let promised = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -258,6 +353,54 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         what: "static file",
         kept,
     })
+}
+
+/// Whether a file's answer (`response`: the 200, 206 or 416 it would get) is a 304 for a GET or
+/// HEAD with these request headers (RFC 9110 §13.1.1, §13.1.3, in the order of §13.2.2): with
+/// `If-None-Match`, when it is `*` (the file exists) or lists the file's ETag (weak comparison);
+/// only without it, `If-Modified-Since`, when the file is no newer than that date (whole
+/// seconds, as HTTP dates are). An unparsable date is no condition; a malformed tag list
+/// matches what it listed well-formed before the fault.
+fn not_modified(request: &http::HeaderMap, response: &http::HeaderMap) -> bool {
+    let mut none_match = request.get_all(header::IF_NONE_MATCH).iter().peekable();
+    if none_match.peek().is_some() {
+        let etag = response.get(header::ETAG).and_then(|v| v.to_str().ok()).map(opaque_tag);
+        return none_match.filter_map(|v| v.to_str().ok()).any(|list| lists_tag(list, etag));
+    }
+    let date = |map: &http::HeaderMap, name| {
+        let v: &HeaderValue = map.get(name)?;
+        httpdate::parse_http_date(v.to_str().ok()?).ok()
+    };
+    match (date(request, header::IF_MODIFIED_SINCE), date(response, header::LAST_MODIFIED)) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// An entity tag without its weakness mark: what the weak comparison compares (`W/"x"` and
+/// `"x"` are the same tag to it).
+fn opaque_tag(tag: &str) -> &str {
+    tag.trim().trim_start_matches("W/")
+}
+
+/// Whether an `If-None-Match` value (`*`, or a list of entity tags) matches a file whose ETag is
+/// `etag` (opaque, quoted; `None`: it has none).
+fn lists_tag(list: &str, etag: Option<&str>) -> bool {
+    if list.trim() == "*" {
+        return true;
+    }
+    let mut rest = list;
+    loop {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        let Some(quoted) = rest.strip_prefix("W/").unwrap_or(rest).strip_prefix('"') else {
+            return false;
+        };
+        let Some(end) = quoted.find('"') else { return false };
+        if etag.is_some_and(|e| e.strip_prefix('"').and_then(|e| e.strip_suffix('"')) == Some(&quoted[..end])) {
+            return true;
+        }
+        rest = &quoted[end + 1..];
+    }
 }
 
 /// The 404 of a static request (`why`: for the log only).
@@ -412,6 +555,26 @@ mod tests {
         let dotfiles = Reach { dotfiles: true, ..SAFE };
         assert_eq!(segments("/.well-known/x", dotfiles).unwrap(), [".well-known", "x"]);
         assert!(segments("/../x", dotfiles).is_err());
+    }
+
+    #[test]
+    fn if_none_match_lists_compare_weakly() {
+        let etag = Some(r#""a-1.2""#);
+        for (list, matches) in [
+            ("*", true),
+            (r#"W/"a-1.2""#, true),
+            (r#""a-1.2""#, true),
+            (r#""x", W/"a-1.2""#, true),
+            (r#""x",W/"y""#, false),
+            (r#""a-1.2"#, false),
+            ("a-1.2", false),
+            ("", false),
+            (r#""x", broken, "a-1.2""#, false),
+        ] {
+            assert_eq!(lists_tag(list, etag), matches, "{list}");
+        }
+        assert!(lists_tag("*", None));
+        assert!(!lists_tag(r#""a-1.2""#, None));
     }
 
     #[tokio::test]

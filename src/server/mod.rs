@@ -20,6 +20,7 @@
 
 pub mod start;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -33,7 +34,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, ListenerConfig, Timeouts};
 use crate::http::request::{answer, answer_text, linger};
-use crate::http::{Context, Outcome, Upgrade, WebRoot};
+use crate::http::{Context, Outcome, Upgrade, Web, WebGuard, WebRoot};
 use crate::metrics::{ProxyRefusal, Refusal};
 use crate::policy::{AddressLimits, OriginRule, PerAddress, Staged};
 use crate::relay::{self, SessionParams};
@@ -72,6 +73,10 @@ struct Live {
     proxy_headers: bool,
     /// Agent mode: connected agents; the same registry from table to table.
     agents: Arc<crate::agent::Registry>,
+    /// What a listener's static files ask of a request (`web_auth`), by the listener's address;
+    /// `None` for a listener that asks nothing. A listener a reloaded file no longer lists keeps
+    /// serving (listeners change with a restart), with the guard it had.
+    web_guards: HashMap<String, Option<Arc<WebGuard>>>,
     /// New limits for the tables above kept from the configuration before a reload: in force
     /// once all of this one was built ([`Live::commit`]).
     staged: Vec<Staged>,
@@ -742,7 +747,11 @@ impl Bridge {
                 keep_alive: requests < REQUESTS_PER_CONNECTION && !self.is_draining() && self.room_to_idle(live, connected_from.ip()),
             };
             let write_deadline = Instant::now() + t.http_write;
-            let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, listener.web.as_deref(), &ctx));
+            let web = listener.web.as_deref().map(|root| Web {
+                root,
+                guard: live.web_guard(&listener.config),
+            });
+            let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, web, &ctx));
             let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
                 Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
                 Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
@@ -1258,6 +1267,24 @@ impl Live {
             }
             _ => None,
         };
+        let mut web_guards = HashMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let guard = match &l.access.web_auth {
+                None => None,
+                Some(w) => Some(Arc::new(WebGuard::new(w).map_err(|message| {
+                    crate::config::ConfigError::Invalid {
+                        file: config.origin.clone(),
+                        line: None,
+                        field: format!("listen[{i}].web_auth"),
+                        message,
+                    }
+                })?)),
+            };
+            web_guards.insert(l.addr.to_string(), guard);
+        }
+        for (addr, guard) in previous.map(|p| &p.web_guards).into_iter().flatten() {
+            web_guards.entry(addr.clone()).or_insert_with(|| guard.clone());
+        }
         Ok(Live {
             routes,
             timeouts: config.timeouts.clone(),
@@ -1273,8 +1300,20 @@ impl Live {
             default_origins: config.default_origins.clone(),
             proxy_headers,
             agents,
+            web_guards,
             staged,
         })
+    }
+
+    /// What `listener`'s static files ask of a request. A listener this configuration never
+    /// knew (a bridge handed listeners of another configuration) is refused everything if its
+    /// own settings protect its files.
+    fn web_guard(&self, listener: &ListenerConfig) -> Option<&WebGuard> {
+        match self.web_guards.get(&listener.addr.to_string()) {
+            Some(guard) => guard.as_deref(),
+            None if listener.access.web_auth.is_some() => Some(&crate::http::web::DENY_ALL),
+            None => None,
+        }
     }
 
     /// Puts into force the new limits and sizes of the tables per client address this

@@ -477,7 +477,7 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
         }) {
             Ok(()) => {
                 bridge.metrics().reloaded("config", true);
-                tracing::info!(config = %p.display(), "configuration reloaded (listener and log format changes need a restart)");
+                tracing::info!(config = %p.display(), "configuration reloaded (listener and log changes need a restart)");
             }
             Err(e) => {
                 bridge.metrics().reloaded("config", false);

@@ -629,3 +629,27 @@ pub async fn sessions(addr: SocketAddr, token: Option<&str>) -> Vec<serde_json::
     assert_eq!(status, 200, "{body}");
     serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
+
+/// Waits (up to `wait`) until the file at `path` has a line containing `what`, and returns it:
+/// for a log file, a process's only output (a service's, or `--log-file`'s). Read again at each
+/// short interval (nothing tells when a file grows), bounded by `wait`.
+pub async fn file_line(path: &std::path::Path, what: &str, wait: Duration) -> String {
+    let found = tokio::time::timeout(wait, async {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                if let Some(line) = text.lines().find(|l| l.contains(what)) {
+                    return line.to_owned();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "no line with {what:?} in {} within {wait:?}:\n{}",
+            path.display(),
+            std::fs::read_to_string(path).unwrap_or_default()
+        )
+    })
+}

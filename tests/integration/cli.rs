@@ -309,3 +309,92 @@ async fn token_file_name_plugin_takes_a_directory_of_targets() {
         "{err}"
     );
 }
+
+/// `--web-auth` without an auth plugin is refused at start (64), as websockify refuses it,
+/// saying which plugins it takes; so is a file's `web_auth` whose file cannot be read.
+#[tokio::test]
+async fn web_auth_without_an_auth_plugin_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run_to_end(&["127.0.0.1:0", "127.0.0.1:5900", "--web", dir.path().to_str().unwrap(), "--web-auth"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--web-auth needs --auth-plugin BasicHTTPAuth"), "{err}");
+    // A file's web_auth naming an htpasswd file that is not there: `check` and the start both
+    // refuse it (64), naming the listener's field and the file.
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    let toml = dir.path().join("w.toml");
+    std::fs::write(
+        &toml,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nweb = \"www\"\nweb_auth = { htpasswd = \"missing\" }\n\
+         [[route]]\npath = \"/vnc\"\ntarget = \"127.0.0.1:5900\"\n",
+    )
+    .unwrap();
+    let toml = toml.to_str().unwrap();
+    for args in [&["check", toml][..], &["--config", toml]] {
+        let (code, _, err) = run_to_end(args).await;
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains("web_auth") && err.contains("missing"), "{args:?}: {err}");
+    }
+}
+
+/// `wsbridge --log-file FILE` (websockify's): the start-up line and a session's line are
+/// appended to FILE, after what it held, and nothing goes to stderr; a file that cannot be
+/// opened stops the start (64) with its name. In a configuration file, `[log] file`, relative to
+/// the file.
+#[tokio::test]
+async fn the_log_file_gets_the_start_up_and_session_lines() {
+    use tokio::io::AsyncReadExt;
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("wsbridge.log");
+    std::fs::write(&log, "an earlier line\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args(["127.0.0.1:0", &backend.to_string(), "--log-file"])
+        .arg(&log)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let listening = file_line(&log, "listening addr=", WAIT).await;
+    let addr: std::net::SocketAddr = listening
+        .split("listening addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {listening:?}"));
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    send_bin(&mut ws, b"logged").await;
+    assert_eq!(recv_data(&mut ws).await, b"logged");
+    drop(ws);
+    let closed = file_line(&log, "session closed", WAIT).await;
+    assert!(
+        closed.contains("bytes_up=6") && closed.contains(&format!("target={backend}")),
+        "{closed}"
+    );
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-s", "TERM", &pid]).status().await.unwrap().success());
+    let status = within("exit", child.wait()).await.unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(stderr.is_empty(), "log lines on stderr as well: {stderr}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("an earlier line\n"), "not appended: {text}");
+    assert!(!text.contains("panic"), "{text}");
+
+    let nowhere = dir.path().join("no-such-dir/wsbridge.log");
+    let (code, _, err) = run_to_end(&["127.0.0.1:0", "127.0.0.1:5900", "--log-file", nowhere.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains(&format!("log file {}", nowhere.display())), "{err}");
+
+    let toml = dir.path().join("w.toml");
+    std::fs::write(
+        &toml,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:5900\"\n[log]\nfile = \"logs/w.log\"\n",
+    )
+    .unwrap();
+    let config = wsbridge::config::Config::from_file(&toml).unwrap();
+    assert_eq!(config.log_file, Some(dir.path().join("logs/w.log")));
+}

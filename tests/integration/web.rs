@@ -404,3 +404,321 @@ async fn a_draining_bridge_keeps_no_connection_alive() {
     closed_by_peer(&mut s).await;
     draining.abort();
 }
+
+/// `Authorization: Basic` for `user:password`, as a header line.
+fn basic(user_pass: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(user_pass)
+    )
+}
+
+/// `wsbridge --web DIR --web-auth --auth-plugin BasicHTTPAuth --auth-source USER:PASS`, as
+/// websockify takes it: every static request (GET, HEAD, a listing, a file that is not there)
+/// asks for the password the upgrade asks for, with the challenge a browser prompts on; each
+/// request on a kept-alive connection is checked, not only the first; the upgrade still asks too.
+#[tokio::test]
+async fn web_auth_asks_every_static_request_for_the_upgrades_password() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    let args = [
+        "--web",
+        www.to_str().unwrap(),
+        "--web-listing",
+        "--web-auth",
+        "--auth-plugin",
+        "BasicHTTPAuth",
+    ];
+    let b = binary::Binary::spawn(&[&args[..], &["--auth-source", "alice:s3cret", "127.0.0.1:0", &target]].concat()).await;
+    let right = basic("alice:s3cret");
+    for (request, extra) in [
+        ("GET /index.html", ""),
+        ("HEAD /index.html", ""),
+        ("GET /sub/", ""),
+        ("GET /nothing-here", ""),
+        ("GET /index.html", basic("alice:wrong").as_str()),
+        ("GET /index.html", basic("bob:s3cret").as_str()),
+        ("GET /index.html", "Authorization: Bearer s3cret\r\n"),
+    ] {
+        let r = http_raw(b.addr, format!("{request} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes()).await;
+        assert_eq!(status_of(&r), 401, "{request} {extra:?}: {r}");
+        assert!(
+            r.contains("www-authenticate: Basic realm=\"wsbridge\"") || r.contains("WWW-Authenticate: Basic realm=\"wsbridge\""),
+            "{request}: {r}"
+        );
+        assert!(!r.contains("<h1>hi</h1>") && !r.contains("app.js"), "{request}: {r}");
+    }
+    // The password opens the files, the listing, and a 404 for what is not there.
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut got = Vec::new();
+    for (path, status, body) in [
+        ("/index.html", 200, "<h1>hi</h1>"),
+        ("/sub/", 200, "app.js"),
+        ("/nothing-here", 404, ""),
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{right}\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+        assert_eq!(status_of(&r), status, "{path}: {r}");
+        assert!(r.contains(body), "{path}: {r}");
+        assert!(!r.contains("Connection: close"), "kept alive: {r}");
+    }
+    // The same kept-alive connection, the next request without the password: asked again.
+    let bare: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(bare).await.unwrap();
+    let r = next_response(&mut s, bare, &mut got).await;
+    assert_eq!(status_of(&r), 401, "{r}");
+    assert!(!r.contains("<h1>hi</h1>"), "{r}");
+    // The upgrade asks for the same password.
+    assert_eq!(status_of(&http_raw(b.addr, &upgrade_request("/", "")).await), 401);
+    let (mut ws, response) = raw_upgrade(b.addr, &upgrade_request("/", &right)).await;
+    assert_eq!(status_of(&response), 101, "{response}");
+    ws.write_all(&frame(0x82, b"in", true)).await.unwrap();
+    assert_eq!(raw_read_frame(&mut ws).await, (2, b"in".to_vec()));
+}
+
+/// A bridge serving `www` whose static files and route both ask for `user_pass` (a
+/// listener's `web_auth` and the route's `auth`, as `--web-auth` sets them).
+async fn guarded_bridge(www: &Path, user_pass: &str) -> TestBridge {
+    let mut config = web_config(www).await;
+    let auth = wsbridge::config::policy::AuthSettings::BasicUser(user_pass.into());
+    config.routes[0].options.policy.auth = Some(auth.clone());
+    config.listeners[0].access.web_auth = Some(wsbridge::config::policy::WebAuth {
+        auth: Some(auth),
+        client_cn: None,
+    });
+    TestBridge::start(config).await
+}
+
+/// Wrong passwords for static files are charged to the address as the upgrade's are: past ten,
+/// 429 with Retry-After, the right password included, and the upgrade is braked as well. A
+/// request without credentials (a browser's first) is not charged.
+#[tokio::test]
+async fn web_auth_failures_are_braked_as_the_upgrades_are() {
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = guarded_bridge(&www, "alice:s3cret").await;
+    let ask = |extra: String| {
+        let addr = bridge.addr;
+        async move { http_raw(addr, format!("GET /index.html HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes()).await }
+    };
+    for _ in 0..15 {
+        assert_eq!(status_of(&ask(String::new()).await), 401);
+    }
+    assert_eq!(status_of(&ask(basic("alice:s3cret")).await), 200);
+    for i in 0..10 {
+        assert_eq!(status_of(&ask(basic("alice:guess")).await), 401, "guess {i}");
+    }
+    let r = ask(basic("alice:s3cret")).await;
+    assert_eq!(status_of(&r), 429, "{r}");
+    assert!(r.to_ascii_lowercase().contains("retry-after:"), "{r}");
+    let r = http_raw(bridge.addr, &upgrade_request("/", &basic("alice:s3cret"))).await;
+    assert_eq!(status_of(&r), 429, "the upgrade shares the brake: {r}");
+}
+
+/// A reload that changes `web_auth` applies to the next request, on a kept-alive connection too.
+#[tokio::test]
+async fn web_auth_follows_a_reload() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = guarded_bridge(&www, "alice:old").await;
+    let old = format!("GET /index.html HTTP/1.1\r\nHost: x\r\n{}\r\n", basic("alice:old"));
+    let (mut s, r) = asked(bridge.addr, old.as_bytes()).await;
+    assert_eq!(status_of(&r), 200, "{r}");
+    let mut reloaded = bridge.config.clone();
+    reloaded.listeners[0].access.web_auth.as_mut().unwrap().auth =
+        Some(wsbridge::config::policy::AuthSettings::BasicUser("alice:new".into()));
+    bridge.bridge.reload(&reloaded).unwrap();
+    let mut got = Vec::new();
+    s.write_all(old.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&next_response(&mut s, old.as_bytes(), &mut got).await), 401);
+    let new = format!("GET /index.html HTTP/1.1\r\nHost: x\r\n{}\r\n", basic("alice:new"));
+    assert_eq!(status_of(&http_raw(bridge.addr, new.as_bytes()).await), 200);
+}
+
+/// `web_client_cn`: static files only for the client certificates named (websockify's
+/// `--web-auth` with ClientCertCNAuth); another name, or none where certificates are optional,
+/// gets 403.
+#[tokio::test]
+async fn web_client_cn_admits_only_the_certificates_named() {
+    use crate::common::pki::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (alice, bob) = (pki.client("alice", "alice"), pki.client("bob", "bob"));
+    let mut config = web_config(&www).await;
+    let mut tls = wsbridge::tls::TlsSettings::new(wsbridge::tls::CertFiles {
+        cert: cert.cert.clone(),
+        key: Some(cert.key.clone()),
+    });
+    (tls.watch, tls.client_ca, tls.client_auth) = (None, Some(pki.ca_file()), wsbridge::tls::ClientAuth::Optional);
+    config.listeners[0].tls = Some(tls);
+    config.listeners[0].access.web_auth = Some(wsbridge::config::policy::WebAuth {
+        auth: None,
+        client_cn: Some(vec!["alice".into()]),
+    });
+    let bridge = TestBridge::start(config).await;
+    let versions = &[&rustls::version::TLS13];
+    for (who, client, status) in [("alice", Some(&alice), 200), ("bob", Some(&bob), 403), ("nobody", None, 403)] {
+        let mut s = tls_connect(bridge.addr, "localhost", client_config(&pki.ca_pem, client, versions))
+            .await
+            .unwrap();
+        s.write_all(b"GET /index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut r = String::new();
+        within("the answer", s.read_to_string(&mut r)).await.unwrap();
+        assert_eq!(status_of(&r), status, "{who}: {r}");
+        assert_eq!(r.contains("<h1>hi</h1>"), status == 200, "{who}: {r}");
+    }
+}
+
+/// A listener's `web_auth` (a table of the form a route's `auth` takes) and `web_client_cn` in
+/// TOML, and their mistakes named by file, line and field: either without `web`, a client-name
+/// list where no client certificates are asked for, an auth table of no kind.
+#[test]
+fn web_auth_in_a_configuration_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    let file = dir.path().join("w.toml");
+    let route = "\n[[route]]\npath = \"/vnc\"\ntarget = \"localhost:5900\"\nauth = { htpasswd = \"users\" }\n";
+    let parse = |listener: &str| {
+        std::fs::write(&file, format!("[[listen]]\naddr = \"127.0.0.1:6080\"\n{listener}{route}")).unwrap();
+        Config::from_file(&file).map_err(|e| e.to_string())
+    };
+    let c = parse("web = \"www\"\nweb_auth = { htpasswd = \"users\" }\n").unwrap();
+    let auth = c.listeners[0].access.web_auth.as_ref().unwrap();
+    assert_eq!(
+        auth.auth,
+        Some(wsbridge::config::policy::AuthSettings::Htpasswd(dir.path().join("users")))
+    );
+    assert!(c.describe().contains("web_auth = { htpasswd = "), "{}", c.describe());
+    for (listener, want) in [
+        (
+            "web_auth = { htpasswd = \"users\" }\n",
+            "w.toml:1: listen[0].web_auth: protects the listener's static files",
+        ),
+        ("web_client_cn = [\"alice\"]\n", "w.toml:1: listen[0].web_client_cn: protects"),
+        (
+            "web = \"www\"\nweb_client_cn = [\"alice\"]\n",
+            "listen[0].web_client_cn: needs client certificates",
+        ),
+        ("web = \"www\"\nweb_auth = { }\n", "listen[0].web_auth: needs exactly one of bearer"),
+        (
+            "web = \"www\"\nweb_auth = { bearer = [\"\"] }\n",
+            "listen[0].web_auth.bearer: needs one or more tokens",
+        ),
+    ] {
+        let e = parse(listener).unwrap_err();
+        assert!(e.contains(want), "{listener}: {e}");
+    }
+    let e = parse("web = \"www\"\nweb_auth = { password = \"x\" }\n").unwrap_err();
+    assert!(e.contains("unknown field `password`"), "{e}");
+}
+
+/// The value of header `name` (any case) in a raw answer.
+fn header_of<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    let head = response.split("\r\n\r\n").next()?;
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Conditional requests on a static file, all on one kept-alive connection: its own ETag in
+/// `If-None-Match`, `*` (any current representation, RFC 9110 §13.1.2), or its `Last-Modified`
+/// in `If-Modified-Since` answer 304 for GET and HEAD, with no body and no `Content-Length`
+/// other than the file's (§8.6), and the next request on the connection is read as one; another
+/// ETag gets the file; `*` on a file that is not there is still a 404.
+#[tokio::test]
+async fn conditional_requests_answer_304_on_a_kept_alive_connection() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, false, false, false).await;
+    let first = get(&bridge, "/sub/app.js").await;
+    assert_eq!(status_of(&first), 200, "{first}");
+    let etag = header_of(&first, "etag").expect("an ETag").to_owned();
+    let modified = header_of(&first, "last-modified").expect("a Last-Modified").to_owned();
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    for (method, condition, status) in [
+        ("GET", format!("If-None-Match: {etag}"), 304),
+        ("GET", "If-None-Match: *".to_owned(), 304),
+        ("HEAD", "If-None-Match: *".to_owned(), 304),
+        ("GET", format!("If-None-Match: \"other\", {etag}"), 304),
+        ("GET", format!("If-Modified-Since: {modified}"), 304),
+        ("HEAD", format!("If-Modified-Since: {modified}"), 304),
+        ("GET", "If-None-Match: \"other\"".to_owned(), 200),
+        // If-None-Match wins over If-Modified-Since (§13.2.2).
+        ("GET", format!("If-None-Match: \"other\"\r\nIf-Modified-Since: {modified}"), 200),
+    ] {
+        let request = format!("{method} /sub/app.js HTTP/1.1\r\nHost: x\r\n{condition}\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+        assert_eq!(status_of(&r), status, "{method} {condition}: {r}");
+        assert!(!r.contains("Connection: close"), "kept alive: {r}");
+        if status == 304 {
+            assert!(r.ends_with("\r\n\r\n"), "a 304 has no body: {r}");
+            assert!(
+                header_of(&r, "content-length").is_none_or(|n| n == "10"),
+                "{method} {condition}: a 304's Content-Length is the file's or none: {r}"
+            );
+        }
+    }
+    // The connection still reads requests where they begin.
+    let plain: &[u8] = b"GET /sub/app.js HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(plain).await.unwrap();
+    let r = next_response(&mut s, plain, &mut got).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("let x = 1;"), "{r}");
+    assert!(got.is_empty(), "bytes after the answer: {got:?}");
+    let r = http_raw(bridge.addr, b"GET /missing.js HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n\r\n").await;
+    assert_eq!(status_of(&r), 404, "{r}");
+}
+
+/// Ranges on a kept-alive connection: a 206's body is as long as its `Content-Length` says (one
+/// range, several, a suffix), and a 416 has its own (none) and names the file's length in
+/// `Content-Range` (RFC 9110 §15.5.17), so the next request on the connection is read where it
+/// begins.
+#[tokio::test]
+async fn ranges_keep_the_connection_in_step() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let bridge = web_bridge(&www, false, false, false).await;
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    for (range, status, body) in [
+        ("bytes=0-3", 206, "let "),
+        ("bytes=-2", 206, "1;"),
+        ("bytes=4-", 206, "x = 1;"),
+        ("bytes=0-1,4-5", 206, ""),
+        ("bytes=100-200", 416, ""),
+    ] {
+        let request = format!("GET /sub/app.js HTTP/1.1\r\nHost: x\r\nRange: {range}\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+        assert_eq!(status_of(&r), status, "{range}: {r}");
+        assert!(r.ends_with(body), "{range}: {r}");
+        assert!(!r.contains("Connection: close"), "{range}: kept alive: {r}");
+        if status == 416 {
+            assert_eq!(header_of(&r, "content-range"), Some("bytes */10"), "the file's length: {r}");
+        }
+        if range == "bytes=0-1,4-5" {
+            assert!(r.contains("multipart/byteranges") && r.contains("le") && r.contains("x "), "{r}");
+        }
+        let next: &[u8] = b"HEAD /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
+        s.write_all(next).await.unwrap();
+        let r = next_response(&mut s, next, &mut got).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "after {range}: {r}");
+    }
+    assert!(got.is_empty(), "bytes after the answers: {got:?}");
+}

@@ -647,29 +647,6 @@ async fn the_agent_under_wine_carries_a_session_and_stops_on_ctrl_c() {
     assert!(status.success(), "{status:?}");
 }
 
-/// Waits (up to `wait`) until the file at `path` contains `what`: a service's log is its only
-/// output. Read again at each short interval, bounded by `wait`.
-async fn file_line(path: &Path, what: &str, wait: Duration) -> String {
-    let found = tokio::time::timeout(wait, async {
-        loop {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                if let Some(line) = text.lines().find(|l| l.contains(what)) {
-                    return line.to_owned();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| {
-        panic!(
-            "no line with {what:?} in {} within {wait:?}:\n{}",
-            path.display(),
-            std::fs::read_to_string(path).unwrap_or_default()
-        )
-    })
-}
-
 /// `wsbridge.exe agent --install-service` under Wine's Service Control Manager: installed with
 /// its configuration and log file, started with `sc start`, its log in the file it was given,
 /// a session through it byte-exact both ways, `sc stop` ending it cleanly, then
