@@ -285,7 +285,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
 
-    /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, wins.
+    /// More logging: -v for debug, -vv for trace (wsbridge's own records; the libraries under
+    /// it stay at info, as their records can hold secrets). RUST_LOG, when set, wins.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// Log format: text or json.

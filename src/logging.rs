@@ -8,6 +8,18 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// The filter without `RUST_LOG`: info, and with `-v`/`-vv` debug/trace for wsbridge's own
+/// records only. The libraries under it (tungstenite, rustls, hyper, redis) write whole requests
+/// and frames at debug and trace: an agent's `Authorization: Bearer` secret, a page's token, the
+/// payload; wsbridge's own records never hold them. `RUST_LOG` still reaches them when asked.
+fn default_filter(verbose: u8) -> &'static str {
+    match verbose {
+        0 => "info",
+        1 => "info,wsbridge=debug",
+        _ => "info,wsbridge=trace",
+    }
+}
+
 /// Sets the process's log output: text lines on stderr (`-v` debug, `-vv` trace, `RUST_LOG` for a
 /// filter of one's own), coloured when stderr is a terminal, or JSON objects with `format`.
 ///
@@ -15,24 +27,88 @@ use crate::config::LogFormat;
 /// If the process already has a global tracing subscriber (a program embedding the library sets
 /// up its own logging instead of calling this).
 pub fn init(verbose: u8, format: LogFormat) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(verbose)));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
-        .with_timer(UtcMicros)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(terminal);
+    let text = tracing_subscriber::fmt::format().with_timer(UtcMicros);
+    let journal = Journal(stderr_is_the_journal());
     match format {
-        LogFormat::Text if terminal => builder.init(),
-        LogFormat::Text => builder.fmt_fields(PlainFields).init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text if terminal => builder.event_format(text).init(),
+        LogFormat::Text => builder.event_format(journal.over(text)).fmt_fields(PlainFields).init(),
+        LogFormat::Json => builder
+            .event_format(journal.over(text.json().flatten_event(true)))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .init(),
     }
     log_panics();
+}
+
+/// Whether stderr is systemd's journal (`StandardError=journal`, a unit's default): systemd sets
+/// `JOURNAL_STREAM` to the device and inode of the stream it connected, and a process whose
+/// stderr was redirected since (or that inherited the variable) has another.
+fn stderr_is_the_journal() -> bool {
+    #[cfg(unix)]
+    {
+        let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+            return false;
+        };
+        let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+            return false;
+        };
+        let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+            return false;
+        };
+        rustix::fs::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+    }
+    #[cfg(not(unix))]
+    false
+}
+
+/// Under the journal, each record starts with its syslog priority (`<3>` error, `<4>` warning,
+/// `<6>` info, `<7>` debug and trace), which journald takes as the entry's priority and strips
+/// (sd-daemon(3)): `journalctl -p warning` then shows the warnings and errors, which without it
+/// all sit at the unit's default priority, info.
+#[derive(Clone, Copy)]
+struct Journal(bool);
+
+impl Journal {
+    fn over<F>(self, format: F) -> Prioritised<F> {
+        Prioritised { journal: self.0, format }
+    }
+}
+
+/// A record format with [`Journal`]'s prefix when stderr is the journal.
+struct Prioritised<F> {
+    journal: bool,
+    format: F,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Prioritised<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if self.journal {
+            let priority = match *event.metadata().level() {
+                tracing::Level::ERROR => 3,
+                tracing::Level::WARN => 4,
+                tracing::Level::INFO => 6,
+                _ => 7,
+            };
+            write!(writer, "<{priority}>")?;
+        }
+        self.format.format_event(ctx, writer, event)
+    }
 }
 
 /// Sets the process's log output to text lines in the file `path` (a Windows service has no
@@ -56,12 +132,7 @@ pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
 /// # Panics
 /// As [`init`].
 pub fn init_file_as(verbose: u8, path: &std::path::Path, format: LogFormat) -> std::io::Result<()> {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(verbose)));
     let file = LogFile::open(path, LogFile::LIMIT)?;
     let builder = tracing_subscriber::fmt()
         .with_timer(UtcMicros)

@@ -93,7 +93,8 @@ pub struct AgentArgs {
     /// replacing the one before, and a new one is started.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// More logging: -v for debug, -vv for trace. RUST_LOG, when set, wins.
+    /// More logging: -v for debug, -vv for trace (wsbridge's own records; the libraries under
+    /// it stay at info, as their records can hold secrets). RUST_LOG, when set, wins.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }

@@ -1197,6 +1197,78 @@ async fn log_line(lines: &mut tokio::sync::mpsc::Receiver<String>, what: &str) -
     .await
 }
 
+/// `wsbridge agent -vv` logs its own work in detail, not the libraries': tungstenite's trace
+/// records hold the whole upgrade request, its `Authorization: Bearer` secret with it.
+#[tokio::test]
+async fn the_agents_trace_log_does_not_hold_its_secret() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let server = format!("ws://{}/agent", bridge.addr);
+    let service = format!("pos={echo}");
+    let mut command = agent_command(&[
+        "--server",
+        &server,
+        "--name",
+        "shop-17",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--service",
+        &service,
+        "-vv",
+    ]);
+    command.env_remove("RUST_LOG");
+    let mut child = command.spawn().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = Vec::new();
+    // A session crosses the agent (a data link dialled, with its secret), then the agent stops.
+    let (mut ws, _) = within("the agent to connect", async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("the agent exited");
+            let connected = line.contains("agent: connected");
+            seen.push(line);
+            if connected {
+                return ws_connect(&bridge.url("/pos"), None).await;
+            }
+        }
+    })
+    .await;
+    send_bin(&mut ws, b"traced").await;
+    assert_eq!(recv_data(&mut ws).await, b"traced");
+    ws.close(None).await.unwrap();
+    within("the session's end on the agent", async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("the agent exited");
+            let closed = line.contains("agent: session closed");
+            seen.push(line);
+            if closed {
+                return;
+            }
+        }
+    })
+    .await;
+    child.start_kill().unwrap();
+    within("the agent's log to end", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            seen.push(line);
+        }
+    })
+    .await;
+    assert!(
+        seen.iter().any(|l| l.contains("DEBUG wsbridge::")),
+        "no record of its own past info: {seen:#?}"
+    );
+    for line in &seen {
+        assert!(!line.contains(SECRET), "the secret in the log: {line}");
+        assert!(
+            !line.contains(" tungstenite") && !line.contains(" rustls"),
+            "a library's record: {line}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
     let (echo, _) = echo_backend().await;

@@ -523,3 +523,50 @@ async fn proxy_protocol_without_trusted_proxies_is_warned_about() {
     let trusting = crate::common::binary::Binary::spawn(&["--config", file.to_str().unwrap()]).await;
     assert!(!trusting.lines().iter().any(|l| l.contains(warning)), "{:?}", trusting.lines());
 }
+
+/// Under systemd's journal (stderr the stream `JOURNAL_STREAM` names) each record starts with
+/// its syslog priority, which journald takes and strips, so `journalctl -p warning` finds the
+/// warnings; on any other stderr (a variable inherited by a process whose stderr is a file, a
+/// pipe) lines are as ever.
+#[cfg(unix)]
+#[tokio::test]
+async fn under_the_journal_records_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("w.toml");
+    // A start-up warning, and the info line that says where it listens.
+    std::fs::write(
+        &config,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    for journal in [true, false] {
+        let log = dir.path().join(format!("stderr-{journal}"));
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = match journal {
+            true => format!("{}:{}", meta.dev(), meta.ino()),
+            false => format!("{}:{}", meta.dev(), meta.ino() + 1),
+        };
+        let _child = Running(
+            Command::new(BIN)
+                .args(["--config", config.to_str().unwrap()])
+                .env("RUST_LOG", "info")
+                .env("JOURNAL_STREAM", stream)
+                .stdout(Stdio::null())
+                .stderr(file)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+        let listening = file_line(&log, "listening addr=", WAIT).await;
+        let warning = file_line(&log, "proxy_protocol without trusted_proxies", WAIT).await;
+        match journal {
+            true => {
+                assert!(listening.starts_with("<6>") && listening.contains(" INFO "), "{listening}");
+                assert!(warning.starts_with("<4>") && warning.contains(" WARN "), "{warning}");
+            }
+            false => assert!(!listening.starts_with('<') && !warning.starts_with('<'), "{listening}\n{warning}"),
+        }
+    }
+}
