@@ -49,8 +49,9 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 /// The admin endpoints of one bridge.
 #[derive(Debug, Clone)]
 pub struct Admin {
+    /// The bridge served, which also holds the token asked for ([`Bridge::admin_token`]: a
+    /// reload changes it).
     bridge: Bridge,
-    token: Option<Arc<str>>,
     slots: Slots,
     /// The connections still reading their request, oldest first.
     reading: Arc<Mutex<Reading>>,
@@ -68,9 +69,9 @@ struct Reading {
 impl Admin {
     /// Endpoints for `bridge`, asking for `config`'s token.
     pub fn new(bridge: &Bridge, config: &AdminConfig) -> Admin {
+        bridge.set_admin(config.addr, config.token.as_deref());
         Admin {
             bridge: bridge.clone(),
-            token: config.token.as_deref().map(Arc::from),
             slots: Slots::default(),
             reading: Arc::default(),
         }
@@ -221,7 +222,7 @@ impl Admin {
     }
 
     fn authorized(&self, request: &http::Request<()>) -> bool {
-        let Some(token) = &self.token else { return true };
+        let Some(token) = self.bridge.admin_token() else { return true };
         let given = request
             .headers()
             .get(http::header::AUTHORIZATION)

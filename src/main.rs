@@ -341,10 +341,14 @@ fn spawn_signal_handlers(
                     }
                     // Files are read and parsed off the runtime thread, which serves sessions.
                     let (b, path) = (bridge.clone(), path.clone());
-                    let _ = tokio::task::spawn_blocking(move || start::reload(&b, path.as_deref(), threads)).await;
+                    let reloaded = tokio::task::spawn_blocking(move || start::reload(&b, path.as_deref(), threads)).await;
                     if let Some(n) = &notifier {
                         // Ready again, with the new configuration or (it is logged) the old one.
-                        n.ready(&format!("reloaded; {} open", plural(bridge.connections(), "connection")));
+                        let open = plural(bridge.connections(), "connection");
+                        n.ready(&match reloaded {
+                            Ok(true) => format!("reloaded; {open} open"),
+                            _ => format!("reload failed, the previous configuration serves (see the log); {open} open"),
+                        });
                     }
                 }
             }

@@ -104,6 +104,12 @@ struct Inner {
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tracker: TaskTracker,
+    /// The listeners as they were started: a reload cannot change them, and says which of its
+    /// changes to them wait for a restart ([`Bridge::waiting_for_restart`]).
+    listeners: Vec<ListenerConfig>,
+    /// The admin listener's address and the token it asks for, once it runs
+    /// ([`Bridge::set_admin`]); a reload changes the token.
+    admin: RwLock<Option<(SocketAddr, Option<Arc<str>>)>>,
     /// Cancelled when the shutdown grace period is over: the sessions still open end at once,
     /// each with its log line, before the runtime drops what is left.
     abort: CancellationToken,
@@ -169,6 +175,8 @@ impl Bridge {
                 shutdown: shutdown.clone(),
                 tracker: TaskTracker::new(),
                 abort: CancellationToken::new(),
+                listeners: config.listeners.clone(),
+                admin: RwLock::default(),
                 tls: Mutex::default(),
                 failures: PerAddress::new(AUTH_FAILURES, 4096),
                 metrics: Arc::default(),
@@ -195,7 +203,69 @@ impl Bridge {
         live.agents.count_connections(&self.inner.connections, live.max_connections);
         live.commit();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        if let Some(new) = &config.admin {
+            let mut admin = self.inner.admin.write().unwrap_or_else(|p| p.into_inner());
+            if let Some((addr, token)) = admin.as_mut() {
+                match &new.token {
+                    Some(t) => *token = Some(Arc::from(t.as_str())),
+                    // Beside `--admin` off loopback the file's token was the only guard: kept.
+                    None if !addr.ip().is_loopback() => warn!(
+                        admin = %addr,
+                        "the reloaded [admin] has no token: the admin listener, off loopback, keeps the one it had"
+                    ),
+                    None => *token = None,
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The admin listener runs on `addr`, asking for `token` (a reload with an `[admin]` table
+    /// changes it).
+    pub fn set_admin(&self, addr: SocketAddr, token: Option<&str>) {
+        *self.inner.admin.write().unwrap_or_else(|p| p.into_inner()) = Some((addr, token.map(Arc::from)));
+    }
+
+    /// The token the admin endpoints ask for now.
+    pub fn admin_token(&self) -> Option<Arc<str>> {
+        self.inner
+            .admin
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|(_, token)| token.clone())
+    }
+
+    /// What `config`, just reloaded, changes that only a restart puts in force: its listeners
+    /// (added, removed, or any setting but `web_auth`, which a reload applies), each named with
+    /// the settings that changed. The listeners as started go on serving as they were.
+    pub fn waiting_for_restart(&self, config: &Config) -> Vec<String> {
+        let running = &self.inner.listeners;
+        let mut waiting = Vec::new();
+        for new in &config.listeners {
+            match running.iter().find(|l| l.addr.to_string() == new.addr.to_string()) {
+                None => waiting.push(format!("listener {}: added to the file; it is served after a restart", new.addr)),
+                Some(old) => {
+                    let changed = listener_changes(old, new);
+                    if !changed.is_empty() {
+                        waiting.push(format!(
+                            "listener {}: {} changed in the file; in force after a restart (until then it serves as it was started)",
+                            new.addr,
+                            changed.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        for old in running {
+            if !config.listeners.iter().any(|l| l.addr.to_string() == old.addr.to_string()) {
+                waiting.push(format!(
+                    "listener {}: no longer in the file; it serves on until a restart",
+                    old.addr
+                ));
+            }
+        }
+        waiting
     }
 
     /// Agent mode: the connected agents (kept across reloads).
@@ -850,6 +920,31 @@ impl Bridge {
         });
         per_address && self.connections().saturating_mul(2) < live.max_connections
     }
+}
+
+/// The settings of a listener that differ between `old` and `new`, as the file names them,
+/// but `web_auth` and `web_client_cn` (a reload applies those). Compared by their debug text:
+/// not every setting's type can be compared otherwise (TLS settings hold file paths and parsed
+/// policies), and a reload is rare.
+fn listener_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static str> {
+    fn differ<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let (a, b) = (&old.access, &new.access);
+    [
+        ("web", differ(&old.web, &new.web)),
+        ("web_listing", old.web_listing != new.web_listing),
+        ("web_follow_symlinks", old.web_follow_symlinks != new.web_follow_symlinks),
+        ("web_dotfiles", old.web_dotfiles != new.web_dotfiles),
+        ("origins", differ(&a.origins, &b.origins)),
+        ("proxy_protocol", a.proxy_protocol != b.proxy_protocol),
+        ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),
+        ("forwarded_header", differ(&a.forwarded_header, &b.forwarded_header)),
+        ("tls", differ(&old.tls, &new.tls)),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 /// A log line that anyone who can connect can cause (a failed TLS handshake, a refused PROXY

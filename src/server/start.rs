@@ -462,9 +462,10 @@ fn attach(sockets: Vec<(Listener, StdSocket)>) -> std::io::Result<Vec<Listener>>
 /// Reloads (SIGHUP): re-reads the configuration file, if there is one, fitted to the open-file
 /// limit for `threads` runtime threads, then every listener's certificates. A bad file is logged
 /// and the running configuration stays. Blocking: files are read and parsed here, so call it off
-/// the runtime threads (`spawn_blocking`).
-pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
-    match path {
+/// the runtime threads (`spawn_blocking`). Returns whether all of it was put in force (false: a
+/// bad file or certificate, logged, and the previous one still serves).
+pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) -> bool {
+    let config_ok = match path {
         Some(p) => match Config::from_file(p).map_err(BridgeError::from).and_then(|mut c| {
             let limit = crate::platform::open_file_limit();
             fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
@@ -473,11 +474,18 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
             for warning in c.warnings() {
                 tracing::warn!("{warning}");
             }
+            for waiting in bridge.waiting_for_restart(&c) {
+                tracing::warn!("{waiting}");
+            }
             Ok(())
         }) {
             Ok(()) => {
                 bridge.metrics().reloaded("config", true);
-                tracing::info!(config = %p.display(), "configuration reloaded (listener and log changes need a restart)");
+                tracing::info!(
+                    config = %p.display(),
+                    "configuration reloaded (listener, log and admin address changes need a restart)"
+                );
+                true
             }
             Err(e) => {
                 bridge.metrics().reloaded("config", false);
@@ -487,13 +495,19 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) {
                 for line in crate::logging::chain(&e).lines() {
                     tracing::error!("reload failed: {line}");
                 }
+                false
             }
         },
-        None => tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)"),
-    }
-    for e in bridge.reload_tls() {
+        None => {
+            tracing::info!("SIGHUP: no configuration file to reload (token files are re-read when they change)");
+            true
+        }
+    };
+    let failed = bridge.reload_tls();
+    for e in &failed {
         tracing::error!(error = %e, "certificate reload failed; the previous certificate stays in service");
     }
+    config_ok && failed.is_empty()
 }
 
 #[cfg(test)]

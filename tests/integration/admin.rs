@@ -592,6 +592,37 @@ async fn the_first_failed_reload_of_a_process_is_visible_to_an_alert() {
     assert_eq!(value(&m, "wsbridge_last_reload_successful", &[("kind", "tokens")]), 1.0);
 }
 
+/// A reload puts a new admin token in force (rotating a leaked one needs no restart), and names
+/// each listener change it cannot apply rather than reporting them done.
+#[tokio::test]
+async fn a_reload_rotates_the_admin_token_and_names_the_listener_changes_it_leaves() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let config = |token: &str, listeners: &str| {
+        format!("[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"{token}\"\n{listeners}[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n")
+    };
+    std::fs::write(&file, config("the-first-token", "[[listen]]\naddr = \"127.0.0.1:0\"\n")).unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    assert_eq!(admin(addr, "GET", "/metrics", Some("the-first-token")).await.0, 200);
+
+    let listeners = "[[listen]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+                     [[listen]]\naddr = \"127.0.0.1:1\"\n";
+    std::fs::write(&file, config("the-second-token", listeners)).unwrap();
+    b.signal("HUP").await;
+    let changed = b.line("listener 127.0.0.1:0: ").await;
+    assert!(
+        changed.contains("WARN") && changed.contains("proxy_protocol, trusted_proxies changed in the file; in force after a restart"),
+        "{changed}"
+    );
+    let added = b.line("listener 127.0.0.1:1: ").await;
+    assert!(added.contains("added to the file; it is served after a restart"), "{added}");
+    b.line("configuration reloaded").await;
+    assert_eq!(admin(addr, "GET", "/metrics", Some("the-first-token")).await.0, 401);
+    assert_eq!(admin(addr, "GET", "/metrics", Some("the-second-token")).await.0, 200);
+}
+
 #[tokio::test]
 async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() {
     let (backend, _) = echo_backend().await;

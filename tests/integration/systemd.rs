@@ -224,6 +224,17 @@ async fn the_notify_socket_hears_ready_reloading_and_stopping() {
     assert!(ready.starts_with("READY=1\nSTATUS=reloaded"), "{ready}");
     b.line("configuration reloaded").await;
 
+    // A reload that fails says so in `systemctl status`, not "reloaded".
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}\nnot toml\n")).unwrap();
+    signal(&b, "HUP").await;
+    assert!(next_notification(&socket, &mut pings).await.starts_with("RELOADING=1"));
+    let ready = next_notification(&socket, &mut pings).await;
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=reload failed, the previous configuration serves"),
+        "{ready}"
+    );
+
     signal(&b, "TERM").await;
     let stopping = next_notification(&socket, &mut pings).await;
     assert_eq!(stopping, "STOPPING=1\nSTATUS=draining: 1 connection open\n");
