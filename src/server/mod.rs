@@ -481,7 +481,7 @@ impl Bridge {
             let (status, reason) = (http::StatusCode::SERVICE_UNAVAILABLE, "too many connections");
             let _ = timeout(Duration::from_secs(1), answer(&mut stream, status, reason, &retry)).await;
             self.inner.metrics.refused(crate::metrics::Refusal::ConnectionLimit);
-            return debug!(status = 503, "refused: connection limit reached");
+            return self.at_cap(live.max_connections);
         };
         let mut peer = Peer {
             client: UNIX_CLIENT,
@@ -615,7 +615,21 @@ impl Bridge {
             None => refuse_at_once(&stream, answer_text(status, reason, &retry, true).as_bytes()),
         }
         self.inner.metrics.refused(Refusal::ConnectionLimit);
-        debug!(status = 503, "refused: connection limit reached");
+        self.at_cap(self.live().max_connections);
+    }
+
+    /// Logs a refusal past the connection cap: a warning once a minute (with the number left
+    /// out since), the rest at debug.
+    fn at_cap(&self, max_connections: usize) {
+        match AT_CAP.take() {
+            Some(left_out) => warn!(
+                status = 503,
+                max_connections,
+                left_out,
+                "refused: connection limit reached (max_connections; see connections_open and handshakes_refused_total)"
+            ),
+            None => debug!(status = 503, "refused: connection limit reached"),
+        }
     }
 
     /// Answers a connection over `max_connections_per_ip` with 429 at once (as a refusal past
@@ -948,19 +962,19 @@ fn listener_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static 
 }
 
 /// A log line that anyone who can connect can cause (a failed TLS handshake, a refused PROXY
-/// header), written at most once per [`Quieted::EVERY`] in the process with the number of its
-/// kind left out since (those at debug): a flood of junk is counted in the metrics, not
-/// written out one line each.
+/// header, a refusal past the connection cap), written at most once per `every` in the process
+/// with the number of its kind left out since (those at debug): a flood is counted in the
+/// metrics, not written out one line each.
 struct Quieted {
+    every: Duration,
     last: Mutex<Option<Instant>>,
     left_out: std::sync::atomic::AtomicU64,
 }
 
 impl Quieted {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    const fn new() -> Quieted {
+    const fn new(every: Duration) -> Quieted {
         Quieted {
+            every,
             last: Mutex::new(None),
             left_out: std::sync::atomic::AtomicU64::new(0),
         }
@@ -970,7 +984,7 @@ impl Quieted {
     fn take(&self) -> Option<u64> {
         let now = Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|at| now.duration_since(at) < Quieted::EVERY) {
+        if last.is_some_and(|at| now.duration_since(at) < self.every) {
             self.left_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return None;
         }
@@ -979,8 +993,11 @@ impl Quieted {
     }
 }
 
-static TLS_FAILED: Quieted = Quieted::new();
-static PROXY_REFUSED: Quieted = Quieted::new();
+static TLS_FAILED: Quieted = Quieted::new(Duration::from_secs(10));
+static PROXY_REFUSED: Quieted = Quieted::new(Duration::from_secs(10));
+/// The bridge at its connection cap: worth a warning (nginx's "worker_connections are not
+/// enough" is an alert), once a minute.
+static AT_CAP: Quieted = Quieted::new(Duration::from_secs(60));
 
 /// How long sessions still open when the shutdown grace period is over have to log their end.
 const ABORT_WAIT: Duration = Duration::from_millis(500);
@@ -1446,10 +1463,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quieted_line_comes_once_per_interval_with_the_number_left_out() {
-        let q = Quieted::new();
+        let q = Quieted::new(Duration::from_secs(10));
         assert_eq!(q.take(), Some(0));
         assert_eq!((q.take(), q.take()), (None, None));
-        tokio::time::advance(Quieted::EVERY - Duration::from_millis(1)).await;
+        tokio::time::advance(Duration::from_secs(10) - Duration::from_millis(1)).await;
         assert_eq!(q.take(), None);
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(q.take(), Some(3));

@@ -570,3 +570,20 @@ async fn under_the_journal_records_carry_their_priority() {
         }
     }
 }
+
+/// The bridge at its connection cap says so in a warning (then once a minute; each refusal is
+/// counted in handshakes_refused_total), not only at debug.
+#[tokio::test]
+async fn the_connection_cap_reached_is_a_warning() {
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    let (_child, addr, mut logs) = spawn_bridge(&["127.0.0.1:0", &target, "--max-connections", "1"]).await;
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    send_bin(&mut ws, b"the only place").await;
+    assert_eq!(recv_data(&mut ws).await, b"the only place");
+    for _ in 0..3 {
+        assert_eq!(status_of(&http_raw(addr, &upgrade_request("/", "")).await), 503);
+    }
+    let line = log_line(&mut logs, "connection limit reached").await;
+    assert!(line.contains(" WARN ") && line.contains("max_connections=1"), "{line}");
+}
