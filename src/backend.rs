@@ -56,6 +56,22 @@ pub enum ConnectError {
     Agent(String),
 }
 
+impl ConnectError {
+    /// Why, in one word, for the metrics (`backend_connect_failures_total{reason}`): `refused`,
+    /// `unreachable` (another network error), `unresolved`, `timeout`, `tls`, or `agent` (agent
+    /// mode: offline, a service it does not list, or its app refused).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::Resolve(_) => "unresolved",
+            ConnectError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
+            ConnectError::Connect(_) => "unreachable",
+            ConnectError::Timeout(_) => "timeout",
+            ConnectError::Tls(_) => "tls",
+            ConnectError::Agent(_) => "agent",
+        }
+    }
+}
+
 impl Backend {
     /// After the session: an agent's link in chunks goes back to its agent's pool once the agent
     /// has ended its side too (waiting at most `within`, off the session's task); anything else

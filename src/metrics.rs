@@ -62,6 +62,13 @@ struct ConnectLabel {
     outcome: &'static str,
 }
 
+/// A backend connect that failed, and why ([`crate::backend::ConnectError::kind`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabel {
+    route: String,
+    reason: &'static str,
+}
+
 /// One label with a fixed value set (`outcome`, `kind`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -262,6 +269,7 @@ pub struct Metrics {
     ended: Family<EndLabel, Counter>,
     refused: Family<RefusedLabel, Counter>,
     connects: Family<ConnectLabel, Counter>,
+    connect_failures: Family<FailureLabel, Counter>,
     connect_seconds: Histogram,
     tls: Family<OutcomeLabel, Counter>,
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
@@ -310,6 +318,12 @@ impl Metrics {
             "backend_connects",
             "Backend connects by route and outcome (ok, failed, shutdown)",
             connects.clone(),
+        );
+        let connect_failures = Family::<FailureLabel, Counter>::default();
+        registry.register(
+            "backend_connect_failures",
+            "Failed backend connects by route and reason (refused, unreachable, unresolved, timeout, tls, agent)",
+            connect_failures.clone(),
         );
         // 1 ms to 10 s: a loopback connect is well under a millisecond, a dead host takes the
         // connect deadline (5 s by default).
@@ -387,6 +401,7 @@ impl Metrics {
             ended,
             refused,
             connects,
+            connect_failures,
             connect_seconds,
             tls,
             cert_expiry,
@@ -502,6 +517,15 @@ impl Metrics {
             // The one lock per session on the way: the histogram's (uncontended, a few ns).
             self.connect_seconds.observe(took.as_secs_f64());
         }
+    }
+
+    /// A backend connect of `route` failed for `reason` ([`crate::backend::ConnectError::kind`]).
+    pub fn backend_failure(&self, route: &RouteMetrics, reason: &'static str) {
+        let label = FailureLabel {
+            route: route.route.clone(),
+            reason,
+        };
+        self.connect_failures.get_or_create(&label).inc();
     }
 
     /// A TLS handshake on a listener succeeded or failed.

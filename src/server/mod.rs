@@ -1275,6 +1275,9 @@ async fn run_session<S>(
         Err(None) => "shutdown",
     };
     metrics.backend_connect(&route_metrics, outcome, started.elapsed());
+    if let Err(Some(e)) = &backend {
+        metrics.backend_failure(&route_metrics, e.kind());
+    }
     let backend = match backend {
         Ok(b) => b,
         Err(e) => {

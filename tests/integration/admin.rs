@@ -146,6 +146,8 @@ async fn a_session_whose_backend_is_down_is_counted() {
     let m = scrape(admin_addr, None).await;
     let failed = [("route", "path /down"), ("outcome", "failed")];
     assert_eq!(value(&m, "wsbridge_backend_connects_total", &failed), 1.0);
+    let refused = [("route", "path /down"), ("reason", "refused")];
+    assert_eq!(value(&m, "wsbridge_backend_connect_failures_total", &refused), 1.0);
     let ended = [("route", "path /down"), ("code", "1014"), ("ended_by", "bridge")];
     assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
 }
