@@ -143,12 +143,13 @@ pub struct RunArgs {
     pub file_only: bool,
 
     /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, TokenFileName,
-    /// JWTTokenApi, or TokenRedis; tokens from --token-source.
+    /// UnixDomainSocketDirectory, JWTTokenApi, or TokenRedis; tokens from --token-source.
     #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.token_plugins."))]
     pub token_plugin: Option<String>,
     /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with TokenFileName, a
     /// directory in which each file's name is a token and its content HOST:PORT; with
-    /// JWTTokenApi, the key JWTs are checked with (a PEM public key, or a file holding an HMAC
+    /// UnixDomainSocketDirectory, a directory of unix sockets, each named by its token (not on
+    /// Windows); with JWTTokenApi, the key JWTs are checked with (a PEM public key, or a file holding an HMAC
     /// secret); with TokenRedis, host[:port[:db[:password[:namespace]]]] (keys NAMESPACE:TOKEN, values
     /// HOST:PORT or {"host": "HOST:PORT"}; a configuration file keeps the password out of the
     /// command line).
@@ -765,7 +766,11 @@ impl RunArgs {
     fn token_source(&self) -> Result<Option<PathBuf>, ConfigError> {
         Ok(match (self.token_plugin.as_deref(), &self.token_source, &self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
-            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "TokenFileName" | "JWTTokenApi" | "TokenRedis"), Some(s), None)
+            (
+                None | Some("TokenFile" | "ReadOnlyTokenFile" | "TokenFileName" | "UnixDomainSocketDirectory" | "JWTTokenApi" | "TokenRedis"),
+                Some(s),
+                None,
+            )
             | (None, None, Some(s)) => {
                 Some(s.clone())
             }
@@ -777,9 +782,12 @@ impl RunArgs {
             }
             (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
             (Some("TokenFileName"), None, _) => return Err(usage("--token-plugin TokenFileName needs --token-source DIR".into())),
+            (Some("UnixDomainSocketDirectory"), None, _) => {
+                return Err(usage("--token-plugin UnixDomainSocketDirectory needs --token-source DIR".into()))
+            }
             (Some(other), _, _) => {
                 return Err(usage(format!(
-                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), TokenFileName, JWTTokenApi or TokenRedis"
+                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), TokenFileName, UnixDomainSocketDirectory, JWTTokenApi or TokenRedis"
                 )))
             }
             (None, None, None) => None,
@@ -804,6 +812,13 @@ impl RunArgs {
         let redis = self.redis_token_source(token_source.as_deref())?;
         let format = match self.token_plugin.as_deref() {
             Some("TokenFileName") => TokenFormat::FileNames,
+            Some("UnixDomainSocketDirectory") if cfg!(windows) => {
+                return Err(usage(format!(
+                    "--token-plugin UnixDomainSocketDirectory: {}",
+                    crate::platform::UNIX_SOCKETS_UNAVAILABLE
+                )))
+            }
+            Some("UnixDomainSocketDirectory") => TokenFormat::UnixSockets,
             _ => TokenFormat::Lines,
         };
         if let Some(path) = token_source {
@@ -816,6 +831,13 @@ impl RunArgs {
                             "--token-source {}: {}: give the directory whose file names are the tokens",
                             path.display(),
                             crate::tokens::FILE_NAMES_NEED_A_DIRECTORY
+                        )))
+                    }
+                    Ok(m) if format == TokenFormat::UnixSockets && !m.is_dir() => {
+                        return Err(usage(format!(
+                            "--token-source {}: {}: give the directory whose unix sockets are named by their tokens",
+                            path.display(),
+                            crate::tokens::SOCKETS_NEED_A_DIRECTORY
                         )))
                     }
                     Ok(_) => path,
@@ -1150,6 +1172,34 @@ mod tests {
         assert_eq!(c.listeners[0].tls.as_ref().unwrap().min_version, MinVersion::Tls12);
         let e = config(&["6080", "--token-plugin", "TokenMagic", "--token-source", "x"]).unwrap_err();
         assert!(e.contains("TokenMagic is not supported") && e.contains("TokenRedis"), "{e}");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn unix_domain_socket_directory_takes_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        for plugin in ["UnixDomainSocketDirectory", "websockify.token_plugins.UnixDomainSocketDirectory"] {
+            let c = config(&["6080", "--token-plugin", plugin, "--token-source", d]).unwrap();
+            let s = &c.token_sources[0];
+            assert_eq!((s.format, s.lookup), (TokenFormat::UnixSockets, TokenLookup::Query));
+        }
+        let file = dir.path().join("desk1");
+        std::fs::write(&file, "").unwrap();
+        let e = config(&[
+            "6080",
+            "--token-plugin",
+            "UnixDomainSocketDirectory",
+            "--token-source",
+            file.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("UnixDomainSocketDirectory plugin requires a directory") && e.contains("desk1"),
+            "{e}"
+        );
+        let e = config(&["6080", "--token-plugin", "UnixDomainSocketDirectory"]).unwrap_err();
+        assert!(e.contains("UnixDomainSocketDirectory needs --token-source DIR"), "{e}");
     }
 
     #[test]

@@ -304,6 +304,9 @@ pub enum TokenFormat {
     /// A directory in which each file's name is a token and its content the target (websockify's
     /// TokenFileName).
     FileNames,
+    /// A directory of unix sockets, each named by its token: the target is the socket itself,
+    /// looked up on every connection (websockify's UnixDomainSocketDirectory). Not on Windows.
+    UnixSockets,
 }
 
 impl fmt::Display for TokenFormat {
@@ -311,6 +314,7 @@ impl fmt::Display for TokenFormat {
         f.write_str(match self {
             TokenFormat::Lines => "lines",
             TokenFormat::FileNames => "file-names",
+            TokenFormat::UnixSockets => "unix-sockets",
         })
     }
 }
@@ -1345,12 +1349,24 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
             }
             Some(f) => {
                 let (at, format) = (f.span(), f.into_inner());
-                if format == TokenFormat::FileNames && !path.is_dir() {
+                let plugin = match format {
+                    TokenFormat::Lines => None,
+                    TokenFormat::FileNames => Some("TokenFileName"),
+                    TokenFormat::UnixSockets => Some("UnixDomainSocketDirectory"),
+                };
+                if format == TokenFormat::UnixSockets && cfg!(windows) {
+                    return ctx.invalid(
+                        at,
+                        format!("tokens[{i}].format"),
+                        format!("\"unix-sockets\": {}", crate::platform::UNIX_SOCKETS_UNAVAILABLE),
+                    );
+                }
+                if let Some(plugin) = plugin.filter(|_| !path.is_dir()) {
                     return ctx.invalid(
                         at,
                         format!("tokens[{i}].format"),
                         format!(
-                            "\"file-names\" (websockify's TokenFileName) needs a directory as `source`: {} is not one",
+                            "\"{format}\" (websockify's {plugin}) needs a directory as `source`: {} is not one",
                             path.display()
                         ),
                     );
@@ -2019,6 +2035,30 @@ mod tests {
         let redis = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nallow_any_target = true\nformat = \"file-names\"\n[tokens.redis]\nurl = \"redis://127.0.0.1:1\"\n";
         let msg = parse(redis).unwrap_err().to_string();
         assert_eq!(msg, "test.toml:5: tokens[0].format: is for `source` token files only");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_unix_sockets_source_needs_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("desk1");
+        std::fs::write(&file, "").unwrap();
+        let text = |source: &Path| {
+            format!(
+                "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = {:?}\nformat = \"unix-sockets\"\n",
+                source.display().to_string()
+            )
+        };
+        let c = parse(&text(dir.path())).unwrap();
+        assert_eq!(c.token_sources[0].format, TokenFormat::UnixSockets);
+        let msg = parse(&text(&file)).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "test.toml:5: tokens[0].format: \"unix-sockets\" (websockify's UnixDomainSocketDirectory) needs a directory as `source`: {} is not one",
+                file.display()
+            )
+        );
     }
 
     #[test]
