@@ -1,7 +1,8 @@
 //! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines, a
 //! directory whose file names are the tokens and contents the targets (websockify's
 //! TokenFileName, [`read_file_names`]), or a directory of unix sockets named by their tokens
-//! (websockify's UnixDomainSocketDirectory, [`socket_in`]), here; keys in Redis ([`redis`]).
+//! (websockify's UnixDomainSocketDirectory, [`socket_in`]), here; keys in Redis ([`redis`]); an
+//! HTTP API asked per lookup (websockify's JSONTokenApi and BaseTokenAPI, [`api`]).
 //!
 //! A directory of sockets is not read ahead: a socket comes and goes with the program behind it,
 //! so each lookup looks at the one name it is given (a `stat`, microseconds), as websockify does.
@@ -40,7 +41,30 @@ use tokio::time::Instant;
 
 use crate::config::{redact, Target, TokenFormat, TokenLookup, TokenSourceConfig};
 
+pub mod api;
 pub mod redis;
+
+/// What a token source that is asked per lookup (Redis, an HTTP API) says of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A target on the allow-list.
+    Target(Target),
+    /// No such token, or an answer that names no usable target (logged): an unknown token.
+    Absent,
+    /// A target off the allow-list: what for the log.
+    Denied(String),
+}
+
+/// The source did not answer within the deadline, or answered with an error: the token may
+/// exist, so the handshake gets 503, not 404.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("token source {source_name}: {problem}")]
+pub struct Unavailable {
+    /// The source's name (its URL; never a credential or a token).
+    pub source_name: String,
+    /// What went wrong.
+    pub problem: String,
+}
 
 /// A snapshot older than this starts a re-check of the files in the background.
 pub const REFRESH_AHEAD: Duration = Duration::from_millis(500);
@@ -808,6 +832,7 @@ mod tests {
         TokenSource::load(TokenSourceConfig {
             jwt: None,
             redis: None,
+            api: None,
             path: file.to_path_buf(),
             lookup: TokenLookup::Query,
             format: TokenFormat::Lines,

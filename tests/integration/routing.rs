@@ -351,6 +351,7 @@ async fn a_failed_reload_leaves_the_caps_per_address_as_they_were() {
     broken.token_sources.push(wsbridge::config::TokenSourceConfig {
         jwt: None,
         redis: None,
+        api: None,
         path: dir.path().join("missing"),
         lookup: TokenLookup::Query,
         format: wsbridge::config::TokenFormat::Lines,
