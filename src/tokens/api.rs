@@ -196,8 +196,9 @@ impl ApiTokens {
                 Some(s) => (s, true),
                 None => (self.connect().await?, false),
             };
-            // A kept connection the API closed in the meantime fails here or on the request
-            // (before any answer): try the next, or a new one.
+            // A kept connection the API closed in the meantime fails here or on the request,
+            // before any answer (closed, reset, cut short): try the next, or a new one. A GET
+            // asks again safely.
             if let Err(e) = sender.ready().await {
                 match kept {
                     true => continue,
@@ -206,7 +207,10 @@ impl ApiTokens {
             }
             let response = match sender.send_request(request()?).await {
                 Ok(r) => r,
-                Err(e) if kept && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) => continue,
+                Err(e) if kept => {
+                    tracing::debug!(source = %self.name, error = %e, "token API: a kept connection failed; asking on another");
+                    continue;
+                }
                 Err(e) => return Err(format!("the request failed: {e}")),
             };
             let status = response.status();

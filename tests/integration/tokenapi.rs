@@ -27,14 +27,33 @@ struct Api {
     connections: Arc<AtomicUsize>,
 }
 
+/// What [`serve`] does after an answer.
+#[derive(Clone, Copy)]
+enum AfterAnswer {
+    KeepAlive,
+    /// Keep the connection, but close it on the next request without answering, as a server
+    /// does whose keep-alive time ran out as the request came.
+    DropTheNext,
+}
+
 impl Api {
     async fn start(answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static) -> Api {
-        Api::start_tls(answers, None).await
+        Api::start_with(answers, None, AfterAnswer::KeepAlive).await
     }
 
-    async fn start_tls(
+    async fn start_tls(answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static, tls: tokio_rustls::TlsAcceptor) -> Api {
+        Api::start_with(answers, Some(tls), AfterAnswer::KeepAlive).await
+    }
+
+    /// An API that answers one request per connection and drops the next unanswered.
+    async fn start_dropping(answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static) -> Api {
+        Api::start_with(answers, None, AfterAnswer::DropTheNext).await
+    }
+
+    async fn start_with(
         answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        after: AfterAnswer,
     ) -> Api {
         let answers: Answers = Arc::new(answers);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -48,10 +67,10 @@ impl Api {
                 let (answers, tx, tls) = (answers.clone(), tx.clone(), tls.clone());
                 tokio::spawn(async move {
                     match tls {
-                        None => serve(s, answers, tx).await,
+                        None => serve(s, answers, tx, after).await,
                         Some(tls) => {
                             if let Ok(s) = tls.accept(s).await {
-                                serve(s, answers, tx).await;
+                                serve(s, answers, tx, after).await;
                             }
                         }
                     }
@@ -68,9 +87,9 @@ impl Api {
 }
 
 /// Answers requests on one connection until the client closes it.
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, answers: Answers, heads: mpsc::Sender<String>) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, answers: Answers, heads: mpsc::Sender<String>, after: AfterAnswer) {
     let mut buf = Vec::new();
-    loop {
+    for answered in 0.. {
         let end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -85,6 +104,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, answers: Answers, he
         buf.drain(..end);
         let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
         let _ = heads.try_send(head);
+        if answered > 0 && matches!(after, AfterAnswer::DropTheNext) {
+            return;
+        }
         match answers(&path) {
             Some((status, body)) => {
                 let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}", body.len());
@@ -291,11 +313,7 @@ async fn tokens_from_an_https_api_checked_against_its_ca() {
         .with_single_cert(chain, key)
         .unwrap();
     let (echo, _) = echo_backend().await;
-    let mut api = Api::start_tls(
-        move |_| Some((200, json(echo))),
-        Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-    )
-    .await;
+    let mut api = Api::start_tls(move |_| Some((200, json(echo))), tokio_rustls::TlsAcceptor::from(Arc::new(config))).await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("https://localhost:{}/lookup?token=%s", api.addr.port());
     let tokens = format!(
@@ -360,4 +378,25 @@ async fn the_log_names_the_url_and_never_the_token() {
         )),
         "{out}"
     );
+}
+
+/// An API that closes a kept connection as the next request comes: the lookup asks again on a
+/// new connection, within its deadline; no handshake gets a 503 for it.
+#[tokio::test]
+async fn an_api_dropping_kept_connections_costs_no_lookup() {
+    let (echo, _) = echo_backend().await;
+    let api = Api::start_dropping(move |_| Some((200, json(echo)))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\napi = {{ url = \"http://{}/t?token=%s\" }}\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    for _ in 0..5 {
+        let r = answer_for(&bridge, "desk").await;
+        assert_eq!(status_of(&r), 101, "{r}");
+    }
+    assert_eq!(api.connections.load(Ordering::SeqCst), 5, "one answered request per connection");
+    bridge.stop().await;
 }
