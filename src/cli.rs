@@ -27,6 +27,9 @@ use crate::policy::OriginRule;
 ///   wsbridge 6080 --token-plugin TokenFile --token-source /etc/wsbridge/tokens
 ///   wsbridge 6080 --token-plugin TokenRedis --token-source redis.internal:6379 \
 ///       --token-allow-target 10.0.0.0/8:5900-5999
+///   wsbridge 6080 --token-plugin JSONTokenApi \
+///       --token-source 'https://api.internal/lookup?token=%s' \
+///       --token-allow-target 10.0.0.0/8:5900-5999
 ///   wsbridge --config wsbridge.toml                   everything a TOML file can say
 ///   wsbridge check --config wsbridge.toml             validate and print the route table
 ///   wsbridge demo                                     a chat room in the browser, no setup
@@ -147,24 +150,29 @@ pub struct RunArgs {
     pub web_auth: bool,
 
     /// Token plugin (websockify names): TokenFile or ReadOnlyTokenFile, TokenFileName,
-    /// JWTTokenApi, or TokenRedis; tokens from --token-source.
+    /// UnixDomainSocketDirectory, JWTTokenApi, TokenRedis, JSONTokenApi, or BaseTokenAPI; tokens
+    /// from --token-source.
     #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.token_plugins."))]
     pub token_plugin: Option<String>,
     /// Token file or directory of `TOKEN: HOST:PORT` lines (TokenFile); with TokenFileName, a
     /// directory in which each file's name is a token and its content HOST:PORT; with
-    /// JWTTokenApi, the key JWTs are checked with (a PEM public key, or a file holding an HMAC
+    /// UnixDomainSocketDirectory, a directory of unix sockets, each named by its token (not on
+    /// Windows); with JWTTokenApi, the key JWTs are checked with (a PEM public key, or a file holding an HMAC
     /// secret); with TokenRedis, host[:port[:db[:password[:namespace]]]] (keys NAMESPACE:TOKEN, values
     /// HOST:PORT or {"host": "HOST:PORT"}; a configuration file keeps the password out of the
-    /// command line).
-    #[arg(long, value_name = "FILE|DIR|REDIS")]
+    /// command line); with JSONTokenApi or BaseTokenAPI, the URL asked, with %s where the token
+    /// goes (http://api.internal/lookup?token=%s; a 2xx answer {"host": …, "port": …}, or
+    /// HOST:PORT text for BaseTokenAPI, names the target; 4xx: unknown token).
+    #[arg(long, value_name = "FILE|DIR|REDIS|URL")]
     pub token_source: Option<PathBuf>,
-    /// With --token-plugin JWTTokenApi or TokenRedis: a target a token may name, as
+    /// With --token-plugin JWTTokenApi, TokenRedis, JSONTokenApi or BaseTokenAPI: a target a token may name, as
     /// ADDRESS-RANGE:PORTS or NAME:PORTS (10.0.0.0/8:5900-5999, vnc.internal:5901); repeatable,
     /// and required: nothing else is reachable.
     #[arg(long, visible_alias = "jwt-allow-target", value_name = "RULE")]
     pub token_allow_target: Vec<String>,
-    /// With --token-plugin TokenRedis: let a value in Redis name any host and port, as websockify
-    /// does (whoever can write to Redis can then reach anything the bridge can); instead of
+    /// With --token-plugin TokenRedis, JSONTokenApi or BaseTokenAPI: let a value in Redis (an
+    /// answer of the API) name any host and port, as websockify does (whoever can write to Redis,
+    /// or controls the API, can then reach anything the bridge can); instead of
     /// --token-allow-target.
     #[arg(long)]
     pub token_allow_any_target: bool,
@@ -808,7 +816,15 @@ impl RunArgs {
     fn token_source(&self) -> Result<Option<PathBuf>, ConfigError> {
         Ok(match (self.token_plugin.as_deref(), &self.token_source, &self.target_config) {
             (_, Some(_), Some(_)) => return Err(usage("give --token-source or --target-config, not both".into())),
-            (None | Some("TokenFile" | "ReadOnlyTokenFile" | "TokenFileName" | "JWTTokenApi" | "TokenRedis"), Some(s), None)
+            (
+                None
+                | Some(
+                    "TokenFile" | "ReadOnlyTokenFile" | "TokenFileName" | "UnixDomainSocketDirectory" | "JWTTokenApi" | "TokenRedis"
+                    | "JSONTokenApi" | "BaseTokenAPI",
+                ),
+                Some(s),
+                None,
+            )
             | (None, None, Some(s)) => {
                 Some(s.clone())
             }
@@ -820,9 +836,17 @@ impl RunArgs {
             }
             (Some("TokenFile" | "ReadOnlyTokenFile"), None, None) => return Err(usage("--token-plugin TokenFile needs --token-source FILE|DIR".into())),
             (Some("TokenFileName"), None, _) => return Err(usage("--token-plugin TokenFileName needs --token-source DIR".into())),
+            (Some(plugin @ ("JSONTokenApi" | "BaseTokenAPI")), None, _) => {
+                return Err(usage(format!(
+                    "--token-plugin {plugin} needs --token-source URL, with %s where the token goes (http://api.internal/lookup?token=%s)"
+                )))
+            }
+            (Some("UnixDomainSocketDirectory"), None, _) => {
+                return Err(usage("--token-plugin UnixDomainSocketDirectory needs --token-source DIR".into()))
+            }
             (Some(other), _, _) => {
                 return Err(usage(format!(
-                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), TokenFileName, JWTTokenApi or TokenRedis"
+                    "--token-plugin {other} is not supported: use TokenFile with --token-source (a file or directory of `TOKEN: HOST:PORT` lines), TokenFileName, UnixDomainSocketDirectory, JWTTokenApi, TokenRedis, JSONTokenApi or BaseTokenAPI"
                 )))
             }
             (None, None, None) => None,
@@ -845,20 +869,36 @@ impl RunArgs {
         }
         let jwt = self.jwt_token_source(token_source.as_deref())?;
         let redis = self.redis_token_source(token_source.as_deref())?;
+        let api = self.api_token_source(token_source.as_deref())?;
         let format = match self.token_plugin.as_deref() {
             Some("TokenFileName") => TokenFormat::FileNames,
+            Some("UnixDomainSocketDirectory") if cfg!(windows) => {
+                return Err(usage(format!(
+                    "--token-plugin UnixDomainSocketDirectory: {}",
+                    crate::platform::UNIX_SOCKETS_UNAVAILABLE
+                )))
+            }
+            Some("UnixDomainSocketDirectory") => TokenFormat::UnixSockets,
             _ => TokenFormat::Lines,
         };
         if let Some(path) = token_source {
-            let path = match &redis {
-                Some(r) => PathBuf::from(r.name()),
-                None => match std::fs::metadata(&path) {
+            let path = match (&redis, &api) {
+                (Some(r), _) => PathBuf::from(r.name()),
+                (_, Some(a)) => PathBuf::from(a.name()),
+                _ => match std::fs::metadata(&path) {
                     Err(e) => return Err(usage(format!("--token-source {}: {e}", path.display()))),
                     Ok(m) if format == TokenFormat::FileNames && !m.is_dir() => {
                         return Err(usage(format!(
                             "--token-source {}: {}: give the directory whose file names are the tokens",
                             path.display(),
                             crate::tokens::FILE_NAMES_NEED_A_DIRECTORY
+                        )))
+                    }
+                    Ok(m) if format == TokenFormat::UnixSockets && !m.is_dir() => {
+                        return Err(usage(format!(
+                            "--token-source {}: {}: give the directory whose unix sockets are named by their tokens",
+                            path.display(),
+                            crate::tokens::SOCKETS_NEED_A_DIRECTORY
                         )))
                     }
                     Ok(_) => path,
@@ -874,6 +914,7 @@ impl RunArgs {
                 path,
                 jwt,
                 redis,
+                api,
                 lookup,
                 format,
                 options,
@@ -907,9 +948,10 @@ impl RunArgs {
     /// websockify, `exp` is checked when present and not required.
     fn jwt_token_source(&self, key: Option<&Path>) -> Result<Option<crate::config::policy::JwtTokenSource>, ConfigError> {
         if self.token_plugin.as_deref() != Some("JWTTokenApi") {
-            if !self.token_allow_target.is_empty() && self.token_plugin.as_deref() != Some("TokenRedis") {
+            if !self.token_allow_target.is_empty() && !self.plugin_answers_with_targets() {
                 return Err(usage(
-                    "--token-allow-target (--jwt-allow-target) goes with --token-plugin JWTTokenApi or TokenRedis".into(),
+                    "--token-allow-target (--jwt-allow-target) goes with --token-plugin JWTTokenApi, TokenRedis, JSONTokenApi or BaseTokenAPI"
+                        .into(),
                 ));
             }
             return Ok(None);
@@ -958,28 +1000,61 @@ impl RunArgs {
     /// values may name only targets on --token-allow-target, unless --token-allow-any-target.
     fn redis_token_source(&self, source: Option<&Path>) -> Result<Option<crate::config::redis::RedisTokenSource>, ConfigError> {
         if self.token_plugin.as_deref() != Some("TokenRedis") {
-            if self.token_allow_any_target && self.token_plugin.as_deref() != Some("JWTTokenApi") {
-                return Err(usage("--token-allow-any-target goes with --token-plugin TokenRedis".into()));
+            if self.token_allow_any_target && !self.plugin_answers_with_targets() {
+                return Err(usage(
+                    "--token-allow-any-target goes with --token-plugin TokenRedis, JSONTokenApi or BaseTokenAPI".into(),
+                ));
             }
             return Ok(None);
         }
         let Some(source) = source else { return Ok(None) };
         let text = source.to_str().ok_or_else(|| usage("--token-source: not UTF-8".into()))?;
         let mut redis = crate::config::redis::parse_websockify_source(text).map_err(|e| usage(format!("--token-source: {e}")))?;
-        redis.allow_targets = match (self.token_allow_target.is_empty(), self.token_allow_any_target) {
-            (false, false) => Some(self.allow_targets()?),
-            (true, true) => None,
-            (false, true) => return Err(usage("give --token-allow-target or --token-allow-any-target, not both".into())),
-            (true, false) => {
-                return Err(usage(
-                    "--token-plugin TokenRedis needs --token-allow-target RULE (e.g. 10.0.0.0/8:5900-5999), repeatable: a value in \
-                     Redis may name only targets listed there, so that whoever can write to Redis cannot reach anything else; \
-                     --token-allow-any-target lets it name any, as websockify does"
-                        .into(),
-                ))
-            }
-        };
+        redis.allow_targets = self.answers_allowed("TokenRedis", "a value in Redis", "can write to Redis")?;
         Ok(Some(redis))
+    }
+
+    /// Whether the token plugin's tokens name their targets, which then must be on
+    /// --token-allow-target (JWTTokenApi), or on it unless --token-allow-any-target (TokenRedis,
+    /// JSONTokenApi, BaseTokenAPI).
+    fn plugin_answers_with_targets(&self) -> bool {
+        matches!(
+            self.token_plugin.as_deref(),
+            Some("JWTTokenApi" | "TokenRedis" | "JSONTokenApi" | "BaseTokenAPI")
+        )
+    }
+
+    /// The allow-list of a source whose answers name targets: --token-allow-target's rules, or
+    /// any target with --token-allow-any-target; one of them is required.
+    fn answers_allowed(&self, plugin: &str, what: &str, who: &str) -> Result<Option<Vec<crate::policy::targets::TargetRule>>, ConfigError> {
+        match (self.token_allow_target.is_empty(), self.token_allow_any_target) {
+            (false, false) => Ok(Some(self.allow_targets()?)),
+            (true, true) => Ok(None),
+            (false, true) => Err(usage("give --token-allow-target or --token-allow-any-target, not both".into())),
+            (true, false) => Err(usage(format!(
+                "--token-plugin {plugin} needs --token-allow-target RULE (e.g. 10.0.0.0/8:5900-5999), repeatable: {what} \
+                 may name only targets listed there, so that whoever {who} cannot reach anything else; \
+                 --token-allow-any-target lets it name any, as websockify does"
+            ))),
+        }
+    }
+
+    /// websockify's JSONTokenApi (JSON answers) and BaseTokenAPI (`host:port` text): `source`
+    /// is the URL with `%s` where the token goes, and the answers may name only targets on
+    /// --token-allow-target, unless --token-allow-any-target.
+    fn api_token_source(&self, source: Option<&Path>) -> Result<Option<crate::config::api::ApiTokenSource>, ConfigError> {
+        use crate::config::api::{ApiFormat, ApiTokenSource};
+        let (plugin, format) = match self.token_plugin.as_deref() {
+            Some("JSONTokenApi") => ("JSONTokenApi", ApiFormat::Json),
+            Some("BaseTokenAPI") => ("BaseTokenAPI", ApiFormat::Text),
+            _ => return Ok(None),
+        };
+        let Some(source) = source else { return Ok(None) };
+        let text = source.to_str().ok_or_else(|| usage("--token-source: not UTF-8".into()))?;
+        let url = text.parse().map_err(|e| usage(format!("--token-source: {e}")))?;
+        let mut api = ApiTokenSource::new(url, format);
+        api.allow_targets = self.answers_allowed(plugin, "an answer of the API", "controls the API's answers")?;
+        Ok(Some(api))
     }
 
     /// --ssl-version, with websockify's `default` (its default value: the TLS library's
@@ -1196,6 +1271,118 @@ mod tests {
     }
 
     #[test]
+    fn json_token_api_and_base_token_api_take_a_url_and_an_allow_list() {
+        use crate::config::api::ApiFormat;
+        let url = "http://api.internal/lookup?token=%s";
+        for (plugin, format) in [
+            ("JSONTokenApi", ApiFormat::Json),
+            ("websockify.token_plugins.JSONTokenApi", ApiFormat::Json),
+            ("BaseTokenAPI", ApiFormat::Text),
+            ("websockify.token_plugins.BaseTokenAPI", ApiFormat::Text),
+        ] {
+            let c = config(&[
+                "6080",
+                "--token-plugin",
+                plugin,
+                "--token-source",
+                url,
+                "--token-allow-target",
+                "10.0.0.0/8:5900",
+            ])
+            .unwrap();
+            let s = &c.token_sources[0];
+            let api = s.api.as_ref().unwrap();
+            assert_eq!((api.format, api.url.template.as_str()), (format, url), "{plugin}");
+            assert_eq!(api.allow_targets.as_ref().unwrap()[0].to_string(), "10.0.0.0/8:5900");
+            assert_eq!(s.path, Path::new(url));
+            assert!(s.redis.is_none() && s.jwt.is_none());
+        }
+        let c = config(&[
+            "6080",
+            "--token-plugin",
+            "JSONTokenApi",
+            "--token-source",
+            url,
+            "--token-allow-any-target",
+            "--host-token",
+        ])
+        .unwrap();
+        let s = &c.token_sources[0];
+        assert!(s.api.as_ref().unwrap().allow_targets.is_none());
+        assert_eq!(s.lookup, TokenLookup::Host);
+        for (args, says) in [
+            (
+                vec!["--token-plugin", "JSONTokenApi", "--token-source", url],
+                "JSONTokenApi needs --token-allow-target",
+            ),
+            (
+                vec![
+                    "--token-plugin",
+                    "BaseTokenAPI",
+                    "--token-source",
+                    url,
+                    "--token-allow-target",
+                    "10.0.0.0/8:1",
+                    "--token-allow-any-target",
+                ],
+                "not both",
+            ),
+            (vec!["--token-plugin", "JSONTokenApi"], "JSONTokenApi needs --token-source URL"),
+            (
+                vec![
+                    "--token-plugin",
+                    "JSONTokenApi",
+                    "--token-source",
+                    "http://h/lookup",
+                    "--token-allow-any-target",
+                ],
+                "has no %s",
+            ),
+            (
+                vec![
+                    "--token-plugin",
+                    "BaseTokenAPI",
+                    "--token-source",
+                    "redis.internal:6379",
+                    "--token-allow-any-target",
+                ],
+                "not an http:// or https:// URL",
+            ),
+        ] {
+            let e = config(&[&["6080"][..], &args].concat()).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn unix_domain_socket_directory_takes_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        for plugin in ["UnixDomainSocketDirectory", "websockify.token_plugins.UnixDomainSocketDirectory"] {
+            let c = config(&["6080", "--token-plugin", plugin, "--token-source", d]).unwrap();
+            let s = &c.token_sources[0];
+            assert_eq!((s.format, s.lookup), (TokenFormat::UnixSockets, TokenLookup::Query));
+        }
+        let file = dir.path().join("desk1");
+        std::fs::write(&file, "").unwrap();
+        let e = config(&[
+            "6080",
+            "--token-plugin",
+            "UnixDomainSocketDirectory",
+            "--token-source",
+            file.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("UnixDomainSocketDirectory plugin requires a directory") && e.contains("desk1"),
+            "{e}"
+        );
+        let e = config(&["6080", "--token-plugin", "UnixDomainSocketDirectory"]).unwrap_err();
+        assert!(e.contains("UnixDomainSocketDirectory needs --token-source DIR"), "{e}");
+    }
+
+    #[test]
     fn token_file_name_takes_a_directory() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap();
@@ -1281,7 +1468,10 @@ mod tests {
         let e = config(&["6080", "--token-source", "t.cfg", "--token-allow-any-target"]).unwrap_err();
         assert!(e.contains("goes with --token-plugin TokenRedis"), "{e}");
         let e = config(&["6080", "h:1", "--token-allow-target", "10.0.0.0/8:1"]).unwrap_err();
-        assert!(e.contains("goes with --token-plugin JWTTokenApi or TokenRedis"), "{e}");
+        assert!(
+            e.contains("goes with --token-plugin JWTTokenApi, TokenRedis, JSONTokenApi or BaseTokenAPI"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub mod admin;
+pub mod api;
 pub mod policy;
 pub mod redis;
 pub mod tls;
@@ -279,19 +280,23 @@ pub fn split_host_port(s: &str) -> Option<(&str, &str)> {
     Some((host, port))
 }
 
-/// A websockify token file or directory of token files, JWTs, or Redis.
+/// A websockify token file or directory of token files, JWTs, Redis, or an HTTP API.
 #[derive(Debug, Clone)]
 pub struct TokenSourceConfig {
     /// File, or directory whose every file is read; for a JWT source, its key file; for a Redis
-    /// source, its name ([`self::redis::RedisTokenSource::name`]).
+    /// source, its name ([`self::redis::RedisTokenSource::name`]); for an API, its URL
+    /// ([`self::api::ApiTokenSource::name`]).
     pub path: PathBuf,
     /// Tokens are JWTs naming their target (websockify's JWTTokenApi) rather than lines of files.
     pub jwt: Option<policy::JwtTokenSource>,
     /// Tokens are keys in Redis whose values name their target (websockify's TokenRedis).
     pub redis: Option<self::redis::RedisTokenSource>,
+    /// Tokens are asked of an HTTP API whose answers name their target (websockify's
+    /// JSONTokenApi and BaseTokenAPI).
+    pub api: Option<self::api::ApiTokenSource>,
     /// Where the token is taken from in the request.
     pub lookup: TokenLookup,
-    /// How a token file source names its tokens (unused by JWT and Redis sources).
+    /// How a token file source names its tokens (unused by JWT, Redis and API sources).
     pub format: TokenFormat,
     /// Options for every route found in this source.
     pub options: RouteOptions,
@@ -307,6 +312,9 @@ pub enum TokenFormat {
     /// A directory in which each file's name is a token and its content the target (websockify's
     /// TokenFileName).
     FileNames,
+    /// A directory of unix sockets, each named by its token: the target is the socket itself,
+    /// looked up on every connection (websockify's UnixDomainSocketDirectory). Not on Windows.
+    UnixSockets,
 }
 
 impl fmt::Display for TokenFormat {
@@ -314,6 +322,7 @@ impl fmt::Display for TokenFormat {
         f.write_str(match self {
             TokenFormat::Lines => "lines",
             TokenFormat::FileNames => "file-names",
+            TokenFormat::UnixSockets => "unix-sockets",
         })
     }
 }
@@ -964,6 +973,7 @@ struct RawTokens {
     source: Option<PathBuf>,
     jwt: Option<policy::RawJwt>,
     redis: Option<self::redis::RawRedis>,
+    api: Option<self::api::RawApi>,
     allow_targets: Option<Vec<policy::TargetRuleDe>>,
     #[serde(default)]
     allow_any_target: bool,
@@ -1318,16 +1328,35 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
     for (i, t) in raw.into_iter().enumerate() {
         let span = t.span();
         let t = t.into_inner();
-        if t.allow_any_target && t.redis.is_none() {
+        if t.allow_any_target && t.redis.is_none() && t.api.is_none() {
             return ctx.invalid(
                 span,
                 format!("tokens[{i}].allow_any_target"),
-                "is for Redis sources only (a JWT source always needs allow_targets)",
+                "is for Redis and API sources only (a JWT source always needs allow_targets)",
             );
         }
-        let (path, jwt, redis) = match (t.source, t.jwt, t.redis, t.allow_targets) {
-            (Some(source), None, None, None) => (ctx.resolve(&source), None, None),
-            (None, Some(jwt), None, Some(allow)) if !allow.is_empty() => {
+        // The allow-list of a source whose answers name targets (Redis, an API): required,
+        // unless allow_any_target says in so many words that any will do.
+        let answers_allowed = |allow: Option<Vec<policy::TargetRuleDe>>, what: &str, who: &str| match (allow, t.allow_any_target) {
+            (Some(list), false) if !list.is_empty() => Ok(Some(list.into_iter().map(|r| r.0).collect())),
+            (None, true) => Ok(None),
+            (Some(_), true) => ctx.invalid(
+                span.clone(),
+                format!("tokens[{i}].allow_any_target"),
+                "give allow_targets or allow_any_target = true, not both",
+            ),
+            _ => ctx.invalid(
+                span.clone(),
+                format!("tokens[{i}].allow_targets"),
+                format!(
+                    "{what} needs allow_targets: the addresses and ports its tokens may name, so that whoever {who} cannot \
+                     reach anything else (allow_any_target = true trusts them with every address, as websockify does)"
+                ),
+            ),
+        };
+        let (path, jwt, redis, api) = match (t.source, t.jwt, t.redis, t.api, t.allow_targets) {
+            (Some(source), None, None, None, None) => (ctx.resolve(&source), None, None, None),
+            (None, Some(jwt), None, None, Some(allow)) if !allow.is_empty() => {
                 let jwt = jwt
                     .resolve(&|p| ctx.resolve(p))
                     .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].{field}"), message))?;
@@ -1340,57 +1369,45 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                     | crate::policy::jwt::KeySource::Secret(p) => p.clone(),
                 };
                 let allow_targets = allow.into_iter().map(|r| r.0).collect();
-                (key, Some(policy::JwtTokenSource { jwt, allow_targets }), None)
+                (key, Some(policy::JwtTokenSource { jwt, allow_targets }), None, None)
             }
-            (None, Some(_), None, _) => {
+            (None, Some(_), None, None, _) => {
                 return ctx.invalid(
                     span,
                     format!("tokens[{i}].allow_targets"),
                     "a JWT token source needs allow_targets: the addresses and ports its tokens may name",
                 )
             }
-            (None, None, Some(redis), allow) => {
-                let allow = match (allow, t.allow_any_target) {
-                    (Some(list), false) if !list.is_empty() => Some(list.into_iter().map(|r| r.0).collect()),
-                    (None, true) => None,
-                    (Some(_), true) => {
-                        return ctx.invalid(
-                            span,
-                            format!("tokens[{i}].allow_any_target"),
-                            "give allow_targets or allow_any_target = true, not both",
-                        )
-                    }
-                    _ => {
-                        return ctx.invalid(
-                            span,
-                            format!("tokens[{i}].allow_targets"),
-                            "a Redis token source needs allow_targets: the addresses and ports its tokens may name, so that \
-                             whoever can write to Redis cannot reach anything else (allow_any_target = true trusts them with \
-                             every address, as websockify does)",
-                        )
-                    }
-                };
+            (None, None, Some(redis), None, allow) => {
+                let allow = answers_allowed(allow, "a Redis token source", "can write to Redis")?;
                 let redis = redis.resolve(allow, &|p| ctx.resolve(p)).or_else(|(field, message, at)| {
                     ctx.invalid(at.unwrap_or_else(|| span.clone()), format!("tokens[{i}].redis.{field}"), message)
                 })?;
-                (PathBuf::from(redis.name()), None, Some(redis))
+                (PathBuf::from(redis.name()), None, Some(redis), None)
             }
-            (None, None, None, _) => {
+            (None, None, None, Some(api), allow) => {
+                let allow = answers_allowed(allow, "an API token source", "controls the API's answers")?;
+                let api = api
+                    .resolve(allow, &|p| ctx.resolve(p))
+                    .or_else(|(field, message)| ctx.invalid(span.clone(), format!("tokens[{i}].api.{field}"), message))?;
+                (PathBuf::from(api.name()), None, None, Some(api))
+            }
+            (None, None, None, None, _) => {
                 return ctx.invalid(
                     span,
                     format!("tokens[{i}]"),
-                    "needs `source` (token files), `jwt` (JWT tokens) or `redis` (tokens in Redis)",
+                    "needs `source` (token files), `jwt` (JWT tokens), `redis` (tokens in Redis) or `api` (an HTTP API)",
                 )
             }
-            (Some(_), _, _, _) | (None, Some(_), Some(_), _) => {
+            _ => {
                 return ctx.invalid(
                     span,
                     format!("tokens[{i}]"),
-                    "`source` (token files), `jwt` and `redis` do not go together, nor `source` and `allow_targets`",
+                    "`source` (token files), `jwt`, `redis` and `api` do not go together, nor `source` and `allow_targets`",
                 )
             }
         };
-        if redis.is_none() {
+        if redis.is_none() && api.is_none() {
             if let Err(e) = std::fs::metadata(&path) {
                 let field = if jwt.is_some() { "jwt" } else { "source" };
                 return ctx.invalid(span, format!("tokens[{i}].{field}"), format!("{}: {e}", path.display()));
@@ -1398,17 +1415,29 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
         }
         let format = match t.format {
             None => TokenFormat::Lines,
-            Some(f) if jwt.is_some() || redis.is_some() => {
+            Some(f) if jwt.is_some() || redis.is_some() || api.is_some() => {
                 return ctx.invalid(f.span(), format!("tokens[{i}].format"), "is for `source` token files only")
             }
             Some(f) => {
                 let (at, format) = (f.span(), f.into_inner());
-                if format == TokenFormat::FileNames && !path.is_dir() {
+                let plugin = match format {
+                    TokenFormat::Lines => None,
+                    TokenFormat::FileNames => Some("TokenFileName"),
+                    TokenFormat::UnixSockets => Some("UnixDomainSocketDirectory"),
+                };
+                if format == TokenFormat::UnixSockets && cfg!(windows) {
+                    return ctx.invalid(
+                        at,
+                        format!("tokens[{i}].format"),
+                        format!("\"unix-sockets\": {}", crate::platform::UNIX_SOCKETS_UNAVAILABLE),
+                    );
+                }
+                if let Some(plugin) = plugin.filter(|_| !path.is_dir()) {
                     return ctx.invalid(
                         at,
                         format!("tokens[{i}].format"),
                         format!(
-                            "\"file-names\" (websockify's TokenFileName) needs a directory as `source`: {} is not one",
+                            "\"{format}\" (websockify's {plugin}) needs a directory as `source`: {} is not one",
                             path.display()
                         ),
                     );
@@ -1417,7 +1446,11 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
             }
         };
         if sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
-            let field = if redis.is_some() { "redis" } else { "source" };
+            let field = match (&redis, &api) {
+                (Some(_), _) => "redis",
+                (_, Some(_)) => "api",
+                _ => "source",
+            };
             return ctx.invalid(
                 span,
                 format!("tokens[{i}].{field}"),
@@ -1433,6 +1466,7 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
             path,
             jwt,
             redis,
+            api,
             lookup: t.lookup,
             format,
             options,
@@ -2077,6 +2111,30 @@ mod tests {
         let redis = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nallow_any_target = true\nformat = \"file-names\"\n[tokens.redis]\nurl = \"redis://127.0.0.1:1\"\n";
         let msg = parse(redis).unwrap_err().to_string();
         assert_eq!(msg, "test.toml:5: tokens[0].format: is for `source` token files only");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_unix_sockets_source_needs_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("desk1");
+        std::fs::write(&file, "").unwrap();
+        let text = |source: &Path| {
+            format!(
+                "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = {:?}\nformat = \"unix-sockets\"\n",
+                source.display().to_string()
+            )
+        };
+        let c = parse(&text(dir.path())).unwrap();
+        assert_eq!(c.token_sources[0].format, TokenFormat::UnixSockets);
+        let msg = parse(&text(&file)).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "test.toml:5: tokens[0].format: \"unix-sockets\" (websockify's UnixDomainSocketDirectory) needs a directory as `source`: {} is not one",
+                file.display()
+            )
+        );
     }
 
     #[test]

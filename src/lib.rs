@@ -14,7 +14,7 @@
 //! | [`server::start`] | starting a server as the binary does: open-file limit, runtime threads, binding, reload |
 //! | [`slots`] | counted caps (connections, a route's sessions) that keep counting across a reload |
 //! | [`http`] | one HTTP request: reading it and answering ([`http::request`]), the upgrade decision ([`http::upgrade`]), static files ([`http::web`]) |
-//! | [`routes`] / [`tokens`] | the route table: path, token (inline, websockify token files, JWTs, Redis under a deadline), host |
+//! | [`routes`] / [`tokens`] | the route table: path, token (inline, websockify token files and socket directories, JWTs, Redis and HTTP APIs under a deadline), host |
 //! | [`tls`] | PEM → rustls configs, SNI, certificate reload, client certificates, TLS to backends |
 //! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
 //! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |

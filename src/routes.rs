@@ -3,9 +3,9 @@
 //! the operator controls.
 //!
 //! Lookup order: exact path, then the `token` query parameter (inline token routes, then token
-//! sources with `lookup = "query"`: files, Redis, JWTs), then the Host header (`lookup = "host"`:
-//! files, then Redis), then the any-path route. Redis is asked only when a request gets that far,
-//! so routes that do not use it pay nothing for it. A request that names a token that is not known gets no fallback to the any-path route:
+//! sources with `lookup = "query"`: files, Redis, HTTP APIs, JWTs), then the Host header
+//! (`lookup = "host"`: files, then Redis, then APIs), then the any-path route. Redis and APIs are
+//! asked only when a request gets that far, so routes that do not use them pay nothing for them. A request that names a token that is not known gets no fallback to the any-path route:
 //! it is a client error worth a 404, not a reason to send it somewhere else. Where nothing takes
 //! tokens from the query (no inline token route, no query token source), the query is ignored,
 //! as websockify ignores it in single-target mode. Host tokens match without case or port.
@@ -23,8 +23,9 @@ use crate::policy::targets::{self, TargetRule};
 use crate::policy::{AddressLimits, PerAddress, Staged};
 use crate::slots::{Slot, Slots};
 use crate::tls::BackendTls;
-use crate::tokens::redis::{Answer, RedisTokens};
-use crate::tokens::{host_key, TokenSource};
+use crate::tokens::api::ApiTokens;
+use crate::tokens::redis::RedisTokens;
+use crate::tokens::{host_key, Answer, TokenSource, Unavailable};
 
 /// A route in service.
 #[derive(Debug)]
@@ -173,6 +174,8 @@ pub struct RouteTable {
     jwt_sources: Vec<(JwtTokens, Shared)>,
     /// Sources whose tokens are keys in Redis (websockify's TokenRedis).
     redis_sources: Vec<(RedisSource, Shared)>,
+    /// Sources whose tokens are asked of an HTTP API (websockify's JSONTokenApi, BaseTokenAPI).
+    api_sources: Vec<(ApiSource, Shared)>,
     /// Agent mode's fleet routes (`/PREFIX/{agent}/{service}`), by prefix.
     agent_templates: Vec<(String, Arc<Route>)>,
     /// The declared agents (inline and in fleet files): a fleet route reaches no other.
@@ -196,6 +199,14 @@ struct JwtTokens {
 struct RedisSource {
     config: crate::config::TokenSourceConfig,
     tokens: Arc<RedisTokens>,
+}
+
+/// A token API source in service: its configuration and its client (shared with the table that
+/// follows after a reload, while the settings stay the same: its kept connections go on).
+#[derive(Debug)]
+struct ApiSource {
+    config: crate::config::TokenSourceConfig,
+    tokens: Arc<ApiTokens>,
 }
 
 /// The connector for a route's backend TLS settings; routes with equal settings share one, so
@@ -250,9 +261,16 @@ impl RouteTable {
             let before = previous.and_then(|p| {
                 let files = p.sources.iter().map(|(old, shared)| (&old.config, shared));
                 let redis = p.redis_sources.iter().map(|(old, shared)| (&old.config, shared));
+                let api = p.api_sources.iter().map(|(old, shared)| (&old.config, shared));
                 files
                     .chain(redis)
-                    .find(|(old, _)| old.path == s.path && old.lookup == s.lookup && old.redis.is_some() == s.redis.is_some())
+                    .chain(api)
+                    .find(|(old, _)| {
+                        old.path == s.path
+                            && old.lookup == s.lookup
+                            && old.redis.is_some() == s.redis.is_some()
+                            && old.api.is_some() == s.api.is_some()
+                    })
                     .map(|(_, shared)| shared)
             });
             let shared = Shared::new(&s.options, before, &mut made, capacity, &mut table.staged)
@@ -268,6 +286,19 @@ impl RouteTable {
                     None => Arc::new(RedisTokens::new(settings.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?),
                 };
                 table.redis_sources.push((RedisSource { config: s.clone(), tokens }, shared));
+                continue;
+            }
+            if let Some(settings) = &s.api {
+                let kept = previous
+                    .into_iter()
+                    .flat_map(|p| &p.api_sources)
+                    .find(|(old, _)| old.tokens.settings() == settings)
+                    .map(|(old, _)| old.tokens.clone());
+                let tokens = match kept {
+                    Some(t) => t,
+                    None => Arc::new(ApiTokens::new(settings.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?),
+                };
+                table.api_sources.push((ApiSource { config: s.clone(), tokens }, shared));
                 continue;
             }
             if let Some(jwt) = &s.jwt {
@@ -368,6 +399,7 @@ impl RouteTable {
             || !self.jwt_sources.is_empty()
             || self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
             || self.redis_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
+            || self.api_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 
     /// The route a JWT token names, if one of the JWT sources verifies it: its `host` and
@@ -394,13 +426,13 @@ impl RouteTable {
         Ok(None)
     }
 
-    /// The route `token` names in the file sources, then the Redis sources, taking tokens by
-    /// `lookup`.
+    /// The route `token` names in the file sources, then the Redis sources, then the API
+    /// sources, taking tokens by `lookup`.
     ///
     /// # Errors
-    /// [`Miss::Denied`] for a value in Redis naming a target off its allow-list;
-    /// [`Miss::Unavailable`] when a Redis source could not answer and no other source knows the
-    /// token.
+    /// [`Miss::Denied`] for a value in Redis or an API's answer naming a target off its
+    /// allow-list; [`Miss::Unavailable`] when a Redis or API source could not answer and no other
+    /// source knows the token.
     async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Result<Option<Arc<Route>>, Miss> {
         for (source, shared) in self.sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
             if let Some(target) = source.lookup(token).await {
@@ -408,12 +440,23 @@ impl RouteTable {
                 return Ok(Some(Route::new(name, target, source.config.options.clone(), shared)));
             }
         }
-        let mut unavailable = None;
-        for (source, shared) in self.redis_sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
-            match source.tokens.lookup(token).await {
+        let mut unavailable: Option<Unavailable> = None;
+        // Asked in order, Redis first, as the configuration lists them.
+        let redis = (self.redis_sources.iter())
+            .filter(|(s, _)| s.config.lookup == lookup)
+            .map(|(s, shared)| (AskedSource::Redis(&s.tokens), &s.config, shared));
+        let api = (self.api_sources.iter())
+            .filter(|(s, _)| s.config.lookup == lookup)
+            .map(|(s, shared)| (AskedSource::Api(&s.tokens), &s.config, shared));
+        for (source, config, shared) in redis.chain(api) {
+            let (answer, source_name) = match source {
+                AskedSource::Redis(r) => (r.lookup(token).await, r.name()),
+                AskedSource::Api(a) => (a.lookup(token).await, a.name()),
+            };
+            match answer {
                 Ok(Answer::Target(target)) => {
-                    let name = format!("token {} from {}", redact(token), source.tokens.name());
-                    return Ok(Some(Route::new(name, target, source.config.options.clone(), shared)));
+                    let name = format!("token {} from {source_name}", redact(token));
+                    return Ok(Some(Route::new(name, target, config.options.clone(), shared)));
                 }
                 Ok(Answer::Absent) => {}
                 Ok(Answer::Denied(why)) => return Err(Miss::Denied(why)),
@@ -461,6 +504,16 @@ impl RouteTable {
                 s.config.options.describe()
             );
         }
+        for (s, _) in &self.api_sources {
+            let _ = writeln!(
+                out,
+                "token API source {}: {}, lookup = \"{}\", {}",
+                s.tokens.name(),
+                s.tokens.settings().describe(),
+                s.config.lookup,
+                s.config.options.describe()
+            );
+        }
         for (s, _) in &self.sources {
             let entries = s.entries().await;
             // The format is said only when it is not the default lines.
@@ -485,6 +538,12 @@ impl RouteTable {
         }
         out
     }
+}
+
+/// A token source asked per lookup.
+enum AskedSource<'a> {
+    Redis(&'a RedisTokens),
+    Api(&'a ApiTokens),
 }
 
 /// The `token` query parameter, percent-decoded.
@@ -637,6 +696,7 @@ mod tests {
             config.token_sources.push(crate::config::TokenSourceConfig {
                 jwt: None,
                 redis: None,
+                api: None,
                 path: file.clone(),
                 lookup,
                 format: crate::config::TokenFormat::Lines,
@@ -664,6 +724,7 @@ mod tests {
             path: settings.name().into(),
             jwt: None,
             redis: Some(settings),
+            api: None,
             lookup: TokenLookup::Query,
             format: crate::config::TokenFormat::Lines,
             options,

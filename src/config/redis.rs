@@ -366,14 +366,14 @@ impl<'de> Deserialize<'de> for RedisUrl {
 
 /// A lookup timeout: more than zero, at most [`MAX_LOOKUP_TIMEOUT`].
 #[derive(Debug, Clone, Copy)]
-pub(super) struct LookupTimeout(Duration);
+pub(super) struct LookupTimeout(pub(super) Duration);
 
 impl<'de> Deserialize<'de> for LookupTimeout {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let t = super::Dur::deserialize(d)?.0;
         if t > MAX_LOOKUP_TIMEOUT {
             return Err(de::Error::custom(format!(
-                "at most {}: a handshake must not wait on Redis longer",
+                "at most {}: a handshake must not wait on a token source longer",
                 super::format_duration(MAX_LOOKUP_TIMEOUT)
             )));
         }
@@ -673,7 +673,7 @@ mod tests {
             ),
             (
                 "source = \"t.cfg\"\nallow_any_target = true\n".to_owned(),
-                "tokens[0].allow_any_target: is for Redis sources only",
+                "tokens[0].allow_any_target: is for Redis and API sources only",
             ),
         ] {
             let e = toml(&tokens, dir.path()).unwrap_err();

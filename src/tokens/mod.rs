@@ -1,6 +1,11 @@
-//! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines, or
-//! a directory whose file names are the tokens and contents the targets (websockify's
-//! TokenFileName, [`read_file_names`]), here, and keys in Redis ([`redis`]).
+//! websockify-style token sources: files (or a directory of files) of `TOKEN: TARGET` lines, a
+//! directory whose file names are the tokens and contents the targets (websockify's
+//! TokenFileName, [`read_file_names`]), or a directory of unix sockets named by their tokens
+//! (websockify's UnixDomainSocketDirectory, [`socket_in`]), here; keys in Redis ([`redis`]); an
+//! HTTP API asked per lookup (websockify's JSONTokenApi and BaseTokenAPI, [`api`]).
+//!
+//! A directory of sockets is not read ahead: a socket comes and goes with the program behind it,
+//! so each lookup looks at the one name it is given (a `stat`, microseconds), as websockify does.
 //!
 //! websockify reads its token file on every connection, so operators are used to adding a token by
 //! editing the file, and to revoking one the same way. wsbridge keeps that promise without reading
@@ -36,7 +41,30 @@ use tokio::time::Instant;
 
 use crate::config::{redact, Target, TokenFormat, TokenLookup, TokenSourceConfig};
 
+pub mod api;
 pub mod redis;
+
+/// What a token source that is asked per lookup (Redis, an HTTP API) says of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A target on the allow-list.
+    Target(Target),
+    /// No such token, or an answer that names no usable target (logged): an unknown token.
+    Absent,
+    /// A target off the allow-list: what for the log.
+    Denied(String),
+}
+
+/// The source did not answer within the deadline, or answered with an error: the token may
+/// exist, so the handshake gets 503, not 404.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("token source {source_name}: {problem}")]
+pub struct Unavailable {
+    /// The source's name (its URL; never a credential or a token).
+    pub source_name: String,
+    /// What went wrong.
+    pub problem: String,
+}
 
 /// A snapshot older than this starts a re-check of the files in the background.
 pub const REFRESH_AHEAD: Duration = Duration::from_millis(500);
@@ -225,7 +253,64 @@ pub fn read_source(path: &Path, lookup: TokenLookup, format: TokenFormat) -> std
     match format {
         TokenFormat::Lines => read_tokens(path, lookup),
         TokenFormat::FileNames => read_file_names(path, lookup),
+        // Looked up one name at a time ([`socket_in`]); nothing is read ahead.
+        TokenFormat::UnixSockets => Ok(TokenFiles::default()),
     }
+}
+
+/// What a `unix-sockets` source says of a source that is not a directory.
+pub const SOCKETS_NEED_A_DIRECTORY: &str = "UnixDomainSocketDirectory plugin requires a directory";
+
+/// Whether `token` can name a socket in a `unix-sockets` directory: a plain name, never a path
+/// (`a/b`, `..`) nor a hidden file. websockify joins the token to the directory and checks that
+/// the result stays inside it, so `sub/sock` reaches a subdirectory; here a token is one name.
+fn is_socket_name(token: &str) -> bool {
+    !token.is_empty() && !token.starts_with('.') && !token.contains(['/', '\\', '\0'])
+}
+
+#[cfg(unix)]
+fn is_socket(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    meta.file_type().is_socket()
+}
+
+#[cfg(not(unix))]
+fn is_socket(_: &std::fs::Metadata) -> bool {
+    false
+}
+
+/// The target `token` names in the socket directory `dir`: `unix:DIR/TOKEN` when that is a
+/// unix socket now (a symlink to one counts, as in websockify); `None` for a name that is no
+/// plain name ([`is_socket_name`]), is missing, or is anything but a socket.
+///
+/// # Errors
+/// None: a file that cannot be looked at is no socket (logged at debug).
+pub fn socket_in(dir: &Path, token: &str) -> Option<Target> {
+    if !is_socket_name(token) {
+        return None;
+    }
+    let path = dir.join(token);
+    match std::fs::metadata(&path) {
+        Ok(meta) if is_socket(&meta) => Some(Target::Unix(path)),
+        Ok(_) => None,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!(source = %dir.display(), token = %redact(token), error = %e, "socket token not looked at");
+            }
+            None
+        }
+    }
+}
+
+/// The sockets in `dir` now, by token, for `wsbridge check`.
+fn sockets_of(dir: &Path) -> HashMap<String, Target> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return HashMap::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| socket_in(dir, &name).map(|t| (name, t)))
+        .collect()
 }
 
 /// What websockify's TokenFileName plugin says of a source that is not a directory.
@@ -413,7 +498,16 @@ impl TokenSource {
     /// The file or directory cannot be read. Bad lines and duplicate tokens are logged.
     pub fn load(config: TokenSourceConfig) -> std::io::Result<TokenSource> {
         let checked = Instant::now();
-        let stamp = stamp(&config.path)?;
+        if config.format == TokenFormat::UnixSockets && !std::fs::metadata(&config.path)?.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{}: {SOCKETS_NEED_A_DIRECTORY}", config.path.display()),
+            ));
+        }
+        let stamp = match config.format {
+            TokenFormat::UnixSockets => 0,
+            _ => stamp(&config.path)?,
+        };
         let read = read_source(&config.path, config.lookup, config.format)?;
         read.warn(&config.path);
         let snapshot = Snapshot {
@@ -437,6 +531,9 @@ impl TokenSource {
     /// its last contents.
     pub async fn lookup(&self, token: &str) -> Option<Target> {
         let shared = &self.shared;
+        if shared.format == TokenFormat::UnixSockets {
+            return shared.socket(token).await;
+        }
         let snapshot = shared.current();
         let age = snapshot.checked.elapsed();
         if age < REFRESH_AHEAD {
@@ -460,11 +557,31 @@ impl TokenSource {
 
     /// The current entries, for `wsbridge check`.
     pub async fn entries(&self) -> Arc<HashMap<String, Target>> {
+        if self.shared.format == TokenFormat::UnixSockets {
+            let dir = self.shared.path.clone();
+            return Arc::new(tokio::task::spawn_blocking(move || sockets_of(&dir)).await.unwrap_or_default());
+        }
         self.shared.current().map.clone()
     }
 }
 
 impl Shared {
+    /// [`socket_in`] on the blocking pool, waiting at most [`REREAD_WAIT`] (a directory on a
+    /// mount that hangs): then no socket.
+    async fn socket(&self, token: &str) -> Option<Target> {
+        if !is_socket_name(token) {
+            return None;
+        }
+        let (dir, name) = (self.path.clone(), token.to_owned());
+        match tokio::time::timeout(REREAD_WAIT, tokio::task::spawn_blocking(move || socket_in(&dir, &name))).await {
+            Ok(found) => found.ok().flatten(),
+            Err(_) => {
+                tracing::warn!(source = %self.path.display(), wait = ?REREAD_WAIT, "socket directory did not answer; token refused");
+                None
+            }
+        }
+    }
+
     fn current(&self) -> Arc<Snapshot> {
         self.snapshot.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -715,6 +832,7 @@ mod tests {
         TokenSource::load(TokenSourceConfig {
             jwt: None,
             redis: None,
+            api: None,
             path: file.to_path_buf(),
             lookup: TokenLookup::Query,
             format: TokenFormat::Lines,

@@ -40,6 +40,7 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisError};
 use tokio::time::Instant;
 
+pub use super::{Answer, Unavailable};
 use crate::config::redis::RedisTokenSource;
 use crate::config::{redact, Target};
 use crate::policy::targets;
@@ -50,27 +51,6 @@ pub const MAX_VALUE_LEN: usize = 1024;
 
 /// How long a source refused `GETRANGE` reads values with `GET` before it asks again.
 const GETRANGE_RETRY: Duration = Duration::from_secs(60);
-
-/// What Redis says of a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
-    /// A target on the allow-list.
-    Target(Target),
-    /// No such key, or a value that names no usable target (logged): an unknown token.
-    Absent,
-    /// A target off the allow-list: what for the log.
-    Denied(String),
-}
-
-/// Redis did not answer within the deadline, or answered with an error: the token may exist.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("token source {source_name}: {problem}")]
-pub struct Unavailable {
-    /// The source ([`RedisTokenSource::name`]).
-    pub source_name: String,
-    /// What went wrong.
-    pub problem: String,
-}
 
 /// A Redis token source in service.
 pub struct RedisTokens {
@@ -347,7 +327,17 @@ pub fn parse_value(value: &[u8]) -> Result<(String, u16), String> {
     if value.len() > MAX_VALUE_LEN {
         return Err(format!("more than {MAX_VALUE_LEN} bytes, longer than a target needs"));
     }
-    let text = std::str::from_utf8(value).map_err(|_| "not UTF-8".to_owned())?.trim();
+    let text = std::str::from_utf8(value).map_err(|_| "not UTF-8".to_owned())?;
+    parse_target(text)
+}
+
+/// [`parse_value`]'s reading of a value's text, whatever its length: token APIs answer in these
+/// forms too ([`super::api`]).
+///
+/// # Errors
+/// What is wrong, without repeating the text.
+pub fn parse_target(text: &str) -> Result<(String, u16), String> {
+    let text = text.trim();
     let (host, port) = if text.starts_with('{') {
         let json: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
         let host = json.get("host").and_then(|h| h.as_str()).ok_or("JSON without a \"host\" string")?;
@@ -366,7 +356,7 @@ pub fn parse_value(value: &[u8]) -> Result<(String, u16), String> {
         }
     } else {
         if text.starts_with("unix_socket:") || text.starts_with("unix:") {
-            return Err("a unix socket: targets from Redis are TCP host:port only".into());
+            return Err("a unix socket: token values name TCP host:port targets only".into());
         }
         split(text)?
     };

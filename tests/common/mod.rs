@@ -222,6 +222,7 @@ pub fn add_token_source(config: &mut Config, path: std::path::PathBuf, lookup: w
         path,
         jwt: None,
         redis: None,
+        api: None,
         lookup,
         format: wsbridge::config::TokenFormat::Lines,
         options,

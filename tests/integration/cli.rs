@@ -398,3 +398,84 @@ async fn the_log_file_gets_the_start_up_and_session_lines() {
     let config = wsbridge::config::Config::from_file(&toml).unwrap();
     assert_eq!(config.log_file, Some(dir.path().join("logs/w.log")));
 }
+
+/// websockify's UnixDomainSocketDirectory through the binary: a directory of sockets named by
+/// their tokens, by the plugin's full name; anything but a directory is refused at start (64),
+/// and `wsbridge check` says the format of a `[[tokens]]` source.
+#[tokio::test]
+async fn unix_domain_socket_directory_plugin_takes_a_directory_of_sockets() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let socks = dir.path().join("socks");
+    std::fs::create_dir(&socks).unwrap();
+    let listener = tokio::net::UnixListener::bind(socks.join("desk1")).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"through the socket").await;
+        }
+    });
+    let bridge = Binary::spawn(&[
+        "127.0.0.1:0",
+        "--token-plugin",
+        "websockify.token_plugins.UnixDomainSocketDirectory",
+        "--token-source",
+        socks.to_str().unwrap(),
+    ])
+    .await;
+    let mut s = raw_ws_request(bridge.addr, &upgrade_request("/websockify?token=desk1", "")).await;
+    within("the backend's bytes in a frame", async {
+        let mut got = Vec::new();
+        while !got.windows(18).any(|w| w == b"through the socket") {
+            let mut buf = [0u8; 64];
+            let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await.unwrap();
+            assert_ne!(n, 0, "closed before the backend's bytes: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+
+    // A file, or nothing, as the source: refused before listening.
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    for source in [file.clone(), dir.path().join("missing")] {
+        let (code, _, err) = run_to_end(&[
+            "127.0.0.1:0",
+            "--token-plugin",
+            "UnixDomainSocketDirectory",
+            "--token-source",
+            source.to_str().unwrap(),
+        ])
+        .await;
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(&format!("--token-source {}", source.display())), "{err}");
+        if source == file {
+            assert!(err.contains("UnixDomainSocketDirectory plugin requires a directory"), "{err}");
+        }
+    }
+
+    // The TOML form, as `wsbridge check` prints it (the sockets there now), and refused on a file.
+    let toml = dir.path().join("bridge.toml");
+    let text = |source: &std::path::Path| {
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = {:?}\nformat = \"unix-sockets\"\n",
+            source.display().to_string()
+        )
+    };
+    std::fs::write(&toml, text(&socks)).unwrap();
+    let (code, out, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "token source {} (1 tokens): lookup = \"query\", format = \"unix-sockets\"",
+            socks.display()
+        )) && out.contains(&format!("-> unix:{}", socks.join("desk1").display())),
+        "{out}"
+    );
+    std::fs::write(&toml, text(&file)).unwrap();
+    let (code, _, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("bridge.toml:6: tokens[0].format") && err.contains("needs a directory"),
+        "{err}"
+    );
+}

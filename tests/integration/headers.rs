@@ -29,6 +29,7 @@ async fn refusals_tell_the_client_nothing_of_the_configuration() {
     config.token_sources.push(TokenSourceConfig {
         jwt: None,
         redis: None,
+        api: None,
         path: file.clone(),
         lookup: TokenLookup::Query,
         format: wsbridge::config::TokenFormat::Lines,

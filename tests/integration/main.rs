@@ -25,5 +25,6 @@ mod relay;
 mod routing;
 mod systemd;
 mod tls;
+mod tokenapi;
 mod web;
 mod windows;

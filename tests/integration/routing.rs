@@ -351,6 +351,7 @@ async fn a_failed_reload_leaves_the_caps_per_address_as_they_were() {
     broken.token_sources.push(wsbridge::config::TokenSourceConfig {
         jwt: None,
         redis: None,
+        api: None,
         path: dir.path().join("missing"),
         lookup: TokenLookup::Query,
         format: wsbridge::config::TokenFormat::Lines,
@@ -463,4 +464,53 @@ async fn token_file_names_from_toml_and_by_host() {
         .unwrap()
         .replace("Host: localhost", "Host: desk2.example.com");
     assert_eq!(status_of(&http_head(bridge.addr, req.as_bytes()).await), 404);
+}
+
+/// A unix-socket backend at `path` that answers every connection with `name` and closes.
+fn named_unix_backend(path: &std::path::Path, name: &'static str) {
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(name.as_bytes()).await;
+        }
+    });
+}
+
+/// A source in websockify's UnixDomainSocketDirectory format: a directory of sockets named by
+/// their tokens.
+fn add_socket_directory(config: &mut Config, dir: &std::path::Path) {
+    add_token_source(config, dir.into(), TokenLookup::Query);
+    config.token_sources.last_mut().unwrap().format = wsbridge::config::TokenFormat::UnixSockets;
+}
+
+#[tokio::test]
+async fn a_socket_directory_routes_tokens_to_their_sockets_and_nothing_else() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("socks");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    named_unix_backend(&dir.join("desk1"), "A");
+    // What a token must not reach: a regular file, a socket beside the directory, one below it,
+    // a hidden one.
+    std::fs::write(dir.join("file"), "not a socket").unwrap();
+    named_unix_backend(&root.path().join("x"), "OUTSIDE");
+    named_unix_backend(&dir.join("sub").join("x"), "BELOW");
+    named_unix_backend(&dir.join(".hidden"), "HIDDEN");
+    let mut config = Config::new("test");
+    add_socket_directory(&mut config, &dir);
+    let bridge = TestBridge::start(config).await;
+
+    assert_eq!(first_message(&bridge.url("/websockify?token=desk1")).await, "A");
+    // Each unknown token is charged to the address as a guess (ten at once): eight misses here.
+    for token in ["file", "missing", "../x", "..%2Fx", "sub/x", "sub%2Fx", ".hidden"] {
+        let r = http_raw(bridge.addr, &upgrade_request(&format!("/websockify?token={token}"), "")).await;
+        assert_eq!(status_of(&r), 404, "{token}: {r}");
+    }
+
+    // Looked up on every connection: a socket that appears is reachable by the very next
+    // handshake, and one that goes is unknown at once (no re-read to wait for).
+    named_unix_backend(&dir.join("desk2"), "B");
+    assert_eq!(first_message(&bridge.url("/?token=desk2")).await, "B");
+    std::fs::remove_file(dir.join("desk2")).unwrap();
+    let r = http_raw(bridge.addr, &upgrade_request("/?token=desk2", "")).await;
+    assert_eq!(status_of(&r), 404, "{r}");
 }

@@ -1,0 +1,309 @@
+//! Tokens looked up in an HTTP API, as websockify's JSONTokenApi and BaseTokenAPI do: the bridge
+//! GETs the source URL with the token, percent-encoded, in place of `%s`
+//! ([`crate::config::api::ApiUrl`]); a 2xx answer names the target, as JSON `{"host": "HOST",
+//! "port": PORT}` or as plain text `HOST:PORT` ([`ApiFormat`]).
+//!
+//! What an answer means:
+//! - 2xx naming a target on the allow-list: the route; off the list: 403 ([`Answer::Denied`]),
+//!   exactly as a value in Redis (an answer naming any host is the same risk as a Redis value).
+//! - 4xx (404 and the rest): an unknown token, 404 to the client, a guess charged to its address.
+//! - 5xx, a redirect (not followed: a lookup API answering with one is misconfigured, and
+//!   following it would send tokens wherever the answer points), an answer that is no target
+//!   (broken JSON, no port), one over [`MAX_ANSWER`] bytes, a refused connection, a TLS failure,
+//!   or no answer within the lookup deadline: the source is down or broken, and the handshake gets
+//!   503 ([`Unavailable`]), never a hang and never a 404 (a token that may well exist is not
+//!   called unknown). A warning names the source by its URL with `%s` in it and the token by its
+//!   keyed hash, never the token.
+//!
+//! **Deadline.** One deadline ([`ApiTokenSource::lookup_timeout`]) covers everything a lookup
+//! waits for: a free lookup slot, resolving and connecting, TLS, the request, the answer's head
+//! and body.
+//!
+//! **Connections.** A connection is kept for the next lookup once its answer was read to the end
+//! (HTTP/1.1 keep-alive; at most [`MAX_IDLE`] idle per source, dropped when the API closes them),
+//! so a busy bridge does not pay a TCP and TLS handshake per lookup. A kept connection that turns
+//! out closed is replaced by a new one within the same deadline. At most [`MAX_IN_FLIGHT`] lookups
+//! run at once per source; more wait for a slot within their deadline.
+//!
+//! **No cache**, as in websockify: every handshake that names a token asks the API, so a token the
+//! API revokes stops opening sessions at once.
+//!
+//! The client is hyper's HTTP/1.1 connection (`hyper::client::conn::http1`) over tokio's
+//! `TcpStream` and tokio-rustls, with the certificates checked against the system's roots or the
+//! source's `ca`, as backend TLS does ([`crate::tls::BackendTls`]).
+
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+pub use super::{Answer, Unavailable};
+use crate::config::api::{ApiFormat, ApiTokenSource};
+use crate::config::{redact, Target};
+use crate::policy::targets;
+
+/// The largest answer read: a target, even as JSON with other fields beside it, is far shorter.
+pub const MAX_ANSWER: usize = 4096;
+/// Idle connections kept per source for the next lookups.
+pub const MAX_IDLE: usize = 8;
+/// Lookups in flight at once per source.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// What a request gets from the API.
+enum Reply {
+    /// A target (2xx).
+    Target(String, u16),
+    /// An unknown token (4xx), with the status for the debug log.
+    Unknown(StatusCode),
+}
+
+/// A connection to the API, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A token API in service.
+pub struct ApiTokens {
+    settings: ApiTokenSource,
+    name: String,
+    /// TLS for `https://` (with the name the certificate must have).
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    /// Connections whose last answer was read to the end, for the next lookups.
+    idle: Mutex<Vec<SendRequest<Empty<Bytes>>>>,
+    /// Lookup slots ([`MAX_IN_FLIGHT`]).
+    slots: Semaphore,
+}
+
+impl fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiTokens")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiTokens {
+    /// A source for `settings`. Nothing is connected yet (the API may be down while the bridge
+    /// starts: its handshakes get 503 until it is up).
+    ///
+    /// # Errors
+    /// The CA file cannot be read or holds no usable certificate, there are no system roots for
+    /// `https://`, or the host is no name a certificate can have.
+    pub fn new(settings: ApiTokenSource) -> Result<ApiTokens, String> {
+        let tls = match settings.url.tls {
+            false => None,
+            true => {
+                let tls = crate::tls::BackendTls::new(&crate::config::tls::BackendTlsSettings {
+                    server_name: None,
+                    ca: settings.ca.clone(),
+                    insecure_skip_verify: false,
+                })
+                .map_err(|e| e.to_string())?;
+                let name = ServerName::try_from(settings.url.host.clone()).map_err(|e| format!("{}: {e}", settings.url.host))?;
+                Some((tls.connector, name))
+            }
+        };
+        Ok(ApiTokens {
+            name: settings.name(),
+            settings,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            slots: Semaphore::new(MAX_IN_FLIGHT),
+        })
+    }
+
+    /// What the configuration said.
+    pub fn settings(&self) -> &ApiTokenSource {
+        &self.settings
+    }
+
+    /// The source's name for logs and route names: its URL with `%s` ([`ApiTokenSource::name`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the API says of `token`, within the lookup deadline.
+    ///
+    /// # Errors
+    /// [`Unavailable`] when the API did not answer in time, or answered that it is broken (see
+    /// the module's documentation; logged).
+    pub async fn lookup(&self, token: &str) -> Result<Answer, Unavailable> {
+        let timeout = self.settings.lookup_timeout;
+        let asked = tokio::time::timeout_at(Instant::now() + timeout, self.ask(token)).await;
+        let reply = match asked {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(problem)) => return Err(self.unavailable(token, problem)),
+            Err(_) => {
+                let problem = format!("no answer within the lookup timeout ({})", crate::config::format_duration(timeout));
+                return Err(self.unavailable(token, problem));
+            }
+        };
+        let (host, port) = match reply {
+            Reply::Target(host, port) => (host, port),
+            Reply::Unknown(status) => {
+                tracing::debug!(source = %self.name, token = %redact(token), %status, "token API: unknown token");
+                return Ok(Answer::Absent);
+            }
+        };
+        let allowed = (self.settings.allow_targets.as_ref()).is_none_or(|rules| targets::allowed(rules, &host, port));
+        let target = Target::Tcp { host, port };
+        if !allowed {
+            return Ok(Answer::Denied(format!(
+                "token {} from {} names {target}, which is not in allow_targets",
+                redact(token),
+                self.name
+            )));
+        }
+        Ok(Answer::Target(target))
+    }
+
+    fn unavailable(&self, token: &str, problem: String) -> Unavailable {
+        tracing::warn!(source = %self.name, token = %redact(token), %problem, "token source unavailable; handshake answered 503");
+        Unavailable {
+            source_name: self.name.clone(),
+            problem,
+        }
+    }
+
+    /// Asks the API about `token` (the caller bounds the wait): on a kept connection when there
+    /// is one that still works, else on a new one.
+    async fn ask(&self, token: &str) -> Result<Reply, String> {
+        let _slot = self.slots.acquire().await.map_err(|_| "the source is closed".to_owned())?;
+        let url = &self.settings.url;
+        let path = url.path_and_query(token);
+        let accept = match self.settings.format {
+            ApiFormat::Json => "application/json",
+            ApiFormat::Text => "text/plain",
+        };
+        let request = || {
+            Request::get(path.as_str())
+                .header(header::HOST, url.authority.as_str())
+                .header(header::USER_AGENT, concat!("wsbridge/", env!("CARGO_PKG_VERSION")))
+                .header(header::ACCEPT, accept)
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("cannot make the request: {e}"))
+        };
+        loop {
+            let (mut sender, kept) = match self.kept() {
+                Some(s) => (s, true),
+                None => (self.connect().await?, false),
+            };
+            // A kept connection the API closed in the meantime fails here or on the request,
+            // before any answer (closed, reset, cut short): try the next, or a new one. A GET
+            // asks again safely.
+            if let Err(e) = sender.ready().await {
+                match kept {
+                    true => continue,
+                    false => return Err(format!("connection to the API lost: {e}")),
+                }
+            }
+            let response = match sender.send_request(request()?).await {
+                Ok(r) => r,
+                Err(e) if kept => {
+                    tracing::debug!(source = %self.name, error = %e, "token API: a kept connection failed; asking on another");
+                    continue;
+                }
+                Err(e) => return Err(format!("the request failed: {e}")),
+            };
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER).collect().await;
+            let body = match body {
+                Ok(b) => {
+                    self.keep(sender);
+                    b.to_bytes()
+                }
+                Err(e) if status.is_client_error() => {
+                    tracing::debug!(source = %self.name, error = %e, "token API: the body of a {status} answer was not read");
+                    Bytes::new()
+                }
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(format!(
+                        "answered {status} with more than {MAX_ANSWER} bytes, longer than a target needs"
+                    ))
+                }
+                Err(e) => return Err(format!("answered {status}, then the answer broke off: {e}")),
+            };
+            return self.read(status, &body);
+        }
+    }
+
+    /// What an answer means (see the module's documentation).
+    fn read(&self, status: StatusCode, body: &[u8]) -> Result<Reply, String> {
+        if status.is_client_error() {
+            return Ok(Reply::Unknown(status));
+        }
+        if status.is_redirection() {
+            return Err(format!(
+                "answered {status}: redirects are not followed (give the URL the API answers at)"
+            ));
+        }
+        if !status.is_success() {
+            return Err(format!("answered {status}"));
+        }
+        let text = std::str::from_utf8(body).map_err(|_| format!("answered {status} with text that is not UTF-8"))?;
+        let json = text.trim_start().starts_with('{');
+        let parsed = match (self.settings.format, json) {
+            (ApiFormat::Json, false) => Err("not a JSON object (expected {\"host\": \"HOST\", \"port\": PORT})".to_owned()),
+            (ApiFormat::Text, true) => Err("JSON where HOST:PORT was expected (format = \"json\" reads JSON)".to_owned()),
+            _ => super::redis::parse_target(text),
+        };
+        let (host, port) = parsed.map_err(|why| format!("answered {status} with no usable target: {why}"))?;
+        Ok(Reply::Target(host, port))
+    }
+
+    /// A kept connection that has not been closed, if there is one.
+    fn kept(&self) -> Option<SendRequest<Empty<Bytes>>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose answer was read to the end, if there is room.
+    fn keep(&self, sender: SendRequest<Empty<Bytes>>) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE && !sender.is_closed() {
+            idle.push(sender);
+        }
+    }
+
+    /// A new connection to the API (every address its name resolves to, in turn), TLS on it
+    /// for `https://`, and HTTP/1.1 over that; the connection's task runs until it closes.
+    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>, String> {
+        let url = &self.settings.url;
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", url.authority))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => Box::new(
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", url.authority))?,
+            ),
+        };
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("HTTP with {}: {e}", url.authority))?;
+        let source = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%source, error = %e, "token API connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}

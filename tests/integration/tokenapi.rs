@@ -1,0 +1,402 @@
+//! Tokens looked up in an HTTP API (websockify's JSONTokenApi and BaseTokenAPI) against a real
+//! HTTP server in the test (a tokio listener answering each request as the test says, plain or
+//! over TLS with a generated CA): JSON and text answers, the request the API sees, unknown
+//! tokens, an API that is down, broken, slow or oversized, the allow-list, and the logs.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use wsbridge::config::Config;
+
+use crate::common::*;
+
+/// How the test API answers a request for a path: status and body, or `None` to never answer
+/// (it holds the connection until the bridge drops it).
+type Answers = Arc<dyn Fn(&str) -> Option<(u16, String)> + Send + Sync>;
+
+/// An HTTP/1.1 server on 127.0.0.1 (keep-alive, as real APIs): each request's head goes to
+/// `heads`, connections are counted.
+struct Api {
+    addr: SocketAddr,
+    heads: mpsc::Receiver<String>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// What [`serve`] does after an answer.
+#[derive(Clone, Copy)]
+enum AfterAnswer {
+    KeepAlive,
+    /// Keep the connection, but close it on the next request without answering, as a server
+    /// does whose keep-alive time ran out as the request came.
+    DropTheNext,
+}
+
+impl Api {
+    async fn start(answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static) -> Api {
+        Api::start_with(answers, None, AfterAnswer::KeepAlive).await
+    }
+
+    async fn start_tls(answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static, tls: tokio_rustls::TlsAcceptor) -> Api {
+        Api::start_with(answers, Some(tls), AfterAnswer::KeepAlive).await
+    }
+
+    /// An API that answers one request per connection and drops the next unanswered.
+    async fn start_dropping(answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static) -> Api {
+        Api::start_with(answers, None, AfterAnswer::DropTheNext).await
+    }
+
+    async fn start_with(
+        answers: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        after: AfterAnswer,
+    ) -> Api {
+        let answers: Answers = Arc::new(answers);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, heads) = mpsc::channel(64);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (answers, tx, tls) = (answers.clone(), tx.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve(s, answers, tx, after).await,
+                        Some(tls) => {
+                            if let Ok(s) = tls.accept(s).await {
+                                serve(s, answers, tx, after).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Api { addr, heads, connections }
+    }
+
+    /// The head of the next request the API received.
+    async fn next_head(&mut self) -> String {
+        within("a request at the API", self.heads.recv()).await.expect("the API runs")
+    }
+}
+
+/// Answers requests on one connection until the client closes it.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, answers: Answers, heads: mpsc::Sender<String>, after: AfterAnswer) {
+    let mut buf = Vec::new();
+    for answered in 0.. {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let _ = heads.try_send(head);
+        if answered > 0 && matches!(after, AfterAnswer::DropTheNext) {
+            return;
+        }
+        match answers(&path) {
+            Some((status, body)) => {
+                let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            // Hung: reads on (so it sees the bridge leave) and never answers.
+            None => {
+                let mut chunk = [0u8; 4096];
+                while matches!(s.read(&mut chunk).await, Ok(n) if n > 0) {}
+                return;
+            }
+        }
+    }
+}
+
+/// JSON naming `target`, as JSONTokenApi reads it.
+fn json(target: SocketAddr) -> String {
+    format!("{{\"host\": \"{}\", \"port\": {}}}", target.ip(), target.port())
+}
+
+/// The configuration a websockify-style command line makes.
+fn from_cli(args: &[&str]) -> Config {
+    let cli = wsbridge::cli::Cli::try_parse_from(["wsbridge", "127.0.0.1:0"].iter().chain(args)).expect("arguments parse");
+    cli.run.into_config().expect("a configuration")
+}
+
+/// A configuration file's text with one listener and this `[[tokens]]` table.
+fn from_toml(tokens: &str, dir: &std::path::Path) -> Config {
+    let text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\n{tokens}");
+    Config::from_toml(&text, &dir.join("wsbridge.toml")).expect("the configuration parses")
+}
+
+/// The allow-list rule for exactly this backend.
+fn only(backend: SocketAddr) -> String {
+    format!("{}/32:{}", backend.ip(), backend.port())
+}
+
+/// The answer to an upgrade with `?token=` (as the query spells it).
+async fn answer_for(bridge: &TestBridge, token: &str) -> String {
+    http_head(bridge.addr, &upgrade_request(&format!("/websockify?token={token}"), "")).await
+}
+
+/// Opens a session with `token` and checks that it reaches the echo backend.
+async fn echoes(bridge: &TestBridge, token: &str) {
+    let (mut ws, _) = ws_connect(&bridge.url(&format!("/websockify?token={token}")), None).await;
+    send_bin(&mut ws, b"ping").await;
+    assert_eq!(recv_data(&mut ws).await, b"ping", "token {token} reaches the echo backend");
+}
+
+#[tokio::test]
+async fn json_and_text_answers_route_and_the_api_sees_the_token_percent_encoded() {
+    let (echo, _) = echo_backend().await;
+    let mut api = Api::start(move |path| {
+        Some(match path {
+            "/lookup?token=desk" => (200, json(echo)),
+            // The port as a string, as JSONTokenApi takes it too.
+            "/lookup?token=a%26b%2Fc%20d%3Fe" => (200, format!("{{\"host\": \"{}\", \"port\": \"{}\"}}", echo.ip(), echo.port())),
+            "/desks/desk/target" => (200, format!("{echo}\n")),
+            _ => (404, "no such desk".into()),
+        })
+    })
+    .await;
+    let url = format!("http://{}/lookup?token=%s", api.addr);
+    let allow = only(echo);
+    let bridge = TestBridge::start(from_cli(&[
+        "--token-plugin",
+        "websockify.token_plugins.JSONTokenApi",
+        "--token-source",
+        &url,
+        "--token-allow-target",
+        &allow,
+    ]))
+    .await;
+    echoes(&bridge, "desk").await;
+    let head = api.next_head().await;
+    assert!(head.starts_with("GET /lookup?token=desk HTTP/1.1\r\n"), "{head}");
+    assert!(head.to_lowercase().contains(&format!("\r\nhost: {}\r\n", api.addr)), "{head}");
+    // `&`, `/`, space and `?` in a token (decoded from the client's query) reach the API
+    // percent-encoded, as Python's quote(token, safe='') sends them: the URL keeps its shape.
+    echoes(&bridge, "a%26b%2Fc+d%3Fe").await;
+    let head = api.next_head().await;
+    assert!(head.starts_with("GET /lookup?token=a%26b%2Fc%20d%3Fe HTTP/1.1\r\n"), "{head}");
+    // Unknown to the API (404): unknown to the client.
+    let r = answer_for(&bridge, "nope").await;
+    assert_eq!(status_of(&r), 404, "{r}");
+    // The connection was kept for the next lookups (keep-alive).
+    assert_eq!(api.connections.load(Ordering::SeqCst), 1);
+    bridge.stop().await;
+
+    // BaseTokenAPI: `host:port` text, the token in the path.
+    let url = format!("http://{}/desks/%s/target", api.addr);
+    let bridge = TestBridge::start(from_cli(&[
+        "--token-plugin",
+        "BaseTokenAPI",
+        "--token-source",
+        &url,
+        "--token-allow-any-target",
+    ]))
+    .await;
+    echoes(&bridge, "desk").await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn an_api_that_is_broken_answers_503_unknown_tokens_404_and_targets_off_the_list_403() {
+    let (echo, _) = echo_backend().await;
+    let (elsewhere, accepted) = echo_backend().await;
+    let api = Api::start(move |path| {
+        let token = path.rsplit('=').next().unwrap_or("");
+        Some(match token {
+            "desk" => (200, json(echo)),
+            "error" => (500, "oops".into()),
+            "unavailable" => (503, String::new()),
+            "redirect" => (302, String::new()),
+            "malformed" => (200, format!("{{\"host\": \"{}\"", echo.ip())),
+            "text" => (200, echo.to_string()),
+            "oversized" => (200, format!("{}{}", json(echo), " ".repeat(64 * 1024))),
+            "gone" => (410, String::new()),
+            "off-list" => (200, json(elsewhere)),
+            _ => (404, String::new()),
+        })
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    echoes(&bridge, "desk").await;
+    // Nine misses: each is charged to the address as a guess (ten at once).
+    for token in ["error", "unavailable", "redirect", "malformed", "text", "oversized"] {
+        let r = answer_for(&bridge, token).await;
+        assert_eq!(status_of(&r), 503, "{token}: {r}");
+        assert!(r.to_lowercase().contains("retry-after: 1"), "{r}");
+    }
+    assert_eq!(status_of(&answer_for(&bridge, "gone").await), 404);
+    assert_eq!(status_of(&answer_for(&bridge, "missing").await), 404);
+    assert_eq!(status_of(&answer_for(&bridge, "off-list").await), 403);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "no connection to a target off the list");
+    bridge.stop().await;
+}
+
+/// The deadline test's lookup timeout (short, so the test is quick; far above a loopback API's
+/// answer time).
+const LOOKUP_TIMEOUT: Duration = Duration::from_millis(400);
+
+#[tokio::test]
+async fn a_hung_api_answers_503_at_the_lookup_deadline_and_a_closed_one_at_once() {
+    let (echo, _) = echo_backend().await;
+    let api = Api::start(move |path| match path.ends_with("=slow") {
+        true => None,
+        false => Some((200, json(echo))),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = format!("{}ms", LOOKUP_TIMEOUT.as_millis());
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\napi = {{ url = \"http://{}/t?token=%s\", lookup_timeout = \"{timeout}\" }}\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    echoes(&bridge, "desk").await;
+    for round in ["on the kept connection", "on a new connection"] {
+        let started = Instant::now();
+        let r = answer_for(&bridge, "slow").await;
+        assert_eq!(status_of(&r), 503, "{round}: {r}");
+        assert_window(&format!("503 {round}"), started.elapsed(), LOOKUP_TIMEOUT);
+    }
+    // The API is not stuck for other tokens.
+    echoes(&bridge, "desk").await;
+    bridge.stop().await;
+
+    // Nothing listening: refused at once, long before the deadline.
+    let closed = closed_port().await;
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\napi = {{ url = \"http://{closed}/t?token=%s\", lookup_timeout = \"5s\" }}\n",
+        only(echo)
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let started = Instant::now();
+    assert_eq!(status_of(&answer_for(&bridge, "desk").await), 503);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_from_an_https_api_checked_against_its_ca() {
+    use rustls::pki_types::pem::PemObject;
+    let pki = pki::Pki::new("token API CA");
+    let cert = pki.server("api", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let (echo, _) = echo_backend().await;
+    let mut api = Api::start_tls(move |_| Some((200, json(echo))), tokio_rustls::TlsAcceptor::from(Arc::new(config))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("https://localhost:{}/lookup?token=%s", api.addr.port());
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"{url}\"\nca = {:?}\n",
+        only(echo),
+        pki.ca_file().display().to_string()
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    echoes(&bridge, "desk").await;
+    assert!(api.next_head().await.starts_with("GET /lookup?token=desk HTTP/1.1\r\n"));
+    bridge.stop().await;
+    // Without the CA, the certificate is not trusted (the system's roots do not know it): 503.
+    let tokens = format!("allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"{url}\"\n", only(echo));
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    assert_eq!(status_of(&answer_for(&bridge, "desk").await), 503);
+    bridge.stop().await;
+}
+
+/// Through the binary: the warning for an API that fails names the source by its URL (with `%s`)
+/// and the reason, never the token; `wsbridge check` shows the source; without an allow-list
+/// the plugin is refused at start.
+#[tokio::test]
+async fn the_log_names_the_url_and_never_the_token() {
+    use crate::common::binary::{run_to_end, Binary};
+    let api = Api::start(|_| Some((500, "oops".into()))).await;
+    let url = format!("http://{}/lookup?token=%s", api.addr);
+    let mut bridge = Binary::spawn(&[
+        "127.0.0.1:0",
+        "--token-plugin",
+        "JSONTokenApi",
+        "--token-source",
+        &url,
+        "--token-allow-target",
+        "10.0.0.0/8:5900",
+    ])
+    .await;
+    let secret = "s3cret-desk-token";
+    let r = http_head(bridge.addr, &upgrade_request(&format!("/websockify?token={secret}"), "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+    let line = bridge.line("token source unavailable").await;
+    assert!(line.contains(&url) && line.contains("answered 500"), "{line}");
+    assert!(bridge.lines().iter().all(|l| !l.contains(secret)), "{:?}", bridge.lines());
+
+    let (code, _, err) = run_to_end(&["127.0.0.1:0", "--token-plugin", "JSONTokenApi", "--token-source", &url]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--token-allow-target"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("bridge.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nallow_any_target = true\napi = {{ url = \"{url}\", format = \"text\" }}\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "token API source {url}: url = \"{url}\", format = \"text\", lookup_timeout = \"1s\", allow_any_target = true, lookup = \"query\""
+        )),
+        "{out}"
+    );
+}
+
+/// An API that closes a kept connection as the next request comes: the lookup asks again on a
+/// new connection, within its deadline; no handshake gets a 503 for it.
+#[tokio::test]
+async fn an_api_dropping_kept_connections_costs_no_lookup() {
+    let (echo, _) = echo_backend().await;
+    let api = Api::start_dropping(move |_| Some((200, json(echo)))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\napi = {{ url = \"http://{}/t?token=%s\" }}\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    for _ in 0..5 {
+        let r = answer_for(&bridge, "desk").await;
+        assert_eq!(status_of(&r), 101, "{r}");
+    }
+    assert_eq!(api.connections.load(Ordering::SeqCst), 5, "one answered request per connection");
+    bridge.stop().await;
+}
