@@ -402,6 +402,13 @@ impl RouteTable {
             || self.api_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 
+    /// Whether every source a query token is looked up in is remote (Redis, an HTTP API): no
+    /// inline token, JWT source or file takes one. Then a lookup that found its source down
+    /// checked the token against nothing.
+    pub fn query_tokens_only_remote(&self) -> bool {
+        self.tokens.is_empty() && self.jwt_sources.is_empty() && !self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
+    }
+
     /// The route a JWT token names, if one of the JWT sources verifies it: its `host` and
     /// `port` claims, which must be on that source's allow-list.
     ///

@@ -313,10 +313,17 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
         Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
         Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
         Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
-        // Redis did not answer. The try stays charged: the token was also checked against the
-        // inline and file tokens before Redis, and a refund would make guesses at those free
-        // for as long as Redis is down.
-        Err(Miss::Unavailable(why)) => return Decision::SourceUnavailable(why),
+        // Redis (or a token API) did not answer. Where the token was also checked against
+        // inline, JWT or file tokens before it, the try stays charged: a refund would make
+        // guesses at those free for as long as the source is down. Where only remote sources
+        // take tokens it was checked against nothing: given back, so that pages retrying through
+        // an outage (as its Retry-After asks) are not slowed down once it is over.
+        Err(Miss::Unavailable(why)) => {
+            if names_token && routes.query_tokens_only_remote() {
+                ctx.failures.refund(ctx.client);
+            }
+            return Decision::SourceUnavailable(why);
+        }
     };
     if !route.admits(client_cn) {
         let reason = match client_cn {

@@ -531,3 +531,26 @@ async fn guesses_while_redis_is_down_are_still_braked() {
     assert_eq!(statuses[10], 429, "{statuses:?}");
     bridge.stop().await;
 }
+
+/// Where Redis is the only source of tokens, a lookup that found it down checked the token
+/// against nothing: not charged, so a page retrying through an outage (every second, as the
+/// 503's Retry-After asks) is let in as soon as Redis is back, not slowed down by the brake.
+#[tokio::test]
+async fn retries_through_a_redis_outage_are_not_braked_when_redis_is_the_only_source() {
+    let test = "retries_through_a_redis_outage_are_not_braked_when_redis_is_the_only_source";
+    let Some(mut redis) = redis_or_skip(test, &[]).await else {
+        return;
+    };
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = outage_bridge(&redis, echo, dir.path()).await;
+    redis.kill().await;
+    for i in 0..15 {
+        assert_eq!(status_for(&bridge, "desk").await, 503, "try {i}");
+    }
+    redis.restart().await;
+    let mut c = redis.client(0, None).await;
+    set(&mut c, "desk", &echo.to_string()).await;
+    echoes(&bridge, "desk").await;
+    bridge.stop().await;
+}
