@@ -560,9 +560,31 @@ impl Config {
                 ));
             }
         }
+        let t = &self.timeouts;
+        if t.shutdown_grace < t.close {
+            out.push(format!(
+                "[timeouts] shutdown_grace ({:?}) is shorter than close ({:?}): at shutdown, sessions whose client does not \
+                 answer the close frame are cut at the end of the grace period rather than the close deadline",
+                t.shutdown_grace, t.close
+            ));
+        }
+        if let Some(admin) = &self.admin {
+            let short = admin.token.as_ref().is_some_and(|t| t.len() < ADMIN_TOKEN_MIN);
+            if short && !admin.addr.ip().is_loopback() {
+                out.push(format!(
+                    "[admin] token is shorter than {ADMIN_TOKEN_MIN} characters on {}, off loopback, where it guards the session \
+                     list and ending sessions: use a long random one (openssl rand -hex 32)",
+                    admin.addr
+                ));
+            }
+        }
         out
     }
 }
+
+/// Below this an admin token off loopback is warned about: a guessable token guards the
+/// session list and ending sessions.
+const ADMIN_TOKEN_MIN: usize = 16;
 
 /// The effective listeners, timeouts and limits, for `wsbridge check`, in the configuration's own
 /// words: each `key = value` as the TOML file would write it (`idle = "off"`, `connect = "5s"`,
@@ -1918,6 +1940,30 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn a_grace_shorter_than_the_close_and_a_short_admin_token_off_loopback_are_warned_about() {
+        let base = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n";
+        assert!(parse(base).unwrap().warnings().is_empty());
+        let grace = parse(&format!("{base}[timeouts]\nclose = \"5s\"\nshutdown_grace = \"2s\"\n")).unwrap();
+        let w = grace.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("shutdown_grace (2s) is shorter than close (5s)"),
+            "{w:?}"
+        );
+        let admin = |addr: &str, token: &str| {
+            parse(&format!("{base}[admin]\naddr = \"{addr}\"\ntoken = \"{token}\"\n"))
+                .unwrap()
+                .warnings()
+        };
+        let w = admin("0.0.0.0:9100", "hunter2");
+        assert!(
+            w.len() == 1 && w[0].contains("[admin] token is shorter than 16 characters"),
+            "{w:?}"
+        );
+        assert!(admin("127.0.0.1:9100", "hunter2").is_empty(), "on loopback");
+        assert!(admin("0.0.0.0:9100", "a-long-enough-random-token").is_empty());
     }
 
     #[test]
