@@ -402,6 +402,13 @@ impl RouteTable {
             || self.api_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 
+    /// Brings the token files up to date ([`TokenSource::refresh`]), one after the other.
+    pub async fn refresh_token_files(&self) {
+        for (source, _) in &self.sources {
+            source.refresh().await;
+        }
+    }
+
     /// Whether every source a query token is looked up in is remote (Redis, an HTTP API): no
     /// inline token, JWT source or file takes one. Then a lookup that found its source down
     /// checked the token against nothing.

@@ -226,6 +226,13 @@ impl Bridge {
         *self.inner.admin.write().unwrap_or_else(|p| p.into_inner()) = Some((addr, token.map(Arc::from)));
     }
 
+    /// Re-reads the token files that changed since they were last read (a metrics scrape asks,
+    /// so that a broken file is seen without waiting for a client's lookup).
+    pub async fn refresh_token_files(&self) {
+        let live = self.live();
+        live.routes.refresh_token_files().await;
+    }
+
     /// The token the admin endpoints ask for now.
     pub fn admin_token(&self) -> Option<Arc<str>> {
         self.inner

@@ -163,7 +163,7 @@ impl TokenFiles {
 
     fn warn(&self, source: &Path) {
         for b in &self.bad {
-            tracing::warn!(%b, "token line skipped");
+            tracing::warn!(source = %source.display(), "token line skipped: {b}");
         }
         for d in &self.duplicates {
             tracing::warn!(source = %source.display(), "{d}");
@@ -553,6 +553,23 @@ impl TokenSource {
             tracing::warn!(source = %shared.path.display(), wait = ?REREAD_WAIT, "token source re-read is slow; answering from its last contents");
         }
         shared.current().map.get(token).cloned()
+    }
+
+    /// Re-reads the files now if what is in use is older than [`REFRESH_AHEAD`] (as the next
+    /// lookup would), waiting at most [`REREAD_WAIT`] for it: a scrape of the metrics sees a
+    /// changed or broken file (`reloads_total{kind="tokens"}`, its warnings in the log) without
+    /// waiting for a client to look a token up.
+    pub async fn refresh(&self) {
+        let shared = &self.shared;
+        if shared.format == TokenFormat::UnixSockets {
+            return;
+        }
+        let mut ended = shared.reread.subscribe();
+        if shared.current().checked.elapsed() < REFRESH_AHEAD {
+            return;
+        }
+        Shared::start_reread(shared);
+        let _ = tokio::time::timeout(REREAD_WAIT, ended.changed()).await;
     }
 
     /// The current entries, for `wsbridge check`.

@@ -625,6 +625,36 @@ async fn a_reload_rotates_the_admin_token_and_names_the_listener_changes_it_leav
     assert_eq!(admin(addr, "GET", "/metrics", Some("the-second-token")).await.0, 200);
 }
 
+/// A token file changed (here, broken) is re-read when the metrics are scraped, not only when a
+/// client looks a token up: the scrape shows the re-read and the log its skipped line, with no
+/// traffic at all.
+#[tokio::test]
+async fn a_scrape_re_reads_a_changed_token_file_without_any_lookup() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.cfg");
+    std::fs::write(&tokens, "desk1: 127.0.0.1:5901\n").unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = \"tokens.cfg\"\n",
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let ok = [("kind", "tokens"), ("outcome", "ok")];
+    assert_eq!(value(&scrape(addr, None).await, "wsbridge_reloads_total", &ok), 0.0);
+    std::fs::write(&tokens, "desk1: 127.0.0.1:5901\ndesk2 127.0.0.1:5902\n").unwrap();
+    within("a scrape to re-read the file", async {
+        while value(&scrape(addr, None).await, "wsbridge_reloads_total", &ok) < 1.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let skipped = b.line("token line skipped").await;
+    assert!(skipped.contains("WARN") && skipped.contains("tokens.cfg:2"), "{skipped}");
+}
+
 #[tokio::test]
 async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() {
     let (backend, _) = echo_backend().await;
