@@ -545,7 +545,7 @@ async fn demo_chat_round_trip_in_chromium_through_an_agent() {
     let log = log.lock().unwrap().join("\n");
     assert!(log.contains("agent connected"), "the agent never connected:\n{log}");
     assert!(
-        log.contains("target=agent demo-agent service chat") && log.contains("session closed"),
+        log.contains("target=\"agent demo-agent service chat\"") && log.contains("session closed"),
         "no session crossed the agent:\n{log}"
     );
 }
@@ -716,7 +716,7 @@ async fn novnc_shows_a_real_vnc_desktop_through_wsbridge() {
 
     let closed = bridge.line("session closed").await;
     println!("wsbridge: {closed}");
-    assert!(closed.contains(&format!("target=unix:{socket}")), "{closed}");
+    assert!(closed.contains(&format!("target=\"unix:{socket}\"")), "{closed}");
     assert_session_matches(&closed, &report);
     assert_one_clean_vnc_client(&xvnc).await;
     let lines = bridge.lines();
@@ -803,7 +803,7 @@ async fn novnc_shows_a_real_vnc_desktop_through_an_agent() {
 
     let closed = server.line("session closed").await;
     println!("wsbridge: {closed}");
-    assert!(closed.contains("target=agent desk service vnc"), "{closed}");
+    assert!(closed.contains("target=\"agent desk service vnc\""), "{closed}");
     assert_session_matches(&closed, &report);
     // The agent's side of the session: the same bytes each way, between its link and Xvnc.
     let agent_closed = agent.line("agent: session").await;

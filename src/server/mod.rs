@@ -912,7 +912,9 @@ impl Bridge {
                 .sessions
                 .add(peer.client, &route.name, target, shutdown.child_token());
             let live = (&*self.inner.metrics, &*session.session, &self.inner.abort);
-            run_session(
+            // Boxed: a session's state (the relay's, its backend connect) is not carried in every
+            // connection's future while it reads requests and serves files.
+            Box::pin(run_session(
                 stream,
                 leftover,
                 &route,
@@ -920,7 +922,7 @@ impl Bridge {
                 proxy_header.as_deref(),
                 live,
                 &live_config.agents,
-            )
+            ))
             .await;
             return;
         }
