@@ -20,6 +20,40 @@ fn default_filter(verbose: u8) -> &'static str {
     }
 }
 
+/// A log line that anyone who can connect can cause (a failed TLS handshake, a refused PROXY
+/// header, a refusal past the connection cap, a token source down), written at most once per
+/// `every` with the number of its kind left out since (those at debug): a flood is counted in
+/// the metrics, not written out one line each.
+#[derive(Debug)]
+pub struct Quieted {
+    every: std::time::Duration,
+    last: std::sync::Mutex<Option<tokio::time::Instant>>,
+    left_out: std::sync::atomic::AtomicU64,
+}
+
+impl Quieted {
+    /// A line written at most once per `every`.
+    pub const fn new(every: std::time::Duration) -> Quieted {
+        Quieted {
+            every,
+            last: std::sync::Mutex::new(None),
+            left_out: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be written now.
+    pub fn take(&self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < self.every) {
+            self.left_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.left_out.swap(0, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// Sets the process's log output: text lines on stderr (`-v` debug, `-vv` trace, `RUST_LOG` for a
 /// filter of one's own), coloured when stderr is a terminal, or JSON objects with `format`.
 ///

@@ -159,8 +159,14 @@ pub enum Miss {
     Denied(String),
     /// A token source that must be asked could not answer (Redis down or slow): the token may
     /// well exist, so this is no 404.
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("{why}")]
+    Unavailable {
+        /// What the source said (or that it said nothing in time).
+        why: String,
+        /// Another source (a Redis, an API) did answer that it does not know the token: the
+        /// lookup was a real try at a token.
+        checked: bool,
+    },
 }
 
 /// All routes of one configuration.
@@ -376,7 +382,7 @@ impl RouteTable {
             let unavailable = match self.lookup_sources(TokenLookup::Query, &token).await {
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => None,
-                Err(e @ Miss::Unavailable(_)) => Some(e),
+                Err(e @ Miss::Unavailable { .. }) => Some(e),
                 Err(e) => return Err(e),
             };
             if let Some(r) = self.lookup_jwt(&token)? {
@@ -455,6 +461,8 @@ impl RouteTable {
             }
         }
         let mut unavailable: Option<Unavailable> = None;
+        // Whether any remote source answered that it does not know the token.
+        let mut checked = false;
         // Asked in order, Redis first, as the configuration lists them.
         let redis = (self.redis_sources.iter())
             .filter(|(s, _)| s.config.lookup == lookup)
@@ -472,13 +480,16 @@ impl RouteTable {
                     let name = format!("token {} from {source_name}", redact(token));
                     return Ok(Some(Route::new(name, target, config.options.clone(), shared)));
                 }
-                Ok(Answer::Absent) => {}
+                Ok(Answer::Absent) => checked = true,
                 Ok(Answer::Denied(why)) => return Err(Miss::Denied(why)),
                 Err(e) => unavailable = Some(e),
             }
         }
         match unavailable {
-            Some(e) => Err(Miss::Unavailable(e.to_string())),
+            Some(e) => Err(Miss::Unavailable {
+                why: e.to_string(),
+                checked,
+            }),
             None => Ok(None),
         }
     }

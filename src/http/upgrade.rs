@@ -314,12 +314,12 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
         Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
         Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
         // Redis (or a token API) did not answer. Where the token was also checked against
-        // inline, JWT or file tokens before it, the try stays charged: a refund would make
-        // guesses at those free for as long as the source is down. Where only remote sources
-        // take tokens it was checked against nothing: given back, so that pages retrying through
-        // an outage (as its Retry-After asks) are not slowed down once it is over.
-        Err(Miss::Unavailable(why)) => {
-            if names_token && routes.query_tokens_only_remote() {
+        // inline, JWT or file tokens, or another remote source answered, the try stays charged:
+        // a refund would make guesses at those free for as long as the source is down. Where it
+        // was checked against nothing it is given back, so that pages retrying through an outage
+        // (as its Retry-After asks) are not slowed down once it is over.
+        Err(Miss::Unavailable { why, checked }) => {
+            if names_token && !checked && routes.query_tokens_only_remote() {
                 ctx.failures.refund(ctx.client);
             }
             return Decision::SourceUnavailable(why);

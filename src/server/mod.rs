@@ -970,37 +970,7 @@ fn listener_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static 
     .collect()
 }
 
-/// A log line that anyone who can connect can cause (a failed TLS handshake, a refused PROXY
-/// header, a refusal past the connection cap), written at most once per `every` in the process
-/// with the number of its kind left out since (those at debug): a flood is counted in the
-/// metrics, not written out one line each.
-struct Quieted {
-    every: Duration,
-    last: Mutex<Option<Instant>>,
-    left_out: std::sync::atomic::AtomicU64,
-}
-
-impl Quieted {
-    const fn new(every: Duration) -> Quieted {
-        Quieted {
-            every,
-            last: Mutex::new(None),
-            left_out: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines left out since the last one)` when a line may be written now.
-    fn take(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|at| now.duration_since(at) < self.every) {
-            self.left_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.left_out.swap(0, std::sync::atomic::Ordering::Relaxed))
-    }
-}
+use crate::logging::Quieted;
 
 static TLS_FAILED: Quieted = Quieted::new(Duration::from_secs(10));
 static PROXY_REFUSED: Quieted = Quieted::new(Duration::from_secs(10));

@@ -54,7 +54,7 @@ use crate::policy::targets;
 /// The largest answer read: a target, even as JSON with other fields beside it, is far shorter.
 pub const MAX_ANSWER: usize = 4096;
 /// Idle connections kept per source for the next lookups.
-pub const MAX_IDLE: usize = 8;
+pub const MAX_IDLE: usize = MAX_IN_FLIGHT;
 /// Lookups in flight at once per source.
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -80,6 +80,8 @@ pub struct ApiTokens {
     idle: Mutex<Vec<SendRequest<Empty<Bytes>>>>,
     /// Lookup slots ([`MAX_IN_FLIGHT`]).
     slots: Semaphore,
+    /// The warning that the API is down: once per 10 s, not one a handshake.
+    quiet: crate::logging::Quieted,
 }
 
 impl fmt::Debug for ApiTokens {
@@ -117,6 +119,7 @@ impl ApiTokens {
             tls,
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(MAX_IN_FLIGHT),
+            quiet: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
         })
     }
 
@@ -166,7 +169,19 @@ impl ApiTokens {
     }
 
     fn unavailable(&self, token: &str, problem: String) -> Unavailable {
-        tracing::warn!(source = %self.name, token = %redact(token), %problem, "token source unavailable; handshake answered 503");
+        // One warning per outage and interval, not one a handshake (any client can ask).
+        match self.quiet.take() {
+            Some(left_out) => tracing::warn!(
+                source = %self.name,
+                token = %redact(token),
+                problem = problem.as_str(),
+                left_out,
+                "token source unavailable; handshake answered 503"
+            ),
+            None => {
+                tracing::debug!(source = %self.name, token = %redact(token), problem = problem.as_str(), "token source unavailable; handshake answered 503")
+            }
+        }
         Unavailable {
             source_name: self.name.clone(),
             problem,
@@ -237,6 +252,16 @@ impl ApiTokens {
 
     /// What an answer means (see the module's documentation).
     fn read(&self, status: StatusCode, body: &[u8]) -> Result<Reply, String> {
+        // Answers about the bridge's request rather than the token: the API throttling it (429),
+        // giving up on it (408), or refusing the bridge itself (401, 403: its own credentials in
+        // the URL are wrong). Read as "unknown token", every valid token would be a 404, charged
+        // to the client as a guess, with no warning for the operator.
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            return Err(format!("answered {status}: the API refuses the bridge's lookups, not the token"));
+        }
         if status.is_client_error() {
             return Ok(Reply::Unknown(status));
         }

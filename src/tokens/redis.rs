@@ -69,6 +69,8 @@ pub struct RedisTokens {
     /// (warned about once); tried again after [`GETRANGE_RETRY`], so that granting it takes
     /// effect without a restart.
     whole_values: Mutex<Option<Instant>>,
+    /// The warning that Redis is down: once per 10 s, not one a handshake (any client can ask).
+    quiet: crate::logging::Quieted,
 }
 
 impl fmt::Debug for RedisTokens {
@@ -134,6 +136,7 @@ impl RedisTokens {
             connection: tokio::sync::Mutex::new((0, None)),
             cache,
             whole_values: Mutex::new(None),
+            quiet: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
         })
     }
 
@@ -159,7 +162,18 @@ impl RedisTokens {
         let value = match self.get(token, deadline).await {
             Ok(v) => v,
             Err(problem) => {
-                tracing::warn!(source = %self.name, token = %redact(token), %problem, "token source unavailable; handshake answered 503");
+                match self.quiet.take() {
+                    Some(left_out) => tracing::warn!(
+                        source = %self.name,
+                        token = %redact(token),
+                        problem = problem.as_str(),
+                        left_out,
+                        "token source unavailable; handshake answered 503"
+                    ),
+                    None => {
+                        tracing::debug!(source = %self.name, token = %redact(token), problem = problem.as_str(), "token source unavailable; handshake answered 503")
+                    }
+                }
                 return Err(Unavailable {
                     source_name: self.name.clone(),
                     problem,

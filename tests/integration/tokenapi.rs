@@ -400,3 +400,65 @@ async fn an_api_dropping_kept_connections_costs_no_lookup() {
     assert_eq!(api.connections.load(Ordering::SeqCst), 5, "one answered request per connection");
     bridge.stop().await;
 }
+
+/// An API that throttles the bridge (429), gives up on its request (408) or refuses the bridge
+/// itself (401, 403: its credentials in the URL are wrong) says nothing of the token: 503, as an
+/// API that is down, not a 404 that would tell a page its valid token is unknown and charge its
+/// address a guess for it (past the brake's ten, still 503s, not 429s).
+#[tokio::test]
+async fn an_api_refusing_the_bridge_is_unavailable_not_an_unknown_token() {
+    let (echo, _) = echo_backend().await;
+    let api = Api::start(move |path| {
+        let token = path.rsplit('=').next().unwrap_or("");
+        Some(match token {
+            "throttled" => (429, String::new()),
+            "timed-out" => (408, String::new()),
+            "unauthorized" => (401, String::new()),
+            "forbidden" => (403, String::new()),
+            "desk" => (200, json(echo)),
+            _ => (404, String::new()),
+        })
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    for token in ["throttled", "timed-out", "unauthorized", "forbidden"] {
+        let r = answer_for(&bridge, token).await;
+        assert_eq!(status_of(&r), 503, "{token}: {r}");
+    }
+    for i in 0..10 {
+        assert_eq!(status_of(&answer_for(&bridge, "throttled").await), 503, "try {i}");
+    }
+    echoes(&bridge, "desk").await;
+    bridge.stop().await;
+}
+
+/// Two API sources, one down: a lookup the other one answered ("no such token") was a real
+/// guess, so its 503 stays charged and the brake comes on after ten, as with both up.
+#[tokio::test]
+async fn guesses_are_braked_while_one_of_two_apis_is_down() {
+    let (echo, _) = echo_backend().await;
+    let up = Api::start(|_| Some((404, String::new()))).await;
+    let down = closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{0}\"]\n[tokens.api]\nurl = \"http://{1}/t?token=%s\"\n\n\
+         [[tokens]]\nallow_targets = [\"{0}\"]\n[tokens.api]\nurl = \"http://{2}/t?token=%s\"\n",
+        only(echo),
+        up.addr,
+        down
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let mut statuses = Vec::new();
+    for i in 0..11 {
+        statuses.push(status_of(&answer_for(&bridge, &format!("guess-{i}")).await));
+    }
+    assert_eq!(statuses[..10], [503; 10], "{statuses:?}");
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+    bridge.stop().await;
+}
