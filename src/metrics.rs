@@ -224,11 +224,23 @@ static RELOADS: LazyLock<ReloadFamilies> = LazyLock::new(|| {
 const RELOAD_KINDS: [&str; 3] = ["config", "certificates", "tokens"];
 
 /// A token source's re-read after its file changed ended (`ok`) or failed (the old tokens stay).
-pub fn tokens_reloaded(ok: bool) {
-    reloaded("tokens", ok);
+pub fn tokens_reloaded(source: &std::path::Path, ok: bool) {
+    counted("tokens", ok);
+    in_force("tokens", &source.display().to_string(), ok);
 }
 
-fn reloaded(kind: &'static str, ok: bool) {
+/// A listener's certificate files, `cert` the configured one, were put in force (`ok`) or could
+/// not be (the previous certificate stays) by a reload or by the watcher (`watch`); the watcher
+/// counts its reload too (`counted`), a SIGHUP counts once for all listeners.
+pub fn certificate_reloaded(cert: &std::path::Path, ok: bool, counted_here: bool) {
+    if counted_here {
+        counted("certificates", ok);
+    }
+    in_force("certificates", &cert.display().to_string(), ok);
+}
+
+/// What a reload of a kind ended as: counted, with its time.
+fn counted(kind: &'static str, ok: bool) {
     let label = ReloadLabel {
         kind,
         outcome: if ok { "ok" } else { "failed" },
@@ -236,7 +248,21 @@ fn reloaded(kind: &'static str, ok: bool) {
     RELOADS.count.get_or_create(&label).inc();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     RELOADS.time.get_or_create(&label).set(now);
-    RELOADS.last_ok.get_or_create(&KindLabel { kind }).set(i64::from(ok));
+}
+
+/// The files of a kind whose last reload failed (their previous contents still in force), by
+/// name (a token source, a listener's certificate): `last_reload_successful{kind}` is 1 only
+/// while none is, so that one source's success does not hide another's failure.
+static FAILING: LazyLock<Mutex<std::collections::BTreeSet<(&'static str, String)>>> = LazyLock::new(Mutex::default);
+
+fn in_force(kind: &'static str, what: &str, ok: bool) {
+    let mut failing = FAILING.lock().unwrap_or_else(|p| p.into_inner());
+    match ok {
+        true => failing.remove(&(kind, what.to_owned())),
+        false => failing.insert((kind, what.to_owned())),
+    };
+    let none = !failing.iter().any(|(k, _)| *k == kind);
+    RELOADS.last_ok.get_or_create(&KindLabel { kind }).set(i64::from(none));
 }
 
 /// The counters of one route, taken once per session.
@@ -534,9 +560,16 @@ impl Metrics {
         self.tls.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    /// A reload of `kind` (`config`, `certificates`) ended.
-    pub fn reloaded(&self, kind: &'static str, ok: bool) {
-        reloaded(kind, ok);
+    /// A reload of the configuration ended.
+    pub fn config_reloaded(&self, ok: bool) {
+        counted("config", ok);
+        in_force("config", "", ok);
+    }
+
+    /// A SIGHUP's reload of every listener's certificates ended (each listener's outcome is
+    /// [`certificate_reloaded`]).
+    pub fn certificates_reloaded(&self, ok: bool) {
+        counted("certificates", ok);
     }
 
     /// Sets the seconds left on a listener certificate (`cert` is its configured file).

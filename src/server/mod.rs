@@ -352,9 +352,14 @@ impl Bridge {
     /// old certificate. Returns the failures.
     pub fn reload_tls(&self) -> Vec<crate::tls::TlsError> {
         let listeners = self.inner.tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let failed: Vec<_> = listeners.iter().filter_map(|t| t.reload().err()).collect();
+        let mut failed = Vec::new();
+        for t in &listeners {
+            let result = t.reload();
+            crate::metrics::certificate_reloaded(&t.settings.default.cert, result.is_ok(), false);
+            failed.extend(result.err());
+        }
         if !listeners.is_empty() {
-            self.inner.metrics.reloaded("certificates", failed.is_empty());
+            self.inner.metrics.certificates_reloaded(failed.is_empty());
         }
         failed
     }

@@ -480,7 +480,7 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) -> bool {
             Ok(())
         }) {
             Ok(()) => {
-                bridge.metrics().reloaded("config", true);
+                bridge.metrics().config_reloaded(true);
                 tracing::info!(
                     config = %p.display(),
                     "configuration reloaded (listener, log and admin address changes need a restart)"
@@ -488,7 +488,7 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) -> bool {
                 true
             }
             Err(e) => {
-                bridge.metrics().reloaded("config", false);
+                bridge.metrics().config_reloaded(false);
                 // A configuration error carries a TOML snippet over several lines: one record per
                 // line keeps it readable (a field would show `\n`s) and every record one line.
                 tracing::error!(config = %p.display(), "reload failed; the running configuration stays:");

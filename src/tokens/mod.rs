@@ -631,7 +631,7 @@ impl Shared {
             Ok(Some((stamp, read))) => {
                 read.warn(&self.path);
                 tracing::info!(source = %self.path.display(), tokens = read.map.len(), "token source re-read");
-                crate::metrics::tokens_reloaded(true);
+                crate::metrics::tokens_reloaded(&self.path, true);
                 Snapshot {
                     map: Arc::new(read.map),
                     stamp,
@@ -640,7 +640,7 @@ impl Shared {
             }
             Err(e) => {
                 tracing::warn!(source = %self.path.display(), error = %e, "token source unreadable; keeping its last contents");
-                crate::metrics::tokens_reloaded(false);
+                crate::metrics::tokens_reloaded(&self.path, false);
                 Snapshot {
                     map: old.map.clone(),
                     stamp: old.stamp,

@@ -655,6 +655,67 @@ async fn a_scrape_re_reads_a_changed_token_file_without_any_lookup() {
     assert!(skipped.contains("WARN") && skipped.contains("tokens.cfg:2"), "{skipped}");
 }
 
+/// With two token sources, one unreadable keeps `last_reload_successful{kind="tokens"}` at 0
+/// however often the other is re-read well: the alert holds until that source is fixed.
+#[tokio::test]
+async fn one_broken_token_source_holds_the_alert_while_another_reloads_well() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.cfg"), dir.path().join("b.cfg"));
+    std::fs::write(&a, "desk1: 127.0.0.1:5901\n").unwrap();
+    std::fs::write(&b, "desk2: 127.0.0.1:5902\n").unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n\
+         [[tokens]]\nsource = \"a.cfg\"\n[[tokens]]\nsource = \"b.cfg\"\n",
+    )
+    .unwrap();
+    let b_process = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b_process.admin_addr().await;
+    let tokens = [("kind", "tokens")];
+    let failed = [("kind", "tokens"), ("outcome", "failed")];
+    let ok = [("kind", "tokens"), ("outcome", "ok")];
+    // a.cfg gone: its re-read fails (its tokens stay in force).
+    std::fs::remove_file(&a).unwrap();
+    let m = within("a's failed re-read", async {
+        loop {
+            let m = scrape(addr, None).await;
+            if value(&m, "wsbridge_reloads_total", &failed) >= 1.0 {
+                return m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(value(&m, "wsbridge_last_reload_successful", &tokens), 0.0);
+    // b.cfg re-read well: the alert holds.
+    std::fs::write(&b, "desk2: 127.0.0.1:5902\ndesk3: 127.0.0.1:5903\n").unwrap();
+    let m = within("b's re-read", async {
+        loop {
+            let m = scrape(addr, None).await;
+            if value(&m, "wsbridge_reloads_total", &ok) >= 1.0 {
+                return m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(
+        value(&m, "wsbridge_last_reload_successful", &tokens),
+        0.0,
+        "b's success hid a's failure"
+    );
+    // a.cfg back: all in force again.
+    std::fs::write(&a, "desk1: 127.0.0.1:5901\n").unwrap();
+    within("a's re-read", async {
+        while value(&scrape(addr, None).await, "wsbridge_last_reload_successful", &tokens) != 1.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn admin_connections_are_capped_and_a_silent_one_is_cut_at_the_deadline() {
     let (backend, _) = echo_backend().await;
