@@ -454,15 +454,20 @@ impl RouteTable {
     /// allow-list; [`Miss::Unavailable`] when a Redis or API source could not answer and no other
     /// source knows the token.
     async fn lookup_sources(&self, lookup: TokenLookup, token: &str) -> Result<Option<Arc<Route>>, Miss> {
+        let mut unavailable: Option<Unavailable> = None;
+        // Whether any source answered that it does not know the token.
+        let mut checked = false;
         for (source, shared) in self.sources.iter().filter(|(s, _)| s.config.lookup == lookup) {
-            if let Some(target) = source.lookup(token).await {
-                let name = format!("token {} from {}", redact(token), source.config.path.display());
-                return Ok(Some(Route::new(name, target, source.config.options.clone(), shared)));
+            match source.lookup(token).await {
+                Ok(Some(target)) => {
+                    let name = format!("token {} from {}", redact(token), source.config.path.display());
+                    return Ok(Some(Route::new(name, target, source.config.options.clone(), shared)));
+                }
+                Ok(None) => checked = true,
+                // A socket directory that hangs.
+                Err(e) => unavailable = Some(e),
             }
         }
-        let mut unavailable: Option<Unavailable> = None;
-        // Whether any remote source answered that it does not know the token.
-        let mut checked = false;
         // Asked in order, Redis first, as the configuration lists them.
         let redis = (self.redis_sources.iter())
             .filter(|(s, _)| s.config.lookup == lookup)

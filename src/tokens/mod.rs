@@ -480,7 +480,15 @@ struct Shared {
     rereading: AtomicBool,
     /// Bumped when a re-read ends, for the lookups that wait on it.
     reread: tokio::sync::watch::Sender<u64>,
+    /// A socket directory's lookups on the blocking pool at once ([`SOCKET_LOOKUPS`]): each
+    /// holds its permit until its `stat` returns, so a directory that hangs (a dead network
+    /// mount) ties up at most these threads, and further lookups are answered at once.
+    socket_lookups: Arc<tokio::sync::Semaphore>,
 }
+
+/// The most lookups in a socket directory running at once (each a `stat`, microseconds when the
+/// directory answers).
+const SOCKET_LOOKUPS: usize = 16;
 
 #[derive(Debug)]
 struct Snapshot {
@@ -522,6 +530,7 @@ impl TokenSource {
             snapshot: RwLock::new(Arc::new(snapshot)),
             rereading: AtomicBool::new(false),
             reread: tokio::sync::watch::Sender::new(0),
+            socket_lookups: Arc::new(tokio::sync::Semaphore::new(SOCKET_LOOKUPS)),
         });
         Ok(TokenSource { config, shared })
     }
@@ -529,11 +538,21 @@ impl TokenSource {
     /// The target for `token`, from a snapshot of the files at most [`RECHECK`] old (see the
     /// module's documentation for when a lookup waits). A source that became unreadable keeps
     /// its last contents.
-    pub async fn lookup(&self, token: &str) -> Option<Target> {
+    ///
+    /// # Errors
+    /// A socket directory that does not answer (its lookups hang): [`Unavailable`], so that the
+    /// client is told to retry (503), not that its token is unknown.
+    pub async fn lookup(&self, token: &str) -> Result<Option<Target>, Unavailable> {
         let shared = &self.shared;
         if shared.format == TokenFormat::UnixSockets {
             return shared.socket(token).await;
         }
+        Ok(self.lookup_file(token).await)
+    }
+
+    /// [`TokenSource::lookup`] in token files and file names.
+    async fn lookup_file(&self, token: &str) -> Option<Target> {
+        let shared = &self.shared;
         let snapshot = shared.current();
         let age = snapshot.checked.elapsed();
         if age < REFRESH_AHEAD {
@@ -584,18 +603,36 @@ impl TokenSource {
 
 impl Shared {
     /// [`socket_in`] on the blocking pool, waiting at most [`REREAD_WAIT`] (a directory on a
-    /// mount that hangs): then no socket.
-    async fn socket(&self, token: &str) -> Option<Target> {
+    /// mount that hangs), at most [`SOCKET_LOOKUPS`] at once: past either, the directory is
+    /// unavailable (503), not the token unknown.
+    async fn socket(&self, token: &str) -> Result<Option<Target>, Unavailable> {
         if !is_socket_name(token) {
-            return None;
+            return Ok(None);
         }
-        let (dir, name) = (self.path.clone(), token.to_owned());
-        match tokio::time::timeout(REREAD_WAIT, tokio::task::spawn_blocking(move || socket_in(&dir, &name))).await {
-            Ok(found) => found.ok().flatten(),
-            Err(_) => {
-                tracing::warn!(source = %self.path.display(), wait = ?REREAD_WAIT, "socket directory did not answer; token refused");
-                None
+        let unavailable = |problem: String| {
+            static QUIET: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+            if let Some(left_out) = QUIET.take() {
+                tracing::warn!(source = %self.path.display(), problem = problem.as_str(), left_out, "socket directory unavailable; handshake answered 503");
             }
+            Unavailable {
+                source_name: self.path.display().to_string(),
+                problem,
+            }
+        };
+        // Held by the blocking task until its stat returns, however long after the wait.
+        let Ok(permit) = self.socket_lookups.clone().try_acquire_owned() else {
+            return Err(unavailable(format!(
+                "{SOCKET_LOOKUPS} lookups in the directory are still waiting for it"
+            )));
+        };
+        let (dir, name) = (self.path.clone(), token.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            socket_in(&dir, &name)
+        });
+        match tokio::time::timeout(REREAD_WAIT, found).await {
+            Ok(found) => Ok(found.ok().flatten()),
+            Err(_) => Err(unavailable(format!("the directory did not answer within {REREAD_WAIT:?}"))),
         }
     }
 
@@ -858,6 +895,40 @@ mod tests {
         .unwrap()
     }
 
+    /// A socket directory whose lookups are all still waiting for it (a dead network mount holds
+    /// them in `stat`): the next one is answered at once as unavailable (503), not as an unknown
+    /// token, and ties up no further thread. (A `stat` that hangs cannot be made here; the
+    /// permits it would hold are taken by the test.)
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_socket_directory_whose_lookups_hang_is_unavailable_not_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("desk1");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let source = TokenSource::load(TokenSourceConfig {
+            jwt: None,
+            redis: None,
+            api: None,
+            path: dir.path().to_path_buf(),
+            lookup: TokenLookup::Query,
+            format: TokenFormat::UnixSockets,
+            options: crate::config::Config::new("test").default_route_options(),
+        })
+        .unwrap();
+        assert!(source.lookup("desk1").await.unwrap().is_some());
+        let held = source
+            .shared
+            .socket_lookups
+            .clone()
+            .acquire_many_owned(SOCKET_LOOKUPS as u32)
+            .await
+            .unwrap();
+        let e = source.lookup("desk1").await.unwrap_err();
+        assert!(e.problem.contains("still waiting"), "{e:?}");
+        drop(held);
+        assert!(source.lookup("desk1").await.unwrap().is_some());
+    }
+
     /// A source whose file is a FIFO with no writer: reading it blocks until the test writes.
     /// Returns the source (loaded from a regular file first) and the FIFO's path.
     fn source_blocked_on_a_fifo(dir: &Path) -> Option<(TokenSource, PathBuf)> {
@@ -897,7 +968,7 @@ mod tests {
             let source = &source;
             async move {
                 let t = std::time::Instant::now();
-                let got = source.lookup("old").await;
+                let got = source.lookup("old").await.expect("a token file answers");
                 (got, t.elapsed(), limit, what)
             }
         };
@@ -944,7 +1015,7 @@ mod tests {
         std::fs::write(&file, "added: 127.0.0.1:2\n").unwrap();
         age_snapshot(&source, RECHECK + Duration::from_millis(1));
         // Added, and revoked, for the very first lookup.
-        assert!(source.lookup("added").await.is_some());
-        assert!(source.lookup("old").await.is_none());
+        assert!(source.lookup("added").await.unwrap().is_some());
+        assert!(source.lookup("old").await.unwrap().is_none());
     }
 }
