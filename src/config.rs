@@ -52,6 +52,11 @@ pub struct Config {
     /// Log to this file (appended to, set aside at 10 MiB: see [`crate::logging::LogFile`])
     /// instead of stderr; `[log] file` or `--log-file`.
     pub log_file: Option<PathBuf>,
+    /// The size at which the log file is set aside as `FILE.old` ([`crate::logging::LogFile`]);
+    /// `None`: never (a rotator such as logrotate's job). By default none on Unix, where
+    /// logrotate is at hand, and [`crate::logging::LogFile::LIMIT`] on Windows, where nothing
+    /// else would bound it (`[log] max_size`).
+    pub log_max_size: Option<u64>,
     /// Origins admitted on routes and listeners that set none: same-origin for a configuration
     /// file (and the demo); any origin on the websockify-style command line, as websockify does.
     pub default_origins: Vec<OriginRule>,
@@ -450,6 +455,11 @@ impl Config {
             limits: Limits::default(),
             log_format: LogFormat::Text,
             log_file: None,
+            log_max_size: if cfg!(windows) {
+                Some(crate::logging::LogFile::LIMIT)
+            } else {
+                None
+            },
             default_origins: vec![OriginRule::SameOrigin],
             agents: crate::agent::AgentsConfig::default(),
             admin: None,
@@ -1053,6 +1063,7 @@ struct RawLog {
     #[serde(default)]
     format: LogFormat,
     file: Option<PathBuf>,
+    max_size: Option<Size>,
 }
 
 impl RawConfig {
@@ -1062,6 +1073,9 @@ impl RawConfig {
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
         config.log_file = self.log.file.map(|f| ctx.resolve(&f));
+        if let Some(Size(max)) = self.log.max_size {
+            config.log_max_size = max.map(|n| n as u64);
+        }
         config.listeners = listeners(self.listen, ctx)?;
         config.agents = match crate::agent::validate(self.agent, self.agent_endpoint, self.agents, &|p| ctx.resolve(p)) {
             Ok(a) => a,
@@ -1940,6 +1954,22 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn the_log_files_size_is_off_by_default_on_unix_and_set_by_max_size() {
+        let base = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n";
+        let default = if cfg!(windows) {
+            Some(crate::logging::LogFile::LIMIT)
+        } else {
+            None
+        };
+        assert_eq!(parse(base).unwrap().log_max_size, default);
+        let set = |v: &str| parse(&format!("{base}[log]\nfile = \"w.log\"\nmax_size = {v}\n")).map(|c| c.log_max_size);
+        assert_eq!(set("\"100MiB\"").unwrap(), Some(100 << 20));
+        assert_eq!(set("\"off\"").unwrap(), None);
+        let e = set("\"lots\"").unwrap_err().to_string();
+        assert!(e.contains("max_size") || e.contains("line 6"), "{e}");
     }
 
     #[test]

@@ -154,20 +154,20 @@ where
 /// # Panics
 /// As [`init`].
 pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
-    init_file_as(verbose, path, LogFormat::Text)
+    init_file_as(verbose, path, LogFormat::Text, Some(LogFile::LIMIT))
 }
 
 /// [`init_file`] in `format`: text lines, or JSON objects one a line (the server's `--log-file`
-/// with `--log-format json`).
+/// with `--log-format json`), set aside at `max_size` bytes (`None`: never, for a rotator).
 ///
 /// # Errors
 /// The file cannot be opened for appending.
 ///
 /// # Panics
 /// As [`init`].
-pub fn init_file_as(verbose: u8, path: &std::path::Path, format: LogFormat) -> std::io::Result<()> {
+pub fn init_file_as(verbose: u8, path: &std::path::Path, format: LogFormat, max_size: Option<u64>) -> std::io::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(verbose)));
-    let file = LogFile::open(path, LogFile::LIMIT)?;
+    let file = LogFile::open(path, max_size.unwrap_or(u64::MAX))?;
     let builder = tracing_subscriber::fmt()
         .with_timer(UtcMicros)
         .with_env_filter(filter)
@@ -317,11 +317,14 @@ impl LogFile {
         // FILE_SHARE_DELETE: remove the previous `.old`, reopen after the rename.
         let _ = std::fs::remove_file(&old);
         let renamed = std::fs::rename(&self.path, &old);
-        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
-            if renamed.is_ok() {
+        match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            Ok(file) if renamed.is_ok() => {
                 self.size = 0;
+                self.file = file;
             }
-            self.file = file;
+            // Not set aside (a directory wsbridge may not write to): it goes on growing, and is
+            // tried again only after another `limit`, not at every line.
+            _ => self.size = 0,
         }
     }
 

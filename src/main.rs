@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             };
             match &config.log_file {
                 Some(path) => {
-                    if let Err(e) = wsbridge::logging::init_file_as(verbose, path, config.log_format) {
+                    if let Err(e) = wsbridge::logging::init_file_as(verbose, path, config.log_format, config.log_max_size) {
                         eprintln!("wsbridge: log file {}: {e}", path.display());
                         return ExitCode::from(EX_USAGE);
                     }
