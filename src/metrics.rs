@@ -75,6 +75,12 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+/// The version of wsbridge running.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
 /// A kind of reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -383,6 +389,15 @@ impl Metrics {
             "1 while what the last reload of each kind read is in force (or nothing was reloaded since start-up), 0 after a failed one (the previous files stay in force)",
             RELOADS.last_ok.clone(),
         );
+        // Which wsbridge answers (the Prometheus convention: a gauge at 1 whose labels say it),
+        // for dashboards that compare instances during a rolling upgrade.
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Always 1; its version label is this wsbridge's", build_info);
         let connections = Gauge::default();
         registry.register(
             "connections_open",

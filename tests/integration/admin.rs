@@ -144,6 +144,7 @@ async fn a_session_whose_backend_is_down_is_counted() {
     ws.write_all(&frame(0x88, &1000u16.to_be_bytes(), true)).await.unwrap();
     sessions_until(admin_addr, "the session to end", |l| l.is_empty()).await;
     let m = scrape(admin_addr, None).await;
+    assert_eq!(value(&m, "wsbridge_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
     let failed = [("route", "path /down"), ("outcome", "failed")];
     assert_eq!(value(&m, "wsbridge_backend_connects_total", &failed), 1.0);
     let refused = [("route", "path /down"), ("reason", "refused")];
