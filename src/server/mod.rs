@@ -960,6 +960,8 @@ fn listener_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static 
     }
     let (a, b) = (&old.access, &new.access);
     [
+        // Listeners are matched by address; a unix socket's file mode is beside its path.
+        ("mode", differ(&old.addr, &new.addr)),
         ("web", differ(&old.web, &new.web)),
         ("web_listing", old.web_listing != new.web_listing),
         ("web_follow_symlinks", old.web_follow_symlinks != new.web_follow_symlinks),
@@ -1447,6 +1449,29 @@ fn conn_span(client: Option<&dyn std::fmt::Display>, via: Option<&dyn std::fmt::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_names_each_listener_setting_it_leaves_for_a_restart() {
+        let tcp = ListenerConfig::new("127.0.0.1:6080".parse().unwrap());
+        assert!(listener_changes(&tcp, &tcp.clone()).is_empty());
+        let mut proxied = tcp.clone();
+        proxied.access.proxy_protocol = true;
+        proxied.web_listing = true;
+        assert_eq!(listener_changes(&tcp, &proxied), ["web_listing", "proxy_protocol"]);
+        let unix = |mode| {
+            let mut l = tcp.clone();
+            l.addr = crate::config::ListenOn::Unix {
+                path: "/run/ws.sock".into(),
+                mode,
+            };
+            l
+        };
+        assert_eq!(listener_changes(&unix(0o600), &unix(0o660)), ["mode"]);
+        // web_auth is applied by the reload itself: not named.
+        let mut guarded = tcp.clone();
+        guarded.access.web_auth = Some(crate::config::policy::WebAuth::default());
+        assert!(listener_changes(&tcp, &guarded).is_empty());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_quieted_line_comes_once_per_interval_with_the_number_left_out() {
