@@ -4,8 +4,9 @@
 //! loop over requests is `server::Bridge::http`'s), every answer of a known length.
 //!
 //! Files are resolved by `hyper-staticfile`, which answers ranges (206, 416). Conditional
-//! requests are decided here ([`not_modified`]): `If-None-Match` (the ETag, or `*`) before
-//! `If-Modified-Since`, a 304 carrying the validators and no body. What may be served is decided
+//! requests are decided here in RFC 9110's order ([`precondition_failed`], [`not_modified`]):
+//! `If-Match` (strong) or else `If-Unmodified-Since`, a 412; then `If-None-Match` (the ETag, or
+//! `*`) or else `If-Modified-Since`, a 304 carrying the validators and no body. What may be served is decided
 //! here too, before and under it:
 //! - the request path is checked segment by segment, percent-decoded: a `.` or `..` segment
 //!   (`/a/../b`, `/%2e%2e/`), an encoded `/` or `\` (`..%2fsecret`), a NUL or a path that is not
@@ -289,7 +290,19 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
             parts.headers.insert(header::CONTENT_RANGE, v);
         }
     }
-    let unchanged = found && not_modified(request.headers(), &parts.headers);
+    // If-Match and If-Unmodified-Since come first (§13.2.2): a file that is no longer the one
+    // the client names gets 412 and nothing of it.
+    let failed = found && precondition_failed(request.headers(), &parts.headers);
+    if failed {
+        let mut kept = http::HeaderMap::new();
+        for name in [header::ETAG, header::LAST_MODIFIED] {
+            if let Some(v) = parts.headers.get(&name) {
+                kept.insert(name, v.clone());
+            }
+        }
+        (parts.status, parts.headers) = (StatusCode::PRECONDITION_FAILED, kept);
+    }
+    let unchanged = found && !failed && not_modified(request.headers(), &parts.headers);
     if unchanged {
         // What a 304 carries of the 200 it stands for (§15.4.5): its validators and caching
         // headers; no body, and no Content-Length but the file's (§8.6), so none.
@@ -322,7 +335,7 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     let kept = keep_alive && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     head.push_str(if kept { "\r\n" } else { "Connection: close\r\n\r\n" });
     io.write_all(head.as_bytes()).await?;
-    if with_body && !unchanged {
+    if with_body && !unchanged && !failed {
         let promised = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -375,6 +388,40 @@ fn not_modified(request: &http::HeaderMap, response: &http::HeaderMap) -> bool {
         (Some(since), Some(modified)) => modified <= since,
         _ => false,
     }
+}
+
+/// Whether a file's answer fails the request's `If-Match` (`*` matches any file; else the
+/// strong comparison: a weak tag never matches, RFC 9110 §13.1.1) or, only without it,
+/// `If-Unmodified-Since` (the file changed after that date; an unparsable date is no
+/// condition, §13.1.4): the client's copy is not the file any more.
+fn precondition_failed(request: &http::HeaderMap, response: &http::HeaderMap) -> bool {
+    let mut if_match = request.get_all(header::IF_MATCH).iter().peekable();
+    if if_match.peek().is_some() {
+        let etag = response
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|t| !t.starts_with("W/"));
+        let matched = if_match
+            .filter_map(|v| v.to_str().ok())
+            .any(|list| list.trim() == "*" || (etag.is_some() && lists_strong_tag(list, etag)));
+        return !matched;
+    }
+    let date = |map: &http::HeaderMap, name| {
+        let v: &HeaderValue = map.get(name)?;
+        httpdate::parse_http_date(v.to_str().ok()?).ok()
+    };
+    match (date(request, header::IF_UNMODIFIED_SINCE), date(response, header::LAST_MODIFIED)) {
+        (Some(since), Some(modified)) => modified > since,
+        _ => false,
+    }
+}
+
+/// Whether a list of entity tags names `etag` by the strong comparison: its weak tags (`W/"x"`)
+/// name nothing.
+fn lists_strong_tag(list: &str, etag: Option<&str>) -> bool {
+    let strong: Vec<&str> = list.split(',').map(str::trim).filter(|t| !t.starts_with("W/")).collect();
+    lists_tag(&strong.join(", "), etag)
 }
 
 /// An entity tag without its weakness mark: what the weak comparison compares (`W/"x"` and

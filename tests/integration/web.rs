@@ -660,12 +660,25 @@ async fn conditional_requests_answer_304_on_a_kept_alive_connection() {
         ("GET", "If-None-Match: \"other\"".to_owned(), 200),
         // If-None-Match wins over If-Modified-Since (§13.2.2).
         ("GET", format!("If-None-Match: \"other\"\r\nIf-Modified-Since: {modified}"), 200),
+        // If-Match and If-Unmodified-Since come first: a client whose copy is not the file's.
+        ("GET", "If-Match: *".to_owned(), 200),
+        ("GET", "If-Match: \"other\"".to_owned(), 412),
+        ("GET", "If-Match: \"other\"\r\nIf-None-Match: *".to_owned(), 412),
+        ("GET", format!("If-Unmodified-Since: {modified}"), 200),
+        ("HEAD", "If-Unmodified-Since: Mon, 01 Jan 2001 00:00:00 GMT".to_owned(), 412),
+        ("GET", "If-Unmodified-Since: not a date".to_owned(), 200),
     ] {
         let request = format!("{method} /sub/app.js HTTP/1.1\r\nHost: x\r\n{condition}\r\n\r\n");
         s.write_all(request.as_bytes()).await.unwrap();
         let r = next_response(&mut s, request.as_bytes(), &mut got).await;
         assert_eq!(status_of(&r), status, "{method} {condition}: {r}");
         assert!(!r.contains("Connection: close"), "kept alive: {r}");
+        if status == 412 {
+            assert!(
+                r.ends_with("\r\n\r\n") && header_of(&r, "content-length") == Some("0"),
+                "a 412 has no body: {r}"
+            );
+        }
         if status == 304 {
             assert!(r.ends_with("\r\n\r\n"), "a 304 has no body: {r}");
             assert!(
@@ -682,6 +695,14 @@ async fn conditional_requests_answer_304_on_a_kept_alive_connection() {
     assert!(got.is_empty(), "bytes after the answer: {got:?}");
     let r = http_raw(bridge.addr, b"GET /missing.js HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n\r\n").await;
     assert_eq!(status_of(&r), 404, "{r}");
+    // The file's own ETag matches If-Match by the strong comparison, unless the tag is weak.
+    let r = http_raw(
+        bridge.addr,
+        format!("GET /sub/app.js HTTP/1.1\r\nHost: x\r\nIf-Match: {etag}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let expected = if etag.starts_with("W/") { 412 } else { 200 };
+    assert_eq!(status_of(&r), expected, "{etag}: {r}");
 }
 
 /// Ranges on a kept-alive connection: a 206's body is as long as its `Content-Length` says (one
