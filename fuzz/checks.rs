@@ -353,6 +353,7 @@ pub fn decide(table: &RouteTable, data: &[u8], sizes: &[usize], client: IpAddr) 
         connections: false,
     };
     let failures = &PerAddress::new(limits, 1024);
+    let lookups = wsbridge::policy::Lookups::default();
     let origins = [wsbridge::policy::OriginRule::SameOrigin];
     let ctx = Context {
         client,
@@ -361,6 +362,7 @@ pub fn decide(table: &RouteTable, data: &[u8], sizes: &[usize], client: IpAddr) 
         origins: &origins,
         per_ip: None,
         failures,
+        lookups: &lookups,
         keep_alive: false,
     };
     let mut io = Chunked::new(data, sizes);

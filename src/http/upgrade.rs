@@ -30,6 +30,8 @@ pub struct Context<'a> {
     pub per_ip: Option<&'a Arc<PerAddress>>,
     /// Failed authentications per client address: the brake on guessing.
     pub failures: &'a Arc<PerAddress>,
+    /// Token lookups in flight per client address (see [`crate::policy::Lookups`]).
+    pub lookups: &'a crate::policy::Lookups,
     /// A static answer may leave the connection open for another request (the server has room
     /// for idle connections and is not draining): see [`web::serve`].
     pub keep_alive: bool,
@@ -298,11 +300,13 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     // A token in the query is a credential too: guessing one is charged to the address like a
     // wrong password, and a right one costs nothing.
     let names_token = routes.takes_query_tokens() && crate::routes::query_token(request.uri().query()).is_some();
-    if names_token {
-        if let Err(r) = ctx.failures.try_charge(ctx.client) {
-            return answer_refusal("token lookup", r, None);
-        }
-    }
+    let _in_flight = match names_token {
+        true => match charge_for_lookup(ctx).await {
+            Ok(in_flight) => Some(in_flight),
+            Err(r) => return answer_refusal("token lookup", r, None),
+        },
+        false => None,
+    };
     let route = match routes.lookup(&request).await {
         Ok(route) => {
             if names_token {
@@ -406,6 +410,37 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
         per_ip,
         authenticated,
     }))
+}
+
+/// How long a token lookup waits for its address's lookups in flight to end when they hold its
+/// failure budget: the longest a remote source's lookup takes by default (an HTTP API's 1 s).
+const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Charges a token lookup's try to the client's address. When the budget is spent while lookups
+/// from the address are in flight (pages opened at once, each holding a try while a remote
+/// source answers), waits for them to end, at most [`LOOKUP_WAIT`], and tries again: a valid
+/// token gives its try back. Without lookups in flight, or past the wait, the brake's 429.
+async fn charge_for_lookup<'c>(ctx: &Context<'c>) -> Result<crate::policy::InFlight<'c>, Refusal> {
+    let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
+    loop {
+        let Some(notify) = ctx.lookups.in_flight(ctx.client) else {
+            ctx.failures.try_charge(ctx.client)?;
+            break;
+        };
+        // Listening before the try: an end between the try and the wait is not missed.
+        let ended = notify.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        match ctx.failures.try_charge(ctx.client) {
+            Ok(()) => break,
+            Err(r) => {
+                if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                    return Err(r);
+                }
+            }
+        }
+    }
+    Ok(ctx.lookups.begin(ctx.client))
 }
 
 /// Whether a request for a static file passes the listener's `web_auth` (`None`), or its

@@ -1,6 +1,7 @@
 //! Sessions and new sessions per client address, counted in a table of fixed size.
 
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -485,6 +486,54 @@ impl PerAddress {
         let key = address_key(ip);
         let table = self.lock();
         self.find(&table.slots, key).and_then(|i| table.slots[i]).map_or(0, |e| e.sessions)
+    }
+}
+
+/// Token lookups in flight per client address, each holding one try of the address's failure
+/// budget until it ends (given back when the token was found). A handshake that finds the
+/// budget spent while lookups from its address are still in flight waits for them to end
+/// rather than being refused: many pages opened at once from one address (an office behind a
+/// NAT, a dashboard of consoles) each hold a try while a remote source (Redis, an HTTP API)
+/// answers, and valid tokens give theirs back. Guesses are refused as before: theirs are not
+/// given back. Entries exist only while lookups are in flight.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    in_flight: std::sync::Mutex<HashMap<IpAddr, (usize, Arc<tokio::sync::Notify>)>>,
+}
+
+/// A lookup in flight ([`Lookups::begin`]); its end wakes the address's waiters.
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    lookups: &'a Lookups,
+    key: IpAddr,
+}
+
+impl Lookups {
+    /// A lookup from `ip` begins (its try was charged).
+    pub fn begin(&self, ip: IpAddr) -> InFlight<'_> {
+        let key = address_key(ip);
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        in_flight.entry(key).or_insert_with(|| (0, Arc::default())).0 += 1;
+        InFlight { lookups: self, key }
+    }
+
+    /// What wakes when one of `ip`'s lookups in flight ends; `None` when none is in flight.
+    pub fn in_flight(&self, ip: IpAddr) -> Option<Arc<tokio::sync::Notify>> {
+        let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        in_flight.get(&address_key(ip)).map(|(_, notify)| notify.clone())
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.lookups.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((count, notify)) = in_flight.get_mut(&self.key) {
+            *count -= 1;
+            notify.notify_waiters();
+            if *count == 0 {
+                in_flight.remove(&self.key);
+            }
+        }
     }
 }
 

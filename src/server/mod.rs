@@ -117,6 +117,8 @@ struct Inner {
     tls: Mutex<Vec<Arc<TlsListener>>>,
     /// Failed authentications per client address, across reloads: the brake on guessing.
     failures: Arc<PerAddress>,
+    /// Token lookups in flight per client address, holding tries of `failures`.
+    lookups: crate::policy::Lookups,
     /// Counters, gauges and the live-session table (the admin listener reads them).
     metrics: Arc<crate::metrics::Metrics>,
     /// Every listener's accept loop runs: half of readiness (the other half: not draining).
@@ -179,6 +181,7 @@ impl Bridge {
                 admin: RwLock::default(),
                 tls: Mutex::default(),
                 failures: PerAddress::new(AUTH_FAILURES, 4096),
+                lookups: crate::policy::Lookups::default(),
                 metrics: Arc::default(),
                 serving: Default::default(),
                 draining: Default::default(),
@@ -840,6 +843,7 @@ impl Bridge {
                 origins: access.origins.as_deref().unwrap_or(&live.default_origins),
                 per_ip: live.per_ip.as_ref(),
                 failures: &self.inner.failures,
+                lookups: &self.inner.lookups,
                 keep_alive: requests < REQUESTS_PER_CONNECTION && !self.is_draining() && self.room_to_idle(live, connected_from.ip()),
             };
             let write_deadline = Instant::now() + t.http_write;

@@ -462,3 +462,64 @@ async fn guesses_are_braked_while_one_of_two_apis_is_down() {
     assert_eq!(statuses[10], 429, "{statuses:?}");
     bridge.stop().await;
 }
+
+/// Many pages opened at once from one address (an office behind a NAT, a dashboard of consoles)
+/// each hold a try of the address's brake while the API answers; valid tokens give theirs back,
+/// and the pages past the brake's ten wait for that rather than getting 429. The API here holds
+/// its answers until ten lookups are in (so they are surely all in flight at once), then answers
+/// everything at once.
+#[tokio::test]
+async fn pages_opened_at_once_from_one_address_are_not_braked_while_their_lookups_run() {
+    let (echo, _) = echo_backend().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let (open, opened) = tokio::sync::watch::channel(false);
+    let open = Arc::new(open);
+    let arrived = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (open, mut opened, arrived) = (open.clone(), opened.clone(), arrived.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    if arrived.fetch_add(1, Ordering::SeqCst) + 1 >= 10 {
+                        let _ = open.send(true);
+                    }
+                    if opened.wait_for(|o| *o).await.is_err() {
+                        return;
+                    }
+                    let body = json(echo);
+                    let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{api}/t?token=%s\"\n",
+        only(echo)
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let pages: Vec<_> = (0..25)
+        .map(|i| {
+            let addr = bridge.addr;
+            tokio::spawn(async move { http_head(addr, &upgrade_request(&format!("/websockify?token=desk{i}"), "")).await })
+        })
+        .collect();
+    for (i, page) in pages.into_iter().enumerate() {
+        let r = page.await.unwrap();
+        assert_eq!(status_of(&r), 101, "page {i}: {r}");
+    }
+    bridge.stop().await;
+}
