@@ -271,6 +271,16 @@ fn in_force(kind: &'static str, what: &str, ok: bool) {
     RELOADS.last_ok.get_or_create(&KindLabel { kind }).set(i64::from(none));
 }
 
+/// The token sources a reloaded configuration has: a failing one it dropped fails no more
+/// (else its old failure would hold the alert for good).
+pub fn token_sources_in_force(sources: &[&std::path::Path]) {
+    let mut failing = FAILING.lock().unwrap_or_else(|p| p.into_inner());
+    let kept: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
+    failing.retain(|(kind, what)| *kind != "tokens" || kept.contains(what));
+    let none = !failing.iter().any(|(k, _)| *k == "tokens");
+    RELOADS.last_ok.get_or_create(&KindLabel { kind: "tokens" }).set(i64::from(none));
+}
+
 /// The counters of one route, taken once per session.
 #[derive(Debug, Clone)]
 pub struct RouteMetrics {

@@ -206,6 +206,8 @@ impl Bridge {
         live.agents.count_connections(&self.inner.connections, live.max_connections);
         live.commit();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+        let sources: Vec<&std::path::Path> = config.token_sources.iter().map(|s| s.path.as_path()).collect();
+        crate::metrics::token_sources_in_force(&sources);
         if let Some(new) = &config.admin {
             let mut admin = self.inner.admin.write().unwrap_or_else(|p| p.into_inner());
             if let Some((addr, token)) = admin.as_mut() {

@@ -672,7 +672,7 @@ async fn one_broken_token_source_holds_the_alert_while_another_reloads_well() {
          [[tokens]]\nsource = \"a.cfg\"\n[[tokens]]\nsource = \"b.cfg\"\n",
     )
     .unwrap();
-    let b_process = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let mut b_process = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
     let addr = b_process.admin_addr().await;
     let tokens = [("kind", "tokens")];
     let failed = [("kind", "tokens"), ("outcome", "failed")];
@@ -715,6 +715,22 @@ async fn one_broken_token_source_holds_the_alert_while_another_reloads_well() {
         }
     })
     .await;
+    // Broken again, then dropped from the configuration by a reload: it fails no more.
+    std::fs::remove_file(&a).unwrap();
+    within("a's second failure", async {
+        while value(&scrape(addr, None).await, "wsbridge_last_reload_successful", &tokens) != 0.0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    std::fs::write(
+        &file,
+        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = \"b.cfg\"\n",
+    )
+    .unwrap();
+    b_process.signal("HUP").await;
+    b_process.line("configuration reloaded").await;
+    assert_eq!(value(&scrape(addr, None).await, "wsbridge_last_reload_successful", &tokens), 1.0);
 }
 
 #[tokio::test]
