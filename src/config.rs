@@ -1063,7 +1063,33 @@ struct RawLog {
     #[serde(default)]
     format: LogFormat,
     file: Option<PathBuf>,
-    max_size: Option<Size>,
+    max_size: Option<LogSize>,
+}
+
+/// `[log] max_size`: a size of at least [`LogSize::MIN`], or `"off"`.
+#[derive(Debug, Clone, Copy)]
+struct LogSize(Option<usize>);
+
+impl LogSize {
+    /// Below this a log file would be set aside every few lines.
+    const MIN: usize = 64 << 10;
+}
+
+impl<'de> Deserialize<'de> for LogSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = match NumOrString::deserialize(d)? {
+            NumOrString::S(s) if s.trim() == "off" => return Ok(LogSize(None)),
+            NumOrString::S(s) => parse_size(&s).map_err(de::Error::custom)?,
+            NumOrString::Int(n) => usize::try_from(n).map_err(de::Error::custom)?,
+            NumOrString::Float(_) => return Err(de::Error::custom("a size is a whole number of bytes")),
+        };
+        if n < LogSize::MIN {
+            return Err(de::Error::custom(format!(
+                "a log file's max_size must be at least 64KiB (or \"off\"), not {n} bytes"
+            )));
+        }
+        Ok(LogSize(Some(n)))
+    }
 }
 
 impl RawConfig {
@@ -1073,8 +1099,8 @@ impl RawConfig {
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
         config.log_file = self.log.file.map(|f| ctx.resolve(&f));
-        if let Some(Size(max)) = self.log.max_size {
-            config.log_max_size = max.map(|n| n as u64);
+        if let Some(max) = self.log.max_size {
+            config.log_max_size = max.0.map(|n| n as u64);
         }
         config.listeners = listeners(self.listen, ctx)?;
         config.agents = match crate::agent::validate(self.agent, self.agent_endpoint, self.agents, &|p| ctx.resolve(p)) {
@@ -1970,6 +1996,8 @@ mod tests {
         assert_eq!(set("\"off\"").unwrap(), None);
         let e = set("\"lots\"").unwrap_err().to_string();
         assert!(e.contains("max_size") || e.contains("line 6"), "{e}");
+        let e = set("\"1KiB\"").unwrap_err().to_string();
+        assert!(e.contains("at least 64KiB"), "{e}");
     }
 
     #[test]

@@ -315,16 +315,29 @@ impl LogFile {
         let old = LogFile::old_path(&self.path);
         // Windows cannot rename over an existing file, nor a file that is open without
         // FILE_SHARE_DELETE: remove the previous `.old`, reopen after the rename.
-        let _ = std::fs::remove_file(&old);
-        let renamed = std::fs::rename(&self.path, &old);
-        match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
-            Ok(file) if renamed.is_ok() => {
-                self.size = 0;
-                self.file = file;
+        // FILE itself may be gone (a rename that left no new file after it): nothing to set
+        // aside, and `.old`, if it is what is being written, is not removed.
+        let renamed = match std::fs::metadata(&self.path) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&old);
+                std::fs::rename(&self.path, &old)
             }
-            // Not set aside (a directory wsbridge may not write to): it goes on growing, and is
-            // tried again only after another `limit`, not at every line.
-            _ => self.size = 0,
+            Err(e) => Err(e),
+        };
+        match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            Ok(file) => {
+                if renamed.is_ok() || self.moved() {
+                    self.size = 0;
+                    self.file = file;
+                } else {
+                    // Not set aside (a directory wsbridge may not write to): it goes on
+                    // growing, tried again only after another `limit`, not at every line.
+                    self.size = 0;
+                }
+            }
+            // Set aside but no new FILE (out of descriptors, say): lines go on to `.old`, which the
+            // next try leaves in place (FILE is gone), and `moved` opens FILE within a second.
+            Err(_) => self.size = 0,
         }
     }
 
@@ -704,6 +717,24 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         log.write_all(b"after the removal\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "after the removal\n");
+    }
+
+    /// FILE gone when it is to be set aside (a rotator renamed it and made no new one, or the
+    /// last set-aside found no descriptor for a new one): nothing is renamed or removed, what is
+    /// being written stays, and the lines go on in a new FILE.
+    #[test]
+    fn a_log_file_gone_when_it_is_set_aside_loses_nothing() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wsbridge.log");
+        let mut log = LogFile::open_checking(&path, 100, std::time::Duration::from_secs(3600)).unwrap();
+        log.write_all(&[b'a'; 80]).unwrap();
+        let rotated = dir.path().join("wsbridge.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.write_all(&[b'b'; 30]).unwrap();
+        assert_eq!(std::fs::read(&rotated).unwrap(), [b'a'; 80]);
+        assert_eq!(std::fs::read(&path).unwrap(), [b'b'; 30]);
+        assert!(!LogFile::old_path(&path).exists());
     }
 
     #[test]

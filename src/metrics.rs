@@ -238,11 +238,13 @@ pub fn tokens_reloaded(source: &std::path::Path, ok: bool) {
 /// A listener's certificate files, `cert` the configured one, were put in force (`ok`) or could
 /// not be (the previous certificate stays) by a reload or by the watcher (`watch`); the watcher
 /// counts its reload too (`counted`), a SIGHUP counts once for all listeners.
-pub fn certificate_reloaded(cert: &std::path::Path, ok: bool, counted_here: bool) {
+pub fn certificate_reloaded(cert: &std::path::Path, key: Option<&std::path::Path>, ok: bool, counted_here: bool) {
     if counted_here {
         counted("certificates", ok);
     }
-    in_force("certificates", &cert.display().to_string(), ok);
+    // By certificate and key: two listeners may share a certificate with keys of their own.
+    let key = key.map(|k| k.display().to_string()).unwrap_or_default();
+    in_force("certificates", &format!("{} {key}", cert.display()), ok);
 }
 
 /// What a reload of a kind ended as: counted, with its time.
@@ -271,14 +273,13 @@ fn in_force(kind: &'static str, what: &str, ok: bool) {
     RELOADS.last_ok.get_or_create(&KindLabel { kind }).set(i64::from(none));
 }
 
-/// The token sources a reloaded configuration has: a failing one it dropped fails no more
-/// (else its old failure would hold the alert for good).
-pub fn token_sources_in_force(sources: &[&std::path::Path]) {
+/// A reloaded configuration is in force: every token source it has was read anew, whole, by
+/// the reload (one that could not be read fails the reload), so no token source is failing
+/// now; one it dropped fails no more either (else its old failure would hold the alert for good).
+pub fn token_sources_reloaded() {
     let mut failing = FAILING.lock().unwrap_or_else(|p| p.into_inner());
-    let kept: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
-    failing.retain(|(kind, what)| *kind != "tokens" || kept.contains(what));
-    let none = !failing.iter().any(|(k, _)| *k == "tokens");
-    RELOADS.last_ok.get_or_create(&KindLabel { kind: "tokens" }).set(i64::from(none));
+    failing.retain(|(kind, _)| *kind != "tokens");
+    RELOADS.last_ok.get_or_create(&KindLabel { kind: "tokens" }).set(1);
 }
 
 /// The counters of one route, taken once per session.

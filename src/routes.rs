@@ -382,7 +382,11 @@ impl RouteTable {
             let unavailable = match self.lookup_sources(TokenLookup::Query, &token).await {
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => None,
-                Err(e @ Miss::Unavailable { .. }) => Some(e),
+                Err(Miss::Unavailable { why, checked }) => Some(Miss::Unavailable {
+                    why,
+                    // Checked against the inline tokens above and the JWT sources below too.
+                    checked: checked || !self.tokens.is_empty() || !self.jwt_sources.is_empty(),
+                }),
                 Err(e) => return Err(e),
             };
             if let Some(r) = self.lookup_jwt(&token)? {
@@ -413,13 +417,6 @@ impl RouteTable {
         for (source, _) in &self.sources {
             source.refresh().await;
         }
-    }
-
-    /// Whether every source a query token is looked up in is remote (Redis, an HTTP API): no
-    /// inline token, JWT source or file takes one. Then a lookup that found its source down
-    /// checked the token against nothing.
-    pub fn query_tokens_only_remote(&self) -> bool {
-        self.tokens.is_empty() && self.jwt_sources.is_empty() && !self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 
     /// The route a JWT token names, if one of the JWT sources verifies it: its `host` and
@@ -465,7 +462,10 @@ impl RouteTable {
                 }
                 Ok(None) => checked = true,
                 // A socket directory that hangs.
-                Err(e) => unavailable = Some(e),
+                Err(e) => {
+                    checked |= e.answered;
+                    unavailable = Some(e);
+                }
             }
         }
         // Asked in order, Redis first, as the configuration lists them.
@@ -487,7 +487,10 @@ impl RouteTable {
                 }
                 Ok(Answer::Absent) => checked = true,
                 Ok(Answer::Denied(why)) => return Err(Miss::Denied(why)),
-                Err(e) => unavailable = Some(e),
+                Err(e) => {
+                    checked |= e.answered;
+                    unavailable = Some(e);
+                }
             }
         }
         match unavailable {

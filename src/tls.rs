@@ -275,11 +275,11 @@ impl TlsListener {
         match server_config(&self.settings) {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
-                crate::metrics::certificate_reloaded(&self.settings.default.cert, true, true);
+                crate::metrics::certificate_reloaded(&self.settings.default.cert, self.settings.default.key.as_deref(), true, true);
                 tracing::info!(cert = %self.settings.default.cert.display(), "TLS certificate files changed: reloaded");
             }
             Err(e) => {
-                crate::metrics::certificate_reloaded(&self.settings.default.cert, false, true);
+                crate::metrics::certificate_reloaded(&self.settings.default.cert, self.settings.default.key.as_deref(), false, true);
                 tracing::error!(error = %e, "TLS certificate files changed but cannot be used; the previous certificate stays in service")
             }
         }

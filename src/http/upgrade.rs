@@ -300,34 +300,31 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     // A token in the query is a credential too: guessing one is charged to the address like a
     // wrong password, and a right one costs nothing.
     let names_token = routes.takes_query_tokens() && crate::routes::query_token(request.uri().query()).is_some();
-    let _in_flight = match names_token {
+    let in_flight = match names_token {
         true => match charge_for_lookup(ctx).await {
             Ok(in_flight) => Some(in_flight),
             Err(r) => return answer_refusal("token lookup", r, None),
         },
         false => None,
     };
-    let route = match routes.lookup(&request).await {
-        Ok(route) => {
-            if names_token {
-                ctx.failures.refund(ctx.client);
-            }
-            route
-        }
+    let looked_up = routes.lookup(&request).await;
+    // A token found costs nothing. Neither does a lookup whose sources (Redis, a token API, a
+    // socket directory) did not answer and that checked the token against nothing else: pages
+    // retrying through an outage (as its Retry-After asks) are not slowed down once it is over.
+    // Where it was checked against something (inline, JWT or file tokens, another source that
+    // answered, an API that refused the lookup) the try stays charged, or guesses at those would
+    // be free for as long as the source is down.
+    if names_token && (looked_up.is_ok() || matches!(looked_up, Err(Miss::Unavailable { checked: false, .. }))) {
+        ctx.failures.refund(ctx.client);
+    }
+    // Ended, with its try given back or not: the address's handshakes waiting for it go on.
+    drop(in_flight);
+    let route = match looked_up {
+        Ok(route) => route,
         Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
         Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
         Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
-        // Redis (or a token API) did not answer. Where the token was also checked against
-        // inline, JWT or file tokens, or another remote source answered, the try stays charged:
-        // a refund would make guesses at those free for as long as the source is down. Where it
-        // was checked against nothing it is given back, so that pages retrying through an outage
-        // (as its Retry-After asks) are not slowed down once it is over.
-        Err(Miss::Unavailable { why, checked }) => {
-            if names_token && !checked && routes.query_tokens_only_remote() {
-                ctx.failures.refund(ctx.client);
-            }
-            return Decision::SourceUnavailable(why);
-        }
+        Err(Miss::Unavailable { why, .. }) => return Decision::SourceUnavailable(why),
     };
     if !route.admits(client_cn) {
         let reason = match client_cn {
@@ -422,25 +419,30 @@ const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// token gives its try back. Without lookups in flight, or past the wait, the brake's 429.
 async fn charge_for_lookup<'c>(ctx: &Context<'c>) -> Result<crate::policy::InFlight<'c>, Refusal> {
     let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
+    let begin = || ctx.lookups.try_begin(ctx.failures, ctx.client);
     loop {
-        let Some(notify) = ctx.lookups.in_flight(ctx.client) else {
-            ctx.failures.try_charge(ctx.client)?;
-            break;
+        let notify = match begin() {
+            Ok(in_flight) => return Ok(in_flight),
+            Err((r, None)) => return Err(r),
+            Err((_, Some(notify))) => notify,
         };
-        // Listening before the try: an end between the try and the wait is not missed.
+        // Listening, then trying again: an end between the first try and the wait is not missed.
         let ended = notify.notified();
         tokio::pin!(ended);
         ended.as_mut().enable();
-        match ctx.failures.try_charge(ctx.client) {
-            Ok(()) => break,
-            Err(r) => {
+        match begin() {
+            Ok(in_flight) => return Ok(in_flight),
+            Err((r, None)) => return Err(r),
+            // Those lookups all ended and newer ones began: wait for theirs.
+            Err((_, Some(newer))) if !Arc::ptr_eq(&newer, &notify) => continue,
+            Err((_, Some(_))) => {
                 if tokio::time::timeout_at(deadline, ended).await.is_err() {
-                    return Err(r);
+                    // A last try: the budget may have refilled meanwhile.
+                    return begin().map_err(|(r, _)| r);
                 }
             }
         }
     }
-    Ok(ctx.lookups.begin(ctx.client))
 }
 
 /// Whether a request for a static file passes the listener's `web_auth` (`None`), or its

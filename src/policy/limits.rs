@@ -509,18 +509,22 @@ pub struct InFlight<'a> {
 }
 
 impl Lookups {
-    /// A lookup from `ip` begins (its try was charged).
-    pub fn begin(&self, ip: IpAddr) -> InFlight<'_> {
+    /// Charges a lookup's try to `ip` in `failures` and counts it in flight, in one step (a
+    /// handshake that looks in between sees either the try spent or the lookup in flight).
+    ///
+    /// # Errors
+    /// The budget is spent: the brake's refusal, and what wakes when one of the address's
+    /// lookups in flight ends (`None`: none is in flight, nothing to wait for).
+    pub fn try_begin<'l>(&'l self, failures: &PerAddress, ip: IpAddr) -> Result<InFlight<'l>, (Refusal, Option<Arc<tokio::sync::Notify>>)> {
         let key = address_key(ip);
         let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        in_flight.entry(key).or_insert_with(|| (0, Arc::default())).0 += 1;
-        InFlight { lookups: self, key }
-    }
-
-    /// What wakes when one of `ip`'s lookups in flight ends; `None` when none is in flight.
-    pub fn in_flight(&self, ip: IpAddr) -> Option<Arc<tokio::sync::Notify>> {
-        let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        in_flight.get(&address_key(ip)).map(|(_, notify)| notify.clone())
+        match failures.try_charge(ip) {
+            Ok(()) => {
+                in_flight.entry(key).or_insert_with(|| (0, Arc::default())).0 += 1;
+                Ok(InFlight { lookups: self, key })
+            }
+            Err(r) => Err((r, in_flight.get(&key).map(|(_, notify)| notify.clone()))),
+        }
     }
 }
 

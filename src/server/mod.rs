@@ -206,8 +206,7 @@ impl Bridge {
         live.agents.count_connections(&self.inner.connections, live.max_connections);
         live.commit();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
-        let sources: Vec<&std::path::Path> = config.token_sources.iter().map(|s| s.path.as_path()).collect();
-        crate::metrics::token_sources_in_force(&sources);
+        crate::metrics::token_sources_reloaded();
         if let Some(new) = &config.admin {
             let mut admin = self.inner.admin.write().unwrap_or_else(|p| p.into_inner());
             if let Some((addr, token)) = admin.as_mut() {
@@ -360,7 +359,8 @@ impl Bridge {
         let mut failed = Vec::new();
         for t in &listeners {
             let result = t.reload();
-            crate::metrics::certificate_reloaded(&t.settings.default.cert, result.is_ok(), false);
+            let files = &t.settings.default;
+            crate::metrics::certificate_reloaded(&files.cert, files.key.as_deref(), result.is_ok(), false);
             failed.extend(result.err());
         }
         if !listeners.is_empty() {

@@ -6,7 +6,10 @@
 //! What an answer means:
 //! - 2xx naming a target on the allow-list: the route; off the list: 403 ([`Answer::Denied`]),
 //!   exactly as a value in Redis (an answer naming any host is the same risk as a Redis value).
-//! - 4xx (404 and the rest): an unknown token, 404 to the client, a guess charged to its address.
+//! - 4xx (404 and the rest): an unknown token, 404 to the client, a guess charged to its address;
+//!   but 401, 403, 408 and 429, which refuse the bridge's lookup rather than the token (the
+//!   credentials in the URL, a rate limit): 503, as the API were down, with a warning, and still
+//!   charged (an API written for websockify may answer so for unknown tokens).
 //! - 5xx, a redirect (not followed: a lookup API answering with one is misconfigured, and
 //!   following it would send tokens wherever the answer points), an answer that is no target
 //!   (broken JSON, no port), one over [`MAX_ANSWER`] bytes, a refused connection, a TLS failure,
@@ -64,6 +67,8 @@ enum Reply {
     Target(String, u16),
     /// An unknown token (4xx), with the status for the debug log.
     Unknown(StatusCode),
+    /// The bridge's lookup refused (401, 403, 408, 429).
+    Refused(StatusCode),
 }
 
 /// A connection to the API, plain or TLS.
@@ -155,6 +160,13 @@ impl ApiTokens {
                 tracing::debug!(source = %self.name, token = %redact(token), %status, "token API: unknown token");
                 return Ok(Answer::Absent);
             }
+            Reply::Refused(status) => {
+                let problem = format!("answered {status}: the API refuses the bridge's lookups, not the token");
+                return Err(Unavailable {
+                    answered: true,
+                    ..self.unavailable(token, problem)
+                });
+            }
         };
         let allowed = (self.settings.allow_targets.as_ref()).is_none_or(|rules| targets::allowed(rules, &host, port));
         let target = Target::Tcp { host, port };
@@ -185,6 +197,7 @@ impl ApiTokens {
         Unavailable {
             source_name: self.name.clone(),
             problem,
+            answered: false,
         }
     }
 
@@ -260,7 +273,7 @@ impl ApiTokens {
             status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         ) {
-            return Err(format!("answered {status}: the API refuses the bridge's lookups, not the token"));
+            return Ok(Reply::Refused(status));
         }
         if status.is_client_error() {
             return Ok(Reply::Unknown(status));

@@ -64,6 +64,10 @@ pub struct Unavailable {
     pub source_name: String,
     /// What went wrong.
     pub problem: String,
+    /// The source did answer, refusing the bridge's lookups (an API's 401, 403, 408, 429): an
+    /// API written for websockify may answer so for unknown tokens, so the lookup counts as a
+    /// try at a token (charged to the client), unlike a source that could not answer at all.
+    pub answered: bool,
 }
 
 /// A snapshot older than this starts a re-check of the files in the background.
@@ -480,10 +484,24 @@ struct Shared {
     rereading: AtomicBool,
     /// Bumped when a re-read ends, for the lookups that wait on it.
     reread: tokio::sync::watch::Sender<u64>,
-    /// A socket directory's lookups on the blocking pool at once ([`SOCKET_LOOKUPS`]): each
-    /// holds its permit until its `stat` returns, so a directory that hangs (a dead network
-    /// mount) ties up at most these threads, and further lookups are answered at once.
+    /// A socket directory's lookups on the blocking pool at once ([`SOCKET_LOOKUPS`], per
+    /// directory for the life of the process, across reloads): each holds its permit until its
+    /// `stat` returns, so a directory that hangs (a dead network mount) ties up at most these
+    /// threads; further lookups wait for a permit within the lookup's bound.
     socket_lookups: Arc<tokio::sync::Semaphore>,
+    /// The warning that the socket directory does not answer: once per 10 s.
+    quiet: crate::logging::Quieted,
+}
+
+/// The lookup permits of each socket directory ([`Shared::socket_lookups`]), kept across
+/// reloads: a reload makes a new source, and the threads a hung directory holds keep theirs.
+fn socket_lookups_of(dir: &Path) -> Arc<tokio::sync::Semaphore> {
+    static ALL: std::sync::LazyLock<std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Semaphore>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut all = ALL.lock().unwrap_or_else(PoisonError::into_inner);
+    all.entry(dir.to_path_buf())
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(SOCKET_LOOKUPS)))
+        .clone()
 }
 
 /// The most lookups in a socket directory running at once (each a `stat`, microseconds when the
@@ -530,7 +548,8 @@ impl TokenSource {
             snapshot: RwLock::new(Arc::new(snapshot)),
             rereading: AtomicBool::new(false),
             reread: tokio::sync::watch::Sender::new(0),
-            socket_lookups: Arc::new(tokio::sync::Semaphore::new(SOCKET_LOOKUPS)),
+            socket_lookups: socket_lookups_of(&config.path),
+            quiet: crate::logging::Quieted::new(Duration::from_secs(10)),
         });
         Ok(TokenSource { config, shared })
     }
@@ -610,29 +629,33 @@ impl Shared {
             return Ok(None);
         }
         let unavailable = |problem: String| {
-            static QUIET: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
-            if let Some(left_out) = QUIET.take() {
+            if let Some(left_out) = self.quiet.take() {
                 tracing::warn!(source = %self.path.display(), problem = problem.as_str(), left_out, "socket directory unavailable; handshake answered 503");
             }
             Unavailable {
                 source_name: self.path.display().to_string(),
                 problem,
+                answered: false,
             }
         };
-        // Held by the blocking task until its stat returns, however long after the wait.
-        let Ok(permit) = self.socket_lookups.clone().try_acquire_owned() else {
-            return Err(unavailable(format!(
-                "{SOCKET_LOOKUPS} lookups in the directory are still waiting for it"
-            )));
+        let (dir, name, permits) = (self.path.clone(), token.to_owned(), self.socket_lookups.clone());
+        let found = async move {
+            // Held by the blocking task until its stat returns, however long after the wait.
+            let permit = permits.acquire_owned().await.ok()?;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                socket_in(&dir, &name)
+            })
+            .await
+            .ok()
         };
-        let (dir, name) = (self.path.clone(), token.to_owned());
-        let found = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            socket_in(&dir, &name)
-        });
         match tokio::time::timeout(REREAD_WAIT, found).await {
-            Ok(found) => Ok(found.ok().flatten()),
-            Err(_) => Err(unavailable(format!("the directory did not answer within {REREAD_WAIT:?}"))),
+            Ok(Some(found)) => Ok(found),
+            // The stat panicked: no answer, not an unknown token.
+            Ok(None) => Err(unavailable("the lookup in the directory failed".to_owned())),
+            Err(_) => Err(unavailable(format!(
+                "the directory did not answer within {REREAD_WAIT:?} ({SOCKET_LOOKUPS} lookups in it at most at once)"
+            ))),
         }
     }
 
@@ -896,9 +919,9 @@ mod tests {
     }
 
     /// A socket directory whose lookups are all still waiting for it (a dead network mount holds
-    /// them in `stat`): the next one is answered at once as unavailable (503), not as an unknown
-    /// token, and ties up no further thread. (A `stat` that hangs cannot be made here; the
-    /// permits it would hold are taken by the test.)
+    /// them in `stat`): the next one waits for a permit within the 1 s bound, then is answered
+    /// as unavailable (503), not as an unknown token, having tied up no further thread. (A `stat`
+    /// that hangs cannot be made here; the permits it would hold are taken by the test.)
     #[cfg(unix)]
     #[tokio::test]
     async fn a_socket_directory_whose_lookups_hang_is_unavailable_not_a_miss() {
@@ -923,8 +946,11 @@ mod tests {
             .acquire_many_owned(SOCKET_LOOKUPS as u32)
             .await
             .unwrap();
+        let started = std::time::Instant::now();
         let e = source.lookup("desk1").await.unwrap_err();
-        assert!(e.problem.contains("still waiting"), "{e:?}");
+        assert!(e.problem.contains("did not answer within"), "{e:?}");
+        let took = started.elapsed();
+        assert!(took >= REREAD_WAIT && took < REREAD_WAIT * 3, "answered after {took:?}");
         drop(held);
         assert!(source.lookup("desk1").await.unwrap().is_some());
     }

@@ -177,6 +177,7 @@ impl RedisTokens {
                 return Err(Unavailable {
                     source_name: self.name.clone(),
                     problem,
+                    answered: false,
                 });
             }
         };
