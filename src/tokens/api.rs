@@ -181,24 +181,7 @@ impl ApiTokens {
     }
 
     fn unavailable(&self, token: &str, problem: String) -> Unavailable {
-        // One warning per outage and interval, not one a handshake (any client can ask).
-        match self.quiet.take() {
-            Some(left_out) => tracing::warn!(
-                source = %self.name,
-                token = %redact(token),
-                problem = problem.as_str(),
-                left_out,
-                "token source unavailable; handshake answered 503"
-            ),
-            None => {
-                tracing::debug!(source = %self.name, token = %redact(token), problem = problem.as_str(), "token source unavailable; handshake answered 503")
-            }
-        }
-        Unavailable {
-            source_name: self.name.clone(),
-            problem,
-            answered: false,
-        }
+        Unavailable::logged(&self.name, token, problem, &self.quiet)
     }
 
     /// Asks the API about `token` (the caller bounds the wait): on a kept connection when there

@@ -70,6 +70,29 @@ pub struct Unavailable {
     pub answered: bool,
 }
 
+impl Unavailable {
+    /// `source` could not answer about `token`: logged (one warning per 10 s and source, as
+    /// `quiet` allows, any client being able to ask; the rest at debug), for the 503.
+    pub fn logged(source: &str, token: &str, problem: String, quiet: &crate::logging::Quieted) -> Unavailable {
+        let token = redact(token);
+        match quiet.take() {
+            Some(left_out) => tracing::warn!(
+                source,
+                %token,
+                problem = problem.as_str(),
+                left_out,
+                "token source unavailable; handshake answered 503"
+            ),
+            None => tracing::debug!(source, %token, problem = problem.as_str(), "token source unavailable; handshake answered 503"),
+        }
+        Unavailable {
+            source_name: source.to_owned(),
+            problem,
+            answered: false,
+        }
+    }
+}
+
 /// A snapshot older than this starts a re-check of the files in the background.
 pub const REFRESH_AHEAD: Duration = Duration::from_millis(500);
 /// A snapshot older than this is not used without waiting for the re-check: edits to the files
@@ -628,16 +651,7 @@ impl Shared {
         if !is_socket_name(token) {
             return Ok(None);
         }
-        let unavailable = |problem: String| {
-            if let Some(left_out) = self.quiet.take() {
-                tracing::warn!(source = %self.path.display(), problem = problem.as_str(), left_out, "socket directory unavailable; handshake answered 503");
-            }
-            Unavailable {
-                source_name: self.path.display().to_string(),
-                problem,
-                answered: false,
-            }
-        };
+        let unavailable = |problem: String| Unavailable::logged(&self.path.display().to_string(), token, problem, &self.quiet);
         let (dir, name, permits) = (self.path.clone(), token.to_owned(), self.socket_lookups.clone());
         let found = async move {
             // Held by the blocking task until its stat returns, however long after the wait.

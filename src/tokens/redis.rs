@@ -161,25 +161,7 @@ impl RedisTokens {
         let deadline = Instant::now() + self.settings.lookup_timeout;
         let value = match self.get(token, deadline).await {
             Ok(v) => v,
-            Err(problem) => {
-                match self.quiet.take() {
-                    Some(left_out) => tracing::warn!(
-                        source = %self.name,
-                        token = %redact(token),
-                        problem = problem.as_str(),
-                        left_out,
-                        "token source unavailable; handshake answered 503"
-                    ),
-                    None => {
-                        tracing::debug!(source = %self.name, token = %redact(token), problem = problem.as_str(), "token source unavailable; handshake answered 503")
-                    }
-                }
-                return Err(Unavailable {
-                    source_name: self.name.clone(),
-                    problem,
-                    answered: false,
-                });
-            }
+            Err(problem) => return Err(Unavailable::logged(&self.name, token, problem, &self.quiet)),
         };
         let value = match value {
             Fetched::Missing => return Ok(Answer::Absent),
