@@ -18,9 +18,10 @@
 //! second HTTP stack (hyper's server and hyper-util) beside the one the listeners already use.
 //! Bounded like every listener: [`MAX_CONNECTIONS`] at once, and the request and the answer each
 //! under [`DEADLINE`]. A connection that has not sent its request yet gives its place up to a
-//! newer one when none is free: connections that send nothing (a scanner, an attacker who can
-//! reach the port) cannot keep a balancer's health probe out, which sends its request at once. Only
-//! when every place is answering does a connection get a prompt 503.
+//! newer one when none is free (the oldest of the address holding the most such places):
+//! connections that send nothing (a scanner, an attacker who can reach the port) cannot keep a
+//! balancer's health probe out, which sends its request at once. Only when every place is
+//! answering does a connection get a prompt 503.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -63,7 +64,8 @@ pub struct Admin {
 #[derive(Debug, Default)]
 struct Reading {
     next: u64,
-    waiting: VecDeque<(u64, Slot, CancellationToken)>,
+    /// Id, place, the connection's address, and what cancels it.
+    waiting: VecDeque<(u64, Slot, std::net::IpAddr, CancellationToken)>,
 }
 
 impl Admin {
@@ -109,7 +111,7 @@ impl Admin {
                 },
             };
             // Taken before the task exists: a flood costs no task and no wait, only a closed socket.
-            let Some((id, evicted)) = self.admit() else {
+            let Some((id, evicted)) = self.admit(peer.ip()) else {
                 let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 debug!(%peer, "admin connection refused: every place is answering a request");
                 continue;
@@ -127,14 +129,20 @@ impl Admin {
         }
     }
 
-    /// A place for a new connection, among those reading their request: a free one, or the
-    /// oldest reader's (cancelled). `None` when every place is answering a request.
-    fn admit(&self) -> Option<(u64, CancellationToken)> {
+    /// A place for a connection from `ip`, among those reading their request: a free one, or
+    /// the oldest reader's (cancelled) of the address holding the most of them, so that one
+    /// address's flood evicts its own connections and not a balancer's probe in between. `None`
+    /// when every place is answering a request.
+    fn admit(&self, ip: std::net::IpAddr) -> Option<(u64, CancellationToken)> {
         let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
         let slot = match self.slots.try_take(MAX_CONNECTIONS) {
             Some(slot) => slot,
             None => {
-                let (_, slot, evicted) = reading.waiting.pop_front()?;
+                // At most MAX_CONNECTIONS readers: a scan, no table.
+                let count = |a| reading.waiting.iter().filter(|(_, _, b, _)| *b == a).count();
+                let busiest = reading.waiting.iter().map(|(_, _, a, _)| *a).max_by_key(|a| count(*a))?;
+                let at = reading.waiting.iter().position(|(_, _, a, _)| *a == busiest)?;
+                let (_, slot, _, evicted) = reading.waiting.remove(at)?;
                 evicted.cancel();
                 slot
             }
@@ -142,7 +150,7 @@ impl Admin {
         let id = reading.next;
         reading.next += 1;
         let token = CancellationToken::new();
-        reading.waiting.push_back((id, slot, token.clone()));
+        reading.waiting.push_back((id, slot, ip, token.clone()));
         Some((id, token))
     }
 
@@ -150,7 +158,7 @@ impl Admin {
     fn read(&self, id: u64) -> Option<Slot> {
         let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
         let at = reading.waiting.iter().position(|(i, ..)| *i == id)?;
-        reading.waiting.remove(at).map(|(_, slot, _)| slot)
+        reading.waiting.remove(at).map(|(_, slot, _, _)| slot)
     }
 
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, id: u64) {

@@ -775,6 +775,34 @@ async fn silent_admin_connections_cannot_keep_the_health_probe_out() {
     }
 }
 
+/// A flood of silent connections from one address evicts its own oldest, not another
+/// address's (a balancer's probe, which sends its request at once, or here a quiet neighbour).
+#[tokio::test]
+async fn a_flood_from_one_address_evicts_its_own_connections() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(any_path_to(backend)).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        within("connect", socket.connect(admin_addr)).await.unwrap()
+    };
+    // The neighbour's is the oldest; the flood takes every other place.
+    let neighbour = from("127.0.0.3").await;
+    let mut flood = Vec::new();
+    for _ in 1..wsbridge::admin::MAX_CONNECTIONS {
+        flood.push(from("127.0.0.2").await);
+    }
+    // One more from the flood: its own oldest goes, the neighbour stays.
+    flood.push(from("127.0.0.2").await);
+    closed_by_peer(&mut flood[0]).await;
+    let mut buf = [0u8; 1];
+    assert!(
+        matches!(neighbour.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the neighbour's connection was closed"
+    );
+}
+
 #[tokio::test]
 async fn token_routes_are_labelled_by_their_source_and_re_reads_are_counted() {
     use wsbridge::config::{Config, TokenLookup};
