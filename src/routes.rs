@@ -285,7 +285,7 @@ impl RouteTable {
                 let kept = previous
                     .into_iter()
                     .flat_map(|p| &p.redis_sources)
-                    .find(|(old, _)| old.tokens.settings() == settings)
+                    .find(|(old, _)| old.tokens.settings() == settings && old.tokens.ca_unchanged())
                     .map(|(old, _)| old.tokens.clone());
                 let tokens = match kept {
                     Some(t) => t,
@@ -298,7 +298,7 @@ impl RouteTable {
                 let kept = previous
                     .into_iter()
                     .flat_map(|p| &p.api_sources)
-                    .find(|(old, _)| old.tokens.settings() == settings)
+                    .find(|(old, _)| old.tokens.settings() == settings && old.tokens.ca_unchanged())
                     .map(|(old, _)| old.tokens.clone());
                 let tokens = match kept {
                     Some(t) => t,

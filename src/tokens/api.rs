@@ -87,6 +87,8 @@ pub struct ApiTokens {
     slots: Semaphore,
     /// The warning that the API is down: once per 10 s, not one a handshake.
     quiet: crate::logging::Quieted,
+    /// The CA file as it was read ([`super::stamp`]), to notice a new one at a reload.
+    ca_stamp: Option<u64>,
 }
 
 impl fmt::Debug for ApiTokens {
@@ -105,6 +107,7 @@ impl ApiTokens {
     /// The CA file cannot be read or holds no usable certificate, there are no system roots for
     /// `https://`, or the host is no name a certificate can have.
     pub fn new(settings: ApiTokenSource) -> Result<ApiTokens, String> {
+        let settings_ca_stamp = settings.ca.as_deref().and_then(|ca| super::stamp(ca).ok());
         let tls = match settings.url.tls {
             false => None,
             true => {
@@ -125,12 +128,19 @@ impl ApiTokens {
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(MAX_IN_FLIGHT),
             quiet: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
+            ca_stamp: settings_ca_stamp,
         })
     }
 
     /// What the configuration said.
     pub fn settings(&self) -> &ApiTokenSource {
         &self.settings
+    }
+
+    /// Whether the CA file (if any) is still the one this source read: a reload that finds it
+    /// replaced makes a new source, so that a rotated CA is trusted without a restart.
+    pub fn ca_unchanged(&self) -> bool {
+        self.settings.ca.as_deref().is_none_or(|ca| super::stamp(ca).ok() == self.ca_stamp)
     }
 
     /// The source's name for logs and route names: its URL with `%s` ([`ApiTokenSource::name`]).

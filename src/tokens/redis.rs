@@ -71,6 +71,8 @@ pub struct RedisTokens {
     whole_values: Mutex<Option<Instant>>,
     /// The warning that Redis is down: once per 10 s, not one a handshake (any client can ask).
     quiet: crate::logging::Quieted,
+    /// The CA file as it was read ([`super::stamp`]), to notice a new one at a reload.
+    ca_stamp: Option<u64>,
 }
 
 impl fmt::Debug for RedisTokens {
@@ -89,6 +91,7 @@ impl RedisTokens {
     /// The CA file cannot be read or holds no usable certificate, or the client refuses the
     /// settings.
     pub fn new(settings: RedisTokenSource) -> Result<RedisTokens, String> {
+        let settings_ca_stamp = settings.server.ca.as_deref().and_then(|ca| super::stamp(ca).ok());
         let server = &settings.server;
         let addr = match server.tls {
             false => ConnectionAddr::Tcp(server.host.clone(), server.port),
@@ -137,12 +140,23 @@ impl RedisTokens {
             cache,
             whole_values: Mutex::new(None),
             quiet: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
+            ca_stamp: settings_ca_stamp,
         })
     }
 
     /// What the configuration said.
     pub fn settings(&self) -> &RedisTokenSource {
         &self.settings
+    }
+
+    /// Whether the CA file (if any) is still the one this source read: a reload that finds it
+    /// replaced makes a new source, so that a rotated CA is trusted without a restart.
+    pub fn ca_unchanged(&self) -> bool {
+        self.settings
+            .server
+            .ca
+            .as_deref()
+            .is_none_or(|ca| super::stamp(ca).ok() == self.ca_stamp)
     }
 
     /// The source's name for logs and route names ([`RedisTokenSource::name`]).

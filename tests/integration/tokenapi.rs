@@ -530,3 +530,52 @@ async fn pages_opened_at_once_from_one_address_are_not_braked_while_their_lookup
     }
     bridge.stop().await;
 }
+
+/// A CA file replaced in place (the API's certificate now from a new CA) is read again at a
+/// reload, as a route's backend CA is: the API's lookups work again without a restart.
+#[tokio::test]
+async fn a_rotated_ca_file_is_read_again_at_a_reload() {
+    use rustls::pki_types::pem::PemObject;
+    let pki = pki::Pki::new("token API CA");
+    let stale = pki::Pki::new("the CA before");
+    let cert = pki.server("api", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let (echo, _) = echo_backend().await;
+    let api = Api::start_tls(move |_| Some((200, json(echo))), tokio_rustls::TlsAcceptor::from(Arc::new(config))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("api-ca.pem");
+    std::fs::copy(stale.ca_file(), &ca).unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let text = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nallow_targets = [\"{}\"]\n[tokens.api]\nurl = \"https://localhost:{}/t?token=%s\"\nca = \"api-ca.pem\"\n",
+        only(echo),
+        api.addr.port()
+    );
+    std::fs::write(&file, &text).unwrap();
+    let bridge = TestBridge::start(Config::from_file(&file).unwrap()).await;
+    assert_eq!(
+        status_of(&answer_for(&bridge, "desk").await),
+        503,
+        "the API's certificate is not from the stale CA"
+    );
+    // The new CA in place of the old, and a reload (SIGHUP).
+    std::fs::copy(pki.ca_file(), &ca).unwrap();
+    let (b, f) = (bridge.bridge.clone(), file.clone());
+    assert!(within(
+        "the reload",
+        tokio::task::spawn_blocking(move || wsbridge::server::start::reload(&b, Some(&f), 1))
+    )
+    .await
+    .unwrap());
+    echoes(&bridge, "desk").await;
+    bridge.stop().await;
+}
