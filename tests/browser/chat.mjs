@@ -19,9 +19,7 @@
 // certificate; it may be given several times.
 
 import { existsSync } from 'node:fs';
-import { mkdtemp } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { brief, startRun } from './run.mjs';
 
@@ -82,38 +80,11 @@ async function main() {
     return fail(`cannot load playwright-core (${e.message}): run \`npm ci\` in tests/browser (scripts/test.sh does it)`);
   }
 
-  const args = [
-    '--headless',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--disable-dev-shm-usage',
-    '--no-proxy-server',
-  ];
+  const args = [];
   if (opts.spki.length) args.push(`--ignore-certificate-errors-spki-list=${opts.spki.join(',')}`);
-
-  run.userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
-  try {
-    run.context = await chromium.launchPersistentContext(run.userDataDir, {
-      executablePath,
-      headless: true,
-      args,
-      timeout: left(),
-      // No signal handlers of playwright's own: ours close the browser and report.
-      handleSIGINT: false,
-      handleSIGTERM: false,
-      handleSIGHUP: false,
-      viewport: { width: 1000, height: 720 },
-    });
-  } catch (e) {
-    return fail(`cannot start ${executablePath}: ${brief(e, 6)}`);
-  }
+  const page = await run.launch(chromium, executablePath, { args, fail, timeout: left(), viewport: { width: 1000, height: 720 } });
+  if (!page) return;
   const context = run.context;
-  const page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(stepMs);
 
   const problems = [];

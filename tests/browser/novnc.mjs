@@ -27,9 +27,7 @@
 // (on failure too, if the page got that far). The whole run ends within --timeout (default 50 s).
 
 import { existsSync } from 'node:fs';
-import { mkdtemp } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { brief, startRun } from './run.mjs';
 
 const USAGE = 'usage: node novnc.mjs --geometry WxH --desktop NAME [--timeout SECONDS] URL';
@@ -147,37 +145,9 @@ async function main() {
     return fail(`cannot load playwright-core (${e.message}): run \`npm ci\` in tests/browser (scripts/test.sh does it)`);
   }
 
-  const args = [
-    '--headless',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--disable-dev-shm-usage',
-    '--no-proxy-server',
-  ];
-
-  run.userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
-  try {
-    run.context = await chromium.launchPersistentContext(run.userDataDir, {
-      executablePath,
-      headless: true,
-      args,
-      timeout: left(),
-      // No signal handlers of playwright's own: ours close the browser and report.
-      handleSIGINT: false,
-      handleSIGTERM: false,
-      handleSIGHUP: false,
-      viewport: VIEWPORT,
-    });
-  } catch (e) {
-    return fail(`cannot start ${executablePath}: ${brief(e, 6)}`);
-  }
+  const page = await run.launch(chromium, executablePath, { fail, timeout: left(), viewport: VIEWPORT });
+  if (!page) return;
   const context = run.context;
-  const page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(stepMs);
 
   const problems = [];

@@ -15,10 +15,7 @@
 // usage. Bounded by --timeout (default 40 s).
 
 import { existsSync } from 'node:fs';
-import { mkdtemp } from 'node:fs/promises';
 import { createServer } from 'node:http';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { brief, startRun } from './run.mjs';
 
 const USAGE = 'usage: node origin.mjs [--agent-path PATH] [--timeout SECONDS] URL';
@@ -74,26 +71,8 @@ async function main() {
   const base = opts.url.replace(/^http/, 'ws').replace(/\/?$/, '/');
   const wsUrl = `${base}chat`;
 
-  run.userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
-  try {
-    run.context = await chromium.launchPersistentContext(run.userDataDir, {
-      executablePath,
-      headless: true,
-      args: [
-        '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-        '--disable-background-networking', '--disable-component-update', '--disable-sync',
-        '--disable-dev-shm-usage', '--no-proxy-server',
-      ],
-      timeout: 15_000,
-      // No signal handlers of playwright's own: ours close the browser and report.
-      handleSIGINT: false,
-      handleSIGTERM: false,
-      handleSIGHUP: false,
-    });
-  } catch (e) {
-    return run.fail(`cannot start ${executablePath}: ${brief(e, 6)}`);
-  }
-  const page = run.context.pages()[0] ?? (await run.context.newPage());
+  const page = await run.launch(chromium, executablePath, { timeout: 15_000 });
+  if (!page) return;
   page.setDefaultTimeout(15_000);
 
   await page.goto(opts.url, { waitUntil: 'load' });

@@ -14,9 +14,6 @@
 // (default 40 s).
 
 import { existsSync } from 'node:fs';
-import { mkdtemp } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { brief, startRun } from './run.mjs';
 
 const USAGE = 'usage: node webauth.mjs --user USER --password PASSWORD [--timeout SECONDS] URL';
@@ -59,26 +56,8 @@ function echo([wsUrl, text, ms]) {
 async function main() {
   if (!existsSync(executablePath)) return run.fail(`${executablePath} not found`);
   const { chromium } = await import('playwright-core');
-  run.userDataDir = await mkdtemp(join(tmpdir(), 'wsbridge-chromium-'));
-  try {
-    run.context = await chromium.launchPersistentContext(run.userDataDir, {
-      executablePath,
-      headless: true,
-      httpCredentials: { username: opts.user, password: opts.password },
-      args: [
-        '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-        '--disable-background-networking', '--disable-component-update', '--disable-sync',
-        '--disable-dev-shm-usage', '--no-proxy-server',
-      ],
-      timeout: 15_000,
-      handleSIGINT: false,
-      handleSIGTERM: false,
-      handleSIGHUP: false,
-    });
-  } catch (e) {
-    return run.fail(`cannot start ${executablePath}: ${brief(e, 6)}`);
-  }
-  const page = run.context.pages()[0] ?? (await run.context.newPage());
+  const page = await run.launch(chromium, executablePath, { httpCredentials: { username: opts.user, password: opts.password }, timeout: 15_000 });
+  if (!page) return;
   page.setDefaultTimeout(15_000);
   const response = await page.goto(opts.url, { waitUntil: 'load' });
   const status = response ? response.status() : null;
