@@ -15,6 +15,7 @@ pub mod haproxy;
 pub mod lines;
 pub mod pki;
 pub mod redis;
+pub mod token_sources;
 pub mod xvnc;
 
 use std::future::Future;

@@ -1173,8 +1173,13 @@ fn agent_command(args: &[&str]) -> tokio::process::Command {
 
 /// The `wsbridge agent` binary, with its stderr lines sent to the test.
 fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>) {
+    agent_spawned(agent_command(args))
+}
+
+/// `command` ([`agent_command`]'s) started, with its stderr lines sent to the test.
+fn agent_spawned(mut command: tokio::process::Command) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>) {
     use tokio::io::AsyncBufReadExt;
-    let mut child = agent_command(args).spawn().unwrap();
+    let mut child = command.spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
@@ -1183,6 +1188,40 @@ fn agent_binary(args: &[&str]) -> (tokio::process::Child, tokio::sync::mpsc::Rec
         }
     });
     (child, rx)
+}
+
+/// The arguments of `wsbridge agent` as shop-17 dialling `bridge` and serving `pos` = `echo`,
+/// its secret in a file in `dir`.
+fn shop_17_args(bridge: &TestBridge, echo: std::net::SocketAddr, dir: &std::path::Path) -> Vec<String> {
+    let secret = dir.join("agent.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    [
+        "--server",
+        &format!("ws://{}/agent", bridge.addr),
+        "--name",
+        "shop-17",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--service",
+        &format!("pos={echo}"),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Reads lines into `kept` up to the first with `what`.
+async fn log_lines_kept(lines: &mut tokio::sync::mpsc::Receiver<String>, kept: &mut Vec<String>, what: &str) {
+    within(&format!("the agent to log {what:?}"), async {
+        loop {
+            let line = lines.recv().await.expect("the agent's stderr ended");
+            let found = line.contains(what);
+            kept.push(line);
+            if found {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 async fn log_line(lines: &mut tokio::sync::mpsc::Receiver<String>, what: &str) -> String {
@@ -1204,54 +1243,22 @@ async fn the_agents_trace_log_does_not_hold_its_secret() {
     let (echo, _) = echo_backend().await;
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("agent.secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    let server = format!("ws://{}/agent", bridge.addr);
-    let service = format!("pos={echo}");
-    let mut command = agent_command(&[
-        "--server",
-        &server,
-        "--name",
-        "shop-17",
-        "--secret-file",
-        secret.to_str().unwrap(),
-        "--service",
-        &service,
-        "-vv",
-    ]);
+    let mut args = shop_17_args(&bridge, echo, dir.path());
+    args.push("-vv".to_owned());
+    let mut command = agent_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
     command.env_remove("RUST_LOG");
-    let mut child = command.spawn().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let (mut child, mut lines) = agent_spawned(command);
     let mut seen = Vec::new();
     // A session crosses the agent (a data link dialled, with its secret), then the agent stops.
-    let (mut ws, _) = within("the agent to connect", async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("the agent exited");
-            let connected = line.contains("agent: connected");
-            seen.push(line);
-            if connected {
-                return ws_connect(&bridge.url("/pos"), None).await;
-            }
-        }
-    })
-    .await;
+    log_lines_kept(&mut lines, &mut seen, "agent: connected").await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"traced").await;
     assert_eq!(recv_data(&mut ws).await, b"traced");
     ws.close(None).await.unwrap();
-    within("the session's end on the agent", async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("the agent exited");
-            let closed = line.contains("agent: session closed");
-            seen.push(line);
-            if closed {
-                return;
-            }
-        }
-    })
-    .await;
+    log_lines_kept(&mut lines, &mut seen, "agent: session closed").await;
     child.start_kill().unwrap();
     within("the agent's log to end", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
+        while let Some(line) = lines.recv().await {
             seen.push(line);
         }
     })
@@ -1274,20 +1281,8 @@ async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
     let (echo, _) = echo_backend().await;
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("agent.secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    let server = format!("ws://{}/agent", bridge.addr);
-    let service = format!("pos={echo}");
-    let (mut child, mut lines) = agent_binary(&[
-        "--server",
-        &server,
-        "--name",
-        "shop-17",
-        "--secret-file",
-        secret.to_str().unwrap(),
-        "--service",
-        &service,
-    ]);
+    let args = shop_17_args(&bridge, echo, dir.path());
+    let (mut child, mut lines) = agent_binary(&args.iter().map(String::as_str).collect::<Vec<_>>());
     log_line(&mut lines, "agent: connected").await;
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"before").await;

@@ -265,49 +265,9 @@ async fn token_file_name_plugin_takes_a_directory_of_targets() {
     let r = http_raw(bridge.addr, &upgrade_request("/websockify?token=tokens/desk1", "")).await;
     assert_eq!(status_of(&r), 404, "{r}");
 
-    // A file, or nothing, as the source: refused before listening.
     let file = tokens.join("desk1");
-    for source in [file.clone(), dir.path().join("missing")] {
-        let (code, _, err) = run_to_end(&[
-            "127.0.0.1:0",
-            "--token-plugin",
-            "TokenFileName",
-            "--token-source",
-            source.to_str().unwrap(),
-        ])
-        .await;
-        assert_eq!(code, 64, "{err}");
-        assert!(err.contains(&format!("--token-source {}", source.display())), "{err}");
-        if source == file {
-            assert!(err.contains("TokenFileName plugin requires a directory"), "{err}");
-        }
-    }
-
-    // The TOML form, as `wsbridge check` prints it, and refused on a file with file, line and field.
-    let toml = dir.path().join("bridge.toml");
-    let text = |source: &std::path::Path| {
-        format!(
-            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = {:?}\nformat = \"file-names\"\n",
-            source.display().to_string()
-        )
-    };
-    std::fs::write(&toml, text(&tokens)).unwrap();
-    let (code, out, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        out.contains(&format!(
-            "token source {} (1 tokens): lookup = \"query\", format = \"file-names\"",
-            tokens.display()
-        )) && out.contains(&format!("-> {backend}")),
-        "{out}"
-    );
-    std::fs::write(&toml, text(&file)).unwrap();
-    let (code, _, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
-    assert_ne!(code, 0, "{err}");
-    assert!(
-        err.contains("bridge.toml:6: tokens[0].format") && err.contains("needs a directory"),
-        "{err}"
-    );
+    let listed = backend.to_string();
+    a_directory_plugin_takes_a_directory_only("TokenFileName", "file-names", dir.path(), &tokens, &file, &listed).await;
 }
 
 /// `--web-auth` without an auth plugin is refused at start (64), as websockify refuses it,
@@ -434,44 +394,48 @@ async fn unix_domain_socket_directory_plugin_takes_a_directory_of_sockets() {
     })
     .await;
 
-    // A file, or nothing, as the source: refused before listening.
     let file = dir.path().join("file");
     std::fs::write(&file, "").unwrap();
-    for source in [file.clone(), dir.path().join("missing")] {
-        let (code, _, err) = run_to_end(&[
-            "127.0.0.1:0",
-            "--token-plugin",
-            "UnixDomainSocketDirectory",
-            "--token-source",
-            source.to_str().unwrap(),
-        ])
-        .await;
+    let listed = format!("unix:{}", socks.join("desk1").display());
+    a_directory_plugin_takes_a_directory_only("UnixDomainSocketDirectory", "unix-sockets", dir.path(), &socks, &file, &listed).await;
+}
+
+/// A token plugin whose source is a directory (`plugin` on the command line, `format` in a
+/// file): a file (`file`) or nothing as its source is refused before listening (64, naming it);
+/// in a file, `wsbridge check` lists the directory `source` (one entry, leading to `listed`) and
+/// refuses `file` with file, line and field. `scratch` takes the missing path and the file.
+async fn a_directory_plugin_takes_a_directory_only(
+    plugin: &str,
+    format: &str,
+    scratch: &std::path::Path,
+    source: &std::path::Path,
+    file: &std::path::Path,
+    listed: &str,
+) {
+    for path in [file.to_path_buf(), scratch.join("missing")] {
+        let (code, _, err) = run_to_end(&["127.0.0.1:0", "--token-plugin", plugin, "--token-source", path.to_str().unwrap()]).await;
         assert_eq!(code, 64, "{err}");
-        assert!(err.contains(&format!("--token-source {}", source.display())), "{err}");
-        if source == file {
-            assert!(err.contains("UnixDomainSocketDirectory plugin requires a directory"), "{err}");
+        assert!(err.contains(&format!("--token-source {}", path.display())), "{err}");
+        if path == file {
+            assert!(err.contains(&format!("{plugin} plugin requires a directory")), "{err}");
         }
     }
-
-    // The TOML form, as `wsbridge check` prints it (the sockets there now), and refused on a file.
-    let toml = dir.path().join("bridge.toml");
+    let toml = scratch.join("bridge.toml");
     let text = |source: &std::path::Path| {
         format!(
-            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = {:?}\nformat = \"unix-sockets\"\n",
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = {:?}\nformat = \"{format}\"\n",
             source.display().to_string()
         )
     };
-    std::fs::write(&toml, text(&socks)).unwrap();
+    std::fs::write(&toml, text(source)).unwrap();
     let (code, out, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(
-        out.contains(&format!(
-            "token source {} (1 tokens): lookup = \"query\", format = \"unix-sockets\"",
-            socks.display()
-        )) && out.contains(&format!("-> unix:{}", socks.join("desk1").display())),
-        "{out}"
+    let heading = format!(
+        "token source {} (1 tokens): lookup = \"query\", format = \"{format}\"",
+        source.display()
     );
-    std::fs::write(&toml, text(&file)).unwrap();
+    assert!(out.contains(&heading) && out.contains(&format!("-> {listed}")), "{out}");
+    std::fs::write(&toml, text(file)).unwrap();
     let (code, _, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
     assert_ne!(code, 0, "{err}");
     assert!(

@@ -5,10 +5,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use wsbridge::config::Config;
-
 use crate::common::redis::Redis;
+use crate::common::token_sources::{echoes, from_cli, from_toml, only};
 use crate::common::*;
 
 /// The lookup deadline the outage tests set (short, so the tests are quick; far above a loopback
@@ -27,33 +25,9 @@ async fn redis_or_skip(test: &str, extra: &[&str]) -> Option<Redis> {
     redis
 }
 
-/// The configuration a websockify-style command line makes.
-fn from_cli(args: &[&str]) -> Config {
-    let cli = wsbridge::cli::Cli::try_parse_from(["wsbridge", "127.0.0.1:0"].iter().chain(args)).expect("arguments parse");
-    cli.run.into_config().expect("a configuration")
-}
-
-/// A configuration file's text with one listener and this `[[tokens]]` table.
-fn from_toml(tokens: &str, dir: &std::path::Path) -> Config {
-    let text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\n{tokens}");
-    Config::from_toml(&text, &dir.join("wsbridge.toml")).expect("the configuration parses")
-}
-
-/// The allow-list rule for exactly this backend.
-fn only(backend: SocketAddr) -> String {
-    format!("{}/32:{}", backend.ip(), backend.port())
-}
-
 /// The status an upgrade with `?token=` gets.
 async fn status_for(bridge: &TestBridge, token: &str) -> u16 {
     status_of(&http_head(bridge.addr, &upgrade_request(&format!("/websockify?token={token}"), "")).await)
-}
-
-/// Opens a session with `token` and checks that it reaches the echo backend.
-async fn echoes(bridge: &TestBridge, token: &str) {
-    let (mut ws, _) = ws_connect(&bridge.url(&format!("/websockify?token={token}")), None).await;
-    send_bin(&mut ws, b"ping").await;
-    assert_eq!(recv_data(&mut ws).await, b"ping", "token {token} reaches the echo backend");
 }
 
 async fn set(c: &mut ::redis::aio::MultiplexedConnection, key: &str, value: &str) {

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use wsbridge::config::Config;
 
+use crate::common::token_sources::{echoes, from_cli, from_toml, only};
 use crate::common::*;
 
 /// How the test API answers a request for a path: status and body, or `None` to never answer
@@ -129,33 +129,9 @@ fn json(target: SocketAddr) -> String {
     format!("{{\"host\": \"{}\", \"port\": {}}}", target.ip(), target.port())
 }
 
-/// The configuration a websockify-style command line makes.
-fn from_cli(args: &[&str]) -> Config {
-    let cli = wsbridge::cli::Cli::try_parse_from(["wsbridge", "127.0.0.1:0"].iter().chain(args)).expect("arguments parse");
-    cli.run.into_config().expect("a configuration")
-}
-
-/// A configuration file's text with one listener and this `[[tokens]]` table.
-fn from_toml(tokens: &str, dir: &std::path::Path) -> Config {
-    let text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\n{tokens}");
-    Config::from_toml(&text, &dir.join("wsbridge.toml")).expect("the configuration parses")
-}
-
-/// The allow-list rule for exactly this backend.
-fn only(backend: SocketAddr) -> String {
-    format!("{}/32:{}", backend.ip(), backend.port())
-}
-
 /// The answer to an upgrade with `?token=` (as the query spells it).
 async fn answer_for(bridge: &TestBridge, token: &str) -> String {
     http_head(bridge.addr, &upgrade_request(&format!("/websockify?token={token}"), "")).await
-}
-
-/// Opens a session with `token` and checks that it reaches the echo backend.
-async fn echoes(bridge: &TestBridge, token: &str) {
-    let (mut ws, _) = ws_connect(&bridge.url(&format!("/websockify?token={token}")), None).await;
-    send_bin(&mut ws, b"ping").await;
-    assert_eq!(recv_data(&mut ws).await, b"ping", "token {token} reaches the echo backend");
 }
 
 #[tokio::test]
@@ -299,21 +275,10 @@ async fn a_hung_api_answers_503_at_the_lookup_deadline_and_a_closed_one_at_once(
 
 #[tokio::test]
 async fn tokens_from_an_https_api_checked_against_its_ca() {
-    use rustls::pki_types::pem::PemObject;
     let pki = pki::Pki::new("token API CA");
     let cert = pki.server("api", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
-    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
     let (echo, _) = echo_backend().await;
-    let mut api = Api::start_tls(move |_| Some((200, json(echo))), tokio_rustls::TlsAcceptor::from(Arc::new(config))).await;
+    let mut api = Api::start_tls(move |_| Some((200, json(echo))), cert.acceptor()).await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("https://localhost:{}/lookup?token=%s", api.addr.port());
     let tokens = format!(
@@ -535,22 +500,11 @@ async fn pages_opened_at_once_from_one_address_are_not_braked_while_their_lookup
 /// reload, as a route's backend CA is: the API's lookups work again without a restart.
 #[tokio::test]
 async fn a_rotated_ca_file_is_read_again_at_a_reload() {
-    use rustls::pki_types::pem::PemObject;
     let pki = pki::Pki::new("token API CA");
     let stale = pki::Pki::new("the CA before");
     let cert = pki.server("api", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
-    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
     let (echo, _) = echo_backend().await;
-    let api = Api::start_tls(move |_| Some((200, json(echo))), tokio_rustls::TlsAcceptor::from(Arc::new(config))).await;
+    let api = Api::start_tls(move |_| Some((200, json(echo))), cert.acceptor()).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("api-ca.pem");
     std::fs::copy(stale.ca_file(), &ca).unwrap();
