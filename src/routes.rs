@@ -402,6 +402,33 @@ impl RouteTable {
         self.any_path.clone().ok_or_else(|| Miss::Path(path.chars().take(200).collect()))
     }
 
+    /// Whether looking `request` up tries a token, a credential whose guesses the brake on
+    /// failed attempts charges: the `token` in its query where something takes query tokens, or,
+    /// where no path route matches it and it names no such token, its host where a source takes
+    /// host tokens (`lookup = "host"`, websockify's `--host-token`).
+    pub fn names_token<B>(&self, request: &Request<B>) -> bool {
+        let path = request.uri().path();
+        if self.paths.contains_key(path)
+            || self
+                .agent_templates
+                .iter()
+                .any(|(prefix, _)| crate::agent::fill_template(prefix, path).is_some())
+        {
+            return false;
+        }
+        if self.takes_query_tokens() && query_token(request.uri().query()).is_some() {
+            return true;
+        }
+        self.takes_host_tokens() && host_of(request).is_some()
+    }
+
+    /// Whether a token source takes tokens from the Host header (`lookup = "host"`).
+    fn takes_host_tokens(&self) -> bool {
+        self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Host)
+            || self.redis_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Host)
+            || self.api_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Host)
+    }
+
     /// Whether a token in the query can select a route: an inline token route, or a token
     /// source with `lookup = "query"`.
     pub fn takes_query_tokens(&self) -> bool {

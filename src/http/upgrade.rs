@@ -297,9 +297,9 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
         _ => return reject(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"),
     };
     // From here on the details (a route's name, a token, a path) are for the log, not the client.
-    // A token in the query is a credential too: guessing one is charged to the address like a
-    // wrong password, and a right one costs nothing.
-    let names_token = routes.takes_query_tokens() && crate::routes::query_token(request.uri().query()).is_some();
+    // A token (in the query, or a host name that is one) is a credential too: guessing one is
+    // charged to the address like a wrong password, and a right one costs nothing.
+    let names_token = routes.names_token(&request);
     let in_flight = match names_token {
         true => match charge_for_lookup(ctx).await {
             Ok(in_flight) => Some(in_flight),

@@ -113,6 +113,53 @@ async fn host_token() {
     assert_eq!(status_of(&http_raw(bridge.addr, &upgrade_request("/", "")).await), 404);
 }
 
+/// A host name that is a token is a credential like one in the query: names guessed in the Host
+/// header are charged to the address (ten, then 429), found ones cost nothing, and where an
+/// any-path route takes every other host nothing is charged (the hosts reaching it are not
+/// guesses but the bridge's ordinary name).
+#[tokio::test]
+async fn host_names_guessed_are_braked_like_tokens() {
+    let a = named_backend("A").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hosts");
+    std::fs::write(&file, format!("vnc1.example.com: 127.0.0.1:{}\n", a.port())).unwrap();
+    let with_host = |host: &str| {
+        String::from_utf8(upgrade_request("/", ""))
+            .unwrap()
+            .replace("Host: localhost", &format!("Host: {host}"))
+    };
+    let ask = |addr, host: String| async move { http_raw(addr, host.as_bytes()).await };
+
+    let mut config = Config::new("test");
+    add_token_source(&mut config, file.clone(), TokenLookup::Host);
+    let bridge = TestBridge::start(config).await;
+    // The right name, many times over: never charged.
+    for _ in 0..12 {
+        let mut s = raw_ws_request(bridge.addr, with_host("vnc1.example.com").as_bytes()).await;
+        assert_eq!(raw_read_frame(&mut s).await, (0x2, b"A".to_vec()));
+    }
+    for i in 0..10 {
+        let r = ask(bridge.addr, with_host(&format!("vnc{}.example.com", i + 2))).await;
+        assert_eq!(status_of(&r), 404, "guess {i}: {r}");
+    }
+    let r = ask(bridge.addr, with_host("vnc99.example.com")).await;
+    assert_eq!(status_of(&r), 429, "{r}");
+    assert!(r.to_ascii_lowercase().contains("retry-after: "), "{r}");
+    assert!(body_of(&r).contains("too many failed attempts"), "{r}");
+
+    // Beside an any-path route, every other host reaches it, uncharged.
+    let b = named_backend("B").await;
+    let mut config = config_with(Matcher::AnyPath, tcp(b));
+    add_token_source(&mut config, file, TokenLookup::Host);
+    let bridge = TestBridge::start(config).await;
+    for i in 0..15 {
+        let mut s = raw_ws_request(bridge.addr, with_host(&format!("bridge{i}.example.com")).as_bytes()).await;
+        assert_eq!(raw_read_frame(&mut s).await, (0x2, b"B".to_vec()), "host {i}");
+    }
+    let mut s = raw_ws_request(bridge.addr, with_host("VNC1.example.com:443").as_bytes()).await;
+    assert_eq!(raw_read_frame(&mut s).await, (0x2, b"A".to_vec()));
+}
+
 #[tokio::test]
 async fn unix_socket_target() {
     let dir = tempfile::tempdir().unwrap();
