@@ -13,6 +13,10 @@
 //! `/metrics`, `/sessions` and `/agents` need `Authorization: Bearer TOKEN` when a token is configured (401
 //! otherwise); the health endpoints never do: balancers probe them and they tell nothing.
 //!
+//! With `[admin] tls` the listener is HTTPS only (a plain request gets a 400 saying so), with
+//! client certificates when `client_ca` is set; its certificate reloads as a listener's does
+//! (SIGHUP, and its files watched) and its expiry is exported beside theirs.
+//!
 //! HTTP is the bridge's own small path ([`crate::http::request`], httparse): one request per
 //! connection, the same head cap (`MAX_HEAD`), `Connection: close`. A few fixed endpoints do not need a
 //! second HTTP stack (hyper's server and hyper-util) beside the one the listeners already use.
@@ -30,21 +34,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::admin::AdminConfig;
 use crate::http::request::read_request;
+use crate::server::start::StartError;
 use crate::server::Bridge;
 use crate::slots::{Slot, Slots};
+use crate::tls::TlsListener;
 
 /// Admin connections served at once; an operator's scraper and a person with curl need few.
 pub const MAX_CONNECTIONS: usize = 16;
 
-/// How long a client may take to send its request, and we to write the answer.
+/// How long a client may take to send its request (with its TLS handshake), and we to write the
+/// answer.
 pub const DEADLINE: Duration = Duration::from_secs(5);
 
 /// The admin endpoints of one bridge.
@@ -56,6 +63,8 @@ pub struct Admin {
     slots: Slots,
     /// The connections still reading their request, oldest first.
     reading: Arc<Mutex<Reading>>,
+    /// `[admin] tls`: HTTPS only.
+    tls: Option<Arc<TlsListener>>,
 }
 
 /// The places of connections that have not sent their request yet: held here, not by their
@@ -71,24 +80,47 @@ struct Reading {
 impl Admin {
     /// Endpoints for `bridge`, asking for `config`'s token.
     pub fn new(bridge: &Bridge, config: &AdminConfig) -> Admin {
-        bridge.set_admin(config.addr, config.token.as_deref());
+        bridge.set_admin(config);
         Admin {
             bridge: bridge.clone(),
             slots: Slots::default(),
             reading: Arc::default(),
+            tls: None,
         }
     }
 
-    /// Binds `config.addr` and serves there until `stop` is cancelled (a task on the current
-    /// runtime); returns the bound address.
+    /// Serves HTTPS only, with `tls` (loaded from `[admin] tls`), which the bridge reloads with
+    /// its listeners' certificates.
+    pub fn with_tls(mut self, tls: Arc<TlsListener>) -> Admin {
+        self.bridge.watch_tls(&tls);
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Reads `config`'s certificate files, binds `config.addr` and serves there until `stop` is
+    /// cancelled (a task on the current runtime); returns the bound address.
     ///
     /// # Errors
-    /// The address cannot be bound.
-    pub async fn spawn(bridge: &Bridge, config: &AdminConfig, stop: CancellationToken) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(config.addr).await?;
-        let addr = listener.local_addr()?;
-        info!(%addr, token = config.token.is_some(), "admin endpoints serving");
-        tokio::spawn(Admin::new(bridge, config).serve(listener, stop));
+    /// A certificate, key or CA file that cannot be used ([`StartError::Admin`]), or the address
+    /// cannot be bound.
+    pub async fn spawn(bridge: &Bridge, config: &AdminConfig, stop: CancellationToken) -> Result<SocketAddr, StartError> {
+        let tls = match config.tls.clone().map(TlsListener::load).transpose() {
+            Ok(tls) => tls,
+            Err(source) => return Err(StartError::Admin { addr: config.addr, source }),
+        };
+        let bind = |source| StartError::Bind {
+            addr: config.addr.into(),
+            source,
+        };
+        let listener = TcpListener::bind(config.addr).await.map_err(bind)?;
+        let addr = listener.local_addr().map_err(bind)?;
+        let mut admin = Admin::new(bridge, config);
+        if let Some(tls) = tls {
+            admin = admin.with_tls(Arc::new(tls));
+        }
+        let client_certificates = config.requires_client_certificates();
+        info!(%addr, token = config.token.is_some(), tls = config.tls.is_some(), client_certificates, "admin endpoints serving");
+        tokio::spawn(admin.serve(listener, stop));
         Ok(addr)
     }
 
@@ -161,8 +193,36 @@ impl Admin {
         reading.waiting.remove(at).map(|(_, slot, _, _)| slot)
     }
 
+    /// One connection: its TLS handshake (with `[admin] tls`), its request and the answer.
     async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, id: u64) {
-        let head = match timeout(DEADLINE, read_request(&mut stream)).await {
+        let deadline = Instant::now() + DEADLINE;
+        let Some(tls) = &self.tls else {
+            return self.exchange(stream, peer, id, deadline).await;
+        };
+        let mut first = [0u8; 1];
+        match timeout_at(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(1)) => {}
+            Ok(_) => return debug!(%peer, "admin connection closed before sending anything"),
+            Err(_) => return debug!(%peer, "admin request not sent within the deadline"),
+        }
+        // 0x16: a TLS handshake record. A plain request is told what to use, not left to time out.
+        if first[0] != 0x16 {
+            let _place = self.read(id);
+            let reason = "this admin listener takes HTTPS only\n";
+            let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, reason)).await;
+            let _ = timeout(DEADLINE, stream.shutdown()).await;
+            return debug!(%peer, "plain request on the HTTPS admin listener refused");
+        }
+        match timeout_at(deadline, tls.acceptor().accept(stream)).await {
+            Ok(Ok(stream)) => self.exchange(stream, peer, id, deadline).await,
+            Ok(Err(e)) => debug!(%peer, error = %e, "admin TLS handshake failed"),
+            Err(_) => debug!(%peer, "admin TLS handshake not done within the deadline"),
+        }
+    }
+
+    /// Reads the request (before `deadline`) and writes the answer.
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(&self, mut stream: S, peer: SocketAddr, id: u64, deadline: Instant) {
+        let head = match timeout_at(deadline, read_request(&mut stream)).await {
             Ok(Ok((head, _))) => head,
             Ok(Err(e)) => {
                 let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, &format!("{e}\n"))).await;

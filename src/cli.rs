@@ -458,9 +458,9 @@ impl RunArgs {
             .map_err(usage)?;
         let mut config = self.into_config_without_admin()?;
         if let Some(addr) = admin {
-            // Beside --config, the address wins and the file's token stays.
-            let token = config.admin.take().and_then(|a| a.token);
-            let admin = crate::config::admin::AdminConfig { addr, token };
+            // Beside --config, the address wins and the file's token and TLS stay.
+            let (token, tls) = config.admin.take().map_or((None, None), |a| (a.token, a.tls));
+            let admin = crate::config::admin::AdminConfig { addr, token, tls };
             admin.check().map_err(|m| usage(format!("--admin: {m}")))?;
             config.admin = Some(admin);
         }

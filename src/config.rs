@@ -616,7 +616,12 @@ impl Config {
         );
         if let Some(a) = &self.admin {
             let token = if a.token.is_some() { "set" } else { "none" };
-            let _ = writeln!(out, "admin     addr = {} (token: {token})", toml_str(&a.addr.to_string()));
+            let tls = match &a.tls {
+                Some(t) if a.requires_client_certificates() => format!(", TLS with {} and client certificates", t.default.cert.display()),
+                Some(t) => format!(", TLS with {}", t.default.cert.display()),
+                None => String::new(),
+            };
+            let _ = writeln!(out, "admin     addr = {} (token: {token}{tls})", toml_str(&a.addr.to_string()));
         }
         out
     }
@@ -933,8 +938,7 @@ struct RawListener {
 struct RawTls {
     cert: PathBuf,
     key: Option<PathBuf>,
-    #[serde(default)]
-    only: bool,
+    only: Option<bool>,
     #[serde(default)]
     min_version: MinVersion,
     client_ca: Option<PathBuf>,
@@ -1546,7 +1550,7 @@ impl RawTls {
         TlsSettings {
             default: files(self.cert, self.key),
             sni: self.sni.into_iter().map(|s| (s.names, files(s.cert, s.key))).collect(),
-            only: self.only,
+            only: self.only.unwrap_or(false),
             min_version: self.min_version,
             client_ca: self.client_ca.map(|c| ctx.resolve(&c)),
             client_auth: self.client_auth.unwrap_or_default(),

@@ -213,6 +213,15 @@ async fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     }
+    if let Some(Err(e)) = config
+        .admin
+        .as_ref()
+        .and_then(|a| a.tls.clone())
+        .map(wsbridge::tls::TlsListener::load)
+    {
+        eprintln!("wsbridge: {}: admin listener: {e}", path.display());
+        return ExitCode::from(EX_USAGE);
+    }
     say!("{}: OK", path.display());
     for warning in config.warnings() {
         say!("warning: {warning}");
@@ -250,12 +259,7 @@ async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usiz
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let _admin = admin_stop.clone().drop_guard();
     if let Some(admin) = &config.admin {
-        wsbridge::admin::Admin::spawn(&bridge, admin, admin_stop)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: admin.addr.into(),
-                source,
-            })?;
+        wsbridge::admin::Admin::spawn(&bridge, admin, admin_stop).await?;
     }
     if let Some(n) = &notifier {
         // Every socket is bound (connections queue from here) and the configuration loaded.

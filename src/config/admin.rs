@@ -1,6 +1,7 @@
-//! The `[admin]` table (and `--admin ADDR`): where the admin listener binds and the bearer token
-//! it asks for. Loopback unless the operator says otherwise, and never off loopback without a
-//! token: `/sessions` shows who is connected where and can end sessions.
+//! The `[admin]` table (and `--admin ADDR`): where the admin listener binds, the bearer token
+//! it asks for, and its TLS. Loopback unless the operator says otherwise, and never off loopback
+//! without a token or required client certificates: `/sessions` shows who is connected where and
+//! can end sessions.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,7 +10,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{ConfigError, Ctx};
+use super::tls::{ClientAuth, TlsSettings};
+use super::{ConfigError, Ctx, RawTls};
 
 /// The admin listener's settings.
 #[derive(Clone)]
@@ -19,6 +21,9 @@ pub struct AdminConfig {
     /// Bearer token `/metrics` and `/sessions` require (`/healthz` and `/readyz` never do:
     /// balancers probe them, and they tell nothing).
     pub token: Option<String>,
+    /// TLS on the admin listener (always TLS only: plain requests are not answered); its
+    /// certificate files reload as a listener's do.
+    pub tls: Option<TlsSettings>,
 }
 
 impl fmt::Debug for AdminConfig {
@@ -27,24 +32,34 @@ impl fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("addr", &self.addr)
             .field("token", &self.token.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl AdminConfig {
-    /// Checks the address against the token: off loopback, a token is required.
+    /// Checks the address against the credentials: off loopback, a token or required client
+    /// certificates.
     ///
     /// # Errors
     /// The message for the `addr` field.
     pub fn check(&self) -> Result<(), String> {
-        if !self.addr.ip().is_loopback() && self.token.is_none() {
+        if !self.addr.ip().is_loopback() && self.token.is_none() && !self.requires_client_certificates() {
             return Err(format!(
                 "{} is not a loopback address: the admin listener lists sessions and can end them, so off loopback it \
-                 needs a `token` (or `token_file`); or bind 127.0.0.1",
+                 needs a `token` (or `token_file`), or `tls` with `client_ca` (client certificates required); or bind \
+                 127.0.0.1",
                 self.addr
             ));
         }
         Ok(())
+    }
+
+    /// Whether only clients with a certificate from `tls.client_ca` get an answer.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some() && t.client_auth == ClientAuth::Required)
     }
 }
 
@@ -67,6 +82,7 @@ pub(super) struct RawAdmin {
     addr: Spanned<String>,
     token: Option<Spanned<String>>,
     token_file: Option<Spanned<PathBuf>>,
+    tls: Option<Spanned<RawTls>>,
 }
 
 impl RawAdmin {
@@ -97,7 +113,32 @@ impl RawAdmin {
             }
             (None, None) => None,
         };
-        let admin = AdminConfig { addr, token };
+        let tls = match self.tls {
+            Some(t) => {
+                let span = t.span();
+                let t = t.into_inner();
+                if t.only == Some(false) {
+                    return ctx.invalid(
+                        span,
+                        "admin.tls.only".into(),
+                        "the admin listener with `tls` is TLS only: leave `only` out",
+                    );
+                }
+                if !t.sni.is_empty() {
+                    return ctx.invalid(
+                        span,
+                        "admin.tls.sni".into(),
+                        "the admin listener has one certificate: leave `sni` out",
+                    );
+                }
+                Some(TlsSettings {
+                    only: true,
+                    ..t.resolve(ctx)
+                })
+            }
+            None => None,
+        };
+        let admin = AdminConfig { addr, token, tls };
         admin.check().or_else(|m| ctx.invalid(addr_span, "admin.addr".into(), m))?;
         Ok(admin)
     }
@@ -137,6 +178,42 @@ mod tests {
         let admin = parse("addr = \"0.0.0.0:9100\"\ntoken = \"s3cret\"\n").unwrap().admin.unwrap();
         assert_eq!(admin.token.as_deref(), Some("s3cret"));
         assert!(!format!("{admin:?}").contains("s3cret"), "the token stays out of Debug");
+    }
+
+    #[test]
+    fn tls_is_https_only_and_client_certificates_stand_in_for_a_token_off_loopback() {
+        let admin = parse("addr = \"9100\"\ntls = { cert = \"a.crt\", key = \"a.key\" }\n")
+            .unwrap()
+            .admin
+            .unwrap();
+        let tls = admin.tls.as_ref().unwrap();
+        assert!(tls.only, "HTTPS only");
+        assert_eq!(tls.default.cert, Path::new("a.crt"));
+        assert!(!admin.requires_client_certificates());
+        // Off loopback: required client certificates are enough; optional ones are not.
+        let certs = "addr = \"0.0.0.0:9100\"\ntls = { cert = \"a.crt\", client_ca = \"ca.pem\" }\n";
+        assert!(parse(certs).unwrap().admin.unwrap().requires_client_certificates());
+        let optional = "addr = \"0.0.0.0:9100\"\ntls = { cert = \"a.crt\", client_ca = \"ca.pem\", client_auth = \"optional\" }\n";
+        let e = parse(optional).unwrap_err().to_string();
+        assert!(
+            e.contains("admin.addr: 0.0.0.0:9100 is not a loopback address") && e.contains("client_ca"),
+            "{e}"
+        );
+        let e = parse("addr = \"9100\"\ntls = { cert = \"a.crt\", only = false }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:10: admin.tls.only: the admin listener with `tls` is TLS only"),
+            "{e}"
+        );
+        let e = parse("addr = \"9100\"\n[admin.tls]\ncert = \"a.crt\"\n[[admin.tls.sni]]\nnames = [\"x\"]\ncert = \"x.crt\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.tls.sni: the admin listener has one certificate"), "{e}");
+        let e = parse("addr = \"9100\"\ntls = { cert = \"a.crt\", kee = \"a.key\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `kee`"), "{e}");
     }
 
     #[test]

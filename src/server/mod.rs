@@ -107,9 +107,9 @@ struct Inner {
     /// The listeners as they were started: a reload cannot change them, and says which of its
     /// changes to them wait for a restart ([`Bridge::waiting_for_restart`]).
     listeners: Vec<ListenerConfig>,
-    /// The admin listener's address and the token it asks for, once it runs
+    /// The admin listener's address, the token it asks for and its TLS settings, once it runs
     /// ([`Bridge::set_admin`]); a reload changes the token.
-    admin: RwLock<Option<(SocketAddr, Option<Arc<str>>)>>,
+    admin: RwLock<Option<crate::config::admin::AdminConfig>>,
     /// Cancelled when the shutdown grace period is over: the sessions still open end at once,
     /// each with its log line, before the runtime drops what is left.
     abort: CancellationToken,
@@ -209,25 +209,25 @@ impl Bridge {
         crate::metrics::token_sources_reloaded();
         if let Some(new) = &config.admin {
             let mut admin = self.inner.admin.write().unwrap_or_else(|p| p.into_inner());
-            if let Some((addr, token)) = admin.as_mut() {
+            if let Some(running) = admin.as_mut() {
                 match &new.token {
-                    Some(t) => *token = Some(Arc::from(t.as_str())),
+                    Some(t) => running.token = Some(t.clone()),
                     // Beside `--admin` off loopback the file's token was the only guard: kept.
-                    None if !addr.ip().is_loopback() => warn!(
-                        admin = %addr,
+                    None if running.token.is_some() && !running.addr.ip().is_loopback() => warn!(
+                        admin = %running.addr,
                         "the reloaded [admin] has no token: the admin listener, off loopback, keeps the one it had"
                     ),
-                    None => *token = None,
+                    None => running.token = None,
                 }
             }
         }
         Ok(())
     }
 
-    /// The admin listener runs on `addr`, asking for `token` (a reload with an `[admin]` table
-    /// changes it).
-    pub fn set_admin(&self, addr: SocketAddr, token: Option<&str>) {
-        *self.inner.admin.write().unwrap_or_else(|p| p.into_inner()) = Some((addr, token.map(Arc::from)));
+    /// The admin listener runs as `config` says (a reload with an `[admin]` table changes its
+    /// token; its TLS settings wait for a restart).
+    pub fn set_admin(&self, config: &crate::config::admin::AdminConfig) {
+        *self.inner.admin.write().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
     }
 
     /// Re-reads the token files that changed since they were last read (a metrics scrape asks,
@@ -238,13 +238,13 @@ impl Bridge {
     }
 
     /// The token the admin endpoints ask for now.
-    pub fn admin_token(&self) -> Option<Arc<str>> {
+    pub fn admin_token(&self) -> Option<String> {
         self.inner
             .admin
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .and_then(|(_, token)| token.clone())
+            .and_then(|a| a.token.clone())
     }
 
     /// What `config`, just reloaded, changes that only a restart puts in force: its listeners
@@ -266,6 +266,15 @@ impl Bridge {
                         ));
                     }
                 }
+            }
+        }
+        if let Some(running) = self.inner.admin.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if config.admin.as_ref().and_then(|a| a.tls.as_ref()) != running.tls.as_ref() {
+                waiting.push(
+                    "admin listener: tls changed in the file; in force after a restart (until then it serves as it was \
+                     started; its certificate files themselves reload)"
+                        .to_owned(),
+                );
             }
         }
         for old in running {
@@ -352,6 +361,17 @@ impl Bridge {
         self.inner.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Counts `tls` among the listeners' certificates: watched for changes (until the shutdown
+    /// starts), reloaded by [`Bridge::reload_tls`], their expiry exported. Once per listener,
+    /// though several runtime threads serve siblings of one.
+    pub fn watch_tls(&self, tls: &Arc<TlsListener>) {
+        let mut known = self.inner.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if !known.iter().any(|k| Arc::ptr_eq(k, tls)) {
+            tls.spawn_watcher(self.inner.shutdown.clone());
+            known.push(tls.clone());
+        }
+    }
+
     /// Re-reads every listener's certificate files (SIGHUP); each listener that fails keeps its
     /// old certificate. Returns the failures.
     pub fn reload_tls(&self) -> Vec<crate::tls::TlsError> {
@@ -377,12 +397,7 @@ impl Bridge {
         };
         for listener in listeners {
             if let Some(tls) = &listener.tls {
-                // Several runtime threads serve siblings of one listener: one watcher each.
-                let mut known = self.inner.tls.lock().unwrap_or_else(|p| p.into_inner());
-                if !known.iter().any(|k| Arc::ptr_eq(k, tls)) {
-                    tls.spawn_watcher(self.inner.shutdown.clone());
-                    known.push(tls.clone());
-                }
+                self.watch_tls(tls);
             }
             let bridge = this.clone();
             self.inner.tracker.spawn(async move { bridge.accept_loop(listener).await });

@@ -38,6 +38,15 @@ pub enum StartError {
         #[source]
         source: TlsError,
     },
+    /// The admin listener's TLS files (certificate, key, CA) cannot be used.
+    #[error("admin listener {addr}: {source}")]
+    Admin {
+        /// The admin listener's configured address.
+        addr: SocketAddr,
+        /// What is wrong with its files.
+        #[source]
+        source: TlsError,
+    },
     /// A port cannot be bound (in use, not local, no permission).
     #[error("cannot listen on {addr}")]
     Bind {
@@ -61,7 +70,10 @@ pub enum StartError {
 impl StartError {
     /// The configuration's fault (a file to fix), not the machine's.
     pub fn is_config(&self) -> bool {
-        matches!(self, StartError::Listener { .. } | StartError::Activation(_))
+        matches!(
+            self,
+            StartError::Listener { .. } | StartError::Admin { .. } | StartError::Activation(_)
+        )
     }
 }
 

@@ -619,6 +619,7 @@ pub async fn start_admin(bridge: &TestBridge, token: Option<&str>) -> (SocketAdd
     let config = wsbridge::config::admin::AdminConfig {
         addr,
         token: token.map(str::to_owned),
+        tls: None,
     };
     let stop = CancellationToken::new();
     tokio::spawn(wsbridge::admin::Admin::new(&bridge.bridge, &config).serve(listener, stop.clone()));

@@ -925,3 +925,107 @@ async fn handshake_timeouts_are_counted() {
         2.0
     );
 }
+
+/// One request over an HTTPS admin connection: its status and body.
+async fn admin_over_tls(
+    addr: SocketAddr,
+    config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    path: &str,
+) -> std::io::Result<(u16, String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = crate::common::pki::tls_connect(addr, "localhost", config).await?;
+    let cn = crate::common::pki::server_cn(&stream);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    within("an admin answer over TLS", stream.read_to_end(&mut response)).await?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    Ok((status_of(&response), body_of(&response).to_owned(), cn))
+}
+
+/// `[admin] tls` with `client_ca`: HTTPS only, a client certificate required (and enough off
+/// loopback, without a token), a plain request told so; the certificate is rotated by SIGHUP
+/// and its expiry exported like a listener's; a changed `tls` waits for a restart, and says so.
+#[tokio::test]
+async fn the_admin_listener_serves_https_to_clients_with_certificates() {
+    use crate::common::binary::{run_to_end, Binary};
+    use crate::common::pki::*;
+    use tokio_rustls::rustls;
+    let pki = Pki::new("admin CA");
+    let first = pki.server("admin", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let prometheus = pki.client("prometheus", "prometheus");
+    let dir = pki.dir.path();
+    let file = dir.join("wsbridge.toml");
+    let config = |client_ca: &str| {
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n\
+             [admin]\naddr = \"127.0.0.1:0\"\ntls = {{ cert = \"admin.crt\", key = \"admin.key\"{client_ca} }}\n"
+        )
+    };
+    std::fs::write(&file, config(", client_ca = \"ca.pem\"")).unwrap();
+    let (code, out, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("TLS with") && out.contains("and client certificates"), "{out}");
+
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+    let with_cert = client_config(&pki.ca_pem, Some(&prometheus), versions);
+    let (status, body, cn) = admin_over_tls(addr, with_cert.clone(), "/metrics").await.unwrap();
+    assert_eq!((status, cn.as_str()), (200, "localhost"), "{body}");
+    let label = first.cert.display().to_string();
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("wsbridge_certificate_expiry_seconds{") && l.contains(&label)),
+        "{body}"
+    );
+    // No client certificate: no answer (the handshake, or the first read, fails).
+    let without = admin_over_tls(addr, client_config(&pki.ca_pem, None, versions), "/healthz").await;
+    assert!(!matches!(without, Ok((200, ..))), "{without:?}");
+    // Plain HTTP: told to use HTTPS.
+    let (status, body) = admin(addr, "GET", "/healthz", None).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("HTTPS only"), "{body}");
+
+    // A new certificate in the same files: served after SIGHUP.
+    let second = pki.server("admin", &["localhost", "admin.example"], &rcgen::PKCS_ED25519);
+    assert_eq!(second.cert, first.cert);
+    b.signal("HUP").await;
+    b.line("configuration reloaded").await;
+    within("the rotated certificate", async {
+        loop {
+            let stream = tls_connect(addr, "localhost", with_cert.clone()).await.unwrap();
+            let der = &stream.get_ref().1.peer_certificates().unwrap()[0];
+            if x509_parser::parse_x509_certificate(der.as_ref())
+                .unwrap()
+                .1
+                .subject_alternative_name()
+                .unwrap()
+                .is_some_and(|san| san.value.general_names.len() == 2)
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    // Client certificates dropped from the file: a restart's business, and said so.
+    std::fs::write(&file, config("")).unwrap();
+    b.signal("HUP").await;
+    let waiting = b.line("admin listener: tls changed").await;
+    assert!(waiting.contains("WARN") && waiting.contains("after a restart"), "{waiting}");
+    let (status, ..) = admin_over_tls(addr, with_cert, "/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    let without = admin_over_tls(addr, client_config(&pki.ca_pem, None, versions), "/healthz").await;
+    assert!(!matches!(without, Ok((200, ..))), "still as started: {without:?}");
+
+    // A key that is not there: `check` and the start name the admin listener and the file.
+    std::fs::write(&file, config("").replace("admin.key", "missing.key")).unwrap();
+    let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("admin listener") && err.contains("missing.key"), "{err}");
+    let (code, _, err) = run_to_end(&["--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("admin listener 127.0.0.1:0") && err.contains("missing.key"), "{err}");
+}
