@@ -251,6 +251,10 @@ impl Admin {
         let method = request.method();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let get = method == Method::GET || method == Method::HEAD;
+        let web_page = match segments.as_slice() {
+            ["healthz"] | ["readyz"] => None,
+            _ => from_a_web_page(request, self.bridge.admin_token().is_none() && !self.client_certificates()),
+        };
         match segments.as_slice() {
             ["healthz"] if get => (StatusCode::OK, TEXT, "ok\n".into()),
             ["readyz"] if get => {
@@ -263,6 +267,15 @@ impl Admin {
                 }
             }
             ["healthz"] | ["readyz"] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
+            _ if web_page.is_some() => {
+                let why = web_page.unwrap_or_default();
+                debug!(%peer, path, why, "admin request from a web page refused");
+                (
+                    StatusCode::FORBIDDEN,
+                    TEXT,
+                    format!("the admin endpoints are not for web pages ({why})\n"),
+                )
+            }
             _ if !self.authorized(request) => (
                 StatusCode::UNAUTHORIZED,
                 TEXT,
@@ -297,6 +310,13 @@ impl Admin {
             ["metrics"] | ["agents"] | ["sessions", ..] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
             _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
         }
+    }
+
+    /// Whether only clients with a certificate from the admin's `client_ca` get this far.
+    fn client_certificates(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.settings.client_ca.is_some() && t.settings.client_auth == crate::config::tls::ClientAuth::Required)
     }
 
     fn authorized(&self, request: &http::Request<()>) -> bool {
@@ -436,6 +456,35 @@ const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
 /// What prometheus-client writes (OpenMetrics text, which Prometheus scrapes natively).
 const METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Why `request` looks sent by a web page a browser loaded, which the endpoints past the health
+/// checks never answer: a page elsewhere could otherwise end sessions or move agents (a POST
+/// with no body needs no CORS preflight), and a page whose name it re-binds to 127.0.0.1 could
+/// read `/sessions` as its own origin. Scrapers and curl send none of these; an address typed
+/// into the browser (`Sec-Fetch-Site: none`) is no page's request. `unguarded` (no token, no
+/// client certificates: a loopback admin), also a Host that is not an IP address or
+/// `localhost`: the name of a re-bound page, from a browser too old to send `Sec-Fetch-Site`.
+fn from_a_web_page(request: &http::Request<()>, unguarded: bool) -> Option<&'static str> {
+    let headers = request.headers();
+    if headers.contains_key(http::header::ORIGIN) {
+        return Some("an Origin header");
+    }
+    if headers.get("sec-fetch-site").is_some_and(|v| v.as_bytes() != b"none") {
+        return Some("Sec-Fetch-Site");
+    }
+    if unguarded {
+        let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+        };
+        let literal = name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost");
+        if !host.is_empty() && !literal {
+            return Some("a Host name other than localhost, with no token asked for");
+        }
+    }
+    None
+}
 
 async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, content_type: &str, body: &str) -> std::io::Result<()> {
     let head = format!(

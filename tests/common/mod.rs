@@ -607,7 +607,7 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
 /// `METHOD path` on an admin listener, with a bearer token if given: status and body.
 pub async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n");
     let response = http_raw(addr, request.as_bytes()).await;
     (status_of(&response), body_of(&response).to_owned())
 }

@@ -926,6 +926,74 @@ async fn handshake_timeouts_are_counted() {
     );
 }
 
+/// Requests a web page makes (a POST from another site, which needs no CORS preflight, and a
+/// same-origin read by a page whose name was re-bound to 127.0.0.1) are refused past the health
+/// checks, so a page in the operator's browser can neither end sessions nor read who is
+/// connected; scrapers, curl and an address typed into the browser are answered.
+#[tokio::test]
+async fn web_pages_cannot_end_sessions_or_read_them_through_a_loopback_admin() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/echo".into()), tcp(backend))).await;
+    let (addr, _stop) = start_admin(&bridge, None).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/echo"), None).await;
+    let id = sessions_until(addr, "the session", |l| l.len() == 1).await[0]["id"]
+        .as_u64()
+        .unwrap();
+    let ask = |request: String| async move {
+        let r = http_raw(addr, request.as_bytes()).await;
+        (status_of(&r), body_of(&r).to_owned())
+    };
+    let port = addr.port();
+    // fetch("http://127.0.0.1:PORT/sessions/ID/close", {method: "POST", mode: "no-cors"}).
+    let (status, body) = ask(format!(
+        "POST /sessions/{id}/close HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://evil.example\r\n\
+         Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\nContent-Length: 0\r\n\r\n"
+    ))
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not for web pages"), "{body}");
+    // A page re-bound to 127.0.0.1 reading /sessions as its own origin (no Origin on a GET).
+    for headers in ["Sec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: cors\r\n", ""] {
+        let (status, body) = ask(format!(
+            "GET /sessions HTTP/1.1\r\nHost: rebound.evil.example:{port}\r\n{headers}\r\n"
+        ))
+        .await;
+        assert_eq!(status, 403, "{headers:?}: {body}");
+    }
+    // The session is untouched.
+    send_bin(&mut ws, b"still here").await;
+    assert_eq!(recv_data(&mut ws).await, b"still here");
+    // curl and Prometheus (Host: the address, or localhost), and an address typed into a browser.
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".into(),
+    ] {
+        let (status, body) = ask(format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n")).await;
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+    let typed = format!("GET /sessions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nSec-Fetch-Site: none\r\nSec-Fetch-Mode: navigate\r\n\r\n");
+    assert_eq!(ask(typed).await.0, 200);
+    // The health checks tell nothing and change nothing: answered to anyone.
+    let probe = "GET /readyz HTTP/1.1\r\nHost: evil.example\r\nOrigin: https://evil.example\r\n\r\n".to_owned();
+    assert_eq!(ask(probe).await.0, 200);
+    drop(_stop);
+
+    // With a token, a page cannot send it; a scraper may use any name for the host.
+    let (addr, _stop) = start_admin(&bridge, Some("the-admin-token")).await;
+    let r = http_raw(
+        addr,
+        format!(
+            "GET /metrics HTTP/1.1\r\nHost: wsbridge-1.internal:{}\r\nAuthorization: Bearer the-admin-token\r\n\r\n",
+            addr.port()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&r), 200, "{r}");
+}
+
 /// One request over an HTTPS admin connection: its status and body.
 async fn admin_over_tls(
     addr: SocketAddr,
@@ -935,7 +1003,7 @@ async fn admin_over_tls(
     use tokio::io::AsyncReadExt;
     let mut stream = crate::common::pki::tls_connect(addr, "localhost", config).await?;
     let cn = crate::common::pki::server_cn(&stream);
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     within("an admin answer over TLS", stream.read_to_end(&mut response)).await?;
