@@ -114,10 +114,7 @@ impl Backend {
                 Target::Agent { agent, .. } => Err(ConnectError::Agent(format!("agent {agent}: not reachable from here"))),
                 Target::Unix(path) => UnixStream::connect(path).await.map(Backend::Unix).map_err(ConnectError::Connect),
                 Target::Tcp { host, port } => {
-                    let addrs: Vec<_> = tokio::net::lookup_host((host.as_str(), *port))
-                        .await
-                        .map_err(ConnectError::Resolve)?
-                        .collect();
+                    let addrs = crate::dns::resolve(host, *port).await.map_err(ConnectError::Resolve)?;
                     let mut s = connect_any(&addrs, end).await?;
                     // Small messages (keystrokes, VNC input) must not wait for Nagle.
                     s.set_nodelay(true).map_err(ConnectError::Connect)?;

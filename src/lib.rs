@@ -17,6 +17,7 @@
 //! | [`routes`] / [`tokens`] | the route table: path, token (inline, websockify token files and socket directories, JWTs, Redis and HTTP APIs under a deadline), host |
 //! | [`tls`] | PEM → rustls configs, SNI, certificate reload, client certificates, TLS to backends |
 //! | [`backend`] | connecting to a target under a deadline; the backend stream's operations |
+//! | [`dns`] | host names resolved for backends and token APIs: one lookup per name at a time |
 //! | [`relay`] | the pump: both directions, framing modes, keepalive, idle deadline, close codes |
 //! | [`record`] | session recording (websockify's `--record`): a writer task per session, files noVNC's playback reads |
 //! | [`frame`] | WebSocket frames: the client's parsed and unmasked in place, our headers |
@@ -46,6 +47,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod frame;
 pub mod http;
 pub mod logging;

@@ -313,7 +313,10 @@ impl ApiTokens {
     /// for `https://`, and HTTP/1.1 over that; the connection's task runs until it closes.
     async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>, String> {
         let url = &self.settings.url;
-        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        let addrs = crate::dns::resolve(&url.host, url.port)
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", url.authority))?;
+        let tcp = TcpStream::connect(&addrs[..])
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", url.authority))?;
         let _ = tcp.set_nodelay(true);

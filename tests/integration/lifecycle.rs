@@ -869,3 +869,80 @@ async fn a_pong_stuck_behind_the_clients_own_data_does_not_end_the_session() {
     .await;
     assert_eq!(got, (0x2, b"alive".to_vec()), "the session ended instead (opcode 8: close)");
 }
+
+/// A DNS server that never answers (a black hole the test holds, put in the bridge's own
+/// resolv.conf in a mount namespace): forty pages opened at once for a route whose target is a
+/// name all get 1014 at the connect deadline, and the bridge asks the resolver once, not forty
+/// times (each lookup holds a blocking thread for the resolver's whole timeout, which a DNS
+/// outage would otherwise multiply by the sessions until the pool is full). Needs root (a mount
+/// namespace, port 53) and `unshare`; skipped otherwise.
+#[tokio::test]
+async fn pages_opened_while_dns_does_not_answer_share_one_lookup() {
+    use crate::common::binary::{Binary, BIN};
+    const TEST: &str = "lifecycle::pages_opened_while_dns_does_not_answer_share_one_lookup";
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")));
+    if !root || std::process::Command::new("unshare").arg("--version").output().is_err() {
+        return skip(TEST, "needs root and unshare (a mount namespace for resolv.conf, port 53)");
+    }
+    // An address of its own on loopback, so that tests running at once do not share it.
+    let ns = std::net::Ipv4Addr::new(127, 53, rand_byte(), rand_byte().max(1));
+    let dns = match tokio::net::UdpSocket::bind((ns, 53)).await {
+        Ok(s) => s,
+        Err(e) => return skip(TEST, &format!("cannot hold {ns}:53 ({e})")),
+    };
+    let (queries_tx, queries) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while dns.recv_from(&mut buf).await.is_ok() {
+            queries_tx.send_modify(|n| *n += 1);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {ns}\noptions timeout:10 attempts:1\n")).unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"vnc.dns-black-hole.test:5900\"\n\
+         [timeouts]\nconnect = \"1s\"\n",
+    )
+    .unwrap();
+    let mut command = tokio::process::Command::new("unshare");
+    command.args([
+        "--mount",
+        "sh",
+        "-c",
+        "mount --bind \"$1\" /etc/resolv.conf && exec \"$2\" --config \"$3\"",
+        "sh",
+    ]);
+    command.args([resolv.as_os_str(), BIN.as_ref(), file.as_os_str()]);
+    let b = Binary::spawn_command(command).await;
+
+    let start = std::time::Instant::now();
+    let pages: Vec<_> = (0..40)
+        .map(|_| async move {
+            let mut s = raw_ws(b.addr, "/").await;
+            raw_read_close(&mut s).await
+        })
+        .collect();
+    let closes = futures_util::future::join_all(pages).await;
+    let took = start.elapsed();
+    for (code, reason) in &closes {
+        assert_eq!((*code, reason.as_str()), (1014, "backend unreachable: connect timed out after 1s"));
+    }
+    assert_window("the connect deadline", took, Duration::from_secs(1));
+    // The first lookup's queries (one per address family) have arrived by now; forty lookups'
+    // would have too.
+    let asked = *queries.borrow();
+    assert!((1..=4).contains(&asked), "{asked} DNS queries for 40 pages");
+}
+
+/// A byte from the clock, for an address no other test picks at the same time.
+fn rand_byte() -> u8 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (nanos ^ std::process::id()) as u8
+}
