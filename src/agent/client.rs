@@ -2122,9 +2122,10 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
 async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result<LinkStream> {
     let s = &config.server;
     let tcp = match &config.proxy {
-        None => TcpStream::connect((s.host.as_str(), s.port)).await?,
+        // Names resolved once at a time for the control link and the pool's dials together.
+        None => TcpStream::connect(&crate::dns::resolve(&s.host, s.port).await?[..]).await?,
         Some(p) => {
-            let mut tcp = TcpStream::connect((p.host.as_str(), p.port)).await?;
+            let mut tcp = TcpStream::connect(&crate::dns::resolve(&p.host, p.port).await?[..]).await?;
             let target = s.authority();
             let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
             if let Some(auth) = &p.authorization {
