@@ -57,6 +57,9 @@ pub struct Config {
     /// logrotate is at hand, and [`crate::logging::LogFile::LIMIT`] on Windows, where nothing
     /// else would bound it (`[log] max_size`).
     pub log_max_size: Option<u64>,
+    /// `[log] token_key_file`: the key of the tags that stand for tokens in logs, shared by the
+    /// instances that read the same file ([`redact`]); `None`: a key per process.
+    pub log_token_key: Option<TokenKey>,
     /// Origins admitted on routes and listeners that set none: same-origin for a configuration
     /// file (and the demo); any origin on the websockify-style command line, as websockify does.
     pub default_origins: Vec<OriginRule>,
@@ -109,13 +112,48 @@ impl fmt::Display for Matcher {
 }
 
 /// A secret (a token) as logs and `wsbridge check` show it: `#` and 12 hex digits of an
-/// HMAC-SHA256 of it under a key drawn at random once per process, so two tokens stay apart
-/// (`desk1` and `desk2` differ), one token is recognisable across one process's log lines, and
-/// nothing of the token shows: no prefix, no length, and without the key not even a short token
-/// can be found by trying candidates against the tag. ring is the TLS provider's crate already.
+/// HMAC-SHA256 of it under a key, so two tokens stay apart (`desk1` and `desk2` differ), one
+/// token is recognisable across log lines, and nothing of the token shows: no prefix, no length,
+/// and without the key not even a short token can be found by trying candidates against the tag.
+/// The key is `[log] token_key_file`'s ([`set_token_key`]: the same tags on every instance that
+/// shares the file, and across restarts), or else drawn at random once per process. ring is the
+/// TLS provider's crate already.
 pub fn redact(secret: &str) -> String {
     static KEY: std::sync::OnceLock<ring::hmac::Key> = std::sync::OnceLock::new();
-    redact_with(KEY.get_or_init(redaction_key), secret)
+    let key = SHARED_KEY.get().map(|(_, k)| k);
+    redact_with(key.unwrap_or_else(|| KEY.get_or_init(redaction_key)), secret)
+}
+
+/// The key [`set_token_key`] set.
+static SHARED_KEY: std::sync::OnceLock<(TokenKey, ring::hmac::Key)> = std::sync::OnceLock::new();
+
+/// Tags tokens under `key` from now on, for the rest of the process (set once, at the start,
+/// before any route is built). False when a key was set already.
+pub fn set_token_key(key: &TokenKey) -> bool {
+    SHARED_KEY
+        .set((key.clone(), ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0)))
+        .is_ok()
+}
+
+/// The key tokens are tagged under, when [`set_token_key`] set one.
+pub fn token_key_in_force() -> Option<&'static TokenKey> {
+    SHARED_KEY.get().map(|(k, _)| k)
+}
+
+/// `[log] token_key_file`'s content: the key of the tags that stand for tokens in logs. Never
+/// printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKey(Vec<u8>);
+
+impl TokenKey {
+    /// The shortest key taken: 128 bits written as hex, or as many characters of anything.
+    pub const MIN: usize = 16;
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
 }
 
 fn redact_with(key: &ring::hmac::Key, secret: &str) -> String {
@@ -455,6 +493,7 @@ impl Config {
             limits: Limits::default(),
             log_format: LogFormat::Text,
             log_file: None,
+            log_token_key: None,
             log_max_size: if cfg!(windows) {
                 Some(crate::logging::LogFile::LIMIT)
             } else {
@@ -1068,6 +1107,7 @@ struct RawLog {
     format: LogFormat,
     file: Option<PathBuf>,
     max_size: Option<LogSize>,
+    token_key_file: Option<Spanned<PathBuf>>,
 }
 
 /// `[log] max_size`: a size of at least [`LogSize::MIN`], or `"off"`.
@@ -1105,6 +1145,24 @@ impl RawConfig {
         config.log_file = self.log.file.map(|f| ctx.resolve(&f));
         if let Some(max) = self.log.max_size {
             config.log_max_size = max.0.map(|n| n as u64);
+        }
+        if let Some(file) = self.log.token_key_file {
+            let span = file.span();
+            let path = ctx.resolve(file.get_ref());
+            let key = match std::fs::read_to_string(&path) {
+                Ok(k) => k.trim().as_bytes().to_vec(),
+                Err(e) => return ctx.invalid(span, "log.token_key_file".into(), format!("{}: {e}", path.display())),
+            };
+            if key.len() < TokenKey::MIN {
+                let why = format!(
+                    "{}: {} characters; a key needs at least {} (make one: openssl rand -hex 32)",
+                    path.display(),
+                    key.len(),
+                    TokenKey::MIN
+                );
+                return ctx.invalid(span, "log.token_key_file".into(), why);
+            }
+            config.log_token_key = Some(TokenKey(key));
         }
         config.listeners = listeners(self.listen, ctx)?;
         config.agents = match crate::agent::validate(self.agent, self.agent_endpoint, self.agents, &|p| ctx.resolve(p)) {

@@ -75,6 +75,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
+            if let Some(key) = &config.log_token_key {
+                // Before any route is built: every tag in this process's logs is under it.
+                wsbridge::config::set_token_key(key);
+            }
             match &config.log_file {
                 Some(path) => {
                     if let Err(e) = wsbridge::logging::init_file_as(verbose, path, config.log_format, config.log_max_size) {
@@ -195,6 +199,9 @@ async fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    if let Some(key) = &config.log_token_key {
+        wsbridge::config::set_token_key(key);
+    }
     let table = match RouteTable::from_config(&config, None) {
         Ok(t) => t,
         Err(e) => {

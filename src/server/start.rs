@@ -489,6 +489,12 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) -> bool {
             for waiting in bridge.waiting_for_restart(&c) {
                 tracing::warn!("{waiting}");
             }
+            if c.log_token_key.as_ref() != crate::config::token_key_in_force() {
+                tracing::warn!(
+                    "[log] token_key_file: a different key in the file; tokens are tagged under the one the process \
+                     started with until a restart"
+                );
+            }
             Ok(())
         }) {
             Ok(()) => {

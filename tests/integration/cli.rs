@@ -135,6 +135,68 @@ async fn check_prints_the_configurations_words_and_tells_tokens_apart() {
     assert_eq!(distinct.len(), tags.len(), "two tokens redacted alike:\n{out}");
 }
 
+/// `[log] token_key_file`: the tag that stands for a token is the same in `wsbridge check`, in a
+/// running bridge's session lines and in the next process (a key per process made them differ),
+/// and is what the README's openssl command computes from the token and the key.
+#[tokio::test]
+async fn a_shared_token_key_tags_a_token_alike_in_every_process() {
+    use crate::common::binary::Binary;
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = "5f2b0c1e9a8d7c6b5a4f3e2d1c0b9a88";
+    std::fs::write(dir.path().join("token-key"), format!("{key}\n")).unwrap();
+    std::fs::write(dir.path().join("tokens.cfg"), format!("desk1: {backend}\n")).unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[log]\ntoken_key_file = \"token-key\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = \"tokens.cfg\"\n",
+    )
+    .unwrap();
+    let tag_in = |out: &str| {
+        let at = out.find("token #").unwrap_or_else(|| panic!("no tag in:\n{out}")) + "token #".len();
+        out[at..at + 12].to_owned()
+    };
+    let (code, out, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let tag = tag_in(&out);
+    let (_, again, _) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(tag_in(&again), tag, "another process, the same tag");
+    let hmac = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes()), b"desk1");
+    let expected: String = hmac.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(tag, expected);
+    // The README's way to find a token's tag.
+    let openssl = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "printf %s \"$1\" | openssl dgst -sha256 -hmac \"$(cat \"$2\")\" | sed 's/.*= //' | cut -c1-12",
+        ])
+        .args(["sh", "desk1"])
+        .arg(dir.path().join("token-key"))
+        .output();
+    match openssl {
+        Ok(o) if o.status.success() && !o.stdout.is_empty() => assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), tag),
+        _ => skip(
+            "cli::a_shared_token_key_tags_a_token_alike_in_every_process (openssl)",
+            "no openssl here",
+        ),
+    }
+
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    // Upgraded, then gone: the session ends and is logged.
+    drop(raw_ws(b.addr, "/websockify?token=desk1").await);
+    let line = b.line("session closed").await;
+    assert_eq!(tag_in(&line), tag, "{line}");
+    assert!(!line.contains("desk1"), "{line}");
+
+    std::fs::write(dir.path().join("token-key"), "short\n").unwrap();
+    let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("wsbridge.toml:2: log.token_key_file:") && err.contains("5 characters; a key needs at least 16"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn the_listening_line_names_the_web_root_plainly() {
     let web = tempfile::tempdir().unwrap();
