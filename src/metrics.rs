@@ -4,10 +4,12 @@
 //! The data path pays per session, never per message. Per session: its route's handles (one read
 //! lock on a small map), an entry in the live-session table (a lock to insert, one to remove, and
 //! the entry's allocation), the connect counter and histogram (the histogram's own short lock),
-//! the open gauge up and down, and at the end its bytes and close code: atomic adds on counters
-//! the route keeps (taken from the families once). Per wake-up of the relay: two relaxed stores
-//! of its byte counts into the session's entry (plain stores, no read-modify-write), so
-//! `/sessions` shows live figures. Per message: nothing.
+//! the open gauge up and down, and at the end its close code: an atomic add on a counter the
+//! route keeps (taken from the family once). Per wake-up of the relay that moved bytes: a
+//! relaxed store of its byte count into the session's entry and a relaxed add of what it moved
+//! to the route's byte counter, for each direction that moved (no lock, no label lookup: the
+//! session holds its route's handles), so `/sessions` and `session_bytes_total` show live
+//! figures. Per message: nothing.
 //!
 //! Label sets are bounded by the configuration, never by peers: routes by their configured names,
 //! close codes folded into the known ones and `other`, refusals into a fixed set of reasons. No
@@ -341,7 +343,7 @@ impl Metrics {
         let bytes = Family::<BytesLabel, Counter>::default();
         registry.register(
             "session_bytes",
-            "Payload bytes of ended sessions per route and direction (up: client to backend)",
+            "Payload bytes relayed per route and direction (up: client to backend), counted as they move",
             bytes.clone(),
         );
         let ended = Family::<EndLabel, Counter>::default();
@@ -527,10 +529,9 @@ impl Metrics {
             .clone()
     }
 
-    /// A session of `route` ended with `code`, ended by `ended_by`, having moved these bytes.
-    pub fn session_ended(&self, route: &RouteMetrics, code: u16, ended_by: &'static str, up: u64, down: u64) {
-        route.bytes_up.inc_by(up);
-        route.bytes_down.inc_by(down);
+    /// A session of `route` ended with `code`, ended by `ended_by` (its bytes were counted as
+    /// they moved: [`Session::moved`]).
+    pub fn session_ended(&self, route: &RouteMetrics, code: u16, ended_by: &'static str) {
         let code_index = KNOWN_CODES.iter().position(|(c, _)| *c == code).unwrap_or(KNOWN_CODES.len());
         let by_index = ENDED_BY.iter().position(|b| *b == ended_by);
         let label = || EndLabel {
@@ -639,6 +640,8 @@ pub struct Session {
     pub client: SocketAddr,
     /// The route's name.
     pub route: String,
+    /// The route's handles: its byte counters grow as the session moves bytes.
+    pub metrics: Arc<RouteMetrics>,
     /// The backend it is connected to.
     pub target: String,
     /// When it opened.
@@ -655,6 +658,24 @@ pub struct Session {
 }
 
 impl Session {
+    /// The relay has moved `up` and `down` payload bytes in all so far, of which `published`
+    /// were published before (and is brought up to date): stored for `/sessions` and the
+    /// difference added to the route's byte counters, so both always agree with what the
+    /// session's log line will say, whenever the session ends. Per direction that moved: a
+    /// relaxed store and a relaxed add; nothing when nothing moved.
+    pub fn moved(&self, up: u64, down: u64, published: &mut (u64, u64)) {
+        if up != published.0 {
+            self.bytes_up.store(up, Ordering::Relaxed);
+            self.metrics.bytes_up.inc_by(up.saturating_sub(published.0));
+            published.0 = up;
+        }
+        if down != published.1 {
+            self.bytes_down.store(down, Ordering::Relaxed);
+            self.metrics.bytes_down.inc_by(down.saturating_sub(published.1));
+            published.1 = down;
+        }
+    }
+
     /// Ends the session as the operator's request: 1001 "closed by the operator".
     pub fn end_by_operator(&self) {
         self.by_operator.store(true, Ordering::Release);
@@ -670,13 +691,21 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// Registers a session; it leaves the table when the returned guard drops.
-    pub fn add(&self, client: SocketAddr, route: &str, target: String, close: CancellationToken) -> SessionGuard<'_> {
+    /// Registers a session of the route named `route`, whose handles are `metrics`; it leaves
+    /// the table when the returned guard drops.
+    pub fn add(
+        &self,
+        client: SocketAddr,
+        (route, metrics): (&str, Arc<RouteMetrics>),
+        target: String,
+        close: CancellationToken,
+    ) -> SessionGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let session = Arc::new(Session {
             id,
             client,
             route: route.to_owned(),
+            metrics,
             target,
             started: Instant::now(),
             bytes_up: AtomicU64::new(0),

@@ -133,6 +133,73 @@ async fn metrics_match_what_the_sessions_and_refusals_did() {
     }
 }
 
+/// `session_bytes_total` of the one route there is, in `direction`.
+fn session_bytes(m: &prometheus_parse::Scrape, direction: &str) -> f64 {
+    value(m, "wsbridge_session_bytes_total", &[("direction", direction)])
+}
+
+/// Scrapes until the session bytes are `(up, down)` (each scrape an event: the relay counts
+/// what it moved right after moving it), within the test bound.
+async fn session_bytes_until(addr: SocketAddr, up: f64, down: f64) -> prometheus_parse::Scrape {
+    within("the session bytes on /metrics", async {
+        loop {
+            let m = scrape(addr, None).await;
+            if (session_bytes(&m, "up"), session_bytes(&m, "down")) == (up, down) {
+                return m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// The number after `field=` in a log line.
+fn logged(line: &str, field: &str) -> f64 {
+    line.split(&format!("{field}="))
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {line:?}"))
+}
+
+/// Bytes are counted as they move: a session that is still open shows on `/metrics` what it has
+/// moved each way (a long session is no spike at its end), and once it ends the totals are the
+/// bytes its log line reports, counted once.
+#[tokio::test]
+async fn session_bytes_are_counted_while_the_session_runs_and_once() {
+    use crate::common::binary::Binary;
+    let (backend, _) = echo_backend().await;
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
+    let addr = b.admin_addr().await;
+    let (mut ws, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    let mut moved = 0;
+    for (i, size) in [5000usize, 3000].into_iter().enumerate() {
+        let data = pattern(size, i as u8);
+        send_bin(&mut ws, &data).await;
+        let mut got = Vec::new();
+        while got.len() < size {
+            got.extend(recv_data(&mut ws).await);
+        }
+        assert_eq!(got, data);
+        moved += size;
+        // Open still: what it moved so far, each way.
+        session_bytes_until(addr, moved as f64, moved as f64).await;
+        assert_eq!(sessions(addr, None).await.len(), 1, "the session is open");
+    }
+    let normal = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    within("the client's close", ws.close(Some(normal))).await.unwrap();
+    read_until_close(&mut ws).await;
+    let closed = b.line("session closed").await;
+    let (up, down) = (logged(&closed, "bytes_up"), logged(&closed, "bytes_down"));
+    assert_eq!((up, down), (moved as f64, moved as f64), "{closed}");
+    sessions_until(addr, "the session to leave the table", |l| l.is_empty()).await;
+    let m = scrape(addr, None).await;
+    assert_eq!((session_bytes(&m, "up"), session_bytes(&m, "down")), (up, down), "counted once");
+}
+
 #[tokio::test]
 async fn a_session_whose_backend_is_down_is_counted() {
     let bridge = TestBridge::start(config_with(Matcher::Path("/down".into()), tcp(closed_port().await))).await;
