@@ -3,7 +3,7 @@
 //!
 //! The data path pays per session, never per message. Per session: its route's handles (one read
 //! lock on a small map), an entry in the live-session table (a lock to insert, one to remove, and
-//! the entry's allocation), the connect counter and histogram (the histogram's own short lock),
+//! the entry's allocation), the connect counter and its route's histogram (the histogram's own short lock),
 //! the open gauge up and down, and at the end its close code: an atomic add on a counter the
 //! route keeps (taken from the family once). Per wake-up of the relay that moved bytes: a
 //! relaxed store of its byte count into the session's entry and a relaxed add of what it moved
@@ -293,9 +293,17 @@ pub struct RouteMetrics {
     bytes_down: Counter,
     /// `backend_connects_total` by outcome, in [`CONNECT_OUTCOMES`]' order.
     connects: [Counter; 3],
+    /// `backend_connect_seconds` of the route.
+    connect_seconds: Histogram,
     /// `sessions_ended_total` by code (in [`KNOWN_CODES`]' order, then `other`) and by who,
     /// taken from the family on first use: after that an end is an atomic add, no lock.
     ended: Arc<[OnceLock<Counter>]>,
+}
+
+/// A route's `backend_connect_seconds`: 1 ms to 10 s (a loopback connect is well under a
+/// millisecond, a dead host takes the connect deadline, 5 s by default).
+fn connect_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])
 }
 
 /// The outcomes of a backend connect.
@@ -315,7 +323,7 @@ pub struct Metrics {
     refused: Family<RefusedLabel, Counter>,
     connects: Family<ConnectLabel, Counter>,
     connect_failures: Family<FailureLabel, Counter>,
-    connect_seconds: Histogram,
+    connect_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
     tls: Family<OutcomeLabel, Counter>,
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
     connections: Gauge,
@@ -370,10 +378,12 @@ impl Metrics {
             "Failed backend connects by route and reason (refused, unreachable, unresolved, timeout, tls, agent)",
             connect_failures.clone(),
         );
-        // 1 ms to 10 s: a loopback connect is well under a millisecond, a dead host takes the
-        // connect deadline (5 s by default).
-        let connect_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]);
-        registry.register("backend_connect_seconds", "Time to connect a backend", connect_seconds.clone());
+        let connect_seconds = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(connect_histogram);
+        registry.register(
+            "backend_connect_seconds",
+            "Time to connect a backend, per route (connects that ended in a shutdown are not observed)",
+            connect_seconds.clone(),
+        );
         let tls = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "tls_handshakes",
@@ -513,12 +523,14 @@ impl Metrics {
             };
             self.connects.get_or_create(&label).clone()
         });
+        let connect_seconds = self.connect_seconds.get_or_create_owned(&RouteLabel { route: route.to_owned() });
         let r = Arc::new(RouteMetrics {
             route: route.to_owned(),
             open,
             bytes_up,
             bytes_down,
             connects,
+            connect_seconds,
             ended: (0..(KNOWN_CODES.len() + 1) * ENDED_BY.len()).map(|_| OnceLock::new()).collect(),
         });
         self.routes
@@ -567,8 +579,9 @@ impl Metrics {
                 .inc(),
         };
         if outcome != "shutdown" {
-            // The one lock per session on the way: the histogram's (uncontended, a few ns).
-            self.connect_seconds.observe(took.as_secs_f64());
+            // The one lock per session on the way: the route's histogram's (a few ns; contended
+            // only by connects of the same route ending at the same instant).
+            route.connect_seconds.observe(took.as_secs_f64());
         }
     }
 

@@ -220,6 +220,63 @@ async fn a_session_whose_backend_is_down_is_counted() {
     assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
 }
 
+/// `backend_connect_seconds` of `route`: its count and its `+Inf` bucket's (0, 0 when the route
+/// has none).
+fn connect_counts(m: &prometheus_parse::Scrape, route: &str) -> (f64, f64) {
+    let Some(sample) = m
+        .samples
+        .iter()
+        .find(|s| s.metric == "wsbridge_backend_connect_seconds" && s.labels.get("route") == Some(route))
+    else {
+        return (0.0, 0.0);
+    };
+    match &sample.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let inf = buckets.iter().find(|b| b.less_than == f64::INFINITY).expect("+Inf bucket");
+            let count = m
+                .samples
+                .iter()
+                .find(|s| s.metric == "wsbridge_backend_connect_seconds_count" && s.labels.get("route") == Some(route))
+                .map_or(inf.count, |s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Gauge(v) => v,
+                    _ => inf.count,
+                });
+            (count, inf.count)
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+}
+
+/// The connect histogram is per route: a connect on each of two routes, one that works and one
+/// to a closed port (failed connects are observed, as before), is one observation each.
+#[tokio::test]
+async fn backend_connect_seconds_is_per_route() {
+    let (backend, _) = echo_backend().await;
+    let mut config = config_with(Matcher::Path("/up".into()), tcp(backend));
+    let options = config.default_route_options();
+    config.routes.push(wsbridge::config::RouteConfig {
+        matcher: Matcher::Path("/down".into()),
+        target: tcp(closed_port().await),
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/up"), None).await;
+    send_bin(&mut ws, b"up").await;
+    assert_eq!(recv_data(&mut ws).await, b"up");
+    drop(ws);
+    // A raw client: tungstenite's rewrites 1014 to 1002.
+    let mut down = raw_ws(bridge.addr, "/down").await;
+    assert_eq!(raw_read_close(&mut down).await.0, 1014);
+    down.write_all(&frame(0x88, &1000u16.to_be_bytes(), true)).await.unwrap();
+    sessions_until(admin_addr, "both sessions to end", |l| l.is_empty()).await;
+    let m = scrape(admin_addr, None).await;
+    assert_eq!(connect_counts(&m, "path /up"), (1.0, 1.0));
+    assert_eq!(connect_counts(&m, "path /down"), (1.0, 1.0));
+    let failed = [("route", "path /down"), ("outcome", "failed")];
+    assert_eq!(value(&m, "wsbridge_backend_connects_total", &failed), 1.0);
+}
+
 #[tokio::test]
 async fn readyz_turns_503_when_the_drain_starts_before_the_session_closes() {
     let (backend, mut accepted) = manual_backend().await;
@@ -511,7 +568,8 @@ async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
     .await;
     let (status, body) = admin(addr, "GET", "/metrics", None).await;
     assert_eq!(status, 200);
-    assert!(body.contains("# TYPE wsbridge_backend_connect_seconds histogram"), "{body}");
+    // (backend_connect_seconds is per route now: exported from a route's first session on.)
+    assert!(body.contains("# TYPE wsbridge_build_info gauge"), "{body}");
 
     let help = std::process::Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
