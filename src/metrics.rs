@@ -1,5 +1,6 @@
-//! The bridge's counters and gauges (a [`prometheus_client`] registry, one per [`crate::server::Bridge`])
-//! and the live-session table that `/sessions` lists and an operator can end a session through.
+//! The bridge's counters and gauges (a [`prometheus_client`] registry, one per [`crate::server::Bridge`]),
+//! with the process's own (`process_*`, read at scrape time: [`process`]), and the live-session
+//! table that `/sessions` lists and an operator can end a session through.
 //!
 //! The data path pays per session, never per message. Per session: its route's handles (one read
 //! lock on a small map), an entry in the live-session table (a lock to insert, one to remove, and
@@ -345,7 +346,12 @@ impl Default for Metrics {
 impl Metrics {
     /// An empty registry with every metric described.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("wsbridge");
+        // The process metrics at the root, unprefixed as every client exports them; the
+        // bridge's in a sub-registry that prefixes them.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        process::started();
+        let registry = root.sub_registry_with_prefix("wsbridge");
         let open = Family::<RouteLabel, Gauge>::default();
         registry.register("sessions_open", "Sessions open now, per route", open.clone());
         let bytes = Family::<BytesLabel, Counter>::default();
@@ -458,7 +464,7 @@ impl Metrics {
             agent_links_returned.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
             routes: RwLock::default(),
             open,
             bytes,
@@ -754,6 +760,220 @@ pub struct SessionGuard<'a> {
 impl Drop for SessionGuard<'_> {
     fn drop(&mut self) {
         self.table.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.session.id);
+    }
+}
+
+/// The process metrics every Prometheus client exports, without the `wsbridge_` prefix
+/// (<https://prometheus.io/docs/instrumenting/writing_clientlibs/#process-metrics>), read at
+/// scrape time. What cannot be read on this platform, or now, is left out, never guessed.
+pub mod process {
+    use std::sync::LazyLock;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+
+    /// When this process started, as far as it can tell without the system's word: `main`'s first
+    /// step ([`started`]), or, in a program that embeds the library, its first bridge.
+    static STARTED: LazyLock<f64> = LazyLock::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+
+    /// Notes the time now as the process's start, where the system cannot say it (every platform
+    /// but Linux): call it first thing in `main`.
+    pub fn started() {
+        LazyLock::force(&STARTED);
+    }
+
+    /// The figures of one scrape; `None`: not known here.
+    #[derive(Debug, Default, Clone, PartialEq)]
+    pub struct Figures {
+        /// Unix time the process started.
+        pub start_time_seconds: Option<f64>,
+        /// User and system CPU time spent.
+        pub cpu_seconds: Option<f64>,
+        /// Descriptors open.
+        pub open_fds: Option<u64>,
+        /// The soft limit on descriptors.
+        pub max_fds: Option<u64>,
+        /// Resident memory.
+        pub resident_memory_bytes: Option<u64>,
+        /// Virtual memory.
+        pub virtual_memory_bytes: Option<u64>,
+    }
+
+    /// Reads this process's figures now.
+    pub fn read() -> Figures {
+        let figures = Figures {
+            start_time_seconds: Some(*STARTED),
+            max_fds: crate::platform::open_file_limit(),
+            ..Figures::default()
+        };
+        #[cfg(target_os = "linux")]
+        let figures = linux::read(figures);
+        figures
+    }
+
+    #[cfg(target_os = "linux")]
+    mod linux {
+        use super::Figures;
+
+        /// From /proc/self/stat (CPU time, start, memory: the file `ps` reads), /proc/stat (boot
+        /// time) and /proc/self/fd (one entry per descriptor).
+        pub(super) fn read(mut figures: Figures) -> Figures {
+            let ticks = rustix::param::clock_ticks_per_second() as f64;
+            let page = rustix::param::page_size() as u64;
+            let stat = std::fs::read_to_string("/proc/self/stat").ok();
+            if let Some(stat) = stat.as_deref().and_then(parse_stat) {
+                if ticks > 0.0 {
+                    figures.cpu_seconds = Some(stat.utime.saturating_add(stat.stime) as f64 / ticks);
+                    // Read once: it does not change (/proc/stat is a few kilobytes per scrape else).
+                    static START: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+                    let start = START.get_or_init(|| {
+                        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| boot_time(&s))?;
+                        Some(boot as f64 + stat.starttime as f64 / ticks)
+                    });
+                    if let Some(start) = start {
+                        figures.start_time_seconds = Some(*start);
+                    }
+                }
+                figures.virtual_memory_bytes = Some(stat.vsize);
+                figures.resident_memory_bytes = Some(stat.rss.saturating_mul(page));
+            }
+            // The directory's own descriptor is among them, as every client counts it.
+            figures.open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as u64);
+            figures
+        }
+
+        /// The fields of /proc/self/stat used here (see proc_pid_stat(5)).
+        #[derive(Debug, PartialEq)]
+        pub(super) struct Stat {
+            pub utime: u64,
+            pub stime: u64,
+            pub starttime: u64,
+            pub vsize: u64,
+            pub rss: u64,
+        }
+
+        /// Fields 14, 15, 22, 23 and 24; after the command, which is in parentheses and may hold
+        /// spaces and parentheses itself, so the fields are counted from the last `)`.
+        pub(super) fn parse_stat(stat: &str) -> Option<Stat> {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            // Field 3 (the state) is the first after the command.
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+            Some(Stat {
+                utime: field(14)?,
+                stime: field(15)?,
+                starttime: field(22)?,
+                vsize: field(23)?,
+                rss: field(24)?,
+            })
+        }
+
+        /// `btime` of /proc/stat: the Unix time the system booted.
+        pub(super) fn boot_time(stat: &str) -> Option<u64> {
+            stat.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse().ok())
+        }
+    }
+
+    /// Exports [`read`]'s figures on each scrape.
+    #[derive(Debug)]
+    pub(super) struct ProcessCollector;
+
+    /// One gauge, if its value is known.
+    fn gauge<N: EncodeGaugeValue>(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: Option<N>) -> std::fmt::Result {
+        let Some(value) = value else { return Ok(()) };
+        let gauge = ConstGauge::new(value);
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+    }
+
+    impl Collector for ProcessCollector {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let f = read();
+            let e = &mut encoder;
+            gauge(
+                e,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                f.start_time_seconds,
+            )?;
+            gauge(e, "process_open_fds", "Number of open file descriptors", f.open_fds)?;
+            gauge(e, "process_max_fds", "Maximum number of open file descriptors", f.max_fds)?;
+            gauge(
+                e,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                f.resident_memory_bytes,
+            )?;
+            gauge(
+                e,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                f.virtual_memory_bytes,
+            )?;
+            if let Some(cpu) = f.cpu_seconds {
+                // A counter: the encoder adds `_total`.
+                let counter = ConstCounter::new(cpu);
+                counter.encode(encoder.encode_descriptor(
+                    "process_cpu_seconds",
+                    "Total user and system CPU time spent in seconds",
+                    None,
+                    counter.metric_type(),
+                )?)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[cfg(all(test, target_os = "linux"))]
+    mod tests {
+        use super::linux::*;
+
+        #[test]
+        fn stat_fields_are_counted_from_the_last_parenthesis() {
+            // A command with a space and a parenthesis of its own.
+            let line = "4242 (ws bridge) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 120 0 0 20 0 3 0 123456 104857600 2048 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0";
+            let stat = parse_stat(line).expect("parses");
+            assert_eq!(
+                stat,
+                Stat {
+                    utime: 250,
+                    stime: 120,
+                    starttime: 123456,
+                    vsize: 104857600,
+                    rss: 2048,
+                }
+            );
+            assert_eq!(parse_stat("4242 (cut short) S 1"), None);
+            assert_eq!(parse_stat("no parenthesis"), None);
+        }
+
+        #[test]
+        fn boot_time_is_btime() {
+            assert_eq!(
+                boot_time("cpu  1 2 3\nintr 5\nbtime 1700000000\nprocesses 9\n"),
+                Some(1_700_000_000)
+            );
+            assert_eq!(boot_time("cpu  1 2 3\n"), None);
+        }
+
+        #[test]
+        fn this_process_reads_sanely() {
+            let f = super::read();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            let start = f.start_time_seconds.expect("start time");
+            assert!(start <= now + 1.0 && start > now - 86400.0 * 365.0, "{start} vs {now}");
+            let open = f.open_fds.expect("open fds");
+            assert!(open >= 3 && f.max_fds.is_none_or(|m| open <= m), "{f:?}");
+            assert!(f.resident_memory_bytes.expect("rss") > 0 && f.virtual_memory_bytes.expect("vsize") > 0);
+            assert!(f.cpu_seconds.expect("cpu") >= 0.0);
+        }
     }
 }
 

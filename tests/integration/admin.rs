@@ -576,6 +576,86 @@ async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
     assert!(help.contains("--admin <ADDR>"), "{help}");
 }
 
+/// Unix time now, in seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The process metrics of a real bridge process, unprefixed as every Prometheus client exports
+/// them, against what the test sees of that process from outside (/proc/PID): its start within
+/// the test's window, its open-file soft limit (the one the bridge raised at start), open
+/// descriptors under it and growing by at least one for each WebSocket session held open,
+/// resident memory near what the kernel says.
+#[tokio::test]
+async fn process_metrics_describe_the_bridge_process() {
+    use crate::common::binary::{rss, Binary};
+    const TEST: &str = "process_metrics_describe_the_bridge_process";
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        return skip(TEST, "no /proc here: the test reads the bridge's figures from /proc/PID");
+    }
+    let (backend, _) = echo_backend().await;
+    let before = unix_now();
+    let b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
+    let after = unix_now();
+    let addr = b.admin_addr().await;
+    let proc_dir = format!("/proc/{}", b.pid());
+
+    let (status, body) = admin(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    for name in ["process_open_fds", "process_max_fds", "process_start_time_seconds"] {
+        assert!(body.contains(&format!("# TYPE {name} gauge")), "{name} unprefixed: {body}");
+    }
+    assert!(body.contains("# TYPE process_cpu_seconds counter"), "{body}");
+    let m = scrape(addr, None).await;
+
+    // /proc's start is the boot time (whole seconds) plus clock ticks: up to a second early.
+    let start = value(&m, "process_start_time_seconds", &[]);
+    assert!(
+        start >= before - 2.0 && start <= after + 1.0,
+        "started {start}, spawned in [{before}, {after}]"
+    );
+    let limits = std::fs::read_to_string(format!("{proc_dir}/limits")).unwrap();
+    let soft: f64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no open-file limit in {limits}"));
+    let max = value(&m, "process_max_fds", &[]);
+    assert_eq!(max, soft, "the bridge's soft limit, as /proc/PID/limits says it");
+    let open = value(&m, "process_open_fds", &[]);
+    assert!(open > 0.0 && open <= max, "open {open}, max {max}");
+    let seen = std::fs::read_dir(format!("{proc_dir}/fd")).unwrap().count() as f64;
+    // Its own count holds the directory it reads, and the admin connection's descriptor.
+    assert!((open - seen).abs() <= 3.0, "open {open}, the test sees {seen}");
+    let resident = value(&m, "process_resident_memory_bytes", &[]);
+    let kernel = rss(b.pid()).expect("VmRSS") as f64;
+    assert!(
+        resident > 0.0 && resident > kernel / 2.0 && resident < kernel * 2.0,
+        "resident {resident}, VmRSS {kernel}"
+    );
+    assert!(value(&m, "process_virtual_memory_bytes", &[]) >= resident);
+    let cpu = value(&m, "process_cpu_seconds_total", &[]);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert!(cpu >= 0.0 && cpu <= (unix_now() - before) * cores + 0.1, "cpu {cpu} s");
+
+    // K sessions held open: a client socket and a backend socket each.
+    const K: usize = 20;
+    let mut held = Vec::new();
+    for _ in 0..K {
+        held.push(ws_connect(&format!("ws://{}/", b.addr), None).await.0);
+    }
+    sessions_until(addr, "the sessions to be open", |l| l.len() == K).await;
+    let m = scrape(addr, None).await;
+    let grown = value(&m, "process_open_fds", &[]) - open;
+    assert!(grown >= K as f64, "{K} sessions open, the descriptors grew by {grown}");
+    assert!(value(&m, "process_open_fds", &[]) <= value(&m, "process_max_fds", &[]));
+    drop(held);
+}
+
 #[tokio::test]
 async fn after_sigterm_the_binarys_readyz_says_503_while_a_session_drains() {
     use crate::common::binary::Binary;
