@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 when every listener accepts and no drain has started; 503 from the moment a drain starts (SIGTERM; [`crate::server::Bridge::drain`]), before any session is closed and, with `drain_delay`, while the listeners still accept, so a balancer stops sending new sessions first |
-//! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format |
+//! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format, with the `process_*` metrics |
 //! | `GET /sessions` | JSON: id, client, route, target, age, bytes each way of every live session |
 //! | `DELETE /sessions/ID` or `POST /sessions/ID/close` | ends that session with 1001 "closed by the operator" |
 //! | `GET /agents` | JSON: name, client address, connected since, services, idle data links, and data links dialled and returned after a session of every connected agent (agent mode) |
@@ -290,7 +290,13 @@ impl Admin {
                 self.bridge.metrics().agents(agents.len(), idle, registry.link_totals());
                 let bridge = &self.bridge;
                 bridge.metrics().connections(bridge.connections(), bridge.max_connections());
-                (StatusCode::OK, METRICS, self.bridge.metrics().encode())
+                // On a blocking thread, not on one that relays sessions: the process metrics
+                // read /proc, and counting 20,000 descriptors there takes milliseconds.
+                let metrics = self.bridge.metrics().clone();
+                match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                    Ok(body) => (StatusCode::OK, METRICS, body),
+                    Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, TEXT, "the metrics failed\n".into()),
+                }
             }
             ["sessions"] if get => {
                 // Its size grows with the sessions (some 140 bytes each): written on a blocking

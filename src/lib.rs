@@ -31,7 +31,7 @@
 //! | `service` | Windows only: running as a Windows service, installing and removing it |
 //! | [`platform`] | what differs between Unix and Windows (unix sockets, port sharing, file identity) |
 //! | [`admin`] | the admin listener: health, readiness, Prometheus metrics, live sessions |
-//! | [`metrics`] | the counters and gauges (per session, never per message) and the live-session table |
+//! | [`metrics`] | the counters and gauges (per session, never per message), the process metrics, and the live-session table |
 //!
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
 //! server through [`server::start`], as an embedder would (`examples/embed.rs`).

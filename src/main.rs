@@ -19,6 +19,8 @@ use wsbridge::systemd::Notifier;
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // process_start_time_seconds where the system does not say it (Windows).
+    wsbridge::metrics::process::started();
     // clap would exit with 2 on a usage error; wsbridge's usage errors are all 64 (EX_USAGE).
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

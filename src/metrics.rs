@@ -1,13 +1,16 @@
-//! The bridge's counters and gauges (a [`prometheus_client`] registry, one per [`crate::server::Bridge`])
-//! and the live-session table that `/sessions` lists and an operator can end a session through.
+//! The bridge's counters and gauges (a [`prometheus_client`] registry, one per [`crate::server::Bridge`]),
+//! with the process's own (`process_*`, read at scrape time: [`process`]), and the live-session
+//! table that `/sessions` lists and an operator can end a session through.
 //!
 //! The data path pays per session, never per message. Per session: its route's handles (one read
 //! lock on a small map), an entry in the live-session table (a lock to insert, one to remove, and
-//! the entry's allocation), the connect counter and histogram (the histogram's own short lock),
-//! the open gauge up and down, and at the end its bytes and close code: atomic adds on counters
-//! the route keeps (taken from the families once). Per wake-up of the relay: two relaxed stores
-//! of its byte counts into the session's entry (plain stores, no read-modify-write), so
-//! `/sessions` shows live figures. Per message: nothing.
+//! the entry's allocation), the connect counter and its route's histogram (the histogram's own short lock),
+//! the open gauge up and down, and at the end its close code: an atomic add on a counter the
+//! route keeps (taken from the family once). Per wake-up of the relay that moved bytes: a
+//! relaxed store of its byte count into the session's entry and a relaxed add of what it moved
+//! to the route's byte counter, for each direction that moved (no lock, no label lookup: the
+//! session holds its route's handles), so `/sessions` and `session_bytes_total` show live
+//! figures. Per message: nothing.
 //!
 //! Label sets are bounded by the configuration, never by peers: routes by their configured names,
 //! close codes folded into the known ones and `other`, refusals into a fixed set of reasons. No
@@ -291,9 +294,17 @@ pub struct RouteMetrics {
     bytes_down: Counter,
     /// `backend_connects_total` by outcome, in [`CONNECT_OUTCOMES`]' order.
     connects: [Counter; 3],
+    /// `backend_connect_seconds` of the route.
+    connect_seconds: Histogram,
     /// `sessions_ended_total` by code (in [`KNOWN_CODES`]' order, then `other`) and by who,
     /// taken from the family on first use: after that an end is an atomic add, no lock.
     ended: Arc<[OnceLock<Counter>]>,
+}
+
+/// A route's `backend_connect_seconds`: 1 ms to 10 s (a loopback connect is well under a
+/// millisecond, a dead host takes the connect deadline, 5 s by default).
+fn connect_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])
 }
 
 /// The outcomes of a backend connect.
@@ -313,7 +324,7 @@ pub struct Metrics {
     refused: Family<RefusedLabel, Counter>,
     connects: Family<ConnectLabel, Counter>,
     connect_failures: Family<FailureLabel, Counter>,
-    connect_seconds: Histogram,
+    connect_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
     tls: Family<OutcomeLabel, Counter>,
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
     connections: Gauge,
@@ -335,13 +346,18 @@ impl Default for Metrics {
 impl Metrics {
     /// An empty registry with every metric described.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("wsbridge");
+        // The process metrics at the root, unprefixed as every client exports them; the
+        // bridge's in a sub-registry that prefixes them.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        process::started();
+        let registry = root.sub_registry_with_prefix("wsbridge");
         let open = Family::<RouteLabel, Gauge>::default();
         registry.register("sessions_open", "Sessions open now, per route", open.clone());
         let bytes = Family::<BytesLabel, Counter>::default();
         registry.register(
             "session_bytes",
-            "Payload bytes of ended sessions per route and direction (up: client to backend)",
+            "Payload bytes relayed per route and direction (up: client to backend), counted as they move",
             bytes.clone(),
         );
         let ended = Family::<EndLabel, Counter>::default();
@@ -368,10 +384,12 @@ impl Metrics {
             "Failed backend connects by route and reason (refused, unreachable, unresolved, timeout, tls, agent)",
             connect_failures.clone(),
         );
-        // 1 ms to 10 s: a loopback connect is well under a millisecond, a dead host takes the
-        // connect deadline (5 s by default).
-        let connect_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]);
-        registry.register("backend_connect_seconds", "Time to connect a backend", connect_seconds.clone());
+        let connect_seconds = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(connect_histogram);
+        registry.register(
+            "backend_connect_seconds",
+            "Time to connect a backend, per route (connects that ended in a shutdown are not observed)",
+            connect_seconds.clone(),
+        );
         let tls = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "tls_handshakes",
@@ -446,7 +464,7 @@ impl Metrics {
             agent_links_returned.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
             routes: RwLock::default(),
             open,
             bytes,
@@ -511,12 +529,14 @@ impl Metrics {
             };
             self.connects.get_or_create(&label).clone()
         });
+        let connect_seconds = self.connect_seconds.get_or_create_owned(&RouteLabel { route: route.to_owned() });
         let r = Arc::new(RouteMetrics {
             route: route.to_owned(),
             open,
             bytes_up,
             bytes_down,
             connects,
+            connect_seconds,
             ended: (0..(KNOWN_CODES.len() + 1) * ENDED_BY.len()).map(|_| OnceLock::new()).collect(),
         });
         self.routes
@@ -527,10 +547,9 @@ impl Metrics {
             .clone()
     }
 
-    /// A session of `route` ended with `code`, ended by `ended_by`, having moved these bytes.
-    pub fn session_ended(&self, route: &RouteMetrics, code: u16, ended_by: &'static str, up: u64, down: u64) {
-        route.bytes_up.inc_by(up);
-        route.bytes_down.inc_by(down);
+    /// A session of `route` ended with `code`, ended by `ended_by` (its bytes were counted as
+    /// they moved: [`Session::moved`]).
+    pub fn session_ended(&self, route: &RouteMetrics, code: u16, ended_by: &'static str) {
         let code_index = KNOWN_CODES.iter().position(|(c, _)| *c == code).unwrap_or(KNOWN_CODES.len());
         let by_index = ENDED_BY.iter().position(|b| *b == ended_by);
         let label = || EndLabel {
@@ -566,8 +585,9 @@ impl Metrics {
                 .inc(),
         };
         if outcome != "shutdown" {
-            // The one lock per session on the way: the histogram's (uncontended, a few ns).
-            self.connect_seconds.observe(took.as_secs_f64());
+            // The one lock per session on the way: the route's histogram's (a few ns; contended
+            // only by connects of the same route ending at the same instant).
+            route.connect_seconds.observe(took.as_secs_f64());
         }
     }
 
@@ -639,6 +659,8 @@ pub struct Session {
     pub client: SocketAddr,
     /// The route's name.
     pub route: String,
+    /// The route's handles: its byte counters grow as the session moves bytes.
+    pub metrics: Arc<RouteMetrics>,
     /// The backend it is connected to.
     pub target: String,
     /// When it opened.
@@ -655,6 +677,24 @@ pub struct Session {
 }
 
 impl Session {
+    /// The relay has moved `up` and `down` payload bytes in all so far, of which `published`
+    /// were published before (and is brought up to date): stored for `/sessions` and the
+    /// difference added to the route's byte counters, so both always agree with what the
+    /// session's log line will say, whenever the session ends. Per direction that moved: a
+    /// relaxed store and a relaxed add; nothing when nothing moved.
+    pub fn moved(&self, up: u64, down: u64, published: &mut (u64, u64)) {
+        if up != published.0 {
+            self.bytes_up.store(up, Ordering::Relaxed);
+            self.metrics.bytes_up.inc_by(up.saturating_sub(published.0));
+            published.0 = up;
+        }
+        if down != published.1 {
+            self.bytes_down.store(down, Ordering::Relaxed);
+            self.metrics.bytes_down.inc_by(down.saturating_sub(published.1));
+            published.1 = down;
+        }
+    }
+
     /// Ends the session as the operator's request: 1001 "closed by the operator".
     pub fn end_by_operator(&self) {
         self.by_operator.store(true, Ordering::Release);
@@ -670,13 +710,21 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// Registers a session; it leaves the table when the returned guard drops.
-    pub fn add(&self, client: SocketAddr, route: &str, target: String, close: CancellationToken) -> SessionGuard<'_> {
+    /// Registers a session of the route named `route`, whose handles are `metrics`; it leaves
+    /// the table when the returned guard drops.
+    pub fn add(
+        &self,
+        client: SocketAddr,
+        (route, metrics): (&str, Arc<RouteMetrics>),
+        target: String,
+        close: CancellationToken,
+    ) -> SessionGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let session = Arc::new(Session {
             id,
             client,
             route: route.to_owned(),
+            metrics,
             target,
             started: Instant::now(),
             bytes_up: AtomicU64::new(0),
@@ -712,6 +760,220 @@ pub struct SessionGuard<'a> {
 impl Drop for SessionGuard<'_> {
     fn drop(&mut self) {
         self.table.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.session.id);
+    }
+}
+
+/// The process metrics every Prometheus client exports, without the `wsbridge_` prefix
+/// (<https://prometheus.io/docs/instrumenting/writing_clientlibs/#process-metrics>), read at
+/// scrape time. What cannot be read on this platform, or now, is left out, never guessed.
+pub mod process {
+    use std::sync::LazyLock;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+
+    /// When this process started, as far as it can tell without the system's word: `main`'s first
+    /// step ([`started`]), or, in a program that embeds the library, its first bridge.
+    static STARTED: LazyLock<f64> = LazyLock::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+
+    /// Notes the time now as the process's start, where the system cannot say it (every platform
+    /// but Linux): call it first thing in `main`.
+    pub fn started() {
+        LazyLock::force(&STARTED);
+    }
+
+    /// The figures of one scrape; `None`: not known here.
+    #[derive(Debug, Default, Clone, PartialEq)]
+    pub struct Figures {
+        /// Unix time the process started.
+        pub start_time_seconds: Option<f64>,
+        /// User and system CPU time spent.
+        pub cpu_seconds: Option<f64>,
+        /// Descriptors open.
+        pub open_fds: Option<u64>,
+        /// The soft limit on descriptors.
+        pub max_fds: Option<u64>,
+        /// Resident memory.
+        pub resident_memory_bytes: Option<u64>,
+        /// Virtual memory.
+        pub virtual_memory_bytes: Option<u64>,
+    }
+
+    /// Reads this process's figures now.
+    pub fn read() -> Figures {
+        let figures = Figures {
+            start_time_seconds: Some(*STARTED),
+            max_fds: crate::platform::open_file_limit(),
+            ..Figures::default()
+        };
+        #[cfg(target_os = "linux")]
+        let figures = linux::read(figures);
+        figures
+    }
+
+    #[cfg(target_os = "linux")]
+    mod linux {
+        use super::Figures;
+
+        /// From /proc/self/stat (CPU time, start, memory: the file `ps` reads), /proc/stat (boot
+        /// time) and /proc/self/fd (one entry per descriptor).
+        pub(super) fn read(mut figures: Figures) -> Figures {
+            let ticks = rustix::param::clock_ticks_per_second() as f64;
+            let page = rustix::param::page_size() as u64;
+            let stat = std::fs::read_to_string("/proc/self/stat").ok();
+            if let Some(stat) = stat.as_deref().and_then(parse_stat) {
+                if ticks > 0.0 {
+                    figures.cpu_seconds = Some(stat.utime.saturating_add(stat.stime) as f64 / ticks);
+                    // Read once: it does not change (/proc/stat is a few kilobytes per scrape else).
+                    static START: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+                    let start = START.get_or_init(|| {
+                        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| boot_time(&s))?;
+                        Some(boot as f64 + stat.starttime as f64 / ticks)
+                    });
+                    if let Some(start) = start {
+                        figures.start_time_seconds = Some(*start);
+                    }
+                }
+                figures.virtual_memory_bytes = Some(stat.vsize);
+                figures.resident_memory_bytes = Some(stat.rss.saturating_mul(page));
+            }
+            // The directory's own descriptor is among them, as every client counts it.
+            figures.open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as u64);
+            figures
+        }
+
+        /// The fields of /proc/self/stat used here (see proc_pid_stat(5)).
+        #[derive(Debug, PartialEq)]
+        pub(super) struct Stat {
+            pub utime: u64,
+            pub stime: u64,
+            pub starttime: u64,
+            pub vsize: u64,
+            pub rss: u64,
+        }
+
+        /// Fields 14, 15, 22, 23 and 24; after the command, which is in parentheses and may hold
+        /// spaces and parentheses itself, so the fields are counted from the last `)`.
+        pub(super) fn parse_stat(stat: &str) -> Option<Stat> {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            // Field 3 (the state) is the first after the command.
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+            Some(Stat {
+                utime: field(14)?,
+                stime: field(15)?,
+                starttime: field(22)?,
+                vsize: field(23)?,
+                rss: field(24)?,
+            })
+        }
+
+        /// `btime` of /proc/stat: the Unix time the system booted.
+        pub(super) fn boot_time(stat: &str) -> Option<u64> {
+            stat.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse().ok())
+        }
+    }
+
+    /// Exports [`read`]'s figures on each scrape.
+    #[derive(Debug)]
+    pub(super) struct ProcessCollector;
+
+    /// One gauge, if its value is known.
+    fn gauge<N: EncodeGaugeValue>(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: Option<N>) -> std::fmt::Result {
+        let Some(value) = value else { return Ok(()) };
+        let gauge = ConstGauge::new(value);
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+    }
+
+    impl Collector for ProcessCollector {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let f = read();
+            let e = &mut encoder;
+            gauge(
+                e,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                f.start_time_seconds,
+            )?;
+            gauge(e, "process_open_fds", "Number of open file descriptors", f.open_fds)?;
+            gauge(e, "process_max_fds", "Maximum number of open file descriptors", f.max_fds)?;
+            gauge(
+                e,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                f.resident_memory_bytes,
+            )?;
+            gauge(
+                e,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                f.virtual_memory_bytes,
+            )?;
+            if let Some(cpu) = f.cpu_seconds {
+                // A counter: the encoder adds `_total`.
+                let counter = ConstCounter::new(cpu);
+                counter.encode(encoder.encode_descriptor(
+                    "process_cpu_seconds",
+                    "Total user and system CPU time spent in seconds",
+                    None,
+                    counter.metric_type(),
+                )?)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[cfg(all(test, target_os = "linux"))]
+    mod tests {
+        use super::linux::*;
+
+        #[test]
+        fn stat_fields_are_counted_from_the_last_parenthesis() {
+            // A command with a space and a parenthesis of its own.
+            let line = "4242 (ws bridge) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 120 0 0 20 0 3 0 123456 104857600 2048 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0";
+            let stat = parse_stat(line).expect("parses");
+            assert_eq!(
+                stat,
+                Stat {
+                    utime: 250,
+                    stime: 120,
+                    starttime: 123456,
+                    vsize: 104857600,
+                    rss: 2048,
+                }
+            );
+            assert_eq!(parse_stat("4242 (cut short) S 1"), None);
+            assert_eq!(parse_stat("no parenthesis"), None);
+        }
+
+        #[test]
+        fn boot_time_is_btime() {
+            assert_eq!(
+                boot_time("cpu  1 2 3\nintr 5\nbtime 1700000000\nprocesses 9\n"),
+                Some(1_700_000_000)
+            );
+            assert_eq!(boot_time("cpu  1 2 3\n"), None);
+        }
+
+        #[test]
+        fn this_process_reads_sanely() {
+            let f = super::read();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            let start = f.start_time_seconds.expect("start time");
+            assert!(start <= now + 1.0 && start > now - 86400.0 * 365.0, "{start} vs {now}");
+            let open = f.open_fds.expect("open fds");
+            assert!(open >= 3 && f.max_fds.is_none_or(|m| open <= m), "{f:?}");
+            assert!(f.resident_memory_bytes.expect("rss") > 0 && f.virtual_memory_bytes.expect("vsize") > 0);
+            assert!(f.cpu_seconds.expect("cpu") >= 0.0);
+        }
     }
 }
 

@@ -204,8 +204,8 @@ where
     run_live(client, early, backend, params, shutdown, None).await
 }
 
-/// [`run`] for a session listed in the admin's table: its byte counts are published there as the
-/// session goes, and `shutdown` cancelled after [`Session::end_by_operator`] closes it as the
+/// [`run`] for a session listed in the admin's table: its byte counts are published there, and
+/// added to its route's `session_bytes_total`, as the session goes ([`Session::moved`]); and `shutdown` cancelled after [`Session::end_by_operator`] closes it as the
 /// operator's doing.
 pub async fn run_live<S>(
     client: S,
@@ -227,6 +227,8 @@ where
         .map(|r| Recorder::start(r, live.map_or_else(crate::record::next_number, |s| s.id)));
     let mut cancelled = pin!(shutdown.cancelled());
     let mut told = false;
+    // The byte counts published to `live` so far.
+    let mut published = (0, 0);
     loop {
         let pass = poll_fn(|cx| {
             if !told && cancelled.as_mut().poll(cx).is_ready() {
@@ -242,9 +244,9 @@ where
             }
             let poll = pump.poll(cx);
             if let Some(s) = live {
-                // Plain stores (no read-modify-write): the only per-wake-up cost of /sessions.
-                s.bytes_up.store(pump.bytes_up, Ordering::Relaxed);
-                s.bytes_down.store(pump.bytes_down, Ordering::Relaxed);
+                // For /sessions and the route's byte counters: a store and an add per direction
+                // that moved, the only per-wake-up cost of either.
+                s.moved(pump.bytes_up, pump.bytes_down, &mut published);
             }
             poll
         })
@@ -257,6 +259,11 @@ where
         tokio::task::yield_now().await;
     }
     let summary = pump.summary();
+    if let Some(s) = live {
+        // The last pass published them already; this keeps the counters equal to the summary
+        // whatever a future change moves after it.
+        s.moved(summary.bytes_up, summary.bytes_down, &mut published);
+    }
     let close = params.timeouts.close;
     // Everything the client sent has been written: now the backend may see EOF.
     let _ = timeout(close, pump.writer.shutdown()).await;

@@ -932,11 +932,11 @@ impl Bridge {
             };
             let live_config = live;
             let target = route.target.to_string();
-            let session = self
-                .inner
-                .metrics
+            let metrics = &self.inner.metrics;
+            let route_metrics = metrics.route(&route.name);
+            let session = metrics
                 .sessions
-                .add(peer.client, &route.name, target, shutdown.child_token());
+                .add(peer.client, (&route.name, route_metrics), target, shutdown.child_token());
             let live = (&*self.inner.metrics, &*session.session, &self.inner.abort);
             // Boxed: a session's state (the relay's, its backend connect) is not carried in every
             // connection's future while it reads requests and serves files.
@@ -1269,7 +1269,7 @@ async fn run_session<S>(
 {
     let shutdown = &session.close;
     tracing::Span::current().record("session", session.id);
-    let route_metrics = metrics.route(&route.name);
+    let route_metrics = &session.metrics;
     let started = Instant::now();
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
@@ -1281,9 +1281,9 @@ async fn run_session<S>(
         Err(Some(_)) => "failed",
         Err(None) => "shutdown",
     };
-    metrics.backend_connect(&route_metrics, outcome, started.elapsed());
+    metrics.backend_connect(route_metrics, outcome, started.elapsed());
     if let Err(Some(e)) = &backend {
-        metrics.backend_failure(&route_metrics, e.kind());
+        metrics.backend_failure(route_metrics, e.kind());
     }
     let backend = match backend {
         Ok(b) => b,
@@ -1293,7 +1293,7 @@ async fn run_session<S>(
                 None => (1001, "server shutting down".to_owned()),
             };
             Box::pin(relay::refuse(client, early, code, &reason, params.timeouts.close)).await;
-            metrics.session_ended(&route_metrics, code, "bridge", 0, 0);
+            metrics.session_ended(route_metrics, code, "bridge");
             let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
             let duration_ms = started.elapsed().as_millis() as u64;
             match source {
@@ -1317,7 +1317,8 @@ async fn run_session<S>(
         s = relay::run_live(client, early, backend, params, shutdown, Some(session)) => s,
         // The shutdown grace period is over while the session was still closing (a client that
         // does not answer its close frame, a backend whose data it does not take): it ends now,
-        // with the bytes it moved so far.
+        // with the bytes it moved so far (all of them counted already: the relay counts what it
+        // publishes).
         () = abort.cancelled() => relay::Summary {
             code: 1001,
             reason: "server shutting down; shutdown grace period over".into(),
@@ -1327,7 +1328,7 @@ async fn run_session<S>(
         },
     };
     drop(open);
-    metrics.session_ended(&route_metrics, s.code, s.ended_by, s.bytes_up, s.bytes_down);
+    metrics.session_ended(route_metrics, s.code, s.ended_by);
     info!(
         framing = %params.framing,
         code = s.code,

@@ -133,6 +133,73 @@ async fn metrics_match_what_the_sessions_and_refusals_did() {
     }
 }
 
+/// `session_bytes_total` of the one route there is, in `direction`.
+fn session_bytes(m: &prometheus_parse::Scrape, direction: &str) -> f64 {
+    value(m, "wsbridge_session_bytes_total", &[("direction", direction)])
+}
+
+/// Scrapes until the session bytes are `(up, down)` (each scrape an event: the relay counts
+/// what it moved right after moving it), within the test bound.
+async fn session_bytes_until(addr: SocketAddr, up: f64, down: f64) -> prometheus_parse::Scrape {
+    within("the session bytes on /metrics", async {
+        loop {
+            let m = scrape(addr, None).await;
+            if (session_bytes(&m, "up"), session_bytes(&m, "down")) == (up, down) {
+                return m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// The number after `field=` in a log line.
+fn logged(line: &str, field: &str) -> f64 {
+    line.split(&format!("{field}="))
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {line:?}"))
+}
+
+/// Bytes are counted as they move: a session that is still open shows on `/metrics` what it has
+/// moved each way (a long session is no spike at its end), and once it ends the totals are the
+/// bytes its log line reports, counted once.
+#[tokio::test]
+async fn session_bytes_are_counted_while_the_session_runs_and_once() {
+    use crate::common::binary::Binary;
+    let (backend, _) = echo_backend().await;
+    let mut b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
+    let addr = b.admin_addr().await;
+    let (mut ws, _) = ws_connect(&format!("ws://{}/", b.addr), None).await;
+    let mut moved = 0;
+    for (i, size) in [5000usize, 3000].into_iter().enumerate() {
+        let data = pattern(size, i as u8);
+        send_bin(&mut ws, &data).await;
+        let mut got = Vec::new();
+        while got.len() < size {
+            got.extend(recv_data(&mut ws).await);
+        }
+        assert_eq!(got, data);
+        moved += size;
+        // Open still: what it moved so far, each way.
+        session_bytes_until(addr, moved as f64, moved as f64).await;
+        assert_eq!(sessions(addr, None).await.len(), 1, "the session is open");
+    }
+    let normal = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    within("the client's close", ws.close(Some(normal))).await.unwrap();
+    read_until_close(&mut ws).await;
+    let closed = b.line("session closed").await;
+    let (up, down) = (logged(&closed, "bytes_up"), logged(&closed, "bytes_down"));
+    assert_eq!((up, down), (moved as f64, moved as f64), "{closed}");
+    sessions_until(addr, "the session to leave the table", |l| l.is_empty()).await;
+    let m = scrape(addr, None).await;
+    assert_eq!((session_bytes(&m, "up"), session_bytes(&m, "down")), (up, down), "counted once");
+}
+
 #[tokio::test]
 async fn a_session_whose_backend_is_down_is_counted() {
     let bridge = TestBridge::start(config_with(Matcher::Path("/down".into()), tcp(closed_port().await))).await;
@@ -151,6 +218,63 @@ async fn a_session_whose_backend_is_down_is_counted() {
     assert_eq!(value(&m, "wsbridge_backend_connect_failures_total", &refused), 1.0);
     let ended = [("route", "path /down"), ("code", "1014"), ("ended_by", "bridge")];
     assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
+}
+
+/// `backend_connect_seconds` of `route`: its count and its `+Inf` bucket's (0, 0 when the route
+/// has none).
+fn connect_counts(m: &prometheus_parse::Scrape, route: &str) -> (f64, f64) {
+    let Some(sample) = m
+        .samples
+        .iter()
+        .find(|s| s.metric == "wsbridge_backend_connect_seconds" && s.labels.get("route") == Some(route))
+    else {
+        return (0.0, 0.0);
+    };
+    match &sample.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let inf = buckets.iter().find(|b| b.less_than == f64::INFINITY).expect("+Inf bucket");
+            let count = m
+                .samples
+                .iter()
+                .find(|s| s.metric == "wsbridge_backend_connect_seconds_count" && s.labels.get("route") == Some(route))
+                .map_or(inf.count, |s| match s.value {
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Gauge(v) => v,
+                    _ => inf.count,
+                });
+            (count, inf.count)
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+}
+
+/// The connect histogram is per route: a connect on each of two routes, one that works and one
+/// to a closed port (failed connects are observed, as before), is one observation each.
+#[tokio::test]
+async fn backend_connect_seconds_is_per_route() {
+    let (backend, _) = echo_backend().await;
+    let mut config = config_with(Matcher::Path("/up".into()), tcp(backend));
+    let options = config.default_route_options();
+    config.routes.push(wsbridge::config::RouteConfig {
+        matcher: Matcher::Path("/down".into()),
+        target: tcp(closed_port().await),
+        options,
+    });
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/up"), None).await;
+    send_bin(&mut ws, b"up").await;
+    assert_eq!(recv_data(&mut ws).await, b"up");
+    drop(ws);
+    // A raw client: tungstenite's rewrites 1014 to 1002.
+    let mut down = raw_ws(bridge.addr, "/down").await;
+    assert_eq!(raw_read_close(&mut down).await.0, 1014);
+    down.write_all(&frame(0x88, &1000u16.to_be_bytes(), true)).await.unwrap();
+    sessions_until(admin_addr, "both sessions to end", |l| l.is_empty()).await;
+    let m = scrape(admin_addr, None).await;
+    assert_eq!(connect_counts(&m, "path /up"), (1.0, 1.0));
+    assert_eq!(connect_counts(&m, "path /down"), (1.0, 1.0));
+    let failed = [("route", "path /down"), ("outcome", "failed")];
+    assert_eq!(value(&m, "wsbridge_backend_connects_total", &failed), 1.0);
 }
 
 #[tokio::test]
@@ -444,11 +568,92 @@ async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
     .await;
     let (status, body) = admin(addr, "GET", "/metrics", None).await;
     assert_eq!(status, 200);
-    assert!(body.contains("# TYPE wsbridge_backend_connect_seconds histogram"), "{body}");
+    // (backend_connect_seconds is per route now: exported from a route's first session on.)
+    assert!(body.contains("# TYPE wsbridge_build_info gauge"), "{body}");
 
     let help = std::process::Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--admin <ADDR>"), "{help}");
+}
+
+/// Unix time now, in seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The process metrics of a real bridge process, unprefixed as every Prometheus client exports
+/// them, against what the test sees of that process from outside (/proc/PID): its start within
+/// the test's window, its open-file soft limit (the one the bridge raised at start), open
+/// descriptors under it and growing by at least one for each WebSocket session held open,
+/// resident memory near what the kernel says.
+#[tokio::test]
+async fn process_metrics_describe_the_bridge_process() {
+    use crate::common::binary::{rss, Binary};
+    const TEST: &str = "process_metrics_describe_the_bridge_process";
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        return skip(TEST, "no /proc here: the test reads the bridge's figures from /proc/PID");
+    }
+    let (backend, _) = echo_backend().await;
+    let before = unix_now();
+    let b = Binary::spawn(&["127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"]).await;
+    let after = unix_now();
+    let addr = b.admin_addr().await;
+    let proc_dir = format!("/proc/{}", b.pid());
+
+    let (status, body) = admin(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    for name in ["process_open_fds", "process_max_fds", "process_start_time_seconds"] {
+        assert!(body.contains(&format!("# TYPE {name} gauge")), "{name} unprefixed: {body}");
+    }
+    assert!(body.contains("# TYPE process_cpu_seconds counter"), "{body}");
+    let m = scrape(addr, None).await;
+
+    // /proc's start is the boot time (whole seconds) plus clock ticks: up to a second early.
+    let start = value(&m, "process_start_time_seconds", &[]);
+    assert!(
+        start >= before - 2.0 && start <= after + 1.0,
+        "started {start}, spawned in [{before}, {after}]"
+    );
+    let limits = std::fs::read_to_string(format!("{proc_dir}/limits")).unwrap();
+    let soft: f64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no open-file limit in {limits}"));
+    let max = value(&m, "process_max_fds", &[]);
+    assert_eq!(max, soft, "the bridge's soft limit, as /proc/PID/limits says it");
+    let open = value(&m, "process_open_fds", &[]);
+    assert!(open > 0.0 && open <= max, "open {open}, max {max}");
+    let seen = std::fs::read_dir(format!("{proc_dir}/fd")).unwrap().count() as f64;
+    // Its own count holds the directory it reads, and the admin connection's descriptor.
+    assert!((open - seen).abs() <= 3.0, "open {open}, the test sees {seen}");
+    let resident = value(&m, "process_resident_memory_bytes", &[]);
+    let kernel = rss(b.pid()).expect("VmRSS") as f64;
+    assert!(
+        resident > 0.0 && resident > kernel / 2.0 && resident < kernel * 2.0,
+        "resident {resident}, VmRSS {kernel}"
+    );
+    assert!(value(&m, "process_virtual_memory_bytes", &[]) >= resident);
+    let cpu = value(&m, "process_cpu_seconds_total", &[]);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert!(cpu >= 0.0 && cpu <= (unix_now() - before) * cores + 0.1, "cpu {cpu} s");
+
+    // K sessions held open: a client socket and a backend socket each.
+    const K: usize = 20;
+    let mut held = Vec::new();
+    for _ in 0..K {
+        held.push(ws_connect(&format!("ws://{}/", b.addr), None).await.0);
+    }
+    sessions_until(addr, "the sessions to be open", |l| l.len() == K).await;
+    let m = scrape(addr, None).await;
+    let grown = value(&m, "process_open_fds", &[]) - open;
+    assert!(grown >= K as f64, "{K} sessions open, the descriptors grew by {grown}");
+    assert!(value(&m, "process_open_fds", &[]) <= value(&m, "process_max_fds", &[]));
+    drop(held);
 }
 
 #[tokio::test]
