@@ -1052,7 +1052,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     self.end(End::PongTimeout);
                 } else if !self.up.is_empty() || self.up_unflushed || self.raw_at < self.raw.len() {
                     // It takes all we send, but we are not reading it (its data waits for a slow
-                    // backend), so its pong cannot be seen: backpressure, not a dead client.
+                    // backend), so its pong cannot be seen: backpressure, not a dead client. A
+                    // client that has gone meanwhile (closed, reset) cannot be seen either, so
+                    // it is written to: another ping, whose write fails on a connection that is
+                    // gone, and which a live client takes and answers behind its data.
+                    self.ping = true;
                     self.ping_sent = Some(now);
                 } else if self.pong_overdue {
                     // Readable for a further pong timeout, and no pong.

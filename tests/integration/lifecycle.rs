@@ -474,6 +474,56 @@ async fn a_slow_backend_is_not_mistaken_for_a_dead_client() {
     drop(within("writer", writer).await.unwrap());
 }
 
+/// A client that vanishes (a reset) while its data waits for a backend that stopped reading:
+/// the bridge, not reading the client meanwhile, cannot see the reset; it must not take it for
+/// backpressure for ever (the session held its slot, its descriptors and the route's place until
+/// the backend read again, if ever). Its next ping finds the connection gone.
+#[tokio::test]
+async fn a_client_that_vanishes_behind_a_backend_that_stopped_reading_ends_its_session() {
+    let (backend, mut streams) = manual_backend().await;
+    let mut config = any_path_to(backend);
+    keepalive(100, 200)(&mut config);
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let client = raw_ws(bridge.addr, "/").await;
+    // The backend is accepted and never read.
+    let _b = within("backend accept", streams.recv()).await.unwrap();
+    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+    let (read_half, mut write_half) = client.into_split();
+    let progress = Progress::default();
+    let marks = progress.clone();
+    let mut writer = tokio::spawn(async move {
+        let data = frame(0x82, &vec![7u8; 64 * 1024], true);
+        loop {
+            if write_half.write_all(&data).await.is_err() {
+                return;
+            }
+            marks.mark();
+        }
+    });
+    // Everything between the client and the backend is full: the bridge reads the client no more.
+    progress.held_up_for(Duration::from_millis(600), &mut writer).await;
+    // Gone: the halves dropped with SO_LINGER 0 send a reset.
+    writer.abort();
+    let _ = writer.await;
+    drop(read_half);
+    let gone = std::time::Instant::now();
+    let sessions_left = |l: &[serde_json::Value]| l.is_empty();
+    let list = within("the session to end", async {
+        loop {
+            let list = sessions(admin_addr, None).await;
+            if sessions_left(&list) {
+                return list;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(list.is_empty());
+    // The next pong deadline at most (200 ms), and its ping's write failing.
+    assert!(gone.elapsed() < Duration::from_millis(200) + LATE, "{:?}", gone.elapsed());
+}
+
 #[tokio::test]
 async fn client_that_never_answers_our_close_is_cut_at_the_close_deadline() {
     // The bridge closes (idle); the client reads the close frame but never answers it. The close
