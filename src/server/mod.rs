@@ -523,9 +523,12 @@ impl Bridge {
         if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
             return;
         }
-        let held = match place(&live, peer.client.ip()) {
-            Ok(place) => Held::new(slot, place),
-            Err(r) => return self.answer_per_ip(&mut stream, &r).await,
+        let held = match forwards_clients(&listener.config.access, peer.client.ip()) {
+            true => Held::new(slot, Place::Uncounted),
+            false => match place(&live, peer.client.ip()) {
+                Ok(place) => Held::new(slot, place),
+                Err(r) => return self.answer_per_ip(&mut stream, &r).await,
+            },
         };
         Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
     }
@@ -620,10 +623,14 @@ impl Bridge {
         }
         // One address may not hold every connection slot (slow heads, reconnecting at each
         // deadline): counted from here, once the PROXY header has named it; past it, a few
-        // places to log in agents ([`place`]).
-        let held = match place(&live, peer.client.ip()) {
-            Ok(place) => Held::new(slot, place),
-            Err(r) => return Box::pin(self.refuse_per_ip(stream, r)).await,
+        // places to log in agents ([`place`]). Not a proxy whose X-Forwarded-For is believed:
+        // its connections are its clients', which the caps per address on sessions count.
+        let held = match forwards_clients(&listener.config.access, peer.client.ip()) {
+            true => Held::new(slot, Place::Uncounted),
+            false => match place(&live, peer.client.ip()) {
+                Ok(place) => Held::new(slot, place),
+                Err(r) => return Box::pin(self.refuse_per_ip(stream, r)).await,
+            },
         };
         let Some(tls) = &listener.tls else {
             return Box::pin(self.http(stream, held, peer, listener, &live, deadline, None)).await;
@@ -1228,6 +1235,15 @@ fn place(live: &Live, ip: std::net::IpAddr) -> Result<Place, crate::policy::Refu
             Err(refusal)
         }
     }
+}
+
+/// Whether `ip` is a proxy whose X-Forwarded-For (or Forwarded) header this listener believes:
+/// a connection from it carries a client's requests (several clients' over time), so
+/// `max_connections_per_ip` does not count it (all of them would share one allowance, and one
+/// client's slow requests through the proxy would lock every other out), while the caps per
+/// address on sessions count the address each request names.
+fn forwards_clients(access: &crate::config::policy::ListenerAccess, ip: std::net::IpAddr) -> bool {
+    !access.proxy_protocol && access.trusted_proxies.iter().any(|n| n.contains(&ip.to_canonical()))
 }
 
 /// Refusals past the connection cap that may linger at once; the rest are answered without

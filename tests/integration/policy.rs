@@ -320,6 +320,56 @@ async fn forwarded_headers_count_only_on_a_listener_that_trusts_the_proxy() {
     plain.stop().await;
 }
 
+/// Behind a proxy whose X-Forwarded-For the listener believes, `max_connections_per_ip` does not
+/// count the proxy (every client behind it shared one allowance: one client's slow requests
+/// locked all the others out), while the cap on sessions per address counts each client.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_caps_per_address_count_its_clients_not_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = bridge(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
+         [limits]\nmax_connections_per_ip = 2\nmax_sessions_per_ip = 1\n\
+         [[route]]\npath = \"/r\"\ntarget = \"BACKEND\"\n",
+        dir.path(),
+    )
+    .await;
+    // Two requests from one client still on their way through the proxy (heads not finished).
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        s.write_all(b"GET /r HTTP/1.1\r\nX-Forwarded-For: 198.51.100.7\r\n").await.unwrap();
+        slow.push(s);
+    }
+    // Other clients through the same proxy get their sessions.
+    let mut open = Vec::new();
+    for client in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        let extra = format!("X-Forwarded-For: {client}\r\n");
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        s.write_all(&upgrade_request("/r", &extra)).await.unwrap();
+        let head = within("the 101", async {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed: {}", String::from_utf8_lossy(&head));
+                head.push(byte[0]);
+            }
+            String::from_utf8_lossy(&head).into_owned()
+        })
+        .await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{client}: {head}");
+        open.push(s);
+    }
+    // Each client's own sessions are still capped.
+    refused(
+        &ask(b.addr, "/r", "X-Forwarded-For: 198.51.100.1\r\n").await,
+        429,
+        "too many sessions from your address",
+        Some("retry-after: "),
+    );
+    drop((slow, open));
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn proxy_protocol_in_from_the_balancer_and_out_to_the_backend() {
     let dir = tempfile::tempdir().unwrap();
