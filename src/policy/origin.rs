@@ -119,6 +119,11 @@ impl std::str::FromStr for Origin {
             return Err("an origin is scheme://host[:port], without path or user".into());
         }
         let (host, port) = split_authority(rest).ok_or("malformed host or port")?;
+        // Browsers serialize an origin's host as a name (IDNA: letters, digits, `-`, `.`) or an
+        // address; `evil.com%2f.example.org` would otherwise pass for a subdomain of example.org.
+        if host.contains(['%', '~']) {
+            return Err("an origin's host is a name or an address, never percent-encoded".into());
+        }
         let port = match port {
             Some(p) => p,
             None => default_port(&scheme).ok_or("no port and no default port for the scheme")?,
@@ -332,6 +337,18 @@ mod tests {
         assert!(p.check(None, None, false).is_ok());
         let strict = OriginPolicy { require_origin: true, ..p };
         assert!(strict.check(None, None, false).is_err());
+    }
+
+    #[test]
+    fn a_percent_encoded_host_is_no_subdomain() {
+        let rule: OriginRule = "https://*.example.org".parse().unwrap();
+        let policy = OriginPolicy {
+            rules: vec![rule],
+            require_origin: false,
+        };
+        assert!(policy.check(Some("https://app.example.org"), None, true).is_ok());
+        assert!(policy.check(Some("https://evil.com%2f.example.org"), None, true).is_err());
+        assert!(policy.check(Some("https://evil.com~.example.org"), None, true).is_err());
     }
 
     #[test]
