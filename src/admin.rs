@@ -207,6 +207,9 @@ impl Admin {
         }
         // 0x16: a TLS handshake record. A plain request is told what to use, not left to time out.
         if first[0] != 0x16 {
+            // Read first: closing a socket with its request unread would reset the connection,
+            // and the reset can destroy the answer before the client reads it.
+            let _ = timeout_at(deadline, read_request(&mut stream)).await;
             let _place = self.read(id);
             let reason = "this admin listener takes HTTPS only\n";
             let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, reason)).await;
