@@ -604,6 +604,15 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
     found
 }
 
+/// Whether a child process can be given a mount namespace of its own (`unshare --mount`, as
+/// root): how a test shows one process its own /etc/hosts or /etc/resolv.conf (`mount --bind`)
+/// without touching the machine's. Callers skip without it.
+pub fn can_unshare_mounts() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")));
+    root && std::process::Command::new("unshare").arg("--version").output().is_ok()
+}
+
 /// `METHOD path` on an admin listener, with a bearer token if given: status and body.
 pub async fn admin(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();

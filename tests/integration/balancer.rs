@@ -5,20 +5,25 @@
 //! their data and then 1001, and the other instance's sessions carry on. The tokens both
 //! instances route by come from one shared redis-server, written once and deleted once, as a
 //! web application would. Agent mode with one host name and a standby: a draining instance's
-//! agent lands on the standby as soon as HAProxy's check moved new connections there. Also:
-//! `haproxy -c` on the HAProxy example and `nginx -t` on the nginx one.
+//! agent lands on the standby as soon as HAProxy's check moved new connections there. Agent mode
+//! with every instance listed in the agent: the real agent reaches each instance by a host name
+//! of its own that the example routes by the TLS SNI, and pages on either instance find it.
+//! Also: `haproxy -c` on the HAProxy example and `nginx -t` on the nginx one.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::MaybeTlsStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::common::binary::Binary;
 use crate::common::haproxy::HaProxy;
+use crate::common::pki;
 use crate::common::redis::Redis;
 use crate::common::*;
 
@@ -169,7 +174,8 @@ fn haproxy_config(dir: &Path, instances: [&Instance; 2]) -> String {
         ("inter 2s fall 2 rise 2", "inter 100ms fall 1 rise 1".to_owned(), 1),
     ];
     for (i, (example_addr, instance)) in ["10.0.0.11", "10.0.0.12"].iter().zip(instances).enumerate() {
-        // The agents' backend of each instance (no agent here) goes to the same instance.
+        // The agents' backend of each instance (`use_backend` by the TLS SNI) goes to the same
+        // instance.
         subs.push((
             if i == 0 {
                 "server agents-on-1 10.0.0.11:6080\n"
@@ -402,23 +408,32 @@ async fn the_nginx_example_is_valid() {
 /// check took the instance out (a 503) and its next one (2-3 s later) to land on the standby.
 const AGENT_DRAIN_DELAY: Duration = Duration::from_secs(6);
 
-/// An agent server as README "Agents and several instances" sets up the instance pair for agents
-/// that have one address: agent `shop-17` (its secret `secret`), its endpoint and a route `/pos`
-/// to its service `pos`, with the drain delay and an admin listener; on the listener and admin
-/// addresses `at` (an instance restarted where its balancer knows it), or on free ports.
-async fn agent_instance(dir: &Path, name: &str, secret: &str, at: Option<(SocketAddr, SocketAddr)>) -> Instance {
+/// An agent server as README "Agents and several instances" sets one up: agent `shop-17` (its
+/// secret `secret`), its endpoint and a route `/pos` to its service `pos`, with `drain_delay` and
+/// an admin listener; on the listener and admin addresses `at` (an instance restarted where its
+/// balancer knows it), or on free ports. `listener` is the rest of its `[[listen]]` table (the
+/// PROXY protocol, TLS), empty for a plain listener that agents and pages reach through a
+/// balancer without PROXY headers.
+async fn agent_instance(
+    dir: &Path,
+    name: &str,
+    secret: &str,
+    at: Option<(SocketAddr, SocketAddr)>,
+    listener: &str,
+    drain_delay: Duration,
+) -> Instance {
     let file = dir.join(format!("{name}.toml"));
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let (listen, admin) = at.unwrap_or((any, any));
     std::fs::write(
         &file,
         format!(
-            "[[listen]]\naddr = \"{listen}\"\n\n[[agent_endpoint]]\npath = \"/agent\"\n\n\
+            "[[listen]]\naddr = \"{listen}\"\n{listener}\n[[agent_endpoint]]\npath = \"/agent\"\n\n\
              [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\n\
              [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n\n\
              [timeouts]\ndrain_delay = \"{}ms\"\n\n[admin]\naddr = \"{admin}\"\n",
             wsbridge::agent::link::secret_sha256(secret),
-            AGENT_DRAIN_DELAY.as_millis()
+            drain_delay.as_millis()
         ),
     )
     .unwrap();
@@ -447,8 +462,8 @@ async fn behind_haproxy_with_a_standby_an_agent_moves_at_a_drain_and_follows_the
     };
     let dir = tempfile::tempdir().unwrap();
     let secret = "0123456789abcdef0123456789abcdef-standby";
-    let mut one = agent_instance(dir.path(), "one", secret, None).await;
-    let two = agent_instance(dir.path(), "two", secret, None).await;
+    let mut one = agent_instance(dir.path(), "one", secret, None, "", AGENT_DRAIN_DELAY).await;
+    let two = agent_instance(dir.path(), "two", secret, None, "", AGENT_DRAIN_DELAY).await;
     let config = format!(
         "global\n    log stderr format raw local0 info\n    stats socket {}\n\
          defaults\n    mode tcp\n    log global\n    timeout connect 2s\n    timeout client 1m\n    timeout server 1m\n\
@@ -524,7 +539,7 @@ async fn behind_haproxy_with_a_standby_an_agent_moves_at_a_drain_and_follows_the
     // The instance is back where HAProxy knows it (a restart). The agent, on the standby since
     // the move, looks where new connections go at most 5 s apart (x 1.25, spread) and follows
     // (its ordinary looks are 600 s apart).
-    let one = agent_instance(dir.path(), "one", secret, Some((one.bin.addr, one.admin))).await;
+    let one = agent_instance(dir.path(), "one", secret, Some((one.bin.addr, one.admin)), "", AGENT_DRAIN_DELAY).await;
     balancer.line("Server wsbridge/one is UP").await;
     let up = Instant::now();
     let poll = Duration::from_millis(20);
@@ -550,4 +565,173 @@ async fn behind_haproxy_with_a_standby_an_agent_moves_at_a_drain_and_follows_the
     assert_eq!(recv_data(&mut back).await, b"on one again");
     send_bin(&mut after, b"still on two").await;
     assert_eq!(recv_data(&mut after).await, b"still on two");
+}
+
+/// The name pages use, on every instance's certificate.
+const PAGES: &str = "wsbridge.example.com";
+
+/// A page through the balancer: a wss:// session on `/pos` to `front` with SNI and Host
+/// [`PAGES`], checked with one echo through the agent. Returns it and its address as the
+/// instances see it (PROXY v2).
+async fn page(front: SocketAddr, ca_pem: &str) -> (WebSocketStream<TlsStream<TcpStream>>, String) {
+    let versions = &[&tokio_rustls::rustls::version::TLS13];
+    let stream = pki::tls_connect(front, PAGES, pki::client_config(ca_pem, None, versions))
+        .await
+        .expect("TLS to the balancer's front");
+    let me = stream.get_ref().0.local_addr().unwrap().to_string();
+    let mut ws = pki::wss_over(stream, &format!("wss://{PAGES}/pos")).await;
+    // An instance the agent is not connected to closes with 1014 "agent shop-17 is offline"
+    // (in its log), which tungstenite shows as 1002 "Protocol violation" (1014 is newer than
+    // RFC 6455).
+    send_bin(&mut ws, b"hello").await;
+    assert_eq!(recv_data(&mut ws).await, b"hello", "the echo through the agent");
+    (ws, me)
+}
+
+/// Instance `n` (1 or 2) for agents that list every instance: as config/behind-haproxy.toml sets
+/// one up (PROXY v2 from HAProxy only, the admin listener for its checks), with TLS on its
+/// listener, its certificate naming the pages' name and its agents' one, `agents-N.example.com`.
+async fn sni_instance(dir: &Path, pki: &pki::Pki, n: u8, secret: &str) -> Instance {
+    let agents = format!("agents-{n}.example.com");
+    let cert = pki.server(&format!("instance{n}"), &[PAGES, &agents], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let listener = format!(
+        "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]\n[listen.tls]\ncert = {:?}\nkey = {:?}\n",
+        cert.cert.to_str().unwrap(),
+        cert.key.to_str().unwrap()
+    );
+    agent_instance(dir, &format!("instance{n}"), secret, None, &listener, DRAIN_DELAY).await
+}
+
+/// README "Agents and several instances", the layout for agents that can list every instance:
+/// the real agent lists `agents-1.example.com` and `agents-2.example.com` (resolved to 127.0.0.1
+/// through an /etc/hosts of its own), which examples/haproxy.cfg routes by the TLS SNI to one
+/// instance each (`wsbridge1_agents`, `wsbridge2_agents`); so it is connected to both, and pages,
+/// which HAProxy spreads over both (leastconn), reach it whichever instance they land on. At a
+/// drain, new pages go to the other instance and find the agent there, while the draining one's
+/// pages carry on through the agent until the end of its delay (then 1001). Needs root and `unshare` (a
+/// mount namespace for the agent's /etc/hosts); skipped otherwise.
+#[tokio::test]
+async fn behind_haproxy_an_agent_on_every_instance_by_sni_serves_pages_on_any() {
+    let test = "balancer::behind_haproxy_an_agent_on_every_instance_by_sni_serves_pages_on_any";
+    let Some(haproxy) = HaProxy::installed() else {
+        return skip(test, "haproxy is not installed (scripts/test.sh installs Debian's haproxy)");
+    };
+    if !can_unshare_mounts() {
+        return skip(test, "needs root and unshare (a mount namespace for the agent's /etc/hosts)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new("test CA");
+    let secret = "0123456789abcdef0123456789abcdef-sni";
+    let mut one = sni_instance(dir.path(), &pki, 1, secret).await;
+    let two = sni_instance(dir.path(), &pki, 2, secret).await;
+    let balancer = HaProxy::start(&haproxy, dir.path(), &haproxy_config(dir.path(), [&one, &two]));
+
+    // The agent: the real binary with the server list README gives, in a mount namespace whose
+    // /etc/hosts sends both names to the balancer's front.
+    let (echo, _) = echo_backend().await;
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost agents-1.example.com agents-2.example.com\n").unwrap();
+    std::fs::write(dir.path().join("agent.secret"), format!("{secret}\n")).unwrap();
+    let port = balancer.front.port();
+    let agent_file = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_file,
+        format!(
+            "[agent]\nserver = [\"wss://agents-1.example.com:{port}/agent\", \"wss://agents-2.example.com:{port}/agent\"]\n\
+             name = \"shop-17\"\nsecret_file = \"agent.secret\"\nca_file = {:?}\nproxy = \"off\"\n\n\
+             [agent.services]\npos = \"{echo}\"\n",
+            pki.ca_file().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut command = tokio::process::Command::new("unshare");
+    command.args([
+        "--mount",
+        "sh",
+        "-c",
+        "mount --bind \"$1\" /etc/hosts && exec \"$2\" agent --config \"$3\"",
+        "sh",
+    ]);
+    command.args([hosts.as_os_str(), crate::common::binary::BIN.as_ref(), agent_file.as_os_str()]);
+    command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    let agent = Binary::start(command);
+    let poll = Duration::from_millis(20);
+    for (n, instance) in [(1, &one), (2, &two)] {
+        tokio::time::timeout(WAIT, async {
+            while !has_agent(instance).await {
+                tokio::time::sleep(poll).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the agent never reached instance {n}: {:#?}", agent.lines()));
+    }
+
+    // Pages, held open: leastconn spreads them over both instances, and each finds the agent.
+    let ca = pki.ca_pem.clone();
+    let mut pages = Vec::new();
+    for _ in 0..4 {
+        pages.push(page(balancer.front, &ca).await);
+    }
+    let (on_one, on_two) = (one.sessions().await, two.sessions().await);
+    assert_eq!((on_one.len(), on_two.len()), (2, 2), "two pages each: {on_one:?} {on_two:?}");
+    for (_, me) in &pages {
+        assert!(
+            on_one.iter().chain(&on_two).any(|(_, c)| c == me),
+            "{me} on neither instance: {on_one:?} {on_two:?}"
+        );
+    }
+    let (mut on_one_pages, mut on_two_pages): (Vec<_>, Vec<_>) = pages.into_iter().partition(|(_, me)| on_one.iter().any(|(_, c)| c == me));
+
+    // SIGTERM instance one: once HAProxy's check took it out, new pages go to instance two and
+    // find the agent there; instance one's pages carry on through the agent until its delay ends.
+    let started = Instant::now();
+    one.bin.signal("TERM").await;
+    one.bin.line("draining").await;
+    balancer.line("Server wsbridge/wsbridge1 is DOWN").await;
+    let mut new = Vec::new();
+    for _ in 0..3 {
+        new.push(page(balancer.front, &ca).await);
+    }
+    assert!(
+        started.elapsed() < DRAIN_DELAY,
+        "the checks took the whole drain delay ({:?}): nothing shows that HAProxy, not a closed port, moved the pages",
+        started.elapsed()
+    );
+    let on_two = two.sessions().await;
+    for (_, me) in &new {
+        assert!(on_two.iter().any(|(_, c)| c == me), "{me} not on instance two: {on_two:?}");
+    }
+    assert_eq!(one.sessions().await.len(), 2, "a new page went to the draining instance");
+    for (ws, _) in &mut on_one_pages {
+        send_bin(ws, b"still on one").await;
+        assert_eq!(recv_data(ws).await, b"still on one");
+    }
+    for (ws, _) in &mut on_one_pages {
+        let close = within("instance one's pages to end", async {
+            loop {
+                if let Message::Close(f) = ws.next().await.expect("a close frame").expect("read") {
+                    return f;
+                }
+            }
+        })
+        .await;
+        // Our answer to its close frame goes out, so that the instance need not wait for it.
+        let _ = ws.flush().await;
+        assert_eq!(
+            close.map(|c| u16::from(c.code)),
+            Some(1001),
+            "the draining instance's pages at its end"
+        );
+        assert_window("instance one's 1001 after SIGTERM", started.elapsed(), DRAIN_DELAY);
+    }
+    assert_eq!(one.bin.exit_code().await, 0, "{:?}", one.bin.lines());
+
+    // Instance two's pages, from before the drain and after it, carry on through the agent.
+    let on_two: Vec<String> = two.sessions().await.into_iter().map(|(_, c)| c).collect();
+    assert_eq!(on_two.len(), 5, "{on_two:?}");
+    for (ws, me) in on_two_pages.iter_mut().chain(&mut new) {
+        assert!(on_two.contains(me), "{me} not on instance two: {on_two:?}");
+        send_bin(ws, b"on two").await;
+        assert_eq!(recv_data(ws).await, b"on two");
+    }
 }

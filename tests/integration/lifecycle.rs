@@ -930,9 +930,7 @@ async fn a_pong_stuck_behind_the_clients_own_data_does_not_end_the_session() {
 async fn pages_opened_while_dns_does_not_answer_share_one_lookup() {
     use crate::common::binary::{Binary, BIN};
     const TEST: &str = "lifecycle::pages_opened_while_dns_does_not_answer_share_one_lookup";
-    let root = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")));
-    if !root || std::process::Command::new("unshare").arg("--version").output().is_err() {
+    if !can_unshare_mounts() {
         return skip(TEST, "needs root and unshare (a mount namespace for resolv.conf, port 53)");
     }
     // An address of its own on loopback, so that tests running at once do not share it.
