@@ -364,6 +364,29 @@ impl PerAddress {
         })
     }
 
+    /// [`PerAddress::try_charge`] for a key that has a budget of its own only while the table
+    /// has room for it: `None`, and nothing charged, when every slot it may take holds another
+    /// live key (the caller charges a budget of its choosing instead of the shared one).
+    pub fn try_charge_own(&self, ip: IpAddr) -> Option<Result<(), Refusal>> {
+        let key = address_key(ip);
+        let now = Instant::now();
+        let mut table = self.lock();
+        let (limits, burst) = (table.limits, table.burst());
+        let i = self.place(&mut table, key, now)?;
+        let entry = table.slots[i].as_mut()?;
+        Table::refill(limits, burst, entry, now);
+        if entry.tokens < 1.0 {
+            return Some(Err(Refusal {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                public: "too many failed attempts",
+                detail: format!("client {key} failed too often; slowed down"),
+                retry_after: Some(retry_after(entry.tokens, limits.rate.unwrap_or(1.0))),
+            }));
+        }
+        entry.tokens -= 1.0;
+        Some(Ok(()))
+    }
+
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
     pub fn refund(&self, ip: IpAddr) {
         self.in_budget(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
