@@ -336,7 +336,7 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())))
+        given.is_some_and(|g| tokens_match(g, &token))
     }
 
     fn agents_json(&self) -> String {
@@ -419,6 +419,14 @@ impl Admin {
         })
         .await;
     }
+}
+
+/// Whether the token a request gave is the admin token. Their SHA-256 digests are compared, in
+/// constant time: `ct_eq` on the tokens themselves answers at once when their lengths differ,
+/// which would tell a prober the token's length.
+fn tokens_match(given: &str, token: &str) -> bool {
+    let digest = |t: &str| ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+    bool::from(digest(given).as_ref().ct_eq(digest(token).as_ref()))
 }
 
 /// `GET /sessions`: every live session, oldest first, as a JSON array (serialized straight from
@@ -505,4 +513,20 @@ async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, content_
     io.write_all(head.as_bytes()).await?;
     io.write_all(body.as_bytes()).await?;
     io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokens_match;
+
+    #[test]
+    fn tokens_compare_by_digest() {
+        let token = "s3cret-admin-token";
+        assert!(tokens_match(token, token));
+        assert!(!tokens_match("s3cret-admin-tokeN", token), "same length, one byte differs");
+        assert!(!tokens_match("s3cret", token), "a prefix");
+        assert!(!tokens_match("s3cret-admin-token-and-more", token), "longer");
+        assert!(!tokens_match("", token));
+        assert!(tokens_match("", ""));
+    }
 }

@@ -5,8 +5,9 @@
 //! Only requests on an `[[agent_endpoint]]` path come here, so a browser can never reach the
 //! endpoint as a data route and an agent handshake is never accepted on a browser route. Every
 //! refusal is one of: 403 (a browser's request: it has an `Origin`, which agents never send),
-//! 400 (not an agent handshake), 429 (too many failures from this address: logged at debug and
-//! counted in the metrics, one a request, with a warning when the brake turns on), 401 (one generic
+//! 400 (not an agent handshake), 429 (too many failures from this address as this agent, or as
+//! no declared agent: logged at debug and counted in the metrics, one a request, with a warning
+//! when the brake turns on), 401 (one generic
 //! answer for an unknown name, a wrong or missing secret; the reason is logged, never the
 //! secret), 409 (a data link from an agent with no control link here), 421 (a data link naming
 //! another instance than this one: its control link is there).
@@ -14,7 +15,9 @@
 //! The failure brake counts only logins that try a secret: a browser's request (any page a user
 //! behind a shop's NAT opens can send one, cross-site) and a request without a name or a secret
 //! guess nothing, and counting them would let them slow down the logins of the agents behind
-//! that address.
+//! that address. For the same reason it counts per address and agent name
+//! ([`Registry::charge`]): wrong secrets for one agent, or logins as names no agent has, from a
+//! shop's guest Wi-Fi or a carrier's NAT, do not slow down another agent behind it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -132,7 +135,7 @@ pub async fn serve<S: IntoLink>(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, s)| s.trim())
         .filter(|s| !s.is_empty());
-    if name.is_none() || secret.is_none() {
+    let (Some(name), Some(secret)) = (name, secret) else {
         // Guesses nothing: not charged to the brake (see the module's doc), and not looked up.
         refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
         metrics.refused(crate::metrics::Refusal::Http(401));
@@ -142,42 +145,52 @@ pub async fn serve<S: IntoLink>(
             reason = super::registry::AuthFailure::Missing.to_string().as_str(),
             "agent endpoint: login refused, not counted as a failed one"
         );
-    }
-    if let Err(wait) = registry.may_try(addr.ip()) {
-        let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
-        let _ = timeout_at(
-            write_end,
-            answer(&mut stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
-        )
-        .await;
-        // One a request, which any host can send: at debug, and counted (as the 429s at accept
-        // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
-        metrics.refused(crate::metrics::Refusal::Http(429));
-        return debug!(
-            status = 429,
-            "agent endpoint: too many failed logins from this address; slowed down"
-        );
-    }
-    let digest = match registry.authenticate(name, secret).await {
+    };
+    // Looked up first (in memory: the configuration and the fleet files read), so that the try
+    // is charged to the brake of this address and agent, or, for a name that no agent has, to
+    // the address's (see [`Registry::charge`]); and then the secret is checked with no wait
+    // in between, so parallel guesses cannot all start before the first failure counts.
+    let digests = registry.secrets_of(name).await;
+    let charged = match registry.charge(addr.ip(), digests.is_some().then_some(name)) {
+        Ok(charged) => charged,
+        Err(wait) => {
+            let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
+            let _ = timeout_at(
+                write_end,
+                answer(&mut stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
+            )
+            .await;
+            // One a request, which any host can send: at debug, and counted (as the 429s at accept
+            // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
+            metrics.refused(crate::metrics::Refusal::Http(429));
+            return debug!(
+                status = 429,
+                agent = %shown(name.as_bytes()),
+                "agent endpoint: too many failed logins from this address (as this agent, or as none declared); slowed down"
+            );
+        }
+    };
+    let digest = match Registry::check_secret(secret, digests) {
         Ok(digest) => digest,
         Err(why) => {
-            // The try was charged by may_try; a failed one stays spent.
+            // The try was charged above; a failed one stays spent.
             refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
             metrics.refused(crate::metrics::Refusal::Http(401));
-            let shown = shown(name.unwrap_or_default().as_bytes());
+            let shown = shown(name.as_bytes());
             warn!(status = 401, agent = %shown, reason = why.to_string().as_str(), "agent endpoint: login refused");
-            if registry.brake_came_on(addr.ip()) {
+            if registry.brake_came_on(charged) {
                 warn!(
-                    "agent endpoint: too many failed logins from this address; slowed down: 429 until a try comes back \
-                     (one per 2 s), each such refusal logged at debug"
+                    agent = %shown,
+                    "agent endpoint: too many failed logins from this address (as this agent, or as none declared); slowed \
+                     down: 429 until a try comes back (one per 2 s), each such refusal logged at debug"
                 );
             }
             return;
         }
     };
-    registry.succeeded(addr.ip());
+    registry.succeeded(charged);
     let slot = held.into_agents();
-    let name = name.unwrap_or_default().to_owned();
+    let name = name.to_owned();
     match kind {
         Kind::Link(chunks) => {
             // A link naming the instance its control link is on, and reaching another one (a

@@ -581,48 +581,86 @@ impl Registry {
         self.config().endpoints.iter().find(|e| e.path == path).cloned()
     }
 
-    /// Checks an agent's name and secret.
+    /// The SHA-256s of the secrets `name` may log in with, if it is declared (inline or in a
+    /// fleet file, as they are now).
+    pub async fn secrets_of(&self, name: &str) -> Option<Vec<[u8; 32]>> {
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
+        names.secret_sha256(name).await
+    }
+
+    /// Checks `secret` against a name's `digests` ([`Registry::secrets_of`]; `None`: the name is
+    /// not declared), returning the digest it matched.
     ///
     /// # Errors
     /// Why not, for the log.
-    pub async fn authenticate(&self, name: Option<&str>, secret: Option<&str>) -> Result<[u8; 32], AuthFailure> {
-        let (Some(name), Some(secret)) = (name, secret) else {
-            return Err(AuthFailure::Missing);
-        };
-        let names = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let digests = names.secret_sha256(name).await.ok_or(AuthFailure::UnknownAgent)?;
+    pub fn check_secret(secret: &str, digests: Option<Vec<[u8; 32]>>) -> Result<[u8; 32], AuthFailure> {
         // Each compared in constant time; that there are one or two is no secret.
         digests
+            .ok_or(AuthFailure::UnknownAgent)?
             .into_iter()
             .find(|d| link::secret_matches(secret, d))
             .ok_or(AuthFailure::WrongSecret)
     }
 
-    /// Takes a try from `ip`'s budget of logins before its secret is checked (so that parallel
-    /// tries cannot all start before the first failure counts); `Err` holds seconds to wait.
+    /// Takes a try from the budget of a login from `ip` before its secret is checked (so that
+    /// parallel tries cannot all start before the first failure counts); `Err` holds seconds to
+    /// wait. `agent`: the name it logs in as, when that is declared. Its tries are counted per
+    /// address *and name*: guesses at one agent's secret are slowed, but they slow no other
+    /// agent logging in from the same address (a shop's guest Wi-Fi, a carrier's NAT). Logins
+    /// naming no declared agent guess no secret; they share the address's own budget (so that
+    /// a flood of made-up names takes one entry, and no declared agent's). When the table of
+    /// names has no room for the pair (a flood of failures at very many pairs), the try is
+    /// charged to the address's budget instead.
+    pub fn charge(&self, ip: IpAddr, agent: Option<&str>) -> Result<LoginTry, u64> {
+        let wait = |r: crate::policy::Refusal| r.retry_after.unwrap_or(1);
+        if let Some(name) = agent {
+            let key = self.brake.pair(ip, name);
+            if let Some(charged) = self.brake.names.try_charge_own(key) {
+                return charged.map(|()| LoginTry { ip, pair: Some(key) }).map_err(wait);
+            }
+        }
+        self.brake
+            .addresses
+            .try_charge(ip)
+            .map(|()| LoginTry { ip, pair: None })
+            .map_err(wait)
+    }
+
+    /// Takes a try from the budget of `ip`'s logins that name no declared agent (see
+    /// [`Registry::charge`]); `Err` holds seconds to wait.
     pub fn may_try(&self, ip: IpAddr) -> Result<(), u64> {
-        self.brake.0.try_charge(ip).map_err(|r| r.retry_after.unwrap_or(1))
+        self.charge(ip, None).map(drop)
     }
 
     /// Gives back the try of a login that succeeded.
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.brake.0.refund(ip);
+    pub fn succeeded(&self, login: LoginTry) {
+        match login.pair {
+            Some(key) => self.brake.names.refund(key),
+            None => self.brake.addresses.refund(login.ip),
+        }
     }
 
-    /// Whether a failed login from `ip` just turned the brake on (it spent the address's last
-    /// try), and that was not yet said in the last minute: the one warning an address's brake
-    /// is worth. Its refusals that follow, one per request, are at debug: any host can send them.
-    /// At most once a minute per address, in a fixed table (bounded memory; a flood of more
-    /// addresses than it holds may be warned of more often).
-    pub fn brake_came_on(&self, ip: IpAddr) -> bool {
-        self.braked(ip) && self.brake.1.try_charge(ip).is_ok()
+    /// Whether a failed login just turned the brake on (it spent the last try of its budget:
+    /// its address's and agent name's, or its address's), and that was not yet said in the last
+    /// minute: the one warning an address's brake is worth. Its refusals that follow, one per
+    /// request, are at debug: any host can send them. At most once a minute per address, in a
+    /// fixed table (bounded memory; a flood of more addresses than it holds may be warned of
+    /// more often).
+    pub fn brake_came_on(&self, login: LoginTry) -> bool {
+        let spent = match login.pair {
+            Some(key) => self.brake.names.may_try(key).is_err(),
+            None => self.braked(login.ip),
+        };
+        spent && self.brake.warnings.try_charge(login.ip).is_ok()
     }
 
-    /// Whether `ip`'s logins are slowed now (its failures spent the brake's burst): a look that
-    /// takes no try, not even for an instant (a login racing it for the address's last try
-    /// gets it). An address over `max_connections_per_ip` then gets no place to log in.
+    /// Whether `ip`'s logins that name no declared agent are slowed now (their failures spent
+    /// the brake's burst): a look that takes no try, not even for an instant (a login racing it
+    /// for the address's last try gets it). An address over `max_connections_per_ip` then gets
+    /// no place to log in. Failed logins as a declared agent do not count here: they slow that
+    /// agent's logins from the address, no other's.
     pub fn braked(&self, ip: IpAddr) -> bool {
-        self.brake.0.may_try(ip).is_err()
+        self.brake.addresses.may_try(ip).is_err()
     }
 
     /// Makes this control link the agent's connection; an older one of the same name is told
@@ -972,11 +1010,42 @@ pub const BRAKE_REFILL: Duration = Duration::from_secs(2);
 /// How often the brake turning on for one address is warned of at most.
 pub const BRAKE_WARNING: Duration = Duration::from_secs(60);
 
-/// The brake on repeated failed logins: a bucket of [`BRAKE_BURST`] tries per address that
-/// refills one per [`BRAKE_REFILL`], in the same fixed table (O(1), bounded memory) the access
-/// policy uses; and beside it, one warning per address per [`BRAKE_WARNING`].
+/// A login's try, taken from a budget by [`Registry::charge`]: given back when it succeeds.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginTry {
+    /// The client's address.
+    ip: IpAddr,
+    /// The key of the (address, agent name) pair it was charged to ([`Brake::pair`]); `None`:
+    /// to the address's own budget.
+    pair: Option<IpAddr>,
+}
+
+/// The brake on repeated failed logins: buckets of [`BRAKE_BURST`] tries that refill one per
+/// [`BRAKE_REFILL`], in the same fixed tables (O(1), bounded memory) the access policy uses:
+/// one per address and declared agent name, one per address (for logins naming no declared
+/// agent); and beside them, one warning per address per [`BRAKE_WARNING`].
 #[derive(Debug)]
-struct Brake(Arc<crate::policy::PerAddress>, Arc<crate::policy::PerAddress>);
+struct Brake {
+    /// Per (address, declared agent name), keyed by [`Brake::pair`].
+    names: Arc<crate::policy::PerAddress>,
+    /// Per address.
+    addresses: Arc<crate::policy::PerAddress>,
+    /// The warnings, per address.
+    warnings: Arc<crate::policy::PerAddress>,
+    /// Keys the pairs' hash, so that no client can aim at another pair's key.
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Brake {
+    /// The key of the pair (`ip`'s address, agent `name`) in [`Brake::names`]: a keyed 64-bit
+    /// hash of the two, as the upper half of an IPv6 address (the table counts an IPv6 address
+    /// by its /64, so the lower half would be lost). That table holds only such keys.
+    fn pair(&self, ip: IpAddr, name: &str) -> IpAddr {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one((crate::policy::address_key(ip), name));
+        IpAddr::V6(std::net::Ipv6Addr::from(u128::from(h) << 64))
+    }
+}
 
 impl Default for Brake {
     fn default() -> Brake {
@@ -991,7 +1060,12 @@ impl Default for Brake {
                 4096,
             )
         };
-        Brake(bucket(BRAKE_REFILL, BRAKE_BURST), bucket(BRAKE_WARNING, 1))
+        Brake {
+            names: bucket(BRAKE_REFILL, BRAKE_BURST),
+            addresses: bucket(BRAKE_REFILL, BRAKE_BURST),
+            warnings: bucket(BRAKE_WARNING, 1),
+            hasher: Default::default(),
+        }
     }
 }
 
@@ -1004,25 +1078,55 @@ mod tests {
         let registry = Registry::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         // Each try is charged before the check; a failed one is not refunded.
+        let mut last = None;
         for _ in 0..BRAKE_BURST {
             assert!(!registry.braked(ip), "looking takes no try");
-            assert!(registry.may_try(ip).is_ok());
+            last = Some(registry.charge(ip, None).unwrap());
         }
         assert!(registry.braked(ip));
         assert!(registry.may_try(ip).is_err());
-        assert!(registry.brake_came_on(ip), "the one warning");
-        assert!(!registry.brake_came_on(ip), "not again within BRAKE_WARNING");
-        assert!(!registry.brake_came_on("192.0.2.2".parse().unwrap()), "not braked");
+        let last = last.unwrap();
+        assert!(registry.brake_came_on(last), "the one warning");
+        assert!(!registry.brake_came_on(last), "not again within BRAKE_WARNING");
+        let elsewhere = registry.charge("192.0.2.2".parse().unwrap(), None).unwrap();
+        assert!(!registry.brake_came_on(elsewhere), "not braked");
         assert!(
             registry.may_try("192.0.2.2".parse().unwrap()).is_ok(),
             "other addresses are not slowed"
         );
         // A login that succeeded gives its try back.
         let other: IpAddr = "192.0.2.3".parse().unwrap();
-        for _ in 0..BRAKE_BURST * 2 {
-            assert!(registry.may_try(other).is_ok());
-            registry.succeeded(other);
+        for agent in [None, Some("shop-17")] {
+            for _ in 0..BRAKE_BURST * 2 {
+                registry.succeeded(registry.charge(other, agent).unwrap());
+            }
         }
+    }
+
+    /// Failed logins as one agent slow that agent's logins from the address, not another's,
+    /// nor those of the same agent from elsewhere; logins naming no declared agent share the
+    /// address's budget, which slows no declared agent either.
+    #[test]
+    fn the_brake_counts_per_address_and_agent_name() {
+        let registry = Registry::default();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let tries: Vec<LoginTry> = (0..BRAKE_BURST).map(|_| registry.charge(ip, Some("shop-17")).unwrap()).collect();
+        assert!(registry.brake_came_on(tries[tries.len() - 1]), "the last try turned it on");
+        assert!(registry.charge(ip, Some("shop-17")).is_err(), "shop-17 from there is slowed");
+        assert!(registry.charge(ip, Some("shop-18")).is_ok(), "another agent from there is not");
+        assert!(
+            registry.charge("192.0.2.2".parse().unwrap(), Some("shop-17")).is_ok(),
+            "nor shop-17 from elsewhere"
+        );
+        assert!(!registry.braked(ip), "nor the address's logins naming no declared agent");
+        for _ in 0..BRAKE_BURST {
+            registry.may_try(ip).unwrap();
+        }
+        assert!(registry.braked(ip) && registry.charge(ip, None).is_err());
+        assert!(
+            registry.charge(ip, Some("shop-18")).is_ok(),
+            "a declared agent is not slowed by them"
+        );
     }
 
     /// A registry that declares `shop-17`, with the secret whose hash is all zeros (the

@@ -3,7 +3,8 @@
 //! request and the server allow it (HTTP/1.1 keep-alive: see [`serve`] and [`keeps_alive`]; the
 //! loop over requests is `server::Bridge::http`'s), every answer of a known length.
 //!
-//! Files are resolved by `hyper-staticfile`, which answers ranges (206, 416). Conditional
+//! Files are resolved by `hyper-staticfile`, which answers ranges (206, 416; a Range that would
+//! send more than the file is taken away first, see [`ranges_amplify`]). Conditional
 //! requests are decided here in RFC 9110's order ([`precondition_failed`], [`not_modified`]):
 //! `If-Match` (strong) or else `If-Unmodified-Since`, a 412; then `If-None-Match` (the ETag, or
 //! `*`) or else `If-Modified-Since`, a 304 carrying the validators and no body. What may be served is decided
@@ -265,12 +266,18 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     let found = size.is_some();
     // hyper-staticfile answers If-Modified-Since itself (a 304 without the ETag), but knows
     // nothing of If-None-Match, which when present overrides it (RFC 9110 §13.2.2): the
-    // preconditions are decided here, on the answer it would give otherwise.
+    // preconditions are decided here, on the answer it would give otherwise. It serves every
+    // range it is asked for, overlapping or not: a Range that would send more than the file is
+    // taken away here (see [`ranges_amplify`]), and the file is answered once, with a 200.
     let without_since;
-    let headers = match request.headers().contains_key(header::IF_MODIFIED_SINCE) {
+    let drop_range = size.is_some_and(|size| ranges_amplify(request.headers(), size));
+    let headers = match request.headers().contains_key(header::IF_MODIFIED_SINCE) || drop_range {
         true => {
             let mut h = request.headers().clone();
             h.remove(header::IF_MODIFIED_SINCE);
+            if drop_range {
+                h.remove(header::RANGE);
+            }
             without_since = h;
             &without_since
         }
@@ -366,6 +373,38 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         what: "static file",
         kept,
     })
+}
+
+/// The most ranges of a file one answer serves (a multipart 206). Players and resumable
+/// downloads ask for one range; the clients that ask for several (PDF viewers fetching pages,
+/// download managers) ask for a few. Each part costs its own header (some 100 bytes) besides
+/// its bytes, so without a bound `bytes=0-0,2-2,4-4,…` in a 32 KiB request head would still
+/// make an answer several times its size; 16 keeps that overhead to a couple of kilobytes.
+const MAX_RANGES: usize = 16;
+
+/// Whether the request's `Range` asks for more than a file of `size` bytes once: more than
+/// [`MAX_RANGES`] ranges, or ranges that overlap (`bytes=0-,0-,…` would send the whole file
+/// once per range). Such a Range is ignored, as RFC 9110 §14.2 allows (the answer is the file,
+/// once, with a 200; nginx and Apache refuse these too). One range is always served as it is,
+/// and so is a Range that is not well-formed or that nothing of the file satisfies
+/// (hyper-staticfile ignores the one and answers the other with 416). Ranges are read with the
+/// parser hyper-staticfile uses, so those judged here are those it would serve.
+fn ranges_amplify(request: &http::HeaderMap, size: u64) -> bool {
+    let Some(range) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Ok(mut ranges) = http_range::HttpRange::parse(range, size) else {
+        return false;
+    };
+    if ranges.len() <= 1 {
+        return false;
+    }
+    if ranges.len() > MAX_RANGES {
+        return true;
+    }
+    ranges.sort_by_key(|r| r.start);
+    // Sorted and none overlapping the next: together no more than the file.
+    ranges.windows(2).any(|w| w[0].start + w[0].length > w[1].start)
 }
 
 /// Whether a file's answer (`response`: the 200, 206 or 416 it would get) is a 304 for a GET or
@@ -602,6 +641,37 @@ mod tests {
         let dotfiles = Reach { dotfiles: true, ..SAFE };
         assert_eq!(segments("/.well-known/x", dotfiles).unwrap(), [".well-known", "x"]);
         assert!(segments("/../x", dotfiles).is_err());
+    }
+
+    #[test]
+    fn ranges_that_would_send_more_than_the_file_are_told_apart() {
+        let amplify = |range: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::RANGE, HeaderValue::from_str(range).unwrap());
+            ranges_amplify(&h, 1000)
+        };
+        for (range, expected) in [
+            ("bytes=0-", false),
+            ("bytes=-10", false),
+            ("bytes=0-1,4-5", false),
+            ("bytes=0-9,10-19", false),
+            ("bytes=500-599,0-99", false),
+            ("bytes=0-1,1-2", true),
+            ("bytes=0-,-1", true),
+            ("bytes=0-,0-", true),
+            ("bytes=0-499,-500", false),
+            ("bytes=0-500,-500", true),
+            // Past the end: only what the file holds counts.
+            ("bytes=0-1,5000-6000,5000-", false),
+            ("bytes=5000-,6000-", false),
+            ("not bytes", false),
+            ("bytes=x-y,0-", false),
+        ] {
+            assert_eq!(amplify(range), expected, "{range}");
+        }
+        let many = |n: usize| (0..n).map(|i| format!("{}-{}", i * 10, i * 10 + 4)).collect::<Vec<_>>().join(",");
+        assert!(!amplify(&format!("bytes={}", many(MAX_RANGES))));
+        assert!(amplify(&format!("bytes={}", many(MAX_RANGES + 1))));
     }
 
     #[test]

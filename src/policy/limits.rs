@@ -47,8 +47,9 @@ struct Entry {
 /// grow with the number of addresses. An address has [`PROBES`] candidate slots (a keyed hash,
 /// so a client cannot aim at another's slots); it takes a slot that holds it, or the first whose
 /// counters have gone back to nothing (no session, a full bucket). When all hold other live
-/// addresses, which takes a flood of more addresses than the table has room for, the newcomer
-/// goes uncounted (see `with_entry`). IPv6 addresses count by their /64. A reload changes the
+/// addresses, which takes a flood of more addresses than the table has room for, a newcomer's
+/// session goes uncounted (see `with_entry`), but its failed attempts are charged to one budget
+/// shared by all such newcomers (see `in_budget`). IPv6 addresses count by their /64. A reload changes the
 /// limits and the size in place ([`PerAddress::stage`]), so the counts of the sessions open
 /// across it go on.
 #[derive(Debug)]
@@ -64,12 +65,25 @@ pub struct PerAddress {
 struct Table {
     limits: AddressLimits,
     slots: Vec<Option<Entry>>,
+    /// The budget of attempts (`try_charge`, `failed`) of every address that finds no slot:
+    /// shared, so that a flood of addresses that keeps the table full of failures does not let
+    /// each further address guess unbraked (its key is `::`, no client's).
+    overflow: Entry,
 }
 
 impl Table {
     /// The size of a full bucket.
     fn burst(&self) -> f64 {
         f64::from(self.limits.burst.max(1))
+    }
+
+    /// Refills `e`'s bucket to `now` at the table's rate (none: left as it is).
+    fn refill(limits: AddressLimits, burst: f64, e: &mut Entry, now: Instant) {
+        if let Some(rate) = limits.rate {
+            let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
+            e.tokens = (e.tokens + elapsed * rate).min(burst);
+        }
+        e.refilled = now;
     }
 }
 
@@ -128,6 +142,8 @@ enum Overflow {
     Uncounted,
     /// Refuses it ([`PerAddress::enter_within`]: an allowance past a cap).
     Refused,
+    /// Charges its attempts to the budget all such newcomers share ([`PerAddress::try_charge`]).
+    Shared,
 }
 
 /// The slots of a table made for `capacity` (see [`PerAddress::new`]).
@@ -143,10 +159,17 @@ const PROBES: usize = 8;
 impl PerAddress {
     /// A table of `capacity` slots (rounded up to a power of two, at least 1,024).
     pub fn new(limits: AddressLimits, capacity: usize) -> Arc<PerAddress> {
+        let overflow = Entry {
+            key: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            sessions: 0,
+            tokens: f64::from(limits.burst.max(1)),
+            refilled: Instant::now(),
+        };
         Arc::new(PerAddress {
             table: Mutex::new(Table {
                 limits,
                 slots: vec![None; table_len(capacity)],
+                overflow,
             }),
             hasher: RandomState::new(),
             overflow_logged: Mutex::new(None),
@@ -192,10 +215,12 @@ impl PerAddress {
             for e in table.slots.iter_mut().flatten() {
                 e.tokens = burst;
             }
+            table.overflow.tokens = burst;
         } else if burst < before {
             for e in table.slots.iter_mut().flatten() {
                 e.tokens = e.tokens.min(burst);
             }
+            table.overflow.tokens = table.overflow.tokens.min(burst);
         }
         let len = table_len(capacity);
         if len == table.slots.len() {
@@ -311,26 +336,60 @@ impl PerAddress {
     ///
     /// # Errors
     /// A 429 [`Refusal`] with `Retry-After` when the budget is spent.
+    ///
+    /// An address that finds no slot (the table is full of others' recent failures) is charged
+    /// to one budget shared by all such addresses (see `in_budget`).
     pub fn try_charge(&self, ip: IpAddr) -> Result<(), Refusal> {
-        self.with_entry(ip, Instant::now(), |entry, limits, _| {
+        self.try_charge_at(ip, Instant::now())
+    }
+
+    fn try_charge_at(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let key = address_key(ip);
+        self.in_budget(ip, now, |entry, limits, _| {
             if entry.tokens < 1.0 {
                 let rate = limits.rate.unwrap_or(1.0);
+                let shared = match entry.key == key {
+                    true => "",
+                    false => " (with the addresses the full table has no room for)",
+                };
                 return Err(Refusal {
                     status: StatusCode::TOO_MANY_REQUESTS,
                     public: "too many failed attempts",
-                    detail: format!("client {} failed too often; slowed down", entry.key),
+                    detail: format!("client {key} failed too often{shared}; slowed down"),
                     retry_after: Some(retry_after(entry.tokens, rate)),
                 });
             }
             entry.tokens -= 1.0;
             Ok(())
         })
-        .map_or(Ok(()), |(_, r)| r)
+    }
+
+    /// [`PerAddress::try_charge`] for a key that has a budget of its own only while the table
+    /// has room for it: `None`, and nothing charged, when every slot it may take holds another
+    /// live key (the caller charges a budget of its choosing instead of the shared one).
+    pub fn try_charge_own(&self, ip: IpAddr) -> Option<Result<(), Refusal>> {
+        let key = address_key(ip);
+        let now = Instant::now();
+        let mut table = self.lock();
+        let (limits, burst) = (table.limits, table.burst());
+        let i = self.place(&mut table, key, now)?;
+        let entry = table.slots[i].as_mut()?;
+        Table::refill(limits, burst, entry, now);
+        if entry.tokens < 1.0 {
+            return Some(Err(Refusal {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                public: "too many failed attempts",
+                detail: format!("client {key} failed too often; slowed down"),
+                retry_after: Some(retry_after(entry.tokens, limits.rate.unwrap_or(1.0))),
+            }));
+        }
+        entry.tokens -= 1.0;
+        Some(Ok(()))
     }
 
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
     pub fn refund(&self, ip: IpAddr) {
-        self.with_entry(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
+        self.in_budget(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
     }
 
     /// Whether `ip` may try to authenticate now (its budget is not spent): a look, which takes
@@ -341,7 +400,7 @@ impl PerAddress {
     /// # Errors
     /// A 429 [`Refusal`] with `Retry-After`.
     pub fn may_try(&self, ip: IpAddr) -> Result<(), Refusal> {
-        let (tokens, rate) = self.tokens_and_rate(ip);
+        let (tokens, rate) = self.tokens_and_rate(ip, Instant::now());
         if tokens >= 1.0 {
             return Ok(());
         }
@@ -358,29 +417,73 @@ impl PerAddress {
     /// full bucket for an address the table does not hold), read under one lock and changing
     /// nothing.
     pub fn tokens_of(&self, ip: IpAddr) -> f64 {
-        self.tokens_and_rate(ip).0
+        self.tokens_and_rate(ip, Instant::now()).0
     }
 
-    /// [`PerAddress::tokens_of`], with the rate they refill at.
-    fn tokens_and_rate(&self, ip: IpAddr) -> (f64, Option<f64>) {
+    /// [`PerAddress::tokens_of`], with the rate they refill at: the shared budget's for an
+    /// address that the table holds not and has no room for (see `in_budget`).
+    fn tokens_and_rate(&self, ip: IpAddr, now: Instant) -> (f64, Option<f64>) {
         let key = address_key(ip);
-        let now = Instant::now();
         let table = self.lock();
-        let (burst, rate) = (table.burst(), table.limits.rate);
-        let tokens = match (self.find(&table.slots, key).and_then(|i| table.slots[i]), rate) {
-            (None, _) => burst,
-            (Some(e), None) => e.tokens,
-            (Some(e), Some(rate)) => (e.tokens + now.saturating_duration_since(e.refilled).as_secs_f64() * rate).min(burst),
+        let (limits, burst, rate) = (table.limits, table.burst(), table.limits.rate);
+        let refilled = |mut e: Entry| {
+            Table::refill(limits, burst, &mut e, now);
+            e.tokens
+        };
+        let tokens = match self.find(&table.slots, key).and_then(|i| table.slots[i]) {
+            Some(e) => refilled(e),
+            None => {
+                // Whether a charge would find it a slot: an empty one, or one whose address is
+                // back at nothing.
+                let room = self
+                    .candidates(key, table.slots.len())
+                    .iter()
+                    .any(|&i| table.slots[i].is_none_or(|e| e.sessions == 0 && refilled(e) >= burst));
+                match room {
+                    true => burst,
+                    false => refilled(table.overflow),
+                }
+            }
         };
         (tokens, rate)
     }
 
-    /// Counts a failed attempt from `ip`.
+    /// Counts a failed attempt from `ip` (charged as [`PerAddress::try_charge`] charges).
     pub fn failed(&self, ip: IpAddr) {
-        self.with_entry(ip, Instant::now(), |entry, _, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
+        self.failed_at(ip, Instant::now());
     }
 
-    /// Runs `f` on the counters of `ip`'s key (see `in_table`). `None` when every slot the key
+    fn failed_at(&self, ip: IpAddr, now: Instant) {
+        self.in_budget(ip, now, |entry, _, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
+    }
+
+    /// Runs `f` on the budget of attempts of `ip`'s key: its own counters (see `in_table`), or,
+    /// when every slot the key may take holds another live key, the budget all such keys share
+    /// ([`Table::overflow`], refilled at the same rate, with the same burst). Not uncounted, as a
+    /// session is (`with_entry`): a flood that keeps the table full of recent failures would
+    /// otherwise let every further address guess unbraked. The shared budget fails closed for
+    /// the addresses it holds while the flood lasts; once the table's entries are back at
+    /// nothing (their buckets refilled), an address gets its own slot again. Logged, at most
+    /// once a minute.
+    fn in_budget<R>(&self, ip: IpAddr, now: Instant, f: impl FnOnce(&mut Entry, AddressLimits, f64) -> R) -> R {
+        let key = address_key(ip);
+        let mut table = self.lock();
+        let (limits, burst) = (table.limits, table.burst());
+        if let Some(i) = self.place(&mut table, key, now) {
+            if let Some(entry) = table.slots[i].as_mut() {
+                Table::refill(limits, burst, entry, now);
+                return f(entry, limits, burst);
+            }
+        }
+        Table::refill(limits, burst, &mut table.overflow, now);
+        let r = f(&mut table.overflow, limits, burst);
+        drop(table);
+        self.overflowed(now, Overflow::Shared);
+        r
+    }
+
+    /// Runs `f` on the counters of `ip`'s key (see `in_table`), for the sessions it counts (a
+    /// budget of attempts is `in_budget`'s). `None` when every slot the key
     /// may take holds another live key: that takes more live addresses than the table has room
     /// for (a flood from a huge address space); the newcomer is then not counted, rather than
     /// counted with a stranger (which would let the flood lock out innocent clients), and the
@@ -411,15 +514,20 @@ impl PerAddress {
         let key = address_key(ip);
         let mut table = self.lock();
         let (limits, burst) = (table.limits, table.burst());
+        let index = self.place(&mut table, key, now)?;
+        let entry = table.slots[index].as_mut()?;
+        Table::refill(limits, burst, entry, now);
+        Some((key, f(entry, limits, burst)))
+    }
+
+    /// The slot of `key`'s entry: the one holding it, or else the first of its candidates that
+    /// is empty or whose address is back at nothing (no session, a full bucket), given a fresh
+    /// entry. `None` when every candidate holds another live key.
+    fn place(&self, table: &mut Table, key: IpAddr, now: Instant) -> Option<usize> {
+        let (limits, burst) = (table.limits, table.burst());
         let slots = &mut table.slots;
         let candidates = self.candidates(key, slots.len());
-        let refill = |e: &mut Entry| {
-            if let Some(rate) = limits.rate {
-                let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
-                e.tokens = (e.tokens + elapsed * rate).min(burst);
-            }
-            e.refilled = now;
-        };
+        let refill = |e: &mut Entry| Table::refill(limits, burst, e, now);
         let mut found = None;
         let mut free = None;
         for &i in &candidates {
@@ -454,9 +562,7 @@ impl PerAddress {
             }
             (None, None) => return None,
         };
-        let entry = slots[index].as_mut()?;
-        refill(entry);
-        Some((key, f(entry, limits, burst)))
+        Some(index)
     }
 
     /// Logs that the table is full, at most once a minute.
@@ -470,6 +576,11 @@ impl PerAddress {
                     slots,
                     "the table of counts per client address is full of live addresses: new addresses go uncounted \
                      (a flood from very many addresses; max_connections still caps the whole)"
+                ),
+                Overflow::Shared => tracing::warn!(
+                    slots,
+                    "the table of failed attempts per client address is full of recent failures: new addresses' \
+                     attempts share one budget, and are slowed down together (a flood of guesses from very many addresses)"
                 ),
                 Overflow::Refused => tracing::warn!(
                     slots,
@@ -843,6 +954,58 @@ mod tests {
         let others: Vec<_> = (0..200u8).map(|i| IpAddr::from([198, 51, 100, i])).collect();
         let held: Vec<_> = others.iter().map(|&ip| t.enter(ip).unwrap()).collect();
         assert!(held.iter().all(|s| s.key.is_some()), "every newcomer counted");
+    }
+
+    /// A flood of addresses that keeps the table full of recent failures does not let further
+    /// addresses guess unbraked: those that find no slot share one budget, as braked as one
+    /// address's. Once the flood's buckets have refilled, an address gets its own slot again.
+    #[test]
+    fn failures_from_addresses_the_full_table_has_no_room_for_are_braked_together() {
+        let t = PerAddress::new(
+            AddressLimits {
+                rate: Some(1.0),
+                burst: 2,
+                ..Default::default()
+            },
+            1024,
+        );
+        let t0 = Instant::now();
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        // The flood: each address fails its two tries, until one finds every slot it may take
+        // held by another's failures.
+        let mut i = 0u32;
+        let newcomer = loop {
+            let a = ip(i);
+            let charged = t.try_charge_at(a, t0).is_ok() && t.try_charge_at(a, t0).is_ok();
+            if t.find(&t.lock().slots, address_key(a)).is_none() {
+                assert!(charged, "the shared budget was full: {a}'s tries were its own");
+                break a;
+            }
+            i += 1;
+            assert!(i < 100_000, "never full");
+        };
+        let late = ip(i + 1);
+        let braked = |a: IpAddr| (0..3).filter(|_| t.try_charge_at(a, t0).is_ok()).count();
+        assert_eq!(braked(newcomer), 0, "no try past the shared budget");
+        let r = t.try_charge_at(newcomer, t0).unwrap_err();
+        assert!(r.detail.contains("the full table has no room for"), "{}", r.detail);
+        assert_eq!(r.retry_after, Some(1));
+        t.failed_at(newcomer, t0);
+        assert!(t.tokens_and_rate(newcomer, t0).0 < 1.0, "the look sees the shared budget spent");
+
+        // A second later the shared budget has one try again, and only one.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(t.try_charge_at(newcomer, t1).is_ok());
+        assert!(t.try_charge_at(newcomer, t1).is_err());
+        // Once the flood's failures are forgiven (2 s at 1/s), the newcomer has its own slot
+        // and its own budget, and is not locked out.
+        let t2 = t0 + Duration::from_secs(3);
+        assert_eq!(t.tokens_and_rate(newcomer, t2).0, 2.0);
+        assert!(t.try_charge_at(newcomer, t2).is_ok());
+        assert!(t.find(&t.lock().slots, address_key(newcomer)).is_some(), "its own slot");
+        assert!(t.try_charge_at(newcomer, t2).is_ok());
+        assert!(t.try_charge_at(newcomer, t2).is_err(), "held to its own burst");
+        assert!(t.try_charge_at(late, t2).is_ok(), "another address is not charged for it");
     }
 
     #[test]

@@ -625,11 +625,43 @@ async fn the_endpoint_answers_one_generic_401_and_slows_repeated_failures() {
     // And an agent's link on a browser route is not an upgrade there.
     let on_route = http_raw(bridge.addr, link("shop-17", SECRET).replace("/agent", "/pos").as_bytes()).await;
     assert_ne!(status_of(&on_route), 101);
-    for _ in 0..3 {
+    // The brake counts per address and agent: the unknown name's try was not shop-17's.
+    for _ in 0..4 {
         http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
     }
     let slowed = http_raw(bridge.addr, link("shop-17", SECRET).as_bytes()).await;
     assert_eq!(status_of(&slowed), 429, "{slowed}");
+}
+
+/// Two agents behind one address (a shop's guest Wi-Fi, a carrier's NAT): wrong secrets for
+/// one, and logins as names no agent has, from that address slow down that agent's logins and
+/// those names', not the other agent's, which logs in at once with its secret.
+#[tokio::test]
+async fn wrong_secrets_for_one_agent_do_not_slow_down_another_behind_the_same_address() {
+    use wsbridge::agent::registry::BRAKE_BURST;
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17", "shop-18"], &[("shop-18", "pos")])).await;
+    let link = |name: &str, secret: &str| {
+        format!(
+            "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: {name}\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        )
+    };
+    for name in ["shop-17", "shop-99"] {
+        for _ in 0..BRAKE_BURST {
+            let r = http_raw(bridge.addr, link(name, "wrong").as_bytes()).await;
+            assert_eq!(status_of(&r), 401, "{name}: {r}");
+        }
+        let r = http_raw(bridge.addr, link(name, "wrong").as_bytes()).await;
+        assert_eq!(status_of(&r), 429, "{name}'s guesses are slowed: {r}");
+    }
+    // shop-17's own logins from there wait, even with its secret...
+    let r = http_raw(bridge.addr, link("shop-17", SECRET).as_bytes()).await;
+    assert_eq!(status_of(&r), 429, "{r}");
+    // ...but shop-18 logs in at once, and its pages go through.
+    let _agent = logs_in_at_once(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(echo))])).await;
+    let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut page, b"through shop-18").await;
+    assert_eq!(recv_data(&mut page).await, b"through shop-18");
 }
 
 #[tokio::test]
@@ -732,7 +764,7 @@ async fn an_agents_first_login_gets_in_while_pages_fill_its_address() {
 /// The places past `max_connections_per_ip` for agents' logins are few: beyond them a
 /// connection is refused at once as before; on them, anything but an agent's login gets the
 /// same 429 (and metric) once its head is read; each place is given back when its connection
-/// ends; and an address whose failed logins spent the brake gets none.
+/// ends; and an address whose failed logins as names no agent has spent the brake gets none.
 #[tokio::test]
 async fn past_its_cap_an_address_gets_a_few_places_to_log_in_agents_and_no_more() {
     use wsbridge::agent::registry::BRAKE_BURST;
@@ -793,10 +825,24 @@ async fn past_its_cap_an_address_gets_a_few_places_to_log_in_agents_and_no_more(
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     let counted = r#"wsbridge_handshakes_refused_total{status="429",reason="address_limit"} 4"#;
     assert!(metrics.lines().any(|l| l == counted), "{metrics}");
-    // Failed logins on these places are slowed as any are, and once they spent the brake the
-    // address gets no place past its cap: refused at once, before anything is read.
+    // Failed logins on these places are slowed as any are: wrong secrets for an agent, at its
+    // login (its brake is per address and agent: the address keeps its places for the others
+    // behind it)...
     for _ in 0..BRAKE_BURST {
         let failed = http_raw(bridge.addr, format!("GET {}", link("wrong")).as_bytes()).await;
+        assert_eq!(status_of(&failed), 401, "{failed}");
+    }
+    let slowed = http_raw(bridge.addr, format!("GET {}", link("wrong")).as_bytes()).await;
+    assert_eq!(status_of(&slowed), 429, "{slowed}");
+    assert!(
+        slowed.contains("too many failed attempts"),
+        "the endpoint's 429, on a place: {slowed}"
+    );
+    // ...and logins as names no agent has: once they spent the brake the address gets no place
+    // past its cap, refused at once, before anything is read.
+    let unknown = link("wrong").replace("shop-17", "shop-99");
+    for _ in 0..BRAKE_BURST {
+        let failed = http_raw(bridge.addr, format!("GET {unknown}").as_bytes()).await;
         assert_eq!(status_of(&failed), 401, "{failed}");
     }
     let braked = refused_at_accept(&bridge).await;

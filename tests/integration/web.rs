@@ -743,3 +743,55 @@ async fn ranges_keep_the_connection_in_step() {
     }
     assert!(got.is_empty(), "bytes after the answers: {got:?}");
 }
+
+/// Many ranges, or overlapping ones, would send more than the file (`bytes=0-,0-,…`: the whole
+/// file once per range, a 3 KB request for 20 MB): such a Range is ignored and the file is sent
+/// once with a 200 (RFC 9110 §14.2 lets a server ignore it). One range, and a few that do not
+/// overlap, are still served as ranges, and the connection stays in step either way.
+#[tokio::test]
+async fn ranges_cannot_amplify_a_file() {
+    use tokio::io::AsyncWriteExt;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    let size = 20_000;
+    let content: String = (0..size).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    std::fs::write(www.join("big.txt"), &content).unwrap();
+    let bridge = web_bridge(&www, false, false, false).await;
+    let mut s = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let mut got = Vec::new();
+    let many = |n: usize, each: &dyn Fn(usize) -> String| (0..n).map(each).collect::<Vec<_>>().join(",");
+    for (range, status) in [
+        (many(1000, &|_| "0-".into()), 200),
+        ("0-99,50-149".to_owned(), 200),
+        ("0-,-100".to_owned(), 200),
+        (many(17, &|i| format!("{}-{}", i * 10, i * 10 + 4)), 200),
+        // A few that do not overlap, adjacent ones included: a multipart 206.
+        ("0-1,4-5".to_owned(), 206),
+        ("0-9,10-19".to_owned(), 206),
+        (many(16, &|i| format!("{}-{}", i * 10, i * 10 + 4)), 206),
+        // One range, however large, as it is.
+        ("0-".to_owned(), 206),
+        ("-5".to_owned(), 206),
+    ] {
+        let request = format!("GET /big.txt HTTP/1.1\r\nHost: x\r\nRange: bytes={range}\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+        let short = &range[..range.len().min(40)];
+        assert_eq!(status_of(&r), status, "{short}: {}", &r[..r.len().min(300)]);
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(!head.contains("Connection: close"), "{short}: kept alive: {head}");
+        if status == 200 {
+            assert_eq!(body, content, "{short}: the file once");
+            assert!(header_of(&r, "content-range").is_none(), "{short}: {head}");
+        } else if range.contains(',') {
+            assert!(head.contains("multipart/byteranges"), "{short}: {head}");
+            assert!(body.len() < size, "{short}: {} bytes", body.len());
+        }
+    }
+    // If-Range still decides whether a range applies: a stale validator gets the whole file.
+    let request = "GET /big.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1,4-5\r\nIf-Range: \"stale\"\r\n\r\n";
+    s.write_all(request.as_bytes()).await.unwrap();
+    let r = next_response(&mut s, request.as_bytes(), &mut got).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with(&content), "{}", &r[..300]);
+    assert!(got.is_empty(), "bytes after the answers: {got:?}");
+}
