@@ -7,7 +7,7 @@
 //! lookup per session would then fill the pool (512 threads), and with it everything else that
 //! runs there (static files, token files, reloads). Here the sessions that need a name while its
 //! lookup runs wait for that lookup instead of starting their own, each under its own deadline,
-//! so a DNS outage holds a thread per name every [`JOIN_FOR`] at most (a lookup is joined that
+//! so a DNS outage holds a thread per name every 5 s at most (a lookup is joined that
 //! long; a newcomer after it asks again, so pages do not wait out an old lookup's resolver
 //! timeout once the DNS server is back). Nothing is cached past the lookup: the next one after
 //! it asks the resolver again, as each session did before (its answers follow DNS changes,
