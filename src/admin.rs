@@ -495,12 +495,30 @@ fn from_a_web_page(request: &http::Request<()>, unguarded: bool) -> Option<&'sta
             Some(v6) => v6.split(']').next().unwrap_or(""),
             None => host.rsplit_once(':').map_or(host, |(name, _)| name),
         };
-        let literal = name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost");
-        if !host.is_empty() && !literal {
+        if !host.is_empty() && name.parse::<std::net::IpAddr>().is_err() && !is_loopback_name(name) {
             return Some("a Host name other than localhost, with no token asked for");
         }
     }
     None
+}
+
+/// Whether `name` is one of the loopback names a machine's own clients use: `localhost` and its
+/// subdomains (RFC 6761), with or without the final dot, and the aliases Debian's and Red Hat's
+/// /etc/hosts give ::1 and 127.0.0.1.
+fn is_loopback_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || [
+            "localhost.localdomain",
+            "localhost4",
+            "localhost4.localdomain4",
+            "localhost6",
+            "localhost6.localdomain6",
+            "ip6-localhost",
+            "ip6-loopback",
+        ]
+        .contains(&name.as_str())
 }
 
 async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, content_type: &str, body: &str) -> std::io::Result<()> {
@@ -517,7 +535,49 @@ async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, content_
 
 #[cfg(test)]
 mod tests {
-    use super::tokens_match;
+    use super::{from_a_web_page, tokens_match};
+
+    #[test]
+    fn a_loopback_admin_answers_the_machines_own_names_and_refuses_others() {
+        let ask = |host: Option<&str>| {
+            let mut request = http::Request::builder().uri("/sessions");
+            if let Some(host) = host {
+                request = request.header(http::header::HOST, host);
+            }
+            from_a_web_page(&request.body(()).unwrap(), true)
+        };
+        for local in [
+            None,
+            Some("127.0.0.1:9100"),
+            Some("[::1]:9100"),
+            Some("localhost"),
+            Some("LocalHost:9100"),
+            Some("localhost.:9100"),
+            Some("grafana.localhost:9100"),
+            Some("localhost.localdomain"),
+            Some("ip6-localhost:9100"),
+            Some("localhost6.localdomain6"),
+            Some("10.0.0.11:9100"),
+        ] {
+            assert_eq!(ask(local), None, "{local:?}");
+        }
+        for page in [
+            "rebound.example:9100",
+            "localhost.example.com",
+            "notlocalhost",
+            "ip6-localhost.evil",
+            "localhost6.evil.example",
+        ] {
+            assert!(ask(Some(page)).is_some(), "{page}");
+        }
+        // With a token or client certificates, any name (the token is the guard).
+        let named = http::Request::builder()
+            .uri("/metrics")
+            .header(http::header::HOST, "wsbridge-1.internal:9100")
+            .body(())
+            .unwrap();
+        assert_eq!(from_a_web_page(&named, false), None);
+    }
 
     #[test]
     fn tokens_compare_by_digest() {

@@ -58,7 +58,9 @@ pub struct Config {
     /// else would bound it (`[log] max_size`).
     pub log_max_size: Option<u64>,
     /// `[log] token_key_file`: the key of the tags that stand for tokens in logs, shared by the
-    /// instances that read the same file ([`redact`]); `None`: a key per process.
+    /// instances that read the same file ([`redact`]); `None`: a key per process. Put in force
+    /// by [`set_token_key`], which the binary calls before it builds any route (an embedder
+    /// calls it too).
     pub log_token_key: Option<TokenKey>,
     /// Origins admitted on routes and listeners that set none: same-origin for a configuration
     /// file (and the demo); any origin on the websockify-style command line, as websockify does.
