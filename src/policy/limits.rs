@@ -65,11 +65,16 @@ pub struct PerAddress {
 struct Table {
     limits: AddressLimits,
     slots: Vec<Option<Entry>>,
-    /// The budget of attempts (`try_charge`, `failed`) of every address that finds no slot:
-    /// shared, so that a flood of addresses that keeps the table full of failures does not let
-    /// each further address guess unbraked (its key is `::`, no client's).
-    overflow: Entry,
+    /// The budgets of attempts (`try_charge`, `failed`) of the addresses that find no slot,
+    /// [`OVERFLOW_BUDGETS`] of them, an address's chosen by its network (see
+    /// `PerAddress::overflow_index`): shared, so that a flood of addresses that keeps the table
+    /// full of failures does not let each further address guess unbraked; by network, so that
+    /// the flood's own overflow spends the budgets of its networks and not every newcomer's.
+    overflow: Vec<Entry>,
 }
+
+/// How many budgets the addresses that find no slot share (see [`Table::overflow`]).
+const OVERFLOW_BUDGETS: usize = 256;
 
 impl Table {
     /// The size of a full bucket.
@@ -165,6 +170,7 @@ impl PerAddress {
             tokens: f64::from(limits.burst.max(1)),
             refilled: Instant::now(),
         };
+        let overflow = vec![overflow; OVERFLOW_BUDGETS];
         Arc::new(PerAddress {
             table: Mutex::new(Table {
                 limits,
@@ -215,12 +221,16 @@ impl PerAddress {
             for e in table.slots.iter_mut().flatten() {
                 e.tokens = burst;
             }
-            table.overflow.tokens = burst;
+            for e in &mut table.overflow {
+                e.tokens = burst;
+            }
         } else if burst < before {
             for e in table.slots.iter_mut().flatten() {
                 e.tokens = e.tokens.min(burst);
             }
-            table.overflow.tokens = table.overflow.tokens.min(burst);
+            for e in &mut table.overflow {
+                e.tokens = e.tokens.min(burst);
+            }
         }
         let len = table_len(capacity);
         if len == table.slots.len() {
@@ -441,7 +451,7 @@ impl PerAddress {
                     .any(|&i| table.slots[i].is_none_or(|e| e.sessions == 0 && refilled(e) >= burst));
                 match room {
                     true => burst,
-                    false => refilled(table.overflow),
+                    false => refilled(table.overflow[self.overflow_index(key)]),
                 }
             }
         };
@@ -458,8 +468,8 @@ impl PerAddress {
     }
 
     /// Runs `f` on the budget of attempts of `ip`'s key: its own counters (see `in_table`), or,
-    /// when every slot the key may take holds another live key, the budget all such keys share
-    /// ([`Table::overflow`], refilled at the same rate, with the same burst). Not uncounted, as a
+    /// when every slot the key may take holds another live key, the budget such keys of its
+    /// network share ([`Table::overflow`], refilled at the same rate, with the same burst). Not uncounted, as a
     /// session is (`with_entry`): a flood that keeps the table full of recent failures would
     /// otherwise let every further address guess unbraked. The shared budget fails closed for
     /// the addresses it holds while the flood lasts; once the table's entries are back at
@@ -475,8 +485,9 @@ impl PerAddress {
                 return f(entry, limits, burst);
             }
         }
-        Table::refill(limits, burst, &mut table.overflow, now);
-        let r = f(&mut table.overflow, limits, burst);
+        let shared = &mut table.overflow[self.overflow_index(key)];
+        Table::refill(limits, burst, shared, now);
+        let r = f(shared, limits, burst);
         drop(table);
         self.overflowed(now, Overflow::Shared);
         r
@@ -565,6 +576,18 @@ impl PerAddress {
         Some(index)
     }
 
+    /// Which of [`Table::overflow`]'s budgets `key` shares: one chosen by its network (an IPv4
+    /// /24, an IPv6 /48) under the table's keyed hash, so that a flood spends the budgets of
+    /// its own networks (a /52 of IPv6 is one) and a newcomer from elsewhere most likely has one
+    /// the flood does not touch.
+    fn overflow_index(&self, key: IpAddr) -> usize {
+        let network = match key {
+            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & !0xff).into()),
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
+        };
+        (self.hasher.hash_one(network) % OVERFLOW_BUDGETS as u64) as usize
+    }
+
     /// Logs that the table is full, at most once a minute.
     fn overflowed(&self, now: Instant, what: Overflow) {
         let mut last = self.overflow_logged.lock().unwrap_or_else(|p| p.into_inner());
@@ -580,7 +603,8 @@ impl PerAddress {
                 Overflow::Shared => tracing::warn!(
                     slots,
                     "the table of failed attempts per client address is full of recent failures: new addresses' \
-                     attempts share one budget, and are slowed down together (a flood of guesses from very many addresses)"
+                     attempts share a budget per network, and are slowed down together (a flood of guesses from very many \
+                     addresses)"
                 ),
                 Overflow::Refused => tracing::warn!(
                     slots,
@@ -1006,6 +1030,56 @@ mod tests {
         assert!(t.try_charge_at(newcomer, t2).is_ok());
         assert!(t.try_charge_at(newcomer, t2).is_err(), "held to its own burst");
         assert!(t.try_charge_at(late, t2).is_ok(), "another address is not charged for it");
+    }
+
+    /// A flood from one IPv6 /48 (thousands of /64s) that fills the table spends the shared
+    /// budget of its own network: newcomers from other networks that find no slot meanwhile
+    /// still get their tries (from their networks' budgets), and the flood's next address none.
+    #[test]
+    fn a_flood_spends_the_shared_budget_of_its_network_only() {
+        let t = PerAddress::new(
+            AddressLimits {
+                rate: Some(1.0),
+                burst: 2,
+                ..Default::default()
+            },
+            1024,
+        );
+        let now = Instant::now();
+        let flood = |i: u32| IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xaaaa, i as u16, 0, 0, 0, 1));
+        let own = |a: IpAddr| t.find(&t.lock().slots, address_key(a)).is_some();
+        let mut overflowed = 0;
+        for i in 0..u32::from(u16::MAX) {
+            let a = flood(i);
+            let _ = (t.try_charge_at(a, now), t.try_charge_at(a, now));
+            overflowed += usize::from(!own(a));
+            if overflowed >= 4 {
+                break;
+            }
+        }
+        assert!(overflowed >= 4, "the table never filled");
+        // Newcomers from other /48s, each of a budget nobody has used yet (the flood's is used):
+        // each that finds no slot is charged to its network's budget, and gets its try.
+        let mut used = std::collections::HashSet::from([t.overflow_index(address_key(flood(0)))]);
+        let mut served = 0;
+        for j in 0..4096u16 {
+            let a = IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xb000 + j, 1, 0, 0, 0, 1));
+            if !used.insert(t.overflow_index(address_key(a))) {
+                continue;
+            }
+            let tried = t.try_charge_at(a, now);
+            if !own(a) {
+                assert!(tried.is_ok(), "{a}: braked by another network's flood");
+                served += 1;
+            }
+        }
+        assert!(served > 0, "no newcomer found the table full");
+        // The flood's own next address finds its network's budget spent.
+        let next = (0..u32::from(u16::MAX)).rev().map(flood).find(|&a| {
+            let tried = t.try_charge_at(a, now);
+            !own(a) && tried.is_err()
+        });
+        assert!(next.is_some(), "the flood's network budget was not spent");
     }
 
     #[test]
