@@ -5,8 +5,8 @@
 //! Only requests on an `[[agent_endpoint]]` path come here, so a browser can never reach the
 //! endpoint as a data route and an agent handshake is never accepted on a browser route. Every
 //! refusal is one of: 403 (a browser's request: it has an `Origin`, which agents never send),
-//! 400 (not an agent handshake), 429 (too many failures from this address as this agent, or as
-//! no declared agent: logged at debug and counted in the metrics, one a request, with a warning
+//! 400 (not an agent handshake), 429 (too many failures from this address as this agent name, or
+//! as any: logged at debug and counted in the metrics, one a request, with a warning
 //! when the brake turns on), 401 (one generic
 //! answer for an unknown name, a wrong or missing secret; the reason is logged, never the
 //! secret), 409 (a data link from an agent with no control link here), 421 (a data link naming
@@ -16,8 +16,9 @@
 //! behind a shop's NAT opens can send one, cross-site) and a request without a name or a secret
 //! guess nothing, and counting them would let them slow down the logins of the agents behind
 //! that address. For the same reason it counts per address and agent name
-//! ([`Registry::charge`]): wrong secrets for one agent, or logins as names no agent has, from a
-//! shop's guest Wi-Fi or a carrier's NAT, do not slow down another agent behind it.
+//! ([`Registry::charge`]): wrong secrets for one agent from a shop's guest Wi-Fi or a carrier's
+//! NAT do not slow down another agent behind it, short of a flood of failures across names that
+//! spends the address's own, larger budget.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -146,12 +147,11 @@ pub async fn serve<S: IntoLink>(
             "agent endpoint: login refused, not counted as a failed one"
         );
     };
-    // Looked up first (in memory: the configuration and the fleet files read), so that the try
-    // is charged to the brake of this address and agent, or, for a name that no agent has, to
-    // the address's (see [`Registry::charge`]); and then the secret is checked with no wait
-    // in between, so parallel guesses cannot all start before the first failure counts.
-    let digests = registry.secrets_of(name).await;
-    let charged = match registry.charge(addr.ip(), digests.is_some().then_some(name)) {
+    // Charged before the name is looked up and the secret checked, so that parallel guesses
+    // cannot all start before the first failure counts, and alike for every name, declared or
+    // not (see [`Registry::charge`]): the answers tell no names apart, and a braked flood does
+    // not reach the fleet files' lock.
+    let charged = match registry.charge(addr.ip(), name) {
         Ok(charged) => charged,
         Err(wait) => {
             let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
@@ -166,10 +166,11 @@ pub async fn serve<S: IntoLink>(
             return debug!(
                 status = 429,
                 agent = %shown(name.as_bytes()),
-                "agent endpoint: too many failed logins from this address (as this agent, or as none declared); slowed down"
+                "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed down"
             );
         }
     };
+    let digests = registry.secrets_of(name).await;
     let digest = match Registry::check_secret(secret, digests) {
         Ok(digest) => digest,
         Err(why) => {
@@ -181,7 +182,7 @@ pub async fn serve<S: IntoLink>(
             if registry.brake_came_on(charged) {
                 warn!(
                     agent = %shown,
-                    "agent endpoint: too many failed logins from this address (as this agent, or as none declared); slowed \
+                    "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed \
                      down: 429 until a try comes back (one per 2 s), each such refusal logged at debug"
                 );
             }

@@ -602,63 +602,53 @@ impl Registry {
             .ok_or(AuthFailure::WrongSecret)
     }
 
-    /// Takes a try from the budget of a login from `ip` before its secret is checked (so that
-    /// parallel tries cannot all start before the first failure counts); `Err` holds seconds to
-    /// wait. `agent`: the name it logs in as, when that is declared. Its tries are counted per
-    /// address *and name*: guesses at one agent's secret are slowed, but they slow no other
-    /// agent logging in from the same address (a shop's guest Wi-Fi, a carrier's NAT). Logins
-    /// naming no declared agent guess no secret; they share the address's own budget (so that
-    /// a flood of made-up names takes one entry, and no declared agent's). When the table of
-    /// names has no room for the pair (a flood of failures at very many pairs), the try is
-    /// charged to the address's budget instead.
-    pub fn charge(&self, ip: IpAddr, agent: Option<&str>) -> Result<LoginTry, u64> {
+    /// Takes a try from the budgets of a login from `ip` as `name` before its secret is checked
+    /// (so that parallel tries cannot all start before the first failure counts); `Err` holds
+    /// seconds to wait. Two budgets: the pair of the address and the name ([`BRAKE_BURST`], one
+    /// more per [`BRAKE_REFILL`]), so that guesses at one agent's secret are slowed but slow no
+    /// other agent logging in from the same address (a shop's guest Wi-Fi, a carrier's NAT); and
+    /// the address's, across every name ([`ADDRESS_BRAKE_BURST`], one more per
+    /// [`ADDRESS_BRAKE_REFILL`]), so that an address guessing many agents' secrets is not let
+    /// guess each at the pair's rate. Declared or not, a name is charged alike: the answers tell
+    /// nothing of which names exist. When the table of pairs has no room for this one (a flood
+    /// of failures at very many pairs), the address's budget alone is charged.
+    pub fn charge(&self, ip: IpAddr, name: &str) -> Result<LoginTry, u64> {
         let wait = |r: crate::policy::Refusal| r.retry_after.unwrap_or(1);
-        if let Some(name) = agent {
-            let key = self.brake.pair(ip, name);
-            if let Some(charged) = self.brake.names.try_charge_own(key) {
-                return charged.map(|()| LoginTry { ip, pair: Some(key) }).map_err(wait);
+        self.brake.addresses.try_charge(ip).map_err(wait)?;
+        let key = self.brake.pair(ip, name);
+        match self.brake.names.try_charge_own(key) {
+            Some(Ok(())) => Ok(LoginTry { ip, pair: Some(key) }),
+            Some(Err(r)) => {
+                // Not tried: the address's try is given back.
+                self.brake.addresses.refund(ip);
+                Err(wait(r))
             }
+            None => Ok(LoginTry { ip, pair: None }),
         }
-        self.brake
-            .addresses
-            .try_charge(ip)
-            .map(|()| LoginTry { ip, pair: None })
-            .map_err(wait)
     }
 
-    /// Takes a try from the budget of `ip`'s logins that name no declared agent (see
-    /// [`Registry::charge`]); `Err` holds seconds to wait.
-    pub fn may_try(&self, ip: IpAddr) -> Result<(), u64> {
-        self.charge(ip, None).map(drop)
-    }
-
-    /// Gives back the try of a login that succeeded.
+    /// Gives back the tries of a login that succeeded.
     pub fn succeeded(&self, login: LoginTry) {
-        match login.pair {
-            Some(key) => self.brake.names.refund(key),
-            None => self.brake.addresses.refund(login.ip),
+        if let Some(key) = login.pair {
+            self.brake.names.refund(key);
         }
+        self.brake.addresses.refund(login.ip);
     }
 
-    /// Whether a failed login just turned the brake on (it spent the last try of its budget:
-    /// its address's and agent name's, or its address's), and that was not yet said in the last
-    /// minute: the one warning an address's brake is worth. Its refusals that follow, one per
-    /// request, are at debug: any host can send them. At most once a minute per address, in a
-    /// fixed table (bounded memory; a flood of more addresses than it holds may be warned of
-    /// more often).
+    /// Whether a failed login just turned the brake on (it spent the last try of its pair's or
+    /// its address's budget), and that was not yet said in the last minute: the one warning an
+    /// address's brake is worth. Its refusals that follow, one per request, are at debug: any
+    /// host can send them. At most once a minute per address, in a fixed table (bounded memory;
+    /// a flood of more addresses than it holds may be warned of more often).
     pub fn brake_came_on(&self, login: LoginTry) -> bool {
-        let spent = match login.pair {
-            Some(key) => self.brake.names.may_try(key).is_err(),
-            None => self.braked(login.ip),
-        };
-        spent && self.brake.warnings.try_charge(login.ip).is_ok()
+        let pair_spent = login.pair.is_some_and(|key| self.brake.names.may_try(key).is_err());
+        (pair_spent || self.braked(login.ip)) && self.brake.warnings.try_charge(login.ip).is_ok()
     }
 
-    /// Whether `ip`'s logins that name no declared agent are slowed now (their failures spent
-    /// the brake's burst): a look that takes no try, not even for an instant (a login racing it
+    /// Whether `ip`'s logins are slowed now, whatever their name (its failures spent the
+    /// address's budget): a look that takes no try, not even for an instant (a login racing it
     /// for the address's last try gets it). An address over `max_connections_per_ip` then gets
-    /// no place to log in. Failed logins as a declared agent do not count here: they slow that
-    /// agent's logins from the address, no other's.
+    /// no place to log in.
     pub fn braked(&self, ip: IpAddr) -> bool {
         self.brake.addresses.may_try(ip).is_err()
     }
@@ -1002,10 +992,14 @@ enum Taken {
     Wait(Arc<Pool>),
 }
 
-/// Failed logins an address may make in a row before it must wait.
+/// Failed logins an address may make in a row as one agent name before it must wait.
 pub const BRAKE_BURST: u32 = 5;
 /// One more try per this long.
 pub const BRAKE_REFILL: Duration = Duration::from_secs(2);
+/// Failed logins an address may make in a row across all names before it must wait.
+pub const ADDRESS_BRAKE_BURST: u32 = 20;
+/// One more try across all names per this long.
+pub const ADDRESS_BRAKE_REFILL: Duration = Duration::from_secs(1);
 
 /// How often the brake turning on for one address is warned of at most.
 pub const BRAKE_WARNING: Duration = Duration::from_secs(60);
@@ -1015,20 +1009,21 @@ pub const BRAKE_WARNING: Duration = Duration::from_secs(60);
 pub struct LoginTry {
     /// The client's address.
     ip: IpAddr,
-    /// The key of the (address, agent name) pair it was charged to ([`Brake::pair`]); `None`:
-    /// to the address's own budget.
+    /// The key of the (address, agent name) pair it was charged to ([`Brake::pair`]) besides
+    /// the address; `None`: to the address's budget alone (the pairs' table had no room).
     pair: Option<IpAddr>,
 }
 
-/// The brake on repeated failed logins: buckets of [`BRAKE_BURST`] tries that refill one per
-/// [`BRAKE_REFILL`], in the same fixed tables (O(1), bounded memory) the access policy uses:
-/// one per address and declared agent name, one per address (for logins naming no declared
-/// agent); and beside them, one warning per address per [`BRAKE_WARNING`].
+/// The brake on repeated failed logins, in the same fixed tables (O(1), bounded memory) the
+/// access policy uses: a bucket per address and agent name ([`BRAKE_BURST`] tries, one more per
+/// [`BRAKE_REFILL`]) and one per address across all names ([`ADDRESS_BRAKE_BURST`], one more
+/// per [`ADDRESS_BRAKE_REFILL`]), both charged by every login (see [`Registry::charge`]); and
+/// beside them, one warning per address per [`BRAKE_WARNING`].
 #[derive(Debug)]
 struct Brake {
-    /// Per (address, declared agent name), keyed by [`Brake::pair`].
+    /// Per (address, agent name), keyed by [`Brake::pair`].
     names: Arc<crate::policy::PerAddress>,
-    /// Per address.
+    /// Per address, across all names.
     addresses: Arc<crate::policy::PerAddress>,
     /// The warnings, per address.
     warnings: Arc<crate::policy::PerAddress>,
@@ -1062,7 +1057,7 @@ impl Default for Brake {
         };
         Brake {
             names: bucket(BRAKE_REFILL, BRAKE_BURST),
-            addresses: bucket(BRAKE_REFILL, BRAKE_BURST),
+            addresses: bucket(ADDRESS_BRAKE_REFILL, ADDRESS_BRAKE_BURST),
             warnings: bucket(BRAKE_WARNING, 1),
             hasher: Default::default(),
         }
@@ -1077,55 +1072,51 @@ mod tests {
     fn the_brake_slows_an_address_after_a_burst_of_failures() {
         let registry = Registry::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        // Each try is charged before the check; a failed one is not refunded.
+        // Each try is charged before the check; a failed one is not refunded. Across names
+        // (each within its pair's burst), the address's budget runs out.
         let mut last = None;
-        for _ in 0..BRAKE_BURST {
+        for i in 0..ADDRESS_BRAKE_BURST {
             assert!(!registry.braked(ip), "looking takes no try");
-            last = Some(registry.charge(ip, None).unwrap());
+            last = Some(registry.charge(ip, &format!("shop-{}", i % 4)).unwrap());
         }
         assert!(registry.braked(ip));
-        assert!(registry.may_try(ip).is_err());
+        assert!(registry.charge(ip, "shop-99").is_err(), "whatever the name");
         let last = last.unwrap();
         assert!(registry.brake_came_on(last), "the one warning");
         assert!(!registry.brake_came_on(last), "not again within BRAKE_WARNING");
-        let elsewhere = registry.charge("192.0.2.2".parse().unwrap(), None).unwrap();
+        let elsewhere = registry.charge("192.0.2.2".parse().unwrap(), "shop-1").unwrap();
         assert!(!registry.brake_came_on(elsewhere), "not braked");
-        assert!(
-            registry.may_try("192.0.2.2".parse().unwrap()).is_ok(),
-            "other addresses are not slowed"
-        );
-        // A login that succeeded gives its try back.
+        assert!(!registry.braked("192.0.2.2".parse().unwrap()), "other addresses are not slowed");
+        // A login that succeeded gives its tries back.
         let other: IpAddr = "192.0.2.3".parse().unwrap();
-        for agent in [None, Some("shop-17")] {
-            for _ in 0..BRAKE_BURST * 2 {
-                registry.succeeded(registry.charge(other, agent).unwrap());
-            }
+        for _ in 0..ADDRESS_BRAKE_BURST * 2 {
+            registry.succeeded(registry.charge(other, "shop-17").unwrap());
         }
     }
 
-    /// Failed logins as one agent slow that agent's logins from the address, not another's,
-    /// nor those of the same agent from elsewhere; logins naming no declared agent share the
-    /// address's budget, which slows no declared agent either.
+    /// Failed logins as one name slow that name's logins from the address, not another's, nor
+    /// those of the same name from elsewhere; a name no agent has is charged as a declared one
+    /// is (the answers tell no names apart), and a try the pair refuses costs the address
+    /// nothing.
     #[test]
     fn the_brake_counts_per_address_and_agent_name() {
         let registry = Registry::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let tries: Vec<LoginTry> = (0..BRAKE_BURST).map(|_| registry.charge(ip, Some("shop-17")).unwrap()).collect();
-        assert!(registry.brake_came_on(tries[tries.len() - 1]), "the last try turned it on");
-        assert!(registry.charge(ip, Some("shop-17")).is_err(), "shop-17 from there is slowed");
-        assert!(registry.charge(ip, Some("shop-18")).is_ok(), "another agent from there is not");
-        assert!(
-            registry.charge("192.0.2.2".parse().unwrap(), Some("shop-17")).is_ok(),
-            "nor shop-17 from elsewhere"
-        );
-        assert!(!registry.braked(ip), "nor the address's logins naming no declared agent");
-        for _ in 0..BRAKE_BURST {
-            registry.may_try(ip).unwrap();
+        for name in ["shop-17", "made-up"] {
+            let tries: Vec<LoginTry> = (0..BRAKE_BURST).map(|_| registry.charge(ip, name).unwrap()).collect();
+            assert!(
+                registry.brake_came_on(tries[tries.len() - 1]) || name == "made-up",
+                "the last try turned it on"
+            );
+            for _ in 0..ADDRESS_BRAKE_BURST {
+                assert!(registry.charge(ip, name).is_err(), "{name} from there is slowed");
+            }
         }
-        assert!(registry.braked(ip) && registry.charge(ip, None).is_err());
+        assert!(!registry.braked(ip), "refused tries do not spend the address's budget");
+        assert!(registry.charge(ip, "shop-18").is_ok(), "another agent from there is not slowed");
         assert!(
-            registry.charge(ip, Some("shop-18")).is_ok(),
-            "a declared agent is not slowed by them"
+            registry.charge("192.0.2.2".parse().unwrap(), "shop-17").is_ok(),
+            "nor shop-17 from elsewhere"
         );
     }
 

@@ -1608,8 +1608,8 @@ mod tests {
         let (braked, full): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         let _pages = [place(&live, braked).unwrap(), place(&live, full).unwrap()];
         assert!(matches!(place(&live, braked), Ok(Place::AgentLogin(..))));
-        for _ in 0..crate::agent::registry::BRAKE_BURST {
-            live.agents.may_try(braked).unwrap();
+        for i in 0..crate::agent::registry::ADDRESS_BRAKE_BURST {
+            live.agents.charge(braked, &format!("name-{i}")).unwrap();
         }
         let r = place(&live, braked).unwrap_err();
         assert_eq!(r.public, "too many connections from your address");

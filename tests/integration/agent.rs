@@ -635,7 +635,7 @@ async fn the_endpoint_answers_one_generic_401_and_slows_repeated_failures() {
 
 /// Two agents behind one address (a shop's guest Wi-Fi, a carrier's NAT): wrong secrets for
 /// one, and logins as names no agent has, from that address slow down that agent's logins and
-/// those names', not the other agent's, which logs in at once with its secret.
+/// those names', alike, not the other agent's, which logs in at once with its secret.
 #[tokio::test]
 async fn wrong_secrets_for_one_agent_do_not_slow_down_another_behind_the_same_address() {
     use wsbridge::agent::registry::BRAKE_BURST;
@@ -657,6 +657,12 @@ async fn wrong_secrets_for_one_agent_do_not_slow_down_another_behind_the_same_ad
     // shop-17's own logins from there wait, even with its secret...
     let r = http_raw(bridge.addr, link("shop-17", SECRET).as_bytes()).await;
     assert_eq!(status_of(&r), 429, "{r}");
+    // A name no agent has and a declared one answer alike (a wrong secret for either: 401):
+    // which names exist cannot be read from the brake.
+    for name in ["shop-98", "shop-18"] {
+        let r = http_raw(bridge.addr, link(name, "wrong").as_bytes()).await;
+        assert_eq!(body_of(&r), "401 Unauthorized: unauthorized\n", "{name}: {r}");
+    }
     // ...but shop-18 logs in at once, and its pages go through.
     let _agent = logs_in_at_once(agent_config(bridge.addr, "shop-18", SECRET, &[("pos", tcp(echo))])).await;
     let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
@@ -767,7 +773,7 @@ async fn an_agents_first_login_gets_in_while_pages_fill_its_address() {
 /// ends; and an address whose failed logins as names no agent has spent the brake gets none.
 #[tokio::test]
 async fn past_its_cap_an_address_gets_a_few_places_to_log_in_agents_and_no_more() {
-    use wsbridge::agent::registry::BRAKE_BURST;
+    use wsbridge::agent::registry::{ADDRESS_BRAKE_BURST, BRAKE_BURST};
     use wsbridge::server::AGENT_LOGINS_PAST_CAP;
     let (echo, _) = echo_backend().await;
     let mut config = server_config(&["shop-17"], &[]);
@@ -838,13 +844,21 @@ async fn past_its_cap_an_address_gets_a_few_places_to_log_in_agents_and_no_more(
         slowed.contains("too many failed attempts"),
         "the endpoint's 429, on a place: {slowed}"
     );
-    // ...and logins as names no agent has: once they spent the brake the address gets no place
-    // past its cap, refused at once, before anything is read.
-    let unknown = link("wrong").replace("shop-17", "shop-99");
-    for _ in 0..BRAKE_BURST {
-        let failed = http_raw(bridge.addr, format!("GET {unknown}").as_bytes()).await;
-        assert_eq!(status_of(&failed), 401, "{failed}");
+    // ...and failures across names: once they spent the address's budget (the pair's refusals
+    // cost it nothing) the address gets no place past its cap, refused at once, before anything
+    // is read.
+    let mut failures = BRAKE_BURST;
+    loop {
+        let unknown = link("wrong").replace("shop-17", &format!("made-up-{failures}"));
+        let answer = http_raw(bridge.addr, format!("GET {unknown}").as_bytes()).await;
+        if status_of(&answer) == 429 {
+            break;
+        }
+        assert_eq!(status_of(&answer), 401, "{answer}");
+        failures += 1;
+        assert!(failures <= ADDRESS_BRAKE_BURST, "never braked");
     }
+    assert_eq!(failures, ADDRESS_BRAKE_BURST, "the address's budget, across names");
     let braked = refused_at_accept(&bridge).await;
     assert_eq!(braked, at_once);
 }
