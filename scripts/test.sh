@@ -8,7 +8,8 @@
 #   - Debian packages chromium (the browser tests' browser, /usr/bin/chromium), novnc and
 #     tigervnc-standalone-server (the noVNC browser tests serve Debian's noVNC from
 #     /usr/share/novnc and connect it to a real VNC server, its Xvnc), openssl (the wss://
-#     browser test makes its self-signed certificate with it), socat, haproxy (the real load
+#     browser test makes its self-signed certificate with it), socat, curl, util-linux's unshare
+#     (a test process's own resolv.conf or hosts file, as root), haproxy (the real load
 #     balancer in front, for the PROXY protocol and several-instance tests), redis-server (the
 #     real Redis the Redis token tests start on loopback ports of their own), and nginx (only
 #     `nginx -t` on examples/nginx.conf: about 2 MB; WSBRIDGE_SKIP_NGINX=1 leaves it out, and the
@@ -86,6 +87,10 @@ fi
 # openssl: the TLS tests write PKCS#1 and SEC1 keys with it, and the browser test its certificate.
 command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
+# curl: the HTTPS admin listener's test scrapes it as an operator would (OpenSSL's TLS, not ours);
+# util-linux's unshare: the DNS and SNI tests give one process its own resolv.conf or hosts file.
+command -v curl >/dev/null || missing+=(curl)
+command -v unshare >/dev/null || missing+=(util-linux)
 # haproxy: the access-policy and balancer tests put the real HAProxy in front (PROXY protocol v2,
 # health checks on /readyz, drain).
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)

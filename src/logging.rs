@@ -737,6 +737,27 @@ mod tests {
         assert!(!LogFile::old_path(&path).exists());
     }
 
+    /// A set-aside that fails (here `FILE.old` is a directory, which no rename replaces; as
+    /// well a directory wsbridge may not write to) loses nothing: the lines go on in FILE, which
+    /// grows past the limit, and the next try comes only after another limit's worth.
+    #[test]
+    fn a_log_file_that_cannot_be_set_aside_loses_nothing() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wsbridge.log");
+        let old = LogFile::old_path(&path);
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join("kept"), "not ours").unwrap();
+        let mut log = LogFile::open(&path, 100).unwrap();
+        let lines: Vec<String> = (0..30).map(|i| format!("line {i:02} of the log.\n")).collect();
+        for line in &lines {
+            log.write_all(line.as_bytes()).unwrap();
+        }
+        drop(log);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), lines.concat(), "every line, in order");
+        assert_eq!(std::fs::read_to_string(old.join("kept")).unwrap(), "not ours");
+    }
+
     #[test]
     fn log_text_from_the_network_cannot_break_the_line() {
         let mut line = String::new();

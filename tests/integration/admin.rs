@@ -1252,6 +1252,31 @@ async fn the_admin_listener_serves_https_to_clients_with_certificates() {
             .any(|l| l.starts_with("wsbridge_certificate_expiry_seconds{") && l.contains(&label)),
         "{body}"
     );
+    // What Prometheus' operators check by hand: curl (OpenSSL, not rustls) with the certificate.
+    match which("curl") {
+        Some(curl) => {
+            let resolve = format!("localhost:{}:127.0.0.1", addr.port());
+            let url = format!("https://localhost:{}/metrics", addr.port());
+            let ca = pki.ca_file();
+            let run = |with_cert: bool| {
+                let mut c = tokio::process::Command::new(&curl);
+                c.args(["-sS", "--max-time", "5", "--resolve", &resolve, "--cacert"]).arg(&ca);
+                if with_cert {
+                    c.arg("--cert").arg(&prometheus.cert).arg("--key").arg(&prometheus.key);
+                }
+                c.arg(&url).output()
+            };
+            let out = within("curl", run(true)).await.unwrap();
+            let body = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && body.contains("# TYPE wsbridge_build_info gauge"), "{out:?}");
+            let out = within("curl without a certificate", run(false)).await.unwrap();
+            assert!(!out.status.success(), "answered without a client certificate: {out:?}");
+        }
+        None => skip(
+            "admin::the_admin_listener_serves_https_to_clients_with_certificates (curl)",
+            "no curl here",
+        ),
+    }
     // No client certificate: no answer (the handshake, or the first read, fails).
     let without = admin_over_tls(addr, client_config(&pki.ca_pem, None, versions), "/healthz").await;
     assert!(!matches!(without, Ok((200, ..))), "{without:?}");
