@@ -12,6 +12,16 @@ use super::within;
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_wsbridge");
 
+/// `wsbridge ARGS` in a mount namespace of its own in which `file` stands in for `over` (a hosts
+/// file, a resolv.conf): how a test shows one process its own name resolution without touching
+/// the machine's. Needs root and `unshare` ([`super::can_unshare_mounts`]).
+pub fn command_seeing(over: &str, file: &std::path::Path, args: &[&std::ffi::OsStr]) -> Command {
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "sh", "-c", "mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"", "sh"]);
+    command.arg(file).arg(over).arg(BIN).args(args);
+    command
+}
+
 /// A running `wsbridge`.
 pub struct Binary {
     /// The process (killed on drop).

@@ -644,15 +644,11 @@ async fn behind_haproxy_an_agent_on_every_instance_by_sni_serves_pages_on_any() 
         ),
     )
     .unwrap();
-    let mut command = tokio::process::Command::new("unshare");
-    command.args([
-        "--mount",
-        "sh",
-        "-c",
-        "mount --bind \"$1\" /etc/hosts && exec \"$2\" agent --config \"$3\"",
-        "sh",
-    ]);
-    command.args([hosts.as_os_str(), crate::common::binary::BIN.as_ref(), agent_file.as_os_str()]);
+    let mut command = crate::common::binary::command_seeing(
+        "/etc/hosts",
+        &hosts,
+        &["agent".as_ref(), "--config".as_ref(), agent_file.as_os_str()],
+    );
     command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
     let agent = Binary::start(command);
     let poll = Duration::from_millis(20);

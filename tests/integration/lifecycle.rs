@@ -928,7 +928,7 @@ async fn a_pong_stuck_behind_the_clients_own_data_does_not_end_the_session() {
 /// namespace, port 53) and `unshare`; skipped otherwise.
 #[tokio::test]
 async fn pages_opened_while_dns_does_not_answer_share_one_lookup() {
-    use crate::common::binary::{Binary, BIN};
+    use crate::common::binary::{command_seeing, Binary};
     const TEST: &str = "lifecycle::pages_opened_while_dns_does_not_answer_share_one_lookup";
     if !can_unshare_mounts() {
         return skip(TEST, "needs root and unshare (a mount namespace for resolv.conf, port 53)");
@@ -956,15 +956,7 @@ async fn pages_opened_while_dns_does_not_answer_share_one_lookup() {
          [timeouts]\nconnect = \"1s\"\n",
     )
     .unwrap();
-    let mut command = tokio::process::Command::new("unshare");
-    command.args([
-        "--mount",
-        "sh",
-        "-c",
-        "mount --bind \"$1\" /etc/resolv.conf && exec \"$2\" --config \"$3\"",
-        "sh",
-    ]);
-    command.args([resolv.as_os_str(), BIN.as_ref(), file.as_os_str()]);
+    let command = command_seeing("/etc/resolv.conf", &resolv, &["--config".as_ref(), file.as_os_str()]);
     let b = Binary::spawn_command(command).await;
 
     let start = std::time::Instant::now();
