@@ -58,6 +58,10 @@ pub fn control_ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocke
         .max_frame_size(Some(MAX_CONTROL_MESSAGE))
         .read_buffer_size(4096)
         .write_buffer_size(0)
+        // Bounded: a peer that pings and never reads would otherwise have a pong stored for each
+        // of its pings (tungstenite's default is no bound); past this the pong waiting is
+        // replaced by the latest, as RFC 6455 allows. Room for a few whole control messages.
+        .max_write_buffer_size(4 * MAX_CONTROL_MESSAGE)
 }
 
 /// A control link message (JSON text), either way.
