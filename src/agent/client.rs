@@ -1157,7 +1157,11 @@ const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 /// Why a connection attempt or a connected control link ended.
 enum Ended {
     Shutdown,
-    Drain,
+    /// The server is draining. `stable`: the link had lasted its ping interval (a server that
+    /// drains every connection as soon as it is made is backed off from, as one that drops it).
+    Drain {
+        stable: bool,
+    },
     /// The agent connects again (the server asked, or its URL leads elsewhere now): the link goes
     /// on serving until the agent has.
     Moving(Move, Box<ControlLink>),
@@ -1182,8 +1186,9 @@ enum Ended {
 /// Why a connected control link moves: the agent connects again, the link serving its instance
 /// until then (make-before-break).
 enum Move {
-    /// The server asked (`move`): it is draining, or its operator said so. Its reason.
-    Asked(String),
+    /// The server asked (`move`): it is draining, or its operator said so. Its reason, and
+    /// whether the link had lasted its ping interval (see [`Ended::Drain`]).
+    Asked(String, bool),
     /// The server's URL leads a new connection to another instance now: a balancer that sends
     /// pages there too, an instance back after a failover. That connection (upgraded, before
     /// its hello) becomes the agent's: a second dial could land elsewhere again.
@@ -1200,7 +1205,7 @@ enum Move {
 impl std::fmt::Display for Move {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Move::Asked(reason) => f.write_str(reason),
+            Move::Asked(reason, _) => f.write_str(reason),
             Move::Followed { .. } => f.write_str("new connections reach another instance"),
         }
     }
@@ -1285,10 +1290,13 @@ async fn run(
             Some(_) => debug!(server = %config.server, "agent: connecting again"),
         }
         let ended = control(&config, tls.as_ref(), &shutdown, &set, &sessions, &mine, &mut previous, &mut last).await;
-        if matches!(ended, Ended::Moving(..) | Ended::Drain | Ended::Failed { was_connected: true, .. }) {
+        if matches!(
+            ended,
+            Ended::Moving(..) | Ended::Drain { .. } | Ended::Failed { was_connected: true, .. }
+        ) {
             last.left = Some(Instant::now());
             // The server asked (a drain, an operator): quick looks even back on the same instance.
-            last.asked = matches!(ended, Ended::Moving(Move::Asked(_), _) | Ended::Drain);
+            last.asked = matches!(ended, Ended::Moving(Move::Asked(..), _) | Ended::Drain { .. });
             // The route worked: timeouts reading the Windows settings count again from none.
             rereads.connected();
         }
@@ -1296,12 +1304,19 @@ async fn run(
         let mut told = false;
         // The attempt failed or the connection was lost: the route may be what failed.
         let mut failed = false;
+        // A drain on a link that had not lasted, after another such (see `Ended::Drain`).
+        let mut quick_again = false;
         let (reason, auth) = match ended {
             Ended::Shutdown => break,
             Ended::Moving(why, link) => {
                 let reason = why.to_string();
+                // Asked on a link that had not lasted, after another such: a server that moves
+                // every connection as soon as it is made is backed off from, not followed at
+                // once for ever (one move soon after a move is a rolling deploy: followed).
+                let quick = matches!(why, Move::Asked(_, false));
+                let again = quick && short > 0;
                 let asked = match why {
-                    Move::Asked(reason) => {
+                    Move::Asked(reason, _) => {
                         info!(
                             %reason,
                             "agent: the server asked this agent to move: connecting again; this connection serves until then"
@@ -1329,29 +1344,38 @@ async fn run(
                     older.let_go.cancel();
                 }
                 set(State::Moving { reason });
-                failures = 0;
-                short = 0;
+                short = if quick { short.saturating_add(1) } else { 0 };
+                failures = if again { short - 1 } else { 0 };
                 last_failure = None;
                 if !asked {
                     // At once: its check found where to go.
                     continue;
                 }
-                drained = Some(Instant::now());
                 // Soon: a balancer whose health checks saw the drain sends it elsewhere, and the
                 // draining server answers 503 with a Retry-After until then. Within a second,
                 // not at once: every agent of the instance was told in the same instant.
-                let spread = config.backoff.after_drain.mul_f64(0.5 * random_fraction());
+                let mut wait = config.backoff.after_drain.mul_f64(0.5 * random_fraction());
+                match again {
+                    true => wait = wait.max(config.backoff.delay(failures, false)),
+                    false => drained = Some(Instant::now()),
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(spread) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
             }
-            Ended::Drain => {
-                failures = 0;
-                short = 0;
+            Ended::Drain { stable } => {
+                // As a move (above): a drain on a link that had not lasted, after another such,
+                // is backed off from as a short loss, without the short wait after a drain.
+                let again = !stable && short > 0;
+                short = if stable { 0 } else { short.saturating_add(1) };
+                failures = if again { short - 1 } else { 0 };
+                if !again {
+                    drained = Some(Instant::now());
+                }
+                quick_again = again;
                 last_failure = None;
-                drained = Some(Instant::now());
                 told = true;
                 ("the server is draining: reconnecting".to_owned(), false)
             }
@@ -1384,7 +1408,7 @@ async fn run(
         // What the server asked for counts, up to the longest backoff this agent would use.
         let floor = retry_after.take().unwrap_or_default().min(config.backoff.auth_max);
         let mut after = config.backoff.delay(failures, auth);
-        if drained.is_some_and(|t| t.elapsed() < AFTER_DRAIN_WINDOW) && !auth {
+        if drained.is_some_and(|t| t.elapsed() < AFTER_DRAIN_WINDOW) && !auth && !quick_again {
             after = after.min(config.backoff.after_drain_delay());
         }
         // No sooner than the server asked, and spread by up to a second past that: a server's
@@ -1783,9 +1807,9 @@ impl ControlLink {
                             Ok(ControlMessage::Drain { reason }) => {
                                 info!(%reason, "agent: the server is draining");
                                 let _ = timeout(Duration::from_secs(2), self.ws.close(None)).await;
-                                return Served::Ended(Ended::Drain);
+                                return Served::Ended(Ended::Drain { stable });
                             }
-                            Ok(ControlMessage::Move { reason }) if let_go.is_none() => return Served::Moving(Move::Asked(reason)),
+                            Ok(ControlMessage::Move { reason }) if let_go.is_none() => return Served::Moving(Move::Asked(reason, stable)),
                             _ => debug!("agent: unexpected control message ignored"),
                         },
                         Some(Ok(Message::Close(frame))) => {

@@ -3352,28 +3352,7 @@ async fn a_server_that_pings_and_never_reads_costs_the_agent_bounded_memory() {
     let agent = command.spawn().unwrap();
     let pid = agent.id().unwrap();
     // The upgrade, answered as a server would; then only pings, and nothing read.
-    let (mut s, _) = within("the agent's control link", listener.accept()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(within("the upgrade", s.read(&mut byte)).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let header = |name: &str| {
-        head.lines()
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
-            .map(|(_, v)| v.trim().to_owned())
-            .unwrap_or_else(|| panic!("no {name} in {head}"))
-    };
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(header("sec-websocket-key").as_bytes());
-    let protocol = header("sec-websocket-protocol");
-    let protocol = protocol.split(',').next().unwrap().trim();
-    let answer = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n"
-    );
-    s.write_all(answer.as_bytes()).await.unwrap();
+    let mut s = a_servers_upgrade(&listener).await;
     let mut ping = vec![0x89, 125];
     ping.extend_from_slice(&[b'p'; 125]);
     let batch = ping.repeat(1000);
@@ -3390,4 +3369,70 @@ async fn a_server_that_pings_and_never_reads_costs_the_agent_bounded_memory() {
     let grown = after.saturating_sub(before);
     assert!(grown < 8 << 20, "the agent grew by {} KiB over 300,000 pings", grown >> 10);
     drop(agent);
+}
+
+/// The next control link an agent dials to `listener`, its upgrade answered as a server would
+/// (101, the agent's subprotocol); what follows is the test's to say.
+async fn a_servers_upgrade(listener: &TcpListener) -> TcpStream {
+    let (mut s, _) = within("the agent's control link", listener.accept()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(within("the upgrade", s.read(&mut byte)).await.unwrap(), 1);
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {head}"))
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(header("sec-websocket-key").as_bytes());
+    let protocol = header("sec-websocket-protocol");
+    let protocol = protocol.split(',').next().unwrap().trim().to_owned();
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n"
+    );
+    s.write_all(answer.as_bytes()).await.unwrap();
+    s
+}
+
+/// A server that tells the agent to drain (or to move) as soon as each connection is made, for
+/// ever: the first is followed at once (a rolling deploy drains one instance after another),
+/// the ones after it are backed off from as connections lost at once are, not followed about
+/// every 100 ms without end (50-60 connections in 30 s before).
+#[tokio::test]
+async fn a_server_that_drains_every_connection_at_once_is_backed_off_from() {
+    for message in [r#"{"type":"drain","reason":"again"}"#, r#"{"type":"move","reason":"again"}"#] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut config = agent_config(listener.local_addr().unwrap(), "shop-17", SECRET, &[]);
+        config.backoff = Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+            auth_max: Duration::from_secs(2),
+            after_drain: Duration::from_millis(100),
+        };
+        let _agent = client::spawn(config).unwrap();
+        let text = |m: &str| {
+            let mut f = vec![0x81, m.len() as u8];
+            f.extend_from_slice(m.as_bytes());
+            f
+        };
+        let mut dialled = Vec::new();
+        let mut links = Vec::new();
+        while dialled.len() < 6 {
+            let mut s = a_servers_upgrade(&listener).await;
+            dialled.push(Instant::now());
+            s.write_all(&text(r#"{"type":"want","links":0}"#)).await.unwrap();
+            s.write_all(&text(message)).await.unwrap();
+            // Kept open: a moving agent's old link serves until it is connected again.
+            links.push(s);
+        }
+        let gaps: Vec<Duration> = dialled.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[0] < Duration::from_millis(100) + LATE, "the first followed soon: {gaps:?}");
+        // The fifth time in a row: 0.25-1 x the backoff's fifth step (2 s, its max).
+        assert!(gaps[4] >= Duration::from_millis(450), "{message}: still followed at once: {gaps:?}");
+    }
 }
