@@ -1805,15 +1805,18 @@ impl ControlLink {
                                 }
                             }
                             Ok(ControlMessage::Drain { reason }) => {
+                                let reason = link::clean_reason(&reason);
                                 info!(%reason, "agent: the server is draining");
                                 let _ = timeout(Duration::from_secs(2), self.ws.close(None)).await;
                                 return Served::Ended(Ended::Drain { stable });
                             }
-                            Ok(ControlMessage::Move { reason }) if let_go.is_none() => return Served::Moving(Move::Asked(reason, stable)),
+                            Ok(ControlMessage::Move { reason }) if let_go.is_none() => {
+                                return Served::Moving(Move::Asked(link::clean_reason(&reason), stable));
+                            }
                             _ => debug!("agent: unexpected control message ignored"),
                         },
                         Some(Ok(Message::Close(frame))) => {
-                            let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                            let reason = frame.map(|f| link::clean_reason(&f.reason)).unwrap_or_default();
                             if reason.contains("replaced") {
                                 return Served::Ended(Ended::Refused(format!(
                                     "another agent connected with the name {}",
@@ -2284,7 +2287,12 @@ async fn data_link(links: Links) {
         let service = match line {
             Ok(Some(l)) => match l.strip_prefix("open ") {
                 Some(s) => s.to_owned(),
-                None => return warn!("agent: a data link started with something other than `open`; closed"),
+                None => {
+                    return match BAD_LINK.take() {
+                        Some(left_out) => warn!(left_out, "agent: a data link started with something other than `open`; closed"),
+                        None => debug!("agent: a data link started with something other than `open`; closed"),
+                    }
+                }
             },
             Ok(None) => return debug!("agent: idle data link closed by the server"),
             Err(e) => return debug!(error = %e, "agent: idle data link failed"),
@@ -2292,17 +2300,26 @@ async fn data_link(links: Links) {
         if !carry.is_empty() {
             return warn!("agent: the server sent bytes after `open` before our answer; link closed");
         }
-        if !reusable {
-            // The server took this raw link from its pool: the pool gets a new one at once
-            // (protocol version 2), before this session's service is even connected.
-            spawn_link(&links);
-        }
-        match session(&mut io, &service, reusable, config, &links.caps).await {
+        // The server took a raw link from its pool: the pool gets a new one at once (protocol
+        // version 2), once the session is let in, before its service is even connected. Not for
+        // an `open` refused (a service not listed, or at its cap): a server that asks for such
+        // on every link it is given would otherwise have the agent dial without end; its pool
+        // asks with `want` when it runs dry.
+        let replace = (!reusable).then_some(&links);
+        match session(&mut io, &service, reusable, config, &links.caps, replace).await {
             Some(rest) if reusable => carry = rest,
             _ => return,
         }
     }
 }
+
+/// Lines a server can cause once per link it sends (a service not listed, one at its cap, a
+/// link that does not start with `open`): each at most once per 10 s, the rest at debug with the
+/// number left out, so a server cannot flood the agent's log (or set aside a kept log file's
+/// history every few seconds).
+static NO_SUCH_SERVICE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+static BUSY: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+static BAD_LINK: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 
 /// Whether a data link's `101` agreed on chunks.
 fn answers_chunks(head: &str) -> bool {
@@ -2316,11 +2333,22 @@ fn answers_chunks(head: &str) -> bool {
 /// One session on a data link whose `open` named `service`: connect it, answer, relay until both
 /// ends are done. For a link in chunks, `Some` with the bytes read past the server's end mark
 /// when the link is clean for the next session (an `err` answer leaves it clean too).
-async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &AgentConfig, caps: &Caps) -> Option<Vec<u8>> {
+/// `replace`: the links to add a new idle one to once the session is let in (a raw link's).
+async fn session(
+    io: &mut LinkStream,
+    service: &str,
+    chunked: bool,
+    config: &AgentConfig,
+    caps: &Caps,
+    replace: Option<&Links>,
+) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
     let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
         let shown: String = service.chars().filter(char::is_ascii_graphic).take(64).collect();
-        warn!(service = %shown, "agent: the server asked for a service this agent does not have");
+        match NO_SUCH_SERVICE.take() {
+            Some(left_out) => warn!(service = %shown, left_out, "agent: the server asked for a service this agent does not have"),
+            None => debug!(service = %shown, "agent: the server asked for a service this agent does not have"),
+        }
         return answer(io, &format!("err {shown}: no such service on agent {}\n", config.name), config)
             .await
             .then(Vec::new);
@@ -2329,13 +2357,19 @@ async fn session(io: &mut LinkStream, service: &str, chunked: bool, config: &Age
     let _place = match caps.take(service) {
         Ok(place) => place,
         Err(max) => {
-            info!(%service, max_sessions = max, "agent: service busy, session refused");
+            match BUSY.take() {
+                Some(left_out) => info!(%service, max_sessions = max, left_out, "agent: service busy, session refused"),
+                None => debug!(%service, max_sessions = max, "agent: service busy, session refused"),
+            }
             let sessions = if max == 1 { "session" } else { "sessions" };
             return answer(io, &format!("err {service}: busy, at most {max} {sessions} at a time\n"), config)
                 .await
                 .then(Vec::new);
         }
     };
+    if let Some(links) = replace {
+        spawn_link(links);
+    }
     let mut app = match Backend::connect(target, config.connect_timeout, None, None).await {
         Ok(app) => app,
         Err(e) => {

@@ -3436,3 +3436,58 @@ async fn a_server_that_drains_every_connection_at_once_is_backed_off_from() {
         assert!(gaps[4] >= Duration::from_millis(450), "{message}: still followed at once: {gaps:?}");
     }
 }
+
+/// A server that answers every data link by asking for a service the agent does not list (or
+/// one at its cap) gets its `err`, and no new link in its place: the agent dials what the
+/// server asks for with `want`, not one link after another without end (about 2,500 a second
+/// before, each refused link replaced at once).
+#[tokio::test]
+async fn a_server_that_asks_every_link_for_nothing_gets_no_endless_links() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (echo, _) = echo_backend().await;
+    let _agent = client::spawn(agent_config(
+        listener.local_addr().unwrap(),
+        "shop-17",
+        SECRET,
+        &[("pos", tcp(echo))],
+    ))
+    .unwrap();
+    let mut control = a_servers_upgrade(&listener).await;
+    control
+        .write_all(&[&[0x81, 25][..], br#"{"type":"want","links":1}"#].concat())
+        .await
+        .unwrap();
+    // Each data link: a 101 without chunks (a raw link, which the pool would replace), and at
+    // once an `open` for a service the agent does not have.
+    let answer_link = |mut s: TcpStream| async move {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        let upgrade = format!("Upgrade: {}", wsbridge::agent::link::LINK_TOKEN);
+        assert!(String::from_utf8_lossy(&head).contains(&upgrade));
+        s.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n{upgrade}\r\n\r\nopen nope\n").as_bytes())
+            .await
+            .unwrap();
+        let mut rest = String::new();
+        let _ = s.read_to_string(&mut rest).await;
+        Some(rest)
+    };
+    let (first, _) = within("the data link asked for", listener.accept()).await.unwrap();
+    let refused = within("the agent's answer", answer_link(first)).await;
+    assert!(
+        refused.is_some_and(|r| r.starts_with("err nope: no such service")),
+        "the allow-list's answer"
+    );
+    // Half a second in which a replacing agent dialled hundreds more.
+    let mut more = 0;
+    while let Ok(Ok((s, _))) = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await {
+        more += 1;
+        tokio::spawn(answer_link(s));
+        assert!(more < 3, "the agent dials link after link for a server that asks them for nothing");
+    }
+}
