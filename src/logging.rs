@@ -70,7 +70,10 @@ pub fn init(verbose: u8, format: LogFormat) {
     let text = tracing_subscriber::fmt::format().with_timer(UtcMicros);
     let journal = Journal(stderr_is_the_journal());
     match format {
-        LogFormat::Text if terminal => builder.event_format(text).init(),
+        // Plain fields on a terminal too: tracing's default writes a `%` field as it is, and a
+        // peer's text (an agent's server's drain reason, a path) could move the cursor, clear
+        // the screen or start a forged line there. The level keeps its colour.
+        LogFormat::Text if terminal => builder.event_format(text).fmt_fields(PlainFields).init(),
         LogFormat::Text => builder.event_format(journal.over(text)).fmt_fields(PlainFields).init(),
         LogFormat::Json => builder
             .event_format(journal.over(text.json().flatten_event(true)))
@@ -456,7 +459,7 @@ fn civil_time(secs: u64) -> String {
     )
 }
 
-/// The fields of a text log line written to a file or a journal (no colours): the same
+/// The fields of a text log line (no colours; escaped as [`Escaping`] says): the same
 /// `name=value` text as tracing-subscriber's default, written straight. The default styles every
 /// field name through nu-ansi-term even with colours off, which was an eighth of the user-space
 /// instructions of a short session (its one log line has eleven fields).

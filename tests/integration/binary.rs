@@ -587,3 +587,66 @@ async fn the_connection_cap_reached_is_a_warning() {
     let line = log_line(&mut logs, "connection limit reached").await;
     assert!(line.contains(" WARN ") && line.contains("max_connections=1"), "{line}");
 }
+
+/// On a terminal (stderr a tty, colours on), a log line's fields are escaped as in a file: a
+/// client's close reason with an escape sequence and a line break (its text is the client's
+/// own) neither clears the operator's screen nor starts a forged line. Run under util-linux's
+/// `script`, which gives the binary a terminal; skipped without it.
+#[tokio::test]
+async fn on_a_terminal_a_clients_text_cannot_forge_lines_or_move_the_cursor() {
+    let test = "binary::on_a_terminal_a_clients_text_cannot_forge_lines_or_move_the_cursor";
+    if which("script").is_none() {
+        return skip(test, "no util-linux script here (a terminal for the binary)");
+    }
+    let (echo, _) = echo_backend().await;
+    let mut child = Command::new("script")
+        .args(["-qec", &format!("exec {BIN} 127.0.0.1:0 {echo}"), "/dev/null"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = within("the listening line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            // Colours (tracing's styles) taken out: `ESC [ … m`.
+            let mut plain = String::new();
+            let mut parts = line.split('\u{1b}');
+            plain.push_str(parts.next().unwrap_or_default());
+            for part in parts {
+                plain.push_str(part.split_once('m').map_or(part, |(_, rest)| rest));
+            }
+            if let Some(rest) = plain.split("addr=").nth(1).filter(|_| plain.contains("listening")) {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no listening line on the terminal");
+    })
+    .await;
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    let forged = "\u{1b}[2J\nFORGED ERROR wsbridge: secret=xyz";
+    let close = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: forged.into(),
+    };
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Close(Some(close))).await.unwrap();
+    let mut seen = Vec::new();
+    within("the session's line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = line.contains("session closed");
+            seen.push(line);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+    let text = seen.join("\n");
+    assert!(text.contains("FORGED"), "the reason is logged: {text:?}");
+    assert!(!text.contains("\u{1b}[2J"), "an escape sequence reached the terminal: {text:?}");
+    assert!(!seen.iter().any(|l| l.starts_with("FORGED")), "a forged line: {text:?}");
+    drop(child);
+}
