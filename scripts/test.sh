@@ -88,9 +88,11 @@ fi
 command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
 # curl: the HTTPS admin listener's test scrapes it as an operator would (OpenSSL's TLS, not ours);
-# util-linux's unshare: the DNS and SNI tests give one process its own resolv.conf or hosts file.
+# util-linux's unshare: the DNS and SNI tests give one process its own resolv.conf or hosts file;
+# its script (bsdutils): a terminal for the binary.
 command -v curl >/dev/null || missing+=(curl)
 command -v unshare >/dev/null || missing+=(util-linux)
+command -v script >/dev/null || missing+=(bsdutils)
 # haproxy: the access-policy and balancer tests put the real HAProxy in front (PROXY protocol v2,
 # health checks on /readyz, drain).
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
