@@ -323,9 +323,7 @@ impl Admin {
 
     /// Whether only clients with a certificate from the admin's `client_ca` get this far.
     fn client_certificates(&self) -> bool {
-        self.tls
-            .as_ref()
-            .is_some_and(|t| t.settings.client_ca.is_some() && t.settings.client_auth == crate::config::tls::ClientAuth::Required)
+        self.tls.as_ref().is_some_and(|t| t.settings.requires_client_certificates())
     }
 
     fn authorized(&self, request: &http::Request<()>) -> bool {

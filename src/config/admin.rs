@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::tls::{ClientAuth, TlsSettings};
+use super::tls::TlsSettings;
 use super::{ConfigError, Ctx, RawTls};
 
 /// The admin listener's settings.
@@ -57,9 +57,7 @@ impl AdminConfig {
 
     /// Whether only clients with a certificate from `tls.client_ca` get an answer.
     pub fn requires_client_certificates(&self) -> bool {
-        self.tls
-            .as_ref()
-            .is_some_and(|t| t.client_ca.is_some() && t.client_auth == ClientAuth::Required)
+        self.tls.as_ref().is_some_and(TlsSettings::requires_client_certificates)
     }
 }
 

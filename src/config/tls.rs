@@ -58,6 +58,11 @@ pub struct TlsSettings {
 }
 
 impl TlsSettings {
+    /// Whether only clients with a certificate from `client_ca` get past the handshake.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_ca.is_some() && self.client_auth == ClientAuth::Required
+    }
+
     /// One certificate, the defaults for the rest: plain and TLS both accepted, TLS 1.2 and up,
     /// no client certificates, files checked for changes every
     /// [`DEFAULT_TLS_WATCH`](super::DEFAULT_TLS_WATCH).

@@ -48,8 +48,8 @@ struct Entry {
 /// so a client cannot aim at another's slots); it takes a slot that holds it, or the first whose
 /// counters have gone back to nothing (no session, a full bucket). When all hold other live
 /// addresses, which takes a flood of more addresses than the table has room for, a newcomer's
-/// session goes uncounted (see `with_entry`), but its failed attempts are charged to one budget
-/// shared by all such newcomers (see `in_budget`). IPv6 addresses count by their /64. A reload changes the
+/// session goes uncounted (see `with_entry`), but its failed attempts are charged to a budget
+/// shared by such newcomers of its network (see `in_budget`). IPv6 addresses count by their /64. A reload changes the
 /// limits and the size in place ([`PerAddress::stage`]), so the counts of the sessions open
 /// across it go on.
 #[derive(Debug)]
@@ -147,7 +147,8 @@ enum Overflow {
     Uncounted,
     /// Refuses it ([`PerAddress::enter_within`]: an allowance past a cap).
     Refused,
-    /// Charges its attempts to the budget all such newcomers share ([`PerAddress::try_charge`]).
+    /// Charges its attempts to the budget such newcomers of its network share
+    /// ([`PerAddress::try_charge`]).
     Shared,
 }
 
@@ -348,30 +349,14 @@ impl PerAddress {
     /// A 429 [`Refusal`] with `Retry-After` when the budget is spent.
     ///
     /// An address that finds no slot (the table is full of others' recent failures) is charged
-    /// to one budget shared by all such addresses (see `in_budget`).
+    /// to a budget shared by such addresses of its network (see `in_budget`).
     pub fn try_charge(&self, ip: IpAddr) -> Result<(), Refusal> {
         self.try_charge_at(ip, Instant::now())
     }
 
     fn try_charge_at(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
         let key = address_key(ip);
-        self.in_budget(ip, now, |entry, limits, _| {
-            if entry.tokens < 1.0 {
-                let rate = limits.rate.unwrap_or(1.0);
-                let shared = match entry.key == key {
-                    true => "",
-                    false => " (with the addresses the full table has no room for)",
-                };
-                return Err(Refusal {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    public: "too many failed attempts",
-                    detail: format!("client {key} failed too often{shared}; slowed down"),
-                    retry_after: Some(retry_after(entry.tokens, rate)),
-                });
-            }
-            entry.tokens -= 1.0;
-            Ok(())
-        })
+        self.in_budget(ip, now, |entry, limits, _| spend(entry, limits, key))
     }
 
     /// [`PerAddress::try_charge`] for a key that has a budget of its own only while the table
@@ -385,16 +370,7 @@ impl PerAddress {
         let i = self.place(&mut table, key, now)?;
         let entry = table.slots[i].as_mut()?;
         Table::refill(limits, burst, entry, now);
-        if entry.tokens < 1.0 {
-            return Some(Err(Refusal {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                public: "too many failed attempts",
-                detail: format!("client {key} failed too often; slowed down"),
-                retry_after: Some(retry_after(entry.tokens, limits.rate.unwrap_or(1.0))),
-            }));
-        }
-        entry.tokens -= 1.0;
-        Some(Ok(()))
+        Some(spend(entry, limits, key))
     }
 
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
@@ -674,6 +650,26 @@ impl Drop for InFlight<'_> {
             }
         }
     }
+}
+
+/// Takes one attempt from `entry`'s budget (refilled already) for `key`, or the 429 saying when
+/// the next comes; the budget may be one `key` shares (see `PerAddress::in_budget`), which the
+/// refusal's detail says.
+fn spend(entry: &mut Entry, limits: AddressLimits, key: IpAddr) -> Result<(), Refusal> {
+    if entry.tokens < 1.0 {
+        let shared = match entry.key == key {
+            true => "",
+            false => " (with the addresses the full table has no room for)",
+        };
+        return Err(Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            public: "too many failed attempts",
+            detail: format!("client {key} failed too often{shared}; slowed down"),
+            retry_after: Some(retry_after(entry.tokens, limits.rate.unwrap_or(1.0))),
+        });
+    }
+    entry.tokens -= 1.0;
+    Ok(())
 }
 
 /// What an address is counted as, here and wherever the per-address caps' unit matters (the
@@ -980,19 +976,25 @@ mod tests {
         assert!(held.iter().all(|s| s.key.is_some()), "every newcomer counted");
     }
 
-    /// A flood of addresses that keeps the table full of recent failures does not let further
-    /// addresses guess unbraked: those that find no slot share one budget, as braked as one
-    /// address's. Once the flood's buckets have refilled, an address gets its own slot again.
-    #[test]
-    fn failures_from_addresses_the_full_table_has_no_room_for_are_braked_together() {
-        let t = PerAddress::new(
+    /// A failure brake of 1,024 slots: two tries, one more a second.
+    fn failure_table() -> Arc<PerAddress> {
+        PerAddress::new(
             AddressLimits {
                 rate: Some(1.0),
                 burst: 2,
                 ..Default::default()
             },
             1024,
-        );
+        )
+    }
+
+    /// A flood of addresses that keeps the table full of recent failures does not let further
+    /// addresses guess unbraked: those that find no slot share their network's budget, as
+    /// braked as one address's. Once the flood's buckets have refilled, an address gets its own
+    /// slot again.
+    #[test]
+    fn failures_from_addresses_the_full_table_has_no_room_for_are_braked_together() {
+        let t = failure_table();
         let t0 = Instant::now();
         let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
         // The flood: each address fails its two tries, until one finds every slot it may take
@@ -1037,14 +1039,7 @@ mod tests {
     /// still get their tries (from their networks' budgets), and the flood's next address none.
     #[test]
     fn a_flood_spends_the_shared_budget_of_its_network_only() {
-        let t = PerAddress::new(
-            AddressLimits {
-                rate: Some(1.0),
-                burst: 2,
-                ..Default::default()
-            },
-            1024,
-        );
+        let t = failure_table();
         let now = Instant::now();
         let flood = |i: u32| IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xaaaa, i as u16, 0, 0, 0, 1));
         let own = |a: IpAddr| t.find(&t.lock().slots, address_key(a)).is_some();

@@ -722,8 +722,7 @@ impl Bridge {
         // 0x16: a TLS handshake record (the ClientHello).
         if first[0] != 0x16 {
             // A listener that requires client certificates must not let plain clients around them.
-            let certs_required = tls.settings.client_ca.is_some() && tls.settings.client_auth == crate::tls::ClientAuth::Required;
-            if tls.settings.only || certs_required {
+            if tls.settings.only || tls.settings.requires_client_certificates() {
                 let reason = "this port takes TLS only: use wss:// (https)";
                 let _ = tokio::time::timeout_at(deadline, answer(&mut stream, http::StatusCode::BAD_REQUEST, reason, &[])).await;
                 linger(&mut stream, live.timeouts.close).await;

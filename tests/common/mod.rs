@@ -466,21 +466,30 @@ pub async fn raw_upgrade(addr: SocketAddr, request: &[u8]) -> (TcpStream, String
     raw_upgrade_on(s, request).await
 }
 
-/// [`raw_upgrade`] over a connection the caller made (with socket options of its own, say).
-pub async fn raw_upgrade_on(mut s: TcpStream, request: &[u8]) -> (TcpStream, String) {
-    within("raw upgrade", async {
-        s.write_all(request).await.unwrap();
+/// An HTTP head from `s`: its bytes up to and with the blank line that ends it (fewer if the
+/// peer closes first), read a byte at a time so that nothing after it is taken, within the test
+/// bound.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    within("an HTTP head", async {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).await.unwrap();
+            if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                break;
+            }
             head.push(byte[0]);
         }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        (s, head)
+        String::from_utf8_lossy(&head).into_owned()
     })
     .await
+}
+
+/// [`raw_upgrade`] over a connection the caller made (with socket options of its own, say).
+pub async fn raw_upgrade_on(mut s: TcpStream, request: &[u8]) -> (TcpStream, String) {
+    within("raw upgrade", s.write_all(request)).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, head)
 }
 
 /// One frame as a client sends it: masked unless `masked` is false; `first` is FIN/RSV/opcode.
@@ -559,20 +568,9 @@ pub async fn recv_once<T>(rx: oneshot::Receiver<T>, what: &str) -> T {
 /// Sends a raw request and returns only the response head (for requests that may be upgraded and
 /// then stay open).
 pub async fn http_head(addr: SocketAddr, request: &[u8]) -> String {
-    within("http response head", async {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(request).await.unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut byte).await.unwrap() == 0 {
-                break;
-            }
-            head.push(byte[0]);
-        }
-        String::from_utf8_lossy(&head).into_owned()
-    })
-    .await
+    let mut s = within("connect", TcpStream::connect(addr)).await.unwrap();
+    within("the request", s.write_all(request)).await.unwrap();
+    read_head(&mut s).await
 }
 
 /// The body of a raw response, checked against its Content-Length.

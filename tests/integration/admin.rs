@@ -45,6 +45,21 @@ async fn scrape(addr: SocketAddr, token: Option<&str>) -> prometheus_parse::Scra
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("the text format parses")
 }
 
+/// Scrapes until `done` holds of the metrics (each scrape an event: the bridge counts what it
+/// did before it answers), within the test bound; returns the scrape that showed it.
+async fn scrape_until(addr: SocketAddr, what: &str, done: impl Fn(&prometheus_parse::Scrape) -> bool) -> prometheus_parse::Scrape {
+    within(what, async {
+        loop {
+            let m = scrape(addr, None).await;
+            if done(&m) {
+                return m;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
 /// The value of the sample `metric` whose labels include `labels` (0 when there is none: a
 /// label set never seen is not exported).
 fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
@@ -141,14 +156,8 @@ fn session_bytes(m: &prometheus_parse::Scrape, direction: &str) -> f64 {
 /// Scrapes until the session bytes are `(up, down)` (each scrape an event: the relay counts
 /// what it moved right after moving it), within the test bound.
 async fn session_bytes_until(addr: SocketAddr, up: f64, down: f64) -> prometheus_parse::Scrape {
-    within("the session bytes on /metrics", async {
-        loop {
-            let m = scrape(addr, None).await;
-            if (session_bytes(&m, "up"), session_bytes(&m, "down")) == (up, down) {
-                return m;
-            }
-            tokio::task::yield_now().await;
-        }
+    scrape_until(addr, "the session bytes on /metrics", |m| {
+        (session_bytes(m, "up"), session_bytes(m, "down")) == (up, down)
     })
     .await
 }
@@ -527,14 +536,8 @@ async fn tls_handshakes_and_the_certificate_expiry_are_exported() {
         .await
         .is_err());
 
-    let m = within("the failed handshake to be counted", async {
-        loop {
-            let m = scrape(admin_addr, None).await;
-            if value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "failed")]) >= 1.0 {
-                return m;
-            }
-            tokio::task::yield_now().await;
-        }
+    let m = scrape_until(admin_addr, "the failed handshake to be counted", |m| {
+        value(m, "wsbridge_tls_handshakes_total", &[("outcome", "failed")]) >= 1.0
     })
     .await;
     assert_eq!(value(&m, "wsbridge_tls_handshakes_total", &[("outcome", "ok")]), 1.0);
@@ -851,10 +854,8 @@ async fn a_scrape_re_reads_a_changed_token_file_without_any_lookup() {
     let ok = [("kind", "tokens"), ("outcome", "ok")];
     assert_eq!(value(&scrape(addr, None).await, "wsbridge_reloads_total", &ok), 0.0);
     std::fs::write(&tokens, "desk1: 127.0.0.1:5901\ndesk2 127.0.0.1:5902\n").unwrap();
-    within("a scrape to re-read the file", async {
-        while value(&scrape(addr, None).await, "wsbridge_reloads_total", &ok) < 1.0 {
-            tokio::task::yield_now().await;
-        }
+    scrape_until(addr, "a scrape to re-read the file", |m| {
+        value(m, "wsbridge_reloads_total", &ok) >= 1.0
     })
     .await;
     let skipped = b.line("token line skipped").await;
@@ -884,29 +885,11 @@ async fn one_broken_token_source_holds_the_alert_while_another_reloads_well() {
     let ok = [("kind", "tokens"), ("outcome", "ok")];
     // a.cfg gone: its re-read fails (its tokens stay in force).
     std::fs::remove_file(&a).unwrap();
-    let m = within("a's failed re-read", async {
-        loop {
-            let m = scrape(addr, None).await;
-            if value(&m, "wsbridge_reloads_total", &failed) >= 1.0 {
-                return m;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let m = scrape_until(addr, "a's failed re-read", |m| value(m, "wsbridge_reloads_total", &failed) >= 1.0).await;
     assert_eq!(value(&m, "wsbridge_last_reload_successful", &tokens), 0.0);
     // b.cfg re-read well: the alert holds.
     std::fs::write(&b, "desk2: 127.0.0.1:5902\ndesk3: 127.0.0.1:5903\n").unwrap();
-    let m = within("b's re-read", async {
-        loop {
-            let m = scrape(addr, None).await;
-            if value(&m, "wsbridge_reloads_total", &ok) >= 1.0 {
-                return m;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let m = scrape_until(addr, "b's re-read", |m| value(m, "wsbridge_reloads_total", &ok) >= 1.0).await;
     assert_eq!(
         value(&m, "wsbridge_last_reload_successful", &tokens),
         0.0,
@@ -914,18 +897,11 @@ async fn one_broken_token_source_holds_the_alert_while_another_reloads_well() {
     );
     // a.cfg back: all in force again.
     std::fs::write(&a, "desk1: 127.0.0.1:5901\n").unwrap();
-    within("a's re-read", async {
-        while value(&scrape(addr, None).await, "wsbridge_last_reload_successful", &tokens) != 1.0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    scrape_until(addr, "a's re-read", |m| value(m, "wsbridge_last_reload_successful", &tokens) == 1.0).await;
     // Broken again, then dropped from the configuration by a reload: it fails no more.
     std::fs::remove_file(&a).unwrap();
-    within("a's second failure", async {
-        while value(&scrape(addr, None).await, "wsbridge_last_reload_successful", &tokens) != 0.0 {
-            tokio::task::yield_now().await;
-        }
+    scrape_until(addr, "a's second failure", |m| {
+        value(m, "wsbridge_last_reload_successful", &tokens) == 0.0
     })
     .await;
     std::fs::write(

@@ -2412,11 +2412,7 @@ async fn an_agent_that_offers_no_chunks_gets_raw_links_used_once() {
         )
         .await
         .unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(within("the link's 101", link.read_u8()).await.unwrap());
-        }
-        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        let head = read_head(&mut link).await.to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 101"), "{head}");
         assert_eq!(
             head.contains("x-wsbridge-link-framing: chunks"),
@@ -2595,11 +2591,7 @@ async fn an_agent_on_a_server_without_chunks_uses_raw_links() {
     assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello:?}");
     control.send(Message::text(r#"{"type":"want","links":1}"#)).await.unwrap();
     let (mut link, _) = within("a data link", listener.accept()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(within("the link's request", link.read_u8()).await.unwrap());
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let head = read_head(&mut link).await.to_ascii_lowercase();
     assert!(head.contains("x-wsbridge-link-framing: chunks"), "the agent offers chunks: {head}");
     link.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: wsbridge-agent-link\r\nConnection: Upgrade\r\n\r\nopen pos\n")
         .await
@@ -3375,13 +3367,7 @@ async fn a_server_that_pings_and_never_reads_costs_the_agent_bounded_memory() {
 /// (101, the agent's subprotocol); what follows is the test's to say.
 async fn a_servers_upgrade(listener: &TcpListener) -> TcpStream {
     let (mut s, _) = within("the agent's control link", listener.accept()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(within("the upgrade", s.read(&mut byte)).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let head = read_head(&mut s).await;
     let header = |name: &str| {
         head.lines()
             .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)))
@@ -3460,16 +3446,12 @@ async fn a_server_that_asks_every_link_for_nothing_gets_no_endless_links() {
     // Each data link: a 101 without chunks (a raw link, which the pool would replace), and at
     // once an `open` for a service the agent does not have.
     let answer_link = |mut s: TcpStream| async move {
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                return None;
-            }
-            head.push(byte[0]);
+        let head = read_head(&mut s).await;
+        if !head.ends_with("\r\n\r\n") {
+            return None;
         }
         let upgrade = format!("Upgrade: {}", wsbridge::agent::link::LINK_TOKEN);
-        assert!(String::from_utf8_lossy(&head).contains(&upgrade));
+        assert!(head.contains(&upgrade));
         s.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n{upgrade}\r\n\r\nopen nope\n").as_bytes())
             .await
             .unwrap();

@@ -346,16 +346,7 @@ async fn behind_a_trusted_proxy_the_caps_per_address_count_its_clients_not_it() 
         let extra = format!("X-Forwarded-For: {client}\r\n");
         let mut s = TcpStream::connect(b.addr).await.unwrap();
         s.write_all(&upgrade_request("/r", &extra)).await.unwrap();
-        let head = within("the 101", async {
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                let mut byte = [0u8; 1];
-                assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed: {}", String::from_utf8_lossy(&head));
-                head.push(byte[0]);
-            }
-            String::from_utf8_lossy(&head).into_owned()
-        })
-        .await;
+        let head = read_head(&mut s).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{client}: {head}");
         open.push(s);
     }
