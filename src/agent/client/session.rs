@@ -1,0 +1,632 @@
+//! The agent's data links and the sessions they carry: dial a link, wait for the server's
+//! `open`, connect the service (only one in the agent's own list, under its `max_sessions`),
+//! relay both ways until both ends are done, and keep a link in chunks for the next session.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument as _};
+
+use super::{dial, AgentConfig};
+use crate::agent::chunks::{self, Chunker, Dechunker};
+use crate::agent::link::{self, ChunkReader, ChunkWriter, LinkStream};
+use crate::backend::{Backend, ConnectError};
+use crate::tls::BackendTls;
+
+/// The sessions open on each service with a `max_sessions`, over all of the agent's
+/// connections: the cap protects the app, whichever server a session comes through.
+pub(super) struct Caps(std::collections::HashMap<String, (usize, Arc<std::sync::atomic::AtomicUsize>)>);
+
+/// One session's place under its service's cap, given back when dropped.
+struct CapHeld(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for CapHeld {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Caps {
+    pub(super) fn new(max_sessions: &BTreeMap<String, usize>) -> Caps {
+        Caps(max_sessions.iter().map(|(s, max)| (s.clone(), (*max, Arc::default()))).collect())
+    }
+
+    /// A place for one more session of `service` (`None`: not capped), or `Err` with its cap
+    /// when every place is taken.
+    fn take(&self, service: &str) -> Result<Option<CapHeld>, usize> {
+        let Some((max, open)) = self.0.get(service) else {
+            return Ok(None);
+        };
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < *max).then_some(n + 1))
+            .map_err(|_| *max)?;
+        Ok(Some(CapHeld(open.clone())))
+    }
+}
+
+/// What dialling a data link needs, shared by the control loop and the links (each replaces
+/// itself when it is opened).
+#[derive(Clone)]
+pub(super) struct Links {
+    pub(super) config: Arc<AgentConfig>,
+    pub(super) tls: Option<BackendTls>,
+    /// Cancelled when the control link ends: idle links close, no new one is dialled.
+    pub(super) idle: CancellationToken,
+    pub(super) sessions: TaskTracker,
+    /// The instance the control link is on (from its `101`), which every data link names, so
+    /// one that a balancer sent to another instance is refused there.
+    pub(super) instance: Option<String>,
+    /// Whether a link's reaching another instance was logged (once per control link).
+    pub(super) misrouted: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether a link refused at the server's caps was logged (once per control link).
+    pub(super) capped: Arc<std::sync::atomic::AtomicBool>,
+    /// The agent's capped services' open sessions.
+    pub(super) caps: Arc<Caps>,
+}
+
+/// Dials one more idle data link (bounded: at most 4096 links and sessions at once).
+pub(super) fn spawn_link(links: &Links) {
+    if links.sessions.len() >= 4096 || links.idle.is_cancelled() {
+        return;
+    }
+    // Boxed: a link spawns its own replacement, so its future's type cannot contain itself.
+    // In the span of its server's connection, if the agent has several.
+    let link: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(data_link(links.clone()).instrument(tracing::Span::current()));
+    links.sessions.spawn(link);
+}
+
+pub(super) async fn data_link(links: Links) {
+    let (config, tls, idle) = (&*links.config, links.tls.as_ref(), &links.idle);
+    let opened = timeout(config.connect_timeout, async {
+        let mut io = dial(config, tls).await?;
+        let s = &config.server;
+        let instance = match &links.instance {
+            Some(id) => format!("{}: {id}\r\n", link::INSTANCE_HEADER),
+            None => String::new(),
+        };
+        let head = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}: {}\r\n{instance}Authorization: Bearer {}\r\n\r\n",
+            s.path,
+            s.authority(),
+            link::LINK_TOKEN,
+            link::NAME_HEADER,
+            config.name,
+            chunks::FRAMING_HEADER,
+            chunks::CHUNKS,
+            config.secret
+        );
+        io.write_all(head.as_bytes()).await?;
+        io.flush().await?;
+        // Buffered: the head costs a read, not one per byte.
+        let mut io = BufReader::with_capacity(1024, io);
+        let (status, head) = link::read_response_head(&mut io).await?;
+        match status {
+            101 => Ok((io, answers_chunks(&head))),
+            // While the control link is up (a dial that outlived it may reach a restarted
+            // server, which is another instance by then).
+            421 if !links.idle.is_cancelled() && !links.misrouted.swap(true, Ordering::Relaxed) => {
+                // The control link's instance has not got this agent's links: the URL reaches
+                // several instances (a balancer that spreads connections).
+                warn!(
+                    server = %config.server,
+                    "agent: a data link reached another instance than the control link: the server URL must reach \
+                     one instance (with several, list each instance's own URL)"
+                );
+                Err(std::io::Error::other(format!("the server answered {status}")))
+            }
+            // The server's caps (max_connections_per_ip, max_connections): sessions wait for
+            // links meanwhile, and time out if none comes.
+            429 | 503 if !links.idle.is_cancelled() && !links.capped.swap(true, Ordering::Relaxed) => {
+                warn!(
+                    server = %config.server,
+                    status,
+                    "agent: the server refuses this agent's data links at its connection caps (max_connections_per_ip \
+                     counts a link until it has logged in; max_connections): sessions wait for links"
+                );
+                Err(std::io::Error::other(format!("the server answered {status}")))
+            }
+            _ => Err(std::io::Error::other(format!("the server answered {status}"))),
+        }
+    })
+    .await;
+    let (buffered, reusable) = match opened {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => return debug!(error = %e, "agent: data link not opened"),
+        Err(_) => return debug!("agent: data link not opened in time"),
+    };
+    // What came after the head: the beginning of the first `open`.
+    let mut carry = buffered.buffer().to_vec();
+    let mut io = buffered.into_inner();
+    // A link in chunks serves one session after another; a raw one (a server that did not
+    // answer the offer of chunks) serves one.
+    loop {
+        let line = tokio::select! {
+            _ = idle.cancelled() => return,
+            l = link::read_line_carried(&mut io, &mut carry) => l,
+        };
+        let service = match line {
+            Ok(Some(l)) => match l.strip_prefix("open ") {
+                Some(s) => s.to_owned(),
+                None => {
+                    return match BAD_LINK.take() {
+                        Some(left_out) => warn!(left_out, "agent: a data link started with something other than `open`; closed"),
+                        None => debug!("agent: a data link started with something other than `open`; closed"),
+                    }
+                }
+            },
+            Ok(None) => return debug!("agent: idle data link closed by the server"),
+            Err(e) => return debug!(error = %e, "agent: idle data link failed"),
+        };
+        if !carry.is_empty() {
+            return warn!("agent: the server sent bytes after `open` before our answer; link closed");
+        }
+        // The server took a raw link from its pool: the pool gets a new one at once (protocol
+        // version 2), once the session is let in, before its service is even connected. Not for
+        // an `open` refused (a service not listed, or at its cap): a server that asks for such
+        // on every link it is given would otherwise have the agent dial without end; its pool
+        // asks with `want` when it runs dry.
+        let replace = (!reusable).then_some(&links);
+        match session(&mut io, &service, reusable, config, &links.caps, replace).await {
+            Some(rest) if reusable => carry = rest,
+            _ => return,
+        }
+    }
+}
+
+/// Lines a server can cause once per link it sends (a service not listed, one at its cap, a
+/// link that does not start with `open`): each at most once per 10 s, the rest at debug with the
+/// number left out, so a server cannot flood the agent's log (or set aside a kept log file's
+/// history every few seconds).
+static NO_SUCH_SERVICE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+static BUSY: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+static BAD_LINK: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+
+/// Whether a data link's `101` agreed on chunks.
+fn answers_chunks(head: &str) -> bool {
+    head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case(chunks::FRAMING_HEADER) && value.trim().eq_ignore_ascii_case(chunks::CHUNKS)
+        })
+    })
+}
+
+/// One session on a data link whose `open` named `service`: connect it, answer, relay until both
+/// ends are done. For a link in chunks, `Some` with the bytes read past the server's end mark
+/// when the link is clean for the next session (an `err` answer leaves it clean too).
+/// `replace`: the links to add a new idle one to once the session is let in (a raw link's).
+async fn session(
+    io: &mut LinkStream,
+    service: &str,
+    chunked: bool,
+    config: &AgentConfig,
+    caps: &Caps,
+    replace: Option<&Links>,
+) -> Option<Vec<u8>> {
+    // The allow-list: only a service in this agent's own list, whatever the server asks.
+    let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
+        let shown: String = service.chars().filter(char::is_ascii_graphic).take(64).collect();
+        match NO_SUCH_SERVICE.take() {
+            Some(left_out) => warn!(service = %shown, left_out, "agent: the server asked for a service this agent does not have"),
+            None => debug!(service = %shown, "agent: the server asked for a service this agent does not have"),
+        }
+        return answer(io, &format!("err {shown}: no such service on agent {}\n", config.name), config)
+            .await
+            .then(Vec::new);
+    };
+    // Held until the session ends; a service at its cap is not connected to at all.
+    let _place = match caps.take(service) {
+        Ok(place) => place,
+        Err(max) => {
+            match BUSY.take() {
+                Some(left_out) => info!(%service, max_sessions = max, left_out, "agent: service busy, session refused"),
+                None => debug!(%service, max_sessions = max, "agent: service busy, session refused"),
+            }
+            let sessions = if max == 1 { "session" } else { "sessions" };
+            return answer(io, &format!("err {service}: busy, at most {max} {sessions} at a time\n"), config)
+                .await
+                .then(Vec::new);
+        }
+    };
+    if let Some(links) = replace {
+        spawn_link(links);
+    }
+    let mut app = match Backend::connect(target, config.connect_timeout, None, None).await {
+        Ok(app) => app,
+        Err(e) => {
+            let why = match &e {
+                ConnectError::Connect(e) => crate::backend::describe(e),
+                ConnectError::Timeout(_) => "timed out".into(),
+                ConnectError::Resolve(_) => "cannot resolve host".into(),
+                other => other.to_string(),
+            };
+            warn!(%service, error = %why, "agent: service not reachable");
+            return answer(io, &format!("err {service}: {why}\n"), config).await.then(Vec::new);
+        }
+    };
+    let ok = if chunked {
+        format!("{}\n", link::OK_CHUNKS)
+    } else {
+        "ok\n".to_owned()
+    };
+    if !answer(io, &ok, config).await {
+        return None;
+    }
+    debug!(%service, "agent: session open");
+    let started = Instant::now();
+    let (app_read, app_write) = app.halves();
+    let app_write = AppWriter::new(app_write, config.ping_interval + config.pong_timeout);
+    let (link_read, link_write) = io.split();
+    let (mut from_server, mut to_server) = (Dechunker::default(), Chunker::new());
+    let ended = if chunked {
+        let link_read = ChunkReader {
+            io: link_read,
+            chunks: &mut from_server,
+        };
+        let link_write = ChunkWriter {
+            io: link_write,
+            chunks: &mut to_server,
+        };
+        relay(Pipe::new(link_read, app_write), Pipe::new(app_read, link_write)).await
+    } else {
+        relay(Pipe::new(link_read, app_write), Pipe::new(app_read, link_write)).await
+    };
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match ended {
+        Ok((up, down)) => info!(%service, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
+        Err(e) => info!(%service, error = %e, duration_ms, "agent: session ended"),
+    }
+    (from_server.clean() && to_server.ended()).then(|| from_server.into_pending())
+}
+
+/// Both directions of a session: each copies to EOF, then passes the EOF on (half-close); an
+/// error ends both. The bytes each way.
+async fn relay<A, B, C, D>(mut up: Pipe<A, B>, mut down: Pipe<C, D>) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + Unpin,
+    B: tokio::io::AsyncWrite + Unpin,
+    C: tokio::io::AsyncRead + Unpin,
+    D: tokio::io::AsyncWrite + Unpin,
+{
+    // `None` for the app's side: it was still going when the browser's had ended long enough
+    // ago; its count is read from its pipe once the copies are dropped.
+    let ended: std::io::Result<(u64, Option<u64>)> = {
+        let mut up = std::pin::pin!(up.run());
+        let mut down = std::pin::pin!(down.run());
+        tokio::select! {
+            // The link's EOF: the browser's session is over and the server reads nothing more
+            // after it, so an app that neither answers nor closes is not waited on beyond the
+            // close time.
+            r = &mut up => match r {
+                Ok(n) => match timeout(AFTER_BROWSER_CLOSE, &mut down).await {
+                    Ok(d) => d.map(|d| (n, Some(d))),
+                    Err(_) => Ok((n, None)),
+                },
+                Err(e) => Err(e),
+            },
+            // The app's EOF: what it wrote is on its way; the browser may still send until it
+            // closes.
+            r = &mut down => match r {
+                Ok(d) => match timeout(AFTER_APP_CLOSE, &mut up).await {
+                    Ok(n) => n.map(|n| (n, Some(d))),
+                    Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the app took no more of the browser's bytes")),
+                },
+                Err(e) => Err(e),
+            },
+        }
+    };
+    ended.map(|(n, d)| (n, d.unwrap_or(down.total)))
+}
+
+/// One direction of an agent's session, as the server's relay moves bytes: each read goes into
+/// the thread's scratch buffer (up to 256 KiB, shared by every session on the thread) and is
+/// written out from there at once; only what the writer does not take is copied into a buffer
+/// of the session's own, and nothing more is read until that is written. An idle session holds
+/// no buffer, a slow one at most one read. The reader's EOF is passed on (half-close) at the end.
+struct Pipe<R, W> {
+    reader: R,
+    writer: W,
+    /// What the writer has not taken yet, and how much of it it took since.
+    held: Vec<u8>,
+    at: usize,
+    /// Written to a stream that may hold bytes until flushed (TLS).
+    unflushed: bool,
+    eof: bool,
+    total: u64,
+    /// Bytes per turn ([`crate::relay::TURN_BYTES`]).
+    turn: u64,
+}
+
+/// Where a [`Pipe`] stopped without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The reader's EOF is passed on: the bytes copied.
+    Done(u64),
+    /// A turn's worth copied, more to come.
+    Yield,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, W> {
+    fn new(reader: R, writer: W) -> Self {
+        Pipe {
+            reader,
+            writer,
+            held: Vec::new(),
+            at: 0,
+            unflushed: false,
+            eof: false,
+            total: 0,
+            turn: crate::relay::TURN_BYTES,
+        }
+    }
+
+    /// Copies until the reader's EOF has been passed on, a turn at a time; the bytes copied.
+    async fn run(&mut self) -> std::io::Result<u64> {
+        loop {
+            match std::future::poll_fn(|cx| self.poll(cx)).await? {
+                Step::Done(n) => return Ok(n),
+                // A deferred wake-up: the sessions the runtime's I/O events woke go first.
+                Step::Yield => tokio::task::yield_now().await,
+            }
+        }
+    }
+
+    /// Copies until the reader's EOF has been passed on (the bytes copied), or until it has
+    /// copied a turn's worth ([`crate::relay::TURN_BYTES`], as the server's relay): then the
+    /// thread's other sessions run first.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<Step>> {
+        use std::pin::Pin;
+        use std::task::{ready, Poll};
+        let start = self.total;
+        loop {
+            if self.total - start >= self.turn {
+                return Poll::Ready(Ok(Step::Yield));
+            }
+            while self.at < self.held.len() {
+                let n = ready!(Pin::new(&mut self.writer).poll_write(cx, &self.held[self.at..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                self.at += n;
+                self.unflushed = true;
+            }
+            if !self.held.is_empty() {
+                self.held = Vec::new();
+                self.at = 0;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut self.writer).poll_shutdown(cx))?;
+                return Poll::Ready(Ok(Step::Done(self.total)));
+            }
+            let Pipe {
+                reader,
+                writer,
+                held,
+                unflushed,
+                eof,
+                total,
+                ..
+            } = self;
+            let read = crate::relay::with_scratch(|scratch| {
+                let mut buf = tokio::io::ReadBuf::new(scratch);
+                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let data = buf.filled();
+                if data.is_empty() {
+                    *eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                *total += data.len() as u64;
+                let taken = match Pin::new(&mut *writer).poll_write(cx, data) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => 0,
+                };
+                *unflushed |= taken > 0;
+                if taken < data.len() {
+                    // The scratch buffer is the thread's: the rest moves to the session.
+                    *held = data[taken..].to_vec();
+                }
+                Poll::Ready(Ok(()))
+            });
+            match read {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Nothing more to read for now: what a TLS stream holds goes out before we wait.
+                    if self.unflushed {
+                        ready!(Pin::new(&mut self.writer).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// The app's side of a session, as the agent writes the browser's bytes to it: a write that the
+/// app has taken nothing of for `stall` fails ("the app took none of the browser's bytes for
+/// 40s"), and the session ends. Without it, a session whose app stopped reading would never end
+/// on the agent: the link is then not read (its bytes wait for the app), so the agent would not
+/// see the server give the session up when the page leaves, and the session's task, the app's
+/// connection, the link and its place under the service's `max_sessions` would be held until the
+/// app read again or closed. `stall` is the control link's ping interval plus its pong deadline:
+/// a server with the same (default) settings has itself ended such a session by then, since it
+/// reads nothing more from a page whose bytes the agent does not take, its pongs included.
+struct AppWriter<W> {
+    io: W,
+    stall: Duration,
+    /// Armed when a write finds the app not reading; disarmed by any write it takes.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl<W> AppWriter<W> {
+    fn new(io: W, stall: Duration) -> Self {
+        AppWriter {
+            io,
+            stall,
+            deadline: None,
+            armed: false,
+        }
+    }
+
+    /// A write's outcome, with the stall deadline kept: `Pending` arms it (once), past it the
+    /// write fails; anything else disarms it.
+    fn watch<T>(
+        &mut self,
+        polled: std::task::Poll<std::io::Result<T>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if !polled.is_pending() {
+            self.armed = false;
+            return polled;
+        }
+        let at = tokio::time::Instant::now() + self.stall;
+        let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if !self.armed {
+            deadline.as_mut().reset(at);
+            self.armed = true;
+        }
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the app took none of the browser's bytes for {:?}", self.stall),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AppWriter<W> {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(polled, cx)
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// How long an app may go on after the browser's side of a session ended (the server's close
+/// deadline, by default).
+const AFTER_BROWSER_CLOSE: Duration = Duration::from_secs(5);
+/// How long the browser's side may go on after the app's EOF: the server ends the session within
+/// its close deadline (5 s by default) of passing that EOF on; twice that, so that an app that
+/// half-closes and then stops reading does not hold the session's task, its connection and the
+/// link for ever.
+const AFTER_APP_CLOSE: Duration = Duration::from_secs(10);
+
+/// Writes a data link's answer line (`ok`, `err …`); whether it was written.
+async fn answer(io: &mut LinkStream, text: &str, config: &AgentConfig) -> bool {
+    let written = timeout(config.pong_timeout, async {
+        io.write_all(text.as_bytes()).await?;
+        io.flush().await
+    })
+    .await;
+    matches!(written, Ok(Ok(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Poll;
+
+    /// A cap counts the sessions open now: a place comes back when its session ends.
+    #[test]
+    fn a_capped_service_gives_a_place_back_when_a_session_ends() {
+        let caps = Caps::new(&BTreeMap::from([("pos".to_owned(), 2)]));
+        assert!(caps.take("label").unwrap().is_none(), "not capped");
+        let one = caps.take("pos").unwrap().unwrap();
+        let _two = caps.take("pos").unwrap().unwrap();
+        assert_eq!(caps.take("pos").err(), Some(2));
+        drop(one);
+        assert!(caps.take("pos").unwrap().is_some());
+    }
+
+    /// An app that always has more for a browser that takes it all never makes a session wait:
+    /// the pipe gives the thread back after each turn's worth, so the agent's other sessions
+    /// are not held up until the cooperative budget runs out (16 MiB of 256 KiB reads), and it
+    /// still copies every byte and passes the EOF on.
+    #[tokio::test]
+    async fn a_pipe_that_never_waits_gives_the_thread_back_after_each_turn() {
+        use tokio::io::AsyncReadExt;
+        const TOTAL: u64 = 3 << 20;
+        let mut pipe = Pipe::new(tokio::io::repeat(b'a').take(TOTAL), tokio::io::sink());
+        let mut passes = Vec::new();
+        let copied = loop {
+            let before = pipe.total;
+            let step = std::future::poll_fn(|cx| Poll::Ready(pipe.poll(cx))).await;
+            passes.push(pipe.total - before);
+            match step {
+                Poll::Ready(Ok(Step::Yield)) => {
+                    let n = pipe.total - before;
+                    let most = pipe.turn + crate::relay::SCRATCH as u64;
+                    assert!((pipe.turn..most).contains(&n), "{passes:?}");
+                }
+                Poll::Ready(Ok(Step::Done(n))) => break n,
+                // tokio's budget, before a turn's worth: not with 256 KiB reads.
+                Poll::Pending => panic!("waited with more to copy: {passes:?}"),
+                Poll::Ready(Err(e)) => panic!("{e}"),
+            }
+        };
+        assert_eq!(copied, TOTAL);
+        assert!(passes.len() >= 5, "{passes:?}");
+    }
+
+    /// An app that answers and then ignores the end of its input: the session ends
+    /// AFTER_BROWSER_CLOSE after the browser's side, not before, and the bytes the app sent are
+    /// counted (they were logged as 0).
+    #[tokio::test(start_paused = true)]
+    async fn an_app_that_ignores_the_end_of_its_input_is_let_go_with_its_bytes_counted() {
+        use tokio::io::AsyncWriteExt;
+        let (mut browser, link) = tokio::io::duplex(1024);
+        let (agent_end, mut app) = tokio::io::duplex(1024);
+        let (link_read, link_write) = tokio::io::split(link);
+        let (app_read, app_write) = tokio::io::split(agent_end);
+        browser.write_all(b"hi").await.unwrap();
+        browser.shutdown().await.unwrap();
+        app.write_all(b"hello back").await.unwrap();
+        // The app keeps its end open and never reads.
+        let started = tokio::time::Instant::now();
+        let (up, down) = relay(Pipe::new(link_read, app_write), Pipe::new(app_read, link_write))
+            .await
+            .unwrap();
+        assert_eq!((up, down), (2, 10));
+        assert_eq!(started.elapsed(), AFTER_BROWSER_CLOSE);
+        drop(app);
+    }
+}
