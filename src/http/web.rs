@@ -327,21 +327,33 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         }
         (parts.status, parts.headers) = (StatusCode::NOT_MODIFIED, kept);
     }
+    if parts.status == StatusCode::MOVED_PERMANENTLY {
+        // A directory asked for without its `/`. hyper-staticfile writes the path back
+        // percent-decoded: empty for a name that is not ASCII (a browser then asks for the same
+        // URL again, for ever), `/a b/` with a raw space, `/q?x/` for a directory named `q?x`.
+        // The request's own path is still encoded as the client sent it.
+        let to = match request.uri().query() {
+            Some(query) => format!("{}/?{query}", request.uri().path()),
+            None => format!("{}/", request.uri().path()),
+        };
+        if let Ok(v) = HeaderValue::try_from(to) {
+            parts.headers.insert(header::LOCATION, v);
+        }
+    }
     let mut head = format!(
         "HTTP/1.1 {} {}\r\n",
         parts.status.as_u16(),
         parts.status.canonical_reason().unwrap_or("")
-    );
-    for (name, value) in &parts.headers {
-        let _ = write!(head, "{}: {}\r\n", name, value.to_str().unwrap_or(""));
-    }
+    )
+    .into_bytes();
+    put_headers(&mut head, &parts.headers);
     if !unchanged && !parts.headers.contains_key(header::CONTENT_LENGTH) && !parts.headers.contains_key(header::TRANSFER_ENCODING) {
-        head.push_str("Content-Length: 0\r\n");
+        head.extend_from_slice(b"Content-Length: 0\r\n");
     }
     // The body is written as it comes: its end is known to the client only by its length.
     let kept = keep_alive && !parts.headers.contains_key(header::TRANSFER_ENCODING);
-    head.push_str(if kept { "\r\n" } else { "Connection: close\r\n\r\n" });
-    io.write_all(head.as_bytes()).await?;
+    head.extend_from_slice(if kept { b"\r\n" } else { b"Connection: close\r\n\r\n" });
+    io.write_all(&head).await?;
     if with_body && !unchanged && !failed {
         let promised = parts
             .headers
@@ -532,18 +544,27 @@ async fn write_response<S: AsyncWrite + Unpin>(
     body: Bytes,
     keep_alive: bool,
 ) -> Result<(), Rejection> {
-    let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
-    for (name, value) in extra {
-        let _ = write!(head, "{}: {}\r\n", name, value.to_str().unwrap_or(""));
-    }
+    let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or("")).into_bytes();
+    put_headers(&mut head, extra.iter().map(|(name, value)| (name, value)));
     let close = if keep_alive { "" } else { "Connection: close\r\n" };
-    let _ = write!(head, "Content-Length: {}\r\n{close}\r\n", body.len());
-    io.write_all(head.as_bytes()).await?;
+    head.extend_from_slice(format!("Content-Length: {}\r\n{close}\r\n", body.len()).as_bytes());
+    io.write_all(&head).await?;
     if request.method() != Method::HEAD {
         io.write_all(&body).await?;
     }
     io.flush().await?;
     Ok(())
+}
+
+/// Writes `name: value` lines, each value's bytes as they are (a value need not be text: never
+/// written as an empty one).
+fn put_headers<'a>(head: &mut Vec<u8>, headers: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>) {
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
 }
 
 /// An HTML listing of the directory at the request path's `parts` (checked by [`segments`]), or

@@ -795,3 +795,34 @@ async fn ranges_cannot_amplify_a_file() {
     assert!(r.starts_with("HTTP/1.1 200") && r.ends_with(&content), "{}", &r[..300]);
     assert!(got.is_empty(), "bytes after the answers: {got:?}");
 }
+
+/// A directory asked for without its `/` is redirected to itself with one, its name spelled as
+/// the request spelled it (still percent-encoded): a name that is not ASCII, one with a space and
+/// one with a `?` each lead to their directory, whose index the redirect's URL then serves; the
+/// query goes along. (hyper-staticfile's own `Location` is the decoded path: empty for `ünï`, so
+/// a browser asked for the same URL again for ever, and `/q?x/` for the directory `q?x`.)
+#[tokio::test]
+async fn a_directory_without_its_slash_is_redirected_to_its_own_url() {
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    for name in ["ünï", "a b", "q?x"] {
+        std::fs::create_dir(www.join(name)).unwrap();
+        std::fs::write(www.join(name).join("index.html"), format!("index of {name}")).unwrap();
+    }
+    let bridge = web_bridge(&www, false, false, false).await;
+    for (asked, location, name) in [
+        ("/%C3%BCn%C3%AF", "/%C3%BCn%C3%AF/", "ünï"),
+        ("/a%20b", "/a%20b/", "a b"),
+        ("/q%3Fx?token=t1", "/q%3Fx/?token=t1", "q?x"),
+        ("/sub", "/sub/", "sub"),
+    ] {
+        let answer = get(&bridge, asked).await;
+        assert!(answer.starts_with("HTTP/1.1 301 "), "{asked}: {answer}");
+        assert_eq!(header_of(&answer, "location"), Some(location), "{asked}: {answer}");
+        if name != "sub" {
+            let page = get(&bridge, location).await;
+            assert!(page.starts_with("HTTP/1.1 200 "), "{location}: {page}");
+            assert!(page.ends_with(&format!("index of {name}")), "{location}: {page}");
+        }
+    }
+}
