@@ -42,6 +42,10 @@ use crate::config::Timeouts;
 use crate::http::request::answer;
 use crate::slots::Held;
 
+/// A control link whose first message is not its hello (a logged-in agent's doing): warned of
+/// once per 10 s at most.
+static NOT_HELLO: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+
 /// The `Retry-After` of a control link refused while draining, in seconds: about a balancer's
 /// health-check interval, after which it sends the agent to another instance.
 const DRAINING_RETRY: u64 = 2;
@@ -59,9 +63,9 @@ enum Kind {
 /// agent's connection; a data link is handed to the registry's pool). `client` is the agent's
 /// address as the browser routes see theirs (from the PROXY header or a trusted proxy's
 /// forwarded header, else the TCP peer): the failure brake counts per real address, not per
-/// load balancer. `held` is the connection's place under the caps: once the agent has proved
-/// its secret it no longer counts against its address ([`Held::into_agents`]), and a data link
-/// takes its slot into the pool with it.
+/// load balancer. `held` is the connection's place under the caps: a data link that proved its
+/// secret, and a control link once its hello made it the agent's connection, no longer count
+/// against their address ([`Held::into_agents`]); a data link takes its slot into the pool.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S: IntoLink>(
     mut stream: S,
@@ -151,7 +155,11 @@ pub async fn serve<S: IntoLink>(
     // cannot all start before the first failure counts, and alike for every name, declared or
     // not (see [`Registry::charge`]): the answers tell no names apart, and a braked flood does
     // not reach the fleet files' lock.
-    let charged = match registry.charge(addr.ip(), name) {
+    let charge = match kind {
+        Kind::Link(_) => registry.charge_link(addr.ip(), name),
+        Kind::Control(_) => registry.charge(addr.ip(), name),
+    };
+    let charged = match charge {
         Ok(charged) => charged,
         Err(wait) => {
             let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
@@ -190,7 +198,6 @@ pub async fn serve<S: IntoLink>(
         }
     };
     registry.succeeded(charged);
-    let slot = held.into_agents();
     let name = name.to_owned();
     match kind {
         Kind::Link(chunks) => {
@@ -239,7 +246,10 @@ pub async fn serve<S: IntoLink>(
             if !matches!(written, Ok(Ok(()))) {
                 return debug!(agent = %name, "agent data link closed during its 101");
             }
-            if registry.add_link(&name, &digest, stream.into_link(), chunks, slot).is_err() {
+            if registry
+                .add_link(&name, &digest, stream.into_link(), chunks, held.into_agents())
+                .is_err()
+            {
                 debug!(agent = %name, "agent data link not needed; closed");
             }
         }
@@ -260,8 +270,7 @@ pub async fn serve<S: IntoLink>(
             }
             let config = link::control_ws_config();
             let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
-            control(ws, (name, digest), addr, registry, endpoint, timeouts, shutdown).await;
-            drop(slot);
+            control(ws, (name, digest), held, addr, registry, endpoint, timeouts, shutdown).await;
         }
     }
 }
@@ -316,9 +325,11 @@ enum End {
     Lost(String),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn control<S: LinkIo>(
     mut ws: WebSocketStream<S>,
     (name, digest): (String, [u8; 32]),
+    held: Held,
     addr: SocketAddr,
     registry: &Registry,
     endpoint: &EndpointConfig,
@@ -334,7 +345,12 @@ async fn control<S: LinkIo>(
                 services,
                 version,
             }) if said == name => (services, version >= link::REPLACING, version >= link::MOVING),
-            _ => return warn!(agent = %name, "agent control link: the first message is not its hello; closed"),
+            _ => {
+                return match NOT_HELLO.take() {
+                    Some(left_out) => warn!(agent = %name, left_out, "agent control link: the first message is not its hello; closed"),
+                    None => debug!(agent = %name, "agent control link: the first message is not its hello; closed"),
+                }
+            }
         },
         // An agent looking where its URL leads (its balancer check), or one of its connections
         // that found this instance taken by another.
@@ -347,7 +363,19 @@ async fn control<S: LinkIo>(
         close_with(&mut ws, revoked_close(), timeouts.close).await;
         return warn!(agent = %name, "agent no longer allowed since its login (a reload): closed");
     };
-    info!(agent = %name, services = ?services, instance = registry.instance(), "agent connected");
+    // Until now the link held its place under its address's cap (a login that sends no hello
+    // is no agent yet: without it, one agent's secret could open connections past the cap up
+    // to `max_connections`, each for the handshake deadline); an agent's connections are
+    // bounded by the registry from here on.
+    let _slot = held.into_agents();
+    // The names a log line shows (an agent may list up to 1,024: 64 KiB on every login).
+    let shown_services = &services[..services.len().min(16)];
+    match services.len() > shown_services.len() {
+        true => {
+            info!(agent = %name, services = ?shown_services, services_in_all = services.len(), instance = registry.instance(), "agent connected")
+        }
+        false => info!(agent = %name, services = ?shown_services, instance = registry.instance(), "agent connected"),
+    }
     let send_timeout = timeouts.pong_timeout;
     let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));
     let mut tick = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
@@ -444,8 +472,12 @@ async fn control<S: LinkIo>(
             info!(agent = %name, "agent told to reconnect elsewhere (drain)");
         }
         Some(End::Replaced) => {
-            close_with(&mut ws, close("replaced by a newer connection of this agent"), timeouts.close).await;
-            info!(agent = %name, "agent control link replaced");
+            // Registry::attach warned of it; an agent that never answers a close would keep a
+            // connection per login for the close deadline: past a bound, closed at once.
+            if let Some(_closing) = registry.closing_replaced() {
+                close_with(&mut ws, close("replaced by a newer connection of this agent"), timeouts.close).await;
+            }
+            debug!(agent = %name, "agent control link replaced");
         }
         Some(End::Revoked) => {
             // Out of the registry already, its sessions ended (logged there).

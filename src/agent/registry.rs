@@ -61,6 +61,9 @@ pub struct Registry {
     retired: Mutex<Vec<Retired>>,
     /// Cancelled when this instance starts to drain ([`Registry::leave`]).
     leaving: CancellationToken,
+    /// Replaced control links waiting for their agent's answer to our close frame
+    /// ([`Registry::closing_replaced`]).
+    closing_replaced: crate::slots::Slots,
 }
 
 /// The connected agents by name, with the sum of their pools per address kept beside them:
@@ -617,13 +620,50 @@ impl Registry {
         self.brake.addresses.try_charge(ip).map_err(wait)?;
         let key = self.brake.pair(ip, name);
         match self.brake.names.try_charge_own(key) {
-            Some(Ok(())) => Ok(LoginTry { ip, pair: Some(key) }),
+            Some(Ok(())) => Ok(LoginTry {
+                ip,
+                pair: Some(key),
+                address: true,
+            }),
             Some(Err(r)) => {
                 // Not tried: the address's try is given back.
                 self.brake.addresses.refund(ip);
                 Err(wait(r))
             }
-            None => Ok(LoginTry { ip, pair: None }),
+            None => Ok(LoginTry {
+                ip,
+                pair: None,
+                address: true,
+            }),
+        }
+    }
+
+    /// A data link's login: as [`Registry::charge`], except that a link naming an agent whose
+    /// control link is connected from this very address is charged to its (address, name) pair
+    /// alone. Failed logins under made-up names from that address (someone else behind the
+    /// shop's NAT) spend the address's budget, and would otherwise stop the connected agent's
+    /// pool from being refilled, so that its pages found it offline while it was connected.
+    /// Guesses at that agent's secret are still slowed, at the pair's rate.
+    pub fn charge_link(&self, ip: IpAddr, name: &str) -> Result<LoginTry, u64> {
+        let connected_here = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some_and(|a| a.addr.ip() == ip);
+        if !connected_here {
+            return self.charge(ip, name);
+        }
+        let key = self.brake.pair(ip, name);
+        match self.brake.names.try_charge_own(key) {
+            Some(Ok(())) => Ok(LoginTry {
+                ip,
+                pair: Some(key),
+                address: false,
+            }),
+            Some(Err(r)) => Err(r.retry_after.unwrap_or(1)),
+            // The pairs' table is full: charged as any login is.
+            None => self.charge(ip, name),
         }
     }
 
@@ -632,7 +672,18 @@ impl Registry {
         if let Some(key) = login.pair {
             self.brake.names.refund(key);
         }
-        self.brake.addresses.refund(login.ip);
+        if login.address {
+            self.brake.addresses.refund(login.ip);
+        }
+    }
+
+    /// A place for a replaced control link to wait for its agent's answer to our close frame (up
+    /// to the close deadline), or `None` when [`MAX_CLOSING_REPLACED`] already wait: that one
+    /// is then closed at once. An agent's connection is not counted under its address's cap, so
+    /// without a bound an agent that logged in again and again, never answering a close, would
+    /// keep a connection open per login for the close deadline.
+    pub fn closing_replaced(&self) -> Option<crate::slots::Slot> {
+        self.closing_replaced.try_take(MAX_CLOSING_REPLACED)
     }
 
     /// Whether a failed login just turned the brake on (it spent the last try of its pair's or
@@ -705,7 +756,16 @@ impl Registry {
             return None;
         }
         if let Some(old) = agents.insert(name.to_owned(), agent) {
-            warn!(agent = name, old_client = %old.addr, new_client = %addr, "agent connected again: the newer connection replaces the older one");
+            // Once per 10 s at most: an agent (or two that share a name) logging in again and
+            // again would otherwise write a warning per login.
+            match REPLACED.take() {
+                Some(left_out) => {
+                    warn!(agent = name, old_client = %old.addr, new_client = %addr, left_out, "agent connected again: the newer connection replaces the older one")
+                }
+                None => {
+                    debug!(agent = name, old_client = %old.addr, new_client = %addr, "agent connected again: the newer connection replaces the older one")
+                }
+            }
             old.replaced.cancel();
             // Its idle links drop with it; its live sessions go on, revocable.
             self.retire(name, &old);
@@ -1001,6 +1061,13 @@ pub const ADDRESS_BRAKE_BURST: u32 = 20;
 /// One more try across all names per this long.
 pub const ADDRESS_BRAKE_REFILL: Duration = Duration::from_secs(1);
 
+/// The warning that an agent's connection replaced an older one, at most once per 10 s.
+static REPLACED: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+
+/// The most replaced control links that wait for their agents' answers to our close frames at
+/// once ([`Registry::closing_replaced`]).
+pub const MAX_CLOSING_REPLACED: usize = 64;
+
 /// How often the brake turning on for one address is warned of at most.
 pub const BRAKE_WARNING: Duration = Duration::from_secs(60);
 
@@ -1012,6 +1079,8 @@ pub struct LoginTry {
     /// The key of the (address, agent name) pair it was charged to ([`Brake::pair`]) besides
     /// the address; `None`: to the address's budget alone (the pairs' table had no room).
     pair: Option<IpAddr>,
+    /// Charged to the address's budget too (see [`Registry::charge_link`]).
+    address: bool,
 }
 
 /// The brake on repeated failed logins, in the same fixed tables (O(1), bounded memory) the

@@ -3473,3 +3473,116 @@ async fn a_server_that_asks_every_link_for_nothing_gets_no_endless_links() {
         assert!(more < 3, "the agent dials link after link for a server that asks them for nothing");
     }
 }
+
+/// A control link's login with the secret but no hello (a stolen secret used to open
+/// connections, not to serve) is no agent yet: it keeps its place under its address's cap until
+/// its hello, or the handshake deadline. Found by a hostile-agent review: such links were let go
+/// of the cap at their login, and one address held 394 connections with a cap of 40 (every
+/// other page got 503 at `max_connections`). Past the cap and its few places for agents' logins,
+/// more are refused at once; the real agent, whose hello comes at once, logs in as before.
+#[tokio::test]
+async fn control_links_that_send_no_hello_stay_under_their_addresss_cap() {
+    use wsbridge::server::AGENT_LOGINS_PAST_CAP;
+    let (echo, _) = echo_backend().await;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.limits.max_connections_per_ip = Some(4);
+    let bridge = TestBridge::start(config).await;
+    let login = format!(
+        "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: wsbridge-agent.v1\r\nX-Wsbridge-Agent: shop-17\r\nAuthorization: Bearer {SECRET}\r\n\r\n"
+    );
+    let mut silent = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..24 {
+        let mut s = TcpStream::connect(bridge.addr).await.unwrap();
+        s.write_all(login.as_bytes()).await.unwrap();
+        statuses.push(status_of(&read_head(&mut s).await));
+        silent.push(s);
+    }
+    let let_in = statuses.iter().filter(|s| **s == 101).count();
+    assert_eq!(let_in, 4 + AGENT_LOGINS_PAST_CAP, "{statuses:?}");
+    assert!(statuses.iter().all(|s| matches!(s, 101 | 429)), "{statuses:?}");
+    assert_eq!(bridge.bridge.connections(), let_in);
+    // Those places come back with their connections; the agent logs in and serves.
+    drop(silent);
+    connections_become(&bridge, 0).await;
+    let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&bridge, "shop-17", 4).await;
+    let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut page, b"through the agent").await;
+    assert_eq!(recv_data(&mut page).await, b"through the agent");
+}
+
+/// An agent that logs in again and again and never answers a close frame: each login replaces
+/// the one before, which waits for the agent's answer to its close up to the close deadline.
+/// Such waits are bounded (`MAX_CLOSING_REPLACED` at once; beyond it a replaced link is closed at
+/// once), so the agent's connections do not grow with its logins (an agent's connections are
+/// not counted under its address's cap). The replaced links within the bound still get the
+/// close frame with its reason.
+#[tokio::test]
+async fn an_agent_that_logs_in_again_and_again_holds_a_bounded_number_of_connections() {
+    use wsbridge::agent::registry::MAX_CLOSING_REPLACED;
+    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    config.timeouts.close = Duration::from_secs(60);
+    let bridge = TestBridge::start(config).await;
+    let mut links = Vec::new();
+    for _ in 0..MAX_CLOSING_REPLACED + 16 {
+        links.push(older_control_link(bridge.addr).await);
+    }
+    // The latest is the agent's connection; of the ones it replaced, the bound's worth wait.
+    connections_become(&bridge, 1 + MAX_CLOSING_REPLACED).await;
+    let mut first = links.remove(0);
+    let closed = within("the close frame", async {
+        loop {
+            match first.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| f.reason.to_string()),
+                Some(Ok(_)) => {}
+                other => panic!("before the close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed.as_deref(), Some("replaced by a newer connection of this agent"));
+}
+
+/// Someone behind an agent's address (the shop's guest Wi-Fi) sends logins under made-up names
+/// with wrong secrets until the address's login budget is spent. The agent connected from
+/// there keeps its pool: its data links are charged to its own (address, name) budget only,
+/// so its pages do not find it offline while it is connected. A wrong secret for it from
+/// there is still slowed, at that budget's rate; a new control link from the address waits
+/// for the address's budget (README, Authentication).
+#[tokio::test]
+async fn failed_logins_from_an_agents_address_do_not_keep_its_links_out() {
+    use wsbridge::agent::registry::{ADDRESS_BRAKE_BURST, BRAKE_BURST};
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(echo))])).await;
+    idle_links(&bridge, "shop-17", 4).await;
+    let link = |name: &str, secret: &str| {
+        format!(
+            "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: {name}\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        )
+    };
+    for i in 0..ADDRESS_BRAKE_BURST {
+        let answer = http_raw(bridge.addr, link(&format!("made-up-{i}"), "wrong").as_bytes()).await;
+        assert_eq!(status_of(&answer), 401, "{answer}");
+    }
+    let braked = http_raw(bridge.addr, link("made-up-x", "wrong").as_bytes()).await;
+    assert_eq!(status_of(&braked), 429, "the address's budget is spent: {braked}");
+    // The connected agent's data link (its secret, its name) still logs in.
+    let (_link, head) = raw_upgrade(bridge.addr, link("shop-17", SECRET).as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Pages through it, many, so that its pool is refilled meanwhile.
+    for i in 0..8u8 {
+        let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+        send_bin(&mut page, &[i]).await;
+        assert_eq!(recv_data(&mut page).await, [i]);
+    }
+    assert_eq!(*agent.state.borrow(), State::Connected);
+    // Wrong secrets for it are slowed at its own budget's rate.
+    for _ in 0..BRAKE_BURST {
+        let answer = http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
+        assert_eq!(status_of(&answer), 401, "{answer}");
+    }
+    let answer = http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
+    assert_eq!(status_of(&answer), 429, "{answer}");
+}
