@@ -479,6 +479,87 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for PlainFields {
         fields.record(&mut visitor);
         visitor.result
     }
+
+    /// A field recorded again on a span replaces its value, as in JSON (tracing-subscriber's
+    /// default appends another `name=value`): a kept-alive connection behind a proxy that reuses
+    /// its connections records each request's `client`, and its lines named every earlier
+    /// client of the connection as `client=` too, the first of them first.
+    fn add_fields(
+        &self,
+        current: &'w mut tracing_subscriber::fmt::FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> std::fmt::Result {
+        let mut names = Names(Vec::new());
+        fields.record(&mut names);
+        if !current.fields.is_empty() {
+            current.fields = without(&current.fields, &names.0);
+        }
+        if !current.fields.is_empty() {
+            current.fields.push(' ');
+        }
+        self.format_fields(current.as_writer(), fields)
+    }
+}
+
+/// The names of the fields a record holds.
+struct Names(Vec<&'static str>);
+
+impl tracing::field::Visit for Names {
+    fn record_debug(&mut self, field: &tracing::field::Field, _: &dyn std::fmt::Debug) {
+        self.0.push(field.name());
+    }
+}
+
+/// Span fields as [`PlainFields`] wrote them, without those named `names`.
+fn without(fields: &str, names: &[&str]) -> String {
+    let mut kept = String::with_capacity(fields.len());
+    let mut rest = fields;
+    while !rest.is_empty() {
+        let end = field_end(rest);
+        let field = &rest[..end];
+        let name = field.split_once('=').map_or(field, |(name, _)| name);
+        if !names.contains(&name) {
+            if !kept.is_empty() {
+                kept.push(' ');
+            }
+            kept.push_str(field);
+        }
+        rest = &rest[end..];
+        rest = rest.strip_prefix(' ').unwrap_or(rest);
+    }
+    kept
+}
+
+/// Where the first `name=value` of `fields` ends: after the closing quote of a quoted value (a
+/// string, written with `{:?}`: `\"` and `\\` escaped inside), else before the first space that
+/// another `name=` follows (a value written with `%` may hold spaces).
+fn field_end(fields: &str) -> usize {
+    let bytes = fields.as_bytes();
+    let value = fields.find('=').map_or(fields.len(), |i| i + 1);
+    if bytes.get(value) == Some(&b'"') {
+        let mut i = value + 1;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => i += 2,
+                b'"' => return i + 1,
+                _ => i += 1,
+            }
+        }
+        return fields.len();
+    }
+    let mut at = value;
+    while let Some(space) = fields[at..].find(' ') {
+        let next = &fields[at + space + 1..];
+        let name = next
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.'))
+            .count();
+        if name > 0 && next.as_bytes().get(name) == Some(&b'=') {
+            return at + space;
+        }
+        at += space + 1;
+    }
+    fields.len()
 }
 
 struct PlainVisitor<'w> {
@@ -589,6 +670,62 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A span field recorded again replaces the one before, wherever it stands and whatever the
+    /// values around it hold (quoted strings with spaces, `=` and escaped quotes; a `%` value
+    /// with spaces); the others stay as they were, in their order.
+    #[test]
+    fn a_span_field_recorded_again_replaces_its_value() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Buffer::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(super::PlainFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "conn",
+                client = tracing::field::Empty,
+                via = %"10.0.0.1:40672",
+                route = "a \"b\" client=c d",
+                target = tracing::field::Empty,
+            );
+            let _entered = span.enter();
+            for client in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
+                span.record("client", tracing::field::display(client));
+                tracing::info!("request");
+            }
+            span.record("target", tracing::field::display("the app: port 9100"));
+            span.record("client", tracing::field::display("192.0.2.4"));
+            tracing::info!("last");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let expected = [
+            r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.1}: wsbridge::logging::tests: request"#,
+            r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.2}: wsbridge::logging::tests: request"#,
+            r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.3}: wsbridge::logging::tests: request"#,
+            r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" target=the app: port 9100 client=192.0.2.4}: wsbridge::logging::tests: last"#,
+        ];
+        assert_eq!(lines.len(), expected.len(), "{text}");
+        for (line, expected) in lines.iter().zip(expected) {
+            assert!(line.ends_with(expected), "{line}\n{expected}");
+        }
+    }
+
     #[test]
     fn chain_joins_an_error_with_its_sources() {
         #[derive(Debug, thiserror::Error)]
