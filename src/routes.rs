@@ -613,6 +613,35 @@ pub fn query_token(query: Option<&str>) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The credentials a query may carry: a route's `token`, and `token` or `access_token` as a
+/// bearer credential.
+const QUERY_CREDENTIALS: [&str; 2] = ["token", "access_token"];
+
+/// The name of a credential the query names ambiguously, if any: more than once, or spelled
+/// otherwise than exactly (`to%6Ben`, `TOKEN`, `Token`). The bridge reads the first exact name
+/// after percent-decoding; a proxy in front that decides who may use which token (nginx's
+/// `$arg_token`, which ignores case and does not decode names, HAProxy's `url_param`) may read
+/// another parameter of the same query, and the session would go where the proxy did not
+/// allow. Such a request is refused (400) instead: no client needs to send one.
+pub fn ambiguous_credential(query: Option<&str>) -> Option<&'static str> {
+    let query = query?;
+    let mut seen = [0usize; QUERY_CREDENTIALS.len()];
+    for part in query.split('&') {
+        let raw = part.split('=').next().unwrap_or(part);
+        let decoded = form_urlencoded::parse(part.as_bytes()).next().map(|(k, _)| k);
+        for (i, name) in QUERY_CREDENTIALS.into_iter().enumerate() {
+            let named = raw.eq_ignore_ascii_case(name) || decoded.as_deref().is_some_and(|d| d.eq_ignore_ascii_case(name));
+            if named {
+                seen[i] += 1;
+                if raw != name || seen[i] > 1 {
+                    return Some(name);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// The request's host, without its port, as host tokens are kept ([`host_key`]: case folded, an
 /// IP literal in its canonical form): the URI's of an absolute-form request (`GET http://a/`),
 /// which RFC 9112 §3.2.2 has a server use instead of `Host`, else the Host header's. `None`
@@ -651,6 +680,28 @@ mod tests {
         assert_eq!(query_token(Some("a=1&token=x%2By&b=2")).as_deref(), Some("x+y"));
         assert_eq!(query_token(Some("a=1")), None);
         assert_eq!(query_token(None), None);
+        // The spellings a proxy in front reads otherwise (nginx's $arg_token ignores case and
+        // does not decode names) are refused; one exact name each is not.
+        for q in [
+            "token=a&token=b",
+            "to%6Ben=b&token=a",
+            "TOKEN=b&token=a",
+            "Token=a",
+            "access_token=a&access%5Ftoken=b",
+            "a=1&tok%65n=x",
+        ] {
+            assert!(ambiguous_credential(Some(q)).is_some(), "{q}");
+        }
+        for q in [
+            "token=a&access_token=b",
+            "a=1&token=x%2By",
+            "tokens=1&token=a&xtoken=2",
+            "path=x%26token%3Db&token=a",
+            "",
+        ] {
+            assert_eq!(ambiguous_credential(Some(q)), None, "{q}");
+        }
+        assert_eq!(ambiguous_credential(None), None);
     }
 
     #[test]

@@ -221,6 +221,14 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
         (2.., _) => return reject(StatusCode::BAD_REQUEST, "more than one Host header"),
         _ => {}
     }
+    // A credential named twice, or in another spelling, could be read as another one by a proxy
+    // in front that checks it (see routes::ambiguous_credential).
+    if let Some(name) = crate::routes::ambiguous_credential(request.uri().query()) {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            format!("the query names `{name}` more than once, or spelled otherwise"),
+        );
+    }
     if !header_has_token(headers, &header::UPGRADE, "websocket") {
         // A plain HTTP request.
         let is_get = matches!(*request.method(), Method::GET | Method::HEAD);

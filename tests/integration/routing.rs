@@ -81,6 +81,41 @@ async fn websockify_token_file_like_novnc() {
     assert_eq!(first_message(&bridge.url("/websockify?token=gamma")).await, "C");
 }
 
+/// A query that names its token twice, or spelled otherwise than `token` (`to%6Ben`, `TOKEN`),
+/// is refused with 400 before any lookup: a proxy in front that decides which user may use
+/// which token reads such a query otherwise (nginx's `$arg_token` ignores case and does not
+/// decode names, and takes `TOKEN=beta` in `?TOKEN=beta&token=alpha`), and the session would
+/// reach a target the proxy did not allow. Found by an HTTP attack review: the bridge routed
+/// `?to%6Ben=beta&token=alpha` to beta where nginx saw alpha. One `token` still routes, a
+/// `token` inside another parameter's value is no token, and the same holds for
+/// `access_token`, a bearer credential.
+#[tokio::test]
+async fn a_query_that_names_its_token_ambiguously_is_refused() {
+    let (a, b) = (named_backend("A").await, named_backend("B").await);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.cfg");
+    std::fs::write(&file, format!("alpha: 127.0.0.1:{}\nbeta: 127.0.0.1:{}\n", a.port(), b.port())).unwrap();
+    let mut config = Config::new("test");
+    add_token_source(&mut config, file, TokenLookup::Query);
+    let bridge = TestBridge::start(config).await;
+    for query in [
+        "to%6Ben=beta&token=alpha",
+        "TOKEN=beta&token=alpha",
+        "token=alpha&token=beta",
+        "Token=beta",
+        "access_token=x&ACCESS_TOKEN=y&token=alpha",
+    ] {
+        let r = http_raw(bridge.addr, &upgrade_request(&format!("/websockify?{query}"), "")).await;
+        assert_eq!(status_of(&r), 400, "{query}: {r}");
+        assert!(r.contains("more than once, or spelled otherwise"), "{query}: {r}");
+    }
+    assert_eq!(first_message(&bridge.url("/websockify?token=alpha")).await, "A");
+    assert_eq!(
+        first_message(&bridge.url("/websockify?path=x%26token%3Dalpha&token=beta")).await,
+        "B"
+    );
+}
+
 #[tokio::test]
 async fn token_directory_and_inline_tokens() {
     let (a, b) = (named_backend("A").await, named_backend("B").await);
