@@ -239,7 +239,19 @@ pub fn check_origin(
     if rules.contains(&OriginRule::Any) {
         return Ok(());
     }
-    let refused = || Refusal::forbidden("origin not allowed", format!("origin {:?} is not allowed", clip(origin)));
+    // The default of a configuration file (its own origin only) surprises whoever serves the
+    // page from elsewhere: the line says what to do.
+    let own_only = rules.iter().all(|r| *r == OriginRule::SameOrigin);
+    let refused = || {
+        let detail = match own_only {
+            true => format!(
+                "origin {:?} is not allowed: only the bridge's own origin is, unless the route or its listener lists others in `origins` (or --origin)",
+                clip(origin)
+            ),
+            false => format!("origin {:?} is not allowed (not in `origins`)", clip(origin)),
+        };
+        Refusal::forbidden("origin not allowed", detail)
+    };
     if origin.trim() == "null" {
         return match rules.contains(&OriginRule::Null) {
             true => Ok(()),
