@@ -269,7 +269,7 @@ pub struct RunArgs {
     pub ssl_target_no_verify: bool,
     /// websockify's auth plugins: ClientCertCNAuth (only clients whose certificate CN is in
     /// --auth-source), BasicHTTPAuth (--auth-source USER:PASSWORD) or ExpectOrigin (--auth-source
-    /// "ORIGIN ORIGIN…", the same as --origin).
+    /// "ORIGIN ORIGIN…": as --origin, and a request without an Origin is refused too).
     #[arg(long, value_name = "PLUGIN", value_parser = |s: &str| plugin_name(s, "websockify.auth_plugins."))]
     pub auth_plugin: Option<String>,
     /// For --auth-plugin: CN names, USER:PASSWORD or origins, separated by spaces (or commas).
@@ -774,6 +774,8 @@ impl RunArgs {
                 for o in list.split([' ', ',']).filter(|o| !o.is_empty()) {
                     origins.push(o.parse().map_err(|e| usage(format!("--auth-source: {e}")))?);
                 }
+                // websockify's plugin refuses a request without an Origin too.
+                options.policy.require_origin = true;
             }
             (Some("ExpectOrigin"), None) => return Err(usage("--auth-plugin ExpectOrigin needs --auth-source \"ORIGIN …\"".into())),
             (Some("BasicHTTPAuth"), Some(user_pass)) => {

@@ -462,6 +462,10 @@ async fn the_command_line_admits_any_origin_and_says_so_until_origin_narrows_it(
         "origin not allowed",
         None,
     );
+    // And, as websockify's plugin, it refuses a request with no Origin at all (found by a
+    // newcomer's side-by-side run: 101 here, 403 from websockify); --origin alone does not.
+    refused(&ask(expect.addr, "/", "").await, 403, "origin required", None);
+    assert!(ask(narrowed.addr, "/", "").await.starts_with("HTTP/1.1 101"));
 }
 
 /// The real HAProxy in front, sending PROXY v2 (`send-proxy-v2`): the session's log line and the
