@@ -301,8 +301,9 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormatArg>,
     /// Write the log to FILE instead of stderr, appending, as websockify does (beside --config
-    /// too, over its [log] file). At 10 MiB it is set aside as FILE.old and a new FILE begun;
-    /// after logrotate's copytruncate or rename it carries on in FILE.
+    /// too, over its [log] file). On Linux it grows until a rotator (logrotate, copytruncate or
+    /// rename) takes it, and goes on in FILE; on Windows, or with [log] max_size, it is set aside
+    /// as FILE.old at that size (10 MiB) and a new FILE begun.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
 

@@ -306,6 +306,24 @@ impl TlsListener {
     }
 }
 
+/// A failed TLS handshake's error for the log, with what to do where the library's words do not
+/// say it: a client certificate in X.509 version 1 (what `openssl x509 -req` makes without an
+/// `-extfile`, accepted by websockify's OpenSSL) is refused by rustls's verifier, which reads
+/// version 3 only, and said as `UnsupportedCertVersion`.
+pub fn handshake_failure(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("UnsupportedCertVersion") {
+        return format!(
+            "{text} (the client's certificate is X.509 version 1, which is not accepted: issue it as version 3, e.g. \
+             `openssl x509 -req … -extfile <(printf 'basicConstraints=CA:FALSE')`)"
+        );
+    }
+    if text.contains("UnknownIssuer") {
+        return format!("{text} (the certificate was not issued by a CA in the listener's client_ca)");
+    }
+    text
+}
+
 /// The subject common name of a DER certificate.
 pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

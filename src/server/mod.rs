@@ -741,8 +741,8 @@ impl Bridge {
             Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
                 return match TLS_FAILED.take() {
-                    Some(left_out) => info!(error = %e, left_out, "TLS handshake failed"),
-                    None => debug!(error = %e, "TLS handshake failed"),
+                    Some(left_out) => info!(error = crate::tls::handshake_failure(&e), left_out, "TLS handshake failed"),
+                    None => debug!(error = crate::tls::handshake_failure(&e), "TLS handshake failed"),
                 };
             }
             Err(_) => {

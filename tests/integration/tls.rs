@@ -680,3 +680,67 @@ async fn self_pem_in_the_working_directory_is_the_default_certificate() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("need --cert FILE (or self.pem in the current directory"), "{err}");
 }
+
+/// A client certificate made the way many how-tos make one (`openssl x509 -req` without an
+/// `-extfile`: X.509 version 1) is refused by rustls's verifier, which reads version 3 only;
+/// websockify (OpenSSL) accepts it. The handshake fails, and the log line says why in plain words
+/// and how to issue one that works (found by a newcomer's side-by-side run: the line read only
+/// `UnsupportedCertVersion`). README lists it among the differences from websockify.
+#[tokio::test]
+async fn a_version_1_client_certificate_is_refused_with_a_reason_that_says_what_to_do() {
+    let pki = Pki::new("test CA");
+    let server = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let dir = pki.dir.path();
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca1.key -out ca1.pem -days 2 -subj /CN=v1-ca");
+    sh("openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout v1.key -out v1.csr -subj /CN=alice");
+    sh("openssl x509 -req -in v1.csr -CA ca1.pem -CAkey ca1.key -CAcreateserial -out v1.pem -days 2");
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.join("v1.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("Version: 1"), "openssl made no version 1 certificate here: {text}");
+    let (backend, _) = echo_backend().await;
+    let (target, ca) = (backend.to_string(), dir.join("ca1.pem"));
+    let mut bridge = binary::Binary::spawn(&[
+        "--cert",
+        server.cert.to_str().unwrap(),
+        "--key",
+        server.key.to_str().unwrap(),
+        "--verify-client",
+        "--cafile",
+        ca.to_str().unwrap(),
+        "127.0.0.1:0",
+        &target,
+    ])
+    .await;
+    // OpenSSL's client, as rustls's will not even send such a certificate.
+    let client = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &bridge.addr.to_string(),
+            "-servername",
+            "localhost",
+            "-cert",
+        ])
+        .arg(dir.join("v1.pem"))
+        .arg("-key")
+        .arg(dir.join("v1.key"))
+        .stdin(std::process::Stdio::null())
+        .output();
+    within("openssl s_client", client).await.unwrap();
+    // The handshake failed, for this reason.
+    let line = bridge.line("TLS handshake failed").await;
+    assert!(line.contains("X.509 version 1") && line.contains("-extfile"), "{line}");
+}
