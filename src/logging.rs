@@ -83,6 +83,20 @@ pub fn init(verbose: u8, format: LogFormat) {
     log_panics();
 }
 
+/// `wsbridge check`'s log: warnings and errors only (a token file's skipped lines, a duplicate
+/// token: what the bridge would log at start), on stderr beside the check's report on stdout,
+/// without timestamps. `RUST_LOG` still chooses.
+pub fn init_warnings() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .fmt_fields(PlainFields)
+        .init();
+}
+
 /// Whether stderr is systemd's journal (`StandardError=journal`, a unit's default): systemd sets
 /// `JOURNAL_STREAM` to the device and inode of the stream it connected, and a process whose
 /// stderr was redirected since (or that inherited the variable) has another.

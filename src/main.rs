@@ -18,6 +18,15 @@ use wsbridge::systemd::Notifier;
 
 const EX_USAGE: u8 = 64;
 
+/// `eprintln!` that cannot panic: a closed stderr (a pipe whose reader left, `2>&-`) must not
+/// turn exit code 64 into a panic's 101.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     // process_start_time_seconds where the system does not say it (Windows).
     wsbridge::metrics::process::started();
@@ -44,13 +53,16 @@ fn main() -> ExitCode {
     let runtime = match start::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("wsbridge: cannot start the runtime: {e}");
+            complain!("wsbridge: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
     let code = match cli.command {
         Some(Command::Check { config, file }) => match config.or(file) {
-            Some(path) => runtime.block_on(check(&path)),
+            Some(path) => {
+                wsbridge::logging::init_warnings();
+                runtime.block_on(check(&path))
+            }
             // clap requires one of them.
             None => ExitCode::from(64),
         },
@@ -58,7 +70,7 @@ fn main() -> ExitCode {
         Some(Command::Man) => match wsbridge::cli::man_page() {
             Ok(page) => print_bytes(&page),
             Err(e) => {
-                eprintln!("wsbridge: cannot write the manual page: {e}");
+                complain!("wsbridge: cannot write the manual page: {e}");
                 ExitCode::from(1)
             }
         },
@@ -73,7 +85,7 @@ fn main() -> ExitCode {
             let config = match cli.run.into_config() {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("wsbridge: {e}");
+                    complain!("wsbridge: {e}");
                     return ExitCode::from(EX_USAGE);
                 }
             };
@@ -84,7 +96,7 @@ fn main() -> ExitCode {
             match &config.log_file {
                 Some(path) => {
                     if let Err(e) = wsbridge::logging::init_file_as(verbose, path, config.log_format, config.log_max_size) {
-                        eprintln!("wsbridge: log file {}: {e}", path.display());
+                        complain!("wsbridge: log file {}: {e}", path.display());
                         return ExitCode::from(EX_USAGE);
                     }
                 }
@@ -119,15 +131,15 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
     let Err(e) = r else { return ExitCode::SUCCESS };
     if let Some(start) = e.downcast_ref::<StartError>().filter(|s| s.is_config()) {
         match path {
-            Some(path) => eprintln!("wsbridge: {}: {start}", path.display()),
-            None => eprintln!("wsbridge: {start}"),
+            Some(path) => complain!("wsbridge: {}: {start}", path.display()),
+            None => complain!("wsbridge: {start}"),
         }
         ExitCode::from(EX_USAGE)
     } else if e.is::<BridgeError>() {
-        eprintln!("wsbridge: {}", e.root_cause());
+        complain!("wsbridge: {}", e.root_cause());
         ExitCode::from(EX_USAGE)
     } else {
-        eprintln!("wsbridge: {e:#}");
+        complain!("wsbridge: {e:#}");
         ExitCode::from(1)
     }
 }
@@ -140,7 +152,7 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wsbridge: {e}");
+            complain!("wsbridge: {e}");
             ExitCode::from(1)
         }
     }
@@ -189,7 +201,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
                 print_bytes(out.as_bytes())
             }
             Err(e) => {
-                eprintln!("wsbridge: {e}");
+                complain!("wsbridge: {e}");
                 ExitCode::from(EX_USAGE)
             }
         };
@@ -197,7 +209,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
     let config = match Config::from_file(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("wsbridge: {e}");
+            complain!("wsbridge: {e}");
             return ExitCode::from(EX_USAGE);
         }
     };
@@ -207,18 +219,18 @@ async fn check(path: &std::path::Path) -> ExitCode {
     let table = match RouteTable::from_config(&config, None) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("wsbridge: {}: {e}", path.display());
+            complain!("wsbridge: {}: {e}", path.display());
             return ExitCode::from(EX_USAGE);
         }
     };
     for l in &config.listeners {
         if let Err(e) = Listener::prepare(l) {
-            eprintln!("wsbridge: {}: listener {}: {e}", path.display(), l.addr);
+            complain!("wsbridge: {}: listener {}: {e}", path.display(), l.addr);
             return ExitCode::from(EX_USAGE);
         }
         // Its files read as the bridge will read them (an htpasswd file that is not there).
         if let Some(Err(e)) = l.access.web_auth.as_ref().map(wsbridge::http::WebGuard::new) {
-            eprintln!("wsbridge: {}: listener {}: web_auth: {e}", path.display(), l.addr);
+            complain!("wsbridge: {}: listener {}: web_auth: {e}", path.display(), l.addr);
             return ExitCode::from(EX_USAGE);
         }
     }
@@ -228,7 +240,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
         .and_then(|a| a.tls.clone())
         .map(wsbridge::tls::TlsListener::load)
     {
-        eprintln!("wsbridge: {}: admin listener: {e}", path.display());
+        complain!("wsbridge: {}: admin listener: {e}", path.display());
         return ExitCode::from(EX_USAGE);
     }
     say!("{}: OK", path.display());
@@ -433,7 +445,7 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("wsbridge: {e}");
+                complain!("wsbridge: {e}");
                 ExitCode::from(1)
             }
         };
@@ -441,13 +453,13 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     let config = match load_agent_config(args.clone(), |args| AgentConfig::from_args(&args)).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("wsbridge: {e}");
+            complain!("wsbridge: {e}");
             return ExitCode::from(EX_USAGE);
         }
     };
     if let Some(path) = &args.log_file {
         if let Err(e) = wsbridge::logging::init_file(verbose, path) {
-            eprintln!("wsbridge: --log-file {}: {e}", path.display());
+            complain!("wsbridge: --log-file {}: {e}", path.display());
             return ExitCode::from(EX_USAGE);
         }
     } else {
@@ -464,12 +476,12 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     let handle = match wsbridge::agent::client::spawn(config) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("wsbridge: agent: {e}");
+            complain!("wsbridge: agent: {e}");
             return ExitCode::from(EX_USAGE);
         }
     };
     let Ok(mut signals) = wsbridge::signals::Signals::new() else {
-        eprintln!("wsbridge: cannot install signal handlers");
+        complain!("wsbridge: cannot install signal handlers");
         return ExitCode::from(1);
     };
     if let Some(n) = &notifier {
@@ -495,7 +507,7 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
         Ok(Err(e)) => e,
         Err(e) => e.to_string(),
     };
-    eprintln!("wsbridge: agent: {failed}");
+    complain!("wsbridge: agent: {failed}");
     ExitCode::from(1)
 }
 
@@ -557,7 +569,7 @@ mod agent_service {
             (_, true) => "--uninstall-service",
             _ => "--service-mode",
         };
-        eprintln!("wsbridge: agent {flag}: Windows services exist only on Windows; here run `wsbridge agent --config FILE` under systemd or another supervisor");
+        complain!("wsbridge: agent {flag}: Windows services exist only on Windows; here run `wsbridge agent --config FILE` under systemd or another supervisor");
         ExitCode::from(EX_USAGE)
     }
 
@@ -571,11 +583,11 @@ mod agent_service {
         if args.uninstall_service {
             return match service::uninstall(NAME) {
                 Ok(()) => {
-                    eprintln!("wsbridge: the service {NAME} is stopped and removed");
+                    complain!("wsbridge: the service {NAME} is stopped and removed");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("wsbridge: agent --uninstall-service: {e}");
+                    complain!("wsbridge: agent --uninstall-service: {e}");
                     ExitCode::from(1)
                 }
             };
@@ -583,7 +595,7 @@ mod agent_service {
         let (config_path, log_file) = match paths(args) {
             Ok(p) => p,
             Err(e) => {
-                eprintln!("wsbridge: agent: {e}");
+                complain!("wsbridge: agent: {e}");
                 return ExitCode::from(EX_USAGE);
             }
         };
@@ -591,7 +603,7 @@ mod agent_service {
         let config = match wsbridge::agent::client::AgentConfig::from_args(args) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("wsbridge: {e}");
+                complain!("wsbridge: {e}");
                 return ExitCode::from(EX_USAGE);
             }
         };
@@ -599,14 +611,14 @@ mod agent_service {
             return install(&config_path, &log_file, &config.name);
         }
         if let Err(e) = wsbridge::logging::init_file(verbose, &log_file) {
-            eprintln!("wsbridge: {}: {e}", log_file.display());
+            complain!("wsbridge: {}: {e}", log_file.display());
             return ExitCode::from(1);
         }
         let body = Box::new(move |stop: tokio_util::sync::CancellationToken| run(config, stop));
         match service::run(NAME, body) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("wsbridge: agent --service-mode: {e}");
+                complain!("wsbridge: agent --service-mode: {e}");
                 tracing::error!(error = %e, "the service ended");
                 ExitCode::from(1)
             }
@@ -650,7 +662,7 @@ mod agent_service {
         let executable = match std::env::current_exe() {
             Ok(exe) => exe,
             Err(e) => {
-                eprintln!("wsbridge: cannot find this program: {e}");
+                complain!("wsbridge: cannot find this program: {e}");
                 return ExitCode::from(1);
             }
         };
@@ -671,14 +683,14 @@ mod agent_service {
         };
         match wsbridge::service::install(&spec) {
             Ok(()) => {
-                eprintln!(
+                complain!(
                     "wsbridge: installed the service {NAME} (started with Windows, restarted on failure; `sc start {NAME}` starts it now); it logs to {}",
                     log_file.display()
                 );
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("wsbridge: agent --install-service: {e}");
+                complain!("wsbridge: agent --install-service: {e}");
                 ExitCode::from(1)
             }
         }

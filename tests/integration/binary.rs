@@ -650,3 +650,43 @@ async fn on_a_terminal_a_clients_text_cannot_forge_lines_or_move_the_cursor() {
     assert!(!seen.iter().any(|l| l.starts_with("FORGED")), "a forged line: {text:?}");
     drop(child);
 }
+
+/// A closed stderr (a pipe whose reader left, `2>&-`, a supervisor gone) does not turn a refused
+/// configuration's exit code 64 into a panic's 101: the message is lost, the exit code is not
+/// (found by a newcomer: `eprintln!` panics on EPIPE). Also for `wsbridge check`.
+#[tokio::test]
+async fn a_closed_stderr_keeps_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[listen]]\naddr = \"127.0.0.1:0\"\nadress = 1\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    for args in [&["--config", bad][..], &["check", bad][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let status = Command::new(BIN).args(args).stdout(Stdio::null()).stderr(writer).status();
+        let status = within("wsbridge to exit", status).await.unwrap();
+        assert_eq!(status.code(), Some(64), "{args:?}");
+    }
+}
+
+/// `wsbridge check` says what the bridge would warn of when it starts: a token file's lines that
+/// are skipped (found by a newcomer: check printed OK and "(1 tokens)" for a file of which two
+/// lines of three were broken, and said nothing). They go to stderr, the report to stdout; the
+/// exit code stays 0, as the bridge starts with such a file.
+#[tokio::test]
+async fn check_shows_the_warnings_of_a_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tokens.cfg"),
+        "desk1: 127.0.0.1:5901\nno colon here\ndesk2: 127.0.0.1:notaport\n",
+    )
+    .unwrap();
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(&config, "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = \"tokens.cfg\"\n").unwrap();
+    let (code, out, err) = run_to_end(&["check", config.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": OK"), "{out}");
+    let skipped: Vec<&str> = err.lines().filter(|l| l.contains("WARN") && l.contains("tokens.cfg:")).collect();
+    assert_eq!(skipped.len(), 2, "{err}");
+    assert!(skipped[0].contains("tokens.cfg:2") && skipped[1].contains("tokens.cfg:3"), "{err}");
+}
