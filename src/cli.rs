@@ -107,9 +107,62 @@ pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
 /// # Errors
 /// Writing the page failed (it is written to memory, so only on a clap_mangen bug).
 pub fn man_page() -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let command = <Cli as clap::CommandFactory>::command();
+    let man = clap_mangen::Man::new(command.clone());
     let mut out = Vec::new();
-    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    // The examples as they are written, not filled into a paragraph.
+    let mut description = Vec::new();
+    man.render_description_section(&mut description)?;
+    let description = String::from_utf8_lossy(&description).replacen("Examples:\n", "Examples:\n.nf\n", 1) + ".fi\n";
+    out.extend_from_slice(description.as_bytes());
+    man.render_options_section(&mut out)?;
+    // Each command's options in this page (there are no pages of their own to point to).
+    for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("wsbridge {}", sub.get_name());
+        writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+        if let Some(about) = sub.get_long_about().or(sub.get_about()) {
+            writeln!(out, "{}", roff_text(&about.to_string()))?;
+        }
+        let page = clap_mangen::Man::new(sub.clone().bin_name(name));
+        let mut part = Vec::new();
+        page.render_synopsis_section(&mut part)?;
+        page.render_options_section(&mut part)?;
+        out.extend_from_slice(String::from_utf8_lossy(&part).replace(".SH ", ".SS ").as_bytes());
+    }
+    out.extend_from_slice(
+        b".SH \"EXIT STATUS\"\n.TP\n0\nstopped cleanly (SIGTERM or SIGINT), or a command that succeeded\n\
+          .TP\n1\na runtime error: a port in use, a failure after start\n\
+          .TP\n64\na usage or configuration error (the message names the option, or the file, line and field)\n",
+    );
+    man.render_version_section(&mut out)?;
     Ok(out)
+}
+
+/// Text for a roff page: backslashes and hyphens escaped, no line starting with a `.` or `'`
+/// (a request), and indented lines (examples) kept as they are written rather than filled.
+fn roff_text(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut kept = false;
+    for line in text.lines() {
+        let indented = line.starts_with(' ');
+        if indented != kept {
+            out.push(if indented { ".nf".to_owned() } else { ".fi".to_owned() });
+            kept = indented;
+        }
+        let line = line.replace('\\', "\\e").replace('-', "\\-");
+        out.push(match line.starts_with(['.', '\'']) {
+            true => format!("\\&{line}"),
+            false => line,
+        });
+    }
+    if kept {
+        out.push(".fi".to_owned());
+    }
+    out.join("\n")
 }
 
 /// Options for bridging (the default command).
@@ -197,13 +250,13 @@ pub struct RunArgs {
     pub unix_listen_mode: Option<String>,
 
     /// Send a ping every N seconds; a client that does not answer within N seconds is gone
-    /// (default: 20). 0: no pings (websockify's meaning of 0).
-    #[arg(long, value_name = "SECONDS")]
+    /// (default: 20). 0: no pings (websockify's meaning of 0). A duration (30s, 1m) works too.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     pub heartbeat: Option<f64>,
     /// Close a session after N seconds with no data either way (pings do not count).
     /// 0: no idle deadline, as in websockify (whose option of this name exits the whole server;
-    /// wsbridge never exits on its own).
-    #[arg(long, value_name = "SECONDS")]
+    /// wsbridge never exits on its own). A duration (10m, 1h) works too.
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     pub idle_timeout: Option<f64>,
     /// Deadline for the backend connect, e.g. 5s, 500ms (more than zero).
     #[arg(long, value_name = "DURATION")]
@@ -419,12 +472,12 @@ impl Refused {
             (
                 self.syslog.is_some(),
                 "--syslog",
-                "wsbridge logs to stderr; journald or your supervisor forwards it",
+                "wsbridge logs to stderr, which journald or your supervisor forwards (or to a file: --log-file FILE)",
             ),
             (
                 self.legacy_syslog,
                 "--legacy-syslog",
-                "wsbridge logs to stderr; journald or your supervisor forwards it",
+                "wsbridge logs to stderr, which journald or your supervisor forwards (or to a file: --log-file FILE)",
             ),
             (
                 !self.wrap.is_empty(),
@@ -633,7 +686,7 @@ impl RunArgs {
                 let source = self.source.clone().ok_or_else(|| {
                     usage("missing SOURCE: give [source_addr:]source_port, or --config FILE (try `wsbridge demo` for a quick look)".into())
                 })?;
-                source.parse::<ListenOn>().map_err(usage)?
+                websockify_source(&source).parse::<ListenOn>().map_err(usage)?
             }
         };
         if matches!(addr, ListenOn::Unix { .. }) && (self.cert.is_some() || self.ssl_only) {
@@ -1166,9 +1219,60 @@ fn log_format(f: LogFormatArg) -> LogFormat {
     }
 }
 
+/// `--heartbeat` / `--idle-timeout`: seconds, as websockify takes them (`600`, `0.5`), or a
+/// duration as a configuration file writes one (`10m`).
+fn seconds(s: &str) -> Result<f64, String> {
+    if let Ok(n) = s.trim().parse::<f64>() {
+        return Ok(n);
+    }
+    crate::config::parse_duration(s)
+        .map(|d| d.as_secs_f64())
+        .map_err(|_| format!("expected seconds (600, 0.5) or a duration (10m, 30s, 1h), not {s:?}"))
+}
+
+/// SOURCE as websockify reads it: split at its last colon, so an IPv6 address may go without
+/// brackets (`::1:6080` is `[::1]:6080`), as it may in TARGET.
+fn websockify_source(source: &str) -> std::borrow::Cow<'_, str> {
+    match source.rsplit_once(':') {
+        Some((host, port)) if host.parse::<std::net::Ipv6Addr>().is_ok() && port.parse::<u16>().is_ok() => {
+            format!("[{host}]:{port}").into()
+        }
+        _ => source.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--idle-timeout` and `--heartbeat` take seconds, as websockify's, or a duration; anything
+    /// else is refused with what to write (it said "invalid float literal").
+    #[test]
+    fn seconds_or_a_duration() {
+        let c = config(&["6080", "h:1", "--idle-timeout", "10m", "--heartbeat", "30"]).unwrap();
+        assert_eq!(c.timeouts.idle, Some(Duration::from_secs(600)));
+        assert_eq!(c.timeouts.ping_interval, Some(Duration::from_secs(30)));
+        let c = config(&["6080", "h:1", "--idle-timeout", "600", "--heartbeat", "1m"]).unwrap();
+        assert_eq!(c.timeouts.idle, Some(Duration::from_secs(600)));
+        let e = config(&["6080", "h:1", "--idle-timeout", "ten"]).unwrap_err();
+        assert!(e.contains("expected seconds (600, 0.5) or a duration (10m, 30s, 1h)"), "{e}");
+    }
+
+    /// SOURCE may be an IPv6 address without brackets, split at its last colon, as websockify
+    /// and TARGET take it (a newcomer's side-by-side run: websockify took `::1:6080`, wsbridge
+    /// refused it).
+    #[test]
+    fn an_ipv6_source_may_go_without_brackets() {
+        for source in ["::1:6080", "[::1]:6080"] {
+            let c = config(&[source, "h:1"]).unwrap();
+            assert_eq!(c.listeners[0].addr, ListenOn::Tcp("[::1]:6080".parse().unwrap()), "{source}");
+        }
+        let c = config(&["127.0.0.1:6080", "h:1"]).unwrap();
+        assert_eq!(c.listeners[0].addr, ListenOn::Tcp("127.0.0.1:6080".parse().unwrap()));
+        // Split at the last colon, as websockify does: `:::6080` is every address's port 6080.
+        let c = config(&[":::6080", "h:1"]).unwrap();
+        assert_eq!(c.listeners[0].addr, ListenOn::Tcp("[::]:6080".parse().unwrap()));
+    }
 
     fn config(args: &[&str]) -> Result<Config, String> {
         let cli = Cli::try_parse_from(std::iter::once("wsbridge").chain(args.iter().copied())).map_err(|e| e.to_string())?;

@@ -116,6 +116,9 @@ impl Demo {
                     .parse()
                     .map_err(|e: String| DemoError::Chat(std::io::Error::other(e)))?;
                 let mut c = crate::agent::client::AgentConfig::new(server, DEMO_AGENT.into(), secret);
+                // Loopback, in this process: no proxy, and the log says so (not "from the proxy
+                // option", which the demo has none of).
+                c.proxy_source = crate::agent::client::ProxySource::Off;
                 c.services.insert(
                     "chat".into(),
                     Target::Tcp {

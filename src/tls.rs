@@ -89,10 +89,19 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// Unreadable file, invalid PEM, or no key in it.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => file_error(
-            path,
-            "no private key found (expected \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")",
-        ),
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            match std::fs::read(path).map(|pem| pem.windows(b"ENCRYPTED PRIVATE KEY".len()).any(|w| w == b"ENCRYPTED PRIVATE KEY")) {
+                Ok(true) => file_error(
+                    path,
+                    "the private key is encrypted (with a passphrase), which wsbridge cannot use: decrypt it to a file \
+                 only wsbridge's user can read (openssl pkey -in enc.pem -out key.pem)",
+                ),
+                _ => file_error(
+                    path,
+                    "no private key found (expected \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")",
+                ),
+            }
+        }
         other => pem_problem(path, "private key", other),
     })
 }

@@ -682,11 +682,35 @@ async fn check_shows_the_warnings_of_a_token_file() {
     )
     .unwrap();
     let config = dir.path().join("bridge.toml");
-    std::fs::write(&config, "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = \"tokens.cfg\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[tokens]]\nsource = \"tokens.cfg\"\n",
+    )
+    .unwrap();
     let (code, out, err) = run_to_end(&["check", config.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(": OK"), "{out}");
     let skipped: Vec<&str> = err.lines().filter(|l| l.contains("WARN") && l.contains("tokens.cfg:")).collect();
     assert_eq!(skipped.len(), 2, "{err}");
     assert!(skipped[0].contains("tokens.cfg:2") && skipped[1].contains("tokens.cfg:3"), "{err}");
+}
+
+/// The manual page holds what `--help` says of every command (the agent's options included: it
+/// pointed to pages such as wsbridge-agent(1) that nothing made), its examples as written (not
+/// filled into a paragraph), and the exit codes.
+#[tokio::test]
+async fn the_manual_page_holds_every_command_and_the_exit_codes() {
+    let (code, man, err) = run_to_end(&["man"]).await;
+    assert_eq!(code, 0, "{err}");
+    for needle in [
+        ".SH \"WSBRIDGE AGENT\"",
+        "\\-\\-secret\\-file",
+        "\\-\\-new\\-secret",
+        ".SH \"WSBRIDGE CHECK\"",
+        ".SH \"EXIT STATUS\"",
+        "Examples:\n.nf\n",
+    ] {
+        assert!(man.contains(needle), "{needle:?} not in the manual page");
+    }
+    assert!(!man.contains("wsbridge\\-agent(1)"), "a page that is not made");
 }

@@ -167,6 +167,21 @@ async fn certificate_errors_name_the_file_and_the_problem() {
     std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").unwrap();
     let e = load_err(&garbage, Some(&a.key));
     assert!(e.starts_with(&format!("{}: invalid PEM", garbage.display())), "{e}");
+    // A key with a passphrase (openssl's `-aes256`): said so, with how to decrypt it.
+    let encrypted = d.join("encrypted.key");
+    let out = std::process::Command::new("openssl")
+        .args(["pkcs8", "-topk8", "-v2", "aes256", "-passout", "pass:secret", "-in"])
+        .arg(&a.key)
+        .arg("-out")
+        .arg(&encrypted)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = load_err(&a.cert, Some(&encrypted));
+    assert!(
+        e.starts_with(&format!("{}: the private key is encrypted", encrypted.display())) && e.contains("openssl pkey"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
