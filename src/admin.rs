@@ -396,26 +396,16 @@ impl Admin {
         )
     }
 
-    /// Sets the seconds left on each listener's certificate, read from its file now: the file is
-    /// what a reload would put in service, and a scrape every few seconds reads a small file.
+    /// Sets the seconds left on each listener's certificate in service (not the file on disk: a
+    /// renewal whose reload failed leaves the old certificate in service, and an alert on the
+    /// file's dates would go quiet just when the one clients see runs out).
     async fn refresh_certificates(&self) {
-        let listeners = self.bridge.tls_listeners();
-        if listeners.is_empty() {
-            return;
-        }
-        let metrics = self.bridge.metrics().clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            for l in &listeners {
-                let files = std::iter::once(&l.settings.default).chain(l.settings.sni.iter().map(|(_, f)| f));
-                for f in files {
-                    if let Some(not_after) = not_after(&f.cert) {
-                        metrics.certificate_expiry(&f.cert.display().to_string(), (not_after - now) as f64);
-                    }
-                }
+        let metrics = self.bridge.metrics();
+        for l in self.bridge.tls_listeners() {
+            for (file, left) in l.expiry() {
+                metrics.certificate_expiry(&file.display().to_string(), left as f64);
             }
-        })
-        .await;
+        }
     }
 }
 
@@ -458,13 +448,6 @@ fn sessions_json(metrics: &crate::metrics::Metrics) -> String {
     let mut body = serde_json::to_string(&entries).unwrap_or_else(|_| "[]".to_owned());
     body.push('\n');
     body
-}
-
-/// The notAfter (Unix seconds) of the first certificate in a PEM file.
-fn not_after(path: &std::path::Path) -> Option<i64> {
-    let certs = crate::tls::load_certs(path).ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
-    Some(cert.validity().not_after.timestamp())
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";

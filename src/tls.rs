@@ -167,10 +167,39 @@ impl ResolvesServerCert for SniResolver {
 /// # Errors
 /// The first file or setting that cannot be used.
 pub fn server_config(s: &TlsSettings) -> Result<rustls::ServerConfig, TlsError> {
+    built(s).map(|(config, _)| config)
+}
+
+/// The certificates a listener's config serves: each file and its leaf's validity.
+type Served = Vec<(PathBuf, Option<Validity>)>;
+
+/// A certificate's validity, Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// notBefore.
+    pub not_before: i64,
+    /// notAfter.
+    pub not_after: i64,
+}
+
+impl Validity {
+    fn of(key: &CertifiedKey) -> Option<Validity> {
+        let (_, cert) = x509_parser::parse_x509_certificate(key.cert.first()?.as_ref()).ok()?;
+        Some(Validity {
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+}
+
+/// [`server_config`], and the certificates it serves.
+fn built(s: &TlsSettings) -> Result<(rustls::ServerConfig, Served), TlsError> {
     let default = load_certified_key(&s.default)?;
+    let mut served = vec![(s.default.cert.clone(), Validity::of(&default))];
     let mut by_name = HashMap::new();
     for (names, files) in &s.sni {
         let key = load_certified_key(files)?;
+        served.push((files.cert.clone(), Validity::of(&key)));
         for n in names {
             by_name.insert(n.to_ascii_lowercase(), key.clone());
         }
@@ -202,7 +231,34 @@ pub fn server_config(s: &TlsSettings) -> Result<rustls::ServerConfig, TlsError> 
     // (rustls resumes with a fresh key exchange only); a TLS 1.2 ticket holds the session's master
     // secret under the ticket key, for up to its 12 hours' life.
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
-    Ok(config)
+    Ok((config, served))
+}
+
+/// Warns of each certificate put in service that clients will refuse for its dates: expired,
+/// or not valid yet (a clock that is wrong, or a certificate issued for later).
+fn warn_of_dates(served: &Served) {
+    let now = unix_now();
+    for (file, validity) in served {
+        match validity {
+            Some(v) if v.not_after < now => tracing::warn!(
+                cert = %file.display(),
+                expired_seconds_ago = now - v.not_after,
+                "TLS certificate in service has expired: clients will refuse it"
+            ),
+            Some(v) if v.not_before > now => tracing::warn!(
+                cert = %file.display(),
+                valid_in_seconds = v.not_before - now,
+                "TLS certificate in service is not valid yet: clients will refuse it (is this machine's clock right?)"
+            ),
+            _ => {}
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A file's identity and version: device, inode, size, modification time.
@@ -235,6 +291,8 @@ pub struct TlsListener {
     /// The settings the files were read with.
     pub settings: TlsSettings,
     current: RwLock<Arc<rustls::ServerConfig>>,
+    /// The certificates `current` serves, with their dates.
+    served: RwLock<Served>,
     stamp: Mutex<Vec<Option<FileStamp>>>,
 }
 
@@ -245,12 +303,33 @@ impl TlsListener {
     /// A [`TlsError`] naming the file and the problem.
     pub fn load(settings: TlsSettings) -> Result<TlsListener, TlsError> {
         let stamp = files_stamp(&settings);
-        let config = server_config(&settings)?;
+        let (config, served) = built(&settings)?;
+        warn_of_dates(&served);
         Ok(TlsListener {
             settings,
             current: RwLock::new(Arc::new(config)),
+            served: RwLock::new(served),
             stamp: Mutex::new(stamp),
         })
+    }
+
+    /// Each certificate in service (its file) and the seconds left before its notAfter (less
+    /// than 0 once expired): what clients are shown now, whatever the files hold since (a
+    /// renewal whose reload failed leaves the old certificate in service).
+    pub fn expiry(&self) -> Vec<(PathBuf, i64)> {
+        let now = unix_now();
+        let served = self.served.read().unwrap_or_else(|p| p.into_inner());
+        served
+            .iter()
+            .filter_map(|(file, v)| v.map(|v| (file.clone(), v.not_after - now)))
+            .collect()
+    }
+
+    /// Puts a config in service with the certificates it serves.
+    fn serve(&self, config: rustls::ServerConfig, served: Served) {
+        warn_of_dates(&served);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.served.write().unwrap_or_else(|p| p.into_inner()) = served;
     }
 
     /// An acceptor with the config in force now.
@@ -264,8 +343,8 @@ impl TlsListener {
     /// The new files cannot be used.
     pub fn reload(&self) -> Result<(), TlsError> {
         let stamp = files_stamp(&self.settings);
-        let config = server_config(&self.settings)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        let (config, served) = built(&self.settings)?;
+        self.serve(config, served);
         *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
         Ok(())
     }
@@ -281,9 +360,9 @@ impl TlsListener {
             // Remember this state even if loading fails, so a broken file is reported once.
             *seen = now;
         }
-        match server_config(&self.settings) {
-            Ok(config) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        match built(&self.settings) {
+            Ok((config, served)) => {
+                self.serve(config, served);
                 crate::metrics::certificate_reloaded(&self.settings.default.cert, self.settings.default.key.as_deref(), true, true);
                 tracing::info!(cert = %self.settings.default.cert.display(), "TLS certificate files changed: reloaded");
             }

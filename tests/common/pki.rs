@@ -89,6 +89,17 @@ impl Pki {
         self.issue(file, params, alg)
     }
 
+    /// [`Pki::server`] valid only between two dates (year, month, day): an expired one, or one
+    /// not valid yet.
+    pub fn server_dated(&self, file: &str, names: &[&str], not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> Issued {
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        self.issue(file, params, &rcgen::PKCS_ECDSA_P256_SHA256)
+    }
+
     /// A client certificate with this common name.
     pub fn client(&self, file: &str, cn: &str) -> Issued {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();

@@ -556,6 +556,59 @@ async fn tls_handshakes_and_the_certificate_expiry_are_exported() {
     assert!((got - expected).abs() < 120.0, "expiry {got} s, the certificate says {expected} s");
 }
 
+/// The expiry exported is the certificate's in service, not the file's: a renewal that wrote a
+/// new certificate but left the old key beside it fails its reload, the old certificate stays
+/// in service, and the metric goes on saying when that one runs out (it said the new file's 30
+/// days while clients were shown a certificate that had expired: found by a TLS review). Once a
+/// reload puts the new pair in service, its dates are exported.
+#[tokio::test]
+async fn the_certificate_expiry_is_the_one_in_service() {
+    use crate::common::pki::*;
+    let pki = Pki::new("admin test CA");
+    let old = pki.server_dated("server", &["localhost"], (2019, 1, 1), (2020, 1, 2));
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.listeners.push(wsbridge::config::ListenerConfig {
+        tls: Some(wsbridge::tls::TlsSettings {
+            watch: None,
+            ..wsbridge::tls::TlsSettings::new(wsbridge::tls::CertFiles {
+                cert: old.cert.clone(),
+                key: Some(old.key.clone()),
+            })
+        }),
+        ..wsbridge::config::ListenerConfig::new("127.0.0.1:0".parse().unwrap())
+    });
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _stop) = start_admin(&bridge, None).await;
+    let label = old.cert.display().to_string();
+    let expiry = |m: &prometheus_parse::Scrape| value(m, "wsbridge_certificate_expiry_seconds", &[("cert", label.as_str())]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    let expired_at = 1_577_923_200.0; // 2020-01-02T00:00:00Z
+    let m = scrape_until(admin_addr, "the expiry", |m| {
+        m.samples.iter().any(|s| s.metric == "wsbridge_certificate_expiry_seconds")
+    })
+    .await;
+    assert!((expiry(&m) - (expired_at - now)).abs() < 120.0, "{}", expiry(&m));
+    // Half a renewal: a new certificate (valid for years), its key not written yet.
+    let renewer = Pki::new("admin test CA 2");
+    let renewed = renewer.server("renewed", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    std::fs::copy(&renewed.cert, &old.cert).unwrap();
+    assert!(
+        !bridge.bridge.reload_tls().is_empty(),
+        "the old key does not match the new certificate"
+    );
+    let m = scrape_until(admin_addr, "a scrape", |_| true).await;
+    assert!(expiry(&m) < 0.0, "the expired certificate is still in service: {}", expiry(&m));
+    // The key follows: the new pair is in service, and its dates are exported.
+    std::fs::copy(&renewed.key, &old.key).unwrap();
+    assert!(bridge.bridge.reload_tls().is_empty());
+    let m = scrape_until(admin_addr, "a scrape", |_| true).await;
+    assert!(expiry(&m) > 365.0 * 86400.0, "{}", expiry(&m));
+}
+
 #[tokio::test]
 async fn the_binary_serves_the_admin_endpoints_with_admin_addr() {
     use crate::common::binary::{Binary, BIN};

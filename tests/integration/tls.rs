@@ -759,3 +759,32 @@ async fn a_version_1_client_certificate_is_refused_with_a_reason_that_says_what_
     let line = bridge.line("TLS handshake failed").await;
     assert!(line.contains("X.509 version 1") && line.contains("-extfile"), "{line}");
 }
+
+/// A certificate put in service that clients will refuse for its dates is warned of at start
+/// (and at each reload that puts one in service): expired, or not valid yet. It started
+/// silently before (found by a TLS review); the expiry metric was the only sign.
+#[tokio::test]
+async fn an_expired_or_future_certificate_is_warned_of_at_start() {
+    let pki = Pki::new("test CA");
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    for (cert, words) in [
+        (pki.server_dated("old", &["localhost"], (2019, 1, 1), (2020, 1, 2)), "has expired"),
+        (
+            pki.server_dated("future", &["localhost"], (2090, 1, 1), (2091, 1, 1)),
+            "is not valid yet",
+        ),
+    ] {
+        let mut bridge = binary::Binary::spawn(&[
+            "--cert",
+            cert.cert.to_str().unwrap(),
+            "--key",
+            cert.key.to_str().unwrap(),
+            "127.0.0.1:0",
+            &target,
+        ])
+        .await;
+        let line = bridge.line("TLS certificate in service").await;
+        assert!(line.contains("WARN") && line.contains(words), "{line}");
+    }
+}
