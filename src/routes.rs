@@ -398,6 +398,10 @@ impl RouteTable {
             if let Some(r) = self.lookup_sources(TokenLookup::Host, &host).await? {
                 return Ok(r);
             }
+            // With host tokens, the miss is the host's (the log said "no route for path /").
+            if self.any_path.is_none() && self.takes_host_tokens() {
+                return Err(Miss::Token(format!("(host) {}", redact(&host))));
+            }
         }
         self.any_path.clone().ok_or_else(|| Miss::Path(path.chars().take(200).collect()))
     }
