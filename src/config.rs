@@ -540,15 +540,33 @@ impl Config {
     /// [`ConfigError`] naming the file, line and field.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.clone(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let ctx = Ctx {
             file: &file,
             text,
             base: &base,
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            // One `[agent]` table is an agent's own file (a server declares `[[agent]]` tables).
+            Err(_)
+                if text
+                    .parse::<toml::Table>()
+                    .is_ok_and(|t| t.get("agent").is_some_and(toml::Value::is_table)) =>
+            {
+                return Err(ConfigError::Invalid {
+                    file: file.clone(),
+                    line: ctx.line_of("[agent]"),
+                    field: "agent".into(),
+                    message: "this is an agent's file (one [agent] table): run it with `wsbridge agent --config FILE`".into(),
+                })
+            }
+            Err(e) => {
+                return Err(ConfigError::Parse {
+                    file: file.clone(),
+                    message: e.to_string().trim_end().to_owned(),
+                })
+            }
         };
         raw.validate(&ctx)
     }
@@ -790,7 +808,8 @@ impl Limits {
 }
 
 impl RouteOptions {
-    /// `framing`, `subprotocols`, `max_message_size`, and `max_sessions` and `client_cn` where set.
+    /// `framing`, `subprotocols`, `max_message_size`, and `max_sessions`, `client_cn`,
+    /// `backend_tls`, `record` and the policy where set.
     pub fn describe(&self) -> String {
         let mut out = format!(
             "framing = \"{}\", subprotocols = {}, max_message_size = \"{}\"",
@@ -803,6 +822,9 @@ impl RouteOptions {
         }
         if let Some(names) = &self.client_cn {
             let _ = write!(out, ", client_cn = {}", toml_strs(names));
+        }
+        if let Some(b) = &self.backend_tls {
+            let _ = write!(out, ", backend_tls = {}", b.describe());
         }
         if let Some(r) = &self.record {
             let prefix = r.prefix.display().to_string();
@@ -901,8 +923,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The error for `field` at `span`. A span that is a whole table's (it starts at a header
+    /// such as `[[route]]`: the checks that need several of its values have no one value's span)
+    /// points at the line where the table writes the field ([`field_line`]), where it writes it.
     fn invalid<T>(&self, span: std::ops::Range<usize>, field: String, message: impl Into<String>) -> Result<T, ConfigError> {
         let line = self.text.get(..span.start).map(|t| t.matches('\n').count() + 1);
+        let line = line.map(|l| field_line(self.text, l, &field).unwrap_or(l));
         Err(ConfigError::Invalid {
             file: self.file.to_owned(),
             line,
@@ -926,28 +952,162 @@ impl Ctx<'_> {
     }
 }
 
+/// The 1-based line where the table whose header stands on line `header` writes `field` (a
+/// dotted path from the top, `route[0].auth.bearer_file`, `listen[1].tls.sni[0].cert`): each
+/// part after the table's own is looked for from where the one before it was found, as a key
+/// (`bearer_file = …`, also inside an inline table) or a sub-table's header
+/// (`[[listen.tls.sni]]`, the `[j]`th of them). `None` when `header` is not a header, or the
+/// table does not write the field's first part (a field that is missing, or the table itself).
+fn field_line(text: &str, header: usize, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let h = header.checked_sub(1)?;
+    let table = header_name(lines.get(h)?)?;
+    // The table runs to the next header that is not one of its sub-tables.
+    let end = (h + 1..lines.len())
+        .find(|&i| header_name(lines[i]).is_some_and(|n| !n.starts_with(&format!("{table}."))))
+        .unwrap_or(lines.len());
+    let parts: Vec<&str> = field.split('.').skip(table.split('.').count()).collect();
+    let mut found = None;
+    let mut from = h + 1;
+    for part in parts {
+        let (key, index) = match part.split_once('[') {
+            Some((key, rest)) => (key, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let headers: Vec<usize> = (from..end)
+            .filter(|&i| header_name(lines[i]).is_some_and(|n| n.rsplit('.').next() == Some(key)))
+            .collect();
+        let at = match index.and_then(|j| headers.get(j)) {
+            Some(&i) => i,
+            None => match (from..end).find(|&i| names_key(lines[i], key) || headers.contains(&i)) {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        found = Some(at + 1);
+        from = at;
+    }
+    found
+}
+
+/// The name in a table header line (`route` in `[[route]]`, `listen.tls` in `[listen.tls]`).
+fn header_name(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let inner = line.strip_prefix("[[").or_else(|| line.strip_prefix('['))?;
+    let name = inner[..inner.find(']')?].trim();
+    let bare = |c: char| c.is_ascii_alphanumeric() || "_-. ".contains(c);
+    (!name.is_empty() && name.chars().all(bare)).then_some(name)
+}
+
+/// Whether a line assigns `key` (`key = …`, also after `{` or `,` in an inline table), outside
+/// a comment.
+fn names_key(line: &str, key: &str) -> bool {
+    let line = line.split('#').next().unwrap_or("");
+    line.match_indices(key).any(|(at, _)| {
+        let before = line[..at].trim_end().chars().next_back();
+        let after = line[at + key.len()..].trim_start();
+        matches!(before, None | Some('{' | ',')) && after.starts_with('=') && !after.starts_with("==")
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::listen")]
     listen: Vec<Spanned<RawListener>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::route")]
     route: Vec<Spanned<RawRoute>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::tokens")]
     tokens: Vec<Spanned<RawTokens>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::timeouts")]
     timeouts: RawTimeouts,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::limits")]
     limits: RawLimits,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::log")]
     log: RawLog,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::agent")]
     agent: Vec<Spanned<crate::agent::RawAgentDecl>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::agent_endpoint")]
     agent_endpoint: Vec<Spanned<crate::agent::RawEndpoint>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shape::agents")]
     agents: Vec<Spanned<crate::agent::RawFleet>>,
+    #[serde(default, deserialize_with = "shape::admin")]
     admin: Option<admin::RawAdmin>,
+}
+
+/// The file's tables in the shape each takes: `[[route]]` (a list, one table for each) or
+/// `[timeouts]` (one table). Written the other way, serde's message would be "invalid type: map,
+/// expected a sequence"; these say which brackets to write.
+mod shape {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    /// `[[NAME]]` tables.
+    fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D, name: &'static str) -> Result<Vec<T>, D::Error> {
+        struct V<T>(&'static str, PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "[[{}]] tables", self.0)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(t) = seq.next_element()? {
+                    out.push(t);
+                }
+                Ok(out)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Vec<T>, A::Error> {
+                Err(de::Error::custom(format!(
+                    "write [[{0}]], with two brackets: there may be several, one [[{0}]] table for each",
+                    self.0
+                )))
+            }
+        }
+        d.deserialize_seq(V(name, PhantomData))
+    }
+
+    /// One `[NAME]` table.
+    fn one<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D, name: &'static str) -> Result<T, D::Error> {
+        struct V<T>(&'static str, PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a [{}] table", self.0)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+                Err(de::Error::custom(format!(
+                    "write [{0}], with one bracket: there is one [{0}] table",
+                    self.0
+                )))
+            }
+        }
+        d.deserialize_map(V(name, PhantomData))
+    }
+
+    macro_rules! shapes {
+        ($($f:ident: $how:ident),* $(,)?) => {$(
+            pub(super) fn $f<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<shapes!(@ty $how T), D::Error> {
+                shapes!(@call $how d stringify!($f))
+            }
+        )*};
+        (@ty list $t:ident) => { Vec<$t> };
+        (@ty one $t:ident) => { $t };
+        (@ty maybe $t:ident) => { Option<$t> };
+        (@call list $d:ident $name:expr) => { list($d, $name) };
+        (@call one $d:ident $name:expr) => { one($d, $name) };
+        (@call maybe $d:ident $name:expr) => { one($d, $name).map(Some) };
+    }
+
+    shapes! {
+        listen: list, route: list, tokens: list, agent: list, agent_endpoint: list, agents: list,
+        timeouts: one, limits: one, log: one, admin: maybe,
+    }
 }
 
 #[derive(Deserialize)]
@@ -1028,16 +1188,16 @@ struct RawRoute {
     framing: Option<Framing>,
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
-    max_sessions: Option<usize>,
+    max_sessions: Option<Count<usize>>,
     client_cn: Option<Vec<String>>,
     backend_tls: Option<RawBackendTls>,
     origins: Option<Vec<policy::RuleDe>>,
     require_origin: Option<bool>,
     allow: Option<Vec<policy::NetDe>>,
     deny: Option<Vec<policy::NetDe>>,
-    max_sessions_per_ip: Option<u32>,
+    max_sessions_per_ip: Option<Count<u32>>,
     new_sessions_per_ip: Option<policy::RateDe>,
-    new_sessions_burst: Option<u32>,
+    new_sessions_burst: Option<Count<u32>>,
     auth: Option<policy::RawAuth>,
     proxy_protocol: Option<crate::proxy::Version>,
     record: Option<PathBuf>,
@@ -1060,16 +1220,16 @@ struct RawTokens {
     framing: Option<Framing>,
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
-    max_sessions: Option<usize>,
+    max_sessions: Option<Count<usize>>,
     client_cn: Option<Vec<String>>,
     backend_tls: Option<RawBackendTls>,
     origins: Option<Vec<policy::RuleDe>>,
     require_origin: Option<bool>,
     allow: Option<Vec<policy::NetDe>>,
     deny: Option<Vec<policy::NetDe>>,
-    max_sessions_per_ip: Option<u32>,
+    max_sessions_per_ip: Option<Count<u32>>,
     new_sessions_per_ip: Option<policy::RateDe>,
-    new_sessions_burst: Option<u32>,
+    new_sessions_burst: Option<Count<u32>>,
     auth: Option<policy::RawAuth>,
     proxy_protocol: Option<crate::proxy::Version>,
     record: Option<PathBuf>,
@@ -1097,9 +1257,9 @@ struct RawLimits {
     max_connections: Option<AtLeastOne>,
     max_connections_per_ip: Option<AtLeastOne>,
     max_message_size: Option<Size>,
-    max_sessions_per_ip: Option<u32>,
+    max_sessions_per_ip: Option<Count<u32>>,
     new_sessions_per_ip: Option<policy::RateDe>,
-    new_sessions_burst: Option<u32>,
+    new_sessions_burst: Option<Count<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1125,9 +1285,7 @@ impl<'de> Deserialize<'de> for LogSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = match NumOrString::deserialize(d)? {
             NumOrString::S(s) if s.trim() == "off" => return Ok(LogSize(None)),
-            NumOrString::S(s) => parse_size(&s).map_err(de::Error::custom)?,
-            NumOrString::Int(n) => usize::try_from(n).map_err(de::Error::custom)?,
-            NumOrString::Float(_) => return Err(de::Error::custom("a size is a whole number of bytes")),
+            written => written.size().map_err(de::Error::custom)?,
         };
         if n < LogSize::MIN {
             return Err(de::Error::custom(format!(
@@ -1225,15 +1383,20 @@ impl RawLimits {
         if let Some(s) = self.max_message_size {
             limits.max_message_size = s.0;
         }
-        limits.per_ip =
-            policy::per_ip(self.max_sessions_per_ip, self.new_sessions_per_ip, self.new_sessions_burst).map_err(|(field, message)| {
-                ConfigError::Invalid {
-                    file: ctx.file.to_owned(),
-                    line: ctx.line_of("[limits]"),
-                    field: format!("limits.{field}"),
-                    message,
-                }
-            })?;
+        limits.per_ip = policy::per_ip(
+            self.max_sessions_per_ip.map(|n| n.0),
+            self.new_sessions_per_ip,
+            self.new_sessions_burst.map(|n| n.0),
+        )
+        .map_err(|(field, message)| {
+            let field = format!("limits.{field}");
+            ConfigError::Invalid {
+                file: ctx.file.to_owned(),
+                line: ctx.line_of("[limits]").map(|l| field_line(ctx.text, l, &field).unwrap_or(l)),
+                field,
+                message,
+            }
+        })?;
         Ok(())
     }
 }
@@ -1283,6 +1446,9 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             }
         }
         let tls = l.tls.map(|t| t.resolve(ctx));
+        if let Some(Err((field, message))) = tls.as_ref().map(TlsSettings::check_files) {
+            return ctx.invalid(span, format!("listen[{i}].tls.{field}"), message);
+        }
         let web_auth = web_auth(i, span.clone(), l.web_auth, l.web_client_cn, web.is_some(), tls.as_ref(), ctx)?;
         listeners.push(ListenerConfig {
             addr,
@@ -1359,23 +1525,24 @@ macro_rules! route_options {
             require_origin: $t.require_origin,
             allow: $t.allow,
             deny: $t.deny,
-            max_sessions_per_ip: $t.max_sessions_per_ip,
+            max_sessions_per_ip: $t.max_sessions_per_ip.map(|n| n.0),
             new_sessions_per_ip: $t.new_sessions_per_ip,
-            new_sessions_burst: $t.new_sessions_burst,
+            new_sessions_burst: $t.new_sessions_burst.map(|n| n.0),
             auth: $t.auth,
             proxy_protocol: $t.proxy_protocol,
         }
         .resolve(&|p| $ctx.resolve(p))
         .or_else(|(field, message)| $ctx.invalid($span.clone(), format!(concat!($table, "[{}].{}"), $i, field), message))?;
+        let backend_tls = $t.backend_tls.map(|b| b.resolve($ctx));
         let record = record_config($t.record, $t.record_max_size, $ctx)
             .or_else(|(field, message)| $ctx.invalid($span.clone(), format!(concat!($table, "[{}].{}"), $i, field), message))?;
         RawRouteOptions {
             framing: $t.framing,
             subprotocols: $t.subprotocols,
             max_message_size: $t.max_message_size,
-            max_sessions: $t.max_sessions,
+            max_sessions: $t.max_sessions.map(|n| n.0),
             client_cn: $t.client_cn,
-            backend_tls: $t.backend_tls.map(|b| b.resolve($ctx)),
+            backend_tls,
             policy,
             record,
         }
@@ -1406,6 +1573,9 @@ fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>)
         }
         if options.backend_tls.is_some() && matches!(r.target, Target::Unix(_)) {
             return ctx.invalid(span, format!("route[{i}].backend_tls"), "TLS is for TCP targets, not unix sockets");
+        }
+        if let Some(Err((field, message))) = options.backend_tls.as_ref().map(BackendTlsSettings::check_files) {
+            return ctx.invalid(span, format!("route[{i}].backend_tls.{field}"), message);
         }
         routes.push(RouteConfig {
             matcher,
@@ -1588,6 +1758,9 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
             );
         }
         let options = route_options!(t, "tokens", i, span, ctx, defaults);
+        if let Some(Err((field, message))) = options.backend_tls.as_ref().map(BackendTlsSettings::check_files) {
+            return ctx.invalid(span, format!("tokens[{i}].backend_tls.{field}"), message);
+        }
         sources.push(TokenSourceConfig {
             path,
             jwt,
@@ -1626,6 +1799,19 @@ impl RawBackendTls {
             ca: self.ca.map(|c| ctx.resolve(&c)),
             insecure_skip_verify: self.insecure_skip_verify,
         }
+    }
+}
+
+/// Checks that a file the configuration names can be read now, so that a missing one is
+/// reported at the line that names it (what is in it is for its reader to check).
+///
+/// # Errors
+/// The file and what the system says.
+fn readable(path: &Path) -> Result<(), String> {
+    match std::fs::File::open(path).and_then(|f| f.metadata()) {
+        Ok(m) if m.is_dir() => Err(format!("{} is a directory, not a file", path.display())),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
@@ -1790,15 +1976,14 @@ where
     D: Deserializer<'de>,
     T: FromStr<Err = String>,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum PortOrString {
-        Port(u16),
-        S(String),
-    }
-    match PortOrString::deserialize(d)? {
-        PortOrString::Port(p) => Ok(port(p)),
-        PortOrString::S(s) => s.parse().map_err(de::Error::custom),
+    match NumOrString::deserialize(d)? {
+        NumOrString::Int(n) => u16::try_from(n)
+            .map(port)
+            .map_err(|_| de::Error::custom(format!("{n} is not a port (0-65535): write PORT, \"IP:PORT\" or \"[IPv6]:PORT\""))),
+        NumOrString::Float(f) => Err(de::Error::custom(format!(
+            "{f} is not a port: write PORT, \"IP:PORT\" or \"[IPv6]:PORT\""
+        ))),
+        NumOrString::S(s) => s.parse().map_err(de::Error::custom),
     }
 }
 
@@ -1930,22 +2115,66 @@ pub fn at_most_a_year(d: Duration) -> Result<Duration, String> {
     Ok(d)
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A number or a string, as the file writes a duration or a size (`30`, `"30s"`, `"64KiB"`).
 enum NumOrString {
-    Int(u64),
+    Int(i64),
     Float(f64),
     S(String),
+}
+
+impl<'de> Deserialize<'de> for NumOrString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = NumOrString;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number or a string such as \"10s\" or \"64KiB\"")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<NumOrString, E> {
+                Ok(NumOrString::Int(n))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<NumOrString, E> {
+                i64::try_from(n)
+                    .map(NumOrString::Int)
+                    .map_err(|_| E::custom(format!("{n} is too large")))
+            }
+            fn visit_f64<E: de::Error>(self, f: f64) -> Result<NumOrString, E> {
+                Ok(NumOrString::Float(f))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<NumOrString, E> {
+                Ok(NumOrString::S(s.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl NumOrString {
     /// The duration written: seconds as a number, or a string as [`parse_duration`] reads it;
     /// at most [`MAX_DURATION`].
     fn duration(self) -> Result<Duration, String> {
+        let what = "a duration is e.g. \"10s\", \"500ms\", \"5m\" or a number of seconds";
         match self {
-            NumOrString::Int(n) => at_most_a_year(Duration::from_secs(n)),
-            NumOrString::Float(f) => Duration::try_from_secs_f64(f).map_err(|e| e.to_string()).and_then(at_most_a_year),
+            NumOrString::Int(n) => match u64::try_from(n) {
+                Ok(n) => at_most_a_year(Duration::from_secs(n)),
+                Err(_) => Err(format!("{n} is negative: {what}")),
+            },
+            NumOrString::Float(f) if f.is_nan() || f < 0.0 => Err(format!("{f} is not a number of seconds: {what}")),
+            NumOrString::Float(f) => Duration::try_from_secs_f64(f)
+                .map_err(|_| format!("{f} s is more than a year, the longest duration accepted"))
+                .and_then(at_most_a_year),
             NumOrString::S(s) => parse_duration(&s),
+        }
+    }
+
+    /// The size written: bytes as a whole number, or a string as [`parse_size`] reads it
+    /// (`"off"` is the caller's to take first).
+    fn size(self) -> Result<usize, String> {
+        let what = "a size is a whole number of bytes, or e.g. \"64KiB\", \"1MiB\"";
+        match self {
+            NumOrString::Int(n) => usize::try_from(n).map_err(|_| format!("{n} is negative: {what}")),
+            NumOrString::Float(f) => Err(format!("{f} is not a whole number: {what}")),
+            NumOrString::S(s) => parse_size(&s),
         }
     }
 }
@@ -1976,10 +2205,32 @@ struct AtLeastOne(usize);
 
 impl<'de> Deserialize<'de> for AtLeastOne {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match usize::deserialize(d)? {
+        match Count::<usize>::deserialize(d)?.0 {
             0 => Err(de::Error::custom("must be at least 1 (0 would refuse every connection)")),
             n => Ok(AtLeastOne(n)),
         }
+    }
+}
+
+/// A whole number of something (sessions, connections), 0 or more: serde's own messages for a
+/// `usize` or a `u32` (`expected usize`) name a Rust type rather than what to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Count<T>(pub T);
+
+impl<'de, T: TryFrom<u64>> Deserialize<'de> for Count<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let not = |written: &dyn fmt::Display| de::Error::custom(format!("must be a whole number ≥ 0, not {written}"));
+        let n = match NumOrString::deserialize(d)? {
+            NumOrString::Int(n) => u64::try_from(n).map_err(|_| not(&n))?,
+            NumOrString::Float(f) => return Err(not(&f)),
+            NumOrString::S(s) if s.trim().parse::<u64>().is_ok() => {
+                return Err(de::Error::custom(format!("{s:?} is a string: write the number without quotes")))
+            }
+            NumOrString::S(s) => return Err(not(&format!("{s:?}"))),
+        };
+        T::try_from(n)
+            .map(Count)
+            .map_err(|_| de::Error::custom(format!("{n} is too large")))
     }
 }
 
@@ -2030,9 +2281,8 @@ pub fn parse_message_size(s: &str) -> Result<Option<usize>, String> {
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = match NumOrString::deserialize(d)? {
-            NumOrString::Int(n) => usize::try_from(n).map_err(de::Error::custom)?,
-            NumOrString::Float(_) => return Err(de::Error::custom("a size is a whole number of bytes")),
             NumOrString::S(s) => return parse_message_size(&s).map(Size).map_err(de::Error::custom),
+            written => written.size().map_err(de::Error::custom)?,
         };
         check_message_size(n).map(|n| Size(Some(n))).map_err(de::Error::custom)
     }
@@ -2322,7 +2572,7 @@ mod tests {
         assert_eq!(
             msg,
             format!(
-                "test.toml:5: tokens[1].source: {} is already a token source with lookup = \"query\"",
+                "test.toml:6: tokens[1].source: {} is already a token source with lookup = \"query\"",
                 file.display()
             )
         );
@@ -2330,11 +2580,11 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_mistake_names_its_table_line_and_field() {
+    fn a_policy_mistake_names_its_line_and_field() {
         let msg = parse("[[listen]]\naddr = 1\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nnew_sessions_burst = 3\n")
             .unwrap_err()
             .to_string();
-        assert_eq!(msg, "test.toml:3: route[0].new_sessions_burst: goes with new_sessions_per_ip");
+        assert_eq!(msg, "test.toml:6: route[0].new_sessions_burst: goes with new_sessions_per_ip");
         let file = std::env::temp_dir().join(format!("wsbridge-policy-tokens-{}", std::process::id()));
         std::fs::write(&file, "a: 127.0.0.1:1\n").unwrap();
         let text = format!(
@@ -2342,7 +2592,7 @@ mod tests {
             file.display().to_string()
         );
         let msg = parse(&text).unwrap_err().to_string();
-        assert_eq!(msg, "test.toml:3: tokens[0].auth.bearer: needs one or more tokens, none empty");
+        assert_eq!(msg, "test.toml:5: tokens[0].auth.bearer: needs one or more tokens, none empty");
         let _ = std::fs::remove_file(&file);
     }
 
@@ -2359,7 +2609,7 @@ mod tests {
         let msg = parse("[[listen]]\naddr = 1\n[[route]]\npath = \"/\"\ntarget = \"unix:/s\"\nbackend_tls = { ca = \"ca.pem\" }\n")
             .unwrap_err()
             .to_string();
-        assert_eq!(msg, "test.toml:3: route[0].backend_tls: TLS is for TCP targets, not unix sockets");
+        assert_eq!(msg, "test.toml:6: route[0].backend_tls: TLS is for TCP targets, not unix sockets");
     }
 
     #[test]
@@ -2370,23 +2620,47 @@ mod tests {
         assert!(msg.contains("route[0]") && msg.contains("exactly one of"), "{msg}");
     }
 
+    /// A directory with files that look like PEM certificates (`certs`) and keys (`keys`; a
+    /// name in both holds both): enough for the configuration's checks, which read labels only.
+    pub(crate) fn pem_files(certs: &[&str], keys: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in certs.iter().chain(keys) {
+            let mut text = String::new();
+            if certs.contains(name) {
+                text.push_str("-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n");
+            }
+            if keys.contains(name) {
+                text.push_str("-----BEGIN PRIVATE KEY-----\nMA==\n-----END PRIVATE KEY-----\n");
+            }
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        dir
+    }
+
     #[test]
     fn tls_tables() {
+        let dir = pem_files(
+            &["live/fullchain.pem", "ca.pem", "a.pem", "backend-ca.pem"],
+            &["privkey.pem", "a.pem"],
+        );
+        let key = dir.path().join("privkey.pem");
         let c = Config::from_toml(
-            "[[listen]]\naddr = 443\n[listen.tls]\ncert = \"live/fullchain.pem\"\nkey = \"/abs/privkey.pem\"\nonly = true\nmin_version = \"1.3\"\nclient_ca = \"ca.pem\"\nclient_auth = \"optional\"\nwatch = \"off\"\n[[listen.tls.sni]]\nnames = [\"a.example\"]\ncert = \"a.pem\"\n[[route]]\npath = \"/\"\ntarget = \"vnc:5900\"\nclient_cn = [\"alice\"]\nbackend_tls = { server_name = \"vnc.internal\", ca = \"backend-ca.pem\" }\n",
-            Path::new("/etc/wsbridge/w.toml"),
+            &format!("[[listen]]\naddr = 443\n[listen.tls]\ncert = \"live/fullchain.pem\"\nkey = {:?}\nonly = true\nmin_version = \"1.3\"\nclient_ca = \"ca.pem\"\nclient_auth = \"optional\"\nwatch = \"off\"\n[[listen.tls.sni]]\nnames = [\"a.example\"]\ncert = \"a.pem\"\n[[route]]\npath = \"/\"\ntarget = \"vnc:5900\"\nclient_cn = [\"alice\"]\nbackend_tls = {{ server_name = \"vnc.internal\", ca = \"backend-ca.pem\" }}\n", key.display().to_string()),
+            &dir.path().join("w.toml"),
         )
         .unwrap();
         let tls = c.listeners[0].tls.as_ref().unwrap();
-        assert_eq!(tls.default.cert, Path::new("/etc/wsbridge/live/fullchain.pem"));
-        assert_eq!(tls.default.key.as_deref(), Some(Path::new("/abs/privkey.pem")));
+        assert_eq!(tls.default.cert, dir.path().join("live/fullchain.pem"));
+        assert_eq!(tls.default.key.as_deref(), Some(key.as_path()));
         assert!(tls.only);
         assert_eq!(tls.min_version, MinVersion::Tls13);
         assert_eq!(tls.client_auth, ClientAuth::Optional);
         assert_eq!(tls.watch, None);
         assert_eq!(tls.sni[0].0, vec!["a.example".to_string()]);
         let b = c.routes[0].options.backend_tls.as_ref().unwrap();
-        assert_eq!(b.ca.as_deref(), Some(Path::new("/etc/wsbridge/backend-ca.pem")));
+        assert_eq!(b.ca, Some(dir.path().join("backend-ca.pem")));
         assert!(!b.insecure_skip_verify, "verification stays on unless said otherwise");
         assert_eq!(c.routes[0].options.client_cn, Some(vec!["alice".to_string()]));
         let msg = parse("[[listen]]\naddr = 1\n[listen.tls]\ncert = \"c\"\nmin_version = \"1.1\"\n")
@@ -2456,6 +2730,204 @@ mod tests {
         assert_eq!(parse_unix_mode("600"), Ok(0o600));
         assert_eq!(parse_unix_mode("0o640"), Ok(0o640));
         assert!(parse_unix_mode("1777").is_err() && parse_unix_mode("").is_err() && parse_unix_mode("8").is_err());
+    }
+
+    /// Mistakes found after parsing (a directory or file that is not there, a check across a
+    /// table's fields) point at the line of the field, not at its table's header.
+    #[test]
+    fn a_mistake_found_after_parsing_names_the_fields_own_line() {
+        let dir = pem_files(&["c.pem", "ca.pem"], &["k.pem"]);
+        let err = |text: &str| Config::from_toml(text, &dir.path().join("w.toml")).unwrap_err().to_string();
+        let route = "[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n";
+        let listen = "[[listen]]\naddr = 1\n";
+        for (text, want) in [
+            (format!("[[listen]]\naddr = 1\n\nweb = \"nope\"\n{route}"), "w.toml:4: listen[0].web: "),
+            (format!("{listen}{route}# a comment\nrecord = \"nope/x\"\n"), "w.toml:7: route[0].record: "),
+            (format!("{listen}{route}auth = {{ bearer_file = \"nope.txt\" }}\n"), "w.toml:6: route[0].auth.bearer_file: "),
+            (format!("{listen}{route}auth = {{ htpasswd = \"nope\" }}\n"), "w.toml:6: route[0].auth.htpasswd: "),
+            (
+                format!("{listen}{route}auth = {{ jwt = {{ public_key = \"nope.pem\" }} }}\n"),
+                "w.toml:6: route[0].auth.jwt.public_key: ",
+            ),
+            (format!("{listen}{route}backend_tls = {{ ca = \"nope.pem\" }}\n"), "w.toml:6: route[0].backend_tls.ca: "),
+            (
+                format!("{listen}[listen.tls]\ncert = \"nope.pem\"\nkey = \"k.pem\"\n{route}"),
+                "w.toml:4: listen[0].tls.cert: ",
+            ),
+            (
+                format!("{listen}[listen.tls]\ncert = \"c.pem\"\nkey = \"nope.pem\"\n{route}"),
+                "w.toml:5: listen[0].tls.key: ",
+            ),
+            (
+                format!("{listen}[listen.tls]\ncert = \"c.pem\"\n{route}"),
+                "w.toml:4: listen[0].tls.cert: ",
+            ),
+            (
+                format!("{listen}[listen.tls]\ncert = \"c.pem\"\nkey = \"c.pem\"\n{route}"),
+                "w.toml:5: listen[0].tls.key: ",
+            ),
+            (
+                format!("{listen}[listen.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"k.pem\"\n{route}"),
+                "w.toml:6: listen[0].tls.client_ca: ",
+            ),
+            (
+                format!(
+                    "{listen}[listen.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[listen.tls.sni]]\nnames = [\"a\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                     [[listen.tls.sni]]\nnames = [\"b\"]\ncert = \"c.pem\"\nkey = \"nope.pem\"\n{route}"
+                ),
+                "w.toml:13: listen[0].tls.sni[1].key: ",
+            ),
+            (
+                format!("{listen}[[agent_endpoint]]\npath = \"/agent\"\n[[route]]\npath = \"/a\"\n\ntarget = {{ agent = \"x\", service = \"s\" }}\n"),
+                "w.toml:8: route[0].target: agent \"x\" is not declared",
+            ),
+            (
+                format!("{listen}[[agent]]\nname = \"x\"\n\nsecret_sha256 = \"abc\"\n{route}"),
+                "w.toml:6: agent[0].secret_sha256: ",
+            ),
+            (
+                format!("{listen}{route}[limits]\nmax_message_size = \"1MiB\"\nnew_sessions_burst = 3\n"),
+                "w.toml:8: limits.new_sessions_burst: goes with new_sessions_per_ip",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.starts_with(&format!("{}/{want}", dir.path().display())), "{text}\n{e}");
+        }
+        // What is wrong, in words: no file; no key where one is needed; a field the table
+        // itself is about still points at its header.
+        let e = err(&format!("{listen}{route}auth = {{ bearer_file = \"nope.txt\" }}\n"));
+        assert!(e.ends_with("nope.txt: No such file or directory (os error 2)"), "{e}");
+        let e = err(&format!("{listen}[listen.tls]\ncert = \"c.pem\"\n{route}"));
+        assert!(
+            e.ends_with("no private key in it: name the key's file with `key = \"…\"`, or append the key to this file"),
+            "{e}"
+        );
+        let e = err(&format!("{listen}[[route]]\ntarget = \"h:1\"\n"));
+        assert!(e.contains("w.toml:3: route[0]: needs exactly one of"), "{e}");
+    }
+
+    #[test]
+    fn field_lines_are_found_in_their_own_table() {
+        let text = "[[route]]\npath = \"/a\"\n[[route]]\n# record = \"x\"\nauth = { htpasswd = \"h\" }\n\nrecord = \"y\"\n[[route]]\nrecord = \"z\"\n";
+        assert_eq!(
+            field_line(text, 3, "route[1].record"),
+            Some(7),
+            "not the comment's, nor the next table's"
+        );
+        assert_eq!(field_line(text, 3, "route[1].auth.htpasswd"), Some(5));
+        assert_eq!(field_line(text, 1, "route[0].record"), None, "not in the table");
+        assert_eq!(field_line(text, 2, "route[0].record"), None, "not a header");
+        assert_eq!(field_line(text, 3, "route[1]"), None);
+    }
+
+    #[test]
+    fn tables_written_with_the_wrong_brackets_say_which_to_write() {
+        for (text, want) in [
+            ("[listen]\naddr = 1\n", "write [[listen]], with two brackets"),
+            (
+                "[[listen]]\naddr = 1\n[route]\npath = \"/\"\ntarget = \"h:1\"\n",
+                "write [[route]], with two brackets",
+            ),
+            (
+                "[[listen]]\naddr = 1\n[tokens]\nsource = \"t\"\n",
+                "write [[tokens]], with two brackets",
+            ),
+            (
+                "[[listen]]\naddr = 1\n[[timeouts]]\nidle = \"5m\"\n",
+                "write [timeouts], with one bracket",
+            ),
+            (
+                "[[listen]]\naddr = 1\n[[limits]]\nmax_connections = 5\n",
+                "write [limits], with one bracket",
+            ),
+            ("[[listen]]\naddr = 1\n[[admin]]\naddr = 9100\n", "write [admin], with one bracket"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && (e.contains("line 3") || text.starts_with("[listen]")),
+                "{text}\n{e}"
+            );
+            assert!(!e.contains("expected a sequence") && !e.contains("untagged"), "{e}");
+        }
+        // The tables still read as before when written right, unknown keys and all.
+        let e = parse("[[listen]]\naddr = 1\n[timeouts]\nping = \"30s\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 4") && e.contains("unknown field `ping`"), "{e}");
+    }
+
+    /// Counts, durations, sizes and ports say what to write, never a Rust type (`expected
+    /// usize`) or serde's machinery (`untagged enum`, `float seconds to Duration`).
+    #[test]
+    fn numbers_say_what_to_write() {
+        let base = "[[listen]]\naddr = 1\n[[route]]\npath = \"/\"\ntarget = \"h:1\"\n";
+        for (extra, want) in [
+            ("max_sessions = -5\n", "must be a whole number ≥ 0, not -5"),
+            ("max_sessions = 2.5\n", "must be a whole number ≥ 0, not 2.5"),
+            (
+                "max_sessions_per_ip = \"3\"\n",
+                "\"3\" is a string: write the number without quotes",
+            ),
+            ("new_sessions_burst = 5000000000\n", "5000000000 is too large"),
+            (
+                "new_sessions_per_ip = \"5\"\n",
+                "\"5\" is a string: write the number without quotes",
+            ),
+            ("max_message_size = -1\n", "-1 is negative: a size is a whole number of bytes"),
+            (
+                "[limits]\nmax_connections = \"1000\"\n",
+                "\"1000\" is a string: write the number without quotes",
+            ),
+            ("[timeouts]\nhandshake = -1\n", "-1 is negative: a duration is e.g. \"10s\""),
+            ("[timeouts]\nidle = -0.5\n", "-0.5 is not a number of seconds"),
+            ("[timeouts]\nidle = true\n", "expected a number or a string such as \"10s\""),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+            for rust in ["usize", "u32", "u64", "untagged", "Duration", "NumOrString"] {
+                assert!(!e.contains(rust), "{extra}: {e}");
+            }
+        }
+        let e = parse("[[listen]]\naddr = 99999\n").unwrap_err().to_string();
+        assert!(e.contains("99999 is not a port (0-65535)") && !e.contains("untagged"), "{e}");
+        let c = parse(&format!("{base}max_sessions = 0\n[limits]\nmax_connections_per_ip = 3\n")).unwrap();
+        assert_eq!(
+            (c.routes[0].options.max_sessions, c.limits.max_connections_per_ip),
+            (Some(0), Some(3))
+        );
+    }
+
+    #[test]
+    fn an_agents_file_given_to_the_server_says_how_to_run_it() {
+        let text = "# the agent\n[agent]\nserver = \"wss://bridge.example/agent\"\nname = \"shop-17\"\nsecret_file = \"s\"\n[agent.services]\npos = \"127.0.0.1:9100\"\n";
+        let e = parse(text).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "test.toml:2: agent: this is an agent's file (one [agent] table): run it with `wsbridge agent --config FILE`"
+        );
+    }
+
+    #[test]
+    fn describe_shows_backend_tls_and_an_unverified_backend_in_plain_sight() {
+        let dir = pem_files(&["ca.pem"], &[]);
+        let c = Config::from_toml(
+            "[[listen]]\naddr = 1\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\nbackend_tls = { server_name = \"vnc.internal\", ca = \"ca.pem\" }\n\
+             [[route]]\npath = \"/b\"\ntarget = \"h:2\"\nbackend_tls = { insecure_skip_verify = true }\n[[route]]\npath = \"/c\"\ntarget = \"h:3\"\nbackend_tls = {}\n",
+            &dir.path().join("w.toml"),
+        )
+        .unwrap();
+        let ca = toml_str(&dir.path().join("ca.pem").display().to_string());
+        assert!(
+            c.routes[0]
+                .options
+                .describe()
+                .ends_with(&format!(", backend_tls = {{ server_name = \"vnc.internal\", ca = {ca} }}")),
+            "{}",
+            c.routes[0].options.describe()
+        );
+        assert!(c.routes[1]
+            .options
+            .describe()
+            .ends_with(", backend_tls = { insecure_skip_verify = true }"));
+        assert!(c.routes[2].options.describe().ends_with(", backend_tls = {}"));
     }
 
     /// Issue 11: with nothing said, a session is pinged every 20 s with a 20 s pong deadline and

@@ -489,7 +489,7 @@ mod tests {
         std::fs::write(dir.path().join("fleet"), "shop-17 ba78\n").unwrap();
         let e = Config::from_toml(text, &file).unwrap_err().to_string();
         assert!(
-            e.contains("server.toml:5: agents[0].source:") && e.ends_with("fleet:1: expected NAME: SHA256HEX"),
+            e.contains("server.toml:6: agents[0].source:") && e.ends_with("fleet:1: expected NAME: SHA256HEX"),
             "{e}"
         );
     }
@@ -499,7 +499,7 @@ mod tests {
         let undeclared = parse("[[route]]\npath = \"/pos\"\ntarget = { agent = \"shop-9\", service = \"pos\" }\n").unwrap_err();
         assert_eq!(
             undeclared.to_string(),
-            "agents.toml:7: route[0].target: agent \"shop-9\" is not declared in an [[agent]] table"
+            "agents.toml:9: route[0].target: agent \"shop-9\" is not declared in an [[agent]] table"
         );
         let bad_hash =
             parse("[[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"secret\"\n\n[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\n")
@@ -507,7 +507,7 @@ mod tests {
         assert!(
             bad_hash
                 .to_string()
-                .starts_with("agents.toml:7: agent[0].secret_sha256: must be the SHA-256"),
+                .starts_with("agents.toml:9: agent[0].secret_sha256: must be the SHA-256"),
             "{bad_hash}"
         );
         let list = |hashes: &str| {
@@ -522,7 +522,7 @@ mod tests {
         assert!(twice.contains("agent[0].secret_sha256[1]: is listed twice"), "{twice}");
         let bad_element = list(&format!("[\"{HASH}\", \"secret\"]")).unwrap_err().to_string();
         assert!(
-            bad_element.starts_with("agents.toml:7: agent[0].secret_sha256[1]: must be the SHA-256"),
+            bad_element.starts_with("agents.toml:9: agent[0].secret_sha256[1]: must be the SHA-256"),
             "{bad_element}"
         );
         for many in ["[]".to_owned(), format!("[{}]", vec![format!("\"{HASH}\""); 5].join(", "))] {

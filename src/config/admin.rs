@@ -129,10 +129,14 @@ impl RawAdmin {
                         "the admin listener has one certificate: leave `sni` out",
                     );
                 }
-                Some(TlsSettings {
+                let tls = TlsSettings {
                     only: true,
                     ..t.resolve(ctx)
-                })
+                };
+                if let Err((field, message)) = tls.check_files() {
+                    return ctx.invalid(span, format!("admin.tls.{field}"), message);
+                }
+                Some(tls)
             }
             None => None,
         };
@@ -180,13 +184,23 @@ mod tests {
 
     #[test]
     fn tls_is_https_only_and_client_certificates_stand_in_for_a_token_off_loopback() {
+        let dir = crate::config::tests::pem_files(&["a.crt", "ca.pem"], &["a.key", "a.crt"]);
+        let at = |name: &str| format!("{:?}", dir.path().join(name).display().to_string());
+        let parse = |admin: &str| {
+            parse(
+                &admin
+                    .replace("\"a.crt\"", &at("a.crt"))
+                    .replace("\"a.key\"", &at("a.key"))
+                    .replace("\"ca.pem\"", &at("ca.pem")),
+            )
+        };
         let admin = parse("addr = \"9100\"\ntls = { cert = \"a.crt\", key = \"a.key\" }\n")
             .unwrap()
             .admin
             .unwrap();
         let tls = admin.tls.as_ref().unwrap();
         assert!(tls.only, "HTTPS only");
-        assert_eq!(tls.default.cert, Path::new("a.crt"));
+        assert_eq!(tls.default.cert, dir.path().join("a.crt"));
         assert!(!admin.requires_client_certificates());
         // Off loopback: required client certificates are enough; optional ones are not.
         let certs = "addr = \"0.0.0.0:9100\"\ntls = { cert = \"a.crt\", client_ca = \"ca.pem\" }\n";
@@ -212,6 +226,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `kee`"), "{e}");
+        // A file that is not there, or holds no key, is named at its line (the key's own
+        // checks are the TLS loader's).
+        let e = parse("addr = \"9100\"\n[admin.tls]\ncert = \"a.crt\"\nkey = \"nope.key\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:12: admin.tls.key: nope.key: "), "{e}");
+        let e = parse("addr = \"9100\"\n[admin.tls]\ncert = \"ca.pem\"\n").unwrap_err().to_string();
+        assert!(
+            e.starts_with("test.toml:11: admin.tls.cert: ") && e.contains("no private key in it"),
+            "{e}"
+        );
     }
 
     #[test]

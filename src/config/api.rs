@@ -358,7 +358,7 @@ mod tests {
             ),
             (
                 format!("{allow}allow_any_target = true\napi = {{ url = \"http://h/%s\" }}\n"),
-                "w.toml:4: tokens[0].allow_any_target: give allow_targets or",
+                "w.toml:6: tokens[0].allow_any_target: give allow_targets or",
             ),
             (
                 format!("{allow}api = {{ url = \"ftp://h/%s\" }}\n"),
@@ -372,11 +372,11 @@ mod tests {
             (format!("{allow}api = {{ url = \"http://%s/x\" }}\n"), "never in the host"),
             (
                 format!("{allow}api = {{ url = \"http://h/%s\", ca = \"ca.pem\" }}\n"),
-                "w.toml:4: tokens[0].api.ca: a CA file is for TLS",
+                "w.toml:6: tokens[0].api.ca: a CA file is for TLS",
             ),
             (
                 format!("{allow}api = {{ url = \"https://h/%s\", ca = \"nope.pem\" }}\n"),
-                "w.toml:4: tokens[0].api.ca:",
+                "w.toml:6: tokens[0].api.ca:",
             ),
             (
                 format!("{allow}api = {{ url = \"http://h/%s\", lookup_timeout = \"11s\" }}\n"),

@@ -214,15 +214,13 @@ pub(super) struct RateDe(pub f64);
 
 impl<'de> Deserialize<'de> for RateDe {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum N {
-            I(u64),
-            F(f64),
-        }
-        let r = match N::deserialize(d)? {
-            N::I(i) => i as f64,
-            N::F(f) => f,
+        let r = match super::NumOrString::deserialize(d)? {
+            super::NumOrString::Int(i) => i as f64,
+            super::NumOrString::Float(f) => f,
+            super::NumOrString::S(s) if s.trim().parse::<f64>().is_ok() => {
+                return Err(de::Error::custom(format!("{s:?} is a string: write the number without quotes")))
+            }
+            super::NumOrString::S(_) => f64::NAN,
         };
         if !(r.is_finite() && r > 0.0 && r <= 1e6) {
             return Err(de::Error::custom("must be a positive number of new sessions per second"));
@@ -349,10 +347,14 @@ impl RawAuth {
             return Ok(AuthSettings::Bearer(tokens));
         }
         if let Some(p) = self.bearer_file {
-            return Ok(AuthSettings::BearerFile(resolve(&p)));
+            let p = resolve(&p);
+            super::readable(&p).map_err(|m| ("auth.bearer_file".to_owned(), m))?;
+            return Ok(AuthSettings::BearerFile(p));
         }
         if let Some(p) = self.htpasswd {
-            return Ok(AuthSettings::Htpasswd(resolve(&p)));
+            let p = resolve(&p);
+            super::readable(&p).map_err(|m| ("auth.htpasswd".to_owned(), m))?;
+            return Ok(AuthSettings::Htpasswd(p));
         }
         let Some(j) = self.jwt else { unreachable!("counted above") };
         j.resolve(resolve).map(AuthSettings::Jwt).map_err(|(f, m)| (format!("auth.{f}"), m))
@@ -363,12 +365,13 @@ impl RawJwt {
     /// The JWT settings; errors are (field under `jwt`, message).
     pub(super) fn resolve(self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<JwtSettings, (String, String)> {
         let j = self;
-        let keys = match (j.public_key, j.jwks, j.secret_file) {
-            (Some(p), None, None) => KeySource::Pem(resolve(&p)),
-            (None, Some(p), None) => KeySource::Jwks(resolve(&p)),
-            (None, None, Some(p)) => KeySource::Secret(resolve(&p)),
+        let (keys, field, path) = match (j.public_key, j.jwks, j.secret_file) {
+            (Some(p), None, None) => (KeySource::Pem(resolve(&p)), "public_key", resolve(&p)),
+            (None, Some(p), None) => (KeySource::Jwks(resolve(&p)), "jwks", resolve(&p)),
+            (None, None, Some(p)) => (KeySource::Secret(resolve(&p)), "secret_file", resolve(&p)),
             _ => return Err(("jwt".into(), "needs exactly one of public_key, jwks or secret_file".into())),
         };
+        super::readable(&path).map_err(|m| (format!("jwt.{field}"), m))?;
         Ok(JwtSettings {
             keys,
             algorithms: j.algorithms.unwrap_or_default().into_iter().map(|a| a.0).collect(),

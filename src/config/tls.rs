@@ -3,7 +3,7 @@
 //! rustls configs; keeping them here lets the configuration be read without the TLS machinery
 //! and keeps the imports pointing one way (`tls` → `config`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Lowest TLS version accepted.
@@ -89,4 +89,115 @@ pub struct BackendTlsSettings {
     pub ca: Option<PathBuf>,
     /// Accept any certificate. Only when a route says so in so many words.
     pub insecure_skip_verify: bool,
+}
+
+/// The PEM labels a private key is read under (PKCS#8, PKCS#1 RSA, SEC1 EC), as
+/// [`crate::tls::load_key`] reads them.
+const KEY_LABELS: [&str; 3] = [
+    "-----BEGIN PRIVATE KEY-----",
+    "-----BEGIN RSA PRIVATE KEY-----",
+    "-----BEGIN EC PRIVATE KEY-----",
+];
+
+/// A file's text, for a look at its PEM labels (not UTF-8: no label will be found).
+fn read(path: &Path) -> Result<String, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// A certificate file that could not be read or has no certificate in it.
+fn check_certs(path: &Path) -> Result<String, String> {
+    let text = read(path)?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{}: no certificate in it (expected \"BEGIN CERTIFICATE\")", path.display()));
+    }
+    Ok(text)
+}
+
+impl CertFiles {
+    /// Whether the files can be read and hold a certificate and a private key, so that a
+    /// mistake is reported at the line that names the file. Whether the key belongs to the
+    /// certificate (and what else is in the blocks) is [`crate::tls`]'s to find as it loads
+    /// them: PEM parsing lives there, and imports point from `tls` to `config`.
+    ///
+    /// # Errors
+    /// The field under the table (`cert`, `key`) and what is wrong.
+    pub(super) fn check(&self) -> Result<(), (&'static str, String)> {
+        let cert = check_certs(&self.cert).map_err(|m| ("cert", m))?;
+        let Some(key_file) = &self.key else {
+            if !KEY_LABELS.iter().any(|l| cert.contains(l)) {
+                return Err((
+                    "cert",
+                    format!(
+                        "{}: no private key in it: name the key's file with `key = \"…\"`, or append the key to this file",
+                        self.cert.display()
+                    ),
+                ));
+            }
+            return Ok(());
+        };
+        let key = read(key_file).map_err(|m| ("key", m))?;
+        if !KEY_LABELS.iter().any(|l| key.contains(l)) {
+            return Err((
+                "key",
+                format!(
+                    "{}: no private key in it (expected \"BEGIN PRIVATE KEY\", \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")",
+                    key_file.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TlsSettings {
+    /// [`CertFiles::check`] for the default certificate and every SNI one, and the client CA
+    /// file readable with a certificate in it.
+    ///
+    /// # Errors
+    /// The field under `tls` (`cert`, `sni[1].key`, `client_ca`) and what is wrong.
+    pub(super) fn check_files(&self) -> Result<(), (String, String)> {
+        self.default.check().map_err(|(f, m)| (f.to_owned(), m))?;
+        for (j, (_, files)) in self.sni.iter().enumerate() {
+            files.check().map_err(|(f, m)| (format!("sni[{j}].{f}"), m))?;
+        }
+        if let Some(ca) = &self.client_ca {
+            check_certs(ca).map_err(|m| ("client_ca".to_owned(), m))?;
+        }
+        Ok(())
+    }
+}
+
+impl BackendTlsSettings {
+    /// The table as the file writes it, for `wsbridge check`: `{ server_name = "…", ca = "…" }`
+    /// with what is set, and `insecure_skip_verify = true` in plain sight where it is.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(name) = &self.server_name {
+            parts.push(format!("server_name = {}", super::toml_str(name)));
+        }
+        if let Some(ca) = &self.ca {
+            parts.push(format!("ca = {}", super::toml_str(&ca.display().to_string())));
+        }
+        if self.insecure_skip_verify {
+            parts.push("insecure_skip_verify = true".to_owned());
+        }
+        match parts.is_empty() {
+            true => "{}".to_owned(),
+            false => format!("{{ {} }}", parts.join(", ")),
+        }
+    }
+
+    /// The CA file readable with a certificate in it.
+    ///
+    /// # Errors
+    /// The field under `backend_tls` (`ca`) and what is wrong.
+    pub(super) fn check_files(&self) -> Result<(), (&'static str, String)> {
+        match &self.ca {
+            Some(ca) => check_certs(ca).map(drop).map_err(|m| ("ca", m)),
+            None => Ok(()),
+        }
+    }
 }

@@ -1347,12 +1347,12 @@ async fn the_admin_listener_serves_https_to_clients_with_certificates() {
     let without = admin_over_tls(addr, client_config(&pki.ca_pem, None, versions), "/healthz").await;
     assert!(!matches!(without, Ok((200, ..))), "still as started: {without:?}");
 
-    // A key that is not there: `check` and the start name the admin listener and the file.
+    // A key that is not there: `check` and the start name the line and field that name it.
     std::fs::write(&file, config("").replace("admin.key", "missing.key")).unwrap();
     let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("admin listener") && err.contains("missing.key"), "{err}");
+    assert!(err.contains(": admin.tls.key: ") && err.contains("missing.key"), "{err}");
     let (code, _, err) = run_to_end(&["--config", file.to_str().unwrap()]).await;
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("admin listener 127.0.0.1:0") && err.contains("missing.key"), "{err}");
+    assert!(err.contains(": admin.tls.key: ") && err.contains("missing.key"), "{err}");
 }

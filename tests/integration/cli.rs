@@ -505,3 +505,75 @@ async fn a_directory_plugin_takes_a_directory_only(
         "{err}"
     );
 }
+
+/// A configuration mistake found after parsing (a certificate or a bearer file that is not
+/// there, a certificate with no key) names the file, the line and the field as a parse error
+/// does, and exits 64, at a start as in `wsbridge check`.
+#[tokio::test]
+async fn a_missing_file_is_named_at_the_line_that_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path();
+    let toml = scratch.join("w.toml");
+    std::fs::write(
+        scratch.join("cert-only.pem"),
+        "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let route = "[[route]]\npath = \"/vnc\"\ntarget = \"127.0.0.1:5900\"\n";
+    for (text, want) in [
+        (
+            format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[listen.tls]\ncert = \"/nonexistent/fullchain.pem\"\nkey = \"/nonexistent/privkey.pem\"\n{route}"),
+            "w.toml:4: listen[0].tls.cert: /nonexistent/fullchain.pem: No such file or directory",
+        ),
+        (
+            format!("[[listen]]\naddr = \"127.0.0.1:0\"\n[listen.tls]\ncert = \"cert-only.pem\"\n{route}"),
+            "w.toml:4: listen[0].tls.cert: ",
+        ),
+        (
+            format!("[[listen]]\naddr = \"127.0.0.1:0\"\n{route}auth = {{ bearer_file = \"nope.txt\" }}\n"),
+            "w.toml:6: route[0].auth.bearer_file: ",
+        ),
+    ] {
+        std::fs::write(&toml, &text).unwrap();
+        for args in [&["check", "--config"][..], &["--config"][..]] {
+            let (code, _, err) = run_to_end(&[args, &[toml.to_str().unwrap()][..]].concat()).await;
+            assert_eq!(code, 64, "{args:?} {text}: {err}");
+            assert!(err.contains(want), "{args:?} {text}: {err}");
+        }
+    }
+}
+
+/// An agent's file given to the server, and a server's to the agent, say which command runs it.
+#[tokio::test]
+async fn a_file_for_the_other_side_says_which_command_runs_it() {
+    let (code, _, err) = run_to_end(&["--config", &example("agent.toml")]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("agent.toml:") && err.contains("run it with `wsbridge agent --config FILE`"),
+        "{err}"
+    );
+    let (code, _, err) = run_to_end(&["agent", "--config", &example("minimal.toml")]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("minimal.toml:") && err.contains("run it with `wsbridge --config FILE`"),
+        "{err}"
+    );
+}
+
+/// `wsbridge check` shows a route's `backend_tls`, and above all `insecure_skip_verify = true`.
+#[tokio::test]
+async fn check_shows_backend_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("w.toml");
+    std::fs::write(
+        &toml,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/vnc\"\ntarget = \"127.0.0.1:5900\"\nbackend_tls = { server_name = \"vnc.internal\", insecure_skip_verify = true }\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("backend_tls = { server_name = \"vnc.internal\", insecure_skip_verify = true }"),
+        "{out}"
+    );
+}

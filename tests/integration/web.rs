@@ -588,6 +588,7 @@ async fn web_client_cn_admits_only_the_certificates_named() {
 fn web_auth_in_a_configuration_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("www")).unwrap();
+    std::fs::write(dir.path().join("users"), "").unwrap();
     let file = dir.path().join("w.toml");
     let route = "\n[[route]]\npath = \"/vnc\"\ntarget = \"localhost:5900\"\nauth = { htpasswd = \"users\" }\n";
     let parse = |listener: &str| {
@@ -604,9 +605,9 @@ fn web_auth_in_a_configuration_file() {
     for (listener, want) in [
         (
             "web_auth = { htpasswd = \"users\" }\n",
-            "w.toml:1: listen[0].web_auth: protects the listener's static files",
+            "w.toml:3: listen[0].web_auth: protects the listener's static files",
         ),
-        ("web_client_cn = [\"alice\"]\n", "w.toml:1: listen[0].web_client_cn: protects"),
+        ("web_client_cn = [\"alice\"]\n", "w.toml:3: listen[0].web_client_cn: protects"),
         (
             "web = \"www\"\nweb_client_cn = [\"alice\"]\n",
             "listen[0].web_client_cn: needs client certificates",

@@ -391,6 +391,27 @@ pub fn is_agent_file(path: &Path) -> bool {
         .is_some_and(|t| matches!(t.get("agent"), Some(toml::Value::Table(_))))
 }
 
+/// The error for a server's file given to the agent: it has server tables (`[[listen]]`,
+/// `[[route]]`, `[[agent]]` declarations …) and no `[agent]` table.
+fn server_file(file: &str, text: &str) -> Option<ConfigError> {
+    let table = text.parse::<toml::Table>().ok()?;
+    if table.get("agent").is_some_and(toml::Value::is_table) {
+        return None;
+    }
+    let server = ["listen", "route", "tokens", "agent", "agent_endpoint", "agents"];
+    let key = server.into_iter().find(|k| table.contains_key(*k))?;
+    let line = text
+        .lines()
+        .position(|l| l.trim_start().starts_with(&format!("[[{key}]]")))
+        .map(|i| i + 1);
+    Some(ConfigError::Invalid {
+        file: file.to_owned(),
+        line,
+        field: key.to_owned(),
+        message: "this is a server's file: run it with `wsbridge --config FILE` (an agent's file has one [agent] table)".into(),
+    })
+}
+
 struct FileCtx<'a> {
     file: String,
     text: &'a str,
@@ -424,10 +445,15 @@ impl AgentConfig {
             file: file.clone(),
             message: e.to_string(),
         })?;
-        let raw: RawFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            file: file.clone(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+        let raw: RawFile = match toml::from_str(&text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                return Err(server_file(&file, &text).unwrap_or(ConfigError::Parse {
+                    file,
+                    message: e.to_string().trim_end().to_owned(),
+                }))
+            }
+        };
         let ctx = FileCtx { file, text: &text };
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
@@ -873,6 +899,29 @@ pub fn new_secret_text() -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_servers_file_given_to_the_agent_says_how_to_run_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(
+            &file,
+            "# the bridge\n[[listen]]\naddr = 6080\n[[route]]\npath = \"/\"\ntarget = \"h:1\"\n",
+        )
+        .unwrap();
+        let e = AgentConfig::from_file(&file).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:2: listen: this is a server's file: run it with `wsbridge --config FILE` (an agent's file has one [agent] table)",
+                file.display()
+            )
+        );
+        // An agent's file with a mistake keeps the parser's message.
+        std::fs::write(&file, "[agent]\nserver = \"ws://h/agent\"\nnaem = \"x\"\n").unwrap();
+        let e = AgentConfig::from_file(&file).unwrap_err().to_string();
+        assert!(e.contains("unknown field `naem`"), "{e}");
+    }
 
     #[test]
     fn urls_and_proxies_parse() {
