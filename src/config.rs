@@ -49,8 +49,8 @@ pub struct Config {
     pub limits: Limits,
     /// Log output format.
     pub log_format: LogFormat,
-    /// Log to this file (appended to, set aside at 10 MiB: see [`crate::logging::LogFile`])
-    /// instead of stderr; `[log] file` or `--log-file`.
+    /// Log to this file (appended to; set aside at `log_max_size` where there is one: see
+    /// [`crate::logging::LogFile`]) instead of stderr; `[log] file` or `--log-file`.
     pub log_file: Option<PathBuf>,
     /// The size at which the log file is set aside as `FILE.old` ([`crate::logging::LogFile`]);
     /// `None`: never (a rotator such as logrotate's job). By default none on Unix, where
@@ -549,11 +549,7 @@ impl Config {
         let raw: RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
             // One `[agent]` table is an agent's own file (a server declares `[[agent]]` tables).
-            Err(_)
-                if text
-                    .parse::<toml::Table>()
-                    .is_ok_and(|t| t.get("agent").is_some_and(toml::Value::is_table)) =>
-            {
+            Err(_) if crate::agent::client::is_agent_text(text) => {
                 return Err(ConfigError::Invalid {
                     file: file.clone(),
                     line: ctx.line_of("[agent]"),
@@ -2841,6 +2837,11 @@ mod tests {
                 "write [limits], with one bracket",
             ),
             ("[[listen]]\naddr = 1\n[[admin]]\naddr = 9100\n", "write [admin], with one bracket"),
+            // A server's agent declaration written [agent]: not taken for an agent's own file.
+            (
+                "[[listen]]\naddr = 1\n[agent]\nname = \"shop-17\"\nsecret_sha256 = \"00\"\n",
+                "write [[agent]], with two brackets",
+            ),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(

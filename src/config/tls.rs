@@ -139,6 +139,16 @@ impl CertFiles {
             return Ok(());
         };
         let key = read(key_file).map_err(|m| ("key", m))?;
+        if key.contains("ENCRYPTED PRIVATE KEY") {
+            return Err((
+                "key",
+                format!(
+                    "{}: the private key is encrypted (with a passphrase), which wsbridge cannot use: decrypt it to a \
+                     file only wsbridge's user can read (openssl pkey -in enc.pem -out key.pem)",
+                    key_file.display()
+                ),
+            ));
+        }
         if !KEY_LABELS.iter().any(|l| key.contains(l)) {
             return Err((
                 "key",

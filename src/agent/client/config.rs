@@ -385,10 +385,15 @@ impl<'de> serde::Deserialize<'de> for ServerField {
 
 /// Whether a TOML file is an agent's (it has an `[agent]` table, not `[[agent]]` declarations).
 pub fn is_agent_file(path: &Path) -> bool {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| t.parse::<toml::Table>().ok())
-        .is_some_and(|t| matches!(t.get("agent"), Some(toml::Value::Table(_))))
+    std::fs::read_to_string(path).is_ok_and(|t| is_agent_text(&t))
+}
+
+/// Whether a TOML text is an agent's file: an `[agent]` table with the keys only an agent's has
+/// (`server`, `services`), so that a server's file whose `[[agent]]` declaration was written
+/// `[agent]` by mistake is read as the server's, and told to write two brackets.
+pub fn is_agent_text(text: &str) -> bool {
+    text.parse::<toml::Table>()
+        .is_ok_and(|t| matches!(t.get("agent"), Some(toml::Value::Table(a)) if a.contains_key("server") || a.contains_key("services")))
 }
 
 /// The error for a server's file given to the agent: it has server tables (`[[listen]]`,
