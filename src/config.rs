@@ -948,6 +948,40 @@ impl Ctx<'_> {
     }
 }
 
+/// Where the configuration file `config` names `file` (a certificate, a key: a problem only
+/// found as the file is loaded, such as a key that does not belong to its certificate): the
+/// 1-based line and the key that names it (`key`, `cert`, `client_ca`), the first whose quoted
+/// value, resolved as the file's paths are (against its directory), is `file`. `None` when the
+/// file cannot be read or does not name it (a path given on the command line).
+pub fn where_named(config: &Path, file: &Path) -> Option<(usize, String)> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let base = config.parent().unwrap_or(Path::new("."));
+    text.lines().enumerate().find_map(|(i, line)| {
+        let line = line.split('#').next().unwrap_or("");
+        let mut rest = line;
+        // Each `key = "value"` of the line (one, or several in an inline table).
+        while let Some(eq) = rest.find('=') {
+            let key = rest[..eq].rsplit(['{', ',', ' ']).find(|k| !k.is_empty()).unwrap_or("").trim();
+            let after = rest[eq + 1..].trim_start();
+            let Some(value) = after.strip_prefix('"').and_then(|v| v.split_once('"')) else {
+                rest = &rest[eq + 1..];
+                continue;
+            };
+            let named = Path::new(value.0);
+            let resolved = if named.is_absolute() {
+                named.to_path_buf()
+            } else {
+                base.join(named)
+            };
+            if resolved == file {
+                return Some((i + 1, key.to_owned()));
+            }
+            rest = value.1;
+        }
+        None
+    })
+}
+
 /// The 1-based line where the table whose header stands on line `header` writes `field` (a
 /// dotted path from the top, `route[0].auth.bearer_file`, `listen[1].tls.sni[0].cert`): each
 /// part after the table's own is looked for from where the one before it was found, as a key

@@ -130,9 +130,14 @@ fn main() -> ExitCode {
 fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
     let Err(e) = r else { return ExitCode::SUCCESS };
     if let Some(start) = e.downcast_ref::<StartError>().filter(|s| s.is_config()) {
-        match path {
-            Some(path) => complain!("wsbridge: {}: {start}", path.display()),
-            None => complain!("wsbridge: {start}"),
+        let tls = match start {
+            StartError::Listener { source, .. } | StartError::Admin { source, .. } => Some(source),
+            _ => None,
+        };
+        match (path, tls) {
+            (Some(path), Some(tls)) => complain!("wsbridge: {}: {start}", at_line(path, tls)),
+            (Some(path), None) => complain!("wsbridge: {}: {start}", path.display()),
+            (None, _) => complain!("wsbridge: {start}"),
         }
         ExitCode::from(EX_USAGE)
     } else if e.is::<BridgeError>() {
@@ -141,6 +146,19 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
     } else {
         complain!("wsbridge: {e:#}");
         ExitCode::from(1)
+    }
+}
+
+/// `CONFIG:LINE: KEY` for a TLS file's problem found as it was loaded (a key that does not
+/// belong to its certificate), where the configuration names that file; else `CONFIG`.
+fn at_line(config: &std::path::Path, e: &wsbridge::tls::TlsError) -> String {
+    let named = match e {
+        wsbridge::tls::TlsError::File { file, .. } => wsbridge::config::where_named(config, file),
+        _ => None,
+    };
+    match named {
+        Some((line, key)) => format!("{}:{line}: {key}", config.display()),
+        None => config.display().to_string(),
     }
 }
 
@@ -225,7 +243,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
     };
     for l in &config.listeners {
         if let Err(e) = Listener::prepare(l) {
-            complain!("wsbridge: {}: listener {}: {e}", path.display(), l.addr);
+            complain!("wsbridge: {}: listener {}: {e}", at_line(path, &e), l.addr);
             return ExitCode::from(EX_USAGE);
         }
         // Its files read as the bridge will read them (an htpasswd file that is not there).
@@ -240,7 +258,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
         .and_then(|a| a.tls.clone())
         .map(wsbridge::tls::TlsListener::load)
     {
-        complain!("wsbridge: {}: admin listener: {e}", path.display());
+        complain!("wsbridge: {}: admin listener: {e}", at_line(path, &e));
         return ExitCode::from(EX_USAGE);
     }
     say!("{}: OK", path.display());

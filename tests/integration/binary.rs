@@ -714,3 +714,30 @@ async fn the_manual_page_holds_every_command_and_the_exit_codes() {
     }
     assert!(!man.contains("wsbridge\\-agent(1)"), "a page that is not made");
 }
+
+/// A key that does not belong to its certificate is found only as the files are loaded (by
+/// rustls), after the file was parsed; the error still names the configuration file, the line
+/// and the key that names the file, for `wsbridge check` and at start alike (exit 64).
+#[tokio::test]
+async fn a_key_that_does_not_match_its_certificate_is_named_at_its_line() {
+    use crate::common::pki::Pki;
+    let pki = Pki::new("test CA");
+    // a.crt and a.key, b.crt and b.key in the directory.
+    pki.server("a", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    pki.server("b", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let config = pki.dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n\n[listen.tls]\ncert = \"a.crt\"\n# the renewed key\nkey = \"b.key\"\n\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for args in [&["check", config][..], &["--config", config][..]] {
+        let (code, _, err) = run_to_end(args).await;
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("{config}:7: key: ")) && err.contains("private key does not match the certificate"),
+            "{args:?}: {err}"
+        );
+    }
+}
