@@ -625,6 +625,22 @@ impl Config {
                 ));
             }
         }
+        let client_cas: std::collections::BTreeSet<&Path> =
+            self.listeners.iter().filter_map(|l| l.tls.as_ref()?.client_ca.as_deref()).collect();
+        let by_cn = self
+            .routes
+            .iter()
+            .map(|r| &r.options)
+            .chain(self.token_sources.iter().map(|s| &s.options))
+            .any(|o| o.client_cn.is_some());
+        if by_cn && client_cas.len() > 1 {
+            out.push(format!(
+                "routes admit client certificates by client_cn, and the listeners trust {} client CAs ({}): a CN that \
+                 any of them issues passes on every route that lists it (the common name is compared, not its CA)",
+                client_cas.len(),
+                client_cas.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ));
+        }
         let t = &self.timeouts;
         if t.shutdown_grace < t.close {
             out.push(format!(
@@ -756,6 +772,9 @@ impl ListenerConfig {
                     ", tls.client_ca = {}, tls.client_auth = \"{auth}\"",
                     toml_str(&ca.display().to_string())
                 );
+                if let Some(crl) = &tls.client_crl {
+                    let _ = write!(out, ", tls.client_crl = {}", toml_str(&crl.display().to_string()));
+                }
             }
         }
         out
@@ -1174,6 +1193,7 @@ struct RawTls {
     min_version: MinVersion,
     client_ca: Option<PathBuf>,
     client_auth: Option<ClientAuth>,
+    client_crl: Option<PathBuf>,
     watch: Option<OptDur>,
     #[serde(default)]
     sni: Vec<RawSni>,
@@ -1817,6 +1837,7 @@ impl RawTls {
             min_version: self.min_version,
             client_ca: self.client_ca.map(|c| ctx.resolve(&c)),
             client_auth: self.client_auth.unwrap_or_default(),
+            client_crl: self.client_crl.map(|c| ctx.resolve(&c)),
             watch: self.watch.map_or(Some(DEFAULT_TLS_WATCH), |w| w.0),
         }
     }

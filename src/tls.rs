@@ -106,6 +106,21 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The certificate revocation lists in a PEM file (`BEGIN X509 CRL`), at least one.
+///
+/// # Errors
+/// A [`TlsError`] naming the file: unreadable, not PEM, or no list in it.
+pub fn load_crls(path: &Path) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = rustls_pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| pem_problem(path, "revocation list", e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_problem(path, "revocation list", e))?;
+    if crls.is_empty() {
+        return Err(file_error(path, "no revocation list found (expected \"BEGIN X509 CRL\")"));
+    }
+    Ok(crls)
+}
+
 /// A certificate chain with its key, checked to belong together.
 ///
 /// # Errors
@@ -213,11 +228,25 @@ fn built(s: &TlsSettings) -> Result<(rustls::ServerConfig, Served), TlsError> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider());
+            // Revocation: each client certificate's issuer must have its list here (a CA of
+            // client_ca without one refuses its clients: no list is no proof of good standing);
+            // the CAs themselves are the operator's own, so only the client's certificate is
+            // looked up. A list past its next update is still used: the file is re-read when it
+            // changes (with the certificates).
+            let verifier = match &s.client_crl {
+                Some(file) => verifier.with_crls(load_crls(file)?).only_check_end_entity_revocation(),
+                None => verifier,
+            };
             let verifier = match s.client_auth {
                 ClientAuth::Required => verifier.build(),
                 ClientAuth::Optional => verifier.allow_unauthenticated().build(),
             }
-            .map_err(|e| file_error(ca, format!("cannot verify clients with it: {e}")))?;
+            .map_err(|e| match (e, &s.client_crl) {
+                (rustls::server::VerifierBuilderError::InvalidCrl(e), Some(crl)) => {
+                    file_error(crl, format!("not a revocation list rustls can use: {e:?}"))
+                }
+                (e, _) => file_error(ca, format!("cannot verify clients with it: {e}")),
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -273,6 +302,7 @@ fn files_stamp(s: &TlsSettings) -> Vec<Option<FileStamp>> {
         files.extend(f.key.as_deref());
     }
     files.extend(s.client_ca.as_deref());
+    files.extend(s.client_crl.as_deref());
     files
         .into_iter()
         .map(|f| {

@@ -53,6 +53,9 @@ pub struct TlsSettings {
     pub client_ca: Option<PathBuf>,
     /// Required or optional client certificates, with `client_ca`.
     pub client_auth: ClientAuth,
+    /// Certificate revocation lists (PEM `X509 CRL`) of the CAs in `client_ca`: a client
+    /// certificate they list is refused in the handshake. `None`: no revocation check.
+    pub client_crl: Option<PathBuf>,
     /// How often the files are checked for changes; `None`: only on SIGHUP.
     pub watch: Option<Duration>,
 }
@@ -74,6 +77,7 @@ impl TlsSettings {
             min_version: MinVersion::Tls12,
             client_ca: None,
             client_auth: ClientAuth::Required,
+            client_crl: None,
             watch: Some(super::DEFAULT_TLS_WATCH),
         }
     }
@@ -175,6 +179,21 @@ impl TlsSettings {
         }
         if let Some(ca) = &self.client_ca {
             check_certs(ca).map_err(|m| ("client_ca".to_owned(), m))?;
+        }
+        if let Some(crl) = &self.client_crl {
+            let text = read(crl).map_err(|m| ("client_crl".to_owned(), m))?;
+            if self.client_ca.is_none() {
+                return Err((
+                    "client_crl".to_owned(),
+                    "revocation lists are for client certificates: add client_ca".to_owned(),
+                ));
+            }
+            if !text.contains("-----BEGIN X509 CRL-----") {
+                return Err((
+                    "client_crl".to_owned(),
+                    format!("{}: no revocation list in it (expected \"BEGIN X509 CRL\")", crl.display()),
+                ));
+            }
         }
         Ok(())
     }

@@ -100,6 +100,35 @@ impl Pki {
         self.issue(file, params, &rcgen::PKCS_ECDSA_P256_SHA256)
     }
 
+    /// A revocation list of this CA that lists `revoked`, written as `dir/file` (valid from 2020
+    /// to 2090).
+    pub fn crl(&self, file: &str, revoked: &[&Issued]) -> PathBuf {
+        let revoked_certs = revoked
+            .iter()
+            .map(|c| {
+                let der = CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).unwrap();
+                let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+                rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(parsed.tbs_certificate.raw_serial()),
+                    revocation_time: rcgen::date_time_ymd(2020, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }
+            })
+            .collect();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2090, 1, 1),
+            crl_number: self.serial.fetch_add(1, std::sync::atomic::Ordering::SeqCst).into(),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, params.signed_by(&self.issuer).unwrap().pem().unwrap()).unwrap();
+        path
+    }
+
     /// A client certificate with this common name.
     pub fn client(&self, file: &str, cn: &str) -> Issued {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();

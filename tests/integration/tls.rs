@@ -788,3 +788,108 @@ async fn an_expired_or_future_certificate_is_warned_of_at_start() {
         assert!(line.contains("WARN") && line.contains(words), "{line}");
     }
 }
+
+/// `client_crl`: a client certificate on the CA's revocation list is refused in the handshake,
+/// others get through; a new list is put in service by a reload (SIGHUP, or the files watched),
+/// as certificates are. Without it a leaked client certificate could only be shut out by
+/// replacing the CA (found by a TLS review).
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let alice = pki.client("alice", "alice");
+    let bob = pki.client("bob", "bob");
+    let crl = pki.crl("clients.crl", &[&bob]);
+    let (backend, _) = echo_backend().await;
+    let mut tls = settings(&cert);
+    tls.client_ca = Some(pki.ca_file());
+    tls.client_crl = Some(crl.clone());
+    let bridge = TestBridge::start(tls_config(backend, tls)).await;
+    wss_echo(bridge.addr, client_config(&pki.ca_pem, Some(&alice), BOTH), b"alice").await;
+    assert!(
+        tls_refused(bridge.addr, client_config(&pki.ca_pem, Some(&bob), BOTH)).await,
+        "bob is revoked"
+    );
+    // Alice's certificate leaks: the CA's next list names her too.
+    let next = pki.crl("next.crl", &[&bob, &alice]);
+    std::fs::copy(&next, &crl).unwrap();
+    assert!(bridge.bridge.reload_tls().is_empty());
+    assert!(
+        tls_refused(bridge.addr, client_config(&pki.ca_pem, Some(&alice), BOTH)).await,
+        "alice is revoked now"
+    );
+}
+
+/// A revocation list from a file that is not one, or without `client_ca`, is a configuration
+/// error at the line that names it.
+#[test]
+fn client_crl_mistakes_name_the_field() {
+    let pki = Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let dir = pki.dir.path();
+    let toml = |extra: &str| {
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\n[listen.tls]\ncert = {:?}\nkey = {:?}\n{extra}\n[[route]]\npath = \"/\"\ntarget = \"h:1\"\n",
+            cert.cert.display().to_string(),
+            cert.key.display().to_string()
+        )
+    };
+    let parse = |text: String| wsbridge::config::Config::from_toml(&text, &dir.join("bridge.toml")).map(drop);
+    let e = parse(toml("client_crl = \"ca.pem\"")).unwrap_err().to_string();
+    assert!(
+        e.contains(":6: listen[0].tls.client_crl: revocation lists are for client certificates: add client_ca"),
+        "{e}"
+    );
+    let e = parse(toml("client_ca = \"ca.pem\"\nclient_crl = \"ca.pem\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(":7: listen[0].tls.client_crl:") && e.contains("no revocation list in it"),
+        "{e}"
+    );
+    let crl = pki.crl("ok.crl", &[]);
+    parse(toml(&format!(
+        "client_ca = \"ca.pem\"\nclient_crl = {:?}",
+        crl.display().to_string()
+    )))
+    .unwrap();
+}
+
+/// Routes that admit client certificates by `client_cn`, served by listeners that trust
+/// different client CAs: a CN either CA issues passes on every such route, which the operator
+/// is warned of (`wsbridge check` and start); one CA, or no `client_cn`, is not warned of.
+#[test]
+fn client_cn_under_several_client_cas_is_warned_of() {
+    let pki = Pki::new("our CA");
+    let partner = Pki::new("a partner's CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let listener = |port: u16, ca: &Path| {
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:{port}\"\n[listen.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            cert.cert.display().to_string(),
+            cert.key.display().to_string(),
+            ca.display().to_string()
+        )
+    };
+    let route = |cn: bool| {
+        format!(
+            "[[route]]\npath = \"/\"\ntarget = \"h:1\"\n{}",
+            if cn { "client_cn = [\"alice\"]\n" } else { "" }
+        )
+    };
+    let warnings = |text: String| {
+        wsbridge::config::Config::from_toml(&text, &pki.dir.path().join("w.toml"))
+            .unwrap()
+            .warnings()
+            .join("\n")
+    };
+    let two_cas = format!("{}{}", listener(1, &pki.ca_file()), listener(2, &partner.ca_file()));
+    let w = warnings(format!("{two_cas}{}", route(true)));
+    assert!(
+        w.contains("routes admit client certificates by client_cn, and the listeners trust 2 client CAs"),
+        "{w}"
+    );
+    assert!(!warnings(format!("{two_cas}{}", route(false))).contains("client_cn"));
+    let one_ca = format!("{}{}", listener(1, &pki.ca_file()), listener(2, &pki.ca_file()));
+    assert!(!warnings(format!("{one_ca}{}", route(true))).contains("client_cn"));
+}
