@@ -474,7 +474,7 @@ async fn control<S: LinkIo>(
         Some(End::Replaced) => {
             // Registry::attach warned of it; an agent that never answers a close would keep a
             // connection per login for the close deadline: past a bound, closed at once.
-            if let Some(_closing) = registry.closing_replaced() {
+            if let Some(_closing) = registry.closing_replaced(&name) {
                 close_with(&mut ws, close("replaced by a newer connection of this agent"), timeouts.close).await;
             }
             debug!(agent = %name, "agent control link replaced");

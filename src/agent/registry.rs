@@ -61,9 +61,9 @@ pub struct Registry {
     retired: Mutex<Vec<Retired>>,
     /// Cancelled when this instance starts to drain ([`Registry::leave`]).
     leaving: CancellationToken,
-    /// Replaced control links waiting for their agent's answer to our close frame
-    /// ([`Registry::closing_replaced`]).
-    closing_replaced: crate::slots::Slots,
+    /// Replaced control links waiting for their agent's answer to our close frame, by agent
+    /// name ([`Registry::closing_replaced`]).
+    closing_replaced: Mutex<HashMap<String, usize>>,
 }
 
 /// The connected agents by name, with the sum of their pools per address kept beside them:
@@ -677,13 +677,25 @@ impl Registry {
         }
     }
 
-    /// A place for a replaced control link to wait for its agent's answer to our close frame (up
-    /// to the close deadline), or `None` when [`MAX_CLOSING_REPLACED`] already wait: that one
-    /// is then closed at once. An agent's connection is not counted under its address's cap, so
-    /// without a bound an agent that logged in again and again, never answering a close, would
-    /// keep a connection open per login for the close deadline.
-    pub fn closing_replaced(&self) -> Option<crate::slots::Slot> {
-        self.closing_replaced.try_take(MAX_CLOSING_REPLACED)
+    /// A place for a replaced control link of agent `name` to wait for the agent's answer to
+    /// our close frame (up to the close deadline), or `None` when [`MAX_CLOSING_REPLACED`] of
+    /// that name already wait: that one is then closed at once. An agent's connection is not
+    /// counted under its address's cap, so without a bound an agent that logged in again and
+    /// again, never answering a close, would keep a connection open per login for the close
+    /// deadline. Counted by name, so that one such agent (a stolen secret) cannot take the
+    /// places of others, whose replaced links then lose their reason (an agent told it was
+    /// replaced backs off; one whose link just ends reconnects as after a loss).
+    pub fn closing_replaced(&self, name: &str) -> Option<ClosingReplaced<'_>> {
+        let mut closing = self.closing_replaced.lock().unwrap_or_else(|p| p.into_inner());
+        let n = closing.entry(name.to_owned()).or_default();
+        if *n >= MAX_CLOSING_REPLACED {
+            return None;
+        }
+        *n += 1;
+        Some(ClosingReplaced {
+            registry: self,
+            name: name.to_owned(),
+        })
     }
 
     /// Whether a failed login just turned the brake on (it spent the last try of its pair's or
@@ -1064,9 +1076,28 @@ pub const ADDRESS_BRAKE_REFILL: Duration = Duration::from_secs(1);
 /// The warning that an agent's connection replaced an older one, at most once per 10 s.
 static REPLACED: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 
-/// The most replaced control links that wait for their agents' answers to our close frames at
-/// once ([`Registry::closing_replaced`]).
-pub const MAX_CLOSING_REPLACED: usize = 64;
+/// The most replaced control links of one agent name that wait for the agent's answers to our
+/// close frames at once ([`Registry::closing_replaced`]).
+pub const MAX_CLOSING_REPLACED: usize = 4;
+
+/// A replaced control link's place while it waits for its agent's answer to our close frame;
+/// given back when dropped.
+pub struct ClosingReplaced<'a> {
+    registry: &'a Registry,
+    name: String,
+}
+
+impl Drop for ClosingReplaced<'_> {
+    fn drop(&mut self) {
+        let mut closing = self.registry.closing_replaced.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = closing.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                closing.remove(&self.name);
+            }
+        }
+    }
+}
 
 /// How often the brake turning on for one address is warned of at most.
 pub const BRAKE_WARNING: Duration = Duration::from_secs(60);

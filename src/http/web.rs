@@ -332,9 +332,12 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         // percent-decoded: empty for a name that is not ASCII (a browser then asks for the same
         // URL again, for ever), `/a b/` with a raw space, `/q?x/` for a directory named `q?x`.
         // The request's own path is still encoded as the client sent it.
+        // One leading `/`: the resolver ignores empty segments, so `//app` finds the directory
+        // `app`, and `//app/` as a Location is another host's URL (scheme-relative).
+        let path = format!("/{}", request.uri().path().trim_start_matches('/'));
         let to = match request.uri().query() {
-            Some(query) => format!("{}/?{query}", request.uri().path()),
-            None => format!("{}/", request.uri().path()),
+            Some(query) => format!("{path}/?{query}"),
+            None => format!("{path}/"),
         };
         if let Ok(v) = HeaderValue::try_from(to) {
             parts.headers.insert(header::LOCATION, v);

@@ -2167,17 +2167,23 @@ async fn an_agent_whose_balancer_keeps_changing_instance_looks_quickly_no_more()
 /// A control link as an agent of hello version 2 (before `move`) opens it, by hand: logged in
 /// as shop-17 with [`SECRET`], its hello sent, the server's first `want` read.
 async fn older_control_link(server: SocketAddr) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+    older_control_link_of(server, "shop-17").await
+}
+
+/// [`older_control_link`] for the agent `name`.
+async fn older_control_link_of(
+    server: SocketAddr,
+    name: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = format!("ws://{server}/agent").into_client_request().unwrap();
     let h = request.headers_mut();
     h.insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
-    h.insert("x-wsbridge-agent", "shop-17".parse().unwrap());
+    h.insert("x-wsbridge-agent", name.parse().unwrap());
     h.insert("authorization", format!("Bearer {SECRET}").parse().unwrap());
     let (mut control, _) = within("the control link", tokio_tungstenite::connect_async(request)).await.unwrap();
-    control
-        .send(Message::text(r#"{"type":"hello","name":"shop-17","services":["pos"],"version":2}"#))
-        .await
-        .unwrap();
+    let hello = format!(r#"{{"type":"hello","name":"{name}","services":["pos"],"version":2}}"#);
+    control.send(Message::text(hello)).await.unwrap();
     let want = within("want", control.next()).await.unwrap().unwrap();
     assert!(want.to_text().unwrap().contains("\"want\""), "{want:?}");
     control
@@ -3514,14 +3520,15 @@ async fn control_links_that_send_no_hello_stay_under_their_addresss_cap() {
 
 /// An agent that logs in again and again and never answers a close frame: each login replaces
 /// the one before, which waits for the agent's answer to its close up to the close deadline.
-/// Such waits are bounded (`MAX_CLOSING_REPLACED` at once; beyond it a replaced link is closed at
-/// once), so the agent's connections do not grow with its logins (an agent's connections are
-/// not counted under its address's cap). The replaced links within the bound still get the
-/// close frame with its reason.
+/// Such waits are bounded (`MAX_CLOSING_REPLACED` at once per agent name; beyond it a replaced
+/// link is closed at once), so the agent's connections do not grow with its logins (an agent's
+/// connections are not counted under its address's cap). The replaced links within the bound
+/// still get the close frame with its reason, and so does another agent's meanwhile: the bound
+/// is each name's (one global bound let one agent take every place, a review found).
 #[tokio::test]
 async fn an_agent_that_logs_in_again_and_again_holds_a_bounded_number_of_connections() {
     use wsbridge::agent::registry::MAX_CLOSING_REPLACED;
-    let mut config = server_config(&["shop-17"], &[("shop-17", "pos")]);
+    let mut config = server_config(&["shop-17", "shop-18"], &[("shop-17", "pos")]);
     config.timeouts.close = Duration::from_secs(60);
     let bridge = TestBridge::start(config).await;
     let mut links = Vec::new();
@@ -3531,17 +3538,31 @@ async fn an_agent_that_logs_in_again_and_again_holds_a_bounded_number_of_connect
     // The latest is the agent's connection; of the ones it replaced, the bound's worth wait.
     connections_become(&bridge, 1 + MAX_CLOSING_REPLACED).await;
     let mut first = links.remove(0);
-    let closed = within("the close frame", async {
+    assert_eq!(
+        close_reason(&mut first).await.as_deref(),
+        Some("replaced by a newer connection of this agent")
+    );
+    // Another agent, replaced meanwhile, still gets the reason (and so backs off).
+    let mut older = older_control_link_of(bridge.addr, "shop-18").await;
+    let _newer = older_control_link_of(bridge.addr, "shop-18").await;
+    assert_eq!(
+        close_reason(&mut older).await.as_deref(),
+        Some("replaced by a newer connection of this agent")
+    );
+}
+
+/// The reason of the close frame a control link gets, what comes before it passed over.
+async fn close_reason(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>) -> Option<String> {
+    within("the close frame", async {
         loop {
-            match first.next().await {
+            match ws.next().await {
                 Some(Ok(Message::Close(frame))) => return frame.map(|f| f.reason.to_string()),
                 Some(Ok(_)) => {}
                 other => panic!("before the close frame: {other:?}"),
             }
         }
     })
-    .await;
-    assert_eq!(closed.as_deref(), Some("replaced by a newer connection of this agent"));
+    .await
 }
 
 /// Someone behind an agent's address (the shop's guest Wi-Fi) sends logins under made-up names

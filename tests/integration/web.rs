@@ -816,6 +816,9 @@ async fn a_directory_without_its_slash_is_redirected_to_its_own_url() {
         ("/a%20b", "/a%20b/", "a b"),
         ("/q%3Fx?token=t1", "/q%3Fx/?token=t1", "q?x"),
         ("/sub", "/sub/", "sub"),
+        // Never `//sub/`, which a browser reads as the host `sub` (found by a review).
+        ("//sub", "/sub/", "sub"),
+        ("///sub?x=1", "/sub/?x=1", "sub"),
     ] {
         let answer = get(&bridge, asked).await;
         assert!(answer.starts_with("HTTP/1.1 301 "), "{asked}: {answer}");

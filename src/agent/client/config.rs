@@ -388,12 +388,13 @@ pub fn is_agent_file(path: &Path) -> bool {
     std::fs::read_to_string(path).is_ok_and(|t| is_agent_text(&t))
 }
 
-/// Whether a TOML text is an agent's file: an `[agent]` table with the keys only an agent's has
-/// (`server`, `services`), so that a server's file whose `[[agent]]` declaration was written
-/// `[agent]` by mistake is read as the server's, and told to write two brackets.
+/// Whether a TOML text is an agent's file: an `[agent]` table without the key only a server's
+/// declaration has (`secret_sha256`), so that a server's file whose `[[agent]]` declaration was
+/// written `[agent]` by mistake is read as the server's, and told to write two brackets, while
+/// an agent's file with its keys misspelt is still read as an agent's (and told which key).
 pub fn is_agent_text(text: &str) -> bool {
     text.parse::<toml::Table>()
-        .is_ok_and(|t| matches!(t.get("agent"), Some(toml::Value::Table(a)) if a.contains_key("server") || a.contains_key("services")))
+        .is_ok_and(|t| matches!(t.get("agent"), Some(toml::Value::Table(a)) if !a.contains_key("secret_sha256")))
 }
 
 /// The error for a server's file given to the agent: it has server tables (`[[listen]]`,
@@ -922,10 +923,13 @@ mod tests {
                 file.display()
             )
         );
-        // An agent's file with a mistake keeps the parser's message.
+        // An agent's file with a mistake keeps the parser's message, and is an agent's file to
+        // `wsbridge check` even with its server and services keys misspelt.
         std::fs::write(&file, "[agent]\nserver = \"ws://h/agent\"\nnaem = \"x\"\n").unwrap();
         let e = AgentConfig::from_file(&file).unwrap_err().to_string();
         assert!(e.contains("unknown field `naem`"), "{e}");
+        assert!(is_agent_text("[agent]\nsevers = \"ws://h/agent\"\nname = \"x\"\nservice = {}\n"));
+        assert!(!is_agent_text("[agent]\nname = \"shop-17\"\nsecret_sha256 = \"00\"\n"));
     }
 
     #[test]
