@@ -155,49 +155,64 @@ pub async fn serve<S: IntoLink>(
     // cannot all start before the first failure counts, and alike for every name, declared or
     // not (see [`Registry::charge`]): the answers tell no names apart, and a braked flood does
     // not reach the fleet files' lock.
-    let charge = match kind {
-        Kind::Link(_) => registry.charge_link(addr.ip(), name),
-        Kind::Control(_) => registry.charge(addr.ip(), name),
+    // A data link with its connection's link key (see link::ControlMessage::Hello): no secret
+    // to check and nothing to charge, so that failed logins as this agent from its own address
+    // (someone else behind the shop's NAT) cannot keep its pool from being refilled.
+    let keyed = match kind {
+        Kind::Link(_) => headers
+            .get(link::LINK_KEY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|key| registry.link_key_owner(name, key)),
+        Kind::Control(_) => None,
     };
-    let charged = match charge {
-        Ok(charged) => charged,
-        Err(wait) => {
-            let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
-            let _ = timeout_at(
-                write_end,
-                answer(&mut stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
-            )
-            .await;
-            // One a request, which any host can send: at debug, and counted (as the 429s at accept
-            // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
-            metrics.refused(crate::metrics::Refusal::Http(429));
-            return debug!(
-                status = 429,
-                agent = %shown(name.as_bytes()),
-                "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed down"
-            );
-        }
-    };
-    let digests = registry.secrets_of(name).await;
-    let digest = match Registry::check_secret(secret, digests) {
-        Ok(digest) => digest,
-        Err(why) => {
-            // The try was charged above; a failed one stays spent.
-            refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
-            metrics.refused(crate::metrics::Refusal::Http(401));
-            let shown = shown(name.as_bytes());
-            warn!(status = 401, agent = %shown, reason = why.to_string().as_str(), "agent endpoint: login refused");
-            if registry.brake_came_on(charged) {
-                warn!(
-                    agent = %shown,
-                    "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed \
-                     down: 429 until a try comes back (one per 2 s), each such refusal logged at debug"
+    let digest = if let Some(digest) = keyed {
+        digest
+    } else {
+        let charge = match kind {
+            Kind::Link(_) => registry.charge_link(addr.ip(), name),
+            Kind::Control(_) => registry.charge(addr.ip(), name),
+        };
+        let charged = match charge {
+            Ok(charged) => charged,
+            Err(wait) => {
+                let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
+                let _ = timeout_at(
+                    write_end,
+                    answer(&mut stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
+                )
+                .await;
+                // One a request, which any host can send: at debug, and counted (as the 429s at accept
+                // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
+                metrics.refused(crate::metrics::Refusal::Http(429));
+                return debug!(
+                    status = 429,
+                    agent = %shown(name.as_bytes()),
+                    "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed down"
                 );
             }
-            return;
-        }
+        };
+        let digests = registry.secrets_of(name).await;
+        let digest = match Registry::check_secret(secret, digests) {
+            Ok(digest) => digest,
+            Err(why) => {
+                // The try was charged above; a failed one stays spent.
+                refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+                metrics.refused(crate::metrics::Refusal::Http(401));
+                let shown = shown(name.as_bytes());
+                warn!(status = 401, agent = %shown, reason = why.to_string().as_str(), "agent endpoint: login refused");
+                if registry.brake_came_on(charged) {
+                    warn!(
+                        agent = %shown,
+                        "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed \
+                         down: 429 until a try comes back (one per 2 s), each such refusal logged at debug"
+                    );
+                }
+                return;
+            }
+        };
+        registry.succeeded(charged);
+        digest
     };
-    registry.succeeded(charged);
     let name = name.to_owned();
     match kind {
         Kind::Link(chunks) => {
@@ -338,13 +353,14 @@ async fn control<S: LinkIo>(
 ) {
     // The hello is part of the handshake: under its deadline.
     let hello = timeout(timeouts.handshake, ws.next()).await;
-    let (services, replacing, moves) = match hello {
+    let (services, replacing, moves, link_key) = match hello {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ControlMessage>(&text) {
             Ok(ControlMessage::Hello {
                 name: said,
                 services,
                 version,
-            }) if said == name => (services, version >= link::REPLACING, version >= link::MOVING),
+                link_key,
+            }) if said == name => (services, version >= link::REPLACING, version >= link::MOVING, link_key),
             _ => {
                 return match NOT_HELLO.take() {
                     Some(left_out) => warn!(agent = %name, left_out, "agent control link: the first message is not its hello; closed"),
@@ -368,6 +384,9 @@ async fn control<S: LinkIo>(
     // to `max_connections`, each for the handshake deadline); an agent's connections are
     // bounded by the registry from here on.
     let _slot = held.into_agents();
+    if let Some(key) = link_key.filter(|k| link::valid_link_key(k)) {
+        registry.set_link_key(&name, attached.id, &key);
+    }
     // The names a log line shows (an agent may list up to 1,024: 64 KiB on every login).
     let shown_services = &services[..services.len().min(16)];
     match services.len() > shown_services.len() {

@@ -23,6 +23,15 @@ use super::chunks::{Chunker, Dechunker};
 pub const CONTROL_PROTOCOL: &str = "wsbridge-agent.v1";
 /// The `Upgrade` token of a data link (after the `101`: raw bytes, no WebSocket framing).
 pub const LINK_TOKEN: &str = "wsbridge-agent-link";
+/// The header of a data link that carries its connection's link key (see
+/// [`ControlMessage::Hello`]'s `link_key`).
+pub const LINK_KEY_HEADER: &str = "x-wsbridge-link-key";
+
+/// Whether a link key is one an agent makes: 64 lower-case hex digits.
+pub fn valid_link_key(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The header naming the agent on every link (the secret goes in `Authorization: Bearer`).
 pub const NAME_HEADER: &str = "x-wsbridge-agent";
 /// The header of the control link's `101` that names the server's instance (a random id per
@@ -78,6 +87,13 @@ pub enum ControlMessage {
         /// for each link it is sent `open` on, so that the server asks with `want` only when
         /// its pool ran dry or a link was found dead.
         version: u32,
+        /// A key the agent chose for this connection (64 hex digits from its random source),
+        /// which its data links carry in [`LINK_KEY_HEADER`]: the server takes a link with the
+        /// key of the agent's connection without a look at the failed-login brake, which
+        /// someone behind the same address could otherwise keep spent with wrong secrets for
+        /// the agent's name, starving its pool. Unknown to older servers (ignored there).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        link_key: Option<String>,
     },
     /// Server → agent: dial this many more idle data links.
     Want {

@@ -226,6 +226,8 @@ struct Agent {
     replaced: CancellationToken,
     revoked: CancellationToken,
     pool: Arc<Pool>,
+    /// The SHA-256 of the link key its hello gave ([`Registry::set_link_key`]).
+    link_key: Option<[u8; 32]>,
 }
 
 impl Agent {
@@ -759,6 +761,7 @@ impl Registry {
                 totals: self.totals.clone(),
                 connections: self.connections.clone(),
             }),
+            link_key: None,
         };
         // Under the agents lock, which a reload takes after it swaps the declarations in: either
         // this sees the new ones, or the reload sees this connection.
@@ -803,6 +806,28 @@ impl Registry {
                 self.retire(name, &a);
             }
         }
+    }
+
+    /// Records the link key the hello of the agent's connection `id` gave (see
+    /// [`link::ControlMessage::Hello`]): its data links with that key are taken without the
+    /// failed-login brake ([`Registry::link_key_owner`]).
+    pub fn set_link_key(&self, name: &str, id: u64, key: &str) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = agents.by_name.get_mut(name).filter(|a| a.id == id) {
+            let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+            a.link_key = digest.as_ref().try_into().ok();
+        }
+    }
+
+    /// The SHA-256 of the secret the agent `name` is connected with, when `key` is its
+    /// connection's link key (compared by digest, in constant time): a data link that carries
+    /// it needs no secret check and takes nothing from the brake. A 256-bit random key is not
+    /// guessed, so no brake is owed for trying one.
+    pub fn link_key_owner(&self, name: &str, key: &str) -> Option<[u8; 32]> {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let a = agents.get(name)?;
+        let expected = a.link_key?;
+        link::secret_matches(key, &expected).then_some(a.digest)
     }
 
     /// Whether a data link that logged in as `name` with `digest` may join its pool: `name` has

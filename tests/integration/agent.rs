@@ -3569,8 +3569,9 @@ async fn close_reason(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungsten
 /// with wrong secrets until the address's login budget is spent. The agent connected from
 /// there keeps its pool: its data links are charged to its own (address, name) budget only,
 /// so its pages do not find it offline while it is connected. A wrong secret for it from
-/// there is still slowed, at that budget's rate; a new control link from the address waits
-/// for the address's budget (README, Authentication).
+/// there is still slowed, at that budget's rate, but its own links, which carry its connection's
+/// link key, are not; a new control link from the address waits for the address's budget
+/// (README, Authentication).
 #[tokio::test]
 async fn failed_logins_from_an_agents_address_do_not_keep_its_links_out() {
     use wsbridge::agent::registry::{ADDRESS_BRAKE_BURST, BRAKE_BURST};
@@ -3606,4 +3607,17 @@ async fn failed_logins_from_an_agents_address_do_not_keep_its_links_out() {
     }
     let answer = http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
     assert_eq!(status_of(&answer), 429, "{answer}");
+    // ... while the agent's own links, which carry its connection's link key, are still taken:
+    // pages held open, three times its pool's worth, each needing a new link, with a wrong try
+    // as shop-17 between them (a review: with the pair's budget kept spent so, every page past
+    // the 4 idle links timed out).
+    let mut held = Vec::new();
+    for i in 0..12u8 {
+        let wrong = http_raw(bridge.addr, link("shop-17", "wrong").as_bytes()).await;
+        assert!(matches!(status_of(&wrong), 401 | 429), "{wrong}");
+        let (mut page, _) = ws_connect(&bridge.url("/pos"), None).await;
+        send_bin(&mut page, &[i]).await;
+        assert_eq!(recv_data(&mut page).await, [i]);
+        held.push(page);
+    }
 }

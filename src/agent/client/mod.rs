@@ -735,10 +735,13 @@ async fn control(
         fast: config.fast_check,
         fast_since,
     });
+    // This connection's link key (see link::ControlMessage::Hello): its data links carry it.
+    let link_key = link::new_secret().ok();
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
         services: config.services.keys().cloned().collect(),
         version: link::MOVING,
+        link_key: link_key.clone(),
     };
     let Ok(text) = serde_json::to_string(&hello) else {
         return failed("hello not encoded".into());
@@ -757,6 +760,7 @@ async fn control(
         idle: idle.clone(),
         sessions: sessions.clone(),
         instance,
+        link_key,
         misrouted: Arc::default(),
         capped: Arc::default(),
         caps: mine.caps.clone(),

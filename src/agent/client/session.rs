@@ -55,6 +55,9 @@ impl Caps {
 pub(super) struct Links {
     pub(super) config: Arc<AgentConfig>,
     pub(super) tls: Option<BackendTls>,
+    /// The connection's link key, which its data links carry (`None`: the random source
+    /// failed; they log in by the secret alone).
+    pub(super) link_key: Option<String>,
     /// Cancelled when the control link ends: idle links close, no new one is dialled.
     pub(super) idle: CancellationToken,
     pub(super) sessions: TaskTracker,
@@ -90,8 +93,12 @@ pub(super) async fn data_link(links: Links) {
             Some(id) => format!("{}: {id}\r\n", link::INSTANCE_HEADER),
             None => String::new(),
         };
+        let key = match &links.link_key {
+            Some(key) => format!("{}: {key}\r\n", link::LINK_KEY_HEADER),
+            None => String::new(),
+        };
         let head = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}: {}\r\n{instance}Authorization: Bearer {}\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}: {}\r\n{instance}{key}Authorization: Bearer {}\r\n\r\n",
             s.path,
             s.authority(),
             link::LINK_TOKEN,
