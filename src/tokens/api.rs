@@ -16,7 +16,9 @@
 //!   or no answer within the lookup deadline: the source is down or broken, and the handshake gets
 //!   503 ([`Unavailable`]), never a hang and never a 404 (a token that may well exist is not
 //!   called unknown). A warning names the source by its URL with `%s` in it and the token by its
-//!   keyed hash, never the token.
+//!   keyed hash, never the token. Of these, an answer the API did give (a status, a body) keeps
+//!   the client's try charged, as an API written for websockify may answer unknown tokens so;
+//!   only no answer at all gives it back.
 //!
 //! **Deadline.** One deadline ([`ApiTokenSource::lookup_timeout`]) covers everything a lookup
 //! waits for: a free lookup slot, resolving and connecting, TLS, the request, the answer's head
@@ -69,6 +71,12 @@ enum Reply {
     Unknown(StatusCode),
     /// The bridge's lookup refused (401, 403, 408, 429).
     Refused(StatusCode),
+    /// An answer that says nothing usable (a 5xx, a redirect, a 2xx with no target, a body too
+    /// long or cut short), and why. The API did answer: an API written for websockify may
+    /// answer an unknown token so (a 500 from a lookup that raised), so the lookup is a try at a
+    /// token, charged to the client like any other; read as "no answer", it was refunded, and
+    /// a client could try tokens without end, the 503s telling the valid ones (the 101s) apart.
+    Broken(String),
 }
 
 /// A connection to the API, plain or TLS.
@@ -177,6 +185,12 @@ impl ApiTokens {
                     ..self.unavailable(token, problem)
                 });
             }
+            Reply::Broken(problem) => {
+                return Err(Unavailable {
+                    answered: true,
+                    ..self.unavailable(token, problem)
+                })
+            }
         };
         let allowed = (self.settings.allow_targets.as_ref()).is_none_or(|rules| targets::allowed(rules, &host, port));
         let target = Target::Tcp { host, port };
@@ -246,18 +260,18 @@ impl ApiTokens {
                     Bytes::new()
                 }
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    return Err(format!(
+                    return Ok(Reply::Broken(format!(
                         "answered {status} with more than {MAX_ANSWER} bytes, longer than a target needs"
-                    ))
+                    )))
                 }
-                Err(e) => return Err(format!("answered {status}, then the answer broke off: {e}")),
+                Err(e) => return Ok(Reply::Broken(format!("answered {status}, then the answer broke off: {e}"))),
             };
-            return self.read(status, &body);
+            return Ok(self.read(status, &body));
         }
     }
 
     /// What an answer means (see the module's documentation).
-    fn read(&self, status: StatusCode, body: &[u8]) -> Result<Reply, String> {
+    fn read(&self, status: StatusCode, body: &[u8]) -> Reply {
         // Answers about the bridge's request rather than the token: the API throttling it (429),
         // giving up on it (408), or refusing the bridge itself (401, 403: its own credentials in
         // the URL are wrong). Read as "unknown token", every valid token would be a 404, charged
@@ -266,28 +280,32 @@ impl ApiTokens {
             status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
         ) {
-            return Ok(Reply::Refused(status));
+            return Reply::Refused(status);
         }
         if status.is_client_error() {
-            return Ok(Reply::Unknown(status));
+            return Reply::Unknown(status);
         }
         if status.is_redirection() {
-            return Err(format!(
+            return Reply::Broken(format!(
                 "answered {status}: redirects are not followed (give the URL the API answers at)"
             ));
         }
         if !status.is_success() {
-            return Err(format!("answered {status}"));
+            return Reply::Broken(format!("answered {status}"));
         }
-        let text = std::str::from_utf8(body).map_err(|_| format!("answered {status} with text that is not UTF-8"))?;
+        let Ok(text) = std::str::from_utf8(body) else {
+            return Reply::Broken(format!("answered {status} with text that is not UTF-8"));
+        };
         let json = text.trim_start().starts_with('{');
         let parsed = match (self.settings.format, json) {
             (ApiFormat::Json, false) => Err("not a JSON object (expected {\"host\": \"HOST\", \"port\": PORT})".to_owned()),
             (ApiFormat::Text, true) => Err("JSON where HOST:PORT was expected (format = \"json\" reads JSON)".to_owned()),
             _ => super::redis::parse_target(text),
         };
-        let (host, port) = parsed.map_err(|why| format!("answered {status} with no usable target: {why}"))?;
-        Ok(Reply::Target(host, port))
+        match parsed {
+            Ok((host, port)) => Reply::Target(host, port),
+            Err(why) => Reply::Broken(format!("answered {status} with no usable target: {why}")),
+        }
     }
 
     /// A kept connection that has not been closed, if there is one.

@@ -64,9 +64,10 @@ pub struct Unavailable {
     pub source_name: String,
     /// What went wrong.
     pub problem: String,
-    /// The source did answer, refusing the bridge's lookups (an API's 401, 403, 408, 429): an
-    /// API written for websockify may answer so for unknown tokens, so the lookup counts as a
-    /// try at a token (charged to the client), unlike a source that could not answer at all.
+    /// The source did answer, refusing the bridge's lookups (an API's 401, 403, 408, 429) or
+    /// with nothing usable (a 5xx, a redirect, no target): an API written for websockify may
+    /// answer so for unknown tokens, so the lookup counts as a try at a token (charged to the
+    /// client), unlike a source that could not answer at all.
     pub answered: bool,
 }
 

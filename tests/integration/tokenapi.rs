@@ -410,6 +410,45 @@ async fn an_api_refusing_the_bridge_is_unavailable_not_an_unknown_token() {
     bridge.stop().await;
 }
 
+/// An API that answers unknown tokens with something unusable (a 500 from a lookup that
+/// raised, a redirect, a 2xx with no target) still answered: the page gets 503 (the token may
+/// exist) but the try stays charged, so guesses meet the brake after ten. Found by an auth
+/// review: such answers were refunded as "no answer", and 2,000 guesses from one address in 9 s
+/// all got 503, the valid token 101: an oracle with no brake. An API that does not answer at
+/// all (the connection refused) is still refunded (pages retrying through an outage).
+#[tokio::test]
+async fn an_api_answering_guesses_with_errors_is_still_braked() {
+    let (echo, _) = echo_backend().await;
+    for (what, answer) in [
+        ("a 500", (500, String::new())),
+        ("a redirect", (302, String::new())),
+        ("a 200 with no target", (200, "{\"error\": \"no such token\"}".to_owned())),
+    ] {
+        let api = Api::start(move |path| {
+            let token = path.rsplit('=').next().unwrap_or("");
+            Some(match token {
+                "desk" => (200, json(echo)),
+                _ => answer.clone(),
+            })
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = format!(
+            "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
+            only(echo),
+            api.addr
+        );
+        let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+        let mut statuses = Vec::new();
+        for i in 0..11 {
+            statuses.push(status_of(&answer_for(&bridge, &format!("guess-{i}")).await));
+        }
+        assert_eq!(statuses[..10], [503; 10], "{what}: {statuses:?}");
+        assert_eq!(statuses[10], 429, "{what}: {statuses:?}");
+        bridge.stop().await;
+    }
+}
+
 /// Two API sources, one down: a lookup the other one answered ("no such token") was a real
 /// guess, so its 503 stays charged and the brake comes on after ten, as with both up.
 #[tokio::test]
