@@ -233,6 +233,13 @@ impl Inner {
                     *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
                     self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
                 }
+                // Gone: removing the file of a leaked key is how one revokes it, so no key is in
+                // force (every token refused) until a file is there again.
+                Some(Err(e)) if now.is_none() => {
+                    tracing::warn!(error = %e, "JWT key file gone: every token is refused until it is back");
+                    *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Vec::new());
+                    self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
+                }
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "JWT key reload failed; the keys in force stay");
                     self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
@@ -531,5 +538,13 @@ mod tests {
         std::fs::write(&file, "short").unwrap();
         v.reload_now();
         assert!(v.check(Some(&sign(&b))).is_ok(), "a broken file keeps the keys in force");
+        // A file removed (a leaked key revoked so) leaves no key in force, until one is back
+        // (an auth review: its tokens were still accepted).
+        std::fs::remove_file(&file).unwrap();
+        v.reload_now();
+        assert!(v.check(Some(&sign(&b))).is_err(), "no key once the file is gone");
+        std::fs::write(&file, &a).unwrap();
+        v.reload_now();
+        assert!(v.check(Some(&sign(&a))).is_ok());
     }
 }
