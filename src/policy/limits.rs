@@ -58,6 +58,9 @@ pub struct PerAddress {
     hasher: RandomState,
     /// When the table last said it was full.
     overflow_logged: Mutex<Option<Instant>>,
+    /// For a table of failed attempts: a budget per IPv6 /48 besides each /64's (see
+    /// [`PerAddress::with_networks`]).
+    networks: Option<Arc<PerAddress>>,
 }
 
 /// The limits and the slots, under one lock.
@@ -165,6 +168,10 @@ const PROBES: usize = 8;
 impl PerAddress {
     /// A table of `capacity` slots (rounded up to a power of two, at least 1,024).
     pub fn new(limits: AddressLimits, capacity: usize) -> Arc<PerAddress> {
+        Arc::new(PerAddress::table(limits, capacity))
+    }
+
+    fn table(limits: AddressLimits, capacity: usize) -> PerAddress {
         let overflow = Entry {
             key: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
             sessions: 0,
@@ -172,7 +179,7 @@ impl PerAddress {
             refilled: Instant::now(),
         };
         let overflow = vec![overflow; OVERFLOW_BUDGETS];
-        Arc::new(PerAddress {
+        PerAddress {
             table: Mutex::new(Table {
                 limits,
                 slots: vec![None; table_len(capacity)],
@@ -180,7 +187,28 @@ impl PerAddress {
             }),
             hasher: RandomState::new(),
             overflow_logged: Mutex::new(None),
+            networks: None,
+        }
+    }
+
+    /// A table of failed attempts (`try_charge`, `refund`, `failed`) with a second budget, per
+    /// IPv6 /48 ([`network_key`]), with `limits`, charged beside each /64's own: one /48 holds
+    /// 65,536 /64s, each of which would get a budget of its own, so a client that takes a new
+    /// /64 for each guess (a tunnel broker hands out /48s) would guess thousands of times
+    /// faster than one address may. IPv4 addresses are charged as before.
+    pub fn with_networks(limits: AddressLimits, capacity: usize, networks: AddressLimits) -> Arc<PerAddress> {
+        Arc::new(PerAddress {
+            networks: Some(PerAddress::new(networks, capacity)),
+            ..PerAddress::table(limits, capacity)
         })
+    }
+
+    /// The network budget `ip` is charged to beside its own, if any.
+    fn network_of(&self, ip: IpAddr) -> Option<(&PerAddress, IpAddr)> {
+        match (self.networks.as_deref(), ip.to_canonical()) {
+            (Some(networks), IpAddr::V6(v6)) => Some((networks, network_key(IpAddr::V6(v6)))),
+            _ => None,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -356,7 +384,15 @@ impl PerAddress {
 
     fn try_charge_at(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
         let key = address_key(ip);
-        self.in_budget(ip, now, |entry, limits, _| spend(entry, limits, key))
+        self.in_budget(ip, now, |entry, limits, _| spend(entry, limits, key))?;
+        if let Some((networks, net)) = self.network_of(ip) {
+            if let Err(r) = networks.try_charge_at(net, now) {
+                // Not tried: the address's own try is given back.
+                self.in_budget(ip, now, |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
+                return Err(r);
+            }
+        }
+        Ok(())
     }
 
     /// [`PerAddress::try_charge`] for a key that has a budget of its own only while the table
@@ -376,6 +412,9 @@ impl PerAddress {
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
     pub fn refund(&self, ip: IpAddr) {
         self.in_budget(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
+        if let Some((networks, net)) = self.network_of(ip) {
+            networks.refund(net);
+        }
     }
 
     /// Whether `ip` may try to authenticate now (its budget is not spent): a look, which takes
@@ -386,6 +425,9 @@ impl PerAddress {
     /// # Errors
     /// A 429 [`Refusal`] with `Retry-After`.
     pub fn may_try(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if let Some((networks, net)) = self.network_of(ip) {
+            networks.may_try(net)?;
+        }
         let (tokens, rate) = self.tokens_and_rate(ip, Instant::now());
         if tokens >= 1.0 {
             return Ok(());
@@ -403,7 +445,11 @@ impl PerAddress {
     /// full bucket for an address the table does not hold), read under one lock and changing
     /// nothing.
     pub fn tokens_of(&self, ip: IpAddr) -> f64 {
-        self.tokens_and_rate(ip, Instant::now()).0
+        let own = self.tokens_and_rate(ip, Instant::now()).0;
+        match self.network_of(ip) {
+            Some((networks, net)) => own.min(networks.tokens_of(net)),
+            None => own,
+        }
     }
 
     /// [`PerAddress::tokens_of`], with the rate they refill at: the shared budget's for an
@@ -441,6 +487,9 @@ impl PerAddress {
 
     fn failed_at(&self, ip: IpAddr, now: Instant) {
         self.in_budget(ip, now, |entry, _, _| entry.tokens = (entry.tokens - 1.0).max(0.0));
+        if let Some((networks, net)) = self.network_of(ip) {
+            networks.failed_at(net, now);
+        }
     }
 
     /// Runs `f` on the budget of attempts of `ip`'s key: its own counters (see `in_table`), or,
@@ -672,6 +721,15 @@ fn spend(entry: &mut Entry, limits: AddressLimits, key: IpAddr) -> Result<(), Re
     Ok(())
 }
 
+/// An IPv6 address's /48, the network a failed-attempt table's second budget counts (see
+/// [`PerAddress::with_networks`]); an IPv4 address itself.
+pub fn network_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 80) - 1))),
+        v4 => v4,
+    }
+}
+
 /// What an address is counted as, here and wherever the per-address caps' unit matters (the
 /// agents connected from an address): an IPv4 address (IPv4-mapped IPv6 included) itself, an
 /// IPv6 address its /64.
@@ -685,6 +743,47 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that takes a new IPv6 /64 for each guess (a tunnel broker's /48 holds 65,536)
+    /// is held to its /48's budget: ten addresses' worth (an auth review guessed ~1,000 times a
+    /// second so, against ten and one per 6 s for one address). Another /48, an IPv4 address,
+    /// and the same /48 once its tries are given back (right credentials) are not slowed.
+    #[test]
+    fn new_64s_of_one_48_share_its_budget() {
+        let own = AddressLimits {
+            rate: Some(1.0 / 6.0),
+            burst: 10,
+            ..Default::default()
+        };
+        let networks = AddressLimits {
+            rate: Some(10.0 / 6.0),
+            burst: 100,
+            ..Default::default()
+        };
+        let t = PerAddress::with_networks(own, 4096, networks);
+        let now = Instant::now();
+        let in_48 = |i: u32| -> IpAddr { format!("2001:db8:1:{i:x}::1").parse().unwrap() };
+        for i in 0..100 {
+            assert!(t.try_charge_at(in_48(i), now).is_ok(), "guess {i}");
+        }
+        let spent = t.try_charge_at(in_48(100), now).unwrap_err();
+        assert_eq!(spent.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(t.may_try(in_48(101)).is_err() && t.tokens_of(in_48(101)) < 1.0);
+        // Its own /64's budget was given back with the refusal: nothing charged there.
+        let own_100 = address_key(in_48(100));
+        assert!(t
+            .lock()
+            .slots
+            .iter()
+            .flatten()
+            .filter(|e| e.key == own_100)
+            .all(|e| e.tokens >= 10.0 - 1e-9));
+        assert!(t.try_charge_at("2001:db8:2::1".parse().unwrap(), now).is_ok(), "another /48");
+        assert!(t.try_charge_at("192.0.2.1".parse().unwrap(), now).is_ok(), "IPv4");
+        // Right credentials give their tries back to both budgets.
+        t.refund(in_48(7));
+        assert!(t.try_charge_at(in_48(7), now).is_ok());
+    }
 
     #[test]
     fn sessions_per_address_are_capped_and_given_back() {

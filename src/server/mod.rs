@@ -138,6 +138,17 @@ const AUTH_FAILURES: AddressLimits = AddressLimits {
     connections: false,
 };
 
+/// Failed attempts from one IPv6 /48 across its /64s (each of which has [`AUTH_FAILURES`] of its
+/// own): ten addresses' worth at once, forgiven ten times as fast as one address's, so that an
+/// office or a provider's customers in one /48 are not slowed by one another's typos, while a
+/// client that takes a new /64 for each guess gets no more than that.
+const NETWORK_FAILURES: AddressLimits = AddressLimits {
+    max_sessions: None,
+    rate: Some(10.0 / 6.0),
+    burst: 100,
+    connections: false,
+};
+
 /// Who a connection comes from: the client's address (from a PROXY header on a listener that
 /// takes one, else the TCP peer's; `X-Forwarded-For` refines it later on a listener that trusts
 /// proxies) and, when a route sends its backend a PROXY header, the address it reached.
@@ -180,7 +191,7 @@ impl Bridge {
                 listeners: config.listeners.clone(),
                 admin: RwLock::default(),
                 tls: Mutex::default(),
-                failures: PerAddress::new(AUTH_FAILURES, 4096),
+                failures: PerAddress::with_networks(AUTH_FAILURES, 4096, NETWORK_FAILURES),
                 lookups: crate::policy::Lookups::default(),
                 metrics: Arc::default(),
                 serving: Default::default(),
