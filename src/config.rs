@@ -1084,6 +1084,29 @@ struct RawConfig {
     admin: Option<admin::RawAdmin>,
 }
 
+/// A list field (`origins`, `subprotocols`): a single string there is answered with how to write
+/// it as a list (serde's words were "invalid type: string, expected a sequence").
+fn listed<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Vec<T>>, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of strings")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(t) = seq.next_element()? {
+                out.push(t);
+            }
+            Ok(out)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<T>, E> {
+            Err(E::custom(format!("a list, even of one: write [{v:?}]")))
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData)).map(Some)
+}
+
 /// The file's tables in the shape each takes: `[[route]]` (a list, one table for each) or
 /// `[timeouts]` (one table). Written the other way, serde's message would be "invalid type: map,
 /// expected a sequence"; these say which brackets to write.
@@ -1174,6 +1197,7 @@ struct RawListener {
     web_auth: Option<policy::RawAuth>,
     web_client_cn: Option<Vec<String>>,
     tls: Option<RawTls>,
+    #[serde(default, deserialize_with = "listed")]
     origins: Option<Vec<policy::RuleDe>>,
     #[serde(default)]
     proxy_protocol: bool,
@@ -1236,11 +1260,13 @@ struct RawRoute {
     token: Option<Spanned<String>>,
     target: Target,
     framing: Option<Framing>,
+    #[serde(default, deserialize_with = "listed")]
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
     max_sessions: Option<Count<usize>>,
     client_cn: Option<Vec<String>>,
     backend_tls: Option<RawBackendTls>,
+    #[serde(default, deserialize_with = "listed")]
     origins: Option<Vec<policy::RuleDe>>,
     require_origin: Option<bool>,
     allow: Option<Vec<policy::NetDe>>,
@@ -1268,11 +1294,13 @@ struct RawTokens {
     lookup: TokenLookup,
     format: Option<Spanned<TokenFormat>>,
     framing: Option<Framing>,
+    #[serde(default, deserialize_with = "listed")]
     subprotocols: Option<Vec<String>>,
     max_message_size: Option<Size>,
     max_sessions: Option<Count<usize>>,
     client_cn: Option<Vec<String>>,
     backend_tls: Option<RawBackendTls>,
+    #[serde(default, deserialize_with = "listed")]
     origins: Option<Vec<policy::RuleDe>>,
     require_origin: Option<bool>,
     allow: Option<Vec<policy::NetDe>>,
@@ -2908,6 +2936,22 @@ mod tests {
         // The tables still read as before when written right, unknown keys and all.
         let e = parse("[[listen]]\naddr = 1\n[timeouts]\nping = \"30s\"\n").unwrap_err().to_string();
         assert!(e.contains("line 4") && e.contains("unknown field `ping`"), "{e}");
+    }
+
+    /// A list field written as one string says how to write it as a list (not serde's
+    /// "expected a sequence").
+    #[test]
+    fn lists_written_as_one_string_say_how_to_write_them() {
+        let base = "[[listen]]\naddr = 1\n[[route]]\npath = \"/\"\ntarget = \"h:1\"\n";
+        for (extra, want) in [
+            ("origins = \"https://a.example\"\n", "write [\"https://a.example\"]"),
+            ("subprotocols = \"binary\"\n", "write [\"binary\"]"),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("line 6") && !e.contains("sequence"), "{extra}\n{e}");
+        }
+        let ok = parse(&format!("{base}origins = [\"https://a.example\"]\nsubprotocols = [\"binary\"]\n")).unwrap();
+        assert_eq!(ok.routes[0].options.subprotocols, ["binary"]);
     }
 
     /// Counts, durations, sizes and ports say what to write, never a Rust type (`expected
