@@ -155,14 +155,17 @@ pub async fn serve<S: IntoLink>(
     // cannot all start before the first failure counts, and alike for every name, declared or
     // not (see [`Registry::charge`]): the answers tell no names apart, and a braked flood does
     // not reach the fleet files' lock.
-    // A data link with its connection's link key (see link::ControlMessage::Hello): no secret
-    // to check and nothing to charge, so that failed logins as this agent from its own address
-    // (someone else behind the shop's NAT) cannot keep its pool from being refilled.
+    // A data link with its connection's link key (see link::ControlMessage::Hello) and the
+    // secret that connection logged in with: nothing to charge, so that failed logins as this
+    // agent from its own address (someone else behind the shop's NAT) cannot keep its pool from
+    // being refilled. The key alone opens nothing (a proxy's log may show a header): the secret
+    // is checked against the connection's own digest, no fleet lookup.
     let keyed = match kind {
         Kind::Link(_) => headers
             .get(link::LINK_KEY_HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|key| registry.link_key_owner(name, key)),
+            .and_then(|key| registry.link_key_owner(name, key))
+            .filter(|digest| link::secret_matches(secret, digest)),
         Kind::Control(_) => None,
     };
     let digest = if let Some(digest) = keyed {

@@ -821,8 +821,9 @@ impl Registry {
 
     /// The SHA-256 of the secret the agent `name` is connected with, when `key` is its
     /// connection's link key (compared by digest, in constant time): a data link that carries
-    /// it needs no secret check and takes nothing from the brake. A 256-bit random key is not
-    /// guessed, so no brake is owed for trying one.
+    /// it, and that secret, takes nothing from the brake. A 256-bit random key is not guessed,
+    /// so no brake is owed for trying one; the secret is still asked for, as the key travels in
+    /// a header a proxy's log may keep.
     pub fn link_key_owner(&self, name: &str, key: &str) -> Option<[u8; 32]> {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let a = agents.get(name)?;
@@ -1180,9 +1181,21 @@ impl Default for Brake {
                 4096,
             )
         };
+        let limits = |per: Duration, burst| crate::policy::AddressLimits {
+            max_sessions: None,
+            rate: Some(1.0 / per.as_secs_f64()),
+            burst,
+            connections: false,
+        };
         Brake {
             names: bucket(BRAKE_REFILL, BRAKE_BURST),
-            addresses: bucket(ADDRESS_BRAKE_REFILL, ADDRESS_BRAKE_BURST),
+            // With a budget per IPv6 /48 beside each /64's (ten addresses' worth): a client that
+            // takes a new /64 for each guess is held to it.
+            addresses: crate::policy::PerAddress::with_networks(
+                limits(ADDRESS_BRAKE_REFILL, ADDRESS_BRAKE_BURST),
+                4096,
+                limits(ADDRESS_BRAKE_REFILL / 10, ADDRESS_BRAKE_BURST * 10),
+            ),
             warnings: bucket(BRAKE_WARNING, 1),
             hasher: Default::default(),
         }
@@ -1192,6 +1205,19 @@ impl Default for Brake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// New /64s of one IPv6 /48, each with a wrong secret, are held to the /48's budget (ten
+    /// addresses' worth), as on browser routes (a review: 500 of 500 were tried unbraked).
+    #[test]
+    fn new_64s_of_one_48_are_braked_together() {
+        let registry = Registry::default();
+        let in_48 = |i: u32| -> IpAddr { format!("2001:db8:1:{i:x}::1").parse().unwrap() };
+        let tried = (0..ADDRESS_BRAKE_BURST * 10 + 50)
+            .filter(|&i| registry.charge(in_48(i), "shop-17").is_ok())
+            .count();
+        assert!(tried as u32 <= ADDRESS_BRAKE_BURST * 10 + 2, "{tried}");
+        assert!(registry.charge("2001:db8:2::1".parse().unwrap(), "shop-17").is_ok(), "another /48");
+    }
 
     #[test]
     fn the_brake_slows_an_address_after_a_burst_of_failures() {

@@ -304,9 +304,19 @@ impl BasicUsers {
             }
             let at = || format!("{}:{}", path.display(), i + 1);
             let (user, hash) = line.split_once(':').ok_or_else(|| format!("{}: expected USER:HASH", at()))?;
+            let cost = hash.get(4..6).and_then(|c| c.parse::<u32>().ok());
             if !(hash.starts_with("$2y$") || hash.starts_with("$2b$") || hash.starts_with("$2a$")) {
                 return Err(format!(
                     "{}: user {user:?} does not have a bcrypt hash (make it with `htpasswd -B`); MD5, SHA-1 and crypt hashes are refused",
+                    at()
+                ));
+            }
+            // A hash bcrypt cannot check (a cost outside 4-31, cut short) is a mistake in the
+            // file, not a user who can never log in; and it would leave the stand-in for unknown
+            // users unmade.
+            if !cost.is_some_and(|c| (4..=31).contains(&c)) || hash.len() != 60 {
+                return Err(format!(
+                    "{}: user {user:?}: not a bcrypt hash (`$2y$COST$` and 53 more characters)",
                     at()
                 ));
             }
@@ -492,5 +502,12 @@ mod tests {
         );
         let single = BasicUsers::single("admin:pw").unwrap();
         assert!(matches!(single.unknown, Password::Plain(_)));
+        // A hash bcrypt cannot check (cost 99, cut short) is refused at load: it made the
+        // stand-in empty, an unknown user answered in no time (a review).
+        for bad in [format!("$2y$99${}", "a".repeat(53)), "$2y$10$short".to_owned()] {
+            std::fs::write(&file, format!("alice:{low}\ncarol:{bad}\n")).unwrap();
+            let e = BasicUsers::htpasswd(&file).unwrap_err();
+            assert!(e.contains(":2:") && e.contains("not a bcrypt hash"), "{e}");
+        }
     }
 }

@@ -235,7 +235,10 @@ impl Inner {
                 }
                 // Gone: removing the file of a leaked key is how one revokes it, so no key is in
                 // force (every token refused) until a file is there again.
-                Some(Err(e)) if now.is_none() => {
+                Some(Err(e))
+                    if now.is_none()
+                        && std::fs::metadata(self.settings.keys.path()).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+                {
                     tracing::warn!(error = %e, "JWT key file gone: every token is refused until it is back");
                     *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Vec::new());
                     self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;

@@ -16,9 +16,10 @@
 //!   or no answer within the lookup deadline: the source is down or broken, and the handshake gets
 //!   503 ([`Unavailable`]), never a hang and never a 404 (a token that may well exist is not
 //!   called unknown). A warning names the source by its URL with `%s` in it and the token by its
-//!   keyed hash, never the token. Of these, an answer the API did give (a status, a body) keeps
-//!   the client's try charged, as an API written for websockify may answer unknown tokens so;
-//!   only no answer at all gives it back.
+//!   keyed hash, never the token. Of these, an answer the API did give (a status, a body, or a
+//!   request taken and the connection closed without an answer) keeps the client's try charged,
+//!   as an API written for websockify may answer unknown tokens so; no answer at all (refused,
+//!   TLS, the deadline) and a gateway's or an overloaded API's 502, 503, 504 give it back.
 //!
 //! **Deadline.** One deadline ([`ApiTokenSource::lookup_timeout`]) covers everything a lookup
 //! waits for: a free lookup slot, resolving and connecting, TLS, the request, the answer's head
@@ -77,6 +78,10 @@ enum Reply {
     /// token, charged to the client like any other; read as "no answer", it was refunded, and
     /// a client could try tokens without end, the 503s telling the valid ones (the 101s) apart.
     Broken(String),
+    /// A gateway's or an overloaded API's answer (502, 503, 504): the API is down, not judging
+    /// the token; given back like no answer, so pages retrying through an outage are not
+    /// slowed once it is over.
+    Down(String),
 }
 
 /// A connection to the API, plain or TLS.
@@ -191,6 +196,7 @@ impl ApiTokens {
                     ..self.unavailable(token, problem)
                 })
             }
+            Reply::Down(problem) => return Err(self.unavailable(token, problem)),
         };
         let allowed = (self.settings.allow_targets.as_ref()).is_none_or(|rules| targets::allowed(rules, &host, port));
         let target = Target::Tcp { host, port };
@@ -246,7 +252,10 @@ impl ApiTokens {
                     tracing::debug!(source = %self.name, error = %e, "token API: a kept connection failed; asking on another");
                     continue;
                 }
-                Err(e) => return Err(format!("the request failed: {e}")),
+                // The API took the connection and the request, and closed it without an answer:
+                // what a handler that raised on an unknown token does (an answer, charged; else
+                // a client could try tokens without end, the valid ones told by their 101).
+                Err(e) => return Ok(Reply::Broken(format!("the request got no answer: {e}"))),
             };
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER).collect().await;
@@ -289,6 +298,12 @@ impl ApiTokens {
             return Reply::Broken(format!(
                 "answered {status}: redirects are not followed (give the URL the API answers at)"
             ));
+        }
+        if matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ) {
+            return Reply::Down(format!("answered {status}"));
         }
         if !status.is_success() {
             return Reply::Broken(format!("answered {status}"));

@@ -3621,3 +3621,43 @@ async fn failed_logins_from_an_agents_address_do_not_keep_its_links_out() {
         held.push(page);
     }
 }
+
+/// A data link's link key spares it the brake only beside its connection's secret: the key alone
+/// (a header a proxy's log may show) opens nothing, and a key of another connection (stale after
+/// a reconnect) neither. A review found that the key alone got a 101, and the next page's
+/// session.
+#[tokio::test]
+async fn a_link_key_alone_opens_no_data_link() {
+    use wsbridge::agent::registry::BRAKE_BURST;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let key = "ab".repeat(32);
+    let mut control = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/agent", bridge.addr).into_client_request().unwrap();
+        let h = request.headers_mut();
+        h.insert("sec-websocket-protocol", "wsbridge-agent.v1".parse().unwrap());
+        h.insert("x-wsbridge-agent", "shop-17".parse().unwrap());
+        h.insert("authorization", format!("Bearer {SECRET}").parse().unwrap());
+        let (mut control, _) = within("the control link", tokio_tungstenite::connect_async(request)).await.unwrap();
+        let hello = format!(r#"{{"type":"hello","name":"shop-17","services":["pos"],"version":3,"link_key":"{key}"}}"#);
+        control.send(Message::text(hello)).await.unwrap();
+        control
+    };
+    let want = within("want", control.next()).await.unwrap().unwrap();
+    assert!(want.to_text().unwrap().contains("\"want\""), "{want:?}");
+    let link = |key: &str, secret: &str| {
+        format!(
+            "GET /agent HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Agent: shop-17\r\nX-Wsbridge-Link-Key: {key}\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        )
+    };
+    for _ in 0..BRAKE_BURST {
+        let r = http_raw(bridge.addr, link(&key, "wrong").as_bytes()).await;
+        assert_eq!(status_of(&r), 401, "the key with a wrong secret: {r}");
+    }
+    let r = http_raw(bridge.addr, link(&key, "wrong").as_bytes()).await;
+    assert_eq!(status_of(&r), 429, "{r}");
+    let r = http_raw(bridge.addr, link(&"cd".repeat(32), SECRET).as_bytes()).await;
+    assert_eq!(status_of(&r), 429, "another key is no key: the brake holds: {r}");
+    let (_link, head) = raw_upgrade(bridge.addr, link(&key, SECRET).as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "the key and the secret, braked or not: {head}");
+}

@@ -108,6 +108,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, answers: Answers, he
             return;
         }
         match answers(&path) {
+            // Closed without an answer, as a handler that raised.
+            Some((0, _)) => return,
             Some((status, body)) => {
                 let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}", body.len());
                 if s.write_all(answer.as_bytes()).await.is_err() {
@@ -423,6 +425,8 @@ async fn an_api_answering_guesses_with_errors_is_still_braked() {
         ("a 500", (500, String::new())),
         ("a redirect", (302, String::new())),
         ("a 200 with no target", (200, "{\"error\": \"no such token\"}".to_owned())),
+        // A review: a handler that raises closes the connection with no answer at all.
+        ("the connection closed without an answer", (0, String::new())),
     ] {
         let api = Api::start(move |path| {
             let token = path.rsplit('=').next().unwrap_or("");
@@ -447,6 +451,37 @@ async fn an_api_answering_guesses_with_errors_is_still_braked() {
         assert_eq!(statuses[10], 429, "{what}: {statuses:?}");
         bridge.stop().await;
     }
+}
+
+/// A gateway in front of an API that is down answers 502 (503, 504 alike): the API is down, not
+/// judging tokens, so the tries are given back and a page retrying through the outage is let
+/// in at once when it is over (a review: it met 429 first).
+#[tokio::test]
+async fn a_gateways_502_is_an_outage_and_costs_no_tries() {
+    let (echo, _) = echo_backend().await;
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let api = {
+        let up = up.clone();
+        Api::start(move |_| match up.load(Ordering::SeqCst) {
+            true => Some((200, json(echo))),
+            false => Some((502, String::new())),
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    for _ in 0..12 {
+        let r = answer_for(&bridge, "desk").await;
+        assert_eq!(status_of(&r), 503, "{r}");
+    }
+    up.store(true, Ordering::SeqCst);
+    echoes(&bridge, "desk").await;
+    bridge.stop().await;
 }
 
 /// Two API sources, one down: a lookup the other one answered ("no such token") was a real
