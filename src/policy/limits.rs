@@ -61,7 +61,18 @@ pub struct PerAddress {
     /// For a table of failed attempts: a budget per IPv6 /48 besides each /64's (see
     /// [`PerAddress::with_networks`]).
     networks: Option<Arc<PerAddress>>,
+    /// With `networks`: the keys (/64s) that gave a try back lately (their credentials were
+    /// right), which a spent network budget does not slow: someone in the same /48 who spends
+    /// it with wrong guesses from ever new /64s locks out only those that have not proved
+    /// themselves. Bounded ([`PROVEN_MAX`], cleared when full).
+    proven: Mutex<HashMap<IpAddr, Instant>>,
 }
+
+/// How long a /64 whose credentials were right is not slowed by its /48's spent budget.
+const PROVEN_FOR: Duration = Duration::from_secs(600);
+
+/// The most /64s remembered as proven at once.
+const PROVEN_MAX: usize = 4096;
 
 /// The limits and the slots, under one lock.
 #[derive(Debug)]
@@ -188,6 +199,7 @@ impl PerAddress {
             hasher: RandomState::new(),
             overflow_logged: Mutex::new(None),
             networks: None,
+            proven: Mutex::default(),
         }
     }
 
@@ -203,11 +215,15 @@ impl PerAddress {
         })
     }
 
-    /// The network budget `ip` is charged to beside its own, if any.
+    /// The network budget `ip` is charged to beside its own, if any: none for an IPv4 address,
+    /// and none for a /64 that proved itself lately (see `proven`).
     fn network_of(&self, ip: IpAddr) -> Option<(&PerAddress, IpAddr)> {
-        match (self.networks.as_deref(), ip.to_canonical()) {
-            (Some(networks), IpAddr::V6(v6)) => Some((networks, network_key(IpAddr::V6(v6)))),
-            _ => None,
+        let networks = self.networks.as_deref()?;
+        let IpAddr::V6(v6) = ip.to_canonical() else { return None };
+        let proven = self.proven.lock().unwrap_or_else(|p| p.into_inner());
+        match proven.get(&address_key(ip)) {
+            Some(at) if at.elapsed() < PROVEN_FOR => None,
+            _ => Some((networks, network_key(IpAddr::V6(v6)))),
         }
     }
 
@@ -412,9 +428,18 @@ impl PerAddress {
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
     pub fn refund(&self, ip: IpAddr) {
         self.in_budget(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
+        if self.networks.is_none() || !ip.to_canonical().is_ipv6() {
+            return;
+        }
+        // The network's try back where one was taken (not for a /64 already proven).
         if let Some((networks, net)) = self.network_of(ip) {
             networks.refund(net);
         }
+        let mut proven = self.proven.lock().unwrap_or_else(|p| p.into_inner());
+        if proven.len() >= PROVEN_MAX {
+            proven.clear();
+        }
+        proven.insert(address_key(ip), Instant::now());
     }
 
     /// Whether `ip` may try to authenticate now (its budget is not spent): a look, which takes
@@ -780,9 +805,18 @@ mod tests {
             .all(|e| e.tokens >= 10.0 - 1e-9));
         assert!(t.try_charge_at("2001:db8:2::1".parse().unwrap(), now).is_ok(), "another /48");
         assert!(t.try_charge_at("192.0.2.1".parse().unwrap(), now).is_ok(), "IPv4");
-        // Right credentials give their tries back to both budgets.
+        // Right credentials give their tries back to both budgets, and their /64 is not slowed
+        // by the spent /48 for a while (a review: a neighbour in the /48 spending it locked out
+        // everyone there); other /64s of the /48 still are.
         t.refund(in_48(7));
-        assert!(t.try_charge_at(in_48(7), now).is_ok());
+        for _ in 0..5 {
+            assert!(t.try_charge_at(in_48(7), now).is_ok());
+            t.refund(in_48(7));
+        }
+        assert!(t.may_try(in_48(7)).is_ok());
+        // The one try the first refund gave back to the /48, then no more.
+        assert!(t.try_charge_at(in_48(500), now).is_ok());
+        assert!(t.try_charge_at(in_48(501), now).is_err(), "a /64 that proved nothing");
     }
 
     #[test]
