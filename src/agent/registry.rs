@@ -675,7 +675,7 @@ impl Registry {
             self.brake.names.refund(key);
         }
         if login.address {
-            self.brake.addresses.refund(login.ip);
+            self.brake.addresses.proved(login.ip);
         }
     }
 

@@ -322,7 +322,9 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     // Where it was checked against something (inline, JWT or file tokens, another source that
     // answered, an API that refused the lookup) the try stays charged, or guesses at those would
     // be free for as long as the source is down.
-    if names_token && (looked_up.is_ok() || matches!(looked_up, Err(Miss::Unavailable { checked: false, .. }))) {
+    if names_token && looked_up.is_ok() {
+        ctx.failures.proved(ctx.client);
+    } else if names_token && matches!(looked_up, Err(Miss::Unavailable { checked: false, .. })) {
         ctx.failures.refund(ctx.client);
     }
     // Ended, with its try given back or not: the address's handshakes waiting for it go on.
@@ -379,7 +381,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
             }
             match auth.check(&creds).await {
                 Ok(who) => {
-                    ctx.failures.refund(ctx.client);
+                    ctx.failures.proved(ctx.client);
                     Some(who)
                 }
                 Err(r) => return refused(&route, r, Some(auth.challenge())),
@@ -478,7 +480,7 @@ async fn web_access<'w>(guard: &WebGuard, request: &Request<()>, routes: &RouteT
     }
     match auth.check(&creds).await {
         Ok(_) => {
-            ctx.failures.refund(ctx.client);
+            ctx.failures.proved(ctx.client);
             None
         }
         Err(r) => Some(answer_refusal("static files", r, Some(auth.challenge()))),

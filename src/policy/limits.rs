@@ -428,12 +428,19 @@ impl PerAddress {
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
     pub fn refund(&self, ip: IpAddr) {
         self.in_budget(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
-        if self.networks.is_none() || !ip.to_canonical().is_ipv6() {
-            return;
-        }
         // The network's try back where one was taken (not for a /64 already proven).
         if let Some((networks, net)) = self.network_of(ip) {
             networks.refund(net);
+        }
+    }
+
+    /// [`PerAddress::refund`] for a try whose credentials were right (a token found, a
+    /// password that matched): with networks, its /64 is also remembered as proven (see
+    /// `proven`). Not for a try given back for any other reason (a source that did not answer).
+    pub fn proved(&self, ip: IpAddr) {
+        self.refund(ip);
+        if self.networks.is_none() || !ip.to_canonical().is_ipv6() {
+            return;
         }
         let mut proven = self.proven.lock().unwrap_or_else(|p| p.into_inner());
         if proven.len() >= PROVEN_MAX {
@@ -808,10 +815,10 @@ mod tests {
         // Right credentials give their tries back to both budgets, and their /64 is not slowed
         // by the spent /48 for a while (a review: a neighbour in the /48 spending it locked out
         // everyone there); other /64s of the /48 still are.
-        t.refund(in_48(7));
+        t.proved(in_48(7));
         for _ in 0..5 {
             assert!(t.try_charge_at(in_48(7), now).is_ok());
-            t.refund(in_48(7));
+            t.proved(in_48(7));
         }
         assert!(t.may_try(in_48(7)).is_ok());
         // The one try the first refund gave back to the /48, then no more.
