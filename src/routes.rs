@@ -426,6 +426,12 @@ impl RouteTable {
         self.takes_host_tokens() && host_of(request).is_some()
     }
 
+    /// Whether `route` is the any-path route (what a request that names no route, or a host
+    /// that is no token, reaches): finding it proves no credential.
+    pub fn is_any_path(&self, route: &Arc<Route>) -> bool {
+        self.any_path.as_ref().is_some_and(|a| Arc::ptr_eq(a, route))
+    }
+
     /// Whether a token source takes tokens from the Host header (`lookup = "host"`).
     fn takes_host_tokens(&self) -> bool {
         self.sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Host)

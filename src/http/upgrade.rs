@@ -322,10 +322,12 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     // Where it was checked against something (inline, JWT or file tokens, another source that
     // answered, an API that refused the lookup) the try stays charged, or guesses at those would
     // be free for as long as the source is down.
-    if names_token && looked_up.is_ok() {
-        ctx.failures.proved(ctx.client);
-    } else if names_token && matches!(looked_up, Err(Miss::Unavailable { checked: false, .. })) {
-        ctx.failures.refund(ctx.client);
+    match &looked_up {
+        // A token found proves the client (its /64 passes a spent /48 budget for a while); the
+        // any-path route reached by a host that is no token proves nothing, and costs nothing.
+        Ok(route) if names_token && !routes.is_any_path(route) => ctx.failures.proved(ctx.client),
+        Ok(_) | Err(Miss::Unavailable { checked: false, .. }) if names_token => ctx.failures.refund(ctx.client),
+        _ => {}
     }
     // Ended, with its try given back or not: the address's handshakes waiting for it go on.
     drop(in_flight);

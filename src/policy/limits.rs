@@ -64,7 +64,7 @@ pub struct PerAddress {
     /// With `networks`: the keys (/64s) that gave a try back lately (their credentials were
     /// right), which a spent network budget does not slow: someone in the same /48 who spends
     /// it with wrong guesses from ever new /64s locks out only those that have not proved
-    /// themselves. Bounded ([`PROVEN_MAX`], cleared when full).
+    /// themselves. Bounded ([`PROVEN_MAX`], [`PROVEN_PER_NETWORK`] per /48).
     proven: Mutex<HashMap<IpAddr, Instant>>,
 }
 
@@ -73,6 +73,9 @@ const PROVEN_FOR: Duration = Duration::from_secs(600);
 
 /// The most /64s remembered as proven at once.
 const PROVEN_MAX: usize = 4096;
+
+/// The most /64s of one /48 remembered as proven at once.
+const PROVEN_PER_NETWORK: usize = 16;
 
 /// The limits and the slots, under one lock.
 #[derive(Debug)]
@@ -442,11 +445,26 @@ impl PerAddress {
         if self.networks.is_none() || !ip.to_canonical().is_ipv6() {
             return;
         }
+        let key = address_key(ip);
         let mut proven = self.proven.lock().unwrap_or_else(|p| p.into_inner());
-        if proven.len() >= PROVEN_MAX {
-            proven.clear();
+        if !proven.contains_key(&key) {
+            // Room is made from what has expired, never by forgetting the others (which anyone
+            // with a valid credential could otherwise wipe, again and again); and a /48 holds
+            // at most PROVEN_PER_NETWORK proven /64s, so that one valid credential used from
+            // ever new /64s does not buy each of them past the /48's budget.
+            if proven.len() >= PROVEN_MAX {
+                proven.retain(|_, at| at.elapsed() < PROVEN_FOR);
+            }
+            let net = network_key(ip);
+            let in_net = proven
+                .iter()
+                .filter(|(k, at)| network_key(**k) == net && at.elapsed() < PROVEN_FOR)
+                .count();
+            if proven.len() >= PROVEN_MAX || in_net >= PROVEN_PER_NETWORK {
+                return;
+            }
         }
-        proven.insert(address_key(ip), Instant::now());
+        proven.insert(key, Instant::now());
     }
 
     /// Whether `ip` may try to authenticate now (its budget is not spent): a look, which takes
@@ -824,6 +842,16 @@ mod tests {
         // The one try the first refund gave back to the /48, then no more.
         assert!(t.try_charge_at(in_48(500), now).is_ok());
         assert!(t.try_charge_at(in_48(501), now).is_err(), "a /64 that proved nothing");
+        // One valid credential used from ever new /64s proves at most 16 of them (a review: each
+        // would otherwise get its own budget past the /48's).
+        let t = PerAddress::with_networks(own, 4096, networks);
+        for i in 1000..1100 {
+            assert!(t.try_charge_at(in_48(i), now).is_ok());
+            t.proved(in_48(i));
+        }
+        assert_eq!(t.proven.lock().unwrap().len(), PROVEN_PER_NETWORK);
+        t.proved("2001:db8:2::1".parse().unwrap());
+        assert_eq!(t.proven.lock().unwrap().len(), PROVEN_PER_NETWORK + 1, "another /48's");
     }
 
     #[test]

@@ -18,8 +18,8 @@
 //!   called unknown). A warning names the source by its URL with `%s` in it and the token by its
 //!   keyed hash, never the token. Of these, an answer the API did give (a status, a body, or a
 //!   request taken and the connection closed without an answer) keeps the client's try charged,
-//!   as an API written for websockify may answer unknown tokens so; no answer at all (refused,
-//!   TLS, the deadline) and a gateway's or an overloaded API's 502, 503, 504 give it back.
+//!   as an API written for websockify may answer unknown tokens so (behind a gateway, as a 502
+//!   or 504); no answer at all (refused, TLS, the deadline) and a 503 give it back.
 //!
 //! **Deadline.** One deadline ([`ApiTokenSource::lookup_timeout`]) covers everything a lookup
 //! waits for: a free lookup slot, resolving and connecting, TLS, the request, the answer's head
@@ -78,9 +78,10 @@ enum Reply {
     /// token, charged to the client like any other; read as "no answer", it was refunded, and
     /// a client could try tokens without end, the 503s telling the valid ones (the 101s) apart.
     Broken(String),
-    /// A gateway's or an overloaded API's answer (502, 503, 504): the API is down, not judging
-    /// the token; given back like no answer, so pages retrying through an outage are not
-    /// slowed once it is over.
+    /// 503 Service Unavailable (an API or its gateway down for maintenance or overloaded): not
+    /// a judgement of the token; given back like no answer, so pages retrying through an outage
+    /// are not slowed once it is over. (Not 502 or 504: behind a gateway, an API that raised or
+    /// hung on an unknown token answers so, and a refund would make guessing free.)
     Down(String),
 }
 
@@ -299,10 +300,7 @@ impl ApiTokens {
                 "answered {status}: redirects are not followed (give the URL the API answers at)"
             ));
         }
-        if matches!(
-            status,
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-        ) {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
             return Reply::Down(format!("answered {status}"));
         }
         if !status.is_success() {

@@ -949,3 +949,40 @@ async fn a_listeners_origins_are_its_routes_default() {
     );
     b.stop().await;
 }
+
+/// New /64s of one IPv6 /48 guessing a bearer token are held to the /48's budget (100), and
+/// reaching the any-path route beside host tokens first proves nothing: a review found that the
+/// any-path fallback of a host that is no token counted as a token found, and every /64 that
+/// asked for it was let past the /48's budget on every route (400 of 400 guesses got 401).
+#[tokio::test]
+async fn new_64s_of_one_48_are_held_to_its_budget_whatever_they_reached_before() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hosts"), "desk1.example: 127.0.0.1:9\n").unwrap();
+    let (b, _) = bridge(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
+         [[route]]\npath = \"/admin\"\ntarget = \"BACKEND\"\nauth = { bearer = [\"the-right-token-0123456789\"] }\n\
+         [[route]]\npath = \"*\"\ntarget = \"BACKEND\"\n\
+         [[tokens]]\nsource = \"hosts\"\nlookup = \"host\"\n",
+        dir.path(),
+    )
+    .await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..130u32 {
+        let from = format!("X-Forwarded-For: 2001:db8:1:{i:x}::1\r\n");
+        // The any-path route (101 while the /48's budget lasts: the host is looked up as a
+        // token, and given back when it is none).
+        let reached = ask(b.addr, "/anything", &from).await;
+        assert!(matches!(status_of(&reached), 101 | 429), "{reached}");
+        let guess = ask(b.addr, "/admin", &format!("{from}Authorization: Bearer wrong-{i}\r\n")).await;
+        *statuses.entry(status_of(&guess)).or_insert(0) += 1;
+    }
+    assert_eq!(statuses, std::collections::BTreeMap::from([(401, 100), (429, 30)]));
+    // Another /48 is not slowed.
+    let other = ask(
+        b.addr,
+        "/admin",
+        "X-Forwarded-For: 2001:db8:2::1\r\nAuthorization: Bearer wrong\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&other), 401, "{other}");
+}
