@@ -210,13 +210,7 @@ async fn an_api_that_is_broken_answers_503_unknown_tokens_404_and_targets_off_th
         })
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = format!(
-        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
-        only(echo),
-        api.addr
-    );
-    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let bridge = api_bridge(echo, api.addr).await;
     echoes(&bridge, "desk").await;
     // Nine misses: each is charged to the address as a guess (ten at once).
     for token in ["error", "unavailable", "redirect", "malformed", "text", "oversized"] {
@@ -388,13 +382,7 @@ async fn an_api_refusing_the_bridge_is_unavailable_not_an_unknown_token() {
         })
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = format!(
-        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
-        only(echo),
-        api.addr
-    );
-    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let bridge = api_bridge(echo, api.addr).await;
     for token in ["throttled", "timed-out", "unauthorized", "forbidden"] {
         let r = answer_for(&bridge, token).await;
         assert_eq!(status_of(&r), 503, "{token}: {r}");
@@ -439,17 +427,8 @@ async fn an_api_answering_guesses_with_errors_is_still_braked() {
             })
         })
         .await;
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = format!(
-            "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
-            only(echo),
-            api.addr
-        );
-        let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
-        let mut statuses = Vec::new();
-        for i in 0..11 {
-            statuses.push(status_of(&answer_for(&bridge, &format!("guess-{i}")).await));
-        }
+        let bridge = api_bridge(echo, api.addr).await;
+        let statuses = eleven_guesses(&bridge).await;
         assert_eq!(statuses[..10], [503; 10], "{what}: {statuses:?}");
         assert_eq!(statuses[10], 429, "{what}: {statuses:?}");
         bridge.stop().await;
@@ -472,13 +451,7 @@ async fn a_503_is_an_outage_and_costs_no_tries() {
         })
         .await
     };
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = format!(
-        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\n",
-        only(echo),
-        api.addr
-    );
-    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let bridge = api_bridge(echo, api.addr).await;
     for _ in 0..12 {
         let r = answer_for(&bridge, "desk").await;
         assert_eq!(status_of(&r), 503, "{r}");
@@ -486,6 +459,25 @@ async fn a_503_is_an_outage_and_costs_no_tries() {
     up.store(true, Ordering::SeqCst);
     echoes(&bridge, "desk").await;
     bridge.stop().await;
+}
+
+/// A bridge whose one token source is the API at `api`, its answers allowed to name `echo`.
+async fn api_bridge(echo: SocketAddr, api: SocketAddr) -> TestBridge {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{api}/t?token=%s\"\n",
+        only(echo)
+    );
+    TestBridge::start(from_toml(&tokens, dir.path())).await
+}
+
+/// The statuses of eleven guessed tokens from one address: the brake's ten, and one past them.
+async fn eleven_guesses(bridge: &TestBridge) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for i in 0..11 {
+        statuses.push(status_of(&answer_for(bridge, &format!("guess-{i}")).await));
+    }
+    statuses
 }
 
 /// Two API sources, one down: a lookup the other one answered ("no such token") was a real
@@ -504,10 +496,7 @@ async fn guesses_are_braked_while_one_of_two_apis_is_down() {
         down
     );
     let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
-    let mut statuses = Vec::new();
-    for i in 0..11 {
-        statuses.push(status_of(&answer_for(&bridge, &format!("guess-{i}")).await));
-    }
+    let statuses = eleven_guesses(&bridge).await;
     assert_eq!(statuses[..10], [503; 10], "{statuses:?}");
     assert_eq!(statuses[10], 429, "{statuses:?}");
     bridge.stop().await;
