@@ -3424,8 +3424,10 @@ async fn a_server_that_drains_every_connection_at_once_is_backed_off_from() {
         }
         let gaps: Vec<Duration> = dialled.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps[0] < Duration::from_millis(100) + LATE, "the first followed soon: {gaps:?}");
-        // The fifth time in a row: 0.25-1 x the backoff's fifth step (2 s, its max).
-        assert!(gaps[4] >= Duration::from_millis(450), "{message}: still followed at once: {gaps:?}");
+        // The fifth time in a row: at least 0.25 x the backoff's fourth step (1.6 s: the first
+        // was followed at once, uncounted), 400 ms, where following at once is ~100 ms. (It
+        // said 450 ms, a fifth step's, and failed once in CI at 408 ms, jitter 0.255.)
+        assert!(gaps[4] >= Duration::from_millis(390), "{message}: still followed at once: {gaps:?}");
     }
 }
 
