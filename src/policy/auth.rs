@@ -247,10 +247,14 @@ impl BearerTokens {
 #[derive(Debug)]
 pub struct BasicUsers {
     users: HashMap<String, Password>,
-    /// What an unknown user's password is checked against: the same kind of work as a known
-    /// user's (a bcrypt hash at the file's highest cost, or a digest), so that the answer's time
-    /// does not tell which users exist. Never a match: the user is unknown.
-    unknown: Password,
+    /// What an unknown user's password is checked against: the same work as a known user's (a
+    /// bcrypt hash at the cost of one of the file's users, or a digest), so that the answer's
+    /// time does not tell which users exist. One per user; an unknown name always gets the same
+    /// one, chosen by a keyed hash of the name, so that with users of several costs an unknown
+    /// name answers in the time of one of them, every time. Never a match: the user is unknown.
+    unknown: Vec<Password>,
+    /// Keys the choice of an unknown name's stand-in.
+    choose: std::collections::hash_map::RandomState,
     from: Option<PathBuf>,
     /// Checks that passed recently, by digest of user and password: a client that reconnects
     /// (noVNC does, often) is not charged a bcrypt hash each time. Bounded; cleared when full.
@@ -283,7 +287,8 @@ impl BasicUsers {
             .ok_or("expected USER:PASSWORD")?;
         Ok(BasicUsers {
             users: HashMap::from([(user.to_owned(), Password::Plain(digest(pass.as_bytes())))]),
-            unknown: Password::Plain(digest(b"")),
+            unknown: vec![Password::Plain(digest(b""))],
+            choose: Default::default(),
             from: None,
             verified: Mutex::default(),
         })
@@ -327,18 +332,19 @@ impl BasicUsers {
         if users.is_empty() {
             return Err(format!("{}: no user", path.display()));
         }
-        // The highest cost of the file's hashes (`$2y$12$…`: 12), for an unknown user's check.
-        let cost = users
+        // A stand-in at each user's cost (`$2y$12$…`: 12), for an unknown user's check.
+        let unknown = users
             .values()
             .filter_map(|p| match p {
                 Password::Bcrypt(h) => h.get(4..6)?.parse::<u32>().ok(),
                 Password::Plain(_) => None,
             })
-            .max()
-            .unwrap_or(bcrypt::DEFAULT_COST);
+            .map(|cost| Password::Bcrypt(dummy_hash(cost)))
+            .collect();
         Ok(BasicUsers {
             users,
-            unknown: Password::Bcrypt(dummy_hash(cost)),
+            unknown,
+            choose: Default::default(),
             from: Some(path.to_path_buf()),
             verified: Mutex::default(),
         })
@@ -351,7 +357,14 @@ impl BasicUsers {
         // An unknown user's password is checked as a known one's would be (see `unknown`).
         let (password, known) = match self.users.get(user) {
             Some(p) => (p, true),
-            None => (&self.unknown, false),
+            None => {
+                use std::hash::BuildHasher as _;
+                let i = self.choose.hash_one(user) as usize % self.unknown.len().max(1);
+                match self.unknown.get(i) {
+                    Some(stand_in) => (stand_in, false),
+                    None => return Err(unauthorized(format!("Basic credentials of user {:?} not valid", clip(user)))),
+                }
+            }
         };
         let ok = known
             & match password {
@@ -487,7 +500,9 @@ mod tests {
     /// does not tell which users exist (an auth review measured 4.8 ms for an unknown user
     /// against 167 ms for a known one at cost 10: the stand-in hash was cost 5 whatever the
     /// file's; and a bcrypt for an unknown user beside the single user's plain digest): a bcrypt
-    /// hash at the file's highest cost, or a digest for the command line's single user.
+    /// hash at the cost of one of the file's users (the same one for a name, every time: with
+    /// users of several costs, a review found one stand-in at the highest told the others'
+    /// users apart), or a digest for the command line's single user.
     #[test]
     fn unknown_users_cost_what_known_ones_do() {
         let dir = tempfile::tempdir().unwrap();
@@ -495,13 +510,19 @@ mod tests {
         let (low, high) = (bcrypt::hash("a", 4).unwrap(), bcrypt::hash("b", 6).unwrap());
         std::fs::write(&file, format!("alice:{low}\ncarol:{high}\n")).unwrap();
         let users = BasicUsers::htpasswd(&file).unwrap();
-        assert!(
-            matches!(&users.unknown, Password::Bcrypt(h) if h.starts_with("$2b$06$")),
-            "{:?}",
-            users.unknown
-        );
+        // One stand-in per user, at that user's cost.
+        let mut costs: Vec<&str> = users
+            .unknown
+            .iter()
+            .map(|p| match p {
+                Password::Bcrypt(h) => &h[..7],
+                Password::Plain(_) => "plain",
+            })
+            .collect();
+        costs.sort_unstable();
+        assert_eq!(costs, ["$2b$04$", "$2b$06$"]);
         let single = BasicUsers::single("admin:pw").unwrap();
-        assert!(matches!(single.unknown, Password::Plain(_)));
+        assert!(matches!(single.unknown[..], [Password::Plain(_)]));
         // A hash bcrypt cannot check (cost 99, cut short) is refused at load: it made the
         // stand-in empty, an unknown user answered in no time (a review).
         for bad in [format!("$2y$99${}", "a".repeat(53)), "$2y$10$short".to_owned()] {
