@@ -151,10 +151,6 @@ pub async fn serve<S: IntoLink>(
             "agent endpoint: login refused, not counted as a failed one"
         );
     };
-    // Charged before the name is looked up and the secret checked, so that parallel guesses
-    // cannot all start before the first failure counts, and alike for every name, declared or
-    // not (see [`Registry::charge`]): the answers tell no names apart, and a braked flood does
-    // not reach the fleet files' lock.
     // A data link with its connection's link key (see link::ControlMessage::Hello) and the
     // secret that connection logged in with: nothing to charge, so that failed logins as this
     // agent from its own address (someone else behind the shop's NAT) cannot keep its pool from
@@ -168,53 +164,23 @@ pub async fn serve<S: IntoLink>(
             .filter(|digest| link::secret_matches(secret, digest)),
         Kind::Control(_) => None,
     };
-    let digest = if let Some(digest) = keyed {
-        digest
-    } else {
-        let charge = match kind {
-            Kind::Link(_) => registry.charge_link(addr.ip(), name),
-            Kind::Control(_) => registry.charge(addr.ip(), name),
-        };
-        let charged = match charge {
-            Ok(charged) => charged,
-            Err(wait) => {
-                let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
-                let _ = timeout_at(
-                    write_end,
-                    answer(&mut stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
-                )
-                .await;
-                // One a request, which any host can send: at debug, and counted (as the 429s at accept
-                // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
-                metrics.refused(crate::metrics::Refusal::Http(429));
-                return debug!(
-                    status = 429,
-                    agent = %shown(name.as_bytes()),
-                    "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed down"
-                );
-            }
-        };
-        let digests = registry.secrets_of(name).await;
-        let digest = match Registry::check_secret(secret, digests) {
-            Ok(digest) => digest,
-            Err(why) => {
-                // The try was charged above; a failed one stays spent.
-                refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
-                metrics.refused(crate::metrics::Refusal::Http(401));
-                let shown = shown(name.as_bytes());
-                warn!(status = 401, agent = %shown, reason = why.to_string().as_str(), "agent endpoint: login refused");
-                if registry.brake_came_on(charged) {
-                    warn!(
-                        agent = %shown,
-                        "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed \
-                         down: 429 until a try comes back (one per 2 s), each such refusal logged at debug"
-                    );
-                }
-                return;
-            }
-        };
-        registry.succeeded(charged);
-        digest
+    let digest = match keyed {
+        Some(digest) => digest,
+        None => match braked_login(
+            &mut stream,
+            write_end,
+            registry,
+            addr,
+            name,
+            secret,
+            matches!(kind, Kind::Link(_)),
+            metrics,
+        )
+        .await
+        {
+            Some(digest) => digest,
+            None => return,
+        },
     };
     let name = name.to_owned();
     match kind {
@@ -291,6 +257,71 @@ pub async fn serve<S: IntoLink>(
             control(ws, (name, digest), held, addr, registry, endpoint, timeouts, shutdown).await;
         }
     }
+}
+
+/// A login checked the ordinary way: a try charged to the brake (a data link's by
+/// [`Registry::charge_link`], a control link's by [`Registry::charge`]) before the secret is
+/// checked against the agent's declared ones, given back when it was right. Charged before the
+/// name is looked up and the secret checked, so that parallel guesses cannot all start before
+/// the first failure counts, and alike for every name, declared or not: the answers tell no
+/// names apart, and a braked flood does not reach the fleet files' lock. The secret's digest,
+/// or `None` once the refusal (429, 401) is answered and logged.
+#[allow(clippy::too_many_arguments)]
+async fn braked_login<S: LinkIo>(
+    stream: &mut S,
+    write_end: Instant,
+    registry: &Registry,
+    addr: SocketAddr,
+    name: &str,
+    secret: &str,
+    data_link: bool,
+    metrics: &crate::metrics::Metrics,
+) -> Option<[u8; 32]> {
+    let charge = match data_link {
+        true => registry.charge_link(addr.ip(), name),
+        false => registry.charge(addr.ip(), name),
+    };
+    let charged = match charge {
+        Ok(charged) => charged,
+        Err(wait) => {
+            let retry = [(header::RETRY_AFTER, HeaderValue::from(wait))];
+            let _ = timeout_at(
+                write_end,
+                answer(stream, StatusCode::TOO_MANY_REQUESTS, "too many failed attempts", &retry),
+            )
+            .await;
+            // One a request, which any host can send: at debug, and counted (as the 429s at accept
+            // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
+            metrics.refused(crate::metrics::Refusal::Http(429));
+            debug!(
+                status = 429,
+                agent = %shown(name.as_bytes()),
+                "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed down"
+            );
+            return None;
+        }
+    };
+    let digests = registry.secrets_of(name).await;
+    let digest = match Registry::check_secret(secret, digests) {
+        Ok(digest) => digest,
+        Err(why) => {
+            // The try was charged above; a failed one stays spent.
+            refuse(stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
+            metrics.refused(crate::metrics::Refusal::Http(401));
+            let shown = shown(name.as_bytes());
+            warn!(status = 401, agent = %shown, reason = why.to_string().as_str(), "agent endpoint: login refused");
+            if registry.brake_came_on(charged) {
+                warn!(
+                    agent = %shown,
+                    "agent endpoint: too many failed logins from this address (as this agent, or as any); slowed \
+                     down: 429 until a try comes back (one per 2 s), each such refusal logged at debug"
+                );
+            }
+            return None;
+        }
+    };
+    registry.succeeded(charged);
+    Some(digest)
 }
 
 async fn refuse<S: LinkIo>(stream: &mut S, end: Instant, status: StatusCode, body: &'static str) {

@@ -407,7 +407,7 @@ impl PerAddress {
         if let Some((networks, net)) = self.network_of(ip) {
             if let Err(r) = networks.try_charge_at(net, now) {
                 // Not tried: the address's own try is given back.
-                self.in_budget(ip, now, |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
+                self.give_back(ip, now);
                 return Err(r);
             }
         }
@@ -430,11 +430,16 @@ impl PerAddress {
 
     /// Gives back an attempt taken by [`PerAddress::try_charge`] that succeeded.
     pub fn refund(&self, ip: IpAddr) {
-        self.in_budget(ip, Instant::now(), |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
+        self.give_back(ip, Instant::now());
         // The network's try back where one was taken (not for a /64 already proven).
         if let Some((networks, net)) = self.network_of(ip) {
             networks.refund(net);
         }
+    }
+
+    /// One try back to `ip`'s own budget (up to its burst).
+    fn give_back(&self, ip: IpAddr, now: Instant) {
+        self.in_budget(ip, now, |entry, _, burst| entry.tokens = (entry.tokens + 1.0).min(burst));
     }
 
     /// [`PerAddress::refund`] for a try whose credentials were right (a token found, a

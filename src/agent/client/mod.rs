@@ -340,6 +340,19 @@ enum Ended {
     },
 }
 
+impl Ended {
+    /// A failure before the server answered anything: not connected, no `Retry-After`.
+    fn unconnected(reason: String) -> Ended {
+        Ended::Failed {
+            reason,
+            was_connected: false,
+            stable: false,
+            retry_after: None,
+            answered: false,
+        }
+    }
+}
+
 /// Why a connected control link moves: the agent connects again, the link serving its instance
 /// until then (make-before-break).
 enum Move {
@@ -687,13 +700,7 @@ async fn control(
     previous: &mut Option<Previous>,
     last: &mut Last,
 ) -> Ended {
-    let failed = |reason: String| Ended::Failed {
-        reason,
-        was_connected: false,
-        stable: false,
-        retry_after: None,
-        answered: false,
-    };
+    let failed = Ended::unconnected;
     let dialled = match last.dialled.take() {
         Some(made) => Ok(Ok(made)),
         None => tokio::select! {
@@ -1188,13 +1195,7 @@ async fn where_new_connections_go(config: &AgentConfig, tls: Option<&BackendTls>
 /// Dials and upgrades the control link; with the instance id the server's `101` gave (servers
 /// from before it give none).
 async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<(ControlWs, Option<String>), Ended> {
-    let failed = |reason: String| Ended::Failed {
-        reason,
-        was_connected: false,
-        stable: false,
-        retry_after: None,
-        answered: false,
-    };
+    let failed = Ended::unconnected;
     let io = dial(config, tls)
         .await
         .map_err(|e| failed(format!("cannot reach the server: {e}")))?;
