@@ -823,11 +823,11 @@ impl Bridge {
                 // The client closed its kept-alive connection, as it may at any time.
                 return debug!("kept-alive connection closed by the client");
             }
-            // The first request is served under the configuration the connection was accepted
-            // under; a later one under the configuration in force when it came (a reload may have
-            // removed a route or changed its keys since).
-            let reloaded = (requests > 1).then(|| self.live());
-            let live: &Live = reloaded.as_deref().unwrap_or(live);
+            // Each request is served under the configuration in force when it came, not the one
+            // its connection was accepted under: a reload while the request was on its way (up to
+            // the handshake deadline) may have removed its route, its token or its origin.
+            let current = self.live();
+            let live: &Live = &current;
             let t = &live.timeouts;
             let access = &listener.config.access;
             if !access.trusted_proxies.is_empty() && !access.proxy_protocol {

@@ -54,6 +54,17 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
+/// Waits until the bridge counts `n` connections under `max_connections` (a connection is
+/// counted from its accept).
+pub async fn connections_become(bridge: &TestBridge, n: usize) {
+    within(&format!("{n} connections"), async {
+        while bridge.bridge.connections() != n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+}
+
 /// Marks a test that cannot run here as skipped, with `reason`: the caller returns right after.
 ///
 /// libtest has no runtime skip, so the test still counts as passed; what makes the skip visible

@@ -1008,16 +1008,6 @@ fn add_echo_route(config: &mut Config, echo: SocketAddr) {
     });
 }
 
-/// Waits until the bridge counts `n` connections under `max_connections`.
-async fn connections_become(bridge: &TestBridge, n: usize) {
-    within(&format!("{n} connections"), async {
-        while bridge.bridge.connections() != n {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await;
-}
-
 /// An agent's data link counts as a connection while it waits in the pool; in a session it
 /// counts as its page's backend, as in forward mode, covered by the page's connection.
 #[tokio::test]

@@ -322,6 +322,31 @@ async fn caps_count_live_sessions_across_a_reload() {
     assert!(body_of(&r).contains("too many connections"), "{r}");
 }
 
+/// A request is served under the configuration in force when its head is complete, not the one
+/// its connection was accepted under: a reload while it is on its way (up to the handshake
+/// deadline) that moves its route leaves it none, as a new connection's.
+#[tokio::test]
+async fn a_request_under_way_across_a_reload_is_served_by_the_new_configuration() {
+    let (backend, _) = echo_backend().await;
+    let bridge = TestBridge::start(config_with(Matcher::Path("/old".into()), tcp(backend))).await;
+    let request = upgrade_request("/old", "");
+    let first_line = request.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let mut s = within("connect", tokio::net::TcpStream::connect(bridge.addr)).await.unwrap();
+    s.write_all(&request[..first_line]).await.unwrap();
+    connections_become(&bridge, 1).await;
+
+    let mut config = bridge.config.clone();
+    config.routes[0].matcher = Matcher::Path("/new".into());
+    bridge.bridge.reload(&config).unwrap();
+    s.write_all(&request[first_line..]).await.unwrap();
+    let head = within("the answer", read_head(&mut s)).await;
+    assert_eq!(status_of(&head), 404, "{head}");
+
+    let (mut ws, _) = ws_connect(&bridge.url("/new"), None).await;
+    send_bin(&mut ws, b"moved").await;
+    assert_eq!(recv_data(&mut ws).await, b"moved");
+}
+
 /// A reload that changes the caps per client address (and the size of their tables, with
 /// `max_connections`) counts the sessions open across it against the new caps: lowered to what
 /// is open, they refuse the next one at once.
