@@ -230,12 +230,19 @@ static RELOADS: LazyLock<ReloadFamilies> = LazyLock::new(|| {
 
 /// The kinds of reload, each exported from the start (0 reloads, the last one successful: the
 /// files read at start-up are in force), so that the first failure is an increase an alert sees.
-const RELOAD_KINDS: [&str; 3] = ["config", "certificates", "tokens"];
+const RELOAD_KINDS: [&str; 4] = ["config", "certificates", "tokens", "credentials"];
 
 /// A token source's re-read after its file changed ended (`ok`) or failed (the old tokens stay).
 pub fn tokens_reloaded(source: &std::path::Path, ok: bool) {
     counted("tokens", ok);
     in_force("tokens", &source.display().to_string(), ok);
+}
+
+/// A credentials file's re-read after it changed (bearer tokens, htpasswd, JWT keys) ended
+/// (`ok`; a file removed counts, nothing is in force then) or failed (what it held stays).
+pub fn credentials_reloaded(file: &std::path::Path, ok: bool) {
+    counted("credentials", ok);
+    in_force("credentials", &file.display().to_string(), ok);
 }
 
 /// A listener's certificate files, `cert` the configured one, were put in force (`ok`) or could
@@ -276,13 +283,16 @@ fn in_force(kind: &'static str, what: &str, ok: bool) {
     RELOADS.last_ok.get_or_create(&KindLabel { kind }).set(i64::from(none));
 }
 
-/// A reloaded configuration is in force: every token source it has was read anew, whole, by
-/// the reload (one that could not be read fails the reload), so no token source is failing
-/// now; one it dropped fails no more either (else its old failure would hold the alert for good).
-pub fn token_sources_reloaded() {
+/// A reloaded configuration is in force: every token source and credentials file it has was
+/// read anew, whole, by the reload (one that could not be read fails the reload), so none is
+/// failing now; one it dropped fails no more either (else its old failure would hold the alert
+/// for good).
+pub fn file_sources_reloaded() {
     let mut failing = FAILING.lock().unwrap_or_else(|p| p.into_inner());
-    failing.retain(|(kind, _)| *kind != "tokens");
-    RELOADS.last_ok.get_or_create(&KindLabel { kind: "tokens" }).set(1);
+    for kind in ["tokens", "credentials"] {
+        failing.retain(|(k, _)| *k != kind);
+        RELOADS.last_ok.get_or_create(&KindLabel { kind }).set(1);
+    }
 }
 
 /// The counters of one route, taken once per session.
@@ -405,7 +415,7 @@ impl Metrics {
         // The process's (see `RELOADS`), registered in every bridge's registry.
         registry.register(
             "reloads",
-            "Reloads by kind (config, certificates, tokens) and outcome (ok, failed)",
+            "Reloads by kind (config, certificates, tokens, credentials) and outcome (ok, failed)",
             RELOADS.count.clone(),
         );
         registry.register(

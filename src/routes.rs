@@ -389,7 +389,7 @@ impl RouteTable {
                 }),
                 Err(e) => return Err(e),
             };
-            if let Some(r) = self.lookup_jwt(&token)? {
+            if let Some(r) = self.lookup_jwt(&token).await? {
                 return Ok(r);
             }
             return Err(unavailable.unwrap_or_else(|| Miss::Token(redact(&token))));
@@ -461,9 +461,11 @@ impl RouteTable {
     ///
     /// # Errors
     /// [`Miss::Denied`] for a valid token naming a target off the list (or none).
-    fn lookup_jwt(&self, token: &str) -> Result<Option<Arc<Route>>, Miss> {
+    async fn lookup_jwt(&self, token: &str) -> Result<Option<Arc<Route>>, Miss> {
         for (source, shared) in &self.jwt_sources {
-            let Ok(claims) = source.verifier.check(Some(token)) else { continue };
+            let Ok(claims) = source.verifier.check(Some(token)).await else {
+                continue;
+            };
             let name = format!("JWT token {}", redact(token));
             let Some((host, port)) = claims.target else {
                 return Err(Miss::Denied(format!("{name} names no host and port")));

@@ -110,10 +110,10 @@ impl AuthSettings {
     pub fn authenticator(&self) -> Result<crate::policy::auth::Authenticator, String> {
         use crate::policy::auth::{Authenticator, BasicUsers, BearerTokens};
         Ok(match self {
-            AuthSettings::Bearer(tokens) => Authenticator::Bearer(BearerTokens::new(tokens)?),
-            AuthSettings::BearerFile(path) => Authenticator::Bearer(BearerTokens::from_file(path)?),
-            AuthSettings::Htpasswd(path) => Authenticator::Basic(BasicUsers::htpasswd(path)?),
-            AuthSettings::BasicUser(user_pass) => Authenticator::Basic(BasicUsers::single(user_pass)?),
+            AuthSettings::Bearer(tokens) => Authenticator::Bearer(BearerTokens::inline(tokens)?),
+            AuthSettings::BearerFile(path) => Authenticator::Bearer(BearerTokens::watched(path)?),
+            AuthSettings::Htpasswd(path) => Authenticator::Basic(BasicUsers::watched(path)?),
+            AuthSettings::BasicUser(user_pass) => Authenticator::Basic(BasicUsers::inline(user_pass)?),
             AuthSettings::Jwt(jwt) => Authenticator::Jwt(crate::policy::jwt::JwtVerifier::new(jwt.clone())?),
         })
     }

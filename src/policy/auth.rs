@@ -5,7 +5,8 @@
 //! `access_token` or `token` query parameter, or a `Sec-WebSocket-Protocol` entry `bearer.<token>`
 //! (browsers cannot set headers on a WebSocket; this is how a page sends one). A failure answers
 //! 401 with `WWW-Authenticate` where a browser or client can act on it, never says which part
-//! was wrong, and never logs the secret.
+//! was wrong, and never logs the secret. Token and htpasswd files are read again when they
+//! change ([`super::reread`]): removing a line revokes it without a reload.
 //!
 //! Crates: `subtle` compares secrets in constant time; `bcrypt` verifies htpasswd hashes (on the
 //! blocking pool: a cost-10 hash takes tens of milliseconds, which must not stall a runtime
@@ -14,13 +15,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 use subtle::ConstantTimeEq;
 
+use super::reread::{Reread, Sourced};
 use super::Refusal;
 
 /// The SHA-256 of a secret: what is kept and compared, so secrets of different lengths compare
@@ -123,9 +125,9 @@ fn decode_basic(b64: &str) -> Option<(String, String)> {
 #[derive(Debug)]
 pub enum Authenticator {
     /// One of a list of bearer tokens.
-    Bearer(BearerTokens),
+    Bearer(Sourced<BearerTokens>),
     /// HTTP Basic.
-    Basic(BasicUsers),
+    Basic(Sourced<BasicUsers>),
     /// A JWT signed by a configured key.
     Jwt(super::jwt::JwtVerifier),
 }
@@ -138,9 +140,9 @@ impl Authenticator {
     /// log (never the secret).
     pub async fn check(&self, creds: &Credentials) -> Result<Authenticated, Refusal> {
         match self {
-            Authenticator::Bearer(b) => b.check(creds.bearer.as_deref()),
-            Authenticator::Basic(b) => b.check(creds.basic.as_ref()).await,
-            Authenticator::Jwt(j) => j.check(creds.bearer.as_deref()),
+            Authenticator::Bearer(b) => b.get().await.check(creds.bearer.as_deref()),
+            Authenticator::Basic(b) => b.get().await.check(creds.basic.as_ref()).await,
+            Authenticator::Jwt(j) => j.check(creds.bearer.as_deref()).await,
         }
     }
 
@@ -155,16 +157,22 @@ impl Authenticator {
     /// For `wsbridge check`: what kind, and from where (no secret).
     pub fn describe(&self) -> String {
         match self {
-            Authenticator::Bearer(b) => format!(
-                "bearer ({} tokens{})",
-                b.tokens.len(),
-                b.from.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default()
-            ),
-            Authenticator::Basic(b) => format!(
-                "basic ({} users{})",
-                b.users.len(),
-                b.from.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default()
-            ),
+            Authenticator::Bearer(b) => {
+                let b = b.current();
+                format!(
+                    "bearer ({} tokens{})",
+                    b.tokens.len(),
+                    b.from.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default()
+                )
+            }
+            Authenticator::Basic(b) => {
+                let b = b.current();
+                format!(
+                    "basic ({} users{})",
+                    b.users.len(),
+                    b.from.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default()
+                )
+            }
             Authenticator::Jwt(j) => j.describe(),
         }
     }
@@ -212,6 +220,32 @@ impl BearerTokens {
             tokens: tokens.iter().map(|t| digest(t.trim().as_bytes())).collect(),
             from: None,
         })
+    }
+
+    /// Tokens given inline, in service.
+    ///
+    /// # Errors
+    /// As [`BearerTokens::new`].
+    pub fn inline(tokens: &[String]) -> Result<Sourced<BearerTokens>, String> {
+        Ok(Sourced::Inline(Arc::new(BearerTokens::new(tokens)?)))
+    }
+
+    /// Tokens from a file, in service: read again when it changes ([`Reread`]).
+    ///
+    /// # Errors
+    /// As [`BearerTokens::from_file`].
+    pub fn watched(path: &Path) -> Result<Sourced<BearerTokens>, String> {
+        let from = path.to_path_buf();
+        let none = move || BearerTokens {
+            tokens: Vec::new(),
+            from: Some(from.clone()),
+        };
+        Ok(Sourced::File(Reread::load(
+            path,
+            "bearer token file",
+            BearerTokens::from_file,
+            none,
+        )?))
     }
 
     /// Tokens from a file, one per line (`#` comments and blank lines skipped).
@@ -292,6 +326,31 @@ impl BasicUsers {
             from: None,
             verified: Mutex::default(),
         })
+    }
+
+    /// websockify's `BasicHTTPAuth` source, in service.
+    ///
+    /// # Errors
+    /// As [`BasicUsers::single`].
+    pub fn inline(user_pass: &str) -> Result<Sourced<BasicUsers>, String> {
+        Ok(Sourced::Inline(Arc::new(BasicUsers::single(user_pass)?)))
+    }
+
+    /// An htpasswd file, in service: read again when it changes ([`Reread`]); while it is gone,
+    /// no user.
+    ///
+    /// # Errors
+    /// As [`BasicUsers::htpasswd`].
+    pub fn watched(path: &Path) -> Result<Sourced<BasicUsers>, String> {
+        let from = path.to_path_buf();
+        let none = move || BasicUsers {
+            users: HashMap::new(),
+            unknown: Vec::new(),
+            choose: Default::default(),
+            from: Some(from.clone()),
+            verified: Mutex::default(),
+        };
+        Ok(Sourced::File(Reread::load(path, "htpasswd file", BasicUsers::htpasswd, none)?))
     }
 
     /// An htpasswd file of bcrypt hashes (`htpasswd -B`): `user:$2y$…` lines.
@@ -451,7 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn bearer_tokens() {
-        let a = Authenticator::Bearer(BearerTokens::new(&["t0k3n".into(), "other".into()]).unwrap());
+        let a = Authenticator::Bearer(BearerTokens::inline(&["t0k3n".into(), "other".into()]).unwrap());
         let with = |t: Option<&str>| Credentials {
             bearer: t.map(str::to_owned),
             basic: None,
@@ -472,7 +531,7 @@ mod tests {
         let file = dir.path().join("htpasswd");
         let hash = bcrypt::hash("s3cr3t", 4).unwrap();
         std::fs::write(&file, format!("# users\nalice:{hash}\n")).unwrap();
-        let a = Authenticator::Basic(BasicUsers::htpasswd(&file).unwrap());
+        let a = Authenticator::Basic(BasicUsers::watched(&file).unwrap());
         let with = |u: &str, p: &str| Credentials {
             bearer: None,
             basic: Some((u.into(), p.into())),
@@ -489,11 +548,51 @@ mod tests {
         std::fs::write(&file, "bob:$apr1$abc$def\n").unwrap();
         let e = BasicUsers::htpasswd(&file).unwrap_err();
         assert!(e.contains(":1:") && e.contains("htpasswd -B"), "{e}");
-        let single = Authenticator::Basic(BasicUsers::single("admin:pw").unwrap());
+        let single = Authenticator::Basic(BasicUsers::inline("admin:pw").unwrap());
         assert!(single.check(&with("admin", "pw")).await.is_ok());
         assert!(single.check(&with("admin", "pw2")).await.is_err());
         // An unknown user with the password the single user's stand-in digest is of: refused.
         assert!(single.check(&with("nobody", "")).await.is_err());
+    }
+
+    /// A line removed from a bearer token file or an htpasswd file is refused within
+    /// [`super::super::reread::RECHECK`], without a reload (an operations review: both were read
+    /// only at start and by SIGHUP, so a leaked credential removed from its file stayed valid);
+    /// a remembered Basic check does not outlive its user's line.
+    #[tokio::test(start_paused = true)]
+    async fn credentials_removed_from_their_file_are_refused_without_a_reload() {
+        use super::super::reread::RECHECK;
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("bearer");
+        std::fs::write(&tokens, "leaked\nkept\n").unwrap();
+        let bearer = Authenticator::Bearer(BearerTokens::watched(&tokens).unwrap());
+        let token = |t: &str| Credentials {
+            bearer: Some(t.into()),
+            basic: None,
+        };
+        assert!(bearer.check(&token("leaked")).await.is_ok());
+        std::fs::write(&tokens, "kept\n").unwrap();
+        tokio::time::advance(RECHECK).await;
+        assert!(bearer.check(&token("leaked")).await.is_err(), "removed from the file");
+        assert!(bearer.check(&token("kept")).await.is_ok());
+        assert_eq!(bearer.describe(), format!("bearer (1 tokens from {})", tokens.display()));
+
+        let file = dir.path().join("htpasswd");
+        let (alice, bob) = (bcrypt::hash("a-pass", 4).unwrap(), bcrypt::hash("b-pass", 4).unwrap());
+        std::fs::write(&file, format!("alice:{alice}\nbob:{bob}\n")).unwrap();
+        let basic = Authenticator::Basic(BasicUsers::watched(&file).unwrap());
+        let user = |u: &str, p: &str| Credentials {
+            bearer: None,
+            basic: Some((u.into(), p.into())),
+        };
+        assert!(basic.check(&user("alice", "a-pass")).await.is_ok());
+        std::fs::write(&file, format!("bob:{bob}\n")).unwrap();
+        tokio::time::advance(RECHECK).await;
+        assert!(basic.check(&user("alice", "a-pass")).await.is_err(), "removed, though remembered");
+        assert!(basic.check(&user("bob", "b-pass")).await.is_ok());
+        std::fs::remove_file(&file).unwrap();
+        tokio::time::advance(RECHECK).await;
+        assert!(basic.check(&user("bob", "b-pass")).await.is_err(), "no user while the file is gone");
     }
 
     /// An unknown user's password is checked as a known user's would be, so the answer's time

@@ -1,5 +1,5 @@
 //! JWT verification (HS256, RS256, ES256, EdDSA and their siblings), with keys from a PEM file,
-//! a JWKS file or a shared-secret file, re-read when the file changes as certificates are.
+//! a JWKS file or a shared-secret file, re-read when the file changes ([`super::reread`]).
 //!
 //! A token is checked against keys of the family its `alg` names (and the `kid` it names, for a
 //! JWKS), never with an algorithm the configuration or the key does not allow (no `none`, no
@@ -7,13 +7,13 @@
 //! are checked with a configurable clock skew.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 
 use super::auth::{unauthorized, Authenticated};
+use super::reread::Reread;
 use super::Refusal;
 
 /// Where a verifier's keys come from.
@@ -56,9 +56,6 @@ pub struct JwtSettings {
     pub require_exp: bool,
 }
 
-/// How often key files are looked at for changes, at most.
-const RECHECK: Duration = Duration::from_secs(10);
-
 /// A JWT verifier in service.
 #[derive(Debug)]
 pub struct JwtVerifier(Arc<Inner>);
@@ -66,22 +63,12 @@ pub struct JwtVerifier(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     settings: JwtSettings,
-    keys: RwLock<Arc<Keys>>,
-    /// The key file's stamp and when it was last looked at.
-    seen: Mutex<(Stamp, Instant)>,
-    /// A re-read is under way (on the blocking pool); checks go on with the keys in force.
-    reloading: AtomicBool,
+    /// The keys, read again when their file changes; none while it is gone.
+    keys: Reread<Keys>,
 }
-
-type Stamp = Option<(u64, SystemTime)>;
 
 /// Verification keys, each with its `kid` when a JWKS gave one.
 type Keys = Vec<(Option<String>, DecodingKey)>;
-
-fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.modified().ok()?))
-}
 
 /// The claims wsbridge reads.
 #[derive(Debug, serde::Deserialize)]
@@ -97,14 +84,12 @@ impl JwtVerifier {
     /// # Errors
     /// The key file cannot be read or holds no usable key, or the algorithms do not fit it.
     pub fn new(settings: JwtSettings) -> Result<JwtVerifier, String> {
-        let keys = load(&settings)?;
-        let seen = (stamp(settings.keys.path()), Instant::now());
-        Ok(JwtVerifier(Arc::new(Inner {
-            settings,
-            keys: RwLock::new(Arc::new(keys)),
-            seen: Mutex::new(seen),
-            reloading: AtomicBool::new(false),
-        })))
+        let read = {
+            let settings = settings.clone();
+            move |_: &Path| load(&settings)
+        };
+        let keys = Reread::load(settings.keys.path(), "JWT key file", read, Vec::new)?;
+        Ok(JwtVerifier(Arc::new(Inner { settings, keys })))
     }
 
     /// For `wsbridge check`.
@@ -126,8 +111,7 @@ impl JwtVerifier {
     ///
     /// # Errors
     /// 401, with the reason in the detail (never the token).
-    pub fn check(&self, token: Option<&str>) -> Result<Authenticated, Refusal> {
-        self.maybe_reload();
+    pub async fn check(&self, token: Option<&str>) -> Result<Authenticated, Refusal> {
         let this = &self.0;
         let Some(token) = token else {
             return Err(unauthorized("no JWT"));
@@ -137,7 +121,7 @@ impl JwtVerifier {
         if !this.allows(alg) {
             return Err(unauthorized(format!("JWT algorithm {alg:?} not allowed")));
         }
-        let keys = this.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let keys = this.keys.get().await;
         let mut validation = Validation::new(alg);
         validation.leeway = this.settings.leeway.as_secs();
         validation.validate_nbf = true;
@@ -179,27 +163,9 @@ impl JwtVerifier {
         Err(unauthorized(format!("JWT not valid: {last}")))
     }
 
-    /// At most every [`RECHECK`], looks at the key file on the blocking pool and swaps in the
-    /// new keys if it changed; a file that no longer parses leaves the keys in force (logged).
-    /// Checks never wait for it.
-    fn maybe_reload(&self) {
-        {
-            let mut seen = self.0.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.1.elapsed() < RECHECK || self.0.reloading.swap(true, Ordering::AcqRel) {
-                return;
-            }
-            seen.1 = Instant::now();
-        }
-        let inner = self.0.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(move || inner.reload_now())),
-            Err(_) => inner.reload_now(),
-        }
-    }
-
-    /// Re-reads the keys now if the file changed.
+    /// Looks at the key file now and re-reads it if it changed.
     pub fn reload_now(&self) {
-        self.0.reload_now();
+        self.0.keys.reread_now();
     }
 }
 
@@ -210,47 +176,6 @@ impl Inner {
         } else {
             self.settings.algorithms.contains(&alg)
         }
-    }
-
-    /// Re-reads the keys if the file changed.
-    fn reload_now(&self) {
-        let work = {
-            let settings = self.settings.clone();
-            let before = self.seen.lock().unwrap_or_else(|p| p.into_inner()).0;
-            move || {
-                let now = stamp(settings.keys.path());
-                if now == before {
-                    return (now, None);
-                }
-                (now, Some(load(&settings)))
-            }
-        };
-        let apply = |(now, loaded): (Stamp, Option<Result<Vec<_>, String>>)| {
-            match loaded {
-                None => {}
-                Some(Ok(keys)) => {
-                    tracing::info!(keys = %self.settings.keys.path().display(), "JWT keys re-read");
-                    *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
-                    self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
-                }
-                // Gone: removing the file of a leaked key is how one revokes it, so no key is in
-                // force (every token refused) until a file is there again.
-                Some(Err(e))
-                    if now.is_none()
-                        && std::fs::metadata(self.settings.keys.path()).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
-                {
-                    tracing::warn!(error = %e, "JWT key file gone: every token is refused until it is back");
-                    *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Vec::new());
-                    self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "JWT key reload failed; the keys in force stay");
-                    self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
-                }
-            }
-            self.reloading.store(false, Ordering::Release);
-        };
-        apply(work());
     }
 }
 
@@ -381,8 +306,8 @@ mod tests {
         c
     }
 
-    #[test]
-    fn hs256_with_the_claims_checked() {
+    #[tokio::test]
+    async fn hs256_with_the_claims_checked() {
         let dir = tempfile::tempdir().unwrap();
         let secret = "0123456789abcdef0123456789abcdef";
         std::fs::write(dir.path().join("s"), format!("{secret}\n")).unwrap();
@@ -391,6 +316,7 @@ mod tests {
         let sign = |c: serde_json::Value| encode(&Header::default(), &c, &key).unwrap();
         let ok = v
             .check(Some(&sign(claims(serde_json::json!({"host": "10.0.0.5", "port": "5901"})))))
+            .await
             .unwrap();
         assert_eq!(ok.subject.as_deref(), Some("alice"));
         assert_eq!(ok.target, Some(("10.0.0.5".into(), 5901)));
@@ -400,28 +326,28 @@ mod tests {
             (claims(serde_json::json!({"iss": "https://evil.example"})), "issuer"),
             (claims(serde_json::json!({"aud": "other"})), "audience"),
         ] {
-            let r = v.check(Some(&sign(bad))).unwrap_err();
+            let r = v.check(Some(&sign(bad))).await.unwrap_err();
             assert_eq!(r.status, http::StatusCode::UNAUTHORIZED, "{why}");
         }
         let mut no_exp = claims(serde_json::json!({}));
         no_exp.as_object_mut().unwrap().remove("exp");
-        assert!(v.check(Some(&sign(no_exp))).is_err(), "exp is required by default");
+        assert!(v.check(Some(&sign(no_exp))).await.is_err(), "exp is required by default");
         let wrong_key = encode(
             &Header::default(),
             &claims(serde_json::json!({})),
             &EncodingKey::from_secret(b"another secret of 32 bytes......").unwrap(),
         )
         .unwrap();
-        assert!(v.check(Some(&wrong_key)).is_err());
-        assert!(v.check(Some("not.a.jwt")).is_err());
-        assert!(v.check(None).is_err());
+        assert!(v.check(Some(&wrong_key)).await.is_err());
+        assert!(v.check(Some("not.a.jwt")).await.is_err());
+        assert!(v.check(None).await.is_err());
         // alg=none is never accepted.
         let none = format!(
             "{}.{}.",
             b64(r#"{"alg":"none","typ":"JWT"}"#),
             b64(&claims(serde_json::json!({})).to_string())
         );
-        assert!(v.check(Some(&none)).is_err());
+        assert!(v.check(Some(&none)).await.is_err());
     }
 
     fn b64(s: &str) -> String {
@@ -429,15 +355,15 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
     }
 
-    #[test]
-    fn es256_from_pem_and_a_jwks_with_kids() {
+    #[tokio::test]
+    async fn es256_from_pem_and_a_jwks_with_kids() {
         let dir = tempfile::tempdir().unwrap();
         let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         std::fs::write(dir.path().join("pub.pem"), kp.public_key_pem()).unwrap();
         let v = JwtVerifier::new(settings(KeySource::Pem(dir.path().join("pub.pem")))).unwrap();
         let key = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
         let token = encode(&Header::new(Algorithm::ES256), &claims(serde_json::json!({})), &key).unwrap();
-        assert!(v.check(Some(&token)).is_ok());
+        assert!(v.check(Some(&token)).await.is_ok());
         // An HS256 token "signed" with the public key's bytes: the classic confusion, refused.
         let confused = encode(
             &Header::default(),
@@ -445,7 +371,7 @@ mod tests {
             &EncodingKey::from_secret(kp.public_key_pem().as_bytes()).unwrap(),
         )
         .unwrap();
-        assert!(v.check(Some(&confused)).is_err());
+        assert!(v.check(Some(&confused)).await.is_err());
         let pem = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
         let mut jwk = serde_json::to_value(&pem).unwrap();
         jwk["kid"] = "k1".into();
@@ -455,15 +381,17 @@ mod tests {
         header.kid = Some("k1".into());
         assert!(v
             .check(Some(&encode(&header, &claims(serde_json::json!({})), &key).unwrap()))
+            .await
             .is_ok());
         header.kid = Some("k2".into());
         assert!(v
             .check(Some(&encode(&header, &claims(serde_json::json!({})), &key).unwrap()))
+            .await
             .is_err());
     }
 
-    #[test]
-    fn with_no_audience_configured_a_token_for_another_audience_is_refused() {
+    #[tokio::test]
+    async fn with_no_audience_configured_a_token_for_another_audience_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let secret = "0123456789abcdef0123456789abcdef";
         std::fs::write(dir.path().join("s"), secret).unwrap();
@@ -476,19 +404,19 @@ mod tests {
         let sign = |c: serde_json::Value| encode(&Header::default(), &c, &key).unwrap();
         let mut no_aud = claims(serde_json::json!({}));
         no_aud.as_object_mut().unwrap().remove("aud");
-        assert!(v.check(Some(&sign(no_aud))).is_ok());
-        assert!(v.check(Some(&sign(claims(serde_json::json!({"aud": "billing"}))))).is_err());
+        assert!(v.check(Some(&sign(no_aud))).await.is_ok());
+        assert!(v.check(Some(&sign(claims(serde_json::json!({"aud": "billing"}))))).await.is_err());
     }
 
-    #[test]
-    fn eddsa_and_rs256_from_pem() {
+    #[tokio::test]
+    async fn eddsa_and_rs256_from_pem() {
         let dir = tempfile::tempdir().unwrap();
         let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         std::fs::write(dir.path().join("ed.pem"), kp.public_key_pem()).unwrap();
         let v = JwtVerifier::new(settings(KeySource::Pem(dir.path().join("ed.pem")))).unwrap();
         let key = EncodingKey::from_ed_pem(kp.serialize_pem().as_bytes()).unwrap();
         let token = encode(&Header::new(Algorithm::EdDSA), &claims(serde_json::json!({})), &key).unwrap();
-        assert!(v.check(Some(&token)).is_ok());
+        assert!(v.check(Some(&token)).await.is_ok());
         // RSA keys come from the openssl command (rcgen makes no RSA keys with ring).
         let rsa = dir.path().join("rsa.pem");
         let made = std::process::Command::new("openssl")
@@ -512,14 +440,14 @@ mod tests {
         let v = JwtVerifier::new(settings(KeySource::Pem(public))).unwrap();
         let key = EncodingKey::from_rsa_pem(&std::fs::read(&rsa).unwrap()).unwrap();
         let token = encode(&Header::new(Algorithm::RS256), &claims(serde_json::json!({})), &key).unwrap();
-        assert!(v.check(Some(&token)).is_ok());
+        assert!(v.check(Some(&token)).await.is_ok());
         // RS256 only by default for an RSA key: PS256 (not listed) is refused.
         let ps = encode(&Header::new(Algorithm::PS256), &claims(serde_json::json!({})), &key).unwrap();
-        assert!(v.check(Some(&ps)).is_err());
+        assert!(v.check(Some(&ps)).await.is_err());
     }
 
-    #[test]
-    fn a_changed_key_file_is_read_again_and_a_broken_one_keeps_the_old_keys() {
+    #[tokio::test]
+    async fn a_changed_key_file_is_read_again_and_a_broken_one_keeps_the_old_keys() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("s");
         let (a, b) = ("a".repeat(32), "b".repeat(40));
@@ -533,21 +461,21 @@ mod tests {
             )
             .unwrap()
         };
-        assert!(v.check(Some(&sign(&a))).is_ok());
+        assert!(v.check(Some(&sign(&a))).await.is_ok());
         std::fs::write(&file, &b).unwrap();
         v.reload_now();
-        assert!(v.check(Some(&sign(&b))).is_ok());
-        assert!(v.check(Some(&sign(&a))).is_err());
+        assert!(v.check(Some(&sign(&b))).await.is_ok());
+        assert!(v.check(Some(&sign(&a))).await.is_err());
         std::fs::write(&file, "short").unwrap();
         v.reload_now();
-        assert!(v.check(Some(&sign(&b))).is_ok(), "a broken file keeps the keys in force");
+        assert!(v.check(Some(&sign(&b))).await.is_ok(), "a broken file keeps the keys in force");
         // A file removed (a leaked key revoked so) leaves no key in force, until one is back
         // (an auth review: its tokens were still accepted).
         std::fs::remove_file(&file).unwrap();
         v.reload_now();
-        assert!(v.check(Some(&sign(&b))).is_err(), "no key once the file is gone");
+        assert!(v.check(Some(&sign(&b))).await.is_err(), "no key once the file is gone");
         std::fs::write(&file, &a).unwrap();
         v.reload_now();
-        assert!(v.check(Some(&sign(&a))).is_ok());
+        assert!(v.check(Some(&sign(&a))).await.is_ok());
     }
 }

@@ -18,6 +18,7 @@ mod forwarded;
 pub mod jwt;
 mod limits;
 mod origin;
+pub mod reread;
 pub mod targets;
 
 use std::net::IpAddr;

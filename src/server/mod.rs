@@ -217,7 +217,7 @@ impl Bridge {
         live.agents.count_connections(&self.inner.connections, live.max_connections);
         live.commit();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
-        crate::metrics::token_sources_reloaded();
+        crate::metrics::file_sources_reloaded();
         if let Some(new) = &config.admin {
             let mut admin = self.inner.admin.write().unwrap_or_else(|p| p.into_inner());
             if let Some(running) = admin.as_mut() {

@@ -160,6 +160,39 @@ async fn bearer_tokens_from_header_query_or_subprotocol() {
     b.stop().await;
 }
 
+/// A token removed from a route's `bearer_file` is refused within the re-check time (a second)
+/// with no SIGHUP, as a token file's would be; a token added works as soon.
+#[tokio::test]
+async fn a_bearer_file_edit_is_in_force_without_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bearer.txt");
+    std::fs::write(&file, "leaked-token\n").unwrap();
+    let (b, _) = bridge(
+        "[[route]]\npath = \"/t\"\ntarget = \"BACKEND\"\nauth = { bearer_file = \"bearer.txt\" }\n",
+        dir.path(),
+    )
+    .await;
+    let with = |token: &str| format!("Authorization: Bearer {token}\r\n");
+    assert!(ask(b.addr, "/t", &with("leaked-token")).await.starts_with("HTTP/1.1 101"));
+    std::fs::write(&file, "new-token\n").unwrap();
+    let edited = std::time::Instant::now();
+    let answer = within("the removed token refused", async {
+        loop {
+            let answer = ask(b.addr, "/t", &with("leaked-token")).await;
+            if !answer.starts_with("HTTP/1.1 101") {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    refused(&answer, 401, "authentication required", Some("www-authenticate: bearer"));
+    let took = edited.elapsed();
+    assert!(took <= wsbridge::policy::reread::RECHECK + Duration::from_millis(500), "{took:?}");
+    assert!(ask(b.addr, "/t", &with("new-token")).await.starts_with("HTTP/1.1 101"));
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn basic_against_an_htpasswd_file_and_failures_slowed_down() {
     let dir = tempfile::tempdir().unwrap();
