@@ -3,7 +3,10 @@
 //! when they change, as token files are: the files' names, sizes and modification times are
 //! looked at no more than once per [`RECHECK`], on the blocking pool, and a re-read waits at most
 //! [`REREAD_WAIT`] before the last snapshot answers. In a directory, hidden files and the
-//! backups editors and package managers leave ([`crate::tokens::is_skipped`]) are not read.
+//! backups editors and package managers leave ([`crate::tokens::is_skipped`]) are not read, and a
+//! file that cannot be read while serving is left out, named in a warning (its agents are not
+//! declared), rather than holding back the re-read of the others (an agent removed from another
+//! file would stay in); at start and on a reload it is an error.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,7 +47,10 @@ impl FleetSource {
     /// # Errors
     /// A file that cannot be read, or a bad line (`file:line: what`).
     pub fn load(path: &Path) -> Result<FleetSource, String> {
-        let (stamp, agents) = read(path)?;
+        let (stamp, agents, unreadable) = read(path)?;
+        if let Some(e) = unreadable.into_iter().next() {
+            return Err(e);
+        }
         Ok(FleetSource {
             path: path.to_path_buf(),
             state: tokio::sync::Mutex::new(State {
@@ -68,7 +74,10 @@ impl FleetSource {
                 _ => read(&path).map(Some),
             });
             match timeout(REREAD_WAIT, reread).await {
-                Ok(Ok(Ok(Some((stamp, agents))))) => {
+                Ok(Ok(Ok(Some((stamp, agents, unreadable))))) => {
+                    for e in unreadable {
+                        warn!(source = %self.path.display(), error = %e, "agents file left out: it cannot be read, so the agents it lists are not declared");
+                    }
                     state.stamp = stamp;
                     state.agents = Arc::new(agents);
                     state.generation += 1;
@@ -90,7 +99,11 @@ use crate::tokens::{files_of, stamp};
 /// # Errors
 /// As [`FleetSource::load`].
 pub fn names(path: &Path) -> Result<Vec<String>, String> {
-    let mut names: Vec<String> = read(path)?.1.into_keys().collect();
+    let (_, agents, unreadable) = read(path)?;
+    if let Some(e) = unreadable.into_iter().next() {
+        return Err(e);
+    }
+    let mut names: Vec<String> = agents.into_keys().collect();
     names.sort();
     Ok(names)
 }
@@ -98,12 +111,26 @@ pub fn names(path: &Path) -> Result<Vec<String>, String> {
 /// Each declared agent's secret hashes.
 type Hashes = HashMap<String, Vec<[u8; 32]>>;
 
-fn read(path: &Path) -> Result<(u64, Hashes), String> {
+/// The files' stamp, the agents they declare, and the files of a directory that could not be
+/// read (each `file: what`), left out.
+fn read(path: &Path) -> Result<(u64, Hashes, Vec<String>), String> {
     let at = |e: std::io::Error| format!("{}: {e}", path.display());
     let before = stamp(path).map_err(at)?;
     let mut agents = HashMap::new();
-    for file in files_of(path).map_err(at)? {
-        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut unreadable = Vec::new();
+    let files = files_of(path).map_err(at)?;
+    let directory = files.first().is_some_and(|f| f != path);
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            // Removed since the directory was listed.
+            Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if directory => {
+                unreadable.push(format!("{}: {e}", file.display()));
+                continue;
+            }
+            Err(e) => return Err(format!("{}: {e}", file.display())),
+        };
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -125,7 +152,7 @@ fn read(path: &Path) -> Result<(u64, Hashes), String> {
             hashes.push(digest);
         }
     }
-    Ok((before, agents))
+    Ok((before, agents, unreadable))
 }
 
 #[cfg(test)]
@@ -158,5 +185,24 @@ mod tests {
         std::fs::write(dir.path().join("bad"), "lab-2 no colon\n").unwrap();
         let e = FleetSource::load(dir.path()).unwrap_err();
         assert!(e.ends_with("bad:1: expected NAME: SHA256HEX"), "{e}");
+    }
+
+    /// A file of a fleet directory that cannot be read is left out of a re-read, not the whole
+    /// directory: an agent removed from another file is no longer declared (an operations
+    /// review: it stayed connected until the unreadable file was fixed). At start, an error.
+    #[tokio::test]
+    async fn an_unreadable_file_in_a_fleet_directory_does_not_hold_back_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), format!("removed: {HASH}\n")).unwrap();
+        std::fs::write(dir.path().join("b"), format!("kept: {HASH}\n")).unwrap();
+        let source = FleetSource::load(dir.path()).unwrap();
+        // Unreadable as the service's user: root reads any mode, so bytes that are no text.
+        std::fs::write(dir.path().join("c"), b"added: \xff\n").unwrap();
+        std::fs::remove_file(dir.path().join("a")).unwrap();
+        source.state.lock().await.checked = Instant::now() - RECHECK;
+        assert!(source.get("removed").await.0.is_none(), "removed from the directory");
+        assert!(source.get("kept").await.0.is_some());
+        let e = FleetSource::load(dir.path()).unwrap_err();
+        assert!(e.starts_with(&dir.path().join("c").display().to_string()), "{e}");
     }
 }

@@ -167,6 +167,10 @@ pub struct TokenFiles {
     pub bad: Vec<BadLine>,
     /// Tokens defined more than once.
     pub duplicates: Vec<Duplicate>,
+    /// Files of a directory that could not be read (permissions, not UTF-8): left out, so that
+    /// one such file does not keep the rest of the directory from being read again (a token
+    /// removed from another file would stay in force); their tokens are not in force.
+    pub unreadable: Vec<(PathBuf, std::io::Error)>,
     /// Where each token in `map` was defined.
     places: HashMap<String, Place>,
 }
@@ -190,6 +194,9 @@ impl TokenFiles {
     }
 
     fn warn(&self, source: &Path) {
+        for (file, e) in &self.unreadable {
+            tracing::warn!(source = %source.display(), file = %file.display(), error = %e, "token file left out: it cannot be read, so its tokens are not in force");
+        }
         for b in &self.bad {
             tracing::warn!(source = %source.display(), "token line skipped: {b}");
         }
@@ -265,9 +272,16 @@ pub fn host_key(host: &str) -> String {
 /// The file or directory cannot be read; bad lines are not errors, they come back in the result.
 pub fn read_tokens(path: &Path, lookup: TokenLookup) -> std::io::Result<TokenFiles> {
     let mut read = TokenFiles::default();
-    for file in files_of(path)? {
-        let text = std::fs::read_to_string(&file)?;
-        parse_token_text(&text, &file, lookup, &mut read);
+    let files = files_of(path)?;
+    let directory = files.first().is_some_and(|f| f != path);
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => parse_token_text(&text, &file, lookup, &mut read),
+            // Removed since the directory was listed: a revoked token.
+            Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if directory => read.unreadable.push((file, e)),
+            Err(e) => return Err(e),
+        }
     }
     Ok(read)
 }
@@ -385,7 +399,10 @@ pub fn read_file_names(dir: &Path, lookup: TokenLookup) -> std::io::Result<Token
             Ok(_) => {}
             // Removed since the directory was listed: a revoked token.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            Err(e) => {
+                read.unreadable.push((file, e));
+                continue;
+            }
         }
         if bytes.len() as u64 > FILE_NAME_TARGET_MAX {
             complain(format!(
@@ -559,6 +576,11 @@ impl TokenSource {
             _ => stamp(&config.path)?,
         };
         let read = read_source(&config.path, config.lookup, config.format)?;
+        // At start and on a reload, a file that cannot be read is an error to fix now; while
+        // serving, it is left out of the re-read with a warning.
+        if let Some((file, e)) = read.unreadable.first() {
+            return Err(std::io::Error::new(e.kind(), format!("{}: {e}", file.display())));
+        }
         read.warn(&config.path);
         let snapshot = Snapshot {
             map: Arc::new(read.map),
@@ -1058,5 +1080,31 @@ mod tests {
         // Added, and revoked, for the very first lookup.
         assert!(source.lookup("added").await.unwrap().is_some());
         assert!(source.lookup("old").await.unwrap().is_none());
+    }
+
+    /// A file of a token directory that cannot be read is left out (named in a warning, its
+    /// tokens not in force), not the whole re-read: an operations review found that one file
+    /// dropped in mode 600 kept a token removed from another file in force for good. At start
+    /// it is an error, named.
+    #[tokio::test]
+    async fn an_unreadable_file_in_a_directory_does_not_hold_back_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "revoked: 127.0.0.1:1\n").unwrap();
+        std::fs::write(dir.path().join("b"), "kept: 127.0.0.1:2\n").unwrap();
+        let source = query_source(dir.path());
+        // Unreadable as the service's user: root reads any mode, so bytes that are no text.
+        std::fs::write(dir.path().join("c"), b"added: \xff\n").unwrap();
+        std::fs::remove_file(dir.path().join("a")).unwrap();
+        age_snapshot(&source, RECHECK + Duration::from_millis(1));
+        assert!(source.lookup("revoked").await.unwrap().is_none(), "removed from the directory");
+        assert!(source.lookup("kept").await.unwrap().is_some());
+        assert!(source.lookup("added").await.unwrap().is_none());
+
+        let read = read_tokens(dir.path(), TokenLookup::Query).unwrap();
+        assert_eq!(read.unreadable.len(), 1);
+        assert_eq!(read.unreadable[0].0, dir.path().join("c"));
+        let config = source.config.clone();
+        let e = TokenSource::load(config).unwrap_err().to_string();
+        assert!(e.starts_with(&dir.path().join("c").display().to_string()), "{e}");
     }
 }
