@@ -487,6 +487,9 @@ struct Pump<'b, 't, S> {
     /// no such read comes, one more pong timeout).
     pong_overdue: bool,
     close_by: Option<Instant>,
+    /// Writing to the backend failed: what it wrote before is still read (see
+    /// [`Pump::backend_write_failed`]), and this is the ending if that read fails.
+    write_failed: Option<io::Error>,
 
     bytes_up: u64,
     bytes_down: u64,
@@ -537,6 +540,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             ping_sent: None,
             pong_overdue: false,
             close_by: None,
+            write_failed: None,
             bytes_up: 0,
             bytes_down: 0,
             recorder: None,
@@ -616,6 +620,25 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         }
     }
 
+    /// Writing to the backend failed: it reset the connection, as a backend does that closes
+    /// (a refusal's message written, say) with the client's bytes unread. The client's data is
+    /// dropped from here, but what the backend wrote before its reset is still to be read (the
+    /// kernel keeps it for us past the reset), and the session ends as the backend's side does:
+    /// its EOF after that data is a 1000 as any backend close, a read error this write's 1011.
+    /// Within the close timeout, whatever the backend does.
+    fn backend_write_failed(&mut self, e: io::Error) {
+        tracing::debug!(error = %e, "backend write failed; reading what it sent before");
+        if self.upstream == Upstream::Forward {
+            self.upstream = Upstream::Discard;
+        }
+        self.up = Vec::new();
+        self.up_at = 0;
+        self.up_unflushed = false;
+        self.write_failed.get_or_insert(e);
+        let by = Instant::now() + self.timeouts.close;
+        self.close_by = Some(self.close_by.map_or(by, |b| b.min(by)));
+    }
+
     /// Backend → client: what waits for the client, control frames, then the backend's bytes.
     /// Returns whether anything moved.
     fn poll_down(&mut self, cx: &mut Context<'_>) -> bool {
@@ -689,7 +712,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         match read {
             Poll::Pending => false,
             Poll::Ready(Err(e)) => {
-                self.end(End::BackendError("read", e));
+                let why = match self.write_failed.take() {
+                    Some(written) => End::BackendError("write", written),
+                    None => End::BackendError("read", e),
+                };
+                self.end(why);
                 true
             }
             Poll::Ready(Ok(0)) => {
@@ -722,7 +749,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             return match Pin::new(&mut self.writer).poll_write(cx, &self.up[self.up_at..]) {
                 Poll::Pending => false,
                 Poll::Ready(Ok(0)) => {
-                    self.end(End::BackendError("write", io::ErrorKind::WriteZero.into()));
+                    self.backend_write_failed(io::ErrorKind::WriteZero.into());
                     true
                 }
                 Poll::Ready(Ok(n)) => {
@@ -738,7 +765,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     true
                 }
                 Poll::Ready(Err(e)) => {
-                    self.end(End::BackendError("write", e));
+                    self.backend_write_failed(e);
                     true
                 }
             };
@@ -751,7 +778,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     true
                 }
                 Poll::Ready(Err(e)) => {
-                    self.end(End::BackendError("write", e));
+                    self.backend_write_failed(e);
                     true
                 }
             };
@@ -927,7 +954,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 };
                 // The rest of the read is still parsed (data dropped), so the client's close
                 // frame in it is seen.
-                self.end(End::BackendError("write", e));
+                self.backend_write_failed(e);
                 return true;
             }
         };
