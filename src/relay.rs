@@ -269,8 +269,11 @@ where
     let _ = timeout(close, pump.writer.shutdown()).await;
     match pump.end {
         // After a protocol error the client's answer cannot be parsed: FIN, then its bytes are
-        // read and dropped until it closes, so the close frame is not lost to a reset.
-        Some(End::ClientError(_)) => crate::http::request::linger(&mut pump.client.io, close).await,
+        // read and dropped until it closes (within the close timeout), so the close frame is not
+        // lost to a reset: a client cut off in the middle of a message too big (1009) may have
+        // megabytes of it still to send, and a browser that gets a reset while it sends drops
+        // the close frame it has received (a 1006 for the page).
+        Some(End::ClientError(_)) => crate::http::request::linger_up_to(&mut pump.client.io, close, usize::MAX).await,
         Some(End::PongTimeout) => {
             let _ = timeout(DEAD_PEER_CLOSE, pump.client.io.shutdown()).await;
         }

@@ -200,12 +200,17 @@ pub(crate) fn answer_text(status: StatusCode, reason: &str, extra: &[(HeaderName
 /// client still sends is read and dropped for at most `wait`, so that closing a socket with unread
 /// request bytes does not reset the connection and destroy the answer before the client reads it.
 pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration) {
+    linger_up_to(stream, wait, 64 * 1024).await;
+}
+
+/// [`linger`], reading and dropping up to `max` bytes.
+pub(crate) async fn linger_up_to<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration, max: usize) {
     let _ = timeout(wait, async {
         stream.shutdown().await?;
         // On the heap: a 4 KiB array here would sit in every connection's future, used or not.
         let mut buf = vec![0u8; 4096];
         let mut total = 0;
-        while total < 64 * 1024 {
+        while total < max {
             match stream.read(&mut buf).await? {
                 0 => break,
                 n => total += n,

@@ -355,6 +355,32 @@ async fn too_big_message_is_closed_with_1009() {
     assert!(reason.contains("too big"), "{reason}");
 }
 
+/// A client cut off with 1009 in the middle of a message far over the limit may still be
+/// sending megabytes of it: the bridge reads and drops them until the client closes (within the
+/// close timeout), rather than resetting the connection after 64 KiB, which made Chromium and
+/// Node drop the 1009 they had received and report 1006 (a clients review: in 2-8 of 10 pages).
+#[tokio::test]
+async fn a_client_cut_off_with_1009_can_finish_sending_and_read_its_close() {
+    let (backend, _) = echo_backend().await;
+    let mut config = any_path_to(backend);
+    config.routes[0].options.max_message_size = Some(1 << 20);
+    let bridge = TestBridge::start(config).await;
+    let (mut r, mut w) = raw_ws(bridge.addr, "/").await.into_split();
+    let message = frame(0x82, &pattern(8 << 20, 5), true);
+    let writer = tokio::spawn(async move {
+        w.write_all(&message).await?;
+        w.shutdown().await
+    });
+    let mut got = Vec::new();
+    within("the close and the end of the connection", r.read_to_end(&mut got))
+        .await
+        .unwrap();
+    let sent = within("the writer", writer).await.unwrap();
+    assert!(sent.is_ok(), "the whole message could be sent: {sent:?}");
+    assert_eq!(got[0], 0x88, "a close frame: {:?}", &got[..got.len().min(16)]);
+    assert_eq!(u16::from_be_bytes([got[2], got[3]]), 1009);
+}
+
 #[tokio::test]
 async fn early_frames_sent_with_the_request_are_not_lost() {
     let (backend, mut received) = sink_backend().await;
