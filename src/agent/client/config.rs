@@ -215,9 +215,23 @@ impl std::fmt::Display for Proxy {
 impl std::str::FromStr for Proxy {
     type Err = String;
     /// `http://[user:pass@]host:port` (or without the scheme).
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(given: &str) -> Result<Self, String> {
         use base64::Engine as _;
-        let rest = s.trim().strip_prefix("http://").unwrap_or(s.trim());
+        let given = given.trim();
+        // What errors show: the URL with its password left out (the user's proxy password; the
+        // message goes to the console and the log).
+        let s = &match given.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let (scheme, userinfo) = userinfo.rsplit_once("://").map_or(("", userinfo), |(s, u)| (s, u));
+                let scheme = if scheme.is_empty() { String::new() } else { format!("{scheme}://") };
+                match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{scheme}{user}:…@{host}"),
+                    None => given.to_owned(),
+                }
+            }
+            None => given.to_owned(),
+        };
+        let rest = given.strip_prefix("http://").unwrap_or(given);
         if rest.contains("://") {
             return Err(format!("proxy {s:?}: only http:// proxies (CONNECT) are supported"));
         }
@@ -956,6 +970,15 @@ mod tests {
         }
         let e = "http://fe80::1:3128".parse::<Proxy>().unwrap_err();
         assert!(e.contains("brackets"), "{e}");
+        // An error leaves the password out (a hostile-server review found it in the message).
+        for (bad, shown) in [
+            ("http://puser:CANARYPW@proxy.corp:99999", "http://puser:…@proxy.corp:99999"),
+            ("socks5://puser:CANARYPW@proxy:1080", "socks5://puser:…@proxy:1080"),
+            ("puser:CANARYPW@proxy.corp:0", "puser:…@proxy.corp:0"),
+        ] {
+            let e = bad.parse::<Proxy>().unwrap_err();
+            assert!(!e.contains("CANARYPW") && e.contains(shown), "{e}");
+        }
     }
 
     #[test]

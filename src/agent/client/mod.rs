@@ -771,6 +771,7 @@ async fn control(
         misrouted: Arc::default(),
         capped: Arc::default(),
         caps: mine.caps.clone(),
+        unused: Arc::default(),
     };
     let mut link = ControlLink {
         ws,

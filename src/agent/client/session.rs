@@ -49,6 +49,50 @@ impl Caps {
     }
 }
 
+/// Data links dialled and not (yet) used, for one control link: each dial takes a place, and a
+/// link gives it back when it carries its first session; one that ends unused (closed before any
+/// `open`, or never opened) keeps it, and places come back at [`UNUSED_REFILL`] a second. A
+/// server's pool asks for links as sessions take them, so its links get used; a broken or hostile
+/// one that closes or refuses every link it asks for cannot make the agent dial (a TCP and TLS
+/// handshake, through a proxy a CONNECT, each) thousands of times a second, only
+/// [`UNUSED_BURST`] and then [`UNUSED_REFILL`] a second (a hostile-server review measured 3,700
+/// dials a second, 1,000 through the user's proxy).
+#[derive(Debug)]
+pub(super) struct DialBudget(std::sync::Mutex<(f64, Instant)>);
+
+/// Unused links a control link may have dialled before it is slowed (beyond any pool's asks:
+/// a server keeps at most 16 times its pool idle, and pools are a few links).
+const UNUSED_BURST: f64 = 1024.0;
+/// Places that come back each second.
+const UNUSED_REFILL: f64 = 16.0;
+
+impl Default for DialBudget {
+    fn default() -> DialBudget {
+        DialBudget(std::sync::Mutex::new((UNUSED_BURST, Instant::now())))
+    }
+}
+
+impl DialBudget {
+    /// A place for one more dial, if one is left.
+    fn take(&self) -> bool {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        state.0 = (state.0 + now.duration_since(state.1).as_secs_f64() * UNUSED_REFILL).min(UNUSED_BURST);
+        state.1 = now;
+        if state.0 < 1.0 {
+            return false;
+        }
+        state.0 -= 1.0;
+        true
+    }
+
+    /// A link carried a session: its place back.
+    fn give_back(&self) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.0 = (state.0 + 1.0).min(UNUSED_BURST);
+    }
+}
+
 /// What dialling a data link needs, shared by the control loop and the links (each replaces
 /// itself when it is opened).
 #[derive(Clone)]
@@ -70,11 +114,24 @@ pub(super) struct Links {
     pub(super) capped: Arc<std::sync::atomic::AtomicBool>,
     /// The agent's capped services' open sessions.
     pub(super) caps: Arc<Caps>,
+    /// Links dialled and not used yet ([`DialBudget`]).
+    pub(super) unused: Arc<DialBudget>,
 }
 
-/// Dials one more idle data link (bounded: at most 4096 links and sessions at once).
+/// Dials one more idle data link (bounded: at most 4096 links and sessions at once, and
+/// unused ones by [`DialBudget`]).
 pub(super) fn spawn_link(links: &Links) {
     if links.sessions.len() >= 4096 || links.idle.is_cancelled() {
+        return;
+    }
+    if !links.unused.take() {
+        match UNUSED.take() {
+            Some(left_out) => warn!(
+                left_out,
+                "agent: the server leaves the data links it asks for unused (closed or refused): dialling slowed to {UNUSED_REFILL} a second"
+            ),
+            None => debug!("agent: data link not dialled: too many unused ones"),
+        }
         return;
     }
     // Boxed: a link spawns its own replacement, so its future's type cannot contain itself.
@@ -152,6 +209,7 @@ pub(super) async fn data_link(links: Links) {
     let mut io = buffered.into_inner();
     // A link in chunks serves one session after another; a raw one (a server that did not
     // answer the offer of chunks) serves one.
+    let mut used = false;
     loop {
         let line = tokio::select! {
             _ = idle.cancelled() => return,
@@ -173,6 +231,10 @@ pub(super) async fn data_link(links: Links) {
         if !carry.is_empty() {
             return warn!("agent: the server sent bytes after `open` before our answer; link closed");
         }
+        if !used {
+            used = true;
+            links.unused.give_back();
+        }
         // The server took a raw link from its pool: the pool gets a new one at once (protocol
         // version 2), once the session is let in, before its service is even connected. Not for
         // an `open` refused (a service not listed, or at its cap): a server that asks for such
@@ -193,6 +255,8 @@ pub(super) async fn data_link(links: Links) {
 static NO_SUCH_SERVICE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static BUSY: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static BAD_LINK: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+static UNUSED: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+static UNREACHABLE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 
 /// Whether a data link's `101` agreed on chunks.
 fn answers_chunks(head: &str) -> bool {
@@ -217,7 +281,8 @@ async fn session(
 ) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
     let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
-        let shown: String = service.chars().filter(char::is_ascii_graphic).take(64).collect();
+        // Escaped, not filtered: `pos\0` asked for is not `pos` missing.
+        let shown: String = service.escape_default().take(64).collect();
         match NO_SUCH_SERVICE.take() {
             Some(left_out) => warn!(service = %shown, left_out, "agent: the server asked for a service this agent does not have"),
             None => debug!(service = %shown, "agent: the server asked for a service this agent does not have"),
@@ -252,7 +317,10 @@ async fn session(
                 ConnectError::Resolve(_) => "cannot resolve host".into(),
                 other => other.to_string(),
             };
-            warn!(%service, error = %why, "agent: service not reachable");
+            match UNREACHABLE.take() {
+                Some(left_out) => warn!(%service, error = %why, left_out, "agent: service not reachable"),
+                None => debug!(%service, error = %why, "agent: service not reachable"),
+            }
             return answer(io, &format!("err {service}: {why}\n"), config).await.then(Vec::new);
         }
     };
