@@ -1944,6 +1944,16 @@ pub fn record_settings(prefix: PathBuf, max_size: Option<Option<usize>>) -> Resu
     if !dir.is_dir() {
         return Err(("record", format!("{} is not a directory", dir.display())));
     }
+    // Said now, not in a warning per session: the directory must take this process's files
+    // (under systemd's DynamicUser only a StateDirectory= or LogsDirectory= one does).
+    let probe = dir.join(format!(".wsbridge-record-check.{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(("record", format!("{}: recordings cannot be written there: {e}", dir.display()))),
+    }
     let max_size = match max_size {
         None => Some(crate::record::DEFAULT_MAX_SIZE),
         Some(n) => n.map(|n| n as u64),

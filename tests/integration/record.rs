@@ -380,6 +380,18 @@ async fn bad_recording_settings_are_configuration_errors() {
     let (code, _, err) = run_to_end(&["6080", "h:1", "--record", dir.path().join("missing/vnc").to_str().unwrap()]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--record") && err.contains("is not a directory"), "{err}");
+    // A directory this process cannot write to (under systemd's DynamicUser, any but its own
+    // StateDirectory=): said at start, not once per session as "session not recorded" (an
+    // operations review). /proc takes no files, whoever asks (these tests may run as root).
+    if cfg!(target_os = "linux") {
+        std::fs::write(&config, format!("{head}record = \"/proc/vnc\"\n")).unwrap();
+        let (code, _, err) = run_to_end(&["check", "--config", config.to_str().unwrap()]).await;
+        assert_eq!(code, 64, "{err}");
+        assert!(
+            err.contains("route[0].record") && err.contains("recordings cannot be written there"),
+            "{err}"
+        );
+    }
 }
 
 /// A file that cannot be created (its directory went away after the configuration was checked)
