@@ -1345,7 +1345,7 @@ struct RawLimits {
 struct RawLog {
     #[serde(default)]
     format: LogFormat,
-    file: Option<PathBuf>,
+    file: Option<Spanned<PathBuf>>,
     max_size: Option<LogSize>,
     token_key_file: Option<Spanned<PathBuf>>,
 }
@@ -1380,7 +1380,15 @@ impl RawConfig {
         config.timeouts = self.timeouts.resolve();
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
-        config.log_file = self.log.file.map(|f| ctx.resolve(&f));
+        if let Some(file) = self.log.file {
+            let path = ctx.resolve(file.get_ref());
+            // The file is opened at start (it may not exist yet), in a directory that must.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return ctx.invalid(file.span(), "log.file".into(), format!("{}: no such directory", dir.display()));
+            }
+            config.log_file = Some(path);
+        }
         if let Some(max) = self.log.max_size {
             config.log_max_size = max.0.map(|n| n as u64);
         }

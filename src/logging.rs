@@ -291,6 +291,19 @@ pub struct LogFile {
     recheck: std::time::Duration,
     /// When it last looked.
     checked: std::time::Instant,
+    /// Opening FILE anew failed, and the file being written says so (once until it works).
+    reopen_failed: bool,
+}
+
+/// Set by [`look_at_log_file_now`]: the next line looks whether the log file was moved away,
+/// whatever the time since the last look.
+static LOOK_NOW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// After a rotator moved the log file away (logrotate's `postrotate`, by SIGHUP): the next line
+/// goes to the new FILE, not up to a second more to the renamed one (which `compress` without
+/// `delaycompress` may be packing meanwhile).
+pub fn look_at_log_file_now() {
+    LOOK_NOW.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl LogFile {
@@ -316,6 +329,7 @@ impl LogFile {
             limit,
             recheck,
             checked: std::time::Instant::now(),
+            reopen_failed: false,
         })
     }
 
@@ -377,18 +391,31 @@ impl LogFile {
     }
 
     /// Opens FILE anew after a rotator moved the one being written away; on failure keeps
-    /// writing where it was.
+    /// writing where it was, and says so there once (a rotator's `create` with an owner this
+    /// process cannot write as, say), since that file is the one an operator reads now.
     fn reopen(&mut self) {
-        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
-            self.size = file.metadata().map_or(0, |m| m.len());
-            self.file = file;
+        match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            Ok(file) => {
+                self.size = file.metadata().map_or(0, |m| m.len());
+                self.file = file;
+                self.reopen_failed = false;
+            }
+            Err(e) if !self.reopen_failed => {
+                self.reopen_failed = true;
+                let line = format!(
+                    "wsbridge: the log file {} was moved away and cannot be opened anew ({e}); logging goes on here until it can\n",
+                    self.path.display()
+                );
+                let _ = std::io::Write::write_all(&mut self.file, line.as_bytes());
+            }
+            Err(_) => {}
         }
     }
 }
 
 impl std::io::Write for LogFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.checked.elapsed() >= self.recheck {
+        if self.checked.elapsed() >= self.recheck || LOOK_NOW.swap(false, std::sync::atomic::Ordering::Relaxed) {
             self.checked = std::time::Instant::now();
             if self.moved() {
                 self.reopen();
@@ -871,6 +898,36 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         log.write_all(b"after the removal\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "after the removal\n");
+    }
+
+    /// A SIGHUP (logrotate's `postrotate`) has the next line look whether FILE was moved away,
+    /// not up to a second later (an operations review: lines written to the renamed file in that
+    /// second were lost to `compress` without `delaycompress`); a FILE that cannot be opened anew
+    /// is said once in the file being written.
+    #[test]
+    fn a_log_file_is_looked_at_when_asked_and_a_failed_reopen_is_said() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wsbridge.log");
+        let mut log = LogFile::open_checking(&path, 1 << 20, std::time::Duration::from_secs(3600)).unwrap();
+        log.write_all(b"before\n").unwrap();
+        let rotated = dir.path().join("wsbridge.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        look_at_log_file_now();
+        log.write_all(b"after\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "before\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after\n");
+
+        // Moved away again, and FILE cannot be made (here a directory is in its place).
+        std::fs::rename(&path, &rotated).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        look_at_log_file_now();
+        log.write_all(b"one\n").unwrap();
+        look_at_log_file_now();
+        log.write_all(b"two\n").unwrap();
+        let text = std::fs::read_to_string(&rotated).unwrap();
+        assert_eq!(text.matches("cannot be opened anew").count(), 1, "{text}");
+        assert!(text.ends_with("one\ntwo\n"), "{text}");
     }
 
     /// FILE gone when it is to be set aside (a rotator renamed it and made no new one, or the

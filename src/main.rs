@@ -382,6 +382,9 @@ fn spawn_signal_handlers(
                     if let Some(n) = &notifier {
                         n.reloading();
                     }
+                    // A rotator's postrotate may send it: the log file is looked at by the next
+                    // line, not within a second.
+                    wsbridge::logging::look_at_log_file_now();
                     // Files are read and parsed off the runtime thread, which serves sessions.
                     let (b, path) = (bridge.clone(), path.clone());
                     let reloaded = tokio::task::spawn_blocking(move || start::reload(&b, path.as_deref(), threads)).await;

@@ -412,6 +412,7 @@ async fn the_log_file_gets_the_start_up_and_session_lines() {
     assert!(err.contains(&format!("log file {}", nowhere.display())), "{err}");
 
     let toml = dir.path().join("w.toml");
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
     std::fs::write(
         &toml,
         "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:5900\"\n[log]\nfile = \"logs/w.log\"\n",
@@ -419,6 +420,16 @@ async fn the_log_file_gets_the_start_up_and_session_lines() {
     .unwrap();
     let config = wsbridge::config::Config::from_file(&toml).unwrap();
     assert_eq!(config.log_file, Some(dir.path().join("logs/w.log")));
+    // A directory that does not exist: `wsbridge check` says so at the line, as the start
+    // would (an operations review: check said OK, the start failed).
+    std::fs::write(
+        &toml,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:5900\"\n[log]\nfile = \"nowhere/w.log\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_to_end(&["check", "--config", toml.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("w.toml:7: log.file: ") && err.contains("no such directory"), "{err}");
 }
 
 /// websockify's UnixDomainSocketDirectory through the binary: a directory of sockets named by
