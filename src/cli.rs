@@ -138,6 +138,22 @@ pub fn man_page() -> std::io::Result<Vec<u8>> {
           .TP\n1\na runtime error: a port in use, a failure after start\n\
           .TP\n64\na usage or configuration error (the message names the option, or the file, line and field)\n",
     );
+    out.extend_from_slice(
+        b".SH SIGNALS\n.TP\nSIGTERM, SIGINT\ndrain: stop accepting, close each session with 1001 after flushing it, exit when \
+          drained or when shutdown_grace has passed (a second one skips the rest of a drain_delay)\n\
+          .TP\nSIGHUP\nreload the configuration file, its token sources and every certificate; a file that \
+          does not parse is logged and the running configuration stays; open sessions are untouched; the \
+          log file is looked at for a rotation at once. Token, credentials (bearer_file, htpasswd, JWT \
+          keys) and agent files are also re-read on their own within a second of a change\n\
+          .SH ENVIRONMENT\n.TP\nRUST_LOG\nthe log filter (tracing's syntax), over \\-v\n\
+          .TP\nNOTIFY_SOCKET, WATCHDOG_USEC, LISTEN_FDS, LISTEN_FDNAMES, JOURNAL_STREAM\nset by systemd: \
+          readiness and reload notices, the watchdog, socket activation, journal priorities\n\
+          .TP\nHTTPS_PROXY, HTTP_PROXY, NO_PROXY\nwsbridge agent: the proxy to reach its servers through \
+          (CONNECT), unless \\-\\-proxy or the file's proxy says otherwise\n\
+          .SH FILES\n.TP\n/etc/wsbridge/wsbridge.toml\nthe packaged configuration (wsbridge.service runs \
+          wsbridge \\-\\-config with it)\n\
+          .TP\n/usr/share/doc/wsbridge/examples/\nthe annotated full configuration and an agent's\n",
+    );
     man.render_version_section(&mut out)?;
     Ok(out)
 }

@@ -1427,11 +1427,16 @@ impl RawConfig {
         config.token_sources = token_sources(self.tokens, &defaults, ctx)?;
         config.admin = self.admin.map(|a| a.resolve(ctx)).transpose()?;
         if config.listeners.is_empty() {
+            // An empty file is most often one caught being written (a truncate, then the write).
+            let empty = ctx.text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
             return Err(ConfigError::Invalid {
                 file: ctx.file.to_owned(),
                 line: None,
                 field: "listen".into(),
-                message: "at least one [[listen]] table with an `addr` is needed".into(),
+                message: match empty {
+                    true => "the file is empty (being written?): at least one [[listen]] table with an `addr` is needed".into(),
+                    false => "at least one [[listen]] table with an `addr` is needed".into(),
+                },
             });
         }
         config.check()?;
@@ -2391,6 +2396,17 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    /// An empty file (one caught between a truncate and its write) says so, beside what is needed.
+    #[test]
+    fn an_empty_file_says_it_is_empty() {
+        for text in ["", "\n  \n", "# only a comment\n"] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("the file is empty") && e.contains("[[listen]]"), "{e}");
+        }
+        let e = parse("[limits]\nmax_connections = 5\n").unwrap_err().to_string();
+        assert!(!e.contains("empty") && e.contains("at least one [[listen]]"), "{e}");
     }
 
     #[test]

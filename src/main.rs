@@ -144,8 +144,21 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
         complain!("wsbridge: {}", e.root_cause());
         ExitCode::from(EX_USAGE)
     } else {
-        complain!("wsbridge: {e:#}");
+        complain!("wsbridge: {e:#}{}", bind_hint(&e));
         ExitCode::from(1)
+    }
+}
+
+/// What to do about a port below 1024 that this process may not bind.
+fn bind_hint(e: &anyhow::Error) -> &'static str {
+    match e.downcast_ref::<StartError>() {
+        Some(StartError::Bind {
+            addr: wsbridge::config::ListenOn::Tcp(addr),
+            source,
+        }) if source.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 => {
+            " (a port below 1024 needs root or CAP_NET_BIND_SERVICE: run it from the systemd unit, which grants it, or `setcap cap_net_bind_service=+ep` on the binary)"
+        }
+        _ => "",
     }
 }
 

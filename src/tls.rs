@@ -64,7 +64,18 @@ fn pem_problem(file: &Path, what: &str, e: rustls_pki_types::pem::Error) -> TlsE
     match e {
         E::Io(io) => file_error(file, format!("cannot read: {io}")),
         E::NoItemsFound => file_error(file, format!("no {what} found (expected a PEM \"BEGIN\" block)")),
-        other => file_error(file, format!("invalid PEM: {other:?}")),
+        E::MissingSectionEnd { end_marker } => file_error(
+            file,
+            format!(
+                "invalid PEM: no \"-----END {}-----\" line (the file is cut short, half written?)",
+                String::from_utf8_lossy(&end_marker)
+            ),
+        ),
+        E::IllegalSectionStart { line } => file_error(
+            file,
+            format!("invalid PEM: a bad \"BEGIN\" line: {:?}", String::from_utf8_lossy(&line)),
+        ),
+        other => file_error(file, format!("invalid PEM: {other}")),
     }
 }
 

@@ -49,7 +49,7 @@ pub enum BridgeError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// A token source could not be read.
-    #[error("token source {0}")]
+    #[error("{0}")]
     Tokens(String),
 }
 
@@ -391,6 +391,9 @@ impl Bridge {
         for t in &listeners {
             let result = t.reload();
             let files = &t.settings.default;
+            if result.is_ok() {
+                tracing::info!(cert = %files.cert.display(), "certificate re-read; in service for new connections");
+            }
             crate::metrics::certificate_reloaded(&files.cert, files.key.as_deref(), result.is_ok(), false);
             failed.extend(result.err());
         }

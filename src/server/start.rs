@@ -166,10 +166,16 @@ pub fn fit_open_file_limit(limit: u64, config: &mut Config, threads: usize) {
     let reserve = FD_RESERVE + threads as u64 * (config.listeners.len() as u64 + 2);
     let sessions = usize::try_from(limit.saturating_sub(reserve) / 2).unwrap_or(usize::MAX);
     if sessions < max_connections {
-        tracing::warn!(
-            "max_connections lowered from {max_connections} to {sessions}: the open-file limit ({limit}) holds \
-             no more sessions; raise it (ulimit -n, LimitNOFILE= in a systemd unit) to allow more"
-        );
+        // Once per change, not at every reload that finds the same limit again.
+        static SAID: std::sync::Mutex<Option<(usize, usize)>> = std::sync::Mutex::new(None);
+        let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+        if *said != Some((max_connections, sessions)) {
+            *said = Some((max_connections, sessions));
+            tracing::warn!(
+                "max_connections lowered from {max_connections} to {sessions}: the open-file limit ({limit}) holds \
+                 no more sessions; raise it (ulimit -n, LimitNOFILE= in a systemd unit) to allow more"
+            );
+        }
         config.limits.max_connections = sessions;
     }
 }

@@ -708,6 +708,10 @@ async fn the_manual_page_holds_every_command_and_the_exit_codes() {
         "\\-\\-new\\-secret",
         ".SH \"WSBRIDGE CHECK\"",
         ".SH \"EXIT STATUS\"",
+        ".SH SIGNALS\n.TP\nSIGTERM, SIGINT\n",
+        ".TP\nSIGHUP\nreload",
+        ".SH ENVIRONMENT\n",
+        ".SH FILES\n",
         "Examples:\n.nf\n",
     ] {
         assert!(man.contains(needle), "{needle:?} not in the manual page");
@@ -740,4 +744,39 @@ async fn a_key_that_does_not_match_its_certificate_is_named_at_its_line() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// A port below 1024 this process may not bind: exit 1, and the message says what grants it (an
+/// operations review: `Permission denied (os error 13)` alone). Run as root, the binary is
+/// started as `nobody` with setpriv.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_privileged_port_refused_says_what_grants_it() {
+    let test = "a_privileged_port_refused_says_what_grants_it";
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").unwrap_or_default();
+    if !root || start.trim().parse::<u32>().map_or(true, |p| p <= 80) {
+        return skip(test, "needs root (to drop to nobody) and port 80 privileged");
+    }
+    let Some(setpriv) = which("setpriv") else {
+        return skip(test, "no setpriv here");
+    };
+    let mut command = Command::new(setpriv);
+    command.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        BIN,
+        "127.0.0.1:80",
+        "127.0.0.1:1",
+    ]);
+    let (code, _, err) = crate::common::binary::command_to_end(command).await;
+    if code == 126 || code == 127 || err.contains("failed to execute") {
+        return skip(test, &format!("nobody cannot run the test binary here: {err}"));
+    }
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("Permission denied") && err.contains("CAP_NET_BIND_SERVICE"), "{err}");
 }

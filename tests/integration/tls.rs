@@ -167,6 +167,15 @@ async fn certificate_errors_name_the_file_and_the_problem() {
     std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").unwrap();
     let e = load_err(&garbage, Some(&a.key));
     assert!(e.starts_with(&format!("{}: invalid PEM", garbage.display())), "{e}");
+    // A key half written (a reload while it is being copied): said in words, not as bytes.
+    let half = d.join("half.key");
+    let key = std::fs::read_to_string(&a.key).unwrap();
+    std::fs::write(&half, &key[..key.len() / 2]).unwrap();
+    let e = load_err(&a.cert, Some(&half));
+    assert!(
+        e.contains("invalid PEM: no \"-----END PRIVATE KEY-----\" line (the file is cut short"),
+        "{e}"
+    );
     // A key with a passphrase (openssl's `-aes256`): said so, with how to decrypt it.
     let encrypted = d.join("encrypted.key");
     let out = std::process::Command::new("openssl")
