@@ -279,7 +279,23 @@ impl Bridge {
                 }
             }
         }
-        if let Some(running) = self.inner.admin.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let admin = self.inner.admin.read().unwrap_or_else(|p| p.into_inner());
+        match (admin.as_ref(), config.admin.as_ref()) {
+            (Some(running), None) => waiting.push(format!(
+                "admin listener: [admin] removed from the file; it serves on at {} until a restart",
+                running.addr
+            )),
+            (None, Some(new)) => waiting.push(format!(
+                "admin listener: [admin] added to the file; it listens at {} after a restart",
+                new.addr
+            )),
+            (Some(running), Some(new)) if running.addr != new.addr => waiting.push(format!(
+                "admin listener: addr changed in the file to {}; it serves on at {} until a restart",
+                new.addr, running.addr
+            )),
+            _ => {}
+        }
+        if let Some(running) = admin.as_ref() {
             if config.admin.as_ref().and_then(|a| a.tls.as_ref()) != running.tls.as_ref() {
                 waiting.push(
                     "admin listener: tls changed in the file; in force after a restart (until then it serves as it was \

@@ -885,6 +885,32 @@ async fn a_reload_rotates_the_admin_token_and_names_the_listener_changes_it_leav
     b.line("configuration reloaded").await;
     assert_eq!(admin(addr, "GET", "/metrics", Some("the-first-token")).await.0, 401);
     assert_eq!(admin(addr, "GET", "/metrics", Some("the-second-token")).await.0, 200);
+
+    // [admin] removed, then moved: each said, as a listener's change is (an operations review:
+    // nothing but the generic line), and the admin listener serves on as it was.
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    b.signal("HUP").await;
+    let removed = b.line("admin listener: ").await;
+    assert!(
+        removed.contains("WARN") && removed.contains("[admin] removed from the file; it serves on"),
+        "{removed}"
+    );
+    std::fs::write(
+        &file,
+        config("the-second-token", "[[listen]]\naddr = \"127.0.0.1:0\"\n").replace("127.0.0.1:0\"\ntoken", "127.0.0.1:1\"\ntoken"),
+    )
+    .unwrap();
+    b.signal("HUP").await;
+    let moved = b.line("admin listener: addr changed").await;
+    assert!(
+        moved.contains("WARN") && moved.contains("in the file to 127.0.0.1:1; it serves on at 127.0.0.1:0"),
+        "{moved}"
+    );
+    assert_eq!(admin(addr, "GET", "/metrics", Some("the-second-token")).await.0, 200);
 }
 
 /// A token file changed (here, broken) is re-read when the metrics are scraped, not only when a
