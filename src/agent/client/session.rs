@@ -382,6 +382,14 @@ where
                     Ok(d) => d.map(|d| (n, Some(d))),
                     Err(_) => Ok((n, None)),
                 },
+                // The app reset its connection while the browser's bytes went to it: what it
+                // wrote before is still read (the kernel keeps it past the reset) and goes on
+                // to the browser, then its EOF, as the server's relay does for a backend.
+                Err(e) if app_write_failed(&e) => match timeout(AFTER_BROWSER_CLOSE, &mut down).await {
+                    Ok(Ok(_)) => Err(e),
+                    Ok(Err(read)) => Err(read),
+                    Err(_) => Err(e),
+                },
                 Err(e) => Err(e),
             },
             // The app's EOF: what it wrote is on its way; the browser may still send until it
@@ -566,7 +574,8 @@ impl<W> AppWriter<W> {
         use std::task::Poll;
         if !polled.is_pending() {
             self.armed = false;
-            return polled;
+            // Marked as the app's: the relay then still reads what the app wrote before.
+            return polled.map_err(|e| std::io::Error::new(e.kind(), AppWriteFailed(e)));
         }
         let at = tokio::time::Instant::now() + self.stall;
         let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
@@ -614,6 +623,24 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AppWriter<W> {
     fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
+}
+
+/// A write to the app failed: it reset its connection, as an app does that closes (an answer
+/// written, say) with some of the browser's bytes unread.
+#[derive(Debug)]
+struct AppWriteFailed(std::io::Error);
+
+impl std::fmt::Display for AppWriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writing to the app failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for AppWriteFailed {}
+
+/// Whether `e` is an [`AppWriteFailed`].
+fn app_write_failed(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<AppWriteFailed>())
 }
 
 /// How long an app may go on after the browser's side of a session ended (the server's close
