@@ -3127,6 +3127,7 @@ async fn after_a_drain_the_agent_retries_at_the_short_interval() {
         max: Duration::from_secs(30),
         auth_max: Duration::from_secs(60),
         after_drain: Duration::from_millis(100),
+        drain_window: Duration::from_secs(60),
     };
     let mut agent = start_agent(config).await;
     let drained = bridge.stop().await;
@@ -3442,6 +3443,7 @@ async fn a_server_that_drains_every_connection_at_once_is_backed_off_from() {
             max: Duration::from_secs(2),
             auth_max: Duration::from_secs(2),
             after_drain: Duration::from_millis(100),
+            drain_window: Duration::from_secs(60),
         };
         let _agent = client::spawn(config).unwrap();
         let text = |m: &str| {
@@ -3466,6 +3468,57 @@ async fn a_server_that_drains_every_connection_at_once_is_backed_off_from() {
         // said 450 ms, a fifth step's, and failed once in CI at 408 ms, jitter 0.255.)
         assert!(gaps[4] >= Duration::from_millis(390), "{message}: still followed at once: {gaps:?}");
     }
+}
+
+/// An instance that answers "draining" (503) for long is tried quickly only for the drain
+/// window after the first such answer, then with the growing backoff: each 503 started the window
+/// again, and an instance that drains for long (or a hostile one that says so for good) was asked
+/// every second or two without end (a hostile-server review).
+#[tokio::test]
+async fn a_long_drain_is_retried_quickly_only_for_its_window() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = agent_config(listener.local_addr().unwrap(), "shop-17", SECRET, &[]);
+    config.backoff = Backoff {
+        initial: Duration::from_millis(400),
+        max: Duration::from_secs(2),
+        auth_max: Duration::from_secs(2),
+        after_drain: Duration::from_millis(50),
+        drain_window: Duration::from_millis(500),
+    };
+    let _agent = client::spawn(config).unwrap();
+    let started = Instant::now();
+    let mut tries = Vec::new();
+    let body = wsbridge::agent::link::DRAINING;
+    within("tries for 2.5 s", async {
+        while started.elapsed() < Duration::from_millis(2500) {
+            let Ok(Ok((mut s, _))) = tokio::time::timeout(Duration::from_secs(3), listener.accept()).await else {
+                break;
+            };
+            tries.push(started.elapsed());
+            let _ = read_head(&mut s).await;
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    })
+    .await;
+    let gaps: Vec<Duration> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+    let quick = tries.iter().filter(|t| **t < Duration::from_millis(450)).count();
+    assert!(quick >= 4, "quick retries in the window: {tries:?}");
+    // Past the window: the backoff (at least a quarter of 400 ms and growing), not 25-50 ms.
+    let late: Vec<&Duration> = gaps
+        .iter()
+        .zip(&tries[1..])
+        .filter(|(_, t)| **t > Duration::from_millis(1200))
+        .map(|(g, _)| g)
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|g| **g >= Duration::from_millis(100)),
+        "{tries:?}"
+    );
+    assert!(tries.len() < 30, "{} tries in 2.5 s: {tries:?}", tries.len());
 }
 
 /// A server that answers every data link by asking for a service the agent does not list (or

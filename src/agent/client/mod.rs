@@ -48,9 +48,13 @@ pub struct Backoff {
     pub max: Duration,
     /// The cap after a refused login.
     pub auth_max: Duration,
-    /// The cap for a minute after the server drained (it is likely restarting): the agent is
-    /// back within this of the instance taking connections again.
+    /// The cap for [`Backoff::drain_window`] after the server drained (it is likely
+    /// restarting): the agent is back within this of the instance taking connections again.
     pub after_drain: Duration,
+    /// How long after a drain the agent retries at most [`Backoff::after_drain`] apart (a
+    /// minute): not with the growing backoff, so it is back within that of a restarted
+    /// instance taking connections, before a balancer's health checks send it pages.
+    pub drain_window: Duration,
 }
 
 impl Default for Backoff {
@@ -60,6 +64,7 @@ impl Default for Backoff {
             max: Duration::from_secs(30),
             auth_max: Duration::from_secs(300),
             after_drain: Duration::from_secs(2),
+            drain_window: Duration::from_secs(60),
         }
     }
 }
@@ -305,11 +310,6 @@ fn tls_for(config: &AgentConfig) -> Result<Option<BackendTls>, crate::tls::TlsEr
     })
     .map(Some)
 }
-
-/// For this long after a server drained, the agent tries it again at most
-/// [`Backoff::after_drain`] apart (not with the growing backoff), so it is back within that of a
-/// restarted instance taking connections: before a balancer's health checks send it pages.
-const AFTER_DRAIN_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why a connection attempt or a connected control link ended.
 enum Ended {
@@ -564,8 +564,13 @@ async fn run(
                     short = if stable { 0 } else { short.saturating_add(1) };
                     last_failure = None;
                 }
-                if reason.contains(link::DRAINING) {
-                    // Still draining: the restart (if it is one) is still to come.
+                // A draining instance's 503: the quick retries start with the first one (no
+                // drain message came), but later ones do not start them again, or an instance
+                // that drains for long (a long shutdown_grace), or answers so for good, would be
+                // asked every second or two for as long (a hostile-server review: without end).
+                // A drain seen long ago (ten windows) is another drain's.
+                if reason.contains(link::DRAINING) && drained.is_none_or(|t| t.elapsed() >= config.backoff.drain_window.saturating_mul(10))
+                {
                     drained = Some(Instant::now());
                 }
                 retry_after = server_says;
@@ -578,7 +583,7 @@ async fn run(
         // What the server asked for counts, up to the longest backoff this agent would use.
         let floor = retry_after.take().unwrap_or_default().min(config.backoff.auth_max);
         let mut after = config.backoff.delay(failures, auth);
-        if drained.is_some_and(|t| t.elapsed() < AFTER_DRAIN_WINDOW) && !auth && !quick_again {
+        if drained.is_some_and(|t| t.elapsed() < config.backoff.drain_window) && !auth && !quick_again {
             after = after.min(config.backoff.after_drain_delay());
         }
         // No sooner than the server asked, and spread by up to a second past that: a server's
