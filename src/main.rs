@@ -82,6 +82,7 @@ fn main() -> ExitCode {
         }
         None => {
             let config_path = cli.run.config.clone();
+            let admin_flag = cli.run.admin.is_some();
             let config = match cli.run.into_config() {
                 Ok(c) => c,
                 Err(e) => {
@@ -113,7 +114,7 @@ fn main() -> ExitCode {
                 notifier: wsbridge::systemd::Notifier::from_env().map(Arc::new),
             };
             report(
-                runtime.block_on(run(config, config_path.clone(), threads, systemd)),
+                runtime.block_on(run(config, config_path.clone(), threads, systemd, admin_flag)),
                 config_path.as_deref(),
             )
         }
@@ -293,12 +294,21 @@ struct Systemd {
 /// Serves `config` on `threads` runtime threads until SIGTERM or SIGINT, on the sockets systemd
 /// passed for its `systemd:NAME` listeners, telling systemd (`NOTIFY_SOCKET`) when it is ready,
 /// reloading and stopping.
-async fn run(mut config: Config, path: Option<std::path::PathBuf>, threads: usize, systemd: Systemd) -> anyhow::Result<()> {
+async fn run(
+    mut config: Config,
+    path: Option<std::path::PathBuf>,
+    threads: usize,
+    systemd: Systemd,
+    admin_flag: bool,
+) -> anyhow::Result<()> {
     let passed = systemd.passed.map_err(|e| StartError::Activation(e.to_string()))?;
     let notifier = systemd.notifier;
     let limit = start::raise_open_file_limit();
     start::fit_open_file_limit(limit, &mut config, threads);
     let bridge = Bridge::new(&config)?;
+    if admin_flag {
+        bridge.admin_address_from_flag();
+    }
     // Before "listening": a supervisor may send SIGHUP or SIGTERM as soon as it reads that line,
     // and a signal without a handler would end the process.
     spawn_signal_handlers(&bridge, path, threads, notifier.clone())?;

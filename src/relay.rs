@@ -139,6 +139,11 @@ pub struct Summary {
     pub bytes_down: u64,
 }
 
+/// What a client may still send after its protocol error, read and dropped so that it reads our
+/// close frame: the rest of a message far over `max_message_size`, in reason (a browser's 16 MiB
+/// message against a 1 MiB limit), not gigabytes of CPU for nothing.
+const AFTER_ERROR_DRAIN: usize = 64 << 20;
+
 /// Why a session ends.
 #[derive(Debug)]
 enum End {
@@ -269,11 +274,11 @@ where
     let _ = timeout(close, pump.writer.shutdown()).await;
     match pump.end {
         // After a protocol error the client's answer cannot be parsed: FIN, then its bytes are
-        // read and dropped until it closes (within the close timeout), so the close frame is not
-        // lost to a reset: a client cut off in the middle of a message too big (1009) may have
-        // megabytes of it still to send, and a browser that gets a reset while it sends drops
-        // the close frame it has received (a 1006 for the page).
-        Some(End::ClientError(_)) => crate::http::request::linger_up_to(&mut pump.client.io, close, usize::MAX).await,
+        // read and dropped until it closes (within the close timeout, up to AFTER_ERROR_DRAIN),
+        // so the close frame is not lost to a reset: a client cut off in the middle of a message
+        // too big (1009) may have megabytes of it still to send, and a browser that gets a reset
+        // while it sends drops the close frame it has received (a 1006 for the page).
+        Some(End::ClientError(_)) => crate::http::request::linger_up_to(&mut pump.client.io, close, AFTER_ERROR_DRAIN).await,
         Some(End::PongTimeout) => {
             let _ = timeout(DEAD_PEER_CLOSE, pump.client.io.shutdown()).await;
         }
@@ -491,8 +496,10 @@ struct Pump<'b, 't, S> {
     pong_overdue: bool,
     close_by: Option<Instant>,
     /// Writing to the backend failed: what it wrote before is still read (see
-    /// [`Pump::backend_write_failed`]), and this is the ending if that read fails.
+    /// [`Pump::backend_write_failed`]), then the session ends with this error, by the deadline
+    /// beside it at the latest.
     write_failed: Option<io::Error>,
+    write_failed_by: Option<Instant>,
 
     bytes_up: u64,
     bytes_down: u64,
@@ -544,6 +551,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             pong_overdue: false,
             close_by: None,
             write_failed: None,
+            write_failed_by: None,
             bytes_up: 0,
             bytes_down: 0,
             recorder: None,
@@ -624,11 +632,12 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     }
 
     /// Writing to the backend failed: it reset the connection, as a backend does that closes
-    /// (a refusal's message written, say) with the client's bytes unread. The client's data is
-    /// dropped from here, but what the backend wrote before its reset is still to be read (the
-    /// kernel keeps it for us past the reset), and the session ends as the backend's side does:
-    /// its EOF after that data is a 1000 as any backend close, a read error this write's 1011.
-    /// Within the close timeout, whatever the backend does.
+    /// (a refusal's message written, say) with the client's bytes unread, or it crashed. The
+    /// client's data is dropped from here, but what the backend wrote before is still to be read
+    /// (the kernel keeps it for us past a reset), and then the session ends with this write's
+    /// 1011 (its reason says why: "connection reset"), whether the backend's side then gives EOF
+    /// or an error, or nothing until the close timeout (a backend that shut only its reading
+    /// side): the client gets everything and still learns that the backend failed.
     fn backend_write_failed(&mut self, e: io::Error) {
         tracing::debug!(error = %e, "backend write failed; reading what it sent before");
         if self.upstream == Upstream::Forward {
@@ -638,8 +647,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         self.up_at = 0;
         self.up_unflushed = false;
         self.write_failed.get_or_insert(e);
-        let by = Instant::now() + self.timeouts.close;
-        self.close_by = Some(self.close_by.map_or(by, |b| b.min(by)));
+        self.write_failed_by.get_or_insert(Instant::now() + self.timeouts.close);
     }
 
     /// Backend → client: what waits for the client, control frames, then the backend's bytes.
@@ -723,7 +731,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 true
             }
             Poll::Ready(Ok(0)) => {
-                self.end(End::BackendEof);
+                let why = match self.write_failed.take() {
+                    Some(written) => End::BackendError("write", written),
+                    None => End::BackendEof,
+                };
+                self.end(why);
                 true
             }
             Poll::Ready(Ok(n)) => {
@@ -1034,7 +1046,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             None => self.next_ping,
         };
         let drain = self.after_up.as_ref().map(|(_, by)| *by);
-        [idle, lifetime, keepalive, drain].into_iter().flatten().min()
+        [idle, lifetime, keepalive, drain, self.write_failed_by].into_iter().flatten().min()
     }
 
     /// Ends what is due by the clock, and otherwise arms the one timer (allocated only when a
@@ -1061,6 +1073,12 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         let t = self.timeouts;
         if self.close_by.is_some() {
             self.over = true;
+        } else if self.write_failed_by.is_some_and(|by| now >= by) {
+            // The backend's side gave neither EOF nor an error after the failed write: the
+            // write's error ends the session, with its close handshake.
+            self.write_failed_by = None;
+            let e = self.write_failed.take().unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
+            self.end(End::BackendError("write", e));
         } else if self.after_up.as_ref().is_some_and(|(_, by)| now >= *by) {
             // The backend took nothing of what the client sent before its close frame for a whole
             // close timeout: that is dropped, and the client gets its answer.

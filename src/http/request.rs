@@ -207,8 +207,8 @@ pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wa
 pub(crate) async fn linger_up_to<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration, max: usize) {
     let _ = timeout(wait, async {
         stream.shutdown().await?;
-        // On the heap: a 4 KiB array here would sit in every connection's future, used or not.
-        let mut buf = vec![0u8; 4096];
+        // On the heap: an array here would sit in every connection's future, used or not.
+        let mut buf = vec![0u8; max.clamp(4096, 64 * 1024)];
         let mut total = 0;
         while total < max {
             match stream.read(&mut buf).await? {

@@ -248,10 +248,12 @@ impl BearerTokens {
         )?))
     }
 
-    /// Tokens from a file, one per line (`#` comments and blank lines skipped).
+    /// Tokens from a file, one per line (`#` comments and blank lines skipped). A file with no
+    /// token is how an operator revokes the last one: every request is refused (a warning says
+    /// so), not an error that would keep the revoked token in force.
     ///
     /// # Errors
-    /// The file cannot be read or holds no token.
+    /// The file cannot be read.
     pub fn from_file(path: &Path) -> Result<BearerTokens, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let tokens: Vec<String> = text
@@ -260,6 +262,13 @@ impl BearerTokens {
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(str::to_owned)
             .collect();
+        if tokens.is_empty() {
+            tracing::warn!(file = %path.display(), "bearer token file holds no token: every request it guards is refused");
+            return Ok(BearerTokens {
+                tokens: Vec::new(),
+                from: Some(path.to_path_buf()),
+            });
+        }
         let mut b = BearerTokens::new(&tokens).map_err(|e| format!("{}: {e}", path.display()))?;
         b.from = Some(path.to_path_buf());
         Ok(b)
@@ -353,7 +362,8 @@ impl BasicUsers {
         Ok(Sourced::File(Reread::load(path, "htpasswd file", BasicUsers::htpasswd, none)?))
     }
 
-    /// An htpasswd file of bcrypt hashes (`htpasswd -B`): `user:$2y$…` lines.
+    /// An htpasswd file of bcrypt hashes (`htpasswd -B`): `user:$2y$…` lines; one with no
+    /// user (the last one revoked) refuses every request.
     ///
     /// # Errors
     /// The file cannot be read, or a line is not `user:bcrypt-hash` (named with its number;
@@ -389,7 +399,8 @@ impl BasicUsers {
             }
         }
         if users.is_empty() {
-            return Err(format!("{}: no user", path.display()));
+            // The last user revoked: every request is refused, as for a file removed.
+            tracing::warn!(file = %path.display(), "htpasswd file holds no user: every request it guards is refused");
         }
         // A stand-in at each user's cost (`$2y$12$…`: 12), for an unknown user's check.
         let unknown = users
@@ -576,6 +587,11 @@ mod tests {
         assert!(bearer.check(&token("leaked")).await.is_err(), "removed from the file");
         assert!(bearer.check(&token("kept")).await.is_ok());
         assert_eq!(bearer.describe(), format!("bearer (1 tokens from {})", tokens.display()));
+        // The last one revoked, leaving a comment: nothing in force (a review: a file with no
+        // token failed to parse and kept the revoked one).
+        std::fs::write(&tokens, "# revoked\n").unwrap();
+        tokio::time::advance(RECHECK).await;
+        assert!(bearer.check(&token("kept")).await.is_err(), "the file holds no token");
 
         let file = dir.path().join("htpasswd");
         let (alice, bob) = (bcrypt::hash("a-pass", 4).unwrap(), bcrypt::hash("b-pass", 4).unwrap());
@@ -589,6 +605,12 @@ mod tests {
         std::fs::write(&file, format!("bob:{bob}\n")).unwrap();
         tokio::time::advance(RECHECK).await;
         assert!(basic.check(&user("alice", "a-pass")).await.is_err(), "removed, though remembered");
+        assert!(basic.check(&user("bob", "b-pass")).await.is_ok());
+        std::fs::write(&file, "# nobody\n").unwrap();
+        tokio::time::advance(RECHECK).await;
+        assert!(basic.check(&user("bob", "b-pass")).await.is_err(), "the file holds no user");
+        std::fs::write(&file, format!("bob:{bob}\n")).unwrap();
+        tokio::time::advance(RECHECK).await;
         assert!(basic.check(&user("bob", "b-pass")).await.is_ok());
         std::fs::remove_file(&file).unwrap();
         tokio::time::advance(RECHECK).await;

@@ -46,6 +46,9 @@ struct Shared<T> {
     rereading: AtomicBool,
     /// Bumped when a re-read ends, for the checks that wait on it.
     ended: tokio::sync::watch::Sender<u64>,
+    /// The warning that a re-read is slow (a file on a mount that hangs): once per 10 s, not
+    /// once per request that waited.
+    slow: crate::logging::Quieted,
 }
 
 struct Snapshot<T> {
@@ -114,6 +117,7 @@ impl<T: Send + Sync + 'static> Reread<T> {
                 })),
                 rereading: AtomicBool::new(false),
                 ended: tokio::sync::watch::Sender::new(0),
+                slow: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
             }),
         })
     }
@@ -147,7 +151,9 @@ impl<T: Send + Sync + 'static> Reread<T> {
             return snapshot.value.clone();
         }
         if tokio::time::timeout(REREAD_WAIT, ended.changed()).await.is_err() {
-            tracing::warn!(file = %shared.path.display(), wait = ?REREAD_WAIT, "{} re-read is slow; checking against its last contents", shared.what);
+            if let Some(left_out) = shared.slow.take() {
+                tracing::warn!(file = %shared.path.display(), wait = ?REREAD_WAIT, left_out, "{} re-read is slow; checking against its last contents", shared.what);
+            }
         }
         shared.current().value.clone()
     }

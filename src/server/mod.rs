@@ -110,6 +110,9 @@ struct Inner {
     /// The admin listener's address, the token it asks for and its TLS settings, once it runs
     /// ([`Bridge::set_admin`]); a reload changes the token.
     admin: RwLock<Option<crate::config::admin::AdminConfig>>,
+    /// The admin listener's address came from the command line (`--admin`), which a reload does
+    /// not read ([`Bridge::admin_address_from_flag`]).
+    admin_from_flag: std::sync::atomic::AtomicBool,
     /// Cancelled when the shutdown grace period is over: the sessions still open end at once,
     /// each with its log line, before the runtime drops what is left.
     abort: CancellationToken,
@@ -190,6 +193,7 @@ impl Bridge {
                 abort: CancellationToken::new(),
                 listeners: config.listeners.clone(),
                 admin: RwLock::default(),
+                admin_from_flag: std::sync::atomic::AtomicBool::new(false),
                 tls: Mutex::default(),
                 failures: PerAddress::with_networks(AUTH_FAILURES, 4096, NETWORK_FAILURES),
                 lookups: crate::policy::Lookups::default(),
@@ -241,6 +245,13 @@ impl Bridge {
         *self.inner.admin.write().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
     }
 
+    /// The admin listener's address was given on the command line (`--admin`, which wins over
+    /// the file's): a reloaded file without `[admin]`, or with another address, changes nothing
+    /// that waits for a restart.
+    pub fn admin_address_from_flag(&self) {
+        self.inner.admin_from_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Re-reads the token files that changed since they were last read (a metrics scrape asks,
     /// so that a broken file is seen without waiting for a client's lookup).
     pub async fn refresh_token_files(&self) {
@@ -280,7 +291,9 @@ impl Bridge {
             }
         }
         let admin = self.inner.admin.read().unwrap_or_else(|p| p.into_inner());
+        let flag = self.inner.admin_from_flag.load(std::sync::atomic::Ordering::Relaxed);
         match (admin.as_ref(), config.admin.as_ref()) {
+            _ if flag => {}
             (Some(running), None) => waiting.push(format!(
                 "admin listener: [admin] removed from the file; it serves on at {} until a restart",
                 running.addr

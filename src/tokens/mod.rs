@@ -489,8 +489,8 @@ pub(crate) fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// A fingerprint of [`files_of`]'s names, sizes and modification times: a change in any means
-/// the files must be read again.
+/// A fingerprint of [`files_of`]'s names, sizes, modification times and (on unix) inodes and
+/// change times: a change in any means the files must be read again.
 ///
 /// # Errors
 /// A file cannot be looked at.
@@ -501,6 +501,14 @@ pub(crate) fn stamp(path: &Path) -> std::io::Result<u64> {
         f.hash(&mut h);
         m.len().hash(&mut h);
         m.modified().unwrap_or(SystemTime::UNIX_EPOCH).hash(&mut h);
+        // The inode and change time too: a file renamed over another with its times kept
+        // (`cp -p`, `rsync -t`), and a `chmod` that makes a file left out as unreadable
+        // readable, change neither name, size nor modification time.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()).hash(&mut h);
+        }
     }
     Ok(h.finish())
 }
@@ -1106,5 +1114,17 @@ mod tests {
         let config = source.config.clone();
         let e = TokenSource::load(config).unwrap_err().to_string();
         assert!(e.starts_with(&dir.path().join("c").display().to_string()), "{e}");
+
+        // The fix a warning about permissions points to, `chmod`, changes no name, size or
+        // modification time: the stamp still moves, so the directory is read again (a review
+        // found the file left out until something else changed).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let b = dir.path().join("b");
+            let before = stamp(dir.path()).unwrap();
+            std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert_ne!(stamp(dir.path()).unwrap(), before, "a chmod moves the stamp");
+        }
     }
 }

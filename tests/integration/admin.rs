@@ -913,6 +913,27 @@ async fn a_reload_rotates_the_admin_token_and_names_the_listener_changes_it_leav
     assert_eq!(admin(addr, "GET", "/metrics", Some("the-second-token")).await.0, 200);
 }
 
+/// `--admin` beside `--config` wins over the file's address, and a reload reads the file only:
+/// a file without `[admin]` is no change waiting for a restart (a review found the warning on
+/// every SIGHUP, which a logrotate `postrotate` sends nightly).
+#[tokio::test]
+async fn a_reload_under_the_admin_flag_does_not_warn_of_the_files_admin() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap(), "--admin", "127.0.0.1:0"]).await;
+    let addr = b.admin_addr().await;
+    b.signal("HUP").await;
+    b.line("configuration reloaded").await;
+    assert!(!b.lines().iter().any(|l| l.contains("admin listener:")), "{:#?}", b.lines());
+    assert_eq!(admin(addr, "GET", "/healthz", None).await.0, 200);
+}
+
 /// A token file changed (here, broken) is re-read when the metrics are scraped, not only when a
 /// client looks a token up: the scrape shows the re-read and the log its skipped line, with no
 /// traffic at all.

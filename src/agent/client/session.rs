@@ -93,6 +93,23 @@ impl DialBudget {
     }
 }
 
+/// A data link's place in its [`DialBudget`], given back once, when the link first carries a
+/// session: its app connected and `ok` answered. Not for an `open` refused (a service not
+/// listed, at its cap, or whose app is down), which a hostile server could send on every link
+/// to have every place back.
+struct LinkPlace<'a> {
+    budget: &'a DialBudget,
+    held: bool,
+}
+
+impl LinkPlace<'_> {
+    fn used(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.budget.give_back();
+        }
+    }
+}
+
 /// What dialling a data link needs, shared by the control loop and the links (each replaces
 /// itself when it is opened).
 #[derive(Clone)]
@@ -209,7 +226,10 @@ pub(super) async fn data_link(links: Links) {
     let mut io = buffered.into_inner();
     // A link in chunks serves one session after another; a raw one (a server that did not
     // answer the offer of chunks) serves one.
-    let mut used = false;
+    let mut place = LinkPlace {
+        budget: &links.unused,
+        held: true,
+    };
     loop {
         let line = tokio::select! {
             _ = idle.cancelled() => return,
@@ -231,17 +251,14 @@ pub(super) async fn data_link(links: Links) {
         if !carry.is_empty() {
             return warn!("agent: the server sent bytes after `open` before our answer; link closed");
         }
-        if !used {
-            used = true;
-            links.unused.give_back();
-        }
+
         // The server took a raw link from its pool: the pool gets a new one at once (protocol
         // version 2), once the session is let in, before its service is even connected. Not for
         // an `open` refused (a service not listed, or at its cap): a server that asks for such
         // on every link it is given would otherwise have the agent dial without end; its pool
         // asks with `want` when it runs dry.
         let replace = (!reusable).then_some(&links);
-        match session(&mut io, &service, reusable, config, &links.caps, replace).await {
+        match session(&mut io, &service, reusable, config, &links.caps, replace, &mut place).await {
             Some(rest) if reusable => carry = rest,
             _ => return,
         }
@@ -278,6 +295,7 @@ async fn session(
     config: &AgentConfig,
     caps: &Caps,
     replace: Option<&Links>,
+    place: &mut LinkPlace<'_>,
 ) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
     let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
@@ -332,6 +350,7 @@ async fn session(
     if !answer(io, &ok, config).await {
         return None;
     }
+    place.used();
     debug!(%service, "agent: session open");
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
