@@ -207,8 +207,10 @@ pub(crate) async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wa
 pub(crate) async fn linger_up_to<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, wait: Duration, max: usize) {
     let _ = timeout(wait, async {
         stream.shutdown().await?;
-        // On the heap: an array here would sit in every connection's future, used or not.
-        let mut buf = vec![0u8; max.clamp(4096, 64 * 1024)];
+        // On the heap: an array here would sit in every connection's future, used or not. 4 KiB
+        // for an answered request's leftovers (every 404 and 401 lingers with one); 64 KiB only
+        // for the relay's drain of a large message after a client's error.
+        let mut buf = vec![0u8; if max > 64 * 1024 { 64 * 1024 } else { 4096 }];
         let mut total = 0;
         while total < max {
             match stream.read(&mut buf).await? {

@@ -3573,13 +3573,14 @@ async fn a_server_that_asks_every_link_for_nothing_gets_no_endless_links() {
 }
 
 /// A server that asks for links again and again and leaves each one unused (a broken or hostile
-/// one: it closes it, or asks it for a service the agent does not have) has the agent dial a
-/// bounded burst, then about 16 a second: a hostile-server review measured 3,700 dials a second
-/// (1,150 TLS handshakes, 1,000 CONNECTs through a proxy), as `want` bounded only how many were
-/// open at once; a review of the fix, 3,000 a second with an `open` for nothing on each link.
+/// one: it closes it, asks it for a service the agent does not have, or runs one session on it
+/// and closes it) has the agent dial a bounded burst, then about 64 a second: a hostile-server
+/// review measured 3,700 dials a second (1,150 TLS handshakes, 1,000 CONNECTs through a proxy),
+/// as `want` bounded only how many were open at once; reviews of budgets that gave a place back
+/// for a used link, 3,000 and 5,000 a second with an `open` on each link.
 #[tokio::test]
 async fn a_server_that_leaves_every_link_it_asks_for_unused_is_dialled_slowly() {
-    for answer in ["", "open nosuch\n"] {
+    for answer in ["", "open nosuch\n", "open pos\n"] {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (echo, _) = echo_backend().await;
         let agent = client::spawn(agent_config(
@@ -3611,6 +3612,7 @@ async fn a_server_that_leaves_every_link_it_asks_for_unused_is_dialled_slowly() 
             })
         };
         let mut dialled = 0usize;
+        let burst = Instant::now();
         within("the agent's burst of links", async {
             while dialled < 1024 {
                 let (s, _) = listener.accept().await.unwrap();
@@ -3619,7 +3621,9 @@ async fn a_server_that_leaves_every_link_it_asks_for_unused_is_dialled_slowly() 
             }
         })
         .await;
-        // The burst is spent: in the next second, the refill's 16 (and what was under way).
+        // The burst is spent: in the next second, the refill's 64, and what refilled while
+        // the burst was being accepted (a loaded machine takes longer over it).
+        let refilled = burst.elapsed().as_secs_f64() * 64.0;
         let mut more = 0;
         let until = Instant::now() + Duration::from_secs(1);
         while let Ok(Ok((s, _))) = tokio::time::timeout_at(until.into(), listener.accept()).await {
@@ -3628,7 +3632,10 @@ async fn a_server_that_leaves_every_link_it_asks_for_unused_is_dialled_slowly() 
         }
         asking.abort();
         drop(agent);
-        assert!(more <= 48, "{answer:?}: {more} links dialled in a second after the burst");
+        assert!(
+            (more as f64) <= 64.0 + refilled + 32.0,
+            "{answer:?}: {more} links dialled in a second after the burst (refilled {refilled:.0})"
+        );
     }
 }
 

@@ -776,7 +776,7 @@ async fn control(
         misrouted: Arc::default(),
         capped: Arc::default(),
         caps: mine.caps.clone(),
-        unused: Arc::default(),
+        dials: Arc::default(),
     };
     let mut link = ControlLink {
         ws,

@@ -49,64 +49,42 @@ impl Caps {
     }
 }
 
-/// Data links dialled and not (yet) used, for one control link: each dial takes a place, and a
-/// link gives it back when it carries its first session; one that ends unused (closed before any
-/// `open`, or never opened) keeps it, and places come back at [`UNUSED_REFILL`] a second. A
-/// server's pool asks for links as sessions take them, so its links get used; a broken or hostile
-/// one that closes or refuses every link it asks for cannot make the agent dial (a TCP and TLS
-/// handshake, through a proxy a CONNECT, each) thousands of times a second, only
-/// [`UNUSED_BURST`] and then [`UNUSED_REFILL`] a second (a hostile-server review measured 3,700
-/// dials a second, 1,000 through the user's proxy).
+/// The data links one control link may dial: a burst of [`DIAL_BURST`], then [`DIAL_REFILL`] a
+/// second. A server's pool asks for links as sessions take them, and links in chunks carry one
+/// session after another, so a server needs a dial only to grow its pool (and, before chunks,
+/// one per session); a broken or hostile one that asks for links and leaves them unused (closes
+/// them, asks them for nothing, or runs one session on each and closes it) cannot make the agent
+/// dial (a TCP and TLS handshake, through a proxy a CONNECT, each) thousands of times a second
+/// (a hostile-server review measured 3,700 dials a second, 1,000 CONNECTs through a proxy; two
+/// reviews of budgets that gave places back for used links found ways to have them back).
 #[derive(Debug)]
 pub(super) struct DialBudget(std::sync::Mutex<(f64, Instant)>);
 
-/// Unused links a control link may have dialled before it is slowed (beyond any pool's asks:
-/// a server keeps at most 16 times its pool idle, and pools are a few links).
-const UNUSED_BURST: f64 = 1024.0;
-/// Places that come back each second.
-const UNUSED_REFILL: f64 = 16.0;
+/// Links a control link may dial at once before it is slowed (beyond any pool's growth: a
+/// server keeps at most 16 times its pool idle, and pools are a few links).
+const DIAL_BURST: f64 = 1024.0;
+/// Dials that come back each second: a server without chunks (one session per link) still gets
+/// this many sessions a second past the burst.
+const DIAL_REFILL: f64 = 64.0;
 
 impl Default for DialBudget {
     fn default() -> DialBudget {
-        DialBudget(std::sync::Mutex::new((UNUSED_BURST, Instant::now())))
+        DialBudget(std::sync::Mutex::new((DIAL_BURST, Instant::now())))
     }
 }
 
 impl DialBudget {
-    /// A place for one more dial, if one is left.
+    /// A dial, if one is left.
     fn take(&self) -> bool {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        state.0 = (state.0 + now.duration_since(state.1).as_secs_f64() * UNUSED_REFILL).min(UNUSED_BURST);
+        state.0 = (state.0 + now.duration_since(state.1).as_secs_f64() * DIAL_REFILL).min(DIAL_BURST);
         state.1 = now;
         if state.0 < 1.0 {
             return false;
         }
         state.0 -= 1.0;
         true
-    }
-
-    /// A link carried a session: its place back.
-    fn give_back(&self) {
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        state.0 = (state.0 + 1.0).min(UNUSED_BURST);
-    }
-}
-
-/// A data link's place in its [`DialBudget`], given back once, when the link first carries a
-/// session: its app connected and `ok` answered. Not for an `open` refused (a service not
-/// listed, at its cap, or whose app is down), which a hostile server could send on every link
-/// to have every place back.
-struct LinkPlace<'a> {
-    budget: &'a DialBudget,
-    held: bool,
-}
-
-impl LinkPlace<'_> {
-    fn used(&mut self) {
-        if std::mem::take(&mut self.held) {
-            self.budget.give_back();
-        }
     }
 }
 
@@ -131,23 +109,23 @@ pub(super) struct Links {
     pub(super) capped: Arc<std::sync::atomic::AtomicBool>,
     /// The agent's capped services' open sessions.
     pub(super) caps: Arc<Caps>,
-    /// Links dialled and not used yet ([`DialBudget`]).
-    pub(super) unused: Arc<DialBudget>,
+    /// The links this control link may still dial ([`DialBudget`]).
+    pub(super) dials: Arc<DialBudget>,
 }
 
-/// Dials one more idle data link (bounded: at most 4096 links and sessions at once, and
-/// unused ones by [`DialBudget`]).
+/// Dials one more idle data link (bounded: at most 4096 links and sessions at once, and by
+/// [`DialBudget`]).
 pub(super) fn spawn_link(links: &Links) {
     if links.sessions.len() >= 4096 || links.idle.is_cancelled() {
         return;
     }
-    if !links.unused.take() {
-        match UNUSED.take() {
+    if !links.dials.take() {
+        match DIALS.take() {
             Some(left_out) => warn!(
                 left_out,
-                "agent: the server leaves the data links it asks for unused (closed or refused): dialling slowed to {UNUSED_REFILL} a second"
+                "agent: the server asks for data links faster than it uses them: dialling slowed to {DIAL_REFILL} a second"
             ),
-            None => debug!("agent: data link not dialled: too many unused ones"),
+            None => debug!("agent: data link not dialled: dialling is slowed"),
         }
         return;
     }
@@ -226,10 +204,6 @@ pub(super) async fn data_link(links: Links) {
     let mut io = buffered.into_inner();
     // A link in chunks serves one session after another; a raw one (a server that did not
     // answer the offer of chunks) serves one.
-    let mut place = LinkPlace {
-        budget: &links.unused,
-        held: true,
-    };
     loop {
         let line = tokio::select! {
             _ = idle.cancelled() => return,
@@ -258,7 +232,7 @@ pub(super) async fn data_link(links: Links) {
         // on every link it is given would otherwise have the agent dial without end; its pool
         // asks with `want` when it runs dry.
         let replace = (!reusable).then_some(&links);
-        match session(&mut io, &service, reusable, config, &links.caps, replace, &mut place).await {
+        match session(&mut io, &service, reusable, config, &links.caps, replace).await {
             Some(rest) if reusable => carry = rest,
             _ => return,
         }
@@ -272,7 +246,7 @@ pub(super) async fn data_link(links: Links) {
 static NO_SUCH_SERVICE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static BUSY: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static BAD_LINK: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
-static UNUSED: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+static DIALS: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static UNREACHABLE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 
 /// Whether a data link's `101` agreed on chunks.
@@ -295,7 +269,6 @@ async fn session(
     config: &AgentConfig,
     caps: &Caps,
     replace: Option<&Links>,
-    place: &mut LinkPlace<'_>,
 ) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
     let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
@@ -350,7 +323,6 @@ async fn session(
     if !answer(io, &ok, config).await {
         return None;
     }
-    place.used();
     debug!(%service, "agent: session open");
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
