@@ -65,6 +65,46 @@ pub async fn connections_become(bridge: &TestBridge, n: usize) {
     .await;
 }
 
+/// A page uploading 64 KiB messages to `url` while the backend (the next connection `accepted`
+/// gives) answers `hello\n` and hangs up with some of the upload unread, which resets its
+/// connection: what reached the page before its close, and the close frame.
+pub async fn answered_and_hung_up_on(url: &str, accepted: &mut mpsc::Receiver<TcpStream>) -> (Vec<u8>, Option<CloseFrame>) {
+    let (ws, _) = ws_connect(url, None).await;
+    let (mut tx, mut rx) = ws.split();
+    let uploading = tokio::spawn(async move {
+        let chunk = pattern(64 * 1024, 3);
+        for _ in 0..256 {
+            if tx.send(Message::binary(chunk.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut s = within("the backend connection", accepted.recv()).await.unwrap();
+    // Some of the upload has arrived, unread: closing now resets the connection.
+    within("the upload's first bytes", async {
+        let mut b = [0u8; 1];
+        while s.peek(&mut b).await.unwrap() == 0 {}
+    })
+    .await;
+    s.write_all(b"hello\n").await.unwrap();
+    drop(s);
+    let mut got = Vec::new();
+    let close = within("the answer and the close", async {
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+                Some(Ok(Message::Close(c))) => return c,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("{e} after {got:?}"),
+                None => return None,
+            }
+        }
+    })
+    .await;
+    uploading.abort();
+    (got, close)
+}
+
 /// Marks a test that cannot run here as skipped, with `reason`: the caller returns right after.
 ///
 /// libtest has no runtime skip, so the test still counts as passed; what makes the skip visible

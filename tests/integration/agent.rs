@@ -162,41 +162,10 @@ async fn an_app_that_answers_and_hangs_up_on_an_upload_has_its_answer_delivered(
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let _agent = start_agent(agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app))])).await;
     for round in 0..10 {
-        let (ws, _) = ws_connect(&bridge.url("/pos"), None).await;
-        let (mut tx, mut rx) = ws.split();
-        let uploading = tokio::spawn(async move {
-            let chunk = pattern(64 * 1024, 3);
-            for _ in 0..256 {
-                if tx.send(Message::binary(chunk.clone())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut s = within("the app's connection", accepted.recv()).await.unwrap();
-        within("the upload's first bytes", async {
-            let mut b = [0u8; 1];
-            while s.peek(&mut b).await.unwrap() == 0 {}
-        })
-        .await;
-        s.write_all(b"hello\n").await.unwrap();
-        drop(s);
-        let mut got = Vec::new();
-        let close = within("the answer and the close", async {
-            loop {
-                match rx.next().await {
-                    Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
-                    Some(Ok(Message::Close(c))) => return c,
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => panic!("round {round}: {e} after {got:?}"),
-                    None => return None,
-                }
-            }
-        })
-        .await;
+        let (got, close) = answered_and_hung_up_on(&bridge.url("/pos"), &mut accepted).await;
         assert_eq!(got, b"hello\n", "round {round}: everything the app wrote, before the close");
         let code = close.map(|c| u16::from(c.code));
         assert!(matches!(code, Some(1000 | 1011)), "round {round}: {code:?}");
-        uploading.abort();
     }
 }
 

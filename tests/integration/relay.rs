@@ -64,38 +64,7 @@ async fn a_backend_that_answers_and_hangs_up_on_an_upload_has_its_answer_deliver
     let (backend, mut accepted) = manual_backend().await;
     let bridge = TestBridge::start(any_path_to(backend)).await;
     for round in 0..20 {
-        let (ws, _) = ws_connect(&bridge.url("/"), None).await;
-        let (mut tx, mut rx) = ws.split();
-        let uploading = tokio::spawn(async move {
-            let chunk = pattern(64 * 1024, 3);
-            for _ in 0..256 {
-                if tx.send(Message::binary(chunk.clone())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let mut s = within("the backend connection", accepted.recv()).await.unwrap();
-        // Some of the upload has arrived, unread: closing now resets the connection.
-        within("the upload's first bytes", async {
-            let mut b = [0u8; 1];
-            while s.peek(&mut b).await.unwrap() == 0 {}
-        })
-        .await;
-        s.write_all(b"hello\n").await.unwrap();
-        drop(s);
-        let mut got = Vec::new();
-        let close = within("the answer and the close", async {
-            loop {
-                match rx.next().await {
-                    Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
-                    Some(Ok(Message::Close(c))) => return c,
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => panic!("round {round}: {e} after {got:?}"),
-                    None => return None,
-                }
-            }
-        })
-        .await;
+        let (got, close) = answered_and_hung_up_on(&bridge.url("/"), &mut accepted).await;
         assert_eq!(got, b"hello\n", "round {round}: everything the backend wrote, before the close");
         let close = close.expect("a close frame");
         // The reset is said (a review: reported as a clean 1000 "backend closed" at first, which
@@ -106,7 +75,6 @@ async fn a_backend_that_answers_and_hangs_up_on_an_upload_has_its_answer_deliver
             "round {round}: {code} {}",
             close.reason
         );
-        uploading.abort();
     }
     bridge.stop().await;
 }
