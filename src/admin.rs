@@ -286,7 +286,7 @@ impl Admin {
             ),
             ["metrics"] if get => {
                 self.refresh_certificates().await;
-                self.bridge.refresh_token_files().await;
+                self.bridge.refresh_files().await;
                 let registry = self.bridge.agents();
                 let agents = registry.list();
                 let idle = agents.iter().map(|a| a.idle_links).sum();

@@ -144,7 +144,8 @@ pub fn man_page() -> std::io::Result<Vec<u8>> {
           .TP\nSIGHUP\nreload the configuration file, its token sources and every certificate; a file that \
           does not parse is logged and the running configuration stays; open sessions are untouched; the \
           log file is looked at for a rotation at once. Token, credentials (bearer_file, htpasswd, JWT \
-          keys) and agent files are also re-read on their own within a second of a change\n\
+          keys) and agent files are also re-read without it, by the first request (or metrics scrape) \
+          a second after a change\n\
           .SH ENVIRONMENT\n.TP\nRUST_LOG\nthe log filter (tracing's syntax), over \\-v\n\
           .TP\nNOTIFY_SOCKET, WATCHDOG_USEC, LISTEN_FDS, LISTEN_FDNAMES, JOURNAL_STREAM\nset by systemd: \
           readiness and reload notices, the watchdog, socket activation, journal priorities\n\

@@ -449,10 +449,38 @@ impl RouteTable {
             || self.api_sources.iter().any(|(s, _)| s.config.lookup == TokenLookup::Query)
     }
 
-    /// Brings the token files up to date ([`TokenSource::refresh`]), one after the other.
-    pub async fn refresh_token_files(&self) {
+    /// Brings the token files ([`TokenSource::refresh`]) and the routes' credentials files
+    /// ([`Authenticator::refresh`]) up to date, one after the other.
+    pub async fn refresh_files(&self) {
         for (source, _) in &self.sources {
             source.refresh().await;
+        }
+        for (source, _) in &self.jwt_sources {
+            source.verifier.refresh().await;
+        }
+        // Each authenticator once, however many routes share it.
+        let mut seen: Vec<usize> = Vec::new();
+        let shared = self
+            .sources
+            .iter()
+            .map(|(_, s)| s)
+            .chain(self.jwt_sources.iter().map(|(_, s)| s))
+            .chain(self.redis_sources.iter().map(|(_, s)| s))
+            .chain(self.api_sources.iter().map(|(_, s)| s))
+            .filter_map(|s| s.auth.as_ref());
+        let routes = self
+            .paths
+            .values()
+            .chain(self.any_path.iter())
+            .chain(self.tokens.values())
+            .chain(self.agent_templates.iter().map(|(_, r)| r))
+            .filter_map(|r| r.auth.as_ref());
+        for auth in shared.chain(routes) {
+            let at = Arc::as_ptr(auth) as usize;
+            if !seen.contains(&at) {
+                seen.push(at);
+                auth.refresh().await;
+            }
         }
     }
 

@@ -146,6 +146,17 @@ impl Authenticator {
         }
     }
 
+    /// Brings a credentials file up to date now if it is due ([`super::reread::Reread::get`]),
+    /// as a check would: a metrics scrape asks, so that an edit (or a broken file) is seen in
+    /// the log and `reloads_total{kind="credentials"}` without waiting for a client.
+    pub async fn refresh(&self) {
+        match self {
+            Authenticator::Bearer(b) => drop(b.get().await),
+            Authenticator::Basic(b) => drop(b.get().await),
+            Authenticator::Jwt(j) => j.refresh().await,
+        }
+    }
+
     /// The `WWW-Authenticate` challenge for a 401.
     pub fn challenge(&self) -> &'static str {
         match self {

@@ -163,6 +163,11 @@ impl JwtVerifier {
         Err(unauthorized(format!("JWT not valid: {last}")))
     }
 
+    /// Brings the keys up to date if they are due ([`Reread::get`]).
+    pub async fn refresh(&self) {
+        drop(self.0.keys.get().await);
+    }
+
     /// Looks at the key file now and re-reads it if it changed.
     pub fn reload_now(&self) {
         self.0.keys.reread_now();

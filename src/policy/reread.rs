@@ -12,7 +12,8 @@
 //!
 //! A file that no longer parses keeps what was in force (logged, and counted as a failed reload
 //! of kind `credentials`); a file removed leaves nothing in force (every credential refused) until
-//! one is back, since removing the file of a leaked key is how one revokes it.
+//! one is back, since removing the file of a leaked key is how one revokes it (counted as failed
+//! too, so that an alert sees it).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -223,7 +224,9 @@ impl<T: Send + Sync + 'static> Shared<T> {
             Ok(now) if now == old.stamp => (old.value.clone(), old.stamp),
             Ok(None) => {
                 tracing::warn!(file = %path, "{} gone: every credential it held is refused until it is back", self.what);
-                crate::metrics::credentials_reloaded(&self.path, true);
+                // Counted as failed: nothing is in force, and an alert on
+                // last_reload_successful{kind="credentials"} should see it until it is back.
+                crate::metrics::credentials_reloaded(&self.path, false);
                 (Arc::new((self.none)()), None)
             }
             Ok(Some(now)) => match (self.read)(&self.path) {

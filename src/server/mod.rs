@@ -252,11 +252,17 @@ impl Bridge {
         self.inner.admin_from_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Re-reads the token files that changed since they were last read (a metrics scrape asks,
-    /// so that a broken file is seen without waiting for a client's lookup).
-    pub async fn refresh_token_files(&self) {
+    /// Re-reads the token files and credentials files (routes' and static files' `auth`) that
+    /// changed since they were last read (a metrics scrape asks, so that a broken file is seen
+    /// without waiting for a client's lookup).
+    pub async fn refresh_files(&self) {
         let live = self.live();
-        live.routes.refresh_token_files().await;
+        live.routes.refresh_files().await;
+        for guard in live.web_guards.values().flatten() {
+            if let Some(auth) = &guard.auth {
+                auth.refresh().await;
+            }
+        }
     }
 
     /// The token the admin endpoints ask for now.

@@ -736,7 +736,9 @@ impl Shared {
             Ok(Some((stamp, read))) => {
                 read.warn(&self.path);
                 tracing::info!(source = %self.path.display(), tokens = read.map.len(), "token source re-read");
-                crate::metrics::tokens_reloaded(&self.path, true);
+                // A file left out (unreadable) counts as a failure: its tokens are out of force,
+                // and an alert on last_reload_successful{kind="tokens"} should see it.
+                crate::metrics::tokens_reloaded(&self.path, read.unreadable.is_empty());
                 Snapshot {
                     map: Arc::new(read.map),
                     stamp,

@@ -962,6 +962,78 @@ async fn a_scrape_re_reads_a_changed_token_file_without_any_lookup() {
     assert!(skipped.contains("WARN") && skipped.contains("tokens.cfg:2"), "{skipped}");
 }
 
+/// A route's credentials file is re-read at a scrape too, with no client at all (a docs check:
+/// only a request re-read it, so an edit made at a quiet hour showed nowhere); a file removed
+/// (nothing in force, every request refused) holds `last_reload_successful{kind="credentials"}`
+/// at 0 until it is back.
+#[tokio::test]
+async fn a_scrape_re_reads_a_credentials_file_and_a_removed_one_holds_the_alert() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("bearer.txt");
+    std::fs::write(&tokens, "first\n").unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n\
+         [[route]]\npath = \"/t\"\ntarget = \"127.0.0.1:9\"\nauth = { bearer_file = \"bearer.txt\" }\n",
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let ok = [("kind", "credentials"), ("outcome", "ok")];
+    let in_force = [("kind", "credentials")];
+    assert_eq!(value(&scrape(addr, None).await, "wsbridge_reloads_total", &ok), 0.0);
+    std::fs::write(&tokens, "first\nsecond\n").unwrap();
+    scrape_until(addr, "a scrape to re-read the file", |m| {
+        value(m, "wsbridge_reloads_total", &ok) >= 1.0
+    })
+    .await;
+    b.line("bearer token file re-read").await;
+    std::fs::remove_file(&tokens).unwrap();
+    scrape_until(addr, "the removed file to show", |m| {
+        value(m, "wsbridge_last_reload_successful", &in_force) == 0.0
+    })
+    .await;
+    std::fs::write(&tokens, "third\n").unwrap();
+    scrape_until(addr, "the file back", |m| {
+        value(m, "wsbridge_last_reload_successful", &in_force) == 1.0
+    })
+    .await;
+}
+
+/// A file of a token directory left out because it cannot be read (here: bytes that are no
+/// text; as the service's user, a mode it may not read) holds `last_reload_successful{kind="tokens"}`
+/// at 0 until it can be read: its tokens are out of force (a docs check: counted as a success).
+#[tokio::test]
+async fn a_token_file_left_out_holds_the_alert() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.d");
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::write(tokens.join("a"), "desk1: 127.0.0.1:5901\n").unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = \"tokens.d\"\n",
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let in_force = [("kind", "tokens")];
+    std::fs::write(tokens.join("b"), b"desk2: \xff\n").unwrap();
+    scrape_until(addr, "the file left out to show", |m| {
+        value(m, "wsbridge_last_reload_successful", &in_force) == 0.0
+    })
+    .await;
+    b.line("token file left out").await;
+    std::fs::write(tokens.join("b"), "desk2: 127.0.0.1:5902\n").unwrap();
+    scrape_until(addr, "the file read", |m| {
+        value(m, "wsbridge_last_reload_successful", &in_force) == 1.0
+    })
+    .await;
+}
+
 /// With two token sources, one unreadable keeps `last_reload_successful{kind="tokens"}` at 0
 /// however often the other is re-read well: the alert holds until that source is fixed.
 #[tokio::test]
