@@ -4,11 +4,11 @@
 //!
 //! Checks read an immutable snapshot (an `Arc` swapped whole behind a std `RwLock`, held only to
 //! clone it); the file is looked at (its size, modification and change times and inode) and read
-//! on the blocking pool, one re-read in flight at a time. A snapshot younger than
-//! [`REFRESH_AHEAD`] is used as it is; an older one starts a re-read in the background and is
-//! still used while it is younger than [`RECHECK`]; a check that finds it older than that (the
-//! first after a quiet spell) waits for the re-read, at most [`REREAD_WAIT`], so that an edit is
-//! in force for every check that starts [`RECHECK`] after it.
+//! on the blocking pool, one re-read in flight at a time (the token files' own `Rereads`). A
+//! snapshot younger than [`REFRESH_AHEAD`] is used as it is; an older one starts a re-read in
+//! the background and is still used while it is younger than [`RECHECK`]; a check that finds it
+//! older than that (the first after a quiet spell) waits for the re-read, at most
+//! [`REREAD_WAIT`], so that an edit is in force for every check that starts [`RECHECK`] after it.
 //!
 //! A file that no longer parses keeps what was in force (logged, and counted as a failed reload
 //! of kind `credentials`); a file removed leaves nothing in force (every credential refused) until
@@ -16,12 +16,12 @@
 //! too, so that an alert sees it).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use tokio::time::Instant;
 
+use crate::tokens::Rereads;
 pub use crate::tokens::{RECHECK, REFRESH_AHEAD, REREAD_WAIT};
 
 /// What a file holds, read by `read`; `none` is what is in force while the file is gone.
@@ -44,9 +44,8 @@ struct Shared<T> {
     read: Read<T>,
     none: Box<dyn Fn() -> T + Send + Sync>,
     snapshot: RwLock<Arc<Snapshot<T>>>,
-    rereading: AtomicBool,
-    /// Bumped when a re-read ends, for the checks that wait on it.
-    ended: tokio::sync::watch::Sender<u64>,
+    /// The re-read in flight, if any, and the checks that wait for one (as token files').
+    rereads: Arc<Rereads>,
     /// The warning that a re-read is slow (a file on a mount that hangs): once per 10 s, not
     /// once per request that waited.
     slow: crate::logging::Quieted,
@@ -116,16 +115,10 @@ impl<T: Send + Sync + 'static> Reread<T> {
                     stamp,
                     checked,
                 })),
-                rereading: AtomicBool::new(false),
-                ended: tokio::sync::watch::Sender::new(0),
+                rereads: Rereads::new(),
                 slow: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
             }),
         })
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.shared.path
     }
 
     /// What is in force now, without looking at the file (for `wsbridge check`).
@@ -137,21 +130,8 @@ impl<T: Send + Sync + 'static> Reread<T> {
     /// documentation for when this waits).
     pub async fn get(&self) -> Arc<T> {
         let shared = &self.shared;
-        let snapshot = shared.current();
-        if snapshot.checked.elapsed() < REFRESH_AHEAD {
-            return snapshot.value.clone();
-        }
-        // Subscribed before the second look: a re-read that ends after it wakes us.
-        let mut ended = shared.ended.subscribe();
-        let snapshot = shared.current();
-        let age = snapshot.checked.elapsed();
-        if age >= REFRESH_AHEAD {
-            Shared::start_reread(shared);
-        }
-        if age < RECHECK {
-            return snapshot.value.clone();
-        }
-        if tokio::time::timeout(REREAD_WAIT, ended.changed()).await.is_err() {
+        let age = || shared.current().checked.elapsed();
+        if !shared.rereads.for_lookup(age, || Shared::reread_later(shared)).await {
             if let Some(left_out) = shared.slow.take() {
                 tracing::warn!(file = %shared.path.display(), wait = ?REREAD_WAIT, left_out, "{} re-read is slow; checking against its last contents", shared.what);
             }
@@ -162,10 +142,8 @@ impl<T: Send + Sync + 'static> Reread<T> {
     /// Looks at the file now, on this thread, and re-reads it if it changed (tests, and callers
     /// outside a runtime).
     pub fn reread_now(&self) {
-        if !self.shared.rereading.swap(true, Ordering::AcqRel) {
-            let done = RereadDone(self.shared.clone());
-            done.0.reread(Instant::now());
-        }
+        let started = Instant::now();
+        self.shared.rereads.run_here(|| self.shared.reread(started));
     }
 }
 
@@ -201,19 +179,10 @@ impl<T: Send + Sync + 'static> Shared<T> {
         self.snapshot.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Starts a re-read on the blocking pool unless one is in flight.
-    fn start_reread(this: &Arc<Shared<T>>) {
-        if this.rereading.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        // Made here, not in the closure: if the closure never runs (the runtime is shutting
-        // down), dropping it still clears the flag and wakes the waiters.
-        let done = RereadDone(this.clone());
-        let started = Instant::now();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(move || done.0.reread(started))),
-            Err(_) => done.0.reread(started),
-        }
+    /// A re-read of `this`, for [`Rereads`] to run.
+    fn reread_later(this: &Arc<Shared<T>>) -> impl FnOnce() + Send + 'static {
+        let (this, started) = (this.clone(), Instant::now());
+        move || this.reread(started)
     }
 
     /// Looks at the file and replaces the snapshot (its `checked` time at least).
@@ -253,17 +222,6 @@ impl<T: Send + Sync + 'static> Shared<T> {
             stamp,
             checked: started,
         });
-    }
-}
-
-/// Ends a re-read however it ends (done, panicked, never run): clears the in-flight flag, then
-/// wakes the checks waiting on it.
-struct RereadDone<T>(Arc<Shared<T>>);
-
-impl<T> Drop for RereadDone<T> {
-    fn drop(&mut self) {
-        self.0.rereading.store(false, Ordering::Release);
-        self.0.ended.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

@@ -529,10 +529,8 @@ struct Shared {
     format: TokenFormat,
     /// The tokens in use, replaced whole by a re-read.
     snapshot: RwLock<Arc<Snapshot>>,
-    /// A re-read is in flight (one at a time).
-    rereading: AtomicBool,
-    /// Bumped when a re-read ends, for the lookups that wait on it.
-    reread: tokio::sync::watch::Sender<u64>,
+    /// The re-read in flight, if any, and the lookups that wait for one.
+    rereads: Arc<Rereads>,
     /// A socket directory's lookups on the blocking pool at once ([`SOCKET_LOOKUPS`], per
     /// directory for the life of the process, across reloads): each holds its permit until its
     /// `stat` returns, so a directory that hangs (a dead network mount) ties up at most these
@@ -600,8 +598,7 @@ impl TokenSource {
             lookup: config.lookup,
             format: config.format,
             snapshot: RwLock::new(Arc::new(snapshot)),
-            rereading: AtomicBool::new(false),
-            reread: tokio::sync::watch::Sender::new(0),
+            rereads: Rereads::new(),
             socket_lookups: socket_lookups_of(&config.path),
             quiet: crate::logging::Quieted::new(Duration::from_secs(10)),
         });
@@ -626,22 +623,8 @@ impl TokenSource {
     /// [`TokenSource::lookup`] in token files and file names.
     async fn lookup_file(&self, token: &str) -> Option<Target> {
         let shared = &self.shared;
-        let snapshot = shared.current();
-        let age = snapshot.checked.elapsed();
-        if age < REFRESH_AHEAD {
-            return snapshot.map.get(token).cloned();
-        }
-        // Subscribed before the second look: a re-read that ends after it wakes us.
-        let mut ended = shared.reread.subscribe();
-        let snapshot = shared.current();
-        let age = snapshot.checked.elapsed();
-        if age >= REFRESH_AHEAD {
-            Shared::start_reread(shared);
-        }
-        if age < RECHECK {
-            return snapshot.map.get(token).cloned();
-        }
-        if tokio::time::timeout(REREAD_WAIT, ended.changed()).await.is_err() {
+        let age = || shared.current().checked.elapsed();
+        if !shared.rereads.for_lookup(age, || Shared::reread_later(shared)).await {
             tracing::warn!(source = %shared.path.display(), wait = ?REREAD_WAIT, "token source re-read is slow; answering from its last contents");
         }
         shared.current().map.get(token).cloned()
@@ -656,12 +639,8 @@ impl TokenSource {
         if shared.format == TokenFormat::UnixSockets {
             return;
         }
-        let mut ended = shared.reread.subscribe();
-        if shared.current().checked.elapsed() < REFRESH_AHEAD {
-            return;
-        }
-        Shared::start_reread(shared);
-        let _ = tokio::time::timeout(REREAD_WAIT, ended.changed()).await;
+        let age = || shared.current().checked.elapsed();
+        shared.rereads.for_scrape(age, || Shared::reread_later(shared)).await;
     }
 
     /// The current entries, for `wsbridge check`.
@@ -708,16 +687,10 @@ impl Shared {
         self.snapshot.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Starts a re-read on the blocking pool unless one is in flight.
-    fn start_reread(this: &Arc<Shared>) {
-        if this.rereading.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        // Created here, not in the closure: if the closure never runs (the runtime is shutting
-        // down), dropping it still clears the flag and wakes the waiters.
-        let done = RereadDone(this.clone());
-        let started = Instant::now();
-        tokio::task::spawn_blocking(move || done.0.reread(started));
+    /// A re-read of `this`, for [`Rereads`] to run.
+    fn reread_later(this: &Arc<Shared>) -> impl FnOnce() + Send + 'static {
+        let (this, started) = (this.clone(), Instant::now());
+        move || this.reread(started)
     }
 
     /// Checks the files and replaces the snapshot (its `checked` time at least).
@@ -759,14 +732,97 @@ impl Shared {
     }
 }
 
+/// One re-read of a file source in flight at a time, and the lookups that wait for one: the
+/// timing the module's documentation gives ([`REFRESH_AHEAD`], [`RECHECK`], [`REREAD_WAIT`]),
+/// for token sources and credentials files ([`crate::policy::reread`]) alike.
+#[derive(Debug)]
+pub(crate) struct Rereads {
+    running: AtomicBool,
+    /// Bumped when a re-read ends, for the lookups that wait on it.
+    ended: tokio::sync::watch::Sender<u64>,
+}
+
+impl Rereads {
+    pub(crate) fn new() -> Arc<Rereads> {
+        Arc::new(Rereads {
+            running: AtomicBool::new(false),
+            ended: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// For a lookup in a snapshot `age()` old: nothing while it is younger than
+    /// [`REFRESH_AHEAD`]; else a re-read (made by `reread`) started in the background, and, when
+    /// the snapshot is older than [`RECHECK`], that re-read's end awaited, at most
+    /// [`REREAD_WAIT`]. False when that wait ran out.
+    pub(crate) async fn for_lookup<R: FnOnce() + Send + 'static>(
+        self: &Arc<Self>,
+        age: impl Fn() -> Duration,
+        reread: impl FnOnce() -> R,
+    ) -> bool {
+        if age() < REFRESH_AHEAD {
+            return true;
+        }
+        // Subscribed before the second look: a re-read that ends after it wakes us.
+        let mut ended = self.ended.subscribe();
+        let age = age();
+        if age >= REFRESH_AHEAD {
+            self.start(reread());
+        }
+        age < RECHECK || tokio::time::timeout(REREAD_WAIT, ended.changed()).await.is_ok()
+    }
+
+    /// For a metrics scrape: a re-read started when the snapshot is older than
+    /// [`REFRESH_AHEAD`] (as the next lookup would), and awaited, at most [`REREAD_WAIT`].
+    pub(crate) async fn for_scrape<R: FnOnce() + Send + 'static>(self: &Arc<Self>, age: impl Fn() -> Duration, reread: impl FnOnce() -> R) {
+        let mut ended = self.ended.subscribe();
+        if age() < REFRESH_AHEAD {
+            return;
+        }
+        self.start(reread());
+        let _ = tokio::time::timeout(REREAD_WAIT, ended.changed()).await;
+    }
+
+    /// Runs `reread` on the blocking pool (outside a runtime: here) unless one is in flight.
+    pub(crate) fn start(self: &Arc<Self>, reread: impl FnOnce() + Send + 'static) {
+        if self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Made here, not in the closure: if the closure never runs (the runtime is shutting
+        // down), dropping it still clears the flag and wakes the waiters.
+        let done = RereadDone(self.clone());
+        let run = move || {
+            let _done = done;
+            reread();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
+
+    /// Runs `reread` on this thread unless one is in flight (tests, and callers that must
+    /// know it is done).
+    pub(crate) fn run_here(self: &Arc<Self>, reread: impl FnOnce()) {
+        if !self.running.swap(true, Ordering::AcqRel) {
+            let _done = RereadDone(self.clone());
+            reread();
+        }
+    }
+
+    #[cfg(test)]
+    fn running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
 /// Ends a re-read however it ends (done, panicked, never run): clears the in-flight flag, then
 /// wakes the lookups waiting on it.
-struct RereadDone(Arc<Shared>);
+struct RereadDone(Arc<Rereads>);
 
 impl Drop for RereadDone {
     fn drop(&mut self) {
-        self.0.rereading.store(false, Ordering::Release);
-        self.0.reread.send_modify(|n| *n = n.wrapping_add(1));
+        self.0.running.store(false, Ordering::Release);
+        self.0.ended.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -1049,7 +1105,7 @@ mod tests {
         age_snapshot(&source, REFRESH_AHEAD + Duration::from_millis(100));
         let (got, took, limit, what) = within(Duration::from_millis(200), "a snapshot due for a check").await;
         assert!(got.is_some() && took < limit, "{what}: {took:?}");
-        assert!(source.shared.rereading.load(Ordering::Acquire), "a re-read is in flight");
+        assert!(source.shared.rereads.running(), "a re-read is in flight");
         // More lookups while it is blocked: none waits, none starts another.
         for _ in 0..100 {
             let (got, took, limit, what) = within(Duration::from_millis(200), "during the re-read").await;
@@ -1064,14 +1120,14 @@ mod tests {
             "waited {took:?} for a re-read that does not end"
         );
         // The re-read ends when the file can be read: the new contents are in use.
-        let mut ended = source.shared.reread.subscribe();
+        let mut ended = source.shared.rereads.ended.subscribe();
         let writer = tokio::task::spawn_blocking(move || std::fs::write(&fifo, "new: 127.0.0.1:2\n"));
         tokio::time::timeout(Duration::from_secs(10), ended.changed())
             .await
             .unwrap()
             .unwrap();
         writer.await.unwrap().unwrap();
-        assert!(!source.shared.rereading.load(Ordering::Acquire));
+        assert!(!source.shared.rereads.running());
         // Looked at directly: a lookup now would find the snapshot stale (its check started
         // before the long wait) and read the FIFO again.
         let entries = source.entries().await;

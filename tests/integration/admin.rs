@@ -934,23 +934,29 @@ async fn a_reload_under_the_admin_flag_does_not_warn_of_the_files_admin() {
     assert_eq!(admin(addr, "GET", "/healthz", None).await.0, 200);
 }
 
+/// The binary on `dir/wsbridge.toml`: an `[admin]` table and a listener, both on port 0, then
+/// `rest`; with its admin address.
+async fn with_admin(dir: &std::path::Path, rest: &str) -> (crate::common::binary::Binary, SocketAddr) {
+    let file = dir.join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        format!("[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n{rest}"),
+    )
+    .unwrap();
+    let b = crate::common::binary::Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    (b, addr)
+}
+
 /// A token file changed (here, broken) is re-read when the metrics are scraped, not only when a
 /// client looks a token up: the scrape shows the re-read and the log its skipped line, with no
 /// traffic at all.
 #[tokio::test]
 async fn a_scrape_re_reads_a_changed_token_file_without_any_lookup() {
-    use crate::common::binary::Binary;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.cfg");
     std::fs::write(&tokens, "desk1: 127.0.0.1:5901\n").unwrap();
-    let file = dir.path().join("wsbridge.toml");
-    std::fs::write(
-        &file,
-        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = \"tokens.cfg\"\n",
-    )
-    .unwrap();
-    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
-    let addr = b.admin_addr().await;
+    let (mut b, addr) = with_admin(dir.path(), "[[tokens]]\nsource = \"tokens.cfg\"\n").await;
     let ok = [("kind", "tokens"), ("outcome", "ok")];
     assert_eq!(value(&scrape(addr, None).await, "wsbridge_reloads_total", &ok), 0.0);
     std::fs::write(&tokens, "desk1: 127.0.0.1:5901\ndesk2 127.0.0.1:5902\n").unwrap();
@@ -968,19 +974,11 @@ async fn a_scrape_re_reads_a_changed_token_file_without_any_lookup() {
 /// at 0 until it is back.
 #[tokio::test]
 async fn a_scrape_re_reads_a_credentials_file_and_a_removed_one_holds_the_alert() {
-    use crate::common::binary::Binary;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("bearer.txt");
     std::fs::write(&tokens, "first\n").unwrap();
-    let file = dir.path().join("wsbridge.toml");
-    std::fs::write(
-        &file,
-        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n\
-         [[route]]\npath = \"/t\"\ntarget = \"127.0.0.1:9\"\nauth = { bearer_file = \"bearer.txt\" }\n",
-    )
-    .unwrap();
-    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
-    let addr = b.admin_addr().await;
+    let route = "[[route]]\npath = \"/t\"\ntarget = \"127.0.0.1:9\"\nauth = { bearer_file = \"bearer.txt\" }\n";
+    let (mut b, addr) = with_admin(dir.path(), route).await;
     let ok = [("kind", "credentials"), ("outcome", "ok")];
     let in_force = [("kind", "credentials")];
     assert_eq!(value(&scrape(addr, None).await, "wsbridge_reloads_total", &ok), 0.0);
@@ -1007,19 +1005,11 @@ async fn a_scrape_re_reads_a_credentials_file_and_a_removed_one_holds_the_alert(
 /// at 0 until it can be read: its tokens are out of force (a docs check: counted as a success).
 #[tokio::test]
 async fn a_token_file_left_out_holds_the_alert() {
-    use crate::common::binary::Binary;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.d");
     std::fs::create_dir(&tokens).unwrap();
     std::fs::write(tokens.join("a"), "desk1: 127.0.0.1:5901\n").unwrap();
-    let file = dir.path().join("wsbridge.toml");
-    std::fs::write(
-        &file,
-        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nsource = \"tokens.d\"\n",
-    )
-    .unwrap();
-    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
-    let addr = b.admin_addr().await;
+    let (mut b, addr) = with_admin(dir.path(), "[[tokens]]\nsource = \"tokens.d\"\n").await;
     let in_force = [("kind", "tokens")];
     std::fs::write(tokens.join("b"), b"desk2: \xff\n").unwrap();
     scrape_until(addr, "the file left out to show", |m| {

@@ -249,6 +249,12 @@ static BAD_LINK: crate::logging::Quieted = crate::logging::Quieted::new(Duration
 static DIALS: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static UNREACHABLE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 
+/// A service name a server asked for, as the log and the `err` answer show it: escaped, not
+/// filtered (`pos\u{0}` asked for is not `pos` missing), and cut at 64 characters.
+fn shown_name(service: &str) -> String {
+    service.escape_default().take(64).collect()
+}
+
 /// Whether a data link's `101` agreed on chunks.
 fn answers_chunks(head: &str) -> bool {
     head.lines().any(|l| {
@@ -272,8 +278,7 @@ async fn session(
 ) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
     let Some(target) = config.services.get(service).filter(|_| link::valid_name(service)) else {
-        // Escaped, not filtered: `pos\0` asked for is not `pos` missing.
-        let shown: String = service.escape_default().take(64).collect();
+        let shown = shown_name(service);
         match NO_SUCH_SERVICE.take() {
             Some(left_out) => warn!(service = %shown, left_out, "agent: the server asked for a service this agent does not have"),
             None => debug!(service = %shown, "agent: the server asked for a service this agent does not have"),
@@ -656,6 +661,15 @@ async fn answer(io: &mut LinkStream, text: &str, config: &AgentConfig) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hostile-server review: `open pos\0` was answered `err pos: no such service`, which
+    /// reads as if the listed `pos` were missing.
+    #[test]
+    fn a_service_name_asked_for_is_shown_escaped_and_cut() {
+        assert_eq!(shown_name("pos\0"), "pos\\u{0}");
+        assert_eq!(shown_name(" pos\n"), " pos\\n");
+        assert_eq!(shown_name(&"x".repeat(300)).len(), 64);
+    }
     use std::task::Poll;
 
     /// A cap counts the sessions open now: a place comes back when its session ends.
