@@ -12,6 +12,11 @@
 //! as its bytes ([`Chunker`]), and the reader strips headers in place from what it read
 //! ([`Dechunker`]), so a message is one read and one write at each end as on a raw link. A link
 //! that ends any other way (closed without the mark, a chunk cut short, an error) is closed.
+//!
+//! Where both ends agreed on it ([`RESETS`]), the agent may end its direction with the reset mark
+//! instead ([`Chunker::poll_reset`]): its app's connection was reset after what it wrote (an app
+//! that answers and closes while the page still sends, one that aborts), which the server reads as
+//! a reset after those bytes and the page as the 1011 "connection reset" of a TCP backend.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -25,6 +30,55 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const FRAMING_HEADER: &str = "x-wsbridge-link-framing";
 /// [`FRAMING_HEADER`]'s value.
 pub const CHUNKS: &str = "chunks";
+/// A second token of [`FRAMING_HEADER`] beside [`CHUNKS`] (`chunks, resets`), offered by the agent
+/// and answered by the server: the agent's direction may end with the reset mark. (Agents and
+/// servers before it offer and answer `chunks` alone, and an agent before it reads only that.)
+pub const RESETS: &str = "resets";
+
+/// What a data link's two ends agreed on in its `101` ([`FRAMING_HEADER`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Framing {
+    /// Chunks: the link carries one session after another (else raw bytes, one session).
+    pub chunks: bool,
+    /// With chunks: the agent's direction may end with the reset mark.
+    pub resets: bool,
+}
+
+impl Framing {
+    /// Raw bytes, one session.
+    pub const RAW: Framing = Framing {
+        chunks: false,
+        resets: false,
+    };
+
+    /// What the tokens of [`FRAMING_HEADER`] values (`chunks, resets`) name: the agent's offer,
+    /// or the server's answer. `resets` counts only beside `chunks`.
+    pub fn from_tokens<'v>(values: impl IntoIterator<Item = &'v str>) -> Framing {
+        let (mut chunks, mut resets) = (false, false);
+        for token in values.into_iter().flat_map(|v| v.split(',')).map(str::trim) {
+            chunks |= token.eq_ignore_ascii_case(CHUNKS);
+            resets |= token.eq_ignore_ascii_case(RESETS);
+        }
+        Framing {
+            chunks,
+            resets: chunks && resets,
+        }
+    }
+
+    /// The header line that offers or answers it (with its CRLF; empty for a raw link). An
+    /// answer names only what was offered: an agent from before [`RESETS`] reads a value of
+    /// `chunks` alone.
+    pub fn header_line(&self) -> String {
+        match (self.chunks, self.resets) {
+            (false, _) => String::new(),
+            (true, false) => format!("{FRAMING_HEADER}: {CHUNKS}\r\n"),
+            (true, true) => format!("{FRAMING_HEADER}: {CHUNKS}, {RESETS}\r\n"),
+        }
+    }
+}
+
+/// The header of the reset mark: no chunk is this long ([`MAX_CHUNK`]).
+const RESET_MARK: u32 = u32::MAX;
 
 /// The longest chunk a writer sends (a write of more sends this much).
 const MAX_CHUNK: usize = 16 << 20;
@@ -42,6 +96,10 @@ pub struct Dechunker {
     head_len: usize,
     /// The end mark was read: this direction of the session is over.
     ended: bool,
+    /// The reset mark is understood ([`RESETS`]) ...
+    resets: bool,
+    /// ... and was read: the direction is over, ended by a reset.
+    reset: bool,
     /// Bytes read from the link and not yet decoded: before the end mark, what came with `ok`;
     /// after it, the beginning of the link's next use.
     pending: Vec<u8>,
@@ -56,11 +114,25 @@ impl Dechunker {
         }
     }
 
+    /// A reader that also takes the reset mark ([`RESETS`]) as the end of the session, with
+    /// an error (`ConnectionReset`) after the session's bytes.
+    pub fn with_resets(early: Vec<u8>) -> Dechunker {
+        Dechunker {
+            resets: true,
+            ..Dechunker::new(early)
+        }
+    }
+
     /// Whether the end mark was read: the session is over on this side (nothing is left in
     /// part then, as the mark is a whole header at a chunk boundary) and the reader is ready for
     /// the link's next use.
     pub fn clean(&self) -> bool {
-        self.ended
+        self.ended && !self.reset
+    }
+
+    /// Whether the reset mark is understood.
+    pub fn resets(&self) -> bool {
+        self.resets
     }
 
     /// For the link's next use: the bytes read past the end mark.
@@ -90,6 +162,7 @@ impl Dechunker {
                     self.head_len = 0;
                     match u32::from_be_bytes(self.head) {
                         0 => self.ended = true,
+                        RESET_MARK if self.resets => (self.ended, self.reset) = (true, true),
                         n => self.left = n,
                     }
                 }
@@ -102,7 +175,8 @@ impl Dechunker {
     /// end mark.
     ///
     /// # Errors
-    /// `io` failed, or closed before the end mark (the other end gave the link up mid-session).
+    /// `io` failed, or closed before the end mark (the other end gave the link up mid-session),
+    /// or the reset mark was read (`ConnectionReset`, once the bytes before it are read).
     pub fn poll_read<R: AsyncRead + Unpin + ?Sized>(
         &mut self,
         mut io: Pin<&mut R>,
@@ -110,6 +184,9 @@ impl Dechunker {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
+            if self.reset {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "the app reset its connection")));
+            }
             if self.ended || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
@@ -135,7 +212,7 @@ impl Dechunker {
                 self.pending.splice(0..0, after);
             }
             buf.set_filled(start + payload);
-            if payload > 0 || self.ended {
+            if payload > 0 || (self.ended && !self.reset) {
                 return Poll::Ready(Ok(()));
             }
             // Only headers so far: read on (the next read may wait, with the waker registered).
@@ -166,9 +243,9 @@ impl Chunker {
         }
     }
 
-    /// Whether the end mark is written and flushed.
+    /// Whether the end mark (not the reset mark) is written and flushed.
     pub fn ended(&self) -> bool {
-        self.flushed
+        self.flushed && self.head == [0; 4]
     }
 
     /// Writes `bufs` as (part of) a chunk: as [`AsyncWrite::poll_write_vectored`], counting only
@@ -236,7 +313,27 @@ impl Chunker {
     ///
     /// # Errors
     /// `io` failed, or a chunk was cut short (the link cannot carry another session).
-    pub fn poll_end<W: AsyncWrite + Unpin + ?Sized>(&mut self, mut io: Pin<&mut W>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub fn poll_end<W: AsyncWrite + Unpin + ?Sized>(&mut self, io: Pin<&mut W>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_mark(io, cx, 0)
+    }
+
+    /// Writes the reset mark (once) instead of the end mark, and flushes: this direction of the
+    /// session ended in a reset after what was written. Only to a peer that agreed on
+    /// [`RESETS`]; the link carries no other session.
+    ///
+    /// # Errors
+    /// As [`Chunker::poll_end`].
+    pub fn poll_reset<W: AsyncWrite + Unpin + ?Sized>(&mut self, io: Pin<&mut W>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_mark(io, cx, RESET_MARK)
+    }
+
+    /// Whether the end or reset mark is written or on its way: nothing more goes in this
+    /// direction.
+    pub fn ending(&self) -> bool {
+        self.ending
+    }
+
+    fn poll_mark<W: AsyncWrite + Unpin + ?Sized>(&mut self, mut io: Pin<&mut W>, cx: &mut Context<'_>, mark: u32) -> Poll<io::Result<()>> {
         if !self.ending {
             if self.left > 0 || self.head_at < 4 {
                 return Poll::Ready(Err(io::Error::other(
@@ -244,7 +341,7 @@ impl Chunker {
                 )));
             }
             self.ending = true;
-            self.head = [0; 4];
+            self.head = mark.to_be_bytes();
             self.head_at = 0;
         }
         while self.head_at < 4 {
@@ -426,6 +523,36 @@ mod tests {
         };
         reader.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"WELCOME and more");
+    }
+
+    /// The reset mark ends the session's bytes with `ConnectionReset`, after every byte before
+    /// it, at any split of reads; the link is not clean for another session.
+    #[tokio::test]
+    async fn the_reset_mark_is_an_error_after_the_bytes_before_it() {
+        let mut io = Trickle::new(Vec::new(), 1 << 20, false);
+        let mut chunker = Chunker::new();
+        let bufs = [IoSlice::new(b"hello\n")];
+        std::future::poll_fn(|cx| chunker.poll_write(Pin::new(&mut io), cx, &bufs))
+            .await
+            .unwrap();
+        std::future::poll_fn(|cx| chunker.poll_reset(Pin::new(&mut io), cx)).await.unwrap();
+        assert!(chunker.ending() && !chunker.ended(), "a reset is not the end mark");
+        for step in [1, 3, 1 << 20] {
+            let mut link = Trickle::new(io.data.clone(), step, true);
+            let mut dechunker = Dechunker::with_resets(Vec::new());
+            let mut reader = crate::agent::link::ChunkReader {
+                io: &mut link,
+                chunks: &mut dechunker,
+            };
+            let mut got = Vec::new();
+            let e = reader.read_to_end(&mut got).await.unwrap_err();
+            assert_eq!(
+                (got.as_slice(), e.kind()),
+                (&b"hello\n"[..], io::ErrorKind::ConnectionReset),
+                "step {step}"
+            );
+            assert!(!dechunker.clean());
+        }
     }
 
     #[tokio::test]

@@ -55,8 +55,8 @@ pub const NOT_FOR_BROWSERS: &str = "agent endpoint: not for browsers";
 
 enum Kind {
     Control(String),
-    /// A data link; `true` when the agent offered chunks ([`super::chunks`]).
-    Link(bool),
+    /// A data link, with what the agent offered of [`super::chunks`].
+    Link(chunks::Framing),
 }
 
 /// Serves one request on an agent endpoint, to its end (a control link lives as long as the
@@ -99,7 +99,9 @@ pub async fn serve<S: IntoLink>(
         return info!(status = 400, "agent endpoint: not an agent handshake");
     } else if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
         let framing = header::HeaderName::from_static(chunks::FRAMING_HEADER);
-        Kind::Link(has_token(headers, &framing, chunks::CHUNKS))
+        Kind::Link(chunks::Framing::from_tokens(
+            headers.get_all(&framing).iter().filter_map(|v| v.to_str().ok()),
+        ))
     } else {
         match headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().trim_ascii()) {
             Some(key) if key.len() == 24 => Kind::Control(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key)),
@@ -184,7 +186,7 @@ pub async fn serve<S: IntoLink>(
     };
     let name = name.to_owned();
     match kind {
-        Kind::Link(chunks) => {
+        Kind::Link(framing) => {
             // A link naming the instance its control link is on, and reaching another one (a
             // balancer that spreads an agent's connections): its control link's instance needs
             // it, not this one. (Agents from before the header send none.)
@@ -212,15 +214,12 @@ pub async fn serve<S: IntoLink>(
                 return debug!(agent = %name, status = 409, "agent data link without a control link (with its secret)");
             }
             // Answering the agent's offer of chunks makes the link reusable (an agent that did
-            // not offer them gets a raw link, used for one session).
-            let framing = if chunks {
-                format!("{}: {}\r\n", chunks::FRAMING_HEADER, chunks::CHUNKS)
-            } else {
-                String::new()
-            };
+            // not offer them gets a raw link, used for one session), and its offer of resets
+            // lets it end a session with its app's reset.
             let head = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {}\r\nConnection: Upgrade\r\n{framing}\r\n",
-                link::LINK_TOKEN
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {}\r\nConnection: Upgrade\r\n{}\r\n",
+                link::LINK_TOKEN,
+                framing.header_line()
             );
             let written = timeout_at(write_end, async {
                 stream.write_all(head.as_bytes()).await?;
@@ -231,7 +230,7 @@ pub async fn serve<S: IntoLink>(
                 return debug!(agent = %name, "agent data link closed during its 101");
             }
             if registry
-                .add_link(&name, &digest, stream.into_link(), chunks, held.into_agents())
+                .add_link(&name, &digest, stream.into_link(), framing, held.into_agents())
                 .is_err()
             {
                 debug!(agent = %name, "agent data link not needed; closed");

@@ -479,13 +479,23 @@ impl AgentLink {
     }
 
     /// Wraps a link in chunks whose `open` was answered `ok`; it goes back to `home` when the
-    /// session leaves it clean.
-    pub fn chunked(io: LinkStream, early: Vec<u8>, lost: Loss, name: String, home: std::sync::Arc<super::registry::Pool>) -> AgentLink {
+    /// session leaves it clean. `resets`: the two ends agreed on the reset mark.
+    pub fn chunked(
+        io: LinkStream,
+        early: Vec<u8>,
+        lost: Loss,
+        name: String,
+        home: std::sync::Arc<super::registry::Pool>,
+        resets: bool,
+    ) -> AgentLink {
         AgentLink {
             io,
             early: Vec::new(),
             chunks: Some(Chunks {
-                read: Dechunker::new(early),
+                read: match resets {
+                    true => Dechunker::with_resets(early),
+                    false => Dechunker::new(early),
+                },
                 write: Chunker::new(),
                 home,
             }),
@@ -534,6 +544,10 @@ impl AgentLink {
     pub fn release(self, within: std::time::Duration) {
         let AgentLink { mut io, chunks, lost, .. } = self;
         let Some(Chunks { mut read, write, home }) = chunks else { return };
+        let framing = super::chunks::Framing {
+            chunks: true,
+            resets: read.resets(),
+        };
         if !write.ended() || lost.token().is_cancelled() {
             return;
         }
@@ -541,7 +555,7 @@ impl AgentLink {
             // The agent's end mark came first (its app ended the session): the agent may still
             // be writing the browser's last bytes to its app, so the link is taken last.
             if read.into_pending().is_empty() {
-                home.give_back(io, true);
+                home.give_back(io, framing, true);
             }
             return;
         }
@@ -565,7 +579,7 @@ impl AgentLink {
             // Nothing may follow the agent's end mark before the next `open` is sent.
             // The agent ended its side after ours: it is done with the session.
             if matches!(drained, Ok(Ok(()))) && read.clean() && read.into_pending().is_empty() && !lost.token().is_cancelled() {
-                home.give_back(io, false);
+                home.give_back(io, framing, false);
             }
         });
     }
@@ -659,8 +673,8 @@ impl AsyncRead for AgentReader<'_> {
         let this = self.get_mut();
         let polled = match &mut this.chunks {
             // A link in chunks that ends without the end mark: the agent gave the session up
-            // (its app reset the connection, or the agent stopped), which the page reads in the
-            // 1011's reason.
+            // (it stopped, or its app reset the connection and one side predates the reset
+            // mark), which the page reads in the 1011's reason.
             Some(chunks) => match chunks.poll_read(Pin::new(&mut this.io), cx, buf) {
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Err(io::Error::other(format!(
                     "agent {} dropped the session's link",

@@ -20,7 +20,7 @@
 //! | file | owns |
 //! |---|---|
 //! | [`link`] | what both sides share: headers, secret hashes, the `open`/`ok`/`err` lines, [`link::AgentLink`] |
-//! | [`chunks`] | the framing of a reusable link: a length before each write, the end mark |
+//! | [`chunks`] | the framing of a reusable link: a length before each write, the end mark (or the reset mark of an app that reset its connection) |
 //! | [`registry`] | server side: connected agents, their idle links, `want`/`drain`/`move`, per-agent loss |
 //! | [`fleet`] | server side: agents and secret hashes from files (`[[agents]] source`), re-read on change |
 //! | [`endpoint`] | server side: the agent endpoint's handshake (auth, failure brake) and control loop |

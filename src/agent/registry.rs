@@ -18,6 +18,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::chunks::Framing;
 use super::link::{self, AgentLink, LinkStream};
 use super::{AgentsConfig, EndpointConfig};
 use crate::backend::{Backend, ConnectError};
@@ -287,8 +288,8 @@ struct Idle {
     /// Its place under `max_connections` while it waits here (an idle link is a connection),
     /// held for its drop.
     _slot: Slot,
-    /// The link is in chunks ([`super::chunks`]): reusable.
-    chunks: bool,
+    /// What its ends agreed on: in chunks ([`super::chunks`]), it is reusable.
+    framing: Framing,
     since: Instant,
 }
 
@@ -326,15 +327,15 @@ impl Pool {
     /// enough are idle. `last`: the link goes where it is taken last, for a link the agent may
     /// still be busy on (its app ended first: the agent may still be writing the browser's last
     /// bytes to it, and an `open` would wait behind them).
-    pub fn give_back(&self, io: LinkStream, last: bool) {
-        if self.put_back(io, last) {
+    pub fn give_back(&self, io: LinkStream, framing: Framing, last: bool) {
+        if self.put_back(io, framing, last) {
             self.counted(|c| &c.returned);
         }
     }
 
     /// [`Pool::give_back`] without counting it: a link whose `open` was refused carried no
     /// session. Whether the link was kept.
-    fn put_back(&self, io: LinkStream, last: bool) -> bool {
+    fn put_back(&self, io: LinkStream, framing: Framing, last: bool) -> bool {
         let mut idle = self.idle();
         // Under the lock `close` takes after setting the flag: a link is never left in a pool
         // that has been emptied for good.
@@ -358,7 +359,7 @@ impl Pool {
         let link = Idle {
             io,
             _slot: slot,
-            chunks: true,
+            framing,
             since: Instant::now(),
         };
         if last {
@@ -839,12 +840,12 @@ impl Registry {
         agents.get(name).is_some_and(|a| a.digest == *digest)
     }
 
-    /// Adds an idle data link the agent dialled (`chunks`: the two ends agreed on chunks).
+    /// Adds an idle data link the agent dialled, with what the two ends agreed on.
     ///
     /// # Errors
     /// The link back when the agent has no control link here logged in with `digest`, or its
     /// pool is over-full.
-    pub fn add_link(&self, name: &str, digest: &[u8; 32], io: LinkStream, chunks: bool, slot: Slot) -> Result<(), LinkStream> {
+    pub fn add_link(&self, name: &str, digest: &[u8; 32], io: LinkStream, framing: Framing, slot: Slot) -> Result<(), LinkStream> {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let Some(a) = agents.get(name).filter(|a| a.digest == *digest) else {
             return Err(io);
@@ -860,7 +861,7 @@ impl Registry {
         idle.push_back(Idle {
             io,
             _slot: slot,
-            chunks,
+            framing,
             since: Instant::now(),
         });
         drop(idle);
@@ -965,7 +966,7 @@ impl Registry {
         // needs, and age out. Raw links (an agent without chunks) oldest first, each used once
         // well before its age would close it.
         loop {
-            let newest = idle.back().is_some_and(|l| l.chunks);
+            let newest = idle.back().is_some_and(|l| l.framing.chunks);
             let Some(l) = (if newest { idle.pop_back() } else { idle.pop_front() }) else {
                 break;
             };
@@ -974,7 +975,7 @@ impl Registry {
                 // its session, so one more is asked for only when the pool runs low; a raw
                 // link is used once, and an agent that replaces the raw links it is sent `open`
                 // on needs no asking.
-                let ask = if l.chunks {
+                let ask = if l.framing.chunks {
                     idle.len() + pool.asked.load(Ordering::Relaxed) < pool.size
                 } else {
                     !pool.replacing
@@ -983,7 +984,7 @@ impl Registry {
                     pool.ask(1);
                 }
                 // Its slot goes: the session's own connection covers it from here.
-                return Ok(Taken::Link(l.io, l.chunks, a.lost.clone(), pool.clone()));
+                return Ok(Taken::Link(l.io, l.framing, a.lost.clone(), pool.clone()));
             }
         }
         // None idle: this session waits for the next link to arrive or come back. At most a
@@ -1016,9 +1017,9 @@ impl Registry {
                     "agent {name}: no live data link from the agent in time ({dead} found closed)"
                 )));
             }
-            let (mut io, chunks, lost, pool) = loop {
+            let (mut io, framing, lost, pool) = loop {
                 match self.take(name, service)? {
-                    Taken::Link(io, chunks, lost, pool) => break (io, chunks, lost, pool),
+                    Taken::Link(io, framing, lost, pool) => break (io, framing, lost, pool),
                     Taken::Wait(pool) => {
                         // Registered before the look at `closed`: `close` wakes only the
                         // waiters registered by then, so a close after the look wakes this
@@ -1052,10 +1053,10 @@ impl Registry {
                 // Chunks only when the agent confirms them in its answer as well as in the
                 // 101's headers (a proxy on the way could have dropped the header from the 101):
                 // a plain `ok` is a raw link, used once.
-                Ok(Ok(Some(line))) if line == "ok" || (chunks && line == link::OK_CHUNKS) => {
+                Ok(Ok(Some(line))) if line == "ok" || (framing.chunks && line == link::OK_CHUNKS) => {
                     debug!(agent = name, service, "agent link opened");
                     let link = if line == link::OK_CHUNKS {
-                        AgentLink::chunked(io, rest, lost, name.to_owned(), pool)
+                        AgentLink::chunked(io, rest, lost, name.to_owned(), pool, framing.resets)
                     } else {
                         AgentLink::new(io, rest, lost, name.to_owned())
                     };
@@ -1066,8 +1067,8 @@ impl Registry {
                         .strip_prefix("err ")
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
                     // A link in chunks that answered `err` carried no session: it serves the next.
-                    if chunks && rest.is_empty() && line.starts_with("err ") {
-                        pool.put_back(io, false);
+                    if framing.chunks && rest.is_empty() && line.starts_with("err ") {
+                        pool.put_back(io, framing, false);
                     }
                     return Err(ConnectError::Agent(reason));
                 }
@@ -1076,7 +1077,7 @@ impl Registry {
                     // One more in place of a raw link found dead: an agent that replaces the
                     // raw links it is sent `open` on never saw this one's. (A link in chunks
                     // was asked for by `take` if the pool runs low.)
-                    if pool.replacing && !chunks {
+                    if pool.replacing && !framing.chunks {
                         pool.ask(1);
                     }
                 }
@@ -1086,7 +1087,7 @@ impl Registry {
 }
 
 enum Taken {
-    Link(LinkStream, bool, link::Loss, Arc<Pool>),
+    Link(LinkStream, Framing, link::Loss, Arc<Pool>),
     Wait(Arc<Pool>),
 }
 
@@ -1313,7 +1314,7 @@ mod tests {
         assert!(registry.takes_links("shop-17", &new));
         let (server, _client) = link();
         assert!(registry
-            .add_link("shop-17", &old, LinkStream::Tcp(server), true, Slot::alone())
+            .add_link("shop-17", &old, LinkStream::Tcp(server), CHUNKED, Slot::alone())
             .is_err());
         registry.set_config(&declare(vec![new]));
         assert!(ended.is_revoked() && replaced.is_revoked(), "earlier connections on the old secret");
@@ -1396,12 +1397,23 @@ mod tests {
         }
     }
 
+    const CHUNKED: Framing = Framing {
+        chunks: true,
+        resets: false,
+    };
+
     fn add(registry: &Registry, chunks: bool, ends: &mut Vec<std::net::TcpStream>) -> u16 {
         let (server, agent) = link();
         let port = agent.local_addr().unwrap().port();
         ends.push(agent);
         assert!(registry
-            .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), chunks, Slot::alone())
+            .add_link(
+                "shop-17",
+                &[0; 32],
+                LinkStream::Tcp(server),
+                Framing { chunks, resets: false },
+                Slot::alone()
+            )
             .is_ok());
         port
     }
@@ -1435,7 +1447,7 @@ mod tests {
             }
             _ => panic!("no idle link"),
         };
-        pool.give_back(LinkStream::Tcp(server), true);
+        pool.give_back(LinkStream::Tcp(server), CHUNKED, true);
         assert_eq!([take_port(&registry), take_port(&registry)], [a, busy]);
         let r1 = add(&registry, false, &mut ends);
         let r2 = add(&registry, false, &mut ends);
@@ -1455,7 +1467,9 @@ mod tests {
             .unwrap();
         let (server, _agent) = link();
         let slot = connections.try_take(2).unwrap();
-        assert!(registry.add_link("shop-17", &[0; 32], LinkStream::Tcp(server), true, slot).is_ok());
+        assert!(registry
+            .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), CHUNKED, slot)
+            .is_ok());
         assert_eq!(connections.taken(), 1, "the idle link");
         let Taken::Link(io, _, _, pool) = registry.take("shop-17", "pos").unwrap() else {
             panic!("no idle link")
@@ -1463,11 +1477,11 @@ mod tests {
         assert_eq!(connections.taken(), 0, "in a session: covered by the page's connection");
         let page = connections.try_take(2).unwrap();
         let other = connections.try_take(2).unwrap();
-        pool.give_back(io, false);
+        pool.give_back(io, CHUNKED, false);
         assert_eq!(registry.idle_links("shop-17"), Some(0), "no slot free: closed");
         drop(other);
         let (server, _agent) = link();
-        pool.give_back(LinkStream::Tcp(server), false);
+        pool.give_back(LinkStream::Tcp(server), CHUNKED, false);
         assert_eq!(registry.idle_links("shop-17"), Some(1), "back under the cap");
         assert_eq!(connections.taken(), 2, "the page's and the idle link's");
         drop(page);
@@ -1550,17 +1564,19 @@ mod tests {
             let (server, agent) = link();
             ends.push(agent);
             let slot = connections.try_take(10).unwrap();
-            assert!(registry.add_link("shop-17", &[0; 32], LinkStream::Tcp(server), true, slot).is_ok());
+            assert!(registry
+                .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), CHUNKED, slot)
+                .is_ok());
         }
         let Taken::Link(io, _, _, pool) = registry.take("shop-17", "pos").unwrap() else {
             panic!("no idle link")
         };
         let pages: Vec<_> = (0..4).map(|_| connections.try_take(10).unwrap()).collect();
         assert_eq!(connections.taken(), 8, "4 idle links and 4 pages");
-        pool.give_back(io, false);
+        pool.give_back(io, CHUNKED, false);
         assert_eq!(registry.idle_links("shop-17"), Some(5), "the 9th of 10: kept");
         let (server, _agent) = link();
-        pool.give_back(LinkStream::Tcp(server), false);
+        pool.give_back(LinkStream::Tcp(server), CHUNKED, false);
         assert_eq!(registry.idle_links("shop-17"), Some(5), "a 10th would leave no room: closed");
         assert_eq!(connections.taken(), 9);
         drop(pages);
@@ -1622,7 +1638,7 @@ mod tests {
         agent.set_nonblocking(true).unwrap();
         let mut agent = tokio::net::TcpStream::from_std(agent).unwrap();
         assert!(registry
-            .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), false, Slot::alone())
+            .add_link("shop-17", &[0; 32], LinkStream::Tcp(server), Framing::RAW, Slot::alone())
             .is_ok());
         tokio::spawn(async move {
             let mut open = [0u8; 9];

@@ -155,7 +155,9 @@ async fn when_the_app_closes_everything_it_wrote_reaches_the_browser_then_1000()
 
 /// An app that answers and hangs up while the page is still uploading resets its connection
 /// (closed with bytes unread): what it wrote before still reaches the page, through the agent,
-/// before the close, as in forward mode.
+/// before the close, and the close says the reset (1011), as in forward mode. (The agent's end
+/// mark said it as the app's clean close, 1000, which a page does not reconnect on, when the
+/// reset's error went to the agent's write to the app.)
 #[tokio::test]
 async fn an_app_that_answers_and_hangs_up_on_an_upload_has_its_answer_delivered() {
     let (app, mut accepted) = manual_backend().await;
@@ -164,8 +166,13 @@ async fn an_app_that_answers_and_hangs_up_on_an_upload_has_its_answer_delivered(
     for round in 0..10 {
         let (got, close) = answered_and_hung_up_on(&bridge.url("/pos"), &mut accepted).await;
         assert_eq!(got, b"hello\n", "round {round}: everything the app wrote, before the close");
-        let code = close.map(|c| u16::from(c.code));
-        assert!(matches!(code, Some(1000 | 1011)), "round {round}: {code:?}");
+        let close = close.expect("a close frame");
+        let code = u16::from(close.code);
+        assert!(
+            code == 1011 && close.reason.contains("connection reset"),
+            "round {round}: {code} {}",
+            close.reason
+        );
     }
 }
 
@@ -2697,8 +2704,9 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_links_returned_total 1"), "{metrics}");
 }
 
-/// An app that resets its connection mid-session: the agent drops the session's link without
-/// the end mark, and the page reads a 1011 naming the agent (a raw link would have looked like
+/// An app that resets its connection mid-session: the agent ends the session's side with the
+/// reset mark, and the page reads the 1011 a TCP backend's reset gives (before the mark the agent
+/// dropped the link: "agent shop-17 dropped the session's link"; a raw link would have looked like
 /// the app's clean close, 1000).
 #[tokio::test]
 async fn an_app_reset_mid_session_reaches_the_page_as_1011() {
@@ -2713,10 +2721,7 @@ async fn an_app_reset_mid_session_reaches_the_page_as_1011() {
     socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
     drop(conn);
     let (code, reason) = read_close(&mut ws).await;
-    assert_eq!(
-        (code, reason.as_str()),
-        (1011, "backend read failed: agent shop-17 dropped the session's link")
-    );
+    assert_eq!((code, reason.as_str()), (1011, "backend read failed: connection reset"));
 }
 
 /// Under a steady load of sessions the pool settles: links come back and are taken again, and a

@@ -3,7 +3,7 @@
 //! relay both ways until both ends are done, and keep a link in chunks for the next session.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::{dial, AgentConfig};
-use crate::agent::chunks::{self, Chunker, Dechunker};
+use crate::agent::chunks::{self, Chunker, Dechunker, Framing};
 use crate::agent::link::{self, ChunkReader, ChunkWriter, LinkStream};
 use crate::backend::{Backend, ConnectError};
 use crate::tls::BackendTls;
@@ -150,14 +150,17 @@ pub(super) async fn data_link(links: Links) {
             None => String::new(),
         };
         let head = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}: {}\r\n{instance}{key}Authorization: Bearer {}\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {}\r\n{}{instance}{key}Authorization: Bearer {}\r\n\r\n",
             s.path,
             s.authority(),
             link::LINK_TOKEN,
             link::NAME_HEADER,
             config.name,
-            chunks::FRAMING_HEADER,
-            chunks::CHUNKS,
+            Framing {
+                chunks: true,
+                resets: true
+            }
+            .header_line(),
             config.secret
         );
         io.write_all(head.as_bytes()).await?;
@@ -166,7 +169,7 @@ pub(super) async fn data_link(links: Links) {
         let mut io = BufReader::with_capacity(1024, io);
         let (status, head) = link::read_response_head(&mut io).await?;
         match status {
-            101 => Ok((io, answers_chunks(&head))),
+            101 => Ok((io, answered_framing(&head))),
             // While the control link is up (a dial that outlived it may reach a restarted
             // server, which is another instance by then).
             421 if !links.idle.is_cancelled() && !links.misrouted.swap(true, Ordering::Relaxed) => {
@@ -194,7 +197,7 @@ pub(super) async fn data_link(links: Links) {
         }
     })
     .await;
-    let (buffered, reusable) = match opened {
+    let (buffered, framing) = match opened {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return debug!(error = %e, "agent: data link not opened"),
         Err(_) => return debug!("agent: data link not opened in time"),
@@ -231,9 +234,9 @@ pub(super) async fn data_link(links: Links) {
         // an `open` refused (a service not listed, or at its cap): a server that asks for such
         // on every link it is given would otherwise have the agent dial without end; its pool
         // asks with `want` when it runs dry.
-        let replace = (!reusable).then_some(&links);
-        match session(&mut io, &service, reusable, config, &links.caps, replace).await {
-            Some(rest) if reusable => carry = rest,
+        let replace = (!framing.chunks).then_some(&links);
+        match session(&mut io, &service, framing, config, &links.caps, replace).await {
+            Some(rest) if framing.chunks => carry = rest,
             _ => return,
         }
     }
@@ -255,13 +258,14 @@ fn shown_name(service: &str) -> String {
     service.escape_default().take(64).collect()
 }
 
-/// Whether a data link's `101` agreed on chunks.
-fn answers_chunks(head: &str) -> bool {
-    head.lines().any(|l| {
-        l.split_once(':').is_some_and(|(name, value)| {
-            name.trim().eq_ignore_ascii_case(chunks::FRAMING_HEADER) && value.trim().eq_ignore_ascii_case(chunks::CHUNKS)
-        })
-    })
+/// What a data link's `101` agreed on: chunks, and with them resets (a server from before
+/// [`chunks::RESETS`] answers `chunks` alone, one from before chunks nothing).
+fn answered_framing(head: &str) -> Framing {
+    Framing::from_tokens(head.lines().filter_map(|l| {
+        l.split_once(':')
+            .filter(|(name, _)| name.trim().eq_ignore_ascii_case(chunks::FRAMING_HEADER))
+            .map(|(_, value)| value)
+    }))
 }
 
 /// One session on a data link whose `open` named `service`: connect it, answer, relay until both
@@ -271,7 +275,7 @@ fn answers_chunks(head: &str) -> bool {
 async fn session(
     io: &mut LinkStream,
     service: &str,
-    chunked: bool,
+    framing: Framing,
     config: &AgentConfig,
     caps: &Caps,
     replace: Option<&Links>,
@@ -320,7 +324,7 @@ async fn session(
             return answer(io, &format!("err {service}: {why}\n"), config).await.then(Vec::new);
         }
     };
-    let ok = if chunked {
+    let ok = if framing.chunks {
         format!("{}\n", link::OK_CHUNKS)
     } else {
         "ok\n".to_owned()
@@ -331,10 +335,44 @@ async fn session(
     debug!(%service, "agent: session open");
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
-    let app_write = AppWriter::new(app_write, config.ping_interval + config.pong_timeout);
+    let stall = config.ping_interval + config.pong_timeout;
+    let (ended, reusable) = carry(io, app_read, app_write, framing, stall, config.pong_timeout).await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match ended {
+        Ok((up, down)) => info!(%service, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
+        Err(e) => info!(%service, error = %e, duration_ms, "agent: session ended"),
+    }
+    reusable
+}
+
+/// A connected session's bytes, both ways between the link and the app, until both ends are
+/// done (`stall`: the app's write deadline, see [`AppWriter`]); then, for a link in chunks whose
+/// session left it clean, `Some` with the bytes read past the server's end mark. An app whose
+/// connection failed (it reset it) has the session's side to the server end with the reset mark
+/// where both ends agreed on it (written within `mark_within`), not with the end mark of an app
+/// that closed.
+async fn carry<R, W>(
+    io: &mut LinkStream,
+    app_read: R,
+    app_write: W,
+    framing: Framing,
+    stall: Duration,
+    mark_within: Duration,
+) -> (std::io::Result<(u64, u64)>, Option<Vec<u8>>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let app_failed = AtomicBool::new(false);
+    let app_read = AppReader {
+        io: app_read,
+        failed: &app_failed,
+        resets: framing.resets,
+    };
+    let app_write = AppWriter::new(app_write, stall, &app_failed);
     let (link_read, link_write) = io.split();
     let (mut from_server, mut to_server) = (Dechunker::default(), Chunker::new());
-    let ended = if chunked {
+    let ended = if framing.chunks {
         let link_read = ChunkReader {
             io: link_read,
             chunks: &mut from_server,
@@ -347,12 +385,21 @@ async fn session(
     } else {
         relay(Pipe::new(link_read, app_write), Pipe::new(app_read, link_write)).await
     };
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match ended {
-        Ok((up, down)) => info!(%service, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
-        Err(e) => info!(%service, error = %e, duration_ms, "agent: session ended"),
+    if framing.resets && app_failed.load(Ordering::Relaxed) && !to_server.ending() {
+        // The page reads a 1011 "connection reset" after the app's bytes, as from a TCP
+        // backend. (A chunk cut short, past the wait for the app: the link is closed unmarked.)
+        let marked = timeout(
+            mark_within,
+            std::future::poll_fn(|cx| to_server.poll_reset(std::pin::Pin::new(&mut *io), cx)),
+        )
+        .await;
+        if !matches!(marked, Ok(Ok(()))) {
+            debug!("agent: the app's reset not passed on; link closed");
+        }
+        return (ended, None);
     }
-    (from_server.clean() && to_server.ended()).then(|| from_server.into_pending())
+    let reusable = (from_server.clean() && to_server.ended()).then(|| from_server.into_pending());
+    (ended, reusable)
 }
 
 /// Both directions of a session: each copies to EOF, then passes the EOF on (half-close); an
@@ -541,19 +588,22 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, 
 /// app read again or closed. `stall` is the control link's ping interval plus its pong deadline:
 /// a server with the same (default) settings has itself ended such a session by then, since it
 /// reads nothing more from a page whose bytes the agent does not take, its pongs included.
-struct AppWriter<W> {
+struct AppWriter<'a, W> {
     io: W,
     stall: Duration,
+    /// Set when a write fails.
+    failed: &'a AtomicBool,
     /// Armed when a write finds the app not reading; disarmed by any write it takes.
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
 }
 
-impl<W> AppWriter<W> {
-    fn new(io: W, stall: Duration) -> Self {
+impl<'a, W> AppWriter<'a, W> {
+    fn new(io: W, stall: Duration, failed: &'a AtomicBool) -> Self {
         AppWriter {
             io,
             stall,
+            failed,
             deadline: None,
             armed: false,
         }
@@ -571,7 +621,10 @@ impl<W> AppWriter<W> {
         if !polled.is_pending() {
             self.armed = false;
             // Marked as the app's: the relay then still reads what the app wrote before.
-            return polled.map_err(|e| std::io::Error::new(e.kind(), AppWriteFailed(e)));
+            return polled.map_err(|e| {
+                self.failed.store(true, Ordering::Relaxed);
+                std::io::Error::new(e.kind(), AppWriteFailed(e))
+            });
         }
         let at = tokio::time::Instant::now() + self.stall;
         let deadline = self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
@@ -589,7 +642,7 @@ impl<W> AppWriter<W> {
     }
 }
 
-impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AppWriter<W> {
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AppWriter<'_, W> {
     fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.io).poll_write(cx, buf);
@@ -618,6 +671,41 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AppWriter<W> {
 
     fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The app's side of a session, as the agent reads what the app writes: a read that fails sets
+/// `failed`; with `resets`, so does the end of what the app wrote after a write to it failed
+/// (the error its reset gave went to that write), which then reads as the reset it was instead of
+/// the app's close.
+struct AppReader<'a, R> {
+    io: R,
+    failed: &'a AtomicBool,
+    resets: bool,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AppReader<'_, R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{ready, Poll};
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match ready!(std::pin::Pin::new(&mut this.io).poll_read(cx, buf)) {
+            Err(e) => {
+                this.failed.store(true, Ordering::Relaxed);
+                Poll::Ready(Err(e))
+            }
+            Ok(()) if this.resets && buf.filled().len() == before && buf.remaining() > 0 && this.failed.load(Ordering::Relaxed) => {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "the app reset its connection",
+                )))
+            }
+            Ok(()) => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -671,6 +759,152 @@ mod tests {
         assert_eq!(shown_name(&"x".repeat(300)).len(), 64);
     }
     use std::task::Poll;
+
+    /// An app that reset its connection after writing `hello\n`, as the agent sees it when its
+    /// write met the reset first (it took the error): the write fails, the read gives what the
+    /// app wrote and then EOF, once the write has failed.
+    #[derive(Clone, Default)]
+    struct ResetApp(Arc<std::sync::Mutex<ResetState>>);
+
+    #[derive(Default)]
+    struct ResetState {
+        read: bool,
+        write_failed: bool,
+        waiting: Option<std::task::Waker>,
+    }
+
+    impl tokio::io::AsyncRead for ResetApp {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let mut state = self.0.lock().unwrap();
+            if !state.read {
+                state.read = true;
+                buf.put_slice(b"hello\n");
+                return Poll::Ready(Ok(()));
+            }
+            if !state.write_failed {
+                state.waiting = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl tokio::io::AsyncWrite for ResetApp {
+        fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, _: &[u8]) -> Poll<std::io::Result<usize>> {
+            let mut state = self.0.lock().unwrap();
+            state.write_failed = true;
+            if let Some(w) = state.waiting.take() {
+                w.wake();
+            }
+            Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What the server reads of a session whose app reset its connection while the page's
+    /// bytes went to it, the error having gone to the agent's write: `Ok` with the bytes when
+    /// the session's side ended with the end mark (an app's close), `Err` when with a reset.
+    async fn server_reads_of_a_reset_app(framing: Framing) -> Result<Vec<u8>, (Vec<u8>, std::io::Error)> {
+        use tokio::io::AsyncWriteExt;
+        let (agent_end, mut server) = tokio::io::duplex(64 * 1024);
+        let mut link = LinkStream::Other(Box::new(agent_end));
+        // The page's bytes, in a chunk: the app's write takes the reset.
+        server.write_all(&[0, 0, 0, 6]).await.unwrap();
+        server.write_all(b"upload").await.unwrap();
+        let app = ResetApp::default();
+        let (ended, reusable) = carry(
+            &mut link,
+            app.clone(),
+            app,
+            framing,
+            Duration::from_secs(40),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(reusable.is_none(), "a reset app's link carries no other session");
+        let _ = ended;
+        drop(link);
+        let mut reader = match framing.resets {
+            true => Dechunker::with_resets(Vec::new()),
+            false => Dechunker::new(Vec::new()),
+        };
+        let mut got = Vec::new();
+        loop {
+            let mut space = [0u8; 64];
+            let mut buf = tokio::io::ReadBuf::new(&mut space);
+            match std::future::poll_fn(|cx| reader.poll_read(std::pin::Pin::new(&mut server), cx, &mut buf)).await {
+                Ok(()) if buf.filled().is_empty() => return Ok(got),
+                Ok(()) => got.extend_from_slice(buf.filled()),
+                Err(e) => return Err((got, e)),
+            }
+        }
+    }
+
+    /// The server learns of the app's reset after its bytes (the page reads 1011 "connection
+    /// reset", as from a TCP backend), not of a clean close (1000, which a page does not
+    /// reconnect on): whichever of the agent's write or read met the reset. A server from
+    /// before resets gets the end mark, as before.
+    #[tokio::test]
+    async fn an_app_reset_met_by_a_write_is_passed_on_as_a_reset_after_its_bytes() {
+        let framing = Framing {
+            chunks: true,
+            resets: true,
+        };
+        let (got, e) = server_reads_of_a_reset_app(framing).await.unwrap_err();
+        assert_eq!(got, b"hello\n");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        let older = Framing {
+            chunks: true,
+            resets: false,
+        };
+        assert_eq!(server_reads_of_a_reset_app(older).await.unwrap(), b"hello\n");
+    }
+
+    /// The framing header: a server answers what the agent offered of it, so an agent from
+    /// before resets (which reads a value of `chunks` alone) still gets chunks; an agent reads
+    /// resets only beside chunks.
+    #[test]
+    fn the_framing_answered_is_what_was_offered() {
+        let offer = Framing::from_tokens(["chunks, resets"]);
+        assert_eq!(
+            offer,
+            Framing {
+                chunks: true,
+                resets: true
+            }
+        );
+        assert_eq!(offer.header_line(), "x-wsbridge-link-framing: chunks, resets\r\n");
+        let older = Framing::from_tokens(["chunks"]);
+        assert_eq!(older.header_line(), "x-wsbridge-link-framing: chunks\r\n");
+        assert_eq!(Framing::from_tokens(["resets"]), Framing::RAW);
+        assert_eq!(Framing::RAW.header_line(), "");
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: wsbridge-agent-link\r\nX-Wsbridge-Link-Framing: CHUNKS\r\n\r\n";
+        assert_eq!(
+            answered_framing(head),
+            Framing {
+                chunks: true,
+                resets: false
+            }
+        );
+        let head = "HTTP/1.1 101 Switching Protocols\r\nx-wsbridge-link-framing: chunks, resets\r\n\r\n";
+        assert_eq!(
+            answered_framing(head),
+            Framing {
+                chunks: true,
+                resets: true
+            }
+        );
+        assert_eq!(answered_framing("HTTP/1.1 101 Switching Protocols\r\n\r\n"), Framing::RAW);
+    }
 
     /// A cap counts the sessions open now: a place comes back when its session ends.
     #[test]
