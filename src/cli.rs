@@ -57,6 +57,11 @@ pub enum Command {
         /// The file, without `--config`.
         #[arg(value_name = "FILE", conflicts_with = "config")]
         file: Option<PathBuf>,
+        /// Fail (exit 1) when the check warns as well: an empty credentials file (its routes
+        /// refuse everyone), a token file's skipped line, a setting that has no effect. For a
+        /// deployment's gate, where a warning is a mistake to stop on.
+        #[arg(long)]
+        strict: bool,
     },
     /// Run a demo: a chat-room TCP backend, wsbridge in front of it, and a web page to chat from.
     Demo {

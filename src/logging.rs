@@ -86,15 +86,35 @@ pub fn init(verbose: u8, format: LogFormat) {
 /// `wsbridge check`'s log: warnings and errors only (a token file's skipped lines, a duplicate
 /// token: what the bridge would log at start), on stderr beside the check's report on stdout,
 /// without timestamps. `RUST_LOG` still chooses.
+/// Each warning and error it logs is counted ([`warnings_logged`]), for `check --strict`.
 pub fn init_warnings() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let text = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .without_time()
-        .fmt_fields(PlainFields)
-        .init();
+        .fmt_fields(PlainFields);
+    tracing_subscriber::registry().with(filter).with(text).with(CountWarnings).init();
+}
+
+/// The warnings and errors logged since [`init_warnings`].
+pub fn warnings_logged() -> usize {
+    WARNINGS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static WARNINGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts the events at warning level or above that the filter lets through.
+struct CountWarnings;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() <= tracing::Level::WARN {
+            WARNINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Whether stderr is systemd's journal (`StandardError=journal`, a unit's default): systemd sets

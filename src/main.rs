@@ -58,10 +58,10 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Some(Command::Check { config, file }) => match config.or(file) {
+        Some(Command::Check { config, file, strict }) => match config.or(file) {
             Some(path) => {
                 wsbridge::logging::init_warnings();
-                runtime.block_on(check(&path))
+                runtime.block_on(check(&path, strict))
             }
             // clap requires one of them.
             None => ExitCode::from(64),
@@ -191,7 +191,7 @@ fn print_bytes(bytes: &[u8]) -> ExitCode {
 }
 
 /// `wsbridge check`: validate, then print listeners, timeouts and the route table.
-async fn check(path: &std::path::Path) -> ExitCode {
+async fn check(path: &std::path::Path, strict: bool) -> ExitCode {
     use std::fmt::Write as _;
     // Written at once at the end: a reader that stops early (`| head`) is no error.
     let mut out = String::new();
@@ -230,7 +230,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
                          then the machine's WinHTTP default)"
                     );
                 }
-                print_bytes(out.as_bytes())
+                checked(path, &out, 0, strict)
             }
             Err(e) => {
                 complain!("wsbridge: {e}");
@@ -276,13 +276,27 @@ async fn check(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(EX_USAGE);
     }
     say!("{}: OK", path.display());
-    for warning in config.warnings() {
+    let warnings = config.warnings();
+    for warning in &warnings {
         say!("warning: {warning}");
     }
     out.push_str(&config.describe());
     out.push_str(&table.describe().await);
     out.push_str(&config.agents.describe());
-    print_bytes(out.as_bytes())
+    checked(path, &out, warnings.len(), strict)
+}
+
+/// `check`'s end: the report, and with `--strict` a failure if anything warned (`noted`: the
+/// report's own warnings; the log's are counted as they were written).
+fn checked(path: &std::path::Path, report: &str, noted: usize, strict: bool) -> ExitCode {
+    let printed = print_bytes(report.as_bytes());
+    let warnings = noted + wsbridge::logging::warnings_logged();
+    if strict && warnings > 0 {
+        let s = if warnings == 1 { "" } else { "s" };
+        complain!("wsbridge: {}: {warnings} warning{s}, an error with --strict", path.display());
+        return ExitCode::from(1);
+    }
+    printed
 }
 
 /// What systemd handed this process: passed listening sockets and the notify socket.

@@ -588,3 +588,33 @@ async fn check_shows_backend_tls() {
         "{out}"
     );
 }
+
+/// `check --strict`, a deployment's gate: a file that checks with warnings (here a credentials
+/// file left empty by a pipeline that renders secrets, whose route would refuse everyone) fails
+/// it, naming the file and the count; `check` alone passes it with the warning; a file without
+/// warnings passes either way.
+#[tokio::test]
+async fn check_strict_fails_on_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let tokens = dir.path().join("bearer.txt");
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n\
+         auth = { bearer_file = \"bearer.txt\" }\n",
+    )
+    .unwrap();
+    std::fs::write(&tokens, "").unwrap();
+    let path = file.to_str().unwrap();
+    let (code, out, err) = run_to_end(&["check", path]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("holds no token"), "{err}");
+    let (code, out, err) = run_to_end(&["check", "--strict", path]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains(&format!("{path}: 1 warning, an error with --strict")), "{err}");
+    assert!(out.contains(": OK"), "the report is still printed: {out}");
+    std::fs::write(&tokens, "s3cret-token-for-the-gate\n").unwrap();
+    let (code, out, err) = run_to_end(&["check", "--strict", path]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("warning"), "{err}");
+}
