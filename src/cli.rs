@@ -275,9 +275,10 @@ pub struct RunArgs {
     /// (default: 20). 0: no pings (websockify's meaning of 0). A duration (30s, 1m) works too.
     #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     pub heartbeat: Option<f64>,
-    /// Close a session after N seconds with no data either way (pings do not count).
-    /// 0: no idle deadline, as in websockify (whose option of this name exits the whole server;
-    /// wsbridge never exits on its own). A duration (10m, 1h) works too.
+    /// Close a session after N seconds with no data either way (pings do not count: a VNC
+    /// viewer of a still screen is idle). 0: no idle deadline, as in websockify (whose option of
+    /// this name exits the whole server; wsbridge never exits on its own). A duration (10m, 1h)
+    /// works too.
     #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     pub idle_timeout: Option<f64>,
     /// Deadline for the backend connect, e.g. 5s, 500ms (more than zero).
@@ -467,7 +468,7 @@ impl Refused {
                 // 0 is websockify's default (serve for ever), which is what wsbridge does.
                 self.timeout.as_deref().is_some_and(|t| t.trim().parse::<f64>() != Ok(0.0)),
                 "--timeout",
-                "wsbridge serves until SIGTERM; use --idle-timeout for idle sessions",
+                "wsbridge serves until SIGTERM (its --idle-timeout closes sessions that move no data, it does not exit)",
             ),
             (self.traffic, "--traffic", "use -vv (or RUST_LOG=wsbridge=trace) to see every frame"),
             (

@@ -83,6 +83,7 @@ fn main() -> ExitCode {
         None => {
             let config_path = cli.run.config.clone();
             let admin_flag = cli.run.admin.is_some();
+            let idle_flag = cli.run.idle_timeout.is_some_and(|s| s > 0.0);
             let config = match cli.run.into_config() {
                 Ok(c) => c,
                 Err(e) => {
@@ -105,6 +106,15 @@ fn main() -> ExitCode {
             }
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
+            }
+            if let Some(idle) = config.timeouts.idle.filter(|_| idle_flag) {
+                // websockify's option of this name exits the server when no client came for that
+                // long; a script written for it would not expect its viewers cut off.
+                tracing::info!(
+                    idle = %wsbridge::config::format_duration(idle),
+                    "--idle-timeout: a session that moves no data either way for this long is closed (1001); a VNC \
+                     viewer of a still screen moves none (websockify's --idle-timeout exits the server instead)"
+                );
             }
             // Both unset variables they read: done while this is the process's only thread (the
             // runtime runs on this one and has started nothing yet), as changing the environment

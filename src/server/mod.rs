@@ -476,8 +476,14 @@ impl Bridge {
             Socket::Tcp(socket) => {
                 let local = socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
                 let s = &socket;
-                self.accept_each(|| s.accept(), |(stream, peer)| self.spawn_tcp(stream, peer, &listener, &local))
-                    .await;
+                // An IPv4 client of a dual-stack socket as itself (1.2.3.4, not ::ffff:1.2.3.4),
+                // in logs and to every policy.
+                let canonical = |peer: SocketAddr| SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                self.accept_each(
+                    || s.accept(),
+                    |(stream, peer)| self.spawn_tcp(stream, canonical(peer), &listener, &local),
+                )
+                .await;
             }
             #[cfg(unix)]
             Socket::Unix(socket) => {
@@ -1185,11 +1191,12 @@ impl Listener {
 
     /// Binds `addr` as a non-blocking std socket, with `SO_REUSEPORT` when several runtime threads
     /// each accept on their own socket of the same port (the kernel spreads connections among
-    /// them).
+    /// them). `dual_stack`: an IPv6 socket takes IPv4 connections too (as `::ffff:a.b.c.d`;
+    /// accepted peers are shown and checked as IPv4), else it is IPv6 only.
     ///
     /// # Errors
     /// The address cannot be bound.
-    pub fn bind_std(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    pub fn bind_std(addr: std::net::SocketAddr, reuse_port: bool, dual_stack: bool) -> std::io::Result<std::net::TcpListener> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,
@@ -1197,7 +1204,8 @@ impl Listener {
         )?;
         crate::platform::prepare_listening_socket(&socket, reuse_port)?;
         if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
+            // Set either way: the system's default (Linux's net.ipv6.bindv6only, Windows') differs.
+            socket.set_only_v6(!dual_stack)?;
         }
         // Accepted connections inherit them on Linux (see `Bridge::connection`).
         client_options(socket2::SockRef::from(&socket))?;
@@ -1594,7 +1602,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_connections_have_nodelay() {
-        let std = Listener::bind_std("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let std = Listener::bind_std("127.0.0.1:0".parse().unwrap(), false, false).unwrap();
         let config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
         let listeners = [
             Listener::prepare(&config).unwrap().with_socket(TcpListener::from_std(std).unwrap()),

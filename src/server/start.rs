@@ -268,20 +268,28 @@ pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::Pa
         match &l.config.addr {
             ListenOn::Tcp(configured) => {
                 let mut addr = *configured;
+                // `[::]` takes IPv4 clients too (as websockify's, systemd's and most servers' do),
+                // unless a listener of the same port takes them: then each its own.
+                let dual_stack = addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+                    && !config
+                        .listeners
+                        .iter()
+                        .any(|other| matches!(other.addr, ListenOn::Tcp(a) if a.is_ipv4() && a.port() == addr.port() && a.port() != 0));
                 if threads > 1 {
                     // SO_REUSEPORT would let us share a port another process holds (a second
                     // wsbridge, say) without a word: bind once without it first, so a port in use
                     // is an error.
-                    let probe = Listener::bind_std(addr, false).map_err(bind_error)?;
+                    let probe = Listener::bind_std(addr, false, dual_stack).map_err(bind_error)?;
                     addr = probe.local_addr()?;
                 }
                 for sockets in per_thread.iter_mut() {
-                    let socket = Listener::bind_std(addr, threads > 1).map_err(bind_error)?;
+                    let socket = Listener::bind_std(addr, threads > 1, dual_stack).map_err(bind_error)?;
                     // Port 0: the first socket picks the port, the others share it.
                     addr = socket.local_addr()?;
                     sockets.push((l.sibling(), StdSocket::Tcp(socket)));
                 }
-                tracing::info!(addr = %addr, tls, web, threads, "listening");
+                let ipv4 = dual_stack.then_some(true);
+                tracing::info!(addr = %addr, ipv4, tls, web, threads, "listening");
                 addrs.push(addr);
             }
             #[cfg(unix)]

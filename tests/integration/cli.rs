@@ -618,3 +618,87 @@ async fn check_strict_fails_on_warnings() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(!err.contains("warning"), "{err}");
 }
+
+/// Whether this machine has IPv6 loopback (containers may not): the caller skips otherwise.
+fn ipv6_loopback(test: &str) -> bool {
+    let up = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if !up {
+        skip(test, "no IPv6 loopback on this machine");
+    }
+    up
+}
+
+/// One echo through the bridge at `host:port`.
+async fn echo_through(host: &str, port: u16) {
+    use futures_util::SinkExt as _;
+    let (mut ws, _) = ws_connect(&format!("ws://{host}:{port}/"), None).await;
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(b"hi".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(recv_data(&mut ws).await, b"hi", "through {host}");
+    ws.close(None).await.unwrap();
+}
+
+/// `wsbridge [::]:PORT TARGET` serves IPv4 clients too, as websockify's does (a drop-in review:
+/// the socket was IPv6 only, so a client of 127.0.0.1 was refused, where `--help` and the
+/// `--prefer-ipv6` refusal suggest `[::]:6080`); they are logged as themselves, not as
+/// `::ffff:127.0.0.1`.
+#[tokio::test]
+async fn an_ipv6_any_address_takes_ipv4_clients_too() {
+    use crate::common::binary::Binary;
+    if !ipv6_loopback("cli::an_ipv6_any_address_takes_ipv4_clients_too") {
+        return;
+    }
+    let (echo, _) = echo_backend().await;
+    let mut b = Binary::spawn(&["[::]:0", &echo.to_string()]).await;
+    let port = b.addr.port();
+    echo_through("127.0.0.1", port).await;
+    echo_through("[::1]", port).await;
+    b.line("client=127.0.0.1:").await;
+    b.line("client=[::1]:").await;
+    assert!(!b.lines().iter().any(|l| l.contains("::ffff:")), "{:#?}", b.lines());
+    b.signal("TERM").await;
+    assert_eq!(b.exit_code().await, 0);
+}
+
+/// A file with `0.0.0.0:P` and `[::]:P` (how dual stack was written before `[::]` took both)
+/// still starts: each listener takes its own family.
+#[tokio::test]
+async fn ipv4_and_ipv6_any_address_listeners_of_one_port_both_bind() {
+    use crate::common::binary::Binary;
+    if !ipv6_loopback("cli::ipv4_and_ipv6_any_address_listeners_of_one_port_both_bind") {
+        return;
+    }
+    let (echo, _) = echo_backend().await;
+    let port = std::net::TcpListener::bind("[::]:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[listen]]\naddr = \"0.0.0.0:{port}\"\n[[listen]]\naddr = \"[::]:{port}\"\n\
+             [[route]]\npath = \"/\"\ntarget = \"{echo}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    b.line(&format!("listening addr=[::]:{port}")).await;
+    echo_through("127.0.0.1", port).await;
+    echo_through("[::1]", port).await;
+    b.signal("TERM").await;
+    assert_eq!(b.exit_code().await, 0);
+}
+
+/// `--idle-timeout` from websockify's command line means something else here: said at start, in
+/// words a VNC user recognises (a drop-in review: a still noVNC screen was cut off after N
+/// seconds with "Disconnected", where websockify kept it and exited once no client was left).
+#[tokio::test]
+async fn the_idle_timeout_flag_says_what_it_closes() {
+    use crate::common::binary::Binary;
+    let (echo, _) = echo_backend().await;
+    let mut b = Binary::spawn(&["127.0.0.1:0", &echo.to_string(), "--idle-timeout", "600"]).await;
+    let line = b.line("--idle-timeout:").await;
+    assert!(line.contains("VNC viewer of a still screen") && line.contains("idle=10m"), "{line}");
+    b.signal("TERM").await;
+    assert_eq!(b.exit_code().await, 0);
+}
