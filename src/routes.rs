@@ -150,6 +150,10 @@ pub enum Miss {
     /// Nothing is configured for this path.
     #[error("no route for path {0}")]
     Path(String),
+    /// Nothing is configured for this path, and the request has no `token` in its query where
+    /// tokens are taken from there (noVNC's `path` without its `?token=…`, a common mistake).
+    #[error("no route for path {0}, and no token in its query (?token=…)")]
+    NoToken(String),
     /// A token was given but no source knows it.
     #[error("unknown token {0}")]
     Token(String),
@@ -403,7 +407,13 @@ impl RouteTable {
                 return Err(Miss::Token(format!("(host) {}", redact(&host))));
             }
         }
-        self.any_path.clone().ok_or_else(|| Miss::Path(path.chars().take(200).collect()))
+        let shown = || path.chars().take(200).collect();
+        match &self.any_path {
+            Some(route) => Ok(route.clone()),
+            // Tokens are taken from the query, and this one has none (or an empty one).
+            None if self.takes_query_tokens() => Err(Miss::NoToken(shown())),
+            None => Err(Miss::Path(shown())),
+        }
     }
 
     /// Whether looking `request` up tries a token, a credential whose guesses the brake on
@@ -763,6 +773,39 @@ mod tests {
         assert_eq!(absolute("http://user@desk2/").as_deref(), Some("desk2"));
         assert_eq!(absolute("http://[::1]:6080/").as_deref(), Some("::1"));
         assert_eq!(absolute("/websockify").as_deref(), Some("other"));
+    }
+
+    /// noVNC's `path` without its `?token=…` (a drop-in review: logged as "no route for path
+    /// /websockify", which sent the user looking at the path): where tokens come from the query,
+    /// a request with none says so; where nothing takes tokens, the path is the miss.
+    #[tokio::test]
+    async fn a_missing_query_token_is_said_as_such() {
+        let mut config = Config::new("test");
+        let options = config.default_route_options();
+        config.routes.push(crate::config::RouteConfig {
+            matcher: Matcher::Path("/vnc".into()),
+            target: "127.0.0.1:1".parse().unwrap(),
+            options: options.clone(),
+        });
+        let request = |uri: &str| Request::builder().uri(uri).body(()).unwrap();
+        let paths = RouteTable::from_config(&config, None).unwrap();
+        let miss = paths.lookup(&request("/websockify")).await.unwrap_err();
+        assert_eq!(miss.to_string(), "no route for path /websockify");
+        config.routes.push(crate::config::RouteConfig {
+            matcher: Matcher::Token("desk1".into()),
+            target: "127.0.0.1:2".parse().unwrap(),
+            options,
+        });
+        let tokens = RouteTable::from_config(&config, None).unwrap();
+        for uri in ["/websockify", "/websockify?path=x"] {
+            let miss = tokens.lookup(&request(uri)).await.unwrap_err();
+            assert!(matches!(miss, Miss::NoToken(_)), "{uri}: {miss:?}");
+            assert_eq!(
+                miss.to_string(),
+                "no route for path /websockify, and no token in its query (?token=…)"
+            );
+        }
+        assert_eq!(tokens.lookup(&request("/vnc")).await.unwrap().name, "path /vnc");
     }
 
     #[tokio::test]

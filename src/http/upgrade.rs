@@ -334,7 +334,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     let route = match looked_up {
         Ok(route) => route,
         Err(miss @ Miss::Token(_)) => return refuse(StatusCode::NOT_FOUND, "unknown token", miss.to_string()),
-        Err(miss @ Miss::Path(_)) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
+        Err(miss @ (Miss::Path(_) | Miss::NoToken(_))) => return refuse(StatusCode::NOT_FOUND, "no such route", miss.to_string()),
         Err(miss @ Miss::Denied(_)) => return refuse(StatusCode::FORBIDDEN, "forbidden", miss.to_string()),
         Err(Miss::Unavailable { why, .. }) => return Decision::SourceUnavailable(why),
     };

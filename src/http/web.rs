@@ -187,15 +187,21 @@ fn servable(root: &Path, path: &Path, reach: Reach) -> io::Result<PathBuf> {
 fn inside_root(root: &Path, path: &Path, reach: Reach) -> io::Result<PathBuf> {
     let real_root = std::fs::canonicalize(root)?;
     let real = std::fs::canonicalize(root.join(path))?;
+    // At info, with what serves it: a web root that is a tree of symlinks (`novnc ->
+    // /usr/share/novnc`) is a common layout, and its 404s said nothing at the default level.
     let refused = |why: &str| {
-        tracing::debug!(path = %path.display(), why, "static file refused");
+        tracing::info!(path = %path.display(), why, "static file refused (answered 404)");
         io::Error::from(io::ErrorKind::NotFound)
     };
     let Ok(inside) = real.strip_prefix(&real_root) else {
-        return Err(refused("a symlink leads out of the web root"));
+        return Err(refused(
+            "a symlink leads out of the web root (--web-follow-symlinks, or web_follow_symlinks = true, serves it)",
+        ));
     };
     if !reach.dotfiles && inside.iter().any(|c| c.as_encoded_bytes().starts_with(b".")) {
-        return Err(refused("a symlink leads to a hidden file"));
+        return Err(refused(
+            "a symlink leads to a hidden file (--web-dotfiles, or web_dotfiles = true, serves it)",
+        ));
     }
     Ok(inside.to_path_buf())
 }
@@ -289,7 +295,12 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         .map_err(|e| Rejection::Io(std::io::Error::other(e)))?;
     let (mut parts, mut body) = response.into_parts();
     if parts.status == StatusCode::NOT_FOUND {
-        return not_found(io, request, keep_alive, "not found").await;
+        // A directory without index.html (Debian's noVNC has none: websockify lists it).
+        let why = match !web.listing && request.uri().path().ends_with('/') {
+            true => "not found: a directory without index.html, and listings are off (--web-listing, or web_listing = true)",
+            false => "not found",
+        };
+        return not_found(io, request, keep_alive, why).await;
     }
     if let (StatusCode::RANGE_NOT_SATISFIABLE, Some(size)) = (parts.status, size) {
         // The length the ranges missed (§15.5.17), which hyper-staticfile leaves out.

@@ -929,6 +929,8 @@ impl Bridge {
                 root,
                 guard: live.web_guard(&listener.config),
             });
+            // For the answer's log line (a cheap clone: the URI's bytes are shared).
+            let uri = head.as_ref().ok().map(|(r, _)| r.uri().clone());
             let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, web, &ctx));
             let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
                 Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
@@ -942,12 +944,15 @@ impl Bridge {
                     if status.as_u16() >= 400 {
                         self.inner.metrics.refused(refusal);
                     }
-                    // A refusal is worth a line; a static file served is not (a noVNC page load is
-                    // some 40 of them): debug.
-                    if status.as_u16() >= 400 && next.is_none() {
-                        info!(status = status.as_u16(), reason = reason.as_str(), "http request answered");
+                    // A refusal is worth a line, on a connection kept open too (a page's missing
+                    // file); a static file served is not (a noVNC page load is some 40 of them):
+                    // debug. The path, escaped and cut, says which.
+                    let path: String = uri.as_ref().map_or("", |u| u.path()).chars().take(200).collect();
+                    let path = path.as_str();
+                    if status.as_u16() >= 400 {
+                        info!(status = status.as_u16(), reason = reason.as_str(), path = %path, "http request answered");
                     } else {
-                        debug!(status = status.as_u16(), reason = reason.as_str(), "http request answered");
+                        debug!(status = status.as_u16(), reason = reason.as_str(), path = %path, "http request answered");
                     }
                     match next {
                         // The answer said keep-alive (which it does only as `ctx.keep_alive` allows).

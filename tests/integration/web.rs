@@ -830,3 +830,29 @@ async fn a_directory_without_its_slash_is_redirected_to_its_own_url() {
         }
     }
 }
+
+/// What a 404 for a static file says at the default log level (a drop-in review: nothing, on a
+/// connection kept open, and never the path; a symlink out of the root said why only with -v):
+/// the path, and for a refusal by policy what serves it.
+#[tokio::test]
+async fn a_static_file_refused_is_logged_with_its_path_and_what_serves_it() {
+    use crate::common::binary::Binary;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    std::fs::remove_file(www.join("index.html")).unwrap();
+    let (echo, _) = echo_backend().await;
+    let mut b = Binary::spawn(&["--web", www.to_str().unwrap(), "127.0.0.1:0", &echo.to_string()]).await;
+    // Kept alive (HTTP/1.1, no Connection: close): the refusals were logged at debug.
+    for path in ["/outside-link.txt", "/"] {
+        let r = http_raw(b.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+        assert_eq!(status_of(&r), 404, "{path}: {r}");
+    }
+    let line = b.line("static file refused").await;
+    assert!(line.contains("web_follow_symlinks = true"), "{line}");
+    let line = b.line("path=/outside-link.txt").await;
+    assert!(line.contains("status=404") && line.contains("http request answered"), "{line}");
+    let line = b.line("listings are off").await;
+    assert!(line.contains("path=/ ") || line.ends_with("path=/"), "{line}");
+    b.signal("TERM").await;
+    assert_eq!(b.exit_code().await, 0);
+}
