@@ -122,6 +122,9 @@ pub struct RedisTokenSource {
     pub server: RedisServer,
     /// How to authenticate, when Redis asks.
     pub credentials: Option<RedisCredentials>,
+    /// The file `credentials` came from (`credentials_file`): read again when it has changed,
+    /// before each new connection, so a rotated password is used without a reload.
+    pub credentials_file: Option<PathBuf>,
     /// Put before every token to make its key (websockify's namespace plus `:`).
     pub key_prefix: String,
     /// The most a lookup may take, connecting included; past it the handshake gets 503.
@@ -143,6 +146,7 @@ impl RedisTokenSource {
         RedisTokenSource {
             server,
             credentials: None,
+            credentials_file: None,
             key_prefix: String::new(),
             lookup_timeout: DEFAULT_LOOKUP_TIMEOUT,
             cache_ttl: Duration::ZERO,
@@ -429,12 +433,13 @@ impl RawRedis {
             // from tls to config, not back): here only whether it is there.
             std::fs::metadata(ca).map_err(|e| ("ca".to_owned(), format!("{}: {e}", ca.display()), None))?;
         }
-        let credentials = match self.credentials_file {
-            None => None,
+        let (credentials, credentials_file) = match self.credentials_file {
+            None => (None, None),
             Some(f) => {
                 let span = f.span();
                 let path = resolve(f.get_ref());
-                Some(RedisCredentials::from_file(&path).map_err(|e| ("credentials_file".to_owned(), e, Some(span)))?)
+                let c = RedisCredentials::from_file(&path).map_err(|e| ("credentials_file".to_owned(), e, Some(span)))?;
+                (Some(c), Some(path))
             }
         };
         Ok(RedisTokenSource {
@@ -446,6 +451,7 @@ impl RawRedis {
                 db: self.url.db,
             },
             credentials,
+            credentials_file,
             key_prefix: self.key_prefix,
             lookup_timeout: self.lookup_timeout.map_or(DEFAULT_LOOKUP_TIMEOUT, |t| t.0),
             cache_ttl: self.cache_ttl.map_or(Duration::ZERO, |t| t.0),

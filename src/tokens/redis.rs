@@ -56,14 +56,12 @@ const GETRANGE_RETRY: Duration = Duration::from_secs(60);
 pub struct RedisTokens {
     settings: RedisTokenSource,
     name: String,
-    client: Client,
     /// Deadlines for the connect and each answer: the lookup's own (its outer deadline is what
     /// counts; these make the client give up the same way on its own).
     connection_config: AsyncConnectionConfig,
-    /// The connection in use with its number; `None` before the first lookup and after a
-    /// failure. Held while connecting, so one connect is in flight at a time (lookups wait on it
-    /// within their deadline).
-    connection: tokio::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
+    /// The connection in use and what makes a new one. Held while connecting, so one connect is
+    /// in flight at a time (lookups wait on it within their deadline).
+    connection: tokio::sync::Mutex<Connector>,
     cache: Option<Mutex<Cache>>,
     /// Until when values are read with `GET`, whole: the Redis user was refused `GETRANGE`
     /// (warned about once); tried again after [`GETRANGE_RETRY`], so that granting it takes
@@ -73,6 +71,18 @@ pub struct RedisTokens {
     quiet: crate::logging::Quieted,
     /// The CA file as it was read ([`super::stamp`]), to notice a new one at a reload.
     ca_stamp: Option<u64>,
+}
+
+/// A source's connection, and the client that makes the next one.
+struct Connector {
+    /// The connection in use with its number; `None` before the first lookup and after a
+    /// failure.
+    number: u64,
+    current: Option<MultiplexedConnection>,
+    client: Client,
+    /// `credentials_file` as `client` read it ([`super::stamp`]): a new connection after the
+    /// file changed (a rotated password) reads it again first.
+    credentials_stamp: Option<u64>,
 }
 
 impl fmt::Debug for RedisTokens {
@@ -92,41 +102,8 @@ impl RedisTokens {
     /// settings.
     pub fn new(settings: RedisTokenSource) -> Result<RedisTokens, String> {
         let settings_ca_stamp = settings.server.ca.as_deref().and_then(|ca| super::stamp(ca).ok());
-        let server = &settings.server;
-        let addr = match server.tls {
-            false => ConnectionAddr::Tcp(server.host.clone(), server.port),
-            true => ConnectionAddr::TcpTls {
-                host: server.host.clone(),
-                port: server.port,
-                insecure: false,
-                tls_params: None,
-            },
-        };
-        let mut redis = RedisConnectionInfo::default().set_db(i64::from(server.db));
-        if let Some(c) = &settings.credentials {
-            redis = redis.set_password(&c.password);
-            if let Some(user) = &c.username {
-                redis = redis.set_username(user);
-            }
-        }
-        let info = addr
-            .into_connection_info()
-            .map_err(|e| format!("Redis address: {e}"))?
-            .set_redis_settings(redis);
-        let client = match &server.ca {
-            None => Client::open(info),
-            Some(ca) => {
-                // Checked here with our PEM reader (named errors); the client reads the same bytes.
-                crate::tls::load_roots(ca).map_err(|e| e.to_string())?;
-                let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-                let certificates = ::redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                Client::build_with_tls(info, certificates)
-            }
-        }
-        .map_err(|e| format!("Redis client: {e}"))?;
+        let credentials_stamp = settings.credentials_file.as_deref().and_then(|f| super::stamp(f).ok());
+        let client = client(&settings, settings.credentials.as_ref())?;
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.lookup_timeout))
             .set_response_timeout(Some(settings.lookup_timeout));
@@ -134,9 +111,13 @@ impl RedisTokens {
         Ok(RedisTokens {
             name: settings.name(),
             settings,
-            client,
             connection_config,
-            connection: tokio::sync::Mutex::new((0, None)),
+            connection: tokio::sync::Mutex::new(Connector {
+                number: 0,
+                current: None,
+                client,
+                credentials_stamp,
+            }),
             cache,
             whole_values: Mutex::new(None),
             quiet: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
@@ -292,18 +273,47 @@ impl RedisTokens {
 
     /// The connection in use, or a new one, with its number. The caller bounds the wait.
     async fn connection(&self) -> Result<(u64, MultiplexedConnection), RedisError> {
-        let mut current = self.connection.lock().await;
-        if let (n, Some(c)) = &*current {
-            return Ok((*n, c.clone()));
+        let mut connector = self.connection.lock().await;
+        if let Some(c) = &connector.current {
+            return Ok((connector.number, c.clone()));
         }
-        let c = self
+        self.reread_credentials(&mut connector);
+        let c = connector
             .client
             .get_multiplexed_async_connection_with_config(&self.connection_config)
             .await?;
         tracing::debug!(source = %self.name, "connected to Redis");
-        let n = current.0.wrapping_add(1);
-        *current = (n, Some(c.clone()));
-        Ok((n, c))
+        connector.number = connector.number.wrapping_add(1);
+        connector.current = Some(c.clone());
+        Ok((connector.number, c))
+    }
+
+    /// Before a new connection: `credentials_file` read again if it changed since (a password
+    /// rotated in the file and in Redis: connections made before go on with the old one, as
+    /// Redis keeps them, and the next one would fail with it until a reload). A file that cannot
+    /// be read or is malformed leaves the credentials as they were, with a warning, until it
+    /// changes again; counted as a credentials re-read either way.
+    fn reread_credentials(&self, connector: &mut Connector) {
+        let Some(file) = self.settings.credentials_file.as_deref() else {
+            return;
+        };
+        let stamp = super::stamp(file).ok();
+        if stamp == connector.credentials_stamp {
+            return;
+        }
+        connector.credentials_stamp = stamp;
+        let rebuilt = crate::config::redis::RedisCredentials::from_file(file).and_then(|c| client(&self.settings, Some(&c)));
+        match rebuilt {
+            Ok(c) => {
+                connector.client = c;
+                crate::metrics::credentials_reloaded(file, true);
+                tracing::info!(source = %self.name, file = %file.display(), "Redis credentials file re-read");
+            }
+            Err(e) => {
+                crate::metrics::credentials_reloaded(file, false);
+                tracing::warn!(source = %self.name, error = %e, "Redis credentials file not re-read; the credentials read before stay");
+            }
+        }
     }
 
     /// Drops connection `number` as the one in use (unless another lookup replaced it already),
@@ -311,12 +321,55 @@ impl RedisTokens {
     /// answered in time, and a broken connection left in place is found and dropped by the next).
     async fn discard(&self, number: u64, deadline: Instant) {
         let lock = tokio::time::timeout_at(deadline, self.connection.lock()).await;
-        if let Ok(mut current) = lock {
-            if current.0 == number {
-                current.1 = None;
+        if let Ok(mut connector) = lock {
+            if connector.number == number {
+                connector.current = None;
             }
         }
     }
+}
+
+/// A client for `settings`' server with `credentials`.
+///
+/// # Errors
+/// The CA file cannot be read or holds no usable certificate, or the client refuses the
+/// settings.
+fn client(settings: &RedisTokenSource, credentials: Option<&crate::config::redis::RedisCredentials>) -> Result<Client, String> {
+    let server = &settings.server;
+    let addr = match server.tls {
+        false => ConnectionAddr::Tcp(server.host.clone(), server.port),
+        true => ConnectionAddr::TcpTls {
+            host: server.host.clone(),
+            port: server.port,
+            insecure: false,
+            tls_params: None,
+        },
+    };
+    let mut redis = RedisConnectionInfo::default().set_db(i64::from(server.db));
+    if let Some(c) = credentials {
+        redis = redis.set_password(&c.password);
+        if let Some(user) = &c.username {
+            redis = redis.set_username(user);
+        }
+    }
+    let info = addr
+        .into_connection_info()
+        .map_err(|e| format!("Redis address: {e}"))?
+        .set_redis_settings(redis);
+    match &server.ca {
+        None => Client::open(info),
+        Some(ca) => {
+            // Checked here with our PEM reader (named errors); the client reads the same bytes.
+            crate::tls::load_roots(ca).map_err(|e| e.to_string())?;
+            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            let certificates = ::redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            Client::build_with_tls(info, certificates)
+        }
+    }
+    .map_err(|e| format!("Redis client: {e}"))
 }
 
 /// What a lookup found in Redis.

@@ -196,6 +196,47 @@ async fn toml_source_with_a_credentials_file_and_a_least_privilege_user() {
     bridge.stop().await;
 }
 
+/// A password rotated in `credentials_file` and in Redis (a fleet review: connections made
+/// before went on, and once Redis dropped them (a failover, `CLIENT KILL`) every token
+/// handshake got 503 "authentication failed" until a SIGHUP): a new connection reads the file
+/// again when it changed.
+#[tokio::test]
+async fn a_rotated_redis_password_is_read_from_its_file_at_the_next_connect() {
+    let test = "a_rotated_redis_password_is_read_from_its_file_at_the_next_connect";
+    let Some(redis) = redis_or_skip(test, &bridge_user("~vnc:*", &["+get", "+getrange"])).await else {
+        return;
+    };
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = TestBridge::start(from_toml(&as_bridge_user(dir.path(), &redis, echo), dir.path())).await;
+    let mut admin = redis.client(0, Some("admin-pw")).await;
+    set(&mut admin, "vnc:t1", &echo.to_string()).await;
+    echoes(&bridge, "t1").await;
+    // The rotation: the file first, then Redis; then the bridge's connection is dropped.
+    std::fs::write(dir.path().join("redis.cred"), "bridge\nbridge-pw-2\n").unwrap();
+    let mut rotate = ::redis::cmd("ACL");
+    rotate.arg("SETUSER").arg("bridge").arg("resetpass").arg(">bridge-pw-2");
+    within("ACL SETUSER", rotate.query_async::<()>(&mut admin))
+        .await
+        .expect("ACL SETUSER");
+    let mut kill = ::redis::cmd("CLIENT");
+    kill.arg("KILL").arg("USER").arg("bridge");
+    let killed: u64 = within("CLIENT KILL", kill.query_async(&mut admin)).await.expect("CLIENT KILL");
+    assert_eq!(killed, 1, "the bridge's one connection");
+    // The first lookup may find the dropped connection (503) and let it go; the next connects
+    // with the file's new password.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(status_for(&bridge, "t1").await);
+        if statuses.last() == Some(&101) {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&101), "statuses after the rotation: {statuses:?}");
+    echoes(&bridge, "t1").await;
+    bridge.stop().await;
+}
+
 /// A user refused a key (outside its key pattern) is not refused GETRANGE: a token that makes
 /// such a key is answered 503 like any Redis error, and the source goes on bounding its reads
 /// (a client must not be able to switch it to whole-value GET with a token of its choosing).
