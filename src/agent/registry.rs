@@ -65,6 +65,28 @@ pub struct Registry {
     /// Replaced control links waiting for their agent's answer to our close frame, by agent
     /// name ([`Registry::closing_replaced`]).
     closing_replaced: Mutex<HashMap<String, usize>>,
+    /// When this registry (the process) started: see [`AGENTS_SETTLE`].
+    started: Started,
+    /// Woken whenever an agent connects.
+    came: Notify,
+}
+
+/// How long after start a page for an agent that is not connected waits for it (up to the
+/// connect deadline) rather than reading at once that it is offline: an instance that was down
+/// (restarted after a crash, or after more than a minute) takes pages as soon as a balancer finds
+/// it ready, while its agents come back within their backoff (at most 30 s apart by default,
+/// `retry_max`). A fleet review measured three in four new sessions to an agent failing on a
+/// returning instance in the 14 s before its agent was back.
+pub const AGENTS_SETTLE: Duration = Duration::from_secs(35);
+
+/// An instant that defaults to now.
+#[derive(Debug)]
+struct Started(Instant);
+
+impl Default for Started {
+    fn default() -> Self {
+        Started(Instant::now())
+    }
 }
 
 /// The connected agents by name, with the sum of their pools per address kept beside them:
@@ -771,7 +793,10 @@ impl Registry {
         if !names.config_allows(name, &digest, !self.config().sources.is_empty()) {
             return None;
         }
-        if let Some(old) = agents.insert(name.to_owned(), agent) {
+        let previous = agents.insert(name.to_owned(), agent);
+        // Pages that wait for an agent after start ([`AGENTS_SETTLE`]) look again.
+        self.came.notify_waiters();
+        if let Some(old) = previous {
             // Once per 10 s at most: an agent (or two that share a name) logging in again and
             // again would otherwise write a warning per login.
             match REPLACED.take() {
@@ -996,13 +1021,34 @@ impl Registry {
         Ok(Taken::Wait(pool.clone()))
     }
 
+    /// Until `end` at most, while this instance is within [`AGENTS_SETTLE`] of its start and not
+    /// draining: waits for agent `name` to connect, if it is not.
+    async fn settle(&self, name: &str, end: Instant) {
+        let until = end.min(self.started.0 + AGENTS_SETTLE);
+        loop {
+            // Registered before the look: an agent connecting after it wakes this wait.
+            let came = self.came.notified();
+            tokio::pin!(came);
+            came.as_mut().enable();
+            let connected = self.agents.lock().unwrap_or_else(|p| p.into_inner()).contains_key(name);
+            if connected || Instant::now() >= until || self.leaving.is_cancelled() {
+                return;
+            }
+            if timeout_at(until, came).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Opens `service` on agent `name` for a session: an idle link, `open`, and its answer,
-    /// all within `deadline`.
+    /// all within `deadline`. Within [`AGENTS_SETTLE`] of the start, an agent that is not
+    /// connected is waited for, up to `deadline`.
     ///
     /// # Errors
     /// [`ConnectError::Agent`] with the text the page reads.
     pub async fn open(&self, name: &str, service: &str, deadline: Duration) -> Result<Backend, ConnectError> {
         let end = Instant::now() + deadline;
+        self.settle(name, end).await;
         let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
         // Idle links found closed (by something between that cuts idle connections: a NAT, a
         // proxy's read timeout): a pool can hold many after a burst, all cut at once.
@@ -1647,6 +1693,40 @@ mod tests {
             agent.write_all(b"ok\n").await.unwrap();
             agent
         })
+    }
+
+    /// Just after start a page for an agent that is not connected waits for it, up to its
+    /// deadline (an instance back from a crash takes pages before its agents are back); the
+    /// agent connecting wakes it (it then waits for the agent's link, and says that); past
+    /// [`AGENTS_SETTLE`] the page reads at once that the agent is offline.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_not_connected_is_waited_for_just_after_start_only() {
+        let registry = shop_17();
+        let deadline = Duration::from_secs(5);
+        let started = Instant::now();
+        let opened = registry.open("shop-17", "pos", deadline).await;
+        assert_eq!(opened.map(|_| ()).unwrap_err().to_string(), "agent shop-17 is offline");
+        assert_eq!(started.elapsed(), deadline);
+
+        let comes = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            registry
+                .attach("shop-17", [0; 32], vec!["pos".into()], "127.0.0.1:1".parse().unwrap(), 4, true)
+                .unwrap()
+        };
+        let (opened, attached) = tokio::join!(registry.open("shop-17", "pos", deadline), comes);
+        let why = opened.map(|_| ()).unwrap_err().to_string();
+        assert_eq!(
+            why, "agent shop-17: no data link from the agent in time",
+            "the wait saw the agent come"
+        );
+        registry.detach("shop-17", attached.id, true);
+
+        tokio::time::advance(AGENTS_SETTLE).await;
+        let started = Instant::now();
+        let opened = registry.open("shop-17", "pos", deadline).await;
+        assert_eq!(opened.map(|_| ()).unwrap_err().to_string(), "agent shop-17 is offline");
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     /// A session waiting for a link of a connection that is replaced (the agent connected again,
