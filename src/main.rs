@@ -232,6 +232,20 @@ async fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                     Some(every) => say!("balancer check every {every:?} (where the server URL leads a new connection)"),
                     None => say!("balancer check off"),
                 }
+                let d = wsbridge::config::format_duration;
+                // As the [agent] table writes them (a compat review: the stall deadline below
+                // follows ping_interval, and nothing showed it).
+                say!(
+                    "connect_timeout = \"{}\", ping_interval = \"{}\", pong_timeout = \"{}\", retry_max = \"{}\"",
+                    d(c.connect_timeout),
+                    d(c.ping_interval),
+                    d(c.pong_timeout),
+                    d(c.backoff.max)
+                );
+                say!(
+                    "(an app that takes none of a page's bytes for {} (ping_interval + pong_timeout) has its session ended)",
+                    d(c.ping_interval + c.pong_timeout)
+                );
                 if c.connections().any(|(_, _, from)| matches!(from, ProxySource::Windows(_))) {
                     // Internet Options are per account: the service's (LocalService) are usually
                     // empty, where an administrator's console has its own.

@@ -2890,7 +2890,10 @@ async fn the_agent_binary_takes_several_servers() {
     child.kill().await.unwrap();
 }
 
-/// `wsbridge check` shows a service's cap; `--max-sessions` is checked against the services.
+/// `wsbridge check` shows a service's cap, and the agent's timings with the deadline for an app
+/// that stops reading which follows them (a compat review: an agent.toml whose ping_interval was
+/// lowered for a NAT changed meaning, and nothing showed it); `--max-sessions` is checked
+/// against the services.
 #[tokio::test]
 async fn check_shows_a_services_session_cap() {
     let dir = tempfile::tempdir().unwrap();
@@ -2898,7 +2901,8 @@ async fn check_shows_a_services_session_cap() {
     let file = dir.path().join("agent.toml");
     std::fs::write(
         &file,
-        "[agent]\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\nserver = \"ws://127.0.0.1:6080/agent\"\n\n\
+        "[agent]\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\nserver = \"ws://127.0.0.1:6080/agent\"\n\
+         ping_interval = \"2s\"\npong_timeout = \"2s\"\n\n\
          [agent.services]\ntill = { target = \"127.0.0.1:9200\", max_sessions = 1 }\npos = \"127.0.0.1:9100\"\n",
     )
     .unwrap();
@@ -2906,6 +2910,11 @@ async fn check_shows_a_services_session_cap() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("-> 127.0.0.1:9200 (at most 1 at a time)"), "{out}");
     assert!(out.lines().any(|l| l.ends_with("-> 127.0.0.1:9100")), "{out}");
+    assert!(
+        out.contains("connect_timeout = \"10s\", ping_interval = \"2s\", pong_timeout = \"2s\", retry_max = \"30s\"")
+            && out.contains("none of a page's bytes for 4s"),
+        "{out}"
+    );
     let (code, _, err) = run_to_end(&["agent", "--config", file.to_str().unwrap(), "--max-sessions", "label=1"]).await;
     assert_eq!(code, 64);
     assert!(err.contains("--max-sessions") && err.contains("no such service"), "{err}");

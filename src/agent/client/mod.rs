@@ -775,6 +775,7 @@ async fn control(
         link_key,
         misrouted: Arc::default(),
         capped: Arc::default(),
+        raw: Arc::default(),
         caps: mine.caps.clone(),
         dials: Arc::default(),
     };

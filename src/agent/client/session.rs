@@ -107,6 +107,9 @@ pub(super) struct Links {
     pub(super) misrouted: Arc<std::sync::atomic::AtomicBool>,
     /// Whether a link refused at the server's caps was logged (once per control link).
     pub(super) capped: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the server answered a link without chunks (a server from before them: one
+    /// session per link, so one dial per session).
+    pub(super) raw: Arc<std::sync::atomic::AtomicBool>,
     /// The agent's capped services' open sessions.
     pub(super) caps: Arc<Caps>,
     /// The links this control link may still dial ([`DialBudget`]).
@@ -121,6 +124,15 @@ pub(super) fn spawn_link(links: &Links) {
     }
     if !links.dials.take() {
         match DIALS.take() {
+            // A compat review: with a server from before chunks the first text blamed a server
+            // that uses every link it asks for.
+            Some(left_out) if links.raw.load(Ordering::Relaxed) => warn!(
+                left_out,
+                "agent: the server asks for data links faster than {DIAL_REFILL} a second: dialling slowed; it answers \
+                 them without chunks, as a server from before links carry one session after another does, which takes a \
+                 new link for each session (at most {DIAL_REFILL} sessions a second past a burst: upgrading it lifts \
+                 that)"
+            ),
             Some(left_out) => warn!(
                 left_out,
                 "agent: the server asks for data links faster than it uses them: dialling slowed to {DIAL_REFILL} a second"
@@ -202,6 +214,9 @@ pub(super) async fn data_link(links: Links) {
         Ok(Err(e)) => return debug!(error = %e, "agent: data link not opened"),
         Err(_) => return debug!("agent: data link not opened in time"),
     };
+    if !framing.chunks {
+        links.raw.store(true, Ordering::Relaxed);
+    }
     // What came after the head: the beginning of the first `open`.
     let mut carry = buffered.buffer().to_vec();
     let mut io = buffered.into_inner();
