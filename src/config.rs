@@ -37,6 +37,9 @@ use crate::policy::{AddressLimits, OriginRule};
 pub struct Config {
     /// Where the configuration came from (a file path, or "command line"), for messages.
     pub origin: String,
+    /// The SHA-256 of the file's text (64 hex digits), for `wsbridge_config_info`: which file an
+    /// instance runs, to compare across a fleet and with `sha256sum`. `None` from the command line.
+    pub text_sha256: Option<String>,
     /// Sockets to accept WebSocket (and static HTTP) connections on.
     pub listeners: Vec<ListenerConfig>,
     /// Routes matched by path or inline token.
@@ -488,6 +491,7 @@ impl Config {
     pub fn new(origin: impl Into<String>) -> Self {
         Config {
             origin: origin.into(),
+            text_sha256: None,
             listeners: Vec::new(),
             routes: Vec::new(),
             token_sources: Vec::new(),
@@ -1377,6 +1381,7 @@ impl<'de> Deserialize<'de> for LogSize {
 impl RawConfig {
     fn validate(self, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         let mut config = Config::new(ctx.file);
+        config.text_sha256 = Some(crate::agent::link::secret_sha256(ctx.text));
         config.timeouts = self.timeouts.resolve();
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;

@@ -84,6 +84,13 @@ struct VersionLabel {
     version: &'static str,
 }
 
+/// The configuration in force: its file (or "command line") and the SHA-256 of its text.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConfigLabel {
+    file: String,
+    sha256: String,
+}
+
 /// A kind of reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -343,6 +350,7 @@ pub struct Metrics {
     agent_idle_links: Gauge,
     agent_links_dialled: Counter,
     agent_links_returned: Counter,
+    config_info: Family<ConfigLabel, Gauge>,
     /// The live sessions, for `/sessions`.
     pub sessions: Sessions,
 }
@@ -473,6 +481,14 @@ impl Metrics {
             "Times a data link went back to its agent's pool after a session, to carry the next; read at scrape time",
             agent_links_returned.clone(),
         );
+        // Which configuration each instance runs (an instance that missed a SIGHUP in a fleet
+        // shows another hash), as build_info says which wsbridge.
+        let config_info = Family::<ConfigLabel, Gauge>::default();
+        registry.register(
+            "config_info",
+            "Always 1; its labels are the configuration file in force and the SHA-256 of its text (sha256sum's), set at start and by each reload that succeeded",
+            config_info.clone(),
+        );
         Metrics {
             registry: root,
             routes: RwLock::default(),
@@ -491,8 +507,19 @@ impl Metrics {
             agent_idle_links,
             agent_links_dialled,
             agent_links_returned,
+            config_info,
             sessions: Sessions::default(),
         }
+    }
+
+    /// The configuration now in force ([`crate::config::Config::text_sha256`]).
+    pub fn config_in_force(&self, config: &crate::config::Config) {
+        self.config_info.clear();
+        let label = ConfigLabel {
+            file: config.origin.clone(),
+            sha256: config.text_sha256.clone().unwrap_or_default(),
+        };
+        self.config_info.get_or_create(&label).set(1);
     }
 
     /// Sets the connections open now and the cap in force.

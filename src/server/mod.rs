@@ -183,6 +183,8 @@ impl Bridge {
         let connections = Slots::default();
         live.agents.count_connections(&connections, live.max_connections);
         let shutdown = CancellationToken::new();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        metrics.config_in_force(config);
         Ok(Bridge {
             inner: Arc::new(Inner {
                 live: RwLock::new(Arc::new(live)),
@@ -197,7 +199,7 @@ impl Bridge {
                 tls: Mutex::default(),
                 failures: PerAddress::with_networks(AUTH_FAILURES, 4096, NETWORK_FAILURES),
                 lookups: crate::policy::Lookups::default(),
-                metrics: Arc::default(),
+                metrics,
                 serving: Default::default(),
                 draining: Default::default(),
             }),
@@ -222,6 +224,7 @@ impl Bridge {
         live.commit();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         crate::metrics::file_sources_reloaded();
+        self.inner.metrics.config_in_force(config);
         if let Some(new) = &config.admin {
             let mut admin = self.inner.admin.write().unwrap_or_else(|p| p.into_inner());
             if let Some(running) = admin.as_mut() {

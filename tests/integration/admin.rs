@@ -856,6 +856,52 @@ async fn the_first_failed_reload_of_a_process_is_visible_to_an_alert() {
     assert_eq!(value(&m, "wsbridge_last_reload_successful", &[("kind", "tokens")]), 1.0);
 }
 
+/// `wsbridge_config_info` names the file in force and its text's SHA-256, as `sha256sum` prints
+/// it (a fleet review: nothing showed which configuration each instance ran, so one that missed a
+/// SIGHUP looked like the others): set at start, kept by a failed reload, changed by one that
+/// worked.
+#[tokio::test]
+async fn config_info_says_which_file_is_in_force() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let path = file.to_str().unwrap();
+    let sha256sum = |file: &str| {
+        let out = std::process::Command::new("sha256sum").arg(file).output().expect("sha256sum");
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    };
+    let in_force = |m: &prometheus_parse::Scrape| -> Vec<(String, String)> {
+        m.samples
+            .iter()
+            .filter(|s| s.metric == "wsbridge_config_info")
+            .map(|s| {
+                (
+                    s.labels.get("file").unwrap_or("").to_owned(),
+                    s.labels.get("sha256").unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let good = "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n";
+    std::fs::write(&file, good).unwrap();
+    let first = sha256sum(path);
+    let mut b = Binary::spawn(&["--config", path]).await;
+    let addr = b.admin_addr().await;
+    assert_eq!(in_force(&scrape(addr, None).await), [(path.to_owned(), first.clone())]);
+
+    std::fs::write(&file, format!("{good}not toml\n")).unwrap();
+    b.signal("HUP").await;
+    b.line("reload failed").await;
+    assert_eq!(in_force(&scrape(addr, None).await), [(path.to_owned(), first.clone())]);
+
+    std::fs::write(&file, format!("{good}# edited\n")).unwrap();
+    let second = sha256sum(path);
+    assert_ne!(first, second);
+    b.signal("HUP").await;
+    b.line("configuration reloaded").await;
+    assert_eq!(in_force(&scrape(addr, None).await), [(path.to_owned(), second)]);
+}
+
 /// A reload puts a new admin token in force (rotating a leaked one needs no restart), and names
 /// each listener change it cannot apply rather than reporting them done.
 #[tokio::test]
