@@ -243,8 +243,8 @@ async fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                     d(c.backoff.max)
                 );
                 say!(
-                    "(an app that takes none of a page's bytes for {} (ping_interval + pong_timeout) has its session ended)",
-                    d(c.ping_interval + c.pong_timeout)
+                    "(an app that takes none of a page's bytes for {} (ping_interval + pong_timeout, at least 40s) has its session ended)",
+                    d(c.app_stall())
                 );
                 if c.connections().any(|(_, _, from)| matches!(from, ProxySource::Windows(_))) {
                     // Internet Options are per account: the service's (LocalService) are usually

@@ -331,6 +331,50 @@ async fn a_stalled_session_does_not_stall_the_others_on_the_same_agent() {
     uploader.abort();
 }
 
+/// An app that pauses longer than an agent's lowered `ping_interval` + `pong_timeout` (pings
+/// made frequent for a NAT) but less than 40 s keeps its session: the stall deadline has that
+/// floor (an upgrade-compatibility review: ping 2 s, pong 2 s cut a printer's 8 s pause after
+/// 4 s with "dropped the session's link").
+#[tokio::test]
+async fn an_app_that_pauses_keeps_its_session_whatever_the_agents_ping() {
+    let (app, mut apps) = manual_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let mut c = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app))]);
+    c.ping_interval = Duration::from_millis(300);
+    c.pong_timeout = Duration::from_millis(300);
+    let _agent = start_agent(c).await;
+    let (page, _) = ws_connect(&bridge.url("/pos"), None).await;
+    let (mut tx, mut rx) = page.split();
+    let mut app = within("the app's connection", apps.recv()).await.unwrap();
+    // More than the kernel's buffers on the way hold.
+    const TOTAL: usize = 64 << 20;
+    let progress = Progress::default();
+    let p = progress.clone();
+    let mut uploader = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..TOTAL / chunk.len() {
+            tx.send(Message::binary(chunk.clone())).await.unwrap();
+            p.mark();
+        }
+        tx
+    });
+    // The app reads nothing: the upload is held up, past twice the agent's ping + pong.
+    progress.held_up_for(Duration::from_millis(1500), &mut uploader).await;
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    within("the whole upload at the app", async {
+        while got < TOTAL {
+            let n = app.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the app's connection ended after {got} bytes");
+            got += n;
+        }
+    })
+    .await;
+    let _tx = within("the upload to finish", uploader).await.unwrap();
+    app.write_all(b"done").await.unwrap();
+    assert_eq!(recv_data(&mut rx).await, b"done");
+}
+
 /// An app that stops reading: its session ends on the agent once the app has taken none of the
 /// browser's bytes for the control link's ping interval plus pong deadline (here 0.3 + 0.3 s),
 /// after the page has left too (its link is not read then, so the agent would never see the
@@ -344,7 +388,9 @@ async fn a_session_whose_app_stops_reading_ends_on_the_agent_and_gives_its_place
     c.max_sessions.insert("till".into(), 1);
     c.ping_interval = Duration::from_millis(300);
     c.pong_timeout = Duration::from_millis(300);
-    let stall = c.ping_interval + c.pong_timeout;
+    // Below the 40 s floor, for a test's sake.
+    c.app_stall_floor = Duration::ZERO;
+    let stall = c.app_stall();
     let _agent = start_agent(c).await;
 
     let (page, _) = ws_connect(&bridge.url("/till"), None).await;
@@ -2912,7 +2958,7 @@ async fn check_shows_a_services_session_cap() {
     assert!(out.lines().any(|l| l.ends_with("-> 127.0.0.1:9100")), "{out}");
     assert!(
         out.contains("connect_timeout = \"10s\", ping_interval = \"2s\", pong_timeout = \"2s\", retry_max = \"30s\"")
-            && out.contains("none of a page's bytes for 4s"),
+            && out.contains("none of a page's bytes for 40s"),
         "{out}"
     );
     let (code, _, err) = run_to_end(&["agent", "--config", file.to_str().unwrap(), "--max-sessions", "label=1"]).await;

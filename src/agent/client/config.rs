@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Backoff, FAST_CHECK};
+
+/// [`AgentConfig::app_stall_floor`]'s value.
+const APP_STALL_FLOOR: Duration = Duration::from_secs(40);
 use crate::agent::link;
 use crate::config::{parse_duration, ConfigError, Target};
 
@@ -122,6 +125,10 @@ pub struct AgentConfig {
     /// Those quicker looks' interval: 5 s. Not a setting (no flag, no key in a file): tests
     /// shorten it, as they cannot wait 5 s a look.
     pub fast_check: Duration,
+    /// The least time an app may take none of a session's bytes before the agent ends the
+    /// session ([`AgentConfig::app_stall`]): 40 s, what a server with default timeouts allows a
+    /// page whose bytes cannot go on. Not a setting: tests lower it.
+    pub app_stall_floor: Duration,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -583,7 +590,17 @@ impl AgentConfig {
             shutdown_grace: defaults.shutdown_grace,
             balancer_check,
             fast_check: FAST_CHECK,
+            app_stall_floor: APP_STALL_FLOOR,
         })
+    }
+
+    /// How long an app may take none of a session's bytes before the agent ends the session
+    /// (its place under `max_sessions` comes back): the control link's `ping_interval` plus
+    /// `pong_timeout`, and at least [`AgentConfig::app_stall_floor`]. The floor keeps pings
+    /// lowered for a NAT's sake from cutting off a slow app (a printer that pauses): an
+    /// upgrade-compatibility review saw a session cut after 4 s with ping 2 s, pong 2 s.
+    pub fn app_stall(&self) -> Duration {
+        (self.ping_interval + self.pong_timeout).max(self.app_stall_floor)
     }
 
     /// A configuration with the defaults and no services yet (for flags, tests and embedders).
@@ -606,6 +623,7 @@ impl AgentConfig {
             shutdown_grace: Duration::from_secs(10),
             balancer_check: Some(Duration::from_secs(30)),
             fast_check: FAST_CHECK,
+            app_stall_floor: APP_STALL_FLOOR,
         }
     }
 

@@ -350,7 +350,7 @@ async fn session(
     debug!(%service, "agent: session open");
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
-    let stall = config.ping_interval + config.pong_timeout;
+    let stall = config.app_stall();
     let (ended, reusable) = carry(io, app_read, app_write, framing, stall, config.pong_timeout).await;
     let duration_ms = started.elapsed().as_millis() as u64;
     match ended {
