@@ -132,7 +132,9 @@ impl Admin {
                 biased;
                 _ = stop.cancelled() => return,
                 a = listener.accept() => match a {
-                    Ok(a) => a,
+                    // Dual-stack for `[::]` (tokio binds with the system's default): an IPv4
+                    // operator as itself.
+                    Ok((stream, peer)) => (stream, crate::server::canonical(peer)),
                     Err(e) => {
                         warn!(error = %e, "admin accept failed");
                         tokio::select! {

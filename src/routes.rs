@@ -468,6 +468,9 @@ impl RouteTable {
         for (source, _) in &self.jwt_sources {
             source.verifier.refresh().await;
         }
+        for (source, _) in &self.redis_sources {
+            source.tokens.refresh();
+        }
         // Each authenticator once, however many routes share it.
         let mut seen: Vec<usize> = Vec::new();
         let shared = self

@@ -249,13 +249,27 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     keep_alive: bool,
 ) -> Result<Served, Rejection> {
     let with_body = request.method() != Method::HEAD;
-    let parts = match segments(request.uri().path(), web.reach) {
-        Ok(parts) => parts,
+    let segs = match segments(request.uri().path(), web.reach) {
+        Ok(segs) => segs,
         Err(why) => return not_found(io, request, keep_alive, why).await,
     };
-    let resolved = web.resolver.resolve_request(request).await?;
+    let resolved = match web.resolver.resolve_request(request).await {
+        Ok(resolved) => resolved,
+        // A name longer than the file system takes (255 bytes) is no file here: a 404, where the
+        // connection was dropped without an answer (a review).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidFilename => {
+            return not_found(
+                io,
+                request,
+                keep_alive,
+                "not found: a name in the path is longer than file names can be",
+            )
+            .await
+        }
+        Err(e) => return Err(e.into()),
+    };
     if web.listing && matches!(resolved, hyper_staticfile::ResolveResult::NotFound) && request.uri().path().ends_with('/') {
-        if let Some(html) = listing(web, &parts).await {
+        if let Some(html) = listing(web, &segs).await {
             let extra = [(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"))];
             write_response(io, request, StatusCode::OK, &extra, Bytes::from(html), keep_alive).await?;
             return Ok(Served {
@@ -296,7 +310,8 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     let (mut parts, mut body) = response.into_parts();
     if parts.status == StatusCode::NOT_FOUND {
         // A directory without index.html (Debian's noVNC has none: websockify lists it).
-        let why = match !web.listing && request.uri().path().ends_with('/') {
+        let is_dir = || segs.iter().fold(web.dir.clone(), |p, s| p.join(s)).is_dir();
+        let why = match !web.listing && request.uri().path().ends_with('/') && is_dir() {
             true => "not found: a directory without index.html, and listings are off (--web-listing, or web_listing = true)",
             false => "not found",
         };

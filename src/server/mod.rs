@@ -479,9 +479,6 @@ impl Bridge {
             Socket::Tcp(socket) => {
                 let local = socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
                 let s = &socket;
-                // An IPv4 client of a dual-stack socket as itself (1.2.3.4, not ::ffff:1.2.3.4),
-                // in logs and to every policy.
-                let canonical = |peer: SocketAddr| SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 self.accept_each(
                     || s.accept(),
                     |(stream, peer)| self.spawn_tcp(stream, canonical(peer), &listener, &local),
@@ -613,10 +610,10 @@ impl Bridge {
         match tokio::time::timeout_at(deadline, crate::proxy::read_addresses(stream)).await {
             Ok(Ok(None)) => {}
             Ok(Ok(Some(a))) => {
-                peer.client = a.client;
+                peer.client = canonical(a.client);
                 // What the client reached is the balancer's address, not ours.
                 if peer.local.is_some() {
-                    peer.local = Some(a.destination);
+                    peer.local = Some(canonical(a.destination));
                 }
             }
             Ok(Err(e)) => {
@@ -673,7 +670,11 @@ impl Bridge {
         let deadline = Instant::now() + live.timeouts.handshake;
         let mut peer = Peer {
             client: peer,
-            local: if live.proxy_headers { stream.local_addr().ok() } else { None },
+            local: if live.proxy_headers {
+                stream.local_addr().ok().map(canonical)
+            } else {
+                None
+            },
             secure: false,
         };
         if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
@@ -950,12 +951,21 @@ impl Bridge {
                     // A refusal is worth a line, on a connection kept open too (a page's missing
                     // file); a static file served is not (a noVNC page load is some 40 of them):
                     // debug. The path, escaped and cut, says which.
+                    // On a connection kept open, at most one line per 10 s at info (the rest at
+                    // debug, counted in the next): a client's requests on such connections cost
+                    // it no new connection each (a review: 1,000 lines in 0.16 s from one).
                     let path: String = uri.as_ref().map_or("", |u| u.path()).chars().take(200).collect();
                     let path = path.as_str();
-                    if status.as_u16() >= 400 {
-                        info!(status = status.as_u16(), reason = reason.as_str(), path = %path, "http request answered");
-                    } else {
-                        debug!(status = status.as_u16(), reason = reason.as_str(), path = %path, "http request answered");
+                    let status = status.as_u16();
+                    let said = match (status >= 400, next.is_some()) {
+                        (false, _) => None,
+                        (true, false) => Some(0),
+                        (true, true) => KEPT_ALIVE_REFUSALS.take(),
+                    };
+                    match said {
+                        Some(0) => info!(status, reason = reason.as_str(), path = %path, "http request answered"),
+                        Some(left_out) => info!(status, reason = reason.as_str(), path = %path, left_out, "http request answered"),
+                        None => debug!(status, reason = reason.as_str(), path = %path, "http request answered"),
                     }
                     match next {
                         // The answer said keep-alive (which it does only as `ctx.keep_alive` allows).
@@ -1093,6 +1103,15 @@ pub const REQUESTS_PER_CONNECTION: usize = 1000;
 /// raises it per connection (see `Bridge::connection`). A live client acknowledges within a
 /// round trip, and one with a full receive window answers the kernel's window probes.
 pub const CLIENT_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Refusals answered on connections kept open: at most one at info per 10 s.
+static KEPT_ALIVE_REFUSALS: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+
+/// An IPv4 address a dual-stack socket gives as `::ffff:a.b.c.d`, as itself (`a.b.c.d`): in logs,
+/// to every policy, and in the PROXY header a backend gets.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
 
 /// The options every accepted client socket gets: TCP_NODELAY, keepalive
 /// ([`crate::backend::tcp_keepalive`]) and, on Linux, [`CLIENT_USER_TIMEOUT`]. Set on a

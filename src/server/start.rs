@@ -270,11 +270,26 @@ pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::Pa
                 let mut addr = *configured;
                 // `[::]` takes IPv4 clients too (as websockify's, systemd's and most servers' do),
                 // unless a listener of the same port takes them: then each its own.
-                let dual_stack = addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+                let mut dual_stack = addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
                     && !config
                         .listeners
                         .iter()
                         .any(|other| matches!(other.addr, ListenOn::Tcp(a) if a.is_ipv4() && a.port() == addr.port() && a.port() != 0));
+                // Another process that holds the port's IPv4 side (a split into two services, as
+                // `[::]` alone took IPv6 only before): IPv6 only then, as it was, and said (a
+                // review: such a start failed with "address in use" after an upgrade).
+                if dual_stack {
+                    if let Err(e) = Listener::bind_std(addr, false, true) {
+                        if e.kind() == std::io::ErrorKind::AddrInUse && Listener::bind_std(addr, false, false).is_ok() {
+                            tracing::warn!(
+                                addr = %addr,
+                                "another process holds this port for IPv4: listening for IPv6 clients only (give 0.0.0.0:PORT \
+                                 and [::]:PORT as two listeners to make it explicit)"
+                            );
+                            dual_stack = false;
+                        }
+                    }
+                }
                 if threads > 1 {
                     // SO_REUSEPORT would let us share a port another process holds (a second
                     // wsbridge, say) without a word: bind once without it first, so a port in use

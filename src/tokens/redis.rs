@@ -83,6 +83,9 @@ struct Connector {
     /// `credentials_file` as `client` read it ([`super::stamp`]): a new connection after the
     /// file changed (a rotated password) reads it again first.
     credentials_stamp: Option<u64>,
+    /// The CA file's certificates as read when the source was made, for a client rebuilt with
+    /// new credentials (a CA file that changed makes a new source at a reload instead).
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for RedisTokens {
@@ -103,7 +106,15 @@ impl RedisTokens {
     pub fn new(settings: RedisTokenSource) -> Result<RedisTokens, String> {
         let settings_ca_stamp = settings.server.ca.as_deref().and_then(|ca| super::stamp(ca).ok());
         let credentials_stamp = settings.credentials_file.as_deref().and_then(|f| super::stamp(f).ok());
-        let client = client(&settings, settings.credentials.as_ref())?;
+        let ca_pem = match &settings.server.ca {
+            None => None,
+            Some(ca) => {
+                // Checked here with our PEM reader (named errors); the client reads the same bytes.
+                crate::tls::load_roots(ca).map_err(|e| e.to_string())?;
+                Some(std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?)
+            }
+        };
+        let client = client(&settings, settings.credentials.as_ref(), ca_pem.as_deref())?;
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.lookup_timeout))
             .set_response_timeout(Some(settings.lookup_timeout));
@@ -117,6 +128,7 @@ impl RedisTokens {
                 current: None,
                 client,
                 credentials_stamp,
+                ca_pem,
             }),
             cache,
             whole_values: Mutex::new(None),
@@ -288,6 +300,19 @@ impl RedisTokens {
         Ok((connector.number, c))
     }
 
+    /// A metrics scrape's look at `credentials_file`: read again if it changed, so that a file
+    /// fixed (or broken) while the connection lasts shows in `last_reload_successful` (a review:
+    /// the alert held after the file was fixed, until Redis dropped the connection). Skipped
+    /// while a connect is under way: it reads the file itself.
+    pub fn refresh(&self) {
+        if self.settings.credentials_file.is_none() {
+            return;
+        }
+        if let Ok(mut connector) = self.connection.try_lock() {
+            self.reread_credentials(&mut connector);
+        }
+    }
+
     /// Before a new connection: `credentials_file` read again if it changed since (a password
     /// rotated in the file and in Redis: connections made before go on with the old one, as
     /// Redis keeps them, and the next one would fail with it until a reload). A file that cannot
@@ -302,7 +327,8 @@ impl RedisTokens {
             return;
         }
         connector.credentials_stamp = stamp;
-        let rebuilt = crate::config::redis::RedisCredentials::from_file(file).and_then(|c| client(&self.settings, Some(&c)));
+        let rebuilt = crate::config::redis::RedisCredentials::from_file(file)
+            .and_then(|c| client(&self.settings, Some(&c), connector.ca_pem.as_deref()));
         match rebuilt {
             Ok(c) => {
                 connector.client = c;
@@ -329,12 +355,16 @@ impl RedisTokens {
     }
 }
 
-/// A client for `settings`' server with `credentials`.
+/// A client for `settings`' server with `credentials`, trusting `ca_pem` (the CA file's bytes,
+/// for `rediss://` with a CA).
 ///
 /// # Errors
-/// The CA file cannot be read or holds no usable certificate, or the client refuses the
-/// settings.
-fn client(settings: &RedisTokenSource, credentials: Option<&crate::config::redis::RedisCredentials>) -> Result<Client, String> {
+/// The client refuses the settings.
+fn client(
+    settings: &RedisTokenSource,
+    credentials: Option<&crate::config::redis::RedisCredentials>,
+    ca_pem: Option<&[u8]>,
+) -> Result<Client, String> {
     let server = &settings.server;
     let addr = match server.tls {
         false => ConnectionAddr::Tcp(server.host.clone(), server.port),
@@ -356,15 +386,12 @@ fn client(settings: &RedisTokenSource, credentials: Option<&crate::config::redis
         .into_connection_info()
         .map_err(|e| format!("Redis address: {e}"))?
         .set_redis_settings(redis);
-    match &server.ca {
+    match ca_pem {
         None => Client::open(info),
-        Some(ca) => {
-            // Checked here with our PEM reader (named errors); the client reads the same bytes.
-            crate::tls::load_roots(ca).map_err(|e| e.to_string())?;
-            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        Some(pem) => {
             let certificates = ::redis::TlsCertificates {
                 client_tls: None,
-                root_cert: Some(pem),
+                root_cert: Some(pem.to_vec()),
             };
             Client::build_with_tls(info, certificates)
         }

@@ -856,6 +856,44 @@ async fn the_first_failed_reload_of_a_process_is_visible_to_an_alert() {
     assert_eq!(value(&m, "wsbridge_last_reload_successful", &[("kind", "tokens")]), 1.0);
 }
 
+/// A Redis source's `credentials_file` broken and then fixed while its connection lasts: a
+/// scrape reads it again, so the alert rises and falls with the file (a review: it rose only at
+/// the next connect, and held after the file was fixed until Redis dropped the connection or a
+/// SIGHUP). No Redis is needed: the source connects at its first lookup.
+#[tokio::test]
+async fn a_scrape_re_reads_a_redis_credentials_file() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let cred = dir.path().join("redis.cred");
+    std::fs::write(&cred, "bridge\nbridge-pw\n").unwrap();
+    std::fs::write(
+        &file,
+        "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nallow_targets = [\"127.0.0.1/32:9\"]\n\
+         [tokens.redis]\nurl = \"redis://127.0.0.1:9/\"\ncredentials_file = \"redis.cred\"\n",
+    )
+    .unwrap();
+    let b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let credentials = [("kind", "credentials")];
+    assert_eq!(
+        value(&scrape(addr, None).await, "wsbridge_last_reload_successful", &credentials),
+        1.0
+    );
+    std::fs::write(&cred, "").unwrap();
+    assert_eq!(
+        value(&scrape(addr, None).await, "wsbridge_last_reload_successful", &credentials),
+        0.0
+    );
+    std::fs::write(&cred, "bridge\nbridge-pw-2\n").unwrap();
+    let m = scrape(addr, None).await;
+    assert_eq!(value(&m, "wsbridge_last_reload_successful", &credentials), 1.0);
+    assert_eq!(
+        value(&m, "wsbridge_reloads_total", &[("kind", "credentials"), ("outcome", "ok")]),
+        1.0
+    );
+}
+
 /// `wsbridge_config_info` names the file in force and its text's SHA-256, as `sha256sum` prints
 /// it (a fleet review: nothing showed which configuration each instance ran, so one that missed a
 /// SIGHUP looked like the others): set at start, kept by a failed reload, changed by one that

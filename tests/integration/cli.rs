@@ -613,6 +613,13 @@ async fn check_strict_fails_on_warnings() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains(&format!("{path}: 1 warning, an error with --strict")), "{err}");
     assert!(out.contains(": OK"), "the report is still printed: {out}");
+    // A RUST_LOG that hides warnings does not open the gate (a review: it did).
+    for hidden in ["error", "off"] {
+        let mut command = Command::new(BIN);
+        command.args(["check", "--strict", path]).env("RUST_LOG", hidden);
+        let (code, out, err) = crate::common::binary::command_to_end(command).await;
+        assert_eq!(code, 1, "RUST_LOG={hidden}: {out}{err}");
+    }
     std::fs::write(&tokens, "s3cret-token-for-the-gate\n").unwrap();
     let (code, out, err) = run_to_end(&["check", "--strict", path]).await;
     assert_eq!(code, 0, "{out}{err}");
@@ -657,6 +664,62 @@ async fn an_ipv6_any_address_takes_ipv4_clients_too() {
     b.line("client=127.0.0.1:").await;
     b.line("client=[::1]:").await;
     assert!(!b.lines().iter().any(|l| l.contains("::ffff:")), "{:#?}", b.lines());
+    b.signal("TERM").await;
+    assert_eq!(b.exit_code().await, 0);
+}
+
+/// An IPv4 client of a `[::]` listener is named as IPv4 in the PROXY header a backend gets too
+/// (a review: `PROXY TCP6 ::ffff:127.0.0.1 ::ffff:127.0.0.1 …`, which an IPv4 allow-list at the
+/// backend does not match).
+#[tokio::test]
+async fn an_ipv4_client_of_an_ipv6_any_address_is_ipv4_in_the_backends_proxy_header() {
+    use crate::common::binary::Binary;
+    use tokio::io::AsyncReadExt as _;
+    if !ipv6_loopback("cli::an_ipv4_client_of_an_ipv6_any_address_is_ipv4_in_the_backends_proxy_header") {
+        return;
+    }
+    let (backend, mut accepted) = manual_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        format!("[[listen]]\naddr = \"[::]:0\"\n[[route]]\npath = \"/\"\ntarget = \"{backend}\"\nproxy_protocol = \"v1\"\n"),
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let (ws, _) = ws_connect(&format!("ws://127.0.0.1:{}/", b.addr.port()), None).await;
+    let mut s = within("the backend connection", accepted.recv()).await.unwrap();
+    let mut line = Vec::new();
+    within("the PROXY line", async {
+        while !line.ends_with(b"\r\n") {
+            line.push(s.read_u8().await.unwrap());
+        }
+    })
+    .await;
+    let line = String::from_utf8(line).unwrap();
+    assert!(line.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 "), "{line:?}");
+    drop((ws, s));
+    b.signal("TERM").await;
+    assert_eq!(b.exit_code().await, 0);
+}
+
+/// `[::]:P` while another process holds `0.0.0.0:P` (a v4/v6 split over two services, from
+/// when `[::]` took IPv6 only) still starts, for IPv6 only, and says so (a review: it failed with
+/// "address in use" after the upgrade).
+#[tokio::test]
+async fn an_ipv6_any_address_beside_another_processs_ipv4_listener_takes_ipv6_only() {
+    use crate::common::binary::Binary;
+    if !ipv6_loopback("cli::an_ipv6_any_address_beside_another_processs_ipv4_listener_takes_ipv6_only") {
+        return;
+    }
+    let (echo, _) = echo_backend().await;
+    let other = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = other.local_addr().unwrap().port();
+    let mut b = Binary::spawn(&[&format!("[::]:{port}"), &echo.to_string()]).await;
+    let line = b.line("another process holds this port for IPv4").await;
+    assert!(line.contains("WARN"), "{line}");
+    echo_through("[::1]", port).await;
+    drop(other);
     b.signal("TERM").await;
     assert_eq!(b.exit_code().await, 0);
 }

@@ -81,6 +81,10 @@ async fn nothing_outside_the_root_or_hidden_is_served() {
         assert_eq!(status_of(&r), 404, "{path}: {r}");
         assert!(!r.contains("SECRET"), "{path} served a secret: {r}");
     }
+    // A name longer than file names can be (a review: the connection was dropped unanswered).
+    let long = format!("/{}", "A".repeat(300));
+    assert_eq!(status_of(&get(&bridge, &long).await), 404);
+    assert_eq!(status_of(&get(&bridge, &format!("/sub{long}")).await), 404);
     // `..` is refused, not normalised, even where it would stay inside the root.
     assert_eq!(status_of(&get(&bridge, "/sub/../index.html").await), 404);
     // Plain files, and symlinks that stay inside the root, are served.
@@ -842,9 +846,15 @@ async fn a_static_file_refused_is_logged_with_its_path_and_what_serves_it() {
     std::fs::remove_file(www.join("index.html")).unwrap();
     let (echo, _) = echo_backend().await;
     let mut b = Binary::spawn(&["--web", www.to_str().unwrap(), "127.0.0.1:0", &echo.to_string()]).await;
-    // Kept alive (HTTP/1.1, no Connection: close): the refusals were logged at debug.
-    for path in ["/outside-link.txt", "/"] {
-        let r = http_raw(b.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await;
+    // The first kept alive (HTTP/1.1, no Connection: close): such refusals were logged at debug
+    // (and are now at most one a 10 s at info); the others close their connection. A
+    // directory that is not there is no directory without index.html (a review).
+    for (path, close) in [
+        ("/outside-link.txt", ""),
+        ("/no-such-dir/", "Connection: close\r\n"),
+        ("/", "Connection: close\r\n"),
+    ] {
+        let r = http_raw(b.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\n{close}\r\n").as_bytes()).await;
         assert_eq!(status_of(&r), 404, "{path}: {r}");
     }
     let line = b.line("static file refused").await;
@@ -853,6 +863,8 @@ async fn a_static_file_refused_is_logged_with_its_path_and_what_serves_it() {
     assert!(line.contains("status=404") && line.contains("http request answered"), "{line}");
     let line = b.line("listings are off").await;
     assert!(line.contains("path=/ ") || line.ends_with("path=/"), "{line}");
+    let line = b.line("path=/no-such-dir/").await;
+    assert!(line.contains("reason=\"not found\""), "{line}");
     b.signal("TERM").await;
     assert_eq!(b.exit_code().await, 0);
 }
