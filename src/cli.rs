@@ -733,6 +733,7 @@ impl RunArgs {
             web_listing: self.web_listing,
             web_follow_symlinks: self.web_follow_symlinks,
             web_dotfiles: self.web_dotfiles,
+            ipv6_only: None,
             access,
             tls,
         })

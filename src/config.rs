@@ -88,6 +88,9 @@ pub struct ListenerConfig {
     pub web_follow_symlinks: bool,
     /// Serve and list hidden files such as `.git/` and `.env` (off: 404).
     pub web_dotfiles: bool,
+    /// For an IPv6 address: `Some(true)` IPv6 clients only, `Some(false)` IPv4 clients too;
+    /// `None`: IPv4 too for `[::]` unless another listener here takes the port's IPv4 side.
+    pub ipv6_only: Option<bool>,
     /// Default origins, PROXY protocol, trusted proxies.
     pub access: ListenerAccess,
     /// TLS (`wss://`) on this listener.
@@ -712,6 +715,7 @@ impl ListenerConfig {
             web_listing: false,
             web_follow_symlinks: false,
             web_dotfiles: false,
+            ipv6_only: None,
             access: ListenerAccess::default(),
             tls: None,
         }
@@ -724,6 +728,9 @@ impl ListenerConfig {
         let mut out = format!("addr = {}", toml_str(&self.addr.to_string()));
         if let ListenOn::Unix { mode, .. } = &self.addr {
             let _ = write!(out, ", mode = \"{mode:04o}\"");
+        }
+        if let Some(only) = self.ipv6_only {
+            let _ = write!(out, ", ipv6_only = {only}");
         }
         if let Some(web) = &self.web {
             let _ = write!(out, ", web = {}", toml_str(&web.display().to_string()));
@@ -1198,6 +1205,7 @@ struct RawListener {
     web_follow_symlinks: bool,
     #[serde(default)]
     web_dotfiles: bool,
+    ipv6_only: Option<Spanned<bool>>,
     web_auth: Option<policy::RawAuth>,
     web_client_cn: Option<Vec<String>>,
     tls: Option<RawTls>,
@@ -1535,6 +1543,15 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
                 "TLS is for TCP listeners: on a unix socket, let the proxy in front terminate TLS",
             );
         }
+        if let Some(only) = &l.ipv6_only {
+            if !matches!(addr, ListenOn::Tcp(a) if a.is_ipv6()) {
+                return ctx.invalid(
+                    only.span(),
+                    format!("listen[{i}].ipv6_only"),
+                    "ipv6_only is for an IPv6 address (such as [::]:6080)",
+                );
+            }
+        }
         let web = l.web.map(|w| ctx.resolve(&w));
         if let Some(w) = &web {
             if !w.is_dir() {
@@ -1552,6 +1569,7 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             web_listing: l.web_listing,
             web_follow_symlinks: l.web_follow_symlinks,
             web_dotfiles: l.web_dotfiles,
+            ipv6_only: l.ipv6_only.map(Spanned::into_inner),
             tls,
             access: ListenerAccess {
                 origins: l.origins.map(|o| o.into_iter().map(|r| r.0).collect()),

@@ -61,7 +61,7 @@ impl Quieted {
 /// If the process already has a global tracing subscriber (a program embedding the library sets
 /// up its own logging instead of calling this).
 pub fn init(verbose: u8, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(verbose)));
+    let filter = env_filter(default_filter(verbose));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -88,10 +88,13 @@ pub fn init(verbose: u8, format: LogFormat) {
 /// without timestamps. `RUST_LOG` still chooses.
 /// Each warning and error it logs is counted ([`warnings_logged`]), for `check --strict`.
 pub fn init_warnings() {
+    use tracing_subscriber::filter::{FilterExt as _, LevelFilter};
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    // Warnings whatever RUST_LOG says: they are what a check is for (a review: RUST_LOG=error
+    // left `--strict` failing with no warning shown).
+    let filter = env_filter("warn").or(LevelFilter::WARN);
     let text = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -100,8 +103,17 @@ pub fn init_warnings() {
         .with_filter(filter);
     // Its own filter: `RUST_LOG=error` (or `off`) hides warnings from stderr, not from the count
     // (a review: `check --strict` passed an empty credentials file under such a RUST_LOG).
-    let count = CountWarnings.with_filter(tracing_subscriber::filter::LevelFilter::WARN);
+    let count = CountWarnings.with_filter(LevelFilter::WARN);
     tracing_subscriber::registry().with(text).with(count).init();
+}
+
+/// `RUST_LOG`'s filter, or `default` where it is unset, empty or malformed (an empty one, as
+/// `RUST_LOG=${RUST_LOG}` in a compose file leaves it, logged nothing at all).
+fn env_filter(default: &str) -> EnvFilter {
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(default)),
+        _ => EnvFilter::new(default),
+    }
 }
 
 /// The warnings and errors logged since [`init_warnings`].
@@ -208,7 +220,7 @@ pub fn init_file(verbose: u8, path: &std::path::Path) -> std::io::Result<()> {
 /// # Panics
 /// As [`init`].
 pub fn init_file_as(verbose: u8, path: &std::path::Path, format: LogFormat, max_size: Option<u64>) -> std::io::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter(verbose)));
+    let filter = env_filter(default_filter(verbose));
     let file = LogFile::open(path, max_size.unwrap_or(u64::MAX))?;
     let builder = tracing_subscriber::fmt()
         .with_timer(UtcMicros)

@@ -181,6 +181,22 @@ fn servable(root: &Path, path: &Path, reach: Reach) -> io::Result<PathBuf> {
     Ok(real)
 }
 
+/// Whether `e` is ELOOP: too many symlinks on the way.
+fn is_symlink_loop(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
+/// Static files refused by policy, said at info: at most one a 10 s.
+static STATIC_REFUSED: crate::logging::Quieted = crate::logging::Quieted::new(std::time::Duration::from_secs(10));
+
 /// `path` (relative to `root`) resolved through its symlinks, as a path relative to the root's
 /// real path. A path that leads out of the root, or to a hidden name when those are not served,
 /// is "not found": the client learns nothing of what is there.
@@ -189,8 +205,12 @@ fn inside_root(root: &Path, path: &Path, reach: Reach) -> io::Result<PathBuf> {
     let real = std::fs::canonicalize(root.join(path))?;
     // At info, with what serves it: a web root that is a tree of symlinks (`novnc ->
     // /usr/share/novnc`) is a common layout, and its 404s said nothing at the default level.
+    // At most one a 10 s (any client can ask again and again on one connection).
     let refused = |why: &str| {
-        tracing::info!(path = %path.display(), why, "static file refused (answered 404)");
+        match STATIC_REFUSED.take() {
+            Some(left_out) => tracing::info!(path = %path.display(), why, left_out, "static file refused (answered 404)"),
+            None => tracing::debug!(path = %path.display(), why, "static file refused (answered 404)"),
+        }
         io::Error::from(io::ErrorKind::NotFound)
     };
     let Ok(inside) = real.strip_prefix(&real_root) else {
@@ -266,6 +286,11 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
             )
             .await
         }
+        // A path through a file (`/vnc.html/x`), or a loop of symlinks: no file there either,
+        // where the connection was dropped unanswered (a review).
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory || is_symlink_loop(&e) => {
+            return not_found(io, request, keep_alive, "not found").await
+        }
         Err(e) => return Err(e.into()),
     };
     if web.listing && matches!(resolved, hyper_staticfile::ResolveResult::NotFound) && request.uri().path().ends_with('/') {
@@ -310,7 +335,9 @@ pub(crate) async fn serve<S: AsyncWrite + Unpin>(
     let (mut parts, mut body) = response.into_parts();
     if parts.status == StatusCode::NOT_FOUND {
         // A directory without index.html (Debian's noVNC has none: websockify lists it).
-        let is_dir = || segs.iter().fold(web.dir.clone(), |p, s| p.join(s)).is_dir();
+        // A directory itself, not a symlink to one (which may lead out of the root, where a
+        // listing would not be served either).
+        let is_dir = || std::fs::symlink_metadata(segs.iter().fold(web.dir.clone(), |p, s| p.join(s))).is_ok_and(|m| m.is_dir());
         let why = match !web.listing && request.uri().path().ends_with('/') && is_dir() {
             true => "not found: a directory without index.html, and listings are off (--web-listing, or web_listing = true)",
             false => "not found",

@@ -270,26 +270,35 @@ pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::Pa
                 let mut addr = *configured;
                 // `[::]` takes IPv4 clients too (as websockify's, systemd's and most servers' do),
                 // unless a listener of the same port takes them: then each its own.
-                let mut dual_stack = addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
-                    && !config
-                        .listeners
-                        .iter()
-                        .any(|other| matches!(other.addr, ListenOn::Tcp(a) if a.is_ipv4() && a.port() == addr.port() && a.port() != 0));
-                // Another process that holds the port's IPv4 side (a split into two services, as
-                // `[::]` alone took IPv6 only before): IPv6 only then, as it was, and said (a
-                // review: such a start failed with "address in use" after an upgrade).
-                if dual_stack {
-                    if let Err(e) = Listener::bind_std(addr, false, true) {
-                        if e.kind() == std::io::ErrorKind::AddrInUse && Listener::bind_std(addr, false, false).is_ok() {
-                            tracing::warn!(
-                                addr = %addr,
-                                "another process holds this port for IPv4: listening for IPv6 clients only (give 0.0.0.0:PORT \
-                                 and [::]:PORT as two listeners to make it explicit)"
-                            );
-                            dual_stack = false;
-                        }
-                    }
-                }
+                // `[::]` takes IPv4 clients too (as websockify's, systemd's and most servers' do),
+                // unless a listener here takes the port's IPv4 side, or `ipv6_only` says.
+                let dual_stack = l.config.ipv6_only.map_or_else(
+                    || {
+                        addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+                            && !config.listeners.iter().any(
+                                |other| matches!(other.addr, ListenOn::Tcp(a) if a.is_ipv4() && a.port() == addr.port() && a.port() != 0),
+                            )
+                    },
+                    |only| !only,
+                );
+                // The port's IPv4 side in use (another program serving it, or a connection of
+                // this host's from that port): said, with what to set. Not a quiet fall-back to
+                // IPv6 only, which would depend on which program started first and last for good
+                // (a review).
+                let configured = *configured;
+                let bind_error = |source: std::io::Error| match dual_stack && source.kind() == std::io::ErrorKind::AddrInUse {
+                    true => bind_error(std::io::Error::new(
+                        source.kind(),
+                        format!(
+                            "{source} ({} takes IPv4 clients too: if another program serves IPv4 on this port, set \
+                             ipv6_only = true on this listener, or listen on 0.0.0.0:{} and [::]:{} here)",
+                            configured.ip(),
+                            configured.port(),
+                            configured.port()
+                        ),
+                    )),
+                    false => bind_error(source),
+                };
                 if threads > 1 {
                     // SO_REUSEPORT would let us share a port another process holds (a second
                     // wsbridge, say) without a word: bind once without it first, so a port in use

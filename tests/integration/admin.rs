@@ -510,6 +510,7 @@ async fn tls_handshakes_and_the_certificate_expiry_are_exported() {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        ipv6_only: None,
         access: Default::default(),
         tls: Some(wsbridge::tls::TlsSettings {
             watch: None,

@@ -1156,6 +1156,7 @@ async fn tls_server() -> (TestBridge, pki::Pki) {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        ipv6_only: None,
         access: Default::default(),
         tls: Some(wsbridge::config::tls::TlsSettings::new(wsbridge::config::tls::CertFiles {
             cert: server.cert.clone(),

@@ -619,6 +619,8 @@ async fn check_strict_fails_on_warnings() {
         command.args(["check", "--strict", path]).env("RUST_LOG", hidden);
         let (code, out, err) = crate::common::binary::command_to_end(command).await;
         assert_eq!(code, 1, "RUST_LOG={hidden}: {out}{err}");
+        // ... and the warning is shown all the same: it is what a check is for.
+        assert!(err.contains("holds no token"), "RUST_LOG={hidden}: {err}");
     }
     std::fs::write(&tokens, "s3cret-token-for-the-gate\n").unwrap();
     let (code, out, err) = run_to_end(&["check", "--strict", path]).await;
@@ -703,25 +705,44 @@ async fn an_ipv4_client_of_an_ipv6_any_address_is_ipv4_in_the_backends_proxy_hea
     assert_eq!(b.exit_code().await, 0);
 }
 
-/// `[::]:P` while another process holds `0.0.0.0:P` (a v4/v6 split over two services, from
-/// when `[::]` took IPv6 only) still starts, for IPv6 only, and says so (a review: it failed with
-/// "address in use" after the upgrade).
+/// `[::]:P` while another program holds `0.0.0.0:P` (a v4/v6 split over two services, from
+/// when `[::]` took IPv6 only): the start fails, saying what to set, and `ipv6_only = true`
+/// starts it for IPv6 clients (a review: a quiet fall-back to IPv6 only depended on which
+/// program started first, and held for good once taken).
 #[tokio::test]
-async fn an_ipv6_any_address_beside_another_processs_ipv4_listener_takes_ipv6_only() {
+async fn an_ipv6_any_address_beside_another_programs_ipv4_listener_needs_ipv6_only() {
     use crate::common::binary::Binary;
-    if !ipv6_loopback("cli::an_ipv6_any_address_beside_another_processs_ipv4_listener_takes_ipv6_only") {
+    if !ipv6_loopback("cli::an_ipv6_any_address_beside_another_programs_ipv4_listener_needs_ipv6_only") {
         return;
     }
     let (echo, _) = echo_backend().await;
     let other = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = other.local_addr().unwrap().port();
-    let mut b = Binary::spawn(&[&format!("[::]:{port}"), &echo.to_string()]).await;
-    let line = b.line("another process holds this port for IPv4").await;
-    assert!(line.contains("WARN"), "{line}");
+    let (code, _, err) = run_to_end(&[&format!("[::]:{port}"), &echo.to_string()]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("set ipv6_only = true on this listener"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        format!("[[listen]]\naddr = \"[::]:{port}\"\nipv6_only = true\n[[route]]\npath = \"/\"\ntarget = \"{echo}\"\n"),
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
     echo_through("[::1]", port).await;
-    drop(other);
     b.signal("TERM").await;
     assert_eq!(b.exit_code().await, 0);
+    let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    drop(other);
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"0.0.0.0:6080\"\nipv6_only = true\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("ipv6_only is for an IPv6 address"), "{err}");
 }
 
 /// A file with `0.0.0.0:P` and `[::]:P` (how dual stack was written before `[::]` took both)
@@ -764,4 +785,26 @@ async fn the_idle_timeout_flag_says_what_it_closes() {
     assert!(line.contains("VNC viewer of a still screen") && line.contains("idle=10m"), "{line}");
     b.signal("TERM").await;
     assert_eq!(b.exit_code().await, 0);
+}
+
+/// An empty `RUST_LOG` (what `RUST_LOG=${RUST_LOG}` in a compose file gives) is no filter that
+/// hides everything: the bridge logs as without it (a review: not even "listening").
+#[tokio::test]
+async fn an_empty_rust_log_logs_as_an_unset_one() {
+    let (echo, _) = echo_backend().await;
+    let mut command = Command::new(BIN);
+    command.args(["127.0.0.1:0", &echo.to_string()]).env("RUST_LOG", "");
+    command.stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    within("the listening line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("listening addr=") {
+                return;
+            }
+        }
+        panic!("stderr ended without a listening line");
+    })
+    .await;
+    child.kill().await.unwrap();
 }

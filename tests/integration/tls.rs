@@ -123,6 +123,7 @@ fn load_err(cert: &Path, key: Option<&Path>) -> String {
         web_listing: false,
         web_follow_symlinks: false,
         web_dotfiles: false,
+        ipv6_only: None,
         access: Default::default(),
         tls: Some(TlsSettings {
             watch: None,

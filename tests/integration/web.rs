@@ -81,10 +81,16 @@ async fn nothing_outside_the_root_or_hidden_is_served() {
         assert_eq!(status_of(&r), 404, "{path}: {r}");
         assert!(!r.contains("SECRET"), "{path} served a secret: {r}");
     }
-    // A name longer than file names can be (a review: the connection was dropped unanswered).
+    // A name longer than file names can be, a path through a file, a loop of symlinks (reviews:
+    // each dropped the connection unanswered).
     let long = format!("/{}", "A".repeat(300));
     assert_eq!(status_of(&get(&bridge, &long).await), 404);
     assert_eq!(status_of(&get(&bridge, &format!("/sub{long}")).await), 404);
+    assert_eq!(status_of(&get(&bridge, "/index.html/x").await), 404);
+    symlink("loop2", www.join("loop1")).unwrap();
+    symlink("loop1", www.join("loop2")).unwrap();
+    assert_eq!(status_of(&get(&bridge, "/loop1").await), 404);
+    assert_eq!(status_of(&get(&bridge, "/loop1/x").await), 404);
     // `..` is refused, not normalised, even where it would stay inside the root.
     assert_eq!(status_of(&get(&bridge, "/sub/../index.html").await), 404);
     // Plain files, and symlinks that stay inside the root, are served.

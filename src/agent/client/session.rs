@@ -600,9 +600,10 @@ impl<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin> Pipe<R, 
 /// on the agent: the link is then not read (its bytes wait for the app), so the agent would not
 /// see the server give the session up when the page leaves, and the session's task, the app's
 /// connection, the link and its place under the service's `max_sessions` would be held until the
-/// app read again or closed. `stall` is the control link's ping interval plus its pong deadline:
-/// a server with the same (default) settings has itself ended such a session by then, since it
-/// reads nothing more from a page whose bytes the agent does not take, its pongs included.
+/// app read again or closed. `stall` is [`AgentConfig::app_stall`] (the control link's ping
+/// interval plus its pong deadline, at least 40 s): a server with default settings has itself
+/// ended such a session by then, since it reads nothing more from a page whose bytes the agent
+/// does not take, its pongs included.
 struct AppWriter<'a, W> {
     io: W,
     stall: Duration,
