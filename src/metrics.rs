@@ -778,6 +778,11 @@ impl Sessions {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
+    /// How many sessions are live now.
+    pub fn count(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Every live session, oldest first.
     pub fn list(&self) -> Vec<Arc<Session>> {
         let mut all: Vec<_> = self.live.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();

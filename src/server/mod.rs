@@ -382,7 +382,12 @@ impl Bridge {
                 _ = self.inner.shutdown.cancelled() => {}
             }
         }
-        info!("shutting down: no new connections; closing sessions");
+        // How many are closed with 1001 from here: the metrics of the drain's end are seldom
+        // scraped, as the admin listener goes with the last session (a fleet review).
+        info!(
+            sessions = self.inner.metrics.sessions.count(),
+            "shutting down: no new connections; closing sessions"
+        );
         self.inner.shutdown.cancel();
     }
 

@@ -624,6 +624,10 @@ async fn a_session_cut_at_the_end_of_the_shutdown_grace_is_logged() {
     let start = std::time::Instant::now();
     b.signal("TERM").await;
     assert_eq!(raw_read_close(&mut s).await, (1001, "server shutting down".to_owned()));
+    // How many the drain closes is said (its metrics are seldom scraped: the admin listener goes
+    // with the last session).
+    let line = b.line("shutting down: no new connections").await;
+    assert!(line.contains("sessions=1"), "{line}");
     // We never answer: the session is cut at the end of the grace period, and says so.
     let line = b.line("session closed").await;
     assert_window("the session's end", start.elapsed(), Duration::from_millis(500));
