@@ -78,9 +78,37 @@ impl ApiUrl {
     }
 }
 
+impl ApiUrl {
+    /// The URL with its query's values left out (`…`) but for `%s`: see [`ApiTokenSource::name`].
+    pub fn shown(&self) -> String {
+        let Some((base, query)) = self.template.split_once('?') else {
+            return self.template.clone();
+        };
+        let (query, fragment) = match query.split_once('#') {
+            Some((q, f)) => (q, Some(f)),
+            None => (query, None),
+        };
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((_, "%s")) => pair.to_owned(),
+                Some((key, _)) => format!("{key}=…"),
+                None if pair == "%s" || pair.is_empty() => pair.to_owned(),
+                None => "…".to_owned(),
+            })
+            .collect();
+        let mut out = format!("{base}?{}", pairs.join("&"));
+        if let Some(f) = fragment {
+            out.push('#');
+            out.push_str(if f.contains("%s") { f } else { "…" });
+        }
+        out
+    }
+}
+
 impl fmt::Display for ApiUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.template)
+        f.write_str(&self.shown())
     }
 }
 
@@ -222,10 +250,12 @@ impl ApiTokenSource {
         }
     }
 
-    /// The source's name in logs, route names and metrics: the URL as written, with `%s` where
-    /// tokens go (never a token).
+    /// The source's name in logs, route names, `/sessions` and metrics: the URL with `%s` where
+    /// tokens go (never a token), and every other query value left out (`?apikey=…&token=%s`): a
+    /// key the API takes in its query is its credential, and those are read by far more people
+    /// than the configuration file (an admin review found one in every session's route label).
     pub fn name(&self) -> String {
-        self.url.template.clone()
+        self.url.shown()
     }
 
     /// For `wsbridge check`: every setting in the configuration's words.
@@ -285,6 +315,20 @@ impl RawApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Query values other than `%s` are left out of the name a source shows.
+    #[test]
+    fn a_urls_query_values_are_left_out_of_its_name() {
+        let shown = |u: &str| u.parse::<ApiUrl>().unwrap().shown();
+        assert_eq!(
+            shown("http://h:1/lookup?apikey=S3CRET&token=%s"),
+            "http://h:1/lookup?apikey=…&token=%s"
+        );
+        assert_eq!(shown("http://h/desks/%s?key=S3CRET"), "http://h/desks/%s?key=…");
+        assert_eq!(shown("http://h/lookup?token=%s"), "http://h/lookup?token=%s");
+        assert_eq!(shown("http://h/p?S3CRET&t=%s"), "http://h/p?…&t=%s");
+        assert_eq!(shown("http://h/t/%s"), "http://h/t/%s");
+    }
 
     #[test]
     fn urls_put_the_token_where_websockify_puts_it() {

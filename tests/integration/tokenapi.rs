@@ -461,6 +461,44 @@ async fn a_503_is_an_outage_and_costs_no_tries() {
     bridge.stop().await;
 }
 
+/// An API key in the source's query (how an API is given its credential) is left out of the
+/// source's name wherever it shows: route labels in the metrics, `/sessions`, log lines (an admin
+/// review found it in every session's route label), while the request to the API carries it.
+#[tokio::test]
+async fn an_api_key_in_the_query_is_left_out_of_route_names_and_metrics() {
+    let (echo, _) = echo_backend().await;
+    let mut api = Api::start(move |path| {
+        Some(match path {
+            "/lookup?apikey=SUPERSECRETAPIKEY&token=desk" => (200, json(echo)),
+            _ => (404, "no".into()),
+        })
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/lookup?apikey=SUPERSECRETAPIKEY&token=%s\"\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/websockify?token=desk"), None).await;
+    send_bin(&mut ws, b"ping").await;
+    assert_eq!(recv_data(&mut ws).await, b"ping");
+    let head = within("the API's request", api.heads.recv()).await.unwrap();
+    assert!(head.contains("apikey=SUPERSECRETAPIKEY"), "{head}");
+    let metrics = bridge.bridge.metrics();
+    let routes: Vec<String> = metrics.sessions.list().iter().map(|s| s.route.clone()).collect();
+    assert_eq!(routes.len(), 1);
+    assert!(
+        routes[0].ends_with(&format!("http://{}/lookup?apikey=…&token=%s", api.addr)),
+        "{routes:?}"
+    );
+    let text = metrics.encode();
+    assert!(!text.contains("SUPERSECRETAPIKEY") && text.contains("apikey=…"), "{text}");
+    drop(ws);
+    bridge.stop().await;
+}
+
 /// A bridge whose one token source is the API at `api`, its answers allowed to name `echo`.
 async fn api_bridge(echo: SocketAddr, api: SocketAddr) -> TestBridge {
     let dir = tempfile::tempdir().unwrap();
