@@ -77,6 +77,19 @@ struct Reading {
     waiting: VecDeque<(u64, Slot, std::net::IpAddr, CancellationToken)>,
 }
 
+impl Reading {
+    /// Which waiting connection gives its place up: the oldest of those of the addresses that
+    /// hold the most places. Oldest among ties too: a scan that took the last of equal counts
+    /// evicted the newest connection, which under a flood from 16 or more addresses is a
+    /// balancer's probe accepted a moment ago (an admin review: a third of the probes failed).
+    /// At most MAX_CONNECTIONS of them: a scan, no table.
+    fn evictee(&self) -> Option<usize> {
+        let count = |a| self.waiting.iter().filter(|(_, _, b, _)| *b == a).count();
+        let most = self.waiting.iter().map(|(_, _, a, _)| count(*a)).max()?;
+        self.waiting.iter().position(|(_, _, a, _)| count(*a) == most)
+    }
+}
+
 impl Admin {
     /// Endpoints for `bridge`, asking for `config`'s token.
     pub fn new(bridge: &Bridge, config: &AdminConfig) -> Admin {
@@ -172,10 +185,7 @@ impl Admin {
         let slot = match self.slots.try_take(MAX_CONNECTIONS) {
             Some(slot) => slot,
             None => {
-                // At most MAX_CONNECTIONS readers: a scan, no table.
-                let count = |a| reading.waiting.iter().filter(|(_, _, b, _)| *b == a).count();
-                let busiest = reading.waiting.iter().map(|(_, _, a, _)| *a).max_by_key(|a| count(*a))?;
-                let at = reading.waiting.iter().position(|(_, _, a, _)| *a == busiest)?;
+                let at = reading.evictee()?;
                 let (_, slot, _, evicted) = reading.waiting.remove(at)?;
                 evicted.cancel();
                 slot
@@ -214,7 +224,7 @@ impl Admin {
             let _ = timeout_at(deadline, read_request(&mut stream)).await;
             let _place = self.read(id);
             let reason = "this admin listener takes HTTPS only\n";
-            let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, reason)).await;
+            let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, reason, true)).await;
             let _ = timeout(DEADLINE, stream.shutdown()).await;
             return debug!(%peer, "plain request on the HTTPS admin listener refused");
         }
@@ -230,18 +240,28 @@ impl Admin {
         let head = match timeout_at(deadline, read_request(&mut stream)).await {
             Ok(Ok((head, _))) => head,
             Ok(Err(e)) => {
-                let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, &format!("{e}\n"))).await;
+                let _ = timeout(
+                    DEADLINE,
+                    respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, &format!("{e}\n"), true),
+                )
+                .await;
                 return debug!(%peer, error = %e, "admin request unreadable");
             }
             Err(_) => return debug!(%peer, "admin request not sent within the deadline"),
         };
         // Answering now: the place is this task's, out of reach of newer connections.
         let Some(_slot) = self.read(id) else { return };
-        let (status, content_type, mut body) = self.answer(&head, peer).await;
-        if head.method() == Method::HEAD {
-            body.clear();
+        let (status, content_type, body) = self.answer(&head, peer).await;
+        if status == StatusCode::UNAUTHORIZED {
+            // Someone guessing the token is worth a line (at most one a 10 s): it was not seen.
+            match UNAUTHORIZED.take() {
+                Some(left_out) => info!(%peer, path = %head.uri().path(), left_out, "admin request without the right token: 401"),
+                None => debug!(%peer, path = %head.uri().path(), "admin request without the right token: 401"),
+            }
         }
-        if let Err(e) = timeout(DEADLINE, respond(&mut stream, status, content_type, &body))
+        // HEAD: the GET's head, its Content-Length included (RFC 9110 §9.3.2), without the body.
+        let with_body = head.method() != Method::HEAD;
+        if let Err(e) = timeout(DEADLINE, respond(&mut stream, status, content_type, &body, with_body))
             .await
             .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write deadline")))
         {
@@ -330,12 +350,14 @@ impl Admin {
 
     fn authorized(&self, request: &http::Request<()>) -> bool {
         let Some(token) = self.bridge.admin_token() else { return true };
+        // The scheme's name in any case (RFC 9110 §11.1: `bearer` is `Bearer`).
         let given = request
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         given.is_some_and(|g| tokens_match(g, &token))
     }
 
@@ -504,7 +526,16 @@ fn is_loopback_name(name: &str) -> bool {
         .contains(&name.as_str())
 }
 
-async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, content_type: &str, body: &str) -> std::io::Result<()> {
+/// Admin requests refused for their token: said at info at most once per 10 s.
+static UNAUTHORIZED: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+
+async fn respond<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    status: StatusCode,
+    content_type: &str,
+    body: &str,
+    with_body: bool,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         status.as_u16(),
@@ -512,13 +543,35 @@ async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, content_
         body.len()
     );
     io.write_all(head.as_bytes()).await?;
-    io.write_all(body.as_bytes()).await?;
+    if with_body {
+        io.write_all(body.as_bytes()).await?;
+    }
     io.flush().await
 }
 
 #[cfg(test)]
 mod tests {
     use super::{from_a_web_page, tokens_match};
+
+    /// The place given up is the oldest of the busiest addresses', and with one place each the
+    /// oldest of all: never the connection accepted last (a balancer's probe, whose request is
+    /// on its way).
+    #[test]
+    fn the_oldest_waiting_connection_of_the_busiest_address_gives_its_place_up() {
+        use super::Reading;
+        let ip = |n: u8| std::net::IpAddr::from([127, 0, 0, n]);
+        let mut reading = Reading::default();
+        for n in 2..18 {
+            reading
+                .waiting
+                .push_back((u64::from(n), crate::slots::Slot::alone(), ip(n), Default::default()));
+        }
+        assert_eq!(reading.evictee(), Some(0), "one each: the oldest of all");
+        reading
+            .waiting
+            .push_back((30, crate::slots::Slot::alone(), ip(9), Default::default()));
+        assert_eq!(reading.evictee(), Some(7), "127.0.0.9 holds two: its oldest");
+    }
 
     #[test]
     fn a_loopback_admin_answers_the_machines_own_names_and_refuses_others() {

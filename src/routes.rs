@@ -469,7 +469,7 @@ impl RouteTable {
             source.verifier.refresh().await;
         }
         for (source, _) in &self.redis_sources {
-            source.tokens.refresh();
+            source.tokens.refresh().await;
         }
         // Each authenticator once, however many routes share it.
         let mut seen: Vec<usize> = Vec::new();

@@ -95,6 +95,9 @@ impl RawAdmin {
                 if t.trim().is_empty() {
                     return ctx.invalid(span, "admin.token".into(), "empty token");
                 }
+                if let Err(m) = sendable(&t) {
+                    return ctx.invalid(span, "admin.token".into(), m);
+                }
                 Some(t)
             }
             (None, Some(f)) => {
@@ -106,6 +109,9 @@ impl RawAdmin {
                 };
                 if t.is_empty() {
                     return ctx.invalid(span, "admin.token_file".into(), format!("{} is empty", path.display()));
+                }
+                if let Err(m) = sendable(&t) {
+                    return ctx.invalid(span, "admin.token_file".into(), format!("{}: {m}", path.display()));
                 }
                 Some(t)
             }
@@ -143,6 +149,16 @@ impl RawAdmin {
         let admin = AdminConfig { addr, token, tls };
         admin.check().or_else(|m| ctx.invalid(addr_span, "admin.addr".into(), m))?;
         Ok(admin)
+    }
+}
+
+/// Whether a token can be sent in `Authorization: Bearer …` as it is: visible ASCII, no spaces
+/// (an admin review: a token with a leading space or a non-ASCII letter never matched, so the
+/// operator was locked out while `wsbridge check` passed the file).
+fn sendable(token: &str) -> Result<(), &'static str> {
+    match token.bytes().all(|b| b.is_ascii_graphic()) {
+        true => Ok(()),
+        false => Err("a token must be visible ASCII without spaces (it is sent in an Authorization header)"),
     }
 }
 
@@ -237,6 +253,15 @@ mod tests {
             e.starts_with("test.toml:11: admin.tls.cert: ") && e.contains("no private key in it"),
             "{e}"
         );
+    }
+
+    /// A token that could never match what a client sends is refused at load, naming the field.
+    #[test]
+    fn a_token_must_be_sendable_in_a_header() {
+        for token in [" leading-space-token", "t\u{f6}k\u{e9}n-0123", "two words"] {
+            let e = parse(&format!("addr = \"9100\"\ntoken = {token:?}\n")).unwrap_err().to_string();
+            assert!(e.contains("admin.token: a token must be visible ASCII"), "{token:?}: {e}");
+        }
     }
 
     #[test]

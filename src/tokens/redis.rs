@@ -33,7 +33,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
@@ -41,7 +42,7 @@ use ::redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo,
 use tokio::time::Instant;
 
 pub use super::{Answer, Unavailable};
-use crate::config::redis::RedisTokenSource;
+use crate::config::redis::{RedisCredentials, RedisTokenSource};
 use crate::config::{redact, Target};
 use crate::policy::targets;
 
@@ -71,6 +72,8 @@ pub struct RedisTokens {
     quiet: crate::logging::Quieted,
     /// The CA file as it was read ([`super::stamp`]), to notice a new one at a reload.
     ca_stamp: Option<u64>,
+    /// A look at `credentials_file` is under way (on the blocking pool).
+    looking: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A source's connection, and the client that makes the next one.
@@ -134,6 +137,7 @@ impl RedisTokens {
             whole_values: Mutex::new(None),
             quiet: crate::logging::Quieted::new(std::time::Duration::from_secs(10)),
             ca_stamp: settings_ca_stamp,
+            looking: Arc::default(),
         })
     }
 
@@ -289,7 +293,7 @@ impl RedisTokens {
         if let Some(c) = &connector.current {
             return Ok((connector.number, c.clone()));
         }
-        self.reread_credentials(&mut connector);
+        self.reread_credentials(&mut connector).await;
         let c = connector
             .client
             .get_multiplexed_async_connection_with_config(&self.connection_config)
@@ -304,32 +308,70 @@ impl RedisTokens {
     /// fixed (or broken) while the connection lasts shows in `last_reload_successful` (a review:
     /// the alert held after the file was fixed, until Redis dropped the connection). Skipped
     /// while a connect is under way: it reads the file itself.
-    pub fn refresh(&self) {
+    pub async fn refresh(&self) {
         if self.settings.credentials_file.is_none() {
             return;
         }
-        if let Ok(mut connector) = self.connection.try_lock() {
-            self.reread_credentials(&mut connector);
+        let Ok(known) = self.connection.try_lock().map(|c| c.credentials_stamp) else {
+            return;
+        };
+        if let Some((stamp, read)) = self.look_at_credentials(known).await {
+            if let Ok(mut connector) = self.connection.try_lock() {
+                self.take_credentials(&mut connector, stamp, read);
+            }
         }
     }
 
     /// Before a new connection: `credentials_file` read again if it changed since (a password
     /// rotated in the file and in Redis: connections made before go on with the old one, as
-    /// Redis keeps them, and the next one would fail with it until a reload). A file that cannot
-    /// be read or is malformed leaves the credentials as they were, with a warning, until it
-    /// changes again; counted as a credentials re-read either way.
-    fn reread_credentials(&self, connector: &mut Connector) {
+    /// Redis keeps them, and the next one would fail with it until a reload).
+    async fn reread_credentials(&self, connector: &mut Connector) {
+        if let Some((stamp, read)) = self.look_at_credentials(connector.credentials_stamp).await {
+            self.take_credentials(connector, stamp, read);
+        }
+    }
+
+    /// `credentials_file`'s stamp and, when it is not `known`, its credentials: looked at off the
+    /// runtime's thread (a file on a mount that hangs, or a FIFO put in its place, froze the
+    /// bridge during a scrape: an admin review), one look at a time, within
+    /// [`super::REREAD_WAIT`]. `None`: unchanged, or no answer in time (the credentials read
+    /// before stay; a look that hangs keeps the next ones from starting).
+    async fn look_at_credentials(&self, known: Option<u64>) -> Option<(Option<u64>, Result<RedisCredentials, String>)> {
+        let file = self.settings.credentials_file.clone()?;
+        if self.looking.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let looking = self.looking.clone();
+        let look = tokio::task::spawn_blocking(move || {
+            let stamp = super::stamp(&file).ok();
+            let read = (stamp != known).then(|| RedisCredentials::from_file(&file));
+            looking.store(false, Ordering::Release);
+            (stamp, read)
+        });
+        match tokio::time::timeout(super::REREAD_WAIT, look).await {
+            Ok(Ok((stamp, Some(read)))) => Some((stamp, read)),
+            Ok(_) => None,
+            Err(_) => {
+                if let Some(left_out) = self.quiet.take() {
+                    tracing::warn!(source = %self.name, left_out, wait = ?super::REREAD_WAIT, "Redis credentials file is slow to read; the credentials read before stay");
+                }
+                None
+            }
+        }
+    }
+
+    /// Puts credentials read from `credentials_file` (its `stamp`) in force for the next
+    /// connection. A file that could not be read or is malformed leaves the credentials as they
+    /// were, with a warning, until it changes again; counted as a credentials re-read either way.
+    fn take_credentials(&self, connector: &mut Connector, stamp: Option<u64>, read: Result<RedisCredentials, String>) {
         let Some(file) = self.settings.credentials_file.as_deref() else {
             return;
         };
-        let stamp = super::stamp(file).ok();
         if stamp == connector.credentials_stamp {
             return;
         }
         connector.credentials_stamp = stamp;
-        let rebuilt = crate::config::redis::RedisCredentials::from_file(file)
-            .and_then(|c| client(&self.settings, Some(&c), connector.ca_pem.as_deref()));
-        match rebuilt {
+        match read.and_then(|c| client(&self.settings, Some(&c), connector.ca_pem.as_deref())) {
             Ok(c) => {
                 connector.client = c;
                 crate::metrics::credentials_reloaded(file, true);

@@ -857,6 +857,45 @@ async fn the_first_failed_reload_of_a_process_is_visible_to_an_alert() {
     assert_eq!(value(&m, "wsbridge_last_reload_successful", &[("kind", "tokens")]), 1.0);
 }
 
+/// The token's scheme in any case (RFC 9110: `bearer` is `Bearer`), a HEAD's Content-Length as
+/// its GET's, and a wrong token said in the log (an admin review: 401 to `bearer`, a HEAD of
+/// length 0, and guesses nowhere to be seen).
+#[tokio::test]
+async fn the_admin_takes_bearer_in_any_case_answers_head_as_get_and_logs_a_wrong_token() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"the-admin-token-0123\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n\
+         [[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let mut b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let ask = |method: &str, auth: &str| format!("{method} /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n");
+    let get = http_raw(addr, ask("GET", "bearer the-admin-token-0123").as_bytes()).await;
+    assert_eq!(status_of(&get), 200, "{get}");
+    let length = |r: &str| {
+        r.lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap()
+    };
+    let head = http_raw(addr, ask("HEAD", "BEARER the-admin-token-0123").as_bytes()).await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+    // Within a few bytes: the metrics move between the two requests.
+    assert!(length(&head).abs_diff(length(&get)) < 200, "{} / {}", length(&head), length(&get));
+    let wrong = http_raw(addr, ask("GET", "Bearer a-guess").as_bytes()).await;
+    assert_eq!(status_of(&wrong), 401, "{wrong}");
+    let line = b.line("admin request without the right token").await;
+    assert!(
+        line.contains("INFO") && line.contains("path=/metrics") && !line.contains("a-guess"),
+        "{line}"
+    );
+}
+
 /// A Redis source's `credentials_file` broken and then fixed while its connection lasts: a
 /// scrape reads it again, so the alert rises and falls with the file (a review: it rose only at
 /// the next connect, and held after the file was fixed until Redis dropped the connection or a
@@ -893,6 +932,31 @@ async fn a_scrape_re_reads_a_redis_credentials_file() {
         value(&m, "wsbridge_reloads_total", &[("kind", "credentials"), ("outcome", "ok")]),
         1.0
     );
+
+    // A file that cannot be read without waiting (a hung mount; here a FIFO with no writer) is
+    // looked at off the runtime's thread: the scrape answers after the 1 s the look may take,
+    // the next at once, and the bridge serves meanwhile (an admin review: it froze).
+    std::fs::remove_file(&cred).unwrap();
+    let status = std::process::Command::new("mkfifo").arg(&cred).status().unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    scrape(addr, None).await;
+    assert_window(
+        "the scrape beside a file that hangs",
+        started.elapsed(),
+        std::time::Duration::from_secs(1),
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(admin(addr, "GET", "/healthz", None).await.0, 200);
+    scrape(addr, None).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+    // The look's reader gets its end: nothing is left waiting in the bridge.
+    let fifo = cred.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(fifo, ""))
+        .await
+        .unwrap()
+        .unwrap();
+    drop(b);
 }
 
 /// `wsbridge_config_info` names the file in force and its text's SHA-256, as `sha256sum` prints
