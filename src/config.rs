@@ -1509,6 +1509,8 @@ impl RawLimits {
 fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<ListenerConfig>, ConfigError> {
     let mut listeners = Vec::new();
     let mut seen_addrs = HashSet::new();
+    // `ipv6_only = false` on `[::]:P` takes IPv4 too: not beside a listener of `0.0.0.0:P` here.
+    let mut pending_dual: Vec<(usize, ListenOn, Option<Spanned<bool>>)> = Vec::new();
     for (i, l) in listen.into_iter().enumerate() {
         let span = l.span();
         let l = l.into_inner();
@@ -1552,6 +1554,7 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
                 );
             }
         }
+        pending_dual.push((i, addr.clone(), l.ipv6_only.clone()));
         let web = l.web.map(|w| ctx.resolve(&w));
         if let Some(w) = &web {
             if !w.is_dir() {
@@ -1579,6 +1582,22 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
                 web_auth,
             },
         });
+    }
+    for (i, addr, only) in &pending_dual {
+        let (ListenOn::Tcp(a), Some(only)) = (addr, only) else { continue };
+        let ipv4_here = pending_dual
+            .iter()
+            .any(|(_, other, _)| matches!(other, ListenOn::Tcp(b) if b.is_ipv4() && b.port() == a.port() && a.port() != 0));
+        if !*only.get_ref() && a.ip() == std::net::Ipv6Addr::UNSPECIFIED && ipv4_here {
+            return ctx.invalid(
+                only.span(),
+                format!("listen[{i}].ipv6_only"),
+                format!(
+                    "ipv6_only = false takes IPv4 on port {} too, which another listener here takes",
+                    a.port()
+                ),
+            );
+        }
     }
     Ok(listeners)
 }
@@ -1855,7 +1874,13 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                 format
             }
         };
-        if sources.iter().any(|s| s.path == path && s.lookup == t.lookup) {
+        // An API source is the same source when its URL as written is (its name leaves query
+        // values out: two that differ only there are two sources, a review found).
+        let same = |s: &TokenSourceConfig| match (&s.api, &api) {
+            (Some(a), Some(b)) => a.url.template == b.url.template,
+            _ => s.path == path,
+        };
+        if sources.iter().any(|s| same(s) && s.lookup == t.lookup) {
             let field = match (&redis, &api) {
                 (Some(_), _) => "redis",
                 (_, Some(_)) => "api",
@@ -1871,6 +1896,12 @@ fn token_sources(raw: Vec<Spanned<RawTokens>>, defaults: &RouteOptions, ctx: &Ct
                 ),
             );
         }
+        // Two API sources whose names (their query values left out) read alike are told apart
+        // by their place, in route labels, /sessions and logs.
+        let path = match api.is_some() && sources.iter().any(|s| s.path == path) {
+            true => PathBuf::from(format!("{} (tokens[{i}])", path.display())),
+            false => path,
+        };
         let options = route_options!(t, "tokens", i, span, ctx, defaults);
         if let Some(Err((field, message))) = options.backend_tls.as_ref().map(BackendTlsSettings::check_files) {
             return ctx.invalid(span, format!("tokens[{i}].backend_tls.{field}"), message);
@@ -2689,6 +2720,36 @@ mod tests {
                 file.display()
             )
         );
+    }
+
+    /// Two API sources whose URLs differ only in query values (two tenants, two keys) are two
+    /// sources, told apart in their names, which leave those values out (a review: the second
+    /// was refused as "already a token source" once names left them out); the same URL twice
+    /// is refused as before.
+    #[test]
+    fn api_sources_differing_in_their_query_values_are_two_sources() {
+        let text = |second: &str| {
+            format!(
+                "[[listen]]\naddr = \"127.0.0.1:0\"\n\
+                 [[tokens]]\nallow_targets = [\"127.0.0.1/32:1\"]\napi = {{ url = \"http://127.0.0.1:1/lookup?tenant=alpha&token=%s\" }}\n\
+                 [[tokens]]\nallow_targets = [\"127.0.0.1/32:1\"]\napi = {{ url = \"http://127.0.0.1:1/lookup?tenant={second}&token=%s\" }}\n"
+            )
+        };
+        let both = parse(&text("beta")).unwrap();
+        let names: Vec<String> = both.token_sources.iter().map(|s| s.path.display().to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "http://127.0.0.1:1/lookup?tenant=…&token=%s",
+                "http://127.0.0.1:1/lookup?tenant=…&token=%s (tokens[1])"
+            ]
+        );
+        let msg = parse(&text("alpha")).unwrap_err().to_string();
+        assert!(
+            msg.contains("tokens[1].api: ") && msg.contains("is already a token source"),
+            "{msg}"
+        );
+        assert!(!msg.contains("alpha"), "{msg}");
     }
 
     #[test]

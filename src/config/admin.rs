@@ -152,13 +152,15 @@ impl RawAdmin {
     }
 }
 
-/// Whether a token can be sent in `Authorization: Bearer …` as it is: visible ASCII, no spaces
-/// (an admin review: a token with a leading space or a non-ASCII letter never matched, so the
-/// operator was locked out while `wsbridge check` passed the file).
+/// Whether a token can be matched as sent in `Authorization: Bearer …`: ASCII without control
+/// characters (spaces and tabs inside are kept), nothing to trim at either end (an admin review:
+/// a token with a leading space or a non-ASCII letter never matched, so the operator was locked
+/// out while `wsbridge check` passed the file).
 fn sendable(token: &str) -> Result<(), &'static str> {
-    match token.bytes().all(|b| b.is_ascii_graphic()) {
+    let fits = token.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic());
+    match fits && token.trim() == token {
         true => Ok(()),
-        false => Err("a token must be visible ASCII without spaces (it is sent in an Authorization header)"),
+        false => Err("a token must be ASCII without control characters, nor spaces at either end (it is sent in an Authorization header)"),
     }
 }
 
@@ -258,10 +260,19 @@ mod tests {
     /// A token that could never match what a client sends is refused at load, naming the field.
     #[test]
     fn a_token_must_be_sendable_in_a_header() {
-        for token in [" leading-space-token", "t\u{f6}k\u{e9}n-0123", "two words"] {
-            let e = parse(&format!("addr = \"9100\"\ntoken = {token:?}\n")).unwrap_err().to_string();
-            assert!(e.contains("admin.token: a token must be visible ASCII"), "{token:?}: {e}");
+        // As TOML writes them.
+        for token in [
+            r#"" leading-space-token""#,
+            r#""trailing-tab\t""#,
+            r#""t\u00f6k\u00e9n-0123""#,
+            r#""bell\u0007""#,
+        ] {
+            let e = parse(&format!("addr = \"9100\"\ntoken = {token}\n")).unwrap_err().to_string();
+            assert!(e.contains("admin.token: a token must be ASCII"), "{token:?}: {e}");
         }
+        // Spaces inside match as sent (they worked before the check came): kept.
+        let admin = parse("addr = \"9100\"\ntoken = \"two words\"\n").unwrap().admin.unwrap();
+        assert_eq!(admin.token.as_deref(), Some("two words"));
     }
 
     #[test]

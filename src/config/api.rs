@@ -76,34 +76,38 @@ impl ApiUrl {
         let token = percent_encoding::utf8_percent_encode(token, TOKEN_KEEPS);
         format!("{}{token}{}", self.before, self.after)
     }
-}
 
-impl ApiUrl {
     /// The URL with its query's values left out (`…`) but for `%s`: see [`ApiTokenSource::name`].
     pub fn shown(&self) -> String {
-        let Some((base, query)) = self.template.split_once('?') else {
-            return self.template.clone();
-        };
-        let (query, fragment) = match query.split_once('#') {
-            Some((q, f)) => (q, Some(f)),
-            None => (query, None),
-        };
-        let pairs: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((_, "%s")) => pair.to_owned(),
-                Some((key, _)) => format!("{key}=…"),
-                None if pair == "%s" || pair.is_empty() => pair.to_owned(),
-                None => "…".to_owned(),
-            })
-            .collect();
-        let mut out = format!("{base}?{}", pairs.join("&"));
-        if let Some(f) = fragment {
-            out.push('#');
-            out.push_str(if f.contains("%s") { f } else { "…" });
-        }
-        out
+        redact_query(&self.template)
     }
+}
+
+/// A URL as written with its query's values, and a fragment, left out (`…`) but for `%s`: how
+/// a source's URL shows anywhere but `wsbridge check`, its parse errors included.
+fn redact_query(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((_, "%s")) => pair.to_owned(),
+            Some((key, _)) => format!("{key}=…"),
+            None if pair == "%s" || pair.is_empty() => pair.to_owned(),
+            None => "…".to_owned(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", pairs.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(if f.contains("%s") { f } else { "…" });
+    }
+    out
 }
 
 impl fmt::Display for ApiUrl {
@@ -116,11 +120,14 @@ impl std::str::FromStr for ApiUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<ApiUrl, String> {
+        // Errors show the URL as everywhere else: its query values may be an API key (a review
+        // found one in a failed reload's error).
+        let shown = redact_query(s);
         let form = "expected http://HOST[:PORT]/PATH?…%s… or https://…, with %s where the token goes";
         let (tls, rest) = match (s.strip_prefix("http://"), s.strip_prefix("https://")) {
             (Some(r), _) => (false, r),
             (_, Some(r)) => (true, r),
-            _ => return Err(format!("{s:?} is not an http:// or https:// URL: {form}")),
+            _ => return Err(format!("{shown:?} is not an http:// or https:// URL: {form}")),
         };
         let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(split);
@@ -129,29 +136,29 @@ impl std::str::FromStr for ApiUrl {
         }
         if authority.contains('%') {
             return Err(format!(
-                "{s:?}: %s goes in the path or the query, never in the host (a token must not choose the server asked)"
+                "{shown:?}: %s goes in the path or the query, never in the host (a token must not choose the server asked)"
             ));
         }
         if path.contains('#') {
-            return Err(format!("{s:?}: a fragment is never sent; {form}"));
+            return Err(format!("{shown:?}: a fragment is never sent; {form}"));
         }
         let Some(at) = path.find("%s") else {
-            return Err(format!("{s:?} has no %s: {form}"));
+            return Err(format!("{shown:?} has no %s: {form}"));
         };
         if path[at + 2..].contains("%s") {
-            return Err(format!("{s:?} has %s more than once: the token goes in one place"));
+            return Err(format!("{shown:?} has %s more than once: the token goes in one place"));
         }
         let (host, port) = match authority.strip_prefix('[') {
             Some(v6) => {
-                let (host, after) = v6.split_once(']').ok_or_else(|| format!("{s:?}: no ']'"))?;
+                let (host, after) = v6.split_once(']').ok_or_else(|| format!("{shown:?}: no ']'"))?;
                 if host.parse::<std::net::Ipv6Addr>().is_err() {
-                    return Err(format!("{s:?}: [{host}] is not an IPv6 address"));
+                    return Err(format!("{shown:?}: [{host}] is not an IPv6 address"));
                 }
                 match after {
                     "" => (host, None),
                     a => (
                         host,
-                        Some(a.strip_prefix(':').ok_or_else(|| format!("{s:?}: expected :PORT after ]"))?),
+                        Some(a.strip_prefix(':').ok_or_else(|| format!("{shown:?}: expected :PORT after ]"))?),
                     ),
                 }
             }
@@ -160,7 +167,7 @@ impl std::str::FromStr for ApiUrl {
                 None => (authority, None),
             },
         };
-        check_host(host).map_err(|e| format!("{s:?}: {e}"))?;
+        check_host(host).map_err(|e| format!("{shown:?}: {e}"))?;
         let port = match port {
             None if tls => 443,
             None => 80,
@@ -168,7 +175,7 @@ impl std::str::FromStr for ApiUrl {
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{s:?}: the port must be 1-65535"))?,
+                .ok_or_else(|| format!("{shown:?}: the port must be 1-65535"))?,
         };
         // A query right after the host has the root as its path.
         let path = match path.starts_with('/') {
@@ -189,7 +196,7 @@ impl std::str::FromStr for ApiUrl {
         // characters): checked once here, with a token that needs no encoding.
         url.path_and_query("token")
             .parse::<http::uri::PathAndQuery>()
-            .map_err(|e| format!("{s:?}: {e}"))?;
+            .map_err(|e| format!("{shown:?}: {e}"))?;
         Ok(url)
     }
 }
@@ -317,6 +324,12 @@ mod tests {
     use super::*;
 
     /// Query values other than `%s` are left out of the name a source shows.
+    #[test]
+    fn a_urls_parse_errors_leave_its_query_values_out() {
+        let e = "http://127.0.0.1:0/lookup?apikey=S3CRET&token=%s".parse::<ApiUrl>().unwrap_err();
+        assert!(e.contains("apikey=…") && !e.contains("S3CRET"), "{e}");
+    }
+
     #[test]
     fn a_urls_query_values_are_left_out_of_its_name() {
         let shown = |u: &str| u.parse::<ApiUrl>().unwrap().shown();

@@ -1071,6 +1071,7 @@ fn listener_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static 
         ("web_listing", old.web_listing != new.web_listing),
         ("web_follow_symlinks", old.web_follow_symlinks != new.web_follow_symlinks),
         ("web_dotfiles", old.web_dotfiles != new.web_dotfiles),
+        ("ipv6_only", old.ipv6_only != new.ipv6_only),
         ("origins", differ(&a.origins, &b.origins)),
         ("proxy_protocol", a.proxy_protocol != b.proxy_protocol),
         ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),

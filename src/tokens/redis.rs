@@ -316,8 +316,11 @@ impl RedisTokens {
             return;
         };
         if let Some((stamp, read)) = self.look_at_credentials(known).await {
+            // Unless a connect took a newer reading meanwhile.
             if let Ok(mut connector) = self.connection.try_lock() {
-                self.take_credentials(&mut connector, stamp, read);
+                if connector.credentials_stamp == known {
+                    self.take_credentials(&mut connector, stamp, read);
+                }
             }
         }
     }
@@ -339,13 +342,29 @@ impl RedisTokens {
     async fn look_at_credentials(&self, known: Option<u64>) -> Option<(Option<u64>, Result<RedisCredentials, String>)> {
         let file = self.settings.credentials_file.clone()?;
         if self.looking.swap(true, Ordering::AcqRel) {
+            // The look before has not come back: its file is still hung, said once per 10 s.
+            if let Some(left_out) = self.quiet.take() {
+                tracing::warn!(source = %self.name, left_out, file = %file.display(), "Redis credentials file still not read; the credentials read before stay");
+            }
             return None;
         }
-        let looking = self.looking.clone();
+        /// Lets the next look start when this one ends, however (a panic included).
+        struct Done(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(self.looking.clone());
         let look = tokio::task::spawn_blocking(move || {
+            let _done = done;
             let stamp = super::stamp(&file).ok();
-            let read = (stamp != known).then(|| RedisCredentials::from_file(&file));
-            looking.store(false, Ordering::Release);
+            // Only a regular file is opened: a FIFO (or a device) put in its place would hold the
+            // reading thread for good, and with it every later look (a review).
+            let read = (stamp != known).then(|| match std::fs::metadata(&file) {
+                Ok(m) if !m.is_file() => Err(format!("{}: not a regular file", file.display())),
+                _ => RedisCredentials::from_file(&file),
+            });
             (stamp, read)
         });
         match tokio::time::timeout(super::REREAD_WAIT, look).await {
