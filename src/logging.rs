@@ -83,10 +83,10 @@ pub fn init(verbose: u8, format: LogFormat) {
     log_panics();
 }
 
-/// `wsbridge check`'s log: warnings and errors only (a token file's skipped lines, a duplicate
-/// token: what the bridge would log at start), on stderr beside the check's report on stdout,
-/// without timestamps. `RUST_LOG` still chooses.
-/// Each warning and error it logs is counted ([`warnings_logged`]), for `check --strict`.
+/// `wsbridge check`'s log: warnings and errors (a token file's skipped lines, a duplicate token:
+/// what the bridge would log at start), on stderr beside the check's report on stdout, without
+/// timestamps; `RUST_LOG` may add more, not take them away. Each is counted
+/// ([`warnings_logged`]), for `check --strict`.
 pub fn init_warnings() {
     use tracing_subscriber::filter::{FilterExt as _, LevelFilter};
     use tracing_subscriber::layer::SubscriberExt as _;

@@ -269,8 +269,6 @@ pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::Pa
             ListenOn::Tcp(configured) => {
                 let mut addr = *configured;
                 // `[::]` takes IPv4 clients too (as websockify's, systemd's and most servers' do),
-                // unless a listener of the same port takes them: then each its own.
-                // `[::]` takes IPv4 clients too (as websockify's, systemd's and most servers' do),
                 // unless a listener here takes the port's IPv4 side, or `ipv6_only` says.
                 let dual_stack = l.config.ipv6_only.map_or_else(
                     || {
