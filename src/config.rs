@@ -2750,6 +2750,13 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("alpha"), "{msg}");
+        // A URL that does not parse is said without its query values, and without the TOML
+        // parser's quote of its line (a review found the key in a failed reload's log so).
+        let bad = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nallow_targets = [\"127.0.0.1/32:1\"]\n\
+                   api = { url = \"http://127.0.0.1:99999/lookup?apikey=S3CRET&token=%s\" }\n";
+        let msg = parse(bad).unwrap_err().to_string();
+        assert!(msg.contains("tokens[0].api.url: ") && msg.contains("apikey=…"), "{msg}");
+        assert!(!msg.contains("S3CRET"), "{msg}");
     }
 
     #[test]

@@ -276,10 +276,14 @@ impl RouteTable {
                     .chain(redis)
                     .chain(api)
                     .find(|(old, _)| {
-                        old.path == s.path
-                            && old.lookup == s.lookup
-                            && old.redis.is_some() == s.redis.is_some()
-                            && old.api.is_some() == s.api.is_some()
+                        old.lookup == s.lookup
+                            && match (&old.api, &s.api) {
+                                // By the URL as written: its name leaves query values out and
+                                // may carry its place, which moves (a review).
+                                (Some(a), Some(b)) => a.url.template == b.url.template,
+                                (None, None) => old.path == s.path && old.redis.is_some() == s.redis.is_some(),
+                                _ => false,
+                            }
                     })
                     .map(|(_, shared)| shared)
             });
@@ -556,13 +560,15 @@ impl RouteTable {
             .filter(|(s, _)| s.config.lookup == lookup)
             .map(|(s, shared)| (AskedSource::Api(&s.tokens), &s.config, shared));
         for (source, config, shared) in redis.chain(api) {
-            let (answer, source_name) = match source {
-                AskedSource::Redis(r) => (r.lookup(token).await, r.name()),
-                AskedSource::Api(a) => (a.lookup(token).await, a.name()),
+            let answer = match source {
+                AskedSource::Redis(r) => r.lookup(token).await,
+                AskedSource::Api(a) => a.lookup(token).await,
             };
             match answer {
                 Ok(Answer::Target(target)) => {
-                    let name = format!("token {} from {source_name}", redact(token));
+                    // The source's name as configured: two API sources whose URLs differ only in
+                    // query values carry their place in it (a review: they shared a label).
+                    let name = format!("token {} from {}", redact(token), config.path.display());
                     return Ok(Some(Route::new(name, target, config.options.clone(), shared)));
                 }
                 Ok(Answer::Absent) => checked = true,
@@ -621,7 +627,7 @@ impl RouteTable {
             let _ = writeln!(
                 out,
                 "token API source {}: {}, lookup = \"{}\", {}",
-                s.tokens.name(),
+                s.config.path.display(),
                 s.tokens.settings().describe(),
                 s.config.lookup,
                 s.config.options.describe()

@@ -499,6 +499,49 @@ async fn an_api_key_in_the_query_is_left_out_of_route_names_and_metrics() {
     bridge.stop().await;
 }
 
+/// Two API sources whose URLs differ only in a query value (two tenants) are two sources
+/// wherever they show, and each keeps its own counts across a reload that drops the other (a
+/// review: they shared one route label, and after such a reload the survivor took the other's
+/// open session against its `max_sessions`, answering 503).
+#[tokio::test]
+async fn two_api_sources_differing_in_a_query_value_keep_apart() {
+    let (echo, _) = echo_backend().await;
+    let api = Api::start(move |path| {
+        Some(match path {
+            "/lookup?tenant=alpha&token=a1" | "/lookup?tenant=beta&token=b1" | "/lookup?tenant=beta&token=b2" => (200, json(echo)),
+            _ => (404, "no".into()),
+        })
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = |tenant: &str| {
+        format!(
+            "allow_targets = [\"{}\"]\nmax_sessions = 1\napi = {{ url = \"http://{}/lookup?tenant={tenant}&token=%s\" }}\n",
+            only(echo),
+            api.addr
+        )
+    };
+    let both = from_toml(&format!("{}\n[[tokens]]\n{}", source("alpha"), source("beta")), dir.path());
+    let bridge = TestBridge::start(both).await;
+    let (alpha, _) = ws_connect(&bridge.url("/websockify?token=a1"), None).await;
+    let (beta, _) = ws_connect(&bridge.url("/websockify?token=b1"), None).await;
+    let routes: Vec<String> = bridge.bridge.metrics().sessions.list().iter().map(|s| s.route.clone()).collect();
+    let alone = routes.iter().filter(|r| r.ends_with("tenant=…&token=%s")).count();
+    let placed = routes.iter().filter(|r| r.ends_with("tenant=…&token=%s (tokens[1])")).count();
+    assert_eq!((alone, placed), (1, 1), "{routes:?}");
+    drop(beta);
+    // Beta alone, now first in the file (its name loses its place): alpha's open session is not
+    // counted against it.
+    let only_beta = from_toml(&source("beta"), dir.path());
+    bridge.bridge.reload(&only_beta).unwrap();
+    connections_become(&bridge, 1).await;
+    let (mut ws, _) = ws_connect(&bridge.url("/websockify?token=b2"), None).await;
+    send_bin(&mut ws, b"beta").await;
+    assert_eq!(recv_data(&mut ws).await, b"beta");
+    drop((alpha, ws));
+    bridge.stop().await;
+}
+
 /// A bridge whose one token source is the API at `api`, its answers allowed to name `echo`.
 async fn api_bridge(echo: SocketAddr, api: SocketAddr) -> TestBridge {
     let dir = tempfile::tempdir().unwrap();
