@@ -376,7 +376,8 @@ async fn an_app_that_pauses_keeps_its_session_whatever_the_agents_ping() {
 }
 
 /// An app that stops reading: its session ends on the agent once the app has taken none of the
-/// browser's bytes for the control link's ping interval plus pong deadline (here 0.3 + 0.3 s),
+/// browser's bytes for the control link's ping interval plus pong deadline (here 1 + 1 s: the
+/// page's writes must be seen held up well before it, on a loaded machine too),
 /// after the page has left too (its link is not read then, so the agent would never see the
 /// server give it up), and the service's place comes back. Before, it was held until the app
 /// read or closed.
@@ -386,8 +387,8 @@ async fn a_session_whose_app_stops_reading_ends_on_the_agent_and_gives_its_place
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "till")])).await;
     let mut c = agent_config(bridge.addr, "shop-17", SECRET, &[("till", tcp(stuck))]);
     c.max_sessions.insert("till".into(), 1);
-    c.ping_interval = Duration::from_millis(300);
-    c.pong_timeout = Duration::from_millis(300);
+    c.ping_interval = Duration::from_secs(1);
+    c.pong_timeout = Duration::from_secs(1);
     // Below the 40 s floor, for a test's sake.
     c.app_stall_floor = Duration::ZERO;
     let stall = c.app_stall();
