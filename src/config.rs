@@ -722,7 +722,31 @@ impl ListenerConfig {
     }
 }
 
+/// Whether one of `listeners` takes IPv4 clients on `port` (never port 0: each such listener
+/// picks a port of its own).
+fn ipv4_listener_on(listeners: &[ListenerConfig], port: u16) -> bool {
+    port != 0
+        && listeners
+            .iter()
+            .any(|l| matches!(l.addr, ListenOn::Tcp(a) if a.is_ipv4() && a.port() == port))
+}
+
 impl ListenerConfig {
+    /// Whether this listener's socket takes IPv4 clients as well as IPv6 ones: as `ipv6_only`
+    /// says, else `[::]` does unless a listener of `all` (the configuration's) takes the port's
+    /// IPv4 side (as websockify's, systemd's and most servers' `[::]` do). An IPv4 or unix
+    /// listener: no.
+    pub fn dual_stack(&self, all: &[ListenerConfig]) -> bool {
+        let ListenOn::Tcp(addr) = self.addr else { return false };
+        if !addr.is_ipv6() {
+            return false;
+        }
+        self.ipv6_only.map_or_else(
+            || addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && !ipv4_listener_on(all, addr.port()),
+            |only| !only,
+        )
+    }
+
     /// `addr = "…"`, then `web`, `web_listing` and `tls.*` where set.
     pub fn describe(&self) -> String {
         let mut out = format!("addr = {}", toml_str(&self.addr.to_string()));
@@ -1389,7 +1413,7 @@ impl<'de> Deserialize<'de> for LogSize {
 impl RawConfig {
     fn validate(self, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
         let mut config = Config::new(ctx.file);
-        config.text_sha256 = Some(crate::agent::link::secret_sha256(ctx.text));
+        config.text_sha256 = Some(crate::agent::link::sha256_hex(ctx.text.as_bytes()));
         config.timeouts = self.timeouts.resolve();
         self.limits.apply(&mut config.limits, ctx)?;
         config.log_format = self.log.format;
@@ -1509,8 +1533,8 @@ impl RawLimits {
 fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<ListenerConfig>, ConfigError> {
     let mut listeners = Vec::new();
     let mut seen_addrs = HashSet::new();
-    // `ipv6_only = false` on `[::]:P` takes IPv4 too: not beside a listener of `0.0.0.0:P` here.
-    let mut pending_dual: Vec<(usize, ListenOn, Option<Spanned<bool>>)> = Vec::new();
+    // Where `ipv6_only = false` was written: on `[::]:P`, not beside a listener of `0.0.0.0:P`.
+    let mut asked_dual = Vec::new();
     for (i, l) in listen.into_iter().enumerate() {
         let span = l.span();
         let l = l.into_inner();
@@ -1554,7 +1578,9 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
                 );
             }
         }
-        pending_dual.push((i, addr.clone(), l.ipv6_only.clone()));
+        if let Some(only) = l.ipv6_only.as_ref().filter(|o| !*o.get_ref()) {
+            asked_dual.push((i, only.span()));
+        }
         let web = l.web.map(|w| ctx.resolve(&w));
         if let Some(w) = &web {
             if !w.is_dir() {
@@ -1583,20 +1609,18 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             },
         });
     }
-    for (i, addr, only) in &pending_dual {
-        let (ListenOn::Tcp(a), Some(only)) = (addr, only) else { continue };
-        let ipv4_here = pending_dual
-            .iter()
-            .any(|(_, other, _)| matches!(other, ListenOn::Tcp(b) if b.is_ipv4() && b.port() == a.port() && a.port() != 0));
-        if !*only.get_ref() && a.ip() == std::net::Ipv6Addr::UNSPECIFIED && ipv4_here {
-            return ctx.invalid(
-                only.span(),
-                format!("listen[{i}].ipv6_only"),
-                format!(
-                    "ipv6_only = false takes IPv4 on port {} too, which another listener here takes",
-                    a.port()
-                ),
-            );
+    for (i, span) in asked_dual {
+        if let ListenOn::Tcp(a) = listeners[i].addr {
+            if a.ip() == std::net::Ipv6Addr::UNSPECIFIED && ipv4_listener_on(&listeners, a.port()) {
+                return ctx.invalid(
+                    span,
+                    format!("listen[{i}].ipv6_only"),
+                    format!(
+                        "ipv6_only = false takes IPv4 on port {} too, which another listener here takes",
+                        a.port()
+                    ),
+                );
+            }
         }
     }
     Ok(listeners)

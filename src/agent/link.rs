@@ -269,7 +269,12 @@ impl LinkWriter<'_> {
 
 /// The SHA-256 of a secret, as the server's configuration stores it (64 lower-case hex digits).
 pub fn secret_sha256(secret: &str) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+    sha256_hex(secret.as_bytes())
+}
+
+/// The SHA-256 of `bytes` as 64 lower-case hex digits (as `sha256sum` prints it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 /// A fresh secret: 32 bytes from the system's random source, as 64 hex digits.

@@ -267,23 +267,13 @@ pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::Pa
         let tls = l.config.tls.is_some();
         match &l.config.addr {
             ListenOn::Tcp(configured) => {
-                let mut addr = *configured;
-                // `[::]` takes IPv4 clients too (as websockify's, systemd's and most servers' do),
-                // unless a listener here takes the port's IPv4 side, or `ipv6_only` says.
-                let dual_stack = l.config.ipv6_only.map_or_else(
-                    || {
-                        addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
-                            && !config.listeners.iter().any(
-                                |other| matches!(other.addr, ListenOn::Tcp(a) if a.is_ipv4() && a.port() == addr.port() && a.port() != 0),
-                            )
-                    },
-                    |only| !only,
-                );
+                let configured = *configured;
+                let mut addr = configured;
+                let dual_stack = l.config.dual_stack(&config.listeners);
                 // The port's IPv4 side in use (another program serving it, or a connection of
                 // this host's from that port): said, with what to set. Not a quiet fall-back to
                 // IPv6 only, which would depend on which program started first and last for good
                 // (a review).
-                let configured = *configured;
                 let bind_error = |source: std::io::Error| match dual_stack && source.kind() == std::io::ErrorKind::AddrInUse {
                     true => bind_error(std::io::Error::new(
                         source.kind(),

@@ -105,6 +105,23 @@ pub async fn answered_and_hung_up_on(url: &str, accepted: &mut mpsc::Receiver<Tc
     (got, close)
 }
 
+/// [`answered_and_hung_up_on`] `rounds` times: each time everything the backend wrote reaches
+/// the page, then a 1011 whose reason has `reset` in it (the reset is said: a clean 1000 is what
+/// a page does not reconnect on, whether the backend answered or crashed).
+pub async fn answered_then_reset(url: &str, accepted: &mut mpsc::Receiver<TcpStream>, rounds: usize, reset: &str) {
+    for round in 0..rounds {
+        let (got, close) = answered_and_hung_up_on(url, accepted).await;
+        assert_eq!(got, b"hello\n", "round {round}: everything the backend wrote, before the close");
+        let close = close.expect("a close frame");
+        let code = u16::from(close.code);
+        assert!(
+            code == 1011 && close.reason.contains(reset),
+            "round {round}: {code} {}",
+            close.reason
+        );
+    }
+}
+
 /// Marks a test that cannot run here as skipped, with `reason`: the caller returns right after.
 ///
 /// libtest has no runtime skip, so the test still counts as passed; what makes the skip visible
