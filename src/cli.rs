@@ -148,7 +148,8 @@ pub fn man_page() -> std::io::Result<Vec<u8>> {
           drained or when shutdown_grace has passed (a second one skips the rest of a drain_delay)\n\
           .TP\nSIGHUP\nreload the configuration file, its token sources and every certificate; a file that \
           does not parse is logged and the running configuration stays; open sessions are untouched; the \
-          log file is looked at for a rotation at once. Token, credentials (bearer_file, htpasswd, JWT \
+          log file is looked at for a rotation at once; a file that does not answer (a FIFO, a hung \
+          mount) holds only the reload (logged after 5 s; SIGTERM still drains). Token, credentials (bearer_file, htpasswd, JWT \
           keys) and agent files are also re-read without it, by the first request (or metrics scrape) \
           a second after a change\n\
           .SH ENVIRONMENT\n.TP\nRUST_LOG\nthe log filter (tracing's syntax), over \\-v\n\

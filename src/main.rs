@@ -423,6 +423,9 @@ fn spawn_status(notifier: Arc<Notifier>, bridge: &Bridge, listeners: usize) {
     });
 }
 
+/// How long a reload reads files before the log says it is still at it.
+const RELOAD_SLOW: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// SIGTERM/SIGINT (Windows: Ctrl-C, Ctrl-Break, console closed, system shutdown): shut down
 /// (drain), telling systemd `STOPPING=1` first. SIGHUP: [`start::reload`] between `RELOADING=1`
 /// and `READY=1`; a bad file is reported and the running configuration stays. `threads` is the
@@ -436,28 +439,61 @@ fn spawn_signal_handlers(
     let mut signals = wsbridge::signals::Signals::new()?;
     let bridge = bridge.clone();
     tokio::spawn(async move {
+        // A SIGHUP that came while a reload was reading files: one more reload after it, since
+        // the files may have changed after they were read.
+        let mut again = false;
         loop {
-            match signals.recv().await {
-                Signal::Shutdown => break,
-                Signal::Reload => {
-                    if let Some(n) = &notifier {
-                        n.reloading();
-                    }
-                    // A rotator's postrotate may send it: the log file is looked at by the next
-                    // line, not within a second.
-                    wsbridge::logging::look_at_log_file_now();
-                    // Files are read and parsed off the runtime thread, which serves sessions.
-                    let (b, path) = (bridge.clone(), path.clone());
-                    let reloaded = tokio::task::spawn_blocking(move || start::reload(&b, path.as_deref(), threads)).await;
-                    if let Some(n) = &notifier {
-                        // Ready again, with the new configuration or (it is logged) the old one.
-                        let open = plural(bridge.connections(), "connection");
-                        n.ready(&match reloaded {
-                            Ok(true) => format!("reloaded; {open} open"),
-                            _ => format!("reload failed, the previous configuration serves (see the log); {open} open"),
-                        });
+            if !again && signals.recv().await == Signal::Shutdown {
+                break;
+            }
+            again = false;
+            if let Some(n) = &notifier {
+                n.reloading();
+            }
+            // A rotator's postrotate may send it: the log file is looked at by the next line,
+            // not within a second.
+            wsbridge::logging::look_at_log_file_now();
+            // Files are read and parsed off the runtime thread, which serves sessions. One that
+            // never answers (a FIFO put in a file's place, a hung network mount) holds this
+            // reload, not the signals: SIGTERM still drains, and the process exits without it.
+            let (b, p) = (bridge.clone(), path.clone());
+            let mut reload = tokio::task::spawn_blocking(move || start::reload(&b, p.as_deref(), threads));
+            let slow = tokio::time::sleep(RELOAD_SLOW);
+            tokio::pin!(slow);
+            let mut said_slow = false;
+            let reloaded = loop {
+                tokio::select! {
+                    r = &mut reload => break Some(r),
+                    signal = signals.recv() => match signal {
+                        Signal::Shutdown => break None,
+                        Signal::Reload if !again => {
+                            again = true;
+                            tracing::info!("SIGHUP during a reload: the configuration is read once more after it");
+                        }
+                        Signal::Reload => {}
+                    },
+                    () = &mut slow, if !said_slow => {
+                        said_slow = true;
+                        tracing::warn!(
+                            waited = %wsbridge::config::format_duration(RELOAD_SLOW),
+                            "reload: still reading the configuration's files (one that does not answer, such as a \
+                             FIFO or a file on a hung network mount, holds the reload; the running configuration \
+                             serves meanwhile, and SIGTERM still shuts down)"
+                        );
                     }
                 }
+            };
+            let Some(reloaded) = reloaded else {
+                tracing::warn!("shutting down with a reload unfinished: it will not be put in force");
+                break;
+            };
+            if let Some(n) = &notifier {
+                // Ready again, with the new configuration or (it is logged) the old one.
+                let open = plural(bridge.connections(), "connection");
+                n.ready(&match reloaded {
+                    Ok(Some(true)) => format!("reloaded; {open} open"),
+                    _ => format!("reload failed, the previous configuration serves (see the log); {open} open"),
+                });
             }
         }
         if let Some(n) = &notifier {

@@ -501,10 +501,11 @@ fn attach(sockets: Vec<(Listener, StdSocket)>) -> std::io::Result<Vec<Listener>>
 /// limit for `threads` runtime threads, then every listener's certificates. A bad file is logged
 /// and the running configuration stays. Blocking: files are read and parsed here, so call it off
 /// the runtime threads (`spawn_blocking`). Returns whether all of it was put in force (false: a
-/// bad file or certificate, logged, and the previous one still serves).
-pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) -> bool {
+/// bad file or certificate, logged, and the previous one still serves); `None` if a shutdown
+/// began while the files were read, and nothing was put in force.
+pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) -> Option<bool> {
     let config_ok = match path {
-        Some(p) => match Config::from_file(p).map_err(BridgeError::from).and_then(|mut c| {
+        Some(p) => match read_for_reload(bridge, p)?.map_err(BridgeError::from).and_then(|mut c| {
             let limit = crate::platform::open_file_limit();
             fit_open_file_limit(limit.unwrap_or(u64::MAX), &mut c, threads);
             bridge.reload(&c)?;
@@ -551,7 +552,14 @@ pub fn reload(bridge: &Bridge, path: Option<&Path>, threads: usize) -> bool {
     for e in &failed {
         tracing::error!(error = %e, "certificate reload failed; the previous certificate stays in service");
     }
-    config_ok && failed.is_empty()
+    Some(config_ok && failed.is_empty())
+}
+
+/// The configuration file read for a reload; `None` when a shutdown began while it was being
+/// read (its files were slow to answer): a draining bridge keeps what it has.
+fn read_for_reload(bridge: &Bridge, path: &Path) -> Option<Result<Config, crate::config::ConfigError>> {
+    let read = Config::from_file(path);
+    (!bridge.is_draining()).then_some(read)
 }
 
 #[cfg(test)]

@@ -136,6 +136,81 @@ async fn exits_promptly_after_stopping() {
     }
 }
 
+/// A reload whose file never answers (a FIFO in the configuration's place stands for a file on a
+/// hung mount) holds neither the serving nor the signals: the log says it is slow 5 s after the
+/// SIGHUP, a SIGHUP meanwhile is said and read once more after it, and a SIGTERM drains and exits
+/// with the reload unfinished (it used to wait for the file, as did every later signal).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_reload_stuck_on_a_file_holds_neither_sighup_nor_sigterm() {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (backend, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    let config = |path: &str| format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n[[route]]\npath = \"{path}\"\ntarget = \"{backend}\"\n");
+    std::fs::write(&file, config("/old")).unwrap();
+    let mut p = Process::spawn(&["--config", file.to_str().unwrap(), "--threads", "1"]);
+    let addr = p.listening().await;
+    let routed = |path: &'static str| async move { status_of(&http_head(addr, &upgrade_request(path, "")).await) == 101 };
+    // The configuration turns into a FIFO; the reload that opens it has it once a writer can
+    // open its end without waiting (ENXIO until a reader is there). That writer stays open, so
+    // the reload waits in its read.
+    let fifo_in_place = || {
+        std::fs::remove_file(&file).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&file).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", file.display());
+    };
+    let reader_came = || async {
+        let nonblock = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+        within("the reload to open the FIFO", async {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                tick.tick().await;
+                if let Ok(writer) = std::fs::OpenOptions::new().write(true).custom_flags(nonblock).open(&file) {
+                    return writer;
+                }
+            }
+        })
+        .await
+    };
+
+    fifo_in_place();
+    let hup = Instant::now();
+    p.signal("HUP").await;
+    let mut writer = reader_came().await;
+    p.signal("HUP").await;
+    p.line("SIGHUP during a reload").await;
+    let (_, slow) = p.line("reload: still reading the configuration's files").await;
+    let waited = slow - hup;
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(7),
+        "the slow reload said after {waited:?}, not 5 s"
+    );
+    assert!(routed("/old").await, "the running configuration serves meanwhile");
+    // The second SIGHUP's read finds a regular file with the newest route; the first gets its
+    // text through the FIFO when the writer closes.
+    let newest = dir.path().join("newest.toml");
+    std::fs::write(&newest, config("/newest")).unwrap();
+    std::fs::rename(&newest, &file).unwrap();
+    writer.write_all(config("/first").as_bytes()).unwrap();
+    drop(writer);
+    p.line("configuration reloaded").await;
+    p.line("configuration reloaded").await;
+    assert!(routed("/newest").await && !routed("/first").await && !routed("/old").await);
+
+    // Stuck again, and a shutdown meanwhile: the drain does not wait for the file.
+    fifo_in_place();
+    p.signal("HUP").await;
+    let writer = reader_came().await;
+    p.signal("TERM").await;
+    p.line("shutting down with a reload unfinished").await;
+    p.line("stopped clean=true remaining=0").await;
+    let status = within("wsbridge to exit with its reload unfinished", p.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(writer);
+}
+
 /// A certificate file a TOML `[listen.tls]` names that does not exist: the error names the
 /// configuration file, the line and the field that name the certificate, as `wsbridge check`
 /// does; exit 64.

@@ -672,12 +672,15 @@ async fn a_rotated_ca_file_is_read_again_at_a_reload() {
     // The new CA in place of the old, and a reload (SIGHUP).
     std::fs::copy(pki.ca_file(), &ca).unwrap();
     let (b, f) = (bridge.bridge.clone(), file.clone());
-    assert!(within(
-        "the reload",
-        tokio::task::spawn_blocking(move || wsbridge::server::start::reload(&b, Some(&f), 1))
-    )
-    .await
-    .unwrap());
+    assert_eq!(
+        within(
+            "the reload",
+            tokio::task::spawn_blocking(move || wsbridge::server::start::reload(&b, Some(&f), 1))
+        )
+        .await
+        .unwrap(),
+        Some(true)
+    );
     echoes(&bridge, "desk").await;
     bridge.stop().await;
 }
