@@ -51,13 +51,63 @@ pub enum ConnectError {
     /// client reads only a short summary; the details (names in the certificate) go to the log.
     #[error("backend TLS failed: {}", tls_summary(.0))]
     Tls(#[source] io::Error),
-    /// Agent mode: the agent is offline, has no such service, or its app refused.
-    #[error("{0}")]
-    Agent(String),
+    /// Agent mode: the agent is offline, has no such service, is busy, or its app refused; the
+    /// text is what the page reads.
+    #[error("{1}")]
+    Agent(AgentRefusal, String),
+}
+
+/// Why a session could not be opened through an agent (`agent_open_failures_total{reason}`):
+/// the agent's trouble, its app's, or the way between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentRefusal {
+    /// Not connected here.
+    Offline,
+    /// The agent does not list the service (as the server knows from its login, or as it
+    /// answered).
+    NoService,
+    /// The service is at the agent's `max_sessions`.
+    Busy,
+    /// The agent could not connect its app (refused, unreachable, timed out), or answered
+    /// something else.
+    App,
+    /// No data link (or none alive) came from the agent within the connect deadline.
+    NoLink,
+    /// The agent took the link but did not answer within the connect deadline.
+    Timeout,
+}
+
+impl AgentRefusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentRefusal::Offline => "offline",
+            AgentRefusal::NoService => "no_service",
+            AgentRefusal::Busy => "busy",
+            AgentRefusal::App => "app",
+            AgentRefusal::NoLink => "no_link",
+            AgentRefusal::Timeout => "timeout",
+        }
+    }
+
+    /// What an agent's `err` answer (the text after `err `) says: agents word them as
+    /// `SERVICE: no such service on agent NAME`, `SERVICE: busy, at most N sessions at a time`,
+    /// and `SERVICE: WHY` for an app they could not connect.
+    pub fn of_answer(text: &str) -> AgentRefusal {
+        let why = text.split_once(": ").map_or("", |(_, why)| why);
+        if why.starts_with("no such service on agent ") {
+            AgentRefusal::NoService
+        } else if why.starts_with("busy, at most ") {
+            AgentRefusal::Busy
+        } else {
+            AgentRefusal::App
+        }
+    }
 }
 
 impl ConnectError {
-    /// Why, in one word, for the metrics (`backend_connect_failures_total{reason}`): `refused`,
+    /// Why, in one word, for the metrics (`backend_connect_failures_total{reason}`; an agent's
+    /// own reason is [`ConnectError::agent_refusal`]'s): `refused`,
     /// `unreachable` (another network error), `unresolved`, `timeout`, `tls`, or `agent` (agent
     /// mode: offline, a service it does not list, or its app refused).
     pub fn kind(&self) -> &'static str {
@@ -67,7 +117,15 @@ impl ConnectError {
             ConnectError::Connect(_) => "unreachable",
             ConnectError::Timeout(_) => "timeout",
             ConnectError::Tls(_) => "tls",
-            ConnectError::Agent(_) => "agent",
+            ConnectError::Agent(..) => "agent",
+        }
+    }
+
+    /// Agent mode: why the agent refused, or could not be asked.
+    pub fn agent_refusal(&self) -> Option<AgentRefusal> {
+        match self {
+            ConnectError::Agent(why, _) => Some(*why),
+            _ => None,
         }
     }
 }
@@ -111,7 +169,10 @@ impl Backend {
                     io::ErrorKind::Unsupported,
                     "TLS is for TCP targets, not unix sockets",
                 ))),
-                Target::Agent { agent, .. } => Err(ConnectError::Agent(format!("agent {agent}: not reachable from here"))),
+                Target::Agent { agent, .. } => Err(ConnectError::Agent(
+                    AgentRefusal::Offline,
+                    format!("agent {agent}: not reachable from here"),
+                )),
                 Target::Unix(path) => UnixStream::connect(path).await.map(Backend::Unix).map_err(ConnectError::Connect),
                 Target::Tcp { host, port } => {
                     let addrs = crate::dns::resolve(host, *port).await.map_err(ConnectError::Resolve)?;
@@ -368,6 +429,21 @@ pub fn describe(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent's `err` answers, as agents word them, are told apart; anything else is the app's.
+    #[test]
+    fn an_agents_answer_says_why_it_refused() {
+        for (answer, why) in [
+            ("pos: no such service on agent shop-17", AgentRefusal::NoService),
+            ("till: busy, at most 1 session at a time", AgentRefusal::Busy),
+            ("pos: connection refused", AgentRefusal::App),
+            ("pos: timed out", AgentRefusal::App),
+            ("a reason without a service", AgentRefusal::App),
+            ("busy: connection refused", AgentRefusal::App),
+        ] {
+            assert_eq!(AgentRefusal::of_answer(answer), why, "{answer}");
+        }
+    }
 
     /// A backend connection has keepalive with our settings (Issue 11: a backend host that
     /// vanishes during a quiet spell must not hold the session for ever), unless the backend is

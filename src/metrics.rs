@@ -341,6 +341,7 @@ pub struct Metrics {
     refused: Family<RefusedLabel, Counter>,
     connects: Family<ConnectLabel, Counter>,
     connect_failures: Family<FailureLabel, Counter>,
+    agent_open_failures: Family<FailureLabel, Counter>,
     connect_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
     tls: Family<OutcomeLabel, Counter>,
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
@@ -401,6 +402,12 @@ impl Metrics {
             "backend_connect_failures",
             "Failed backend connects by route and reason (refused, unreachable, unresolved, timeout, tls, agent)",
             connect_failures.clone(),
+        );
+        let agent_open_failures = Family::<FailureLabel, Counter>::default();
+        registry.register(
+            "agent_open_failures",
+            "Agent mode: sessions an agent could not open, by route and why (offline, no_service, busy, app, no_link, timeout); each is also a backend_connect_failures reason=\"agent\"",
+            agent_open_failures.clone(),
         );
         let connect_seconds = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(connect_histogram);
         registry.register(
@@ -498,6 +505,7 @@ impl Metrics {
             refused,
             connects,
             connect_failures,
+            agent_open_failures,
             connect_seconds,
             tls,
             cert_expiry,
@@ -628,13 +636,21 @@ impl Metrics {
         }
     }
 
-    /// A backend connect of `route` failed for `reason` ([`crate::backend::ConnectError::kind`]).
-    pub fn backend_failure(&self, route: &RouteMetrics, reason: &'static str) {
+    /// A backend connect of `route` failed: counted by [`crate::backend::ConnectError::kind`],
+    /// and an agent's by its own reason too.
+    pub fn backend_failure(&self, route: &RouteMetrics, e: &crate::backend::ConnectError) {
         let label = FailureLabel {
             route: route.route.clone(),
-            reason,
+            reason: e.kind(),
         };
         self.connect_failures.get_or_create(&label).inc();
+        if let Some(why) = e.agent_refusal() {
+            let label = FailureLabel {
+                route: route.route.clone(),
+                reason: why.as_str(),
+            };
+            self.agent_open_failures.get_or_create(&label).inc();
+        }
     }
 
     /// A TLS handshake on a listener succeeded or failed.

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::chunks::Framing;
 use super::link::{self, AgentLink, LinkStream};
 use super::{AgentsConfig, EndpointConfig};
-use crate::backend::{Backend, ConnectError};
+use crate::backend::{AgentRefusal, Backend, ConnectError};
 use crate::slots::Slot;
 
 /// How long an idle data link is kept before the server closes it (and the agent dials anew):
@@ -980,10 +980,13 @@ impl Registry {
     fn take(&self, name: &str, service: &str) -> Result<Taken, ConnectError> {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let Some(a) = agents.get(name) else {
-            return Err(ConnectError::Agent(format!("agent {name} is offline")));
+            return Err(ConnectError::Agent(AgentRefusal::Offline, format!("agent {name} is offline")));
         };
         if !a.services.iter().any(|s| s == service) {
-            return Err(ConnectError::Agent(format!("agent {name} has no service {service}")));
+            return Err(ConnectError::Agent(
+                AgentRefusal::NoService,
+                format!("agent {name} has no service {service}"),
+            ));
         }
         let pool = &a.pool;
         let mut idle = pool.idle();
@@ -1053,7 +1056,7 @@ impl Registry {
     pub async fn open(&self, name: &str, service: &str, deadline: Duration) -> Result<Backend, ConnectError> {
         let end = Instant::now() + deadline;
         self.settle(name, end).await;
-        let timed_out = || ConnectError::Agent(format!("agent {name}: {service}: timed out"));
+        let timed_out = || ConnectError::Agent(AgentRefusal::Timeout, format!("agent {name}: {service}: timed out"));
         // Idle links found closed (by something between that cuts idle connections: a NAT, a
         // proxy's read timeout): a pool can hold many after a burst, all cut at once.
         let mut dead = 0usize;
@@ -1063,9 +1066,10 @@ impl Registry {
             // Checked here too: past the deadline a waiter's stored wake-up, or a link that
             // fails at once, would otherwise start another turn.
             if dead > 0 && Instant::now() >= end {
-                return Err(ConnectError::Agent(format!(
-                    "agent {name}: no live data link from the agent in time ({dead} found closed)"
-                )));
+                return Err(ConnectError::Agent(
+                    AgentRefusal::NoLink,
+                    format!("agent {name}: no live data link from the agent in time ({dead} found closed)"),
+                ));
             }
             let (mut io, framing, lost, pool) = loop {
                 match self.take(name, service)? {
@@ -1083,10 +1087,13 @@ impl Registry {
                         if timeout_at(end, arrived).await.is_err() {
                             // Not the app's doing: no link came (the agent's dials failing,
                             // refused at this server's caps, say), or none that was alive.
-                            return Err(ConnectError::Agent(match dead {
-                                0 => format!("agent {name}: no data link from the agent in time"),
-                                n => format!("agent {name}: no live data link from the agent in time ({n} found closed)"),
-                            }));
+                            return Err(ConnectError::Agent(
+                                AgentRefusal::NoLink,
+                                match dead {
+                                    0 => format!("agent {name}: no data link from the agent in time"),
+                                    n => format!("agent {name}: no live data link from the agent in time ({n} found closed)"),
+                                },
+                            ));
                         }
                     }
                 }
@@ -1113,6 +1120,7 @@ impl Registry {
                     return Ok(Backend::Agent(Box::new(link)));
                 }
                 Ok(Ok(Some(line))) => {
+                    let why = line.strip_prefix("err ").map_or(AgentRefusal::App, AgentRefusal::of_answer);
                     let reason = line
                         .strip_prefix("err ")
                         .map_or_else(|| format!("agent {name}: {service}: unexpected answer"), link::clean_reason);
@@ -1120,7 +1128,7 @@ impl Registry {
                     if framing.chunks && rest.is_empty() && line.starts_with("err ") {
                         pool.put_back(io, framing, false);
                     }
-                    return Err(ConnectError::Agent(reason));
+                    return Err(ConnectError::Agent(why, reason));
                 }
                 Ok(Ok(None) | Err(_)) => {
                     dead += 1;

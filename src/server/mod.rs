@@ -1388,7 +1388,7 @@ async fn run_session<S>(
     };
     metrics.backend_connect(route_metrics, outcome, started.elapsed());
     if let Err(Some(e)) = &backend {
-        metrics.backend_failure(route_metrics, e.kind());
+        metrics.backend_failure(route_metrics, e);
     }
     let backend = match backend {
         Ok(b) => b,

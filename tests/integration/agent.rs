@@ -197,6 +197,44 @@ async fn a_refused_service_is_named_in_a_1014() {
     assert_eq!(raw_read_close(&mut s).await, (1014, "pos: connection refused".into()));
 }
 
+/// `/metrics` says why sessions through agents failed, by route, beside the one
+/// `backend_connect_failures_total{reason="agent"}` they all count in: offline, a service the
+/// agent does not list (from its login, or from its answer), busy at its cap, and its app refused.
+#[tokio::test]
+async fn the_metrics_say_why_an_agent_could_not_open_a_session() {
+    let (echo, _) = echo_backend().await;
+    let refused = closed_port().await;
+    let mut config = server_config(
+        &["shop-17", "shop-18"],
+        &[("shop-17", "pos"), ("shop-17", "label"), ("shop-17", "till"), ("shop-18", "scale")],
+    );
+    config.timeouts.connect = Duration::from_secs(1);
+    let bridge = TestBridge::start(config).await;
+    let (admin_addr, _admin) = start_admin(&bridge, None).await;
+    let mut c = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(refused)), ("till", tcp(echo))]);
+    c.max_sessions.insert("till".into(), 1);
+    let _agent = start_agent(c).await;
+    let (mut held, _) = ws_connect(&bridge.url("/till"), None).await;
+    send_bin(&mut held, b"mine").await;
+    assert_eq!(recv_data(&mut held).await, b"mine");
+    for (path, reason) in [
+        ("/pos", "pos: connection refused"),
+        ("/label", "agent shop-17 has no service label"),
+        ("/till", "till: busy, at most 1 session at a time"),
+        ("/scale", "agent shop-18 is offline"),
+    ] {
+        let mut s = raw_ws(bridge.addr, path).await;
+        assert_eq!(raw_read_close(&mut s).await, (1014, reason.into()));
+    }
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    for (route, reason) in [("pos", "app"), ("label", "no_service"), ("till", "busy"), ("scale", "offline")] {
+        let counted = format!(r#"wsbridge_agent_open_failures_total{{route="path /{route}",reason="{reason}"}} 1"#);
+        assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
+        let all = format!(r#"wsbridge_backend_connect_failures_total{{route="path /{route}",reason="agent"}} 1"#);
+        assert!(metrics.lines().any(|l| l == all), "{all} in:\n{metrics}");
+    }
+}
+
 /// A service the agent does not list is never connected to, whatever the server asks.
 #[tokio::test]
 async fn the_agent_opens_only_its_own_services() {
