@@ -288,7 +288,7 @@ impl Bridge {
             match running.iter().find(|l| l.addr.to_string() == new.addr.to_string()) {
                 None => waiting.push(format!("listener {}: added to the file; it is served after a restart", new.addr)),
                 Some(old) => {
-                    let changed = listener_changes(old, new);
+                    let changed = listener_changes((old, running), (new, &config.listeners));
                     if !changed.is_empty() {
                         waiting.push(format!(
                             "listener {}: {} changed in the file; in force after a restart (until then it serves as it was started)",
@@ -1059,7 +1059,13 @@ impl Bridge {
 /// but `web_auth` and `web_client_cn` (a reload applies those). Compared by their debug text:
 /// not every setting's type can be compared otherwise (TLS settings hold file paths and parsed
 /// policies), and a reload is rare.
-fn listener_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static str> {
+/// The settings of a listener that differ between the one started (`old`, among the listeners
+/// started) and the one in a reloaded file (`new`, among the file's). `ipv6_only` by its effect:
+/// a file that writes out the default it had does not change it.
+fn listener_changes(
+    (old, started): (&ListenerConfig, &[ListenerConfig]),
+    (new, file): (&ListenerConfig, &[ListenerConfig]),
+) -> Vec<&'static str> {
     fn differ<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
     }
@@ -1071,7 +1077,7 @@ fn listener_changes(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'static 
         ("web_listing", old.web_listing != new.web_listing),
         ("web_follow_symlinks", old.web_follow_symlinks != new.web_follow_symlinks),
         ("web_dotfiles", old.web_dotfiles != new.web_dotfiles),
-        ("ipv6_only", old.ipv6_only != new.ipv6_only),
+        ("ipv6_only", old.dual_stack(started) != new.dual_stack(file)),
         ("origins", differ(&a.origins, &b.origins)),
         ("proxy_protocol", a.proxy_protocol != b.proxy_protocol),
         ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),
@@ -1579,12 +1585,16 @@ mod tests {
 
     #[test]
     fn a_reload_names_each_listener_setting_it_leaves_for_a_restart() {
+        // Each listener alone in its file.
+        let changes = |old: &ListenerConfig, new: &ListenerConfig| {
+            listener_changes((old, std::slice::from_ref(old)), (new, std::slice::from_ref(new)))
+        };
         let tcp = ListenerConfig::new("127.0.0.1:6080".parse().unwrap());
-        assert!(listener_changes(&tcp, &tcp.clone()).is_empty());
+        assert!(changes(&tcp, &tcp.clone()).is_empty());
         let mut proxied = tcp.clone();
         proxied.access.proxy_protocol = true;
         proxied.web_listing = true;
-        assert_eq!(listener_changes(&tcp, &proxied), ["web_listing", "proxy_protocol"]);
+        assert_eq!(changes(&tcp, &proxied), ["web_listing", "proxy_protocol"]);
         let unix = |mode| {
             let mut l = tcp.clone();
             l.addr = crate::config::ListenOn::Unix {
@@ -1593,11 +1603,36 @@ mod tests {
             };
             l
         };
-        assert_eq!(listener_changes(&unix(0o600), &unix(0o660)), ["mode"]);
+        assert_eq!(changes(&unix(0o600), &unix(0o660)), ["mode"]);
         // web_auth is applied by the reload itself: not named.
         let mut guarded = tcp.clone();
         guarded.access.web_auth = Some(crate::config::policy::WebAuth::default());
-        assert!(listener_changes(&tcp, &guarded).is_empty());
+        assert!(changes(&tcp, &guarded).is_empty());
+    }
+
+    /// `ipv6_only` by what the socket does: a file that writes out the default `[::]` had
+    /// changes nothing; one that flips it, or an IPv4 listener of the port added beside it
+    /// (which makes `[::]` take IPv6 only), does.
+    #[test]
+    fn ipv6_only_is_compared_by_its_effect() {
+        let any6 = ListenerConfig::new("[::]:6080".parse().unwrap());
+        let with = |only| {
+            let mut l = any6.clone();
+            l.ipv6_only = only;
+            l
+        };
+        let alone = |l: &ListenerConfig| vec![l.clone()];
+        let changes =
+            |old: &ListenerConfig, new: &ListenerConfig, file: &[ListenerConfig]| listener_changes((old, &alone(old)), (new, file));
+        assert!(changes(&any6, &with(Some(false)), &alone(&with(Some(false)))).is_empty());
+        assert_eq!(changes(&any6, &with(Some(true)), &alone(&with(Some(true)))), ["ipv6_only"]);
+        let v4 = ListenerConfig::new("0.0.0.0:6080".parse().unwrap());
+        assert_eq!(changes(&any6, &any6, &[v4, any6.clone()]), ["ipv6_only"]);
+        // An address other than [::] is IPv6 only unless it says otherwise.
+        let lo6 = ListenerConfig::new("[::1]:6080".parse().unwrap());
+        let mut lo6_said = lo6.clone();
+        lo6_said.ipv6_only = Some(true);
+        assert!(changes(&lo6, &lo6_said, &alone(&lo6_said)).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
