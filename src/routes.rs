@@ -306,11 +306,16 @@ impl RouteTable {
                 let kept = previous
                     .into_iter()
                     .flat_map(|p| &p.api_sources)
-                    .find(|(old, _)| old.tokens.settings() == settings && old.tokens.ca_unchanged())
+                    .find(|(old, _)| {
+                        old.tokens.settings() == settings && old.tokens.ca_unchanged() && old.tokens.name() == s.path.to_string_lossy()
+                    })
                     .map(|(old, _)| old.tokens.clone());
                 let tokens = match kept {
                     Some(t) => t,
-                    None => Arc::new(ApiTokens::new(settings.clone()).map_err(|e| format!("token source {}: {e}", s.path.display()))?),
+                    None => Arc::new(
+                        ApiTokens::new(settings.clone(), s.path.display().to_string())
+                            .map_err(|e| format!("token source {}: {e}", s.path.display()))?,
+                    ),
                 };
                 table.api_sources.push((ApiSource { config: s.clone(), tokens }, shared));
                 continue;

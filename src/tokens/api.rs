@@ -114,13 +114,15 @@ impl fmt::Debug for ApiTokens {
 }
 
 impl ApiTokens {
-    /// A source for `settings`. Nothing is connected yet (the API may be down while the bridge
-    /// starts: its handshakes get 503 until it is up).
+    /// A source for `settings`, named `name` in logs (the name its sessions' route label has:
+    /// [`ApiTokenSource::name`], with its place in the file when two read alike). Nothing is
+    /// connected yet (the API may be down while the bridge starts: its handshakes get 503 until
+    /// it is up).
     ///
     /// # Errors
     /// The CA file cannot be read or holds no usable certificate, there are no system roots for
     /// `https://`, or the host is no name a certificate can have.
-    pub fn new(settings: ApiTokenSource) -> Result<ApiTokens, String> {
+    pub fn new(settings: ApiTokenSource, name: String) -> Result<ApiTokens, String> {
         let settings_ca_stamp = settings.ca.as_deref().and_then(|ca| super::stamp(ca).ok());
         let tls = match settings.url.tls {
             false => None,
@@ -136,7 +138,7 @@ impl ApiTokens {
             }
         };
         Ok(ApiTokens {
-            name: settings.name(),
+            name,
             settings,
             tls,
             idle: Mutex::new(Vec::new()),
@@ -157,7 +159,8 @@ impl ApiTokens {
         self.settings.ca.as_deref().is_none_or(|ca| super::stamp(ca).ok() == self.ca_stamp)
     }
 
-    /// The source's name for logs and route names: its URL with `%s` ([`ApiTokenSource::name`]).
+    /// The source's name for logs and route names: its URL with `%s` ([`ApiTokenSource::name`]),
+    /// and its place in the file when another reads alike.
     pub fn name(&self) -> &str {
         &self.name
     }

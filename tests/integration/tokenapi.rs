@@ -341,6 +341,37 @@ async fn the_log_names_the_url_and_never_the_token() {
     );
 }
 
+/// Two sources on one API that differ only in a query value (two tenants): the warnings of the
+/// second name it as its sessions' route labels do, with its place in the file (they named it by
+/// its URL alone, which reads as the first's).
+#[tokio::test]
+async fn a_token_api_sources_warnings_name_it_as_its_route_label_does() {
+    use crate::common::binary::Binary;
+    let api = Api::start(|path| {
+        Some(match path.contains("tenant=beta") {
+            true => (500, "oops".into()),
+            false => (404, "no".into()),
+        })
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("bridge.toml");
+    let source = |tenant: &str| {
+        format!(
+            "[[tokens]]\nallow_any_target = true\napi = {{ url = \"http://{}/lookup?tenant={tenant}&token=%s\" }}\n",
+            api.addr
+        )
+    };
+    let text = format!("[[listen]]\naddr = \"127.0.0.1:0\"\n\n{}\n{}", source("alpha"), source("beta"));
+    std::fs::write(&toml, text).unwrap();
+    let mut bridge = Binary::spawn(&["--config", toml.to_str().unwrap()]).await;
+    let r = http_head(bridge.addr, &upgrade_request("/websockify?token=desk", "")).await;
+    assert_eq!(status_of(&r), 503, "{r}");
+    let line = bridge.line("token source unavailable").await;
+    let name = format!("http://{}/lookup?tenant=…&token=%s (tokens[1])", api.addr);
+    assert!(line.contains(&name), "{name} in {line}");
+}
+
 /// An API that closes a kept connection as the next request comes: the lookup asks again on a
 /// new connection, within its deadline; no handshake gets a 503 for it.
 #[tokio::test]
