@@ -567,7 +567,7 @@ impl Config {
             Err(e) => {
                 return Err(ConfigError::Parse {
                     file: file.clone(),
-                    message: e.to_string().trim_end().to_owned(),
+                    message: parse_message(&e),
                 })
             }
         };
@@ -887,6 +887,68 @@ impl RouteOptions {
         }
         out
     }
+}
+
+/// Keys that write credentials inline: `[admin] token`, a route's `auth = { bearer = [...] }`,
+/// and any key ending in one of these.
+const SECRET_KEYS: [&str; 5] = ["token", "bearer", "secret", "password", "passwd"];
+
+/// The TOML parser's message for a file that does not parse, with the credentials written on
+/// the lines it quotes left out: what follows `token =` (and the other [`SECRET_KEYS`]) on such a
+/// line reads `…`. The message goes to logs and terminals that more people read than the file,
+/// and a value that broke the parse (a token without its quotes) is still the credential.
+pub(crate) fn parse_message(error: &toml::de::Error) -> String {
+    let message = error.to_string();
+    let mut out = String::with_capacity(message.len());
+    for line in message.trim_end().lines() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&redact_quoted_line(line));
+    }
+    out
+}
+
+/// One line of a parse error: a quoted line of the file (`12 | text`) keeps its text up to the
+/// first secret key's `=`; any other line is kept whole.
+fn redact_quoted_line(line: &str) -> std::borrow::Cow<'_, str> {
+    let Some(text_at) = quoted_text_start(line) else {
+        return line.into();
+    };
+    match secret_value_at(&line[text_at..]) {
+        Some(at) => format!("{} …", &line[..text_at + at].trim_end()).into(),
+        None => line.into(),
+    }
+}
+
+/// Where a quoted line's text starts: after `N | ` (the line number, right-aligned).
+fn quoted_text_start(line: &str) -> Option<usize> {
+    let rest = line.trim_start();
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return None;
+    }
+    let after = rest[digits..].strip_prefix(" |")?;
+    let bar = line.len() - after.len();
+    Some(if after.starts_with(' ') { bar + 1 } else { bar })
+}
+
+/// In a line of TOML: the byte just past the `=` of the first key that is a secret's.
+fn secret_value_at(text: &str) -> Option<usize> {
+    let key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let mut at = 0;
+    while let Some(eq) = text[at..].find('=').map(|i| at + i) {
+        let before = text[..eq].trim_end();
+        // A quoted key (`"bearer" = …`) by its name.
+        let before = before.strip_suffix(['"', '\'']).unwrap_or(before);
+        let start = before.rfind(|c: char| !key_char(c)).map_or(0, |i| i + 1);
+        let key = before[start..].to_ascii_lowercase();
+        if !key.is_empty() && SECRET_KEYS.iter().any(|s| key.ends_with(s)) {
+            return Some(eq + 1);
+        }
+        at = eq + 1;
+    }
+    None
 }
 
 /// A TOML string literal (quoted, escaped as TOML escapes).
@@ -2474,6 +2536,35 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    /// A file that does not parse on a line that writes a credential: the error quotes the line
+    /// up to the key's `=`, whether the value is what broke (a token without quotes, a string
+    /// left open) or something after it; other lines are quoted whole.
+    #[test]
+    fn a_parse_error_leaves_out_credentials_on_the_lines_it_quotes() {
+        for (text, kept) in [
+            ("[admin]\naddr = \"127.0.0.1:9090\"\ntoken = s3cretXYZ\n", "token ="),
+            ("[admin]\naddr = \"127.0.0.1:9090\"\ntoken = \"s3cretXYZ\n", "token ="),
+            (
+                "[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nauth = { bearer = [\"s3cretXYZ\"], nope = 1 }\n",
+                "auth = { bearer =",
+            ),
+            (
+                "[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nauth = { \"bearer\" = [\"s3cretXYZ\" }\n",
+                "auth = { \"bearer\" =",
+            ),
+            ("[admin]\naddr = \"127.0.0.1:9090\"\nadmin_token = 7 s3cretXYZ\n", "admin_token ="),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(!e.contains("s3cretXYZ"), "{e}");
+            assert!(e.contains(&format!("{kept} …")), "{kept} in {e}");
+        }
+        // Other lines are quoted as written; so is a key that names a file.
+        let e = parse("[[route]]\npath = \"/a\ntarget = \"127.0.0.1:1\"\n").unwrap_err().to_string();
+        assert!(e.contains("path = \"/a"), "{e}");
+        let e = parse("[admin]\ntoken_file = admin.token\n").unwrap_err().to_string();
+        assert!(e.contains("token_file = admin.token"), "{e}");
     }
 
     /// An empty file (one caught between a truncate and its write) says so, beside what is needed.

@@ -477,7 +477,7 @@ impl AgentConfig {
             Err(e) => {
                 return Err(server_file(&file, &text).unwrap_or(ConfigError::Parse {
                     file,
-                    message: e.to_string().trim_end().to_owned(),
+                    message: crate::config::parse_message(&e),
                 }))
             }
         };
