@@ -193,6 +193,8 @@ pub struct RouteTable {
     /// New limits for the tables per client address kept from the table before a reload: in
     /// force once the whole new configuration was built ([`RouteTable::commit`]).
     staged: Vec<Staged>,
+    /// Where lookups in Redis and API sources are counted and timed ([`RouteTable::observed_by`]).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A JWT token source in service: the verifier, and what its tokens may name.
@@ -343,6 +345,12 @@ impl RouteTable {
         for s in self.staged.drain(..) {
             s.commit();
         }
+    }
+
+    /// Counts and times lookups in Redis and API token sources in `metrics`
+    /// (`token_lookups_total`, `token_lookup_seconds`).
+    pub fn observed_by(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// The route configured with exactly this matcher.
@@ -565,10 +573,20 @@ impl RouteTable {
             .filter(|(s, _)| s.config.lookup == lookup)
             .map(|(s, shared)| (AskedSource::Api(&s.tokens), &s.config, shared));
         for (source, config, shared) in redis.chain(api) {
+            let started = tokio::time::Instant::now();
             let answer = match source {
                 AskedSource::Redis(r) => r.lookup(token).await,
                 AskedSource::Api(a) => a.lookup(token).await,
             };
+            if let Some(metrics) = &self.metrics {
+                let outcome = match &answer {
+                    Ok(Answer::Target(_)) => "found",
+                    Ok(Answer::Absent) => "unknown",
+                    Ok(Answer::Denied(_)) => "denied",
+                    Err(_) => "unavailable",
+                };
+                metrics.token_lookup(&config.path.to_string_lossy(), outcome, started.elapsed());
+            }
             match answer {
                 Ok(Answer::Target(target)) => {
                     // The source's name as configured: two API sources whose URLs differ only in

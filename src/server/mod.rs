@@ -178,12 +178,12 @@ impl Bridge {
     /// # Errors
     /// An invalid configuration or an unreadable token source.
     pub fn new(config: &Config) -> Result<Bridge, BridgeError> {
-        let mut live = Live::from_config(config, None)?;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let mut live = Live::from_config(config, None, &metrics)?;
         live.commit();
         let connections = Slots::default();
         live.agents.count_connections(&connections, live.max_connections);
         let shutdown = CancellationToken::new();
-        let metrics = Arc::new(crate::metrics::Metrics::new());
         metrics.config_in_force(config);
         Ok(Bridge {
             inner: Arc::new(Inner {
@@ -219,7 +219,7 @@ impl Bridge {
         // shares with the old one take their new limits only now that all of it was built (a
         // failed build leaves them as they were); not under the lock, since a table may be
         // resized, and every new connection reads the configuration in force.
-        let mut live = Live::from_config(config, Some(&self.live()))?;
+        let mut live = Live::from_config(config, Some(&self.live()), &self.inner.metrics)?;
         live.agents.count_connections(&self.inner.connections, live.max_connections);
         live.commit();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
@@ -1456,9 +1456,10 @@ impl Live {
     /// The configuration in force after `config` is loaded; on a reload, `previous` is the one
     /// in service, whose counts go on. The tables per client address it shares with `previous`
     /// keep their limits until [`Live::commit`].
-    fn from_config(config: &Config, previous: Option<&Live>) -> Result<Live, BridgeError> {
+    fn from_config(config: &Config, previous: Option<&Live>, metrics: &Arc<crate::metrics::Metrics>) -> Result<Live, BridgeError> {
         config.check()?;
-        let routes = RouteTable::from_config(config, previous.map(|p| &p.routes)).map_err(BridgeError::Tokens)?;
+        let mut routes = RouteTable::from_config(config, previous.map(|p| &p.routes)).map_err(BridgeError::Tokens)?;
+        routes.observed_by(metrics.clone());
         let mut staged = Vec::new();
         let capacity = config.limits.max_connections.saturating_mul(4);
         let proxy_headers = config
@@ -1728,7 +1729,7 @@ mod tests {
     /// places to log in agents all taken.
     #[test]
     fn a_refusal_past_the_cap_says_why_it_got_no_place_to_log_in_agents() {
-        let live = Live::from_config(&capped(100, 1), None).unwrap();
+        let live = Live::from_config(&capped(100, 1), None, &Arc::new(crate::metrics::Metrics::new())).unwrap();
         let (braked, full): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         let _pages = [place(&live, braked).unwrap(), place(&live, full).unwrap()];
         assert!(matches!(place(&live, braked), Ok(Place::AgentLogin(..))));
@@ -1760,9 +1761,9 @@ mod tests {
         let slots = |live: &Live| live.agent_logins.as_ref().unwrap().clone();
         let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
         // 10,000 × 4 / (3 + 1): a table of 16,384 slots, as for 10,001.
-        let first = Live::from_config(&capped(10_000, 3), None).unwrap();
+        let first = Live::from_config(&capped(10_000, 3), None, &Arc::new(crate::metrics::Metrics::new())).unwrap();
         let held = slots(&first).enter_within(ip, 4).unwrap();
-        let mut same = Live::from_config(&capped(10_001, 3), Some(&first)).unwrap();
+        let mut same = Live::from_config(&capped(10_001, 3), Some(&first), &Arc::new(crate::metrics::Metrics::new())).unwrap();
         same.commit();
         assert_eq!(slots(&same).len(), 16_384);
         assert_eq!(slots(&same).sessions_of(ip), 1, "with its counts");
@@ -1770,7 +1771,7 @@ mod tests {
             (capped(20_000, 3), 32_768, "max_connections"),
             (capped(10_000, 1), 32_768, "the cap"),
         ] {
-            let mut other = Live::from_config(&changed, Some(&same)).unwrap();
+            let mut other = Live::from_config(&changed, Some(&same), &Arc::new(crate::metrics::Metrics::new())).unwrap();
             other.commit();
             assert!(Arc::ptr_eq(&slots(&same), &slots(&other)), "{why}: the same table");
             assert_eq!(slots(&other).len(), len, "{why} changed its size");

@@ -222,6 +222,15 @@ async fn an_api_that_is_broken_answers_503_unknown_tokens_404_and_targets_off_th
     assert_eq!(status_of(&answer_for(&bridge, "missing").await), 404);
     assert_eq!(status_of(&answer_for(&bridge, "off-list").await), 403);
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "no connection to a target off the list");
+    // Each lookup is counted by its outcome, and timed, under the source's name.
+    let text = bridge.bridge.metrics().encode();
+    let source = format!("http://{}/t?token=%s", api.addr);
+    for (outcome, n) in [("found", 1), ("unavailable", 6), ("unknown", 2), ("denied", 1)] {
+        let line = format!(r#"wsbridge_token_lookups_total{{source="{source}",outcome="{outcome}"}} {n}"#);
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    let count = format!(r#"wsbridge_token_lookup_seconds_count{{source="{source}"}} 10"#);
+    assert!(text.lines().any(|l| l == count), "{count} in:\n{text}");
     bridge.stop().await;
 }
 
