@@ -533,7 +533,7 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the file, and where the problem is in it, the line and field.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+        let text = crate::platform::read_text(path).map_err(|e| ConfigError::Io {
             file: path.display().to_string(),
             message: e.to_string(),
         })?;
@@ -1070,7 +1070,7 @@ impl Ctx<'_> {
 /// value, resolved as the file's paths are (against its directory), is `file`. `None` when the
 /// file cannot be read or does not name it (a path given on the command line).
 pub fn where_named(config: &Path, file: &Path) -> Option<(usize, String)> {
-    let text = std::fs::read_to_string(config).ok()?;
+    let text = crate::platform::read_text(config).ok()?;
     let base = config.parent().unwrap_or(Path::new("."));
     text.lines().enumerate().find_map(|(i, line)| {
         let line = line.split('#').next().unwrap_or("");
@@ -1494,7 +1494,7 @@ impl RawConfig {
         if let Some(file) = self.log.token_key_file {
             let span = file.span();
             let path = ctx.resolve(file.get_ref());
-            let key = match std::fs::read_to_string(&path) {
+            let key = match crate::platform::read_text(&path) {
                 Ok(k) => k.trim().as_bytes().to_vec(),
                 Err(e) => return ctx.invalid(span, "log.token_key_file".into(), format!("{}: {e}", path.display())),
             };

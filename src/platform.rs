@@ -17,6 +17,47 @@ pub use tokio::net::UnixStream;
 #[cfg(windows)]
 pub use windows::{UnixReadHalf, UnixStream, UnixWriteHalf};
 
+/// A text file operators write (a secret, token, credentials or fleet file, a configuration), as
+/// Windows editors and shells save them too: a UTF-8 byte-order mark (Notepad before 1903,
+/// PowerShell 5.1's `Out-File -Encoding utf8`) is left out, and UTF-16 with its mark (PowerShell
+/// 5.1's `>`) is decoded, on every platform, since such files are copied between them. Anything
+/// else must be UTF-8.
+///
+/// # Errors
+/// The file cannot be read, or is neither (`InvalidData`, saying to save it as UTF-8).
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    decode_text(std::fs::read(path)?).map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidData, m))
+}
+
+/// [`read_text`]'s decoding of a file's bytes.
+///
+/// # Errors
+/// What is wrong with them.
+pub fn decode_text(bytes: Vec<u8>) -> Result<String, String> {
+    const SAVE: &str = "save it as UTF-8 (or ASCII)";
+    let utf16 = |rest: &[u8], unit: fn([u8; 2]) -> u16| {
+        if !rest.len().is_multiple_of(2) {
+            return Err(format!("UTF-16 text cut in the middle of a character: {SAVE}"));
+        }
+        let units: Vec<u16> = rest.chunks_exact(2).map(|c| unit([c[0], c[1]])).collect();
+        String::from_utf16(&units).map_err(|_| format!("not valid UTF-16 text: {SAVE}"))
+    };
+    match bytes.as_slice() {
+        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8(rest.to_vec()).map_err(|e| not_utf8(&e, 3)),
+        [0xFF, 0xFE, rest @ ..] => utf16(rest, u16::from_le_bytes),
+        [0xFE, 0xFF, rest @ ..] => utf16(rest, u16::from_be_bytes),
+        _ => String::from_utf8(bytes).map_err(|e| not_utf8(&e, 0)),
+    }
+}
+
+/// What a file that is not UTF-8 is told (where, by byte offset from its start).
+fn not_utf8(e: &std::string::FromUtf8Error, skipped: usize) -> String {
+    format!(
+        "not UTF-8 text (byte {} is not): save it as UTF-8 (or ASCII)",
+        e.utf8_error().valid_up_to() + skipped
+    )
+}
+
 /// Whether several sockets of this process can accept on one port (`SO_REUSEPORT`), which is how
 /// each runtime thread gets its own. Windows has no such option: its `SO_REUSEADDR` would let
 /// another process take the port as well, so there one runtime thread serves every listener.
@@ -162,5 +203,34 @@ mod windows {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             match self.0 {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_text;
+
+    /// What Windows editors and shells save reads as the text they were given; anything else
+    /// that is not UTF-8 is refused with what to do.
+    #[test]
+    fn text_files_saved_with_a_byte_order_mark_or_as_utf16_read_as_their_text() {
+        let text = "s3cret-é\r\n";
+        let utf16 = |le: bool| {
+            let mut out = if le { vec![0xFF, 0xFE] } else { vec![0xFE, 0xFF] };
+            for unit in text.encode_utf16() {
+                out.extend(if le { unit.to_le_bytes() } else { unit.to_be_bytes() });
+            }
+            out
+        };
+        let bom = [&[0xEF, 0xBB, 0xBF][..], text.as_bytes()].concat();
+        for bytes in [text.as_bytes().to_vec(), bom, utf16(true), utf16(false)] {
+            assert_eq!(decode_text(bytes).unwrap(), text);
+        }
+        // Latin-1, a UTF-16 file cut short, UTF-16 without its mark.
+        let latin1 = decode_text(b"caf\xe9\n".to_vec()).unwrap_err();
+        assert_eq!(latin1, "not UTF-8 text (byte 3 is not): save it as UTF-8 (or ASCII)");
+        assert!(decode_text(vec![0xFF, 0xFE, b'a']).unwrap_err().contains("save it as UTF-8"));
+        assert!(decode_text(vec![0xFF, 0xFE, 0x00, 0xD8]).unwrap_err().contains("not valid UTF-16"));
+        assert!(decode_text(vec![b'a', 0, b'b', 0, 0xFF]).is_err());
     }
 }

@@ -121,7 +121,7 @@ fn read(path: &Path) -> Result<(u64, Hashes, Vec<String>), String> {
     let files = files_of(path).map_err(at)?;
     let directory = files.first().is_some_and(|f| f != path);
     for file in files {
-        let text = match std::fs::read_to_string(&file) {
+        let text = match crate::platform::read_text(&file) {
             Ok(text) => text,
             // Removed since the directory was listed.
             Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -185,6 +185,17 @@ mod tests {
         std::fs::write(dir.path().join("bad"), "lab-2 no colon\n").unwrap();
         let e = FleetSource::load(dir.path()).unwrap_err();
         assert!(e.ends_with("bad:1: expected NAME: SHA256HEX"), "{e}");
+    }
+
+    /// A fleet file saved by a Windows editor (a byte-order mark before its first name) declares
+    /// that name: the mark read as part of it refused the whole file.
+    #[tokio::test]
+    async fn a_fleet_file_with_a_byte_order_mark_declares_its_first_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleet.txt");
+        std::fs::write(&file, [&b"\xEF\xBB\xBF"[..], format!("shop-17: {HASH}\r\n").as_bytes()].concat()).unwrap();
+        let source = FleetSource::load(&file).unwrap();
+        assert!(source.get("shop-17").await.0.is_some());
     }
 
     /// A file of a fleet directory that cannot be read is left out of a re-read, not the whole

@@ -103,7 +103,7 @@ impl RawAdmin {
             (None, Some(f)) => {
                 let span = f.span();
                 let path = ctx.resolve(f.get_ref());
-                let t = match std::fs::read_to_string(&path) {
+                let t = match crate::platform::read_text(&path) {
                     Ok(t) => t.trim().to_owned(),
                     Err(e) => return ctx.invalid(span, "admin.token_file".into(), format!("{}: {e}", path.display())),
                 };

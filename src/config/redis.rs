@@ -84,7 +84,7 @@ impl RedisCredentials {
     /// # Errors
     /// The file cannot be read, is empty, or has more than two lines.
     pub fn from_file(path: &Path) -> Result<RedisCredentials, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::platform::read_text(path).map_err(|e| format!("{}: {e}", path.display()))?;
         RedisCredentials::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 

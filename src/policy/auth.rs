@@ -266,7 +266,7 @@ impl BearerTokens {
     /// # Errors
     /// The file cannot be read.
     pub fn from_file(path: &Path) -> Result<BearerTokens, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::platform::read_text(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let tokens: Vec<String> = text
             .lines()
             .map(str::trim)
@@ -380,7 +380,7 @@ impl BasicUsers {
     /// The file cannot be read, or a line is not `user:bcrypt-hash` (named with its number;
     /// other htpasswd hash kinds, MD5 `$apr1$`, SHA-1 `{SHA}` and crypt, are weak and refused).
     pub fn htpasswd(path: &Path) -> Result<BasicUsers, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::platform::read_text(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut users = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();

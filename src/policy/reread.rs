@@ -230,7 +230,7 @@ mod tests {
     use super::*;
 
     fn lines(path: &Path) -> Result<Vec<String>, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = crate::platform::read_text(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if text.contains("broken") {
             return Err(format!("{}: broken", path.display()));
         }

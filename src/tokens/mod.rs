@@ -275,7 +275,7 @@ pub fn read_tokens(path: &Path, lookup: TokenLookup) -> std::io::Result<TokenFil
     let files = files_of(path)?;
     let directory = files.first().is_some_and(|f| f != path);
     for file in files {
-        match std::fs::read_to_string(&file) {
+        match crate::platform::read_text(&file) {
             Ok(text) => parse_token_text(&text, &file, lookup, &mut read),
             // Removed since the directory was listed: a revoked token.
             Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound => {}
@@ -834,6 +834,21 @@ mod tests {
         let mut read = TokenFiles::default();
         parse_token_text(text, Path::new("t.cfg"), lookup, &mut read);
         read
+    }
+
+    /// A token file saved by a Windows editor, with a byte-order mark: its first token is the
+    /// token written (the mark read as part of it, a page with that token got 404).
+    #[test]
+    fn a_token_file_with_a_byte_order_mark_knows_its_first_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, b"\xEF\xBB\xBFdesk: 127.0.0.1:5900\r\n").unwrap();
+        let read = read_tokens(&file, TokenLookup::Query).unwrap();
+        assert!(
+            read.map.contains_key("desk") && read.bad.is_empty(),
+            "{:?}",
+            read.map.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -406,7 +406,7 @@ impl<'de> serde::Deserialize<'de> for ServerField {
 
 /// Whether a TOML file is an agent's (it has an `[agent]` table, not `[[agent]]` declarations).
 pub fn is_agent_file(path: &Path) -> bool {
-    std::fs::read_to_string(path).is_ok_and(|t| is_agent_text(&t))
+    crate::platform::read_text(path).is_ok_and(|t| is_agent_text(&t))
 }
 
 /// Whether a TOML text is an agent's file: an `[agent]` table without the key only a server's
@@ -468,7 +468,7 @@ impl AgentConfig {
     /// file's (the proxy is resolved for each server once, whichever it comes from).
     fn from_file_with(path: &Path, flags: &Overrides) -> Result<AgentConfig, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+        let text = crate::platform::read_text(path).map_err(|e| ConfigError::Io {
             file: file.clone(),
             message: e.to_string(),
         })?;
@@ -914,7 +914,7 @@ fn parse_max_sessions(s: &str) -> Result<usize, String> {
 
 /// Reads a secret file: its first line, trimmed; refuses an empty one.
 fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = crate::platform::read_text(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let secret = text.lines().next().unwrap_or("").trim().to_owned();
     if secret.is_empty() {
         return Err(format!("{}: the secret file is empty", path.display()));
@@ -937,6 +937,33 @@ pub fn new_secret_text() -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret file as Windows saves it (PowerShell 5.1's `--new-secret > agent.secret` writes
+    /// UTF-16 with a byte-order mark; Notepad and `Out-File -Encoding utf8`, UTF-8 with one) holds
+    /// the secret it shows: the mark read as part of it made every login fail as a wrong secret.
+    #[test]
+    fn a_secret_file_saved_by_windows_tools_holds_its_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "0123456789abcdef0123456789abcdef-shop-17";
+        let text = format!("{secret}\r\n# save the line above as the agent's secret file\r\n");
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        let bom = [&[0xEF, 0xBB, 0xBF][..], text.as_bytes()].concat();
+        for (name, bytes) in [("utf16.secret", utf16), ("bom.secret", bom)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            assert_eq!(read_secret(&path).unwrap(), secret, "{name}");
+        }
+        let path = dir.path().join("latin1.secret");
+        std::fs::write(&path, b"caf\xe9\n").unwrap();
+        let e = read_secret(&path).unwrap_err();
+        assert!(
+            e.ends_with("latin1.secret: not UTF-8 text (byte 3 is not): save it as UTF-8 (or ASCII)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_servers_file_given_to_the_agent_says_how_to_run_it() {
