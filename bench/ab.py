@@ -9,8 +9,9 @@ system CPU and involuntary context switches per operation.
 Each variant is NAME=COMMAND. COMMAND is split like a shell line, then in each word {listen} and
 {target} stand for 127.0.0.1:PORT of the bridge and of the backend, and {cert} / {key} for a
 generated self-signed certificate; a variant that uses {cert} is spoken to over wss://. Rows:
-echo-50 and echo-1 (64-byte round trips with 50 or 1 sessions) and sessions (open, one echo,
-close; 50 at a time), as in bench/run.py. The variants run in turn within each round, starting
+echo-50 and echo-1 (64-byte round trips with 50 or 1 sessions), sessions (open, one echo,
+close; 50 at a time), bulk-up and bulk-down (one session's throughput, 64 KiB messages, to a
+backend that reads everything or sends without end), as in bench/run.py. The variants run in turn within each round, starting
 one further along each round, so the shared machine's drift falls on all of them alike; CPU and
 context switches are summed over the bridge's process tree. The medians over rounds are printed
 last, and every round goes to bench/results/ab-<time>.json. Uses the load generator that
@@ -38,7 +39,11 @@ ROWS = {
     "echo-50": ["echo", "--sessions", "50", "--msg-size", "64"],
     "echo-1": ["echo", "--sessions", "1", "--msg-size", "64"],
     "sessions": ["sessions", "--concurrency", "50", "--msg-size", "64"],
+    "bulk-up": ["throughput", "--dir", "up", "--msg-size", "65536"],
+    "bulk-down": ["throughput", "--dir", "down", "--msg-size", "65536"],
 }
+# The backend each row needs (`loadgen backend KIND`).
+BACKENDS = {"bulk-up": "sink", "bulk-down": "source"}
 KEYS = ("rate", "p50_us", "p99_us", "cpu_us", "user_us", "sys_us", "invol_cs")
 PLACEHOLDERS = {"listen", "target", "cert", "key"}
 
@@ -109,6 +114,15 @@ def measure(cmd: str, row: str, seconds: float, backend_port: int, cert_dir: Pat
     if "error" in out:
         raise RuntimeError(f"loadgen: {out['error']}")
     result = out["result"]
+    if ROWS[row][0] == "throughput":
+        # An operation is a megabyte (10^6 bytes): rate in MB/s, CPU µs per MB; no latencies.
+        mb = result["bytes"] / 1e6
+        (u0, s0), cs0 = at["start"]
+        (u1, s1), cs1 = at["end"]
+        per_mb = 1e6 / run.CLK_TCK / mb
+        return {"rate": result["mb_per_s"], "p50_us": 0.0, "p99_us": 0.0,
+                "user_us": (u1 - u0) * per_mb, "sys_us": (s1 - s0) * per_mb,
+                "cpu_us": (u1 - u0 + s1 - s0) * per_mb, "invol_cs": (cs1 - cs0) / mb}
     ops = result["round_trips" if ROWS[row][0] == "echo" else "sessions"]
     if not ops or "start" not in at or "end" not in at:
         raise RuntimeError(f"nothing measured: {ops} operations, window edges {sorted(at)}")
@@ -165,7 +179,7 @@ def main(argv=None) -> int:
         cert_dir = Path(tmp)
         if run.run_cmd([str(run.LOADGEN), "gencert", "--dir", str(cert_dir)], quiet=True, check=False):
             sys.exit("loadgen gencert failed")
-        backend, backend_port = run.start_backend("echo")
+        backend, backend_port = run.start_backend(BACKENDS.get(cfg.row, "echo"))
         n = len(cfg.pairs)
         for rnd in range(1, cfg.rounds + 1):
             # A different variant goes first each round: no variant always follows the same one.

@@ -17,6 +17,73 @@ pub use tokio::net::UnixStream;
 #[cfg(windows)]
 pub use windows::{UnixReadHalf, UnixStream, UnixWriteHalf};
 
+/// A client connection's send queue, as the kernel counts it: what the relay asks, when a client
+/// seems to have stopped reading, to tell a client that reads slowly behind a full socket from
+/// one that reads nothing. Such a socket says it can take more only once a good part of its
+/// buffer (autotuned to megabytes) is free, which at a slow reader's pace comes after the pong
+/// deadline; its queue shrinking as the client acknowledges what it read shows the reading at
+/// once. Linux only (`SIOCOUTQ`); elsewhere nothing is known and the relay goes by writes alone.
+#[derive(Debug, Clone, Copy)]
+pub struct SendQueue {
+    #[cfg(target_os = "linux")]
+    fd: Option<std::os::fd::RawFd>,
+}
+
+impl SendQueue {
+    /// Nothing known (a test's stream, a platform without the call).
+    pub const NONE: SendQueue = SendQueue {
+        #[cfg(target_os = "linux")]
+        fd: None,
+    };
+
+    /// The queue of `socket` (a TCP or unix stream), for as long as the connection it belongs to
+    /// is open: only its session's relay, which owns that connection, asks.
+    #[cfg(unix)]
+    pub fn of(socket: &impl std::os::fd::AsRawFd) -> SendQueue {
+        #[cfg(target_os = "linux")]
+        return SendQueue {
+            fd: Some(socket.as_raw_fd()),
+        };
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = socket;
+            SendQueue::NONE
+        }
+    }
+
+    /// The queue of `socket` (Windows: nothing known).
+    #[cfg(windows)]
+    pub fn of<T>(_socket: &T) -> SendQueue {
+        SendQueue::NONE
+    }
+
+    /// Bytes written to the socket that the peer has not acknowledged yet (sent or not):
+    /// `None` when not known. It shrinks only as the peer acknowledges, whatever is written.
+    #[allow(unsafe_code)]
+    #[deny(clippy::undocumented_unsafe_blocks)]
+    pub fn unacknowledged(&self) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::ioctl::{ioctl, Getter};
+            /// SIOCOUTQ (the same number as TIOCOUTQ): an `int`, the bytes in the send queue.
+            const SIOCOUTQ: rustix::ioctl::Opcode = 0x5411;
+            let fd = self.fd?;
+            // SAFETY: `fd` is the socket of the connection this queue was taken from (`of`), and
+            // only the relay that owns that connection calls this, while it owns it: the
+            // descriptor is open and is that socket for the whole borrow. SIOCOUTQ on a socket
+            // writes one `int` into the argument it is given, which is what `Getter<_, c_int>`
+            // passes (a pointer to its own `c_int`) and reads back; it reads nothing else.
+            let queued = unsafe {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                ioctl(fd, Getter::<SIOCOUTQ, std::ffi::c_int>::new())
+            };
+            queued.ok().and_then(|n| u64::try_from(n).ok())
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+}
+
 /// A text file operators write (a secret, token, credentials or fleet file, a configuration), as
 /// Windows editors and shells save them too: a UTF-8 byte-order mark (Notepad before 1903,
 /// PowerShell 5.1's `Out-File -Encoding utf8`) is left out, and UTF-16 with its mark (PowerShell

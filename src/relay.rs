@@ -121,6 +121,11 @@ pub struct SessionParams<'a> {
     pub timeouts: &'a Timeouts,
     /// Record the session's bytes ([`crate::record`]); `None` (the default): not recorded.
     pub record: Option<&'a RecordConfig>,
+    /// The client socket's send queue ([`crate::platform::SendQueue::NONE`]: not known), asked
+    /// at a pong deadline while what we write waits for the client: a queue that shrank since
+    /// the ping (or the last sign of life) is a client reading slowly behind a full socket, not
+    /// one that stopped reading.
+    pub client_queue: crate::platform::SendQueue,
 }
 
 /// How a session ended, for the session log line.
@@ -490,6 +495,11 @@ struct Pump<'b, 't, S> {
     last_active: Instant,
     next_ping: Option<Instant>,
     ping_sent: Option<Instant>,
+    /// The client socket's send queue, and its size when the pong deadline last started (the
+    /// ping, or the last sign of life): a queue that shrank since is a client that acknowledged
+    /// data, reading, however slowly ([`SessionParams::client_queue`]).
+    queue: crate::platform::SendQueue,
+    queued: Option<u64>,
     /// The pong deadline passed: the client is dead unless its pong is among the bytes it has
     /// sent so far, so the verdict waits until a read of the client finds nothing more (or, if
     /// no such read comes, one more pong timeout).
@@ -548,6 +558,8 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             last_active: now,
             next_ping: params.timeouts.ping_interval.map(|p| now + p),
             ping_sent: None,
+            queue: params.client_queue,
+            queued: None,
             pong_overdue: false,
             close_by: None,
             write_failed: None,
@@ -1023,6 +1035,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         }
         if after_stall && self.ping_sent.is_some() {
             self.ping_sent = Some(now);
+            self.queued = self.queue.unacknowledged();
             self.pong_overdue = false;
         }
         if self.close.is_some() && !matches!(self.end, Some(End::PongTimeout)) {
@@ -1094,10 +1107,21 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         } else if let Some(sent) = self.ping_sent {
             if now >= sent + t.pong_timeout {
                 if self.ping || !self.client.idle() {
-                    // Something waits for the client (our ping among it, or after it), and it has
-                    // taken none of it for a whole pong timeout: it stopped reading, whatever it
-                    // still sends.
-                    self.end(End::PongTimeout);
+                    // Something waits for the client (our ping among it, or after it), and the
+                    // socket has taken none of it for a whole pong timeout. A full socket says it
+                    // can take more only once much of its buffer (megabytes) has drained, which
+                    // at a slow reader's pace can take longer than that: its queue says whether
+                    // the client acknowledged anything meanwhile (a review: a page reading at
+                    // 50 KB/s was cut under the default 20 s). If not, it stopped reading,
+                    // whatever it still sends.
+                    let queued = self.queue.unacknowledged();
+                    match (self.queued, queued) {
+                        (Some(before), Some(now_queued)) if now_queued < before => {
+                            self.ping_sent = Some(now);
+                            self.queued = queued;
+                        }
+                        _ => self.end(End::PongTimeout),
+                    }
                 } else if !self.up.is_empty() || self.up_unflushed || self.raw_at < self.raw.len() {
                     // It takes all we send, but we are not reading it (its data waits for a slow
                     // backend), so its pong cannot be seen: backpressure, not a dead client. A
@@ -1120,6 +1144,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         } else if self.next_ping.is_some_and(|p| now >= p) {
             self.ping = true;
             self.ping_sent = Some(now);
+            self.queued = self.queue.unacknowledged();
             self.next_ping = t.ping_interval.map(|p| now + p);
         }
         true
@@ -1335,6 +1360,7 @@ mod tests {
             max_message_size: None,
             timeouts: &timeouts,
             record: None,
+            client_queue: crate::platform::SendQueue::NONE,
         };
         let shutdown = CancellationToken::new();
         let run = run(client, Vec::new(), Backend::Unix(backend), &params, &shutdown);
@@ -1404,6 +1430,7 @@ mod tests {
             max_message_size: None,
             timeouts,
             record: None,
+            client_queue: crate::platform::SendQueue::NONE,
         }
     }
 

@@ -161,6 +161,9 @@ struct Peer {
     local: Option<SocketAddr>,
     /// The connection is TLS (a same-origin check's default port is then 443).
     secure: bool,
+    /// Its socket's send queue, which the session's relay asks when the client seems to have
+    /// stopped reading.
+    queue: crate::platform::SendQueue,
 }
 
 /// How a shutdown went.
@@ -579,6 +582,7 @@ impl Bridge {
             client: UNIX_CLIENT,
             local: live.proxy_headers.then_some(UNIX_CLIENT),
             secure: false,
+            queue: crate::platform::SendQueue::of(&stream),
         };
         if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
             return;
@@ -681,6 +685,7 @@ impl Bridge {
                 None
             },
             secure: false,
+            queue: crate::platform::SendQueue::of(&stream),
         };
         if listener.config.access.proxy_protocol && !self.read_proxy_header(&mut stream, &mut peer, listener, &live, deadline).await {
             return;
@@ -1009,6 +1014,7 @@ impl Bridge {
                 max_message_size: route.options.max_message_size,
                 timeouts: t,
                 record: route.options.record.as_ref(),
+                client_queue: peer.queue,
             };
             let proxy_header = match (route.options.policy.proxy_protocol, peer.local) {
                 (Some(version), Some(local)) => Some(crate::proxy::header(version, peer.client, local)),
@@ -1810,6 +1816,7 @@ mod tests {
             client: addr,
             local: None,
             secure: false,
+            queue: crate::platform::SendQueue::NONE,
         };
         let http = bridge.http(
             TcpStream::connect(addr).await.unwrap(),

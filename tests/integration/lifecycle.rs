@@ -277,6 +277,68 @@ async fn a_slow_reader_of_a_long_download_is_not_ended_by_keepalive() {
     within("the backend's writes", writer).await.unwrap().unwrap();
 }
 
+/// A client that reads all the time, but slowly (a page rendering each line, a slow mobile
+/// link), behind a backend that floods it: its pongs come late, behind megabytes, and its
+/// reading is its sign of life. (A line-protocol review: at 50 KB/s a page was cut with 1001
+/// "ping timeout" under the default 20 s + 20 s, since the bridge's socket, autotuned to 4 MiB,
+/// said it could take more only once about a megabyte had drained: less often than the pong
+/// deadline. At the deadline the socket's send queue now says whether the client acknowledged
+/// anything meanwhile.)
+#[tokio::test]
+async fn a_client_reading_slowly_behind_a_flood_is_not_ended_by_keepalive() {
+    let (_bridge, mut s, b) = raw_session(keepalive(200, 1000)).await;
+    let (_r, mut w) = b.into_split();
+    let flood = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        loop {
+            w.write_all(&chunk).await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<_, std::io::Error>(())
+    });
+    // The scenario: a reader at about 400 KB/s, 4 KiB at a time (the pauses are its pace, not a
+    // synchronisation), for 4 s: four pong deadlines. (Loopback's 64 KiB segments have the
+    // client's window open 64 KiB at a time: about every 160 ms here, where a network's open it
+    // every few KiB.)
+    let started = std::time::Instant::now();
+    let mut got = 0usize;
+    while started.elapsed() < Duration::from_secs(4) {
+        let head = paced(&mut s, 2).await.expect("a frame's head");
+        let len = match head[1] & 0x7f {
+            126 => u16::from_be_bytes(paced(&mut s, 2).await.unwrap().try_into().unwrap()) as usize,
+            127 => u64::from_be_bytes(paced(&mut s, 8).await.unwrap().try_into().unwrap()) as usize,
+            n => n as usize,
+        };
+        let payload = paced(&mut s, len)
+            .await
+            .unwrap_or_else(|e| panic!("after {got} bytes in {:?}: {e}", started.elapsed()));
+        match head[0] & 0x0f {
+            0x2 => got += payload.len(),
+            0x9 => s.write_all(&frame(0x8a, &payload, true)).await.unwrap(),
+            op => panic!(
+                "opcode {op} {:?} after {got} bytes in {:?}",
+                String::from_utf8_lossy(payload.get(2..).unwrap_or_default()),
+                started.elapsed()
+            ),
+        }
+    }
+    assert!(!flood.is_finished(), "the backend's stream ended: {:?}", flood.await);
+    flood.abort();
+}
+
+/// `n` bytes from `s`, 4 KiB at a time with 10 ms after each: a reader at about 400 KB/s.
+async fn paced(s: &mut tokio::net::TcpStream, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    let mut at = 0;
+    while at < n {
+        let step = (n - at).min(4096);
+        s.read_exact(&mut buf[at..at + step]).await?;
+        at += step;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(buf)
+}
+
 #[tokio::test]
 async fn client_that_stops_reading_is_detected_by_ping() {
     // The ping cannot even be sent (the client's window is full): the pong deadline still runs.
