@@ -1,5 +1,5 @@
 //! WinHTTP's proxy settings, read through Microsoft's raw bindings (`windows-sys`): the crate's
-//! only `unsafe`, Windows only. Three calls, each turned into owned Rust values at once:
+//! only `unsafe` on Windows (on Linux, `platform::SendQueue`'s one ioctl). Three calls, each turned into owned Rust values at once:
 //!
 //! - [`user_settings`]: `WinHttpGetIEProxyConfigForCurrentUser`, the Internet Options of the
 //!   user this process runs as;
