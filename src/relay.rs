@@ -735,6 +735,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         match read {
             Poll::Pending => false,
             Poll::Ready(Err(e)) => {
+                // What `text` and `lines` framing hold (a line without its newline, part of a
+                // character) goes out before the close, as at a clean end: a backend's last
+                // line before it resets ("access denied") is the one a page needs.
+                let Pump { client, framer, .. } = self;
+                framer.finish(&mut |opcode: u8, payload: &[u8]| client.send(cx, opcode, payload));
                 let why = match self.write_failed.take() {
                     Some(written) => End::BackendError("write", written),
                     None => End::BackendError("read", e),
