@@ -112,7 +112,10 @@ fn read(path: &Path) -> Result<String, String> {
 }
 
 /// A certificate file that could not be read or has no certificate in it.
-fn check_certs(path: &Path) -> Result<String, String> {
+///
+/// # Errors
+/// Either, with the file's name.
+pub(crate) fn check_certs(path: &Path) -> Result<String, String> {
     let text = read(path)?;
     if !text.contains("-----BEGIN CERTIFICATE-----") {
         return Err(format!("{}: no certificate in it (expected \"BEGIN CERTIFICATE\")", path.display()));

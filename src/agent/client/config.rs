@@ -363,7 +363,7 @@ struct RawAgent {
     name: toml::Spanned<String>,
     secret_file: toml::Spanned<PathBuf>,
     services: toml::Spanned<BTreeMap<String, toml::Spanned<toml::Value>>>,
-    ca_file: Option<PathBuf>,
+    ca_file: Option<toml::Spanned<PathBuf>>,
     proxy: Option<toml::Spanned<String>>,
     #[serde(default)]
     insecure_skip_verify: bool,
@@ -498,6 +498,18 @@ impl AgentConfig {
         }
         .map_err(|(field, at, e)| ctx.invalid(at.unwrap_or(a.server.span()), &field, e))?;
         let servers = flags.servers.clone().unwrap_or(in_file);
+        // Checked now (`wsbridge check`, a service's install), not at the first dial: the file's
+        // line says which (a review: check said OK, and the service failed at every start).
+        let ca_file = match &a.ca_file {
+            Some(ca) => {
+                let path = resolve(ca.get_ref());
+                if servers.iter().any(|s| s.tls) && flags.ca_file.is_none() {
+                    crate::config::tls::check_certs(&path).map_err(|m| ctx.invalid(ca.span(), "agent.ca_file", m))?;
+                }
+                Some(path)
+            }
+            None => None,
+        };
         let name = a.name.get_ref().clone();
         if !link::valid_name(&name) {
             return Err(ctx.invalid(a.name.span(), "agent.name", "use 1-64 of A-Z a-z 0-9 . _ -"));
@@ -579,7 +591,7 @@ impl AgentConfig {
             secret,
             services,
             max_sessions,
-            ca_file: a.ca_file.map(|c| resolve(&c)),
+            ca_file,
             insecure_skip_verify: a.insecure_skip_verify,
             proxy,
             proxy_source,
@@ -662,6 +674,7 @@ impl AgentConfig {
                 Some(p) => Some(ProxySetting::Use(p.parse().map_err(|e| invalid("--proxy", e))?, ProxySource::Flag)),
             },
             secret_file: args.secret_file.clone(),
+            ca_file: args.ca_file.clone(),
         };
         let mut config = match &args.config {
             Some(path) => AgentConfig::from_file_with(path, &flags)?,
@@ -733,6 +746,9 @@ impl AgentConfig {
             config.max_sessions.insert(name.to_owned(), max);
         }
         if let Some(ca) = &args.ca_file {
+            if config.servers().any(|s| s.tls) {
+                crate::config::tls::check_certs(ca).map_err(|m| invalid("--ca-file", m))?;
+            }
             config.ca_file = Some(ca.clone());
         }
         if let Some(b) = &args.balancer_check {
@@ -801,6 +817,8 @@ struct Overrides {
     servers: Option<Vec<ServerUrl>>,
     proxy: Option<ProxySetting>,
     secret_file: Option<PathBuf>,
+    /// `--ca-file`: the file's is not used (nor checked).
+    ca_file: Option<PathBuf>,
 }
 
 /// Where the proxy to a server comes from.
@@ -1046,6 +1064,46 @@ mod tests {
             let e = bad.parse::<Proxy>().unwrap_err();
             assert!(!e.contains("CANARYPW") && e.contains(shown), "{e}");
         }
+    }
+
+    /// A CA file that cannot serve a `wss://` server is an error where it is named (the file's
+    /// line, or the flag), at load: `wsbridge check` and a service's install see it, not only
+    /// the first dial (a Windows review: check said OK, and the service failed at every start).
+    #[test]
+    fn a_ca_file_is_checked_where_it_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "secret\n").unwrap();
+        std::fs::write(
+            dir.path().join("key.pem"),
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let file = dir.path().join("agent.toml");
+        let with = |scheme: &str, ca: &str| {
+            let text = format!(
+                "[agent]\nserver = \"{scheme}://127.0.0.1:6080/agent\"\nname = \"n\"\nsecret_file = \"s\"\nca_file = \"{ca}\"\n[agent.services]\npos = \"127.0.0.1:9100\"\n"
+            );
+            std::fs::write(&file, text).unwrap();
+            AgentConfig::from_file(&file)
+        };
+        let e = with("wss", "certs/nope.pem").unwrap_err().to_string();
+        assert!(e.contains("agent.toml:5: agent.ca_file: ") && e.contains("nope.pem"), "{e}");
+        let e = with("wss", "key.pem").unwrap_err().to_string();
+        assert!(
+            e.contains("agent.toml:5: agent.ca_file: ") && e.contains("no certificate in it"),
+            "{e}"
+        );
+        // Not used by a plain ws:// server: not read.
+        assert!(with("ws", "certs/nope.pem").is_ok());
+        // The flag's replaces the file's, and is checked in its place.
+        with("wss", "certs/nope.pem").unwrap_err();
+        let flag = |ca: &str| AgentArgs {
+            config: Some(file.clone()),
+            ca_file: Some(dir.path().join(ca)),
+            ..AgentArgs::default()
+        };
+        let e = AgentConfig::from_args(&flag("missing.pem")).unwrap_err().to_string();
+        assert!(e.contains("--ca-file") && e.contains("missing.pem"), "{e}");
     }
 
     #[test]
