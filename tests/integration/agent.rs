@@ -2966,6 +2966,30 @@ async fn the_agent_binary_takes_several_servers() {
     child.kill().await.unwrap();
 }
 
+/// A proxy that cannot be reached is said as the proxy's, with where it came from: "cannot reach
+/// the server: connection refused" sent a Windows admin looking at the server (a review).
+#[tokio::test]
+async fn a_proxy_that_cannot_be_reached_is_named_in_the_agents_log() {
+    let (echo, _) = echo_backend().await;
+    let closed = closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let service = format!("pos={echo}");
+    let proxy = format!("http://{closed}");
+    let mut child = agent_command(&["--name", "shop-17", "--server", "ws://192.0.2.1:6080/agent", "--proxy", &proxy])
+        .args(["--service", &service, "--secret-file", secret.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let lines = Lines::capture(child.stderr.take().unwrap());
+    let line = lines.line("not connected; retrying").await;
+    assert!(
+        line.contains(&format!("reason=cannot reach the server: the proxy {closed} (--proxy): ")),
+        "{line}"
+    );
+    child.kill().await.unwrap();
+}
+
 /// `wsbridge check` shows a service's cap, and the agent's timings with the deadline for an app
 /// that stops reading which follows them (a compat review: an agent.toml whose ping_interval was
 /// lowered for a NAT changed meaning, and nothing showed it); `--max-sessions` is checked

@@ -1291,7 +1291,10 @@ async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result
         // Names resolved once at a time for the control link and the pool's dials together.
         None => TcpStream::connect(&crate::dns::resolve(&s.host, s.port).await?[..]).await?,
         Some(p) => {
-            let mut tcp = TcpStream::connect(&crate::dns::resolve(&p.host, p.port).await?[..]).await?;
+            // Said as the proxy's: "connection refused" alone reads as the server's.
+            let proxy_failed = |e: std::io::Error| std::io::Error::new(e.kind(), format!("the proxy {p} ({}): {e}", config.proxy_source));
+            let addrs = crate::dns::resolve(&p.host, p.port).await.map_err(proxy_failed)?;
+            let mut tcp = TcpStream::connect(&addrs[..]).await.map_err(proxy_failed)?;
             let target = s.authority();
             let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
             if let Some(auth) = &p.authorization {
