@@ -39,10 +39,12 @@ fn main() -> std::process::ExitCode {
                 automatic: false,
             })
         }
-        ["uninstall", name] => service::uninstall(name),
+        ["uninstall", name] => service::uninstall(name, std::time::Duration::from_secs(30)).map(drop),
         ["run", name, report, target] => {
             let (report, target) = (report.to_string(), target.to_string());
-            service::run(name, Box::new(move |stop| serve(&report, &target, stop)))
+            let body = move |stop| serve(&report, &target, stop).map_err(|message| service::Failure { code: 1, message });
+            // The bridge's default shutdown grace (10 s) and a margin: what the SCM is told a stop takes.
+            service::run(name, Box::new(body), std::time::Duration::from_secs(15))
         }
         _ => {
             eprintln!("usage: windows_service.exe install NAME REPORT TARGET | uninstall NAME | run NAME REPORT TARGET");

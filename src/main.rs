@@ -695,13 +695,35 @@ mod agent_service {
     #[cfg(windows)]
     const NAME: &str = "wsbridge-agent";
 
+    /// The service's exit codes (`sc query` shows them as `SERVICE_EXIT_CODE`; the README lists
+    /// them): the agent failed while running; its log file could not be opened (nothing else
+    /// says why then); its configuration is unusable (as `wsbridge agent` exits 64).
+    #[cfg(windows)]
+    const FAILED: u32 = 1;
+    #[cfg(windows)]
+    const NO_LOG_FILE: u32 = 2;
+    #[cfg(windows)]
+    const BAD_CONFIG: u32 = 64;
+
+    /// How long `--uninstall-service` waits for a running service to stop: its drain (the
+    /// agent's shutdown grace) and a margin.
+    #[cfg(windows)]
+    const UNINSTALL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
     #[cfg(windows)]
     pub fn main(args: &AgentArgs, verbose: u8) -> ExitCode {
-        use wsbridge::service;
+        use wsbridge::service::{self, Failure};
         if args.uninstall_service {
-            return match service::uninstall(NAME) {
-                Ok(()) => {
+            return match service::uninstall(NAME, UNINSTALL_WAIT) {
+                Ok(true) => {
                     complain!("wsbridge: the service {NAME} is stopped and removed");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    complain!(
+                        "wsbridge: the service {NAME} is still stopping after {}s (live sessions finishing); it is removed once stopped",
+                        UNINSTALL_WAIT.as_secs()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -717,23 +739,58 @@ mod agent_service {
                 return ExitCode::from(EX_USAGE);
             }
         };
-        // A configuration that would not run is refused now, not at the service's first start.
-        let config = match wsbridge::agent::client::AgentConfig::from_args(args) {
-            Ok(c) => c,
-            Err(e) => {
-                complain!("wsbridge: {e}");
+        if args.install_service {
+            // A configuration that would not run is refused now, not at the service's first start.
+            let config = match wsbridge::agent::client::AgentConfig::from_args(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    complain!("wsbridge: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            if let Some(dir) = log_file.parent().filter(|d| !d.is_dir()) {
+                complain!(
+                    "wsbridge: agent --install-service: the log file's directory {} does not exist: create it, and let the service's account write it (see the README, \"Windows\")",
+                    dir.display()
+                );
                 return ExitCode::from(EX_USAGE);
             }
+            return install(args, &config_path, &log_file, &config.name, verbose);
+        }
+        // A service has no console: whatever stops it from starting goes to its log, and to the
+        // SCM as its exit code, which `sc query` shows even when the log cannot be opened (a
+        // Windows review: a service that could not read its files left no trace).
+        let failure = match wsbridge::logging::init_file(verbose, &log_file) {
+            Err(e) => Some(Failure {
+                code: NO_LOG_FILE,
+                message: format!("{}: {e}", log_file.display()),
+            }),
+            Ok(()) => None,
         };
-        if args.install_service {
-            return install(&config_path, &log_file, &config.name);
-        }
-        if let Err(e) = wsbridge::logging::init_file(verbose, &log_file) {
-            complain!("wsbridge: {}: {e}", log_file.display());
-            return ExitCode::from(1);
-        }
-        let body = Box::new(move |stop: tokio_util::sync::CancellationToken| run(config, stop));
-        match service::run(NAME, body) {
+        let (config, failure) = match (failure, wsbridge::agent::client::AgentConfig::from_args(args)) {
+            (Some(f), _) => (None, Some(f)),
+            (None, Ok(c)) => (Some(c), None),
+            (None, Err(e)) => (
+                None,
+                Some(Failure {
+                    code: BAD_CONFIG,
+                    message: e.to_string(),
+                }),
+            ),
+        };
+        let stopping = config.as_ref().map_or(std::time::Duration::ZERO, |c| c.shutdown_grace) + std::time::Duration::from_secs(5);
+        let body = Box::new(move |stop: tokio_util::sync::CancellationToken| match (config, failure) {
+            (Some(config), _) => run(config, stop).map_err(|message| Failure { code: FAILED, message }),
+            (None, Some(f)) => {
+                tracing::error!(code = f.code, "agent: the service cannot start: {}", f.message);
+                Err(f)
+            }
+            (None, None) => Err(Failure {
+                code: FAILED,
+                message: "no configuration".into(),
+            }),
+        });
+        match service::run(NAME, body, stopping) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 complain!("wsbridge: agent --service-mode: {e}");
@@ -776,7 +833,7 @@ mod agent_service {
     }
 
     #[cfg(windows)]
-    fn install(config: &std::path::Path, log_file: &std::path::Path, agent: &str) -> ExitCode {
+    fn install(args: &AgentArgs, config: &std::path::Path, log_file: &std::path::Path, agent: &str, verbose: u8) -> ExitCode {
         let executable = match std::env::current_exe() {
             Ok(exe) => exe,
             Err(e) => {
@@ -789,14 +846,25 @@ mod agent_service {
             display_name: format!("wsbridge agent ({agent})"),
             description: "Carries a wsbridge server's sessions to the services on this computer".into(),
             executable,
-            arguments: vec![
-                "agent".into(),
-                "--service-mode".into(),
-                "--config".into(),
-                config.into(),
-                "--log-file".into(),
-                log_file.into(),
-            ],
+            arguments: {
+                let mut arguments: Vec<std::ffi::OsString> = vec![
+                    "agent".into(),
+                    "--service-mode".into(),
+                    "--config".into(),
+                    config.into(),
+                    "--log-file".into(),
+                    log_file.into(),
+                ];
+                // What the command line may add to the file's settings goes on the service's
+                // (a review: -v and --balancer-check were accepted here and then dropped).
+                if verbose > 0 {
+                    arguments.push(format!("-{}", "v".repeat(verbose.into())).into());
+                }
+                if let Some(check) = &args.balancer_check {
+                    arguments.extend(["--balancer-check".into(), check.into()]);
+                }
+                arguments
+            },
             automatic: true,
         };
         match wsbridge::service::install(&spec) {

@@ -34,7 +34,17 @@ use windows_service::{define_windows_service, service_dispatcher};
 
 /// What a service runs: given the token that a stop request cancels, it serves until then and
 /// drains; `Err` is a failure (logged, reported to the SCM, restarted by the failure actions).
-pub type Body = Box<dyn FnOnce(CancellationToken) -> Result<(), String> + Send>;
+pub type Body = Box<dyn FnOnce(CancellationToken) -> Result<(), Failure> + Send>;
+
+/// Why a service's body failed: `sc query` shows `code` as its `SERVICE_EXIT_CODE` (the README
+/// lists them), so a service that fails before it can log says why there too.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The service-specific exit code.
+    pub code: u32,
+    /// What went wrong.
+    pub message: String,
+}
 
 /// Why the service could not run, be installed or be removed.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +63,8 @@ pub enum ServiceError {
         source: windows_service::Error,
     },
     /// The body failed.
-    #[error("{0}")]
-    Failed(String),
+    #[error("{}", .0.message)]
+    Failed(Failure),
 }
 
 /// How a service is installed.
@@ -76,7 +86,7 @@ pub struct ServiceSpec {
 
 /// The one service this process runs: its name and body, handed from [`run`] to the entry point
 /// the SCM calls on a thread of its own (a plain `fn`, so they cannot be captured).
-static SERVICE: Mutex<Option<(String, Body)>> = Mutex::new(None);
+static SERVICE: Mutex<Option<(String, Body, Duration)>> = Mutex::new(None);
 /// The body's outcome, handed back from that thread to [`run`].
 static OUTCOME: Mutex<Option<Result<(), ServiceError>>> = Mutex::new(None);
 
@@ -84,13 +94,14 @@ define_windows_service!(ffi_service_main, service_main);
 
 /// Runs `body` as the service `name` and returns when it has stopped. Blocks the calling thread
 /// (the SCM's dispatcher runs on it); call it from `main`, outside any async runtime, and build
-/// the runtime inside `body`.
+/// the runtime inside `body`. `stopping` is how long the body may take to stop once asked (its
+/// drain): the SCM is told so, and shows the service as stopping meanwhile.
 ///
 /// # Errors
 /// [`ServiceError::NotAService`] when the process was not started by the SCM; the SCM refused;
 /// or the body failed.
-pub fn run(name: &str, body: Body) -> Result<(), ServiceError> {
-    *SERVICE.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.to_string(), body));
+pub fn run(name: &str, body: Body, stopping: Duration) -> Result<(), ServiceError> {
+    *SERVICE.lock().unwrap_or_else(|e| e.into_inner()) = Some((name.to_string(), body, stopping));
     if let Err(e) = service_dispatcher::start(name, ffi_service_main) {
         // ERROR_FAILED_SERVICE_CONTROLLER_CONNECT: started from a console, not by the SCM.
         const NOT_STARTED_BY_SCM: i32 = 1063;
@@ -109,18 +120,46 @@ pub fn run(name: &str, body: Body) -> Result<(), ServiceError> {
 fn service_main(_arguments: Vec<OsString>) {
     let taken = SERVICE.lock().unwrap_or_else(|e| e.into_inner()).take();
     let outcome = match taken {
-        Some((name, body)) => serve(&name, body),
-        None => Err(ServiceError::Failed("the service was started twice".into())),
+        Some((name, body, stopping)) => serve(&name, body, stopping),
+        None => Err(ServiceError::Failed(Failure {
+            code: 1,
+            message: "the service was started twice".into(),
+        })),
     };
     *OUTCOME.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
 }
 
-/// Registers the stop handler, reports the states, runs the body.
-fn serve(name: &str, body: Body) -> Result<(), ServiceError> {
+/// A service's state as the SCM is told it.
+fn status(state: ServiceState, exit_code: ServiceExitCode, wait_hint: Duration) -> ServiceStatus {
+    ServiceStatus {
+        service_type: ServiceType::OWN_PROCESS,
+        current_state: state,
+        controls_accepted: if state == ServiceState::Running {
+            ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN
+        } else {
+            ServiceControlAccept::empty()
+        },
+        exit_code,
+        checkpoint: 0,
+        wait_hint,
+        process_id: None,
+    }
+}
+
+/// Registers the stop handler, reports the states, runs the body. A stop request is answered
+/// with "stopping" (and `stopping` as the time it may take), so that `sc query` and a script
+/// that waits for "stopped" see the drain, not a service still running.
+fn serve(name: &str, body: Body, stopping: Duration) -> Result<(), ServiceError> {
     let stop = CancellationToken::new();
     let on_stop = stop.clone();
+    // The handle the handler reports "stopping" through: known only once it is registered.
+    let handle = std::sync::Arc::new(std::sync::OnceLock::<service_control_handler::ServiceStatusHandle>::new());
+    let reporter = handle.clone();
     let handler = move |control| match control {
         ServiceControl::Stop | ServiceControl::Shutdown | ServiceControl::Preshutdown => {
+            if let Some(h) = reporter.get() {
+                let _ = h.set_service_status(status(ServiceState::StopPending, ServiceExitCode::Win32(0), stopping));
+            }
             on_stop.cancel();
             ServiceControlHandlerResult::NoError
         }
@@ -128,32 +167,22 @@ fn serve(name: &str, body: Body) -> Result<(), ServiceError> {
         _ => ServiceControlHandlerResult::NotImplemented,
     };
     let scm = |what| move |source| ServiceError::Scm { what, source };
-    let status = service_control_handler::register(name, handler).map_err(scm("registering the stop handler"))?;
-    let report = |state, exit_code, wait_hint| {
-        status.set_service_status(ServiceStatus {
-            service_type: ServiceType::OWN_PROCESS,
-            current_state: state,
-            controls_accepted: if state == ServiceState::Running {
-                ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN
-            } else {
-                ServiceControlAccept::empty()
-            },
-            exit_code,
-            checkpoint: 0,
-            wait_hint,
-            process_id: None,
-        })
-    };
-    report(ServiceState::Running, ServiceExitCode::Win32(0), Duration::ZERO).map_err(scm("reporting running"))?;
+    let registered = service_control_handler::register(name, handler).map_err(scm("registering the stop handler"))?;
+    let _ = handle.set(registered);
+    registered
+        .set_service_status(status(ServiceState::Running, ServiceExitCode::Win32(0), Duration::ZERO))
+        .map_err(scm("reporting running"))?;
     let outcome = body(stop);
     let code = match &outcome {
         Ok(()) => ServiceExitCode::Win32(0),
         Err(e) => {
-            tracing::error!(error = %e, "service failed");
-            ServiceExitCode::ServiceSpecific(1)
+            tracing::error!(error = %e.message, code = e.code, "service failed");
+            ServiceExitCode::ServiceSpecific(e.code)
         }
     };
-    report(ServiceState::Stopped, code, Duration::ZERO).map_err(scm("reporting stopped"))?;
+    registered
+        .set_service_status(status(ServiceState::Stopped, code, Duration::ZERO))
+        .map_err(scm("reporting stopped"))?;
     outcome.map_err(ServiceError::Failed)
 }
 
@@ -209,21 +238,32 @@ pub fn install(spec: &ServiceSpec) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// Stops the service `name` if it runs and deletes it (the SCM removes it once every handle to it
-/// is closed). Needs administrator rights.
+/// Stops the service `name` if it runs, waits up to `wait` for it to have stopped (its drain),
+/// and deletes it (the SCM removes it once every handle to it is closed, which is when this
+/// returns). Returns whether it had stopped: `false` when it was still stopping at `wait`, and
+/// is removed once it has. Needs administrator rights. Waiting first is what lets an upgrade
+/// script copy a new program over the old one and install again right after: a service still
+/// running holds its file, and one marked for deletion cannot be created again.
 ///
 /// # Errors
 /// The SCM refused (no rights, no such service).
-pub fn uninstall(name: &str) -> Result<(), ServiceError> {
+pub fn uninstall(name: &str, wait: Duration) -> Result<bool, ServiceError> {
     let scm = |what| move |source| ServiceError::Scm { what, source };
     let manager =
         ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT).map_err(scm("opening the Service Control Manager"))?;
     let service = manager
         .open_service(name, ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE)
         .map_err(scm("opening the service"))?;
-    service.delete().map_err(scm("deleting the service"))?;
-    if service.query_status().map_err(scm("querying the service"))?.current_state != ServiceState::Stopped {
+    let state = || service.query_status().map(|s| s.current_state).map_err(scm("querying the service"));
+    if state()? == ServiceState::Running {
         service.stop().map_err(scm("stopping the service"))?;
     }
-    Ok(())
+    let until = std::time::Instant::now() + wait;
+    let mut stopped = state()? == ServiceState::Stopped;
+    while !stopped && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(250));
+        stopped = state()? == ServiceState::Stopped;
+    }
+    service.delete().map_err(scm("deleting the service"))?;
+    Ok(stopped)
 }

@@ -717,6 +717,42 @@ async fn the_agent_runs_as_a_service_under_wine() {
     session_through_the_agent(&bridge.url("/pos")).await;
     ok("sc stop", within("sc stop", sc(&["stop", "wsbridge-agent"])).await.unwrap());
     file_line(&log, "agent: stopped", WAIT).await;
+    // Started again, then removed while it runs: --uninstall-service returns once it has
+    // stopped, so that installing again right after (an upgrade) works (it said "stopped and
+    // removed" while the service still ran, and the install after it failed: "marked for delete").
+    ok(
+        "sc start again",
+        within("sc start", sc(&["start", "wsbridge-agent"])).await.unwrap(),
+    );
+    let uninstall = wine(build, &["agent", "--uninstall-service"]).output();
+    let said = ok("uninstall", tokio::time::timeout(WINE_WAIT, uninstall).await.unwrap().unwrap());
+    assert!(said.contains("is stopped and removed"), "{said}");
+    let install = wine(build, &["agent", "--install-service", "--config", &config_z, "--log-file", &log_z]).output();
+    ok(
+        "install right after the uninstall",
+        tokio::time::timeout(WINE_WAIT, install).await.unwrap().unwrap(),
+    );
+    // A service that cannot start (its secret file gone) says why in its log and in its exit
+    // code, which `sc query` shows (it left no trace at all).
+    std::fs::rename(dir.path().join("secrets/agent.secret"), dir.path().join("secrets/away")).unwrap();
+    let _ = within("sc start", sc(&["start", "wsbridge-agent"])).await.unwrap();
+    file_line(&log, "the service cannot start", WINE_WAIT).await;
+    let query = within("sc query", async {
+        loop {
+            let out = sc(&["query", "wsbridge-agent"]).await.unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains("STOPPED") {
+                return text;
+            }
+        }
+    })
+    .await;
+    assert!(
+        query
+            .lines()
+            .any(|l| l.contains("SERVICE_EXIT_CODE") && l.split_whitespace().nth(2) == Some("64")),
+        "{query}"
+    );
     let uninstall = wine(build, &["agent", "--uninstall-service"]).output();
     ok("uninstall", tokio::time::timeout(WINE_WAIT, uninstall).await.unwrap().unwrap());
     installed.1 = false;
