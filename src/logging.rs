@@ -381,15 +381,14 @@ impl LogFile {
     /// (a log line is not worth stopping the agent for).
     fn rotate(&mut self) {
         let old = LogFile::old_path(&self.path);
-        // Windows cannot rename over an existing file, nor a file that is open without
-        // FILE_SHARE_DELETE: remove the previous `.old`, reopen after the rename.
+        // The rename replaces the previous `.old` (on Windows too: std's rename replaces an
+        // existing file). It is not removed first: where the rename fails (on Windows, a log
+        // viewer holding FILE open without FILE_SHARE_DELETE) the previous `.old` stays, rather
+        // than being lost while FILE goes on growing (a Windows review). Reopened after.
         // FILE itself may be gone (a rename that left no new file after it): nothing to set
         // aside, and `.old`, if it is what is being written, is not removed.
         let renamed = match std::fs::metadata(&self.path) {
-            Ok(_) => {
-                let _ = std::fs::remove_file(&old);
-                std::fs::rename(&self.path, &old)
-            }
+            Ok(_) => std::fs::rename(&self.path, &old),
             Err(e) => Err(e),
         };
         match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
