@@ -1215,17 +1215,20 @@ impl Framer {
                     let line = &rest[..i];
                     rest = &rest[i + 1..];
                     if self.pending.is_empty() {
-                        send_text(line.strip_suffix(b"\r").unwrap_or(line), send);
+                        send_line(line, self.max_line, send);
                     } else {
                         self.pending.extend_from_slice(line);
                         let line = std::mem::take(&mut self.pending);
-                        send_text(line.strip_suffix(b"\r").unwrap_or(&line), send);
+                        send_line(&line, self.max_line, send);
                     }
                 }
                 self.pending.extend_from_slice(rest);
-                // A line longer than the limit goes out in pieces rather than growing without bound.
+                // A line longer than the limit goes out in pieces rather than growing without
+                // bound. A carriage return at the end is held: it may be the line's CRLF, cut
+                // between two reads (sent, it would leave an empty message for the newline).
+                let held = self.pending.len() - usize::from(self.pending.ends_with(b"\r"));
                 let mut start = 0;
-                while self.pending.len() - start > self.max_line {
+                while held - start > self.max_line {
                     let end = start + complete_utf8_len(&self.pending[start..start + self.max_line]).max(1);
                     send_text(&self.pending[start..end], send);
                     start = end;
@@ -1245,6 +1248,19 @@ impl Framer {
             send_text(&rest, send);
         }
     }
+}
+
+/// Sends a complete line (its newline taken off; a carriage return before it is taken off too)
+/// as one text message, or in pieces of at most `max` bytes if it is longer, cut between
+/// characters: the same pieces however the backend's bytes were split into reads.
+fn send_line(line: &[u8], max: usize, send: &mut impl FnMut(u8, &[u8])) {
+    let mut rest = line.strip_suffix(b"\r").unwrap_or(line);
+    while rest.len() > max {
+        let end = complete_utf8_len(&rest[..max]).max(1);
+        send_text(&rest[..end], send);
+        rest = &rest[end..];
+    }
+    send_text(rest, send);
 }
 
 /// Sends `bytes` as a text message; invalid sequences become U+FFFD (telnet-style backends send
@@ -1323,6 +1339,26 @@ mod tests {
         assert_eq!(texts(&mut f, Some(b"ee\n\n")), vec!["three", ""]);
         assert_eq!(texts(&mut f, Some(b"0123456789ab")), vec!["01234567"]);
         assert_eq!(texts(&mut f, None), vec!["89ab"]);
+    }
+
+    /// A line longer than the limit goes out in the same pieces whether it came in one read or
+    /// several (a review: in one read it went out whole, 10 KiB past a 1 KiB limit), and a line
+    /// of exactly the limit whose CRLF is cut between reads is one message, not one and an empty
+    /// one.
+    #[test]
+    fn a_long_line_is_cut_alike_however_it_was_read() {
+        let line = "0123456789abcdefghij";
+        let whole = texts(&mut Framer::new(Framing::Lines, 8), Some(format!("{line}\n").as_bytes()));
+        assert_eq!(whole, ["01234567", "89abcdef", "ghij"]);
+        let mut f = Framer::new(Framing::Lines, 8);
+        let mut pieces = texts(&mut f, Some(&line.as_bytes()[..11]));
+        pieces.extend(texts(&mut f, Some(format!("{}\n", &line[11..]).as_bytes())));
+        assert_eq!(pieces, whole);
+        // Cut between characters: a piece never splits one.
+        assert_eq!(texts(&mut Framer::new(Framing::Lines, 4), Some("ab€d\n".as_bytes())), ["ab", "€d"]);
+        let mut f = Framer::new(Framing::Lines, 8);
+        assert!(texts(&mut f, Some(b"01234567\r")).is_empty());
+        assert_eq!(texts(&mut f, Some(b"\nnext\n")), ["01234567", "next"]);
     }
 
     /// A client frame (masked), as a browser sends it.
