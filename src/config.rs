@@ -906,6 +906,17 @@ pub(crate) fn parse_message(error: &toml::de::Error) -> String {
         }
         out.push_str(&redact_quoted_line(line));
     }
+    // A Windows path in double quotes: its backslashes start escapes (a review: the parser's
+    // "missing escaped value, expected `b`, `e`, …" did not say what to do).
+    if ["escaped value", "unicode value digits", "escape sequence"]
+        .iter()
+        .any(|m| message.contains(m))
+    {
+        out.push_str(
+            "\n(a backslash in a \"double-quoted\" string starts an escape: write a Windows path in single quotes, \
+             'C:\\ProgramData\\wsbridge\\agent.secret', or double each backslash)",
+        );
+    }
     out
 }
 
@@ -2560,6 +2571,14 @@ mod tests {
             assert!(!e.contains("s3cretXYZ"), "{e}");
             assert!(e.contains(&format!("{kept} …")), "{kept} in {e}");
         }
+        // A Windows path in double quotes is told how to write it.
+        let e = parse("[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nrecord = \"C:\\ProgramData\\rec\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("write a Windows path in single quotes, 'C:\\ProgramData\\wsbridge\\agent.secret'"),
+            "{e}"
+        );
         // Other lines are quoted as written; so is a key that names a file.
         let e = parse("[[route]]\npath = \"/a\ntarget = \"127.0.0.1:1\"\n").unwrap_err().to_string();
         assert!(e.contains("path = \"/a"), "{e}");

@@ -619,6 +619,12 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
             n.stopping("stopping: live sessions finish");
         }
         shutdown.cancel();
+        // A second one (an impatient operator's Ctrl-C, a supervisor's stop timeout) ends the
+        // drain now, the same on every platform, and says so (on Windows the console's default
+        // handler ended the process silently).
+        while signals.recv().await != wsbridge::signals::Signal::Shutdown {}
+        tracing::warn!("agent: a second shutdown signal: exiting now; sessions still open are cut");
+        std::process::exit(0);
     });
     let failed = match handle.task.await {
         Ok(Ok(())) => return ExitCode::SUCCESS,

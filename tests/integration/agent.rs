@@ -1474,6 +1474,52 @@ async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
     );
 }
 
+/// A second SIGTERM/SIGINT during the drain ends it now, and the log says so (on Windows the
+/// console's default handler ended the process silently; on Linux it was ignored).
+#[tokio::test]
+async fn a_second_signal_ends_the_agents_drain_at_once() {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = shop_17_args(&bridge, echo, dir.path());
+    let (mut child, mut lines) = agent_binary(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    log_line(&mut lines, "agent: connected").await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"before").await;
+    assert_eq!(recv_data(&mut ws).await, b"before");
+    let pid = child.id().unwrap().to_string();
+    let signal = |name: &'static str| {
+        let pid = pid.clone();
+        async move {
+            let status = tokio::process::Command::new("kill")
+                .args(["-s", name, &pid])
+                .status()
+                .await
+                .unwrap();
+            assert!(status.success());
+        }
+    };
+    signal("TERM").await;
+    log_line(&mut lines, "agent: shutting down").await;
+    let second = Instant::now();
+    signal("INT").await;
+    log_line(&mut lines, "agent: a second shutdown signal: exiting now").await;
+    // Well before the 10 s grace the open session would otherwise get.
+    let status = within("the agent to exit", child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        second.elapsed() < Duration::from_secs(3),
+        "exited {:?} after the second signal",
+        second.elapsed()
+    );
+    let (_, close) = read_until_close(&mut ws).await;
+    assert_ne!(
+        close.map(|c| u16::from(c.code)),
+        Some(1000),
+        "the session was cut, not closed cleanly"
+    );
+}
+
 #[tokio::test]
 async fn new_secret_prints_a_secret_and_its_server_line() {
     let (code, text, _) = run_to_end(&["agent", "--new-secret"]).await;
