@@ -38,6 +38,7 @@ fn main() -> std::process::ExitCode {
                 // Wine session of the prefix (an agent's service is automatic).
                 automatic: false,
             })
+            .map(|warnings| warnings.iter().for_each(|w| eprintln!("windows_service: warning: {w}")))
         }
         ["uninstall", name] => service::uninstall(name, std::time::Duration::from_secs(30)).map(drop),
         ["run", name, report, target] => {

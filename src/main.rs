@@ -874,7 +874,10 @@ mod agent_service {
             automatic: true,
         };
         match wsbridge::service::install(&spec) {
-            Ok(()) => {
+            Ok(warnings) => {
+                for warning in warnings {
+                    complain!("wsbridge: warning: {warning}");
+                }
                 complain!(
                     "wsbridge: installed the service {NAME} (started with Windows, restarted on failure; `sc start {NAME}` starts it now); it logs to {}",
                     log_file.display()

@@ -187,11 +187,12 @@ fn serve(name: &str, body: Body, stopping: Duration) -> Result<(), ServiceError>
 }
 
 /// Installs `spec` as a service that runs as `NT AUTHORITY\LocalService` and is restarted when
-/// it fails (see the module doc). Needs administrator rights.
+/// it fails (see the module doc). Needs administrator rights. Returns warnings for the caller to
+/// show (an installer has no log): what the SCM could not set, the service installed all the same.
 ///
 /// # Errors
 /// The SCM refused (no rights, the name is taken).
-pub fn install(spec: &ServiceSpec) -> Result<(), ServiceError> {
+pub fn install(spec: &ServiceSpec) -> Result<Vec<String>, ServiceError> {
     let scm = |what| move |source| ServiceError::Scm { what, source };
     let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT | ServiceManagerAccess::CREATE_SERVICE)
         .map_err(scm("opening the Service Control Manager"))?;
@@ -232,10 +233,14 @@ pub fn install(spec: &ServiceSpec) -> Result<(), ServiceError> {
     // A body that returns an error (exit code set, no crash) is a failure too. Wine's SCM lacks
     // this setting: a crash still restarts the service there, so it is worth a warning, not a
     // failed install.
+    let mut warnings = Vec::new();
     if let Err(e) = service.set_failure_actions_on_non_crash_failures(true) {
-        tracing::warn!(error = %crate::logging::chain(&e), "the service restarts when it crashes, not when it stops with an error");
+        warnings.push(format!(
+            "the service restarts when it crashes, not when it stops with an error ({})",
+            crate::logging::chain(&e)
+        ));
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// Stops the service `name` if it runs, waits up to `wait` for it to have stopped (its drain),
