@@ -47,6 +47,10 @@ pub enum ConnectError {
     /// The connect deadline passed.
     #[error("backend unreachable: connect timed out after {0:?}")]
     Timeout(Duration),
+    /// The connect deadline passed while the host name was being looked up (a name server that
+    /// does not answer: not the backend's host, which was never reached).
+    #[error("backend unreachable: the name lookup timed out after {0:?}")]
+    ResolveTimeout(Duration),
     /// The TLS handshake with the backend failed (its certificate did not verify, for one). The
     /// client reads only a short summary; the details (names in the certificate) go to the log.
     #[error("backend TLS failed: {}", tls_summary(.0))]
@@ -112,7 +116,7 @@ impl ConnectError {
     /// mode: offline, a service it does not list, or its app refused).
     pub fn kind(&self) -> &'static str {
         match self {
-            ConnectError::Resolve(_) => "unresolved",
+            ConnectError::Resolve(_) | ConnectError::ResolveTimeout(_) => "unresolved",
             ConnectError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
             ConnectError::Connect(_) => "unreachable",
             ConnectError::Timeout(_) => "timeout",
@@ -161,6 +165,8 @@ impl Backend {
         proxy_header: Option<&[u8]>,
     ) -> Result<Backend, ConnectError> {
         let end = Instant::now() + deadline;
+        // Whether the deadline finds the name looked up: a timeout before is the name server's.
+        let resolved = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
             match target {
                 // A TLS route whose token source names a unix socket: refuse rather than send
@@ -176,6 +182,7 @@ impl Backend {
                 Target::Unix(path) => UnixStream::connect(path).await.map(Backend::Unix).map_err(ConnectError::Connect),
                 Target::Tcp { host, port } => {
                     let addrs = crate::dns::resolve(host, *port).await.map_err(ConnectError::Resolve)?;
+                    resolved.store(true, std::sync::atomic::Ordering::Relaxed);
                     let mut s = connect_any(&addrs, end).await?;
                     // Small messages (keystrokes, VNC input) must not wait for Nagle.
                     s.set_nodelay(true).map_err(ConnectError::Connect)?;
@@ -194,7 +201,13 @@ impl Backend {
                 }
             }
         };
-        timeout(deadline, attempt).await.unwrap_or(Err(ConnectError::Timeout(deadline)))
+        match timeout(deadline, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) if matches!(target, Target::Tcp { .. }) && !resolved.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(ConnectError::ResolveTimeout(deadline))
+            }
+            Err(_) => Err(ConnectError::Timeout(deadline)),
+        }
     }
 }
 

@@ -329,6 +329,7 @@ async fn session(
             let why = match &e {
                 ConnectError::Connect(e) => crate::backend::describe(e),
                 ConnectError::Timeout(_) => "timed out".into(),
+                ConnectError::ResolveTimeout(_) => "the name lookup timed out".into(),
                 ConnectError::Resolve(_) => "cannot resolve host".into(),
                 other => other.to_string(),
             };
