@@ -315,6 +315,7 @@ impl Admin {
                 self.bridge.metrics().agents(agents.len(), idle, registry.link_totals());
                 let bridge = &self.bridge;
                 bridge.metrics().connections(bridge.connections(), bridge.max_connections());
+                bridge.metrics().draining(bridge.is_draining());
                 // On a blocking thread, not on one that relays sessions: the process metrics
                 // read /proc, and counting 20,000 descriptors there takes milliseconds.
                 let metrics = self.bridge.metrics().clone();

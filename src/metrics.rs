@@ -368,6 +368,7 @@ pub struct Metrics {
     cert_expiry: Family<CertLabel, Gauge<f64, AtomicU64>>,
     connections: Gauge,
     connections_max: Gauge,
+    draining: Gauge,
     agents: Gauge,
     agent_idle_links: Gauge,
     agent_links_dialled: Counter,
@@ -491,6 +492,12 @@ impl Metrics {
             "Connections open now (sessions, HTTP requests, handshakes, agents' control links and idle data links), counted against max_connections; read at scrape time",
             connections.clone(),
         );
+        let draining = Gauge::default();
+        registry.register(
+            "draining",
+            "1 from the moment a drain (SIGTERM) starts, as /readyz turns 503; else 0; read at scrape time",
+            draining.clone(),
+        );
         let connections_max = Gauge::default();
         registry.register(
             "connections_max",
@@ -546,6 +553,7 @@ impl Metrics {
             cert_expiry,
             connections,
             connections_max,
+            draining,
             agents,
             agent_idle_links,
             agent_links_dialled,
@@ -563,6 +571,11 @@ impl Metrics {
             sha256: config.text_sha256.clone().unwrap_or_default(),
         };
         self.config_info.get_or_create(&label).set(1);
+    }
+
+    /// Sets whether a drain has started.
+    pub fn draining(&self, draining: bool) {
+        self.draining.set(i64::from(draining));
     }
 
     /// Sets the connections open now and the cap in force.

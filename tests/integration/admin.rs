@@ -337,6 +337,8 @@ async fn a_drain_delay_keeps_serving_after_readyz_turned_503_then_closes_at_its_
     let bridge = TestBridge::start(config).await;
     let (admin_addr, _stop) = start_admin(&bridge, None).await;
     ready(admin_addr).await;
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    assert!(metrics.lines().any(|l| l == "wsbridge_draining 0"), "{metrics}");
     let (mut before, _) = ws_connect(&bridge.url("/echo"), None).await;
     send_bin(&mut before, b"one").await;
     assert_eq!(recv_data(&mut before).await, b"one");
@@ -352,6 +354,9 @@ async fn a_drain_delay_keeps_serving_after_readyz_turned_503_then_closes_at_its_
         }
     })
     .await;
+    // The metrics say so as /readyz does (a dashboard sees an instance stuck draining).
+    let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
+    assert!(metrics.lines().any(|l| l == "wsbridge_draining 1"), "{metrics}");
     // Inside the delay: a new session is taken, and both carry data.
     let (mut during, _) = ws_connect(&bridge.url("/echo"), None).await;
     send_bin(&mut during, b"two").await;
