@@ -237,24 +237,23 @@ pub fn tcp_keepalive() -> socket2::TcpKeepalive {
 }
 
 /// The bridge sends a backend nothing of its own: without keepalive a backend host that powers
-/// off during a quiet spell would hold the session for ever; and keepalive waits while data is
-/// unacknowledged, so on Linux data unacknowledged for [`crate::server::CLIENT_USER_TIMEOUT`]
-/// (60 s) gives the connection up too (`TCP_USER_TIMEOUT`: a network-failure review saw a page
-/// that typed into a backend host gone dark kept for the kernel's 15 minutes of retransmissions;
-/// a slow backend with a full window still answers the kernel's window probes). Not when every
-/// address of the backend is loopback, where there is no network to lose a FIN or a reset in:
-/// the kernel ends the connection as soon as the backend's process goes, and a hung one answers
-/// probes all the same (system calls per session saved, for `wsbridge 6080 localhost:5900` and
-/// an agent's local app alike).
+/// off during a quiet spell would hold the session for ever. Not when every address of the
+/// backend is loopback, where there is no network to lose a FIN or a reset in: the kernel ends
+/// the connection as soon as the backend's process goes, and a hung one answers probes all the
+/// same (four system calls per session saved, for `wsbridge 6080 localhost:5900` and an agent's
+/// local app alike).
+///
+/// No `TCP_USER_TIMEOUT` (tried, and taken back): keepalive waits while data is unacknowledged,
+/// so a host that goes dark while a page types into it is given up only by the kernel's
+/// retransmissions (about 15 minutes); but since Linux 5.11 the user timeout also ends a
+/// connection whose peer keeps its window shut that long, answering every probe, which cut a
+/// live backend that paused its reading (a printer out of paper) after a minute. Telling the
+/// two apart needs the last acknowledgement's age (TCP_INFO), left for later.
 fn keepalive_unless_loopback(s: &TcpStream, addrs: &[SocketAddr]) -> io::Result<()> {
     if addrs.iter().all(|a| a.ip().is_loopback()) {
         return Ok(());
     }
-    let s = socket2::SockRef::from(s);
-    s.set_tcp_keepalive(&tcp_keepalive())?;
-    #[cfg(target_os = "linux")]
-    s.set_tcp_user_timeout(Some(crate::server::CLIENT_USER_TIMEOUT))?;
-    Ok(())
+    socket2::SockRef::from(s).set_tcp_keepalive(&tcp_keepalive())
 }
 
 /// Connects to the first of `addrs` that accepts, in order, by `end` (the connect deadline,
@@ -495,9 +494,6 @@ mod tests {
             (s.tcp_keepalive_interval().unwrap(), s.tcp_keepalive_retries().unwrap()),
             (KEEPALIVE_INTERVAL, KEEPALIVE_PROBES)
         );
-        // Data unacknowledged for a minute gives up too: keepalive waits while there is some.
-        #[cfg(target_os = "linux")]
-        assert_eq!(s.tcp_user_timeout().unwrap(), Some(crate::server::CLIENT_USER_TIMEOUT));
     }
 
     /// A listener whose accept queue is full: a further connect hangs (its SYN is dropped).

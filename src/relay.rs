@@ -183,6 +183,11 @@ impl End {
             End::ClientGone(why) => (1006, why.clone(), "client"),
             End::ClientError(e) => (e.code(), e.to_string(), "client"),
             End::BackendEof => (1000, "backend closed".into(), "backend"),
+            // The kernel gave the connection up: keepalive's probes, or its retransmissions,
+            // went unanswered.
+            End::BackendError(_, e) if e.kind() == io::ErrorKind::TimedOut => {
+                (1011, "backend timed out: its host stopped answering".into(), "backend")
+            }
             End::BackendError(what, e) => (1011, format!("backend {what} failed: {}", describe(e)), "backend"),
             End::Idle => (1001, "idle timeout".into(), "bridge"),
             End::Lifetime => (1001, "session lifetime exceeded".into(), "bridge"),
@@ -500,6 +505,11 @@ struct Pump<'b, 't, S> {
     /// data, reading, however slowly ([`SessionParams::client_queue`]).
     queue: crate::platform::SendQueue,
     queued: Option<u64>,
+    /// The size above is to be taken again at the next stall: writes since the ping (or the
+    /// last sign of life) grew the queue, and only once the socket is full again does nothing
+    /// more go in before the deadline (a review: taken at the writable moment, the refill after
+    /// it hid a megabyte acknowledged, and a 50 KB/s reader was still cut).
+    rebase: bool,
     /// The pong deadline passed: the client is dead unless its pong is among the bytes it has
     /// sent so far, so the verdict waits until a read of the client finds nothing more (or, if
     /// no such read comes, one more pong timeout).
@@ -560,6 +570,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             ping_sent: None,
             queue: params.client_queue,
             queued: None,
+            rebase: false,
             pong_overdue: false,
             close_by: None,
             write_failed: None,
@@ -583,6 +594,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 return Poll::Ready(Pass::Over);
             }
             let moved = self.poll_down(cx) | self.poll_up(cx);
+            // The queue at its fullest, with nothing more going in until the client takes some.
+            if self.rebase && self.client.stalled && self.ping_sent.is_some() {
+                self.queued = self.queue.unacknowledged();
+                self.rebase = false;
+            }
             if moved && self.bytes_up + self.bytes_down - start >= self.turn {
                 // A session that never runs dry still has its deadlines and pings looked at.
                 self.poll_timer(cx);
@@ -1041,6 +1057,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         if after_stall && self.ping_sent.is_some() {
             self.ping_sent = Some(now);
             self.queued = self.queue.unacknowledged();
+            self.rebase = true;
             self.pong_overdue = false;
         }
         if self.close.is_some() && !matches!(self.end, Some(End::PongTimeout)) {
@@ -1150,6 +1167,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.ping = true;
             self.ping_sent = Some(now);
             self.queued = self.queue.unacknowledged();
+            self.rebase = true;
             self.next_ping = t.ping_interval.map(|p| now + p);
         }
         true

@@ -615,16 +615,6 @@ impl AgentConfig {
         (self.ping_interval + self.pong_timeout).max(self.app_stall_floor)
     }
 
-    /// TCP_USER_TIMEOUT on the agent's links (Linux): how long data it sent may go
-    /// unacknowledged before the kernel gives the connection up, as the server's client sockets
-    /// do (60 s), or ping interval + pong deadline when that is longer. Without it a link whose
-    /// network vanished while a session had data in flight held that session, its app's
-    /// connection and its `max_sessions` place for the kernel's 15 minutes of retransmissions
-    /// (a network-failure review: 222 s in a 150 s outage, pages told "busy" meanwhile).
-    pub fn link_user_timeout(&self) -> Duration {
-        (self.ping_interval + self.pong_timeout).max(crate::server::CLIENT_USER_TIMEOUT)
-    }
-
     /// A configuration with the defaults and no services yet (for flags, tests and embedders).
     pub fn new(server: ServerUrl, name: String, secret: String) -> AgentConfig {
         AgentConfig {
@@ -965,18 +955,6 @@ pub fn new_secret_text() -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A link's user timeout is the server's client sockets' minute, or the agent's own ping
-    /// and pong when they add up to more: the kernel never gives a link up before the pong
-    /// deadline would.
-    #[test]
-    fn a_links_user_timeout_is_a_minute_or_ping_and_pong() {
-        let mut c = AgentConfig::new("ws://h:1/agent".parse().unwrap(), "a".into(), "s".repeat(32));
-        assert_eq!(c.link_user_timeout(), Duration::from_secs(60));
-        c.ping_interval = Duration::from_secs(50);
-        c.pong_timeout = Duration::from_secs(30);
-        assert_eq!(c.link_user_timeout(), Duration::from_secs(80));
-    }
 
     /// A secret file as Windows saves it (PowerShell 5.1's `--new-secret > agent.secret` writes
     /// UTF-16 with a byte-order mark; Notepad and `Out-File -Encoding utf8`, UTF-8 with one) holds

@@ -1311,8 +1311,6 @@ async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result
     };
     tcp.set_nodelay(true)?;
     socket2::SockRef::from(&tcp).set_tcp_keepalive(&crate::backend::tcp_keepalive())?;
-    #[cfg(target_os = "linux")]
-    socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(config.link_user_timeout()))?;
     match tls {
         None => Ok(LinkStream::Tcp(tcp)),
         Some(tls) => {
