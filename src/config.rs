@@ -567,7 +567,7 @@ impl Config {
             Err(e) => {
                 return Err(ConfigError::Parse {
                     file: file.clone(),
-                    message: parse_message(&e),
+                    message: parse_message(&e, text),
                 })
             }
         };
@@ -897,14 +897,28 @@ const SECRET_KEYS: [&str; 5] = ["token", "bearer", "secret", "password", "passwd
 /// the lines it quotes left out: what follows `token =` (and the other [`SECRET_KEYS`]) on such a
 /// line reads `…`. The message goes to logs and terminals that more people read than the file,
 /// and a value that broke the parse (a token without its quotes) is still the credential.
-pub(crate) fn parse_message(error: &toml::de::Error) -> String {
+pub(crate) fn parse_message(error: &toml::de::Error, text: &str) -> String {
     let message = error.to_string();
+    // Where the parser stopped is inside a secret's value, perhaps lines below its key (an array
+    // or a string over several lines), or the message quotes the value itself ("invalid type:
+    // string \"…\""): then nothing of the value is shown (a review found both).
+    let in_secret = error.span().and_then(|at| text.get(..at.start)).is_some_and(in_secret_value);
     let mut out = String::with_capacity(message.len());
     for line in message.trim_end().lines() {
         if !out.is_empty() {
             out.push('\n');
         }
-        out.push_str(&redact_quoted_line(line));
+        match quoted_text_start(line) {
+            // The key's own line keeps the key (`token = …`); a line below it in its value is
+            // all left out.
+            Some(at) if in_secret && secret_value_at(&line[at..]).is_none() => {
+                out.push_str(line[..at].trim_end());
+                out.push_str(" …");
+            }
+            Some(_) => out.push_str(&redact_userinfo(&redact_quoted_line(line))),
+            None if in_secret => out.push_str(&redact_quoted_values(line)),
+            None => out.push_str(line),
+        }
     }
     // A Windows path in double quotes: its backslashes start escapes (a review: the parser's
     // "missing escaped value, expected `b`, `e`, …" did not say what to do).
@@ -917,6 +931,86 @@ pub(crate) fn parse_message(error: &toml::de::Error) -> String {
              'C:\\ProgramData\\wsbridge\\agent.secret', or double each backslash)",
         );
     }
+    out
+}
+
+/// Whether the end of `before` (the file up to where the parser stopped) is inside the value of
+/// a secret key: on its line, or lines below it in an array or a multi-line string still open.
+fn in_secret_value(before: &str) -> bool {
+    let Some((key, after)) = before.rsplit_once('=') else {
+        return false;
+    };
+    let Some((first, below)) = after.split_once('\n') else {
+        // On the key's own line.
+        return secret_key(key);
+    };
+    // A string over several lines opened on the key's line and not closed since; or an array
+    // opened there, continued by lines of its elements (no key, no table header among them).
+    let string = ["\"\"\"", "\'\'\'"]
+        .iter()
+        .any(|q| first.matches(q).count() % 2 == 1 && after.matches(q).count() % 2 == 1);
+    let array = first.matches('[').count() > first.matches(']').count()
+        && after.matches('[').count() > after.matches(']').count()
+        && below.lines().all(|l| !l.contains('=') && !l.trim_start().starts_with('['));
+    (string || array) && secret_key(key)
+}
+
+/// Whether the key that `before_eq` ends with (the text before an `=`) names a credential.
+fn secret_key(before_eq: &str) -> bool {
+    let key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let before = before_eq.trim_end();
+    // A quoted key (`"bearer" = …`) by its name.
+    let before = before.strip_suffix(['"', '\'']).unwrap_or(before);
+    let start = before.rfind(|c: char| !key_char(c)).map_or(0, |i| i + 1);
+    let key = before[start..].to_ascii_lowercase();
+    !key.is_empty() && SECRET_KEYS.iter().any(|s| key.ends_with(s))
+}
+
+/// `"…"` and `` `…` `` in place of what a line of the parser's own words quotes.
+fn redact_quoted_values(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut quote: Option<char> = None;
+    for c in line.chars() {
+        match quote {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '"' || c == '`' {
+                    quote = Some(c);
+                }
+            }
+        }
+    }
+    if quote.is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// A URL's user and password (`scheme://user:pass@host`, an agent's `proxy`) left out of a line.
+fn redact_userinfo(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '"' || c == '\'' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(userinfo) => {
+                out.push('…');
+                rest = &tail[userinfo..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -946,15 +1040,9 @@ fn quoted_text_start(line: &str) -> Option<usize> {
 
 /// In a line of TOML: the byte just past the `=` of the first key that is a secret's.
 fn secret_value_at(text: &str) -> Option<usize> {
-    let key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
     let mut at = 0;
     while let Some(eq) = text[at..].find('=').map(|i| at + i) {
-        let before = text[..eq].trim_end();
-        // A quoted key (`"bearer" = …`) by its name.
-        let before = before.strip_suffix(['"', '\'']).unwrap_or(before);
-        let start = before.rfind(|c: char| !key_char(c)).map_or(0, |i| i + 1);
-        let key = before[start..].to_ascii_lowercase();
-        if !key.is_empty() && SECRET_KEYS.iter().any(|s| key.ends_with(s)) {
+        if secret_key(&text[..eq]) {
             return Some(eq + 1);
         }
         at = eq + 1;
@@ -2571,6 +2659,23 @@ mod tests {
             assert!(!e.contains("s3cretXYZ"), "{e}");
             assert!(e.contains(&format!("{kept} …")), "{kept} in {e}");
         }
+        // Where the parser stops inside a secret's value lines below its key, or quotes the
+        // value in its own words, none of it is shown (a review found these).
+        for text in [
+            "[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nauth = { bearer = \"s3cretXYZ\" }\n",
+            "[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nauth.bearer = [\n  \"s3cretXYZ\" x,\n]\n",
+            "[admin]\naddr = \"127.0.0.1:9090\"\ntoken = \"\"\"\nabc\\qs3cretXYZ\"\"\"\n",
+            "[admin]\naddr = \"127.0.0.1:9090\"\ntoken = \'\'\'\ns3cretXYZ\n",
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(!e.contains("s3cretXYZ"), "{e}");
+        }
+        // A URL's password (an agent's proxy, say) is left out of the line quoted.
+        let e = parse("[[route]]\npath = \"/a\" x\ntarget = \"http://u:s3cretXYZ@p:3128/\"\n").unwrap_err();
+        assert!(!e.to_string().contains("s3cretXYZ"), "{e}");
+        // A header after a secret's line is still quoted.
+        let e = parse("[admin]\ntoken = \"abc\"\n[[rout\n").unwrap_err().to_string();
+        assert!(e.contains("[[rout"), "{e}");
         // A Windows path in double quotes is told how to write it.
         let e = parse("[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nrecord = \"C:\\ProgramData\\rec\"\n")
             .unwrap_err()

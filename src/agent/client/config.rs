@@ -477,7 +477,7 @@ impl AgentConfig {
             Err(e) => {
                 return Err(server_file(&file, &text).unwrap_or(ConfigError::Parse {
                     file,
-                    message: crate::config::parse_message(&e),
+                    message: crate::config::parse_message(&e, &text),
                 }))
             }
         };
