@@ -470,7 +470,9 @@ fn spawn_signal_handlers(
                             again = true;
                             tracing::info!("SIGHUP during a reload: the configuration is read once more after it");
                         }
-                        Signal::Reload => {}
+                        Signal::Reload => {
+                            tracing::info!("SIGHUP during a reload: one more reload is already queued after it");
+                        }
                     },
                     () = &mut slow, if !said_slow => {
                         said_slow = true;

@@ -434,13 +434,13 @@ impl Metrics {
         let token_lookups = Family::<LookupLabel, Counter>::default();
         registry.register(
             "token_lookups",
-            "Tokens asked of a Redis or API token source, by source and outcome (found, unknown, denied: a target off its allow-list, unavailable: no answer in time or a broken one)",
+            "Tokens asked of a Redis or API token source, by source and outcome (found, unknown, denied: a target off its allow-list, unavailable: no answer in time or a broken one; cached: answered by a Redis source's cache without asking)",
             token_lookups.clone(),
         );
         let token_lookup_seconds = Family::<SourceLabel, Histogram, fn() -> Histogram>::new_with_constructor(lookup_histogram);
         registry.register(
             "token_lookup_seconds",
-            "Time a Redis or API token source took to answer a lookup (or to fail), per source",
+            "Time a Redis or API token source took to answer a lookup (or to fail), per source; answers from a Redis source's cache are not in it",
             token_lookup_seconds.clone(),
         );
         let connect_seconds = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(connect_histogram);
@@ -702,15 +702,18 @@ impl Metrics {
     }
 
     /// A lookup in the Redis or API token source named `source` ended with `outcome` (`found`,
-    /// `unknown`, `denied`, `unavailable`) after `took`.
-    pub fn token_lookup(&self, source: &str, outcome: &'static str, took: std::time::Duration) {
+    /// `unknown`, `denied`, `unavailable`; `cached`: a Redis source's cache answered, not timed)
+    /// after `took`.
+    pub fn token_lookup(&self, source: &str, outcome: &'static str, took: Option<std::time::Duration>) {
         let label = LookupLabel {
             source: source.to_owned(),
             outcome,
         };
         self.token_lookups.get_or_create(&label).inc();
-        let label = SourceLabel { source: label.source };
-        self.token_lookup_seconds.get_or_create(&label).observe(took.as_secs_f64());
+        if let Some(took) = took {
+            let label = SourceLabel { source: label.source };
+            self.token_lookup_seconds.get_or_create(&label).observe(took.as_secs_f64());
+        }
     }
 
     /// A TLS handshake on a listener succeeded or failed.

@@ -37,9 +37,11 @@ impl SendQueue {
     };
 
     /// The queue of `socket` (a TCP or unix stream), for as long as the connection it belongs to
-    /// is open: only its session's relay, which owns that connection, asks.
+    /// is open: only its session's relay, which owns that connection, asks. Crate-only: the
+    /// descriptor is kept as a number, which the caller must not let outlive its socket (a
+    /// review: as a public safe function, an embedder could ask after closing it).
     #[cfg(unix)]
-    pub fn of(socket: &impl std::os::fd::AsRawFd) -> SendQueue {
+    pub(crate) fn of(socket: &impl std::os::fd::AsRawFd) -> SendQueue {
         #[cfg(target_os = "linux")]
         return SendQueue {
             fd: Some(socket.as_raw_fd()),
@@ -53,7 +55,7 @@ impl SendQueue {
 
     /// The queue of `socket` (Windows: nothing known).
     #[cfg(windows)]
-    pub fn of<T>(_socket: &T) -> SendQueue {
+    pub(crate) fn of<T>(_socket: &T) -> SendQueue {
         SendQueue::NONE
     }
 

@@ -1263,7 +1263,12 @@ impl Framer {
     fn finish(&mut self, send: &mut impl FnMut(u8, &[u8])) {
         if self.framing != Framing::Binary && !self.pending.is_empty() {
             let rest = std::mem::take(&mut self.pending);
-            send_text(&rest, send);
+            match self.framing {
+                // The last line, as a line ended with its newline would go (a carriage return
+                // held at its end taken off, pieces of at most the limit).
+                Framing::Lines => send_line(&rest, self.max_line, send),
+                _ => send_text(&rest, send),
+            }
         }
     }
 }
@@ -1377,6 +1382,10 @@ mod tests {
         let mut f = Framer::new(Framing::Lines, 8);
         assert!(texts(&mut f, Some(b"01234567\r")).is_empty());
         assert_eq!(texts(&mut f, Some(b"\nnext\n")), ["01234567", "next"]);
+        // The last line, without its newline at the close, goes as a line would.
+        let mut f = Framer::new(Framing::Lines, 8);
+        assert!(texts(&mut f, Some(b"01234567\r")).is_empty());
+        assert_eq!(texts(&mut f, None), ["01234567"]);
     }
 
     /// A client frame (masked), as a browser sends it.

@@ -260,14 +260,21 @@ pub fn uninstall(name: &str, wait: Duration) -> Result<bool, ServiceError> {
         .open_service(name, ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE)
         .map_err(scm("opening the service"))?;
     let state = || service.query_status().map(|s| s.current_state).map_err(scm("querying the service"));
-    if state()? == ServiceState::Running {
-        service.stop().map_err(scm("stopping the service"))?;
+    // Running, or still starting (a stop is refused until it reports running: asked again
+    // below, while waiting).
+    let mut asked = false;
+    if !matches!(state()?, ServiceState::Stopped | ServiceState::StopPending) {
+        asked = service.stop().is_ok();
     }
     let until = std::time::Instant::now() + wait;
     let mut stopped = state()? == ServiceState::Stopped;
     while !stopped && std::time::Instant::now() < until {
         std::thread::sleep(Duration::from_millis(250));
-        stopped = state()? == ServiceState::Stopped;
+        let now = state()?;
+        if !asked && now == ServiceState::Running {
+            asked = service.stop().is_ok();
+        }
+        stopped = now == ServiceState::Stopped;
     }
     service.delete().map_err(scm("deleting the service"))?;
     Ok(stopped)

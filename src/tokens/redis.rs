@@ -205,7 +205,9 @@ impl RedisTokens {
         Ok(Answer::Target(target))
     }
 
-    fn cached(&self, token: &str) -> Option<Target> {
+    /// The target `token` names in the cache (`cache_ttl`), if it is there and fresh: what
+    /// [`RedisTokens::lookup`] answers without asking Redis.
+    pub fn cached(&self, token: &str) -> Option<Target> {
         let cache = self.cache.as_ref()?.lock().unwrap_or_else(PoisonError::into_inner);
         cache.get(token, self.settings.cache_ttl)
     }

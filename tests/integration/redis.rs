@@ -488,6 +488,16 @@ async fn cached_answers_last_their_ttl_and_absent_ones_are_never_cached() {
     // ...and refused once it has.
     tokio::time::sleep_until((answered + ttl + Duration::from_millis(50)).into()).await;
     assert_eq!(status_for(&bridge, "desk").await, 404, "expired");
+    // The metrics count the cache's answers apart and time only those Redis gave: unknown,
+    // found, two from the cache, unknown.
+    let text = bridge.bridge.metrics().encode();
+    let source = redis.url(0);
+    for (outcome, n) in [("unknown", 2), ("found", 1), ("cached", 2)] {
+        let line = format!(r#"wsbridge_token_lookups_total{{source="{source}",outcome="{outcome}"}} {n}"#);
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    let timed = format!(r#"wsbridge_token_lookup_seconds_count{{source="{source}"}} 3"#);
+    assert!(text.lines().any(|l| l == timed), "{timed} in:\n{text}");
     bridge.stop().await;
 }
 
