@@ -935,24 +935,87 @@ pub(crate) fn parse_message(error: &toml::de::Error, text: &str) -> String {
 }
 
 /// Whether the end of `before` (the file up to where the parser stopped) is inside the value of
-/// a secret key: on its line, or lines below it in an array or a multi-line string still open.
+/// a secret key: on its line, or lines below it in an array, an inline table or a multi-line
+/// string. A small scan of TOML's lexical structure (strings of the four kinds with their
+/// escapes, comments, brackets), so that an `=` inside a string or a comment (a base64 token's
+/// padding: a review) is not taken for a key's.
 fn in_secret_value(before: &str) -> bool {
-    let Some((key, after)) = before.rsplit_once('=') else {
-        return false;
-    };
-    let Some((first, below)) = after.split_once('\n') else {
-        // On the key's own line.
-        return secret_key(key);
-    };
-    // A string over several lines opened on the key's line and not closed since; or an array
-    // opened there, continued by lines of its elements (no key, no table header among them).
-    let string = ["\"\"\"", "\'\'\'"]
-        .iter()
-        .any(|q| first.matches(q).count() % 2 == 1 && after.matches(q).count() % 2 == 1);
-    let array = first.matches('[').count() > first.matches(']').count()
-        && after.matches('[').count() > after.matches(']').count()
-        && below.lines().all(|l| !l.contains('=') && !l.trim_start().starts_with('['));
-    (string || array) && secret_key(key)
+    // The keys whose values the scan is inside (an array or inline table after `key =`), with the
+    // line's own key-value last while on its line.
+    let mut open: Vec<bool> = Vec::new();
+    // The key just written (before its `=`), and whether the value after `=` is a secret's.
+    let mut key = String::new();
+    let mut value: Option<bool> = None;
+    let b = before.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let rest = &before[i..];
+        if rest.starts_with("\"\"\"") || rest.starts_with("\'\'\'") {
+            let quote = &rest[..3];
+            match rest[3..].find(quote) {
+                // Closed before the error: skip it (and a fourth or fifth quote that ends it).
+                Some(end) => {
+                    i += 3 + end + 3;
+                    while before[i..].starts_with(&quote[..1]) {
+                        i += 1;
+                    }
+                    continue;
+                }
+                // Still open where the parser stopped.
+                None => return value.unwrap_or(false) || open.last().copied().unwrap_or(false),
+            }
+        }
+        match c {
+            b'"' | b'\'' => {
+                let mut j = i + 1;
+                while j < b.len() && b[j] != c && b[j] != b'\n' {
+                    j += if c == b'"' && b[j] == b'\\' { 2 } else { 1 };
+                }
+                if j >= b.len() {
+                    // Open where the parser stopped: inside this string.
+                    return value.unwrap_or(false) || open.last().copied().unwrap_or(false) || secret_key(&key);
+                }
+                if value.is_none() {
+                    // A quoted key (or an array's element, which counts for nothing).
+                    key = before[i + 1..j].to_owned();
+                }
+                i = j + 1;
+                continue;
+            }
+            b'#' => {
+                i = before[i..].find('\n').map_or(b.len(), |n| i + n);
+                continue;
+            }
+            b'=' => {
+                value = Some(secret_key(&key) || open.last().copied().unwrap_or(false));
+                key.clear();
+            }
+            b'[' | b'{' if value.is_some() || !open.is_empty() => {
+                open.push(value.unwrap_or(false) || open.last().copied().unwrap_or(false));
+                value = None;
+            }
+            b']' | b'}' if !open.is_empty() => {
+                open.pop();
+                value = None;
+            }
+            b',' => value = None,
+            b'\n' if open.is_empty() => {
+                value = None;
+                key.clear();
+            }
+            // A bare key's characters, while no value is being written.
+            c if value.is_none() && (c.is_ascii_alphanumeric() || c == b'_' || c == b'-') => {
+                if i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b'-') {
+                    key.clear();
+                }
+                key.push(c as char);
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    value.unwrap_or(false) || open.last().copied().unwrap_or(false)
 }
 
 /// Whether the key that `before_eq` ends with (the text before an `=`) names a credential.
@@ -966,7 +1029,7 @@ fn secret_key(before_eq: &str) -> bool {
     !key.is_empty() && SECRET_KEYS.iter().any(|s| key.ends_with(s))
 }
 
-/// `"…"` and `` `…` `` in place of what a line of the parser's own words quotes.
+/// `"…"` in place of a value a line of the parser's own words quotes.
 fn redact_quoted_values(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut quote: Option<char> = None;
@@ -980,7 +1043,9 @@ fn redact_quoted_values(line: &str) -> String {
             Some(_) => {}
             None => {
                 out.push(c);
-                if c == '"' || c == '`' {
+                // The parser's own words (`expected `,``) are in backquotes; a value it quotes
+                // (`invalid type: string "…"`) in double quotes.
+                if c == '"' {
                     quote = Some(c);
                 }
             }
@@ -2670,6 +2735,17 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(!e.contains("s3cretXYZ"), "{e}");
         }
+        // An `=` inside an earlier element or a comment is not a key's (base64 tokens' padding),
+        // and the parser's own words stay readable.
+        let text = "[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nauth = { bearer = [\n  \"c2VjcmV0QQ==\", # a = b\n  \"c2VjcmV0Qg==\"\n  \"c2VjcmV0Qw==\",\n] }\n";
+        let e = parse(text).unwrap_err().to_string();
+        assert!(!e.contains("c2VjcmV0"), "{e}");
+        assert!(e.contains("missing comma between array elements, expected `,`"), "{e}");
+        // An error beside a secret on its line, not in it, still says what is wrong.
+        let e = parse("[[route]]\npath = \"/a\"\ntarget = \"127.0.0.1:1\"\nauth = { bearer = [\"s3cretXYZ\"], basic = \"x\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cretXYZ") && e.contains("unknown field `basic`"), "{e}");
         // A URL's password (an agent's proxy, say) is left out of the line quoted.
         let e = parse("[[route]]\npath = \"/a\" x\ntarget = \"http://u:s3cretXYZ@p:3128/\"\n").unwrap_err();
         assert!(!e.to_string().contains("s3cretXYZ"), "{e}");
