@@ -1266,6 +1266,8 @@ impl Framer {
             match self.framing {
                 // The last line, as a line ended with its newline would go (a carriage return
                 // held at its end taken off, pieces of at most the limit).
+                // A carriage return alone (a backend whose lines end "\n\r") is no line.
+                Framing::Lines if rest == b"\r" => {}
                 Framing::Lines => send_line(&rest, self.max_line, send),
                 _ => send_text(&rest, send),
             }
@@ -1386,6 +1388,9 @@ mod tests {
         let mut f = Framer::new(Framing::Lines, 8);
         assert!(texts(&mut f, Some(b"01234567\r")).is_empty());
         assert_eq!(texts(&mut f, None), ["01234567"]);
+        let mut f = Framer::new(Framing::Lines, 8);
+        assert_eq!(texts(&mut f, Some(b"x\n\r")), ["x"]);
+        assert!(texts(&mut f, None).is_empty(), "a carriage return alone at the close");
     }
 
     /// A client frame (masked), as a browser sends it.
