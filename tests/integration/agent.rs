@@ -1439,24 +1439,40 @@ async fn the_agents_trace_log_does_not_hold_its_secret() {
     }
 }
 
+/// The agent binary serving shop-17's `pos` (`echo`) to `bridge`, connected, and a page's
+/// session through it that has carried a message.
+async fn agent_binary_in_a_session(
+    bridge: &TestBridge,
+    echo: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>, Ws) {
+    let args = shop_17_args(bridge, echo, dir);
+    let (child, mut lines) = agent_binary(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    log_line(&mut lines, "agent: connected").await;
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"before").await;
+    assert_eq!(recv_data(&mut ws).await, b"before");
+    (child, lines, ws)
+}
+
+/// Sends `signal` (`TERM`, `INT`) to `child`.
+async fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = tokio::process::Command::new("kill")
+        .args(["-s", signal, &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "kill -s {signal} {pid}");
+}
+
 #[tokio::test]
 async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
     let (echo, _) = echo_backend().await;
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let dir = tempfile::tempdir().unwrap();
-    let args = shop_17_args(&bridge, echo, dir.path());
-    let (mut child, mut lines) = agent_binary(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    log_line(&mut lines, "agent: connected").await;
-    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
-    send_bin(&mut ws, b"before").await;
-    assert_eq!(recv_data(&mut ws).await, b"before");
-    let pid = child.id().unwrap().to_string();
-    assert!(tokio::process::Command::new("kill")
-        .args(["-s", "TERM", &pid])
-        .status()
-        .await
-        .unwrap()
-        .success());
+    let (mut child, mut lines, mut ws) = agent_binary_in_a_session(&bridge, echo, dir.path()).await;
+    signal(&child, "TERM").await;
     log_line(&mut lines, "agent: shutting down").await;
     // The live session goes on after SIGTERM...
     send_bin(&mut ws, b"after").await;
@@ -1481,28 +1497,11 @@ async fn a_second_signal_ends_the_agents_drain_at_once() {
     let (echo, _) = echo_backend().await;
     let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
     let dir = tempfile::tempdir().unwrap();
-    let args = shop_17_args(&bridge, echo, dir.path());
-    let (mut child, mut lines) = agent_binary(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    log_line(&mut lines, "agent: connected").await;
-    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
-    send_bin(&mut ws, b"before").await;
-    assert_eq!(recv_data(&mut ws).await, b"before");
-    let pid = child.id().unwrap().to_string();
-    let signal = |name: &'static str| {
-        let pid = pid.clone();
-        async move {
-            let status = tokio::process::Command::new("kill")
-                .args(["-s", name, &pid])
-                .status()
-                .await
-                .unwrap();
-            assert!(status.success());
-        }
-    };
-    signal("TERM").await;
+    let (mut child, mut lines, mut ws) = agent_binary_in_a_session(&bridge, echo, dir.path()).await;
+    signal(&child, "TERM").await;
     log_line(&mut lines, "agent: shutting down").await;
     let second = Instant::now();
-    signal("INT").await;
+    signal(&child, "INT").await;
     log_line(&mut lines, "agent: a second shutdown signal: exiting now").await;
     // Well before the 10 s grace the open session would otherwise get.
     let status = within("the agent to exit", child.wait()).await.unwrap();
