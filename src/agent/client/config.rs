@@ -247,6 +247,14 @@ impl std::str::FromStr for Proxy {
             Some((u, h)) => (Some(u), h),
             None => (None, rest),
         };
+        // A proxy is a host and a port: a path or a query after them (copied from a web page)
+        // read as a bad port (a review).
+        if let Some(at) = hostport.find(['/', '?', '#']) {
+            return Err(format!(
+                "proxy {s:?}: a proxy is http://HOST:PORT, without the {:?} after it",
+                hostport[at..].chars().take(40).collect::<String>()
+            ));
+        }
         let (host, port) = match crate::config::split_host_port(hostport) {
             Some((h, p)) => (h, p.parse().map_err(|_| format!("proxy {s:?}: bad port"))?),
             None => (hostport.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(hostport), 80),
@@ -1033,6 +1041,12 @@ mod tests {
         }
         let e = "http://fe80::1:3128".parse::<Proxy>().unwrap_err();
         assert!(e.contains("brackets"), "{e}");
+        // A path after the port is said as such (it read "bad port"), a password with a '/' is
+        // no path, and neither shows the password.
+        let e = "http://user:pw@proxy:3128/path?x".parse::<Proxy>().unwrap_err();
+        assert!(e.contains("without the \"/path?x\" after it") && !e.contains("pw@"), "{e}");
+        let p: Proxy = "http://user:p/w@proxy:3128".parse().unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy", 3128));
         // An error leaves the password out (a hostile-server review found it in the message).
         for (bad, shown) in [
             ("http://puser:CANARYPW@proxy.corp:99999", "http://puser:…@proxy.corp:99999"),
