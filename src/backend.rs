@@ -99,9 +99,9 @@ impl AgentRefusal {
     /// and `SERVICE: WHY` for an app they could not connect.
     pub fn of_answer(text: &str) -> AgentRefusal {
         let why = text.split_once(": ").map_or("", |(_, why)| why);
-        if why.starts_with("no such service on agent ") {
+        if why.starts_with(crate::agent::link::NO_SUCH_SERVICE) {
             AgentRefusal::NoService
-        } else if why.starts_with("busy, at most ") {
+        } else if why.starts_with(crate::agent::link::BUSY) {
             AgentRefusal::Busy
         } else {
             AgentRefusal::App

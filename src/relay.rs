@@ -1247,7 +1247,7 @@ impl Framer {
                 let held = self.pending.len() - usize::from(self.pending.ends_with(b"\r"));
                 let mut start = 0;
                 while held - start > self.max_line {
-                    let end = start + complete_utf8_len(&self.pending[start..start + self.max_line]).max(1);
+                    let end = start + piece_len(&self.pending[start..], self.max_line);
                     send_text(&self.pending[start..end], send);
                     start = end;
                 }
@@ -1281,11 +1281,17 @@ impl Framer {
 fn send_line(line: &[u8], max: usize, send: &mut impl FnMut(u8, &[u8])) {
     let mut rest = line.strip_suffix(b"\r").unwrap_or(line);
     while rest.len() > max {
-        let end = complete_utf8_len(&rest[..max]).max(1);
+        let end = piece_len(rest, max);
         send_text(&rest[..end], send);
         rest = &rest[end..];
     }
     send_text(rest, send);
+}
+
+/// How much of `bytes` (longer than `max`) the next piece of a long line takes: at most `max`,
+/// cut between characters (one byte at least, where `max` ends inside bytes that are no UTF-8).
+fn piece_len(bytes: &[u8], max: usize) -> usize {
+    complete_utf8_len(&bytes[..max]).max(1)
 }
 
 /// Sends `bytes` as a text message; invalid sequences become U+FFFD (telnet-style backends send

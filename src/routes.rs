@@ -583,7 +583,7 @@ impl RouteTable {
             let from_cache = cached.is_some();
             let answer = match (cached, source) {
                 (Some(target), _) => Ok(Answer::Target(target)),
-                (None, AskedSource::Redis(r)) => r.lookup(token).await,
+                (None, AskedSource::Redis(r)) => r.ask(token).await,
                 (None, AskedSource::Api(a)) => a.lookup(token).await,
             };
             if let Some(metrics) = &self.metrics {

@@ -40,6 +40,12 @@ pub const INSTANCE_HEADER: &str = "x-wsbridge-instance";
 /// The agent's answer to `open` on a link in chunks ([`super::chunks`]): the service is
 /// connected and the session's bytes follow in chunks. (`ok` alone: raw bytes, one session.)
 pub const OK_CHUNKS: &str = "ok chunks";
+/// How an agent's `err` answer says it does not list a service (`err SERVICE: …NAME`), and one
+/// at its `max_sessions` (`err SERVICE: …N sessions at a time`): the agent writes them, the server
+/// reads them back into `agent_open_failures_total`'s reasons.
+pub const NO_SUCH_SERVICE: &str = "no such service on agent ";
+/// See [`NO_SUCH_SERVICE`].
+pub const BUSY: &str = "busy, at most ";
 /// The longest `open` / `ok` / `err` line.
 pub const MAX_LINE: usize = 256;
 /// The hello's version of an agent that replaces each link it is sent `open` on by itself: a

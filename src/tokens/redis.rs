@@ -166,9 +166,17 @@ impl RedisTokens {
     /// # Errors
     /// [`Unavailable`] when Redis did not answer in time or answered with an error (logged).
     pub async fn lookup(&self, token: &str) -> Result<Answer, Unavailable> {
-        if let Some(target) = self.cached(token) {
-            return Ok(Answer::Target(target));
+        match self.cached(token) {
+            Some(target) => Ok(Answer::Target(target)),
+            None => self.ask(token).await,
         }
+    }
+
+    /// What Redis says of `token`, asked now (the cache not looked at; a target found goes in it).
+    ///
+    /// # Errors
+    /// As [`RedisTokens::lookup`].
+    pub async fn ask(&self, token: &str) -> Result<Answer, Unavailable> {
         let deadline = Instant::now() + self.settings.lookup_timeout;
         let value = match self.get(token, deadline).await {
             Ok(v) => v,

@@ -302,7 +302,7 @@ async fn session(
             Some(left_out) => warn!(service = %shown, left_out, "agent: the server asked for a service this agent does not have"),
             None => debug!(service = %shown, "agent: the server asked for a service this agent does not have"),
         }
-        return answer(io, &format!("err {shown}: no such service on agent {}\n", config.name), config)
+        return answer(io, &format!("err {shown}: {}{}\n", link::NO_SUCH_SERVICE, config.name), config)
             .await
             .then(Vec::new);
     };
@@ -315,7 +315,7 @@ async fn session(
                 None => debug!(%service, max_sessions = max, "agent: service busy, session refused"),
             }
             let sessions = if max == 1 { "session" } else { "sessions" };
-            return answer(io, &format!("err {service}: busy, at most {max} {sessions} at a time\n"), config)
+            return answer(io, &format!("err {service}: {}{max} {sessions} at a time\n", link::BUSY), config)
                 .await
                 .then(Vec::new);
         }
