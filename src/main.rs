@@ -768,35 +768,25 @@ mod agent_service {
         // A service has no console: whatever stops it from starting goes to its log, and to the
         // SCM as its exit code, which `sc query` shows even when the log cannot be opened (a
         // Windows review: a service that could not read its files left no trace).
-        let failure = match wsbridge::logging::init_file(verbose, &log_file) {
-            Err(e) => Some(Failure {
+        // The log first (where the rest is said), then the configuration.
+        let config = wsbridge::logging::init_file(verbose, &log_file)
+            .map_err(|e| Failure {
                 code: NO_LOG_FILE,
                 message: format!("{}: {e}", log_file.display()),
-            }),
-            Ok(()) => None,
-        };
-        let (config, failure) = match (failure, wsbridge::agent::client::AgentConfig::from_args(args)) {
-            (Some(f), _) => (None, Some(f)),
-            (None, Ok(c)) => (Some(c), None),
-            (None, Err(e)) => (
-                None,
-                Some(Failure {
+            })
+            .and_then(|()| {
+                wsbridge::agent::client::AgentConfig::from_args(args).map_err(|e| Failure {
                     code: BAD_CONFIG,
                     message: e.to_string(),
-                }),
-            ),
-        };
+                })
+            });
         let stopping = config.as_ref().map_or(std::time::Duration::ZERO, |c| c.shutdown_grace) + std::time::Duration::from_secs(5);
-        let body = Box::new(move |stop: tokio_util::sync::CancellationToken| match (config, failure) {
-            (Some(config), _) => run(config, stop).map_err(|message| Failure { code: FAILED, message }),
-            (None, Some(f)) => {
+        let body = Box::new(move |stop: tokio_util::sync::CancellationToken| match config {
+            Ok(config) => run(config, stop).map_err(|message| Failure { code: FAILED, message }),
+            Err(f) => {
                 tracing::error!(code = f.code, "agent: the service cannot start: {}", f.message);
                 Err(f)
             }
-            (None, None) => Err(Failure {
-                code: FAILED,
-                message: "no configuration".into(),
-            }),
         });
         match service::run(NAME, body, stopping) {
             Ok(()) => ExitCode::SUCCESS,
