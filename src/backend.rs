@@ -144,6 +144,17 @@ impl Backend {
         }
     }
 
+    /// Where the kernel's acknowledgements can be asked ([`crate::platform::Acks`]): TCP
+    /// backends, plain or TLS. A unix socket has no network to lose; an agent's link is watched by
+    /// its control link's pings.
+    pub fn acks(&self) -> crate::platform::Acks {
+        match self {
+            Backend::Tcp(s) => crate::platform::Acks::of(s),
+            Backend::Tls(s) => crate::platform::Acks::of(s.get_ref().0),
+            Backend::Unix(_) | Backend::Agent(_) => crate::platform::Acks::NONE,
+        }
+    }
+
     /// An agent's link: ready with the session's error once the agent is no longer allowed, busy
     /// or stalled (see [`crate::agent::link::AgentLink::revoked`]). Other backends: none.
     pub fn revoked(&self) -> Option<Pin<Box<dyn Future<Output = io::Error> + Send>>> {
@@ -243,12 +254,11 @@ pub fn tcp_keepalive() -> socket2::TcpKeepalive {
 /// same (four system calls per session saved, for `wsbridge 6080 localhost:5900` and an agent's
 /// local app alike).
 ///
-/// No `TCP_USER_TIMEOUT` (tried, and taken back): keepalive waits while data is unacknowledged,
-/// so a host that goes dark while a page types into it is given up only by the kernel's
-/// retransmissions (about 15 minutes); but since Linux 5.11 the user timeout also ends a
-/// connection whose peer keeps its window shut that long, answering every probe, which cut a
-/// live backend that paused its reading (a printer out of paper) after a minute. Telling the
-/// two apart needs the last acknowledgement's age (TCP_INFO), left for later.
+/// No `TCP_USER_TIMEOUT` (tried, and taken back): since Linux 5.11 it also ends a connection
+/// whose peer keeps its window shut that long, answering every probe, which cut a live backend
+/// that paused its reading (a printer out of paper) after a minute. A host that goes dark while
+/// data is in flight (which keepalive does not probe) is found by the relay instead, from the
+/// last acknowledgement's age ([`crate::platform::Acks`], `timeouts.backend_ack_timeout`).
 fn keepalive_unless_loopback(s: &TcpStream, addrs: &[SocketAddr]) -> io::Result<()> {
     if addrs.iter().all(|a| a.ip().is_loopback()) {
         return Ok(());

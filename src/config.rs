@@ -425,6 +425,11 @@ pub struct Timeouts {
     pub drain_delay: Option<Duration>,
     /// Writing a static file or an error response.
     pub http_write: Duration,
+    /// Data sent to a TCP backend that its host acknowledges nothing of for this long (no ACK of
+    /// the data, nor of probes of a shut window) ends the session: 1011 "backend timed out".
+    /// A live backend that stops reading still answers and is never cut by it. Linux only
+    /// (elsewhere the kernel's retransmissions give up after about 15 minutes); `None`: off.
+    pub backend_ack_timeout: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -442,6 +447,10 @@ impl Default for Timeouts {
             pong_timeout: Duration::from_secs(20),
             close: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            // The 60 s that TCP keepalive gives a quiet backend, for one with data in flight,
+            // which keepalive does not probe: a backend host gone dark while a page types into
+            // it is otherwise held for the kernel's ~15 minutes of retransmissions.
+            backend_ack_timeout: Some(Duration::from_secs(60)),
             // Off: without a balancer in front nobody reads /readyz, and a stop should be prompt.
             drain_delay: None,
             http_write: Duration::from_secs(30),
@@ -833,6 +842,7 @@ impl Timeouts {
             ("shutdown_grace", Some(t.shutdown_grace)),
             ("drain_delay", t.drain_delay),
             ("http_write", Some(t.http_write)),
+            ("backend_ack_timeout", t.backend_ack_timeout),
         ]
         .iter()
         .map(|(key, d)| format!("{key} = \"{}\"", d.map_or("off".to_owned(), format_duration)))
@@ -1365,6 +1375,7 @@ struct RawTimeouts {
     shutdown_grace: Option<Dur>,
     drain_delay: Option<OptDur>,
     http_write: Option<Dur>,
+    backend_ack_timeout: Option<OptDur>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1499,6 +1510,7 @@ impl RawTimeouts {
             shutdown_grace: t.shutdown_grace.map_or(d.shutdown_grace, |v| v.0),
             drain_delay: t.drain_delay.map_or(d.drain_delay, |v| v.0),
             http_write: t.http_write.map_or(d.http_write, |v| v.0),
+            backend_ack_timeout: t.backend_ack_timeout.map_or(d.backend_ack_timeout, |v| v.0),
         }
     }
 }
@@ -3253,7 +3265,15 @@ mod tests {
         let c = parse("[[listen]]\naddr = 0\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\n").unwrap();
         assert_eq!(c.timeouts.ping_interval, Some(Duration::from_secs(20)));
         assert_eq!(c.timeouts.pong_timeout, Duration::from_secs(20));
+        assert_eq!(c.timeouts.backend_ack_timeout, Some(Duration::from_secs(60)));
         assert_eq!((c.limits.max_message_size, c.routes[0].options.max_message_size), (None, None));
+        for (value, expected) in [("\"off\"", None), ("\"5s\"", Some(Duration::from_secs(5)))] {
+            let c = parse(&format!(
+                "[[listen]]\naddr = 0\n[timeouts]\nbackend_ack_timeout = {value}\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.timeouts.backend_ack_timeout, expected, "{value}");
+        }
         let c = parse(
             "[[listen]]\naddr = 0\n[timeouts]\nping_interval = \"off\"\n[limits]\nmax_message_size = \"1MiB\"\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:7\"\nmax_message_size = \"off\"\n",
         )

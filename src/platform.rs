@@ -86,6 +86,102 @@ impl SendQueue {
     }
 }
 
+/// A backend socket's acknowledgements, as the kernel counts them (TCP_INFO): what the relay asks
+/// while data it wrote may be waiting for the backend, to tell a backend host that went dark (no
+/// acknowledgement at all: powered off, cut off, its address gone) from a live backend that only
+/// reads slowly or not at all (its kernel acknowledges all it was sent, and shuts its window). Keepalive covers a quiet
+/// connection; with data in flight the kernel itself keeps retransmitting for about 15 minutes
+/// (`tcp_retries2`), and `TCP_USER_TIMEOUT` cannot tell the two apart (since Linux 5.11 it also
+/// ends a connection whose peer keeps its window shut, answering every probe). Linux only;
+/// elsewhere nothing is known and the kernel's own retransmission limit applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Acks {
+    #[cfg(target_os = "linux")]
+    fd: Option<std::os::fd::RawFd>,
+}
+
+/// What [`Acks::silence`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Silence {
+    /// Data sent and not acknowledged yet. (Not probes of a shut window: the peer's kernel
+    /// answers them at most one per 500 ms and they back off to two minutes apart, so a live
+    /// peer's last answer is often older than any limit worth setting, with a probe out; a
+    /// peer whose window stays shut once its host is gone is left to the kernel's own limit.)
+    pub waiting: bool,
+    /// Since the peer's last acknowledgement (of anything: data, a window probe, a keepalive).
+    pub since_ack: std::time::Duration,
+}
+
+impl Acks {
+    /// Nothing known (unix sockets, an agent's link, a platform without TCP_INFO).
+    pub const NONE: Acks = Acks {
+        #[cfg(target_os = "linux")]
+        fd: None,
+    };
+
+    /// The acknowledgements of `socket` (a TCP stream), for as long as the connection is open:
+    /// only its session's relay, which owns that connection, asks. Crate-only for the same
+    /// reason as [`SendQueue::of`].
+    #[cfg(unix)]
+    pub(crate) fn of(socket: &impl std::os::fd::AsRawFd) -> Acks {
+        #[cfg(target_os = "linux")]
+        return Acks {
+            fd: Some(socket.as_raw_fd()),
+        };
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = socket;
+            Acks::NONE
+        }
+    }
+
+    /// The acknowledgements of `socket` (Windows: nothing known).
+    #[cfg(windows)]
+    pub(crate) fn of<T>(_socket: &T) -> Acks {
+        Acks::NONE
+    }
+
+    /// Whether anything is known (else [`Acks::silence`] is always `None`).
+    pub fn known(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.fd.is_some();
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    /// What waits for the peer, and how long it has been silent; `None` when not known.
+    #[allow(unsafe_code)]
+    #[deny(clippy::undocumented_unsafe_blocks)]
+    pub fn silence(&self) -> Option<Silence> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::mem::{offset_of, size_of};
+            let fd = self.fd?;
+            // SAFETY: all-zero bytes are a valid `tcp_info` (integers only).
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).ok()?;
+            // SAFETY: `fd` is the socket of the connection this was taken from (`of`), and only
+            // the relay that owns that connection calls this, while it owns it: the descriptor is
+            // open and is that socket. getsockopt writes at most `len` bytes (the size of `info`,
+            // which it points to and which lives across the call) and stores in `len` how many it
+            // wrote; both pointers are to locals of the right types.
+            let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, std::ptr::addr_of_mut!(info).cast(), &mut len) };
+            // Every field read here is in the struct's first version (Linux 2.6), but a kernel
+            // that wrote fewer bytes than they need is not trusted with them.
+            let needed = offset_of!(libc::tcp_info, tcpi_last_ack_recv) + size_of::<u32>();
+            if rc != 0 || usize::try_from(len).ok()? < needed {
+                return None;
+            }
+            Some(Silence {
+                waiting: info.tcpi_unacked > 0,
+                since_ack: std::time::Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+}
+
 /// A text file operators write (a secret, token, credentials or fleet file, a configuration), as
 /// Windows editors and shells save them too: a UTF-8 byte-order mark (Notepad before 1903,
 /// PowerShell 5.1's `Out-File -Encoding utf8`) is left out, and UTF-16 with its mark (PowerShell

@@ -66,6 +66,11 @@ const MAX_PONGS: usize = 16;
 const DEAD_PEER_CLOSE: Duration = Duration::from_millis(100);
 /// The most pieces of client payload gathered into one write to the backend.
 const BATCH: usize = 16;
+
+/// The shortest wait between two looks at a backend's acknowledgements (`backend_ack_timeout`):
+/// the kernel counts their age in ticks, so a look just before the limit can find it a few
+/// milliseconds short.
+const ACK_CHECK_MIN: Duration = Duration::from_millis(50);
 /// Bytes a session moves in one pass before the thread's other sessions get their turn. A bulk
 /// transfer between fast peers never finds a socket blocked, and would hold the thread until
 /// tokio's cooperative budget runs out: 128 socket operations, up to 32 MiB of 256 KiB reads and
@@ -234,8 +239,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut revoked = backend.revoked();
+    let acks = backend.acks();
     let (reader, writer) = backend.halves();
     let mut pump = Pump::new(client, early, reader, writer, params);
+    pump.acks = acks;
     // Files are numbered as the log lines number sessions.
     pump.recorder = params
         .record
@@ -520,6 +527,11 @@ struct Pump<'b, 't, S> {
     /// beside it at the latest.
     write_failed: Option<io::Error>,
     write_failed_by: Option<Instant>,
+    /// The backend socket's acknowledgements ([`crate::platform::Acks`], `NONE` when not known or
+    /// `timeouts.backend_ack_timeout` is off), and the watch on them while data written to the
+    /// backend may be waiting for its host ([`Pump::check_acks`]).
+    acks: crate::platform::Acks,
+    ack_watch: Option<AckWatch>,
 
     bytes_up: u64,
     bytes_down: u64,
@@ -527,6 +539,17 @@ struct Pump<'b, 't, S> {
     recorder: Option<Recorder>,
     /// Bytes per pass before yielding ([`TURN_BYTES`]).
     turn: u64,
+}
+
+/// The watch on a backend's acknowledgements, from a write to it until a look finds nothing
+/// waiting for its host.
+#[derive(Debug, Clone, Copy)]
+struct AckWatch {
+    /// The watch's first write (after a look that found nothing waiting, or the session's
+    /// first): whatever waits for the host at a look was sent at or after it.
+    sent: Instant,
+    /// When to look next.
+    next: Instant,
 }
 
 impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
@@ -575,6 +598,8 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             close_by: None,
             write_failed: None,
             write_failed_by: None,
+            acks: crate::platform::Acks::NONE,
+            ack_watch: None,
             bytes_up: 0,
             bytes_down: 0,
             recorder: None,
@@ -804,6 +829,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                     tracing::trace!(dir = "bridge->backend", len = n, of = self.up.len() - self.up_at, "write");
                     self.up_at += n;
                     self.up_unflushed = self.writer.buffers();
+                    self.wrote_to_backend();
                     if self.up_at == self.up.len() {
                         self.up = Vec::new();
                         self.up_at = 0;
@@ -992,6 +1018,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             Poll::Ready(Ok(n)) if n > 0 => {
                 tracing::trace!(dir = "bridge->backend", len = n, of = total, "write");
                 self.up_unflushed = self.writer.buffers();
+                self.wrote_to_backend();
                 n
             }
             Poll::Pending => 0,
@@ -1034,6 +1061,60 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.ping_sent = Some(Instant::now());
             self.pong_overdue = false;
         }
+    }
+
+    /// Bytes went to the backend: if the watch on its acknowledgements is not on, it starts.
+    fn wrote_to_backend(&mut self) {
+        if self.ack_watch.is_none() {
+            self.watch_acks();
+        }
+    }
+
+    /// Starts the watch on the backend's acknowledgements, now (when they are known and have a
+    /// limit): nothing sent from now on can have waited a whole limit before the first look.
+    fn watch_acks(&mut self) {
+        self.ack_watch = match (self.acks.known(), self.timeouts.backend_ack_timeout) {
+            (true, Some(limit)) => {
+                let now = Instant::now();
+                Some(AckWatch {
+                    sent: now,
+                    next: now + limit,
+                })
+            }
+            _ => None,
+        };
+    }
+
+    /// A look at the backend's acknowledgements (its watch's time has come): a host that
+    /// acknowledged nothing for `backend_ack_timeout` while data sent to it waited is gone, and
+    /// the session ends as the kernel would end it after its retransmissions, some 15 minutes
+    /// later. A live backend that reads nothing acknowledges what it was sent and shuts its
+    /// window: nothing is in flight, and it is left alone.
+    fn check_acks(&mut self, now: Instant) {
+        let (Some(watch), Some(limit), Some(silence)) = (self.ack_watch.as_mut(), self.timeouts.backend_ack_timeout, self.acks.silence())
+        else {
+            self.ack_watch = None;
+            return;
+        };
+        if !silence.waiting {
+            // All acknowledged: until the next write (which a shut window holds back).
+            self.ack_watch = None;
+            return;
+        }
+        // Silent since its last acknowledgement, and what waits was sent since `sent`: the
+        // shorter of the two (an acknowledgement older than the write cannot be the host's
+        // silence about it).
+        let quiet = silence.since_ack.min(now.saturating_duration_since(watch.sent));
+        if quiet >= limit {
+            self.ack_watch = None;
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("nothing acknowledged for {}", crate::config::format_duration(quiet)),
+            );
+            self.end(End::BackendError("write", e));
+            return;
+        }
+        watch.next = now + (limit - quiet).max(ACK_CHECK_MIN);
     }
 
     fn touch(&mut self) {
@@ -1081,7 +1162,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             None => self.next_ping,
         };
         let drain = self.after_up.as_ref().map(|(_, by)| *by);
-        [idle, lifetime, keepalive, drain, self.write_failed_by].into_iter().flatten().min()
+        let acks = self.ack_watch.map(|w| w.next);
+        [idle, lifetime, keepalive, drain, self.write_failed_by, acks]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Ends what is due by the clock, and otherwise arms the one timer (allocated only when a
@@ -1122,6 +1207,8 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             if let Some((why, _)) = self.after_up.take() {
                 self.end(why);
             }
+        } else if self.ack_watch.is_some_and(|w| now >= w.next) {
+            self.check_acks(now);
         } else if t.max_lifetime.is_some_and(|l| now >= self.start + l) {
             self.end(End::Lifetime);
         } else if t.idle.is_some_and(|i| now >= self.last_active + i) {

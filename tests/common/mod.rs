@@ -13,6 +13,8 @@ pub mod binary;
 pub mod connect_proxy;
 pub mod haproxy;
 pub mod lines;
+#[cfg(target_os = "linux")]
+pub mod netns;
 pub mod pki;
 pub mod redis;
 pub mod token_sources;

@@ -1057,3 +1057,111 @@ fn rand_byte() -> u8 {
         .subsec_nanos();
     (nanos ^ std::process::id()) as u8
 }
+
+/// A backend host that goes dark (powered off, its link cut further along: nothing answers, no
+/// reset ever comes) while the page sends: what the bridge wrote waits unacknowledged, which TCP
+/// keepalive does not probe, and the kernel retransmits for some 15 minutes before it gives up.
+/// The session ends once the host has acknowledged nothing for `backend_ack_timeout` with data
+/// waiting for it: 1011, with a reason that says so. The bridge and its backend are two hosts on a
+/// link of the test's own (network namespaces), and the backend's stops answering.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_backend_host_gone_dark_while_data_waits_ends_the_session_by_backend_ack_timeout() {
+    const LIMIT: Duration = Duration::from_secs(2);
+    let Some(link) =
+        crate::common::netns::Link::new("lifecycle::a_backend_host_gone_dark_while_data_waits_ends_the_session_by_backend_ack_timeout")
+    else {
+        return;
+    };
+    let far = link.listen_far();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // This thread's sockets (the bridge's and the client's) are the near host's.
+            link.enter_near();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::from_std(far).unwrap();
+                let backend = listener.local_addr().unwrap();
+                tokio::spawn(async move {
+                    let (mut s, _) = listener.accept().await.unwrap();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = s.read(&mut buf).await {
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut config = any_path_to(backend);
+                config.timeouts.backend_ack_timeout = Some(LIMIT);
+                let bridge = TestBridge::start(config).await;
+                let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+                send_bin(&mut ws, b"hello").await;
+                assert_eq!(recv_data(&mut ws).await, b"hello");
+                // The host's last acknowledgement came with its answer.
+                let answered = std::time::Instant::now();
+                link.far_goes_dark();
+                send_bin(&mut ws, b"typed into the dark").await;
+                let typed = std::time::Instant::now();
+                let (code, reason) = read_close(&mut ws).await;
+                let (since_answer, since_typed) = (answered.elapsed(), typed.elapsed());
+                assert_eq!((code, reason.as_str()), (1011, "backend timed out: its host stopped answering"));
+                assert!(
+                    since_answer + EARLY >= LIMIT,
+                    "ended {since_answer:?} after the host's last answer: before the {LIMIT:?} limit"
+                );
+                assert!(
+                    since_typed < LIMIT + LATE,
+                    "ended {since_typed:?} after the unanswered write: long after the {LIMIT:?} limit"
+                );
+                // Our answer to its close frame (tungstenite sends it on the next poll).
+                drop(ws);
+                bridge.stop().await;
+            });
+        });
+    });
+}
+
+/// The other side of `backend_ack_timeout`: a live backend that stops reading (a printer out of
+/// paper, an app busy for a while) shuts its window, and its kernel answers the bridge's probes of
+/// it. However long that lasts, the session is not ended: what the page sent is all delivered once
+/// the backend reads again. (`TCP_USER_TIMEOUT`, which since Linux 5.11 also counts answered
+/// window probes, would end it; so would a watch on the send queue alone.)
+#[tokio::test]
+async fn a_backend_that_stops_reading_is_not_cut_by_backend_ack_timeout() {
+    const LIMIT: Duration = Duration::from_millis(500);
+    // More than every buffer on the way holds (the client's socket, the bridge's two, autotuned
+    // to a few MiB, the backend's kept at 64 KiB, and the relay's read), so the backend's window
+    // shuts with data waiting.
+    const TOTAL: usize = 16 << 20;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let backend = listener.local_addr().unwrap();
+    let mut config = any_path_to(backend);
+    config.timeouts.backend_ack_timeout = Some(LIMIT);
+    let bridge = TestBridge::start(config).await;
+    let (ws, _) = ws_connect(&bridge.url("/"), None).await;
+    let (mut tx, mut rx) = ws.split();
+    let (mut app, _) = within("the backend's connection", listener.accept()).await.unwrap();
+    let sender = tokio::spawn(async move {
+        let chunk = pattern(1 << 20, 7);
+        for _ in 0..TOTAL >> 20 {
+            tx.send(Message::binary(chunk.clone())).await.expect("send");
+        }
+        tx
+    });
+    // Three limits with the backend reading nothing: the session is not ended (no close frame,
+    // nor anything else, comes to the page). The sender is blocked on full buffers meanwhile.
+    let quiet = tokio::time::timeout(3 * LIMIT, rx.next()).await;
+    assert!(quiet.is_err(), "the page got {quiet:?} while its backend read nothing");
+    assert!(!sender.is_finished(), "all {TOTAL} bytes were taken without the backend reading");
+    // The backend reads again: everything arrives, in order.
+    let mut got = vec![0u8; TOTAL];
+    within("the backend reading everything", app.read_exact(&mut got)).await.unwrap();
+    let chunk = pattern(1 << 20, 7);
+    assert!(got.chunks(1 << 20).all(|c| c == chunk), "the bytes arrived out of order or changed");
+    let tx = within("the sender", sender).await.unwrap();
+    drop((tx, rx));
+    bridge.stop().await;
+}
