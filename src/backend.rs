@@ -272,10 +272,21 @@ fn keepalive_unless_loopback(s: &TcpStream, addrs: &[SocketAddr]) -> io::Result<
 /// the others; the last one runs until the caller's own deadline on the whole connect ends it (no
 /// timer of its own: one fewer timer per session on the common one-address path).
 async fn connect_any(addrs: &[SocketAddr], end: Instant) -> Result<TcpStream, ConnectError> {
+    connect_in_turn(addrs, end).await.map_err(ConnectError::Connect)
+}
+
+/// [`connect_any`] for the crate's other clients (an agent dialling its server or proxy, the
+/// token API): a name whose first address never answers (a black-holed IPv6 route beside a
+/// working IPv4 one, on the networks agents live on) does not spend the whole deadline, `end`,
+/// on it. The caller's own deadline ends the last attempt.
+///
+/// # Errors
+/// The last address's error (the last failure of any kind when the last one was not reached).
+pub(crate) async fn connect_in_turn(addrs: &[SocketAddr], end: Instant) -> io::Result<TcpStream> {
     let mut last = None;
     for (i, addr) in addrs.iter().enumerate() {
         if i + 1 == addrs.len() {
-            return TcpStream::connect(addr).await.map_err(ConnectError::Connect);
+            return TcpStream::connect(addr).await;
         }
         let share = end.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
         match timeout(share, TcpStream::connect(addr)).await {
@@ -284,9 +295,7 @@ async fn connect_any(addrs: &[SocketAddr], end: Instant) -> Result<TcpStream, Co
             Err(_) => last = Some(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
         }
     }
-    Err(ConnectError::Connect(last.unwrap_or_else(|| {
-        io::Error::new(io::ErrorKind::AddrNotAvailable, "host resolved to no address")
-    })))
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrNotAvailable, "host resolved to no address")))
 }
 
 async fn wrap_tls(tcp: TcpStream, host: &str, tls: &BackendTls) -> Result<Backend, ConnectError> {

@@ -48,7 +48,6 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -350,7 +349,9 @@ impl ApiTokens {
         let addrs = crate::dns::resolve(&url.host, url.port)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", url.authority))?;
-        let tcp = TcpStream::connect(&addrs[..])
+        // Its addresses share the lookup's deadline (a black-holed first one does not spend it).
+        let end = tokio::time::Instant::now() + self.settings.lookup_timeout;
+        let tcp = crate::backend::connect_in_turn(&addrs, end)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", url.authority))?;
         let _ = tcp.set_nodelay(true);

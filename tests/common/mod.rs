@@ -384,6 +384,34 @@ pub async fn manual_backend() -> (SocketAddr, mpsc::Receiver<TcpStream>) {
     (addr, rx)
 }
 
+/// A listener on `addr` that answers no new connection: its accept queue is full and never
+/// accepted, so further SYNs go unanswered, as with a black-holed address. Keep what it returns
+/// (the listener and the connections that filled it) for as long as the hole is needed.
+///
+/// # Errors
+/// `addr` cannot be bound.
+pub async fn unanswering(addr: SocketAddr) -> std::io::Result<(TcpListener, Vec<TcpStream>)> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .unwrap();
+    socket.bind(addr)?;
+    let listener = socket.listen(0)?;
+    let addr = listener.local_addr()?;
+    let mut fillers = Vec::new();
+    // Fill the queue: connections complete until it is full, then one hangs.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+        assert!(fillers.len() < 64, "accept queue never filled");
+    }
+    Ok((listener, fillers))
+}
+
 /// A port on 127.0.0.1 that refuses connections (ECONNREFUSED) for as long as the test binary
 /// runs. A port bound and then closed could be taken by another process meanwhile; this one stays
 /// bound by a socket that never listens (Linux answers a SYN to it with a reset) and is kept in a

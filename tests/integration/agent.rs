@@ -124,6 +124,71 @@ async fn bytes_cross_the_agent_exactly_both_ways_and_the_close_is_clean() {
     assert_eq!(close.map(|c| u16::from(c.code)), Some(1000), "our close frame echoed");
 }
 
+/// A server name whose first address never answers (a black-holed IPv6 route beside a working
+/// IPv4 one, common on the networks agents live on): the addresses share the connect deadline,
+/// so the agent reaches the server at the next one (a review: it spent the whole deadline on the
+/// first at every attempt, and never connected). The agent binary sees a hosts file of the
+/// test's, in a mount namespace of its own; needs root and `unshare`, skipped otherwise.
+#[tokio::test]
+async fn the_agent_reaches_its_server_past_a_first_address_that_never_answers() {
+    use crate::common::binary::command_seeing;
+    const TEST: &str = "agent::the_agent_reaches_its_server_past_a_first_address_that_never_answers";
+    if !can_unshare_mounts() {
+        return skip(TEST, "needs root and unshare (a mount namespace for /etc/hosts)");
+    }
+    let (echo, _) = echo_backend().await;
+    // The server on an address of its own on loopback, the hole on 127.0.0.1 at the same port:
+    // the C library puts 127.0.0.1 first (the longest prefix shared with the source address).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let server_ip = std::net::Ipv4Addr::new(127, 88, (nanos >> 8) as u8, (nanos as u8).max(1));
+    let (server, port, _hole) = 'bound: {
+        for _ in 0..20 {
+            let server = TcpListener::bind((server_ip, 0)).await.unwrap();
+            let port = server.local_addr().unwrap().port();
+            if let Ok(hole) = unanswering(SocketAddr::from(([127, 0, 0, 1], port))).await {
+                break 'bound (server, port, hole);
+            }
+        }
+        panic!("no port free on both 127.0.0.1 and {server_ip}");
+    };
+    let bridge = TestBridge::start_on(server_config(&["shop-17"], &[("shop-17", "pos")]), server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, format!("127.0.0.1 bridge.test\n{server_ip} bridge.test\n")).unwrap();
+    std::fs::write(dir.path().join("agent.secret"), format!("{SECRET}\n")).unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[agent]\nserver = \"ws://bridge.test:{port}/agent\"\nname = \"shop-17\"\nsecret_file = \"agent.secret\"\n\
+             connect_timeout = \"2s\"\nproxy = \"off\"\n[agent.services]\npos = \"{echo}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut command = command_seeing("/etc/hosts", &hosts, &["agent".as_ref(), "--config".as_ref(), file.as_os_str()]);
+    command
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let (_agent, mut lines) = agent_spawned(command);
+    let mut kept = Vec::new();
+    log_lines_kept(&mut lines, &mut kept, "agent: connected").await;
+    // Its share of the 2 s deadline went to the first address; the whole of it, and the retry
+    // after, would be later than this.
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "connected after {:?}: {kept:#?}",
+        start.elapsed()
+    );
+    let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+    send_bin(&mut ws, b"past the hole").await;
+    assert_eq!(recv_data(&mut ws).await, b"past the hole");
+}
+
 #[tokio::test]
 async fn the_browser_close_reaches_the_app_after_every_byte() {
     let (sink, mut received) = sink_backend().await;

@@ -33,20 +33,8 @@ async fn unresolvable_backend_gives_1014() {
 
 #[tokio::test]
 async fn connect_timeout_gives_1014() {
-    // A listener whose accept queue is full and never accepted: further SYNs go unanswered.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(0).unwrap();
+    let (listener, _fillers) = unanswering("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    // Fill the queue: connections complete until it is full, then one hangs.
-    loop {
-        match tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => fillers.push(s),
-            _ => break,
-        }
-        assert!(fillers.len() < 64, "accept queue never filled");
-    }
     let mut config = any_path_to(addr);
     config.timeouts.connect = Duration::from_millis(300);
     let bridge = TestBridge::start(config).await;

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -1284,17 +1283,20 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
     }
 }
 
-/// TCP to the server (or to the proxy, then CONNECT), then TLS for `wss://`.
+/// TCP to the server (or to the proxy, then CONNECT), then TLS for `wss://`; the callers' deadline
+/// is `connect_timeout`, which the addresses of the name share ([`crate::backend::connect_in_turn`]:
+/// a black-holed IPv6 address first does not keep an agent from the IPv4 one behind it).
 async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result<LinkStream> {
     let s = &config.server;
+    let end = Instant::now() + config.connect_timeout;
     let tcp = match &config.proxy {
         // Names resolved once at a time for the control link and the pool's dials together.
-        None => TcpStream::connect(&crate::dns::resolve(&s.host, s.port).await?[..]).await?,
+        None => crate::backend::connect_in_turn(&crate::dns::resolve(&s.host, s.port).await?, end).await?,
         Some(p) => {
             // Said as the proxy's: "connection refused" alone reads as the server's.
             let proxy_failed = |e: std::io::Error| std::io::Error::new(e.kind(), format!("the proxy {p} ({}): {e}", config.proxy_source));
             let addrs = crate::dns::resolve(&p.host, p.port).await.map_err(proxy_failed)?;
-            let mut tcp = TcpStream::connect(&addrs[..]).await.map_err(proxy_failed)?;
+            let mut tcp = crate::backend::connect_in_turn(&addrs, end).await.map_err(proxy_failed)?;
             let target = s.authority();
             let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
             if let Some(auth) = &p.authorization {
