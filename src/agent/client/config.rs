@@ -169,7 +169,27 @@ impl std::str::FromStr for ServerUrl {
         };
         let host = uri.host().ok_or_else(|| format!("{s:?}: no host"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        // Read from the text: http's Uri says "no port" for one out of range, and a typo of 65536
+        // (or 443000) then sent the agent's secret to 80 or 443 (a review).
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+        let after_host = match host_port.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+            None => host_port.find(':').map_or("", |i| &host_port[i..]),
+        };
+        let port = match after_host.strip_prefix(':') {
+            None | Some("") => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(text) => match text.parse::<u16>() {
+                Ok(n @ 1..) => n,
+                _ => return Err(format!("{s:?}: the port must be 1-65535, not {text}")),
+            },
+        };
         let path = uri.path_and_query().map_or("/".to_owned(), |p| p.as_str().to_owned());
         Ok(ServerUrl { tls, host, port, path })
     }
@@ -1027,6 +1047,15 @@ mod tests {
         let u: ServerUrl = "ws://[::1]:6080/agent".parse().unwrap();
         assert_eq!(u.authority(), "[::1]:6080");
         assert!("ftp://x/agent".parse::<ServerUrl>().is_err());
+        // A review: an out-of-range port read as none, and the agent sent its secret to 80/443.
+        for bad in [
+            "ws://[::1]:65536/agent",
+            "wss://bridge.example.com:0/agent",
+            "wss://h:99999999/agent",
+        ] {
+            let e = bad.parse::<ServerUrl>().unwrap_err();
+            assert!(e.contains("the port must be 1-65535"), "{bad}: {e}");
+        }
         let p: Proxy = "http://user:p%40ss@proxy:3128".parse().unwrap();
         assert_eq!((p.host.as_str(), p.port), ("proxy", 3128));
         assert_eq!(p.authorization.as_deref(), Some("Basic dXNlcjpwQHNz"));
