@@ -85,18 +85,28 @@ impl Networks {
     }
 }
 
-/// Parses a CIDR range or a single address (`10.0.0.0/8`, `::1`, `192.0.2.7`).
+/// Parses a CIDR range or a single address (`10.0.0.0/8`, `::1`, `192.0.2.7`). IPv4-mapped IPv6
+/// (`::ffff:192.0.2.7`, `::ffff:10.0.0.0/104`, as dual-stack servers log IPv4 clients) is the
+/// IPv4 network it maps: addresses are checked as IPv4 ([`IpAddr::to_canonical`]), so as written
+/// such a rule would never match (a `deny` of it let the client in; a review).
 ///
 /// # Errors
 /// What is wrong with it.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
-    if let Ok(n) = s.parse::<IpNet>() {
-        return Ok(n.trunc());
-    }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("invalid network {s:?}: expected an address or a CIDR range such as 10.0.0.0/8 or fd00::/8"))
+    let net = match s.parse::<IpNet>() {
+        Ok(n) => n.trunc(),
+        Err(_) => s.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            format!("invalid network {s:?}: expected an address or a CIDR range such as 10.0.0.0/8 or fd00::/8")
+        })?,
+    };
+    Ok(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, |n| IpNet::V4(n.trunc())),
+            None => net,
+        },
+        _ => net,
+    })
 }
 
 #[cfg(test)]
@@ -117,5 +127,21 @@ mod tests {
         assert!(Networks::default().check("192.0.2.1".parse().unwrap()).is_ok());
         assert!(parse_net("10.0.0.1/33").is_err());
         assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        // IPv4-mapped rules are the IPv4 networks they map (clients are checked as IPv4).
+        for (rule, net) in [
+            ("::ffff:127.0.0.1", "127.0.0.1/32"),
+            ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            ("::ffff:10.1.2.3/112", "10.1.0.0/16"),
+        ] {
+            assert_eq!(parse_net(rule).unwrap().to_string(), net, "{rule}");
+        }
+        assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
+        let n = Networks {
+            allow: Vec::new(),
+            deny: vec![parse_net("::ffff:127.0.0.1").unwrap()],
+        };
+        assert!(n.check("127.0.0.1".parse().unwrap()).is_err(), "a mapped deny rule denies");
+        assert!(n.check("::ffff:127.0.0.1".parse().unwrap()).is_err());
     }
 }
