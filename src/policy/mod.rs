@@ -96,9 +96,10 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     let net = match s.parse::<IpNet>() {
         Ok(n) => n.trunc(),
-        Err(_) => s.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-            format!("invalid network {s:?}: expected an address or a CIDR range such as 10.0.0.0/8 or fd00::/8")
-        })?,
+        Err(_) => s
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("invalid network {s:?}: expected an address or a CIDR range such as 10.0.0.0/8 or fd00::/8"))?,
     };
     Ok(match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {

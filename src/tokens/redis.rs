@@ -120,7 +120,8 @@ impl RedisTokens {
         let client = client(&settings, settings.credentials.as_ref(), ca_pem.as_deref())?;
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.lookup_timeout))
-            .set_response_timeout(Some(settings.lookup_timeout));
+            .set_response_timeout(Some(settings.lookup_timeout))
+            .set_dns_resolver(SharedLookups);
         let cache = (!settings.cache_ttl.is_zero()).then(|| Mutex::new(Cache::new(settings.cache_size)));
         Ok(RedisTokens {
             name: settings.name(),
@@ -423,6 +424,26 @@ impl RedisTokens {
                 connector.current = None;
             }
         }
+    }
+}
+
+/// The Redis server's name resolved as backends' and the token API's are ([`crate::dns`]): the
+/// connects that handshakes start while Redis is unreachable join one lookup, instead of each
+/// holding a blocking thread for the resolver's whole timeout (a review: with the name server
+/// down, redis-rs's own lookups filled the blocking pool, 512 threads, at one per handshake,
+/// and token files, static files and metrics waited behind them).
+struct SharedLookups;
+
+impl ::redis::io::AsyncDNSResolver for SharedLookups {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        host: &'b str,
+        port: u16,
+    ) -> ::redis::RedisFuture<'a, Box<dyn Iterator<Item = std::net::SocketAddr> + Send + 'a>> {
+        Box::pin(async move {
+            let addrs = crate::dns::resolve(host, port).await.map_err(RedisError::from)?;
+            Ok(Box::new(addrs.into_iter()) as Box<dyn Iterator<Item = std::net::SocketAddr> + Send>)
+        })
     }
 }
 

@@ -579,3 +579,58 @@ async fn retries_through_a_redis_outage_are_not_braked_when_redis_is_the_only_so
     echoes(&bridge, "desk").await;
     bridge.stop().await;
 }
+
+/// A Redis source named by a host name while the name server does not answer: the connects that
+/// handshakes start (one after another, each when the one before gave up) join one lookup of
+/// the name, as backends' do, instead of each holding a thread of the blocking pool for the
+/// resolver's whole timeout (a review: 512 threads after some 500 handshakes, and token files,
+/// static files and metrics stalled behind them). Counted as queries at a name server that never
+/// answers; needs root and unshare (a mount namespace for resolv.conf, port 53).
+#[tokio::test]
+async fn connects_to_a_redis_named_while_dns_does_not_answer_share_one_lookup() {
+    use crate::common::binary::{command_seeing, Binary};
+    const TEST: &str = "redis::connects_to_a_redis_named_while_dns_does_not_answer_share_one_lookup";
+    if !can_unshare_mounts() {
+        return skip(TEST, "needs root and unshare (a mount namespace for resolv.conf, port 53)");
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let ns = std::net::Ipv4Addr::new(127, 54, (nanos >> 8) as u8, (nanos as u8).max(1));
+    let dns = match tokio::net::UdpSocket::bind((ns, 53)).await {
+        Ok(s) => s,
+        Err(e) => return skip(TEST, &format!("cannot hold {ns}:53 ({e})")),
+    };
+    let (queries_tx, queries) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while dns.recv_from(&mut buf).await.is_ok() {
+            queries_tx.send_modify(|n| *n += 1);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {ns}\noptions timeout:10 attempts:1\n")).unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"127.0.0.1:0\"\n[[tokens]]\nallow_targets = [\"127.0.0.1:1-65535\"]\n\
+         [tokens.redis]\nurl = \"redis://redis.dns-black-hole.test:6379/0\"\nlookup_timeout = \"200ms\"\n",
+    )
+    .unwrap();
+    let b = Binary::spawn_command(command_seeing(
+        "/etc/resolv.conf",
+        &resolv,
+        &["--config".as_ref(), file.as_os_str()],
+    ))
+    .await;
+    for i in 0..8 {
+        let answer = http_head(b.addr, &upgrade_request(&format!("/websockify?token=desk-{i}"), "")).await;
+        assert_eq!(status_of(&answer), 503, "{answer}");
+    }
+    // Eight connects in about 1.6 s, within one lookup's joining time: its queries (one per
+    // address family) have arrived by now; eight lookups' would be sixteen.
+    let asked = *queries.borrow();
+    assert!((1..=4).contains(&asked), "{asked} DNS queries for 8 connects");
+}
