@@ -26,9 +26,12 @@
 //! and body.
 //!
 //! **Connections.** A connection is kept for the next lookup once its answer was read to the end
-//! (HTTP/1.1 keep-alive; at most [`MAX_IDLE`] idle per source, dropped when the API closes them),
-//! so a busy bridge does not pay a TCP and TLS handshake per lookup. A kept connection that turns
-//! out closed is replaced by a new one within the same deadline. At most [`MAX_IN_FLIGHT`] lookups
+//! (HTTP/1.1 keep-alive; at most [`MAX_IDLE`] idle per source, dropped when the API closes them
+//! and after [`KEPT_FOR`] unused), so a busy bridge does not pay a TCP and TLS handshake per
+//! lookup. A kept connection that turns out closed is replaced by a new one within the same
+//! deadline, and so is one that has not answered by half of what is left of it (a connection a
+//! NAT or firewall dropped while it was idle answers nothing, not even a reset): the kept ones
+//! are then all let go. At most [`MAX_IN_FLIGHT`] lookups
 //! run at once per source; more wait for a slot within their deadline.
 //!
 //! **No cache**, as in websockify: every handshake that names a token asks the API, so a token the
@@ -62,6 +65,9 @@ pub const MAX_ANSWER: usize = 4096;
 pub const MAX_IDLE: usize = MAX_IN_FLIGHT;
 /// Lookups in flight at once per source.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// How long an idle connection is kept: shorter than the idle timeouts of the NATs, firewalls
+/// and balancers on the way (minutes), after which a connection is silently dead.
+pub const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a request gets from the API.
 enum Reply {
@@ -95,7 +101,7 @@ pub struct ApiTokens {
     /// TLS for `https://` (with the name the certificate must have).
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     /// Connections whose last answer was read to the end, for the next lookups.
-    idle: Mutex<Vec<SendRequest<Empty<Bytes>>>>,
+    idle: Mutex<Vec<(SendRequest<Empty<Bytes>>, Instant)>>,
     /// Lookup slots ([`MAX_IN_FLIGHT`]).
     slots: Semaphore,
     /// The warning that the API is down: once per 10 s, not one a handshake.
@@ -171,7 +177,8 @@ impl ApiTokens {
     /// the module's documentation; logged).
     pub async fn lookup(&self, token: &str) -> Result<Answer, Unavailable> {
         let timeout = self.settings.lookup_timeout;
-        let asked = tokio::time::timeout_at(Instant::now() + timeout, self.ask(token)).await;
+        let deadline = Instant::now() + timeout;
+        let asked = tokio::time::timeout_at(deadline, self.ask(token, deadline)).await;
         let reply = match asked {
             Ok(Ok(reply)) => reply,
             Ok(Err(problem)) => return Err(self.unavailable(token, problem)),
@@ -217,9 +224,9 @@ impl ApiTokens {
         Unavailable::logged(&self.name, token, problem, &self.quiet)
     }
 
-    /// Asks the API about `token` (the caller bounds the wait): on a kept connection when there
-    /// is one that still works, else on a new one.
-    async fn ask(&self, token: &str) -> Result<Reply, String> {
+    /// Asks the API about `token` (the caller bounds the wait by `deadline`): on a kept connection
+    /// when there is one that still works, else on a new one.
+    async fn ask(&self, token: &str, deadline: Instant) -> Result<Reply, String> {
         let _slot = self.slots.acquire().await.map_err(|_| "the source is closed".to_owned())?;
         let url = &self.settings.url;
         let path = url.path_and_query(token);
@@ -243,22 +250,42 @@ impl ApiTokens {
             // A kept connection the API closed in the meantime fails here or on the request,
             // before any answer (closed, reset, cut short): try the next, or a new one. A GET
             // asks again safely.
-            if let Err(e) = sender.ready().await {
-                match kept {
+            let req = request()?;
+            // (Whether it failed before the request went: the connection is lost, not the answer.)
+            let answered = async {
+                sender.ready().await.map_err(|e| (true, e))?;
+                sender.send_request(req).await.map_err(|e| (false, e))
+            };
+            // One that answers nothing (dropped by a NAT while idle) gets half of what is left.
+            let answered = match kept {
+                true => {
+                    let half = Instant::now() + deadline.saturating_duration_since(Instant::now()) / 2;
+                    match tokio::time::timeout_at(half, answered).await {
+                        Ok(answered) => answered,
+                        Err(_) => {
+                            tracing::debug!(source = %self.name, "token API: a kept connection did not answer; asking on a new one");
+                            // Kept as long as it, or longer: likely dead the same way.
+                            self.idle.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                            continue;
+                        }
+                    }
+                }
+                false => answered.await,
+            };
+            let response = match answered {
+                Ok(r) => r,
+                Err((true, e)) => match kept {
                     true => continue,
                     false => return Err(format!("connection to the API lost: {e}")),
-                }
-            }
-            let response = match sender.send_request(request()?).await {
-                Ok(r) => r,
-                Err(e) if kept => {
+                },
+                Err((false, e)) if kept => {
                     tracing::debug!(source = %self.name, error = %e, "token API: a kept connection failed; asking on another");
                     continue;
                 }
                 // The API took the connection and the request, and closed it without an answer:
                 // what a handler that raised on an unknown token does (an answer, charged; else
                 // a client could try tokens without end, the valid ones told by their 101).
-                Err(e) => return Ok(Reply::Broken(format!("the request got no answer: {e}"))),
+                Err((false, e)) => return Ok(Reply::Broken(format!("the request got no answer: {e}"))),
             };
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER).collect().await;
@@ -323,22 +350,19 @@ impl ApiTokens {
         }
     }
 
-    /// A kept connection that has not been closed, if there is one.
+    /// A kept connection that has not been closed nor idled past [`KEPT_FOR`], if there is one.
     fn kept(&self) -> Option<SendRequest<Empty<Bytes>>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
+        // The most recently used last: the older ones are let go first.
+        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < KEPT_FOR);
+        idle.pop().map(|(s, _)| s)
     }
 
     /// Keeps a connection whose answer was read to the end, if there is room.
     fn keep(&self, sender: SendRequest<Empty<Bytes>>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE && !sender.is_closed() {
-            idle.push(sender);
+            idle.push((sender, Instant::now()));
         }
     }
 
