@@ -1748,11 +1748,13 @@ fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>)
         if let Some(Err((field, message))) = options.backend_tls.as_ref().map(BackendTlsSettings::check_files) {
             return ctx.invalid(span, format!("route[{i}].backend_tls.{field}"), message);
         }
-        routes.push(RouteConfig {
-            matcher,
-            target: r.target,
-            options,
-        });
+        // A unix socket's path is relative to the file, as the file's other paths are (a review:
+        // it was the working directory's, `/` under systemd).
+        let target = match r.target {
+            Target::Unix(path) => Target::Unix(ctx.resolve(&path)),
+            t => t,
+        };
+        routes.push(RouteConfig { matcher, target, options });
     }
     Ok(routes)
 }
@@ -2488,6 +2490,19 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    /// A route's unix socket is relative to the configuration file, as its other paths are (a
+    /// review: it was the working directory's, which under systemd is `/`).
+    #[test]
+    fn a_routes_unix_socket_is_relative_to_the_file() {
+        let c = Config::from_toml(
+            "[[listen]]\naddr = 0\n[[route]]\npath = \"/a\"\ntarget = \"unix:app.sock\"\n[[route]]\npath = \"/b\"\ntarget = \"unix:/run/b.sock\"\n",
+            Path::new("/etc/wsbridge/wsbridge.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].target, Target::Unix("/etc/wsbridge/app.sock".into()));
+        assert_eq!(c.routes[1].target, Target::Unix("/run/b.sock".into()));
     }
 
     /// A file that does not parse on a line that writes a credential: the error quotes the line

@@ -567,6 +567,12 @@ impl AgentConfig {
             if let Some(max) = max {
                 max_sessions.insert(k.clone(), max);
             }
+            // Relative to the file, as its other paths are (not to where the agent was started:
+            // a service's working directory is not the configuration's).
+            let target = match target {
+                Target::Unix(path) => Target::Unix(resolve(&path)),
+                t => t,
+            };
             services.insert(k, target);
         }
         if services.is_empty() {
@@ -1199,6 +1205,12 @@ mod tests {
         assert_eq!(c.services["pos"], "127.0.0.1:9100".parse().unwrap());
         assert_eq!(c.services["label"], "127.0.0.1:9101".parse().unwrap());
         assert_eq!(c.max_sessions, BTreeMap::from([("pos".to_owned(), 1)]));
+        // A unix socket's path is the file's, as its other paths are (not the working directory's).
+        write("label = \"unix:label.sock\"\nabs = \"unix:/run/abs.sock\"\n");
+        let c = AgentConfig::from_file(&file).unwrap();
+        assert_eq!(c.services["label"], Target::Unix(dir.path().join("label.sock")));
+        assert_eq!(c.services["abs"], Target::Unix("/run/abs.sock".into()));
+        write("pos = { target = \"127.0.0.1:9100\", max_sessions = 1 }\nlabel = \"127.0.0.1:9101\"\n");
         let args = |max: &[&str]| AgentArgs {
             config: Some(file.clone()),
             max_sessions: max.iter().map(|s| (*s).to_owned()).collect(),
