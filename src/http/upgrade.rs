@@ -311,7 +311,13 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     let in_flight = match names_token {
         true => match charge_for_lookup(ctx).await {
             Ok(in_flight) => Some(in_flight),
-            Err(r) => return answer_refusal("token lookup", r, None),
+            Err(Uncharged::Refused(r)) => return answer_refusal("token lookup", r, None),
+            // Nothing failed: the source is slow to answer the address's pages opened at once.
+            Err(Uncharged::Waited) => {
+                return Decision::SourceUnavailable(format!(
+                    "the address's token lookups in flight still hold its tries after {LOOKUP_WAIT:?} (a slow token source)"
+                ))
+            }
         },
         false => None,
     };
@@ -425,17 +431,28 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
 /// failure budget: the longest a remote source's lookup takes by default (an HTTP API's 1 s).
 const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Why a token lookup's try was not charged.
+enum Uncharged {
+    /// The brake's refusal: the address's tries are spent on failures.
+    Refused(Refusal),
+    /// Lookups of the address still in flight held the tries for the whole [`LOOKUP_WAIT`]: a
+    /// slow source, not a failure of the client's (a review: valid tokens got the brake's 429,
+    /// "too many failed attempts", from one address with a source at 0.5 s).
+    Waited,
+}
+
 /// Charges a token lookup's try to the client's address. When the budget is spent while lookups
 /// from the address are in flight (pages opened at once, each holding a try while a remote
 /// source answers), waits for them to end, at most [`LOOKUP_WAIT`], and tries again: a valid
-/// token gives its try back. Without lookups in flight, or past the wait, the brake's 429.
-async fn charge_for_lookup<'c>(ctx: &Context<'c>) -> Result<crate::policy::InFlight<'c>, Refusal> {
+/// token gives its try back. Without lookups in flight the brake's 429; past the wait with
+/// lookups still in flight, [`Uncharged::Waited`].
+async fn charge_for_lookup<'c>(ctx: &Context<'c>) -> Result<crate::policy::InFlight<'c>, Uncharged> {
     let deadline = tokio::time::Instant::now() + LOOKUP_WAIT;
     let begin = || ctx.lookups.try_begin(ctx.failures, ctx.client);
     loop {
         let notify = match begin() {
             Ok(in_flight) => return Ok(in_flight),
-            Err((r, None)) => return Err(r),
+            Err((r, None)) => return Err(Uncharged::Refused(r)),
             Err((_, Some(notify))) => notify,
         };
         // Listening, then trying again: an end between the first try and the wait is not missed.
@@ -444,13 +461,17 @@ async fn charge_for_lookup<'c>(ctx: &Context<'c>) -> Result<crate::policy::InFli
         ended.as_mut().enable();
         match begin() {
             Ok(in_flight) => return Ok(in_flight),
-            Err((r, None)) => return Err(r),
+            Err((r, None)) => return Err(Uncharged::Refused(r)),
             // Those lookups all ended and newer ones began: wait for theirs.
             Err((_, Some(newer))) if !Arc::ptr_eq(&newer, &notify) => continue,
             Err((_, Some(_))) => {
                 if tokio::time::timeout_at(deadline, ended).await.is_err() {
                     // A last try: the budget may have refilled meanwhile.
-                    return begin().map_err(|(r, _)| r);
+                    return match begin() {
+                        Ok(in_flight) => Ok(in_flight),
+                        Err((r, None)) => Err(Uncharged::Refused(r)),
+                        Err((_, Some(_))) => Err(Uncharged::Waited),
+                    };
                 }
             }
         }

@@ -722,6 +722,49 @@ async fn pages_opened_at_once_from_one_address_are_not_braked_while_their_lookup
     bridge.stop().await;
 }
 
+/// Past that wait, pages whose tries are still held by their address's lookups in flight are
+/// told the source is slow (503, Retry-After: 1), not the brake's 429 "too many failed attempts"
+/// (a review: valid tokens from one address got 429s beside a source answering in 0.5 s, and
+/// the metrics and the log blamed the client, although nothing had failed).
+#[tokio::test]
+async fn pages_past_the_wait_for_their_lookups_get_503_not_the_brakes_429() {
+    let (echo, _) = echo_backend().await;
+    let api = Api::start(|_| None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = format!(
+        "allow_targets = [\"{}\"]\n[tokens.api]\nurl = \"http://{}/t?token=%s\"\nlookup_timeout = \"3s\"\n",
+        only(echo),
+        api.addr
+    );
+    let bridge = TestBridge::start(from_toml(&tokens, dir.path())).await;
+    let pages: Vec<_> = (0..14)
+        .map(|i| {
+            let addr = bridge.addr;
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                let r = http_raw(addr, &upgrade_request(&format!("/websockify?token=desk{i}"), "")).await;
+                (r, start.elapsed())
+            })
+        })
+        .collect();
+    let mut waited = 0;
+    for (i, page) in pages.into_iter().enumerate() {
+        let (r, took) = page.await.unwrap();
+        assert_eq!(status_of(&r), 503, "page {i}: {r}");
+        assert!(
+            r.contains("token source unavailable") && r.to_ascii_lowercase().contains("retry-after: 1"),
+            "page {i}: {r}"
+        );
+        // Ten pages' lookups hold the ten tries until the lookup deadline; the others waited 1 s.
+        if took < Duration::from_millis(2500) {
+            waited += 1;
+            assert_window("the wait for the address's lookups", took, Duration::from_secs(1));
+        }
+    }
+    assert_eq!(waited, 4, "four pages past the ten tries");
+    bridge.stop().await;
+}
+
 /// A CA file replaced in place (the API's certificate now from a new CA) is read again at a
 /// reload, as a route's backend CA is: the API's lookups work again without a restart.
 #[tokio::test]
