@@ -326,21 +326,25 @@ fn is_socket(_: &std::fs::Metadata) -> bool {
 /// plain name ([`is_socket_name`]), is missing, or is anything but a socket.
 ///
 /// # Errors
-/// None: a file that cannot be looked at is no socket (logged at debug).
-pub fn socket_in(dir: &Path, token: &str) -> Option<Target> {
+/// The directory cannot be looked in (gone, not searchable, not a directory): the token is not
+/// known to be unknown, and a page is told the source is unavailable, not that its token is (a
+/// review: every token of a directory made unreadable was a silent 404, charged as a guess).
+pub fn socket_in(dir: &Path, token: &str) -> std::io::Result<Option<Target>> {
     if !is_socket_name(token) {
-        return None;
+        return Ok(None);
     }
     let path = dir.join(token);
     match std::fs::metadata(&path) {
-        Ok(meta) if is_socket(&meta) => Some(Target::Unix(path)),
-        Ok(_) => None,
-        Err(e) => {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::debug!(source = %dir.display(), token = %redact(token), error = %e, "socket token not looked at");
-            }
-            None
-        }
+        Ok(meta) if is_socket(&meta) => Ok(Some(Target::Unix(path))),
+        Ok(_) => Ok(None),
+        // No such name: unknown, if the directory itself is there to say so.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => Ok(None),
+            Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")),
+            Err(e) => Err(e),
+        },
+        // Permissions, a loop of links: the directory's trouble.
+        Err(e) => Err(e),
     }
 }
 
@@ -351,7 +355,7 @@ fn sockets_of(dir: &Path) -> HashMap<String, Target> {
     };
     entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|name| socket_in(dir, &name).map(|t| (name, t)))
+        .filter_map(|name| socket_in(dir, &name).ok().flatten().map(|t| (name, t)))
         .collect()
 }
 
@@ -674,7 +678,8 @@ impl Shared {
             .ok()
         };
         match tokio::time::timeout(REREAD_WAIT, found).await {
-            Ok(Some(found)) => Ok(found),
+            Ok(Some(Ok(found))) => Ok(found),
+            Ok(Some(Err(e))) => Err(unavailable(format!("the directory cannot be looked in: {e}"))),
             // The stat panicked: no answer, not an unknown token.
             Ok(None) => Err(unavailable("the lookup in the directory failed".to_owned())),
             Err(_) => Err(unavailable(format!(

@@ -624,3 +624,31 @@ async fn a_socket_directory_routes_tokens_to_their_sockets_and_nothing_else() {
     let r = http_raw(bridge.addr, &upgrade_request("/?token=desk2", "")).await;
     assert_eq!(status_of(&r), 404, "{r}");
 }
+
+/// A socket directory that is gone (moved, unmounted) or cannot be looked in is a source that is
+/// unavailable (503, Retry-After), not a directory without the page's socket: its tokens are not
+/// answered "unknown" (a review: every token was a silent 404, charged to the page's address as
+/// a guess). Back where it was, it serves again at once.
+#[tokio::test]
+async fn a_socket_directory_that_is_gone_is_unavailable_not_empty() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("socks");
+    std::fs::create_dir_all(&dir).unwrap();
+    named_unix_backend(&dir.join("desk1"), "A");
+    let mut config = Config::new("test");
+    add_socket_directory(&mut config, &dir);
+    let bridge = TestBridge::start(config).await;
+    assert_eq!(first_message(&bridge.url("/websockify?token=desk1")).await, "A");
+
+    let away = root.path().join("socks.away");
+    std::fs::rename(&dir, &away).unwrap();
+    for token in ["desk1", "desk2"] {
+        let r = http_raw(bridge.addr, &upgrade_request(&format!("/websockify?token={token}"), "")).await;
+        assert_eq!(status_of(&r), 503, "{token}: {r}");
+        assert!(r.contains("token source unavailable"), "{r}");
+    }
+    std::fs::rename(&away, &dir).unwrap();
+    assert_eq!(first_message(&bridge.url("/websockify?token=desk1")).await, "A");
+    let r = http_raw(bridge.addr, &upgrade_request("/websockify?token=desk2", "")).await;
+    assert_eq!(status_of(&r), 404, "{r}");
+}
