@@ -723,8 +723,17 @@ impl Shared {
                     checked: started,
                 }
             }
+            // Kept, not emptied: a file being replaced by a tool that removes it first, or a mount
+            // that hiccups, must not lock every page out. To revoke everything, empty it.
             Err(e) => {
-                tracing::warn!(source = %self.path.display(), error = %e, "token source unreadable; keeping its last contents");
+                // Every re-read (one per lookup after a quiet half second) would say it again: once
+                // per 10 s, with how many were left out (a review: two lines a second under load).
+                match self.quiet.take() {
+                    Some(left_out) => {
+                        tracing::warn!(source = %self.path.display(), error = %e, left_out, "token source unreadable; keeping its last contents (empty it to revoke every token)")
+                    }
+                    None => tracing::debug!(source = %self.path.display(), error = %e, "token source unreadable; keeping its last contents"),
+                }
                 crate::metrics::tokens_reloaded(&self.path, false);
                 Snapshot {
                     map: old.map.clone(),
