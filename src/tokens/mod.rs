@@ -732,7 +732,9 @@ impl Shared {
                     Some(left_out) => {
                         tracing::warn!(source = %self.path.display(), error = %e, left_out, "token source unreadable; keeping its last contents (empty it to revoke every token)")
                     }
-                    None => tracing::debug!(source = %self.path.display(), error = %e, "token source unreadable; keeping its last contents"),
+                    None => {
+                        tracing::debug!(source = %self.path.display(), error = %e, "token source unreadable; keeping its last contents")
+                    }
                 }
                 crate::metrics::tokens_reloaded(&self.path, false);
                 Snapshot {

@@ -341,7 +341,7 @@ impl std::fmt::Display for ProxySource {
 }
 
 /// The proxy from the environment for `server`: HTTPS_PROXY (wss) or HTTP_PROXY (ws), lower
-/// case too, unless NO_PROXY names the host (exactly, as a domain suffix, or `*`).
+/// case too, unless NO_PROXY names the host ([`no_proxy_names`]).
 ///
 /// # Errors
 /// The variable's value is not an HTTP proxy's URL.
@@ -358,12 +358,7 @@ fn env_proxy(server: &ServerUrl) -> Result<Option<(Option<Proxy>, ProxySource)>,
             .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()).map(|v| (*n, v)))
     };
     let no_proxy = var(&["NO_PROXY", "no_proxy"]).map(|(_, v)| v).unwrap_or_default();
-    let host = server.host.to_ascii_lowercase();
-    let exempt = no_proxy.split(',').map(|e| e.trim().to_ascii_lowercase()).any(|e| {
-        let e = e.trim_start_matches('.');
-        !e.is_empty() && (e == "*" || host == e || host.ends_with(&format!(".{e}")))
-    });
-    if exempt {
+    if no_proxy.split(',').any(|e| no_proxy_names(e, &server.host, server.port)) {
         return Ok(Some((None, ProxySource::NoProxy)));
     }
     let value = match server.tls {
@@ -374,6 +369,47 @@ fn env_proxy(server: &ServerUrl) -> Result<Option<(Option<Proxy>, ProxySource)>,
         Some((name, v)) => Ok(Some((Some(v.parse()?), ProxySource::Env(name)))),
         None => Ok(None),
     }
+}
+
+/// Whether one NO_PROXY entry names `host` (a name, or an IP literal without brackets) at `port`,
+/// as curl (7.86 and later), Go and Python's requests read them: `*`; a domain, exactly or as a
+/// suffix (`example.com` and `.example.com` name `a.example.com`), for host names only; an IP
+/// address (`::1`, `[::1]`, in any spelling) for that address only; a CIDR range (`10.0.0.0/8`,
+/// `fd00::/8`) for the addresses in it; any of these with `:PORT` for that port only. (A review:
+/// ranges and brackets were read as domains and never matched, and `0.0.1` matched `10.0.0.1`.)
+fn no_proxy_names(entry: &str, host: &str, port: u16) -> bool {
+    let entry = entry.trim().to_ascii_lowercase();
+    if entry == "*" {
+        return true;
+    }
+    // `[v6]`, `[v6]:port`, `name:port`, `v4:port`; a bare IPv6 address or range has colons of its
+    // own and no port.
+    let (name, entry_port) = match entry.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((inside, after)) => (inside.to_owned(), after.strip_prefix(':').map(str::to_owned)),
+            None => return false,
+        },
+        None => match entry.rsplit_once(':') {
+            Some((n, p)) if !n.contains(':') && p.parse::<u16>().is_ok() => (n.to_owned(), Some(p.to_owned())),
+            _ => (entry.clone(), None),
+        },
+    };
+    if entry_port.is_some_and(|p| p.parse::<u16>().ok() != Some(port)) {
+        return false;
+    }
+    let ip = host.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_canonical());
+    if name.contains('/') {
+        return match (crate::policy::parse_net(&name), ip) {
+            (Ok(net), Some(ip)) => net.contains(&ip),
+            _ => false,
+        };
+    }
+    if let Ok(listed) = name.parse::<std::net::IpAddr>() {
+        return ip == Some(listed.to_canonical());
+    }
+    let domain = name.trim_start_matches('.');
+    let host = host.to_ascii_lowercase();
+    ip.is_none() && !domain.is_empty() && (host == domain || host.ends_with(&format!(".{domain}")))
 }
 
 /// `[agent]` as the file writes it.
@@ -1041,6 +1077,44 @@ mod tests {
         assert!(e.contains("unknown field `naem`"), "{e}");
         assert!(is_agent_text("[agent]\nsevers = \"ws://h/agent\"\nname = \"x\"\nservice = {}\n"));
         assert!(!is_agent_text("[agent]\nname = \"shop-17\"\nsecret_sha256 = \"00\"\n"));
+    }
+
+    #[test]
+    fn no_proxy_entries_read_as_curl_and_go_read_them() {
+        let names = |entry: &str, host: &str, port: u16| no_proxy_names(entry, host, port);
+        for (entry, host) in [
+            ("*", "bridge.example.com"),
+            ("example.com", "bridge.example.com"),
+            (".example.com", "bridge.example.com"),
+            ("bridge.example.com", "bridge.example.com"),
+            ("Bridge.Example.COM", "bridge.example.com"),
+            ("bridge.example.com:443", "bridge.example.com"),
+            ("10.0.0.1", "10.0.0.1"),
+            ("10.0.0.0/8", "10.0.0.1"),
+            ("::1", "::1"),
+            ("[::1]", "::1"),
+            ("[::1]:443", "::1"),
+            ("0:0:0:0:0:0:0:1", "::1"),
+            ("::1/128", "::1"),
+            ("fd00::/8", "fd12::1"),
+            ("127.0.0.0/8", "127.0.0.1"),
+            ("127.0.0.1:443", "127.0.0.1"),
+        ] {
+            assert!(names(entry, host, 443), "{entry} names {host}");
+        }
+        for (entry, host) in [
+            ("", "bridge.example.com"),
+            ("ample.com", "bridge.example.com"),
+            ("bridge.example.com:80", "bridge.example.com"),
+            ("0.0.1", "10.0.0.1"),
+            ("10.0.0.0/8", "bridge.example.com"),
+            ("10.0.0.2", "10.0.0.1"),
+            ("[::1]:80", "::1"),
+            ("fd00::/8", "fe80::1"),
+            ("example.com", "10.0.0.1"),
+        ] {
+            assert!(!names(entry, host, 443), "{entry} does not name {host}");
+        }
     }
 
     #[test]
