@@ -1593,6 +1593,15 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
             }
         }
         if let Some(only) = l.ipv6_only.as_ref().filter(|o| !*o.get_ref()) {
+            // Only the any-address socket can take IPv4 clients (a review: [::1] with
+            // ipv6_only = false logged ipv4=true and refused 127.0.0.1).
+            if matches!(addr, ListenOn::Tcp(a) if !a.ip().is_unspecified()) {
+                return ctx.invalid(
+                    only.span(),
+                    format!("listen[{i}].ipv6_only"),
+                    "ipv6_only = false takes IPv4 clients only on [::] (any address); a specific IPv6 address takes IPv6 alone: add a listener for the IPv4 address",
+                );
+            }
             asked_dual.push((i, only.span()));
         }
         let web = l.web.map(|w| ctx.resolve(&w));

@@ -743,6 +743,19 @@ async fn an_ipv6_any_address_beside_another_programs_ipv4_listener_needs_ipv6_on
     let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("ipv6_only is for an IPv6 address"), "{err}");
+    // Both families asked for on a specific IPv6 address, which takes IPv6 alone (a review: it
+    // started, logged ipv4=true and refused IPv4 clients).
+    std::fs::write(
+        &file,
+        "[[listen]]\naddr = \"[::1]:6080\"\nipv6_only = false\n[[route]]\npath = \"/\"\ntarget = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("wsbridge.toml:3: listen[0].ipv6_only") && err.contains("only on [::]"),
+        "{err}"
+    );
     // Both families asked for on a port whose IPv4 side another listener here takes: refused at
     // check, not at the bind with advice that does not fit (a review).
     std::fs::write(
