@@ -123,10 +123,10 @@ fn read(path: &Path) -> Result<(u64, Hashes, Vec<String>), String> {
     for file in files {
         let text = match crate::platform::read_text(&file) {
             Ok(text) => text,
-            // Removed since the directory was listed.
-            Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Removed since the directory was listed (a link to nothing is there, unreadable).
+            Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound && !crate::tokens::is_there(&file) => continue,
             Err(e) if directory => {
-                unreadable.push(format!("{}: {e}", file.display()));
+                unreadable.push(format!("{}: {}", file.display(), crate::tokens::dangling_said(e)));
                 continue;
             }
             Err(e) => return Err(format!("{}: {e}", file.display())),

@@ -265,6 +265,19 @@ pub fn host_key(host: &str) -> String {
     name.to_ascii_lowercase()
 }
 
+/// Whether a directory's entry is there, followed or not (a link whose target is gone is).
+pub(crate) fn is_there(entry: &Path) -> bool {
+    std::fs::symlink_metadata(entry).is_ok()
+}
+
+/// The error of an entry that is there but cannot be read: "not found" is a link to nothing.
+pub(crate) fn dangling_said(e: std::io::Error) -> std::io::Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => std::io::Error::new(e.kind(), "a link to a file that is not there"),
+        _ => e,
+    }
+}
+
 /// Reads a token file, or every regular file in a token directory (not recursively, and not the
 /// files [`is_skipped`] names).
 ///
@@ -277,9 +290,10 @@ pub fn read_tokens(path: &Path, lookup: TokenLookup) -> std::io::Result<TokenFil
     for file in files {
         match crate::platform::read_text(&file) {
             Ok(text) => parse_token_text(&text, &file, lookup, &mut read),
-            // Removed since the directory was listed: a revoked token.
-            Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) if directory => read.unreadable.push((file, e)),
+            // Removed since the directory was listed: a revoked token (a link whose target is
+            // gone is still there, and cannot be read).
+            Err(e) if directory && e.kind() == std::io::ErrorKind::NotFound && !is_there(&file) => {}
+            Err(e) if directory => read.unreadable.push((file, dangling_said(e))),
             Err(e) => return Err(e),
         }
     }
@@ -402,9 +416,9 @@ pub fn read_file_names(dir: &Path, lookup: TokenLookup) -> std::io::Result<Token
         match opened {
             Ok(_) => {}
             // Removed since the directory was listed: a revoked token.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !is_there(&file) => continue,
             Err(e) => {
-                read.unreadable.push((file, e));
+                read.unreadable.push((file, dangling_said(e)));
                 continue;
             }
         }
@@ -485,8 +499,14 @@ pub(crate) fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
             tracing::debug!(file = %p.display(), "token file skipped: a hidden file or a backup copy");
             continue;
         }
-        if std::fs::metadata(&p).map(|m| m.is_file()).unwrap_or(false) {
-            files.push(p);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => files.push(p),
+            Ok(_) => {}
+            // An entry that cannot be followed (a link whose target is gone, as in a Kubernetes
+            // volume caught between two versions): named, so that the re-read fails with a
+            // warning and keeps what it read before, rather than dropping its tokens without a
+            // word (a review).
+            Err(_) => files.push(p),
         }
     }
     files.sort();
@@ -501,7 +521,14 @@ pub(crate) fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub(crate) fn stamp(path: &Path) -> std::io::Result<u64> {
     let mut h = DefaultHasher::new();
     for f in files_of(path)? {
-        let m = std::fs::metadata(&f)?;
+        // A link whose target is gone is read as an unreadable file (left out, with a warning);
+        // its own change is a change.
+        let m = match std::fs::metadata(&f) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && f != path => {
+                std::fs::symlink_metadata(&f).map_err(|_| std::io::Error::new(e.kind(), format!("{}: removed while read", f.display())))?
+            }
+            m => m?,
+        };
         f.hash(&mut h);
         m.len().hash(&mut h);
         m.modified().unwrap_or(SystemTime::UNIX_EPOCH).hash(&mut h);
