@@ -298,6 +298,13 @@ impl FromStr for Target {
         if host.is_empty() {
             return Err(format!("invalid target {s:?}: empty host"));
         }
+        if !is_host(host) {
+            // Refused here, at start or when a token is read, not per session as a name that
+            // does not resolve (a review: "a b:5900" was taken).
+            return Err(format!(
+                "invalid target {s:?}: {host:?} is neither an IP address nor a host name (letters, digits, '-', '.', '_')"
+            ));
+        }
         let port: u16 = port
             .parse()
             .ok()
@@ -308,6 +315,24 @@ impl FromStr for Target {
             port,
         })
     }
+}
+
+/// Whether `host` can name a host: an IP address (IPv6 with a `%zone` too) or a name of letters,
+/// digits, `-`, `.` and `_` (found in internal names), no label empty.
+fn is_host(host: &str) -> bool {
+    if let Some((addr, zone)) = host.split_once('%') {
+        return addr.parse::<std::net::Ipv6Addr>().is_ok()
+            && !zone.is_empty()
+            && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name
+            .split('.')
+            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
 }
 
 /// A target's host and port: [`split_host_port`], or websockify's form of an IPv6 target, split
@@ -2661,6 +2686,31 @@ mod tests {
         assert!("a:b:5900".parse::<Target>().is_err(), "not an IPv6 address before the last colon");
         assert!("host:0".parse::<Target>().is_err());
         assert!("host".parse::<Target>().is_err());
+        // A host that can name nothing is refused when read, not found unresolvable per session.
+        for bad in [
+            "a b:5900",
+            "127.0.0.1 :5900",
+            "h\t:1",
+            "a..b:1",
+            "h/x:1",
+            "[::1%]:1",
+            "1.2.3.4%eth0:1",
+        ] {
+            let e = bad.parse::<Target>().unwrap_err();
+            assert!(
+                e.contains("neither an IP address nor a host name") || e.contains("expected HOST:PORT"),
+                "{bad}: {e}"
+            );
+        }
+        for good in [
+            "vnc_1.internal:5900",
+            "host.example.:5900",
+            "[fe80::1%eth0]:5900",
+            "10.0.0.1:1",
+            "xn--bcher-kva.example:1",
+        ] {
+            assert!(good.parse::<Target>().is_ok(), "{good}");
+        }
         assert_eq!(
             Target::Tcp {
                 host: "::1".into(),
