@@ -110,6 +110,9 @@ pub struct Silence {
     pub waiting: bool,
     /// Since the peer's last acknowledgement (of anything: data, a window probe, a keepalive).
     pub since_ack: std::time::Duration,
+    /// Bytes in the send queue, sent or not (`SIOCOUTQ`): data held back by a shut window is
+    /// there and not in flight, and goes when the window opens, with no write of ours.
+    pub queued: u64,
 }
 
 impl Acks {
@@ -175,6 +178,7 @@ impl Acks {
             Some(Silence {
                 waiting: info.tcpi_unacked > 0,
                 since_ack: std::time::Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
+                queued: SendQueue { fd: Some(fd) }.unacknowledged().unwrap_or(0),
             })
         }
         #[cfg(not(target_os = "linux"))]

@@ -550,6 +550,17 @@ struct AckWatch {
     sent: Instant,
     /// When to look next.
     next: Instant,
+    /// The first look that found data in flight, with no acknowledgement since: the verdict
+    /// needs it [`ack_grace`] old, so that data sent just before a look, after a quiet spell
+    /// as long as the limit, is given its round trip (a review: a message 30 ms before the look
+    /// was cut when its acknowledgement took 35).
+    seen: Option<Instant>,
+}
+
+/// How long data must be seen in flight, unacknowledged, before the verdict: half the limit, at
+/// most 10 s.
+fn ack_grace(limit: Duration) -> Duration {
+    (limit / 2).min(Duration::from_secs(10))
 }
 
 impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
@@ -1079,6 +1090,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 Some(AckWatch {
                     sent: now,
                     next: now + limit,
+                    seen: None,
                 })
             }
             _ => None,
@@ -1086,10 +1098,11 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     }
 
     /// A look at the backend's acknowledgements (its watch's time has come): a host that
-    /// acknowledged nothing for `backend_ack_timeout` while data sent to it waited is gone, and
-    /// the session ends as the kernel would end it after its retransmissions, some 15 minutes
-    /// later. A live backend that reads nothing acknowledges what it was sent and shuts its
-    /// window: nothing is in flight, and it is left alone.
+    /// acknowledged nothing for `backend_ack_timeout` while data sent to it waited, and nothing
+    /// of data seen in flight for [`ack_grace`] after that, is gone, and the session ends as the
+    /// kernel would end it after its retransmissions, some 15 minutes later. A live backend that
+    /// reads nothing acknowledges what it was sent and shuts its window: nothing is in flight,
+    /// and it is left alone (watched on while data waits behind the window).
     fn check_acks(&mut self, now: Instant) {
         let (Some(watch), Some(limit), Some(silence)) = (self.ack_watch.as_mut(), self.timeouts.backend_ack_timeout, self.acks.silence())
         else {
@@ -1097,15 +1110,34 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             return;
         };
         if !silence.waiting {
-            // All acknowledged: until the next write (which a shut window holds back).
-            self.ack_watch = None;
+            if silence.queued > 0 {
+                // Held back by a shut window: it goes when the window opens, with no write of
+                // ours to start a watch then (a review: a host gone dark after such a pause was
+                // left to the kernel's 15 minutes). Watched on, from now.
+                *watch = AckWatch {
+                    sent: now,
+                    next: now + limit,
+                    seen: None,
+                };
+            } else {
+                // All acknowledged: until the next write.
+                self.ack_watch = None;
+            }
             return;
         }
         // Silent since its last acknowledgement, and what waits was sent since `sent`: the
         // shorter of the two (an acknowledgement older than the write cannot be the host's
         // silence about it).
         let quiet = silence.since_ack.min(now.saturating_duration_since(watch.sent));
-        if quiet >= limit {
+        // In flight since the first look that saw it, unless acknowledged since (progress).
+        let seen = match watch.seen {
+            Some(t) if silence.since_ack >= now.saturating_duration_since(t) => t,
+            _ => now,
+        };
+        watch.seen = Some(seen);
+        let grace = ack_grace(limit);
+        let seen_for = now.saturating_duration_since(seen);
+        if quiet >= limit && seen_for >= grace {
             self.ack_watch = None;
             let e = io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -1114,7 +1146,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             self.end(End::BackendError("write", e));
             return;
         }
-        watch.next = now + (limit - quiet).max(ACK_CHECK_MIN);
+        watch.next = now + limit.saturating_sub(quiet).max(grace.saturating_sub(seen_for)).max(ACK_CHECK_MIN);
     }
 
     fn touch(&mut self) {
