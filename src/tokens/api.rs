@@ -28,10 +28,9 @@
 //! **Connections.** A connection is kept for the next lookup once its answer was read to the end
 //! (HTTP/1.1 keep-alive; at most [`MAX_IDLE`] idle per source, dropped when the API closes them
 //! and after [`KEPT_FOR`] unused), so a busy bridge does not pay a TCP and TLS handshake per
-//! lookup. A kept connection that turns out closed is replaced by a new one within the same
-//! deadline, and so is one that has not answered by half of what is left of it (a connection a
-//! NAT or firewall dropped while it was idle answers nothing, not even a reset): the kept ones
-//! are then all let go. At most [`MAX_IN_FLIGHT`] lookups
+//! lookup: a connection a NAT or firewall dropped while it was idle answers nothing, not even a
+//! reset, and would cost a lookup its whole deadline. A kept connection that turns out closed is
+//! replaced by a new one within the same deadline. At most [`MAX_IN_FLIGHT`] lookups
 //! run at once per source; more wait for a slot within their deadline.
 //!
 //! **No cache**, as in websockify: every handshake that names a token asks the API, so a token the
@@ -68,6 +67,13 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// How long an idle connection is kept: shorter than the idle timeouts of the NATs, firewalls
 /// and balancers on the way (minutes), after which a connection is silently dead.
 pub const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The most recently kept of `idle` (each with when it was kept) that is neither `closed` nor
+/// kept [`KEPT_FOR`] or longer at `now`; the others of those are let go.
+fn take_kept<T>(idle: &mut Vec<(T, Instant)>, now: Instant, closed: impl Fn(&T) -> bool) -> Option<T> {
+    idle.retain(|(c, since)| !closed(c) && now.saturating_duration_since(*since) < KEPT_FOR);
+    idle.pop().map(|(c, _)| c)
+}
 
 /// What a request gets from the API.
 enum Reply {
@@ -245,47 +251,27 @@ impl ApiTokens {
         loop {
             let (mut sender, kept) = match self.kept() {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                None => (self.connect(deadline).await?, false),
             };
             // A kept connection the API closed in the meantime fails here or on the request,
             // before any answer (closed, reset, cut short): try the next, or a new one. A GET
             // asks again safely.
-            let req = request()?;
-            // (Whether it failed before the request went: the connection is lost, not the answer.)
-            let answered = async {
-                sender.ready().await.map_err(|e| (true, e))?;
-                sender.send_request(req).await.map_err(|e| (false, e))
-            };
-            // One that answers nothing (dropped by a NAT while idle) gets half of what is left.
-            let answered = match kept {
-                true => {
-                    let half = Instant::now() + deadline.saturating_duration_since(Instant::now()) / 2;
-                    match tokio::time::timeout_at(half, answered).await {
-                        Ok(answered) => answered,
-                        Err(_) => {
-                            tracing::debug!(source = %self.name, "token API: a kept connection did not answer; asking on a new one");
-                            // Kept as long as it, or longer: likely dead the same way.
-                            self.idle.lock().unwrap_or_else(PoisonError::into_inner).clear();
-                            continue;
-                        }
-                    }
-                }
-                false => answered.await,
-            };
-            let response = match answered {
-                Ok(r) => r,
-                Err((true, e)) => match kept {
+            if let Err(e) = sender.ready().await {
+                match kept {
                     true => continue,
                     false => return Err(format!("connection to the API lost: {e}")),
-                },
-                Err((false, e)) if kept => {
+                }
+            }
+            let response = match sender.send_request(request()?).await {
+                Ok(r) => r,
+                Err(e) if kept => {
                     tracing::debug!(source = %self.name, error = %e, "token API: a kept connection failed; asking on another");
                     continue;
                 }
                 // The API took the connection and the request, and closed it without an answer:
                 // what a handler that raised on an unknown token does (an answer, charged; else
                 // a client could try tokens without end, the valid ones told by their 101).
-                Err((false, e)) => return Ok(Reply::Broken(format!("the request got no answer: {e}"))),
+                Err(e) => return Ok(Reply::Broken(format!("the request got no answer: {e}"))),
             };
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER).collect().await;
@@ -353,9 +339,7 @@ impl ApiTokens {
     /// A kept connection that has not been closed nor idled past [`KEPT_FOR`], if there is one.
     fn kept(&self) -> Option<SendRequest<Empty<Bytes>>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        // The most recently used last: the older ones are let go first.
-        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < KEPT_FOR);
-        idle.pop().map(|(s, _)| s)
+        take_kept(&mut idle, Instant::now(), SendRequest::is_closed)
     }
 
     /// Keeps a connection whose answer was read to the end, if there is room.
@@ -368,14 +352,14 @@ impl ApiTokens {
 
     /// A new connection to the API (every address its name resolves to, in turn), TLS on it
     /// for `https://`, and HTTP/1.1 over that; the connection's task runs until it closes.
-    async fn connect(&self) -> Result<SendRequest<Empty<Bytes>>, String> {
+    async fn connect(&self, deadline: Instant) -> Result<SendRequest<Empty<Bytes>>, String> {
         let url = &self.settings.url;
         let addrs = crate::dns::resolve(&url.host, url.port)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", url.authority))?;
-        // Its addresses share the lookup's deadline (a black-holed first one does not spend it).
-        let end = tokio::time::Instant::now() + self.settings.lookup_timeout;
-        let tcp = crate::backend::connect_in_turn(&addrs, end)
+        // Its addresses share what is left of the lookup's deadline (a black-holed first one does
+        // not spend it).
+        let tcp = crate::backend::connect_in_turn(&addrs, deadline)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", url.authority))?;
         let _ = tcp.set_nodelay(true);
@@ -398,5 +382,29 @@ impl ApiTokens {
             }
         });
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A kept connection is taken most recent first, and let go once closed or kept for
+    /// [`KEPT_FOR`] (a review: with no age limit, connections a NAT dropped overnight cost the
+    /// morning's first lookups their whole deadline, one after another).
+    #[test]
+    fn kept_connections_are_taken_newest_first_and_let_go_when_old_or_closed() {
+        let t0 = Instant::now();
+        let mut idle = vec![
+            ("old", t0),
+            ("closed", t0 + Duration::from_secs(20)),
+            ("new", t0 + Duration::from_secs(25)),
+        ];
+        let closed = |c: &&str| *c == "closed";
+        assert_eq!(take_kept(&mut idle, t0 + Duration::from_secs(26), closed), Some("new"));
+        assert_eq!(idle, [("old", t0)], "the closed one is let go");
+        assert_eq!(take_kept(&mut idle, t0 + KEPT_FOR, closed), None, "kept too long");
+        assert!(idle.is_empty());
     }
 }
