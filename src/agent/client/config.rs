@@ -177,6 +177,9 @@ impl std::str::FromStr for ServerUrl {
             Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
             None => host_port.find(':').map_or("", |i| &host_port[i..]),
         };
+        if !after_host.is_empty() && !after_host.starts_with(':') {
+            return Err(format!("{s:?}: expected :PORT after the host, not {after_host:?}"));
+        }
         let port = match after_host.strip_prefix(':') {
             None | Some("") => {
                 if tls {
@@ -1136,6 +1139,7 @@ mod tests {
             let e = bad.parse::<ServerUrl>().unwrap_err();
             assert!(e.contains("the port must be 1-65535"), "{bad}: {e}");
         }
+        assert!("ws://[::1]x:90/agent".parse::<ServerUrl>().is_err(), "text between ] and the port");
         let p: Proxy = "http://user:p%40ss@proxy:3128".parse().unwrap();
         assert_eq!((p.host.as_str(), p.port), ("proxy", 3128));
         assert_eq!(p.authorization.as_deref(), Some("Basic dXNlcjpwQHNz"));
