@@ -428,7 +428,8 @@ impl fmt::Display for TokenLookup {
 /// Every deadline. `None` means that wait is not bounded by a timer of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {
-    /// From accept to a finished upgrade (TLS handshake included).
+    /// From accept to the request read (TLS handshake included); token lookups and the backend
+    /// connect have deadlines of their own.
     pub handshake: Duration,
     /// Backend connect, all resolved addresses together.
     pub connect: Duration,
