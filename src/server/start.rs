@@ -274,15 +274,23 @@ pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::Pa
                 // this host's from that port): said, with what to set. Not a quiet fall-back to
                 // IPv6 only, which would depend on which program started first and last for good
                 // (a review).
+                // What to set, where it can be set: the command line has no ipv6_only (a review).
+                let advice = match config.text_sha256 {
+                    Some(_) => format!(
+                        "set ipv6_only = true on this listener, or listen on 0.0.0.0:{0} and [::]:{0} here",
+                        configured.port()
+                    ),
+                    None => format!(
+                        "listen on [::1]:{0} or 0.0.0.0:{0} instead, or on [::]:{0} with ipv6_only = true in a configuration file",
+                        configured.port()
+                    ),
+                };
                 let bind_error = |source: std::io::Error| match dual_stack && source.kind() == std::io::ErrorKind::AddrInUse {
                     true => bind_error(std::io::Error::new(
                         source.kind(),
                         format!(
-                            "{source} ({} takes IPv4 clients too: if another program serves IPv4 on this port, set \
-                             ipv6_only = true on this listener, or listen on 0.0.0.0:{} and [::]:{} here)",
+                            "{source} ({} takes IPv4 clients too: if another program serves IPv4 on this port, {advice})",
                             configured.ip(),
-                            configured.port(),
-                            configured.port()
                         ),
                     )),
                     false => bind_error(source),
