@@ -275,6 +275,20 @@ async fn connect_any(addrs: &[SocketAddr], end: Instant) -> Result<TcpStream, Co
     connect_in_turn(addrs, end).await.map_err(ConnectError::Connect)
 }
 
+/// A link-local IPv6 address without its interface cannot be connected ("Invalid argument", which
+/// says nothing to a user; a review): said so.
+fn link_local_said(addr: &SocketAddr, e: io::Error) -> io::Error {
+    match addr {
+        SocketAddr::V6(a) if a.scope_id() == 0 && (a.ip().segments()[0] & 0xffc0) == 0xfe80 && e.kind() == io::ErrorKind::InvalidInput => {
+            io::Error::new(
+                e.kind(),
+                format!("{} is link-local: name its interface, as [{}%eth0]", a.ip(), a.ip()),
+            )
+        }
+        _ => e,
+    }
+}
+
 /// [`connect_any`] for the crate's other clients (an agent dialling its server or proxy, the
 /// token API): a name whose first address never answers (a black-holed IPv6 route beside a
 /// working IPv4 one, on the networks agents live on) does not spend the whole deadline, `end`,
@@ -286,12 +300,12 @@ pub(crate) async fn connect_in_turn(addrs: &[SocketAddr], end: Instant) -> io::R
     let mut last = None;
     for (i, addr) in addrs.iter().enumerate() {
         if i + 1 == addrs.len() {
-            return TcpStream::connect(addr).await;
+            return TcpStream::connect(addr).await.map_err(|e| link_local_said(addr, e));
         }
         let share = end.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
         match timeout(share, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => last = Some(e),
+            Ok(Err(e)) => last = Some(link_local_said(addr, e)),
             Err(_) => last = Some(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
         }
     }
@@ -468,6 +482,17 @@ pub fn describe(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link-local target without its interface is said so, not "Invalid argument" (a review).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_link_local_target_without_its_interface_is_said_so() {
+        let addr: SocketAddr = "[fe80::1]:5900".parse().unwrap();
+        let end = Instant::now() + Duration::from_secs(2);
+        // Linux refuses a link-local destination without a scope (EINVAL), whatever the interfaces.
+        let e = connect_in_turn(&[addr], end).await.unwrap_err();
+        assert_eq!(describe(&e), "fe80::1 is link-local: name its interface, as [fe80::1%eth0]");
+    }
 
     /// An agent's `err` answers, as agents word them, are told apart; anything else is the app's.
     #[test]
