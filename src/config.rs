@@ -1573,6 +1573,7 @@ impl RawLimits {
 fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<ListenerConfig>, ConfigError> {
     let mut listeners = Vec::new();
     let mut seen_addrs = HashSet::new();
+    let mut tcp_addrs: Vec<(usize, SocketAddr)> = Vec::new();
     // Where `ipv6_only = false` was written: on `[::]:P`, not beside a listener of `0.0.0.0:P`.
     let mut asked_dual = Vec::new();
     for (i, l) in listen.into_iter().enumerate() {
@@ -1599,6 +1600,27 @@ fn listeners(listen: Vec<Spanned<RawListener>>, ctx: &Ctx<'_>) -> Result<Vec<Lis
         }
         if !seen_addrs.insert(addr.to_string()) {
             return ctx.invalid(addr_span, format!("listen[{i}].addr"), format!("{addr} is listed twice"));
+        }
+        // An any-address listener takes its family's every address on its port: another of the
+        // same family and port here could never bind (a review: check said OK, and the start
+        // failed with a bare "Address already in use"). [::] beside 0.0.0.0 is the dual-stack
+        // question, settled below.
+        if let ListenOn::Tcp(a) = addr {
+            let overlapping = tcp_addrs.iter().find(|(_, b): &&(usize, SocketAddr)| {
+                a.port() != 0 && a.port() == b.port() && a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() != b.ip().is_unspecified())
+            });
+            if let Some((j, b)) = overlapping {
+                let any = if a.ip().is_unspecified() { a } else { *b };
+                return ctx.invalid(
+                    addr_span,
+                    format!("listen[{i}].addr"),
+                    format!(
+                        "{a} overlaps listen[{j}]'s {b}: {any} takes every address of its kind on port {}; keep one of them",
+                        a.port()
+                    ),
+                );
+            }
+            tcp_addrs.push((i, a));
         }
         if matches!(addr, ListenOn::Unix { .. }) && l.tls.is_some() {
             // The TLS path sniffs the first byte of a TCP stream; a unix socket sits behind a
@@ -3109,6 +3131,21 @@ mod tests {
             msg.contains("listen[1].addr") && msg.contains("systemd:web is listed twice"),
             "{msg}"
         );
+        // An any-address listener and a specific one of its family on one port could not both bind.
+        for (a, b) in [("127.0.0.1:6080", "0.0.0.0:6080"), ("[::]:6080", "[::1]:6080")] {
+            let msg = err(&format!("[[listen]]\naddr = \"{a}\"\n[[listen]]\naddr = \"{b}\"\n{route}"));
+            assert!(msg.contains("listen[1].addr") && msg.contains("overlaps listen[0]"), "{msg}");
+        }
+        for (a, b) in [
+            ("127.0.0.1:6080", "0.0.0.0:6081"),
+            ("0.0.0.0:6080", "[::1]:6080"),
+            ("127.0.0.1:0", "0.0.0.0:0"),
+        ] {
+            assert!(
+                parse(&format!("[[listen]]\naddr = \"{a}\"\n[[listen]]\naddr = \"{b}\"\n{route}")).is_ok(),
+                "{a} {b}"
+            );
+        }
         assert_eq!(parse_unix_mode("600"), Ok(0o600));
         assert_eq!(parse_unix_mode("0o640"), Ok(0o640));
         assert!(parse_unix_mode("1777").is_err() && parse_unix_mode("").is_err() && parse_unix_mode("8").is_err());
