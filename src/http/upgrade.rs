@@ -286,6 +286,17 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     if !header_has_token(headers, &header::CONNECTION, "upgrade") {
         return reject(StatusCode::BAD_REQUEST, "missing `Connection: Upgrade`");
     }
+    // RFC 9110 §9.3.1: a GET's body has no meaning; after the upgrade its bytes would be read as
+    // the client's first frames, and a proxy in front that does not upgrade would read them as
+    // its next request (smuggling). No browser sends one.
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().map_or(true, |v| v.trim() != "0"))
+    {
+        return reject(StatusCode::BAD_REQUEST, "a WebSocket upgrade has no body");
+    }
     let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
     match (versions.next(), versions.next()) {
         (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
