@@ -448,7 +448,10 @@ enum Uncharged {
     Refused(Refusal),
     /// Lookups of the address still in flight held the tries for the whole [`LOOKUP_WAIT`]: a
     /// slow source, not a failure of the client's (a review: valid tokens got the brake's 429,
-    /// "too many failed attempts", from one address with a source at 0.5 s).
+    /// "too many failed attempts", from one address with a source at 0.5 s). Guesses beside a
+    /// slow source get it too, once a try came back and a lookup holds it: whether those
+    /// lookups will give theirs back is not known while they run. Nothing is looked up for
+    /// either answer, so no guess goes faster than the brake allows.
     Waited,
 }
 

@@ -321,7 +321,9 @@ pub const SOCKETS_NEED_A_DIRECTORY: &str = "UnixDomainSocketDirectory plugin req
 /// (`a/b`, `..`) nor a hidden file. websockify joins the token to the directory and checks that
 /// the result stays inside it, so `sub/sock` reaches a subdirectory; here a token is one name.
 fn is_socket_name(token: &str) -> bool {
-    !token.is_empty() && !token.starts_with('.') && !token.contains(['/', '\\', '\0'])
+    // Longer than a file name can be: no such file, not the directory's trouble (a review: any
+    // client made a healthy directory look unavailable with ENAMETOOLONG).
+    !token.is_empty() && token.len() <= 255 && !token.starts_with('.') && !token.contains(['/', '\\', '\0'])
 }
 
 #[cfg(unix)]
@@ -503,9 +505,11 @@ pub(crate) fn files_of(path: &Path) -> std::io::Result<Vec<PathBuf>> {
             Ok(m) if m.is_file() => files.push(p),
             Ok(_) => {}
             // An entry that cannot be followed (a link whose target is gone, as in a Kubernetes
-            // volume caught between two versions): named, so that the re-read fails with a
-            // warning and keeps what it read before, rather than dropping its tokens without a
-            // word (a review).
+            // volume pointed at a version that is not there): named, so that reading it fails as
+            // an unreadable file's does (an error at start; while serving, left out with a
+            // warning and last_reload_successful at 0, the rest of the directory in force, so a
+            // token removed from another file is still revoked) rather than its tokens dropping
+            // without a word (a review).
             Err(_) => files.push(p),
         }
     }
