@@ -274,14 +274,12 @@ pub fn bind_with(config: &Config, threads: usize, passed: Vec<crate::systemd::Pa
                 // this host's from that port): said, with what to set. Not a quiet fall-back to
                 // IPv6 only, which would depend on which program started first and last for good
                 // (a review).
-                // What to set, where it can be set: the command line has no ipv6_only (a review).
+                // What to do, where it can be done: the command line has no ipv6_only (a review), and
+                // the port's IPv4 side is the other program's (0.0.0.0 here would not bind either).
                 let advice = match config.text_sha256 {
-                    Some(_) => format!(
-                        "set ipv6_only = true on this listener, or listen on 0.0.0.0:{0} and [::]:{0} here",
-                        configured.port()
-                    ),
+                    Some(_) => "set ipv6_only = true on this listener (IPv6 clients only), or use another port".to_owned(),
                     None => format!(
-                        "listen on [::1]:{0} or 0.0.0.0:{0} instead, or on [::]:{0} with ipv6_only = true in a configuration file",
+                        "use another port, or [::]:{} with ipv6_only = true in a configuration file (IPv6 clients only)",
                         configured.port()
                     ),
                 };

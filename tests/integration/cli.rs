@@ -722,7 +722,9 @@ async fn an_ipv6_any_address_beside_another_programs_ipv4_listener_needs_ipv6_on
     assert_eq!(code, 1, "{err}");
     // The command line has no ipv6_only: what it can do is said (a review).
     assert!(
-        err.contains(&format!("listen on [::1]:{port} or 0.0.0.0:{port} instead")) && err.contains("in a configuration file"),
+        err.contains(&format!(
+            "use another port, or [::]:{port} with ipv6_only = true in a configuration file"
+        )),
         "{err}"
     );
     let dir = tempfile::tempdir().unwrap();
