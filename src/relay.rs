@@ -287,8 +287,12 @@ where
         s.moved(summary.bytes_up, summary.bytes_down, &mut published);
     }
     let close = params.timeouts.close;
-    // Everything the client sent has been written: now the backend may see EOF.
-    let _ = timeout(close, pump.writer.shutdown()).await;
+    // Everything the client sent has been written: now the backend may see EOF. Not after the
+    // backend failed (a host gone dark would take none of a TLS close_notify, and the session's
+    // place was held a close timeout longer for nothing; a review).
+    if !matches!(pump.end, Some(End::BackendError(..))) {
+        let _ = timeout(close, pump.writer.shutdown()).await;
+    }
     match pump.end {
         // After a protocol error the client's answer cannot be parsed: FIN, then its bytes are
         // read and dropped until it closes (within the close timeout, up to AFTER_ERROR_DRAIN),
@@ -675,6 +679,10 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 }
                 self.up = Vec::new();
                 self.up_at = 0;
+                // Nor what a TLS backend's stream still holds: flushing it to a backend that
+                // failed (a host gone dark) kept the client unread, its close unseen, until the
+                // close timeout (a review).
+                self.up_unflushed = false;
             }
             End::PongTimeout => {
                 // The peer is gone: one short attempt to say so, and no waiting for an answer.

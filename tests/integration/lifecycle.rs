@@ -1109,6 +1109,94 @@ fn a_backend_host_gone_dark_while_data_waits_ends_the_session_by_backend_ack_tim
     });
 }
 
+/// The same over TLS, with the page uploading without a pause when the backend's host goes dark:
+/// found as over plain TCP (its socket under the TLS stream is watched), and once the page has
+/// its 1011 and leaves, the session's place is given back at once (a review: flushing the TLS
+/// stream's bytes, and its close_notify, to the dead host kept the session a close timeout or
+/// two after the page was told).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_tls_backend_host_gone_dark_during_an_upload_is_found_and_let_go() {
+    const LIMIT: Duration = Duration::from_secs(2);
+    let Some(link) = crate::common::netns::Link::new("lifecycle::a_tls_backend_host_gone_dark_during_an_upload_is_found_and_let_go") else {
+        return;
+    };
+    let far = link.listen_far();
+    let pki = crate::common::pki::Pki::new("backend CA");
+    let cert = pki.server("backend", &["backend.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            link.enter_near();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::from_std(far).unwrap();
+                let backend = listener.local_addr().unwrap();
+                let acceptor = cert.acceptor();
+                let (took, mut first) = tokio::sync::mpsc::channel::<()>(1);
+                tokio::spawn(async move {
+                    let (s, _) = listener.accept().await.unwrap();
+                    let mut s = acceptor.accept(s).await.unwrap();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(1..) = s.read(&mut buf).await {
+                        let _ = took.try_send(());
+                    }
+                });
+                let mut config = any_path_to(backend);
+                config.routes[0].options.backend_tls = Some(wsbridge::tls::BackendTlsSettings {
+                    server_name: Some("backend.test".into()),
+                    ca: Some(pki.ca_file()),
+                    insecure_skip_verify: false,
+                });
+                config.timeouts.backend_ack_timeout = Some(LIMIT);
+                config.timeouts.close = Duration::from_secs(3);
+                let bridge = TestBridge::start(config).await;
+                let (ws, _) = ws_connect(&bridge.url("/"), None).await;
+                let (mut tx, mut rx) = ws.split();
+                let upload = tokio::spawn(async move {
+                    let chunk = Message::binary(vec![7u8; 64 * 1024]);
+                    while tx.send(chunk.clone()).await.is_ok() {}
+                });
+                within("the backend to take the upload", first.recv()).await;
+                link.far_goes_dark();
+                let dark = std::time::Instant::now();
+                let close = within("the close frame", async {
+                    loop {
+                        match rx.next().await {
+                            Some(Ok(Message::Close(frame))) => break frame,
+                            Some(Ok(_)) => {}
+                            other => panic!("the session ended without a close frame: {other:?}"),
+                        }
+                    }
+                })
+                .await
+                .expect("a close frame with a code");
+                let found = dark.elapsed();
+                assert_eq!(
+                    (u16::from(close.code), close.reason.as_str()),
+                    (1011, "backend timed out: its host stopped answering")
+                );
+                // The limit, then half of it seen in flight: not before the limit, not long after.
+                assert!(
+                    found + EARLY >= LIMIT && found < LIMIT + LIMIT / 2 + LATE,
+                    "found {found:?} after the host went dark, with a {LIMIT:?} limit"
+                );
+                // The page leaves: its place is given back at once, not a close timeout later.
+                upload.abort();
+                let _ = upload.await;
+                drop(rx);
+                let left = std::time::Instant::now();
+                connections_become(&bridge, 0).await;
+                assert!(
+                    left.elapsed() < Duration::from_secs(2),
+                    "the session held its place {:?} after the page left (close timeout 3 s)",
+                    left.elapsed()
+                );
+                bridge.stop().await;
+            });
+        });
+    });
+}
+
 /// The other side of `backend_ack_timeout`: a live backend that stops reading (a printer out of
 /// paper, an app busy for a while) shuts its window, and its kernel answers the bridge's probes of
 /// it. However long that lasts, the session is not ended: what the page sent is all delivered once
