@@ -287,10 +287,11 @@ where
         s.moved(summary.bytes_up, summary.bytes_down, &mut published);
     }
     let close = params.timeouts.close;
-    // Everything the client sent has been written: now the backend may see EOF. Not after the
-    // backend failed (a host gone dark would take none of a TLS close_notify, and the session's
-    // place was held a close timeout longer for nothing; a review).
-    if !matches!(pump.end, Some(End::BackendError(..))) {
+    // Everything the client sent has been written: now the backend may see EOF. Not to a backend
+    // whose host stopped answering (it would take none of a TLS close_notify, and the session's
+    // place was held a close timeout longer for nothing; a review). After another failure the
+    // shutdown ends at once, or marks an agent's link's end for its reuse.
+    if !matches!(&pump.end, Some(End::BackendError(_, e)) if e.kind() == io::ErrorKind::TimedOut) {
         let _ = timeout(close, pump.writer.shutdown()).await;
     }
     match pump.end {
