@@ -301,8 +301,12 @@ impl FromStr for Target {
         if !is_host(host) {
             // Refused here, at start or when a token is read, not per session as a name that
             // does not resolve (a review: "a b:5900" was taken).
+            let idn = match host.is_ascii() {
+                true => "",
+                false => "; write an international name in its ASCII form (xn--…)",
+            };
             return Err(format!(
-                "invalid target {s:?}: {host:?} is neither an IP address nor a host name (letters, digits, '-', '.', '_')"
+                "invalid target {s:?}: {host:?} is neither an IP address nor a host name (letters, digits, '-', '.', '_'){idn}"
             ));
         }
         let port: u16 = port
@@ -2710,6 +2714,7 @@ mod tests {
         assert!("host:0".parse::<Target>().is_err());
         assert!("host".parse::<Target>().is_err());
         // A host that can name nothing is refused when read, not found unresolvable per session.
+        assert!("bücher.example:1".parse::<Target>().unwrap_err().contains("xn--"));
         for bad in [
             "a b:5900",
             "127.0.0.1 :5900",

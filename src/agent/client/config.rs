@@ -389,6 +389,8 @@ fn no_proxy_names(entry: &str, host: &str, port: u16) -> bool {
     // own and no port.
     let (name, entry_port) = match entry.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
+            // `[fd00::]/8`: a range written with brackets.
+            Some((inside, after)) if after.starts_with('/') => (format!("{inside}{after}"), None),
             Some((inside, after)) => (inside.to_owned(), after.strip_prefix(':').map(str::to_owned)),
             None => return false,
         },
@@ -410,8 +412,14 @@ fn no_proxy_names(entry: &str, host: &str, port: u16) -> bool {
     if let Ok(listed) = name.parse::<std::net::IpAddr>() {
         return ip == Some(listed.to_canonical());
     }
-    let domain = name.trim_start_matches('.');
+    // `*.example.com` as Go reads it: `.example.com`; a name's trailing dot is no part of it.
+    let domain = name
+        .strip_prefix('*')
+        .unwrap_or(&name)
+        .trim_start_matches('.')
+        .trim_end_matches('.');
     let host = host.to_ascii_lowercase();
+    let host = host.trim_end_matches('.');
     ip.is_none() && !domain.is_empty() && (host == domain || host.ends_with(&format!(".{domain}")))
 }
 
@@ -1102,6 +1110,10 @@ mod tests {
             ("fd00::/8", "fd12::1"),
             ("127.0.0.0/8", "127.0.0.1"),
             ("127.0.0.1:443", "127.0.0.1"),
+            ("*.example.com", "bridge.example.com"),
+            ("[fd00::]/8", "fd12::1"),
+            ("example.com", "bridge.example.com."),
+            ("example.com.", "bridge.example.com"),
         ] {
             assert!(names(entry, host, 443), "{entry} names {host}");
         }
