@@ -777,7 +777,6 @@ async fn control(
         raw: Arc::default(),
         caps: mine.caps.clone(),
         dials: Arc::default(),
-        lost: CancellationToken::new(),
     };
     let mut link = ControlLink {
         ws,
@@ -950,21 +949,13 @@ impl ControlLink {
                     info!("agent: the connection that moved is closed");
                     return Served::Ended(Ended::Shutdown);
                 }
-                // The server is not heard (its host or the way to it gone dark): the sessions
-                // through it end once their links have nothing to carry (`Links::lost`).
-                _ = pong_wait => {
-                    self.links.lost.cancel();
-                    return lost(format!("no pong within {:?}", config.pong_timeout));
-                }
+                _ = pong_wait => return lost(format!("no pong within {:?}", config.pong_timeout)),
                 _ = self.tick.tick() => {
                     self.pong_due.get_or_insert(Instant::now() + config.pong_timeout);
                     match timeout(config.pong_timeout, self.ws.send(Message::Ping(Default::default()))).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return lost(e.to_string()),
-                        Err(_) => {
-                            self.links.lost.cancel();
-                            return lost("ping not written in time".into());
-                        }
+                        Err(_) => return lost("ping not written in time".into()),
                     }
                 }
                 m = self.ws.next() => {

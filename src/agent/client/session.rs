@@ -114,9 +114,6 @@ pub(super) struct Links {
     pub(super) caps: Arc<Caps>,
     /// The links this control link may still dial ([`DialBudget`]).
     pub(super) dials: Arc<DialBudget>,
-    /// Cancelled when the control link is lost (no pong: the server not heard): the sessions
-    /// through it end, their apps' connections closed.
-    pub(super) lost: CancellationToken,
 }
 
 /// Dials one more idle data link (bounded: at most 4096 links and sessions at once, and by
@@ -253,7 +250,7 @@ pub(super) async fn data_link(links: Links) {
         // on every link it is given would otherwise have the agent dial without end; its pool
         // asks with `want` when it runs dry.
         let replace = (!framing.chunks).then_some(&links);
-        match session(&mut io, &service, framing, config, &links.caps, &links.lost, replace).await {
+        match session(&mut io, &service, framing, config, &links.caps, replace).await {
             Some(rest) if framing.chunks => carry = rest,
             _ => return,
         }
@@ -296,7 +293,6 @@ async fn session(
     framing: Framing,
     config: &AgentConfig,
     caps: &Caps,
-    lost: &CancellationToken,
     replace: Option<&Links>,
 ) -> Option<Vec<u8>> {
     // The allow-list: only a service in this agent's own list, whatever the server asks.
@@ -356,7 +352,7 @@ async fn session(
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
     let stall = config.app_stall();
-    let (ended, reusable) = carry(io, app_read, app_write, framing, stall, config.pong_timeout, lost).await;
+    let (ended, reusable) = carry(io, app_read, app_write, framing, stall, config.pong_timeout).await;
     let duration_ms = started.elapsed().as_millis() as u64;
     match ended {
         Ok((up, down)) => info!(%service, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
@@ -378,7 +374,6 @@ async fn carry<R, W>(
     framing: Framing,
     stall: Duration,
     mark_within: Duration,
-    lost: &CancellationToken,
 ) -> (std::io::Result<(u64, u64)>, Option<Vec<u8>>)
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -392,11 +387,6 @@ where
     };
     let app_write = AppWriter::new(app_write, stall, &app_failed);
     let (link_read, link_write) = io.split();
-    let link_read = UnlessLost {
-        io: link_read,
-        lost,
-        wait: None,
-    };
     let (mut from_server, mut to_server) = (Dechunker::default(), Chunker::new());
     let ended = if framing.chunks {
         let link_read = ChunkReader {
@@ -426,43 +416,6 @@ where
     }
     let reusable = (from_server.clean() && to_server.ended()).then(|| from_server.into_pending());
     (ended, reusable)
-}
-
-/// A link's read half that, once the control link is lost (its server not heard: no pong), fails
-/// instead of waiting: a session ends when its link has nothing to carry, as the server ends its
-/// side of the agent's sessions when it misses the agent's pongs (a link that still moves bytes
-/// goes on: only the control link was lost). Their links learn nothing by themselves while the
-/// network swallows everything: an app's connection was held for the kernel's retransmissions
-/// (about 15 minutes), or for good while quiet.
-struct UnlessLost<'a, R> {
-    io: R,
-    lost: &'a CancellationToken,
-    /// Made at the first wait: the token's future, registered with the task's waker.
-    wait: Option<std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFuture<'a>>>>,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for UnlessLost<'_, R> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
-            std::task::Poll::Pending => {
-                let lost = this.lost;
-                let wait = this.wait.get_or_insert_with(|| Box::pin(lost.cancelled()));
-                match std::future::Future::poll(wait.as_mut(), cx) {
-                    std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the server was lost (no pong)",
-                    ))),
-                    std::task::Poll::Pending => std::task::Poll::Pending,
-                }
-            }
-            ready => ready,
-        }
-    }
 }
 
 /// Both directions of a session: each copies to EOF, then passes the EOF on (half-close); an
@@ -892,7 +845,6 @@ mod tests {
             framing,
             Duration::from_secs(40),
             Duration::from_secs(5),
-            &CancellationToken::new(),
         )
         .await;
         assert!(reusable.is_none(), "a reset app's link carries no other session");
