@@ -293,7 +293,8 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
         || headers
             .get_all(header::CONTENT_LENGTH)
             .iter()
-            .any(|v| v.to_str().map_or(true, |v| v.trim() != "0"))
+            // Zero in any spelling RFC 9110 §8.6 allows (`00`, a list `0, 0`) is none.
+            .any(|v| v.to_str().map_or(true, |v| v.split(',').any(|n| n.trim().parse::<u64>() != Ok(0))))
     {
         return reject(StatusCode::BAD_REQUEST, "a WebSocket upgrade has no body");
     }
