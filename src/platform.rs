@@ -89,16 +89,14 @@ impl SendQueue {
 /// A backend socket's acknowledgements, as the kernel counts them (TCP_INFO): what the relay asks
 /// while data it wrote may be waiting for the backend, to tell a backend host that went dark (no
 /// acknowledgement at all: powered off, cut off, its address gone) from a live backend that only
-/// reads slowly or not at all (its kernel acknowledges all it was sent, and shuts its window). Keepalive covers a quiet
-/// connection; with data in flight the kernel itself keeps retransmitting for about 15 minutes
-/// (`tcp_retries2`), and `TCP_USER_TIMEOUT` cannot tell the two apart (since Linux 5.11 it also
-/// ends a connection whose peer keeps its window shut, answering every probe). Linux only;
-/// elsewhere nothing is known and the kernel's own retransmission limit applies.
+/// reads slowly or not at all (its kernel acknowledges all it was sent, and shuts its window).
+/// Keepalive covers a quiet connection; with data in flight the kernel itself keeps retransmitting
+/// for about 15 minutes (`tcp_retries2`), and `TCP_USER_TIMEOUT` cannot tell the two apart (since
+/// Linux 5.11 it also ends a connection whose peer keeps its window shut, answering every probe).
+/// Linux only; elsewhere nothing is known and the kernel's own retransmission limit applies. The
+/// socket is held as [`SendQueue`] holds one, with the same contract.
 #[derive(Debug, Clone, Copy)]
-pub struct Acks {
-    #[cfg(target_os = "linux")]
-    fd: Option<std::os::fd::RawFd>,
-}
+pub struct Acks(SendQueue);
 
 /// What [`Acks::silence`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,37 +115,25 @@ pub struct Silence {
 
 impl Acks {
     /// Nothing known (unix sockets, an agent's link, a platform without TCP_INFO).
-    pub const NONE: Acks = Acks {
-        #[cfg(target_os = "linux")]
-        fd: None,
-    };
+    pub const NONE: Acks = Acks(SendQueue::NONE);
 
     /// The acknowledgements of `socket` (a TCP stream), for as long as the connection is open:
-    /// only its session's relay, which owns that connection, asks. Crate-only for the same
-    /// reason as [`SendQueue::of`].
+    /// only its session's relay, which owns that connection, asks ([`SendQueue::of`]'s contract).
     #[cfg(unix)]
     pub(crate) fn of(socket: &impl std::os::fd::AsRawFd) -> Acks {
-        #[cfg(target_os = "linux")]
-        return Acks {
-            fd: Some(socket.as_raw_fd()),
-        };
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = socket;
-            Acks::NONE
-        }
+        Acks(SendQueue::of(socket))
     }
 
     /// The acknowledgements of `socket` (Windows: nothing known).
     #[cfg(windows)]
-    pub(crate) fn of<T>(_socket: &T) -> Acks {
-        Acks::NONE
+    pub(crate) fn of<T>(socket: &T) -> Acks {
+        Acks(SendQueue::of(socket))
     }
 
     /// Whether anything is known (else [`Acks::silence`] is always `None`).
     pub fn known(&self) -> bool {
         #[cfg(target_os = "linux")]
-        return self.fd.is_some();
+        return self.0.fd.is_some();
         #[cfg(not(target_os = "linux"))]
         false
     }
@@ -159,13 +145,13 @@ impl Acks {
         #[cfg(target_os = "linux")]
         {
             use std::mem::{offset_of, size_of};
-            let fd = self.fd?;
+            let fd = self.0.fd?;
             // SAFETY: all-zero bytes are a valid `tcp_info` (integers only).
             let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
             let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).ok()?;
-            // SAFETY: `fd` is the socket of the connection this was taken from (`of`), and only
-            // the relay that owns that connection calls this, while it owns it: the descriptor is
-            // open and is that socket. getsockopt writes at most `len` bytes (the size of `info`,
+            // SAFETY: `fd` is the socket of the connection this was taken from (`of`, with
+            // `SendQueue::of`'s contract), and only the relay that owns that connection calls
+            // this, while it owns it: the descriptor is open and is that socket. getsockopt writes at most `len` bytes (the size of `info`,
             // which it points to and which lives across the call) and stores in `len` how many it
             // wrote; both pointers are to locals of the right types.
             let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, std::ptr::addr_of_mut!(info).cast(), &mut len) };
@@ -178,7 +164,7 @@ impl Acks {
             Some(Silence {
                 waiting: info.tcpi_unacked > 0,
                 since_ack: std::time::Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
-                queued: SendQueue { fd: Some(fd) }.unacknowledged().unwrap_or(0),
+                queued: self.0.unacknowledged().unwrap_or(0),
             })
         }
         #[cfg(not(target_os = "linux"))]

@@ -562,6 +562,18 @@ struct AckWatch {
     seen: Option<Instant>,
 }
 
+impl AckWatch {
+    /// A watch from `now`: nothing sent from then on can have waited a whole `limit` before the
+    /// first look.
+    fn new(now: Instant, limit: Duration) -> AckWatch {
+        AckWatch {
+            sent: now,
+            next: now + limit,
+            seen: None,
+        }
+    }
+}
+
 /// How long data must be seen in flight, unacknowledged, before the verdict: half the limit, at
 /// most 10 s.
 fn ack_grace(limit: Duration) -> Duration {
@@ -1083,27 +1095,14 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
         }
     }
 
-    /// Bytes went to the backend: if the watch on its acknowledgements is not on, it starts.
+    /// Bytes went to the backend: if the watch on its acknowledgements is not on, it starts (when
+    /// they are known and have a limit).
     fn wrote_to_backend(&mut self) {
         if self.ack_watch.is_none() {
-            self.watch_acks();
-        }
-    }
-
-    /// Starts the watch on the backend's acknowledgements, now (when they are known and have a
-    /// limit): nothing sent from now on can have waited a whole limit before the first look.
-    fn watch_acks(&mut self) {
-        self.ack_watch = match (self.acks.known(), self.timeouts.backend_ack_timeout) {
-            (true, Some(limit)) => {
-                let now = Instant::now();
-                Some(AckWatch {
-                    sent: now,
-                    next: now + limit,
-                    seen: None,
-                })
+            if let (true, Some(limit)) = (self.acks.known(), self.timeouts.backend_ack_timeout) {
+                self.ack_watch = Some(AckWatch::new(Instant::now(), limit));
             }
-            _ => None,
-        };
+        }
     }
 
     /// A look at the backend's acknowledgements (its watch's time has come): a host that
@@ -1123,11 +1122,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
                 // Held back by a shut window: it goes when the window opens, with no write of
                 // ours to start a watch then (a review: a host gone dark after such a pause was
                 // left to the kernel's 15 minutes). Watched on, from now.
-                *watch = AckWatch {
-                    sent: now,
-                    next: now + limit,
-                    seen: None,
-                };
+                *watch = AckWatch::new(now, limit);
             } else {
                 // All acknowledged: until the next write.
                 self.ack_watch = None;
