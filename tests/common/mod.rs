@@ -412,6 +412,51 @@ pub async fn unanswering(addr: SocketAddr) -> std::io::Result<(TcpListener, Vec<
     Ok((listener, fillers))
 }
 
+/// A name server that takes every query and answers none, on an address of its own on loopback
+/// (so that tests running at once do not share it), and a resolv.conf naming it for a process that
+/// sees it in place of the machine's ([`binary::command_seeing`]). Counts the queries.
+pub struct SilentNameServer {
+    /// The resolv.conf (in a directory the value keeps).
+    pub resolv: std::path::PathBuf,
+    /// Queries received so far.
+    pub queries: tokio::sync::watch::Receiver<usize>,
+    _dir: tempfile::TempDir,
+}
+
+impl SilentNameServer {
+    /// Started on `127.<second>.x.y:53`, or `None` after saying `test` is skipped (port 53 taken,
+    /// or not allowed).
+    pub async fn start(test: &str, second: u8) -> Option<SilentNameServer> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let ip = std::net::Ipv4Addr::new(127, second, (nanos >> 8) as u8, (nanos as u8).max(1));
+        let dns = match tokio::net::UdpSocket::bind((ip, 53)).await {
+            Ok(s) => s,
+            Err(e) => {
+                skip(test, &format!("cannot hold {ip}:53 ({e})"));
+                return None;
+            }
+        };
+        let (queries_tx, queries) = tokio::sync::watch::channel(0usize);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while dns.recv_from(&mut buf).await.is_ok() {
+                queries_tx.send_modify(|n| *n += 1);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, format!("nameserver {ip}\noptions timeout:10 attempts:1\n")).unwrap();
+        Some(SilentNameServer {
+            resolv,
+            queries,
+            _dir: dir,
+        })
+    }
+}
+
 /// A port on 127.0.0.1 that refuses connections (ECONNREFUSED) for as long as the test binary
 /// runs. A port bound and then closed could be taken by another process meanwhile; this one stays
 /// bound by a socket that never listens (Linux answers a SYN to it with a reset) and is kept in a

@@ -90,6 +90,23 @@ impl Link {
         enter(&self.near);
     }
 
+    /// Runs `test` to its end on a thread of its own in the near namespace (so the bridge's and the
+    /// client's sockets are the near host's), on a single-threaded runtime; a panic in it fails
+    /// the caller.
+    pub fn run_near<F, Fut>(&self, test: F)
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future<Output = ()>,
+    {
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                self.enter_near();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(test());
+            });
+        });
+    }
+
     /// A listener on the far host (`FAR`, an ephemeral port), for any thread to use.
     pub fn listen_far(&self) -> std::net::TcpListener {
         std::thread::scope(|s| {

@@ -987,22 +987,10 @@ async fn pages_opened_while_dns_does_not_answer_share_one_lookup() {
     if !can_unshare_mounts() {
         return skip(TEST, "needs root and unshare (a mount namespace for resolv.conf, port 53)");
     }
-    // An address of its own on loopback, so that tests running at once do not share it.
-    let ns = std::net::Ipv4Addr::new(127, 53, rand_byte(), rand_byte().max(1));
-    let dns = match tokio::net::UdpSocket::bind((ns, 53)).await {
-        Ok(s) => s,
-        Err(e) => return skip(TEST, &format!("cannot hold {ns}:53 ({e})")),
+    let Some(dns) = SilentNameServer::start(TEST, 53).await else {
+        return;
     };
-    let (queries_tx, queries) = tokio::sync::watch::channel(0usize);
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        while dns.recv_from(&mut buf).await.is_ok() {
-            queries_tx.send_modify(|n| *n += 1);
-        }
-    });
     let dir = tempfile::tempdir().unwrap();
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, format!("nameserver {ns}\noptions timeout:10 attempts:1\n")).unwrap();
     let file = dir.path().join("wsbridge.toml");
     std::fs::write(
         &file,
@@ -1010,7 +998,7 @@ async fn pages_opened_while_dns_does_not_answer_share_one_lookup() {
          [timeouts]\nconnect = \"1s\"\n",
     )
     .unwrap();
-    let command = command_seeing("/etc/resolv.conf", &resolv, &["--config".as_ref(), file.as_os_str()]);
+    let command = command_seeing("/etc/resolv.conf", &dns.resolv, &["--config".as_ref(), file.as_os_str()]);
     let b = Binary::spawn_command(command).await;
 
     let start = std::time::Instant::now();
@@ -1033,17 +1021,8 @@ async fn pages_opened_while_dns_does_not_answer_share_one_lookup() {
     assert_window("the connect deadline", took, Duration::from_secs(1));
     // The first lookup's queries (one per address family) have arrived by now; forty lookups'
     // would have too.
-    let asked = *queries.borrow();
+    let asked = *dns.queries.borrow();
     assert!((1..=4).contains(&asked), "{asked} DNS queries for 40 pages");
-}
-
-/// A byte from the clock, for an address no other test picks at the same time.
-fn rand_byte() -> u8 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    (nanos ^ std::process::id()) as u8
 }
 
 /// A backend host that goes dark (powered off, its link cut further along: nothing answers, no
@@ -1062,50 +1041,43 @@ fn a_backend_host_gone_dark_while_data_waits_ends_the_session_by_backend_ack_tim
         return;
     };
     let far = link.listen_far();
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            // This thread's sockets (the bridge's and the client's) are the near host's.
-            link.enter_near();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let listener = tokio::net::TcpListener::from_std(far).unwrap();
-                let backend = listener.local_addr().unwrap();
-                tokio::spawn(async move {
-                    let (mut s, _) = listener.accept().await.unwrap();
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n @ 1..) = s.read(&mut buf).await {
-                        if s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-                let mut config = any_path_to(backend);
-                config.timeouts.backend_ack_timeout = Some(LIMIT);
-                let bridge = TestBridge::start(config).await;
-                let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
-                send_bin(&mut ws, b"hello").await;
-                assert_eq!(recv_data(&mut ws).await, b"hello");
-                // The host's last acknowledgement came with its answer.
-                let answered = std::time::Instant::now();
-                link.far_goes_dark();
-                send_bin(&mut ws, b"typed into the dark").await;
-                let typed = std::time::Instant::now();
-                let (code, reason) = read_close(&mut ws).await;
-                let (since_answer, since_typed) = (answered.elapsed(), typed.elapsed());
-                assert_eq!((code, reason.as_str()), (1011, "backend timed out: its host stopped answering"));
-                assert!(
-                    since_answer + EARLY >= LIMIT,
-                    "ended {since_answer:?} after the host's last answer: before the {LIMIT:?} limit"
-                );
-                assert!(
-                    since_typed < LIMIT + LATE,
-                    "ended {since_typed:?} after the unanswered write: long after the {LIMIT:?} limit"
-                );
-                // Our answer to its close frame (tungstenite sends it on the next poll).
-                drop(ws);
-                bridge.stop().await;
-            });
+    link.run_near(|| async {
+        let listener = tokio::net::TcpListener::from_std(far).unwrap();
+        let backend = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
         });
+        let mut config = any_path_to(backend);
+        config.timeouts.backend_ack_timeout = Some(LIMIT);
+        let bridge = TestBridge::start(config).await;
+        let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
+        send_bin(&mut ws, b"hello").await;
+        assert_eq!(recv_data(&mut ws).await, b"hello");
+        // The host's last acknowledgement came with its answer.
+        let answered = std::time::Instant::now();
+        link.far_goes_dark();
+        send_bin(&mut ws, b"typed into the dark").await;
+        let typed = std::time::Instant::now();
+        let (code, reason) = read_close(&mut ws).await;
+        let (since_answer, since_typed) = (answered.elapsed(), typed.elapsed());
+        assert_eq!((code, reason.as_str()), (1011, "backend timed out: its host stopped answering"));
+        assert!(
+            since_answer + EARLY >= LIMIT,
+            "ended {since_answer:?} after the host's last answer: before the {LIMIT:?} limit"
+        );
+        assert!(
+            since_typed < LIMIT + LATE,
+            "ended {since_typed:?} after the unanswered write: long after the {LIMIT:?} limit"
+        );
+        // Our answer to its close frame (tungstenite sends it on the next poll).
+        drop(ws);
+        bridge.stop().await;
     });
 }
 
@@ -1124,76 +1096,70 @@ fn a_tls_backend_host_gone_dark_during_an_upload_is_found_and_let_go() {
     let far = link.listen_far();
     let pki = crate::common::pki::Pki::new("backend CA");
     let cert = pki.server("backend", &["backend.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            link.enter_near();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let listener = tokio::net::TcpListener::from_std(far).unwrap();
-                let backend = listener.local_addr().unwrap();
-                let acceptor = cert.acceptor();
-                let (took, mut first) = tokio::sync::mpsc::channel::<()>(1);
-                tokio::spawn(async move {
-                    let (s, _) = listener.accept().await.unwrap();
-                    let mut s = acceptor.accept(s).await.unwrap();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while let Ok(1..) = s.read(&mut buf).await {
-                        let _ = took.try_send(());
-                    }
-                });
-                let mut config = any_path_to(backend);
-                config.routes[0].options.backend_tls = Some(wsbridge::tls::BackendTlsSettings {
-                    server_name: Some("backend.test".into()),
-                    ca: Some(pki.ca_file()),
-                    insecure_skip_verify: false,
-                });
-                config.timeouts.backend_ack_timeout = Some(LIMIT);
-                config.timeouts.close = Duration::from_secs(3);
-                let bridge = TestBridge::start(config).await;
-                let (ws, _) = ws_connect(&bridge.url("/"), None).await;
-                let (mut tx, mut rx) = ws.split();
-                let upload = tokio::spawn(async move {
-                    let chunk = Message::binary(vec![7u8; 64 * 1024]);
-                    while tx.send(chunk.clone()).await.is_ok() {}
-                });
-                within("the backend to take the upload", first.recv()).await;
-                link.far_goes_dark();
-                let dark = std::time::Instant::now();
-                let close = within("the close frame", async {
-                    loop {
-                        match rx.next().await {
-                            Some(Ok(Message::Close(frame))) => break frame,
-                            Some(Ok(_)) => {}
-                            other => panic!("the session ended without a close frame: {other:?}"),
-                        }
-                    }
-                })
-                .await
-                .expect("a close frame with a code");
-                let found = dark.elapsed();
-                assert_eq!(
-                    (u16::from(close.code), close.reason.as_str()),
-                    (1011, "backend timed out: its host stopped answering")
-                );
-                // The limit, then half of it seen in flight: not before the limit, not long after.
-                assert!(
-                    found + EARLY >= LIMIT && found < LIMIT + LIMIT / 2 + LATE,
-                    "found {found:?} after the host went dark, with a {LIMIT:?} limit"
-                );
-                // The page leaves: its place is given back at once, not a close timeout later.
-                upload.abort();
-                let _ = upload.await;
-                drop(rx);
-                let left = std::time::Instant::now();
-                connections_become(&bridge, 0).await;
-                assert!(
-                    left.elapsed() < Duration::from_secs(2),
-                    "the session held its place {:?} after the page left (close timeout 3 s)",
-                    left.elapsed()
-                );
-                bridge.stop().await;
-            });
+    link.run_near(|| async {
+        let listener = tokio::net::TcpListener::from_std(far).unwrap();
+        let backend = listener.local_addr().unwrap();
+        let acceptor = cert.acceptor();
+        let (took, mut first) = tokio::sync::mpsc::channel::<()>(1);
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut s = acceptor.accept(s).await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(1..) = s.read(&mut buf).await {
+                let _ = took.try_send(());
+            }
         });
+        let mut config = any_path_to(backend);
+        config.routes[0].options.backend_tls = Some(wsbridge::tls::BackendTlsSettings {
+            server_name: Some("backend.test".into()),
+            ca: Some(pki.ca_file()),
+            insecure_skip_verify: false,
+        });
+        config.timeouts.backend_ack_timeout = Some(LIMIT);
+        config.timeouts.close = Duration::from_secs(3);
+        let bridge = TestBridge::start(config).await;
+        let (ws, _) = ws_connect(&bridge.url("/"), None).await;
+        let (mut tx, mut rx) = ws.split();
+        let upload = tokio::spawn(async move {
+            let chunk = Message::binary(vec![7u8; 64 * 1024]);
+            while tx.send(chunk.clone()).await.is_ok() {}
+        });
+        within("the backend to take the upload", first.recv()).await;
+        link.far_goes_dark();
+        let dark = std::time::Instant::now();
+        let close = within("the close frame", async {
+            loop {
+                match rx.next().await {
+                    Some(Ok(Message::Close(frame))) => break frame,
+                    Some(Ok(_)) => {}
+                    other => panic!("the session ended without a close frame: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a close frame with a code");
+        let found = dark.elapsed();
+        assert_eq!(
+            (u16::from(close.code), close.reason.as_str()),
+            (1011, "backend timed out: its host stopped answering")
+        );
+        // The limit, then half of it seen in flight: not before the limit, not long after.
+        assert!(
+            found + EARLY >= LIMIT && found < LIMIT + LIMIT / 2 + LATE,
+            "found {found:?} after the host went dark, with a {LIMIT:?} limit"
+        );
+        // The page leaves: its place is given back at once, not a close timeout later.
+        upload.abort();
+        let _ = upload.await;
+        drop(rx);
+        let left = std::time::Instant::now();
+        connections_become(&bridge, 0).await;
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "the session held its place {:?} after the page left (close timeout 3 s)",
+            left.elapsed()
+        );
+        bridge.stop().await;
     });
 }
 

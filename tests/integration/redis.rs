@@ -593,25 +593,10 @@ async fn connects_to_a_redis_named_while_dns_does_not_answer_share_one_lookup() 
     if !can_unshare_mounts() {
         return skip(TEST, "needs root and unshare (a mount namespace for resolv.conf, port 53)");
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let ns = std::net::Ipv4Addr::new(127, 54, (nanos >> 8) as u8, (nanos as u8).max(1));
-    let dns = match tokio::net::UdpSocket::bind((ns, 53)).await {
-        Ok(s) => s,
-        Err(e) => return skip(TEST, &format!("cannot hold {ns}:53 ({e})")),
+    let Some(dns) = SilentNameServer::start(TEST, 54).await else {
+        return;
     };
-    let (queries_tx, queries) = tokio::sync::watch::channel(0usize);
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        while dns.recv_from(&mut buf).await.is_ok() {
-            queries_tx.send_modify(|n| *n += 1);
-        }
-    });
     let dir = tempfile::tempdir().unwrap();
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, format!("nameserver {ns}\noptions timeout:10 attempts:1\n")).unwrap();
     let file = dir.path().join("wsbridge.toml");
     std::fs::write(
         &file,
@@ -621,7 +606,7 @@ async fn connects_to_a_redis_named_while_dns_does_not_answer_share_one_lookup() 
     .unwrap();
     let b = Binary::spawn_command(command_seeing(
         "/etc/resolv.conf",
-        &resolv,
+        &dns.resolv,
         &["--config".as_ref(), file.as_os_str()],
     ))
     .await;
@@ -631,6 +616,6 @@ async fn connects_to_a_redis_named_while_dns_does_not_answer_share_one_lookup() 
     }
     // Eight connects in about 1.6 s, within one lookup's joining time: its queries (one per
     // address family) have arrived by now; eight lookups' would be sixteen.
-    let asked = *queries.borrow();
+    let asked = *dns.queries.borrow();
     assert!((1..=4).contains(&asked), "{asked} DNS queries for 8 connects");
 }
