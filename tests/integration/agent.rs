@@ -4027,3 +4027,56 @@ async fn a_link_key_alone_opens_no_data_link() {
     let (_link, head) = raw_upgrade(bridge.addr, link(&key, SECRET).as_bytes()).await;
     assert!(head.starts_with("HTTP/1.1 101"), "the key and the secret, braked or not: {head}");
 }
+
+/// The agent's side of a server host that goes dark while the app sends (a screen update
+/// stream, say): the app's bytes wait unacknowledged on the agent's data link, which keepalive
+/// does not probe, and the kernel would retransmit for some 15 minutes, holding the app's
+/// connection (a one-viewer app's only place) all that while. The agent ends the session once
+/// the link's host has acknowledged nothing for its keepalive deadline (ping interval + pong
+/// timeout) and half of it more, and closes the app's connection. The server and the agent are
+/// two hosts on a link of the test's own (network namespaces); needs root, skipped otherwise.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_agent_ends_a_session_whose_server_host_went_dark_while_its_app_sends() {
+    let Some(link) = crate::common::netns::Link::new("agent::the_agent_ends_a_session_whose_server_host_went_dark_while_its_app_sends")
+    else {
+        return;
+    };
+    let far = link.listen_far();
+    link.run_near(|| async {
+        let (app, mut accepted) = manual_backend().await;
+        let listener = TcpListener::from_std(far).unwrap();
+        let bridge = TestBridge::start_on(server_config(&["shop-17"], &[("shop-17", "pos")]), listener).await;
+        let mut config = agent_config(bridge.addr, "shop-17", SECRET, &[("pos", tcp(app))]);
+        config.ping_interval = Duration::from_millis(500);
+        config.pong_timeout = Duration::from_millis(1000);
+        let _agent = start_agent(config).await;
+        let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
+        let mut app_side = within("the app's connection", accepted.recv()).await.unwrap();
+        // The app streams to the page; the page reads the first of it.
+        app_side.write_all(&[1u8; 1024]).await.unwrap();
+        assert!(!recv_data(&mut ws).await.is_empty());
+        link.far_goes_dark();
+        let dark = std::time::Instant::now();
+        let ended = within("the app's connection to be closed", async {
+            let chunk = [2u8; 16 * 1024];
+            let mut buf = [0u8; 1024];
+            let (mut from_agent, mut to_agent) = app_side.split();
+            loop {
+                tokio::select! {
+                    r = to_agent.write_all(&chunk) => if r.is_err() { break },
+                    r = from_agent.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { break },
+                }
+            }
+            std::time::Instant::now()
+        })
+        .await;
+        let took = ended - dark;
+        // The deadline (0.5 s + 1 s), then half of it seen in flight: not before, not long after.
+        assert!(
+            took + EARLY >= Duration::from_millis(1500) && took < Duration::from_millis(2250) + LATE,
+            "the app's connection closed {took:?} after the server's host went dark"
+        );
+        drop(ws);
+    });
+}

@@ -1202,7 +1202,7 @@ async fn where_new_connections_go(config: &AgentConfig, tls: Option<&BackendTls>
 /// from before it give none).
 async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<(ControlWs, Option<String>), Ended> {
     let failed = Ended::unconnected;
-    let io = dial(config, tls)
+    let (io, _) = dial(config, tls)
         .await
         .map_err(|e| failed(format!("cannot reach the server: {e}")))?;
     let s = &config.server;
@@ -1285,8 +1285,9 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
 
 /// TCP to the server (or to the proxy, then CONNECT), then TLS for `wss://`; the callers' deadline
 /// is `connect_timeout`, which the addresses of the name share ([`crate::backend::connect_in_turn`]:
-/// a black-holed IPv6 address first does not keep an agent from the IPv4 one behind it).
-async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result<LinkStream> {
+/// a black-holed IPv6 address first does not keep an agent from the IPv4 one behind it). With the
+/// TCP socket's acknowledgements, for as long as the link lives ([`crate::platform::Acks`]).
+async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result<(LinkStream, crate::platform::Acks)> {
     let s = &config.server;
     let end = Instant::now() + config.connect_timeout;
     let tcp = match &config.proxy {
@@ -1313,14 +1314,16 @@ async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result
     };
     tcp.set_nodelay(true)?;
     socket2::SockRef::from(&tcp).set_tcp_keepalive(&crate::backend::tcp_keepalive())?;
+    // The socket stays the link's (inside TLS too) for as long as the link lives.
+    let acks = crate::platform::Acks::of(&tcp);
     match tls {
-        None => Ok(LinkStream::Tcp(tcp)),
+        None => Ok((LinkStream::Tcp(tcp), acks)),
         Some(tls) => {
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
                 None => rustls_pki_types::ServerName::try_from(s.host.clone()).map_err(std::io::Error::other)?,
             };
-            Ok(LinkStream::Other(Box::new(tls.connector.connect(name, tcp).await?)))
+            Ok((LinkStream::Other(Box::new(tls.connector.connect(name, tcp).await?)), acks))
         }
     }
 }

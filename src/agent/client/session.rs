@@ -151,7 +151,7 @@ pub(super) fn spawn_link(links: &Links) {
 pub(super) async fn data_link(links: Links) {
     let (config, tls, idle) = (&*links.config, links.tls.as_ref(), &links.idle);
     let opened = timeout(config.connect_timeout, async {
-        let mut io = dial(config, tls).await?;
+        let (mut io, acks) = dial(config, tls).await?;
         let s = &config.server;
         let instance = match &links.instance {
             Some(id) => format!("{}: {id}\r\n", link::INSTANCE_HEADER),
@@ -181,7 +181,7 @@ pub(super) async fn data_link(links: Links) {
         let mut io = BufReader::with_capacity(1024, io);
         let (status, head) = link::read_response_head(&mut io).await?;
         match status {
-            101 => Ok((io, answered_framing(&head))),
+            101 => Ok((io, answered_framing(&head), acks)),
             // While the control link is up (a dial that outlived it may reach a restarted
             // server, which is another instance by then).
             421 if !links.idle.is_cancelled() && !links.misrouted.swap(true, Ordering::Relaxed) => {
@@ -209,7 +209,7 @@ pub(super) async fn data_link(links: Links) {
         }
     })
     .await;
-    let (buffered, framing) = match opened {
+    let (buffered, framing, acks) = match opened {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return debug!(error = %e, "agent: data link not opened"),
         Err(_) => return debug!("agent: data link not opened in time"),
@@ -250,7 +250,7 @@ pub(super) async fn data_link(links: Links) {
         // on every link it is given would otherwise have the agent dial without end; its pool
         // asks with `want` when it runs dry.
         let replace = (!framing.chunks).then_some(&links);
-        match session(&mut io, &service, framing, config, &links.caps, replace).await {
+        match session(&mut io, acks, &service, framing, config, &links.caps, replace).await {
             Some(rest) if framing.chunks => carry = rest,
             _ => return,
         }
@@ -289,6 +289,7 @@ fn answered_framing(head: &str) -> Framing {
 /// `replace`: the links to add a new idle one to once the session is let in (a raw link's).
 async fn session(
     io: &mut LinkStream,
+    acks: crate::platform::Acks,
     service: &str,
     framing: Framing,
     config: &AgentConfig,
@@ -352,13 +353,65 @@ async fn session(
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
     let stall = config.app_stall();
-    let (ended, reusable) = carry(io, app_read, app_write, framing, stall, config.pong_timeout).await;
+    // The server's host gone dark while the app's bytes wait for it: the session ends (and the
+    // app's connection with it) once the link's socket has had no acknowledgement for the
+    // agent's keepalive deadline, not after the kernel's ~15 minutes of retransmissions (the
+    // server ends its side at its own pong deadline).
+    let deadline = config.ping_interval + config.pong_timeout;
+    let (ended, reusable) = tokio::select! {
+        carried = carry(io, app_read, app_write, framing, stall, config.pong_timeout) => carried,
+        e = unanswered(acks, deadline) => (Err(e), None),
+    };
     let duration_ms = started.elapsed().as_millis() as u64;
     match ended {
         Ok((up, down)) => info!(%service, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
         Err(e) => info!(%service, error = %e, duration_ms, "agent: session ended"),
     }
     reusable
+}
+
+/// Ready with an error once the link's host has acknowledged nothing for `limit` while the agent's
+/// bytes were in flight to it, and they were seen so for half the limit (at most 10 s): the
+/// rule of the server's relay for a backend ([`crate::relay`], `backend_ack_timeout`), for the
+/// agent's data link. Looks every half limit while nothing is in flight; never ready when the
+/// socket's acknowledgements are not known.
+async fn unanswered(acks: crate::platform::Acks, limit: Duration) -> std::io::Error {
+    let grace = (limit / 2).min(Duration::from_secs(10));
+    let mut seen: Option<Instant> = None;
+    let mut next = Instant::now() + grace;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let Some(silence) = acks.silence() else {
+            return std::future::pending().await;
+        };
+        let now = Instant::now();
+        if !silence.waiting {
+            seen = None;
+            next = now + grace;
+            continue;
+        }
+        // In flight since the first look that saw it, unless acknowledged since.
+        let first = match seen {
+            Some(t) if silence.since_ack >= now.saturating_duration_since(t) => t,
+            _ => now,
+        };
+        seen = Some(first);
+        let seen_for = now.saturating_duration_since(first);
+        if silence.since_ack >= limit && seen_for >= grace {
+            return std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the server's host acknowledged nothing for {}",
+                    crate::config::format_duration(silence.since_ack)
+                ),
+            );
+        }
+        next = now
+            + limit
+                .saturating_sub(silence.since_ack)
+                .max(grace.saturating_sub(seen_for))
+                .max(Duration::from_millis(50));
+    }
 }
 
 /// A connected session's bytes, both ways between the link and the app, until both ends are
