@@ -37,7 +37,8 @@ impl SendQueue {
     };
 
     /// The queue of `socket` (a TCP or unix stream), for as long as the connection it belongs to
-    /// is open: only its session's relay, which owns that connection, asks. Crate-only: the
+    /// is open: only the code that owns that connection asks, while it owns it (a session's
+    /// relay for its client or backend, an agent's session for its data link). Crate-only: the
     /// descriptor is kept as a number, which the caller must not let outlive its socket (a
     /// review: as a public safe function, an embedder could ask after closing it).
     #[cfg(unix)]
@@ -71,8 +72,8 @@ impl SendQueue {
             const SIOCOUTQ: rustix::ioctl::Opcode = 0x5411;
             let fd = self.fd?;
             // SAFETY: `fd` is the socket of the connection this queue was taken from (`of`), and
-            // only the relay that owns that connection calls this, while it owns it: the
-            // descriptor is open and is that socket for the whole borrow. SIOCOUTQ on a socket
+            // only the code that owns that connection calls this, while it owns it (`of`'s
+            // contract): the descriptor is open and is that socket for the whole borrow. SIOCOUTQ on a socket
             // writes one `int` into the argument it is given, which is what `Getter<_, c_int>`
             // passes (a pointer to its own `c_int`) and reads back; it reads nothing else.
             let queued = unsafe {
@@ -118,7 +119,8 @@ impl Acks {
     pub const NONE: Acks = Acks(SendQueue::NONE);
 
     /// The acknowledgements of `socket` (a TCP stream), for as long as the connection is open:
-    /// only its session's relay, which owns that connection, asks ([`SendQueue::of`]'s contract).
+    /// only the code that owns that connection asks, while it owns it ([`SendQueue::of`]'s
+    /// contract).
     #[cfg(unix)]
     pub(crate) fn of(socket: &impl std::os::fd::AsRawFd) -> Acks {
         Acks(SendQueue::of(socket))
@@ -149,11 +151,12 @@ impl Acks {
             // SAFETY: all-zero bytes are a valid `tcp_info` (integers only).
             let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
             let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).ok()?;
-            // SAFETY: `fd` is the socket of the connection this was taken from (`of`, with
-            // `SendQueue::of`'s contract), and only the relay that owns that connection calls
-            // this, while it owns it: the descriptor is open and is that socket. getsockopt writes at most `len` bytes (the size of `info`,
-            // which it points to and which lives across the call) and stores in `len` how many it
-            // wrote; both pointers are to locals of the right types.
+            // SAFETY: `fd` is the socket of the connection this was taken from (`of`), and only
+            // the code that owns that connection calls this, while it owns it (`SendQueue::of`'s
+            // contract): the descriptor is open and is that socket. getsockopt writes at most
+            // `len` bytes (the size of `info`, which it points to and which lives across the
+            // call) and stores in `len` how many it wrote; both pointers are to locals of the
+            // right types.
             let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, std::ptr::addr_of_mut!(info).cast(), &mut len) };
             // Every field read here is in the struct's first version (Linux 2.6), but a kernel
             // that wrote fewer bytes than they need is not trusted with them.

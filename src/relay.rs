@@ -555,10 +555,8 @@ struct AckWatch {
     sent: Instant,
     /// When to look next.
     next: Instant,
-    /// The first look that found data in flight, with no acknowledgement since: the verdict
-    /// needs it [`ack_grace`] old, so that data sent just before a look, after a quiet spell
-    /// as long as the limit, is given its round trip (a review: a message 30 ms before the look
-    /// was cut when its acknowledgement took 35).
+    /// The first look that found data in flight, with no acknowledgement since
+    /// ([`in_flight_unanswered`]).
     seen: Option<Instant>,
 }
 
@@ -576,8 +574,45 @@ impl AckWatch {
 
 /// How long data must be seen in flight, unacknowledged, before the verdict: half the limit, at
 /// most 10 s.
-fn ack_grace(limit: Duration) -> Duration {
+pub(crate) fn ack_grace(limit: Duration) -> Duration {
     (limit / 2).min(Duration::from_secs(10))
+}
+
+/// One look, at `now`, at a peer's acknowledgements while data is in flight to it
+/// (`silence.waiting`): the rule by which a peer's host is gone, for a backend here and for an
+/// agent's data link ([`crate::agent::client`]). Gone (the error that ends the session) once the
+/// host acknowledged nothing for `limit`, counted from `sent` at the earliest (what is in flight
+/// was sent after it: an acknowledgement older than the write is not the host's silence about
+/// it), and the data was seen in flight with no acknowledgement since for [`ack_grace`] (`seen`:
+/// the first look that saw it, kept here), so that data sent just before a look after a quiet
+/// spell as long as the limit gets its round trip (a review: a message 30 ms before the look was
+/// cut when its acknowledgement took 35). Otherwise how long until the next look.
+pub(crate) fn in_flight_unanswered(
+    silence: crate::platform::Silence,
+    now: Instant,
+    sent: Option<Instant>,
+    seen: &mut Option<Instant>,
+    limit: Duration,
+) -> Result<Duration, io::Error> {
+    let quiet = match sent {
+        Some(sent) => silence.since_ack.min(now.saturating_duration_since(sent)),
+        None => silence.since_ack,
+    };
+    // In flight since the first look that saw it, unless acknowledged since (progress).
+    let first = match *seen {
+        Some(t) if silence.since_ack >= now.saturating_duration_since(t) => t,
+        _ => now,
+    };
+    *seen = Some(first);
+    let grace = ack_grace(limit);
+    let seen_for = now.saturating_duration_since(first);
+    if quiet >= limit && seen_for >= grace {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("nothing acknowledged for {}", crate::config::format_duration(quiet)),
+        ));
+    }
+    Ok(limit.saturating_sub(quiet).max(grace.saturating_sub(seen_for)).max(ACK_CHECK_MIN))
 }
 
 impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
@@ -1129,28 +1164,13 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             }
             return;
         }
-        // Silent since its last acknowledgement, and what waits was sent since `sent`: the
-        // shorter of the two (an acknowledgement older than the write cannot be the host's
-        // silence about it).
-        let quiet = silence.since_ack.min(now.saturating_duration_since(watch.sent));
-        // In flight since the first look that saw it, unless acknowledged since (progress).
-        let seen = match watch.seen {
-            Some(t) if silence.since_ack >= now.saturating_duration_since(t) => t,
-            _ => now,
-        };
-        watch.seen = Some(seen);
-        let grace = ack_grace(limit);
-        let seen_for = now.saturating_duration_since(seen);
-        if quiet >= limit && seen_for >= grace {
-            self.ack_watch = None;
-            let e = io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("nothing acknowledged for {}", crate::config::format_duration(quiet)),
-            );
-            self.end(End::BackendError("write", e));
-            return;
+        match in_flight_unanswered(silence, now, Some(watch.sent), &mut watch.seen, limit) {
+            Err(e) => {
+                self.ack_watch = None;
+                self.end(End::BackendError("write", e));
+            }
+            Ok(wait) => watch.next = now + wait,
         }
-        watch.next = now + limit.saturating_sub(quiet).max(grace.saturating_sub(seen_for)).max(ACK_CHECK_MIN);
     }
 
     fn touch(&mut self) {

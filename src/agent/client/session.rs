@@ -370,14 +370,13 @@ async fn session(
     reusable
 }
 
-/// Ready with an error once the link's host has acknowledged nothing for `limit` while the agent's
-/// bytes were in flight to it, and they were seen so for half the limit (at most 10 s): the
-/// rule of the server's relay for a backend ([`crate::relay`], `backend_ack_timeout`), for the
-/// agent's data link. Looks every half limit while nothing is in flight; never ready when the
-/// socket's acknowledgements are not known.
+/// Ready with an error once the link's host is gone by the rule the server's relay applies to a
+/// backend ([`crate::relay::in_flight_unanswered`]: nothing acknowledged for `limit` while the
+/// agent's bytes were in flight, seen so for half of it, at most 10 s). Looks every half limit
+/// while nothing is in flight; never ready when the socket's acknowledgements are not known.
 async fn unanswered(acks: crate::platform::Acks, limit: Duration) -> std::io::Error {
-    let grace = (limit / 2).min(Duration::from_secs(10));
-    let mut seen: Option<Instant> = None;
+    let grace = crate::relay::ack_grace(limit);
+    let mut seen = None;
     let mut next = Instant::now() + grace;
     loop {
         tokio::time::sleep_until(next).await;
@@ -390,27 +389,10 @@ async fn unanswered(acks: crate::platform::Acks, limit: Duration) -> std::io::Er
             next = now + grace;
             continue;
         }
-        // In flight since the first look that saw it, unless acknowledged since.
-        let first = match seen {
-            Some(t) if silence.since_ack >= now.saturating_duration_since(t) => t,
-            _ => now,
-        };
-        seen = Some(first);
-        let seen_for = now.saturating_duration_since(first);
-        if silence.since_ack >= limit && seen_for >= grace {
-            return std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the server's host acknowledged nothing for {}",
-                    crate::config::format_duration(silence.since_ack)
-                ),
-            );
+        match crate::relay::in_flight_unanswered(silence, now, None, &mut seen, limit) {
+            Err(e) => return e,
+            Ok(wait) => next = now + wait,
         }
-        next = now
-            + limit
-                .saturating_sub(silence.since_ack)
-                .max(grace.saturating_sub(seen_for))
-                .max(Duration::from_millis(50));
     }
 }
 
