@@ -163,6 +163,11 @@ impl std::str::FromStr for ApiUrl {
                 }
             }
             None => match authority.rsplit_once(':') {
+                // `http://::1:8080/` could be [::1]:8080 or [::1:8080] (and `http://::1/` read as
+                // [::]:1): said, as the agent's proxy URL does (a review).
+                Some((h, _)) if h.contains(':') => {
+                    return Err(format!("{shown:?}: an IPv6 address goes in brackets, as http://[::1]:8080/…"))
+                }
                 Some((h, p)) => (h, Some(p)),
                 None => (authority, None),
             },
@@ -368,6 +373,10 @@ mod tests {
         assert_eq!(u.path_and_query("x/y"), "/desks/x%2Fy/target");
         let u: ApiUrl = "https://h?t=%s".parse().unwrap();
         assert_eq!((u.port, u.path_and_query("x").as_str()), (443, "/?t=x"));
+        for bare in ["http://::1:8080/t?token=%s", "http://::1/t?token=%s"] {
+            let e = bare.parse::<ApiUrl>().unwrap_err();
+            assert!(e.contains("goes in brackets"), "{bare}: {e}");
+        }
     }
 
     fn toml(tokens: &str, dir: &Path) -> Result<crate::config::Config, String> {
