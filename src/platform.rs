@@ -109,9 +109,6 @@ pub struct Silence {
     pub waiting: bool,
     /// Since the peer's last acknowledgement (of anything: data, a window probe, a keepalive).
     pub since_ack: std::time::Duration,
-    /// Bytes in the send queue, sent or not (`SIOCOUTQ`): data held back by a shut window is
-    /// there and not in flight, and goes when the window opens, with no write of ours.
-    pub queued: u64,
 }
 
 impl Acks {
@@ -138,6 +135,13 @@ impl Acks {
         return self.0.fd.is_some();
         #[cfg(not(target_os = "linux"))]
         false
+    }
+
+    /// Bytes in the send queue, sent or not (`SIOCOUTQ`; 0 when not known): data held back by a
+    /// shut window is there and not in flight, and goes when the window opens, with no write of
+    /// the caller's. Asked only when nothing is in flight ([`Silence::waiting`]).
+    pub fn queued(&self) -> u64 {
+        self.0.unacknowledged().unwrap_or(0)
     }
 
     /// What waits for the peer, and how long it has been silent; `None` when not known.
@@ -167,7 +171,6 @@ impl Acks {
             Some(Silence {
                 waiting: info.tcpi_unacked > 0,
                 since_ack: std::time::Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
-                queued: self.0.unacknowledged().unwrap_or(0),
             })
         }
         #[cfg(not(target_os = "linux"))]

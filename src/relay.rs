@@ -1153,7 +1153,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             return;
         };
         if !silence.waiting {
-            if silence.queued > 0 {
+            if self.acks.queued() > 0 {
                 // Held back by a shut window: it goes when the window opens, with no write of
                 // ours to start a watch then (a review: a host gone dark after such a pause was
                 // left to the kernel's 15 minutes). Watched on, from now.

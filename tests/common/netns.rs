@@ -83,13 +83,6 @@ impl Link {
         Some(made)
     }
 
-    /// Moves the calling thread into the near namespace: the sockets it opens from then on are
-    /// the near host's. Call it on a thread of the test's own that ends with the test (not
-    /// libtest's, which may run the next test on it).
-    pub fn enter_near(&self) {
-        enter(&self.near);
-    }
-
     /// Runs `test` to its end on a thread of its own in the near namespace (so the bridge's and the
     /// client's sockets are the near host's), on a single-threaded runtime; a panic in it fails
     /// the caller.
@@ -100,7 +93,9 @@ impl Link {
     {
         std::thread::scope(|scope| {
             scope.spawn(|| {
-                self.enter_near();
+                // From here this thread's sockets are the near host's; the thread is the test's
+                // own and ends with it (libtest's may run the next test).
+                enter(&self.near);
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 rt.block_on(test());
             });

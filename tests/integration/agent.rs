@@ -1504,20 +1504,36 @@ async fn the_agents_trace_log_does_not_hold_its_secret() {
     }
 }
 
-/// The agent binary serving shop-17's `pos` (`echo`) to `bridge`, connected, and a page's
-/// session through it that has carried a message.
-async fn agent_binary_in_a_session(
-    bridge: &TestBridge,
-    echo: std::net::SocketAddr,
-    dir: &std::path::Path,
-) -> (tokio::process::Child, tokio::sync::mpsc::Receiver<String>, Ws) {
-    let args = shop_17_args(bridge, echo, dir);
+/// The agent binary serving shop-17's `pos` to a bridge, with a page's session through it that
+/// has carried a message, draining after a SIGTERM (it said so); the bridge and the agent's
+/// files live as long as it.
+struct DrainingAgent {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::Receiver<String>,
+    ws: Ws,
+    _bridge: TestBridge,
+    _dir: tempfile::TempDir,
+}
+
+async fn agent_binary_draining_a_session() -> DrainingAgent {
+    let (echo, _) = echo_backend().await;
+    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = shop_17_args(&bridge, echo, dir.path());
     let (child, mut lines) = agent_binary(&args.iter().map(String::as_str).collect::<Vec<_>>());
     log_line(&mut lines, "agent: connected").await;
     let (mut ws, _) = ws_connect(&bridge.url("/pos"), None).await;
     send_bin(&mut ws, b"before").await;
     assert_eq!(recv_data(&mut ws).await, b"before");
-    (child, lines, ws)
+    signal(&child, "TERM").await;
+    log_line(&mut lines, "agent: shutting down").await;
+    DrainingAgent {
+        child,
+        lines,
+        ws,
+        _bridge: bridge,
+        _dir: dir,
+    }
 }
 
 /// Sends `signal` (`TERM`, `INT`) to `child`.
@@ -1533,20 +1549,16 @@ async fn signal(child: &tokio::process::Child, signal: &str) {
 
 #[tokio::test]
 async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
-    let (echo, _) = echo_backend().await;
-    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, mut lines, mut ws) = agent_binary_in_a_session(&bridge, echo, dir.path()).await;
-    signal(&child, "TERM").await;
-    log_line(&mut lines, "agent: shutting down").await;
+    // Bound whole: the bridge and the agent's files live to the end of the test.
+    let mut agent = agent_binary_draining_a_session().await;
     // The live session goes on after SIGTERM...
-    send_bin(&mut ws, b"after").await;
-    assert_eq!(recv_data(&mut ws).await, b"after");
-    assert!(child.try_wait().unwrap().is_none(), "the agent exited with a session open");
+    send_bin(&mut agent.ws, b"after").await;
+    assert_eq!(recv_data(&mut agent.ws).await, b"after");
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent exited with a session open");
     // ...and once it ends, the agent exits at once, not at the end of its 10 s grace.
-    ws.close(None).await.unwrap();
+    agent.ws.close(None).await.unwrap();
     let closed = Instant::now();
-    let status = within("the agent to exit", child.wait()).await.unwrap();
+    let status = within("the agent to exit", agent.child.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");
     assert!(
         closed.elapsed() < Duration::from_secs(3),
@@ -1559,24 +1571,20 @@ async fn the_agent_binary_lets_its_session_finish_after_sigterm_then_exits() {
 /// console's default handler ended the process silently; on Linux it was ignored).
 #[tokio::test]
 async fn a_second_signal_ends_the_agents_drain_at_once() {
-    let (echo, _) = echo_backend().await;
-    let bridge = TestBridge::start(server_config(&["shop-17"], &[("shop-17", "pos")])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, mut lines, mut ws) = agent_binary_in_a_session(&bridge, echo, dir.path()).await;
-    signal(&child, "TERM").await;
-    log_line(&mut lines, "agent: shutting down").await;
+    // Bound whole: the bridge and the agent's files live to the end of the test.
+    let mut agent = agent_binary_draining_a_session().await;
     let second = Instant::now();
-    signal(&child, "INT").await;
-    log_line(&mut lines, "agent: a second shutdown signal: exiting now").await;
+    signal(&agent.child, "INT").await;
+    log_line(&mut agent.lines, "agent: a second shutdown signal: exiting now").await;
     // Well before the 10 s grace the open session would otherwise get.
-    let status = within("the agent to exit", child.wait()).await.unwrap();
+    let status = within("the agent to exit", agent.child.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");
     assert!(
         second.elapsed() < Duration::from_secs(3),
         "exited {:?} after the second signal",
         second.elapsed()
     );
-    let (_, close) = read_until_close(&mut ws).await;
+    let (_, close) = read_until_close(&mut agent.ws).await;
     assert_ne!(
         close.map(|c| u16::from(c.code)),
         Some(1000),
