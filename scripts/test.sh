@@ -70,6 +70,20 @@ if ((!skip_browser)); then
     echo "node $(node --version), npm $(npm --version 2>/dev/null)"
 fi
 
+section "disk"
+# A first run builds about 6 GiB into the target directory (the Linux and Windows debug builds
+# and the test binaries; incremental compilation adds as much again); a full disk fails a build
+# halfway with "No space left on device".
+target_dir=${CARGO_TARGET_DIR:-target}
+probe=$target_dir
+until [[ -d $probe ]]; do probe=$(dirname "$probe"); done
+free_gib=$(df -Pk "$probe" | awk 'NR == 2 { print int($4 / 1048576) }')
+echo "${free_gib} GiB free where $target_dir is"
+if ((free_gib < 8)); then
+    printf 'scripts/test.sh: warning: only %s GiB free for %s; a first run needs about 6 GiB (8 with\n' "$free_gib" "$target_dir" >&2
+    printf '  incremental compilation): free some, or set CARGO_TARGET_DIR to a roomier disk\n' >&2
+fi
+
 section "system packages"
 missing=()
 if ((!skip_browser)) && [[ ! -x /usr/bin/chromium ]]; then
@@ -167,7 +181,7 @@ fi
 
 section "bench/loadgen smoke (the benchmark's load generator must not rot)"
 # Built into the main target dir so it reuses the dependencies the tests compile anyway.
-cargo run --quiet --manifest-path bench/loadgen/Cargo.toml --target-dir target -- smoke
+cargo run --quiet --manifest-path bench/loadgen/Cargo.toml --target-dir "${CARGO_TARGET_DIR:-target}" -- smoke
 
 section "cargo build --examples (the integration tests run the embedding example)"
 cargo build --examples --quiet
