@@ -409,7 +409,7 @@ impl Admin {
         info!(
             session = session.id,
             route = session.route.as_str(),
-            client = %session.client,
+            client = %crate::logging::Client(session.client),
             operator = %peer,
             "session ended by the operator"
         );
@@ -461,7 +461,7 @@ fn sessions_json(metrics: &crate::metrics::Metrics) -> String {
         .iter()
         .map(|s| Entry {
             id: s.id,
-            client: s.client.to_string(),
+            client: crate::logging::Client(s.client).to_string(),
             route: &s.route,
             target: &s.target,
             age_seconds: s.started.elapsed().as_secs_f64(),

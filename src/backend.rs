@@ -155,6 +155,16 @@ impl Backend {
         }
     }
 
+    /// The address a TCP backend (plain or TLS) was reached at: which of a name's addresses
+    /// answered. Unix sockets and agents' links: none (their target says it all).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Backend::Tcp(s) => s.peer_addr().ok(),
+            Backend::Tls(s) => s.get_ref().0.peer_addr().ok(),
+            Backend::Unix(_) | Backend::Agent(_) => None,
+        }
+    }
+
     /// An agent's link: ready with the session's error once the agent is no longer allowed, busy
     /// or stalled (see [`crate::agent::link::AgentLink::revoked`]). Other backends: none.
     pub fn revoked(&self) -> Option<Pin<Box<dyn Future<Output = io::Error> + Send>>> {
@@ -303,11 +313,13 @@ pub(crate) async fn connect_in_turn(addrs: &[SocketAddr], end: Instant) -> io::R
             return TcpStream::connect(addr).await.map_err(|e| link_local_said(addr, e));
         }
         let share = end.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
-        match timeout(share, TcpStream::connect(addr)).await {
+        let failed = match timeout(share, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => last = Some(link_local_said(addr, e)),
-            Err(_) => last = Some(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-        }
+            Ok(Err(e)) => link_local_said(addr, e),
+            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+        };
+        tracing::debug!(address = %addr, error = %failed, "connect: this address failed; trying the next");
+        last = Some(failed);
     }
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrNotAvailable, "host resolved to no address")))
 }

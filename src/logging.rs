@@ -715,8 +715,20 @@ impl tracing::field::Visit for PlainVisitor<'_> {
         }
     }
 
+    /// A `%display` or `?debug` value: written as it is when it is one word, quoted (as a `&str`
+    /// is) when it holds a space, `=`, a quote or nothing, so that a value a peer chose (an agent's
+    /// name, an Origin, a proxy's error text) cannot add fields of its own to a logfmt parser.
+    /// A `?` string's own quotes stay.
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.write(field, format_args!("{value:?}"));
+        if field.name() == "message" {
+            return self.write(field, format_args!("{value:?}"));
+        }
+        let text = format!("{value:?}");
+        if one_word(&text) || quoted(&text) {
+            self.write(field, format_args!("{text}"));
+        } else {
+            self.write(field, format_args!("{text:?}"));
+        }
     }
 
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
@@ -729,6 +741,43 @@ impl tracing::field::Visit for PlainVisitor<'_> {
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
         self.write_plain(field, value);
+    }
+}
+
+/// Whether a field's text reads as one logfmt value without quotes.
+fn one_word(text: &str) -> bool {
+    !text.is_empty() && !text.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '='))
+}
+
+/// Whether a field's text is one quoted string as `{:?}` writes a `&str`: quotes at both ends,
+/// and every quote and backslash between them escaped.
+fn quoted(text: &str) -> bool {
+    let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
+        return false;
+    };
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.next().is_none() => return false,
+            '\\' => {}
+            '"' => return false,
+            c if c.is_control() => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+/// A client's address as log lines and the admin's session list show it: `ip:port`, or the bare
+/// IP when its port is not known (a client that a trusted proxy's X-Forwarded-For named: port 0).
+pub struct Client(pub std::net::SocketAddr);
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.port() {
+            0 => self.0.ip().fmt(f),
+            _ => self.0.fmt(f),
+        }
     }
 }
 
@@ -747,6 +796,52 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A value a peer chose cannot add fields to a line: a `%` value with spaces, `=` or quotes is
+    /// quoted as a `&str` is; one word, a number and a `?` string stay as they are.
+    #[test]
+    fn a_display_value_cannot_forge_fields() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Buffer::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .with_level(false)
+            .fmt_fields(super::PlainFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let forged = "ghost status=200 reason=\"login ok\" client=10.0.0.1:1";
+            tracing::warn!(agent = %forged, status = 401u16, "login refused");
+            tracing::warn!(agent = %"shop-17", path = %"C:\\wsb\\agent.toml", "plain");
+            tracing::warn!(agent = ?"a \"b\"", empty = %"", "debug strings keep their quotes");
+            tracing::warn!(tail = %"\"x\" y=\"z\"", "quotes at both ends are not enough");
+            tracing::warn!(n = %4.5, "{} formatted", "message");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let expected = [
+            r#"login refused agent="ghost status=200 reason=\"login ok\" client=10.0.0.1:1" status=401"#,
+            r#"plain agent=shop-17 path=C:\wsb\agent.toml"#,
+            r#"debug strings keep their quotes agent="a \"b\"" empty="""#,
+            r#"quotes at both ends are not enough tail="\"x\" y=\"z\"""#,
+            r#"message formatted n=4.5"#,
+        ];
+        assert_eq!(lines, expected, "{text}");
+    }
+
     /// A span field recorded again replaces the one before, wherever it stands and whatever the
     /// values around it hold (quoted strings with spaces, `=` and escaped quotes; a `%` value
     /// with spaces); the others stay as they were, in their order.
@@ -795,7 +890,7 @@ mod tests {
             r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.1}: wsbridge::logging::tests: request"#,
             r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.2}: wsbridge::logging::tests: request"#,
             r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.3}: wsbridge::logging::tests: request"#,
-            r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" target=the app: port 9100 client=192.0.2.4}: wsbridge::logging::tests: last"#,
+            r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" target="the app: port 9100" client=192.0.2.4}: wsbridge::logging::tests: last"#,
         ];
         assert_eq!(lines.len(), expected.len(), "{text}");
         for (line, expected) in lines.iter().zip(expected) {

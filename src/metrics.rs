@@ -56,6 +56,9 @@ struct EndLabel {
 struct RefusedLabel {
     status: u16,
     reason: &'static str,
+    /// The route that refused it; empty when none did (no route matched, or the refusal came
+    /// before one was looked for).
+    route: String,
 }
 
 /// A token lookup in a Redis or API source.
@@ -659,10 +662,18 @@ impl Metrics {
         };
     }
 
-    /// A connection was refused before the upgrade.
+    /// A connection was refused before the upgrade, before a route was found.
     pub fn refused(&self, why: Refusal) {
+        self.refused_by(why, None);
+    }
+
+    /// A connection was refused before the upgrade, by `route` when one refused it.
+    pub fn refused_by(&self, why: Refusal, route: Option<&str>) {
         let (status, reason) = why.label();
-        self.refused.get_or_create(&RefusedLabel { status, reason }).inc();
+        // A token's route by its source, as the session metrics label it: per-token names would
+        // make a series per token.
+        let route = route.map(route_label).unwrap_or_default().into_owned();
+        self.refused.get_or_create(&RefusedLabel { status, reason, route }).inc();
     }
 
     /// A backend connect of `route` ended after `took`: `ok`, `failed` or `shutdown`.

@@ -270,9 +270,10 @@ impl ApiTokenSource {
         self.url.shown()
     }
 
-    /// For `wsbridge check`: every setting in the configuration's words.
+    /// For `wsbridge check`: every setting in the configuration's words, the URL's query values
+    /// left out as in the logs (check's output is pasted into tickets and chats).
     pub fn describe(&self) -> String {
-        let mut out = format!("url = {}, format = \"{}\"", super::toml_str(&self.url.template), self.format);
+        let mut out = format!("url = {}, format = \"{}\"", super::toml_str(&self.url.shown()), self.format);
         if let Some(ca) = &self.ca {
             out.push_str(&format!(", ca = {}", super::toml_str(&ca.display().to_string())));
         }
@@ -404,7 +405,11 @@ mod tests {
         assert_eq!(s.path, Path::new("https://api.internal:8443/desks/%s"));
         assert!(s.redis.is_none() && s.jwt.is_none());
         // Defaults: JSON, 1 s; the inline form; opting out of the allow-list.
-        let c = toml("allow_any_target = true\napi = { url = \"http://h/?t=%s\" }\n", dir.path()).unwrap();
+        let c = toml(
+            "allow_any_target = true\napi = { url = \"http://h/?key=S3CRET&t=%s\" }\n",
+            dir.path(),
+        )
+        .unwrap();
         let a = c.token_sources[0].api.as_ref().unwrap();
         assert_eq!(
             (a.format, a.lookup_timeout, a.allow_targets.is_none()),
@@ -412,7 +417,7 @@ mod tests {
         );
         assert_eq!(
             a.describe(),
-            "url = \"http://h/?t=%s\", format = \"json\", lookup_timeout = \"1s\", allow_any_target = true"
+            "url = \"http://h/?key=…&t=%s\", format = \"json\", lookup_timeout = \"1s\", allow_any_target = true"
         );
     }
 

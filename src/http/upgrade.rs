@@ -75,6 +75,9 @@ pub enum Outcome {
         /// The connection carries another request (a static file answered with keep-alive):
         /// the bytes that came after this request, which begin the next.
         next: Option<Vec<u8>>,
+        /// The route that refused it, when the request got as far as one (its policy, its
+        /// session cap): for the log line's `route` and the refusal's metric label.
+        route: Option<String>,
     },
 }
 
@@ -104,6 +107,7 @@ where
                 reason,
                 refusal,
                 next: None,
+                route: None,
             });
         }
         Err(e) => return Err(e),
@@ -117,6 +121,7 @@ where
             reason,
             body: said,
             headers,
+            route,
         } => {
             write_answer(io, status, said.unwrap_or(&reason), &headers, body).await?;
             let refusal = crate::metrics::Refusal::Http(status.as_u16());
@@ -125,6 +130,7 @@ where
                 reason,
                 refusal,
                 next: None,
+                route,
             })
         }
         Decision::SourceUnavailable(reason) => {
@@ -137,6 +143,7 @@ where
                 reason,
                 refusal,
                 next: None,
+                route: None,
             })
         }
         Decision::Static(request, leftover, web) => {
@@ -146,6 +153,7 @@ where
                 reason: served.what.into(),
                 refusal: crate::metrics::Refusal::Http(served.status.as_u16()),
                 next: served.kept.then_some(leftover),
+                route: None,
             })
         }
     }
@@ -161,6 +169,8 @@ enum Decision<'w> {
         /// name, which can carry a token file's path; a certificate's name).
         body: Option<&'static str>,
         headers: Vec<(HeaderName, HeaderValue)>,
+        /// The route that refused it, if one did.
+        route: Option<String>,
     },
     /// A static file: the request, the bytes after it (the next request's, with keep-alive).
     Static(Request<()>, Vec<u8>, &'w WebRoot),
@@ -175,6 +185,7 @@ fn reject<'w>(status: StatusCode, reason: impl Into<String>) -> Decision<'w> {
         reason: reason.into(),
         body: None,
         headers: Vec::new(),
+        route: None,
     }
 }
 
@@ -185,13 +196,22 @@ fn refuse<'w>(status: StatusCode, body: &'static str, reason: String) -> Decisio
         reason,
         body: Some(body),
         headers: Vec::new(),
+        route: None,
     }
 }
 
 /// A policy's refusal as an answer: its public text for the client, its detail (with the
 /// route's name) for the log, and the header it calls for.
 fn refused<'w>(route: &Route, r: Refusal, challenge: Option<&'static str>) -> Decision<'w> {
-    answer_refusal(&route.name, r, challenge)
+    by(route, answer_refusal(&route.name, r, challenge))
+}
+
+/// `refusal`, as `route`'s (its name goes on the log line and the refusal's metric).
+fn by<'w>(route: &Route, mut refusal: Decision<'w>) -> Decision<'w> {
+    if let Decision::Reject { route: named, .. } = &mut refusal {
+        *named = Some(route.name.clone());
+    }
+    refusal
 }
 
 /// [`refused`] where `what` names the stage (a route's name, or "token lookup").
@@ -208,6 +228,7 @@ fn answer_refusal<'w>(what: &str, r: Refusal, challenge: Option<&'static str>) -
         reason: format!("{what}: {}", r.detail),
         body: Some(r.public),
         headers,
+        route: None,
     }
 }
 
@@ -247,6 +268,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
                     reason: format!("method {} not allowed", request.method()),
                     body: None,
                     headers: vec![(header::ALLOW, HeaderValue::from_static("GET, HEAD"))],
+                    route: None,
                 },
             };
         }
@@ -256,6 +278,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
                 reason: format!("method {} not allowed", request.method()),
                 body: None,
                 headers: vec![(header::ALLOW, HeaderValue::from_static("GET"))],
+                route: None,
             },
             true => Decision::Reject {
                 status: StatusCode::UPGRADE_REQUIRED,
@@ -265,6 +288,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
                     (header::UPGRADE, HeaderValue::from_static("websocket")),
                     (header::CONNECTION, HeaderValue::from_static("Upgrade")),
                 ],
+                route: None,
             },
             false => reject(StatusCode::NOT_FOUND, "not found"),
         };
@@ -278,6 +302,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
             reason: format!("a WebSocket upgrade must be a GET, not {}", request.method()),
             body: None,
             headers: vec![(header::ALLOW, HeaderValue::from_static("GET"))],
+            route: None,
         };
     }
     if request.version() != Version::HTTP_11 {
@@ -308,6 +333,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
                 reason: "unsupported Sec-WebSocket-Version (only 13 is)".into(),
                 body: None,
                 headers: vec![(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))],
+                route: None,
             }
         }
     }
@@ -361,7 +387,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
             None => format!("{} needs a client certificate", route.name),
             Some(cn) => format!("client certificate {cn:?} is not allowed on {}", route.name),
         };
-        return refuse(StatusCode::FORBIDDEN, "forbidden", reason);
+        return by(&route, refuse(StatusCode::FORBIDDEN, "forbidden", reason));
     }
     let policy = &route.options.policy;
     if let Err(r) = policy.networks.check(ctx.client) {
@@ -370,10 +396,13 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
     let mut origins = headers.get_all(header::ORIGIN).iter();
     let origin = match (origins.next(), origins.next()) {
         (_, Some(_)) => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "origin not allowed",
-                format!("{}: more than one Origin header", route.name),
+            return by(
+                &route,
+                refuse(
+                    StatusCode::FORBIDDEN,
+                    "origin not allowed",
+                    format!("{}: more than one Origin header", route.name),
+                ),
             )
         }
         (None, _) => None,
@@ -423,6 +452,7 @@ async fn decide<'w>(request: Request<()>, leftover: Vec<u8>, routes: &RouteTable
             reason: format!("{} is at its session limit", route.name),
             body: Some("too many sessions"),
             headers: vec![(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+            route: Some(route.name.clone()),
         };
     };
     let subprotocol = choose_subprotocol(headers, &route.options.subprotocols);

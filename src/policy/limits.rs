@@ -332,7 +332,11 @@ impl PerAddress {
                     return Err(Refusal {
                         status: StatusCode::TOO_MANY_REQUESTS,
                         public,
-                        detail: format!("client {} has {} {what} open (max {max} per address)", entry.key, entry.sessions),
+                        detail: format!(
+                            "client {} has {} {what} open (max {max} per address)",
+                            counted_as(ip, entry.key),
+                            entry.sessions
+                        ),
                         retry_after: Some(5),
                     });
                 }
@@ -342,7 +346,10 @@ impl PerAddress {
                     return Err(Refusal {
                         status: StatusCode::TOO_MANY_REQUESTS,
                         public: "too many new sessions from your address",
-                        detail: format!("client {} is over its rate of new sessions ({rate}/s, burst {burst})", entry.key),
+                        detail: format!(
+                            "client {} is over its rate of new sessions ({rate}/s, burst {burst})",
+                            counted_as(ip, entry.key)
+                        ),
                         retry_after: Some(retry_after(entry.tokens, rate)),
                     });
                 }
@@ -785,6 +792,15 @@ pub fn network_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A client as a refusal's log line names it: its address, and for an IPv6 one the /64 it is
+/// counted with (grepping the log for the client's address finds the line).
+fn counted_as(ip: IpAddr, key: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => format!("{v6} (counted with its /64, {key}/64)"),
+        v4 => v4.to_string(),
+    }
+}
+
 /// What an address is counted as, here and wherever the per-address caps' unit matters (the
 /// agents connected from an address): an IPv4 address (IPv4-mapped IPv6 included) itself, an
 /// IPv6 address its /64.
@@ -798,6 +814,30 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal's line names the client as the log's other lines do, and an IPv6 one's /64.
+    #[test]
+    fn a_refusal_names_the_client_and_its_counted_64() {
+        let limits = AddressLimits {
+            max_sessions: Some(1),
+            rate: Some(0.001),
+            burst: 2,
+            connections: false,
+        };
+        let t = PerAddress::new(limits, 100);
+        let v6: IpAddr = "2001:db8::5".parse().unwrap();
+        let _held = t.enter(v6).unwrap();
+        let said = t.enter("2001:db8::6".parse().unwrap()).unwrap_err().detail;
+        assert_eq!(
+            said,
+            "client 2001:db8::6 (counted with its /64, 2001:db8::/64) has 1 sessions open (max 1 per address)"
+        );
+        let v4: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        drop(t.enter(v4).unwrap());
+        drop(t.enter(v4).unwrap());
+        let said = t.enter(v4).unwrap_err().detail;
+        assert_eq!(said, "client 192.0.2.7 is over its rate of new sessions (0.001/s, burst 2)");
+    }
 
     /// A client that takes a new IPv6 /64 for each guess (a tunnel broker's /48 holds 65,536)
     /// is held to its /48's budget: ten addresses' worth (an auth review guessed ~1,000 times a

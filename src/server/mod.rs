@@ -901,7 +901,7 @@ impl Bridge {
                         peer.client = SocketAddr::new(ip, 0);
                     }
                 }
-                tracing::Span::current().record("client", tracing::field::display(peer.client.ip()));
+                tracing::Span::current().record("client", tracing::field::display(crate::logging::Client(peer.client)));
             }
             // Past its address's cap, a connection is let in to log in an agent, and for nothing
             // else: not even another request on the agent endpoint's path.
@@ -954,9 +954,13 @@ impl Bridge {
                     reason,
                     refusal,
                     next,
+                    route,
                 })) => {
+                    if let Some(route) = &route {
+                        tracing::Span::current().record("route", route.as_str());
+                    }
                     if status.as_u16() >= 400 {
-                        self.inner.metrics.refused(refusal);
+                        self.inner.metrics.refused_by(refusal, route.as_deref());
                     }
                     // A refusal is worth a line, on a connection kept open too (a page's missing
                     // file); a static file served is not (a noVNC page load is some 40 of them):
@@ -1426,6 +1430,11 @@ async fn run_session<S>(
             return;
         }
     };
+    if let Some(addr) = backend.peer_addr() {
+        // Which of the target's addresses answered (a name can have several), in every line the
+        // session logs from here on.
+        tracing::Span::current().record("backend", tracing::field::display(addr));
+    }
     // One record per session, when it ends (it says everything); the opening only at debug level.
     debug!(framing = %params.framing, "session open");
     let open = route_metrics.open();
@@ -1582,7 +1591,8 @@ fn conn_span(client: Option<&dyn std::fmt::Display>, via: Option<&dyn std::fmt::
         route = tracing::field::Empty,
         user = tracing::field::Empty,
         target = tracing::field::Empty,
-        session = tracing::field::Empty
+        session = tracing::field::Empty,
+        backend = tracing::field::Empty
     )
 }
 

@@ -331,7 +331,7 @@ async fn one_address_cannot_hold_every_connection_slot() {
     // Counted, by its own reason: an operator sees the cap at work.
     let (admin_addr, _guard) = start_admin(&b, None).await;
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
-    let counted = r#"wsbridge_handshakes_refused_total{status="429",reason="address_limit"} 1"#;
+    let counted = r#"wsbridge_handshakes_refused_total{status="429",reason="address_limit",route=""} 1"#;
     assert!(metrics.lines().any(|l| l == counted), "{metrics}");
     // Another address is served meanwhile.
     let (mut other, _) = raw_upgrade_on(from(2).await, &upgrade_request("/", "")).await;

@@ -1006,7 +1006,7 @@ async fn past_its_cap_an_address_gets_a_few_places_to_log_in_agents_and_no_more(
     let again = http_raw(bridge.addr, format!("GET {}", link(SECRET)).as_bytes()).await;
     assert_eq!(status_of(&again), 409, "{again}");
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
-    let counted = r#"wsbridge_handshakes_refused_total{status="429",reason="address_limit"} 4"#;
+    let counted = r#"wsbridge_handshakes_refused_total{status="429",reason="address_limit",route=""} 4"#;
     assert!(metrics.lines().any(|l| l == counted), "{metrics}");
     // Failed logins on these places are slowed as any are: wrong secrets for an agent, at its
     // login (its brake is per address and agent: the address keeps its places for the others
@@ -3102,7 +3102,7 @@ async fn a_proxy_that_cannot_be_reached_is_named_in_the_agents_log() {
     let lines = Lines::capture(child.stderr.take().unwrap());
     let line = lines.line("not connected; retrying").await;
     assert!(
-        line.contains(&format!("reason=cannot reach the server: the proxy {closed} (--proxy): ")),
+        line.contains(&format!("reason=\"cannot reach the server: the proxy {closed} (--proxy): ")),
         "{line}"
     );
     child.kill().await.unwrap();
@@ -3578,10 +3578,10 @@ async fn wrong_secrets_past_the_brake_are_one_warning_not_one_each() {
     let logins = lines.iter().filter(|l| l.contains("WARN") && l.contains("login refused"));
     assert_eq!(logins.count(), refused, "each failed login still warned of");
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
-    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="429",reason="rate_limited"}} {slowed}"#);
+    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="429",reason="rate_limited",route=""}} {slowed}"#);
     assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
     // The failed logins themselves are counted as a browser's failed authentication is.
-    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="401",reason="unauthenticated"}} {refused}"#);
+    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="401",reason="unauthenticated",route=""}} {refused}"#);
     assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
 }
 

@@ -296,6 +296,16 @@ async fn sessions_and_new_sessions_per_client_address() {
     assert!(ask(b.addr, "/slow", "").await.starts_with("HTTP/1.1 101"));
     let answer = ask(b.addr, "/slow", "").await;
     refused(&answer, 429, "too many new sessions from your address", Some("retry-after: "));
+    // Counted by the route that refused (which a 404 has none of).
+    assert_eq!(status_of(&ask(b.addr, "/none", "").await), 404);
+    let text = b.bridge.metrics().encode();
+    for counted in [
+        r#"wsbridge_handshakes_refused_total{status="429",reason="rate_limited",route="path /two"} 1"#,
+        r#"wsbridge_handshakes_refused_total{status="429",reason="rate_limited",route="path /slow"} 1"#,
+        r#"wsbridge_handshakes_refused_total{status="404",reason="not_found",route=""} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == counted), "{counted} in\n{text}");
+    }
     b.stop().await;
 }
 
@@ -546,6 +556,42 @@ async fn behind_the_real_haproxy_the_log_and_the_backend_see_the_client() {
     let line = bridge.line("session closed").await;
     assert!(line.contains(&format!("client={me}")), "{line}");
     assert!(line.contains("via=127.0.0.1:"), "{line}");
+    assert!(line.contains(&format!("backend={backend}")), "{line}");
+}
+
+/// Log lines name a client one way: `ip:port` when the bridge saw its port (a direct client, on a
+/// listener that trusts a proxy too), the bare IP when a trusted proxy's X-Forwarded-For named it;
+/// and each session's lines name the backend address it reached (a name can have several).
+#[tokio::test]
+async fn the_log_names_the_client_one_way_and_the_backend_address_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, _accepted) = echo_backend().await;
+    let config = dir.path().join("w.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listen]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+             [[route]]\npath = \"/vnc\"\ntarget = \"localhost:{}\"\n",
+            backend.port()
+        ),
+    )
+    .unwrap();
+    let mut bridge = binary::Binary::spawn(&["--config", config.to_str().unwrap()]).await;
+    let s = TcpStream::connect(bridge.addr).await.unwrap();
+    let me = s.local_addr().unwrap();
+    let (s, _) = raw_upgrade_on(s, &upgrade_request("/vnc", "")).await;
+    drop(s);
+    let line = bridge.line("session closed").await;
+    assert!(line.contains(&format!("client={me} ")), "a direct client with its port: {line}");
+    assert!(line.contains(&format!("backend={backend}")), "{line}");
+    let s = TcpStream::connect(bridge.addr).await.unwrap();
+    let (s, _) = raw_upgrade_on(s, &upgrade_request("/vnc", "X-Forwarded-For: 2001:db8::9\r\n")).await;
+    drop(s);
+    // (At the info level a session's one line is its close.)
+    let line = bridge.line("session=2 ").await;
+    assert!(line.contains("session closed"), "{line}");
+    assert!(line.contains("client=2001:db8::9 "), "a forwarded client, its port unknown: {line}");
+    assert!(line.contains(&format!("backend={backend}")), "{line}");
 }
 
 /// `wsbridge check` shows every route's policy in the file's words, secrets left out.

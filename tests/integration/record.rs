@@ -322,7 +322,9 @@ async fn each_session_gets_its_own_file_numbered_as_its_log_line() {
         assert_eq!(recv_data(&mut ws).await, [i; 3]);
         ws.send(Message::Close(None)).await.unwrap();
         let _ = read_until_close(&mut ws).await;
-        bridge.line(&format!("session={i}}}: wsbridge::server: session closed")).await;
+        bridge
+            .line(&format!("session={i} backend={backend}}}: wsbridge::server: session closed"))
+            .await;
         let chunks = parse(&std::fs::read(dir.path().join(format!("session.{i}"))).unwrap()).unwrap();
         assert_eq!((joined(&chunks, false), joined(&chunks, true)), (vec![i; 3], vec![i; 3]));
     }

@@ -979,13 +979,13 @@ async fn the_agent_under_wine_follows_the_internet_options_proxy_and_bypass_list
     let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let says = format!(
-        "server={} proxy={} from=Windows settings (Internet Options)",
+        "server={} proxy={} from=\"Windows settings (Internet Options)\"",
         servers[0], proxy.addr
     );
     assert!(via.ends_with(&says), "{via}");
     let not = p.line("agent: reaching the server directly", WAIT).await;
     let says = format!(
-        "server={} from=Windows settings (Internet Options); its bypass list names localhost",
+        "server={} from=\"Windows settings (Internet Options); its bypass list names localhost\"",
         servers[1]
     );
     assert!(not.ends_with(&says), "{not}");
@@ -1009,7 +1009,7 @@ async fn the_agent_under_wine_falls_back_to_the_winhttp_default_proxy() {
     let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let says = format!(
-        "server=ws://{}/agent proxy={} from=Windows settings (WinHTTP default)",
+        "server=ws://{}/agent proxy={} from=\"Windows settings (WinHTTP default)\"",
         bridge.addr, proxy.addr
     );
     assert!(via.contains(&says), "{via}");
@@ -1045,11 +1045,14 @@ async fn the_agent_under_wine_follows_a_pac_script() {
     let config = write_agent_toml(dir.path(), &servers, echo, "secrets\\agent.secret", "");
     let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
-    let says = format!("server={} proxy={} from=Windows settings (PAC {pac_url})", servers[0], proxy.addr);
+    let says = format!(
+        "server={} proxy={} from=\"Windows settings (PAC {pac_url})\"",
+        servers[0], proxy.addr
+    );
     assert!(via.ends_with(&says), "{via}");
     let not = p.line("agent: reaching the server directly", WAIT).await;
     let says = format!(
-        "server={} from=Windows settings (PAC {pac_url}); the script says DIRECT",
+        "server={} from=\"Windows settings (PAC {pac_url}); the script says DIRECT\"",
         servers[1]
     );
     assert!(not.ends_with(&says), "{not}");
@@ -1078,7 +1081,7 @@ async fn a_pac_server_that_hangs_under_wine_delays_the_agent_only_for_its_connec
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let took = started.elapsed();
     let says = format!(
-        "server={} proxy={} from=Windows settings (Internet Options); PAC {pac_url}: no answer within 2s",
+        "server={} proxy={} from=\"Windows settings (Internet Options); PAC {pac_url}: no answer within 2s\"",
         servers[0], proxy.addr
     );
     assert!(via.ends_with(&says), "{via}");
@@ -1113,7 +1116,7 @@ async fn the_agent_under_wine_follows_internet_options_that_change_while_it_runs
     let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     assert!(
-        via.ends_with(&format!("proxy={refusing} from=Windows settings (Internet Options)")),
+        via.ends_with(&format!("proxy={refusing} from=\"Windows settings (Internet Options)\"")),
         "{via}"
     );
     let failed = p.line("agent: not connected; retrying", WINE_WAIT).await;
@@ -1130,7 +1133,7 @@ async fn the_agent_under_wine_follows_internet_options_that_change_while_it_runs
     // Wine's time to run it.
     let changed = p.line("agent: the Windows proxy settings changed", Duration::from_secs(40)).await;
     let says = format!(
-        "proxy={} from=Windows settings (Internet Options) was=through {refusing} (from Windows settings (Internet Options))",
+        "proxy={} from=\"Windows settings (Internet Options)\" was=\"through {refusing} (from Windows settings (Internet Options))\"",
         proxy.addr
     );
     assert!(changed.ends_with(&says), "{changed}");
