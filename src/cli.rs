@@ -153,6 +153,7 @@ pub fn man_page() -> std::io::Result<Vec<u8>> {
           keys) and agent files are also re-read without it, by the first request (or metrics scrape) \
           a second after a change\n\
           .SH ENVIRONMENT\n.TP\nRUST_LOG\nthe log filter (tracing's syntax), over \\-v\n\
+          .TP\nNO_COLOR\nset and not empty: no colours in log lines on a terminal\n\
           .TP\nNOTIFY_SOCKET, WATCHDOG_USEC, LISTEN_FDS, LISTEN_FDNAMES, JOURNAL_STREAM\nset by systemd: \
           readiness and reload notices, the watchdog, socket activation, journal priorities\n\
           .TP\nHTTPS_PROXY, HTTP_PROXY, NO_PROXY\nwsbridge agent: the proxy to reach its servers through \

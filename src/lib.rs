@@ -36,9 +36,10 @@
 //! `main.rs` parses arguments, sets up logging ([`logging::init`]) and signals, and starts the
 //! server through [`server::start`], as an embedder would (`examples/embed.rs`).
 // No `unsafe` anywhere, except on Windows in the one module that calls WinHTTP for the agent's
-// proxy settings (`agent::winhttp`) and on Linux in the one function that asks a client socket's
-// send queue (`platform::SendQueue::unacknowledged`, one ioctl): each allows it with a SAFETY
-// comment on every block.
+// proxy settings (`agent::winhttp`) and the function that asks the console for colours
+// (`platform::console_takes_colours`), and on Linux in the functions that ask a socket's send
+// queue and acknowledgements (`platform::SendQueue`, `platform::Acks`: an ioctl, a getsockopt):
+// each allows it with a SAFETY comment on every block.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -63,10 +63,16 @@ impl Quieted {
 pub fn init(verbose: u8, format: LogFormat) {
     let filter = env_filter(default_filter(verbose));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (stderr, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(STDERR_LINES)
+        .thread_name("wsbridge-log")
+        .finish(std::io::stderr());
+    *STDERR_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(terminal);
+        .with_writer(stderr)
+        .with_ansi(terminal && colours());
     let text = tracing_subscriber::fmt::format().with_timer(UtcMicros);
     let journal = Journal(stderr_is_the_journal());
     match format {
@@ -81,6 +87,35 @@ pub fn init(verbose: u8, format: LogFormat) {
             .init(),
     }
     log_panics();
+}
+
+/// Log lines [`init`]'s writer holds for a stderr that does not take them (a Windows console
+/// with text selected in it, a terminal paused with Ctrl-S, a pipe nobody reads) before it
+/// drops new ones: writing them there would stop the thread that logs, and with it every
+/// session that thread serves (the agent's, and the Windows server's, is one thread; a review
+/// saw an agent's sessions cut by its server after 35 s of a console not taking lines). About
+/// 3 MB at most, at 300 bytes a line.
+const STDERR_LINES: usize = 10_000;
+
+/// The thread that writes [`init`]'s lines to stderr: [`flush`] ends it once they are written.
+static STDERR_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
+
+/// Writes the log lines still held for stderr (waiting at most about a second for a stderr that
+/// does not take them), before the process says something on stderr itself or exits; lines
+/// logged after it are dropped. Nothing to do without [`init`].
+pub fn flush() {
+    let writer = STDERR_WRITER.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(writer);
+}
+
+/// Whether log lines on a terminal may be coloured: not with `NO_COLOR` set (no-color.org), and
+/// on Windows only where the console takes the colours' escape sequences (a Windows 10 console
+/// does once asked to; without asking it printed them as text).
+fn colours() -> bool {
+    if std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()) {
+        return false;
+    }
+    crate::platform::console_takes_colours()
 }
 
 /// `wsbridge check`'s log: warnings and errors (a token file's skipped lines, a duplicate token:

@@ -290,6 +290,39 @@ pub fn open_file_limit() -> Option<u64> {
     }
 }
 
+/// Whether stderr, a terminal, takes colours' escape sequences. On Windows a console does from
+/// Windows 10 on, once asked to (virtual terminal processing; Windows Terminal always does): asked
+/// here, and no colours where it says no. Elsewhere terminals do.
+pub fn console_takes_colours() -> bool {
+    #[cfg(windows)]
+    #[allow(unsafe_code)]
+    #[deny(clippy::undocumented_unsafe_blocks)]
+    {
+        use windows_sys::Win32::System::Console::{
+            GetConsoleMode, GetStdHandle, SetConsoleMode, CONSOLE_MODE, ENABLE_VIRTUAL_TERMINAL_PROCESSING, STD_ERROR_HANDLE,
+        };
+        // SAFETY: GetStdHandle takes a constant and returns a handle (or null / invalid, which
+        // the next call fails on); it hands over no ownership, and nothing here closes it.
+        let handle = unsafe { GetStdHandle(STD_ERROR_HANDLE) };
+        let mut mode: CONSOLE_MODE = 0;
+        // SAFETY: `mode` is a live, writable CONSOLE_MODE for the call's duration; a handle
+        // that is not a console's makes the call fail (0), which is answered below.
+        if unsafe { GetConsoleMode(handle, &mut mode) } == 0 {
+            return false;
+        }
+        if mode & ENABLE_VIRTUAL_TERMINAL_PROCESSING != 0 {
+            return true;
+        }
+        // SAFETY: the same handle, a console's (GetConsoleMode took it); the mode is a plain
+        // bit set, refused (0) by consoles older than Windows 10.
+        unsafe { SetConsoleMode(handle, mode | ENABLE_VIRTUAL_TERMINAL_PROCESSING) != 0 }
+    }
+    #[cfg(not(windows))]
+    {
+        true
+    }
+}
+
 /// Creates the directory `dir` (not reusing one that exists) that only this user can write: mode
 /// 0700 on Unix; on Windows it inherits the ACL of its parent, the user's own temp directory.
 ///

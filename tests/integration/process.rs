@@ -594,3 +594,61 @@ async fn a_demo_that_cannot_start_leaves_no_page_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A stderr that stops taking lines (a Windows console with text selected in it, a terminal
+/// paused with Ctrl-S, a pipe nobody reads) holds back the log, not the sessions: at `-vv` every
+/// frame is a line, and a session echoes 2,000 messages (some 2 MB of log) while nobody reads the
+/// 64 KiB pipe; read again, the log goes on. (The log was written on the threads that serve the
+/// sessions: they stopped at the pipe's first 64 KiB.)
+#[tokio::test]
+async fn a_stderr_nobody_reads_holds_back_the_log_not_the_sessions() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (backend, _) = echo_backend().await;
+    let mut child = Command::new(BIN)
+        .args(["-vv", "127.0.0.1:0", &backend.to_string()])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = within("the listening line", async {
+        loop {
+            line.clear();
+            assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
+            if let Some(rest) = line.split("listening addr=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+    })
+    .await;
+    // From here on nobody reads stderr until the session is done.
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    let message = vec![b'x'; 100];
+    within("2,000 echoes while stderr is not read", async {
+        for _ in 0..2_000 {
+            ws.send(Message::binary(message.clone())).await.unwrap();
+            match ws.next().await {
+                Some(Ok(Message::Binary(got))) => assert_eq!(got.len(), message.len()),
+                other => panic!("echo: {other:?}"),
+            }
+        }
+    })
+    .await;
+    ws.close(None).await.unwrap();
+    // Read again: the log goes on (held lines first, then this session's close).
+    within("the session's close in the log", async {
+        loop {
+            line.clear();
+            assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
+            if line.contains("session closed") {
+                break;
+            }
+        }
+    })
+    .await;
+}
