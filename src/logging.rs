@@ -392,6 +392,13 @@ impl LogFile {
 
     /// [`LogFile::open`], looking whether FILE was moved away at most every `recheck`.
     fn open_checking(path: &std::path::Path, limit: u64, recheck: std::time::Duration) -> std::io::Result<LogFile> {
+        if path.is_dir() {
+            // Windows says "Access denied", which sends one looking at permissions.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a directory: name a file in it",
+            ));
+        }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
         Ok(LogFile {
@@ -1070,6 +1077,14 @@ mod tests {
     /// not up to a second later (an operations review: lines written to the renamed file in that
     /// second were lost to `compress` without `delaycompress`); a FILE that cannot be opened anew
     /// is said once in the file being written.
+    /// A directory named as the log file says so (on Windows opening it said "Access denied").
+    #[test]
+    fn a_directory_for_a_log_file_is_said_to_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = LogFile::open(dir.path(), 1 << 20).map(|_| ()).unwrap_err();
+        assert_eq!(e.to_string(), "is a directory: name a file in it");
+    }
+
     #[test]
     fn a_log_file_is_looked_at_when_asked_and_a_failed_reopen_is_said() {
         use std::io::Write as _;

@@ -767,6 +767,14 @@ mod agent_service {
                 );
                 return ExitCode::from(EX_USAGE);
             }
+            if log_file.is_dir() {
+                complain!(
+                    "wsbridge: agent --install-service: --log-file {} is a directory: name a file in it, as {}",
+                    log_file.display(),
+                    log_file.join("wsbridge-agent.log").display()
+                );
+                return ExitCode::from(EX_USAGE);
+            }
             return install(args, &config_path, &log_file, &config.name, verbose);
         }
         // A service has no console: whatever stops it from starting goes to its log, and to the

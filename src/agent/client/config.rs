@@ -440,8 +440,6 @@ struct RawAgent {
     services: toml::Spanned<BTreeMap<String, toml::Spanned<toml::Value>>>,
     ca_file: Option<toml::Spanned<PathBuf>>,
     proxy: Option<toml::Spanned<String>>,
-    #[serde(default)]
-    insecure_skip_verify: bool,
     connect_timeout: Option<toml::Spanned<toml::Value>>,
     ping_interval: Option<toml::Spanned<toml::Value>>,
     pong_timeout: Option<toml::Spanned<toml::Value>>,
@@ -673,7 +671,9 @@ impl AgentConfig {
             services,
             max_sessions,
             ca_file,
-            insecure_skip_verify: a.insecure_skip_verify,
+            // Never from a file: an agent that does not check its server sends its secret to
+            // whoever is in between (a review found the key read, and listed among the file's).
+            insecure_skip_verify: false,
             proxy,
             proxy_source,
             connect_timeout,
@@ -1086,6 +1086,15 @@ mod tests {
         std::fs::write(&file, "[agent]\nserver = \"ws://h/agent\"\nnaem = \"x\"\n").unwrap();
         let e = AgentConfig::from_file(&file).unwrap_err().to_string();
         assert!(e.contains("unknown field `naem`"), "{e}");
+        // Not checking the server's certificate is no setting of the file's (the secret would go
+        // to whoever is in between), nor one the error offers.
+        std::fs::write(&file, "[agent]\nserver = \"wss://h/agent\"\ninsecure_skip_verify = true\n").unwrap();
+        let e = AgentConfig::from_file(&file).unwrap_err().to_string();
+        assert!(e.contains("unknown field `insecure_skip_verify`"), "{e}");
+        assert!(
+            !e.contains("expected one of `name`, `secret_file`, `services`, `ca_file`, `proxy`, `insecure"),
+            "{e}"
+        );
         assert!(is_agent_text("[agent]\nsevers = \"ws://h/agent\"\nname = \"x\"\nservice = {}\n"));
         assert!(!is_agent_text("[agent]\nname = \"shop-17\"\nsecret_sha256 = \"00\"\n"));
     }

@@ -604,8 +604,9 @@ async fn run(
         } else {
             match &config.proxy_source {
                 // The route may be what failed (the computer moved to another network): the line
-                // says where it came from, and that it is read again.
-                ProxySource::Windows(_) => warn!(
+                // says where it came from, and that it is read again. Not after the server
+                // answered (a refused secret, a 503): the route worked, and is not read again.
+                ProxySource::Windows(_) if failed => warn!(
                     %reason,
                     ?retry_in,
                     route = %config.proxy_source,
