@@ -1009,7 +1009,7 @@ async fn the_agent_under_wine_falls_back_to_the_winhttp_default_proxy() {
     let mut p = agent_in(&prefix, build, &config);
     let via = p.line("agent: reaching the server through a proxy", WINE_WAIT).await;
     let says = format!(
-        "server=ws://{}/agent proxy={} from=\"Windows settings (WinHTTP default)\"",
+        "server=ws://{}/agent proxy={} from=\"Windows settings (WinHTTP default)",
         bridge.addr, proxy.addr
     );
     assert!(via.contains(&says), "{via}");
