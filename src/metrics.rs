@@ -49,6 +49,7 @@ struct EndLabel {
     route: String,
     code: &'static str,
     ended_by: &'static str,
+    cause: &'static str,
 }
 
 /// A refused handshake.
@@ -329,7 +330,7 @@ pub struct RouteMetrics {
     connects: [Counter; 3],
     /// `backend_connect_seconds` of the route.
     connect_seconds: Histogram,
-    /// `sessions_ended_total` by code (in [`KNOWN_CODES`]' order, then `other`) and by who,
+    /// `sessions_ended_total` by code (in [`KNOWN_CODES`]' order, then `other`) and by cause,
     /// taken from the family on first use: after that an end is an atomic add, no lock.
     ended: Arc<[OnceLock<Counter>]>,
 }
@@ -348,9 +349,6 @@ fn lookup_histogram() -> Histogram {
 
 /// The outcomes of a backend connect.
 const CONNECT_OUTCOMES: [&str; 3] = ["ok", "failed", "shutdown"];
-
-/// Who may end a session, as the relay says it (`crate::relay::Summary::ended_by`).
-const ENDED_BY: [&str; 4] = ["client", "backend", "bridge", "operator"];
 
 /// Every metric of one bridge.
 #[derive(Debug)]
@@ -633,7 +631,9 @@ impl Metrics {
             bytes_down,
             connects,
             connect_seconds,
-            ended: (0..(KNOWN_CODES.len() + 1) * ENDED_BY.len()).map(|_| OnceLock::new()).collect(),
+            ended: (0..(KNOWN_CODES.len() + 1) * crate::relay::CAUSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
         });
         self.routes
             .write()
@@ -643,18 +643,20 @@ impl Metrics {
             .clone()
     }
 
-    /// A session of `route` ended with `code`, ended by `ended_by` (its bytes were counted as
-    /// they moved: [`Session::moved`]).
-    pub fn session_ended(&self, route: &RouteMetrics, code: u16, ended_by: &'static str) {
+    /// A session of `route` ended with `code`, for `cause` (one of [`crate::relay::CAUSES`],
+    /// which says the side too; its bytes were counted as they moved: [`Session::moved`]).
+    pub fn session_ended(&self, route: &RouteMetrics, code: u16, cause: &'static str) {
+        use crate::relay::CAUSES;
         let code_index = KNOWN_CODES.iter().position(|(c, _)| *c == code).unwrap_or(KNOWN_CODES.len());
-        let by_index = ENDED_BY.iter().position(|b| *b == ended_by);
+        let cause_index = CAUSES.iter().position(|(c, _)| *c == cause);
         let label = || EndLabel {
             route: route.route.clone(),
             code: code_label(code),
-            ended_by,
+            ended_by: CAUSES.iter().find(|(c, _)| *c == cause).map_or("bridge", |(_, by)| by),
+            cause,
         };
-        match by_index {
-            Some(by) => route.ended[code_index * ENDED_BY.len() + by]
+        match cause_index {
+            Some(by) => route.ended[code_index * CAUSES.len() + by]
                 .get_or_init(|| self.ended.get_or_create(&label()).clone())
                 .inc(),
             // Not one of the known sides: counted, through the family's lock.

@@ -143,6 +143,9 @@ pub struct Summary {
     pub reason: String,
     /// Which side ended it: "client", "backend", "bridge" or "operator" (admin `/sessions`).
     pub ended_by: &'static str,
+    /// What ended it, one of [`CAUSES`]: the `cause` of `sessions_ended_total`, which tells an
+    /// idle timeout from a ping timeout or a shutdown (all 1001, by the bridge).
+    pub cause: &'static str,
     /// Payload bytes client → backend.
     pub bytes_up: u64,
     /// Payload bytes backend → client.
@@ -179,26 +182,48 @@ enum End {
     PongTimeout,
 }
 
+/// What may end a session, and the side each is (`Summary::cause`, `Summary::ended_by`): the
+/// client's close frame, its connection lost, a protocol error of its; the backend's close, its
+/// host gone quiet, a read or write failure; the bridge's timeouts and shutdown, a backend it
+/// could not reach (1014), the shutdown grace over; the operator (admin endpoint).
+pub const CAUSES: [(&str, &str); 14] = [
+    ("close", "client"),
+    ("gone", "client"),
+    ("protocol", "client"),
+    ("closed", "backend"),
+    ("timed_out", "backend"),
+    ("failed", "backend"),
+    ("idle", "bridge"),
+    ("lifetime", "bridge"),
+    ("ping_timeout", "bridge"),
+    ("shutdown", "bridge"),
+    ("unreachable", "bridge"),
+    ("grace_over", "bridge"),
+    ("operator", "operator"),
+    ("other", "bridge"),
+];
+
 impl End {
-    /// The close code, reason and side this ending is reported with; also the close frame we send
-    /// for it, except after the client's own close frame (echoed) or when it is gone.
-    fn outcome(&self) -> (u16, String, &'static str) {
+    /// The close code, reason, side and cause (one of [`CAUSES`]) this ending is reported with;
+    /// also the close frame we send for it, except after the client's own close frame (echoed)
+    /// or when it is gone.
+    fn outcome(&self) -> (u16, String, &'static str, &'static str) {
         match self {
-            End::ClientClosed(code, reason) => (code.unwrap_or(1005), reason.clone(), "client"),
-            End::ClientGone(why) => (1006, why.clone(), "client"),
-            End::ClientError(e) => (e.code(), e.to_string(), "client"),
-            End::BackendEof => (1000, "backend closed".into(), "backend"),
+            End::ClientClosed(code, reason) => (code.unwrap_or(1005), reason.clone(), "client", "close"),
+            End::ClientGone(why) => (1006, why.clone(), "client", "gone"),
+            End::ClientError(e) => (e.code(), e.to_string(), "client", "protocol"),
+            End::BackendEof => (1000, "backend closed".into(), "backend", "closed"),
             // The kernel gave the connection up: keepalive's probes, or its retransmissions,
             // went unanswered.
             End::BackendError(_, e) if e.kind() == io::ErrorKind::TimedOut => {
-                (1011, "backend timed out: its host stopped answering".into(), "backend")
+                (1011, "backend timed out: its host stopped answering".into(), "backend", "timed_out")
             }
-            End::BackendError(what, e) => (1011, format!("backend {what} failed: {}", describe(e)), "backend"),
-            End::Idle => (1001, "idle timeout".into(), "bridge"),
-            End::Lifetime => (1001, "session lifetime exceeded".into(), "bridge"),
-            End::Shutdown => (1001, "server shutting down".into(), "bridge"),
-            End::Operator => (1001, "closed by the operator".into(), "operator"),
-            End::PongTimeout => (1001, "ping timeout".into(), "bridge"),
+            End::BackendError(what, e) => (1011, format!("backend {what} failed: {}", describe(e)), "backend", "failed"),
+            End::Idle => (1001, "idle timeout".into(), "bridge", "idle"),
+            End::Lifetime => (1001, "session lifetime exceeded".into(), "bridge", "lifetime"),
+            End::Shutdown => (1001, "server shutting down".into(), "bridge", "shutdown"),
+            End::Operator => (1001, "closed by the operator".into(), "operator", "operator"),
+            End::PongTimeout => (1001, "ping timeout".into(), "bridge", "ping_timeout"),
         }
     }
 }
@@ -741,7 +766,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             End::BackendEof | End::Idle | End::Lifetime | End::Shutdown | End::Operator => {}
         }
         if !closing && !matches!(why, End::ClientClosed(..) | End::ClientGone(_)) {
-            let (code, reason, _) = why.outcome();
+            let (code, reason, _, _) = why.outcome();
             self.close = Some((Some(code), reason));
         }
         let by = now + wait;
@@ -1317,11 +1342,12 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     }
 
     fn summary(&self) -> Summary {
-        let (code, reason, ended_by) = self.end.as_ref().map_or((1006, "ended".into(), "bridge"), End::outcome);
+        let (code, reason, ended_by, cause) = self.end.as_ref().map_or((1006, "ended".into(), "bridge", "other"), End::outcome);
         Summary {
             code,
             reason,
             ended_by,
+            cause,
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
         }

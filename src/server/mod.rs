@@ -1414,7 +1414,8 @@ async fn run_session<S>(
                 None => (1001, "server shutting down".to_owned()),
             };
             Box::pin(relay::refuse(client, early, code, &reason, params.timeouts.close)).await;
-            metrics.session_ended(route_metrics, code, "bridge");
+            let cause = if e.is_some() { "unreachable" } else { "shutdown" };
+            metrics.session_ended(route_metrics, code, cause);
             let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
             let duration_ms = started.elapsed().as_millis() as u64;
             match source {
@@ -1449,12 +1450,13 @@ async fn run_session<S>(
             code: 1001,
             reason: "server shutting down; shutdown grace period over".into(),
             ended_by: "bridge",
+            cause: "grace_over",
             bytes_up: session.bytes_up.load(std::sync::atomic::Ordering::Relaxed),
             bytes_down: session.bytes_down.load(std::sync::atomic::Ordering::Relaxed),
         },
     };
     drop(open);
-    metrics.session_ended(route_metrics, s.code, s.ended_by);
+    metrics.session_ended(route_metrics, s.code, s.cause);
     info!(
         framing = %params.framing,
         code = s.code,

@@ -117,7 +117,12 @@ async fn metrics_match_what_the_sessions_and_refusals_did() {
     let m = scrape(admin_addr, None).await;
     let total = sizes.iter().sum::<usize>() as f64;
     assert_eq!(value(&m, "wsbridge_sessions_open", &route), 0.0);
-    let ended = [("route", "path /echo"), ("code", "1000"), ("ended_by", "client")];
+    let ended = [
+        ("route", "path /echo"),
+        ("code", "1000"),
+        ("ended_by", "client"),
+        ("cause", "close"),
+    ];
     assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 2.0);
     let up = [("route", "path /echo"), ("direction", "up")];
     let down = [("route", "path /echo"), ("direction", "down")];
@@ -225,7 +230,12 @@ async fn a_session_whose_backend_is_down_is_counted() {
     assert_eq!(value(&m, "wsbridge_backend_connects_total", &failed), 1.0);
     let refused = [("route", "path /down"), ("reason", "refused")];
     assert_eq!(value(&m, "wsbridge_backend_connect_failures_total", &refused), 1.0);
-    let ended = [("route", "path /down"), ("code", "1014"), ("ended_by", "bridge")];
+    let ended = [
+        ("route", "path /down"),
+        ("code", "1014"),
+        ("ended_by", "bridge"),
+        ("cause", "unreachable"),
+    ];
     assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
 }
 
@@ -454,7 +464,12 @@ async fn sessions_lists_the_open_session_and_delete_ends_it_with_1001() {
     }
     sessions_until(admin_addr, "the session to end", |l| l.is_empty()).await;
     let m = scrape(admin_addr, None).await;
-    let ended = [("route", "path /echo"), ("code", "1001"), ("ended_by", "operator")];
+    let ended = [
+        ("route", "path /echo"),
+        ("code", "1001"),
+        ("ended_by", "operator"),
+        ("cause", "operator"),
+    ];
     assert_eq!(value(&m, "wsbridge_sessions_ended_total", &ended), 1.0);
 
     // POST /sessions/ID/close does the same.

@@ -79,6 +79,19 @@ async fn idle_session_closes_with_1001() {
     let last = std::time::Instant::now();
     assert_eq!(read_close(&mut ws).await, (1001, "idle timeout".to_owned()));
     assert_window("the idle close", last.elapsed(), Duration::from_millis(300));
+    counted_as_ended_for(&bridge, "idle").await;
+}
+
+/// Waits for `sessions_ended_total` to count one session ended for `cause` (1001 by the bridge:
+/// an idle timeout, a lifetime, a ping timeout and a shutdown are told apart by it).
+async fn counted_as_ended_for(bridge: &TestBridge, cause: &str) {
+    let series = format!(r#"wsbridge_sessions_ended_total{{route="any path",code="1001",ended_by="bridge",cause="{cause}"}} 1"#);
+    within("the end counted", async {
+        while !bridge.bridge.metrics().encode().lines().any(|l| l == series) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -140,6 +153,7 @@ async fn max_lifetime_closes_with_1001() {
     let (mut ws, _) = ws_connect(&bridge.url("/"), None).await;
     assert_eq!(read_close(&mut ws).await, (1001, "session lifetime exceeded".to_owned()));
     assert_window("the lifetime close", start.elapsed(), Duration::from_millis(300));
+    counted_as_ended_for(&bridge, "lifetime").await;
 }
 
 #[tokio::test]
