@@ -160,7 +160,7 @@ impl Admin {
             // Taken before the task exists: a flood costs no task and no wait, only a closed socket.
             let Some((id, evicted)) = self.admit(peer.ip()) else {
                 let _ = stream.try_write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                debug!(%peer, "admin connection refused: every place is answering a request");
+                debug!(client = %peer, "admin connection refused: every place is answering a request");
                 continue;
             };
             let this = self.clone();
@@ -168,7 +168,7 @@ impl Admin {
             tokio::spawn(async move {
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = evicted.cancelled() => debug!(%peer, "admin connection closed before its request: its place went to a newer one"),
+                    _ = evicted.cancelled() => debug!(client = %peer, "admin connection closed before its request: its place went to a newer one"),
                     _ = this.connection(stream, peer, id) => {}
                 }
                 this.read(id);
@@ -214,8 +214,8 @@ impl Admin {
         let mut first = [0u8; 1];
         match timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(1)) => {}
-            Ok(_) => return debug!(%peer, "admin connection closed before sending anything"),
-            Err(_) => return debug!(%peer, "admin request not sent within the deadline"),
+            Ok(_) => return debug!(client = %peer, "admin connection closed before sending anything"),
+            Err(_) => return debug!(client = %peer, "admin request not sent within the deadline"),
         }
         // 0x16: a TLS handshake record. A plain request is told what to use, not left to time out.
         if first[0] != 0x16 {
@@ -226,12 +226,12 @@ impl Admin {
             let reason = "this admin listener takes HTTPS only\n";
             let _ = timeout(DEADLINE, respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, reason, true)).await;
             let _ = timeout(DEADLINE, stream.shutdown()).await;
-            return debug!(%peer, "plain request on the HTTPS admin listener refused");
+            return debug!(client = %peer, "plain request on the HTTPS admin listener refused");
         }
         match timeout_at(deadline, tls.acceptor().accept(stream)).await {
             Ok(Ok(stream)) => self.exchange(stream, peer, id, deadline).await,
-            Ok(Err(e)) => debug!(%peer, error = %e, "admin TLS handshake failed"),
-            Err(_) => debug!(%peer, "admin TLS handshake not done within the deadline"),
+            Ok(Err(e)) => debug!(client = %peer, error = %e, "admin TLS handshake failed"),
+            Err(_) => debug!(client = %peer, "admin TLS handshake not done within the deadline"),
         }
     }
 
@@ -245,9 +245,9 @@ impl Admin {
                     respond(&mut stream, StatusCode::BAD_REQUEST, TEXT, &format!("{e}\n"), true),
                 )
                 .await;
-                return debug!(%peer, error = %e, "admin request unreadable");
+                return debug!(client = %peer, error = %e, "admin request unreadable");
             }
-            Err(_) => return debug!(%peer, "admin request not sent within the deadline"),
+            Err(_) => return debug!(client = %peer, "admin request not sent within the deadline"),
         };
         // Answering now: the place is this task's, out of reach of newer connections.
         let Some(_slot) = self.read(id) else { return };
@@ -255,8 +255,8 @@ impl Admin {
         if status == StatusCode::UNAUTHORIZED {
             // Someone guessing the token is worth a line (at most one a 10 s): it was not seen.
             match UNAUTHORIZED.take() {
-                Some(left_out) => info!(%peer, path = %head.uri().path(), left_out, "admin request without the right token: 401"),
-                None => debug!(%peer, path = %head.uri().path(), "admin request without the right token: 401"),
+                Some(left_out) => info!(client = %peer, path = %head.uri().path(), left_out, "admin request without the right token: 401"),
+                None => debug!(client = %peer, path = %head.uri().path(), "admin request without the right token: 401"),
             }
         }
         // HEAD: the GET's head, its Content-Length included (RFC 9110 §9.3.2), without the body.
@@ -265,7 +265,7 @@ impl Admin {
             .await
             .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write deadline")))
         {
-            debug!(%peer, error = %e, "admin answer not written");
+            debug!(client = %peer, error = %e, "admin answer not written");
         }
         let _ = timeout(DEADLINE, stream.shutdown()).await;
     }
@@ -294,7 +294,7 @@ impl Admin {
             ["healthz"] | ["readyz"] => (StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into()),
             _ if web_page.is_some() => {
                 let why = web_page.unwrap_or_default();
-                debug!(%peer, path, why, "admin request from a web page refused");
+                debug!(client = %peer, path, why, "admin request from a web page refused");
                 (
                     StatusCode::FORBIDDEN,
                     TEXT,

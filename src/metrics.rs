@@ -89,6 +89,12 @@ struct FailureLabel {
     reason: &'static str,
 }
 
+/// Why, from a fixed set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 /// One label with a fixed value set (`outcome`, `kind`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -362,6 +368,8 @@ pub struct Metrics {
     connects: Family<ConnectLabel, Counter>,
     connect_failures: Family<FailureLabel, Counter>,
     agent_open_failures: Family<FailureLabel, Counter>,
+    agent_connections: Counter,
+    agent_disconnects: Family<ReasonLabel, Counter>,
     token_lookups: Family<LookupLabel, Counter>,
     token_lookup_seconds: Family<SourceLabel, Histogram, fn() -> Histogram>,
     connect_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
@@ -431,6 +439,18 @@ impl Metrics {
             "agent_open_failures",
             "Agent mode: sessions an agent could not open, by route and why (offline, no_service, busy, app, no_link, timeout); each is also a backend_connect_failures reason=\"agent\"",
             agent_open_failures.clone(),
+        );
+        let agent_connections = Counter::default();
+        registry.register(
+            "agent_connections",
+            "Agent mode: agents' control links that logged in and were taken (a rise with agents_connected flat is an agent that keeps reconnecting)",
+            agent_connections.clone(),
+        );
+        let agent_disconnects = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "agent_disconnects",
+            "Agent mode: agents' control links that ended, by why (closed: by the agent; lost: no pong, or the connection broke; replaced: by a newer connection of the same agent; revoked: its secret removed or changed; drained: this server shutting down)",
+            agent_disconnects.clone(),
         );
         let token_lookups = Family::<LookupLabel, Counter>::default();
         registry.register(
@@ -547,6 +567,8 @@ impl Metrics {
             connects,
             connect_failures,
             agent_open_failures,
+            agent_connections,
+            agent_disconnects,
             token_lookups,
             token_lookup_seconds,
             connect_seconds,
@@ -712,6 +734,16 @@ impl Metrics {
             };
             self.agent_open_failures.get_or_create(&label).inc();
         }
+    }
+
+    /// An agent's control link logged in and was taken.
+    pub fn agent_connected(&self) {
+        self.agent_connections.inc();
+    }
+
+    /// An agent's control link ended: `closed`, `lost`, `replaced`, `revoked` or `drained`.
+    pub fn agent_disconnected(&self, reason: &'static str) {
+        self.agent_disconnects.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// A lookup in the Redis or API token source named `source` ended with `outcome` (`found`,

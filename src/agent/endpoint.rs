@@ -253,7 +253,7 @@ pub async fn serve<S: IntoLink>(
             }
             let config = link::control_ws_config();
             let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
-            control(ws, (name, digest), held, addr, registry, endpoint, timeouts, shutdown).await;
+            control(ws, (name, digest), held, addr, (registry, metrics), endpoint, timeouts, shutdown).await;
         }
     }
 }
@@ -379,7 +379,7 @@ async fn control<S: LinkIo>(
     (name, digest): (String, [u8; 32]),
     held: Held,
     addr: SocketAddr,
-    registry: &Registry,
+    (registry, metrics): (&Registry, &crate::metrics::Metrics),
     endpoint: &EndpointConfig,
     timeouts: &Timeouts,
     shutdown: &CancellationToken,
@@ -417,6 +417,7 @@ async fn control<S: LinkIo>(
     // to `max_connections`, each for the handshake deadline); an agent's connections are
     // bounded by the registry from here on.
     let _slot = held.into_agents();
+    metrics.agent_connected();
     if let Some(key) = link_key.filter(|k| link::valid_link_key(k)) {
         registry.set_link_key(&name, attached.id, &key);
     }
@@ -509,6 +510,14 @@ async fn control<S: LinkIo>(
         reason: reason.into(),
     };
 
+    let why = match &end {
+        Some(End::Closed(_)) | None => "closed",
+        Some(End::Drained) => "drained",
+        Some(End::Replaced) => "replaced",
+        Some(End::Revoked) => "revoked",
+        Some(End::Lost(_)) => "lost",
+    };
+    metrics.agent_disconnected(why);
     match end {
         Some(End::Closed(reason)) => {
             registry.detach(&name, attached.id, false);

@@ -256,7 +256,7 @@ struct Agent {
 impl Agent {
     /// No longer allowed: its control link closes, its sessions end at once.
     fn revoke(&self, name: &str) {
-        warn!(agent = name, client = %self.addr, "agent no longer declared, or its secret changed: disconnected, its sessions end");
+        warn!(agent = %name, client = %self.addr, "agent no longer declared, or its secret changed: disconnected, its sessions end");
         self.revoked.cancel();
         self.lost.revoke();
     }
@@ -579,7 +579,7 @@ impl Registry {
                         }
                     } else if first && a.undeclared_at.is_some() {
                         info!(
-                            agent = name,
+                            agent = %name,
                             "agent not declared with the secret it logged in with: cut off if still so at the next check"
                         );
                     }
@@ -801,10 +801,10 @@ impl Registry {
             // again would otherwise write a warning per login.
             match REPLACED.take() {
                 Some(left_out) => {
-                    warn!(agent = name, old_client = %old.addr, new_client = %addr, left_out, "agent connected again: the newer connection replaces the older one")
+                    warn!(agent = %name, old_client = %old.addr, new_client = %addr, left_out, "agent connected again: the newer connection replaces the older one")
                 }
                 None => {
-                    debug!(agent = name, old_client = %old.addr, new_client = %addr, "agent connected again: the newer connection replaces the older one")
+                    debug!(agent = %name, old_client = %old.addr, new_client = %addr, "agent connected again: the newer connection replaces the older one")
                 }
             }
             old.replaced.cancel();
@@ -1111,7 +1111,7 @@ impl Registry {
                 // 101's headers (a proxy on the way could have dropped the header from the 101):
                 // a plain `ok` is a raw link, used once.
                 Ok(Ok(Some(line))) if line == "ok" || (framing.chunks && line == link::OK_CHUNKS) => {
-                    debug!(agent = name, service, "agent link opened");
+                    debug!(agent = %name, service, "agent link opened");
                     let link = if line == link::OK_CHUNKS {
                         AgentLink::chunked(io, rest, lost, name.to_owned(), pool, framing.resets)
                     } else {

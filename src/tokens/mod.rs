@@ -80,11 +80,11 @@ impl Unavailable {
             Some(left_out) => tracing::warn!(
                 source,
                 %token,
-                problem = problem.as_str(),
+                error = problem.as_str(),
                 left_out,
                 "token source unavailable; handshake answered 503"
             ),
-            None => tracing::debug!(source, %token, problem = problem.as_str(), "token source unavailable; handshake answered 503"),
+            None => tracing::debug!(source, %token, error = problem.as_str(), "token source unavailable; handshake answered 503"),
         }
         Unavailable {
             source_name: source.to_owned(),

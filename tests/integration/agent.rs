@@ -1484,6 +1484,9 @@ async fn the_agents_trace_log_does_not_hold_its_secret() {
     assert_eq!(recv_data(&mut ws).await, b"traced");
     ws.close(None).await.unwrap();
     log_lines_kept(&mut lines, &mut seen, "agent: session closed").await;
+    // The app's address it reached, as the server's lines name the backend's.
+    let closed = seen.last().unwrap();
+    assert!(closed.contains(&format!("service=pos app={echo} ")), "{closed}");
     child.start_kill().unwrap();
     within("the agent's log to end", async {
         while let Some(line) = lines.recv().await {
@@ -2876,6 +2879,7 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     assert!(since <= now && since > now - 60.0, "connected_since {since}, now {now}");
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "wsbridge_agent_connections_total 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 4"), "{metrics}");
     // The control link and the idle links are connections, under max_connections.
     assert!(metrics.lines().any(|l| l == "wsbridge_connections_open 5"), "{metrics}");
@@ -2906,6 +2910,12 @@ async fn the_admin_lists_connected_agents_and_counts_them() {
     .await;
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
     assert!(metrics.lines().any(|l| l == "wsbridge_agents_connected 0"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"wsbridge_agent_disconnects_total{reason="closed"} 1"#),
+        "{metrics}"
+    );
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_idle_links 0"), "{metrics}");
     // The totals are counters: they outlive the agent's connection.
     assert!(metrics.lines().any(|l| l == "wsbridge_agent_links_dialled_total 5"), "{metrics}");

@@ -349,7 +349,10 @@ async fn session(
     if !answer(io, &ok, config).await {
         return None;
     }
-    debug!(%service, "agent: session open");
+    // Which of the service's addresses answered (a name can have several), as the server's
+    // lines say `backend=`.
+    let app_addr = app.peer_addr().map_or_else(|| target.to_string(), |a| a.to_string());
+    debug!(%service, app = %app_addr, "agent: session open");
     let started = Instant::now();
     let (app_read, app_write) = app.halves();
     let stall = config.app_stall();
@@ -364,8 +367,8 @@ async fn session(
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     match ended {
-        Ok((up, down)) => info!(%service, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
-        Err(e) => info!(%service, error = %e, duration_ms, "agent: session ended"),
+        Ok((up, down)) => info!(%service, app = %app_addr, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
+        Err(e) => info!(%service, app = %app_addr, error = %e, duration_ms, "agent: session ended"),
     }
     reusable
 }
