@@ -738,8 +738,13 @@ mod agent_service {
                     );
                     ExitCode::SUCCESS
                 }
+                // Nothing to remove is what was asked for (an uninstall script run twice).
+                Err(e) if e.os_code() == Some(1060) => {
+                    complain!("wsbridge: the service {NAME} is not installed: nothing to remove");
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
-                    complain!("wsbridge: agent --uninstall-service: {e}");
+                    complain!("wsbridge: agent --uninstall-service: {e}{}", admin_hint(&e));
                     ExitCode::from(1)
                 }
             };
@@ -888,10 +893,26 @@ mod agent_service {
                 );
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                complain!("wsbridge: agent --install-service: {e}");
+            Err(e) if e.os_code() == Some(1073) => {
+                complain!(
+                    "wsbridge: agent --install-service: the service {NAME} is installed already: `wsbridge.exe agent --uninstall-service` first, then install it again to change its settings"
+                );
                 ExitCode::from(1)
             }
+            Err(e) => {
+                complain!("wsbridge: agent --install-service: {e}{}", admin_hint(&e));
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    /// What to do about the Service Control Manager's "access denied": (un)installing a
+    /// service takes an administrator's console.
+    #[cfg(windows)]
+    fn admin_hint(e: &wsbridge::service::ServiceError) -> &'static str {
+        match e.os_code() {
+            Some(5) => " (run it from a console started as administrator)",
+            _ => "",
         }
     }
 

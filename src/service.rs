@@ -67,6 +67,20 @@ pub enum ServiceError {
     Failed(Failure),
 }
 
+impl ServiceError {
+    /// The Windows error code the Service Control Manager answered, if it answered one (1073:
+    /// the service exists; 1060: it does not; 5: access denied).
+    pub fn os_code(&self) -> Option<i32> {
+        match self {
+            ServiceError::Scm {
+                source: windows_service::Error::Winapi(e),
+                ..
+            } => e.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
 /// How a service is installed.
 #[derive(Debug, Clone)]
 pub struct ServiceSpec {

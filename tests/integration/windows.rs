@@ -732,6 +732,15 @@ async fn the_agent_runs_as_a_service_under_wine() {
         "install right after the uninstall",
         tokio::time::timeout(WINE_WAIT, install).await.unwrap().unwrap(),
     );
+    // Installed twice: the second says what to do (it said "Service exists (os error 1073)").
+    let twice = wine(build, &["agent", "--install-service", "--config", &config_z, "--log-file", &log_z]).output();
+    let twice = tokio::time::timeout(WINE_WAIT, twice).await.unwrap().unwrap();
+    let said = String::from_utf8_lossy(&twice.stderr);
+    assert_eq!(twice.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("is installed already: `wsbridge.exe agent --uninstall-service` first"),
+        "{said}"
+    );
     // A service that cannot start (its secret file gone) says why in its log and in its exit
     // code, which `sc query` shows (it left no trace at all).
     std::fs::rename(dir.path().join("secrets/agent.secret"), dir.path().join("secrets/away")).unwrap();
@@ -759,6 +768,13 @@ async fn the_agent_runs_as_a_service_under_wine() {
     // Gone: starting it again is refused.
     let again = within("sc start after uninstall", sc(&["start", "wsbridge-agent"])).await.unwrap();
     assert!(!again.status.success(), "the service still starts after --uninstall-service");
+    // Removing it again is no failure (an uninstall script run twice).
+    let uninstall = wine(build, &["agent", "--uninstall-service"]).output();
+    let said = ok(
+        "uninstall again",
+        tokio::time::timeout(WINE_WAIT, uninstall).await.unwrap().unwrap(),
+    );
+    assert!(said.contains("is not installed: nothing to remove"), "{said}");
     drop(installed);
     drop(keeper);
 }

@@ -29,8 +29,8 @@ pub struct AgentArgs {
     /// File holding this agent's secret (its SHA-256 is in the server's configuration).
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
-    /// A service the server may open: NAME=HOST:PORT or NAME=unix:/path (repeatable). Only
-    /// these are ever connected to.
+    /// A service the server may open: NAME=HOST:PORT or NAME=unix:/path (not on Windows)
+    /// (repeatable). Only these are ever connected to.
     #[arg(long = "service", value_name = "NAME=ADDR")]
     pub services: Vec<String>,
     /// At most N sessions of service NAME at once, from all servers together (repeatable); past
