@@ -316,6 +316,7 @@ impl Admin {
                 let bridge = &self.bridge;
                 bridge.metrics().connections(bridge.connections(), bridge.max_connections());
                 bridge.metrics().draining(bridge.is_draining());
+                bridge.metrics().log_lines_dropped(crate::logging::lines_dropped());
                 // On a blocking thread, not on one that relays sessions: the process metrics
                 // read /proc, and counting 20,000 descriptors there takes milliseconds.
                 let metrics = self.bridge.metrics().clone();

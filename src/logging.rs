@@ -69,6 +69,7 @@ pub fn init(verbose: u8, format: LogFormat) {
         .thread_name("wsbridge-log")
         .finish(std::io::stderr());
     *STDERR_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    let _ = STDERR_DROPPED.set(stderr.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(stderr)
@@ -99,6 +100,15 @@ const STDERR_LINES: usize = 10_000;
 
 /// The thread that writes [`init`]'s lines to stderr: [`flush`] ends it once they are written.
 static STDERR_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
+
+/// How many lines [`init`]'s writer dropped for a stderr that did not take them.
+static STDERR_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> = std::sync::OnceLock::new();
+
+/// Log lines dropped so far because stderr did not take them ([`STDERR_LINES`] were held
+/// already): `log_lines_dropped_total`.
+pub fn lines_dropped() -> u64 {
+    STDERR_DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
 
 /// Writes the log lines still held for stderr (waiting at most about a second for a stderr that
 /// does not take them), before the process says something on stderr itself or exits; lines

@@ -369,6 +369,7 @@ pub struct Metrics {
     connect_failures: Family<FailureLabel, Counter>,
     agent_open_failures: Family<FailureLabel, Counter>,
     agent_connections: Counter,
+    log_lines_dropped: Counter,
     agent_disconnects: Family<ReasonLabel, Counter>,
     token_lookups: Family<LookupLabel, Counter>,
     token_lookup_seconds: Family<SourceLabel, Histogram, fn() -> Histogram>,
@@ -445,6 +446,12 @@ impl Metrics {
             "agent_connections",
             "Agent mode: agents' control links that logged in and were taken (a rise with agents_connected flat is an agent that keeps reconnecting)",
             agent_connections.clone(),
+        );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr did not take them (a Windows console with text selected, a paused terminal, a pipe nobody reads) while 10,000 were held already; read at scrape time",
+            log_lines_dropped.clone(),
         );
         let agent_disconnects = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -568,6 +575,7 @@ impl Metrics {
             connect_failures,
             agent_open_failures,
             agent_connections,
+            log_lines_dropped,
             agent_disconnects,
             token_lookups,
             token_lookup_seconds,
@@ -616,6 +624,12 @@ impl Metrics {
         self.agent_idle_links.set(i64::try_from(idle_links).unwrap_or(i64::MAX));
         self.agent_links_dialled.inner().fetch_max(dialled, Ordering::Relaxed);
         self.agent_links_returned.inner().fetch_max(returned, Ordering::Relaxed);
+    }
+
+    /// Sets `log_lines_dropped_total` from the log's running count (`fetch_max`, as
+    /// [`Metrics::agents`] does for its totals).
+    pub fn log_lines_dropped(&self, dropped: u64) {
+        self.log_lines_dropped.inner().fetch_max(dropped, Ordering::Relaxed);
     }
 
     /// The handles of the route named `name` (created on its first session).

@@ -597,16 +597,17 @@ async fn a_demo_that_cannot_start_leaves_no_page_behind() {
 
 /// A stderr that stops taking lines (a Windows console with text selected in it, a terminal
 /// paused with Ctrl-S, a pipe nobody reads) holds back the log, not the sessions: at `-vv` every
-/// frame is a line, and a session echoes 2,000 messages (some 2 MB of log) while nobody reads the
-/// 64 KiB pipe; read again, the log goes on. (The log was written on the threads that serve the
-/// sessions: they stopped at the pipe's first 64 KiB.)
+/// frame is a line, and a session echoes 5,000 messages (some 20,000 lines) while nobody reads
+/// the 64 KiB pipe; the lines past the 10,000 held are dropped and counted; read again, the log
+/// goes on. (The log was written on the threads that serve the sessions: they stopped at the
+/// pipe's first 64 KiB.)
 #[tokio::test]
 async fn a_stderr_nobody_reads_holds_back_the_log_not_the_sessions() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let (backend, _) = echo_backend().await;
     let mut child = Command::new(BIN)
-        .args(["-vv", "127.0.0.1:0", &backend.to_string()])
+        .args(["-vv", "127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -616,21 +617,27 @@ async fn a_stderr_nobody_reads_holds_back_the_log_not_the_sessions() {
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    let addr = within("the listening line", async {
-        loop {
+    let (mut addr, mut admin) = (None, None);
+    within("the listening lines", async {
+        while addr.is_none() || admin.is_none() {
             line.clear();
             assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
-            if let Some(rest) = line.split("listening addr=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
+            let after = |prefix: &str| line.split(prefix).nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned());
+            if addr.is_none() {
+                addr = after("listening addr=");
+            }
+            if admin.is_none() {
+                admin = after("admin endpoints serving addr=");
             }
         }
     })
     .await;
+    let (addr, admin) = (addr.unwrap(), admin.unwrap());
     // From here on nobody reads stderr until the session is done.
     let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
     let message = vec![b'x'; 100];
-    within("2,000 echoes while stderr is not read", async {
-        for _ in 0..2_000 {
+    within("5,000 echoes while stderr is not read", async {
+        for _ in 0..5_000 {
             ws.send(Message::binary(message.clone())).await.unwrap();
             match ws.next().await {
                 Some(Ok(Message::Binary(got))) => assert_eq!(got.len(), message.len()),
@@ -640,15 +647,28 @@ async fn a_stderr_nobody_reads_holds_back_the_log_not_the_sessions() {
     })
     .await;
     ws.close(None).await.unwrap();
-    // Read again: the log goes on (held lines first, then this session's close).
-    within("the session's close in the log", async {
+    // Past the 10,000 lines held, lines were dropped, and counted.
+    let scrape = http_raw(admin.parse().unwrap(), b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    let dropped: u64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("wsbridge_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no log_lines_dropped_total in {scrape}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "{scrape}");
+    // Read again: the log goes on (the held lines first; this session's close may have been
+    // dropped), and the next session's lines come.
+    let reading = tokio::spawn(async move {
         loop {
             line.clear();
             assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
-            if line.contains("session closed") {
+            if line.contains("session=2 ") && line.contains("session closed") {
                 break;
             }
         }
-    })
-    .await;
+    });
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    ws.close(None).await.unwrap();
+    within("the next session's close in the log", reading).await.unwrap();
 }
