@@ -54,6 +54,44 @@ impl Quieted {
     }
 }
 
+/// [`Quieted`] for each of a bounded set of keys (an agent's services: each is listed in its
+/// configuration): one key's flood does not hide another's first line.
+#[derive(Debug)]
+pub struct QuietedBy {
+    every: std::time::Duration,
+    keys: std::sync::Mutex<std::collections::BTreeMap<String, (tokio::time::Instant, u64)>>,
+}
+
+impl QuietedBy {
+    /// A line per key written at most once per `every`.
+    pub const fn new(every: std::time::Duration) -> QuietedBy {
+        QuietedBy {
+            every,
+            keys: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// [`Quieted::take`] for `key`'s lines. The caller bounds the keys.
+    pub fn take(&self, key: &str) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        match keys.get_mut(key) {
+            Some((at, left_out)) if now.duration_since(*at) < self.every => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                keys.insert(key.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// Sets the process's log output: text lines on stderr (`-v` debug, `-vv` trace, `RUST_LOG` for a
 /// filter of one's own), coloured when stderr is a terminal, or JSON objects with `format`.
 ///
@@ -848,6 +886,19 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Each key has its own budget: one key's lines left out do not hide another's first.
+    #[tokio::test(start_paused = true)]
+    async fn each_key_is_quieted_on_its_own() {
+        let q = super::QuietedBy::new(std::time::Duration::from_secs(10));
+        assert_eq!(q.take("pos"), Some(0));
+        assert_eq!(q.take("pos"), None);
+        assert_eq!(q.take("slow"), Some(0), "another service's first line");
+        assert_eq!(q.take("pos"), None);
+        tokio::time::advance(std::time::Duration::from_secs(10)).await;
+        assert_eq!(q.take("pos"), Some(2), "with the two left out");
+        assert_eq!(q.take("slow"), Some(0));
+    }
+
     /// A value a peer chose cannot add fields to a line: a `%` value with spaces, `=` or quotes is
     /// quoted as a `&str` is; one word, a number and a `?` string stay as they are.
     #[test]

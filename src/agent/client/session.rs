@@ -265,7 +265,10 @@ static NO_SUCH_SERVICE: crate::logging::Quieted = crate::logging::Quieted::new(D
 static BUSY: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static BAD_LINK: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
 static DIALS: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
-static UNREACHABLE: crate::logging::Quieted = crate::logging::Quieted::new(Duration::from_secs(10));
+/// Per service: one app down does not hide another that fails after it (a review: a second
+/// service's timeouts 3 s after the first's refusals were at debug only). Services are the
+/// agent's own list, so the keys are bounded.
+static UNREACHABLE: crate::logging::QuietedBy = crate::logging::QuietedBy::new(Duration::from_secs(10));
 
 /// A service name a server asked for, as the log and the `err` answer show it: escaped, not
 /// filtered (`pos\u{0}` asked for is not `pos` missing), and cut at 64 characters.
@@ -334,7 +337,7 @@ async fn session(
                 ConnectError::Resolve(_) => "cannot resolve host".into(),
                 other => other.to_string(),
             };
-            match UNREACHABLE.take() {
+            match UNREACHABLE.take(service) {
                 Some(left_out) => warn!(%service, error = %why, left_out, "agent: service not reachable"),
                 None => debug!(%service, error = %why, "agent: service not reachable"),
             }
