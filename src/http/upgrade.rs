@@ -124,7 +124,12 @@ where
             route,
         } => {
             write_answer(io, status, said.unwrap_or(&reason), &headers, body).await?;
-            let refusal = crate::metrics::Refusal::Http(status.as_u16());
+            // A cap on what an address holds open is counted as `max_connections_per_ip` is
+            // (address_limit), not as the rates' 429s (rate_limited).
+            let refusal = match said {
+                Some(crate::policy::TOO_MANY_SESSIONS | crate::policy::TOO_MANY_CONNECTIONS) => crate::metrics::Refusal::AddressLimit,
+                _ => crate::metrics::Refusal::Http(status.as_u16()),
+            };
             Ok(Outcome::Answered {
                 status,
                 reason,

@@ -326,8 +326,8 @@ impl PerAddress {
             if let Some(max) = limits.max_sessions {
                 if entry.sessions >= max {
                     let (public, what) = match limits.connections {
-                        true => ("too many connections from your address", "connections"),
-                        false => ("too many sessions from your address", "sessions"),
+                        true => (TOO_MANY_CONNECTIONS, "connections"),
+                        false => (TOO_MANY_SESSIONS, "sessions"),
                     };
                     return Err(Refusal {
                         status: StatusCode::TOO_MANY_REQUESTS,
@@ -791,6 +791,11 @@ pub fn network_key(ip: IpAddr) -> IpAddr {
         v4 => v4,
     }
 }
+
+/// What a client past its address's cap on open connections reads (429).
+pub const TOO_MANY_CONNECTIONS: &str = "too many connections from your address";
+/// What a client past its address's cap on open sessions reads (429).
+pub const TOO_MANY_SESSIONS: &str = "too many sessions from your address";
 
 /// A client as a refusal's log line names it: its address, and for an IPv6 one the /64 it is
 /// counted with (grepping the log for the client's address finds the line).

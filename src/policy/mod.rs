@@ -27,7 +27,7 @@ use http::StatusCode;
 use ipnet::IpNet;
 
 pub use forwarded::{client_address, ForwardedHeader};
-pub use limits::{address_key, AddressLimits, AddressSlot, InFlight, Lookups, PerAddress, Staged};
+pub use limits::{address_key, AddressLimits, AddressSlot, InFlight, Lookups, PerAddress, Staged, TOO_MANY_CONNECTIONS, TOO_MANY_SESSIONS};
 pub use origin::{check_origin, split_authority, Origin, OriginPolicy, OriginRule};
 
 /// Why a request may not open a session.

@@ -300,7 +300,7 @@ async fn sessions_and_new_sessions_per_client_address() {
     assert_eq!(status_of(&ask(b.addr, "/none", "").await), 404);
     let text = b.bridge.metrics().encode();
     for counted in [
-        r#"wsbridge_handshakes_refused_total{status="429",reason="rate_limited",route="path /two"} 1"#,
+        r#"wsbridge_handshakes_refused_total{status="429",reason="address_limit",route="path /two"} 1"#,
         r#"wsbridge_handshakes_refused_total{status="429",reason="rate_limited",route="path /slow"} 1"#,
         r#"wsbridge_handshakes_refused_total{status="404",reason="not_found",route=""} 1"#,
     ] {
