@@ -386,14 +386,18 @@ async fn control<S: LinkIo>(
 ) {
     // The hello is part of the handshake: under its deadline.
     let hello = timeout(timeouts.handshake, ws.next()).await;
-    let (services, replacing, moves, link_key) = match hello {
+    let (services, (replacing, moves, session_ids), link_key) = match hello {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ControlMessage>(&text) {
             Ok(ControlMessage::Hello {
                 name: said,
                 services,
                 version,
                 link_key,
-            }) if said == name => (services, version >= link::REPLACING, version >= link::MOVING, link_key),
+            }) if said == name => (
+                services,
+                (version >= link::REPLACING, version >= link::MOVING, version >= link::SESSION_IDS),
+                link_key,
+            ),
             _ => {
                 return match NOT_HELLO.take() {
                     Some(left_out) => warn!(agent = %name, left_out, "agent control link: the first message is not its hello; closed"),
@@ -420,6 +424,9 @@ async fn control<S: LinkIo>(
     metrics.agent_connected();
     if let Some(key) = link_key.filter(|k| link::valid_link_key(k)) {
         registry.set_link_key(&name, attached.id, &key);
+    }
+    if session_ids {
+        registry.set_session_ids(&name, attached.id);
     }
     // The names a log line shows (an agent may list up to 1,024: 64 KiB on every login).
     let shown_services = &services[..services.len().min(16)];

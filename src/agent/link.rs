@@ -56,6 +56,10 @@ pub const REPLACING: u32 = 2;
 /// it connects again (to another instance, through the balancer) before it lets this control
 /// link go, so pages never find it offline in between.
 pub const MOVING: u32 = 3;
+/// The hello's version of an agent that also reads the server's session id in `open`
+/// (`open SERVICE session=N`) and logs it with the session, so that its lines and the server's
+/// (`session=N`) can be joined. Older agents are sent `open SERVICE` alone.
+pub const SESSION_IDS: u32 = 4;
 
 /// The text of a draining instance's 503 to a control link, which tells the agent that the
 /// instance is going away (likely to restart).

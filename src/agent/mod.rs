@@ -355,7 +355,8 @@ fn check_target(agents: &AgentsConfig, target: &Target) -> Result<(), String> {
     Ok(())
 }
 
-/// Connects a session's backend: over an agent's link for an agent target, directly otherwise.
+/// Connects a session's backend: over an agent's link for an agent target (telling the agent
+/// the session's id), directly otherwise.
 ///
 /// # Errors
 /// [`ConnectError`]; for an agent target [`ConnectError::Agent`] with the text a page shows.
@@ -364,10 +365,10 @@ pub async fn connect(
     deadline: Duration,
     tls: Option<&BackendTls>,
     proxy_header: Option<&[u8]>,
-    registry: &Registry,
+    (registry, session): (&Registry, u64),
 ) -> Result<Backend, ConnectError> {
     match target {
-        Target::Agent { agent, service } => registry.open(agent, service, deadline).await,
+        Target::Agent { agent, service } => registry.open_session(agent, service, deadline, Some(session)).await,
         _ => Backend::connect(target, deadline, tls, proxy_header).await,
     }
 }

@@ -290,6 +290,8 @@ pub struct Pool {
     /// It dials a new idle link for each raw one it is sent `open` on (hello version 2 and
     /// later): a taken raw link needs no `want`.
     replacing: bool,
+    /// Its `open` may carry the session's id (hello version [`link::SESSION_IDS`]).
+    session_ids: std::sync::atomic::AtomicBool,
     control: mpsc::Sender<Control>,
     /// Links asked for with `want` that have not arrived yet, so that a pool running low asks
     /// once, not at every take until the first one arrives (over `wss://` a link takes a TLS
@@ -777,6 +779,7 @@ impl Registry {
                 arrived: Notify::new(),
                 size: pool,
                 replacing,
+                session_ids: std::sync::atomic::AtomicBool::new(false),
                 control: tx,
                 asked: AtomicUsize::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
@@ -831,6 +834,14 @@ impl Registry {
                 // Sessions that still move bytes go on: revocable until they end.
                 self.retire(name, &a);
             }
+        }
+    }
+
+    /// The agent `name`'s connection `id` reads session ids in `open` (its hello's version).
+    pub fn set_session_ids(&self, name: &str, id: u64) {
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = agents.by_name.get(name).filter(|a| a.id == id) {
+            a.pool.session_ids.store(true, Ordering::Relaxed);
         }
     }
 
@@ -1054,6 +1065,15 @@ impl Registry {
     /// # Errors
     /// [`ConnectError::Agent`] with the text the page reads.
     pub async fn open(&self, name: &str, service: &str, deadline: Duration) -> Result<Backend, ConnectError> {
+        self.open_session(name, service, deadline, None).await
+    }
+
+    /// [`Registry::open`] for the server's session `session`, whose id the agent is told (if
+    /// its version reads it) and logs with its own lines of the session.
+    ///
+    /// # Errors
+    /// As [`Registry::open`].
+    pub async fn open_session(&self, name: &str, service: &str, deadline: Duration, session: Option<u64>) -> Result<Backend, ConnectError> {
         let end = Instant::now() + deadline;
         self.settle(name, end).await;
         let timed_out = || ConnectError::Agent(AgentRefusal::Timeout, format!("agent {name}: {service}: timed out"));
@@ -1100,7 +1120,11 @@ impl Registry {
             };
             let mut rest = Vec::new();
             let answer = timeout_at(end, async {
-                io.write_all(format!("open {service}\n").as_bytes()).await?;
+                let open = match session.filter(|_| pool.session_ids.load(Ordering::Relaxed)) {
+                    Some(id) => format!("open {service} session={id}\n"),
+                    None => format!("open {service}\n"),
+                };
+                io.write_all(open.as_bytes()).await?;
                 io.flush().await?;
                 link::read_line_carried(&mut io, &mut rest).await
             })

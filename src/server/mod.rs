@@ -1395,7 +1395,7 @@ async fn run_session<S>(
     let backend = tokio::select! {
         _ = shutdown.cancelled() => Err(None),
         // Boxed: the connect phase's state is freed before the relay starts.
-        b = Box::pin(crate::agent::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref(), proxy_header, agents)) => b.map_err(Some),
+        b = Box::pin(crate::agent::connect(&route.target, params.timeouts.connect, route.backend_tls.as_ref(), proxy_header, (agents, session.id))) => b.map_err(Some),
     };
     let outcome = match &backend {
         Ok(_) => "ok",

@@ -1484,9 +1484,11 @@ async fn the_agents_trace_log_does_not_hold_its_secret() {
     assert_eq!(recv_data(&mut ws).await, b"traced");
     ws.close(None).await.unwrap();
     log_lines_kept(&mut lines, &mut seen, "agent: session closed").await;
-    // The app's address it reached, as the server's lines name the backend's.
+    // The app's address it reached, as the server's lines name the backend's; and the server's
+    // id of the session (its first), to join the two logs.
     let closed = seen.last().unwrap();
     assert!(closed.contains(&format!("service=pos app={echo} ")), "{closed}");
+    assert!(closed.contains(" session{session=1}: "), "{closed}");
     child.start_kill().unwrap();
     within("the agent's log to end", async {
         while let Some(line) = lines.recv().await {
@@ -1495,7 +1497,7 @@ async fn the_agents_trace_log_does_not_hold_its_secret() {
     })
     .await;
     assert!(
-        seen.iter().any(|l| l.contains("DEBUG wsbridge::")),
+        seen.iter().any(|l| l.contains(" DEBUG ") && l.contains(" wsbridge::")),
         "no record of its own past info: {seen:#?}"
     );
     for line in &seen {
@@ -2495,13 +2497,14 @@ type Tap = Arc<std::sync::Mutex<Vec<u8>>>;
 struct Taps(Arc<std::sync::Mutex<Vec<Tap>>>);
 
 impl Taps {
-    /// How many `open pos` lines went down each connection (the control link's count is 0).
+    /// How many `open pos` lines (`open pos session=N` to this agent) went down each
+    /// connection (the control link's count is 0).
     fn opens_per_link(&self) -> Vec<usize> {
         self.0
             .lock()
             .unwrap()
             .iter()
-            .map(|t| occurrences(&t.lock().unwrap(), b"open pos\n"))
+            .map(|t| occurrences(&t.lock().unwrap(), b"open pos"))
             .collect()
     }
 }

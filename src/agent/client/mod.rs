@@ -752,7 +752,7 @@ async fn control(
     let hello = ControlMessage::Hello {
         name: config.name.clone(),
         services: config.services.keys().cloned().collect(),
-        version: link::MOVING,
+        version: link::SESSION_IDS,
         link_key: link_key.clone(),
     };
     let Ok(text) = serde_json::to_string(&hello) else {

@@ -227,9 +227,16 @@ pub(super) async fn data_link(links: Links) {
             _ = idle.cancelled() => return,
             l = link::read_line_carried(&mut io, &mut carry) => l,
         };
-        let service = match line {
+        let (service, id) = match line {
             Ok(Some(l)) => match l.strip_prefix("open ") {
-                Some(s) => s.to_owned(),
+                // `open SERVICE`, or `open SERVICE session=N` from a server that tells its
+                // session's id (what it logs as `session=N`); other words are ignored.
+                Some(s) => {
+                    let mut words = s.split(' ');
+                    let service = words.next().unwrap_or_default().to_owned();
+                    let id = words.find_map(|w| w.strip_prefix("session=")?.parse::<u64>().ok());
+                    (service, id)
+                }
                 None => {
                     return match BAD_LINK.take() {
                         Some(left_out) => warn!(left_out, "agent: a data link started with something other than `open`; closed"),
@@ -250,7 +257,13 @@ pub(super) async fn data_link(links: Links) {
         // on every link it is given would otherwise have the agent dial without end; its pool
         // asks with `want` when it runs dry.
         let replace = (!framing.chunks).then_some(&links);
-        match session(&mut io, acks, &service, framing, config, &links.caps, replace).await {
+        // The agent's lines of this session carry the server's id, to join the two logs.
+        let span = match id {
+            Some(id) => tracing::info_span!("session", session = id),
+            None => tracing::Span::none(),
+        };
+        let session = session(&mut io, acks, &service, framing, config, &links.caps, replace);
+        match tracing::Instrument::instrument(session, span).await {
             Some(rest) if framing.chunks => carry = rest,
             _ => return,
         }
