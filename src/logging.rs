@@ -8,6 +8,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+pub mod stderr;
+
 /// The filter without `RUST_LOG`: info, and with `-v`/`-vv` debug/trace for wsbridge's own
 /// records only. The libraries under it (tungstenite, rustls, hyper, redis) write whole requests
 /// and frames at debug and trace: an agent's `Authorization: Bearer` secret, a page's token, the
@@ -101,16 +103,12 @@ impl QuietedBy {
 pub fn init(verbose: u8, format: LogFormat) {
     let filter = env_filter(default_filter(verbose));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (stderr, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(STDERR_LINES)
-        .thread_name("wsbridge-log")
-        .finish(std::io::stderr());
-    *STDERR_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
-    let _ = STDERR_DROPPED.set(stderr.error_counter());
+    // Lines go to stderr from a thread of their own (see `stderr`); where it cannot be started,
+    // straight to stderr.
+    stderr::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(stderr)
+        .with_writer(stderr::Line::default)
         .with_ansi(terminal && colours());
     let text = tracing_subscriber::fmt::format().with_timer(UtcMicros);
     let journal = Journal(stderr_is_the_journal());
@@ -128,32 +126,17 @@ pub fn init(verbose: u8, format: LogFormat) {
     log_panics();
 }
 
-/// Log lines [`init`]'s writer holds for a stderr that does not take them (a Windows console
-/// with text selected in it, a terminal paused with Ctrl-S, a pipe nobody reads) before it
-/// drops new ones: writing them there would stop the thread that logs, and with it every
-/// session that thread serves (the agent's, and the Windows server's, is one thread; a review
-/// saw an agent's sessions cut by its server after 35 s of a console not taking lines). About
-/// 3 MB at most, at 300 bytes a line.
-const STDERR_LINES: usize = 10_000;
-
-/// The thread that writes [`init`]'s lines to stderr: [`flush`] ends it once they are written.
-static STDERR_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
-
-/// How many lines [`init`]'s writer dropped for a stderr that did not take them.
-static STDERR_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> = std::sync::OnceLock::new();
-
-/// Log lines dropped so far because stderr did not take them ([`STDERR_LINES`] were held
-/// already): `log_lines_dropped_total`.
+/// Log lines dropped so far because stderr did not take them (see [`stderr`]):
+/// `log_lines_dropped_total`.
 pub fn lines_dropped() -> u64 {
-    STDERR_DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    stderr::dropped()
 }
 
-/// Writes the log lines still held for stderr (waiting at most about a second for a stderr that
-/// does not take them), before the process says something on stderr itself or exits; lines
-/// logged after it are dropped. Nothing to do without [`init`].
-pub fn flush() {
-    let writer = STDERR_WRITER.lock().unwrap_or_else(|p| p.into_inner()).take();
-    drop(writer);
+/// Writes the log lines still queued for stderr, for as long as stderr takes them, before the
+/// process says something on stderr itself or exits; `false` when stderr took nothing for a
+/// second (it will not take a message either). Nothing to do (`true`) without [`init`].
+pub fn flush() -> bool {
+    stderr::flush()
 }
 
 /// Whether log lines on a terminal may be coloured: not with `NO_COLOR` set (no-color.org), and

@@ -23,9 +23,11 @@ const EX_USAGE: u8 = 64;
 macro_rules! complain {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        // After the log's lines still on their way to stderr (the process ends after this).
-        wsbridge::logging::flush();
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        // After the log's lines still on their way to stderr (the process ends after this); not
+        // to a stderr that takes nothing (it would hold the exit for good).
+        if wsbridge::logging::flush() {
+            let _ = writeln!(std::io::stderr(), $($arg)*);
+        }
     }};
 }
 
@@ -135,7 +137,7 @@ fn main() -> ExitCode {
     // nobody awaits any more (a static file that is a FIFO, a DNS lookup of a session that has
     // ended): the server has stopped, so exit now.
     runtime.shutdown_background();
-    wsbridge::logging::flush();
+    let _ = wsbridge::logging::flush();
     code
 }
 
@@ -629,7 +631,7 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
         // handler ended the process silently).
         while signals.recv().await != wsbridge::signals::Signal::Shutdown {}
         tracing::warn!("agent: a second shutdown signal: exiting now; sessions still open are cut");
-        wsbridge::logging::flush();
+        let _ = wsbridge::logging::flush();
         std::process::exit(0);
     });
     let failed = match handle.task.await {

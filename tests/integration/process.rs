@@ -659,16 +659,89 @@ async fn a_stderr_nobody_reads_holds_back_the_log_not_the_sessions() {
     assert!(dropped > 0, "{scrape}");
     // Read again: the log goes on (the held lines first; this session's close may have been
     // dropped), and the next session's lines come.
+    // The drop is said too, with the number dropped, once stderr took the held lines.
     let reading = tokio::spawn(async move {
-        loop {
+        let (mut said, mut next) = (false, false);
+        while !(said && next) {
             line.clear();
             assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
-            if line.contains("session=2 ") && line.contains("session closed") {
-                break;
-            }
+            said |=
+                line.contains("WARN wsbridge::logging::stderr: log lines dropped: stderr did not take them") && line.contains(" dropped=");
+            next |= line.contains("session=2 ") && line.contains("session closed");
         }
     });
     let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
     ws.close(None).await.unwrap();
     within("the next session's close in the log", reading).await.unwrap();
+}
+
+/// At exit the log's held lines are all written to a stderr that takes them slowly (a slow
+/// console, an ssh link): a drain's last lines were cut after a second, and a full queue made the
+/// writer's library print on stdout. Some 3,000 lines are held (at -vv, a session's frames while
+/// nobody reads stderr), SIGTERM comes, and stderr is then read at about 160 KB/s: the last line,
+/// `stopped`, arrives, the exit is 0, and stdout stays empty.
+#[tokio::test]
+async fn at_exit_a_slow_stderr_gets_every_held_line() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncReadExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let (backend, _) = echo_backend().await;
+    let mut child = Command::new(BIN)
+        .args(["-vv", "127.0.0.1:0", &backend.to_string()])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    let addr = within("the listening line", async {
+        loop {
+            line.clear();
+            assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
+            if let Some(rest) = line.split("listening addr=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+    })
+    .await;
+    let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
+    within("800 echoes while stderr is not read", async {
+        for _ in 0..800 {
+            ws.send(Message::binary(vec![b'x'; 100])).await.unwrap();
+            assert!(matches!(ws.next().await, Some(Ok(Message::Binary(_)))));
+        }
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-s", "TERM", &pid]).status().await.unwrap().success());
+    // A slow reader: 8 KiB, then a pause, until stderr ends.
+    let mut text = Vec::new();
+    let mut chunk = vec![0u8; 8 * 1024];
+    let read = async {
+        loop {
+            match stderr.read(&mut chunk).await.unwrap() {
+                0 => break,
+                n => text.extend_from_slice(&chunk[..n]),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await.expect("stderr to end");
+    let status = within("the exit", child.wait()).await.unwrap();
+    let text = String::from_utf8_lossy(&text);
+    let lines = text.lines().count();
+    assert!(lines > 2_000, "{lines} lines: the held ones were to come");
+    assert!(
+        text.lines().last().unwrap_or_default().contains("stopped clean="),
+        "{lines} lines, the last: {:?}",
+        text.lines().last()
+    );
+    assert_eq!(status.code(), Some(0));
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "", "nothing on stdout");
 }
