@@ -76,8 +76,8 @@ section "disk"
 # halfway with "No space left on device".
 target_dir=${CARGO_TARGET_DIR:-target}
 probe=$target_dir
-until [[ -d $probe ]]; do probe=$(dirname "$probe"); done
-free_gib=$(df -Pk "$probe" | awk 'NR == 2 { print int($4 / 1048576) }')
+until [[ -d $probe ]]; do probe=$(dirname -- "$probe"); done
+free_gib=$(df -Pk -- "$probe" | awk 'NR == 2 { print int($4 / 1048576) }')
 echo "${free_gib} GiB free where $target_dir is"
 if ((free_gib < 8)); then
     printf 'scripts/test.sh: warning: only %s GiB free for %s; a first run needs about 6 GiB (8 with\n' "$free_gib" "$target_dir" >&2

@@ -790,14 +790,14 @@ impl tracing::field::Visit for PlainVisitor<'_> {
 
     /// A `%display` or `?debug` value: written as it is when it is one word, quoted (as a `&str`
     /// is) when it holds a space, `=`, a quote or nothing, so that a value a peer chose (an agent's
-    /// name, an Origin, a proxy's error text) cannot add fields of its own to a logfmt parser.
-    /// A `?` string's own quotes stay.
+    /// name, an Origin, a proxy's error text) cannot add fields of its own to a logfmt parser,
+    /// nor pass for another value (`"shop-17"`, quotes and all, is not `shop-17`).
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
             return self.write(field, format_args!("{value:?}"));
         }
         let text = format!("{value:?}");
-        if one_word(&text) || quoted(&text) {
+        if one_word(&text) {
             self.write(field, format_args!("{text}"));
         } else {
             self.write(field, format_args!("{text:?}"));
@@ -820,25 +820,6 @@ impl tracing::field::Visit for PlainVisitor<'_> {
 /// Whether a field's text reads as one logfmt value without quotes.
 fn one_word(text: &str) -> bool {
     !text.is_empty() && !text.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '='))
-}
-
-/// Whether a field's text is one quoted string as `{:?}` writes a `&str`: quotes at both ends,
-/// and every quote and backslash between them escaped.
-fn quoted(text: &str) -> bool {
-    let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) else {
-        return false;
-    };
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if chars.next().is_none() => return false,
-            '\\' => {}
-            '"' => return false,
-            c if c.is_control() => return false,
-            _ => {}
-        }
-    }
-    true
 }
 
 /// A client's address as log lines and the admin's session list show it: `ip:port`, or the bare
@@ -883,7 +864,8 @@ mod tests {
     }
 
     /// A value a peer chose cannot add fields to a line: a `%` value with spaces, `=` or quotes is
-    /// quoted as a `&str` is; one word, a number and a `?` string stay as they are.
+    /// quoted as a `&str` is, and so is one that looks quoted already; one word and a number
+    /// stay as they are.
     #[test]
     fn a_display_value_cannot_forge_fields() {
         use std::sync::{Arc, Mutex};
@@ -912,7 +894,7 @@ mod tests {
             let forged = "ghost status=200 reason=\"login ok\" client=10.0.0.1:1";
             tracing::warn!(agent = %forged, status = 401u16, "login refused");
             tracing::warn!(agent = %"shop-17", path = %"C:\\wsb\\agent.toml", "plain");
-            tracing::warn!(agent = ?"a \"b\"", empty = %"", "debug strings keep their quotes");
+            tracing::warn!(agent = %"\"shop-17\"", empty = %"", "quotes a peer sent stay theirs");
             tracing::warn!(tail = %"\"x\" y=\"z\"", "quotes at both ends are not enough");
             tracing::warn!(n = %4.5, "{} formatted", "message");
         });
@@ -921,7 +903,7 @@ mod tests {
         let expected = [
             r#"login refused agent="ghost status=200 reason=\"login ok\" client=10.0.0.1:1" status=401"#,
             r#"plain agent=shop-17 path=C:\wsb\agent.toml"#,
-            r#"debug strings keep their quotes agent="a \"b\"" empty="""#,
+            r#"quotes a peer sent stay theirs agent="\"shop-17\"" empty="""#,
             r#"quotes at both ends are not enough tail="\"x\" y=\"z\"""#,
             r#"message formatted n=4.5"#,
         ];

@@ -432,9 +432,9 @@ async fn control<S: LinkIo>(
     let shown_services = &services[..services.len().min(16)];
     match services.len() > shown_services.len() {
         true => {
-            info!(agent = %name, services = ?shown_services, services_in_all = services.len(), instance = registry.instance(), "agent connected")
+            info!(agent = %name, services = %shown_services.join(","), services_in_all = services.len(), instance = registry.instance(), "agent connected")
         }
-        false => info!(agent = %name, services = ?shown_services, instance = registry.instance(), "agent connected"),
+        false => info!(agent = %name, services = %shown_services.join(","), instance = registry.instance(), "agent connected"),
     }
     let send_timeout = timeouts.pong_timeout;
     let ping_every = timeouts.ping_interval.unwrap_or(Duration::from_secs(20));

@@ -263,7 +263,9 @@ fn load(settings: &JwtSettings) -> Result<Keys, String> {
             for jwk in &set.keys {
                 match DecodingKey::from_jwk(jwk) {
                     Ok(k) => keys.push((jwk.common.key_id.clone(), k)),
-                    Err(e) => tracing::warn!(file = %path.display(), kid = ?jwk.common.key_id, error = %e, "JWK skipped"),
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), kid = jwk.common.key_id.as_deref().unwrap_or("(none)"), error = %e, "JWK skipped")
+                    }
                 }
             }
             if keys.is_empty() {
