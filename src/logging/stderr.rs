@@ -6,14 +6,15 @@
 //!
 //! Lines are queued whole, one per event, so they never interleave. [`flush`] waits for the
 //! queue to empty before the process says something on stderr itself or exits, for as long as
-//! stderr takes lines (a slow one too), giving up only when it took none for a second. When lines
+//! stderr takes bytes (a slow one too), giving up only when it took none for a second. When lines
 //! were dropped, a warning says how many once stderr takes lines again, and
-//! `log_lines_dropped_total` counts them.
+//! `log_lines_dropped_total` counts them. Where the thread cannot be started (a process limit),
+//! lines go to stderr directly, as they did before.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Lines held for a stderr that does not take them before new ones are dropped: about 3 MB at
@@ -26,65 +27,92 @@ const STUCK: Duration = Duration::from_secs(1);
 /// The queue to the writing thread.
 struct Queue {
     lines: SyncSender<Vec<u8>>,
+    shared: Arc<Shared>,
+}
+
+/// What the writing thread and the loggers share.
+#[derive(Default)]
+struct Shared {
     progress: Mutex<Progress>,
-    /// Signalled after each line written.
+    /// Signalled at each write that took bytes.
     moved: Condvar,
     dropped: AtomicU64,
 }
 
 #[derive(Default)]
 struct Progress {
-    /// Lines queued and not written yet.
+    /// Lines queued and not all written yet.
     pending: usize,
-    /// Lines written so far.
-    written: u64,
+    /// Bytes written so far: progress, even within a line, for [`flush`].
+    bytes: u64,
+}
+
+impl Shared {
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 
 /// Starts the writing thread; `false` if it could not be started (lines then go to stderr
-/// directly, as they did before).
+/// directly).
 pub fn start() -> bool {
     if QUEUE.get().is_some() {
         return true;
     }
     let (tx, rx) = std::sync::mpsc::sync_channel(LINES);
-    let queue = Queue {
-        lines: tx,
-        progress: Mutex::new(Progress::default()),
-        moved: Condvar::new(),
-        dropped: AtomicU64::new(0),
-    };
-    if QUEUE.set(queue).is_err() {
-        return true;
-    }
-    std::thread::Builder::new()
+    let shared = Arc::new(Shared::default());
+    let theirs = shared.clone();
+    let spawned = std::thread::Builder::new()
         .name("wsbridge-log".into())
-        .spawn(move || write_lines(&rx))
-        .is_ok()
+        .spawn(move || write_lines(&rx, &theirs));
+    if spawned.is_err() {
+        return false;
+    }
+    let _ = QUEUE.set(Queue { lines: tx, shared });
+    true
 }
 
-/// The writing thread: each line whole, then, when the queue is empty again after lines were
-/// dropped, a warning with their number (through the log, so in its format).
-fn write_lines(rx: &Receiver<Vec<u8>>) {
-    let Some(queue) = QUEUE.get() else { return };
+/// The writing thread: each line whole. When the queue is about to be empty after lines were
+/// dropped, a warning with their number is logged (through the log, so in its format) before
+/// the last line counts as written, so that [`flush`] waits for the warning too.
+fn write_lines(rx: &Receiver<Vec<u8>>, shared: &Shared) {
     let mut reported = 0;
     for line in rx {
-        let _ = std::io::stderr().lock().write_all(&line);
-        let pending = {
-            let mut p = queue.progress.lock().unwrap_or_else(|p| p.into_inner());
-            p.pending = p.pending.saturating_sub(1);
-            p.written += 1;
-            p.pending
-        };
-        queue.moved.notify_all();
-        let dropped = queue.dropped.load(Ordering::Relaxed);
-        if pending == 0 && dropped > reported {
+        write_counted(&line, shared);
+        let last = shared.progress().pending == 1;
+        let dropped = shared.dropped.load(Ordering::Relaxed);
+        if last && dropped > reported {
             tracing::warn!(
                 dropped = dropped - reported,
                 "log lines dropped: stderr did not take them (a console with text selected in it, a paused terminal, a pipe nobody reads); counted in log_lines_dropped_total"
             );
             reported = dropped;
+        }
+        let mut p = shared.progress();
+        p.pending = p.pending.saturating_sub(1);
+        drop(p);
+        shared.moved.notify_all();
+    }
+}
+
+/// Writes `line` to stderr, counting each write's bytes as progress; a stderr that fails (closed,
+/// a full disk) loses the line.
+fn write_counted(line: &[u8], shared: &Shared) {
+    let stderr = std::io::stderr();
+    let mut stderr = stderr.lock();
+    let mut rest = line;
+    while !rest.is_empty() {
+        match stderr.write(rest) {
+            Ok(0) => return,
+            Ok(n) => {
+                rest = &rest[n..];
+                shared.progress().bytes += n as u64;
+                shared.moved.notify_all();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }
@@ -114,26 +142,34 @@ impl Drop for Line {
             let _ = std::io::stderr().lock().write_all(&line);
             return;
         };
-        queue.progress.lock().unwrap_or_else(|p| p.into_inner()).pending += 1;
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.lines.try_send(line) {
-            let mut p = queue.progress.lock().unwrap_or_else(|p| p.into_inner());
-            p.pending = p.pending.saturating_sub(1);
-            queue.dropped.fetch_add(1, Ordering::Relaxed);
+        queue.shared.progress().pending += 1;
+        match queue.lines.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                queue.shared.progress().pending -= 1;
+                queue.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            // The thread is gone (it never ends by itself): straight to stderr.
+            Err(TrySendError::Disconnected(line)) => {
+                queue.shared.progress().pending -= 1;
+                let _ = std::io::stderr().lock().write_all(&line);
+            }
         }
     }
 }
 
-/// Waits until the lines queued so far are written, as long as stderr takes lines; `false` when
+/// Waits until the lines queued so far are written, as long as stderr takes bytes; `false` when
 /// it took none for [`STUCK`] (stderr then cannot take a message either). `true` without
 /// [`start`].
 pub fn flush() -> bool {
     let Some(queue) = QUEUE.get() else { return true };
-    let mut p = queue.progress.lock().unwrap_or_else(|p| p.into_inner());
+    let shared = &queue.shared;
+    let mut p = shared.progress();
     while p.pending > 0 {
-        let before = p.written;
-        let (next, waited) = queue.moved.wait_timeout(p, STUCK).unwrap_or_else(|p| p.into_inner());
+        let before = p.bytes;
+        let (next, waited) = shared.moved.wait_timeout(p, STUCK).unwrap_or_else(|p| p.into_inner());
         p = next;
-        if waited.timed_out() && p.written == before {
+        if waited.timed_out() && p.bytes == before {
             return false;
         }
     }
@@ -142,5 +178,5 @@ pub fn flush() -> bool {
 
 /// Lines dropped so far because stderr did not take them.
 pub fn dropped() -> u64 {
-    QUEUE.get().map_or(0, |q| q.dropped.load(Ordering::Relaxed))
+    QUEUE.get().map_or(0, |q| q.shared.dropped.load(Ordering::Relaxed))
 }

@@ -1581,9 +1581,11 @@ impl Live {
 
 /// A connection's span: `client` and `via` when known at accept (`None`: recorded later, when a
 /// PROXY header or a trusted X-Forwarded-For names the client), and the fields the upgrade and
-/// the session fill in. A field recorded later is printed last.
+/// the session fill in. A field recorded later is printed last. At error level, so that its
+/// fields are on every line whatever level the log shows (`RUST_LOG=warn` left a session's
+/// failure without its client, route or id).
 fn conn_span(client: Option<&dyn std::fmt::Display>, via: Option<&dyn std::fmt::Display>, listener: &str) -> tracing::Span {
-    tracing::info_span!(
+    tracing::error_span!(
         "conn",
         client = client.map(tracing::field::display),
         via = via.map(tracing::field::display),

@@ -745,3 +745,50 @@ async fn at_exit_a_slow_stderr_gets_every_held_line() {
     stdout.read_to_string(&mut out).await.unwrap();
     assert_eq!(out, "", "nothing on stdout");
 }
+
+/// At `RUST_LOG=warn` a session's warning still names its connection (client, route, target,
+/// session id): the connection's span is enabled at every level (it was at info, and the line
+/// came without it).
+#[tokio::test]
+async fn a_warning_keeps_its_connections_fields_at_warn_level() {
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut child = Command::new(BIN)
+        .args(["127.0.0.1:0", &refused.to_string()])
+        .env("RUST_LOG", "warn,wsbridge::server::start=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut next_line = async || {
+        line.clear();
+        assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
+        line.clone()
+    };
+    let addr = within("the listening line", async {
+        loop {
+            if let Some(rest) = next_line().await.split("listening addr=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+    })
+    .await;
+    let _ = http_raw(addr.parse().unwrap(), &upgrade_request("/", "")).await;
+    let failed = within("the session's warning", async {
+        loop {
+            let l = next_line().await;
+            if l.contains("session failed") {
+                break l;
+            }
+        }
+    })
+    .await;
+    assert!(failed.contains(" WARN conn{client=127.0.0.1:"), "{failed}");
+    assert!(failed.contains(&format!("target=\"{refused}\" session=1}}:")), "{failed}");
+}

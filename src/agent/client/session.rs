@@ -257,9 +257,10 @@ pub(super) async fn data_link(links: Links) {
         // on every link it is given would otherwise have the agent dial without end; its pool
         // asks with `want` when it runs dry.
         let replace = (!framing.chunks).then_some(&links);
-        // The agent's lines of this session carry the server's id, to join the two logs.
+        // The agent's lines of this session carry the server's id, to join the two logs; at
+        // error level, so that it is there whatever level the log shows (a warning's most).
         let span = match id {
-            Some(id) => tracing::info_span!("session", session = id),
+            Some(id) => tracing::error_span!("session", session = id),
             None => tracing::Span::none(),
         };
         let session = session(&mut io, acks, &service, framing, config, &links.caps, replace);
