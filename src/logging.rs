@@ -373,6 +373,11 @@ fn log_panics() {
                 "panic (a bug, please report it): the task it happened in has ended"
             ),
         }
+        // Written now: a panic on the main thread ends the process, and the line is the one
+        // that says why. (Not from the writing thread itself, which would wait for itself.)
+        if thread != "wsbridge-log" {
+            let _ = flush();
+        }
     }));
 }
 
