@@ -855,6 +855,26 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A log's output kept for a test to read.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Buffer {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
     /// Each key has its own budget: one key's lines left out do not hide another's first.
     #[tokio::test(start_paused = true)]
     async fn each_key_is_quieted_on_its_own() {
@@ -873,18 +893,6 @@ mod tests {
     /// stay as they are.
     #[test]
     fn a_display_value_cannot_forge_fields() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let out = Buffer::default();
         let writer = out.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -903,7 +911,7 @@ mod tests {
             tracing::warn!(tail = %"\"x\" y=\"z\"", "quotes at both ends are not enough");
             tracing::warn!(n = %4.5, "{} formatted", "message");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         let expected = [
             r#"login refused agent="ghost status=200 reason=\"login ok\" client=10.0.0.1:1" status=401"#,
@@ -920,18 +928,6 @@ mod tests {
     /// with spaces); the others stay as they were, in their order.
     #[test]
     fn a_span_field_recorded_again_replaces_its_value() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let out = Buffer::default();
         let writer = out.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -957,7 +953,7 @@ mod tests {
             span.record("client", tracing::field::display("192.0.2.4"));
             tracing::info!("last");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         let expected = [
             r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.1}: wsbridge::logging::tests: request"#,

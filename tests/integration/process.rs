@@ -595,6 +595,46 @@ async fn a_demo_that_cannot_start_leaves_no_page_behind() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// `wsbridge ARGS` with `RUST_LOG` as given (unset with `None`), whose stderr the test reads
+/// itself (or leaves unread): the child, its stderr, and the address in the first line with each
+/// of `prefixes` (`listening addr=`, …), read in the order the lines come. Its stdout is piped,
+/// for a look at what it says there (nothing).
+async fn spawn_reading(
+    args: &[&str],
+    rust_log: Option<&str>,
+    prefixes: &[&str],
+) -> (Child, BufReader<tokio::process::ChildStderr>, Vec<String>) {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+    within("the listening lines", async {
+        let mut line = String::new();
+        while found.iter().any(Option::is_none) {
+            line.clear();
+            assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
+            for (prefix, slot) in prefixes.iter().zip(&mut found) {
+                if let (None, Some(rest)) = (&slot, line.split(prefix).nth(1)) {
+                    *slot = rest.split_whitespace().next().map(str::to_owned);
+                }
+            }
+        }
+    })
+    .await;
+    (child, stderr, found.into_iter().map(Option::unwrap).collect())
+}
+
 /// A stderr that stops taking lines (a Windows console with text selected in it, a terminal
 /// paused with Ctrl-S, a pipe nobody reads) holds back the log, not the sessions: at `-vv` every
 /// frame is a line, and a session echoes 5,000 messages (some 20,000 lines) while nobody reads
@@ -606,33 +646,10 @@ async fn a_stderr_nobody_reads_holds_back_the_log_not_the_sessions() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let (backend, _) = echo_backend().await;
-    let mut child = Command::new(BIN)
-        .args(["-vv", "127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let args = ["-vv", "127.0.0.1:0", &backend.to_string(), "--admin", "127.0.0.1:0"];
+    let (_child, mut stderr, found) = spawn_reading(&args, None, &["listening addr=", "admin endpoints serving addr="]).await;
+    let (addr, admin) = (&found[0], &found[1]);
     let mut line = String::new();
-    let (mut addr, mut admin) = (None, None);
-    within("the listening lines", async {
-        while addr.is_none() || admin.is_none() {
-            line.clear();
-            assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
-            let after = |prefix: &str| line.split(prefix).nth(1).map(|r| r.split_whitespace().next().unwrap().to_owned());
-            if addr.is_none() {
-                addr = after("listening addr=");
-            }
-            if admin.is_none() {
-                admin = after("admin endpoints serving addr=");
-            }
-        }
-    })
-    .await;
-    let (addr, admin) = (addr.unwrap(), admin.unwrap());
     // From here on nobody reads stderr until the session is done.
     let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
     let message = vec![b'x'; 100];
@@ -686,28 +703,9 @@ async fn at_exit_a_slow_stderr_gets_every_held_line() {
     use tokio::io::AsyncReadExt as _;
     use tokio_tungstenite::tungstenite::Message;
     let (backend, _) = echo_backend().await;
-    let mut child = Command::new(BIN)
-        .args(["-vv", "127.0.0.1:0", &backend.to_string()])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (mut child, mut stderr, found) = spawn_reading(&["-vv", "127.0.0.1:0", &backend.to_string()], None, &["listening addr="]).await;
+    let addr = &found[0];
     let mut stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    let addr = within("the listening line", async {
-        loop {
-            line.clear();
-            assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
-            if let Some(rest) = line.split("listening addr=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-    })
-    .await;
     let (mut ws, _) = ws_connect(&format!("ws://{addr}/"), None).await;
     within("800 echoes while stderr is not read", async {
         for _ in 0..800 {
@@ -755,30 +753,15 @@ async fn a_warning_keeps_its_connections_fields_at_warn_level() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let mut child = Command::new(BIN)
-        .args(["127.0.0.1:0", &refused.to_string()])
-        .env("RUST_LOG", "warn,wsbridge::server::start=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let filter = Some("warn,wsbridge::server::start=info");
+    let (_child, mut stderr, found) = spawn_reading(&["127.0.0.1:0", &refused.to_string()], filter, &["listening addr="]).await;
+    let addr = &found[0];
     let mut line = String::new();
     let mut next_line = async || {
         line.clear();
         assert!(stderr.read_line(&mut line).await.unwrap() > 0, "stderr ended");
         line.clone()
     };
-    let addr = within("the listening line", async {
-        loop {
-            if let Some(rest) = next_line().await.split("listening addr=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-    })
-    .await;
     let _ = http_raw(addr.parse().unwrap(), &upgrade_request("/", "")).await;
     let failed = within("the session's warning", async {
         loop {
