@@ -564,7 +564,11 @@ async fn load_agent_config<T: Send + 'static>(
 /// configuration).
 async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
     if args.new_secret {
-        return match wsbridge::agent::client::new_secret_text() {
+        let made = match &args.secret_file {
+            Some(path) => wsbridge::agent::client::write_new_secret(path),
+            None => wsbridge::agent::client::new_secret_text(),
+        };
+        return match made {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS

@@ -1606,6 +1606,28 @@ async fn new_secret_prints_a_secret_and_its_server_line() {
     assert!(text.contains(&format!("secret_sha256 = \"{}\"", secret_sha256(secret))), "{text}");
 }
 
+/// With --secret-file the secret goes to a new file, its owner's only, and only the server's
+/// line is printed; an existing file is not replaced (it may be a running agent's).
+#[tokio::test]
+async fn new_secret_writes_a_new_secret_file_and_prints_the_server_line() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.secret");
+    let path = file.to_str().unwrap();
+    let (code, text, err) = run_to_end(&["agent", "--new-secret", "--secret-file", path]).await;
+    assert_eq!(code, 0, "{err}");
+    let written = std::fs::read_to_string(&file).unwrap();
+    let secret = written.strip_suffix('\n').unwrap();
+    assert_eq!(secret.len(), 64, "{written:?}");
+    assert!(!text.contains(secret), "the secret printed: {text}");
+    assert!(text.contains(&format!("secret_sha256 = \"{}\"", secret_sha256(secret))), "{text}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let (code, _, err) = run_to_end(&["agent", "--new-secret", "--secret-file", path]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("exists already"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), written, "the existing secret kept");
+}
+
 #[tokio::test]
 async fn check_names_the_file_line_and_field_of_an_agent_mistake() {
     let dir = tempfile::tempdir().unwrap();

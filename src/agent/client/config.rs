@@ -54,7 +54,9 @@ pub struct AgentArgs {
     /// that a change of network or of the PAC script is followed without a restart.
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
-    /// Print a fresh secret and the `secret_sha256` line for the server's `[[agent]]`, then exit.
+    /// Print a fresh secret and the `secret_sha256` line for the server's `[[agent]]`, then exit;
+    /// with --secret-file FILE, write the secret to FILE instead (a new file, readable by its
+    /// owner only) and print only the server's line.
     #[arg(long)]
     pub new_secret: bool,
     /// Windows: install this agent as the service "wsbridge-agent" (started with Windows,
@@ -1029,6 +1031,40 @@ pub fn new_secret_text() -> std::io::Result<String> {
     let secret = link::new_secret()?;
     Ok(format!(
         "{secret}\n# save the line above as the agent's secret file; on the server, in its [[agent]]:\nsecret_sha256 = \"{}\"\n",
+        link::secret_sha256(&secret)
+    ))
+}
+
+/// `--new-secret --secret-file FILE`: a fresh secret written to FILE, a new file (an existing
+/// one is not replaced: it may be a running agent's), readable by its owner only on Unix (on
+/// Windows it takes its directory's permissions); the text to print: where it went and the
+/// `secret_sha256` line for the server. Nothing of the secret is printed.
+///
+/// # Errors
+/// The file exists already, or cannot be written (named in the message).
+pub fn write_new_secret(path: &Path) -> std::io::Result<String> {
+    use std::io::Write as _;
+    let secret = link::new_secret()?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let said = |e: std::io::Error| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                "exists already: a new secret goes in a new file (remove this one first to replace it)".to_owned()
+            }
+            _ => e.to_string(),
+        };
+        std::io::Error::new(e.kind(), format!("--secret-file {}: {why}", path.display()))
+    };
+    let mut file = options.open(path).map_err(said)?;
+    file.write_all(format!("{secret}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(said)?;
+    Ok(format!(
+        "# the agent's secret is in {}; on the server, in its [[agent]]:\nsecret_sha256 = \"{}\"\n",
+        path.display(),
         link::secret_sha256(&secret)
     ))
 }

@@ -34,7 +34,9 @@ use crate::tls::BackendTls;
 mod config;
 mod session;
 
-pub use config::{is_agent_file, is_agent_text, new_secret_text, proxy_from_env, AgentArgs, AgentConfig, Proxy, ProxySource, ServerUrl};
+pub use config::{
+    is_agent_file, is_agent_text, new_secret_text, proxy_from_env, write_new_secret, AgentArgs, AgentConfig, Proxy, ProxySource, ServerUrl,
+};
 use session::{spawn_link, Caps, Links};
 
 /// Reconnect delays: exponential from `initial`, full jitter, capped at `max` (at `auth_max`
