@@ -875,6 +875,21 @@ mod tests {
         }
     }
 
+    /// What `f` logs, as the text format writes it to a file (no colours; no time, for the
+    /// tests to compare).
+    fn logged(f: impl FnOnce()) -> String {
+        let out = Buffer::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(super::PlainFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        out.text()
+    }
+
     /// Each key has its own budget: one key's lines left out do not hide another's first.
     #[tokio::test(start_paused = true)]
     async fn each_key_is_quieted_on_its_own() {
@@ -893,17 +908,7 @@ mod tests {
     /// stay as they are.
     #[test]
     fn a_display_value_cannot_forge_fields() {
-        let out = Buffer::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .without_time()
-            .with_target(false)
-            .with_level(false)
-            .fmt_fields(super::PlainFields)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(|| {
             let forged = "ghost status=200 reason=\"login ok\" client=10.0.0.1:1";
             tracing::warn!(agent = %forged, status = 401u16, "login refused");
             tracing::warn!(agent = %"shop-17", path = %"C:\\wsb\\agent.toml", "plain");
@@ -911,8 +916,10 @@ mod tests {
             tracing::warn!(tail = %"\"x\" y=\"z\"", "quotes at both ends are not enough");
             tracing::warn!(n = %4.5, "{} formatted", "message");
         });
-        let text = out.text();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(|l| l.trim_start_matches(" WARN wsbridge::logging::tests: "))
+            .collect();
         let expected = [
             r#"login refused agent="ghost status=200 reason=\"login ok\" client=10.0.0.1:1" status=401"#,
             r#"plain agent=shop-17 path=C:\wsb\agent.toml"#,
@@ -928,15 +935,7 @@ mod tests {
     /// with spaces); the others stay as they were, in their order.
     #[test]
     fn a_span_field_recorded_again_replaces_its_value() {
-        let out = Buffer::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .without_time()
-            .fmt_fields(super::PlainFields)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(|| {
             let span = tracing::info_span!(
                 "conn",
                 client = tracing::field::Empty,
@@ -953,7 +952,6 @@ mod tests {
             span.record("client", tracing::field::display("192.0.2.4"));
             tracing::info!("last");
         });
-        let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         let expected = [
             r#"conn{via=10.0.0.1:40672 route="a \"b\" client=c d" client=192.0.2.1}: wsbridge::logging::tests: request"#,
