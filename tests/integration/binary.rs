@@ -648,6 +648,13 @@ async fn on_a_terminal_a_clients_text_cannot_forge_lines_or_move_the_cursor() {
     assert!(text.contains("FORGED"), "the reason is logged: {text:?}");
     assert!(!text.contains("\u{1b}[2J"), "an escape sequence reached the terminal: {text:?}");
     assert!(!seen.iter().any(|l| l.starts_with("FORGED")), "a forged line: {text:?}");
+    // Killing `script` does not take the binary with it (the terminal's hang-up is a SIGHUP, a
+    // reload: every run of this test left one running): it is stopped by its own pid.
+    let script = child.id().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{script}/task/{script}/children")).unwrap_or_default();
+    for pid in children.split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status().await;
+    }
     drop(child);
 }
 
