@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-pub mod stderr;
+mod stderr;
 
 /// The filter without `RUST_LOG`: info, and with `-v`/`-vv` debug/trace for wsbridge's own
 /// records only. The libraries under it (tungstenite, rustls, hyper, redis) write whole requests

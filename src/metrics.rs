@@ -336,7 +336,7 @@ pub struct RouteMetrics {
     connects: [Counter; 3],
     /// `backend_connect_seconds` of the route.
     connect_seconds: Histogram,
-    /// `sessions_ended_total` by code (in [`KNOWN_CODES`]' order, then `other`) and by cause,
+    /// `sessions_ended_total` by code (in [`KNOWN_CODES`]' order, then `other`) and by cause (its discriminant),
     /// taken from the family on first use: after that an end is an atomic add, no lock.
     ended: Arc<[OnceLock<Counter>]>,
 }
@@ -667,7 +667,7 @@ impl Metrics {
             bytes_down,
             connects,
             connect_seconds,
-            ended: (0..(KNOWN_CODES.len() + 1) * crate::relay::CAUSES.len())
+            ended: (0..(KNOWN_CODES.len() + 1) * crate::relay::Cause::ALL.len())
                 .map(|_| OnceLock::new())
                 .collect(),
         });
@@ -679,25 +679,19 @@ impl Metrics {
             .clone()
     }
 
-    /// A session of `route` ended with `code`, for `cause` (one of [`crate::relay::CAUSES`],
-    /// which says the side too; its bytes were counted as they moved: [`Session::moved`]).
-    pub fn session_ended(&self, route: &RouteMetrics, code: u16, cause: &'static str) {
-        use crate::relay::CAUSES;
+    /// A session of `route` ended with `code`, for `cause` (which says the side too; its bytes
+    /// were counted as they moved: [`Session::moved`]).
+    pub fn session_ended(&self, route: &RouteMetrics, code: u16, cause: crate::relay::Cause) {
         let code_index = KNOWN_CODES.iter().position(|(c, _)| *c == code).unwrap_or(KNOWN_CODES.len());
-        let cause_index = CAUSES.iter().position(|(c, _)| *c == cause);
         let label = || EndLabel {
             route: route.route.clone(),
             code: code_label(code),
-            ended_by: CAUSES.iter().find(|(c, _)| *c == cause).map_or("bridge", |(_, by)| by),
-            cause,
+            ended_by: cause.ended_by(),
+            cause: cause.as_str(),
         };
-        match cause_index {
-            Some(by) => route.ended[code_index * CAUSES.len() + by]
-                .get_or_init(|| self.ended.get_or_create(&label()).clone())
-                .inc(),
-            // Not one of the known sides: counted, through the family's lock.
-            None => self.ended.get_or_create(&label()).inc(),
-        };
+        route.ended[code_index * crate::relay::Cause::ALL.len() + cause as usize]
+            .get_or_init(|| self.ended.get_or_create(&label()).clone())
+            .inc();
     }
 
     /// A connection was refused before the upgrade, before a route was found.

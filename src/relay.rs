@@ -141,11 +141,10 @@ pub struct Summary {
     pub code: u16,
     /// Why, in a few words.
     pub reason: String,
-    /// Which side ended it: "client", "backend", "bridge" or "operator" (admin `/sessions`).
-    pub ended_by: &'static str,
-    /// What ended it, one of [`CAUSES`]: the `cause` of `sessions_ended_total`, which tells an
-    /// idle timeout from a ping timeout or a shutdown (all 1001, by the bridge).
-    pub cause: &'static str,
+    /// What ended it (and so which side: [`Summary::ended_by`]): the `cause` of
+    /// `sessions_ended_total`, which tells an idle timeout from a ping timeout or a shutdown (all
+    /// 1001, by the bridge).
+    pub cause: Cause,
     /// Payload bytes client → backend.
     pub bytes_up: u64,
     /// Payload bytes backend → client.
@@ -182,48 +181,119 @@ enum End {
     PongTimeout,
 }
 
-/// What may end a session, and the side each is (`Summary::cause`, `Summary::ended_by`): the
-/// client's close frame, its connection lost, a protocol error of its; the backend's close, its
-/// host gone quiet, a read or write failure; the bridge's timeouts and shutdown, a backend it
-/// could not reach (1014), the shutdown grace over; the operator (admin endpoint).
-pub const CAUSES: [(&str, &str); 14] = [
-    ("close", "client"),
-    ("gone", "client"),
-    ("protocol", "client"),
-    ("closed", "backend"),
-    ("timed_out", "backend"),
-    ("failed", "backend"),
-    ("idle", "bridge"),
-    ("lifetime", "bridge"),
-    ("ping_timeout", "bridge"),
-    ("shutdown", "bridge"),
-    ("unreachable", "bridge"),
-    ("grace_over", "bridge"),
-    ("operator", "operator"),
-    ("other", "bridge"),
-];
+/// What ended a session: the client's close frame, its connection lost, a protocol error of its;
+/// the backend's close, its host gone quiet, a read or write failure; the bridge's timeouts and
+/// shutdown, a backend it could not reach (1014), the shutdown grace over; the operator (admin
+/// endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The client's close frame.
+    Close,
+    /// The client's connection ended without one.
+    Gone,
+    /// The client broke the protocol.
+    Protocol,
+    /// The backend closed.
+    Closed,
+    /// The backend's host stopped answering.
+    TimedOut,
+    /// Reading from or writing to the backend failed.
+    Failed,
+    /// The idle timeout.
+    Idle,
+    /// `max_lifetime`.
+    Lifetime,
+    /// A ping unanswered.
+    PingTimeout,
+    /// The server shutting down.
+    Shutdown,
+    /// The backend could not be connected (1014).
+    Unreachable,
+    /// Still closing when the shutdown grace ended.
+    GraceOver,
+    /// The operator (admin `/sessions`).
+    Operator,
+    /// None recorded.
+    Other,
+}
+
+impl Cause {
+    /// Every cause, in the order of their discriminants (the metrics' index).
+    pub const ALL: [Cause; 14] = [
+        Cause::Close,
+        Cause::Gone,
+        Cause::Protocol,
+        Cause::Closed,
+        Cause::TimedOut,
+        Cause::Failed,
+        Cause::Idle,
+        Cause::Lifetime,
+        Cause::PingTimeout,
+        Cause::Shutdown,
+        Cause::Unreachable,
+        Cause::GraceOver,
+        Cause::Operator,
+        Cause::Other,
+    ];
+
+    /// The `cause` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Close => "close",
+            Cause::Gone => "gone",
+            Cause::Protocol => "protocol",
+            Cause::Closed => "closed",
+            Cause::TimedOut => "timed_out",
+            Cause::Failed => "failed",
+            Cause::Idle => "idle",
+            Cause::Lifetime => "lifetime",
+            Cause::PingTimeout => "ping_timeout",
+            Cause::Shutdown => "shutdown",
+            Cause::Unreachable => "unreachable",
+            Cause::GraceOver => "grace_over",
+            Cause::Operator => "operator",
+            Cause::Other => "other",
+        }
+    }
+
+    /// Which side it is: "client", "backend", "bridge" or "operator".
+    pub fn ended_by(self) -> &'static str {
+        match self {
+            Cause::Close | Cause::Gone | Cause::Protocol => "client",
+            Cause::Closed | Cause::TimedOut | Cause::Failed => "backend",
+            Cause::Operator => "operator",
+            _ => "bridge",
+        }
+    }
+}
+
+impl Summary {
+    /// Which side ended the session (the log line's `ended_by`, admin `/sessions`).
+    pub fn ended_by(&self) -> &'static str {
+        self.cause.ended_by()
+    }
+}
 
 impl End {
-    /// The close code, reason, side and cause (one of [`CAUSES`]) this ending is reported with;
-    /// also the close frame we send for it, except after the client's own close frame (echoed)
-    /// or when it is gone.
-    fn outcome(&self) -> (u16, String, &'static str, &'static str) {
+    /// The close code, reason and cause this ending is reported with; also the close frame we
+    /// send for it, except after the client's own close frame (echoed) or when it is gone.
+    fn outcome(&self) -> (u16, String, Cause) {
         match self {
-            End::ClientClosed(code, reason) => (code.unwrap_or(1005), reason.clone(), "client", "close"),
-            End::ClientGone(why) => (1006, why.clone(), "client", "gone"),
-            End::ClientError(e) => (e.code(), e.to_string(), "client", "protocol"),
-            End::BackendEof => (1000, "backend closed".into(), "backend", "closed"),
+            End::ClientClosed(code, reason) => (code.unwrap_or(1005), reason.clone(), Cause::Close),
+            End::ClientGone(why) => (1006, why.clone(), Cause::Gone),
+            End::ClientError(e) => (e.code(), e.to_string(), Cause::Protocol),
+            End::BackendEof => (1000, "backend closed".into(), Cause::Closed),
             // The kernel gave the connection up: keepalive's probes, or its retransmissions,
             // went unanswered.
             End::BackendError(_, e) if e.kind() == io::ErrorKind::TimedOut => {
-                (1011, "backend timed out: its host stopped answering".into(), "backend", "timed_out")
+                (1011, "backend timed out: its host stopped answering".into(), Cause::TimedOut)
             }
-            End::BackendError(what, e) => (1011, format!("backend {what} failed: {}", describe(e)), "backend", "failed"),
-            End::Idle => (1001, "idle timeout".into(), "bridge", "idle"),
-            End::Lifetime => (1001, "session lifetime exceeded".into(), "bridge", "lifetime"),
-            End::Shutdown => (1001, "server shutting down".into(), "bridge", "shutdown"),
-            End::Operator => (1001, "closed by the operator".into(), "operator", "operator"),
-            End::PongTimeout => (1001, "ping timeout".into(), "bridge", "ping_timeout"),
+            End::BackendError(what, e) => (1011, format!("backend {what} failed: {}", describe(e)), Cause::Failed),
+            End::Idle => (1001, "idle timeout".into(), Cause::Idle),
+            End::Lifetime => (1001, "session lifetime exceeded".into(), Cause::Lifetime),
+            End::Shutdown => (1001, "server shutting down".into(), Cause::Shutdown),
+            End::Operator => (1001, "closed by the operator".into(), Cause::Operator),
+            End::PongTimeout => (1001, "ping timeout".into(), Cause::PingTimeout),
         }
     }
 }
@@ -766,7 +836,7 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
             End::BackendEof | End::Idle | End::Lifetime | End::Shutdown | End::Operator => {}
         }
         if !closing && !matches!(why, End::ClientClosed(..) | End::ClientGone(_)) {
-            let (code, reason, _, _) = why.outcome();
+            let (code, reason, _) = why.outcome();
             self.close = Some((Some(code), reason));
         }
         let by = now + wait;
@@ -1342,11 +1412,10 @@ impl<'b, 't, S: AsyncRead + AsyncWrite + Unpin> Pump<'b, 't, S> {
     }
 
     fn summary(&self) -> Summary {
-        let (code, reason, ended_by, cause) = self.end.as_ref().map_or((1006, "ended".into(), "bridge", "other"), End::outcome);
+        let (code, reason, cause) = self.end.as_ref().map_or((1006, "ended".into(), Cause::Other), End::outcome);
         Summary {
             code,
             reason,
-            ended_by,
             cause,
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
@@ -1496,6 +1565,16 @@ fn complete_utf8_len(b: &[u8]) -> usize {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+
+    /// `Cause::ALL` is in discriminant order (the metrics index by it) and names each once.
+    #[test]
+    fn every_cause_once_in_order() {
+        for (i, cause) in Cause::ALL.iter().enumerate() {
+            assert_eq!(*cause as usize, i, "{cause:?}");
+        }
+        let names: std::collections::HashSet<_> = Cause::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), Cause::ALL.len());
+    }
 
     fn texts(f: &mut Framer, data: Option<&[u8]>) -> Vec<String> {
         let mut out = Vec::new();
@@ -1661,7 +1740,7 @@ mod tests {
             );
             let summary = session.await.unwrap();
             assert_eq!(
-                (summary.code, summary.ended_by, summary.bytes_up),
+                (summary.code, summary.ended_by(), summary.bytes_up),
                 (*code, "client", data.len() as u64)
             );
             // Our close frame, with that code.
@@ -1978,7 +2057,7 @@ mod tests {
             "the session waited for the backend for ever",
         )
         .await;
-        assert_eq!((summary.code, summary.ended_by), (1000, "client"));
+        assert_eq!((summary.code, summary.ended_by()), (1000, "client"));
         // Ended by the close deadline, which starts once the close frame is read: not before it,
         // and not long after (2 s: shared, noisy machines).
         let elapsed = start.elapsed();

@@ -1414,7 +1414,11 @@ async fn run_session<S>(
                 None => (1001, "server shutting down".to_owned()),
             };
             Box::pin(relay::refuse(client, early, code, &reason, params.timeouts.close)).await;
-            let cause = if e.is_some() { "unreachable" } else { "shutdown" };
+            let cause = if e.is_some() {
+                relay::Cause::Unreachable
+            } else {
+                relay::Cause::Shutdown
+            };
             metrics.session_ended(route_metrics, code, cause);
             let source = e.as_ref().and_then(|e| std::error::Error::source(e)).map(ToString::to_string);
             let duration_ms = started.elapsed().as_millis() as u64;
@@ -1449,8 +1453,7 @@ async fn run_session<S>(
         () = abort.cancelled() => relay::Summary {
             code: 1001,
             reason: "server shutting down; shutdown grace period over".into(),
-            ended_by: "bridge",
-            cause: "grace_over",
+            cause: relay::Cause::GraceOver,
             bytes_up: session.bytes_up.load(std::sync::atomic::Ordering::Relaxed),
             bytes_down: session.bytes_down.load(std::sync::atomic::Ordering::Relaxed),
         },
@@ -1461,7 +1464,7 @@ async fn run_session<S>(
         framing = %params.framing,
         code = s.code,
         reason = s.reason.as_str(),
-        ended_by = s.ended_by,
+        ended_by = s.ended_by(),
         bytes_up = s.bytes_up,
         bytes_down = s.bytes_down,
         duration_ms = started.elapsed().as_millis() as u64,
