@@ -741,6 +741,15 @@ impl PlainVisitor<'_> {
         }
     }
 
+    /// A field's value: as it is when it is one word, else quoted.
+    fn value(&mut self, field: &tracing::field::Field, text: &str) {
+        if one_word(text) {
+            self.write(field, format_args!("{text}"));
+        } else {
+            self.write(field, format_args!("{text:?}"));
+        }
+    }
+
     /// After an error, and `log.*`: where a `log` record came from, which the line already says.
     fn skip(&self, field: &tracing::field::Field) -> bool {
         self.result.is_err() || field.name().starts_with("log.")
@@ -785,28 +794,27 @@ impl std::fmt::Write for Escaping<'_, '_> {
 }
 
 impl tracing::field::Visit for PlainVisitor<'_> {
+    /// A `&str` value, written by the same rule as a `%display` one (below): `route=/pos`,
+    /// `reason="agent shutting down"`, so that one value reads the same whichever way a line
+    /// passed it (an agent's instance id read `instance="668d…"` on the server and
+    /// `instance=668d…` on the agent).
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         if field.name() == "message" {
             self.write(field, format_args!("{value}"));
         } else {
-            self.write(field, format_args!("{value:?}"));
+            self.value(field, value);
         }
     }
 
-    /// A `%display` or `?debug` value: written as it is when it is one word, quoted (as a `&str`
-    /// is) when it holds a space, `=`, a quote or nothing, so that a value a peer chose (an agent's
-    /// name, an Origin, a proxy's error text) cannot add fields of its own to a logfmt parser,
-    /// nor pass for another value (`"shop-17"`, quotes and all, is not `shop-17`).
+    /// A `%display` or `?debug` value: written as it is when it is one word, quoted (as Rust
+    /// quotes a string) when it holds a space, `=`, a quote or nothing, so that a value a peer
+    /// chose (an agent's name, an Origin, a proxy's error text) cannot add fields of its own to a
+    /// logfmt parser, nor pass for another value (`"shop-17"`, quotes and all, is not `shop-17`).
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
             return self.write(field, format_args!("{value:?}"));
         }
-        let text = format!("{value:?}");
-        if one_word(&text) {
-            self.write(field, format_args!("{text}"));
-        } else {
-            self.write(field, format_args!("{text:?}"));
-        }
+        self.value(field, &format!("{value:?}"));
     }
 
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
@@ -903,11 +911,11 @@ mod tests {
         assert_eq!(q.take("slow"), Some(0));
     }
 
-    /// A value a peer chose cannot add fields to a line: a `%` value with spaces, `=` or quotes is
-    /// quoted as a `&str` is, and so is one that looks quoted already; one word and a number
-    /// stay as they are.
+    /// A value a peer chose cannot add fields to a line: a value with spaces, `=` or quotes is
+    /// quoted, and so is one that looks quoted already; one word and a number stay as they are;
+    /// a `&str` value reads as the same `%` one does.
     #[test]
-    fn a_display_value_cannot_forge_fields() {
+    fn a_value_cannot_forge_fields_and_reads_the_same_passed_either_way() {
         let text = logged(|| {
             let forged = "ghost status=200 reason=\"login ok\" client=10.0.0.1:1";
             tracing::warn!(agent = %forged, status = 401u16, "login refused");
@@ -915,6 +923,13 @@ mod tests {
             tracing::warn!(agent = %"\"shop-17\"", empty = %"", "quotes a peer sent stay theirs");
             tracing::warn!(tail = %"\"x\" y=\"z\"", "quotes at both ends are not enough");
             tracing::warn!(n = %4.5, "{} formatted", "message");
+            tracing::warn!(
+                agent = "shop-17",
+                reason = "agent shutting down",
+                agent2 = forged,
+                empty = "",
+                "as &str"
+            );
         });
         let lines: Vec<&str> = text
             .lines()
@@ -926,6 +941,7 @@ mod tests {
             r#"quotes a peer sent stay theirs agent="\"shop-17\"" empty="""#,
             r#"quotes at both ends are not enough tail="\"x\" y=\"z\"""#,
             r#"message formatted n=4.5"#,
+            r#"as &str agent=shop-17 reason="agent shutting down" agent2="ghost status=200 reason=\"login ok\" client=10.0.0.1:1" empty="""#,
         ];
         assert_eq!(lines, expected, "{text}");
     }

@@ -392,7 +392,7 @@ async fn the_log_file_gets_the_start_up_and_session_lines() {
     drop(ws);
     let closed = file_line(&log, "session closed", WAIT).await;
     assert!(
-        closed.contains("bytes_up=6") && closed.contains(&format!("target=\"{backend}\"")),
+        closed.contains("bytes_up=6") && closed.contains(&format!("target={backend}")),
         "{closed}"
     );
     let pid = child.id().unwrap().to_string();

@@ -184,12 +184,12 @@ async fn trace_level_shows_frames_without_payload() {
     futures_util::SinkExt::close(&mut ws).await.unwrap();
     let len = format!("len={}", marker.len());
     let wanted = [
-        ["client->bridge", "opcode=\"binary\"", "fin=true", &len],
+        ["client->bridge", "opcode=binary", "fin=true", &len],
         ["bridge->backend", "write", &len, ""],
         ["backend->bridge", "read", &len, ""],
-        ["bridge->client", "opcode=\"binary\"", &len, ""],
-        ["client->bridge", "opcode=\"close\"", "len=0", ""],
-        ["bridge->client", "opcode=\"close\"", "len=0", ""],
+        ["bridge->client", "opcode=binary", &len, ""],
+        ["client->bridge", "opcode=close", "len=0", ""],
+        ["bridge->client", "opcode=close", "len=0", ""],
     ];
     bridge.line("session closed").await;
     let seen = bridge.lines();
