@@ -110,6 +110,10 @@ command -v script >/dev/null || missing+=(bsdutils)
 # haproxy: the access-policy and balancer tests put the real HAProxy in front (PROXY protocol v2,
 # health checks on /readyz, drain).
 [[ -x /usr/sbin/haproxy ]] || command -v haproxy >/dev/null || missing+=(haproxy)
+# prometheus (for its promtool): the admin test checks /metrics with `promtool check metrics`, as
+# an operator's tools read it. Debian's package starts the server where a system lets packages
+# start services (it then listens on port 9090); the test uses only promtool.
+command -v promtool >/dev/null || missing+=(prometheus)
 # redis-server: the Redis token tests start their own (tests/common/redis.rs), TLS included.
 [[ -x /usr/bin/redis-server ]] || command -v redis-server >/dev/null || missing+=(redis-server)
 # nginx: `nginx -t` on examples/nginx.conf. Debian's package starts the service where a system

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 when every listener accepts and no drain has started; 503 from the moment a drain starts (SIGTERM; [`crate::server::Bridge::drain`]), before any session is closed and, with `drain_delay`, while the listeners still accept, so a balancer stops sending new sessions first |
-//! | `GET /metrics` | the registry of [`crate::metrics`] in the text exposition format, with the `process_*` metrics |
+//! | `GET /metrics` | the registry of [`crate::metrics`], with the `process_*` metrics: OpenMetrics text when `Accept` asks for it (Prometheus does), else the Prometheus text format |
 //! | `GET /sessions` | JSON: id, client, route, target, age, bytes each way of every live session |
 //! | `DELETE /sessions/ID` or `POST /sessions/ID/close` | ends that session with 1001 "closed by the operator" |
 //! | `GET /agents` | JSON: name, client address, connected since, services, idle data links, and data links dialled and returned after a session of every connected agent (agent mode) |
@@ -320,8 +320,14 @@ impl Admin {
                 // On a blocking thread, not on one that relays sessions: the process metrics
                 // read /proc, and counting 20,000 descriptors there takes milliseconds.
                 let metrics = self.bridge.metrics().clone();
-                match tokio::task::spawn_blocking(move || metrics.encode()).await {
-                    Ok(body) => (StatusCode::OK, METRICS, body),
+                let openmetrics = asks_for_openmetrics(request);
+                let encode = move || match openmetrics {
+                    true => metrics.encode(),
+                    false => crate::metrics::text_004(&metrics.encode()),
+                };
+                match tokio::task::spawn_blocking(encode).await {
+                    Ok(body) if openmetrics => (StatusCode::OK, OPENMETRICS, body),
+                    Ok(body) => (StatusCode::OK, PROMETHEUS_TEXT, body),
                     Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, TEXT, "the metrics failed\n".into()),
                 }
             }
@@ -478,8 +484,33 @@ fn sessions_json(metrics: &crate::metrics::Metrics) -> String {
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
-/// What prometheus-client writes (OpenMetrics text, which Prometheus scrapes natively).
-const METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What prometheus-client writes (OpenMetrics text), to a scraper that asks for it (Prometheus
+/// does, first).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format, to every other client ([`crate::metrics::text_004`]).
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether `request`'s Accept names OpenMetrics text (with a quality above 0), as Prometheus's
+/// scrapes do; curl's `*/*` and `promtool`'s readers get the Prometheus text format, as the
+/// Prometheus client libraries answer them.
+fn asks_for_openmetrics(request: &http::Request<()>) -> bool {
+    request
+        .headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|accept| {
+            accept.split(',').any(|range| {
+                let mut parts = range.split(';').map(str::trim);
+                let named = parts.next().is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
+                let refused = parts.any(|p| {
+                    p.split_once('=')
+                        .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+                });
+                named && !refused
+            })
+        })
+}
 
 /// Why `request` looks sent by a web page a browser loaded, which the endpoints past the health
 /// checks never answer: a page elsewhere could otherwise end sessions or move agents (a POST

@@ -342,9 +342,11 @@ pub struct RouteMetrics {
 }
 
 /// A route's `backend_connect_seconds`: 1 ms to 10 s (a loopback connect is well under a
-/// millisecond, a dead host takes the connect deadline, 5 s by default).
+/// millisecond, a dead host takes the connect deadline, 5 s by default, observed as the deadline
+/// itself so that it falls in its bucket; 2.5 s between 1 and 5 s, where an agent's answer or
+/// a second SYN lands).
 fn connect_histogram() -> Histogram {
-    Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])
+    Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
 }
 
 /// `token_lookup_seconds`: 0.5 ms to 5 s (Redis on the next host answers in well under a
@@ -352,6 +354,29 @@ fn connect_histogram() -> Histogram {
 fn lookup_histogram() -> Histogram {
     Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
 }
+
+/// The `sessions_ended_total` series of a route that dashboards and alerts read (normal ends,
+/// and trouble: a client gone, a backend failed, timed out or unreachable, a drain, clients
+/// gone quiet), exported at 0 from the route's configuration on: `rate()` and `increase()` see
+/// nothing of a series until it has a sample before the rise, so a route's first 1014 made
+/// its series and showed no increase.
+const EXPECTED_ENDS: [(u16, crate::relay::Cause); 8] = {
+    use crate::relay::Cause;
+    [
+        (1000, Cause::Close),
+        (1000, Cause::Closed),
+        (1006, Cause::Gone),
+        (1011, Cause::Failed),
+        (1011, Cause::TimedOut),
+        (1014, Cause::Unreachable),
+        (1001, Cause::Shutdown),
+        (1001, Cause::PingTimeout),
+    ]
+};
+
+/// Why an agent's control link ends (`agent_disconnects_total{reason}`), all exported at 0 where
+/// agents may connect.
+pub const AGENT_DISCONNECTS: [&str; 5] = ["closed", "lost", "replaced", "revoked", "drained"];
 
 /// The outcomes of a backend connect.
 const CONNECT_OUTCOMES: [&str; 3] = ["ok", "failed", "shutdown"];
@@ -423,6 +448,13 @@ impl Metrics {
             "Connections refused before the upgrade, by HTTP status (0: closed without an answer) and reason",
             refused.clone(),
         );
+        // At 0 from the start, as a route's series are: an alert on it sees the first rise.
+        let (status, reason) = Refusal::ConnectionLimit.label();
+        let _ = refused.get_or_create_owned(&RefusedLabel {
+            status,
+            reason,
+            route: String::new(),
+        });
         let connects = Family::<ConnectLabel, Counter>::default();
         registry.register(
             "backend_connects",
@@ -438,7 +470,7 @@ impl Metrics {
         let agent_open_failures = Family::<FailureLabel, Counter>::default();
         registry.register(
             "agent_open_failures",
-            "Agent mode: sessions an agent could not open, by route and why (offline, no_service, busy, app, no_link, timeout); each is also a backend_connect_failures reason=\"agent\"",
+            "Agent mode: sessions an agent could not open, by route and why (offline, no_service, busy, app, no_link, timeout); each is also a backend_connect_failures of reason agent",
             agent_open_failures.clone(),
         );
         let agent_connections = Counter::default();
@@ -602,6 +634,11 @@ impl Metrics {
             sha256: config.text_sha256.clone().unwrap_or_default(),
         };
         self.config_info.get_or_create(&label).set(1);
+        if !config.agents.endpoints.is_empty() {
+            for reason in AGENT_DISCONNECTS {
+                let _ = self.agent_disconnects.get_or_create_owned(&ReasonLabel { reason });
+            }
+        }
     }
 
     /// Sets whether a drain has started.
@@ -632,7 +669,8 @@ impl Metrics {
         self.log_lines_dropped.inner().fetch_max(dropped, Ordering::Relaxed);
     }
 
-    /// The handles of the route named `name` (created on its first session).
+    /// The handles of the route named `name` (created when the route is configured, or on its
+    /// first session: a route made from a token source's token).
     pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
         let route = route_label(name);
         let route = route.as_ref();
@@ -682,6 +720,11 @@ impl Metrics {
     /// A session of `route` ended with `code`, for `cause` (which says the side too; its bytes
     /// were counted as they moved: [`Session::moved`]).
     pub fn session_ended(&self, route: &RouteMetrics, code: u16, cause: crate::relay::Cause) {
+        self.ended(route, code, cause).inc();
+    }
+
+    /// The `sessions_ended_total` counter of `route`, `code` and `cause`.
+    fn ended<'r>(&self, route: &'r RouteMetrics, code: u16, cause: crate::relay::Cause) -> &'r Counter {
         let code_index = KNOWN_CODES.iter().position(|(c, _)| *c == code).unwrap_or(KNOWN_CODES.len());
         let label = || EndLabel {
             route: route.route.clone(),
@@ -689,9 +732,27 @@ impl Metrics {
             ended_by: cause.ended_by(),
             cause: cause.as_str(),
         };
-        route.ended[code_index * crate::relay::Cause::ALL.len() + cause as usize]
-            .get_or_init(|| self.ended.get_or_create(&label()).clone())
-            .inc();
+        route.ended[code_index * crate::relay::Cause::ALL.len() + cause as usize].get_or_init(|| self.ended.get_or_create(&label()).clone())
+    }
+
+    /// A route of the configuration in force (named `name`; `capped`: it has `max_sessions`):
+    /// its series are exported from now on, at 0, with the ends in [`EXPECTED_ENDS`] and, when
+    /// capped, its `route_full` refusals, so that their first rise shows (a series made by its
+    /// first event has no increase to a rate or an alert).
+    pub fn route_configured(&self, name: &str, capped: bool) {
+        let route = self.route(name);
+        for (code, cause) in EXPECTED_ENDS {
+            self.ended(&route, code, cause);
+        }
+        if capped {
+            let (status, reason) = Refusal::Http(503).label();
+            let label = RefusedLabel {
+                status,
+                reason,
+                route: route.route.clone(),
+            };
+            let _ = self.refused.get_or_create_owned(&label);
+        }
     }
 
     /// A connection was refused before the upgrade, before a route was found.
@@ -792,13 +853,52 @@ impl Metrics {
         self.cert_expiry.get_or_create(&CertLabel { cert: cert.to_owned() }).set(seconds);
     }
 
-    /// The registry in the text exposition format.
+    /// The registry in the OpenMetrics text format (what Prometheus asks for).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// `/metrics` in the Prometheus text format 0.0.4 for a client that does not ask for OpenMetrics
+/// (curl, `promtool check metrics`, older scrapers), made from [`Metrics::encode`]'s OpenMetrics:
+/// the same samples, with the metadata named as that format names it. OpenMetrics names a
+/// counter's family without `_total` and an info metric's without `_info`, beside samples that
+/// have them; a 0.0.4 reader took every counter for an untyped metric without help. `# UNIT`
+/// and `# EOF` have no 0.0.4 form and are left out; `info` is a gauge there, `unknown` untyped.
+pub fn text_004(openmetrics: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(openmetrics.len());
+    // A family's metadata, held until its TYPE says how to name it.
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        let Some(comment) = line.strip_prefix("# ") else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let mut words = comment.splitn(3, ' ');
+        let (kind, name, rest) = (words.next(), words.next().unwrap_or(""), words.next().unwrap_or(""));
+        match kind {
+            Some("HELP") => help = Some((name, rest)),
+            Some("TYPE") => {
+                let (renamed, kind) = match rest {
+                    "counter" => (format!("{name}_total"), "counter"),
+                    "info" => (format!("{name}_info"), "gauge"),
+                    "unknown" => (name.to_owned(), "untyped"),
+                    other => (name.to_owned(), other),
+                };
+                if let Some((_, text)) = help.take().filter(|(family, _)| *family == name) {
+                    let _ = writeln!(out, "# HELP {renamed} {text}");
+                }
+                let _ = writeln!(out, "# TYPE {renamed} {kind}");
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 impl RouteMetrics {
@@ -1168,5 +1268,52 @@ mod tests {
         assert_eq!(route_label("token #0123456789ab from /etc/t"), "tokens from /etc/t");
         assert_eq!(route_label("JWT token #0123456789ab"), "JWT tokens");
         assert_eq!(route_label("token #0123456789ab"), "inline tokens");
+    }
+
+    /// The Prometheus text format names each family's metadata as its samples are named: every
+    /// sample belongs to the family a TYPE line before it names (a histogram's by its
+    /// `_bucket`, `_sum` and `_count`), every TYPE has its HELP, and nothing OpenMetrics-only is
+    /// left; the samples are OpenMetrics' own, line for line.
+    #[test]
+    fn the_prometheus_text_format_names_families_as_their_samples() {
+        let metrics = Metrics::new();
+        metrics.route_configured("path /vnc", true);
+        let route = metrics.route("path /vnc");
+        metrics.session_ended(&route, 1000, crate::relay::Cause::Close);
+        metrics.backend_connect(&route, "ok", std::time::Duration::from_millis(3));
+        metrics.agent_disconnected("lost");
+        let openmetrics = metrics.encode();
+        let text = text_004(&openmetrics);
+        let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(samples(&text), samples(&openmetrics));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        let (mut family, mut kind, mut helped) = (String::new(), String::new(), None::<String>);
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                helped = rest.split(' ').next().map(str::to_owned);
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                (family, kind) = rest.split_once(' ').map(|(f, k)| (f.to_owned(), k.to_owned())).unwrap();
+                assert_eq!(helped.take().as_deref(), Some(family.as_str()), "no HELP before {line}");
+                assert!(["counter", "gauge", "histogram", "untyped"].contains(&kind.as_str()), "{line}");
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let belongs = match kind.as_str() {
+                    "histogram" => ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{family}{s}")),
+                    _ => name == family,
+                };
+                assert!(belongs, "{line} under # TYPE {family} {kind}");
+            }
+        }
+        for series in [
+            "# TYPE wsbridge_sessions_ended_total counter",
+            r#"wsbridge_sessions_ended_total{route="path /vnc",code="1014",ended_by="bridge",cause="unreachable"} 0"#,
+            r#"wsbridge_sessions_ended_total{route="path /vnc",code="1000",ended_by="client",cause="close"} 1"#,
+            r#"wsbridge_handshakes_refused_total{status="503",reason="route_full",route="path /vnc"} 0"#,
+            r#"wsbridge_agent_disconnects_total{reason="lost"} 1"#,
+            "# TYPE process_cpu_seconds_total counter",
+            "# TYPE wsbridge_build_info gauge",
+        ] {
+            assert!(text.lines().any(|l| l == series), "no {series} in:\n{text}");
+        }
     }
 }

@@ -348,8 +348,14 @@ impl RouteTable {
     }
 
     /// Counts and times lookups in Redis and API token sources in `metrics`
-    /// (`token_lookups_total`, `token_lookup_seconds`).
+    /// (`token_lookups_total`, `token_lookup_seconds`), and exports the series of the routes
+    /// configured as such (paths, the any-path route, inline tokens, fleet routes) from now on,
+    /// before their first session ([`crate::metrics::Metrics::route_configured`]).
     pub fn observed_by(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        let configured = self.paths.values().chain(&self.any_path).chain(self.tokens.values());
+        for route in configured.chain(self.agent_templates.iter().map(|(_, r)| r)) {
+            metrics.route_configured(&route.name, route.options.max_sessions.is_some());
+        }
         self.metrics = Some(metrics);
     }
 

@@ -81,12 +81,16 @@ pub async fn serve<S: IntoLink>(
 ) {
     let addr = client;
     let write_end = Instant::now() + timeouts.http_write;
+    // Counted with the endpoint as their route: an agent's failed login is not a browser's
+    // request for a path no route has, nor a cap at accept (`route=""`).
+    let route = format!("agent endpoint {}", endpoint.path);
+    let refused = |status: u16| metrics.refused_by(crate::metrics::Refusal::Http(status), Some(&route));
     let headers = request.headers();
     // Any page can open a WebSocket here, cross-site, but cannot leave out its Origin, which no
     // agent sends: refused before anything else, and not charged to the address's brake.
     if let Some(origin) = headers.get(header::ORIGIN) {
         refuse(&mut stream, write_end, StatusCode::FORBIDDEN, NOT_FOR_BROWSERS).await;
-        metrics.refused(crate::metrics::Refusal::Http(403));
+        refused(403);
         return info!(
             status = 403,
             origin = %shown(origin.as_bytes()),
@@ -95,7 +99,7 @@ pub async fn serve<S: IntoLink>(
     }
     let kind = if !is_login(headers) {
         refuse(&mut stream, write_end, StatusCode::BAD_REQUEST, "this is an agent endpoint").await;
-        metrics.refused(crate::metrics::Refusal::Http(400));
+        refused(400);
         return info!(status = 400, "agent endpoint: not an agent handshake");
     } else if has_token(headers, &header::UPGRADE, link::LINK_TOKEN) {
         let framing = header::HeaderName::from_static(chunks::FRAMING_HEADER);
@@ -113,7 +117,7 @@ pub async fn serve<S: IntoLink>(
                     "missing or malformed Sec-WebSocket-Key",
                 )
                 .await;
-                metrics.refused(crate::metrics::Refusal::Http(400));
+                refused(400);
                 return info!(status = 400, "agent endpoint: malformed control link request");
             }
         }
@@ -145,7 +149,7 @@ pub async fn serve<S: IntoLink>(
     let (Some(name), Some(secret)) = (name, secret) else {
         // Guesses nothing: not charged to the brake (see the module's doc), and not looked up.
         refuse(&mut stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
-        metrics.refused(crate::metrics::Refusal::Http(401));
+        refused(401);
         return info!(
             status = 401,
             agent = %shown(name.unwrap_or_default().as_bytes()),
@@ -176,7 +180,7 @@ pub async fn serve<S: IntoLink>(
             name,
             secret,
             matches!(kind, Kind::Link(_)),
-            metrics,
+            &refused,
         )
         .await
         {
@@ -203,14 +207,14 @@ pub async fn serve<S: IntoLink>(
                     "this link's control link is on another instance",
                 )
                 .await;
-                metrics.refused(crate::metrics::Refusal::Http(421));
+                refused(421);
                 return info!(agent = %name, status = 421, "agent data link for another instance; refused");
             }
             // Its control link logged in with the same secret: during a rotation the old one is
             // still listed, and a link with it must not join the new connection's pool.
             if !registry.takes_links(&name, &digest) || !leftover.is_empty() {
                 refuse(&mut stream, write_end, StatusCode::CONFLICT, "no control link for this agent").await;
-                metrics.refused(crate::metrics::Refusal::Http(409));
+                refused(409);
                 return debug!(agent = %name, status = 409, "agent data link without a control link (with its secret)");
             }
             // Answering the agent's offer of chunks makes the link reusable (an agent that did
@@ -274,7 +278,7 @@ async fn braked_login<S: LinkIo>(
     name: &str,
     secret: &str,
     data_link: bool,
-    metrics: &crate::metrics::Metrics,
+    refused: &(dyn Fn(u16) + Sync),
 ) -> Option<[u8; 32]> {
     let charge = match data_link {
         true => registry.charge_link(addr.ip(), name),
@@ -291,7 +295,7 @@ async fn braked_login<S: LinkIo>(
             .await;
             // One a request, which any host can send: at debug, and counted (as the 429s at accept
             // are); the brake turning on was a warning ([`Registry::brake_came_on`]).
-            metrics.refused(crate::metrics::Refusal::Http(429));
+            refused(429);
             debug!(
                 status = 429,
                 agent = %shown(name.as_bytes()),
@@ -306,7 +310,7 @@ async fn braked_login<S: LinkIo>(
         Err(why) => {
             // The try was charged above; a failed one stays spent.
             refuse(stream, write_end, StatusCode::UNAUTHORIZED, "unauthorized").await;
-            metrics.refused(crate::metrics::Refusal::Http(401));
+            refused(401);
             let shown = shown(name.as_bytes());
             warn!(status = 401, agent = %shown, reason = why.to_string().as_str(), "agent endpoint: login refused");
             if registry.brake_came_on(charged) {

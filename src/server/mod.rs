@@ -1402,7 +1402,9 @@ async fn run_session<S>(
         Err(Some(_)) => "failed",
         Err(None) => "shutdown",
     };
-    metrics.backend_connect(route_metrics, outcome, started.elapsed());
+    // A timeout is observed at the deadline, in the bucket it names, not in the next one up for
+    // the moments the timer took to fire.
+    metrics.backend_connect(route_metrics, outcome, started.elapsed().min(params.timeouts.connect));
     if let Err(Some(e)) = &backend {
         metrics.backend_failure(route_metrics, e);
     }

@@ -685,7 +685,7 @@ async fn process_metrics_describe_the_bridge_process() {
     for name in ["process_open_fds", "process_max_fds", "process_start_time_seconds"] {
         assert!(body.contains(&format!("# TYPE {name} gauge")), "{name} unprefixed: {body}");
     }
-    assert!(body.contains("# TYPE process_cpu_seconds counter"), "{body}");
+    assert!(body.contains("# TYPE process_cpu_seconds_total counter"), "{body}");
     let m = scrape(addr, None).await;
 
     // /proc's start is the boot time (whole seconds) plus clock ticks: up to a second early.
@@ -1674,4 +1674,99 @@ async fn the_admin_listener_serves_https_to_clients_with_certificates() {
     let (code, _, err) = run_to_end(&["--config", file.to_str().unwrap()]).await;
     assert_eq!(code, 64, "{err}");
     assert!(err.contains(": admin.tls.key: ") && err.contains("missing.key"), "{err}");
+}
+
+/// `/metrics` as the operator's tools read it: curl (no OpenMetrics in `Accept`) gets the
+/// Prometheus text format, which `promtool check metrics` passes without a lint (it read every
+/// counter of the OpenMetrics answer as an untyped metric without help: a review with the real
+/// Prometheus); Prometheus's own `Accept` gets OpenMetrics. A configured route's common ends,
+/// its `route_full` refusals and the agents' disconnect reasons are there at 0 before anything
+/// happened, so that the first rise shows to `rate()` (a series made by its first event has no
+/// increase).
+#[tokio::test]
+async fn the_metrics_pass_promtool_and_openmetrics_goes_to_a_scraper_that_asks() {
+    use crate::common::binary::Binary;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wsbridge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[admin]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n\
+             [[agent_endpoint]]\npath = \"/agent\"\n\
+             [[agent]]\nname = \"shop-17\"\nsecret_sha256 = \"{}\"\n\
+             [[route]]\npath = \"/echo\"\ntarget = \"127.0.0.1:9\"\nmax_sessions = 2\n\
+             [[route]]\npath = \"/pos\"\ntarget = {{ agent = \"shop-17\", service = \"pos\" }}\n",
+            wsbridge::agent::link::secret_sha256("a secret of the test's own")
+        ),
+    )
+    .unwrap();
+    let b = Binary::spawn(&["--config", file.to_str().unwrap()]).await;
+    let addr = b.admin_addr().await;
+    let get = |accept: &str| {
+        let accept = match accept {
+            "" => String::new(),
+            a => format!("Accept: {a}\r\n"),
+        };
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n");
+        async move {
+            let response = http_raw(addr, request.as_bytes()).await;
+            assert_eq!(status_of(&response), 200, "{response}");
+            let head = response.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+            let kind = head.lines().find_map(|l| l.strip_prefix("content-type: ")).unwrap_or("").to_owned();
+            (kind, body_of(&response).to_owned())
+        }
+    };
+
+    let (kind, text) = get("").await;
+    assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+    for series in [
+        r#"wsbridge_sessions_ended_total{route="path /echo",code="1014",ended_by="bridge",cause="unreachable"} 0"#,
+        r#"wsbridge_sessions_ended_total{route="path /pos",code="1011",ended_by="backend",cause="failed"} 0"#,
+        r#"wsbridge_handshakes_refused_total{status="503",reason="route_full",route="path /echo"} 0"#,
+        r#"wsbridge_handshakes_refused_total{status="503",reason="connection_limit",route=""} 0"#,
+        r#"wsbridge_agent_disconnects_total{reason="lost"} 0"#,
+        "# TYPE wsbridge_sessions_ended_total counter",
+        "# TYPE wsbridge_config_info gauge",
+    ] {
+        assert!(text.lines().any(|l| l == series), "no {series} in:\n{text}");
+    }
+    assert!(
+        !text.contains("route_full\",route=\"path /pos\""),
+        "/pos has no max_sessions:\n{text}"
+    );
+    assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+    // `*/*` (curl's) and OpenMetrics refused with q=0 are not asking for it.
+    assert_eq!(get("*/*").await.0, kind);
+    assert_eq!(get("application/openmetrics-text;q=0, text/plain").await.0, kind);
+
+    match which("promtool") {
+        None => skip(
+            "admin::the_metrics_pass_promtool_and_openmetrics_goes_to_a_scraper_that_asks",
+            "promtool is not installed (Debian's prometheus package; scripts/test.sh installs it): the rest ran",
+        ),
+        Some(promtool) => {
+            let mut child = tokio::process::Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn promtool");
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(text.as_bytes()).await.unwrap();
+            drop(stdin);
+            let out = within("promtool", child.wait_with_output()).await.unwrap();
+            let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && said.trim().is_empty(), "promtool: {:?}\n{said}", out.status);
+        }
+    }
+
+    // What Prometheus 2.42 sends.
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                      text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (kind, om) = get(prometheus).await;
+    assert_eq!(kind, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.lines().any(|l| l == "# TYPE wsbridge_sessions_ended counter"), "{om}");
 }

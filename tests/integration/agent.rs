@@ -3613,10 +3613,12 @@ async fn wrong_secrets_past_the_brake_are_one_warning_not_one_each() {
     let logins = lines.iter().filter(|l| l.contains("WARN") && l.contains("login refused"));
     assert_eq!(logins.count(), refused, "each failed login still warned of");
     let (_, metrics) = admin(admin_addr, "GET", "/metrics", None).await;
-    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="429",reason="rate_limited",route=""}} {slowed}"#);
+    let counted =
+        format!(r#"wsbridge_handshakes_refused_total{{status="429",reason="rate_limited",route="agent endpoint /agent"}} {slowed}"#);
     assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
-    // The failed logins themselves are counted as a browser's failed authentication is.
-    let counted = format!(r#"wsbridge_handshakes_refused_total{{status="401",reason="unauthenticated",route=""}} {refused}"#);
+    // The failed logins themselves are counted as a browser's failed authentication is, with the endpoint as their route.
+    let counted =
+        format!(r#"wsbridge_handshakes_refused_total{{status="401",reason="unauthenticated",route="agent endpoint /agent"}} {refused}"#);
     assert!(metrics.lines().any(|l| l == counted), "{counted} in:\n{metrics}");
 }
 
