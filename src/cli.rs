@@ -265,7 +265,8 @@ pub struct RunArgs {
     pub unix_target: Option<PathBuf>,
     /// Listen on this unix socket instead of TCP (then give only TARGET), for a reverse proxy on
     /// the same machine; a stale socket file there is replaced, any other file is an error. Its
-    /// clients count as 127.0.0.1 for --max-connections-per-ip and policies. Not on Windows.
+    /// clients count as 127.0.0.1 for per-address caps (a file's `max_connections_per_ip`) and
+    /// policies. Not on Windows.
     #[arg(long, value_name = "PATH")]
     pub unix_listen: Option<PathBuf>,
     /// The --unix-listen socket's file mode, in octal (default 600: only wsbridge's user can

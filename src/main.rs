@@ -165,9 +165,16 @@ fn report(r: anyhow::Result<()>, path: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
-/// What to do about a port below 1024 that this process may not bind.
+/// What to do about a port below 1024 that this process may not bind, or a unix socket in a
+/// directory that does not exist (`/run/wsbridge` before anything made it).
 fn bind_hint(e: &anyhow::Error) -> &'static str {
     match e.downcast_ref::<StartError>() {
+        Some(StartError::Bind {
+            addr: wsbridge::config::ListenOn::Unix { .. },
+            source,
+        }) if source.kind() == std::io::ErrorKind::NotFound => {
+            " (its directory does not exist: create it first, owned by the user wsbridge runs as; a systemd unit's RuntimeDirectory=wsbridge makes /run/wsbridge)"
+        }
         Some(StartError::Bind {
             addr: wsbridge::config::ListenOn::Tcp(addr),
             source,
@@ -526,6 +533,11 @@ async fn demo(listen: &str, tls: Option<wsbridge::tls::CertFiles>, agent: bool) 
     };
     let demo = started.map_err(|e| match e {
         DemoError::Bridge(e) => anyhow::Error::new(e),
+        DemoError::Start(StartError::Bind { addr, source }) if source.kind() == std::io::ErrorKind::AddrInUse => {
+            anyhow::anyhow!(
+                "cannot listen on {addr}: {source} (another program has the port: `wsbridge demo --listen 127.0.0.1:PORT` takes another)"
+            )
+        }
         DemoError::Start(e) => anyhow::Error::new(e),
         e => anyhow::Error::new(e),
     })?;
@@ -573,9 +585,15 @@ async fn agent(args: &AgentArgs, verbose: u8) -> ExitCode {
                 print!("{text}");
                 ExitCode::SUCCESS
             }
+            // A file there already or a directory that is not (the command line's mistakes,
+            // as a configuration error is): 64; the machine's failures (no randomness, a full
+            // disk): 1.
             Err(e) => {
                 complain!("wsbridge: {e}");
-                ExitCode::from(1)
+                match e.kind() {
+                    std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotFound => ExitCode::from(EX_USAGE),
+                    _ => ExitCode::from(1),
+                }
             }
         };
     }

@@ -535,7 +535,9 @@ impl RouteTable {
                 return Err(Miss::Denied(format!("{name} names no host and port")));
             };
             if !targets::allowed(&source.allow, &host, port) {
-                return Err(Miss::Denied(format!("{name} names {host}:{port}, which is not in allow_targets")));
+                return Err(Miss::Denied(format!(
+                    "{name} names {host}:{port}, which no allow_targets rule (--token-allow-target) admits"
+                )));
             }
             let target = Target::Tcp {
                 host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
@@ -681,9 +683,10 @@ impl RouteTable {
             };
             let _ = writeln!(
                 out,
-                "token source {} ({} tokens): lookup = \"{}\"{format}, {}",
+                "token source {} ({} token{}): lookup = \"{}\"{format}, {}",
                 s.config.path.display(),
                 entries.len(),
+                if entries.len() == 1 { "" } else { "s" },
                 s.config.lookup,
                 s.config.options.describe()
             );

@@ -171,8 +171,9 @@ impl Authenticator {
             Authenticator::Bearer(b) => {
                 let b = b.current();
                 format!(
-                    "bearer ({} tokens{})",
+                    "bearer ({} token{}{})",
                     b.tokens.len(),
+                    if b.tokens.len() == 1 { "" } else { "s" },
                     b.from.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default()
                 )
             }
@@ -597,7 +598,7 @@ mod tests {
         tokio::time::advance(RECHECK).await;
         assert!(bearer.check(&token("leaked")).await.is_err(), "removed from the file");
         assert!(bearer.check(&token("kept")).await.is_ok());
-        assert_eq!(bearer.describe(), format!("bearer (1 tokens from {})", tokens.display()));
+        assert_eq!(bearer.describe(), format!("bearer (1 token from {})", tokens.display()));
         // The last one revoked, leaving a comment: nothing in force (a review: a file with no
         // token failed to parse and kept the revoked one).
         std::fs::write(&tokens, "# revoked\n").unwrap();

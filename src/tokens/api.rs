@@ -218,7 +218,7 @@ impl ApiTokens {
         let target = Target::Tcp { host, port };
         if !allowed {
             return Ok(Answer::Denied(format!(
-                "token {} from {} names {target}, which is not in allow_targets",
+                "token {} from {} names {target}, which no allow_targets rule (--token-allow-target) admits",
                 redact(token),
                 self.name
             )));

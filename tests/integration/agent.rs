@@ -1622,10 +1622,14 @@ async fn new_secret_writes_a_new_secret_file_and_prints_the_server_line() {
     assert!(!text.contains(secret), "the secret printed: {text}");
     assert!(text.contains(&format!("secret_sha256 = \"{}\"", secret_sha256(secret))), "{text}");
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    // A usage mistake, as the manual's EXIT STATUS says of them: 64 (a newcomer's run found 1).
     let (code, _, err) = run_to_end(&["agent", "--new-secret", "--secret-file", path]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 64);
     assert!(err.contains("exists already"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), written, "the existing secret kept");
+    let nowhere = dir.path().join("not-made").join("agent.secret");
+    let (code, _, err) = run_to_end(&["agent", "--new-secret", "--secret-file", nowhere.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{err}");
 }
 
 #[tokio::test]

@@ -343,6 +343,29 @@ async fn port_in_use_is_a_runtime_error() {
         assert_eq!(code, 1, "--threads {threads}: {err}");
         assert!(err.contains(&format!("cannot listen on {addr}")), "--threads {threads}: {err}");
     }
+    // The demo's port (6080 unless told) taken: the message says how to take another (a
+    // newcomer's run: it did not, and the README did not either).
+    let (code, _, err) = run_to_end(&["demo", "--listen", &addr]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("`wsbridge demo --listen 127.0.0.1:PORT` takes another"),
+        "{err}"
+    );
+}
+
+/// `--unix-listen` in a directory that does not exist (the README's /run/wsbridge, before
+/// anything made it) says so and what makes it (a newcomer's run: `No such file or directory`).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_unix_socket_in_a_missing_directory_says_to_make_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("not-made").join("ws.sock");
+    let (code, _, err) = run_to_end(&["--unix-listen", socket.to_str().unwrap(), "127.0.0.1:5900"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("its directory does not exist: create it first") && err.contains("RuntimeDirectory="),
+        "{err}"
+    );
 }
 
 /// Every config/*.toml passes `check`, in a copy of the directory where the one file an

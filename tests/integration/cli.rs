@@ -504,7 +504,7 @@ async fn a_directory_plugin_takes_a_directory_only(
     let (code, out, err) = run_to_end(&["check", toml.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     let heading = format!(
-        "token source {} (1 tokens): lookup = \"query\", format = \"{format}\"",
+        "token source {} (1 token): lookup = \"query\", format = \"{format}\"",
         source.display()
     );
     assert!(out.contains(&heading) && out.contains(&format!("-> {listed}")), "{out}");

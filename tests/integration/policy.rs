@@ -621,7 +621,7 @@ async fn check_shows_each_routes_policy_without_its_secrets() {
         "origins = [\"https://*.example.com\"]",
         "allow = [\"192.0.2.0/24\"]",
         "deny = [\"192.0.2.9/32\"]",
-        "auth = { bearer = <1 tokens> }",
+        "auth = { bearer = <1 token> }",
         "new_sessions_per_ip = 2, new_sessions_burst = 2",
         "proxy_protocol = \"v2\"",
         "policy    origins = [\"same-origin\"]",
