@@ -490,26 +490,32 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// The Prometheus text format, to every other client ([`crate::metrics::text_004`]).
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Whether `request`'s Accept names OpenMetrics text (with a quality above 0), as Prometheus's
-/// scrapes do; curl's `*/*` and `promtool`'s readers get the Prometheus text format, as the
-/// Prometheus client libraries answer them.
+/// Whether `request`'s Accept prefers OpenMetrics text: named with a quality above 0 and not
+/// below the Prometheus text format's (`text/plain`), as Prometheus's scrapes ask by default
+/// (a `scrape_protocols` that puts the text format first ranks it higher, and gets it); curl's
+/// `*/*` and `promtool`'s readers get the Prometheus text format, as the Prometheus client
+/// libraries answer them.
 fn asks_for_openmetrics(request: &http::Request<()>) -> bool {
-    request
+    let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+    let accepted = request
         .headers()
         .get_all(http::header::ACCEPT)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|accept| {
-            accept.split(',').any(|range| {
-                let mut parts = range.split(';').map(str::trim);
-                let named = parts.next().is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
-                let refused = parts.any(|p| {
-                    p.split_once('=')
-                        .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
-                });
-                named && !refused
-            })
-        })
+        .filter_map(|v| v.to_str().ok());
+    for range in accepted.flat_map(|accept| accept.split(',')) {
+        let mut parts = range.split(';').map(str::trim);
+        let kind = parts.next().unwrap_or("");
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        if kind.eq_ignore_ascii_case("application/openmetrics-text") {
+            openmetrics = openmetrics.max(q);
+        } else if kind.eq_ignore_ascii_case("text/plain") {
+            text = text.max(q);
+        }
+    }
+    openmetrics > 0.0 && openmetrics >= text
 }
 
 /// Why `request` looks sent by a web page a browser loaded, which the endpoints past the health

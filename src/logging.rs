@@ -770,8 +770,9 @@ impl PlainVisitor<'_> {
     }
 }
 
-/// Writes through to a log line with control characters escaped (`\n`, `\u{1b}`): a field's
-/// value cannot start a line of its own or drive the terminal that shows the log. In the message
+/// Writes through to a log line with control and Unicode format characters escaped (`\n`,
+/// `\u{1b}`, `\u{202e}`): a field's value cannot start a line of its own, drive the terminal
+/// that shows the log, or turn the rest of the line around. In the message
 /// (our own text, where a configuration error's snippet spans lines) line breaks and tabs stay,
 /// as with tracing-subscriber's default, which escapes the rest there too.
 struct Escaping<'a, 'w>(&'a mut tracing_subscriber::fmt::format::Writer<'w>, bool);
@@ -784,9 +785,12 @@ impl std::fmt::Write for Escaping<'_, '_> {
         }
         let keep = |c: char| self.1 && matches!(c, '\n' | '\r' | '\t');
         let mut rest = s;
-        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| c.is_control() && !keep(c)) {
+        while let Some((i, c)) = rest.char_indices().find(|&(_, c)| unseen(c) && !keep(c)) {
             self.0.write_str(&rest[..i])?;
-            write!(self.0, "{}", c.escape_debug())?;
+            match c.is_control() {
+                true => write!(self.0, "{}", c.escape_debug())?,
+                false => write!(self.0, "\\u{{{:x}}}", u32::from(c))?,
+            }
             rest = &rest[i + c.len_utf8()..];
         }
         self.0.write_str(rest)
@@ -832,7 +836,19 @@ impl tracing::field::Visit for PlainVisitor<'_> {
 
 /// Whether a field's text reads as one logfmt value without quotes.
 fn one_word(text: &str) -> bool {
-    !text.is_empty() && !text.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '='))
+    !text.is_empty() && !text.chars().any(|c| c.is_whitespace() || unseen(c) || matches!(c, '"' | '='))
+}
+
+/// A character that changes how a line looks without showing itself: a control character, or
+/// a Unicode format character (Cf: bidirectional overrides and isolates, zero-width spaces and
+/// joiners, the byte-order mark, the soft hyphen), which a client's close reason or path could
+/// use to show the rest of a line reversed in a terminal or a log viewer. Written escaped
+/// (`\u{202e}`), as Rust's `{:?}` writes them.
+fn unseen(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
 }
 
 /// A client's address as log lines and the admin's session list show it: `ip:port`, or the bare
@@ -1202,5 +1218,17 @@ mod tests {
         let mut writer = tracing_subscriber::fmt::format::Writer::new(&mut line);
         write!(Escaping(&mut writer, true), "bad value\n  | x = 1\n\u{1b}[2J").unwrap();
         assert_eq!(line, "bad value\n  | x = 1\n\\u{1b}[2J");
+        // Nor can it turn the rest of the line around or hide in it (a close reason with U+202E
+        // showed the line reversed in a terminal: a review), one word or not.
+        let text = logged(|| {
+            tracing::warn!(reason = "ab\u{202e}cd", path = %"/a\u{200b}b", two = "two words\u{2066}", "x\u{feff}y é");
+        });
+        assert!(
+            text.ends_with(
+                r#"x\u{feff}y é reason="ab\u{202e}cd" path="/a\u{200b}b" two="two words\u{2066}"
+"#
+            ),
+            "{text:?}"
+        );
     }
 }

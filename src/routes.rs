@@ -348,15 +348,21 @@ impl RouteTable {
     }
 
     /// Counts and times lookups in Redis and API token sources in `metrics`
-    /// (`token_lookups_total`, `token_lookup_seconds`), and exports the series of the routes
-    /// configured as such (paths, the any-path route, inline tokens, fleet routes) from now on,
-    /// before their first session ([`crate::metrics::Metrics::route_configured`]).
+    /// (`token_lookups_total`, `token_lookup_seconds`).
     pub fn observed_by(&mut self, metrics: Arc<crate::metrics::Metrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    /// Exports the series of the routes configured as such (paths, the any-path route, inline
+    /// tokens, fleet routes) from now on, before their first session
+    /// ([`crate::metrics::Metrics::route_configured`]): once the table is the one in force, not
+    /// for a reload that fails after building it.
+    pub fn export_configured(&self) {
+        let Some(metrics) = &self.metrics else { return };
         let configured = self.paths.values().chain(&self.any_path).chain(self.tokens.values());
         for route in configured.chain(self.agent_templates.iter().map(|(_, r)| r)) {
             metrics.route_configured(&route.name, route.options.max_sessions.is_some());
         }
-        self.metrics = Some(metrics);
     }
 
     /// The route configured with exactly this matcher.

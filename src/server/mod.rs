@@ -184,6 +184,7 @@ impl Bridge {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let mut live = Live::from_config(config, None, &metrics)?;
         live.commit();
+        live.routes.export_configured();
         let connections = Slots::default();
         live.agents.count_connections(&connections, live.max_connections);
         let shutdown = CancellationToken::new();
@@ -225,6 +226,7 @@ impl Bridge {
         let mut live = Live::from_config(config, Some(&self.live()), &self.inner.metrics)?;
         live.agents.count_connections(&self.inner.connections, live.max_connections);
         live.commit();
+        live.routes.export_configured();
         *self.inner.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
         crate::metrics::file_sources_reloaded();
         self.inner.metrics.config_in_force(config);

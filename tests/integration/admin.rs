@@ -1738,6 +1738,10 @@ async fn the_metrics_pass_promtool_and_openmetrics_goes_to_a_scraper_that_asks()
     // `*/*` (curl's) and OpenMetrics refused with q=0 are not asking for it.
     assert_eq!(get("*/*").await.0, kind);
     assert_eq!(get("application/openmetrics-text;q=0, text/plain").await.0, kind);
+    // What Prometheus sends with `scrape_protocols: [PrometheusText0.0.4, OpenMetricsText1.0.0]`
+    // (the text format ranked first): the text format (a review: OpenMetrics whenever named).
+    let text_first = "text/plain;version=0.0.4;q=0.6,application/openmetrics-text;version=1.0.0;escaping=underscores;q=0.5,*/*;q=0.4";
+    assert_eq!(get(text_first).await.0, kind);
 
     match which("promtool") {
         None => skip(

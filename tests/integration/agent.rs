@@ -1630,6 +1630,7 @@ async fn new_secret_writes_a_new_secret_file_and_prints_the_server_line() {
     let nowhere = dir.path().join("not-made").join("agent.secret");
     let (code, _, err) = run_to_end(&["agent", "--new-secret", "--secret-file", nowhere.to_str().unwrap()]).await;
     assert_eq!(code, 64, "{err}");
+    assert!(err.contains("its directory does not exist: create it first"), "{err}");
 }
 
 #[tokio::test]

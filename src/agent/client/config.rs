@@ -1054,6 +1054,7 @@ pub fn write_new_secret(path: &Path) -> std::io::Result<String> {
             std::io::ErrorKind::AlreadyExists => {
                 "exists already: a new secret goes in a new file (remove this one first to replace it)".to_owned()
             }
+            std::io::ErrorKind::NotFound => format!("{e} (its directory does not exist: create it first)"),
             _ => e.to_string(),
         };
         std::io::Error::new(e.kind(), format!("--secret-file {}: {why}", path.display()))
