@@ -453,7 +453,8 @@ pub struct Timeouts {
     /// it closes its listeners and its sessions: the time a load balancer needs to see the 503
     /// and send new sessions elsewhere. `None`: close at once (no balancer in front).
     pub drain_delay: Option<Duration>,
-    /// Writing a static file or an error response.
+    /// Writing a static file or an error response: given up when nothing has been written for
+    /// this long (a slow client that keeps reading a large file is not cut).
     pub http_write: Duration,
     /// Data sent to a TCP backend that its host acknowledges nothing of for this long (no ACK of
     /// the data, nor of probes of a shut window) ends the session: 1011 "backend timed out".

@@ -19,6 +19,7 @@
 //!
 //! | file | owns |
 //! |---|---|
+//! | [`progress`] | the answer's write deadline, pushed back by each write that moves bytes |
 //! | [`request`] | reading a request head (httparse), writing a short answer, lingering after it |
 //! | [`web`] | static files and directory listings under a listener's `web` directory |
 //! | [`upgrade`] | the decision: upgrade checks, route lookup, subprotocol, the `101` |
@@ -26,10 +27,12 @@
 //! Parsing is `httparse`'s; the answers are written here because a bridge needs only a handful of
 //! fixed responses and must control exactly when the connection becomes a WebSocket.
 
+pub mod progress;
 pub mod request;
 pub mod upgrade;
 pub mod web;
 
+pub use progress::Progress;
 pub use request::{read_request, read_request_after, Head, Rejection, MAX_HEAD, MAX_HEADERS};
 pub use upgrade::{choose_subprotocol, respond, write_switching, Context, Outcome, Upgrade};
 pub use web::{Web, WebGuard, WebRoot};

@@ -940,18 +940,24 @@ impl Bridge {
                 lookups: &self.inner.lookups,
                 keep_alive: requests < REQUESTS_PER_CONNECTION && !self.is_draining() && self.room_to_idle(live, connected_from.ip()),
             };
-            let write_deadline = Instant::now() + t.http_write;
+            // The answer has `http_write` at first, and again after each write that moves bytes.
+            let progress = crate::http::Progress::new(t.http_write);
             let web = listener.web.as_deref().map(|root| Web {
                 root,
                 guard: live.web_guard(&listener.config),
             });
             // For the answer's log line (a cheap clone: the URI's bytes are shared).
             let uri = head.as_ref().ok().map(|(r, _)| r.uri().clone());
-            let responded = Box::pin(crate::http::respond(&mut stream, head, &live.routes, web, &ctx));
-            let upgrade = match tokio::time::timeout_at(write_deadline, responded).await {
-                Err(_) => return debug!(timeout = ?t.http_write, "answer not written within the write deadline; dropped"),
-                Ok(Err(e)) => return debug!(error = %e, "handshake failed"),
-                Ok(Ok(Outcome::Answered {
+            let mut tracked = progress.track(&mut stream);
+            let responded = Box::pin(crate::http::respond(&mut tracked, head, &live.routes, web, &ctx));
+            let responded = tokio::select! {
+                r = responded => Some(r),
+                () = progress.stalled() => None,
+            };
+            let upgrade = match responded {
+                None => return debug!(timeout = ?t.http_write, "answer stalled: nothing written within the write deadline; dropped"),
+                Some(Err(e)) => return debug!(error = %e, "handshake failed"),
+                Some(Ok(Outcome::Answered {
                     status,
                     reason,
                     refusal,
@@ -993,12 +999,12 @@ impl Bridge {
                         None => return linger(&mut stream, t.close).await,
                     }
                 }
-                Ok(Ok(Outcome::Upgrade(u))) => u,
+                Some(Ok(Outcome::Upgrade(u))) => u,
             };
             let span = tracing::Span::current();
             span.record("route", upgrade.route.name.as_str());
             span.record("target", upgrade.route.target.to_string().as_str());
-            match tokio::time::timeout_at(write_deadline, crate::http::write_switching(&mut stream, &upgrade)).await {
+            match tokio::time::timeout(t.http_write, crate::http::write_switching(&mut stream, &upgrade)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return debug!(error = %e, "writing 101 failed"),
                 Err(_) => return debug!("write deadline passed writing 101"),

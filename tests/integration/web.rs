@@ -898,3 +898,39 @@ async fn refusals_on_a_kept_alive_connection_are_one_line_per_10_s() {
     assert_eq!(said.len(), 2, "{said:#?}");
     assert!(said[0].contains("path=/missing") && said[1].contains("path=/last"), "{said:#?}");
 }
+
+/// A large file to a client that reads it slowly but steadily arrives whole: the write deadline
+/// runs from the last write that moved bytes, not from the start of the answer (a review behind
+/// nginx: a 30 MB file at 400 KB/s was cut at 30 s, mid-body behind a full Content-Length).
+#[tokio::test]
+async fn a_slow_reader_gets_a_large_file_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 16 << 20;
+    let base = tempfile::tempdir().unwrap();
+    let www = web_tree(base.path());
+    std::fs::write(www.join("big.bin"), vec![b'x'; SIZE]).unwrap();
+    let mut config = web_config(&www).await;
+    config.timeouts.http_write = std::time::Duration::from_millis(400);
+    let bridge = TestBridge::start(config).await;
+    // A small receive window, so that the kernel cannot take the file in the reader's stead.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    let mut s = socket.connect(bridge.addr).await.unwrap();
+    s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // A slow client: 8 MB/s in 64 KiB reads, two seconds for the file, five deadlines' worth.
+    let (start, mut got, mut buf) = (tokio::time::Instant::now(), Vec::new(), vec![0u8; 64 << 10]);
+    loop {
+        let n = within("the next bytes", s.read(&mut buf)).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(got.len() as f64 / 8e6)).await;
+    }
+    let text = String::from_utf8_lossy(&got[..got.len().min(512)]).into_owned();
+    assert_eq!(status_of(&text), 200, "{text}");
+    let head = text.find("\r\n\r\n").unwrap() + 4;
+    assert_eq!(got.len() - head, SIZE, "the file cut short after {:?}", start.elapsed());
+}
