@@ -86,3 +86,30 @@ impl ConnectProxy {
         self.seen.lock().unwrap().authorization.clone()
     }
 }
+
+/// Answers every request on 127.0.0.1 with `answer` (its head read, the connection then
+/// closed), keeping each request's first line: a PAC script's server (WinHTTP's download under
+/// Wine), a proxy that refuses every CONNECT.
+pub async fn canned_server(answer: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (seen, answer) = (seen.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    let Ok(b) = s.read_u8().await else { return };
+                    head.push(b);
+                }
+                let first = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
+                seen.lock().unwrap().push(first);
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, asked)
+}

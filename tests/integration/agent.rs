@@ -3148,6 +3148,49 @@ async fn a_proxy_that_cannot_be_reached_is_named_in_the_agents_log() {
     child.kill().await.unwrap();
 }
 
+/// A proxy that refuses CONNECT is named, with what its answer usually means: 403 to a port
+/// other than 443 (squid's default allows CONNECT to 443 only), 407 without credentials or with
+/// wrong ones (a review with squid: "the proxy answered 403 to CONNECT" alone).
+#[tokio::test]
+async fn a_proxy_that_refuses_connect_is_named_with_what_to_do() {
+    use crate::common::connect_proxy::canned_server;
+    let (echo, _) = echo_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("agent.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let service = format!("pos={echo}");
+    let refusal = |status: &str| format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let (forbidding, _) = canned_server(refusal("403 Forbidden")).await;
+    let (asking, _) = canned_server(refusal("407 Proxy Authentication Required")).await;
+    for (proxy, said) in [
+        (
+            format!("http://{forbidding}"),
+            format!(
+                "the proxy {forbidding} (--proxy) answered 403 to CONNECT 192.0.2.1:6080: it does not let this computer \
+                 through to 192.0.2.1:6080; many proxies allow CONNECT to port 443 only"
+            ),
+        ),
+        (
+            format!("HTTP://{asking}"),
+            format!("the proxy {asking} (--proxy) answered 407 to CONNECT 192.0.2.1:6080: it asks for a user and password"),
+        ),
+        (
+            format!("http://agent:wrong@{asking}"),
+            "answered 407 to CONNECT 192.0.2.1:6080: it refused the user and password in the proxy's URL".to_owned(),
+        ),
+    ] {
+        let mut child = agent_command(&["--name", "shop-17", "--server", "ws://192.0.2.1:6080/agent", "--proxy", &proxy])
+            .args(["--service", &service, "--secret-file", secret.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        let lines = Lines::capture(child.stderr.take().unwrap());
+        let line = lines.line("not connected; retrying").await;
+        assert!(line.contains(&said), "{proxy}: {line}");
+        assert!(!line.contains("wrong"), "the password shown: {line}");
+        child.kill().await.unwrap();
+    }
+}
+
 /// `wsbridge check` shows a service's cap, and the agent's timings with the deadline for an app
 /// that stops reading which follows them (a compat review: an agent.toml whose ping_interval was
 /// lowered for a NAT changed meaning, and nothing showed it); `--max-sessions` is checked

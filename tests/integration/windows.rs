@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::connect_proxy::ConnectProxy;
+use crate::common::connect_proxy::{canned_server, ConnectProxy};
 use crate::common::*;
 
 const TARGET: &str = "x86_64-pc-windows-gnu";
@@ -878,33 +878,6 @@ fn reg_file(values: &[(&str, &str, Vec<u8>)]) -> String {
     text
 }
 
-/// Answers every request on 127.0.0.1 with `answer` (its head read, the connection then
-/// closed), keeping each request's first line: a PAC script's server (WinHTTP's download under
-/// Wine), a proxy that refuses every CONNECT.
-async fn canned_server(answer: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = asked.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let (seen, answer) = (seen.clone(), answer.clone());
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-                    let Ok(b) = s.read_u8().await else { return };
-                    head.push(b);
-                }
-                let first = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
-                seen.lock().unwrap().push(first);
-                let _ = s.write_all(answer.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    (addr, asked)
-}
-
 /// Serves `script` as the PAC file ([`canned_server`]).
 async fn pac_server(script: String) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     canned_server(format!(
@@ -1136,7 +1109,12 @@ async fn the_agent_under_wine_follows_internet_options_that_change_while_it_runs
         "{via}"
     );
     let failed = p.line("agent: not connected; retrying", WINE_WAIT).await;
-    assert!(failed.contains("the proxy answered 403 to CONNECT"), "{failed}");
+    assert!(
+        failed.contains(&format!(
+            "the proxy {refusing} (Windows settings (Internet Options)) answered 403 to CONNECT"
+        )),
+        "{failed}"
+    );
     assert!(!failed.contains("restart"), "{failed}");
     assert!(refused.lock().unwrap().iter().any(|l| l.starts_with("CONNECT ")));
     // The settings change while it runs.

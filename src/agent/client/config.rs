@@ -263,7 +263,11 @@ impl std::str::FromStr for Proxy {
             }
             None => given.to_owned(),
         };
-        let rest = given.strip_prefix("http://").unwrap_or(given);
+        // A scheme in any case (HTTP://, as some tools write it).
+        let rest = match given.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("http://") => &given[7..],
+            _ => given,
+        };
         if rest.contains("://") {
             return Err(format!("proxy {s:?}: only http:// proxies (CONNECT) are supported"));
         }

@@ -1286,6 +1286,24 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
     }
 }
 
+/// What a proxy's refusal of CONNECT means, and what to do (a review with squid: "the proxy
+/// answered 403 to CONNECT" named neither the proxy nor the usual cause).
+fn proxy_refused(status: u16, proxy: &config::Proxy, source: &impl std::fmt::Display, target: &str, port: u16) -> String {
+    let hint = match status {
+        407 if proxy.authorization.is_some() => {
+            ": it refused the user and password in the proxy's URL (http://USER:PASSWORD@HOST:PORT)".to_owned()
+        }
+        407 => ": it asks for a user and password (http://USER:PASSWORD@HOST:PORT, special characters %-encoded)".to_owned(),
+        403 if port != 443 => format!(
+            ": it does not let this computer through to {target}; many proxies allow CONNECT to port 443 only \
+             (serve the agent endpoint on 443, or ask for port {port} to be allowed)"
+        ),
+        403 => format!(": it does not let this computer through to {target}"),
+        _ => String::new(),
+    };
+    format!("the proxy {proxy} ({source}) answered {status} to CONNECT {target}{hint}")
+}
+
 /// TCP to the server (or to the proxy, then CONNECT), then TLS for `wss://`; the callers' deadline
 /// is `connect_timeout`, which the addresses of the name share ([`crate::backend::connect_in_turn`]:
 /// a black-holed IPv6 address first does not keep an agent from the IPv4 one behind it). With the
@@ -1310,7 +1328,13 @@ async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result
             tcp.write_all(head.as_bytes()).await?;
             let (status, _) = link::read_response_head(&mut tcp).await?;
             if !(200..300).contains(&status) {
-                return Err(std::io::Error::other(format!("the proxy answered {status} to CONNECT")));
+                return Err(std::io::Error::other(proxy_refused(
+                    status,
+                    p,
+                    &config.proxy_source,
+                    &target,
+                    s.port,
+                )));
             }
             tcp
         }
