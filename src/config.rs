@@ -943,6 +943,11 @@ fn toml_strs(list: &[String]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// `1 token`, `2 tokens`: a count for a person to read.
+pub fn plural(n: usize, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+}
+
 /// A duration as the configuration writes it, in the largest unit that keeps it whole (`"1h"`,
 /// `"5m"`, `"30s"`, `"500ms"`); [`parse_duration`] reads it back to the same value.
 pub fn format_duration(d: Duration) -> String {

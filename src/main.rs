@@ -8,7 +8,7 @@ use clap::Parser as _;
 
 use wsbridge::agent::client::{AgentArgs, AgentConfig, ProxySource};
 use wsbridge::cli::{Cli, Command};
-use wsbridge::config::{Config, LogFormat};
+use wsbridge::config::{plural, Config, LogFormat};
 use wsbridge::demo::{Demo, DemoError};
 use wsbridge::routes::RouteTable;
 use wsbridge::server::start::{self, StartError};
@@ -328,8 +328,8 @@ fn checked(path: &std::path::Path, report: &str, noted: usize, strict: bool) -> 
     let printed = print_bytes(report.as_bytes());
     let warnings = noted + wsbridge::logging::warnings_logged();
     if strict && warnings > 0 {
-        let s = if warnings == 1 { "" } else { "s" };
-        complain!("wsbridge: {}: {warnings} warning{s}, an error with --strict", path.display());
+        let warnings = plural(warnings, "warning");
+        complain!("wsbridge: {}: {warnings}, an error with --strict", path.display());
         return ExitCode::from(1);
     }
     printed
@@ -398,11 +398,6 @@ fn status(bridge: &Bridge, listeners: usize) -> String {
 /// The status line from the start of a drain.
 fn draining_status(bridge: &Bridge) -> String {
     format!("draining: {} open", plural(bridge.connections(), "connection"))
-}
-
-/// `1 listener`, `2 listeners`.
-fn plural(n: usize, word: &str) -> String {
-    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Keeps systemd's status line current (every 10 s, when the count changed) and, when the unit

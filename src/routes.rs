@@ -689,10 +689,9 @@ impl RouteTable {
             };
             let _ = writeln!(
                 out,
-                "token source {} ({} token{}): lookup = \"{}\"{format}, {}",
+                "token source {} ({}): lookup = \"{}\"{format}, {}",
                 s.config.path.display(),
-                entries.len(),
-                if entries.len() == 1 { "" } else { "s" },
+                crate::config::plural(entries.len(), "token"),
                 s.config.lookup,
                 s.config.options.describe()
             );

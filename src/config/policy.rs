@@ -121,7 +121,7 @@ impl AuthSettings {
     /// For `wsbridge check` and logs: the kind and file, never a secret.
     pub fn describe(&self) -> String {
         match self {
-            AuthSettings::Bearer(t) => format!("{{ bearer = <{} token{}> }}", t.len(), if t.len() == 1 { "" } else { "s" }),
+            AuthSettings::Bearer(t) => format!("{{ bearer = <{}> }}", crate::config::plural(t.len(), "token")),
             AuthSettings::BearerFile(p) => format!("{{ bearer_file = {:?} }}", p.display().to_string()),
             AuthSettings::Htpasswd(p) => format!("{{ htpasswd = {:?} }}", p.display().to_string()),
             AuthSettings::BasicUser(u) => format!("{{ basic user {:?} }}", u.split(':').next().unwrap_or("")),

@@ -171,9 +171,8 @@ impl Authenticator {
             Authenticator::Bearer(b) => {
                 let b = b.current();
                 format!(
-                    "bearer ({} token{}{})",
-                    b.tokens.len(),
-                    if b.tokens.len() == 1 { "" } else { "s" },
+                    "bearer ({}{})",
+                    crate::config::plural(b.tokens.len(), "token"),
                     b.from.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default()
                 )
             }
