@@ -3128,24 +3128,30 @@ async fn the_agent_binary_takes_several_servers() {
 /// the server: connection refused" sent a Windows admin looking at the server (a review).
 #[tokio::test]
 async fn a_proxy_that_cannot_be_reached_is_named_in_the_agents_log() {
-    let (echo, _) = echo_backend().await;
     let closed = closed_port().await;
+    let line = first_failure_through(&format!("http://{closed}")).await;
+    assert!(
+        line.contains(&format!("reason=\"cannot reach the server: the proxy {closed} (--proxy): ")),
+        "{line}"
+    );
+}
+
+/// The agent binary's first "not connected" line when it dials ws://192.0.2.1:6080/agent
+/// through `proxy` (`--proxy`); the agent is stopped.
+async fn first_failure_through(proxy: &str) -> String {
+    let (echo, _) = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("agent.secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
     let service = format!("pos={echo}");
-    let proxy = format!("http://{closed}");
-    let mut child = agent_command(&["--name", "shop-17", "--server", "ws://192.0.2.1:6080/agent", "--proxy", &proxy])
+    let mut child = agent_command(&["--name", "shop-17", "--server", "ws://192.0.2.1:6080/agent", "--proxy", proxy])
         .args(["--service", &service, "--secret-file", secret.to_str().unwrap()])
         .spawn()
         .unwrap();
     let lines = Lines::capture(child.stderr.take().unwrap());
     let line = lines.line("not connected; retrying").await;
-    assert!(
-        line.contains(&format!("reason=\"cannot reach the server: the proxy {closed} (--proxy): ")),
-        "{line}"
-    );
     child.kill().await.unwrap();
+    line
 }
 
 /// A proxy that refuses CONNECT is named, with what its answer usually means: 403 to a port
@@ -3154,11 +3160,6 @@ async fn a_proxy_that_cannot_be_reached_is_named_in_the_agents_log() {
 #[tokio::test]
 async fn a_proxy_that_refuses_connect_is_named_with_what_to_do() {
     use crate::common::connect_proxy::canned_server;
-    let (echo, _) = echo_backend().await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("agent.secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    let service = format!("pos={echo}");
     let refusal = |status: &str| format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     let (forbidding, _) = canned_server(refusal("403 Forbidden")).await;
     let (asking, _) = canned_server(refusal("407 Proxy Authentication Required")).await;
@@ -3179,15 +3180,9 @@ async fn a_proxy_that_refuses_connect_is_named_with_what_to_do() {
             "answered 407 to CONNECT 192.0.2.1:6080: it refused the user and password in the proxy's URL".to_owned(),
         ),
     ] {
-        let mut child = agent_command(&["--name", "shop-17", "--server", "ws://192.0.2.1:6080/agent", "--proxy", &proxy])
-            .args(["--service", &service, "--secret-file", secret.to_str().unwrap()])
-            .spawn()
-            .unwrap();
-        let lines = Lines::capture(child.stderr.take().unwrap());
-        let line = lines.line("not connected; retrying").await;
+        let line = first_failure_through(&proxy).await;
         assert!(line.contains(&said), "{proxy}: {line}");
         assert!(!line.contains("wrong"), "the password shown: {line}");
-        child.kill().await.unwrap();
     }
 }
 
