@@ -487,6 +487,10 @@ pub fn describe(e: &io::Error) -> String {
         K::HostUnreachable => "host unreachable".into(),
         K::NetworkUnreachable => "network unreachable".into(),
         K::AddrNotAvailable => "address not available".into(),
+        // rustls's text for it ends in a link to its manual, which a log reader cannot act on:
+        // the TCP connection ended with the TLS session still open (a network cut, a proxy or
+        // a peer that stopped).
+        K::UnexpectedEof if e.to_string().contains("close_notify") => "connection cut (TLS ended without close_notify)".into(),
         _ => e.to_string(),
     }
 }

@@ -500,7 +500,7 @@ async fn control<S: LinkIo>(
                     pong_due.get_or_insert(Instant::now() + timeouts.pong_timeout);
                     match timeout(send_timeout, ws.send(Message::Ping(Default::default()))).await {
                         Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(End::Lost(e.to_string())),
+                        Ok(Err(e)) => Some(End::Lost(link::describe_ws(&e))),
                         Err(_) => Some(End::Lost("ping not written in time".into())),
                     }
                 }
@@ -511,7 +511,7 @@ async fn control<S: LinkIo>(
                     pong_due = None;
                     None
                 }
-                Some(Err(e)) => Some(End::Lost(e.to_string())),
+                Some(Err(e)) => Some(End::Lost(link::describe_ws(&e))),
                 None => Some(End::Lost("connection closed without a close frame".into())),
             },
         };

@@ -124,6 +124,16 @@ pub enum ControlMessage {
     },
 }
 
+/// A link's WebSocket error for a log line or a close reason: an I/O error as
+/// [`crate::backend::describe`] says it (a TLS connection cut reads as such, not as rustls's
+/// text with its manual's link), the rest as tungstenite says it.
+pub fn describe_ws(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Io(e) => crate::backend::describe(e),
+        e => e.to_string(),
+    }
+}
+
 /// Any stream a link runs over: TCP or TLS, on either side.
 pub trait LinkIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> LinkIo for T {}

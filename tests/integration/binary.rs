@@ -444,6 +444,34 @@ async fn websockify_tls_options() {
     assert_eq!(status_of(&http_raw(addr, &upgrade_request("/", "")).await), 400);
 }
 
+/// A wss:// client whose connection is cut (TCP closed, no TLS close_notify: a laptop's lid, a
+/// proxy restarting) is logged as cut, not with rustls's text and its manual's link (a review
+/// with squid: every agent behind a restarted proxy logged it, on both sides).
+#[tokio::test]
+async fn a_wss_client_cut_off_is_logged_as_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = crate::common::pki::Pki::new("test CA");
+    let cert = pki.server("server", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (backend, _) = echo_backend().await;
+    let target = backend.to_string();
+    let (c, k) = (cert.cert.to_str().unwrap(), cert.key.to_str().unwrap());
+    let (_child, addr, mut logs) = spawn_bridge(&["127.0.0.1:0", &target, "--cert", c, "--key", k]).await;
+    let config = crate::common::pki::client_config(&pki.ca_pem, None, &[&tokio_rustls::rustls::version::TLS13]);
+    let mut stream = crate::common::pki::tls_connect(addr, "localhost", config).await.unwrap();
+    stream.write_all(&upgrade_request("/", "")).await.unwrap();
+    let mut head = [0u8; 12];
+    within("the 101", stream.read_exact(&mut head)).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    // The TCP connection closed under the TLS session: no close_notify.
+    let (tcp, _) = stream.into_inner();
+    drop(tcp);
+    let closed = log_line(&mut logs, "session closed").await;
+    assert!(
+        closed.contains("code=1006 reason=\"client connection failed: connection cut (TLS ended without close_notify)\""),
+        "{closed}"
+    );
+}
+
 #[tokio::test]
 async fn tls_option_errors_exit_64() {
     let (code, _, err) = run_to_end(&["127.0.0.1:0", "127.0.0.1:1", "--cert", "/nonexistent/cert.pem"]).await;

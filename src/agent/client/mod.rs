@@ -957,7 +957,7 @@ impl ControlLink {
                     self.pong_due.get_or_insert(Instant::now() + config.pong_timeout);
                     match timeout(config.pong_timeout, self.ws.send(Message::Ping(Default::default()))).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => return lost(e.to_string()),
+                        Ok(Err(e)) => return lost(link::describe_ws(&e)),
                         Err(_) => return lost("ping not written in time".into()),
                     }
                 }
@@ -1003,7 +1003,7 @@ impl ControlLink {
                             return lost(format!("the server closed the control link: {reason}"));
                         }
                         Some(Ok(_)) => {}
-                        Some(Err(e)) => return lost(e.to_string()),
+                        Some(Err(e)) => return lost(link::describe_ws(&e)),
                         None => return lost("the server closed the connection".into()),
                     }
                 }

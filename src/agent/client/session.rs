@@ -385,7 +385,7 @@ async fn session(
     let duration_ms = started.elapsed().as_millis() as u64;
     match ended {
         Ok((up, down)) => info!(%service, app = %app_addr, bytes_up = up, bytes_down = down, duration_ms, "agent: session closed"),
-        Err(e) => info!(%service, app = %app_addr, error = %e, duration_ms, "agent: session ended"),
+        Err(e) => info!(%service, app = %app_addr, error = %crate::backend::describe(&e), duration_ms, "agent: session ended"),
     }
     reusable
 }
