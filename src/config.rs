@@ -1826,11 +1826,27 @@ fn routes(route: Vec<Spanned<RawRoute>>, defaults: &RouteOptions, ctx: &Ctx<'_>)
     Ok(routes)
 }
 
+/// What keeps a configured path from ever being a request's: requests are matched as they
+/// arrive, percent-encoded, and no request's path holds a space, a control character, a `#`
+/// (a fragment stays in the browser) or a character outside ASCII (browsers send `%C3%A9` for
+/// `é`). Such a route or endpoint was accepted and never reached (a review).
+pub(crate) fn unreachable_path(p: &str) -> Option<String> {
+    let c = p
+        .chars()
+        .find(|&c| c.is_whitespace() || c.is_control() || c == '#' || !c.is_ascii())?;
+    Some(format!(
+        "{p:?} holds {c:?}, which no request's path does: write the path percent-encoded, as a browser sends it \
+         (a space as %20, é as %C3%A9)"
+    ))
+}
+
 /// `route[i].path`: `"*"` (any path) or an absolute path without a query, not taken already.
 fn path_matcher(i: usize, p: Spanned<String>, paths: &mut HashSet<Matcher>, ctx: &Ctx<'_>) -> Result<Matcher, ConfigError> {
     let (pspan, p) = (p.span(), p.into_inner());
     let m = if p == "*" {
         Matcher::AnyPath
+    } else if let Some(why) = p.starts_with('/').then(|| unreachable_path(&p)).flatten() {
+        return ctx.invalid(pspan, format!("route[{i}].path"), why);
     } else if p.starts_with('/') && !p.contains('?') {
         Matcher::Path(p)
     } else {
@@ -2797,6 +2813,26 @@ mod tests {
         }
         let year = "[[listen]]\naddr = 6080\n[[route]]\npath = \"/a\"\ntarget = \"h:1\"\n[timeouts]\nmax_lifetime = \"8760h\"\n";
         assert_eq!(parse(year).unwrap().timeouts.max_lifetime, Some(Duration::from_secs(8760 * 3600)));
+    }
+
+    /// A path no request can hold (a space, `#`, non-ASCII: requests are matched percent-encoded)
+    /// is refused with its field and what to write, for a route and an agent endpoint alike.
+    #[test]
+    fn a_path_no_request_can_hold_is_refused() {
+        for (text, field) in [
+            ("[[route]]\npath = \"/café\"\ntarget = \"h:1\"\n", "route[0].path"),
+            ("[[route]]\npath = \"/a b\"\ntarget = \"h:1\"\n", "route[0].path"),
+            ("[[route]]\npath = \"/a#b\"\ntarget = \"h:1\"\n", "route[0].path"),
+            ("[[agent_endpoint]]\npath = \"/agent é\"\n", "agent_endpoint[0].path"),
+        ] {
+            let msg = parse(&format!("[[listen]]\naddr = 6080\n{text}")).unwrap_err().to_string();
+            assert!(
+                msg.contains(field) && msg.contains("write the path percent-encoded"),
+                "{text}: {msg}"
+            );
+        }
+        let ok = "[[listen]]\naddr = 6080\n[[route]]\npath = \"/caf%C3%A9\"\ntarget = \"h:1\"\n";
+        assert!(parse(ok).is_ok());
     }
 
     #[test]

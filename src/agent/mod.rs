@@ -287,6 +287,9 @@ pub(crate) fn validate(
                 format!("{:?} must start with '/' and have no query", e.path),
             ));
         }
+        if let Some(why) = crate::config::unreachable_path(&e.path) {
+            return Err((span, format!("agent_endpoint[{i}].path"), why));
+        }
         if out.endpoints.iter().any(|o| o.path == e.path) {
             return Err((span, format!("agent_endpoint[{i}].path"), format!("{} is listed twice", e.path)));
         }
