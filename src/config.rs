@@ -1845,9 +1845,10 @@ fn path_matcher(i: usize, p: Spanned<String>, paths: &mut HashSet<Matcher>, ctx:
     let (pspan, p) = (p.span(), p.into_inner());
     let m = if p == "*" {
         Matcher::AnyPath
-    } else if let Some(why) = p.starts_with('/').then(|| unreachable_path(&p)).flatten() {
-        return ctx.invalid(pspan, format!("route[{i}].path"), why);
     } else if p.starts_with('/') && !p.contains('?') {
+        if let Some(why) = unreachable_path(&p) {
+            return ctx.invalid(pspan, format!("route[{i}].path"), why);
+        }
         Matcher::Path(p)
     } else {
         return ctx.invalid(

@@ -528,6 +528,8 @@ async fn control<S: LinkIo>(
         Some(End::Revoked) => "revoked",
         Some(End::Lost(_)) => "lost",
     };
+    // Every reason is exported at 0 from the start: one added here belongs in that list too.
+    debug_assert!(crate::metrics::AGENT_DISCONNECTS.contains(&why), "{why} not in AGENT_DISCONNECTS");
     metrics.agent_disconnected(why);
     match end {
         Some(End::Closed(reason)) => {

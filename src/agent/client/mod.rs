@@ -1288,7 +1288,8 @@ async fn open_control(config: &AgentConfig, tls: Option<&BackendTls>) -> Result<
 
 /// What a proxy's refusal of CONNECT means, and what to do (a review with squid: "the proxy
 /// answered 403 to CONNECT" named neither the proxy nor the usual cause).
-fn proxy_refused(status: u16, proxy: &config::Proxy, source: &impl std::fmt::Display, target: &str, port: u16) -> String {
+fn proxy_refused(status: u16, proxy: &config::Proxy, source: &impl std::fmt::Display, server: &config::ServerUrl) -> String {
+    let (target, port) = (server.authority(), server.port);
     let hint = match status {
         407 if proxy.authorization.is_some() => {
             ": it refused the user and password in the proxy's URL (http://USER:PASSWORD@HOST:PORT)".to_owned()
@@ -1328,13 +1329,7 @@ async fn dial(config: &AgentConfig, tls: Option<&BackendTls>) -> std::io::Result
             tcp.write_all(head.as_bytes()).await?;
             let (status, _) = link::read_response_head(&mut tcp).await?;
             if !(200..300).contains(&status) {
-                return Err(std::io::Error::other(proxy_refused(
-                    status,
-                    p,
-                    &config.proxy_source,
-                    &target,
-                    s.port,
-                )));
+                return Err(std::io::Error::other(proxy_refused(status, p, &config.proxy_source, s)));
             }
             tcp
         }
